@@ -1,0 +1,563 @@
+// CPU linear-attention kernels, written once and compiled per ISA (torch-free).
+//
+// Include this header only from csrc/cpu/linear_attention_<isa>.cpp, after every
+// standard header and after `#pragma GCC target(...)`, with MMFAST_CPU_ISA_NS naming
+// the namespace and MMFAST_VECTOR_BYTES the SIMD width. Nothing here may be a template
+// or inline function shared with other TUs (each ISA namespace holds its own copy),
+// which is why only builtins and the pre-included numeric.h helpers are used.
+//
+// Layout of the work: tokens are processed in tiles of kTile rows. A tile of phi(k),
+// phi(q), v or grad_out is converted to dense, zero-padded accumulator rows (phi applied
+// once per element on load), and two register-blocked micro-kernels do the D x D math:
+//   tile_matmul:      C[t][:] = A[t][:] @ B        (A: tile x K, B: K x cols)
+//   tile_outer_accum: C      += A^T @ B            (A: tile x X, B: tile x Y)
+// State and grad-state passes are split over N into chunks; each chunk writes an fp32
+// (fp64) partial to the workspace and a second parallel loop reduces them.
+#ifndef MMFAST_CPU_ISA_NS
+#error "define MMFAST_CPU_ISA_NS before including linear_attention_impl.h"
+#endif
+
+namespace mmfast {
+namespace cpu {
+namespace MMFAST_CPU_ISA_NS {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  static constexpr int64_t width = MMFAST_VECTOR_BYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  static constexpr int64_t width = MMFAST_VECTOR_BYTES / 8;
+};
+
+constexpr int64_t kTile = 32;      // tokens per tile
+constexpr int64_t kRowBlock = 4;   // rows of a micro-kernel register block
+constexpr int64_t kMinChunk = 256; // fewest tokens per parallel task
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename acc_t>
+inline int64_t padded(int64_t d) {
+  return round_up(d, max_i64(Vec<acc_t>::width, kRowBlock));
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type load(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store(acc_t* p, typename Vec<acc_t>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type splat(acc_t x) {
+  typename Vec<acc_t>::type v = {};
+  return v + x;
+}
+
+template <typename acc_t>
+inline acc_t feature(acc_t x, FeatureMap fm) {
+  switch (fm) {
+    case FeatureMap::kElu1: return x > 0 ? x + acc_t(1) : acc_t(__builtin_exp(double(x)));
+    case FeatureMap::kRelu: return x > 0 ? x : acc_t(0);
+    case FeatureMap::kNone: break;
+  }
+  return x;
+}
+
+template <>
+inline float feature<float>(float x, FeatureMap fm) {
+  switch (fm) {
+    case FeatureMap::kElu1: return x > 0 ? x + 1.0f : __builtin_expf(x);
+    case FeatureMap::kRelu: return x > 0 ? x : 0.0f;
+    case FeatureMap::kNone: break;
+  }
+  return x;
+}
+
+// phi'(x) from phi(x): elu1 -> min(phi, 1); relu -> (phi > 0); none -> 1.
+template <typename acc_t>
+inline acc_t feature_grad_from_output(acc_t phi, FeatureMap fm) {
+  switch (fm) {
+    case FeatureMap::kElu1: return phi < acc_t(1) ? phi : acc_t(1);
+    case FeatureMap::kRelu: return phi > acc_t(0) ? acc_t(1) : acc_t(0);
+    case FeatureMap::kNone: break;
+  }
+  return acc_t(1);
+}
+
+// ---- tiles ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+inline const scalar_t* token_row(const TokenTensor& t, int64_t b, int64_t n, int64_t h) {
+  return static_cast<const scalar_t*>(t.data) + b * t.stride_b + n * t.stride_n + h * t.stride_h;
+}
+
+// rows x dim tokens -> dense tile[kTile][ld]; padding rows and columns are zero.
+template <typename scalar_t, typename acc_t>
+void load_tile(const TokenTensor& t, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim, int64_t ld,
+               bool apply_feature, FeatureMap fm, acc_t* tile) {
+  __builtin_memset(tile, 0, sizeof(acc_t) * kTile * ld);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, h);
+    acc_t* dst = tile + r * ld;
+    if (apply_feature) {
+      for (int64_t d = 0; d < dim; ++d) dst[d] = feature<acc_t>(to_acc(src[d]), fm);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_tile(const acc_t* tile, int64_t ld, int64_t rows, int64_t dim, const TokenTensor& t, int64_t b,
+                int64_t h, int64_t n0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* dst = const_cast<scalar_t*>(token_row<scalar_t>(t, b, n0 + r, h));
+    const acc_t* src = tile + r * ld;
+    for (int64_t d = 0; d < dim; ++d) dst[d] = FromAcc<scalar_t>::convert(src[d]);
+  }
+}
+
+// ---- micro-kernels -------------------------------------------------------------------
+
+// C[t][0:cols] = sum_k A[t][k] * B[k][0:cols] for t < kTile.
+// A: [kTile][lda], B: [inner][ldb], C: [kTile][ldc]; cols and the lds are multiples of
+// the vector width.
+template <typename acc_t>
+void tile_matmul(const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, int64_t inner, int64_t cols, acc_t* C,
+                 int64_t ldc) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  for (int64_t t0 = 0; t0 < kTile; t0 += kRowBlock) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * W <= cols; c0 += 2 * W) {
+      V acc[kRowBlock][2] = {};
+      for (int64_t k = 0; k < inner; ++k) {
+        const V b0 = load<acc_t>(B + k * ldb + c0);
+        const V b1 = load<acc_t>(B + k * ldb + c0 + W);
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const V a = splat<acc_t>(A[(t0 + r) * lda + k]);
+          acc[r][0] += a * b0;
+          acc[r][1] += a * b1;
+        }
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        store<acc_t>(C + (t0 + r) * ldc + c0, acc[r][0]);
+        store<acc_t>(C + (t0 + r) * ldc + c0 + W, acc[r][1]);
+      }
+    }
+    for (; c0 < cols; c0 += W) {
+      V acc[kRowBlock] = {};
+      for (int64_t k = 0; k < inner; ++k) {
+        const V b0 = load<acc_t>(B + k * ldb + c0);
+        for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += splat<acc_t>(A[(t0 + r) * lda + k]) * b0;
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) store<acc_t>(C + (t0 + r) * ldc + c0, acc[r]);
+    }
+  }
+}
+
+// C[x][0:cols] += sum_t A[t][x] * B[t][0:cols] for x < rows (a multiple of kRowBlock).
+// A: [kTile][lda], B: [kTile][ldb], C: [rows][ldc].
+template <typename acc_t>
+void tile_outer_accum(const acc_t* A, int64_t lda, int64_t rows, const acc_t* B, int64_t ldb, int64_t cols, acc_t* C,
+                      int64_t ldc) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  for (int64_t x0 = 0; x0 < rows; x0 += kRowBlock) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * W <= cols; c0 += 2 * W) {
+      V acc[kRowBlock][2];
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        acc[r][0] = load<acc_t>(C + (x0 + r) * ldc + c0);
+        acc[r][1] = load<acc_t>(C + (x0 + r) * ldc + c0 + W);
+      }
+      for (int64_t t = 0; t < kTile; ++t) {
+        const V b0 = load<acc_t>(B + t * ldb + c0);
+        const V b1 = load<acc_t>(B + t * ldb + c0 + W);
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const V a = splat<acc_t>(A[t * lda + x0 + r]);
+          acc[r][0] += a * b0;
+          acc[r][1] += a * b1;
+        }
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        store<acc_t>(C + (x0 + r) * ldc + c0, acc[r][0]);
+        store<acc_t>(C + (x0 + r) * ldc + c0 + W, acc[r][1]);
+      }
+    }
+    for (; c0 < cols; c0 += W) {
+      V acc[kRowBlock];
+      for (int64_t r = 0; r < kRowBlock; ++r) acc[r] = load<acc_t>(C + (x0 + r) * ldc + c0);
+      for (int64_t t = 0; t < kTile; ++t) {
+        const V b0 = load<acc_t>(B + t * ldb + c0);
+        for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += splat<acc_t>(A[t * lda + x0 + r]) * b0;
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) store<acc_t>(C + (x0 + r) * ldc + c0, acc[r]);
+    }
+  }
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ---- work split ------------------------------------------------------------------------
+
+struct Split {
+  int64_t chunks;      // chunks of the sequence per (b, h)
+  int64_t chunk_len;   // tokens per chunk (a multiple of kTile)
+};
+
+// Enough (b, h, chunk) tasks to keep every thread busy, but chunks of at least kMinChunk
+// tokens so the per-chunk partial state stays small next to the tokens it summarises.
+inline Split split_sequence(const LinearAttentionParams& p) {
+  const int64_t threads = max_i64(1, max_threads());
+  const int64_t wanted = ceil_div(4 * threads, max_i64(1, p.bh()));
+  const int64_t most = max_i64(1, ceil_div(p.seqlen, kMinChunk));
+  Split s;
+  s.chunks = max_i64(1, min_i64(wanted, most));
+  s.chunk_len = round_up(ceil_div(p.seqlen, s.chunks), kTile);
+  s.chunks = ceil_div(p.seqlen, s.chunk_len);
+  return s;
+}
+
+template <typename acc_t>
+size_t partials_bytes(const LinearAttentionParams& p) {
+  const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+  return sizeof(acc_t) * static_cast<size_t>(p.bh() * split_sequence(p).chunks * (pk * pv + pk));
+}
+
+// Per-call scratch of one worker: a few tiles and padded copies of the state.
+template <typename acc_t>
+struct Scratch {
+  acc_t* data = nullptr;
+  explicit Scratch(size_t elements) {
+    data = static_cast<acc_t*>(__builtin_malloc(sizeof(acc_t) * elements + 64));
+  }
+  ~Scratch() { __builtin_free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Copies a dense (rows x cols) matrix into a zero-padded [prow][pcol] buffer, scaled,
+// optionally transposed.
+template <typename acc_t>
+void pad_matrix(const acc_t* src, int64_t rows, int64_t cols, acc_t scale, bool transpose, acc_t* dst,
+                int64_t prow, int64_t pcol) {
+  __builtin_memset(dst, 0, sizeof(acc_t) * prow * pcol);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      if (transpose)
+        dst[c * pcol + r] = src[r * cols + c] * scale;
+      else
+        dst[r * pcol + c] = src[r * cols + c] * scale;
+    }
+}
+
+// ---- state: S = mean_j phi(k_j)^T v_j, m = mean_j phi(k_j) ------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct StateJob {
+  const LinearAttentionParams* p;
+  Split split;
+  acc_t* partials;  // [bh][chunk][pk*pv + pk]
+
+  static void run_tasks(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<StateJob*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    Scratch<acc_t> scratch(kTile * (pk + pv));
+    acc_t* phi_k = scratch.data;
+    acc_t* v = phi_k + kTile * pk;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      acc_t* state = job.partials + task * (pk * pv + pk);
+      acc_t* mean = state + pk * pv;
+      __builtin_memset(state, 0, sizeof(acc_t) * (pk * pv + pk));
+      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
+      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
+        load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
+        tile_outer_accum<acc_t>(phi_k, pk, pk, v, pv, pv, state, pv);
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t d = 0; d < p.dim_k; ++d) mean[d] += phi_k[t * pk + d];
+      }
+    }
+  }
+
+  static void reduce(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<StateJob*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    const acc_t inv_n = acc_t(1) / acc_t(p.seqlen);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      acc_t* state = static_cast<acc_t*>(p.state) + bh * p.dim_k * p.dim_v;
+      acc_t* mean = static_cast<acc_t*>(p.mean) + bh * p.dim_k;
+      sum_partials(job.partials + bh * job.split.chunks * (pk * pv + pk), job.split.chunks, pk, pv, p.dim_k, p.dim_v,
+                   inv_n, state, mean);
+    }
+  }
+
+  // out[d][e] = scale * sum_c partial_c[d][e] (unpadded), likewise for the vector part.
+  static void sum_partials(const acc_t* partials, int64_t chunks, int64_t pk, int64_t pv, int64_t dk, int64_t dv,
+                           acc_t scale, acc_t* matrix, acc_t* vector) {
+    for (int64_t d = 0; d < dk; ++d) {
+      for (int64_t e = 0; e < dv; ++e) {
+        acc_t s = 0;
+        for (int64_t c = 0; c < chunks; ++c) s += partials[c * (pk * pv + pk) + d * pv + e];
+        matrix[d * dv + e] = s * scale;
+      }
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partials[c * (pk * pv + pk) + pk * pv + d];
+      vector[d] = s * scale;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+const char* state_typed(const LinearAttentionParams& p) {
+  if (p.workspace_bytes < partials_bytes<acc_t>(p)) return "linear_attention_state: workspace too small";
+  StateJob<scalar_t, acc_t> job{&p, split_sequence(p), static_cast<acc_t*>(p.workspace)};
+  parallel_for(p.bh() * job.split.chunks, &job, &StateJob<scalar_t, acc_t>::run_tasks);
+  parallel_for(p.bh(), &job, &StateJob<scalar_t, acc_t>::reduce);
+  return nullptr;
+}
+
+// ---- apply: out_i = phi(q_i) S / (phi(q_i) . m + eps) -----------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct ApplyJob {
+  const LinearAttentionParams* p;
+  Split split;
+
+  static void run_tasks(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<ApplyJob*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    Scratch<acc_t> scratch(pk * pv + pk + kTile * (pk + pv));
+    acc_t* state = scratch.data;
+    acc_t* mean = state + pk * pv;
+    acc_t* phi_q = mean + pk;
+    acc_t* out = phi_q + kTile * pk;
+    int64_t loaded_bh = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      if (bh != loaded_bh) {
+        pad_matrix<acc_t>(static_cast<const acc_t*>(p.state) + bh * p.dim_k * p.dim_v, p.dim_k, p.dim_v, acc_t(1),
+                          false, state, pk, pv);
+        pad_matrix<acc_t>(static_cast<const acc_t*>(p.mean) + bh * p.dim_k, 1, p.dim_k, acc_t(1), false, mean, 1, pk);
+        loaded_bh = bh;
+      }
+      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
+      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
+        tile_matmul<acc_t>(phi_q, pk, state, pv, p.dim_k, pv, out, pv);
+        for (int64_t t = 0; t < rows; ++t) {
+          const acc_t inv_z = acc_t(1) / (dot<acc_t>(phi_q + t * pk, mean, p.dim_k) + acc_t(p.eps));
+          for (int64_t e = 0; e < p.dim_v; ++e) out[t * pv + e] *= inv_z;
+        }
+        store_tile<scalar_t, acc_t>(out, pv, rows, p.dim_v, p.out, b, h, n0);
+      }
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+const char* apply_typed(const LinearAttentionParams& p) {
+  ApplyJob<scalar_t, acc_t> job{&p, split_sequence(p)};
+  parallel_for(p.bh() * job.split.chunks, &job, &ApplyJob<scalar_t, acc_t>::run_tasks);
+  return nullptr;
+}
+
+// ---- apply backward: grad_q and the chunk partials of grad_state, grad_mean -------------
+//   z = phi_q.m + eps; o = phi_q S / z; g = do / z; dS += phi_q^T g; dz = -(g . o)
+//   dphi_q = g S^T + dz m; dm += dz phi_q; dq = dphi_q * phi'(q)
+
+template <typename scalar_t, typename acc_t>
+struct ApplyBackwardJob {
+  const LinearAttentionParams* p;
+  Split split;
+  acc_t* partials;  // [bh][chunk][pk*pv + pk]
+
+  static void run_tasks(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<ApplyBackwardJob*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    Scratch<acc_t> scratch(2 * pk * pv + pk + kTile * (2 * pk + 2 * pv) + kTile);
+    acc_t* state = scratch.data;             // [pk][pv]
+    acc_t* state_t = state + pk * pv;        // [pv][pk]
+    acc_t* mean = state_t + pk * pv;         // [pk]
+    acc_t* phi_q = mean + pk;                // [kTile][pk]
+    acc_t* grad_phi_q = phi_q + kTile * pk;  // [kTile][pk]
+    acc_t* g = grad_phi_q + kTile * pk;      // [kTile][pv]
+    acc_t* o = g + kTile * pv;               // [kTile][pv]
+    acc_t* dz = o + kTile * pv;              // [kTile]
+    int64_t loaded_bh = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      if (bh != loaded_bh) {
+        const acc_t* s = static_cast<const acc_t*>(p.state) + bh * p.dim_k * p.dim_v;
+        pad_matrix<acc_t>(s, p.dim_k, p.dim_v, acc_t(1), false, state, pk, pv);
+        pad_matrix<acc_t>(s, p.dim_k, p.dim_v, acc_t(1), true, state_t, pv, pk);
+        pad_matrix<acc_t>(static_cast<const acc_t*>(p.mean) + bh * p.dim_k, 1, p.dim_k, acc_t(1), false, mean, 1, pk);
+        loaded_bh = bh;
+      }
+      acc_t* grad_state = job.partials + task * (pk * pv + pk);
+      acc_t* grad_mean = grad_state + pk * pv;
+      __builtin_memset(grad_state, 0, sizeof(acc_t) * (pk * pv + pk));
+      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
+      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
+        load_tile<scalar_t, acc_t>(p.grad_out, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, g);
+        tile_matmul<acc_t>(phi_q, pk, state, pv, p.dim_k, pv, o, pv);  // o = phi_q S (times z)
+        for (int64_t t = 0; t < kTile; ++t) {
+          // Padding rows have phi_q = 0 and grad_out = 0: g = 0 and dz = 0 keep them inert.
+          const acc_t inv_z = acc_t(1) / (dot<acc_t>(phi_q + t * pk, mean, p.dim_k) + acc_t(p.eps));
+          for (int64_t e = 0; e < p.dim_v; ++e) g[t * pv + e] *= inv_z;
+          dz[t] = -dot<acc_t>(g + t * pv, o + t * pv, p.dim_v) * inv_z;
+        }
+        tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t d = 0; d < p.dim_k; ++d) grad_mean[d] += dz[t] * phi_q[t * pk + d];
+        tile_matmul<acc_t>(g, pv, state_t, pk, p.dim_v, pk, grad_phi_q, pk);
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t d = 0; d < p.dim_k; ++d) {
+            const acc_t grad = grad_phi_q[t * pk + d] + dz[t] * mean[d];
+            grad_phi_q[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_q[t * pk + d], p.feature_map);
+          }
+        store_tile<scalar_t, acc_t>(grad_phi_q, pk, rows, p.dim_k, p.grad_q, b, h, n0);
+      }
+    }
+  }
+
+  static void reduce(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<ApplyBackwardJob*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      StateJob<scalar_t, acc_t>::sum_partials(job.partials + bh * job.split.chunks * (pk * pv + pk), job.split.chunks,
+                                              pk, pv, p.dim_k, p.dim_v, acc_t(1),
+                                              static_cast<acc_t*>(p.grad_state) + bh * p.dim_k * p.dim_v,
+                                              static_cast<acc_t*>(p.grad_mean) + bh * p.dim_k);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+const char* apply_backward_typed(const LinearAttentionParams& p) {
+  if (p.workspace_bytes < partials_bytes<acc_t>(p)) return "linear_attention_apply_backward: workspace too small";
+  ApplyBackwardJob<scalar_t, acc_t> job{&p, split_sequence(p), static_cast<acc_t*>(p.workspace)};
+  parallel_for(p.bh() * job.split.chunks, &job, &ApplyBackwardJob<scalar_t, acc_t>::run_tasks);
+  parallel_for(p.bh(), &job, &ApplyBackwardJob<scalar_t, acc_t>::reduce);
+  return nullptr;
+}
+
+// ---- state backward: dphi_k = (v dS^T + dm) / N, dv = phi_k dS / N ----------------------
+
+template <typename scalar_t, typename acc_t>
+struct StateBackwardJob {
+  const LinearAttentionParams* p;
+  Split split;
+
+  static void run_tasks(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<StateBackwardJob*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    Scratch<acc_t> scratch(2 * pk * pv + pk + kTile * (2 * pk + 2 * pv));
+    acc_t* grad_state = scratch.data;            // [pk][pv] / N
+    acc_t* grad_state_t = grad_state + pk * pv;  // [pv][pk] / N
+    acc_t* grad_mean = grad_state_t + pk * pv;   // [pk] / N
+    acc_t* phi_k = grad_mean + pk;               // [kTile][pk]
+    acc_t* grad_k = phi_k + kTile * pk;          // [kTile][pk]
+    acc_t* v = grad_k + kTile * pk;              // [kTile][pv]
+    acc_t* grad_v = v + kTile * pv;              // [kTile][pv]
+    const acc_t inv_n = acc_t(1) / acc_t(p.seqlen);
+    int64_t loaded_bh = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      if (bh != loaded_bh) {
+        const acc_t* ds = static_cast<const acc_t*>(p.grad_state) + bh * p.dim_k * p.dim_v;
+        pad_matrix<acc_t>(ds, p.dim_k, p.dim_v, inv_n, false, grad_state, pk, pv);
+        pad_matrix<acc_t>(ds, p.dim_k, p.dim_v, inv_n, true, grad_state_t, pv, pk);
+        pad_matrix<acc_t>(static_cast<const acc_t*>(p.grad_mean) + bh * p.dim_k, 1, p.dim_k, inv_n, false, grad_mean,
+                          1, pk);
+        loaded_bh = bh;
+      }
+      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
+      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
+        load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
+        tile_matmul<acc_t>(v, pv, grad_state_t, pk, p.dim_v, pk, grad_k, pk);
+        tile_matmul<acc_t>(phi_k, pk, grad_state, pv, p.dim_k, pv, grad_v, pv);
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t d = 0; d < p.dim_k; ++d) {
+            const acc_t grad = grad_k[t * pk + d] + grad_mean[d];
+            grad_k[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_k[t * pk + d], p.feature_map);
+          }
+        store_tile<scalar_t, acc_t>(grad_k, pk, rows, p.dim_k, p.grad_k, b, h, n0);
+        store_tile<scalar_t, acc_t>(grad_v, pv, rows, p.dim_v, p.grad_v, b, h, n0);
+      }
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+const char* state_backward_typed(const LinearAttentionParams& p) {
+  StateBackwardJob<scalar_t, acc_t> job{&p, split_sequence(p)};
+  parallel_for(p.bh() * job.split.chunks, &job, &StateBackwardJob<scalar_t, acc_t>::run_tasks);
+  return nullptr;
+}
+
+// ---- dtype dispatch --------------------------------------------------------------------
+
+#define MMFAST_CPU_DISPATCH(p, fn)                                          \
+  switch ((p).dtype) {                                                      \
+    case DType::kFloat32: return fn<float, float>(p);                       \
+    case DType::kFloat16: return fn<Half, float>(p);                        \
+    case DType::kBFloat16: return fn<BFloat16, float>(p);                   \
+    case DType::kFloat64: return fn<double, double>(p);                     \
+  }                                                                         \
+  return "linear_attention: unsupported dtype"
+
+const char* state(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, state_typed); }
+const char* apply(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, apply_typed); }
+const char* apply_backward(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, apply_backward_typed); }
+const char* state_backward(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, state_backward_typed); }
+
+#undef MMFAST_CPU_DISPATCH
+
+size_t workspace_bytes(const LinearAttentionParams& p) {
+  return p.dtype == DType::kFloat64 ? partials_bytes<double>(p) : partials_bytes<float>(p);
+}
+
+LinearAttentionKernels linear_attention_kernels() {
+  return {&workspace_bytes, &state, &apply, &apply_backward, &state_backward};
+}
+
+}  // namespace MMFAST_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace mmfast

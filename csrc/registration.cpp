@@ -1,0 +1,41 @@
+// The one schema block of the mmfast op library, and the Python module stub.
+//
+// Kernels are registered per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu
+// (TORCH_LIBRARY_IMPL); fake kernels and autograd formulas live in Python
+// (python/mmfast/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "mmfast/cpu/isa.h"
+
+extern "C" {
+// Importing mmfast._C runs the static registrations below. The module itself is
+// empty: ops are reached through torch.ops.mmfast.*.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+std::string cpu_isa() { return mmfast::cpu::active_isa_name(); }
+}  // namespace
+
+TORCH_LIBRARY(mmfast, m) {
+  // Non-causal normalized linear attention (LinFusion). Token tensors are (B, N, H, D);
+  // state is (B, H, Dk, Dv) and mean (B, H, Dk), fp32 (fp64 for fp64 inputs).
+  m.def("linear_attention(Tensor q, Tensor k, Tensor v, float eps, str feature_map) -> Tensor");
+  m.def("linear_attention_state(Tensor k, Tensor v, str feature_map) -> (Tensor, Tensor)");
+  m.def("linear_attention_apply(Tensor q, Tensor state, Tensor mean, float eps, str feature_map) -> Tensor");
+  m.def(
+      "linear_attention_apply_backward(Tensor grad_out, Tensor q, Tensor state, Tensor mean, float eps, "
+      "str feature_map) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_attention_state_backward(Tensor grad_state, Tensor grad_mean, Tensor k, Tensor v, "
+      "str feature_map) -> (Tensor, Tensor)");
+
+  // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
+  m.def("cpu_isa() -> str", &cpu_isa);
+}

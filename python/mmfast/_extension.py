@@ -1,0 +1,35 @@
+"""Loads the compiled extension mmfast._C and says what it was built with."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+
+    IMPORT_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    IMPORT_ERROR = error
+
+try:
+    from . import _build_info as build_info  # written by setup.py
+except ImportError:
+    build_info = None
+
+
+def loaded() -> bool:
+    return IMPORT_ERROR is None
+
+
+def has_kernel(qualname: str, device: torch.device) -> bool:
+    if not loaded():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+
+
+def describe_missing(device: torch.device) -> str:
+    if not loaded():
+        return f"mmfast._C failed to import: {IMPORT_ERROR}; rebuild with `pip install --no-build-isolation -e .`"
+    if torch.device(device).type == "cuda":
+        return "this build of mmfast has no CUDA kernels (built without nvcc or a CUDA build of torch)"
+    return f"mmfast has no kernels for device type {torch.device(device).type!r}"

@@ -1,0 +1,46 @@
+"""`python -m mmfast` or `mmfast.info()`: what this installation of mmfast can run."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import _extension
+
+
+def collect() -> dict:
+    from . import __version__
+
+    build = _extension.build_info
+    facts = {
+        "mmfast": __version__,
+        "torch": torch.__version__,
+        "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
+        "built against torch": getattr(build, "torch_version", "unknown"),
+        "CPU kernels": _extension.has_kernel("mmfast::linear_attention", torch.device("cpu")),
+        "CPU ISA": torch.ops.mmfast.cpu_isa() if _extension.loaded() else None,
+        "CUDA kernels": _extension.has_kernel("mmfast::linear_attention", torch.device("cuda")),
+        "CUDA archs": getattr(build, "cuda_archs", None),
+        "CUDA runtime": torch.version.cuda,
+        "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "Triton": _triton_version(),
+    }
+    return facts
+
+
+def _triton_version():
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def info() -> None:
+    """Prints version, torch version, compiled backends and archs."""
+    for key, value in collect().items():
+        print(f"{key:>22}: {value}")
+
+
+if __name__ == "__main__":
+    info()

@@ -1,0 +1,1 @@
+"""Triton twins of mmfast's compiled kernels (imported lazily: Triton is optional)."""

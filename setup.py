@@ -1,0 +1,133 @@
+"""Builds mmfast._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+    pip install --no-build-isolation -e .
+
+Environment:
+  CUDA_HOME / CUDA_PATH      CUDA toolkit root (else found from the nvcc on PATH)
+  MMFAST_REQUIRE_CUDA=1      fail instead of building a CPU-only extension
+  MMFAST_DISABLE_CUDA=1      build the CPU kernels only
+  TORCH_CUDA_ARCH_LIST       default "8.0;9.0a" (A100, H100) when no GPU is visible
+  MAX_JOBS, NVCC_THREADS     build parallelism
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _is_toolkit(path) -> bool:
+    return bool(path) and (Path(path) / "include" / "cuda_runtime.h").is_file() and (Path(path) / "bin" / "nvcc").exists()
+
+
+def _toolkit_from_nvcc():
+    """The real toolkit root of the nvcc on PATH, which may be a wrapper script."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = Path(line.split("=", 1)[1].strip()).resolve()
+            for candidate in (top, top.parent):
+                if _is_toolkit(candidate):
+                    return str(candidate)
+    return None
+
+
+def find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    return _toolkit_from_nvcc()
+
+
+def _fail_or_warn(reason: str) -> bool:
+    if os.environ.get("MMFAST_REQUIRE_CUDA") == "1":
+        sys.exit(f"mmfast: MMFAST_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    print(f"mmfast: building the CPU kernels only ({reason})", file=sys.stderr)
+    return False
+
+
+def decide_cuda(cuda_home) -> bool:
+    if os.environ.get("MMFAST_DISABLE_CUDA") == "1":
+        return _fail_or_warn("MMFAST_DISABLE_CUDA=1")
+    import torch
+
+    if torch.version.cuda is None:
+        return _fail_or_warn(f"torch {torch.__version__} is a CPU-only build")
+    if cuda_home is None:
+        return _fail_or_warn("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    return True
+
+
+def nvidia_wheel_include_dirs():
+    """cuBLAS/cuSPARSE headers shipped in torch's nvidia-* wheels (some ATen CUDA headers need them)."""
+    dirs = []
+    for entry in sys.path:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            dirs += [d for d in glob.glob(os.path.join(entry, pattern)) if os.path.isfile(os.path.join(d, "cublas_v2.h"))]
+    return sorted(set(dirs))
+
+
+def write_build_info(with_cuda: bool, archs: str) -> None:
+    import torch
+
+    info = {
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda if with_cuda else None,
+        "cuda_archs": archs if with_cuda else None,
+        "backends": ["cpu"] + (["cuda"] if with_cuda else []),
+    }
+    body = "".join(f"{key} = {value!r}\n" for key, value in info.items())
+    (ROOT / "python" / "mmfast" / "_build_info.py").write_text('"""Written by setup.py at build time."""\n' + body)
+
+
+def extensions():
+    cuda_home = find_cuda_home()
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
+    with_cuda = decide_cuda(cuda_home)
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS) if with_cuda else ""
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/glue/*.cpp"))
+    cxx_flags = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    extra = {"cxx": cxx_flags}
+    include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += nvidia_wheel_include_dirs()
+        extra["nvcc"] = ["-O3", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "2")]
+        extension = CUDAExtension
+    else:
+        extension = CppExtension
+    write_build_info(with_cuda, archs)
+    ext = extension("mmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="mmfast",
+    version="0.1.0",
+    description="Compiled CPU/CUDA/Triton kernels for LinFusion, APTP, Liquid and DiffDIS",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+)
