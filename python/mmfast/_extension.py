@@ -27,6 +27,12 @@ def has_kernel(qualname: str, device: torch.device) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
 
 
+# Computed once at import so backend resolution is plain Python that torch.compile traces.
+NATIVE_DEVICE_TYPES = frozenset(
+    device for device in ("cpu", "cuda") if has_kernel("mmfast::linear_attention", torch.device(device))
+)
+
+
 def describe_missing(device: torch.device) -> str:
     if not loaded():
         return f"mmfast._C failed to import: {IMPORT_ERROR}; rebuild with `pip install --no-build-isolation -e .`"

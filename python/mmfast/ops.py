@@ -152,7 +152,7 @@ def register_linear_attention_autograd(qualname_prefix: str, ops: LinearAttentio
 def native_available(device: torch.device) -> bool:
     from . import _extension
 
-    return _extension.has_kernel("mmfast::linear_attention", device)
+    return torch.device(device).type in _extension.NATIVE_DEVICE_TYPES
 
 
 def _triton_ops() -> LinearAttentionOps:

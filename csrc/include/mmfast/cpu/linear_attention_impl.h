@@ -104,6 +104,51 @@ inline const scalar_t* token_row(const TokenTensor& t, int64_t b, int64_t n, int
   return static_cast<const scalar_t*>(t.data) + b * t.stride_b + n * t.stride_n + h * t.stride_h;
 }
 
+// exp(x) for a vector of floats: Cephes-style range reduction x = n ln2 + r and a degree-6
+// polynomial, within 2 ulp of expf on [-87, 88]; below, it flushes towards 0 like expf.
+inline Vec<float>::type exp_vec(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using I = int __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  x = x < splat<float>(-87.0f) ? splat<float>(-87.0f) : x;
+  x = x > splat<float>(88.0f) ? splat<float>(88.0f) : x;
+  const V magic = splat<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V shifted = x * splat<float>(1.44269504088896341f) + magic;
+  const V n = shifted - magic;
+  const V r = (x - n * splat<float>(0.693359375f)) + n * splat<float>(2.12194440e-4f);
+  V p = splat<float>(1.9875691500e-4f);
+  p = p * r + splat<float>(1.3981999507e-3f);
+  p = p * r + splat<float>(8.3334519073e-3f);
+  p = p * r + splat<float>(4.1665795894e-2f);
+  p = p * r + splat<float>(1.6666665459e-1f);
+  p = p * r + splat<float>(5.0000001201e-1f);
+  p = p * r * r + r + splat<float>(1.0f);
+  I bits;
+  __builtin_memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - I{} - 0x4b400000 + 127) << 23;  // 2^n from the integer in shifted's mantissa
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// phi over a row of `ld` floats (ld a multiple of the vector width), vectorised.
+inline void feature_row(float* row, int64_t ld, FeatureMap fm) {
+  using V = Vec<float>::type;
+  constexpr int64_t W = Vec<float>::width;
+  if (fm == FeatureMap::kNone) return;
+  for (int64_t d = 0; d < ld; d += W) {
+    V x = load<float>(row + d);
+    if (fm == FeatureMap::kElu1)
+      x = x > splat<float>(0.0f) ? x + splat<float>(1.0f) : exp_vec(x);
+    else
+      x = x > splat<float>(0.0f) ? x : splat<float>(0.0f);
+    store<float>(row + d, x);
+  }
+}
+
+inline void feature_row(double* row, int64_t ld, FeatureMap fm) {
+  for (int64_t d = 0; d < ld; ++d) row[d] = feature<double>(row[d], fm);
+}
+
 // rows x dim tokens -> dense tile[kTile][ld]; padding rows and columns are zero.
 template <typename scalar_t, typename acc_t>
 void load_tile(const TokenTensor& t, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim, int64_t ld,
@@ -112,10 +157,10 @@ void load_tile(const TokenTensor& t, int64_t b, int64_t h, int64_t n0, int64_t r
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, h);
     acc_t* dst = tile + r * ld;
+    for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
     if (apply_feature) {
-      for (int64_t d = 0; d < dim; ++d) dst[d] = feature<acc_t>(to_acc(src[d]), fm);
-    } else {
-      for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
+      feature_row(dst, ld, fm);
+      for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
     }
   }
 }

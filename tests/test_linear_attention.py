@@ -1,0 +1,386 @@
+"""mmfast.ops.linear_attention on every backend against the fp32 reference."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mmfast
+from mmfast import reference
+from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
+
+from conftest import HAS_CUDA, HAS_TRITON, TRITON_DEVICE, assert_close, backend_params, cuda_only
+
+BACKENDS = backend_params()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, N, H, Dk, Dv): odd sequence lengths, SD-1.5 head dims 40/80/160, Dk != Dv.
+SHAPES = [
+    (1, 1, 1, 16, 16),
+    (2, 7, 5, 40, 40),
+    (1, 1025, 5, 64, 64),
+    (2, 33, 20, 80, 80),
+    (1, 65, 1, 160, 160),
+    (2, 19, 3, 40, 80),
+    (1, 40, 2, 7, 256),
+    (1, 9, 2, 256, 3),
+]
+
+
+def make_qkv(shape, dtype, device, requires_grad=False):
+    b, n, h, dk, dv = shape
+    q = torch.randn(b, n, h, dk, dtype=dtype, device=device)
+    k = torch.randn(b, n, h, dk, dtype=dtype, device=device)
+    v = torch.randn(b, n, h, dv, dtype=dtype, device=device)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def reference_grads(q, k, v, grad_out, eps=1e-4, feature_map="elu1"):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = reference.linear_attention_ref(*leaves, eps, feature_map)
+    return torch.autograd.grad(out, leaves, grad_out.double())
+
+
+# ---- forward ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_reference(backend_device, dtype, shape):
+    backend, device = backend_device
+    q, k, v = make_qkv(shape, dtype, device)
+    out = linear_attention(q, k, v, backend=backend)
+    assert out.shape == (*shape[:3], shape[4]) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, reference.linear_attention_ref(q, k, v), dtype)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "none"])
+def test_feature_maps_and_eps(backend_device, feature_map):
+    backend, device = backend_device
+    q, k, v = make_qkv((2, 50, 3, 40, 24), torch.float32, device)
+    if feature_map == "none":  # keep the denominator away from zero
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    for eps in (1e-4, 0.5):
+        out = linear_attention(q, k, v, eps=eps, feature_map=feature_map, backend=backend)
+        assert_close(out, reference.linear_attention_ref(q, k, v, eps, feature_map), torch.float32)
+
+
+def _strided_views(shape, dtype, device):
+    """Inputs with the strides users produce: (B, H, N, D) transposed, a slice of a wider
+    projection, and a last-dim-strided view (the one case that needs a copy)."""
+    b, n, h, dk, dv = shape
+    bhnd = [torch.randn(b, h, n, d, dtype=dtype, device=device).transpose(1, 2) for d in (dk, dk, dv)]
+    fused = torch.randn(b, n, h, 2 * dk + dv + 3, dtype=dtype, device=device)
+    sliced = [fused[..., :dk], fused[..., dk : 2 * dk], fused[..., 2 * dk : 2 * dk + dv]]
+    wide = [torch.randn(b, n, h, 2 * d, dtype=dtype, device=device)[..., ::2] for d in (dk, dk, dv)]
+    return {"bhnd-transposed": bhnd, "projection-slices": sliced, "last-dim-strided": wide}
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("layout", ["bhnd-transposed", "projection-slices", "last-dim-strided"])
+def test_non_contiguous_inputs(backend_device, layout):
+    backend, device = backend_device
+    q, k, v = _strided_views((2, 37, 3, 40, 24), torch.float32, device)[layout]
+    assert not q.is_contiguous()
+    out = linear_attention(q, k, v, backend=backend)
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.float32)
+
+
+def test_fp64_on_cpu_is_exact_to_double_precision():
+    q, k, v = make_qkv((2, 131, 3, 40, 80), torch.float64, "cpu")
+    out = linear_attention(q, k, v, backend="native")
+    assert out.dtype == torch.float64
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.float64)
+
+
+def test_empty_batch_and_heads_give_empty_outputs():
+    for shape in [(0, 5, 2, 8, 8), (2, 5, 0, 8, 8)]:
+        q, k, v = make_qkv(shape, torch.float32, "cpu")
+        out = linear_attention(q, k, v, backend="native")
+        assert out.shape == (*shape[:3], shape[4])
+
+
+# ---- split API -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_state_and_apply_compose_to_the_fused_op(backend_device):
+    backend, device = backend_device
+    q, k, v = make_qkv((2, 70, 3, 40, 80), torch.float32, device)
+    state, mean = linear_attention_state(k, v, backend=backend)
+    ref_state, ref_mean = reference.linear_attention_state_ref(k, v)
+    assert state.dtype == mean.dtype == torch.float32
+    assert_close(state, ref_state, torch.float32)
+    assert_close(mean, ref_mean, torch.float32)
+    composed = linear_attention_apply(q, state, mean, backend=backend)
+    torch.testing.assert_close(composed, linear_attention(q, k, v, backend=backend), atol=1e-6, rtol=1e-6)
+
+
+def test_token_shards_combine_exactly():
+    """The patch-parallel recipe: states of token shards, weighted by shard length, sum
+    to the state of the whole sequence."""
+    q, k, v = make_qkv((1, 100, 2, 40, 40), torch.float64, "cpu")
+    shards = [(0, 13), (13, 60), (60, 100)]
+    state = sum((e - s) * linear_attention_state(k[:, s:e], v[:, s:e])[0] for s, e in shards) / 100
+    mean = sum((e - s) * linear_attention_state(k[:, s:e], v[:, s:e])[1] for s, e in shards) / 100
+    out = linear_attention_apply(q, state, mean)
+    assert_close(out, linear_attention(q, k, v), torch.float64)
+
+
+# ---- backward ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "none"])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 5, 7), (1, 70, 2, 40, 16)], ids=str)
+def test_gradcheck_fp64_cpu(feature_map, shape):
+    q, k, v = make_qkv(shape, torch.float64, "cpu", requires_grad=True)
+    if feature_map == "none":
+        q, k = [(t.detach().abs() + 0.5).requires_grad_() for t in (q, k)]
+    fused = lambda a, b, c: linear_attention(a, b, c, feature_map=feature_map)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (q, k, v))
+    state = lambda b, c: linear_attention_state(b, c, feature_map=feature_map)  # noqa: E731
+    assert torch.autograd.gradcheck(state, (k, v))
+    s, m = [t.detach().requires_grad_() for t in linear_attention_state(k, v, feature_map=feature_map)]
+    apply = lambda a, b, c: linear_attention_apply(a, b, c, feature_map=feature_map)  # noqa: E731
+    assert torch.autograd.gradcheck(apply, (q, s, m))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 5, 40, 40), (1, 1025, 2, 64, 64), (1, 33, 2, 160, 80), (2, 1, 1, 16, 24)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_reference(backend_device, dtype, shape):
+    backend, device = backend_device
+    q, k, v = make_qkv(shape, dtype, device, requires_grad=True)
+    grad_out = torch.randn(*shape[:3], shape[4], dtype=dtype, device=device)
+    grads = torch.autograd.grad(linear_attention(q, k, v, backend=backend), (q, k, v), grad_out)
+    for name, got, expected in zip("qkv", grads, reference_grads(q, k, v, grad_out)):
+        assert got.dtype == dtype, name
+        # Gradients sum over the sequence: allow for the accumulation order, relative to the largest entry.
+        scale = max(1.0, expected.abs().max().item()) * 4
+        assert_close(got, expected, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_backward_through_non_contiguous_inputs(backend_device):
+    backend, device = backend_device
+    q, k, v = [t.detach().requires_grad_() for t in _strided_views((2, 37, 3, 40, 24), torch.float32, device)["bhnd-transposed"]]
+    grad_out = torch.randn(2, 37, 3, 24, device=device)
+    grads = torch.autograd.grad(linear_attention(q, k, v, backend=backend), (q, k, v), grad_out)
+    for got, expected in zip(grads, reference_grads(q, k, v, grad_out)):
+        assert_close(got, expected, torch.float32, scale=4)
+
+
+# ---- torch.library integration -----------------------------------------------------------
+
+
+def _op_samples(device, dtype=torch.float32):
+    q, k, v = make_qkv((2, 19, 3, 40, 24), dtype, device)
+    state, mean = reference.linear_attention_state_ref(k, v)
+    grad_out = torch.randn(2, 19, 3, 24, dtype=dtype, device=device)
+    return {
+        "linear_attention": (q, k, v, 1e-4, "elu1"),
+        "linear_attention_state": (k, v, "elu1"),
+        "linear_attention_apply": (q, state, mean, 1e-4, "elu1"),
+        "linear_attention_apply_backward": (grad_out, q, state, mean, 1e-4, "elu1"),
+        "linear_attention_state_backward": (state, mean, k, v, "relu"),
+    }
+
+
+def _namespace(backend):
+    if backend == "native":
+        return torch.ops.mmfast
+    import mmfast.triton.linear_attention  # noqa: F401  (registers torch.ops.mmfast_triton)
+
+    return torch.ops.mmfast_triton
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("op_name", list(_op_samples("cpu")))
+def test_opcheck(backend_device, op_name):
+    backend, device = backend_device
+    args = _op_samples(device)[op_name]
+    grad_args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    op = getattr(_namespace(backend), op_name).default
+    torch.library.opcheck(op, args)
+    if op_name in ("linear_attention", "linear_attention_state", "linear_attention_apply"):
+        torch.library.opcheck(op, grad_args)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_torch_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    torch._dynamo.reset()
+
+    def attention_block(q, k, v):
+        out = linear_attention(torch.nn.functional.silu(q), k, v * 2, backend=backend)
+        return out.sum(dim=2)
+
+    compiled = torch.compile(attention_block, fullgraph=True, backend="aot_eager")
+    q, k, v = make_qkv((2, 33, 3, 40, 24), torch.float32, device, requires_grad=True)
+    out = compiled(q, k, v)
+    expected = attention_block(q, k, v)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    q, k, v = make_qkv((1, 40, 2, 16, 16), torch.float32, "cpu")
+    compiled = torch.compile(lambda a, b, c: linear_attention(a, b, c) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), linear_attention(q, k, v) * 2)
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "rank": (lambda: (torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16)), ValueError, "4-D"),
+    "batch mismatch": (lambda: make_qkv((2, 5, 2, 8, 8), torch.float32, "cpu")[:2] + [torch.randn(3, 5, 2, 8)],
+                       ValueError, "agree in"),
+    "seq mismatch": (lambda: [torch.randn(1, 5, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)],
+                     ValueError, "same"),
+    "head mismatch": (lambda: [torch.randn(1, 5, 2, 8), torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8)],
+                      ValueError, "same"),
+    "Dk too large": (lambda: make_qkv((1, 5, 1, 257, 8), torch.float32, "cpu"), ValueError, r"\[1, 256\]"),
+    "Dv too large": (lambda: make_qkv((1, 5, 1, 8, 300), torch.float32, "cpu"), ValueError, r"\[1, 256\]"),
+    "Dk zero": (lambda: make_qkv((1, 5, 1, 0, 8), torch.float32, "cpu"), ValueError, r"\[1, 256\]"),
+    "mixed dtypes": (lambda: [torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8).half(), torch.randn(1, 5, 2, 8)],
+                     TypeError, "same dtype"),
+    "integer dtype": (lambda: [torch.ones(1, 5, 2, 8, dtype=torch.int32)] * 3, TypeError, "float32, float16"),
+    "empty sequence": (lambda: make_qkv((1, 0, 2, 8, 8), torch.float32, "cpu"), ValueError, "at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("entry", ["public", "torch.ops"])
+def test_bad_inputs_raise_clear_errors(case, entry):
+    make, error, message = BAD_INPUTS[case]
+    q, k, v = make()
+    with pytest.raises(error, match=message):
+        if entry == "public":
+            linear_attention(q, k, v)
+        else:
+            torch.ops.mmfast.linear_attention(q, k, v, 1e-4, "elu1")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("case", ["rank", "batch mismatch", "Dk too large", "mixed dtypes", "empty sequence"])
+def test_bad_inputs_raise_on_triton(case):
+    make, error, message = BAD_INPUTS[case]
+    q, k, v = [t.to(TRITON_DEVICE) for t in make()]
+    with pytest.raises(error, match=message):
+        linear_attention(q, k, v, backend="triton")
+
+
+def test_mixed_devices_raise():
+    q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, "cpu")
+    other = "cuda" if HAS_CUDA else "meta"
+    with pytest.raises(TypeError, match="same device"):
+        linear_attention(q, k.to(other), v)
+
+
+def test_bad_feature_map_and_backend():
+    q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="feature_map"):
+        linear_attention(q, k, v, feature_map="softmax")
+    with pytest.raises(ValueError, match="feature_map"):
+        torch.ops.mmfast.linear_attention(q, k, v, 1e-4, "softmax")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_attention(q, k, v, backend="cudnn")
+
+
+def test_apply_rejects_mismatched_state():
+    q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, "cpu")
+    state, mean = linear_attention_state(k, v)
+    with pytest.raises(ValueError, match="state must be"):
+        linear_attention_apply(q, state[:, :1], mean)
+    with pytest.raises(TypeError, match="must be Float for Float inputs"):
+        linear_attention_apply(q, state.double(), mean)
+    with pytest.raises(TypeError, match="must be torch.float32 for torch.float32 inputs"):
+        linear_attention_apply(q, state.double(), mean, backend="reference")
+
+
+# ---- backend selection -------------------------------------------------------------------
+
+
+def test_backend_selection_global_and_scoped():
+    q, k, v = make_qkv((1, 9, 2, 8, 8), torch.float32, "cpu")
+    expected = reference.linear_attention_ref(q, k, v)
+    assert mmfast.get_backend() == "auto"
+    with mmfast.use_backend("reference"):
+        assert mmfast.get_backend() == "reference"
+        assert_close(linear_attention(q, k, v), expected, torch.float32)
+    mmfast.set_backend("native")
+    try:
+        assert mmfast.get_backend() == "native"
+        assert_close(linear_attention(q, k, v), expected, torch.float32)
+    finally:
+        mmfast.set_backend("auto")
+
+
+def test_native_backend_without_a_kernel_says_so():
+    q = torch.empty(1, 2, 1, 8, device="meta")
+    with pytest.raises(RuntimeError, match="no kernel for meta tensors"):
+        mmfast.ops._resolve("native", q.device)
+
+
+# ---- CPU kernel variants -------------------------------------------------------------------
+
+ISA_SCRIPT = textwrap.dedent(
+    """
+    import torch, mmfast
+    from mmfast import reference
+    torch.manual_seed(0)
+    assert torch.ops.mmfast.cpu_isa() == "{isa}", torch.ops.mmfast.cpu_isa()
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)):
+        for b, n, h, dk, dv in ((2, 67, 3, 40, 80), (1, 5, 2, 7, 3), (1, 300, 1, 160, 64)):
+            q, k = torch.randn(2, b, n, h, dk, dtype=dtype)
+            v = torch.randn(b, n, h, dv, dtype=dtype)
+            ref = reference.linear_attention_ref(q, k, v).double()
+            torch.testing.assert_close(mmfast.linear_attention(q, k, v).double(), ref, atol=tol, rtol=tol)
+    q, k, v = (torch.randn(1, 40, 2, 24, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(mmfast.linear_attention, (q, k, v))
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_cpu_kernel_variant(isa):
+    supported = subprocess.run(
+        [sys.executable, "-c", "import torch, mmfast; print(torch.ops.mmfast.cpu_isa())"],
+        env={**os.environ, "MMFAST_CPU_ISA": isa}, capture_output=True, text=True,
+    )
+    if supported.returncode != 0 and "does not support it" in supported.stderr:
+        pytest.skip(f"this CPU has no {isa}")
+    result = subprocess.run(
+        [sys.executable, "-c", ISA_SCRIPT.format(isa=isa)],
+        env={**os.environ, "MMFAST_CPU_ISA": isa}, capture_output=True, text=True,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_bad_cpu_isa_name_is_an_error():
+    result = subprocess.run(
+        [sys.executable, "-c", "import torch, mmfast; torch.ops.mmfast.cpu_isa()"],
+        env={**os.environ, "MMFAST_CPU_ISA": "sse9"}, capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "MMFAST_CPU_ISA must be generic, avx2 or avx512" in result.stderr
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_large_sequence_split_reduction():
+    """Many N-chunks per (b, h): the split state and its reduction on the GPU."""
+    q, k, v = make_qkv((1, 70000, 2, 64, 64), torch.bfloat16, "cuda")
+    out = linear_attention(q, k, v, backend="native")
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.bfloat16)
