@@ -1,0 +1,53 @@
+# mmfast developer commands. `make test` and `make bench` set everything up on a fresh
+# machine (virtual environment, dependencies, build) and then run.
+#
+#   make test        build (CPU + CUDA kernels when nvcc is found) and run the test suite
+#   make bench       build and run the benchmark suite, print the summary table
+#   make gpu-check   on a GPU machine without network: build for the local GPU with the
+#                    installed torch, run tests + benchmarks, write a report to GPU_REPORT_DIR
+#   make cmake-test  build the torch-free CPU kernels with CMake and run their C++ test
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+GPU_REPORT_DIR ?= build/gpu-report
+
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmfast-deps
+
+.PHONY: test bench build venv gpu-check cmake-test clean
+
+$(STAMP): requirements-test.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet "$(TORCH_SPEC)" -r requirements-test.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+	$(VPY) -m mmfast
+
+test: build cmake-test
+	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: build
+	mkdir -p build
+	cd benchmarks && ../$(VPY) -m pytest -q -p no:cacheprovider --benchmark-json=../build/bench.json $(PYTEST_ARGS)
+	$(VPY) benchmarks/summarize.py build/bench.json --markdown build/bench.md --plot build/bench.png
+
+cmake-test:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cmake -j $(MAX_JOBS) > /dev/null
+	cd build/cmake && ctest --output-on-failure
+
+# The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
+# build against its torch, for its own GPU, with all cores; install nothing.
+gpu-check:
+	bash benchmarks/gpu_check.sh "$(GPU_REPORT_DIR)"
+
+clean:
+	rm -rf build python/mmfast/_C*.so python/mmfast/_build_info.py *.egg-info python/*.egg-info
