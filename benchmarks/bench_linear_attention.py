@@ -1,0 +1,188 @@
+"""Linear attention: mmfast vs the eager LinFusion formulation vs softmax SDPA.
+
+Shapes are the attn1 layers of SD-1.5 / SD-2.1 / SD-XL (../shared/reference/linfusion.md
+§3), at 1024-4096 px on a GPU and scaled down on the CPU, plus the issue's CPU target
+shape. Bytes of the bandwidth floor: forward reads q, k, v and writes out; backward reads
+q, k, v, grad_out and writes dq, dk, dv.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfast import ops, reference
+
+from conftest import bench_device, machine_name, median_ms, peak_bandwidth, run_timed
+
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
+
+# name, B, N, H, D
+if ON_GPU:
+    SHAPES = [
+        ("sd15-L0-1024px", 2, 16384, 8, 40),
+        ("sd15-L0-2048px", 2, 65536, 8, 40),
+        ("sd15-L0-4096px", 2, 262144, 8, 40),
+        ("sd15-L1-2048px", 2, 16384, 8, 80),
+        ("sd15-L2-4096px", 2, 16384, 8, 160),
+        ("sd21-L0-2048px", 2, 65536, 5, 64),
+        ("sdxl-L1-2048px", 2, 16384, 10, 64),
+        ("sdxl-L2-4096px", 2, 16384, 20, 64),
+    ]
+    DTYPE = torch.bfloat16
+    SDPA_MAX_N = 65536
+else:
+    SHAPES = [
+        ("cpu-target", 2, 16384, 5, 64),  # issue target: >= 3x fwd, >= 2x bwd vs eager
+        ("sd15-L0-512px", 1, 4096, 8, 40),
+        ("sd21-L0-512px", 1, 4096, 5, 64),
+        ("sdxl-L1-1024px", 1, 4096, 10, 64),
+        ("sd15-L2-1024px", 1, 1024, 8, 160),
+    ]
+    DTYPE = torch.float32
+    SDPA_MAX_N = 4096
+
+CPU_TARGETS = {"forward": 3.0, "backward": 2.0}  # speedup vs eager at "cpu-target"
+GPU_TARGETS = {"forward": 0.80, "backward": 0.50}  # fraction of the HBM floor, N >= 16384
+
+
+def _inputs(b, n, h, d, requires_grad=False):
+    make = lambda: torch.randn(b, n, h, d, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)  # noqa: E731
+    return make(), make(), make()
+
+
+def _sdpa(q, k, v):
+    # Softmax attention at the same shape, (B, H, N, D) as SDPA wants it.
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _backward(fn, inputs, grad_out):
+    def run():
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, grad_out)
+
+    return run
+
+
+def _forward_fn(provider):
+    return {
+        "mmfast": lambda q, k, v: ops.linear_attention(q, k, v),
+        "eager": reference.linfusion_eager_linear_attention,
+        "sdpa": _sdpa,
+    }[provider]
+
+
+def _record(benchmark, direction, name, b, n, h, d, times):
+    elem = torch.tensor([], dtype=DTYPE).element_size()
+    tensors = 4 if direction == "forward" else 7
+    floor_bytes = tensors * b * n * h * d * elem
+    bandwidth, source = peak_bandwidth(DEVICE)
+    mmfast_ms = times["mmfast"]
+    info = {
+        "op": f"linear_attention.{direction}",
+        "shape": f"{name} B={b} N={n} H={h} D={d}",
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "device": machine_name(DEVICE),
+        "mmfast_ms": round(mmfast_ms, 4),
+        "gbps": round(floor_bytes / (mmfast_ms * 1e-3) / 1e9, 2),
+        "bandwidth_ref": source,
+    }
+    if bandwidth:
+        info["pct_of_floor"] = round(100 * floor_bytes / bandwidth / (mmfast_ms * 1e-3), 1)
+    for provider in ("eager", "sdpa"):
+        if provider in times:
+            info[f"{provider}_ms"] = round(times[provider], 4)
+            info[f"speedup_vs_{provider}"] = round(times[provider] / mmfast_ms, 2)
+    if not ON_GPU and name == "cpu-target":
+        info["target"] = f">= {CPU_TARGETS[direction]}x vs eager"
+        info["target_met"] = info["speedup_vs_eager"] >= CPU_TARGETS[direction]
+    if ON_GPU and n >= 16384 and "pct_of_floor" in info:
+        info["target"] = f">= {int(100 * GPU_TARGETS[direction])}% of HBM floor"
+        info["target_met"] = info["pct_of_floor"] >= 100 * GPU_TARGETS[direction]
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_forward(benchmark, shape):
+    name, b, n, h, d = shape
+    q, k, v = _inputs(b, n, h, d)
+    with torch.no_grad():
+        times = {"mmfast": run_timed(benchmark, lambda: ops.linear_attention(q, k, v), DEVICE)}
+        if ON_GPU:  # device time from CUDA events; the fixture's wall time includes launch overhead
+            times["mmfast"] = median_ms(lambda: ops.linear_attention(q, k, v), DEVICE)
+        times["eager"] = median_ms(lambda: reference.linfusion_eager_linear_attention(q, k, v), DEVICE)
+        if n <= SDPA_MAX_N:
+            times["sdpa"] = median_ms(lambda: _sdpa(q, k, v), DEVICE, warmup=1, repeats=3)
+    _record(benchmark, "forward", name, b, n, h, d, times)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_backward(benchmark, shape):
+    """Forward + backward time minus forward time, per provider."""
+    name, b, n, h, d = shape
+    inputs = _inputs(b, n, h, d, requires_grad=True)
+    grad_out = torch.randn(b, n, h, d, device=DEVICE, dtype=DTYPE)
+    providers = ["mmfast", "eager"] + (["sdpa"] if n <= SDPA_MAX_N else [])
+    times = {}
+    for provider in providers:
+        fn = _forward_fn(provider)
+        repeats = 3 if provider == "sdpa" else 7
+        with torch.no_grad():
+            forward_ms = median_ms(lambda: fn(*inputs), DEVICE, repeats=repeats)
+        if provider == "mmfast" and not ON_GPU:
+            both_ms = run_timed(benchmark, _backward(fn, inputs, grad_out), DEVICE)
+        else:
+            both_ms = median_ms(_backward(fn, inputs, grad_out), DEVICE, repeats=repeats)
+        times[provider] = max(both_ms - forward_ms, 1e-6)
+    if ON_GPU:
+        run_timed(benchmark, _backward(_forward_fn("mmfast"), inputs, grad_out), DEVICE)
+    _record(benchmark, "backward", name, b, n, h, d, times)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, torch, mmfast
+    b, n, h, d = {shape}
+    q, k, v = (torch.randn(b, n, h, d) for _ in range(3))
+    out = torch.empty(b, n, h, d)
+    out.copy_(mmfast.linear_attention(q[:, :64], k[:, :64], v[:, :64]).sum() + q)  # touch every page
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = mmfast.linear_attention(q, k, v)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+    """
+)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU memory target")
+def test_cpu_peak_extra_memory(benchmark):
+    """Peak resident memory the forward adds beyond inputs and output (target < 10% of inputs)."""
+    b, n, h, d = 2, 16384, 5, 64
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT.format(shape=(b, n, h, d))],
+        capture_output=True, text=True, check=True, env={**os.environ},
+    )
+    extra_bytes = int(result.stdout.strip().splitlines()[-1])
+    input_bytes = 3 * b * n * h * d * 4
+    output_bytes = b * n * h * d * 4
+    # The fresh output is a new allocation; anything beyond it is the op's own memory.
+    extra = max(0, extra_bytes - output_bytes)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        {
+            "op": "linear_attention.forward.peak_memory",
+            "shape": f"cpu-target B={b} N={n} H={h} D={d}",
+            "dtype": "float32",
+            "device": machine_name(DEVICE),
+            "extra_bytes": extra,
+            "pct_of_inputs": round(100 * extra / input_bytes, 2),
+            "target": "< 10% of inputs",
+            "target_met": extra < 0.10 * input_bytes,
+        }
+    )
