@@ -63,7 +63,7 @@ inline void store(acc_t* p, typename Vec<acc_t>::type v) {
 template <typename acc_t>
 inline typename Vec<acc_t>::type splat(acc_t x) {
   typename Vec<acc_t>::type v = {};
-  return v + x;
+  return x - v;  // x - (+0) == x for every x, so this folds to a plain broadcast
 }
 
 template <typename acc_t>
@@ -153,16 +153,14 @@ inline void feature_row(double* row, int64_t ld, FeatureMap fm) {
 template <typename scalar_t, typename acc_t>
 void load_tile(const TokenTensor& t, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim, int64_t ld,
                bool apply_feature, FeatureMap fm, acc_t* tile) {
-  __builtin_memset(tile, 0, sizeof(acc_t) * kTile * ld);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, h);
     acc_t* dst = tile + r * ld;
     for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
-    if (apply_feature) {
-      feature_row(dst, ld, fm);
-      for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
-    }
+    if (apply_feature) feature_row(dst, ld, fm);
+    for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
   }
+  if (rows < kTile) __builtin_memset(tile + rows * ld, 0, sizeof(acc_t) * (kTile - rows) * ld);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -263,17 +261,27 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 }
 
 // ---- work split ------------------------------------------------------------------------
+//
+// A task is (b, chunk of tokens) and covers every head: for each tile of tokens it walks the
+// heads in memory order, so the (B, N, H, D) rows are streamed from DRAM contiguously
+// instead of with an H*D stride per head.
 
 struct Split {
-  int64_t chunks;      // chunks of the sequence per (b, h)
-  int64_t chunk_len;   // tokens per chunk (a multiple of kTile)
+  int64_t chunks;     // chunks of the sequence per batch entry
+  int64_t chunk_len;  // tokens per chunk (a multiple of kTile)
+
+  int64_t tasks(const LinearAttentionParams& p) const { return p.batch * chunks; }
+  int64_t begin(int64_t chunk) const { return chunk * chunk_len; }
+  int64_t end(const LinearAttentionParams& p, int64_t chunk) const {
+    return min_i64(p.seqlen, (chunk + 1) * chunk_len);
+  }
 };
 
-// Enough (b, h, chunk) tasks to keep every thread busy, but chunks of at least kMinChunk
-// tokens so the per-chunk partial state stays small next to the tokens it summarises.
+// Enough (b, chunk) tasks to keep every thread busy, but chunks of at least kMinChunk
+// tokens so the per-chunk partial states stay small next to the tokens they summarise.
 inline Split split_sequence(const LinearAttentionParams& p) {
   const int64_t threads = max_i64(1, max_threads());
-  const int64_t wanted = ceil_div(4 * threads, max_i64(1, p.bh()));
+  const int64_t wanted = ceil_div(4 * threads, max_i64(1, p.batch));
   const int64_t most = max_i64(1, ceil_div(p.seqlen, kMinChunk));
   Split s;
   s.chunks = max_i64(1, min_i64(wanted, most));
@@ -282,13 +290,14 @@ inline Split split_sequence(const LinearAttentionParams& p) {
   return s;
 }
 
+// Workspace: one [pk*pv + pk] partial per (b, chunk, h), for state and apply_backward.
 template <typename acc_t>
 size_t partials_bytes(const LinearAttentionParams& p) {
   const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
   return sizeof(acc_t) * static_cast<size_t>(p.bh() * split_sequence(p).chunks * (pk * pv + pk));
 }
 
-// Per-call scratch of one worker: a few tiles and padded copies of the state.
+// Per-call scratch of one worker: tiles and padded per-head copies of the state.
 template <typename acc_t>
 struct Scratch {
   acc_t* data = nullptr;
@@ -315,64 +324,93 @@ void pad_matrix(const acc_t* src, int64_t rows, int64_t cols, acc_t scale, bool 
     }
 }
 
+// Padded per-head copies of a (B, H, rows, cols) state for batch entry b: [H][prow][pcol].
+template <typename acc_t>
+void pad_heads(const void* states, const LinearAttentionParams& p, int64_t b, int64_t rows, int64_t cols,
+               acc_t scale, bool transpose, acc_t* dst, int64_t prow, int64_t pcol) {
+  for (int64_t h = 0; h < p.heads; ++h)
+    pad_matrix<acc_t>(static_cast<const acc_t*>(states) + (b * p.heads + h) * rows * cols, rows, cols, scale,
+                      transpose, dst + h * prow * pcol, prow, pcol);
+}
+
+// sum over chunks of the [pk*pv + pk] partials of one (b, h), scaled, unpadded.
+template <typename acc_t>
+void sum_partials(const acc_t* partials, int64_t chunks, int64_t chunk_stride, int64_t pk, int64_t pv, int64_t dk,
+                  int64_t dv, acc_t scale, acc_t* matrix, acc_t* vector) {
+  for (int64_t d = 0; d < dk; ++d) {
+    for (int64_t e = 0; e < dv; ++e) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partials[c * chunk_stride + d * pv + e];
+      matrix[d * dv + e] = s * scale;
+    }
+    acc_t s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += partials[c * chunk_stride + pk * pv + d];
+    vector[d] = s * scale;
+  }
+}
+
+// Reduces partials laid out [b][chunk][h][pk*pv + pk] into (B, H, Dk, Dv) and (B, H, Dk).
+template <typename acc_t>
+struct ReducePartials {
+  const LinearAttentionParams* p;
+  Split split;
+  const acc_t* partials;
+  acc_t scale;
+  acc_t* matrices;
+  acc_t* vectors;
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<ReducePartials*>(ctx);
+    const auto& p = *job.p;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), stride = pk * pv + pk;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      sum_partials<acc_t>(job.partials + (b * job.split.chunks * p.heads + h) * stride, job.split.chunks,
+                          p.heads * stride, pk, pv, p.dim_k, p.dim_v, job.scale,
+                          job.matrices + bh * p.dim_k * p.dim_v, job.vectors + bh * p.dim_k);
+    }
+  }
+};
+
+template <typename acc_t>
+void reduce_partials(const LinearAttentionParams& p, const Split& split, const acc_t* partials, acc_t scale,
+                     void* matrices, void* vectors) {
+  ReducePartials<acc_t> job{&p, split, partials, scale, static_cast<acc_t*>(matrices), static_cast<acc_t*>(vectors)};
+  parallel_for(p.bh(), &job, &ReducePartials<acc_t>::run);
+}
+
 // ---- state: S = mean_j phi(k_j)^T v_j, m = mean_j phi(k_j) ------------------------------
 
 template <typename scalar_t, typename acc_t>
 struct StateJob {
   const LinearAttentionParams* p;
   Split split;
-  acc_t* partials;  // [bh][chunk][pk*pv + pk]
+  acc_t* partials;  // [b][chunk][h][pk*pv + pk]
 
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<StateJob*>(ctx);
     const auto& p = *job.p;
-    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), stride = pk * pv + pk;
     Scratch<acc_t> scratch(kTile * (pk + pv));
     acc_t* phi_k = scratch.data;
     acc_t* v = phi_k + kTile * pk;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      acc_t* state = job.partials + task * (pk * pv + pk);
-      acc_t* mean = state + pk * pv;
-      __builtin_memset(state, 0, sizeof(acc_t) * (pk * pv + pk));
-      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
-      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
+      acc_t* partials = job.partials + task * p.heads * stride;
+      __builtin_memset(partials, 0, sizeof(acc_t) * p.heads * stride);
+      const int64_t n_end = job.split.end(p, chunk);
+      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
-        load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
-        tile_outer_accum<acc_t>(phi_k, pk, pk, v, pv, pv, state, pv);
-        for (int64_t t = 0; t < rows; ++t)
-          for (int64_t d = 0; d < p.dim_k; ++d) mean[d] += phi_k[t * pk + d];
+        for (int64_t h = 0; h < p.heads; ++h) {
+          acc_t* state = partials + h * stride;
+          acc_t* mean = state + pk * pv;
+          load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
+          load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
+          tile_outer_accum<acc_t>(phi_k, pk, pk, v, pv, pv, state, pv);
+          for (int64_t t = 0; t < rows; ++t)
+            for (int64_t d = 0; d < pk; ++d) mean[d] += phi_k[t * pk + d];
+        }
       }
-    }
-  }
-
-  static void reduce(void* ctx, int64_t begin, int64_t end) {
-    const auto& job = *static_cast<StateJob*>(ctx);
-    const auto& p = *job.p;
-    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    const acc_t inv_n = acc_t(1) / acc_t(p.seqlen);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      acc_t* state = static_cast<acc_t*>(p.state) + bh * p.dim_k * p.dim_v;
-      acc_t* mean = static_cast<acc_t*>(p.mean) + bh * p.dim_k;
-      sum_partials(job.partials + bh * job.split.chunks * (pk * pv + pk), job.split.chunks, pk, pv, p.dim_k, p.dim_v,
-                   inv_n, state, mean);
-    }
-  }
-
-  // out[d][e] = scale * sum_c partial_c[d][e] (unpadded), likewise for the vector part.
-  static void sum_partials(const acc_t* partials, int64_t chunks, int64_t pk, int64_t pv, int64_t dk, int64_t dv,
-                           acc_t scale, acc_t* matrix, acc_t* vector) {
-    for (int64_t d = 0; d < dk; ++d) {
-      for (int64_t e = 0; e < dv; ++e) {
-        acc_t s = 0;
-        for (int64_t c = 0; c < chunks; ++c) s += partials[c * (pk * pv + pk) + d * pv + e];
-        matrix[d * dv + e] = s * scale;
-      }
-      acc_t s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += partials[c * (pk * pv + pk) + pk * pv + d];
-      vector[d] = s * scale;
     }
   }
 };
@@ -381,12 +419,14 @@ template <typename scalar_t, typename acc_t>
 const char* state_typed(const LinearAttentionParams& p) {
   if (p.workspace_bytes < partials_bytes<acc_t>(p)) return "linear_attention_state: workspace too small";
   StateJob<scalar_t, acc_t> job{&p, split_sequence(p), static_cast<acc_t*>(p.workspace)};
-  parallel_for(p.bh() * job.split.chunks, &job, &StateJob<scalar_t, acc_t>::run_tasks);
-  parallel_for(p.bh(), &job, &StateJob<scalar_t, acc_t>::reduce);
+  parallel_for(job.split.tasks(p), &job, &StateJob<scalar_t, acc_t>::run_tasks);
+  reduce_partials<acc_t>(p, job.split, job.partials, acc_t(1) / acc_t(p.seqlen), p.state, p.mean);
   return nullptr;
 }
 
 // ---- apply: out_i = phi(q_i) S / (phi(q_i) . m + eps) -----------------------------------
+// The mean rides along as an extra column of the padded state, so the same micro-kernel
+// produces the numerator and the denominator: [S | m] has pv_aug = padded(Dv + 1) columns.
 
 template <typename scalar_t, typename acc_t>
 struct ApplyJob {
@@ -396,32 +436,33 @@ struct ApplyJob {
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<ApplyJob*>(ctx);
     const auto& p = *job.p;
-    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    Scratch<acc_t> scratch(pk * pv + pk + kTile * (pk + pv));
-    acc_t* state = scratch.data;
-    acc_t* mean = state + pk * pv;
-    acc_t* phi_q = mean + pk;
+    const int64_t pk = padded<acc_t>(p.dim_k), pa = padded<acc_t>(p.dim_v + 1);
+    Scratch<acc_t> scratch(p.heads * pk * pa + kTile * (pk + pa));
+    acc_t* states = scratch.data;  // [H][pk][pa], column Dv holds m
+    acc_t* phi_q = states + p.heads * pk * pa;
     acc_t* out = phi_q + kTile * pk;
-    int64_t loaded_bh = -1;
+    int64_t loaded_b = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      if (bh != loaded_bh) {
-        pad_matrix<acc_t>(static_cast<const acc_t*>(p.state) + bh * p.dim_k * p.dim_v, p.dim_k, p.dim_v, acc_t(1),
-                          false, state, pk, pv);
-        pad_matrix<acc_t>(static_cast<const acc_t*>(p.mean) + bh * p.dim_k, 1, p.dim_k, acc_t(1), false, mean, 1, pk);
-        loaded_bh = bh;
+      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
+      if (b != loaded_b) {
+        pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
+        for (int64_t h = 0; h < p.heads; ++h)
+          for (int64_t d = 0; d < p.dim_k; ++d)
+            states[(h * pk + d) * pa + p.dim_v] = static_cast<const acc_t*>(p.mean)[(b * p.heads + h) * p.dim_k + d];
+        loaded_b = b;
       }
-      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
-      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+      const int64_t n_end = job.split.end(p, chunk);
+      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
-        tile_matmul<acc_t>(phi_q, pk, state, pv, p.dim_k, pv, out, pv);
-        for (int64_t t = 0; t < rows; ++t) {
-          const acc_t inv_z = acc_t(1) / (dot<acc_t>(phi_q + t * pk, mean, p.dim_k) + acc_t(p.eps));
-          for (int64_t e = 0; e < p.dim_v; ++e) out[t * pv + e] *= inv_z;
+        for (int64_t h = 0; h < p.heads; ++h) {
+          load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
+          tile_matmul<acc_t>(phi_q, pk, states + h * pk * pa, pa, p.dim_k, pa, out, pa);
+          for (int64_t t = 0; t < rows; ++t) {
+            const acc_t inv_z = acc_t(1) / (out[t * pa + p.dim_v] + acc_t(p.eps));
+            for (int64_t e = 0; e < p.dim_v; ++e) out[t * pa + e] *= inv_z;
+          }
+          store_tile<scalar_t, acc_t>(out, pa, rows, p.dim_v, p.out, b, h, n0);
         }
-        store_tile<scalar_t, acc_t>(out, pv, rows, p.dim_v, p.out, b, h, n0);
       }
     }
   }
@@ -430,7 +471,7 @@ struct ApplyJob {
 template <typename scalar_t, typename acc_t>
 const char* apply_typed(const LinearAttentionParams& p) {
   ApplyJob<scalar_t, acc_t> job{&p, split_sequence(p)};
-  parallel_for(p.bh() * job.split.chunks, &job, &ApplyJob<scalar_t, acc_t>::run_tasks);
+  parallel_for(job.split.tasks(p), &job, &ApplyJob<scalar_t, acc_t>::run_tasks);
   return nullptr;
 }
 
@@ -442,70 +483,62 @@ template <typename scalar_t, typename acc_t>
 struct ApplyBackwardJob {
   const LinearAttentionParams* p;
   Split split;
-  acc_t* partials;  // [bh][chunk][pk*pv + pk]
+  acc_t* partials;  // [b][chunk][h][pk*pv + pk]
 
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<ApplyBackwardJob*>(ctx);
     const auto& p = *job.p;
-    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    Scratch<acc_t> scratch(2 * pk * pv + pk + kTile * (2 * pk + 2 * pv) + kTile);
-    acc_t* state = scratch.data;             // [pk][pv]
-    acc_t* state_t = state + pk * pv;        // [pv][pk]
-    acc_t* mean = state_t + pk * pv;         // [pk]
-    acc_t* phi_q = mean + pk;                // [kTile][pk]
-    acc_t* grad_phi_q = phi_q + kTile * pk;  // [kTile][pk]
-    acc_t* g = grad_phi_q + kTile * pk;      // [kTile][pv]
-    acc_t* o = g + kTile * pv;               // [kTile][pv]
-    acc_t* dz = o + kTile * pv;              // [kTile]
-    int64_t loaded_bh = -1;
+    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), pa = padded<acc_t>(p.dim_v + 1);
+    const int64_t stride = pk * pv + pk;
+    Scratch<acc_t> scratch(p.heads * pk * (pa + pv) + kTile * (2 * pk + pv + pa) + kTile);
+    acc_t* states = scratch.data;                 // [H][pk][pa]: S | m
+    acc_t* states_t = states + p.heads * pk * pa;  // [H][pv][pk]: S^T
+    acc_t* phi_q = states_t + p.heads * pk * pv;   // [kTile][pk]
+    acc_t* grad_phi_q = phi_q + kTile * pk;        // [kTile][pk]
+    acc_t* g = grad_phi_q + kTile * pk;            // [kTile][pv]
+    acc_t* o = g + kTile * pv;                     // [kTile][pa]: phi_q S | z - eps
+    acc_t* dz = o + kTile * pa;                    // [kTile]
+    int64_t loaded_b = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      if (bh != loaded_bh) {
-        const acc_t* s = static_cast<const acc_t*>(p.state) + bh * p.dim_k * p.dim_v;
-        pad_matrix<acc_t>(s, p.dim_k, p.dim_v, acc_t(1), false, state, pk, pv);
-        pad_matrix<acc_t>(s, p.dim_k, p.dim_v, acc_t(1), true, state_t, pv, pk);
-        pad_matrix<acc_t>(static_cast<const acc_t*>(p.mean) + bh * p.dim_k, 1, p.dim_k, acc_t(1), false, mean, 1, pk);
-        loaded_bh = bh;
+      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
+      if (b != loaded_b) {
+        pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
+        pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), true, states_t, pv, pk);
+        for (int64_t h = 0; h < p.heads; ++h)
+          for (int64_t d = 0; d < p.dim_k; ++d)
+            states[(h * pk + d) * pa + p.dim_v] = static_cast<const acc_t*>(p.mean)[(b * p.heads + h) * p.dim_k + d];
+        loaded_b = b;
       }
-      acc_t* grad_state = job.partials + task * (pk * pv + pk);
-      acc_t* grad_mean = grad_state + pk * pv;
-      __builtin_memset(grad_state, 0, sizeof(acc_t) * (pk * pv + pk));
-      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
-      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+      acc_t* partials = job.partials + task * p.heads * stride;
+      __builtin_memset(partials, 0, sizeof(acc_t) * p.heads * stride);
+      const int64_t n_end = job.split.end(p, chunk);
+      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
-        load_tile<scalar_t, acc_t>(p.grad_out, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, g);
-        tile_matmul<acc_t>(phi_q, pk, state, pv, p.dim_k, pv, o, pv);  // o = phi_q S (times z)
-        for (int64_t t = 0; t < kTile; ++t) {
-          // Padding rows have phi_q = 0 and grad_out = 0: g = 0 and dz = 0 keep them inert.
-          const acc_t inv_z = acc_t(1) / (dot<acc_t>(phi_q + t * pk, mean, p.dim_k) + acc_t(p.eps));
-          for (int64_t e = 0; e < p.dim_v; ++e) g[t * pv + e] *= inv_z;
-          dz[t] = -dot<acc_t>(g + t * pv, o + t * pv, p.dim_v) * inv_z;
-        }
-        tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
-        for (int64_t t = 0; t < rows; ++t)
-          for (int64_t d = 0; d < p.dim_k; ++d) grad_mean[d] += dz[t] * phi_q[t * pk + d];
-        tile_matmul<acc_t>(g, pv, state_t, pk, p.dim_v, pk, grad_phi_q, pk);
-        for (int64_t t = 0; t < rows; ++t)
-          for (int64_t d = 0; d < p.dim_k; ++d) {
-            const acc_t grad = grad_phi_q[t * pk + d] + dz[t] * mean[d];
-            grad_phi_q[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_q[t * pk + d], p.feature_map);
+        for (int64_t h = 0; h < p.heads; ++h) {
+          const acc_t* state = states + h * pk * pa;
+          acc_t* grad_state = partials + h * stride;
+          acc_t* grad_mean = grad_state + pk * pv;
+          load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
+          load_tile<scalar_t, acc_t>(p.grad_out, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, g);
+          tile_matmul<acc_t>(phi_q, pk, state, pa, p.dim_k, pa, o, pa);
+          for (int64_t t = 0; t < kTile; ++t) {
+            // Padding rows have phi_q = 0 and grad_out = 0: g = 0 and dz = 0 keep them inert.
+            const acc_t inv_z = acc_t(1) / (o[t * pa + p.dim_v] + acc_t(p.eps));
+            for (int64_t e = 0; e < p.dim_v; ++e) g[t * pv + e] *= inv_z;
+            dz[t] = -dot<acc_t>(g + t * pv, o + t * pa, p.dim_v) * inv_z;
           }
-        store_tile<scalar_t, acc_t>(grad_phi_q, pk, rows, p.dim_k, p.grad_q, b, h, n0);
+          tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
+          for (int64_t t = 0; t < rows; ++t)
+            for (int64_t d = 0; d < pk; ++d) grad_mean[d] += dz[t] * phi_q[t * pk + d];
+          tile_matmul<acc_t>(g, pv, states_t + h * pv * pk, pk, p.dim_v, pk, grad_phi_q, pk);
+          for (int64_t t = 0; t < rows; ++t)
+            for (int64_t d = 0; d < p.dim_k; ++d) {
+              const acc_t grad = grad_phi_q[t * pk + d] + dz[t] * state[d * pa + p.dim_v];
+              grad_phi_q[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_q[t * pk + d], p.feature_map);
+            }
+          store_tile<scalar_t, acc_t>(grad_phi_q, pk, rows, p.dim_k, p.grad_q, b, h, n0);
+        }
       }
-    }
-  }
-
-  static void reduce(void* ctx, int64_t begin, int64_t end) {
-    const auto& job = *static_cast<ApplyBackwardJob*>(ctx);
-    const auto& p = *job.p;
-    const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      StateJob<scalar_t, acc_t>::sum_partials(job.partials + bh * job.split.chunks * (pk * pv + pk), job.split.chunks,
-                                              pk, pv, p.dim_k, p.dim_v, acc_t(1),
-                                              static_cast<acc_t*>(p.grad_state) + bh * p.dim_k * p.dim_v,
-                                              static_cast<acc_t*>(p.grad_mean) + bh * p.dim_k);
     }
   }
 };
@@ -514,8 +547,8 @@ template <typename scalar_t, typename acc_t>
 const char* apply_backward_typed(const LinearAttentionParams& p) {
   if (p.workspace_bytes < partials_bytes<acc_t>(p)) return "linear_attention_apply_backward: workspace too small";
   ApplyBackwardJob<scalar_t, acc_t> job{&p, split_sequence(p), static_cast<acc_t*>(p.workspace)};
-  parallel_for(p.bh() * job.split.chunks, &job, &ApplyBackwardJob<scalar_t, acc_t>::run_tasks);
-  parallel_for(p.bh(), &job, &ApplyBackwardJob<scalar_t, acc_t>::reduce);
+  parallel_for(job.split.tasks(p), &job, &ApplyBackwardJob<scalar_t, acc_t>::run_tasks);
+  reduce_partials<acc_t>(p, job.split, job.partials, acc_t(1), p.grad_state, p.grad_mean);
   return nullptr;
 }
 
@@ -530,41 +563,41 @@ struct StateBackwardJob {
     const auto& job = *static_cast<StateBackwardJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    Scratch<acc_t> scratch(2 * pk * pv + pk + kTile * (2 * pk + 2 * pv));
-    acc_t* grad_state = scratch.data;            // [pk][pv] / N
-    acc_t* grad_state_t = grad_state + pk * pv;  // [pv][pk] / N
-    acc_t* grad_mean = grad_state_t + pk * pv;   // [pk] / N
-    acc_t* phi_k = grad_mean + pk;               // [kTile][pk]
-    acc_t* grad_k = phi_k + kTile * pk;          // [kTile][pk]
-    acc_t* v = grad_k + kTile * pk;              // [kTile][pv]
-    acc_t* grad_v = v + kTile * pv;              // [kTile][pv]
+    Scratch<acc_t> scratch(p.heads * (2 * pk * pv + pk) + kTile * (2 * pk + 2 * pv));
+    acc_t* grad_states = scratch.data;                     // [H][pk][pv] / N
+    acc_t* grad_states_t = grad_states + p.heads * pk * pv;  // [H][pv][pk] / N
+    acc_t* grad_means = grad_states_t + p.heads * pk * pv;   // [H][pk] / N
+    acc_t* phi_k = grad_means + p.heads * pk;                // [kTile][pk]
+    acc_t* grad_k = phi_k + kTile * pk;                      // [kTile][pk]
+    acc_t* v = grad_k + kTile * pk;                          // [kTile][pv]
+    acc_t* grad_v = v + kTile * pv;                          // [kTile][pv]
     const acc_t inv_n = acc_t(1) / acc_t(p.seqlen);
-    int64_t loaded_bh = -1;
+    int64_t loaded_b = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / job.split.chunks, chunk = task % job.split.chunks;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      if (bh != loaded_bh) {
-        const acc_t* ds = static_cast<const acc_t*>(p.grad_state) + bh * p.dim_k * p.dim_v;
-        pad_matrix<acc_t>(ds, p.dim_k, p.dim_v, inv_n, false, grad_state, pk, pv);
-        pad_matrix<acc_t>(ds, p.dim_k, p.dim_v, inv_n, true, grad_state_t, pv, pk);
-        pad_matrix<acc_t>(static_cast<const acc_t*>(p.grad_mean) + bh * p.dim_k, 1, p.dim_k, inv_n, false, grad_mean,
-                          1, pk);
-        loaded_bh = bh;
+      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
+      if (b != loaded_b) {
+        pad_heads<acc_t>(p.grad_state, p, b, p.dim_k, p.dim_v, inv_n, false, grad_states, pk, pv);
+        pad_heads<acc_t>(p.grad_state, p, b, p.dim_k, p.dim_v, inv_n, true, grad_states_t, pv, pk);
+        pad_heads<acc_t>(p.grad_mean, p, b, 1, p.dim_k, inv_n, false, grad_means, 1, pk);
+        loaded_b = b;
       }
-      const int64_t n_end = min_i64(p.seqlen, (chunk + 1) * job.split.chunk_len);
-      for (int64_t n0 = chunk * job.split.chunk_len; n0 < n_end; n0 += kTile) {
+      const int64_t n_end = job.split.end(p, chunk);
+      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
-        load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
-        tile_matmul<acc_t>(v, pv, grad_state_t, pk, p.dim_v, pk, grad_k, pk);
-        tile_matmul<acc_t>(phi_k, pk, grad_state, pv, p.dim_k, pv, grad_v, pv);
-        for (int64_t t = 0; t < rows; ++t)
-          for (int64_t d = 0; d < p.dim_k; ++d) {
-            const acc_t grad = grad_k[t * pk + d] + grad_mean[d];
-            grad_k[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_k[t * pk + d], p.feature_map);
-          }
-        store_tile<scalar_t, acc_t>(grad_k, pk, rows, p.dim_k, p.grad_k, b, h, n0);
-        store_tile<scalar_t, acc_t>(grad_v, pv, rows, p.dim_v, p.grad_v, b, h, n0);
+        for (int64_t h = 0; h < p.heads; ++h) {
+          const acc_t* grad_mean = grad_means + h * pk;
+          load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
+          load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
+          tile_matmul<acc_t>(v, pv, grad_states_t + h * pv * pk, pk, p.dim_v, pk, grad_k, pk);
+          tile_matmul<acc_t>(phi_k, pk, grad_states + h * pk * pv, pv, p.dim_k, pv, grad_v, pv);
+          for (int64_t t = 0; t < rows; ++t)
+            for (int64_t d = 0; d < p.dim_k; ++d) {
+              const acc_t grad = grad_k[t * pk + d] + grad_mean[d];
+              grad_k[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_k[t * pk + d], p.feature_map);
+            }
+          store_tile<scalar_t, acc_t>(grad_k, pk, rows, p.dim_k, p.grad_k, b, h, n0);
+          store_tile<scalar_t, acc_t>(grad_v, pv, rows, p.dim_v, p.grad_v, b, h, n0);
+        }
       }
     }
   }
@@ -573,7 +606,7 @@ struct StateBackwardJob {
 template <typename scalar_t, typename acc_t>
 const char* state_backward_typed(const LinearAttentionParams& p) {
   StateBackwardJob<scalar_t, acc_t> job{&p, split_sequence(p)};
-  parallel_for(p.bh() * job.split.chunks, &job, &StateBackwardJob<scalar_t, acc_t>::run_tasks);
+  parallel_for(job.split.tasks(p), &job, &StateBackwardJob<scalar_t, acc_t>::run_tasks);
   return nullptr;
 }
 
