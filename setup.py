@@ -104,7 +104,9 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/glue/*.cpp"))
-    cxx_flags = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled in
+    # our TU; without the flag the CPU kernels silently run on one thread.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra = {"cxx": cxx_flags}
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
     if with_cuda:
@@ -115,7 +117,8 @@ def extensions():
     else:
         extension = CppExtension
     write_build_info(with_cuda, archs)
-    ext = extension("mmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
+    ext = extension("mmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                    extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -86,17 +86,6 @@ inline float feature<float>(float x, FeatureMap fm) {
   return x;
 }
 
-// phi'(x) from phi(x): elu1 -> min(phi, 1); relu -> (phi > 0); none -> 1.
-template <typename acc_t>
-inline acc_t feature_grad_from_output(acc_t phi, FeatureMap fm) {
-  switch (fm) {
-    case FeatureMap::kElu1: return phi < acc_t(1) ? phi : acc_t(1);
-    case FeatureMap::kRelu: return phi > acc_t(0) ? acc_t(1) : acc_t(0);
-    case FeatureMap::kNone: break;
-  }
-  return acc_t(1);
-}
-
 // ---- tiles ---------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -149,28 +138,34 @@ inline void feature_row(double* row, int64_t ld, FeatureMap fm) {
   for (int64_t d = 0; d < ld; ++d) row[d] = feature<double>(row[d], fm);
 }
 
-// rows x dim tokens -> dense tile[kTile][ld]; padding rows and columns are zero.
+// Tiles of every head: tiles[h][kTile][ld] <- tokens n0 .. n0+rows of batch entry b.
+// Rows are visited in (token, head) order, i.e. memory order of a (B, N, H, D) tensor, so
+// DRAM is streamed sequentially. Padding rows and columns are zero.
 template <typename scalar_t, typename acc_t>
-void load_tile(const TokenTensor& t, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim, int64_t ld,
-               bool apply_feature, FeatureMap fm, acc_t* tile) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, h);
-    acc_t* dst = tile + r * ld;
-    for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
-    if (apply_feature) feature_row(dst, ld, fm);
-    for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
-  }
-  if (rows < kTile) __builtin_memset(tile + rows * ld, 0, sizeof(acc_t) * (kTile - rows) * ld);
+void load_tiles(const TokenTensor& t, int64_t b, int64_t n0, int64_t rows, int64_t heads, int64_t dim, int64_t ld,
+                bool apply_feature, FeatureMap fm, acc_t* tiles) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, h);
+      acc_t* dst = tiles + (h * kTile + r) * ld;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
+      if (apply_feature) feature_row(dst, ld, fm);
+      for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
+    }
+  if (rows < kTile)
+    for (int64_t h = 0; h < heads; ++h)
+      __builtin_memset(tiles + (h * kTile + rows) * ld, 0, sizeof(acc_t) * (kTile - rows) * ld);
 }
 
 template <typename scalar_t, typename acc_t>
-void store_tile(const acc_t* tile, int64_t ld, int64_t rows, int64_t dim, const TokenTensor& t, int64_t b,
-                int64_t h, int64_t n0) {
-  for (int64_t r = 0; r < rows; ++r) {
-    scalar_t* dst = const_cast<scalar_t*>(token_row<scalar_t>(t, b, n0 + r, h));
-    const acc_t* src = tile + r * ld;
-    for (int64_t d = 0; d < dim; ++d) dst[d] = FromAcc<scalar_t>::convert(src[d]);
-  }
+void store_tiles(const acc_t* tiles, int64_t ld, int64_t rows, int64_t heads, int64_t dim, const TokenTensor& t,
+                 int64_t b, int64_t n0) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      scalar_t* dst = const_cast<scalar_t*>(token_row<scalar_t>(t, b, n0 + r, h));
+      const acc_t* src = tiles + (h * kTile + r) * ld;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = FromAcc<scalar_t>::convert(src[d]);
+    }
 }
 
 // ---- micro-kernels -------------------------------------------------------------------
@@ -253,11 +248,36 @@ void tile_outer_accum(const acc_t* A, int64_t lda, int64_t rows, const acc_t* B,
   }
 }
 
+// sum_d a[d] * b[d] over a padded length (a multiple of the vector width).
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+inline acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t ld) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  V acc = {};
+  for (int64_t d = 0; d < ld; d += W) acc += load<acc_t>(a + d) * load<acc_t>(b + d);
+  acc_t lanes[W];
+  __builtin_memcpy(lanes, &acc, sizeof(acc));
+  acc_t sum = 0;
+  for (int64_t i = 0; i < W; ++i) sum += lanes[i];
+  return sum;
+}
+
+// Backward epilogue, vectorised: row[d] = (row[d] + scale * add[d]) * phi'(x_d), with phi'
+// recovered from phi(x_d): elu1 -> min(phi, 1), relu -> (phi > 0), none -> 1. ld is a
+// multiple of the vector width.
+template <typename acc_t>
+inline void feature_grad_row(acc_t* row, const acc_t* add, acc_t scale, const acc_t* phi, int64_t ld, FeatureMap fm) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  const V s = splat<acc_t>(scale), one = splat<acc_t>(1), zero = splat<acc_t>(0);
+  for (int64_t d = 0; d < ld; d += W) {
+    const V grad = load<acc_t>(row + d) + s * load<acc_t>(add + d);
+    const V f = load<acc_t>(phi + d);
+    V slope = one;
+    if (fm == FeatureMap::kElu1) slope = f < one ? f : one;
+    if (fm == FeatureMap::kRelu) slope = f > zero ? one : zero;
+    store<acc_t>(row + d, grad * slope);
+  }
 }
 
 // ---- work split ------------------------------------------------------------------------
@@ -391,9 +411,9 @@ struct StateJob {
     const auto& job = *static_cast<StateJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), stride = pk * pv + pk;
-    Scratch<acc_t> scratch(kTile * (pk + pv));
-    acc_t* phi_k = scratch.data;
-    acc_t* v = phi_k + kTile * pk;
+    Scratch<acc_t> scratch(p.heads * kTile * (pk + pv));
+    acc_t* phi_k_tiles = scratch.data;                    // [H][kTile][pk]
+    acc_t* v_tiles = phi_k_tiles + p.heads * kTile * pk;  // [H][kTile][pv]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
       acc_t* partials = job.partials + task * p.heads * stride;
@@ -401,11 +421,13 @@ struct StateJob {
       const int64_t n_end = job.split.end(p, chunk);
       for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.k, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_k_tiles);
+        load_tiles<scalar_t, acc_t>(p.v, b, n0, rows, p.heads, p.dim_v, pv, false, p.feature_map, v_tiles);
         for (int64_t h = 0; h < p.heads; ++h) {
           acc_t* state = partials + h * stride;
           acc_t* mean = state + pk * pv;
-          load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
-          load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
+          const acc_t* phi_k = phi_k_tiles + h * kTile * pk;
+          const acc_t* v = v_tiles + h * kTile * pv;
           tile_outer_accum<acc_t>(phi_k, pk, pk, v, pv, pv, state, pv);
           for (int64_t t = 0; t < rows; ++t)
             for (int64_t d = 0; d < pk; ++d) mean[d] += phi_k[t * pk + d];
@@ -437,10 +459,10 @@ struct ApplyJob {
     const auto& job = *static_cast<ApplyJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pa = padded<acc_t>(p.dim_v + 1);
-    Scratch<acc_t> scratch(p.heads * pk * pa + kTile * (pk + pa));
-    acc_t* states = scratch.data;  // [H][pk][pa], column Dv holds m
-    acc_t* phi_q = states + p.heads * pk * pa;
-    acc_t* out = phi_q + kTile * pk;
+    Scratch<acc_t> scratch(p.heads * (pk * pa + kTile * (pk + pa)));
+    acc_t* states = scratch.data;                      // [H][pk][pa], column Dv holds m
+    acc_t* phi_q_tiles = states + p.heads * pk * pa;     // [H][kTile][pk]
+    acc_t* out_tiles = phi_q_tiles + p.heads * kTile * pk;  // [H][kTile][pa]
     int64_t loaded_b = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
@@ -454,15 +476,16 @@ struct ApplyJob {
       const int64_t n_end = job.split.end(p, chunk);
       for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.q, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_q_tiles);
         for (int64_t h = 0; h < p.heads; ++h) {
-          load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
-          tile_matmul<acc_t>(phi_q, pk, states + h * pk * pa, pa, p.dim_k, pa, out, pa);
+          acc_t* out = out_tiles + h * kTile * pa;
+          tile_matmul<acc_t>(phi_q_tiles + h * kTile * pk, pk, states + h * pk * pa, pa, p.dim_k, pa, out, pa);
           for (int64_t t = 0; t < rows; ++t) {
             const acc_t inv_z = acc_t(1) / (out[t * pa + p.dim_v] + acc_t(p.eps));
             for (int64_t e = 0; e < p.dim_v; ++e) out[t * pa + e] *= inv_z;
           }
-          store_tile<scalar_t, acc_t>(out, pa, rows, p.dim_v, p.out, b, h, n0);
         }
+        store_tiles<scalar_t, acc_t>(out_tiles, pa, rows, p.heads, p.dim_v, p.out, b, n0);
       }
     }
   }
@@ -490,13 +513,14 @@ struct ApplyBackwardJob {
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), pa = padded<acc_t>(p.dim_v + 1);
     const int64_t stride = pk * pv + pk;
-    Scratch<acc_t> scratch(p.heads * pk * (pa + pv) + kTile * (2 * pk + pv + pa) + kTile);
-    acc_t* states = scratch.data;                 // [H][pk][pa]: S | m
-    acc_t* states_t = states + p.heads * pk * pa;  // [H][pv][pk]: S^T
-    acc_t* phi_q = states_t + p.heads * pk * pv;   // [kTile][pk]
-    acc_t* grad_phi_q = phi_q + kTile * pk;        // [kTile][pk]
-    acc_t* g = grad_phi_q + kTile * pk;            // [kTile][pv]
-    acc_t* o = g + kTile * pv;                     // [kTile][pa]: phi_q S | z - eps
+    Scratch<acc_t> scratch(p.heads * (pk * (pa + pv + 1) + kTile * (2 * pk + pv)) + kTile * (pa + 1));
+    acc_t* states = scratch.data;                            // [H][pk][pa]: S | m
+    acc_t* states_t = states + p.heads * pk * pa;             // [H][pv][pk]: S^T
+    acc_t* means = states_t + p.heads * pk * pv;              // [H][pk]: m
+    acc_t* phi_q_tiles = means + p.heads * pk;                // [H][kTile][pk]
+    acc_t* grad_q_tiles = phi_q_tiles + p.heads * kTile * pk;  // [H][kTile][pk]
+    acc_t* g_tiles = grad_q_tiles + p.heads * kTile * pk;      // [H][kTile][pv]
+    acc_t* o = g_tiles + p.heads * kTile * pv;                // [kTile][pa]: phi_q S | z - eps
     acc_t* dz = o + kTile * pa;                    // [kTile]
     int64_t loaded_b = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -504,6 +528,7 @@ struct ApplyBackwardJob {
       if (b != loaded_b) {
         pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
         pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), true, states_t, pv, pk);
+        pad_heads<acc_t>(p.mean, p, b, 1, p.dim_k, acc_t(1), false, means, 1, pk);
         for (int64_t h = 0; h < p.heads; ++h)
           for (int64_t d = 0; d < p.dim_k; ++d)
             states[(h * pk + d) * pa + p.dim_v] = static_cast<const acc_t*>(p.mean)[(b * p.heads + h) * p.dim_k + d];
@@ -514,30 +539,29 @@ struct ApplyBackwardJob {
       const int64_t n_end = job.split.end(p, chunk);
       for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.q, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_q_tiles);
+        load_tiles<scalar_t, acc_t>(p.grad_out, b, n0, rows, p.heads, p.dim_v, pv, false, p.feature_map, g_tiles);
         for (int64_t h = 0; h < p.heads; ++h) {
-          const acc_t* state = states + h * pk * pa;
           acc_t* grad_state = partials + h * stride;
           acc_t* grad_mean = grad_state + pk * pv;
-          load_tile<scalar_t, acc_t>(p.q, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_q);
-          load_tile<scalar_t, acc_t>(p.grad_out, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, g);
-          tile_matmul<acc_t>(phi_q, pk, state, pa, p.dim_k, pa, o, pa);
+          const acc_t* phi_q = phi_q_tiles + h * kTile * pk;
+          acc_t* grad_phi_q = grad_q_tiles + h * kTile * pk;
+          acc_t* g = g_tiles + h * kTile * pv;
+          tile_matmul<acc_t>(phi_q, pk, states + h * pk * pa, pa, p.dim_k, pa, o, pa);
           for (int64_t t = 0; t < kTile; ++t) {
             // Padding rows have phi_q = 0 and grad_out = 0: g = 0 and dz = 0 keep them inert.
             const acc_t inv_z = acc_t(1) / (o[t * pa + p.dim_v] + acc_t(p.eps));
-            for (int64_t e = 0; e < p.dim_v; ++e) g[t * pv + e] *= inv_z;
-            dz[t] = -dot<acc_t>(g + t * pv, o + t * pa, p.dim_v) * inv_z;
+            for (int64_t e = 0; e < pv; ++e) g[t * pv + e] *= inv_z;
+            dz[t] = -dot_padded<acc_t>(g + t * pv, o + t * pa, pv) * inv_z;  // g is 0 past Dv
           }
           tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
           for (int64_t t = 0; t < rows; ++t)
             for (int64_t d = 0; d < pk; ++d) grad_mean[d] += dz[t] * phi_q[t * pk + d];
           tile_matmul<acc_t>(g, pv, states_t + h * pv * pk, pk, p.dim_v, pk, grad_phi_q, pk);
           for (int64_t t = 0; t < rows; ++t)
-            for (int64_t d = 0; d < p.dim_k; ++d) {
-              const acc_t grad = grad_phi_q[t * pk + d] + dz[t] * state[d * pa + p.dim_v];
-              grad_phi_q[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_q[t * pk + d], p.feature_map);
-            }
-          store_tile<scalar_t, acc_t>(grad_phi_q, pk, rows, p.dim_k, p.grad_q, b, h, n0);
+            feature_grad_row<acc_t>(grad_phi_q + t * pk, means + h * pk, dz[t], phi_q + t * pk, pk, p.feature_map);
         }
+        store_tiles<scalar_t, acc_t>(grad_q_tiles, pk, rows, p.heads, p.dim_k, p.grad_q, b, n0);
       }
     }
   }
@@ -563,14 +587,14 @@ struct StateBackwardJob {
     const auto& job = *static_cast<StateBackwardJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    Scratch<acc_t> scratch(p.heads * (2 * pk * pv + pk) + kTile * (2 * pk + 2 * pv));
+    Scratch<acc_t> scratch(p.heads * (2 * pk * pv + pk + kTile * (2 * pk + 2 * pv)));
     acc_t* grad_states = scratch.data;                     // [H][pk][pv] / N
     acc_t* grad_states_t = grad_states + p.heads * pk * pv;  // [H][pv][pk] / N
     acc_t* grad_means = grad_states_t + p.heads * pk * pv;   // [H][pk] / N
-    acc_t* phi_k = grad_means + p.heads * pk;                // [kTile][pk]
-    acc_t* grad_k = phi_k + kTile * pk;                      // [kTile][pk]
-    acc_t* v = grad_k + kTile * pk;                          // [kTile][pv]
-    acc_t* grad_v = v + kTile * pv;                          // [kTile][pv]
+    acc_t* phi_k_tiles = grad_means + p.heads * pk;             // [H][kTile][pk]
+    acc_t* grad_k_tiles = phi_k_tiles + p.heads * kTile * pk;   // [H][kTile][pk]
+    acc_t* v_tiles = grad_k_tiles + p.heads * kTile * pk;       // [H][kTile][pv]
+    acc_t* grad_v_tiles = v_tiles + p.heads * kTile * pv;       // [H][kTile][pv]
     const acc_t inv_n = acc_t(1) / acc_t(p.seqlen);
     int64_t loaded_b = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -584,20 +608,21 @@ struct StateBackwardJob {
       const int64_t n_end = job.split.end(p, chunk);
       for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
         const int64_t rows = min_i64(kTile, n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.k, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_k_tiles);
+        load_tiles<scalar_t, acc_t>(p.v, b, n0, rows, p.heads, p.dim_v, pv, false, p.feature_map, v_tiles);
         for (int64_t h = 0; h < p.heads; ++h) {
           const acc_t* grad_mean = grad_means + h * pk;
-          load_tile<scalar_t, acc_t>(p.k, b, h, n0, rows, p.dim_k, pk, true, p.feature_map, phi_k);
-          load_tile<scalar_t, acc_t>(p.v, b, h, n0, rows, p.dim_v, pv, false, p.feature_map, v);
+          const acc_t* phi_k = phi_k_tiles + h * kTile * pk;
+          const acc_t* v = v_tiles + h * kTile * pv;
+          acc_t* grad_k = grad_k_tiles + h * kTile * pk;
+          acc_t* grad_v = grad_v_tiles + h * kTile * pv;
           tile_matmul<acc_t>(v, pv, grad_states_t + h * pv * pk, pk, p.dim_v, pk, grad_k, pk);
           tile_matmul<acc_t>(phi_k, pk, grad_states + h * pk * pv, pv, p.dim_k, pv, grad_v, pv);
           for (int64_t t = 0; t < rows; ++t)
-            for (int64_t d = 0; d < p.dim_k; ++d) {
-              const acc_t grad = grad_k[t * pk + d] + grad_mean[d];
-              grad_k[t * pk + d] = grad * feature_grad_from_output<acc_t>(phi_k[t * pk + d], p.feature_map);
-            }
-          store_tile<scalar_t, acc_t>(grad_k, pk, rows, p.dim_k, p.grad_k, b, h, n0);
-          store_tile<scalar_t, acc_t>(grad_v, pv, rows, p.dim_v, p.grad_v, b, h, n0);
+            feature_grad_row<acc_t>(grad_k + t * pk, grad_mean, acc_t(1), phi_k + t * pk, pk, p.feature_map);
         }
+        store_tiles<scalar_t, acc_t>(grad_k_tiles, pk, rows, p.heads, p.dim_k, p.grad_k, b, n0);
+        store_tiles<scalar_t, acc_t>(grad_v_tiles, pv, rows, p.heads, p.dim_v, p.grad_v, b, n0);
       }
     }
   }
