@@ -1,0 +1,236 @@
+"""LinFusion attn1 latency: mmfast module vs the official-style PyTorch module vs diffusers SDPA.
+
+CPU shapes are SD-1.5 level 0 (C = 320, 8 heads x 40) at reduced token counts, batch 1.
+extra_info of each mmfast run holds the milliseconds of every variant and the speedups.
+
+The 16K case (one level-0 layer at N = 2,097,152 tokens, bf16, time and peak memory)
+runs only with MMFAST_BENCH_HIGHRES=1: it takes about a minute and ~3 GB of RAM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import mmfast
+from mmfast import ops, reference
+from mmfast.models.linfusion import GeneralizedLinearAttention
+
+pytest.importorskip("diffusers")
+from diffusers.models.attention_processor import Attention  # noqa: E402
+
+CHANNELS, HEADS = 320, 8  # SD-1.5 level 0: D = 40
+TOKENS = (1024, 4096, 16384)
+SDPA_MAX_TOKENS = 4096  # quadratic: N = 16384 is ~10 s per call on 2 cores
+BACKEND = "native" if ops.native_available(torch.device("cpu")) else "reference"
+ROUNDS = 5
+
+_measured_ms: dict = {}
+
+
+class OfficialStyleAttention(nn.Module):
+    """The official module's forward: (B*H, N, D) copies, elu+1, N^-1/2 pre-scaling (reference.py)."""
+
+    def __init__(self, module: GeneralizedLinearAttention):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, x):
+        m = self.inner
+        q, k, v = m._query(x), m._key(x), m._value(x)
+        return m._output(reference.linfusion_eager_linear_attention(q, k, v, eps=m.eps))
+
+
+def build_modules():
+    torch.manual_seed(0)
+    ours = GeneralizedLinearAttention(CHANNELS, HEADS).eval()
+    sdpa = Attention(
+        query_dim=CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, bias=False, out_bias=True).eval()
+    return {"mmfast": ours, "official": OfficialStyleAttention(ours), "sdpa": sdpa}
+
+
+MODULES = build_modules()
+
+
+def best_ms(fn, rounds=ROUNDS):
+    """Best of `rounds` (after a warm-up): the least disturbed by other work on a shared CPU."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def _module_call(impl, x):
+    def run():
+        with torch.inference_mode(), mmfast.use_backend(BACKEND):
+            MODULES[impl](x)
+    return run
+
+
+def _core_call(impl, x):
+    """The attention core alone on (B, N, H, D) views of one fused qkv buffer."""
+    q, k, v = (t.view(1, x.shape[1], HEADS, CHANNELS // HEADS) for t in x.repeat(1, 1, 3).split(CHANNELS, -1))
+    core = {
+        "mmfast": lambda: mmfast.linear_attention(q, k, v, backend=BACKEND),
+        "official": lambda: reference.linfusion_eager_linear_attention(q, k, v),
+    }[impl]
+
+    def run():
+        with torch.inference_mode():
+            core()
+    return run
+
+
+CALLS = {"module": _module_call, "core": _core_call}
+
+
+def _baseline_ms(scope, impl, tokens, x):
+    key = (scope, impl, tokens)
+    if key not in _measured_ms:
+        _measured_ms[key] = best_ms(CALLS[scope](impl, x))
+    return _measured_ms[key]
+
+
+def _run_and_record(benchmark, scope, impl, tokens, baselines):
+    x = torch.randn(1, tokens, CHANNELS)
+    benchmark.group = f"linfusion-attn1-{scope}-C{CHANNELS}-H{HEADS}-N{tokens}"
+    benchmark.pedantic(CALLS[scope](impl, x), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    ms = benchmark.stats.stats.min * 1e3
+    _measured_ms[(scope, impl, tokens)] = ms
+    benchmark.extra_info.update({"scope": scope, "impl": impl, "backend": BACKEND, "tokens": tokens,
+                                 "ms": round(ms, 3), "channels": CHANNELS, "heads": HEADS, "batch": 1,
+                                 "dtype": "float32", "statistic": f"best of {ROUNDS}"})
+    if impl != "mmfast":
+        return
+    for baseline in baselines:
+        baseline_ms = _baseline_ms(scope, baseline, tokens, x)
+        benchmark.extra_info[f"{baseline}_ms"] = round(baseline_ms, 3)
+        benchmark.extra_info[f"speedup_vs_{baseline}"] = round(baseline_ms / ms, 3)
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("impl", ["sdpa", "official", "mmfast"])
+def test_attn1_module_latency(benchmark, impl, tokens):
+    """The whole attn1 module: projections, q/k MLPs, attention, output projection."""
+    if impl == "sdpa" and tokens > SDPA_MAX_TOKENS:
+        pytest.skip(f"softmax attention at N={tokens} is quadratic: ~10 s per call on 2 CPU cores")
+    baselines = ["official"] + (["sdpa"] if tokens <= SDPA_MAX_TOKENS else [])
+    _run_and_record(benchmark, "module", impl, tokens, baselines)
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("impl", ["official", "mmfast"])
+def test_attn1_core_latency(benchmark, impl, tokens):
+    """The linear-attention core alone (what mmfast replaces; the GEMMs around it are the same)."""
+    _run_and_record(benchmark, "core", impl, tokens, ["official"])
+
+
+# --- one UNet step: an SD-1.5-width UNet (320/640 channels, 8 heads: D = 40/80) at 256 px ----------
+
+UNET_LATENT = 32  # 256 px: 1024 tokens at level 0 (512 px is ~5 s a step on 2 cores)
+UNET_ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def sd15_width_unet():
+    from mmfast.models.linfusion.tiny import tiny_unet
+
+    return tiny_unet((320, 640), heads=8, cross_attention_dim=768, norm_num_groups=32, sample_size=UNET_LATENT)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "linfusion"])
+def test_unet_step_latency(benchmark, sd15_width_unet, impl):
+    from mmfast.models.linfusion import LinFusion
+
+    unet = sd15_width_unet
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, UNET_LATENT, UNET_LATENT, generator=generator)
+    text = torch.randn(1, 77, 768, generator=generator)
+    timestep = torch.tensor([500])
+
+    def run():
+        with torch.inference_mode(), mmfast.use_backend(BACKEND):
+            unet(latents, timestep, text)
+
+    linfusion = LinFusion.construct_for(unet) if impl == "linfusion" else None
+    try:
+        benchmark.group = f"linfusion-unet-step-{UNET_LATENT * 8}px"
+        benchmark.pedantic(run, rounds=UNET_ROUNDS, iterations=1, warmup_rounds=1)
+    finally:
+        if linfusion is not None:
+            linfusion.unmount()
+    ms = benchmark.stats.stats.min * 1e3
+    _measured_ms[("unet", impl)] = ms
+    benchmark.extra_info.update({"impl": impl, "backend": BACKEND, "ms": round(ms, 1), "pixels": UNET_LATENT * 8,
+                                 "block_out_channels": [320, 640], "heads": 8, "statistic": f"best of {UNET_ROUNDS}"})
+    if impl == "linfusion" and ("unet", "sdpa") in _measured_ms:
+        benchmark.extra_info["sdpa_ms"] = round(_measured_ms[("unet", "sdpa")], 1)
+        benchmark.extra_info["speedup_vs_sdpa"] = round(_measured_ms[("unet", "sdpa")] / ms, 3)
+
+
+# --- the 16K case: one level-0 layer at 16384 x 8192 px (N = 2048 * 1024 latent tokens) ---------
+
+HIGHRES_TOKENS = 2048 * 1024
+HIGHRES_SCRIPT = textwrap.dedent("""
+    import json, sys, time, torch, mmfast
+    from mmfast.models.linfusion import GeneralizedLinearAttention
+    tokens, channels, heads, chunk, backend = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                               int(sys.argv[4]), sys.argv[5])
+    torch.manual_seed(0)
+    module = GeneralizedLinearAttention(channels, heads).to(torch.bfloat16).eval()
+    module.token_chunk_size = chunk or None
+    x = torch.empty(1, tokens, channels, dtype=torch.bfloat16)
+    for start in range(0, tokens, 1 << 16):   # filled in place: no fp32 temporary
+        x[:, start:start + (1 << 16)].normal_()
+
+    def resident_kb(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+
+    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM (the peak RSS) to the current RSS
+        f.write("5")
+    before = resident_kb("VmRSS")
+    start = time.perf_counter()
+    with torch.inference_mode(), mmfast.use_backend(backend):
+        out = module(x)
+    seconds = time.perf_counter() - start
+    peak = resident_kb("VmHWM")
+    print(json.dumps({"seconds": seconds, "rss_before_kb": before, "peak_rss_kb": peak,
+                      "finite": bool(torch.isfinite(out[:, :: 4096]).all())}))
+""")
+
+
+@pytest.mark.skipif(os.environ.get("MMFAST_BENCH_HIGHRES") != "1", reason="set MMFAST_BENCH_HIGHRES=1 (slow)")
+def test_attn1_16k_bf16_peak_memory(benchmark):
+    """Peak RSS growth over the resident input, weights and interpreter, in a fresh process."""
+    chunk = int(os.environ.get("MMFAST_BENCH_HIGHRES_CHUNK", 1 << 16))
+    args = [sys.executable, "-c", HIGHRES_SCRIPT, str(HIGHRES_TOKENS), str(CHANNELS), str(HEADS), str(chunk), BACKEND]
+    result = {}
+
+    def run():
+        completed = subprocess.run(args, check=True, capture_output=True, text=True)
+        result.update(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    tensor_bytes = HIGHRES_TOKENS * CHANNELS * 2  # one (1, N, C) bf16 tensor
+    growth = (result["peak_rss_kb"] - result["rss_before_kb"]) * 1024
+    benchmark.extra_info.update({
+        "tokens": HIGHRES_TOKENS, "backend": BACKEND, "token_chunk_size": chunk, "seconds": round(result["seconds"], 2),
+        "input_plus_output_gb": round(2 * tensor_bytes / 1e9, 3), "peak_growth_gb": round(growth / 1e9, 3),
+        "peak_growth_over_output": round(growth / tensor_bytes, 2),
+        "softmax_attention_scores_tb": round(HEADS * HIGHRES_TOKENS**2 * 2 / 1e12, 1),
+    })
+    assert result["finite"]
+    # The output (1x the input size) is new memory; everything else must be small beside it.
+    assert growth < 3 * tensor_bytes, benchmark.extra_info

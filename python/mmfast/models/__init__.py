@@ -1,0 +1,1 @@
+"""Model layers built on mmfast ops (LinFusion, ...)."""

@@ -1,0 +1,294 @@
+"""LinFusion container: one GeneralizedLinearAttention per attn1 of a diffusers UNet.
+
+Checkpoints use the official format (a directory with config.json holding
+`modules_list` = [{module_name, dim_n, heads, projection_mid_dim}, ...] and
+diffusion_pytorch_model.safetensors with keys `{i}.to_q.weight`, `{i}.to_q_.0.weight`,
+..., `{i}.to_out.0.bias`), so the published Yuanshi/LinFusion-* directories load as is.
+Nothing is downloaded: paths are local directories.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .attention import GeneralizedLinearAttention
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One entry of config.json's modules_list."""
+
+    module_name: str
+    dim_n: int
+    heads: int
+    projection_mid_dim: Optional[int] = None
+
+    def dims(self) -> str:
+        return f"dim_n={self.dim_n}, heads={self.heads}"
+
+    @classmethod
+    def from_config(cls, index: int, entry: dict) -> "ModuleSpec":
+        required = ("module_name", "dim_n", "heads")
+        missing = [key for key in required if key not in entry]
+        if missing:
+            raise ValueError(f"LinFusion: modules_list[{index}] lacks {missing}: {entry}")
+        return cls(entry["module_name"], int(entry["dim_n"]), int(entry["heads"]), entry.get("projection_mid_dim"))
+
+
+class LinFusionMismatchError(ValueError):
+    """A checkpoint or LinFusion instance does not fit the UNet it is used with."""
+
+
+# --- finding the attn1 modules of a UNet -------------------------------------------------
+
+
+def _is_self_attention(name: str, module: nn.Module) -> bool:
+    from diffusers.models.attention_processor import Attention
+
+    return name.rsplit(".", 1)[-1] == "attn1" and isinstance(module, (Attention, GeneralizedLinearAttention))
+
+
+def unet_attn1_specs(unet: nn.Module, projection_mid_dim: Optional[int] = None) -> List[ModuleSpec]:
+    """The attn1 modules of `unet`, in named_modules() order (the official index order)."""
+    specs = []
+    for name, module in unet.named_modules():
+        if not _is_self_attention(name, module):
+            continue
+        if isinstance(module, GeneralizedLinearAttention):
+            raise RuntimeError(f"LinFusion: {name} is already a LinFusion module; unmount() the UNet first")
+        dim_n, query_dim = module.to_q.weight.shape
+        if query_dim != dim_n:
+            raise LinFusionMismatchError(
+                f"LinFusion: {name} projects {query_dim} channels to {dim_n}; LinFusion needs query_dim == inner dim"
+            )
+        specs.append(ModuleSpec(name, dim_n, module.heads, projection_mid_dim))
+    if not specs:
+        raise LinFusionMismatchError("LinFusion: the UNet has no diffusers Attention module named attn1")
+    return specs
+
+
+def check_specs_match_unet(specs: List[ModuleSpec], unet: nn.Module) -> None:
+    """Raises LinFusionMismatchError naming the first module that does not fit `unet`."""
+    expected = unet_attn1_specs(unet)
+    by_name = {spec.module_name: spec for spec in expected}
+    for index, spec in enumerate(specs):
+        found = by_name.get(spec.module_name)
+        if found is None:
+            raise LinFusionMismatchError(
+                f"LinFusion: module {index} '{spec.module_name}' has no attn1 of that name in the UNet "
+                f"(the UNet's first attn1 is '{expected[0].module_name}')"
+            )
+        if (found.dim_n, found.heads) != (spec.dim_n, spec.heads):
+            raise LinFusionMismatchError(
+                f"LinFusion: module {index} '{spec.module_name}' does not match the UNet: "
+                f"the UNet expects {found.dims()}, the LinFusion checkpoint has {spec.dims()}"
+            )
+    covered = {spec.module_name for spec in specs}
+    for spec in expected:
+        if spec.module_name not in covered:
+            raise LinFusionMismatchError(
+                f"LinFusion: the UNet's '{spec.module_name}' ({spec.dims()}) has no module in the LinFusion checkpoint"
+            )
+
+
+def _mid_dim(dim_n: int, mid_dim_scale: Optional[int]) -> Optional[int]:
+    if mid_dim_scale is None:
+        return None
+    if mid_dim_scale < 1 or dim_n % mid_dim_scale != 0:
+        raise ValueError(f"LinFusion: mid_dim_scale={mid_dim_scale} must be >= 1 and divide dim_n={dim_n}")
+    return dim_n // mid_dim_scale
+
+
+def _split_module_name(name: str):
+    parent, _, attr = name.rpartition(".")
+    return parent, attr
+
+
+# --- the container -----------------------------------------------------------------------
+
+
+class LinFusion(nn.Module):
+    """Holds the LinFusion modules as children "0", "1", ... (the official state-dict keys)."""
+
+    def __init__(self, modules_list: List[dict]):
+        super().__init__()
+        self.specs = [spec if isinstance(spec, ModuleSpec) else ModuleSpec.from_config(index, spec)
+                      for index, spec in enumerate(modules_list)]
+        for index, spec in enumerate(self.specs):
+            self.add_module(str(index), GeneralizedLinearAttention(spec.dim_n, spec.heads, spec.projection_mid_dim))
+        # (parent module, attribute, original attn1) per mounted module. A plain list so
+        # the UNet is not registered as a child of LinFusion.
+        self._mounted: list = []
+
+    @property
+    def modules_list(self) -> List[dict]:
+        return [asdict(spec) for spec in self.specs]
+
+    def attention_modules(self) -> List[GeneralizedLinearAttention]:
+        return [getattr(self, str(index)) for index in range(len(self.specs))]
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, mid_dim_scale: Optional[int] = None,
+                  init_from_unet: bool = False) -> "LinFusion":
+        """Random-init LinFusion sized for `unet`; optionally copies the attn1 q/k/v/out weights.
+
+        mid_dim_scale: MLP width M = C // mid_dim_scale (16 for SD-XL); None gives M = C.
+        """
+        specs = [
+            ModuleSpec(spec.module_name, spec.dim_n, spec.heads, _mid_dim(spec.dim_n, mid_dim_scale))
+            for spec in unet_attn1_specs(unet)
+        ]
+        model = cls(specs)
+        if init_from_unet:
+            for spec, module in zip(specs, model.attention_modules()):
+                module.load_projections_from(unet.get_submodule(spec.module_name))
+        return model
+
+    @classmethod
+    def construct_for(cls, pipe_or_unet, pretrained: Optional[str] = None, mid_dim_scale: Optional[int] = None,
+                      init_from_unet: bool = False) -> "LinFusion":
+        """Builds (or loads from the local directory `pretrained`) and mounts LinFusion.
+
+        Accepts a diffusers pipeline (uses its .unet) or a UNet. The modules take the
+        UNet's device and dtype.
+        """
+        unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+        if pretrained is None:
+            model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet)
+        else:
+            if mid_dim_scale is not None or init_from_unet:
+                raise ValueError("LinFusion.construct_for: mid_dim_scale/init_from_unet apply only without pretrained")
+            model = cls.from_pretrained(pretrained)
+        model.mount_to(unet)
+        return model
+
+    # --- mounting ------------------------------------------------------------------------
+
+    @property
+    def is_mounted(self) -> bool:
+        return bool(self._mounted)
+
+    def mount_to(self, unet: nn.Module) -> "LinFusion":
+        """Replaces each attn1 of `unet` by its LinFusion module (moved to the UNet's device/dtype)."""
+        if self.is_mounted:
+            raise RuntimeError("LinFusion: already mounted; call unmount() first")
+        check_specs_match_unet(self.specs, unet)
+        reference_param = next(unet.parameters())
+        self.to(device=reference_param.device, dtype=reference_param.dtype)
+        for spec, module in zip(self.specs, self.attention_modules()):
+            parent_name, attr = _split_module_name(spec.module_name)
+            parent = unet.get_submodule(parent_name)
+            self._mounted.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, module)
+        return self
+
+    def unmount(self) -> None:
+        """Puts the original attn1 modules (the same objects) back."""
+        if not self.is_mounted:
+            raise RuntimeError("LinFusion: not mounted")
+        for parent, attr, original in reversed(self._mounted):
+            setattr(parent, attr, original)
+        self._mounted = []
+
+    def original_attention_modules(self) -> List[nn.Module]:
+        """The UNet's own attn1 modules while mounted (the distillation teacher's layers)."""
+        if not self.is_mounted:
+            raise RuntimeError("LinFusion: not mounted")
+        return [original for _, _, original in self._mounted]
+
+    @contextlib.contextmanager
+    def unmounted(self):
+        """Temporarily puts the original attn1 modules back (e.g. the distillation teacher)."""
+        if not self.is_mounted:
+            raise RuntimeError("LinFusion: not mounted")
+        for parent, attr, original in self._mounted:
+            setattr(parent, attr, original)
+        try:
+            yield
+        finally:
+            for (parent, attr, _), module in zip(self._mounted, self.attention_modules()):
+                setattr(parent, attr, module)
+
+    def set_token_chunk_size(self, chunk: Optional[int]) -> None:
+        """Exact chunked inference for very large token counts (see GeneralizedLinearAttention)."""
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"LinFusion: token chunk size must be >= 1 or None, got {chunk}")
+        for module in self.attention_modules():
+            module.token_chunk_size = chunk
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes config.json and diffusion_pytorch_model.safetensors (official format)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        config = {"_class_name": "LinFusion", "modules_list": self.modules_list}
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+        tensors = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str, torch_dtype: Optional[torch.dtype] = None) -> "LinFusion":
+        """Loads a local checkpoint directory (safetensors only; never pickle)."""
+        config_path, weights_path = _checkpoint_paths(directory)
+        with open(config_path) as f:
+            config = json.load(f)
+        if "modules_list" not in config:
+            raise ValueError(f"LinFusion: {config_path} has no 'modules_list'; is this a LinFusion checkpoint?")
+        from safetensors.torch import load_file
+
+        state = load_file(weights_path)
+        with torch.device("meta"):  # no random init of weights that are about to be replaced
+            model = cls(config["modules_list"])
+        _check_state_dict(model, state, weights_path)
+        model.load_state_dict(state, strict=True, assign=True)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model
+
+
+def _checkpoint_paths(directory: str):
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"LinFusion: checkpoint directory {directory!r} does not exist. mmfast never downloads; download the "
+            "checkpoint first (e.g. `huggingface-cli download Yuanshi/LinFusion-1-5 --local-dir DIR`) and pass DIR"
+        )
+    paths = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"LinFusion: {path} is missing; a LinFusion checkpoint directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+    return paths
+
+
+def _check_state_dict(model: LinFusion, state: dict, weights_path: str) -> None:
+    """Raises naming the first module whose tensors are missing, extra or of another shape."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for index, spec in enumerate(model.specs):
+        prefix = f"{index}."
+        want = {k: s for k, s in expected.items() if k.startswith(prefix)}
+        have = {k: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        where = f"LinFusion: {weights_path}: module {index} '{spec.module_name}' ({spec.dims()})"
+        if set(want) != set(have):
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            raise LinFusionMismatchError(f"{where}: missing keys {missing}, unexpected keys {extra}")
+        for key, shape in want.items():
+            if have[key] != shape:
+                raise LinFusionMismatchError(f"{where}: {key} has shape {have[key]}, config.json implies {shape}")
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise LinFusionMismatchError(f"LinFusion: {weights_path} has keys of no module in config.json: {unknown[:5]}")
