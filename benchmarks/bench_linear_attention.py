@@ -147,15 +147,21 @@ def test_backward(benchmark, shape):
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource, torch, mmfast
+    import torch, mmfast
+
+    def resident_bytes(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
     b, n, h, d = {shape}
     q, k, v = (torch.randn(b, n, h, d) for _ in range(3))
-    out = torch.empty(b, n, h, d)
-    out.copy_(mmfast.linear_attention(q[:, :64], k[:, :64], v[:, :64]).sum() + q)  # touch every page
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mmfast.linear_attention(q[:, :64], k[:, :64], v[:, :64])  # load kernels, warm the allocator
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    before = resident_bytes("VmRSS")
     out = mmfast.linear_attention(q, k, v)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)
+    print(resident_bytes("VmHWM") - before)
     """
 )
 
@@ -182,7 +188,7 @@ def test_cpu_peak_extra_memory(benchmark):
             "device": machine_name(DEVICE),
             "extra_bytes": extra,
             "pct_of_inputs": round(100 * extra / input_bytes, 2),
-            "target": "< 10% of inputs",
+            "target": f"< 10% of inputs (measured {100 * extra / input_bytes:.2f}%)",
             "target_met": extra < 0.10 * input_bytes,
         }
     )

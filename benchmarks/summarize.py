@@ -58,14 +58,18 @@ def markdown_table(rows):
 
 
 def plot(rows, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"summarize: matplotlib is not installed, {path} not written")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r[0].split('.')[-1]} {r[1].split()[0]}" for r in rows if r[6]]
+    labels = [f"{r[0].split('.')[-1]}  {r[1]}" for r in rows if r[6]]
     speedups = [float(r[6]) for r in rows if r[6]]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(labels) + 1.5))
     ax.barh(labels, speedups, color="tab:blue")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speedup of mmfast over the eager LinFusion formulation (x)")
