@@ -191,14 +191,20 @@ __device__ __forceinline__ void tile_z(A* zs, const TokenView<const T>& q, int64
 __device__ __forceinline__ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- kernel arguments --------------------------------------------------------------------
-struct StateArgs {
+// Sizes every kernel needs; each kernel's argument struct extends it.
+struct Dims {
+  int64_t bh, heads, N, ntiles;  // ntiles = kTile-token tiles of the sequence
+  int dk, dv, tiles_k, tiles_v, fm;
+  double eps;
+};
+
+struct StateArgs : Dims {
   TokenTensor k;          // phi(k) side (q for apply_backward)
   TokenTensor v;          // v side (grad_out for apply_backward)
   const void* scalars;    // nullptr (forward) or (z, dz) per token: [bh][N][2] accumulator type
   void* out_state;        // partials [bh][nchunks][Dk*Dv + Dk], or final state when nchunks == 1
   void* out_mean;         // final mean when nchunks == 1 (unused otherwise)
-  int64_t bh, heads, N, chunk, nchunks;
-  int dk, dv, tiles_k, tiles_v, fm;
+  int64_t chunk, nchunks;
   double div;             // divisor of the final result when nchunks == 1 (N or 1)
 };
 
@@ -331,13 +337,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct ApplyArgs {
+struct ApplyArgs : Dims {
   TokenTensor q, out;
   const void* state;
   const void* mean;
-  int64_t bh, heads, N, ntiles;  // ntiles = token tiles
-  int dk, dv, tiles_v, fm;
-  double eps;
 };
 
 // out[n0+i][v0+j] = (phi(q) S)[.] / (phi(q) . m + eps). Item = (tile_v, token tile, bh).
@@ -397,14 +400,11 @@ __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
   }
 }
 
-struct ApplyBwdArgs {
+struct ApplyBwdArgs : Dims {
   TokenTensor q, grad_out, grad_q;
   const void* state;
   const void* mean;
   void* scalars;  // out: (z, dz) per token, [bh][N][2]
-  int64_t bh, heads, N, ntiles;
-  int dk, dv, tiles_k, tiles_v, fm;
-  double eps;
 };
 
 // Per 64-token tile of one (b, h):
@@ -520,12 +520,10 @@ __global__ void __launch_bounds__(kThreads) la_apply_bwd_kernel(ApplyBwdArgs a) 
   }
 }
 
-struct StateBwdArgs {
+struct StateBwdArgs : Dims {
   TokenTensor k, v, grad_k, grad_v;
   const void* grad_state;
   const void* grad_mean;
-  int64_t bh, heads, N, ntiles;
-  int dk, dv, tiles_k, tiles_v, fm;
 };
 
 // Item = (output tile, token tile, bh). Output tiles [0, tiles_v) are Dv tiles of
@@ -671,27 +669,35 @@ inline unsigned grid_for(int64_t items) {
   return static_cast<unsigned>(items > kMaxGrid ? kMaxGrid : items);
 }
 
+inline Dims make_dims(const LinearAttentionParams& p) {
+  Dims d;
+  d.bh = p.bh();
+  d.heads = p.heads;
+  d.N = p.seqlen;
+  d.ntiles = hcdiv(p.seqlen, kTile);
+  d.dk = static_cast<int>(p.dim_k);
+  d.dv = static_cast<int>(p.dim_v);
+  d.tiles_k = static_cast<int>(hcdiv(p.dim_k, kTile));
+  d.tiles_v = static_cast<int>(hcdiv(p.dim_v, kTile));
+  d.fm = static_cast<int>(p.feature_map);
+  d.eps = p.eps;
+  return d;
+}
+
 template <class T>
 cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const void* scalars, void* state, void* mean,
                               const LinearAttentionParams& p, const StatePlan& plan, void* workspace, double div,
                               cudaStream_t stream) {
   using A = acc_t<T>;
   StateArgs a;
+  static_cast<Dims&>(a) = make_dims(p);
   a.k = k;
   a.v = v;
   a.scalars = scalars;
   a.out_state = plan.nchunks == 1 ? state : workspace;
   a.out_mean = mean;
-  a.bh = p.bh();
-  a.heads = p.heads;
-  a.N = p.seqlen;
   a.chunk = plan.chunk;
   a.nchunks = plan.nchunks;
-  a.dk = static_cast<int>(p.dim_k);
-  a.dv = static_cast<int>(p.dim_v);
-  a.tiles_k = static_cast<int>(plan.tiles_k);
-  a.tiles_v = static_cast<int>(plan.tiles_v);
-  a.fm = static_cast<int>(p.feature_map);
   a.div = div;
   const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
   la_state_kernel<T><<<grid_for(items), kThreads, 0, stream>>>(a);
@@ -707,19 +713,11 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
 template <class T>
 cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
   ApplyArgs a;
+  static_cast<Dims&>(a) = make_dims(p);
   a.q = p.q;
   a.out = p.out;
   a.state = p.state;
   a.mean = p.mean;
-  a.bh = p.bh();
-  a.heads = p.heads;
-  a.N = p.seqlen;
-  a.ntiles = hcdiv(p.seqlen, kTile);
-  a.dk = static_cast<int>(p.dim_k);
-  a.dv = static_cast<int>(p.dim_v);
-  a.tiles_v = static_cast<int>(hcdiv(p.dim_v, kTile));
-  a.fm = static_cast<int>(p.feature_map);
-  a.eps = p.eps;
   const int64_t items = a.tiles_v * a.ntiles * a.bh;
   la_apply_kernel<T><<<grid_for(items), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
@@ -730,22 +728,13 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
   const StatePlan plan = plan_state(p, sms);
   const size_t scalar_bytes = apply_bwd_scalar_bytes(p);
   ApplyBwdArgs a;
+  static_cast<Dims&>(a) = make_dims(p);
   a.q = p.q;
   a.grad_out = p.grad_out;
   a.grad_q = p.grad_q;
   a.state = p.state;
   a.mean = p.mean;
   a.scalars = p.workspace;
-  a.bh = p.bh();
-  a.heads = p.heads;
-  a.N = p.seqlen;
-  a.ntiles = hcdiv(p.seqlen, kTile);
-  a.dk = static_cast<int>(p.dim_k);
-  a.dv = static_cast<int>(p.dim_v);
-  a.tiles_k = static_cast<int>(hcdiv(p.dim_k, kTile));
-  a.tiles_v = static_cast<int>(hcdiv(p.dim_v, kTile));
-  a.fm = static_cast<int>(p.feature_map);
-  a.eps = p.eps;
   la_apply_bwd_kernel<T><<<grid_for(a.ntiles * a.bh), kThreads, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -759,21 +748,13 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
 template <class T>
 cudaError_t launch_state_backward(const LinearAttentionParams& p, cudaStream_t stream) {
   StateBwdArgs a;
+  static_cast<Dims&>(a) = make_dims(p);
   a.k = p.k;
   a.v = p.v;
   a.grad_k = p.grad_k;
   a.grad_v = p.grad_v;
   a.grad_state = p.grad_state;
   a.grad_mean = p.grad_mean;
-  a.bh = p.bh();
-  a.heads = p.heads;
-  a.N = p.seqlen;
-  a.ntiles = hcdiv(p.seqlen, kTile);
-  a.dk = static_cast<int>(p.dim_k);
-  a.dv = static_cast<int>(p.dim_v);
-  a.tiles_k = static_cast<int>(hcdiv(p.dim_k, kTile));
-  a.tiles_v = static_cast<int>(hcdiv(p.dim_v, kTile));
-  a.fm = static_cast<int>(p.feature_map);
   const int64_t items = static_cast<int64_t>(a.tiles_k + a.tiles_v) * a.ntiles * a.bh;
   la_state_bwd_kernel<T><<<grid_for(items), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
