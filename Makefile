@@ -17,7 +17,7 @@ GPU_REPORT_DIR ?= build/gpu-report
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
-.PHONY: test bench build venv gpu-check cmake-test clean
+.PHONY: test bench build venv gpu-check gpu-wheels cmake-test clean
 
 $(STAMP): requirements-test.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ cmake-test:
 # build against its torch, for its own GPU, with all cores; install nothing.
 gpu-check:
 	bash benchmarks/gpu_check.sh "$(GPU_REPORT_DIR)"
+
+# Wheels the GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
+# git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present.
+GPU_WHEELS ?= diffusers
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf build python/mmfast/_C*.so python/mmfast/_build_info.py *.egg-info python/*.egg-info

@@ -13,6 +13,10 @@ ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'
   echo "gpu-check: no CUDA device visible to torch" >&2
   exit 1
 }
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried by `make gpu-wheels`
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mmfast-site .whl/*.whl \
+    && export PYTHONPATH="/tmp/mmfast-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export TORCH_CUDA_ARCH_LIST="$ARCH" MMFAST_REQUIRE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 echo "gpu-check: building for sm_$ARCH with MAX_JOBS=$MAX_JOBS" | tee "$REPORT_DIR/build.txt"
