@@ -445,3 +445,26 @@ def test_cuda_agrees_with_the_cpu_kernel(dtype):
     assert_close(cuda_out.cpu(), cpu_out, dtype, scale=2)
     for got, expected in zip(cuda_grads, cpu_grads):
         assert_close(got.cpu(), expected, dtype, scale=8 * max(1.0, expected.abs().max().item()))
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_tensor_core_path_matches_the_exact_path(dtype, tmp_path):
+    """fp16/bf16 use TF32 tensor cores; MMFAST_CUDA_TENSOR_CORES=0 selects the SIMT fp32 path."""
+    inputs = make_qkv((2, 5000, 4, 80, 64), dtype, "cpu")
+    torch.save(inputs, tmp_path / "qkv.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, mmfast
+        q, k, v = (t.cuda() for t in torch.load({str(tmp_path / "qkv.pt")!r}, weights_only=True))
+        torch.save(mmfast.linear_attention(q, k, v).cpu(), {str(tmp_path / "exact.pt")!r})
+        """
+    )
+    env = {**os.environ, "MMFAST_CUDA_TENSOR_CORES": "0"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    exact = torch.load(tmp_path / "exact.pt", weights_only=True)
+    fast = linear_attention(*(t.cuda() for t in inputs), backend="native").cpu()
+    expected = reference.linear_attention_ref(*inputs)
+    assert_close(exact, expected, dtype)
+    assert_close(fast, expected, dtype)

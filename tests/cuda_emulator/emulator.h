@@ -1,6 +1,10 @@
 // Host emulation of the CUDA execution model for a single 256-thread block (gridDim.x == 1):
 // fibers (ucontext) switched at __syncthreads / shuffles, random thread order per phase.
+// WMMA (tf32 m16n16k8) is emulated with every thread holding the whole fragment, which is
+// enough for code that only loads, multiplies, stores and maps fragments elementwise; the
+// documented pointer-alignment and ldm rules are checked on every load and store.
 #pragma once
+#define MMFAST_CUDA_EMULATED 1
 #include <ucontext.h>
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +13,8 @@
 #include <random>
 #include <vector>
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -70,6 +76,7 @@ template <class V> V shfl_xor(V v, int mask) {
   return r;
 }
 inline int sms = 132;
+inline int compute_major = 9;
 inline unsigned emu_blocks = 3;
 }  // namespace emu
 
@@ -88,4 +95,79 @@ inline unsigned emu_blocks = 3;
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = ::emu::sms; return cudaSuccess; }
+extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  *v = attr == cudaDevAttrComputeCapabilityMajor ? ::emu::compute_major : ::emu::sms;
+  return cudaSuccess;
+}
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[num_elements];  // the whole matrix, row-major
+};
+
+inline void check_operand(const void* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0) {
+    std::printf("EMU ERROR: WMMA operand %p / ldm %u breaks the 256-bit alignment or ldm %% 4 rule\n", p, ldm);
+    std::exit(2);
+  }
+}
+
+template <class Use, int M, int N, int K, class T, class Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
+  check_operand(p, ldm);
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] = std::is_same<Layout, col_major>::value ? p[c * ldm + r] : p[r * ldm + c];
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  check_operand(p, ldm);
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+}
+
+template <class Use, int M, int N, int K, class T, class Layout>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+template <int M, int N, int K, class TA, class LA, class LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * N + j];
+      out[i * N + j] = s;
+    }
+  for (int e = 0; e < M * N; ++e) d.x[e] = out[e];
+}
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero.
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+}  // namespace wmma
+}  // namespace nvcuda

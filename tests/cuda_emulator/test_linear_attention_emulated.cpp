@@ -108,7 +108,10 @@ void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, i
   std::vector<char> ws(mmfast::cuda::linear_attention_state_workspace_bytes(p) + 64);
   p.workspace = ws.data(); p.workspace_bytes = ws.size();
   if (mmfast::cuda::linear_attention_state(p, nullptr) != cudaSuccess) { ++nfail; std::printf("FAIL launch state %s\n", cfg.c_str()); return; }
-  { Cmp c; for (size_t i = 0; i < S.size(); ++i) c.add(st[i], S[i]); report("state", cfg, c, tol < 1e-3 ? tol : 1e-5);
+  // fp16/bf16 use TF32 tensor cores: each phi(k) v product has operands rounded to 10 bits.
+  const bool tensor_cores = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+  const double state_tol = tol < 1e-3 ? tol : tensor_cores ? 1e-3 : 1e-5;
+  { Cmp c; for (size_t i = 0; i < S.size(); ++i) c.add(st[i], S[i]); report("state", cfg, c, state_tol);
     Cmp c2; for (size_t i = 0; i < m.size(); ++i) c2.add(mn[i], m[i]); report("mean", cfg, c2, tol < 1e-3 ? tol : 1e-5);
     if (st.back() != A(777) || mn.back() != A(777)) { ++nfail; std::printf("FAIL state overrun %s\n", cfg.c_str()); } }
   // apply (using exact reference S, m converted to A)

@@ -29,10 +29,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#ifndef MMFAST_CUDA_EMULATED
+#include <mma.h>
+#endif
 
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "mmfast/linear_attention.h"
 
@@ -171,6 +175,84 @@ __device__ __forceinline__ void gemm_tile(A (&acc)[4][4], int L, FA fa, FB fb, A
   __syncthreads();
 }
 
+// ---- tensor-core (TF32 WMMA, sm_80+) twins of fma_tile / gemm_tile ------------------------
+// Used for fp16/bf16 inputs: operands are the same fp32 shared tiles, rounded to TF32 (10
+// mantissa bits, as many as fp16 has) inside the fragments, with fp32 accumulation. Each of
+// the 8 warps owns a 16 x 32 strip of the 64 x 64 tile: rows (warp / 2) * 16, columns
+// (warp % 2) * 32 + {0, 16}. fp32 and fp64 inputs keep the exact SIMT path.
+namespace wmma = nvcuda::wmma;
+using TcFragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using TcFragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TcFragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+constexpr int kTcSmemFloats = kTile * kLd;  // the 64 x 64 tile moved out of the fragments
+
+static_assert(kThreads == 8 * 32 && kTile == 64 && kBK % 8 == 0, "warp layout of the tensor-core tile");
+static_assert(kLd % 4 == 0 && (8 * kLd * 4) % 32 == 0, "WMMA tf32 loads need ldm % 4 == 0 and 32-byte aligned rows");
+
+template <class Frag>
+__device__ __forceinline__ void round_to_tf32(Frag& f) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+__device__ __forceinline__ void tc_zero(TcFragC (&c)[2]) {
+  wmma::fill_fragment(c[0], 0.0f);
+  wmma::fill_fragment(c[1], 0.0f);
+}
+
+// c += sum_l As[l][x] * Bs[l][y] over one staged kBK slice (As, Bs 32-byte aligned).
+__device__ __forceinline__ void mma_tile(TcFragC (&c)[2], const float* As, const float* Bs) {
+  const int warp = threadIdx.x / 32;
+  const int m0 = (warp / 2) * 16, n0 = (warp % 2) * 32;
+#pragma unroll
+  for (int k0 = 0; k0 < kBK; k0 += 8) {
+    TcFragA a;
+    wmma::load_matrix_sync(a, As + k0 * kLd + m0, kLd);
+    round_to_tf32(a);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      TcFragB b;
+      wmma::load_matrix_sync(b, Bs + k0 * kLd + n0 + 16 * j, kLd);
+      round_to_tf32(b);
+      wmma::mma_sync(c[j], a, b, c[j]);
+    }
+  }
+}
+
+// acc[i][j] = tile[ty*4 + i][tx*4 + j]: the fragments, through shared memory Cs, into the
+// per-thread layout the SIMT epilogues use. Starts and ends with __syncthreads().
+__device__ __forceinline__ void tc_to_acc(TcFragC (&c)[2], float* Cs, float (&acc)[4][4], int ty, int tx) {
+  const int warp = threadIdx.x / 32;
+  const int m0 = (warp / 2) * 16, n0 = (warp % 2) * 32;
+  __syncthreads();
+  wmma::store_matrix_sync(Cs + m0 * kLd + n0, c[0], kLd, wmma::mem_row_major);
+  wmma::store_matrix_sync(Cs + m0 * kLd + n0 + 16, c[1], kLd, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) load4(Cs + (ty * 4 + i) * kLd + tx * 4, acc[i]);
+  __syncthreads();
+}
+
+// gemm_tile on tensor cores (same staging, same contract).
+template <bool AXFast, bool BXFast, class FA, class FB>
+__device__ __forceinline__ void gemm_tile_tc(float (&acc)[4][4], int L, FA fa, FB fb, float* As, float* Bs, float* Cs,
+                                             int ty, int tx) {
+  TcFragC c[2];
+  tc_zero(c);
+  for (int l0 = 0; l0 < L; l0 += kBK) {
+    __syncthreads();
+    stage_tile<AXFast>(As, [&](int x, int l) { return fa(x, l0 + l); });
+    stage_tile<BXFast>(Bs, [&](int x, int l) { return fb(l0 + l, x); });
+    __syncthreads();
+    mma_tile(c, As, Bs);
+  }
+  tc_to_acc(c, Cs, acc, ty, tx);
+}
+
+// Shared memory for the tensor-core epilogue: only float accumulators use it.
+template <class A> struct TcScratch { static constexpr int floats = 8; };
+template <> struct TcScratch<float> { static constexpr int floats = kTcSmemFloats; };
+
 // zs[r] = phi(q[n0 + r]) . m + eps for the 64 rows of a token tile (0 + eps past N).
 // m is in shared memory (length Dk). 4 threads per row, combined with warp shuffles.
 template <class T, class A>
@@ -195,6 +277,7 @@ __device__ __forceinline__ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 
 struct Dims {
   int64_t bh, heads, N, ntiles;  // ntiles = kTile-token tiles of the sequence
   int dk, dv, tiles_k, tiles_v, fm;
+  int use_tc;                    // 1: tensor-core products (fp16/bf16 inputs on sm_80+)
   double eps;
 };
 
@@ -216,11 +299,14 @@ struct StateArgs : Dims {
 template <class T>
 __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
   using A = acc_t<T>;
-  __shared__ __align__(16) A As[kBK * kLd];
-  __shared__ __align__(16) A Bs[kBK * kLd];
+  __shared__ __align__(32) A As[kBK * kLd];
+  __shared__ __align__(32) A Bs[kBK * kLd];
+  __shared__ __align__(32) A Cs[TcScratch<A>::floats];
   __shared__ A zsh[kBK];
   __shared__ A wsh[kBK];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  constexpr bool kTcCapable = TcScratch<A>::floats == kTcSmemFloats;
+  const bool use_tc = kTcCapable && a.use_tc;
   const int64_t tiles = static_cast<int64_t>(a.tiles_k) * a.tiles_v;
   const int64_t items = tiles * a.nchunks * a.bh;
   const A* scal = static_cast<const A*>(a.scalars);
@@ -241,6 +327,8 @@ __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
     A acc[4][4];
     zero_acc(acc);
     A msum[4] = {A(0), A(0), A(0), A(0)};
+    TcFragC tc_acc[2];
+    if constexpr (kTcCapable) tc_zero(tc_acc);
 
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kBK) {
       __syncthreads();  // previous step's readers are done with As / Bs / zsh / wsh
@@ -268,7 +356,12 @@ __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
         return (t < t_end && d < a.dv) ? to_acc(vv.row(t)[d]) / zsh[l] : A(0);
       });
       __syncthreads();
-      fma_tile(acc, As, Bs, ty, tx);
+      if constexpr (kTcCapable) {
+        if (use_tc) mma_tile(tc_acc, As, Bs);
+        else fma_tile(acc, As, Bs, ty, tx);
+      } else {
+        fma_tile(acc, As, Bs, ty, tx);
+      }
       if (do_mean) {
 #pragma unroll 4
         for (int l = 0; l < kBK; ++l) {
@@ -279,6 +372,10 @@ __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
           for (int i = 0; i < 4; ++i) msum[i] += x[i] * w;
         }
       }
+    }
+
+    if constexpr (kTcCapable) {
+      if (use_tc) tc_to_acc(tc_acc, Cs, acc, ty, tx);
     }
 
     const int64_t dkdv = static_cast<int64_t>(a.dk) * a.dv;
@@ -347,11 +444,13 @@ struct ApplyArgs : Dims {
 template <class T>
 __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
   using A = acc_t<T>;
-  __shared__ __align__(16) A As[kBK * kLd];
-  __shared__ __align__(16) A Bs[kBK * kLd];
+  __shared__ __align__(32) A As[kBK * kLd];
+  __shared__ __align__(32) A Bs[kBK * kLd];
+  __shared__ __align__(32) A Cs[TcScratch<A>::floats];
   __shared__ A ms[kMaxD];
   __shared__ A zs[kTile];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  constexpr bool kTcCapable = TcScratch<A>::floats == kTcSmemFloats;
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const A eps = static_cast<A>(a.eps);
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -372,17 +471,23 @@ __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
     tile_z<T, A>(zs, q, n0, a.N, a.dk, ms, eps, a.fm);
 
     A acc[4][4];
-    gemm_tile<false, true>(
-        acc, a.dk,
-        [&](int i, int l) -> A {
-          const int64_t n = n0 + i;
-          return (n < a.N && l < a.dk) ? phi(to_acc(q.row(n)[l]), a.fm) : A(0);
-        },
-        [&](int l, int j) -> A {
-          const int c = v0 + j;
-          return (l < a.dk && c < a.dv) ? S[static_cast<int64_t>(l) * a.dv + c] : A(0);
-        },
-        As, Bs, ty, tx);  // ends with __syncthreads(): zs is visible
+    const auto phi_q = [&](int i, int l) -> A {
+      const int64_t n = n0 + i;
+      return (n < a.N && l < a.dk) ? phi(to_acc(q.row(n)[l]), a.fm) : A(0);
+    };
+    const auto state = [&](int l, int j) -> A {
+      const int c = v0 + j;
+      return (l < a.dk && c < a.dv) ? S[static_cast<int64_t>(l) * a.dv + c] : A(0);
+    };
+    bool done = false;
+    if constexpr (kTcCapable) {
+      if (a.use_tc) {
+        gemm_tile_tc<false, true>(acc, a.dk, phi_q, state, As, Bs, Cs, ty, tx);
+        done = true;
+      }
+    }
+    if (!done) gemm_tile<false, true>(acc, a.dk, phi_q, state, As, Bs, ty, tx);
+    // both end with __syncthreads(): zs is visible
 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -669,6 +774,26 @@ inline unsigned grid_for(int64_t items) {
   return static_cast<unsigned>(items > kMaxGrid ? kMaxGrid : items);
 }
 
+// Tensor cores for fp16/bf16 on sm_80+, unless MMFAST_CUDA_TENSOR_CORES=0 (exact SIMT path).
+inline bool tensor_cores_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MMFAST_CUDA_TENSOR_CORES");
+    return env == nullptr || env[0] != '0';
+  }();
+  return enabled;
+}
+
+inline bool use_tensor_cores(const LinearAttentionParams& p) {
+  if (!(p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) || !tensor_cores_enabled()) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 8;
+}
+
 inline Dims make_dims(const LinearAttentionParams& p) {
   Dims d;
   d.bh = p.bh();
@@ -680,6 +805,7 @@ inline Dims make_dims(const LinearAttentionParams& p) {
   d.tiles_k = static_cast<int>(hcdiv(p.dim_k, kTile));
   d.tiles_v = static_cast<int>(hcdiv(p.dim_v, kTile));
   d.fm = static_cast<int>(p.feature_map);
+  d.use_tc = use_tensor_cores(p) ? 1 : 0;
   d.eps = p.eps;
   return d;
 }
