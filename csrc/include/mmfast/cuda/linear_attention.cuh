@@ -253,6 +253,19 @@ __device__ __forceinline__ void gemm_tile_tc(float (&acc)[4][4], int L, FA fa, F
 template <class A> struct TcScratch { static constexpr int floats = 8; };
 template <> struct TcScratch<float> { static constexpr int floats = kTcSmemFloats; };
 
+// gemm_tile on tensor cores when use_tc (float accumulators only), else on the FMA units.
+template <bool AXFast, bool BXFast, class A, class FA, class FB>
+__device__ __forceinline__ void gemm_tile_auto(bool use_tc, A (&acc)[4][4], int L, FA fa, FB fb, A* As, A* Bs, A* Cs,
+                                               int ty, int tx) {
+  if constexpr (TcScratch<A>::floats == kTcSmemFloats) {
+    if (use_tc) {
+      gemm_tile_tc<AXFast, BXFast>(acc, L, fa, fb, As, Bs, Cs, ty, tx);
+      return;
+    }
+  }
+  gemm_tile<AXFast, BXFast>(acc, L, fa, fb, As, Bs, ty, tx);
+}
+
 // zs[r] = phi(q[n0 + r]) . m + eps for the 64 rows of a token tile (0 + eps past N).
 // m is in shared memory (length Dk). 4 threads per row, combined with warp shuffles.
 template <class T, class A>
@@ -450,7 +463,6 @@ __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
   __shared__ A ms[kMaxD];
   __shared__ A zs[kTile];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  constexpr bool kTcCapable = TcScratch<A>::floats == kTcSmemFloats;
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const A eps = static_cast<A>(a.eps);
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -479,15 +491,7 @@ __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
       const int c = v0 + j;
       return (l < a.dk && c < a.dv) ? S[static_cast<int64_t>(l) * a.dv + c] : A(0);
     };
-    bool done = false;
-    if constexpr (kTcCapable) {
-      if (a.use_tc) {
-        gemm_tile_tc<false, true>(acc, a.dk, phi_q, state, As, Bs, Cs, ty, tx);
-        done = true;
-      }
-    }
-    if (!done) gemm_tile<false, true>(acc, a.dk, phi_q, state, As, Bs, ty, tx);
-    // both end with __syncthreads(): zs is visible
+    gemm_tile_auto<false, true>(a.use_tc, acc, a.dk, phi_q, state, As, Bs, Cs, ty, tx);  // ends with a barrier
 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -521,8 +525,9 @@ struct ApplyBwdArgs : Dims {
 template <class T>
 __global__ void __launch_bounds__(kThreads) la_apply_bwd_kernel(ApplyBwdArgs a) {
   using A = acc_t<T>;
-  __shared__ __align__(16) A As[kBK * kLd];
-  __shared__ __align__(16) A Bs[kBK * kLd];
+  __shared__ __align__(32) A As[kBK * kLd];
+  __shared__ __align__(32) A Bs[kBK * kLd];
+  __shared__ __align__(32) A Cs[TcScratch<A>::floats];
   __shared__ A ms[kMaxD];
   __shared__ A zs[kTile];
   __shared__ A ws[kTile];
@@ -560,13 +565,13 @@ __global__ void __launch_bounds__(kThreads) la_apply_bwd_kernel(ApplyBwdArgs a) 
     // Phase 1: w_i = sum_v do_iv * (phi(q_i) S)_v.
     for (int tv = 0; tv < a.tiles_v; ++tv) {
       const int v0 = tv * kTile;
-      gemm_tile<false, true>(
-          acc, a.dk, phi_q,
+      gemm_tile_auto<false, true>(
+          a.use_tc, acc, a.dk, phi_q,
           [&](int l, int j) -> A {
             const int c = v0 + j;
             return (l < a.dk && c < a.dv) ? S[static_cast<int64_t>(l) * a.dv + c] : A(0);
           },
-          As, Bs, ty, tx);
+          As, Bs, Cs, ty, tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         A part = A(0);
@@ -598,13 +603,13 @@ __global__ void __launch_bounds__(kThreads) la_apply_bwd_kernel(ApplyBwdArgs a) 
     // Phase 2: u = do S^T per Dk tile, then dq.
     for (int tk = 0; tk < a.tiles_k; ++tk) {
       const int k0 = tk * kTile;
-      gemm_tile<false, false>(
-          acc, a.dv, dout_at,
+      gemm_tile_auto<false, false>(
+          a.use_tc, acc, a.dv, dout_at,
           [&](int l, int j) -> A {  // B(l = v, j = k) = S[k][v]
             const int r = k0 + j;
             return (l < a.dv && r < a.dk) ? S[static_cast<int64_t>(r) * a.dv + l] : A(0);
           },
-          As, Bs, ty, tx);
+          As, Bs, Cs, ty, tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = ty * 4 + i;
@@ -637,8 +642,9 @@ struct StateBwdArgs : Dims {
 template <class T>
 __global__ void __launch_bounds__(kThreads) la_state_bwd_kernel(StateBwdArgs a) {
   using A = acc_t<T>;
-  __shared__ __align__(16) A As[kBK * kLd];
-  __shared__ __align__(16) A Bs[kBK * kLd];
+  __shared__ __align__(32) A As[kBK * kLd];
+  __shared__ __align__(32) A Bs[kBK * kLd];
+  __shared__ __align__(32) A Cs[TcScratch<A>::floats];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int otiles = a.tiles_v + a.tiles_k;
   const int64_t items = static_cast<int64_t>(otiles) * a.ntiles * a.bh;
@@ -657,8 +663,8 @@ __global__ void __launch_bounds__(kThreads) la_state_bwd_kernel(StateBwdArgs a) 
     if (ot < a.tiles_v) {
       const int v0 = ot * kTile;
       const TokenView<T> gv = token_view<T>(a.grad_v, bh, a.heads);
-      gemm_tile<false, true>(
-          acc, a.dk,
+      gemm_tile_auto<false, true>(
+          a.use_tc, acc, a.dk,
           [&](int i, int l) -> A {
             const int64_t n = n0 + i;
             return (n < a.N && l < a.dk) ? phi(to_acc(kk.row(n)[l]), a.fm) : A(0);
@@ -667,7 +673,7 @@ __global__ void __launch_bounds__(kThreads) la_state_bwd_kernel(StateBwdArgs a) 
             const int c = v0 + j;
             return (l < a.dk && c < a.dv) ? dS[static_cast<int64_t>(l) * a.dv + c] : A(0);
           },
-          As, Bs, ty, tx);
+          As, Bs, Cs, ty, tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t n = n0 + ty * 4 + i;
@@ -682,8 +688,8 @@ __global__ void __launch_bounds__(kThreads) la_state_bwd_kernel(StateBwdArgs a) 
     } else {
       const int k0 = (ot - a.tiles_v) * kTile;
       const TokenView<T> gk = token_view<T>(a.grad_k, bh, a.heads);
-      gemm_tile<false, false>(
-          acc, a.dv,
+      gemm_tile_auto<false, false>(
+          a.use_tc, acc, a.dv,
           [&](int i, int l) -> A {
             const int64_t n = n0 + i;
             return (n < a.N && l < a.dv) ? to_acc(vv.row(n)[l]) : A(0);
@@ -692,7 +698,7 @@ __global__ void __launch_bounds__(kThreads) la_state_bwd_kernel(StateBwdArgs a) 
             const int r = k0 + j;
             return (l < a.dv && r < a.dk) ? dS[static_cast<int64_t>(r) * a.dv + l] : A(0);
           },
-          As, Bs, ty, tx);
+          As, Bs, Cs, ty, tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t n = n0 + ty * 4 + i;
