@@ -353,6 +353,16 @@ void pad_heads(const void* states, const LinearAttentionParams& p, int64_t b, in
                       transpose, dst + h * prow * pcol, prow, pcol);
 }
 
+// [S | m] of every head of batch entry b, zero-padded to [H][pk][pa] (pa >= Dv + 1): the
+// mean rides in column Dv, so one micro-kernel yields numerators and denominators.
+template <typename acc_t>
+void pad_states_with_mean(const LinearAttentionParams& p, int64_t b, acc_t* states, int64_t pk, int64_t pa) {
+  pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
+  const acc_t* means = static_cast<const acc_t*>(p.mean) + b * p.heads * p.dim_k;
+  for (int64_t h = 0; h < p.heads; ++h)
+    for (int64_t d = 0; d < p.dim_k; ++d) states[(h * pk + d) * pa + p.dim_v] = means[h * p.dim_k + d];
+}
+
 // sum over chunks of the [pk*pv + pk] partials of one (b, h), scaled, unpadded.
 template <typename acc_t>
 void sum_partials(const acc_t* partials, int64_t chunks, int64_t chunk_stride, int64_t pk, int64_t pv, int64_t dk,
@@ -467,10 +477,7 @@ struct ApplyJob {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
       if (b != loaded_b) {
-        pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
-        for (int64_t h = 0; h < p.heads; ++h)
-          for (int64_t d = 0; d < p.dim_k; ++d)
-            states[(h * pk + d) * pa + p.dim_v] = static_cast<const acc_t*>(p.mean)[(b * p.heads + h) * p.dim_k + d];
+        pad_states_with_mean<acc_t>(p, b, states, pk, pa);
         loaded_b = b;
       }
       const int64_t n_end = job.split.end(p, chunk);
@@ -526,12 +533,9 @@ struct ApplyBackwardJob {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
       if (b != loaded_b) {
-        pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
+        pad_states_with_mean<acc_t>(p, b, states, pk, pa);
         pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), true, states_t, pv, pk);
         pad_heads<acc_t>(p.mean, p, b, 1, p.dim_k, acc_t(1), false, means, 1, pk);
-        for (int64_t h = 0; h < p.heads; ++h)
-          for (int64_t d = 0; d < p.dim_k; ++d)
-            states[(h * pk + d) * pa + p.dim_v] = static_cast<const acc_t*>(p.mean)[(b * p.heads + h) * p.dim_k + d];
         loaded_b = b;
       }
       acc_t* partials = job.partials + task * p.heads * stride;
