@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -56,7 +57,14 @@ from .. import _linear_attention_meta as meta
 from .. import ops as mmfast_ops
 
 _FEATURE_MAP_IDS = {"elu1": 0, "relu": 1, "none": 2}
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older releases read the variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRET = _interpreting()
 
 # Token rows per program in the row-parallel kernels / per loop step in the chunked ones.
 _BLOCK_N = 64
