@@ -12,9 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import statistics
 import textwrap
-import time
 
 import pytest
 import torch
@@ -24,15 +22,23 @@ import mmfast
 from mmfast import ops, reference
 from mmfast.models.linfusion import GeneralizedLinearAttention
 
-from conftest import machine_name
+from conftest import bench_device, machine_name, median_ms as device_median_ms, peak_bandwidth, run_timed
 
 pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
 CHANNELS, HEADS = 320, 8  # SD-1.5 level 0: D = 40
-TOKENS = (1024, 4096, 16384)
-SDPA_MAX_TOKENS = 4096  # quadratic: N = 16384 is ~10 s per call on 2 cores
-BACKEND = "native" if ops.native_available(torch.device("cpu")) else "reference"
+if ON_GPU:  # SD-1.5 level 0 at 1024, 2048 and 4096 px, bf16
+    TOKENS = (16384, 65536, 262144)
+    SDPA_MAX_TOKENS = 262144
+    DTYPE = torch.bfloat16
+else:
+    TOKENS = (1024, 4096, 16384)
+    SDPA_MAX_TOKENS = 4096  # quadratic: N = 16384 is ~10 s per call on 2 cores
+    DTYPE = torch.float32
+BACKEND = "native" if ops.native_available(DEVICE) else "reference"
 ROUNDS = 5
 
 _measured_ms: dict = {}
@@ -53,24 +59,31 @@ class OfficialStyleAttention(nn.Module):
 
 def build_modules():
     torch.manual_seed(0)
-    ours = GeneralizedLinearAttention(CHANNELS, HEADS).eval()
+    ours = GeneralizedLinearAttention(CHANNELS, HEADS).eval().to(DEVICE, DTYPE)
     sdpa = Attention(
-        query_dim=CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, bias=False, out_bias=True).eval()
+        query_dim=CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, bias=False, out_bias=True).eval().to(DEVICE, DTYPE)
     return {"mmfast": ours, "official": OfficialStyleAttention(ours), "sdpa": sdpa}
+
+
+def module_floor_bytes(module: nn.Module, tokens: int) -> int:
+    """The module's bandwidth floor: every Linear and LayerNorm reads its input and writes
+    its output once (weights included), and the attention core reads q, k, v and writes out."""
+    elem = torch.tensor([], dtype=DTYPE).element_size()
+    total = 4 * tokens * CHANNELS * elem
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            total += tokens * (layer.in_features + layer.out_features) * elem + layer.weight.numel() * elem
+        elif isinstance(layer, nn.LayerNorm):
+            total += 2 * tokens * layer.normalized_shape[0] * elem
+    return total
 
 
 MODULES = build_modules()
 
 
 def median_ms(fn, rounds=ROUNDS):
-    """Median of `rounds` after a warm-up (the project quotes medians: these machines are noisy)."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median of `rounds` after a warm-up, synchronised (CUDA events on a GPU)."""
+    return device_median_ms(fn, DEVICE, warmup=1, repeats=rounds)
 
 
 def _module_call(impl, x):
@@ -105,19 +118,30 @@ def _baseline_ms(scope, impl, tokens, x):
 
 
 def _run_and_record(benchmark, scope, impl, tokens, baselines):
-    x = torch.randn(1, tokens, CHANNELS)
+    x = torch.randn(1, tokens, CHANNELS, device=DEVICE, dtype=DTYPE)
     benchmark.group = f"linfusion-attn1-{scope}-C{CHANNELS}-H{HEADS}-N{tokens}"
-    benchmark.pedantic(CALLS[scope](impl, x), rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    ms = benchmark.stats.stats.median * 1e3
+    ms = run_timed(benchmark, CALLS[scope](impl, x), DEVICE, rounds=ROUNDS, warmup=1)
+    if ON_GPU:  # device time; the fixture's wall time includes launch overhead
+        ms = median_ms(CALLS[scope](impl, x))
     _measured_ms[(scope, impl, tokens)] = ms
+    dtype = str(DTYPE).replace("torch.", "")
     benchmark.extra_info.update({"scope": scope, "impl": impl, "backend": BACKEND, "tokens": tokens,
                                  "ms": round(ms, 3), "channels": CHANNELS, "heads": HEADS, "batch": 1,
-                                 "dtype": "float32", "statistic": f"median of {ROUNDS}"})
+                                 "dtype": dtype, "statistic": f"median of {ROUNDS}"})
     if impl != "mmfast":
         return
     # Columns of the summary table (benchmarks/summarize.py); "eager" is the official-style module.
     benchmark.extra_info.update({"op": f"linfusion.attn1.{scope}", "shape": f"C={CHANNELS} H={HEADS} B=1 N={tokens}",
-                                 "device": machine_name(torch.device("cpu")), "mmfast_ms": round(ms, 3)})
+                                 "device": machine_name(DEVICE), "mmfast_ms": round(ms, 3)})
+    if scope == "module":
+        floor = module_floor_bytes(MODULES["mmfast"], tokens)
+        bandwidth, _ = peak_bandwidth(DEVICE)
+        benchmark.extra_info["gbps"] = round(floor / (ms * 1e-3) / 1e9, 2)
+        if bandwidth:
+            benchmark.extra_info["pct_of_floor"] = round(100 * floor / bandwidth / (ms * 1e-3), 1)
+        if ON_GPU:
+            benchmark.extra_info["target"] = ">= 60% of the module's HBM floor"
+            benchmark.extra_info["target_met"] = benchmark.extra_info.get("pct_of_floor", 0) >= 60
     for baseline in baselines:
         baseline_ms = _baseline_ms(scope, baseline, tokens, x)
         column = "eager" if baseline == "official" else baseline
@@ -130,7 +154,7 @@ def _run_and_record(benchmark, scope, impl, tokens, baselines):
 def test_attn1_module_latency(benchmark, impl, tokens):
     """The whole attn1 module: projections, q/k MLPs, attention, output projection."""
     if impl == "sdpa" and tokens > SDPA_MAX_TOKENS:
-        pytest.skip(f"softmax attention at N={tokens} is quadratic: ~10 s per call on 2 CPU cores")
+        pytest.skip(f"softmax attention at N={tokens} is quadratic: too slow here")
     baselines = ["official"] + (["sdpa"] if tokens <= SDPA_MAX_TOKENS else [])
     _run_and_record(benchmark, "module", impl, tokens, baselines)
 
@@ -159,11 +183,11 @@ def sd15_width_unet():
 def test_unet_step_latency(benchmark, sd15_width_unet, impl):
     from mmfast.models.linfusion import LinFusion
 
-    unet = sd15_width_unet
+    unet = sd15_width_unet.to(DEVICE, DTYPE)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, UNET_LATENT, UNET_LATENT, generator=generator)
-    text = torch.randn(1, 77, 768, generator=generator)
-    timestep = torch.tensor([500])
+    latents = torch.randn(1, 4, UNET_LATENT, UNET_LATENT, generator=generator).to(DEVICE, DTYPE)
+    text = torch.randn(1, 77, 768, generator=generator).to(DEVICE, DTYPE)
+    timestep = torch.tensor([500], device=DEVICE)
 
     def run():
         with torch.inference_mode(), mmfast.use_backend(BACKEND):
@@ -172,14 +196,14 @@ def test_unet_step_latency(benchmark, sd15_width_unet, impl):
     linfusion = LinFusion.construct_for(unet) if impl == "linfusion" else None
     try:
         benchmark.group = f"linfusion-unet-step-{UNET_LATENT * 8}px"
-        benchmark.pedantic(run, rounds=UNET_ROUNDS, iterations=1, warmup_rounds=1)
+        ms = run_timed(benchmark, run, DEVICE, rounds=UNET_ROUNDS, warmup=1)
     finally:
         if linfusion is not None:
             linfusion.unmount()
-    ms = benchmark.stats.stats.median * 1e3
     _measured_ms[("unet", impl)] = ms
     benchmark.extra_info.update({"impl": impl, "backend": BACKEND, "ms": round(ms, 1), "pixels": UNET_LATENT * 8,
-                                 "block_out_channels": [320, 640], "heads": 8, "statistic": f"median of {UNET_ROUNDS}"})
+                                 "block_out_channels": [320, 640], "heads": 8, "dtype": str(DTYPE).replace("torch.", ""),
+                                 "statistic": f"median of {UNET_ROUNDS}"})
     if impl == "linfusion" and ("unet", "sdpa") in _measured_ms:
         benchmark.extra_info["sdpa_ms"] = round(_measured_ms[("unet", "sdpa")], 1)
         benchmark.extra_info["speedup_vs_sdpa"] = round(_measured_ms[("unet", "sdpa")] / ms, 3)
