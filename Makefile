@@ -51,7 +51,7 @@ gpu-check:
 
 # Wheels the GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
 # git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present.
-GPU_WHEELS ?= diffusers
+GPU_WHEELS ?= diffusers importlib_metadata
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
