@@ -8,11 +8,14 @@ runs only with MMFAST_BENCH_HIGHRES=1: it takes about a minute and ~3 GB of RAM.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -29,17 +32,30 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
-CHANNELS, HEADS = 320, 8  # SD-1.5 level 0: D = 40
-if ON_GPU:  # SD-1.5 level 0 at 1024, 2048 and 4096 px, bf16
-    TOKENS = (16384, 65536, 262144)
-    SDPA_MAX_TOKENS = 262144
-    DTYPE = torch.bfloat16
-else:
-    TOKENS = (1024, 4096, 16384)
-    SDPA_MAX_TOKENS = 4096  # quadratic: N = 16384 is ~10 s per call on 2 cores
-    DTYPE = torch.float32
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BACKEND = "native" if ops.native_available(DEVICE) else "reference"
 ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One attn1 layer shape (../shared/reference/linfusion.md section 3)."""
+
+    name: str
+    channels: int
+    heads: int
+    mid_dim_scale: Optional[int] = None  # SD-XL's q/k MLPs have M = C / 16
+
+
+LAYERS = [Layer("sd15-L0", 320, 8), Layer("sd21-L0", 320, 5), Layer("sdxl-L1", 640, 10, 16)]
+if ON_GPU:  # 1024, 2048 and 4096 px
+    TOKENS = {"sd15-L0": (16384, 65536, 262144), "sd21-L0": (16384, 65536, 262144), "sdxl-L1": (4096, 16384, 65536)}
+    SDPA_MAX_TOKENS = 262144
+else:  # scaled down: 2 CPU cores
+    TOKENS = {"sd15-L0": (1024, 4096, 16384), "sd21-L0": (4096,), "sdxl-L1": (1024, 4096)}
+    SDPA_MAX_TOKENS = 4096  # quadratic: N = 16384 is ~10 s per call on 2 cores
+CASES = [pytest.param(layer, n, id=f"{layer.name}-N{n}") for layer in LAYERS for n in TOKENS[layer.name]]
+CHANNELS, HEADS = 320, 8  # the 16K case below: SD-1.5 level 0, D = 40
 
 _measured_ms: dict = {}
 
@@ -57,11 +73,13 @@ class OfficialStyleAttention(nn.Module):
         return m._output(reference.linfusion_eager_linear_attention(q, k, v, eps=m.eps))
 
 
-def build_modules():
+@functools.lru_cache(maxsize=None)
+def modules_for(layer: Layer) -> dict:
     torch.manual_seed(0)
-    ours = GeneralizedLinearAttention(CHANNELS, HEADS).eval().to(DEVICE, DTYPE)
-    sdpa = Attention(
-        query_dim=CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, bias=False, out_bias=True).eval().to(DEVICE, DTYPE)
+    mid = None if layer.mid_dim_scale is None else layer.channels // layer.mid_dim_scale
+    ours = GeneralizedLinearAttention(layer.channels, layer.heads, mid).eval().to(DEVICE, DTYPE)
+    sdpa = Attention(query_dim=layer.channels, heads=layer.heads, dim_head=layer.channels // layer.heads, bias=False,
+                     out_bias=True).eval().to(DEVICE, DTYPE)
     return {"mmfast": ours, "official": OfficialStyleAttention(ours), "sdpa": sdpa}
 
 
@@ -69,7 +87,7 @@ def module_floor_bytes(module: nn.Module, tokens: int) -> int:
     """The module's bandwidth floor: every Linear and LayerNorm reads its input and writes
     its output once (weights included), and the attention core reads q, k, v and writes out."""
     elem = torch.tensor([], dtype=DTYPE).element_size()
-    total = 4 * tokens * CHANNELS * elem
+    total = 4 * tokens * module.dim_n * elem
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
             total += tokens * (layer.in_features + layer.out_features) * elem + layer.weight.numel() * elem
@@ -78,24 +96,24 @@ def module_floor_bytes(module: nn.Module, tokens: int) -> int:
     return total
 
 
-MODULES = build_modules()
-
-
 def median_ms(fn, rounds=ROUNDS):
     """Median of `rounds` after a warm-up, synchronised (CUDA events on a GPU)."""
     return device_median_ms(fn, DEVICE, warmup=1, repeats=rounds)
 
 
-def _module_call(impl, x):
+def _module_call(impl, x, layer):
+    module = modules_for(layer)[impl]
+
     def run():
         with torch.inference_mode(), mmfast.use_backend(BACKEND):
-            MODULES[impl](x)
+            module(x)
     return run
 
 
-def _core_call(impl, x):
+def _core_call(impl, x, layer):
     """The attention core alone on (B, N, H, D) views of one fused qkv buffer."""
-    q, k, v = (t.view(1, x.shape[1], HEADS, CHANNELS // HEADS) for t in x.repeat(1, 1, 3).split(CHANNELS, -1))
+    c, h = layer.channels, layer.heads
+    q, k, v = (t.view(1, x.shape[1], h, c // h) for t in x.repeat(1, 1, 3).split(c, -1))
     core = {
         "mmfast": lambda: mmfast.linear_attention(q, k, v, backend=BACKEND),
         "official": lambda: reference.linfusion_eager_linear_attention(q, k, v),
@@ -110,31 +128,32 @@ def _core_call(impl, x):
 CALLS = {"module": _module_call, "core": _core_call}
 
 
-def _baseline_ms(scope, impl, tokens, x):
-    key = (scope, impl, tokens)
+def _baseline_ms(scope, impl, layer, tokens, x):
+    key = (scope, impl, layer.name, tokens)
     if key not in _measured_ms:
-        _measured_ms[key] = median_ms(CALLS[scope](impl, x))
+        _measured_ms[key] = median_ms(CALLS[scope](impl, x, layer))
     return _measured_ms[key]
 
 
-def _run_and_record(benchmark, scope, impl, tokens, baselines):
-    x = torch.randn(1, tokens, CHANNELS, device=DEVICE, dtype=DTYPE)
-    benchmark.group = f"linfusion-attn1-{scope}-C{CHANNELS}-H{HEADS}-N{tokens}"
-    ms = run_timed(benchmark, CALLS[scope](impl, x), DEVICE, rounds=ROUNDS, warmup=1)
+def _run_and_record(benchmark, scope, impl, layer, tokens, baselines):
+    x = torch.randn(1, tokens, layer.channels, device=DEVICE, dtype=DTYPE)
+    benchmark.group = f"linfusion-attn1-{scope}-{layer.name}-N{tokens}"
+    ms = run_timed(benchmark, CALLS[scope](impl, x, layer), DEVICE, rounds=ROUNDS, warmup=1)
     if ON_GPU:  # device time; the fixture's wall time includes launch overhead
-        ms = median_ms(CALLS[scope](impl, x))
-    _measured_ms[(scope, impl, tokens)] = ms
+        ms = median_ms(CALLS[scope](impl, x, layer))
+    _measured_ms[(scope, impl, layer.name, tokens)] = ms
     dtype = str(DTYPE).replace("torch.", "")
-    benchmark.extra_info.update({"scope": scope, "impl": impl, "backend": BACKEND, "tokens": tokens,
-                                 "ms": round(ms, 3), "channels": CHANNELS, "heads": HEADS, "batch": 1,
+    benchmark.extra_info.update({"scope": scope, "impl": impl, "backend": BACKEND, "tokens": tokens, "layer": layer.name,
+                                 "ms": round(ms, 3), "channels": layer.channels, "heads": layer.heads, "batch": 1,
                                  "dtype": dtype, "statistic": f"median of {ROUNDS}"})
     if impl != "mmfast":
         return
     # Columns of the summary table (benchmarks/summarize.py); "eager" is the official-style module.
-    benchmark.extra_info.update({"op": f"linfusion.attn1.{scope}", "shape": f"C={CHANNELS} H={HEADS} B=1 N={tokens}",
-                                 "device": machine_name(DEVICE), "mmfast_ms": round(ms, 3)})
+    shape = f"{layer.name} C={layer.channels} H={layer.heads} B=1 N={tokens}"
+    benchmark.extra_info.update({"op": f"linfusion.attn1.{scope}", "shape": shape, "device": machine_name(DEVICE),
+                                 "mmfast_ms": round(ms, 3)})
     if scope == "module":
-        floor = module_floor_bytes(MODULES["mmfast"], tokens)
+        floor = module_floor_bytes(modules_for(layer)["mmfast"], tokens)
         bandwidth, _ = peak_bandwidth(DEVICE)
         benchmark.extra_info["gbps"] = round(floor / (ms * 1e-3) / 1e9, 2)
         if bandwidth:
@@ -143,27 +162,27 @@ def _run_and_record(benchmark, scope, impl, tokens, baselines):
             benchmark.extra_info["target"] = ">= 60% of the module's HBM floor"
             benchmark.extra_info["target_met"] = benchmark.extra_info.get("pct_of_floor", 0) >= 60
     for baseline in baselines:
-        baseline_ms = _baseline_ms(scope, baseline, tokens, x)
+        baseline_ms = _baseline_ms(scope, baseline, layer, tokens, x)
         column = "eager" if baseline == "official" else baseline
         benchmark.extra_info[f"{column}_ms"] = round(baseline_ms, 3)
         benchmark.extra_info[f"speedup_vs_{column}"] = round(baseline_ms / ms, 3)
 
 
-@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("layer, tokens", CASES)
 @pytest.mark.parametrize("impl", ["sdpa", "official", "mmfast"])
-def test_attn1_module_latency(benchmark, impl, tokens):
+def test_attn1_module_latency(benchmark, impl, layer, tokens):
     """The whole attn1 module: projections, q/k MLPs, attention, output projection."""
     if impl == "sdpa" and tokens > SDPA_MAX_TOKENS:
         pytest.skip(f"softmax attention at N={tokens} is quadratic: too slow here")
     baselines = ["official"] + (["sdpa"] if tokens <= SDPA_MAX_TOKENS else [])
-    _run_and_record(benchmark, "module", impl, tokens, baselines)
+    _run_and_record(benchmark, "module", impl, layer, tokens, baselines)
 
 
-@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("layer, tokens", CASES)
 @pytest.mark.parametrize("impl", ["official", "mmfast"])
-def test_attn1_core_latency(benchmark, impl, tokens):
+def test_attn1_core_latency(benchmark, impl, layer, tokens):
     """The linear-attention core alone (what mmfast replaces; the GEMMs around it are the same)."""
-    _run_and_record(benchmark, "core", impl, tokens, ["official"])
+    _run_and_record(benchmark, "core", impl, layer, tokens, ["official"])
 
 
 # --- one UNet step: an SD-1.5-width UNet (320/640 channels, 8 heads: D = 40/80) at 256 px ----------
