@@ -17,6 +17,8 @@ COLUMNS = [
     ("speedup vs eager", "speedup_vs_eager"),
     ("sdpa ms", "sdpa_ms"),
     ("speedup vs sdpa", "speedup_vs_sdpa"),
+    ("triton ms", "triton_ms"),
+    ("speedup vs fla design", "speedup_vs_fla_design"),
     ("GB/s", "gbps"),
     ("% of floor", "pct_of_floor"),
     ("target", "target"),

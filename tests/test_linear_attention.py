@@ -468,3 +468,20 @@ def test_cuda_tensor_core_path_matches_the_exact_path(dtype, tmp_path):
     expected = reference.linear_attention_ref(*inputs)
     assert_close(exact, expected, dtype)
     assert_close(fast, expected, dtype)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_without_the_split_over_n_is_the_same_op():
+    """The benchmarks' stand-in for fla-org's design (one program streams all of N)."""
+    from mmfast.triton import linear_attention as triton_la
+
+    q, k, v = make_qkv((1, 700, 2, 40, 24), torch.float32, TRITON_DEVICE, requires_grad=True)
+    triton_la.SPLIT_SEQUENCE = False
+    try:
+        out = linear_attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    finally:
+        triton_la.SPLIT_SEQUENCE = True
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.float32)
+    for got, expected in zip(grads, reference_grads(q, k, v, torch.ones_like(out))):
+        assert_close(got, expected, torch.float32, scale=4)

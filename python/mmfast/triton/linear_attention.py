@@ -385,9 +385,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# False streams all of N through one program per (b, h, tile), the design of fla-org's
+# flash-bidirectional-linear-attention; the benchmarks time both designs with this switch.
+SPLIT_SEQUENCE = True
+
+
 def _chunk_size(n: int, programs_per_chunk: int, device: torch.device) -> int:
     """Tokens per program of the split-N reductions (a multiple of _BLOCK_N)."""
-    if device.type != "cuda":
+    if not SPLIT_SEQUENCE:
+        chunk = n
+    elif device.type != "cuda":
         chunk = _CPU_CHUNK
     else:
         # About 4 programs per SM; chunks of at least 4 row blocks keep the fp32
