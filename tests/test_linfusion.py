@@ -447,7 +447,7 @@ def test_distributed_linear_attention_equals_single_process(tmp_path):
     out = mmfast.reference.linear_attention_ref(q, k, v)
     (out * grad).sum().backward()
     expected = [out.detach(), q.grad, k.grad, v.grad]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for backend in BACKENDS:
         for index, name in enumerate(["out", "dq", "dk", "dv"]):
             gathered = torch.cat([ranks[r][backend][index] for r in range(2)], dim=1)
@@ -497,7 +497,7 @@ def test_row_parallel_unet_equals_single_process(tmp_path):
 
     pytest.importorskip("diffusers")
     mp.spawn(_row_parallel_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    result = torch.load(tmp_path / "row_parallel.pt")
+    result = torch.load(tmp_path / "row_parallel.pt", weights_only=True)
     assert result["full"].shape == (2, 4, 16, 8)
     torch.testing.assert_close(result["full"], result["single"], rtol=1e-5, atol=1e-5)
     assert (result["naive"] - result["single"]).abs().max() > 1e-2  # the split is not trivially exact
