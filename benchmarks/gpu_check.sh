@@ -11,7 +11,8 @@ set -uo pipefail
 STEPS=" ${GPU_CHECK_STEPS:-build tests bench} "
 cd "$(dirname "$0")/.."
 REPORT_DIR=$(mkdir -p "${1:-build/gpu-report}" && cd "${1:-build/gpu-report}" && pwd)
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}") || { echo "gpu-check: no ${PYTHON:-python3}" >&2; exit 1; }
+PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute: the steps below cd
 
 ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m in (9, 10, 12) else ''))") || {
   echo "gpu-check: no CUDA device visible to torch" >&2
