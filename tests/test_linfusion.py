@@ -13,6 +13,7 @@ from torch import nn
 
 import mmfast
 from mmfast import ops
+from mmfast.models._modules import swap_submodule
 
 from mmfast.models.linfusion import (
     GeneralizedLinearAttention,
@@ -184,15 +185,6 @@ def test_mount_unmount_round_trip(unet, backend):
         linfusion.unmount()
 
 
-def swap_module(unet, name, module):
-    """Sets unet.<name> = module; returns the module that was there."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = unet.get_submodule(parent_name)
-    previous = getattr(parent, attr)
-    setattr(parent, attr, module)
-    return previous
-
-
 def test_mounted_unet_matches_official_modules(sd15_style_unet, backend):
     unet = sd15_style_unet
     inputs = unet_inputs(unet)
@@ -202,12 +194,12 @@ def test_mounted_unet_matches_official_modules(sd15_style_unet, backend):
         ours = run_unet(unet, inputs)
         names = [spec.module_name for spec in linfusion.specs]
         twins = [official_copy(module) for module in linfusion.attention_modules()]
-        previous = [swap_module(unet, name, twin) for name, twin in zip(names, twins)]
+        previous = [swap_submodule(unet, name, twin) for name, twin in zip(names, twins)]
         try:
             official = run_unet(unet, inputs)
         finally:
             for name, module in zip(names, previous):
-                swap_module(unet, name, module)
+                swap_submodule(unet, name, module)
     finally:
         linfusion.unmount()
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .models._modules import swap_submodule
 
 
 def _all_reduce_sum(buffer: torch.Tensor, group) -> torch.Tensor:
@@ -171,14 +172,6 @@ def _row_parallel_replacements(unet, group):
     return replacements
 
 
-def _swap(root, name, module):
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name)
-    previous = getattr(parent, attr)
-    setattr(parent, attr, module)
-    return previous
-
-
 @contextlib.contextmanager
 def row_parallel_unet(unet, group=None):
     """Inside, `unet(band, t, text)` takes and returns this rank's band of latent rows, exactly.
@@ -192,7 +185,7 @@ def row_parallel_unet(unet, group=None):
         raise RuntimeError("row_parallel_unet: torch.distributed is not initialized")
     replacements = _row_parallel_replacements(unet, group)
     attention = [m for m in unet.modules() if isinstance(m, GeneralizedLinearAttention)]
-    originals = [(name, _swap(unet, name, module)) for name, module in replacements]
+    originals = [(name, swap_submodule(unet, name, module)) for name, module in replacements]
     for module in attention:
         module.token_parallel_group = TokenParallel(group)
     try:
@@ -201,7 +194,7 @@ def row_parallel_unet(unet, group=None):
         for module in attention:
             module.token_parallel_group = None
         for name, module in reversed(originals):
-            _swap(unet, name, module)
+            swap_submodule(unet, name, module)
 
 
 class TokenParallel:

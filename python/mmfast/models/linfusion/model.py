@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .._modules import swap_submodule
 from .attention import GeneralizedLinearAttention
 
 CONFIG_NAME = "config.json"
@@ -108,11 +109,6 @@ def _mid_dim(dim_n: int, mid_dim_scale: Optional[int]) -> Optional[int]:
     return dim_n // mid_dim_scale
 
 
-def _split_module_name(name: str):
-    parent, _, attr = name.rpartition(".")
-    return parent, attr
-
-
 # --- the container -----------------------------------------------------------------------
 
 
@@ -125,8 +121,8 @@ class LinFusion(nn.Module):
                       for index, spec in enumerate(modules_list)]
         for index, spec in enumerate(self.specs):
             self.add_module(str(index), GeneralizedLinearAttention(spec.dim_n, spec.heads, spec.projection_mid_dim))
-        # (parent module, attribute, original attn1) per mounted module. A plain list so
-        # the UNet is not registered as a child of LinFusion.
+        # (UNet, attn1 name, original attn1) per mounted module. A plain list so the UNet
+        # is not registered as a child of LinFusion.
         self._mounted: list = []
 
     @property
@@ -187,18 +183,15 @@ class LinFusion(nn.Module):
         reference_param = next(unet.parameters())
         self.to(device=reference_param.device, dtype=reference_param.dtype)
         for spec, module in zip(self.specs, self.attention_modules()):
-            parent_name, attr = _split_module_name(spec.module_name)
-            parent = unet.get_submodule(parent_name)
-            self._mounted.append((parent, attr, getattr(parent, attr)))
-            setattr(parent, attr, module)
+            self._mounted.append((unet, spec.module_name, swap_submodule(unet, spec.module_name, module)))
         return self
 
     def unmount(self) -> None:
         """Puts the original attn1 modules (the same objects) back."""
         if not self.is_mounted:
             raise RuntimeError("LinFusion: not mounted")
-        for parent, attr, original in reversed(self._mounted):
-            setattr(parent, attr, original)
+        for unet, name, original in reversed(self._mounted):
+            swap_submodule(unet, name, original)
         self._mounted = []
 
     def original_attention_modules(self) -> List[nn.Module]:
@@ -212,13 +205,13 @@ class LinFusion(nn.Module):
         """Temporarily puts the original attn1 modules back (e.g. the distillation teacher)."""
         if not self.is_mounted:
             raise RuntimeError("LinFusion: not mounted")
-        for parent, attr, original in self._mounted:
-            setattr(parent, attr, original)
+        for unet, name, original in self._mounted:
+            swap_submodule(unet, name, original)
         try:
             yield
         finally:
-            for (parent, attr, _), module in zip(self._mounted, self.attention_modules()):
-                setattr(parent, attr, module)
+            for (unet, name, _), module in zip(self._mounted, self.attention_modules()):
+                swap_submodule(unet, name, module)
 
     def set_token_chunk_size(self, chunk: Optional[int]) -> None:
         """Exact chunked inference for very large token counts (see GeneralizedLinearAttention)."""
