@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfast import ops, reference
+from mmfast import ops
+from mmfast.models.linfusion.official import official_linear_attention
 
 from conftest import bench_device, machine_name, median_ms, peak_bandwidth, run_timed
 
@@ -75,7 +76,7 @@ def _backward(fn, inputs, grad_out):
 def _forward_fn(provider):
     return {
         "mmfast": lambda q, k, v: ops.linear_attention(q, k, v),
-        "eager": reference.linfusion_eager_linear_attention,
+        "eager": official_linear_attention,
         "sdpa": _sdpa,
     }[provider]
 
@@ -136,7 +137,7 @@ def test_forward(benchmark, shape):
         times = {"mmfast": run_timed(benchmark, lambda: ops.linear_attention(q, k, v), DEVICE)}
         if ON_GPU:  # device time from CUDA events; the fixture's wall time includes launch overhead
             times["mmfast"] = median_ms(lambda: ops.linear_attention(q, k, v), DEVICE)
-        times["eager"] = median_ms(lambda: reference.linfusion_eager_linear_attention(q, k, v), DEVICE)
+        times["eager"] = median_ms(lambda: official_linear_attention(q, k, v), DEVICE)
         if n <= SDPA_MAX_N:
             times["sdpa"] = median_ms(lambda: _sdpa(q, k, v), DEVICE, warmup=1, repeats=3)
         if ON_GPU and HAS_TRITON:

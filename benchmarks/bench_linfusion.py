@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import mmfast
-from mmfast import ops, reference
 from mmfast.models.linfusion import GeneralizedLinearAttention
+from mmfast.models.linfusion.official import OfficialLinearAttention, official_linear_attention
 
 from conftest import bench_device, machine_name, median_ms as device_median_ms, peak_bandwidth, run_timed
 
@@ -33,7 +33,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-BACKEND = "native" if ops.native_available(DEVICE) else "reference"
+BACKEND = "native" if mmfast._backend.native_available("linear_attention", DEVICE) else "reference"
 ROUNDS = 5
 
 
@@ -60,19 +60,6 @@ CHANNELS, HEADS = 320, 8  # the 16K case below: SD-1.5 level 0, D = 40
 _measured_ms: dict = {}
 
 
-class OfficialStyleAttention(nn.Module):
-    """The official module's forward: (B*H, N, D) copies, elu+1, N^-1/2 pre-scaling (reference.py)."""
-
-    def __init__(self, module: GeneralizedLinearAttention):
-        super().__init__()
-        self.inner = module
-
-    def forward(self, x):
-        m = self.inner
-        q, k, v = m._query(x), m._key(x), m._value(x)
-        return m._output(reference.linfusion_eager_linear_attention(q, k, v, eps=m.eps))
-
-
 @functools.lru_cache(maxsize=None)
 def modules_for(layer: Layer) -> dict:
     torch.manual_seed(0)
@@ -80,7 +67,7 @@ def modules_for(layer: Layer) -> dict:
     ours = GeneralizedLinearAttention(layer.channels, layer.heads, mid).eval().to(DEVICE, DTYPE)
     sdpa = Attention(query_dim=layer.channels, heads=layer.heads, dim_head=layer.channels // layer.heads, bias=False,
                      out_bias=True).eval().to(DEVICE, DTYPE)
-    return {"mmfast": ours, "official": OfficialStyleAttention(ours), "sdpa": sdpa}
+    return {"mmfast": ours, "official": OfficialLinearAttention.from_module(ours), "sdpa": sdpa}
 
 
 def module_floor_bytes(module: nn.Module, tokens: int) -> int:
@@ -116,7 +103,7 @@ def _core_call(impl, x, layer):
     q, k, v = (t.view(1, x.shape[1], h, c // h) for t in x.repeat(1, 1, 3).split(c, -1))
     core = {
         "mmfast": lambda: mmfast.linear_attention(q, k, v, backend=BACKEND),
-        "official": lambda: reference.linfusion_eager_linear_attention(q, k, v),
+        "official": lambda: official_linear_attention(q, k, v),
     }[impl]
 
     def run():
@@ -193,7 +180,7 @@ UNET_ROUNDS = 2
 
 @pytest.fixture(scope="module")
 def sd15_width_unet():
-    from mmfast.models.linfusion.tiny import tiny_unet
+    from mmfast.testing.tiny_diffusers import tiny_unet
 
     return tiny_unet((320, 640), heads=8, cross_attention_dim=768, norm_num_groups=32, sample_size=UNET_LATENT)
 

@@ -40,7 +40,7 @@ def parse_args():
 
 def load_unet(args):
     if args.tiny:
-        from mmfast.models.linfusion.tiny import tiny_unet
+        from mmfast.testing.tiny_diffusers import tiny_unet
 
         return tiny_unet(seed=args.seed)
     from diffusers import UNet2DConditionModel
@@ -66,7 +66,8 @@ def synthetic_batches(unet, args, scheduler):
 def describe_backend(device) -> str:
     backend = mmfast.get_backend()
     if backend == "auto":
-        return "auto (native)" if mmfast.ops.native_available(torch.device(device)) else "auto (no kernel)"
+        native = mmfast._backend.native_available("linear_attention", torch.device(device))
+        return "auto (native)" if native else "auto (no kernel)"
     return backend
 
 

@@ -47,7 +47,7 @@ def parse_args():
 
 def load_pipeline(args, dtype):
     if args.tiny:
-        from mmfast.models.linfusion.tiny import tiny_pipeline
+        from mmfast.testing.tiny_diffusers import tiny_pipeline
 
         pipe = tiny_pipeline(seed=args.seed)  # built in float32
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

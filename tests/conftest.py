@@ -1,7 +1,7 @@
-"""Shared test configuration: devices, backends and per-dtype tolerances."""
+"""Shared test configuration: the Triton interpreter on GPU-less machines, the `cuda`
+marker, seeding and the fixtures of the LinFusion tests. Helpers are in _utils.py."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -15,36 +15,46 @@ import pytest  # noqa: E402
 
 import mmfast  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-# (atol, rtol) against the fp32/fp64 reference computed from the same inputs: about two
-# units in the last place of the output dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+from _utils import LINFUSION_BACKENDS  # noqa: E402
 
 
-def backend_params():
-    """(backend, device) pairs this machine can run, CUDA ones marked."""
-    params = [pytest.param(("native", "cpu"), id="native-cpu")]
-    params.append(pytest.param(("native", "cuda"), id="native-cuda", marks=[pytest.mark.cuda, cuda_only]))
-    if HAS_TRITON:
-        params.append(pytest.param(("triton", TRITON_DEVICE), id=f"triton-{TRITON_DEVICE}"))
-    return params
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped on machines without an NVIDIA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- LinFusion fixtures -----------------------------------------------------------------
+
+@pytest.fixture(params=LINFUSION_BACKENDS)
+def backend(request):
+    """Runs the test once per backend available on the CPU (reference, native)."""
+    with mmfast.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """C = 32/64, 2 heads (D = 16/32); 4 attn1 layers."""
+    pytest.importorskip("diffusers")
+    from mmfast.testing.tiny_diffusers import tiny_unet
+
+    return tiny_unet((32, 64), heads=2)
+
+
+@pytest.fixture(scope="module")
+def sd15_style_unet():
+    """SD-1.5 head dims: D = 40 / 80 / 160 (C = 80/160/320 with 2 heads)."""
+    pytest.importorskip("diffusers")
+    from mmfast.testing.tiny_diffusers import tiny_unet
+
+    return tiny_unet((80, 160, 320), heads=2, norm_num_groups=16)

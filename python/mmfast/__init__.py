@@ -5,9 +5,6 @@ __version__ = "0.1.0"
 
 from . import _extension  # noqa: F401  (loads the compiled ops first)
 from . import ops, reference  # noqa: F401
+from ._backend import get_backend, set_backend, use_backend  # noqa: F401
 from ._info import info  # noqa: F401
-from .ops import get_backend, linear_attention, set_backend, use_backend  # noqa: F401
-
-if _extension.loaded():
-    ops.register_linear_attention_fakes("mmfast")
-    ops.register_linear_attention_autograd("mmfast", ops._native_ops())
+from .ops import linear_attention, linear_attention_apply, linear_attention_state  # noqa: F401

@@ -15,22 +15,33 @@ try:
 except ImportError:
     build_info = None
 
+# Device type -> dispatch key of the compiled kernels.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
 
 def loaded() -> bool:
     return IMPORT_ERROR is None
 
 
 def has_kernel(qualname: str, device: torch.device) -> bool:
+    """True when the compiled op `qualname` (e.g. "mmfast::linear_attention") runs on `device`."""
     if not loaded():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    key = _DISPATCH_KEYS.get(torch.device(device).type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
 
 
-# Computed once at import so backend resolution is plain Python that torch.compile traces.
-NATIVE_DEVICE_TYPES = frozenset(
-    device for device in ("cpu", "cuda") if has_kernel("mmfast::linear_attention", torch.device(device))
-)
+def _compiled_kernels() -> dict:
+    """{op name: device types with a compiled kernel} for every op of the mmfast namespace."""
+    if not loaded():
+        return {}
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmfast::")]
+    return {name: frozenset(d for d in _DISPATCH_KEYS if has_kernel(f"mmfast::{name}", torch.device(d)))
+            for name in names}
+
+
+# Computed once at import, so backend resolution is plain Python that torch.compile traces.
+COMPILED_KERNELS = _compiled_kernels()
 
 
 def describe_missing(device: torch.device) -> str:

@@ -8,6 +8,7 @@
 from .attention import LINFUSION_EPS, GeneralizedLinearAttention, nonlinear_projection
 from .distill import LinFusionDistiller, capture_outputs, distillation_loss
 from .model import LinFusion, LinFusionMismatchError, ModuleSpec, unet_attn1_specs
+from .row_parallel import gather_rows, row_parallel_unet, split_rows
 
 __all__ = [
     "LINFUSION_EPS",
@@ -18,6 +19,9 @@ __all__ = [
     "ModuleSpec",
     "capture_outputs",
     "distillation_loss",
+    "gather_rows",
     "nonlinear_projection",
+    "row_parallel_unet",
+    "split_rows",
     "unet_attn1_specs",
 ]

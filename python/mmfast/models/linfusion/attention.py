@@ -10,7 +10,7 @@ Identity when projection_mid_dim == -1.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ class GeneralizedLinearAttention(nn.Module):
     `token_chunk_size` (inference memory knob, exact): when set and N exceeds it, the
     projections run chunk by chunk in two passes (state, then output), so the peak
     memory is the input + output plus a few chunks instead of ~6 full-size tensors.
+    `attention_op` (None: mmfast.ops.linear_attention) is the self-attention core,
+    called as attention_op(q, k, v, eps=eps) on (B, N, H, D) views; parallelism swaps it
+    from outside (models/linfusion/row_parallel.py gives it the token-parallel op).
     """
 
     def __init__(self, dim_n: int, heads: int, projection_mid_dim: Optional[int] = None,
@@ -60,8 +63,7 @@ class GeneralizedLinearAttention(nn.Module):
         self.projection_mid_dim = projection_mid_dim
         self.eps = eps
         self.token_chunk_size: Optional[int] = None
-        # Set by mmfast.distributed.row_parallel_unet: this rank holds a slice of the tokens.
-        self.token_parallel_group = None
+        self.attention_op: Optional[Callable] = None
         self.to_q = nn.Linear(dim_n, dim_n, bias=False)
         self.to_k = nn.Linear(dim_n, dim_n, bias=False)
         self.to_v = nn.Linear(dim_n, dim_n, bias=False)
@@ -99,15 +101,17 @@ class GeneralizedLinearAttention(nn.Module):
         if hidden_states.dim() == 4:
             return self._forward_image(hidden_states, encoder_hidden_states)
         self._check_tokens(hidden_states, encoder_hidden_states)
-        if self.token_parallel_group is not None:
-            return self._forward_token_parallel(hidden_states, encoder_hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         chunk = self.token_chunk_size
-        if chunk is not None and max(hidden_states.shape[1], context.shape[1]) > chunk:
+        chunked = chunk is not None and max(hidden_states.shape[1], context.shape[1]) > chunk
+        if self.attention_op is not None and (chunked or encoder_hidden_states is not None):
+            raise NotImplementedError("GeneralizedLinearAttention: a custom attention_op (e.g. token-parallel) "
+                                      "runs self-attention without token chunking only")
+        if chunked:
             return self._forward_chunked(hidden_states, context, chunk)
         if encoder_hidden_states is None:
             q, k, v = self._query(hidden_states), self._key(hidden_states), self._value(hidden_states)
-            out = ops.linear_attention(q, k, v, eps=self.eps)
+            out = (self.attention_op or ops.linear_attention)(q, k, v, eps=self.eps)
         else:  # keys/values from another sequence, possibly of another length
             state, mean = ops.linear_attention_state(self._key(context), self._value(context))
             out = ops.linear_attention_apply(self._query(hidden_states), state, mean, eps=self.eps)
@@ -120,16 +124,6 @@ class GeneralizedLinearAttention(nn.Module):
                     f"GeneralizedLinearAttention: {name} must be (B, N, {self.dim_n})"
                     f"{' or (B, C, H, W)' if name == 'hidden_states' else ''}, got shape {tuple(x.shape)}"
                 )
-
-    def _forward_token_parallel(self, hidden_states, encoder_hidden_states):
-        from ... import distributed
-
-        if encoder_hidden_states is not None or self.token_chunk_size is not None:
-            raise NotImplementedError("GeneralizedLinearAttention: token-parallel mode supports self-attention "
-                                      "without token chunking only")
-        q, k, v = self._query(hidden_states), self._key(hidden_states), self._value(hidden_states)
-        out = distributed.linear_attention(q, k, v, eps=self.eps, group=self.token_parallel_group.group)
-        return self._output(out)
 
     def _forward_image(self, hidden_states, encoder_hidden_states):
         b, c, h, w = hidden_states.shape

@@ -1,0 +1,98 @@
+"""Which implementation runs an mmfast op: set_backend / use_backend / get_backend and "auto".
+
+Backends, the same for every op family:
+  "native"    the compiled C++ (CPU) and CUDA kernels: torch.ops.mmfast.<op>
+  "triton"    the Triton twins: torch.ops.mmfast_triton.<op> (CUDA tensors; CPU tensors only
+              under TRITON_INTERPRET=1, which is how the tests run them)
+  "reference" the pure-PyTorch fp32 references of mmfast.reference
+  "auto"      "native" when the extension has a kernel for the op called on the tensors'
+              device, else an error naming the slower backends: never a silent fallback.
+
+Pick one per call (backend="triton"), for a scope (`with mmfast.use_backend("triton")`,
+this thread only) or for the process (mmfast.set_backend("triton")).
+
+This module knows op names only: the Triton kernels are imported by name the first time
+the "triton" backend is asked for, so no backend module imports mmfast.ops.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from typing import Optional
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("auto", "native", "triton", "reference")
+# Backends whose ops live in a torch.ops namespace, and the module that registers them.
+NAMESPACES = {"native": "mmfast", "triton": "mmfast_triton"}
+_KERNEL_MODULES = {"triton": "mmfast.triton"}
+
+_state = threading.local()
+_global_backend = "auto"
+_imported_kernel_modules: set = set()
+
+
+def set_backend(backend: str) -> None:
+    """Sets the default backend of every mmfast op for this process."""
+    global _global_backend
+    validate(backend)
+    _global_backend = backend
+
+
+def get_backend() -> str:
+    """The backend ops use when none is passed: the innermost use_backend, else set_backend's."""
+    return getattr(_state, "backend", None) or _global_backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager: ops called inside use `backend` (this thread only)."""
+    validate(backend)
+    previous = getattr(_state, "backend", None)
+    _state.backend = backend
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def validate(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"mmfast: backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def native_available(op: str, device: torch.device) -> bool:
+    """True when the compiled op mmfast::`op` has a kernel for `device`'s type."""
+    return torch.device(device).type in _extension.COMPILED_KERNELS.get(op, ())
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The concrete backend ("native", "triton" or "reference") that runs `op` on `device`."""
+    backend = backend or get_backend()
+    validate(backend)
+    if backend in ("native", "auto") and not native_available(op, device):
+        what = "the native backend has no kernel" if backend == "native" else "no compiled kernel"
+        slower = "Use backend='triton' or backend='reference'" if backend == "native" else \
+            "Pass backend='triton' or backend='reference' explicitly to run a slower path"
+        raise RuntimeError(f"mmfast: {what} for {torch.device(device).type} tensors in {op} "
+                           f"({_extension.describe_missing(device)}). {slower}.")
+    return "native" if backend == "auto" else backend
+
+
+def op_overload(op: str, backend: str):
+    """torch.ops.<namespace of backend>.<op>.default, importing the backend's kernels on first use."""
+    if backend in _KERNEL_MODULES:
+        _import_kernel_module(_KERNEL_MODULES[backend])
+    return getattr(getattr(torch.ops, NAMESPACES[backend]), op).default
+
+
+@torch.compiler.assume_constant_result
+def _import_kernel_module(name: str) -> bool:
+    # Runs once, at trace time under torch.compile (an import cannot be traced).
+    if name not in _imported_kernel_modules:
+        importlib.import_module(name)
+        _imported_kernel_modules.add(name)
+    return True

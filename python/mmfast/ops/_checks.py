@@ -1,0 +1,27 @@
+"""Input-check helpers every op family shares. Errors name what was expected: ValueError
+for shapes and values, TypeError for dtypes and devices, prefixed with the op's name."""
+from __future__ import annotations
+
+import torch
+
+from .._dtypes import FLOAT_DTYPES
+
+_FLOAT_NAMES = "float32, float16, bfloat16 or float64"
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be {_FLOAT_NAMES}, got {t.dtype}")
+
+
+def check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{op}: {name} must be a {rank}-D {layout} tensor, got shape {tuple(t.shape)}")
+
+
+def check_same(op: str, tensors: dict, attr: str, error=TypeError) -> None:
+    """All `tensors` ({name: tensor}) agree in `attr` ("dtype" or "device")."""
+    values = {name: getattr(t, attr) for name, t in tensors.items()}
+    if len(set(values.values())) > 1:
+        described = ", ".join(f"{n}: {v}" for n, v in values.items())
+        raise error(f"{op}: all inputs must have the same {attr}, got {described}")

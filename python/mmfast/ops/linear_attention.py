@@ -1,0 +1,267 @@
+"""Non-causal normalised linear attention (LinFusion, arXiv 2409.02097): public API, input
+checks, fake kernels and autograd.
+
+The five ops (schemas in csrc/registration.cpp; Triton twins of the same names in the
+namespace mmfast_triton, python/mmfast/triton/linear_attention.py):
+  linear_attention(q, k, v, eps, feature_map) -> out
+  linear_attention_state(k, v, feature_map) -> (state, mean)
+  linear_attention_apply(q, state, mean, eps, feature_map) -> out
+  linear_attention_apply_backward(grad_out, q, state, mean, eps, feature_map) -> (grad_q, grad_state, grad_mean)
+  linear_attention_state_backward(grad_state, grad_mean, k, v, feature_map) -> (grad_k, grad_v)
+The checks here are shared by every backend; the C++ glue repeats them for callers of
+torch.ops.mmfast.* directly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend, _extension, reference
+from .._dtypes import accumulation_dtype
+from ..reference.linear_attention import FEATURE_MAPS
+from ._checks import check_float, check_rank, check_same
+
+__all__ = ["linear_attention", "linear_attention_state", "linear_attention_apply"]
+
+OP = "linear_attention"
+MAX_HEAD_DIM = 256
+
+
+# --- input checks ---------------------------------------------------------------------
+
+
+def _check_token_tensor(name: str, t: torch.Tensor, layout: str) -> None:
+    check_rank(OP, name, t, 4, layout)
+    check_float(OP, name, t)
+
+
+def _check_head_dim(name: str, d: int) -> None:
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: {name} must be in [1, {MAX_HEAD_DIM}], got {d}")
+
+
+def _check_sequence(n: int) -> None:
+    if n == 0:
+        raise ValueError(f"{OP}: the sequence length N must be at least 1, got 0")
+
+
+def check_feature_map(feature_map: str) -> None:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"{OP}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def check_kv(k: torch.Tensor, v: torch.Tensor, feature_map: str):
+    """Returns (B, N, H, Dk, Dv)."""
+    check_feature_map(feature_map)
+    _check_token_tensor("k", k, "(B, N, H, Dk)")
+    _check_token_tensor("v", v, "(B, N, H, Dv)")
+    check_same(OP, {"k": k, "v": v}, "dtype")
+    check_same(OP, {"k": k, "v": v}, "device")
+    b, n, h, dk = k.shape
+    if tuple(v.shape[:3]) != (b, n, h):
+        raise ValueError(f"{OP}: k and v must agree in (B, N, H), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    _check_sequence(n)
+    _check_head_dim("Dk (k.shape[-1])", dk)
+    _check_head_dim("Dv (v.shape[-1])", v.shape[-1])
+    return b, n, h, dk, v.shape[-1]
+
+
+def check_qkv(q, k, v, feature_map: str):
+    """Returns (B, N, H, Dk, Dv); q has the same (B, N, H, Dk) as k."""
+    _check_token_tensor("q", q, "(B, N, H, Dk)")
+    dims = check_kv(k, v, feature_map)
+    check_same(OP, {"q": q, "k": k, "v": v}, "dtype")
+    check_same(OP, {"q": q, "k": k, "v": v}, "device")
+    if tuple(q.shape) != tuple(k.shape):
+        raise ValueError(f"{OP}: q and k must have the same (B, N, H, Dk) shape, got q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)}")
+    return dims
+
+
+def check_apply(q, state, mean, feature_map: str):
+    """Returns (B, N, H, Dk, Dv) for linear_attention_apply."""
+    check_feature_map(feature_map)
+    _check_token_tensor("q", q, "(B, N, Hq, Dk)")
+    b, n, h, dk = q.shape
+    _check_sequence(n)
+    _check_head_dim("Dk (q.shape[-1])", dk)
+    if state.dim() != 4 or tuple(state.shape[:3]) != (b, h, dk):
+        raise ValueError(f"{OP}: state must be (B, H, Dk, Dv) = ({b}, {h}, {dk}, Dv), got {tuple(state.shape)}")
+    if tuple(mean.shape) != (b, h, dk):
+        raise ValueError(f"{OP}: mean must be (B, H, Dk) = ({b}, {h}, {dk}), got {tuple(mean.shape)}")
+    _check_head_dim("Dv (state.shape[-1])", state.shape[-1])
+    acc = accumulation_dtype(q.dtype)
+    for name, t in (("state", state), ("mean", mean)):
+        if t.dtype != acc:
+            raise TypeError(f"{OP}: {name} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+    check_same(OP, {"q": q, "state": state, "mean": mean}, "device")
+    return b, n, h, dk, state.shape[-1]
+
+
+def check_apply_backward(grad_out, q, state, mean, feature_map: str):
+    dims = check_apply(q, state, mean, feature_map)
+    b, n, h, _, dv = dims
+    if tuple(grad_out.shape) != (b, n, h, dv):
+        raise ValueError(f"{OP}: grad_out must be (B, N, H, Dv) = {(b, n, h, dv)}, got {tuple(grad_out.shape)}")
+    return dims
+
+
+def check_state_backward(grad_state, grad_mean, k, v, feature_map: str):
+    dims = check_kv(k, v, feature_map)
+    b, _, h, dk, dv = dims
+    if tuple(grad_state.shape) != (b, h, dk, dv) or tuple(grad_mean.shape) != (b, h, dk):
+        raise ValueError(f"{OP}: grad_state must be {(b, h, dk, dv)} and grad_mean {(b, h, dk)}, got "
+                         f"{tuple(grad_state.shape)} and {tuple(grad_mean.shape)}")
+    return dims
+
+
+# --- fake kernels: shapes and dtypes only (every op returns contiguous tensors) ---------
+
+
+def _fake_forward(q, k, v, eps, feature_map):
+    b, n, h, _, dv = check_qkv(q, k, v, feature_map)
+    return q.new_empty((b, n, h, dv))
+
+
+def _fake_state(k, v, feature_map):
+    b, _, h, dk, dv = check_kv(k, v, feature_map)
+    acc = accumulation_dtype(k.dtype)
+    return k.new_empty((b, h, dk, dv), dtype=acc), k.new_empty((b, h, dk), dtype=acc)
+
+
+def _fake_apply(q, state, mean, eps, feature_map):
+    b, n, h, _, dv = check_apply(q, state, mean, feature_map)
+    return q.new_empty((b, n, h, dv))
+
+
+def _fake_apply_backward(grad_out, q, state, mean, eps, feature_map):
+    check_apply(q, state, mean, feature_map)
+    return q.new_empty(q.shape), state.new_empty(state.shape), mean.new_empty(mean.shape)
+
+
+def _fake_state_backward(grad_state, grad_mean, k, v, feature_map):
+    check_kv(k, v, feature_map)
+    return k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_FAKES = {
+    "linear_attention": _fake_forward,
+    "linear_attention_state": _fake_state,
+    "linear_attention_apply": _fake_apply,
+    "linear_attention_apply_backward": _fake_apply_backward,
+    "linear_attention_state_backward": _fake_state_backward,
+}
+
+
+# --- autograd: the three forward ops, differentiated with the two backward ops ----------
+
+
+def _register_autograd(namespace: str) -> None:
+    """The fused op saves q, k, v (not its O(B*H*D^2) state) and recomputes the state in
+    backward: one extra read of k and v instead of keeping the state alive between passes."""
+    ops = getattr(torch.ops, namespace)
+
+    def forward_setup(ctx, inputs, output):
+        q, k, v, eps, feature_map = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.eps, ctx.feature_map = eps, feature_map
+
+    def forward_backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        state, mean = ops.linear_attention_state(k, v, ctx.feature_map)
+        grad_q, grad_state, grad_mean = ops.linear_attention_apply_backward(
+            grad_out, q, state, mean, ctx.eps, ctx.feature_map)
+        grad_k, grad_v = ops.linear_attention_state_backward(grad_state, grad_mean, k, v, ctx.feature_map)
+        return grad_q, grad_k, grad_v, None, None
+
+    def state_setup(ctx, inputs, output):
+        k, v, feature_map = inputs
+        ctx.save_for_backward(k, v)
+        ctx.feature_map = feature_map
+
+    def state_backward(ctx, grad_state, grad_mean):
+        k, v = ctx.saved_tensors
+        acc = accumulation_dtype(k.dtype)
+        b, _, h, dk = k.shape
+        if grad_state is None:
+            grad_state = k.new_zeros((b, h, dk, v.shape[-1]), dtype=acc)
+        if grad_mean is None:
+            grad_mean = k.new_zeros((b, h, dk), dtype=acc)
+        grad_k, grad_v = ops.linear_attention_state_backward(grad_state, grad_mean, k, v, ctx.feature_map)
+        return grad_k, grad_v, None
+
+    def apply_setup(ctx, inputs, output):
+        q, state, mean, eps, feature_map = inputs
+        ctx.save_for_backward(q, state, mean)
+        ctx.eps, ctx.feature_map = eps, feature_map
+
+    def apply_backward(ctx, grad_out):
+        q, state, mean = ctx.saved_tensors
+        grad_q, grad_state, grad_mean = ops.linear_attention_apply_backward(
+            grad_out, q, state, mean, ctx.eps, ctx.feature_map)
+        return grad_q, grad_state, grad_mean, None, None
+
+    for op, backward, setup in (("linear_attention", forward_backward, forward_setup),
+                                ("linear_attention_state", state_backward, state_setup),
+                                ("linear_attention_apply", apply_backward, apply_setup)):
+        torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
+
+
+def register_fakes_and_autograd(namespace: str) -> None:
+    """Registers the fake kernels and autograd of the five ops of `namespace` ("mmfast" for
+    the compiled kernels, "mmfast_triton" for the Triton twins, which call this on import)."""
+    for op, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{op}", fake)
+    _register_autograd(namespace)
+
+
+if _extension.loaded():
+    register_fakes_and_autograd("mmfast")
+
+
+# --- public API ---------------------------------------------------------------------------
+
+
+def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", backend: Optional[str] = None):
+    """Non-causal normalised linear attention, exactly LinFusion's module (eps on the
+    mean-normalised denominator).
+
+    q, k: (B, N, H, Dk); v: (B, N, H, Dv) -> out (B, N, H, Dv), contiguous, in the input dtype.
+    out_i = phi(q_i) S / (phi(q_i) . m + eps) with S = mean_j phi(k_j)^T v_j and
+    m = mean_j phi(k_j); phi = elu + 1 ("elu1"), relu ("relu") or identity ("none").
+    Any strides are accepted (only a strided last dim is copied); Dk, Dv in [1, 256];
+    float32/float16/bfloat16 (and float64 on CPU), accumulation in fp32 (fp64 for fp64).
+    Differentiable; backend: see mmfast.set_backend.
+    Raises ValueError (shapes, feature_map, backend name), TypeError (dtypes, devices) and
+    RuntimeError when no kernel runs the tensors' device.
+    """
+    chosen = _backend.resolve("linear_attention", q.device, backend)
+    if chosen == "reference":
+        check_qkv(q, k, v, feature_map)
+        return reference.linear_attention_ref(q, k, v, eps, feature_map)
+    return _backend.op_overload("linear_attention", chosen)(q, k, v, float(eps), feature_map)
+
+
+def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional[str] = None):
+    """(B, N, H, Dk), (B, N, H, Dv) -> (S (B, H, Dk, Dv), m (B, H, Dk)), fp32 (fp64 for fp64).
+
+    S and m are means over the N tokens; for a split over token shards, the exact
+    combination is (sum_r N_r * S_r) / (sum_r N_r), and likewise for m. Differentiable.
+    """
+    chosen = _backend.resolve("linear_attention_state", k.device, backend)
+    if chosen == "reference":
+        check_kv(k, v, feature_map)
+        return reference.linear_attention_state_ref(k, v, feature_map)
+    return _backend.op_overload("linear_attention_state", chosen)(k, v, feature_map)
+
+
+def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: str = "elu1",
+                           backend: Optional[str] = None):
+    """out_i = phi(q_i) S / (phi(q_i) . m + eps) for q (B, N, H, Dk) and the (state, mean) of
+    linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv). Differentiable."""
+    chosen = _backend.resolve("linear_attention_apply", q.device, backend)
+    if chosen == "reference":
+        check_apply(q, state, mean, feature_map)
+        return reference.linear_attention_apply_ref(q, state, mean, eps, feature_map)
+    return _backend.op_overload("linear_attention_apply", chosen)(q, state, mean, float(eps), feature_map)

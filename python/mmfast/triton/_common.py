@@ -1,0 +1,53 @@
+"""Helpers every Triton op family shares: interpreter detection, runnability checks,
+device guard, stride normalisation and device queries."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older releases read the variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Under TRITON_INTERPRET=1 (set before triton is imported) kernels run on CPU tensors.
+INTERPRET = _interpreting()
+
+
+def check_runnable(op: str, *tensors: Tensor) -> None:
+    """Raises TypeError for float64 (no Triton kernels) and for tensors Triton cannot run on."""
+    for t in tensors:
+        if t.dtype == torch.float64:
+            raise TypeError(f"{op}: the triton backend has no float64 kernels; use backend='native' "
+                            "(or backend='reference') for float64 inputs")
+    device = tensors[0].device
+    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
+        raise TypeError(f"{op}: the triton backend runs on CUDA tensors (CPU tensors only under "
+                        f"TRITON_INTERPRET=1, set before triton is imported), got {device.type} tensors")
+
+
+def device_guard(t: Tensor):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def last_dim_unit(t: Tensor) -> Tensor:
+    """Kernels index the last dim with stride 1 and every other dim through its stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,307 @@
+"""Triton kernels of the linear-attention family (LinFusion's non-causal normalised
+linear attention); python/mmfast/triton/linear_attention.py launches them.
+
+Math per (b, h), phi = elu+1 | relu | identity, token tensors (B, N, H, D):
+    S = (1/N) sum_j phi(k_j)^T v_j,  m = (1/N) sum_j phi(k_j)          (fp32)
+    out_i = phi(q_i) S / (phi(q_i) . m + eps)
+Backward (z_i = phi(q_i).m + eps, g_i = do_i / z_i, u_i = g_i S^T):
+    dS = sum_i phi(q_i)^T g_i,  dz_i = -(g_i . o_i) = -(phi(q_i) . u_i) / z_i,
+    dm = sum_i dz_i phi(q_i),   dq_i = (u_i + dz_i m) * phi'(q_i)
+    dk_j = (v_j dS^T + dm) / N * phi'(k_j),  dv_j = phi(k_j) dS / N
+
+Kernels (BD = feature tile = next power of two of D, clamped to [16, 64]; tl.dot
+needs every block dim >= 16 and a power of two, so D = 40/80/160 run as 64 / 64+64
+(second tile masked) / 64+64+64 (last tile masked) and padded lanes are never loaded):
+  outer_sum_kernel     grid (chunks of N, Dk-tiles * Dv-tiles, B*H)
+                        fp32 partials of sum_i phi(a_i)^T (b_i / z_i) and
+                        sum_i w_i phi(a_i) per chunk -> workspace, reduced with
+                        torch.sum over the chunk axis.  Runs the state (a=k, b=v)
+                        and the dS/dm of apply_backward (a=q, b=do, z, w=dz).
+                        Splitting N is what keeps the GPU busy when B*H is small
+                        (10-40 in SD UNets); flash_bla streams all of N per CTA.
+  apply_kernel         grid (N-blocks, Dv-tiles, B*H), loops over Dk-tiles,
+                        accumulating the numerator (tl.dot) and z (fp32 sum).
+  apply_backward_dq_kernel  grid (N-blocks of 16-64 rows, B*H); a row block holds all of
+                        Dk (padded to a power of two; dz needs the full phi(q).u
+                        before any dq can be written), loops over Dv-tiles for
+                        u = g S^T; writes dq plus z and dz per row (8 bytes/row)
+                        for the dS/dm pass, which reuses outer_sum_kernel.
+  state_backward_dk_kernel  grid (N-blocks, Dk-tiles, B*H), loops over Dv-tiles.
+  state_backward_dv_kernel  grid (N-blocks, Dv-tiles, B*H), loops over Dk-tiles.
+
+Precision: phi, z, divides and every accumulation are fp32.  S, dS and 1/z-scaled
+rows are fp32, so the dots that touch them take fp32 operands: "ieee" for fp32
+inputs (matches the fp32 reference tightly), "tf32" for fp16/bf16 inputs (the op
+is memory bound, so tf32 instead of half MMAs costs no time, and S is never
+rounded to half as flash_bla does).  The one dot with only token operands,
+phi(k)^T v of the state, takes fp16/bf16 operands as they are, fp32 accumulation.
+
+Strides: token tensors are read in place through their B/N/H strides (so a
+(B, H, N, D) tensor transposed to (B, N, H, D) costs no copy); only a last-dim
+stride != 1 forces .contiguous().  Every output is contiguous.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
+# 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
+
+
+# --- feature map --------------------------------------------------------------------
+
+
+@triton.jit
+def phi(x, FM: tl.constexpr):
+    if FM == 1:  # elu + 1
+        return tl.where(x > 0, x + 1.0, tl.exp(x))
+    elif FM == 2:  # relu
+        return tl.maximum(x, 0.0)
+    else:
+        return x
+
+
+@triton.jit
+def times_dphi(grad, x, FM: tl.constexpr):
+    """grad * phi'(x)."""
+    if FM == 1:
+        return tl.where(x > 0, grad, grad * tl.exp(x))
+    elif FM == 2:
+        return tl.where(x > 0, grad, 0.0)
+    else:
+        return grad
+
+
+# --- kernels --------------------------------------------------------------------------
+
+
+@triton.jit
+def outer_sum_kernel(
+    a_ptr, b_ptr, z_ptr, w_ptr, part_ptr, mpart_ptr,
+    N, H, DA, DB, CHUNK,
+    s_ab, s_an, s_ah, s_bb, s_bn, s_bh,
+    FM: tl.constexpr, HAS_Z: tl.constexpr, HAS_W: tl.constexpr,
+    HALF_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, NUM_B_TILES: tl.constexpr,
+):
+    """part[c, bh] = sum_{i in chunk c} phi(a_i)^T (b_i / z_i); mpart[c, bh] = sum_i w_i phi(a_i)."""
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    BH = tl.num_programs(2)
+    tile_a = pid_t // NUM_B_TILES
+    tile_b = pid_t % NUM_B_TILES
+    b_idx = (pid_bh // H).to(tl.int64)
+    h_idx = (pid_bh % H).to(tl.int64)
+    a_ptr += b_idx * s_ab + h_idx * s_ah
+    b_ptr += b_idx * s_bb + h_idx * s_bh
+
+    cols_a = tile_a * BA + tl.arange(0, BA)
+    cols_b = tile_b * BB + tl.arange(0, BB)
+    mask_a = cols_a < DA
+    mask_b = cols_b < DB
+
+    acc = tl.zeros((BA, BB), dtype=tl.float32)
+    macc = tl.zeros((BA,), dtype=tl.float32)
+    start = pid_c * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    for n0 in range(start, end, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        mask_r = rows < end
+        rows64 = rows.to(tl.int64)
+        mask_ra = mask_r[:, None] & mask_a[None, :]
+        a = tl.load(a_ptr + rows64[:, None] * s_an + cols_a[None, :], mask=mask_ra, other=0.0)
+        # Masked lanes must be 0 after phi (elu1 maps 0 to 1).
+        pa = tl.where(mask_ra, phi(a.to(tl.float32), FM), 0.0)
+        b = tl.load(b_ptr + rows64[:, None] * s_bn + cols_b[None, :],
+                    mask=mask_r[:, None] & mask_b[None, :], other=0.0)
+        if HAS_Z:
+            # other=1 so padded rows give 0/1, not 0/0 (NaN would poison the dot).
+            z = tl.load(z_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=1.0)
+            b = b.to(tl.float32) / z[:, None]
+        if HALF_DOT:
+            acc = tl.dot(tl.trans(pa.to(b.dtype)), b, acc)
+        else:
+            acc = tl.dot(tl.trans(pa), b.to(tl.float32), acc, input_precision=DOT_PREC)
+        if HAS_W:
+            w = tl.load(w_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=0.0)
+            macc += tl.sum(pa * w[:, None], axis=0)
+        else:
+            macc += tl.sum(pa, axis=0)
+
+    slot = (pid_c * BH + pid_bh).to(tl.int64)
+    part_ptrs = part_ptr + (slot * DA + cols_a[:, None]) * DB + cols_b[None, :]
+    tl.store(part_ptrs, acc, mask=mask_a[:, None] & mask_b[None, :])
+    # Every Dv-tile computes the same m partial; only the first stores it.
+    tl.store(mpart_ptr + slot * DA + cols_a, macc, mask=mask_a & (tile_b == 0))
+
+
+@triton.jit
+def apply_kernel(
+    q_ptr, s_ptr, m_ptr, o_ptr,
+    N, H, DK, DV, eps,
+    s_qb, s_qn, s_qh, s_sb, s_sh, s_sk, s_mb, s_mh,
+    FM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b_idx = (pid_bh // H).to(tl.int64)
+    h_idx = (pid_bh % H).to(tl.int64)
+    q_ptr += b_idx * s_qb + h_idx * s_qh
+    s_ptr += b_idx * s_sb + h_idx * s_sh
+    m_ptr += b_idx * s_mb + h_idx * s_mh
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = rows < N
+    rows64 = rows.to(tl.int64)
+    cols_v = pid_v * BV + tl.arange(0, BV)
+    mask_v = cols_v < DV
+
+    acc = tl.zeros((BLOCK_N, BV), dtype=tl.float32)
+    z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        cols_k = k0 + tl.arange(0, BK)
+        mask_k = cols_k < DK
+        mask_rk = mask_r[:, None] & mask_k[None, :]
+        q = tl.load(q_ptr + rows64[:, None] * s_qn + cols_k[None, :], mask=mask_rk, other=0.0)
+        pq = tl.where(mask_rk, phi(q.to(tl.float32), FM), 0.0)
+        s = tl.load(s_ptr + cols_k[:, None] * s_sk + cols_v[None, :],
+                    mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
+        acc = tl.dot(pq, s, acc, input_precision=DOT_PREC)
+        z += tl.sum(pq * m[None, :], axis=1)
+    out = acc / (z + eps)[:, None]
+    o_ptrs = o_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def apply_backward_dq_kernel(
+    do_ptr, q_ptr, s_ptr, m_ptr, dq_ptr, z_ptr, dz_ptr,
+    N, H, DK, DV, eps,
+    s_db, s_dn, s_dh, s_qb, s_qn, s_qh, s_sb, s_sh, s_sk, s_mb, s_mh,
+    FM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+):
+    """dq for a block of rows, plus z_i and dz_i for the dS/dm pass."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b_idx = (pid_bh // H).to(tl.int64)
+    h_idx = (pid_bh % H).to(tl.int64)
+    do_ptr += b_idx * s_db + h_idx * s_dh
+    q_ptr += b_idx * s_qb + h_idx * s_qh
+    s_ptr += b_idx * s_sb + h_idx * s_sh
+    m_ptr += b_idx * s_mb + h_idx * s_mh
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = rows < N
+    rows64 = rows.to(tl.int64)
+    cols_k = tl.arange(0, BKF)
+    mask_k = cols_k < DK
+    mask_rk = mask_r[:, None] & mask_k[None, :]
+
+    q = tl.load(q_ptr + rows64[:, None] * s_qn + cols_k[None, :], mask=mask_rk, other=0.0).to(tl.float32)
+    pq = tl.where(mask_rk, phi(q, FM), 0.0)
+    m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
+    z = tl.sum(pq * m[None, :], axis=1) + eps
+
+    u = tl.zeros((BLOCK_N, BKF), dtype=tl.float32)  # u = g S^T, g = do / z
+    for v0 in range(0, DV, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        mask_v = cols_v < DV
+        do = tl.load(do_ptr + rows64[:, None] * s_dn + cols_v[None, :],
+                     mask=mask_r[:, None] & mask_v[None, :], other=0.0)
+        g = do.to(tl.float32) / z[:, None]
+        s_t = tl.load(s_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
+                      mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BKF) = S^T tile
+        u = tl.dot(g, s_t, u, input_precision=DOT_PREC)
+    # g.o = phi(q) S g^T / z = phi(q).u / z: no need to recompute o.
+    dz = -tl.sum(pq * u, axis=1) / z
+    dq = times_dphi(u + dz[:, None] * m[None, :], q, FM)
+    dq_ptrs = dq_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DK + cols_k[None, :]
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=mask_rk)
+    row_ptrs = pid_bh.to(tl.int64) * N + rows64
+    tl.store(z_ptr + row_ptrs, z, mask=mask_r)
+    tl.store(dz_ptr + row_ptrs, dz, mask=mask_r)
+
+
+@triton.jit
+def state_backward_dk_kernel(
+    k_ptr, v_ptr, ds_ptr, dm_ptr, dk_ptr,
+    N, H, DK, DV, inv_n,
+    s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_sb, s_sh, s_sk, s_mb, s_mh,
+    FM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dk_j = (v_j dS^T + dm) / N * phi'(k_j)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b_idx = (pid_bh // H).to(tl.int64)
+    h_idx = (pid_bh % H).to(tl.int64)
+    k_ptr += b_idx * s_kb + h_idx * s_kh
+    v_ptr += b_idx * s_vb + h_idx * s_vh
+    ds_ptr += b_idx * s_sb + h_idx * s_sh
+    dm_ptr += b_idx * s_mb + h_idx * s_mh
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = rows < N
+    rows64 = rows.to(tl.int64)
+    cols_k = pid_k * BK + tl.arange(0, BK)
+    mask_k = cols_k < DK
+
+    acc = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        mask_v = cols_v < DV
+        v = tl.load(v_ptr + rows64[:, None] * s_vn + cols_v[None, :],
+                    mask=mask_r[:, None] & mask_v[None, :], other=0.0)
+        ds_t = tl.load(ds_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
+                       mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BK) = dS^T tile
+        acc = tl.dot(v.to(tl.float32), ds_t, acc, input_precision=DOT_PREC)
+    dm = tl.load(dm_ptr + cols_k, mask=mask_k, other=0.0)
+    mask_rk = mask_r[:, None] & mask_k[None, :]
+    k = tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0).to(tl.float32)
+    dk = times_dphi((acc + dm[None, :]) * inv_n, k, FM)
+    dk_ptrs = dk_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DK + cols_k[None, :]
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask_rk)
+
+
+@triton.jit
+def state_backward_dv_kernel(
+    k_ptr, ds_ptr, dv_ptr,
+    N, H, DK, DV, inv_n,
+    s_kb, s_kn, s_kh, s_sb, s_sh, s_sk,
+    FM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dv_j = phi(k_j) dS / N."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b_idx = (pid_bh // H).to(tl.int64)
+    h_idx = (pid_bh % H).to(tl.int64)
+    k_ptr += b_idx * s_kb + h_idx * s_kh
+    ds_ptr += b_idx * s_sb + h_idx * s_sh
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = rows < N
+    rows64 = rows.to(tl.int64)
+    cols_v = pid_v * BV + tl.arange(0, BV)
+    mask_v = cols_v < DV
+
+    acc = tl.zeros((BLOCK_N, BV), dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        cols_k = k0 + tl.arange(0, BK)
+        mask_k = cols_k < DK
+        mask_rk = mask_r[:, None] & mask_k[None, :]
+        k = tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0)
+        pk = tl.where(mask_rk, phi(k.to(tl.float32), FM), 0.0)
+        ds = tl.load(ds_ptr + cols_k[:, None] * s_sk + cols_v[None, :],
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        acc = tl.dot(pk, ds, acc, input_precision=DOT_PREC)
+    dv_ptrs = dv_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
+    tl.store(dv_ptrs, (acc * inv_n).to(dv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])

@@ -1,0 +1,81 @@
+"""Helpers shared by the test files: devices, backends, per-dtype tolerances, tiny UNet inputs.
+
+The test files import from here (`from _utils import ...`); fixtures live in conftest.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import mmfast
+from mmfast import reference
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Without a GPU the Triton kernels run under the interpreter, on CPU tensors.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# (atol, rtol) against the fp32/fp64 reference computed from the same inputs: about two
+# units in the last place of the output dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def backend_params():
+    """(backend, device) pairs of the native and Triton backends, CUDA ones marked `cuda`."""
+    params = [pytest.param(("native", "cpu"), id="native-cpu")]
+    params.append(pytest.param(("native", "cuda"), id="native-cuda", marks=pytest.mark.cuda))
+    if HAS_TRITON:
+        params.append(pytest.param(("triton", TRITON_DEVICE), id=f"triton-{TRITON_DEVICE}"))
+    return params
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    """actual == expected within `scale` times the tolerance of `dtype`, compared in fp64."""
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
+
+
+# --- linear attention -------------------------------------------------------------------
+
+
+def make_qkv(shape, dtype, device, requires_grad=False):
+    b, n, h, dk, dv = shape
+    q = torch.randn(b, n, h, dk, dtype=dtype, device=device)
+    k = torch.randn(b, n, h, dk, dtype=dtype, device=device)
+    v = torch.randn(b, n, h, dv, dtype=dtype, device=device)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def reference_grads(q, k, v, grad_out, eps=1e-4, feature_map="elu1"):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = reference.linear_attention_ref(*leaves, eps, feature_map)
+    return torch.autograd.grad(out, leaves, grad_out.double())
+
+
+# --- LinFusion on tiny diffusers UNets -------------------------------------------------
+
+# The backends the LinFusion tests run on the CPU: the native one when it is built.
+LINFUSION_BACKENDS = ["reference"] + (
+    ["native"] if mmfast._backend.native_available("linear_attention", torch.device("cpu")) else [])
+
+
+
+def unet_inputs(unet, batch=2, tokens=7, seed=1):
+    """(latents, timesteps, text embeddings) for a tiny UNet2DConditionModel."""
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(batch, 4, size, size, generator=generator)
+    context = torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=generator)
+    return latents, torch.tensor([10, 500])[:batch], context
+
+
+def run_unet(unet, inputs):
+    with torch.no_grad():
+        return unet(*inputs).sample

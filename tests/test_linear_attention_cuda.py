@@ -1,0 +1,104 @@
+"""CUDA-only tests of the linear-attention kernels: run on a machine with an NVIDIA GPU
+(`make gpu-check`); skipped elsewhere (the host emulator covers the kernels in CI)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmfast import reference
+from mmfast.ops import linear_attention
+
+from _utils import assert_close, make_qkv, reference_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+def test_cuda_large_sequence_split_reduction():
+    """Many N-chunks per (b, h): the split state and its reduction on the GPU."""
+    q, k, v = make_qkv((1, 70000, 2, 64, 64), torch.bfloat16, "cuda")
+    out = linear_attention(q, k, v, backend="native")
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_fp64_forward_and_backward():
+    q, k, v = make_qkv((2, 130, 3, 40, 80), torch.float64, "cuda", requires_grad=True)
+    grad_out = torch.randn(2, 130, 3, 80, dtype=torch.float64, device="cuda")
+    out = linear_attention(q, k, v, backend="native")
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for got, expected in zip(grads, reference_grads(q, k, v, grad_out)):
+        assert_close(got, expected, torch.float64, scale=10)
+
+
+@pytest.mark.cuda
+def test_cuda_more_heads_than_a_grid_dimension_holds():
+    """B*H above 65535: the launch must not put B*H in a capped grid dimension."""
+    q, k, v = make_qkv((2, 5, 35000, 16, 16), torch.float32, "cuda")
+    out = linear_attention(q, k, v, backend="native")
+    assert_close(out, reference.linear_attention_ref(q, k, v), torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream():
+    q, k, v = make_qkv((2, 4096, 4, 64, 64), torch.bfloat16, "cuda")
+    expected = linear_attention(q, k, v, backend="native")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = linear_attention(q, k, v, backend="native")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_through_torch_compile_reduce_overhead():
+    torch._dynamo.reset()
+    q, k, v = make_qkv((1, 2048, 8, 40, 40), torch.float16, "cuda")
+    compiled = torch.compile(lambda a, b, c: linear_attention(a, b, c) * 2, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        out = compiled(q, k, v)
+    assert_close(out, reference.linear_attention_ref(q, k, v).double() * 2, torch.float16, scale=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_agrees_with_the_cpu_kernel(dtype):
+    q, k, v = make_qkv((2, 3000, 8, 80, 80), dtype, "cpu", requires_grad=True)
+    grad_out = torch.randn(2, 3000, 8, 80, dtype=dtype)
+    cpu_out = linear_attention(q, k, v, backend="native")
+    cpu_grads = torch.autograd.grad(cpu_out, (q, k, v), grad_out)
+    qc, kc, vc = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
+    cuda_out = linear_attention(qc, kc, vc, backend="native")
+    cuda_grads = torch.autograd.grad(cuda_out, (qc, kc, vc), grad_out.cuda())
+    assert_close(cuda_out.cpu(), cpu_out, dtype, scale=2)
+    for got, expected in zip(cuda_grads, cpu_grads):
+        assert_close(got.cpu(), expected, dtype, scale=8 * max(1.0, expected.abs().max().item()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_tensor_core_path_matches_the_exact_path(dtype, tmp_path):
+    """fp16/bf16 use TF32 tensor cores; MMFAST_CUDA_TENSOR_CORES=0 selects the SIMT fp32 path."""
+    inputs = make_qkv((2, 5000, 4, 80, 64), dtype, "cpu")
+    torch.save(inputs, tmp_path / "qkv.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, mmfast
+        q, k, v = (t.cuda() for t in torch.load({str(tmp_path / "qkv.pt")!r}, weights_only=True))
+        torch.save(mmfast.linear_attention(q, k, v).cpu(), {str(tmp_path / "exact.pt")!r})
+        """
+    )
+    env = {**os.environ, "MMFAST_CUDA_TENSOR_CORES": "0"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    exact = torch.load(tmp_path / "exact.pt", weights_only=True)
+    fast = linear_attention(*(t.cuda() for t in inputs), backend="native").cpu()
+    expected = reference.linear_attention_ref(*inputs)
+    assert_close(exact, expected, dtype)
+    assert_close(fast, expected, dtype)

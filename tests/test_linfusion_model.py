@@ -1,0 +1,191 @@
+"""LinFusion model layer: the module against the official math, mounting on tiny random
+diffusers UNets, dtypes, training, torch.compile. (Checkpoints and distributed runs have
+their own files.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.models._modules import swap_submodule
+from mmfast.models.linfusion import GeneralizedLinearAttention, LinFusion, LinFusionDistiller
+from mmfast.models.linfusion.official import OfficialLinearAttention
+
+from _utils import LINFUSION_BACKENDS, run_unet, unet_inputs
+
+
+def official_copy(module: GeneralizedLinearAttention) -> OfficialLinearAttention:
+    return OfficialLinearAttention.from_module(module)
+
+
+def random_module(dim=80, heads=2, mid_dim=None, seed=0):
+    torch.manual_seed(seed)
+    return GeneralizedLinearAttention(dim, heads, mid_dim).eval()
+
+
+# --- the module ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim,heads,mid_dim", [(80, 2, None), (64, 1, 4), (96, 3, None)])
+def test_module_matches_official_math(backend, dim, heads, mid_dim):
+    module = random_module(dim, heads, mid_dim)
+    x = torch.randn(2, 77, dim)
+    with torch.no_grad():
+        expected = official_copy(module)(x)
+        actual = module(x)
+    assert actual.shape == x.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_module_accepts_image_layout_and_cross_context(backend):
+    module = random_module(40, 2)
+    image = torch.randn(2, 40, 5, 6)
+    context = torch.randn(2, 9, 40)
+    with torch.no_grad():
+        tokens = image.flatten(2).transpose(1, 2)
+        from_image = module(image)
+        torch.testing.assert_close(from_image, module(tokens).transpose(1, 2).reshape(image.shape))
+        cross = module(tokens, encoder_hidden_states=context)
+        q, k, v = module._query(tokens), module._key(context), module._value(context)
+        expected = mmfast.reference.linear_attention_apply_ref(q, *mmfast.reference.linear_attention_state_ref(k, v))
+        torch.testing.assert_close(cross, module.to_out[0](expected.reshape(2, 30, 40)), rtol=1e-5, atol=1e-5)
+
+
+def test_module_rejects_bad_inputs():
+    module = random_module(40, 2)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        module(torch.randn(1, 4, 40), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match=r"hidden_states must be \(B, N, 40\)"):
+        module(torch.randn(1, 4, 32))
+    with pytest.raises(ValueError, match="not divisible"):
+        GeneralizedLinearAttention(42, 4)
+
+
+def test_token_chunking_is_exact(backend):
+    module = random_module(40, 2)
+    x = torch.randn(1, 50, 40)
+    with torch.no_grad():
+        whole = module(x)
+        module.token_chunk_size = 16
+        chunked = module(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_half_precision_forward(backend, dtype, tolerance):
+    module = random_module(80, 2)
+    x = torch.randn(2, 256, 80)
+    with torch.no_grad():
+        expected = module(x)
+        actual = module.to(dtype)(x.to(dtype))
+    assert actual.dtype == dtype
+    assert torch.isfinite(actual).all()
+    error = (actual.float() - expected).abs().max().item()
+    assert error < tolerance * expected.abs().max().item(), error
+
+
+# --- mounting --------------------------------------------------------------------------
+
+
+def test_mount_unmount_round_trip(unet, backend):
+    inputs = unet_inputs(unet)
+    originals = {name: m for name, m in unet.named_modules() if name.endswith("attn1")}
+    before = run_unet(unet, inputs)
+    linfusion = LinFusion.construct_for(unet)
+    try:
+        assert [s.module_name for s in linfusion.specs] == list(originals)
+        assert all(isinstance(unet.get_submodule(name), GeneralizedLinearAttention) for name in originals)
+        mounted = run_unet(unet, inputs)
+        assert not torch.allclose(mounted, before)
+    finally:
+        linfusion.unmount()
+    assert all(unet.get_submodule(name) is module for name, module in originals.items())
+    assert torch.equal(run_unet(unet, inputs), before)
+    with pytest.raises(RuntimeError, match="not mounted"):
+        linfusion.unmount()
+
+
+def test_mounted_unet_matches_official_modules(sd15_style_unet, backend):
+    unet = sd15_style_unet
+    inputs = unet_inputs(unet)
+    linfusion = LinFusion.construct_for(unet)
+    try:
+        assert {m.dim_head for m in linfusion.attention_modules()} == {40, 80, 160}
+        ours = run_unet(unet, inputs)
+        names = [spec.module_name for spec in linfusion.specs]
+        twins = [official_copy(module) for module in linfusion.attention_modules()]
+        previous = [swap_submodule(unet, name, twin) for name, twin in zip(names, twins)]
+        try:
+            official = run_unet(unet, inputs)
+        finally:
+            for name, module in zip(names, previous):
+                swap_submodule(unet, name, module)
+    finally:
+        linfusion.unmount()
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_unet_copies_projections(unet):
+    linfusion = LinFusion.from_unet(unet, init_from_unet=True)
+    for spec, module in zip(linfusion.specs, linfusion.attention_modules()):
+        source = unet.get_submodule(spec.module_name)
+        for name in ("to_q", "to_k", "to_v"):
+            assert torch.equal(getattr(module, name).weight, getattr(source, name).weight)
+        assert torch.equal(module.to_out[0].bias, source.to_out[0].bias)
+
+
+# --- training --------------------------------------------------------------------------
+
+
+def test_distillation_gradients_reach_linfusion_only(unet, backend):
+    linfusion = LinFusion.construct_for(unet)
+    try:
+        distiller = LinFusionDistiller(unet, linfusion)
+        latents, timesteps, context = unet_inputs(unet)
+        loss, parts = distiller(latents, timesteps, context, target=torch.randn_like(latents))
+        loss.backward()
+        assert set(parts) == {"denoise", "teacher", "feature"} and parts["feature"] > 0
+        ours = {id(p) for p in linfusion.parameters()}
+        for name, parameter in linfusion.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        for name, parameter in unet.named_parameters():
+            if id(parameter) not in ours:
+                assert parameter.grad is None, name
+        with linfusion.unmounted():
+            assert all(p.grad is None for p in unet.parameters())
+    finally:
+        linfusion.unmount()
+        unet.requires_grad_(True)
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+DEFAULT_BACKEND = LINFUSION_BACKENDS[-1]  # native when built, else reference
+
+
+def test_compiled_module_inductor(backend):
+    torch._dynamo.reset()
+    module = random_module(80, 2)
+    x = torch.randn(2, 64, 80)
+    with torch.no_grad():
+        expected = module(x)
+        compiled = torch.compile(module, fullgraph=True, backend="inductor")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_mounted_unet(unet):
+    """The whole mounted UNet as one graph (dynamo + AOT autograd). Default backend only:
+    tracing the UNet costs ~10 s on CPU, and inductor codegen of it minutes."""
+    torch._dynamo.reset()
+    inputs = unet_inputs(unet)
+    linfusion = LinFusion.construct_for(unet)
+    try:
+        with mmfast.use_backend(DEFAULT_BACKEND):
+            expected = run_unet(unet, inputs)
+        compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+        with torch.no_grad(), mmfast.use_backend(DEFAULT_BACKEND):
+            actual = compiled(*inputs).sample
+    finally:
+        linfusion.unmount()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
