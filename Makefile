@@ -46,8 +46,10 @@ cmake-test:
 
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
 # build against its torch, for its own GPU, with all cores; install nothing.
+# GPU_CHECK_QUICK=1 (sm_90a, linear attention only), GPU_CHECK_STEPS, GPU_CHECK_FAMILIES:
+# see scripts/gpu_check.sh.
 gpu-check:
-	bash benchmarks/gpu_check.sh "$(GPU_REPORT_DIR)"
+	bash scripts/gpu_check.sh "$(GPU_REPORT_DIR)"
 
 # Wheels the GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
 # git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present.

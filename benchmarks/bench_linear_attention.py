@@ -1,8 +1,8 @@
 """Linear attention: mmfast vs the eager LinFusion formulation vs softmax SDPA.
 
-Shapes are the attn1 layers of SD-1.5 / SD-2.1 / SD-XL (../shared/reference/linfusion.md
-§3), at 1024-4096 px on a GPU and scaled down on the CPU, plus the issue's CPU target
-shape. Bytes of the bandwidth floor: forward reads q, k, v and writes out; backward reads
+Shapes are the attn1 layers of SD-1.5 (8 heads, D = 40/80/160), SD-2.1 (D = 64) and
+SD-XL (D = 64), at 1024-4096 px on a GPU and scaled down on the CPU, plus the CPU target
+shape of the foundation issue. Bytes of the bandwidth floor: forward reads q, k, v and writes out; backward reads
 q, k, v, grad_out and writes dq, dk, dv.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mmfast import ops
 from mmfast.models.linfusion.official import official_linear_attention
 
-from conftest import bench_device, machine_name, median_ms, peak_bandwidth, run_timed
+from _utils import bench_device, median_ms, record_metrics, run_timed
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -98,35 +98,26 @@ def _triton_times(q, k, v):
 
 
 def _record(benchmark, direction, name, b, n, h, d, times):
+    """Bandwidth floor: forward reads q, k, v and writes out; backward reads q, k, v,
+    grad_out and writes dq, dk, dv. FLOPs: 2 N D^2 per (b, h) for each of the state and
+    apply products (forward), twice that for backward."""
     elem = torch.tensor([], dtype=DTYPE).element_size()
-    tensors = 4 if direction == "forward" else 7
-    floor_bytes = tensors * b * n * h * d * elem
-    bandwidth, source = peak_bandwidth(DEVICE)
-    mmfast_ms = times["mmfast"]
-    info = {
-        "op": f"linear_attention.{direction}",
-        "shape": f"{name} B={b} N={n} H={h} D={d}",
-        "dtype": str(DTYPE).replace("torch.", ""),
-        "device": machine_name(DEVICE),
-        "mmfast_ms": round(mmfast_ms, 4),
-        "gbps": round(floor_bytes / (mmfast_ms * 1e-3) / 1e9, 2),
-        "bandwidth_ref": source,
-    }
-    if bandwidth:
-        info["pct_of_floor"] = round(100 * floor_bytes / bandwidth / (mmfast_ms * 1e-3), 1)
-    for provider in ("eager", "sdpa", "triton", "fla_design"):
-        if provider in times:
-            info[f"{provider}_ms"] = round(times[provider], 4)
-            info[f"speedup_vs_{provider}"] = round(times[provider] / mmfast_ms, 2)
+    forward = direction == "forward"
+    floor_bytes = (4 if forward else 7) * b * n * h * d * elem
+    flops = (4 if forward else 8) * b * h * n * d * d
+    target = target_met = None
     if not ON_GPU and name == "cpu-target":
-        info["target"] = f">= {CPU_TARGETS[direction]}x vs eager"
-        info["target_met"] = info["speedup_vs_eager"] >= CPU_TARGETS[direction]
-    if "speedup_vs_fla_design" in info:
-        info["fla_design_target_met"] = info["speedup_vs_fla_design"] >= 1.5
+        target = f">= {CPU_TARGETS[direction]}x vs eager"
+        target_met = times["eager"] / times["mmfast"] >= CPU_TARGETS[direction]
+    extra = {}
+    if "fla_design" in times:
+        extra["fla_design_target_met"] = times["fla_design"] / times["mmfast"] >= 1.5
+    info = record_metrics(benchmark, op=f"linear_attention.{direction}", shape=f"{name} B={b} N={n} H={h} D={d}",
+                          device=DEVICE, dtype=DTYPE, times=times, floor_bytes=floor_bytes, flops=flops,
+                          target=target, target_met=target_met, **extra)
     if ON_GPU and n >= 16384 and "pct_of_floor" in info:
-        info["target"] = f">= {int(100 * GPU_TARGETS[direction])}% of HBM floor"
-        info["target_met"] = info["pct_of_floor"] >= 100 * GPU_TARGETS[direction]
-    benchmark.extra_info.update(info)
+        benchmark.extra_info["target"] = f">= {int(100 * GPU_TARGETS[direction])}% of HBM floor"
+        benchmark.extra_info["target_met"] = info["pct_of_floor"] >= 100 * GPU_TARGETS[direction]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
@@ -203,15 +194,8 @@ def test_cpu_peak_extra_memory(benchmark):
     # The fresh output is a new allocation; anything beyond it is the op's own memory.
     extra = max(0, extra_bytes - output_bytes)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    benchmark.extra_info.update(
-        {
-            "op": "linear_attention.forward.peak_memory",
-            "shape": f"cpu-target B={b} N={n} H={h} D={d}",
-            "dtype": "float32",
-            "device": machine_name(DEVICE),
-            "extra_bytes": extra,
-            "pct_of_inputs": round(100 * extra / input_bytes, 2),
-            "target": f"< 10% of inputs (measured {100 * extra / input_bytes:.2f}%)",
-            "target_met": extra < 0.10 * input_bytes,
-        }
-    )
+    record_metrics(benchmark, op="linear_attention.forward.peak_memory", shape=f"cpu-target B={b} N={n} H={h} D={d}",
+                   device=DEVICE, dtype=torch.float32, times=None,
+                   target=f"< 10% of inputs (measured {100 * extra / input_bytes:.2f}%)",
+                   target_met=extra < 0.10 * input_bytes,
+                   extra_bytes=extra, pct_of_inputs=round(100 * extra / input_bytes, 2))

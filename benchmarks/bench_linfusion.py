@@ -25,7 +25,7 @@ import mmfast
 from mmfast.models.linfusion import GeneralizedLinearAttention
 from mmfast.models.linfusion.official import OfficialLinearAttention, official_linear_attention
 
-from conftest import bench_device, machine_name, median_ms as device_median_ms, peak_bandwidth, run_timed
+from _utils import bench_device, median_ms as device_median_ms, record_metrics, run_timed
 
 pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
@@ -39,7 +39,7 @@ ROUNDS = 5
 
 @dataclass(frozen=True)
 class Layer:
-    """One attn1 layer shape (../shared/reference/linfusion.md section 3)."""
+    """One attn1 layer shape: channels C = heads x head dim."""
 
     name: str
     channels: int
@@ -135,24 +135,14 @@ def _run_and_record(benchmark, scope, impl, layer, tokens, baselines):
                                  "dtype": dtype, "statistic": f"median of {ROUNDS}"})
     if impl != "mmfast":
         return
-    # Columns of the summary table (benchmarks/summarize.py); "eager" is the official-style module.
-    shape = f"{layer.name} C={layer.channels} H={layer.heads} B=1 N={tokens}"
-    benchmark.extra_info.update({"op": f"linfusion.attn1.{scope}", "shape": shape, "device": machine_name(DEVICE),
-                                 "mmfast_ms": round(ms, 3)})
-    if scope == "module":
-        floor = module_floor_bytes(modules_for(layer)["mmfast"], tokens)
-        bandwidth, _ = peak_bandwidth(DEVICE)
-        benchmark.extra_info["gbps"] = round(floor / (ms * 1e-3) / 1e9, 2)
-        if bandwidth:
-            benchmark.extra_info["pct_of_floor"] = round(100 * floor / bandwidth / (ms * 1e-3), 1)
-        if ON_GPU:
-            benchmark.extra_info["target"] = ">= 60% of the module's HBM floor"
-            benchmark.extra_info["target_met"] = benchmark.extra_info.get("pct_of_floor", 0) >= 60
-    for baseline in baselines:
-        baseline_ms = _baseline_ms(scope, baseline, layer, tokens, x)
-        column = "eager" if baseline == "official" else baseline
-        benchmark.extra_info[f"{column}_ms"] = round(baseline_ms, 3)
-        benchmark.extra_info[f"speedup_vs_{column}"] = round(baseline_ms / ms, 3)
+    times = {"mmfast": ms}
+    times.update({baseline: _baseline_ms(scope, baseline, layer, tokens, x) for baseline in baselines})
+    floor = module_floor_bytes(modules_for(layer)["mmfast"], tokens) if scope == "module" else None
+    info = record_metrics(benchmark, op=f"linfusion.attn1.{scope}", device=DEVICE, dtype=DTYPE, times=times,
+                          shape=f"{layer.name} C={layer.channels} H={layer.heads} B=1 N={tokens}", floor_bytes=floor)
+    if scope == "module" and ON_GPU:
+        benchmark.extra_info["target"] = ">= 60% of the module's HBM floor"
+        benchmark.extra_info["target_met"] = info.get("pct_of_floor", 0) >= 60
 
 
 @pytest.mark.parametrize("layer, tokens", CASES)
@@ -211,8 +201,8 @@ def test_unet_step_latency(benchmark, sd15_width_unet, impl):
                                  "block_out_channels": [320, 640], "heads": 8, "dtype": str(DTYPE).replace("torch.", ""),
                                  "statistic": f"median of {UNET_ROUNDS}"})
     if impl == "linfusion" and ("unet", "sdpa") in _measured_ms:
-        benchmark.extra_info["sdpa_ms"] = round(_measured_ms[("unet", "sdpa")], 1)
-        benchmark.extra_info["speedup_vs_sdpa"] = round(_measured_ms[("unet", "sdpa")] / ms, 3)
+        record_metrics(benchmark, op="linfusion.unet_step", shape=f"sd15-width UNet (320, 640) {UNET_LATENT * 8}px B=1",
+                       device=DEVICE, dtype=DTYPE, times={"mmfast": ms, "sdpa": _measured_ms[("unet", "sdpa")]})
 
 
 # --- the 16K case: one level-0 layer at 16384 x 8192 px (N = 2048 * 1024 latent tokens) ---------

@@ -1,16 +1,8 @@
-"""Benchmark helpers: device choice, device-accurate timing, bandwidth references.
-
-Run with pytest-benchmark (`make bench`). Every benchmark times mmfast with the
-`benchmark` fixture and measures its baselines in the same run with `median_ms`, then
-records times, speedups, GB/s and % of the bandwidth floor in `benchmark.extra_info`;
-benchmarks/summarize.py prints them as one table.
-"""
+"""Benchmark configuration: the Triton interpreter on GPU-less machines, the device fixture.
+Helpers (timing, bandwidth, record_metrics) are in _utils.py."""
 from __future__ import annotations
 
 import os
-import platform
-import statistics
-import time
 
 import pytest
 import torch
@@ -20,95 +12,7 @@ if not torch.cuda.is_available():
 
 import mmfast  # noqa: E402,F401
 
-# Peak HBM bandwidth (bytes/s) by GPU name, for "% of the bandwidth floor".
-GPU_PEAK_BANDWIDTH = {
-    "H100 80GB HBM3": 3.35e12,
-    "H100 SXM": 3.35e12,
-    "H100 PCIe": 2.0e12,
-    "H200": 4.8e12,
-    "A100-SXM4-80GB": 2.04e12,
-    "A100-SXM4-40GB": 1.56e12,
-}
-
-
-def bench_device() -> torch.device:
-    name = os.environ.get("MMFAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 7) -> float:
-    """Median wall time of fn() in ms, synchronised; CUDA events on a GPU."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-_cpu_bandwidth = None
-
-
-def peak_bandwidth(device: torch.device):
-    """(bytes/s, how it was obtained): the datasheet figure on a known GPU, a measured
-    copy bandwidth on the CPU (read + write of a 256 MB buffer)."""
-    global _cpu_bandwidth
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BANDWIDTH.items():
-            if key in name:
-                return value, "datasheet"
-        return None, "unknown GPU"
-    if _cpu_bandwidth is None:
-        src = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)
-        dst = torch.empty_like(src)
-        ms = median_ms(lambda: dst.copy_(src), device, warmup=2, repeats=5)
-        _cpu_bandwidth = 2 * src.numel() * 4 / (ms * 1e-3)
-    return _cpu_bandwidth, "measured copy"
-
-
-def run_timed(benchmark, fn, device: torch.device, rounds: int = 7, warmup: int = 2) -> float:
-    """Times fn with pytest-benchmark (synchronised) and returns its median in ms."""
-
-    def synced():
-        fn()
-        synchronize(device)
-
-    benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    return benchmark.stats.stats.median * 1e3
+from _utils import bench_device  # noqa: E402
 
 
 @pytest.fixture

@@ -1,40 +1,38 @@
-"""Prints the benchmark summary table from a pytest-benchmark JSON file.
+"""Prints the benchmark summary table from a pytest-benchmark JSON file, for any op family.
 
     python benchmarks/summarize.py build/bench.json [--markdown out.md] [--plot out.png]
+
+A row is every benchmark whose extra_info was written by _utils.record_metrics (it has
+"op"). Baseline columns are those the rows recorded (`<name>_ms`, `speedup_vs_<name>`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-COLUMNS = [
-    ("op", "op"),
-    ("shape", "shape"),
-    ("dtype", "dtype"),
-    ("device", "device"),
-    ("mmfast ms", "mmfast_ms"),
-    ("eager ms", "eager_ms"),
-    ("speedup vs eager", "speedup_vs_eager"),
-    ("sdpa ms", "sdpa_ms"),
-    ("speedup vs sdpa", "speedup_vs_sdpa"),
-    ("triton ms", "triton_ms"),
-    ("speedup vs fla design", "speedup_vs_fla_design"),
-    ("GB/s", "gbps"),
-    ("% of floor", "pct_of_floor"),
-    ("target", "target"),
-    ("met", "target_met"),
-]
+LEADING = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("device", "device"), ("mmfast ms", "mmfast_ms")]
+TRAILING = [("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("% of floor", "pct_of_floor"), ("target", "target"),
+            ("met", "target_met")]
 
 
-def rows_from(path):
+def load(path):
     with open(path) as f:
         data = json.load(f)
-    rows = []
-    for bench in data["benchmarks"]:
-        info = bench.get("extra_info", {})
-        if "op" in info:
-            rows.append([_fmt(info.get(key)) for _, key in COLUMNS])
-    return rows, data.get("machine_info", {}), data.get("commit_info", {})
+    infos = [bench.get("extra_info", {}) for bench in data["benchmarks"]]
+    return [info for info in infos if "op" in info], data.get("machine_info", {}), data.get("commit_info", {})
+
+
+def columns_for(infos):
+    """The leading columns, one (ms, speedup) pair per baseline in first-seen order, the trailing ones."""
+    baselines = []
+    for info in infos:
+        for key in info:
+            if key.startswith("speedup_vs_") and key[len("speedup_vs_"):] not in baselines:
+                baselines.append(key[len("speedup_vs_"):])
+    middle = []
+    for name in baselines:
+        middle += [(f"{name} ms", f"{name}_ms"), (f"speedup vs {name}", f"speedup_vs_{name}")]
+    return LEADING + middle + TRAILING
 
 
 def _fmt(value):
@@ -45,37 +43,45 @@ def _fmt(value):
     return str(value)
 
 
-def text_table(rows):
-    headers = [title for title, _ in COLUMNS]
+def rows_for(infos, columns):
+    return [[_fmt(info.get(key)) for _, key in columns] for info in infos]
+
+
+def text_table(rows, columns):
+    headers = [title for title, _ in columns]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def markdown_table(rows):
-    headers = [title for title, _ in COLUMNS]
+def markdown_table(rows, columns):
+    headers = [title for title, _ in columns]
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def plot(rows, path):
+def plot(infos, path):
+    """One bar per row: the speedup over the row's primary baseline."""
     try:
         import matplotlib
     except ImportError:
         print(f"summarize: matplotlib is not installed, {path} not written")
         return
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r[0].split('.')[-1]}  {r[1]}" for r in rows if r[6]]
-    speedups = [float(r[6]) for r in rows if r[6]]
-    fig, ax = plt.subplots(figsize=(11, 0.35 * len(labels) + 1.5))
-    ax.barh(labels, speedups, color="tab:blue")
+    bars = [(f"{info['op']}  {info['shape']}  (vs {info['baseline']})", info[f"speedup_vs_{info['baseline']}"])
+            for info in infos if "baseline" in info]
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(12, 0.35 * len(bars) + 1.5))
+    ax.barh([label for label, _ in bars], [value for _, value in bars], color="tab:blue")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup of mmfast over the eager LinFusion formulation (x)")
-    ax.set_title(f"linear attention, {rows[0][3]}" if rows else "linear attention")
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of mmfast over the row's primary baseline, measured in the same run (x)")
+    families = sorted({info["op"].split(".")[0] for info in infos})
+    ax.set_title(f"mmfast: {', '.join(families)} on {infos[0]['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -86,14 +92,16 @@ def main():
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
     args = parser.parse_args()
-    rows, machine, commit = rows_from(args.json)
-    print(text_table(rows))
+    infos, machine, commit = load(args.json)
+    columns = columns_for(infos)
+    rows = rows_for(infos, columns)
+    print(text_table(rows, columns))
     if args.markdown:
         header = f"Commit {commit.get('id', '?')[:10]}, {machine.get('cpu', {}).get('brand_raw', '')}\n\n"
         with open(args.markdown, "w") as f:
-            f.write(header + markdown_table(rows) + "\n")
-    if args.plot and rows:
-        plot(rows, args.plot)
+            f.write(header + markdown_table(rows, columns) + "\n")
+    if args.plot and infos:
+        plot(infos, args.plot)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,22 @@ def test_cuda_tensor_core_path_matches_the_exact_path(dtype, tmp_path):
     expected = reference.linear_attention_ref(*inputs)
     assert_close(exact, expected, dtype)
     assert_close(fast, expected, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "none"])
+def test_cuda_smoke_every_op_dtype_and_odd_shape(feature_map):
+    """Small and odd shapes of every op, dtype and feature map, forward and backward: the
+    subset `make gpu-check` also runs under compute-sanitizer (memcheck, racecheck)."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for shape in [(1, 1, 1, 1, 1), (2, 7, 3, 40, 24), (1, 70, 2, 80, 7), (1, 300, 1, 160, 256)]:
+            q, k, v = make_qkv(shape, dtype, "cuda", requires_grad=True)
+            if feature_map == "none":  # keep the denominator away from zero
+                q, k = [(t.detach().abs() + 0.1).requires_grad_() for t in (q, k)]
+            grad_out = torch.randn(*shape[:3], shape[4], dtype=dtype, device="cuda")
+            out = linear_attention(q, k, v, feature_map=feature_map, backend="native")
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+            assert_close(out, reference.linear_attention_ref(q, k, v, 1e-4, feature_map), dtype, scale=2)
+            expected = reference_grads(q, k, v, grad_out, feature_map=feature_map)
+            for got, want in zip(grads, expected):
+                assert_close(got, want, dtype, scale=8 * max(1.0, want.abs().max().item()))

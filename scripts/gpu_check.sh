@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# `make gpu-check`: validate the CUDA (and Triton) kernels on a machine with an NVIDIA GPU and
+# no network. Builds in place against the installed torch for the local GPU's arch (all
+# cores), runs the tests, compute-sanitizer over the CUDA smoke tests, and the benchmarks on
+# the GPU, and writes a report into the report directory (default build/gpu-report):
+#   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt/.json/.md/.png report.json
+# Installs nothing (wheels carried in .whl/ by `make gpu-wheels` are put on PYTHONPATH).
+#
+# Knobs (environment):
+#   GPU_CHECK_STEPS     default "build tests sanitize bench"; e.g. "build tests" in one device
+#                       call and "bench" in the next on the same warm machine (the build stays)
+#   GPU_CHECK_FAMILIES  op families whose tests/benchmarks run (tests/test_<family>*.py,
+#                       benchmarks/bench_<family>*.py), default all: "linear_attention linfusion"
+#   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention tests
+#                       and benchmarks (under 6 minutes on 16 cores)
+#   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
+  : "${GPU_CHECK_FAMILIES:=linear_attention}" "${TORCH_CUDA_ARCH_LIST:=9.0a}"
+  export TORCH_CUDA_ARCH_LIST
+fi
+STEPS=" ${GPU_CHECK_STEPS:-build tests sanitize bench} "
+REPORT_DIR=$(mkdir -p "${1:-build/gpu-report}" && cd "${1:-build/gpu-report}" && pwd)
+PY=$(command -v "${PYTHON:-python3}") || { echo "gpu-check: no ${PYTHON:-python3}" >&2; exit 1; }
+PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute: the steps below cd
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried by `make gpu-wheels`
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mmfast-site .whl/*.whl \
+    && export PYTHONPATH="/tmp/mmfast-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+
+# --- preflight: name everything missing before spending device time -----------------------
+$PY scripts/gpu_preflight.py | tee "$REPORT_DIR/preflight.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu-check: preflight failed (see above)" >&2; exit 1; }
+
+ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m in (9, 10, 12) else ''))")
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" MMFAST_REQUIRE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+FAMILIES=${GPU_CHECK_FAMILIES:-}
+files_of() {  # files_of DIR PREFIX: the test/bench files of the chosen families (all when none chosen)
+  local dir=$1 prefix=$2
+  if [ -z "$FAMILIES" ]; then echo ""; return; fi
+  for family in $FAMILIES; do ls "$dir/${prefix}${family}"*.py 2>/dev/null | xargs -r -n1 basename; done | tr '\n' ' '
+}
+
+if [[ $STEPS == *" build "* ]]; then
+  echo "gpu-check: building for $TORCH_CUDA_ARCH_LIST with MAX_JOBS=$MAX_JOBS" | tee "$REPORT_DIR/build.txt"
+  start=$(date +%s)
+  $PY setup.py build_ext --inplace >>"$REPORT_DIR/build.txt" 2>&1
+  build_rc=$?
+  echo "build rc=$build_rc in $(( $(date +%s) - start )) s" | tee -a "$REPORT_DIR/build.txt"
+  tail -n 30 "$REPORT_DIR/build.txt"
+  [ $build_rc -eq 0 ] || exit $build_rc
+fi
+
+$PY -m mmfast | tee "$REPORT_DIR/info.txt"
+
+tests_rc=0
+if [[ $STEPS == *" tests "* ]]; then
+  (cd tests && $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$REPORT_DIR/tests.xml" \
+     $(files_of . test_) ${GPU_TEST_ARGS:-}) >"$REPORT_DIR/tests.txt" 2>&1
+  tests_rc=$?
+  tail -n 40 "$REPORT_DIR/tests.txt"
+fi
+
+sanitizer_rc=0
+if [[ $STEPS == *" sanitize "* ]]; then
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
+  if [ -z "$SANITIZER" ]; then
+    echo "gpu-check: compute-sanitizer not found; sanitizer step skipped" | tee "$REPORT_DIR/sanitizer.txt"
+  else
+    : >"$REPORT_DIR/sanitizer.txt"
+    for tool in memcheck racecheck; do  # every mmfast CUDA kernel stages tiles in shared memory
+      echo "== compute-sanitizer --tool $tool: CUDA smoke tests" >>"$REPORT_DIR/sanitizer.txt"
+      (cd tests && "$SANITIZER" --tool $tool --error-exitcode 99 --print-limit 20 \
+         $PY -m pytest -q -p no:cacheprovider -m cuda -k smoke $(files_of . test_)) >>"$REPORT_DIR/sanitizer.txt" 2>&1
+      rc=$?
+      echo "== $tool rc=$rc" >>"$REPORT_DIR/sanitizer.txt"
+      [ $rc -eq 0 ] || sanitizer_rc=$rc
+    done
+    grep -E "^== |ERROR SUMMARY|passed|failed" "$REPORT_DIR/sanitizer.txt"
+  fi
+fi
+
+bench_rc=0
+if [[ $STEPS == *" bench "* ]]; then
+  (cd benchmarks && $PY -m pytest -q -p no:cacheprovider --benchmark-json="$REPORT_DIR/bench.json" \
+     $(files_of . bench_) ${GPU_BENCH_ARGS:-}) >"$REPORT_DIR/bench.txt" 2>&1
+  bench_rc=$?
+  tail -n 15 "$REPORT_DIR/bench.txt"
+  $PY benchmarks/summarize.py "$REPORT_DIR/bench.json" --markdown "$REPORT_DIR/bench.md" --plot "$REPORT_DIR/bench.png"
+fi
+
+COMMIT=${MMFAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+$PY - "$REPORT_DIR" "$COMMIT" "$tests_rc" "$sanitizer_rc" "$bench_rc" "$STEPS" "$FAMILIES" <<'PYEOF'
+import datetime, json, sys, torch
+report_dir, commit, tests_rc, sanitizer_rc, bench_rc, steps, families = sys.argv[1:8]
+def last_line(name):
+    try:
+        return open(f"{report_dir}/{name}").read().strip().splitlines()[-1:]
+    except (OSError, IndexError):
+        return [f"{name}: not run in this call"]
+json.dump({
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": commit, "steps": steps.split(), "families": families.split() or "all",
+    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    "tests_rc": int(tests_rc), "tests_summary": last_line("tests.txt"),
+    "sanitizer_rc": int(sanitizer_rc), "bench_rc": int(bench_rc),
+}, open(f"{report_dir}/report.json", "w"), indent=2)
+PYEOF
+echo "gpu-check: tests rc=$tests_rc, sanitizer rc=$sanitizer_rc, benchmarks rc=$bench_rc; report in $REPORT_DIR"
+[ $tests_rc -eq 0 ] && [ $sanitizer_rc -eq 0 ] && [ $bench_rc -eq 0 ]
