@@ -6,7 +6,8 @@ Environment:
   CUDA_HOME / CUDA_PATH      CUDA toolkit root (else found from the nvcc on PATH)
   MMFAST_REQUIRE_CUDA=1      fail instead of building a CPU-only extension
   MMFAST_DISABLE_CUDA=1      build the CPU kernels only
-  TORCH_CUDA_ARCH_LIST       default "8.0;9.0a" (A100, H100) when no GPU is visible
+  TORCH_CUDA_ARCH_LIST       default: the visible GPUs' archs; with no GPU visible "8.0+PTX;9.0a"
+                             (A100, H100, and PTX that newer GPUs compile at load time)
   MAX_JOBS, NVCC_THREADS     build parallelism
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0a"
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 
 
 def _is_toolkit(path) -> bool:
@@ -72,6 +73,17 @@ def decide_cuda(cuda_home) -> bool:
     return True
 
 
+def default_archs() -> str:
+    """The archs of the visible GPUs (9.x, 10.x, 12.x with their arch-specific 'a' features),
+    else DEFAULT_ARCHS for a GPU-less builder such as CI."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return DEFAULT_ARCHS
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" + ("a" if major in (9, 10, 12) else "") for major, minor in capabilities)
+
+
 def nvidia_wheel_include_dirs():
     """cuBLAS/cuSPARSE headers shipped in torch's nvidia-* wheels (some ATen CUDA headers need them)."""
     dirs = []
@@ -99,18 +111,19 @@ def extensions():
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
     with_cuda = decide_cuda(cuda_home)
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS) if with_cuda else ""
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_archs()) if with_cuda else ""
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/glue/*.cpp"))
+    # Every source under csrc/: a new op family adds files, not lines here.
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled in
     # our TU; without the flag the CPU kernels silently run on one thread.
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra = {"cxx": cxx_flags}
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         include_dirs += nvidia_wheel_include_dirs()
         extra["nvcc"] = ["-O3", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "2")]
         extension = CUDAExtension

@@ -42,7 +42,7 @@ if ON_GPU:
     SDPA_MAX_N = 65536
 else:
     SHAPES = [
-        ("cpu-target", 2, 16384, 5, 64),  # issue target: >= 3x fwd, >= 2x bwd vs eager
+        ("cpu-target", 2, 16384, 5, 64),  # CPU target: >= 3x forward, >= 2x backward vs eager
         ("sd15-L0-512px", 1, 4096, 8, 40),
         ("sd21-L0-512px", 1, 4096, 5, 64),
         ("sdxl-L1-1024px", 1, 4096, 10, 64),

@@ -1,8 +1,8 @@
 // The one schema block of the mmfast op library, and the Python module stub.
 //
-// Kernels are registered per backend in csrc/cpu/*.cpp and csrc/cuda/*.cu
-// (TORCH_LIBRARY_IMPL); fake kernels and autograd formulas live in Python
-// (python/mmfast/ops.py).
+// Kernels are registered per backend in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu
+// (TORCH_LIBRARY_IMPL); fake kernels and autograd formulas live in Python, one file per
+// family (python/mmfast/ops/<family>.py). A new family adds its schemas here, one block.
 #include <Python.h>
 #include <torch/library.h>
 

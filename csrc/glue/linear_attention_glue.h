@@ -26,7 +26,7 @@ inline FeatureMap parse_feature_map(c10::string_view name) {
   if (name == "elu1") return FeatureMap::kElu1;
   if (name == "relu") return FeatureMap::kRelu;
   if (name == "none") return FeatureMap::kNone;
-  TORCH_CHECK_VALUE(false, "linear_attention: feature_map must be one of ('elu1', 'relu', 'none'), got '",
+  TORCH_CHECK_VALUE(false, "linear_attention: feature_map must be one of ('none', 'elu1', 'relu'), got '",
                     std::string(name), "'");
 }
 

@@ -1,5 +1,8 @@
-// Host emulation of the CUDA execution model for a single 256-thread block (gridDim.x == 1):
-// fibers (ucontext) switched at __syncthreads / shuffles, random thread order per phase.
+// Host emulation of the CUDA execution model, one 256-thread block at a time: fibers
+// (ucontext) switched at __syncthreads / shuffles, random thread order per phase. Include it
+// before any mmfast/cuda header: it defines the CUDA built-ins and MMFAST_LAUNCH, which runs
+// `emu_blocks` blocks of every launch one after another (kernels use grid-stride loops, so
+// any grid covers the problem; inter-block concurrency is what it cannot check).
 // WMMA (tf32 m16n16k8) is emulated with every thread holding the whole fragment, which is
 // enough for code that only loads, multiplies, stores and maps fragments elementwise; the
 // documented pointer-alignment and ldm rules are checked on every load and store.
@@ -89,9 +92,15 @@ inline unsigned emu_blocks = 3;
 #define __shared__ static
 #define __syncthreads() ::emu::yield()
 #define __shfl_xor_sync(m, v, l) ::emu::shfl_xor(v, l)
-#define EMU_LAUNCH(kernel, ...) \
-  do { ::emu::gdim.x = ::emu::emu_blocks; \
-       for (unsigned b_ = 0; b_ < ::emu::emu_blocks; ++b_) { ::emu::bid.x = b_; ::emu::run([&] { kernel(__VA_ARGS__); }); } } while (0)
+#define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...)                                       \
+  do {                                                                                            \
+    (void)(grid), (void)(block), (void)(smem), (void)(stream);                                   \
+    ::emu::gdim.x = ::emu::emu_blocks;                                                            \
+    for (unsigned b_ = 0; b_ < ::emu::emu_blocks; ++b_) {                                         \
+      ::emu::bid.x = b_;                                                                          \
+      ::emu::run([&] { kernel(__VA_ARGS__); });                                                   \
+    }                                                                                             \
+  } while (0)
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }

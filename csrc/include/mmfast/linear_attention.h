@@ -6,32 +6,24 @@
 //   out_i = phi(q_i) S / (phi(q_i) . m + eps)
 //
 // Every kernel (CPU and CUDA) takes one LinearAttentionParams. Token tensors are
-// (B, N, H, D) with arbitrary strides for B, N and H and a unit stride for D, so a
-// projection output viewed as (B, N, H, D) or a transposed (B, H, N, D) tensor is read
-// in place. State tensors are contiguous (B, H, Dk, Dv) and (B, H, Dk).
+// TokenTensor views (any B, N, H strides, unit stride along D); state tensors are
+// contiguous (B, H, Dk, Dv) and (B, H, Dk).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "mmfast/common.h"
+
 namespace mmfast {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-// phi(x): kNone -> x, kElu1 -> elu(x) + 1, kRelu -> max(x, 0).
+// phi(x): kNone -> x, kElu1 -> elu(x) + 1, kRelu -> max(x, 0). The values are the feature-map
+// ids of the Triton kernels and the indices into mmfast.reference.FEATURE_MAPS.
 enum class FeatureMap : int { kNone = 0, kElu1 = 1, kRelu = 2 };
 
 // Head dims the kernels are written (and tested) for.
 constexpr int64_t kMinHeadDim = 1;
 constexpr int64_t kMaxHeadDim = 256;
-
-// A (B, N, H, D) tensor: element (b, n, h, d) lives at data[b*sb + n*sn + h*sh + d].
-struct TokenTensor {
-  void* data = nullptr;
-  int64_t stride_b = 0;
-  int64_t stride_n = 0;
-  int64_t stride_h = 0;
-};
 
 struct LinearAttentionParams {
   int64_t batch = 0;
@@ -61,8 +53,6 @@ struct LinearAttentionParams {
 
   int64_t bh() const { return batch * heads; }
 };
-
-inline size_t accumulator_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 
 inline const char* feature_map_name(FeatureMap f) {
   switch (f) {

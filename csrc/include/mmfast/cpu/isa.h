@@ -1,9 +1,9 @@
 // Runtime selection of the vectorised CPU kernels (torch-free).
 //
-// The kernels are compiled three times (generic, AVX2+FMA, AVX-512) and the best set the
-// running CPU supports is picked once. MMFAST_CPU_ISA=generic|avx2|avx512 forces a set
-// (tests use it to cover every path on one machine); asking for one the CPU lacks is an
-// error rather than a silent downgrade.
+// Every family's kernels are compiled three times (generic, AVX2+FMA, AVX-512; see
+// instantiate_isas.h) and the best set the running CPU supports is picked once.
+// MMFAST_CPU_ISA=generic|avx2|avx512 forces a set (tests use it to cover every path on one
+// machine); asking for one the CPU lacks is an error rather than a silent downgrade.
 #pragma once
 
 namespace mmfast {
@@ -16,5 +16,34 @@ bool isa_supported(Isa isa);  // compiled in and supported by this CPU
 Isa active_isa();             // throws std::runtime_error for a bad MMFAST_CPU_ISA
 const char* active_isa_name();
 
+// The one ISA table: of a family's three kernel tables, the one for `isa`.
+template <class Table>
+Table kernels_for(Isa isa, Table (*generic)(), Table (*avx2)(), Table (*avx512)()) {
+  switch (isa) {
+    case Isa::kAvx512: return avx512();
+    case Isa::kAvx2: return avx2();
+    case Isa::kGeneric: break;
+  }
+  return generic();
+}
+
 }  // namespace cpu
 }  // namespace mmfast
+
+// Declares a family's per-ISA table functions `Table fn()` in isa_generic, isa_avx2 and
+// isa_avx512 (defined by its *_impl.h through instantiate_isas.h); use inside mmfast::cpu.
+#define MMFAST_DECLARE_ISA_KERNELS(Table, fn) \
+  namespace isa_generic {                     \
+  Table fn();                                 \
+  }                                           \
+  namespace isa_avx2 {                        \
+  Table fn();                                 \
+  }                                           \
+  namespace isa_avx512 {                      \
+  Table fn();                                 \
+  }
+
+// The table of the ISA this process runs (active_isa()), for a family declared as above.
+#define MMFAST_ACTIVE_ISA_KERNELS(fn)                                                         \
+  ::mmfast::cpu::kernels_for(::mmfast::cpu::active_isa(), &::mmfast::cpu::isa_generic::fn, \
+                             &::mmfast::cpu::isa_avx2::fn, &::mmfast::cpu::isa_avx512::fn)

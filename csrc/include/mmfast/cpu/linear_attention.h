@@ -3,22 +3,15 @@
 
 #include <cstddef>
 
+#include "mmfast/cpu/isa.h"
 #include "mmfast/linear_attention.h"
 
 namespace mmfast {
 namespace cpu {
 
-// Bytes of caller-owned workspace that state and apply_backward need (per-chunk
-// fp32/fp64 partials); apply and state_backward need none.
-size_t linear_attention_workspace_bytes(const LinearAttentionParams& p);
-
-// Each returns nullptr on success or a static error message.
-const char* linear_attention_state(const LinearAttentionParams& p);
-const char* linear_attention_apply(const LinearAttentionParams& p);
-const char* linear_attention_apply_backward(const LinearAttentionParams& p);
-const char* linear_attention_state_backward(const LinearAttentionParams& p);
-
-// One ISA's implementation of the four entry points.
+// One ISA's implementation. workspace_bytes: caller-owned workspace that state and
+// apply_backward need (per-chunk fp32/fp64 partials); apply and state_backward need none.
+// The others return nullptr on success or a static error message.
 struct LinearAttentionKernels {
   size_t (*workspace_bytes)(const LinearAttentionParams&);
   const char* (*state)(const LinearAttentionParams&);
@@ -27,9 +20,10 @@ struct LinearAttentionKernels {
   const char* (*state_backward)(const LinearAttentionParams&);
 };
 
-namespace isa_generic { LinearAttentionKernels linear_attention_kernels(); }
-namespace isa_avx2 { LinearAttentionKernels linear_attention_kernels(); }
-namespace isa_avx512 { LinearAttentionKernels linear_attention_kernels(); }
+MMFAST_DECLARE_ISA_KERNELS(LinearAttentionKernels, linear_attention_kernels)
+
+// The kernels of the ISA this process runs (chosen once).
+const LinearAttentionKernels& linear_attention_kernels();
 
 }  // namespace cpu
 }  // namespace mmfast

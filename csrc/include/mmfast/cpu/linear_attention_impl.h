@@ -1,70 +1,23 @@
 // CPU linear-attention kernels, written once and compiled per ISA (torch-free).
 //
-// Include this header only from csrc/cpu/linear_attention_<isa>.cpp, after every
-// standard header and after `#pragma GCC target(...)`, with MMFAST_CPU_ISA_NS naming
-// the namespace and MMFAST_VECTOR_BYTES the SIMD width. Nothing here may be a template
-// or inline function shared with other TUs (each ISA namespace holds its own copy),
-// which is why only builtins and the pre-included numeric.h helpers are used.
+// Per-ISA code like mmfast/cpu/simd.h, whose building blocks it uses: included only through
+// mmfast/cpu/instantiate_isas.h (see csrc/cpu/linear_attention_kernels.cpp), once per ISA.
 //
 // Layout of the work: tokens are processed in tiles of kTile rows. A tile of phi(k),
 // phi(q), v or grad_out is converted to dense, zero-padded accumulator rows (phi applied
-// once per element on load), and two register-blocked micro-kernels do the D x D math:
-//   tile_matmul:      C[t][:] = A[t][:] @ B        (A: tile x K, B: K x cols)
-//   tile_outer_accum: C      += A^T @ B            (A: tile x X, B: tile x Y)
-// State and grad-state passes are split over N into chunks; each chunk writes an fp32
-// (fp64) partial to the workspace and a second parallel loop reduces them.
+// once per element on load), and simd.h's micro-kernels do the D x D math. State and
+// grad-state passes are split over N into chunks; each chunk writes an fp32 (fp64)
+// partial to the workspace and a second parallel loop reduces them.
 #ifndef MMFAST_CPU_ISA_NS
-#error "define MMFAST_CPU_ISA_NS before including linear_attention_impl.h"
+#error "mmfast/cpu/linear_attention_impl.h is included by mmfast/cpu/instantiate_isas.h only"
 #endif
 
 namespace mmfast {
 namespace cpu {
 namespace MMFAST_CPU_ISA_NS {
+namespace la {  // this family's names, apart from other families' in the same ISA namespace
 
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
-  static constexpr int64_t width = MMFAST_VECTOR_BYTES / 4;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
-  static constexpr int64_t width = MMFAST_VECTOR_BYTES / 8;
-};
-
-constexpr int64_t kTile = 32;      // tokens per tile
-constexpr int64_t kRowBlock = 4;   // rows of a micro-kernel register block
-constexpr int64_t kMinChunk = 256; // fewest tokens per parallel task
-
-inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename acc_t>
-inline int64_t padded(int64_t d) {
-  return round_up(d, max_i64(Vec<acc_t>::width, kRowBlock));
-}
-
-template <typename acc_t>
-inline typename Vec<acc_t>::type load(const acc_t* p) {
-  typename Vec<acc_t>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename acc_t>
-inline void store(acc_t* p, typename Vec<acc_t>::type v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-
-template <typename acc_t>
-inline typename Vec<acc_t>::type splat(acc_t x) {
-  typename Vec<acc_t>::type v = {};
-  return x - v;  // x - (+0) == x for every x, so this folds to a plain broadcast
-}
+constexpr int64_t kMinChunk = 256;  // fewest tokens per parallel task
 
 template <typename acc_t>
 inline acc_t feature(acc_t x, FeatureMap fm) {
@@ -91,32 +44,6 @@ inline float feature<float>(float x, FeatureMap fm) {
 template <typename scalar_t>
 inline const scalar_t* token_row(const TokenTensor& t, int64_t b, int64_t n, int64_t h) {
   return static_cast<const scalar_t*>(t.data) + b * t.stride_b + n * t.stride_n + h * t.stride_h;
-}
-
-// exp(x) for a vector of floats: Cephes-style range reduction x = n ln2 + r and a degree-6
-// polynomial, within 2 ulp of expf on [-87, 88]; below, it flushes towards 0 like expf.
-inline Vec<float>::type exp_vec(Vec<float>::type x) {
-  using V = Vec<float>::type;
-  using I = int __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
-  x = x < splat<float>(-87.0f) ? splat<float>(-87.0f) : x;
-  x = x > splat<float>(88.0f) ? splat<float>(88.0f) : x;
-  const V magic = splat<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const V shifted = x * splat<float>(1.44269504088896341f) + magic;
-  const V n = shifted - magic;
-  const V r = (x - n * splat<float>(0.693359375f)) + n * splat<float>(2.12194440e-4f);
-  V p = splat<float>(1.9875691500e-4f);
-  p = p * r + splat<float>(1.3981999507e-3f);
-  p = p * r + splat<float>(8.3334519073e-3f);
-  p = p * r + splat<float>(4.1665795894e-2f);
-  p = p * r + splat<float>(1.6666665459e-1f);
-  p = p * r + splat<float>(5.0000001201e-1f);
-  p = p * r * r + r + splat<float>(1.0f);
-  I bits;
-  __builtin_memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - I{} - 0x4b400000 + 127) << 23;  // 2^n from the integer in shifted's mantissa
-  V scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 // phi over a row of `ld` floats (ld a multiple of the vector width), vectorised.
@@ -168,99 +95,6 @@ void store_tiles(const acc_t* tiles, int64_t ld, int64_t rows, int64_t heads, in
     }
 }
 
-// ---- micro-kernels -------------------------------------------------------------------
-
-// C[t][0:cols] = sum_k A[t][k] * B[k][0:cols] for t < kTile.
-// A: [kTile][lda], B: [inner][ldb], C: [kTile][ldc]; cols and the lds are multiples of
-// the vector width.
-template <typename acc_t>
-void tile_matmul(const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, int64_t inner, int64_t cols, acc_t* C,
-                 int64_t ldc) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::width;
-  for (int64_t t0 = 0; t0 < kTile; t0 += kRowBlock) {
-    int64_t c0 = 0;
-    for (; c0 + 2 * W <= cols; c0 += 2 * W) {
-      V acc[kRowBlock][2] = {};
-      for (int64_t k = 0; k < inner; ++k) {
-        const V b0 = load<acc_t>(B + k * ldb + c0);
-        const V b1 = load<acc_t>(B + k * ldb + c0 + W);
-        for (int64_t r = 0; r < kRowBlock; ++r) {
-          const V a = splat<acc_t>(A[(t0 + r) * lda + k]);
-          acc[r][0] += a * b0;
-          acc[r][1] += a * b1;
-        }
-      }
-      for (int64_t r = 0; r < kRowBlock; ++r) {
-        store<acc_t>(C + (t0 + r) * ldc + c0, acc[r][0]);
-        store<acc_t>(C + (t0 + r) * ldc + c0 + W, acc[r][1]);
-      }
-    }
-    for (; c0 < cols; c0 += W) {
-      V acc[kRowBlock] = {};
-      for (int64_t k = 0; k < inner; ++k) {
-        const V b0 = load<acc_t>(B + k * ldb + c0);
-        for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += splat<acc_t>(A[(t0 + r) * lda + k]) * b0;
-      }
-      for (int64_t r = 0; r < kRowBlock; ++r) store<acc_t>(C + (t0 + r) * ldc + c0, acc[r]);
-    }
-  }
-}
-
-// C[x][0:cols] += sum_t A[t][x] * B[t][0:cols] for x < rows (a multiple of kRowBlock).
-// A: [kTile][lda], B: [kTile][ldb], C: [rows][ldc].
-template <typename acc_t>
-void tile_outer_accum(const acc_t* A, int64_t lda, int64_t rows, const acc_t* B, int64_t ldb, int64_t cols, acc_t* C,
-                      int64_t ldc) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::width;
-  for (int64_t x0 = 0; x0 < rows; x0 += kRowBlock) {
-    int64_t c0 = 0;
-    for (; c0 + 2 * W <= cols; c0 += 2 * W) {
-      V acc[kRowBlock][2];
-      for (int64_t r = 0; r < kRowBlock; ++r) {
-        acc[r][0] = load<acc_t>(C + (x0 + r) * ldc + c0);
-        acc[r][1] = load<acc_t>(C + (x0 + r) * ldc + c0 + W);
-      }
-      for (int64_t t = 0; t < kTile; ++t) {
-        const V b0 = load<acc_t>(B + t * ldb + c0);
-        const V b1 = load<acc_t>(B + t * ldb + c0 + W);
-        for (int64_t r = 0; r < kRowBlock; ++r) {
-          const V a = splat<acc_t>(A[t * lda + x0 + r]);
-          acc[r][0] += a * b0;
-          acc[r][1] += a * b1;
-        }
-      }
-      for (int64_t r = 0; r < kRowBlock; ++r) {
-        store<acc_t>(C + (x0 + r) * ldc + c0, acc[r][0]);
-        store<acc_t>(C + (x0 + r) * ldc + c0 + W, acc[r][1]);
-      }
-    }
-    for (; c0 < cols; c0 += W) {
-      V acc[kRowBlock];
-      for (int64_t r = 0; r < kRowBlock; ++r) acc[r] = load<acc_t>(C + (x0 + r) * ldc + c0);
-      for (int64_t t = 0; t < kTile; ++t) {
-        const V b0 = load<acc_t>(B + t * ldb + c0);
-        for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += splat<acc_t>(A[t * lda + x0 + r]) * b0;
-      }
-      for (int64_t r = 0; r < kRowBlock; ++r) store<acc_t>(C + (x0 + r) * ldc + c0, acc[r]);
-    }
-  }
-}
-
-// sum_d a[d] * b[d] over a padded length (a multiple of the vector width).
-template <typename acc_t>
-inline acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t ld) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::width;
-  V acc = {};
-  for (int64_t d = 0; d < ld; d += W) acc += load<acc_t>(a + d) * load<acc_t>(b + d);
-  acc_t lanes[W];
-  __builtin_memcpy(lanes, &acc, sizeof(acc));
-  acc_t sum = 0;
-  for (int64_t i = 0; i < W; ++i) sum += lanes[i];
-  return sum;
-}
 
 // Backward epilogue, vectorised: row[d] = (row[d] + scale * add[d]) * phi'(x_d), with phi'
 // recovered from phi(x_d): elu1 -> min(phi, 1), relu -> (phi > 0), none -> 1. ld is a
@@ -315,33 +149,6 @@ template <typename acc_t>
 size_t partials_bytes(const LinearAttentionParams& p) {
   const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
   return sizeof(acc_t) * static_cast<size_t>(p.bh() * split_sequence(p).chunks * (pk * pv + pk));
-}
-
-// Per-call scratch of one worker: tiles and padded per-head copies of the state.
-template <typename acc_t>
-struct Scratch {
-  acc_t* data = nullptr;
-  explicit Scratch(size_t elements) {
-    data = static_cast<acc_t*>(__builtin_malloc(sizeof(acc_t) * elements + 64));
-  }
-  ~Scratch() { __builtin_free(data); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
-// Copies a dense (rows x cols) matrix into a zero-padded [prow][pcol] buffer, scaled,
-// optionally transposed.
-template <typename acc_t>
-void pad_matrix(const acc_t* src, int64_t rows, int64_t cols, acc_t scale, bool transpose, acc_t* dst,
-                int64_t prow, int64_t pcol) {
-  __builtin_memset(dst, 0, sizeof(acc_t) * prow * pcol);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      if (transpose)
-        dst[c * pcol + r] = src[r * cols + c] * scale;
-      else
-        dst[r * pcol + c] = src[r * cols + c] * scale;
-    }
 }
 
 // Padded per-head copies of a (B, H, rows, cols) state for batch entry b: [H][prow][pcol].
@@ -639,30 +446,27 @@ const char* state_backward_typed(const LinearAttentionParams& p) {
   return nullptr;
 }
 
-// ---- dtype dispatch --------------------------------------------------------------------
+// ---- entry points ------------------------------------------------------------------------
 
-#define MMFAST_CPU_DISPATCH(p, fn)                                          \
-  switch ((p).dtype) {                                                      \
-    case DType::kFloat32: return fn<float, float>(p);                       \
-    case DType::kFloat16: return fn<Half, float>(p);                        \
-    case DType::kBFloat16: return fn<BFloat16, float>(p);                   \
-    case DType::kFloat64: return fn<double, double>(p);                     \
-  }                                                                         \
-  return "linear_attention: unsupported dtype"
-
-const char* state(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, state_typed); }
-const char* apply(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, apply_typed); }
-const char* apply_backward(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, apply_backward_typed); }
-const char* state_backward(const LinearAttentionParams& p) { MMFAST_CPU_DISPATCH(p, state_backward_typed); }
-
-#undef MMFAST_CPU_DISPATCH
+#define MMFAST_LA_ENTRY(name, typed)                                                              \
+  const char* name(const LinearAttentionParams& p) {                                              \
+    return dispatch_dtype(p.dtype, "linear_attention: unsupported dtype",                         \
+                          [&](auto scalar, auto acc) { return typed<decltype(scalar), decltype(acc)>(p); }); \
+  }
+MMFAST_LA_ENTRY(state, state_typed)
+MMFAST_LA_ENTRY(apply, apply_typed)
+MMFAST_LA_ENTRY(apply_backward, apply_backward_typed)
+MMFAST_LA_ENTRY(state_backward, state_backward_typed)
+#undef MMFAST_LA_ENTRY
 
 size_t workspace_bytes(const LinearAttentionParams& p) {
   return p.dtype == DType::kFloat64 ? partials_bytes<double>(p) : partials_bytes<float>(p);
 }
 
+}  // namespace la
+
 LinearAttentionKernels linear_attention_kernels() {
-  return {&workspace_bytes, &state, &apply, &apply_backward, &state_backward};
+  return {&la::workspace_bytes, &la::state, &la::apply, &la::apply_backward, &la::state_backward};
 }
 
 }  // namespace MMFAST_CPU_ISA_NS

@@ -1,0 +1,224 @@
+// SIMD building blocks of the CPU kernels (torch-free), compiled once per ISA.
+//
+// Not a normal header: mmfast/cpu/instantiate_isas.h includes it (and each family's
+// *_impl.h after it) once per ISA, inside `namespace mmfast::cpu::MMFAST_CPU_ISA_NS` with
+// MMFAST_VECTOR_BYTES the vector width and the ISA's `#pragma GCC target` in force. So
+// everything here is per-ISA code: GCC vector extensions and builtins only (no SIMD
+// intrinsics headers, no std templates), and each ISA namespace holds its own copy.
+//
+// What is here: Vec<acc_t> (acc_t = float or double), load / store / splat, a vectorised
+// expf, two register-blocked micro-kernels over tiles of kTile rows
+//   tile_matmul:      C[t][:] = A[t][:] @ B        (A: tile x K, B: K x cols)
+//   tile_outer_accum: C      += A^T @ B            (A: tile x X, B: tile x Y)
+// dot_padded, per-call Scratch memory, pad_matrix and dispatch_dtype. Leading dimensions are padded to
+// padded<acc_t>(d), a multiple of the vector width and of kRowBlock, with zeros.
+#ifndef MMFAST_CPU_ISA_NS
+#error "mmfast/cpu/simd.h is included by mmfast/cpu/instantiate_isas.h only"
+#endif
+
+namespace mmfast {
+namespace cpu {
+namespace MMFAST_CPU_ISA_NS {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  static constexpr int64_t width = MMFAST_VECTOR_BYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  static constexpr int64_t width = MMFAST_VECTOR_BYTES / 8;
+};
+
+constexpr int64_t kTile = 32;      // tokens per tile
+constexpr int64_t kRowBlock = 4;   // rows of a micro-kernel register block
+
+template <typename acc_t>
+inline int64_t padded(int64_t d) {
+  return round_up(d, max_i64(Vec<acc_t>::width, kRowBlock));
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type load(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store(acc_t* p, typename Vec<acc_t>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type splat(acc_t x) {
+  typename Vec<acc_t>::type v = {};
+  return x - v;  // x - (+0) == x for every x, so this folds to a plain broadcast
+}
+
+// exp(x) for a vector of floats: Cephes-style range reduction x = n ln2 + r and a degree-6
+// polynomial, within 2 ulp of expf on [-87, 88]; below, it flushes towards 0 like expf.
+inline Vec<float>::type exp_vec(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using I = int __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  x = x < splat<float>(-87.0f) ? splat<float>(-87.0f) : x;
+  x = x > splat<float>(88.0f) ? splat<float>(88.0f) : x;
+  const V magic = splat<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V shifted = x * splat<float>(1.44269504088896341f) + magic;
+  const V n = shifted - magic;
+  const V r = (x - n * splat<float>(0.693359375f)) + n * splat<float>(2.12194440e-4f);
+  V p = splat<float>(1.9875691500e-4f);
+  p = p * r + splat<float>(1.3981999507e-3f);
+  p = p * r + splat<float>(8.3334519073e-3f);
+  p = p * r + splat<float>(4.1665795894e-2f);
+  p = p * r + splat<float>(1.6666665459e-1f);
+  p = p * r + splat<float>(5.0000001201e-1f);
+  p = p * r * r + r + splat<float>(1.0f);
+  I bits;
+  __builtin_memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - I{} - 0x4b400000 + 127) << 23;  // 2^n from the integer in shifted's mantissa
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// ---- micro-kernels -------------------------------------------------------------------
+
+// C[t][0:cols] = sum_k A[t][k] * B[k][0:cols] for t < kTile.
+// A: [kTile][lda], B: [inner][ldb], C: [kTile][ldc]; cols and the lds are multiples of
+// the vector width.
+template <typename acc_t>
+void tile_matmul(const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, int64_t inner, int64_t cols, acc_t* C,
+                 int64_t ldc) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  for (int64_t t0 = 0; t0 < kTile; t0 += kRowBlock) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * W <= cols; c0 += 2 * W) {
+      V acc[kRowBlock][2] = {};
+      for (int64_t k = 0; k < inner; ++k) {
+        const V b0 = load<acc_t>(B + k * ldb + c0);
+        const V b1 = load<acc_t>(B + k * ldb + c0 + W);
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const V a = splat<acc_t>(A[(t0 + r) * lda + k]);
+          acc[r][0] += a * b0;
+          acc[r][1] += a * b1;
+        }
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        store<acc_t>(C + (t0 + r) * ldc + c0, acc[r][0]);
+        store<acc_t>(C + (t0 + r) * ldc + c0 + W, acc[r][1]);
+      }
+    }
+    for (; c0 < cols; c0 += W) {
+      V acc[kRowBlock] = {};
+      for (int64_t k = 0; k < inner; ++k) {
+        const V b0 = load<acc_t>(B + k * ldb + c0);
+        for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += splat<acc_t>(A[(t0 + r) * lda + k]) * b0;
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) store<acc_t>(C + (t0 + r) * ldc + c0, acc[r]);
+    }
+  }
+}
+
+// C[x][0:cols] += sum_t A[t][x] * B[t][0:cols] for x < rows (a multiple of kRowBlock).
+// A: [kTile][lda], B: [kTile][ldb], C: [rows][ldc].
+template <typename acc_t>
+void tile_outer_accum(const acc_t* A, int64_t lda, int64_t rows, const acc_t* B, int64_t ldb, int64_t cols, acc_t* C,
+                      int64_t ldc) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  for (int64_t x0 = 0; x0 < rows; x0 += kRowBlock) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * W <= cols; c0 += 2 * W) {
+      V acc[kRowBlock][2];
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        acc[r][0] = load<acc_t>(C + (x0 + r) * ldc + c0);
+        acc[r][1] = load<acc_t>(C + (x0 + r) * ldc + c0 + W);
+      }
+      for (int64_t t = 0; t < kTile; ++t) {
+        const V b0 = load<acc_t>(B + t * ldb + c0);
+        const V b1 = load<acc_t>(B + t * ldb + c0 + W);
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const V a = splat<acc_t>(A[t * lda + x0 + r]);
+          acc[r][0] += a * b0;
+          acc[r][1] += a * b1;
+        }
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        store<acc_t>(C + (x0 + r) * ldc + c0, acc[r][0]);
+        store<acc_t>(C + (x0 + r) * ldc + c0 + W, acc[r][1]);
+      }
+    }
+    for (; c0 < cols; c0 += W) {
+      V acc[kRowBlock];
+      for (int64_t r = 0; r < kRowBlock; ++r) acc[r] = load<acc_t>(C + (x0 + r) * ldc + c0);
+      for (int64_t t = 0; t < kTile; ++t) {
+        const V b0 = load<acc_t>(B + t * ldb + c0);
+        for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += splat<acc_t>(A[t * lda + x0 + r]) * b0;
+      }
+      for (int64_t r = 0; r < kRowBlock; ++r) store<acc_t>(C + (x0 + r) * ldc + c0, acc[r]);
+    }
+  }
+}
+
+// sum_d a[d] * b[d] over a padded length (a multiple of the vector width).
+template <typename acc_t>
+inline acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t ld) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  V acc = {};
+  for (int64_t d = 0; d < ld; d += W) acc += load<acc_t>(a + d) * load<acc_t>(b + d);
+  acc_t lanes[W];
+  __builtin_memcpy(lanes, &acc, sizeof(acc));
+  acc_t sum = 0;
+  for (int64_t i = 0; i < W; ++i) sum += lanes[i];
+  return sum;
+}
+
+// Per-call scratch of one worker: tiles and padded per-head copies of the state.
+template <typename acc_t>
+struct Scratch {
+  acc_t* data = nullptr;
+  explicit Scratch(size_t elements) {
+    data = static_cast<acc_t*>(__builtin_malloc(sizeof(acc_t) * elements + 64));
+  }
+  ~Scratch() { __builtin_free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Copies a dense (rows x cols) matrix into a zero-padded [prow][pcol] buffer, scaled,
+// optionally transposed.
+template <typename acc_t>
+void pad_matrix(const acc_t* src, int64_t rows, int64_t cols, acc_t scale, bool transpose, acc_t* dst,
+                int64_t prow, int64_t pcol) {
+  __builtin_memset(dst, 0, sizeof(acc_t) * prow * pcol);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      if (transpose)
+        dst[c * pcol + r] = src[r * cols + c] * scale;
+      else
+        dst[r * pcol + c] = src[r * cols + c] * scale;
+    }
+}
+
+// f(scalar_t{}, acc_t{}) with the storage and accumulator types of `dtype` (Half and
+// BFloat16 accumulate in float, double in double); `otherwise` for any other dtype.
+template <class R, class F>
+R dispatch_dtype(DType dtype, R otherwise, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{}, float{});
+    case DType::kFloat16: return f(Half{}, float{});
+    case DType::kBFloat16: return f(BFloat16{}, float{});
+    case DType::kFloat64: return f(double{}, double{});
+  }
+  return otherwise;
+}
+
+}  // namespace MMFAST_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace mmfast

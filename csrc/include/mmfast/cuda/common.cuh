@@ -1,0 +1,127 @@
+// Building blocks every family's CUDA kernels share (torch-free): accumulator types and
+// conversions, token-tensor views, the launch macro, grid sizing, device queries and the
+// dtype dispatch. Plain CUDA: raw pointers, int64 strides, a cudaStream_t, cudaError_t.
+// No torch / ATen / c10 header may be included from mmfast/cuda/.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+
+#include "mmfast/common.h"
+
+// Every kernel launch goes through this macro, so the host emulator of the CUDA tests
+// (tests/cuda_emulator/emulator.h, which defines it first) can run the same source.
+#ifndef MMFAST_LAUNCH
+#define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
+
+namespace mmfast {
+namespace cuda {
+
+// ---- scalar types ----------------------------------------------------------------------
+template <class T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+// Accumulator type of the storage type T: fp32, or fp64 for fp64.
+template <class T> using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T> __device__ __forceinline__ T from_acc(acc_t<T> x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+// Four consecutive accumulators from 16-byte aligned shared memory.
+__device__ __forceinline__ void load4(const float* p, float (&r)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  r[0] = v.x; r[1] = v.y; r[2] = v.z; r[3] = v.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&r)[4]) {
+  const double2 a = *reinterpret_cast<const double2*>(p);
+  const double2 b = *reinterpret_cast<const double2*>(p + 2);
+  r[0] = a.x; r[1] = a.y; r[2] = b.x; r[3] = b.y;
+}
+
+// ---- token tensors -----------------------------------------------------------------------
+// One (b, h) of a TokenTensor: element (n, d) at base[n * sn + d].
+template <class T> struct TokenView {
+  T* base;
+  int64_t sn;
+  __device__ __forceinline__ T* row(int64_t n) const { return base + n * sn; }
+};
+
+template <class T>
+__device__ __forceinline__ TokenView<T> token_view(const TokenTensor& t, int64_t bh, int64_t heads) {
+  const int64_t b = bh / heads, h = bh - b * heads;
+  TokenView<T> v;
+  v.base = static_cast<T*>(t.data) + b * t.stride_b + h * t.stride_h;
+  v.sn = t.stride_n;
+  return v;
+}
+
+// ---- launches ------------------------------------------------------------------------------
+// Kernels loop over their work items with a grid stride, so a 1-D grid of at most INT_MAX
+// blocks covers any problem (no 65,535 limit of grid y/z).
+constexpr int64_t kMaxGrid = INT_MAX;
+
+inline unsigned grid_for(int64_t items) {
+  if (items < 1) items = 1;
+  return static_cast<unsigned>(items > kMaxGrid ? kMaxGrid : items);
+}
+
+// ---- device queries (current device; conservative answers when a query fails) ------------
+inline int sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  return sms;
+}
+
+inline int compute_capability_major() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+
+// MMFAST_CUDA_TENSOR_CORES=0 keeps every kernel on its exact SIMT path.
+inline bool tensor_cores_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MMFAST_CUDA_TENSOR_CORES");
+    return env == nullptr || env[0] != '0';
+  }();
+  return enabled;
+}
+
+// Calls f(T{}) with T the storage type of dtype.
+template <class F> cudaError_t dispatch_dtype(DType dtype, F f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat64: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace mmfast

@@ -1,0 +1,229 @@
+// The split-N state pass of the linear attention, shared by the forward
+// (S = sum phi(k)^T v / N, m = sum phi(k) / N) and by apply_backward
+// (dS = sum phi(q)^T (do / z), dm = sum dz phi(q)).
+//
+//   la_state_kernel         item = (Dk tile, Dv tile, N chunk, b*h), tile index fastest so the
+//                           blocks sharing a chunk's tokens run together and hit L2. Writes
+//                           the chunk's fp32 partial [S | m] into the workspace, or the final
+//                           result directly when there is a single chunk.
+//   la_state_reduce_kernel  sums the per-chunk partials in a fixed order (deterministic).
+#pragma once
+
+#include "mmfast/cuda/linear_attention/common.cuh"
+
+namespace mmfast {
+namespace cuda {
+namespace la {
+
+constexpr int64_t kMinChunk = 256;  // minimum tokens per split-N chunk
+constexpr int kChunkOversub = 4;    // grid target: kChunkOversub x SM count blocks
+
+struct StateArgs : Dims {
+  TokenTensor k;        // phi(k) side (q for apply_backward)
+  TokenTensor v;        // v side (grad_out for apply_backward)
+  const void* scalars;  // nullptr (forward) or (z, dz) per token: [bh][N][2] accumulator type
+  void* out_state;      // partials [bh][nchunks][Dk*Dv + Dk], or final state when nchunks == 1
+  void* out_mean;       // final mean when nchunks == 1 (unused otherwise)
+  int64_t chunk, nchunks;
+  double div;           // divisor of the final result when nchunks == 1 (N or 1)
+};
+
+// One work item of the state pass.
+struct StateItem {
+  int64_t bh, chunk, t_begin, t_end;
+  int k0, v0;    // first Dk row and Dv column of the tile
+  bool do_mean;  // this thread accumulates m (tile_v == 0, first column of threads)
+};
+
+__device__ __forceinline__ StateItem state_item(const StateArgs& a, int64_t item, int tx) {
+  const int64_t tiles = static_cast<int64_t>(a.tiles_k) * a.tiles_v;
+  const int64_t tile = item % tiles, rest = item / tiles;
+  StateItem it;
+  it.chunk = rest % a.nchunks;
+  it.bh = rest / a.nchunks;
+  it.k0 = static_cast<int>(tile / a.tiles_v) * kTile;
+  it.v0 = static_cast<int>(tile % a.tiles_v) * kTile;
+  it.t_begin = it.chunk * a.chunk;
+  it.t_end = min_i64(it.t_begin + a.chunk, a.N);
+  it.do_mean = it.v0 == 0 && tx == 0;
+  return it;
+}
+
+// zsh[l], wsh[l] for the kBK tokens from t0: 1 and 1 (forward) or z_t and dz_t (apply_backward);
+// w = 0 past the chunk. Surrounded by barriers.
+template <class A>
+__device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const StateItem& it, int64_t t0, A* zsh,
+                                                    A* wsh) {
+  __syncthreads();  // the previous step's readers are done with the shared tiles
+  if (threadIdx.x < kBK) {
+    const int64_t t = t0 + threadIdx.x;
+    A z = A(1), w = A(1);
+    if (t < it.t_end && a.scalars != nullptr) {
+      const A* s = static_cast<const A*>(a.scalars) + (it.bh * a.N + t) * 2;
+      z = s[0];
+      w = s[1];
+    }
+    zsh[threadIdx.x] = z;
+    wsh[threadIdx.x] = (t < it.t_end) ? w : A(0);
+  }
+  __syncthreads();
+}
+
+// As[l][x] = phi(k_{t0+l})[k0+x], Bs[l][x] = v_{t0+l}[v0+x] / z_l, zero past the chunk and dims.
+template <class T, class A>
+__device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0,
+                                                  const TokenView<const T>& kk, const TokenView<const T>& vv,
+                                                  const A* zsh, A* As, A* Bs) {
+  stage_tile<true>(As, [&](int x, int l) {
+    const int64_t t = t0 + l;
+    const int d = it.k0 + x;
+    return (t < it.t_end && d < a.dk) ? phi(to_acc(kk.row(t)[d]), a.fm) : A(0);
+  });
+  stage_tile<true>(Bs, [&](int x, int l) {
+    const int64_t t = t0 + l;
+    const int d = it.v0 + x;
+    return (t < it.t_end && d < a.dv) ? to_acc(vv.row(t)[d]) / zsh[l] : A(0);
+  });
+  __syncthreads();
+}
+
+// msum[i] += sum_l phi(k)[ty*4 + i][l] * w_l over the staged slice.
+template <class A>
+__device__ __forceinline__ void accumulate_mean(A (&msum)[4], const A* As, const A* wsh, int ty) {
+#pragma unroll 4
+  for (int l = 0; l < kBK; ++l) {
+    A x[4];
+    load4(As + l * kLd + ty * 4, x);
+    const A w = wsh[l];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) msum[i] += x[i] * w;
+  }
+}
+
+// The tile (and, for do_mean threads, m) divided by div into the final state, or unscaled
+// into the chunk's partial.
+template <class A>
+__device__ __forceinline__ void store_state_tile(const StateArgs& a, const StateItem& it, const A (&acc)[4][4],
+                                                 const A (&msum)[4], int ty, int tx) {
+  const int64_t dkdv = static_cast<int64_t>(a.dk) * a.dv;
+  const bool final = a.nchunks == 1;
+  const A div = final ? static_cast<A>(a.div) : A(1);
+  A* S = static_cast<A*>(a.out_state) + (final ? it.bh * dkdv : (it.bh * a.nchunks + it.chunk) * (dkdv + a.dk));
+  A* M = final ? static_cast<A*>(a.out_mean) + it.bh * a.dk : S + dkdv;
+  store_tile(acc, ty, tx, a.dk - it.k0, a.dv - it.v0,
+             [&](int i, int j, A value) { S[static_cast<int64_t>(it.k0 + i) * a.dv + it.v0 + j] = value / div; });
+  if (!it.do_mean) return;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = it.k0 + ty * 4 + i;
+    if (r < a.dk) M[r] = msum[i] / div;
+  }
+}
+
+// Accumulates S_tile[i][j] = sum_t phi(k_t)[k0+i] * v_t[v0+j] / z_t and (tile_v == 0 only)
+// m[k0+i] = sum_t phi(k_t)[k0+i] * w_t, with z_t = w_t = 1 (forward) or z_t, w_t = dz_t
+// (apply_backward).
+template <class T>
+__global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
+  using A = acc_t<T>;
+  __shared__ __align__(32) A As[kBK * kLd];
+  __shared__ __align__(32) A Bs[kBK * kLd];
+  __shared__ __align__(32) A Cs[TcScratch<A>::floats];
+  __shared__ A zsh[kBK];
+  __shared__ A wsh[kBK];
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const bool use_tc = a.use_tc != 0;
+  const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const StateItem it = state_item(a, item, tx);
+    const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
+    const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
+    TileAccumulator<A> tile;
+    tile_zero(tile, use_tc);
+    A msum[4] = {A(0), A(0), A(0), A(0)};
+    for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kBK) {
+      stage_token_scalars(a, it, t0, zsh, wsh);
+      stage_state_slice<T>(a, it, t0, kk, vv, zsh, As, Bs);
+      tile_accumulate(tile, use_tc, As, Bs, ty, tx);
+      if (it.do_mean) accumulate_mean(msum, As, wsh, ty);
+    }
+    tile_finish(tile, use_tc, Cs, ty, tx);
+    store_state_tile(a, it, tile.acc, msum, ty, tx);
+  }
+}
+
+// Sums the nchunks partials of every (bh, element) in chunk order and divides by div.
+template <class A>
+__global__ void __launch_bounds__(kThreads)
+    la_state_reduce_kernel(const A* __restrict__ partials, A* __restrict__ state, A* __restrict__ mean, int64_t bh,
+                           int64_t nchunks, int dk, int dv, double div) {
+  const int64_t dkdv = static_cast<int64_t>(dk) * dv;
+  const int64_t E = dkdv + dk;
+  const int64_t total = bh * E;
+  const A d = static_cast<A>(div);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = e / E, r = e - b * E;
+    const A* p = partials + b * nchunks * E + r;
+    A s = A(0);
+    for (int64_t c = 0; c < nchunks; ++c) s += p[c * E];
+    s = s / d;
+    if (r < dkdv)
+      state[b * dkdv + r] = s;
+    else
+      mean[b * dk + (r - dkdv)] = s;
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+struct StatePlan {
+  int64_t tiles_k = 1, tiles_v = 1, nchunks = 1, chunk = 1;
+  size_t partial_bytes = 0;  // 0 when nchunks == 1 (the kernel writes the final state)
+};
+
+inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
+  StatePlan s;
+  const int64_t bh = p.bh(), N = p.seqlen;
+  s.tiles_k = ceil_div(p.dim_k, kTile);
+  s.tiles_v = ceil_div(p.dim_v, kTile);
+  const int64_t base = bh * s.tiles_k * s.tiles_v;
+  const int64_t target = static_cast<int64_t>(kChunkOversub) * (sms > 0 ? sms : 1);
+  const int64_t dmax = max_i64(p.dim_k, p.dim_v);
+  const int64_t min_chunk = max_i64(kMinChunk, 2 * dmax);  // keep partial traffic below token traffic
+  const int64_t want = max_i64(1, min_i64(ceil_div(target, base), ceil_div(N, min_chunk)));
+  s.chunk = round_up(ceil_div(N, want), kBK);
+  s.nchunks = ceil_div(N, s.chunk);
+  if (s.nchunks > 1)
+    s.partial_bytes = static_cast<size_t>(bh * s.nchunks * (p.dim_k * p.dim_v + p.dim_k)) * accumulator_bytes(p.dtype);
+  return s;
+}
+
+template <class T>
+cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const void* scalars, void* state, void* mean,
+                              const LinearAttentionParams& p, const StatePlan& plan, void* workspace, double div,
+                              cudaStream_t stream) {
+  using A = acc_t<T>;
+  StateArgs a;
+  static_cast<Dims&>(a) = make_dims(p);
+  a.k = k;
+  a.v = v;
+  a.scalars = scalars;
+  a.out_state = plan.nchunks == 1 ? state : workspace;
+  a.out_mean = mean;
+  a.chunk = plan.chunk;
+  a.nchunks = plan.nchunks;
+  a.div = div;
+  const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
+  MMFAST_LAUNCH(la_state_kernel<T>, grid_for(items), kThreads, 0, stream, a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || plan.nchunks == 1) return err;
+  const int64_t total = a.bh * (p.dim_k * p.dim_v + p.dim_k);
+  MMFAST_LAUNCH(la_state_reduce_kernel<A>, grid_for(ceil_div(total, kThreads)), kThreads, 0, stream,
+                static_cast<const A*>(workspace), static_cast<A*>(state), static_cast<A*>(mean), a.bh, plan.nchunks,
+                a.dk, a.dv, div);
+  return cudaGetLastError();
+}
+
+}  // namespace la
+}  // namespace cuda
+}  // namespace mmfast

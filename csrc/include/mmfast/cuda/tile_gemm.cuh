@@ -1,0 +1,222 @@
+// The block-level tile GEMM every family's CUDA kernels share (torch-free).
+//
+// A 256-thread block computes a 64 x 64 tile C = sum_l A(x, l) B(l, y), staging kBK-deep
+// slices of both operands through shared memory (tile[l][x], row length kLd) with any
+// element function applied on load (a feature map, a scale, bounds). Each thread owns a
+// 4 x 4 register block: rows ty*4.., columns tx*4.. (ty = thread / 16, tx = thread % 16).
+// The product runs on the FMA units (exact fp32 / fp64), or, for float accumulators when the
+// caller asks (use_tc, uniform per block) and the arch has them (sm_80+), on TF32 tensor
+// cores (WMMA m16n16k8: operands rounded to 10 mantissa bits, fp32 accumulation); the
+// result lands in the same register block either way.
+#pragma once
+
+#include "mmfast/cuda/common.cuh"
+#ifndef MMFAST_CUDA_EMULATED
+#include <mma.h>
+#endif
+
+// TF32 WMMA exists from sm_80 on. The host pass and the host emulator see the declarations.
+#if defined(MMFAST_CUDA_EMULATED) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define MMFAST_CUDA_TF32_MMA 1
+#else
+#define MMFAST_CUDA_TF32_MMA 0
+#endif
+
+namespace mmfast {
+namespace cuda {
+
+constexpr int kThreads = 256;   // 16 x 16 threads, each owning a 4 x 4 block of the tile
+constexpr int kTile = 64;       // tile edge
+constexpr int kBK = 32;         // contraction depth staged per step
+constexpr int kLd = kTile + 4;  // shared row length: +4 keeps 16 B alignment, breaks bank conflicts
+
+static_assert(kThreads == (kTile / 4) * (kTile / 4), "one 4x4 register block per thread");
+
+// ---- SIMT building blocks ----------------------------------------------------------------
+// dst[l * kLd + x] = f(x, l) for x < kTile, l < kBK; f returns 0 outside the valid range.
+// XFast: consecutive threads take consecutive x (source contiguous along x); else consecutive l.
+template <bool XFast, class A, class F>
+__device__ __forceinline__ void stage_tile(A* __restrict__ dst, F f) {
+  for (int idx = threadIdx.x; idx < kBK * kTile; idx += kThreads) {
+    int x, l;
+    if (XFast) {
+      x = idx % kTile;
+      l = idx / kTile;
+    } else {
+      l = idx % kBK;
+      x = idx / kBK;
+    }
+    dst[l * kLd + x] = f(x, l);
+  }
+}
+
+// acc[i][j] += sum_l As[l][ty*4+i] * Bs[l][tx*4+j]
+template <class A>
+__device__ __forceinline__ void fma_tile(A (&acc)[4][4], const A* __restrict__ As, const A* __restrict__ Bs, int ty,
+                                         int tx) {
+#pragma unroll 4
+  for (int l = 0; l < kBK; ++l) {
+    A a[4], b[4];
+    load4(As + l * kLd + ty * 4, a);
+    load4(Bs + l * kLd + tx * 4, b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+  }
+}
+
+template <class A> __device__ __forceinline__ void zero_acc(A (&acc)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+}
+
+// ---- TF32 tensor cores (sm_80+) ------------------------------------------------------------
+// Each of the 8 warps owns a 16 x 32 strip of the tile: rows (warp / 2) * 16, columns
+// (warp % 2) * 32 + {0, 16}.
+#if MMFAST_CUDA_TF32_MMA
+namespace wmma = nvcuda::wmma;
+using TcFragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using TcFragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TcFragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+constexpr int kTcSmemFloats = kTile * kLd;  // the 64 x 64 tile moved out of the fragments
+
+static_assert(kThreads == 8 * 32 && kTile == 64 && kBK % 8 == 0, "warp layout of the tensor-core tile");
+static_assert(kLd % 4 == 0 && (8 * kLd * 4) % 32 == 0, "WMMA tf32 loads need ldm % 4 == 0 and 32-byte aligned rows");
+
+template <class Frag>
+__device__ __forceinline__ void round_to_tf32(Frag& f) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+__device__ __forceinline__ void tc_zero(TcFragC (&c)[2]) {
+  wmma::fill_fragment(c[0], 0.0f);
+  wmma::fill_fragment(c[1], 0.0f);
+}
+
+// c += sum_l As[l][x] * Bs[l][y] over one staged kBK slice (As, Bs 32-byte aligned).
+__device__ __forceinline__ void mma_tile(TcFragC (&c)[2], const float* As, const float* Bs) {
+  const int warp = threadIdx.x / 32;
+  const int m0 = (warp / 2) * 16, n0 = (warp % 2) * 32;
+#pragma unroll
+  for (int k0 = 0; k0 < kBK; k0 += 8) {
+    TcFragA a;
+    wmma::load_matrix_sync(a, As + k0 * kLd + m0, kLd);
+    round_to_tf32(a);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      TcFragB b;
+      wmma::load_matrix_sync(b, Bs + k0 * kLd + n0 + 16 * j, kLd);
+      round_to_tf32(b);
+      wmma::mma_sync(c[j], a, b, c[j]);
+    }
+  }
+}
+
+// acc[i][j] = tile[ty*4 + i][tx*4 + j]: the fragments, through shared memory Cs, into the
+// per-thread layout of the SIMT path. Starts and ends with __syncthreads().
+__device__ __forceinline__ void tc_to_acc(TcFragC (&c)[2], float* Cs, float (&acc)[4][4], int ty, int tx) {
+  const int warp = threadIdx.x / 32;
+  const int m0 = (warp / 2) * 16, n0 = (warp % 2) * 32;
+  __syncthreads();
+  wmma::store_matrix_sync(Cs + m0 * kLd + n0, c[0], kLd, wmma::mem_row_major);
+  wmma::store_matrix_sync(Cs + m0 * kLd + n0 + 16, c[1], kLd, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) load4(Cs + (ty * 4 + i) * kLd + tx * 4, acc[i]);
+  __syncthreads();
+}
+#endif  // MMFAST_CUDA_TF32_MMA
+
+// Floats of shared memory the tensor-core epilogue needs (Cs): only float accumulators on
+// tensor-core archs use it; the others declare a token array.
+template <class A> struct TcScratch { static constexpr int floats = 8; };
+#if MMFAST_CUDA_TF32_MMA
+template <> struct TcScratch<float> { static constexpr int floats = kTcSmemFloats; };
+#endif
+template <class A> constexpr bool kTensorCoreCapable = TcScratch<A>::floats > 8;
+
+// ---- the accumulating tile -----------------------------------------------------------------
+// The 4 x 4 register block and, for the tensor-core path, the warp's fragments.
+template <class A> struct TileAccumulator {
+  A acc[4][4];
+#if MMFAST_CUDA_TF32_MMA
+  TcFragC frag[2];
+#endif
+};
+
+template <class A>
+__device__ __forceinline__ void tile_zero(TileAccumulator<A>& t, bool use_tc) {
+  zero_acc(t.acc);
+#if MMFAST_CUDA_TF32_MMA
+  if constexpr (kTensorCoreCapable<A>) {
+    if (use_tc) tc_zero(t.frag);
+  }
+#endif
+}
+
+// t += the staged slice As^T Bs.
+template <class A>
+__device__ __forceinline__ void tile_accumulate(TileAccumulator<A>& t, bool use_tc, const A* As, const A* Bs, int ty,
+                                                int tx) {
+#if MMFAST_CUDA_TF32_MMA
+  if constexpr (kTensorCoreCapable<A>) {
+    if (use_tc) {
+      mma_tile(t.frag, As, Bs);
+      return;
+    }
+  }
+#endif
+  fma_tile(t.acc, As, Bs, ty, tx);
+}
+
+// After the last slice: moves the fragments into t.acc (through Cs, with barriers); a
+// no-op on the SIMT path.
+template <class A>
+__device__ __forceinline__ void tile_finish(TileAccumulator<A>& t, bool use_tc, A* Cs, int ty, int tx) {
+#if MMFAST_CUDA_TF32_MMA
+  if constexpr (kTensorCoreCapable<A>) {
+    if (use_tc) tc_to_acc(t.frag, Cs, t.acc, ty, tx);
+  }
+#endif
+}
+
+// t.acc = sum_{l < L} FA(i, l) * FB(l, j) for the 64 x 64 tile (i = ty*4 + ., j = tx*4 + .).
+// FA(i, l) / FB(l, j) return 0 outside the valid range. Starts and ends with __syncthreads(),
+// so the caller may reuse As / Bs / Cs and any other shared memory around it.
+template <bool AXFast, bool BXFast, class A, class FA, class FB>
+__device__ __forceinline__ void gemm_tile(TileAccumulator<A>& t, bool use_tc, int L, FA fa, FB fb, A* As, A* Bs,
+                                          A* Cs, int ty, int tx) {
+  tile_zero(t, use_tc);
+  for (int l0 = 0; l0 < L; l0 += kBK) {
+    __syncthreads();
+    stage_tile<AXFast>(As, [&](int x, int l) { return fa(x, l0 + l); });
+    stage_tile<BXFast>(Bs, [&](int x, int l) { return fb(l0 + l, x); });
+    __syncthreads();
+    tile_accumulate(t, use_tc, As, Bs, ty, tx);
+  }
+  __syncthreads();
+  tile_finish(t, use_tc, Cs, ty, tx);
+}
+
+// The one store-tile helper: f(i, j, value) for every element (i, j) of this thread's 4 x 4
+// block, tile-local (i = ty*4 + r, j = tx*4 + c), with i < rows and j < cols only.
+template <class A, class F>
+__device__ __forceinline__ void store_tile(const A (&acc)[4][4], int ty, int tx, int64_t rows, int64_t cols, F f) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = ty * 4 + r;
+    if (i >= rows) continue;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = tx * 4 + c;
+      if (j < cols) f(i, j, acc[r][c]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace mmfast
