@@ -17,15 +17,20 @@ def collect() -> dict:
         "torch": torch.__version__,
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
-        "CPU kernels": _extension.has_kernel("mmfast::linear_attention", torch.device("cpu")),
+        "CPU kernels": _ops_with_kernels("cpu"),
         "CPU ISA": torch.ops.mmfast.cpu_isa() if _extension.loaded() else None,
-        "CUDA kernels": _extension.has_kernel("mmfast::linear_attention", torch.device("cuda")),
+        "CUDA kernels": _ops_with_kernels("cuda"),
         "CUDA archs": getattr(build, "cuda_archs", None),
         "CUDA runtime": torch.version.cuda,
         "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "Triton": _triton_version(),
     }
     return facts
+
+
+def _ops_with_kernels(device_type: str) -> str:
+    ops = sorted(op for op, devices in _extension.COMPILED_KERNELS.items() if device_type in devices)
+    return f"{len(ops)} ops ({', '.join(ops)})" if ops else "none"
 
 
 def _triton_version():
