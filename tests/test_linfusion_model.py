@@ -189,3 +189,36 @@ def test_compiled_mounted_unet(unet):
     finally:
         linfusion.unmount()
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- dtypes and diffusers' processor API ----------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_bf16_autocast_gives_the_same_dtype_with_and_without_token_chunking(backend, chunk):
+    module = random_module(40, 2)
+    module.token_chunk_size = chunk
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(torch.randn(1, 50, 40))
+    assert out.dtype == torch.bfloat16
+
+
+def test_mounted_layers_take_part_in_the_processor_api(unet):
+    from mmfast.models.linfusion import LinFusionAttnProcessor
+
+    before = dict(unet.attn_processors)
+    linfusion = LinFusion.construct_for(unet)
+    try:
+        mounted = unet.attn_processors
+        assert mounted.keys() == before.keys()  # all 8 layers, attn1 included
+        attn1 = [name for name in mounted if name.endswith("attn1.processor")]
+        assert attn1 and all(isinstance(mounted[name], LinFusionAttnProcessor) for name in attn1)
+        unet.set_attn_processor(dict(mounted))  # a dict taken while mounted fits
+        # diffusers' loaders re-create each layer's current processor class (IP-Adapter does):
+        unet.set_attn_processor({name: type(p)() for name, p in mounted.items()})
+        with pytest.raises(ValueError, match="cannot run AttnProcessor2_0. Unmount LinFusion"):
+            unet.set_attn_processor(dict(before))  # softmax processors for attn1
+        assert all(isinstance(unet.get_submodule(n[: -len(".processor")]), GeneralizedLinearAttention) for n in attn1)
+    finally:
+        linfusion.unmount()
+    assert unet.attn_processors.keys() == before.keys()

@@ -11,6 +11,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -111,6 +112,7 @@ inline TokenTensor token_view(const at::Tensor& t) {
 
 inline LinearAttentionParams make_params(const at::Tensor& tokens, int64_t dim_k, int64_t dim_v, double eps,
                                          c10::string_view feature_map) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "linear_attention: eps must be a finite number >= 0, got ", eps);
   LinearAttentionParams p;
   p.batch = tokens.size(0);
   p.seqlen = tokens.size(1);

@@ -65,8 +65,12 @@ def validate(backend: str) -> None:
 
 
 def native_available(op: str, device: torch.device) -> bool:
-    """True when the compiled op mmfast::`op` has a kernel for `device`'s type."""
-    return torch.device(device).type in _extension.COMPILED_KERNELS.get(op, ())
+    """True when the compiled op mmfast::`op` runs on `device`: a CPU or CUDA kernel, or on
+    the meta device (shapes and dtypes only) the op's fake kernel, which every op has."""
+    kernels = _extension.COMPILED_KERNELS.get(op)
+    if kernels is None:
+        return False
+    return torch.device(device).type == "meta" or torch.device(device).type in kernels
 
 
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:

@@ -198,6 +198,64 @@ void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, i
     if (!gk.pad_intact(pad) || !gv.pad_intact(pad)) { ++nfail; std::printf("FAIL state_backward wrote padding %s\n", cfg.c_str()); } }
 }
 
+// Accuracy of a long reduction: k = 0.1 (phi = 1.1), v = 1, N = 2^18 split into 4 chunks of
+// 65,536 tokens (one SM): m and S within 1e-5 of 1.1 (fp32 sums flushed into fp64).
+void run_long_reduction() {
+  const int64_t N = 1 << 18;
+  emu::sms = 1;
+  Tok<float> k(1, N, 1, 4, 0, 0, false), v(1, N, 1, 4, 0, 0, false);
+  for (auto& x : k.buf) x = 0.1f;
+  for (auto& x : v.buf) x = 1.0f;
+  Lp p;
+  p.batch = 1; p.seqlen = N; p.heads = 1; p.dim_k = 4; p.dim_v = 4; p.dtype = DType::kFloat32;
+  p.feature_map = FeatureMap::kElu1; p.k = k.t; p.v = v.t;
+  std::vector<float> st(16), mn(4);
+  p.state = st.data(); p.mean = mn.data();
+  std::vector<char> ws(mmfast::cuda::linear_attention_state_workspace_bytes(p) + 64);
+  p.workspace = ws.data(); p.workspace_bytes = ws.size();
+  if (mmfast::cuda::linear_attention_state(p, nullptr) != cudaSuccess) { ++nfail; std::printf("FAIL launch long\n"); return; }
+  const double phi = static_cast<double>(0.1f + 1.0f);
+  double err = 0;
+  for (float x : st) err = std::max(err, std::fabs(x - phi) / phi);
+  for (float x : mn) err = std::max(err, std::fabs(x - phi) / phi);
+  if (!(err < 1e-5)) { ++nfail; std::printf("FAIL long reduction: relative error %.3g (N = 2^18)\n", err); }
+  std::printf("long reduction N=2^18: max relative error %.3g\n", err);
+  emu::sms = 132;
+}
+
+// NaN propagation (relu): a NaN key reaches every output; in the backward, grad_q is an exact
+// 0 wherever q <= 0 even when its incoming gradient is NaN (torch selects, not multiplies).
+void run_nan_propagation() {
+  const int64_t N = 8, D = 4;
+  Tok<float> q(1, N, 1, D, 0, 0, true), k(1, N, 1, D, 0, 0, true), v(1, N, 1, D, 0, 0, true);
+  Tok<float> out(1, N, 1, D, 0, 0, false), go(1, N, 1, D, 0, 0, true), gq(1, N, 1, D, 0, 0, false);
+  k.at(0, 3, 0, 1) = NAN;
+  Lp p;
+  p.batch = 1; p.seqlen = N; p.heads = 1; p.dim_k = D; p.dim_v = D; p.dtype = DType::kFloat32;
+  p.feature_map = FeatureMap::kRelu; p.q = q.t; p.k = k.t; p.v = v.t; p.out = out.t;
+  std::vector<float> st(D * D), mn(D);
+  p.state = st.data(); p.mean = mn.data();
+  std::vector<char> ws(mmfast::cuda::linear_attention_forward_workspace_bytes(p) + 64);
+  p.workspace = ws.data(); p.workspace_bytes = ws.size();
+  mmfast::cuda::linear_attention_forward(p, nullptr);
+  for (int64_t n = 0; n < N; ++n) for (int64_t d = 0; d < D; ++d)
+    if (!std::isnan(out.g(0, n, 0, d))) { ++nfail; std::printf("FAIL relu NaN key: out[%ld][%ld] is not NaN\n", (long)n, (long)d); return; }
+  // Backward with finite state, NaN incoming gradient at token 2.
+  for (size_t i = 0; i < st.size(); ++i) st[i] = 0.25f;
+  for (size_t i = 0; i < mn.size(); ++i) mn[i] = 0.5f;
+  go.at(0, 2, 0, 0) = NAN;
+  std::vector<float> gst(D * D), gmn(D);
+  p.grad_out = go.t; p.grad_q = gq.t; p.grad_state = gst.data(); p.grad_mean = gmn.data();
+  std::vector<char> ws2(mmfast::cuda::linear_attention_apply_backward_workspace_bytes(p) + 64);
+  p.workspace = ws2.data(); p.workspace_bytes = ws2.size();
+  mmfast::cuda::linear_attention_apply_backward(p, nullptr);
+  for (int64_t d = 0; d < D; ++d) {
+    const double g = gq.g(0, 2, 0, d), x = q.g(0, 2, 0, d);
+    const bool ok = x <= 0 ? g == 0.0 : std::isnan(g);
+    if (!ok) { ++nfail; std::printf("FAIL relu backward select: q=%g grad_q=%g\n", x, g); }
+  }
+}
+
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
   int ncase = 0, nfailed_cases = 0;
@@ -236,6 +294,11 @@ int main(int argc, char** argv) {
     all(1, 1, 33, 256, 256, 1, 1, 0, 132);
     all(1, 1, 600, 64, 64, 1, 0, 0, 2);
   }
+  const int before_numerics = nfail;
+  run_nan_propagation();
+  run_long_reduction();
+  nfailed_cases += nfail > before_numerics;
+  ++ncase;
   std::printf("%d passed, %d failed\n", ncase - nfailed_cases, nfailed_cases);
   return nfail ? 1 : 0;
 }

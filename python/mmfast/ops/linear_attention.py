@@ -13,6 +13,7 @@ torch.ops.mmfast.* directly.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -44,6 +45,11 @@ def _check_head_dim(name: str, d: int) -> None:
 def _check_sequence(n: int) -> None:
     if n == 0:
         raise ValueError(f"{OP}: the sequence length N must be at least 1, got 0")
+
+
+def check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
 
 
 def check_feature_map(feature_map: str) -> None:
@@ -120,6 +126,7 @@ def check_state_backward(grad_state, grad_mean, k, v, feature_map: str):
 
 
 def _fake_forward(q, k, v, eps, feature_map):
+    check_eps(eps)
     b, n, h, _, dv = check_qkv(q, k, v, feature_map)
     return q.new_empty((b, n, h, dv))
 
@@ -131,17 +138,19 @@ def _fake_state(k, v, feature_map):
 
 
 def _fake_apply(q, state, mean, eps, feature_map):
+    check_eps(eps)
     b, n, h, _, dv = check_apply(q, state, mean, feature_map)
     return q.new_empty((b, n, h, dv))
 
 
 def _fake_apply_backward(grad_out, q, state, mean, eps, feature_map):
-    check_apply(q, state, mean, feature_map)
+    check_eps(eps)
+    check_apply_backward(grad_out, q, state, mean, feature_map)
     return q.new_empty(q.shape), state.new_empty(state.shape), mean.new_empty(mean.shape)
 
 
 def _fake_state_backward(grad_state, grad_mean, k, v, feature_map):
-    check_kv(k, v, feature_map)
+    check_state_backward(grad_state, grad_mean, k, v, feature_map)
     return k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -154,58 +163,92 @@ _FAKES = {
 }
 
 
-# --- autograd: the three forward ops, differentiated with the two backward ops ----------
+# --- autograd -------------------------------------------------------------------------------
+# The three forward ops are differentiated with the two backward ops. Under create_graph=True
+# (double backward: gradient penalties, higher-order methods) the backward is computed instead
+# by differentiating the reference (a composition of differentiable PyTorch ops, fp32/fp64), so
+# every derivative order is exact on every backend; the backward ops themselves have no
+# derivative and say so when differentiated.
+
+
+def _reference_vjp(reference_fn, inputs, grads):
+    """Gradients of reference_fn at `inputs` against `grads`, as a differentiable graph."""
+    with torch.enable_grad():
+        outputs = reference_fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    wanted = [t for t in inputs if t.requires_grad]
+    found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                allow_unused=True)
+    by_input = dict(zip(map(id, wanted), found))
+    return tuple(by_input.get(id(t)) for t in inputs)
+
+
+def _forward_backward(ops, ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        ref = lambda a, b, c: reference.linear_attention_ref(a, b, c, ctx.eps, ctx.feature_map)  # noqa: E731
+        return (*_reference_vjp(ref, (q, k, v), (grad_out,)), None, None)
+    state, mean = ops.linear_attention_state(k, v, ctx.feature_map)
+    grad_q, grad_state, grad_mean = ops.linear_attention_apply_backward(
+        grad_out, q, state, mean, ctx.eps, ctx.feature_map)
+    grad_k, grad_v = ops.linear_attention_state_backward(grad_state, grad_mean, k, v, ctx.feature_map)
+    return grad_q, grad_k, grad_v, None, None
+
+
+def _state_backward(ops, ctx, grad_state, grad_mean):
+    k, v = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        ref = lambda a, b: reference.linear_attention_state_ref(a, b, ctx.feature_map)  # noqa: E731
+        return (*_reference_vjp(ref, (k, v), (grad_state, grad_mean)), None)
+    acc = accumulation_dtype(k.dtype)
+    b, _, h, dk = k.shape
+    if grad_state is None:
+        grad_state = k.new_zeros((b, h, dk, v.shape[-1]), dtype=acc)
+    if grad_mean is None:
+        grad_mean = k.new_zeros((b, h, dk), dtype=acc)
+    grad_k, grad_v = ops.linear_attention_state_backward(grad_state, grad_mean, k, v, ctx.feature_map)
+    return grad_k, grad_v, None
+
+
+def _apply_backward(ops, ctx, grad_out):
+    q, state, mean = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        ref = lambda a, b, c: reference.linear_attention_apply_ref(a, b, c, ctx.eps, ctx.feature_map)  # noqa: E731
+        return (*_reference_vjp(ref, (q, state, mean), (grad_out,)), None, None)
+    grad_q, grad_state, grad_mean = ops.linear_attention_apply_backward(
+        grad_out, q, state, mean, ctx.eps, ctx.feature_map)
+    return grad_q, grad_state, grad_mean, None, None
+
+
+def _save(names):
+    """setup_context saving the tensor inputs at `names` (indices) and eps / feature_map."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in names))
+        ctx.feature_map = inputs[-1]
+        ctx.eps = inputs[-2] if len(inputs) == len(names) + 2 else None
+    return setup
+
+
+def _no_derivative(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"mmfast: {op} has no derivative of its own. For second derivatives differentiate "
+                           "linear_attention / linear_attention_state / linear_attention_apply with "
+                           "create_graph=True: their backward then runs through a differentiable composition.")
+    return backward
 
 
 def _register_autograd(namespace: str) -> None:
-    """The fused op saves q, k, v (not its O(B*H*D^2) state) and recomputes the state in
-    backward: one extra read of k and v instead of keeping the state alive between passes."""
     ops = getattr(torch.ops, namespace)
-
-    def forward_setup(ctx, inputs, output):
-        q, k, v, eps, feature_map = inputs
-        ctx.save_for_backward(q, k, v)
-        ctx.eps, ctx.feature_map = eps, feature_map
-
-    def forward_backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        state, mean = ops.linear_attention_state(k, v, ctx.feature_map)
-        grad_q, grad_state, grad_mean = ops.linear_attention_apply_backward(
-            grad_out, q, state, mean, ctx.eps, ctx.feature_map)
-        grad_k, grad_v = ops.linear_attention_state_backward(grad_state, grad_mean, k, v, ctx.feature_map)
-        return grad_q, grad_k, grad_v, None, None
-
-    def state_setup(ctx, inputs, output):
-        k, v, feature_map = inputs
-        ctx.save_for_backward(k, v)
-        ctx.feature_map = feature_map
-
-    def state_backward(ctx, grad_state, grad_mean):
-        k, v = ctx.saved_tensors
-        acc = accumulation_dtype(k.dtype)
-        b, _, h, dk = k.shape
-        if grad_state is None:
-            grad_state = k.new_zeros((b, h, dk, v.shape[-1]), dtype=acc)
-        if grad_mean is None:
-            grad_mean = k.new_zeros((b, h, dk), dtype=acc)
-        grad_k, grad_v = ops.linear_attention_state_backward(grad_state, grad_mean, k, v, ctx.feature_map)
-        return grad_k, grad_v, None
-
-    def apply_setup(ctx, inputs, output):
-        q, state, mean, eps, feature_map = inputs
-        ctx.save_for_backward(q, state, mean)
-        ctx.eps, ctx.feature_map = eps, feature_map
-
-    def apply_backward(ctx, grad_out):
-        q, state, mean = ctx.saved_tensors
-        grad_q, grad_state, grad_mean = ops.linear_attention_apply_backward(
-            grad_out, q, state, mean, ctx.eps, ctx.feature_map)
-        return grad_q, grad_state, grad_mean, None, None
-
-    for op, backward, setup in (("linear_attention", forward_backward, forward_setup),
-                                ("linear_attention_state", state_backward, state_setup),
-                                ("linear_attention_apply", apply_backward, apply_setup)):
-        torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
+    register = torch.library.register_autograd
+    register(f"{namespace}::linear_attention", lambda ctx, g: _forward_backward(ops, ctx, g),
+             setup_context=_save((0, 1, 2)))
+    register(f"{namespace}::linear_attention_state", lambda ctx, gs, gm: _state_backward(ops, ctx, gs, gm),
+             setup_context=_save((0, 1)))
+    register(f"{namespace}::linear_attention_apply", lambda ctx, g: _apply_backward(ops, ctx, g),
+             setup_context=_save((0, 1, 2)))
+    for op in ("linear_attention_apply_backward", "linear_attention_state_backward"):
+        register(f"{namespace}::{op}", _no_derivative(op), setup_context=lambda ctx, inputs, output: None)
 
 
 def register_fakes_and_autograd(namespace: str) -> None:
@@ -236,6 +279,7 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     Raises ValueError (shapes, feature_map, backend name), TypeError (dtypes, devices) and
     RuntimeError when no kernel runs the tensors' device.
     """
+    check_eps(eps)
     chosen = _backend.resolve("linear_attention", q.device, backend)
     if chosen == "reference":
         check_qkv(q, k, v, feature_map)
@@ -260,6 +304,7 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
                            backend: Optional[str] = None):
     """out_i = phi(q_i) S / (phi(q_i) . m + eps) for q (B, N, H, Dk) and the (state, mean) of
     linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv). Differentiable."""
+    check_eps(eps)
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)
     if chosen == "reference":
         check_apply(q, state, mean, feature_map)

@@ -14,8 +14,9 @@ needs every block dim >= 16 and a power of two, so D = 40/80/160 run as 64 / 64+
 (second tile masked) / 64+64+64 (last tile masked) and padded lanes are never loaded):
   outer_sum_kernel     grid (chunks of N, Dk-tiles * Dv-tiles, B*H)
                         fp32 partials of sum_i phi(a_i)^T (b_i / z_i) and
-                        sum_i w_i phi(a_i) per chunk -> workspace, reduced with
-                        torch.sum over the chunk axis.  Runs the state (a=k, b=v)
+                        sum_i w_i phi(a_i) per chunk (64-token steps summed in
+                        fp64 within a chunk) -> workspace, reduced with torch.sum
+                        over the chunk axis (a tree: deterministic, accurate).  Runs the state (a=k, b=v)
                         and the dS/dm of apply_backward (a=q, b=do, z, w=dz).
                         Splitting N is what keeps the GPU busy when B*H is small
                         (10-40 in SD UNets); flash_bla streams all of N per CTA.
@@ -54,21 +55,21 @@ import triton.language as tl
 
 @triton.jit
 def phi(x, FM: tl.constexpr):
-    if FM == 1:  # elu + 1
+    if FM == 1:  # elu + 1 (NaN: exp(NaN) = NaN)
         return tl.where(x > 0, x + 1.0, tl.exp(x))
-    elif FM == 2:  # relu
-        return tl.maximum(x, 0.0)
+    elif FM == 2:  # relu; tl.maximum would drop NaN
+        return tl.where(x < 0, 0.0, x)
     else:
         return x
 
 
 @triton.jit
 def times_dphi(grad, x, FM: tl.constexpr):
-    """grad * phi'(x)."""
+    """grad * phi'(x), phi' as torch's autograd defines it (1 for NaN x: the gradient flows)."""
     if FM == 1:
-        return tl.where(x > 0, grad, grad * tl.exp(x))
+        return tl.where(x <= 0, grad * tl.exp(x), grad)
     elif FM == 2:
-        return tl.where(x > 0, grad, 0.0)
+        return tl.where(x <= 0, 0.0, grad)
     else:
         return grad
 
@@ -102,8 +103,11 @@ def outer_sum_kernel(
     mask_a = cols_a < DA
     mask_b = cols_b < DB
 
-    acc = tl.zeros((BA, BB), dtype=tl.float32)
-    macc = tl.zeros((BA,), dtype=tl.float32)
+    # Each BLOCK_N-token step is summed in fp32 (inside tl.dot / tl.sum), then added into fp64
+    # accumulators: no fp32 sum covers more than BLOCK_N tokens, so the error does not grow
+    # with the chunk (and N).
+    acc = tl.zeros((BA, BB), dtype=tl.float64)
+    macc = tl.zeros((BA,), dtype=tl.float64)
     start = pid_c * CHUNK
     end = tl.minimum(start + CHUNK, N)
     for n0 in range(start, end, BLOCK_N):
@@ -121,20 +125,21 @@ def outer_sum_kernel(
             z = tl.load(z_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=1.0)
             b = b.to(tl.float32) / z[:, None]
         if HALF_DOT:
-            acc = tl.dot(tl.trans(pa.to(b.dtype)), b, acc)
+            step = tl.dot(tl.trans(pa.to(b.dtype)), b)
         else:
-            acc = tl.dot(tl.trans(pa), b.to(tl.float32), acc, input_precision=DOT_PREC)
+            step = tl.dot(tl.trans(pa), b.to(tl.float32), input_precision=DOT_PREC)
+        acc += step.to(tl.float64)
         if HAS_W:
             w = tl.load(w_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=0.0)
-            macc += tl.sum(pa * w[:, None], axis=0)
+            macc += tl.sum(pa * w[:, None], axis=0).to(tl.float64)
         else:
-            macc += tl.sum(pa, axis=0)
+            macc += tl.sum(pa, axis=0).to(tl.float64)
 
     slot = (pid_c * BH + pid_bh).to(tl.int64)
     part_ptrs = part_ptr + (slot * DA + cols_a[:, None]) * DB + cols_b[None, :]
-    tl.store(part_ptrs, acc, mask=mask_a[:, None] & mask_b[None, :])
+    tl.store(part_ptrs, acc.to(tl.float32), mask=mask_a[:, None] & mask_b[None, :])
     # Every Dv-tile computes the same m partial; only the first stores it.
-    tl.store(mpart_ptr + slot * DA + cols_a, macc, mask=mask_a & (tile_b == 0))
+    tl.store(mpart_ptr + slot * DA + cols_a, macc.to(tl.float32), mask=mask_a & (tile_b == 0))
 
 
 @triton.jit

@@ -23,7 +23,7 @@ template <typename acc_t>
 inline acc_t feature(acc_t x, FeatureMap fm) {
   switch (fm) {
     case FeatureMap::kElu1: return x > 0 ? x + acc_t(1) : acc_t(__builtin_exp(double(x)));
-    case FeatureMap::kRelu: return x > 0 ? x : acc_t(0);
+    case FeatureMap::kRelu: return x < 0 ? acc_t(0) : x;  // keeps NaN (and -0), as torch.relu
     case FeatureMap::kNone: break;
   }
   return x;
@@ -33,7 +33,7 @@ template <>
 inline float feature<float>(float x, FeatureMap fm) {
   switch (fm) {
     case FeatureMap::kElu1: return x > 0 ? x + 1.0f : __builtin_expf(x);
-    case FeatureMap::kRelu: return x > 0 ? x : 0.0f;
+    case FeatureMap::kRelu: return x < 0 ? 0.0f : x;
     case FeatureMap::kNone: break;
   }
   return x;
@@ -55,8 +55,8 @@ inline void feature_row(float* row, int64_t ld, FeatureMap fm) {
     V x = load<float>(row + d);
     if (fm == FeatureMap::kElu1)
       x = x > splat<float>(0.0f) ? x + splat<float>(1.0f) : exp_vec(x);
-    else
-      x = x > splat<float>(0.0f) ? x : splat<float>(0.0f);
+    else  // relu; `x < 0 ? 0 : x` keeps NaN (a max with 0 would drop it)
+      x = x < splat<float>(0.0f) ? splat<float>(0.0f) : x;
     store<float>(row + d, x);
   }
 }
@@ -65,40 +65,45 @@ inline void feature_row(double* row, int64_t ld, FeatureMap fm) {
   for (int64_t d = 0; d < ld; ++d) row[d] = feature<double>(row[d], fm);
 }
 
-// Tiles of every head: tiles[h][kTile][ld] <- tokens n0 .. n0+rows of batch entry b.
-// Rows are visited in (token, head) order, i.e. memory order of a (B, N, H, D) tensor, so
-// DRAM is streamed sequentially. Padding rows and columns are zero.
+// Heads [h0, h0 + count) of a batch entry: one task's share of the heads.
+struct Heads {
+  int64_t h0, count;
+};
+
+// Tiles of the task's heads: tiles[h][kTile][ld] <- tokens n0 .. n0+rows of batch entry b,
+// head h0 + h. Rows are visited in (token, head) order, the memory order of a (B, N, H, D)
+// tensor, so DRAM is streamed in long runs. Padding rows and columns are zero.
 template <typename scalar_t, typename acc_t>
-void load_tiles(const TokenTensor& t, int64_t b, int64_t n0, int64_t rows, int64_t heads, int64_t dim, int64_t ld,
+void load_tiles(const TokenTensor& t, int64_t b, int64_t n0, int64_t rows, Heads heads, int64_t dim, int64_t ld,
                 bool apply_feature, FeatureMap fm, acc_t* tiles) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t h = 0; h < heads; ++h) {
-      const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, h);
+    for (int64_t h = 0; h < heads.count; ++h) {
+      const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, heads.h0 + h);
       acc_t* dst = tiles + (h * kTile + r) * ld;
       for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
       if (apply_feature) feature_row(dst, ld, fm);
       for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
     }
   if (rows < kTile)
-    for (int64_t h = 0; h < heads; ++h)
+    for (int64_t h = 0; h < heads.count; ++h)
       __builtin_memset(tiles + (h * kTile + rows) * ld, 0, sizeof(acc_t) * (kTile - rows) * ld);
 }
 
 template <typename scalar_t, typename acc_t>
-void store_tiles(const acc_t* tiles, int64_t ld, int64_t rows, int64_t heads, int64_t dim, const TokenTensor& t,
+void store_tiles(const acc_t* tiles, int64_t ld, int64_t rows, Heads heads, int64_t dim, const TokenTensor& t,
                  int64_t b, int64_t n0) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t h = 0; h < heads; ++h) {
-      scalar_t* dst = const_cast<scalar_t*>(token_row<scalar_t>(t, b, n0 + r, h));
+    for (int64_t h = 0; h < heads.count; ++h) {
+      scalar_t* dst = const_cast<scalar_t*>(token_row<scalar_t>(t, b, n0 + r, heads.h0 + h));
       const acc_t* src = tiles + (h * kTile + r) * ld;
       for (int64_t d = 0; d < dim; ++d) dst[d] = FromAcc<scalar_t>::convert(src[d]);
     }
 }
 
-
-// Backward epilogue, vectorised: row[d] = (row[d] + scale * add[d]) * phi'(x_d), with phi'
-// recovered from phi(x_d): elu1 -> min(phi, 1), relu -> (phi > 0), none -> 1. ld is a
-// multiple of the vector width.
+// Backward epilogue, vectorised: row[d] = grad_d * phi'(x_d) with grad_d = row[d] + scale *
+// add[d], phi' recovered from phi(x_d) and applied as torch's autograd does: elu1 -> grad * phi
+// where phi < 1 (x <= 0), else grad (also for NaN); relu -> 0 where phi <= 0 (selected, so a
+// NaN grad gives 0 there), else grad; none -> grad. ld is a multiple of the vector width.
 template <typename acc_t>
 inline void feature_grad_row(acc_t* row, const acc_t* add, acc_t scale, const acc_t* phi, int64_t ld, FeatureMap fm) {
   using V = typename Vec<acc_t>::type;
@@ -107,82 +112,143 @@ inline void feature_grad_row(acc_t* row, const acc_t* add, acc_t scale, const ac
   for (int64_t d = 0; d < ld; d += W) {
     const V grad = load<acc_t>(row + d) + s * load<acc_t>(add + d);
     const V f = load<acc_t>(phi + d);
-    V slope = one;
-    if (fm == FeatureMap::kElu1) slope = f < one ? f : one;
-    if (fm == FeatureMap::kRelu) slope = f > zero ? one : zero;
-    store<acc_t>(row + d, grad * slope);
+    V result = grad;
+    if (fm == FeatureMap::kElu1) result = f < one ? grad * f : grad;
+    if (fm == FeatureMap::kRelu) result = f <= zero ? zero : grad;  // a select, as torch: 0 even for a NaN grad
+    store<acc_t>(row + d, result);
   }
 }
 
 // ---- work split ------------------------------------------------------------------------
 //
-// A task is (b, chunk of tokens) and covers every head: for each tile of tokens it walks the
-// heads in memory order, so the (B, N, H, D) rows are streamed from DRAM contiguously
-// instead of with an H*D stride per head.
+// A task is (b, chunk of tokens, group of heads). For each tile of tokens it walks its heads
+// in memory order, so the (B, N, H, D) rows are streamed from DRAM contiguously. Heads are
+// grouped only when the chunks alone are too few for the threads (short sequences): reading
+// a subset of each row's heads streams worse (measured).
 
 struct Split {
-  int64_t chunks;     // chunks of the sequence per batch entry
-  int64_t chunk_len;  // tokens per chunk (a multiple of kTile)
+  int64_t chunks;       // chunks of the sequence per batch entry
+  int64_t chunk_len;    // tokens per chunk (a multiple of kTile)
+  int64_t groups;       // head groups per (batch entry, chunk)
+  int64_t group_heads;  // heads per group (the last may have fewer)
 
-  int64_t tasks(const LinearAttentionParams& p) const { return p.batch * chunks; }
-  int64_t begin(int64_t chunk) const { return chunk * chunk_len; }
-  int64_t end(const LinearAttentionParams& p, int64_t chunk) const {
-    return min_i64(p.seqlen, (chunk + 1) * chunk_len);
+  struct Task {
+    int64_t b, chunk, n_begin, n_end;
+    Heads heads;
+  };
+
+  int64_t tasks(const LinearAttentionParams& p) const { return p.batch * chunks * groups; }
+  Task task(const LinearAttentionParams& p, int64_t index) const {
+    const int64_t group = index % groups, rest = index / groups;
+    Task t;
+    t.chunk = rest % chunks;
+    t.b = rest / chunks;
+    t.n_begin = t.chunk * chunk_len;
+    t.n_end = min_i64(p.seqlen, t.n_begin + chunk_len);
+    t.heads.h0 = group * group_heads;
+    t.heads.count = min_i64(group_heads, p.heads - t.heads.h0);
+    return t;
   }
 };
 
-// Enough (b, chunk) tasks to keep every thread busy, but chunks of at least kMinChunk
-// tokens so the per-chunk partial states stay small next to the tokens they summarise.
-inline Split split_sequence(const LinearAttentionParams& p) {
-  const int64_t threads = max_i64(1, max_threads());
-  const int64_t wanted = ceil_div(4 * threads, max_i64(1, p.batch));
-  const int64_t most = max_i64(1, ceil_div(p.seqlen, kMinChunk));
+// `chunks` chunks of the sequence per batch entry; when batch * chunks leaves threads idle, the
+// heads are split into groups too. Heads change no sum, so their grouping may follow the
+// thread count even where the chunking may not.
+inline Split make_split(const LinearAttentionParams& p, int64_t chunks) {
   Split s;
-  s.chunks = max_i64(1, min_i64(wanted, most));
-  s.chunk_len = round_up(ceil_div(p.seqlen, s.chunks), kTile);
+  s.chunk_len = round_up(ceil_div(p.seqlen, max_i64(1, chunks)), kTile);
   s.chunks = ceil_div(p.seqlen, s.chunk_len);
+  const int64_t wanted = ceil_div(4 * max_i64(1, max_threads()), max_i64(1, p.batch * s.chunks));
+  s.group_heads = ceil_div(p.heads, max_i64(1, min_i64(p.heads, wanted)));
+  s.groups = ceil_div(p.heads, s.group_heads);
   return s;
 }
 
-// Workspace: one [pk*pv + pk] partial per (b, chunk, h), for state and apply_backward.
+// Per-token passes (apply, state_backward): enough chunks to keep every thread busy, of at
+// least kMinChunk tokens. No token's result depends on the split.
+inline Split split_tokens(const LinearAttentionParams& p) {
+  const int64_t wanted = ceil_div(4 * max_i64(1, max_threads()), max_i64(1, p.batch));
+  return make_split(p, min_i64(wanted, max_i64(1, ceil_div(p.seqlen, kMinChunk))));
+}
+
+// Reductions over tokens (state, apply_backward): chunks fixed by the shape alone, never by
+// the thread count, so every sum -- and so every result -- is bitwise identical for any number
+// of threads. Chunks of at least max(1024, 16 D) tokens keep the partials (doubles) under
+// about 4% of the token bytes; at most kMaxReductionChunks chunks per batch entry.
+constexpr int64_t kMinReductionChunk = 1024;
+constexpr int64_t kMaxReductionChunks = 8;
+
+inline int64_t reduction_chunks(const LinearAttentionParams& p) {
+  const int64_t min_len = max_i64(kMinReductionChunk, 16 * max_i64(p.dim_k, p.dim_v));
+  return max_i64(1, min_i64(kMaxReductionChunks, p.seqlen / min_len));
+}
+
+inline Split split_reduction(const LinearAttentionParams& p) { return make_split(p, reduction_chunks(p)); }
+
+// Accuracy of the reductions: within a task, tokens are summed in acc_t (fp32 for fp16/bf16/
+// fp32 inputs) over kFlushTiles tiles at most, then that block sum is added into the task's
+// double partial and the fp32 accumulator restarts from zero; the partials of a (b, h) are
+// summed in double in chunk order. No fp32 accumulator ever sums more than 128 tokens, so the
+// error of S and m does not grow with N (one fp32 rounding of a <= 128-term sum, then doubles).
+// Flushing every 2 tiles cost ~10% of the state pass, every 4 ~6% (measured, 2 threads).
+constexpr int64_t kFlushTiles = 4;
+
+// hi[i] += lo[i] and lo[i] = 0 for i < count: ends one block of acc_t accumulation.
+template <typename acc_t>
+inline void flush_into(double* __restrict__ hi, acc_t* __restrict__ lo, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    hi[i] += lo[i];
+    lo[i] = 0;
+  }
+}
+
+// Workspace: one double [pk*pv + pk] partial per (b, chunk, h), for state and apply_backward.
 template <typename acc_t>
 size_t partials_bytes(const LinearAttentionParams& p) {
   const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-  return sizeof(acc_t) * static_cast<size_t>(p.bh() * split_sequence(p).chunks * (pk * pv + pk));
+  return sizeof(double) * static_cast<size_t>(p.bh() * reduction_chunks(p) * (pk * pv + pk));
 }
 
-// Padded per-head copies of a (B, H, rows, cols) state for batch entry b: [H][prow][pcol].
+// The task's partials: [b][chunk][h][pk*pv + pk], heads h0 .. of (b, chunk).
+inline double* task_partials(double* partials, const LinearAttentionParams& p, const Split& split,
+                             const Split::Task& t, int64_t stride) {
+  return partials + ((t.b * split.chunks + t.chunk) * p.heads + t.heads.h0) * stride;
+}
+
+// Padded copies of heads h0 .. of a (B, H, rows, cols) state, batch entry b: [count][prow][pcol].
 template <typename acc_t>
-void pad_heads(const void* states, const LinearAttentionParams& p, int64_t b, int64_t rows, int64_t cols,
+void pad_heads(const void* states, const LinearAttentionParams& p, int64_t b, Heads heads, int64_t rows, int64_t cols,
                acc_t scale, bool transpose, acc_t* dst, int64_t prow, int64_t pcol) {
-  for (int64_t h = 0; h < p.heads; ++h)
-    pad_matrix<acc_t>(static_cast<const acc_t*>(states) + (b * p.heads + h) * rows * cols, rows, cols, scale,
-                      transpose, dst + h * prow * pcol, prow, pcol);
+  for (int64_t h = 0; h < heads.count; ++h)
+    pad_matrix<acc_t>(static_cast<const acc_t*>(states) + (b * p.heads + heads.h0 + h) * rows * cols, rows, cols,
+                      scale, transpose, dst + h * prow * pcol, prow, pcol);
 }
 
-// [S | m] of every head of batch entry b, zero-padded to [H][pk][pa] (pa >= Dv + 1): the
-// mean rides in column Dv, so one micro-kernel yields numerators and denominators.
+// [S | m] of the task's heads, zero-padded to [count][pk][pa] (pa >= Dv + 1): the mean rides in
+// column Dv, so one micro-kernel yields numerators and denominators.
 template <typename acc_t>
-void pad_states_with_mean(const LinearAttentionParams& p, int64_t b, acc_t* states, int64_t pk, int64_t pa) {
-  pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
-  const acc_t* means = static_cast<const acc_t*>(p.mean) + b * p.heads * p.dim_k;
-  for (int64_t h = 0; h < p.heads; ++h)
+void pad_states_with_mean(const LinearAttentionParams& p, int64_t b, Heads heads, acc_t* states, int64_t pk,
+                          int64_t pa) {
+  pad_heads<acc_t>(p.state, p, b, heads, p.dim_k, p.dim_v, acc_t(1), false, states, pk, pa);
+  const acc_t* means = static_cast<const acc_t*>(p.mean) + (b * p.heads + heads.h0) * p.dim_k;
+  for (int64_t h = 0; h < heads.count; ++h)
     for (int64_t d = 0; d < p.dim_k; ++d) states[(h * pk + d) * pa + p.dim_v] = means[h * p.dim_k + d];
 }
 
-// sum over chunks of the [pk*pv + pk] partials of one (b, h), scaled, unpadded.
+// The [pk*pv + pk] double partials of one (b, h) summed over chunks in chunk order, divided
+// by `divisor`, unpadded into acc_t.
 template <typename acc_t>
-void sum_partials(const acc_t* partials, int64_t chunks, int64_t chunk_stride, int64_t pk, int64_t pv, int64_t dk,
-                  int64_t dv, acc_t scale, acc_t* matrix, acc_t* vector) {
+void sum_partials(const double* partials, int64_t chunks, int64_t chunk_stride, int64_t pk, int64_t pv, int64_t dk,
+                  int64_t dv, double divisor, acc_t* matrix, acc_t* vector) {
   for (int64_t d = 0; d < dk; ++d) {
     for (int64_t e = 0; e < dv; ++e) {
-      acc_t s = 0;
+      double s = 0;
       for (int64_t c = 0; c < chunks; ++c) s += partials[c * chunk_stride + d * pv + e];
-      matrix[d * dv + e] = s * scale;
+      matrix[d * dv + e] = static_cast<acc_t>(s / divisor);
     }
-    acc_t s = 0;
+    double s = 0;
     for (int64_t c = 0; c < chunks; ++c) s += partials[c * chunk_stride + pk * pv + d];
-    vector[d] = s * scale;
+    vector[d] = static_cast<acc_t>(s / divisor);
   }
 }
 
@@ -191,8 +257,8 @@ template <typename acc_t>
 struct ReducePartials {
   const LinearAttentionParams* p;
   Split split;
-  const acc_t* partials;
-  acc_t scale;
+  const double* partials;
+  double divisor;
   acc_t* matrices;
   acc_t* vectors;
 
@@ -203,16 +269,16 @@ struct ReducePartials {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
       sum_partials<acc_t>(job.partials + (b * job.split.chunks * p.heads + h) * stride, job.split.chunks,
-                          p.heads * stride, pk, pv, p.dim_k, p.dim_v, job.scale,
+                          p.heads * stride, pk, pv, p.dim_k, p.dim_v, job.divisor,
                           job.matrices + bh * p.dim_k * p.dim_v, job.vectors + bh * p.dim_k);
     }
   }
 };
 
 template <typename acc_t>
-void reduce_partials(const LinearAttentionParams& p, const Split& split, const acc_t* partials, acc_t scale,
+void reduce_partials(const LinearAttentionParams& p, const Split& split, const double* partials, double divisor,
                      void* matrices, void* vectors) {
-  ReducePartials<acc_t> job{&p, split, partials, scale, static_cast<acc_t*>(matrices), static_cast<acc_t*>(vectors)};
+  ReducePartials<acc_t> job{&p, split, partials, divisor, static_cast<acc_t*>(matrices), static_cast<acc_t*>(vectors)};
   parallel_for(p.bh(), &job, &ReducePartials<acc_t>::run);
 }
 
@@ -222,33 +288,37 @@ template <typename scalar_t, typename acc_t>
 struct StateJob {
   const LinearAttentionParams* p;
   Split split;
-  acc_t* partials;  // [b][chunk][h][pk*pv + pk]
+  double* partials;  // [b][chunk][h][pk*pv + pk]
+
 
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<StateJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), stride = pk * pv + pk;
-    Scratch<acc_t> scratch(p.heads * kTile * (pk + pv));
-    acc_t* phi_k_tiles = scratch.data;                    // [H][kTile][pk]
-    acc_t* v_tiles = phi_k_tiles + p.heads * kTile * pk;  // [H][kTile][pv]
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
-      acc_t* partials = job.partials + task * p.heads * stride;
-      __builtin_memset(partials, 0, sizeof(acc_t) * p.heads * stride);
-      const int64_t n_end = job.split.end(p, chunk);
-      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
-        const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tiles<scalar_t, acc_t>(p.k, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_k_tiles);
-        load_tiles<scalar_t, acc_t>(p.v, b, n0, rows, p.heads, p.dim_v, pv, false, p.feature_map, v_tiles);
-        for (int64_t h = 0; h < p.heads; ++h) {
-          acc_t* state = partials + h * stride;
+    const int64_t heads = job.split.group_heads;
+    Scratch<acc_t> scratch(heads * (kTile * (pk + pv) + stride));
+    acc_t* phi_k_tiles = scratch.data;                  // [heads][kTile][pk]
+    acc_t* v_tiles = phi_k_tiles + heads * kTile * pk;  // [heads][kTile][pv]
+    acc_t* block = v_tiles + heads * kTile * pv;        // [heads][pk*pv + pk]: this block's sums
+    __builtin_memset(block, 0, sizeof(acc_t) * heads * stride);
+    for (int64_t index = begin; index < end; ++index) {
+      const Split::Task t = job.split.task(p, index);
+      double* partials = task_partials(job.partials, p, job.split, t, stride);
+      __builtin_memset(partials, 0, sizeof(double) * t.heads.count * stride);
+      for (int64_t n0 = t.n_begin; n0 < t.n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, t.n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.k, t.b, n0, rows, t.heads, p.dim_k, pk, true, p.feature_map, phi_k_tiles);
+        load_tiles<scalar_t, acc_t>(p.v, t.b, n0, rows, t.heads, p.dim_v, pv, false, p.feature_map, v_tiles);
+        for (int64_t h = 0; h < t.heads.count; ++h) {
+          acc_t* state = block + h * stride;
           acc_t* mean = state + pk * pv;
           const acc_t* phi_k = phi_k_tiles + h * kTile * pk;
-          const acc_t* v = v_tiles + h * kTile * pv;
-          tile_outer_accum<acc_t>(phi_k, pk, pk, v, pv, pv, state, pv);
-          for (int64_t t = 0; t < rows; ++t)
-            for (int64_t d = 0; d < pk; ++d) mean[d] += phi_k[t * pk + d];
+          tile_outer_accum<acc_t>(phi_k, pk, pk, v_tiles + h * kTile * pv, pv, pv, state, pv);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < pk; ++d) mean[d] += phi_k[r * pk + d];
         }
+        if ((n0 - t.n_begin) / kTile % kFlushTiles == kFlushTiles - 1 || n0 + kTile >= t.n_end)
+          flush_into<acc_t>(partials, block, t.heads.count * stride);
       }
     }
   }
@@ -257,49 +327,51 @@ struct StateJob {
 template <typename scalar_t, typename acc_t>
 const char* state_typed(const LinearAttentionParams& p) {
   if (p.workspace_bytes < partials_bytes<acc_t>(p)) return "linear_attention_state: workspace too small";
-  StateJob<scalar_t, acc_t> job{&p, split_sequence(p), static_cast<acc_t*>(p.workspace)};
-  parallel_for(job.split.tasks(p), &job, &StateJob<scalar_t, acc_t>::run_tasks);
-  reduce_partials<acc_t>(p, job.split, job.partials, acc_t(1) / acc_t(p.seqlen), p.state, p.mean);
+  using Job = StateJob<scalar_t, acc_t>;
+  Job job{&p, split_reduction(p), static_cast<double*>(p.workspace)};
+  parallel_for(job.split.tasks(p), &job, &Job::run_tasks);
+  reduce_partials<acc_t>(p, job.split, job.partials, static_cast<double>(p.seqlen), p.state, p.mean);
   return nullptr;
 }
 
 // ---- apply: out_i = phi(q_i) S / (phi(q_i) . m + eps) -----------------------------------
 // The mean rides along as an extra column of the padded state, so the same micro-kernel
-// produces the numerator and the denominator: [S | m] has pv_aug = padded(Dv + 1) columns.
+// produces the numerator and the denominator: [S | m] has pa = padded(Dv + 1) columns.
 
 template <typename scalar_t, typename acc_t>
 struct ApplyJob {
   const LinearAttentionParams* p;
   Split split;
 
+
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<ApplyJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pa = padded<acc_t>(p.dim_v + 1);
-    Scratch<acc_t> scratch(p.heads * (pk * pa + kTile * (pk + pa)));
-    acc_t* states = scratch.data;                      // [H][pk][pa], column Dv holds m
-    acc_t* phi_q_tiles = states + p.heads * pk * pa;     // [H][kTile][pk]
-    acc_t* out_tiles = phi_q_tiles + p.heads * kTile * pk;  // [H][kTile][pa]
-    int64_t loaded_b = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
-      if (b != loaded_b) {
-        pad_states_with_mean<acc_t>(p, b, states, pk, pa);
-        loaded_b = b;
+    const int64_t heads = job.split.group_heads;
+    Scratch<acc_t> scratch(heads * (pk * pa + kTile * (pk + pa)));
+    acc_t* states = scratch.data;                        // [heads][pk][pa], column Dv holds m
+    acc_t* phi_q_tiles = states + heads * pk * pa;       // [heads][kTile][pk]
+    acc_t* out_tiles = phi_q_tiles + heads * kTile * pk;  // [heads][kTile][pa]
+    int64_t loaded = -1;  // b * H + h0 of the states in `states`
+    for (int64_t index = begin; index < end; ++index) {
+      const Split::Task t = job.split.task(p, index);
+      if (t.b * p.heads + t.heads.h0 != loaded) {
+        pad_states_with_mean<acc_t>(p, t.b, t.heads, states, pk, pa);
+        loaded = t.b * p.heads + t.heads.h0;
       }
-      const int64_t n_end = job.split.end(p, chunk);
-      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
-        const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tiles<scalar_t, acc_t>(p.q, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_q_tiles);
-        for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t n0 = t.n_begin; n0 < t.n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, t.n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.q, t.b, n0, rows, t.heads, p.dim_k, pk, true, p.feature_map, phi_q_tiles);
+        for (int64_t h = 0; h < t.heads.count; ++h) {
           acc_t* out = out_tiles + h * kTile * pa;
           tile_matmul<acc_t>(phi_q_tiles + h * kTile * pk, pk, states + h * pk * pa, pa, p.dim_k, pa, out, pa);
-          for (int64_t t = 0; t < rows; ++t) {
-            const acc_t inv_z = acc_t(1) / (out[t * pa + p.dim_v] + acc_t(p.eps));
-            for (int64_t e = 0; e < p.dim_v; ++e) out[t * pa + e] *= inv_z;
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t inv_z = acc_t(1) / (out[r * pa + p.dim_v] + acc_t(p.eps));
+            for (int64_t e = 0; e < p.dim_v; ++e) out[r * pa + e] *= inv_z;
           }
         }
-        store_tiles<scalar_t, acc_t>(out_tiles, pa, rows, p.heads, p.dim_v, p.out, b, n0);
+        store_tiles<scalar_t, acc_t>(out_tiles, pa, rows, t.heads, p.dim_v, p.out, t.b, n0);
       }
     }
   }
@@ -307,72 +379,109 @@ struct ApplyJob {
 
 template <typename scalar_t, typename acc_t>
 const char* apply_typed(const LinearAttentionParams& p) {
-  ApplyJob<scalar_t, acc_t> job{&p, split_sequence(p)};
-  parallel_for(job.split.tasks(p), &job, &ApplyJob<scalar_t, acc_t>::run_tasks);
+  using Job = ApplyJob<scalar_t, acc_t>;
+  Job job{&p, split_tokens(p)};
+  parallel_for(job.split.tasks(p), &job, &Job::run_tasks);
   return nullptr;
 }
 
 // ---- apply backward: grad_q and the chunk partials of grad_state, grad_mean -------------
-//   z = phi_q.m + eps; o = phi_q S / z; g = do / z; dS += phi_q^T g; dz = -(g . o)
-//   dphi_q = g S^T + dz m; dm += dz phi_q; dq = dphi_q * phi'(q)
 
 template <typename scalar_t, typename acc_t>
 struct ApplyBackwardJob {
   const LinearAttentionParams* p;
   Split split;
-  acc_t* partials;  // [b][chunk][h][pk*pv + pk]
+  double* partials;  // [b][chunk][h][pk*pv + pk]
+
+  // One worker's buffers for `heads` heads (pk, pv, pa: padded Dk, Dv, Dv + 1).
+  struct Buffers {
+    int64_t pk, pv, pa;
+    acc_t* states;        // [heads][pk][pa]: S | m
+    acc_t* states_t;      // [heads][pv][pk]: S^T
+    acc_t* means;         // [heads][pk]: m
+    acc_t* phi_q_tiles;   // [heads][kTile][pk]
+    acc_t* grad_q_tiles;  // [heads][kTile][pk]
+    acc_t* g_tiles;       // [heads][kTile][pv]: grad_out, then g = grad_out / z
+    acc_t* o;             // [kTile][pa]: phi_q S | z - eps
+    acc_t* dz;            // [kTile]
+    acc_t* block;         // [heads][pk*pv + pk]: this block's sums of dS | dm
+
+    Buffers(acc_t* base, int64_t heads, int64_t pk_, int64_t pv_, int64_t pa_) : pk(pk_), pv(pv_), pa(pa_) {
+      states = base;
+      states_t = states + heads * pk * pa;
+      means = states_t + heads * pk * pv;
+      phi_q_tiles = means + heads * pk;
+      grad_q_tiles = phi_q_tiles + heads * kTile * pk;
+      g_tiles = grad_q_tiles + heads * kTile * pk;
+      o = g_tiles + heads * kTile * pv;
+      dz = o + kTile * pa;
+      block = dz + kTile;
+    }
+    static int64_t elements(int64_t heads, int64_t pk, int64_t pv, int64_t pa) {
+      return heads * (pk * (pa + pv + 1) + kTile * (2 * pk + pv) + pk * pv + pk) + kTile * (pa + 1);
+    }
+  };
+
+
+  // Head h of the loaded tile (`rows` real tokens): grad_phi_q, and dS, dm into the block sums.
+  //   z = phi_q.m + eps; o = phi_q S / z; g = do / z; dS += phi_q^T g; dz = -(g . o)
+  //   dphi_q = g S^T + dz m; dm += dz phi_q; dq = dphi_q * phi'(q)
+  static void head(const LinearAttentionParams& p, const Buffers& w, int64_t h, int64_t rows) {
+    const int64_t pk = w.pk, pv = w.pv, pa = w.pa;
+    acc_t* grad_state = w.block + h * (pk * pv + pk);
+    acc_t* grad_mean = grad_state + pk * pv;
+    const acc_t* phi_q = w.phi_q_tiles + h * kTile * pk;
+    acc_t* grad_phi_q = w.grad_q_tiles + h * kTile * pk;
+    acc_t* g = w.g_tiles + h * kTile * pv;
+    tile_matmul<acc_t>(phi_q, pk, w.states + h * pk * pa, pa, p.dim_k, pa, w.o, pa);
+    for (int64_t r = 0; r < kTile; ++r) {
+      if (r >= rows) {  // padding rows: phi_q = 0 and g = 0 stay inert (never scaled by a 0 * inf z)
+        w.dz[r] = 0;
+        continue;
+      }
+      const acc_t inv_z = acc_t(1) / (w.o[r * pa + p.dim_v] + acc_t(p.eps));
+      for (int64_t e = 0; e < pv; ++e) g[r * pv + e] *= inv_z;
+      w.dz[r] = -dot_padded<acc_t>(g + r * pv, w.o + r * pa, pv) * inv_z;  // g is 0 past Dv
+    }
+    tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < pk; ++d) grad_mean[d] += w.dz[r] * phi_q[r * pk + d];
+    tile_matmul<acc_t>(g, pv, w.states_t + h * pv * pk, pk, p.dim_v, pk, grad_phi_q, pk);
+    for (int64_t r = 0; r < rows; ++r)
+      feature_grad_row<acc_t>(grad_phi_q + r * pk, w.means + h * pk, w.dz[r], phi_q + r * pk, pk, p.feature_map);
+  }
+
+  static void load_states(const LinearAttentionParams& p, const Buffers& w, int64_t b, Heads heads) {
+    pad_states_with_mean<acc_t>(p, b, heads, w.states, w.pk, w.pa);
+    pad_heads<acc_t>(p.state, p, b, heads, p.dim_k, p.dim_v, acc_t(1), true, w.states_t, w.pv, w.pk);
+    pad_heads<acc_t>(p.mean, p, b, heads, 1, p.dim_k, acc_t(1), false, w.means, 1, w.pk);
+  }
 
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<ApplyBackwardJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v), pa = padded<acc_t>(p.dim_v + 1);
     const int64_t stride = pk * pv + pk;
-    Scratch<acc_t> scratch(p.heads * (pk * (pa + pv + 1) + kTile * (2 * pk + pv)) + kTile * (pa + 1));
-    acc_t* states = scratch.data;                            // [H][pk][pa]: S | m
-    acc_t* states_t = states + p.heads * pk * pa;             // [H][pv][pk]: S^T
-    acc_t* means = states_t + p.heads * pk * pv;              // [H][pk]: m
-    acc_t* phi_q_tiles = means + p.heads * pk;                // [H][kTile][pk]
-    acc_t* grad_q_tiles = phi_q_tiles + p.heads * kTile * pk;  // [H][kTile][pk]
-    acc_t* g_tiles = grad_q_tiles + p.heads * kTile * pk;      // [H][kTile][pv]
-    acc_t* o = g_tiles + p.heads * kTile * pv;                // [kTile][pa]: phi_q S | z - eps
-    acc_t* dz = o + kTile * pa;                    // [kTile]
-    int64_t loaded_b = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
-      if (b != loaded_b) {
-        pad_states_with_mean<acc_t>(p, b, states, pk, pa);
-        pad_heads<acc_t>(p.state, p, b, p.dim_k, p.dim_v, acc_t(1), true, states_t, pv, pk);
-        pad_heads<acc_t>(p.mean, p, b, 1, p.dim_k, acc_t(1), false, means, 1, pk);
-        loaded_b = b;
+    Scratch<acc_t> scratch(Buffers::elements(job.split.group_heads, pk, pv, pa));
+    const Buffers w(scratch.data, job.split.group_heads, pk, pv, pa);
+    __builtin_memset(w.block, 0, sizeof(acc_t) * job.split.group_heads * stride);
+    int64_t loaded = -1;  // b * H + h0 of the states in the buffers
+    for (int64_t index = begin; index < end; ++index) {
+      const Split::Task t = job.split.task(p, index);
+      if (t.b * p.heads + t.heads.h0 != loaded) {
+        load_states(p, w, t.b, t.heads);
+        loaded = t.b * p.heads + t.heads.h0;
       }
-      acc_t* partials = job.partials + task * p.heads * stride;
-      __builtin_memset(partials, 0, sizeof(acc_t) * p.heads * stride);
-      const int64_t n_end = job.split.end(p, chunk);
-      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
-        const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tiles<scalar_t, acc_t>(p.q, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_q_tiles);
-        load_tiles<scalar_t, acc_t>(p.grad_out, b, n0, rows, p.heads, p.dim_v, pv, false, p.feature_map, g_tiles);
-        for (int64_t h = 0; h < p.heads; ++h) {
-          acc_t* grad_state = partials + h * stride;
-          acc_t* grad_mean = grad_state + pk * pv;
-          const acc_t* phi_q = phi_q_tiles + h * kTile * pk;
-          acc_t* grad_phi_q = grad_q_tiles + h * kTile * pk;
-          acc_t* g = g_tiles + h * kTile * pv;
-          tile_matmul<acc_t>(phi_q, pk, states + h * pk * pa, pa, p.dim_k, pa, o, pa);
-          for (int64_t t = 0; t < kTile; ++t) {
-            // Padding rows have phi_q = 0 and grad_out = 0: g = 0 and dz = 0 keep them inert.
-            const acc_t inv_z = acc_t(1) / (o[t * pa + p.dim_v] + acc_t(p.eps));
-            for (int64_t e = 0; e < pv; ++e) g[t * pv + e] *= inv_z;
-            dz[t] = -dot_padded<acc_t>(g + t * pv, o + t * pa, pv) * inv_z;  // g is 0 past Dv
-          }
-          tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
-          for (int64_t t = 0; t < rows; ++t)
-            for (int64_t d = 0; d < pk; ++d) grad_mean[d] += dz[t] * phi_q[t * pk + d];
-          tile_matmul<acc_t>(g, pv, states_t + h * pv * pk, pk, p.dim_v, pk, grad_phi_q, pk);
-          for (int64_t t = 0; t < rows; ++t)
-            feature_grad_row<acc_t>(grad_phi_q + t * pk, means + h * pk, dz[t], phi_q + t * pk, pk, p.feature_map);
-        }
-        store_tiles<scalar_t, acc_t>(grad_q_tiles, pk, rows, p.heads, p.dim_k, p.grad_q, b, n0);
+      double* partials = task_partials(job.partials, p, job.split, t, stride);
+      __builtin_memset(partials, 0, sizeof(double) * t.heads.count * stride);
+      for (int64_t n0 = t.n_begin; n0 < t.n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, t.n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.q, t.b, n0, rows, t.heads, p.dim_k, pk, true, p.feature_map, w.phi_q_tiles);
+        load_tiles<scalar_t, acc_t>(p.grad_out, t.b, n0, rows, t.heads, p.dim_v, pv, false, p.feature_map, w.g_tiles);
+        for (int64_t h = 0; h < t.heads.count; ++h) head(p, w, h, rows);
+        store_tiles<scalar_t, acc_t>(w.grad_q_tiles, pk, rows, t.heads, p.dim_k, p.grad_q, t.b, n0);
+        if ((n0 - t.n_begin) / kTile % kFlushTiles == kFlushTiles - 1 || n0 + kTile >= t.n_end)
+          flush_into<acc_t>(partials, w.block, t.heads.count * stride);
       }
     }
   }
@@ -381,9 +490,10 @@ struct ApplyBackwardJob {
 template <typename scalar_t, typename acc_t>
 const char* apply_backward_typed(const LinearAttentionParams& p) {
   if (p.workspace_bytes < partials_bytes<acc_t>(p)) return "linear_attention_apply_backward: workspace too small";
-  ApplyBackwardJob<scalar_t, acc_t> job{&p, split_sequence(p), static_cast<acc_t*>(p.workspace)};
-  parallel_for(job.split.tasks(p), &job, &ApplyBackwardJob<scalar_t, acc_t>::run_tasks);
-  reduce_partials<acc_t>(p, job.split, job.partials, acc_t(1), p.grad_state, p.grad_mean);
+  using Job = ApplyBackwardJob<scalar_t, acc_t>;
+  Job job{&p, split_reduction(p), static_cast<double*>(p.workspace)};
+  parallel_for(job.split.tasks(p), &job, &Job::run_tasks);
+  reduce_partials<acc_t>(p, job.split, job.partials, 1.0, p.grad_state, p.grad_mean);
   return nullptr;
 }
 
@@ -394,46 +504,44 @@ struct StateBackwardJob {
   const LinearAttentionParams* p;
   Split split;
 
+
   static void run_tasks(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<StateBackwardJob*>(ctx);
     const auto& p = *job.p;
     const int64_t pk = padded<acc_t>(p.dim_k), pv = padded<acc_t>(p.dim_v);
-    Scratch<acc_t> scratch(p.heads * (2 * pk * pv + pk + kTile * (2 * pk + 2 * pv)));
-    acc_t* grad_states = scratch.data;                     // [H][pk][pv] / N
-    acc_t* grad_states_t = grad_states + p.heads * pk * pv;  // [H][pv][pk] / N
-    acc_t* grad_means = grad_states_t + p.heads * pk * pv;   // [H][pk] / N
-    acc_t* phi_k_tiles = grad_means + p.heads * pk;             // [H][kTile][pk]
-    acc_t* grad_k_tiles = phi_k_tiles + p.heads * kTile * pk;   // [H][kTile][pk]
-    acc_t* v_tiles = grad_k_tiles + p.heads * kTile * pk;       // [H][kTile][pv]
-    acc_t* grad_v_tiles = v_tiles + p.heads * kTile * pv;       // [H][kTile][pv]
+    const int64_t heads = job.split.group_heads;
+    Scratch<acc_t> scratch(heads * (2 * pk * pv + pk + kTile * (2 * pk + 2 * pv)));
+    acc_t* grad_states = scratch.data;                   // [heads][pk][pv] / N
+    acc_t* grad_states_t = grad_states + heads * pk * pv;  // [heads][pv][pk] / N
+    acc_t* grad_means = grad_states_t + heads * pk * pv;   // [heads][pk] / N
+    acc_t* phi_k_tiles = grad_means + heads * pk;           // [heads][kTile][pk]
+    acc_t* grad_k_tiles = phi_k_tiles + heads * kTile * pk;  // [heads][kTile][pk]
+    acc_t* v_tiles = grad_k_tiles + heads * kTile * pk;      // [heads][kTile][pv]
+    acc_t* grad_v_tiles = v_tiles + heads * kTile * pv;      // [heads][kTile][pv]
     const acc_t inv_n = acc_t(1) / acc_t(p.seqlen);
-    int64_t loaded_b = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / job.split.chunks, chunk = task % job.split.chunks;
-      if (b != loaded_b) {
-        pad_heads<acc_t>(p.grad_state, p, b, p.dim_k, p.dim_v, inv_n, false, grad_states, pk, pv);
-        pad_heads<acc_t>(p.grad_state, p, b, p.dim_k, p.dim_v, inv_n, true, grad_states_t, pv, pk);
-        pad_heads<acc_t>(p.grad_mean, p, b, 1, p.dim_k, inv_n, false, grad_means, 1, pk);
-        loaded_b = b;
+    int64_t loaded = -1;  // b * H + h0 of the states in the buffers
+    for (int64_t index = begin; index < end; ++index) {
+      const Split::Task t = job.split.task(p, index);
+      if (t.b * p.heads + t.heads.h0 != loaded) {
+        pad_heads<acc_t>(p.grad_state, p, t.b, t.heads, p.dim_k, p.dim_v, inv_n, false, grad_states, pk, pv);
+        pad_heads<acc_t>(p.grad_state, p, t.b, t.heads, p.dim_k, p.dim_v, inv_n, true, grad_states_t, pv, pk);
+        pad_heads<acc_t>(p.grad_mean, p, t.b, t.heads, 1, p.dim_k, inv_n, false, grad_means, 1, pk);
+        loaded = t.b * p.heads + t.heads.h0;
       }
-      const int64_t n_end = job.split.end(p, chunk);
-      for (int64_t n0 = job.split.begin(chunk); n0 < n_end; n0 += kTile) {
-        const int64_t rows = min_i64(kTile, n_end - n0);
-        load_tiles<scalar_t, acc_t>(p.k, b, n0, rows, p.heads, p.dim_k, pk, true, p.feature_map, phi_k_tiles);
-        load_tiles<scalar_t, acc_t>(p.v, b, n0, rows, p.heads, p.dim_v, pv, false, p.feature_map, v_tiles);
-        for (int64_t h = 0; h < p.heads; ++h) {
-          const acc_t* grad_mean = grad_means + h * pk;
+      for (int64_t n0 = t.n_begin; n0 < t.n_end; n0 += kTile) {
+        const int64_t rows = min_i64(kTile, t.n_end - n0);
+        load_tiles<scalar_t, acc_t>(p.k, t.b, n0, rows, t.heads, p.dim_k, pk, true, p.feature_map, phi_k_tiles);
+        load_tiles<scalar_t, acc_t>(p.v, t.b, n0, rows, t.heads, p.dim_v, pv, false, p.feature_map, v_tiles);
+        for (int64_t h = 0; h < t.heads.count; ++h) {
           const acc_t* phi_k = phi_k_tiles + h * kTile * pk;
-          const acc_t* v = v_tiles + h * kTile * pv;
           acc_t* grad_k = grad_k_tiles + h * kTile * pk;
-          acc_t* grad_v = grad_v_tiles + h * kTile * pv;
-          tile_matmul<acc_t>(v, pv, grad_states_t + h * pv * pk, pk, p.dim_v, pk, grad_k, pk);
-          tile_matmul<acc_t>(phi_k, pk, grad_states + h * pk * pv, pv, p.dim_k, pv, grad_v, pv);
-          for (int64_t t = 0; t < rows; ++t)
-            feature_grad_row<acc_t>(grad_k + t * pk, grad_mean, acc_t(1), phi_k + t * pk, pk, p.feature_map);
+          tile_matmul<acc_t>(v_tiles + h * kTile * pv, pv, grad_states_t + h * pv * pk, pk, p.dim_v, pk, grad_k, pk);
+          tile_matmul<acc_t>(phi_k, pk, grad_states + h * pk * pv, pv, p.dim_k, pv, grad_v_tiles + h * kTile * pv, pv);
+          for (int64_t r = 0; r < rows; ++r)
+            feature_grad_row<acc_t>(grad_k + r * pk, grad_means + h * pk, acc_t(1), phi_k + r * pk, pk, p.feature_map);
         }
-        store_tiles<scalar_t, acc_t>(grad_k_tiles, pk, rows, p.heads, p.dim_k, p.grad_k, b, n0);
-        store_tiles<scalar_t, acc_t>(grad_v_tiles, pv, rows, p.heads, p.dim_v, p.grad_v, b, n0);
+        store_tiles<scalar_t, acc_t>(grad_k_tiles, pk, rows, t.heads, p.dim_k, p.grad_k, t.b, n0);
+        store_tiles<scalar_t, acc_t>(grad_v_tiles, pv, rows, t.heads, p.dim_v, p.grad_v, t.b, n0);
       }
     }
   }
@@ -441,8 +549,9 @@ struct StateBackwardJob {
 
 template <typename scalar_t, typename acc_t>
 const char* state_backward_typed(const LinearAttentionParams& p) {
-  StateBackwardJob<scalar_t, acc_t> job{&p, split_sequence(p)};
-  parallel_for(job.split.tasks(p), &job, &StateBackwardJob<scalar_t, acc_t>::run_tasks);
+  using Job = StateBackwardJob<scalar_t, acc_t>;
+  Job job{&p, split_tokens(p)};
+  parallel_for(job.split.tasks(p), &job, &Job::run_tasks);
   return nullptr;
 }
 

@@ -60,11 +60,12 @@ inline typename Vec<acc_t>::type splat(acc_t x) {
 }
 
 // exp(x) for a vector of floats: Cephes-style range reduction x = n ln2 + r and a degree-6
-// polynomial, within 2 ulp of expf on [-87, 88]; below, it flushes towards 0 like expf.
-inline Vec<float>::type exp_vec(Vec<float>::type x) {
+// polynomial, within 2 ulp of expf on [-87, 88]; 0 below (expf's denormal tail flushed),
+// exp(88) above, NaN for NaN.
+inline Vec<float>::type exp_vec(Vec<float>::type x_in) {
   using V = Vec<float>::type;
   using I = int __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
-  x = x < splat<float>(-87.0f) ? splat<float>(-87.0f) : x;
+  V x = x_in < splat<float>(-87.0f) ? splat<float>(-87.0f) : x_in;
   x = x > splat<float>(88.0f) ? splat<float>(88.0f) : x;
   const V magic = splat<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const V shifted = x * splat<float>(1.44269504088896341f) + magic;
@@ -82,7 +83,8 @@ inline Vec<float>::type exp_vec(Vec<float>::type x) {
   bits = (bits - I{} - 0x4b400000 + 127) << 23;  // 2^n from the integer in shifted's mantissa
   V scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // Below -87 (-inf included) the result is 0; NaN compares false and stays NaN.
+  return x_in < splat<float>(-87.0f) ? splat<float>(0.0f) : p * scale;
 }
 
 // ---- micro-kernels -------------------------------------------------------------------

@@ -202,6 +202,89 @@ __device__ __forceinline__ void gemm_tile(TileAccumulator<A>& t, bool use_tc, in
   tile_finish(t, use_tc, Cs, ty, tx);
 }
 
+// ---- long reductions: fp32 sums flushed into fp64 registers ------------------------------
+// A tile that sums over many slices (a reduction over thousands of tokens) flushes its fp32
+// sums into fp64 registers every few slices and restarts from zero, so no fp32 accumulator
+// sums more than a bounded number of terms and the error does not grow with the sequence.
+// fp64 accumulators need no flushing (WideTile<double> is empty).
+template <class A> struct WideTile {
+  static constexpr bool kEnabled = false;
+};
+template <> struct WideTile<float> {
+  static constexpr bool kEnabled = true;
+  double hi[4][4];
+#if MMFAST_CUDA_TF32_MMA
+  double hi_frag[2][TcFragC::num_elements];
+#endif
+};
+
+template <class A>
+__device__ __forceinline__ void wide_zero(WideTile<A>& w) {
+  if constexpr (WideTile<A>::kEnabled) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) w.hi[i][j] = 0.0;
+#if MMFAST_CUDA_TF32_MMA
+#pragma unroll
+    for (int f = 0; f < 2; ++f)
+#pragma unroll
+      for (int e = 0; e < TcFragC::num_elements; ++e) w.hi_frag[f][e] = 0.0;
+#endif
+  }
+}
+
+// w += t; t = 0 (thread-local: fragments are mapped elementwise, no barrier needed).
+template <class A>
+__device__ __forceinline__ void tile_flush(TileAccumulator<A>& t, WideTile<A>& w, bool use_tc) {
+  if constexpr (WideTile<A>::kEnabled) {
+#if MMFAST_CUDA_TF32_MMA
+    if (use_tc) {
+#pragma unroll
+      for (int f = 0; f < 2; ++f)
+#pragma unroll
+        for (int e = 0; e < TcFragC::num_elements; ++e) {
+          w.hi_frag[f][e] += t.frag[f].x[e];
+          t.frag[f].x[e] = 0.0f;
+        }
+      return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        w.hi[i][j] += t.acc[i][j];
+        t.acc[i][j] = A(0);
+      }
+  }
+}
+
+// After the last slice: the last flush, the fp64 sums rounded once into t (as tile_finish,
+// which it replaces: t.acc holds the result).
+template <class A>
+__device__ __forceinline__ void tile_finish_wide(TileAccumulator<A>& t, WideTile<A>& w, bool use_tc, A* Cs, int ty,
+                                                 int tx) {
+  if constexpr (WideTile<A>::kEnabled) {
+    tile_flush(t, w, use_tc);
+#if MMFAST_CUDA_TF32_MMA
+    if (use_tc) {
+#pragma unroll
+      for (int f = 0; f < 2; ++f)
+#pragma unroll
+        for (int e = 0; e < TcFragC::num_elements; ++e) t.frag[f].x[e] = static_cast<float>(w.hi_frag[f][e]);
+    }
+#endif
+    if (!use_tc) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) t.acc[i][j] = static_cast<A>(w.hi[i][j]);
+    }
+  }
+  tile_finish(t, use_tc, Cs, ty, tx);
+}
+
 // The one store-tile helper: f(i, j, value) for every element (i, j) of this thread's 4 x 4
 // block, tile-local (i = ty*4 + r, j = tx*4 + c), with i < rows and j < cols only.
 template <class A, class F>

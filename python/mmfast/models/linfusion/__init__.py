@@ -5,7 +5,7 @@
     image = pipe(prompt).images[0]
     linfusion.unmount()                                                    # back to SDPA
 """
-from .attention import LINFUSION_EPS, GeneralizedLinearAttention, nonlinear_projection
+from .attention import LINFUSION_EPS, GeneralizedLinearAttention, LinFusionAttnProcessor, nonlinear_projection
 from .distill import LinFusionDistiller, capture_outputs, distillation_loss
 from .model import LinFusion, LinFusionMismatchError, ModuleSpec, unet_attn1_specs
 from .row_parallel import gather_rows, row_parallel_unet, split_rows
@@ -14,6 +14,7 @@ __all__ = [
     "LINFUSION_EPS",
     "GeneralizedLinearAttention",
     "LinFusion",
+    "LinFusionAttnProcessor",
     "LinFusionDistiller",
     "LinFusionMismatchError",
     "ModuleSpec",

@@ -35,6 +35,19 @@ def nonlinear_projection(dim: int, mid_dim: Optional[int] = None) -> nn.Module:
     )
 
 
+class LinFusionAttnProcessor:
+    """What diffusers' attention-processor API sees of a mounted LinFusion layer.
+
+    `unet.attn_processors` lists it for every mounted attn1, so a dict taken while mounted fits
+    `unet.set_attn_processor`, and diffusers' loaders that re-create each layer's current
+    processor class (e.g. IP-Adapter loading, which replaces only attn2's) keep working. It
+    holds nothing: the layer's parameters and computation are GeneralizedLinearAttention's.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return attn(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
 class GeneralizedLinearAttention(nn.Module):
     """Drop-in replacement for a diffusers `Attention` used as `attn1` of a transformer block.
 
@@ -71,9 +84,26 @@ class GeneralizedLinearAttention(nn.Module):
         self.to_q_ = nonlinear_projection(dim_n, projection_mid_dim)
         self.to_k_ = nonlinear_projection(dim_n, projection_mid_dim)
         self._warned_kwargs: set = set()
+        self._processor = LinFusionAttnProcessor()
 
     def extra_repr(self) -> str:
         return f"dim_n={self.dim_n}, heads={self.heads}, dim_head={self.dim_head}, eps={self.eps}"
+
+    # --- diffusers' attention-processor API ----------------------------------------
+
+    def get_processor(self, return_deprecated_lora: bool = False) -> LinFusionAttnProcessor:
+        return self._processor
+
+    def set_processor(self, processor) -> None:
+        """Accepts LinFusion's processor only: a softmax processor cannot run this layer."""
+        if not isinstance(processor, LinFusionAttnProcessor):
+            raise ValueError(
+                f"GeneralizedLinearAttention: this attn1 runs LinFusion's linear attention while LinFusion is "
+                f"mounted and cannot run {type(processor).__name__}. Unmount LinFusion (linfusion.unmount()) before "
+                "setting softmax processors on attn1, or pass the processors `unet.attn_processors` lists while "
+                "mounted (LinFusionAttnProcessor for each attn1)."
+            )
+        self._processor = processor
 
     # --- construction from a diffusers attn1 ---------------------------------------
 
@@ -163,10 +193,14 @@ class GeneralizedLinearAttention(nn.Module):
             weight = part.shape[1] / total
             state_sum = state * weight if state_sum is None else state_sum + state * weight
             mean_sum = mean * weight if mean_sum is None else mean_sum + mean * weight
-        # Written into one preallocated output: a final torch.cat would double the peak.
-        out = hidden_states.new_empty(hidden_states.shape)
+        # Written into one preallocated output (a final torch.cat would double the peak), of the
+        # dtype the projections return: under autocast that is not the input's.
+        out = None
         for start in range(0, hidden_states.shape[1], chunk):
             part = hidden_states[:, start:start + chunk]
             attended = ops.linear_attention_apply(self._query(part), state_sum, mean_sum, eps=self.eps)
-            out[:, start:start + chunk] = self._output(attended)
+            result = self._output(attended)
+            if out is None:
+                out = result.new_empty(hidden_states.shape[:2] + result.shape[2:])
+            out[:, start:start + chunk] = result
         return out

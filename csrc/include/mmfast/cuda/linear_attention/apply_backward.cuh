@@ -107,7 +107,7 @@ __device__ __forceinline__ void apply_backward_dq(const ApplyBackwardArgs& a, co
     store_tile(tile.acc, ty, tx, a.N - it.n0, a.dk - k0, [&](int i, int j, A value) {
       const int c = k0 + j;
       const A dphi_q = value / sh.zs[i] + sh.dzs[i] * sh.ms[c];
-      it.dq.row(it.n0 + i)[c] = from_acc<T>(dphi_q * dphi(to_acc(it.q.row(it.n0 + i)[c]), a.fm));
+      it.dq.row(it.n0 + i)[c] = from_acc<T>(times_dphi(dphi_q, to_acc(it.q.row(it.n0 + i)[c]), a.fm));
     });
   }
 }

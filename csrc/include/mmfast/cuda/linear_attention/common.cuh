@@ -14,18 +14,21 @@ constexpr int kMaxD = 256;  // == kMaxHeadDim: shared arrays of per-dim values
 static_assert(kMaxD == kMaxHeadDim, "kMaxD must match kMaxHeadDim");
 static_assert(kTile * 4 == kThreads, "z / row reductions use 4 threads per token row");
 
-// phi(x): 0 = none, 1 = elu(x) + 1, 2 = relu (FeatureMap values). NaN propagates.
+// phi(x): 0 = none, 1 = elu(x) + 1, 2 = relu (FeatureMap values). NaN propagates (a compare
+// that is false for NaN picks x).
 template <class A> __device__ __forceinline__ A phi(A x, int fm) {
   if (fm == static_cast<int>(FeatureMap::kElu1)) return x > A(0) ? x + A(1) : exp_acc(x);
-  if (fm == static_cast<int>(FeatureMap::kRelu)) return (x > A(0) || x != x) ? x : A(0);
+  if (fm == static_cast<int>(FeatureMap::kRelu)) return x < A(0) ? A(0) : x;
   return x;
 }
 
-// phi'(x): elu1 -> 1 if x > 0 else exp(x); relu -> 1 if x > 0 else 0; none -> 1.
-template <class A> __device__ __forceinline__ A dphi(A x, int fm) {
-  if (fm == static_cast<int>(FeatureMap::kElu1)) return x > A(0) ? A(1) : exp_acc(x);
-  if (fm == static_cast<int>(FeatureMap::kRelu)) return x > A(0) ? A(1) : A(0);
-  return A(1);
+// grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;
+// relu -> 0 if x <= 0 (selected: 0 even for a NaN grad) else grad; none -> grad. For NaN x
+// the gradient flows, as in torch.
+template <class A> __device__ __forceinline__ A times_dphi(A grad, A x, int fm) {
+  if (fm == static_cast<int>(FeatureMap::kElu1)) return x <= A(0) ? grad * exp_acc(x) : grad;
+  if (fm == static_cast<int>(FeatureMap::kRelu)) return x <= A(0) ? A(0) : grad;
+  return grad;
 }
 
 // Sizes every kernel needs; each kernel's argument struct extends it.

@@ -17,6 +17,9 @@ namespace la {
 
 constexpr int64_t kMinChunk = 256;  // minimum tokens per split-N chunk
 constexpr int kChunkOversub = 4;    // grid target: kChunkOversub x SM count blocks
+// fp32 sums flush into fp64 every kFlushSlices staged slices (64 tokens): the error of S and m
+// does not grow with N (see WideTile in tile_gemm.cuh).
+constexpr int kFlushSlices = 2;
 
 struct StateArgs : Dims {
   TokenTensor k;        // phi(k) side (q for apply_backward)
@@ -100,6 +103,18 @@ __device__ __forceinline__ void accumulate_mean(A (&msum)[4], const A* As, const
   }
 }
 
+// mwide += msum, msum = 0 for fp32 sums (fp64 sums need no flushing).
+template <class A>
+__device__ __forceinline__ void flush_mean(A (&msum)[4], double (&mwide)[4]) {
+  if constexpr (WideTile<A>::kEnabled) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      mwide[i] += msum[i];
+      msum[i] = A(0);
+    }
+  }
+}
+
 // The tile (and, for do_mean threads, m) divided by div into the final state, or unscaled
 // into the chunk's partial.
 template <class A>
@@ -139,20 +154,31 @@ __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
     const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
     const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
     TileAccumulator<A> tile;
+    WideTile<A> wide;
     tile_zero(tile, use_tc);
+    wide_zero(wide);
     A msum[4] = {A(0), A(0), A(0), A(0)};
+    double mwide[4] = {0.0, 0.0, 0.0, 0.0};
+    int slice = 0;
     for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kBK) {
       stage_token_scalars(a, it, t0, zsh, wsh);
       stage_state_slice<T>(a, it, t0, kk, vv, zsh, As, Bs);
       tile_accumulate(tile, use_tc, As, Bs, ty, tx);
       if (it.do_mean) accumulate_mean(msum, As, wsh, ty);
+      if (++slice % kFlushSlices == 0) {
+        tile_flush(tile, wide, use_tc);
+        flush_mean(msum, mwide);
+      }
     }
-    tile_finish(tile, use_tc, Cs, ty, tx);
+    tile_finish_wide(tile, wide, use_tc, Cs, ty, tx);
+    flush_mean(msum, mwide);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) msum[i] = WideTile<A>::kEnabled ? static_cast<A>(mwide[i]) : msum[i];
     store_state_tile(a, it, tile.acc, msum, ty, tx);
   }
 }
 
-// Sums the nchunks partials of every (bh, element) in chunk order and divides by div.
+// Sums the nchunks partials of every (bh, element) in chunk order, in fp64, and divides by div.
 template <class A>
 __global__ void __launch_bounds__(kThreads)
     la_state_reduce_kernel(const A* __restrict__ partials, A* __restrict__ state, A* __restrict__ mean, int64_t bh,
@@ -160,14 +186,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t dkdv = static_cast<int64_t>(dk) * dv;
   const int64_t E = dkdv + dk;
   const int64_t total = bh * E;
-  const A d = static_cast<A>(div);
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = e / E, r = e - b * E;
     const A* p = partials + b * nchunks * E + r;
-    A s = A(0);
-    for (int64_t c = 0; c < nchunks; ++c) s += p[c * E];
-    s = s / d;
+    double sum = 0.0;
+    for (int64_t c = 0; c < nchunks; ++c) sum += p[c * E];
+    const A s = static_cast<A>(sum / div);
     if (r < dkdv)
       state[b * dkdv + r] = s;
     else

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) la_state_backward_kernel(StateBackwa
       store_tile(tile.acc, ty, tx, a.N - n0, a.dk - k0, [&](int i, int j, A value) {
         const int c = k0 + j;
         const A dphi_k = (value + dm[c]) / nf;
-        gk.row(n0 + i)[c] = from_acc<T>(dphi_k * dphi(to_acc(kk.row(n0 + i)[c]), a.fm));
+        gk.row(n0 + i)[c] = from_acc<T>(times_dphi(dphi_k, to_acc(kk.row(n0 + i)[c]), a.fm));
       });
     }
   }

@@ -1,0 +1,279 @@
+"""Linear attention against the faults public bug reports find in attention libraries: long
+token reductions (accuracy, determinism across thread counts), NaN / Inf propagation, double
+backward, meta tensors and FakeTensorMode, eps validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mmfast
+from mmfast import reference
+from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
+
+from _utils import HAS_TRITON, TRITON_DEVICE, backend_params, make_qkv
+
+BACKENDS = backend_params()
+
+
+# ---- 1. accuracy and determinism of the reductions over tokens -------------------------------
+
+
+def _constant_inputs(n, device="cpu"):
+    """k = q = 0.1 (phi = 1.1), v = 1, B = H = 1, D = 4: every token adds the same value, so
+    rounding errors of a long fp32 sum do not cancel."""
+    k = torch.full((1, n, 1, 4), 0.1, device=device)
+    return k, k.clone(), torch.ones(1, n, 1, 4, device=device)
+
+
+def _exact_constant_outputs(eps=1e-4):
+    """m, S entries and out entries of _constant_inputs in fp64 (phi(0.1f) rounded as in fp32)."""
+    phi = float(torch.tensor(0.1) + 1.0)
+    return phi, phi, 4 * phi * phi / (4 * phi * phi + eps)
+
+
+def _relative_errors(q, k, v, backend):
+    state, mean = linear_attention_state(k, v, backend=backend)
+    out = linear_attention(q, k, v, backend=backend)
+    m, s, o = _exact_constant_outputs()
+    return ((mean.double() - m).abs().max().item() / m, (state.double() - s).abs().max().item() / s,
+            (out.double() - o).abs().max().item() / o)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("log2_n", [16, 20, 22])
+def test_long_sequence_accuracy(backend, log2_n):
+    """Relative error of m, S and the output under 1e-5 however long the sequence (LinFusion's
+    16K image has N = 2^21 tokens per layer)."""
+    q, k, v = _constant_inputs(2**log2_n)
+    errors = _relative_errors(q, k, v, backend)
+    assert max(errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_long_sequence_accuracy_triton(monkeypatch):
+    """All of N = 2^16 in one program (the split over N switched off): 1024 steps of 64 tokens,
+    each summed in fp32 and added into fp64. Summed in fp32 throughout, the error reaches ~5e-5
+    here, as it would for any chunk of that size on a GPU (the interpreter is too slow for
+    N = 2^22; the GPU test below runs it)."""
+    from mmfast.triton import linear_attention as triton_la
+
+    monkeypatch.setattr(triton_la, "SPLIT_SEQUENCE", False)
+    q, k, v = _constant_inputs(2**16, TRITON_DEVICE)
+    errors = _relative_errors(q, k, v, "triton")
+    assert max(errors) < 1e-5, errors
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_long_sequence_accuracy_cuda(backend):
+    q, k, v = _constant_inputs(2**22, "cuda")
+    errors = _relative_errors(q, k, v, backend)
+    assert max(errors) < 1e-5, errors
+
+
+def _fp64_gradients(q, k, v, grad_out):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = reference.linear_attention_ref(*leaves)
+    return torch.autograd.grad(out, leaves, grad_out.double())
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_long_sequence_backward_accuracy(backend):
+    """The reductions of the backward at N = 2^20: dS and dm (sums over the queries, relative
+    error under 1e-5) and the gradients built from them. dq and dk of these constant inputs are
+    differences of O(1) terms that cancel to ~2e-5, so they are compared absolutely (1e-5 of
+    the terms' scale); dv has no cancellation and is compared relatively."""
+    n = 2**20
+    q, k, v = [t.requires_grad_() for t in _constant_inputs(n)]
+    grad_out = torch.ones(1, n, 1, 4)
+    grads = torch.autograd.grad(linear_attention(q, k, v, backend=backend), (q, k, v), grad_out)
+    want = _fp64_gradients(q, k, v, grad_out)
+    for name, got, expected in zip("qk", grads, want):
+        assert (got.double() - expected).abs().max().item() < 1e-5, name
+    dv_error = (grads[2].double() - want[2]).abs().max().item() / want[2].abs().max().item()
+    assert dv_error < 1e-5, dv_error
+    if backend == "native":
+        state, mean = linear_attention_state(k.detach(), v.detach())
+        _, grad_state, grad_mean = torch.ops.mmfast.linear_attention_apply_backward(
+            grad_out, q.detach(), state, mean, 1e-4, "elu1")
+        phi, _, _ = _exact_constant_outputs()
+        z = 4 * phi * phi + 1e-4
+        exact_state, exact_mean = n * phi / z, -n * 16 * phi**3 / z**2  # dz = -(g . phi(q) S) / z
+        assert (grad_state.double() - exact_state).abs().max().item() / exact_state < 1e-5
+        assert (grad_mean.double() - exact_mean).abs().max().item() / abs(exact_mean) < 1e-5
+
+
+def _forward_and_backward(q, k, v, grad_out):
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = linear_attention(q, k, v, backend="native")
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+@pytest.mark.parametrize("shape", [(2, 70001, 3, 40, 24), (1, 2**20, 1, 4, 4)], ids=["odd", "long"])
+def test_cpu_results_are_bitwise_identical_for_any_thread_count(shape):
+    q, k, v = make_qkv(shape, torch.float32, "cpu")
+    grad_out = torch.randn(*shape[:3], shape[4])
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results[count] = _forward_and_backward(q, k, v, grad_out)
+        again = _forward_and_backward(q, k, v, grad_out)  # run to run, at 3 threads
+    finally:
+        torch.set_num_threads(threads)
+    for count in (2, 3):
+        for name, a, b in zip(["out", "dq", "dk", "dv"], results[1], results[count]):
+            assert torch.equal(a, b), f"{name} differs between 1 and {count} threads"
+    for name, a, b in zip(["out", "dq", "dk", "dv"], results[3], again):
+        assert torch.equal(a, b), f"{name} differs run to run"
+
+
+# ---- 2. NaN and Inf propagate as in the reference ----------------------------------------------
+
+SPECIAL_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _nan_patterns(backend, device, feature_map, where, value):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+    if feature_map == "none":  # keep denominators away from 0 for the finite entries
+        q, k = q.abs() + 0.5, k.abs() + 0.5
+    {"q": q, "k": k, "v": v}[where][0, 3, 0, 1] = value
+    grad_out = torch.randn(1, 8, 2, 4)
+    if backend == "reference":
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        out = reference.linear_attention_ref(*leaves, 1e-4, feature_map)
+        grads = torch.autograd.grad(out, leaves, grad_out.double())
+    else:
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        out = linear_attention(*leaves, feature_map=feature_map, backend=backend)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(device))
+    return [t.isnan().cpu() for t in (out, *grads)]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "none"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("special", list(SPECIAL_VALUES))
+def test_nan_and_inf_patterns_match_the_reference(backend_device, feature_map, where, special):
+    backend, device = backend_device
+    expected = _nan_patterns("reference", "cpu", feature_map, where, SPECIAL_VALUES[special])
+    got = _nan_patterns(backend, device, feature_map, where, SPECIAL_VALUES[special])
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, expected):
+        assert torch.equal(a, b), f"{name}: NaN at {a.nonzero().tolist()}, reference {b.nonzero().tolist()}"
+
+
+def test_relu_nan_in_k_reaches_every_output():
+    """The case of the bug report: relu(NaN) is NaN, so one NaN key poisons the state."""
+    q, k, v = (torch.randn(1, 8, 1, 4) for _ in range(3))
+    k[0, 3, 0, 1] = float("nan")
+    assert linear_attention(q, k, v, feature_map="relu").isnan().all()
+
+
+# ---- 3. double backward --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "none"])
+def test_gradgradcheck_fp64_cpu(feature_map):
+    q, k, v = make_qkv((1, 9, 2, 4, 3), torch.float64, "cpu", requires_grad=True)
+    if feature_map == "none":
+        q, k = [(t.detach().abs() + 0.5).requires_grad_() for t in (q, k)]
+    fused = lambda a, b, c: linear_attention(a, b, c, feature_map=feature_map)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fused, (q, k, v))
+    state = lambda b, c: linear_attention_state(b, c, feature_map=feature_map)  # noqa: E731
+    assert torch.autograd.gradgradcheck(state, (k, v))
+    s, m = [t.detach().requires_grad_() for t in linear_attention_state(k, v, feature_map=feature_map)]
+    apply = lambda a, b, c: linear_attention_apply(a, b, c, feature_map=feature_map)  # noqa: E731
+    assert torch.autograd.gradgradcheck(apply, (q, s, m))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_double_backward_equals_the_reference(backend_device):
+    """The bug report's gradient penalty: grad of |d out / d q|^2 with respect to q, k, v."""
+    backend, device = backend_device
+    dtype = torch.float64 if backend == "native" else torch.float32
+    base = make_qkv((1, 9, 2, 4, 4), torch.float64, "cpu")
+
+    def penalty_grads(run, dt, dev):
+        q, k, v = [t.to(dev, dt).requires_grad_() for t in base]
+        grad_q, = torch.autograd.grad(run(q, k, v).sum(), q, create_graph=True)
+        return torch.autograd.grad((grad_q ** 2).sum(), (q, k, v))
+
+    got = penalty_grads(lambda a, b, c: linear_attention(a, b, c, backend=backend), dtype, device)
+    want = penalty_grads(lambda a, b, c: reference.linear_attention_ref(a, b, c), torch.float64, "cpu")
+    for name, a, b in zip("qkv", got, want):
+        assert b.abs().max() > 1e-3, name  # not trivially zero
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4 if dtype == torch.float32 else 1e-8,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-10, msg=name)
+
+
+def test_the_backward_ops_refuse_to_be_differentiated():
+    q, k, v = make_qkv((1, 5, 2, 4, 4), torch.float64, "cpu")
+    state, mean = reference.linear_attention_state_ref(k, v)
+    grad_out = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
+    grad_q, _, _ = torch.ops.mmfast.linear_attention_apply_backward(grad_out, q, state, mean, 1e-4, "elu1")
+    with pytest.raises(RuntimeError, match="has no derivative of its own"):
+        grad_q.sum().backward()
+
+
+# ---- 4. meta tensors and FakeTensorMode -------------------------------------------------------------
+
+META_BACKENDS = ["auto", "native", "reference"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("backend", META_BACKENDS)
+def test_public_ops_on_meta_tensors(backend):
+    q = k = v = torch.empty(2, 16, 3, 8, device="meta")
+    out = linear_attention(q, k, v, backend=backend)
+    assert out.shape == (2, 16, 3, 8) and out.device.type == "meta"
+    state, mean = linear_attention_state(k, v, backend=backend)
+    assert state.shape == (2, 3, 8, 8) and mean.shape == (2, 3, 8) and state.dtype == torch.float32
+    assert linear_attention_apply(q, state, mean, backend=backend).shape == (2, 16, 3, 8)
+
+
+def test_public_ops_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 16, 3, 8, dtype=torch.bfloat16)
+        out = linear_attention(q, q, q)
+        state, mean = linear_attention_state(q, q)
+    assert out.shape == (2, 16, 3, 8) and out.dtype == torch.bfloat16 and state.dtype == torch.float32
+
+
+def test_linfusion_unet_runs_on_the_meta_device():
+    pytest.importorskip("diffusers")
+    from mmfast.models.linfusion import LinFusion
+    from mmfast.testing.tiny_diffusers import tiny_unet
+
+    with torch.device("meta"):
+        unet = tiny_unet((32, 64), heads=2)
+    LinFusion.construct_for(unet)
+    latents, text = torch.empty(2, 4, 8, 8, device="meta"), torch.empty(2, 7, 32, device="meta")
+    sample = unet(latents, torch.tensor([1, 2], device="meta"), text).sample
+    assert sample.shape == (2, 4, 8, 8) and sample.device.type == "meta"
+
+
+# ---- eps -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [-1e-4, float("nan"), float("inf")])
+@pytest.mark.parametrize("entry", ["public", "torch.ops", "apply"])
+def test_eps_must_be_finite_and_non_negative(eps, entry):
+    q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        if entry == "public":
+            linear_attention(q, k, v, eps=eps)
+        elif entry == "torch.ops":
+            torch.ops.mmfast.linear_attention(q, k, v, eps, "elu1")
+        else:
+            linear_attention_apply(q, *linear_attention_state(k, v), eps=eps)
+
+
+def test_eps_zero_is_allowed():
+    q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, "cpu")
+    out = linear_attention(q, k, v, eps=0.0)
+    assert math.isfinite(out.abs().max().item())
