@@ -5,7 +5,9 @@
 #   make bench       build and run the benchmark suite, print the summary table
 #   make gpu-check   on a GPU machine without network: build for the local GPU with the
 #                    installed torch, run tests + benchmarks, write a report to GPU_REPORT_DIR
-#   make cmake-test  build the torch-free CPU kernels with CMake and run their C++ test
+#   make cmake-test  build the torch-free kernels with CMake and run the C++ tests (the CUDA
+#                    kernels on the host emulator included)
+#   make sanitize    the same C++ tests built with AddressSanitizer + UBSan (part of make test)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +19,7 @@ GPU_REPORT_DIR ?= build/gpu-report
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
-.PHONY: test bench build venv gpu-check gpu-wheels cmake-test clean
+.PHONY: test bench build venv gpu-check gpu-wheels cmake-test sanitize clean
 
 $(STAMP): requirements-test.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +33,7 @@ build: $(STAMP)
 	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
 	$(VPY) -m mmfast
 
-test: build cmake-test
+test: build cmake-test sanitize
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: build
@@ -44,6 +46,15 @@ cmake-test:
 	cmake --build build/cmake -j $(MAX_JOBS) > /dev/null
 	cd build/cmake && ctest --output-on-failure
 
+# ASan + UBSan (no recovery: the first finding fails the run) over the torch-free kernels, their
+# C++ tests and the emulated CUDA kernels (quick case level: instrumented fibers are slow).
+sanitize:
+	cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMMFAST_SANITIZE=address,undefined \
+	  -DMMFAST_EMULATOR_LEVEL=0 > /dev/null
+	cmake --build build/sanitize -j $(MAX_JOBS) > /dev/null
+	cd build/sanitize && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --output-on-failure
+
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
 # build against its torch, for its own GPU, with all cores; install nothing.
 # GPU_CHECK_QUICK=1 (sm_90a, linear attention only), GPU_CHECK_STEPS, GPU_CHECK_FAMILIES:
@@ -53,7 +64,7 @@ gpu-check:
 
 # Wheels the GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
 # git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present.
-GPU_WHEELS ?= diffusers importlib_metadata
+GPU_WHEELS ?= diffusers importlib_metadata hypothesis sortedcontainers
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -19,9 +19,10 @@ MODULES = {
     "triton": "the Triton backend",
     "diffusers": "LinFusion tests and benchmarks (make gpu-wheels)",
     "transformers": "tiny pipelines in the LinFusion tests",
+    "hypothesis": "the fuzz tests (make gpu-wheels; skipped without it)",
     "matplotlib": "benchmark plot (optional)",
 }
-OPTIONAL = {"matplotlib"}
+OPTIONAL = {"matplotlib", "hypothesis"}
 
 
 def main() -> int:

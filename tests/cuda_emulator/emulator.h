@@ -21,6 +21,9 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace emu {
 struct Dim { unsigned x, y, z; };
@@ -36,8 +39,31 @@ inline double shfl_buf[kN];
 inline std::function<void()> body;
 inline std::mt19937 rng(1234);
 inline int failures = 0;
-inline void yield() { ++nbar[cur]; swapcontext(&ctx[cur], &sched); }
-inline void tramp() { body(); done[cur] = true; swapcontext(&ctx[cur], &sched); }
+// AddressSanitizer is told about every switch between the scheduler's stack and a fiber's
+// (`make sanitize` builds the emulator with it), so it tracks the right stack.
+#if defined(__SANITIZE_ADDRESS__)
+inline const void* sched_stack = nullptr;
+inline size_t sched_stack_size = 0;
+inline void switch_to_scheduler(bool finished) {
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(finished ? nullptr : &fake, sched_stack, sched_stack_size);
+  swapcontext(&ctx[cur], &sched);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+}
+inline void switch_to_fiber(int t) {
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, stacks[t].data(), stacks[t].size());
+  swapcontext(&sched, &ctx[t]);
+  __sanitizer_finish_switch_fiber(fake, &sched_stack, &sched_stack_size);
+}
+inline void fiber_started() { __sanitizer_finish_switch_fiber(nullptr, &sched_stack, &sched_stack_size); }
+#else
+inline void switch_to_scheduler(bool) { swapcontext(&ctx[cur], &sched); }
+inline void switch_to_fiber(int t) { swapcontext(&sched, &ctx[t]); }
+inline void fiber_started() {}
+#endif
+inline void yield() { ++nbar[cur]; switch_to_scheduler(false); }
+inline void tramp() { fiber_started(); body(); done[cur] = true; switch_to_scheduler(true); }
 inline void run(std::function<void()> f) {
   body = std::move(f);
   for (int t = 0; t < kN; ++t) {
@@ -58,7 +84,7 @@ inline void run(std::function<void()> f) {
       if (done[t]) continue;
       cur = t;
       tid.x = t;
-      swapcontext(&sched, &ctx[t]);
+      switch_to_fiber(t);
     }
     int ndone = 0;
     for (int t = 0; t < kN; ++t) ndone += done[t];

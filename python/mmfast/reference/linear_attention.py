@@ -41,7 +41,7 @@ def linear_attention_state_ref(k: torch.Tensor, v: torch.Tensor, feature_map: st
     state = torch.einsum("bnhd,bnhe->bhde", phi_k, v.double()) / n
     mean = phi_k.sum(dim=1) / n
     acc = accumulation_dtype(k.dtype)
-    return state.to(acc), mean.to(acc)
+    return state.to(acc).contiguous(), mean.to(acc).contiguous()
 
 
 def linear_attention_apply_ref(q, state, mean, eps: float = 1e-4, feature_map: str = "elu1"):
@@ -49,7 +49,7 @@ def linear_attention_apply_ref(q, state, mean, eps: float = 1e-4, feature_map: s
     phi_q = feature_map_ref(q.double(), feature_map)
     numerator = torch.einsum("bnhd,bhde->bnhe", phi_q, state.double())
     denominator = torch.einsum("bnhd,bhd->bnh", phi_q, mean.double()) + eps
-    return (numerator / denominator.unsqueeze(-1)).to(q.dtype)
+    return (numerator / denominator.unsqueeze(-1)).to(q.dtype).contiguous()
 
 
 def linear_attention_ref(q, k, v, eps: float = 1e-4, feature_map: str = "elu1"):

@@ -50,6 +50,20 @@ import triton.language as tl
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
 
 
+# --- conversion and feature map ---------------------------------------------------------
+
+
+@triton.jit
+def to_fp32(x):
+    """x in fp32, exactly: bf16 through its bits (a bf16 is the top half of an fp32), since a
+    plain conversion flushes bf16 denormals to zero under the interpreter, which would turn
+    relu(denormal) > 0 into 0 and its gradient 1 into 0."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
 # --- feature map --------------------------------------------------------------------
 
 
@@ -117,17 +131,17 @@ def outer_sum_kernel(
         mask_ra = mask_r[:, None] & mask_a[None, :]
         a = tl.load(a_ptr + rows64[:, None] * s_an + cols_a[None, :], mask=mask_ra, other=0.0)
         # Masked lanes must be 0 after phi (elu1 maps 0 to 1).
-        pa = tl.where(mask_ra, phi(a.to(tl.float32), FM), 0.0)
+        pa = tl.where(mask_ra, phi(to_fp32(a), FM), 0.0)
         b = tl.load(b_ptr + rows64[:, None] * s_bn + cols_b[None, :],
                     mask=mask_r[:, None] & mask_b[None, :], other=0.0)
         if HAS_Z:
             # other=1 so padded rows give 0/1, not 0/0 (NaN would poison the dot).
             z = tl.load(z_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=1.0)
-            b = b.to(tl.float32) / z[:, None]
+            b = to_fp32(b) / z[:, None]
         if HALF_DOT:
             step = tl.dot(tl.trans(pa.to(b.dtype)), b)
         else:
-            step = tl.dot(tl.trans(pa), b.to(tl.float32), input_precision=DOT_PREC)
+            step = tl.dot(tl.trans(pa), to_fp32(b), input_precision=DOT_PREC)
         acc += step.to(tl.float64)
         if HAS_W:
             w = tl.load(w_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=0.0)
@@ -172,7 +186,7 @@ def apply_kernel(
         mask_k = cols_k < DK
         mask_rk = mask_r[:, None] & mask_k[None, :]
         q = tl.load(q_ptr + rows64[:, None] * s_qn + cols_k[None, :], mask=mask_rk, other=0.0)
-        pq = tl.where(mask_rk, phi(q.to(tl.float32), FM), 0.0)
+        pq = tl.where(mask_rk, phi(to_fp32(q), FM), 0.0)
         s = tl.load(s_ptr + cols_k[:, None] * s_sk + cols_v[None, :],
                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
@@ -208,7 +222,8 @@ def apply_backward_dq_kernel(
     mask_k = cols_k < DK
     mask_rk = mask_r[:, None] & mask_k[None, :]
 
-    q = tl.load(q_ptr + rows64[:, None] * s_qn + cols_k[None, :], mask=mask_rk, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + rows64[:, None] * s_qn + cols_k[None, :], mask=mask_rk, other=0.0)
+    q = to_fp32(q)
     pq = tl.where(mask_rk, phi(q, FM), 0.0)
     m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
     z = tl.sum(pq * m[None, :], axis=1) + eps
@@ -219,7 +234,7 @@ def apply_backward_dq_kernel(
         mask_v = cols_v < DV
         do = tl.load(do_ptr + rows64[:, None] * s_dn + cols_v[None, :],
                      mask=mask_r[:, None] & mask_v[None, :], other=0.0)
-        g = do.to(tl.float32) / z[:, None]
+        g = to_fp32(do) / z[:, None]
         s_t = tl.load(s_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                       mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BKF) = S^T tile
         u = tl.dot(g, s_t, u, input_precision=DOT_PREC)
@@ -266,10 +281,10 @@ def state_backward_dk_kernel(
                     mask=mask_r[:, None] & mask_v[None, :], other=0.0)
         ds_t = tl.load(ds_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                        mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BK) = dS^T tile
-        acc = tl.dot(v.to(tl.float32), ds_t, acc, input_precision=DOT_PREC)
+        acc = tl.dot(to_fp32(v), ds_t, acc, input_precision=DOT_PREC)
     dm = tl.load(dm_ptr + cols_k, mask=mask_k, other=0.0)
     mask_rk = mask_r[:, None] & mask_k[None, :]
-    k = tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0).to(tl.float32)
+    k = to_fp32(tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0))
     dk = times_dphi((acc + dm[None, :]) * inv_n, k, FM)
     dk_ptrs = dk_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DK + cols_k[None, :]
     tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask_rk)
@@ -304,7 +319,7 @@ def state_backward_dv_kernel(
         mask_k = cols_k < DK
         mask_rk = mask_r[:, None] & mask_k[None, :]
         k = tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0)
-        pk = tl.where(mask_rk, phi(k.to(tl.float32), FM), 0.0)
+        pk = tl.where(mask_rk, phi(to_fp32(k), FM), 0.0)
         ds = tl.load(ds_ptr + cols_k[:, None] * s_sk + cols_v[None, :],
                      mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         acc = tl.dot(pk, ds, acc, input_precision=DOT_PREC)
