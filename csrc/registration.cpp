@@ -36,6 +36,12 @@ TORCH_LIBRARY(mmfast, m) {
       "linear_attention_state_backward(Tensor grad_state, Tensor grad_mean, Tensor k, Tensor v, "
       "str feature_map) -> (Tensor, Tensor)");
 
+  // VQ codebook search and lookup. z (N, D), codebook (K, D), codebook_sqnorm (K,) in the
+  // accumulation dtype or None -> distance (N,) in the accumulation dtype, indices int64 (N,)
+  // (the float output first: torch.library's autograd tests sum the outputs in order).
+  m.def("vq_quantize(Tensor z, Tensor codebook, Tensor? codebook_sqnorm) -> (Tensor, Tensor)");
+  m.def("vq_dequantize(Tensor indices, Tensor codebook, bool channels_first) -> Tensor");
+
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <tuple>
 
+#include "glue/common.h"
 #include "mmfast/linear_attention.h"
 
 namespace mmfast {
@@ -31,19 +32,7 @@ inline FeatureMap parse_feature_map(c10::string_view name) {
                     std::string(name), "'");
 }
 
-inline DType to_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default:
-      TORCH_CHECK_TYPE(false, "linear_attention: ", name,
-                       " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  }
-}
-
-inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+inline DType to_dtype(const at::Tensor& t, const char* name) { return to_dtype(t, "linear_attention", name); }
 
 inline void check_token_tensor(const at::Tensor& t, const char* name, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == 4, "linear_attention: ", name, " must be a 4-D ", layout,
@@ -57,10 +46,7 @@ inline void check_head_dim(int64_t d, const char* name) {
 }
 
 inline void check_same_dtype_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "linear_attention: all inputs must have the same dtype, got ",
-                   an, ": ", a.scalar_type(), ", ", bn, ": ", b.scalar_type());
-  TORCH_CHECK_TYPE(a.device() == b.device(), "linear_attention: all inputs must have the same device, got ", an, ": ",
-                   a.device(), ", ", bn, ": ", b.device());
+  check_same_dtype_device(a, an, b, bn, "linear_attention");
 }
 
 inline void check_kv(const at::Tensor& k, const at::Tensor& v) {

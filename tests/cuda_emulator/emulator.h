@@ -35,7 +35,6 @@ inline std::vector<char> stacks[kN];
 inline bool done[kN];
 inline long nbar[kN];
 inline int cur = 0;
-inline double shfl_buf[kN];
 inline std::function<void()> body;
 inline std::mt19937 rng(1234);
 inline int failures = 0;
@@ -97,10 +96,13 @@ inline void run(std::function<void()> f) {
     }
   }
 }
-template <class V> V shfl_xor(V v, int mask) {
-  shfl_buf[cur] = static_cast<double>(v);
+inline unsigned char shfl_raw[kN][16];
+template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 16 bytes
+  static_assert(sizeof(V) <= 16, "shuffled values are at most 16 bytes");
+  std::memcpy(shfl_raw[cur], &v, sizeof(V));
   yield();
-  V r = static_cast<V>(shfl_buf[cur ^ mask]);
+  V r;
+  std::memcpy(&r, shfl_raw[cur ^ mask], sizeof(V));
   yield();
   return r;
 }

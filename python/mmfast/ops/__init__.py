@@ -5,3 +5,4 @@ Which implementation runs each call is chosen by mmfast.set_backend / use_backen
 """
 from .._backend import get_backend, set_backend, use_backend  # noqa: F401
 from .linear_attention import *  # noqa: F401,F403
+from .vq import *  # noqa: F401,F403

@@ -5,3 +5,4 @@ Every op in mmfast has exactly one reference here. References compute in at leas
 dtypes the op returns. They are written for clarity and accuracy, not speed.
 """
 from .linear_attention import *  # noqa: F401,F403
+from .vq import *  # noqa: F401,F403

@@ -1,5 +1,5 @@
-"""Helpers every Triton op family shares: interpreter detection, runnability checks,
-device guard, stride normalisation and device queries."""
+"""Helpers every Triton op family shares: interpreter detection, exact conversion to fp32,
+runnability checks, device guard, stride normalisation and device queries."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -20,6 +21,17 @@ def _interpreting() -> bool:
 
 # Under TRITON_INTERPRET=1 (set before triton is imported) kernels run on CPU tensors.
 INTERPRET = _interpreting()
+
+
+@triton.jit
+def to_fp32(x):
+    """x in fp32, exactly: bf16 through its bits (a bf16 is the top half of an fp32), since a
+    plain conversion flushes bf16 denormals to zero under the interpreter, which would turn
+    relu(denormal) > 0 into 0 and its gradient 1 into 0."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
 
 
 def check_runnable(op: str, *tensors: Tensor) -> None:

@@ -46,22 +46,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import to_fp32
+
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
-
-
-# --- conversion and feature map ---------------------------------------------------------
-
-
-@triton.jit
-def to_fp32(x):
-    """x in fp32, exactly: bf16 through its bits (a bf16 is the top half of an fp32), since a
-    plain conversion flushes bf16 denormals to zero under the interpreter, which would turn
-    relu(denormal) > 0 into 0 and its gradient 1 into 0."""
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return x.to(tl.float32)
 
 
 # --- feature map --------------------------------------------------------------------

@@ -41,6 +41,9 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// False for NaN and +-inf (x - x is NaN for them), without <cmath>'s host/device overloads.
+template <class A> __device__ __forceinline__ bool is_finite(A x) { return x - x == A(0); }
+
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 

@@ -1,0 +1,33 @@
+// CUDA registration of the VQ ops: the torch glue around the torch-free kernels in
+// mmfast/cuda/vq.cuh (checks, allocation and the device guard in glue/vq_glue.h).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "glue/vq_glue.h"
+#include "mmfast/cuda/vq.cuh"
+
+namespace {
+
+void check_launch(cudaError_t err, const char* op, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "mmfast::", op, " (CUDA): ", what, " failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct VQCudaBackend {
+  static size_t quantize_workspace_bytes(const mmfast::VQParams& p) {
+    return mmfast::cuda::vq_quantize_workspace_bytes(p);
+  }
+  static void quantize(mmfast::VQParams& p) {
+    check_launch(mmfast::cuda::vq_quantize(p, at::cuda::getCurrentCUDAStream()), "vq_quantize", "kernel launch");
+  }
+  static void dequantize(mmfast::VQLookupParams& p) {
+    check_launch(mmfast::cuda::vq_dequantize(p, at::cuda::getCurrentCUDAStream()), "vq_dequantize", "kernel launch");
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast, CUDA, m) { MMFAST_REGISTER_VQ(m, VQCudaBackend); }

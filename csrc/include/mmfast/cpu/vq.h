@@ -1,0 +1,27 @@
+// CPU kernels of the VQ ops (torch-free). See mmfast/vq.h.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "mmfast/cpu/isa.h"
+#include "mmfast/vq.h"
+
+namespace mmfast {
+namespace cpu {
+
+// One ISA's implementation. quantize returns nullptr or a static error message; dequantize
+// returns -1, or the position of the first index outside [0, K) (nothing is read for it).
+struct VQKernels {
+  size_t (*quantize_workspace_bytes)(const VQParams&);
+  const char* (*quantize)(const VQParams&);
+  int64_t (*dequantize)(const VQLookupParams&);
+};
+
+MMFAST_DECLARE_ISA_KERNELS(VQKernels, vq_kernels)
+
+// The kernels of the ISA this process runs (chosen once).
+const VQKernels& vq_kernels();
+
+}  // namespace cpu
+}  // namespace mmfast

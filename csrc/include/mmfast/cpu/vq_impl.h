@@ -1,0 +1,356 @@
+// CPU VQ kernels, written once and compiled per ISA (torch-free). Per-ISA code, included only
+// through mmfast/cpu/instantiate_isas.h (see csrc/cpu/vq_kernels.cpp).
+//
+// vq_quantize is a GEMM fused with an argmin: the codebook is packed once per call into panels
+// of kNR = 2 vector widths of codes ([panel][d][kNR], converted to the accumulation type), and
+// a register-blocked micro-kernel takes kMR rows of z against one panel (kMR x 2 vector
+// accumulators over D), turns the dots into scores sqnorm_c - 2 z . e_c and keeps, per row and
+// vector lane, the best score and its code. Codes are visited in increasing order and a lane
+// changes only for a strictly smaller score, so ties keep the lowest index; NaN never
+// compares smaller. Work is split into tasks of kTaskRows rows, and over code ranges when the
+// row tasks alone are too few for the threads (one image, N = 1024); the code ranges are
+// combined in order with the same rule, so the result does not depend on the split.
+#ifndef MMFAST_CPU_ISA_NS
+#error "mmfast/cpu/vq_impl.h is included by mmfast/cpu/instantiate_isas.h only"
+#endif
+
+namespace mmfast {
+namespace cpu {
+namespace MMFAST_CPU_ISA_NS {
+namespace vq {  // this family's names, apart from other families' in the same ISA namespace
+
+constexpr int64_t kMR = 6;                        // rows of a micro-kernel
+constexpr int64_t kTaskRows = 8 * kMR;            // rows of a task
+constexpr int64_t kCodeBlockBytes = 128 * 1024;   // packed codes a task walks before the next rows (L2)
+
+// Lane indices, the integer vector type a comparison of Vec<acc_t> yields.
+template <typename acc_t> struct Lanes;
+template <> struct Lanes<float> {
+  typedef int32_t scalar;
+  typedef int32_t type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+};
+template <> struct Lanes<double> {
+  typedef int64_t scalar;
+  typedef int64_t type __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+};
+
+template <typename acc_t> constexpr int64_t panel_codes() { return 2 * Vec<acc_t>::width; }
+
+// Where everything lives in the workspace, and how the work is split.
+template <typename acc_t>
+struct Plan {
+  int64_t panels, block_panels, code_blocks, row_tasks, splits;
+  size_t packed_offset, sqnorm_offset, score_offset, index_offset, bytes;
+
+  explicit Plan(const VQParams& p) {
+    constexpr int64_t nr = panel_codes<acc_t>();
+    panels = ceil_div(p.codes, nr);
+    block_panels = max_i64(1, kCodeBlockBytes / max_i64(1, nr * p.dim * int64_t(sizeof(acc_t))));
+    code_blocks = ceil_div(panels, block_panels);
+    row_tasks = ceil_div(p.rows, kTaskRows);
+    const int64_t threads = max_i64(1, max_threads());
+    splits = row_tasks >= 2 * threads ? 1 : min_i64(code_blocks, ceil_div(2 * threads, max_i64(1, row_tasks)));
+    packed_offset = 0;
+    sqnorm_offset = packed_offset + sizeof(acc_t) * size_t(panels * nr * p.dim);
+    score_offset = sqnorm_offset + sizeof(acc_t) * size_t(panels * nr);
+    index_offset = score_offset + (splits > 1 ? sizeof(acc_t) * size_t(splits * p.rows) : 0);
+    bytes = index_offset + (splits > 1 ? sizeof(int64_t) * size_t(splits * p.rows) : 0) + 64;
+  }
+  template <typename T> T* at(const VQParams& p, size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<char*>(p.workspace) + offset);
+  }
+};
+
+// ---- packing the codebook -------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct PackJob {
+  const VQParams* p;
+  acc_t* packed;  // [panel][D][nr]
+  acc_t* sqnorm;  // [panel * nr]: the score's constant term; +inf for padding codes
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<PackJob*>(ctx);
+    const auto& p = *job.p;
+    constexpr int64_t nr = panel_codes<acc_t>();
+    const scalar_t* codebook = static_cast<const scalar_t*>(p.codebook);
+    const acc_t* given = static_cast<const acc_t*>(p.codebook_sqnorm);
+    for (int64_t panel = begin; panel < end; ++panel) {
+      acc_t* dst = job.packed + panel * p.dim * nr;
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t code = panel * nr + j;
+        acc_t norm = 0;
+        for (int64_t d = 0; d < p.dim; ++d) {
+          const acc_t x = code < p.codes ? to_acc(codebook[code * p.dim + d]) : acc_t(0);
+          dst[d * nr + j] = x;
+          norm += x * x;
+        }
+        job.sqnorm[code] = code >= p.codes ? acc_t(__builtin_inf()) : given != nullptr ? given[code] : norm;
+      }
+    }
+  }
+};
+
+// ---- the fused GEMM + argmin -----------------------------------------------------------------
+
+// Per row and vector lane of one task: the best score so far and its code.
+template <typename acc_t>
+struct Best {
+  typename Vec<acc_t>::type value[2];
+  typename Lanes<acc_t>::type index[2];
+};
+
+// acc[r][v] = z_r . e_(panel codes v*W ..) for the kMR rows at zrows (row stride D).
+template <typename acc_t>
+inline void micro_dots(const acc_t* zrows, const acc_t* panel, int64_t dim, typename Vec<acc_t>::type (&acc)[kMR][2]) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  for (int64_t r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = V{};
+  for (int64_t d = 0; d < dim; ++d) {
+    const V b0 = load<acc_t>(panel + d * 2 * W);
+    const V b1 = load<acc_t>(panel + d * 2 * W + W);
+    for (int64_t r = 0; r < kMR; ++r) {
+      const V a = splat<acc_t>(zrows[r * dim + d]);
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+}
+
+// best = the better of best and the scores sqnorm - 2 acc of panel `panel` (strictly smaller wins).
+template <typename acc_t>
+inline void update_best(Best<acc_t>* best, const typename Vec<acc_t>::type (&acc)[kMR][2], const acc_t* sqnorm,
+                        int64_t panel) {
+  using V = typename Vec<acc_t>::type;
+  using L = typename Lanes<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  using I = typename Lanes<acc_t>::scalar;
+  L iota;
+  for (int64_t i = 0; i < W; ++i) iota[i] = static_cast<I>(i);
+  for (int64_t v = 0; v < 2; ++v) {
+    const int64_t first = panel * 2 * W + v * W;
+    const V constant = load<acc_t>(sqnorm + first);
+    const L code = iota + static_cast<I>(first);
+    for (int64_t r = 0; r < kMR; ++r) {
+      const V score = constant - splat<acc_t>(acc_t(2)) * acc[r][v];
+      const auto smaller = score < best[r].value[v];
+      best[r].value[v] = smaller ? score : best[r].value[v];
+      best[r].index[v] = smaller ? code : best[r].index[v];
+    }
+  }
+}
+
+// The lane with the smallest score, ties to the lowest code.
+template <typename acc_t>
+inline void reduce_lanes(const Best<acc_t>& best, acc_t* score, int64_t* index) {
+  constexpr int64_t W = Vec<acc_t>::width;
+  acc_t s = best.value[0][0];
+  int64_t c = best.index[0][0];
+  for (int64_t v = 0; v < 2; ++v)
+    for (int64_t i = 0; i < W; ++i) {
+      const acc_t x = best.value[v][i];
+      const int64_t j = best.index[v][i];
+      if (x < s || (x == s && j < c)) s = x, c = j;
+    }
+  *score = s;
+  *index = c;
+}
+
+template <typename acc_t>
+inline acc_t row_sqnorm(const acc_t* row, int64_t dim) {
+  acc_t s = 0;
+  for (int64_t d = 0; d < dim; ++d) s += row[d] * row[d];
+  return s;
+}
+
+// Index and distance of row n from its best score: the rules of mmfast/vq.h.
+template <typename acc_t>
+inline void finish_row(const VQParams& p, int64_t n, acc_t score, int64_t index, acc_t z_sqnorm) {
+  acc_t* distance = static_cast<acc_t*>(p.distance);
+  if (!__builtin_isfinite(z_sqnorm)) {
+    p.indices[n] = 0;
+    distance[n] = z_sqnorm;
+    return;
+  }
+  const acc_t d = score + z_sqnorm;  // +inf when no score was finite
+  p.indices[n] = index;
+  distance[n] = d < 0 ? acc_t(0) : d;  // rounding can leave -eps for a code equal to z
+}
+
+template <typename scalar_t, typename acc_t>
+struct QuantizeJob {
+  const VQParams* p;
+  Plan<acc_t> plan;
+  const acc_t* packed;
+  const acc_t* sqnorm;
+
+  // Rows r0 .. r0 + count of z into zbuf as acc_t, zero rows up to a multiple of kMR.
+  static void load_rows(const VQParams& p, int64_t r0, int64_t count, acc_t* zbuf) {
+    const scalar_t* z = static_cast<const scalar_t*>(p.z);
+    for (int64_t r = 0; r < round_up(count, kMR); ++r)
+      for (int64_t d = 0; d < p.dim; ++d)
+        zbuf[r * p.dim + d] = r < count ? to_acc(z[(r0 + r) * p.z_row_stride + d]) : acc_t(0);
+  }
+
+  // The code blocks of split s, all panels of each, for every micro-block of rows.
+  void search(int64_t split, int64_t rows, const acc_t* zbuf, Best<acc_t>* best) const {
+    using V = typename Vec<acc_t>::type;
+    const int64_t nr = panel_codes<acc_t>(), dim = p->dim;
+    const int64_t b0 = plan.code_blocks * split / plan.splits, b1 = plan.code_blocks * (split + 1) / plan.splits;
+    for (int64_t block = b0; block < b1; ++block) {
+      const int64_t pe = min_i64(plan.panels, (block + 1) * plan.block_panels);
+      for (int64_t m = 0; m < rows; m += kMR)
+        for (int64_t panel = block * plan.block_panels; panel < pe; ++panel) {
+          V acc[kMR][2];
+          micro_dots<acc_t>(zbuf + m * dim, packed + panel * dim * nr, dim, acc);
+          update_best<acc_t>(best + m, acc, sqnorm, panel);
+        }
+    }
+  }
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<QuantizeJob*>(ctx);
+    const auto& p = *job.p;
+    using L = typename Lanes<acc_t>::type;
+    Scratch<acc_t> zbuf(kTaskRows * p.dim);
+    Best<acc_t> best[kTaskRows];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row_task = task / job.plan.splits, split = task % job.plan.splits;
+      const int64_t r0 = row_task * kTaskRows, rows = min_i64(kTaskRows, p.rows - r0);
+      load_rows(p, r0, rows, zbuf.data);
+      for (auto& b : best) b.value[0] = b.value[1] = splat<acc_t>(acc_t(__builtin_inf())), b.index[0] = b.index[1] = L{};
+      job.search(split, rows, zbuf.data, best);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t score;
+        int64_t index;
+        reduce_lanes<acc_t>(best[r], &score, &index);
+        if (job.plan.splits == 1) {
+          finish_row<acc_t>(p, r0 + r, score, index, row_sqnorm(zbuf.data + r * p.dim, p.dim));
+        } else {
+          job.plan.template at<acc_t>(p, job.plan.score_offset)[split * p.rows + r0 + r] = score;
+          job.plan.template at<int64_t>(p, job.plan.index_offset)[split * p.rows + r0 + r] = index;
+        }
+      }
+    }
+  }
+};
+
+// The code ranges of every row combined in order (strictly smaller wins: ties keep the earlier,
+// lower codes), then finished.
+template <typename scalar_t, typename acc_t>
+struct CombineJob {
+  const VQParams* p;
+  Plan<acc_t> plan;
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<CombineJob*>(ctx);
+    const auto& p = *job.p;
+    const acc_t* scores = job.plan.template at<acc_t>(p, job.plan.score_offset);
+    const int64_t* indices = job.plan.template at<int64_t>(p, job.plan.index_offset);
+    const scalar_t* z = static_cast<const scalar_t*>(p.z);
+    for (int64_t n = begin; n < end; ++n) {
+      acc_t score = scores[n];
+      int64_t index = indices[n];
+      for (int64_t s = 1; s < job.plan.splits; ++s)
+        if (scores[s * p.rows + n] < score) score = scores[s * p.rows + n], index = indices[s * p.rows + n];
+      acc_t z_sqnorm = 0;
+      for (int64_t d = 0; d < p.dim; ++d) {
+        const acc_t x = to_acc(z[n * p.z_row_stride + d]);
+        z_sqnorm += x * x;
+      }
+      finish_row<acc_t>(p, n, score, index, z_sqnorm);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+const char* quantize_typed(const VQParams& p) {
+  const Plan<acc_t> plan(p);
+  if (p.workspace_bytes < plan.bytes) return "vq_quantize: workspace too small";
+  acc_t* packed = plan.template at<acc_t>(p, plan.packed_offset);
+  acc_t* sqnorm = plan.template at<acc_t>(p, plan.sqnorm_offset);
+  PackJob<scalar_t, acc_t> pack{&p, packed, sqnorm};
+  parallel_for(plan.panels, &pack, &PackJob<scalar_t, acc_t>::run);
+  QuantizeJob<scalar_t, acc_t> job{&p, plan, packed, sqnorm};
+  parallel_for(plan.row_tasks * plan.splits, &job, &QuantizeJob<scalar_t, acc_t>::run);
+  if (plan.splits > 1) {
+    CombineJob<scalar_t, acc_t> combine{&p, plan};
+    parallel_for(p.rows, &combine, &CombineJob<scalar_t, acc_t>::run);
+  }
+  return nullptr;
+}
+
+// ---- lookup -----------------------------------------------------------------------------------
+
+// out-of-range positions are skipped (nothing read); the smallest one is reported.
+template <typename scalar_t>
+struct LookupJob {
+  const VQLookupParams* p;
+  int64_t* first_bad;  // the smallest position of an index out of range, or -1
+
+  static int64_t index_at(const VQLookupParams& p, int64_t i) {
+    return p.index_bytes == 8 ? static_cast<const int64_t*>(p.indices)[i] : static_cast<const int32_t*>(p.indices)[i];
+  }
+
+  static void report(int64_t* first_bad, int64_t position) {
+    int64_t seen = __atomic_load_n(first_bad, __ATOMIC_RELAXED);
+    while ((seen < 0 || position < seen) &&
+           !__atomic_compare_exchange_n(first_bad, &seen, position, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+  }
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<LookupJob*>(ctx);
+    const auto& p = *job.p;
+    const scalar_t* codebook = static_cast<const scalar_t*>(p.codebook);
+    scalar_t* out = static_cast<scalar_t*>(p.out);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = index_at(p, i);
+      if (c < 0 || c >= p.codes) {
+        report(job.first_bad, i);
+        continue;
+      }
+      const scalar_t* row = codebook + c * p.dim;
+      if (!p.channels_first) {
+        __builtin_memcpy(out + i * p.dim, row, sizeof(scalar_t) * p.dim);
+      } else {  // index i = b * P + q  ->  out[b][d][q]
+        const int64_t b = i / p.plane, q = i - b * p.plane;
+        scalar_t* dst = out + b * p.dim * p.plane + q;
+        for (int64_t d = 0; d < p.dim; ++d) dst[d * p.plane] = row[d];
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+int64_t dequantize_typed(const VQLookupParams& p) {
+  int64_t first_bad = -1;
+  LookupJob<scalar_t> job{&p, &first_bad};
+  parallel_for(p.count, &job, &LookupJob<scalar_t>::run);
+  return first_bad;
+}
+
+// ---- entry points ------------------------------------------------------------------------------
+
+size_t quantize_workspace_bytes(const VQParams& p) {
+  return p.dtype == DType::kFloat64 ? Plan<double>(p).bytes : Plan<float>(p).bytes;
+}
+
+const char* quantize(const VQParams& p) {
+  if (p.rows == 0) return nullptr;
+  return dispatch_dtype(p.dtype, "vq_quantize: unsupported dtype", [&](auto scalar, auto acc) {
+    return quantize_typed<decltype(scalar), decltype(acc)>(p);
+  });
+}
+
+int64_t dequantize(const VQLookupParams& p) {
+  return dispatch_dtype(p.dtype, int64_t(-2), [&](auto scalar, auto) { return dequantize_typed<decltype(scalar)>(p); });
+}
+
+}  // namespace vq
+
+VQKernels vq_kernels() { return {&vq::quantize_workspace_bytes, &vq::quantize, &vq::dequantize}; }
+
+}  // namespace MMFAST_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace mmfast

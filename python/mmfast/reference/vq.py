@@ -1,0 +1,61 @@
+"""Reference of the VQ family: nearest-codebook search and codebook lookup.
+
+Distances are computed in fp64 whatever the input dtype, in chunks of rows, so the reference
+never holds more than a chunk x K matrix (it is the oracle of the tests, not a fast path).
+Selection rule, shared with every kernel: the smallest squared Euclidean distance wins, ties
+go to the lowest index, and a NaN distance never wins. A row of z that is not finite (NaN or
+Inf anywhere) gets index 0 and distance ||z||^2 (NaN or +inf); a finite row whose distances
+are all NaN or +inf (a codebook of non-finite codes) gets index 0 and distance +inf.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._dtypes import accumulation_dtype
+
+__all__ = ["VQ_METRICS", "vq_quantize_ref", "vq_dequantize_ref"]
+
+VQ_METRICS = ("l2", "cosine")
+_ROWS_PER_CHUNK = 4096
+
+
+def _normalized(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t.double(), dim=-1)
+
+
+def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"):
+    """z (..., D), codebook (K, D) -> (indices int64 (...), squared distances (...)).
+
+    "l2": Euclidean nearest code. "cosine": both sides l2-normalised (F.normalize), nearest by
+    dot product; the distance is the squared Euclidean distance of the normalised vectors,
+    2 - 2 cos. Distances are returned in the accumulation dtype (fp32; fp64 for fp64).
+    """
+    if metric not in VQ_METRICS:
+        raise ValueError(f"metric must be one of {VQ_METRICS}, got {metric!r}")
+    rows = z.reshape(-1, z.shape[-1]).double()
+    codes = codebook.double()
+    if metric == "cosine":
+        rows, codes = _normalized(rows), _normalized(codes)
+    indices = torch.empty(rows.shape[0], dtype=torch.int64, device=z.device)
+    distances = torch.empty(rows.shape[0], dtype=torch.float64, device=z.device)
+    code_sqnorm = codes.pow(2).sum(-1)
+    for start in range(0, rows.shape[0], _ROWS_PER_CHUNK):
+        part = rows[start:start + _ROWS_PER_CHUNK]
+        row_sqnorm = part.pow(2).sum(-1)
+        d = (row_sqnorm[:, None] + code_sqnorm - 2 * part @ codes.T).clamp_min(0)
+        selectable = torch.where(d.isnan(), torch.full_like(d, float("inf")), d)
+        best = selectable.argmin(dim=1)  # the first minimum: ties go to the lowest index
+        distance = selectable.gather(1, best[:, None])[:, 0]
+        not_finite = ~row_sqnorm.isfinite()
+        indices[start:start + part.shape[0]] = best.masked_fill(not_finite, 0)
+        distances[start:start + part.shape[0]] = torch.where(not_finite, row_sqnorm, distance)
+    acc = accumulation_dtype(z.dtype)
+    return indices.reshape(z.shape[:-1]), distances.to(acc).reshape(z.shape[:-1])
+
+
+def vq_dequantize_ref(indices: torch.Tensor, codebook: torch.Tensor, channels_first: bool = False):
+    """Codebook rows: indices (...) -> (..., D); with channels_first, (B, h, w) -> (B, D, h, w).
+    A negative index is out of range (torch indexing would wrap it around)."""
+    out = codebook[torch.where(indices < 0, codebook.shape[0], indices)]
+    return out.permute(0, 3, 1, 2).contiguous() if channels_first else out

@@ -1,0 +1,91 @@
+"""The Triton twins of the VQ ops: torch.ops.mmfast_triton.vq_quantize and vq_dequantize, with
+the schemas, checks, fake kernels and autograd of the native ops (python/mmfast/ops/vq.py).
+The kernels and their design are in vq_kernels.py."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..ops.vq import check_dequantize, check_quantize, register_fakes_and_autograd
+from . import vq_kernels as kernels
+from ._common import check_runnable, device_guard, device_sm_count, last_dim_unit
+
+_BLOCK_N, _BLOCK_K = 64, 64
+# The integer view a lookup copies, and the bits of a quiet NaN in each float dtype.
+_RAW_BITS = {torch.float32: (torch.int32, 0x7FC00000), torch.float16: (torch.int16, 0x7E00),
+             torch.bfloat16: (torch.int16, 0x7FC0), torch.float64: (torch.int64, 0x7FF8000000000000)}
+_LAUNCH = dict(num_warps=4, num_stages=2)
+
+
+def _splits(rows: int, code_tiles: int, device: torch.device) -> int:
+    """Code splits: about 4 programs per SM (1 under the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    row_tiles = triton.cdiv(rows, _BLOCK_N)
+    return max(1, min(code_tiles, triton.cdiv(4 * device_sm_count(device), row_tiles)))
+
+
+def _finish(z: Tensor, best: Tensor, code: Tensor, codes: int):
+    """The splits in order (strictly smaller wins), ||z||^2, and the rules of mmfast/vq.h."""
+    score, index = best[0], code[0]
+    for s in range(1, best.shape[0]):
+        take = best[s] < score
+        score, index = torch.where(take, best[s], score), torch.where(take, code[s], index)
+    z_sqnorm = z.float().pow(2).sum(-1)
+    finite = z_sqnorm.isfinite()
+    none = index >= codes  # no finite score
+    index = torch.where(finite & ~none, index, torch.zeros_like(index))
+    distance = torch.where(finite, torch.where(none, torch.full_like(score, float("inf")), score + z_sqnorm),
+                           z_sqnorm).clamp_min(0)
+    return index, distance
+
+
+@torch.library.custom_op("mmfast_triton::vq_quantize", mutates_args=())
+def vq_quantize(z: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(distance, indices), the order of the native op."""
+    check_quantize(z, codebook, codebook_sqnorm)
+    if z.dim() != 2:
+        raise ValueError(f"vq_quantize: the op takes z as (N, D), got shape {tuple(z.shape)}")
+    check_runnable("vq_quantize", z, codebook)
+    z, codebook = last_dim_unit(z), codebook.contiguous()
+    n, (k, d) = z.shape[0], codebook.shape
+    if n == 0:
+        return z.new_empty((0,), dtype=torch.float32), z.new_empty((0,), dtype=torch.int64)
+    sqnorm = codebook_sqnorm.contiguous() if codebook_sqnorm is not None else codebook.float().pow(2).sum(-1)
+    code_tiles = triton.cdiv(k, _BLOCK_K)
+    splits = _splits(n, code_tiles, z.device)
+    with device_guard(z):
+        best = z.new_empty((splits, n), dtype=torch.float32)
+        code = z.new_empty((splits, n), dtype=torch.int64)
+        kernels.search_kernel[(triton.cdiv(n, _BLOCK_N) * splits,)](
+            z, codebook, sqnorm, best, code, n, k, d, z.stride(0) if n > 1 else d, splits, code_tiles,
+            DOT_PREC="ieee" if z.dtype == torch.float32 else "tf32", BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+            BLOCK_D=min(64, max(16, triton.next_power_of_2(d))), **_LAUNCH)
+        indices, distance = _finish(z, best, code, k)
+        return distance, indices
+
+
+@torch.library.custom_op("mmfast_triton::vq_dequantize", mutates_args=())
+def vq_dequantize(indices: Tensor, codebook: Tensor, channels_first: bool) -> Tensor:
+    check_dequantize(indices, codebook, channels_first)
+    check_runnable("vq_dequantize", codebook)
+    indices, codebook = indices.contiguous(), codebook.contiguous()
+    k, d = codebook.shape
+    shape = (indices.shape[0], d, *indices.shape[1:]) if channels_first else (*indices.shape, d)
+    bits, nan = _RAW_BITS[codebook.dtype]
+    with device_guard(codebook):
+        out = codebook.new_empty(shape)
+        count = indices.numel()
+        if count:
+            block = 1024
+            plane = indices.shape[1] * indices.shape[2] if channels_first else 1
+            kernels.lookup_kernel[(triton.cdiv(count * d, block),)](
+                indices, codebook.view(bits), out.view(bits), count, k, d, plane, nan,
+                CHANNELS_FIRST=channels_first, BLOCK=block)
+    return out
+
+
+register_fakes_and_autograd("mmfast_triton")

@@ -1,0 +1,123 @@
+// Torch-free test of the CPU VQ kernels: every ISA variant this CPU runs, against a float64
+// search written out plainly. Exact where the answer is exact (ties, duplicate codes, NaN and
+// Inf rows, lookups); elsewhere the chosen code's distance must equal the minimum within the
+// fp32 rounding of the dots (near-ties may pick either code).
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "mmfast/cpu/isa.h"
+#include "mmfast/cpu/vq.h"
+
+using namespace mmfast;
+
+namespace {
+
+struct Result {
+  std::vector<int64_t> indices;
+  std::vector<float> distance;
+};
+
+Result quantize(const cpu::VQKernels& k, const std::vector<float>& z, const std::vector<float>& codebook, int64_t n,
+                int64_t codes, int64_t dim) {
+  Result r{std::vector<int64_t>(n, -7), std::vector<float>(n, -7.0f)};
+  VQParams p;
+  p.rows = n, p.codes = codes, p.dim = dim, p.dtype = DType::kFloat32;
+  p.z = z.data(), p.z_row_stride = dim, p.codebook = codebook.data();
+  p.indices = r.indices.data(), p.distance = r.distance.data();
+  std::vector<char> workspace(k.quantize_workspace_bytes(p));
+  p.workspace = workspace.data(), p.workspace_bytes = workspace.size();
+  if (k.quantize(p) != nullptr) r.indices.assign(n, -9);
+  return r;
+}
+
+double distance(const std::vector<float>& z, const std::vector<float>& codebook, int64_t n, int64_t c, int64_t dim) {
+  double s = 0;
+  for (int64_t d = 0; d < dim; ++d) s += (double(z[n * dim + d]) - codebook[c * dim + d]) * (double(z[n * dim + d]) - codebook[c * dim + d]);
+  return s;
+}
+
+// Returns the number of rows that break the rules.
+int check_random(const cpu::VQKernels& k, int64_t n, int64_t codes, int64_t dim, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> z(n * dim), codebook(codes * dim);
+  for (auto& x : z) x = normal(rng);
+  for (auto& x : codebook) x = normal(rng);
+  const Result r = quantize(k, z, codebook, n, codes, dim);
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double best = INFINITY, scale = 0;
+    for (int64_t c = 0; c < codes; ++c) best = std::min(best, distance(z, codebook, i, c, dim));
+    for (int64_t d = 0; d < dim; ++d) scale += double(z[i * dim + d]) * z[i * dim + d];
+    const double tol = 1e-5 * (scale + 1) * std::sqrt(double(dim));
+    const int64_t c = r.indices[i];
+    const bool ok = c >= 0 && c < codes && distance(z, codebook, i, c, dim) <= best + tol &&
+                    std::fabs(r.distance[i] - best) <= tol;
+    bad += !ok;
+  }
+  return bad;
+}
+
+// Duplicate codes (ties: the lowest index), a NaN row and an Inf row (index 0), a code of NaN
+// (never chosen), and lookups with an out-of-range index.
+int check_rules(const cpu::VQKernels& k) {
+  const int64_t dim = 3, codes = 40, n = 4;
+  std::vector<float> codebook(codes * dim);
+  for (int64_t c = 0; c < codes; ++c)
+    for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = float((c % 10) + d);  // codes c, c+10, ... equal
+  codebook[0] = NAN;  // code 0 is never chosen
+  std::vector<float> z = {3, 4, 5, 7, 8, 9, NAN, 0, 0, INFINITY, 0, 0};
+  const Result r = quantize(k, z, codebook, n, codes, dim);
+  int bad = 0;
+  bad += r.indices[0] != 3 || r.distance[0] != 0.0f;   // equals codes 3, 13, 23, 33: the lowest
+  bad += r.indices[1] != 7 || r.distance[1] != 0.0f;
+  bad += r.indices[2] != 0 || !std::isnan(r.distance[2]);
+  bad += r.indices[3] != 0 || !std::isinf(r.distance[3]);
+  // Lookup: rows, channels-first, and the first out-of-range position.
+  std::vector<int64_t> indices = {5, 1, 39, 2, 0, 7};
+  std::vector<float> out(indices.size() * dim, -1);
+  VQLookupParams lp;
+  lp.count = 6, lp.codes = codes, lp.dim = dim, lp.indices = indices.data(), lp.codebook = codebook.data();
+  lp.out = out.data();
+  bad += k.dequantize(lp) != -1 || out[3 * 2 + 1] != codebook[39 * dim + 1];
+  lp.channels_first = true, lp.plane = 3;  // (B = 2, P = 3) -> (2, D, 3)
+  bad += k.dequantize(lp) != -1 || out[(1 * dim + 2) * 3 + 2] != codebook[7 * dim + 2];
+  indices[4] = codes, indices[2] = -1;
+  lp.channels_first = false;
+  bad += k.dequantize(lp) != 2;
+  return bad;
+}
+
+}  // namespace
+
+int main() {
+  const struct {
+    cpu::Isa isa;
+    cpu::VQKernels (*kernels)();
+  } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::vq_kernels},
+                  {cpu::Isa::kAvx2, cpu::isa_avx2::vq_kernels},
+                  {cpu::Isa::kAvx512, cpu::isa_avx512::vq_kernels}};
+  const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {100, 100, 8}, {300, 1000, 40}, {37, 513, 256}, {1025, 64, 5}};
+  int failures = 0, passed = 0;
+  std::mt19937 rng(0);
+  for (const auto& variant : variants) {
+    if (!cpu::isa_supported(variant.isa)) {
+      std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
+      continue;
+    }
+    const cpu::VQKernels k = variant.kernels();
+    for (const auto& s : shapes) {
+      const int bad = check_random(k, s[0], s[1], s[2], rng);
+      (bad == 0 ? passed : failures)++;
+      std::printf("%s %s N=%lld K=%lld D=%lld: %d rows off\n", bad ? "FAIL" : "ok  ", cpu::isa_name(variant.isa),
+                  (long long)s[0], (long long)s[1], (long long)s[2], bad);
+    }
+    const int bad = check_rules(k);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s %s ties, NaN/Inf rows, NaN code, lookups: %d checks off\n", bad ? "FAIL" : "ok  ",
+                cpu::isa_name(variant.isa), bad);
+  }
+  std::printf("%d passed, %d failed\n", passed, failures);
+  return failures == 0 ? 0 : 1;
+}

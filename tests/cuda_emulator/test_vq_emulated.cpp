@@ -1,0 +1,152 @@
+// The CUDA VQ kernels run on the host under emulator.h and are checked against a float64
+// search: every dtype (fp16/bf16 through the emulated TF32 tensor cores), odd N, K and D,
+// one and several code splits, given and computed code norms, ties, NaN / Inf rows, and the
+// lookups (rows, channels-first, the NaN guard for out-of-range indices), with poisoned
+// guard elements after every output to catch writes out of bounds.
+// Argument: 0 (quick), 1 (+ D = 256 and K = 8192 shapes).
+#include "emulator.h"
+#include "mmfast/cuda/vq.cuh"
+
+#include <cmath>
+#include <string>
+
+using namespace mmfast;
+
+template <class T> double tod(T x) { return static_cast<double>(x); }
+template <> double tod<__half>(__half x) { return __half2float(x); }
+template <> double tod<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> T fromd(double x) { return static_cast<T>(x); }
+template <> __half fromd<__half>(double x) { return __float2half_rn(static_cast<float>(x)); }
+template <> __nv_bfloat16 fromd<__nv_bfloat16>(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+template <class T> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::kFloat32; }
+template <> DType dtype_of<double>() { return DType::kFloat64; }
+template <> DType dtype_of<__half>() { return DType::kFloat16; }
+template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+
+std::mt19937 grng(11);
+int nfail = 0;
+
+void fail(const std::string& what) {
+  ++nfail;
+  std::printf("FAIL %s\n", what.c_str());
+}
+
+template <class T>
+void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_norms, int sms) {
+  using A = cuda::acc_t<T>;
+  emu::sms = sms;
+  char cfg[160];
+  std::snprintf(cfg, sizeof cfg, "T=%d N=%ld K=%ld D=%ld stride=%ld norms=%d sms=%d", (int)dtype_of<T>(), (long)N,
+                (long)K, (long)D, (long)row_stride, (int)given_norms, sms);
+  std::normal_distribution<double> normal;
+  std::vector<T> z(N * row_stride + 1, fromd<T>(1e30)), codebook(K * D);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) z[n * row_stride + d] = fromd<T>(normal(grng));
+  for (auto& x : codebook) x = fromd<T>(normal(grng));
+  if (K > 3) codebook[2 * D] = fromd<T>(NAN);  // code 2 never wins
+  if (N > 2) {
+    for (int64_t d = 0; d < D; ++d) z[0 * row_stride + d] = codebook[(K - 1) * D + d];  // exactly the last code
+    z[1 * row_stride] = fromd<T>(NAN);                                                   // a NaN row: index 0
+  }
+  std::vector<A> norms(K);
+  for (int64_t c = 0; c < K; ++c) {
+    double s = 0;
+    for (int64_t d = 0; d < D; ++d) s += tod(codebook[c * D + d]) * tod(codebook[c * D + d]);
+    norms[c] = static_cast<A>(s);
+  }
+  std::vector<int64_t> indices(N + 1, -7);
+  std::vector<A> distance(N + 1, A(-7));
+  VQParams p;
+  p.rows = N, p.codes = K, p.dim = D, p.dtype = dtype_of<T>();
+  p.z = z.data(), p.z_row_stride = row_stride, p.codebook = codebook.data();
+  p.codebook_sqnorm = given_norms ? norms.data() : nullptr;
+  p.indices = indices.data(), p.distance = distance.data();
+  std::vector<char> ws(cuda::vq_quantize_workspace_bytes(p) + 64);
+  p.workspace = ws.data(), p.workspace_bytes = ws.size();
+  if (cuda::vq_quantize(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfg);
+  if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
+  int bad = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    double best = INFINITY, sq = 0;
+    bool finite = true;
+    for (int64_t d = 0; d < D; ++d) {
+      const double x = tod(z[n * row_stride + d]);
+      sq += x * x;
+      finite = finite && std::isfinite(x);
+    }
+    for (int64_t c = 0; c < K; ++c) {
+      double s = 0;
+      for (int64_t d = 0; d < D; ++d) s += (tod(z[n * row_stride + d]) - tod(codebook[c * D + d])) * (tod(z[n * row_stride + d]) - tod(codebook[c * D + d]));
+      if (s < best) best = s;
+    }
+    if (!finite) {
+      bad += indices[n] != 0 || !std::isnan(distance[n]);
+      continue;
+    }
+    const int64_t c = indices[n];
+    double chosen = INFINITY;
+    if (c >= 0 && c < K) {
+      chosen = 0;
+      for (int64_t d = 0; d < D; ++d) chosen += (tod(z[n * row_stride + d]) - tod(codebook[c * D + d])) * (tod(z[n * row_stride + d]) - tod(codebook[c * D + d]));
+    }
+    const double tol = (std::is_same<T, double>::value ? 1e-10 : 2e-5) * (sq + 1) * std::sqrt(double(D));
+    bad += !(chosen <= best + tol) || !(std::fabs(tod(distance[n]) - best) <= tol);
+  }
+  if (N > 2 && indices[0] != K - 1) fail(std::string("a row equal to the last code ") + cfg);
+  if (bad) fail(std::to_string(bad) + " rows off " + cfg);
+}
+
+template <class T>
+void run_lookup(int64_t B, int64_t P, int64_t K, int64_t D, bool channels_first, bool int32_indices) {
+  std::vector<T> codebook(K * D);
+  for (int64_t i = 0; i < K * D; ++i) codebook[i] = fromd<T>(double(i % 97) - 40.0);
+  const int64_t count = B * P;
+  std::vector<int64_t> idx64(count);
+  std::vector<int32_t> idx32(count);
+  for (int64_t i = 0; i < count; ++i) idx64[i] = idx32[i] = static_cast<int32_t>((i * 7919) % K);
+  if (count > 3) idx64[3] = idx32[3] = static_cast<int32_t>(K);  // out of range: a NaN row
+  std::vector<T> out(count * D + 8, fromd<T>(123.0));
+  VQLookupParams p;
+  p.count = count, p.codes = K, p.dim = D, p.dtype = dtype_of<T>();
+  p.indices = int32_indices ? static_cast<const void*>(idx32.data()) : idx64.data();
+  p.index_bytes = int32_indices ? 4 : 8;
+  p.codebook = codebook.data(), p.out = out.data(), p.channels_first = channels_first, p.plane = P;
+  if (cuda::vq_dequantize(p, nullptr) != cudaSuccess) return fail("lookup launch");
+  int bad = 0;
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t b = i / P, q = i % P;
+      const double got = tod(out[channels_first ? (b * D + d) * P + q : i * D + d]);
+      if (idx64[i] >= K) bad += !std::isnan(got);
+      else bad += got != tod(codebook[idx64[i] * D + d]);
+    }
+  for (int64_t e = count * D; e < count * D + 8; ++e) bad += tod(out[e]) != 123.0;
+  if (bad) fail("lookup: " + std::to_string(bad) + " elements off (channels_first=" + std::to_string(channels_first) + ")");
+}
+
+template <class T>
+void run_all(int level) {
+  run_search<T>(1, 1, 1, 1, false, 132);
+  run_search<T>(5, 7, 3, 3, true, 132);
+  run_search<T>(70, 200, 40, 43, false, 132);   // strided rows, several row and code tiles
+  run_search<T>(33, 300, 8, 8, true, 1);        // one SM: few splits
+  run_search<T>(130, 129, 70, 70, false, 132);  // D over two staged slices
+  if (level >= 1) {
+    run_search<T>(64, 8192, 256, 256, true, 132);
+    run_search<T>(257, 1000, 256, 256, false, 4);
+  }
+  run_lookup<T>(1, 7, 5, 3, false, false);
+  run_lookup<T>(2, 6, 9, 4, true, true);
+  run_lookup<T>(3, 35, 100, 33, true, false);
+}
+
+int main(int argc, char** argv) {
+  const int level = argc > 1 ? std::atoi(argv[1]) : 0;
+  run_all<float>(level);
+  run_all<double>(level);
+  run_all<__half>(level);
+  run_all<__nv_bfloat16>(level);
+  std::printf("%s: %d failures\n", nfail ? "FAILED" : "passed", nfail);
+  return nfail ? 1 : 0;
+}

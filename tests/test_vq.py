@@ -1,0 +1,310 @@
+"""VQ codebook search and lookup on every backend against the fp64 reference, the peers users
+would pick (vector-quantize-pytorch, faiss), autograd, torch.library integration and errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmfast import reference
+from mmfast.ops import vq_codebook_sqnorm, vq_dequantize, vq_quantize
+
+from _utils import HAS_TRITON, TRITON_DEVICE, backend_params
+
+BACKENDS = backend_params()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# N, K, D: one row, odd sizes, Liquid / Chameleon (K = 8192, D = 256) and LlamaGen (D = 8).
+SHAPES = [(1, 1, 3), (3, 7, 8), (1025, 7, 3), (33, 1000, 40), (130, 8192, 8), (70, 8192, 256)]
+# Tolerance on distances relative to ||z||^2 + 1 (the scale of the terms that cancel).
+DISTANCE_TOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+
+
+def make_inputs(n, k, d, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=generator, dtype=torch.float64).to(device, dtype)
+    codebook = torch.randn(k, d, generator=generator, dtype=torch.float64).to(device, dtype)
+    return z, codebook
+
+
+def assert_nearest(z, codebook, indices, distance, metric="l2", dtype=torch.float32):
+    """The chosen code is the nearest within the rounding of the dots; where the two best
+    distances are apart by more than that, the index is exactly the reference's."""
+    zd, cd = z.double().cpu(), codebook.double().cpu()
+    if metric == "cosine":
+        zd, cd = torch.nn.functional.normalize(zd, dim=-1), torch.nn.functional.normalize(cd, dim=-1)
+    rows = zd.reshape(-1, zd.shape[-1])
+    all_d = torch.cdist(rows, cd).pow(2)
+    best2 = all_d.topk(min(2, cd.shape[0]), dim=1, largest=False).values
+    tol = DISTANCE_TOL[dtype] * (rows.pow(2).sum(-1) + 1) * rows.shape[-1] ** 0.5 * 4
+    idx = indices.reshape(-1).cpu()
+    chosen = all_d.gather(1, idx[:, None])[:, 0]
+    assert bool((chosen <= best2[:, 0] + tol).all()), (chosen - best2[:, 0]).max()
+    assert bool(((distance.reshape(-1).cpu().double() - best2[:, 0]).abs() <= tol).all())
+    if cd.shape[0] > 1:
+        clear = best2[:, 1] - best2[:, 0] > 2 * tol
+        expected, _ = reference.vq_quantize_ref(rows, cd, "l2")
+        assert torch.equal(idx[clear], expected[clear])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_quantize_finds_the_nearest_code(backend_device, dtype, shape):
+    backend, device = backend_device
+    if backend == "triton" and shape[0] * shape[1] * shape[2] > 2e7:
+        pytest.skip("too slow under the Triton interpreter")
+    z, codebook = make_inputs(*shape, dtype, device)
+    indices, distance = vq_quantize(z, codebook, return_distance=True, backend=backend)
+    assert indices.dtype == torch.int64 and indices.shape == (shape[0],)
+    assert distance.dtype == torch.float32
+    assert_nearest(z, codebook, indices, distance, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_quantize_cosine_batched_shapes_and_given_norms(backend_device):
+    backend, device = backend_device
+    z, codebook = make_inputs(2 * 5 * 7, 300, 8, torch.float32, device)
+    z = z.reshape(2, 5, 7, 8)
+    indices, distance = vq_quantize(z, codebook, metric="cosine", return_distance=True, backend=backend)
+    assert indices.shape == distance.shape == (2, 5, 7)
+    assert_nearest(z, codebook, indices, distance, metric="cosine")
+    expected = vq_quantize(z, codebook, backend=backend)
+    given = vq_quantize(z, codebook, codebook_sqnorm=vq_codebook_sqnorm(codebook), backend=backend)
+    torch.testing.assert_close(given, expected, rtol=0, atol=0)
+
+
+def test_fp64_on_cpu_is_exact():
+    z, codebook = make_inputs(200, 500, 33, torch.float64, "cpu")
+    indices, distance = vq_quantize(z, codebook, return_distance=True, backend="native")
+    expected, expected_distance = reference.vq_quantize_ref(z, codebook)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(distance, expected_distance, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_ties_go_to_the_lowest_index_and_non_finite_rows_to_zero(backend_device):
+    backend, device = backend_device
+    base = torch.randn(10, 6)
+    codebook = torch.cat([base, base, base])  # code c equals codes c + 10 and c + 20
+    codebook[4, 0] = float("nan")  # never chosen
+    z = torch.cat([codebook[[13, 27, 0]], torch.full((1, 6), float("nan")), torch.full((1, 6), float("inf"))])
+    indices, distance = vq_quantize(z.to(device), codebook.to(device), return_distance=True, backend=backend)
+    assert indices.cpu().tolist()[:3] == [3, 7, 0] and indices.cpu().tolist()[3:] == [0, 0]
+    assert distance[3].isnan() and distance[4].isinf()
+    expected = reference.vq_quantize_ref(z, codebook)
+    assert torch.equal(indices.cpu(), expected[0])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_strided_rows(backend_device):
+    backend, device = backend_device
+    wide, codebook = make_inputs(40, 100, 24, torch.float32, device)
+    z = wide[::2, 3:19]  # row stride 48, columns sliced
+    codebook = codebook[:, :16]
+    indices, distance = vq_quantize(z, codebook, return_distance=True, backend=backend)
+    assert_nearest(z, codebook, indices, distance)
+    last_dim_strided = wide[:, ::2][:, :12]
+    assert_nearest(last_dim_strided, codebook[:, :12], *vq_quantize(last_dim_strided, codebook[:, :12],
+                                                                     return_distance=True, backend=backend))
+
+
+def test_empty_input():
+    z, codebook = make_inputs(0, 5, 4, torch.float32, "cpu")
+    assert vq_quantize(z, codebook).shape == (0,)
+    assert vq_dequantize(torch.empty(0, dtype=torch.int64), codebook).shape == (0, 4)
+
+
+# ---- against the peers -------------------------------------------------------------------------
+
+
+def test_agrees_with_vector_quantize_pytorch():
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    quantizer = vqp.VectorQuantize(dim=32, codebook_size=512, kmeans_init=False).eval()
+    x = torch.randn(2, 100, 32)
+    with torch.no_grad():
+        _, their_indices, _ = quantizer(x)
+    codebook = quantizer._codebook.embed[0]
+    ours = vq_quantize(x, codebook)
+    assert_nearest(x, codebook, ours, vq_quantize(x, codebook, return_distance=True)[1])
+    agree = (ours == their_indices).float().mean().item()
+    assert agree > 0.99, agree  # the rest are near-ties decided by fp32 rounding
+
+
+def test_agrees_with_faiss():
+    faiss = pytest.importorskip("faiss")
+    z, codebook = make_inputs(2000, 4096, 64, torch.float32, "cpu")
+    index = faiss.IndexFlatL2(64)
+    index.add(codebook.numpy())
+    their_distance, their_indices = index.search(z.numpy(), 1)
+    ours, distance = vq_quantize(z, codebook, return_distance=True)
+    torch.testing.assert_close(distance, torch.from_numpy(their_distance[:, 0]), rtol=1e-4, atol=1e-3)
+    assert (ours.numpy() == their_indices[:, 0]).mean() > 0.999
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import torch, mmfast
+    from mmfast.ops import vq_quantize
+
+    def resident(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    z, codebook = torch.randn(4096, 8), torch.randn(262144, 8)
+    vq_quantize(z[:16], codebook)  # load kernels, warm the allocator
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = resident("VmRSS")
+    indices = vq_quantize(z, codebook)
+    print(resident("VmHWM") - before, int(indices.max()))
+    """
+)
+
+
+def test_huge_codebook_needs_no_n_by_k_memory():
+    """K = 262,144 codes, N = 4096: the N x K fp32 distance matrix would be 4.3 GB."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    growth, _ = map(int, result.stdout.split())
+    assert growth < 64 * 2**20, f"peak memory grew by {growth / 2**20:.1f} MiB"
+
+
+# ---- lookup ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize(backend_device, dtype):
+    backend, device = backend_device
+    _, codebook = make_inputs(1, 50, 12, dtype, device)
+    indices = torch.randint(0, 50, (2, 5, 7), device=device)
+    rows = vq_dequantize(indices, codebook, backend=backend)
+    assert torch.equal(rows, codebook[indices])
+    planes = vq_dequantize(indices.int(), codebook, channels_first=True, backend=backend)
+    assert planes.shape == (2, 12, 5, 7) and planes.is_contiguous()
+    assert torch.equal(planes, codebook[indices].permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_dequantize_out_of_range(backend_device):
+    backend, device = backend_device
+    _, codebook = make_inputs(1, 50, 12, torch.float32, device)
+    for bad in (50, -1):
+        indices = torch.tensor([3, bad, 4], device=device)
+        if device == "cuda" and backend == "native":
+            assert vq_dequantize(indices, codebook, backend=backend)[1].isnan().all()  # the documented guard
+        else:
+            with pytest.raises(IndexError, match=f"index {bad} is out of range for a codebook of 50 codes"):
+                vq_dequantize(indices, codebook, backend=backend)
+    with pytest.raises(IndexError, match="index 50"):
+        torch.ops.mmfast.vq_dequantize(torch.tensor([1, 50]), codebook.cpu(), False)
+
+
+# ---- autograd --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_gradients_fp64(backend):
+    z, codebook = make_inputs(9, 13, 5, torch.float64, "cpu")
+    z, codebook = z.requires_grad_(), codebook.requires_grad_()
+    distance = lambda a, b: vq_quantize(a, b, return_distance=True, backend=backend)[1]  # noqa: E731
+    assert torch.autograd.gradcheck(distance, (z, codebook))
+    sqnorm = vq_codebook_sqnorm(codebook.detach()).requires_grad_()
+    given = lambda a, b, s: vq_quantize(a, b, codebook_sqnorm=s, return_distance=True, backend=backend)[1]  # noqa
+    if backend == "native":
+        assert torch.autograd.gradcheck(given, (z, codebook, sqnorm))
+    indices = torch.randint(0, 13, (2, 3, 4))
+    assert torch.autograd.gradcheck(lambda b: vq_dequantize(indices, b, channels_first=True, backend=backend),
+                                    (codebook,))
+
+
+# ---- torch.library integration -----------------------------------------------------------------------
+
+
+def _namespace(backend):
+    if backend == "native":
+        return torch.ops.mmfast
+    import mmfast.triton  # noqa: F401
+    return torch.ops.mmfast_triton
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    ns = _namespace(backend)
+    z, codebook = make_inputs(37, 70, 9, torch.float32, device)
+    sqnorm = vq_codebook_sqnorm(codebook)
+    for args in [(z, codebook, None), (z, codebook, sqnorm), (z.requires_grad_(), codebook.requires_grad_(), None)]:
+        torch.library.opcheck(ns.vq_quantize.default, args)
+    indices = torch.randint(0, 70, (2, 3, 4), device=device)
+    for args in [(indices, codebook.detach(), False), (indices.int(), codebook.detach(), True),
+                 (indices, codebook.detach().requires_grad_(), True)]:
+        torch.library.opcheck(ns.vq_dequantize.default, args)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_torch_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    torch._dynamo.reset()
+
+    def tokenize(x, codebook):
+        indices, distance = vq_quantize(x * 2, codebook, return_distance=True, backend=backend)
+        return vq_dequantize(indices, codebook, backend=backend), distance.sum()
+
+    z, codebook = make_inputs(2 * 16, 64, 8, torch.float32, device)
+    compiled = torch.compile(tokenize, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(z.view(2, 16, 8), codebook), tokenize(z.view(2, 16, 8), codebook)):
+        torch.testing.assert_close(got, want)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+BAD_QUANTIZE = {
+    "D mismatch": (lambda: (torch.randn(4, 8), torch.randn(10, 7)), ValueError, "last dim must equal"),
+    "empty codebook": (lambda: (torch.randn(4, 8), torch.randn(0, 8)), ValueError, "at least one code"),
+    "codebook rank": (lambda: (torch.randn(4, 8), torch.randn(10)), ValueError, r"2-D \(K, D\)"),
+    "integer z": (lambda: (torch.ones(4, 8, dtype=torch.int32), torch.randn(10, 8)), TypeError, "float32"),
+    "mixed dtypes": (lambda: (torch.randn(4, 8).half(), torch.randn(10, 8)), TypeError, "same dtype"),
+    "mixed devices": (lambda: (torch.randn(4, 8, device="meta"), torch.randn(10, 8)), TypeError, "same device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_QUANTIZE))
+@pytest.mark.parametrize("entry", ["public", "torch.ops"])
+def test_bad_inputs_raise_clear_errors(case, entry):
+    make, error, message = BAD_QUANTIZE[case]
+    z, codebook = make()
+    with pytest.raises(error, match=message):
+        if entry == "public":
+            vq_quantize(z, codebook)
+        else:
+            torch.ops.mmfast.vq_quantize(z.reshape(-1, z.shape[-1]), codebook, None)
+
+
+def test_bad_options_raise_clear_errors():
+    z, codebook = make_inputs(4, 10, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        vq_quantize(z, codebook, metric="dot")
+    with pytest.raises(ValueError, match="codebook_sqnorm must be"):
+        vq_quantize(z, codebook, codebook_sqnorm=torch.ones(9))
+    with pytest.raises(TypeError, match="codebook_sqnorm must be torch.float32"):
+        vq_quantize(z, codebook, codebook_sqnorm=torch.ones(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="applies to metric 'l2' only"):
+        vq_quantize(z, codebook, metric="cosine", codebook_sqnorm=vq_codebook_sqnorm(codebook))
+    with pytest.raises(TypeError, match="indices must be int64 or int32"):
+        vq_dequantize(torch.ones(3), codebook)
+    with pytest.raises(ValueError, match=r"channels_first needs \(B, h, w\) indices"):
+        vq_dequantize(torch.zeros(3, dtype=torch.int64), codebook, channels_first=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_rejects_fp64_with_a_clear_error():
+    z, codebook = make_inputs(4, 10, 8, torch.float64, TRITON_DEVICE)
+    with pytest.raises(TypeError, match="triton backend has no float64 kernels"):
+        vq_quantize(z, codebook, backend="triton")
