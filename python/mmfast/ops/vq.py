@@ -189,8 +189,10 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
     if metric == "cosine":
         if codebook_sqnorm is not None:
             raise ValueError("vq_quantize: codebook_sqnorm applies to metric 'l2' only (cosine normalises the codes)")
-        z = F.normalize(z.float(), dim=-1).to(z.dtype)
-        codebook = F.normalize(codebook.float(), dim=-1).to(codebook.dtype)
+        # Normalised in the accumulation dtype and searched in it: rounding unit vectors back to
+        # fp16 / bf16 would move the distances by ~1e-3.
+        acc = accumulation_dtype(z.dtype)
+        z, codebook = F.normalize(z.to(acc), dim=-1), F.normalize(codebook.to(acc), dim=-1)
     chosen = _backend.resolve("vq_quantize", z.device, backend)
     if chosen == "reference":
         indices, distance = reference.vq_quantize_ref(z, codebook, "l2")

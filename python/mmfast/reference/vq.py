@@ -1,7 +1,8 @@
 """Reference of the VQ family: nearest-codebook search and codebook lookup.
 
-Distances are computed in fp64 whatever the input dtype, in chunks of rows, so the reference
-never holds more than a chunk x K matrix (it is the oracle of the tests, not a fast path).
+Distances are computed in fp64 whatever the input dtype, as direct differences, in chunks of
+rows, so the reference never holds more than 2^24 elements (it is the oracle of the tests and
+the "reference" backend, not a fast path).
 Selection rule, shared with every kernel: the smallest squared Euclidean distance wins, ties
 go to the lowest index, and a NaN distance never wins. A row of z that is not finite (NaN or
 Inf anywhere) gets index 0 and distance ||z||^2 (NaN or +inf); a finite row whose distances
@@ -17,7 +18,7 @@ from .._dtypes import accumulation_dtype
 __all__ = ["VQ_METRICS", "vq_quantize_ref", "vq_dequantize_ref"]
 
 VQ_METRICS = ("l2", "cosine")
-_ROWS_PER_CHUNK = 4096
+_ELEMENTS_PER_CHUNK = 2**24
 
 
 def _normalized(t: torch.Tensor) -> torch.Tensor:
@@ -39,11 +40,13 @@ def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2")
         rows, codes = _normalized(rows), _normalized(codes)
     indices = torch.empty(rows.shape[0], dtype=torch.int64, device=z.device)
     distances = torch.empty(rows.shape[0], dtype=torch.float64, device=z.device)
-    code_sqnorm = codes.pow(2).sum(-1)
-    for start in range(0, rows.shape[0], _ROWS_PER_CHUNK):
-        part = rows[start:start + _ROWS_PER_CHUNK]
+    # Direct differences (not ||z||^2 + ||e||^2 - 2 z.e, whose GEMM rounds equal codes differently
+    # by their position), in chunks of rows that keep chunk x K x D under 2^24 elements.
+    chunk = max(1, _ELEMENTS_PER_CHUNK // (codes.shape[0] * codes.shape[1]))
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk]
         row_sqnorm = part.pow(2).sum(-1)
-        d = (row_sqnorm[:, None] + code_sqnorm - 2 * part @ codes.T).clamp_min(0)
+        d = (part[:, None, :] - codes[None, :, :]).pow(2).sum(-1)
         selectable = torch.where(d.isnan(), torch.full_like(d, float("inf")), d)
         best = selectable.argmin(dim=1)  # the first minimum: ties go to the lowest index
         distance = selectable.gather(1, best[:, None])[:, 0]

@@ -100,16 +100,16 @@ struct Best {
   typename Lanes<acc_t>::type index[2];
 };
 
-// acc[r][v] = z_r . e_(panel codes v*W ..) for the kMR rows at zrows (row stride D).
-template <typename acc_t>
-inline void micro_dots(const acc_t* zrows, const acc_t* panel, int64_t dim, typename Vec<acc_t>::type (&acc)[kMR][2]) {
+// acc[r][v] = z_r . e_(panel codes v*W ..) for the MR rows at zrows (row stride D).
+template <typename acc_t, int64_t MR>
+inline void micro_dots(const acc_t* zrows, const acc_t* panel, int64_t dim, typename Vec<acc_t>::type (&acc)[MR][2]) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::width;
-  for (int64_t r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = V{};
+  for (int64_t r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
   for (int64_t d = 0; d < dim; ++d) {
     const V b0 = load<acc_t>(panel + d * 2 * W);
     const V b1 = load<acc_t>(panel + d * 2 * W + W);
-    for (int64_t r = 0; r < kMR; ++r) {
+    for (int64_t r = 0; r < MR; ++r) {
       const V a = splat<acc_t>(zrows[r * dim + d]);
       acc[r][0] += a * b0;
       acc[r][1] += a * b1;
@@ -118,8 +118,8 @@ inline void micro_dots(const acc_t* zrows, const acc_t* panel, int64_t dim, type
 }
 
 // best = the better of best and the scores sqnorm - 2 acc of panel `panel` (strictly smaller wins).
-template <typename acc_t>
-inline void update_best(Best<acc_t>* best, const typename Vec<acc_t>::type (&acc)[kMR][2], const acc_t* sqnorm,
+template <typename acc_t, int64_t MR>
+inline void update_best(Best<acc_t>* best, const typename Vec<acc_t>::type (&acc)[MR][2], const acc_t* sqnorm,
                         int64_t panel) {
   using V = typename Vec<acc_t>::type;
   using L = typename Lanes<acc_t>::type;
@@ -131,13 +131,28 @@ inline void update_best(Best<acc_t>* best, const typename Vec<acc_t>::type (&acc
     const int64_t first = panel * 2 * W + v * W;
     const V constant = load<acc_t>(sqnorm + first);
     const L code = iota + static_cast<I>(first);
-    for (int64_t r = 0; r < kMR; ++r) {
+    for (int64_t r = 0; r < MR; ++r) {
       const V score = constant - splat<acc_t>(acc_t(2)) * acc[r][v];
       const auto smaller = score < best[r].value[v];
       best[r].value[v] = smaller ? score : best[r].value[v];
       best[r].index[v] = smaller ? code : best[r].index[v];
     }
   }
+}
+
+// MR rows against panels [p0, p1), the running best in a local copy.
+template <typename acc_t, int64_t MR>
+inline void search_rows(const acc_t* zrows, const acc_t* packed, const acc_t* sqnorm, int64_t dim, int64_t p0,
+                        int64_t p1, Best<acc_t>* best) {
+  using V = typename Vec<acc_t>::type;
+  Best<acc_t> local[MR];
+  for (int64_t r = 0; r < MR; ++r) local[r] = best[r];
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    V acc[MR][2];
+    micro_dots<acc_t, MR>(zrows, packed + panel * dim * panel_codes<acc_t>(), dim, acc);
+    update_best<acc_t, MR>(local, acc, sqnorm, panel);
+  }
+  for (int64_t r = 0; r < MR; ++r) best[r] = local[r];
 }
 
 // The lane with the smallest score, ties to the lowest code.
@@ -194,17 +209,12 @@ struct QuantizeJob {
 
   // The code blocks of split s, all panels of each, for every micro-block of rows.
   void search(int64_t split, int64_t rows, const acc_t* zbuf, Best<acc_t>* best) const {
-    using V = typename Vec<acc_t>::type;
-    const int64_t nr = panel_codes<acc_t>(), dim = p->dim;
+    const int64_t dim = p->dim;
     const int64_t b0 = plan.code_blocks * split / plan.splits, b1 = plan.code_blocks * (split + 1) / plan.splits;
     for (int64_t block = b0; block < b1; ++block) {
-      const int64_t pe = min_i64(plan.panels, (block + 1) * plan.block_panels);
+      const int64_t p0 = block * plan.block_panels, p1 = min_i64(plan.panels, p0 + plan.block_panels);
       for (int64_t m = 0; m < rows; m += kMR)
-        for (int64_t panel = block * plan.block_panels; panel < pe; ++panel) {
-          V acc[kMR][2];
-          micro_dots<acc_t>(zbuf + m * dim, packed + panel * dim * nr, dim, acc);
-          update_best<acc_t>(best + m, acc, sqnorm, panel);
-        }
+        search_rows<acc_t, kMR>(zbuf + m * dim, packed, sqnorm, dim, p0, p1, best + m);
     }
   }
 

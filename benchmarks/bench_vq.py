@@ -1,0 +1,171 @@
+"""VQ nearest-codebook search: mmfast vs faiss IndexFlatL2 (k = 1) vs the plain-PyTorch
+formulations (cdist + argmin; taming's ||z||^2 + ||e||^2 - 2 z.e + argmin) vs
+vector-quantize-pytorch, all measured in the same run.
+
+Shapes: Chameleon / Liquid's tokenizer (K = 8192, D = 256), LlamaGen's (K = 16384, D = 8),
+one 512 px image (N = 1024) and a huge codebook (K = 262,144, D = 8); N is scaled down on the
+CPU (2 cores) and full-size on a GPU. FLOPs: 2 N K D. The naive formulations hold an N x K
+fp32 matrix plus temporaries; mmfast holds the packed codebook and O(N) results.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmfast.ops import vq_codebook_sqnorm, vq_quantize
+
+from _utils import bench_device, median_ms, record_metrics, run_timed
+
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+HAS_VQP = importlib.util.find_spec("vector_quantize_pytorch") is not None
+
+# name, N, K, D (N scaled by 1/16 on the CPU except the one-image case)
+if ON_GPU:
+    SHAPES = [("chameleon", 65536, 8192, 256), ("llamagen", 65536, 16384, 8), ("one-image", 1024, 8192, 256),
+              ("huge-codebook", 4096, 262144, 8)]
+    DTYPE = torch.bfloat16
+else:
+    SHAPES = [("chameleon", 4096, 8192, 256), ("llamagen", 16384, 16384, 8), ("one-image", 1024, 8192, 256),
+              ("huge-codebook", 1024, 262144, 8)]
+    DTYPE = torch.float32
+CPU_FAISS_TARGETS = {256: 1.2, 8: 1.0}  # speedup over faiss IndexFlatL2 at D
+TORCH_TARGET = 3.0 if not ON_GPU else 5.0  # over the fastest plain-PyTorch formulation
+
+
+def cdist_argmin(z, codebook):
+    return torch.cdist(z.float(), codebook.float()).argmin(dim=1)
+
+
+def expanded_argmin(z, codebook):
+    """taming's VectorQuantizer2: the full N x K distance matrix, then argmin."""
+    z, codebook = z.float(), codebook.float()
+    d = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.T
+    return d.argmin(dim=1)
+
+
+FAISS_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, numpy as np, faiss
+    z, codebook, threads = np.load(sys.argv[1]), np.load(sys.argv[2]), int(sys.argv[3])
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexFlatL2(codebook.shape[1])
+    index.add(codebook)
+    index.search(z, 1)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        index.search(z, 1)
+        times.append((time.perf_counter() - start) * 1e3)
+    print(sorted(times)[1])
+    """
+)
+
+
+def _faiss_ms(z, codebook, tmp_path):
+    """faiss in a process of its own: its OpenMP runtime beside torch's would slow both down."""
+    import numpy as np
+
+    np.save(tmp_path / "z.npy", z.float().numpy())
+    np.save(tmp_path / "codebook.npy", codebook.float().numpy())
+    result = subprocess.run([sys.executable, "-c", FAISS_SCRIPT, str(tmp_path / "z.npy"),
+                             str(tmp_path / "codebook.npy"), str(torch.get_num_threads())],
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _vqp_ms(z, codebook):
+    from vector_quantize_pytorch import VectorQuantize
+
+    quantizer = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0], kmeans_init=False).eval()
+    quantizer.to(DEVICE)
+    with torch.no_grad():
+        quantizer._codebook.embed.copy_(codebook.float()[None])
+        x = z.float()[None]
+        return median_ms(lambda: quantizer(x), DEVICE, warmup=1, repeats=3)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_vq_quantize(benchmark, shape, tmp_path):
+    name, n, k, d = shape
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=generator).to(DEVICE, DTYPE)
+    codebook = torch.randn(k, d, generator=generator).to(DEVICE, DTYPE)
+    sqnorm = vq_codebook_sqnorm(codebook)
+    run = lambda: vq_quantize(z, codebook, codebook_sqnorm=sqnorm)  # noqa: E731
+    times = {"mmfast": run_timed(benchmark, run, DEVICE, rounds=5, warmup=1)}
+    if ON_GPU:  # device time; the fixture's wall time includes launch overhead
+        times["mmfast"] = median_ms(run, DEVICE)
+    if HAS_FAISS and not ON_GPU:
+        times["faiss"] = _faiss_ms(z, codebook, tmp_path)
+    if n * k <= 2**28:  # the N x K matrix: 1 GB in fp32
+        times["expanded"] = median_ms(lambda: expanded_argmin(z, codebook), DEVICE, warmup=1, repeats=3)
+        times["cdist"] = median_ms(lambda: cdist_argmin(z, codebook), DEVICE, warmup=1, repeats=3)
+        if HAS_VQP:
+            times["vector_quantize_pytorch"] = _vqp_ms(z, codebook)
+    torch_ms = min((times[key] for key in ("expanded", "cdist") if key in times), default=None)
+    target, met = _targets(times, d, torch_ms)
+    record_metrics(benchmark, op="vq_quantize", shape=f"{name} N={n} K={k} D={d}", device=DEVICE, dtype=DTYPE,
+                   times=times, flops=2 * n * k * d, target=target, target_met=met,
+                   speedup_vs_torch=round(torch_ms / times["mmfast"], 2) if torch_ms else None)
+
+
+def _targets(times, d, torch_ms):
+    parts, met = [], True
+    if "faiss" in times and d in CPU_FAISS_TARGETS:
+        parts.append(f">= {CPU_FAISS_TARGETS[d]}x faiss")
+        met = met and times["faiss"] / times["mmfast"] >= CPU_FAISS_TARGETS[d]
+    if torch_ms is not None:
+        parts.append(f">= {TORCH_TARGET}x torch")
+        met = met and torch_ms / times["mmfast"] >= TORCH_TARGET
+    return ("; ".join(parts), met) if parts else (None, None)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, mmfast
+    from mmfast.ops import vq_quantize
+    from bench_vq import expanded_argmin
+
+    def resident(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    n, k, d, which = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    z, codebook = torch.randn(n, d), torch.randn(k, d)
+    run = (lambda: vq_quantize(z, codebook)) if which == "mmfast" else (lambda: expanded_argmin(z, codebook))
+    run()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = resident("VmRSS")
+    run()
+    print(resident("VmHWM") - before)
+    """
+)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU resident-memory measurement")
+def test_vq_quantize_peak_memory(benchmark):
+    """Peak resident growth of one call: mmfast O(N + K D) vs the expanded formula's N x K."""
+    n, k, d = 4096, 8192, 256
+    growth = {}
+    for which in ("mmfast", "expanded"):
+        result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(k), str(d), which],
+                                capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
+        growth[which] = int(result.stdout.strip().splitlines()[-1])
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    record_metrics(benchmark, op="vq_quantize.peak_memory", shape=f"chameleon N={n} K={k} D={d}", device=DEVICE,
+                   dtype=torch.float32, times=None,
+                   target=f"O(N + K D), not O(N K): {growth['mmfast'] / 2**20:.1f} MiB vs "
+                          f"{growth['expanded'] / 2**20:.1f} MiB for the N x K formulation",
+                   target_met=growth["mmfast"] < n * k * 4 / 8,
+                   mmfast_peak_mib=round(growth["mmfast"] / 2**20, 1),
+                   expanded_peak_mib=round(growth["expanded"] / 2**20, 1))
