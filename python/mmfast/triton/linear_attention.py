@@ -40,11 +40,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _half_dot(dtype: torch.dtype) -> bool:
-    # The interpreter's tl.dot runs np.matmul on bf16's raw uint16 bits (garbage), so
-    # under TRITONINTERPRET=1 bf16 operands go in as fp32 instead.
-    if dtype == torch.float16:
-        return True
-    return dtype == torch.bfloat16 and not INTERPRET
+    """phi(k)^T v of the state on half-precision MMAs: fp16 only, where rounding phi(k) to fp16
+    keeps the 11-bit significand tf32 has. bf16 would round phi(k) to 8 bits (~1e-3 relative
+    error in S): bf16 inputs go through fp32 operands and tf32 instead."""
+    return dtype == torch.float16
 
 
 # False streams all of N through one program per (b, h, tile), the design of fla-org's
@@ -78,9 +77,9 @@ def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None):
     part = a.new_empty((chunks, bsz, h, da, db), dtype=torch.float32)
     mpart = a.new_empty((chunks, bsz, h, da), dtype=torch.float32)
     dummy = part  # never read when HAS_Z / HAS_W is False
-    kernels.outer_sum_kernel[(chunks, tiles_a * tiles_b, bsz * h)](
+    kernels.outer_sum_kernel[(tiles_a * tiles_b * chunks * bsz * h,)](
         a, b, dummy if z is None else z, dummy if w is None else w, part, mpart,
-        n, h, da, db, chunk,
+        n, h, da, db, chunk, tiles_a * tiles_b, chunks, bsz * h,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         FM=FEATURE_MAPS.index(feature_map), HAS_Z=z is not None, HAS_W=w is not None,
         HALF_DOT=z is None and _half_dot(b.dtype), DOT_PREC=_dot_precision(a.dtype),
@@ -102,9 +101,10 @@ def _apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str)
     dv = state.shape[-1]
     bk, bv = _feature_tile(dk), _feature_tile(dv)
     out = q.new_empty((bsz, n, h, dv))
-    kernels.apply_kernel[(triton.cdiv(n, _BLOCK_N), triton.cdiv(dv, bv), bsz * h)](
+    blocks, tiles = triton.cdiv(n, _BLOCK_N), triton.cdiv(dv, bv)
+    kernels.apply_kernel[(tiles * blocks * bsz * h,)](
         q, state, mean, out,
-        n, h, dk, dv, eps,
+        n, h, dk, dv, eps, tiles, blocks,
         q.stride(0), q.stride(1), q.stride(2),
         state.stride(0), state.stride(1), state.stride(2), mean.stride(0), mean.stride(1),
         FM=FEATURE_MAPS.index(feature_map), DOT_PREC=_dot_precision(q.dtype),
@@ -165,9 +165,10 @@ def linear_attention_apply_backward(
         grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
         z = q.new_empty((bsz, h, n), dtype=torch.float32)
         dz = torch.empty_like(z)
-        kernels.apply_backward_dq_kernel[(triton.cdiv(n, block_n), bsz * h)](
+        blocks = triton.cdiv(n, block_n)
+        kernels.apply_backward_dq_kernel[(blocks * bsz * h,)](
             grad_out, q, state, mean, grad_q, z, dz,
-            n, h, dk, dv, eps,
+            n, h, dk, dv, eps, blocks,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             q.stride(0), q.stride(1), q.stride(2),
             state.stride(0), state.stride(1), state.stride(2), mean.stride(0), mean.stride(1),
@@ -194,17 +195,18 @@ def linear_attention_state_backward(
         grad_k = torch.empty_like(k, memory_format=torch.contiguous_format)
         grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
         rows = triton.cdiv(n, _BLOCK_N)
-        kernels.state_backward_dk_kernel[(rows, triton.cdiv(dk, bk), bsz * h)](
+        tiles_k, tiles_v = triton.cdiv(dk, bk), triton.cdiv(dv, bv)
+        kernels.state_backward_dk_kernel[(tiles_k * rows * bsz * h,)](
             k, v, grad_state, grad_mean, grad_k,
-            n, h, dk, dv, 1.0 / n,
+            n, h, dk, dv, 1.0 / n, tiles_k, rows,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             grad_state.stride(0), grad_state.stride(1), grad_state.stride(2),
             grad_mean.stride(0), grad_mean.stride(1),
             FM=fm, DOT_PREC=prec, BLOCK_N=_BLOCK_N, BK=bk, BV=bv, **_LAUNCH,
         )
-        kernels.state_backward_dv_kernel[(rows, triton.cdiv(dv, bv), bsz * h)](
+        kernels.state_backward_dv_kernel[(tiles_v * rows * bsz * h,)](
             k, grad_state, grad_v,
-            n, h, dk, dv, 1.0 / n,
+            n, h, dk, dv, 1.0 / n, tiles_v, rows,
             k.stride(0), k.stride(1), k.stride(2),
             grad_state.stride(0), grad_state.stride(1), grad_state.stride(2),
             FM=fm, DOT_PREC=prec, BLOCK_N=_BLOCK_N, BK=bk, BV=bv, **_LAUNCH,

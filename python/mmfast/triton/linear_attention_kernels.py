@@ -12,7 +12,8 @@ Backward (z_i = phi(q_i).m + eps, g_i = do_i / z_i, u_i = g_i S^T):
 Kernels (BD = feature tile = next power of two of D, clamped to [16, 64]; tl.dot
 needs every block dim >= 16 and a power of two, so D = 40/80/160 run as 64 / 64+64
 (second tile masked) / 64+64+64 (last tile masked) and padded lanes are never loaded):
-  outer_sum_kernel     grid (chunks of N, Dk-tiles * Dv-tiles, B*H)
+  (every grid is 1-D, unfolded in the kernel, so B*H is not limited to 65,535)
+  outer_sum_kernel     programs (Dk-tiles * Dv-tiles, chunks of N, B*H)
                         fp32 partials of sum_i phi(a_i)^T (b_i / z_i) and
                         sum_i w_i phi(a_i) per chunk (64-token steps summed in
                         fp64 within a chunk) -> workspace, reduced with torch.sum
@@ -20,22 +21,24 @@ needs every block dim >= 16 and a power of two, so D = 40/80/160 run as 64 / 64+
                         and the dS/dm of apply_backward (a=q, b=do, z, w=dz).
                         Splitting N is what keeps the GPU busy when B*H is small
                         (10-40 in SD UNets); flash_bla streams all of N per CTA.
-  apply_kernel         grid (N-blocks, Dv-tiles, B*H), loops over Dk-tiles,
+  apply_kernel         programs (Dv-tiles, N-blocks, B*H), loops over Dk-tiles,
                         accumulating the numerator (tl.dot) and z (fp32 sum).
-  apply_backward_dq_kernel  grid (N-blocks of 16-64 rows, B*H); a row block holds all of
+  apply_backward_dq_kernel  programs (N-blocks of 16-64 rows, B*H); a row block holds all of
                         Dk (padded to a power of two; dz needs the full phi(q).u
                         before any dq can be written), loops over Dv-tiles for
                         u = g S^T; writes dq plus z and dz per row (8 bytes/row)
                         for the dS/dm pass, which reuses outer_sum_kernel.
-  state_backward_dk_kernel  grid (N-blocks, Dk-tiles, B*H), loops over Dv-tiles.
-  state_backward_dv_kernel  grid (N-blocks, Dv-tiles, B*H), loops over Dk-tiles.
+  state_backward_dk_kernel  programs (Dk-tiles, N-blocks, B*H), loops over Dv-tiles.
+  state_backward_dv_kernel  programs (Dv-tiles, N-blocks, B*H), loops over Dk-tiles.
 
 Precision: phi, z, divides and every accumulation are fp32.  S, dS and 1/z-scaled
 rows are fp32, so the dots that touch them take fp32 operands: "ieee" for fp32
 inputs (matches the fp32 reference tightly), "tf32" for fp16/bf16 inputs (the op
 is memory bound, so tf32 instead of half MMAs costs no time, and S is never
 rounded to half as flash_bla does).  The one dot with only token operands,
-phi(k)^T v of the state, takes fp16/bf16 operands as they are, fp32 accumulation.
+phi(k)^T v of the state, runs on fp16 MMAs for fp16 inputs (phi(k) rounded to
+fp16 keeps tf32's 11-bit significand) and on tf32 with phi(k) in fp32 for bf16
+(rounding phi(k) to bf16 would cost ~1e-3 relative error in S).
 
 Strides: token tensors are read in place through their B/N/H strides (so a
 (B, H, N, D) tensor transposed to (B, N, H, D) costs no copy); only a last-dim
@@ -50,6 +53,18 @@ from ._common import to_fp32
 
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
+
+
+# --- grid --------------------------------------------------------------------------------
+
+
+@triton.jit
+def unfold(pid, A, B):
+    """(a, b, c) of a 1-D program id, a fastest: every kernel runs on a 1-D grid (axis 0 holds up
+    to 2^31 - 1 programs; axes 1 and 2 only 65,535, less than B * H can be)."""
+    a = pid % A
+    rest = pid // A
+    return a, rest % B, rest // B
 
 
 # --- feature map --------------------------------------------------------------------
@@ -82,17 +97,14 @@ def times_dphi(grad, x, FM: tl.constexpr):
 @triton.jit
 def outer_sum_kernel(
     a_ptr, b_ptr, z_ptr, w_ptr, part_ptr, mpart_ptr,
-    N, H, DA, DB, CHUNK,
+    N, H, DA, DB, CHUNK, NUM_TILES, NUM_CHUNKS, BH,
     s_ab, s_an, s_ah, s_bb, s_bn, s_bh,
     FM: tl.constexpr, HAS_Z: tl.constexpr, HAS_W: tl.constexpr,
     HALF_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, NUM_B_TILES: tl.constexpr,
 ):
     """part[c, bh] = sum_{i in chunk c} phi(a_i)^T (b_i / z_i); mpart[c, bh] = sum_i w_i phi(a_i)."""
-    pid_c = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    BH = tl.num_programs(2)
+    pid_t, pid_c, pid_bh = unfold(tl.program_id(0), NUM_TILES, NUM_CHUNKS)
     tile_a = pid_t // NUM_B_TILES
     tile_b = pid_t % NUM_B_TILES
     b_idx = (pid_bh // H).to(tl.int64)
@@ -147,14 +159,12 @@ def outer_sum_kernel(
 @triton.jit
 def apply_kernel(
     q_ptr, s_ptr, m_ptr, o_ptr,
-    N, H, DK, DV, eps,
+    N, H, DK, DV, eps, NUM_V, NUM_N,
     s_qb, s_qn, s_qh, s_sb, s_sh, s_sk, s_mb, s_mh,
     FM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_v, pid_n, pid_bh = unfold(tl.program_id(0), NUM_V, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     q_ptr += b_idx * s_qb + h_idx * s_qh
@@ -188,14 +198,13 @@ def apply_kernel(
 @triton.jit
 def apply_backward_dq_kernel(
     do_ptr, q_ptr, s_ptr, m_ptr, dq_ptr, z_ptr, dz_ptr,
-    N, H, DK, DV, eps,
+    N, H, DK, DV, eps, NUM_N,
     s_db, s_dn, s_dh, s_qb, s_qn, s_qh, s_sb, s_sh, s_sk, s_mb, s_mh,
     FM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):
     """dq for a block of rows, plus z_i and dz_i for the dS/dm pass."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, _, pid_bh = unfold(tl.program_id(0), NUM_N, 1)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     do_ptr += b_idx * s_db + h_idx * s_dh
@@ -239,15 +248,13 @@ def apply_backward_dq_kernel(
 @triton.jit
 def state_backward_dk_kernel(
     k_ptr, v_ptr, ds_ptr, dm_ptr, dk_ptr,
-    N, H, DK, DV, inv_n,
+    N, H, DK, DV, inv_n, NUM_K, NUM_N,
     s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_sb, s_sh, s_sk, s_mb, s_mh,
     FM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dk_j = (v_j dS^T + dm) / N * phi'(k_j)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_k, pid_n, pid_bh = unfold(tl.program_id(0), NUM_K, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     k_ptr += b_idx * s_kb + h_idx * s_kh
@@ -281,15 +288,13 @@ def state_backward_dk_kernel(
 @triton.jit
 def state_backward_dv_kernel(
     k_ptr, ds_ptr, dv_ptr,
-    N, H, DK, DV, inv_n,
+    N, H, DK, DV, inv_n, NUM_V, NUM_N,
     s_kb, s_kn, s_kh, s_sb, s_sh, s_sk,
     FM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dv_j = phi(k_j) dS / N."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_v, pid_n, pid_bh = unfold(tl.program_id(0), NUM_V, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     k_ptr += b_idx * s_kb + h_idx * s_kh
