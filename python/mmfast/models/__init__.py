@@ -1,1 +1,1 @@
-"""Model layers built on mmfast ops (LinFusion, ...)."""
+"""Model layers built on mmfast ops (LinFusion, Liquid's VQGAN image tokenizer, ...)."""

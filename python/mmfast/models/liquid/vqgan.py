@@ -1,0 +1,292 @@
+"""The VQGAN image tokenizer of Chameleon and Liquid: taming-transformers' VQModel on mmfast's VQ ops.
+
+Module and parameter names are taming's (CompVis/taming-transformers:taming/models/vqgan.py,
+taming/modules/diffusionmodules/model.py; Meta's copy is facebookresearch/chameleon:
+chameleon/inference/vqgan.py, Liquid's FoundationVision/Liquid:evaluation/chameleon/inference/
+vqgan.py), so their state dicts load with strict=True. Differences from the originals, none of
+which changes a result beyond rounding: the nearest-code search is mmfast's fused
+`vq_quantize` (no N x K distance matrix), the code lookup `vq_dequantize` writes channels-first
+directly; the encoder and decoder (taming.py) run attention through
+`F.scaled_dot_product_attention` and normalise fp16/bf16 activations in fp32.
+
+    model = VQGAN.from_pretrained("vqgan.safetensors")           # Chameleon config by default
+    codes = model.encode(preprocess(pil_image))                  # (1, 32, 32) int64 in [0, 8192)
+    images = model.decode(codes)                                 # (1, 3, 512, 512) in [-1, 1]
+    pixels = postprocess(images)                                 # (1, 512, 512, 3) uint8
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...nn.vector_quantizer import VectorQuantizer
+from ...ops.vq import vq_codebook_sqnorm
+from .taming import Decoder, Encoder, VQGANConfig
+
+__all__ = ["VQGAN", "VQGANConfig", "VQGANCheckpointError", "load_taming_state_dict", "preprocess", "postprocess"]
+
+logger = logging.getLogger(__name__)
+TRAINING_ONLY_PREFIXES = ("loss.",)  # taming's VQLPIPSWithDiscriminator (LPIPS net, discriminator)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class VQGANCheckpointError(ValueError):
+    """A checkpoint file that mmfast will not read, or whose keys or shapes do not fit the config."""
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+class VQGAN(nn.Module):
+    """taming's VQModel (Chameleon's / Liquid's image tokenizer): encoder -> quant_conv -> quantize
+    (codes) and codes -> quantize.embedding -> post_quant_conv -> decoder.
+
+    Images are (B, in_channels, H, W) floats in [-1, 1] with H and W multiples of
+    config.downsample_factor; codes are (B, H / f, W / f) int64 in [0, n_embed). Works in any
+    float dtype (`model.to(torch.bfloat16)`); inputs are moved to the model's device and dtype.
+    bf16 is meant for GPUs: on CPUs without bf16 instructions torch's bf16 convolutions run far
+    slower than fp32 (about 170x on the 2-core AVX2 test machine).
+    """
+
+    def __init__(self, config: Optional[VQGANConfig] = None):
+        super().__init__()
+        self.config = cfg = config if config is not None else VQGANConfig()
+        if not isinstance(cfg, VQGANConfig):
+            raise TypeError(f"VQGAN: config must be a VQGANConfig, got {type(cfg).__name__}")
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, beta=cfg.beta, legacy=cfg.legacy)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, kernel_size=1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantize.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quantize.embedding.weight.dtype
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        cfg, f = self.config, self.config.downsample_factor
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"VQGAN: images must be a tensor, got {type(images).__name__} (see preprocess())")
+        if not images.is_floating_point():
+            raise TypeError(f"VQGAN: images must be float in [-1, 1], got {images.dtype} (preprocess() converts uint8)")
+        if images.dim() != 4 or images.shape[1] != cfg.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"VQGAN: images must be (B, {cfg.in_channels}, H, W) with H and W multiples of {f}, "
+                             f"got shape {tuple(images.shape)}")
+
+    def _images_in(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        return images.to(device=self.device, dtype=self.dtype)
+
+    def _codes_in(self, codes: torch.Tensor) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise TypeError(f"VQGAN.decode: codes must be an integer tensor, got "
+                            f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+        if codes.dim() == 2:  # (B, h*w) token rows, e.g. Liquid's 1024 codes per image: a square grid
+            side = math.isqrt(codes.shape[1])
+            if side * side != codes.shape[1]:
+                raise ValueError(f"VQGAN.decode: (B, N) codes need a square N, got {tuple(codes.shape)}; "
+                                 "pass (B, h, w)")
+            codes = codes.reshape(codes.shape[0], side, side)
+        if codes.dim() != 3:
+            raise ValueError(f"VQGAN.decode: codes must be (B, h, w) or (B, h*w), got shape {tuple(codes.shape)}")
+        return codes.to(self.device)
+
+    def encode_to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-quantisation latent quant_conv(encoder(images)): (B, embed_dim, H / f, W / f); differentiable."""
+        return self.quant_conv(self.encoder(self._images_in(images)))
+
+    def decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
+        """taming's VQModel.decode: decoder(post_quant_conv(quant)), (B, embed_dim, h, w) ->
+        (B, out_ch, h * f, w * f), unclamped; differentiable."""
+        return self.decoder(self.post_quant_conv(quant.to(self.dtype)))
+
+    def forward(self, images: torch.Tensor):
+        """taming's VQModel.forward: (reconstruction (B, out_ch, H, W), codebook + commitment loss)."""
+        z_q, loss, _ = self.quantize(self.encode_to_latent(images))
+        return self.decode_latent(z_q), loss
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, *, batch_size: Optional[int] = None, progress: bool = True) -> torch.Tensor:
+        """Codes of images: (B, C, H, W) floats in [-1, 1] -> (B, H / f, W / f) int64 on the model's
+        device (Chameleon: 512 x 512 -> 32 x 32 = 1024 codes, `encode(x)[2][2]` of taming's VQModel
+        reshaped). batch_size: images per forward pass (None: all at once); a tqdm bar runs over the
+        batches when there is more than one and progress is True.
+        Raises TypeError / ValueError for inputs of the wrong dtype or shape.
+        """
+        self._check_images(images)
+        sqnorm = vq_codebook_sqnorm(self.quantize.embedding.weight) if self.quantize.metric == "l2" else None
+        return _batched(lambda x: self.quantize.codes(self.encode_to_latent(x), sqnorm), images, batch_size,
+                        progress, "VQGAN encode")
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, *, batch_size: Optional[int] = None, progress: bool = True,
+               clamp: bool = True) -> torch.Tensor:
+        """Images of codes: (B, h, w) (or (B, h*w) with a square h*w) integer codes -> (B, out_ch,
+        h * f, w * f) in the model's dtype, clamped to [-1, 1] unless clamp=False (Chameleon's
+        get_codebook_entry + VQModel.decode, batched). batch_size and progress as in encode.
+        Raises TypeError / ValueError for codes of the wrong dtype or shape; IndexError for codes
+        outside [0, n_embed) on the CPU (on CUDA such a code decodes from a NaN row, no sync).
+        """
+        codes = self._codes_in(codes)
+
+        def run(chunk):
+            images = self.decode_latent(self.quantize.embed_codes(chunk))
+            return images.clamp_(-1.0, 1.0) if clamp else images
+
+        return _batched(run, codes, batch_size, progress, "VQGAN decode")
+
+    @classmethod
+    def from_pretrained(cls, path, config: Optional[VQGANConfig] = None,
+                        dtype: Optional[torch.dtype] = None) -> "VQGAN":
+        """A VQGAN in eval mode from a local taming / Chameleon checkpoint file (nothing is downloaded).
+
+        path: `.safetensors`, or `.ckpt` / `.pt` / `.pth` / `.bin` read with
+        torch.load(weights_only=True) (never full unpickling). The state dict may be at the top
+        level or under "state_dict"; training-only keys ("loss.*") are dropped. config: the
+        architecture (default VQGANConfig(), Chameleon's); dtype: the parameters' dtype (default
+        float32, as Chameleon loads it). Raises FileNotFoundError, VQGANCheckpointError (a
+        ValueError) naming missing, unexpected or misshapen keys, or a file that needs unpickling.
+        """
+        state = load_taming_state_dict(path)
+        with torch.device("meta"):
+            model = cls(config)
+        _check_keys(model, state, path)
+        model = model.to_empty(device="cpu")
+        model.load_state_dict(state, strict=True)
+        return (model if dtype is None else model.to(dtype)).eval()
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: Optional[int],
+             progress: bool, desc: str) -> torch.Tensor:
+    """fn over batch_size-sized slices of x along dim 0, concatenated; a tqdm bar for > 1 slice."""
+    if batch_size is None:
+        return fn(x)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"VQGAN: batch_size must be a positive int or None, got {batch_size!r}")
+    chunks = x.split(batch_size)
+    if len(chunks) <= 1:
+        return fn(x)
+    return torch.cat([fn(chunk) for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not progress)])
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def load_taming_state_dict(path) -> dict:
+    """The tensors of a taming / Chameleon VQGAN checkpoint file, "loss.*" keys dropped.
+
+    Raises FileNotFoundError, ValueError for an unknown suffix or a file that is no state dict,
+    VQGANCheckpointError for a pickle that torch.load(weights_only=True) refuses.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQGAN: no checkpoint file {path!r} (a local .safetensors or .ckpt/.pt file; "
+                                "nothing is downloaded)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    elif path.endswith(PICKLE_SUFFIXES):
+        state = _torch_load_weights_only(path)
+    else:
+        raise ValueError(f"VQGAN: checkpoint must end in .safetensors or one of {PICKLE_SUFFIXES}, got {path!r}")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"VQGAN: {path!r} holds no state dict (name -> tensor) at the top level or under "
+                         "'state_dict'")
+    dropped = [k for k in state if k.startswith(TRAINING_ONLY_PREFIXES)]
+    if dropped:
+        logger.info("VQGAN: dropped %d training-only keys (%s) from %s", len(dropped),
+                    ", ".join(TRAINING_ONLY_PREFIXES), path)
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
+def _torch_load_weights_only(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VQGANCheckpointError(
+            f"VQGAN: {path!r} is a pickle that torch.load(weights_only=True) refuses ({reason}). mmfast will not "
+            "unpickle arbitrary objects (unpickling runs code from the file). Convert it to safetensors once, in an "
+            "environment where you trust the file:\n"
+            "    import torch, safetensors.torch\n"
+            f"    sd = torch.load({path!r}, map_location='cpu', weights_only=False)\n"
+            "    sd = sd.get('state_dict', sd)\n"
+            "    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'vqgan.safetensors')") from err
+
+
+def _check_keys(model: nn.Module, state: dict, path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if not (missing or unexpected or misshapen):
+        return
+    parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{', ...' if len(items) > 8 else ''}"
+             for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen))
+             if items]
+    raise VQGANCheckpointError(f"VQGAN: {os.fspath(path)!r} does not fit {model.config}: " + "; ".join(parts)
+                               + ". Check the config (ch, ch_mult, num_res_blocks, attn_resolutions, sizes).")
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def _to_rgb_pil(image):
+    """PIL image or uint8 array (H, W), (H, W, 3), (H, W, 4) -> RGB PIL image; transparency is
+    blended onto white (Chameleon's ImageTokenizer._whiten_transparency)."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise TypeError(f"preprocess: arrays must be uint8 (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} "
+                            f"{image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"preprocess: expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    rgba = np.array(image.convert("RGBA"))
+    if not (rgba[:, :, 3] < 255).any():
+        return image.convert("RGB")
+    alpha = rgba[:, :, 3:] / 255.0
+    return Image.fromarray(((1 - alpha) * 255 + alpha * rgba[:, :, :3]).astype(np.uint8), "RGB")
+
+
+def preprocess(image, resolution: int = 512) -> torch.Tensor:
+    """Chameleon's / Liquid's ImageTokenizer input: resize the short side to `resolution`
+    (LANCZOS), centre-crop a square, scale to [-1, 1]. image: PIL image or uint8 array.
+    Returns (1, 3, resolution, resolution) float32. Raises TypeError for other inputs."""
+    import numpy as np
+    from PIL import Image
+
+    img = _to_rgb_pil(image)
+    scale = resolution / min(img.size)
+    img = img.resize((round(scale * img.size[0]), round(scale * img.size[1])), Image.LANCZOS)
+    x0, y0 = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((x0, y0, x0 + resolution, y0 + resolution))
+    pixels = np.array(img) / 255.0 * 2 - 1  # float64, as Chameleon, then float32
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().unsqueeze(0)
+
+
+def postprocess(images: torch.Tensor):
+    """(B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 numpy (B, H, W, 3) or (H, W, 3): clamp, map to
+    [0, 255] and truncate, as Chameleon's _pil_from_chw_tensor. Raises ValueError for other shapes."""
+    if images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(f"postprocess: images must be (B, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
+    unit = (images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) / 2.0
+    return (unit.movedim(-3, -1).numpy() * 255).astype("uint8")
