@@ -121,7 +121,8 @@ def _time_columns(times: dict) -> dict:
 
 def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtype, times: Optional[dict],
                    floor_bytes: Optional[float] = None, flops: Optional[float] = None,
-                   target: Optional[str] = None, target_met: Optional[bool] = None, **extra) -> dict:
+                   target: Optional[str] = None, target_met: Optional[bool] = None,
+                   items: Optional[tuple] = None, **extra) -> dict:
     """Writes one summary-table row into benchmark.extra_info and returns it.
 
     times: {"mmfast": ms, baseline: ms, ...}, medians measured in the same run (None for
@@ -130,6 +131,7 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     floor_bytes: the bytes a perfect kernel moves (gives GB/s and % of the bandwidth floor);
     flops: the useful floating-point operations (gives TFLOP/s). Both need times.
     target / target_met: the issue's target for this row, stated and checked.
+    items: (count, unit) processed per call, e.g. (8, "images"): gives the throughput column.
     """
     info = {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": machine_name(device)}
     if times:
@@ -143,6 +145,8 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
             info["bandwidth_ref"] = source
     if flops is not None and mmfast_ms:
         info["tflops"] = round(flops / (mmfast_ms * 1e-3) / 1e12, 4)
+    if items is not None and mmfast_ms:
+        info["throughput"] = f"{items[0] / (mmfast_ms * 1e-3):.3g} {items[1]}/s"
     if target is not None:
         info["target"], info["target_met"] = target, bool(target_met)
     info.update(extra)

@@ -11,7 +11,7 @@ import argparse
 import json
 
 LEADING = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("device", "device"), ("mmfast ms", "mmfast_ms")]
-TRAILING = [("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("% of floor", "pct_of_floor"), ("target", "target"),
+TRAILING = [("throughput", "throughput"), ("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("% of floor", "pct_of_floor"), ("target", "target"),
             ("met", "target_met")]
 
 
