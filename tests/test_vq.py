@@ -112,6 +112,27 @@ def test_strided_rows(backend_device):
                                                                      return_distance=True, backend=backend))
 
 
+@pytest.mark.parametrize("shape", [(20, 5000, 16), (300, 3000, 40), (50, 2000, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_cpu_result_does_not_depend_on_the_thread_count(shape):
+    """The thread count changes how the codes are split (few rows: code ranges per thread);
+    indices and distances must stay bitwise identical."""
+    z, codebook = make_inputs(*shape, torch.float32, "cpu")
+    z[::3] = z[::3].round()  # exact ties between codes, some rows
+    codebook[1::2] = codebook[::2][: codebook[1::2].shape[0]].clone()  # duplicate codes: ties across splits
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(vq_quantize(z, codebook, return_distance=True, backend="native"))
+    finally:
+        torch.set_num_threads(threads)
+    assert bool((results[0][0] % 2 == 0).all()), "code 2j+1 duplicates code 2j: the lower index wins"
+    for indices, distance in results[1:]:
+        assert torch.equal(indices, results[0][0])
+        assert torch.equal(distance, results[0][1])
+
+
 def test_empty_input():
     z, codebook = make_inputs(0, 5, 4, torch.float32, "cpu")
     assert vq_quantize(z, codebook).shape == (0,)
