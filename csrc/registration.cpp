@@ -42,6 +42,17 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("vq_quantize(Tensor z, Tensor codebook, Tensor? codebook_sqnorm) -> (Tensor, Tensor)");
   m.def("vq_dequantize(Tensor indices, Tensor codebook, bool channels_first) -> Tensor");
 
+  // KV-cached decoding (rules in mmfast/decode.h). Caches (B, T_max, H_kv, D), cache_seqlens
+  // (B,) int32; sample returns (tokens int64, status int32) of the P sampled rows.
+  m.def(
+      "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens) -> ()");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, float softcap, "
+      "int window) -> Tensor");
+  m.def(
+      "sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p, float? cfg_scale) -> "
+      "(Tensor, Tensor)");
+
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);
 }

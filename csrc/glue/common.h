@@ -33,5 +33,20 @@ inline void check_same_dtype_device(const at::Tensor& a, const char* an, const a
                    ", ", bn, ": ", b.device());
 }
 
+// Kernels read (B, N, H, D) with any strides except along D, which must be 1.
+// Only a tensor whose last dim is strided is copied.
+inline at::Tensor unit_stride_last(const at::Tensor& t) {
+  return (t.size(3) == 1 || t.stride(3) == 1) ? t : t.contiguous();
+}
+
+inline TokenTensor token_view(const at::Tensor& t) {
+  TokenTensor view;
+  view.data = const_cast<void*>(t.data_ptr());
+  view.stride_b = t.stride(0);
+  view.stride_n = t.stride(1);
+  view.stride_h = t.stride(2);
+  return view;
+}
+
 }  // namespace glue
 }  // namespace mmfast

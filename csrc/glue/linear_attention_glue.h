@@ -81,21 +81,6 @@ inline void check_apply(const at::Tensor& q, const at::Tensor& state, const at::
                    ", state: ", state.device(), ", mean: ", mean.device());
 }
 
-// Kernels read (B, N, H, D) with any strides except along D, which must be 1.
-// Only a tensor whose last dim is strided is copied.
-inline at::Tensor unit_stride_last(const at::Tensor& t) {
-  return (t.size(3) == 1 || t.stride(3) == 1) ? t : t.contiguous();
-}
-
-inline TokenTensor token_view(const at::Tensor& t) {
-  TokenTensor view;
-  view.data = const_cast<void*>(t.data_ptr());
-  view.stride_b = t.stride(0);
-  view.stride_n = t.stride(1);
-  view.stride_h = t.stride(2);
-  return view;
-}
-
 inline LinearAttentionParams make_params(const at::Tensor& tokens, int64_t dim_k, int64_t dim_v, double eps,
                                          c10::string_view feature_map) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "linear_attention: eps must be a finite number >= 0, got ", eps);

@@ -4,5 +4,6 @@ Every op in mmfast has exactly one reference here. References compute in at leas
 (each family's file says which precision, and why), whatever the input dtype, and return the
 dtypes the op returns. They are written for clarity and accuracy, not speed.
 """
+from .decode import *  # noqa: F401,F403
 from .linear_attention import *  # noqa: F401,F403
 from .vq import *  # noqa: F401,F403

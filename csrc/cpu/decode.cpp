@@ -1,0 +1,37 @@
+// CPU registration of the decode ops: ISA dispatch and torch glue. Lengths outside the cache
+// raise ValueError here (the kernels check every row before writing anything).
+#include "mmfast/cpu/decode.h"
+
+#include <torch/library.h>
+
+#include "glue/decode_glue.h"
+
+namespace mmfast {
+namespace cpu {
+
+struct DecodeCpuBackend {
+  static void append(const KVCacheAppendParams& p) {
+    const int64_t bad = decode_kernels().append(p);
+    TORCH_CHECK_VALUE(bad < 0, "kv_cache_append: cache_seqlens[", bad, "] = ", bad < 0 ? 0 : p.cache_seqlens[bad],
+                      " is out of range: ", p.new_tokens, " new tokens need slots [len, len + ", p.new_tokens,
+                      ") inside a cache of T_max = ", p.max_tokens);
+  }
+
+  static size_t attention_workspace_bytes(const DecodeAttentionParams&) { return 0; }
+
+  static void attention(DecodeAttentionParams& p) {
+    const int64_t bad = decode_kernels().attention(p);
+    TORCH_CHECK_VALUE(bad < 0, "decode_attention: cache_seqlens[", bad, "] = ", bad < 0 ? 0 : p.cache_seqlens[bad],
+                      " is out of range: it counts the cached tokens including the ", p.queries,
+                      " new ones, so it must lie in [", p.queries, ", T_max = ", p.max_tokens, "]");
+  }
+
+  static size_t sample_workspace_bytes(const SampleParams&) { return 0; }
+
+  static void sample(SampleParams& p) { decode_kernels().sample(p); }
+};
+
+}  // namespace cpu
+}  // namespace mmfast
+
+TORCH_LIBRARY_IMPL(mmfast, CPU, m) { MMFAST_REGISTER_DECODE(m, ::mmfast::cpu::DecodeCpuBackend); }

@@ -1,0 +1,209 @@
+// Torch glue shared by the CPU and CUDA registrations of the decode ops: input checks, output
+// and workspace allocation, filling the params structs of mmfast/decode.h.
+//
+// A backend is a struct with static functions
+//   void   append(const KVCacheAppendParams&);                  // throws on failure
+//   size_t attention_workspace_bytes(const DecodeAttentionParams&);
+//   void   attention(DecodeAttentionParams&);                   // throws on failure
+//   size_t sample_workspace_bytes(const SampleParams&);
+//   void   sample(SampleParams&);                               // throws on failure
+// and the op functions below are instantiated once per backend. Length checks that need the
+// values of cache_seqlens are the backend's (the CPU raises; CUDA guards in the kernel).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+#include "glue/common.h"
+#include "mmfast/decode.h"
+
+namespace mmfast {
+namespace glue {
+
+constexpr int64_t kMaxDecodeQueries = 16;
+
+inline void check_cache(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be a 4-D (B, T_max, H_kv, D) tensor, got shape ", t.sizes());
+  to_dtype(t, op, name);
+  TORCH_CHECK_VALUE(t.size(3) == 1 || t.stride(3) == 1, op, ": ", name,
+                    " must have a unit stride along D (a static cache is preallocated contiguous), got strides ",
+                    t.strides());
+}
+
+inline void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* op) {
+  check_cache(k_cache, "k_cache", op);
+  check_cache(v_cache, "v_cache", op);
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), op, ": k_cache and v_cache must have the same shape, got ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  check_same_dtype_device(k_cache, "k_cache", v_cache, "v_cache", op);
+}
+
+inline void check_seqlens(const at::Tensor& seqlens, const at::Tensor& cache, const char* op) {
+  TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32 (B,), got ",
+                   seqlens.scalar_type());
+  TORCH_CHECK_VALUE(seqlens.dim() == 1 && seqlens.size(0) == cache.size(0), op, ": cache_seqlens must be (",
+                    cache.size(0), ",), one length per row, got ", seqlens.sizes());
+  TORCH_CHECK_TYPE(seqlens.device() == cache.device(), op,
+                   ": all inputs must have the same device, got the caches on ", cache.device(),
+                   ", cache_seqlens on ", seqlens.device());
+}
+
+inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& seqlens) {
+  const char* op = "kv_cache_append";
+  check_caches(k_cache, v_cache, op);
+  for (const auto* t : {&k, &v}) {
+    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == k_cache.size(0) && t->size(2) == k_cache.size(2) &&
+                          t->size(3) == k_cache.size(3),
+                      op, ": k and v must be (B=", k_cache.size(0), ", S, H_kv=", k_cache.size(2), ", D=",
+                      k_cache.size(3), ") like the caches, got shape ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(k.size(1) <= k_cache.size(1), op, ": ", k.size(1), " new tokens do not fit a cache of T_max = ",
+                    k_cache.size(1));
+  check_same_dtype_device(k_cache, "k_cache", k, "k", op);
+  check_same_dtype_device(k_cache, "k_cache", v, "v", op);
+  check_seqlens(seqlens, k_cache, op);
+}
+
+inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seqlens, double softcap, int64_t window) {
+  const char* op = "decode_attention";
+  check_caches(k_cache, v_cache, op);
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(0) == k_cache.size(0) && q.size(3) == k_cache.size(3), op,
+                    ": q must be (B=", k_cache.size(0), ", Sq, H, D=", k_cache.size(3),
+                    ") like the caches, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(1) <= kMaxDecodeQueries, op, ": q must hold 1 to ", kMaxDecodeQueries,
+                    " new tokens per row (Sq), got ", q.size(1));
+  TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0, op, ": the query heads H = ", q.size(2),
+                    " must be a multiple of the KV heads H_kv = ", k_cache.size(2), " (GQA)");
+  check_same_dtype_device(q, "q", k_cache, "k_cache", op);
+  check_seqlens(seqlens, k_cache, op);
+  TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0 (0: none), got ", softcap);
+  TORCH_CHECK_VALUE(window >= 0, op, ": window must be >= 0 (0: none), got ", window);
+}
+
+inline int64_t check_sample(const at::Tensor& logits, const at::Tensor& uniform, double temperature, int64_t top_k,
+                            double top_p, const c10::optional<double>& cfg_scale) {
+  const char* op = "sample";
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) > 0, op,
+                    ": logits must be a 2-D (rows, V) tensor with V >= 1, got shape ", logits.sizes());
+  to_dtype(logits, op, "logits");
+  int64_t rows = logits.size(0);
+  if (cfg_scale.has_value()) {
+    TORCH_CHECK_VALUE(rows % 2 == 0, op, ": with cfg_scale the logits hold pairs (conditional rows first), so an "
+                      "even number of rows; got ", rows);
+    rows /= 2;
+  }
+  TORCH_CHECK_VALUE(uniform.scalar_type() == at::kFloat && uniform.dim() == 1 && uniform.size(0) == rows, op,
+                    ": uniform must be float32 (", rows, ",), one number in [0, 1) per sampled row, got ",
+                    uniform.scalar_type(), " ", uniform.sizes());
+  TORCH_CHECK_TYPE(uniform.device() == logits.device(), op, ": all inputs must have the same device, got logits: ",
+                   logits.device(), ", uniform: ", uniform.device());
+  TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0 (0: greedy), got ", temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0: off), got ", top_k);
+  TORCH_CHECK_VALUE(top_p >= 0 && top_p <= 1, op, ": top_p must be in [0, 1] (1: off), got ", top_p);
+  return rows;
+}
+
+template <class Backend>
+void kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const at::Tensor& seqlens_in) {
+  check_append(k_cache, v_cache, k_in, v_in, seqlens_in);
+  if (k_in.numel() == 0) return;
+  const c10::DeviceGuard guard(k_cache.device());
+  const at::Tensor k = unit_stride_last(k_in), v = unit_stride_last(v_in), seqlens = seqlens_in.contiguous();
+  KVCacheAppendParams p;
+  p.batch = k.size(0);
+  p.new_tokens = k.size(1);
+  p.max_tokens = k_cache.size(1);
+  p.kv_heads = k.size(2);
+  p.head_dim = k.size(3);
+  p.dtype = to_dtype(k, "kv_cache_append", "k");
+  p.k_cache = token_view(k_cache);
+  p.v_cache = token_view(v_cache);
+  p.k = token_view(k);
+  p.v = token_view(v);
+  p.cache_seqlens = seqlens.data_ptr<int32_t>();
+  Backend::append(p);
+}
+
+template <class Backend>
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seqlens_in, double scale, double softcap, int64_t window) {
+  check_attention(q_in, k_cache, v_cache, seqlens_in, softcap, window);
+  const c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = unit_stride_last(q_in), seqlens = seqlens_in.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return out;
+  DecodeAttentionParams p;
+  p.batch = q.size(0);
+  p.queries = q.size(1);
+  p.heads = q.size(2);
+  p.kv_heads = k_cache.size(2);
+  p.head_dim = q.size(3);
+  p.max_tokens = k_cache.size(1);
+  p.dtype = to_dtype(q, "decode_attention", "q");
+  p.q = token_view(q);
+  p.out = token_view(out);
+  p.k_cache = token_view(k_cache);
+  p.v_cache = token_view(v_cache);
+  p.cache_seqlens = seqlens.data_ptr<int32_t>();
+  p.scale = scale;
+  p.softcap = softcap;
+  p.window = window;
+  const size_t bytes = Backend::attention_workspace_bytes(p);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  p.workspace_bytes = bytes;
+  Backend::attention(p);
+  return out;
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits_in, const at::Tensor& uniform_in,
+                                          double temperature, int64_t top_k, double top_p,
+                                          c10::optional<double> cfg_scale) {
+  const int64_t rows = check_sample(logits_in, uniform_in, temperature, top_k, top_p, cfg_scale);
+  const c10::DeviceGuard guard(logits_in.device());
+  const at::Tensor logits = (logits_in.size(1) == 1 || logits_in.stride(1) == 1) ? logits_in : logits_in.contiguous();
+  const at::Tensor uniform = uniform_in.contiguous();
+  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  at::Tensor status = at::empty({rows}, logits.options().dtype(at::kInt));
+  if (rows == 0) return {tokens, status};
+  SampleParams p;
+  p.rows = rows;
+  p.vocab = logits.size(1);
+  p.dtype = to_dtype(logits, "sample", "logits");
+  p.logits = logits.data_ptr();
+  p.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  p.cfg = cfg_scale.has_value();
+  p.cfg_scale = cfg_scale.has_value() ? static_cast<float>(*cfg_scale) : 1.0f;
+  p.temperature = static_cast<float>(temperature);
+  p.top_k = top_k;
+  p.top_p = static_cast<float>(top_p);
+  p.uniform = uniform.data_ptr<float>();
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.status = status.data_ptr<int32_t>();
+  const size_t bytes = Backend::sample_workspace_bytes(p);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, logits.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  p.workspace_bytes = bytes;
+  Backend::sample(p);
+  return {tokens, status};
+}
+
+}  // namespace glue
+}  // namespace mmfast
+
+// Registers the decode ops of one backend under a dispatch key.
+#define MMFAST_REGISTER_DECODE(m, Backend)                                     \
+  do {                                                                         \
+    m.impl("kv_cache_append", &::mmfast::glue::kv_cache_append<Backend>);      \
+    m.impl("decode_attention", &::mmfast::glue::decode_attention<Backend>);    \
+    m.impl("sample", &::mmfast::glue::sample<Backend>);                        \
+  } while (0)

@@ -1,0 +1,398 @@
+// CPU decode kernels, written once and compiled per ISA (torch-free). Per-ISA code, included
+// only through mmfast/cpu/instantiate_isas.h (see csrc/cpu/decode_kernels.cpp). Rules: mmfast/decode.h.
+//
+// decode_attention: a task is (row b, KV head, chunk of kChunkKeys keys). It converts the
+// group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group),
+// scores key tiles of kKeyTile keys against them, and keeps an online softmax (running max,
+// sum and output rows) in the accumulation type. Chunks are folded in key order by a second
+// pass. Chunks are fixed by the shape (not by the thread count), so results are bitwise
+// independent of the number of threads.
+// sample: one row at a time. Top-k and top-p thresholds are found by a radix select over
+// order-preserving 32-bit keys of the fp32 values (4 passes of 8 bits: no sort), with weights
+// and sums in fp64; the draw is an inverse CDF in index order.
+#ifndef MMFAST_CPU_ISA_NS
+#error "mmfast/cpu/decode_impl.h is included by mmfast/cpu/instantiate_isas.h only"
+#endif
+
+namespace mmfast {
+namespace cpu {
+namespace MMFAST_CPU_ISA_NS {
+namespace decode {  // this family's names, apart from other families' in the same ISA namespace
+
+constexpr int64_t kKeyTile = 32;     // keys scored together
+constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-order fold
+
+template <typename scalar_t>
+const scalar_t* token_at(const TokenTensor& t, int64_t b, int64_t n, int64_t h) {
+  return static_cast<const scalar_t*>(t.data) + b * t.stride_b + n * t.stride_n + h * t.stride_h;
+}
+
+template <typename scalar_t>
+scalar_t* token_at_mut(const TokenTensor& t, int64_t b, int64_t n, int64_t h) {
+  return static_cast<scalar_t*>(t.data) + b * t.stride_b + n * t.stride_n + h * t.stride_h;
+}
+
+// ---- kv_cache_append ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct AppendJob {
+  const KVCacheAppendParams* p;
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& p = *static_cast<AppendJob*>(ctx)->p;
+    const size_t bytes = sizeof(scalar_t) * size_t(p.head_dim);
+    for (int64_t i = begin; i < end; ++i) {  // i = (b * S + s) * H_kv + h
+      const int64_t h = i % p.kv_heads, token = i / p.kv_heads;
+      const int64_t s = token % p.new_tokens, b = token / p.new_tokens;
+      const int64_t slot = int64_t(p.cache_seqlens[b]) + s;
+      __builtin_memcpy(token_at_mut<scalar_t>(p.k_cache, b, slot, h), token_at<scalar_t>(p.k, b, s, h), bytes);
+      __builtin_memcpy(token_at_mut<scalar_t>(p.v_cache, b, slot, h), token_at<scalar_t>(p.v, b, s, h), bytes);
+    }
+  }
+};
+
+int64_t append(const KVCacheAppendParams& p) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t length = p.cache_seqlens[b];
+    if (length < 0 || length + p.new_tokens > p.max_tokens) return b;
+  }
+  return dispatch_dtype(p.dtype, int64_t(-1), [&](auto scalar, auto) {
+    AppendJob<decltype(scalar)> job{&p};
+    parallel_for(p.batch * p.new_tokens * p.kv_heads, &job, &AppendJob<decltype(scalar)>::run);
+    return int64_t(-1);
+  });
+}
+
+// ---- decode_attention --------------------------------------------------------------------------
+
+inline float exp_acc(float x) { return __builtin_expf(x); }
+inline double exp_acc(double x) { return __builtin_exp(x); }
+inline float tanh_acc(float x) { return __builtin_tanhf(x); }
+inline double tanh_acc(double x) { return __builtin_tanh(x); }
+
+// scores[0:n] = exp(scores[0:n] - max), n a multiple of the vector width.
+inline void exp_shifted(float* scores, int64_t n, float max) {
+  for (int64_t t = 0; t < n; t += Vec<float>::width)
+    store<float>(scores + t, exp_vec(load<float>(scores + t) - splat<float>(max)));
+}
+inline void exp_shifted(double* scores, int64_t n, double max) {
+  for (int64_t t = 0; t < n; ++t) scores[t] = __builtin_exp(scores[t] - max);
+}
+
+template <typename scalar_t, typename acc_t>
+struct AttentionJob {
+  const DecodeAttentionParams* p;
+  int64_t group, rows, dp, chunks;
+  acc_t* partial;  // [(b * H_kv + kv head) * chunks + chunk][rows][dp + 2]: output rows, then max, sum
+
+  int64_t partial_stride() const { return dp + 2; }
+  acc_t* partial_of(int64_t task) const { return partial + task * rows * partial_stride(); }
+
+  // Query i of row b at position len - Sq + i sees keys [first_key(i), len - Sq + i].
+  int64_t position(int64_t length, int64_t i) const { return length - p->queries + i; }
+  int64_t first_key(int64_t length, int64_t i) const {
+    return p->window > 0 ? max_i64(0, position(length, i) - p->window + 1) : 0;
+  }
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<AttentionJob*>(ctx);
+    const int64_t dp = job.dp, rows = job.rows;
+    Scratch<acc_t> scratch(size_t(rows * dp + 2 * kKeyTile * dp + rows * kKeyTile));
+    acc_t* qbuf = scratch.data;
+    acc_t* kbuf = qbuf + rows * dp;
+    acc_t* vbuf = kbuf + kKeyTile * dp;
+    acc_t* scores = vbuf + kKeyTile * dp;
+    __builtin_memset(kbuf, 0, sizeof(acc_t) * size_t(2 * kKeyTile * dp));  // zero padding past D
+    for (int64_t task = begin; task < end; ++task) job.run_task(task, qbuf, kbuf, vbuf, scores);
+  }
+
+  void load_queries(int64_t b, int64_t kv_head, acc_t* qbuf) const {
+    __builtin_memset(qbuf, 0, sizeof(acc_t) * size_t(rows * dp));
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < p->queries; ++i) {
+        const scalar_t* src = token_at<scalar_t>(p->q, b, i, kv_head * group + g);
+        acc_t* dst = qbuf + (g * p->queries + i) * dp;
+        for (int64_t d = 0; d < p->head_dim; ++d) dst[d] = to_acc(src[d]);
+      }
+  }
+
+  void load_keys(const TokenTensor& cache, int64_t b, int64_t kv_head, int64_t k0, int64_t count, acc_t* buf) const {
+    for (int64_t t = 0; t < count; ++t) {
+      const scalar_t* src = token_at<scalar_t>(cache, b, k0 + t, kv_head);
+      for (int64_t d = 0; d < p->head_dim; ++d) buf[t * dp + d] = to_acc(src[d]);
+    }
+  }
+
+  void run_task(int64_t task, acc_t* qbuf, acc_t* kbuf, acc_t* vbuf, acc_t* scores) const {
+    const int64_t chunk = task % chunks, kv_head = (task / chunks) % p->kv_heads, b = task / chunks / p->kv_heads;
+    const int64_t length = p->cache_seqlens[b];
+    const int64_t lo = first_key(length, 0) + chunk * kChunkKeys, hi = min_i64(lo + kChunkKeys, length);
+    acc_t* state = partial_of(task);
+    const int64_t ps = partial_stride();
+    for (int64_t r = 0; r < rows; ++r) {
+      __builtin_memset(state + r * ps, 0, sizeof(acc_t) * size_t(dp));
+      state[r * ps + dp] = -__builtin_inf();  // running max
+      state[r * ps + dp + 1] = 0;             // running sum
+    }
+    if (lo >= hi) return;
+    load_queries(b, kv_head, qbuf);
+    for (int64_t k0 = lo; k0 < hi; k0 += kKeyTile) {
+      const int64_t count = min_i64(kKeyTile, hi - k0);
+      load_keys(p->k_cache, b, kv_head, k0, count, kbuf);
+      load_keys(p->v_cache, b, kv_head, k0, count, vbuf);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r % p->queries;
+        accumulate_tile(qbuf + r * dp, kbuf, vbuf, k0, count, first_key(length, i), position(length, i), scores,
+                        state + r * ps);
+      }
+    }
+  }
+
+  // One query row against `count` keys starting at k0; state = [output row (dp), max, sum].
+  void accumulate_tile(const acc_t* q, const acc_t* kbuf, const acc_t* vbuf, int64_t k0, int64_t count,
+                       int64_t first, int64_t last, acc_t* scores, acc_t* state) const {
+    const acc_t neg_inf = -__builtin_inf();
+    acc_t tile_max = neg_inf;
+    for (int64_t t = 0; t < kKeyTile; ++t) {
+      const int64_t key = k0 + t;
+      acc_t s = neg_inf;
+      if (t < count && key >= first && key <= last) {
+        s = acc_t(p->scale) * dot_padded<acc_t>(q, kbuf + t * dp, dp);
+        if (p->softcap > 0) s = acc_t(p->softcap) * tanh_acc(s / acc_t(p->softcap));
+      }
+      scores[t] = s;
+      tile_max = s > tile_max ? s : tile_max;
+    }
+    if (tile_max == neg_inf) return;  // no visible key in this tile
+    acc_t& max = state[dp];
+    acc_t& sum = state[dp + 1];
+    const acc_t new_max = tile_max > max ? tile_max : max;
+    const acc_t rescale = exp_acc(max - new_max);  // 0 while max is -inf
+    exp_shifted(scores, kKeyTile, new_max);
+    using V = typename Vec<acc_t>::type;
+    constexpr int64_t W = Vec<acc_t>::width;
+    acc_t tile_sum = 0;
+    for (int64_t t = 0; t < count; ++t) tile_sum += scores[t];
+    for (int64_t d = 0; d < dp; d += W) {
+      V acc = load<acc_t>(state + d) * splat<acc_t>(rescale);
+      for (int64_t t = 0; t < count; ++t) acc += splat<acc_t>(scores[t]) * load<acc_t>(vbuf + t * dp + d);
+      store<acc_t>(state + d, acc);
+    }
+    sum = sum * rescale + tile_sum;
+    max = new_max;
+  }
+
+  // Folds the chunks of (b, KV head) in key order and writes the output rows.
+  void fold(int64_t pair) const {
+    const int64_t b = pair / p->kv_heads, kv_head = pair % p->kv_heads, ps = partial_stride();
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* total = partial_of(pair * chunks) + r * ps;
+      for (int64_t c = 1; c < chunks; ++c) {
+        const acc_t* part = partial_of(pair * chunks + c) + r * ps;
+        if (part[dp] == -__builtin_inf()) continue;
+        const acc_t new_max = part[dp] > total[dp] ? part[dp] : total[dp];
+        const acc_t a = exp_acc(total[dp] - new_max), e = exp_acc(part[dp] - new_max);
+        for (int64_t d = 0; d < dp; ++d) total[d] = total[d] * a + part[d] * e;
+        total[dp + 1] = total[dp + 1] * a + part[dp + 1] * e;
+        total[dp] = new_max;
+      }
+      const int64_t g = r / p->queries, i = r % p->queries;
+      scalar_t* dst = token_at_mut<scalar_t>(p->out, b, i, kv_head * group + g);
+      const acc_t inverse = acc_t(1) / total[dp + 1];
+      for (int64_t d = 0; d < p->head_dim; ++d) dst[d] = FromAcc<scalar_t>::convert(total[d] * inverse);
+    }
+  }
+
+  static void run_fold(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<AttentionJob*>(ctx);
+    for (int64_t pair = begin; pair < end; ++pair) job.fold(pair);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void attention_typed(const DecodeAttentionParams& p, int64_t longest_range) {
+  AttentionJob<scalar_t, acc_t> job;
+  job.p = &p;
+  job.group = p.heads / p.kv_heads;
+  job.rows = job.group * p.queries;
+  job.dp = padded<acc_t>(p.head_dim);
+  job.chunks = max_i64(1, ceil_div(longest_range, kChunkKeys));
+  const int64_t pairs = p.batch * p.kv_heads;
+  Scratch<acc_t> partial(size_t(pairs * job.chunks * job.rows * (job.dp + 2)));
+  job.partial = partial.data;
+  parallel_for(pairs * job.chunks, &job, &AttentionJob<scalar_t, acc_t>::run);
+  parallel_for(pairs, &job, &AttentionJob<scalar_t, acc_t>::run_fold);
+}
+
+int64_t attention(const DecodeAttentionParams& p) {
+  int64_t longest_range = 0;  // keys visible to a row's first query onwards
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t length = p.cache_seqlens[b];
+    if (length < p.queries || length > p.max_tokens) return b;
+    const int64_t first = p.window > 0 ? max_i64(0, length - p.queries - p.window + 1) : 0;
+    longest_range = max_i64(longest_range, length - first);
+  }
+  dispatch_dtype(p.dtype, 0, [&](auto scalar, auto acc) {
+    attention_typed<decltype(scalar), decltype(acc)>(p, longest_range);
+    return 0;
+  });
+  return -1;
+}
+
+// ---- sample ------------------------------------------------------------------------------------
+
+// Keys that order like the floats they come from (-inf lowest; NaN rows never get here).
+inline uint32_t order_key(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The smallest key v (among keys >= floor) such that the weight of the keys > v is < limit
+// (limit > 0; weight 1 per key when weights is null): a radix select, 8 bits per pass.
+inline uint32_t select_threshold(const uint32_t* keys, const double* weights, int64_t n, double limit,
+                                 uint32_t floor) {
+  uint32_t prefix = 0, mask = 0;
+  double above = 0;  // weight of the keys above the current prefix range
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    double mass[256] = {};
+    int64_t count[256] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = keys[i];
+      if (key < floor || (key & mask) != prefix) continue;
+      const uint32_t bucket = (key >> shift) & 255u;
+      mass[bucket] += weights ? weights[i] : 1.0;
+      ++count[bucket];
+    }
+    int chosen = -1, lowest = -1;
+    double above_lowest = above;
+    for (int bucket = 255; bucket >= 0; --bucket) {
+      if (!count[bucket]) continue;
+      if (above + mass[bucket] >= limit) {
+        chosen = bucket;
+        break;
+      }
+      lowest = bucket;
+      above_lowest = above;
+      above += mass[bucket];
+    }
+    if (chosen < 0) {  // everything in range is kept: descend into the lowest bucket
+      chosen = lowest;
+      above = above_lowest;
+    }
+    prefix |= uint32_t(chosen) << shift;
+    mask |= 255u << shift;
+  }
+  return prefix;
+}
+
+struct SampleJob {
+  const SampleParams* p;
+
+  template <typename scalar_t>
+  float mixed_logit(int64_t r, int64_t i) const {
+    const scalar_t* logits = static_cast<const scalar_t*>(p->logits);
+    const float cond = float(to_acc(logits[r * p->row_stride + i]));
+    if (!p->cfg) return cond;
+    const float uncond = float(to_acc(logits[(p->rows + r) * p->row_stride + i]));
+    return uncond + (cond - uncond) * p->cfg_scale;
+  }
+
+  // x = the row's (mixed) logits; false for an invalid row.
+  template <typename scalar_t>
+  bool load_row(int64_t r, float* x) const {
+    bool has_nan_or_inf = false, all_minus_inf = true;
+    for (int64_t i = 0; i < p->vocab; ++i) {
+      const float v = mixed_logit<scalar_t>(r, i);
+      x[i] = v;
+      if (v != v || v == __builtin_inff()) has_nan_or_inf = true;
+      if (v != -__builtin_inff()) all_minus_inf = false;
+    }
+    return !has_nan_or_inf && !all_minus_inf;
+  }
+
+  int64_t argmax(const float* x) const {
+    int64_t best = 0;
+    for (int64_t i = 1; i < p->vocab; ++i)
+      if (x[i] > x[best]) best = i;
+    return best;
+  }
+
+  // Inverse CDF in index order over the kept tokens (key >= floor) with weights exp(x - max).
+  int64_t draw(const float* x, const uint32_t* keys, uint32_t floor, float max, float u, double* w) const {
+    double total = 0;
+    int64_t last_kept = 0;
+    for (int64_t i = 0; i < p->vocab; ++i) {
+      w[i] = keys[i] >= floor ? __builtin_exp(double(x[i]) - double(max)) : 0.0;
+      total += w[i];
+      if (w[i] > 0) last_kept = i;
+    }
+    const double target = double(u) * total;
+    double running = 0;
+    for (int64_t i = 0; i < p->vocab; ++i) {
+      running += w[i];
+      if (running > target && w[i] > 0) return i;
+    }
+    return last_kept;  // u * total rounded past the last partial sum
+  }
+
+  template <typename scalar_t>
+  void sample_row(int64_t r, float* x, uint32_t* keys, double* w) const {
+    p->status[r] = 0;
+    p->tokens[r] = 0;
+    if (!load_row<scalar_t>(r, x)) {
+      p->status[r] = 1;
+      return;
+    }
+    if (p->temperature == 0) {
+      p->tokens[r] = argmax(x);
+      return;
+    }
+    float max = -__builtin_inff();
+    for (int64_t i = 0; i < p->vocab; ++i) {
+      x[i] = x[i] / p->temperature;
+      keys[i] = order_key(x[i]);
+      max = x[i] > max ? x[i] : max;
+    }
+    uint32_t floor = 0;
+    if (p->top_k > 0 && p->top_k < p->vocab) floor = select_threshold(keys, nullptr, p->vocab, double(p->top_k), 0);
+    if (p->top_p < 1) {
+      double total = 0;
+      for (int64_t i = 0; i < p->vocab; ++i) {
+        w[i] = keys[i] >= floor ? __builtin_exp(double(x[i]) - double(max)) : 0.0;
+        total += w[i];
+      }
+      const double limit = double(p->top_p) * total;
+      const uint32_t top_p_floor = limit > 0 ? select_threshold(keys, w, p->vocab, limit, floor) : order_key(max);
+      floor = top_p_floor > floor ? top_p_floor : floor;
+    }
+    p->tokens[r] = draw(x, keys, floor, max, p->uniform[r], w);
+  }
+
+  template <typename scalar_t>
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<SampleJob*>(ctx);
+    const int64_t vocab = job.p->vocab;
+    Scratch<double> scratch(size_t(2 * vocab + 1));
+    double* w = scratch.data;
+    float* x = reinterpret_cast<float*>(w + vocab);
+    uint32_t* keys = reinterpret_cast<uint32_t*>(x + vocab);
+    for (int64_t r = begin; r < end; ++r) job.sample_row<scalar_t>(r, x, keys, w);
+  }
+};
+
+void sample(const SampleParams& p) {
+  SampleJob job{&p};
+  dispatch_dtype(p.dtype, 0, [&](auto scalar, auto) {
+    parallel_for(p.rows, &job, &SampleJob::run<decltype(scalar)>);
+    return 0;
+  });
+}
+
+}  // namespace decode
+
+DecodeKernels decode_kernels() { return {&decode::append, &decode::attention, &decode::sample}; }
+
+}  // namespace MMFAST_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace mmfast

@@ -1,0 +1,258 @@
+"""KV-cached autoregressive decoding (Liquid's image generation, any Llama / Gemma decoder):
+public API, input checks and fake kernels.
+
+Ops (schemas in csrc/registration.cpp; Triton twins in the namespace mmfast_triton):
+  kv_cache_append(k_cache!, v_cache!, k, v, cache_seqlens) -> ()       in place
+  decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap, window) -> out
+  sample(logits, uniform, temperature, top_k, top_p, cfg_scale?) -> (tokens, status)
+Caches are static and preallocated, (B, T_max, H_kv, D) (FlashAttention's kvcache layout);
+cache_seqlens is (B,) int32. The exact rules are in mmfast.reference.decode. The ops are for
+inference: differentiating decode_attention raises.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend, _extension, reference
+from ._checks import check_float, check_same
+
+__all__ = ["kv_cache_append", "decode_attention", "sample", "SUPPORTED_HEAD_DIMS", "MAX_DECODE_QUERIES"]
+
+# Head dims with tuned CUDA kernels; the CPU kernels take any D.
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MAX_DECODE_QUERIES = 16
+
+
+# --- input checks ---------------------------------------------------------------------
+
+
+def _check_seqlens(op: str, cache_seqlens: torch.Tensor, batch: int, device) -> None:
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{op}: cache_seqlens must be int32 (B,), got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"{op}: cache_seqlens must be ({batch},), one length per row, got "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise TypeError(f"{op}: all inputs must have the same device, got the caches on {device}, cache_seqlens "
+                        f"on {cache_seqlens.device}")
+
+
+def _check_caches(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a 4-D (B, T_max, H_kv, D) tensor, got shape {tuple(t.shape)}")
+        check_float(op, name, t)
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have a unit stride along D (a static cache is preallocated "
+                             f"contiguous), got strides {t.stride()}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    check_same(op, {"k_cache": k_cache, "v_cache": v_cache}, "dtype")
+    check_same(op, {"k_cache": k_cache, "v_cache": v_cache}, "device")
+
+
+def check_append(k_cache, v_cache, k, v, cache_seqlens) -> None:
+    op = "kv_cache_append"
+    _check_caches(op, k_cache, v_cache)
+    batch, max_tokens, kv_heads, dim = k_cache.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != (kv_heads, dim):
+            raise ValueError(f"{op}: {name} must be (B={batch}, S, H_kv={kv_heads}, D={dim}) like the caches, got "
+                             f"shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] > max_tokens:
+        raise ValueError(f"{op}: {k.shape[1]} new tokens do not fit a cache of T_max = {max_tokens}")
+    check_same(op, {"k_cache": k_cache, "k": k, "v": v}, "dtype")
+    check_same(op, {"k_cache": k_cache, "k": k, "v": v}, "device")
+    _check_seqlens(op, cache_seqlens, batch, k_cache.device)
+
+
+def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, window: int = 0) -> None:
+    op = "decode_attention"
+    _check_caches(op, k_cache, v_cache)
+    batch, _, kv_heads, dim = k_cache.shape
+    if q.dim() != 4 or q.shape[0] != batch or q.shape[3] != dim:
+        raise ValueError(f"{op}: q must be (B={batch}, Sq, H, D={dim}) like the caches, got shape {tuple(q.shape)}")
+    check_float(op, "q", q)
+    if not 1 <= q.shape[1] <= MAX_DECODE_QUERIES:
+        raise ValueError(f"{op}: q must hold 1 to {MAX_DECODE_QUERIES} new tokens per row (Sq), got {q.shape[1]}; "
+                         "prefill longer prompts with F.scaled_dot_product_attention")
+    if q.shape[2] % kv_heads != 0:
+        raise ValueError(f"{op}: the query heads H = {q.shape[2]} must be a multiple of the KV heads "
+                         f"H_kv = {kv_heads} (GQA)")
+    check_same(op, {"q": q, "k_cache": k_cache}, "dtype")
+    check_same(op, {"q": q, "k_cache": k_cache}, "device")
+    _check_seqlens(op, cache_seqlens, batch, k_cache.device)
+    if softcap < 0:
+        raise ValueError(f"{op}: softcap must be >= 0 (0: none), got {softcap}")
+    if window < 0:
+        raise ValueError(f"{op}: window must be >= 0 (0: none), got {window}")
+
+
+def check_sample(logits, uniform, temperature: float, top_k: int, top_p: float, cfg_scale: Optional[float]) -> None:
+    op = "sample"
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"{op}: logits must be a 2-D (rows, V) tensor with V >= 1, got shape {tuple(logits.shape)}")
+    check_float(op, "logits", logits)
+    rows = logits.shape[0]
+    if cfg_scale is not None:
+        if rows % 2:
+            raise ValueError(f"{op}: with cfg_scale the logits hold pairs (conditional rows first, then the "
+                             f"unconditional ones), so an even number of rows; got {rows}")
+        rows //= 2
+    if uniform.dtype != torch.float32 or tuple(uniform.shape) != (rows,):
+        raise ValueError(f"{op}: uniform must be float32 ({rows},), one number in [0, 1) per sampled row, got "
+                         f"{uniform.dtype} {tuple(uniform.shape)}")
+    check_same(op, {"logits": logits, "uniform": uniform}, "device")
+    if not temperature >= 0:
+        raise ValueError(f"{op}: temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"{op}: top_k must be >= 0 (0: off), got {top_k}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"{op}: top_p must be in [0, 1] (1: off), got {top_p}")
+
+
+# --- fake kernels ----------------------------------------------------------------------
+
+
+def _fake_append(k_cache, v_cache, k, v, cache_seqlens):
+    check_append(k_cache, v_cache, k, v, cache_seqlens)
+
+
+def _fake_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap, window):
+    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_sample(logits, uniform, temperature, top_k, top_p, cfg_scale):
+    check_sample(logits, uniform, temperature, top_k, top_p, cfg_scale)
+    rows = uniform.shape[0]
+    return logits.new_empty((rows,), dtype=torch.int64), logits.new_empty((rows,), dtype=torch.int32)
+
+
+def _attention_backward(ctx, grad):
+    raise RuntimeError("decode_attention is inference-only (a KV-cached decode step); train with "
+                       "torch.nn.functional.scaled_dot_product_attention")
+
+
+def register_fakes_and_autograd(namespace: str) -> None:
+    """Fake kernels of the decode ops in `namespace`, and decode_attention's error on backward."""
+    torch.library.register_fake(f"{namespace}::kv_cache_append", _fake_append)
+    torch.library.register_fake(f"{namespace}::decode_attention", _fake_attention)
+    torch.library.register_fake(f"{namespace}::sample", _fake_sample)
+    torch.library.register_autograd(f"{namespace}::decode_attention", _attention_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+if _extension.loaded():
+    register_fakes_and_autograd("mmfast")
+
+
+# --- public API ---------------------------------------------------------------------------
+
+
+def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache_seqlens: torch.Tensor, *, backend: Optional[str] = None) -> None:
+    """Writes new keys and values into static caches, in place, each row at its own length.
+
+    k_cache, v_cache: (B, T_max, H_kv, D), unit stride along D; k, v: (B, S, H_kv, D), any
+    strides; same float dtype and device. cache_seqlens: (B,) int32, the lengths BEFORE this
+    append: row b's tokens go to slots [len_b, len_b + S); nothing else is written (the caller
+    then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices;
+    a row whose slots fall outside [0, T_max) raises ValueError on the CPU and is skipped on
+    CUDA (no host synchronisation: check lengths yourself if they may overflow).
+    Matches flash_attn_with_kvcache's in-place append (FlashAttention).
+    """
+    check_append(k_cache, v_cache, k, v, cache_seqlens)
+    chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
+    if chosen == "reference":
+        _check_lengths_fit("kv_cache_append", cache_seqlens, k.shape[1], k_cache.shape[1])
+        reference.kv_cache_append_ref(k_cache, v_cache, k, v, cache_seqlens)
+        return
+    _backend.op_overload("kv_cache_append", chosen)(k_cache, v_cache, k, v, cache_seqlens)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                     scale: Optional[float] = None, softcap: float = 0.0, window: Optional[int] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of a few new tokens per row over a static KV cache with per-row lengths.
+
+    q: (B, Sq, H, D) with 1 <= Sq <= 16 (1 for decoding; more for speculative or chunked
+    steps, causal among the new tokens); k_cache, v_cache: (B, T_max, H_kv, D) with H a
+    multiple of H_kv (GQA: the H / H_kv query heads of a group share one K/V read); fp32,
+    fp16, bf16 (fp64 on the CPU). cache_seqlens: (B,) int32, the tokens in the cache
+    INCLUDING the Sq new ones (append first). scale: default D ** -0.5. softcap > 0: Gemma-2's
+    logit soft-capping softcap * tanh(s / softcap). window: a sliding window of that many
+    tokens (transformers' Gemma-2 / Mistral semantics: key j visible to position p when
+    p - j < window); None or 0: none. Returns (B, Sq, H, D) in q's dtype; scores, softmax and
+    sums in fp32 (fp64). Rows with cache_seqlens outside [Sq, T_max] raise ValueError on the
+    CPU and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes, devices.
+    """
+    window = window or 0
+    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _backend.resolve("decode_attention", q.device, backend)
+    if chosen == "reference":
+        _check_lengths_fit("decode_attention", cache_seqlens - q.shape[1], q.shape[1], k_cache.shape[1])
+        return reference.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale, softcap, window)
+    return _backend.op_overload("decode_attention", chosen)(q, k_cache, v_cache, cache_seqlens, scale, float(softcap),
+                                                           int(window))
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None, cfg_scale: Optional[float] = None,
+           uniform: Optional[torch.Tensor] = None, return_status: bool = False, backend: Optional[str] = None):
+    """One token per row: fused classifier-free guidance, temperature, top-k, top-p and a draw.
+
+    logits: (rows, V) fp32 / fp16 / bf16 (fp64 on the CPU), unit stride along V. With
+    cfg_scale, rows [0, P) are the conditional rows and [P, 2P) their unconditional twins, and
+    uncond + cfg_scale * (cond - uncond) is sampled (Liquid's formula), one token per pair;
+    without it, P = rows. Then, in transformers' logits-processor order (Liquid's):
+    temperature (0: greedy argmax, lowest index on ties), top-k (0: off; ties with the k-th
+    value kept, TopKLogitsWarper), top-p (1: off; the smallest set of largest values whose
+    probability reaches top_p, the threshold-crossing token kept, TopPLogitsWarper; ties of a
+    kept value all kept; the largest value always kept). No full-vocabulary sort.
+
+    The draw is an inverse CDF in index order with one uniform number per row, drawn here with
+    torch.rand(P, generator=generator) unless `uniform` ((P,) float32 in [0, 1)) is given:
+    seeded runs are reproducible, and the draw is capturable in a CUDA graph (PyTorch's CUDA
+    generator advances its offset on every replay). Returns (P,) int64 tokens in [0, V), and
+    with return_status=True also (P,) int32 status: 1 for a row of invalid logits (a NaN or
+    +inf, or all -inf), which gets token 0. Without return_status, invalid rows raise
+    ValueError on the CPU (the check reads the status: a host synchronisation); on CUDA they
+    are not checked (token 0, no synchronisation).
+    """
+    rows = logits.shape[0] // 2 if cfg_scale is not None and logits.dim() == 2 else logits.shape[0]
+    if uniform is None:
+        uniform = torch.rand((rows,), generator=generator, dtype=torch.float32, device=logits.device)
+    cfg = None if cfg_scale is None else float(cfg_scale)
+    check_sample(logits, uniform, temperature, top_k, top_p, cfg)
+    chosen = _backend.resolve("sample", logits.device, backend)
+    if chosen == "reference":
+        tokens = reference.sample_ref(logits, uniform, temperature, top_k, top_p, cfg)
+        status = reference.invalid_logit_rows(reference.cfg_mix_ref(logits, cfg)).int()
+    else:
+        tokens, status = _backend.op_overload("sample", chosen)(logits, uniform, float(temperature), int(top_k),
+                                                              float(top_p), cfg)
+    if return_status:
+        return tokens, status
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and bool(status.any()):
+        bad = status.nonzero().flatten().tolist()
+        raise ValueError(f"sample: logits rows {bad[:8]} hold a NaN or +inf, or are all -inf (after the CFG mix): "
+                         "nothing to sample from")
+    return tokens
+
+
+def _check_lengths_fit(op: str, starts: torch.Tensor, count: int, max_tokens: int) -> None:
+    """ValueError unless every row's slots [start, start + count) lie in [0, T_max)
+    (a host synchronisation: CPU and the reference only)."""
+    if starts.numel() == 0:
+        return
+    low, high = int(starts.min()), int(starts.max())
+    if low < 0 or high + count > max_tokens:
+        raise ValueError(f"{op}: cache_seqlens out of range: rows need slots [{low}, {high + count}) of a cache "
+                         f"of T_max = {max_tokens}")

@@ -1,0 +1,372 @@
+"""The decode ops (kv_cache_append, decode_attention, sample) on every backend against the fp64
+reference, the reference against PyTorch's SDPA and transformers' logits processors, and
+torch.library integration and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfast import reference
+from mmfast.ops import decode_attention, kv_cache_append, sample
+
+from _utils import TOLERANCES, backend_params
+
+BACKENDS = backend_params()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, Sq, H, H_kv, D, T_max): Liquid's MHA hd256, GQA hd128 (Llama-3), group 8 hd64, odd D,
+# chunked steps (Sq 3, 16), contexts across the CPU's 512-key chunks.
+ATTENTION_SHAPES = [(2, 1, 4, 4, 256, 300), (3, 1, 8, 2, 128, 1100), (2, 1, 8, 1, 64, 40), (2, 3, 6, 3, 40, 600),
+                    (1, 16, 4, 2, 64, 33), (5, 2, 2, 2, 8, 9)]
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def make_cache(shape, dtype, device, seed=0):
+    batch, queries, heads, kv_heads, dim, max_tokens = shape
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, dim, generator=generator).to(device, dtype)
+    k_cache = torch.randn(batch, max_tokens, kv_heads, dim, generator=generator).to(device, dtype)
+    v_cache = torch.randn(batch, max_tokens, kv_heads, dim, generator=generator).to(device, dtype)
+    lengths = torch.randint(queries, max_tokens + 1, (batch,), generator=generator)
+    lengths[0] = max_tokens
+    lengths[-1] = queries  # the shortest row: only its new tokens
+    return q, k_cache, v_cache, lengths.to(device, torch.int32)
+
+
+def attention_tolerance(dtype):
+    atol, rtol = TOLERANCES[dtype]
+    return dict(atol=2 * atol, rtol=2 * rtol)
+
+
+# --- the reference against PyTorch -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_reference_attention_matches_sdpa(window):
+    q, k_cache, v_cache, lengths = make_cache((3, 4, 8, 2, 16, 30), torch.float64, "cpu")
+    out = reference.decode_attention_ref(q, k_cache, v_cache, lengths, None, 0.0, window)
+    for b, length in enumerate(lengths.tolist()):
+        keys = k_cache[b:b + 1, :length].transpose(1, 2).repeat_interleave(4, 1)
+        values = v_cache[b:b + 1, :length].transpose(1, 2).repeat_interleave(4, 1)
+        mask = reference.decode.attention_mask_ref(length, 4, window)
+        expected = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), keys, values, attn_mask=mask)
+        torch.testing.assert_close(out[b], expected[0].transpose(0, 1), atol=1e-12, rtol=1e-12)
+
+
+def transformers_filter(logits, temperature, top_k, top_p):
+    """The kept-token mask of transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper applied in that order (Liquid's)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    scores = logits / temperature
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores > float("-inf")
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (50, 0.96), (4, 1.0), (10, 0.3), (0, 0.0), (3000, 0.99)])
+def test_reference_filter_matches_transformers(top_k, top_p):
+    generator = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(32, 4096, generator=generator)
+    logits[:, 1:400:2] = logits[:, 0:399:2]  # ties
+    logits[:4, :100] = 1.5  # a tie group holding the top-k boundary
+    kept = reference.sample_probs_ref(logits, 0.8, top_k, top_p) > 0
+    expected = transformers_filter(logits, 0.8, top_k, top_p)
+    # Where a tie group straddles the top-p boundary transformers keeps an arbitrary part of it
+    # (torch.sort is unstable); mmfast keeps all of it. Compare the rows without such a group.
+    probs = reference.sample_probs_ref(logits, 0.8, top_k, 1.0)
+    boundary = torch.where(kept, probs, torch.full_like(probs, 2.0)).min(-1).values
+    straddled = ((probs == boundary[:, None]) & ~expected).any(-1) if top_p < 1 else torch.zeros(32, dtype=torch.bool)
+    assert bool((kept[~straddled] == expected[~straddled]).all())
+    assert int((~straddled).sum()) > 20
+
+
+# --- kv_cache_append ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_append_writes_exactly_its_slots(backend_device, dtype):
+    backend, device = backend_device
+    if dtype == torch.float64 and device != "cpu":
+        pytest.skip("fp64 on the CPU kernels only")
+    k_cache = torch.full((3, 12, 2, 24), 7.0, dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, -7.0)
+    k = torch.randn(3, 24, 4, 2, device=device).to(dtype).permute(0, 2, 3, 1)[:, :3]  # (3, 3, 2, 24), strided
+    v = torch.randn(3, 3, 2, 24, device=device).to(dtype)
+    lengths = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
+    kv_cache_append(k_cache, v_cache, k, v, lengths, backend=backend)
+    for b, length in enumerate(lengths.tolist()):
+        assert torch.equal(k_cache[b, length:length + 3], k[b])
+        assert torch.equal(v_cache[b, length:length + 3], v[b])
+        outside = torch.cat([k_cache[b, :length], k_cache[b, length + 3:]])
+        assert bool((outside == 7).all()), "a slot outside the append changed"
+        assert bool((torch.cat([v_cache[b, :length], v_cache[b, length + 3:]]) == -7).all())
+
+
+def test_append_rejects_slots_outside_the_cache():
+    k_cache, v_cache = torch.zeros(2, 8, 1, 4), torch.zeros(2, 8, 1, 4)
+    k = torch.ones(2, 3, 1, 4)
+    for lengths in ([0, 6], [-1, 0]):
+        with pytest.raises(ValueError, match="out of range"):
+            kv_cache_append(k_cache, v_cache, k, k, torch.tensor(lengths, dtype=torch.int32))
+        assert bool((k_cache == 0).all()), "nothing is written when a row does not fit"
+
+
+# --- decode_attention -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=shape_id)
+def test_attention_matches_the_reference(backend_device, dtype, shape):
+    backend, device = backend_device
+    if backend == "triton" and shape[5] > 600:
+        pytest.skip("too slow under the Triton interpreter")
+    q, k_cache, v_cache, lengths = make_cache(shape, dtype, device)
+    out = decode_attention(q, k_cache, v_cache, lengths, backend=backend)
+    expected = reference.decode_attention_ref(q, k_cache, v_cache, lengths)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected.double(), **attention_tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("softcap,window,scale", [(50.0, 0, None), (0.0, 7, None), (30.0, 100, 0.3), (0.0, 1, 1.0)])
+def test_attention_softcap_window_scale(backend_device, softcap, window, scale):
+    backend, device = backend_device
+    q, k_cache, v_cache, lengths = make_cache((3, 4, 4, 2, 32, 700), torch.float32, device, seed=3)
+    q = q * 4  # scores large enough for the soft cap to matter
+    out = decode_attention(q, k_cache, v_cache, lengths, scale=scale, softcap=softcap, window=window, backend=backend)
+    expected = reference.decode_attention_ref(q, k_cache, v_cache, lengths, scale, softcap, window)
+    torch.testing.assert_close(out.double(), expected.double(), **attention_tolerance(torch.float32))
+
+
+def test_attention_fp64_on_cpu():
+    q, k_cache, v_cache, lengths = make_cache((2, 3, 4, 2, 40, 1500), torch.float64, "cpu")
+    out = decode_attention(q, k_cache, v_cache, lengths, softcap=20.0, window=600)
+    expected = reference.decode_attention_ref(q, k_cache, v_cache, lengths, None, 20.0, 600)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_attention_reads_strided_queries_and_cache_views(backend_device):
+    backend, device = backend_device
+    q, k_cache, v_cache, lengths = make_cache((2, 2, 4, 2, 16, 50), torch.float32, device)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Sq, H, D) stored as (B, H, Sq, D)
+    bigger = torch.randn(4, 60, 2, 16, device=device)
+    bigger[1:3, :50] = k_cache
+    out = decode_attention(q_strided, bigger[1:3, :50], v_cache, lengths, backend=backend)
+    torch.testing.assert_close(out, reference.decode_attention_ref(q, k_cache, v_cache, lengths),
+                               **attention_tolerance(torch.float32))
+
+
+def test_attention_cpu_result_does_not_depend_on_the_thread_count():
+    q, k_cache, v_cache, lengths = make_cache((2, 2, 4, 2, 64, 2000), torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(decode_attention(q, k_cache, v_cache, lengths))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_attention_rejects_lengths_outside_the_cache():
+    q, k_cache, v_cache, _ = make_cache((2, 3, 2, 2, 8, 10), torch.float32, "cpu")
+    for lengths in ([10, 2], [11, 5]):  # fewer than Sq tokens, more than T_max
+        with pytest.raises(ValueError, match="out of range"):
+            decode_attention(q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32))
+
+
+def test_attention_is_inference_only():
+    q, k_cache, v_cache, lengths = make_cache((1, 1, 2, 2, 8, 4), torch.float32, "cpu")
+    out = decode_attention(q.requires_grad_(), k_cache, v_cache, lengths)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
+# --- sample ---------------------------------------------------------------------------------------
+
+
+def sampler_logits(rows, vocab, device, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(rows, vocab, generator=generator)).to(device, dtype)
+
+
+SAMPLER_SETTINGS = [  # temperature, top_k, top_p, cfg_scale
+    (1.0, 0, 1.0, None), (0.9, 4096, 0.96, 7.0), (0.7, 50, 0.5, None), (1.3, 0, 0.8, 3.0), (1.0, 1, 1.0, None),
+    (0.5, 10, 0.0, None)]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("vocab", [8192, 1000, 7])
+@pytest.mark.parametrize("setting", SAMPLER_SETTINGS, ids=lambda s: "-".join(map(str, s)))
+def test_sample_matches_the_reference(backend_device, vocab, setting):
+    backend, device = backend_device
+    temperature, top_k, top_p, cfg_scale = setting
+    logits = sampler_logits(16, vocab, device)
+    uniform = torch.rand(8 if cfg_scale else 16, generator=torch.Generator().manual_seed(1)).to(device)
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, uniform=uniform)
+    tokens = sample(logits, **kwargs, backend=backend)
+    expected = sample(logits.cpu(), **{**kwargs, "uniform": uniform.cpu()}, backend="reference")
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sample_half_precision_logits(backend_device, dtype):
+    backend, device = backend_device
+    logits = sampler_logits(8, 8192, device, dtype=dtype)
+    uniform = torch.rand(4, generator=torch.Generator().manual_seed(2)).to(device)
+    kwargs = dict(temperature=0.9, top_k=4096, top_p=0.96, cfg_scale=7.0, uniform=uniform)
+    assert torch.equal(sample(logits, **kwargs, backend=backend).cpu(),
+                       sample(logits.cpu(), **{**kwargs, "uniform": uniform.cpu()}, backend="reference"))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sample_greedy_is_the_argmax_of_the_cfg_mix(backend_device):
+    backend, device = backend_device
+    logits = sampler_logits(12, 500, device)
+    logits[0, 10] = logits[0, 20] = logits[0].max() + 1  # a tie: the lower index wins
+    cond, uncond = logits[:6].float(), logits[6:].float()
+    expected = (uncond + (cond - uncond) * 2.5).argmax(-1)
+    assert torch.equal(sample(logits, temperature=0.0, cfg_scale=2.5, backend=backend), expected)
+    ties = torch.zeros(2, 9, device=device)
+    assert sample(ties, temperature=0.0, backend=backend).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sample_is_reproducible_with_a_seed(backend_device):
+    backend, device = backend_device
+    logits = sampler_logits(4, 1000, device)
+
+    def draw(seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return sample(logits, top_k=100, top_p=0.9, generator=generator, backend=backend)
+
+    assert torch.equal(draw(5), draw(5))
+    assert not torch.equal(torch.stack([draw(s) for s in range(4)]), torch.stack([draw(5)] * 4))
+
+
+def test_sample_draws_from_the_filtered_distribution():
+    """A chi-square test of 20,000 CPU draws of one row against the reference's probabilities."""
+    logits = sampler_logits(1, 64, "cpu", seed=4).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample(logits, temperature=0.8, top_k=20, top_p=0.9, generator=generator)
+    probs = reference.sample_probs_ref(logits[:1], 0.8, 20, 0.9)[0]
+    counts = torch.bincount(tokens, minlength=64).double()
+    assert bool((counts[probs == 0] == 0).all()), "a filtered-out token was drawn"
+    kept = probs > 0
+    expected = probs[kept] * tokens.numel()
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    dof = int(kept.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sample_flags_rows_it_cannot_sample(backend_device):
+    backend, device = backend_device
+    logits = sampler_logits(5, 300, device)
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 0] = float("inf")
+    logits[4, :299] = float("-inf")  # one finite entry: fine
+    tokens, status = sample(logits, return_status=True, backend=backend)
+    assert status.tolist() == [0, 1, 1, 1, 0]
+    assert tokens[1:4].tolist() == [0, 0, 0] and tokens[4].item() == 299
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"rows \[1, 2, 3\]"):
+            sample(logits, backend=backend)
+
+
+def test_sample_u_near_one_stays_in_range():
+    logits = torch.full((3, 50), float("-inf"))
+    logits[:, 3], logits[:, 40], logits[:, 45] = 0.0, -1.0, -9.0
+    tokens = sample(logits, top_k=2, uniform=torch.tensor([0.0, 0.99999994, 0.5]))
+    assert tokens.tolist() == [3, 40, 3]
+
+
+# --- torch.library integration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    import mmfast._backend as _backend
+    op = lambda name: _backend.op_overload(name, backend)  # noqa: E731
+    q, k_cache, v_cache, lengths = make_cache((2, 2, 4, 2, 16, 20), torch.float32, device)
+    torch.library.opcheck(op("decode_attention"), (q, k_cache, v_cache, lengths, 0.25, 0.0, 0))
+    torch.library.opcheck(op("decode_attention"), (q, k_cache, v_cache, lengths, 0.25, 30.0, 5))
+    k = torch.randn(2, 3, 2, 16, device=device)
+    torch.library.opcheck(op("kv_cache_append"), (k_cache, v_cache, k, k.clone(), (lengths - 3).clamp_min(0)))
+    logits = sampler_logits(4, 100, device)
+    torch.library.opcheck(op("sample"), (logits, torch.rand(2, device=device), 0.9, 10, 0.9, 3.0))
+    torch.library.opcheck(op("sample"), (logits, torch.rand(4, device=device), 0.0, 0, 1.0, None))
+
+
+def test_torch_compile_fullgraph_decode_step():
+    q, k_cache, v_cache, lengths = make_cache((2, 1, 4, 2, 16, 20), torch.float32, "cpu")
+    k_new, v_new = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lengths = lengths.clamp_max(19)
+
+    def step(q, k_new, v_new, k_cache, v_cache, lengths, uniform):
+        kv_cache_append(k_cache, v_cache, k_new, v_new, lengths)
+        out = decode_attention(q, k_cache, v_cache, lengths + 1)
+        return sample(out.flatten(1), top_k=5, uniform=uniform, return_status=True)
+
+    uniform = torch.rand(2)
+    caches = (k_cache.clone(), v_cache.clone())
+    expected = step(q, k_new, v_new, *caches, lengths, uniform)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k_new, v_new, k_cache, v_cache, lengths, uniform)
+    assert torch.equal(got[0], expected[0]) and torch.equal(k_cache, caches[0])
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k_cache, v_cache, lengths = make_cache((2, 1, 4, 2, 8, 10), torch.float32, "cpu")
+    cases = [
+        (lambda: decode_attention(q[:, :, :3], k_cache, v_cache, lengths), ValueError, "multiple of the KV heads"),
+        (lambda: decode_attention(q, k_cache, v_cache, lengths.long()), TypeError, "int32"),
+        (lambda: decode_attention(q, k_cache, v_cache, lengths[:1]), ValueError, r"must be \(2,\)"),
+        (lambda: decode_attention(q.double(), k_cache, v_cache, lengths), TypeError, "same dtype"),
+        (lambda: decode_attention(q, k_cache, v_cache.half(), lengths), TypeError, "same dtype"),
+        (lambda: decode_attention(q.expand(2, 17, 4, 8), k_cache, v_cache, lengths), ValueError, "1 to 16"),
+        (lambda: decode_attention(q[..., :4], k_cache, v_cache, lengths), ValueError, "D=8"),
+        (lambda: decode_attention(q, k_cache, v_cache[:, :9], lengths), ValueError, "same shape"),
+        (lambda: decode_attention(q, k_cache.transpose(1, 3), v_cache, lengths), ValueError, "4-D|unit stride|shape"),
+        (lambda: decode_attention(q, k_cache, v_cache, lengths, softcap=-1.0), ValueError, "softcap"),
+        (lambda: decode_attention(q.int(), k_cache, v_cache, lengths), TypeError, "float32"),
+        (lambda: kv_cache_append(k_cache, v_cache, torch.zeros(2, 11, 2, 8), torch.zeros(2, 11, 2, 8), lengths),
+         ValueError, "11 new tokens do not fit"),
+        (lambda: kv_cache_append(k_cache, v_cache, q, q, lengths), ValueError, "H_kv=2"),
+        (lambda: sample(torch.randn(3, 10), cfg_scale=2.0), ValueError, "even number of rows"),
+        (lambda: sample(torch.randn(3, 10), top_p=1.5), ValueError, "top_p"),
+        (lambda: sample(torch.randn(3, 10), top_k=-1), ValueError, "top_k"),
+        (lambda: sample(torch.randn(3, 10), temperature=-0.1), ValueError, "temperature"),
+        (lambda: sample(torch.randn(3, 10), uniform=torch.rand(2)), ValueError, "uniform"),
+        (lambda: sample(torch.randn(10)), ValueError, "2-D"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_native_op_checks_inputs_itself():
+    """torch.ops.mmfast.* called directly (no Python wrapper) still rejects bad inputs."""
+    q, k_cache, v_cache, lengths = make_cache((2, 1, 4, 2, 8, 10), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        torch.ops.mmfast.decode_attention(q[:, :, :3], k_cache, v_cache, lengths, 1.0, 0.0, 0)
+    with pytest.raises(TypeError, match="int32"):
+        torch.ops.mmfast.kv_cache_append(k_cache, v_cache, k_cache[:, :1], v_cache[:, :1], lengths.long())
+    with pytest.raises(ValueError, match="uniform"):
+        torch.ops.mmfast.sample(torch.randn(4, 10), torch.rand(4), 1.0, 0, 1.0, 2.0)
