@@ -1,0 +1,215 @@
+// Torch-free test of the CPU decode kernels: every ISA variant this CPU runs, against float64
+// references written out plainly (attention by direct softmax, the sampler's filter by a full
+// sort). Guard elements around every output catch writes out of bounds.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "mmfast/cpu/decode.h"
+#include "mmfast/cpu/isa.h"
+
+using namespace mmfast;
+
+namespace {
+
+constexpr float kGuard = 12345.0f;
+
+TokenTensor view(std::vector<float>& data, int64_t offset, int64_t tokens, int64_t heads, int64_t dim) {
+  TokenTensor t;
+  t.data = data.data() + offset;
+  t.stride_b = tokens * heads * dim, t.stride_n = heads * dim, t.stride_h = dim;
+  return t;
+}
+
+// Appends S tokens to rows of different lengths; everything else must stay as it was.
+int check_append(const cpu::DecodeKernels& k) {
+  const int64_t B = 3, S = 2, T = 9, H = 2, D = 5;
+  std::vector<float> k_cache(B * T * H * D, kGuard), v_cache(B * T * H * D, kGuard), k_new(B * S * H * D),
+      v_new(B * S * H * D);
+  std::iota(k_new.begin(), k_new.end(), 1.0f);
+  std::iota(v_new.begin(), v_new.end(), -100.0f);
+  std::vector<int32_t> lengths = {0, 4, 7};
+  KVCacheAppendParams p;
+  p.batch = B, p.new_tokens = S, p.max_tokens = T, p.kv_heads = H, p.head_dim = D;
+  p.k_cache = view(k_cache, 0, T, H, D), p.v_cache = view(v_cache, 0, T, H, D);
+  p.k = view(k_new, 0, S, H, D), p.v = view(v_new, 0, S, H, D);
+  p.cache_seqlens = lengths.data();
+  int bad = k.append(p) != -1;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < H * D; ++e) {
+        const int64_t at = (b * T + t) * H * D + e, s = t - lengths[b];
+        const bool written = s >= 0 && s < S;
+        bad += k_cache[at] != (written ? k_new[(b * S + s) * H * D + e] : kGuard);
+        bad += v_cache[at] != (written ? v_new[(b * S + s) * H * D + e] : kGuard);
+      }
+  lengths[1] = 8;  // 8 + 2 > 9: row 1 does not fit, and nothing at all is written
+  std::fill(k_cache.begin(), k_cache.end(), kGuard);
+  bad += k.append(p) != 1;
+  bad += std::count(k_cache.begin(), k_cache.end(), kGuard) != int64_t(k_cache.size());
+  return bad;
+}
+
+struct AttentionCase {
+  int64_t B, Sq, H, Hkv, D, T, window;
+  double softcap;
+};
+
+// Max abs error against a float64 softmax, or a large number when guards are touched.
+double check_attention(const cpu::DecodeKernels& k, const AttentionCase& c, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> q(c.B * c.Sq * c.H * c.D), kc(c.B * c.T * c.Hkv * c.D), vc(kc.size());
+  for (auto* v : {&q, &kc, &vc})
+    for (auto& x : *v) x = normal(rng);
+  std::vector<int32_t> lengths(c.B);
+  for (int64_t b = 0; b < c.B; ++b) lengths[b] = int32_t(c.Sq + rng() % (c.T - c.Sq + 1));
+  lengths[0] = int32_t(c.T);
+  const int64_t out_size = c.B * c.Sq * c.H * c.D;
+  std::vector<float> out(out_size + 16, kGuard);
+  DecodeAttentionParams p;
+  p.batch = c.B, p.queries = c.Sq, p.heads = c.H, p.kv_heads = c.Hkv, p.head_dim = c.D, p.max_tokens = c.T;
+  p.q = view(q, 0, c.Sq, c.H, c.D), p.out = view(out, 0, c.Sq, c.H, c.D);
+  p.k_cache = view(kc, 0, c.T, c.Hkv, c.D), p.v_cache = view(vc, 0, c.T, c.Hkv, c.D);
+  p.cache_seqlens = lengths.data();
+  p.scale = 1.0 / std::sqrt(double(c.D)), p.softcap = c.softcap, p.window = c.window;
+  if (k.attention(p) != -1) return 1e9;
+  for (int64_t i = out_size; i < out_size + 16; ++i)
+    if (out[i] != kGuard) return 1e9;
+  double worst = 0;
+  const int64_t group = c.H / c.Hkv;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t i = 0; i < c.Sq; ++i)
+      for (int64_t h = 0; h < c.H; ++h) {
+        const int64_t pos = lengths[b] - c.Sq + i, kvh = h / group;
+        std::vector<double> w(pos + 1, 0.0);
+        double max = -INFINITY, sum = 0;
+        for (int64_t j = 0; j <= pos; ++j) {
+          if (c.window > 0 && pos - j >= c.window) continue;
+          double s = 0;
+          for (int64_t d = 0; d < c.D; ++d)
+            s += double(q[((b * c.Sq + i) * c.H + h) * c.D + d]) * kc[((b * c.T + j) * c.Hkv + kvh) * c.D + d];
+          s *= p.scale;
+          if (c.softcap > 0) s = c.softcap * std::tanh(s / c.softcap);
+          w[j] = s;
+          max = std::max(max, s);
+        }
+        for (int64_t j = 0; j <= pos; ++j) {
+          const bool visible = !(c.window > 0 && pos - j >= c.window);
+          w[j] = visible ? std::exp(w[j] - max) : 0.0;
+          sum += w[j];
+        }
+        for (int64_t d = 0; d < c.D; ++d) {
+          double o = 0;
+          for (int64_t j = 0; j <= pos; ++j) o += w[j] * vc[((b * c.T + j) * c.Hkv + kvh) * c.D + d];
+          worst = std::max(worst, std::fabs(o / sum - out[((b * c.Sq + i) * c.H + h) * c.D + d]));
+        }
+      }
+  lengths[c.B - 1] = int32_t(c.T + 1);  // out of range: reported, row B - 1
+  return k.attention(p) == c.B - 1 ? worst : 1e9;
+}
+
+// Kept tokens by a full sort (top-k then top-p over the top-k softmax), float64.
+std::vector<bool> kept_by_sort(const std::vector<float>& x, int64_t top_k, double top_p) {
+  const int64_t V = int64_t(x.size());
+  std::vector<int64_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+  std::vector<bool> keep(V, true);
+  if (top_k > 0 && top_k < V)
+    for (int64_t i = 0; i < V; ++i) keep[i] = x[i] >= x[order[top_k - 1]];
+  if (top_p < 1) {
+    double total = 0, above = 0;
+    for (int64_t i = 0; i < V; ++i) total += keep[i] ? std::exp(double(x[i]) - x[order[0]]) : 0.0;
+    float threshold = x[order[0]];
+    for (int64_t r = 0; r < V && keep[order[r]]; ++r) {
+      if (r > 0 && x[order[r]] != x[order[r - 1]] && above >= top_p * total) break;
+      threshold = x[order[r]];
+      above += std::exp(double(x[order[r]]) - x[order[0]]);
+    }
+    for (int64_t i = 0; i < V; ++i) keep[i] = keep[i] && x[i] >= threshold;
+  }
+  return keep;
+}
+
+// One row drawn with u sweeping [0, 1): every token drawn is in range and kept by the sort
+// reference; greedy is the first maximum; invalid rows are flagged with token 0.
+int check_sample(const cpu::DecodeKernels& k, int64_t V, int64_t top_k, float top_p, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  const int64_t rows = 64;
+  std::vector<float> logits(rows * V);
+  for (auto& x : logits) x = 2 * normal(rng);
+  for (int64_t r = 0; r < rows; ++r) logits[r * V + 1] = logits[r * V];  // a tie in every row
+  std::vector<float> uniform(rows);
+  for (int64_t r = 0; r < rows; ++r) uniform[r] = float(r) / rows;
+  std::vector<int64_t> tokens(rows + 4, -5);
+  std::vector<int32_t> status(rows + 4, -5);
+  SampleParams p;
+  p.rows = rows, p.vocab = V, p.logits = logits.data(), p.row_stride = V;
+  p.temperature = 1.0f, p.top_k = top_k, p.top_p = top_p, p.uniform = uniform.data();
+  p.tokens = tokens.data(), p.status = status.data();
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(logits.begin(), V, logits.begin() + r * V);  // one row, many u
+  k.sample(p);
+  const std::vector<float> row(logits.begin(), logits.begin() + V);
+  const std::vector<bool> keep = kept_by_sort(row, top_k, top_p);
+  int bad = tokens[rows] != -5 || status[rows] != -5;
+  for (int64_t r = 0; r < rows; ++r) bad += status[r] != 0 || tokens[r] < 0 || tokens[r] >= V || !keep[tokens[r]];
+  p.temperature = 0;
+  k.sample(p);
+  const int64_t first_max = std::max_element(row.begin(), row.end()) - row.begin();
+  bad += tokens[0] != first_max;
+  logits[3 * V + 2] = NAN, logits[5 * V] = INFINITY;
+  std::fill_n(logits.begin() + 7 * V, V, -INFINITY);
+  p.temperature = 1;
+  k.sample(p);
+  bad += status[3] != 1 || status[5] != 1 || status[7] != 1 || tokens[3] != 0 || status[4] != 0;
+  return bad;
+}
+
+}  // namespace
+
+int main() {
+  const struct {
+    cpu::Isa isa;
+    cpu::DecodeKernels (*kernels)();
+  } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::decode_kernels},
+                  {cpu::Isa::kAvx2, cpu::isa_avx2::decode_kernels},
+                  {cpu::Isa::kAvx512, cpu::isa_avx512::decode_kernels}};
+  const AttentionCase cases[] = {{2, 1, 4, 4, 64, 40, 0, 0}, {3, 3, 8, 2, 40, 1100, 0, 0}, {1, 16, 4, 1, 8, 20, 0, 0},
+                                 {2, 2, 2, 2, 256, 700, 300, 30.0}, {2, 1, 6, 3, 3, 5, 2, 0}};
+  int failures = 0, passed = 0;
+  std::mt19937 rng(0);
+  for (const auto& variant : variants) {
+    if (!cpu::isa_supported(variant.isa)) {
+      std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
+      continue;
+    }
+    const cpu::DecodeKernels k = variant.kernels();
+    const char* name = cpu::isa_name(variant.isa);
+    int bad = check_append(k);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s %s append: %d checks off\n", bad ? "FAIL" : "ok  ", name, bad);
+    for (const auto& c : cases) {
+      const double err = check_attention(k, c, rng);
+      const bool ok = err < 2e-5;
+      (ok ? passed : failures)++;
+      std::printf("%s %s attention B=%lld Sq=%lld H=%lld/%lld D=%lld T=%lld window=%lld softcap=%g: max err %.2e\n",
+                  ok ? "ok  " : "FAIL", name, (long long)c.B, (long long)c.Sq, (long long)c.H, (long long)c.Hkv,
+                  (long long)c.D, (long long)c.T, (long long)c.window, c.softcap, err);
+    }
+    const struct {
+      int64_t V, top_k;
+      float top_p;
+    } samplers[] = {{1000, 0, 1.0f}, {8192, 4096, 0.96f}, {500, 20, 0.5f}, {7, 3, 0.0f}, {300, 0, 0.3f}};
+    for (const auto& s : samplers) {
+      bad = check_sample(k, s.V, s.top_k, s.top_p, rng);
+      (bad == 0 ? passed : failures)++;
+      std::printf("%s %s sample V=%lld top_k=%lld top_p=%g: %d checks off\n", bad ? "FAIL" : "ok  ", name,
+                  (long long)s.V, (long long)s.top_k, s.top_p, bad);
+    }
+  }
+  std::printf("%d passed, %d failed\n", passed, failures);
+  return failures == 0 ? 0 : 1;
+}
