@@ -130,6 +130,9 @@ inline unsigned emu_blocks = 3;
     }                                                                                             \
   } while (0)
 
+// Atomics: fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic.
+template <class V> V atomicAdd(V* p, V v) { const V old = *p; *p = old + v; return old; }
+
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {

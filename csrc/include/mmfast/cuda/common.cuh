@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "mmfast/common.h"
 
@@ -46,6 +47,87 @@ template <class A> __device__ __forceinline__ bool is_finite(A x) { return x - x
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
+
+// Any storage type as fp32 (fp64 rounded, like torch's .float()).
+template <class T> __device__ __forceinline__ float to_f32(T x) { return static_cast<float>(to_acc(x)); }
+
+// fp32 products and sums rounded on their own (never contracted into an FMA), for results
+// that must match a framework's separately rounded ops bit for bit.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// ---- radix keys ----------------------------------------------------------------------------
+// An order-preserving uint32 key of a non-NaN float: a < b <=> key(a) < key(b), and a == b
+// <=> key(a) == key(b) (-0 and +0 share the key of +0); -inf is the smallest, +inf the largest.
+__device__ __forceinline__ uint32_t ordered_key(float x) {
+  if (x == 0.0f) x = 0.0f;
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+#endif
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// ---- block-wide reductions and scans ---------------------------------------------------------
+// Every thread of the block must call them (they synchronise); blockDim.x a multiple of 32, at
+// most 1024; `scratch`: 32 elements of shared memory, reusable right after the call returns.
+// V: a type __shfl_xor_sync takes (int, unsigned, long long, unsigned long long, float, double).
+// The combination order is fixed (lane butterfly, then warps in order): deterministic.
+
+// op over the values of all threads, returned to every thread.
+template <class V, class Op>
+__device__ __forceinline__ V block_allreduce(V v, Op op, V* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();  // a previous call may still read scratch
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  V r = scratch[0];
+  for (int w = 1; w < warps; ++w) r = op(r, scratch[w]);
+  return r;
+}
+
+// Exclusive prefix sum in thread order (thread 0 gets V(0)); the block total in `total`.
+template <class V>
+__device__ __forceinline__ V block_exclusive_sum(V v, V* scratch, V& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  V group = v, before = V(0);  // total of the aligned lane group holding this lane; lanes below it
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const V other = __shfl_xor_sync(0xffffffffu, group, off);
+    if (lane & off) before += other;
+    group += other;
+  }
+  __syncthreads();
+  if (lane == 0) scratch[warp] = group;
+  __syncthreads();
+  V r = V(0), t = V(0);
+  for (int w = 0; w < warps; ++w) {
+    if (w == warp) r = t;
+    t += scratch[w];
+  }
+  total = t;
+  return r + before;
+}
 
 // Four consecutive accumulators from 16-byte aligned shared memory.
 __device__ __forceinline__ void load4(const float* p, float (&r)[4]) {

@@ -1,0 +1,341 @@
+// decode_attention on the GPU: flash-decoding over a static KV cache (namespace
+// mmfast::cuda::decodek).
+//
+//   decode_attention_kernel  item = (row b, KV head, query-row tile, key split), 1-D grid with a
+//       grid stride. The query rows of an item are the R = (H / H_kv) * Sq (head, query) pairs
+//       that read its KV head, in tiles of 16 (8 for fp64): for decoding (Sq = 1) with up to 16
+//       heads per group the whole GQA group shares one read of K and V. The split's keys are
+//       staged through shared memory in tiles of up to 64 keys (converted to the accumulation
+//       type, row stride D | 1 so threads reading different keys hit different banks):
+//         1. scores s = scale * q.k (optionally c * tanh(s / c)), masked by the causal rule
+//            j <= p and the window p - j < W, one (row, key) per thread;
+//         2. online softmax, one warp per row: running max m, sum l, the rescale factor;
+//         3. the V tile replaces the K tile; out += p V with each thread holding a 4 x 4
+//            register tile (rows rg + 4 i, columns c + 64 j: D <= 256).
+//       Accumulation in acc_t (fp32; fp64 for fp64). With one split the item writes the output
+//       in q's dtype; with several it writes its partial (O / l, in acc_t) and its log-sum-exp
+//       m + log l (-inf when no key of the split is visible to the row).
+//   decode_combine_kernel  one thread per output element: the splits' partials merged in split
+//       order (deterministic) with weights exp(lse_s - max lse).
+// Rows with cache_seqlens outside [Sq, T_max] are never read: their output rows are NaN (the
+// documented guard; no host synchronisation). Splits: enough (row, KV head, row tile, split)
+// items for ~2 waves of 256-thread blocks over the SMs, at most one per 64 keys of the longest
+// visible range (T_max, or the window), so each split has at least 64 keys when rows are full.
+#pragma once
+
+#include <cmath>
+
+#include "mmfast/cuda/common.cuh"
+#include "mmfast/cuda/decode/append.cuh"
+#include "mmfast/decode.h"
+
+namespace mmfast {
+namespace cuda {
+namespace decodek {
+
+constexpr int kMaxHeadDim = 256;
+constexpr int kKeyTile = 64;              // keys per shared-memory tile at most
+constexpr int64_t kMinKeysPerSplit = 64;  // a split covers at least this many keys of a row
+constexpr int64_t kMaxSplits = 128;
+constexpr int kWaves = 2;                 // items target: kWaves x SM count
+
+// Per accumulation type: query rows per tile, rows per thread in the PV tile, K/V staging.
+template <class A> struct AttnShape {
+  static constexpr int kRows = sizeof(A) == 8 ? 8 : 16;
+  static constexpr int kRowsPerThread = kRows / 4;
+  static constexpr int kKVElems = 24576 / static_cast<int>(sizeof(A));  // 24 KB
+};
+
+template <class T> __device__ __forceinline__ T nan_of() { return from_acc<T>(acc_t<T>(NAN)); }
+
+struct AttnArgs {
+  DecodeAttentionParams p;
+  int64_t splits, row_tiles;
+  int direct;        // 1: one split, the item writes out
+  void* part_out;    // [split][B*Sq*H][D] acc_t
+  void* part_lse;    // [split][B*Sq*H] acc_t
+};
+
+__device__ __forceinline__ bool attn_row_valid(int64_t len, int64_t queries, int64_t max_tokens) {
+  return len >= queries && len <= max_tokens;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) {
+  using A = acc_t<T>;
+  using Shape = AttnShape<A>;
+  constexpr int RT = Shape::kRows, RR = Shape::kRowsPerThread;
+  __shared__ A qs[RT * kMaxHeadDim];
+  __shared__ A kv[Shape::kKVElems];
+  __shared__ A ps[RT * kKeyTile];
+  __shared__ A m_s[RT], l_s[RT], alpha_s[RT];
+
+  const DecodeAttentionParams& p = a.p;
+  const int D = static_cast<int>(p.head_dim);
+  const int ld = D | 1;
+  const int KT = Shape::kKVElems / ld < kKeyTile ? Shape::kKVElems / ld : kKeyTile;
+  const int64_t Sq = p.queries, H = p.heads, Hkv = p.kv_heads, G = H / Hkv, R = G * Sq, W = p.window;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = tid & 63, rg = tid >> 6;
+  const T* qp = static_cast<const T*>(p.q.data);
+  const T* kp = static_cast<const T*>(p.k_cache.data);
+  const T* vp = static_cast<const T*>(p.v_cache.data);
+  T* op = static_cast<T*>(p.out.data);
+  const A scale = static_cast<A>(p.scale), cap = static_cast<A>(p.softcap);
+  const A neg_inf = -A(INFINITY);
+  const int64_t qrows = p.batch * Sq * H;
+
+  const int64_t items = p.batch * Hkv * a.row_tiles * a.splits;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    int64_t rest = item;
+    const int64_t split = rest % a.splits;
+    rest /= a.splits;
+    const int64_t rt = rest % a.row_tiles;
+    rest /= a.row_tiles;
+    const int64_t kvh = rest % Hkv, b = rest / Hkv;
+    const int64_t len = p.cache_seqlens[b];
+    const int64_t rho0 = rt * RT;
+    const int nr = static_cast<int>(min_i64(RT, R - rho0));
+    if (!attn_row_valid(len, Sq, p.max_tokens)) {  // block-uniform: NaN rows, nothing read
+      if (a.direct) {
+        for (int e = tid; e < nr * D; e += kThreads) {
+          const int r = e / D, d = e - r * D;
+          const int64_t rho = rho0 + r, i = rho / G, h = kvh * G + rho % G;
+          op[b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = nan_of<T>();
+        }
+      }
+      continue;
+    }
+    // The row's visible keys [lo_b, len), this split's share [c0, c1), this tile's [k_begin, k_end).
+    const int64_t lo_b = W > 0 ? max_i64(0, len - Sq - W + 1) : 0;
+    const int64_t chunk = max_i64(ceil_div(len - lo_b, a.splits), kMinKeysPerSplit);
+    const int64_t c0 = lo_b + split * chunk, c1 = min_i64(len, c0 + chunk);
+    const int64_t pos_first = len - Sq + rho0 / G, pos_last = len - Sq + (rho0 + nr - 1) / G;
+    const int64_t k_begin = max_i64(c0, W > 0 ? max_i64(0, pos_first - W + 1) : 0);
+    const int64_t k_end = min_i64(c1, pos_last + 1);
+
+    __syncthreads();  // the previous item's readers of qs, m_s, l_s are done
+    for (int e = tid; e < nr * D; e += kThreads) {
+      const int r = e / D, d = e - r * D;
+      const int64_t rho = rho0 + r, i = rho / G, h = kvh * G + rho % G;
+      qs[r * D + d] = to_acc(qp[b * p.q.stride_b + i * p.q.stride_n + h * p.q.stride_h + d]);
+    }
+    if (tid < RT) {
+      m_s[tid] = neg_inf;
+      l_s[tid] = A(0);
+    }
+    A acc[RR][4];
+#pragma unroll
+    for (int i = 0; i < RR; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][c] = A(0);
+
+    for (int64_t j0 = k_begin; j0 < k_end; j0 += KT) {
+      const int nk = static_cast<int>(min_i64(KT, k_end - j0));
+      __syncthreads();  // q tile loaded; the previous tile's PV reads of kv and ps are done
+      for (int e = tid; e < nk * D; e += kThreads) {
+        const int j = e / D, d = e - j * D;
+        kv[j * ld + d] = to_acc(kp[b * p.k_cache.stride_b + (j0 + j) * p.k_cache.stride_n + kvh * p.k_cache.stride_h + d]);
+      }
+      __syncthreads();
+      // 1. scores, one (row, key) per thread: a warp shares its row (q broadcast) and reads 32 keys.
+      for (int pi = tid; pi < nr * kKeyTile; pi += kThreads) {
+        const int r = pi / kKeyTile, j = pi % kKeyTile;
+        if (j >= nk) continue;
+        const int64_t pos = len - Sq + (rho0 + r) / G, key = j0 + j;
+        A s = neg_inf;
+        if (key <= pos && (W == 0 || pos - key < W)) {
+          const A* qr = qs + r * D;
+          const A* kr = kv + j * ld;
+          A d0 = A(0), d1 = A(0), d2 = A(0), d3 = A(0);
+          int d = 0;
+          for (; d + 4 <= D; d += 4) {
+            d0 += qr[d] * kr[d];
+            d1 += qr[d + 1] * kr[d + 1];
+            d2 += qr[d + 2] * kr[d + 2];
+            d3 += qr[d + 3] * kr[d + 3];
+          }
+          for (; d < D; ++d) d0 += qr[d] * kr[d];
+          s = ((d0 + d1) + (d2 + d3)) * scale;
+          if (cap > A(0)) s = cap * tanh_acc(s / cap);
+        }
+        ps[r * kKeyTile + j] = s;
+      }
+      __syncthreads();
+      // 2. online softmax, warp w: rows w, w + 8 (uniform shuffles over the block).
+#pragma unroll
+      for (int rr = 0; rr < RT / 8; ++rr) {
+        const int r = warp + 8 * rr;
+        const bool active = r < nr;
+        const A s0 = (active && lane < nk) ? ps[r * kKeyTile + lane] : neg_inf;
+        const A s1 = (active && lane + 32 < nk) ? ps[r * kKeyTile + lane + 32] : neg_inf;
+        const A m_old = active ? m_s[r] : neg_inf, l_old = active ? l_s[r] : A(0);
+        A mx = s0 > s1 ? s0 : s1;
+#pragma unroll
+        for (int off = 16; off >= 1; off >>= 1) {
+          const A o = __shfl_xor_sync(0xffffffffu, mx, off);
+          mx = o > mx ? o : mx;
+        }
+        const A m_new = m_old > mx ? m_old : mx;
+        const A p0 = s0 == neg_inf ? A(0) : exp_acc(s0 - m_new);
+        const A p1 = s1 == neg_inf ? A(0) : exp_acc(s1 - m_new);
+        const A alpha = m_old == neg_inf ? A(0) : exp_acc(m_old - m_new);
+        A sum = p0 + p1;
+#pragma unroll
+        for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (active) {
+          if (lane < nk) ps[r * kKeyTile + lane] = p0;
+          if (lane + 32 < nk) ps[r * kKeyTile + lane + 32] = p1;
+          if (lane == 0) {
+            m_s[r] = m_new;
+            l_s[r] = l_old * alpha + sum;
+            alpha_s[r] = alpha;
+          }
+        }
+      }
+      // 3. the V tile over the K tile (the scores are done), then out = alpha out + p V.
+      for (int e = tid; e < nk * D; e += kThreads) {
+        const int j = e / D, d = e - j * D;
+        kv[j * ld + d] = to_acc(vp[b * p.v_cache.stride_b + (j0 + j) * p.v_cache.stride_n + kvh * p.v_cache.stride_h + d]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < RR; ++i) {
+        const int r = rg + 4 * i;
+        if (r >= nr) continue;
+        const A alpha = alpha_s[r];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][c] *= alpha;
+      }
+      for (int j = 0; j < nk; ++j) {
+        const A* vr = kv + j * ld;
+#pragma unroll
+        for (int i = 0; i < RR; ++i) {
+          const int r = rg + 4 * i;
+          if (r >= nr) continue;
+          const A pr = ps[r * kKeyTile + j];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int d = cg + 64 * c;
+            if (d < D) acc[i][c] += pr * vr[d];
+          }
+        }
+      }
+    }
+    __syncthreads();  // m_s and l_s final (also when the split saw no tile)
+#pragma unroll
+    for (int i = 0; i < RR; ++i) {
+      const int r = rg + 4 * i;
+      if (r >= nr) continue;
+      const int64_t rho = rho0 + r, iq = rho / G, h = kvh * G + rho % G;
+      const A l = l_s[r], m = m_s[r];
+      if (a.direct) {
+        T* orow = op + b * p.out.stride_b + iq * p.out.stride_n + h * p.out.stride_h;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int d = cg + 64 * c;
+          if (d < D) orow[d] = from_acc<T>(acc[i][c] / l);  // l > 0: key p is always visible
+        }
+      } else {
+        const int64_t qrow = (b * Sq + iq) * H + h;
+        if (l > A(0)) {
+          A* prow = static_cast<A*>(a.part_out) + (split * qrows + qrow) * D;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int d = cg + 64 * c;
+            if (d < D) prow[d] = acc[i][c] / l;
+          }
+        }
+        if (cg == 0) static_cast<A*>(a.part_lse)[split * qrows + qrow] = l > A(0) ? m + log_acc(l) : neg_inf;
+      }
+    }
+  }
+}
+
+// out[b, i, h, d] from the splits' partials, merged in split order.
+template <class T>
+__global__ void __launch_bounds__(kThreads) decode_combine_kernel(AttnArgs a) {
+  using A = acc_t<T>;
+  const DecodeAttentionParams& p = a.p;
+  const int64_t D = p.head_dim, Sq = p.queries, H = p.heads;
+  const int64_t qrows = p.batch * Sq * H, total = qrows * D;
+  const A* lse = static_cast<const A*>(a.part_lse);
+  const A* part = static_cast<const A*>(a.part_out);
+  T* op = static_cast<T*>(p.out.data);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t qrow = e / D, d = e - qrow * D;
+    const int64_t h = qrow % H, bi = qrow / H, i = bi % Sq, b = bi / Sq;
+    T* dst = op + b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d;
+    if (!attn_row_valid(p.cache_seqlens[b], Sq, p.max_tokens)) {
+      *dst = nan_of<T>();
+      continue;
+    }
+    A mx = -A(INFINITY);
+    for (int64_t s = 0; s < a.splits; ++s) {
+      const A l = lse[s * qrows + qrow];
+      mx = l > mx ? l : mx;
+    }
+    A num = A(0), den = A(0);
+    if (mx != -A(INFINITY)) {
+      for (int64_t s = 0; s < a.splits; ++s) {
+        const A l = lse[s * qrows + qrow];
+        if (l == -A(INFINITY)) continue;  // the split saw no key of this row: no partial written
+        const A w = exp_acc(l - mx);
+        num += w * part[(s * qrows + qrow) * D + d];
+        den += w;
+      }
+    }
+    *dst = from_acc<T>(num / den);  // 0 / 0 = NaN if no split saw a key (not for valid rows)
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+struct AttnPlan {
+  int64_t splits, row_tiles;
+  size_t lse_offset, bytes;
+};
+
+inline AttnPlan attention_plan(const DecodeAttentionParams& p, int sms) {
+  AttnPlan s;
+  const int rows_per_tile = p.dtype == DType::kFloat64 ? AttnShape<double>::kRows : AttnShape<float>::kRows;
+  const int64_t group = p.kv_heads > 0 ? p.heads / p.kv_heads : 0;
+  s.row_tiles = max_i64(1, ceil_div(group * p.queries, rows_per_tile));
+  const int64_t tiles = max_i64(1, p.batch * p.kv_heads * s.row_tiles);
+  const int64_t keys = p.window > 0 ? min_i64(p.max_tokens, p.window + p.queries - 1) : p.max_tokens;
+  const int64_t target = static_cast<int64_t>(kWaves) * (sms > 0 ? sms : 1);
+  s.splits = min_i64(min_i64(ceil_div(target, tiles), max_i64(1, keys / kMinKeysPerSplit)), kMaxSplits);
+  s.splits = max_i64(1, s.splits);
+  if (s.splits == 1) {
+    s.lse_offset = s.bytes = 0;
+    return s;
+  }
+  const size_t acc = accumulator_bytes(p.dtype);
+  const int64_t qrows = p.batch * p.queries * p.heads;
+  s.lse_offset = static_cast<size_t>(round_up(static_cast<int64_t>(acc) * s.splits * qrows * p.head_dim, 256));
+  s.bytes = s.lse_offset + acc * static_cast<size_t>(s.splits * qrows);
+  return s;
+}
+
+template <class T>
+cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
+  const AttnPlan plan = attention_plan(p, sm_count());
+  AttnArgs a;
+  a.p = p;
+  a.splits = plan.splits;
+  a.row_tiles = plan.row_tiles;
+  a.direct = plan.splits == 1 ? 1 : 0;
+  a.part_out = p.workspace;
+  a.part_lse = plan.splits == 1 ? nullptr : static_cast<char*>(p.workspace) + plan.lse_offset;
+  MMFAST_LAUNCH(decode_attention_kernel<T>, grid_for(p.batch * p.kv_heads * plan.row_tiles * plan.splits), kThreads,
+                0, stream, a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  const int64_t total = p.batch * p.queries * p.heads * p.head_dim;
+  MMFAST_LAUNCH(decode_combine_kernel<T>, grid_for(min_i64(ceil_div(total, kThreads), int64_t(sm_count()) * 16)),
+                kThreads, 0, stream, a);
+  return cudaGetLastError();
+}
+
+}  // namespace decodek
+}  // namespace cuda
+}  // namespace mmfast

@@ -1,0 +1,263 @@
+// sample on the GPU: CFG + temperature + top-k + top-p + inverse-CDF draw, fused, without a
+// sort (namespace mmfast::cuda::decodek).
+//
+//   sample_kernel  one 256-thread block per output row (grid stride over rows). The row is
+//     never staged: every pass re-reads the logits (L2-resident for a block's row) and recomputes
+//     x_i = mix_i / temperature, mix_i = u_i + scale * (c_i - u_i) in fp32 with separately
+//     rounded ops (cond row r, uncond row P + r), so every pass sees the same bits.
+//     1. validity and max: a NaN or +inf, or all -inf -> status 1, token 0; temperature 0 ->
+//        the first index of the maximum.
+//     2. top-k, top-p: radix select over order-preserving uint32 keys of x (4 passes of 8
+//        bits, 256-bin block histograms in shared memory). One routine finds the smallest
+//        key v* with W(key > v*) < T: weights 1 and T = k give the k-th largest value (top-k);
+//        weights exp(x - max) over the top-k set and T = top_p * total give the top-p cut (the
+//        largest value is always kept: T <= 0 gives v* = max). Kept: key(x) >= v*.
+//     3. the draw: the smallest index whose running sum of kept weights exceeds u * total, a
+//        block-wide prefix sum over chunks of 2048 indices in index order.
+//   Determinism: the weights exp(x - max) (fp32 exp, in (0, 1]) are summed as 64-bit fixed point
+//   (x 2^S, S = 63 - ceil(log2 V), 2^-45 for V = 150k): integer sums are exact whatever the
+//   order of the shared-memory atomics, so histograms, totals and the prefix sums of the draw
+//   are bit-reproducible run to run; the draw target floor(u * total) is below the total, so the
+//   token is always a kept index in [0, V). The result differs from the fp64 reference only
+//   where u * total lies within rounding (fp32 exp, the 2^-S quantum) of a CDF step, or the
+//   top-p mass of a value lies within that rounding of top_p * total.
+#pragma once
+
+#include <cmath>
+
+#include "mmfast/cuda/common.cuh"
+#include "mmfast/cuda/decode/append.cuh"
+#include "mmfast/decode.h"
+
+namespace mmfast {
+namespace cuda {
+namespace decodek {
+
+using u64 = unsigned long long;    // the type of CUDA's 64-bit atomicAdd and shuffles
+constexpr int kDrawPerThread = 8;  // consecutive indices per thread in a draw chunk
+
+// The fp32 logits of one output row, mixed (CFG) and divided by the temperature on the fly.
+template <class T> struct SampleRow {
+  const T* cond;
+  const T* uncond;  // nullptr without CFG
+  float cfg_scale;
+  __device__ __forceinline__ float mixed(int64_t i) const {
+    const float c = to_f32(cond[i]);
+    if (uncond == nullptr) return c;
+    const float u = to_f32(uncond[i]);
+    return add_rn(u, mul_rn(c - u, cfg_scale));  // uncond + (cond - uncond) * scale, no FMA
+  }
+};
+
+struct SampleShared {
+  u64* hist;     // 256 bins
+  u64* scratch;  // 32
+  int* sel_bin;
+  u64* sel_above;
+};
+
+// The smallest key v* with (sum of the weights of the elements whose key > v*) < T, over the
+// elements i in [0, n) for which item(i, key, weight) returns true. Needs T > 0 (then the
+// answer is the key of an element of positive weight, or the smallest key of the lowest
+// bucket when the total is below T). Block-uniform arguments; every thread calls it.
+template <class Item>
+__device__ uint32_t radix_threshold(int64_t n, Item item, double T, const SampleShared& sh) {
+  uint32_t prefix = 0;
+  u64 above = 0;  // weight of the elements whose key is above the prefix's range
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+    sh.hist[threadIdx.x] = 0;  // blockDim.x == 256 bins
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      uint32_t key;
+      u64 w;
+      if (item(i, key, w) && w != 0 && (key & high) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], w);
+    }
+    __syncthreads();
+    const int bin = 255 - static_cast<int>(threadIdx.x);  // thread order = descending bins
+    const u64 h = sh.hist[bin];
+    u64 total;
+    const u64 above_bin = above + block_exclusive_sum(h, sh.scratch, total);  // keys above this bin
+    // W(> top of bin) = above_bin is non-increasing in bin: the smallest qualifying bin is the one
+    // whose lower neighbour does not qualify. above < T holds on entry, so bin 255 qualifies.
+    const bool ok = static_cast<double>(above_bin) < T;
+    const bool ok_below = bin > 0 && static_cast<double>(above_bin + h) < T;
+    if (ok && !ok_below) {
+      *sh.sel_bin = bin;
+      *sh.sel_above = above_bin;
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(*sh.sel_bin) << shift;
+    above = *sh.sel_above;
+  }
+  return prefix;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
+  __shared__ u64 hist[256];
+  __shared__ u64 scratch_u[32];
+  __shared__ float scratch_f[32];
+  __shared__ int scratch_i[32];
+  __shared__ long long scratch_l[32];
+  __shared__ int sel_bin;
+  __shared__ u64 sel_above;
+  __shared__ long long sel_token;
+  const SampleShared sh{hist, scratch_u, &sel_bin, &sel_above};
+  const int tid = threadIdx.x;
+  const int64_t V = p.vocab;
+  int bits = 0;
+  while (bits < 62 && (int64_t(1) << bits) < V) ++bits;
+  const int S = 63 - bits > 62 ? 62 : 63 - bits;  // V * 2^S <= 2^63: no sum overflows
+  const float unit = static_cast<float>(u64(1) << S);
+  const T* logits = static_cast<const T*>(p.logits);
+  const float inf = INFINITY;
+  const auto fmax_op = [](float a, float b) { return a > b ? a : b; };
+  const auto imax_op = [](int a, int b) { return a > b ? a : b; };
+  const auto lmin_op = [](long long a, long long b) { return a < b ? a : b; };
+  const auto lmax_op = [](long long a, long long b) { return a > b ? a : b; };
+  const auto sum_op = [](u64 a, u64 b) { return a + b; };
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    SampleRow<T> rd;
+    rd.cond = logits + row * p.row_stride;
+    rd.uncond = p.cfg ? logits + (p.rows + row) * p.row_stride : nullptr;
+    rd.cfg_scale = p.cfg_scale;
+    // 1. validity and the maximum of the mixed logits.
+    float mx = -inf;
+    int bad = 0;
+    for (int64_t i = tid; i < V; i += kThreads) {
+      const float x = rd.mixed(i);
+      if (!(x == x) || x == inf) bad = 1;
+      else if (x > mx) mx = x;
+    }
+    bad = block_allreduce(bad, imax_op, scratch_i);
+    mx = block_allreduce(mx, fmax_op, scratch_f);
+    if (bad || mx == -inf) {
+      if (tid == 0) {
+        p.tokens[row] = 0;
+        p.status[row] = 1;
+      }
+      continue;
+    }
+    if (p.temperature == 0.0f) {  // greedy: the first index of the maximum
+      long long first = V;
+      for (int64_t i = tid; i < V; i += kThreads)
+        if (rd.mixed(i) == mx) {
+          first = i;
+          break;
+        }
+      first = block_allreduce(first, lmin_op, scratch_l);
+      if (tid == 0) {
+        p.tokens[row] = first < V ? first : 0;
+        p.status[row] = 0;
+      }
+      continue;
+    }
+    const float temperature = p.temperature;
+    const float m = mx / temperature;  // = max of x / temperature (rounding is monotone)
+    const auto value = [&](int64_t i) { return rd.mixed(i) / temperature; };
+    const auto weight = [&](float x) -> u64 {
+      const float w = x == m ? 1.0f : expf(x - m);  // x == m also covers m = +inf after scaling
+      return static_cast<u64>(w * unit);
+    };
+    const auto kept_total = [&](uint32_t thr) {
+      u64 s = 0;
+      for (int64_t i = tid; i < V; i += kThreads) {
+        const float x = value(i);
+        if (ordered_key(x) >= thr) s += weight(x);
+      }
+      return block_allreduce(s, sum_op, scratch_u);
+    };
+    // 2. top-k: the k-th largest value; then top-p over the top-k set.
+    uint32_t thr = 0;
+    if (p.top_k > 0 && p.top_k < V) {
+      thr = radix_threshold(
+          V,
+          [&](int64_t i, uint32_t& key, u64& w) {
+            key = ordered_key(value(i));
+            w = 1;
+            return true;
+          },
+          static_cast<double>(p.top_k), sh);
+    }
+    u64 total = kept_total(thr);
+    if (p.top_p < 1.0f) {
+      const double target = static_cast<double>(p.top_p) * static_cast<double>(total);
+      const uint32_t thr_k = thr;
+      if (target > 0) {
+        thr = radix_threshold(
+            V,
+            [&](int64_t i, uint32_t& key, u64& w) {
+              const float x = value(i);
+              key = ordered_key(x);
+              if (key < thr_k) return false;
+              w = weight(x);
+              return true;
+            },
+            target, sh);
+      } else {
+        thr = ordered_key(m);  // top_p = 0: the largest value (and its ties) only
+      }
+      total = kept_total(thr);
+    }
+    // 3. the draw: the smallest index whose running kept sum exceeds floor(u * total) < total.
+    const float u = p.uniform[row];
+    u64 target = u > 0.0f ? static_cast<u64>(static_cast<double>(u) * static_cast<double>(total)) : 0;
+    if (target >= total) target = total - 1;  // total >= 2^S > 0: the maximum has weight 1
+    long long token = -1;
+    u64 running = 0;
+    for (int64_t base = 0; base < V; base += int64_t(kThreads) * kDrawPerThread) {
+      const int64_t seg = base + int64_t(tid) * kDrawPerThread;
+      u64 s = 0;
+      for (int e = 0; e < kDrawPerThread; ++e) {
+        const int64_t i = seg + e;
+        if (i >= V) break;
+        const float x = value(i);
+        if (ordered_key(x) >= thr) s += weight(x);
+      }
+      u64 chunk;
+      const u64 before = running + block_exclusive_sum(s, scratch_u, chunk);
+      if (running + chunk > target) {  // block-uniform: the step is in this chunk
+        if (before <= target && before + s > target) {  // ... in this thread's segment
+          u64 r = before;
+          for (int e = 0; e < kDrawPerThread; ++e) {
+            const int64_t i = seg + e;
+            if (i >= V) break;
+            const float x = value(i);
+            if (ordered_key(x) >= thr) r += weight(x);
+            if (r > target) {
+              sel_token = i;
+              break;
+            }
+          }
+        }
+        __syncthreads();
+        token = sel_token;
+        break;
+      }
+      running += chunk;
+    }
+    if (token < 0) {  // not reachable with exact sums; the last kept index keeps the token in range
+      long long last = -1;
+      for (int64_t i = tid; i < V; i += kThreads)
+        if (ordered_key(value(i)) >= thr) last = i;
+      last = block_allreduce(last, lmax_op, scratch_l);
+      token = last >= 0 && last < V ? last : 0;
+    }
+    if (tid == 0) {
+      p.tokens[row] = token >= 0 && token < V ? token : 0;
+      p.status[row] = 0;
+    }
+  }
+}
+
+template <class T>
+cudaError_t launch_sample(const SampleParams& p, cudaStream_t stream) {
+  MMFAST_LAUNCH(sample_kernel<T>, grid_for(p.rows), kThreads, 0, stream, p);
+  return cudaGetLastError();
+}
+
+}  // namespace decodek
+}  // namespace cuda
+}  // namespace mmfast

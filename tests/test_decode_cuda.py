@@ -1,0 +1,192 @@
+"""CUDA-only tests of the decode kernels (kv_cache_append, decode_attention, sample): run on a
+machine with an NVIDIA GPU (`make gpu-check`); skipped elsewhere (the host emulator,
+tests/cuda_emulator/test_decode_emulated.cpp, covers the kernels in CI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmfast import reference
+from mmfast.ops import decode_attention, kv_cache_append, sample
+
+from _utils import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _caches(b, t_max, h_kv, d, dtype, lengths):
+    k_cache = torch.randn(b, t_max, h_kv, d, dtype=dtype, device="cuda")
+    v_cache = torch.randn(b, t_max, h_kv, d, dtype=dtype, device="cuda")
+    for row, length in enumerate(lengths):  # NaN past each valid length: a read there would show
+        if 0 <= length <= t_max:
+            k_cache[row, length:] = float("nan")
+            v_cache[row, length:] = float("nan")
+    return k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32, device="cuda")
+
+
+def _f32(x: float) -> float:
+    """The kernels take scale and softcap as fp32: the reference gets the same value."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _check_attention(b, sq, h, h_kv, d, t_max, lengths, dtype, window=0, softcap=0.0):
+    q = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
+    k_cache, v_cache, seqlens = _caches(b, t_max, h_kv, d, dtype, lengths)
+    scale = _f32(d ** -0.5)
+    out = decode_attention(q, k_cache, v_cache, seqlens, scale=scale, softcap=_f32(softcap), window=window,
+                           backend="native")
+    assert out.shape == q.shape and out.dtype == dtype
+    valid = [sq <= length <= t_max for length in lengths]
+    for row, ok in enumerate(valid):
+        if not ok:
+            assert out[row].isnan().all(), f"row {row} (length {lengths[row]}) is not NaN"
+    rows = [row for row, ok in enumerate(valid) if ok]
+    if rows:
+        idx = torch.tensor(rows, device="cuda")
+        expected = reference.decode_attention_ref(q[idx], k_cache[idx], v_cache[idx], seqlens[idx], scale,
+                                                  _f32(softcap), window)
+        assert_close(out[idx], expected, dtype, scale=2)
+    return out
+
+
+def _check_sample(logits, uniform, temperature, top_k, top_p, cfg_scale=None):
+    tokens, status = sample(logits, uniform=uniform, temperature=temperature, top_k=top_k, top_p=top_p,
+                            cfg_scale=cfg_scale, return_status=True, backend="native")
+    rows, vocab = uniform.shape[0], logits.shape[1]
+    assert tokens.shape == (rows,) and tokens.dtype == torch.int64 and status.dtype == torch.int32
+    assert bool(((tokens >= 0) & (tokens < vocab)).all())
+    want_status = reference.invalid_logit_rows(reference.cfg_mix_ref(logits.cpu(), cfg_scale)).int()
+    torch.testing.assert_close(status.cpu(), want_status)
+    want = reference.sample_ref(logits.cpu(), uniform.cpu(), temperature, top_k, top_p, cfg_scale)
+    probs = reference.sample_probs_ref(logits.cpu(), temperature, top_k, top_p, cfg_scale)
+    for row in range(rows):
+        if want_status[row]:
+            assert tokens[row].item() == 0
+        elif tokens[row].item() != want[row].item():
+            # only where u * total lies within rounding of a CDF step (fp32 exp, fixed-point sums)
+            got, expected = tokens[row].item(), want[row].item()
+            cdf = probs[row].cumsum(0)
+            lo, hi = sorted((got, expected))
+            assert probs[row, got] > 0, f"row {row}: token {got} was filtered out"
+            assert (cdf[lo:hi + 1] - uniform[row].item()).abs().min() < 1e-4, f"row {row}: {got} vs {expected}"
+    return tokens, status
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_smoke_every_op_dtype_and_odd_shape(dtype):
+    """Every op, dtype and odd shape once against mmfast.reference.decode: the subset
+    `make gpu-check` also runs under compute-sanitizer (memcheck, racecheck)."""
+    # kv_cache_append: strided new tokens, a row that would overflow (skipped), a negative length.
+    k_cache, v_cache = (torch.randn(4, 9, 3, 40, dtype=dtype, device="cuda") for _ in range(2))
+    k, v = (torch.randn(4, 3, 3, 40, dtype=dtype, device="cuda").transpose(1, 2) for _ in range(2))  # (B, S, H, D)
+    seqlens = torch.tensor([0, 6, 7, -1], dtype=torch.int32, device="cuda")
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.kv_cache_append_ref(want_k[:2], want_v[:2], k[:2], v[:2], seqlens[:2])
+    kv_cache_append(k_cache, v_cache, k, v, seqlens, backend="native")
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+    # decode_attention: Sq 1 / 3 / 16, GQA 1 / 4 / 8, D 64 / 40 / 128 / 256, window, softcap, bad lengths.
+    _check_attention(2, 1, 4, 4, 64, 300, [300, 1], dtype)
+    _check_attention(2, 3, 8, 2, 40, 257, [77, 3], dtype, window=20, softcap=5.0)
+    _check_attention(1, 16, 8, 1, 128, 200, [200], dtype)
+    _check_attention(3, 1, 16, 2, 256, 1000, [1000, 64, 1], dtype, softcap=30.0)
+    _check_attention(4, 3, 4, 2, 64, 100, [-5, 2, 101, 100], dtype)
+    # sample: CFG, filters, invalid rows (fp64 logits are converted to fp32 like the reference).
+    logits = torch.randn(6, 1003, device="cuda").mul(3).to(dtype)
+    logits[1, 5] = float("nan")
+    logits[2] = float("-inf")
+    uniform = torch.rand(6, device="cuda")
+    uniform[3] = 1 - 2 ** -24
+    for temperature, top_k, top_p in [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 0.9), (1.3, 0, 0.5), (1.0, 1, 0.0)]:
+        _check_sample(logits, uniform, temperature, top_k, top_p)
+    _check_sample(logits, uniform[:3], 1.0, 20, 0.95, cfg_scale=3.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_cuda_attention_head_dims_and_groups(head_dim, group):
+    """Long rows (many splits) and short ones (one split) of the tuned head dims."""
+    _check_attention(2, 1, 2 * group, 2, head_dim, 8192, [8192, 513], torch.bfloat16)
+    _check_attention(1, 1, group, 1, head_dim, 100, [37], torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_attention_head_dim_above_256_raises():
+    q = torch.randn(1, 1, 1, 288, device="cuda")
+    k_cache = torch.randn(1, 8, 1, 288, device="cuda")
+    seqlens = torch.tensor([4], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="256"):
+        decode_attention(q, k_cache, k_cache, seqlens, backend="native")
+
+
+@pytest.mark.cuda
+def test_cuda_attention_agrees_with_the_cpu_kernel():
+    q = torch.randn(3, 2, 8, 128, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(3, 600, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([600, 2, 333], dtype=torch.int32)
+    cpu = decode_attention(q, k_cache, v_cache, seqlens, window=128, softcap=50.0, backend="native")
+    gpu = decode_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), seqlens.cuda(), window=128, softcap=50.0,
+                           backend="native")
+    assert_close(gpu.cpu(), cpu, torch.bfloat16, scale=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_results_are_bitwise_identical_run_to_run(dtype):
+    """Splits merged in a fixed order; sampler sums exact (fixed point): no run-to-run drift."""
+    q = torch.randn(2, 1, 32, 128, dtype=dtype, device="cuda")
+    k_cache, v_cache, seqlens = _caches(2, 16384, 8, 128, dtype, [16384, 9000])
+    a = decode_attention(q, k_cache, v_cache, seqlens, backend="native")
+    b = decode_attention(q, k_cache, v_cache, seqlens, backend="native")
+    assert torch.equal(a, b)
+    logits = torch.randn(64, 152064, device="cuda").mul(4).to(dtype)
+    uniform = torch.rand(64, device="cuda")
+    first = sample(logits, uniform=uniform, temperature=0.9, top_k=0, top_p=0.95, backend="native")
+    for _ in range(3):
+        assert torch.equal(sample(logits, uniform=uniform, temperature=0.9, top_k=0, top_p=0.95, backend="native"),
+                           first)
+
+
+@pytest.mark.cuda
+def test_cuda_sample_large_vocab_against_the_reference():
+    """Liquid's vocabulary size: radix select over many chunks, top-k ties, top-p, CFG."""
+    logits = torch.randn(8, 65536 + 8192, device="cuda") * 5
+    logits[:, 100:110] = logits[:, 100:101]  # ties
+    uniform = torch.rand(4, device="cuda")
+    _check_sample(logits, uniform, 1.0, 4096, 0.96, cfg_scale=4.0)
+    _check_sample(logits[:4], uniform, 0.5, 0, 0.8)
+    _check_sample(logits[:4], uniform, 1.0, 7, 1.0)
+
+
+@pytest.mark.cuda
+def test_cuda_sample_distribution_matches_the_reference():
+    """Many draws of one row: the empirical distribution is sample_probs_ref's."""
+    logits = torch.randn(1, 50, device="cuda")
+    rows = 20000
+    tokens = sample(logits.expand(rows, 50), uniform=torch.rand(rows, device="cuda"), temperature=0.8, top_k=20,
+                    top_p=0.9, backend="native")
+    counts = torch.bincount(tokens.cpu(), minlength=50).double() / rows
+    probs = reference.sample_probs_ref(logits.cpu(), 0.8, 20, 0.9)[0]
+    assert bool((counts[probs == 0] == 0).all())
+    assert (counts - probs).abs().max() < 0.015
+
+
+@pytest.mark.cuda
+def test_cuda_decode_step_on_the_current_stream():
+    """append then attend on a side stream: same result as on the default stream."""
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16, device="cuda")
+    k_new, v_new = (torch.randn(2, 1, 2, 64, dtype=torch.float16, device="cuda") for _ in range(2))
+    k_cache, v_cache = (torch.randn(2, 4096, 2, 64, dtype=torch.float16, device="cuda") for _ in range(2))
+    seqlens = torch.tensor([4000, 17], dtype=torch.int32, device="cuda")
+    kc, vc = k_cache.clone(), v_cache.clone()
+    kv_cache_append(kc, vc, k_new, v_new, seqlens, backend="native")
+    expected = decode_attention(q, kc, vc, seqlens + 1, backend="native")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kv_cache_append(k_cache, v_cache, k_new, v_new, seqlens, backend="native")
+        out = decode_attention(q, k_cache, v_cache, seqlens + 1, backend="native")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
