@@ -1,0 +1,252 @@
+"""Generation loops of Liquid's LM on mmfast's decode ops: text-to-image with classifier-free
+guidance (Liquid's evaluation/inference_t2i.py) and plain text generation (transformers' generate).
+
+    codes = generate_images(model, prompt_ids, uncond_ids=uncond_ids, num_images=4, seed=0)
+    images = vqgan.decode(codes)                    # (4, 3, 512, 512)
+
+Both loops: one prefill of the ragged prompts (no padding stored), then one decode step per
+token, each sampled by mmfast.ops.sample. On CUDA the decode step is captured in a CUDA graph
+after its first (eager, warm-up) call; see DecodeStep.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ... import _backend, ops
+from .lm import LiquidLM
+from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
+
+__all__ = ["DecodeStep", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX", "LIQUID_UNCONDITIONAL_PROMPT"]
+
+# Liquid's text-to-image template (evaluation/inference_t2i.py): the prompt plus this suffix; the
+# unconditional rows are this string. Both are tokenized with the tokenizer's BOS.
+LIQUID_PROMPT_SUFFIX = " Generate an image based on this description.<boi>"
+LIQUID_UNCONDITIONAL_PROMPT = "<unconditional><boi>"
+
+
+class DecodeStep:
+    """model.decode_step(tokens, logits_rows=rows)[:, -1] -> (B, V') fp32, as a callable.
+
+    On the CPU (and on CUDA with cuda_graph=False or under the "reference" backend, whose ops
+    synchronise) every call runs eagerly. With device.type == "cuda" the first call runs eagerly
+    on a side stream (warm-up: allocator, kernel selection), the second captures one decode
+    step into a torch.cuda.CUDAGraph (static token input, the caches and cache_seqlens updated
+    in place, static logits output) and replays it, and later calls copy the tokens in and
+    replay. The returned logits are the graph's static output: consume them before the next
+    call. If capture fails the step falls back to eager with a warning. The CUDA path is written
+    for the compiled CUDA kernels and has NOT been run here (no GPU on the development machine).
+    """
+
+    def __init__(self, model: LiquidLM, logits_rows: Optional[slice] = None, cuda_graph: bool = True):
+        self.model, self.rows = model, logits_rows
+        self.use_graph = (cuda_graph and model.device.type == "cuda" and _backend.get_backend() != "reference")
+        self.calls, self.graph, self.static_tokens, self.static_logits = 0, None, None, None
+
+    def eager(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(tokens, logits_rows=self.rows)[:, -1]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.use_graph:
+            return self.eager(tokens)
+        if self.calls == 1:  # warm-up on a side stream, as torch.cuda.graphs recommends before capture
+            stream = torch.cuda.Stream(device=tokens.device)
+            stream.wait_stream(torch.cuda.current_stream(tokens.device))
+            with torch.cuda.stream(stream):
+                logits = self.eager(tokens)
+            torch.cuda.current_stream(tokens.device).wait_stream(stream)
+            return logits
+        if self.graph is None:
+            self._capture(tokens)
+            if self.graph is None:
+                return self.eager(tokens)
+        self.static_tokens.copy_(tokens)
+        self.graph.replay()
+        return self.static_logits
+
+    def _capture(self, tokens: torch.Tensor) -> None:
+        self.static_tokens = tokens.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records, does not run: replay() then runs this step
+                self.static_logits = self.eager(self.static_tokens)
+        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly instead
+            warnings.warn(f"DecodeStep: CUDA graph capture failed ({err}); decoding eagerly")
+            self.use_graph, self.static_logits = False, None
+            return
+        self.graph = graph
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, "
+                         f"{top_k}, {top_p}")
+
+
+def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
+    if seed is not None and generator is not None:
+        raise ValueError("generate: pass seed or generator, not both")
+    if seed is None:
+        return generator
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
+    """setup_caches(batch, tokens) unless the caches already hold that many rows and tokens."""
+    shape = model.cache_shape()
+    cache = model.model.layers[0].self_attn.kv_cache
+    if (shape is None or shape[0] < batch or shape[1] < tokens or cache.k_cache.dtype != model.dtype
+            or cache.k_cache.device != model.device):
+        model.setup_caches(batch, tokens)
+
+
+def _as_ids(name: str, ids) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of token ids from a list, a (L,) or a (1, L) tensor."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
+        raise ValueError(f"generate_images: {name} must be a non-empty 1-D sequence of token ids, got "
+                         f"{ids.dtype} {tuple(ids.shape)}")
+    return ids.long().cpu()
+
+
+def _right_padded(rows: Sequence[torch.Tensor], pad: int = 0):
+    """(B, S) int64 right-padded tokens and (B,) int32 lengths of 1-D id tensors."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = r
+    return tokens, lengths
+
+
+@torch.no_grad()
+def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] = 7.0, temperature: float = 0.9,
+                    top_k: int = 4096, top_p: float = 0.96, num_images: int = 4, image_tokens: int = 1024,
+                    seed: Optional[int] = None, generator: Optional[torch.Generator] = None, uncond_ids=None,
+                    image_vocab_start: int = LIQUID_IMAGE_TOKEN_OFFSET,
+                    image_vocab_size: int = LIQUID_NUM_IMAGE_CODES, progress: bool = True,
+                    cuda_graph: bool = True) -> torch.Tensor:
+    """Liquid's text-to-image loop: (num_images, side, side) int64 VQGAN codes, side = sqrt(image_tokens).
+
+    prompt_ids: the conditional prompt's token ids (list, (L,) or (1, L)), already in Liquid's
+    template: tokenizer(prompt + LIQUID_PROMPT_SUFFIX) with BOS. uncond_ids: the unconditional
+    prompt's ids, required when cfg_scale is set; Liquid uses tokenizer("<unconditional><boi>")
+    = [<bos>, <unconditional>, <boi>] (LIQUID_UNCONDITIONAL_PROMPT; <boi> and <unconditional>
+    reuse Gemma's <unused*> ids). The batch is num_images conditional rows, then num_images
+    unconditional rows, each with its own length (the short unconditional prompt is not padded).
+
+    Each of the image_tokens steps computes logits of the image rows
+    [image_vocab_start, image_vocab_start + image_vocab_size) of the head only, then
+    mmfast.ops.sample(logits, cfg_scale, temperature, top_k, top_p, generator): Liquid's order
+    (CFG mix uncond + scale * (cond - uncond) of the raw logits, temperature, top-k, top-p,
+    draw; restricting to the image rows equals Liquid's masking of the text logits to -inf).
+    The sampled code is fed to both rows of its pair. cfg_scale=None: no unconditional rows.
+    temperature 0: greedy. seed or generator (on the model's device): reproducible draws.
+    Like Liquid, exactly image_tokens steps and no early stop. Codes are in [0, image_vocab_size)
+    and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small
+    and left as the loop leaves them (cache_seqlens = prompt lengths + image_tokens - 1).
+    cuda_graph: on CUDA, replay the decode step as a CUDA graph after its first call (DecodeStep;
+    not run on a GPU yet).
+    """
+    side = math.isqrt(image_tokens)
+    if image_tokens < 1 or side * side != image_tokens:
+        raise ValueError(f"generate_images: image_tokens must be a square number (1024 = 32 x 32), got {image_tokens}")
+    if num_images < 1:
+        raise ValueError(f"generate_images: num_images must be >= 1, got {num_images}")
+    if image_vocab_start < 0 or image_vocab_size < 1 or image_vocab_start + image_vocab_size > model.config.vocab_size:
+        raise ValueError(f"generate_images: image rows [{image_vocab_start}, {image_vocab_start + image_vocab_size}) "
+                         f"are outside the model's vocabulary of {model.config.vocab_size}")
+    _check_sampling(temperature, top_k, top_p)
+    rows = [_as_ids("prompt_ids", prompt_ids)] * num_images
+    if cfg_scale is not None:
+        if uncond_ids is None:
+            raise ValueError("generate_images: cfg_scale needs uncond_ids, the ids of Liquid's unconditional prompt "
+                             f"tokenizer({LIQUID_UNCONDITIONAL_PROMPT!r}) (with BOS)")
+        rows += [_as_ids("uncond_ids", uncond_ids)] * num_images
+    tokens, lengths = _right_padded(rows)
+    device, head = model.device, slice(image_vocab_start, image_vocab_start + image_vocab_size)
+    generator = _make_generator(seed, generator, device)
+    _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
+
+    logits = model.prefill(tokens.to(device), lengths.to(device), logits_rows=head)  # (2n, image_vocab_size)
+    step = DecodeStep(model, head, cuda_graph)
+    codes = torch.empty((num_images, image_tokens), dtype=torch.int64, device=device)
+    for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
+        codes[:, i] = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)
+        if i + 1 < image_tokens:  # the last code is never fed back (Liquid's loop)
+            pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
+            logits = step((pair + image_vocab_start)[:, None])
+    return codes.view(num_images, side, side)
+
+
+def _strip_left_padding(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    """Left-padded (B, S) ids + mask -> right-padded (B, S) ids and (B,) int32 lengths."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"generate_text: input_ids must be a (B, S) integer tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        return input_ids.long(), torch.full((batch,), seq, dtype=torch.int32)
+    mask = attention_mask.to(input_ids.device).long()
+    if mask.shape != input_ids.shape or ((mask != 0) & (mask != 1)).any() or (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("generate_text: attention_mask must be a (B, S) 0/1 mask of a LEFT-padded batch "
+                         "(zeros, then ones, in every row)")
+    lengths = mask.sum(1)
+    if int(lengths.min()) < 1:
+        raise ValueError("generate_text: every row needs at least one token")
+    index = (torch.arange(seq, device=mask.device)[None] + (seq - lengths)[:, None]).clamp(max=seq - 1)
+    return input_ids.long().gather(1, index), lengths.int()
+
+
+@torch.no_grad()
+def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
+                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
+                  progress: bool = False, cuda_graph: bool = True) -> torch.Tensor:
+    """transformers' generate for a LEFT-padded batch: returns the new tokens (B, N) int64, N <= max_new_tokens.
+
+    input_ids (B, S) with attention_mask (B, S) (1: token, 0: left padding; None: no padding).
+    The padding is stripped into per-row lengths, so each row gets exactly what its prompt gets
+    alone (and what transformers gives the padded batch). do_sample=False: greedy (argmax,
+    mmfast.ops.sample with temperature 0); do_sample=True: temperature, then top_k (0: off),
+    then top_p (1: off), transformers' TemperatureLogitsWarper -> TopKLogitsWarper ->
+    TopPLogitsWarper, drawn with `generator`. Note transformers' own defaults differ (top_k 50
+    when unset): pass the same values to both. eos_token_id (int or list): a row that emitted
+    it continues with pad_token_id (default: the first eos id), and the loop stops when every
+    row has (a host synchronisation per step), as transformers does. cuda_graph as in
+    generate_images.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_sampling(temperature if do_sample else 0.0, top_k, top_p)
+    tokens, lengths = _strip_left_padding(input_ids, attention_mask)
+    device = model.device
+    eos = None if eos_token_id is None else torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))
+    batch = tokens.shape[0]
+    _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens)
+
+    logits = model.prefill(tokens.to(device), lengths.to(device))
+    step = DecodeStep(model, None, cuda_graph)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = []
+    for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
+        new = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                         generator=generator)
+        if eos is not None:
+            new = torch.where(finished, torch.full_like(new, pad), new)
+            finished |= torch.isin(new, eos)
+        out.append(new)
+        if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
+            break
+        logits = step(new[:, None])
+    return torch.stack(out, dim=1)

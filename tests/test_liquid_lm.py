@@ -1,0 +1,376 @@
+"""Liquid's LM (mmfast.models.liquid.LiquidLM) and its generation loops against transformers.
+
+Tiny random LlamaForCausalLM (GQA, with and without llama3 rope scaling, tied and untied),
+GemmaForCausalLM (MHA, as Liquid_V1_7B) and Gemma2ForCausalLM (GQA, sliding window, softcaps)
+are built here in fp32 with eager attention, saved with save_pretrained (one file and shards)
+and loaded with LiquidLM.from_pretrained. Nothing is downloaded. CPU only.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.models.liquid import LiquidLM, LiquidLMCheckpointError, LiquidLMConfig, generate_images, generate_text
+from mmfast.reference import sample_probs_ref
+from mmfast.testing.tiny_liquid import tiny_liquid_lm
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 272  # 256 "text" tokens + 16 "image" codes
+IMAGE_START, IMAGE_CODES = 256, 16
+PROMPT_LENGTHS = (11, 4, 8)  # a left-padded batch of different lengths
+KINDS = ("llama", "llama3", "gemma", "gemma2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The models are tiny: one intra-op thread is as fast, and far faster when other jobs
+    compete for the 2 cores (OpenMP threads then wait on each other at every small op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _hf_model(kind: str):
+    """A tiny random transformers causal LM, fp32, eager attention, weights drawn so that greedy
+    decoding does not collapse to one token."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attn_implementation="eager",
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif kind == "llama3":  # llama3 rope scaling with a short original context so that all three bands occur
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 32}
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_scaling=scaling,
+                                                                       rope_theta=500000.0, tie_word_embeddings=True))
+    elif kind == "gemma":  # MHA like Gemma-7B
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**{**common, "num_key_value_heads": 4}))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, sliding_window=6,
+                                                                         query_pre_attn_scalar=24))
+    generator = torch.Generator().manual_seed(KINDS.index(kind))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.1 if p.dim() == 1 else (0.05 if "embed" in name and kind.startswith("gemma") else 0.3)
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+            if p.dim() == 1 and kind.startswith("llama"):
+                p.add_(1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{kind: (transformers model, checkpoint directory)}; gemma2 is saved in shards."""
+    out = {}
+    for kind in KINDS:
+        model = _hf_model(kind)
+        directory = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(directory, safe_serialization=True,
+                              **({"max_shard_size": "40KB"} if kind == "gemma2" else {}))
+        out[kind] = (model, directory)
+    return out
+
+
+def _left_padded_batch(seed=0, lengths=PROMPT_LENGTHS):
+    """(input_ids, attention_mask) (B, S), left-padded with pad id 0, tokens in [3, 256)."""
+    generator = torch.Generator().manual_seed(seed)
+    seq = max(lengths)
+    ids = torch.randint(3, IMAGE_START, (len(lengths), seq), generator=generator)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for b, length in enumerate(lengths):
+        mask[b, seq - length:] = 1
+    return ids * mask, mask
+
+
+def _right_padded(ids, mask):
+    lengths = mask.sum(1)
+    out = torch.zeros_like(ids)
+    for b, length in enumerate(lengths.tolist()):
+        out[b, :length] = ids[b, ids.shape[1] - length:]
+    return out, lengths
+
+
+# --- loading and logits -------------------------------------------------------------------------------
+
+
+def test_sharded_checkpoint_and_tied_head(checkpoints):
+    _, directory = checkpoints["gemma2"]
+    assert os.path.isfile(directory / "model.safetensors.index.json")
+    model = LiquidLM.from_pretrained(directory)
+    assert model.lm_head is None and model.config.sliding_layers == (True, False)
+    hf = checkpoints["gemma2"][0]
+    for name, p in hf.state_dict().items():
+        if name != "lm_head.weight":
+            torch.testing.assert_close(model.state_dict()[name], p, rtol=0, atol=0)
+    assert LiquidLM.from_pretrained(checkpoints["llama"][1]).lm_head is not None
+    assert LiquidLM.from_pretrained(checkpoints["llama3"][1]).lm_head is None
+    bf16 = LiquidLM.from_pretrained(checkpoints["llama3"][1], dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.inv_freq.dtype == torch.float32  # RoPE stays fp32
+    assert model.to(torch.float16).inv_freq.dtype == torch.float32
+
+
+def test_config_reads_transformers_4_files():
+    """config.json as older transformers wrote it (Liquid_V1_7B: transformers 4.39, Gemma's legacy
+    hidden_act "gelu", rope_theta / rope_scaling at the top level)."""
+    gemma = LiquidLMConfig.from_hf({"model_type": "gemma", "vocab_size": 264192, "hidden_size": 3072,
+                                    "intermediate_size": 24576, "num_hidden_layers": 28, "num_attention_heads": 16,
+                                    "num_key_value_heads": 16, "head_dim": 256, "hidden_act": "gelu",
+                                    "hidden_activation": None, "rope_theta": 10000.0, "rope_scaling": None})
+    assert gemma == LiquidLMConfig()  # the defaults are Liquid_V1_7B's
+    llama = LiquidLMConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+                                    "rope_theta": 5e5, "rope_scaling": {"type": "llama3", "factor": 8.0,
+                                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0}})
+    assert (llama.num_key_value_heads, llama.head_dim, llama.hidden_act, llama.tie_word_embeddings) == (2, 4, "silu",
+                                                                                                          False)
+    assert llama.rope_theta == 5e5 and llama.rope_scaling["original_max_position_embeddings"] == 64
+
+
+@pytest.mark.parametrize("kind", ["llama3", "gemma", "gemma2"])
+def test_bfloat16_error_is_like_transformers(checkpoints, kind):
+    """bf16 rounding differs in order from transformers' eager bf16 (not bitwise equal), so the
+    check is that our bf16 error against fp32 is of the size of transformers' own."""
+    hf, directory = checkpoints[kind]
+    ids, mask = _left_padded_batch()
+    with torch.no_grad():
+        fp32 = hf(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+    model = LiquidLM.from_pretrained(directory, dtype=torch.bfloat16)
+    model.setup_caches(3, 16)
+    ours = model.prefill(*_right_padded(ids, mask))
+    assert ours.dtype == torch.float32
+    hf_error, our_error = float((hf_bf16 - fp32).abs().max()), float((ours - fp32).abs().max())
+    assert our_error <= 2 * hf_error + 1e-3, (our_error, hf_error)
+    model.decode_step(torch.tensor([[260], [261], [262]]))  # the bf16 decode path runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_logits_match_transformers(checkpoints, kind):
+    hf, directory = checkpoints[kind]
+    model = LiquidLM.from_pretrained(directory)
+    ids, mask = _left_padded_batch()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+    tokens, lengths = _right_padded(ids, mask)
+    seq = ids.shape[1]
+    full = model(tokens, lengths)
+    model.setup_caches(4, 64)
+    last = model.prefill(tokens, lengths)
+    for b, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(full[b, :length], expected[b, seq - length:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(last[b], expected[b, -1], rtol=1e-4, atol=1e-4)
+    assert model.cache_seqlens.tolist() == [*lengths.tolist(), 0]
+
+
+def test_image_head_reads_only_its_rows(checkpoints):
+    model = LiquidLM.from_pretrained(checkpoints["llama"][1])
+    tokens, lengths = _right_padded(*_left_padded_batch())
+    rows = slice(IMAGE_START, IMAGE_START + IMAGE_CODES)
+    model.setup_caches(3, 32)
+    full = model.prefill(tokens, lengths)
+    step_full = model.decode_step(torch.tensor([[260], [261], [262]]))
+    with torch.no_grad():  # poison every other head row: the image logits must not see them
+        model.lm_head.weight[:IMAGE_START] = float("nan")
+        model.lm_head.weight[IMAGE_START + IMAGE_CODES:] = float("nan")
+    image = model.prefill(tokens, lengths, logits_rows=rows)
+    step_image = model.decode_step(torch.tensor([[260], [261], [262]]), logits_rows=rows)
+    assert image.shape == (3, IMAGE_CODES) and step_image.shape == (3, 1, IMAGE_CODES)
+    torch.testing.assert_close(image, full[:, rows], rtol=0, atol=0)
+    torch.testing.assert_close(step_image, step_full[:, :, rows], rtol=0, atol=0)
+
+
+# --- text generation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_transformers_generate(checkpoints, kind):
+    hf, directory = checkpoints[kind]
+    model = LiquidLM.from_pretrained(directory)
+    ids, mask = _left_padded_batch(seed=1)
+    expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    got = generate_text(model, ids, attention_mask=mask, max_new_tokens=32)
+    assert len(set(expected.flatten().tolist())) > 8, "degenerate test model"
+    assert torch.equal(got, expected)
+    b = 1  # the shortest prompt, alone, gives the same tokens as in the padded batch
+    alone = ids[b:b + 1, mask[b] == 1]
+    assert torch.equal(generate_text(model, alone, max_new_tokens=32), expected[b:b + 1])
+
+
+def test_eos_stops_like_transformers(checkpoints):
+    hf, directory = checkpoints["llama"]
+    model = LiquidLM.from_pretrained(directory)
+    ids, mask = _left_padded_batch(seed=1)
+    greedy = generate_text(model, ids, attention_mask=mask, max_new_tokens=32)
+    eos = int(greedy[0, 5])  # a token row 0 emits early
+    expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0,
+                           eos_token_id=eos)[:, ids.shape[1]:]
+    got = generate_text(model, ids, attention_mask=mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_seeded_sampling_is_reproducible(checkpoints):
+    model = LiquidLM.from_pretrained(checkpoints["gemma2"][1])
+    ids, mask = _left_padded_batch(seed=2)
+
+    def run(seed):
+        return generate_text(model, ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=1.5,
+                             top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert not torch.equal(first, run(1))
+
+
+def test_first_step_distribution_matches_transformers_processors(checkpoints):
+    hf, directory = checkpoints["gemma2"]
+    model = LiquidLM.from_pretrained(directory)
+    ids, mask = _left_padded_batch(seed=3)
+    temperature, top_k, top_p = 0.7, 40, 0.9
+    with torch.no_grad():
+        hf_logits = hf(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+    processors = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(temperature),
+                                                   transformers.TopKLogitsWarper(top_k),
+                                                   transformers.TopPLogitsWarper(top_p)])
+    hf_probs = processors(ids, hf_logits.clone()).softmax(-1).double()
+    model.setup_caches(3, 16)
+    logits = model.prefill(*_right_padded(ids, mask))
+    probs = sample_probs_ref(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(probs, hf_probs, rtol=0, atol=1e-5)
+    # draws of the sampler itself (the op generate_text calls) against transformers' probabilities
+    draws = 4000
+    tokens = mmfast.ops.sample(logits[:1].expand(draws, -1).contiguous(), temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=VOCAB).double()
+    support = hf_probs[0] > 0
+    assert counts[~support].sum() == 0
+    expected = draws * hf_probs[0, support]
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    dof = int(support.sum()) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
+    assert dof > 3 and p_value > 1e-4, (chi2, dof, p_value)
+
+
+def test_bad_inputs_raise(checkpoints, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LiquidLM.from_pretrained(tmp_path / "nowhere")
+    config = json.loads((checkpoints["llama"][1] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
+        LiquidLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        LiquidLM.from_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(checkpoints["llama"][1] / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(LiquidLMCheckpointError, match="missing .*model.layers.1.mlp.up_proj.weight"):
+        LiquidLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        LiquidLMConfig.from_hf({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
+
+    model = tiny_liquid_lm("gemma", vocab_size=VOCAB)
+    ids, mask = _left_padded_batch()
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate_text(model, ids, attention_mask=mask.flip(1), max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        tiny_liquid_lm("llama").decode_step(torch.zeros(1, 1, dtype=torch.long))
+    kwargs = dict(image_vocab_start=IMAGE_START, image_vocab_size=IMAGE_CODES, progress=False)
+    with pytest.raises(ValueError, match="square"):
+        generate_images(model, [1, 5, 6], uncond_ids=[1, 7], image_tokens=15, **kwargs)
+    with pytest.raises(ValueError, match="uncond_ids"):
+        generate_images(model, [1, 5, 6], image_tokens=16, **kwargs)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate_images(model, [1, 5, 6], uncond_ids=[1, 7], image_tokens=16, image_vocab_start=IMAGE_START + 1,
+                        image_vocab_size=IMAGE_CODES, progress=False)
+    with pytest.raises(ValueError, match="logits_rows"):
+        model(torch.zeros(1, 2, dtype=torch.long), logits_rows=slice(0, 2 * VOCAB))
+
+
+# --- image generation --------------------------------------------------------------------------------
+
+
+def _liquid_loop_with_transformers(hf, prompt, uncond, num_images, steps, cfg_scale, sample):
+    """Liquid's evaluation/inference_t2i.py loop on a transformers model: one left-padded batch of
+    [prompt] * n + [uncond] * n, HF positions, a DynamicCache, CFG on the last logits, text logits
+    masked to -inf, `sample(cfg_logits over the image rows)` -> codes, fed to both halves."""
+    rows = [prompt] * num_images + [uncond] * num_images
+    seq = max(map(len, rows))
+    ids = torch.zeros(len(rows), seq, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, seq - len(row):], mask[b, seq - len(row):] = torch.tensor(row), 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    codes = []
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for step in range(steps):
+            cond, uncond_logits = out.logits[:, -1].float().chunk(2)
+            cfg = uncond_logits + (cond - uncond_logits) * cfg_scale
+            code = sample(cfg[:, IMAGE_START:IMAGE_START + IMAGE_CODES])
+            codes.append(code)
+            if step + 1 == steps:
+                break
+            token = (code + IMAGE_START).repeat(2)[:, None]
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = hf(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
+                     use_cache=True)
+    return torch.stack(codes, dim=1)
+
+
+PROMPT, UNCOND = [1, 17, 99, 42, 8, 150, 77, 3, 250], [1, 5, 6]
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_generate_images_matches_liquid_loop(checkpoints, greedy):
+    hf, directory = checkpoints["gemma"]
+    model = LiquidLM.from_pretrained(directory)
+    num_images, steps, cfg_scale = 3, 16, 3.0
+    temperature, top_k, top_p = (0.0, 0, 1.0) if greedy else (1.0, 8, 0.9)
+    generator = torch.Generator().manual_seed(5)
+
+    def sample(cfg_logits):  # the reference sampler with the same uniform draws as mmfast.ops.sample
+        uniform = torch.rand(cfg_logits.shape[0], generator=generator)
+        return mmfast.reference.sample_ref(cfg_logits, uniform, temperature, top_k, top_p)
+
+    expected = _liquid_loop_with_transformers(hf, PROMPT, UNCOND, num_images, steps, cfg_scale, sample)
+    codes = generate_images(model, PROMPT, uncond_ids=UNCOND, cfg_scale=cfg_scale, temperature=temperature,
+                            top_k=top_k, top_p=top_p, num_images=num_images, image_tokens=steps, seed=5,
+                            image_vocab_start=IMAGE_START, image_vocab_size=IMAGE_CODES, progress=False)
+    assert codes.shape == (num_images, 4, 4)
+    assert len(set(expected.flatten().tolist())) > 4, "degenerate test model"
+    assert torch.equal(codes.flatten(1), expected)
+
+
+def test_generate_images_pairs_share_tokens_without_padding():
+    model = tiny_liquid_lm("gemma2", vocab_size=256 + 64, seed=1)
+    num_images, image_tokens = 3, 64
+    codes = generate_images(model, PROMPT, uncond_ids=UNCOND, num_images=num_images, image_tokens=image_tokens,
+                            seed=0, image_vocab_start=256, image_vocab_size=64, progress=False)
+    assert codes.shape == (num_images, 8, 8) and codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < 64
+    steps = image_tokens - 1  # tokens fed back (the last code is not)
+    lc, lu = len(PROMPT), len(UNCOND)
+    assert model.cache_seqlens.tolist() == [lc + steps] * num_images + [lu + steps] * num_images
+    assert model.cache_shape() == (2 * num_images, lc + image_tokens)  # no padding of the short rows beyond this
+    # layer 0's values depend on the token only (no RoPE): both rows of a pair were fed the same tokens
+    v_cache = model.model.layers[0].self_attn.kv_cache.v_cache
+    for b in range(num_images):
+        # (equal up to the BLAS's row-dependent rounding; a different token differs by ~0.1)
+        torch.testing.assert_close(v_cache[b, lc:lc + steps], v_cache[num_images + b, lu:lu + steps], rtol=0,
+                                   atol=1e-5)
+    again = generate_images(model, PROMPT, uncond_ids=UNCOND, num_images=num_images, image_tokens=image_tokens,
+                            seed=0, image_vocab_start=256, image_vocab_size=64, progress=False)
+    assert torch.equal(codes, again) and len(set(codes.flatten().tolist())) > 8
