@@ -1,0 +1,154 @@
+"""Whole decode steps of Liquid's LM: mmfast (LiquidLM on the decode ops, static cache) vs
+transformers' generate (dynamic cache; static cache too where it runs) with the same weights,
+greedy, measured in the same run; and the step's bandwidth floor.
+
+CPU (2 cores): a ~138M-parameter Llama (hidden 768, 12 layers, 12 heads, FFN 3072, vocabulary
+32,000, tied head) in fp32 at batch 1 and 8, prompts of 32 tokens. GPU: Liquid-7B's shape
+(Gemma-7B: 28 layers, hidden 3072, 16 heads of 256, FFN 24,576) with random bf16 weights at
+batch 8 (4 images with CFG), image-head logits only.
+
+Time per step = (time of N2 new tokens - time of N1) / (N2 - N1): prefill cancels out. The
+floor of one step is the bytes it must read (weights, the head, the KV cache up to the step) over
+the measured copy bandwidth (CPU) or the datasheet HBM bandwidth (GPU).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mmfast.models.liquid import LiquidLM, LiquidLMConfig, generate_text
+
+from _utils import bench_device, peak_bandwidth, record_metrics, synchronize
+
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
+PROMPT = 32
+STEPS = (8, 40) if not ON_GPU else (16, 144)
+CPU_FLOOR_TARGET = 1.25   # batch-1 step within 1.25x of its bandwidth floor
+CPU_BATCH8_TARGET = 2.0   # batch-8 tokens/s over transformers generate
+GPU_FLOOR_TARGET = 1.25   # Liquid-7B step at batch 8 under a CUDA graph
+
+
+def llama_134m():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
+                                      tie_word_embeddings=True, attn_implementation="sdpa", pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # spread the logits so greedy tokens are not near-ties
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    if ON_GPU:
+        pytest.skip("the GPU benchmark times Liquid-7B's shape (test_liquid_7b_step)")
+    hf = llama_134m()
+    directory = tmp_path_factory.mktemp("llama134m")
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf, LiquidLM.from_pretrained(str(directory))
+
+
+def _seconds(fn) -> float:
+    synchronize(DEVICE)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(DEVICE)
+    return time.perf_counter() - start, result
+
+
+def step_ms(generate, repeats=3):
+    """(median ms per decode step, tokens of the longer run) from runs of STEPS[0] and STEPS[1] new tokens."""
+    short, long_ = [], []
+    tokens = None
+    for _ in range(repeats):
+        short.append(_seconds(lambda: generate(STEPS[0]))[0])
+        seconds, tokens = _seconds(lambda: generate(STEPS[1]))
+        long_.append(seconds)
+    short.sort(), long_.sort()
+    return 1e3 * (long_[repeats // 2] - short[repeats // 2]) / (STEPS[1] - STEPS[0]), tokens
+
+
+def weight_bytes(model: torch.nn.Module, head_rows: int) -> int:
+    """Bytes a step reads: every matrix but the embedding table, plus the head's rows."""
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    embed = model.model.embed_tokens.weight
+    return total + head_rows * embed.shape[1] * embed.element_size()
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_generate_step(benchmark, models, batch):
+    hf, lm = models
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(3, 32000, (batch, PROMPT), generator=generator)
+    mask = torch.ones_like(prompts)
+    lm.setup_caches(batch, PROMPT + STEPS[1] + 1)
+
+    def mmfast_generate(n):
+        return generate_text(lm, prompts, attention_mask=mask, max_new_tokens=n)
+
+    def hf_generate(n):
+        out = hf.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+        return out[:, PROMPT:]
+
+    with torch.no_grad():
+        mmfast_ms, mmfast_tokens = step_ms(mmfast_generate)
+        hf_ms, hf_tokens = step_ms(hf_generate)
+    benchmark.pedantic(lambda: mmfast_generate(STEPS[0]), rounds=1, iterations=1)
+    identical = torch.equal(mmfast_tokens, hf_tokens)
+    config = lm.config
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4 * batch * (
+        PROMPT + sum(STEPS) // 2)
+    floor_bytes = weight_bytes(hf, config.vocab_size) + kv_bytes
+    bandwidth, _ = peak_bandwidth(DEVICE)
+    floor_ms = 1e3 * floor_bytes / bandwidth
+    if batch == 1:
+        target, met = f"<= {CPU_FLOOR_TARGET}x the floor ({floor_ms:.1f} ms)", mmfast_ms <= CPU_FLOOR_TARGET * floor_ms
+    else:
+        target, met = f">= {CPU_BATCH8_TARGET}x transformers tokens/s", hf_ms / mmfast_ms >= CPU_BATCH8_TARGET
+    record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"llama-138M B={batch} prompt={PROMPT}", device=DEVICE,
+                   dtype=torch.float32, times={"mmfast": mmfast_ms, "transformers_generate": hf_ms},
+                   floor_bytes=floor_bytes, items=(batch, "tokens"), target=target, target_met=met and identical,
+                   identical_greedy_tokens=identical, floor_ms=round(floor_ms, 2))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Liquid-7B's shape needs a GPU (16 GB of bf16 weights)")
+def test_liquid_7b_step(benchmark):
+    """One decode step of Liquid-7B's shape at batch 8 (4 images with CFG), image-head logits only,
+    under the CUDA graph of generate_images' DecodeStep, against its bandwidth floor."""
+    from mmfast.models.liquid.generate import DecodeStep
+
+    with torch.device(DEVICE):
+        lm = LiquidLM(LiquidLMConfig()).to(torch.bfloat16).eval()  # the defaults: Liquid-7B
+    batch, context = 8, 40 + 512
+    lm.setup_caches(batch, context + 64)
+    rows = slice(256000, 264192)
+    with torch.no_grad():
+        lm.prefill(torch.randint(0, 256000, (batch, context), device=DEVICE))
+        step = DecodeStep(lm, rows)
+        tokens = torch.randint(256000, 264192, (batch, 1), device=DEVICE)
+        for _ in range(3):
+            step(tokens)
+        synchronize(DEVICE)
+        repeats = 50
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step(tokens)
+        synchronize(DEVICE)
+    step_time = 1e3 * (time.perf_counter() - start) / repeats
+    benchmark.pedantic(lambda: step(tokens), rounds=3, iterations=1)
+    config = lm.config
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * batch * (context + 32)
+    floor_bytes = weight_bytes(lm, rows.stop - rows.start) + kv_bytes
+    bandwidth, _ = peak_bandwidth(DEVICE)
+    floor_ms = 1e3 * floor_bytes / bandwidth
+    record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"liquid-7b B={batch} context={context}",
+                   device=DEVICE, dtype=torch.bfloat16, times={"mmfast": step_time}, floor_bytes=floor_bytes,
+                   items=(batch, "tokens"), target=f"<= {GPU_FLOOR_TARGET}x the floor ({floor_ms:.2f} ms)",
+                   target_met=step_time <= GPU_FLOOR_TARGET * floor_ms, floor_ms=round(floor_ms, 2))
