@@ -1,7 +1,8 @@
 """Decode ops: decode_attention vs PyTorch SDPA over the same static cache (the path a
 gpt-fast-style loop takes: a length mask over T_max, GQA by repeat_interleave), the fused
 sampler vs the sort-based sampler Liquid and LlamaGen use, kv_cache_append vs an indexed
-write. All baselines are measured in the same run.
+write, decode_linear vs F.linear (the BLAS torch ships) on a stack of weights larger than the
+caches. All baselines are measured in the same run.
 
 Shapes: Liquid-7B's attention (MHA, 16 heads, head dim 256) and a Llama-3 GQA layer (32 query
 heads, 8 KV heads, head dim 128); contexts of 1k to 8k tokens, batch 1 to 64 on a GPU (1 and 8
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops import decode_attention, kv_cache_append, sample
+from mmfast.ops import decode_attention, decode_linear, kv_cache_append, sample
 
 from _utils import bench_device, median_ms, peak_bandwidth, record_metrics, run_timed
 
@@ -124,3 +125,22 @@ def test_kv_cache_append(benchmark, batch):
     times["index_put"] = median_ms(indexed_write, DEVICE, warmup=2, repeats=9)
     record_metrics(benchmark, op="kv_cache_append", shape=f"liquid-7b-mha B={batch} S=1", device=DEVICE, dtype=DTYPE,
                    times=times, floor_bytes=4 * k_new.numel() * k_new.element_size())
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_linear(benchmark, rows):
+    """One decode step's worth of projections (a Llama-138M's 12 MLP up-projections, 113 MB in fp32 on
+    the CPU; Liquid-7B's 28 on a GPU): weights streamed from memory, not from a cache."""
+    hidden, ffn, layers = (3072, 24576, 28) if ON_GPU else (768, 3072, 12)
+    weights = [torch.randn(ffn, hidden, device=DEVICE, dtype=DTYPE) for _ in range(layers)]
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=DTYPE)
+
+    def run(fn):
+        return lambda: [fn(x, w) for w in weights]
+
+    times = {"mmfast": run_timed(benchmark, run(decode_linear), DEVICE, rounds=7, warmup=1)}
+    if ON_GPU:
+        times["mmfast"] = median_ms(run(decode_linear), DEVICE)
+    times["F.linear"] = median_ms(run(F.linear), DEVICE, warmup=1, repeats=7)
+    record_metrics(benchmark, op="decode_linear", shape=f"M={rows} K={hidden} N={ffn} x{layers}", device=DEVICE,
+                   dtype=DTYPE, times=times, floor_bytes=sum(w.numel() * w.element_size() for w in weights))

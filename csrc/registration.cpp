@@ -52,6 +52,8 @@ TORCH_LIBRARY(mmfast, m) {
   m.def(
       "sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p, float? cfg_scale) -> "
       "(Tensor, Tensor)");
+  // F.linear for the few rows of a decode step: x (M, K), weight (N, K), bias (N,)? -> (M, N).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast import reference
-from mmfast.ops import decode_attention, kv_cache_append, sample
+from mmfast.ops import decode_attention, decode_linear, kv_cache_append, sample
 
 from _utils import TOLERANCES, backend_params
 
@@ -293,6 +293,53 @@ def test_sample_u_near_one_stays_in_range():
     assert tokens.tolist() == [3, 40, 3]
 
 
+# --- decode_linear ------------------------------------------------------------------------------
+
+LINEAR_SHAPES = [(1, 768, 3072), (8, 768, 2304), (3, 40, 7), (16, 5, 1), (13, 1, 9), (0, 8, 4)]  # M, K, N
+
+
+@pytest.mark.parametrize("backend_device", [b for b in BACKENDS if "triton" not in b.id])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=shape_id)
+def test_linear_matches_the_reference(backend_device, dtype, shape):
+    backend, device = backend_device
+    if dtype == torch.float64 and device != "cpu":
+        pytest.skip("fp64 on the CPU kernels only")
+    rows, k, n = shape
+    generator = torch.Generator().manual_seed(k)
+    x = torch.randn(rows, k, generator=generator).to(device, dtype)
+    weight = torch.randn(n, k, generator=generator).to(device, dtype)
+    bias = torch.randn(n, generator=generator).to(device, dtype)
+    for b in (None, bias):
+        out = decode_linear(x, weight, b, backend=backend)
+        expected = reference.decode_linear_ref(x, weight, b)
+        atol, rtol = TOLERANCES[dtype]
+        torch.testing.assert_close(out.double(), expected.double(), atol=atol * k ** 0.5, rtol=rtol)
+
+
+def test_linear_takes_token_tensors_and_strided_rows():
+    x = torch.randn(2, 3, 64)[:, :, ::2]  # (B, S, K) with a stride of 2 along K
+    weight = torch.randn(10, 32)
+    torch.testing.assert_close(decode_linear(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
+    rows = torch.randn(64, 4)[::8]  # rows 8 apart
+    torch.testing.assert_close(decode_linear(rows, weight[:, :4]), rows @ weight[:, :4].T, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_errors():
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight must be \(N, K=8\)"):
+        decode_linear(x, torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"bias must be \(4,\)"):
+        decode_linear(x, weight, torch.randn(5))
+    with pytest.raises(TypeError, match="same dtype"):
+        decode_linear(x, weight.double())
+    with pytest.raises(RuntimeError, match="no Triton twin"):
+        decode_linear(x, weight, backend="triton")
+    out = decode_linear(x.requires_grad_(), weight)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
 # --- torch.library integration --------------------------------------------------------------------
 
 
@@ -309,6 +356,10 @@ def test_opcheck(backend_device):
     logits = sampler_logits(4, 100, device)
     torch.library.opcheck(op("sample"), (logits, torch.rand(2, device=device), 0.9, 10, 0.9, 3.0))
     torch.library.opcheck(op("sample"), (logits, torch.rand(4, device=device), 0.0, 0, 1.0, None))
+    if backend == "native":
+        weight = torch.randn(6, 16, device=device)
+        torch.library.opcheck(op("decode_linear"), (q[:, 0, 0], weight, torch.randn(6, device=device)))
+        torch.library.opcheck(op("decode_linear"), (q[:, 0, 0], weight, None))
 
 
 def test_torch_compile_fullgraph_decode_step():

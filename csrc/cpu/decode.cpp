@@ -29,6 +29,15 @@ struct DecodeCpuBackend {
   static size_t sample_workspace_bytes(const SampleParams&) { return 0; }
 
   static void sample(SampleParams& p) { decode_kernels().sample(p); }
+
+  static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in) {
+    const at::Tensor x = (x_in.size(1) <= 1 || x_in.stride(1) == 1) ? x_in : x_in.contiguous();
+    const at::Tensor weight = weight_in.contiguous();
+    const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : bias_in;
+    at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+    decode_kernels().linear(glue::linear_params(x, weight, bias, y));
+    return y;
+  }
 };
 
 }  // namespace cpu

@@ -1,5 +1,6 @@
 // CUDA registration of the decode ops: the torch glue around the torch-free kernels in
-// mmfast/cuda/decode.cuh (checks, allocation and the device guard in glue/decode_glue.h).
+// mmfast/cuda/decode.cuh (checks, allocation and the device guard in glue/decode_glue.h);
+// decode_linear is cuBLAS through at::linear.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
@@ -36,6 +37,11 @@ struct DecodeCudaBackend {
   }
   static void sample(mmfast::SampleParams& p) {
     check_launch(mmfast::cuda::sample(p, at::cuda::getCurrentCUDAStream()), "sample", "kernel launch");
+  }
+  // cuBLAS already streams the weights near the bandwidth limit for a few rows (its GEMV /
+  // small-M GEMM kernels), so the CUDA decode_linear is at::linear by design, not a fallback.
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+    return at::linear(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
   }
 };
 

@@ -7,6 +7,7 @@
 //   void   attention(DecodeAttentionParams&);                   // throws on failure
 //   size_t sample_workspace_bytes(const SampleParams&);
 //   void   sample(SampleParams&);                               // throws on failure
+//   at::Tensor linear(x (M, K), weight (N, K), bias or undefined);   // after the checks here
 // and the op functions below are instantiated once per backend. Length checks that need the
 // values of cache_seqlens are the backend's (the CPU raises; CUDA guards in the kernel).
 #pragma once
@@ -110,6 +111,43 @@ inline int64_t check_sample(const at::Tensor& logits, const at::Tensor& uniform,
   return rows;
 }
 
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const char* op = "decode_linear";
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be a 2-D (M, K) tensor, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be (N, K=", x.size(1),
+                    "), got shape ", weight.sizes());
+  to_dtype(x, op, "x");
+  check_same_dtype_device(x, "x", weight, "weight", op);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be (", weight.size(0),
+                      ",), got ", bias->sizes());
+    check_same_dtype_device(x, "x", *bias, "bias", op);
+  }
+}
+
+// Fills DecodeLinearParams for the CPU kernels (x rows with a unit stride, weight contiguous).
+inline DecodeLinearParams linear_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                        const at::Tensor& y) {
+  DecodeLinearParams p;
+  p.rows = x.size(0);
+  p.in_features = x.size(1);
+  p.out_features = weight.size(0);
+  p.dtype = to_dtype(x, "decode_linear", "x");
+  p.x = x.data_ptr();
+  p.x_row_stride = x.size(0) > 1 ? x.stride(0) : x.size(1);
+  p.weight = weight.data_ptr();
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  return p;
+}
+
+template <class Backend>
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_linear(x, weight, bias);
+  const c10::DeviceGuard guard(x.device());
+  return Backend::linear(x, weight, bias.has_value() ? *bias : at::Tensor());
+}
+
 template <class Backend>
 void kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_in, const at::Tensor& v_in,
                      const at::Tensor& seqlens_in) {
@@ -206,4 +244,5 @@ std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits_in, const at:
     m.impl("kv_cache_append", &::mmfast::glue::kv_cache_append<Backend>);      \
     m.impl("decode_attention", &::mmfast::glue::decode_attention<Backend>);    \
     m.impl("sample", &::mmfast::glue::sample<Backend>);                        \
+    m.impl("decode_linear", &::mmfast::glue::decode_linear<Backend>);          \
   } while (0)

@@ -168,6 +168,28 @@ int check_sample(const cpu::DecodeKernels& k, int64_t V, int64_t top_k, float to
   return bad;
 }
 
+// y = x W^T + b for M rows (register-block tails in M and N, K not a multiple of the vector).
+double check_linear(const cpu::DecodeKernels& k, int64_t M, int64_t K, int64_t N, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> x(M * K), w(N * K), b(N), y(M * N + 8, kGuard);
+  for (auto* v : {&x, &w, &b})
+    for (auto& e : *v) e = normal(rng);
+  DecodeLinearParams p;
+  p.rows = M, p.in_features = K, p.out_features = N;
+  p.x = x.data(), p.x_row_stride = K, p.weight = w.data(), p.bias = b.data(), p.y = y.data();
+  k.linear(p);
+  double worst = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = b[n];
+      for (int64_t i = 0; i < K; ++i) s += double(x[m * K + i]) * w[n * K + i];
+      worst = std::max(worst, std::fabs(s - y[m * N + n]) / std::sqrt(double(K)));
+    }
+  for (int64_t i = M * N; i < M * N + 8; ++i)
+    if (y[i] != kGuard) return 1e9;
+  return worst;
+}
+
 }  // namespace
 
 int main() {
@@ -198,6 +220,14 @@ int main() {
       std::printf("%s %s attention B=%lld Sq=%lld H=%lld/%lld D=%lld T=%lld window=%lld softcap=%g: max err %.2e\n",
                   ok ? "ok  " : "FAIL", name, (long long)c.B, (long long)c.Sq, (long long)c.H, (long long)c.Hkv,
                   (long long)c.D, (long long)c.T, (long long)c.window, c.softcap, err);
+    }
+    const int64_t linears[][3] = {{1, 768, 100}, {8, 37, 11}, {5, 3, 2}, {16, 64, 7}};
+    for (const auto& l : linears) {
+      const double err = check_linear(k, l[0], l[1], l[2], rng);
+      const bool ok = err < 1e-5;
+      (ok ? passed : failures)++;
+      std::printf("%s %s linear M=%lld K=%lld N=%lld: max err / sqrt(K) %.2e\n", ok ? "ok  " : "FAIL", name,
+                  (long long)l[0], (long long)l[1], (long long)l[2], err);
     }
     const struct {
       int64_t V, top_k;

@@ -21,6 +21,8 @@
 //   the token is drawn by inverse CDF in index order with the caller's uniform u_r in [0, 1):
 //   the smallest i whose running sum of kept exp(x - max) exceeds u_r * total.
 //   A row holding NaN or +inf, or all -inf, is invalid: status[r] = 1 and token 0.
+// decode_linear: y = x W^T (+ bias) for the few rows of a decode step (M = B * S), F.linear's
+//   semantics, accumulated in fp32 (fp64): the weights are streamed once, whatever M.
 #pragma once
 
 #include <cstddef>
@@ -78,6 +80,18 @@ struct SampleParams {
 
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+};
+
+struct DecodeLinearParams {
+  int64_t rows = 0;          // M
+  int64_t in_features = 0;   // K
+  int64_t out_features = 0;  // N
+  DType dtype = DType::kFloat32;  // of x, weight, bias and y
+  const void* x = nullptr;       // (M, K), row m at x + m * x_row_stride, unit stride along K
+  int64_t x_row_stride = 0;
+  const void* weight = nullptr;  // (N, K), contiguous
+  const void* bias = nullptr;    // (N,) or nullptr
+  void* y = nullptr;             // (M, N), contiguous
 };
 
 }  // namespace mmfast

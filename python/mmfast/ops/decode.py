@@ -5,6 +5,7 @@ Ops (schemas in csrc/registration.cpp; Triton twins in the namespace mmfast_trit
   kv_cache_append(k_cache!, v_cache!, k, v, cache_seqlens) -> ()       in place
   decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap, window) -> out
   sample(logits, uniform, temperature, top_k, top_p, cfg_scale?) -> (tokens, status)
+  decode_linear(x, weight, bias?) -> y                                 F.linear for few rows
 Caches are static and preallocated, (B, T_max, H_kv, D) (FlashAttention's kvcache layout);
 cache_seqlens is (B,) int32. The exact rules are in mmfast.reference.decode. The ops are for
 inference: differentiating decode_attention raises.
@@ -18,7 +19,8 @@ import torch
 from .. import _backend, _extension, reference
 from ._checks import check_float, check_same
 
-__all__ = ["kv_cache_append", "decode_attention", "sample", "SUPPORTED_HEAD_DIMS", "MAX_DECODE_QUERIES"]
+__all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "SUPPORTED_HEAD_DIMS",
+           "MAX_DECODE_QUERIES"]
 
 # Head dims with tuned CUDA kernels; the CPU kernels take any D.
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -116,6 +118,20 @@ def check_sample(logits, uniform, temperature: float, top_k: int, top_p: float, 
         raise ValueError(f"{op}: top_p must be in [0, 1] (1: off), got {top_p}")
 
 
+def check_linear(x, weight, bias=None) -> None:
+    op = "decode_linear"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: the op takes x as (M, K), got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight must be (N, K={x.shape[1]}), got shape {tuple(weight.shape)}")
+    check_float(op, "x", x)
+    tensors = {"x": x, "weight": weight, **({} if bias is None else {"bias": bias})}
+    check_same(op, tensors, "dtype")
+    check_same(op, tensors, "device")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
 # --- fake kernels ----------------------------------------------------------------------
 
 
@@ -134,9 +150,18 @@ def _fake_sample(logits, uniform, temperature, top_k, top_p, cfg_scale):
     return logits.new_empty((rows,), dtype=torch.int64), logits.new_empty((rows,), dtype=torch.int32)
 
 
+def _fake_linear(x, weight, bias):
+    check_linear(x, weight, bias)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def _attention_backward(ctx, grad):
     raise RuntimeError("decode_attention is inference-only (a KV-cached decode step); train with "
                        "torch.nn.functional.scaled_dot_product_attention")
+
+
+def _linear_backward(ctx, grad):
+    raise RuntimeError("decode_linear is inference-only (a decode step); train with torch.nn.functional.linear")
 
 
 def register_fakes_and_autograd(namespace: str) -> None:
@@ -146,6 +171,10 @@ def register_fakes_and_autograd(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::sample", _fake_sample)
     torch.library.register_autograd(f"{namespace}::decode_attention", _attention_backward,
                                     setup_context=lambda ctx, inputs, output: None)
+    if namespace == "mmfast":  # no Triton twin: on a GPU this is cuBLAS's GEMV
+        torch.library.register_fake(f"{namespace}::decode_linear", _fake_linear)
+        torch.library.register_autograd(f"{namespace}::decode_linear", _linear_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
 
 
 if _extension.loaded():
@@ -167,8 +196,9 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     CUDA (no host synchronisation: check lengths yourself if they may overflow).
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
     """
-    check_append(k_cache, v_cache, k, v, cache_seqlens)
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
+    if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
+        check_append(k_cache, v_cache, k, v, cache_seqlens)
     if chosen == "reference":
         _check_lengths_fit("kv_cache_append", cache_seqlens, k.shape[1], k_cache.shape[1])
         reference.kv_cache_append_ref(k_cache, v_cache, k, v, cache_seqlens)
@@ -193,9 +223,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     CPU and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes, devices.
     """
     window = window or 0
-    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _backend.resolve("decode_attention", q.device, backend)
+    if chosen != "native":  # the compiled op checks the same in C++
+        check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "reference":
         _check_lengths_fit("decode_attention", cache_seqlens - q.shape[1], q.shape[1], k_cache.shape[1])
         return reference.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale, softcap, window)
@@ -230,8 +261,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     if uniform is None:
         uniform = torch.rand((rows,), generator=generator, dtype=torch.float32, device=logits.device)
     cfg = None if cfg_scale is None else float(cfg_scale)
-    check_sample(logits, uniform, temperature, top_k, top_p, cfg)
     chosen = _backend.resolve("sample", logits.device, backend)
+    if chosen != "native":  # the compiled op checks the same in C++
+        check_sample(logits, uniform, temperature, top_k, top_p, cfg)
     if chosen == "reference":
         tokens = reference.sample_ref(logits, uniform, temperature, top_k, top_p, cfg)
         status = reference.invalid_logit_rows(reference.cfg_mix_ref(logits, cfg)).int()
@@ -245,6 +277,35 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
         raise ValueError(f"sample: logits rows {bad[:8]} hold a NaN or +inf, or are all -inf (after the CFG mix): "
                          "nothing to sample from")
     return tokens
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for the few rows of a decode step (batch x new tokens).
+
+    x: (..., K); weight: (N, K); bias: (N,) or None; same float dtype and device. Returns
+    (..., N) in x's dtype, accumulated in fp32 (fp64 for fp64). The CPU kernel streams the
+    weights once and multiplies every row of x with each weight row while it is in cache, so
+    its time is the weight bytes over the memory bandwidth for any M up to a few dozen rows
+    (the small-M GEMM of the BLAS torch ships reads them at half the bandwidth or less on
+    AVX2 CPUs). On CUDA it is cuBLAS (at::linear), already bandwidth-bound there. No Triton
+    twin: backend="triton" raises. Inference only: differentiating it raises.
+    Raises ValueError / TypeError for shapes, dtypes, devices.
+    """
+    if x.dim() < 1:
+        raise ValueError("decode_linear: x must have at least one dim (..., K), got a 0-d tensor")
+    rows = x.reshape(-1, x.shape[-1])
+    chosen = _backend.resolve("decode_linear", x.device, backend)
+    if chosen != "native":  # the compiled op checks the same in C++
+        check_linear(rows, weight, bias)
+    if chosen == "reference":
+        out = reference.decode_linear_ref(rows, weight, bias)
+    elif chosen == "triton":
+        raise RuntimeError("decode_linear has no Triton twin (on a GPU the native op is cuBLAS): use "
+                           "backend='native' or backend='reference'")
+    else:
+        out = _backend.op_overload("decode_linear", chosen)(rows, weight, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _check_lengths_fit(op: str, starts: torch.Tensor, count: int, max_tokens: int) -> None:

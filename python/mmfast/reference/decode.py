@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 __all__ = ["kv_cache_append_ref", "decode_attention_ref", "sample_probs_ref", "sample_ref", "cfg_mix_ref",
-           "invalid_logit_rows"]
+           "invalid_logit_rows", "decode_linear_ref"]
 
 
 def kv_cache_append_ref(k_cache, v_cache, k, v, cache_seqlens) -> None:
@@ -128,3 +128,9 @@ def sample_ref(logits, uniform, temperature: float = 1.0, top_k: int = 0, top_p:
     last_kept = (probs > 0).long().cumsum(-1).argmax(-1)  # a u that rounds past the total
     tokens = torch.minimum((running <= target).sum(-1), last_kept)
     return torch.where(invalid, torch.zeros_like(tokens), tokens)
+
+
+def decode_linear_ref(x, weight, bias=None) -> torch.Tensor:
+    """F.linear computed in fp64, returned in x's dtype."""
+    out = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return out.to(x.dtype)

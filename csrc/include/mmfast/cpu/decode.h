@@ -17,6 +17,7 @@ struct DecodeKernels {
   int64_t (*append)(const KVCacheAppendParams&);
   int64_t (*attention)(const DecodeAttentionParams&);
   void (*sample)(const SampleParams&);
+  void (*linear)(const DecodeLinearParams&);
 };
 
 MMFAST_DECLARE_ISA_KERNELS(DecodeKernels, decode_kernels)

@@ -7,6 +7,9 @@
 // sum and output rows) in the accumulation type. Chunks are folded in key order by a second
 // pass. Chunks are fixed by the shape (not by the thread count), so results are bitwise
 // independent of the number of threads.
+// decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
+// and multiplies them with every row of x (converted to the accumulation type once per call),
+// kLinearRows x kLinearXRows dot products in registers at a time.
 // sample: one row at a time. Top-k and top-p thresholds are found by a radix select over
 // order-preserving 32-bit keys of the fp32 values (4 passes of 8 bits: no sort), with weights
 // and sums in fp64; the draw is an inverse CDF in index order.
@@ -389,9 +392,121 @@ void sample(const SampleParams& p) {
   });
 }
 
+// ---- decode_linear -----------------------------------------------------------------------------
+
+// 3 x 4 accumulators + 3 weight vectors + 1 x vector: the 16 AVX2 registers.
+constexpr int64_t kLinearRows = 3;   // weight rows of a register block
+constexpr int64_t kLinearXRows = 4;  // rows of x of a register block
+
+// W consecutive elements of a weight row as a vector of the accumulation type.
+inline Vec<float>::type load_weights(const float* p) { return load<float>(p); }
+inline Vec<double>::type load_weights(const double* p) { return load<double>(p); }
+inline Vec<float>::type load_weights(const BFloat16* p) {
+  typedef uint16_t Half16 __attribute__((vector_size(Vec<float>::width * 2)));
+  typedef uint32_t Word32 __attribute__((vector_size(Vec<float>::width * 4)));
+  Half16 bits;
+  __builtin_memcpy(&bits, p, sizeof(bits));
+  const Word32 words = __builtin_convertvector(bits, Word32) << 16;
+  Vec<float>::type v;
+  __builtin_memcpy(&v, &words, sizeof(v));
+  return v;
+}
+inline Vec<float>::type load_weights(const Half* p) {
+  float lanes[Vec<float>::width];
+  for (int64_t i = 0; i < Vec<float>::width; ++i) lanes[i] = to_float(p[i]);
+  return load<float>(lanes);
+}
+
+template <typename acc_t>
+inline acc_t sum_lanes(typename Vec<acc_t>::type v) {
+  acc_t lanes[Vec<acc_t>::width];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  acc_t sum = 0;
+  for (int64_t i = 0; i < Vec<acc_t>::width; ++i) sum += lanes[i];
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+struct LinearJob {
+  const DecodeLinearParams* p;
+  const acc_t* xbuf;  // (M, K) in acc_t
+
+  // out[r][m] = dot(weight row n0 + r, x row m0 + m) for r < NR, m < MR.
+  template <int NR, int MR>
+  void block(int64_t n0, int64_t m0, acc_t out[kLinearRows][kLinearXRows]) const {
+    using V = typename Vec<acc_t>::type;
+    constexpr int64_t W = Vec<acc_t>::width;
+    const int64_t k_total = p->in_features, k_vec = k_total / W * W;
+    const scalar_t* weight = static_cast<const scalar_t*>(p->weight) + n0 * k_total;
+    const acc_t* x = xbuf + m0 * k_total;
+    V acc[NR][MR] = {};
+    for (int64_t k = 0; k < k_vec; k += W) {
+      V w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = load_weights(weight + r * k_total + k);
+      for (int m = 0; m < MR; ++m) {
+        const V xv = load<acc_t>(x + m * k_total + k);
+        for (int r = 0; r < NR; ++r) acc[r][m] += w[r] * xv;
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) {
+        acc_t sum = sum_lanes<acc_t>(acc[r][m]);
+        for (int64_t k = k_vec; k < k_total; ++k) sum += acc_t(to_acc(weight[r * k_total + k])) * x[m * k_total + k];
+        out[r][m] = sum;
+      }
+  }
+
+  template <int NR>
+  void rows_of_weights(int64_t n0) const {
+    scalar_t* y = static_cast<scalar_t*>(p->y);
+    const scalar_t* bias = static_cast<const scalar_t*>(p->bias);
+    acc_t out[kLinearRows][kLinearXRows];
+    for (int64_t m0 = 0; m0 < p->rows; m0 += kLinearXRows) {
+      const int64_t mr = min_i64(kLinearXRows, p->rows - m0);
+      if (mr == 4) block<NR, 4>(n0, m0, out);
+      else if (mr == 3) block<NR, 3>(n0, m0, out);
+      else if (mr == 2) block<NR, 2>(n0, m0, out);
+      else block<NR, 1>(n0, m0, out);
+      for (int r = 0; r < NR; ++r)
+        for (int64_t m = 0; m < mr; ++m) {
+          const acc_t b = bias ? acc_t(to_acc(bias[n0 + r])) : acc_t(0);
+          y[(m0 + m) * p->out_features + n0 + r] = FromAcc<scalar_t>::convert(out[r][m] + b);
+        }
+    }
+  }
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const auto& job = *static_cast<LinearJob*>(ctx);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * kLinearRows, nr = min_i64(kLinearRows, job.p->out_features - n0);
+      if (nr == 3) job.template rows_of_weights<3>(n0);
+      else if (nr == 2) job.template rows_of_weights<2>(n0);
+      else job.template rows_of_weights<1>(n0);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void linear_typed(const DecodeLinearParams& p) {
+  Scratch<acc_t> xbuf(size_t(p.rows * p.in_features));
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  for (int64_t m = 0; m < p.rows; ++m)
+    for (int64_t k = 0; k < p.in_features; ++k) xbuf.data[m * p.in_features + k] = to_acc(x[m * p.x_row_stride + k]);
+  LinearJob<scalar_t, acc_t> job{&p, xbuf.data};
+  parallel_for(ceil_div(p.out_features, kLinearRows), &job, &LinearJob<scalar_t, acc_t>::run);
+}
+
+void linear(const DecodeLinearParams& p) {
+  if (p.rows == 0 || p.out_features == 0) return;
+  dispatch_dtype(p.dtype, 0, [&](auto scalar, auto acc) {
+    linear_typed<decltype(scalar), decltype(acc)>(p);
+    return 0;
+  });
+}
+
 }  // namespace decode
 
-DecodeKernels decode_kernels() { return {&decode::append, &decode::attention, &decode::sample}; }
+DecodeKernels decode_kernels() { return {&decode::append, &decode::attention, &decode::sample, &decode::linear}; }
 
 }  // namespace MMFAST_CPU_ISA_NS
 }  // namespace cpu

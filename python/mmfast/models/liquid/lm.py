@@ -87,6 +87,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- layers ------------------------------------------------------------------------------------------
 
+DECODE_ROWS = 16  # up to this many rows (batch x new tokens), projections stream their weights once
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear; for the few rows of a decode step (inference), mmfast.ops.decode_linear, which
+    reads each weight once whatever the row count (cuBLAS on CUDA)."""
+    few_rows = x.numel() <= DECODE_ROWS * x.shape[-1]
+    if few_rows and not (torch.is_grad_enabled() and weight.requires_grad):
+        return ops.decode_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, layer.weight, layer.bias)
+
 
 class RMSNorm(nn.Module):
     """LlamaRMSNorm: w * (x / rms(x) in fp32, cast back); with unit_offset, GemmaRMSNorm:
@@ -117,7 +132,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class KVCache(nn.Module):
@@ -163,9 +178,9 @@ class Attention(nn.Module):
         and attend over the cache with lengths cache_seqlens + S.
         """
         batch, seq, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(batch, seq, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        q = apply_rope(project(self.q_proj, x).view(batch, seq, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(project(self.k_proj, x).view(batch, seq, self.kv_heads, self.head_dim), cos, sin)
+        v = project(self.v_proj, x).view(batch, seq, self.kv_heads, self.head_dim)
         if cache_seqlens is not None:
             k_cache, v_cache = self.kv_cache.k_cache[:batch], self.kv_cache.v_cache[:batch]
             ops.kv_cache_append(k_cache, v_cache, k, v, cache_seqlens)
@@ -174,7 +189,7 @@ class Attention(nn.Module):
         else:
             out = ops.decode_attention(q, k_cache, v_cache, cache_seqlens + seq, scale=self.scale,
                                        softcap=self.softcap, window=self.window)
-        return self.o_proj(out.reshape(batch, seq, self.heads * self.head_dim))
+        return project(self.o_proj, out.reshape(batch, seq, self.heads * self.head_dim))
 
     def _attend_prompt(self, q, k, v, mask) -> torch.Tensor:
         """(B, S, H, D) x (B, S, H_kv, D) -> (B, S, H, D): softmax(scale * q k^T masked) v."""
@@ -307,7 +322,7 @@ class LiquidLM(nn.Module):
         weight = self.head_weight
         if logits_rows is not None:
             weight = weight[_check_rows(logits_rows, weight.shape[0])]
-        out = F.linear(self.model.norm(hidden), weight).float()
+        out = linear(self.model.norm(hidden), weight).float()
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(out / cap) if cap else out
 
