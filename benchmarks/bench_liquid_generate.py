@@ -7,6 +7,8 @@ CPU (2 cores): a ~138M-parameter Llama (hidden 768, 12 layers, 12 heads, FFN 307
 (Gemma-7B: 28 layers, hidden 3072, 16 heads of 256, FFN 24,576) with random bf16 weights at
 batch 8 (4 images with CFG), image-head logits only.
 
+mmfast runs its decode step through torch.compile (generate_text(compile=True), gpt-fast's
+recipe; the compilation is excluded as a warm-up) and also eagerly (column mmfast_eager).
 Time per step = (time of N2 new tokens - time of N1) / (N2 - N1): prefill cancels out. The
 floor of one step is the bytes it must read (weights, the head, the KV cache up to the step) over
 the measured copy bandwidth (CPU) or the datasheet HBM bandwidth (GPU).
@@ -89,8 +91,8 @@ def test_generate_step(benchmark, models, batch):
     mask = torch.ones_like(prompts)
     lm.setup_caches(batch, PROMPT + STEPS[1] + 1)
 
-    def mmfast_generate(n):
-        return generate_text(lm, prompts, attention_mask=mask, max_new_tokens=n)
+    def mmfast_generate(n, compile=True):
+        return generate_text(lm, prompts, attention_mask=mask, max_new_tokens=n, compile=compile)
 
     def hf_generate(n):
         out = hf.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -98,7 +100,8 @@ def test_generate_step(benchmark, models, batch):
         return out[:, PROMPT:]
 
     with torch.no_grad():
-        mmfast_ms, mmfast_tokens = step_ms(mmfast_generate)
+        mmfast_ms, mmfast_tokens = step_ms(mmfast_generate)  # the first run compiles the step
+        eager_ms, _ = step_ms(lambda n: mmfast_generate(n, compile=False))
         hf_ms, hf_tokens = step_ms(hf_generate)
     benchmark.pedantic(lambda: mmfast_generate(STEPS[0]), rounds=1, iterations=1)
     identical = torch.equal(mmfast_tokens, hf_tokens)
@@ -113,7 +116,8 @@ def test_generate_step(benchmark, models, batch):
     else:
         target, met = f">= {CPU_BATCH8_TARGET}x transformers tokens/s", hf_ms / mmfast_ms >= CPU_BATCH8_TARGET
     record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"llama-138M B={batch} prompt={PROMPT}", device=DEVICE,
-                   dtype=torch.float32, times={"mmfast": mmfast_ms, "transformers_generate": hf_ms},
+                   dtype=torch.float32,
+                   times={"mmfast": mmfast_ms, "transformers_generate": hf_ms, "mmfast_eager": eager_ms},
                    floor_bytes=floor_bytes, items=(batch, "tokens"), target=target, target_met=met and identical,
                    identical_greedy_tokens=identical, floor_ms=round(floor_ms, 2))
 

@@ -374,3 +374,13 @@ def test_generate_images_pairs_share_tokens_without_padding():
     again = generate_images(model, PROMPT, uncond_ids=UNCOND, num_images=num_images, image_tokens=image_tokens,
                             seed=0, image_vocab_start=256, image_vocab_size=64, progress=False)
     assert torch.equal(codes, again) and len(set(codes.flatten().tolist())) > 8
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
+    """generate_text(compile=True) (torch.compile of the decode step) == eager, greedy."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
+    prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    eager = generate_text(model, prompts, max_new_tokens=6)
+    compiled = generate_text(model, prompts, max_new_tokens=6, compile=True)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
