@@ -5,6 +5,7 @@ The test files import from here (`from _utils import ...`); fixtures live in con
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -25,6 +26,17 @@ TOLERANCES = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
+
+
+def fuzz_settings():
+    """The hypothesis settings of every tests/test_fuzz_*.py: MMFAST_FUZZ_EXAMPLES examples per
+    property (40 in CI); CI replays the same examples every run, MMFAST_FUZZ_RANDOM=1 draws new
+    ones (with pytest --hypothesis-seed=N to repeat a run)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=int(os.environ.get("MMFAST_FUZZ_EXAMPLES", "40")),
+                    derandomize=os.environ.get("MMFAST_FUZZ_RANDOM") != "1", deadline=None, database=None,
+                    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def backend_params():

@@ -286,6 +286,22 @@ def test_sample_flags_rows_it_cannot_sample(backend_device):
             sample(logits, backend=backend)
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sample_review_regressions(backend_device):
+    """Found in review: -0 and +0 must tie (top-k / top-p keep both); a tiny temperature must not
+    overflow x / temperature (raised to 1e-5, as Liquid does); top_p is compared in fp64 on the CPU."""
+    backend, device = backend_device
+    zeros = torch.tensor([[0.0, -0.0, -1.0]] * 64, device=device)
+    tokens = sample(zeros, top_k=1, uniform=torch.linspace(0, 0.999, 64, device=device), backend=backend)
+    assert set(tokens.tolist()) == {0, 1}
+    peaks = torch.tensor([[1.0, 100.0, 99.0]], device=device)
+    assert sample(peaks, temperature=1e-38, uniform=torch.tensor([0.5], device=device), backend=backend).item() == 1
+    if backend == "native" and device == "cpu":
+        boundary = torch.tensor([[0.0, -2.1972244]])  # probabilities 0.9 and 0.1: the first alone reaches 0.9
+        assert sample(boundary, top_p=0.9, uniform=torch.tensor([0.95])).item() == \
+            sample(boundary, top_p=0.9, uniform=torch.tensor([0.95]), backend="reference").item()
+
+
 def test_sample_u_near_one_stays_in_range():
     logits = torch.full((3, 50), float("-inf"))
     logits[:, 3], logits[:, 40], logits[:, 45] = 0.0, -1.0, -9.0
@@ -396,7 +412,7 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: decode_attention(q, k_cache, v_cache[:, :9], lengths), ValueError, "same shape"),
         (lambda: decode_attention(q, k_cache.transpose(1, 3), v_cache, lengths), ValueError, "4-D|unit stride|shape"),
         (lambda: decode_attention(q, k_cache, v_cache, lengths, softcap=-1.0), ValueError, "softcap"),
-        (lambda: decode_attention(q.int(), k_cache, v_cache, lengths), TypeError, "float32"),
+        (lambda: decode_attention(q.int(), k_cache, v_cache, lengths), TypeError, "q must be float32"),
         (lambda: kv_cache_append(k_cache, v_cache, torch.zeros(2, 11, 2, 8), torch.zeros(2, 11, 2, 8), lengths),
          ValueError, "11 new tokens do not fit"),
         (lambda: kv_cache_append(k_cache, v_cache, q, q, lengths), ValueError, "H_kv=2"),

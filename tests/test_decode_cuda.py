@@ -190,3 +190,59 @@ def test_cuda_decode_step_on_the_current_stream():
         out = decode_attention(q, k_cache, v_cache, seqlens + 1, backend="native")
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_a_decode_step():
+    """append + attend + sample captured once in a CUDA graph and replayed: each replay equals the
+    eager step on the same state, and the default generator draws new numbers on every replay."""
+    b, t_max, h, h_kv, d = 4, 256, 8, 2, 64
+    q = torch.randn(b, 1, h, d, device="cuda")
+    k_new, v_new = torch.randn(b, 1, h_kv, d, device="cuda"), torch.randn(b, 1, h_kv, d, device="cuda")
+    k_cache, v_cache = torch.randn(b, t_max, h_kv, d, device="cuda"), torch.randn(b, t_max, h_kv, d, device="cuda")
+    seqlens = torch.tensor([10, 200, 1, 77], dtype=torch.int32, device="cuda")
+
+    def step():
+        kv_cache_append(k_cache, v_cache, k_new, v_new, seqlens, backend="native")
+        seqlens.add_(1)
+        out = decode_attention(q, k_cache, v_cache, seqlens, backend="native")
+        return out, sample(out.flatten(1).float(), top_k=20, top_p=0.9, backend="native")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_tokens = step()
+    drawn = []
+    for _ in range(3):
+        before = (k_cache.clone(), v_cache.clone(), seqlens.clone())
+        graph.replay()
+        torch.cuda.synchronize()
+        k_cache_e, v_cache_e, seqlens_e = before
+        kv_cache_append(k_cache_e, v_cache_e, k_new, v_new, seqlens_e, backend="native")
+        expected = decode_attention(q, k_cache_e, v_cache_e, seqlens_e + 1, backend="native")
+        torch.testing.assert_close(static_out, expected, atol=0, rtol=0)
+        assert torch.equal(seqlens, seqlens_e + 1)
+        drawn.append(static_tokens.clone())
+    assert not all(torch.equal(drawn[0], t) for t in drawn[1:]), "the replays drew the same numbers"
+
+
+@pytest.mark.cuda
+def test_cuda_liquid_generation_matches_the_cpu():
+    """generate_text on CUDA (CUDA-graph decode step) gives the CPU's greedy tokens (fp32)."""
+    from mmfast.models.liquid import generate_text
+    from mmfast.testing.tiny_liquid import tiny_liquid_lm
+
+    model = tiny_liquid_lm("gemma2", vocab_size=320, seed=4)
+    prompts = torch.randint(3, 320, (3, 6), generator=torch.Generator().manual_seed(0))
+    expected = generate_text(model, prompts, max_new_tokens=12)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        tokens = generate_text(model.to("cuda"), prompts.cuda(), max_new_tokens=12)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert torch.equal(tokens.cpu(), expected)

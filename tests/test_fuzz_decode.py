@@ -6,7 +6,6 @@ must raise with a message and write nothing. Same budget rules as
 tests/test_fuzz_linear_attention.py (MMFAST_FUZZ_EXAMPLES, MMFAST_FUZZ_RANDOM)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,15 +13,13 @@ import torch
 from mmfast import reference
 from mmfast.ops import decode_attention, kv_cache_append, sample
 
-from _utils import HAS_TRITON, TOLERANCES, TRITON_DEVICE
+from _utils import HAS_TRITON, TOLERANCES, TRITON_DEVICE, fuzz_settings
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = int(os.environ.get("MMFAST_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=EXAMPLES, derandomize=os.environ.get("MMFAST_FUZZ_RANDOM") != "1", deadline=None,
-                database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings()
 
 BACKENDS = ["native", "reference"] + (["triton"] if HAS_TRITON else [])
 DEVICES = {"native": "cpu", "reference": "cpu", "triton": TRITON_DEVICE}

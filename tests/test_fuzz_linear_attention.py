@@ -10,7 +10,6 @@ found becomes a plain regression test below.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -18,18 +17,13 @@ import torch
 from mmfast import reference
 from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
 
-from _utils import HAS_TRITON, TOLERANCES, TRITON_DEVICE
+from _utils import HAS_TRITON, TOLERANCES, TRITON_DEVICE, fuzz_settings
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = int(os.environ.get("MMFAST_FUZZ_EXAMPLES", "40"))
-# CI replays the same examples every run; MMFAST_FUZZ_RANDOM=1 draws new ones (with
-# pytest --hypothesis-seed=N to repeat a run).
-FUZZ = settings(max_examples=EXAMPLES, derandomize=os.environ.get("MMFAST_FUZZ_RANDOM") != "1", deadline=None,
-                database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings()
 
 BACKENDS = ["native", "reference"] + (["triton"] if HAS_TRITON else [])
 DEVICES = {"native": "cpu", "reference": "cpu", "triton": TRITON_DEVICE}

@@ -19,6 +19,8 @@ from mmfast.models.liquid import LiquidLM, LiquidLMCheckpointError, LiquidLMConf
 from mmfast.reference import sample_probs_ref
 from mmfast.testing.tiny_liquid import tiny_liquid_lm
 
+from _utils import HAS_TRITON, TRITON_DEVICE
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 272  # 256 "text" tokens + 16 "image" codes
@@ -384,3 +386,41 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     compiled = generate_text(model, prompts, max_new_tokens=6, compile=True)
     assert torch.equal(compiled, eager)
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
+
+
+def test_decode_step_refuses_to_overrun_the_cache():
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB)
+    model.setup_caches(1, 6)
+    model.prefill(torch.tensor([[5, 6, 7, 8, 9]]))
+    model.decode_step(torch.tensor([[3]]))
+    with pytest.raises(ValueError, match="setup_caches with a larger max_tokens"):
+        model.decode_step(torch.tensor([[4]]))
+
+
+def test_frozen_weights_still_give_input_gradients():
+    """Prompt tuning / LoRA: frozen weights, an input that requires grad (found in review)."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB).requires_grad_(False)
+    hidden = torch.randn(1, 2, model.config.hidden_size, requires_grad=True)
+    model.logits(hidden).sum().backward()
+    assert hidden.grad is not None and bool(hidden.grad.abs().sum() > 0)
+
+
+def test_generation_reports_rows_of_invalid_logits():
+    model = tiny_liquid_lm("gemma", vocab_size=VOCAB)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN, \\+inf or all -inf"):
+        generate_text(model, torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_generation_runs_on_the_triton_backend():
+    """Every decode op through its Triton twin (the interpreter here); decode_linear has none and
+    the model uses F.linear then (found in review)."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=2).to(TRITON_DEVICE)
+    prompts = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+    expected = generate_text(model, prompts, max_new_tokens=3) if TRITON_DEVICE == "cpu" else None
+    with mmfast.use_backend("triton"):
+        tokens = generate_text(model, prompts, max_new_tokens=3)
+    if expected is not None:
+        assert torch.equal(tokens, expected)

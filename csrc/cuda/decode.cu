@@ -6,16 +6,13 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "glue/cuda_launch.h"
 #include "glue/decode_glue.h"
 #include "mmfast/cuda/decode.cuh"
 
 namespace {
 
-void check_launch(cudaError_t err, const char* op, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "mmfast::", op, " (CUDA): ", what, " failed: ", cudaGetErrorName(err), ": ",
-              cudaGetErrorString(err));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using mmfast::glue::check_launch;
 
 struct DecodeCudaBackend {
   static void append(const mmfast::KVCacheAppendParams& p) {

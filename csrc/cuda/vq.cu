@@ -5,16 +5,13 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "glue/cuda_launch.h"
 #include "glue/vq_glue.h"
 #include "mmfast/cuda/vq.cuh"
 
 namespace {
 
-void check_launch(cudaError_t err, const char* op, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "mmfast::", op, " (CUDA): ", what, " failed: ", cudaGetErrorName(err), ": ",
-              cudaGetErrorString(err));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using mmfast::glue::check_launch;
 
 struct VQCudaBackend {
   static size_t quantize_workspace_bytes(const mmfast::VQParams& p) {

@@ -16,6 +16,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "glue/common.h"
@@ -25,6 +26,9 @@ namespace mmfast {
 namespace glue {
 
 constexpr int64_t kMaxDecodeQueries = 16;
+// Temperatures in (0, kMinTemperature) are raised to it (Liquid's max(temperature, 1e-5)), so
+// that x / temperature stays finite for any sane logits.
+constexpr double kMinTemperature = 1e-5;
 
 inline void check_cache(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be a 4-D (B, T_max, H_kv, D) tensor, got shape ", t.sizes());
@@ -82,6 +86,7 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                     " new tokens per row (Sq), got ", q.size(1));
   TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0, op, ": the query heads H = ", q.size(2),
                     " must be a multiple of the KV heads H_kv = ", k_cache.size(2), " (GQA)");
+  to_dtype(q, op, "q");
   check_same_dtype_device(q, "q", k_cache, "k_cache", op);
   check_seqlens(seqlens, k_cache, op);
   TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0 (0: none), got ", softcap);
@@ -221,9 +226,9 @@ std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits_in, const at:
   p.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
   p.cfg = cfg_scale.has_value();
   p.cfg_scale = cfg_scale.has_value() ? static_cast<float>(*cfg_scale) : 1.0f;
-  p.temperature = static_cast<float>(temperature);
+  p.temperature = static_cast<float>(temperature > 0 ? std::max(temperature, kMinTemperature) : 0.0);
   p.top_k = top_k;
-  p.top_p = static_cast<float>(top_p);
+  p.top_p = top_p;
   p.uniform = uniform.data_ptr<float>();
   p.tokens = tokens.data_ptr<int64_t>();
   p.status = status.data_ptr<int32_t>();

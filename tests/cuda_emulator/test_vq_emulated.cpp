@@ -5,6 +5,7 @@
 // guard elements after every output to catch writes out of bounds.
 // Argument: 0 (quick), 1 (+ D = 256 and K = 8192 shapes).
 #include "emulator.h"
+#include "test_support.h"
 #include "mmfast/cuda/vq.cuh"
 
 #include <cmath>
@@ -12,17 +13,6 @@
 
 using namespace mmfast;
 
-template <class T> double tod(T x) { return static_cast<double>(x); }
-template <> double tod<__half>(__half x) { return __half2float(x); }
-template <> double tod<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> T fromd(double x) { return static_cast<T>(x); }
-template <> __half fromd<__half>(double x) { return __float2half_rn(static_cast<float>(x)); }
-template <> __nv_bfloat16 fromd<__nv_bfloat16>(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-template <class T> DType dtype_of();
-template <> DType dtype_of<float>() { return DType::kFloat32; }
-template <> DType dtype_of<double>() { return DType::kFloat64; }
-template <> DType dtype_of<__half>() { return DType::kFloat16; }
-template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
 
 std::mt19937 grng(11);
 int nfail = 0;

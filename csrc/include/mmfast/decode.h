@@ -71,9 +71,9 @@ struct SampleParams {
   int64_t row_stride = 0;
   bool cfg = false;
   float cfg_scale = 1.0f;
-  float temperature = 1.0f;  // 0: greedy
+  float temperature = 1.0f;  // 0: greedy; the glue raises (0, 1e-5) to 1e-5
   int64_t top_k = 0;         // 0 or >= V: off
-  float top_p = 1.0f;        // >= 1: off
+  double top_p = 1.0;       // >= 1: off
   const float* uniform = nullptr;  // (P,), in [0, 1)
   int64_t* tokens = nullptr;       // (P,)
   int32_t* status = nullptr;       // (P,): 0 valid, 1 invalid row (NaN / +inf / all -inf)

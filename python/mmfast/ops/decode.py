@@ -12,6 +12,7 @@ inference: differentiating decode_attention raises.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,12 +20,11 @@ import torch
 from .. import _backend, _extension, reference
 from ._checks import check_float, check_same
 
-__all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "SUPPORTED_HEAD_DIMS",
-           "MAX_DECODE_QUERIES"]
+__all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "MAX_DECODE_QUERIES",
+           "MIN_TEMPERATURE"]
 
-# Head dims with tuned CUDA kernels; the CPU kernels take any D.
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
 MAX_DECODE_QUERIES = 16
+MIN_TEMPERATURE = 1e-5  # temperatures in (0, 1e-5) are raised to it (Liquid's max(temperature, 1e-5))
 
 
 # --- input checks ---------------------------------------------------------------------
@@ -83,7 +83,7 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, wi
     if not 1 <= q.shape[1] <= MAX_DECODE_QUERIES:
         raise ValueError(f"{op}: q must hold 1 to {MAX_DECODE_QUERIES} new tokens per row (Sq), got {q.shape[1]}; "
                          "prefill longer prompts with F.scaled_dot_product_attention")
-    if q.shape[2] % kv_heads != 0:
+    if kv_heads == 0 or q.shape[2] % kv_heads != 0:
         raise ValueError(f"{op}: the query heads H = {q.shape[2]} must be a multiple of the KV heads "
                          f"H_kv = {kv_heads} (GQA)")
     check_same(op, {"q": q, "k_cache": k_cache}, "dtype")
@@ -214,7 +214,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q: (B, Sq, H, D) with 1 <= Sq <= 16 (1 for decoding; more for speculative or chunked
     steps, causal among the new tokens); k_cache, v_cache: (B, T_max, H_kv, D) with H a
     multiple of H_kv (GQA: the H / H_kv query heads of a group share one K/V read); fp32,
-    fp16, bf16 (fp64 on the CPU). cache_seqlens: (B,) int32, the tokens in the cache
+    fp16, bf16, fp64 (not on Triton); D up to 256 on CUDA, any D on the CPU. cache_seqlens:
+    (B,) int32, the tokens in the cache
     INCLUDING the Sq new ones (append first). scale: default D ** -0.5. softcap > 0: Gemma-2's
     logit soft-capping softcap * tanh(s / softcap). window: a sliding window of that many
     tokens (transformers' Gemma-2 / Mistral semantics: key j visible to position p when
@@ -239,28 +240,36 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
            uniform: Optional[torch.Tensor] = None, return_status: bool = False, backend: Optional[str] = None):
     """One token per row: fused classifier-free guidance, temperature, top-k, top-p and a draw.
 
-    logits: (rows, V) fp32 / fp16 / bf16 (fp64 on the CPU), unit stride along V. With
+    logits: (rows, V) fp32 / fp16 / bf16 / fp64 (not on Triton), mixed and scaled in fp32. With
     cfg_scale, rows [0, P) are the conditional rows and [P, 2P) their unconditional twins, and
     uncond + cfg_scale * (cond - uncond) is sampled (Liquid's formula), one token per pair;
     without it, P = rows. Then, in transformers' logits-processor order (Liquid's):
-    temperature (0: greedy argmax, lowest index on ties), top-k (0: off; ties with the k-th
+    temperature (0: greedy argmax, lowest index on ties; (0, 1e-5) is raised to 1e-5 as
+    Liquid does, so x / temperature stays finite), top-k (0: off; ties with the k-th
     value kept, TopKLogitsWarper), top-p (1: off; the smallest set of largest values whose
     probability reaches top_p, the threshold-crossing token kept, TopPLogitsWarper; ties of a
     kept value all kept; the largest value always kept). No full-vocabulary sort.
 
     The draw is an inverse CDF in index order with one uniform number per row, drawn here with
     torch.rand(P, generator=generator) unless `uniform` ((P,) float32 in [0, 1)) is given:
-    seeded runs are reproducible, and the draw is capturable in a CUDA graph (PyTorch's CUDA
-    generator advances its offset on every replay). Returns (P,) int64 tokens in [0, V), and
+    seeded runs are reproducible, and the draw is capturable in a CUDA graph with the default
+    CUDA generator, which advances its offset on every replay (a generator of your own must be
+    registered with CUDAGraph.register_generator_state). u outside [0, 1) is not checked (no
+    host synchronisation): u <= 0 draws the first kept token, u >= 1 the last on the CPU.
+    Returns (P,) int64 tokens in [0, V), and
     with return_status=True also (P,) int32 status: 1 for a row of invalid logits (a NaN or
     +inf, or all -inf), which gets token 0. Without return_status, invalid rows raise
-    ValueError on the CPU (the check reads the status: a host synchronisation); on CUDA they
-    are not checked (token 0, no synchronisation).
+    ValueError on the CPU in eager mode (the check reads the status: a host synchronisation);
+    on CUDA and under torch.compile they are not checked (token 0): pass return_status=True.
     """
-    rows = logits.shape[0] // 2 if cfg_scale is not None and logits.dim() == 2 else logits.shape[0]
+    if logits.dim() != 2:
+        raise ValueError(f"sample: logits must be a 2-D (rows, V) tensor, got shape {tuple(logits.shape)}")
+    rows = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
     if uniform is None:
         uniform = torch.rand((rows,), generator=generator, dtype=torch.float32, device=logits.device)
     cfg = None if cfg_scale is None else float(cfg_scale)
+    if temperature > 0:
+        temperature = max(float(temperature), MIN_TEMPERATURE)
     chosen = _backend.resolve("sample", logits.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_sample(logits, uniform, temperature, top_k, top_p, cfg)
@@ -284,7 +293,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """F.linear(x, weight, bias) for the few rows of a decode step (batch x new tokens).
 
     x: (..., K); weight: (N, K); bias: (N,) or None; same float dtype and device. Returns
-    (..., N) in x's dtype, accumulated in fp32 (fp64 for fp64). The CPU kernel streams the
+    (..., N) in x's dtype, accumulated in fp32 (fp64 for fp64) on the CPU; on CUDA with
+    cuBLAS's precision (torch.backends.cuda.matmul settings apply). The CPU kernel streams the
     weights once and multiplies every row of x with each weight row while it is in cache, so
     its time is the weight bytes over the memory bandwidth for any M up to a few dozen rows
     (the small-M GEMM of the BLAS torch ships reads them at half the bandwidth or less on
@@ -294,7 +304,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     if x.dim() < 1:
         raise ValueError("decode_linear: x must have at least one dim (..., K), got a 0-d tensor")
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     chosen = _backend.resolve("decode_linear", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_linear(rows, weight, bias)

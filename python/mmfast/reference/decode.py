@@ -85,6 +85,7 @@ def sample_probs_ref(logits, temperature: float = 1.0, top_k: int = 0, top_p: fl
     temperature 0 puts all mass on the argmax."""
     x = cfg_mix_ref(logits, cfg_scale)
     invalid = invalid_logit_rows(x)
+    temperature = max(temperature, 1e-5) if temperature > 0 else 0.0  # ops.decode.MIN_TEMPERATURE
     if temperature == 0:
         probs = torch.zeros_like(x, dtype=torch.float64)
         probs.scatter_(1, x.argmax(-1, keepdim=True), 1.0)  # torch.argmax: the first maximal index

@@ -244,8 +244,9 @@ int64_t attention(const DecodeAttentionParams& p) {
 
 // ---- sample ------------------------------------------------------------------------------------
 
-// Keys that order like the floats they come from (-inf lowest; NaN rows never get here).
+// Keys that order like the floats they come from (-inf lowest, -0 == +0; NaN rows never get here).
 inline uint32_t order_key(float x) {
+  if (x == 0.0f) x = 0.0f;  // -0 ties with +0, as in the comparisons of the reference
   uint32_t u;
   __builtin_memcpy(&u, &x, sizeof(u));
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -365,7 +366,7 @@ struct SampleJob {
         w[i] = keys[i] >= floor ? __builtin_exp(double(x[i]) - double(max)) : 0.0;
         total += w[i];
       }
-      const double limit = double(p->top_p) * total;
+      const double limit = p->top_p * total;
       const uint32_t top_p_floor = limit > 0 ? select_threshold(keys, w, p->vocab, limit, floor) : order_key(max);
       floor = top_p_floor > floor ? top_p_floor : floor;
     }

@@ -38,8 +38,8 @@ class DecodeStep:
     step into a torch.cuda.CUDAGraph (static token input, the caches and cache_seqlens updated
     in place, static logits output) and replays it, and later calls copy the tokens in and
     replay. The returned logits are the graph's static output: consume them before the next
-    call. If capture fails the step falls back to eager with a warning. The CUDA path is written
-    for the compiled CUDA kernels and has NOT been run here (no GPU on the development machine).
+    call. If capture fails the step falls back to eager with a warning. The CUDA path has not
+    yet been verified on a GPU.
 
     compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the
     norms, RoPE and residual adds fused, the mmfast ops called as they are); on CUDA with
@@ -109,9 +109,17 @@ def _compiled_step(model: LiquidLM, rows: Optional[slice]):
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, "
+    if not temperature >= 0 or top_k < 0 or not 0 <= top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0, top_k >= 0, 0 <= top_p <= 1; got {temperature}, "
                          f"{top_k}, {top_p}")
+
+
+def _check_status(invalid: torch.Tensor, what: str) -> None:
+    """One synchronisation after the loop: rows whose logits were NaN / +inf / all -inf at some step."""
+    if bool(invalid.any()):
+        rows = invalid.nonzero().flatten().tolist()
+        raise FloatingPointError(f"{what}: the logits of rows {rows[:8]} were NaN, +inf or all -inf at some step "
+                                 "(their tokens from then on are 0); check the weights' dtype range and the caches")
 
 
 def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
@@ -204,12 +212,15 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     logits = model.prefill(tokens.to(device), lengths.to(device), logits_rows=head)  # (2n, image_vocab_size)
     step = DecodeStep(model, head, cuda_graph, compile)
     codes = torch.empty((num_images, image_tokens), dtype=torch.int64, device=device)
+    invalid = torch.zeros(num_images, dtype=torch.int32, device=device)
     for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
-        codes[:, i] = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=generator)
+        codes[:, i], status = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, generator=generator, return_status=True)
+        invalid |= status
         if i + 1 < image_tokens:  # the last code is never fed back (Liquid's loop)
             pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
             logits = step((pair + image_vocab_start)[:, None])
+    _check_status(invalid, "generate_images")
     return codes.view(num_images, side, side)
 
 
@@ -265,10 +276,13 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     logits = model.prefill(tokens.to(device), lengths.to(device))
     step = DecodeStep(model, None, cuda_graph, compile)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    invalid = torch.zeros(batch, dtype=torch.int32, device=device)
+    greedy_uniform = None if do_sample else torch.zeros(batch, device=device)  # no random draw when greedy
     out = []
     for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
-        new = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                         generator=generator)
+        new, status = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                                 generator=generator, uniform=greedy_uniform, return_status=True)
+        invalid |= status
         if eos is not None:
             new = torch.where(finished, torch.full_like(new, pad), new)
             finished |= torch.isin(new, eos)
@@ -276,4 +290,5 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
         if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
             break
         logits = step(new[:, None])
+    _check_status(invalid, "generate_text")
     return torch.stack(out, dim=1)
