@@ -65,9 +65,19 @@ if [[ $STEPS == *" tests "* ]]; then
   tail -n 40 "$REPORT_DIR/tests.txt"
 fi
 
+# compute-sanitizer on PATH, else in the toolkit the build uses (CUDA_HOME, or torch's guess of it).
+find_sanitizer() {
+  command -v compute-sanitizer && return
+  local home=${CUDA_HOME:-$($PY -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)}
+  local candidate
+  for candidate in "$home/bin/compute-sanitizer" "$home/compute-sanitizer/compute-sanitizer"; do
+    if [ -n "$home" ] && [ -x "$candidate" ]; then echo "$candidate"; return; fi
+  done
+}
+
 sanitizer_rc=0
 if [[ $STEPS == *" sanitize "* ]]; then
-  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)
+  SANITIZER=$(find_sanitizer)
   if [ -z "$SANITIZER" ]; then
     echo "gpu-check: compute-sanitizer not found; sanitizer step skipped" | tee "$REPORT_DIR/sanitizer.txt"
   else
