@@ -1,5 +1,6 @@
 """Whole decode steps of Liquid's LM: mmfast (LiquidLM on the decode ops, static cache) vs
-transformers' generate (dynamic cache; static cache too where it runs) with the same weights,
+transformers' generate with its dynamic cache (the target's baseline) and its static cache
+(cache_implementation="static", eager), with the same weights,
 greedy, measured in the same run; and the step's bandwidth floor.
 
 CPU (2 cores): a ~138M-parameter Llama (hidden 768, 12 layers, 12 heads, FFN 3072, vocabulary
@@ -94,17 +95,18 @@ def test_generate_step(benchmark, models, batch):
     def mmfast_generate(n, compile=True):
         return generate_text(lm, prompts, attention_mask=mask, max_new_tokens=n, compile=compile)
 
-    def hf_generate(n):
+    def hf_generate(n, **cache):
         out = hf.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0)
+                          pad_token_id=0, **cache)
         return out[:, PROMPT:]
 
     with torch.no_grad():
         mmfast_ms, mmfast_tokens = step_ms(mmfast_generate)  # the first run compiles the step
         eager_ms, _ = step_ms(lambda n: mmfast_generate(n, compile=False))
         hf_ms, hf_tokens = step_ms(hf_generate)
+        static_ms, static_tokens = step_ms(lambda n: hf_generate(n, cache_implementation="static"))
     benchmark.pedantic(lambda: mmfast_generate(STEPS[0]), rounds=1, iterations=1)
-    identical = torch.equal(mmfast_tokens, hf_tokens)
+    identical = torch.equal(mmfast_tokens, hf_tokens) and torch.equal(mmfast_tokens, static_tokens)
     config = lm.config
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4 * batch * (
         PROMPT + sum(STEPS) // 2)
@@ -117,7 +119,8 @@ def test_generate_step(benchmark, models, batch):
         target, met = f">= {CPU_BATCH8_TARGET}x transformers tokens/s", hf_ms / mmfast_ms >= CPU_BATCH8_TARGET
     record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"llama-138M B={batch} prompt={PROMPT}", device=DEVICE,
                    dtype=torch.float32,
-                   times={"mmfast": mmfast_ms, "transformers_generate": hf_ms, "mmfast_eager": eager_ms},
+                   times={"mmfast": mmfast_ms, "transformers_generate": hf_ms,
+                          "transformers_static_cache": static_ms, "mmfast_eager": eager_ms},
                    floor_bytes=floor_bytes, items=(batch, "tokens"), target=target, target_met=met and identical,
                    identical_greedy_tokens=identical, floor_ms=round(floor_ms, 2))
 
