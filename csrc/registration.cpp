@@ -55,6 +55,19 @@ TORCH_LIBRARY(mmfast, m) {
   // F.linear for the few rows of a decode step: x (M, K), weight (N, K), bias (N,)? -> (M, N).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
+  // Masked-channel (pruned-expert) ops of APTP's mixed-code batches (rules in mmfast/pruned.h).
+  // Per-code stacked weight (K|1, Cout, Cin[, kh, kw]) and bias (K|1, Cout); sample_codes (B,)
+  // int64 / int32; masks (K, C) bool. Outputs are contiguous.
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor sample_codes, Tensor in_mask, Tensor out_mask, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor? bias, Tensor sample_codes, Tensor in_mask, Tensor out_mask) "
+      "-> Tensor");
+  m.def(
+      "masked_group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, Tensor sample_codes, "
+      "Tensor channel_mask, float eps, bool silu) -> Tensor");
+
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);
 }

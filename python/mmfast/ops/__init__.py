@@ -6,4 +6,5 @@ Which implementation runs each call is chosen by mmfast.set_backend / use_backen
 from .._backend import get_backend, set_backend, use_backend  # noqa: F401
 from .decode import *  # noqa: F401,F403
 from .linear_attention import *  # noqa: F401,F403
+from .pruned import *  # noqa: F401,F403
 from .vq import *  # noqa: F401,F403

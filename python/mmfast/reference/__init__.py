@@ -6,4 +6,5 @@ dtypes the op returns. They are written for clarity and accuracy, not speed.
 """
 from .decode import *  # noqa: F401,F403
 from .linear_attention import *  # noqa: F401,F403
+from .pruned import *  # noqa: F401,F403
 from .vq import *  # noqa: F401,F403

@@ -1,0 +1,96 @@
+// CPU masked_group_norm, written once and compiled per ISA (torch-free). Per-ISA code, included
+// only through mmfast/cpu/instantiate_isas.h (see csrc/cpu/pruned_kernels.cpp).
+//
+// One task per (sample, group): the mean over the group's kept channels, then the variance
+// around it (two passes over the group: no cancellation in E[x^2] - mean^2), then one pass that
+// writes every channel of the group (kept: normalised, affine, optional SiLU; masked: 0).
+#ifndef MMFAST_CPU_ISA_NS
+#error "mmfast/cpu/pruned_impl.h is included by mmfast/cpu/instantiate_isas.h only"
+#endif
+
+namespace mmfast {
+namespace cpu {
+namespace MMFAST_CPU_ISA_NS {
+namespace pruned {  // this family's names, apart from other families' in the same ISA namespace
+
+inline float exp_acc(float x) { return __builtin_expf(x); }
+inline double exp_acc(double x) { return __builtin_exp(x); }
+
+inline int64_t code_of(const CodeRouting& r, int64_t b) {
+  return r.code_bytes == 8 ? static_cast<const int64_t*>(r.sample_codes)[b]
+                           : static_cast<const int32_t*>(r.sample_codes)[b];
+}
+
+template <typename scalar_t, typename acc_t>
+struct GroupNormJob {
+  const MaskedGroupNormParams* p;
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const MaskedGroupNormParams& p = *static_cast<GroupNormJob*>(ctx)->p;
+    for (int64_t task = begin; task < end; ++task) one_group(p, task / p.groups, task % p.groups);
+  }
+
+  static void one_group(const MaskedGroupNormParams& p, int64_t b, int64_t g) {
+    const int64_t per_group = p.channels / p.groups, code = code_of(p.routing, b);
+    const bool* keep = p.routing.out_mask + code * p.channels + g * per_group;
+    const int64_t first = (b * p.channels + g * per_group) * p.plane;
+    const scalar_t* x = static_cast<const scalar_t*>(p.x) + first;
+    scalar_t* y = static_cast<scalar_t*>(p.y) + first;
+    int64_t kept = 0;
+    acc_t sum = 0;
+    for (int64_t c = 0; c < per_group; ++c) {
+      if (!keep[c]) continue;
+      ++kept;
+      for (int64_t i = 0; i < p.plane; ++i) sum += to_acc(x[c * p.plane + i]);
+    }
+    const acc_t count = static_cast<acc_t>(kept) * static_cast<acc_t>(p.plane);
+    const acc_t mean = kept ? sum / count : acc_t(0);
+    acc_t squares = 0;
+    for (int64_t c = 0; c < per_group; ++c) {
+      if (!keep[c]) continue;
+      for (int64_t i = 0; i < p.plane; ++i) {
+        const acc_t d = to_acc(x[c * p.plane + i]) - mean;
+        squares += d * d;
+      }
+    }
+    const acc_t rstd = kept ? acc_t(1) / __builtin_sqrt(squares / count + static_cast<acc_t>(p.eps)) : acc_t(0);
+    const scalar_t* weight = static_cast<const scalar_t*>(p.weight);
+    const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
+    const int64_t affine = code * p.affine_code_stride + g * per_group;
+    for (int64_t c = 0; c < per_group; ++c) {
+      scalar_t* out = y + c * p.plane;
+      if (!keep[c]) {
+        for (int64_t i = 0; i < p.plane; ++i) out[i] = FromAcc<scalar_t>::convert(acc_t(0));
+        continue;
+      }
+      const acc_t scale = rstd * (weight ? to_acc(weight[affine + c]) : acc_t(1));
+      const acc_t shift = (bias ? to_acc(bias[affine + c]) : acc_t(0)) - mean * scale;
+      const scalar_t* in = x + c * p.plane;
+      for (int64_t i = 0; i < p.plane; ++i) {
+        acc_t v = to_acc(in[i]) * scale + shift;
+        if (p.silu) v = v / (acc_t(1) + exp_acc(-v));
+        out[i] = FromAcc<scalar_t>::convert(v);
+      }
+    }
+  }
+};
+
+inline int64_t group_norm(const MaskedGroupNormParams& p) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t code = code_of(p.routing, b);
+    if (code < 0 || code >= p.routing.codes) return b;
+  }
+  return dispatch_dtype(p.dtype, int64_t(-1), [&](auto scalar, auto acc) {
+    GroupNormJob<decltype(scalar), decltype(acc)> job{&p};
+    parallel_for(p.batch * p.groups, &job, &GroupNormJob<decltype(scalar), decltype(acc)>::run);
+    return int64_t(-1);
+  });
+}
+
+}  // namespace pruned
+
+PrunedKernels pruned_kernels() { return {&pruned::group_norm}; }
+
+}  // namespace MMFAST_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace mmfast
