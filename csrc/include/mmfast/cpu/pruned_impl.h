@@ -63,11 +63,13 @@ struct GroupNormJob {
         for (int64_t i = 0; i < p.plane; ++i) out[i] = FromAcc<scalar_t>::convert(acc_t(0));
         continue;
       }
+      // (x - mean) * scale + shift, not x * scale + (shift - mean * scale): with a small
+      // variance the latter cancels (eps alone makes rstd ~316).
       const acc_t scale = rstd * (weight ? to_acc(weight[affine + c]) : acc_t(1));
-      const acc_t shift = (bias ? to_acc(bias[affine + c]) : acc_t(0)) - mean * scale;
+      const acc_t shift = bias ? to_acc(bias[affine + c]) : acc_t(0);
       const scalar_t* in = x + c * p.plane;
       for (int64_t i = 0; i < p.plane; ++i) {
-        acc_t v = to_acc(in[i]) * scale + shift;
+        acc_t v = (to_acc(in[i]) - mean) * scale + shift;
         if (p.silu) v = v / (acc_t(1) + exp_acc(-v));
         out[i] = FromAcc<scalar_t>::convert(v);
       }

@@ -1,0 +1,334 @@
+"""The masked-channel ops (APTP's mixed-code batches) on the native backend: each sample against
+its own physically sliced expert run by torch (F.conv2d / F.linear / F.group_norm on the kept
+channels and weights), the fp64 reference at per-dtype tolerances, gradients, opcheck,
+torch.compile and every bad input. The Triton twins: tests/test_pruned_triton.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfast import reference
+from mmfast.ops import masked_conv2d, masked_group_norm, masked_linear
+
+from _utils import assert_close
+
+NATIVE = [pytest.param("cpu", id="native-cpu"), pytest.param("cuda", id="native-cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def make_routing(batch, codes, in_channels, out_channels, device, groups=None, generator=None):
+    """Random codes (every code used when batch allows) and masks keeping about 60%; with
+    `groups` the out mask keeps whole groups of out_channels / groups channels, like APTP."""
+    g = generator or torch.Generator().manual_seed(1)
+    sample_codes = torch.randint(0, codes, (batch,), generator=g)
+    sample_codes[:min(batch, codes)] = torch.randperm(codes, generator=g)[:min(batch, codes)]
+    in_mask = torch.rand(codes, in_channels, generator=g) < 0.6
+    if groups:
+        out_mask = (torch.rand(codes, groups, generator=g) < 0.6).repeat_interleave(out_channels // groups, 1)
+    else:
+        out_mask = torch.rand(codes, out_channels, generator=g) < 0.6
+    return sample_codes.to(device), in_mask.to(device), out_mask.to(device)
+
+
+def sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, **conv):
+    """Per sample: the physically sliced expert's F.conv2d, embedded back (fp64)."""
+    outs = []
+    for b, code in enumerate(sample_codes.tolist()):
+        w = weight[code if weight.shape[0] > 1 else 0].double()
+        kin, kout = in_mask[code].nonzero()[:, 0], out_mask[code].nonzero()[:, 0]
+        bias_c = None if bias is None else bias[code if bias.shape[0] > 1 else 0][kout].double()
+        y = F.conv2d(x[b:b + 1].double(), w, None, **conv)  # only for the output shape
+        y = torch.zeros_like(y)
+        if kout.numel():
+            if kin.numel():
+                y[:, kout] = F.conv2d(x[b:b + 1, kin].double(), w[kout][:, kin], bias_c, **conv)
+            elif bias_c is not None:
+                y[:, kout] = bias_c[:, None, None]
+        outs.append(y)
+    return torch.cat(outs)
+
+
+CONV_CASES = {
+    "3x3 pad 1": dict(kernel=3, stride=1, padding=1, dilation=1, size=(9, 7)),
+    "3x3 stride 2": dict(kernel=3, stride=2, padding=1, dilation=1, size=(9, 8)),
+    "1x1": dict(kernel=1, stride=1, padding=0, dilation=1, size=(5, 6)),
+    "3x3 dilation 2 no pad": dict(kernel=3, stride=1, padding=0, dilation=2, size=(8, 9)),
+}
+
+
+@pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_equals_each_sliced_expert(device, dtype, case):
+    c = CONV_CASES[case]
+    batch, codes, cin, cout = 7, 3, 13, 30  # odd channel counts, group size 10
+    x = torch.randn(batch, cin, *c["size"], device=device).to(dtype)
+    weight = torch.randn(codes, cout, cin, c["kernel"], c["kernel"], device=device).to(dtype)
+    bias = torch.randn(codes, cout, device=device).to(dtype)
+    sample_codes, in_mask, out_mask = make_routing(batch, codes, cin, cout, device, groups=3)
+    conv = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"])
+    y = masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, **conv)
+    assert y.dtype == dtype and y.is_contiguous()
+    expected = sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, **conv)
+    scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0  # sums of 117 products rounded once
+    assert_close(y, expected, dtype, scale=scale * (cin * c["kernel"] ** 2) ** 0.5)
+    masked_out = ~out_mask[sample_codes.long()]
+    assert (y[masked_out] == 0).all()
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_masked_inputs_are_never_read(device):
+    batch, codes, cin, cout = 4, 2, 8, 6
+    x = torch.randn(batch, cin, 5, 5, device=device)
+    weight, bias = torch.randn(codes, cout, cin, 3, 3, device=device), torch.randn(codes, cout, device=device)
+    sample_codes, in_mask, out_mask = make_routing(batch, codes, cin, cout, device)
+    poisoned = x.clone()
+    poisoned[~in_mask[sample_codes.long()]] = float("nan")
+    y = masked_conv2d(poisoned, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+    torch.testing.assert_close(y, masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, padding=1))
+    assert not y.isnan().any()
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_shared_weights_unsorted_strided_and_channels_last_inputs(device):
+    batch, codes, cin, cout = 6, 4, 10, 12
+    x = torch.randn(batch, cin, 2 * 7, 6, device=device)[:, :, ::2]  # non-contiguous rows
+    weight, bias = torch.randn(1, cout, cin, 3, 3, device=device), torch.randn(1, cout, device=device)
+    sample_codes, in_mask, out_mask = make_routing(batch, codes, cin, cout, device)
+    expected = sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        y = masked_conv2d(xi, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+        assert_close(y, expected, torch.float32, scale=10)
+    # a batch sorted by code (the CPU slices instead of gathering) gives the same rows
+    order = torch.argsort(sample_codes.cpu(), stable=True).to(device)
+    y = masked_conv2d(x[order], weight, bias, sample_codes[order].int(), in_mask, out_mask, padding=1)
+    assert_close(y, expected[order], torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_masks_that_keep_nothing(device):
+    x, weight, bias = (torch.randn(3, 5, 4, 4, device=device), torch.randn(2, 6, 5, 3, 3, device=device),
+                       torch.randn(2, 6, device=device))
+    codes = torch.tensor([0, 1, 0], device=device)
+    none_in = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    all_out = torch.ones(2, 6, dtype=torch.bool, device=device)
+    y = masked_conv2d(x, weight, bias, codes, none_in, all_out, padding=1)  # nothing read: the bias alone
+    torch.testing.assert_close(y, bias[codes][:, :, None, None].expand(3, 6, 4, 4))
+    y = masked_conv2d(x, weight, None, codes, all_out[:, :5], ~all_out, padding=1)
+    assert (y == 0).all() and y.shape == (3, 6, 4, 4)
+
+
+def sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask):
+    y = torch.zeros(*x.shape[:2], weight.shape[1], dtype=torch.float64)
+    for b, code in enumerate(sample_codes.tolist()):
+        w = weight[code if weight.shape[0] > 1 else 0].double().cpu()
+        kin, kout = in_mask[code].nonzero()[:, 0].cpu(), out_mask[code].nonzero()[:, 0].cpu()
+        bias_c = None if bias is None else bias[code if bias.shape[0] > 1 else 0].double().cpu()[kout]
+        y[b][:, kout] = F.linear(x[b][:, kin].double().cpu(), w[kout][:, kin], bias_c)
+    return y
+
+
+@pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-code", "shared"])
+def test_linear_equals_each_sliced_expert(device, dtype, shared):
+    batch, tokens, codes, cin, cout = 5, 11, 3, 24, 40  # heads of 8, FF groups
+    x = torch.randn(batch, tokens, cin, device=device).to(dtype)
+    weight = torch.randn(1 if shared else codes, cout, cin, device=device).to(dtype)
+    bias = None if shared else torch.randn(codes, cout, device=device).to(dtype)
+    sample_codes, in_mask, out_mask = make_routing(batch, codes, cin, cout, device, groups=5)
+    y = masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
+    assert y.shape == (batch, tokens, cout) and y.dtype == dtype and y.is_contiguous()
+    expected = sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask)
+    assert_close(y.cpu(), expected, dtype, scale=(4.0 if dtype.itemsize == 2 else 1.0) * cin ** 0.5)
+    # a transposed (non-contiguous) x gives the same result
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(masked_linear(xt, weight, bias, sample_codes, in_mask, out_mask), y)
+
+
+@pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", ["per-code", "shared", "none"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_equals_the_pruned_experts_group_norm(device, dtype, affine, activation):
+    batch, codes, channels, groups = 5, 3, 30, 3  # group size 10, as SD 2.1's 320-channel level
+    x = (torch.randn(batch, channels, 6, 5, device=device) * 3 + 1).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    kept_groups = torch.rand(codes, groups, generator=g) < 0.6
+    kept_groups[0] = True  # code 0 keeps everything: the dense GroupNorm
+    mask = kept_groups.repeat_interleave(channels // groups, 1).to(device)
+    sample_codes = torch.tensor([0, 2, 1, 2, 0], device=device)
+    shape = {"per-code": (codes, channels), "shared": (channels,)}.get(affine)
+    weight = None if shape is None else torch.randn(shape, device=device).to(dtype)
+    bias = None if shape is None else torch.randn(shape, device=device).to(dtype)
+    y = masked_group_norm(x, weight, bias, groups, sample_codes, mask, activation=activation)
+    assert y.dtype == dtype and y.shape == x.shape
+    for b, code in enumerate(sample_codes.tolist()):
+        kept = mask[code].nonzero()[:, 0]
+        if kept.numel() == 0:
+            assert (y[b] == 0).all()
+            continue
+        per_code = (lambda t: None if t is None else (t[code] if t.dim() == 2 else t).double()[kept])
+        expected = F.group_norm(x[b:b + 1, kept].double(), int(kept_groups[code].sum()), per_code(weight),
+                                per_code(bias), eps=1e-5)
+        if activation == "silu":
+            expected = F.silu(expected)
+        assert_close(y[b:b + 1, kept], expected, dtype, scale=4.0)
+        assert (y[b][mask[code].logical_not()] == 0).all()
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_group_norm_partial_groups_2d_and_5d_inputs_match_the_reference(device):
+    codes = torch.tensor([1, 0, 1], device=device)
+    mask = torch.rand(2, 12, generator=torch.Generator().manual_seed(5)).lt(0.5).to(device)  # partial groups
+    weight = torch.randn(2, 12, device=device)
+    for shape in [(3, 12), (3, 12, 2, 3, 4)]:
+        x = torch.randn(shape, device=device)
+        y = masked_group_norm(x, weight, None, 4, codes, mask, eps=1e-3)
+        expected = reference.masked_group_norm_ref(x.double(), weight.double(), None, 4, codes, mask, 1e-3)
+        assert_close(y, expected, torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_group_norm_never_reads_masked_channels(device):
+    codes = torch.tensor([0, 1], device=device)
+    mask = torch.tensor([[True] * 4 + [False] * 4, [False] * 4 + [True] * 4], device=device)
+    x = torch.randn(2, 8, 3, 3, device=device)
+    poisoned = torch.where(mask[codes][:, :, None, None], x, float("nan"))
+    y = masked_group_norm(poisoned, None, None, 2, codes, mask, activation="silu")
+    torch.testing.assert_close(y, masked_group_norm(x, None, None, 2, codes, mask, activation="silu"))
+    assert not y.isnan().any()
+
+
+# ---- gradients, opcheck, torch.compile --------------------------------------------------------------------
+
+
+def _leaf(t):
+    return t.detach().double().requires_grad_()
+
+
+@pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("stacked", [3, 1], ids=["per-code", "shared"])
+def test_gradcheck_fp64(device, stacked):
+    sample_codes, in_mask, out_mask = make_routing(4, 3, 5, 6, device, groups=3)
+    x = _leaf(torch.randn(4, 5, 5, 4, device=device))
+    w, b = _leaf(torch.randn(stacked, 6, 5, 3, 3, device=device)), _leaf(torch.randn(stacked, 6, device=device))
+    torch.autograd.gradcheck(lambda x, w, b: masked_conv2d(x, w, b, sample_codes, in_mask, out_mask, stride=2,
+                                                           padding=1), (x, w, b))
+    xl, wl = _leaf(torch.randn(4, 3, 5, device=device)), _leaf(torch.randn(stacked, 6, 5, device=device))
+    torch.autograd.gradcheck(lambda x, w, b: masked_linear(x, w, b, sample_codes, in_mask, out_mask), (xl, wl, b))
+    xg = _leaf(torch.randn(4, 6, 3, 2, device=device))
+    gw, gb = (_leaf(torch.randn(6, device=device)), _leaf(torch.randn(6, device=device))) if stacked == 1 else \
+        (_leaf(torch.randn(3, 6, device=device)), _leaf(torch.randn(3, 6, device=device)))
+    torch.autograd.gradcheck(lambda x, w, b: masked_group_norm(x, w, b, 3, sample_codes, out_mask,
+                                                               activation="silu"), (xg, gw, gb))
+
+
+def _op_args(device, requires_grad=False):
+    sample_codes, in_mask, out_mask = make_routing(4, 3, 5, 6, device, groups=3)
+    conv = (torch.randn(4, 5, 6, 5, device=device), torch.randn(3, 6, 5, 3, 3, device=device),
+            torch.randn(3, 6, device=device), sample_codes, in_mask, out_mask, [2, 1], [1, 1], [1, 1])
+    linear = (torch.randn(4, 7, 5, device=device), torch.randn(1, 6, 5, device=device), None, sample_codes.int(),
+              in_mask, out_mask)
+    norm = (torch.randn(4, 6, 3, 2, device=device), torch.randn(3, 6, device=device),
+            torch.randn(3, 6, device=device), 3, sample_codes, out_mask, 1e-5, True)
+    if requires_grad:
+        for args in (conv, linear, norm):
+            for t in args[:3]:
+                if isinstance(t, torch.Tensor):
+                    t.requires_grad_()
+    return {"masked_conv2d": conv, "masked_linear": linear, "masked_group_norm": norm}
+
+
+@pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, requires_grad):
+    for op, args in _op_args(device, requires_grad).items():
+        torch.library.opcheck(getattr(torch.ops.mmfast, op).default, args)
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    sample_codes, in_mask, out_mask = make_routing(4, 3, 5, 6, device, groups=3)
+    w1, w2 = torch.randn(3, 6, 5, 3, 3, device=device), torch.randn(3, 5, 6, 3, 3, device=device)
+    gn_w = torch.randn(3, 6, device=device)
+
+    def resnet_inside(x):
+        h = masked_conv2d(x, w1, None, sample_codes, in_mask[:, :5], out_mask, padding=1)
+        h = masked_group_norm(h, gn_w, None, 3, sample_codes, out_mask, activation="silu")
+        h = masked_conv2d(h, w2, None, sample_codes, out_mask, torch.ones_like(in_mask), padding=1)
+        return masked_linear(h.flatten(2).transpose(1, 2), w1[:, :, :, 1, 1], None, sample_codes, in_mask[:, :5],
+                             out_mask)
+
+    x = torch.randn(4, 5, 6, 6, device=device)
+    compiled = torch.compile(resnet_inside, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), resnet_inside(x))
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+
+def _conv_inputs(**change):
+    args = dict(x=torch.randn(3, 4, 5, 5), weight=torch.randn(2, 6, 4, 3, 3), bias=torch.randn(2, 6),
+                sample_codes=torch.tensor([0, 1, 0]), in_mask=torch.ones(2, 4, dtype=torch.bool),
+                out_mask=torch.ones(2, 6, dtype=torch.bool))
+    args.update(change)
+    return args
+
+
+BAD_CONV = {
+    "code out of range": (dict(sample_codes=torch.tensor([0, 2, 0])), IndexError, "sample code 2 .*out of range"),
+    "negative code": (dict(sample_codes=torch.tensor([0, -1, 0])), IndexError, "out of range for 2"),
+    "float codes": (dict(sample_codes=torch.tensor([0.0, 1.0, 0.0])), TypeError, "sample_codes must be int64"),
+    "codes per sample": (dict(sample_codes=torch.tensor([0, 1])), ValueError, r"sample_codes must be \(3,\)"),
+    "in_mask channels": (dict(in_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"in_mask must be \(K, 4\)"),
+    "masks disagree on K": (dict(out_mask=torch.ones(3, 6, dtype=torch.bool)), ValueError, "agree on the number"),
+    "mask dtype": (dict(in_mask=torch.ones(2, 4)), TypeError, "in_mask must be a bool"),
+    "weight codes": (dict(weight=torch.randn(3, 6, 4, 3, 3)), ValueError, r"weight must be \(2 or 1,"),
+    "weight rank": (dict(weight=torch.randn(6, 4, 3, 3)), ValueError, "5-D"),
+    "weight Cin": (dict(weight=torch.randn(2, 6, 5, 3, 3)), ValueError, "must equal x's 4 channels"),
+    "bias shape": (dict(bias=torch.randn(2, 5)), ValueError, r"bias must be \(2 or 1,"),
+    "mixed dtypes": (dict(weight=torch.randn(2, 6, 4, 3, 3).double()), TypeError, "same dtype"),
+    "integer x": (dict(x=torch.ones(3, 4, 5, 5, dtype=torch.int32)), TypeError, "float32"),
+    "mixed devices": (dict(x=torch.randn(3, 4, 5, 5, device="meta")), TypeError, "same device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONV))
+@pytest.mark.parametrize("entry", ["public", "torch.ops"])
+def test_bad_conv_inputs_raise_clear_errors(case, entry):
+    change, error, message = BAD_CONV[case]
+    args = _conv_inputs(**change)
+    with pytest.raises(error, match=message):
+        if entry == "public":
+            masked_conv2d(**args, padding=1)
+        else:
+            torch.ops.mmfast.masked_conv2d(*args.values(), [1, 1], [1, 1], [1, 1])
+
+
+def test_bad_options_and_other_ops_raise_clear_errors():
+    args = _conv_inputs()
+    with pytest.raises(ValueError, match="stride must be an int or a pair"):
+        masked_conv2d(**args, stride=0)
+    with pytest.raises(ValueError, match="does not fit the padded"):
+        masked_conv2d(**args, dilation=3)
+    with pytest.raises(ValueError, match="does not fit the padded"):
+        torch.ops.mmfast.masked_conv2d(*args.values(), [1, 1], [0, 0], [3, 3])
+    codes, mask = args["sample_codes"], args["out_mask"]
+    with pytest.raises(ValueError, match=r"x must be a 3-D \(B, N, Cin\)"):
+        masked_linear(torch.randn(3, 4), torch.randn(2, 6, 4), None, codes, args["in_mask"], mask)
+    with pytest.raises(ValueError, match="num_groups must divide the 6 channels"):
+        masked_group_norm(torch.randn(3, 6, 2), None, None, 4, codes, mask)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        masked_group_norm(torch.randn(3, 6, 2), None, None, 3, codes, mask, activation="gelu")
+    with pytest.raises(ValueError, match=r"weight must be \(6,\) shared or \(2, 6\) per code"):
+        masked_group_norm(torch.randn(3, 6, 2), torch.randn(3, 6), None, 3, codes, mask)
+    with pytest.raises(ValueError, match="both be shared"):
+        masked_group_norm(torch.randn(3, 6, 2), torch.randn(6), torch.randn(2, 6), 3, codes, mask)
+    with pytest.raises(IndexError, match="sample code 5"):
+        masked_group_norm(torch.randn(3, 6, 2), None, None, 3, torch.tensor([0, 5, 1]), mask)
+    with pytest.raises(IndexError, match="sample code 5"):
+        masked_linear(torch.randn(3, 2, 4), torch.randn(2, 6, 4), None, torch.tensor([0, 5, 1]), args["in_mask"],
+                      mask)
