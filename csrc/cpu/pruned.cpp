@@ -1,15 +1,19 @@
 // CPU registration of the masked-channel ops.
 //
 // masked_conv2d / masked_linear group the batch by code and run, per code present, one dense
-// oneDNN convolution (or GEMM) on the gathered kept input channels and the code's kept weight
-// rows and columns, scattered into the kept output channels of a zeroed output: the work is
-// that of the physically pruned experts, plus one gather of x's kept channels and of each
-// code's weights (oneDNN is at the CPU's compute limit for the dense part; a hand-written conv
-// would only add a second GEMM to maintain). A batch sorted by code is sliced, not gathered.
-// masked_group_norm is the hand-written kernel of mmfast/cpu/pruned_impl.h.
+// oneDNN convolution (or GEMM) on the code's kept input channels and its weights packed to the
+// kept rows and columns (the gather kernel of mmfast/cpu/pruned_impl.h), then the scatter
+// kernel writes every channel of the code's rows (kept: the result; masked: 0). The work is
+// that of the physically pruned experts plus one pass over the kept inputs, the kept weights
+// and the output (oneDNN is at the CPU's compute limit for the dense part; a hand-written conv
+// would only add a second GEMM to maintain). Consecutive rows keeping every input channel (a
+// batch sorted by code) are sliced, not gathered. masked_group_norm is a kernel of its own.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstddef>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "glue/pruned_glue.h"
@@ -32,66 +36,166 @@ std::vector<std::vector<int64_t>> rows_per_code(const at::Tensor& sample_codes, 
   return rows;
 }
 
-// x's rows `rows` (a slice when they are consecutive) and channels `kept` of dim `channel_dim`
-// (no copy when every channel is kept).
-at::Tensor gather(const at::Tensor& x, const std::vector<int64_t>& rows, const at::Tensor& kept, int64_t channel_dim) {
-  const int64_t n = static_cast<int64_t>(rows.size());
-  at::Tensor out = rows.back() - rows.front() + 1 == n
-                       ? x.narrow(0, rows.front(), n)
-                       : x.index_select(0, at::tensor(rows, x.options().dtype(at::kLong)));
-  return kept.numel() == x.size(channel_dim) ? out : out.index_select(channel_dim, kept);
+std::vector<int64_t> kept_channels(const bool* mask, int64_t channels) {
+  std::vector<int64_t> kept;
+  for (int64_t c = 0; c < channels; ++c)
+    if (mask[c]) kept.push_back(c);
+  return kept;
 }
 
-// The shared body: `dense(xs, w, b)` runs one code's pruned expert on its rows; channels are
-// dim 1 of x, y and the weight's (Cout, Cin, ...) block.
-template <class Dense>
-at::Tensor masked_by_code(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& sample_codes, const at::Tensor& in_mask, const at::Tensor& out_mask,
-                          std::vector<int64_t> out_shape, int64_t channel_dim, const char* op, Dense dense) {
-  at::Tensor y = at::zeros(out_shape, x_in.options());
-  const auto rows = rows_per_code(sample_codes, out_mask.size(0), op);
-  for (int64_t code = 0; code < static_cast<int64_t>(rows.size()); ++code) {
-    if (rows[code].empty()) continue;
-    const at::Tensor kept_out = out_mask[code].nonzero().squeeze(1);
-    if (kept_out.numel() == 0) continue;
-    const at::Tensor kept_in = in_mask[code].nonzero().squeeze(1);
-    const at::Tensor w = weight[weight.size(0) > 1 ? code : 0].index_select(0, kept_out).index_select(1, kept_in);
-    at::Tensor b;
-    if (bias.has_value()) b = (*bias)[bias->size(0) > 1 ? code : 0].index_select(0, kept_out);
-    const at::Tensor xs = gather(x_in, rows[code], kept_in, channel_dim);
-    at::Tensor out = dense(xs, w, b, static_cast<int64_t>(rows[code].size()));
-    const at::Tensor row_index = at::tensor(rows[code], x_in.options().dtype(at::kLong));
-    // y[rows, kept_out] = out, through a view with channels at dim 1
-    at::Tensor y_view = channel_dim == 1 ? y : y.transpose(1, channel_dim);
-    if (channel_dim != 1) out = out.transpose(1, channel_dim);
-    y_view.index_put_({row_index.unsqueeze(1), kept_out.unsqueeze(0)}, out);
+// Grow-only per-thread scratch (two slots: packed weights, packed inputs). A fresh allocation
+// of tens of MB per call costs more in page faults than the packing itself; the scratch keeps
+// the largest single code's packed tensors of this thread alive between calls.
+void* scratch(int slot, size_t bytes) {
+  struct Aligned {
+    void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  thread_local std::unique_ptr<char[], Aligned> buffers[2];
+  thread_local size_t sizes[2] = {0, 0};
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
+    sizes[slot] = bytes;
   }
+  return buffers[slot].get();
+}
+
+// A (rows, channels, *inner_shape) tensor of src's chosen rows and channels (inner elements
+// contiguous), written into scratch slot `slot`: valid until the next gather into that slot.
+at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_stride, const std::vector<int64_t>& rows,
+                  const std::vector<int64_t>& channels, at::IntArrayRef inner_shape, int slot) {
+  std::vector<int64_t> shape{static_cast<int64_t>(rows.size()), static_cast<int64_t>(channels.size())};
+  shape.insert(shape.end(), inner_shape.begin(), inner_shape.end());
+  int64_t numel = 1, inner = 1;
+  for (int64_t d : shape) numel *= d;
+  for (int64_t d : inner_shape) inner *= d;
+  if (numel == 0) return at::empty(shape, src.options());
+  at::Tensor dst = at::from_blob(scratch(slot, static_cast<size_t>(numel * src.element_size())), shape, src.options());
+  mmfast::ChannelGatherParams p;
+  p.element_bytes = src.element_size();
+  p.src = src.data_ptr();
+  p.src_row_stride = row_stride, p.src_channel_stride = channel_stride;
+  p.row_index = rows.data(), p.channel_index = channels.data();
+  p.rows = shape[0], p.channels = shape[1], p.inner = inner;
+  p.dst = dst.data_ptr();
+  mmfast::cpu::pruned_kernels().gather(p);
+  return dst;
+}
+
+// One code's share of the batch: its rows, kept channels, packed weight and bias.
+struct CodeWork {
+  std::vector<int64_t> rows, kept_in, kept_out;
+  at::Tensor weight, bias;  // (kept_out, kept_in, *taps), (kept_out,)
+
+  int64_t count() const { return static_cast<int64_t>(rows.size()); }
+  bool consecutive_rows() const { return rows.back() - rows.front() + 1 == count(); }
+};
+
+// Calls run(work) for each code present, in code order, its weights packed to the kept
+// channels (no copy when the code keeps every channel).
+template <class Run>
+void for_each_code(const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias, const at::Tensor& sample_codes,
+                   const at::Tensor& in_mask_in, const at::Tensor& out_mask_in, const char* op, Run run) {
+  const at::Tensor weight = weight_in.contiguous(), in_mask = in_mask_in.contiguous(),
+                   out_mask = out_mask_in.contiguous();
+  const int64_t codes = out_mask.size(0), out_channels = weight.size(1), in_channels = weight.size(2);
+  const int64_t taps = weight.size(0) ? weight[0][0].numel() / in_channels : 0;
+  const auto rows = rows_per_code(sample_codes, codes, op);
+  for (int64_t code = 0; code < codes; ++code) {
+    if (rows[code].empty()) continue;
+    CodeWork w;
+    w.rows = rows[code];
+    w.kept_in = kept_channels(in_mask.data_ptr<bool>() + code * in_channels, in_channels);
+    w.kept_out = kept_channels(out_mask.data_ptr<bool>() + code * out_channels, out_channels);
+    const at::Tensor code_weight = weight[weight.size(0) > 1 ? code : 0];
+    const bool dense = w.kept_in.size() == static_cast<size_t>(in_channels) &&
+                       w.kept_out.size() == static_cast<size_t>(out_channels);
+    w.weight = dense ? code_weight
+                     : gather(code_weight, in_channels * taps, taps, w.kept_out, w.kept_in, weight.sizes().slice(3), 0);
+    if (bias.has_value()) {
+      const at::Tensor code_bias = (*bias)[bias->size(0) > 1 ? code : 0];
+      w.bias = w.kept_out.size() == static_cast<size_t>(out_channels)
+                   ? code_bias
+                   : code_bias.index_select(0, at::tensor(w.kept_out, bias->options().dtype(at::kLong)));
+    }
+    run(w);
+  }
+}
+
+// y[rows, :] = the code's compact output at its kept channels, exact zeros elsewhere.
+void scatter(const at::Tensor& out, const std::vector<int64_t>& rows, const std::vector<int64_t>& kept_out,
+             at::Tensor& y, int64_t inner) {
+  std::vector<int64_t> position(y.size(1), -1);
+  for (size_t j = 0; j < kept_out.size(); ++j) position[kept_out[j]] = static_cast<int64_t>(j);
+  mmfast::ChannelScatterParams p;
+  p.element_bytes = y.element_size();
+  p.src = out.defined() ? out.data_ptr() : nullptr;
+  p.kept = static_cast<int64_t>(kept_out.size());
+  p.kept_position = position.data();
+  p.dst_channels = y.size(1);
+  p.row_index = rows.data();
+  p.rows = static_cast<int64_t>(rows.size()), p.inner = inner;
+  p.dst = y.data_ptr();
+  p.dst_row_stride = y.stride(0), p.dst_channel_stride = y.stride(1);
+  mmfast::cpu::pruned_kernels().scatter(p);
+}
+
+at::Tensor masked_conv2d(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& sample_codes, const at::Tensor& in_mask, const at::Tensor& out_mask,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto g = check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation, false);
+  const at::Tensor x = x_in.contiguous();  // planes contiguous for the gather
+  at::Tensor y = at::empty({x.size(0), weight.size(1), g.out_h, g.out_w}, x.options());
+  for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_conv2d", [&](const CodeWork& w) {
+    at::Tensor out;
+    if (!w.kept_out.empty() && w.kept_in.empty()) {  // no input kept: the bias alone
+      out = at::zeros({w.count(), static_cast<int64_t>(w.kept_out.size()), g.out_h, g.out_w}, x.options());
+      if (w.bias.defined()) out = out + w.bias.view({1, -1, 1, 1});
+    } else if (!w.kept_out.empty()) {
+      const bool slice = w.kept_in.size() == static_cast<size_t>(x.size(1)) && w.consecutive_rows();
+      const at::Tensor xs = slice ? x.narrow(0, w.rows.front(), w.count())
+                                  : gather(x, x.stride(0), x.stride(1), w.rows, w.kept_in, {x.size(2), x.size(3)}, 1);
+      out = at::conv2d(xs, w.weight, w.bias, stride, padding, dilation).contiguous();
+    }
+    scatter(out, w.rows, w.kept_out, y, g.out_h * g.out_w);
+  });
   return y;
 }
 
-at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         const at::Tensor& sample_codes, const at::Tensor& in_mask, const at::Tensor& out_mask,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const auto g = check_masked(x, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation, false);
-  const std::vector<int64_t> out_shape{x.size(0), weight.size(1), g.out_h, g.out_w};
-  return masked_by_code(x, weight, bias, sample_codes, in_mask, out_mask, out_shape, 1, "masked_conv2d",
-                        [&](const at::Tensor& xs, const at::Tensor& w, const at::Tensor& b, int64_t n) {
-                          if (xs.size(1) == 0) {  // no input kept: the bias alone
-                            at::Tensor out = at::zeros({n, w.size(0), g.out_h, g.out_w}, xs.options());
-                            return b.defined() ? out + b.view({1, -1, 1, 1}) : out;
-                          }
-                          return at::conv2d(xs, w, b, stride, padding, dilation);
-                        });
-}
-
-at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& sample_codes, const at::Tensor& in_mask, const at::Tensor& out_mask) {
-  check_masked(x, weight, bias, sample_codes, in_mask, out_mask, {}, {}, {}, true);
-  const std::vector<int64_t> out_shape{x.size(0), x.size(1), weight.size(1)};
-  return masked_by_code(x, weight, bias, sample_codes, in_mask, out_mask, out_shape, 2, "masked_linear",
-                        [&](const at::Tensor& xs, const at::Tensor& w, const at::Tensor& b, int64_t) {
-                          return at::linear(xs, w, b);
-                        });
+  check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, {}, {}, {}, true);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t tokens = x.size(1), in_channels = x.size(2), out_channels = weight.size(1);
+  at::Tensor y = at::empty({x.size(0), tokens, out_channels}, x.options());
+  at::Tensor y_tokens = y.view({-1, out_channels});  // (B * N, Cout): scattered token by token
+  for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_linear", [&](const CodeWork& w) {
+    const bool all_in = w.kept_in.size() == static_cast<size_t>(in_channels);
+    const bool all_out = w.kept_out.size() == static_cast<size_t>(out_channels);
+    if (w.consecutive_rows() && all_in && all_out) {  // an unpruned layer of this code: one GEMM in place
+      const at::Tensor xs = x.narrow(0, w.rows.front(), w.count()).view({-1, in_channels});
+      at::Tensor ys = y_tokens.narrow(0, w.rows.front() * tokens, w.count() * tokens);
+      if (w.bias.defined()) {
+        at::addmm_out(ys, w.bias, xs, w.weight.t());
+      } else {
+        at::mm_out(ys, xs, w.weight.t());
+      }
+      return;
+    }
+    std::vector<int64_t> token_rows;  // the code's samples' tokens, as rows of (B * N, C)
+    for (int64_t b : w.rows)
+      for (int64_t t = 0; t < tokens; ++t) token_rows.push_back(b * tokens + t);
+    at::Tensor out;
+    if (!w.kept_out.empty()) {
+      const at::Tensor xs = w.consecutive_rows() && all_in
+                                ? x.narrow(0, w.rows.front(), w.count()).view({-1, in_channels})
+                                : gather(x.view({-1, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
+      out = w.kept_in.empty() ? at::zeros({xs.size(0), static_cast<int64_t>(w.kept_out.size())}, x.options())
+                              : at::linear(xs, w.weight, {});
+      if (w.bias.defined()) out.add_(w.bias);
+    }
+    scatter(out, token_rows, w.kept_out, y_tokens, 1);
+  });
+  return y;
 }
 
 at::Tensor masked_group_norm(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight_in,

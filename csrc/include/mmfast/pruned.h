@@ -77,4 +77,35 @@ struct MaskedGroupNormParams {
   bool silu = false;
 };
 
+// The CPU path's data movement (the GEMMs run in oneDNN): pack one code's kept channels into a
+// compact tensor, and put a code's compact output back into the dense layout.
+// gather: dst[r, j, t] = src[row_index[r] * src_row_stride + channel_index[j] * src_channel_stride + t]
+//   for r < rows, j < channels, t < inner; dst is contiguous (rows, channels, inner). Packs a
+//   code's weights (rows = kept outputs, channels = kept inputs, inner = kh * kw) and its
+//   samples' kept input channels (rows = samples, inner = H * W).
+struct ChannelGatherParams {
+  int64_t element_bytes = 4;
+  const void* src = nullptr;
+  int64_t src_row_stride = 0, src_channel_stride = 0;  // elements; inner elements are contiguous
+  const int64_t* row_index = nullptr;                   // (rows,)
+  const int64_t* channel_index = nullptr;               // (channels,)
+  int64_t rows = 0, channels = 0, inner = 0;
+  void* dst = nullptr;
+};
+
+// scatter: for r < rows and every channel c < dst_channels of dense row row_index[r],
+//   dst[row, c, t] = kept_position[c] >= 0 ? src[r, kept_position[c], t] : 0, with src contiguous
+//   (rows, kept, inner): each output row is written whole, masked channels as exact zeros.
+struct ChannelScatterParams {
+  int64_t element_bytes = 4;
+  const void* src = nullptr;             // (rows, kept, inner), contiguous
+  int64_t kept = 0;
+  const int64_t* kept_position = nullptr;  // (dst_channels,): index into src's channels, or -1
+  int64_t dst_channels = 0;
+  const int64_t* row_index = nullptr;      // (rows,)
+  int64_t rows = 0, inner = 0;
+  void* dst = nullptr;
+  int64_t dst_row_stride = 0, dst_channel_stride = 0;  // elements; inner elements are contiguous
+};
+
 }  // namespace mmfast

@@ -1,6 +1,7 @@
 // CPU kernels of the masked-channel ops (torch-free). See mmfast/pruned.h. The CPU
-// masked_conv2d / masked_linear group the batch by code and run oneDNN per code in the glue
-// (csrc/cpu/pruned.cpp); masked_group_norm is this hand-written kernel.
+// masked_conv2d / masked_linear group the batch by code, pack each code's kept channels and
+// weights with `gather`, run oneDNN per code in the glue (csrc/cpu/pruned.cpp) and put the
+// result back with `scatter`; masked_group_norm is a kernel of its own.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +16,8 @@ namespace cpu {
 // [0, K) (nothing is written then).
 struct PrunedKernels {
   int64_t (*group_norm)(const MaskedGroupNormParams&);
+  void (*gather)(const ChannelGatherParams&);
+  void (*scatter)(const ChannelScatterParams&);
 };
 
 MMFAST_DECLARE_ISA_KERNELS(PrunedKernels, pruned_kernels)

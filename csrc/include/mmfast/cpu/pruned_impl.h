@@ -89,9 +89,80 @@ inline int64_t group_norm(const MaskedGroupNormParams& p) {
   });
 }
 
+// ---- gather / scatter of kept channels ---------------------------------------------------------
+
+template <typename T>
+inline void copy_typed(char* dst, const char* src, int64_t count) {
+  T* d = reinterpret_cast<T*>(dst);
+  const T* s = reinterpret_cast<const T*>(src);
+  for (int64_t i = 0; i < count; ++i) d[i] = s[i];
+}
+
+// count elements of element_bytes (2, 4 or 8): typed loops, so the single elements of the
+// token layout (inner = 1) cost no library call.
+inline void copy_elements(char* dst, const char* src, int64_t count, int64_t element_bytes) {
+  if (count >= 16) {
+    __builtin_memcpy(dst, src, static_cast<size_t>(count * element_bytes));
+  } else if (element_bytes == 4) {
+    copy_typed<uint32_t>(dst, src, count);
+  } else if (element_bytes == 2) {
+    copy_typed<uint16_t>(dst, src, count);
+  } else {
+    copy_typed<uint64_t>(dst, src, count);
+  }
+}
+
+// Both jobs run over rows (a row's channels are one contiguous stretch of dst / src), so the
+// per-element work is one index load and a short copy.
+struct GatherJob {
+  const ChannelGatherParams* p;
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const ChannelGatherParams& p = *static_cast<GatherJob*>(ctx)->p;
+    const int64_t e = p.element_bytes, bytes = p.inner * e;
+    const char* src = static_cast<const char*>(p.src);
+    for (int64_t r = begin; r < end; ++r) {
+      const char* row = src + p.row_index[r] * p.src_row_stride * e;
+      char* out = static_cast<char*>(p.dst) + r * p.channels * bytes;
+      for (int64_t j = 0; j < p.channels; ++j)
+        copy_elements(out + j * bytes, row + p.channel_index[j] * p.src_channel_stride * e, p.inner, e);
+    }
+  }
+};
+
+inline void gather(const ChannelGatherParams& p) {
+  GatherJob job{&p};
+  parallel_for(p.rows, &job, &GatherJob::run);
+}
+
+struct ScatterJob {
+  const ChannelScatterParams* p;
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const ChannelScatterParams& p = *static_cast<ScatterJob*>(ctx)->p;
+    const int64_t e = p.element_bytes, bytes = p.inner * e;
+    for (int64_t r = begin; r < end; ++r) {
+      char* row = static_cast<char*>(p.dst) + p.row_index[r] * p.dst_row_stride * e;
+      const char* compact = static_cast<const char*>(p.src) + r * p.kept * bytes;
+      for (int64_t c = 0; c < p.dst_channels; ++c) {
+        char* out = row + c * p.dst_channel_stride * e;
+        const int64_t j = p.kept_position[c];
+        if (j < 0) {
+          for (int64_t b = 0; b < bytes; ++b) out[b] = 0;  // +0.0 in every float dtype
+        } else {
+          copy_elements(out, compact + j * bytes, p.inner, e);
+        }
+      }
+    }
+  }
+};
+
+inline void scatter(const ChannelScatterParams& p) {
+  ScatterJob job{&p};
+  parallel_for(p.rows, &job, &ScatterJob::run);
+}
+
 }  // namespace pruned
 
-PrunedKernels pruned_kernels() { return {&pruned::group_norm}; }
+PrunedKernels pruned_kernels() { return {&pruned::group_norm, &pruned::gather, &pruned::scatter}; }
 
 }  // namespace MMFAST_CPU_ISA_NS
 }  // namespace cpu
