@@ -1,0 +1,61 @@
+// Torch-free CUDA kernels of the masked-channel (pruned-expert) ops of APTP: the public entry
+// points. See mmfast/pruned.h for the math and the rules; pruned/conv.cuh (masked_conv2d, and
+// masked_linear as a 1x1 conv over a (B, Cin, N, 1) view) and pruned/group_norm.cuh for the
+// kernels. Every element of the output is written (kept channels computed, masked channels 0,
+// samples with a code outside [0, K) NaN), with no host synchronisation: CUDA-graph safe.
+#pragma once
+
+#include "mmfast/cuda/pruned/conv.cuh"
+#include "mmfast/cuda/pruned/group_norm.cuh"
+
+namespace mmfast {
+namespace cuda {
+
+inline bool masked_routing_valid(const CodeRouting& r, bool need_in_mask) {
+  return r.codes >= 1 && (r.code_bytes == 4 || r.code_bytes == 8) && r.out_mask != nullptr &&
+         (!need_in_mask || r.in_mask != nullptr);
+}
+
+inline bool masked_conv2d_valid(const MaskedConvParams& p) {
+  if (p.batch < 0 || p.in_channels < 0 || p.out_channels < 0 || p.height < 0 || p.width < 0 || p.out_height < 0 ||
+      p.out_width < 0 || p.kernel_h < 1 || p.kernel_w < 1 || p.stride_h < 1 || p.stride_w < 1 || p.pad_h < 0 ||
+      p.pad_w < 0 || p.dilation_h < 1 || p.dilation_w < 1 || p.weight_code_stride < 0 || p.bias_code_stride < 0)
+    return false;
+  if (p.in_channels > INT_MAX || p.out_channels > INT_MAX) return false;  // int32 channel lists
+  if (!masked_routing_valid(p.routing, true)) return false;
+  const bool empty = p.batch == 0 || p.out_channels == 0 || p.out_height == 0 || p.out_width == 0;
+  if (empty) return true;
+  if (p.y == nullptr || p.routing.sample_codes == nullptr) return false;
+  if (p.in_channels > 0 && p.weight == nullptr) return false;
+  if (p.in_channels > 0 && p.height > 0 && p.width > 0 && p.x == nullptr) return false;
+  return true;
+}
+
+// Workspace bytes of masked_conv2d: the per-code routing plan (counts, kept-input lists and
+// output permutations, int32).
+inline size_t masked_conv2d_workspace_bytes(const MaskedConvParams& p) {
+  if (!masked_conv2d_valid(p)) return 0;
+  return prunedk::routing_plan(p.routing.codes, p.in_channels, p.out_channels).bytes;
+}
+
+// y of masked_conv2d / masked_linear (mmfast/pruned.h): a routing-plan kernel, then one grouped
+// implicit-GEMM launch over the whole mixed-code batch. Needs the workspace.
+inline cudaError_t masked_conv2d(const MaskedConvParams& p, cudaStream_t stream) {
+  if (!masked_conv2d_valid(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.out_channels == 0 || p.out_height == 0 || p.out_width == 0) return cudaSuccess;
+  if (p.workspace == nullptr || p.workspace_bytes < masked_conv2d_workspace_bytes(p)) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return prunedk::launch_conv<decltype(t)>(p, stream); });
+}
+
+// y of masked_group_norm (mmfast/pruned.h): one block per (sample, group).
+inline cudaError_t masked_group_norm(const MaskedGroupNormParams& p, cudaStream_t stream) {
+  if (p.batch < 0 || p.channels < 1 || p.groups < 1 || p.channels % p.groups != 0 || p.plane < 0 ||
+      p.affine_code_stride < 0 || !(p.eps > 0) || !masked_routing_valid(p.routing, false))
+    return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.plane == 0) return cudaSuccess;
+  if (p.x == nullptr || p.y == nullptr || p.routing.sample_codes == nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return prunedk::launch_group_norm<decltype(t)>(p, stream); });
+}
+
+}  // namespace cuda
+}  // namespace mmfast

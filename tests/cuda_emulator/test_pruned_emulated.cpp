@@ -1,0 +1,366 @@
+// The CUDA masked-channel kernels (masked_conv2d, masked_linear as a 1x1 conv, masked_group_norm)
+// run on the host under emulator.h and are checked against a float64 reference: every dtype
+// (fp16 / bf16 through the emulated TF32 tensor cores and through SIMT), stride 1 and 2,
+// padding, dilation, 1x1 / 3x3 / 2x3 kernels, odd channel counts (Cin = 13, C = 30 in groups of
+// 10), several channel and pixel tiles (a tile straddling the kept count), masks keeping
+// nothing / everything / whole groups / random channels, per-code and shared (code stride 0)
+// weights and affine, no bias, int32 and int64 codes, codes outside [0, K) (NaN), x read
+// through channels-last, transposed and gapped strides, y written through gapped strides.
+// Masked input channels of x and masked weights hold NaN (never read); every element of x's
+// and y's buffers outside the logical tensor is poisoned (x: NaN, so a read shows; y: a
+// sentinel that must survive, so a write out of bounds shows).
+// Argument: 0 (quick), >= 1 (+ a larger conv with several tiles in every dimension).
+#include "emulator.h"
+#include "test_support.h"
+#include "mmfast/cuda/pruned.cuh"
+
+#include <cmath>
+#include <memory>
+#include <string>
+
+using namespace mmfast;
+
+std::mt19937 grng(7);
+int nfail = 0;
+
+void fail(const std::string& what) {
+  ++nfail;
+  std::printf("FAIL %s\n", what.c_str());
+}
+
+constexpr double kPoison = 777.0;
+
+// Rounding unit of the storage type (output rounding) and of the accumulator.
+template <class T> double out_eps() { return std::is_same<T, double>::value ? 1.2e-16 : std::is_same<T, float>::value ? 6e-8 : std::is_same<T, __half>::value ? 4.9e-4 : 3.9e-3; }
+template <class T> double acc_eps() { return std::is_same<T, double>::value ? 1.2e-16 : 6e-8; }
+
+// A 4-D strided buffer: element (a, b, c, d) at s[0]a + s[1]b + s[2]c + s[3]d, every other
+// element of the allocation holding `poison`.
+template <class T> struct Strided {
+  int64_t n[4], s[4];
+  std::vector<T> data;
+  std::vector<char> logical;
+  Strided(const int64_t (&sizes)[4], const int64_t (&strides)[4], double poison) {
+    int64_t span = 1;
+    for (int d = 0; d < 4; ++d) {
+      n[d] = sizes[d];
+      s[d] = strides[d];
+      if (n[d] > 0) span += (n[d] - 1) * s[d];
+    }
+    data.assign(span + 5, fromd<T>(poison));  // guard elements past the end too
+    logical.assign(data.size(), 0);
+    for (int64_t a = 0; a < n[0]; ++a)
+      for (int64_t b = 0; b < n[1]; ++b)
+        for (int64_t c = 0; c < n[2]; ++c)
+          for (int64_t d = 0; d < n[3]; ++d) logical[off(a, b, c, d)] = 1;
+  }
+  int64_t off(int64_t a, int64_t b, int64_t c, int64_t d) const { return a * s[0] + b * s[1] + c * s[2] + d * s[3]; }
+  T& at(int64_t a, int64_t b, int64_t c, int64_t d) { return data[off(a, b, c, d)]; }
+};
+
+enum class XLayout { kContiguous, kChannelsLast, kGapped };
+
+struct ConvCase {
+  const char* name;
+  int64_t B, Cin, Cout, H, W, kh, kw, sh, sw, ph, pw, dh, dw, K;
+  bool shared_weight, has_bias, shared_bias, int32_codes;
+  XLayout layout;
+  std::vector<int64_t> codes;  // B entries, may be out of [0, K)
+  int mask_mode;  // 0 random; 1 code 0 keeps no input but every output, code 1 every input but no
+                  // output, the rest random; 2 whole groups of 10; 4 random keeping 95%
+  bool linear = false;         // x (B, N=H, Cin), y (B, N, Cout) through the (B, C, N, 1) views
+  bool linear_transposed_x = false;
+};
+
+std::vector<char> make_masks(int64_t K, int64_t C, int mode, double keep) {
+  std::vector<char> m(K * C);
+  std::bernoulli_distribution coin(keep);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      if (mode == 1 && k == 0) m[k * C + c] = 0;
+      else if (mode == 1 && k == 1) m[k * C + c] = 1;
+      else if (mode == 3 && k == 0) m[k * C + c] = 1;
+      else if (mode == 3 && k == 1) m[k * C + c] = 0;
+      else if (mode == 4) m[k * C + c] = coin(grng) || coin(grng) || coin(grng);
+      else if (mode == 2) m[k * C + c] = ((c / 10 + k) % 3) != 0;  // whole groups of 10
+      else m[k * C + c] = coin(grng);
+    }
+  }
+  return m;
+}
+
+template <class T>
+void run_conv(const ConvCase& cc) {
+  const int64_t B = cc.B, Cin = cc.Cin, Cout = cc.Cout, K = cc.K, taps = cc.kh * cc.kw;
+  const int64_t Ho = (cc.H + 2 * cc.ph - cc.dh * (cc.kh - 1) - 1) / cc.sh + 1;
+  const int64_t Wo = (cc.W + 2 * cc.pw - cc.dw * (cc.kw - 1) - 1) / cc.sw + 1;
+  std::string cfg = std::string(cc.name) + " T=" + dtype_name(dtype_of<T>()) + " tc=" + std::to_string(emu::compute_major >= 8);
+  std::normal_distribution<double> normal;
+  const auto in_mask = make_masks(K, Cin, cc.mask_mode, 0.6);
+  const auto out_mask = make_masks(K, Cout, cc.mask_mode == 1 ? 3 : cc.mask_mode, 0.7);
+  auto code_ok = [&](int64_t c) { return c >= 0 && c < K; };
+
+  // x, logical (B, Cin, H, W)
+  int64_t xs[4];
+  if (cc.linear) {  // storage (B, N, Cin) or (B, Cin, N) transposed; logical view (B, Cin, N, 1)
+    const int64_t N = cc.H;
+    if (cc.linear_transposed_x) { xs[0] = Cin * N; xs[1] = N; xs[2] = 1; xs[3] = 0; }
+    else { xs[0] = N * Cin; xs[1] = 1; xs[2] = Cin; xs[3] = 0; }
+  } else if (cc.layout == XLayout::kChannelsLast) {
+    xs[0] = cc.H * cc.W * Cin; xs[1] = 1; xs[2] = cc.W * Cin; xs[3] = Cin;
+  } else if (cc.layout == XLayout::kGapped) {
+    xs[3] = 2; xs[2] = 2 * cc.W + 3; xs[1] = xs[2] * cc.H + 1; xs[0] = xs[1] * Cin + 7;
+  } else {
+    xs[3] = 1; xs[2] = cc.W; xs[1] = cc.H * cc.W; xs[0] = Cin * cc.H * cc.W;
+  }
+  const int64_t xn[4] = {B, Cin, cc.H, cc.W};
+  Strided<T> x(xn, xs, NAN);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < Cin; ++i)
+      for (int64_t h = 0; h < cc.H; ++h)
+        for (int64_t w = 0; w < cc.W; ++w) {
+          const bool masked = code_ok(cc.codes[b]) && !in_mask[cc.codes[b] * Cin + i];
+          x.at(b, i, h, w) = fromd<T>(masked ? NAN : normal(grng));  // masked inputs: never read
+        }
+
+  // weight (K | 1, Cout, Cin, kh, kw), bias (K | 1, Cout)
+  const int64_t wsets = cc.shared_weight ? 1 : K, bsets = cc.shared_bias ? 1 : K;
+  const int64_t wblock = Cout * Cin * taps;
+  std::vector<T> weight(wsets * wblock + 3, fromd<T>(NAN));
+  for (int64_t k = 0; k < wsets; ++k)
+    for (int64_t o = 0; o < Cout; ++o)
+      for (int64_t i = 0; i < Cin; ++i)
+        for (int64_t t = 0; t < taps; ++t) {
+          const bool masked = !cc.shared_weight && !(out_mask[k * Cout + o] && in_mask[k * Cin + i]);
+          weight[k * wblock + (o * Cin + i) * taps + t] = fromd<T>(masked ? NAN : normal(grng) / std::sqrt(double(Cin * taps)));
+        }
+  std::vector<T> bias(bsets * Cout + 3, fromd<T>(NAN));
+  for (int64_t k = 0; k < bsets; ++k)
+    for (int64_t o = 0; o < Cout; ++o)
+      if (cc.shared_bias || out_mask[k * Cout + o]) bias[k * Cout + o] = fromd<T>(normal(grng));
+
+  // y, logical (B, Cout, Ho, Wo): gapped strides (conv) or the linear view of (B, N, Cout)
+  int64_t ys[4];
+  if (cc.linear) { ys[0] = Ho * Cout; ys[1] = 1; ys[2] = Cout; ys[3] = 0; }
+  else { ys[3] = 1; ys[2] = Wo + 2; ys[1] = ys[2] * Ho + 3; ys[0] = ys[1] * Cout + 5; }
+  const int64_t yn[4] = {B, Cout, Ho, Wo};
+  Strided<T> y(yn, ys, kPoison);
+
+  std::vector<int64_t> codes64(cc.codes.begin(), cc.codes.end());
+  std::vector<int32_t> codes32(cc.codes.begin(), cc.codes.end());
+  std::unique_ptr<bool[]> in_arr(new bool[K * Cin + 1]), out_arr(new bool[K * Cout + 1]);
+  for (int64_t e = 0; e < K * Cin; ++e) in_arr[e] = in_mask[e];
+  for (int64_t e = 0; e < K * Cout; ++e) out_arr[e] = out_mask[e];
+
+  MaskedConvParams p;
+  p.batch = B, p.in_channels = Cin, p.out_channels = Cout, p.height = cc.H, p.width = cc.W;
+  p.out_height = Ho, p.out_width = Wo, p.kernel_h = cc.kh, p.kernel_w = cc.kw;
+  p.stride_h = cc.sh, p.stride_w = cc.sw, p.pad_h = cc.ph, p.pad_w = cc.pw, p.dilation_h = cc.dh, p.dilation_w = cc.dw;
+  p.dtype = dtype_of<T>();
+  p.routing.codes = K;
+  p.routing.sample_codes = cc.int32_codes ? static_cast<const void*>(codes32.data()) : codes64.data();
+  p.routing.code_bytes = cc.int32_codes ? 4 : 8;
+  p.routing.in_mask = in_arr.get();
+  p.routing.out_mask = out_arr.get();
+  p.x = x.data.data();
+  for (int d = 0; d < 4; ++d) p.x_strides[d] = xs[d], p.y_strides[d] = ys[d];
+  p.weight = weight.data();
+  p.weight_code_stride = cc.shared_weight ? 0 : wblock;
+  p.bias = cc.has_bias ? bias.data() : nullptr;
+  p.bias_code_stride = cc.shared_bias ? 0 : Cout;
+  p.y = y.data.data();
+  const size_t ws_bytes = cuda::masked_conv2d_workspace_bytes(p);
+  if (ws_bytes == 0) return fail("workspace query " + cfg);
+  std::vector<char> ws(ws_bytes + 64, 0x5a);
+  p.workspace = ws.data(), p.workspace_bytes = ws_bytes;
+  if (cuda::masked_conv2d(p, nullptr) != cudaSuccess) return fail("launch " + cfg);
+
+  int bad = 0, shown = 0;
+  auto report = [&](const char* what, int64_t b, int64_t o, int64_t h, int64_t w, double got, double want) {
+    if (shown++ < 5)
+      std::printf("  %s b=%ld o=%ld h=%ld w=%ld got %.10g want %.10g\n", what, (long)b, (long)o, (long)h, (long)w, got,
+                  want);
+    ++bad;
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = cc.codes[b];
+    const int64_t wk = cc.shared_weight ? 0 : c, bk = cc.shared_bias ? 0 : c;
+    for (int64_t o = 0; o < Cout; ++o)
+      for (int64_t ho = 0; ho < Ho; ++ho)
+        for (int64_t wo = 0; wo < Wo; ++wo) {
+          const double got = tod(y.at(b, o, ho, wo));
+          if (!code_ok(c)) {
+            if (!std::isnan(got)) report("invalid code not NaN", b, o, ho, wo, got, NAN);
+            continue;
+          }
+          if (!out_mask[c * Cout + o]) {
+            if (got != 0.0 || std::signbit(got)) report("masked output not 0", b, o, ho, wo, got, 0);
+            continue;
+          }
+          double want = cc.has_bias ? tod(bias[bk * Cout + o]) : 0.0, mag = std::fabs(want);
+          int64_t terms = 0;
+          for (int64_t i = 0; i < Cin; ++i) {
+            if (!in_mask[c * Cin + i]) continue;
+            for (int64_t r = 0; r < cc.kh; ++r)
+              for (int64_t s = 0; s < cc.kw; ++s) {
+                ++terms;
+                const int64_t h = ho * cc.sh - cc.ph + r * cc.dh, w = wo * cc.sw - cc.pw + s * cc.dw;
+                if (h < 0 || h >= cc.H || w < 0 || w >= cc.W) continue;
+                const double t = tod(weight[wk * wblock + (o * Cin + i) * taps + r * cc.kw + s]) * tod(x.at(b, i, h, w));
+                want += t;
+                mag += std::fabs(t);
+              }
+          }
+          const double tol = acc_eps<T>() * (terms + 2) * mag + out_eps<T>() * std::fabs(want) + 1e-300;
+          if (!(std::fabs(got - want) <= tol)) report("value", b, o, ho, wo, got, want);
+        }
+  }
+  for (size_t e = 0; e < y.data.size(); ++e)
+    if (!y.logical[e] && tod(y.data[e]) != tod(fromd<T>(kPoison))) {
+      if (shown++ < 5) std::printf("  wrote outside y at %zu\n", e);
+      ++bad;
+    }
+  if (bad) fail(std::to_string(bad) + " elements off: " + cfg);
+}
+
+// ---- group norm ----------------------------------------------------------------------------
+struct NormCase {
+  const char* name;
+  int64_t B, C, G, P, K;
+  bool has_weight, has_bias, per_code_affine, silu, int32_codes;
+  std::vector<int64_t> codes;
+  int mask_mode;     // 0 random channels, 1 code 0 nothing / code 1 everything, 2 whole groups of 10
+  double offset;     // added to x: a large mean tests the two-pass variance
+};
+
+template <class T>
+void run_norm(const NormCase& nc) {
+  const int64_t B = nc.B, C = nc.C, G = nc.G, P = nc.P, K = nc.K, per = C / G;
+  const std::string cfg = std::string(nc.name) + " T=" + dtype_name(dtype_of<T>());
+  std::normal_distribution<double> normal;
+  const auto mask = make_masks(K, C, nc.mask_mode, 0.6);
+  auto code_ok = [&](int64_t c) { return c >= 0 && c < K; };
+  std::vector<T> x(B * C * P + 5, fromd<T>(NAN)), y(B * C * P + 5, fromd<T>(kPoison));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ch = 0; ch < C; ++ch)
+      for (int64_t i = 0; i < P; ++i) {
+        const bool masked = code_ok(nc.codes[b]) && !mask[nc.codes[b] * C + ch];
+        x[(b * C + ch) * P + i] = fromd<T>(masked ? NAN : nc.offset + normal(grng) * (1 + ch % 3));
+      }
+  const int64_t sets = nc.per_code_affine ? K : 1;
+  std::vector<T> weight(sets * C), bias(sets * C);
+  for (auto& v : weight) v = fromd<T>(1 + 0.5 * normal(grng));
+  for (auto& v : bias) v = fromd<T>(normal(grng));
+  std::vector<int64_t> codes64(nc.codes.begin(), nc.codes.end());
+  std::vector<int32_t> codes32(nc.codes.begin(), nc.codes.end());
+  std::unique_ptr<bool[]> mask_arr(new bool[K * C]);
+  for (int64_t e = 0; e < K * C; ++e) mask_arr[e] = mask[e];
+
+  MaskedGroupNormParams p;
+  p.batch = B, p.channels = C, p.groups = G, p.plane = P, p.dtype = dtype_of<T>();
+  p.routing.codes = K;
+  p.routing.sample_codes = nc.int32_codes ? static_cast<const void*>(codes32.data()) : codes64.data();
+  p.routing.code_bytes = nc.int32_codes ? 4 : 8;
+  p.routing.out_mask = mask_arr.get();
+  p.x = x.data(), p.y = y.data();
+  p.weight = nc.has_weight ? weight.data() : nullptr;
+  p.bias = nc.has_bias ? bias.data() : nullptr;
+  p.affine_code_stride = nc.per_code_affine ? C : 0;
+  p.eps = 1e-5;
+  p.silu = nc.silu;
+  if (cuda::masked_group_norm(p, nullptr) != cudaSuccess) return fail("launch " + cfg);
+
+  int bad = 0, shown = 0;
+  auto report = [&](const char* what, int64_t b, int64_t ch, int64_t i, double got, double want) {
+    if (shown++ < 5) std::printf("  %s b=%ld c=%ld i=%ld got %.10g want %.10g\n", what, (long)b, (long)ch, (long)i, got, want);
+    ++bad;
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t code = nc.codes[b];
+    for (int64_t g = 0; g < G; ++g) {
+      double sum = 0, count = 0;
+      if (code_ok(code))
+        for (int64_t ch = g * per; ch < (g + 1) * per; ++ch)
+          if (mask[code * C + ch])
+            for (int64_t i = 0; i < P; ++i) sum += tod(x[(b * C + ch) * P + i]), ++count;
+      const double mean = count ? sum / count : 0;
+      double sq = 0;
+      if (code_ok(code))
+        for (int64_t ch = g * per; ch < (g + 1) * per; ++ch)
+          if (mask[code * C + ch])
+            for (int64_t i = 0; i < P; ++i) sq += (tod(x[(b * C + ch) * P + i]) - mean) * (tod(x[(b * C + ch) * P + i]) - mean);
+      const double var = count ? sq / count : 0, rstd = 1 / std::sqrt(var + 1e-5);
+      for (int64_t ch = g * per; ch < (g + 1) * per; ++ch)
+        for (int64_t i = 0; i < P; ++i) {
+          const double got = tod(y[(b * C + ch) * P + i]);
+          if (!code_ok(code)) {
+            if (!std::isnan(got)) report("invalid code not NaN", b, ch, i, got, NAN);
+            continue;
+          }
+          if (!mask[code * C + ch]) {
+            if (got != 0.0 || std::signbit(got)) report("masked channel not 0", b, ch, i, got, 0);
+            continue;
+          }
+          const int64_t a = (nc.per_code_affine ? code * C : 0) + ch;
+          const double w = nc.has_weight ? tod(weight[a]) : 1.0;
+          double want = (tod(x[(b * C + ch) * P + i]) - mean) * rstd * w + (nc.has_bias ? tod(bias[a]) : 0.0);
+          if (nc.silu) want = want / (1 + std::exp(-want));
+          // fp32 statistics: the mean's error relative to the spread grows with |offset| / std
+          const double stat = acc_eps<T>() * 64 * std::sqrt(count + 1) * (1 + std::fabs(mean) * rstd) * (std::fabs(w) + 1);
+          const double tol = stat + 2 * out_eps<T>() * (std::fabs(want) + 1e-3);
+          if (!(std::fabs(got - want) <= tol)) report("value", b, ch, i, got, want);
+        }
+    }
+  }
+  for (int64_t e = B * C * P; e < B * C * P + 5; ++e)
+    if (tod(y[e]) != tod(fromd<T>(kPoison))) ++bad;
+  if (bad) fail(std::to_string(bad) + " elements off: " + cfg);
+}
+
+template <class T>
+void run_all(int level) {
+  // name, B, Cin, Cout, H, W, kh, kw, sh, sw, ph, pw, dh, dw, K, shared_w, bias, shared_b, int32, layout, codes, mask
+  run_conv<T>({"3x3 s1 p1 per-code", 4, 13, 30, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 3, false, true, false, false,
+               XLayout::kContiguous, {2, 0, 1, 2}, 0});
+  run_conv<T>({"3x3 s2 p1 shared weight+bias, channels-last, int32", 3, 13, 30, 9, 8, 3, 3, 2, 2, 1, 1, 1, 1, 3, true,
+               true, true, true, XLayout::kChannelsLast, {1, 2, 0}, 0});
+  run_conv<T>({"3x3 dil2 p2 no bias, gapped x, invalid codes, keep none / all", 5, 13, 30, 6, 6, 3, 3, 1, 1, 2, 2, 2, 2,
+               3, false, false, false, false, XLayout::kGapped, {1, -1, 0, 3, 2}, 1});
+  run_conv<T>({"2x3 s(2,1) p(0,1) d(1,2) groups of 10", 2, 20, 30, 7, 9, 2, 3, 2, 1, 0, 1, 1, 2, 3, false, true, false,
+               false, XLayout::kContiguous, {0, 2}, 2});
+  run_conv<T>({"1x1 Cin=Cout=70, 81 pixels: 2 channel and 2 pixel tiles", 2, 70, 70, 9, 9, 1, 1, 1, 1, 0, 0, 1, 1, 2,
+               false, true, false, false, XLayout::kContiguous, {1, 0}, 4});
+  ConvCase lin{"linear N=20 Cin=13 Cout=30 groups of 10", 3, 13, 30, 20, 1, 1, 1, 1, 1, 0, 0, 1, 1, 3, false, true,
+               false, false, XLayout::kContiguous, {2, 0, 1}, 2};
+  lin.linear = true;
+  run_conv<T>(lin);
+  ConvCase lin_t{"linear transposed x, shared weight, no bias, invalid code", 3, 13, 30, 20, 1, 1, 1, 1, 1, 0, 0, 1, 1,
+                 2, true, false, false, true, XLayout::kContiguous, {1, 5, 0}, 0};
+  lin_t.linear = lin_t.linear_transposed_x = true;
+  run_conv<T>(lin_t);
+  if (level >= 1 && (std::is_same<T, float>::value || std::is_same<T, __half>::value))
+    run_conv<T>({"3x3 Cin=40 Cout=130 12x12, 3 channel / 3 pixel tiles", 3, 40, 130, 12, 12, 3, 3, 1, 1, 1, 1, 1, 1, 4,
+                 false, true, false, false, XLayout::kChannelsLast, {3, 1, 3}, 0});
+
+  // name, B, C, G, P, K, weight, bias, per-code affine, silu, int32, codes, mask, offset
+  run_norm<T>({"C=30 G=3 P=7 per-code affine silu", 4, 30, 3, 7, 3, true, true, true, true, false, {2, 0, 1, 1}, 2, 0});
+  run_norm<T>({"random channels, shared affine, invalid codes", 4, 30, 3, 7, 3, true, true, false, false, true,
+               {1, 3, 0, -2}, 0, 0});
+  run_norm<T>({"keep none / all, no affine, silu", 3, 30, 3, 5, 2, false, false, false, true, false, {0, 1, 1}, 1, 0});
+  run_norm<T>({"(B, C) input P=1, G=1, weight only", 3, 13, 1, 1, 2, true, false, true, false, false, {1, 0, 1}, 0, 0});
+  run_norm<T>({"P=300 > block, offset mean 50", 2, 8, 2, 300, 2, true, true, true, false, false, {1, 0}, 0, 50});
+  run_norm<T>({"P=100, bias only, groups of 10", 2, 20, 2, 100, 3, false, true, false, true, false, {2, 1}, 2, 0});
+}
+
+int main(int argc, char** argv) {
+  const int level = argc > 1 ? std::atoi(argv[1]) : 0;
+  run_all<float>(level);
+  run_all<double>(level);
+  run_all<__half>(level);
+  run_all<__nv_bfloat16>(level);
+  emu::compute_major = 7;  // fp16 / bf16 on the SIMT path (no TF32 tensor cores)
+  run_all<__half>(0);
+  run_all<__nv_bfloat16>(0);
+  std::printf("%s: %d failures\n", nfail ? "FAILED" : "passed", nfail);
+  return nfail ? 1 : 0;
+}
