@@ -1,0 +1,40 @@
+"""APTP (prompt-based pruning, Ganjdanesh et al., ICLR 2025) on mmfast: K physically pruned
+experts of a diffusers UNet served as one model for batches that mix architecture codes.
+
+    from mmfast.models.aptp import AptpUNet, Router, load_expert
+    experts = [load_expert(d) for d in expert_dirs]            # (sliced UNet, ArchitectureCode)
+    model = AptpUNet.from_experts(base_unet, experts)          # base: structure only
+    codes = router(prompt_embeddings)                          # (B,) from a sentence encoder
+    noise = model(latents, t, text_states, codes)              # each row runs its own expert
+"""
+from .architecture import (ARCH_FILE, FF_GROUPS, ArchitectureCode, DepthSkip, dense_skeleton, depth_gates,
+                           load_expert, prune_unet, random_architecture, save_expert, to_masks, width_gates)
+from .router import Router, contrastive_loss, sinkhorn
+from .unet import (AptpUNet, CodedConv2d, CodedDepthGate, CodedGroupNorm, CodedLayerNorm, CodedLinear, CodeState,
+                   stack_expert_weights)
+
+__all__ = [
+    "ARCH_FILE",
+    "AptpUNet",
+    "ArchitectureCode",
+    "CodeState",
+    "CodedConv2d",
+    "CodedDepthGate",
+    "CodedGroupNorm",
+    "CodedLayerNorm",
+    "CodedLinear",
+    "DepthSkip",
+    "FF_GROUPS",
+    "Router",
+    "contrastive_loss",
+    "dense_skeleton",
+    "depth_gates",
+    "load_expert",
+    "prune_unet",
+    "random_architecture",
+    "save_expert",
+    "sinkhorn",
+    "stack_expert_weights",
+    "to_masks",
+    "width_gates",
+]

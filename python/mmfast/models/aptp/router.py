@@ -1,0 +1,144 @@
+"""APTP's router: prompt embedding -> architecture logits -> one of K architecture codes.
+
+Source: APTP (Ganjdanesh et al., ICLR 2025; rezashkv/diffusion_pruning, shared/reference/aptp.md
+2.1): a frozen sentence encoder (all-mpnet-base-v2, mean-pooled, 768-d; the user supplies the
+embeddings) feeds a linear hypernetwork (HyperStructure: one nn.Linear per width gate plus one for
+all depth gates, orthogonal init) whose concatenated logits are compared, by cosine similarity
+after a Gumbel-sigmoid relaxation and a per-gate normalisation, to K learned code embeddings
+(StructureVectorQuantizer). Inference takes the argmax; training balances the assignment with
+Sinkhorn optimal transport and adds a contrastive loss tying architecture similarity to prompt
+similarity.
+
+Simplifications against the official code (documented, not verified numerically against it):
+the normalisation scales each gate by sqrt(1 / width) and L2-normalises (APTP also multiplies
+widths by their block's depth value); inference uses the noiseless sigmoid unless a generator is
+passed (APTP draws Gumbel noise with a fixed seed).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import FF_GROUPS, ArchitectureCode, depth_gates, width_gates
+
+__all__ = ["Router", "sinkhorn", "contrastive_loss"]
+
+
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Balanced soft assignment (SwAV's Sinkhorn-Knopp; APTP's distributed_sinkhorn on one
+    process). scores (B, K) similarities -> Q (B, K): each row sums to 1 and each code gets about
+    B / K of the mass; codes = Q.argmax(-1). Computed in fp64, returned in scores' dtype."""
+    batch, codes = scores.shape
+    s = scores.detach().double()
+    q = torch.exp((s - s.max()) / epsilon).t()  # (K, B); the shift cancels in the normalisation
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / codes   # every code gets 1/K of the mass
+        q = q / q.sum(dim=0, keepdim=True) / batch   # every sample gets 1/B
+    return (q * batch).t().to(scores.dtype)
+
+
+def contrastive_loss(arch_vectors: torch.Tensor, prompt_embeddings: torch.Tensor,
+                     arch_temperature: float = 0.03, prompt_temperature: float = 0.03) -> torch.Tensor:
+    """APTP's contrastive loss (pdm/losses/contrastive_loss.py; weight 100 in training): BCE between
+    the row-softmaxed similarity matrices of the (B, D) architecture vectors and of the (B, E)
+    prompt embeddings (both L2-normalised here), prompts as the target."""
+    a = F.normalize(arch_vectors.float(), dim=-1)
+    p = F.normalize(prompt_embeddings.float(), dim=-1)
+    arch_similarity = F.softmax(a @ a.T / arch_temperature, dim=-1)
+    prompt_similarity = F.softmax(p @ p.T / prompt_temperature, dim=-1)
+    return F.binary_cross_entropy(arch_similarity.T, prompt_similarity.T, reduction="mean")
+
+
+class Router(nn.Module):
+    """embeddings (B, embed_dim) -> codes (B,) in [0, num_codes).
+
+    gate_widths: groups of each width gate (in ArchitectureCode order); depth: number of depth
+    gates (one shared Linear, APTP's layout). The architecture vector has D = sum(widths) + depth
+    entries; the codebook (num_codes, D) holds the codes' logits. temperature / offset: APTP's
+    quantizer_T 0.4 and quantizer_base 3 (biased towards keeping).
+    """
+
+    def __init__(self, gate_widths: Sequence[int], num_codes: int, embed_dim: int = 768, depth: int = 0,
+                 temperature: float = 0.4, offset: float = 3.0, gate_names: Optional[Sequence[str]] = None,
+                 depth_names: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.widths = list(gate_widths) + [1] * depth  # a depth gate counts as one group
+        self.num_width_gates, self.temperature, self.offset = len(gate_widths), temperature, offset
+        self.gate_names, self.depth_names = list(gate_names or []), list(depth_names or [])
+        self.hypernet = nn.ModuleList([nn.Linear(embed_dim, w) for w in gate_widths])
+        if depth:
+            self.hypernet.append(nn.Linear(embed_dim, depth))
+        self.codebook = nn.Parameter(torch.empty(num_codes, sum(self.widths)))
+        for layer in self.hypernet:
+            nn.init.orthogonal_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        nn.init.orthogonal_(self.codebook)
+        # entry i of an architecture vector is scaled by sqrt(1 / width of its gate)
+        self.register_buffer("gate_scale", torch.cat([torch.full((w,), math.sqrt(1 / w)) for w in self.widths]))
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, num_codes: int, embed_dim: int = 768, ff_groups: int = FF_GROUPS,
+                 **kwargs) -> "Router":
+        """A router over every width and depth gate of a diffusers UNet (APTP's D ~ 1620 for SD 2.1)."""
+        gates, depth = width_gates(unet, ff_groups), list(depth_gates(unet))
+        return cls(list(gates.values()), num_codes, embed_dim, len(depth), gate_names=list(gates),
+                   depth_names=depth, **kwargs)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.shape[0]
+
+    def architecture_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) -> (B, D): the hypernetwork's concatenated per-gate logits."""
+        return torch.cat([layer(embeddings) for layer in self.hypernet], dim=-1)
+
+    def relax(self, logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Gumbel-sigmoid keep probabilities sigmoid((logits + offset + noise) / T); logistic
+        noise (the difference of two Gumbels) only when a generator is given."""
+        if generator is not None:
+            u = torch.rand(logits.shape, generator=generator).to(logits).clamp(1e-6, 1 - 1e-6)
+            logits = logits + torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid((logits + self.offset) / self.temperature)
+
+    def normalize(self, probs: torch.Tensor) -> torch.Tensor:
+        """Every gate counts equally: scale by sqrt(1 / width), then L2-normalise."""
+        return F.normalize(probs * self.gate_scale, dim=-1)
+
+    def scores(self, embeddings: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B, embed_dim) -> (B, K) cosine similarity of the prompt's architecture to each code's."""
+        prompts = self.normalize(self.relax(self.architecture_logits(embeddings), generator))
+        codes = self.normalize(self.relax(self.codebook))
+        return prompts @ codes.T
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Inference routing: (B, embed_dim) -> (B,) int64 codes, argmax cosine (no balancing)."""
+        return self.scores(embeddings).argmax(dim=-1)
+
+    def balanced_codes(self, embeddings: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+        """Training-time routing: argmax of the Sinkhorn-balanced assignment (about B / K per code)."""
+        return sinkhorn(self.scores(embeddings, generator), epsilon, iterations).argmax(dim=-1)
+
+    @torch.no_grad()
+    def architectures(self) -> List[ArchitectureCode]:
+        """The K codebook entries as ArchitectureCodes (keep probability >= 0.5, APTP's hard_concrete;
+        a gate that would drop every group keeps its most likely one). Needs a router built by
+        for_unet (gate names)."""
+        if len(self.gate_names) != self.num_width_gates:
+            raise ValueError("Router.architectures: build the router with Router.for_unet to know the gate names")
+        out = []
+        for probs in self.relax(self.codebook).cpu():
+            parts = probs.split(self.widths[:self.num_width_gates] + [len(self.depth_names)])
+            width = {}
+            for name, p in zip(self.gate_names, parts):
+                kept = p >= 0.5
+                kept[p.argmax()] = True
+                width[name] = kept
+            depth = {name: bool(p >= 0.5) for name, p in zip(self.depth_names, parts[-1])}
+            out.append(ArchitectureCode(width, depth))
+        return out

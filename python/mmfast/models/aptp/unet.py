@@ -1,0 +1,322 @@
+"""AptpUNet: K physically pruned APTP experts served as one diffusers UNet, for batches that
+mix architecture codes.
+
+Source: APTP (Ganjdanesh et al., ICLR 2025; shared/reference/aptp.md 1.3, 5.3). APTP slices
+one UNet per code and fine-tunes each separately, so the experts differ in kept groups AND in
+weights, and the official code runs one expert at a time. Here every weight of every layer is
+stacked per code, (K, ...), with pruned rows / columns zero-filled, and each layer runs mmfast's
+masked ops: sample b computes exactly its code's sliced expert, embedded in the dense layout
+(pruned channels are exactly 0), in one pass over the mixed batch.
+
+Structure: a deep copy of the base UNet with its layers swapped for coded ones
+  nn.Conv2d -> CodedConv2d (masked_conv2d)     nn.Linear    -> CodedLinear (masked_linear)
+  nn.GroupNorm -> CodedGroupNorm (masked_group_norm)   nn.LayerNorm -> CodedLayerNorm
+  depth-gated blocks -> CodedDepthGate (runs the block on the rows whose code keeps it)
+The coded layers read the rows' codes from one shared CodeState that AptpUNet.forward sets.
+Attention heads are pruned through masks on q/k/v (out) and to_out.0 (in): a masked head has
+q = k = v = 0, so its SDPA output is exactly 0 and to_out never reads it, as in the pruned expert.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import ops
+from .._modules import swap_submodule
+from .architecture import FF_GROUPS, ArchitectureCode, LayerMask, _index, depth_gates, to_masks
+
+__all__ = ["AptpUNet", "CodeState", "CodedConv2d", "CodedLinear", "CodedGroupNorm", "CodedLayerNorm",
+           "CodedDepthGate", "stack_expert_weights"]
+
+Expert = Tuple[Union[nn.Module, Mapping[str, torch.Tensor]], ArchitectureCode]
+
+
+class CodeState:
+    """The architecture codes (B,) of the rows the coded layers are running on."""
+
+    def __init__(self):
+        self.codes: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self.codes is None:
+            raise RuntimeError("APTP coded layer called outside AptpUNet.forward: no sample codes are set")
+        return self.codes
+
+    @contextlib.contextmanager
+    def use(self, codes: torch.Tensor):
+        previous, self.codes = self.codes, codes
+        try:
+            yield
+        finally:
+            self.codes = previous
+
+
+# --- coded layers --------------------------------------------------------------------------------
+
+
+class _Coded(nn.Module):
+    """Per-code weights (K, ...) as parameters, channel masks (K, C) as buffers."""
+
+    def __init__(self, state: CodeState, params: Dict[str, Optional[torch.Tensor]], masks: Dict[str, torch.Tensor]):
+        super().__init__()
+        self.state = state
+        for name, value in params.items():
+            self.register_parameter(name, None if value is None else nn.Parameter(value, requires_grad=False))
+        for name, value in masks.items():
+            self.register_buffer(name, value)
+
+    @property
+    def num_codes(self) -> int:
+        return self.weight.shape[0]
+
+
+class CodedConv2d(_Coded):
+    """nn.Conv2d per code: weight (K, Cout, Cin, kh, kw), bias (K, Cout)?, in_mask (K, Cin),
+    out_mask (K, Cout). x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+
+    def __init__(self, state, weight, bias, in_mask, out_mask, conv: nn.Conv2d):
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise NotImplementedError(f"CodedConv2d: needs groups=1, zero padding given as ints, got {conv}")
+        super().__init__(state, {"weight": weight, "bias": bias}, {"in_mask": in_mask, "out_mask": out_mask})
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.masked_conv2d(x, self.weight, self.bias, self.state.get(), self.in_mask, self.out_mask,
+                                 stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+class CodedLinear(_Coded):
+    """nn.Linear per code: weight (K, Cout, Cin), bias (K, Cout)?. x (B, N, Cin) tokens, or
+    (B, Cin) (the time-embedding MLP) -> (B, N, Cout) / (B, Cout)."""
+
+    def __init__(self, state, weight, bias, in_mask, out_mask):
+        super().__init__(state, {"weight": weight, "bias": bias}, {"in_mask": in_mask, "out_mask": out_mask})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.unsqueeze(1) if x.dim() == 2 else x
+        y = ops.masked_linear(tokens, self.weight, self.bias, self.state.get(), self.in_mask, self.out_mask)
+        return y.squeeze(1) if x.dim() == 2 else y
+
+
+class CodedGroupNorm(_Coded):
+    """nn.GroupNorm per code: weight / bias (K, C), channel_mask (K, C) (a resnet's norm2 keeps
+    its code's groups; statistics over kept groups only = the expert's smaller GroupNorm)."""
+
+    def __init__(self, state, weight, bias, channel_mask, norm: nn.GroupNorm):
+        super().__init__(state, {"weight": weight, "bias": bias}, {"channel_mask": channel_mask})
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+
+    @property
+    def num_codes(self) -> int:
+        return self.channel_mask.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.masked_group_norm(x, self.weight, self.bias, self.num_groups, self.state.get(),
+                                     self.channel_mask, eps=self.eps)
+
+
+class CodedLayerNorm(_Coded):
+    """nn.LayerNorm over the last dim with per-code affine weight / bias (K, C), gathered per row.
+    x (B, ..., C). Never pruned (the transformer residual stream is dense)."""
+
+    def __init__(self, state, weight, bias, norm: nn.LayerNorm):
+        super().__init__(state, {"weight": weight, "bias": bias}, {})
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        codes = self.state.get()
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        if self.weight is not None:
+            y = y * self.weight[codes].view(shape)
+        if self.bias is not None:
+            y = y + self.bias[codes].view(shape)
+        return y
+
+
+class CodedDepthGate(nn.Module):
+    """A depth-gated block (a resnet or a Transformer2DModel, APTP's DepthGate): rows whose code
+    runs it (runs (K,) bool) go through the block, only those rows; the others take the
+    identity input[:, :channels] (up blocks: the non-skip part of the concatenated input)."""
+
+    def __init__(self, state: CodeState, block: nn.Module, runs: torch.Tensor, channels: int, returns_tuple: bool):
+        super().__init__()
+        self.state, self.block, self.channels, self.returns_tuple = state, block, channels, returns_tuple
+        self.register_buffer("runs", runs.bool())
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        codes = self.state.get()
+        runs = self.runs[codes]
+        if bool(runs.all()):
+            return self.block(hidden_states, *args, **kwargs)
+        out = hidden_states[:, :self.channels]
+        if bool(runs.any()):
+            rows = torch.nonzero(runs)[:, 0]
+            batch = hidden_states.shape[0]
+
+            def take(v):  # the batch rows of any per-row tensor argument (temb, encoder states)
+                return v.index_select(0, rows) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+
+            with self.state.use(codes.index_select(0, rows)):
+                ran = self.block(take(hidden_states), *map(take, args), **{k: take(v) for k, v in kwargs.items()})
+            out = out.index_copy(0, rows, ran[0] if self.returns_tuple else ran)
+        return (out,) if self.returns_tuple else out
+
+
+# --- stacking the experts ---------------------------------------------------------------------------
+
+
+def _inside(name: str, blocks: Sequence[str]) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+def stack_expert_weights(name: str, param: str, dense: torch.Tensor, state_dicts: Sequence[Mapping],
+                         masks: Sequence[LayerMask], skipped: Sequence[Sequence[str]]) -> Optional[torch.Tensor]:
+    """(K, *dense.shape): expert k's sliced tensor "<name>.<param>" scattered into its kept rows
+    (out_mask) and, for weights, kept columns (in_mask); zeros elsewhere and for experts that
+    skip the block holding the layer. dense: the base layer's tensor (only its shape is read)."""
+    key = f"{name}.{param}"
+    stacked = None
+    for k, (state_dict, (in_mask, out_mask)) in enumerate(zip(state_dicts, masks)):
+        if key not in state_dict:
+            if _inside(name, skipped[k]):
+                continue
+            raise KeyError(f"AptpUNet.from_experts: expert {k} has no {key}")
+        sliced = state_dict[key]
+        rows = _index(out_mask, dense.shape[0])
+        index = (rows,) if param == "bias" or dense.dim() == 1 else (rows[:, None], _index(in_mask, dense.shape[1]))
+        expected = (rows.numel(),) + (() if len(index) == 1 else (index[1].numel(),)) + tuple(dense.shape[len(index):])
+        if tuple(sliced.shape) != expected:
+            raise ValueError(f"AptpUNet.from_experts: expert {k}'s {key} is {tuple(sliced.shape)}, its architecture "
+                             f"code slices the dense {tuple(dense.shape)} to {expected}")
+        if stacked is None:
+            stacked = torch.zeros((len(state_dicts), *dense.shape), dtype=sliced.dtype, device=sliced.device)
+        stacked[k][index] = sliced.to(stacked.dtype)
+    if stacked is None:
+        raise ValueError(f"AptpUNet.from_experts: every expert skips {name}")
+    return stacked
+
+
+def _layer_masks(masks: Sequence[Dict[str, LayerMask]], name: str, in_size: int, out_size: int):
+    """(K, Cin), (K, Cout) bool masks of one layer (all true where a code does not prune it)."""
+    def full(mask, size):
+        return torch.ones(size, dtype=torch.bool) if mask is None else mask
+    pairs = [m.get(name, (None, None)) for m in masks]
+    return (torch.stack([full(i, in_size) for i, _ in pairs]), torch.stack([full(o, out_size) for _, o in pairs]))
+
+
+def _coded_layer(name, module, state, state_dicts, masks, skipped) -> Optional[nn.Module]:
+    """The coded twin of one base layer, or None for modules without weights of their own."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
+        return None
+    per_layer = [m.get(name, (None, None)) for m in masks]
+
+    def stack(param):
+        dense = getattr(module, param, None)
+        return None if dense is None else stack_expert_weights(name, param, dense, state_dicts, per_layer, skipped)
+
+    weight, bias = stack("weight"), stack("bias")
+    if isinstance(module, nn.Conv2d):
+        in_mask, out_mask = _layer_masks(masks, name, module.in_channels, module.out_channels)
+        return CodedConv2d(state, weight, bias, in_mask.to(weight.device), out_mask.to(weight.device), module)
+    if isinstance(module, nn.Linear):
+        in_mask, out_mask = _layer_masks(masks, name, module.in_features, module.out_features)
+        return CodedLinear(state, weight, bias, in_mask.to(weight.device), out_mask.to(weight.device))
+    if isinstance(module, nn.GroupNorm):
+        _, channel_mask = _layer_masks(masks, name, module.num_channels, module.num_channels)
+        if weight is not None:
+            channel_mask = channel_mask.to(weight.device)
+        return CodedGroupNorm(state, weight, bias, channel_mask, module)
+    return CodedLayerNorm(state, weight, bias, module)
+
+
+class AptpUNet(nn.Module):
+    """K APTP experts of one diffusers UNet2DConditionModel, run on mixed-code batches.
+
+    forward(sample (B, C, H, W), timestep (scalar or (B,)), encoder_hidden_states (B, L, D),
+    sample_codes (B,) int in [0, K), or (B/2,) under classifier-free guidance: the pipeline's
+    [uncond; cond] rows share their prompt's code, so codes are repeated) -> (B, C, H, W), what
+    UNet2DConditionModel(...).sample of each row's expert returns. The batch is sorted by code
+    once at entry and unsorted at exit (aptp.md 5.3.1), so each code's rows are contiguous.
+    """
+
+    def __init__(self, unet: nn.Module, state: CodeState, architectures: Sequence[ArchitectureCode]):
+        super().__init__()
+        self.unet, self.state, self.architectures = unet, state, list(architectures)
+
+    @property
+    def num_codes(self) -> int:
+        return len(self.architectures)
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, base_unet: nn.Module, experts: Sequence[Expert], ff_groups: int = FF_GROUPS) -> "AptpUNet":
+        """experts: [(sliced expert UNet or its state dict, its ArchitectureCode)], code k = index k.
+        base_unet gives the dense module structure only (its weights are never read; it may live on
+        the meta device). Every layer's weights are stacked per code with pruned rows / columns
+        zero-filled; layers a code does not prune get all-true masks (still its own weights)."""
+        if not experts:
+            raise ValueError("AptpUNet.from_experts: need at least one expert")
+        archs = [arch for _, arch in experts]
+        state_dicts = [e if isinstance(e, Mapping) else e.state_dict() for e, _ in experts]
+        masks = [to_masks(base_unet, arch, ff_groups) for arch in archs]
+        gates = depth_gates(base_unet)
+        skipped = [[n for n in gates if not arch.runs(n)] for arch in archs]
+        state = CodeState()
+        unet = copy.deepcopy(base_unet)
+        for name, module in base_unet.named_modules():
+            coded = _coded_layer(name, module, state, state_dicts, masks, skipped)
+            if coded is not None:
+                swap_submodule(unet, name, coded)
+        for name, channels in gates.items():
+            runs = torch.tensor([arch.runs(name) for arch in archs])
+            if not bool(runs.all()):
+                gate = CodedDepthGate(state, unet.get_submodule(name), runs, channels, ".attentions." in name)
+                swap_submodule(unet, name, gate.to(_device_of(unet)))
+        _check_all_coded(unet)
+        return cls(unet.eval(), state, archs)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                sample_codes: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        batch = sample.shape[0]
+        codes = self.row_codes(sample_codes, batch)
+        order = torch.argsort(codes, stable=True)
+
+        def by_code(t):
+            return t.index_select(0, order) if torch.is_tensor(t) and t.dim() and t.shape[0] == batch else t
+
+        with self.state.use(codes.index_select(0, order)):
+            out = self.unet(by_code(sample), by_code(timestep), by_code(encoder_hidden_states), return_dict=False,
+                            **{k: by_code(v) for k, v in unet_kwargs.items()})[0]
+        return torch.empty_like(out).index_copy_(0, order, out)  # unsort: out row i is input row order[i]
+
+    def row_codes(self, sample_codes: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B,) int64 codes of the rows: sample_codes as is, or repeated when it has B/2 entries
+        (CFG doubles rows, not codes). Raises on codes outside [0, K)."""
+        codes = torch.as_tensor(sample_codes, device=self.state_device()).long().reshape(-1)
+        if codes.numel() * 2 == batch:
+            codes = codes.repeat(2)
+        if codes.numel() != batch:
+            raise ValueError(f"AptpUNet: {codes.numel()} sample codes for {batch} rows (need B, or B/2 under CFG)")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
+            raise IndexError(f"AptpUNet: sample codes must be in [0, {self.num_codes}), got {codes.tolist()}")
+        return codes
+
+    def state_device(self) -> torch.device:
+        return _device_of(self.unet)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _check_all_coded(unet: nn.Module) -> None:
+    """Every parameter must sit in a coded layer: anything else would be shared across codes."""
+    for name, module in unet.named_modules():
+        if not isinstance(module, _Coded) and any(True for _ in module.parameters(recurse=False)):
+            raise NotImplementedError(f"AptpUNet: {name} ({type(module).__name__}) has weights but no coded twin")

@@ -1,0 +1,215 @@
+"""APTP experts as one mixed-code UNet (mmfast.models.aptp): exactness against the physically
+sliced expert UNets, CFG, checkpoints, and the router."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import mmfast  # noqa: E402
+from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, contrastive_loss,  # noqa: E402
+                                dense_skeleton, depth_gates, load_expert, prune_unet, random_architecture,
+                                save_expert, sinkhorn, width_gates)
+from mmfast.testing.tiny_aptp import tiny_experts, tiny_inputs  # noqa: E402
+
+CODES = [2, 0, 2, 1, 0, 2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread. On a loaded 2-core machine OpenMP's spinning threads make
+    each tiny conv up to 100x slower; the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Base UNet, 3 experts (expert 0 runs every depth-gated block, expert 1 skips them all,
+    expert 2 some) with random kept groups and perturbed weights, and their AptpUNet."""
+    base, experts = tiny_experts(3, torch.Generator().manual_seed(1))
+    return base, experts, AptpUNet.from_experts(base, experts)
+
+
+def per_expert(experts, x, t, text, codes):
+    """Each row through its own sliced expert UNet (the definition)."""
+    return torch.cat([experts[k][0](x[i:i + 1], t[i:i + 1], text[i:i + 1]).sample for i, k in enumerate(codes)])
+
+
+def assert_matches(actual, expected, rel=1e-4):
+    """max |actual - expected| <= rel * max |expected|; returns the measured ratio."""
+    error = (actual - expected).abs().max().item() / expected.abs().max().item()
+    assert error <= rel, f"max difference {error:.3g} of the output scale"
+    return error
+
+
+@torch.no_grad()
+def test_mixed_batch_equals_sliced_experts(setup):
+    base, experts, model = setup
+    archs = [arch for _, arch in experts]
+    # the experts really differ: kept groups, depth gates, weights
+    assert all(archs[0].depth.values()) and not any(archs[1].depth.values())
+    assert not torch.equal(archs[0].width["down_blocks.0.resnets.0"], archs[1].width["down_blocks.0.resnets.0"])
+    assert any(not bool(v.all()) for v in archs[2].width.values() if v.numel() <= 6)  # some heads pruned
+    x, t, text = tiny_inputs(len(CODES))
+    expected = per_expert(experts, x, t, text, CODES)
+    actual = model(x, t, text, torch.tensor(CODES))
+    assert actual.shape == expected.shape == x.shape
+    assert_matches(actual, expected)
+    # a row run by another expert differs: the test tells experts apart
+    other = experts[0][0](x[:1], t[:1], text[:1]).sample
+    assert (other - expected[:1]).abs().max() > 1e-2 * expected.abs().max()
+    # one code only, and already-sorted codes
+    assert_matches(model(x[:2], t[:2], text[:2], torch.tensor([1, 1])), per_expert(experts, x[:2], t[:2], text[:2],
+                                                                                    [1, 1]))
+
+
+@torch.no_grad()
+def test_classifier_free_guidance_repeats_codes(setup):
+    base, experts, model = setup
+    prompts = [1, 2, 0]
+    x, t, text = tiny_inputs(2 * len(prompts), seed=3)
+    t = torch.full((6,), 500)  # one timestep for the whole CFG batch, as pipelines pass it
+    rows = prompts + prompts   # [uncond; cond]: CFG doubles rows, not codes
+    expected = per_expert(experts, x, t, text, rows)
+    assert_matches(model(x, t[0], text, torch.tensor(prompts)), expected)
+    assert_matches(model(x, t[0], text, torch.tensor(rows)), expected)
+    with pytest.raises(ValueError, match="sample codes"):
+        model(x, t, text, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(IndexError):
+        model(x, t, text, torch.tensor([0, 1, 3, 0, 1, 2]))
+
+
+@torch.no_grad()
+def test_from_state_dicts_and_unpruned_expert(setup):
+    base, experts, model = setup
+    x, t, text = tiny_inputs(len(CODES), seed=5)
+    from_dicts = AptpUNet.from_experts(base, [(e.state_dict(), a) for e, a in experts])
+    torch.testing.assert_close(from_dicts(x, t, text, torch.tensor(CODES)), model(x, t, text, torch.tensor(CODES)),
+                               rtol=0, atol=0)
+    # an unpruned expert (all-true masks, base weights) next to a pruned one
+    full = ArchitectureCode()
+    mixed = AptpUNet.from_experts(base, [(base, full), experts[1]])
+    codes = [0, 1, 0]
+    expected = torch.cat([base(x[:1], t[:1], text[:1]).sample, experts[1][0](x[1:2], t[1:2], text[1:2]).sample,
+                          base(x[2:3], t[2:3], text[2:3]).sample])
+    assert_matches(mixed(x[:3], t[:3], text[:3], torch.tensor(codes)), expected)
+
+
+@torch.no_grad()
+def test_reference_backend_runs_a_mixed_batch(setup):
+    base, experts, model = setup
+    x, t, text = tiny_inputs(len(CODES), seed=7)
+    native = model(x, t, text, torch.tensor(CODES))
+    with mmfast.use_backend("reference"):
+        reference = model(x, t, text, torch.tensor(CODES))
+    assert_matches(reference, native, rel=1e-5)
+
+
+def test_prune_unet_slices_like_aptp(setup):
+    base, experts, _ = setup
+    expert, arch = experts[2]
+    name = "down_blocks.1.resnets.0"
+    kept = int(arch.width[name].sum())
+    resnet = expert.get_submodule(name)
+    assert resnet.conv1.out_channels == resnet.time_emb_proj.out_features == kept * 6 == resnet.conv2.in_channels
+    assert (resnet.norm2.num_groups, resnet.norm2.num_channels) == (kept, kept * 6)
+    attn = expert.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    heads = int(arch.width["up_blocks.1.attentions.0.transformer_blocks.0.attn2"].sum())
+    assert attn.heads == heads and attn.to_k.out_features == attn.to_out[0].in_features == heads * 8
+    ff = expert.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.ff")
+    inner = int(arch.width["up_blocks.1.attentions.0.transformer_blocks.0.ff"].sum()) * 3
+    assert ff.net[0].proj.out_features == 2 * inner and ff.net[2].in_features == inner
+    assert isinstance(experts[1][0].get_submodule("up_blocks.0.resnets.2"), DepthSkip)
+    assert depth_gates(base)["up_blocks.0.resnets.2"] == 48  # identity keeps input[:, :96 - 48]
+    with pytest.raises(ValueError, match="every group"):
+        prune_unet(base, ArchitectureCode({name: torch.zeros(8, dtype=torch.bool)}))
+
+
+@torch.no_grad()
+def test_architecture_and_expert_checkpoints(setup, tmp_path):
+    base, experts, _ = setup
+    expert, arch = experts[2]
+    path = str(tmp_path / "arch.safetensors")
+    arch.save(path)
+    from safetensors.torch import load_file
+    tensors = load_file(path)
+    assert all(v.dtype == torch.bool for v in tensors.values())
+    assert set(tensors) == set(width_gates(base)) | {"depth/" + n for n in depth_gates(base)}
+    loaded = ArchitectureCode.load(path)
+    assert loaded.depth == arch.depth
+    assert all(torch.equal(loaded.width[n], arch.width[n]) for n in arch.width)
+    save_expert(str(tmp_path / "expert"), expert, arch, base)
+    reloaded, reloaded_arch = load_expert(str(tmp_path / "expert"))
+    x, t, text = tiny_inputs(2, seed=9)
+    expected = expert(x, t, text).sample
+    torch.testing.assert_close(reloaded(x, t, text).sample, expected, rtol=0, atol=0)
+    # the dense structure from the config alone (meta device, no weights) is enough to stack experts
+    skeleton = dense_skeleton(str(tmp_path / "expert"))
+    assert skeleton.conv_in.weight.is_meta
+    stacked = AptpUNet.from_experts(skeleton, [(reloaded, reloaded_arch), experts[0]])
+    assert_matches(stacked(x, t, text, torch.tensor([0, 0])), expected)
+
+
+# --- router -------------------------------------------------------------------------------------
+
+
+def test_router_routes_known_embeddings():
+    torch.manual_seed(0)
+    router = Router([4, 6], num_codes=3, embed_dim=3, depth=2)
+    codebook = torch.randn(3, 12) * 3
+    with torch.no_grad():
+        router.codebook.copy_(codebook)
+        # embedding e_k = one-hot(k) gets exactly code k's logits: cosine 1 with code k
+        for layer, rows in zip(router.hypernet, codebook.T.split([4, 6, 2])):
+            layer.weight.copy_(rows)
+            layer.bias.zero_()
+    embeddings = torch.eye(3)[[2, 0, 1, 1, 0]]
+    assert router(embeddings).tolist() == [2, 0, 1, 1, 0]
+    scores = router.scores(embeddings)
+    assert scores.shape == (5, 3)
+    torch.testing.assert_close(scores.max(dim=-1).values, torch.ones(5))
+
+
+def test_router_for_unet_decodes_architectures(setup):
+    base = setup[0]
+    router = Router.for_unet(base, num_codes=4, embed_dim=32)
+    assert router.codebook.shape[1] == sum(width_gates(base).values()) + len(depth_gates(base))
+    codes = router(torch.randn(5, 32))
+    assert codes.shape == (5,) and codes.dtype == torch.int64 and int(codes.max()) < 4
+    for arch in router.architectures():
+        prune_unet(base, arch)  # every decoded code is a valid expert structure
+
+
+def test_sinkhorn_balances_a_skewed_batch():
+    torch.manual_seed(0)
+    batch, codes = 32, 4
+    scores = 0.1 * torch.randn(batch, codes)
+    scores[:, 0] += 0.5  # plain argmax sends every prompt to code 0
+    assert scores.argmax(-1).eq(0).all()
+    q = sinkhorn(scores, epsilon=0.05, iterations=3)
+    torch.testing.assert_close(q.sum(-1), torch.ones(batch))
+    torch.testing.assert_close(q.sum(0), torch.full((codes,), batch / codes), rtol=0.1, atol=0)
+    counts = torch.bincount(q.argmax(-1), minlength=codes)
+    assert int(counts.min()) >= batch // codes - 3 and int(counts.max()) <= batch // codes + 3
+
+
+def test_contrastive_loss_prefers_matching_similarities():
+    torch.manual_seed(0)
+    prompts = torch.randn(8, 16)
+    arch = (prompts @ torch.randn(16, 24)).requires_grad_()
+    matched = contrastive_loss(arch, prompts)
+    shuffled = contrastive_loss(arch[torch.randperm(8)], prompts)
+    assert matched < shuffled
+    matched.backward()
+    assert arch.grad is not None and torch.isfinite(arch.grad).all()
+
+
+def test_random_architecture_keeps_a_group_everywhere(setup):
+    base = setup[0]
+    arch = random_architecture(base, keep=0.0, generator=torch.Generator().manual_seed(0), skip_depth=1.0)
+    assert all(int(v.sum()) == 1 for v in arch.width.values())
+    assert not any(arch.depth.values())
