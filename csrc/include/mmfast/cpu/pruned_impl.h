@@ -123,8 +123,15 @@ struct GatherJob {
     for (int64_t r = begin; r < end; ++r) {
       const char* row = src + p.row_index[r] * p.src_row_stride * e;
       char* out = static_cast<char*>(p.dst) + r * p.channels * bytes;
-      for (int64_t j = 0; j < p.channels; ++j)
-        copy_elements(out + j * bytes, row + p.channel_index[j] * p.src_channel_stride * e, p.inner, e);
+      // Channels come in runs (APTP keeps whole GroupNorm groups): one copy per run of
+      // consecutive channels when they are adjacent in src.
+      const bool adjacent = p.src_channel_stride == p.inner;
+      for (int64_t j = 0; j < p.channels;) {
+        int64_t run = 1;
+        while (adjacent && j + run < p.channels && p.channel_index[j + run] == p.channel_index[j] + run) ++run;
+        copy_elements(out + j * bytes, row + p.channel_index[j] * p.src_channel_stride * e, run * p.inner, e);
+        j += run;
+      }
     }
   }
 };
