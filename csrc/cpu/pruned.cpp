@@ -43,15 +43,15 @@ std::vector<int64_t> kept_channels(const bool* mask, int64_t channels) {
   return kept;
 }
 
-// Grow-only per-thread scratch (two slots: packed weights, packed inputs). A fresh allocation
-// of tens of MB per call costs more in page faults than the packing itself; the scratch keeps
-// the largest single code's packed tensors of this thread alive between calls.
+// Grow-only per-thread scratch (slots: packed weights, packed inputs, compact linear outputs).
+// A fresh allocation of tens of MB per call costs more in page faults than the packing itself;
+// the scratch keeps the largest single code's packed tensors of this thread alive between calls.
 void* scratch(int slot, size_t bytes) {
   struct Aligned {
     void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<char[], Aligned> buffers[2];
-  thread_local size_t sizes[2] = {0, 0};
+  thread_local std::unique_ptr<char[], Aligned> buffers[3];
+  thread_local size_t sizes[3] = {0, 0, 0};
   if (sizes[slot] < bytes) {
     buffers[slot].reset(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
     sizes[slot] = bytes;
@@ -189,8 +189,15 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
       const at::Tensor xs = w.consecutive_rows() && all_in
                                 ? x.narrow(0, w.rows.front(), w.count()).view({-1, in_channels})
                                 : gather(x.view({-1, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
-      out = w.kept_in.empty() ? at::zeros({xs.size(0), static_cast<int64_t>(w.kept_out.size())}, x.options())
-                              : at::linear(xs, w.weight, {});
+      // The compact result lives in scratch too: it is consumed by the scatter right away.
+      const int64_t kept = static_cast<int64_t>(w.kept_out.size());
+      out = at::from_blob(scratch(2, static_cast<size_t>(xs.size(0) * kept * x.element_size())),
+                          {xs.size(0), kept}, x.options());
+      if (w.kept_in.empty()) {
+        out.zero_();
+      } else {
+        at::mm_out(out, xs, w.weight.t());
+      }
       if (w.bias.defined()) out.add_(w.bias);
     }
     scatter(out, token_rows, w.kept_out, y_tokens, 1);

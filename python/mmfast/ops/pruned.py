@@ -319,17 +319,21 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   dilation: IntPair = 1, backend: Optional[str] = None) -> torch.Tensor:
     """The conv of each sample's pruned expert, for a batch that mixes architecture codes.
 
-    x: (B, Cin, H, W) float (fp32, fp16, bf16; fp64 on the CPU); weight: (K, Cout, Cin, kh,
+    x: (B, Cin, H, W) float (fp32, fp16, bf16, fp64; no fp64 on Triton); weight: (K, Cout, Cin, kh,
     kw), one set per code (K = 1: shared); bias: (K or 1, Cout) or None; sample_codes: (B,)
     int64 / int32 in [0, K); in_mask (K, Cin), out_mask (K, Cout) bool. stride, padding,
     dilation as in torch.nn.functional.conv2d (zero padding).
     Returns y (B, Cout, Ho, Wo), contiguous, in x's dtype: for sample b of code c the conv of
     the expert sliced to c's kept inputs and outputs, embedded in the dense channel layout;
     masked outputs exactly 0, masked inputs never read (even NaN). Accumulates in fp32 (fp64).
-    The CPU kernel groups the batch by code and runs one dense oneDNN convolution per code on
-    its gathered channels and weights, so work scales with kept_in x kept_out.
+    CPU: the batch is grouped by code; per code, a hand-written kernel packs the kept input
+    channels and the code's kept weights, oneDNN runs one dense convolution, and a second
+    kernel writes the code's rows (masked channels 0): work scales with kept_in x kept_out.
+    It keeps a per-thread scratch the size of the largest packed code between calls. CUDA /
+    Triton: one implicit-GEMM launch for the whole batch (tiles never straddle two codes).
     Raises ValueError (shapes, masks, conv arguments), TypeError (dtypes, devices), IndexError
-    (a code outside [0, K), CPU and reference; CUDA writes NaN over that sample instead).
+    (a code outside [0, K): CPU and reference; CUDA and Triton write NaN over that sample
+    instead, with no host synchronisation).
     """
     stride, padding, dilation, _ = check_masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, stride,
                                                        padding, dilation)

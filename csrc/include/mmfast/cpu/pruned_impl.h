@@ -149,14 +149,22 @@ struct ScatterJob {
     for (int64_t r = begin; r < end; ++r) {
       char* row = static_cast<char*>(p.dst) + p.row_index[r] * p.dst_row_stride * e;
       const char* compact = static_cast<const char*>(p.src) + r * p.kept * bytes;
-      for (int64_t c = 0; c < p.dst_channels; ++c) {
-        char* out = row + c * p.dst_channel_stride * e;
+      // Runs of masked channels are zeroed, runs of consecutive kept channels copied, each in
+      // one go when the channels are adjacent in dst (the token layout has inner = 1).
+      const bool adjacent = p.dst_channel_stride == p.inner;
+      for (int64_t c = 0; c < p.dst_channels;) {
         const int64_t j = p.kept_position[c];
+        int64_t run = 1;
+        while (adjacent && c + run < p.dst_channels &&
+               (j < 0 ? p.kept_position[c + run] < 0 : p.kept_position[c + run] == j + run))
+          ++run;
+        char* out = row + c * p.dst_channel_stride * e;
         if (j < 0) {
-          for (int64_t b = 0; b < bytes; ++b) out[b] = 0;  // +0.0 in every float dtype
+          __builtin_memset(out, 0, static_cast<size_t>(run * bytes));  // +0.0 in every float dtype
         } else {
-          copy_elements(out, compact + j * bytes, p.inner, e);
+          copy_elements(out, compact + j * bytes, run * p.inner, e);
         }
+        c += run;
       }
     }
   }

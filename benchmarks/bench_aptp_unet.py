@@ -1,0 +1,144 @@
+"""A whole APTP UNet step on an 8-prompt batch over 5 architecture codes: AptpUNet (one pass over
+the mixed batch on mmfast's masked ops) vs one pass per code on the physically sliced experts
+(APTP's way, each expert batched over its own prompts) vs the dense base UNet, in the same run.
+
+Config: SD-2.1's UNet structure (4 levels, 2 + 3 ResNets per down / up block, linear-projection
+transformers, GEGLU, 64-dim heads, cross-attention dim 1024, 32 GroupNorm groups), scaled on the
+CPU to channels 128/256/512/512 (2/4/8/8 heads) at 32 x 32 latents (256 px, APTP's training
+resolution); the full SD-2.1 config at 96 x 96 (768 px) in bf16 on a GPU. Random weights; each
+expert keeps 50-90% of every layer's groups / heads (random per code, no depth gate skipped so
+the MACs stay comparable) and has its own (perturbed) weights. Codes [0, 0, 1, 1, 2, 2, 3, 4].
+
+Kept-MAC fraction: MACs of the conv and linear layers of each row's expert over the dense
+model's (SDPA excluded: AptpUNet still runs every head there, masked heads as zeros). Memory:
+weight bytes of each form on the CPU, peak allocated bytes per call on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _utils import bench_device, median_ms, record_metrics, run_timed
+
+pytest.importorskip("diffusers")
+
+DEVICE = bench_device()
+ON_GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+CODES = [0, 0, 1, 1, 2, 2, 3, 4]
+SD21 = dict(
+    in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    layers_per_block=2, cross_attention_dim=1024, norm_num_groups=32, use_linear_projection=True)
+CONFIG = dict(SD21, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+              sample_size=96) if ON_GPU else \
+    dict(SD21, block_out_channels=(128, 256, 512, 512), attention_head_dim=(2, 4, 8, 8), sample_size=32)
+TEXT_TOKENS = 77
+REPEATS = 5 if ON_GPU else 3
+
+
+def count_macs(unet: nn.Module, *inputs) -> int:
+    """Conv2d and Linear MACs of one forward (SDPA matmuls excluded)."""
+    total = 0
+
+    def hook(module, args, out):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            total += out.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.inference_mode():
+        unet(*inputs)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def weight_bytes(modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def models():
+    from diffusers import UNet2DConditionModel
+
+    from mmfast.models.aptp import AptpUNet, prune_unet, random_architecture
+    from mmfast.testing.tiny_aptp import perturb
+
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**CONFIG).eval()
+    g = torch.Generator().manual_seed(1)
+    experts = []
+    for _ in range(max(CODES) + 1):
+        arch = random_architecture(base, (0.5, 0.9), g, skip_depth=0.0)
+        expert = prune_unet(base, arch)
+        perturb(expert, 0.05, g)
+        experts.append((expert.eval(), arch))
+    model = AptpUNet.from_experts(base, experts).eval()
+    if (DEVICE.type, DTYPE) != ("cpu", torch.float32):
+        base, model = base.to(DEVICE, DTYPE), model.to(DEVICE, DTYPE)
+        experts = [(e.to(DEVICE, DTYPE), a) for e, a in experts]
+    return base, experts, model
+
+
+def inputs():
+    g = torch.Generator().manual_seed(2)
+    size = CONFIG["sample_size"]
+    sample = torch.randn(len(CODES), 4, size, size, generator=g).to(DEVICE, DTYPE)
+    text = torch.randn(len(CODES), TEXT_TOKENS, CONFIG["cross_attention_dim"], generator=g).to(DEVICE, DTYPE)
+    return sample, torch.tensor(500, device=DEVICE), text, torch.tensor(CODES, device=DEVICE)
+
+
+def per_code(experts, sample, timestep, text, codes):
+    out = torch.empty_like(sample)
+    for code in torch.unique(codes).tolist():
+        rows = torch.nonzero(codes == code)[:, 0]
+        out[rows] = experts[code][0](sample[rows], timestep, text[rows]).sample
+    return out
+
+
+def test_aptp_unet_step(benchmark, models):
+    base, experts, model = models
+    sample, timestep, text, codes = inputs()
+    with torch.inference_mode():
+        mixed = model(sample, timestep, text, codes)
+        split = per_code(experts, sample, timestep, text, codes)
+    max_diff = (mixed.float() - split.float()).abs().max().item()
+
+    one = (sample[:1], timestep, text[:1])
+    dense_macs = count_macs(base, *one)
+    fraction = sum(count_macs(experts[c][0], *one) for c in CODES) / (len(CODES) * dense_macs)
+
+    def run(fn):
+        def call():
+            with torch.inference_mode():
+                fn()
+        return call
+
+    mixed_call = run(lambda: model(sample, timestep, text, codes))
+    times = {"mmfast": run_timed(benchmark, mixed_call, DEVICE, rounds=REPEATS, warmup=1)}
+    times["per_code"] = median_ms(run(lambda: per_code(experts, sample, timestep, text, codes)), DEVICE, 1, REPEATS)
+    times["dense"] = median_ms(run(lambda: base(sample, timestep, text).sample), DEVICE, 1, REPEATS)
+
+    memory = {"aptp_unet_weights_mib": weight_bytes([model]) / 2**20,
+              "experts_weights_mib": weight_bytes(e for e, _ in experts) / 2**20,
+              "dense_weights_mib": weight_bytes([base]) / 2**20}
+    if ON_GPU:
+        for name, fn in (("mixed", mixed_call), ("dense", run(lambda: base(sample, timestep, text).sample))):
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            memory[f"{name}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    # The issue's whole-step target is an H200 one; on the CPU the step is measured, not judged.
+    target = met = None
+    if ON_GPU:
+        target = f"<= kept-MAC fraction + 0.05 = {fraction + 0.05:.2f}x dense and faster than one pass per code"
+        met = times["mmfast"] <= (fraction + 0.05) * times["dense"] and times["mmfast"] < times["per_code"]
+    record_metrics(benchmark, op="AptpUNet step", shape=f"{'SD-2.1 96x96' if ON_GPU else 'scaled SD-2.1 32x32'} "
+                   f"B=8 codes=5", device=DEVICE, dtype=DTYPE, times=times, flops=2 * fraction * dense_macs * len(CODES),
+                   target=target, target_met=met, kept_mac_fraction=round(fraction, 3),
+                   dense_ratio=round(times["mmfast"] / times["dense"], 3), max_diff_vs_experts=f"{max_diff:.2e}",
+                   **{k: round(v, 1) for k, v in memory.items()})
