@@ -1,7 +1,7 @@
-// Torch-free test of the CPU masked_group_norm kernel: every ISA variant this CPU runs, against
-// a float64 GroupNorm over the kept channels written out plainly; masked channels must be
-// exactly 0 (poisoned with NaN in the input, so a read would show), an invalid code must be
-// reported before anything is written.
+// Torch-free test of the CPU kernels of the masked-channel ops, every ISA variant this CPU runs:
+// masked_group_norm against a float64 GroupNorm over the kept channels written out plainly
+// (masked channels exactly 0 and poisoned with NaN in the input, so a read would show; an
+// invalid code reported before anything is written), and the gather / scatter data movement.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -95,6 +95,52 @@ int check_invalid_code(const cpu::PrunedKernels& k) {
   return bad;
 }
 
+// gather then scatter of random rows / channels (with runs of adjacent channels, as APTP's whole
+// groups give) through element type T, inner sizes 1 and 9 (tokens, 3x3 taps): every packed
+// element equals its source, every dense output channel of the chosen rows is the packed value
+// or exactly 0, and nothing else of dst (poisoned) is touched.
+template <typename T>
+int check_gather_scatter(const cpu::PrunedKernels& k, int64_t inner, std::mt19937& rng) {
+  const int64_t src_rows = 7, channels = 23;
+  std::bernoulli_distribution keep(0.5);
+  std::vector<T> src(src_rows * channels * inner);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<T>(i + 1);
+  std::vector<int64_t> rows{5, 0, 3}, kept;
+  for (int64_t c = 0; c < channels; ++c)
+    if (keep(rng)) kept.push_back(c);
+  std::vector<T> packed(rows.size() * kept.size() * inner, T(0));
+  ChannelGatherParams g;
+  g.element_bytes = sizeof(T), g.src = src.data(), g.src_row_stride = channels * inner, g.src_channel_stride = inner;
+  g.row_index = rows.data(), g.channel_index = kept.data();
+  g.rows = static_cast<int64_t>(rows.size()), g.channels = static_cast<int64_t>(kept.size()), g.inner = inner;
+  g.dst = packed.data();
+  k.gather(g);
+  int bad = 0;
+  for (size_t r = 0; r < rows.size(); ++r)
+    for (size_t j = 0; j < kept.size(); ++j)
+      for (int64_t t = 0; t < inner; ++t)
+        bad += packed[(r * kept.size() + j) * inner + t] != src[(rows[r] * channels + kept[j]) * inner + t];
+  std::vector<int64_t> position(channels, -1);
+  for (size_t j = 0; j < kept.size(); ++j) position[kept[j]] = static_cast<int64_t>(j);
+  std::vector<T> dense(src.size(), T(-7));
+  ChannelScatterParams sc;
+  sc.element_bytes = sizeof(T), sc.src = packed.data(), sc.kept = static_cast<int64_t>(kept.size());
+  sc.kept_position = position.data(), sc.dst_channels = channels, sc.row_index = rows.data();
+  sc.rows = static_cast<int64_t>(rows.size()), sc.inner = inner, sc.dst = dense.data();
+  sc.dst_row_stride = channels * inner, sc.dst_channel_stride = inner;
+  k.scatter(sc);
+  for (int64_t row = 0; row < src_rows; ++row) {
+    const bool chosen = row == 5 || row == 0 || row == 3;
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t t = 0; t < inner; ++t) {
+        const int64_t at = (row * channels + c) * inner + t;
+        const T want = !chosen ? T(-7) : position[c] < 0 ? T(0) : src[at];
+        bad += dense[at] != want;
+      }
+  }
+  return bad;
+}
+
 }  // namespace
 
 int main() {
@@ -124,6 +170,13 @@ int main() {
     const int bad = check_invalid_code(k);
     std::printf("%s %s group_norm invalid code\n", bad ? "FAIL" : "ok  ", cpu::isa_name(variant.isa));
     failures += bad != 0;
+    for (int64_t inner : {1, 9}) {
+      const int moved = check_gather_scatter<float>(k, inner, rng) + check_gather_scatter<uint16_t>(k, inner, rng) +
+                        check_gather_scatter<double>(k, inner, rng);
+      std::printf("%s %s gather / scatter inner=%lld: %d elements off\n", moved ? "FAIL" : "ok  ",
+                  cpu::isa_name(variant.isa), (long long)inner, moved);
+      failures += moved != 0;
+    }
   }
   return failures == 0 ? 0 : 1;
 }
