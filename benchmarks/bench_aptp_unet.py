@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch import nn
 
+from mmfast.models.aptp import run_per_expert
+
 from _utils import bench_device, median_ms, record_metrics, run_timed
 
 pytest.importorskip("diffusers")
@@ -93,20 +95,12 @@ def inputs():
     return sample, torch.tensor(500, device=DEVICE), text, torch.tensor(CODES, device=DEVICE)
 
 
-def per_code(experts, sample, timestep, text, codes):
-    out = torch.empty_like(sample)
-    for code in torch.unique(codes).tolist():
-        rows = torch.nonzero(codes == code)[:, 0]
-        out[rows] = experts[code][0](sample[rows], timestep, text[rows]).sample
-    return out
-
-
 def test_aptp_unet_step(benchmark, models):
     base, experts, model = models
     sample, timestep, text, codes = inputs()
     with torch.inference_mode():
         mixed = model(sample, timestep, text, codes)
-        split = per_code(experts, sample, timestep, text, codes)
+        split = run_per_expert(experts, sample, timestep, text, codes)
     max_diff = (mixed.float() - split.float()).abs().max().item()
 
     one = (sample[:1], timestep, text[:1])
@@ -121,7 +115,8 @@ def test_aptp_unet_step(benchmark, models):
 
     mixed_call = run(lambda: model(sample, timestep, text, codes))
     times = {"mmfast": run_timed(benchmark, mixed_call, DEVICE, rounds=REPEATS, warmup=1)}
-    times["per_code"] = median_ms(run(lambda: per_code(experts, sample, timestep, text, codes)), DEVICE, 1, REPEATS)
+    per_code = run(lambda: run_per_expert(experts, sample, timestep, text, codes))
+    times["per_code"] = median_ms(per_code, DEVICE, 1, REPEATS)
     times["dense"] = median_ms(run(lambda: base(sample, timestep, text).sample), DEVICE, 1, REPEATS)
 
     memory = {"aptp_unet_weights_mib": weight_bytes([model]) / 2**20,
@@ -137,8 +132,9 @@ def test_aptp_unet_step(benchmark, models):
     if ON_GPU:
         target = f"<= kept-MAC fraction + 0.05 = {fraction + 0.05:.2f}x dense and faster than one pass per code"
         met = times["mmfast"] <= (fraction + 0.05) * times["dense"] and times["mmfast"] < times["per_code"]
-    record_metrics(benchmark, op="AptpUNet step", shape=f"{'SD-2.1 96x96' if ON_GPU else 'scaled SD-2.1 32x32'} "
-                   f"B=8 codes=5", device=DEVICE, dtype=DTYPE, times=times, flops=2 * fraction * dense_macs * len(CODES),
+    shape = f"{'SD-2.1 96x96' if ON_GPU else 'scaled SD-2.1 32x32'} B=8 codes=5"
+    record_metrics(benchmark, op="AptpUNet step", shape=shape, device=DEVICE, dtype=DTYPE, times=times,
+                   flops=2 * fraction * dense_macs * len(CODES),
                    target=target, target_met=met, kept_mac_fraction=round(fraction, 3),
                    dense_ratio=round(times["mmfast"] / times["dense"], 3), max_diff_vs_experts=f"{max_diff:.2e}",
                    **{k: round(v, 1) for k, v in memory.items()})

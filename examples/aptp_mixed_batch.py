@@ -36,7 +36,7 @@ import time
 import torch
 
 import mmfast
-from mmfast.models.aptp import AptpUNet, Router, dense_skeleton, load_expert, save_expert
+from mmfast.models.aptp import AptpUNet, Router, dense_skeleton, load_expert, run_per_expert, save_expert
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -112,15 +112,6 @@ def timed(fn, repeats, device):
     return result, statistics.median(times)
 
 
-def per_code(experts, sample, timestep, text, codes):
-    """One pass per code present, each expert on its rows (APTP's way, batched per expert)."""
-    out = torch.empty_like(sample)
-    for code in torch.unique(codes).tolist():
-        rows = torch.nonzero(codes == code)[:, 0]
-        out[rows] = experts[code][0](sample[rows], timestep, text[rows]).sample
-    return out
-
-
 def main():
     args = parse_args()
     if args.threads:
@@ -149,7 +140,7 @@ def main():
 
     with torch.inference_mode(), mmfast.use_backend(args.backend or mmfast.get_backend()):
         mixed, t_mixed = timed(lambda: model(sample, timestep, text, codes), args.repeats, device)
-        split, t_split = timed(lambda: per_code(experts, sample, timestep, text, row_codes), args.repeats, device)
+        split, t_split = timed(lambda: run_per_expert(experts, sample, timestep, text, row_codes), args.repeats, device)
         _, t_dense = timed(lambda: base(sample, timestep, text).sample, args.repeats, device)
     scale = split.abs().max().item()
     print(f"max |mixed - per-expert| = {(mixed - split).abs().max().item():.3g} (output scale {scale:.3g})")

@@ -80,6 +80,18 @@ def _check_common(op: str, x: torch.Tensor, tensors: dict) -> None:
     check_same(op, {"x": x, **{n: t for n, t in tensors.items() if t is not None}}, "device")
 
 
+def _check_weights(op, x, weight, bias, sample_codes, in_mask, out_mask, layout: str) -> None:
+    """Routing, per-code weight / bias and dtype / device checks of masked_conv2d and masked_linear
+    (weight (K|1, Cout, Cin, ...); x's batch is dim 0)."""
+    out_channels, in_channels = weight.shape[1], weight.shape[2]
+    codes = check_routing(op, sample_codes, x.shape[0], {"in_mask": (in_mask, in_channels),
+                                                         "out_mask": (out_mask, out_channels)})
+    _check_stacked(op, "weight", weight, codes, tuple(weight.shape[1:]), layout)
+    _check_stacked(op, "bias", bias, codes, (out_channels,), "Cout")
+    _check_common(op, x, {"weight": weight, "bias": bias, "sample_codes": sample_codes, "in_mask": in_mask,
+                          "out_mask": out_mask})
+
+
 def check_masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation):
     op = "masked_conv2d"
     if x.dim() != 4:
@@ -91,12 +103,7 @@ def check_masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, stride
     _, out_channels, weight_in, kh, kw = weight.shape
     if weight_in != in_channels:
         raise ValueError(f"{op}: weight's Cin = {weight_in} must equal x's {in_channels} channels")
-    codes = check_routing(op, sample_codes, batch, {"in_mask": (in_mask, in_channels),
-                                                    "out_mask": (out_mask, out_channels)})
-    _check_stacked(op, "weight", weight, codes, tuple(weight.shape[1:]), "Cout, Cin, kh, kw")
-    _check_stacked(op, "bias", bias, codes, (out_channels,), "Cout")
-    _check_common(op, x, {"weight": weight, "bias": bias, "sample_codes": sample_codes, "in_mask": in_mask,
-                          "out_mask": out_mask})
+    _check_weights(op, x, weight, bias, sample_codes, in_mask, out_mask, "Cout, Cin, kh, kw")
     stride, padding, dilation = (_pair(op, "stride", stride, 1), _pair(op, "padding", padding, 0),
                                  _pair(op, "dilation", dilation, 1))
     out_size = [conv_output_size(s, k, st, p, d) for s, k, st, p, d in
@@ -114,16 +121,10 @@ def check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask) -> Non
     if weight.dim() != 3:
         raise ValueError(f"{op}: weight must be a 3-D (K, Cout, Cin) tensor (K = 1: shared), got shape "
                          f"{tuple(weight.shape)}")
-    batch, _, in_channels = x.shape
-    out_channels = weight.shape[1]
+    in_channels = x.shape[2]
     if weight.shape[2] != in_channels:
         raise ValueError(f"{op}: weight's Cin = {weight.shape[2]} must equal x's last dim {in_channels}")
-    codes = check_routing(op, sample_codes, batch, {"in_mask": (in_mask, in_channels),
-                                                    "out_mask": (out_mask, out_channels)})
-    _check_stacked(op, "weight", weight, codes, tuple(weight.shape[1:]), "Cout, Cin")
-    _check_stacked(op, "bias", bias, codes, (out_channels,), "Cout")
-    _check_common(op, x, {"weight": weight, "bias": bias, "sample_codes": sample_codes, "in_mask": in_mask,
-                          "out_mask": out_mask})
+    _check_weights(op, x, weight, bias, sample_codes, in_mask, out_mask, "Cout, Cin")
 
 
 def check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps, silu=False) -> None:

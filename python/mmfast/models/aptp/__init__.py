@@ -11,7 +11,7 @@ from .architecture import (ARCH_FILE, FF_GROUPS, ArchitectureCode, DepthSkip, de
                            load_expert, prune_unet, random_architecture, save_expert, to_masks, width_gates)
 from .router import Router, contrastive_loss, sinkhorn
 from .unet import (AptpUNet, CodedConv2d, CodedDepthGate, CodedGroupNorm, CodedLayerNorm, CodedLinear, CodeState,
-                   stack_expert_weights)
+                   run_per_expert, stack_expert_weights)
 
 __all__ = [
     "ARCH_FILE",
@@ -32,6 +32,7 @@ __all__ = [
     "load_expert",
     "prune_unet",
     "random_architecture",
+    "run_per_expert",
     "save_expert",
     "sinkhorn",
     "stack_expert_weights",

@@ -30,7 +30,7 @@ from ... import ops
 from .._modules import swap_submodule
 from .architecture import FF_GROUPS, ArchitectureCode, LayerMask, _index, depth_gates, to_masks
 
-__all__ = ["AptpUNet", "CodeState", "CodedConv2d", "CodedLinear", "CodedGroupNorm", "CodedLayerNorm",
+__all__ = ["AptpUNet", "run_per_expert", "CodeState", "CodedConv2d", "CodedLinear", "CodedGroupNorm", "CodedLayerNorm",
            "CodedDepthGate", "stack_expert_weights"]
 
 Expert = Tuple[Union[nn.Module, Mapping[str, torch.Tensor]], ArchitectureCode]
@@ -320,3 +320,16 @@ def _check_all_coded(unet: nn.Module) -> None:
     for name, module in unet.named_modules():
         if not isinstance(module, _Coded) and any(True for _ in module.parameters(recurse=False)):
             raise NotImplementedError(f"AptpUNet: {name} ({type(module).__name__}) has weights but no coded twin")
+
+
+def run_per_expert(experts: Sequence[Expert], sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                   sample_codes: torch.Tensor) -> torch.Tensor:
+    """APTP's own way to serve a mixed batch, the baseline AptpUNet replaces: one pass per code
+    present, each physically sliced expert (experts[code][0], a UNet2DConditionModel) batched
+    over its rows. sample_codes (B,) gives each row's code (repeat them under CFG); a tensor
+    timestep must be a scalar. Returns the (B, C, H, W) outputs in row order."""
+    out = torch.empty_like(sample)
+    for code in torch.unique(sample_codes).tolist():
+        rows = torch.nonzero(sample_codes == code)[:, 0]
+        out[rows] = experts[code][0](sample[rows], timestep, encoder_hidden_states[rows]).sample
+    return out
