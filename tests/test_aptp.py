@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 import mmfast  # noqa: E402
 from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, contrastive_loss,  # noqa: E402
                                 dense_skeleton, depth_gates, load_expert, prune_unet, random_architecture,
-                                save_expert, sinkhorn, width_gates)
+                                run_per_expert, save_expert, sinkhorn, width_gates)
 from mmfast.testing.tiny_aptp import tiny_experts, tiny_inputs  # noqa: E402
 
 CODES = [2, 0, 2, 1, 0, 2]
@@ -62,6 +62,8 @@ def test_mixed_batch_equals_sliced_experts(setup):
     # a row run by another expert differs: the test tells experts apart
     other = experts[0][0](x[:1], t[:1], text[:1]).sample
     assert (other - expected[:1]).abs().max() > 1e-2 * expected.abs().max()
+    # the one-pass-per-code baseline (per-row timesteps sliced with the rows) agrees
+    assert_matches(run_per_expert(experts, x, t, text, torch.tensor(CODES)), expected)
     # one code only, and already-sorted codes
     assert_matches(model(x[:2], t[:2], text[:2], torch.tensor([1, 1])), per_expert(experts, x[:2], t[:2], text[:2],
                                                                                     [1, 1]))

@@ -1,7 +1,9 @@
 """Property-based tests (hypothesis) of the masked-channel ops on the native CPU backend: random
-batch / channel / spatial sizes (1-sized, odd), codes (unsorted, repeated, unused), masks
-(empty, full, partial groups), shared or per-code weights, conv geometry and dtypes against
-the fp64 reference; masked outputs exactly 0. Budget rules: tests/_utils.fuzz_settings."""
+batch / channel / spatial sizes (0- and 1-sized, odd), codes (int64 / int32, unsorted, repeated,
+unused), masks (empty, full, partial groups), shared or per-code weights, conv geometry, dtypes
+and layouts (channels_last, transposed tokens) against the fp64 reference at the dtype's
+tolerance; masked outputs exactly 0. Gradients are checked in tests/test_pruned.py (gradcheck).
+Budget rules: tests/_utils.fuzz_settings."""
 from __future__ import annotations
 
 import pytest
@@ -17,27 +19,28 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = fuzz_settings()
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 @st.composite
 def routing(draw, in_channels, out_channels):
-    batch, codes = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    batch, codes = draw(st.integers(0, 6)), draw(st.integers(1, 4))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     keep_in, keep_out = draw(st.sampled_from([0.0, 0.5, 1.0])), draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
-    return dict(batch=batch, generator=g, sample_codes=torch.randint(0, codes, (batch,), generator=g),
+    code_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    return dict(batch=batch, generator=g, sample_codes=torch.randint(0, codes, (batch,), generator=g).to(code_dtype),
                 in_mask=torch.rand(codes, in_channels, generator=g) < keep_in,
                 out_mask=torch.rand(codes, out_channels, generator=g) < keep_out,
                 stacked=draw(st.sampled_from([1, codes])), dtype=draw(st.sampled_from(DTYPES)))
 
 
-def _check(y, expected, dtype, out_mask, sample_codes, reduction, channel_dim=1):
-    assert_close(y, expected, dtype, scale=4.0 * max(1, reduction) ** 0.5)
-    assert (y.transpose(1, channel_dim)[~out_mask[sample_codes]] == 0).all()
+def _check(y, expected, dtype, out_mask, sample_codes, channel_dim=1):
+    assert_close(y, expected, dtype)
+    assert (y.transpose(1, channel_dim)[~out_mask[sample_codes.long()]] == 0).all()
 
 
 @FUZZ
-@given(data=st.data(), cin=st.integers(1, 17), cout=st.integers(1, 17), kernel=st.sampled_from([1, 2, 3]),
+@given(data=st.data(), cin=st.integers(0, 17), cout=st.integers(0, 17), kernel=st.sampled_from([1, 2, 3]),
        stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2), h=st.integers(1, 9),
        w=st.integers(1, 9))
 def test_masked_conv2d_matches_the_reference(data, cin, cout, kernel, stride, padding, dilation, h, w):
@@ -45,6 +48,8 @@ def test_masked_conv2d_matches_the_reference(data, cin, cout, kernel, stride, pa
     r = data.draw(routing(cin, cout))
     g, dtype = r["generator"], r["dtype"]
     x = torch.randn(r["batch"], cin, h, w, generator=g).to(dtype)
+    if data.draw(st.booleans()):
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(r["stacked"], cout, cin, kernel, kernel, generator=g).to(dtype)
     bias = torch.randn(r["stacked"], cout, generator=g).to(dtype) if data.draw(st.booleans()) else None
     args = (x, weight, bias, r["sample_codes"], r["in_mask"], r["out_mask"])
@@ -52,22 +57,24 @@ def test_masked_conv2d_matches_the_reference(data, cin, cout, kernel, stride, pa
     y = masked_conv2d(*args, **conv)
     expected = reference.masked_conv2d_ref(x.double(), weight.double(), None if bias is None else bias.double(),
                                            *args[3:], (stride,) * 2, (padding,) * 2, (dilation,) * 2)
-    _check(y, expected, dtype, r["out_mask"], r["sample_codes"], cin * kernel * kernel)
+    _check(y, expected, dtype, r["out_mask"], r["sample_codes"])
 
 
 @FUZZ
-@given(data=st.data(), cin=st.integers(1, 33), cout=st.integers(1, 33), tokens=st.integers(1, 12))
+@given(data=st.data(), cin=st.integers(0, 33), cout=st.integers(0, 33), tokens=st.integers(0, 12))
 def test_masked_linear_matches_the_reference(data, cin, cout, tokens):
     r = data.draw(routing(cin, cout))
     g, dtype = r["generator"], r["dtype"]
     x = torch.randn(r["batch"], tokens, cin, generator=g).to(dtype)
+    if data.draw(st.booleans()):
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
     weight = torch.randn(r["stacked"], cout, cin, generator=g).to(dtype)
     bias = torch.randn(r["stacked"], cout, generator=g).to(dtype) if data.draw(st.booleans()) else None
     args = (x, weight, bias, r["sample_codes"], r["in_mask"], r["out_mask"])
     y = masked_linear(*args)
     expected = reference.masked_linear_ref(x.double(), weight.double(), None if bias is None else bias.double(),
                                            *args[3:])
-    _check(y, expected, dtype, r["out_mask"], r["sample_codes"], cin, channel_dim=2)
+    _check(y, expected, dtype, r["out_mask"], r["sample_codes"], channel_dim=2)
 
 
 @FUZZ
@@ -87,4 +94,4 @@ def test_masked_group_norm_matches_the_reference(data, groups, per_group, plane,
     double = (lambda t: None if t is None else t.double())
     expected = reference.masked_group_norm_ref(x.double(), double(weight), double(bias), groups, r["sample_codes"],
                                                r["out_mask"], 1e-5, silu)
-    _check(y, expected, dtype, r["out_mask"], r["sample_codes"], 1)
+    _check(y, expected, dtype, r["out_mask"], r["sample_codes"])

@@ -71,8 +71,7 @@ def test_conv_equals_each_sliced_expert(device, dtype, case):
     y = masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, **conv)
     assert y.dtype == dtype and y.is_contiguous()
     expected = sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, **conv)
-    scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0  # sums of 117 products rounded once
-    assert_close(y, expected, dtype, scale=scale * (cin * c["kernel"] ** 2) ** 0.5)
+    assert_close(y, expected, dtype)  # fp32 sums of the same rounded inputs, rounded once
     masked_out = ~out_mask[sample_codes.long()]
     assert (y[masked_out] == 0).all()
 
@@ -99,11 +98,11 @@ def test_shared_weights_unsorted_strided_and_channels_last_inputs(device):
     expected = sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)
     for xi in (x, x.contiguous(memory_format=torch.channels_last)):
         y = masked_conv2d(xi, weight, bias, sample_codes, in_mask, out_mask, padding=1)
-        assert_close(y, expected, torch.float32, scale=10)
+        assert_close(y, expected, torch.float32)
     # a batch sorted by code (the CPU slices instead of gathering) gives the same rows
     order = torch.argsort(sample_codes.cpu(), stable=True).to(device)
     y = masked_conv2d(x[order], weight, bias, sample_codes[order].int(), in_mask, out_mask, padding=1)
-    assert_close(y, expected[order], torch.float32, scale=10)
+    assert_close(y, expected[order], torch.float32)
 
 
 @pytest.mark.parametrize("device", NATIVE)
@@ -117,6 +116,38 @@ def test_masks_that_keep_nothing(device):
     torch.testing.assert_close(y, bias[codes][:, :, None, None].expand(3, 6, 4, 4))
     y = masked_conv2d(x, weight, None, codes, all_out[:, :5], ~all_out, padding=1)
     assert (y == 0).all() and y.shape == (3, 6, 4, 4)
+
+
+@pytest.mark.parametrize("device", NATIVE)
+def test_zero_sized_channels_and_batch(device):
+    codes = torch.tensor([0, 1, 0], device=device)
+    ones = (lambda k, c: torch.ones(k, c, dtype=torch.bool, device=device))
+    # Cin = 0: the bias alone; Cout = 0: an empty result
+    y = masked_conv2d(torch.randn(3, 0, 5, 5, device=device), torch.randn(2, 6, 0, 3, 3, device=device),
+                      torch.ones(2, 6, device=device), codes, ones(2, 0), ones(2, 6), padding=1)
+    assert y.shape == (3, 6, 5, 5) and (y == 1).all()
+    y = masked_linear(torch.randn(3, 4, 0, device=device), torch.randn(2, 6, 0, device=device),
+                      torch.ones(2, 6, device=device), codes, ones(2, 0), ones(2, 6))
+    assert y.shape == (3, 4, 6) and (y == 1).all()
+    assert masked_conv2d(torch.randn(3, 5, 4, 4, device=device), torch.randn(2, 0, 5, 3, 3, device=device), None,
+                         codes, ones(2, 5), ones(2, 0)).shape == (3, 0, 2, 2)
+    assert masked_linear(torch.randn(3, 4, 5, device=device), torch.randn(2, 0, 5, device=device), None, codes,
+                         ones(2, 5), ones(2, 0)).shape == (3, 4, 0)
+    # B = 0, forward and backward
+    x = torch.randn(0, 5, 4, 4, device=device, requires_grad=True)
+    w = torch.randn(2, 6, 5, 3, 3, device=device, requires_grad=True)
+    y = masked_conv2d(x, w, None, codes[:0], ones(2, 5), ones(2, 6), padding=1)
+    y.sum().backward()
+    assert y.shape == (0, 6, 4, 4) and x.grad.shape == x.shape and (w.grad == 0).all()
+
+
+def test_group_norm_is_accurate_on_sd_sized_groups():
+    """A group of the 320-channel level at 96x96 (92,160 elements), mean far from 0: fp32 within
+    the fp32 tolerance of the fp64 result, as torch's GroupNorm is."""
+    x = torch.randn(1, 320, 96, 96) * 0.5 + 8
+    codes, mask = torch.tensor([0]), torch.ones(1, 320, dtype=torch.bool)
+    y = masked_group_norm(x, None, None, 32, codes, mask)
+    assert_close(y, F.group_norm(x.double(), 32), torch.float32)
 
 
 def sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask):
@@ -141,7 +172,7 @@ def test_linear_equals_each_sliced_expert(device, dtype, shared):
     y = masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
     assert y.shape == (batch, tokens, cout) and y.dtype == dtype and y.is_contiguous()
     expected = sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask)
-    assert_close(y.cpu(), expected, dtype, scale=(4.0 if dtype.itemsize == 2 else 1.0) * cin ** 0.5)
+    assert_close(y.cpu(), expected, dtype)
     # a transposed (non-contiguous) x gives the same result
     xt = x.transpose(0, 1).contiguous().transpose(0, 1)
     torch.testing.assert_close(masked_linear(xt, weight, bias, sample_codes, in_mask, out_mask), y)
@@ -174,7 +205,7 @@ def test_group_norm_equals_the_pruned_experts_group_norm(device, dtype, affine, 
                                 per_code(bias), eps=1e-5)
         if activation == "silu":
             expected = F.silu(expected)
-        assert_close(y[b:b + 1, kept], expected, dtype, scale=4.0)
+        assert_close(y[b:b + 1, kept], expected, dtype)
         assert (y[b][mask[code].logical_not()] == 0).all()
 
 
@@ -187,7 +218,7 @@ def test_group_norm_partial_groups_2d_and_5d_inputs_match_the_reference(device):
         x = torch.randn(shape, device=device)
         y = masked_group_norm(x, weight, None, 4, codes, mask, eps=1e-3)
         expected = reference.masked_group_norm_ref(x.double(), weight.double(), None, 4, codes, mask, 1e-3)
-        assert_close(y, expected, torch.float32, scale=4.0)
+        assert_close(y, expected, torch.float32)
 
 
 @pytest.mark.parametrize("device", NATIVE)

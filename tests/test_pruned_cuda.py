@@ -228,7 +228,8 @@ def test_cuda_ops_agree_with_the_cpu_kernels():
 
 @pytest.mark.cuda
 def test_cuda_empty_inputs():
-    """B = 0 and Cout = 0 return empty outputs without a launch error."""
+    """B = 0 returns empty outputs without a launch error (Cin = 0 and Cout = 0 on CUDA:
+    tests/test_pruned.py::test_zero_sized_channels_and_batch)."""
     mask_in, mask_out = torch.ones(2, 5, dtype=torch.bool, device="cuda"), torch.ones(2, 4, dtype=torch.bool,
                                                                                         device="cuda")
     x = torch.randn(0, 5, 6, 6, device="cuda")

@@ -43,21 +43,47 @@ std::vector<int64_t> kept_channels(const bool* mask, int64_t channels) {
   return kept;
 }
 
-// Grow-only per-thread scratch (slots: packed weights, packed inputs, compact linear outputs).
-// A fresh allocation of tens of MB per call costs more in page faults than the packing itself;
-// the scratch keeps the largest single code's packed tensors of this thread alive between calls.
-void* scratch(int slot, size_t bytes) {
+// Per-thread scratch (slots: packed weights, packed inputs, compact linear outputs), grown on
+// demand and kept between calls up to kScratchKeptBytes per slot: a fresh allocation of a few
+// MB per call costs more in page faults than the packing itself; larger buffers are released
+// when the op returns (ScratchLimit), so no thread holds hundreds of MB after a big call.
+constexpr int kScratchSlots = 3;
+constexpr size_t kScratchKeptBytes = size_t(64) << 20;
+
+struct Scratch {
   struct Aligned {
     void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  thread_local std::unique_ptr<char[], Aligned> buffers[3];
-  thread_local size_t sizes[3] = {0, 0, 0};
-  if (sizes[slot] < bytes) {
-    buffers[slot].reset(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
-    sizes[slot] = bytes;
-  }
-  return buffers[slot].get();
+  std::unique_ptr<char[], Aligned> buffers[kScratchSlots];
+  size_t sizes[kScratchSlots] = {0, 0, 0};
+};
+
+Scratch& thread_scratch() {
+  thread_local Scratch s;
+  return s;
 }
+
+void* scratch(int slot, size_t bytes) {
+  Scratch& s = thread_scratch();
+  if (s.sizes[slot] < bytes) {
+    s.buffers[slot].reset(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
+    s.sizes[slot] = bytes;
+  }
+  return s.buffers[slot].get();
+}
+
+// Releases the slots above kScratchKeptBytes when an op returns (or throws).
+struct ScratchLimit {
+  ~ScratchLimit() {
+    Scratch& s = thread_scratch();
+    for (int slot = 0; slot < kScratchSlots; ++slot) {
+      if (s.sizes[slot] > kScratchKeptBytes) {
+        s.buffers[slot].reset();
+        s.sizes[slot] = 0;
+      }
+    }
+  }
+};
 
 // A (rows, channels, *inner_shape) tensor of src's chosen rows and channels (inner elements
 // contiguous), written into scratch slot `slot`: valid until the next gather into that slot.
@@ -98,7 +124,8 @@ void for_each_code(const at::Tensor& weight_in, const c10::optional<at::Tensor>&
   const at::Tensor weight = weight_in.contiguous(), in_mask = in_mask_in.contiguous(),
                    out_mask = out_mask_in.contiguous();
   const int64_t codes = out_mask.size(0), out_channels = weight.size(1), in_channels = weight.size(2);
-  const int64_t taps = weight.size(0) ? weight[0][0].numel() / in_channels : 0;
+  int64_t taps = 1;  // kh * kw (1 for linear)
+  for (int64_t d : weight.sizes().slice(3)) taps *= d;
   const auto rows = rows_per_code(sample_codes, codes, op);
   for (int64_t code = 0; code < codes; ++code) {
     if (rows[code].empty()) continue;
@@ -145,6 +172,8 @@ at::Tensor masked_conv2d(const at::Tensor& x_in, const at::Tensor& weight, const
   const auto g = check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation, false);
   const at::Tensor x = x_in.contiguous();  // planes contiguous for the gather
   at::Tensor y = at::empty({x.size(0), weight.size(1), g.out_h, g.out_w}, x.options());
+  if (y.numel() == 0) return y;
+  const ScratchLimit release_large_scratch;
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_conv2d", [&](const CodeWork& w) {
     at::Tensor out;
     if (!w.kept_out.empty() && w.kept_in.empty()) {  // no input kept: the bias alone
@@ -167,12 +196,14 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
   const at::Tensor x = x_in.contiguous();
   const int64_t tokens = x.size(1), in_channels = x.size(2), out_channels = weight.size(1);
   at::Tensor y = at::empty({x.size(0), tokens, out_channels}, x.options());
-  at::Tensor y_tokens = y.view({-1, out_channels});  // (B * N, Cout): scattered token by token
+  if (y.numel() == 0) return y;
+  const ScratchLimit release_large_scratch;
+  at::Tensor y_tokens = y.view({x.size(0) * tokens, out_channels});  // scattered token by token
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_linear", [&](const CodeWork& w) {
     const bool all_in = w.kept_in.size() == static_cast<size_t>(in_channels);
     const bool all_out = w.kept_out.size() == static_cast<size_t>(out_channels);
     if (w.consecutive_rows() && all_in && all_out) {  // an unpruned layer of this code: one GEMM in place
-      const at::Tensor xs = x.narrow(0, w.rows.front(), w.count()).view({-1, in_channels});
+      const at::Tensor xs = x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels});
       at::Tensor ys = y_tokens.narrow(0, w.rows.front() * tokens, w.count() * tokens);
       if (w.bias.defined()) {
         at::addmm_out(ys, w.bias, xs, w.weight.t());
@@ -187,8 +218,9 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
     at::Tensor out;
     if (!w.kept_out.empty()) {
       const at::Tensor xs = w.consecutive_rows() && all_in
-                                ? x.narrow(0, w.rows.front(), w.count()).view({-1, in_channels})
-                                : gather(x.view({-1, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
+                                ? x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels})
+                                : gather(x.view({x.size(0) * tokens, in_channels}), in_channels, 1, token_rows,
+                                         w.kept_in, {}, 1);
       // The compact result lives in scratch too: it is consumed by the scatter right away.
       const int64_t kept = static_cast<int64_t>(w.kept_out.size());
       out = at::from_blob(scratch(2, static_cast<size_t>(xs.size(0) * kept * x.element_size())),
@@ -219,7 +251,7 @@ at::Tensor masked_group_norm(const at::Tensor& x_in, const c10::optional<at::Ten
   if (bad >= 0) {
     const int64_t code = codes.to(at::kLong)[bad].item<int64_t>();
     TORCH_CHECK_INDEX(false, "masked_group_norm: sample code ", code, " (sample ", bad, ") is out of range for ",
-                      p.routing.codes, " architecture codes");
+                      p.routing.num_codes, " architecture codes");
   }
   return y;
 }

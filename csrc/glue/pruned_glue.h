@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <vector>
 
 #include "glue/common.h"
@@ -36,10 +37,13 @@ inline int64_t check_routing_mask(const at::Tensor& sample_codes, int64_t batch,
 // weight / bias stacked per code: (K or 1, *shape).
 inline void check_stacked(const at::Tensor& t, const char* name, int64_t codes, at::IntArrayRef shape,
                           const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) + 1 && t.sizes().slice(1) == shape &&
-                        (t.size(0) == 1 || t.size(0) == codes),
-                    op, ": ", name, " must be (", codes, " or 1, ", shape, "), one set per code or one shared, got ",
-                    t.sizes());
+  if (!(t.dim() == static_cast<int64_t>(shape.size()) + 1 && t.sizes().slice(1) == shape &&
+        (t.size(0) == 1 || t.size(0) == codes))) {
+    std::string dims;  // "(K or 1, 6, 4, 3, 3)", as the Python checks write it
+    for (int64_t d : shape) dims += ", " + std::to_string(d);
+    TORCH_CHECK_VALUE(false, op, ": ", name, " must be (", codes, " or 1", dims,
+                      "), one set per code or one shared, got shape ", t.sizes());
+  }
   check_same_dtype_device(x, "x", t, name, op);
 }
 
@@ -116,7 +120,7 @@ inline void check_masked_group_norm(const at::Tensor& x, const c10::optional<at:
 
 inline CodeRouting routing_of(const at::Tensor& codes, const at::Tensor& in_mask, const at::Tensor& out_mask) {
   CodeRouting r;
-  r.codes = out_mask.size(0);
+  r.num_codes = out_mask.size(0);
   r.sample_codes = codes.data_ptr();
   r.code_bytes = codes.scalar_type() == at::kLong ? 8 : 4;
   r.in_mask = in_mask.defined() ? in_mask.data_ptr<bool>() : nullptr;

@@ -39,7 +39,7 @@ int check(const cpu::PrunedKernels& k, const Case& c, std::mt19937& rng) {
         for (int64_t i = 0; i < c.plane; ++i) x[(b * c.channels + ch) * c.plane + i] = NAN;
   MaskedGroupNormParams p;
   p.batch = c.batch, p.channels = c.channels, p.groups = c.groups, p.plane = c.plane;
-  p.routing.codes = c.codes, p.routing.sample_codes = codes.data(), p.routing.code_bytes = 8;
+  p.routing.num_codes = c.codes, p.routing.sample_codes = codes.data(), p.routing.code_bytes = 8;
   p.routing.out_mask = mask;
   p.x = x.data(), p.y = y.data(), p.weight = weight.data(), p.bias = bias.data();
   p.affine_code_stride = c.per_code_affine ? c.channels : 0;
@@ -88,7 +88,7 @@ int check_invalid_code(const cpu::PrunedKernels& k) {
   const bool mask[8] = {true, true, true, true, true, true, true, true};
   MaskedGroupNormParams p;
   p.batch = 2, p.channels = 4, p.groups = 2, p.plane = 3;
-  p.routing.codes = 2, p.routing.sample_codes = codes, p.routing.out_mask = mask;
+  p.routing.num_codes = 2, p.routing.sample_codes = codes, p.routing.out_mask = mask;
   p.x = x.data(), p.y = y.data();
   int bad = k.group_norm(p) == 1 ? 0 : 1;
   for (float v : y) bad += v != -7.0f;

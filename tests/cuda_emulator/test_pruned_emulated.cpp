@@ -157,7 +157,7 @@ void run_conv(const ConvCase& cc) {
   p.out_height = Ho, p.out_width = Wo, p.kernel_h = cc.kh, p.kernel_w = cc.kw;
   p.stride_h = cc.sh, p.stride_w = cc.sw, p.pad_h = cc.ph, p.pad_w = cc.pw, p.dilation_h = cc.dh, p.dilation_w = cc.dw;
   p.dtype = dtype_of<T>();
-  p.routing.codes = K;
+  p.routing.num_codes = K;
   p.routing.sample_codes = cc.int32_codes ? static_cast<const void*>(codes32.data()) : codes64.data();
   p.routing.code_bytes = cc.int32_codes ? 4 : 8;
   p.routing.in_mask = in_arr.get();
@@ -258,7 +258,7 @@ void run_norm(const NormCase& nc) {
 
   MaskedGroupNormParams p;
   p.batch = B, p.channels = C, p.groups = G, p.plane = P, p.dtype = dtype_of<T>();
-  p.routing.codes = K;
+  p.routing.num_codes = K;
   p.routing.sample_codes = nc.int32_codes ? static_cast<const void*>(codes32.data()) : codes64.data();
   p.routing.code_bytes = nc.int32_codes ? 4 : 8;
   p.routing.out_mask = mask_arr.get();

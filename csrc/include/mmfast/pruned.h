@@ -29,7 +29,7 @@ namespace mmfast {
 
 // How the kernels read the per-sample codes and the masks.
 struct CodeRouting {
-  int64_t codes = 0;                  // K
+  int64_t num_codes = 0;              // K
   const void* sample_codes = nullptr;  // (B,), contiguous
   int code_bytes = 8;                  // 8 (int64) or 4 (int32)
   const bool* in_mask = nullptr;       // (K, Cin), contiguous (conv / linear only)

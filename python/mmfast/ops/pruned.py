@@ -18,6 +18,7 @@ forward, serving-time feature).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -211,6 +212,9 @@ def _conv2d_backward(ctx, grad):
     x, weight, codes, keep_out, keep_in = _masks(ctx)
     batch, in_channels, height, width = x.shape
     _, out_channels, _, kh, kw = weight.shape
+    if batch == 0:  # a grouped convolution needs groups >= 1
+        grad_b = None if ctx.bias_codes is None else weight.new_zeros((ctx.bias_codes, out_channels))
+        return torch.zeros_like(x), torch.zeros_like(weight), grad_b, None, None, None, None, None, None
     keep = (keep_out[:, :, None] & keep_in[:, None, :])[..., None, None]
     weights = torch.where(keep, _per_sample(weight, codes), 0)
     grad = torch.where(keep_out[:, :, None, None], grad, 0)
@@ -267,7 +271,7 @@ def _group_norm_backward(ctx, grad):
     batch, channels = x.shape[:2]
     groups = ctx.num_groups
     codes = sample_codes.long()
-    grouped = (batch, groups, channels // groups, -1)
+    grouped = (batch, groups, channels // groups, math.prod(x.shape[2:]))
     mask = channel_mask[codes].reshape(batch, groups, channels // groups, 1)
     xg = x.to(acc).reshape(grouped)
     count = (mask.sum(dim=(2, 3), keepdim=True) * xg.shape[-1]).clamp(min=1)
@@ -330,8 +334,9 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     CPU: the batch is grouped by code; per code, a hand-written kernel packs the kept input
     channels and the code's kept weights, oneDNN runs one dense convolution, and a second
     kernel writes the code's rows (masked channels 0): work scales with kept_in x kept_out.
-    It keeps a per-thread scratch the size of the largest packed code between calls. CUDA /
-    Triton: one implicit-GEMM launch for the whole batch (tiles never straddle two codes).
+    It keeps a per-thread scratch (up to 64 MB per buffer) between calls. CUDA /
+    Triton: one implicit-GEMM launch for the whole batch (tiles never straddle two codes), after
+    a small launch (CUDA) or a few torch ops (Triton) that list each code's kept channels.
     Raises ValueError (shapes, masks, conv arguments), TypeError (dtypes, devices), IndexError
     (a code outside [0, K): CPU and reference; CUDA and Triton write NaN over that sample
     instead, with no host synchronisation).

@@ -8,6 +8,7 @@ returned in the input dtype. Rules: csrc/include/mmfast/pruned.h.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -103,13 +104,14 @@ def masked_group_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
     batch, channels = x.shape[:2]
     codes = sample_codes.long()
     mask = channel_mask[codes].reshape(batch, num_groups, channels // num_groups, 1)
-    xg = x.to(acc).reshape(batch, num_groups, channels // num_groups, -1)
+    plane = math.prod(x.shape[2:])
+    xg = x.to(acc).reshape(batch, num_groups, channels // num_groups, plane)
     count = (mask.sum(dim=(2, 3), keepdim=True) * xg.shape[-1]).clamp(min=1)
     # torch.where, not a multiply: masked channels are never read, even when they hold NaN
     mean = torch.where(mask, xg, 0).sum(dim=(2, 3), keepdim=True) / count
     centered = torch.where(mask, xg - mean, 0)
     var = (centered * centered).sum(dim=(2, 3), keepdim=True) / count
-    y = (centered * torch.rsqrt(var + eps)).reshape(batch, channels, -1)
+    y = (centered * torch.rsqrt(var + eps)).reshape(batch, channels, plane)
 
     def per_sample(t):
         t = t.to(acc)

@@ -42,6 +42,13 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The NaN a kernel writes for an invalid index or code, in every storage type.
+template <class T> __device__ __forceinline__ T quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return NAN; }
+template <> __device__ __forceinline__ double quiet_nan<double>() { return NAN; }
+template <> __device__ __forceinline__ __half quiet_nan<__half>() { return __float2half_rn(NAN); }
+template <> __device__ __forceinline__ __nv_bfloat16 quiet_nan<__nv_bfloat16>() { return __float2bfloat16_rn(NAN); }
+
 // False for NaN and +-inf (x - x is NaN for them), without <cmath>'s host/device overloads.
 template <class A> __device__ __forceinline__ bool is_finite(A x) { return x - x == A(0); }
 

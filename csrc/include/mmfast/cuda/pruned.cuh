@@ -12,7 +12,7 @@ namespace mmfast {
 namespace cuda {
 
 inline bool masked_routing_valid(const CodeRouting& r, bool need_in_mask) {
-  return r.codes >= 1 && (r.code_bytes == 4 || r.code_bytes == 8) && r.out_mask != nullptr &&
+  return r.num_codes >= 1 && (r.code_bytes == 4 || r.code_bytes == 8) && r.out_mask != nullptr &&
          (!need_in_mask || r.in_mask != nullptr);
 }
 
@@ -22,7 +22,7 @@ inline bool masked_conv2d_valid(const MaskedConvParams& p) {
       p.pad_w < 0 || p.dilation_h < 1 || p.dilation_w < 1 || p.weight_code_stride < 0 || p.bias_code_stride < 0)
     return false;
   if (p.in_channels > INT_MAX || p.out_channels > INT_MAX) return false;  // int32 channel lists
-  if (!masked_routing_valid(p.routing, true)) return false;
+  if (!masked_routing_valid(p.routing, p.in_channels > 0)) return false;  // (K, 0) masks have no data
   const bool empty = p.batch == 0 || p.out_channels == 0 || p.out_height == 0 || p.out_width == 0;
   if (empty) return true;
   if (p.y == nullptr || p.routing.sample_codes == nullptr) return false;
@@ -35,7 +35,7 @@ inline bool masked_conv2d_valid(const MaskedConvParams& p) {
 // output permutations, int32).
 inline size_t masked_conv2d_workspace_bytes(const MaskedConvParams& p) {
   if (!masked_conv2d_valid(p)) return 0;
-  return prunedk::routing_plan(p.routing.codes, p.in_channels, p.out_channels).bytes;
+  return prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels).bytes;
 }
 
 // y of masked_conv2d / masked_linear (mmfast/pruned.h): a routing-plan kernel, then one grouped

@@ -326,10 +326,12 @@ def run_per_expert(experts: Sequence[Expert], sample: torch.Tensor, timestep, en
                    sample_codes: torch.Tensor) -> torch.Tensor:
     """APTP's own way to serve a mixed batch, the baseline AptpUNet replaces: one pass per code
     present, each physically sliced expert (experts[code][0], a UNet2DConditionModel) batched
-    over its rows. sample_codes (B,) gives each row's code (repeat them under CFG); a tensor
-    timestep must be a scalar. Returns the (B, C, H, W) outputs in row order."""
+    over its rows. sample_codes (B,) gives each row's code (repeat them under CFG); timestep is
+    a number, a scalar tensor or one per row (B,). Returns the (B, C, H, W) outputs in row order."""
     out = torch.empty_like(sample)
+    per_row = torch.is_tensor(timestep) and timestep.dim() == 1 and timestep.shape[0] == sample.shape[0]
     for code in torch.unique(sample_codes).tolist():
         rows = torch.nonzero(sample_codes == code)[:, 0]
-        out[rows] = experts[code][0](sample[rows], timestep, encoder_hidden_states[rows]).sample
+        t = timestep[rows] if per_row else timestep
+        out[rows] = experts[code][0](sample[rows], t, encoder_hidden_states[rows]).sample
     return out

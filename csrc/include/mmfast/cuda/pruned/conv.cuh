@@ -35,12 +35,6 @@ namespace mmfast {
 namespace cuda {
 namespace prunedk {
 
-template <class T> __device__ __forceinline__ T quiet_nan();
-template <> __device__ __forceinline__ float quiet_nan<float>() { return NAN; }
-template <> __device__ __forceinline__ double quiet_nan<double>() { return NAN; }
-template <> __device__ __forceinline__ __half quiet_nan<__half>() { return __float2half_rn(NAN); }
-template <> __device__ __forceinline__ __nv_bfloat16 quiet_nan<__nv_bfloat16>() { return __float2bfloat16_rn(NAN); }
-
 // The code of sample b (any value; the caller checks the range).
 __device__ __forceinline__ int64_t code_of(const CodeRouting& r, int64_t b) {
   return r.code_bytes == 8 ? static_cast<const int64_t*>(r.sample_codes)[b]
@@ -148,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
     const int64_t ct = rest % a.channel_tiles, b = rest / a.channel_tiles;
     const int64_t p0 = pt * kTile, o0 = ct * kTile;
     const int64_t code = code_of(p.routing, b);
-    const bool valid = code >= 0 && code < p.routing.codes;
+    const bool valid = code >= 0 && code < p.routing.num_codes;
     const int64_t kept_in = valid ? a.counts[2 * code] : 0;
     const int64_t kept_out = valid ? a.counts[2 * code + 1] : 0;
     const int32_t* perm = valid ? a.out_perm + code * p.out_channels : nullptr;
@@ -251,13 +245,13 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
 // ---- host side ---------------------------------------------------------------------------------
 template <class T>
 cudaError_t launch_conv(const MaskedConvParams& p, cudaStream_t stream) {
-  const RoutingPlan plan = routing_plan(p.routing.codes, p.in_channels, p.out_channels);
+  const RoutingPlan plan = routing_plan(p.routing.num_codes, p.in_channels, p.out_channels);
   char* ws = static_cast<char*>(p.workspace);
   int32_t* counts = reinterpret_cast<int32_t*>(ws + plan.counts_offset);
   int32_t* in_list = reinterpret_cast<int32_t*>(ws + plan.in_offset);
   int32_t* out_perm = reinterpret_cast<int32_t*>(ws + plan.perm_offset);
-  MMFAST_LAUNCH(masked_routing_kernel<0>, grid_for(p.routing.codes), kThreads, 0, stream, p.routing.in_mask,
-                p.routing.out_mask, p.routing.codes, p.in_channels, p.out_channels, counts, in_list, out_perm);
+  MMFAST_LAUNCH(masked_routing_kernel<0>, grid_for(p.routing.num_codes), kThreads, 0, stream, p.routing.in_mask,
+                p.routing.out_mask, p.routing.num_codes, p.in_channels, p.out_channels, counts, in_list, out_perm);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   ConvArgs a;

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kNormThreads) masked_group_norm_kernel(MaskedG
     const T* xg = x + first;
     T* yg = y + first;
     const int64_t code = code_of(p.routing, b);
-    if (code < 0 || code >= p.routing.codes) {  // uniform over the block: NaN over the group
+    if (code < 0 || code >= p.routing.num_codes) {  // uniform over the block: NaN over the group
       for_group_elements(per_group, p.plane, [&](int64_t c, int64_t i) { yg[c * p.plane + i] = quiet_nan<T>(); });
       continue;
     }

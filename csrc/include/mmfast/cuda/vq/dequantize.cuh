@@ -13,12 +13,6 @@ namespace mmfast {
 namespace cuda {
 namespace vqk {
 
-template <class T> __device__ __forceinline__ T quiet_nan();
-template <> __device__ __forceinline__ float quiet_nan<float>() { return NAN; }
-template <> __device__ __forceinline__ double quiet_nan<double>() { return NAN; }
-template <> __device__ __forceinline__ __half quiet_nan<__half>() { return __float2half_rn(NAN); }
-template <> __device__ __forceinline__ __nv_bfloat16 quiet_nan<__nv_bfloat16>() { return __float2bfloat16_rn(NAN); }
-
 template <class T>
 __global__ void __launch_bounds__(256) vq_lookup_kernel(VQLookupParams p) {
   const T* codebook = static_cast<const T*>(p.codebook);
