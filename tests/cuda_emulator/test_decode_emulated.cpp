@@ -33,12 +33,7 @@ template <class T> double tol_of() {
 
 std::mt19937 grng(17);
 double urand(double lo = -1.5, double hi = 1.5) { return std::uniform_real_distribution<double>(lo, hi)(grng); }
-int nfail = 0;
 int ncases = 0;
-void fail(const std::string& what) {
-  ++nfail;
-  std::printf("FAIL %s\n", what.c_str());
-}
 
 constexpr double kPoison = 12345.0;
 

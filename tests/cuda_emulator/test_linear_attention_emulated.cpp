@@ -57,7 +57,6 @@ struct Cmp {
   double rel() const { return maxerr / std::max(maxref, 1e-30); }
 };
 
-int nfail = 0;
 void report(const char* what, const std::string& cfg, const Cmp& c, double tol) {
   const bool ok = c.rel() <= tol;
   if (!ok) { ++nfail; std::printf("FAIL %-14s %s rel=%.3g (tol %.1g) maxref=%.3g\n", what, cfg.c_str(), c.rel(), tol, c.maxref); }

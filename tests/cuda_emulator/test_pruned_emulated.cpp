@@ -21,12 +21,6 @@
 using namespace mmfast;
 
 std::mt19937 grng(7);
-int nfail = 0;
-
-void fail(const std::string& what) {
-  ++nfail;
-  std::printf("FAIL %s\n", what.c_str());
-}
 
 constexpr double kPoison = 777.0;
 

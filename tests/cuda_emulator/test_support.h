@@ -1,6 +1,10 @@
 // Helpers every emulated CUDA kernel test shares: conversions between the kernels' element
-// types and double, and the DType of each. Include after emulator.h.
+// types and double, the DType of each, and the failure count main() returns on. Include
+// after emulator.h.
 #pragma once
+
+#include <cstdio>
+#include <string>
 
 #include "emulator.h"
 #include "mmfast/common.h"
@@ -16,3 +20,10 @@ template <> inline mmfast::DType dtype_of<float>() { return mmfast::DType::kFloa
 template <> inline mmfast::DType dtype_of<double>() { return mmfast::DType::kFloat64; }
 template <> inline mmfast::DType dtype_of<__half>() { return mmfast::DType::kFloat16; }
 template <> inline mmfast::DType dtype_of<__nv_bfloat16>() { return mmfast::DType::kBFloat16; }
+
+// Failed checks so far; fail() counts one and prints what failed.
+inline int nfail = 0;
+inline void fail(const std::string& what) {
+  ++nfail;
+  std::printf("FAIL %s\n", what.c_str());
+}

@@ -15,12 +15,6 @@ using namespace mmfast;
 
 
 std::mt19937 grng(11);
-int nfail = 0;
-
-void fail(const std::string& what) {
-  ++nfail;
-  std::printf("FAIL %s\n", what.c_str());
-}
 
 template <class T>
 void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_norms, int sms) {
