@@ -116,6 +116,15 @@ def conv_kernel(
 
 
 @triton.jit
+def load_kept(x_group, mask_row, e, n, P):
+    """(keep, x as fp32) at element offsets e of a group of n = channels x P elements: keep is
+    False past the group and in masked channels, which are never read (x is 0 there)."""
+    inside = e < n
+    keep = inside & (tl.load(mask_row + e // P, mask=inside, other=0) != 0)
+    return keep, to_fp32(tl.load(x_group + e, mask=keep, other=0.0))
+
+
+@triton.jit
 def group_norm_kernel(
     x_ptr, w_ptr, bias_ptr, codes_ptr, mask_ptr, y_ptr,
     K, C, G, P, AFFINE_CODE_STRIDE, eps,
@@ -139,9 +148,7 @@ def group_norm_kernel(
         count = tl.zeros((BLOCK,), dtype=tl.int32)
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
-            inside = e < n
-            keep = inside & (tl.load(mask_row + e // P, mask=inside, other=0) != 0)
-            xv = to_fp32(tl.load(x_ptr + base + e, mask=keep, other=0.0))
+            keep, xv = load_kept(x_ptr + base, mask_row, e, n, P)
             total += xv
             count += keep.to(tl.int32)
         kept = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
@@ -149,18 +156,14 @@ def group_norm_kernel(
         squares = tl.zeros((BLOCK,), dtype=tl.float32)
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
-            inside = e < n
-            keep = inside & (tl.load(mask_row + e // P, mask=inside, other=0) != 0)
-            xv = to_fp32(tl.load(x_ptr + base + e, mask=keep, other=0.0))
+            keep, xv = load_kept(x_ptr + base, mask_row, e, n, P)
             d = tl.where(keep, xv - mean, 0.0)
             squares += d * d
         rstd = 1.0 / tl.sqrt_rn(tl.sum(squares, axis=0) / kept + eps)
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
-            inside = e < n
             channel = e // P
-            keep = inside & (tl.load(mask_row + channel, mask=inside, other=0) != 0)
-            xv = to_fp32(tl.load(x_ptr + base + e, mask=keep, other=0.0))
+            keep, xv = load_kept(x_ptr + base, mask_row, e, n, P)
             yv = (xv - mean) * rstd
             if HAS_WEIGHT:
                 yv *= to_fp32(tl.load(w_ptr + c * AFFINE_CODE_STRIDE + first + channel, mask=keep, other=1.0))
@@ -169,7 +172,7 @@ def group_norm_kernel(
             yv = tl.where(keep, yv, 0.0)  # before SiLU: no exp of the masked lanes' garbage
             if SILU:
                 yv = yv / (1.0 + tl.exp(-yv))
-            tl.store(y_ptr + base + e, output_value(yv, y_ptr, ROUND_BF16), mask=inside)
+            tl.store(y_ptr + base + e, output_value(yv, y_ptr, ROUND_BF16), mask=e < n)
     else:
         nan = output_value(tl.full((BLOCK,), float("nan"), tl.float32), y_ptr, ROUND_BF16)
         for e0 in range(0, n, BLOCK):
