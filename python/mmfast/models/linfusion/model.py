@@ -77,8 +77,11 @@ def unet_attn1_specs(unet: nn.Module, projection_mid_dim: Optional[int] = None) 
     return specs
 
 
-def check_specs_match_unet(specs: List[ModuleSpec], unet: nn.Module) -> None:
-    """Raises LinFusionMismatchError naming the first module that does not fit `unet`."""
+def check_specs_match_unet(specs: List[ModuleSpec], unet: nn.Module, partial: bool = False) -> None:
+    """Raises LinFusionMismatchError naming the first module that does not fit `unet`.
+
+    partial=False also requires every attn1 of the UNet to be covered (a full LinFusion).
+    """
     expected = unet_attn1_specs(unet)
     by_name = {spec.module_name: spec for spec in expected}
     for index, spec in enumerate(specs):
@@ -94,7 +97,7 @@ def check_specs_match_unet(specs: List[ModuleSpec], unet: nn.Module) -> None:
                 f"the UNet expects {found.dims()}, the LinFusion checkpoint has {spec.dims()}"
             )
     covered = {spec.module_name for spec in specs}
-    for spec in expected:
+    for spec in expected if not partial else ():
         if spec.module_name not in covered:
             raise LinFusionMismatchError(
                 f"LinFusion: the UNet's '{spec.module_name}' ({spec.dims()}) has no module in the LinFusion checkpoint"
@@ -115,8 +118,10 @@ def _mid_dim(dim_n: int, mid_dim_scale: Optional[int]) -> Optional[int]:
 class LinFusion(nn.Module):
     """Holds the LinFusion modules as children "0", "1", ... (the official state-dict keys)."""
 
-    def __init__(self, modules_list: List[dict]):
+    def __init__(self, modules_list: List[dict], partial: bool = False):
+        """partial: the modules replace only some of the UNet's attn1 layers (saved in config.json)."""
         super().__init__()
+        self.partial = partial
         self.specs = [spec if isinstance(spec, ModuleSpec) else ModuleSpec.from_config(index, spec)
                       for index, spec in enumerate(modules_list)]
         for index, spec in enumerate(self.specs):
@@ -136,16 +141,23 @@ class LinFusion(nn.Module):
 
     @classmethod
     def from_unet(cls, unet: nn.Module, mid_dim_scale: Optional[int] = None,
-                  init_from_unet: bool = False) -> "LinFusion":
+                  init_from_unet: bool = False, module_names: Optional[List[str]] = None) -> "LinFusion":
         """Random-init LinFusion sized for `unet`; optionally copies the attn1 q/k/v/out weights.
 
         mid_dim_scale: MLP width M = C // mid_dim_scale (16 for SD-XL); None gives M = C.
+        module_names: replace only these attn1 layers (a partial LinFusion); None: all of them.
         """
         specs = [
             ModuleSpec(spec.module_name, spec.dim_n, spec.heads, _mid_dim(spec.dim_n, mid_dim_scale))
             for spec in unet_attn1_specs(unet)
         ]
-        model = cls(specs)
+        if module_names is not None:
+            unknown = sorted(set(module_names) - {spec.module_name for spec in specs})
+            if unknown or not module_names:
+                raise LinFusionMismatchError(f"LinFusion: module_names must name attn1 layers of the UNet; "
+                                             f"unknown: {unknown}" if unknown else "LinFusion: module_names is empty")
+            specs = [spec for spec in specs if spec.module_name in set(module_names)]
+        model = cls(specs, partial=module_names is not None)
         if init_from_unet:
             for spec, module in zip(specs, model.attention_modules()):
                 module.load_projections_from(unet.get_submodule(spec.module_name))
@@ -153,18 +165,20 @@ class LinFusion(nn.Module):
 
     @classmethod
     def construct_for(cls, pipe_or_unet, pretrained: Optional[str] = None, mid_dim_scale: Optional[int] = None,
-                      init_from_unet: bool = False) -> "LinFusion":
+                      init_from_unet: bool = False, module_names: Optional[List[str]] = None) -> "LinFusion":
         """Builds (or loads from the local directory `pretrained`) and mounts LinFusion.
 
         Accepts a diffusers pipeline (uses its .unet) or a UNet. The modules take the
-        UNet's device and dtype.
+        UNet's device and dtype. module_names: see from_unet (a partial LinFusion).
         """
         unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
         if pretrained is None:
-            model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet)
+            model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet,
+                                  module_names=module_names)
         else:
-            if mid_dim_scale is not None or init_from_unet:
-                raise ValueError("LinFusion.construct_for: mid_dim_scale/init_from_unet apply only without pretrained")
+            if mid_dim_scale is not None or init_from_unet or module_names is not None:
+                raise ValueError("LinFusion.construct_for: mid_dim_scale/init_from_unet/module_names apply only "
+                                 "without pretrained (a checkpoint names its own modules)")
             model = cls.from_pretrained(pretrained)
         model.mount_to(unet)
         return model
@@ -179,7 +193,7 @@ class LinFusion(nn.Module):
         """Replaces each attn1 of `unet` by its LinFusion module (moved to the UNet's device/dtype)."""
         if self.is_mounted:
             raise RuntimeError("LinFusion: already mounted; call unmount() first")
-        check_specs_match_unet(self.specs, unet)
+        check_specs_match_unet(self.specs, unet, self.partial)
         reference_param = next(unet.parameters())
         self.to(device=reference_param.device, dtype=reference_param.dtype)
         for spec, module in zip(self.specs, self.attention_modules()):
@@ -228,6 +242,8 @@ class LinFusion(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         config = {"_class_name": "LinFusion", "modules_list": self.modules_list}
+        if self.partial:
+            config["partial"] = True
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
         tensors = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
@@ -245,7 +261,7 @@ class LinFusion(nn.Module):
 
         state = load_file(weights_path)
         with torch.device("meta"):  # no random init of weights that are about to be replaced
-            model = cls(config["modules_list"])
+            model = cls(config["modules_list"], partial=bool(config.get("partial", False)))
         _check_state_dict(model, state, weights_path)
         model.load_state_dict(state, strict=True, assign=True)
         if torch_dtype is not None:

@@ -1,0 +1,363 @@
+"""DiffDIS inference: one denoising step from noise to mask (and edge) at 1024 px.
+
+Per view (DiffDIS core/diffdis_pipeline.py, run_inference.py):
+  image -> bilinear resize to resolution x resolution, [-1, 1]
+  z_rgb = VAE-encode mean * scaling_factor; the same at 1/2, 1/4, 1/8 image size for SWCI
+  x_T ~ N(0, I), shared by the mask and edge halves; t = 999 (1 step, "trailing" spacing)
+  eps = UNet(cat([z_rgb, x_T]), t, empty-prompt embedding, BDE, SWCI latents)
+  x0 = clip((x_T - sqrt(1 - abar_t) eps) / sqrt(abar_t), -1, 1)   (DDPMScheduler.step at t = 999:
+       the sd-turbo scheduler config leaves DDPMScheduler's default clip_sample=True in force)
+  map = mean over RGB of VAE-decode(x0 / scaling_factor), clip to [-1, 1], -> [0, 1], per-map min-max
+then (optional 6-view TTA: hflip x scales 0.75/1/1.25, de-augmented and averaged) resized back
+to the input size. The text encoder is not needed at run time: the empty-prompt embedding is
+computed once at load (or loaded from a file).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .unet import DiffDISUNet
+
+EMPTY_TEXT_EMBEDDING_NAME = "empty_text_embedding.safetensors"
+TTA_SCALES = (0.75, 1.0, 1.25)   # the official protocol: ttach HorizontalFlip x Scale
+RESOLUTION_MULTIPLE = 64         # 3 UNet downsamplings of the 1/8 latent
+
+
+@dataclass
+class DiffDISOutput:
+    """masks (and edges unless mask_only): one (H, W) float32 CPU tensor in [0, 1] per input image."""
+
+    masks: List[torch.Tensor]
+    edges: Optional[List[torch.Tensor]]
+
+
+class UNetInputs(NamedTuple):
+    """Everything DiffDISUNet.forward takes for one view, plus the noise x_T it starts from."""
+
+    sample: torch.Tensor               # (2b, 8, h, w)
+    timestep: torch.Tensor             # (), 999
+    encoder_hidden_states: torch.Tensor  # (2b, L, C)
+    rgb_latents: List[torch.Tensor]    # 3 x (b, 4, h / 2^k, w / 2^k)
+    noise: torch.Tensor                # (b, 4, h, w) x_T, fp32
+
+
+def one_step_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float,
+                clip_sample_range: Optional[float] = None) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), in fp32 (epsilon prediction; DDPM eq. 15),
+    clipped to [-clip_sample_range, clip_sample_range] when given (DDPMScheduler's clip_sample).
+    From the final step (previous abar = 1) this is exactly DDPMScheduler.step's prev_sample.
+    """
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    x0 = (x_t.float() - (1 - alpha_bar).sqrt().item() * eps.float()) / alpha_bar.sqrt().item()
+    return x0 if clip_sample_range is None else x0.clamp(-clip_sample_range, clip_sample_range)
+
+
+# --- input images ----------------------------------------------------------------------------
+
+
+def _from_numpy(array) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if tensor.dim() not in (3, 4):
+        raise ValueError(f"DiffDIS: a numpy image must be (H, W, 3) or (B, H, W, 3), got shape {array.shape}")
+    return tensor.movedim(-1, -3)
+
+
+def _check_image_tensor(image: torch.Tensor) -> torch.Tensor:
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"DiffDIS: expected an RGB image with 3 channels, (3, H, W) / (B, 3, H, W) tensors or "
+                         f"(H, W, 3) arrays, got shape {tuple(image.shape)}; convert grayscale or RGBA images "
+                         "first (PIL: image.convert('RGB'))")
+    if image.dtype == torch.uint8:
+        return image.float() / 255
+    if not image.is_floating_point():
+        raise ValueError(f"DiffDIS: image tensors must be uint8 (0..255) or floating point in [0, 1], got {image.dtype}")
+    if image.numel() and (image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all()):
+        raise ValueError("DiffDIS: floating-point images must hold values in [0, 1]")
+    return image.float()
+
+
+def as_rgb_images(images) -> List[torch.Tensor]:
+    """PIL images, (H, W, 3) / (B, H, W, 3) numpy arrays, (3, H, W) / (B, 3, H, W) tensors, or a list
+    of them -> list of (3, H, W) float32 tensors in [0, 1]. PIL images are converted to RGB (as the
+    official script does); arrays/tensors must be uint8 or floating point in [0, 1] with 3 channels.
+    """
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in as_rgb_images(item)]
+    if hasattr(images, "convert") and hasattr(images, "size"):  # PIL.Image
+        import numpy as np
+
+        return [_check_image_tensor(torch.from_numpy(np.array(images.convert("RGB"))).permute(2, 0, 1))]
+    if not isinstance(images, torch.Tensor):
+        if type(images).__module__ != "numpy":
+            raise TypeError(f"DiffDIS: expected PIL images, numpy arrays or torch tensors, got {type(images).__name__}")
+        images = _from_numpy(images)
+    if images.dim() == 4:
+        return [_check_image_tensor(image) for image in images]
+    return [_check_image_tensor(images)]
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _view_size(resolution: int, scale: float) -> int:
+    """TTA scale applied to the processing resolution, rounded to the UNet's multiple of 64."""
+    return max(RESOLUTION_MULTIPLE, round(resolution * scale / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1]; a constant map becomes 0 (the official code divides by zero)."""
+    flat = maps.flatten(1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    scale = (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
+    return (maps - low.view(-1, 1, 1, 1)) / scale.view(-1, 1, 1, 1)
+
+
+class DiffDISPipeline:
+    """DiffDIS segmentation with mmfast's DiffDISUNet on stock diffusers.
+
+    Holds the UNet, the VAE (diffusers AutoencoderKL), the one-step timestep and its abar, and
+    the empty-prompt embedding (1, L, cross_attention_dim); no text encoder.
+    """
+
+    def __init__(self, unet: DiffDISUNet, vae, scheduler, empty_text_embedding: torch.Tensor):
+        if not isinstance(unet, DiffDISUNet):
+            raise TypeError(f"DiffDISPipeline: unet must be a DiffDISUNet, got {type(unet).__name__}")
+        self.unet, self.vae = unet.eval(), vae.eval()
+        scheduler.set_timesteps(1)
+        self.timestep = int(scheduler.timesteps[0])
+        self.alpha_bar = float(scheduler.alphas_cumprod[self.timestep])
+        config = scheduler.config
+        if config.get("prediction_type", "epsilon") != "epsilon" or config.get("thresholding", False):
+            raise ValueError("DiffDISPipeline: the scheduler must predict epsilon without dynamic thresholding "
+                             "(DiffDIS: DDPMScheduler from sd-turbo's scheduler_config.json)")
+        self.clip_sample_range = config.clip_sample_range if config.get("clip_sample", False) else None
+        if empty_text_embedding.dim() == 2:
+            empty_text_embedding = empty_text_embedding[None]
+        want = unet.config.cross_attention_dim
+        if empty_text_embedding.dim() != 3 or empty_text_embedding.shape[0] != 1 or empty_text_embedding.shape[-1] != want:
+            raise ValueError(f"DiffDISPipeline: empty_text_embedding must be (1, L, {want}), "
+                             f"got {tuple(empty_text_embedding.shape)}")
+        self.empty_text_embedding = empty_text_embedding.detach()
+        self.linear_attention = None
+        self._warned_fp16 = False
+
+    # --- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, torch_dtype: torch.dtype = torch.float32,
+                        device: Union[str, torch.device] = "cpu",
+                        empty_text_embedding: Optional[str] = None) -> "DiffDISPipeline":
+        """Loads a local DiffDIS directory in the released diffusers layout (HF qianyu1217/diffdis):
+        unet/ (config.json + diffusion_pytorch_model.safetensors), vae/, scheduler/, and either
+        empty_text_embedding.safetensors (written by save_empty_text_embedding) or text_encoder/ +
+        tokenizer/ (used once for the empty prompt, then freed). `empty_text_embedding` overrides
+        the file's path. Safetensors only; nothing is downloaded.
+        """
+        from diffusers import AutoencoderKL, DDPMScheduler
+
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"DiffDISPipeline: {directory!r} is not a directory (mmfast never downloads; "
+                                    "fetch qianyu1217/diffdis first and pass its local path)")
+        unet = DiffDISUNet.from_pretrained(os.path.join(directory, "unet"), torch_dtype=torch_dtype, device=device)
+        vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), torch_dtype=torch_dtype,
+                                            use_safetensors=True).to(device)
+        with open(os.path.join(directory, "scheduler", "scheduler_config.json")) as f:
+            scheduler = DDPMScheduler.from_config(json.load(f))
+        embedding = _load_empty_text_embedding(directory, empty_text_embedding)
+        return cls(unet, vae, scheduler, embedding.to(device=device, dtype=torch_dtype))
+
+    def save_empty_text_embedding(self, path: str) -> None:
+        """Writes the empty-prompt embedding (safetensors) so later loads skip the text encoder."""
+        from safetensors.torch import save_file
+
+        save_file({"empty_text_embedding": self.empty_text_embedding.float().cpu().contiguous()}, path)
+
+    # --- device and dtype ----------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "DiffDISPipeline":
+        for module in (self.unet, self.vae):
+            # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules these models lack.
+            torch.nn.Module.to(module, device=device, dtype=dtype)
+        self.empty_text_embedding = self.empty_text_embedding.to(device=device, dtype=dtype)
+        return self
+
+    def _use_dtype(self, dtype: Optional[torch.dtype]) -> torch.dtype:
+        if dtype is None or dtype == self.dtype:
+            return self.dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"DiffDISPipeline: dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype == torch.float16 and not self._warned_fp16:
+            self._warned_fp16 = True
+            warnings.warn("DiffDISPipeline: float16 is known to overflow to NaN in SD-2-family perception models; "
+                          "bfloat16 is the safe half precision", stacklevel=3)
+        self.to(dtype=dtype)
+        return dtype
+
+    # --- linear attention ----------------------------------------------------------------
+
+    def enable_linear_attention(self, levels: int = 1, pretrained: Optional[str] = None):
+        """Replaces the attn1 layers of the top `levels` UNet level(s) by LinFusion's linear attention
+        (mmfast.ops.linear_attention); see mmfast.models.diffdis.linear_attention. Returns the LinFusion.
+        """
+        from .linear_attention import mount_linear_attention
+
+        if self.linear_attention is not None:
+            raise RuntimeError("DiffDISPipeline: linear attention is already enabled; disable_linear_attention() first")
+        self.linear_attention = mount_linear_attention(self.unet, levels=levels, pretrained=pretrained)
+        return self.linear_attention
+
+    def disable_linear_attention(self) -> None:
+        """Puts DiffDIS's softmax attn1 layers back."""
+        if self.linear_attention is None:
+            raise RuntimeError("DiffDISPipeline: linear attention is not enabled")
+        self.linear_attention.unmount()
+        self.linear_attention = None
+
+    # --- the model calls -----------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) in [-1, 1] -> (b, 4, H/8, W/8) latent mean * scaling_factor (no sampling)."""
+        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(n, 4, h, w) -> (n, 1, 8h, 8w) maps in [0, 1]: RGB mean, clip, [0, 1], per-map min-max."""
+        rgb = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        maps = rgb.float().mean(dim=1, keepdim=True).clamp(-1, 1)
+        return _min_max((maps + 1) / 2)
+
+    def prepare_unet_inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> UNetInputs:
+        """(b, 3, R, R) in [-1, 1] (R a multiple of 64) -> the UNet inputs of one view, for
+        segmenting and for distilling (LinFusionDistiller(unet, ...)(sample, timestep,
+        encoder_hidden_states, target=noise.repeat(2, 1, 1, 1), rgb_latents=rgb_latents)).
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        rgb_latent = self.encode(images)
+        size = images.shape[-1]
+        rgb_latents = [self.encode(_resize(images, (size >> k, size >> k))) for k in (1, 2, 3)]
+        noise = randn_tensor(rgb_latent.shape, generator=generator, device=rgb_latent.device, dtype=torch.float32)
+        sample = torch.cat([rgb_latent, noise.to(rgb_latent.dtype)], dim=1).repeat(2, 1, 1, 1)
+        context = self.empty_text_embedding.to(rgb_latent).expand(sample.shape[0], -1, -1)
+        timestep = torch.tensor(self.timestep, device=sample.device)
+        return UNetInputs(sample, timestep, context, rgb_latents, noise)
+
+    def _one_view(self, images: torch.Tensor, mask_only: bool, generator) -> torch.Tensor:
+        """(b, 3, R, R) in [-1, 1] -> (b or 2b, 1, R, R) maps: mask rows, then edge rows."""
+        inputs = self.prepare_unet_inputs(images, generator)
+        eps = self.unet(inputs.sample, inputs.timestep, inputs.encoder_hidden_states,
+                        rgb_latents=inputs.rgb_latents, mask_only=mask_only).sample
+        x_t = inputs.noise.repeat(eps.shape[0] // inputs.noise.shape[0], 1, 1, 1)
+        x0 = one_step_x0(x_t, eps, self.alpha_bar, self.clip_sample_range)
+        return self.decode(x0.to(self.dtype))
+
+    def _views(self, images: torch.Tensor, resolution: int, mask_only: bool, tta: bool, generator) -> torch.Tensor:
+        """Runs every view of a (b, 3, R, R) batch and returns the de-augmented mean maps."""
+        views = [(flip, scale) for flip in (False, True) for scale in TTA_SCALES] if tta else [(False, 1.0)]
+        total = 0
+        for flip, scale in views:
+            size = _view_size(resolution, scale)
+            view = _resize(images.flip(-1) if flip else images, (size, size))
+            maps = _resize(self._one_view(view, mask_only, generator), (resolution, resolution))
+            total = total + (maps.flip(-1) if flip else maps)
+        return total / len(views)
+
+    @torch.no_grad()
+    def segment(self, images, *, resolution: int = 1024, mask_only: bool = False, tta: bool = False,
+                dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None,
+                batch_size: int = 1, progress: Optional[bool] = None) -> DiffDISOutput:
+        """Segments the salient object of each image (DiffDIS, one denoising step).
+
+        images: PIL image(s), (H, W, 3) / (B, H, W, 3) numpy arrays or (3, H, W) / (B, 3, H, W)
+          tensors, uint8 or float in [0, 1] (see as_rgb_images); any size: every image is resized
+          (bilinear, aspect ratio not kept, as DiffDIS does) to resolution x resolution.
+        resolution: processing size in pixels, a multiple of 64 (DiffDIS: 1024).
+        mask_only: skip the edge half's up path and VAE decode (37% of the FLOPs at 1024 px); the
+          masks are identical to the full call's.
+        tta: DiffDIS's 6-view protocol (hflip x 0.75/1/1.25 resolution, rounded to multiples of 64),
+          each view min-max normalised, de-augmented and averaged.
+        dtype: compute dtype (None: the modules' dtype); another dtype casts the modules in place, as
+          pipe.to(dtype=...) does. bfloat16 is the safe half precision (float16 warns: NaN-prone).
+        generator: the x_T noise's generator (DiffDIS draws one x_T per image, shared by mask and edge).
+        Returns DiffDISOutput: (H, W) float32 CPU maps at each input's size, in [0, 1].
+        Raises ValueError for bad images or resolution, FloatingPointError if a map is not finite.
+        """
+        if resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
+            raise ValueError(f"DiffDISPipeline: resolution must be a positive multiple of {RESOLUTION_MULTIPLE} "
+                             f"(the UNet halves the 1/8 latent 3 times), got {resolution}")
+        if batch_size < 1:
+            raise ValueError(f"DiffDISPipeline: batch_size must be >= 1, got {batch_size}")
+        rgb = as_rgb_images(images)
+        dtype = self._use_dtype(dtype)
+        masks, edges = [], None if mask_only else []
+        batches = [rgb[i:i + batch_size] for i in range(0, len(rgb), batch_size)]
+        for batch in _progress(batches, progress, "DiffDIS"):
+            x = torch.cat([_resize(image[None], (resolution, resolution)) for image in batch])
+            x = (x * 2 - 1).to(device=self.device, dtype=dtype)
+            maps = self._views(x, resolution, mask_only, tta, generator)
+            if not torch.isfinite(maps).all():
+                raise FloatingPointError(f"DiffDISPipeline: non-finite maps in {dtype} (float16 overflows in this "
+                                         "model family; use bfloat16 or float32)")
+            for index, image in enumerate(batch):
+                size = tuple(image.shape[-2:])
+                masks.append(_resize(maps[index:index + 1], size)[0, 0].float().cpu())
+                if edges is not None:
+                    edges.append(_resize(maps[len(batch) + index:len(batch) + index + 1], size)[0, 0].float().cpu())
+        return DiffDISOutput(masks, edges)
+
+    __call__ = segment
+
+
+def _progress(items: Sequence, enabled: Optional[bool], description: str):
+    """A tqdm bar over items; by default only when there is more than one."""
+    if enabled is None:
+        enabled = len(items) > 1
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit="batch")
+
+
+def _load_empty_text_embedding(directory: str, path: Optional[str]) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    path = path or os.path.join(directory, EMPTY_TEXT_EMBEDDING_NAME)
+    if os.path.isfile(path):
+        return load_file(path)["empty_text_embedding"]
+    if not os.path.isdir(os.path.join(directory, "text_encoder")):
+        raise FileNotFoundError(f"DiffDISPipeline: neither {path} nor {directory}/text_encoder exists: the empty-prompt "
+                                "embedding needs one of them")
+    return encode_empty_prompt(directory)
+
+
+@torch.no_grad()
+def encode_empty_prompt(directory: str) -> torch.Tensor:
+    """The empty prompt "" through the local text encoder, unpadded (BOS, EOS): (1, 2, C).
+
+    As DiffDIS (and Marigold): tokenizer("", padding="do_not_pad"), text_encoder(ids)[0].
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+    encoder = CLIPTextModel.from_pretrained(os.path.join(directory, "text_encoder"), use_safetensors=True).eval()
+    ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids)[0].float()

@@ -1,0 +1,403 @@
+"""DiffDIS on mmfast: the UNet's added parts (BDE, DBIA, SWCI) against their definitions, the
+one-step formula against diffusers' scheduler, the pipeline (mask_only, bf16, TTA, checkpoints,
+bad input) and the linear-attention option, on tiny random models (CPU)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+
+from mmfast.models.diffdis import (DiffDISPipeline, DiffDISUNet, batch_discriminative_embedding,  # noqa: E402
+                                   encode_empty_prompt, one_step_x0, swap_halves, top_level_attn1_names)
+from mmfast.models.linfusion import LinFusionDistiller  # noqa: E402
+from mmfast.testing.tiny_diffdis import (SD_TURBO_SCHEDULER, save_tiny_diffdis_checkpoint,  # noqa: E402
+                                         sd21_unet_config, tiny_diffdis_pipeline, tiny_diffdis_unet,
+                                         tiny_unet_config)
+
+# The released checkpoint's keys beyond a stock SD-2.1 UNet (reference diffdis.md, section 1.9).
+MID = "mid_block.attentions.0.transformer_blocks.0."
+OFFICIAL_EXTRA_KEYS = {
+    "class_embedding.linear_1.weight": (1280, 4), "class_embedding.linear_1.bias": (1280,),
+    "class_embedding.linear_2.weight": (1280, 1280), "class_embedding.linear_2.bias": (1280,),
+    **{f"{MID}attn3.{p}.weight": (1280, 1280) for p in ("to_q", "to_k", "to_v")},
+    f"{MID}attn3.to_out.0.weight": (1280, 1280), f"{MID}attn3.to_out.0.bias": (1280,),
+    f"{MID}norm2_.weight": (1280,), f"{MID}norm2_.bias": (1280,),
+}
+for _j, _c in enumerate((320, 640, 1280)):
+    OFFICIAL_EXTRA_KEYS.update({
+        f"rgb_conv.{_j}.0.weight": (_c, 4, 3, 3), f"rgb_conv.{_j}.0.bias": (_c,),
+        **{f"rgb_conv.{_j}.1.{b}": (_c,) for b in ("weight", "bias", "running_mean", "running_var")},
+        f"rgb_conv.{_j}.1.num_batches_tracked": (),
+        f"rgb_proj.{_j}.weight": (_c, _c, 3, 3), f"rgb_proj.{_j}.bias": (_c,),
+        f"rgb_proj1.{_j}.weight": (_c, _c, 3, 3), f"rgb_proj1.{_j}.bias": (_c,),
+    })
+
+RESOLUTION = 128  # tiny models: 16 x 16 latent
+
+
+def unet_inputs(unet, batch=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2 * batch, 8, size, size, generator=g)
+    context = torch.randn(2 * batch, 2, unet.config.cross_attention_dim, generator=g)
+    rgb = [torch.randn(batch, 4, size >> k, size >> k, generator=g) for k in (1, 2, 3)]
+    return sample, context, rgb
+
+
+def image(seed=0, height=70, width=90):
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_diffdis_pipeline()
+
+
+# --- the UNet --------------------------------------------------------------------------------
+
+
+def test_full_size_config_has_exactly_the_official_extra_keys():
+    from diffusers import UNet2DConditionModel
+
+    config = sd21_unet_config()
+    with torch.device("meta"):
+        unet = DiffDISUNet.from_config(config)
+        stock = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    state, stock_state = unet.state_dict(), stock.state_dict()
+    extra = {key: tuple(value.shape) for key, value in state.items() if key not in stock_state}
+    assert extra == OFFICIAL_EXTRA_KEYS
+    assert set(stock_state) <= set(state) and len(state) == 730
+    changed = {key for key in stock_state if state[key].shape != stock_state[key].shape}
+    assert changed == {"conv_in.weight"} and tuple(state["conv_in.weight"].shape) == (320, 8, 3, 3)
+    assert sum(p.numel() for p in unet.parameters()) == 912_924_804
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="addition_embed_type"):
+        DiffDISUNet.from_config({**tiny_unet_config(), "addition_embed_type": "text"})
+    with pytest.raises(ValueError, match="SWCI needs"):
+        DiffDISUNet.from_config({**tiny_unet_config(), "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                                 "block_out_channels": [32, 64], "attention_head_dim": [2, 4]})
+
+
+def test_bde_rows():
+    labels = batch_discriminative_embedding(2)
+    mask, edge = [0.0, np.sin(1), 1.0, np.cos(1)], [np.sin(1), 0.0, np.cos(1), 1.0]
+    torch.testing.assert_close(labels, torch.tensor([mask, mask, edge, edge], dtype=torch.float32))
+
+
+def test_dbia_attends_to_the_other_halfs_keys_and_values():
+    unet = tiny_diffdis_unet()
+    block = unet.mid_block.attentions[0].transformer_blocks[0]
+    attn = block.attn3
+    x = torch.randn(4, 5, attn.to_q.in_features)
+    with torch.no_grad():
+        actual = attn(x, encoder_hidden_states=swap_halves(x))
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        heads = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        out = torch.cat([F.scaled_dot_product_attention(q[:2], k[2:], v[2:]),
+                         F.scaled_dot_product_attention(q[2:], k[:2], v[:2])])
+        expected = attn.to_out[0](out.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dbia_block_order_and_processor_independence():
+    """attn1 -> attn3 (DBIA) -> attn2 -> FF, each with its residual; and a processor set on every
+    layer (the fork's pitfall) keeps the half swap, since it lives in the block, not the processor."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny_diffdis_unet()
+    block = unet.mid_block.attentions[0].transformer_blocks[0]
+    x, context = torch.randn(4, 6, block.norm1.normalized_shape[0]), torch.randn(4, 2, 32)
+    with torch.no_grad():
+        h = block.attn1(block.norm1(x)) + x
+        n = block.norm2_(h)
+        h = block.attn3(n, encoder_hidden_states=torch.cat([n[2:], n[:2]])) + h
+        h = block.attn2(block.norm2(h), encoder_hidden_states=context) + h
+        expected = block.ff(block.norm3(h)) + h
+        torch.testing.assert_close(block(x, encoder_hidden_states=context), expected)
+        sample, ctx, rgb = unet_inputs(unet)
+        before = unet(sample, 999, ctx, rgb_latents=rgb).sample
+        unet.set_attn_processor(AttnProcessor())
+        torch.testing.assert_close(unet(sample, 999, ctx, rgb_latents=rgb).sample, before, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="must be even"):
+        swap_halves(torch.zeros(3, 2))
+
+
+def _capture(unet):
+    down, up = {}, {}
+    hooks = [block.register_forward_hook(lambda m, a, out, i=i: down.__setitem__(i, out))
+             for i, block in enumerate(unet.down_blocks)]
+    hooks += [block.register_forward_pre_hook(lambda m, args, kwargs, i=i: up.__setitem__(i, (args, kwargs)),
+                                              with_kwargs=True) for i, block in enumerate(unet.up_blocks)]
+    return down, up, hooks
+
+
+def test_swci_modulates_only_the_skip_connections():
+    unet = tiny_diffdis_unet()
+    sample, context, rgb = unet_inputs(unet)
+    down, up, hooks = _capture(unet)
+    with torch.no_grad():
+        unet(sample, 999, context, rgb_latents=rgb)
+        for hook in hooks:
+            hook.remove()
+        for j in range(3):
+            hidden, skips = down[j]
+            torch.testing.assert_close(hidden, skips[-1])  # the next block gets the unmodulated tensor
+            features = unet.rgb_conv[j](rgb[j]).repeat(2, 1, 1, 1)
+            expected = skips[-1] * (1 + unet.rgb_proj[j](features)) + unet.rgb_proj1[j](features)
+            # layers_per_block=1: up block 2 - j receives down block j's last skip first.
+            received = up[2 - j][0][1][0]
+            torch.testing.assert_close(received, expected, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(received, skips[-1])
+        torch.testing.assert_close(up[3][0][1][1], down[0][1][0])  # the other skips untouched
+
+
+def test_rgb_latents_of_one_half_equal_both_halves():
+    unet = tiny_diffdis_unet()
+    sample, context, rgb = unet_inputs(unet)
+    with torch.no_grad():
+        shared = unet(sample, 999, context, rgb_latents=rgb).sample
+        repeated = unet(sample, 999, context, rgb_latents=[r.repeat(2, 1, 1, 1) for r in rgb]).sample
+    torch.testing.assert_close(shared, repeated)
+
+
+def test_mask_only_gives_the_mask_rows_of_the_full_call():
+    unet = tiny_diffdis_unet()
+    sample, context, rgb = unet_inputs(unet, batch=2)
+    with torch.no_grad():
+        full = unet(sample, 999, context, rgb_latents=rgb).sample
+        mask = unet(sample, 999, context, rgb_latents=rgb, mask_only=True).sample
+    assert mask.shape[0] == 2
+    # Identical up to rounding: the up path runs at batch 2 instead of 4 (kernel blocking differs).
+    torch.testing.assert_close(mask, full[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_unet_rejects_bad_inputs():
+    unet = tiny_diffdis_unet()
+    sample, context, rgb = unet_inputs(unet)
+    with pytest.raises(ValueError, match=r"sample must be \(2B, 8, h, w\)"):
+        unet(sample[:3], 999, context[:3], rgb_latents=rgb)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        unet(sample[..., :12, :12], 999, context, rgb_latents=rgb)
+    with pytest.raises(ValueError, match="rgb_latents must be the 3"):
+        unet(sample, 999, context, rgb_latents=rgb[:2])
+    with pytest.raises(ValueError, match=r"rgb_latents\[1\] must be"):
+        unet(sample, 999, context, rgb_latents=[rgb[0], rgb[0], rgb[2]])
+
+
+def test_init_from_sd_unet_follows_the_training_recipe():
+    from diffusers import UNet2DConditionModel
+
+    config = tiny_unet_config()
+    torch.manual_seed(1)
+    sd = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    unet = DiffDISUNet.from_config(config)
+    unet.init_from_sd_unet(sd)
+    torch.testing.assert_close(unet.conv_in.weight, sd.conv_in.weight.repeat(1, 2, 1, 1) * 0.5)
+    block, sd_block = unet.mid_block.attentions[0].transformer_blocks[0], sd.mid_block.attentions[0].transformer_blocks[0]
+    torch.testing.assert_close(block.attn3.to_q.weight, sd_block.attn1.to_q.weight)
+    torch.testing.assert_close(block.norm2_.weight, sd_block.norm1.weight)
+    assert all((p == 0).all() for p in unet.rgb_proj.parameters())
+
+
+# --- one step -------------------------------------------------------------------------------
+
+
+def test_one_step_equals_ddpm_scheduler_step_at_999():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(SD_TURBO_SCHEDULER)
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [999]
+    # Small eps/x_t differences keep part of x0 inside [-1, 1]: both branches of the clip are checked.
+    x_t = torch.randn(2, 4, 8, 8)
+    eps = x_t * 0.0684 + 0.05 * torch.randn(2, 4, 8, 8)
+    expected = scheduler.step(eps, 999, x_t).prev_sample  # its added variance at t=999 is sqrt(1e-20)
+    assert scheduler.config.clip_sample and 0 < (expected.abs() < 1).float().mean() < 1
+    alpha_bar = float(scheduler.alphas_cumprod[999])
+    torch.testing.assert_close(one_step_x0(x_t, eps, alpha_bar, 1.0), expected, rtol=1e-5, atol=1e-5)
+    assert abs(alpha_bar - 0.0046601) < 1e-6
+    unclipped = one_step_x0(x_t, eps, alpha_bar)
+    torch.testing.assert_close(unclipped, (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5)
+    assert tiny_diffdis_pipeline().clip_sample_range == 1.0
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+
+def test_segment_shapes_and_range(pipe):
+    out = pipe.segment([image(0), image(1, 64, 40)], resolution=RESOLUTION, batch_size=2)
+    assert [tuple(m.shape) for m in out.masks] == [(70, 90), (64, 40)]
+    assert [tuple(e.shape) for e in out.edges] == [(70, 90), (64, 40)]
+    for m in out.masks + out.edges:
+        assert m.dtype == torch.float32 and m.min() >= 0 and m.max() <= 1 and m.max() - m.min() > 0.1
+
+
+def test_segment_mask_only_gives_the_same_mask(pipe):
+    full = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3))
+    mask = pipe.segment(image(), resolution=RESOLUTION, mask_only=True, generator=torch.Generator().manual_seed(3))
+    assert mask.edges is None
+    torch.testing.assert_close(mask.masks[0], full.masks[0], rtol=0, atol=1e-5)
+
+
+def test_segment_is_deterministic_with_a_generator_and_depends_on_the_noise(pipe):
+    a = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3)).masks[0]
+    b = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3)).masks[0]
+    c = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(4)).masks[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_segment_bf16_is_close_to_fp32():
+    pipe = tiny_diffdis_pipeline()
+    fp32 = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3)).masks[0]
+    bf16 = pipe.segment(image(), resolution=RESOLUTION, dtype=torch.bfloat16,
+                        generator=torch.Generator().manual_seed(3)).masks[0]
+    assert pipe.dtype == torch.bfloat16
+    # The documented bf16 tolerance (README): maps in [0, 1] within 0.05 max / 0.01 mean.
+    assert (bf16 - fp32).abs().max() < 0.05 and (bf16 - fp32).abs().mean() < 0.01
+
+
+def test_segment_fp16_warns():
+    pipe = tiny_diffdis_pipeline()
+    with pytest.warns(UserWarning, match="bfloat16 is the safe"):
+        try:
+            pipe.segment(image(), resolution=64, dtype=torch.float16)
+        except (RuntimeError, FloatingPointError):
+            pass  # fp16 kernels may be missing on CPU; the warning is what is tested
+
+
+def test_segment_tta_averages_six_views(pipe, monkeypatch):
+    sizes = []
+    original = pipe._one_view
+
+    def counting(view, mask_only, generator):
+        sizes.append(view.shape[-1])
+        return original(view, mask_only, generator)
+
+    monkeypatch.setattr(pipe, "_one_view", counting)
+    out = pipe.segment(image(), resolution=256, tta=True, mask_only=True)
+    assert sorted(sizes) == [192, 192, 256, 256, 320, 320]
+    assert out.masks[0].shape == (70, 90) and torch.isfinite(out.masks[0]).all()
+
+
+def test_segment_accepts_pil_tensors_and_arrays(pipe):
+    from PIL import Image
+
+    array = image()
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    reference = pipe.segment(array, resolution=64, generator=g()).masks[0]
+    for same in (Image.fromarray(array), tensor, tensor.float() / 255, tensor[None], array[None]):
+        torch.testing.assert_close(pipe.segment(same, resolution=64, generator=g()).masks[0], reference)
+    gray = pipe.segment(Image.fromarray(array).convert("L"), resolution=64).masks[0]  # converted to RGB
+    assert gray.shape == (70, 90)
+
+
+def test_segment_rejects_bad_input(pipe):
+    with pytest.raises(ValueError, match="3 channels"):
+        pipe.segment(torch.rand(1, 32, 32), resolution=64)
+    with pytest.raises(ValueError, match="3 channels"):
+        pipe.segment(np.zeros((32, 32, 4), np.uint8), resolution=64)
+    with pytest.raises(ValueError, match=r"uint8 \(0..255\) or floating point"):
+        pipe.segment(torch.zeros(3, 32, 32, dtype=torch.int64), resolution=64)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        pipe.segment(torch.full((3, 32, 32), 2.0), resolution=64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pipe.segment(image(), resolution=100)
+    with pytest.raises(TypeError, match="PIL images, numpy arrays or torch tensors"):
+        pipe.segment("image.png")
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_in_the_released_layout(tmp_path):
+    unet = save_tiny_diffdis_checkpoint(str(tmp_path))
+    loaded = DiffDISPipeline.from_pretrained(str(tmp_path))
+    for key, value in unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[key], value, rtol=0, atol=0)
+    embedding = encode_empty_prompt(str(tmp_path))
+    assert embedding.shape == (1, 2, 32)  # "" -> BOS, EOS (unpadded)
+    torch.testing.assert_close(loaded.empty_text_embedding, embedding)
+    out = loaded.segment(image(), resolution=64)
+    assert torch.isfinite(out.masks[0]).all()
+    # The saved embedding replaces the text encoder.
+    path = str(tmp_path / "empty.safetensors")
+    loaded.save_empty_text_embedding(path)
+    again = DiffDISPipeline.from_pretrained(str(tmp_path), empty_text_embedding=path)
+    torch.testing.assert_close(again.empty_text_embedding, embedding)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        DiffDISPipeline.from_pretrained(str(tmp_path / "missing"))
+    save_tiny_diffdis_checkpoint(str(tmp_path), text_encoder=False)
+    with pytest.raises(FileNotFoundError, match="empty-prompt embedding"):
+        DiffDISPipeline.from_pretrained(str(tmp_path))
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    del state[f"{MID}attn3.to_q.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(RuntimeError, match="attn3.to_q.weight"):
+        DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
+
+
+# --- linear attention -----------------------------------------------------------------------
+
+
+def test_linear_attention_swaps_only_the_top_level(pipe):
+    names = top_level_attn1_names(pipe.unet, levels=1)
+    assert names and all(n.startswith(("down_blocks.0.", "up_blocks.3.")) for n in names)
+    assert len(top_level_attn1_names(pipe.unet, levels=2)) > len(names)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    softmax = pipe.segment(image(), resolution=RESOLUTION, generator=g()).masks[0]
+    with pytest.warns(UserWarning, match="not distilled"):
+        linfusion = pipe.enable_linear_attention(levels=1)
+    try:
+        from mmfast.models.linfusion import GeneralizedLinearAttention
+
+        swapped = [n for n, m in pipe.unet.named_modules() if isinstance(m, GeneralizedLinearAttention)]
+        assert sorted(swapped) == sorted(names)
+        linear = pipe.segment(image(), resolution=RESOLUTION, generator=g()).masks[0]
+        assert torch.isfinite(linear).all() and (linear - softmax).abs().max() > 0
+    finally:
+        pipe.disable_linear_attention()
+    torch.testing.assert_close(pipe.segment(image(), resolution=RESOLUTION, generator=g()).masks[0], softmax)
+    assert linfusion.partial
+
+
+def test_linear_attention_distillation_step_and_reload(tmp_path):
+    pipe = tiny_diffdis_pipeline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        linfusion = pipe.enable_linear_attention(levels=1)
+    distiller = LinFusionDistiller(pipe.unet, linfusion)
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        inputs = pipe.prepare_unet_inputs(images, torch.Generator().manual_seed(0))
+    loss, parts = distiller(inputs.sample, inputs.timestep, inputs.encoder_hidden_states,
+                            inputs.noise.repeat(2, 1, 1, 1), rgb_latents=inputs.rgb_latents)
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) == {"denoise", "teacher", "feature"}
+    assert all(p.grad is not None for p in linfusion.parameters())
+    assert all(p.grad is None for n, p in pipe.unet.named_parameters() if "attn1" not in n or "up_blocks.3" not in n
+               and "down_blocks.0" not in n)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    expected = pipe.segment(image(), resolution=64, generator=g()).masks[0]
+    linfusion.save_pretrained(str(tmp_path / "linear"))
+    pipe.disable_linear_attention()
+    pipe.enable_linear_attention(levels=1, pretrained=str(tmp_path / "linear"))
+    torch.testing.assert_close(pipe.segment(image(), resolution=64, generator=g()).masks[0], expected)
+    pipe.disable_linear_attention()
+    with pytest.raises(ValueError, match="levels=2 needs"):
+        pipe.enable_linear_attention(levels=2, pretrained=str(tmp_path / "linear"))
