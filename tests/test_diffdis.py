@@ -390,8 +390,8 @@ def test_linear_attention_distillation_step_and_reload(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"denoise", "teacher", "feature"}
     assert all(p.grad is not None for p in linfusion.parameters())
-    assert all(p.grad is None for n, p in pipe.unet.named_parameters() if "attn1" not in n or "up_blocks.3" not in n
-               and "down_blocks.0" not in n)
+    student = {id(p) for p in linfusion.parameters()}
+    assert all(p.grad is None for p in pipe.unet.parameters() if id(p) not in student)  # the UNet stays frozen
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     expected = pipe.segment(image(), resolution=64, generator=g()).masks[0]
     linfusion.save_pretrained(str(tmp_path / "linear"))

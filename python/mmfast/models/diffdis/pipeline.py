@@ -147,7 +147,8 @@ class DiffDISPipeline:
         if empty_text_embedding.dim() != 3 or empty_text_embedding.shape[0] != 1 or empty_text_embedding.shape[-1] != want:
             raise ValueError(f"DiffDISPipeline: empty_text_embedding must be (1, L, {want}), "
                              f"got {tuple(empty_text_embedding.shape)}")
-        self.empty_text_embedding = empty_text_embedding.detach()
+        # Kept in fp32 (cast where used), so save_empty_text_embedding never writes rounded values.
+        self.empty_text_embedding = empty_text_embedding.detach().float()
         self.linear_attention = None
         self._warned_fp16 = False
 
@@ -174,7 +175,7 @@ class DiffDISPipeline:
         with open(os.path.join(directory, "scheduler", "scheduler_config.json")) as f:
             scheduler = DDPMScheduler.from_config(json.load(f))
         embedding = _load_empty_text_embedding(directory, empty_text_embedding)
-        return cls(unet, vae, scheduler, embedding.to(device=device, dtype=torch_dtype))
+        return cls(unet, vae, scheduler, embedding.to(device=device))
 
     def save_empty_text_embedding(self, path: str) -> None:
         """Writes the empty-prompt embedding (safetensors) so later loads skip the text encoder."""
@@ -196,7 +197,7 @@ class DiffDISPipeline:
         for module in (self.unet, self.vae):
             # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules these models lack.
             torch.nn.Module.to(module, device=device, dtype=dtype)
-        self.empty_text_embedding = self.empty_text_embedding.to(device=device, dtype=dtype)
+        self.empty_text_embedding = self.empty_text_embedding.to(device=device)
         return self
 
     def _use_dtype(self, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -290,13 +291,18 @@ class DiffDISPipeline:
           (bilinear, aspect ratio not kept, as DiffDIS does) to resolution x resolution.
         resolution: processing size in pixels, a multiple of 64 (DiffDIS: 1024).
         mask_only: skip the edge half's up path and VAE decode (37% of the FLOPs at 1024 px); the
-          masks are identical to the full call's.
+          masks equal the full call's up to floating-point rounding (the up path and decode run at
+          half the batch, so kernels block differently: <= 2e-6 apart in fp32).
         tta: DiffDIS's 6-view protocol (hflip x 0.75/1/1.25 resolution, rounded to multiples of 64),
           each view min-max normalised, de-augmented and averaged.
         dtype: compute dtype (None: the modules' dtype); another dtype casts the modules in place, as
           pipe.to(dtype=...) does. bfloat16 is the safe half precision (float16 warns: NaN-prone).
-        generator: the x_T noise's generator (DiffDIS draws one x_T per image, shared by mask and edge).
-        Returns DiffDISOutput: (H, W) float32 CPU maps at each input's size, in [0, 1].
+        generator: the x_T noise's generator (DiffDIS draws one x_T per image, shared by mask and edge),
+          consumed batch by batch and view by view, so an image's noise depends on its position;
+          a list of batch_size generators (diffusers' randn_tensor) gives one per image of a batch.
+        Returns DiffDISOutput: (H, W) float32 CPU maps at each input's size, in [0, 1]. Each view's
+          map is min-max normalised (as DiffDIS does), so values are relative, not calibrated
+          probabilities: an image without an object still gets a map spanning [0, 1].
         Raises ValueError for bad images or resolution, FloatingPointError if a map is not finite.
         """
         if resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:

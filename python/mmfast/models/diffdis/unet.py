@@ -178,12 +178,13 @@ class DiffDISUNet(UNet2DConditionModel):
         with torch.device("meta"):
             model = cls.from_config(directory)
         state = load_file(weights, device=str(device))
+        if torch_dtype is not None:  # cast tensor by tensor: no second full-size copy
+            state = {key: value.to(torch_dtype) if value.is_floating_point() else value
+                     for key, value in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         left = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
         if left:
             raise RuntimeError(f"DiffDISUNet.from_pretrained: {weights} did not provide {left[:5]}")
-        if torch_dtype is not None:
-            model.to(torch_dtype)
         return model.eval()
 
     def _add_diffdis_modules(self) -> None:
