@@ -1,0 +1,75 @@
+"""examples/diffdis_segment.py end to end, in --tiny mode at 64 px (random weights: files and sizes only)."""
+from __future__ import annotations
+
+import os
+import runpy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+Image = pytest.importorskip("PIL.Image")
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "diffdis_segment.py")
+
+
+@pytest.fixture(scope="module")
+def example():
+    """The example's globals (main, ...), loaded once; torch's thread count restored afterwards."""
+    threads = torch.get_num_threads()
+    yield runpy.run_path(EXAMPLE, run_name="diffdis_segment_example")
+    torch.set_num_threads(threads)  # --tiny on the CPU sets 1
+
+
+def _size(path):
+    with Image.open(path) as image:
+        return image.size, image.mode
+
+
+def test_default_inputs_mask_only(example, tmp_path):
+    pytest.importorskip("skimage")
+    out = tmp_path / "out"
+    timings = example["main"](["--tiny", "--mask-only", "--resolution", "64", "--device", "cpu",
+                               "--output", str(out)])
+    assert len(timings) == 3
+    for name in ("astronaut", "chelsea", "coffee"):
+        (width, height), _ = _size(out / f"{name}.png")  # the sample photo, written as an input
+        assert _size(out / f"{name}_mask.png") == ((width, height), "L")
+        assert _size(out / f"{name}_overlay.png") == ((width, height), "RGB")
+        assert not (out / f"{name}_edge.png").exists()
+
+
+def test_folder_input(example, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"first": (90, 70), "second": (40, 50)}  # (width, height)
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(folder / "first.png")
+    Image.fromarray(rng.integers(0, 256, (50, 40, 4), dtype=np.uint8)).save(folder / "second.png")  # RGBA
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    timings = example["main"](["--tiny", "--input", str(folder), "--resolution", "64", "--device", "cpu",
+                               "--batch-size", "2", "--output", str(out)])
+    assert [os.path.basename(path) for path, _ in timings] == ["first.png", "second.png"]
+    for stem, size in sizes.items():
+        assert _size(out / f"{stem}_mask.png") == (size, "L")
+        assert _size(out / f"{stem}_edge.png") == (size, "L")
+        assert _size(out / f"{stem}_overlay.png") == (size, "RGB")
+    assert sorted(os.listdir(out)) == sorted(f"{stem}_{kind}.png" for stem in sizes
+                                             for kind in ("mask", "edge", "overlay"))
+
+
+def test_clear_errors(example, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:  # neither --tiny nor --checkpoint
+        example["main"](["--output", str(tmp_path)])
+    assert error.value.code == 2 and "--tiny" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no images in the folder"):
+        example["main"](["--tiny", "--input", str(empty), "--output", str(tmp_path / "out")])
+    (empty / "broken.png").write_text("not a png")
+    with pytest.raises(SystemExit, match="broken.png"):
+        example["main"](["--tiny", "--input", str(empty), "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        example["main"](["--tiny", "--input", str(tmp_path / "missing.jpg"), "--output", str(tmp_path / "out")])
