@@ -359,6 +359,8 @@ def test_linear_attention_swaps_only_the_top_level(pipe):
     names = top_level_attn1_names(pipe.unet, levels=1)
     assert names and all(n.startswith(("down_blocks.0.", "up_blocks.3.")) for n in names)
     assert len(top_level_attn1_names(pipe.unet, levels=2)) > len(names)
+    with pytest.raises(ValueError, match="level 4 has no attn1"):
+        top_level_attn1_names(pipe.unet, levels=4)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     softmax = pipe.segment(image(), resolution=RESOLUTION, generator=g()).masks[0]
     with pytest.warns(UserWarning, match="not distilled"):

@@ -31,8 +31,10 @@ def top_level_attn1_names(unet: nn.Module, levels: int = 1) -> List[str]:
     prefixes = tuple(f"down_blocks.{i}." for i in range(levels))
     prefixes += tuple(f"up_blocks.{len(unet.up_blocks) - 1 - i}." for i in range(levels))
     names = [spec.module_name for spec in unet_attn1_specs(unet) if spec.module_name.startswith(prefixes)]
-    if not names:
-        raise ValueError(f"DiffDIS linear attention: the top {levels} level(s) have no attn1 layer")
+    deepest = (f"down_blocks.{levels - 1}.", f"up_blocks.{len(unet.up_blocks) - levels}.")
+    if not any(name.startswith(deepest) for name in names):
+        raise ValueError(f"DiffDIS linear attention: UNet level {levels} has no attn1 layer (SD-2.1's lowest level "
+                         f"has none); use levels <= {levels - 1}")
     return names
 
 
