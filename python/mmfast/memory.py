@@ -1,0 +1,122 @@
+"""Peak memory: measured (CUDA allocator or CPU peak RSS) and predicted (fake execution).
+
+    with PeakMemory(device) as meter:          # measured
+        run()
+    meter.peak_bytes                           # peak above what was in use on entry
+
+    predicted = traced_peak_bytes(module, *args)   # same call on fake tensors: no memory, no FLOPs
+
+traced_peak_bytes runs the call under FakeTensorMode (real parameters are read as fakes, so
+nothing is allocated or computed) and follows every tensor storage an operator creates until
+it is freed; its result is the peak of the bytes held by those storages. It sees what PyTorch
+allocates, not library workspaces (cuDNN, oneDNN) or allocator rounding, and the arguments
+count as already in use.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"PeakMemory: /proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Measures the peak memory of a block above the memory in use when it starts.
+
+    CUDA: torch.cuda.max_memory_allocated (tensors only; the caching allocator's reserve and
+    library workspaces are not counted). CPU: the process's peak resident set (VmHWM, reset via
+    /proc/self/clear_refs), Linux only; elsewhere `peak_bytes` is None. The CPU figure covers
+    everything the process touches, so run nothing else in the process meanwhile, and it falls
+    only when the allocator returns freed memory to the system: glibc keeps freed blocks below
+    its (self-raising) mmap threshold, so for faithful numbers start the process with
+    MALLOC_MMAP_THRESHOLD_=65536.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_bytes: Optional[int] = None
+        self.start_bytes = 0  # in use on entry (tensors on CUDA, resident set on CPU)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+        elif sys.platform.startswith("linux"):
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current resident set
+            self.start_bytes = _resident_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start_bytes
+        elif sys.platform.startswith("linux"):
+            self.peak_bytes = _resident_kib("VmHWM") * 1024 - self.start_bytes
+
+
+class _LiveStorageBytes(TorchDispatchMode):
+    """Counts the bytes of storages that operators create, until each is freed."""
+
+    def __init__(self, device=None):
+        super().__init__()
+        self.device = None if device is None else torch.device(device)
+        self.live = 0
+        self.peak = 0
+        self._tracked: dict = {}  # storage id -> finalizer (keeps one count per storage)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place/out= results alias an input: no new memory.
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and self._counts(tensor.device):
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _counts(self, device: torch.device) -> bool:
+        if self.device is None:
+            return True
+        return device.type == self.device.type and (self.device.index is None or device.index == self.device.index)
+
+    def _track(self, storage) -> None:
+        key = id(storage)
+        if key in self._tracked:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self._tracked[key] = weakref.finalize(storage, self._release, key, size)
+
+    def _release(self, key: int, size: int) -> None:
+        self.live -= size
+        self._tracked.pop(key, None)
+
+
+def traced_peak_bytes(fn, *args, device=None, **kwargs) -> int:
+    """Predicted peak bytes of new tensors during fn(*args, **kwargs), without running it.
+
+    Arguments may be real tensors (read as fakes: their memory counts as already in use) or
+    tensors fn creates itself. device: count only tensors on it (None: all). The result (and everything fn returns) is discarded.
+    Raises whatever fn raises on fake tensors (e.g. a data-dependent .item()).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = _LiveStorageBytes(device)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        result = fn(*args, **kwargs)
+        del result
+    return tracker.peak
