@@ -7,10 +7,22 @@
 """
 from .attention import LINFUSION_EPS, GeneralizedLinearAttention, LinFusionAttnProcessor, nonlinear_projection
 from .distill import LinFusionDistiller, capture_outputs, distillation_loss
-from .model import LinFusion, LinFusionMismatchError, ModuleSpec, unet_attn1_specs
+from .highres import DEFAULT_STRENGTHS, HighResOutput, HighResStage, MemoryOptions, generate_highres
+from .highres_memory import StageMemory, estimate_highres_memory, plan_memory_options
+from .model import LinFusion, LinFusionMismatchError, ModuleSpec, recommended_dtype, unet_attn1_specs, unet_family
 from .row_parallel import gather_rows, row_parallel_unet, split_rows
 
 __all__ = [
+    "DEFAULT_STRENGTHS",
+    "HighResOutput",
+    "HighResStage",
+    "MemoryOptions",
+    "StageMemory",
+    "estimate_highres_memory",
+    "generate_highres",
+    "plan_memory_options",
+    "recommended_dtype",
+    "unet_family",
     "LINFUSION_EPS",
     "GeneralizedLinearAttention",
     "LinFusion",

@@ -1,0 +1,285 @@
+"""LinFusion's high-resolution SDEdit cascade (models/linfusion/highres.py) and its memory
+model (highres_memory.py) on tiny random SD-1.5-style pipelines."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from mmfast.models.linfusion import (  # noqa: E402
+    LinFusion, MemoryOptions, estimate_highres_memory, generate_highres, plan_memory_options,
+)
+from mmfast.models.linfusion import highres  # noqa: E402
+from mmfast.models.linfusion.highres_memory import estimate_stage_memory  # noqa: E402
+from mmfast.testing.tiny_diffusers import tiny_pipeline  # noqa: E402
+
+# The tiny pipeline's VAE downsamples 2x and its UNet once more: sizes are multiples of 4 px.
+HEIGHT, WIDTH = 64, 128
+STRENGTHS = (0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_pipeline(seed=0)
+    LinFusion.construct_for(pipe)
+    return pipe
+
+
+def _generate(pipe, **kwargs):
+    kwargs.setdefault("strengths", STRENGTHS)
+    return generate_highres(pipe, "a red fox in the snow", height=HEIGHT, width=WIDTH, steps=4,
+                            generator=torch.Generator().manual_seed(0), progress=False, **kwargs)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_cascade_stage_sizes_and_steps(pipe):
+    out = _generate(pipe, return_stages=True)
+    assert out.image.size == (WIDTH, HEIGHT)
+    assert [(s.height, s.width) for s in out.stages] == [(16, 32), (32, 64), (64, 128)]
+    assert [s.image.size for s in out.stages] == [(32, 16), (64, 32), (128, 64)]
+    assert [s.strength for s in out.stages] == [None, 0.5, 0.5]
+    assert [s.denoising_steps for s in out.stages] == [4, 2, 2]
+    assert all(s.seconds > 0 for s in out.stages)
+    if sys.platform.startswith("linux"):
+        assert all(s.peak_memory_bytes >= s.stage_memory_bytes >= 0 for s in out.stages)
+    np.testing.assert_array_equal(_pixels(out.stages[-1].image), _pixels(out.image))
+    assert _pixels(out.image).std() > 1  # not a constant image
+
+
+def test_cascade_runs_img2img_stages(pipe, monkeypatch):
+    """Each upscaling stage is an img2img call at the right strength on latents of twice the size."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    calls = []
+    original = StableDiffusionImg2ImgPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["strength"], tuple(kwargs["image"].shape)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionImg2ImgPipeline, "__call__", spy)
+    _generate(pipe, strengths=(0.4, 0.3))
+    assert calls == [(0.4, (1, 4, 16, 32)), (0.3, (1, 4, 32, 64))]
+
+
+def test_unet_memory_options_are_exact(pipe):
+    """CFG one row at a time and token-chunked attn1 / feed-forward give the same UNet output."""
+    sample = torch.randn(2, 4, 24, 20)
+    text = torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = pipe.unet(sample, 10, text).sample
+        options = MemoryOptions(cfg_batch_size=1, token_chunk_size=37, ff_chunk_size=53)
+        with highres.memory_options_applied(pipe.unet, options) as unet:
+            chunked = unet(sample, 10, text).sample
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+    assert "forward" not in pipe.unet.__dict__  # restored
+    assert all(m.token_chunk_size is None for m in pipe.unet.modules() if hasattr(m, "token_chunk_size"))
+    assert not any(isinstance(m, highres.TokenChunkedFeedForward) for m in pipe.unet.modules())
+
+
+def test_cascade_with_exact_options_matches_unchunked(pipe):
+    plain = _generate(pipe)
+    options = MemoryOptions(cfg_batch_size=1, token_chunk_size=100, ff_chunk_size=100, vae_tiling="exact",
+                            vae_tile_size=5)
+    chunked = _generate(pipe, memory=options)
+    # Equal up to float rounding (summation order), which may flip an 8-bit rounding.
+    assert np.abs(_pixels(chunked) - _pixels(plain)).max() <= 1
+
+
+def test_cascade_with_blended_vae_tiles_stays_close(pipe):
+    plain = _generate(pipe)
+    blended = _generate(pipe, memory=MemoryOptions(vae_tiling="blend", vae_tile_size=8, vae_tile_overlap=2))
+    difference = np.abs(_pixels(blended) - _pixels(plain))
+    assert 0 < difference.mean() < 40  # an approximation: per-tile GroupNorm statistics, random VAE
+
+
+def test_cascade_without_upscaling_is_text_to_image(pipe):
+    out = _generate(pipe, strengths=(), return_stages=True)
+    assert len(out.stages) == 1 and out.image.size == (WIDTH, HEIGHT)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(base_size=64), "base long side is 128 / 2\\*\\*2 = 32"),
+    (dict(strengths=(0.5, 1.5)), "strengths must be in"),
+    (dict(memory=MemoryOptions(), memory_budget_bytes=1 << 30), "not both"),
+])
+def test_cascade_rejects_bad_arguments(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _generate(pipe, **kwargs)
+
+
+def test_cascade_rejects_sizes_that_do_not_halve():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        highres.cascade_sizes(60, 128, 2, multiple=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cfg_batch_size=0), "cfg_batch_size must be None or an int >= 1"),
+    (dict(ff_chunk_size=2.5), "ff_chunk_size"),
+    (dict(vae_tiling="tiles"), "vae_tiling must be one of"),
+])
+def test_memory_options_reject_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryOptions(**kwargs)
+
+
+def test_token_chunks_need_linfusion():
+    pipe = tiny_pipeline(seed=1)
+    with pytest.raises(ValueError, match="mount LinFusion first"):
+        with highres.memory_options_applied(pipe.unet, MemoryOptions(token_chunk_size=8)):
+            pass
+
+
+# --- the memory model ------------------------------------------------------------------------
+
+
+def test_memory_model_shrinks_with_the_options(pipe):
+    plain = estimate_highres_memory(pipe, height=HEIGHT, width=WIDTH, strengths=STRENGTHS)
+    light = estimate_stage_memory(pipe, index=2, height=HEIGHT, width=WIDTH,
+                                  options=MemoryOptions(cfg_batch_size=1, token_chunk_size=512, ff_chunk_size=512,
+                                                        vae_tiling="blend", vae_tile_size=8))
+    assert [(s.height, s.width) for s in plain] == [(16, 32), (32, 64), (64, 128)]
+    assert plain[0].encode_bytes == 0 and plain[1].encode_bytes > 0
+    assert all(a.denoise_bytes < b.denoise_bytes for a, b in zip(plain, plain[1:]))  # grows with the size
+    assert light.denoise_bytes < plain[-1].denoise_bytes / 2
+    assert light.decode_bytes < plain[-1].decode_bytes
+    assert plain[-1].peak_bytes == plain[-1].weights_bytes + plain[-1].carried_bytes + plain[-1].stage_bytes
+
+
+def test_planner_picks_the_lightest_options_that_fit(pipe):
+    ample = plan_memory_options(pipe, height=HEIGHT, width=WIDTH, budget_bytes=1 << 40)
+    assert ample == MemoryOptions()
+    plain = estimate_highres_memory(pipe, height=HEIGHT, width=WIDTH, strengths=STRENGTHS)[-1]
+    tight = plan_memory_options(pipe, height=HEIGHT, width=WIDTH, budget_bytes=plain.peak_bytes - 1)
+    assert tight != MemoryOptions()
+    with pytest.raises(ValueError, match="no memory options fit"):
+        plan_memory_options(pipe, height=HEIGHT, width=WIDTH, budget_bytes=1024)
+
+
+def test_cascade_under_a_memory_budget_uses_planned_options(pipe):
+    plain = estimate_highres_memory(pipe, height=HEIGHT, width=WIDTH, strengths=STRENGTHS)
+    out = _generate(pipe, memory_budget_bytes=plain[-1].peak_bytes - 1, return_stages=True)
+    assert out.stages[0].options == MemoryOptions()  # the small stage fits unchunked
+    assert out.stages[-1].options != MemoryOptions()
+
+
+_MEASURE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from mmfast.models.linfusion import LinFusion, MemoryOptions, estimate_highres_memory, generate_highres
+    from mmfast.testing.tiny_diffusers import tiny_pipeline
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(seed=0)
+    LinFusion.construct_for(pipe)
+    options = MemoryOptions(**json.loads(sys.argv[1]))
+    kwargs = dict(height=256, width=512, strengths=(0.5,), steps=2, progress=False, memory=options)
+    out = generate_highres(pipe, "a red fox", return_stages=True, **kwargs)
+    predicted = estimate_highres_memory(pipe, height=256, width=512, strengths=(0.5,), options=options)
+    print(json.dumps([[s.stage_memory_bytes, p.stage_bytes] for s, p in zip(out.stages, predicted)]))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures the peak RSS from /proc")
+@pytest.mark.parametrize("options", [{}, {"cfg_batch_size": 1, "token_chunk_size": 8192, "ff_chunk_size": 8192,
+                                          "vae_tiling": "blend", "vae_tile_size": 64}])
+def test_memory_model_predicts_the_measured_peak(options):
+    """Predicted stage peak within 25% of the measured peak RSS growth, at the upscaling stage
+    (256 x 512 px: 60-200 MB). Smaller stages are dominated by tens of MB of first-call library
+    caches the model does not see. A fresh process whose malloc returns every freed block above 64 KiB to the system, so the
+    resident set follows the live tensors (glibc otherwise keeps freed blocks resident)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, json.dumps(options)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (_, _), (measured, predicted) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0.75 <= predicted / measured <= 1.25, (predicted, measured)
+
+
+# --- row-parallel stages over 2 gloo ranks ---------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _row_parallel_worker(rank, world_size, port, result_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        pipe = tiny_pipeline(seed=0)
+        LinFusion.construct_for(pipe)
+        image = _generate(pipe, memory=MemoryOptions(cfg_batch_size=1))  # row_parallel: automatic
+        np.save(os.path.join(result_dir, f"rank{rank}.npy"), _pixels(image))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_parallel_cascade_equals_one_process(tmp_path, pipe):
+    """Every UNet call of every stage split by latent rows over 2 ranks gives one process's image."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_row_parallel_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _pixels(_generate(pipe))
+    for rank in range(2):
+        assert np.abs(np.load(tmp_path / f"rank{rank}.npy") - single).max() <= 1
+
+
+def test_row_parallel_needs_a_process_group(pipe):
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        _generate(pipe, row_parallel=True)
+
+
+# --- safe default dtypes per model family ------------------------------------------------
+
+
+def _family_unet(cross_attention_dim):
+    from mmfast.testing.tiny_diffusers import tiny_unet
+
+    return tiny_unet((32, 64), cross_attention_dim=cross_attention_dim)
+
+
+@pytest.mark.parametrize("cross_attention_dim, family, gpu_dtype", [
+    (768, "sd15", torch.float16), (1024, "sd21", torch.bfloat16), (32, "unknown", torch.bfloat16),
+])
+def test_recommended_dtype_per_family(cross_attention_dim, family, gpu_dtype):
+    from mmfast.models.linfusion import recommended_dtype, unet_family
+
+    unet = _family_unet(cross_attention_dim)
+    assert unet_family(unet) == family
+    assert recommended_dtype(unet, "cuda") == gpu_dtype
+    assert recommended_dtype(unet, "cpu") == torch.float32
+
+
+def test_sdxl_is_recognised_and_fp16():
+    from mmfast.models.linfusion import recommended_dtype, unet_family
+    from mmfast.testing.tiny_diffusers import tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet()
+    assert unet_family(unet) == "sdxl" and recommended_dtype(unet, "cuda") == torch.float16
+
+
+def test_mounting_on_an_fp16_sd21_unet_warns():
+    unet = _family_unet(1024).half()
+    with pytest.warns(UserWarning, match="use torch.bfloat16"):
+        LinFusion.construct_for(unet)
+    sd15 = _family_unet(768).half()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LinFusion.construct_for(sd15)
