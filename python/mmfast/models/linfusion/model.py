@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
@@ -112,6 +113,42 @@ def _mid_dim(dim_n: int, mid_dim_scale: Optional[int]) -> Optional[int]:
     return dim_n // mid_dim_scale
 
 
+# --- safe default dtypes per model family -----------------------------------------------
+
+
+def unet_family(unet: nn.Module) -> str:
+    """"sd15", "sd21", "sdxl" or "unknown", from the UNet's config (text width, added embeddings)."""
+    config = getattr(unet, "config", None)
+    if config is None:
+        return "unknown"
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return {768: "sd15", 1024: "sd21"}.get(getattr(config, "cross_attention_dim", None), "unknown")
+
+
+def recommended_dtype(pipe_or_unet, device) -> torch.dtype:
+    """The dtype to run LinFusion in on `device`: fp32 on CPU; on GPUs fp16 for SD-1.5 and SD-XL
+    (the official LinFusion-1-5 and -XL were distilled in fp16) and bf16 otherwise.
+
+    SD-2.1 overflows fp16 (diffusers PR #9596 warns "Yuanshi/LinFusion-2-1 may cause numerical
+    instability under fp16"; LinFusion-2-1 was distilled in bf16, and SD-2.1 itself needs
+    upcast attention in fp16). mmfast's attention op accumulates its state in fp32, but the
+    UNet around it still runs in the chosen dtype, so bf16 is the safe default there, and for
+    any UNet this function does not recognise.
+    """
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    family = unet_family(getattr(pipe_or_unet, "unet", pipe_or_unet))
+    return torch.float16 if family in ("sd15", "sdxl") else torch.bfloat16
+
+
+def _warn_if_unsafe_dtype(unet: nn.Module) -> None:
+    dtype = next(unet.parameters()).dtype
+    if dtype == torch.float16 and unet_family(unet) not in ("sd15", "sdxl"):
+        warnings.warn(f"LinFusion: a {unet_family(unet)} UNet in float16 may overflow (LinFusion-2-1 is known to); "
+                      "use torch.bfloat16 (see mmfast.models.linfusion.recommended_dtype)", stacklevel=3)
+
+
 # --- the container -----------------------------------------------------------------------
 
 
@@ -194,6 +231,7 @@ class LinFusion(nn.Module):
         if self.is_mounted:
             raise RuntimeError("LinFusion: already mounted; call unmount() first")
         check_specs_match_unet(self.specs, unet, self.partial)
+        _warn_if_unsafe_dtype(unet)
         reference_param = next(unet.parameters())
         self.to(device=reference_param.device, dtype=reference_param.dtype)
         for spec, module in zip(self.specs, self.attention_modules()):
