@@ -20,7 +20,9 @@ import os
 import pytest
 import torch
 
-from _utils import bench_device, median_ms, record_metrics, run_timed, synchronize
+from mmfast.memory import PeakMemory
+
+from _utils import bench_device, median_ms, record_metrics, run_timed
 
 pytest.importorskip("diffusers")
 
@@ -73,28 +75,11 @@ def _segment(pipe, image, resolution, mask_only):
                         generator=torch.Generator(DEVICE).manual_seed(0))
 
 
-def _resident_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
 def peak_memory_bytes(fn):
-    """(result, peak bytes above the memory in use before the call)."""
-    if ON_GPU:
-        synchronize(DEVICE)
-        torch.cuda.reset_peak_memory_stats(DEVICE)
-        before = torch.cuda.memory_allocated(DEVICE)
+    """(result, peak bytes above the memory in use before the call): mmfast.memory.PeakMemory."""
+    with PeakMemory(DEVICE) as meter:
         result = fn()
-        synchronize(DEVICE)
-        return result, torch.cuda.max_memory_allocated(DEVICE) - before
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
-        f.write("5")
-    before = _resident_kb("VmRSS")
-    result = fn()
-    return result, (_resident_kb("VmHWM") - before) * 1024
+    return result, meter.peak_bytes
 
 
 @pytest.mark.parametrize("resolution", RESOLUTIONS)

@@ -162,20 +162,14 @@ def test_backward(benchmark, shape):
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import torch, mmfast
-
-    def resident_bytes(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
+    from mmfast.memory import PeakMemory
 
     b, n, h, d = {shape}
     q, k, v = (torch.randn(b, n, h, d) for _ in range(3))
     mmfast.linear_attention(q[:, :64], k[:, :64], v[:, :64])  # load kernels, warm the allocator
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    before = resident_bytes("VmRSS")
-    out = mmfast.linear_attention(q, k, v)
-    print(resident_bytes("VmHWM") - before)
+    with PeakMemory("cpu") as meter:
+        out = mmfast.linear_attention(q, k, v)
+    print(meter.peak_bytes)
     """
 )
 

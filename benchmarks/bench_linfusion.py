@@ -220,20 +220,14 @@ HIGHRES_SCRIPT = textwrap.dedent("""
     for start in range(0, tokens, 1 << 16):   # filled in place: no fp32 temporary
         x[:, start:start + (1 << 16)].normal_()
 
-    def resident_kb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
+    from mmfast.memory import PeakMemory
 
-    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM (the peak RSS) to the current RSS
-        f.write("5")
-    before = resident_kb("VmRSS")
     start = time.perf_counter()
-    with torch.inference_mode(), mmfast.use_backend(backend):
+    with PeakMemory("cpu") as meter, torch.inference_mode(), mmfast.use_backend(backend):
         out = module(x)
     seconds = time.perf_counter() - start
-    peak = resident_kb("VmHWM")
-    print(json.dumps({"seconds": seconds, "rss_before_kb": before, "peak_rss_kb": peak,
+    print(json.dumps({"seconds": seconds, "rss_before_kb": meter.start_bytes // 1024,
+                      "peak_rss_kb": (meter.start_bytes + meter.peak_bytes) // 1024,
                       "finite": bool(torch.isfinite(out[:, :: 4096]).all())}))
 """)
 

@@ -131,23 +131,17 @@ def _targets(times, d, torch_ms):
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, torch, mmfast
+    from mmfast.memory import PeakMemory
     from mmfast.ops import vq_quantize
     from bench_vq import expanded_argmin
-
-    def resident(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
 
     n, k, d, which = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     z, codebook = torch.randn(n, d), torch.randn(k, d)
     run = (lambda: vq_quantize(z, codebook)) if which == "mmfast" else (lambda: expanded_argmin(z, codebook))
     run()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = resident("VmRSS")
-    run()
-    print(resident("VmHWM") - before)
+    with PeakMemory("cpu") as meter:
+        run()
+    print(meter.peak_bytes)
     """
 )
 

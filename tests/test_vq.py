@@ -170,20 +170,14 @@ def test_agrees_with_faiss():
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import torch, mmfast
+    from mmfast.memory import PeakMemory
     from mmfast.ops import vq_quantize
-
-    def resident(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
 
     z, codebook = torch.randn(4096, 8), torch.randn(262144, 8)
     vq_quantize(z[:16], codebook)  # load kernels, warm the allocator
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = resident("VmRSS")
-    indices = vq_quantize(z, codebook)
-    print(resident("VmHWM") - before, int(indices.max()))
+    with PeakMemory("cpu") as meter:
+        indices = vq_quantize(z, codebook)
+    print(meter.peak_bytes, int(indices.max()))
     """
 )
 

@@ -315,7 +315,7 @@ def upscale2x(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor):
-    """The first image of a [-1, 1] batch as a PIL image, converted in place to 8 bits on its device."""
+    """The first image of a [-1, 1] batch as a PIL image (8 bits made on its device from one copy)."""
     from PIL import Image
 
     pixels = images[0].clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
@@ -426,7 +426,7 @@ def _run_stage(pipe, img2img, index, size, strength, carried: list, options, com
     steps = common["num_inference_steps"]
     stage = HighResStage(index, size[0], size[1], strength, steps if strength is None else int(steps * strength),
                          time.perf_counter() - start, _total(meter), meter.peak_bytes, options,
-                         to_pil(images.clone()) if keep_image else None)
+                         to_pil(images) if keep_image else None)
     return stage, images
 
 
