@@ -239,6 +239,12 @@ def test_row_parallel_cascade_equals_one_process(tmp_path, pipe):
         assert np.abs(np.load(tmp_path / f"rank{rank}.npy") - single).max() <= 1
 
 
+def test_row_parallel_refuses_token_chunks(pipe):
+    with pytest.raises(ValueError, match="does not combine with row_parallel"):
+        with highres.memory_options_applied(pipe.unet, MemoryOptions(token_chunk_size=64), row_parallel=True):
+            pass
+
+
 def test_row_parallel_needs_a_process_group(pipe):
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         _generate(pipe, row_parallel=True)

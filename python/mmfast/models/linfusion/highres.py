@@ -238,6 +238,9 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
     attention = [m for m in unet.modules() if isinstance(m, GeneralizedLinearAttention)]
     if options.token_chunk_size is not None and not attention:
         raise ValueError("generate_highres: token_chunk_size chunks LinFusion's attn1; mount LinFusion first")
+    if options.token_chunk_size is not None and row_parallel:
+        raise ValueError("generate_highres: token_chunk_size does not combine with row_parallel (the token-parallel "
+                         "attention runs each rank's band whole); drop one of them")
     previous_chunks = [module.token_chunk_size for module in attention]
     swapped = []
     try:
@@ -388,8 +391,8 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
     if any(not 0 < s <= 1 for s in strengths):
         raise ValueError(f"generate_highres: strengths must be in (0, 1], got {strengths}")
     sizes = cascade_sizes(height, width, len(strengths), base_size, size_multiple(pipe))
-    plans = _stage_options(pipe, sizes, memory, memory_budget_bytes, guidance_scale)
     split_rows = _row_parallel_requested(row_parallel)
+    plans = _stage_options(pipe, sizes, memory, memory_budget_bytes, guidance_scale, split_rows)
     img2img = _image_to_image_pipeline(pipe) if strengths else None
     common = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                   guidance_scale=guidance_scale, generator=generator, **pipeline_kwargs)
@@ -434,11 +437,13 @@ def _total(meter: PeakMemory) -> Optional[int]:
     return None if meter.peak_bytes is None else meter.start_bytes + meter.peak_bytes
 
 
-def _stage_options(pipe, sizes, memory, budget, guidance_scale) -> List[MemoryOptions]:
+def _stage_options(pipe, sizes, memory, budget, guidance_scale, split_rows) -> List[MemoryOptions]:
     if budget is None:
         return [memory or MemoryOptions()] * len(sizes)
-    from .highres_memory import plan_memory_options
+    from .highres_memory import MEMORY_LADDER, plan_memory_options
 
+    # A row split runs attention whole on each band: rungs with token chunks do not apply.
+    ladder = [rung for rung in MEMORY_LADDER if not (split_rows and rung.token_chunk_size)]
     return [plan_memory_options(pipe, height=h, width=w, budget_bytes=budget, stage=index,
-                                guidance_scale=guidance_scale)
+                                guidance_scale=guidance_scale, ladder=ladder)
             for index, (h, w) in enumerate(sizes)]

@@ -6,7 +6,8 @@ a time) and the VAE decode. Each phase's transient memory is predicted by runnin
 module call on fake tensors (mmfast.memory.traced_peak_bytes: no memory, no FLOPs, the same
 code path with the same MemoryOptions applied), and the tensors the pipeline keeps around
 each phase (images, latents) are added. It sees PyTorch's tensors only: cuDNN/oneDNN
-workspaces and allocator rounding are not in it, nor is a ControlNet.
+workspaces and allocator rounding are not in it, nor is a ControlNet. Under a row-parallel
+split it predicts the whole image's UNet call, an upper bound for each rank's band.
 
     stages = estimate_highres_memory(pipe, height=8192, width=16384, options=MemoryOptions(...))
     for s in stages: print(s.height, s.width, s.peak_bytes / 2**30)
