@@ -1,27 +1,75 @@
-"""Generate an image with LinFusion mounted on a Stable Diffusion pipeline.
+"""Generate an image with LinFusion mounted on a Stable Diffusion pipeline, optionally up to 16K.
 
     python examples/linfusion_highres.py --tiny --out tiny.png          # random tiny pipeline, seconds
     python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR \\
-        --height 2048 --width 2048 --device cuda --dtype float16 --out out.png
+        --height 2048 --width 2048 --device cuda --out out.png
+
+    python examples/linfusion_highres.py --tiny --cascade --save-stages   # the whole cascade, seconds
+    python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR --cascade \\
+        --height 8192 --width 16384 --memory-budget-gb 80 --device cuda --out 16k.png
 
 Both directories are local (e.g. `huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir SD15_DIR`
 and `huggingface-cli download Yuanshi/LinFusion-1-5 --local-dir LINFUSION_DIR`); nothing is downloaded here.
 Every attn1 (self-attention) of the UNet runs mmfast's linear attention; cross-attention stays softmax.
+
+--cascade runs LinFusion's ultra-high-resolution recipe (mmfast.models.linfusion.generate_highres):
+text-to-image at the base size, then per --strengths entry a 2x bicubic upscale and an img2img
+(SDEdit) pass denoising int(steps x strength) of --steps steps, up to --height x --width. The base
+long side is max(height, width) / 2**len(strengths) (--base-size must equal it when given); every
+stage's height and width must be multiples of the pipeline's size multiple (64 for SD-1.5) and of 8.
+Defaults: --base-size the pipeline's native size (512 for SD-1.5) doubled once per strength, square;
+with --tiny a 128x256 target (base 8x16 px) and 10 steps, so every stage denoises at least one step.
+
+Memory (cascade only): either explicit knobs (--cfg-batch-size, --token-chunk, --ff-chunk,
+--vae-tiling, --vae-tile; all exact but --vae-tiling blend) applied to every stage, or
+--memory-budget-gb, which picks per stage the lightest options whose predicted peak fits. The
+memory model's per-stage prediction is printed before running, and after it each stage's size,
+strength, denoising steps, seconds and measured peak next to the prediction. On the CPU the
+measured peak is the process's peak resident set (interpreter and libraries included), so compare
+the "stage" columns there: the growth above what was resident when the stage started.
+--save-stages writes every stage's image next to --out as <out stem>_stage<i><out suffix>.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import time
 
 import torch
 
 import mmfast
-from mmfast.models.linfusion import LinFusion
+from mmfast.models.linfusion import LinFusion, recommended_dtype
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_TOKEN_CHUNK = 65536
+TINY_CASCADE_SIZE = (128, 256)  # (height, width): base 8x16 px, diffusers needs multiples of 8 at the base
+TINY_CASCADE_STEPS = 10  # int(10 x 0.1) = 1: every default strength denoises at least one step
+CASCADE_STEPS = 50  # LinFusion's notebooks
+VAE_TILING_CHOICES = ("none", "blend", "exact")
+MEMORY_KNOBS = ("cfg_batch_size", "token_chunk", "ff_chunk", "vae_tiling", "vae_tile")
+CASCADE_ONLY = ("strengths", "base_size", "cfg_batch_size", "ff_chunk", "vae_tiling", "vae_tile",
+                "memory_budget_gb", "save_stages")
 
 
-def parse_args():
+def _strengths(text: str):
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.4,0.3,0.2,0.1, got {text!r}")
+    if not values or any(not 0 < value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected one or more strengths in (0, 1], got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tiny", action="store_true", help="a tiny random pipeline (no files needed)")
@@ -29,20 +77,88 @@ def parse_args():
     parser.add_argument("--linfusion", default=None,
                         help="local LinFusion checkpoint directory (default: random LinFusion, for --tiny)")
     parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 25, 4 with --tiny)")
+    parser.add_argument("--height", type=int, default=None, help="with --cascade: the final (largest) height")
+    parser.add_argument("--width", type=int, default=None, help="with --cascade: the final (largest) width")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default 25, 4 with --tiny; with --cascade 50, 10 with --tiny)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default float16 on CUDA, float32 on CPU")
+                        help="default float32 on CPU; on CUDA the model family's safe dtype (recommended_dtype: "
+                             "float16 for SD-1.5/XL, bfloat16 for SD-2.1 and unrecognised UNets)")
     parser.add_argument("--backend", default=None, help="mmfast backend: native, triton or reference")
-    parser.add_argument("--token-chunk", type=int, default=65536,
-                        help="attn1 runs over chunks of this many tokens (exact; bounds peak memory at huge "
-                             "sizes; only layers with more tokens are chunked); 0 disables")
+    parser.add_argument("--token-chunk", type=int, default=None,
+                        help=f"attn1 runs over chunks of this many tokens (exact; bounds peak memory at huge "
+                             f"sizes; only layers with more tokens are chunked); 0 disables "
+                             f"(default {DEFAULT_TOKEN_CHUNK}; with --memory-budget-gb the planner picks it)")
     parser.add_argument("--out", default="linfusion.png")
-    return parser.parse_args()
+
+    cascade = parser.add_argument_group("high-resolution cascade (--cascade)")
+    cascade.add_argument("--cascade", action="store_true",
+                         help="base size -> --height x --width by 2x upscaling + img2img per strength")
+    cascade.add_argument("--strengths", type=_strengths, default=None,
+                         help="img2img strength per upscaling stage (default 0.4,0.3,0.2,0.1)")
+    cascade.add_argument("--base-size", type=int, default=None,
+                         help="the base stage's long side: max(height, width) / 2**len(strengths)")
+    cascade.add_argument("--cfg-batch-size", type=_positive_int, default=None,
+                         help="rows of the guidance batch (uncond, cond) per UNet call; 1 halves the activations")
+    cascade.add_argument("--ff-chunk", type=_positive_int, default=None,
+                         help="feed-forwards run over chunks of this many tokens (exact)")
+    cascade.add_argument("--vae-tiling", choices=VAE_TILING_CHOICES, default=None,
+                         help="VAE encode/decode: none (default), blend (diffusers' tiles, approximate) "
+                              "or exact (bands, equal to untiled)")
+    cascade.add_argument("--vae-tile", type=_positive_int, default=None,
+                         help="VAE tile (blend) or band (exact) size in latent px (encode: the same region)")
+    cascade.add_argument("--memory-budget-gb", type=float, default=None,
+                         help="GiB (2**30 bytes) per stage: pick the lightest memory options predicted to fit "
+                              "(excludes the explicit knobs above and --token-chunk)")
+    cascade.add_argument("--save-stages", action="store_true",
+                         help="also write each stage's image next to --out (<stem>_stage<i><suffix>)")
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser, args):
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if not args.cascade:
+        given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)} need --cascade")
+        return
+    if args.memory_budget_gb is not None:
+        knobs = [flag(name) for name in MEMORY_KNOBS if getattr(args, name) is not None]
+        if knobs:
+            parser.error(f"--memory-budget-gb picks the memory options itself; drop {', '.join(knobs)} "
+                         "(or drop --memory-budget-gb to set them explicitly)")
+        if args.memory_budget_gb <= 0:
+            parser.error(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb:g}")
+    if args.vae_tile is not None and args.vae_tiling in (None, "none"):
+        parser.error("--vae-tile needs --vae-tiling blend or exact")
+    if args.token_chunk is not None and args.token_chunk < 0:
+        parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
+    args.strengths = args.strengths or (0.4, 0.3, 0.2, 0.1)
+    args.steps = args.steps or (TINY_CASCADE_STEPS if args.tiny else CASCADE_STEPS)
+    idle = [strength for strength in args.strengths if int(args.steps * strength) < 1]
+    if idle:  # diffusers' img2img would denoise nothing (an empty batch)
+        needed = math.ceil(1 / min(args.strengths))
+        while any(int(needed * strength) < 1 for strength in args.strengths):
+            needed += 1
+        parser.error(f"strength {idle[0]:g} of --steps {args.steps} denoises int({args.steps} x {idle[0]:g}) = 0 "
+                     f"steps; use --steps >= {needed}")
+
+
+def default_dtype(args) -> torch.dtype:
+    """fp32 on CPU; on GPUs the model family's safe dtype (bf16 for SD-2.1, see recommended_dtype)."""
+    if not args.device.startswith("cuda"):
+        return torch.float32
+    if args.tiny:
+        return torch.bfloat16
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(args.pipeline, subfolder="unet", local_files_only=True)
+    return recommended_dtype(config, args.device)
 
 
 def load_pipeline(args, dtype):
@@ -57,27 +173,174 @@ def load_pipeline(args, dtype):
                                                    requires_safety_checker=False, local_files_only=True)
 
 
-def main():
-    args = parse_args()
+# --- the cascade ---------------------------------------------------------------------------
+
+
+def cascade_target(args, pipe):
+    """(height, width, base_size) of the cascade from the arguments and the pipeline's native size."""
+    scale = 2 ** len(args.strengths)
+    if args.height is None and args.width is None:
+        if args.tiny and args.base_size is None:
+            return TINY_CASCADE_SIZE + (None,)
+        native = args.base_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return native * scale, native * scale, args.base_size
+    height = args.height if args.height is not None else args.width
+    width = args.width if args.width is not None else args.height
+    return height, width, args.base_size
+
+
+def memory_options(args):
+    """(MemoryOptions or None, budget bytes or None) from the memory arguments."""
+    from mmfast.models.linfusion import MemoryOptions
+
+    if args.memory_budget_gb is not None:
+        return None, int(args.memory_budget_gb * 2**30)
+    chunk = DEFAULT_TOKEN_CHUNK if args.token_chunk is None else args.token_chunk
+    return MemoryOptions(cfg_batch_size=args.cfg_batch_size, token_chunk_size=chunk or None,
+                         ff_chunk_size=args.ff_chunk, vae_tiling=args.vae_tiling or "none",
+                         vae_tile_size=args.vae_tile), None
+
+
+def describe_options(options) -> str:
+    parts = []
+    if options.cfg_batch_size is not None:
+        parts.append(f"cfg_batch={options.cfg_batch_size}")
+    if options.token_chunk_size is not None:
+        parts.append(f"token_chunk={options.token_chunk_size}")
+    if options.ff_chunk_size is not None:
+        parts.append(f"ff_chunk={options.ff_chunk_size}")
+    if options.vae_tiling != "none":
+        tile = "" if options.vae_tile_size is None else f"/{options.vae_tile_size}"
+        parts.append(f"vae={options.vae_tiling}{tile}")
+    return " ".join(parts) or "unchunked, untiled"
+
+
+def format_bytes(count) -> str:
+    if count is None:
+        return "n/a"
+    if abs(count) >= 2**30:
+        return f"{count / 2**30:.2f} GiB"
+    return f"{count / 2**20:.1f} MiB"
+
+
+def predict(pipe, args, height, width, base_size, options, budget):
+    """The memory model's StageMemory and MemoryOptions per stage (the budget's plan, or fixed options)."""
+    from mmfast.models.linfusion import estimate_highres_memory, plan_highres_memory
+    from mmfast.models.linfusion.highres import cascade_sizes, size_multiple
+    from mmfast.models.linfusion.highres_memory import estimate_stage_memory
+
+    if budget is None:
+        stages = estimate_highres_memory(pipe, height=height, width=width, base_size=base_size,
+                                         strengths=args.strengths, options=options, guidance_scale=args.guidance)
+        return stages, [options] * len(stages)
+    plans = plan_highres_memory(pipe, height=height, width=width, budget_bytes=budget, base_size=base_size,
+                                strengths=args.strengths, guidance_scale=args.guidance)
+    sizes = cascade_sizes(height, width, len(args.strengths), base_size, size_multiple(pipe))
+    stages = [estimate_stage_memory(pipe, index=index, height=h, width=w, options=plan, guidance_scale=args.guidance)
+              for index, ((h, w), plan) in enumerate(zip(sizes, plans))]
+    return stages, plans
+
+
+def _strength(strength) -> str:
+    return "t2i" if strength is None else f"{strength:g}"
+
+
+def _row(cells, widths=(5, 11, 8), tail="") -> str:
+    """Right-aligned cells (the first ones `widths` wide, the rest 10), then `tail` as is."""
+    padded = [f"{cell:>{widths[i] if i < len(widths) else 10}}" for i, cell in enumerate(cells)]
+    return "  " + "  ".join(padded + ([tail] if tail else []))
+
+
+def print_prediction(predicted, plans, strengths):
+    print("memory model, predicted per stage (weights + carried image + the largest phase):")
+    print(_row(["stage", "size", "strength", "weights", "encode", "denoise", "decode", "peak"], tail="options"))
+    for stage, plan, strength in zip(predicted, plans, (None,) + tuple(strengths)):
+        cells = [str(stage.index), f"{stage.width}x{stage.height}", _strength(strength)]
+        cells += [format_bytes(stage.weights_bytes), format_bytes(stage.encode_bytes) if stage.index else "-"]
+        cells += [format_bytes(stage.denoise_bytes), format_bytes(stage.decode_bytes), format_bytes(stage.peak_bytes)]
+        print(_row(cells, tail=describe_options(plan)))
+
+
+def print_results(stages, predicted, device):
+    print("cascade stages, measured (predicted):")
+    widths = (5, 11, 8, 5, 8)
+    print(_row(["stage", "size", "strength", "steps", "seconds", "peak", "predicted", "stage peak", "predicted"],
+               widths))
+    for stage, model in zip(stages, predicted):
+        cells = [str(stage.index), f"{stage.width}x{stage.height}", _strength(stage.strength),
+                 str(stage.denoising_steps), f"{stage.seconds:.2f}"]
+        cells += [format_bytes(stage.peak_memory_bytes), format_bytes(model.peak_bytes)]
+        cells += [format_bytes(stage.stage_memory_bytes), format_bytes(model.stage_bytes)]
+        print(_row(cells, widths))
+    if torch.device(device).type == "cpu":
+        print("  (CPU: peak is the process's peak resident set, interpreter and libraries included; the stage "
+              "columns are the growth above the start of the stage)")
+
+
+def stage_path(out: str, index: int) -> str:
+    root, suffix = os.path.splitext(out)
+    return f"{root}_stage{index}{suffix or '.png'}"
+
+
+def run_cascade(args, pipe, generator):
+    from mmfast.models.linfusion import generate_highres
+
+    height, width, base_size = cascade_target(args, pipe)
+    options, budget = memory_options(args)
+    memory = (f"budget {args.memory_budget_gb:g} GiB per stage" if budget is not None
+              else describe_options(options))
+    print(f"cascade to {width}x{height}: strengths {','.join(f'{s:g}' for s in args.strengths)} of {args.steps} "
+          f"steps; memory: {memory}")
+    tick = time.perf_counter()
+    try:
+        predicted, plans = predict(pipe, args, height, width, base_size, options, budget)
+    except ValueError as error:  # sizes that do not halve, a base_size that does not match, a budget too small
+        raise SystemExit(f"error: {error}")
+    print_prediction(predicted, plans, args.strengths)
+    print(f"  (predicted in {time.perf_counter() - tick:.1f} s)")
+
+    start = time.perf_counter()
+    out = generate_highres(pipe, args.prompt, height=height, width=width, base_size=base_size,
+                           strengths=args.strengths, steps=args.steps, guidance_scale=args.guidance,
+                           generator=generator, memory=plans, return_stages=True)  # the plan printed above
+    elapsed = time.perf_counter() - start
+    print_results(out.stages, predicted, pipe.unet.device)
+    out.image.save(args.out)
+    if args.save_stages:
+        for stage in out.stages:
+            stage.image.save(stage_path(args.out, stage.index))
+        print(f"stage images -> {', '.join(stage_path(args.out, s.index) for s in out.stages)}")
+    print(f"{out.image.width}x{out.image.height} image in {elapsed:.1f} s ({len(out.stages)} stages) -> {args.out}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.backend:
         mmfast.set_backend(args.backend)
     if args.pipeline and not args.linfusion:
         raise SystemExit("--pipeline needs --linfusion DIR (a random LinFusion on a real model makes noise)")
-    dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args)
+    if args.tiny and args.device == "cpu":
+        torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
     pipe = load_pipeline(args, dtype).to(args.device)
     linfusion = LinFusion.construct_for(pipe, pretrained=args.linfusion)
-    linfusion.set_token_chunk_size(args.token_chunk or None)
+    chunk = DEFAULT_TOKEN_CHUNK if args.token_chunk is None else args.token_chunk
+    linfusion.set_token_chunk_size(chunk or None)  # the cascade sets it per stage from its MemoryOptions
     print(f"LinFusion mounted on {len(linfusion.specs)} attn1 layers "
           f"({'checkpoint ' + args.linfusion if args.linfusion else 'random weights'})")
 
-    steps = args.steps or (4 if args.tiny else 25)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    if args.cascade:
+        return run_cascade(args, pipe, generator)
+    steps = args.steps or (4 if args.tiny else 25)
     start = time.perf_counter()
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=steps,
                  guidance_scale=args.guidance, generator=generator).images[0]
     elapsed = time.perf_counter() - start
     image.save(args.out)
     print(f"{image.width}x{image.height} image in {elapsed:.1f} s ({steps} steps) -> {args.out}")
+    return image
 
 
 if __name__ == "__main__":

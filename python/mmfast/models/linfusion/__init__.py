@@ -8,7 +8,7 @@
 from .attention import LINFUSION_EPS, GeneralizedLinearAttention, LinFusionAttnProcessor, nonlinear_projection
 from .distill import LinFusionDistiller, capture_outputs, distillation_loss
 from .highres import DEFAULT_STRENGTHS, HighResOutput, HighResStage, MemoryOptions, generate_highres
-from .highres_memory import StageMemory, estimate_highres_memory, plan_memory_options
+from .highres_memory import StageMemory, estimate_highres_memory, plan_highres_memory, plan_memory_options
 from .model import LinFusion, LinFusionMismatchError, ModuleSpec, recommended_dtype, unet_attn1_specs, unet_family
 from .row_parallel import gather_rows, row_parallel_unet, split_rows
 
@@ -20,6 +20,7 @@ __all__ = [
     "StageMemory",
     "estimate_highres_memory",
     "generate_highres",
+    "plan_highres_memory",
     "plan_memory_options",
     "recommended_dtype",
     "unet_family",

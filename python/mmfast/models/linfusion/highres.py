@@ -23,6 +23,7 @@ initialised with more than one rank, each UNet call is split by latent rows over
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class HighResStage:
     # The part of it above what was in use when the stage started (the memory model's stage_bytes).
     stage_memory_bytes: Optional[int]
     options: MemoryOptions
-    image: Optional[object] = None  # PIL.Image when return_stages=True
+    image: Optional[object] = None  # PIL.Image when return_stages=True (and for the last stage)
 
 
 @dataclass
@@ -100,9 +101,10 @@ class HighResOutput:
 
 
 def size_multiple(pipe) -> int:
-    """Pixels a stage's height and width must be a multiple of: VAE factor x UNet downsampling."""
+    """Pixels a stage's height and width must be a multiple of: VAE factor x UNet downsampling,
+    and of 8 (diffusers' pipelines require it)."""
     downsamplings = len(pipe.unet.config.block_out_channels) - 1
-    return pipe.vae_scale_factor * 2 ** downsamplings
+    return math.lcm(pipe.vae_scale_factor * 2 ** downsamplings, 8)
 
 
 def cascade_sizes(height: int, width: int, stages: int, base_size: Optional[int] = None,
@@ -355,7 +357,7 @@ def _denoise(pipe, img2img, index, size, strength, init_latents, common: dict):
 def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Optional[int] = None,
                      strengths: Sequence[float] = DEFAULT_STRENGTHS, steps: int = 50,
                      guidance_scale: float = 7.5, negative_prompt=None, generator=None,
-                     memory: Optional[MemoryOptions] = None, memory_budget_bytes: Optional[int] = None,
+                     memory=None, memory_budget_bytes: Optional[int] = None,
                      row_parallel: Optional[bool] = None, progress: bool = True,
                      return_stages: bool = False, **pipeline_kwargs):
     """The SDEdit cascade: text-to-image at the base size, then x2 + img2img per strength.
@@ -370,9 +372,10 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
         base_size: the base stage's long side; must be max(height, width) / 2**len(strengths).
         strengths: img2img strength per upscaling stage; a stage denoises int(steps * strength)
             of `steps` steps (diffusers' img2img semantics).
-        memory: MemoryOptions for every stage. memory_budget_bytes instead picks, per stage, the
-            lightest options whose predicted peak (estimate_highres_memory) fits; give one or
-            neither (neither: everything unchunked and untiled).
+        memory: MemoryOptions for every stage, or a sequence of one per stage (e.g. a plan made
+            beforehand with plan_memory_options). memory_budget_bytes instead picks, per stage,
+            the lightest options whose predicted peak (estimate_highres_memory) fits; give one
+            or neither (neither: everything unchunked and untiled).
         row_parallel: split each UNet call by latent rows over torch.distributed ranks; None
             (default): when torch.distributed is initialised with more than one rank.
         progress: diffusers' progress bar per stage, labelled with the stage and its size.
@@ -390,25 +393,31 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
     strengths = tuple(float(s) for s in strengths)
     if any(not 0 < s <= 1 for s in strengths):
         raise ValueError(f"generate_highres: strengths must be in (0, 1], got {strengths}")
+    if any(int(steps * s) < 1 for s in strengths):
+        raise ValueError(f"generate_highres: every stage must denoise at least one step; int({steps} * strength) is 0 "
+                         f"for some of {strengths}: raise steps to {math.ceil(1 / min(strengths))} or more")
     sizes = cascade_sizes(height, width, len(strengths), base_size, size_multiple(pipe))
     split_rows = _row_parallel_requested(row_parallel)
-    plans = _stage_options(pipe, sizes, memory, memory_budget_bytes, guidance_scale, split_rows)
+    plans = _stage_options(pipe, sizes, strengths, memory, memory_budget_bytes, guidance_scale, split_rows)
     img2img = _image_to_image_pipeline(pipe) if strengths else None
     common = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                   guidance_scale=guidance_scale, generator=generator, **pipeline_kwargs)
     stages, carried = [], []  # carried: the previous stage's image, handed over (not held here)
     for index, (size, strength) in enumerate(zip(sizes, (None,) + strengths)):
+        last = index == len(sizes) - 1
         stage, images = _run_stage(pipe, img2img, index, size, strength, carried, plans[index], common,
-                                   split_rows, progress, return_stages)
+                                   split_rows, progress, return_stages or last)
         stages.append(stage)
         carried = [images]
         del images
-    final = to_pil(carried.pop())
-    return HighResOutput(final, stages) if return_stages else final
+    final = stages[-1].image
+    if not return_stages:
+        return final
+    return HighResOutput(final, stages)
 
 
 def _run_stage(pipe, img2img, index, size, strength, carried: list, options, common, split_rows, progress,
-               keep_image):
+               make_image):
     label = f"stage {index} {size[1]}x{size[0]}" + ("" if strength is None else f" strength {strength:g}")
     for pipeline in (pipe, img2img):
         if pipeline is not None:
@@ -426,10 +435,10 @@ def _run_stage(pipe, img2img, index, size, strength, carried: list, options, com
         del init_latents
         images = decode(pipe, latents, options)
         del latents
+        image = to_pil(images) if make_image else None
     steps = common["num_inference_steps"]
     stage = HighResStage(index, size[0], size[1], strength, steps if strength is None else int(steps * strength),
-                         time.perf_counter() - start, _total(meter), meter.peak_bytes, options,
-                         to_pil(images) if keep_image else None)
+                         time.perf_counter() - start, _total(meter), meter.peak_bytes, options, image)
     return stage, images
 
 
@@ -437,13 +446,16 @@ def _total(meter: PeakMemory) -> Optional[int]:
     return None if meter.peak_bytes is None else meter.start_bytes + meter.peak_bytes
 
 
-def _stage_options(pipe, sizes, memory, budget, guidance_scale, split_rows) -> List[MemoryOptions]:
+def _stage_options(pipe, sizes, strengths, memory, budget, guidance_scale, split_rows) -> List[MemoryOptions]:
+    if isinstance(memory, (list, tuple)):
+        if len(memory) != len(sizes) or not all(isinstance(m, MemoryOptions) for m in memory):
+            raise ValueError(f"generate_highres: memory as a sequence needs one MemoryOptions per stage "
+                             f"({len(sizes)}), got {len(memory)} items")
+        return list(memory)
     if budget is None:
         return [memory or MemoryOptions()] * len(sizes)
-    from .highres_memory import MEMORY_LADDER, plan_memory_options
+    from .highres_memory import plan_highres_memory
 
-    # A row split runs attention whole on each band: rungs with token chunks do not apply.
-    ladder = [rung for rung in MEMORY_LADDER if not (split_rows and rung.token_chunk_size)]
-    return [plan_memory_options(pipe, height=h, width=w, budget_bytes=budget, stage=index,
-                                guidance_scale=guidance_scale, ladder=ladder)
-            for index, (h, w) in enumerate(sizes)]
+    (height, width), base = sizes[-1], max(sizes[0])
+    return plan_highres_memory(pipe, height=height, width=width, budget_bytes=budget, base_size=base,
+                               strengths=strengths, guidance_scale=guidance_scale, row_parallel=split_rows)

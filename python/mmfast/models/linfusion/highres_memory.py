@@ -15,6 +15,7 @@ split it predicts the whole image's UNet call, an upper bound for each rank's ba
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import List, Optional, Sequence
 
 import torch
@@ -97,9 +98,59 @@ def _nbytes(shape, dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
+def _vae_pass_bytes(vae, options, encode: bool, batch: int, height: int, width: int, factor: int) -> int:
+    """Peak bytes of one VAE encode (image -> latents) or decode, its input created in the trace."""
+    kwargs = highres.vae_tiling_kwargs(options, encode, factor)
+    if options.vae_tiling == "blend":
+        return _blend_pass_bytes(vae, kwargs, encode, batch, height, width, factor)
+    shape = (batch, 3, height, width) if encode else (batch, vae.config.latent_channels, height // factor,
+                                                       width // factor)
+
+    def run():
+        x = torch.empty(shape, device=vae.device, dtype=vae.dtype)
+        if encode:
+            return vae_tiling.encode_images(vae, x, **kwargs)
+        return vae_tiling.decode_latents(vae, x, **kwargs)
+    return traced_peak_bytes(run, device=vae.device)
+
+
+def _blend_pass_bytes(vae, kwargs, encode: bool, batch: int, height: int, width: int, factor: int) -> int:
+    """diffusers' blended tiling, from one traced tile: the tiles are independent, and every
+    tile's output is kept until the blend (then a blended row copy and the concatenated result).
+    Tracing one tile instead of hundreds keeps a 16K plan within seconds."""
+    default = vae_tiling._DEFAULT_ENCODE_TILE if encode else vae_tiling._DEFAULT_DECODE_TILE  # noqa: SLF001
+    tile = kwargs.get("tile_size", default)  # in the input's pixels (image px to encode, latent px to decode)
+    overlap = kwargs.get("tile_overlap", tile // 4)
+    rows, cols = (height, width) if encode else (height // factor, width // factor)  # input px
+    scale = Fraction(1, factor) if encode else factor  # output px per input px
+    pixels = 1 if encode else factor  # image px per input px (what _vae_pass_bytes takes)
+    tile_bytes = _vae_pass_bytes(vae, MemoryOptions(), encode, batch, min(tile, rows) * pixels,
+                                 min(tile, cols) * pixels, factor)
+    out_channels = 2 * vae.config.latent_channels if encode else vae.config.out_channels  # encode keeps moments
+    per_pixel = batch * out_channels * torch.empty((), dtype=vae.dtype).element_size()
+    step = tile - overlap
+    kept = per_pixel * sum(int(min(tile, rows - i) * scale) * int(min(tile, cols - j) * scale)
+                           for i in range(0, rows, step) for j in range(0, cols, step))
+    output = per_pixel * int(rows * scale) * int(cols * scale)
+    inputs = _nbytes((batch, 3 if encode else vae.config.latent_channels, rows, cols), vae.dtype)
+    return inputs + max(kept + tile_bytes, kept + 2 * output)
+
+
+def _memoized(memo: Optional[dict], key: tuple, compute):
+    """Traces are the cost of a prediction; a planner asks for the same phase under many rungs."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def estimate_stage_memory(pipe, *, index: int, height: int, width: int, options: MemoryOptions = MemoryOptions(),
-                          guidance_scale: float = 7.5, batch_size: int = 1) -> StageMemory:
-    """The predicted peak of stage `index` (0: text-to-image) at height x width px."""
+                          guidance_scale: float = 7.5, batch_size: int = 1, memo: Optional[dict] = None) -> StageMemory:
+    """The predicted peak of stage `index` (0: text-to-image) at height x width px.
+
+    memo: a dict shared by calls on the same pipeline (a plan) to reuse equal phases' traces.
+    """
     unet, vae, device = pipe.unet, pipe.vae, pipe.unet.device
     factor = pipe.vae_scale_factor
     latent_h, latent_w = height // factor, width // factor
@@ -108,25 +159,25 @@ def estimate_stage_memory(pipe, *, index: int, height: int, width: int, options:
     # and scaled: its activations are twice as wide, and its fp32 weights replace the fp16 ones.
     upcast = 2 if highres.vae_needs_upcast(vae) else 1
     image_bytes = upcast * _nbytes((batch_size, 3, height, width), vae.dtype)
-    encode_bytes = 0
-    if index > 0:
-        def encode():
-            images = torch.empty(batch_size, 3, height, width, device=device, dtype=vae.dtype)
-            return vae_tiling.encode_images(vae, images, **highres.vae_tiling_kwargs(options, True, factor))
-        # the trace counts the upscaled image; the upscale itself holds 2 more copies
-        encode_bytes = max(upcast * traced_peak_bytes(encode, device=device), 3 * image_bytes)
+    vae_options = (options.vae_tiling, options.vae_tile_size, options.vae_tile_overlap, options.vae_offload_device)
 
-    def decode():
-        latents = torch.empty(batch_size, unet.config.in_channels, latent_h, latent_w, device=device, dtype=vae.dtype)
-        return vae_tiling.decode_latents(vae, latents, **highres.vae_tiling_kwargs(options, False, factor))
-    # the decoded image then gets a copy for the stage's PIL image and one for the conversion
-    decode_bytes = max(upcast * traced_peak_bytes(decode, device=device), 3 * image_bytes) + latent_bytes
+    def vae_pass(encode: bool) -> int:
+        return _memoized(memo, ("vae", encode, batch_size, height, width) + vae_options,
+                         lambda: _vae_pass_bytes(vae, options, encode, batch_size, height, width, factor))
+    encode_bytes = 0
+    if index > 0:  # the upscale holds the upscaled image and 2 more copies
+        encode_bytes = max(upcast * vae_pass(True), 3 * image_bytes)
+    # the decoded image then gets a copy and an 8-bit copy for the PIL image
+    decode_bytes = max(upcast * vae_pass(False), 3 * image_bytes) + latent_bytes
     if upcast > 1:  # the fp32 copy of the weights, less the fp16 ones it replaces
         weights = sum(p.numel() for p in vae.parameters()) * 2
         encode_bytes, decode_bytes = encode_bytes + (weights if index > 0 else 0), decode_bytes + weights
     rows = batch_size * (2 if guidance_scale > 1 else 1)
-    with memory_options_applied(unet, options):
-        unet_bytes = traced_peak_bytes(_unet_call(unet, rows, latent_h, latent_w), device=device)
+    def unet_pass() -> int:
+        with memory_options_applied(unet, options):
+            return traced_peak_bytes(_unet_call(unet, rows, latent_h, latent_w), device=device)
+    unet_bytes = _memoized(memo, ("unet", rows, latent_h, latent_w, options.cfg_batch_size, options.token_chunk_size,
+                                  options.ff_chunk_size), unet_pass)
     # the loop's latents, their initial copy, the CFG input and the noise prediction
     denoise_bytes = unet_bytes + 2 * latent_bytes + 2 * rows * latent_bytes // batch_size
     carried = upcast * _nbytes((batch_size, 3, height // 2, width // 2), vae.dtype) if index > 0 else 0
@@ -145,17 +196,35 @@ def estimate_highres_memory(pipe, *, height: int, width: int, base_size: Optiona
 
 
 def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, stage: int = 1,
-                        guidance_scale: float = 7.5, ladder: Sequence[MemoryOptions] = MEMORY_LADDER) -> MemoryOptions:
+                        guidance_scale: float = 7.5, ladder: Sequence[MemoryOptions] = MEMORY_LADDER,
+                        memo: Optional[dict] = None) -> MemoryOptions:
     """The first options of `ladder` whose predicted stage peak fits budget_bytes.
 
     Raises ValueError listing every rung's prediction when none fits.
     """
     predictions = []
+    memo = {} if memo is None else memo
     for options in ladder:
         memory = estimate_stage_memory(pipe, index=stage, height=height, width=width, options=options,
-                                       guidance_scale=guidance_scale)
+                                       guidance_scale=guidance_scale, memo=memo)
         if memory.peak_bytes <= budget_bytes:
             return options
         predictions.append(f"  {options}: {memory.peak_bytes / 2**30:.2f} GiB")
     raise ValueError(f"generate_highres: no memory options fit {budget_bytes / 2**30:.2f} GiB at stage {stage} "
                      f"({width}x{height} px); predicted peaks:\n" + "\n".join(predictions))
+
+
+def plan_highres_memory(pipe, *, height: int, width: int, budget_bytes: int, base_size: Optional[int] = None,
+                        strengths: Sequence[float] = DEFAULT_STRENGTHS, guidance_scale: float = 7.5,
+                        row_parallel: bool = False) -> List[MemoryOptions]:
+    """One MemoryOptions per stage: what generate_highres(memory_budget_bytes=...) runs with.
+
+    Plan once and pass the list as generate_highres(memory=...) to keep planning out of the run.
+    row_parallel: leave out the rungs with token chunks (a row split runs attention whole per band).
+    """
+    ladder = [rung for rung in MEMORY_LADDER if not (row_parallel and rung.token_chunk_size)]
+    sizes = cascade_sizes(height, width, len(strengths), base_size, size_multiple(pipe))
+    memo: dict = {}
+    return [plan_memory_options(pipe, height=h, width=w, budget_bytes=budget_bytes, stage=index,
+                                guidance_scale=guidance_scale, ladder=ladder, memo=memo)
+            for index, (h, w) in enumerate(sizes)]

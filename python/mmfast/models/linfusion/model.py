@@ -116,14 +116,17 @@ def _mid_dim(dim_n: int, mid_dim_scale: Optional[int]) -> Optional[int]:
 # --- safe default dtypes per model family -----------------------------------------------
 
 
-def unet_family(unet: nn.Module) -> str:
-    """"sd15", "sd21", "sdxl" or "unknown", from the UNet's config (text width, added embeddings)."""
-    config = getattr(unet, "config", None)
+def unet_family(unet_or_config) -> str:
+    """"sd15", "sd21", "sdxl" or "unknown", from a UNet's config (text width, added embeddings).
+
+    Takes a UNet or its config (e.g. the dict UNet2DConditionModel.load_config returns)."""
+    config = getattr(unet_or_config, "config", unet_or_config)
     if config is None:
         return "unknown"
-    if getattr(config, "addition_embed_type", None) == "text_time":
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    if get("addition_embed_type") == "text_time":
         return "sdxl"
-    return {768: "sd15", 1024: "sd21"}.get(getattr(config, "cross_attention_dim", None), "unknown")
+    return {768: "sd15", 1024: "sd21"}.get(get("cross_attention_dim"), "unknown")
 
 
 def recommended_dtype(pipe_or_unet, device) -> torch.dtype:
@@ -138,7 +141,7 @@ def recommended_dtype(pipe_or_unet, device) -> torch.dtype:
     """
     if torch.device(device).type == "cpu":
         return torch.float32
-    family = unet_family(getattr(pipe_or_unet, "unet", pipe_or_unet))
+    family = unet_family(getattr(pipe_or_unet, "unet", pipe_or_unet))  # a pipeline, a UNet or a UNet config
     return torch.float16 if family in ("sd15", "sdxl") else torch.bfloat16
 
 

@@ -1,0 +1,111 @@
+"""examples/linfusion_highres.py end to end in --tiny mode, in a subprocess (random weights: files,
+sizes and the printed per-stage table only)."""
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+Image = pytest.importorskip("PIL.Image")
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "linfusion_highres.py")
+# The --tiny --cascade defaults: 128x256 (height x width) from a base of 8x16, strengths 0.4/0.3/0.2/0.1 of 10 steps.
+TINY_CASCADE = [(8, 16, None, 10), (16, 32, 0.4, 4), (32, 64, 0.3, 3), (64, 128, 0.2, 2), (128, 256, 0.1, 1)]
+ROW = re.compile(r"^\s+(\d+)\s+(\d+)x(\d+)\s+(t2i|[\d.]+)\s+(.*)$")
+
+
+def _run(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, EXAMPLE, *args], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed.stdout
+
+
+def _size(path):
+    with Image.open(path) as image:
+        return image.size, image.mode
+
+
+def _table(stdout, title):
+    """The rows (stage, width, height, strength, rest) of the table printed under `title`."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 2  # title, header
+    rows = []
+    for line in lines[start:]:
+        match = ROW.match(line)
+        if match is None:
+            break
+        index, width, height, strength, rest = match.groups()
+        rows.append((int(index), int(width), int(height), None if strength == "t2i" else float(strength), rest.split()))
+    return rows
+
+
+def test_tiny_single_stage(tmp_path):
+    out = tmp_path / "tiny.png"
+    stdout = _run(tmp_path, "--tiny", "--device", "cpu", "--out", str(out))
+    assert _size(out) == ((16, 16), "RGB")  # the tiny UNet's native 8x8 latents
+    assert "16x16 image in" in stdout and "cascade" not in stdout
+    assert sorted(os.listdir(tmp_path)) == ["tiny.png"]
+
+
+def test_tiny_cascade_save_stages(tmp_path):
+    out = tmp_path / "cascade.png"
+    stdout = _run(tmp_path, "--tiny", "--cascade", "--save-stages", "--device", "cpu", "--out", str(out))
+    assert _size(out) == ((256, 128), "RGB")
+    for index, (height, width, _, _) in enumerate(TINY_CASCADE):
+        assert _size(tmp_path / f"cascade_stage{index}.png") == ((width, height), "RGB")
+    assert sorted(os.listdir(tmp_path)) == ["cascade.png"] + [f"cascade_stage{i}.png" for i in range(len(TINY_CASCADE))]
+
+    predicted = _table(stdout, "memory model, predicted per stage")
+    measured = _table(stdout, "cascade stages, measured")
+    expected = [(i, w, h, s) for i, (h, w, s, _) in enumerate(TINY_CASCADE)]
+    assert [row[:4] for row in predicted] == expected
+    assert [row[:4] for row in measured] == expected
+    for row, (_, _, _, steps) in zip(measured, TINY_CASCADE):
+        denoising, seconds = int(row[4][0]), float(row[4][1])
+        assert denoising == steps and seconds > 0
+        # peak, predicted, stage peak, predicted: a number and a unit each (measured on Linux: not n/a)
+        assert len(row[4]) == 10 and all(unit in ("MiB", "GiB") for unit in row[4][3::2]), row
+    assert "256x128 image in" in stdout
+
+
+@pytest.fixture(scope="module")
+def example():
+    return runpy.run_path(EXAMPLE, run_name="linfusion_highres_example")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tiny", "--strengths", "0.4"], "need --cascade"),
+    (["--tiny", "--save-stages"], "need --cascade"),
+    (["--tiny", "--cascade", "--memory-budget-gb", "80", "--ff-chunk", "4096"], "drop --ff-chunk"),
+    (["--tiny", "--cascade", "--memory-budget-gb", "80", "--token-chunk", "4096"], "drop --token-chunk"),
+    (["--tiny", "--cascade", "--vae-tile", "64"], "--vae-tile needs --vae-tiling"),
+    (["--tiny", "--cascade", "--steps", "4"], "use --steps >= 10"),
+    (["--tiny", "--cascade", "--strengths", "0.4,1.5"], "strengths in (0, 1]"),
+])
+def test_clear_errors(example, capsys, args, message):
+    with pytest.raises(SystemExit) as error:
+        example["parse_args"](args)
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_memory_arguments(example):
+    parse, memory_options = example["parse_args"], example["memory_options"]
+    args = parse(["--tiny", "--cascade", "--cfg-batch-size", "1", "--ff-chunk", "4096", "--vae-tiling", "exact",
+                  "--vae-tile", "32"])
+    options, budget = memory_options(args)
+    assert budget is None
+    assert (options.cfg_batch_size, options.token_chunk_size, options.ff_chunk_size) == (1, 65536, 4096)
+    assert (options.vae_tiling, options.vae_tile_size) == ("exact", 32)
+    assert args.strengths == (0.4, 0.3, 0.2, 0.1) and args.steps == 10
+    options, budget = memory_options(parse(["--tiny", "--cascade", "--memory-budget-gb", "1.5"]))
+    assert options is None and budget == int(1.5 * 2**30)
+    options, _ = memory_options(parse(["--tiny", "--cascade", "--token-chunk", "0"]))
+    assert options.token_chunk_size is None
