@@ -7,16 +7,16 @@ a. test_tiny_cascade: the tiny random pipeline + LinFusion, 2 upscaling stages (
    start) next to estimate_highres_memory's prediction and the ratio predicted / measured.
 b. test_unet_step: one UNet step of SD-1.5 (config written out below, random weights) at 512,
    1024 and 2048 px (latents 64..256 squared, CFG batch 2), LinFusion mounted vs diffusers' SDPA
-   softmax attention: median time and peak memory of each, speedup. Target at 512 / 1024 px:
-   LinFusion no slower than SDPA.
+   softmax attention: median time and peak memory of each, speedup. Targets: LinFusion no slower
+   than SDPA at 512 / 1024 px, at least 2x faster at 2048 px.
 c. test_vae_decode: SD-1.5's VAE decoder (random weights) untiled vs vae_tiling "blend"
    (diffusers' tiles) vs "exact" (bands; on CUDA also with offload_device="cpu"): peak memory,
    time, tiling_error vs untiled. Tiles / bands of 64 latent px (diffusers' default), or half the
    latent side when that is smaller.
 d. test_h200_16k_target (CUDA only): SD-1.5, random bf16 weights, 16384x8192 cascade 1024 -> 16K,
    strengths 0.4/0.3/0.2/0.1 of 50 steps, memory options planned with memory_budget_bytes =
-   80 GiB (plan_highres_memory, run before and timed apart): generation seconds (target <= 60 s)
-   and max peak memory (target < 80 GiB), after a warm-up cascade at 1/8 the size.
+   72 GB (plan_highres_memory with 10% headroom, run before and timed apart): generation seconds
+   (target <= 60 s) and max peak memory (target < 80 GB), after a warm-up cascade at 1/8 the size.
    MMFAST_BENCH_HIGHRES_PREDICT=1 also records each stage's prediction for the options it ran
    with (the same traces again, after the timed run).
 
@@ -94,7 +94,10 @@ UNET_ROUNDS = int(os.environ.get("MMFAST_BENCH_HIGHRES_ROUNDS", "5" if ON_GPU el
 VAE_CASES = ((512, False), (2048, False)) if ON_GPU else ((256, False), (2048, True))
 VAE_ROUNDS = 6 if ON_GPU else 1  # the first call measures the peak, the rest the time
 # d. the H200 target
-TARGET_HEIGHT, TARGET_WIDTH, TARGET_STEPS, TARGET_BUDGET = 8192, 16384, 50, 80 * 2**30
+# 80 GB (decimal, the issue's figure); planned with 10% headroom for what the model does not see
+# (CUDA context, cuDNN/cuBLAS workspaces, allocator fragmentation).
+TARGET_HEIGHT, TARGET_WIDTH, TARGET_STEPS, TARGET_BUDGET = 8192, 16384, 50, 80 * 10**9
+PLAN_BUDGET = int(0.9 * TARGET_BUDGET)
 TARGET_SECONDS = 60.0
 
 
@@ -369,6 +372,9 @@ def test_unet_step(benchmark, pixels):
     target = target_met = None
     if pixels <= 1024:
         target, target_met = "LinFusion UNet step no slower than SDPA at 512-1024 px", ours["ms"] <= sdpa["ms"]
+    else:
+        target, target_met = "LinFusion UNet step >= 2x faster than SDPA at 2048 px and above", \
+            2 * ours["ms"] <= sdpa["ms"]
     record_metrics(benchmark, op="linfusion.unet_step[sd15]", device=DEVICE, dtype=DTYPE,
                    shape=f"SD-1.5 UNet {pixels}px (latents {latent}x{latent}, {latent * latent} tokens at level 0) B=2",
                    times={"mmfast": ours["ms"], "sdpa": sdpa["ms"]}, target=target, target_met=target_met,
@@ -413,14 +419,14 @@ def test_vae_decode(benchmark, pixels, gated):
         assert exact["error"]["max_abs"] < 1e-3, exact["error"]
 
 
-# --- d. the H200 target: 16384 x 8192 in <= 60 s and < 80 GiB ------------------------------
+# --- d. the H200 target: 16384 x 8192 in <= 60 s and < 80 GB -------------------------------
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the 16K cascade needs a GPU")
 @pytest.mark.skipif(not HIGHRES, reason="set MMFAST_BENCH_HIGHRES=1 (the 16K cascade: minutes, planning included)")
 def test_h200_16k_target(benchmark):
     predict = os.environ.get("MMFAST_BENCH_HIGHRES_PREDICT") == "1"  # minutes more: the planner's traces again
-    params = dict(height=TARGET_HEIGHT, width=TARGET_WIDTH, steps=TARGET_STEPS, budget_bytes=TARGET_BUDGET,
+    params = dict(height=TARGET_HEIGHT, width=TARGET_WIDTH, steps=TARGET_STEPS, budget_bytes=PLAN_BUDGET,
                   predict=predict)
     benchmark.group = "linfusion-highres-16k"
     result = _benchmarked(benchmark, "h200", params, fresh_process=True)
@@ -428,7 +434,7 @@ def test_h200_16k_target(benchmark):
     seconds_met, memory_met = result["seconds"] <= TARGET_SECONDS, peak < TARGET_BUDGET
     record_metrics(benchmark, op="linfusion.highres.cascade[sd15 16K]", device=DEVICE, dtype=torch.bfloat16,
                    shape=f"SD-1.5 {TARGET_WIDTH // 16}x{TARGET_HEIGHT // 16} -> {TARGET_WIDTH}x{TARGET_HEIGHT}, "
-                         f"strengths 0.4/0.3/0.2/0.1 of {TARGET_STEPS} steps, budget 80 GiB",
+                         f"strengths 0.4/0.3/0.2/0.1 of {TARGET_STEPS} steps, planned for 72 GB",
                    times={"mmfast": result["seconds"] * 1e3}, backend=BACKEND,
                    total_seconds=round(result["seconds"], 2), stage_seconds=round(result["stage_seconds"], 2),
                    plan_seconds=result["plan_seconds"],
@@ -438,7 +444,7 @@ def test_h200_16k_target(benchmark):
                    seconds_target_met=seconds_met, memory_target_met=memory_met,
                    stage_seconds_within_target=result["stage_seconds"] <= TARGET_SECONDS,
                    predict_seconds=result["predict_seconds"],
-                   target="16384x8192 in <= 60 s and < 80 GiB peak", target_met=seconds_met and memory_met)
+                   target="16384x8192 in <= 60 s and < 80 GB peak", target_met=seconds_met and memory_met)
 
 
 if __name__ == "__main__":  # a worker in a fresh process: python bench_linfusion_highres.py KIND JSON

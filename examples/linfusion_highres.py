@@ -32,7 +32,6 @@ the "stage" columns there: the growth above what was resident when the stage sta
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -40,6 +39,7 @@ import torch
 
 import mmfast
 from mmfast.models.linfusion import LinFusion, recommended_dtype
+from mmfast.models.linfusion.highres import check_strengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_TOKEN_CHUNK = 65536
@@ -140,13 +140,10 @@ def _check_args(parser, args):
         parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
     args.strengths = args.strengths or (0.4, 0.3, 0.2, 0.1)
     args.steps = args.steps or (TINY_CASCADE_STEPS if args.tiny else CASCADE_STEPS)
-    idle = [strength for strength in args.strengths if int(args.steps * strength) < 1]
-    if idle:  # diffusers' img2img would denoise nothing (an empty batch)
-        needed = math.ceil(1 / min(args.strengths))
-        while any(int(needed * strength) < 1 for strength in args.strengths):
-            needed += 1
-        parser.error(f"strength {idle[0]:g} of --steps {args.steps} denoises int({args.steps} x {idle[0]:g}) = 0 "
-                     f"steps; use --steps >= {needed}")
+    try:
+        check_strengths(args.strengths, args.steps)
+    except ValueError as error:
+        parser.error(str(error).replace("generate_highres: ", "").replace("use steps", "use --steps"))
 
 
 def default_dtype(args) -> torch.dtype:
@@ -167,10 +164,10 @@ def load_pipeline(args, dtype):
 
         pipe = tiny_pipeline(seed=args.seed)  # built in float32
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoPipelineForText2Image  # SD-1.5 / 2.1 / XL directories alike
 
-    return StableDiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    return AutoPipelineForText2Image.from_pretrained(args.pipeline, torch_dtype=dtype, safety_checker=None,
+                                                     requires_safety_checker=False, local_files_only=True)
 
 
 # --- the cascade ---------------------------------------------------------------------------

@@ -40,13 +40,15 @@ class PeakMemory:
     everything the process touches, so run nothing else in the process meanwhile, and it falls
     only when the allocator returns freed memory to the system: glibc keeps freed blocks below
     its (self-raising) mmap threshold, so for faithful numbers start the process with
-    MALLOC_MMAP_THRESHOLD_=65536.
+    MALLOC_MMAP_THRESHOLD_=65536. Meters do not nest: entering one resets the peak that an
+    enclosing one is measuring (both devices).
     """
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.peak_bytes: Optional[int] = None
         self.start_bytes = 0  # in use on entry (tensors on CUDA, resident set on CPU)
+        self._cpu_unavailable = False
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -54,8 +56,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
         elif sys.platform.startswith("linux"):
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets VmHWM to the current resident set
+            try:
+                with open("/proc/self/clear_refs", "w") as clear_refs:
+                    clear_refs.write("5")  # resets VmHWM to the current resident set
+            except OSError:  # some sandboxes forbid it: no CPU measurement (peak_bytes stays None)
+                self._cpu_unavailable = True
+                return self
             self.start_bytes = _resident_kib("VmRSS") * 1024
         return self
 
@@ -63,7 +69,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start_bytes
-        elif sys.platform.startswith("linux"):
+        elif sys.platform.startswith("linux") and not self._cpu_unavailable:
             self.peak_bytes = _resident_kib("VmHWM") * 1024 - self.start_bytes
 
 

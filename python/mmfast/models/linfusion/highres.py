@@ -7,12 +7,13 @@ by 2 and run img2img (SDEdit, Meng et al. 2022) with decreasing strength, 0.4, 0
 
     from mmfast.models.linfusion import LinFusion, MemoryOptions, generate_highres
     LinFusion.construct_for(pipe, pretrained=LINFUSION_DIR)
-    out = generate_highres(pipe, prompt, height=8192, width=16384,
+    out = generate_highres(pipe, prompt, height=8192, width=16384, return_stages=True,
                            memory=MemoryOptions(cfg_batch_size=1, token_chunk_size=65536,
                                                 ff_chunk_size=65536, vae_tiling="blend"))
-    out.image.save("16k.png"); print(out.stages)
+    out.image.save("16k.png"); print(out.stages)   # or memory_budget_bytes=80e9: planned per stage
 
-Memory knobs (MemoryOptions), all exact but VAE "blend" tiling: the CFG batch (uncond, cond)
+Memory knobs (MemoryOptions), all exact (equal up to floating-point summation order) but VAE
+"blend" tiling: the CFG batch (uncond, cond)
 run one row at a time; attn1 (LinFusion) and the feed-forward over token chunks; the VAE
 encode/decode tiled (mmfast.models.vae_tiling). `estimate_highres_memory` predicts each
 stage's peak before running (see highres_memory.py); with `memory_budget_bytes`,
@@ -71,6 +72,23 @@ class MemoryOptions:
         if self.vae_tiling not in vae_tiling.VAE_TILING_MODES:
             raise ValueError(f"MemoryOptions: vae_tiling must be one of {vae_tiling.VAE_TILING_MODES}, "
                              f"got {self.vae_tiling!r}")
+        self._check_vae_fields()
+
+    def _check_vae_fields(self) -> None:
+        """The VAE fields each apply to some modes only: a field the mode ignores is an error."""
+        tile, overlap = self.vae_tile_size, self.vae_tile_overlap
+        if tile is not None and (not isinstance(tile, int) or tile < 1):
+            raise ValueError(f"MemoryOptions: vae_tile_size must be None or an int >= 1, got {tile!r}")
+        if tile is not None and self.vae_tiling == "none":
+            raise ValueError("MemoryOptions: vae_tile_size needs vae_tiling 'blend' or 'exact'")
+        if overlap is not None and self.vae_tiling != "blend":
+            raise ValueError("MemoryOptions: vae_tile_overlap applies to vae_tiling='blend' only")
+        limit = vae_tiling.default_tile_size(False) if tile is None else tile
+        if overlap is not None and (not isinstance(overlap, int) or not 0 <= overlap < limit):
+            raise ValueError(f"MemoryOptions: vae_tile_overlap must be an int with 0 <= overlap < {limit}, "
+                             f"got {overlap!r}")
+        if self.vae_offload_device is not None and self.vae_tiling != "exact":
+            raise ValueError("MemoryOptions: vae_offload_device applies to vae_tiling='exact' only")
 
 
 @dataclass
@@ -210,11 +228,25 @@ def _split_spatial(value, group):
     return value
 
 
+def _check_same_on_every_rank(sample: torch.Tensor, group) -> None:
+    """Every rank must run the same cascade (same seed): bands of different latents make a patchwork."""
+    import torch.distributed as dist
+
+    checksum = sample.double().sum().reshape(1)
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise RuntimeError("generate_highres: the ranks hold different latents; give every rank the same prompt "
+                           "and a generator with the same seed (the row split assumes one shared cascade)")
+
+
 def _row_parallel(forward: Callable, unet: nn.Module, group=None) -> Callable:
     """forward on this rank's band of latent rows, gathered back: every rank gets the full output."""
     from .row_parallel import gather_rows, row_parallel_unet, split_rows
 
     def banded(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        _check_same_on_every_rank(sample, group)
         spatial = ("down_block_additional_residuals", "mid_block_additional_residual")
         kwargs = {key: _split_spatial(value, group) if key in spatial else value for key, value in kwargs.items()}
         with row_parallel_unet(unet, group):
@@ -236,7 +268,11 @@ def _row_parallel_requested(row_parallel: Optional[bool]) -> bool:
 
 @contextlib.contextmanager
 def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel: bool = False):
-    """Applies the UNet-side options (CFG rows, token and feed-forward chunks, row split)."""
+    """Applies the UNet-side options (CFG rows, token and feed-forward chunks, row split).
+
+    The options decide: a token chunk size set earlier on the LinFusion modules is replaced for
+    the duration (and restored afterwards), also by None.
+    """
     attention = [m for m in unet.modules() if isinstance(m, GeneralizedLinearAttention)]
     if options.token_chunk_size is not None and not attention:
         raise ValueError("generate_highres: token_chunk_size chunks LinFusion's attn1; mount LinFusion first")
@@ -244,6 +280,7 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
         raise ValueError("generate_highres: token_chunk_size does not combine with row_parallel (the token-parallel "
                          "attention runs each rank's band whole); drop one of them")
     previous_chunks = [module.token_chunk_size for module in attention]
+    saved_forward = unet.__dict__.get("forward")  # e.g. accelerate's hook, put back afterwards
     swapped = []
     try:
         for module in attention:
@@ -252,7 +289,7 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
             for name in _feed_forward_names(unet):
                 ff = unet.get_submodule(name)
                 swapped.append((name, swap_submodule(unet, name, TokenChunkedFeedForward(ff, options.ff_chunk_size))))
-        forward = type(unet).forward.__get__(unet)
+        forward = unet.forward  # bound; an accelerate offload hook's wrapper when one is installed
         if row_parallel:
             forward = _row_parallel(forward, unet)
         if options.cfg_batch_size is not None:
@@ -260,7 +297,10 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
         unet.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
         yield unet
     finally:
-        unet.__dict__.pop("forward", None)
+        if saved_forward is None:
+            unet.__dict__.pop("forward", None)
+        else:
+            unet.forward = saved_forward
         for name, ff in reversed(swapped):
             swap_submodule(unet, name, ff)
         for module, chunk in zip(attention, previous_chunks):
@@ -315,15 +355,16 @@ def encode(pipe, images: torch.Tensor, options: MemoryOptions, generator) -> tor
 
 
 def upscale2x(images: torch.Tensor) -> torch.Tensor:
-    """Bicubic 2x (PIL's default resize filter, which the official notebooks use), kept in [-1, 1]."""
+    """Bicubic 2x, kept in [-1, 1]. The official notebooks resize with PIL's bicubic (a = -0.5);
+    torch's bicubic uses a = -0.75, a slightly sharper kernel."""
     return F.interpolate(images, scale_factor=2, mode="bicubic", align_corners=False).clamp_(-1, 1)
 
 
 def to_pil(images: torch.Tensor):
-    """The first image of a [-1, 1] batch as a PIL image (8 bits made on its device from one copy)."""
+    """The first image of a [-1, 1] batch as a PIL image (8 bits made in fp32 on its device)."""
     from PIL import Image
 
-    pixels = images[0].clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
+    pixels = images[0].float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
     return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
 
 
@@ -335,9 +376,36 @@ def _check_pipeline(pipe) -> None:
         if getattr(pipe, name, None) is None:
             raise TypeError(f"generate_highres: needs a diffusers text-to-image pipeline with .{name} "
                             f"(StableDiffusionPipeline or StableDiffusionXLPipeline), got {type(pipe).__name__}")
+    if getattr(pipe, "controlnet", None) is not None:
+        raise TypeError("generate_highres: ControlNet pipelines are not supported (their img2img stages need a "
+                        "control image per stage); LinFusion itself works with them (LinFusion.construct_for)")
     if not any(isinstance(m, GeneralizedLinearAttention) for m in pipe.unet.modules()):
         warnings.warn("generate_highres: LinFusion is not mounted; softmax self-attention is quadratic in the "
                       "token count and will not reach high resolutions (LinFusion.construct_for(pipe))", stacklevel=3)
+
+
+def check_strengths(strengths: Sequence[float], steps: int) -> Tuple[float, ...]:
+    """The strengths as floats; ValueError unless each is in (0, 1] and denoises >= 1 of `steps`."""
+    strengths = tuple(float(s) for s in strengths)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"generate_highres: steps must be an int >= 1, got {steps!r}")
+    if any(not 0 < s <= 1 for s in strengths):
+        raise ValueError(f"generate_highres: strengths must be in (0, 1], got {strengths}")
+    idle = [s for s in strengths if int(steps * s) < 1]
+    if idle:  # diffusers' img2img would denoise nothing (an empty batch)
+        needed = math.ceil(1 / min(strengths))
+        while any(int(needed * s) < 1 for s in strengths):  # float rounding
+            needed += 1
+        raise ValueError(f"generate_highres: strength {idle[0]:g} of {steps} steps denoises int({steps} x {idle[0]:g}) "
+                         f"= 0 steps; use steps >= {needed}")
+    return strengths
+
+
+def _check_one_image(prompt, pipeline_kwargs: dict) -> None:
+    """The cascade carries one image from stage to stage (batching 16K images fits no GPU)."""
+    if not isinstance(prompt, str) or pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
+        raise ValueError("generate_highres: makes one image per call: pass one prompt string and no "
+                         "num_images_per_prompt (call it once per image)")
 
 
 def _image_to_image_pipeline(pipe):
@@ -373,7 +441,7 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
         strengths: img2img strength per upscaling stage; a stage denoises int(steps * strength)
             of `steps` steps (diffusers' img2img semantics).
         memory: MemoryOptions for every stage, or a sequence of one per stage (e.g. a plan made
-            beforehand with plan_memory_options). memory_budget_bytes instead picks, per stage,
+            beforehand with plan_highres_memory). memory_budget_bytes instead picks, per stage,
             the lightest options whose predicted peak (estimate_highres_memory) fits; give one
             or neither (neither: everything unchunked and untiled).
         row_parallel: split each UNet call by latent rows over torch.distributed ranks; None
@@ -388,14 +456,12 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
         options fit the budget; TypeError for a pipeline without unet/vae/scheduler.
     """
     _check_pipeline(pipe)
+    _check_one_image(prompt, pipeline_kwargs)
+    if height < 1 or width < 1:
+        raise ValueError(f"generate_highres: height and width must be positive, got {height}x{width}")
     if memory is not None and memory_budget_bytes is not None:
         raise ValueError("generate_highres: pass memory (fixed options) or memory_budget_bytes (planned), not both")
-    strengths = tuple(float(s) for s in strengths)
-    if any(not 0 < s <= 1 for s in strengths):
-        raise ValueError(f"generate_highres: strengths must be in (0, 1], got {strengths}")
-    if any(int(steps * s) < 1 for s in strengths):
-        raise ValueError(f"generate_highres: every stage must denoise at least one step; int({steps} * strength) is 0 "
-                         f"for some of {strengths}: raise steps to {math.ceil(1 / min(strengths))} or more")
+    strengths = check_strengths(strengths, steps)
     sizes = cascade_sizes(height, width, len(strengths), base_size, size_multiple(pipe))
     split_rows = _row_parallel_requested(row_parallel)
     plans = _stage_options(pipe, sizes, strengths, memory, memory_budget_bytes, guidance_scale, split_rows)
@@ -419,9 +485,24 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
 def _run_stage(pipe, img2img, index, size, strength, carried: list, options, common, split_rows, progress,
                make_image):
     label = f"stage {index} {size[1]}x{size[0]}" + ("" if strength is None else f" strength {strength:g}")
-    for pipeline in (pipe, img2img):
-        if pipeline is not None:
-            pipeline.set_progress_bar_config(desc=label, disable=not progress)
+    with _progress_bars(pipe if index == 0 else img2img, label, progress):
+        return _run_stage_measured(pipe, img2img, index, size, strength, carried, options, common, split_rows,
+                                   make_image)
+
+
+@contextlib.contextmanager
+def _progress_bars(pipeline, label: str, progress: bool):
+    """diffusers' progress bar labelled with the stage; the pipeline's own settings put back after."""
+    saved = dict(getattr(pipeline, "_progress_bar_config", {}))
+    pipeline.set_progress_bar_config(**{**saved, "desc": label, "disable": not progress})
+    try:
+        yield
+    finally:
+        pipeline._progress_bar_config = saved  # noqa: SLF001 (diffusers keeps it there)
+
+
+def _run_stage_measured(pipe, img2img, index, size, strength, carried: list, options, common, split_rows,
+                        make_image):
     device = pipe.unet.device
     start = time.perf_counter()
     with PeakMemory(device) as meter:

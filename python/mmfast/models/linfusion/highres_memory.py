@@ -14,6 +14,7 @@ split it predicts the whole image's UNet call, an upper bound for each rank's ba
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import List, Optional, Sequence
@@ -118,9 +119,8 @@ def _blend_pass_bytes(vae, kwargs, encode: bool, batch: int, height: int, width:
     """diffusers' blended tiling, from one traced tile: the tiles are independent, and every
     tile's output is kept until the blend (then a blended row copy and the concatenated result).
     Tracing one tile instead of hundreds keeps a 16K plan within seconds."""
-    default = vae_tiling._DEFAULT_ENCODE_TILE if encode else vae_tiling._DEFAULT_DECODE_TILE  # noqa: SLF001
-    tile = kwargs.get("tile_size", default)  # in the input's pixels (image px to encode, latent px to decode)
-    overlap = kwargs.get("tile_overlap", tile // 4)
+    tile = kwargs.get("tile_size", vae_tiling.default_tile_size(encode))  # input px (image / latent)
+    overlap = kwargs.get("tile_overlap", vae_tiling.default_overlap(tile, factor if encode else 1))
     rows, cols = (height, width) if encode else (height // factor, width // factor)  # input px
     scale = Fraction(1, factor) if encode else factor  # output px per input px
     pixels = 1 if encode else factor  # image px per input px (what _vae_pass_bytes takes)
@@ -196,8 +196,8 @@ def estimate_highres_memory(pipe, *, height: int, width: int, base_size: Optiona
 
 
 def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, stage: int = 1,
-                        guidance_scale: float = 7.5, ladder: Sequence[MemoryOptions] = MEMORY_LADDER,
-                        memo: Optional[dict] = None) -> MemoryOptions:
+                        guidance_scale: float = 7.5, batch_size: int = 1,
+                        ladder: Sequence[MemoryOptions] = MEMORY_LADDER, memo: Optional[dict] = None) -> MemoryOptions:
     """The first options of `ladder` whose predicted stage peak fits budget_bytes.
 
     Raises ValueError listing every rung's prediction when none fits.
@@ -206,7 +206,7 @@ def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, sta
     memo = {} if memo is None else memo
     for options in ladder:
         memory = estimate_stage_memory(pipe, index=stage, height=height, width=width, options=options,
-                                       guidance_scale=guidance_scale, memo=memo)
+                                       guidance_scale=guidance_scale, batch_size=batch_size, memo=memo)
         if memory.peak_bytes <= budget_bytes:
             return options
         predictions.append(f"  {options}: {memory.peak_bytes / 2**30:.2f} GiB")
@@ -216,15 +216,16 @@ def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, sta
 
 def plan_highres_memory(pipe, *, height: int, width: int, budget_bytes: int, base_size: Optional[int] = None,
                         strengths: Sequence[float] = DEFAULT_STRENGTHS, guidance_scale: float = 7.5,
-                        row_parallel: bool = False) -> List[MemoryOptions]:
+                        batch_size: int = 1, row_parallel: bool = False) -> List[MemoryOptions]:
     """One MemoryOptions per stage: what generate_highres(memory_budget_bytes=...) runs with.
 
     Plan once and pass the list as generate_highres(memory=...) to keep planning out of the run.
     row_parallel: leave out the rungs with token chunks (a row split runs attention whole per band).
     """
-    ladder = [rung for rung in MEMORY_LADDER if not (row_parallel and rung.token_chunk_size)]
+    # A row split runs attention whole on each band: its rungs keep everything but token chunks.
+    ladder = [dataclasses.replace(rung, token_chunk_size=None) if row_parallel else rung for rung in MEMORY_LADDER]
     sizes = cascade_sizes(height, width, len(strengths), base_size, size_multiple(pipe))
     memo: dict = {}
     return [plan_memory_options(pipe, height=h, width=w, budget_bytes=budget_bytes, stage=index,
-                                guidance_scale=guidance_scale, ladder=ladder, memo=memo)
+                                guidance_scale=guidance_scale, batch_size=batch_size, ladder=ladder, memo=memo)
             for index, (h, w) in enumerate(sizes)]
