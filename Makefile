@@ -8,6 +8,9 @@
 #   make cmake-test  build the torch-free kernels with CMake and run the C++ tests (the CUDA
 #                    kernels on the host emulator included)
 #   make sanitize    the same C++ tests built with AddressSanitizer + UBSan (part of make test)
+#   make sass-report registers, spills, occupancy and global-load parallelism of the linear-attention
+#                    kernels from their sm_90a SASS (no GPU; needs nvcc and the nvidia-cuda-cuobjdump
+#                    and nvidia-cuda-nvdisasm wheels); SASS_REPORT_ARGS: see scripts/sass_report.py
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,11 +18,12 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 GPU_REPORT_DIR ?= build/gpu-report
+SASS_REPORT_ARGS ?= --json build/sass-report.json
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
-.PHONY: test bench build venv gpu-check gpu-wheels cmake-test sanitize clean
+.PHONY: test bench build venv gpu-check gpu-wheels cmake-test sanitize sass-report clean
 
 $(STAMP): requirements-test.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +58,12 @@ sanitize:
 	cmake --build build/sanitize -j $(MAX_JOBS) > /dev/null
 	cd build/sanitize && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure
+
+# Compiles csrc/cuda/linear_attention.cu for sm_90a on its own (nvcc -cubin, the build's flags) and
+# prints the SASS table; --arch, --source, --keep DIR, --json PATH go in SASS_REPORT_ARGS.
+sass-report: build
+	mkdir -p build
+	$(VPY) scripts/sass_report.py $(SASS_REPORT_ARGS)
 
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
 # build against its torch, for its own GPU, with all cores; install nothing.

@@ -10,6 +10,9 @@
 // result lands in the same register block either way.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include "mmfast/cuda/common.cuh"
 #ifndef MMFAST_CUDA_EMULATED
 #include <mma.h>
@@ -32,24 +35,99 @@ constexpr int kLd = kTile + 4;  // shared row length: +4 keeps 16 B alignment, b
 
 static_assert(kThreads == (kTile / 4) * (kTile / 4), "one 4x4 register block per thread");
 
-// ---- SIMT building blocks ----------------------------------------------------------------
-// dst[l * kLd + x] = f(x, l) for x < kTile, l < kBK; f returns 0 outside the valid range.
-// XFast: consecutive threads take consecutive x (source contiguous along x); else consecutive l.
-template <bool XFast, class A, class F>
-__device__ __forceinline__ void stage_tile(A* __restrict__ dst, F f) {
-  for (int idx = threadIdx.x; idx < kBK * kTile; idx += kThreads) {
-    int x, l;
-    if (XFast) {
-      x = idx % kTile;
-      l = idx / kTile;
-    } else {
-      l = idx % kBK;
-      x = idx / kBK;
-    }
-    dst[l * kLd + x] = f(x, l);
+// ---- staging operand slices into shared memory -----------------------------------------
+// An element source gives the value of element (x, l) of a slice (0 outside the valid range):
+// either one function f(x, l), or a SplitElement whose load(x, l) only reads memory (a
+// bounds-checked load, no other branches) and whose finish(raw, x, l) turns the raw value into
+// the operand (a feature map, a division, zero outside the range). Staging issues all of a
+// thread's loads (kStagePerThread per slice, both operands' when two are staged together)
+// before it finishes or stores any: a fused load + branchy transform per element leaves one
+// load in flight per thread, latency-bound (scripts/sass_report.py measures this).
+constexpr int kStagePerThread = kBK * kTile / kThreads;
+static_assert(kBK * kTile % kThreads == 0, "every thread stages the same number of elements");
+
+template <class Load, class Finish> struct SplitElement {
+  Load load;
+  Finish finish;
+};
+template <class Load, class Finish>
+__device__ __forceinline__ SplitElement<Load, Finish> split_element(Load load, Finish finish) {
+  return {load, finish};
+}
+
+// A plain f(x, l) as a SplitElement: its whole value is the "load", kept as is.
+struct KeepValue {
+  template <class R> __device__ __forceinline__ R operator()(R raw, int, int) const { return raw; }
+};
+template <class F> struct IsSplitElement : std::false_type {};
+template <class L, class Fi> struct IsSplitElement<SplitElement<L, Fi>> : std::true_type {};
+
+template <class F> __device__ __forceinline__ auto as_split(const F& f) {
+  if constexpr (IsSplitElement<F>::value) {
+    return f;
+  } else {
+    return SplitElement<F, KeepValue>{f, KeepValue{}};
   }
 }
 
+// The k-th element this thread stages. XFast: consecutive threads take consecutive x (source
+// contiguous along x); else consecutive l.
+template <bool XFast> __device__ __forceinline__ void stage_coords(int k, int& x, int& l) {
+  const int idx = static_cast<int>(threadIdx.x) + k * kThreads;
+  if (XFast) {
+    x = idx % kTile;
+    l = idx / kTile;
+  } else {
+    l = idx % kBK;
+    x = idx / kBK;
+  }
+}
+
+template <class E> using StageRaw = std::decay_t<decltype(std::declval<const E&>().load(0, 0))>;
+
+template <bool XFast, class E>
+__device__ __forceinline__ void stage_loads(const E& e, StageRaw<E> (&raw)[kStagePerThread]) {
+#pragma unroll
+  for (int k = 0; k < kStagePerThread; ++k) {
+    int x, l;
+    stage_coords<XFast>(k, x, l);
+    raw[k] = e.load(x, l);
+  }
+}
+
+template <bool XFast, class E, class A>
+__device__ __forceinline__ void stage_stores(const E& e, const StageRaw<E> (&raw)[kStagePerThread], A* __restrict__ dst) {
+#pragma unroll
+  for (int k = 0; k < kStagePerThread; ++k) {
+    int x, l;
+    stage_coords<XFast>(k, x, l);
+    dst[l * kLd + x] = e.finish(raw[k], x, l);
+  }
+}
+
+// dst[l * kLd + x] = element (x, l) for x < kTile, l < kBK.
+template <bool XFast, class A, class F>
+__device__ __forceinline__ void stage_tile(A* __restrict__ dst, const F& f) {
+  const auto e = as_split(f);
+  StageRaw<decltype(e)> raw[kStagePerThread];
+  stage_loads<XFast>(e, raw);
+  stage_stores<XFast>(e, raw, dst);
+}
+
+// Both operands of a slice: every load of both issued first.
+template <bool AXFast, bool BXFast, class A, class FA, class FB>
+__device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa, A* __restrict__ Bs, const FB& fb) {
+  const auto ea = as_split(fa);
+  const auto eb = as_split(fb);
+  StageRaw<decltype(ea)> raw_a[kStagePerThread];
+  StageRaw<decltype(eb)> raw_b[kStagePerThread];
+  stage_loads<AXFast>(ea, raw_a);
+  stage_loads<BXFast>(eb, raw_b);
+  stage_stores<AXFast>(ea, raw_a, As);
+  stage_stores<BXFast>(eb, raw_b, Bs);
+}
+
+// ---- SIMT building blocks ----------------------------------------------------------------
 // acc[i][j] += sum_l As[l][ty*4+i] * Bs[l][tx*4+j]
 template <class A>
 __device__ __forceinline__ void fma_tile(A (&acc)[4][4], const A* __restrict__ As, const A* __restrict__ Bs, int ty,
@@ -185,16 +263,21 @@ __device__ __forceinline__ void tile_finish(TileAccumulator<A>& t, bool use_tc, 
 }
 
 // t.acc = sum_{l < L} FA(i, l) * FB(l, j) for the 64 x 64 tile (i = ty*4 + ., j = tx*4 + .).
-// FA(i, l) / FB(l, j) return 0 outside the valid range. Starts and ends with __syncthreads(),
+// FA(i, l) / FB(l, j) are element sources (a function or a SplitElement; 0 outside the valid range). Starts and ends with __syncthreads(),
 // so the caller may reuse As / Bs / Cs and any other shared memory around it.
 template <bool AXFast, bool BXFast, class A, class FA, class FB>
 __device__ __forceinline__ void gemm_tile(TileAccumulator<A>& t, bool use_tc, int L, FA fa, FB fb, A* As, A* Bs,
                                           A* Cs, int ty, int tx) {
   tile_zero(t, use_tc);
+  const auto ea = as_split(fa);
+  const auto eb = as_split(fb);
   for (int l0 = 0; l0 < L; l0 += kBK) {
     __syncthreads();
-    stage_tile<AXFast>(As, [&](int x, int l) { return fa(x, l0 + l); });
-    stage_tile<BXFast>(Bs, [&](int x, int l) { return fb(l0 + l, x); });
+    stage_tile_pair<AXFast, BXFast>(
+        As, split_element([&](int x, int l) { return ea.load(x, l0 + l); },
+                          [&](const auto& raw, int x, int l) { return ea.finish(raw, x, l0 + l); }),
+        Bs, split_element([&](int x, int l) { return eb.load(l0 + l, x); },
+                          [&](const auto& raw, int x, int l) { return eb.finish(raw, l0 + l, x); }));
     __syncthreads();
     tile_accumulate(t, use_tc, As, Bs, ty, tx);
   }

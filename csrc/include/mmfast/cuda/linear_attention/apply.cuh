@@ -37,10 +37,10 @@ __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
     tile_z<T, A>(zs, q, n0, a.N, a.dk, ms, eps, a.fm);
 
     TileAccumulator<A> tile;
-    const auto phi_q = [&](int i, int l) -> A {
-      const int64_t n = n0 + i;
-      return (n < a.N && l < a.dk) ? phi(to_acc(q.row(n)[l]), a.fm) : A(0);
-    };
+    const auto phi_q_in = [&](int i, int l) { return n0 + i < a.N && l < a.dk; };
+    const auto phi_q = split_element(
+        [&](int i, int l) { return phi_q_in(i, l) ? q.row(n0 + i)[l] : from_acc<T>(A(0)); },
+        [&](T raw, int i, int l) { return phi_q_in(i, l) ? phi(to_acc(raw), a.fm) : A(0); });
     const auto state = [&](int l, int j) -> A {
       const int c = v0 + j;
       return (l < a.dk && c < a.dv) ? S[static_cast<int64_t>(l) * a.dv + c] : A(0);

@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(kThreads) la_apply_backward_kernel(ApplyBackwa
     load_mean(sh.ms, static_cast<const A*>(a.mean) + it.bh * a.dk, a.dk);
     tile_z<T, A>(sh.zs, it.q, it.n0, a.N, a.dk, sh.ms, eps, a.fm);
 
-    const auto phi_q = [&](int i, int l) -> A {
-      const int64_t n = it.n0 + i;
-      return (n < a.N && l < a.dk) ? phi(to_acc(it.q.row(n)[l]), a.fm) : A(0);
-    };
+    const auto phi_q_in = [&](int i, int l) { return it.n0 + i < a.N && l < a.dk; };
+    const auto phi_q = split_element(
+        [&](int i, int l) { return phi_q_in(i, l) ? it.q.row(it.n0 + i)[l] : from_acc<T>(A(0)); },
+        [&](T raw, int i, int l) { return phi_q_in(i, l) ? phi(to_acc(raw), a.fm) : A(0); });
     const auto dout_at = [&](int i, int l) -> A {
       const int64_t n = it.n0 + i;
       return (n < a.N && l < a.dv) ? to_acc(it.dout.row(n)[l]) : A(0);

@@ -77,16 +77,13 @@ template <class T, class A>
 __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0,
                                                   const TokenView<const T>& kk, const TokenView<const T>& vv,
                                                   const A* zsh, A* As, A* Bs) {
-  stage_tile<true>(As, [&](int x, int l) {
-    const int64_t t = t0 + l;
-    const int d = it.k0 + x;
-    return (t < it.t_end && d < a.dk) ? phi(to_acc(kk.row(t)[d]), a.fm) : A(0);
-  });
-  stage_tile<true>(Bs, [&](int x, int l) {
-    const int64_t t = t0 + l;
-    const int d = it.v0 + x;
-    return (t < it.t_end && d < a.dv) ? to_acc(vv.row(t)[d]) / zsh[l] : A(0);
-  });
+  const auto k_in = [&](int x, int l) { return t0 + l < it.t_end && it.k0 + x < a.dk; };
+  const auto v_in = [&](int x, int l) { return t0 + l < it.t_end && it.v0 + x < a.dv; };
+  stage_tile_pair<true, true>(
+      As, split_element([&](int x, int l) { return k_in(x, l) ? kk.row(t0 + l)[it.k0 + x] : from_acc<T>(A(0)); },
+                        [&](T raw, int x, int l) { return k_in(x, l) ? phi(to_acc(raw), a.fm) : A(0); }),
+      Bs, split_element([&](int x, int l) { return v_in(x, l) ? vv.row(t0 + l)[it.v0 + x] : from_acc<T>(A(0)); },
+                        [&](T raw, int x, int l) { return v_in(x, l) ? to_acc(raw) / zsh[l] : A(0); }));
   __syncthreads();
 }
 

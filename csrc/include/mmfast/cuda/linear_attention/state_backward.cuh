@@ -40,10 +40,10 @@ __global__ void __launch_bounds__(kThreads) la_state_backward_kernel(StateBackwa
     if (ot < a.tiles_v) {  // dv = phi(k) dS / N
       const int v0 = ot * kTile;
       const TokenView<T> gv = token_view<T>(a.grad_v, bh, a.heads);
-      const auto phi_k = [&](int i, int l) -> A {
-        const int64_t n = n0 + i;
-        return (n < a.N && l < a.dk) ? phi(to_acc(kk.row(n)[l]), a.fm) : A(0);
-      };
+      const auto phi_k_in = [&](int i, int l) { return n0 + i < a.N && l < a.dk; };
+      const auto phi_k = split_element(
+          [&](int i, int l) { return phi_k_in(i, l) ? kk.row(n0 + i)[l] : from_acc<T>(A(0)); },
+          [&](T raw, int i, int l) { return phi_k_in(i, l) ? phi(to_acc(raw), a.fm) : A(0); });
       const auto grad_state = [&](int l, int j) -> A {
         const int c = v0 + j;
         return (l < a.dk && c < a.dv) ? dS[static_cast<int64_t>(l) * a.dv + c] : A(0);
