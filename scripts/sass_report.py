@@ -465,6 +465,9 @@ def _split_top_level(text: str) -> list[str]:
 
 def _short_template_arg(arg: str) -> str:
     arg = arg.strip()
+    nested = re.fullmatch(r"[\w:]+<(.*)>", arg)  # a configuration struct: its arguments
+    if nested:
+        return ", ".join(_short_template_arg(a) for a in _split_top_level(nested.group(1)))
     enum = re.fullmatch(r"\(([\w:]+)\)(-?\d+)", arg)  # (mmfast::FeatureMap)1
     if enum:
         return f"{enum.group(1).rsplit('::', 1)[-1]}={enum.group(2)}"
@@ -659,7 +662,8 @@ def kernel_rows(sass: str, ptxas: str, elf: str, arch: str) -> list[dict]:
         if limits and launch.threads:
             row.update(asdict(occupancy(res.registers, res.smem + launch.dynamic_smem, launch.threads, limits)))
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["kernel"], _DTYPE_ORDER.get(r["template_args"], 9), r["template_args"]))
+    return sorted(rows, key=lambda r: (r["kernel"], _DTYPE_ORDER.get(r["template_args"].split(",")[0], 9),
+                                       r["template_args"]))
 
 
 COLUMNS = [  # header, row -> cell

@@ -255,6 +255,8 @@ def test_parse_max_threads():
     ("void mmfast::cuda::la::la_state_reduce_kernel<double>(double const*, double*, double*, long, long, int, int, "
      "double)", ("la_state_reduce_kernel", "f64")),
     ("void ns::k<__nv_bfloat16, (mmfast::FeatureMap)2, true>(ns::Args<float>)", ("k", "bf16, FeatureMap=2, true")),
+    ("void mmfast::cuda::la::la_state_kernel<mmfast::cuda::la::Config<__nv_bfloat16, (mmfast::FeatureMap)1, true>>"
+     "(mmfast::cuda::la::StateArgs)", ("la_state_kernel", "bf16, FeatureMap=1, true")),
     ("plain_kernel(int)", ("plain_kernel", "")),
 ])
 def test_short_name(demangled, expected):

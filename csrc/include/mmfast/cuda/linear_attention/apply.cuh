@@ -14,8 +14,9 @@ struct ApplyArgs : Dims {
   const void* mean;
 };
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
+template <class C>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(ApplyArgs a) {
+  using T = typename C::T;
   using A = acc_t<T>;
   __shared__ __align__(32) A As[kBK * kLd];
   __shared__ __align__(32) A Bs[kBK * kLd];
@@ -34,18 +35,18 @@ __global__ void __launch_bounds__(kThreads) la_apply_kernel(ApplyArgs a) {
     const TokenView<T> out = token_view<T>(a.out, bh, a.heads);
     const A* S = static_cast<const A*>(a.state) + bh * static_cast<int64_t>(a.dk) * a.dv;
     load_mean(ms, static_cast<const A*>(a.mean) + bh * a.dk, a.dk);
-    tile_z<T, A>(zs, q, n0, a.N, a.dk, ms, eps, a.fm);
+    tile_z<C::fm, T, A>(zs, q, n0, a.N, a.dk, ms, eps);
 
     TileAccumulator<A> tile;
     const auto phi_q_in = [&](int i, int l) { return n0 + i < a.N && l < a.dk; };
     const auto phi_q = split_element(
         [&](int i, int l) { return phi_q_in(i, l) ? q.row(n0 + i)[l] : from_acc<T>(A(0)); },
-        [&](T raw, int i, int l) { return phi_q_in(i, l) ? phi(to_acc(raw), a.fm) : A(0); });
+        [&](T raw, int i, int l) { return phi_q_in(i, l) ? phi<C::fm>(to_acc(raw)) : A(0); });
     const auto state = [&](int l, int j) -> A {
       const int c = v0 + j;
       return (l < a.dk && c < a.dv) ? S[static_cast<int64_t>(l) * a.dv + c] : A(0);
     };
-    gemm_tile<false, true>(tile, a.use_tc != 0, a.dk, phi_q, state, As, Bs, Cs, ty, tx);  // ends with a barrier
+    gemm_tile<false, true>(tile, C::tc, a.dk, phi_q, state, As, Bs, Cs, ty, tx);  // ends with a barrier
     store_tile(tile.acc, ty, tx, a.N - n0, a.dv - v0,
                [&](int i, int j, A value) { out.row(n0 + i)[v0 + j] = from_acc<T>(value / zs[i]); });
   }
@@ -60,8 +61,10 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
   a.state = p.state;
   a.mean = p.mean;
   const int64_t items = a.tiles_v * a.ntiles * a.bh;
-  MMFAST_LAUNCH(la_apply_kernel<T>, grid_for(items), kThreads, 0, stream, a);
-  return cudaGetLastError();
+  return dispatch_config<T>(a, [&](auto config) {
+    MMFAST_LAUNCH(la_apply_kernel<decltype(config)>, grid_for(items), kThreads, 0, stream, a);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace la

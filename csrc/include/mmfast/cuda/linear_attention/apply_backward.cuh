@@ -43,7 +43,7 @@ template <class T> struct ApplyBackwardItem {
 };
 
 // Phase 1: ws[r] = do_r . (phi(q_r) S), summed over the Dv tiles.
-template <class T, class A, class PhiQ, class Dout>
+template <class C, class T, class A, class PhiQ, class Dout>
 __device__ __forceinline__ void apply_backward_w(const ApplyBackwardArgs& a, const ApplyBackwardItem<T>& it,
                                                  ApplyBackwardShared<A>& sh, PhiQ phi_q, Dout dout_at, int ty, int tx) {
   A w[4] = {A(0), A(0), A(0), A(0)};
@@ -53,7 +53,7 @@ __device__ __forceinline__ void apply_backward_w(const ApplyBackwardArgs& a, con
       const int c = v0 + j;
       return (l < a.dk && c < a.dv) ? it.S[static_cast<int64_t>(l) * a.dv + c] : A(0);
     };
-    gemm_tile<false, true>(tile, a.use_tc != 0, a.dk, phi_q, state, sh.As, sh.Bs, sh.Cs, ty, tx);
+    gemm_tile<false, true>(tile, C::tc, a.dk, phi_q, state, sh.As, sh.Bs, sh.Cs, ty, tx);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       A part = A(0);
@@ -94,7 +94,7 @@ __device__ __forceinline__ void apply_backward_dz(const ApplyBackwardArgs& a, co
 }
 
 // Phase 2: dq = phi'(q) * ((do S^T) / z + dz m), one Dk tile at a time.
-template <class T, class A, class Dout>
+template <class C, class T, class A, class Dout>
 __device__ __forceinline__ void apply_backward_dq(const ApplyBackwardArgs& a, const ApplyBackwardItem<T>& it,
                                                   ApplyBackwardShared<A>& sh, Dout dout_at, int ty, int tx) {
   TileAccumulator<A> tile;
@@ -103,18 +103,19 @@ __device__ __forceinline__ void apply_backward_dq(const ApplyBackwardArgs& a, co
       const int r = k0 + j;
       return (l < a.dv && r < a.dk) ? it.S[static_cast<int64_t>(r) * a.dv + l] : A(0);
     };
-    gemm_tile<false, false>(tile, a.use_tc != 0, a.dv, dout_at, state_t, sh.As, sh.Bs, sh.Cs, ty, tx);
+    gemm_tile<false, false>(tile, C::tc, a.dv, dout_at, state_t, sh.As, sh.Bs, sh.Cs, ty, tx);
     store_tile(tile.acc, ty, tx, a.N - it.n0, a.dk - k0, [&](int i, int j, A value) {
       const int c = k0 + j;
       const A dphi_q = value / sh.zs[i] + sh.dzs[i] * sh.ms[c];
-      it.dq.row(it.n0 + i)[c] = from_acc<T>(times_dphi(dphi_q, to_acc(it.q.row(it.n0 + i)[c]), a.fm));
+      it.dq.row(it.n0 + i)[c] = from_acc<T>(times_dphi<C::fm>(dphi_q, to_acc(it.q.row(it.n0 + i)[c])));
     });
   }
 }
 
 // Item = (64-token tile, b*h).
-template <class T>
+template <class C>
 __global__ void __launch_bounds__(kThreads) la_apply_backward_kernel(ApplyBackwardArgs a) {
+  using T = typename C::T;
   using A = acc_t<T>;
   __shared__ ApplyBackwardShared<A> sh;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
@@ -129,19 +130,19 @@ __global__ void __launch_bounds__(kThreads) la_apply_backward_kernel(ApplyBackwa
     it.dq = token_view<T>(a.grad_q, it.bh, a.heads);
     it.S = static_cast<const A*>(a.state) + it.bh * static_cast<int64_t>(a.dk) * a.dv;
     load_mean(sh.ms, static_cast<const A*>(a.mean) + it.bh * a.dk, a.dk);
-    tile_z<T, A>(sh.zs, it.q, it.n0, a.N, a.dk, sh.ms, eps, a.fm);
+    tile_z<C::fm, T, A>(sh.zs, it.q, it.n0, a.N, a.dk, sh.ms, eps);
 
     const auto phi_q_in = [&](int i, int l) { return it.n0 + i < a.N && l < a.dk; };
     const auto phi_q = split_element(
         [&](int i, int l) { return phi_q_in(i, l) ? it.q.row(it.n0 + i)[l] : from_acc<T>(A(0)); },
-        [&](T raw, int i, int l) { return phi_q_in(i, l) ? phi(to_acc(raw), a.fm) : A(0); });
+        [&](T raw, int i, int l) { return phi_q_in(i, l) ? phi<C::fm>(to_acc(raw)) : A(0); });
     const auto dout_at = [&](int i, int l) -> A {
       const int64_t n = it.n0 + i;
       return (n < a.N && l < a.dv) ? to_acc(it.dout.row(n)[l]) : A(0);
     };
-    apply_backward_w<T>(a, it, sh, phi_q, dout_at, ty, tx);
+    apply_backward_w<C, T>(a, it, sh, phi_q, dout_at, ty, tx);
     apply_backward_dz<T>(a, it, sh);
-    apply_backward_dq<T>(a, it, sh, dout_at, ty, tx);
+    apply_backward_dq<C, T>(a, it, sh, dout_at, ty, tx);
   }
 }
 
@@ -162,8 +163,10 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
   a.state = p.state;
   a.mean = p.mean;
   a.scalars = p.workspace;
-  MMFAST_LAUNCH(la_apply_backward_kernel<T>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = dispatch_config<T>(a, [&](auto config) {
+    MMFAST_LAUNCH(la_apply_backward_kernel<decltype(config)>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);
+    return cudaGetLastError();
+  });
   if (err != cudaSuccess) return err;
   // dS = sum_i phi(q_i)^T (do_i / z_i), dm = sum_i dz_i phi(q_i): the state pass with
   // k := q, v := grad_out and per-token (z, dz).

@@ -2,6 +2,8 @@
 // the row denominators z, and the validation of parameters. Namespace mmfast::cuda::la.
 #pragma once
 
+#include <type_traits>
+
 #include "mmfast/cuda/common.cuh"
 #include "mmfast/cuda/tile_gemm.cuh"
 #include "mmfast/linear_attention.h"
@@ -14,22 +16,30 @@ constexpr int kMaxD = 256;  // == kMaxHeadDim: shared arrays of per-dim values
 static_assert(kMaxD == kMaxHeadDim, "kMaxD must match kMaxHeadDim");
 static_assert(kTile * 4 == kThreads, "z / row reductions use 4 threads per token row");
 
-// phi(x): 0 = none, 1 = elu(x) + 1, 2 = relu (FeatureMap values). NaN propagates (a compare
-// that is false for NaN picks x).
-template <class A> __device__ __forceinline__ A phi(A x, int fm) {
-  if (fm == static_cast<int>(FeatureMap::kElu1)) return x > A(0) ? x + A(1) : exp_acc(x);
-  if (fm == static_cast<int>(FeatureMap::kRelu)) return x < A(0) ? A(0) : x;
+// phi(x) of the feature map Fm (none, elu(x) + 1, relu): a compile-time choice, so the
+// staging loops carry no branch on it. NaN propagates (a compare that is false for NaN picks x).
+template <FeatureMap Fm, class A> __device__ __forceinline__ A phi(A x) {
+  if constexpr (Fm == FeatureMap::kElu1) return x > A(0) ? x + A(1) : exp_acc(x);
+  if constexpr (Fm == FeatureMap::kRelu) return x < A(0) ? A(0) : x;
   return x;
 }
 
 // grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;
 // relu -> 0 if x <= 0 (selected: 0 even for a NaN grad) else grad; none -> grad. For NaN x
 // the gradient flows, as in torch.
-template <class A> __device__ __forceinline__ A times_dphi(A grad, A x, int fm) {
-  if (fm == static_cast<int>(FeatureMap::kElu1)) return x <= A(0) ? grad * exp_acc(x) : grad;
-  if (fm == static_cast<int>(FeatureMap::kRelu)) return x <= A(0) ? A(0) : grad;
+template <FeatureMap Fm, class A> __device__ __forceinline__ A times_dphi(A grad, A x) {
+  if constexpr (Fm == FeatureMap::kElu1) return x <= A(0) ? grad * exp_acc(x) : grad;
+  if constexpr (Fm == FeatureMap::kRelu) return x <= A(0) ? A(0) : grad;
   return grad;
 }
+
+// The compile-time configuration of a kernel: input type, feature map, and whether products
+// run on TF32 tensor cores (then only the fragments are live, not the SIMT accumulators too).
+template <class Input, FeatureMap Fm, bool TensorCores> struct Config {
+  using T = Input;
+  static constexpr FeatureMap fm = Fm;
+  static constexpr bool tc = TensorCores;
+};
 
 // Sizes every kernel needs; each kernel's argument struct extends it.
 struct Dims {
@@ -73,15 +83,15 @@ inline bool valid_dims(const LinearAttentionParams& p) {
 
 // zs[r] = phi(q[n0 + r]) . m + eps for the 64 rows of a token tile (0 + eps past N).
 // m is in shared memory (length Dk). 4 threads per row, combined with warp shuffles.
-template <class T, class A>
+template <FeatureMap Fm, class T, class A>
 __device__ __forceinline__ void tile_z(A* zs, const TokenView<const T>& q, int64_t n0, int64_t N, int Dk,
-                                       const A* ms, A eps, int fm) {
+                                       const A* ms, A eps) {
   const int r = threadIdx.x >> 2, part = threadIdx.x & 3;
   const int64_t n = n0 + r;
   A s = A(0);
   if (n < N) {
     const T* row = q.row(n);
-    for (int k = part; k < Dk; k += 4) s += phi(to_acc(row[k]), fm) * ms[k];
+    for (int k = part; k < Dk; k += 4) s += phi<Fm>(to_acc(row[k])) * ms[k];
   }
   s += __shfl_xor_sync(0xffffffffu, s, 1);
   s += __shfl_xor_sync(0xffffffffu, s, 2);
@@ -95,6 +105,32 @@ __device__ __forceinline__ void load_mean(A* ms, const A* M, int dk) {
   __syncthreads();
   for (int k = threadIdx.x; k < dk; k += kThreads) ms[k] = M[k];
   __syncthreads();
+}
+
+// Resident blocks per SM a tile kernel is compiled for (__launch_bounds__): two (at most 128
+// registers per thread) where that costs no spills, one for the tensor-core and fp64 variants,
+// whose fragments / fp64 sums spill at 128 (scripts/sass_report.py shows registers, spills
+// and occupancy per kernel). apply_backward always takes one (it spills at two).
+template <class C>
+constexpr int kMinBlocksPerSm = (C::tc || std::is_same_v<typename C::T, double>) ? 1 : 2;
+
+// f(Config<T, fm, tc>{}) for the run-time feature map and tensor-core choice of d: the
+// tensor-core variants exist for fp16 / bf16 inputs only (use_tc is never set for the others).
+template <class T, class F> cudaError_t dispatch_config(const Dims& d, F f) {
+  constexpr bool kHalf = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+  const auto with_fm = [&](auto fm) -> cudaError_t {
+    constexpr FeatureMap Fm = decltype(fm)::value;
+    if constexpr (kHalf) {
+      if (d.use_tc) return f(Config<T, Fm, true>{});
+    }
+    return f(Config<T, Fm, false>{});
+  };
+  switch (static_cast<FeatureMap>(d.fm)) {
+    case FeatureMap::kNone: return with_fm(std::integral_constant<FeatureMap, FeatureMap::kNone>{});
+    case FeatureMap::kElu1: return with_fm(std::integral_constant<FeatureMap, FeatureMap::kElu1>{});
+    case FeatureMap::kRelu: return with_fm(std::integral_constant<FeatureMap, FeatureMap::kRelu>{});
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace la

@@ -73,7 +73,7 @@ __device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const St
 }
 
 // As[l][x] = phi(k_{t0+l})[k0+x], Bs[l][x] = v_{t0+l}[v0+x] / z_l, zero past the chunk and dims.
-template <class T, class A>
+template <class C, class T, class A>
 __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0,
                                                   const TokenView<const T>& kk, const TokenView<const T>& vv,
                                                   const A* zsh, A* As, A* Bs) {
@@ -81,7 +81,7 @@ __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const Stat
   const auto v_in = [&](int x, int l) { return t0 + l < it.t_end && it.v0 + x < a.dv; };
   stage_tile_pair<true, true>(
       As, split_element([&](int x, int l) { return k_in(x, l) ? kk.row(t0 + l)[it.k0 + x] : from_acc<T>(A(0)); },
-                        [&](T raw, int x, int l) { return k_in(x, l) ? phi(to_acc(raw), a.fm) : A(0); }),
+                        [&](T raw, int x, int l) { return k_in(x, l) ? phi<C::fm>(to_acc(raw)) : A(0); }),
       Bs, split_element([&](int x, int l) { return v_in(x, l) ? vv.row(t0 + l)[it.v0 + x] : from_acc<T>(A(0)); },
                         [&](T raw, int x, int l) { return v_in(x, l) ? to_acc(raw) / zsh[l] : A(0); }));
   __syncthreads();
@@ -135,8 +135,9 @@ __device__ __forceinline__ void store_state_tile(const StateArgs& a, const State
 // Accumulates S_tile[i][j] = sum_t phi(k_t)[k0+i] * v_t[v0+j] / z_t and (tile_v == 0 only)
 // m[k0+i] = sum_t phi(k_t)[k0+i] * w_t, with z_t = w_t = 1 (forward) or z_t, w_t = dz_t
 // (apply_backward).
-template <class T>
-__global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
+template <class C>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(StateArgs a) {
+  using T = typename C::T;
   using A = acc_t<T>;
   __shared__ __align__(32) A As[kBK * kLd];
   __shared__ __align__(32) A Bs[kBK * kLd];
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
   __shared__ A zsh[kBK];
   __shared__ A wsh[kBK];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  const bool use_tc = a.use_tc != 0;
+  constexpr bool use_tc = C::tc;
   const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const StateItem it = state_item(a, item, tx);
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) la_state_kernel(StateArgs a) {
     int slice = 0;
     for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kBK) {
       stage_token_scalars(a, it, t0, zsh, wsh);
-      stage_state_slice<T>(a, it, t0, kk, vv, zsh, As, Bs);
+      stage_state_slice<C, T>(a, it, t0, kk, vv, zsh, As, Bs);
       tile_accumulate(tile, use_tc, As, Bs, ty, tx);
       if (it.do_mean) accumulate_mean(msum, As, wsh, ty);
       if (++slice % kFlushSlices == 0) {
@@ -236,8 +237,10 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
   a.nchunks = plan.nchunks;
   a.div = div;
   const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
-  MMFAST_LAUNCH(la_state_kernel<T>, grid_for(items), kThreads, 0, stream, a);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = dispatch_config<T>(a, [&](auto config) {
+    MMFAST_LAUNCH(la_state_kernel<decltype(config)>, grid_for(items), kThreads, 0, stream, a);
+    return cudaGetLastError();
+  });
   if (err != cudaSuccess || plan.nchunks == 1) return err;
   const int64_t total = a.bh * (p.dim_k * p.dim_v + p.dim_k);
   MMFAST_LAUNCH(la_state_reduce_kernel<A>, grid_for(ceil_div(total, kThreads)), kThreads, 0, stream,

@@ -16,8 +16,9 @@ struct StateBackwardArgs : Dims {
   const void* grad_mean;
 };
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) la_state_backward_kernel(StateBackwardArgs a) {
+template <class C>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_backward_kernel(StateBackwardArgs a) {
+  using T = typename C::T;
   using A = acc_t<T>;
   __shared__ __align__(32) A As[kBK * kLd];
   __shared__ __align__(32) A Bs[kBK * kLd];
@@ -26,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) la_state_backward_kernel(StateBackwa
   const int otiles = a.tiles_v + a.tiles_k;
   const int64_t items = static_cast<int64_t>(otiles) * a.ntiles * a.bh;
   const A nf = static_cast<A>(a.N);
-  const bool use_tc = a.use_tc != 0;
+  constexpr bool use_tc = C::tc;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int ot = static_cast<int>(item % otiles);
     const int64_t rest = item / otiles;
@@ -43,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) la_state_backward_kernel(StateBackwa
       const auto phi_k_in = [&](int i, int l) { return n0 + i < a.N && l < a.dk; };
       const auto phi_k = split_element(
           [&](int i, int l) { return phi_k_in(i, l) ? kk.row(n0 + i)[l] : from_acc<T>(A(0)); },
-          [&](T raw, int i, int l) { return phi_k_in(i, l) ? phi(to_acc(raw), a.fm) : A(0); });
+          [&](T raw, int i, int l) { return phi_k_in(i, l) ? phi<C::fm>(to_acc(raw)) : A(0); });
       const auto grad_state = [&](int l, int j) -> A {
         const int c = v0 + j;
         return (l < a.dk && c < a.dv) ? dS[static_cast<int64_t>(l) * a.dv + c] : A(0);
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) la_state_backward_kernel(StateBackwa
       store_tile(tile.acc, ty, tx, a.N - n0, a.dk - k0, [&](int i, int j, A value) {
         const int c = k0 + j;
         const A dphi_k = (value + dm[c]) / nf;
-        gk.row(n0 + i)[c] = from_acc<T>(times_dphi(dphi_k, to_acc(kk.row(n0 + i)[c]), a.fm));
+        gk.row(n0 + i)[c] = from_acc<T>(times_dphi<C::fm>(dphi_k, to_acc(kk.row(n0 + i)[c])));
       });
     }
   }
@@ -83,8 +84,10 @@ cudaError_t launch_state_backward(const LinearAttentionParams& p, cudaStream_t s
   a.grad_state = p.grad_state;
   a.grad_mean = p.grad_mean;
   const int64_t items = static_cast<int64_t>(a.tiles_k + a.tiles_v) * a.ntiles * a.bh;
-  MMFAST_LAUNCH(la_state_backward_kernel<T>, grid_for(items), kThreads, 0, stream, a);
-  return cudaGetLastError();
+  return dispatch_config<T>(a, [&](auto config) {
+    MMFAST_LAUNCH(la_state_backward_kernel<decltype(config)>, grid_for(items), kThreads, 0, stream, a);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace la
