@@ -2,8 +2,16 @@
 
 Shapes are the attn1 layers of SD-1.5 (8 heads, D = 40/80/160), SD-2.1 (D = 64) and
 SD-XL (D = 64), at 1024-4096 px on a GPU and scaled down on the CPU, plus the CPU target
-shape of the foundation issue. Bytes of the bandwidth floor: forward reads q, k, v and writes out; backward reads
-q, k, v, grad_out and writes dq, dk, dv.
+shape of the foundation issue, and on a GPU two large-N shapes (N = 262,144 and 2,097,152) whose
+floors are hundreds of us. Bytes of the bandwidth floor: forward reads q, k, v and writes out;
+backward reads q, k, v, grad_out and writes dq, dk, dv; "% of floor" is against the copy
+bandwidth measured in the same run (_utils.peak_bandwidth).
+
+Timing: CPU, wall-clock medians. GPU: every provider under CUDA-graph replay over rotating input
+sets that together exceed 4x the L2 (_utils.cuda_graph_ms): a 20 us kernel is not hidden behind
+the host's per-call overhead, and no call reads inputs the previous one left in L2; the eager
+call's wall time (host overhead included) is recorded as mmfast_call_ms. The model these
+numbers are checked against: docs/linear-attention-performance.md.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import torch.nn.functional as F
 from mmfast import ops
 from mmfast.models.linfusion.official import official_linear_attention
 
-from _utils import bench_device, median_ms, record_metrics, run_timed
+from _utils import bench_device, cuda_graph_ms, median_ms, record_metrics, run_timed
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -37,6 +45,8 @@ if ON_GPU:
         ("sd21-L0-2048px", 2, 65536, 5, 64),
         ("sdxl-L1-2048px", 2, 16384, 10, 64),
         ("sdxl-L2-4096px", 2, 16384, 20, 64),
+        ("large-N256K", 1, 262144, 10, 64),  # floors of hundreds of us (issue 14)
+        ("large-N2M", 1, 2097152, 10, 64),
     ]
     DTYPE = torch.bfloat16
     SDPA_MAX_N = 65536
@@ -52,7 +62,8 @@ else:
     SDPA_MAX_N = 4096
 
 CPU_TARGETS = {"forward": 3.0, "backward": 2.0}  # speedup vs eager at "cpu-target"
-GPU_TARGETS = {"forward": 0.80, "backward": 0.50}  # fraction of the HBM floor, N >= 16384
+GPU_TARGETS = {"forward": 0.80, "backward": 0.50}  # floor bytes / time over the measured copy bandwidth
+GPU_TARGET_MIN_N = 262144  # issue 14: the targets hold at N >= 262,144 (smaller N: recorded, no target)
 
 
 def _inputs(b, n, h, d, requires_grad=False):
@@ -81,23 +92,36 @@ def _forward_fn(provider):
     }[provider]
 
 
-def _triton_times(q, k, v):
+def _gpu_ms(fn, make_inputs, timings: dict, name: str) -> float:
+    """GPU device time of one fn(*make_inputs()) call: CUDA-graph replay over rotating input sets
+    larger than L2 (a 20 us kernel is visible, no host overhead, no L2 reuse). If the call
+    cannot be captured, CUDA events around eager calls, and the row says so (timings[name])."""
+    try:
+        timings[name] = "cuda graph replay, rotating inputs > 4x L2"
+        return cuda_graph_ms(fn, make_inputs, DEVICE)
+    except RuntimeError as error:
+        timings[name] = f"cuda events, eager calls (graph capture failed: {str(error)[:200]})"
+        inputs = make_inputs()
+        return median_ms(lambda: fn(*inputs), DEVICE)
+
+
+def _triton_times(make_inputs, timings: dict):
     """The Triton kernel with its split over N, and with the split off: the one program per
     (b, h, tile) design of fla-org's flash-bidirectional-linear-attention (the issue's
     1.5x target is against that design; its own code is not installed here)."""
     from mmfast.triton import linear_attention as triton_la
 
-    run = lambda: ops.linear_attention(q, k, v, backend="triton")  # noqa: E731
-    times = {"triton": median_ms(run, DEVICE)}
+    run = lambda q, k, v: ops.linear_attention(q, k, v, backend="triton")  # noqa: E731
+    times = {"triton": _gpu_ms(run, make_inputs, timings, "triton")}
     triton_la.SPLIT_SEQUENCE = False
     try:
-        times["fla_design"] = median_ms(run, DEVICE)
+        times["fla_design"] = _gpu_ms(run, make_inputs, timings, "fla_design")
     finally:
         triton_la.SPLIT_SEQUENCE = True
     return times
 
 
-def _record(benchmark, direction, name, b, n, h, d, times):
+def _record(benchmark, direction, name, b, n, h, d, times, **extra):
     """Bandwidth floor: forward reads q, k, v and writes out; backward reads q, k, v,
     grad_out and writes dq, dk, dv. FLOPs: 2 N D^2 per (b, h) for each of the state and
     apply products (forward), twice that for backward."""
@@ -109,53 +133,85 @@ def _record(benchmark, direction, name, b, n, h, d, times):
     if not ON_GPU and name == "cpu-target":
         target = f">= {CPU_TARGETS[direction]}x vs eager"
         target_met = times["eager"] / times["mmfast"] >= CPU_TARGETS[direction]
-    extra = {}
     if "fla_design" in times:
         extra["fla_design_target_met"] = times["fla_design"] / times["mmfast"] >= 1.5
     info = record_metrics(benchmark, op=f"linear_attention.{direction}", shape=f"{name} B={b} N={n} H={h} D={d}",
                           device=DEVICE, dtype=DTYPE, times=times, floor_bytes=floor_bytes, flops=flops,
                           target=target, target_met=target_met, **extra)
-    if ON_GPU and n >= 16384 and "pct_of_floor" in info:
-        benchmark.extra_info["target"] = f">= {int(100 * GPU_TARGETS[direction])}% of HBM floor"
+    if ON_GPU and n >= GPU_TARGET_MIN_N and "pct_of_floor" in info:
+        benchmark.extra_info["target"] = f">= {int(100 * GPU_TARGETS[direction])}% of the measured copy bandwidth"
         benchmark.extra_info["target_met"] = info["pct_of_floor"] >= 100 * GPU_TARGETS[direction]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_forward(benchmark, shape):
+    """CPU: wall-clock medians. GPU: every provider under CUDA-graph replay over rotating input
+    sets (_gpu_ms); the fixture's own row is the eager call's wall time (host overhead included),
+    recorded as mmfast_call_ms."""
     name, b, n, h, d = shape
     q, k, v = _inputs(b, n, h, d)
+    timings, extra = {}, {}
     with torch.no_grad():
-        times = {"mmfast": run_timed(benchmark, lambda: ops.linear_attention(q, k, v), DEVICE)}
-        if ON_GPU:  # device time from CUDA events; the fixture's wall time includes launch overhead
-            times["mmfast"] = median_ms(lambda: ops.linear_attention(q, k, v), DEVICE)
-        times["eager"] = median_ms(lambda: official_linear_attention(q, k, v), DEVICE)
-        if n <= SDPA_MAX_N:
-            times["sdpa"] = median_ms(lambda: _sdpa(q, k, v), DEVICE, warmup=1, repeats=3)
-        if ON_GPU and HAS_TRITON:
-            times.update(_triton_times(q, k, v))
-    _record(benchmark, "forward", name, b, n, h, d, times)
+        call_ms = run_timed(benchmark, lambda: ops.linear_attention(q, k, v), DEVICE)
+        if ON_GPU:
+            make = lambda: _inputs(b, n, h, d)  # noqa: E731
+            del q, k, v
+            times = {"mmfast": _gpu_ms(lambda q, k, v: ops.linear_attention(q, k, v), make, timings, "mmfast"),
+                     "eager": _gpu_ms(official_linear_attention, make, timings, "eager")}
+            if n <= SDPA_MAX_N:
+                times["sdpa"] = _gpu_ms(_sdpa, make, timings, "sdpa")
+            if HAS_TRITON:
+                times.update(_triton_times(make, timings))
+            extra = {"mmfast_call_ms": round(call_ms, 4), "timing": timings}
+        else:
+            times = {"mmfast": call_ms, "eager": median_ms(lambda: official_linear_attention(q, k, v), DEVICE)}
+            if n <= SDPA_MAX_N:
+                times["sdpa"] = median_ms(lambda: _sdpa(q, k, v), DEVICE, warmup=1, repeats=3)
+    _record(benchmark, "forward", name, b, n, h, d, times, **extra)
+
+
+def _gpu_backward_ms(provider, make, timings):
+    """(forward + backward) - forward, each under CUDA-graph replay (_gpu_ms)."""
+    fn = _forward_fn(provider)
+
+    def forward(q, k, v, grad_out):
+        with torch.no_grad():
+            return fn(q, k, v)
+
+    def both(q, k, v, grad_out):
+        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+    forward_ms = _gpu_ms(forward, make, timings, f"{provider}_forward")
+    return max(_gpu_ms(both, make, timings, f"{provider}_forward_backward") - forward_ms, 1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_backward(benchmark, shape):
-    """Forward + backward time minus forward time, per provider."""
+    """Forward + backward time minus forward time, per provider (GPU: under CUDA-graph replay
+    over rotating inputs; the fixture's row is the eager call's wall time, mmfast_call_ms)."""
     name, b, n, h, d = shape
     inputs = _inputs(b, n, h, d, requires_grad=True)
     grad_out = torch.randn(b, n, h, d, device=DEVICE, dtype=DTYPE)
     providers = ["mmfast", "eager"] + (["sdpa"] if n <= SDPA_MAX_N else [])
+    if ON_GPU:
+        call_ms = run_timed(benchmark, _backward(_forward_fn("mmfast"), inputs, grad_out), DEVICE)
+        del inputs, grad_out
+        make = lambda: (*_inputs(b, n, h, d, requires_grad=True), torch.randn(b, n, h, d, device=DEVICE, dtype=DTYPE))  # noqa: E731
+        timings = {}
+        times = {provider: _gpu_backward_ms(provider, make, timings) for provider in providers}
+        _record(benchmark, "backward", name, b, n, h, d, times, mmfast_call_ms=round(call_ms, 4), timing=timings)
+        return
     times = {}
     for provider in providers:
         fn = _forward_fn(provider)
         repeats = 3 if provider == "sdpa" else 7
         with torch.no_grad():
             forward_ms = median_ms(lambda: fn(*inputs), DEVICE, repeats=repeats)
-        if provider == "mmfast" and not ON_GPU:
+        if provider == "mmfast":
             both_ms = run_timed(benchmark, _backward(fn, inputs, grad_out), DEVICE)
         else:
             both_ms = median_ms(_backward(fn, inputs, grad_out), DEVICE, repeats=repeats)
         times[provider] = max(both_ms - forward_ms, 1e-6)
-    if ON_GPU:
-        run_timed(benchmark, _backward(_forward_fn("mmfast"), inputs, grad_out), DEVICE)
     _record(benchmark, "backward", name, b, n, h, d, times)
 
 

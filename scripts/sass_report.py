@@ -75,21 +75,23 @@ class Launch:
     site: str  # file:line of the MMFAST_LAUNCH
 
 
-def split_top_level(text: str) -> tuple[list[str], int]:
-    """The comma-separated arguments of a call whose '(' precedes text, and where they end."""
+def split_top_level(text: str, brackets: str = "([{", closers: str = ")]}") -> tuple[list[str], int]:
+    """The comma-separated top-level arguments at the start of text, up to the first unmatched
+    closer (or the end), and where they end. brackets / closers: what nests."""
     args, depth, start = [], 0, 0
     for i, ch in enumerate(text):
-        if ch in "([{":
+        if ch in brackets:
             depth += 1
-        elif ch in ")]}":
+        elif ch in closers:
             if depth == 0:
                 args.append(text[start:i].strip())
-                return args, i
+                return [a for a in args if a], i
             depth -= 1
         elif ch == "," and depth == 0:
             args.append(text[start:i].strip())
             start = i + 1
-    return args, len(text)
+    args.append(text[start:].strip())
+    return [a for a in args if a], len(text)
 
 
 def _kernel_name(text: str) -> tuple[str, str]:
@@ -452,22 +454,16 @@ def _filt_demangle(names: list[str]) -> dict[str, str | None]:
     return dict(zip(names, out)) if len(out) == len(names) else {}
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += 1 if ch in "<(" else -1 if ch in ">)" else 0
-        if ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return [p for p in parts if p]
+def _template_args(text: str) -> list[str]:
+    """Top-level arguments of a template argument list (without its angle brackets)."""
+    return split_top_level(text, brackets="<(", closers=">)")[0]
 
 
 def _short_template_arg(arg: str) -> str:
     arg = arg.strip()
     nested = re.fullmatch(r"[\w:]+<(.*)>", arg)  # a configuration struct: its arguments
     if nested:
-        return ", ".join(_short_template_arg(a) for a in _split_top_level(nested.group(1)))
+        return ", ".join(_short_template_arg(a) for a in _template_args(nested.group(1)))
     enum = re.fullmatch(r"\(([\w:]+)\)(-?\d+)", arg)  # (mmfast::FeatureMap)1
     if enum:
         return f"{enum.group(1).rsplit('::', 1)[-1]}={enum.group(2)}"
@@ -486,7 +482,7 @@ def short_name(demangled: str) -> tuple[str, str]:
     text = text[:cut]
     head, _, targs = text.partition("<")
     name = head.rsplit("::", 1)[-1]
-    args = _split_top_level(targs[:-1]) if targs.endswith(">") else []
+    args = _template_args(targs[:-1]) if targs.endswith(">") else []
     return name, ", ".join(_short_template_arg(a) for a in args)
 
 

@@ -259,6 +259,12 @@ int main(int argc, char** argv) {
     count([&] { run_case<double>(B, H, N, Dk, Dv, fm, layout, pad, sms); });
     count([&] { run_case<__half>(B, H, N, Dk, Dv, fm, layout, pad, sms); });
     count([&] { run_case<__nv_bfloat16>(B, H, N, Dk, Dv, fm, layout, pad, sms); });
+    // fp16 / bf16 on the SIMT path too: a pre-sm_80 device has no TF32 tensor cores, so the
+    // kernels run their Config<T, fm, false> instantiations (separate code since the Config split).
+    emu::compute_major = 7;
+    count([&] { run_case<__half>(B, H, N, Dk, Dv, fm, layout, pad, sms); });
+    count([&] { run_case<__nv_bfloat16>(B, H, N, Dk, Dv, fm, layout, pad, sms); });
+    emu::compute_major = 9;
     std::printf("done B=%ld H=%ld N=%ld Dk=%ld Dv=%ld fm=%d (fails so far %d)\n", (long)B, (long)H, (long)N, (long)Dk, (long)Dv, fm, nfail);
     std::fflush(stdout);
   };

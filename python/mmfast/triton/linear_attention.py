@@ -26,6 +26,8 @@ _CPU_CHUNK = 256
 # and state_backward_dk; at 8 warps / 2 stages none of the shipped configs spill
 # (except 48 B in the fp32 Dk > 128 dq kernel).  Not autotuned yet.
 _LAUNCH = dict(num_warps=8, num_stages=2)
+# Elements of S or m per program of the chunk reduction.
+_REDUCE_BLOCK = 1024
 
 
 # --- host helpers ---------------------------------------------------------------------
@@ -66,8 +68,9 @@ def _chunk_size(n: int, programs_per_chunk: int, device: torch.device) -> int:
     return triton.cdiv(chunk, _BLOCK_N) * _BLOCK_N
 
 
-def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None):
-    """(sum_i phi(a_i)^T (b_i / z_i), sum_i w_i phi(a_i)) per (B, H), fp32, unscaled."""
+def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None, scale: float = 1.0):
+    """scale * (sum_i phi(a_i)^T (b_i / z_i), sum_i w_i phi(a_i)) per (B, H), fp32: one launch
+    when one chunk covers N, else the chunk partials and one fixed-order reduction launch."""
     bsz, n, h, da = a.shape
     db = b.shape[-1]
     ba, bb = _feature_tile(da), _feature_tile(db)
@@ -79,7 +82,7 @@ def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None):
     dummy = part  # never read when HAS_Z / HAS_W is False
     kernels.outer_sum_kernel[(tiles_a * tiles_b * chunks * bsz * h,)](
         a, b, dummy if z is None else z, dummy if w is None else w, part, mpart,
-        n, h, da, db, chunk, tiles_a * tiles_b, chunks, bsz * h,
+        n, h, da, db, chunk, tiles_a * tiles_b, chunks, bsz * h, scale if chunks == 1 else 1.0,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         FM=FEATURE_MAPS.index(feature_map), HAS_Z=z is not None, HAS_W=w is not None,
         HALF_DOT=z is None and _half_dot(b.dtype), DOT_PREC=_dot_precision(a.dtype),
@@ -87,13 +90,17 @@ def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None):
     )
     if chunks == 1:
         return part[0], mpart[0]
-    return part.sum(0), mpart.sum(0)
+    state = a.new_empty((bsz, h, da, db), dtype=torch.float32)
+    mean = a.new_empty((bsz, h, da), dtype=torch.float32)
+    block = _REDUCE_BLOCK
+    programs = (triton.cdiv(da * db, block) + triton.cdiv(da, block)) * bsz * h
+    kernels.reduce_chunks_kernel[(programs,)](part, mpart, state, mean, chunks, bsz * h, da * db, da, scale,
+                                              BLOCK=block, num_warps=4)
+    return state, mean
 
 
 def _state(k: Tensor, v: Tensor, feature_map: str):
-    n = k.shape[1]
-    state, mean = _outer_sum(k, v, feature_map)
-    return state.div_(n), mean.div_(n)
+    return _outer_sum(k, v, feature_map, scale=1.0 / k.shape[1])
 
 
 def _apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str) -> Tensor:

@@ -34,7 +34,7 @@ template <FeatureMap Fm, class A> __device__ __forceinline__ A times_dphi(A grad
 }
 
 // The compile-time configuration of a kernel: input type, feature map, and whether products
-// run on TF32 tensor cores (then only the fragments are live, not the SIMT accumulators too).
+// run on TF32 tensor cores (each instantiation carries one product path, not both).
 template <class Input, FeatureMap Fm, bool TensorCores> struct Config {
   using T = Input;
   static constexpr FeatureMap fm = Fm;
