@@ -105,13 +105,23 @@ __device__ __forceinline__ void stage_stores(const E& e, const StageRaw<E> (&raw
   }
 }
 
-// dst[l * kLd + x] = element (x, l) for x < kTile, l < kBK.
+// dst[l * kLd + x] = element (x, l) for x < kTile, l < kBK. A SplitElement's loads are all
+// issued first; a plain f (e.g. a gather whose address is itself loaded: buffering buys no
+// parallelism there and costs registers) is evaluated and stored element by element.
 template <bool XFast, class A, class F>
 __device__ __forceinline__ void stage_tile(A* __restrict__ dst, const F& f) {
-  const auto e = as_split(f);
-  StageRaw<decltype(e)> raw[kStagePerThread];
-  stage_loads<XFast>(e, raw);
-  stage_stores<XFast>(e, raw, dst);
+  if constexpr (IsSplitElement<F>::value) {
+    StageRaw<F> raw[kStagePerThread];
+    stage_loads<XFast>(f, raw);
+    stage_stores<XFast>(f, raw, dst);
+  } else {
+#pragma unroll 1  // f may be large: unrolled copies of it spill (masked_conv_kernel)
+    for (int k = 0; k < kStagePerThread; ++k) {
+      int x, l;
+      stage_coords<XFast>(k, x, l);
+      dst[l * kLd + x] = f(x, l);
+    }
+  }
 }
 
 // Both operands of a slice: every load of both issued first.
