@@ -39,10 +39,10 @@ static_assert(kThreads == (kTile / 4) * (kTile / 4), "one 4x4 register block per
 // An element source gives the value of element (x, l) of a slice (0 outside the valid range):
 // either one function f(x, l), or a SplitElement whose load(x, l) only reads memory (a
 // bounds-checked load, no other branches) and whose finish(raw, x, l) turns the raw value into
-// the operand (a feature map, a division, zero outside the range). Staging issues all of a
-// thread's loads (kStagePerThread per slice, both operands' when two are staged together)
-// before it finishes or stores any: a fused load + branchy transform per element leaves one
-// load in flight per thread, latency-bound (scripts/sass_report.py measures this).
+// the operand (a feature map, a division, zero outside the range). stage_tile_pair (and so
+// gemm_tile) issues all of a thread's loads of both operands (kStagePerThread each; a plain f
+// counts as one load) before it finishes or stores any: a fused load + branchy transform per
+// element leaves one load in flight per thread, latency-bound (scripts/sass_report.py).
 constexpr int kStagePerThread = kBK * kTile / kThreads;
 static_assert(kBK * kTile % kThreads == 0, "every thread stages the same number of elements");
 
@@ -273,8 +273,9 @@ __device__ __forceinline__ void tile_finish(TileAccumulator<A>& t, bool use_tc, 
 }
 
 // t.acc = sum_{l < L} FA(i, l) * FB(l, j) for the 64 x 64 tile (i = ty*4 + ., j = tx*4 + .).
-// FA(i, l) / FB(l, j) are element sources (a function or a SplitElement; 0 outside the valid range). Starts and ends with __syncthreads(),
-// so the caller may reuse As / Bs / Cs and any other shared memory around it.
+// FA(i, l) / FB(l, j) are element sources (a function or a SplitElement; 0 outside the valid
+// range). Starts and ends with __syncthreads(), so the caller may reuse As / Bs / Cs and any
+// other shared memory around it.
 template <bool AXFast, bool BXFast, class A, class FA, class FB>
 __device__ __forceinline__ void gemm_tile(TileAccumulator<A>& t, bool use_tc, int L, FA fa, FB fb, A* As, A* Bs,
                                           A* Cs, int ty, int tx) {
