@@ -29,6 +29,7 @@ from mmfast import ops
 from mmfast.models.linfusion.official import official_linear_attention
 
 from _utils import bench_device, cuda_graph_ms, median_ms, record_metrics, run_timed
+from linear_attention_shapes import CPU_SHAPES, GPU_SHAPES
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -36,28 +37,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # name, B, N, H, D
 if ON_GPU:
-    SHAPES = [
-        ("sd15-L0-1024px", 2, 16384, 8, 40),
-        ("sd15-L0-2048px", 2, 65536, 8, 40),
-        ("sd15-L0-4096px", 2, 262144, 8, 40),
-        ("sd15-L1-2048px", 2, 16384, 8, 80),
-        ("sd15-L2-4096px", 2, 16384, 8, 160),
-        ("sd21-L0-2048px", 2, 65536, 5, 64),
-        ("sdxl-L1-2048px", 2, 16384, 10, 64),
-        ("sdxl-L2-4096px", 2, 16384, 20, 64),
-        ("large-N256K", 1, 262144, 10, 64),  # floors of hundreds of us (issue 14)
-        ("large-N2M", 1, 2097152, 10, 64),
-    ]
+    SHAPES = GPU_SHAPES
     DTYPE = torch.bfloat16
     SDPA_MAX_N = 65536
 else:
-    SHAPES = [
-        ("cpu-target", 2, 16384, 5, 64),  # CPU target: >= 3x forward, >= 2x backward vs eager
-        ("sd15-L0-512px", 1, 4096, 8, 40),
-        ("sd21-L0-512px", 1, 4096, 5, 64),
-        ("sdxl-L1-1024px", 1, 4096, 10, 64),
-        ("sd15-L2-1024px", 1, 1024, 8, 160),
-    ]
+    SHAPES = CPU_SHAPES
     DTYPE = torch.float32
     SDPA_MAX_N = 4096
 

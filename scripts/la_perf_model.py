@@ -34,8 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from linear_attention_shapes import GPU_SHAPES  # noqa: E402
 
 SMS = 132                 # H200 multiprocessors
 COPY_BW = 4.3e12          # B/s, device-to-device copy measured on the lent H200s
@@ -47,20 +51,8 @@ MIN_CHUNK = 256           # kMinChunk (state.cuh)
 CHUNK_OVERSUB = 4         # kChunkOversub (state.cuh)
 ACC_BYTES = 4             # fp32 accumulators for fp16 / bf16 / fp32 inputs
 
-# name, B, N, H, D: benchmarks/bench_linear_attention.py's GPU shapes, then issue 14's.
-SHAPES = [
-    ("sd15-L0-1024px", 2, 16384, 8, 40),
-    ("sd15-L0-2048px", 2, 65536, 8, 40),
-    ("sd15-L0-4096px", 2, 262144, 8, 40),
-    ("sd15-L1-2048px", 2, 16384, 8, 80),
-    ("sd15-L2-4096px", 2, 16384, 8, 160),
-    ("sd21-L0-2048px", 2, 65536, 5, 64),
-    ("sdxl-L1-2048px", 2, 16384, 10, 64),
-    ("sdxl-L2-4096px", 2, 16384, 20, 64),
-    ("issue14-bh10", 1, 16384, 10, 64),
-    ("issue14-N256K", 1, 262144, 10, 64),
-    ("issue14-N2M", 1, 2097152, 10, 64),
-]
+# name, B, N, H, D: the GPU benchmark shapes, then issue 14's worked example.
+SHAPES = GPU_SHAPES + [("issue14-bh10", 1, 16384, 10, 64)]
 
 
 @dataclass

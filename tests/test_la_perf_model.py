@@ -38,7 +38,7 @@ def test_ceilings_are_ordered():
             staged = model.latency_bound_seconds(p, threads, 2, 700e-9)
             one_load = model.latency_bound_seconds(p, threads, 2, 700e-9, one_load=True)
             assert 0 < staged <= one_load  # more loads in flight never predicts slower
-    assert "issue14-N256K forward" in model.table(None, 700.0)
+    assert "large-N256K forward" in model.table(None, 700.0)
 
 
 def test_padded_tiles_count_the_mma_work_issued():
