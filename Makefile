@@ -9,7 +9,7 @@
 #                    kernels on the host emulator included)
 #   make sanitize    the same C++ tests built with AddressSanitizer + UBSan (part of make test)
 #   make sass-report registers, spills, occupancy and global-load parallelism of the linear-attention
-#                    kernels from their sm_90a SASS (no GPU; needs nvcc and the nvidia-cuda-cuobjdump
+#                    kernels from their sm_90a SASS (no GPU; needs nvcc; installs the nvidia-cuda-cuobjdump
 #                    and nvidia-cuda-nvdisasm wheels); SASS_REPORT_ARGS: see scripts/sass_report.py
 
 PYTHON ?= python3
@@ -61,8 +61,10 @@ sanitize:
 
 # Compiles csrc/cuda/linear_attention.cu for sm_90a on its own (nvcc -cubin, the build's flags) and
 # prints the SASS table; --arch, --source, --keep DIR, --json PATH go in SASS_REPORT_ARGS.
-sass-report: build
+sass-report: $(STAMP)
 	mkdir -p build
+	$(VPY) -m pip install --quiet nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm 2>/dev/null || \
+	  echo "sass-report: could not install the cuobjdump / nvdisasm wheels; using the toolkit's if present"
 	$(VPY) scripts/sass_report.py $(SASS_REPORT_ARGS)
 
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
