@@ -78,11 +78,16 @@ def median_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 7) -> fl
 _measured_bandwidth: dict = {}
 
 
-def peak_bandwidth(device: torch.device):
-    """(bytes/s, how it was obtained): the measured copy bandwidth of the device (read + write
-    of a buffer well past the caches: 1 GiB on a GPU, 256 MB on the CPU), measured once per
-    process; on a GPU the source names the datasheet figure too. The floor every "% of floor"
-    column uses: what a perfect streaming kernel reaches on this machine."""
+def peak_bandwidth(device: torch.device, measured: bool = False):
+    """(bytes/s, how it was obtained): on a GPU the datasheet HBM figure, or with measured=True
+    (and always on the CPU) the measured copy bandwidth of the device (read + write of a buffer
+    well past the caches: 1 GiB on a GPU, 256 MB on the CPU), measured once per process."""
+    if device.type == "cuda" and not measured:
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BANDWIDTH.items():
+            if key in name:
+                return value, "datasheet"
+        return None, "unknown GPU"
     key = str(device)
     if key not in _measured_bandwidth:
         numel = (2**30 if device.type == "cuda" else 256 * 2**20) // 4
@@ -100,6 +105,11 @@ def peak_bandwidth(device: torch.device):
     return _measured_bandwidth[key], source
 
 
+class GraphCaptureError(RuntimeError):
+    """fn could not be captured into a CUDA graph (it synchronises, or uses an API that capture
+    forbids); out-of-memory and kernel errors are not this."""
+
+
 def cuda_graph_ms(fn, make_inputs, device: torch.device, min_bytes: Optional[int] = None, replays: int = 7):
     """Device time of one fn(*inputs) in ms, timed under CUDA-graph replay over rotating input
     sets, so that neither the host's per-call overhead (dispatch, allocation, launch: tens of
@@ -107,7 +117,8 @@ def cuda_graph_ms(fn, make_inputs, device: torch.device, min_bytes: Optional[int
     timed. make_inputs() returns a tuple of tensors; enough sets are made that together they
     exceed min_bytes (default 4x the L2 size), at least 2. One graph runs fn on every set in
     turn; the result is the median over `replays` replays divided by the number of sets.
-    Raises RuntimeError when fn cannot be captured (the caller records that and falls back)."""
+    Raises GraphCaptureError when fn cannot be captured (the caller records that and falls
+    back); any other error (out of memory, a failing kernel) propagates."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 60 * 2**20)
     min_bytes = 4 * l2 if min_bytes is None else min_bytes
     sets = [make_inputs()]
@@ -121,9 +132,18 @@ def cuda_graph_ms(fn, make_inputs, device: torch.device, min_bytes: Optional[int
             fn(*inputs)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for inputs in sets:
-            fn(*inputs)
+    try:
+        with torch.cuda.graph(graph):
+            for inputs in sets:
+                fn(*inputs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        message = str(error)[:300]
+        sets.clear()  # the traceback would keep the input sets alive during the fallback
+        inputs = error = None  # noqa: F841
+        torch.cuda.synchronize(device)
+        raise GraphCaptureError(message) from None
     graph.replay()
     synchronize(device)
     times = []
@@ -164,7 +184,7 @@ def _time_columns(times: dict) -> dict:
 def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtype, times: Optional[dict],
                    floor_bytes: Optional[float] = None, flops: Optional[float] = None,
                    target: Optional[str] = None, target_met: Optional[bool] = None,
-                   items: Optional[tuple] = None, **extra) -> dict:
+                   items: Optional[tuple] = None, measured_bandwidth: bool = False, **extra) -> dict:
     """Writes one summary-table row into benchmark.extra_info and returns it.
 
     times: {"mmfast": ms, baseline: ms, ...}, medians measured in the same run (None for
@@ -174,6 +194,8 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     flops: the useful floating-point operations (gives TFLOP/s). Both need times.
     target / target_met: the issue's target for this row, stated and checked.
     items: (count, unit) processed per call, e.g. (8, "images"): gives the throughput column.
+    measured_bandwidth: % of floor against the copy bandwidth measured in this process instead
+    of the GPU's datasheet figure (peak_bandwidth).
     """
     info = {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": machine_name(device)}
     if times:
@@ -181,7 +203,7 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     mmfast_ms = times["mmfast"] if times else None
     if floor_bytes is not None and mmfast_ms:
         info["gbps"] = round(floor_bytes / (mmfast_ms * 1e-3) / 1e9, 2)
-        bandwidth, source = peak_bandwidth(device)
+        bandwidth, source = peak_bandwidth(device, measured=measured_bandwidth)
         if bandwidth:
             info["pct_of_floor"] = round(100 * floor_bytes / bandwidth / (mmfast_ms * 1e-3), 1)
             info["bandwidth_ref"] = source

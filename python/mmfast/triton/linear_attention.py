@@ -13,7 +13,7 @@ from ..ops.linear_attention import (check_apply, check_apply_backward, check_kv,
                                     register_fakes_and_autograd)
 from ..reference.linear_attention import FEATURE_MAPS
 from . import linear_attention_kernels as kernels
-from ._common import INTERPRET, check_runnable, device_guard, device_sm_count, last_dim_unit
+from ._common import check_runnable, device_guard, device_sm_count, last_dim_unit
 
 OP = "linear_attention"
 # Token rows per program in the row-parallel kernels / per loop step in the chunked ones.
@@ -68,8 +68,8 @@ def _chunk_size(n: int, programs_per_chunk: int, device: torch.device) -> int:
     return triton.cdiv(chunk, _BLOCK_N) * _BLOCK_N
 
 
-def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None, scale: float = 1.0):
-    """scale * (sum_i phi(a_i)^T (b_i / z_i), sum_i w_i phi(a_i)) per (B, H), fp32: one launch
+def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None, divisor: int = 1):
+    """(sum_i phi(a_i)^T (b_i / z_i), sum_i w_i phi(a_i)) / divisor per (B, H), fp32: one launch
     when one chunk covers N, else the chunk partials and one fixed-order reduction launch."""
     bsz, n, h, da = a.shape
     db = b.shape[-1]
@@ -82,7 +82,7 @@ def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None, scale: fl
     dummy = part  # never read when HAS_Z / HAS_W is False
     kernels.outer_sum_kernel[(tiles_a * tiles_b * chunks * bsz * h,)](
         a, b, dummy if z is None else z, dummy if w is None else w, part, mpart,
-        n, h, da, db, chunk, tiles_a * tiles_b, chunks, bsz * h, scale if chunks == 1 else 1.0,
+        n, h, da, db, chunk, tiles_a * tiles_b, chunks, bsz * h, divisor if chunks == 1 else 1,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         FM=FEATURE_MAPS.index(feature_map), HAS_Z=z is not None, HAS_W=w is not None,
         HALF_DOT=z is None and _half_dot(b.dtype), DOT_PREC=_dot_precision(a.dtype),
@@ -94,13 +94,13 @@ def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None, scale: fl
     mean = a.new_empty((bsz, h, da), dtype=torch.float32)
     block = _REDUCE_BLOCK
     programs = (triton.cdiv(da * db, block) + triton.cdiv(da, block)) * bsz * h
-    kernels.reduce_chunks_kernel[(programs,)](part, mpart, state, mean, chunks, bsz * h, da * db, da, scale,
+    kernels.reduce_chunks_kernel[(programs,)](part, mpart, state, mean, chunks, bsz * h, da * db, da, divisor,
                                               BLOCK=block, num_warps=4)
     return state, mean
 
 
 def _state(k: Tensor, v: Tensor, feature_map: str):
-    return _outer_sum(k, v, feature_map, scale=1.0 / k.shape[1])
+    return _outer_sum(k, v, feature_map, divisor=k.shape[1])
 
 
 def _apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str) -> Tensor:

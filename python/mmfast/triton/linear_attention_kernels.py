@@ -17,12 +17,12 @@ needs every block dim >= 16 and a power of two, so D = 40/80/160 run as 64 / 64+
                         fp32 partials of sum_i phi(a_i)^T (b_i / z_i) and
                         sum_i w_i phi(a_i) per chunk (64-token steps summed in
                         fp64 within a chunk) -> workspace; with one chunk, the
-                        result itself, scaled by 1/N in the kernel.  Runs the state (a=k, b=v)
+                        result itself, divided by N in the kernel.  Runs the state (a=k, b=v)
                         and the dS/dm of apply_backward (a=q, b=do, z, w=dz).
                         Splitting N is what keeps the GPU busy when B*H is small
                         (10-40 in SD UNets); flash_bla streams all of N per CTA.
   reduce_chunks_kernel programs (element blocks of S and m, B*H): the chunk partials
-                        summed in chunk order in fp64, scaled by 1/N (state) or 1
+                        summed in chunk order in fp64, divided by N (state) or 1
                         (dS, dm): the forward is 2 launches (one chunk) or 3.
   apply_kernel         programs (Dv-tiles, N-blocks, B*H), loops over Dk-tiles,
                         accumulating the numerator (tl.dot) and z (fp32 sum).
@@ -100,14 +100,15 @@ def times_dphi(grad, x, FM: tl.constexpr):
 @triton.jit
 def outer_sum_kernel(
     a_ptr, b_ptr, z_ptr, w_ptr, part_ptr, mpart_ptr,
-    N, H, DA, DB, CHUNK, NUM_TILES, NUM_CHUNKS, BH, SCALE,
+    N, H, DA, DB, CHUNK, NUM_TILES, NUM_CHUNKS, BH, DIVISOR,
     s_ab, s_an, s_ah, s_bb, s_bn, s_bh,
     FM: tl.constexpr, HAS_Z: tl.constexpr, HAS_W: tl.constexpr,
     HALF_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, NUM_B_TILES: tl.constexpr,
 ):
-    """part[c, bh] = SCALE sum_{i in chunk c} phi(a_i)^T (b_i / z_i); mpart[c, bh] = SCALE sum_i w_i phi(a_i)
-    (SCALE = 1 for partials, 1/N when one chunk covers N and part is the result)."""
+    """part[c, bh] = sum_{i in chunk c} phi(a_i)^T (b_i / z_i) / DIVISOR; mpart[c, bh] = sum_i w_i phi(a_i) / DIVISOR
+    (DIVISOR, an integer: 1 for partials, N when one chunk covers N and part is the result; the
+    division is done on the fp64 sums, as the CUDA kernels do)."""
     pid_t, pid_c, pid_bh = unfold(tl.program_id(0), NUM_TILES, NUM_CHUNKS)
     tile_a = pid_t // NUM_B_TILES
     tile_b = pid_t % NUM_B_TILES
@@ -155,18 +156,18 @@ def outer_sum_kernel(
 
     slot = (pid_c * BH + pid_bh).to(tl.int64)
     part_ptrs = part_ptr + (slot * DA + cols_a[:, None]) * DB + cols_b[None, :]
-    tl.store(part_ptrs, (acc * SCALE).to(tl.float32), mask=mask_a[:, None] & mask_b[None, :])
+    tl.store(part_ptrs, (acc / DIVISOR).to(tl.float32), mask=mask_a[:, None] & mask_b[None, :])
     # Every Dv-tile computes the same m partial; only the first stores it.
-    tl.store(mpart_ptr + slot * DA + cols_a, (macc * SCALE).to(tl.float32), mask=mask_a & (tile_b == 0))
+    tl.store(mpart_ptr + slot * DA + cols_a, (macc / DIVISOR).to(tl.float32), mask=mask_a & (tile_b == 0))
 
 
 @triton.jit
 def reduce_chunks_kernel(
     part_ptr, mpart_ptr, state_ptr, mean_ptr,
-    NUM_CHUNKS, BH, ELEMS_S, ELEMS_M, SCALE,
+    NUM_CHUNKS, BH, ELEMS_S, ELEMS_M, DIVISOR,
     BLOCK: tl.constexpr,
 ):
-    """state[bh, e] = SCALE sum_c part[c, bh, e] and mean[bh, e] = SCALE sum_c mpart[c, bh, e],
+    """state[bh, e] = sum_c part[c, bh, e] / DIVISOR and mean[bh, e] = sum_c mpart[c, bh, e] / DIVISOR,
     summed in chunk order in fp64 (deterministic, and as accurate as the partials). Programs
     (BLOCK elements of S, then of m; B*H), 1-D."""
     blocks_s = tl.cdiv(ELEMS_S, BLOCK)
@@ -183,7 +184,7 @@ def reduce_chunks_kernel(
     acc = tl.zeros((BLOCK,), dtype=tl.float64)
     for c in range(0, NUM_CHUNKS):
         acc += tl.load(src + (c * BH + bh) * elems + offs, mask=mask, other=0.0).to(tl.float64)
-    tl.store(dst + bh * elems + offs, (acc * SCALE).to(tl.float32), mask=mask)
+    tl.store(dst + bh * elems + offs, (acc / DIVISOR).to(tl.float32), mask=mask)
 
 
 @triton.jit
