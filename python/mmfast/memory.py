@@ -40,8 +40,11 @@ class PeakMemory:
     everything the process touches, so run nothing else in the process meanwhile, and it falls
     only when the allocator returns freed memory to the system: glibc keeps freed blocks below
     its (self-raising) mmap threshold, so for faithful numbers start the process with
-    MALLOC_MMAP_THRESHOLD_=65536. Meters do not nest: entering one resets the peak that an
-    enclosing one is measuring (both devices).
+    MALLOC_MMAP_THRESHOLD_=65536. Linux updates the high-water mark lazily: memory handed back
+    with madvise (glibc's per-thread arenas do) can hide a peak, so the CPU figure is a lower
+    bound, clamped at 0 when the resident set at entry was never exceeded as far as the kernel
+    recorded. Meters do not nest: entering one resets the peak that an enclosing one is
+    measuring (both devices).
     """
 
     def __init__(self, device):
@@ -70,7 +73,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start_bytes
         elif sys.platform.startswith("linux") and not self._cpu_unavailable:
-            self.peak_bytes = _resident_kib("VmHWM") * 1024 - self.start_bytes
+            self.peak_bytes = max(0, _resident_kib("VmHWM") * 1024 - self.start_bytes)
 
 
 class _LiveStorageBytes(TorchDispatchMode):
