@@ -135,15 +135,18 @@ def extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = extensions()
+# pip (setuptools.build_meta) and `python setup.py` both run this file as __main__; the guard lets
+# scripts/sass_report.py import the toolkit lookup above without building anything.
+if __name__ == "__main__":
+    ext_modules, cmdclass = extensions()
 
-setup(
-    name="mmfast",
-    version="0.1.0",
-    description="Compiled CPU/CUDA/Triton kernels for LinFusion, APTP, Liquid and DiffDIS",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.9",
-)
+    setup(
+        name="mmfast",
+        version="0.1.0",
+        description="Compiled CPU/CUDA/Triton kernels for LinFusion, APTP, Liquid and DiffDIS",
+        package_dir={"": "python"},
+        packages=find_packages("python"),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        python_requires=">=3.9",
+    )

@@ -45,6 +45,7 @@ import ctypes
 import ctypes.util
 import functools
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -544,31 +545,18 @@ def occupancy(registers: int, smem: int, threads: int, limits: SmLimits = SmLimi
 
 
 # ---- toolchain -----------------------------------------------------------------------------
-def _is_toolkit(path) -> bool:
-    root = Path(path or "")
-    return bool(path) and (root / "include" / "cuda_runtime.h").is_file() and (root / "bin" / "nvcc").exists()
+def _load_setup_module():
+    """setup.py as a module (its setup() call is guarded by __main__): the build's own toolkit lookup."""
+    spec = importlib.util.spec_from_file_location("_mmfast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def find_cuda_home() -> str | None:
-    """setup.py's lookup: CUDA_HOME / CUDA_PATH, else the real root of the nvcc on PATH."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(os.environ.get(var)):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.startswith("#$ TOP="):
-            top = Path(line.split("=", 1)[1].strip()).resolve()
-            for candidate in (top, top.parent):
-                if _is_toolkit(candidate):
-                    return str(candidate)
-    return None
+    """The CUDA toolkit root exactly as setup.py finds it (CUDA_HOME / CUDA_PATH, else the real
+    root of the nvcc on PATH)."""
+    return _load_setup_module().find_cuda_home()
 
 
 def nvidia_wheel_dirs(sub: str, marker: str) -> list[str]:
@@ -761,6 +749,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def portable_command(command: list[str], cuda_home: str, workdir: Path) -> list[str]:
+    """The nvcc command with this machine's paths replaced ($CUDA_HOME, the repository, <workdir>,
+    <site-packages>), so a committed report names no local path."""
+    replacements = [(str(workdir), "<workdir>"), (str(Path(cuda_home)), "$CUDA_HOME"), (str(ROOT), ".")]
+    replacements += [(p, "<site-packages>") for p in sys.path if p.endswith("site-packages")]
+    out = []
+    for arg in command:
+        for old, new in replacements:
+            arg = arg.replace(old, new)
+        out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not re.fullmatch(r"sm_\d+[a-z]?", args.arch):
@@ -787,12 +788,12 @@ def main(argv=None) -> int:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     rows = kernel_rows(build.sass, build.ptxas, build.elf, args.arch)
-    print(f"compiled {args.source} for {args.arch} in {build.seconds:.1f} s (nvcc -cubin, {len(rows)} kernels)\n")
+    print(f"compiled {portable_command([str(args.source)], cuda_home, workdir)[0]} for {args.arch} in {build.seconds:.1f} s (nvcc -cubin, {len(rows)} kernels)\n")
     print(markdown_table(rows))
     print("\n" + "\n".join(notes(rows, args.arch)))
     if args.json:
-        meta = {"source": str(args.source), "arch": args.arch, "compile_seconds": round(build.seconds, 2),
-                "nvcc_command": build.command}
+        meta = {"source": portable_command([str(args.source)], cuda_home, workdir)[0], "arch": args.arch, "compile_seconds": round(build.seconds, 2),
+                "nvcc_command": portable_command(build.command, cuda_home, workdir)}
         args.json.write_text(json.dumps({**meta, "kernels": rows}, indent=1) + "\n")
     return 0
 
