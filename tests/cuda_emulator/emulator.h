@@ -62,7 +62,20 @@ inline void switch_to_fiber(int t) { swapcontext(&sched, &ctx[t]); }
 inline void fiber_started() {}
 #endif
 inline void yield() { ++nbar[cur]; switch_to_scheduler(false); }
-inline void tramp() { fiber_started(); body(); done[cur] = true; switch_to_scheduler(true); }
+// cp.async: a copy lands at random either as it is issued or only at the cp_async_wait that
+// retires its group (the two ends of what the hardware may do), so both a read before the
+// wait (or before the barrier that follows every thread's wait) and an overwrite of a stage
+// other threads still read show up as wrong results.
+struct AsyncCopy { void* dst; const void* src; bool valid; };
+inline std::vector<AsyncCopy> async_open[kN];                 // issued, not yet committed
+inline std::vector<std::vector<AsyncCopy>> async_groups[kN];  // committed, oldest first
+inline void async_check_drained() {
+  bool pending = !async_open[cur].empty();
+  for (const auto& g : async_groups[cur]) pending = pending || !g.empty();
+  if (pending) { std::printf("EMU ERROR: thread %d exited with cp.async copies never waited for\n", cur); std::exit(2); }
+  async_groups[cur].clear();
+}
+inline void tramp() { fiber_started(); body(); async_check_drained(); done[cur] = true; switch_to_scheduler(true); }
 inline void run(std::function<void()> f) {
   body = std::move(f);
   for (int t = 0; t < kN; ++t) {
@@ -106,6 +119,22 @@ template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 1
   yield();
   return r;
 }
+inline void async_land(const std::vector<AsyncCopy>& group) {
+  for (const AsyncCopy& c : group) {
+    if (c.valid) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
+  }
+}
+// Dynamic shared memory of the running launch, poisoned (0xff: NaN in every float type) so a
+// read of bytes nothing wrote shows up in the results.
+inline std::vector<unsigned char> dynamic_smem;
+inline unsigned char* dynamic_smem_base() {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_smem.data());
+  return dynamic_smem.data() + ((128 - p % 128) % 128);
+}
+inline void prepare_dynamic_smem(size_t bytes) {
+  dynamic_smem.assign(bytes + 128, 0xff);
+}
 inline int sms = 132;
 inline int compute_major = 9;
 inline unsigned emu_blocks = 3;
@@ -120,12 +149,14 @@ inline unsigned emu_blocks = 3;
 #define __shared__ static
 #define __syncthreads() ::emu::yield()
 #define __shfl_xor_sync(m, v, l) ::emu::shfl_xor(v, l)
+#define MMFAST_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_smem_base()
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...)                                       \
   do {                                                                                            \
-    (void)(grid), (void)(block), (void)(smem), (void)(stream);                                   \
+    (void)(grid), (void)(block), (void)(stream);                                                 \
     ::emu::gdim.x = ::emu::emu_blocks;                                                            \
     for (unsigned b_ = 0; b_ < ::emu::emu_blocks; ++b_) {                                         \
       ::emu::bid.x = b_;                                                                          \
+      ::emu::prepare_dynamic_smem(smem);                                                          \
       ::emu::run([&] { kernel(__VA_ARGS__); });                                                   \
     }                                                                                             \
   } while (0)
@@ -133,10 +164,43 @@ inline unsigned emu_blocks = 3;
 // Atomics: fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic.
 template <class V> V atomicAdd(V* p, V v) { const V old = *p; *p = old + v; return old; }
 
+inline void check_async_operand(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    std::printf("EMU ERROR: cp.async %s %p is not 16-byte aligned\n", what, p);
+    std::exit(2);
+  }
+}
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  check_async_operand(dst, "destination");
+  check_async_operand(src, "source");
+  const ::emu::AsyncCopy copy{dst, src, valid};
+  if (::emu::rng() & 1u) ::emu::async_land({copy});
+  else ::emu::async_open[::emu::cur].push_back(copy);
+}
+inline void cp_async_commit() {
+  auto& open = ::emu::async_open[::emu::cur];
+  ::emu::async_groups[::emu::cur].push_back(std::move(open));
+  open.clear();
+}
+template <int Pending> void cp_async_wait() {
+  auto& groups = ::emu::async_groups[::emu::cur];
+  while (groups.size() > static_cast<size_t>(Pending)) {
+    ::emu::async_land(groups.front());
+    groups.erase(groups.begin());
+  }
+}
+
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrComputeCapabilityMajor ? ::emu::compute_major : ::emu::sms;
+  *v = attr == cudaDevAttrComputeCapabilityMajor       ? ::emu::compute_major
+       : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448  // sm_90: 227 KB
+                                                         : ::emu::sms;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {
+  *blocks = 1;
   return cudaSuccess;
 }
 

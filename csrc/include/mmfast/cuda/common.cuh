@@ -164,6 +164,65 @@ __device__ __forceinline__ TokenView<T> token_view(const TokenTensor& t, int64_t
   return v;
 }
 
+// ---- asynchronous copies into shared memory (cp.async) ----------------------------------
+// cp_async16(dst, src, valid) starts a 16-byte global -> shared copy (both 16-byte aligned)
+// that bypasses registers and L1, or writes 16 zero bytes when !valid (src is then not read,
+// but must still be a mapped address). Copies a thread issued become visible to it after
+// cp_async_wait<n>() leaves at most n of its committed groups pending, and to the block after
+// a __syncthreads() that follows every thread's wait. Before sm_80 the copy is synchronous.
+// The host emulator (tests/cuda_emulator) performs the copies only at the wait, so a read
+// before the wait or the barrier sees stale shared memory there too.
+#ifndef MMFAST_CUDA_EMULATED
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int Pending> __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+#endif  // !MMFAST_CUDA_EMULATED
+
+// A kernel's dynamic shared memory, 128-byte aligned (the emulator defines its own).
+#ifndef MMFAST_DYNAMIC_SHARED
+#define MMFAST_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+// Lets kernel take bytes of dynamic shared memory (needed above 48 KB per block).
+template <class Kernel> cudaError_t allow_dynamic_shared(Kernel* kernel, int bytes) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              bytes);
+}
+
+// Blocks of kernel (threads per block, dynamic shared bytes) that one SM holds, after opting
+// in to that much shared memory: 0 when a query fails (cudaGetLastError then says why).
+template <class Kernel> int resident_blocks_per_sm(Kernel* kernel, int threads, size_t smem) {
+  int blocks = 0;
+  if (allow_dynamic_shared(kernel, static_cast<int>(smem)) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, reinterpret_cast<const void*>(kernel), threads, smem) !=
+          cudaSuccess)
+    return 0;
+  return blocks;
+}
+
+// True when every token row of t (D elements of elem_bytes each, unit stride) starts on a
+// 16-byte boundary and holds whole 16-byte chunks: the rows can be copied with cp_async16.
+inline bool rows_16b_aligned(const TokenTensor& t, int64_t D, int64_t elem_bytes) {
+  const auto aligned = [&](int64_t elems) { return (elems * elem_bytes) % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && aligned(D) && aligned(t.stride_n) && aligned(t.stride_h) &&
+         aligned(t.stride_b);
+}
+
 // ---- launches ------------------------------------------------------------------------------
 // Kernels loop over their work items with a grid stride, so a 1-D grid of at most INT_MAX
 // blocks covers any problem (no 65,535 limit of grid y/z).
@@ -193,6 +252,26 @@ inline int compute_capability_major() {
     return 0;
   }
   return major;
+}
+
+// Shared memory one block may opt in to on the current device (48 KB when the query fails).
+inline size_t max_shared_per_block() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || bytes <= 0) {
+    (void)cudaGetLastError();
+    return 48 * 1024;
+  }
+  return static_cast<size_t>(bytes);
+}
+
+// MMFAST_CUDA_ASYNC_COPY=0 keeps every kernel on its register-staged loads (for A/B timing).
+inline bool async_copy_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MMFAST_CUDA_ASYNC_COPY");
+    return env == nullptr || env[0] != '0';
+  }();
+  return enabled;
 }
 
 // MMFAST_CUDA_TENSOR_CORES=0 keeps every kernel on its exact SIMT path.

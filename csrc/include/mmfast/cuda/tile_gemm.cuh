@@ -137,6 +137,39 @@ __device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa
   stage_stores<BXFast>(eb, raw_b, Bs);
 }
 
+// ---- raw token tiles copied asynchronously -----------------------------------------------
+// A RawTile holds Rows token rows of Cols raw input elements in shared memory, filled by
+// cp.async 16-byte copies: the bytes are in flight without occupying registers, so a kernel
+// keeps several tiles in flight (a multi-stage pipeline) while it computes on an earlier one.
+// A staging step then reads the raw elements from shared memory as its loads. RawSlice is
+// the kBK tokens x kTile dims of a token-contraction (the state pass); RawTile<T, kTile, kBK>
+// the kTile tokens x kBK dims of a dim-contraction (the apply pass).
+template <class T, int Rows, int Cols> struct RawTile {
+  static constexpr int kRows = Rows, kCols = Cols;
+  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kChunksPerRow = Cols / kChunkElems;
+  static constexpr int kChunks = Rows * kChunksPerRow;
+  static_assert(16 % sizeof(T) == 0 && Cols % kChunkElems == 0 && kChunks % kThreads == 0,
+                "whole 16-byte chunks, the same count per thread");
+  __align__(16) T v[Rows][Cols];
+};
+template <class T> using RawSlice = RawTile<T, kBK, kTile>;
+
+// Starts the copies of a tile: row r < rows from row_ptr(r) (16-byte aligned), elements
+// x < cols (a multiple of kChunkElems); every other chunk is zero-filled. fallback is any
+// mapped, 16-byte aligned address (zero-filled chunks still name a source; none is read).
+template <class Tile, class T, class RowPtr>
+__device__ __forceinline__ void raw_tile_issue(Tile& dst, RowPtr row_ptr, int64_t rows, int64_t cols,
+                                               const T* fallback) {
+#pragma unroll
+  for (int k = 0; k < Tile::kChunks / kThreads; ++k) {
+    const int c = static_cast<int>(threadIdx.x) + k * kThreads;
+    const int r = c / Tile::kChunksPerRow, x = (c % Tile::kChunksPerRow) * Tile::kChunkElems;
+    const bool valid = r < rows && x < cols;
+    cp_async16(&dst.v[r][x], valid ? row_ptr(r) + x : fallback, valid);
+  }
+}
+
 // ---- SIMT building blocks ----------------------------------------------------------------
 // acc[i][j] += sum_l As[l][ty*4+i] * Bs[l][tx*4+j]
 template <class A>
