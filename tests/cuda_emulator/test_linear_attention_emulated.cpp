@@ -1,8 +1,10 @@
 // The CUDA linear-attention kernels run on the host under emulator.h (fibers for the 256
 // threads of a block, switched at __syncthreads and shuffles in random order) and are
 // checked against a float64 reference: every op, dtype, feature map, odd head dims, strided
-// and padded layouts, single- and multi-chunk splits, and writes outside the outputs.
-// It cannot check memory alignment, concurrency between blocks or speed: that needs a GPU.
+// and padded layouts, single- and multi-chunk splits, 16-byte aligned rows (the cp.async
+// kernels) and unaligned ones, and writes outside the outputs.
+// It checks the alignment cp.async and WMMA require, not concurrency between blocks or
+// speed: that needs a GPU.
 // Argument: 0 (quick), 1 (+ large head dims), 2 (+ a sweep of Dk x Dv).
 #include "emulator.h"
 #include "test_support.h"
@@ -273,6 +275,7 @@ int main(int argc, char** argv) {
   all(1, 2, 70, 40, 80, 1, 0, 2, 4);
   all(1, 1, 1025, 7, 3, 0, 1, 1, 132);
   all(2, 1, 300, 80, 40, 1, 1, 0, 132);
+  all(1, 2, 600, 64, 64, 1, 0, 8, 4);  // 16-byte aligned padded rows, split over chunks: cp.async state pass
   if (level >= 2) {
     const int64_t dims[] = {1, 7, 40, 64, 80, 160, 256};
     int i = 0;

@@ -41,6 +41,9 @@ template <class Input, FeatureMap Fm, bool TensorCores> struct Config {
   static constexpr bool tc = TensorCores;
 };
 
+// fp16 / bf16: the inputs the cp.async kernels take (16-byte chunks of 8 elements).
+template <class T> constexpr bool kSixteenBit = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
 // Sizes every kernel needs; each kernel's argument struct extends it.
 struct Dims {
   int64_t bh, heads, N, ntiles;  // ntiles = kTile-token tiles of the sequence

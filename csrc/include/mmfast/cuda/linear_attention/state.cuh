@@ -73,16 +73,18 @@ __device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const St
 }
 
 // As[l][x] = phi(k_{t0+l})[k0+x], Bs[l][x] = v_{t0+l}[v0+x] / z_l, zero past the chunk and dims.
-template <class C, class T, class A>
-__device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0,
-                                                  const TokenView<const T>& kk, const TokenView<const T>& vv,
-                                                  const A* zsh, A* As, A* Bs) {
+// raw_k(x, l) / raw_v(x, l) read the raw elements (global memory, or a RawSlice already landed
+// in shared memory); they are only called inside the bounds.
+template <class C, class A, class RawK, class RawV>
+__device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0, RawK raw_k,
+                                                  RawV raw_v, const A* zsh, A* As, A* Bs) {
+  using T = typename C::T;
   const auto k_in = [&](int x, int l) { return t0 + l < it.t_end && it.k0 + x < a.dk; };
   const auto v_in = [&](int x, int l) { return t0 + l < it.t_end && it.v0 + x < a.dv; };
   stage_tile_pair<true, true>(
-      As, split_element([&](int x, int l) { return k_in(x, l) ? kk.row(t0 + l)[it.k0 + x] : from_acc<T>(A(0)); },
+      As, split_element([&](int x, int l) { return k_in(x, l) ? raw_k(x, l) : from_acc<T>(A(0)); },
                         [&](T raw, int x, int l) { return k_in(x, l) ? phi<C::fm>(to_acc(raw)) : A(0); }),
-      Bs, split_element([&](int x, int l) { return v_in(x, l) ? vv.row(t0 + l)[it.v0 + x] : from_acc<T>(A(0)); },
+      Bs, split_element([&](int x, int l) { return v_in(x, l) ? raw_v(x, l) : from_acc<T>(A(0)); },
                         [&](T raw, int x, int l) { return v_in(x, l) ? to_acc(raw) / zsh[l] : A(0); }));
   __syncthreads();
 }
@@ -132,6 +134,19 @@ __device__ __forceinline__ void store_state_tile(const StateArgs& a, const State
   }
 }
 
+// After an item's last slice: the wide sums rounded once, the tile out of the fragments
+// (through Cs, with barriers, on the tensor-core path), then stored.
+template <class A>
+__device__ __forceinline__ void finish_state_item(const StateArgs& a, const StateItem& it, TileAccumulator<A>& tile,
+                                                  WideTile<A>& wide, A (&msum)[4], double (&mwide)[4], bool use_tc,
+                                                  A* Cs, int ty, int tx) {
+  tile_finish_wide(tile, wide, use_tc, Cs, ty, tx);
+  flush_mean(msum, mwide);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) msum[i] = WideTile<A>::kEnabled ? static_cast<A>(mwide[i]) : msum[i];
+  store_state_tile(a, it, tile.acc, msum, ty, tx);
+}
+
 // Accumulates S_tile[i][j] = sum_t phi(k_t)[k0+i] * v_t[v0+j] / z_t and (tile_v == 0 only)
 // m[k0+i] = sum_t phi(k_t)[k0+i] * w_t, with z_t = w_t = 1 (forward) or z_t, w_t = dz_t
 // (apply_backward).
@@ -160,7 +175,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
     int slice = 0;
     for (int64_t t0 = it.t_begin; t0 < it.t_end; t0 += kBK) {
       stage_token_scalars(a, it, t0, zsh, wsh);
-      stage_state_slice<C, T>(a, it, t0, kk, vv, zsh, As, Bs);
+      stage_state_slice<C>(
+          a, it, t0, [&](int x, int l) { return kk.row(t0 + l)[it.k0 + x]; },
+          [&](int x, int l) { return vv.row(t0 + l)[it.v0 + x]; }, zsh, As, Bs);
       tile_accumulate(tile, use_tc, As, Bs, ty, tx);
       if (it.do_mean) accumulate_mean(msum, As, wsh, ty);
       if (++slice % kFlushSlices == 0) {
@@ -168,12 +185,90 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
         flush_mean(msum, mwide);
       }
     }
-    tile_finish_wide(tile, wide, use_tc, Cs, ty, tx);
-    flush_mean(msum, mwide);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) msum[i] = WideTile<A>::kEnabled ? static_cast<A>(mwide[i]) : msum[i];
-    store_state_tile(a, it, tile.acc, msum, ty, tx);
+    finish_state_item(a, it, tile, wide, msum, mwide, use_tc, Cs, ty, tx);
   }
+}
+
+// ---- the asynchronous variant (16-bit inputs with 16-byte aligned rows) -------------------
+// The same sums as la_state_kernel, but the raw k / v tokens travel by cp.async into a ring
+// of kAsyncStages RawSlices: each wait leaves kAsyncStages - 2 slices in flight while the
+// landed one is converted (phi, the division by z) into the fp32 operand tiles and multiplied.
+// 6 stages of 16-bit inputs keep 4 x 8 KB = 32 KB per block in flight; Little's law at 700-900 ns
+// of loaded DRAM latency asks about 23-30 KB per SM for an H200's 4.3 TB/s (only reads here)
+// (docs/linear-attention-performance.md).
+constexpr int kAsyncStages = 6;
+
+template <class T, class A> struct AsyncStateShared {
+  union Pool {  // the stages while slices stream, then Cs for the tensor-core epilogue
+    struct {
+      RawSlice<T> k[kAsyncStages], v[kAsyncStages];
+    } raw;
+    __align__(32) A Cs[TcScratch<A>::floats];
+  } pool;
+  __align__(32) A As[kBK * kLd];
+  __align__(32) A Bs[kBK * kLd];
+  A zsh[kBK], wsh[kBK];
+};
+
+template <class C>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_kernel(StateArgs a) {
+  using T = typename C::T;
+  using A = acc_t<T>;
+  MMFAST_DYNAMIC_SHARED(smem);
+  auto& sh = *reinterpret_cast<AsyncStateShared<T, A>*>(smem);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  constexpr bool use_tc = C::tc;
+  constexpr int S = kAsyncStages;
+  const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const StateItem it = state_item(a, item, tx);
+    const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
+    const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
+    const int64_t slices = ceil_div(it.t_end - it.t_begin, kBK);
+    // One commit group per slice, empty past the end, so every wait count stays uniform.
+    const auto issue = [&](int64_t s) {
+      if (s < slices) {
+        const int64_t t0 = it.t_begin + s * kBK;
+        raw_tile_issue(sh.pool.raw.k[s % S], [&](int l) { return kk.row(t0 + l) + it.k0; }, it.t_end - t0,
+                        a.dk - it.k0, kk.base);
+        raw_tile_issue(sh.pool.raw.v[s % S], [&](int l) { return vv.row(t0 + l) + it.v0; }, it.t_end - t0,
+                        a.dv - it.v0, vv.base);
+      }
+      cp_async_commit();
+    };
+    __syncthreads();  // the previous item is done with the stages and Cs (one pool)
+    for (int s = 0; s < S - 1; ++s) issue(s);
+    TileAccumulator<A> tile;
+    WideTile<A> wide;
+    tile_zero(tile, use_tc);
+    wide_zero(wide);
+    A msum[4] = {A(0), A(0), A(0), A(0)};
+    double mwide[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t s = 0; s < slices; ++s) {
+      const int64_t t0 = it.t_begin + s * kBK;
+      cp_async_wait<S - 2>();                             // this thread's copies of slice s landed
+      stage_token_scalars(a, it, t0, sh.zsh, sh.wsh);     // its first barrier: everyone's landed
+      issue(s + S - 1);  // into slice s - 1's stage: its readers passed the barrier ending its conversion
+      const RawSlice<T>& rk = sh.pool.raw.k[s % S];
+      const RawSlice<T>& rv = sh.pool.raw.v[s % S];
+      stage_state_slice<C>(
+          a, it, t0, [&](int x, int l) { return rk.v[l][x]; }, [&](int x, int l) { return rv.v[l][x]; }, sh.zsh,
+          sh.As, sh.Bs);
+      tile_accumulate(tile, use_tc, sh.As, sh.Bs, ty, tx);
+      if (it.do_mean) accumulate_mean(msum, sh.As, sh.wsh, ty);
+      if ((s + 1) % kFlushSlices == 0) {
+        tile_flush(tile, wide, use_tc);
+        flush_mean(msum, mwide);
+      }
+    }
+    finish_state_item(a, it, tile, wide, msum, mwide, use_tc, sh.pool.Cs, ty, tx);
+  }
+}
+
+// The asynchronous kernel runs for 16-bit inputs whose rows cp.async can copy whole.
+template <class T> bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d) {
+  return kSixteenBit<T> && async_copy_enabled() && rows_16b_aligned(k, d.dk, sizeof(T)) &&
+         rows_16b_aligned(v, d.dv, sizeof(T)) && sizeof(AsyncStateShared<T, acc_t<T>>) <= max_shared_per_block();
 }
 
 // Sums the nchunks partials of every (bh, element) in chunk order, in fp64, and divides by div.
@@ -238,7 +333,17 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
   a.div = div;
   const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
-    MMFAST_LAUNCH(la_state_kernel<decltype(config)>, grid_for(items), kThreads, 0, stream, a);
+    using C = decltype(config);
+    if constexpr (kSixteenBit<T>) {
+      if (use_async_state<T>(k, v, a)) {
+        constexpr int smem = static_cast<int>(sizeof(AsyncStateShared<T, A>));  // > 48 KB: opt in
+        const cudaError_t allowed = allow_dynamic_shared(&la_state_async_kernel<C>, smem);
+        if (allowed != cudaSuccess) return allowed;
+        MMFAST_LAUNCH(la_state_async_kernel<C>, grid_for(items), kThreads, smem, stream, a);
+        return cudaGetLastError();
+      }
+    }
+    MMFAST_LAUNCH(la_state_kernel<C>, grid_for(items), kThreads, 0, stream, a);
     return cudaGetLastError();
   });
   if (err != cudaSuccess || plan.nchunks == 1) return err;
