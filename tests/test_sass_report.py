@@ -160,6 +160,34 @@ def test_ldgsts_in_flight_until_depbar():
     assert (stats.global_loads, stats.async_copies, stats.loads_16b, stats.lds) == (5, 5, 4, 1)
 
 
+def test_cp_async_ring_depth_and_group_bytes():
+    # a 6-stage ring: 4 commits in the prologue, then wait_group 4, two 16-byte copies per group
+    ring = ["LDGSTS.E.BYPASS.128 [R22], desc[UR14][R44.64], P2",
+            "LDGSTS.E.BYPASS.128 [R22+0x5000], desc[UR14][R44.64], P1",
+            "LDGDEPBAR"]
+    text = sass(*(ring * 4), "DEPBAR.LE SB0, 0x4", "BAR.SYNC.DEFER_BLOCKING 0x0", *ring, "LDS.U16 R8, [R3]", "EXIT")
+    function = only_function(text)
+    assert sr.async_pipeline(function) == (4, 2, 32)
+    stats = sr.analyze_function(function)
+    assert (stats.pipelined_loads, stats.pipelined_bytes) == (8, 128)
+    row = {"mlp_loads": stats.mlp_loads, "mlp_bytes": stats.mlp_bytes, "pipelined_loads": 8, "pipelined_bytes": 128}
+    assert sr.meets_mlp_target(row)
+    assert not sr.meets_mlp_target({**row, "pipelined_loads": 2, "pipelined_bytes": 32, "mlp_loads": 2,
+                                    "mlp_bytes": 32})
+
+
+def test_no_cp_async_no_pipeline():
+    text = sass("LDG.E.128 R4, desc[UR4][R2.64]", "FADD R20, R7, R9", "DEPBAR.LE SB1, 0x2", "EXIT")
+    assert sr.async_pipeline(only_function(text)) == (0, 0, 0)
+
+
+def test_dynamic_smem_probe_source():
+    source = sr.probe_source({"k1": "sizeof(int)", "k2": "f<float>(64)"})
+    assert f'#include "{sr.PROBE_HEADER}"' in source
+    assert 'std::printf("k1 %zu\\n", static_cast<size_t>(sizeof(int)));' in source
+    assert "static_cast<size_t>(f<float>(64))" in source and source.rstrip().endswith("}")
+
+
 def test_tma_copies_count_without_bytes():
     text = sass("UTMALDG.2D [UR8], [UR4]",
                 "UTMALDG.2D [UR12], [UR4]",
@@ -302,3 +330,5 @@ def test_launch_sites_of_the_linear_attention_kernels():
     for kernel in ("la_state_kernel", "la_state_reduce_kernel", "la_apply_kernel", "la_apply_backward_kernel",
                    "la_state_backward_kernel"):
         assert (sites[kernel].threads, sites[kernel].dynamic_smem) == (256, 0), (kernel, sites[kernel])
+    for kernel in ("la_state_async_kernel", "la_apply_async_kernel"):  # sized by the probe, not the site
+        assert sites[kernel].threads == 256 and kernel in sr.DYNAMIC_SMEM_PROBES, (kernel, sites[kernel])
