@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from linear_attention_shapes import GPU_SHAPES  # noqa: E402
 
 SMS = 132                 # H200 multiprocessors
@@ -76,18 +78,26 @@ def state_plan(bh: int, n: int, dk: int, dv: int, sms: int = SMS) -> tuple[int, 
     return chunk, ceil_div(n, chunk)
 
 
-def forward_passes(bh: int, n: int, d: int, elem: int = 2) -> list[Pass]:
+KERNELS = {  # variant -> (state kernel, apply kernel)
+    "async": ("la_state_async_kernel", "la_apply_async_kernel"),
+    "staged": ("la_state_kernel", "la_apply_kernel"),
+    "one-load": ("la_state_kernel", "la_apply_kernel"),
+}
+
+
+def forward_passes(bh: int, n: int, d: int, elem: int = 2, variant: str = "async") -> list[Pass]:
     """The forward's launches with their DRAM bytes and issued MMA FLOPs (Dk = Dv = d)."""
+    state_kernel, apply_kernel = KERNELS[variant]
     padded = ceil_div(d, TILE) * TILE
     _, nchunks = state_plan(bh, n, d, d)
     state_elems = d * d + d
     mma = 2.0 * bh * n * padded * padded
     partials = bh * nchunks * state_elems * ACC_BYTES if nchunks > 1 else 0
     final = bh * state_elems * ACC_BYTES
-    passes = [Pass("state", "la_state_kernel", bh * n * 2 * d * elem + (partials or final), mma)]
+    passes = [Pass("state", state_kernel, bh * n * 2 * d * elem + (partials or final), mma)]
     if nchunks > 1:
         passes.append(Pass(f"reduce ({nchunks} chunks)", "la_state_reduce_kernel", partials + final, 0.0))
-    passes.append(Pass("apply", "la_apply_kernel", bh * n * 2 * d * elem + final, mma))
+    passes.append(Pass("apply", apply_kernel, bh * n * 2 * d * elem + final, mma))
     return passes
 
 
@@ -95,51 +105,79 @@ def floor_seconds(bh: int, n: int, d: int, elem: int = 2) -> float:
     return bh * n * 4 * d * elem / COPY_BW
 
 
-# Token loads one thread has in flight in each pass's streaming loop: kStagePerThread (8) per
-# streamed operand (state: k and v; apply: q, the state operand comes from L2); the reduce's
-# partial-sum loop, unrolled by the compiler, keeps 4 (SASS report).
+def header_constant(name: str, header: str) -> int:
+    """A `constexpr int name = value;` of a linear-attention CUDA header (the pipeline depths)."""
+    text = (ROOT / "csrc/include/mmfast/cuda/linear_attention" / header).read_text()
+    return int(re.search(rf"constexpr\s+int\s+{name}\s*=\s*(\d+)\s*;", text).group(1))
+
+
+# Register-staged kernels: token loads one thread has in flight in each pass's streaming loop,
+# kStagePerThread (8) per streamed operand (state: k and v; apply: q, the state operand comes
+# from L2); the reduce's partial-sum loop, unrolled by the compiler, keeps 4 (SASS report).
 TOKEN_LOADS_IN_FLIGHT = {"la_state_kernel": 16, "la_apply_kernel": 8, "la_state_reduce_kernel": 4}
+# cp.async kernels: a ring of S stages whose wait_group(S - 2) leaves S - 2 commit groups in
+# flight while a thread computes; one group is a thread's 16-byte copies of one slice (state:
+# one of k and one of v; apply: one of q, for 16-bit inputs).
+ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh", 32),
+              "la_apply_async_kernel": ("kAsyncApplyStages", "apply.cuh", 16)}
 # The configuration the bf16 benchmarks run: elu(x) + 1 on TF32 tensor cores.
 BENCH_CONFIG = "bf16, FeatureMap=1, true"
-DEFAULT_BLOCKS_PER_SM = {"la_state_kernel": 1, "la_apply_kernel": 1, "la_state_reduce_kernel": 8}
+DEFAULT_BLOCKS_PER_SM = {"la_state_kernel": 1, "la_apply_kernel": 1, "la_state_reduce_kernel": 8,
+                         "la_state_async_kernel": 1, "la_apply_async_kernel": 1}
+
+
+def _sass_row(kernel: str, sass: dict | None) -> dict | None:
+    want = "f32" if "reduce" in kernel else BENCH_CONFIG
+    return next((r for r in (sass or {}).get("kernels", [])
+                 if r["kernel"] == kernel and r["template_args"] == want), None)
 
 
 def resident_threads(kernel: str, sass: dict | None) -> int:
     """Threads per SM: blocks/SM of the SASS report's occupancy for the benchmarked
     configuration (the reduce is instantiated on the fp32 accumulator) x 256."""
-    want = "f32" if "reduce" in kernel else BENCH_CONFIG
-    for row in (sass or {}).get("kernels", []):
-        if row["kernel"] == kernel and row["template_args"] == want:
-            return row["blocks_per_sm"] * THREADS
-    return DEFAULT_BLOCKS_PER_SM[kernel] * THREADS
+    row = _sass_row(kernel, sass)
+    return (row["blocks_per_sm"] if row else DEFAULT_BLOCKS_PER_SM[kernel]) * THREADS
 
 
-def latency_bound_seconds(p: Pass, threads: int, elem: int, latency_s: float, one_load: bool = False) -> float:
+def bytes_in_flight(kernel: str, sass: dict | None, elem: int, one_load: bool = False) -> int:
+    """Bytes one thread keeps in flight in the pass's streaming loop: the cp.async ring's
+    pending groups (the SASS report's figure when given, else the headers' depth), or the
+    register-staged loads issued before their first use."""
+    if kernel in ASYNC_RING:
+        row = _sass_row(kernel, sass)
+        if row and row.get("pipelined_bytes"):
+            return row["pipelined_bytes"]
+        name, header, group = ASYNC_RING[kernel]
+        return (header_constant(name, header) - 2) * group
+    width = ACC_BYTES if "reduce" in kernel else elem
+    return width * (1 if one_load else TOKEN_LOADS_IN_FLIGHT[kernel])
+
+
+def latency_bound_seconds(p: Pass, threads: int, per_thread_bytes: int, latency_s: float) -> float:
     """Little's law: SMs x resident threads x bytes in flight per thread, every latency."""
-    loads = 1 if one_load else TOKEN_LOADS_IN_FLIGHT[p.kernel]
-    in_flight = SMS * threads * loads * (ACC_BYTES if "reduce" in p.kernel else elem)
-    return p.bytes / (in_flight / latency_s)
+    return p.bytes / (SMS * threads * per_thread_bytes / latency_s)
 
 
-def table(sass: dict | None, latency_ns: float, one_load: bool = False) -> str:
-    lines = ["| shape | B*H | N | D | pass | MB | GFLOP | design us (limit) | latency-bound us | floor us (fwd) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
+    lines = ["| shape | B*H | N | D | pass | MB | GFLOP | design us (limit) | B in flight / thread | "
+             "latency-bound us | floor us (fwd) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, b, n, h, d in SHAPES:
         bh = b * h
         floor = floor_seconds(bh, n, d)
         total_design = total_latency = 0.0
-        for p in forward_passes(bh, n, d):
+        for p in forward_passes(bh, n, d, variant=variant):
             t_bw, t_mma = p.bytes / COPY_BW, p.flops / TF32_FLOPS
             design = max(t_bw, t_mma)
-            latency = latency_bound_seconds(p, resident_threads(p.kernel, sass), 2, latency_ns * 1e-9, one_load)
+            per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
+            latency = latency_bound_seconds(p, resident_threads(p.kernel, sass), per_thread, latency_ns * 1e-9)
             total_design += design
             total_latency += max(design, latency)
             lines.append(f"| {name} | {bh} | {n} | {d} | {p.name} | {p.bytes / 1e6:.1f} | {p.flops / 1e9:.1f} | "
-                         f"{design * 1e6:.1f} ({'bandwidth' if t_bw >= t_mma else 'TF32 MMA'}) | "
+                         f"{design * 1e6:.1f} ({'bandwidth' if t_bw >= t_mma else 'TF32 MMA'}) | {per_thread} | "
                          f"{max(design, latency) * 1e6:.1f} | |")
         lines.append(f"| **{name} forward** | | | | | | | {total_design * 1e6:.1f} "
-                     f"({total_design / floor:.2f}x floor) | {total_latency * 1e6:.1f} ({total_latency / floor:.1f}x) "
-                     f"| {floor * 1e6:.1f} |")
+                     f"({total_design / floor:.2f}x floor) | | {total_latency * 1e6:.1f} "
+                     f"({total_latency / floor:.2f}x) | {floor * 1e6:.1f} |")
     return "\n".join(lines)
 
 
@@ -147,15 +185,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", type=Path, help="JSON of scripts/sass_report.py (occupancy per kernel)")
     parser.add_argument("--latency-ns", type=float, default=700.0, help="loaded DRAM latency (default 700 ns)")
-    parser.add_argument("--one-load", action="store_true",
-                        help="model the earlier code: one load in flight per thread")
+    parser.add_argument("--variant", choices=sorted(KERNELS), default="async",
+                        help="async: the cp.async kernels (16-bit inputs, 16-byte aligned rows; the default); "
+                             "staged: the register-staged kernels (other rows, MMFAST_CUDA_ASYNC_COPY=0); "
+                             "one-load: the code before the staging change")
     args = parser.parse_args(argv)
     sass = json.loads(args.sass.read_text()) if args.sass else None
     print(f"H200 model: {SMS} SMs, {COPY_BW / 1e12:.1f} TB/s copy, {TF32_FLOPS / 1e12:.0f} TFLOP/s TF32, "
-          f"{args.latency_ns:.0f} ns latency, bf16 inputs; occupancy from "
-          f"{args.sass if sass else 'defaults (1 block/SM for the state and apply kernels)'}"
-          f"{'; one load in flight per thread' if args.one_load else ''}\n")
-    print(table(sass, args.latency_ns, args.one_load))
+          f"{args.latency_ns:.0f} ns latency, bf16 inputs, {args.variant} kernels; occupancy from "
+          f"{args.sass if sass else 'defaults (1 block/SM for the state and apply kernels)'}\n")
+    print(table(sass, args.latency_ns, args.variant))
     return 0
 
 

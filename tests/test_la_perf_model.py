@@ -1,5 +1,7 @@
 """scripts/la_perf_model.py: the plan it models matches issue 14's worked numbers, the design
-ceiling is at or above the floor, more loads in flight never predicts slower. No GPU, no compiler."""
+ceiling is at or above the floor, more bytes in flight never predicts slower, the cp.async ring
+depths come from the headers, and the predicted forward of the cp.async kernels is within
+issue 14's targets. No GPU, no compiler."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,14 +20,22 @@ def test_state_plan_matches_issue_14_worked_example():
     chunk, nchunks = model.state_plan(10, 16384, 64, 64)
     assert nchunks == 52 and chunk % model.BK == 0 and chunk * nchunks >= 16384 > chunk * (nchunks - 1)
     passes = model.forward_passes(10, 16384, 64)
-    assert [p.kernel for p in passes] == ["la_state_kernel", "la_state_reduce_kernel", "la_apply_kernel"]
+    assert [p.kernel for p in passes] == ["la_state_async_kernel", "la_state_reduce_kernel", "la_apply_async_kernel"]
+    staged = model.forward_passes(10, 16384, 64, variant="staged")
+    assert [p.kernel for p in staged] == ["la_state_kernel", "la_state_reduce_kernel", "la_apply_kernel"]
     partials = 10 * 52 * (64 * 64 + 64) * 4
     assert abs(passes[1].bytes - (partials + 10 * (64 * 64 + 64) * 4)) < 1
 
 
 def test_single_chunk_has_no_reduce_launch():
     # enough heads that every SM has a tile without splitting N
-    assert [p.kernel for p in model.forward_passes(4096, 256, 64)] == ["la_state_kernel", "la_apply_kernel"]
+    assert [p.kernel for p in model.forward_passes(4096, 256, 64)] == ["la_state_async_kernel",
+                                                                       "la_apply_async_kernel"]
+
+
+def _latency_bound(p, variant: str) -> float:
+    per_thread = model.bytes_in_flight(p.kernel, None, 2, one_load=variant == "one-load")
+    return model.latency_bound_seconds(p, model.resident_threads(p.kernel, None), per_thread, 700e-9)
 
 
 def test_ceilings_are_ordered():
@@ -33,12 +43,38 @@ def test_ceilings_are_ordered():
         passes = model.forward_passes(b * h, n, d)
         design = sum(max(p.bytes / model.COPY_BW, p.flops / model.TF32_FLOPS) for p in passes)
         assert design >= model.floor_seconds(b * h, n, d) * 0.999
-        for p in passes:
-            threads = model.resident_threads(p.kernel, None)
-            staged = model.latency_bound_seconds(p, threads, 2, 700e-9)
-            one_load = model.latency_bound_seconds(p, threads, 2, 700e-9, one_load=True)
-            assert 0 < staged <= one_load  # more loads in flight never predicts slower
+        by_variant = {v: [_latency_bound(p, v) for p in model.forward_passes(b * h, n, d, variant=v)]
+                      for v in ("async", "staged", "one-load")}
+        for a, s, o in zip(*by_variant.values()):
+            assert 0 < a <= s <= o  # more bytes in flight never predicts slower
     assert "large-N256K forward" in model.table(None, 700.0)
+
+
+def test_ring_depths_come_from_the_headers():
+    stages = model.header_constant("kAsyncStages", "state.cuh")
+    apply_stages = model.header_constant("kAsyncApplyStages", "apply.cuh")
+    assert stages >= 3 and apply_stages >= 3
+    assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 32
+    assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 16
+    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_CONFIG, "pipelined_bytes": 96,
+           "blocks_per_sm": 2}
+    assert model.bytes_in_flight("la_state_async_kernel", {"kernels": [row]}, 2) == 96  # the SASS figure wins
+    assert model.resident_threads("la_state_async_kernel", {"kernels": [row]}) == 512
+
+
+def _predicted_ratio(bh: int, n: int, d: int) -> float:
+    total = 0.0
+    for p in model.forward_passes(bh, n, d):
+        design = max(p.bytes / model.COPY_BW, p.flops / model.TF32_FLOPS)
+        total += max(design, _latency_bound(p, "async"))
+    return total / model.floor_seconds(bh, n, d)
+
+
+def test_cp_async_forward_predicted_within_issue_14_targets():
+    # B*H = 10, D = 64, bf16: <= 1.3x the floor at N = 16,384 and <= 1.15x at N = 262,144 (a
+    # model of the design, with 1 block per SM; only a GPU run measures it)
+    assert _predicted_ratio(10, 16384, 64) <= 1.3
+    assert _predicted_ratio(10, 262144, 64) <= 1.15
 
 
 def test_padded_tiles_count_the_mma_work_issued():
