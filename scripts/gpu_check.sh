@@ -4,6 +4,7 @@
 # cores), runs the tests, compute-sanitizer over the CUDA smoke tests, and the benchmarks on
 # the GPU, and writes a report into the report directory (default build/gpu-report):
 #   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt/.json/.md/.png report.json
+#   bench-staged.txt/.json/.md (linear attention forward with MMFAST_CUDA_ASYNC_COPY=0: the A/B)
 # Installs nothing (wheels carried in .whl/ by `make gpu-wheels` are put on PYTHONPATH).
 #
 # Knobs (environment):
@@ -101,6 +102,13 @@ if [[ $STEPS == *" bench "* ]]; then
   bench_rc=$?
   tail -n 15 "$REPORT_DIR/bench.txt"
   $PY benchmarks/summarize.py "$REPORT_DIR/bench.json" --markdown "$REPORT_DIR/bench.md" --plot "$REPORT_DIR/bench.png"
+  if [[ " $FAMILIES " == *" linear_attention "* || -z "$FAMILIES" ]]; then
+    # A/B: the register-staged kernels the cp.async ones replace, same shapes, same machine
+    (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k forward \
+       --benchmark-json="$REPORT_DIR/bench-staged.json" bench_linear_attention.py) >"$REPORT_DIR/bench-staged.txt" 2>&1 \
+      || bench_rc=$?
+    $PY benchmarks/summarize.py "$REPORT_DIR/bench-staged.json" --markdown "$REPORT_DIR/bench-staged.md" || true
+  fi
 fi
 
 COMMIT=${MMFAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}

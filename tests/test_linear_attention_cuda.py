@@ -105,6 +105,51 @@ def test_cuda_tensor_core_path_matches_the_exact_path(dtype, tmp_path):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_async_copy_path_matches_the_register_staged_path(dtype, tmp_path):
+    """fp16/bf16 rows on 16-byte boundaries stream through the cp.async kernels (state ring,
+    persistent apply); MMFAST_CUDA_ASYNC_COPY=0 or an unaligned row selects the register-staged
+    kernels. All three agree with the fp64 reference, forward and backward (the backward's
+    state pass also runs through the ring). Many items per persistent block: B*H*N/64 >> SMs."""
+    shape = (2, 9000, 6, 64, 64)
+    inputs = make_qkv(shape, dtype, "cpu")
+    grad_out = torch.randn(*shape[:3], shape[4], dtype=dtype)
+    torch.save((*inputs, grad_out), tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, mmfast
+        q, k, v, g = (t.cuda() for t in torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = mmfast.linear_attention(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        torch.save([t.cpu() for t in (out, *grads)], {str(tmp_path / "staged.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "MMFAST_CUDA_ASYNC_COPY": "0"}, check=True)
+    staged = torch.load(tmp_path / "staged.pt", weights_only=True)
+
+    def run(q, k, v):
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = linear_attention(q, k, v, backend="native")
+        return [t.cpu() for t in (out, *torch.autograd.grad(out, (q, k, v), grad_out.cuda()))]
+
+    aligned = run(*(t.cuda() for t in inputs))
+
+    def unaligned(t):  # the same values one element into a padded buffer: not 16-byte aligned
+        buffer = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=dtype, device="cuda")
+        buffer[..., 1:] = t.cuda()
+        return buffer[..., 1:]
+
+    misaligned = run(*(unaligned(t) for t in inputs))
+    expected_out = reference.linear_attention_ref(*(t.double() for t in inputs))
+    expected = [expected_out, *reference_grads(*inputs, grad_out)]
+    scales = [2.0] + [8 * max(1.0, g.abs().max().item()) for g in expected[1:]]  # as the smoke test
+    for want, scale, *results in zip(expected, scales, aligned, staged, misaligned):
+        for result in results:
+            assert_close(result, want, dtype, scale=scale)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("feature_map", ["elu1", "relu", "none"])
 def test_cuda_smoke_every_op_dtype_and_odd_shape(feature_map):
     """Small and odd shapes of every op, dtype and feature map, forward and backward: the
