@@ -656,10 +656,23 @@ _DTYPE_ORDER = {"f32": 0, "f16": 1, "bf16": 2, "f64": 3}
 # the head dim) instead of writing it as a number at the MMFAST_LAUNCH site: evaluated by a
 # host-only probe that nvcc compiles against the same headers and this machine runs (no GPU
 # needed). The apply kernel's grows with Dk: the probe takes D = 64, the benchmarks' head dim.
+# A key "kernel<suffix>" applies to the instantiations whose template arguments end with suffix.
+_STATE_SHARED = "sizeof(mmfast::cuda::la::AsyncStateShared<mmfast::cuda::la::Config<__nv_bfloat16, " \
+                "mmfast::FeatureMap::kElu1, {}>>)"
 DYNAMIC_SMEM_PROBES = {
-    "la_state_async_kernel": "sizeof(mmfast::cuda::la::AsyncStateShared<__nv_bfloat16, float>)",
+    "la_state_async_kernel<true>": _STATE_SHARED.format("true"),
+    "la_state_async_kernel<false>": _STATE_SHARED.format("false"),
     "la_apply_async_kernel": "mmfast::cuda::la::async_apply_smem_bytes<__nv_bfloat16>(64)",
 }
+
+
+def probed_smem(dynamic_smem: dict[str, int], kernel: str, template_args: str) -> int | None:
+    """The probe's bytes for one instantiation: a `kernel<suffix>` key whose suffix ends its
+    template arguments, else a plain `kernel` key, else None."""
+    for key, value in dynamic_smem.items():
+        if key.startswith(kernel + "<") and key.endswith(">") and template_args.endswith(key[len(kernel) + 1:-1]):
+            return value
+    return dynamic_smem.get(kernel)
 PROBE_HEADER = "mmfast/cuda/linear_attention.cuh"
 
 
@@ -699,8 +712,9 @@ def kernel_rows(sass: str, ptxas: str, elf: str, arch: str, dynamic_smem: dict[s
         kernel, targs = short_name(names[mangled])
         res = resources.get(mangled, Resources())
         launch = launches.get(kernel) or _launch_from_bounds(bounds.get(mangled, 0))
-        if dynamic_smem and kernel in dynamic_smem:
-            launch = Launch(launch.threads, dynamic_smem[kernel], f"{launch.site}, size from the probe")
+        probed = probed_smem(dynamic_smem or {}, kernel, targs)
+        if probed is not None:
+            launch = Launch(launch.threads, probed, f"{launch.site}, size from the probe")
         row = {"kernel": kernel, "template_args": targs, "mangled": mangled, **asdict(res),
                "threads": launch.threads, "dynamic_smem": launch.dynamic_smem, "launch_site": launch.site,
                "launch_bounds": bounds.get(mangled, 0), **asdict(analyze_function(function))}

@@ -181,6 +181,14 @@ def test_no_cp_async_no_pipeline():
     assert sr.async_pipeline(only_function(text)) == (0, 0, 0)
 
 
+def test_probed_smem_by_template_suffix():
+    probes = {"k<true>": 100, "k<false>": 50, "plain": 7}
+    assert sr.probed_smem(probes, "k", "bf16, FeatureMap=1, true") == 100
+    assert sr.probed_smem(probes, "k", "f16, FeatureMap=0, false") == 50
+    assert sr.probed_smem(probes, "plain", "f32") == 7
+    assert sr.probed_smem(probes, "other", "f32") is None
+
+
 def test_dynamic_smem_probe_source():
     source = sr.probe_source({"k1": "sizeof(int)", "k2": "f<float>(64)"})
     assert f'#include "{sr.PROBE_HEADER}"' in source
@@ -331,4 +339,5 @@ def test_launch_sites_of_the_linear_attention_kernels():
                    "la_state_backward_kernel"):
         assert (sites[kernel].threads, sites[kernel].dynamic_smem) == (256, 0), (kernel, sites[kernel])
     for kernel in ("la_state_async_kernel", "la_apply_async_kernel"):  # sized by the probe, not the site
-        assert sites[kernel].threads == 256 and kernel in sr.DYNAMIC_SMEM_PROBES, (kernel, sites[kernel])
+        assert sites[kernel].threads == 256, (kernel, sites[kernel])
+        assert sr.probed_smem({k: 1 for k in sr.DYNAMIC_SMEM_PROBES}, kernel, "bf16, FeatureMap=1, true") == 1

@@ -190,67 +190,81 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 }
 
 // ---- the asynchronous variant (16-bit inputs with 16-byte aligned rows) -------------------
-// The same sums as la_state_kernel, but the raw k / v tokens travel by cp.async into a ring
-// of kAsyncStages RawSlices: each wait leaves kAsyncStages - 2 slices in flight while the
-// landed one is converted (phi, the division by z) into the fp32 operand tiles and multiplied.
-// 6 stages of 16-bit inputs keep 4 x 8 KB = 32 KB per block in flight; Little's law at 700-900 ns
-// of loaded DRAM latency asks about 23-30 KB per SM for an H200's 4.3 TB/s (only reads here)
-// (docs/linear-attention-performance.md).
+// The same sums as la_state_kernel on a persistent grid (the resident blocks only): each block
+// takes a contiguous range of items, whose raw k / v slices travel by cp.async through one ring
+// of kAsyncStages RawSlices, across item boundaries (no pipeline refill per item). Each wait
+// leaves kAsyncStages - 2 slices in flight while the landed one is converted (phi, the division
+// by z) into the fp32 operand tiles and multiplied. 6 stages of 16-bit inputs keep 4 x 8 KB =
+// 32 KB per block in flight; Little's law at 700-900 ns of loaded DRAM latency asks about
+// 23-30 KB per SM for an H200's 4.3 TB/s, all reads here (docs/linear-attention-performance.md).
 constexpr int kAsyncStages = 6;
 
-template <class T, class A> struct AsyncStateShared {
-  union Pool {  // the stages while slices stream, then Cs for the tensor-core epilogue
-    struct {
-      RawSlice<T> k[kAsyncStages], v[kAsyncStages];
-    } raw;
-    __align__(32) A Cs[TcScratch<A>::floats];
-  } pool;
+template <class C> struct AsyncStateShared {
+  using T = typename C::T;
+  using A = acc_t<T>;
+  RawSlice<T> k[kAsyncStages], v[kAsyncStages];
   __align__(32) A As[kBK * kLd];
   __align__(32) A Bs[kBK * kLd];
+  __align__(32) A Cs[C::tc ? TcScratch<A>::floats : 8];  // the tensor-core epilogue only
   A zsh[kBK], wsh[kBK];
 };
+
+// The next slice to copy, (item, slice), walking a block's items in order.
+struct SliceCursor {
+  int64_t item, slice;
+};
+
+__device__ __forceinline__ int64_t item_slices(const StateItem& it) { return ceil_div(it.t_end - it.t_begin, kBK); }
 
 template <class C>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_kernel(StateArgs a) {
   using T = typename C::T;
   using A = acc_t<T>;
   MMFAST_DYNAMIC_SHARED(smem);
-  auto& sh = *reinterpret_cast<AsyncStateShared<T, A>*>(smem);
+  auto& sh = *reinterpret_cast<AsyncStateShared<C>*>(smem);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   constexpr bool use_tc = C::tc;
   constexpr int S = kAsyncStages;
   const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  const int64_t per_block = ceil_div(items, gridDim.x);
+  const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
+  // Slices are copied and consumed in the same order; the g-th of the block uses stage g % S.
+  // One commit group per slice, empty past the last item, so every wait count stays uniform.
+  SliceCursor next{first, 0};
+  int64_t issued = 0;
+  const auto issue_next = [&]() {
+    if (next.item < last) {
+      const StateItem it = state_item(a, next.item, tx);
+      const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
+      const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
+      const int64_t t0 = it.t_begin + next.slice * kBK;
+      raw_tile_issue(sh.k[issued % S], [&](int l) { return kk.row(t0 + l) + it.k0; }, it.t_end - t0, a.dk - it.k0,
+                     kk.base);
+      raw_tile_issue(sh.v[issued % S], [&](int l) { return vv.row(t0 + l) + it.v0; }, it.t_end - t0, a.dv - it.v0,
+                     vv.base);
+      if (++next.slice == item_slices(it)) next = SliceCursor{next.item + 1, 0};
+    }
+    cp_async_commit();
+    ++issued;
+  };
+  for (int s = 0; s < S - 1; ++s) issue_next();
+  int64_t g = 0;
+  for (int64_t item = first; item < last; ++item) {
     const StateItem it = state_item(a, item, tx);
-    const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
-    const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
-    const int64_t slices = ceil_div(it.t_end - it.t_begin, kBK);
-    // One commit group per slice, empty past the end, so every wait count stays uniform.
-    const auto issue = [&](int64_t s) {
-      if (s < slices) {
-        const int64_t t0 = it.t_begin + s * kBK;
-        raw_tile_issue(sh.pool.raw.k[s % S], [&](int l) { return kk.row(t0 + l) + it.k0; }, it.t_end - t0,
-                        a.dk - it.k0, kk.base);
-        raw_tile_issue(sh.pool.raw.v[s % S], [&](int l) { return vv.row(t0 + l) + it.v0; }, it.t_end - t0,
-                        a.dv - it.v0, vv.base);
-      }
-      cp_async_commit();
-    };
-    __syncthreads();  // the previous item is done with the stages and Cs (one pool)
-    for (int s = 0; s < S - 1; ++s) issue(s);
     TileAccumulator<A> tile;
     WideTile<A> wide;
     tile_zero(tile, use_tc);
     wide_zero(wide);
     A msum[4] = {A(0), A(0), A(0), A(0)};
     double mwide[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int64_t s = 0; s < slices; ++s) {
+    const int64_t slices = item_slices(it);
+    for (int64_t s = 0; s < slices; ++s, ++g) {
       const int64_t t0 = it.t_begin + s * kBK;
-      cp_async_wait<S - 2>();                             // this thread's copies of slice s landed
-      stage_token_scalars(a, it, t0, sh.zsh, sh.wsh);     // its first barrier: everyone's landed
-      issue(s + S - 1);  // into slice s - 1's stage: its readers passed the barrier ending its conversion
-      const RawSlice<T>& rk = sh.pool.raw.k[s % S];
-      const RawSlice<T>& rv = sh.pool.raw.v[s % S];
+      cp_async_wait<S - 2>();                          // this thread's copies of slice g landed
+      stage_token_scalars(a, it, t0, sh.zsh, sh.wsh);  // its first barrier: everyone's landed
+      issue_next();  // into slice g - 1's stage: its readers passed the barrier ending its conversion
+      const RawSlice<T>& rk = sh.k[g % S];
+      const RawSlice<T>& rv = sh.v[g % S];
       stage_state_slice<C>(
           a, it, t0, [&](int x, int l) { return rk.v[l][x]; }, [&](int x, int l) { return rv.v[l][x]; }, sh.zsh,
           sh.As, sh.Bs);
@@ -261,14 +275,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
         flush_mean(msum, mwide);
       }
     }
-    finish_state_item(a, it, tile, wide, msum, mwide, use_tc, sh.pool.Cs, ty, tx);
+    finish_state_item(a, it, tile, wide, msum, mwide, use_tc, sh.Cs, ty, tx);
   }
 }
 
 // The asynchronous kernel runs for 16-bit inputs whose rows cp.async can copy whole.
-template <class T> bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d) {
+template <class C> bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d) {
+  using T = typename C::T;
   return kSixteenBit<T> && async_copy_enabled() && rows_16b_aligned(k, d.dk, sizeof(T)) &&
-         rows_16b_aligned(v, d.dv, sizeof(T)) && sizeof(AsyncStateShared<T, acc_t<T>>) <= max_shared_per_block();
+         rows_16b_aligned(v, d.dv, sizeof(T)) && sizeof(AsyncStateShared<C>) <= max_shared_per_block();
 }
 
 // Sums the nchunks partials of every (bh, element) in chunk order, in fp64, and divides by div.
@@ -335,11 +350,15 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (kSixteenBit<T>) {
-      if (use_async_state<T>(k, v, a)) {
-        constexpr int smem = static_cast<int>(sizeof(AsyncStateShared<T, A>));  // > 48 KB: opt in
-        const cudaError_t allowed = allow_dynamic_shared(&la_state_async_kernel<C>, smem);
-        if (allowed != cudaSuccess) return allowed;
-        MMFAST_LAUNCH(la_state_async_kernel<C>, grid_for(items), kThreads, smem, stream, a);
+      if (use_async_state<C>(k, v, a)) {
+        constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
+        const int per_sm = resident_blocks_per_sm(&la_state_async_kernel<C>, kThreads, smem);
+        if (per_sm < 1) {
+          const cudaError_t err = cudaGetLastError();
+          return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+        }
+        const int64_t resident = static_cast<int64_t>(sm_count()) * per_sm;
+        MMFAST_LAUNCH(la_state_async_kernel<C>, grid_for(min_i64(items, resident)), kThreads, smem, stream, a);
         return cudaGetLastError();
       }
     }
