@@ -87,10 +87,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // B operand of every slice) and m in shared memory across items and reloads them only when
 // the head or the Dv tile changes. The raw q of all its items streams through one ring of
 // kAsyncApplyStages RawTiles (64 tokens x kBK dims): the next item's q is in flight while this
-// one multiplies: its wait leaves kAsyncApplyStages - 2 tiles in flight (24 KB of bf16 per
+// one multiplies: its wait leaves kAsyncApplyStages - 2 tiles in flight (32 KB of bf16 per
 // block; the pass's other half of the traffic, the output, is stores, which need no such
 // cover). z = phi(q) . m + eps is summed from the staged phi(q) tiles (no second read of q).
-constexpr int kAsyncApplyStages = 8;
+constexpr int kAsyncApplyStages = 10;
 
 template <class T, class A> struct AsyncApplyShared {
   RawTile<T, kTile, kBK> q[kAsyncApplyStages];
