@@ -324,6 +324,28 @@ def async_pipeline(function: Function) -> tuple[int, int, int]:
     return (pending, group_copies, group_bytes) if group_copies else (0, 0, 0)
 
 
+_TARGET_RE = re.compile(r"\b0x([0-9a-fA-F]+)\b")
+
+
+def ring_loop_instructions(function: Function) -> int:
+    """Instructions (static) in the innermost loop around the cp.async ring's first wait
+    (DEPBAR.LE): the per-slice body of a streaming kernel, counted once per warp and slice. An
+    upper bound on what one pass through it issues (it includes paths a slice may skip: the
+    next item's setup, the backward-only scalars) when it holds no inner loop; 0 without one."""
+    waits = [i.addr for i in function.instrs if i.base == "DEPBAR" and "SB0" in i.args]
+    if not waits:
+        return 0
+    loops = []
+    for instr in function.instrs:
+        match = _TARGET_RE.search(instr.args) if instr.base == "BRA" else None
+        if match and int(match.group(1), 16) <= waits[0] <= instr.addr:
+            loops.append((int(match.group(1), 16), instr.addr))
+    if not loops:
+        return 0
+    start, end = min(loops, key=lambda span: span[1] - span[0])
+    return sum(start <= i.addr <= end for i in function.instrs)
+
+
 @dataclass
 class SassStats:
     global_loads: int = 0  # LDG + LDGSTS + TMA
@@ -340,6 +362,7 @@ class SassStats:
     async_group_bytes: int = 0
     pipelined_loads: int = 0       # N x copies per group: cp.async copies in flight while computing
     pipelined_bytes: int = 0
+    ring_loop_instructions: int = 0  # static instructions of the loop around the ring's wait
     stg: int = 0
     st_generic: int = 0
     lds: int = 0
@@ -382,6 +405,7 @@ def analyze_function(function: Function) -> SassStats:
     stats.async_pending_groups, stats.async_group_copies, stats.async_group_bytes = async_pipeline(function)
     stats.pipelined_loads = stats.async_pending_groups * stats.async_group_copies
     stats.pipelined_bytes = stats.async_pending_groups * stats.async_group_bytes
+    stats.ring_loop_instructions = ring_loop_instructions(function)
     return stats
 
 
@@ -741,6 +765,7 @@ COLUMNS = [  # header, row -> cell
     ("MLP B", lambda r: r["mlp_bytes"]),
     ("cp.async B", lambda r: f"{r['pipelined_bytes']} ({r['async_pending_groups']}x{r['async_group_bytes']})"
                              if r["pipelined_bytes"] else 0),
+    ("loop instr", lambda r: r["ring_loop_instructions"] or ""),
     ("1-load rgns", lambda r: f"{r['mlp_histogram'].get(1, 0)}/{sum(r['mlp_histogram'].values())}"),
     ("STG", lambda r: r["stg"]),
     ("ST.E", lambda r: r["st_generic"]),
@@ -774,7 +799,9 @@ def notes(rows: list[dict], arch: str) -> list[str]:
            "the code, 16B: how many of them are 16 bytes wide; 1-load rgns: regions (with global loads) "
            "that never have more than one load in flight / all regions with global loads",
            "- cp.async B: bytes of cp.async copies one thread keeps in flight while it computes: the N groups "
-           "its wait_group N leaves pending x the bytes of one commit group (it counts toward the target too)",
+           "its wait_group N leaves pending x the bytes of one commit group (it counts toward the target too); "
+           "loop instr: static instructions of the loop around the ring's wait (one slice per warp, an upper "
+           "bound: it holds paths a slice may skip)",
            "- LD.E / ST.E: generic-address loads / stores; '(smem)': the kernel builds generic pointers into "
            "shared memory (reads SR_SWINHI), so they are likely shared-memory accesses, not global ones",
            "- blk/SM: resident blocks per SM and the resource that limits them; occ: resident warps / max warps"]

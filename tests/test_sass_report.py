@@ -176,6 +176,19 @@ def test_cp_async_ring_depth_and_group_bytes():
                                     "mlp_bytes": 32})
 
 
+def test_ring_loop_is_the_innermost_loop_around_the_wait():
+    text = sass("MOV R1, RZ",                      # 0x00
+                "LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]",  # 0x10: outer loop head
+                "LDGDEPBAR",                       # 0x20: inner loop head
+                "DEPBAR.LE SB0, 0x2",              # 0x30
+                "FADD R6, R6, R7",                 # 0x40
+                "@P0 BRA 0x20",                    # 0x50: the inner loop, 4 instructions
+                "@P1 BRA 0x10",                    # 0x60: the outer loop
+                "EXIT")
+    assert sr.ring_loop_instructions(only_function(text)) == 4
+    assert sr.ring_loop_instructions(only_function(sass("FADD R1, R2, R3", "EXIT"))) == 0
+
+
 def test_no_cp_async_no_pipeline():
     text = sass("LDG.E.128 R4, desc[UR4][R2.64]", "FADD R20, R7, R9", "DEPBAR.LE SB1, 0x2", "EXIT")
     assert sr.async_pipeline(only_function(text)) == (0, 0, 0)

@@ -129,17 +129,32 @@ __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const App
   __syncthreads();
 }
 
-// z += sum over the staged slice of phi(q)[i][l] * m[l0 + l] for row i = threadIdx / 4 (4
-// threads per row, combined with shuffles; every thread of the row holds the sum).
-template <class A>
-__device__ __forceinline__ void accumulate_z(A& z, const A* As, const A* ms, int l0, int dk) {
-  const int i = threadIdx.x >> 2, part = threadIdx.x & 3;
-  A s = A(0);
+// Converts a landed q tile (64 tokens x kBK dims) into As[l][i] = phi(q)[i][l0 + l], one
+// 16-byte chunk (8 dims of one token) per thread, and adds this thread's part of z:
+// z += sum over its 8 dims of phi(q) * m. The 4 threads of a token are adjacent lanes
+// (combine_z). Chunks past the tokens or dims are zeros and add nothing.
+template <class C, class T>
+__device__ __forceinline__ void convert_raw_q(float* __restrict__ As, const RawTile<T, kTile, kBK>& raw, int64_t rows,
+                                              int l0, int dk, const float* ms, float& z) {
+  using R = RawTile<T, kTile, kBK>;
+  static_assert(R::kChunks == kThreads && R::kChunksPerRow == 4, "one chunk per thread, 4 per token");
+  const int i = threadIdx.x / R::kChunksPerRow, x0 = (threadIdx.x % R::kChunksPerRow) * R::kChunkElems;
+  const bool valid = i < rows && l0 + x0 < dk;  // dk is a multiple of 8 on this path
+  const uint4 bits = *reinterpret_cast<const uint4*>(&raw.v[i][x0]);
+  const T* e = reinterpret_cast<const T*>(&bits);
 #pragma unroll
-  for (int l = part; l < kBK; l += 4) s += l0 + l < dk ? As[l * kLd + i] * ms[l0 + l] : A(0);
-  s += __shfl_xor_sync(0xffffffffu, s, 1);
-  s += __shfl_xor_sync(0xffffffffu, s, 2);
-  z += s;
+  for (int j = 0; j < R::kChunkElems; ++j) {
+    const float p = valid ? phi_select<C::fm>(to_acc(e[j])) : 0.0f;
+    As[(x0 + j) * kLd + i] = p;
+    if (valid) z += p * ms[l0 + x0 + j];
+  }
+}
+
+// The sum of the 4 adjacent lanes' parts of z (every lane of the token holds it).
+__device__ __forceinline__ float combine_z(float z) {
+  z += __shfl_xor_sync(0xffffffffu, z, 1);
+  z += __shfl_xor_sync(0xffffffffu, z, 2);
+  return z;
 }
 
 template <class C>
@@ -154,22 +169,31 @@ __global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
-  // The block's q slices, numbered across its items: g = (item - first) * slices + slice.
-  const int64_t slices = ceil_div(a.dk, kBK);
-  const auto issue = [&](int64_t g) {  // one commit group per slice, empty past the last item
-    const int64_t item = first + g / slices;
-    if (item < last) {
-      const ApplyItem it = apply_item_tokens_fastest(a, item);
-      const TokenView<const T> q = token_view<const T>(a.q, it.bh, a.heads);
-      const int l0 = static_cast<int>(g % slices) * kBK;
-      raw_tile_issue(sh.q[g % S], [&](int i) { return q.row(it.n0 + i) + l0; }, a.N - it.n0, a.dk - l0, q.base);
+  // The block's q slices are copied and consumed in the same order (the g-th uses stage g % S),
+  // one commit group per slice, empty past the last item. The issuing side keeps its item
+  // decoded (64-bit divisions once per item, not per slice).
+  const int slices = static_cast<int>(ceil_div(a.dk, kBK));
+  int64_t next_item = first;
+  int next_slice = 0, issued_stage = 0;
+  ApplyItem next_it = apply_item_tokens_fastest(a, first < last ? first : 0);
+  const auto issue_next = [&]() {
+    if (next_item < last) {
+      const TokenView<const T> q = token_view<const T>(a.q, next_it.bh, a.heads);
+      const int l0 = next_slice * kBK;
+      raw_tile_issue(sh.q[issued_stage], [&](int i) { return q.row(next_it.n0 + i) + l0; }, a.N - next_it.n0,
+                     a.dk - l0, q.base);
+      if (++next_slice == slices) {
+        next_slice = 0;
+        if (++next_item < last) next_it = apply_item_tokens_fastest(a, next_item);
+      }
     }
     cp_async_commit();
+    issued_stage = issued_stage + 1 == S ? 0 : issued_stage + 1;
   };
-  for (int prologue = 0; prologue < S - 1; ++prologue) issue(prologue);
+  for (int prologue = 0; prologue < S - 1; ++prologue) issue_next();
   const A eps = static_cast<A>(a.eps);
-  int64_t g = 0, loaded_bh = -1;
-  int loaded_v0 = -1;
+  int64_t loaded_bh = -1;
+  int loaded_v0 = -1, stage = 0;
   for (int64_t item = first; item < last; ++item) {
     const ApplyItem it = apply_item_tokens_fastest(a, item);
     if (it.bh != loaded_bh || it.v0 != loaded_v0) {  // uniform across the block
@@ -180,19 +204,18 @@ __global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a
     TileAccumulator<A> tile;
     tile_zero(tile, C::tc);
     A z = A(0);
-    const auto finish = phi_q_finish<C, A>(a, it);
-    for (int64_t sl = 0; sl < slices; ++sl, ++g) {
-      cp_async_wait<S - 2>();  // this thread's copies of slice g landed
+    for (int sl = 0; sl < slices; ++sl) {
+      cp_async_wait<S - 2>();  // this thread's copies of this slice landed
       __syncthreads();         // everyone's landed; the previous slice's products are done
-      issue(g + S - 1);        // into slice g - 1's stage: its readers passed the barrier above
-      const RawTile<T, kTile, kBK>& raw = sh.q[g % S];
-      const int l0 = static_cast<int>(sl) * kBK;
-      stage_tile<false>(sh.As, split_element([&](int i, int l) { return raw.v[i][l]; },
-                                             [&](T value, int i, int l) { return finish(value, i, l0 + l); }));
+      issue_next();            // into the previous slice's stage: its readers passed the barrier above
+      const RawTile<T, kTile, kBK>& raw = sh.q[stage];
+      stage = stage + 1 == S ? 0 : stage + 1;
+      const int l0 = sl * kBK;
+      convert_raw_q<C>(sh.As, raw, a.N - it.n0, l0, a.dk, sh.ms, z);
       __syncthreads();
-      accumulate_z(z, sh.As, sh.ms, l0, a.dk);
       tile_accumulate(tile, C::tc, sh.As, Sv + l0 * kLd, ty, tx);
     }
+    z = combine_z(z);
     if ((threadIdx.x & 3) == 0) sh.zs[threadIdx.x >> 2] = z + eps;
     __syncthreads();  // zs complete; the last products are done before Cs is written
     tile_finish(tile, C::tc, sh.Cs, ty, tx);

@@ -24,6 +24,18 @@ template <FeatureMap Fm, class A> __device__ __forceinline__ A phi(A x) {
   return x;
 }
 
+// phi(x) as a select: elu1 evaluates exp on every lane (of min(x, 0), so it never overflows)
+// instead of branching around it, for the cp.async kernels' conversion loops, where a branch
+// per element diverges. (In the register-staged loops the compiler then interleaves the exps
+// with the loads: fewer loads in flight, so they keep phi.) Same values, NaN included.
+template <FeatureMap Fm, class A> __device__ __forceinline__ A phi_select(A x) {
+  if constexpr (Fm == FeatureMap::kElu1) {
+    const A e = exp_acc(x > A(0) ? A(0) : x);
+    return x > A(0) ? x + A(1) : e;
+  }
+  return phi<Fm>(x);
+}
+
 // grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;
 // relu -> 0 if x <= 0 (selected: 0 even for a NaN grad) else grad; none -> grad. For NaN x
 // the gradient flows, as in torch.

@@ -85,7 +85,10 @@ __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const Stat
       As, split_element([&](int x, int l) { return k_in(x, l) ? raw_k(x, l) : from_acc<T>(A(0)); },
                         [&](T raw, int x, int l) { return k_in(x, l) ? phi<C::fm>(to_acc(raw)) : A(0); }),
       Bs, split_element([&](int x, int l) { return v_in(x, l) ? raw_v(x, l) : from_acc<T>(A(0)); },
-                        [&](T raw, int x, int l) { return v_in(x, l) ? to_acc(raw) / zsh[l] : A(0); }));
+                        [&](T raw, int x, int l) {
+                          if (!v_in(x, l)) return A(0);
+                          return a.scalars == nullptr ? to_acc(raw) : to_acc(raw) / zsh[l];  // forward: z = 1
+                        }));
   __syncthreads();
 }
 
@@ -116,14 +119,30 @@ __device__ __forceinline__ void flush_mean(A (&msum)[4], double (&mwide)[4]) {
 
 // The tile (and, for do_mean threads, m) divided by div into the final state, or unscaled
 // into the chunk's partial.
+// Where an item's S and m go: the final state and mean (divided by div), or the chunk's
+// partial (div 1).
+template <class A> struct StateOut {
+  A* S;
+  A* M;
+  A div;
+};
+template <class A> __device__ __forceinline__ StateOut<A> state_out(const StateArgs& a, const StateItem& it) {
+  const int64_t dkdv = static_cast<int64_t>(a.dk) * a.dv;
+  const bool final = a.nchunks == 1;
+  StateOut<A> o;
+  o.S = static_cast<A*>(a.out_state) + (final ? it.bh * dkdv : (it.bh * a.nchunks + it.chunk) * (dkdv + a.dk));
+  o.M = final ? static_cast<A*>(a.out_mean) + it.bh * a.dk : o.S + dkdv;
+  o.div = final ? static_cast<A>(a.div) : A(1);
+  return o;
+}
+
 template <class A>
 __device__ __forceinline__ void store_state_tile(const StateArgs& a, const StateItem& it, const A (&acc)[4][4],
                                                  const A (&msum)[4], int ty, int tx) {
-  const int64_t dkdv = static_cast<int64_t>(a.dk) * a.dv;
-  const bool final = a.nchunks == 1;
-  const A div = final ? static_cast<A>(a.div) : A(1);
-  A* S = static_cast<A*>(a.out_state) + (final ? it.bh * dkdv : (it.bh * a.nchunks + it.chunk) * (dkdv + a.dk));
-  A* M = final ? static_cast<A*>(a.out_mean) + it.bh * a.dk : S + dkdv;
+  const StateOut<A> o = state_out<A>(a, it);
+  A* const S = o.S;
+  A* const M = o.M;
+  const A div = o.div;
   store_tile(acc, ty, tx, a.dk - it.k0, a.dv - it.v0,
              [&](int i, int j, A value) { S[static_cast<int64_t>(it.k0 + i) * a.dv + it.v0 + j] = value / div; });
   if (!it.do_mean) return;
@@ -198,6 +217,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 // 32 KB per block in flight; Little's law at 700-900 ns of loaded DRAM latency asks about
 // 23-30 KB per SM for an H200's 4.3 TB/s, all reads here (docs/linear-attention-performance.md).
 constexpr int kAsyncStages = 6;
+// m of a tile's 64 rows is summed by all 256 threads: thread t takes row t % 64 of the staged
+// slice's tokens l = t / 64 + 4j (warp-uniform, conflict-free), kMeanParts parts combined once
+// per item in a fixed order.
+constexpr int kMeanParts = kThreads / kTile;
 
 template <class C> struct AsyncStateShared {
   using T = typename C::T;
@@ -207,14 +230,70 @@ template <class C> struct AsyncStateShared {
   __align__(32) A Bs[kBK * kLd];
   __align__(32) A Cs[C::tc ? TcScratch<A>::floats : 8];  // the tensor-core epilogue only
   A zsh[kBK], wsh[kBK];
+  double mean_parts[kMeanParts][kTile];
 };
 
-// The next slice to copy, (item, slice), walking a block's items in order.
-struct SliceCursor {
-  int64_t item, slice;
-};
+// Converts a landed RawSlice into an operand tile: each thread takes whole 16-byte chunks (one
+// shared-memory load, 8 elements of 16-bit input) and writes dst[l][x0 .. x0 + 7] = f(value, l)
+// as float4 stores, or zeros for a chunk past rows or cols (cols: a multiple of 8).
+template <class T, class F>
+__device__ __forceinline__ void convert_raw_slice(float* __restrict__ dst, const RawSlice<T>& src, int64_t rows,
+                                                  int64_t cols, F f) {
+  using R = RawSlice<T>;
+  static_assert(R::kChunkElems % 4 == 0, "whole float4 stores");
+#pragma unroll
+  for (int k = 0; k < R::kChunks / kThreads; ++k) {
+    const int c = static_cast<int>(threadIdx.x) + k * kThreads;
+    const int l = c / R::kChunksPerRow, x0 = (c % R::kChunksPerRow) * R::kChunkElems;
+    const bool valid = l < rows && x0 < cols;
+    const uint4 bits = *reinterpret_cast<const uint4*>(&src.v[l][x0]);
+    const T* e = reinterpret_cast<const T*>(&bits);
+    float out[R::kChunkElems];
+#pragma unroll
+    for (int i = 0; i < R::kChunkElems; ++i) out[i] = valid ? f(to_acc(e[i]), l) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < R::kChunkElems; i += 4)
+      *reinterpret_cast<float4*>(dst + l * kLd + x0 + i) = make_float4(out[i], out[i + 1], out[i + 2], out[i + 3]);
+  }
+}
 
 __device__ __forceinline__ int64_t item_slices(const StateItem& it) { return ceil_div(it.t_end - it.t_begin, kBK); }
+
+// The next slice to copy, walking a block's items in order. The item's decoded form is kept:
+// 64-bit divisions are a long instruction sequence, paid once per item, not per slice.
+struct StateCursor {
+  int64_t item, last, slice, slices;
+  StateItem it;
+  __device__ __forceinline__ void start(const StateArgs& a, int64_t first, int64_t end, int tx) {
+    item = first;
+    last = end;
+    slice = 0;
+    if (item < last) {
+      it = state_item(a, item, tx);
+      slices = item_slices(it);
+    }
+  }
+  __device__ __forceinline__ void advance(const StateArgs& a, int tx) {
+    if (++slice == slices) start(a, item + 1, last, tx);
+  }
+};
+
+// m[k0 + row] = the kMeanParts partial sums of the item, combined in part order (fixed, so
+// deterministic) and stored as the final mean or the chunk's partial. Between barriers.
+template <class A>
+__device__ __forceinline__ void store_state_mean(const StateArgs& a, const StateItem& it, double partial, int part,
+                                                 int row, double (&parts)[kMeanParts][kTile]) {
+  __syncthreads();  // the previous item's readers of parts are done
+  parts[part][row] = partial;
+  __syncthreads();
+  if (threadIdx.x < kTile && it.k0 + static_cast<int>(threadIdx.x) < a.dk) {
+    double m = 0.0;
+#pragma unroll
+    for (int p = 0; p < kMeanParts; ++p) m += parts[p][threadIdx.x];
+    const StateOut<A> o = state_out<A>(a, it);
+    o.M[it.k0 + threadIdx.x] = static_cast<A>(m) / o.div;
+  }
+}
 
 template <class C>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_kernel(StateArgs a) {
@@ -228,54 +307,74 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
   const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
-  // Slices are copied and consumed in the same order; the g-th of the block uses stage g % S.
+  // Slices are copied and consumed in the same order; the block's g-th uses stage g % S.
   // One commit group per slice, empty past the last item, so every wait count stays uniform.
-  SliceCursor next{first, 0};
-  int64_t issued = 0;
+  StateCursor next;
+  next.start(a, first, last, tx);
+  int issued_stage = 0;  // issued slices mod S
   const auto issue_next = [&]() {
     if (next.item < last) {
-      const StateItem it = state_item(a, next.item, tx);
+      const StateItem& it = next.it;
       const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
       const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
       const int64_t t0 = it.t_begin + next.slice * kBK;
-      raw_tile_issue(sh.k[issued % S], [&](int l) { return kk.row(t0 + l) + it.k0; }, it.t_end - t0, a.dk - it.k0,
+      raw_tile_issue(sh.k[issued_stage], [&](int l) { return kk.row(t0 + l) + it.k0; }, it.t_end - t0, a.dk - it.k0,
                      kk.base);
-      raw_tile_issue(sh.v[issued % S], [&](int l) { return vv.row(t0 + l) + it.v0; }, it.t_end - t0, a.dv - it.v0,
+      raw_tile_issue(sh.v[issued_stage], [&](int l) { return vv.row(t0 + l) + it.v0; }, it.t_end - t0, a.dv - it.v0,
                      vv.base);
-      if (++next.slice == item_slices(it)) next = SliceCursor{next.item + 1, 0};
+      next.advance(a, tx);
     }
     cp_async_commit();
-    ++issued;
+    issued_stage = issued_stage + 1 == S ? 0 : issued_stage + 1;
   };
   for (int s = 0; s < S - 1; ++s) issue_next();
-  int64_t g = 0;
+  int stage = 0;  // consumed slices mod S
   for (int64_t item = first; item < last; ++item) {
     const StateItem it = state_item(a, item, tx);
     TileAccumulator<A> tile;
     WideTile<A> wide;
     tile_zero(tile, use_tc);
     wide_zero(wide);
-    A msum[4] = {A(0), A(0), A(0), A(0)};
-    double mwide[4] = {0.0, 0.0, 0.0, 0.0};
+    const bool with_mean = it.v0 == 0;  // uniform across the block
+    const int mean_row = threadIdx.x % kTile, mean_part = threadIdx.x / kTile;
+    A mean_sum = A(0);
+    double mean_wide = 0.0;
     const int64_t slices = item_slices(it);
-    for (int64_t s = 0; s < slices; ++s, ++g) {
+    for (int64_t s = 0; s < slices; ++s) {
       const int64_t t0 = it.t_begin + s * kBK;
-      cp_async_wait<S - 2>();                          // this thread's copies of slice g landed
+      cp_async_wait<S - 2>();                          // this thread's copies of this slice landed
       stage_token_scalars(a, it, t0, sh.zsh, sh.wsh);  // its first barrier: everyone's landed
-      issue_next();  // into slice g - 1's stage: its readers passed the barrier ending its conversion
-      const RawSlice<T>& rk = sh.k[g % S];
-      const RawSlice<T>& rv = sh.v[g % S];
-      stage_state_slice<C>(
-          a, it, t0, [&](int x, int l) { return rk.v[l][x]; }, [&](int x, int l) { return rv.v[l][x]; }, sh.zsh,
-          sh.As, sh.Bs);
+      issue_next();  // into the previous slice's stage: its readers passed the barrier ending its conversion
+      const RawSlice<T>& rk = sh.k[stage];
+      const RawSlice<T>& rv = sh.v[stage];
+      stage = stage + 1 == S ? 0 : stage + 1;
+      const int64_t rows = it.t_end - t0;
+      convert_raw_slice(sh.As, rk, rows, a.dk - it.k0, [](float x, int) { return phi_select<C::fm>(x); });
+      if (a.scalars == nullptr)  // forward: z = 1
+        convert_raw_slice(sh.Bs, rv, rows, a.dv - it.v0, [](float x, int) { return x; });
+      else
+        convert_raw_slice(sh.Bs, rv, rows, a.dv - it.v0, [&](float x, int l) { return x / sh.zsh[l]; });
+      __syncthreads();
       tile_accumulate(tile, use_tc, sh.As, sh.Bs, ty, tx);
-      if (it.do_mean) accumulate_mean(msum, sh.As, sh.wsh, ty);
+      if (with_mean) {
+#pragma unroll
+        for (int j = 0; j < kBK / kMeanParts; ++j) {
+          const int l = mean_part + j * kMeanParts;
+          mean_sum += sh.As[l * kLd + mean_row] * sh.wsh[l];
+        }
+      }
       if ((s + 1) % kFlushSlices == 0) {
         tile_flush(tile, wide, use_tc);
-        flush_mean(msum, mwide);
+        mean_wide += mean_sum;
+        mean_sum = A(0);
       }
     }
-    finish_state_item(a, it, tile, wide, msum, mwide, use_tc, sh.Cs, ty, tx);
+    StateItem tile_only = it;  // m is stored below, from all threads' partial sums
+    tile_only.do_mean = false;
+    A unused_sum[4] = {A(0), A(0), A(0), A(0)};
+    double unused_wide[4] = {0.0, 0.0, 0.0, 0.0};
+    finish_state_item(a, tile_only, tile, wide, unused_sum, unused_wide, use_tc, sh.Cs, ty, tx);
+    if (with_mean) store_state_mean<A>(a, it, mean_wide + mean_sum, mean_part, mean_row, sh.mean_parts);
   }
 }
 
