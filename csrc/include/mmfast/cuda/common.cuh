@@ -265,6 +265,20 @@ inline size_t max_shared_per_block() {
   return static_cast<size_t>(bytes);
 }
 
+// The grid of a persistent kernel (grid-stride or range loop over items): the blocks that are
+// resident at once, never more than items. cudaErrorInvalidConfiguration when not one block
+// fits (the occupancy query's own error when it fails).
+template <class Kernel>
+cudaError_t persistent_grid(Kernel* kernel, int threads, size_t smem, int64_t items, unsigned& grid) {
+  const int per_sm = resident_blocks_per_sm(kernel, threads, smem);
+  if (per_sm < 1) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+  }
+  grid = grid_for(min_i64(items, static_cast<int64_t>(sm_count()) * per_sm));
+  return cudaSuccess;
+}
+
 // MMFAST_CUDA_ASYNC_COPY=0 keeps every kernel on its register-staged loads (for A/B timing).
 inline bool async_copy_enabled() {
   static const bool enabled = [] {

@@ -237,13 +237,10 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
     if constexpr (kSixteenBit<T>) {
       const size_t smem = async_apply_smem_bytes<T>(a.dk);  // > 48 KB: opt in
       if (async_copy_enabled() && rows_16b_aligned(a.q, a.dk, sizeof(T)) && smem <= max_shared_per_block()) {
-        const int per_sm = resident_blocks_per_sm(&la_apply_async_kernel<C>, kThreads, smem);
-        if (per_sm < 1) {
-          const cudaError_t err = cudaGetLastError();
-          return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
-        }
-        const int64_t resident = static_cast<int64_t>(sm_count()) * per_sm;
-        MMFAST_LAUNCH(la_apply_async_kernel<C>, grid_for(min_i64(items, resident)), kThreads, smem, stream, a);
+        unsigned grid = 0;
+        const cudaError_t err = persistent_grid(&la_apply_async_kernel<C>, kThreads, smem, items, grid);
+        if (err != cudaSuccess) return err;
+        MMFAST_LAUNCH(la_apply_async_kernel<C>, grid, kThreads, smem, stream, a);
         return cudaGetLastError();
       }
     }

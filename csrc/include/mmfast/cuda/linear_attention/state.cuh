@@ -451,13 +451,10 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
     if constexpr (kSixteenBit<T>) {
       if (use_async_state<C>(k, v, a)) {
         constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
-        const int per_sm = resident_blocks_per_sm(&la_state_async_kernel<C>, kThreads, smem);
-        if (per_sm < 1) {
-          const cudaError_t err = cudaGetLastError();
-          return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
-        }
-        const int64_t resident = static_cast<int64_t>(sm_count()) * per_sm;
-        MMFAST_LAUNCH(la_state_async_kernel<C>, grid_for(min_i64(items, resident)), kThreads, smem, stream, a);
+        unsigned grid = 0;
+        const cudaError_t err = persistent_grid(&la_state_async_kernel<C>, kThreads, smem, items, grid);
+        if (err != cudaSuccess) return err;
+        MMFAST_LAUNCH(la_state_async_kernel<C>, grid, kThreads, smem, stream, a);
         return cudaGetLastError();
       }
     }
