@@ -26,10 +26,11 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
   floor     the whole forward's bandwidth floor: q, k, v read and out written once, at 4.3 TB/s
             (the floor the benchmark reports against).
 
-  issue     with --sass, the instruction-issue ceiling of the cp.async kernels: every warp runs
-            the ring loop ('loop instr' of the SASS report, static, so an upper bound) once per
-            slice, an SM issues at most 4 warp instructions per clock at 1.755 GHz. Each
-            column is the max of itself and the ones before it.
+  issue     with --sass, an instruction-issue estimate of the cp.async kernels: every warp runs
+            the ring loop ('loop instr' of the SASS report) once per slice, an SM issues 4 warp
+            instructions per clock at 1.755 GHz. Not a bound either way: the static count holds
+            paths a slice skips (too high), 4 per clock is the best case (too low). Each column
+            is the max of itself and the ones before it.
 
 The latency figure is a model, not a measurement: the loaded DRAM latency on Hopper is about
 600-900 ns (--latency-ns); the ratio to the floor is what the redesign of issue 14 must bring
@@ -174,11 +175,11 @@ def ring_slices(p: Pass, bh: int, n: int, d: int) -> int:
     return 0
 
 
-def issue_bound_seconds(p: Pass, bh: int, n: int, d: int, sass: dict | None) -> float:
-    """Instruction issue: every warp of a block runs the ring loop once per slice; an SM issues
-    at most ISSUE_PER_CLOCK warp instructions per clock. The loop's static instruction count
-    (the SASS report's 'loop instr') includes paths a slice may skip, so this is an upper
-    bound of the issue time; 0 without a SASS report or for kernels without a ring."""
+def issue_estimate_seconds(p: Pass, bh: int, n: int, d: int, sass: dict | None) -> float:
+    """Instruction issue, estimated: every warp of a block runs the ring loop once per slice;
+    an SM issues ISSUE_PER_CLOCK warp instructions per clock. Not a bound in either direction:
+    the loop's static instruction count (the SASS report's 'loop instr') includes paths a slice
+    may skip, and ISSUE_PER_CLOCK is the best case. 0 without a SASS report or a ring."""
     row = _sass_row(p.kernel, sass)
     loop = row.get("ring_loop_instructions", 0) if row else 0
     warp_instructions = ring_slices(p, bh, n, d) * loop * WARPS
@@ -192,7 +193,7 @@ def latency_bound_seconds(p: Pass, threads: int, per_thread_bytes: int, latency_
 
 def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
     lines = ["| shape | B*H | N | D | pass | MB | GFLOP | design us (limit) | B in flight / thread | "
-             "latency-bound us | issue-bound us (upper bound) | floor us (fwd) |",
+             "latency-bound us | issue estimate us | floor us (fwd) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, b, n, h, d in SHAPES:
         bh = b * h
@@ -204,7 +205,7 @@ def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
             per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
             latency = max(design, latency_bound_seconds(p, resident_threads(p.kernel, sass), per_thread,
                                                         latency_ns * 1e-9))
-            issue = max(latency, issue_bound_seconds(p, bh, n, d, sass))
+            issue = max(latency, issue_estimate_seconds(p, bh, n, d, sass))
             total_design += design
             total_latency += latency
             total_issue += issue

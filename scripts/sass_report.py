@@ -329,9 +329,9 @@ _TARGET_RE = re.compile(r"\b0x([0-9a-fA-F]+)\b")
 
 def ring_loop_instructions(function: Function) -> int:
     """Instructions (static) in the innermost loop around the cp.async ring's first wait
-    (DEPBAR.LE): the per-slice body of a streaming kernel, counted once per warp and slice. An
-    upper bound on what one pass through it issues (it includes paths a slice may skip: the
-    next item's setup, the backward-only scalars) when it holds no inner loop; 0 without one."""
+    (DEPBAR.LE): the per-slice body of a streaming kernel, counted once per warp and slice. It
+    includes paths a slice may skip (the next item's setup, the backward-only scalars) and
+    counts an inner loop once; 0 without a ring."""
     waits = [i.addr for i in function.instrs if i.base == "DEPBAR" and "SB0" in i.args]
     if not waits:
         return 0
@@ -683,10 +683,13 @@ _DTYPE_ORDER = {"f32": 0, "f16": 1, "bf16": 2, "f64": 3}
 # A key "kernel<suffix>" applies to the instantiations whose template arguments end with suffix.
 _STATE_SHARED = "sizeof(mmfast::cuda::la::AsyncStateShared<mmfast::cuda::la::Config<__nv_bfloat16, " \
                 "mmfast::FeatureMap::kElu1, {}>>)"
+_APPLY_SMEM = "mmfast::cuda::la::async_apply_smem_bytes<mmfast::cuda::la::Config<__nv_bfloat16, " \
+              "mmfast::FeatureMap::kElu1, {}>>(64)"
 DYNAMIC_SMEM_PROBES = {
     "la_state_async_kernel<true>": _STATE_SHARED.format("true"),
     "la_state_async_kernel<false>": _STATE_SHARED.format("false"),
-    "la_apply_async_kernel": "mmfast::cuda::la::async_apply_smem_bytes<__nv_bfloat16>(64)",
+    "la_apply_async_kernel<true>": _APPLY_SMEM.format("true"),
+    "la_apply_async_kernel<false>": _APPLY_SMEM.format("false"),
 }
 
 
@@ -800,8 +803,8 @@ def notes(rows: list[dict], arch: str) -> list[str]:
            "that never have more than one load in flight / all regions with global loads",
            "- cp.async B: bytes of cp.async copies one thread keeps in flight while it computes: the N groups "
            "its wait_group N leaves pending x the bytes of one commit group (it counts toward the target too); "
-           "loop instr: static instructions of the loop around the ring's wait (one slice per warp, an upper "
-           "bound: it holds paths a slice may skip)",
+           "loop instr: static instructions of the loop around the ring's wait (one slice per warp; it holds "
+           "paths a slice may skip)",
            "- LD.E / ST.E: generic-address loads / stores; '(smem)': the kernel builds generic pointers into "
            "shared memory (reads SR_SWINHI), so they are likely shared-memory accesses, not global ones",
            "- blk/SM: resident blocks per SM and the resource that limits them; occ: resident warps / max warps"]

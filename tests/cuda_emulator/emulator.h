@@ -127,13 +127,26 @@ inline void async_land(const std::vector<AsyncCopy>& group) {
 }
 // Dynamic shared memory of the running launch, poisoned (0xff: NaN in every float type) so a
 // read of bytes nothing wrote shows up in the results.
+// A guard band past the launch's bytes must stay untouched: a write beyond them is an error.
+constexpr size_t kSmemGuard = 256;
 inline std::vector<unsigned char> dynamic_smem;
+inline size_t dynamic_smem_bytes = 0;
 inline unsigned char* dynamic_smem_base() {
   const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_smem.data());
   return dynamic_smem.data() + ((128 - p % 128) % 128);
 }
 inline void prepare_dynamic_smem(size_t bytes) {
-  dynamic_smem.assign(bytes + 128, 0xff);
+  dynamic_smem.assign(bytes + 128 + kSmemGuard, 0xff);
+  dynamic_smem_bytes = bytes;
+}
+inline void check_dynamic_smem_guard() {
+  const unsigned char* guard = dynamic_smem_base() + dynamic_smem_bytes;
+  for (size_t i = 0; i < kSmemGuard; ++i)
+    if (guard[i] != 0xff) {
+      std::printf("EMU ERROR: a write %zu bytes past the launch's %zu bytes of dynamic shared memory\n", i,
+                  dynamic_smem_bytes);
+      std::exit(2);
+    }
 }
 inline int sms = 132;
 inline int compute_major = 9;
@@ -158,6 +171,7 @@ inline unsigned emu_blocks = 3;
       ::emu::bid.x = b_;                                                                          \
       ::emu::prepare_dynamic_smem(smem);                                                          \
       ::emu::run([&] { kernel(__VA_ARGS__); });                                                   \
+      ::emu::check_dynamic_smem_guard();                                                          \
     }                                                                                             \
   } while (0)
 
@@ -192,6 +206,10 @@ template <int Pending> void cp_async_wait() {
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+extern "C" cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
+  *attributes = cudaFuncAttributes{};  // sharedSizeBytes 0: the emulator has no per-block limit to share
+  return cudaSuccess;
+}
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   *v = attr == cudaDevAttrComputeCapabilityMajor       ? ::emu::compute_major

@@ -189,11 +189,10 @@ void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, i
     if (!gk.pad_intact(pad) || !gv.pad_intact(pad)) { ++nfail; std::printf("FAIL state_backward wrote padding %s\n", cfg.c_str()); } }
 }
 
-// Accuracy of a long reduction: k = 0.1 (phi = 1.1), v = 1, N = 2^18 split into 4 chunks of
-// 65,536 tokens (one SM): m and S within 1e-5 of 1.1 (fp32 sums flushed into fp64).
-// A long reduction (N tokens, one chunk) stays exact: the fp32 sums flush into fp64. fp32 runs
-// the register-staged state kernel; bf16 with D = 8 (16-byte rows) the cp.async one, on the
-// SIMT path (TF32 products would round phi(k) = 1.1000977 to 10 mantissa bits).
+// Accuracy of a long reduction: k = 0.1 (phi = 1.1), v = 1, N tokens split into 4 chunks (one
+// SM): m and S within 1e-5 of phi (fp32 sums flushed into fp64). fp32 runs the register-staged
+// state kernel; bf16 with D = 8 (16-byte rows) the cp.async one, on the SIMT path (TF32
+// products would round phi(k) = 1.1000977 to 10 mantissa bits).
 template <class T> void run_long_reduction(int64_t D, int64_t N) {
   emu::sms = 1;
   emu::compute_major = 7;

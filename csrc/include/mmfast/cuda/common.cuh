@@ -170,8 +170,8 @@ __device__ __forceinline__ TokenView<T> token_view(const TokenTensor& t, int64_t
 // but must still be a mapped address). Copies a thread issued become visible to it after
 // cp_async_wait<n>() leaves at most n of its committed groups pending, and to the block after
 // a __syncthreads() that follows every thread's wait. Before sm_80 the copy is synchronous.
-// The host emulator (tests/cuda_emulator) performs the copies only at the wait, so a read
-// before the wait or the barrier sees stale shared memory there too.
+// The host emulator (tests/cuda_emulator) lands each copy at random at its issue or only at the
+// wait, so a read before the wait or the barrier, or a refill of a stage still being read, shows.
 #ifndef MMFAST_CUDA_EMULATED
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -197,23 +197,6 @@ template <int Pending> __device__ __forceinline__ void cp_async_wait() {
 #ifndef MMFAST_DYNAMIC_SHARED
 #define MMFAST_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
-
-// Lets kernel take bytes of dynamic shared memory (needed above 48 KB per block).
-template <class Kernel> cudaError_t allow_dynamic_shared(Kernel* kernel, int bytes) {
-  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              bytes);
-}
-
-// Blocks of kernel (threads per block, dynamic shared bytes) that one SM holds, after opting
-// in to that much shared memory: 0 when a query fails (cudaGetLastError then says why).
-template <class Kernel> int resident_blocks_per_sm(Kernel* kernel, int threads, size_t smem) {
-  int blocks = 0;
-  if (allow_dynamic_shared(kernel, static_cast<int>(smem)) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, reinterpret_cast<const void*>(kernel), threads, smem) !=
-          cudaSuccess)
-    return 0;
-  return blocks;
-}
 
 // True when every token row of t (D elements of elem_bytes each, unit stride) starts on a
 // 16-byte boundary and holds whole 16-byte chunks: the rows can be copied with cp_async16.
@@ -263,6 +246,30 @@ inline size_t max_shared_per_block() {
     return 48 * 1024;
   }
   return static_cast<size_t>(bytes);
+}
+
+// Lets kernel take up to all the dynamic shared memory a block may opt in to (needed above
+// 48 KB; at least bytes). Always the same value per device, never a call-specific one: a launch
+// in another host thread, or a captured graph, never sees the limit lowered under it.
+template <class Kernel> cudaError_t allow_dynamic_shared(Kernel* kernel, size_t bytes) {
+  const void* entry = reinterpret_cast<const void*>(kernel);
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, entry);
+  if (err != cudaSuccess) return err;
+  const size_t most = max_shared_per_block() - attributes.sharedSizeBytes;  // static shared memory counts too
+  if (bytes > most) return cudaErrorInvalidValue;
+  return cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most));
+}
+
+// Blocks of kernel (threads per block, dynamic shared bytes) that one SM holds, after opting
+// in to that much shared memory: 0 when a query fails (cudaGetLastError then says why).
+template <class Kernel> int resident_blocks_per_sm(Kernel* kernel, int threads, size_t smem) {
+  int blocks = 0;
+  if (allow_dynamic_shared(kernel, smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, reinterpret_cast<const void*>(kernel), threads, smem) !=
+          cudaSuccess)
+    return 0;
+  return blocks;
 }
 
 // The grid of a persistent kernel (grid-stride or range loop over items): the blocks that are

@@ -87,24 +87,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // B operand of every slice) and m in shared memory across items and reloads them only when
 // the head or the Dv tile changes. The raw q of all its items streams through one ring of
 // kAsyncApplyStages RawTiles (64 tokens x kBK dims): the next item's q is in flight while this
-// one multiplies: its wait leaves kAsyncApplyStages - 2 tiles in flight (32 KB of bf16 per
-// block; the pass's other half of the traffic, the output, is stores, which need no such
+// one multiplies: its wait leaves kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16
+// per block; the pass's other half of the traffic, the output, is stores, which need no such
 // cover). z = phi(q) . m + eps is summed from the staged phi(q) tiles (no second read of q).
 constexpr int kAsyncApplyStages = 10;
 
-template <class T, class A> struct AsyncApplyShared {
+template <class C> struct AsyncApplyShared {
+  using T = typename C::T;
+  using A = acc_t<T>;
   RawTile<T, kTile, kBK> q[kAsyncApplyStages];
   __align__(32) A As[kBK * kLd];
-  __align__(32) A Cs[TcScratch<A>::floats];
+  __align__(32) A Cs[C::tc ? TcScratch<A>::floats : 8];  // the tensor-core epilogue only
   A ms[kMaxD];
   A zs[kTile];
 };
 // Followed by Sv[round_up(Dk, kBK)][kLd], the state columns, sized at launch.
-template <class T, class A> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<T, A>), 128);
+template <class C> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<C>), 128);
 
-template <class T> inline size_t async_apply_smem_bytes(int dk) {
-  using A = acc_t<T>;
-  return kStateColumnsOffset<T, A> + sizeof(A) * static_cast<size_t>(round_up(dk, kBK)) * kLd;
+template <class C> inline size_t async_apply_smem_bytes(int dk) {
+  return kStateColumnsOffset<C> + sizeof(acc_t<typename C::T>) * static_cast<size_t>(round_up(dk, kBK)) * kLd;
 }
 
 // Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head.
@@ -163,8 +164,8 @@ __global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a
   using A = acc_t<T>;
   constexpr int S = kAsyncApplyStages;
   MMFAST_DYNAMIC_SHARED(smem);
-  auto& sh = *reinterpret_cast<AsyncApplyShared<T, A>*>(smem);
-  A* const Sv = reinterpret_cast<A*>(smem + kStateColumnsOffset<T, A>);
+  auto& sh = *reinterpret_cast<AsyncApplyShared<C>*>(smem);
+  A* const Sv = reinterpret_cast<A*>(smem + kStateColumnsOffset<C>);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
@@ -235,11 +236,11 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
   return dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (kSixteenBit<T>) {
-      const size_t smem = async_apply_smem_bytes<T>(a.dk);  // > 48 KB: opt in
+      const size_t smem = async_apply_smem_bytes<C>(a.dk);  // > 48 KB: opt in
       if (async_copy_enabled() && rows_16b_aligned(a.q, a.dk, sizeof(T)) && smem <= max_shared_per_block()) {
         unsigned grid = 0;
-        const cudaError_t err = persistent_grid(&la_apply_async_kernel<C>, kThreads, smem, items, grid);
-        if (err != cudaSuccess) return err;
+        const cudaError_t grid_err = persistent_grid(&la_apply_async_kernel<C>, kThreads, smem, items, grid);
+        if (grid_err != cudaSuccess) return grid_err;
         MMFAST_LAUNCH(la_apply_async_kernel<C>, grid, kThreads, smem, stream, a);
         return cudaGetLastError();
       }

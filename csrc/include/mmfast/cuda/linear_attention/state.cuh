@@ -212,10 +212,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 // The same sums as la_state_kernel on a persistent grid (the resident blocks only): each block
 // takes a contiguous range of items, whose raw k / v slices travel by cp.async through one ring
 // of kAsyncStages RawSlices, across item boundaries (no pipeline refill per item). Each wait
-// leaves kAsyncStages - 2 slices in flight while the landed one is converted (phi, the division
-// by z) into the fp32 operand tiles and multiplied. 6 stages of 16-bit inputs keep 4 x 8 KB =
-// 32 KB per block in flight; Little's law at 700-900 ns of loaded DRAM latency asks about
-// 23-30 KB per SM for an H200's 4.3 TB/s, all reads here (docs/linear-attention-performance.md).
+// leaves kAsyncStages - 2 slices pending and the next is issued right after, so S - 1 are in
+// flight while the landed one is converted (phi, the division by z) into the fp32 operand tiles
+// and multiplied. 6 stages of 16-bit inputs keep at least 4 x 8 KB = 32 KB per block in flight;
+// Little's law at 700-900 ns of loaded DRAM latency asks about 23-30 KB per SM for an H200's
+// 4.3 TB/s, all reads here (docs/linear-attention-performance.md).
 constexpr int kAsyncStages = 6;
 // m of a tile's 64 rows is summed by all 256 threads: thread t takes row t % 64 of the staged
 // slice's tokens l = t / 64 + 4j (warp-uniform, conflict-free), kMeanParts parts combined once
@@ -452,8 +453,8 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
       if (use_async_state<C>(k, v, a)) {
         constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
         unsigned grid = 0;
-        const cudaError_t err = persistent_grid(&la_state_async_kernel<C>, kThreads, smem, items, grid);
-        if (err != cudaSuccess) return err;
+        const cudaError_t grid_err = persistent_grid(&la_state_async_kernel<C>, kThreads, smem, items, grid);
+        if (grid_err != cudaSuccess) return grid_err;
         MMFAST_LAUNCH(la_state_async_kernel<C>, grid, kThreads, smem, stream, a);
         return cudaGetLastError();
       }
