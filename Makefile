@@ -48,7 +48,7 @@ bench: build
 cmake-test:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build build/cmake -j $(MAX_JOBS) > /dev/null
-	cd build/cmake && ctest --output-on-failure
+	cd build/cmake && ctest --output-on-failure -j $(MAX_JOBS)
 
 # ASan + UBSan (no recovery: the first finding fails the run) over the torch-free kernels, their
 # C++ tests and the emulated CUDA kernels (quick case level: instrumented fibers are slow).
@@ -57,7 +57,7 @@ sanitize:
 	  -DMMFAST_EMULATOR_LEVEL=0 > /dev/null
 	cmake --build build/sanitize -j $(MAX_JOBS) > /dev/null
 	cd build/sanitize && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-	  ctest --output-on-failure
+	  ctest --output-on-failure -j $(MAX_JOBS)
 
 # Compiles csrc/cuda/linear_attention.cu for sm_90a on its own (nvcc -cubin, the build's flags) and
 # prints the SASS table; --arch, --source, --keep DIR, --json PATH go in SASS_REPORT_ARGS.
