@@ -12,9 +12,11 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
             state read once per bh, the output written;
   FLOPs     the MMA work the kernels issue: 64 x 64 tiles, so D = 40 does (64/40)^2 = 2.56x
             the useful work, plus phi / normalisation (negligible);
-  design    max(bytes / 4.3 TB/s, FLOPs / 395 TFLOP/s): what the pass could reach with enough
-            loads in flight (TF32 WMMA: half the 790 bf16 TFLOP/s measured on these machines;
-            copy bandwidth 4.3 TB/s measured, both KINDS.md of the device library);
+  design    max(bytes / 4.3 TB/s, FLOPs / MMA rate): what the pass could reach with enough
+            loads in flight. The cp.async kernels run bf16 / fp16 mma.sync at 790 TFLOP/s with
+            the extra products of ASYNC_MMA_WORK, the register-staged ones TF32 WMMA at half
+            that (copy bandwidth 4.3 TB/s and 790 TFLOP/s measured, KINDS.md of the device
+            library);
   latency   the Little's-law ceiling of the current code: the staging loop of each pass
             issues all of a thread's token loads of a slice before using any (TOKEN_LOADS_IN_FLIGHT:
             k and v in the state pass, q in apply; scripts/sass_report.py shows them issued
@@ -51,7 +53,8 @@ from linear_attention_shapes import GPU_SHAPES  # noqa: E402
 
 SMS = 132                 # H200 multiprocessors
 COPY_BW = 4.3e12          # B/s, device-to-device copy measured on the lent H200s
-TF32_FLOPS = 790e12 / 2   # dense TF32 WMMA: half the measured bf16 rate
+BF16_FLOPS = 790e12       # dense bf16 mma.sync, measured
+TF32_FLOPS = BF16_FLOPS / 2  # dense TF32 WMMA: half the bf16 rate
 TILE = 64                 # kTile (csrc/include/mmfast/cuda/tile_gemm.cuh)
 BK = 32                   # kBK: tokens per staged slice
 THREADS = 256             # kThreads
@@ -69,6 +72,8 @@ class Pass:
     kernel: str
     bytes: float
     flops: float
+    flops_rate: float = TF32_FLOPS  # the tensor-core rate its products run at
+    mma: str = "TF32 MMA"
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -83,6 +88,11 @@ def state_plan(bh: int, n: int, dk: int, dv: int, sms: int = SMS) -> tuple[int, 
     chunk = ceil_div(ceil_div(n, want), BK) * BK
     return chunk, ceil_div(n, chunk)
 
+
+# mma.sync work of the cp.async kernels per useful product (16-bit operands, fp32 sums): each
+# warp's 32 Dv columns take 8 more for m (state) or z (apply); the state pass multiplies phi(k)
+# as hi + lo (2x), apply multiplies S as hi + lo (2x) and m once (its columns hold both parts).
+ASYNC_MMA_WORK = {"state": 2 * (32 + 8) / 32, "apply": (2 * 32 + 8) / 32}
 
 KERNELS = {  # variant -> (state kernel, apply kernel)
     "async": ("la_state_async_kernel", "la_apply_async_kernel"),
@@ -100,10 +110,18 @@ def forward_passes(bh: int, n: int, d: int, elem: int = 2, variant: str = "async
     mma = 2.0 * bh * n * padded * padded
     partials = bh * nchunks * state_elems * ACC_BYTES if nchunks > 1 else 0
     final = bh * state_elems * ACC_BYTES
-    passes = [Pass("state", state_kernel, bh * n * 2 * d * elem + (partials or final), mma)]
+    state_bytes = bh * n * 2 * d * elem + (partials or final)
+    if variant == "async":
+        passes = [Pass("state", state_kernel, state_bytes, mma * ASYNC_MMA_WORK["state"], BF16_FLOPS, "bf16 MMA")]
+    else:
+        passes = [Pass("state", state_kernel, state_bytes, mma)]
     if nchunks > 1:
         passes.append(Pass(f"reduce ({nchunks} chunks)", "la_state_reduce_kernel", partials + final, 0.0))
-    passes.append(Pass("apply", apply_kernel, bh * n * 2 * d * elem + final, mma))
+    apply_bytes = bh * n * 2 * d * elem + final
+    if variant == "async":
+        passes.append(Pass("apply", apply_kernel, apply_bytes, mma * ASYNC_MMA_WORK["apply"], BF16_FLOPS, "bf16 MMA"))
+    else:
+        passes.append(Pass("apply", apply_kernel, apply_bytes, mma))
     return passes
 
 
@@ -126,14 +144,16 @@ TOKEN_LOADS_IN_FLIGHT = {"la_state_kernel": 16, "la_apply_kernel": 8, "la_state_
 # one of k and one of v; apply: one of q, for 16-bit inputs).
 ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh", 32),
               "la_apply_async_kernel": ("kAsyncApplyStages", "apply.cuh", 16)}
-# The configuration the bf16 benchmarks run: elu(x) + 1 on TF32 tensor cores.
+# The configuration the bf16 benchmarks run: elu(x) + 1 on tensor cores (the state kernels'
+# forward instantiation: Scaled = false).
 BENCH_CONFIG = "bf16, FeatureMap=1, true"
+BENCH_TEMPLATE_ARGS = {"la_state_async_kernel": BENCH_CONFIG + ", false"}
 DEFAULT_BLOCKS_PER_SM = {"la_state_kernel": 1, "la_apply_kernel": 1, "la_state_reduce_kernel": 8,
                          "la_state_async_kernel": 1, "la_apply_async_kernel": 1}
 
 
 def _sass_row(kernel: str, sass: dict | None) -> dict | None:
-    want = "f32" if "reduce" in kernel else BENCH_CONFIG
+    want = "f32" if "reduce" in kernel else BENCH_TEMPLATE_ARGS.get(kernel, BENCH_CONFIG)
     return next((r for r in (sass or {}).get("kernels", [])
                  if r["kernel"] == kernel and r["template_args"] == want), None)
 
@@ -200,7 +220,7 @@ def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
         floor = floor_seconds(bh, n, d)
         total_design = total_latency = total_issue = 0.0
         for p in forward_passes(bh, n, d, variant=variant):
-            t_bw, t_mma = p.bytes / COPY_BW, p.flops / TF32_FLOPS
+            t_bw, t_mma = p.bytes / COPY_BW, p.flops / p.flops_rate
             design = max(t_bw, t_mma)
             per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
             latency = max(design, latency_bound_seconds(p, resident_threads(p.kernel, sass), per_thread,
@@ -210,7 +230,7 @@ def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
             total_latency += latency
             total_issue += issue
             lines.append(f"| {name} | {bh} | {n} | {d} | {p.name} | {p.bytes / 1e6:.1f} | {p.flops / 1e9:.1f} | "
-                         f"{design * 1e6:.1f} ({'bandwidth' if t_bw >= t_mma else 'TF32 MMA'}) | {per_thread} | "
+                         f"{design * 1e6:.1f} ({'bandwidth' if t_bw >= t_mma else p.mma}) | {per_thread} | "
                          f"{latency * 1e6:.1f} | {issue * 1e6:.1f} | |")
         lines.append(f"| **{name} forward** | | | | | | | {total_design * 1e6:.1f} "
                      f"({total_design / floor:.2f}x floor) | | {total_latency * 1e6:.1f} "
@@ -229,7 +249,7 @@ def main(argv=None) -> int:
                              "one-load: the code before the staging change")
     args = parser.parse_args(argv)
     sass = json.loads(args.sass.read_text()) if args.sass else None
-    print(f"H200 model: {SMS} SMs, {COPY_BW / 1e12:.1f} TB/s copy, {TF32_FLOPS / 1e12:.0f} TFLOP/s TF32, "
+    print(f"H200 model: {SMS} SMs, {COPY_BW / 1e12:.1f} TB/s copy, {BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 (TF32 half), "
           f"{args.latency_ns:.0f} ns latency, bf16 inputs, {args.variant} kernels; occupancy from "
           f"{args.sass if sass else 'defaults (1 block/SM for the state and apply kernels)'}\n")
     print(table(sass, args.latency_ns, args.variant))

@@ -3,7 +3,8 @@
 
     python scripts/sass_report.py [--arch sm_90a] [--source FILE.cu] [--json PATH] [--keep DIR]
 
-Compiles one .cu (default csrc/cuda/linear_attention.cu) with setup.py's nvcc flags for one
+Compiles one .cu (default: every linear-attention kernel, a unit that includes
+mmfast/cuda/linear_attention.cuh; the build splits them over two) with setup.py's nvcc flags for one
 real architecture, reads ptxas' resource usage (-Xptxas -v), disassembles the cubin with
 cuobjdump -sass and prints a markdown table with one row per kernel instantiation: registers,
 spills, stack, shared memory, occupancy, global-load counts, the load memory-level parallelism
@@ -59,7 +60,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = ROOT / "csrc" / "cuda" / "linear_attention.cu"
+# The build compiles the linear-attention kernels in two units (csrc/cuda/linear_attention_passes.h);
+# the report compiles all of them in one, written into the work folder.
+DEFAULT_HEADER = "mmfast/cuda/linear_attention.cuh"
 
 # ---- launch configuration, read off the source ---------------------------------------------
 # Threads per block and dynamic shared memory of each kernel come from its MMFAST_LAUNCH site
@@ -97,8 +100,9 @@ def split_top_level(text: str, brackets: str = "([{", closers: str = ")]}") -> t
 
 def _kernel_name(text: str) -> tuple[str, str]:
     """The kernel's name at the start of text and text from just after its template arguments
-    (their commas are not argument separators)."""
-    match = re.match(r"\s*(\w+)\s*", text)
+    (their commas are not argument separators). A kernel in parentheses, as
+    `MMFAST_LAUNCH((kernel<C, true>), ...)` needs for the preprocessor, counts as the kernel."""
+    match = re.match(r"\s*(\(\s*)?(\w+)\s*", text)
     if match is None:
         return "", text
     end, depth = match.end(), 0
@@ -108,7 +112,10 @@ def _kernel_name(text: str) -> tuple[str, str]:
             if depth == 0:
                 end = i + 1
                 break
-    return match.group(1), "_" + text[end:]  # "_": a placeholder for the kernel argument
+    if match.group(1):
+        close = re.match(r"\s*\)", text[end:])
+        end += close.end() if close else 0
+    return match.group(2), "_" + text[end:]  # "_": a placeholder for the kernel argument
 
 
 def launch_sites_in(text: str, path: str, constants: dict[str, int]) -> dict[str, Launch]:
@@ -686,10 +693,9 @@ _STATE_SHARED = "sizeof(mmfast::cuda::la::AsyncStateShared<mmfast::cuda::la::Con
 _APPLY_SMEM = "mmfast::cuda::la::async_apply_smem_bytes<mmfast::cuda::la::Config<__nv_bfloat16, " \
               "mmfast::FeatureMap::kElu1, {}>>(64)"
 DYNAMIC_SMEM_PROBES = {
-    "la_state_async_kernel<true>": _STATE_SHARED.format("true"),
-    "la_state_async_kernel<false>": _STATE_SHARED.format("false"),
+    "la_state_async_kernel<true, false>": _STATE_SHARED.format("true"),
+    "la_state_async_kernel<true, true>": _STATE_SHARED.format("true"),
     "la_apply_async_kernel<true>": _APPLY_SMEM.format("true"),
-    "la_apply_async_kernel<false>": _APPLY_SMEM.format("false"),
 }
 
 
@@ -700,12 +706,11 @@ def probed_smem(dynamic_smem: dict[str, int], kernel: str, template_args: str) -
         if key.startswith(kernel + "<") and key.endswith(">") and template_args.endswith(key[len(kernel) + 1:-1]):
             return value
     return dynamic_smem.get(kernel)
-PROBE_HEADER = "mmfast/cuda/linear_attention.cuh"
 
 
 def probe_source(probes: dict[str, str] = DYNAMIC_SMEM_PROBES) -> str:
     """A host program that prints `kernel bytes` for every probe."""
-    lines = [f'#include "{PROBE_HEADER}"', "#include <cstdio>", "int main() {"]
+    lines = [f'#include "{DEFAULT_HEADER}"', "#include <cstdio>", "int main() {"]
     lines += [f'  std::printf("{name} %zu\\n", static_cast<size_t>({expr}));' for name, expr in probes.items()]
     return "\n".join(lines + ["  return 0;", "}"]) + "\n"
 
@@ -717,7 +722,7 @@ def probe_dynamic_smem(cuda_home: str, workdir: Path) -> dict[str, int]:
     _run([str(Path(cuda_home) / "bin" / "nvcc"), "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", "-o", str(exe),
           str(source)], "nvcc (shared-memory probe)")
     out = _run([str(exe)], "the shared-memory probe").stdout
-    return {name: int(value) for name, value in (line.split() for line in out.splitlines() if line.strip())}
+    return {name: int(value) for name, value in (line.rsplit(None, 1) for line in out.splitlines() if line.strip())}
 
 
 def _launch_from_bounds(max_threads: int) -> Launch:
@@ -856,7 +861,7 @@ def compile_and_dump(source: Path, arch: str, workdir: Path, tools: dict, cuda_h
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_90a", help="real architecture to compile for (default sm_90a)")
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the .cu to compile")
+    parser.add_argument("--source", type=Path, help=f"the .cu to compile (default: a unit that includes {DEFAULT_HEADER})")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--keep", type=Path, help="keep the cubin, SASS and ptxas output in this folder")
     parser.add_argument("--cuobjdump", help="cuobjdump binary (default: PATH, $CUDA_HOME/bin, nvidia wheels)")
@@ -880,7 +885,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not re.fullmatch(r"sm_\d+[a-z]?", args.arch):
         sys.exit(f"sass_report: --arch must look like sm_90a, got {args.arch!r}")
-    if not args.source.is_file():
+    if args.source is not None and not args.source.is_file():
         sys.exit(f"sass_report: no such source file: {args.source}")
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -896,6 +901,9 @@ def main(argv=None) -> int:
                      f"install it with `pip install nvidia-cuda-{name}`")
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="sass_report_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.source is None:
+        args.source = workdir / "linear_attention_kernels.cu"
+        args.source.write_text(f'#include "{DEFAULT_HEADER}"  // every kernel: the entry points instantiate them\n')
     try:
         build = compile_and_dump(args.source.resolve(), args.arch, workdir, tools, cuda_home)
         dynamic_smem = probe_dynamic_smem(cuda_home, workdir)

@@ -56,8 +56,8 @@ def test_ring_depths_come_from_the_headers():
     assert stages >= 3 and apply_stages >= 3
     assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 32
     assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 16
-    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_CONFIG, "pipelined_bytes": 96,
-           "blocks_per_sm": 2}
+    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
+           "pipelined_bytes": 96, "blocks_per_sm": 2}
     assert model.bytes_in_flight("la_state_async_kernel", {"kernels": [row]}, 2) == 96  # the SASS figure wins
     assert model.resident_threads("la_state_async_kernel", {"kernels": [row]}) == 512
 
@@ -65,7 +65,7 @@ def test_ring_depths_come_from_the_headers():
 def _predicted_ratio(bh: int, n: int, d: int) -> float:
     total = 0.0
     for p in model.forward_passes(bh, n, d):
-        design = max(p.bytes / model.COPY_BW, p.flops / model.TF32_FLOPS)
+        design = max(p.bytes / model.COPY_BW, p.flops / p.flops_rate)
         total += max(design, _latency_bound(p, "async"))
     return total / model.floor_seconds(bh, n, d)
 
@@ -79,15 +79,21 @@ def test_cp_async_forward_latency_and_bandwidth_within_issue_14_targets():
 
 
 def test_padded_tiles_count_the_mma_work_issued():
-    # D = 40 runs 64-wide tiles: (64 / 40)^2 = 2.56x the useful products
-    state = model.forward_passes(16, 16384, 40)[0]
-    assert abs(state.flops / (2 * 16 * 16384 * 40 * 40) - 2.56) < 1e-9
+    # D = 40 runs 64-wide tiles: (64 / 40)^2 = 2.56x the useful products; the cp.async kernels'
+    # hi + lo operands and m / z columns multiply that by ASYNC_MMA_WORK, at the bf16 rate
+    useful = 2 * 16 * 16384 * 40 * 40
+    staged = model.forward_passes(16, 16384, 40, variant="staged")
+    assert abs(staged[0].flops / useful - 2.56) < 1e-9 and staged[0].flops_rate == model.TF32_FLOPS
+    state, apply = model.forward_passes(16, 16384, 40)[0], model.forward_passes(16, 16384, 40)[-1]
+    assert abs(state.flops / useful - 2.56 * model.ASYNC_MMA_WORK["state"]) < 1e-9
+    assert abs(apply.flops / useful - 2.56 * model.ASYNC_MMA_WORK["apply"]) < 1e-9
+    assert state.flops_rate == apply.flops_rate == model.BF16_FLOPS
 
 
 def test_issue_estimate_counts_the_ring_loop_per_slice_and_warp():
     state = model.forward_passes(10, 16384, 64)[0]
-    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_CONFIG, "ring_loop_instructions": 100,
-           "blocks_per_sm": 1}
+    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
+           "ring_loop_instructions": 100, "blocks_per_sm": 1}
     slices = 10 * 16384 // model.BK
     assert model.ring_slices(state, 10, 16384, 64) == slices
     expected = slices * 100 * 8 / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)

@@ -204,7 +204,7 @@ def test_probed_smem_by_template_suffix():
 
 def test_dynamic_smem_probe_source():
     source = sr.probe_source({"k1": "sizeof(int)", "k2": "f<float>(64)"})
-    assert f'#include "{sr.PROBE_HEADER}"' in source
+    assert f'#include "{sr.DEFAULT_HEADER}"' in source
     assert 'std::printf("k1 %zu\\n", static_cast<size_t>(sizeof(int)));' in source
     assert "static_cast<size_t>(f<float>(64))" in source and source.rstrip().endswith("}")
 
@@ -338,11 +338,13 @@ def test_launch_sites_parsed_from_source_text():
     text = ("constexpr int kThreads = 256;\n"
             "  MMFAST_LAUNCH(la_state_kernel<T>, grid_for(items), kThreads, 0, stream, a);\n"
             "  MMFAST_LAUNCH(reduce<A, B>, grid_for(ceil_div(total, kThreads)), 128, 4096, stream,\n"
-            "                x, f(y, z));\n")
+            "                x, f(y, z));\n"
+            "  MMFAST_LAUNCH((ring<C, true>), grid, kThreads, smem, stream, a);\n")
     constants = {"kThreads": 256}
     assert sr.launch_sites_in(text, "x.cuh", constants) == {
         "la_state_kernel": sr.Launch(256, 0, "x.cuh:2"),
         "reduce": sr.Launch(128, 4096, "x.cuh:3"),
+        "ring": sr.Launch(256, 0, "x.cuh:5"),  # parenthesized for the preprocessor's commas
     }
 
 
@@ -351,6 +353,8 @@ def test_launch_sites_of_the_linear_attention_kernels():
     for kernel in ("la_state_kernel", "la_state_reduce_kernel", "la_apply_kernel", "la_apply_backward_kernel",
                    "la_state_backward_kernel"):
         assert (sites[kernel].threads, sites[kernel].dynamic_smem) == (256, 0), (kernel, sites[kernel])
-    for kernel in ("la_state_async_kernel", "la_apply_async_kernel"):  # sized by the probe, not the site
+    for kernel, targs in (("la_state_async_kernel", "bf16, FeatureMap=1, true, false"),  # forward
+                          ("la_state_async_kernel", "bf16, FeatureMap=1, true, true"),   # apply_backward
+                          ("la_apply_async_kernel", "bf16, FeatureMap=1, true")):  # sized by the probe, not the site
         assert sites[kernel].threads == 256, (kernel, sites[kernel])
-        assert sr.probed_smem({k: 1 for k in sr.DYNAMIC_SMEM_PROBES}, kernel, "bf16, FeatureMap=1, true") == 1
+        assert sr.probed_smem({k: 1 for k in sr.DYNAMIC_SMEM_PROBES}, kernel, targs) == 1, (kernel, targs)

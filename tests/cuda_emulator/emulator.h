@@ -6,6 +6,8 @@
 // WMMA (tf32 m16n16k8) is emulated with every thread holding the whole fragment, which is
 // enough for code that only loads, multiplies, stores and maps fragments elementwise; the
 // documented pointer-alignment and ldm rules are checked on every load and store.
+// ldmatrix (.x4, .x4.trans) and mma.sync.m16n8k16 (fp16 / bf16) are emulated lane by lane with the
+// PTX ISA's fragment layouts, exchanging operands within the warp.
 #pragma once
 #define MMFAST_CUDA_EMULATED 1
 #include <ucontext.h>
@@ -75,6 +77,9 @@ inline void async_check_drained() {
   if (pending) { std::printf("EMU ERROR: thread %d exited with cp.async copies never waited for\n", cur); std::exit(2); }
   async_groups[cur].clear();
 }
+// The warp's mma.sync result, computed once per phase by the first lane that gets there.
+inline long mma_phase[kN / 32];
+inline float mma_out[kN / 32][32][4];
 inline void tramp() { fiber_started(); body(); async_check_drained(); done[cur] = true; switch_to_scheduler(true); }
 inline void run(std::function<void()> f) {
   body = std::move(f);
@@ -88,6 +93,7 @@ inline void run(std::function<void()> f) {
     done[t] = false;
     nbar[t] = 0;
   }
+  for (long& phase : mma_phase) phase = -1;
   std::vector<int> order(kN);
   for (int t = 0; t < kN; ++t) order[t] = t;
   for (;;) {
@@ -118,6 +124,20 @@ template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 1
   std::memcpy(&r, shfl_raw[cur ^ mask], sizeof(V));
   yield();
   return r;
+}
+// Warp-collective operations (ldmatrix, mma.sync): every lane publishes its operands, the block
+// passes a phase switch, each lane reads its warp's, and a second switch keeps the next
+// publication from overwriting them early (like shfl_xor). They must be reached uniformly.
+inline unsigned char lane_raw[kN][48];
+template <class V> void publish(const V& v) {
+  static_assert(sizeof(V) <= sizeof(lane_raw[0]), "published operands are at most 48 bytes");
+  std::memcpy(lane_raw[cur], &v, sizeof(V));
+  yield();
+}
+template <class V> V lane_value(int lane) {
+  V v;
+  std::memcpy(&v, lane_raw[(cur & ~31) + lane], sizeof(V));
+  return v;
 }
 inline void async_land(const std::vector<AsyncCopy>& group) {
   for (const AsyncCopy& c : group) {
@@ -202,6 +222,78 @@ template <int Pending> void cp_async_wait() {
     ::emu::async_land(groups.front());
     groups.erase(groups.begin());
   }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 and mma.sync.aligned.m16n8k16.row.col.f32
+// with fp16 / bf16 operands: the fragment layouts of the PTX ISA (see tile_gemm.cuh). The sum
+// is exact products added in fp64, rounded once to fp32 (hardware adds in fp32).
+namespace emu {
+template <bool Trans> void ldmatrix(uint32_t (&r)[4], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    std::printf("EMU ERROR: ldmatrix row address %p is not 16-byte aligned\n", row);
+    std::exit(2);
+  }
+  publish(row);
+  const int lane = cur % 32, g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 4; ++j) {
+    uint16_t e[2];  // M_j[g][2t + h], or transposed M_j[2t + h][g]
+    for (int h = 0; h < 2; ++h) {
+      const auto* rows = static_cast<const uint16_t*>(lane_value<const void*>(8 * j + (Trans ? 2 * t + h : g)));
+      std::memcpy(&e[h], rows + (Trans ? g : 2 * t + h), 2);
+    }
+    r[j] = e[0] | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  yield();
+}
+}  // namespace emu
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix<false>(r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix<true>(r, row); }
+namespace emu {
+struct MmaOperands { uint32_t a[4], b[2]; float c[4]; };
+template <class T> double element16(uint32_t reg, int half) {
+  const uint16_t bits = static_cast<uint16_t>(reg >> (16 * half));
+  T x;
+  std::memcpy(&x, &bits, 2);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(x);
+  else return __half2float(x);
+}
+// D = C + A B of the whole warp from its lanes' published fragments, into mma_out.
+template <class T> void warp_mma(int warp) {
+  double A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const auto f = lane_value<MmaOperands>(l);
+    const int g = l / 4, t = l % 4;
+    for (int reg = 0; reg < 4; ++reg)
+      for (int h = 0; h < 2; ++h) A[g + 8 * (reg % 2)][2 * t + h + 8 * (reg / 2)] = element16<T>(f.a[reg], h);
+    for (int reg = 0; reg < 2; ++reg)
+      for (int h = 0; h < 2; ++h) B[2 * t + h + 8 * reg][g] = element16<T>(f.b[reg], h);
+  }
+  for (int l = 0; l < 32; ++l) {
+    const auto f = lane_value<MmaOperands>(l);
+    const int g = l / 4, t = l % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+      double s = f.c[i];
+      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+      mma_out[warp][l][i] = static_cast<float>(s);
+    }
+  }
+}
+}  // namespace emu
+template <class T> void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
+  ::emu::MmaOperands mine;
+  std::memcpy(mine.a, a, sizeof mine.a);
+  std::memcpy(mine.b, b, sizeof mine.b);
+  std::memcpy(mine.c, d, sizeof mine.c);
+  ::emu::publish(mine);
+  const int warp = ::emu::cur / 32;
+  if (::emu::mma_phase[warp] != ::emu::nbar[::emu::cur]) {
+    ::emu::mma_phase[warp] = ::emu::nbar[::emu::cur];
+    ::emu::warp_mma<T>(warp);
+  }
+  std::memcpy(d, ::emu::mma_out[warp][::emu::cur % 32], sizeof(float) * 4);
+  ::emu::yield();
 }
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }

@@ -3,7 +3,7 @@
 // checked against a float64 reference: every op, dtype, feature map, odd head dims, strided
 // and padded layouts, single- and multi-chunk splits, 16-byte aligned rows (the cp.async
 // kernels) and unaligned ones, and writes outside the outputs.
-// It checks the alignment cp.async and WMMA require, not concurrency between blocks or
+// It checks the alignment cp.async, WMMA and ldmatrix require, not concurrency between blocks or
 // speed: that needs a GPU.
 // Argument: 0 (quick), 1 (+ large head dims), 2 (+ a sweep of Dk x Dv).
 #include "emulator.h"
@@ -99,7 +99,8 @@ void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, i
   std::vector<char> ws(mmfast::cuda::linear_attention_state_workspace_bytes(p) + 64);
   p.workspace = ws.data(); p.workspace_bytes = ws.size();
   if (mmfast::cuda::linear_attention_state(p, nullptr) != cudaSuccess) { ++nfail; std::printf("FAIL launch state %s\n", cfg.c_str()); return; }
-  // fp16/bf16 use TF32 tensor cores: each phi(k) v product has operands rounded to 10 bits.
+  // fp16/bf16 use tensor cores: TF32 products (operands rounded to 10 bits) in the
+  // register-staged kernel, 16-bit hi + lo phi(k) times 16-bit v in the cp.async one.
   const bool tensor_cores = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
   const double state_tol = tol < 1e-3 ? tol : tensor_cores ? 1e-3 : 1e-5;
   { Cmp c; for (size_t i = 0; i < S.size(); ++i) c.add(st[i], S[i]); report("state", cfg, c, state_tol);
@@ -191,11 +192,12 @@ void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, i
 
 // Accuracy of a long reduction: k = 0.1 (phi = 1.1), v = 1, N tokens split into 4 chunks (one
 // SM): m and S within 1e-5 of phi (fp32 sums flushed into fp64). fp32 runs the register-staged
-// state kernel; bf16 with D = 8 (16-byte rows) the cp.async one, on the SIMT path (TF32
-// products would round phi(k) = 1.1000977 to 10 mantissa bits).
-template <class T> void run_long_reduction(int64_t D, int64_t N) {
+// state kernel (SIMT); bf16 with D = 8 (16-byte rows) on compute capability 9 the cp.async
+// tensor-core one, whose phi(k) = 1.1000977 travels as bf16 hi + lo (one bf16 rounds it to
+// 1.1015625: 1.3e-3 off).
+template <class T> void run_long_reduction(int64_t D, int64_t N, int major) {
   emu::sms = 1;
-  emu::compute_major = 7;
+  emu::compute_major = major;
   Tok<T> k(1, N, 1, D, 0, 0, false), v(1, N, 1, D, 0, 0, false);
   for (auto& x : k.buf) x = fromd<T>(0.1);
   for (auto& x : v.buf) x = fromd<T>(1.0);
@@ -297,8 +299,8 @@ int main(int argc, char** argv) {
   }
   const int before_numerics = nfail;
   run_nan_propagation();
-  run_long_reduction<float>(4, 1 << 18);
-  run_long_reduction<__nv_bfloat16>(8, 1 << 16);
+  run_long_reduction<float>(4, 1 << 18, 7);
+  run_long_reduction<__nv_bfloat16>(8, 1 << 16, 9);
   nfailed_cases += nfail > before_numerics;
   ++ncase;
   std::printf("%d passed, %d failed\n", ncase - nfailed_cases, nfailed_cases);

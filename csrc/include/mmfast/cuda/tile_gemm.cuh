@@ -10,6 +10,8 @@
 // result lands in the same register block either way.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -144,14 +146,17 @@ __device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa
 // A staging step then reads the raw elements from shared memory as its loads. RawSlice is
 // the kBK tokens x kTile dims of a token-contraction (the state pass); RawTile<T, kTile, kBK>
 // the kTile tokens x kBK dims of a dim-contraction (the apply pass).
-template <class T, int Rows, int Cols> struct RawTile {
+// Pad elements after each row (a multiple of 16 bytes) keep a row stride of 128 bytes from
+// sending the 8 rows of an ldmatrix phase to the same banks.
+template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
   static constexpr int kRows = Rows, kCols = Cols;
   static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
   static constexpr int kChunksPerRow = Cols / kChunkElems;
   static constexpr int kChunks = Rows * kChunksPerRow;
   static_assert(16 % sizeof(T) == 0 && Cols % kChunkElems == 0 && kChunks % kThreads == 0,
                 "whole 16-byte chunks, the same count per thread");
-  __align__(16) T v[Rows][Cols];
+  static_assert(Pad % kChunkElems == 0, "rows stay 16-byte aligned");
+  __align__(16) T v[Rows][Cols + Pad];
 };
 template <class T> using RawSlice = RawTile<T, kBK, kTile>;
 
@@ -168,6 +173,105 @@ __device__ __forceinline__ void raw_tile_issue(Tile& dst, RowPtr row_ptr, int64_
     const bool valid = r < rows && x < cols;
     cp_async16(&dst.v[r][x], valid ? row_ptr(r) + x : fallback, valid);
   }
+}
+
+// ---- 16-bit tensor-core fragments: ldmatrix + mma.sync.m16n8k16 (sm_80+) -----------------
+// A warp multiplies a 16 x 16 fp16 / bf16 tile A by a 16 x 8 tile B into a 16 x 8 fp32 tile D
+// (PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type"). With g = lane / 4,
+// t = lane % 4, each lane holds (a register = two 16-bit elements, the lower index low):
+//   A  a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B  b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   D  d[0], d[1] = D[g][2t, 2t+1]   d[2], d[3] = D[g+8][2t, 2t+1]
+// ldmatrix_x4 loads four 8 x 8 16-bit matrices from shared memory, lane 8j + r naming row r
+// (16 bytes, 16-byte aligned) of matrix j: register j of the lane is M_j[g][2t, 2t+1], or with
+// _trans M_j[2t, 2t+1][g]. A fragment is then one instruction: A stored row-major (m rows,
+// contraction contiguous) without _trans, an operand stored contraction-major (token rows, as
+// both operands of a token contraction) with it; A's matrices ordered (m, k) = (0, 0), (8, 0),
+// (0, 8), (8, 8), B's two n-tiles (k, n) = (0, 0), (8, 0), (0, 8), (8, 8).
+// Products are exact, sums fp32. The host emulator defines both, with these layouts.
+#ifndef MMFAST_CUDA_EMULATED
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#else
+  (void)row;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();  // callers launch only on sm_80+
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#else
+  (void)row;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();  // callers launch only on sm_80+
+#endif
+}
+
+// d += A B for fp16 or bf16 A, B (T), fp32 d.
+template <class T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "mma_m16n8k16 takes fp16 or bf16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  (void)d, (void)a, (void)b;
+  __trap();  // callers launch only on sm_80+
+#endif
+}
+#endif  // !MMFAST_CUDA_EMULATED
+
+// Two 16-bit elements of one register as floats, and back (round to nearest even).
+template <class T> __device__ __forceinline__ float2 unpack_pair(uint32_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 h;
+    memcpy(&h, &bits, 4);
+    return __bfloat1622float2(h);
+  } else {
+    __half2 h;
+    memcpy(&h, &bits, 4);
+    return __half22float2(h);
+  }
+}
+template <class T> __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(low, high);
+    memcpy(&bits, &h, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(low, high);
+    memcpy(&bits, &h, 4);
+  }
+  return bits;
+}
+
+// x = hi + lo with hi = T(x) and lo = T(x - hi): two tensor-core products (hi and lo) keep
+// about twice T's mantissa bits of an fp32 operand (16 for bf16, 22 for fp16), near fp32.
+// Infinite or NaN x: lo = 0 or NaN, so hi + lo is x.
+template <class T>
+__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  hi = pack_pair<T>(x0, x1);
+  const float2 h = unpack_pair<T>(hi);
+  lo = pack_pair<T>(h.x == x0 ? 0.0f : x0 - h.x, h.y == x1 ? 0.0f : x1 - h.y);
 }
 
 // ---- SIMT building blocks ----------------------------------------------------------------

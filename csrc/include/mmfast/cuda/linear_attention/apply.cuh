@@ -81,146 +81,217 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
   }
 }
 
-// ---- the asynchronous variant (16-bit inputs with 16-byte aligned rows) -------------------
+// ---- the asynchronous tensor-core variant (16-bit inputs, 16-byte aligned rows, sm_80+) ------
 // A persistent grid (the resident blocks only); each block takes a contiguous range of items
-// ordered token tile fastest, so it keeps one head's state columns S[:, v0:v0+64] (fp32, the
-// B operand of every slice) and m in shared memory across items and reloads them only when
-// the head or the Dv tile changes. The raw q of all its items streams through one ring of
-// kAsyncApplyStages RawTiles (64 tokens x kBK dims): the next item's q is in flight while this
-// one multiplies: its wait leaves kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16
-// per block; the pass's other half of the traffic, the output, is stores, which need no such
-// cover). z = phi(q) . m + eps is summed from the staged phi(q) tiles (no second read of q).
+// ordered token tile fastest, so it keeps one head's state columns S[:, v0:v0+64] and m in
+// shared memory across items and reloads them only when the head or the Dv tile changes. The
+// raw q of all its items streams through one ring of kAsyncApplyStages tiles (64 tokens x kBK
+// dims): the next item's q is in flight while this one multiplies; the wait leaves
+// kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16 per block; the pass's other half
+// of the traffic, the output, is stores, which need no such cover).
+//
+// The products run on the tensor cores (ldmatrix + mma.sync.m16n8k16, fp32 sums): phi(q) is
+// made in place in the landed tile, rounded to T once (its error averages over Dk and is
+// shared by z, well below one output ulp); the fp32 state keeps about 16 mantissa bits as a
+// hi + lo pair (split_pair, once per item load): out = phi(q) S_hi + phi(q) S_lo, and z the
+// same with m's hi and lo in columns 0 and 1 of one more n-tile (z = phi(q) . m + eps from the
+// same phi(q): no second read of q). Warp w owns tokens (w % 4) * 16 and Dv columns
+// (w / 4) * 32 of the item's tile.
 constexpr int kAsyncApplyStages = 10;
+template <class T> using ApplyQTile = RawTile<T, kTile, kBK, kRawPad>;
+constexpr int kApplyWarpRows = 16, kApplyWarpCols = 32, kApplyNTiles = kApplyWarpCols / 8;
+constexpr int kApplyWarpsPerCol = kTile / kApplyWarpRows;
+constexpr int kStateLd = kTile + kRawPad;  // 144-byte rows of the 16-bit state columns
+static_assert(kApplyWarpsPerCol * (kTile / kApplyWarpCols) * 32 == kThreads, "the warps cover the tile");
 
 template <class C> struct AsyncApplyShared {
   using T = typename C::T;
-  using A = acc_t<T>;
-  RawTile<T, kTile, kBK> q[kAsyncApplyStages];
-  __align__(32) A As[kBK * kLd];
-  __align__(32) A Cs[C::tc ? TcScratch<A>::floats : 8];  // the tensor-core epilogue only
-  A ms[kMaxD];
-  A zs[kTile];
+  ApplyQTile<T> q[kAsyncApplyStages];
+  __align__(16) T m_cols[kMaxD][8];  // B of the z product: m's hi and lo in columns 0 and 1
 };
-// Followed by Sv[round_up(Dk, kBK)][kLd], the state columns, sized at launch.
+// Followed by S_hi and S_lo[round_up(Dk, kBK)][kStateLd], the state columns, sized at launch.
 template <class C> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<C>), 128);
 
 template <class C> inline size_t async_apply_smem_bytes(int dk) {
-  return kStateColumnsOffset<C> + sizeof(acc_t<typename C::T>) * static_cast<size_t>(round_up(dk, kBK)) * kLd;
+  return kStateColumnsOffset<C> + 2 * sizeof(typename C::T) * static_cast<size_t>(round_up(dk, kBK)) * kStateLd;
 }
 
-// Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head.
+// Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head, decoded
+// with 32-bit divisions (the launch guarantees fewer than 2^32 items).
 __device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& a, int64_t item) {
+  const uint32_t index = static_cast<uint32_t>(item), ntiles = static_cast<uint32_t>(a.ntiles);
   ApplyItem it;
-  it.n0 = (item % a.ntiles) * kTile;
-  const int64_t rest = item / a.ntiles;
-  it.v0 = static_cast<int>(rest % a.tiles_v) * kTile;
-  it.bh = rest / a.tiles_v;
+  it.n0 = static_cast<int64_t>(index % ntiles) * kTile;
+  const uint32_t rest = index / ntiles;
+  it.v0 = static_cast<int>(rest % static_cast<uint32_t>(a.tiles_v)) * kTile;
+  it.bh = rest / static_cast<uint32_t>(a.tiles_v);
   return it;
 }
 
-// ms = m of head it.bh; Sv[l][j] = S[l][v0 + j] (0 outside Dk x Dv) for l < round_up(Dk, kBK).
-// Between barriers.
-template <class A>
-__device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const ApplyItem& it, A* ms, A* Sv) {
+// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kBK), and m into
+// m_cols. Between barriers.
+template <class C>
+__device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C>& sh,
+                                                   typename C::T* s_hi, typename C::T* s_lo) {
+  using T = typename C::T;
   __syncthreads();  // the previous item's readers are done
-  const auto state = state_operand<A>(a, it);
+  const auto state = state_operand<float>(a, it);
   const int rows = static_cast<int>(round_up(a.dk, kBK));
-  for (int k = threadIdx.x; k < a.dk; k += kThreads) ms[k] = static_cast<const A*>(a.mean)[it.bh * a.dk + k];
-  for (int e = threadIdx.x; e < rows * kTile; e += kThreads) Sv[(e / kTile) * kLd + e % kTile] = state(e / kTile, e % kTile);
+  for (int e = threadIdx.x; e < rows * (kTile / 2); e += kThreads) {
+    const int l = e / (kTile / 2), j = (e % (kTile / 2)) * 2;
+    uint32_t hi, lo;
+    split_pair<T>(state(l, j), state(l, j + 1), hi, lo);
+    *reinterpret_cast<uint32_t*>(&s_hi[l * kStateLd + j]) = hi;
+    *reinterpret_cast<uint32_t*>(&s_lo[l * kStateLd + j]) = lo;
+  }
+  const float* mean = static_cast<const float*>(a.mean) + it.bh * a.dk;
+  for (int l = threadIdx.x; l < rows; l += kThreads) {
+    const float m = l < a.dk ? mean[l] : 0.0f;
+    uint32_t hi, lo;
+    split_pair<T>(m, 0.0f, hi, lo);  // low halves: m's hi and lo parts
+    const uint32_t cols[4] = {(hi & 0xffffu) | (lo << 16), 0u, 0u, 0u};
+    *reinterpret_cast<uint4*>(&sh.m_cols[l][0]) = make_uint4(cols[0], cols[1], cols[2], cols[3]);
+  }
   __syncthreads();
 }
 
-// Converts a landed q tile (64 tokens x kBK dims) into As[l][i] = phi(q)[i][l0 + l], one
-// 16-byte chunk (8 dims of one token) per thread, and adds this thread's part of z:
-// z += sum over its 8 dims of phi(q) * m. The 4 threads of a token are adjacent lanes
-// (combine_z). Chunks past the tokens or dims are zeros and add nothing.
-template <class C, class T>
-__device__ __forceinline__ void convert_raw_q(float* __restrict__ As, const RawTile<T, kTile, kBK>& raw, int64_t rows,
-                                              int l0, int dk, const float* ms, float& z) {
-  using R = RawTile<T, kTile, kBK>;
-  static_assert(R::kChunks == kThreads && R::kChunksPerRow == 4, "one chunk per thread, 4 per token");
-  const int i = threadIdx.x / R::kChunksPerRow, x0 = (threadIdx.x % R::kChunksPerRow) * R::kChunkElems;
-  const bool valid = i < rows && l0 + x0 < dk;  // dk is a multiple of 8 on this path
-  const uint4 bits = *reinterpret_cast<const uint4*>(&raw.v[i][x0]);
-  const T* e = reinterpret_cast<const T*>(&bits);
+// out += this warp's products over one prepared q slice (kBK dims of Dk from l0), z likewise.
+template <class C>
+__device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][4], float (&z)[4],
+                                                     const AsyncApplyShared<C>& sh, int stage, int l0,
+                                                     const typename C::T* s_hi, const typename C::T* s_lo,
+                                                     int warp_row, int warp_col) {
+  using T = typename C::T;
+  const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+  uint32_t bm[4];  // m columns for both steps: matrix j is Dk rows l0 + 8j
+  ldmatrix_x4_trans(bm, &sh.m_cols[l0 + 8 * j + r][0]);
 #pragma unroll
-  for (int j = 0; j < R::kChunkElems; ++j) {
-    const float p = valid ? phi_select<C::fm>(to_acc(e[j])) : 0.0f;
-    As[(x0 + j) * kLd + i] = p;
-    if (valid) z += p * ms[l0 + x0 + j];
+  for (int kk = 0; kk < kBK; kk += 16) {
+    // A = phi(q) (tokens x Dk, row-major): matrix j is tokens + 8 (j % 2), dims + 8 (j / 2).
+    const int a_token = warp_row + 8 * (j % 2) + r, a_dim = kk + 8 * (j / 2);
+    uint32_t a_q[4];
+    ldmatrix_x4(a_q, &sh.q[stage].v[a_token][a_dim]);
+    const uint32_t b_m[2] = {bm[kk / 8], bm[kk / 8 + 1]};
+    mma_m16n8k16<T>(z, a_q, b_m);
+#pragma unroll
+    for (int p = 0; p < kApplyNTiles / 2; ++p) {
+      // B = S (Dk x Dv): matrix j is Dk rows + 8 (j % 2), Dv columns + 8 (j / 2) of n-tiles 2p, 2p+1.
+      const int offset = (l0 + kk + 8 * (j % 2) + r) * kStateLd + warp_col + 16 * p + 8 * (j / 2);
+      uint32_t b_hi[4], b_lo[4];
+      ldmatrix_x4_trans(b_hi, s_hi + offset);
+      ldmatrix_x4_trans(b_lo, s_lo + offset);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const uint32_t hi[2] = {b_hi[2 * n], b_hi[2 * n + 1]}, lo[2] = {b_lo[2 * n], b_lo[2 * n + 1]};
+        mma_m16n8k16<T>(acc[2 * p + n], a_q, hi);
+        mma_m16n8k16<T>(acc[2 * p + n], a_q, lo);
+      }
+    }
   }
 }
 
-// The sum of the 4 adjacent lanes' parts of z (every lane of the token holds it).
-__device__ __forceinline__ float combine_z(float z) {
-  z += __shfl_xor_sync(0xffffffffu, z, 1);
-  z += __shfl_xor_sync(0xffffffffu, z, 2);
-  return z;
+// out rows of the warp = acc / z, z = D[:, 0] + D[:, 1] of the z product (held by the lane with
+// t = 0 of each row group, summed across the group's 4 lanes) + eps.
+template <class T>
+__device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it,
+                                                      const float (&acc)[kApplyNTiles][4], const float (&z)[4],
+                                                      int warp_row, int warp_col) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float zr[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float part = t == 0 ? z[2 * h] + z[2 * h + 1] : 0.0f;
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    part += __shfl_xor_sync(0xffffffffu, part, 2);
+    zr[h] = part + static_cast<float>(a.eps);
+  }
+  const TokenView<T> out = token_view<T, uint32_t>(a.out, it.bh, a.heads);
+#pragma unroll
+  for (int n = 0; n < kApplyNTiles; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t token = it.n0 + warp_row + g + 8 * (i / 2);
+      const int col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
+      if (token < a.N && col < a.dv) out.row(token)[col] = from_acc<T>(acc[n][i] / zr[i / 2]);
+    }
 }
 
 template <class C>
 __global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a) {
   using T = typename C::T;
-  using A = acc_t<T>;
+  static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
   constexpr int S = kAsyncApplyStages;
   MMFAST_DYNAMIC_SHARED(smem);
   auto& sh = *reinterpret_cast<AsyncApplyShared<C>*>(smem);
-  A* const Sv = reinterpret_cast<A*>(smem + kStateColumnsOffset<C>);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  T* const s_hi = reinterpret_cast<T*>(smem + kStateColumnsOffset<C>);
+  T* const s_lo = s_hi + round_up(a.dk, kBK) * kStateLd;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int warp_row = (warp % kApplyWarpsPerCol) * kApplyWarpRows;
+  const int warp_col = (warp / kApplyWarpsPerCol) * kApplyWarpCols;
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
   // The block's q slices are copied and consumed in the same order (the g-th uses stage g % S),
   // one commit group per slice, empty past the last item. The issuing side keeps its item
-  // decoded (64-bit divisions once per item, not per slice).
+  // decoded and its token view (divisions once per item, not per slice).
   const int slices = static_cast<int>(ceil_div(a.dk, kBK));
   int64_t next_item = first;
   int next_slice = 0, issued_stage = 0;
   ApplyItem next_it = apply_item_tokens_fastest(a, first < last ? first : 0);
+  TokenView<const T> next_q = token_view<const T, uint32_t>(a.q, next_it.bh, a.heads);
   const auto issue_next = [&]() {
     if (next_item < last) {
-      const TokenView<const T> q = token_view<const T>(a.q, next_it.bh, a.heads);
       const int l0 = next_slice * kBK;
-      raw_tile_issue(sh.q[issued_stage], [&](int i) { return q.row(next_it.n0 + i) + l0; }, a.N - next_it.n0,
-                     a.dk - l0, q.base);
+      raw_tile_issue(sh.q[issued_stage], [&](int i) { return next_q.row(next_it.n0 + i) + l0; }, a.N - next_it.n0,
+                     a.dk - l0, next_q.base);
       if (++next_slice == slices) {
         next_slice = 0;
-        if (++next_item < last) next_it = apply_item_tokens_fastest(a, next_item);
+        if (++next_item < last) {
+          next_it = apply_item_tokens_fastest(a, next_item);
+          next_q = token_view<const T, uint32_t>(a.q, next_it.bh, a.heads);
+        }
       }
     }
     cp_async_commit();
     issued_stage = issued_stage + 1 == S ? 0 : issued_stage + 1;
   };
   for (int prologue = 0; prologue < S - 1; ++prologue) issue_next();
-  const A eps = static_cast<A>(a.eps);
+  using Q = ApplyQTile<T>;
+  static_assert(Q::kChunks == kThreads, "one q chunk per thread");
+  const int chunk_token = threadIdx.x / Q::kChunksPerRow, chunk_dim = (threadIdx.x % Q::kChunksPerRow) * Q::kChunkElems;
   int64_t loaded_bh = -1;
   int loaded_v0 = -1, stage = 0;
   for (int64_t item = first; item < last; ++item) {
     const ApplyItem it = apply_item_tokens_fastest(a, item);
     if (it.bh != loaded_bh || it.v0 != loaded_v0) {  // uniform across the block
-      load_state_columns(a, it, sh.ms, Sv);
+      load_state_columns(a, it, sh, s_hi, s_lo);
       loaded_bh = it.bh;
       loaded_v0 = it.v0;
     }
-    TileAccumulator<A> tile;
-    tile_zero(tile, C::tc);
-    A z = A(0);
+    float acc[kApplyNTiles][4] = {}, z[4] = {};
     for (int sl = 0; sl < slices; ++sl) {
       cp_async_wait<S - 2>();  // this thread's copies of this slice landed
       __syncthreads();         // everyone's landed; the previous slice's products are done
       issue_next();            // into the previous slice's stage: its readers passed the barrier above
-      const RawTile<T, kTile, kBK>& raw = sh.q[stage];
-      stage = stage + 1 == S ? 0 : stage + 1;
       const int l0 = sl * kBK;
-      convert_raw_q<C>(sh.As, raw, a.N - it.n0, l0, a.dk, sh.ms, z);
+      phi_chunk<C>(reinterpret_cast<uint4*>(&sh.q[stage].v[chunk_token][chunk_dim]), nullptr,
+                   chunk_token < a.N - it.n0 && l0 + chunk_dim < a.dk);  // Dk: a multiple of 8 here
       __syncthreads();
-      tile_accumulate(tile, C::tc, sh.As, Sv + l0 * kLd, ty, tx);
+      multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
+      stage = stage + 1 == S ? 0 : stage + 1;
     }
-    z = combine_z(z);
-    if ((threadIdx.x & 3) == 0) sh.zs[threadIdx.x >> 2] = z + eps;
-    __syncthreads();  // zs complete; the last products are done before Cs is written
-    tile_finish(tile, C::tc, sh.Cs, ty, tx);
-    store_apply_tile<T>(a, it, tile.acc, sh.zs, ty, tx);
+    store_apply_fragments<T>(a, it, acc, z, warp_row, warp_col);
+  }
+}
+
+// The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose q rows cp.async
+// can copy whole, with fewer than 2^32 items (its 32-bit item decoding).
+template <class C> bool use_async_apply(const ApplyArgs& a, int64_t items) {
+  if constexpr (!C::tc) {
+    return false;
+  } else {
+    return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
+           rows_16b_aligned(a.q, a.dk, sizeof(typename C::T)) && async_apply_smem_bytes<C>(a.dk) <= max_shared_per_block();
   }
 }
 
@@ -235,9 +306,9 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
   const int64_t items = a.tiles_v * a.ntiles * a.bh;
   return dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
-    if constexpr (kSixteenBit<T>) {
-      const size_t smem = async_apply_smem_bytes<C>(a.dk);  // > 48 KB: opt in
-      if (async_copy_enabled() && rows_16b_aligned(a.q, a.dk, sizeof(T)) && smem <= max_shared_per_block()) {
+    if constexpr (C::tc) {
+      if (use_async_apply<C>(a, items)) {
+        const size_t smem = async_apply_smem_bytes<C>(a.dk);  // > 48 KB: opt in
         unsigned grid = 0;
         const cudaError_t grid_err = persistent_grid(&la_apply_async_kernel<C>, kThreads, smem, items, grid);
         if (grid_err != cudaSuccess) return grid_err;
@@ -251,5 +322,13 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
 }
 
 }  // namespace la
+
+// Entry point: out = phi(q) state / (phi(q) . mean + eps). Needs q, state, mean, out; no workspace.
+inline size_t linear_attention_apply_workspace_bytes(const LinearAttentionParams&) { return 0; }
+inline cudaError_t linear_attention_apply(const LinearAttentionParams& p, cudaStream_t stream) {
+  if (!la::valid_dims(p) || !p.q.data || !p.out.data || !p.state || !p.mean) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return la::launch_apply<decltype(t)>(p, stream); });
+}
+
 }  // namespace cuda
 }  // namespace mmfast

@@ -176,5 +176,22 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
 }
 
 }  // namespace la
+
+// Entry point: grad_q, grad_state, grad_mean from grad_out, q, state, mean. Needs
+// linear_attention_apply_backward_workspace_bytes(p) of workspace.
+inline size_t linear_attention_apply_backward_workspace_bytes(const LinearAttentionParams& p) {
+  if (!la::valid_dims(p)) return 0;
+  return la::apply_backward_scalar_bytes(p) + la::plan_state(p, sm_count()).partial_bytes;
+}
+inline cudaError_t linear_attention_apply_backward(const LinearAttentionParams& p, cudaStream_t stream) {
+  if (!la::valid_dims(p) || !p.q.data || !p.grad_out.data || !p.grad_q.data || !p.state || !p.mean ||
+      !p.grad_state || !p.grad_mean)
+    return cudaErrorInvalidValue;
+  const int sms = sm_count();
+  const size_t need = la::apply_backward_scalar_bytes(p) + la::plan_state(p, sms).partial_bytes;
+  if (p.workspace == nullptr || p.workspace_bytes < need) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return la::launch_apply_backward<decltype(t)>(p, stream, sms); });
+}
+
 }  // namespace cuda
 }  // namespace mmfast

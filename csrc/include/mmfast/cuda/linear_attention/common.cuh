@@ -36,6 +36,44 @@ template <FeatureMap Fm, class A> __device__ __forceinline__ A phi_select(A x) {
   return phi<Fm>(x);
 }
 
+// phi_select with exp_fast, for operands that go to the tensor cores as 16-bit hi + lo pairs:
+// the approximate exp's error is below what the pair keeps.
+template <FeatureMap Fm> __device__ __forceinline__ float phi_fast(float x) {
+  if constexpr (Fm == FeatureMap::kElu1) {
+    const float e = exp_fast(x > 0.0f ? 0.0f : x);
+    return x > 0.0f ? x + 1.0f : e;
+  }
+  return phi<Fm>(x);
+}
+
+// Elements after each row of the cp.async tiles that ldmatrix reads: with rows of 128 (state)
+// or 64 (apply) bytes an ldmatrix phase's 8 rows would share banks; 144- and 80-byte rows
+// spread them over all 32.
+constexpr int kRawPad = 8;
+
+// A 16-byte chunk (8 elements) of a landed raw tile made into a tensor-core operand in place:
+// phi(x) rounded to T, or with a lo_chunk split as hi + lo (split_pair; lo written there);
+// zeros when !valid (past the tokens or dims: cp.async zero-filled them, but phi(0) need not
+// be 0).
+template <class C>
+__device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool valid) {
+  using T = typename C::T;
+  const uint4 bits = *chunk;
+  const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+  uint32_t hi[4], lo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = unpack_pair<T>(words[i]);
+    const float p0 = valid ? phi_fast<C::fm>(x.x) : 0.0f, p1 = valid ? phi_fast<C::fm>(x.y) : 0.0f;
+    if (lo_chunk != nullptr)
+      split_pair<T>(p0, p1, hi[i], lo[i]);
+    else
+      hi[i] = pack_pair<T>(p0, p1);
+  }
+  *chunk = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  if (lo_chunk != nullptr) *lo_chunk = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+}
+
 // grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;
 // relu -> 0 if x <= 0 (selected: 0 even for a NaN grad) else grad; none -> grad. For NaN x
 // the gradient flows, as in torch.

@@ -38,12 +38,17 @@ struct StateItem {
   bool do_mean;  // this thread accumulates m (tile_v == 0, first column of threads)
 };
 
+// Index: the type of the decoding divisions; uint32_t where the launch guarantees fewer than
+// 2^32 items (a 64-bit division is a call of about 70 instructions).
+template <class Index = int64_t>
 __device__ __forceinline__ StateItem state_item(const StateArgs& a, int64_t item, int tx) {
-  const int64_t tiles = static_cast<int64_t>(a.tiles_k) * a.tiles_v;
-  const int64_t tile = item % tiles, rest = item / tiles;
+  const Index tiles = static_cast<Index>(a.tiles_k) * static_cast<Index>(a.tiles_v);
+  const Index index = static_cast<Index>(item), nchunks = static_cast<Index>(a.nchunks);
+  const int64_t tile = index % tiles;
+  const Index rest = index / tiles;
   StateItem it;
-  it.chunk = rest % a.nchunks;
-  it.bh = rest / a.nchunks;
+  it.chunk = rest % nchunks;
+  it.bh = rest / nchunks;
   it.k0 = static_cast<int>(tile / a.tiles_v) * kTile;
   it.v0 = static_cast<int>(tile % a.tiles_v) * kTile;
   it.t_begin = it.chunk * a.chunk;
@@ -208,182 +213,269 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
   }
 }
 
-// ---- the asynchronous variant (16-bit inputs with 16-byte aligned rows) -------------------
+// ---- the asynchronous tensor-core variant (16-bit inputs, 16-byte aligned rows, sm_80+) ------
 // The same sums as la_state_kernel on a persistent grid (the resident blocks only): each block
 // takes a contiguous range of items, whose raw k / v slices travel by cp.async through one ring
-// of kAsyncStages RawSlices, across item boundaries (no pipeline refill per item). Each wait
+// of kAsyncStages slices, across item boundaries (no pipeline refill per item). Each wait
 // leaves kAsyncStages - 2 slices pending and the next is issued right after, so S - 1 are in
-// flight while the landed one is converted (phi, the division by z) into the fp32 operand tiles
-// and multiplied. 6 stages of 16-bit inputs keep at least 4 x 8 KB = 32 KB per block in flight;
-// Little's law at 700-900 ns of loaded DRAM latency asks about 23-30 KB per SM for an H200's
-// 4.3 TB/s, all reads here (docs/linear-attention-performance.md).
+// flight while the landed one is prepared and multiplied. 6 stages of 16-bit inputs keep at
+// least 4 x 8 KB = 32 KB per block in flight; Little's law at 700-900 ns of loaded DRAM latency
+// asks about 23-30 KB per SM for an H200's 4.3 TB/s, all reads here
+// (docs/linear-attention-performance.md).
+//
+// The operands stay 16-bit in shared memory and reach the tensor cores through ldmatrix +
+// mma.sync.m16n8k16 (tile_gemm.cuh), fp32 sums flushed into fp64 every kFlushSlices slices:
+//  - a landed k slice becomes phi(k) in place (phi_fast: exp by MUFU.EX2), split as hi + lo
+//    (split_pair; lo into k_lo) and multiplied twice, so S and m keep about 16 mantissa bits of
+//    phi(k) for bf16 (the TF32 products of la_state_kernel keep 11);
+//  - v is multiplied as copied (forward), or divided by z in place (apply_backward: do / z is
+//    rounded to the input type once);
+//  - m is one more product per step: B's columns 0 and 1 are w split as hi + lo (1 and 0 in
+//    the forward), so m = D[:, 0] + D[:, 1].
+// Warp w owns Dk rows (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's 64 x 64 tile.
 constexpr int kAsyncStages = 6;
-// m of a tile's 64 rows is summed by all 256 threads: thread t takes row t % 64 of the staged
-// slice's tokens l = t / 64 + 4j (warp-uniform, conflict-free), kMeanParts parts combined once
-// per item in a fixed order.
-constexpr int kMeanParts = kThreads / kTile;
+template <class T> using MmaSlice = RawTile<T, kBK, kTile, kRawPad>;
+constexpr int kWarpRows = 16, kWarpCols = 32, kWarpNTiles = kWarpCols / 8;
+constexpr int kWarpsPerCol = kTile / kWarpRows;
+static_assert(kWarpsPerCol * (kTile / kWarpCols) * 32 == kThreads, "the warps cover the tile");
+static_assert(kBK % 16 == 0, "whole mma.m16n8k16 steps per slice");
 
 template <class C> struct AsyncStateShared {
   using T = typename C::T;
-  using A = acc_t<T>;
-  RawSlice<T> k[kAsyncStages], v[kAsyncStages];
-  __align__(32) A As[kBK * kLd];
-  __align__(32) A Bs[kBK * kLd];
-  __align__(32) A Cs[C::tc ? TcScratch<A>::floats : 8];  // the tensor-core epilogue only
-  A zsh[kBK], wsh[kBK];
-  double mean_parts[kMeanParts][kTile];
+  MmaSlice<T> k[kAsyncStages], v[kAsyncStages];
+  MmaSlice<T> k_lo;            // phi(k) - hi of the slice being multiplied
+  float z[2][kBK], w[2][kBK];  // apply_backward's per-token scalars, by slice parity
 };
 
-// Converts a landed RawSlice into an operand tile: each thread takes whole 16-byte chunks (one
-// shared-memory load, 8 elements of 16-bit input) and writes dst[l][x0 .. x0 + 7] = f(value, l)
-// as float4 stores, or zeros for a chunk past rows or cols (cols: a multiple of 8).
-template <class T, class F>
-__device__ __forceinline__ void convert_raw_slice(float* __restrict__ dst, const RawSlice<T>& src, int64_t rows,
-                                                  int64_t cols, F f) {
-  using R = RawSlice<T>;
-  static_assert(R::kChunkElems % 4 == 0, "whole float4 stores");
+// One warp's sums of an item: S (16 x 32: four 16 x 8 n-tiles) and the m product (16 x 8).
+template <class V> struct WarpStateSums {
+  V s[kWarpNTiles][4];
+  V m[4];
+};
+template <class V> __device__ __forceinline__ void zero_sums(WarpStateSums<V>& x) {
 #pragma unroll
-  for (int k = 0; k < R::kChunks / kThreads; ++k) {
-    const int c = static_cast<int>(threadIdx.x) + k * kThreads;
-    const int l = c / R::kChunksPerRow, x0 = (c % R::kChunksPerRow) * R::kChunkElems;
-    const bool valid = l < rows && x0 < cols;
-    const uint4 bits = *reinterpret_cast<const uint4*>(&src.v[l][x0]);
-    const T* e = reinterpret_cast<const T*>(&bits);
-    float out[R::kChunkElems];
+  for (int i = 0; i < 4; ++i) {
+    x.m[i] = V(0);
 #pragma unroll
-    for (int i = 0; i < R::kChunkElems; ++i) out[i] = valid ? f(to_acc(e[i]), l) : 0.0f;
+    for (int n = 0; n < kWarpNTiles; ++n) x.s[n][i] = V(0);
+  }
+}
+__device__ __forceinline__ void flush_sums(WarpStateSums<float>& sums, WarpStateSums<double>& wide) {
 #pragma unroll
-    for (int i = 0; i < R::kChunkElems; i += 4)
-      *reinterpret_cast<float4*>(dst + l * kLd + x0 + i) = make_float4(out[i], out[i + 1], out[i + 2], out[i + 3]);
+  for (int i = 0; i < 4; ++i) {
+    wide.m[i] += sums.m[i];
+#pragma unroll
+    for (int n = 0; n < kWarpNTiles; ++n) wide.s[n][i] += sums.s[n][i];
+  }
+  zero_sums(sums);
+}
+
+// z_t, w_t of the slice's tokens (apply_backward only): z = 1 and w = 0 past the chunk.
+__device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const StateItem& it, int64_t t0, float* z,
+                                                   float* w) {
+  if (threadIdx.x >= kBK) return;
+  const int64_t t = t0 + threadIdx.x;
+  float zt = 1.0f, wt = 0.0f;
+  if (t < it.t_end) {
+    const float* s = static_cast<const float*>(a.scalars) + (it.bh * a.N + t) * 2;
+    zt = s[0];
+    wt = s[1];
+  }
+  z[threadIdx.x] = zt;
+  w[threadIdx.x] = wt;
+}
+
+// The landed slice in `stage` made into operands, one 16-byte chunk of each per thread:
+// phi(k) split in place (hi) and into k_lo, zero past the chunk's rows or Dk (kcols, a
+// multiple of 8); v divided by z in place when Scaled (v is zero-filled past the bounds).
+template <class C, bool Scaled>
+__device__ __forceinline__ void prepare_state_slice(AsyncStateShared<C>& sh, int stage, int64_t rows, int kcols,
+                                                    const float* z) {
+  using T = typename C::T;
+  using Slice = MmaSlice<T>;
+  static_assert(Slice::kChunks == kThreads, "one chunk of each operand per thread");
+  const int l = threadIdx.x / Slice::kChunksPerRow, x0 = (threadIdx.x % Slice::kChunksPerRow) * Slice::kChunkElems;
+  phi_chunk<C>(reinterpret_cast<uint4*>(&sh.k[stage].v[l][x0]), reinterpret_cast<uint4*>(&sh.k_lo.v[l][x0]),
+               l < rows && x0 < kcols);
+  if constexpr (!Scaled) return;
+  uint4* const v_chunk = reinterpret_cast<uint4*>(&sh.v[stage].v[l][x0]);
+  const uint4 v_bits = *v_chunk;
+  uint32_t v_words[4] = {v_bits.x, v_bits.y, v_bits.z, v_bits.w};
+  const float inv_z = 1.0f / z[l];  // x * (1 / z) is within 1 ulp of x / z, far below T's rounding
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = unpack_pair<T>(v_words[i]);
+    v_words[i] = pack_pair<T>(x.x * inv_z, x.y * inv_z);
+  }
+  *v_chunk = make_uint4(v_words[0], v_words[1], v_words[2], v_words[3]);
+}
+
+// B of the m product at the 16 tokens from kk: columns 0 and 1 are w's hi and lo parts (1 and 0
+// for the forward), the other columns 0.
+template <class T, bool Scaled>
+__device__ __forceinline__ void mean_operand(uint32_t (&b)[2], const float* w, int kk, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  if constexpr (!Scaled) {
+    b[0] = b[1] = g == 0 ? pack_pair<T>(1.0f, 1.0f) : 0u;
+    return;
+  }
+  uint32_t hi[2], lo[2];
+  split_pair<T>(w[kk + 2 * t], w[kk + 2 * t + 1], hi[0], lo[0]);
+  split_pair<T>(w[kk + 2 * t + 8], w[kk + 2 * t + 9], hi[1], lo[1]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) b[i] = g == 0 ? hi[i] : g == 1 ? lo[i] : 0u;
+}
+
+// sums += this warp's products over the prepared slice (kBK / 16 steps of 16 tokens).
+template <class C, bool Scaled>
+__device__ __forceinline__ void multiply_state_slice(WarpStateSums<float>& sums, const AsyncStateShared<C>& sh,
+                                                     int stage, const float* w, int warp_row, int warp_col) {
+  using T = typename C::T;
+  const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    // A = phi(k)^T (Dk x tokens): matrix j is Dk rows + 8 (j % 2), tokens + 8 (j / 2).
+    const int a_token = kk + 8 * (j / 2) + r, a_dk = warp_row + 8 * (j % 2);
+    uint32_t a_hi[4], a_lo[4], bw[2];
+    ldmatrix_x4_trans(a_hi, &sh.k[stage].v[a_token][a_dk]);
+    ldmatrix_x4_trans(a_lo, &sh.k_lo.v[a_token][a_dk]);
+    mean_operand<T, Scaled>(bw, w, kk, lane);
+    mma_m16n8k16<T>(sums.m, a_hi, bw);
+    mma_m16n8k16<T>(sums.m, a_lo, bw);
+#pragma unroll
+    for (int p = 0; p < kWarpNTiles / 2; ++p) {
+      // B = v (tokens x Dv): matrix j is tokens + 8 (j % 2), Dv columns + 8 (j / 2) of n-tiles 2p, 2p+1.
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, &sh.v[stage].v[kk + 8 * (j % 2) + r][warp_col + 16 * p + 8 * (j / 2)]);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_m16n8k16<T>(sums.s[2 * p], a_hi, b0);
+      mma_m16n8k16<T>(sums.s[2 * p], a_lo, b0);
+      mma_m16n8k16<T>(sums.s[2 * p + 1], a_hi, b1);
+      mma_m16n8k16<T>(sums.s[2 * p + 1], a_lo, b1);
+    }
+  }
+}
+
+// The warp's part of the item's S, and of m (the warps of Dv columns 0..31, when the item holds
+// Dv tile 0; column 0 + column 1 of the m product), as the final state or the chunk's partial.
+template <class A>
+__device__ __forceinline__ void store_warp_state(const StateArgs& a, const StateItem& it,
+                                                 const WarpStateSums<float>& sums,
+                                                 const WarpStateSums<double>& wide, int warp_row, int warp_col) {
+  const StateOut<A> o = state_out<A>(a, it);
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int n = 0; n < kWarpNTiles; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = it.k0 + warp_row + g + 8 * (i / 2), col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
+      if (row < a.dk && col < a.dv)
+        o.S[static_cast<int64_t>(row) * a.dv + col] = static_cast<A>(wide.s[n][i] + sums.s[n][i]) / o.div;
+    }
+  if (it.v0 != 0 || warp_col != 0 || t != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = it.k0 + warp_row + g + 8 * h;
+    const double m = (wide.m[2 * h] + sums.m[2 * h]) + (wide.m[2 * h + 1] + sums.m[2 * h + 1]);
+    if (row < a.dk) o.M[row] = static_cast<A>(m) / o.div;
   }
 }
 
 __device__ __forceinline__ int64_t item_slices(const StateItem& it) { return ceil_div(it.t_end - it.t_begin, kBK); }
 
-// The next slice to copy, walking a block's items in order. The item's decoded form is kept:
-// 64-bit divisions are a long instruction sequence, paid once per item, not per slice.
-struct StateCursor {
+// The next slice to copy, walking a block's items in order. The item's decoded form and token
+// views are kept: divisions are paid once per item, not per slice.
+template <class T> struct StateCursor {
   int64_t item, last, slice, slices;
   StateItem it;
-  __device__ __forceinline__ void start(const StateArgs& a, int64_t first, int64_t end, int tx) {
+  TokenView<const T> k, v;
+  __device__ __forceinline__ void start(const StateArgs& a, int64_t first, int64_t end) {
     item = first;
     last = end;
     slice = 0;
     if (item < last) {
-      it = state_item(a, item, tx);
+      it = state_item<uint32_t>(a, item, 0);
       slices = item_slices(it);
+      k = token_view<const T, uint32_t>(a.k, it.bh, a.heads);
+      v = token_view<const T, uint32_t>(a.v, it.bh, a.heads);
     }
   }
-  __device__ __forceinline__ void advance(const StateArgs& a, int tx) {
-    if (++slice == slices) start(a, item + 1, last, tx);
+  __device__ __forceinline__ void advance(const StateArgs& a) {
+    if (++slice == slices) start(a, item + 1, last);
   }
 };
 
-// m[k0 + row] = the kMeanParts partial sums of the item, combined in part order (fixed, so
-// deterministic) and stored as the final mean or the chunk's partial. Between barriers.
-template <class A>
-__device__ __forceinline__ void store_state_mean(const StateArgs& a, const StateItem& it, double partial, int part,
-                                                 int row, double (&parts)[kMeanParts][kTile]) {
-  __syncthreads();  // the previous item's readers of parts are done
-  parts[part][row] = partial;
-  __syncthreads();
-  if (threadIdx.x < kTile && it.k0 + static_cast<int>(threadIdx.x) < a.dk) {
-    double m = 0.0;
-#pragma unroll
-    for (int p = 0; p < kMeanParts; ++p) m += parts[p][threadIdx.x];
-    const StateOut<A> o = state_out<A>(a, it);
-    o.M[it.k0 + threadIdx.x] = static_cast<A>(m) / o.div;
-  }
-}
-
-template <class C>
+// Scaled: the apply_backward sums (a.scalars holds z and w per token); else the forward's.
+template <class C, bool Scaled>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_kernel(StateArgs a) {
   using T = typename C::T;
   using A = acc_t<T>;
+  static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
   MMFAST_DYNAMIC_SHARED(smem);
   auto& sh = *reinterpret_cast<AsyncStateShared<C>*>(smem);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  constexpr bool use_tc = C::tc;
   constexpr int S = kAsyncStages;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int warp_row = (warp % kWarpsPerCol) * kWarpRows, warp_col = (warp / kWarpsPerCol) * kWarpCols;
   const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
   // Slices are copied and consumed in the same order; the block's g-th uses stage g % S.
   // One commit group per slice, empty past the last item, so every wait count stays uniform.
-  StateCursor next;
-  next.start(a, first, last, tx);
+  StateCursor<T> next;
+  next.start(a, first, last);
   int issued_stage = 0;  // issued slices mod S
   const auto issue_next = [&]() {
     if (next.item < last) {
       const StateItem& it = next.it;
-      const TokenView<const T> kk = token_view<const T>(a.k, it.bh, a.heads);
-      const TokenView<const T> vv = token_view<const T>(a.v, it.bh, a.heads);
       const int64_t t0 = it.t_begin + next.slice * kBK;
-      raw_tile_issue(sh.k[issued_stage], [&](int l) { return kk.row(t0 + l) + it.k0; }, it.t_end - t0, a.dk - it.k0,
-                     kk.base);
-      raw_tile_issue(sh.v[issued_stage], [&](int l) { return vv.row(t0 + l) + it.v0; }, it.t_end - t0, a.dv - it.v0,
-                     vv.base);
-      next.advance(a, tx);
+      raw_tile_issue(sh.k[issued_stage], [&](int l) { return next.k.row(t0 + l) + it.k0; }, it.t_end - t0,
+                     a.dk - it.k0, next.k.base);
+      raw_tile_issue(sh.v[issued_stage], [&](int l) { return next.v.row(t0 + l) + it.v0; }, it.t_end - t0,
+                     a.dv - it.v0, next.v.base);
+      next.advance(a);
     }
     cp_async_commit();
     issued_stage = issued_stage + 1 == S ? 0 : issued_stage + 1;
   };
   for (int s = 0; s < S - 1; ++s) issue_next();
-  int stage = 0;  // consumed slices mod S
+  int stage = 0;   // consumed slices mod S
+  int parity = 0;  // consumed slices mod 2: the scalars' buffer
   for (int64_t item = first; item < last; ++item) {
-    const StateItem it = state_item(a, item, tx);
-    TileAccumulator<A> tile;
-    WideTile<A> wide;
-    tile_zero(tile, use_tc);
-    wide_zero(wide);
-    const bool with_mean = it.v0 == 0;  // uniform across the block
-    const int mean_row = threadIdx.x % kTile, mean_part = threadIdx.x / kTile;
-    A mean_sum = A(0);
-    double mean_wide = 0.0;
+    const StateItem it = state_item<uint32_t>(a, item, 0);
+    WarpStateSums<float> sums;
+    WarpStateSums<double> wide;
+    zero_sums(sums);
+    zero_sums(wide);
     const int64_t slices = item_slices(it);
     for (int64_t s = 0; s < slices; ++s) {
       const int64_t t0 = it.t_begin + s * kBK;
-      cp_async_wait<S - 2>();                          // this thread's copies of this slice landed
-      stage_token_scalars(a, it, t0, sh.zsh, sh.wsh);  // its first barrier: everyone's landed
-      issue_next();  // into the previous slice's stage: its readers passed the barrier ending its conversion
-      const RawSlice<T>& rk = sh.k[stage];
-      const RawSlice<T>& rv = sh.v[stage];
-      stage = stage + 1 == S ? 0 : stage + 1;
-      const int64_t rows = it.t_end - t0;
-      convert_raw_slice(sh.As, rk, rows, a.dk - it.k0, [](float x, int) { return phi_select<C::fm>(x); });
-      if (a.scalars == nullptr)  // forward: z = 1
-        convert_raw_slice(sh.Bs, rv, rows, a.dv - it.v0, [](float x, int) { return x; });
-      else
-        convert_raw_slice(sh.Bs, rv, rows, a.dv - it.v0, [&](float x, int l) { return x / sh.zsh[l]; });
+      cp_async_wait<S - 2>();  // this thread's copies of this slice landed
+      if constexpr (Scaled) load_slice_scalars(a, it, t0, sh.z[parity], sh.w[parity]);
+      __syncthreads();  // everyone's landed; the previous slice's readers are done
+      issue_next();     // into the previous slice's stage
+      prepare_state_slice<C, Scaled>(sh, stage, it.t_end - t0, a.dk - it.k0, sh.z[parity]);
       __syncthreads();
-      tile_accumulate(tile, use_tc, sh.As, sh.Bs, ty, tx);
-      if (with_mean) {
-#pragma unroll
-        for (int j = 0; j < kBK / kMeanParts; ++j) {
-          const int l = mean_part + j * kMeanParts;
-          mean_sum += sh.As[l * kLd + mean_row] * sh.wsh[l];
-        }
-      }
-      if ((s + 1) % kFlushSlices == 0) {
-        tile_flush(tile, wide, use_tc);
-        mean_wide += mean_sum;
-        mean_sum = A(0);
-      }
+      multiply_state_slice<C, Scaled>(sums, sh, stage, sh.w[parity], warp_row, warp_col);
+      stage = stage + 1 == S ? 0 : stage + 1;
+      parity ^= 1;
+      if ((s + 1) % kFlushSlices == 0) flush_sums(sums, wide);
     }
-    StateItem tile_only = it;  // m is stored below, from all threads' partial sums
-    tile_only.do_mean = false;
-    A unused_sum[4] = {A(0), A(0), A(0), A(0)};
-    double unused_wide[4] = {0.0, 0.0, 0.0, 0.0};
-    finish_state_item(a, tile_only, tile, wide, unused_sum, unused_wide, use_tc, sh.Cs, ty, tx);
-    if (with_mean) store_state_mean<A>(a, it, mean_wide + mean_sum, mean_part, mean_row, sh.mean_parts);
+    store_warp_state<A>(a, it, sums, wide, warp_row, warp_col);
   }
 }
 
-// The asynchronous kernel runs for 16-bit inputs whose rows cp.async can copy whole.
-template <class C> bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d) {
+// The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose rows cp.async
+// can copy whole, with fewer than 2^32 items (its 32-bit item decoding).
+template <class C>
+bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d, int64_t items) {
   using T = typename C::T;
-  return kSixteenBit<T> && async_copy_enabled() && rows_16b_aligned(k, d.dk, sizeof(T)) &&
-         rows_16b_aligned(v, d.dv, sizeof(T)) && sizeof(AsyncStateShared<C>) <= max_shared_per_block();
+  if constexpr (!C::tc) {
+    return false;
+  } else {
+    return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
+           rows_16b_aligned(k, d.dk, sizeof(T)) && rows_16b_aligned(v, d.dv, sizeof(T)) &&
+           sizeof(AsyncStateShared<C>) <= max_shared_per_block();
+  }
 }
 
 // Sums the nchunks partials of every (bh, element) in chunk order, in fp64, and divides by div.
@@ -431,6 +523,16 @@ inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
   return s;
 }
 
+template <class C, bool Scaled>
+cudaError_t launch_state_async(const StateArgs& a, int64_t items, cudaStream_t stream) {
+  constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
+  unsigned grid = 0;
+  const cudaError_t err = persistent_grid(&la_state_async_kernel<C, Scaled>, kThreads, smem, items, grid);
+  if (err != cudaSuccess) return err;
+  MMFAST_LAUNCH((la_state_async_kernel<C, Scaled>), grid, kThreads, smem, stream, a);
+  return cudaGetLastError();
+}
+
 template <class T>
 cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const void* scalars, void* state, void* mean,
                               const LinearAttentionParams& p, const StatePlan& plan, void* workspace, double div,
@@ -449,15 +551,10 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
   const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
-    if constexpr (kSixteenBit<T>) {
-      if (use_async_state<C>(k, v, a)) {
-        constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
-        unsigned grid = 0;
-        const cudaError_t grid_err = persistent_grid(&la_state_async_kernel<C>, kThreads, smem, items, grid);
-        if (grid_err != cudaSuccess) return grid_err;
-        MMFAST_LAUNCH(la_state_async_kernel<C>, grid, kThreads, smem, stream, a);
-        return cudaGetLastError();
-      }
+    if constexpr (C::tc) {
+      if (use_async_state<C>(k, v, a, items))
+        return scalars == nullptr ? launch_state_async<C, false>(a, items, stream)
+                                  : launch_state_async<C, true>(a, items, stream);
     }
     MMFAST_LAUNCH(la_state_kernel<C>, grid_for(items), kThreads, 0, stream, a);
     return cudaGetLastError();
@@ -471,5 +568,24 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
 }
 
 }  // namespace la
+
+// Entry point: state = (1/N) sum phi(k)^T v, mean = (1/N) sum phi(k). Needs k, v, state, mean and
+// linear_attention_state_workspace_bytes(p) of workspace.
+inline size_t linear_attention_state_workspace_bytes(const LinearAttentionParams& p) {
+  if (!la::valid_dims(p)) return 0;
+  return la::plan_state(p, sm_count()).partial_bytes;
+}
+inline cudaError_t linear_attention_state(const LinearAttentionParams& p, cudaStream_t stream) {
+  if (!la::valid_dims(p) || !p.k.data || !p.v.data || !p.state || !p.mean) return cudaErrorInvalidValue;
+  const la::StatePlan plan = la::plan_state(p, sm_count());
+  if (plan.partial_bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < plan.partial_bytes))
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return la::launch_state_pass<T>(p.k, p.v, nullptr, p.state, p.mean, p, plan, p.workspace,
+                                    static_cast<double>(p.seqlen), stream);
+  });
+}
+
 }  // namespace cuda
 }  // namespace mmfast

@@ -91,5 +91,15 @@ cudaError_t launch_state_backward(const LinearAttentionParams& p, cudaStream_t s
 }
 
 }  // namespace la
+
+// Entry point: grad_k, grad_v from grad_state, grad_mean, k, v; no workspace.
+inline size_t linear_attention_state_backward_workspace_bytes(const LinearAttentionParams&) { return 0; }
+inline cudaError_t linear_attention_state_backward(const LinearAttentionParams& p, cudaStream_t stream) {
+  if (!la::valid_dims(p) || !p.k.data || !p.v.data || !p.grad_k.data || !p.grad_v.data || !p.grad_state ||
+      !p.grad_mean)
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return la::launch_state_backward<decltype(t)>(p, stream); });
+}
+
 }  // namespace cuda
 }  // namespace mmfast
