@@ -228,18 +228,23 @@ template <int Pending> void cp_async_wait() {
 // with fp16 / bf16 operands: the fragment layouts of the PTX ISA (see tile_gemm.cuh). The sum
 // is exact products added in fp64, rounded once to fp32 (hardware adds in fp32).
 namespace emu {
+// Each lane reads its own row when it reaches the ldmatrix (threads run in random order within
+// a phase), so a row another thread writes without a barrier in between can be read stale.
+struct MatrixRow { uint16_t e[8]; };
 template <bool Trans> void ldmatrix(uint32_t (&r)[4], const void* row) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
     std::printf("EMU ERROR: ldmatrix row address %p is not 16-byte aligned\n", row);
     std::exit(2);
   }
-  publish(row);
+  MatrixRow mine;
+  std::memcpy(&mine, row, sizeof mine);
+  publish(mine);
   const int lane = cur % 32, g = lane / 4, t = lane % 4;
   for (int j = 0; j < 4; ++j) {
     uint16_t e[2];  // M_j[g][2t + h], or transposed M_j[2t + h][g]
     for (int h = 0; h < 2; ++h) {
-      const auto* rows = static_cast<const uint16_t*>(lane_value<const void*>(8 * j + (Trans ? 2 * t + h : g)));
-      std::memcpy(&e[h], rows + (Trans ? g : 2 * t + h), 2);
+      const MatrixRow m = lane_value<MatrixRow>(8 * j + (Trans ? 2 * t + h : g));
+      e[h] = m.e[Trans ? g : 2 * t + h];
     }
     r[j] = e[0] | (static_cast<uint32_t>(e[1]) << 16);
   }
@@ -300,6 +305,7 @@ extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
 extern "C" cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
   *attributes = cudaFuncAttributes{};  // sharedSizeBytes 0: the emulator has no per-block limit to share
+  attributes->ptxVersion = attributes->binaryVersion = ::emu::compute_major * 10;  // built for the device
   return cudaSuccess;
 }
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }

@@ -56,8 +56,10 @@ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 // exp(x) as 2^(x log2 e) by one MUFU.EX2 (ex2.approx.ftz.f32: about 2^-22 relative error,
 // results below 2^-126 flushed to 0): 2 instructions instead of about 12. Rounding x log2 e
-// adds up to |x| 2^-23.5 relative (5e-6 at x = -87, where exp underflows fp32), below the 16
-// mantissa bits a hi + lo pair of bf16 operands keeps. Host code (the emulator) uses expf.
+// adds up to |x| 2^-23.5 relative (as __expf: 2 + 1.2 |x| ulp), so for x <= 0, where callers
+// use it, the absolute error stays below about 2^-22: under the 16 mantissa bits of a bf16
+// hi + lo pair; for fp16 pairs (22 bits) the relative error of exp(x) grows past them for
+// |x| > 1, where exp(x) < 0.37. Host code (the emulator) uses expf.
 __device__ __forceinline__ float exp_fast(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
@@ -274,6 +276,18 @@ template <class Kernel> cudaError_t allow_dynamic_shared(Kernel* kernel, size_t 
   const size_t most = max_shared_per_block() - attributes.sharedSizeBytes;  // static shared memory counts too
   if (bytes > most) return cudaErrorInvalidValue;
   return cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most));
+}
+
+// Whether kernel's code for the current device comes from PTX of compute capability
+// min_arch_x10 or newer: a binary JIT-compiled from older PTX (TORCH_CUDA_ARCH_LIST="7.5+PTX"
+// run on an A100) holds the pre-sm_80 fallback of an inline-PTX wrapper (mma.sync: a trap).
+template <class Kernel> bool compiled_for(Kernel* kernel, int min_arch_x10) {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)) != cudaSuccess) {
+    (void)cudaGetLastError();  // the caller takes another kernel; the error is not sticky
+    return false;
+  }
+  return attributes.ptxVersion >= min_arch_x10;
 }
 
 // Blocks of kernel (threads per block, dynamic shared bytes) that one SM holds, after opting

@@ -10,6 +10,7 @@
 // result lands in the same register block either way.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -265,13 +266,19 @@ template <class T> __device__ __forceinline__ uint32_t pack_pair(float low, floa
 }
 
 // x = hi + lo with hi = T(x) and lo = T(x - hi): two tensor-core products (hi and lo) keep
-// about twice T's mantissa bits of an fp32 operand (16 for bf16, 22 for fp16), near fp32.
-// Infinite or NaN x: lo = 0 or NaN, so hi + lo is x.
+// about twice T's mantissa bits of an fp32 operand (16 for bf16; for fp16 22 where lo stays
+// normal, |x| >= 2^-3, fewer below: fp16 callers scale their operands into range). NaN x: a
+// NaN pair; infinite x: hi = x, lo = 0; for fp16 also finite x beyond 65504: hi = +-inf,
+// lo = 0 (bf16 overflows only past 3.39e38, left unguarded: one instruction per element less).
+template <class T> __device__ __forceinline__ float low_part(float x, float hi) {
+  if constexpr (std::is_same_v<T, __half>) return hi == x || fabsf(hi) > FLT_MAX ? 0.0f : x - hi;
+  return hi == x ? 0.0f : x - hi;
+}
 template <class T>
 __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uint32_t& lo) {
   hi = pack_pair<T>(x0, x1);
   const float2 h = unpack_pair<T>(hi);
-  lo = pack_pair<T>(h.x == x0 ? 0.0f : x0 - h.x, h.y == x1 ? 0.0f : x1 - h.y);
+  lo = pack_pair<T>(low_part<T>(x0, h.x), low_part<T>(x1, h.y));
 }
 
 // ---- SIMT building blocks ----------------------------------------------------------------

@@ -95,8 +95,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // shared by z, well below one output ulp); the fp32 state keeps about 16 mantissa bits as a
 // hi + lo pair (split_pair, once per item load): out = phi(q) S_hi + phi(q) S_lo, and z the
 // same with m's hi and lo in columns 0 and 1 of one more n-tile (z = phi(q) . m + eps from the
-// same phi(q): no second read of q). Warp w owns tokens (w % 4) * 16 and Dv columns
-// (w / 4) * 32 of the item's tile.
+// same phi(q): no second read of q). For fp16 the state columns and m are first scaled by
+// powers of two that bring their largest magnitude to [1, 2) (fp16 tops out at 65504 and
+// goes subnormal below 6.1e-5; the scales are undone exactly in the epilogue). Warp w owns
+// tokens (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's tile.
 constexpr int kAsyncApplyStages = 10;
 template <class T> using ApplyQTile = RawTile<T, kTile, kBK, kRawPad>;
 constexpr int kApplyWarpRows = 16, kApplyWarpCols = 32, kApplyNTiles = kApplyWarpCols / 8;
@@ -108,6 +110,8 @@ template <class C> struct AsyncApplyShared {
   using T = typename C::T;
   ApplyQTile<T> q[kAsyncApplyStages];
   __align__(16) T m_cols[kMaxD][8];  // B of the z product: m's hi and lo in columns 0 and 1
+  float warp_max[2][kThreads / 32];  // the fp16 scales' reduction
+  float inv_s_scale, inv_m_scale;    // 1 / the power-of-two scales of the state columns and m
 };
 // Followed by S_hi and S_lo[round_up(Dk, kBK)][kStateLd], the state columns, sized at launch.
 template <class C> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<C>), 128);
@@ -128,25 +132,65 @@ __device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& 
   return it;
 }
 
+// A power of two that brings the largest finite magnitude to [1, 2) (1 for 0, inf or NaN).
+__device__ __forceinline__ float range_scale(float largest) {
+  if (!(largest > 0.0f && largest <= FLT_MAX)) return 1.0f;
+  int e;
+  frexpf(largest, &e);  // largest = f 2^e, f in [0.5, 1)
+  return ldexpf(1.0f, 1 - e);
+}
+
+// The block's largest |S| and |m| of an item (fp16 only): 1 / their range scales into sh.
+template <class C>
+__device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C>& sh) {
+  const auto state = state_operand<float>(a, it);
+  const float* mean = static_cast<const float*>(a.mean) + it.bh * a.dk;
+  float largest[2] = {0.0f, 0.0f};  // |S| columns, |m|
+  for (int e = threadIdx.x; e < a.dk * kTile; e += kThreads) largest[0] = fmaxf(largest[0], fabsf(state(e / kTile, e % kTile)));
+  for (int l = threadIdx.x; l < a.dk; l += kThreads) largest[1] = fmaxf(largest[1], fabsf(mean[l]));
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int lane_mask = 1; lane_mask < 32; lane_mask *= 2)
+      largest[i] = fmaxf(largest[i], __shfl_xor_sync(0xffffffffu, largest[i], lane_mask));
+    if (threadIdx.x % 32 == 0) sh.warp_max[i][threadIdx.x / 32] = largest[i];
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    float block = 0.0f;
+    for (int w = 0; w < kThreads / 32; ++w) block = fmaxf(block, sh.warp_max[threadIdx.x][w]);
+    (threadIdx.x == 0 ? sh.inv_s_scale : sh.inv_m_scale) = 1.0f / range_scale(block);
+  }
+  __syncthreads();
+}
+
 // S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kBK), and m into
-// m_cols. Between barriers.
+// m_cols, both scaled into fp16's range for fp16 (sh's inverse scales: 1 for bf16). Between
+// barriers.
 template <class C>
 __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C>& sh,
                                                    typename C::T* s_hi, typename C::T* s_lo) {
   using T = typename C::T;
   __syncthreads();  // the previous item's readers are done
+  if constexpr (std::is_same_v<T, __half>) {
+    state_range(a, it, sh);
+  } else {
+    if (threadIdx.x == 0) sh.inv_s_scale = sh.inv_m_scale = 1.0f;
+  }
+  const float s_scale = std::is_same_v<T, __half> ? 1.0f / sh.inv_s_scale : 1.0f;
+  const float m_scale = std::is_same_v<T, __half> ? 1.0f / sh.inv_m_scale : 1.0f;
   const auto state = state_operand<float>(a, it);
   const int rows = static_cast<int>(round_up(a.dk, kBK));
   for (int e = threadIdx.x; e < rows * (kTile / 2); e += kThreads) {
     const int l = e / (kTile / 2), j = (e % (kTile / 2)) * 2;
     uint32_t hi, lo;
-    split_pair<T>(state(l, j), state(l, j + 1), hi, lo);
+    split_pair<T>(state(l, j) * s_scale, state(l, j + 1) * s_scale, hi, lo);
     *reinterpret_cast<uint32_t*>(&s_hi[l * kStateLd + j]) = hi;
     *reinterpret_cast<uint32_t*>(&s_lo[l * kStateLd + j]) = lo;
   }
   const float* mean = static_cast<const float*>(a.mean) + it.bh * a.dk;
   for (int l = threadIdx.x; l < rows; l += kThreads) {
-    const float m = l < a.dk ? mean[l] : 0.0f;
+    const float m = l < a.dk ? mean[l] * m_scale : 0.0f;
     uint32_t hi, lo;
     split_pair<T>(m, 0.0f, hi, lo);  // low halves: m's hi and lo parts
     const uint32_t cols[4] = {(hi & 0xffffu) | (lo << 16), 0u, 0u, 0u};
@@ -164,13 +208,13 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
   using T = typename C::T;
   const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
   uint32_t bm[4];  // m columns for both steps: matrix j is Dk rows l0 + 8j
-  ldmatrix_x4_trans(bm, &sh.m_cols[l0 + 8 * j + r][0]);
 #pragma unroll
   for (int kk = 0; kk < kBK; kk += 16) {
     // A = phi(q) (tokens x Dk, row-major): matrix j is tokens + 8 (j % 2), dims + 8 (j / 2).
     const int a_token = warp_row + 8 * (j % 2) + r, a_dim = kk + 8 * (j / 2);
     uint32_t a_q[4];
-    ldmatrix_x4(a_q, &sh.q[stage].v[a_token][a_dim]);
+    ldmatrix_x4(a_q, &sh.q[stage].v[a_token][a_dim]);  // first: the emulator then sees a missing barrier
+    if (kk == 0) ldmatrix_x4_trans(bm, &sh.m_cols[l0 + 8 * j + r][0]);
     const uint32_t b_m[2] = {bm[kk / 8], bm[kk / 8 + 1]};
     mma_m16n8k16<T>(z, a_q, b_m);
 #pragma unroll
@@ -190,12 +234,14 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
   }
 }
 
-// out rows of the warp = acc / z, z = D[:, 0] + D[:, 1] of the z product (held by the lane with
-// t = 0 of each row group, summed across the group's 4 lanes) + eps.
+// out rows of the warp = acc / z with the range scales undone, z = D[:, 0] + D[:, 1] of the
+// z product (held by the lane with t = 0 of each row group, summed across the group's 4 lanes)
+// + eps.
 template <class T>
 __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it,
                                                       const float (&acc)[kApplyNTiles][4], const float (&z)[4],
-                                                      int warp_row, int warp_col) {
+                                                      float inv_s_scale, float inv_m_scale, int warp_row,
+                                                      int warp_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   float zr[2];
 #pragma unroll
@@ -203,7 +249,7 @@ __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const 
     float part = t == 0 ? z[2 * h] + z[2 * h + 1] : 0.0f;
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
-    zr[h] = part + static_cast<float>(a.eps);
+    zr[h] = part * inv_m_scale + static_cast<float>(a.eps);
   }
   const TokenView<T> out = token_view<T, uint32_t>(a.out, it.bh, a.heads);
 #pragma unroll
@@ -212,7 +258,7 @@ __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const 
     for (int i = 0; i < 4; ++i) {
       const int64_t token = it.n0 + warp_row + g + 8 * (i / 2);
       const int col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
-      if (token < a.N && col < a.dv) out.row(token)[col] = from_acc<T>(acc[n][i] / zr[i / 2]);
+      if (token < a.N && col < a.dv) out.row(token)[col] = from_acc<T>(acc[n][i] * inv_s_scale / zr[i / 2]);
     }
 }
 
@@ -280,18 +326,20 @@ __global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a
       multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
       stage = stage + 1 == S ? 0 : stage + 1;
     }
-    store_apply_fragments<T>(a, it, acc, z, warp_row, warp_col);
+    store_apply_fragments<T>(a, it, acc, z, sh.inv_s_scale, sh.inv_m_scale, warp_row, warp_col);
   }
 }
 
 // The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose q rows cp.async
-// can copy whole, with fewer than 2^32 items (its 32-bit item decoding).
+// can copy whole, with fewer than 2^32 items (its 32-bit item decoding), when its code was
+// compiled for sm_80+ (not JIT-compiled from older PTX).
 template <class C> bool use_async_apply(const ApplyArgs& a, int64_t items) {
   if constexpr (!C::tc) {
     return false;
   } else {
     return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
-           rows_16b_aligned(a.q, a.dk, sizeof(typename C::T)) && async_apply_smem_bytes<C>(a.dk) <= max_shared_per_block();
+           rows_16b_aligned(a.q, a.dk, sizeof(typename C::T)) &&
+           async_apply_smem_bytes<C>(a.dk) <= max_shared_per_block() && compiled_for(&la_apply_async_kernel<C>, 80);
   }
 }
 

@@ -52,11 +52,11 @@ template <FeatureMap Fm> __device__ __forceinline__ float phi_fast(float x) {
 constexpr int kRawPad = 8;
 
 // A 16-byte chunk (8 elements) of a landed raw tile made into a tensor-core operand in place:
-// phi(x) rounded to T, or with a lo_chunk split as hi + lo (split_pair; lo written there);
-// zeros when !valid (past the tokens or dims: cp.async zero-filled them, but phi(0) need not
-// be 0).
+// phi(x) * scale rounded to T, or with a lo_chunk split as hi + lo (split_pair; lo written
+// there); zeros when !valid (past the tokens or dims: cp.async zero-filled them, but phi(0)
+// need not be 0).
 template <class C>
-__device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool valid) {
+__device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool valid, float scale = 1.0f) {
   using T = typename C::T;
   const uint4 bits = *chunk;
   const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
@@ -64,7 +64,7 @@ __device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool va
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 x = unpack_pair<T>(words[i]);
-    const float p0 = valid ? phi_fast<C::fm>(x.x) : 0.0f, p1 = valid ? phi_fast<C::fm>(x.y) : 0.0f;
+    const float p0 = valid ? phi_fast<C::fm>(x.x) * scale : 0.0f, p1 = valid ? phi_fast<C::fm>(x.y) * scale : 0.0f;
     if (lo_chunk != nullptr)
       split_pair<T>(p0, p1, hi[i], lo[i]);
     else

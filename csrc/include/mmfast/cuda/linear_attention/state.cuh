@@ -228,9 +228,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 //  - a landed k slice becomes phi(k) in place (phi_fast: exp by MUFU.EX2), split as hi + lo
 //    (split_pair; lo into k_lo) and multiplied twice, so S and m keep about 16 mantissa bits of
 //    phi(k) for bf16 (the TF32 products of la_state_kernel keep 11);
-//  - v is multiplied as copied (forward), or divided by z in place (apply_backward: do / z is
-//    rounded to the input type once);
-//  - m is one more product per step: B's columns 0 and 1 are w split as hi + lo (1 and 0 in
+//  - v is multiplied as copied. apply_backward's sums dS = sum phi(q)^T (do / z) and
+//    dm = sum w phi(q) run as sum (phi(q) / z)^T do and sum (phi(q) / z) (w z): the fp32
+//    factor 1 / z goes into the split A operand, do stays exact;
+//  - m is one more product per step: B's columns 0 and 1 are w z split as hi + lo (1 and 0 in
 //    the forward), so m = D[:, 0] + D[:, 1].
 // Warp w owns Dk rows (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's 64 x 64 tile.
 constexpr int kAsyncStages = 6;
@@ -244,7 +245,7 @@ template <class C> struct AsyncStateShared {
   using T = typename C::T;
   MmaSlice<T> k[kAsyncStages], v[kAsyncStages];
   MmaSlice<T> k_lo;            // phi(k) - hi of the slice being multiplied
-  float z[2][kBK], w[2][kBK];  // apply_backward's per-token scalars, by slice parity
+  float z[2][kBK], w[2][kBK];  // apply_backward's per-token 1 / z and w z, by slice parity
 };
 
 // One warp's sums of an item: S (16 x 32: four 16 x 8 n-tiles) and the m product (16 x 8).
@@ -270,48 +271,36 @@ __device__ __forceinline__ void flush_sums(WarpStateSums<float>& sums, WarpState
   zero_sums(sums);
 }
 
-// z_t, w_t of the slice's tokens (apply_backward only): z = 1 and w = 0 past the chunk.
-__device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const StateItem& it, int64_t t0, float* z,
-                                                   float* w) {
+// 1 / z_t and w_t z_t of the slice's tokens (apply_backward only): 1 and 0 past the chunk.
+__device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const StateItem& it, int64_t t0,
+                                                   float* inv_z, float* wz) {
   if (threadIdx.x >= kBK) return;
   const int64_t t = t0 + threadIdx.x;
-  float zt = 1.0f, wt = 0.0f;
+  float inv = 1.0f, product = 0.0f;
   if (t < it.t_end) {
     const float* s = static_cast<const float*>(a.scalars) + (it.bh * a.N + t) * 2;
-    zt = s[0];
-    wt = s[1];
+    inv = 1.0f / s[0];
+    product = s[1] * s[0];
   }
-  z[threadIdx.x] = zt;
-  w[threadIdx.x] = wt;
+  inv_z[threadIdx.x] = inv;
+  wz[threadIdx.x] = product;
 }
 
-// The landed slice in `stage` made into operands, one 16-byte chunk of each per thread:
-// phi(k) split in place (hi) and into k_lo, zero past the chunk's rows or Dk (kcols, a
-// multiple of 8); v divided by z in place when Scaled (v is zero-filled past the bounds).
+// The landed k slice in `stage` made into the A operand, one 16-byte chunk per thread: phi(k)
+// (times 1 / z when Scaled) split in place (hi) and into k_lo, zero past the chunk's rows or
+// Dk (kcols, a multiple of 8).
 template <class C, bool Scaled>
 __device__ __forceinline__ void prepare_state_slice(AsyncStateShared<C>& sh, int stage, int64_t rows, int kcols,
-                                                    const float* z) {
-  using T = typename C::T;
-  using Slice = MmaSlice<T>;
-  static_assert(Slice::kChunks == kThreads, "one chunk of each operand per thread");
+                                                    const float* inv_z) {
+  using Slice = MmaSlice<typename C::T>;
+  static_assert(Slice::kChunks == kThreads, "one chunk per thread");
   const int l = threadIdx.x / Slice::kChunksPerRow, x0 = (threadIdx.x % Slice::kChunksPerRow) * Slice::kChunkElems;
   phi_chunk<C>(reinterpret_cast<uint4*>(&sh.k[stage].v[l][x0]), reinterpret_cast<uint4*>(&sh.k_lo.v[l][x0]),
-               l < rows && x0 < kcols);
-  if constexpr (!Scaled) return;
-  uint4* const v_chunk = reinterpret_cast<uint4*>(&sh.v[stage].v[l][x0]);
-  const uint4 v_bits = *v_chunk;
-  uint32_t v_words[4] = {v_bits.x, v_bits.y, v_bits.z, v_bits.w};
-  const float inv_z = 1.0f / z[l];  // x * (1 / z) is within 1 ulp of x / z, far below T's rounding
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = unpack_pair<T>(v_words[i]);
-    v_words[i] = pack_pair<T>(x.x * inv_z, x.y * inv_z);
-  }
-  *v_chunk = make_uint4(v_words[0], v_words[1], v_words[2], v_words[3]);
+               l < rows && x0 < kcols, Scaled ? inv_z[l] : 1.0f);
 }
 
-// B of the m product at the 16 tokens from kk: columns 0 and 1 are w's hi and lo parts (1 and 0
-// for the forward), the other columns 0.
+// B of the m product at the 16 tokens from kk: columns 0 and 1 are the hi and lo parts of w
+// (w z for apply_backward, whose A carries 1 / z; 1 and 0 for the forward), the others 0.
 template <class T, bool Scaled>
 __device__ __forceinline__ void mean_operand(uint32_t (&b)[2], const float* w, int kk, int lane) {
   const int g = lane / 4, t = lane % 4;
@@ -465,7 +454,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
 }
 
 // The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose rows cp.async
-// can copy whole, with fewer than 2^32 items (its 32-bit item decoding).
+// can copy whole, with fewer than 2^32 items (its 32-bit item decoding), when its code was
+// compiled for sm_80+ (not JIT-compiled from older PTX).
 template <class C>
 bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d, int64_t items) {
   using T = typename C::T;
@@ -474,7 +464,7 @@ bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d, 
   } else {
     return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
            rows_16b_aligned(k, d.dk, sizeof(T)) && rows_16b_aligned(v, d.dv, sizeof(T)) &&
-           sizeof(AsyncStateShared<C>) <= max_shared_per_block();
+           sizeof(AsyncStateShared<C>) <= max_shared_per_block() && compiled_for(&la_state_async_kernel<C, false>, 80);
   }
 }
 
