@@ -191,29 +191,26 @@ __device__ __forceinline__ void raw_tile_issue(Tile& dst, RowPtr row_ptr, int64_
 // (0, 8), (8, 8), B's two n-tiles (k, n) = (0, 0), (8, 0), (0, 8), (8, 8).
 // Products are exact, sums fp32. The host emulator defines both, with these layouts.
 #ifndef MMFAST_CUDA_EMULATED
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+template <bool Trans> __device__ __forceinline__ void ldmatrix_x4_impl(uint32_t (&r)[4], const void* row) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
 #else
   (void)row;
   r[0] = r[1] = r[2] = r[3] = 0u;
   __trap();  // callers launch only on sm_80+
 #endif
 }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ldmatrix_x4_impl<false>(r, row); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#else
-  (void)row;
-  r[0] = r[1] = r[2] = r[3] = 0u;
-  __trap();  // callers launch only on sm_80+
-#endif
+  ldmatrix_x4_impl<true>(r, row);
 }
 
 // d += A B for fp16 or bf16 A, B (T), fp32 d.
