@@ -191,3 +191,35 @@ def test_triton_more_heads_than_a_grid_dimension_holds():
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     for got, want in zip(grads, reference_grads(q, k, v, torch.ones_like(out))):
         assert_close(got, want, torch.float32, scale=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_state_of_16bit_inputs_keeps_fp32_accuracy(dtype):
+    """The cp.async state kernel multiplies phi(k) as a 16-bit hi + lo pair on mma.sync (fp32
+    sums flushed into fp64 every 64 tokens): S and m within 1e-4 of the fp64 reference,
+    relative to their largest entry (the pair keeps about 2^-16 of each phi(k); one bf16
+    rounding keeps 2^-9)."""
+    from mmfast.ops import linear_attention_state
+
+    k, v = (torch.randn(2, 20000, 4, 64, dtype=dtype) for _ in range(2))
+    k_ref, v_ref = k.clone(), v.clone()
+    state, mean = linear_attention_state(k.cuda(), v.cuda(), backend="native")
+    expected_state, expected_mean = reference.linear_attention_state_ref(k_ref, v_ref)
+    for got, expected in ((state, expected_state), (mean, expected_mean)):
+        error = (got.cpu().double() - expected.double()).abs().max() / expected.double().abs().max()
+        assert error < 1e-4, error
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scale", [1e-7, 1e6])
+def test_cuda_fp16_apply_takes_states_outside_the_fp16_range(scale):
+    """The cp.async apply kernel scales the fp32 state columns and m by powers of two before
+    splitting them into fp16 hi + lo (fp16: subnormal below 6.1e-5, inf past 65504)."""
+    from mmfast.ops import linear_attention_apply
+
+    q, k, v = make_qkv((1, 3000, 2, 64, 64), torch.float16, "cpu")
+    state, mean = reference.linear_attention_state_ref(k, v)
+    state, mean = state * scale, mean * scale
+    out = linear_attention_apply(q.cuda(), state.cuda(), mean.cuda(), backend="native")
+    assert_close(out.cpu(), reference.linear_attention_apply_ref(q, state, mean), torch.float16)
