@@ -144,9 +144,9 @@ __device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa
 // A RawTile holds Rows token rows of Cols raw input elements in shared memory, filled by
 // cp.async 16-byte copies: the bytes are in flight without occupying registers, so a kernel
 // keeps several tiles in flight (a multi-stage pipeline) while it computes on an earlier one.
-// A staging step then reads the raw elements from shared memory as its loads. RawSlice is
-// the kBK tokens x kTile dims of a token-contraction (the state pass); RawTile<T, kTile, kBK>
-// the kTile tokens x kBK dims of a dim-contraction (the apply pass).
+// A step then turns the landed raw elements into operands in place: kBK tokens x kTile dims
+// of a token contraction (the state pass), kTile tokens x kBK dims of a dim contraction (the
+// apply pass).
 // Pad elements after each row (a multiple of 16 bytes) keep a row stride of 128 bytes from
 // sending the 8 rows of an ldmatrix phase to the same banks.
 template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
@@ -159,7 +159,6 @@ template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
   static_assert(Pad % kChunkElems == 0, "rows stay 16-byte aligned");
   __align__(16) T v[Rows][Cols + Pad];
 };
-template <class T> using RawSlice = RawTile<T, kBK, kTile>;
 
 // Starts the copies of a tile: row r < rows from row_ptr(r) (16-byte aligned), elements
 // x < cols (a multiple of kChunkElems); every other chunk is zero-filled. fallback is any

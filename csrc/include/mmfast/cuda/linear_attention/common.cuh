@@ -24,20 +24,11 @@ template <FeatureMap Fm, class A> __device__ __forceinline__ A phi(A x) {
   return x;
 }
 
-// phi(x) as a select: elu1 evaluates exp on every lane (of min(x, 0), so it never overflows)
-// instead of branching around it, for the cp.async kernels' conversion loops, where a branch
-// per element diverges. (In the register-staged loops the compiler then interleaves the exps
-// with the loads: fewer loads in flight, so they keep phi.) Same values, NaN included.
-template <FeatureMap Fm, class A> __device__ __forceinline__ A phi_select(A x) {
-  if constexpr (Fm == FeatureMap::kElu1) {
-    const A e = exp_acc(x > A(0) ? A(0) : x);
-    return x > A(0) ? x + A(1) : e;
-  }
-  return phi<Fm>(x);
-}
-
-// phi_select with exp_fast, for operands that go to the tensor cores as 16-bit hi + lo pairs:
-// the approximate exp's error is below what the pair keeps.
+// phi(x) for the cp.async kernels' in-place conversions, whose operands go to the tensor cores
+// as 16-bit values or hi + lo pairs: elu1 as a select (exp of min(x, 0) on every lane, never
+// overflowing, instead of a branch that diverges per element; NaN still propagates) and
+// exp_fast, whose error is below what the pair keeps. (The register-staged loops keep phi:
+// there the compiler would interleave the exps with the loads, fewer loads in flight.)
 template <FeatureMap Fm> __device__ __forceinline__ float phi_fast(float x) {
   if constexpr (Fm == FeatureMap::kElu1) {
     const float e = exp_fast(x > 0.0f ? 0.0f : x);

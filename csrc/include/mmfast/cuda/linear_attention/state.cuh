@@ -78,8 +78,8 @@ __device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const St
 }
 
 // As[l][x] = phi(k_{t0+l})[k0+x], Bs[l][x] = v_{t0+l}[v0+x] / z_l, zero past the chunk and dims.
-// raw_k(x, l) / raw_v(x, l) read the raw elements (global memory, or a RawSlice already landed
-// in shared memory); they are only called inside the bounds.
+// raw_k(x, l) / raw_v(x, l) read the raw elements from global memory; they are only called
+// inside the bounds.
 template <class C, class A, class RawK, class RawV>
 __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0, RawK raw_k,
                                                   RawV raw_v, const A* zsh, A* As, A* Bs) {
