@@ -117,6 +117,27 @@ def test_vq_quantize(benchmark, shape, tmp_path):
                    speedup_vs_torch=round(torch_ms / times["mmfast"], 2) if torch_ms else None)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU bf16 target: AMX tiles against the fp32 kernel")
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: s[0])
+def test_vq_quantize_bf16_vs_fp32(benchmark, shape):
+    """bf16 inputs against the same search in fp32, same run: at least 2x where AMX runs it."""
+    name, n, k, d = shape
+    generator = torch.Generator().manual_seed(0)
+    z32, codebook32 = torch.randn(n, d, generator=generator), torch.randn(k, d, generator=generator)
+    z16, codebook16 = z32.bfloat16(), codebook32.bfloat16()
+    sqnorm32, sqnorm16 = vq_codebook_sqnorm(codebook32), vq_codebook_sqnorm(codebook16)
+    run = lambda: vq_quantize(z16, codebook16, codebook_sqnorm=sqnorm16)  # noqa: E731
+    times = {"mmfast": run_timed(benchmark, run, DEVICE, rounds=5, warmup=1),
+             "fp32": median_ms(lambda: vq_quantize(z32, codebook32, codebook_sqnorm=sqnorm32), DEVICE, warmup=1,
+                               repeats=5)}
+    amx = torch.ops.mmfast.cpu_amx_bf16()
+    record_metrics(benchmark, op="vq_quantize.bf16", shape=f"{name} N={n} K={k} D={d}", device=DEVICE,
+                   dtype=torch.bfloat16, times=times, flops=2 * n * k * d,
+                   target=">= 2x the fp32 time" if amx else "none without AMX (no AVX512-BF16 kernel yet)",
+                   target_met=times["fp32"] / times["mmfast"] >= 2 if amx else None,
+                   kernel="AMX tiles" if amx else f"{torch.ops.mmfast.cpu_isa()} with fp32 sums")
+
+
 def _targets(times, d, torch_ms):
     parts, met = [], True
     if "faiss" in times and d in CPU_FAISS_TARGETS:

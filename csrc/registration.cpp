@@ -21,6 +21,7 @@ PyObject* PyInit__C(void) {
 
 namespace {
 std::string cpu_isa() { return mmfast::cpu::active_isa_name(); }
+bool cpu_amx_bf16() { return mmfast::cpu::amx_bf16_active(); }
 }  // namespace
 
 TORCH_LIBRARY(mmfast, m) {
@@ -70,4 +71,6 @@ TORCH_LIBRARY(mmfast, m) {
 
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);
+  // Whether the bf16 kernels that have an AMX version use it (MMFAST_CPU_AMX; mmfast/cpu/isa.h).
+  m.def("cpu_amx_bf16() -> bool", &cpu_amx_bf16);
 }

@@ -86,16 +86,18 @@ def test_fp64_on_cpu_is_exact():
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
-def test_ties_go_to_the_lowest_index_and_non_finite_rows_to_zero(backend_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ties_go_to_the_lowest_index_and_non_finite_rows_to_zero(backend_device, dtype):
     backend, device = backend_device
-    base = torch.randn(10, 6)
+    base = torch.randn(10, 6).to(dtype)
     codebook = torch.cat([base, base, base])  # code c equals codes c + 10 and c + 20
     codebook[4, 0] = float("nan")  # never chosen
-    z = torch.cat([codebook[[13, 27, 0]], torch.full((1, 6), float("nan")), torch.full((1, 6), float("inf"))])
+    z = torch.cat([codebook[[13, 27, 0]], torch.full((1, 6), float("nan"), dtype=dtype),
+                   torch.full((1, 6), float("inf"), dtype=dtype)])
     indices, distance = vq_quantize(z.to(device), codebook.to(device), return_distance=True, backend=backend)
     assert indices.cpu().tolist()[:3] == [3, 7, 0] and indices.cpu().tolist()[3:] == [0, 0]
     assert distance[3].isnan() and distance[4].isinf()
-    expected = reference.vq_quantize_ref(z, codebook)
+    expected = reference.vq_quantize_ref(z.double(), codebook.double())
     assert torch.equal(indices.cpu(), expected[0])
 
 
@@ -112,11 +114,12 @@ def test_strided_rows(backend_device):
                                                                      return_distance=True, backend=backend))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(20, 5000, 16), (300, 3000, 40), (50, 2000, 8)], ids=lambda s: "x".join(map(str, s)))
-def test_cpu_result_does_not_depend_on_the_thread_count(shape):
+def test_cpu_result_does_not_depend_on_the_thread_count(shape, dtype):
     """The thread count changes how the codes are split (few rows: code ranges per thread);
-    indices and distances must stay bitwise identical."""
-    z, codebook = make_inputs(*shape, torch.float32, "cpu")
+    indices and distances must stay bitwise identical (bf16: the AMX kernel where active)."""
+    z, codebook = make_inputs(*shape, dtype, "cpu")
     z[::3] = z[::3].round()  # exact ties between codes, some rows
     codebook[1::2] = codebook[::2][: codebook[1::2].shape[0]].clone()  # duplicate codes: ties across splits
     threads = torch.get_num_threads()
@@ -131,6 +134,66 @@ def test_cpu_result_does_not_depend_on_the_thread_count(shape):
     for indices, distance in results[1:]:
         assert torch.equal(indices, results[0][0])
         assert torch.equal(distance, results[0][1])
+
+
+# ---- bf16 on AMX tiles (mmfast/cpu/isa.h: MMFAST_CPU_AMX) ------------------------------------
+
+def _cpu_has_amx_bf16():
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags and "avx512f" in flags
+
+
+def _run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__))
+
+
+def test_amx_runs_bf16_where_the_cpu_has_it():
+    """Linux grants the tile state to any process that asks (kernel >= 5.16), so on a CPU with
+    AMX-BF16 the bf16 search must use it; elsewhere it must say it does not."""
+    if _cpu_has_amx_bf16() and os.environ.get("MMFAST_CPU_AMX", "") not in ("", "1"):
+        pytest.skip("MMFAST_CPU_AMX turns AMX off in this environment")
+    if os.environ.get("MMFAST_CPU_ISA", "avx512") != "avx512":
+        pytest.skip("a forced CPU ISA other than avx512 turns AMX off")
+    assert torch.ops.mmfast.cpu_amx_bf16() == _cpu_has_amx_bf16()
+
+
+BF16_PATH_SCRIPT = textwrap.dedent(
+    """
+    import torch, mmfast
+    from mmfast.ops import vq_quantize
+    from test_vq import SHAPES, assert_nearest, make_inputs
+    assert torch.ops.mmfast.cpu_amx_bf16() == {amx}
+    for shape in SHAPES + [(300, 3000, 40), (129, 95, 33)]:
+        z, codebook = make_inputs(*shape, torch.bfloat16, "cpu", seed=1)
+        indices, distance = vq_quantize(z, codebook, return_distance=True, backend="native")
+        assert_nearest(z, codebook, indices, distance, dtype=torch.bfloat16)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512-fp32-sums", "amx-tiles"])
+def test_bf16_search_with_and_without_amx(amx):
+    """Both bf16 CPU paths against fp64 on one machine: MMFAST_CPU_AMX=0 forces the vector path."""
+    if amx and not _cpu_has_amx_bf16():
+        pytest.skip("this CPU has no AMX-BF16")
+    result = _run_python(BF16_PATH_SCRIPT.format(amx=amx), MMFAST_CPU_AMX="1" if amx else "0")
+    if amx and "does not provide AMX-BF16" in result.stderr:
+        pytest.skip("the OS does not grant the AMX tile state")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MMFAST_CPU_AMX": "yes"}, "MMFAST_CPU_AMX must be 0 or 1, got 'yes'"),
+    ({"MMFAST_CPU_AMX": "1", "MMFAST_CPU_ISA": "generic"}, "MMFAST_CPU_AMX=1 but"),
+])
+def test_bad_amx_setting_is_an_error(env, message):
+    result = _run_python("import torch, mmfast; torch.ops.mmfast.cpu_amx_bf16()", **env)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_empty_input():

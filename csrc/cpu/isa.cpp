@@ -6,6 +6,12 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace mmfast {
 namespace cpu {
 
@@ -55,6 +61,46 @@ Isa active_isa() {
 }
 
 const char* active_isa_name() { return isa_name(active_isa()); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+static bool request_amx_tile_state() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  if (!amx_bf16 || !amx_tile) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, Linux 5.16
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
+
+bool amx_bf16_supported() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool supported = isa_supported(Isa::kAvx512) && request_amx_tile_state();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+static bool detect_amx() {
+  const char* forced = std::getenv("MMFAST_CPU_AMX");
+  const std::string mode = forced != nullptr ? forced : "";
+  if (mode != "" && mode != "0" && mode != "1")
+    throw std::runtime_error("MMFAST_CPU_AMX must be 0 or 1, got '" + mode + "'");
+  if (mode == "0") return false;
+  const bool usable = amx_bf16_supported() && active_isa() == Isa::kAvx512;
+  if (mode == "1" && !usable)
+    throw std::runtime_error(std::string("MMFAST_CPU_AMX=1 but ") +
+                             (amx_bf16_supported() ? "the active CPU ISA is " + std::string(active_isa_name()) +
+                                                         ", not avx512"
+                                                   : std::string("this CPU or OS does not provide AMX-BF16 tiles")));
+  return usable;
+}
+
+bool amx_bf16_active() {
+  static const bool active = detect_amx();
+  return active;
+}
 
 }  // namespace cpu
 }  // namespace mmfast

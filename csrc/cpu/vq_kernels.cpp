@@ -8,7 +8,7 @@ namespace mmfast {
 namespace cpu {
 
 const VQKernels& vq_kernels() {
-  static const VQKernels table = MMFAST_ACTIVE_ISA_KERNELS(vq_kernels);
+  static const VQKernels table = amx_bf16_active() ? isa_amx::vq_amx_kernels() : MMFAST_ACTIVE_ISA_KERNELS(vq_kernels);
   return table;
 }
 

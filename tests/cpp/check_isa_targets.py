@@ -3,8 +3,9 @@
     python3 check_isa_targets.py OBJECT [OBJECT ...]
 
 Disassembles the objects (objdump) and fails when a function of namespace isa_generic uses
-ymm/zmm registers or FMA, or one of isa_avx2 uses zmm: such code would crash (SIGILL) on a
-CPU without the ISA. Also fails when the AVX copies use no wide registers at all, which
+ymm/zmm registers or FMA, one of isa_avx2 uses zmm, or one outside isa_amx uses AMX tiles:
+such code would crash (SIGILL) on a CPU without the ISA. isa_amx (vq_amx_kernels.cpp) must
+hold TDPBF16PS. Also fails when the AVX copies use no wide registers at all, which
 would mean the `#pragma GCC target` regions stopped applying. Skips when objdump is missing.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import shutil
 import subprocess
 import sys
 
-FORBIDDEN = {"isa_generic": ("%ymm", "%zmm", "vfmadd"), "isa_avx2": ("%zmm",)}
-REQUIRED = {"isa_avx2": "%ymm", "isa_avx512": "%zmm"}
+FORBIDDEN = {"isa_generic": ("%ymm", "%zmm", "vfmadd", "%tmm"), "isa_avx2": ("%zmm", "%tmm"), "isa_avx512": ("%tmm",)}
+REQUIRED = {"isa_avx2": "%ymm", "isa_avx512": "%zmm", "isa_amx": "tdpbf16ps"}
 
 
 def scan(path: str, seen: dict) -> list:

@@ -1,5 +1,5 @@
-// Torch-free test of the CPU VQ kernels: every ISA variant this CPU runs, against a float64
-// search written out plainly. Exact where the answer is exact (ties, duplicate codes, NaN and
+// Torch-free test of the CPU VQ kernels: every ISA variant this CPU runs (fp32 and bf16 inputs),
+// and the AMX bf16 kernel where the CPU has it, against a float64 search written out plainly. Exact where the answer is exact (ties, duplicate codes, NaN and
 // Inf rows, lookups); elsewhere the chosen code's distance must equal the minimum within the
 // fp32 rounding of the dots (near-ties may pick either code).
 #include <cmath>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mmfast/cpu/isa.h"
+#include "mmfast/cpu/numeric.h"
 #include "mmfast/cpu/vq.h"
 
 using namespace mmfast;
@@ -19,12 +20,21 @@ struct Result {
   std::vector<float> distance;
 };
 
+inline float stored(float x, float) { return x; }
+inline cpu::BFloat16 stored(float x, cpu::BFloat16) { return cpu::to_bfloat16(x); }
+
+// Inputs are given as floats that T holds exactly (rounded by the caller for bf16).
+template <typename T>
 Result quantize(const cpu::VQKernels& k, const std::vector<float>& z, const std::vector<float>& codebook, int64_t n,
                 int64_t codes, int64_t dim) {
+  constexpr bool bf16 = sizeof(T) == 2;
+  std::vector<T> zt(z.size()), codebook_t(codebook.size());
+  for (size_t i = 0; i < z.size(); ++i) zt[i] = stored(z[i], T{});
+  for (size_t i = 0; i < codebook.size(); ++i) codebook_t[i] = stored(codebook[i], T{});
   Result r{std::vector<int64_t>(n, -7), std::vector<float>(n, -7.0f)};
   VQParams p;
-  p.rows = n, p.codes = codes, p.dim = dim, p.dtype = DType::kFloat32;
-  p.z = z.data(), p.z_row_stride = dim, p.codebook = codebook.data();
+  p.rows = n, p.codes = codes, p.dim = dim, p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
+  p.z = zt.data(), p.z_row_stride = dim, p.codebook = codebook_t.data();
   p.indices = r.indices.data(), p.distance = r.distance.data();
   std::vector<char> workspace(k.quantize_workspace_bytes(p));
   p.workspace = workspace.data(), p.workspace_bytes = workspace.size();
@@ -39,12 +49,14 @@ double distance(const std::vector<float>& z, const std::vector<float>& codebook,
 }
 
 // Returns the number of rows that break the rules.
+template <typename T>
 int check_random(const cpu::VQKernels& k, int64_t n, int64_t codes, int64_t dim, std::mt19937& rng) {
   std::normal_distribution<float> normal;
+  const auto draw = [&] { return sizeof(T) == 2 ? cpu::to_float(cpu::to_bfloat16(normal(rng))) : normal(rng); };
   std::vector<float> z(n * dim), codebook(codes * dim);
-  for (auto& x : z) x = normal(rng);
-  for (auto& x : codebook) x = normal(rng);
-  const Result r = quantize(k, z, codebook, n, codes, dim);
+  for (auto& x : z) x = draw();
+  for (auto& x : codebook) x = draw();
+  const Result r = quantize<T>(k, z, codebook, n, codes, dim);
   int bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     double best = INFINITY, scale = 0;
@@ -61,6 +73,7 @@ int check_random(const cpu::VQKernels& k, int64_t n, int64_t codes, int64_t dim,
 
 // Duplicate codes (ties: the lowest index), a NaN row and an Inf row (index 0), a code of NaN
 // (never chosen), and lookups with an out-of-range index.
+template <typename T>
 int check_rules(const cpu::VQKernels& k) {
   const int64_t dim = 3, codes = 40, n = 4;
   std::vector<float> codebook(codes * dim);
@@ -68,7 +81,7 @@ int check_rules(const cpu::VQKernels& k) {
     for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = float((c % 10) + d);  // codes c, c+10, ... equal
   codebook[0] = NAN;  // code 0 is never chosen
   std::vector<float> z = {3, 4, 5, 7, 8, 9, NAN, 0, 0, INFINITY, 0, 0};
-  const Result r = quantize(k, z, codebook, n, codes, dim);
+  const Result r = quantize<T>(k, z, codebook, n, codes, dim);
   int bad = 0;
   bad += r.indices[0] != 3 || r.distance[0] != 0.0f;   // equals codes 3, 13, 23, 33: the lowest
   bad += r.indices[1] != 7 || r.distance[1] != 0.0f;
@@ -89,6 +102,23 @@ int check_rules(const cpu::VQKernels& k) {
   return bad;
 }
 
+// Random shapes and the rules for one kernel table and input type.
+template <typename T>
+void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, int& passed, int& failures) {
+  const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {100, 100, 8}, {300, 1000, 40}, {37, 513, 256}, {1025, 64, 5}};
+  const char* type = sizeof(T) == 2 ? "bf16" : "fp32";
+  for (const auto& s : shapes) {
+    const int bad = check_random<T>(k, s[0], s[1], s[2], rng);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s %s %s N=%lld K=%lld D=%lld: %d rows off\n", bad ? "FAIL" : "ok  ", name, type, (long long)s[0],
+                (long long)s[1], (long long)s[2], bad);
+  }
+  const int bad = check_rules<T>(k);
+  (bad == 0 ? passed : failures)++;
+  std::printf("%s %s %s ties, NaN/Inf rows, NaN code, lookups: %d checks off\n", bad ? "FAIL" : "ok  ", name, type,
+              bad);
+}
+
 }  // namespace
 
 int main() {
@@ -98,7 +128,6 @@ int main() {
   } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::vq_kernels},
                   {cpu::Isa::kAvx2, cpu::isa_avx2::vq_kernels},
                   {cpu::Isa::kAvx512, cpu::isa_avx512::vq_kernels}};
-  const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {100, 100, 8}, {300, 1000, 40}, {37, 513, 256}, {1025, 64, 5}};
   int failures = 0, passed = 0;
   std::mt19937 rng(0);
   for (const auto& variant : variants) {
@@ -106,17 +135,14 @@ int main() {
       std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
       continue;
     }
-    const cpu::VQKernels k = variant.kernels();
-    for (const auto& s : shapes) {
-      const int bad = check_random(k, s[0], s[1], s[2], rng);
-      (bad == 0 ? passed : failures)++;
-      std::printf("%s %s N=%lld K=%lld D=%lld: %d rows off\n", bad ? "FAIL" : "ok  ", cpu::isa_name(variant.isa),
-                  (long long)s[0], (long long)s[1], (long long)s[2], bad);
-    }
-    const int bad = check_rules(k);
-    (bad == 0 ? passed : failures)++;
-    std::printf("%s %s ties, NaN/Inf rows, NaN code, lookups: %d checks off\n", bad ? "FAIL" : "ok  ",
-                cpu::isa_name(variant.isa), bad);
+    check_table<float>(cpu::isa_name(variant.isa), variant.kernels(), rng, passed, failures);
+    check_table<cpu::BFloat16>(cpu::isa_name(variant.isa), variant.kernels(), rng, passed, failures);
+  }
+  if (cpu::amx_bf16_supported()) {
+    check_table<cpu::BFloat16>("amx", cpu::isa_amx::vq_amx_kernels(), rng, passed, failures);
+    check_table<float>("amx (fp32: the avx512 kernels)", cpu::isa_amx::vq_amx_kernels(), rng, passed, failures);
+  } else {
+    std::printf("skip amx (no AMX-BF16 tiles on this CPU or OS)\n");
   }
   std::printf("%d passed, %d failed\n", passed, failures);
   return failures == 0 ? 0 : 1;

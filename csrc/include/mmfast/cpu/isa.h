@@ -16,6 +16,14 @@ bool isa_supported(Isa isa);  // compiled in and supported by this CPU
 Isa active_isa();             // throws std::runtime_error for a bad MMFAST_CPU_ISA
 const char* active_isa_name();
 
+// AMX-BF16 tiles (Sapphire Rapids and later), for the bf16 kernels that have an AMX version
+// (vq_quantize). Active with the AVX-512 set when the CPU has AMX-TILE and AMX-BF16 and Linux
+// grants this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, kernel >= 5.16).
+// MMFAST_CPU_AMX=0 turns it off (A/B runs, the AVX-512 bf16 path); MMFAST_CPU_AMX=1 makes its
+// absence an error instead of a silent downgrade.
+bool amx_bf16_supported();  // by this CPU and OS (asks the OS for the tile state once)
+bool amx_bf16_active();     // throws std::runtime_error for a bad or unsatisfiable MMFAST_CPU_AMX
+
 // The one ISA table: of a family's three kernel tables, the one for `isa`.
 template <class Table>
 Table kernels_for(Isa isa, Table (*generic)(), Table (*avx2)(), Table (*avx512)()) {

@@ -20,7 +20,13 @@ struct VQKernels {
 
 MMFAST_DECLARE_ISA_KERNELS(VQKernels, vq_kernels)
 
-// The kernels of the ISA this process runs (chosen once).
+// The AVX-512 kernels with bf16 vq_quantize on AMX tiles (csrc/cpu/vq_amx_kernels.cpp); only
+// when amx_bf16_active().
+namespace isa_amx {
+VQKernels vq_amx_kernels();
+}
+
+// The kernels of the ISA this process runs (chosen once), with AMX for bf16 where active.
 const VQKernels& vq_kernels();
 
 }  // namespace cpu

@@ -36,22 +36,25 @@ template <> struct Lanes<double> {
 
 template <typename acc_t> constexpr int64_t panel_codes() { return 2 * Vec<acc_t>::width; }
 
-// Where everything lives in the workspace, and how the work is split.
+// Where everything lives in the workspace, and how the work is split. Another micro-kernel
+// (the AMX one) packs codes its own way: packed_code_bytes per code, task_rows rows per task.
 template <typename acc_t>
 struct Plan {
   int64_t panels, block_panels, code_blocks, row_tasks, splits;
   size_t packed_offset, sqnorm_offset, score_offset, index_offset, bytes;
 
-  explicit Plan(const VQParams& p) {
+  explicit Plan(const VQParams& p) : Plan(p, p.dim * int64_t(sizeof(acc_t)), kTaskRows) {}
+
+  Plan(const VQParams& p, int64_t packed_code_bytes, int64_t rows_per_task) {
     constexpr int64_t nr = panel_codes<acc_t>();
     panels = ceil_div(p.codes, nr);
-    block_panels = max_i64(1, kCodeBlockBytes / max_i64(1, nr * p.dim * int64_t(sizeof(acc_t))));
+    block_panels = max_i64(1, kCodeBlockBytes / max_i64(1, nr * packed_code_bytes));
     code_blocks = ceil_div(panels, block_panels);
-    row_tasks = ceil_div(p.rows, kTaskRows);
+    row_tasks = ceil_div(p.rows, rows_per_task);
     const int64_t threads = max_i64(1, max_threads());
     splits = row_tasks >= 2 * threads ? 1 : min_i64(code_blocks, ceil_div(2 * threads, max_i64(1, row_tasks)));
     packed_offset = 0;
-    sqnorm_offset = packed_offset + sizeof(acc_t) * size_t(panels * nr * p.dim);
+    sqnorm_offset = round_up(packed_offset + size_t(panels * nr * packed_code_bytes), 64);
     score_offset = sqnorm_offset + sizeof(acc_t) * size_t(panels * nr);
     index_offset = score_offset + (splits > 1 ? sizeof(acc_t) * size_t(splits * p.rows) : 0);
     bytes = index_offset + (splits > 1 ? sizeof(int64_t) * size_t(splits * p.rows) : 0) + 64;
@@ -171,10 +174,12 @@ inline void reduce_lanes(const Best<acc_t>& best, acc_t* score, int64_t* index) 
   *index = c;
 }
 
-template <typename acc_t>
-inline acc_t row_sqnorm(const acc_t* row, int64_t dim) {
+// ||z_n||^2 in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline acc_t z_row_sqnorm(const VQParams& p, int64_t n) {
+  const scalar_t* z = static_cast<const scalar_t*>(p.z) + n * p.z_row_stride;
   acc_t s = 0;
-  for (int64_t d = 0; d < dim; ++d) s += row[d] * row[d];
+  for (int64_t d = 0; d < p.dim; ++d) s += to_acc(z[d]) * to_acc(z[d]);
   return s;
 }
 
@@ -190,6 +195,37 @@ inline void finish_row(const VQParams& p, int64_t n, acc_t score, int64_t index,
   const acc_t d = score + z_sqnorm;  // +inf when no score was finite
   p.indices[n] = index;
   distance[n] = d < 0 ? acc_t(0) : d;  // rounding can leave -eps for a code equal to z
+}
+
+// Row n's best score over split `split` of the codes: finished when the codes were not split,
+// else kept for CombineJob.
+template <typename scalar_t, typename acc_t>
+inline void record_score(const VQParams& p, const Plan<acc_t>& plan, int64_t split, int64_t n, acc_t score,
+                         int64_t index) {
+  if (plan.splits == 1) {
+    finish_row<acc_t>(p, n, score, index, z_row_sqnorm<scalar_t, acc_t>(p, n));
+  } else {
+    plan.template at<acc_t>(p, plan.score_offset)[split * p.rows + n] = score;
+    plan.template at<int64_t>(p, plan.index_offset)[split * p.rows + n] = index;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void record_row(const VQParams& p, const Plan<acc_t>& plan, int64_t split, int64_t n, const Best<acc_t>& best) {
+  acc_t score;
+  int64_t index;
+  reduce_lanes<acc_t>(best, &score, &index);
+  record_score<scalar_t, acc_t>(p, plan, split, n, score, index);
+}
+
+// Every row's best: +inf at code 0.
+template <typename acc_t>
+inline void reset_best(Best<acc_t>* best, int64_t rows) {
+  using L = typename Lanes<acc_t>::type;
+  for (int64_t r = 0; r < rows; ++r) {
+    best[r].value[0] = best[r].value[1] = splat<acc_t>(acc_t(__builtin_inf()));
+    best[r].index[0] = best[r].index[1] = L{};
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -221,26 +257,15 @@ struct QuantizeJob {
   static void run(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<QuantizeJob*>(ctx);
     const auto& p = *job.p;
-    using L = typename Lanes<acc_t>::type;
     Scratch<acc_t> zbuf(kTaskRows * p.dim);
     Best<acc_t> best[kTaskRows];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row_task = task / job.plan.splits, split = task % job.plan.splits;
       const int64_t r0 = row_task * kTaskRows, rows = min_i64(kTaskRows, p.rows - r0);
       load_rows(p, r0, rows, zbuf.data);
-      for (auto& b : best) b.value[0] = b.value[1] = splat<acc_t>(acc_t(__builtin_inf())), b.index[0] = b.index[1] = L{};
+      reset_best<acc_t>(best, kTaskRows);
       job.search(split, rows, zbuf.data, best);
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t score;
-        int64_t index;
-        reduce_lanes<acc_t>(best[r], &score, &index);
-        if (job.plan.splits == 1) {
-          finish_row<acc_t>(p, r0 + r, score, index, row_sqnorm(zbuf.data + r * p.dim, p.dim));
-        } else {
-          job.plan.template at<acc_t>(p, job.plan.score_offset)[split * p.rows + r0 + r] = score;
-          job.plan.template at<int64_t>(p, job.plan.index_offset)[split * p.rows + r0 + r] = index;
-        }
-      }
+      for (int64_t r = 0; r < rows; ++r) record_row<scalar_t, acc_t>(p, job.plan, split, r0 + r, best[r]);
     }
   }
 };
@@ -257,18 +282,12 @@ struct CombineJob {
     const auto& p = *job.p;
     const acc_t* scores = job.plan.template at<acc_t>(p, job.plan.score_offset);
     const int64_t* indices = job.plan.template at<int64_t>(p, job.plan.index_offset);
-    const scalar_t* z = static_cast<const scalar_t*>(p.z);
     for (int64_t n = begin; n < end; ++n) {
       acc_t score = scores[n];
       int64_t index = indices[n];
       for (int64_t s = 1; s < job.plan.splits; ++s)
         if (scores[s * p.rows + n] < score) score = scores[s * p.rows + n], index = indices[s * p.rows + n];
-      acc_t z_sqnorm = 0;
-      for (int64_t d = 0; d < p.dim; ++d) {
-        const acc_t x = to_acc(z[n * p.z_row_stride + d]);
-        z_sqnorm += x * x;
-      }
-      finish_row<acc_t>(p, n, score, index, z_sqnorm);
+      finish_row<acc_t>(p, n, score, index, z_row_sqnorm<scalar_t, acc_t>(p, n));
     }
   }
 };
