@@ -6,10 +6,12 @@
 #include <stdexcept>
 #include <string>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if MMFAST_CPU_AMX_COMPILED
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cerrno>
 #endif
 
 namespace mmfast {
@@ -62,25 +64,29 @@ Isa active_isa() {
 
 const char* active_isa_name() { return isa_name(active_isa()); }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-static bool request_amx_tile_state() {
+// Why the tiles are unavailable ("" when they are), for the MMFAST_CPU_AMX=1 error.
+static std::string amx_unavailable_reason() {
+#if MMFAST_CPU_AMX_COMPILED
   unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
-  if (!amx_bf16 || !amx_tile) return false;
+  if (!isa_supported(Isa::kAvx512)) return "this CPU has no AVX-512";
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 22) & 1) || !((edx >> 24) & 1))
+    return "this CPU has no AMX-TILE/AMX-BF16 (CPUID leaf 7)";
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, Linux 5.16
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-#endif
-
-bool amx_bf16_supported() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool supported = isa_supported(Isa::kAvx512) && request_amx_tile_state();
-  return supported;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    return std::string("Linux refused the tile state: arch_prctl(ARCH_REQ_XCOMP_PERM) failed: ") +
+           std::strerror(errno);
+  return "";
 #else
-  return false;
+  return "this build has no AMX kernels (they need GCC >= 11 on x86-64 Linux)";
 #endif
 }
+
+static const std::string& amx_reason() {
+  static const std::string reason = amx_unavailable_reason();  // asks the OS once
+  return reason;
+}
+
+bool amx_bf16_supported() { return amx_reason().empty(); }
 
 static bool detect_amx() {
   const char* forced = std::getenv("MMFAST_CPU_AMX");
@@ -90,10 +96,10 @@ static bool detect_amx() {
   if (mode == "0") return false;
   const bool usable = amx_bf16_supported() && active_isa() == Isa::kAvx512;
   if (mode == "1" && !usable)
-    throw std::runtime_error(std::string("MMFAST_CPU_AMX=1 but ") +
-                             (amx_bf16_supported() ? "the active CPU ISA is " + std::string(active_isa_name()) +
-                                                         ", not avx512"
-                                                   : std::string("this CPU or OS does not provide AMX-BF16 tiles")));
+    throw std::runtime_error("MMFAST_CPU_AMX=1 but " + (amx_bf16_supported() ? "the active CPU ISA is " +
+                                                                                 std::string(active_isa_name()) +
+                                                                                 ", not avx512"
+                                                                           : amx_reason()));
   return usable;
 }
 

@@ -20,7 +20,7 @@
 // two A tiles (32 rows) and two B tiles (32 codes) into four TDPBF16PS (32 x 32 sums).
 #include "mmfast/cpu/vq.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if MMFAST_CPU_AMX_COMPILED
 
 #include <immintrin.h>
 
@@ -251,7 +251,7 @@ VQKernels vq_amx_kernels() { return {&vq_amx::quantize_workspace_bytes, &vq_amx:
 #undef MMFAST_VECTOR_BYTES
 #pragma GCC pop_options
 
-#else  // no AMX outside x86-64: amx_bf16_active() is false and this table is never used
+#else  // no AMX kernels in this build: amx_bf16_active() is false and this table is never used
 
 namespace mmfast {
 namespace cpu {

@@ -3,7 +3,8 @@
     python3 check_isa_targets.py OBJECT [OBJECT ...]
 
 Disassembles the objects (objdump) and fails when a function of namespace isa_generic uses
-ymm/zmm registers or FMA, one of isa_avx2 uses zmm, or one outside isa_amx uses AMX tiles:
+ymm/zmm registers or FMA, one of isa_avx2 uses zmm, or one of isa_generic, isa_avx2 or
+isa_avx512 uses AMX tiles:
 such code would crash (SIGILL) on a CPU without the ISA. isa_amx (vq_amx_kernels.cpp) must
 hold TDPBF16PS. Also fails when the AVX copies use no wide registers at all, which
 would mean the `#pragma GCC target` regions stopped applying. Skips when objdump is missing.

@@ -6,6 +6,14 @@
 // machine); asking for one the CPU lacks is an error rather than a silent downgrade.
 #pragma once
 
+// The AMX kernels need GCC >= 11 (target("amx-tile")) on x86-64 Linux (the tile-state
+// permission is a Linux arch_prctl); elsewhere amx_bf16_supported() is false.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MMFAST_CPU_AMX_COMPILED 1
+#else
+#define MMFAST_CPU_AMX_COMPILED 0
+#endif
+
 namespace mmfast {
 namespace cpu {
 

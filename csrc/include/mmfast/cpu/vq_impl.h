@@ -198,10 +198,12 @@ inline void finish_row(const VQParams& p, int64_t n, acc_t score, int64_t index,
 }
 
 // Row n's best score over split `split` of the codes: finished when the codes were not split,
-// else kept for CombineJob.
+// else kept for CombineJob. A score that is not below +inf (none finite, or one that
+// overflowed) counts as no score: index 0, as in mmfast/vq.h, whatever split found it.
 template <typename scalar_t, typename acc_t>
 inline void record_score(const VQParams& p, const Plan<acc_t>& plan, int64_t split, int64_t n, acc_t score,
                          int64_t index) {
+  if (!(score < acc_t(__builtin_inf()))) index = 0;
   if (plan.splits == 1) {
     finish_row<acc_t>(p, n, score, index, z_row_sqnorm<scalar_t, acc_t>(p, n));
   } else {
