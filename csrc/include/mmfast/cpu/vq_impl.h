@@ -56,7 +56,8 @@ struct Plan {
     packed_offset = 0;
     sqnorm_offset = round_up(packed_offset + size_t(panels * nr * packed_code_bytes), 64);
     score_offset = sqnorm_offset + sizeof(acc_t) * size_t(panels * nr);
-    index_offset = score_offset + (splits > 1 ? sizeof(acc_t) * size_t(splits * p.rows) : 0);
+    const size_t scores_end = score_offset + (splits > 1 ? sizeof(acc_t) * size_t(splits * p.rows) : 0);
+    index_offset = round_up(scores_end, 64);  // int64 indices after an odd count of fp32 scores
     bytes = index_offset + (splits > 1 ? sizeof(int64_t) * size_t(splits * p.rows) : 0) + 64;
   }
   template <typename T> T* at(const VQParams& p, size_t offset) const {
