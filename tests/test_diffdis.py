@@ -247,6 +247,21 @@ def test_segment_mask_only_gives_the_same_mask(pipe):
     torch.testing.assert_close(mask.masks[0], full.masks[0], rtol=0, atol=1e-5)
 
 
+def test_segment_memory_formats_give_the_same_maps():
+    pipe = tiny_diffdis_pipeline()
+    assert pipe.memory_format == torch.channels_last  # the default: oneDNN's and cuDNN's native layout
+    for conv in (pipe.unet.conv_in, pipe.unet.rgb_conv[0][0], pipe.vae.encoder.conv_in, pipe.vae.decoder.conv_out):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    channels_last = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3))
+    pipe.to(memory_format=torch.contiguous_format)
+    assert pipe.memory_format == torch.contiguous_format and pipe.vae.decoder.conv_out.weight.is_contiguous()
+    nchw = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(channels_last.masks + channels_last.edges, nchw.masks + nchw.edges):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="memory_format must be torch.channels_last or torch.contiguous_format"):
+        pipe.to(memory_format=torch.preserve_format)
+
+
 def test_segment_is_deterministic_with_a_generator_and_depends_on_the_noise(pipe):
     a = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3)).masks[0]
     b = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3)).masks[0]

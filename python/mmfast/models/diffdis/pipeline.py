@@ -127,9 +127,17 @@ class DiffDISPipeline:
 
     Holds the UNet, the VAE (diffusers AutoencoderKL), the one-step timestep and its abar, and
     the empty-prompt embedding (1, L, cross_attention_dim); no text encoder.
+
+    memory_format: the layout of the UNet's and VAE's convolution weights, and so of their
+      activations. channels_last (the default) is what oneDNN's CPU convolutions and the GPU's
+      tensor-core convolutions run natively: on a 2-core Xeon (scaled config, 1024 px) it makes
+      a mask_only view 1.08x faster in fp32 and 1.6x in bf16 than torch.contiguous_format (NCHW,
+      what the released code runs), whose batch-1 bf16 convolutions are slow. The maps agree to
+      rounding (fp32: 2e-4 max after the min-max stretch).
     """
 
-    def __init__(self, unet: DiffDISUNet, vae, scheduler, empty_text_embedding: torch.Tensor):
+    def __init__(self, unet: DiffDISUNet, vae, scheduler, empty_text_embedding: torch.Tensor, *,
+                 memory_format: torch.memory_format = torch.channels_last):
         if not isinstance(unet, DiffDISUNet):
             raise TypeError(f"DiffDISPipeline: unet must be a DiffDISUNet, got {type(unet).__name__}")
         self.unet, self.vae = unet.eval(), vae.eval()
@@ -151,18 +159,22 @@ class DiffDISPipeline:
         self.empty_text_embedding = empty_text_embedding.detach().float()
         self.linear_attention = None
         self._warned_fp16 = False
+        self.memory_format = None
+        self.to(memory_format=memory_format)
 
     # --- loading -------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, directory: str, *, torch_dtype: torch.dtype = torch.float32,
                         device: Union[str, torch.device] = "cpu",
-                        empty_text_embedding: Optional[str] = None) -> "DiffDISPipeline":
+                        empty_text_embedding: Optional[str] = None,
+                        memory_format: torch.memory_format = torch.channels_last) -> "DiffDISPipeline":
         """Loads a local DiffDIS directory in the released diffusers layout (HF qianyu1217/diffdis):
         unet/ (config.json + diffusion_pytorch_model.safetensors), vae/, scheduler/, and either
         empty_text_embedding.safetensors (written by save_empty_text_embedding) or text_encoder/ +
         tokenizer/ (used once for the empty prompt, then freed). `empty_text_embedding` overrides
-        the file's path. Safetensors only; nothing is downloaded.
+        the file's path; `memory_format` as in the class docstring. Safetensors only; nothing is
+        downloaded.
         """
         from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -175,7 +187,7 @@ class DiffDISPipeline:
         with open(os.path.join(directory, "scheduler", "scheduler_config.json")) as f:
             scheduler = DDPMScheduler.from_config(json.load(f))
         embedding = _load_empty_text_embedding(directory, empty_text_embedding)
-        return cls(unet, vae, scheduler, embedding.to(device=device))
+        return cls(unet, vae, scheduler, embedding.to(device=device), memory_format=memory_format)
 
     def save_empty_text_embedding(self, path: str) -> None:
         """Writes the empty-prompt embedding (safetensors) so later loads skip the text encoder."""
@@ -193,10 +205,21 @@ class DiffDISPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "DiffDISPipeline":
+    def to(self, device=None, dtype: Optional[torch.dtype] = None,
+           memory_format: Optional[torch.memory_format] = None) -> "DiffDISPipeline":
+        """Moves/casts the UNet and VAE (in place); memory_format: torch.channels_last or
+        torch.contiguous_format for their convolution weights (None keeps the current one)."""
+        if memory_format not in (None, torch.channels_last, torch.contiguous_format):
+            raise ValueError("DiffDISPipeline: memory_format must be torch.channels_last or torch.contiguous_format, "
+                             f"got {memory_format}")
         for module in (self.unet, self.vae):
             # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules these models lack.
+            # Module.to keeps each weight's layout unless memory_format is given.
             torch.nn.Module.to(module, device=device, dtype=dtype)
+            if memory_format is not None:
+                torch.nn.Module.to(module, memory_format=memory_format)
+        if memory_format is not None:
+            self.memory_format = memory_format
         self.empty_text_embedding = self.empty_text_embedding.to(device=device)
         return self
 
