@@ -23,8 +23,8 @@ import torch
 
 from ...memory import traced_peak_bytes
 from .. import vae_tiling
-from . import highres
-from .highres import DEFAULT_STRENGTHS, MemoryOptions, cascade_sizes, memory_options_applied, size_multiple
+from .highres_options import (DEFAULT_STRENGTHS, MemoryOptions, cascade_sizes, memory_options_applied, size_multiple,
+                              vae_needs_upcast, vae_tiling_kwargs)
 
 # Lightest first: generate_highres(memory_budget_bytes=...) takes the first that fits a stage.
 MEMORY_LADDER = (
@@ -101,7 +101,7 @@ def _nbytes(shape, dtype) -> int:
 
 def _vae_pass_bytes(vae, options, encode: bool, batch: int, height: int, width: int, factor: int) -> int:
     """Peak bytes of one VAE encode (image -> latents) or decode, its input created in the trace."""
-    kwargs = highres.vae_tiling_kwargs(options, encode, factor)
+    kwargs = vae_tiling_kwargs(options, encode, factor)
     if options.vae_tiling == "blend":
         return _blend_pass_bytes(vae, kwargs, encode, batch, height, width, factor)
     shape = (batch, 3, height, width) if encode else (batch, vae.config.latent_channels, height // factor,
@@ -157,7 +157,7 @@ def estimate_stage_memory(pipe, *, index: int, height: int, width: int, options:
     latent_bytes = _nbytes((batch_size, unet.config.in_channels, latent_h, latent_w), unet.dtype)
     # An upcast VAE (SD-XL in fp16) is traced in its own dtype (a real upcast would allocate)
     # and scaled: its activations are twice as wide, and its fp32 weights replace the fp16 ones.
-    upcast = 2 if highres.vae_needs_upcast(vae) else 1
+    upcast = 2 if vae_needs_upcast(vae) else 1
     image_bytes = upcast * _nbytes((batch_size, 3, height, width), vae.dtype)
     vae_options = (options.vae_tiling, options.vae_tile_size, options.vae_tile_overlap, options.vae_offload_device)
 
