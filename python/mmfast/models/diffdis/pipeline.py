@@ -128,16 +128,20 @@ class DiffDISPipeline:
     Holds the UNet, the VAE (diffusers AutoencoderKL), the one-step timestep and its abar, and
     the empty-prompt embedding (1, L, cross_attention_dim); no text encoder.
 
-    memory_format: the layout of the UNet's and VAE's convolution weights, and so of their
-      activations. channels_last (the default) is what oneDNN's CPU convolutions and the GPU's
-      tensor-core convolutions run natively: on a 2-core Xeon (scaled config, 1024 px) it makes
-      a mask_only view 1.08x faster in fp32 and 1.6x in bf16 than torch.contiguous_format (NCHW,
-      what the released code runs), whose batch-1 bf16 convolutions are slow. The maps agree to
-      rounding (fp32: 2e-4 max after the min-max stretch).
+    memory_format: the layout the UNet's and VAE's convolution weights are converted to, in
+      place (a VAE shared with another pipeline changes too), and so of their activations;
+      None keeps the modules' current layout. channels_last (the default) is what oneDNN's CPU
+      convolutions run natively: on a 2-core Xeon (scaled config, 1024 px, A/B in
+      benchmarks/results/2026-12-01-cpu-intel-xeon-2core-avx512-diffdis.md) it makes a mask_only
+      view 1.08x faster in fp32 and 1.64x in bf16 than torch.contiguous_format (NCHW, what the
+      released code runs), whose batch-1 bf16 convolutions are slow; the maps agree to 2.4e-5 in
+      fp32. On a GPU it is not measured yet (bench_diffdis.py's official-style NCHW row against
+      the full path times it there). diffusers' save_pretrained and torch.save handle the
+      converted weights; safetensors' save_file needs `.contiguous()` on each.
     """
 
     def __init__(self, unet: DiffDISUNet, vae, scheduler, empty_text_embedding: torch.Tensor, *,
-                 memory_format: torch.memory_format = torch.channels_last):
+                 memory_format: Optional[torch.memory_format] = torch.channels_last):
         if not isinstance(unet, DiffDISUNet):
             raise TypeError(f"DiffDISPipeline: unet must be a DiffDISUNet, got {type(unet).__name__}")
         self.unet, self.vae = unet.eval(), vae.eval()
@@ -168,7 +172,7 @@ class DiffDISPipeline:
     def from_pretrained(cls, directory: str, *, torch_dtype: torch.dtype = torch.float32,
                         device: Union[str, torch.device] = "cpu",
                         empty_text_embedding: Optional[str] = None,
-                        memory_format: torch.memory_format = torch.channels_last) -> "DiffDISPipeline":
+                        memory_format: Optional[torch.memory_format] = torch.channels_last) -> "DiffDISPipeline":
         """Loads a local DiffDIS directory in the released diffusers layout (HF qianyu1217/diffdis):
         unet/ (config.json + diffusion_pytorch_model.safetensors), vae/, scheduler/, and either
         empty_text_embedding.safetensors (written by save_empty_text_embedding) or text_encoder/ +
@@ -208,7 +212,8 @@ class DiffDISPipeline:
     def to(self, device=None, dtype: Optional[torch.dtype] = None,
            memory_format: Optional[torch.memory_format] = None) -> "DiffDISPipeline":
         """Moves/casts the UNet and VAE (in place); memory_format: torch.channels_last or
-        torch.contiguous_format for their convolution weights (None keeps the current one)."""
+        torch.contiguous_format for their convolution weights (None keeps the current one).
+        self.memory_format records the last layout set here (None: never set)."""
         if memory_format not in (None, torch.channels_last, torch.contiguous_format):
             raise ValueError("DiffDISPipeline: memory_format must be torch.channels_last or torch.contiguous_format, "
                              f"got {memory_format}")
@@ -315,7 +320,8 @@ class DiffDISPipeline:
         resolution: processing size in pixels, a multiple of 64 (DiffDIS: 1024).
         mask_only: skip the edge half's up path and VAE decode (37% of the FLOPs at 1024 px); the
           masks equal the full call's up to floating-point rounding (the up path and decode run at
-          half the batch, so kernels block differently: <= 2e-6 apart in fp32).
+          half the batch, so kernels block differently; x0's x14.6 and the min-max stretch amplify
+          it: 3e-5 at 512 px, 2e-4 at 1024 px in fp32 on the scaled benchmark config).
         tta: DiffDIS's 6-view protocol (hflip x 0.75/1/1.25 resolution, rounded to multiples of 64),
           each view min-max normalised, de-augmented and averaged.
         dtype: compute dtype (None: the modules' dtype); another dtype casts the modules in place, as
