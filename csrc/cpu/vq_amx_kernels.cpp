@@ -51,14 +51,17 @@ constexpr int64_t kBlockRows = 2 * amx::kTileRows;         // two A tiles
 constexpr int64_t kStepDims = amx::kBf16PerRow;            // dims of one tile step
 constexpr int64_t kTaskRows = 4 * kBlockRows;              // rows sharing one pass over a code block
 constexpr int64_t kChunkPanels = 8;                        // sums kept for one argmax pass: 32 KB
+constexpr int64_t kCodeBlockBytes = 128 * 1024;            // bf16 codes a task walks before its next rows (L2)
 constexpr int64_t kNormDims = 3;                           // -||e||^2 / 2 as bf16 hi + mid + lo
 constexpr uint16_t kBf16One = 0x3f80;
 static_assert(kPanelCodes == 2 * amx::kTileRows, "a panel is two B tiles of 16 codes");
 
 inline int64_t padded_dim(int64_t dim) { return round_up(dim + kNormDims, kStepDims); }
-// vq_impl.h's plan with bf16 codes of padded_dim dims (its sqnorm area stays unused: the
+// vq_impl.h's plan with bf16 codes of padded_dim dims (its bias area stays unused: the
 // constant is folded into the codes).
-inline Plan<float> plan_of(const VQParams& p) { return Plan<float>(p, 2 * padded_dim(p.dim), kTaskRows); }
+inline Plan<float> plan_of(const VQParams& p) {
+  return Plan<float>(p, 2 * padded_dim(p.dim), kTaskRows, kCodeBlockBytes);
+}
 
 // The running maximum of one row's sums and its (lowest) code.
 struct RowBest {

@@ -102,10 +102,32 @@ int check_rules(const cpu::VQKernels& k) {
   return bad;
 }
 
+// Ties at D = 8 (a dim the kernels unroll): codes c, c + 37 and c + 74 are equal, so equal
+// scores sit in different lanes, vector halves and panels; the lowest code must win.
+template <typename T>
+int check_ties_unrolled_dim(const cpu::VQKernels& k) {
+  const int64_t dim = 8, codes = 100, n = 6;
+  std::vector<float> codebook(codes * dim);
+  for (int64_t c = 0; c < codes; ++c)
+    for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = float((c % 37) - 2 * d) * 0.25f;
+  const int64_t copies[n] = {40, 36, 74, 99, 0, 73};  // rows of z equal to these codes
+  const int64_t lowest[n] = {3, 36, 0, 25, 0, 36};
+  std::vector<float> z(n * dim);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; ++d) z[i * dim + d] = codebook[copies[i] * dim + d];
+  const Result r = quantize<T>(k, z, codebook, n, codes, dim);
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += r.indices[i] != lowest[i] || r.distance[i] != 0.0f;
+  return bad;
+}
+
 // Random shapes and the rules for one kernel table and input type.
 template <typename T>
 void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, int& passed, int& failures) {
-  const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {100, 100, 8}, {300, 1000, 40}, {37, 513, 256}, {1025, 64, 5}};
+  // D = 4, 8, 16 and 32 take the unrolled micro-kernels, the others the general one; 1100
+  // codes of 32 dims span several code blocks.
+  const int64_t shapes[][3] = {{1, 1, 1},      {5, 7, 3},      {100, 100, 8},   {300, 1000, 40}, {37, 513, 256},
+                               {1025, 64, 5},  {61, 333, 4},   {50, 700, 16},   {49, 1100, 32}};
   const char* type = sizeof(T) == 2 ? "bf16" : "fp32";
   for (const auto& s : shapes) {
     const int bad = check_random<T>(k, s[0], s[1], s[2], rng);
@@ -117,6 +139,10 @@ void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, i
   (bad == 0 ? passed : failures)++;
   std::printf("%s %s %s ties, NaN/Inf rows, NaN code, lookups: %d checks off\n", bad ? "FAIL" : "ok  ", name, type,
               bad);
+  const int bad_ties = check_ties_unrolled_dim<T>(k);
+  (bad_ties == 0 ? passed : failures)++;
+  std::printf("%s %s %s ties across lanes and panels at D = 8: %d rows off\n", bad_ties ? "FAIL" : "ok  ", name, type,
+              bad_ties);
 }
 
 }  // namespace
