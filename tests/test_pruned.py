@@ -4,12 +4,14 @@ channels and weights), the fp64 reference at per-dtype tolerances, gradients, op
 torch.compile and every bad input. The Triton twins: tests/test_pruned_triton.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmfast import reference
-from mmfast.ops import masked_conv2d, masked_group_norm, masked_linear
+from mmfast.ops import keep_packed_weights, masked_conv2d, masked_group_norm, masked_linear, pruned_weight_cache
 
 from _utils import assert_close
 
@@ -74,6 +76,76 @@ def test_conv_equals_each_sliced_expert(device, dtype, case):
     assert_close(y, expected, dtype)  # fp32 sums of the same rounded inputs, rounded once
     masked_out = ~out_mask[sample_codes.long()]
     assert (y[masked_out] == 0).all()
+
+
+def _cached_layer(linear=False):
+    torch.manual_seed(3)
+    batch, codes, cin, cout = 6, 3, 12, 20
+    x = torch.randn(batch, 5, cin) if linear else torch.randn(batch, cin, 6, 5)
+    weight = torch.randn(codes, cout, cin) if linear else torch.randn(codes, cout, cin, 3, 3)
+    bias = torch.randn(codes, cout)
+    return x, weight, bias, *make_routing(batch, codes, cin, cout, "cpu", groups=4)
+
+
+def _expected(linear, x, weight, bias, sample_codes, in_mask, out_mask):
+    if linear:
+        return sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask)
+    return sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+
+
+def _call(linear, *args):
+    return masked_linear(*args) if linear else masked_conv2d(*args, padding=1)
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv2d", "linear"])
+def test_kept_packed_weights_are_reused_and_never_stale(linear, monkeypatch):
+    """keep_packed_weights: each code's packed weight reused while the weight is unchanged,
+    replaced after an in-place update or a mask change; off by default and after the block."""
+    monkeypatch.delenv("MMFAST_PRUNED_WEIGHT_CACHE_MB", raising=False)
+    pruned_weight_cache(clear=True)
+    x, weight, bias, sample_codes, in_mask, out_mask = _cached_layer(linear)
+    args = [x, weight, bias, sample_codes, in_mask, out_mask]
+    first = _call(linear, *args)
+    assert pruned_weight_cache() == {"entries": 0, "bytes": 0}  # off by default
+    with keep_packed_weights():
+        assert torch.equal(_call(linear, *args), first)
+        kept = pruned_weight_cache()
+        assert kept["entries"] == 3 and kept["bytes"] > 0  # every code prunes something here
+        assert torch.equal(_call(linear, *args), first)
+        assert pruned_weight_cache() == kept  # reused, nothing added
+
+        with torch.no_grad():
+            weight.mul_(-2.0)  # in place: a new version of the same storage
+        assert_close(_call(linear, *args), _expected(linear, *args), torch.float32)
+        args[4] = in_mask.clone()
+        args[4][:, :4] = ~args[4][:, :4]  # another mask with the same weight
+        assert_close(_call(linear, *args), _expected(linear, *args), torch.float32)
+        assert pruned_weight_cache()["entries"] == 3  # stale entries replaced, not added
+
+        fresh = weight.clone()  # the same values in another storage: entries of its own
+        assert_close(_call(linear, x, fresh, *args[2:]), _expected(linear, *args), torch.float32)
+        assert pruned_weight_cache()["entries"] == 6
+        del fresh
+        _call(linear, x, weight.clone(), *args[2:])  # an insertion drops the freed weight's entries
+        assert pruned_weight_cache()["entries"] == 6
+
+        pruned_weight_cache(clear=True)
+        with torch.inference_mode():
+            inference_weight = weight.clone()  # no version counter: never kept
+            assert_close(_call(linear, x, inference_weight, *args[2:]), _expected(linear, *args), torch.float32)
+        _call(linear, x, weight.transpose(1, 2).contiguous().transpose(1, 2), *args[2:])  # not contiguous
+        assert pruned_weight_cache()["entries"] == 0
+        with keep_packed_weights(budget_mb=0):  # nothing fits
+            assert_close(_call(linear, *args), _expected(linear, *args), torch.float32)
+            assert pruned_weight_cache()["entries"] == 0
+        _call(linear, *args)
+        assert pruned_weight_cache()["entries"] == 3  # the outer block's budget is back
+    assert "MMFAST_PRUNED_WEIGHT_CACHE_MB" not in os.environ  # and the variable's absence after it
+    _call(linear, *args)
+    assert pruned_weight_cache() == {"entries": 0, "bytes": 0}
+    with pytest.raises(ValueError, match="budget_mb must be >= 0"):
+        with keep_packed_weights(-1):
+            pass
 
 
 @pytest.mark.parametrize("device", NATIVE)

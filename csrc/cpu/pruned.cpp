@@ -7,13 +7,17 @@
 // that of the physically pruned experts plus one pass over the kept inputs, the kept weights
 // and the output (oneDNN is at the CPU's compute limit for the dense part; a hand-written conv
 // would only add a second GEMM to maintain). Consecutive rows keeping every input channel (a
-// batch sorted by code) are sliced, not gathered. masked_group_norm is a kernel of its own.
+// batch sorted by code) are sliced, not gathered. A code's packed weight is kept across calls
+// (PackedWeightCache below). masked_group_norm is a kernel of its own.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstddef>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 #include "glue/pruned_glue.h"
@@ -86,7 +90,8 @@ struct ScratchLimit {
 };
 
 // A (rows, channels, *inner_shape) tensor of src's chosen rows and channels (inner elements
-// contiguous), written into scratch slot `slot`: valid until the next gather into that slot.
+// contiguous), written into scratch slot `slot` (valid until the next gather into that slot),
+// or into a tensor of its own when slot < 0.
 at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_stride, const std::vector<int64_t>& rows,
                   const std::vector<int64_t>& channels, at::IntArrayRef inner_shape, int slot) {
   std::vector<int64_t> shape{static_cast<int64_t>(rows.size()), static_cast<int64_t>(channels.size())};
@@ -95,7 +100,9 @@ at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_str
   for (int64_t d : shape) numel *= d;
   for (int64_t d : inner_shape) inner *= d;
   if (numel == 0) return at::empty(shape, src.options());
-  at::Tensor dst = at::from_blob(scratch(slot, static_cast<size_t>(numel * src.element_size())), shape, src.options());
+  at::Tensor dst = slot < 0 ? at::empty(shape, src.options())
+                            : at::from_blob(scratch(slot, static_cast<size_t>(numel * src.element_size())), shape,
+                                            src.options());
   mmfast::ChannelGatherParams p;
   p.element_bytes = src.element_size();
   p.src = src.data_ptr();
@@ -106,6 +113,114 @@ at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_str
   mmfast::cpu::pruned_kernels().gather(p);
   return dst;
 }
+
+// ---- a static plan: packed per-code weights kept across calls -----------------------------------
+//
+// APTP's codes and expert weights do not change over a sampling run (25-50 denoising steps, each
+// calling every layer), so a code's packed weight (its kept output rows and input columns) is
+// gathered once and kept. Key: the source weight's storage, held weakly (its StorageImpl is not
+// freed while we hold it, so no later tensor can share the address), storage offset, shape,
+// dtype and version counter (an in-place update is a new version), the code and its kept
+// channels. Opt in: up to MMFAST_PRUNED_WEIGHT_CACHE_MB are kept (default 0, off: an update
+// through `weight.data`, as gradcheck makes, bypasses the version counter and would be served
+// stale; mmfast.ops.keep_packed_weights sets it for a block of code); when full, further
+// weights are gathered per call into scratch instead of evicting others (a UNet
+// visits its layers in a cycle, where least-recently-used eviction would miss every time).
+// Entries of freed weights are dropped on the next insertion or by pruned_weight_cache(clear).
+// Inference tensors (no version counter) and non-contiguous weights (copied per call, so a new
+// storage each time) are gathered per call.
+class PackedWeightCache {
+ public:
+  static PackedWeightCache& instance() {
+    static PackedWeightCache cache;
+    return cache;
+  }
+
+  // The code's packed weight: kept, or gathered now (and kept when there is room). weight: the
+  // caller's stacked weight (the key), code_weight: the code's (Cout, Cin, ...) slice, contiguous.
+  at::Tensor get(const at::Tensor& weight, const at::Tensor& code_weight, int64_t code,
+                 const std::vector<int64_t>& kept_out, const std::vector<int64_t>& kept_in, int64_t taps) {
+    const size_t budget = budget_bytes();
+    if (budget == 0 || weight.is_inference() || !weight.is_contiguous())
+      return pack(code_weight, kept_out, kept_in, taps, 0);
+    const Key key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset(), code};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(key);
+    if (it != entries_.end()) {
+      if (it->second.matches(weight, kept_out, kept_in)) return it->second.packed;
+      bytes_ -= it->second.bytes();
+      entries_.erase(it);  // stale: the weight was updated in place, or the code's masks changed
+    }
+    drop_freed();
+    const size_t needed = kept_out.size() * kept_in.size() * size_t(taps) * weight.element_size();
+    if (bytes_ + needed > budget) return pack(code_weight, kept_out, kept_in, taps, 0);
+    Entry entry{weight.storage().getWeakStorageImpl(), weight.sizes().vec(), weight.scalar_type(), weight._version(),
+                kept_out, kept_in, pack(code_weight, kept_out, kept_in, taps, -1)};
+    bytes_ += entry.bytes();
+    return entries_.emplace(key, std::move(entry)).first->second.packed;
+  }
+
+  // (entries, bytes) before an optional clear.
+  std::vector<int64_t> stats(bool clear) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<int64_t> result{static_cast<int64_t>(entries_.size()), static_cast<int64_t>(bytes_)};
+    if (clear) entries_.clear(), bytes_ = 0;
+    return result;
+  }
+
+ private:
+  struct Key {
+    const void* storage;
+    int64_t offset, code;
+    bool operator==(const Key& o) const { return storage == o.storage && offset == o.offset && code == o.code; }
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      return std::hash<const void*>()(k.storage) ^ (std::hash<int64_t>()(k.offset) * 31) ^
+             (std::hash<int64_t>()(k.code) * 1000003);
+    }
+  };
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    std::vector<int64_t> sizes;
+    at::ScalarType dtype;
+    int64_t version;
+    std::vector<int64_t> kept_out, kept_in;
+    at::Tensor packed;
+
+    bool matches(const at::Tensor& w, const std::vector<int64_t>& out, const std::vector<int64_t>& in) const {
+      return !storage.expired() && w.sizes() == at::IntArrayRef(sizes) && w.scalar_type() == dtype &&
+             w._version() == version && out == kept_out && in == kept_in;
+    }
+    size_t bytes() const { return packed.nbytes(); }
+  };
+
+  static size_t budget_bytes() {  // read per call, so a process can change it
+    const char* mb = std::getenv("MMFAST_PRUNED_WEIGHT_CACHE_MB");
+    return (mb != nullptr && *mb != '\0' ? std::strtoull(mb, nullptr, 10) : 0) << 20;
+  }
+
+  static at::Tensor pack(const at::Tensor& code_weight, const std::vector<int64_t>& kept_out,
+                         const std::vector<int64_t>& kept_in, int64_t taps, int slot) {
+    const int64_t in_channels = code_weight.size(1);
+    return gather(code_weight, in_channels * taps, taps, kept_out, kept_in, code_weight.sizes().slice(2), slot);
+  }
+
+  void drop_freed() {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->second.storage.expired()) {
+        bytes_ -= it->second.bytes();
+        it = entries_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<Key, Entry, KeyHash> entries_;
+  size_t bytes_ = 0;
+};
 
 // One code's share of the batch: its rows, kept channels, packed weight and bias.
 struct CodeWork {
@@ -137,7 +252,7 @@ void for_each_code(const at::Tensor& weight_in, const c10::optional<at::Tensor>&
     const bool dense = w.kept_in.size() == static_cast<size_t>(in_channels) &&
                        w.kept_out.size() == static_cast<size_t>(out_channels);
     w.weight = dense ? code_weight
-                     : gather(code_weight, in_channels * taps, taps, w.kept_out, w.kept_in, weight.sizes().slice(3), 0);
+                     : PackedWeightCache::instance().get(weight_in, code_weight, code, w.kept_out, w.kept_in, taps);
     if (bias.has_value()) {
       const at::Tensor code_bias = (*bias)[bias->size(0) > 1 ? code : 0];
       w.bias = w.kept_out.size() == static_cast<size_t>(out_channels)
@@ -257,6 +372,12 @@ at::Tensor masked_group_norm(const at::Tensor& x_in, const c10::optional<at::Ten
 }
 
 }  // namespace
+
+namespace mmfast {
+namespace glue {
+std::vector<int64_t> pruned_weight_cache(bool clear) { return PackedWeightCache::instance().stats(clear); }
+}  // namespace glue
+}  // namespace mmfast
 
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("masked_conv2d", &masked_conv2d);

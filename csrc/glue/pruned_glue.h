@@ -15,6 +15,10 @@
 namespace mmfast {
 namespace glue {
 
+// The CPU ops' kept packed per-code weights (csrc/cpu/pruned.cpp): (entries, bytes) before an
+// optional clear. Registered as torch.ops.mmfast.pruned_weight_cache.
+std::vector<int64_t> pruned_weight_cache(bool clear);
+
 // sample_codes (B,) int64 / int32 and a (K, C) bool mask; returns K (checked against `codes`
 // when that is > 0).
 inline int64_t check_routing_mask(const at::Tensor& sample_codes, int64_t batch, const at::Tensor& mask,

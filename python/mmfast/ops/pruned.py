@@ -18,8 +18,10 @@ forward, serving-time feature).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence, Union
+import os
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -28,7 +30,8 @@ from .._dtypes import accumulation_dtype
 from ..reference.pruned import conv_output_size
 from ._checks import check_float, check_same
 
-__all__ = ["masked_conv2d", "masked_linear", "masked_group_norm", "ACTIVATIONS"]
+__all__ = ["masked_conv2d", "masked_linear", "masked_group_norm", "keep_packed_weights", "pruned_weight_cache",
+           "ACTIVATIONS"]
 
 CODE_DTYPES = (torch.int64, torch.int32)
 ACTIVATIONS = (None, "silu")
@@ -334,7 +337,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     CPU: the batch is grouped by code; per code, a hand-written kernel packs the kept input
     channels and the code's kept weights, oneDNN runs one dense convolution, and a second
     kernel writes the code's rows (masked channels 0): work scales with kept_in x kept_out.
-    It keeps a per-thread scratch (up to 64 MB per buffer) between calls. CUDA /
+    Inside keep_packed_weights() each code's packed weight is kept across calls; a per-thread
+    scratch (up to 64 MB per buffer) always is. CUDA /
     Triton: one implicit-GEMM launch for the whole batch (tiles never straddle two codes), after
     a small launch (CUDA) or a few torch ops (Triton) that list each code's kept channels.
     Raises ValueError (shapes, masks, conv arguments), TypeError (dtypes, devices), IndexError
@@ -353,6 +357,50 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return reference.masked_conv2d_ref(x, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation)
     return _backend.op_overload("masked_conv2d", chosen)(x, weight, bias, sample_codes, in_mask, out_mask,
                                                          list(stride), list(padding), list(dilation))
+
+
+@contextlib.contextmanager
+def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
+    """A static plan for the CPU masked_conv2d / masked_linear: inside the block, each code's
+    packed weight (its kept output rows and input columns, contiguous) is gathered on the first
+    call and reused by later calls, as long as the source weight is alive and unchanged.
+
+    APTP's codes and experts stay fixed over a sampling run's 25-50 denoising steps, so wrap the
+    run: ``with keep_packed_weights(): images = sample(...)``. The group-by-code baseline holds
+    pre-sliced experts the same way. Entries are keyed by the weight's storage (held weakly),
+    offset, shape, dtype and version counter (an in-place op on the weight is a new version) and
+    by the code's kept channels, so a changed mask or an in-place update is never served stale,
+    except an update through ``weight.data`` (no version bump, e.g. gradcheck's perturbations):
+    the reason this is opt-in. Not kept: inference tensors (no version counter), non-contiguous
+    weights, anything past budget_mb (then packed per call; nothing is evicted, since a UNet
+    visits its layers in a cycle, where least-recently-used eviction would miss every time).
+    Sets MMFAST_PRUNED_WEIGHT_CACHE_MB (read by the C++ op on every call; setting it yourself
+    works too) and, on exit, restores it and drops every kept weight. Not thread-local.
+    Raises ValueError for a negative budget.
+    """
+    if budget_mb < 0:
+        raise ValueError(f"keep_packed_weights: budget_mb must be >= 0, got {budget_mb}")
+    previous = os.environ.get("MMFAST_PRUNED_WEIGHT_CACHE_MB")
+    os.environ["MMFAST_PRUNED_WEIGHT_CACHE_MB"] = str(int(budget_mb))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MMFAST_PRUNED_WEIGHT_CACHE_MB", None)
+        else:
+            os.environ["MMFAST_PRUNED_WEIGHT_CACHE_MB"] = previous
+        if _extension.loaded():
+            pruned_weight_cache(clear=True)
+
+
+def pruned_weight_cache(clear: bool = False) -> dict:
+    """The packed weights keep_packed_weights has kept: {"entries": n, "bytes": b}, read
+    before emptying it when clear=True (entries of freed weights also go on the next insertion).
+    Raises RuntimeError when the compiled extension is not loaded."""
+    if not _extension.loaded():
+        raise RuntimeError(f"pruned_weight_cache: {_extension.describe_missing(torch.device('cpu'))}")
+    entries, nbytes = torch.ops.mmfast.pruned_weight_cache(clear)
+    return {"entries": entries, "bytes": nbytes}
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], sample_codes: torch.Tensor,
