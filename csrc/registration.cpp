@@ -69,9 +69,9 @@ TORCH_LIBRARY(mmfast, m) {
   m.def(
       "masked_group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, Tensor sample_codes, "
       "Tensor channel_mask, float eps, bool silu) -> Tensor");
-  // The CPU ops keep each code's packed weight across calls (MMFAST_PRUNED_WEIGHT_CACHE_MB):
-  // (entries, bytes) held, then emptied when clear.
-  m.def("pruned_weight_cache(bool clear) -> int[]", &mmfast::glue::pruned_weight_cache);
+  // The CPU masked ops' kept packed per-code weights: (entries, bytes, budget MiB) before the
+  // budget is set (budget_mb >= 0; 0 = off) and the cache emptied (clear).
+  m.def("pruned_weight_cache(int budget_mb, bool clear) -> int[]", &mmfast::glue::pruned_weight_cache);
 
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);

@@ -5,6 +5,8 @@ torch.compile and every bad input. The Triton twins: tests/test_pruned_triton.py
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,55 +99,77 @@ def _call(linear, *args):
     return masked_linear(*args) if linear else masked_conv2d(*args, padding=1)
 
 
+def _kept():
+    state = pruned_weight_cache()
+    return state["entries"], state["bytes"]
+
+
 @pytest.mark.parametrize("linear", [False, True], ids=["conv2d", "linear"])
-def test_kept_packed_weights_are_reused_and_never_stale(linear, monkeypatch):
+def test_kept_packed_weights_are_reused_and_never_stale(linear):
     """keep_packed_weights: each code's packed weight reused while the weight is unchanged,
     replaced after an in-place update or a mask change; off by default and after the block."""
-    monkeypatch.delenv("MMFAST_PRUNED_WEIGHT_CACHE_MB", raising=False)
     pruned_weight_cache(clear=True)
+    assert pruned_weight_cache()["budget_mb"] == 0  # off unless asked for
     x, weight, bias, sample_codes, in_mask, out_mask = _cached_layer(linear)
     args = [x, weight, bias, sample_codes, in_mask, out_mask]
     first = _call(linear, *args)
-    assert pruned_weight_cache() == {"entries": 0, "bytes": 0}  # off by default
-    with keep_packed_weights():
+    assert _kept() == (0, 0)
+    with keep_packed_weights(budget_mb=64):
+        assert pruned_weight_cache()["budget_mb"] == 64
         assert torch.equal(_call(linear, *args), first)
-        kept = pruned_weight_cache()
-        assert kept["entries"] == 3 and kept["bytes"] > 0  # every code prunes something here
+        entries, nbytes = _kept()
+        assert entries == 3 and nbytes > 0  # every code prunes something here
         assert torch.equal(_call(linear, *args), first)
-        assert pruned_weight_cache() == kept  # reused, nothing added
+        assert _kept() == (entries, nbytes)  # reused, nothing added
 
         with torch.no_grad():
-            weight.mul_(-2.0)  # in place: a new version of the same storage
+            weight[1].mul_(-2.0)  # in place, through a view: a new version of the same storage
         assert_close(_call(linear, *args), _expected(linear, *args), torch.float32)
         args[4] = in_mask.clone()
         args[4][:, :4] = ~args[4][:, :4]  # another mask with the same weight
         assert_close(_call(linear, *args), _expected(linear, *args), torch.float32)
-        assert pruned_weight_cache()["entries"] == 3  # stale entries replaced, not added
+        assert _kept()[0] == 3  # stale entries replaced, not added
 
         fresh = weight.clone()  # the same values in another storage: entries of its own
         assert_close(_call(linear, x, fresh, *args[2:]), _expected(linear, *args), torch.float32)
-        assert pruned_weight_cache()["entries"] == 6
+        assert _kept()[0] == 6
         del fresh
         _call(linear, x, weight.clone(), *args[2:])  # an insertion drops the freed weight's entries
-        assert pruned_weight_cache()["entries"] == 6
+        assert _kept()[0] == 6
 
         pruned_weight_cache(clear=True)
         with torch.inference_mode():
             inference_weight = weight.clone()  # no version counter: never kept
             assert_close(_call(linear, x, inference_weight, *args[2:]), _expected(linear, *args), torch.float32)
         _call(linear, x, weight.transpose(1, 2).contiguous().transpose(1, 2), *args[2:])  # not contiguous
-        assert pruned_weight_cache()["entries"] == 0
+        assert _kept() == (0, 0)
         with keep_packed_weights(budget_mb=0):  # nothing fits
             assert_close(_call(linear, *args), _expected(linear, *args), torch.float32)
-            assert pruned_weight_cache()["entries"] == 0
+            assert _kept() == (0, 0)
+        assert pruned_weight_cache()["budget_mb"] == 64  # the outer budget is back
         _call(linear, *args)
-        assert pruned_weight_cache()["entries"] == 3  # the outer block's budget is back
-    assert "MMFAST_PRUNED_WEIGHT_CACHE_MB" not in os.environ  # and the variable's absence after it
+        assert _kept()[0] == 3
+    assert pruned_weight_cache() == {"entries": 0, "bytes": 0, "budget_mb": 0}
     _call(linear, *args)
-    assert pruned_weight_cache() == {"entries": 0, "bytes": 0}
+    assert _kept() == (0, 0)
     with pytest.raises(ValueError, match="budget_mb must be >= 0"):
         with keep_packed_weights(-1):
             pass
+
+
+@pytest.mark.parametrize("value, expected", [("48", "48"), ("", "0"), ("-3", "must be a whole number"),
+                                             ("1e3", "must be a whole number")])
+def test_packed_weight_budget_from_the_environment(value, expected):
+    script = ("import torch, mmfast\n"
+              "from mmfast.ops import masked_linear, pruned_weight_cache\n"
+              "x, w = torch.randn(2, 3, 4), torch.randn(1, 5, 4)\n"
+              "mask_in, mask_out = torch.tensor([[1, 0, 1, 1]], dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool)\n"
+              "masked_linear(x, w, None, torch.zeros(2, dtype=torch.long), mask_in, mask_out)\n"
+              "print(pruned_weight_cache()['budget_mb'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, MMFAST_PRUNED_WEIGHT_CACHE_MB=value))
+    assert expected in (result.stdout + result.stderr), result.stderr[-2000:]
+    assert (result.returncode == 0) == expected.isdigit()
 
 
 @pytest.mark.parametrize("device", NATIVE)

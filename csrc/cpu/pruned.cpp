@@ -12,6 +12,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdlib>
 #include <memory>
@@ -120,15 +123,16 @@ at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_str
 // calling every layer), so a code's packed weight (its kept output rows and input columns) is
 // gathered once and kept. Key: the source weight's storage, held weakly (its StorageImpl is not
 // freed while we hold it, so no later tensor can share the address), storage offset, shape,
-// dtype and version counter (an in-place update is a new version), the code and its kept
-// channels. Opt in: up to MMFAST_PRUNED_WEIGHT_CACHE_MB are kept (default 0, off: an update
-// through `weight.data`, as gradcheck makes, bypasses the version counter and would be served
-// stale; mmfast.ops.keep_packed_weights sets it for a block of code); when full, further
-// weights are gathered per call into scratch instead of evicting others (a UNet
-// visits its layers in a cycle, where least-recently-used eviction would miss every time).
-// Entries of freed weights are dropped on the next insertion or by pruned_weight_cache(clear).
-// Inference tensors (no version counter) and non-contiguous weights (copied per call, so a new
-// storage each time) are gathered per call.
+// dtype and version counter (an in-place op on the weight or a view of it is a new version),
+// the code and its kept channels. Writes through an alias with a counter of its own (`.data`,
+// as gradcheck makes, `.numpy()`, DLPack, `set_`, the untyped storage) are not seen: the
+// reason it is opt-in. The budget (MiB, 0 = off) starts at MMFAST_PRUNED_WEIGHT_CACHE_MB (read
+// once, default 0) and is set by mmfast.ops.keep_packed_weights through pruned_weight_cache.
+// When full, further weights are gathered per call into scratch instead of evicting others (a
+// UNet visits its layers in a cycle, where least-recently-used eviction would miss every
+// time). Entries of freed weights are dropped on the next insertion or by a clear. Inference
+// tensors (no version counter) and non-contiguous weights (copied per call, so a new storage
+// each time) are gathered per call.
 class PackedWeightCache {
  public:
   static PackedWeightCache& instance() {
@@ -140,35 +144,42 @@ class PackedWeightCache {
   // caller's stacked weight (the key), code_weight: the code's (Cout, Cin, ...) slice, contiguous.
   at::Tensor get(const at::Tensor& weight, const at::Tensor& code_weight, int64_t code,
                  const std::vector<int64_t>& kept_out, const std::vector<int64_t>& kept_in, int64_t taps) {
-    const size_t budget = budget_bytes();
-    if (budget == 0 || weight.is_inference() || !weight.is_contiguous())
-      return pack(code_weight, kept_out, kept_in, taps, 0);
-    const Key key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset(), code};
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = entries_.find(key);
-    if (it != entries_.end()) {
-      if (it->second.matches(weight, kept_out, kept_in)) return it->second.packed;
-      bytes_ -= it->second.bytes();
-      entries_.erase(it);  // stale: the weight was updated in place, or the code's masks changed
-    }
-    drop_freed();
     const size_t needed = kept_out.size() * kept_in.size() * size_t(taps) * weight.element_size();
-    if (bytes_ + needed > budget) return pack(code_weight, kept_out, kept_in, taps, 0);
-    Entry entry{weight.storage().getWeakStorageImpl(), weight.sizes().vec(), weight.scalar_type(), weight._version(),
-                kept_out, kept_in, pack(code_weight, kept_out, kept_in, taps, -1)};
-    bytes_ += entry.bytes();
-    return entries_.emplace(key, std::move(entry)).first->second.packed;
+    const size_t budget = size_t(budget_mb_.load()) << 20;
+    if (budget != 0 && needed != 0 && !weight.is_inference() && weight.is_contiguous()) {
+      const Key key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset(), code};
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = entries_.find(key);
+      if (it != entries_.end()) {
+        if (it->second.matches(weight, kept_out, kept_in)) return it->second.packed;
+        bytes_ -= it->second.bytes();
+        entries_.erase(it);  // stale: the weight was updated in place, or the code's masks changed
+      }
+      drop_freed();
+      if (bytes_ + needed <= budget) {
+        Entry entry{weight.storage().getWeakStorageImpl(), weight.sizes().vec(), weight.scalar_type(),
+                    weight._version(), kept_out, kept_in, pack(code_weight, kept_out, kept_in, taps, -1)};
+        const at::Tensor packed = entries_.emplace(key, std::move(entry)).first->second.packed;
+        bytes_ += packed.nbytes();
+        return packed;
+      }
+    }
+    return pack(code_weight, kept_out, kept_in, taps, 0);  // per call, into scratch (outside the lock)
   }
 
-  // (entries, bytes) before an optional clear.
-  std::vector<int64_t> stats(bool clear) {
+  // (entries, bytes, budget in MiB) before setting the budget (when budget_mb >= 0) and clearing.
+  std::vector<int64_t> control(int64_t budget_mb, bool clear) {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<int64_t> result{static_cast<int64_t>(entries_.size()), static_cast<int64_t>(bytes_)};
+    std::vector<int64_t> before{static_cast<int64_t>(entries_.size()), static_cast<int64_t>(bytes_),
+                                budget_mb_.load()};
+    if (budget_mb >= 0) budget_mb_.store(std::min<int64_t>(budget_mb, kMaxBudgetMb));
     if (clear) entries_.clear(), bytes_ = 0;
-    return result;
+    return before;
   }
 
  private:
+  static constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;  // keeps the MiB -> byte shift in range
+
   struct Key {
     const void* storage;
     int64_t offset, code;
@@ -195,9 +206,19 @@ class PackedWeightCache {
     size_t bytes() const { return packed.nbytes(); }
   };
 
-  static size_t budget_bytes() {  // read per call, so a process can change it
-    const char* mb = std::getenv("MMFAST_PRUNED_WEIGHT_CACHE_MB");
-    return (mb != nullptr && *mb != '\0' ? std::strtoull(mb, nullptr, 10) : 0) << 20;
+  PackedWeightCache() : budget_mb_(initial_budget_mb()) {}
+
+  // MMFAST_PRUNED_WEIGHT_CACHE_MB: a whole number of MiB >= 0 (unset or empty: 0); anything
+  // else is an error, raised by the first masked op.
+  static int64_t initial_budget_mb() {
+    const char* text = std::getenv("MMFAST_PRUNED_WEIGHT_CACHE_MB");
+    if (text == nullptr || *text == '\0') return 0;
+    char* end = nullptr;
+    errno = 0;
+    const long long mb = std::strtoll(text, &end, 10);
+    TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0, "MMFAST_PRUNED_WEIGHT_CACHE_MB must be a whole ",
+                      "number of MiB >= 0 (0: no packed weights kept), got '", text, "'");
+    return std::min<int64_t>(mb, kMaxBudgetMb);
   }
 
   static at::Tensor pack(const at::Tensor& code_weight, const std::vector<int64_t>& kept_out,
@@ -220,6 +241,7 @@ class PackedWeightCache {
   std::mutex mutex_;
   std::unordered_map<Key, Entry, KeyHash> entries_;
   size_t bytes_ = 0;
+  std::atomic<int64_t> budget_mb_;
 };
 
 // One code's share of the batch: its rows, kept channels, packed weight and bias.
@@ -375,7 +397,9 @@ at::Tensor masked_group_norm(const at::Tensor& x_in, const c10::optional<at::Ten
 
 namespace mmfast {
 namespace glue {
-std::vector<int64_t> pruned_weight_cache(bool clear) { return PackedWeightCache::instance().stats(clear); }
+std::vector<int64_t> pruned_weight_cache(int64_t budget_mb, bool clear) {
+  return PackedWeightCache::instance().control(budget_mb, clear);
+}
 }  // namespace glue
 }  // namespace mmfast
 

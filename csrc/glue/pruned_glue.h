@@ -15,9 +15,10 @@
 namespace mmfast {
 namespace glue {
 
-// The CPU ops' kept packed per-code weights (csrc/cpu/pruned.cpp): (entries, bytes) before an
-// optional clear. Registered as torch.ops.mmfast.pruned_weight_cache.
-std::vector<int64_t> pruned_weight_cache(bool clear);
+// The CPU ops' kept packed per-code weights (csrc/cpu/pruned.cpp): (entries, bytes, budget in
+// MiB) before setting the budget (budget_mb >= 0) and an optional clear. Registered as
+// torch.ops.mmfast.pruned_weight_cache.
+std::vector<int64_t> pruned_weight_cache(int64_t budget_mb, bool clear);
 
 // sample_codes (B,) int64 / int32 and a (K, C) bool mask; returns K (checked against `codes`
 // when that is > 0).

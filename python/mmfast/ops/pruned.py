@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -368,39 +367,41 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     APTP's codes and experts stay fixed over a sampling run's 25-50 denoising steps, so wrap the
     run: ``with keep_packed_weights(): images = sample(...)``. The group-by-code baseline holds
     pre-sliced experts the same way. Entries are keyed by the weight's storage (held weakly),
-    offset, shape, dtype and version counter (an in-place op on the weight is a new version) and
-    by the code's kept channels, so a changed mask or an in-place update is never served stale,
-    except an update through ``weight.data`` (no version bump, e.g. gradcheck's perturbations):
-    the reason this is opt-in. Not kept: inference tensors (no version counter), non-contiguous
-    weights, anything past budget_mb (then packed per call; nothing is evicted, since a UNet
-    visits its layers in a cycle, where least-recently-used eviction would miss every time).
-    Sets MMFAST_PRUNED_WEIGHT_CACHE_MB (read by the C++ op on every call; setting it yourself
-    works too) and, on exit, restores it and drops every kept weight. Not thread-local.
-    Raises ValueError for a negative budget.
+    offset, shape, dtype and version counter (an in-place op on the weight or a view of it is a
+    new version) and by the code's kept channels, so a changed mask or an in-place update is
+    repacked. Not seen: writes through an alias with a version counter of its own
+    (``weight.data``, as gradcheck makes, ``.numpy()``, DLPack, ``set_``, the untyped storage),
+    which would be served stale: the reason this is opt-in. Not kept: inference tensors (no
+    version counter), non-contiguous weights, and anything past budget_mb MiB (then packed per
+    call; nothing is evicted, since a UNet visits its layers in a cycle, where
+    least-recently-used eviction would miss every time). The budget is process-wide (not
+    per thread); on exit the previous budget comes back and every kept weight is dropped, the
+    outer block's too when blocks nest. Outside any block the budget is
+    MMFAST_PRUNED_WEIGHT_CACHE_MB (read once; default 0, off). Raises ValueError for a negative
+    budget, RuntimeError without the compiled extension.
     """
     if budget_mb < 0:
         raise ValueError(f"keep_packed_weights: budget_mb must be >= 0, got {budget_mb}")
-    previous = os.environ.get("MMFAST_PRUNED_WEIGHT_CACHE_MB")
-    os.environ["MMFAST_PRUNED_WEIGHT_CACHE_MB"] = str(int(budget_mb))
+    _require_extension("keep_packed_weights")
+    previous = torch.ops.mmfast.pruned_weight_cache(int(budget_mb), False)[2]
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("MMFAST_PRUNED_WEIGHT_CACHE_MB", None)
-        else:
-            os.environ["MMFAST_PRUNED_WEIGHT_CACHE_MB"] = previous
-        if _extension.loaded():
-            pruned_weight_cache(clear=True)
+        torch.ops.mmfast.pruned_weight_cache(previous, True)
 
 
 def pruned_weight_cache(clear: bool = False) -> dict:
-    """The packed weights keep_packed_weights has kept: {"entries": n, "bytes": b}, read
-    before emptying it when clear=True (entries of freed weights also go on the next insertion).
-    Raises RuntimeError when the compiled extension is not loaded."""
+    """What the CPU masked ops keep (see keep_packed_weights): {"entries": n, "bytes": b,
+    "budget_mb": m}, read before emptying it when clear=True (entries of freed weights also go
+    on the next insertion). Raises RuntimeError without the compiled extension."""
+    _require_extension("pruned_weight_cache")
+    entries, nbytes, budget_mb = torch.ops.mmfast.pruned_weight_cache(-1, clear)
+    return {"entries": entries, "bytes": nbytes, "budget_mb": budget_mb}
+
+
+def _require_extension(name: str) -> None:
     if not _extension.loaded():
-        raise RuntimeError(f"pruned_weight_cache: {_extension.describe_missing(torch.device('cpu'))}")
-    entries, nbytes = torch.ops.mmfast.pruned_weight_cache(clear)
-    return {"entries": entries, "bytes": nbytes}
+        raise RuntimeError(f"{name}: {_extension.describe_missing(torch.device('cpu'))}")
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], sample_codes: torch.Tensor,

@@ -119,8 +119,8 @@ struct Best {
 // the panel at `codes`: s of those codes. The same operations whatever MR, so resolve_row's
 // recomputation (MR = 1) gives the bits the search compared.
 template <typename acc_t, int64_t MR>
-inline void micro_scores(const acc_t* zrows, const acc_t* codes, const acc_t* bias, int64_t dim,
-                         typename Vec<acc_t>::type (&acc)[MR][2]) {
+__attribute__((always_inline)) inline void micro_scores(const acc_t* zrows, const acc_t* codes, const acc_t* bias,
+                                                        int64_t dim, typename Vec<acc_t>::type (&acc)[MR][2]) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::width;
   const V bias0 = load<acc_t>(bias), bias1 = load<acc_t>(bias + W);
@@ -173,6 +173,7 @@ __attribute__((always_inline)) inline void search_panels(const acc_t* zrows, con
 
 // search_panels, with the small dims of tokenizers' codebooks known at compile time: fully
 // unrolled, with z's broadcasts hoisted out of the panel loop (1.4x at LlamaGen's D = 8).
+// resolve_row's recomputation takes the same cases (row_scores).
 template <typename acc_t, int64_t MR>
 inline void search_rows(const acc_t* zrows, const acc_t* packed, const acc_t* bias, int64_t dim, int64_t p0,
                         int64_t p1, Best<acc_t>* best) {
@@ -182,6 +183,19 @@ inline void search_rows(const acc_t* zrows, const acc_t* packed, const acc_t* bi
     case 16: return search_panels<acc_t, MR>(zrows, packed, bias, 16, p0, p1, best);
     case 32: return search_panels<acc_t, MR>(zrows, packed, bias, 32, p0, p1, best);
     default: return search_panels<acc_t, MR>(zrows, packed, bias, dim, p0, p1, best);
+  }
+}
+
+// micro_scores of one row, through the same compile-time dims as search_rows.
+template <typename acc_t>
+inline void row_scores(const acc_t* zrow, const acc_t* codes, const acc_t* bias, int64_t dim,
+                       typename Vec<acc_t>::type (&acc)[1][2]) {
+  switch (dim) {
+    case 4: return micro_scores<acc_t, 1>(zrow, codes, bias, 4, acc);
+    case 8: return micro_scores<acc_t, 1>(zrow, codes, bias, 8, acc);
+    case 16: return micro_scores<acc_t, 1>(zrow, codes, bias, 16, acc);
+    case 32: return micro_scores<acc_t, 1>(zrow, codes, bias, 32, acc);
+    default: return micro_scores<acc_t, 1>(zrow, codes, bias, dim, acc);
   }
 }
 
@@ -201,8 +215,12 @@ inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t*
       if (!(best.value[i] == top)) continue;
       const int64_t panel = best.panel[i];
       V acc[1][2];
-      micro_scores<acc_t, 1>(zrow, packed + panel * dim * nr, bias + panel * nr, dim, acc);
-      const int64_t half = acc[0][0][i] == top ? 0 : 1;  // 1: the upper half reached it
+      row_scores<acc_t>(zrow, packed + panel * dim * nr, bias + panel * nr, dim, acc);
+      // The same operations give the same bits, so a half equals top. Should a compiler contract
+      // the two instantiations differently (-mtune's FMA-chain rules), the larger recomputed half
+      // (the lower on ties) is still the best code to within that rounding.
+      const acc_t lower = acc[0][0][i], upper = acc[0][1][i];
+      const int64_t half = lower == top ? 0 : upper == top ? 1 : upper > lower ? 1 : 0;
       const int64_t c = panel * nr + half * W + i;
       if (code < 0 || c < code) code = c;
     }
