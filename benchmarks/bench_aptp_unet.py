@@ -119,18 +119,18 @@ def test_aptp_unet_step(benchmark, models):
     per_code = run(lambda: run_per_expert(experts, sample, timestep, text, codes))
     times["per_code"] = median_ms(per_code, DEVICE, 1, REPEATS)
     times["dense"] = median_ms(run(lambda: base(sample, timestep, text).sample), DEVICE, 1, REPEATS)
+
+    memory = {"aptp_unet_weights_mib": weight_bytes([model]) / 2**20,
+              "experts_weights_mib": weight_bytes(e for e, _ in experts) / 2**20,
+              "dense_weights_mib": weight_bytes([base]) / 2**20}
     static = {}
     if not ON_GPU:  # the static plan: packed per-code weights kept across steps, room for all (as the experts)
-        with keep_packed_weights(budget_mb=int(weight_bytes(e for e, _ in experts) / 2**20) + 64):
+        with keep_packed_weights(budget_mb=int(memory["experts_weights_mib"]) + 64):
             static_ms = median_ms(mixed_call, DEVICE, 1, REPEATS)
             static["static_plan_kept_mib"] = pruned_weight_cache()["bytes"] / 2**20
         static.update(static_plan_ms=round(static_ms, 1),
                       static_plan_per_code_ratio=round(static_ms / times["per_code"], 3),
                       static_plan_dense_ratio=round(static_ms / times["dense"], 3))
-
-    memory = {"aptp_unet_weights_mib": weight_bytes([model]) / 2**20,
-              "experts_weights_mib": weight_bytes(e for e, _ in experts) / 2**20,
-              "dense_weights_mib": weight_bytes([base]) / 2**20}
     if ON_GPU:
         for name, fn in (("mixed", mixed_call), ("dense", run(lambda: base(sample, timestep, text).sample))):
             torch.cuda.reset_peak_memory_stats()
