@@ -173,6 +173,34 @@ def run_timed(benchmark, fn, device: torch.device, rounds: int = 7, warmup: int 
     return benchmark.stats.stats.median * 1e3
 
 
+def paired_rounds(benchmark, timers: dict, rounds: int) -> dict:
+    """Times several contenders in rounds, so that all of them see the same machine state (a
+    shared VM's speed drifts by tens of percent over minutes). timers: {name: a callable that
+    runs its contender and returns its time in ms}, with "mmfast" among them; each round runs
+    every other timer (pytest-benchmark's setup hook) and then "mmfast" (the timed function, so
+    the rounds also happen under --benchmark-disable). Returns {name: [ms per round]}; compare
+    with paired_ratio."""
+    times = {name: [] for name in timers}
+
+    def others():
+        for name, timer in timers.items():
+            if name != "mmfast":
+                times[name].append(timer())
+
+    def candidate():
+        times["mmfast"].append(timers["mmfast"]())
+
+    benchmark.pedantic(candidate, setup=others, rounds=rounds, iterations=1)
+    return times
+
+
+def paired_ratio(times: dict, numerator: str, denominator: str) -> tuple:
+    """(median, sorted list) of the per-round ratios times[numerator][i] / times[denominator][i]:
+    the paired figure, not the ratio of the two medians."""
+    ratios = sorted(a / b for a, b in zip(times[numerator], times[denominator]))
+    return statistics.median(ratios), ratios
+
+
 def _time_columns(times: dict) -> dict:
     mmfast_ms = times["mmfast"]
     columns = {"mmfast_ms": round(mmfast_ms, 4)}

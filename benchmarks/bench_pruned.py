@@ -10,8 +10,14 @@ and 512 px (64/32/16/8), batch 8 over 5 distinct codes (codes 0-4 of K = 8; 2+2+
 samples), whole GroupNorm groups (32 per layer) kept at ratio `keep` on both the input and the
 output side, so the kept FLOP fraction is about keep^2. On the 2-core CPU the 96^2 level is
 left out (one dense call alone takes seconds) and 512 px runs at keep 0.5 only.
+
+On the CPU the keep-0.5 target is decided by test_masked_conv2d_paired: this VM's speed drifts
+by tens of percent between calls, more than the 1.1x margin, so there every contender is timed
+in each round and the ratios are medians of per-round ratios.
 """
 from __future__ import annotations
+
+import statistics
 
 import pytest
 import torch
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 
 from mmfast.ops import keep_packed_weights, masked_conv2d
 
-from _utils import bench_device, median_ms, record_metrics, run_timed
+from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -37,6 +43,7 @@ else:
     CASES = [(level, keep) for level in LEVELS_768[1:] for keep in (0.5, 0.75, 1.0)] + \
             [(level, 0.5) for level in LEVELS_512]
 REPEATS = 7 if ON_GPU else 3
+PAIRED_ROUNDS = 5  # rounds of the paired CPU comparison (rows give medians of per-round ratios)
 
 
 def group_mask(codes: int, channels: int, keep: float, generator) -> torch.Tensor:
@@ -122,3 +129,48 @@ def _target(times, fraction, keep, side):
         parts.append(">= 1.2x group-by-code")
         met = met and times["group_by_code"] / times["mmfast"] >= 1.2
     return ", ".join(parts), met
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU keep-0.5 target, measured in rounds (the GPU rows are stable)")
+@pytest.mark.parametrize("level", [level for level, keep in CASES if keep == 0.5], ids=lambda l: f"{l[0]}px-{l[1]}x{l[1]}-C{l[2]}")
+def test_masked_conv2d_paired(benchmark, level):
+    """The CPU keep-0.5 target (<= 0.33x dense and <= 1.1x group-by-code), measured in rounds:
+    each round times group-by-code, dense and the static plan (median of 3 calls each; the plan
+    is entered per round and its first call packs, untimed) and then the default mmfast call,
+    so all see the same machine state. Ratios: medians over PAIRED_ROUNDS rounds of per-round
+    ratios."""
+    resolution, side, channels = level
+    x, weight, bias, codes, in_mask, out_mask = make_layer(side, channels, 0.5)
+    work = group_by_code_inputs(x, weight, bias, codes, in_mask, out_mask)
+
+    def mmfast_call():
+        return masked_conv2d(x, weight, bias, codes, in_mask, out_mask, padding=1)
+
+    def static_plan_ms():
+        with keep_packed_weights():
+            return median_ms(mmfast_call, DEVICE, warmup=1, repeats=3)
+
+    timers = {
+        "group_by_code": lambda: median_ms(lambda: [F.conv2d(xs, w, b, padding=1) for xs, w, b in work], DEVICE,
+                                           warmup=0, repeats=3),
+        "dense": lambda: median_ms(lambda: F.conv2d(x, weight[0], bias[0], padding=1), DEVICE, warmup=0, repeats=3),
+        "static_plan": static_plan_ms,
+        "mmfast": lambda: median_ms(mmfast_call, DEVICE, warmup=0, repeats=3),
+    }
+    for timer in timers.values():  # warm-up: oneDNN primitives, scratch buffers
+        timer()
+    times = paired_rounds(benchmark, timers, PAIRED_ROUNDS)
+    ratios = {f"{a}_{b}_ratio": paired_ratio(times, a, b) for a in ("mmfast", "static_plan")
+              for b in ("group_by_code", "dense")}
+    met = {a: ratios[f"{a}_dense_ratio"][0] <= 0.33 and ratios[f"{a}_group_by_code_ratio"][0] <= 1.1
+           for a in ("mmfast", "static_plan")}
+    kept_macs = sum(xs.shape[0] * w.shape[0] * w.shape[1] * 9 * side * side for xs, w, _ in work)
+    benchmark.group = f"masked-conv2d-paired-{resolution}px-{side}x{side}"
+    record_metrics(benchmark, op="masked_conv2d[paired]", shape=f"{resolution}px {side}x{side} C={channels} keep=0.5 "
+                   f"B=8 codes=5", device=DEVICE, dtype=DTYPE, flops=2 * kept_macs,
+                   times={name: statistics.median(ms) for name, ms in times.items()},
+                   target="<= 0.33x dense and <= 1.1x group-by-code (paired medians)", target_met=met["mmfast"],
+                   static_plan_target_met=met["static_plan"],
+                   # Paired medians (not ratios of the medians above), and every round's ratio.
+                   **{name: round(median, 3) for name, (median, _) in ratios.items()},
+                   **{f"{name}_rounds": [round(r, 3) for r in rounds] for name, (_, rounds) in ratios.items()})

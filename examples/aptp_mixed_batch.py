@@ -9,7 +9,9 @@ codes, and each code is a physically sliced, separately fine-tuned UNet ("expert
 code runs one expert at a time. Here AptpUNet stacks the K experts (per-code weights, pruned
 channels masked) and runs a mixed-code batch in one pass; the example checks it against one pass
 per code on the sliced experts (max difference printed) and times the mixed pass, the per-code
-passes and the dense base UNet.
+passes and the dense base UNet. On the CPU the mixed pass is timed once more inside
+mmfast.ops.keep_packed_weights() (each code's packed weights kept across calls, as a sampling
+run would use it; checked to give the same result).
 
 Prompts are stand-ins: random 768-d "sentence embeddings" through a randomly initialised Router
 (the user supplies a real sentence encoder, APTP uses all-mpnet-base-v2, and a trained router),
@@ -37,6 +39,7 @@ import torch
 
 import mmfast
 from mmfast.models.aptp import AptpUNet, Router, dense_skeleton, load_expert, run_per_expert, save_expert
+from mmfast.ops import keep_packed_weights, pruned_weight_cache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,6 +59,9 @@ def parse_args():
     parser.add_argument("--text-tokens", type=int, default=None, help="encoder states length (default 8 tiny, 77)")
     parser.add_argument("--save-tiny", metavar="DIR", help="--tiny: also write the experts as DIR/expert<k>")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median printed)")
+    parser.add_argument("--plan-budget-mb", type=int, default=4096,
+                        help="CPU: MiB of packed per-code weights the static plan may keep (default 4096; "
+                             "SD-2.1-sized experts need about half their stacked weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--backend", default=None, help="mmfast backend: native, triton or reference")
@@ -138,13 +144,24 @@ def main():
     print(f"codes per prompt: {codes.tolist()} ({len(torch.unique(codes))} distinct of {len(experts)}), "
           f"{rows} rows{' (CFG)' if args.cfg else ''}, latents {tuple(sample.shape)}")
 
+    mixed_pass = lambda: model(sample, timestep, text, codes)  # noqa: E731
     with torch.inference_mode(), mmfast.use_backend(args.backend or mmfast.get_backend()):
-        mixed, t_mixed = timed(lambda: model(sample, timestep, text, codes), args.repeats, device)
+        mixed, t_mixed = timed(mixed_pass, args.repeats, device)
+        t_planned = None
+        if device.type == "cpu":  # the static plan, as over a sampling run's steps (the CPU ops only)
+            with keep_packed_weights(budget_mb=args.plan_budget_mb):
+                planned, t_planned = timed(mixed_pass, args.repeats, device)
+                kept = pruned_weight_cache()
+            if not torch.equal(planned, mixed):
+                raise SystemExit("the static plan changed the result: please report this")
         split, t_split = timed(lambda: run_per_expert(experts, sample, timestep, text, row_codes), args.repeats, device)
         _, t_dense = timed(lambda: base(sample, timestep, text).sample, args.repeats, device)
     scale = split.abs().max().item()
     print(f"max |mixed - per-expert| = {(mixed - split).abs().max().item():.3g} (output scale {scale:.3g})")
     print(f"mixed-code pass (AptpUNet): {t_mixed * 1e3:9.2f} ms")
+    if t_planned is not None:
+        print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (packed weights kept: {kept['entries']} "
+              f"entries, {kept['bytes'] / 2**20:.1f} MiB of {kept['budget_mb']} MiB; as over a sampling run)")
     print(f"one pass per code ({len(torch.unique(codes))} x sliced expert): {t_split * 1e3:9.2f} ms")
     print(f"dense base UNet, whole batch:    {t_dense * 1e3:9.2f} ms"
           f"{' (random weights, timing only)' if args.experts else ''}")
