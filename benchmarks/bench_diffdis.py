@@ -27,7 +27,7 @@ import torch
 
 from mmfast.memory import PeakMemory
 
-from _utils import bench_device, median_ms, record_metrics, run_timed, synchronize
+from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed, synchronize
 
 pytest.importorskip("diffusers")
 
@@ -143,25 +143,19 @@ def test_mask_only_speedup_paired(benchmark, dtype, resolution):
     if dtype == torch.bfloat16 and not FAST_BF16:
         pytest.skip(f"bf16 convolutions have no fast path on this CPU ({CPU_CAPABILITY})")
     pipe, image = _pipeline(dtype).to(memory_format=CHANNELS_LAST), _image(resolution)
-    full_ms, mask_ms, outputs = [], [], {}
+    outputs = {}
 
-    def timed(key, mask_only_flag, times):
+    def timed(key, mask_only_flag):
         start = time.perf_counter()
         outputs[key] = _segment(pipe, image, resolution, mask_only_flag)
         synchronize(DEVICE)
-        times.append((time.perf_counter() - start) * 1e3)
+        return (time.perf_counter() - start) * 1e3
 
-    def full_path():
-        timed("full", False, full_ms)
-
-    def mask_only():  # timed here too, so the pairs hold under --benchmark-disable
-        timed("mask_only", True, mask_ms)
-
-    full_path(), mask_only()  # warm-up
-    full_ms.clear(), mask_ms.clear()
-    benchmark.pedantic(mask_only, setup=full_path, rounds=PAIRED_ROUNDS, iterations=1)
-    speedups = sorted(full / mask for full, mask in zip(full_ms, mask_ms))
-    speedup = statistics.median(speedups)
+    timers = {"full_path": lambda: timed("full", False), "mmfast": lambda: timed("mask_only", True)}
+    for timer in timers.values():  # warm-up
+        timer()
+    times = paired_rounds(benchmark, timers, PAIRED_ROUNDS)
+    speedup, speedups = paired_ratio(times, "full_path", "mmfast")
     diff = float((outputs["mask_only"].masks[0] - outputs["full"].masks[0]).abs().max())
     if dtype == torch.float32:
         # "Identical" up to rounding: half-batch kernels round differently, and x0 = 14.6 x_T - 14.6 eps
@@ -173,7 +167,7 @@ def test_mask_only_speedup_paired(benchmark, dtype, resolution):
     benchmark.group = f"diffdis-mask-only-paired-{resolution}px"
     record_metrics(benchmark, op="diffdis.segment[mask_only vs full, paired]", device=DEVICE, dtype=dtype,
                    shape=f"{CONFIG_NAME} {resolution}px 1 view, channels_last",
-                   times={"mmfast": statistics.median(mask_ms), "full_path": statistics.median(full_ms)},
+                   times={contender: statistics.median(ms) for contender, ms in times.items()},
                    items=(1, "images"), target=target, target_met=target_met,
                    # The row's speedup is the paired median, not the ratio of the two medians.
                    speedup_vs_full_path=round(speedup, 2), paired_speedups=[round(r, 3) for r in speedups],

@@ -168,7 +168,7 @@ def test_masked_conv2d_paired(benchmark, level):
     benchmark.group = f"masked-conv2d-paired-{resolution}px-{side}x{side}"
     record_metrics(benchmark, op="masked_conv2d[paired]", shape=f"{resolution}px {side}x{side} C={channels} keep=0.5 "
                    f"B=8 codes=5", device=DEVICE, dtype=DTYPE, flops=2 * kept_macs,
-                   times={name: statistics.median(ms) for name, ms in times.items()},
+                   times={contender: statistics.median(ms) for contender, ms in times.items()},
                    target="<= 0.33x dense and <= 1.1x group-by-code (paired medians)", target_met=met["mmfast"],
                    static_plan_target_met=met["static_plan"],
                    # Paired medians (not ratios of the medians above), and every round's ratio.

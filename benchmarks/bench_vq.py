@@ -21,7 +21,7 @@ import torch
 
 from mmfast.ops import vq_codebook_sqnorm, vq_quantize
 
-from _utils import bench_device, median_ms, record_metrics, run_timed
+from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -142,22 +142,15 @@ def test_vq_quantize_vs_faiss_paired(benchmark, shape, tmp_path):
     z, codebook = torch.randn(n, d, generator=generator), torch.randn(k, d, generator=generator)
     sqnorm = vq_codebook_sqnorm(codebook)
     run = lambda: vq_quantize(z, codebook, codebook_sqnorm=sqnorm)  # noqa: E731
-    faiss, faiss_ms, mmfast_ms = _faiss_runner(z, codebook, tmp_path), [], []
-
-    def faiss_round():
-        faiss_ms.append(faiss())
-
-    def mmfast_round():  # timed here too, so the pairs hold under --benchmark-disable
-        mmfast_ms.append(median_ms(run, DEVICE, warmup=0, repeats=3))
-
+    timers = {"faiss": _faiss_runner(z, codebook, tmp_path),
+              "mmfast": lambda: median_ms(run, DEVICE, warmup=0, repeats=3)}
     run()
-    benchmark.pedantic(mmfast_round, setup=faiss_round, rounds=PAIRED_ROUNDS, iterations=1)
-    speedups = sorted(f / m for f, m in zip(faiss_ms, mmfast_ms))
-    speedup = statistics.median(speedups)
+    times = paired_rounds(benchmark, timers, PAIRED_ROUNDS)
+    speedup, speedups = paired_ratio(times, "faiss", "mmfast")
     benchmark.group = f"vq-faiss-paired-{name}"
     record_metrics(benchmark, op="vq_quantize[vs faiss, paired]", shape=f"{name} N={n} K={k} D={d}",
                    device=DEVICE, dtype=torch.float32, flops=2 * n * k * d,
-                   times={"mmfast": statistics.median(mmfast_ms), "faiss": statistics.median(faiss_ms)},
+                   times={contender: statistics.median(ms) for contender, ms in times.items()},
                    target=f">= {CPU_FAISS_TARGETS[d]}x faiss (paired median)",
                    target_met=speedup >= CPU_FAISS_TARGETS[d],
                    # The row's speedup is the paired median, not the ratio of the two medians.
