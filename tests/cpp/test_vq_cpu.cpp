@@ -121,6 +121,26 @@ int check_ties_unrolled_dim(const cpu::VQKernels& k) {
   return bad;
 }
 
+// Ties far apart, for the lazy argmax's groups of panels (8 panels = 256 codes at D <= 32,
+// one panel above): copies of one code at 300, 555 and 900 (other groups, lanes and code
+// blocks) and of another at 600 and 700 (one group, other panels); every other code differs.
+// Values 0-3 are exact in bf16 and every dot exact in fp32, so the copies tie exactly.
+template <typename T>
+int check_ties_across_groups(const cpu::VQKernels& k, int64_t dim) {
+  const int64_t codes = 1100, n = 2;
+  std::vector<float> codebook(codes * dim);
+  for (int64_t c = 0; c < codes; ++c)
+    for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = float((c >> (d % 10)) & 1);
+  for (int64_t c : {300, 555, 900})
+    for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = 3;
+  for (int64_t c : {600, 700})
+    for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = 2;
+  std::vector<float> z(n * dim);
+  for (int64_t d = 0; d < dim; ++d) z[d] = 3, z[dim + d] = 2;
+  const Result r = quantize<T>(k, z, codebook, n, codes, dim);
+  return (r.indices[0] != 300 || r.distance[0] != 0.0f) + (r.indices[1] != 600 || r.distance[1] != 0.0f);
+}
+
 // Random shapes and the rules for one kernel table and input type.
 template <typename T>
 void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, int& passed, int& failures) {
@@ -143,6 +163,12 @@ void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, i
   (bad_ties == 0 ? passed : failures)++;
   std::printf("%s %s %s ties across lanes and panels at D = 8: %d rows off\n", bad_ties ? "FAIL" : "ok  ", name, type,
               bad_ties);
+  for (int64_t dim : {4, 8, 40}) {
+    const int bad_far = check_ties_across_groups<T>(k, dim);
+    (bad_far == 0 ? passed : failures)++;
+    std::printf("%s %s %s ties across panel groups and code blocks at D = %lld: %d rows off\n", bad_far ? "FAIL" : "ok  ",
+                name, type, (long long)dim, bad_far);
+  }
 }
 
 }  // namespace

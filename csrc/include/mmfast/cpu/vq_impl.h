@@ -6,11 +6,12 @@
 // code's bias -||e_c||^2 / 2, and a register-blocked micro-kernel takes kMR rows of z against
 // one panel: kMR x 2 vector accumulators start at the bias and sum z . e_c over D, so they end
 // at s_c = z . e_c - ||e_c||^2 / 2 = -score_c / 2, and the argmin of score is the argmax of s.
-// The argmax is lazy: per row and vector lane only the running maximum and the panel that
-// first reached it are kept (two VMAXPS, a compare and a masked move per row and panel: D = 8
-// spends 16 FMAs per row and panel, so an eager per-code index would cost a third of the
-// time). Each row's winning code is found at the end by recomputing the winning panel for
-// that row, with the same operations in the same order, so the same bits. Codes are visited in
+// The argmax is lazy: per row and vector lane only the running maximum and the group of panels
+// that first reached it are kept (two VMAXPS per row and panel, a compare and a masked move per
+// row and group: D = 8 spends 16 FMAs per row and panel, so an eager per-code index would cost
+// a third of the time, a per-panel one a tenth). Each row's winning code is found at the end by
+// recomputing the winning group for that row, with the same operations in the same order, so
+// the same bits. Codes are visited in
 // increasing order and a lane changes only for a strictly larger s, so ties keep the lowest
 // index; a NaN never enters the maximum. Work is split into tasks of kTaskRows rows, and over
 // code ranges when the row tasks alone are too few for the threads (one image, N = 1024); the
@@ -108,31 +109,53 @@ struct PackJob {
 // ---- the fused GEMM + argmin -----------------------------------------------------------------
 
 // Per row and vector lane of one task: the largest s so far over the codes of that lane (both
-// vector halves of every panel visited; -inf for none) and the first panel that reached it.
+// vector halves of every panel visited; -inf for none) and the first panel of the first group
+// of panels that reached it.
 template <typename acc_t>
 struct Best {
   typename Vec<acc_t>::type value;
   typename Lanes<acc_t>::type panel;
 };
 
-// acc[r][v] = bias + z_r . e for the MR rows at zrows (row stride D) and the codes v W .. of
-// the panel at `codes`: s of those codes. The same operations whatever MR, so resolve_row's
-// recomputation (MR = 1) gives the bits the search compared.
+// Panels per group of the lazy argmax: with D <= 32 the per-group compare and masked move are a
+// tenth of a panel's work at D = 8 and worth saving (recomputing a group per row costs 8 panels
+// out of K / 32); with a larger D they are noise beside the FMAs, so every panel is its own group.
+constexpr int64_t group_panels(int64_t dim) { return dim <= 32 ? 8 : 1; }
+
+// acc[r][v] += z_r[d] * e[d] for the MR rows at zrows (row stride dim) and the codes v W .. of
+// the panel at `codes`.
 template <typename acc_t, int64_t MR>
+__attribute__((always_inline)) inline void micro_step(const acc_t* zrows, const acc_t* codes, int64_t dim, int64_t d,
+                                                      typename Vec<acc_t>::type (&acc)[MR][2]) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  const V b0 = load<acc_t>(codes + d * 2 * W);
+  const V b1 = load<acc_t>(codes + d * 2 * W + W);
+  for (int64_t r = 0; r < MR; ++r) {
+    const V a = splat<acc_t>(zrows[r * dim + d]);
+    acc[r][0] += a * b0;
+    acc[r][1] += a * b1;
+  }
+}
+
+// acc[r][v] = bias + z_r . e for the MR rows at zrows (row stride D) and the codes v W .. of
+// the panel at `codes`: s of those codes. D = kDim when kDim > 0 (the compiler's own loop
+// schedule for a fixed trip count), else dim, unrolled by 8 (one thread: 1.05-1.08x at D = 64
+// and 256; unrolling the fixed D = 8 / 16 / 32 loops as well was 0.74-0.96x). The same
+// operations whatever MR, so resolve_row's recomputation (MR = 1) gives the bits the search
+// compared.
+template <typename acc_t, int64_t MR, int64_t kDim>
 __attribute__((always_inline)) inline void micro_scores(const acc_t* zrows, const acc_t* codes, const acc_t* bias,
                                                         int64_t dim, typename Vec<acc_t>::type (&acc)[MR][2]) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::width;
   const V bias0 = load<acc_t>(bias), bias1 = load<acc_t>(bias + W);
   for (int64_t r = 0; r < MR; ++r) acc[r][0] = bias0, acc[r][1] = bias1;
-  for (int64_t d = 0; d < dim; ++d) {
-    const V b0 = load<acc_t>(codes + d * 2 * W);
-    const V b1 = load<acc_t>(codes + d * 2 * W + W);
-    for (int64_t r = 0; r < MR; ++r) {
-      const V a = splat<acc_t>(zrows[r * dim + d]);
-      acc[r][0] += a * b0;
-      acc[r][1] += a * b1;
-    }
+  if constexpr (kDim > 0) {
+    for (int64_t d = 0; d < kDim; ++d) micro_step<acc_t, MR>(zrows, codes, kDim, d, acc);
+  } else {
+#pragma GCC unroll 8
+    for (int64_t d = 0; d < dim; ++d) micro_step<acc_t, MR>(zrows, codes, dim, d, acc);
   }
 }
 
@@ -142,47 +165,44 @@ inline typename Vec<acc_t>::type max_keep(typename Vec<acc_t>::type top, typenam
   return x > top ? x : top;
 }
 
-// best = the lane-wise maximum of best and panel `panel`'s s (strictly larger wins).
-template <typename acc_t, int64_t MR>
-inline void update_best(Best<acc_t>* best, const typename Vec<acc_t>::type (&acc)[MR][2], int64_t panel) {
-  using L = typename Lanes<acc_t>::type;
-  using I = typename Lanes<acc_t>::scalar;
-  const L id = L{} + static_cast<I>(panel);
-  for (int64_t r = 0; r < MR; ++r) {
-    const auto top = max_keep<acc_t>(max_keep<acc_t>(best[r].value, acc[r][0]), acc[r][1]);
-    best[r].panel = top > best[r].value ? id : best[r].panel;
-    best[r].value = top;
-  }
-}
-
-// MR rows against panels [p0, p1), the running best in a local copy.
-template <typename acc_t, int64_t MR>
+// MR rows against panels [p0, p1) in groups of group_panels(dim) from p0: the running maximum
+// per panel, the group's first panel where a lane's maximum grew (strictly larger wins).
+// dim == kDim when kDim > 0.
+template <typename acc_t, int64_t MR, int64_t kDim>
 __attribute__((always_inline)) inline void search_panels(const acc_t* zrows, const acc_t* packed, const acc_t* bias,
                                                          int64_t dim, int64_t p0, int64_t p1, Best<acc_t>* best) {
   using V = typename Vec<acc_t>::type;
+  using L = typename Lanes<acc_t>::type;
+  using I = typename Lanes<acc_t>::scalar;
   constexpr int64_t nr = panel_codes<acc_t>();
-  Best<acc_t> local[MR];
-  for (int64_t r = 0; r < MR; ++r) local[r] = best[r];
-  for (int64_t panel = p0; panel < p1; ++panel) {
-    V acc[MR][2];
-    micro_scores<acc_t, MR>(zrows, packed + panel * dim * nr, bias + panel * nr, dim, acc);
-    update_best<acc_t, MR>(local, acc, panel);
+  V top[MR];
+  for (int64_t r = 0; r < MR; ++r) top[r] = best[r].value;
+  for (int64_t group = p0; group < p1; group += group_panels(dim)) {
+    for (int64_t panel = group; panel < min_i64(p1, group + group_panels(dim)); ++panel) {
+      V acc[MR][2];
+      micro_scores<acc_t, MR, kDim>(zrows, packed + panel * dim * nr, bias + panel * nr, dim, acc);
+      for (int64_t r = 0; r < MR; ++r) top[r] = max_keep<acc_t>(max_keep<acc_t>(top[r], acc[r][0]), acc[r][1]);
+    }
+    const L id = L{} + static_cast<I>(group);
+    for (int64_t r = 0; r < MR; ++r) {
+      best[r].panel = top[r] > best[r].value ? id : best[r].panel;
+      best[r].value = top[r];
+    }
   }
-  for (int64_t r = 0; r < MR; ++r) best[r] = local[r];
 }
 
-// search_panels, with the small dims of tokenizers' codebooks known at compile time: fully
-// unrolled, with z's broadcasts hoisted out of the panel loop (1.4x at LlamaGen's D = 8).
-// resolve_row's recomputation takes the same cases (row_scores).
+// search_panels, with the small dims of tokenizers' codebooks known at compile time (1.4x at
+// LlamaGen's D = 8 over the runtime-D loop). resolve_row's recomputation takes the same cases
+// (row_scores).
 template <typename acc_t, int64_t MR>
 inline void search_rows(const acc_t* zrows, const acc_t* packed, const acc_t* bias, int64_t dim, int64_t p0,
                         int64_t p1, Best<acc_t>* best) {
   switch (dim) {
-    case 4: return search_panels<acc_t, MR>(zrows, packed, bias, 4, p0, p1, best);
-    case 8: return search_panels<acc_t, MR>(zrows, packed, bias, 8, p0, p1, best);
-    case 16: return search_panels<acc_t, MR>(zrows, packed, bias, 16, p0, p1, best);
-    case 32: return search_panels<acc_t, MR>(zrows, packed, bias, 32, p0, p1, best);
-    default: return search_panels<acc_t, MR>(zrows, packed, bias, dim, p0, p1, best);
+    case 4: return search_panels<acc_t, MR, 4>(zrows, packed, bias, 4, p0, p1, best);
+    case 8: return search_panels<acc_t, MR, 8>(zrows, packed, bias, 8, p0, p1, best);
+    case 16: return search_panels<acc_t, MR, 16>(zrows, packed, bias, 16, p0, p1, best);
+    case 32: return search_panels<acc_t, MR, 32>(zrows, packed, bias, 32, p0, p1, best);
+    default: return search_panels<acc_t, MR, 0>(zrows, packed, bias, dim, p0, p1, best);
   }
 }
 
@@ -191,37 +211,54 @@ template <typename acc_t>
 inline void row_scores(const acc_t* zrow, const acc_t* codes, const acc_t* bias, int64_t dim,
                        typename Vec<acc_t>::type (&acc)[1][2]) {
   switch (dim) {
-    case 4: return micro_scores<acc_t, 1>(zrow, codes, bias, 4, acc);
-    case 8: return micro_scores<acc_t, 1>(zrow, codes, bias, 8, acc);
-    case 16: return micro_scores<acc_t, 1>(zrow, codes, bias, 16, acc);
-    case 32: return micro_scores<acc_t, 1>(zrow, codes, bias, 32, acc);
-    default: return micro_scores<acc_t, 1>(zrow, codes, bias, dim, acc);
+    case 4: return micro_scores<acc_t, 1, 4>(zrow, codes, bias, 4, acc);
+    case 8: return micro_scores<acc_t, 1, 8>(zrow, codes, bias, 8, acc);
+    case 16: return micro_scores<acc_t, 1, 16>(zrow, codes, bias, 16, acc);
+    case 32: return micro_scores<acc_t, 1, 32>(zrow, codes, bias, 32, acc);
+    default: return micro_scores<acc_t, 1, 0>(zrow, codes, bias, dim, acc);
   }
 }
 
-// The row's best s over the lanes and its lowest code: each lane holding the maximum names
-// the first panel that reached it, whose s are recomputed for this row to tell which half
-// (or both: the lower) holds it. score = -2 s (+inf, index 0, when no s is above -inf).
+// Lane i's lowest code holding top among panels [group, end): the first whose recomputed s
+// equals top. The same operations give the same bits, so one does, and it lies in the group
+// (where the lane's maximum first reached top). Should a compiler contract the two
+// instantiations differently (-mtune's FMA-chain rules), the largest recomputed s (the lowest
+// code on ties) is still the best code to within that rounding.
 template <typename acc_t>
-inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t* packed, const acc_t* bias,
-                        int64_t dim, acc_t* score, int64_t* index) {
+inline int64_t lane_code(acc_t top, int64_t i, int64_t group, int64_t end, const acc_t* zrow, const acc_t* packed,
+                         const acc_t* bias, int64_t dim) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::width, nr = panel_codes<acc_t>();
+  int64_t nearest = group * nr + i;
+  acc_t nearest_s = -acc_t(__builtin_inf());
+  for (int64_t panel = group; panel < end; ++panel) {
+    V acc[1][2];
+    row_scores<acc_t>(zrow, packed + panel * dim * nr, bias + panel * nr, dim, acc);
+    for (int64_t half = 0; half < 2; ++half) {
+      const acc_t s = acc[0][half][i];
+      if (s == top) return panel * nr + half * W + i;
+      if (s > nearest_s) nearest_s = s, nearest = panel * nr + half * W + i;
+    }
+  }
+  return nearest;
+}
+
+// The row's best s over the lanes and its lowest code: each lane holding the maximum names
+// the group of panels where it first reached it, recomputed for this row (panels past the
+// group's end, when its code block ended earlier, are never reached: the code lies within).
+// score = -2 s (+inf, index 0, when no s is above -inf).
+template <typename acc_t>
+inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t* packed, const acc_t* bias,
+                        int64_t dim, int64_t panels, acc_t* score, int64_t* index) {
+  constexpr int64_t W = Vec<acc_t>::width;
   acc_t top = -acc_t(__builtin_inf());
   for (int64_t i = 0; i < W; ++i) top = best.value[i] > top ? best.value[i] : top;
   int64_t code = -1;
   if (top > -acc_t(__builtin_inf())) {
     for (int64_t i = 0; i < W; ++i) {
       if (!(best.value[i] == top)) continue;
-      const int64_t panel = best.panel[i];
-      V acc[1][2];
-      row_scores<acc_t>(zrow, packed + panel * dim * nr, bias + panel * nr, dim, acc);
-      // The same operations give the same bits, so a half equals top. Should a compiler contract
-      // the two instantiations differently (-mtune's FMA-chain rules), the larger recomputed half
-      // (the lower on ties) is still the best code to within that rounding.
-      const acc_t lower = acc[0][0][i], upper = acc[0][1][i];
-      const int64_t half = lower == top ? 0 : upper == top ? 1 : upper > lower ? 1 : 0;
-      const int64_t c = panel * nr + half * W + i;
+      const int64_t group = best.panel[i], end = min_i64(panels, group + group_panels(dim));
+      const int64_t c = lane_code<acc_t>(top, i, group, end, zrow, packed, bias, dim);
       if (code < 0 || c < code) code = c;
     }
   }
@@ -317,7 +354,8 @@ struct QuantizeJob {
       for (int64_t r = 0; r < rows; ++r) {
         acc_t score;
         int64_t index;
-        resolve_row<acc_t>(best[r], zbuf.data + r * p.dim, job.packed, job.bias, p.dim, &score, &index);
+        resolve_row<acc_t>(best[r], zbuf.data + r * p.dim, job.packed, job.bias, p.dim, job.plan.panels, &score,
+                           &index);
         record_score<scalar_t, acc_t>(p, job.plan, split, r0 + r, score, index);
       }
     }
