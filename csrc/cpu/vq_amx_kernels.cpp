@@ -1,13 +1,14 @@
 // bf16 vq_quantize on AMX tiles (torch-free). The fused GEMM + argmin of mmfast/cpu/vq_impl.h
 // with its products done by TDPBF16PS (exact bf16 products, fp32 sums): one instruction
 // multiplies a 16 x 32 tile of z by 32 x 16 codes. Used only when amx_bf16_active()
-// (mmfast/cpu/isa.h); other dtypes and CPUs take vq_impl.h's kernels, whose split over codes,
-// combine and row rules (compiled here once more, namespace isa_amx) this kernel shares.
+// (mmfast/cpu/isa.h) and D > kVectorMaxDim; other dtypes, dims and CPUs take vq_impl.h's
+// kernels, whose split over codes, combine and row rules (compiled here once more, namespace
+// isa_amx) this kernel shares.
 //
 // The score constant rides in the GEMM: each code gets three more dims holding -||e||^2 / 2
 // split into bf16 hi + mid + lo (exact to fp32's 24 bits) and each row of z three dims of 1,
 // so a sum is s_c = z . e_c - ||e_c||^2 / 2 and the nearest code is the largest s_c
-// (score = -2 s_c exactly). Small D (LlamaGen's 8) pads to the 32-dim tile step anyway, so
+// (score = -2 s_c exactly). A small D (up to 29) pads to the 32-dim tile step anyway, so
 // the constant costs nothing there, and the argmax needs no per-code arithmetic: a chunk of
 // 32 rows x 256 codes of sums is stored (32 KB, in L1), each row's chunk maximum is taken with
 // one vector max per 16 codes (a NaN never wins), and only when it beats the row's best is
@@ -221,12 +222,20 @@ struct QuantizeJob {
   }
 };
 
+// Dims up to which vq_impl.h's AVX-512 kernel (bf16 converted on load) beats the tiles. The tile
+// kernel's rate is flat for D <= 29 (one TDPBF16PS step, bound by storing and scanning the
+// sums), the vector kernel's falls as 1/D; one Sapphire Rapids-class core, bf16, paired: the
+// vector kernel 2.07x at D = 4, 1.18x at D = 8; the tiles 1.21x at D = 12, 1.78x at D = 16.
+constexpr int64_t kVectorMaxDim = 8;
+
+inline bool on_tiles(const VQParams& p) { return p.dtype == DType::kBFloat16 && p.dim > kVectorMaxDim; }
+
 size_t quantize_workspace_bytes(const VQParams& p) {
-  return p.dtype == DType::kBFloat16 ? plan_of(p).bytes : vq::quantize_workspace_bytes(p);
+  return on_tiles(p) ? plan_of(p).bytes : vq::quantize_workspace_bytes(p);
 }
 
 const char* quantize(const VQParams& p) {
-  if (p.dtype != DType::kBFloat16) return vq::quantize(p);
+  if (!on_tiles(p)) return vq::quantize(p);
   if (p.rows == 0) return nullptr;
   const Plan<float> plan = plan_of(p);
   if (p.workspace_bytes < plan.bytes) return "vq_quantize: workspace too small";
