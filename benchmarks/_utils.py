@@ -177,9 +177,9 @@ def paired_rounds(benchmark, timers: dict, rounds: int) -> dict:
     """Times several contenders in rounds, so that all of them see the same machine state (a
     shared VM's speed drifts by tens of percent over minutes). timers: {name: a callable that
     runs its contender and returns its time in ms}, with "mmfast" among them; each round runs
-    every other timer (pytest-benchmark's setup hook) and then "mmfast" (the timed function, so
-    the rounds also happen under --benchmark-disable). Returns {name: [ms per round]}; compare
-    with paired_ratio."""
+    every other timer (pytest-benchmark's setup hook) and then "mmfast" (the timed function; each
+    timer measures itself, so the pairs hold under --benchmark-disable too, where pytest-benchmark
+    runs one round). Returns {name: [ms per round]}; compare with paired_ratio."""
     times = {name: [] for name in timers}
 
     def others():

@@ -71,7 +71,7 @@ static int amx_permitted(void) {
 }
 
 static uint16_t operands[16 * 32] __attribute__((aligned(64)));
-static float sums[8][16 * 256] __attribute__((aligned(64)));  // 8 chunks of 16 rows x 256 codes: 128 KB
+static float sums[2][16 * 256] __attribute__((aligned(64)));  // 2 chunks of 16 rows x 256 codes: 32 KB
 
 // Sums tiles (16 x 16) per ns: `mode` 0 = TDPBF16PS only, 1 = + TILESTORED, 2 = + the scan.
 __attribute__((target("avx512f,amx-tile,amx-bf16"))) static double amx_tiles_per_ns(long n, int mode) {

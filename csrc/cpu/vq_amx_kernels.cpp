@@ -225,7 +225,7 @@ struct QuantizeJob {
 // Dims up to which vq_impl.h's AVX-512 kernel (bf16 converted on load) beats the tiles. The tile
 // kernel's rate is flat for D <= 29 (one TDPBF16PS step, bound by storing and scanning the
 // sums), the vector kernel's falls as 1/D; one Sapphire Rapids-class core, bf16, paired: the
-// vector kernel 2.07x at D = 4, 1.18x at D = 8; the tiles 1.21x at D = 12, 1.78x at D = 16.
+// vector kernel 2.07x at D = 4, 1.06-1.32x at D = 8; the tiles 1.21x at D = 12, 1.78x at D = 16.
 constexpr int64_t kVectorMaxDim = 8;
 
 inline bool on_tiles(const VQParams& p) { return p.dtype == DType::kBFloat16 && p.dim > kVectorMaxDim; }

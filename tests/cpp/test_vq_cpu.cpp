@@ -121,31 +121,36 @@ int check_ties_unrolled_dim(const cpu::VQKernels& k) {
   return bad;
 }
 
-// Ties far apart, for the lazy argmax's groups of panels (8 panels = 256 codes at D <= 32,
-// one panel above): copies of one code at 300, 555 and 900 (other groups, lanes and code
-// blocks) and of another at 600 and 700 (one group, other panels); every other code differs.
-// Values 0-3 are exact in bf16 and every dot exact in fp32, so the copies tie exactly.
+// Ties far apart, for the lazy argmax's groups of panels (8 panels = 256 codes at D <= 32 from
+// each code block's start, cut short where a block ends; one panel above): copies of one code
+// at 300, 332 (same lane, same group: the first match must win), 555 and 900 (other groups,
+// lanes and code blocks), and of another at 600 and 700 (one group, other panels); every other
+// code differs. 400 rows, so that every task searches every code block itself (no split over
+// codes). Values 0-3 are exact in bf16 and every dot exact in fp32, so the copies tie exactly.
 template <typename T>
 int check_ties_across_groups(const cpu::VQKernels& k, int64_t dim) {
-  const int64_t codes = 1100, n = 2;
+  const int64_t codes = 1100, n = 400;
   std::vector<float> codebook(codes * dim);
   for (int64_t c = 0; c < codes; ++c)
     for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = float((c >> (d % 10)) & 1);
-  for (int64_t c : {300, 555, 900})
+  for (int64_t c : {300, 332, 555, 900})
     for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = 3;
   for (int64_t c : {600, 700})
     for (int64_t d = 0; d < dim; ++d) codebook[c * dim + d] = 2;
   std::vector<float> z(n * dim);
-  for (int64_t d = 0; d < dim; ++d) z[d] = 3, z[dim + d] = 2;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; ++d) z[i * dim + d] = i % 2 == 0 ? 3 : 2;
   const Result r = quantize<T>(k, z, codebook, n, codes, dim);
-  return (r.indices[0] != 300 || r.distance[0] != 0.0f) + (r.indices[1] != 600 || r.distance[1] != 0.0f);
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += r.indices[i] != (i % 2 == 0 ? 300 : 600) || r.distance[i] != 0.0f;
+  return bad;
 }
 
 // Random shapes and the rules for one kernel table and input type.
 template <typename T>
 void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, int& passed, int& failures) {
-  // D = 4, 8, 16 and 32 take the unrolled micro-kernels, the others the general one; 1100
-  // codes of 32 dims span several code blocks.
+  // D = 4, 8, 16 and 32 take the micro-kernels with a fixed trip count, the others the general
+  // one (unrolled by 8); 1100 codes of 32 dims span several code blocks.
   const int64_t shapes[][3] = {{1, 1, 1},      {5, 7, 3},      {100, 100, 8},   {300, 1000, 40}, {37, 513, 256},
                                {1025, 64, 5},  {61, 333, 4},   {50, 700, 16},   {49, 1100, 32}};
   const char* type = sizeof(T) == 2 ? "bf16" : "fp32";
@@ -163,7 +168,7 @@ void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, i
   (bad_ties == 0 ? passed : failures)++;
   std::printf("%s %s %s ties across lanes and panels at D = 8: %d rows off\n", bad_ties ? "FAIL" : "ok  ", name, type,
               bad_ties);
-  for (int64_t dim : {4, 8, 40}) {
+  for (int64_t dim : {4, 8, 12, 32, 40}) {
     const int bad_far = check_ties_across_groups<T>(k, dim);
     (bad_far == 0 ? passed : failures)++;
     std::printf("%s %s %s ties across panel groups and code blocks at D = %lld: %d rows off\n", bad_far ? "FAIL" : "ok  ",

@@ -20,8 +20,8 @@ struct VQKernels {
 
 MMFAST_DECLARE_ISA_KERNELS(VQKernels, vq_kernels)
 
-// The AVX-512 kernels with bf16 vq_quantize on AMX tiles (csrc/cpu/vq_amx_kernels.cpp); only
-// when amx_bf16_active().
+// The AVX-512 kernels with bf16 vq_quantize on AMX tiles at D > 8 (csrc/cpu/vq_amx_kernels.cpp);
+// only when amx_bf16_active().
 namespace isa_amx {
 VQKernels vq_amx_kernels();
 }

@@ -11,9 +11,8 @@
 // row and group: D = 8 spends 16 FMAs per row and panel, so an eager per-code index would cost
 // a third of the time, a per-panel one a tenth). Each row's winning code is found at the end by
 // recomputing the winning group for that row, with the same operations in the same order, so
-// the same bits. Codes are visited in
-// increasing order and a lane changes only for a strictly larger s, so ties keep the lowest
-// index; a NaN never enters the maximum. Work is split into tasks of kTaskRows rows, and over
+// the same bits. Codes are visited in increasing order and a lane changes only for a strictly
+// larger s, so ties keep the lowest index; a NaN never enters the maximum. Work is split into tasks of kTaskRows rows, and over
 // code ranges when the row tasks alone are too few for the threads (one image, N = 1024); the
 // code ranges are combined in order with the same rule, so the result does not depend on the
 // split.
@@ -244,12 +243,12 @@ inline int64_t lane_code(acc_t top, int64_t i, int64_t group, int64_t end, const
 }
 
 // The row's best s over the lanes and its lowest code: each lane holding the maximum names
-// the group of panels where it first reached it, recomputed for this row (panels past the
-// group's end, when its code block ended earlier, are never reached: the code lies within).
-// score = -2 s (+inf, index 0, when no s is above -inf).
+// the group of panels where it first reached it, recomputed for this row (up to the end of
+// its code block, where a group may be cut short). score = -2 s (+inf, index 0, when no s is
+// above -inf).
 template <typename acc_t>
 inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t* packed, const acc_t* bias,
-                        int64_t dim, int64_t panels, acc_t* score, int64_t* index) {
+                        int64_t dim, const Plan<acc_t>& plan, acc_t* score, int64_t* index) {
   constexpr int64_t W = Vec<acc_t>::width;
   acc_t top = -acc_t(__builtin_inf());
   for (int64_t i = 0; i < W; ++i) top = best.value[i] > top ? best.value[i] : top;
@@ -257,7 +256,8 @@ inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t*
   if (top > -acc_t(__builtin_inf())) {
     for (int64_t i = 0; i < W; ++i) {
       if (!(best.value[i] == top)) continue;
-      const int64_t group = best.panel[i], end = min_i64(panels, group + group_panels(dim));
+      const int64_t group = best.panel[i], block_end = (group / plan.block_panels + 1) * plan.block_panels;
+      const int64_t end = min_i64(min_i64(plan.panels, block_end), group + group_panels(dim));
       const int64_t c = lane_code<acc_t>(top, i, group, end, zrow, packed, bias, dim);
       if (code < 0 || c < code) code = c;
     }
@@ -354,8 +354,7 @@ struct QuantizeJob {
       for (int64_t r = 0; r < rows; ++r) {
         acc_t score;
         int64_t index;
-        resolve_row<acc_t>(best[r], zbuf.data + r * p.dim, job.packed, job.bias, p.dim, job.plan.panels, &score,
-                           &index);
+        resolve_row<acc_t>(best[r], zbuf.data + r * p.dim, job.packed, job.bias, p.dim, job.plan, &score, &index);
         record_score<scalar_t, acc_t>(p, job.plan, split, r0 + r, score, index);
       }
     }
