@@ -26,38 +26,28 @@ static double now(void) {
 }
 
 #define CHAINS 12
-__attribute__((target("avx512f,fma"))) static double fma_per_ns(long n) {
-  __m512 acc[CHAINS], x = _mm512_set1_ps(1e-9f);
-  for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_set1_ps((float)i);
-  double t = now();
-  for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-    for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_fmadd_ps(x, x, acc[i]);
-    __asm__ volatile("" : "+v"(x));
+// Instructions per ns of `step` (updating acc[i]) over CHAINS independent accumulators; x is the
+// other operand, kept opaque to the compiler.
+#define CHAIN_RATE(name, isa, x_type, x_init, step)                      \
+  __attribute__((target(isa))) static double name(long n) {               \
+    __m512 acc[CHAINS];                                                   \
+    x_type x = x_init;                                                    \
+    for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_set1_ps((float)i);   \
+    double t = now();                                                     \
+    for (long k = 0; k < n; ++k) {                                        \
+      _Pragma("GCC unroll 12") for (int i = 0; i < CHAINS; ++i) acc[i] = step; \
+      __asm__ volatile("" : "+v"(x));                                     \
+    }                                                                     \
+    t = now() - t;                                                        \
+    float s = 0;                                                          \
+    for (int i = 0; i < CHAINS; ++i) s += acc[i][0];                      \
+    __asm__ volatile("" ::"x"(s));                                        \
+    return n * CHAINS / t * 1e-9;                                         \
   }
-  t = now() - t;
-  float s = 0;
-  for (int i = 0; i < CHAINS; ++i) s += acc[i][0];
-  __asm__ volatile("" ::"x"(s));
-  return n * CHAINS / t * 1e-9;
-}
 
-__attribute__((target("avx512f,avx512bf16"))) static double dpbf16_per_ns(long n) {
-  __m512 acc[CHAINS];
-  __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80);
-  for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_set1_ps((float)i);
-  double t = now();
-  for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-    for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], x, x);
-    __asm__ volatile("" : "+v"(x));
-  }
-  t = now() - t;
-  float s = 0;
-  for (int i = 0; i < CHAINS; ++i) s += acc[i][0];
-  __asm__ volatile("" ::"x"(s));
-  return n * CHAINS / t * 1e-9;
-}
+CHAIN_RATE(fma_per_ns, "avx512f,fma", __m512, _mm512_set1_ps(1e-9f), _mm512_fmadd_ps(x, x, acc[i]))
+CHAIN_RATE(dpbf16_per_ns, "avx512f,avx512bf16", __m512bh, (__m512bh)_mm512_set1_epi32(0x3f803f80),
+           _mm512_dpbf16_ps(acc[i], x, x))
 
 struct __attribute__((aligned(64))) TileConfig {
   uint8_t palette, start_row, reserved[14];

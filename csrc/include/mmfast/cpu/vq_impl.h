@@ -12,10 +12,10 @@
 // a third of the time, a per-panel one a tenth). Each row's winning code is found at the end by
 // recomputing the winning group for that row, with the same operations in the same order, so
 // the same bits. Codes are visited in increasing order and a lane changes only for a strictly
-// larger s, so ties keep the lowest index; a NaN never enters the maximum. Work is split into tasks of kTaskRows rows, and over
-// code ranges when the row tasks alone are too few for the threads (one image, N = 1024); the
-// code ranges are combined in order with the same rule, so the result does not depend on the
-// split.
+// larger s, so ties keep the lowest index; a NaN never enters the maximum. Work is split into
+// tasks of kTaskRows rows, and over code ranges when the row tasks alone are too few for the
+// threads (one image, N = 1024); the code ranges are combined in order with the same rule, so
+// the result does not depend on the split.
 #ifndef MMFAST_CPU_ISA_NS
 #error "mmfast/cpu/vq_impl.h is included by mmfast/cpu/instantiate_isas.h only"
 #endif
