@@ -11,6 +11,11 @@
 #pragma once
 #define MMFAST_CUDA_EMULATED 1
 #include <ucontext.h>
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <xmmintrin.h>
+#endif
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -24,7 +29,47 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#endif
+
+// Fibers switch through mmfast_emu_switch on x86-64 Linux: it saves the callee-saved registers
+// and the FP control words, then swaps stack pointers. glibc's swapcontext also makes a
+// sigprocmask system call on every switch, which took over half of the emulated tests' time.
+// swapcontext remains where a shadow stack is active (a fiber's first entry is a hand-made
+// return, which one would refuse), on other targets, and under MMFAST_EMULATOR_UCONTEXT=1.
+#if defined(__x86_64__) && defined(__linux__)
+#define MMFAST_EMU_STACK_SWITCH 1
+extern "C" void mmfast_emu_switch(void** save_sp, void* next_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .weak mmfast_emu_switch
+  .type mmfast_emu_switch, @function
+mmfast_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw 12(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw 12(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mmfast_emu_switch, .-mmfast_emu_switch
+)");
 #endif
 
 namespace emu {
@@ -33,6 +78,8 @@ inline Dim tid{0, 0, 0}, bid{0, 0, 0}, gdim{1, 1, 1}, bdim{256, 1, 1};
 constexpr int kN = 256;
 inline ucontext_t sched;
 inline ucontext_t ctx[kN];
+inline void* sched_sp = nullptr;  // stack pointers saved by mmfast_emu_switch
+inline void* fiber_sp[kN];
 inline std::vector<char> stacks[kN];
 inline bool done[kN];
 inline long nbar[kN];
@@ -42,25 +89,50 @@ inline std::mt19937 rng(1234);
 inline int failures = 0;
 // AddressSanitizer is told about every switch between the scheduler's stack and a fiber's
 // (`make sanitize` builds the emulator with it), so it tracks the right stack.
+#if defined(MMFAST_EMU_STACK_SWITCH)
+inline bool shadow_stack_active() {
+  unsigned long features = 0;  // ARCH_SHSTK_STATUS; older kernels refuse it and have none
+  return syscall(SYS_arch_prctl, 0x5005, &features) == 0 && (features & 1) != 0;
+}
+inline bool use_stack_switch() {
+  static const bool yes = [] {
+    const char* forced = std::getenv("MMFAST_EMULATOR_UCONTEXT");
+    return !shadow_stack_active() && !(forced && std::strcmp(forced, "0") != 0);
+  }();
+  return yes;
+}
+inline void raw_switch_to_scheduler() {
+  if (use_stack_switch()) mmfast_emu_switch(&fiber_sp[cur], sched_sp);
+  else swapcontext(&ctx[cur], &sched);
+}
+inline void raw_switch_to_fiber(int t) {
+  if (use_stack_switch()) mmfast_emu_switch(&sched_sp, fiber_sp[t]);
+  else swapcontext(&sched, &ctx[t]);
+}
+#else
+inline bool use_stack_switch() { return false; }
+inline void raw_switch_to_scheduler() { swapcontext(&ctx[cur], &sched); }
+inline void raw_switch_to_fiber(int t) { swapcontext(&sched, &ctx[t]); }
+#endif
 #if defined(__SANITIZE_ADDRESS__)
 inline const void* sched_stack = nullptr;
 inline size_t sched_stack_size = 0;
 inline void switch_to_scheduler(bool finished) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake, sched_stack, sched_stack_size);
-  swapcontext(&ctx[cur], &sched);
+  raw_switch_to_scheduler();
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 }
 inline void switch_to_fiber(int t) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, stacks[t].data(), stacks[t].size());
-  swapcontext(&sched, &ctx[t]);
+  raw_switch_to_fiber(t);
   __sanitizer_finish_switch_fiber(fake, &sched_stack, &sched_stack_size);
 }
 inline void fiber_started() { __sanitizer_finish_switch_fiber(nullptr, &sched_stack, &sched_stack_size); }
 #else
-inline void switch_to_scheduler(bool) { swapcontext(&ctx[cur], &sched); }
-inline void switch_to_fiber(int t) { swapcontext(&sched, &ctx[t]); }
+inline void switch_to_scheduler(bool) { raw_switch_to_scheduler(); }
+inline void switch_to_fiber(int t) { raw_switch_to_fiber(t); }
 inline void fiber_started() {}
 #endif
 inline void yield() { ++nbar[cur]; switch_to_scheduler(false); }
@@ -81,15 +153,45 @@ inline void async_check_drained() {
 inline long mma_phase[kN / 32];
 inline float mma_out[kN / 32][32][4];
 inline void tramp() { fiber_started(); body(); async_check_drained(); done[cur] = true; switch_to_scheduler(true); }
+#if defined(MMFAST_EMU_STACK_SWITCH)
+// The frame mmfast_emu_switch pops for a fiber's first entry: FP control words, six zeroed
+// registers, tramp as the return address and a null one above it (tramp never returns), so
+// tramp starts with the stack aligned as after a call.
+inline void* first_entry_frame(std::vector<char>& stack) {
+#if defined(__SANITIZE_ADDRESS__)
+  // The previous fiber on this stack never returned: its frames' redzones are still poisoned.
+  ASAN_UNPOISON_MEMORY_REGION(stack.data(), stack.size());
+#endif
+  auto top = reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~uintptr_t{15};
+  auto* frame = reinterpret_cast<uint64_t*>(top) - 10;
+  std::memset(frame, 0, 10 * sizeof(uint64_t));
+  uint32_t mxcsr = _mm_getcsr();
+  uint16_t fpu_control = 0;
+  asm volatile("fnstcw %0" : "=m"(fpu_control));
+  std::memcpy(reinterpret_cast<char*>(frame) + 8, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(frame) + 12, &fpu_control, 2);
+  frame[8] = reinterpret_cast<uint64_t>(&tramp);
+  return frame;
+}
+#endif
+inline void prepare_fiber(int t) {
+  stacks[t].resize(1 << 16);
+#if defined(MMFAST_EMU_STACK_SWITCH)
+  if (use_stack_switch()) {
+    fiber_sp[t] = first_entry_frame(stacks[t]);
+    return;
+  }
+#endif
+  getcontext(&ctx[t]);
+  ctx[t].uc_stack.ss_sp = stacks[t].data();
+  ctx[t].uc_stack.ss_size = stacks[t].size();
+  ctx[t].uc_link = nullptr;
+  makecontext(&ctx[t], tramp, 0);
+}
 inline void run(std::function<void()> f) {
   body = std::move(f);
   for (int t = 0; t < kN; ++t) {
-    stacks[t].resize(1 << 16);
-    getcontext(&ctx[t]);
-    ctx[t].uc_stack.ss_sp = stacks[t].data();
-    ctx[t].uc_stack.ss_size = stacks[t].size();
-    ctx[t].uc_link = nullptr;
-    makecontext(&ctx[t], tramp, 0);
+    prepare_fiber(t);
     done[t] = false;
     nbar[t] = 0;
   }
@@ -368,18 +470,28 @@ void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
   for (float& e : f.x) e = v;
 }
 
+// Every thread computes the whole product, so this is most of the emulated linear-attention
+// test's time: the j loop runs innermost over contiguous rows so that it vectorizes (the tests
+// build at -O1). Each sum still adds its K products in order k = 0, 1, ...
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("O3")
+#endif
 template <int M, int N, int K, class TA, class LA, class LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
               const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
   float out[M * N];
+  for (int e = 0; e < M * N; ++e) out[e] = c.x[e];
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * N + j];
-      out[i * N + j] = s;
+    for (int k = 0; k < K; ++k) {
+      const float a_ik = a.x[i * K + k];
+      for (int j = 0; j < N; ++j) out[i * N + j] += a_ik * b.x[k * N + j];
     }
   for (int e = 0; e < M * N; ++e) d.x[e] = out[e];
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero.
 inline float __float_to_tf32(float v) {
