@@ -2,6 +2,7 @@
 # machine (virtual environment, dependencies, build) and then run.
 #
 #   make test        build (CPU + CUDA kernels when nvcc is found) and run the test suite
+#                    (pytest-xdist: PYTEST_WORKERS processes, default MAX_JOBS; 0 runs in one)
 #   make bench       build and run the benchmark suite, print the summary table
 #   make gpu-check   on a GPU machine without network: build for the local GPU with the
 #                    installed torch, run tests + benchmarks, write a report to GPU_REPORT_DIR
@@ -17,6 +18,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= $(MAX_JOBS)
 GPU_REPORT_DIR ?= build/gpu-report
 SASS_REPORT_ARGS ?= --json build/sass-report.json
 
@@ -38,7 +40,7 @@ build: $(STAMP)
 	$(VPY) -m mmfast
 
 test: build cmake-test sanitize
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: build
 	mkdir -p build

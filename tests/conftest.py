@@ -11,6 +11,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs pytest-xdist workers, one per core. Each runs torch at one thread, and so do
+# the processes tests start (OMP_NUM_THREADS is inherited): two workers whose OpenMP threads
+# spin-wait for each other's cores ran 1.6x slower than one process. The threaded paths keep
+# their own tests, which set the thread count (test_thread_count.py and others).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 import mmfast  # noqa: E402
