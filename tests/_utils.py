@@ -1,4 +1,5 @@
-"""Helpers shared by the test files: devices, backends, per-dtype tolerances, tiny UNet inputs.
+"""Helpers shared by the test files: devices, backends, per-dtype tolerances, tiny UNet inputs,
+pruned-expert routing.
 
 The test files import from here (`from _utils import ...`); fixtures live in conftest.py.
 """
@@ -91,3 +92,23 @@ def unet_inputs(unet, batch=2, tokens=7, seed=1):
 def run_unet(unet, inputs):
     with torch.no_grad():
         return unet(*inputs).sample
+
+
+def make_routing(batch, codes, in_channels, out_channels, device, groups=None, generator=None):
+    """Random codes (every code used when batch allows) and masks keeping about 60%; with
+    `groups` the out mask keeps whole groups of out_channels / groups channels, like APTP."""
+    g = generator or torch.Generator().manual_seed(1)
+    sample_codes = torch.randint(0, codes, (batch,), generator=g)
+    sample_codes[:min(batch, codes)] = torch.randperm(codes, generator=g)[:min(batch, codes)]
+    in_mask = torch.rand(codes, in_channels, generator=g) < 0.6
+    if groups:
+        out_mask = (torch.rand(codes, groups, generator=g) < 0.6).repeat_interleave(out_channels // groups, 1)
+    else:
+        out_mask = torch.rand(codes, out_channels, generator=g) < 0.6
+    return sample_codes.to(device), in_mask.to(device), out_mask.to(device)
+
+
+def rendezvous(tmp_path):
+    """init_method for torch.distributed test workers: a file store unique to the test (a free
+    TCP port could be taken by a test in another pytest-xdist worker before the workers bind it)."""
+    return f"file://{tmp_path}/rendezvous"

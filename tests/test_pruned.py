@@ -15,24 +15,10 @@ import torch.nn.functional as F
 from mmfast import reference
 from mmfast.ops import keep_packed_weights, masked_conv2d, masked_group_norm, masked_linear, pruned_weight_cache
 
-from _utils import assert_close
+from _utils import assert_close, make_routing
 
 NATIVE = [pytest.param("cpu", id="native-cpu"), pytest.param("cuda", id="native-cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def make_routing(batch, codes, in_channels, out_channels, device, groups=None, generator=None):
-    """Random codes (every code used when batch allows) and masks keeping about 60%; with
-    `groups` the out mask keeps whole groups of out_channels / groups channels, like APTP."""
-    g = generator or torch.Generator().manual_seed(1)
-    sample_codes = torch.randint(0, codes, (batch,), generator=g)
-    sample_codes[:min(batch, codes)] = torch.randperm(codes, generator=g)[:min(batch, codes)]
-    in_mask = torch.rand(codes, in_channels, generator=g) < 0.6
-    if groups:
-        out_mask = (torch.rand(codes, groups, generator=g) < 0.6).repeat_interleave(out_channels // groups, 1)
-    else:
-        out_mask = torch.rand(codes, out_channels, generator=g) < 0.6
-    return sample_codes.to(device), in_mask.to(device), out_mask.to(device)
 
 
 def sliced_conv(x, weight, bias, sample_codes, in_mask, out_mask, **conv):
