@@ -128,12 +128,18 @@ def test_token_shards_combine_exactly():
 def test_gradcheck_fp64_cpu(feature_map, shape, fast_mode):
     """The whole Jacobian at the small shape. At D = 40 (the SIMD-blocked paths; 28,000 inputs,
     about 20 s per feature map in full) gradcheck's fast mode, which compares the analytical and
-    numerical Jacobians projected on random vectors, u^T J v."""
+    numerical Jacobians projected on random vectors, u^T J v, and so cannot see an error confined
+    to a few entries: there every gradient entry is also compared with the fp64 reference's."""
     q, k, v = make_qkv(shape, torch.float64, "cpu", requires_grad=True)
     if feature_map == "none":
         q, k = [(t.detach().abs() + 0.5).requires_grad_() for t in (q, k)]
     fused = lambda a, b, c: linear_attention(a, b, c, feature_map=feature_map)  # noqa: E731
     assert torch.autograd.gradcheck(fused, (q, k, v), fast_mode=fast_mode)
+    if fast_mode:
+        grad_out = torch.randn(*shape[:3], shape[4], dtype=torch.float64)
+        grads = torch.autograd.grad(fused(q, k, v), (q, k, v), grad_out)
+        for got, expected in zip(grads, reference_grads(q, k, v, grad_out, feature_map=feature_map)):
+            assert_close(got, expected, torch.float64, scale=max(1.0, expected.abs().max().item()))
     state = lambda b, c: linear_attention_state(b, c, feature_map=feature_map)  # noqa: E731
     assert torch.autograd.gradcheck(state, (k, v), fast_mode=fast_mode)
     s, m = [t.detach().requires_grad_() for t in linear_attention_state(k, v, feature_map=feature_map)]
