@@ -3,7 +3,6 @@ processes, against one process."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from mmfast.models.linfusion import LinFusion
 from mmfast.testing.tiny_diffusers import tiny_unet
 
 from _utils import LINFUSION_BACKENDS as BACKENDS
-from _utils import run_unet, unet_inputs
+from _utils import rendezvous, run_unet, unet_inputs
 
 # diffusers is imported only inside the UNet workers, so the spawned distributed workers
 # (which import this module) start fast.
@@ -22,18 +21,12 @@ from _utils import run_unet, unet_inputs
 # --- token-parallel linear attention (2 processes, gloo) ---------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank, world_size, port, splits, result_dir):
+def _distributed_worker(rank, world_size, init_method, splits, result_dir):
     import torch.distributed as dist
 
     from mmfast import distributed
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         inputs = _distributed_inputs(splits)
         start, stop = sum(splits[:rank]), sum(splits[: rank + 1])
@@ -59,7 +52,7 @@ def test_distributed_linear_attention_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     splits = [23, 14]  # unequal shards: the state must be token-weighted, not a plain average
-    mp.spawn(_distributed_worker, args=(2, _free_port(), splits, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, rendezvous(tmp_path), splits, str(tmp_path)), nprocs=2, join=True)
     q, k, v, grad = _distributed_inputs(splits)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = mmfast.reference.linear_attention_ref(q, k, v)
@@ -80,12 +73,12 @@ def test_distributed_requires_process_group():
         distributed.linear_attention(x, x, x, backend="reference")
 
 
-def _row_parallel_worker(rank, world_size, port, result_dir):
+def _row_parallel_worker(rank, world_size, init_method, result_dir):
     import torch.distributed as dist
 
     from mmfast.models.linfusion import row_parallel
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         unet = tiny_unet((32, 64), heads=2)
         LinFusion.construct_for(unet)
@@ -114,7 +107,7 @@ def test_row_parallel_unet_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     pytest.importorskip("diffusers")
-    mp.spawn(_row_parallel_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_row_parallel_worker, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "row_parallel.pt", weights_only=True)
     assert result["full"].shape == (2, 4, 16, 8)
     torch.testing.assert_close(result["full"], result["single"], rtol=1e-5, atol=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,8 @@ from mmfast.models.linfusion import (  # noqa: E402
 from mmfast.models.linfusion import highres  # noqa: E402
 from mmfast.models.linfusion.highres_memory import estimate_stage_memory  # noqa: E402
 from mmfast.testing.tiny_diffusers import tiny_pipeline  # noqa: E402
+
+from _utils import rendezvous  # noqa: E402
 
 # The tiny pipeline's VAE downsamples 2x and its UNet once more: sizes are multiples of 4 px.
 HEIGHT, WIDTH = 64, 128
@@ -306,17 +307,11 @@ def test_memory_model_predicts_vae_passes(options, direction):
 # --- row-parallel stages over 2 gloo ranks ---------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _row_parallel_worker(rank, world_size, port, result_dir):
+def _row_parallel_worker(rank, world_size, init_method, result_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         from mmfast.models.linfusion import row_parallel
 
@@ -343,7 +338,7 @@ def test_row_parallel_cascade_equals_one_process(tmp_path, pipe):
     """Every UNet call of every stage split by latent rows over 2 ranks gives one process's image."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_row_parallel_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_row_parallel_worker, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     single = _pixels(_generate(pipe))
     for rank in range(2):
         assert np.abs(np.load(tmp_path / f"rank{rank}.npy") - single).max() <= 1
