@@ -2,7 +2,7 @@
 # machine (virtual environment, dependencies, build) and then run.
 #
 #   make test        build (CPU + CUDA kernels when nvcc is found) and run the test suite
-#                    (pytest-xdist: PYTEST_WORKERS processes, default MAX_JOBS; 0 runs in one)
+#                    (pytest-xdist: PYTEST_WORKERS processes, default 2; 0 runs in one process)
 #   make bench       build and run the benchmark suite, print the summary table
 #   make gpu-check   on a GPU machine without network: build for the local GPU with the
 #                    installed torch, run tests + benchmarks, write a report to GPU_REPORT_DIR
@@ -18,7 +18,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= $(MAX_JOBS)
+PYTEST_WORKERS ?= 2
 GPU_REPORT_DIR ?= build/gpu-report
 SASS_REPORT_ARGS ?= --json build/sass-report.json
 

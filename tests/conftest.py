@@ -3,21 +3,25 @@ marker, seeding and the fixtures of the LinFusion tests. Helpers are in _utils.p
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
-import torch
+# `make test` runs 2 pytest-xdist workers on CI's 2 cores, each with torch's default thread count,
+# so that every test also runs the kernels' threaded paths and thread-dependent work plans. OpenMP
+# threads that spin-wait for a core the other worker holds ran the suite 1.6x slower than one
+# process: workers' threads sleep while they wait instead (read when torch loads libgomp).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    if "torch" in sys.modules:
+        warnings.warn("torch was imported before tests/conftest.py: OMP_WAIT_POLICY=PASSIVE cannot take "
+                      "effect, and xdist workers may spin-wait for each other's cores (slow)")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run under the interpreter, on CPU tensors. It must be
 # chosen before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# `make test` runs pytest-xdist workers, one per core. Each runs torch at one thread, and so do
-# the processes tests start (OMP_NUM_THREADS is inherited): two workers whose OpenMP threads
-# spin-wait for each other's cores ran 1.6x slower than one process. The threaded paths keep
-# their own tests, which set the thread count (test_thread_count.py and others).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
