@@ -2,7 +2,7 @@
 # machine (virtual environment, dependencies, build) and then run.
 #
 #   make test        build (CPU + CUDA kernels when nvcc is found) and run the test suite
-#                    (pytest-xdist: PYTEST_WORKERS processes, default 2; 0 runs in one process)
+#                    (pytest-xdist: PYTEST_WORKERS processes, default 2; 0: one process, no xdist)
 #   make bench       build and run the benchmark suite, print the summary table
 #   make gpu-check   on a GPU machine without network: build for the local GPU with the
 #                    installed torch, run tests + benchmarks, write a report to GPU_REPORT_DIR
@@ -40,7 +40,7 @@ build: $(STAMP)
 	$(VPY) -m mmfast
 
 test: build cmake-test sanitize
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(PYTEST_ARGS)
 
 bench: build
 	mkdir -p build

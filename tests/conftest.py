@@ -1,5 +1,6 @@
-"""Shared test configuration: the Triton interpreter on GPU-less machines, the `cuda`
-marker, seeding and the fixtures of the LinFusion tests. Helpers are in _utils.py."""
+"""Shared test configuration: OpenMP's wait policy in pytest-xdist workers, the Triton
+interpreter on GPU-less machines, the `cuda` marker, seeding and the fixtures of the LinFusion
+tests. Helpers are in _utils.py."""
 from __future__ import annotations
 
 import os

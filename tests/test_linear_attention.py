@@ -129,7 +129,8 @@ def test_gradcheck_fp64_cpu(feature_map, shape, fast_mode):
     """The whole Jacobian at the small shape. At D = 40 (the SIMD-blocked paths; 28,000 inputs,
     about 20 s per feature map in full) gradcheck's fast mode, which compares the analytical and
     numerical Jacobians projected on random vectors, u^T J v, and so cannot see an error confined
-    to a few entries: there every gradient entry is also compared with the fp64 reference's."""
+    to a few entries: there every entry of the fused op's gradients (whose backward runs the state
+    and apply passes' kernels) is also compared with the fp64 reference's."""
     q, k, v = make_qkv(shape, torch.float64, "cpu", requires_grad=True)
     if feature_map == "none":
         q, k = [(t.detach().abs() + 0.5).requires_grad_() for t in (q, k)]

@@ -147,8 +147,9 @@ inline void async_check_drained() {
 }
 // The warp's mma.sync result, computed once per phase by the first lane that gets there.
 inline long mma_phase[kN / 32];
-inline long blocks_run = 0;  // with a thread's barrier count, names the phase it is in
 inline float mma_out[kN / 32][32][4];
+// Blocks run so far: with a thread's barrier count, names the phase it is in (WMMA mma_sync).
+inline long blocks_run = 0;
 inline void tramp() { fiber_started(); body(); async_check_drained(); done[cur] = true; switch_to_scheduler(true); }
 #if defined(MMFAST_EMU_STACK_SWITCH)
 // The frame emu_switch_stacks pops for a fiber's first entry: FP control words, six zeroed
