@@ -112,3 +112,16 @@ def rendezvous(tmp_path):
     """init_method for torch.distributed test workers: a file store unique to the test (a free
     TCP port could be taken by a test in another pytest-xdist worker before the workers bind it)."""
     return f"file://{tmp_path}/rendezvous"
+
+
+def at_thread_counts(run, counts=(1, 2, 3)):
+    """[run() at torch.set_num_threads(c) for c in counts]; the thread count is restored after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    return results

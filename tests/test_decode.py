@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmfast import reference
 from mmfast.ops import decode_attention, decode_linear, kv_cache_append, sample
 
-from _utils import TOLERANCES, backend_params
+from _utils import TOLERANCES, at_thread_counts, backend_params
 
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -166,14 +166,7 @@ def test_attention_reads_strided_queries_and_cache_views(backend_device):
 
 def test_attention_cpu_result_does_not_depend_on_the_thread_count():
     q, k_cache, v_cache, lengths = make_cache((2, 2, 4, 2, 64, 2000), torch.float32, "cpu")
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(decode_attention(q, k_cache, v_cache, lengths))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: decode_attention(q, k_cache, v_cache, lengths))
     assert all(torch.equal(r, results[0]) for r in results[1:])
 
 

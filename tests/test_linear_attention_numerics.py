@@ -12,7 +12,7 @@ import mmfast
 from mmfast import reference
 from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
 
-from _utils import HAS_TRITON, TRITON_DEVICE, backend_params, make_qkv
+from _utils import HAS_TRITON, TRITON_DEVICE, at_thread_counts, backend_params, make_qkv
 
 BACKENDS = backend_params()
 
@@ -115,19 +115,11 @@ def _forward_and_backward(q, k, v, grad_out):
 def test_cpu_results_are_bitwise_identical_for_any_thread_count(shape):
     q, k, v = make_qkv(shape, torch.float32, "cpu")
     grad_out = torch.randn(*shape[:3], shape[4])
-    threads = torch.get_num_threads()
-    try:
-        results = {}
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results[count] = _forward_and_backward(q, k, v, grad_out)
-        again = _forward_and_backward(q, k, v, grad_out)  # run to run, at 3 threads
-    finally:
-        torch.set_num_threads(threads)
-    for count in (2, 3):
-        for name, a, b in zip(["out", "dq", "dk", "dv"], results[1], results[count]):
+    *results, again = at_thread_counts(lambda: _forward_and_backward(q, k, v, grad_out), (1, 2, 3, 3))
+    for count, result in zip((2, 3), results[1:]):
+        for name, a, b in zip(["out", "dq", "dk", "dv"], results[0], result):
             assert torch.equal(a, b), f"{name} differs between 1 and {count} threads"
-    for name, a, b in zip(["out", "dq", "dk", "dv"], results[3], again):
+    for name, a, b in zip(["out", "dq", "dk", "dv"], results[2], again):  # run to run, at 3 threads
         assert torch.equal(a, b), f"{name} differs run to run"
 
 

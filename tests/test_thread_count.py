@@ -12,7 +12,7 @@ import torch
 from mmfast.ops import (decode_linear, kv_cache_append, masked_conv2d, masked_group_norm, masked_linear, sample,
                         vq_dequantize)
 
-from _utils import make_routing
+from _utils import at_thread_counts, make_routing
 
 
 def _generator():
@@ -87,16 +87,8 @@ ATEN_PRODUCTS = {"masked_conv2d": _masked_conv2d, "masked_linear": _masked_linea
 
 def _at_each_thread_count(run):
     """{count: run() as a tuple} for 1, 2 and 3 threads."""
-    threads = torch.get_num_threads()
-    results = {}
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            result = run()
-            results[count] = tuple(result) if isinstance(result, (tuple, list)) else (result,)
-    finally:
-        torch.set_num_threads(threads)
-    return results
+    results = at_thread_counts(run)
+    return {count: tuple(r) if isinstance(r, (tuple, list)) else (r,) for count, r in zip((1, 2, 3), results)}
 
 
 @pytest.mark.parametrize("op", BITWISE)

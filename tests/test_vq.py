@@ -13,7 +13,7 @@ import torch
 from mmfast import reference
 from mmfast.ops import vq_codebook_sqnorm, vq_dequantize, vq_quantize
 
-from _utils import HAS_TRITON, TRITON_DEVICE, backend_params
+from _utils import HAS_TRITON, TRITON_DEVICE, at_thread_counts, backend_params
 
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -122,14 +122,7 @@ def test_cpu_result_does_not_depend_on_the_thread_count(shape, dtype):
     z, codebook = make_inputs(*shape, dtype, "cpu")
     z[::3] = z[::3].round()  # exact ties between codes, some rows
     codebook[1::2] = codebook[::2][: codebook[1::2].shape[0]].clone()  # duplicate codes: ties across splits
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(vq_quantize(z, codebook, return_distance=True, backend="native"))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: vq_quantize(z, codebook, return_distance=True, backend="native"))
     assert bool((results[0][0] % 2 == 0).all()), "code 2j+1 duplicates code 2j: the lower index wins"
     for indices, distance in results[1:]:
         assert torch.equal(indices, results[0][0])
@@ -144,14 +137,9 @@ def test_ties_across_code_blocks_and_splits_go_to_the_lowest_index(dtype):
     z, codebook = make_inputs(40, 2800, 40, dtype, "cpu")
     codebook[1400:] = codebook[:1400]
     z = codebook[torch.arange(0, 2800, 70)].clone()  # rows equal to codes on both sides
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            indices = vq_quantize(z, codebook, backend="native")
-            assert torch.equal(indices, torch.arange(0, 2800, 70) % 1400), (count, indices)
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: vq_quantize(z, codebook, backend="native"))
+    for count, indices in zip((1, 2, 3), results):
+        assert torch.equal(indices, torch.arange(0, 2800, 70) % 1400), (count, indices)
 
 
 # ---- bf16 on AMX tiles (mmfast/cpu/isa.h: MMFAST_CPU_AMX) ------------------------------------
