@@ -29,10 +29,11 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
             (the floor the benchmark reports against).
 
   issue     with --sass, an instruction-issue estimate of the cp.async kernels: every warp runs
-            the ring loop ('loop instr' of the SASS report) once per slice, an SM issues 4 warp
-            instructions per clock at 1.755 GHz. Not a bound either way: the static count holds
-            paths a slice skips (too high), 4 per clock is the best case (too low). Each column
-            is the max of itself and the ones before it.
+            the ring loop ('loop instr' of the SASS report) once per slice and the loop around
+            it ('outer instr': the state pass's flush, apply's item epilogue) once per group;
+            an SM issues 4 warp instructions per clock at 1.755 GHz. Not a bound either way:
+            the static counts hold paths an iteration skips (too high), 4 per clock is the best
+            case (too low). Each column is the max of itself and the ones before it.
 
 The latency figure is a model, not a measurement: the loaded DRAM latency on Hopper is about
 600-900 ns (--latency-ns); the ratio to the floor is what the redesign of issue 14 must bring
@@ -195,14 +196,33 @@ def ring_slices(p: Pass, bh: int, n: int, d: int) -> int:
     return 0
 
 
+def ring_groups(p: Pass, bh: int, n: int, d: int) -> int:
+    """Iterations of the loop around a cp.async kernel's slice loop: the state pass's groups of
+    kFlushSlices slices (its fp32 sums flushed into fp64 after each), apply's items (64 tokens
+    x one Dv tile: the epilogue that divides by z and stores the output)."""
+    tiles = ceil_div(d, TILE)
+    if p.kernel == "la_state_async_kernel":
+        chunk, nchunks = state_plan(bh, n, d, d)
+        flush = header_constant("kFlushSlices", "state.cuh")
+        groups = sum(ceil_div(ceil_div(min(chunk, n - c * chunk), BK), flush) for c in range(nchunks))
+        return bh * tiles * tiles * groups
+    if p.kernel == "la_apply_async_kernel":
+        return bh * tiles * ceil_div(n, TILE)
+    return 0
+
+
 def issue_estimate_seconds(p: Pass, bh: int, n: int, d: int, sass: dict | None) -> float:
-    """Instruction issue, estimated: every warp of a block runs the ring loop once per slice;
-    an SM issues ISSUE_PER_CLOCK warp instructions per clock. Not a bound in either direction:
-    the loop's static instruction count (the SASS report's 'loop instr') includes paths a slice
-    may skip, and ISSUE_PER_CLOCK is the best case. 0 without a SASS report or a ring."""
+    """Instruction issue, estimated: every warp of a block runs the ring loop once per slice and
+    the loop around it once per group (ring_groups); an SM issues ISSUE_PER_CLOCK warp
+    instructions per clock. Not a bound in either direction: the static instruction counts (the
+    SASS report's 'loop instr' and 'outer instr') include paths an iteration may skip (apply's
+    state-column load, run once per head and Dv tile, is in its outer count), and
+    ISSUE_PER_CLOCK is the best case. Loops further out (the state pass's item epilogue, once
+    per 10-150 slices) are not counted. 0 without a SASS report or a ring."""
     row = _sass_row(p.kernel, sass)
     loop = row.get("ring_loop_instructions", 0) if row else 0
-    warp_instructions = ring_slices(p, bh, n, d) * loop * WARPS
+    outer = row.get("ring_outer_instructions", 0) if row else 0
+    warp_instructions = (ring_slices(p, bh, n, d) * loop + ring_groups(p, bh, n, d) * outer) * WARPS
     return warp_instructions / (SMS * ISSUE_PER_CLOCK * SM_CLOCK)
 
 

@@ -334,23 +334,33 @@ def async_pipeline(function: Function) -> tuple[int, int, int]:
 _TARGET_RE = re.compile(r"\b0x([0-9a-fA-F]+)\b")
 
 
-def ring_loop_instructions(function: Function) -> int:
-    """Instructions (static) in the innermost loop around the cp.async ring's first wait
-    (DEPBAR.LE): the per-slice body of a streaming kernel, counted once per warp and slice. It
-    includes paths a slice may skip (the next item's setup, the backward-only scalars) and
-    counts an inner loop once; 0 without a ring."""
+def ring_loops(function: Function) -> list[int]:
+    """Static instruction counts of the loops around the cp.async ring's first wait
+    (DEPBAR.LE), innermost first, each counting its own instructions only (those of the loops
+    inside it excluded). The innermost is the per-slice body of a streaming kernel; the next
+    is what runs once per group of slices (a flush of the sums, an item's epilogue). Counts
+    include paths an iteration may skip (the next item's setup, the backward-only scalars) and
+    count an inner loop once; [] without a ring."""
     waits = [i.addr for i in function.instrs if i.base == "DEPBAR" and "SB0" in i.args]
     if not waits:
-        return 0
-    loops = []
+        return []
+    spans = set()
     for instr in function.instrs:
         match = _TARGET_RE.search(instr.args) if instr.base == "BRA" else None
         if match and int(match.group(1), 16) <= waits[0] <= instr.addr:
-            loops.append((int(match.group(1), 16), instr.addr))
-    if not loops:
-        return 0
-    start, end = min(loops, key=lambda span: span[1] - span[0])
-    return sum(start <= i.addr <= end for i in function.instrs)
+            spans.add((int(match.group(1), 16), instr.addr))
+    counts, inside = [], 0
+    for start, end in sorted(spans, key=lambda span: span[1] - span[0]):
+        total = sum(start <= i.addr <= end for i in function.instrs)
+        counts.append(total - inside)
+        inside = total
+    return counts
+
+
+def ring_loop_instructions(function: Function) -> int:
+    """Instructions (static) of the innermost loop around the ring's wait: one slice per warp."""
+    loops = ring_loops(function)
+    return loops[0] if loops else 0
 
 
 @dataclass
@@ -370,6 +380,7 @@ class SassStats:
     pipelined_loads: int = 0       # N x copies per group: cp.async copies in flight while computing
     pipelined_bytes: int = 0
     ring_loop_instructions: int = 0  # static instructions of the loop around the ring's wait
+    ring_outer_instructions: int = 0  # the enclosing loop's own (once per group of slices)
     stg: int = 0
     st_generic: int = 0
     lds: int = 0
@@ -412,7 +423,9 @@ def analyze_function(function: Function) -> SassStats:
     stats.async_pending_groups, stats.async_group_copies, stats.async_group_bytes = async_pipeline(function)
     stats.pipelined_loads = stats.async_pending_groups * stats.async_group_copies
     stats.pipelined_bytes = stats.async_pending_groups * stats.async_group_bytes
-    stats.ring_loop_instructions = ring_loop_instructions(function)
+    loops = ring_loops(function)
+    stats.ring_loop_instructions = loops[0] if loops else 0
+    stats.ring_outer_instructions = loops[1] if len(loops) > 1 else 0
     return stats
 
 
@@ -774,6 +787,7 @@ COLUMNS = [  # header, row -> cell
     ("cp.async B", lambda r: f"{r['pipelined_bytes']} ({r['async_pending_groups']}x{r['async_group_bytes']})"
                              if r["pipelined_bytes"] else 0),
     ("loop instr", lambda r: r["ring_loop_instructions"] or ""),
+    ("outer instr", lambda r: r.get("ring_outer_instructions") or ""),
     ("1-load rgns", lambda r: f"{r['mlp_histogram'].get(1, 0)}/{sum(r['mlp_histogram'].values())}"),
     ("STG", lambda r: r["stg"]),
     ("ST.E", lambda r: r["st_generic"]),
@@ -809,7 +823,8 @@ def notes(rows: list[dict], arch: str) -> list[str]:
            "- cp.async B: bytes of cp.async copies one thread keeps in flight while it computes: the N groups "
            "its wait_group N leaves pending x the bytes of one commit group (it counts toward the target too); "
            "loop instr: static instructions of the loop around the ring's wait (one slice per warp; it holds "
-           "paths a slice may skip)",
+           "paths a slice may skip); outer instr: the enclosing loop's own instructions (once per group of "
+           "slices: the state pass's flush of its fp32 sums, the apply pass's item epilogue)",
            "- LD.E / ST.E: generic-address loads / stores; '(smem)': the kernel builds generic pointers into "
            "shared memory (reads SR_SWINHI), so they are likely shared-memory accesses, not global ones",
            "- blk/SM: resident blocks per SM and the resource that limits them; occ: resident warps / max warps"]

@@ -98,6 +98,17 @@ def test_issue_estimate_counts_the_ring_loop_per_slice_and_warp():
     assert model.ring_slices(state, 10, 16384, 64) == slices
     expected = slices * 100 * 8 / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)
     assert abs(model.issue_estimate_seconds(state, 10, 16384, 64, {"kernels": [row]}) - expected) < 1e-12
+    # The loop around the slices runs once per kFlushSlices slices of each chunk (the last
+    # group of a chunk may be short).
+    chunk, nchunks = model.state_plan(10, 16384, 64, 64)
+    flush = model.header_constant("kFlushSlices", "state.cuh")
+    groups = model.ring_groups(state, 10, 16384, 64)
+    assert groups == 10 * sum(-(-(-(-min(chunk, 16384 - c * chunk) // model.BK)) // flush) for c in range(nchunks))
+    assert slices / flush <= groups < slices / flush + 10 * nchunks
+    with_outer = {**row, "ring_outer_instructions": 50}
+    expected = (slices * 100 + groups * 50) * 8 / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)
+    assert abs(model.issue_estimate_seconds(state, 10, 16384, 64, {"kernels": [with_outer]}) - expected) < 1e-12
     assert model.issue_estimate_seconds(state, 10, 16384, 64, None) == 0  # no SASS report: no issue figure
     apply = model.forward_passes(10, 16384, 64)[-1]
     assert model.ring_slices(apply, 10, 16384, 64) == 10 * (16384 // 64) * (64 // model.BK)
+    assert model.ring_groups(apply, 10, 16384, 64) == 10 * (16384 // 64)  # one epilogue per item

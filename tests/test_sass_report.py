@@ -186,7 +186,10 @@ def test_ring_loop_is_the_innermost_loop_around_the_wait():
                 "@P1 BRA 0x10",                    # 0x60: the outer loop
                 "EXIT")
     assert sr.ring_loop_instructions(only_function(text)) == 4
+    assert sr.ring_loops(only_function(text)) == [4, 2]  # the outer loop's own: its head and its branch
+    assert sr.analyze_function(only_function(text)).ring_outer_instructions == 2
     assert sr.ring_loop_instructions(only_function(sass("FADD R1, R2, R3", "EXIT"))) == 0
+    assert sr.ring_loops(only_function(sass("FADD R1, R2, R3", "EXIT"))) == []
 
 
 def test_no_cp_async_no_pipeline():

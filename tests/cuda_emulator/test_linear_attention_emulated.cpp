@@ -283,6 +283,10 @@ int main(int argc, char** argv) {
   all(1, 1, 1025, 7, 3, 0, 1, 1, 132);
   all(2, 1, 300, 80, 40, 1, 1, 0, 132);
   all(1, 2, 600, 64, 64, 1, 0, 8, 4);  // 16-byte aligned padded rows, split over chunks: cp.async state pass
+  // cp.async passes on 2 SMs: each block's item range crosses chunks, heads and batches (the
+  // state kernel counts its items instead of decoding them) and Dk / Dv tiles.
+  all(3, 2, 600, 64, 64, 1, 0, 8, 2);
+  all(2, 2, 300, 128, 128, 2, 0, 8, 2);
   if (level >= 2) {
     const int64_t dims[] = {1, 7, 40, 64, 80, 160, 256};
     int i = 0;

@@ -181,6 +181,27 @@ __device__ __forceinline__ TokenView<T> token_view(const TokenTensor& t, int64_t
   return v;
 }
 
+// A head b * heads + h kept as (b, h) for kernels that walk heads in order: the next head's
+// views cost no division. Fewer than 2^32 heads (the start's 32-bit division).
+struct HeadIndex {
+  int64_t bh, b, h;
+  __device__ __forceinline__ void start(int64_t index, int64_t heads) {
+    bh = index;
+    b = static_cast<uint32_t>(index) / static_cast<uint32_t>(heads);
+    h = index - b * heads;
+  }
+  __device__ __forceinline__ void next(int64_t heads) {
+    ++bh;
+    if (++h == heads) {
+      h = 0;
+      ++b;
+    }
+  }
+  template <class T> __device__ __forceinline__ TokenView<T> view(const TokenTensor& t) const {
+    return {static_cast<T*>(t.data) + b * t.stride_b + h * t.stride_h, t.stride_n};
+  }
+};
+
 // ---- asynchronous copies into shared memory (cp.async) ----------------------------------
 // cp_async16(dst, src, valid) starts a 16-byte global -> shared copy (both 16-byte aligned)
 // that bypasses registers and L1, or writes 16 zero bytes when !valid (src is then not read,

@@ -175,6 +175,23 @@ __device__ __forceinline__ void raw_tile_issue(Tile& dst, RowPtr row_ptr, int64_
   }
 }
 
+// The one chunk a thread copies of every slice of a stream of RawTiles (row, col fixed per
+// thread): the caller keeps the chunk's source pointer and steps it by a slice per issue, so a
+// slice costs an add instead of the row's address arithmetic. src is this thread's chunk of the
+// slice; rows / cols left in the slice from its first row / column; fallback as above.
+template <class Tile> struct RawChunk {
+  static_assert(Tile::kChunks == kThreads, "one chunk per thread");
+  int row, col;
+  __device__ __forceinline__ RawChunk()
+      : row(static_cast<int>(threadIdx.x) / Tile::kChunksPerRow),
+        col(static_cast<int>(threadIdx.x) % Tile::kChunksPerRow * Tile::kChunkElems) {}
+  template <class T>
+  __device__ __forceinline__ void issue(Tile& dst, const T* src, int64_t rows, int64_t cols, const T* fallback) const {
+    const bool valid = row < rows && col < cols;
+    cp_async16(&dst.v[row][col], valid ? src : fallback, valid);
+  }
+};
+
 // ---- 16-bit tensor-core fragments: ldmatrix + mma.sync.m16n8k16 (sm_80+) -----------------
 // A warp multiplies a 16 x 16 fp16 / bf16 tile A by a 16 x 8 tile B into a 16 x 8 fp32 tile D
 // (PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type"). With g = lane / 4,

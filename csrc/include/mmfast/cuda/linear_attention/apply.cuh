@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // ---- the asynchronous tensor-core variant (16-bit inputs, 16-byte aligned rows, sm_80+) ------
 // A persistent grid (the resident blocks only); each block takes a contiguous range of items
 // ordered token tile fastest, so it keeps one head's state columns S[:, v0:v0+64] and m in
-// shared memory across items and reloads them only when the head or the Dv tile changes. The
+// shared memory across a run of items and reloads them only when the head or the Dv tile
+// changes. The
 // raw q of all its items streams through one ring of kAsyncApplyStages tiles (64 tokens x kBK
 // dims): the next item's q is in flight while this one multiplies; the wait leaves
 // kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16 per block; the pass's other half
@@ -120,8 +121,9 @@ template <class C> inline size_t async_apply_smem_bytes(int dk) {
   return kStateColumnsOffset<C> + 2 * sizeof(typename C::T) * static_cast<size_t>(round_up(dk, kBK)) * kStateLd;
 }
 
-// Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head, decoded
-// with 32-bit divisions (the launch guarantees fewer than 2^32 items).
+// Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head. A block
+// decodes its first item (32-bit divisions: the launch guarantees fewer than 2^32 items) and
+// counts from there, heads as (b, h) for the token views.
 __device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& a, int64_t item) {
   const uint32_t index = static_cast<uint32_t>(item), ntiles = static_cast<uint32_t>(a.ntiles);
   ApplyItem it;
@@ -131,6 +133,24 @@ __device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& 
   it.bh = rest / static_cast<uint32_t>(a.tiles_v);
   return it;
 }
+struct ApplyWalk {
+  ApplyItem it;
+  HeadIndex head;  // it.bh
+  __device__ __forceinline__ void start(const ApplyArgs& a, int64_t item) {
+    it = apply_item_tokens_fastest(a, item);
+    head.start(it.bh, a.heads);
+  }
+  __device__ __forceinline__ void step(const ApplyArgs& a) {
+    it.n0 += kTile;
+    if (it.n0 < a.N) return;
+    it.n0 = 0;
+    it.v0 += kTile;
+    if (it.v0 < a.dv) return;
+    it.v0 = 0;
+    head.next(a.heads);
+    it.bh = head.bh;
+  }
+};
 
 // A power of two that brings the largest finite magnitude to [1, 2) (1 for 0, inf or NaN).
 __device__ __forceinline__ float range_scale(float largest) {
@@ -237,33 +257,35 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
 // out rows of the warp = acc / z with the range scales undone, z = D[:, 0] + D[:, 1] of the
 // z product (held by the lane with t = 0 of each row group, summed across the group's 4 lanes)
 // + eps.
+// Each row's factor inv_s_scale / z is one division; the outputs are products with it (a
+// power-of-two scale and a correctly rounded 1 / z: within an fp32 ulp of acc / z, far below
+// the output's rounding).
 template <class T>
-__device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it,
+__device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it, const TokenView<T>& out,
                                                       const float (&acc)[kApplyNTiles][4], const float (&z)[4],
                                                       float inv_s_scale, float inv_m_scale, int warp_row,
                                                       int warp_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float zr[2];
+  float row_factor[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float part = t == 0 ? z[2 * h] + z[2 * h + 1] : 0.0f;
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
-    zr[h] = part * inv_m_scale + static_cast<float>(a.eps);
+    row_factor[h] = inv_s_scale / (part * inv_m_scale + static_cast<float>(a.eps));
   }
-  const TokenView<T> out = token_view<T, uint32_t>(a.out, it.bh, a.heads);
 #pragma unroll
   for (int n = 0; n < kApplyNTiles; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t token = it.n0 + warp_row + g + 8 * (i / 2);
       const int col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
-      if (token < a.N && col < a.dv) out.row(token)[col] = from_acc<T>(acc[n][i] * inv_s_scale / zr[i / 2]);
+      if (token < a.N && col < a.dv) out.row(token)[col] = from_acc<T>(acc[n][i] * row_factor[i / 2]);
     }
 }
 
 template <class C>
-__global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a) {
   using T = typename C::T;
   static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
   constexpr int S = kAsyncApplyStages;
@@ -278,55 +300,62 @@ __global__ void __launch_bounds__(kThreads, 1) la_apply_async_kernel(ApplyArgs a
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
   // The block's q slices are copied and consumed in the same order (the g-th uses stage g % S),
-  // one commit group per slice, empty past the last item. The issuing side keeps its item
-  // decoded and its token view (divisions once per item, not per slice).
+  // one commit group per slice, empty past the last item. The issuing side keeps its item and
+  // this thread's source chunk, stepped a slice per issue.
   const int slices = static_cast<int>(ceil_div(a.dk, kBK));
-  int64_t next_item = first;
+  using Q = ApplyQTile<T>;
+  const RawChunk<Q> chunk;
+  int64_t next_item = first, next_rows = 0;  // next_rows: tokens from the next item's tile on
   int next_slice = 0, issued_stage = 0;
-  ApplyItem next_it = apply_item_tokens_fastest(a, first < last ? first : 0);
-  TokenView<const T> next_q = token_view<const T, uint32_t>(a.q, next_it.bh, a.heads);
+  ApplyWalk next;
+  const T* q_src = nullptr;  // this thread's chunk of the next slice
+  const auto begin_next_item = [&]() {
+    next_rows = a.N - next.it.n0;
+    q_src = next.head.view<const T>(a.q).row(next.it.n0 + chunk.row) + chunk.col;
+  };
+  next.start(a, first < last ? first : 0);
+  begin_next_item();
   const auto issue_next = [&]() {
     if (next_item < last) {
-      const int l0 = next_slice * kBK;
-      raw_tile_issue(sh.q[issued_stage], [&](int i) { return next_q.row(next_it.n0 + i) + l0; }, a.N - next_it.n0,
-                     a.dk - l0, next_q.base);
+      chunk.issue(sh.q[issued_stage], q_src, next_rows, a.dk - next_slice * kBK, static_cast<const T*>(a.q.data));
+      q_src += kBK;
       if (++next_slice == slices) {
         next_slice = 0;
-        if (++next_item < last) {
-          next_it = apply_item_tokens_fastest(a, next_item);
-          next_q = token_view<const T, uint32_t>(a.q, next_it.bh, a.heads);
-        }
+        ++next_item;
+        next.step(a);
+        begin_next_item();
       }
     }
     cp_async_commit();
     issued_stage = issued_stage + 1 == S ? 0 : issued_stage + 1;
   };
   for (int prologue = 0; prologue < S - 1; ++prologue) issue_next();
-  using Q = ApplyQTile<T>;
-  static_assert(Q::kChunks == kThreads, "one q chunk per thread");
-  const int chunk_token = threadIdx.x / Q::kChunksPerRow, chunk_dim = (threadIdx.x % Q::kChunksPerRow) * Q::kChunkElems;
-  int64_t loaded_bh = -1;
-  int loaded_v0 = -1, stage = 0;
-  for (int64_t item = first; item < last; ++item) {
-    const ApplyItem it = apply_item_tokens_fastest(a, item);
-    if (it.bh != loaded_bh || it.v0 != loaded_v0) {  // uniform across the block
-      load_state_columns(a, it, sh, s_hi, s_lo);
-      loaded_bh = it.bh;
-      loaded_v0 = it.v0;
-    }
-    float acc[kApplyNTiles][4] = {}, z[4] = {};
-    for (int sl = 0; sl < slices; ++sl) {
-      cp_async_wait<S - 2>();  // this thread's copies of this slice landed
-      __syncthreads();         // everyone's landed; the previous slice's products are done
-      issue_next();            // into the previous slice's stage: its readers passed the barrier above
-      const int l0 = sl * kBK;
-      phi_chunk<C>(reinterpret_cast<uint4*>(&sh.q[stage].v[chunk_token][chunk_dim]), nullptr,
-                   chunk_token < a.N - it.n0 && l0 + chunk_dim < a.dk);  // Dk: a multiple of 8 here
-      __syncthreads();
-      multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
-      stage = stage + 1 == S ? 0 : stage + 1;
-    }
-    store_apply_fragments<T>(a, it, acc, z, sh.inv_s_scale, sh.inv_m_scale, warp_row, warp_col);
+  int stage = 0;
+  ApplyWalk walk;
+  walk.start(a, first < last ? first : 0);
+  for (int64_t item = first; item < last;) {
+    // A run of items of one head and Dv tile (token tiles fastest: it ends where n0 wraps to 0)
+    // shares the state columns, loaded once.
+    load_state_columns(a, walk.it, sh, s_hi, s_lo);
+    do {
+      const ApplyItem& it = walk.it;
+      float acc[kApplyNTiles][4] = {}, z[4] = {};
+      for (int sl = 0; sl < slices; ++sl) {
+        cp_async_wait<S - 2>();  // this thread's copies of this slice landed
+        __syncthreads();         // everyone's landed; the previous slice's products are done
+        issue_next();            // into the previous slice's stage: its readers passed the barrier above
+        const int l0 = sl * kBK;
+        phi_chunk<C>(reinterpret_cast<uint4*>(&sh.q[stage].v[chunk.row][chunk.col]), nullptr,
+                     chunk.row < a.N - it.n0 && l0 + chunk.col < a.dk);  // Dk: a multiple of 8 here
+        __syncthreads();
+        multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
+        stage = stage + 1 == S ? 0 : stage + 1;
+      }
+      store_apply_fragments<T>(a, it, walk.head.view<T>(a.out), acc, z, sh.inv_s_scale, sh.inv_m_scale, warp_row,
+                               warp_col);
+      ++item;
+      walk.step(a);
+    } while (item < last && walk.it.n0 != 0);
   }
 }
 

@@ -49,13 +49,18 @@ constexpr int kRawPad = 8;
 template <class C>
 __device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool valid, float scale = 1.0f) {
   using T = typename C::T;
+  if (!valid) {  // one branch per chunk, not one per element
+    *chunk = make_uint4(0u, 0u, 0u, 0u);
+    if (lo_chunk != nullptr) *lo_chunk = make_uint4(0u, 0u, 0u, 0u);
+    return;
+  }
   const uint4 bits = *chunk;
   const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
   uint32_t hi[4], lo[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 x = unpack_pair<T>(words[i]);
-    const float p0 = valid ? phi_fast<C::fm>(x.x) * scale : 0.0f, p1 = valid ? phi_fast<C::fm>(x.y) * scale : 0.0f;
+    const float p0 = phi_fast<C::fm>(x.x) * scale, p1 = phi_fast<C::fm>(x.y) * scale;
     if (lo_chunk != nullptr)
       split_pair<T>(p0, p1, hi[i], lo[i]);
     else

@@ -372,25 +372,62 @@ __device__ __forceinline__ void store_warp_state(const StateArgs& a, const State
 
 __device__ __forceinline__ int64_t item_slices(const StateItem& it) { return ceil_div(it.t_end - it.t_begin, kBK); }
 
-// The next slice to copy, walking a block's items in order. The item's decoded form and token
-// views are kept: divisions are paid once per item, not per slice.
+// The item after `it` in launch order (Dv tile fastest, then Dk tile, N chunk, b*h), counted
+// instead of decoded: the cp.async kernel walks a contiguous range, so only its first item pays
+// state_item's divisions.
+__device__ __forceinline__ void step_state_item(const StateArgs& a, StateItem& it) {
+  it.v0 += kTile;
+  if (it.v0 < a.dv) return;
+  it.v0 = 0;
+  it.k0 += kTile;
+  if (it.k0 < a.dk) return;
+  it.k0 = 0;
+  if (++it.chunk == a.nchunks) {
+    it.chunk = 0;
+    ++it.bh;
+  }
+  it.t_begin = it.chunk * a.chunk;
+  it.t_end = min_i64(it.t_begin + a.chunk, a.N);
+}
+
+// The next slice to copy, walking a block's items in order. It keeps this thread's source
+// chunks of k and v and steps them a slice per issue, and counts items and heads, so neither
+// a slice nor an item pays a division.
 template <class T> struct StateCursor {
-  int64_t item, last, slice, slices;
+  using Chunk = RawChunk<MmaSlice<T>>;
+  int64_t item, last;
+  int64_t rows;  // the item's tokens from the next slice on
   StateItem it;
-  TokenView<const T> k, v;
+  HeadIndex head;  // it.bh
+  const T *k_src, *v_src;
   __device__ __forceinline__ void start(const StateArgs& a, int64_t first, int64_t end) {
     item = first;
     last = end;
-    slice = 0;
-    if (item < last) {
-      it = state_item<uint32_t>(a, item, 0);
-      slices = item_slices(it);
-      k = token_view<const T, uint32_t>(a.k, it.bh, a.heads);
-      v = token_view<const T, uint32_t>(a.v, it.bh, a.heads);
-    }
+    it = state_item<uint32_t>(a, first < end ? first : 0, 0);
+    head.start(it.bh, a.heads);
+    begin_item(a);
   }
-  __device__ __forceinline__ void advance(const StateArgs& a) {
-    if (++slice == slices) start(a, item + 1, last);
+  __device__ __forceinline__ void begin_item(const StateArgs& a) {
+    const Chunk c;
+    const int64_t t = it.t_begin + c.row;
+    rows = it.t_end - it.t_begin;
+    k_src = head.view<const T>(a.k).row(t) + it.k0 + c.col;
+    v_src = head.view<const T>(a.v).row(t) + it.v0 + c.col;
+  }
+  // Starts this thread's copies of the next slice into k, v and moves on.
+  __device__ __forceinline__ void issue(const StateArgs& a, MmaSlice<T>& k, MmaSlice<T>& v) {
+    const Chunk c;
+    c.issue(k, k_src, rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
+    c.issue(v, v_src, rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
+    rows -= kBK;
+    k_src += kBK * a.k.stride_n;
+    v_src += kBK * a.v.stride_n;
+    if (rows > 0) return;
+    ++item;
+    const int64_t bh = it.bh;
+    step_state_item(a, it);
+    if (it.bh != bh) head.next(a.heads);
+    begin_item(a);
   }
 };
 
@@ -414,40 +451,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
   next.start(a, first, last);
   int issued_stage = 0;  // issued slices mod S
   const auto issue_next = [&]() {
-    if (next.item < last) {
-      const StateItem& it = next.it;
-      const int64_t t0 = it.t_begin + next.slice * kBK;
-      raw_tile_issue(sh.k[issued_stage], [&](int l) { return next.k.row(t0 + l) + it.k0; }, it.t_end - t0,
-                     a.dk - it.k0, next.k.base);
-      raw_tile_issue(sh.v[issued_stage], [&](int l) { return next.v.row(t0 + l) + it.v0; }, it.t_end - t0,
-                     a.dv - it.v0, next.v.base);
-      next.advance(a);
-    }
+    if (next.item < last) next.issue(a, sh.k[issued_stage], sh.v[issued_stage]);
     cp_async_commit();
     issued_stage = issued_stage + 1 == S ? 0 : issued_stage + 1;
   };
   for (int s = 0; s < S - 1; ++s) issue_next();
   int stage = 0;   // consumed slices mod S
   int parity = 0;  // consumed slices mod 2: the scalars' buffer
-  for (int64_t item = first; item < last; ++item) {
-    const StateItem it = state_item<uint32_t>(a, item, 0);
+  StateItem it = state_item<uint32_t>(a, first < last ? first : 0, 0);
+  for (int64_t item = first; item < last; ++item, step_state_item(a, it)) {
     WarpStateSums<float> sums;
     WarpStateSums<double> wide;
     zero_sums(sums);
     zero_sums(wide);
     const int64_t slices = item_slices(it);
-    for (int64_t s = 0; s < slices; ++s) {
-      const int64_t t0 = it.t_begin + s * kBK;
-      cp_async_wait<S - 2>();  // this thread's copies of this slice landed
-      if constexpr (Scaled) load_slice_scalars(a, it, t0, sh.z[parity], sh.w[parity]);
-      __syncthreads();  // everyone's landed; the previous slice's readers are done
-      issue_next();     // into the previous slice's stage
-      prepare_state_slice<C, Scaled>(sh, stage, it.t_end - t0, a.dk - it.k0, sh.z[parity]);
-      __syncthreads();
-      multiply_state_slice<C, Scaled>(sums, sh, stage, sh.w[parity], warp_row, warp_col);
-      stage = stage + 1 == S ? 0 : stage + 1;
-      parity ^= 1;
-      if ((s + 1) % kFlushSlices == 0) flush_sums(sums, wide);
+    // Groups of kFlushSlices slices, flushed after each: the slice loop holds the per-slice work only.
+    for (int64_t s0 = 0; s0 < slices; s0 += kFlushSlices) {
+      const int group = static_cast<int>(min_i64(kFlushSlices, slices - s0));
+#pragma unroll 1
+      for (int g = 0; g < group; ++g) {
+        const int64_t t0 = it.t_begin + (s0 + g) * kBK;
+        cp_async_wait<S - 2>();  // this thread's copies of this slice landed
+        if constexpr (Scaled) load_slice_scalars(a, it, t0, sh.z[parity], sh.w[parity]);
+        __syncthreads();  // everyone's landed; the previous slice's readers are done
+        issue_next();     // into the previous slice's stage
+        prepare_state_slice<C, Scaled>(sh, stage, it.t_end - t0, a.dk - it.k0, sh.z[parity]);
+        __syncthreads();
+        multiply_state_slice<C, Scaled>(sums, sh, stage, sh.w[parity], warp_row, warp_col);
+        stage = stage + 1 == S ? 0 : stage + 1;
+        parity ^= 1;
+      }
+      flush_sums(sums, wide);
     }
     store_warp_state<A>(a, it, sums, wide, warp_row, warp_col);
   }
