@@ -86,7 +86,8 @@ def state_plan(bh: int, n: int, dk: int, dv: int, sms: int = SMS) -> tuple[int, 
     base = bh * ceil_div(dk, TILE) * ceil_div(dv, TILE)
     min_chunk = max(MIN_CHUNK, 2 * max(dk, dv))
     want = max(1, min(ceil_div(CHUNK_OVERSUB * sms, base), ceil_div(n, min_chunk)))
-    chunk = ceil_div(ceil_div(n, want), BK) * BK
+    whole = header_constant("kSliceTokens", "state.cuh")  # chunks hold whole ring slices
+    chunk = ceil_div(ceil_div(n, want), whole) * whole
     return chunk, ceil_div(n, chunk)
 
 
@@ -142,9 +143,9 @@ def header_constant(name: str, header: str) -> int:
 TOKEN_LOADS_IN_FLIGHT = {"la_state_kernel": 16, "la_apply_kernel": 8, "la_state_reduce_kernel": 4}
 # cp.async kernels: a ring of S stages whose wait_group(S - 2) leaves S - 2 commit groups in
 # flight while a thread computes; one group is a thread's 16-byte copies of one slice (state:
-# one of k and one of v; apply: one of q, for 16-bit inputs).
-ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh", 32),
-              "la_apply_async_kernel": ("kAsyncApplyStages", "apply.cuh", 16)}
+# two of k and two of v; apply: two of q, for 16-bit inputs).
+ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh", 64),
+              "la_apply_async_kernel": ("kAsyncApplyStages", "apply.cuh", 32)}
 # The configuration the bf16 benchmarks run: elu(x) + 1 on tensor cores (the state kernels'
 # forward instantiation: Scaled = false).
 BENCH_CONFIG = "bf16, FeatureMap=1, true"
@@ -186,25 +187,28 @@ WARPS = THREADS // 32
 
 
 def ring_slices(p: Pass, bh: int, n: int, d: int) -> int:
-    """Slices the cp.async kernel of a pass streams: the state pass kBK tokens of k and v per
-    (Dk tile, Dv tile); apply 64 tokens x kBK dims of q per Dv tile."""
+    """Slices the cp.async kernel of a pass streams: the state pass kSliceTokens tokens of k and
+    v per (Dk tile, Dv tile) and chunk; apply 64 tokens x kApplySliceDims dims of q per Dv tile."""
     tiles = ceil_div(d, TILE)
     if p.kernel == "la_state_async_kernel":
-        return bh * tiles * tiles * ceil_div(n, BK)
+        chunk, nchunks = state_plan(bh, n, d, d)
+        per_slice = header_constant("kSliceTokens", "state.cuh")
+        return bh * tiles * tiles * sum(ceil_div(min(chunk, n - c * chunk), per_slice) for c in range(nchunks))
     if p.kernel == "la_apply_async_kernel":
-        return bh * tiles * ceil_div(n, TILE) * ceil_div(d, BK)
+        return bh * tiles * ceil_div(n, TILE) * ceil_div(d, header_constant("kApplySliceDims", "apply.cuh"))
     return 0
 
 
 def ring_groups(p: Pass, bh: int, n: int, d: int) -> int:
     """Iterations of the loop around a cp.async kernel's slice loop: the state pass's groups of
-    kFlushSlices slices (its fp32 sums flushed into fp64 after each), apply's items (64 tokens
+    kAsyncFlushSlices slices (its fp32 sums flushed into fp64 after each), apply's items (64 tokens
     x one Dv tile: the epilogue that divides by z and stores the output)."""
     tiles = ceil_div(d, TILE)
     if p.kernel == "la_state_async_kernel":
         chunk, nchunks = state_plan(bh, n, d, d)
-        flush = header_constant("kFlushSlices", "state.cuh")
-        groups = sum(ceil_div(ceil_div(min(chunk, n - c * chunk), BK), flush) for c in range(nchunks))
+        flush = header_constant("kAsyncFlushSlices", "state.cuh")
+        per_slice = header_constant("kSliceTokens", "state.cuh")
+        groups = sum(ceil_div(ceil_div(min(chunk, n - c * chunk), per_slice), flush) for c in range(nchunks))
         return bh * tiles * tiles * groups
     if p.kernel == "la_apply_async_kernel":
         return bh * tiles * ceil_div(n, TILE)

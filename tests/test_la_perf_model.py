@@ -54,8 +54,8 @@ def test_ring_depths_come_from_the_headers():
     stages = model.header_constant("kAsyncStages", "state.cuh")
     apply_stages = model.header_constant("kAsyncApplyStages", "apply.cuh")
     assert stages >= 3 and apply_stages >= 3
-    assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 32
-    assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 16
+    assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 64
+    assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 32
     row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
            "pipelined_bytes": 96, "blocks_per_sm": 2}
     assert model.bytes_in_flight("la_state_async_kernel", {"kernels": [row]}, 2) == 96  # the SASS figure wins
@@ -94,21 +94,25 @@ def test_issue_estimate_counts_the_ring_loop_per_slice_and_warp():
     state = model.forward_passes(10, 16384, 64)[0]
     row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
            "ring_loop_instructions": 100, "blocks_per_sm": 1}
-    slices = 10 * 16384 // model.BK
+    # Slices of kSliceTokens tokens; chunks hold whole slices, so at N = 16,384 none is short.
+    per_slice = model.header_constant("kSliceTokens", "state.cuh")
+    chunk, nchunks = model.state_plan(10, 16384, 64, 64)
+    assert chunk % per_slice == 0 and nchunks > 1
+    slices = 10 * 16384 // per_slice
     assert model.ring_slices(state, 10, 16384, 64) == slices
     expected = slices * 100 * 8 / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)
     assert abs(model.issue_estimate_seconds(state, 10, 16384, 64, {"kernels": [row]}) - expected) < 1e-12
-    # The loop around the slices runs once per kFlushSlices slices of each chunk (the last
+    # The loop around the slices runs once per kAsyncFlushSlices slices of each chunk (the last
     # group of a chunk may be short).
-    chunk, nchunks = model.state_plan(10, 16384, 64, 64)
-    flush = model.header_constant("kFlushSlices", "state.cuh")
+    flush = model.header_constant("kAsyncFlushSlices", "state.cuh")
     groups = model.ring_groups(state, 10, 16384, 64)
-    assert groups == 10 * sum(-(-(-(-min(chunk, 16384 - c * chunk) // model.BK)) // flush) for c in range(nchunks))
+    assert groups == 10 * sum(-(-(-(-min(chunk, 16384 - c * chunk) // per_slice)) // flush) for c in range(nchunks))
     assert slices / flush <= groups < slices / flush + 10 * nchunks
     with_outer = {**row, "ring_outer_instructions": 50}
     expected = (slices * 100 + groups * 50) * 8 / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)
     assert abs(model.issue_estimate_seconds(state, 10, 16384, 64, {"kernels": [with_outer]}) - expected) < 1e-12
     assert model.issue_estimate_seconds(state, 10, 16384, 64, None) == 0  # no SASS report: no issue figure
     apply = model.forward_passes(10, 16384, 64)[-1]
-    assert model.ring_slices(apply, 10, 16384, 64) == 10 * (16384 // 64) * (64 // model.BK)
+    apply_dims = model.header_constant("kApplySliceDims", "apply.cuh")
+    assert model.ring_slices(apply, 10, 16384, 64) == 10 * (16384 // 64) * -(-64 // apply_dims)
     assert model.ring_groups(apply, 10, 16384, 64) == 10 * (16384 // 64)  # one epilogue per item

@@ -287,6 +287,10 @@ int main(int argc, char** argv) {
   // state kernel counts its items instead of decoding them) and Dk / Dv tiles.
   all(3, 2, 600, 64, 64, 1, 0, 8, 2);
   all(2, 2, 300, 128, 128, 2, 0, 8, 2);
+  // cp.async apply stores column pairs as 4-byte words: an even Dv not a multiple of 8 keeps
+  // each pair inside; an odd Dv (out rows not 4-byte aligned) takes the register-staged apply.
+  all(1, 2, 130, 64, 10, 1, 0, 8, 2);
+  all(1, 2, 130, 64, 7, 1, 0, 8, 2);
   if (level >= 2) {
     const int64_t dims[] = {1, 7, 40, 64, 80, 160, 256};
     int i = 0;

@@ -237,11 +237,15 @@ template <int Pending> __device__ __forceinline__ void cp_async_wait() {
 #endif
 
 // True when every token row of t (D elements of elem_bytes each, unit stride) starts on a
-// 16-byte boundary and holds whole 16-byte chunks: the rows can be copied with cp_async16.
+// multiple of `bytes` and holds whole multiples of it: the rows can be accessed in bytes-wide
+// pieces (16: copied with cp_async16; 4: pairs of 16-bit elements stored as one word).
+inline bool rows_aligned(const TokenTensor& t, int64_t D, int64_t elem_bytes, int64_t bytes) {
+  const auto aligned = [&](int64_t elems) { return (elems * elem_bytes) % bytes == 0; };
+  return reinterpret_cast<uintptr_t>(t.data) % bytes == 0 && aligned(D) && aligned(t.stride_n) &&
+         aligned(t.stride_h) && aligned(t.stride_b);
+}
 inline bool rows_16b_aligned(const TokenTensor& t, int64_t D, int64_t elem_bytes) {
-  const auto aligned = [&](int64_t elems) { return (elems * elem_bytes) % 16 == 0; };
-  return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && aligned(D) && aligned(t.stride_n) && aligned(t.stride_h) &&
-         aligned(t.stride_b);
+  return rows_aligned(t, D, elem_bytes, 16);
 }
 
 // ---- launches ------------------------------------------------------------------------------

@@ -175,15 +175,18 @@ __device__ __forceinline__ void raw_tile_issue(Tile& dst, RowPtr row_ptr, int64_
   }
 }
 
-// The one chunk a thread copies of every slice of a stream of RawTiles (row, col fixed per
-// thread): the caller keeps the chunk's source pointer and steps it by a slice per issue, so a
-// slice costs an add instead of the row's address arithmetic. src is this thread's chunk of the
+// The k-th of the chunks a thread copies of every slice of a stream of RawTiles (fixed per
+// thread and k; chunk threadIdx.x + k * kThreads, kRowsPerPass rows below the (k-1)-th): the
+// caller keeps its first chunk's source pointer and steps it by a slice per issue, so a slice
+// costs an add instead of the rows' address arithmetic. src is this chunk's source in the
 // slice; rows / cols left in the slice from its first row / column; fallback as above.
 template <class Tile> struct RawChunk {
-  static_assert(Tile::kChunks == kThreads, "one chunk per thread");
+  static constexpr int kPerThread = Tile::kChunks / kThreads;
+  static constexpr int kRowsPerPass = kThreads / Tile::kChunksPerRow;
+  static_assert(kThreads % Tile::kChunksPerRow == 0, "whole rows per pass of the block's threads");
   int row, col;
-  __device__ __forceinline__ RawChunk()
-      : row(static_cast<int>(threadIdx.x) / Tile::kChunksPerRow),
+  __device__ __forceinline__ explicit RawChunk(int k = 0)
+      : row(static_cast<int>(threadIdx.x) / Tile::kChunksPerRow + k * kRowsPerPass),
         col(static_cast<int>(threadIdx.x) % Tile::kChunksPerRow * Tile::kChunkElems) {}
   template <class T>
   __device__ __forceinline__ void issue(Tile& dst, const T* src, int64_t rows, int64_t cols, const T* fallback) const {

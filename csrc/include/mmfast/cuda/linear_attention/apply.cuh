@@ -85,11 +85,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // A persistent grid (the resident blocks only); each block takes a contiguous range of items
 // ordered token tile fastest, so it keeps one head's state columns S[:, v0:v0+64] and m in
 // shared memory across a run of items and reloads them only when the head or the Dv tile
-// changes. The
-// raw q of all its items streams through one ring of kAsyncApplyStages tiles (64 tokens x kBK
-// dims): the next item's q is in flight while this one multiplies; the wait leaves
-// kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16 per block; the pass's other half
-// of the traffic, the output, is stores, which need no such cover).
+// changes. The raw q of all its items streams through one ring of kAsyncApplyStages tiles (64
+// tokens x kApplySliceDims dims, 8 KB of bf16: one slice per item at D = 64, so the fixed
+// costs of a slice are paid per 8 KB): the next item's q is in flight while this one
+// multiplies; the wait leaves kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16 per
+// block; the pass's other half of the traffic, the output, is stores, which need no such
+// cover).
 //
 // The products run on the tensor cores (ldmatrix + mma.sync.m16n8k16, fp32 sums): phi(q) is
 // made in place in the landed tile, rounded to T once (its error averages over Dk and is
@@ -100,8 +101,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // powers of two that bring their largest magnitude to [1, 2) (fp16 tops out at 65504 and
 // goes subnormal below 6.1e-5; the scales are undone exactly in the epilogue). Warp w owns
 // tokens (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's tile.
-constexpr int kAsyncApplyStages = 10;
-template <class T> using ApplyQTile = RawTile<T, kTile, kBK, kRawPad>;
+constexpr int kAsyncApplyStages = 6;
+constexpr int kApplySliceDims = 64;  // Dk elements of q per slice of the ring
+template <class T> using ApplyQTile = RawTile<T, kTile, kApplySliceDims, kRawPad>;
 constexpr int kApplyWarpRows = 16, kApplyWarpCols = 32, kApplyNTiles = kApplyWarpCols / 8;
 constexpr int kApplyWarpsPerCol = kTile / kApplyWarpRows;
 constexpr int kStateLd = kTile + kRawPad;  // 144-byte rows of the 16-bit state columns
@@ -114,11 +116,13 @@ template <class C> struct AsyncApplyShared {
   float warp_max[2][kThreads / 32];  // the fp16 scales' reduction
   float inv_s_scale, inv_m_scale;    // 1 / the power-of-two scales of the state columns and m
 };
-// Followed by S_hi and S_lo[round_up(Dk, kBK)][kStateLd], the state columns, sized at launch.
+// Followed by S_hi and S_lo[round_up(Dk, kApplySliceDims)][kStateLd], the state columns, sized
+// at launch.
 template <class C> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<C>), 128);
 
 template <class C> inline size_t async_apply_smem_bytes(int dk) {
-  return kStateColumnsOffset<C> + 2 * sizeof(typename C::T) * static_cast<size_t>(round_up(dk, kBK)) * kStateLd;
+  return kStateColumnsOffset<C> +
+         2 * sizeof(typename C::T) * static_cast<size_t>(round_up(dk, kApplySliceDims)) * kStateLd;
 }
 
 // Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head. A block
@@ -184,7 +188,7 @@ __device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem&
   __syncthreads();
 }
 
-// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kBK), and m into
+// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kApplySliceDims), and m into
 // m_cols, both scaled into fp16's range for fp16 (sh's inverse scales: 1 for bf16). Between
 // barriers.
 template <class C>
@@ -200,7 +204,7 @@ __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const App
   const float s_scale = std::is_same_v<T, __half> ? 1.0f / sh.inv_s_scale : 1.0f;
   const float m_scale = std::is_same_v<T, __half> ? 1.0f / sh.inv_m_scale : 1.0f;
   const auto state = state_operand<float>(a, it);
-  const int rows = static_cast<int>(round_up(a.dk, kBK));
+  const int rows = static_cast<int>(round_up(a.dk, kApplySliceDims));
   for (int e = threadIdx.x; e < rows * (kTile / 2); e += kThreads) {
     const int l = e / (kTile / 2), j = (e % (kTile / 2)) * 2;
     uint32_t hi, lo;
@@ -219,7 +223,8 @@ __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const App
   __syncthreads();
 }
 
-// out += this warp's products over one prepared q slice (kBK dims of Dk from l0), z likewise.
+// out += this warp's products over one prepared q slice (kApplySliceDims dims of Dk from l0), z
+// likewise.
 template <class C>
 __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][4], float (&z)[4],
                                                      const AsyncApplyShared<C>& sh, int stage, int l0,
@@ -227,15 +232,15 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
                                                      int warp_row, int warp_col) {
   using T = typename C::T;
   const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
-  uint32_t bm[4];  // m columns for both steps: matrix j is Dk rows l0 + 8j
+  uint32_t bm[4];  // m columns for two steps: matrix j is Dk rows l0 + kk + 8j
 #pragma unroll
-  for (int kk = 0; kk < kBK; kk += 16) {
+  for (int kk = 0; kk < kApplySliceDims; kk += 16) {
     // A = phi(q) (tokens x Dk, row-major): matrix j is tokens + 8 (j % 2), dims + 8 (j / 2).
     const int a_token = warp_row + 8 * (j % 2) + r, a_dim = kk + 8 * (j / 2);
     uint32_t a_q[4];
     ldmatrix_x4(a_q, &sh.q[stage].v[a_token][a_dim]);  // first: the emulator then sees a missing barrier
-    if (kk == 0) ldmatrix_x4_trans(bm, &sh.m_cols[l0 + 8 * j + r][0]);
-    const uint32_t b_m[2] = {bm[kk / 8], bm[kk / 8 + 1]};
+    if (kk % 32 == 0) ldmatrix_x4_trans(bm, &sh.m_cols[l0 + kk + 8 * j + r][0]);
+    const uint32_t b_m[2] = {bm[kk % 32 / 8], bm[kk % 32 / 8 + 1]};
     mma_m16n8k16<T>(z, a_q, b_m);
 #pragma unroll
     for (int p = 0; p < kApplyNTiles / 2; ++p) {
@@ -259,29 +264,30 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
 // + eps.
 // Each row's factor inv_s_scale / z is one division; the outputs are products with it (a
 // power-of-two scale and a correctly rounded 1 / z: within an fp32 ulp of acc / z, far below
-// the output's rounding).
+// the output's rounding). A lane's two adjacent columns go out as one 4-byte word (the launch
+// requires out rows 4-byte aligned, so an even Dv keeps each pair in or out together).
 template <class T>
 __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it, const TokenView<T>& out,
                                                       const float (&acc)[kApplyNTiles][4], const float (&z)[4],
                                                       float inv_s_scale, float inv_m_scale, int warp_row,
                                                       int warp_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float row_factor[2];
+  const int col = it.v0 + warp_col + 2 * t;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float part = t == 0 ? z[2 * h] + z[2 * h + 1] : 0.0f;
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
-    row_factor[h] = inv_s_scale / (part * inv_m_scale + static_cast<float>(a.eps));
+    const float row_factor = inv_s_scale / (part * inv_m_scale + static_cast<float>(a.eps));
+    const int64_t token = it.n0 + warp_row + g + 8 * h;
+    if (token >= a.N) continue;
+    T* const row = out.row(token) + col;
+#pragma unroll
+    for (int n = 0; n < kApplyNTiles; ++n)
+      if (col + 8 * n < a.dv)
+        *reinterpret_cast<uint32_t*>(row + 8 * n) =
+            pack_pair<T>(acc[n][2 * h] * row_factor, acc[n][2 * h + 1] * row_factor);
   }
-#pragma unroll
-  for (int n = 0; n < kApplyNTiles; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t token = it.n0 + warp_row + g + 8 * (i / 2);
-      const int col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
-      if (token < a.N && col < a.dv) out.row(token)[col] = from_acc<T>(acc[n][i] * row_factor[i / 2]);
-    }
 }
 
 template <class C>
@@ -292,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   MMFAST_DYNAMIC_SHARED(smem);
   auto& sh = *reinterpret_cast<AsyncApplyShared<C>*>(smem);
   T* const s_hi = reinterpret_cast<T*>(smem + kStateColumnsOffset<C>);
-  T* const s_lo = s_hi + round_up(a.dk, kBK) * kStateLd;
+  T* const s_lo = s_hi + round_up(a.dk, kApplySliceDims) * kStateLd;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int warp_row = (warp % kApplyWarpsPerCol) * kApplyWarpRows;
   const int warp_col = (warp / kApplyWarpsPerCol) * kApplyWarpCols;
@@ -302,9 +308,9 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   // The block's q slices are copied and consumed in the same order (the g-th uses stage g % S),
   // one commit group per slice, empty past the last item. The issuing side keeps its item and
   // this thread's source chunk, stepped a slice per issue.
-  const int slices = static_cast<int>(ceil_div(a.dk, kBK));
-  using Q = ApplyQTile<T>;
-  const RawChunk<Q> chunk;
+  const int slices = static_cast<int>(ceil_div(a.dk, kApplySliceDims));
+  using Chunk = RawChunk<ApplyQTile<T>>;
+  const Chunk chunk;  // this thread's first chunk; the k-th is Chunk::kRowsPerPass * k tokens below
   int64_t next_item = first, next_rows = 0;  // next_rows: tokens from the next item's tile on
   int next_slice = 0, issued_stage = 0;
   ApplyWalk next;
@@ -317,8 +323,11 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   begin_next_item();
   const auto issue_next = [&]() {
     if (next_item < last) {
-      chunk.issue(sh.q[issued_stage], q_src, next_rows, a.dk - next_slice * kBK, static_cast<const T*>(a.q.data));
-      q_src += kBK;
+#pragma unroll
+      for (int k = 0; k < Chunk::kPerThread; ++k)
+        Chunk(k).issue(sh.q[issued_stage], q_src + k * Chunk::kRowsPerPass * a.q.stride_n, next_rows,
+                       a.dk - next_slice * kApplySliceDims, static_cast<const T*>(a.q.data));
+      q_src += kApplySliceDims;
       if (++next_slice == slices) {
         next_slice = 0;
         ++next_item;
@@ -344,9 +353,13 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
         cp_async_wait<S - 2>();  // this thread's copies of this slice landed
         __syncthreads();         // everyone's landed; the previous slice's products are done
         issue_next();            // into the previous slice's stage: its readers passed the barrier above
-        const int l0 = sl * kBK;
-        phi_chunk<C>(reinterpret_cast<uint4*>(&sh.q[stage].v[chunk.row][chunk.col]), nullptr,
-                     chunk.row < a.N - it.n0 && l0 + chunk.col < a.dk);  // Dk: a multiple of 8 here
+        const int l0 = sl * kApplySliceDims;
+#pragma unroll
+        for (int k = 0; k < Chunk::kPerThread; ++k) {
+          const Chunk c(k);
+          phi_chunk<C>(reinterpret_cast<uint4*>(&sh.q[stage].v[c.row][c.col]), nullptr,
+                       c.row < a.N - it.n0 && l0 + c.col < a.dk);  // Dk: a multiple of 8 here
+        }
         __syncthreads();
         multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
         stage = stage + 1 == S ? 0 : stage + 1;
@@ -360,14 +373,14 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
 }
 
 // The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose q rows cp.async
-// can copy whole, with fewer than 2^32 items (its 32-bit item decoding), when its code was
-// compiled for sm_80+ (not JIT-compiled from older PTX).
+// can copy whole and whose out rows take 4-byte words, with fewer than 2^32 items (its 32-bit
+// item decoding), when its code was compiled for sm_80+ (not JIT-compiled from older PTX).
 template <class C> bool use_async_apply(const ApplyArgs& a, int64_t items) {
   if constexpr (!C::tc) {
     return false;
   } else {
     return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
-           rows_16b_aligned(a.q, a.dk, sizeof(typename C::T)) &&
+           rows_16b_aligned(a.q, a.dk, sizeof(typename C::T)) && rows_aligned(a.out, a.dv, sizeof(typename C::T), 4) &&
            async_apply_smem_bytes<C>(a.dk) <= max_shared_per_block() && compiled_for(&la_apply_async_kernel<C>, 80);
   }
 }

@@ -215,16 +215,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 
 // ---- the asynchronous tensor-core variant (16-bit inputs, 16-byte aligned rows, sm_80+) ------
 // The same sums as la_state_kernel on a persistent grid (the resident blocks only): each block
-// takes a contiguous range of items, whose raw k / v slices travel by cp.async through one ring
-// of kAsyncStages slices, across item boundaries (no pipeline refill per item). Each wait
-// leaves kAsyncStages - 2 slices pending and the next is issued right after, so S - 1 are in
-// flight while the landed one is prepared and multiplied. 6 stages of 16-bit inputs keep at
-// least 4 x 8 KB = 32 KB per block in flight; Little's law at 700-900 ns of loaded DRAM latency
-// asks about 23-30 KB per SM for an H200's 4.3 TB/s, all reads here
-// (docs/linear-attention-performance.md).
+// takes a contiguous range of items, whose raw k / v slices (kSliceTokens tokens: fixed costs
+// per slice, the barriers, the wait and the copies' bookkeeping, are paid per 16 KB) travel by
+// cp.async through one ring of kAsyncStages slices, across item boundaries (no pipeline
+// refill per item). Each wait leaves kAsyncStages - 2 slices pending and the next is issued
+// right after, so S - 1 are in flight while the landed one is prepared and multiplied. 5
+// stages of 16-bit inputs keep at least 3 x 16 KB = 48 KB per block in flight; Little's law at
+// 700-900 ns of loaded DRAM latency asks about 23-30 KB per SM for an H200's 4.3 TB/s, all
+// reads here (docs/linear-attention-performance.md).
 //
 // The operands stay 16-bit in shared memory and reach the tensor cores through ldmatrix +
-// mma.sync.m16n8k16 (tile_gemm.cuh), fp32 sums flushed into fp64 every kFlushSlices slices:
+// mma.sync.m16n8k16 (tile_gemm.cuh), fp32 sums flushed into fp64 every kAsyncFlushSlices slices:
 //  - a landed k slice becomes phi(k) in place (phi_fast: exp by MUFU.EX2), split as hi + lo
 //    (split_pair; lo into k_lo) and multiplied twice, so S and m keep about 16 mantissa bits of
 //    phi(k) for bf16 (the TF32 products of la_state_kernel keep 11);
@@ -234,18 +235,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 //  - m is one more product per step: B's columns 0 and 1 are w z split as hi + lo (1 and 0 in
 //    the forward), so m = D[:, 0] + D[:, 1].
 // Warp w owns Dk rows (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's 64 x 64 tile.
-constexpr int kAsyncStages = 6;
-template <class T> using MmaSlice = RawTile<T, kBK, kTile, kRawPad>;
+constexpr int kAsyncStages = 5;
+constexpr int kSliceTokens = 64;       // tokens of k and v per slice of the ring (16 KB of bf16)
+constexpr int kAsyncFlushSlices = 2;   // fp32 sums flushed into fp64 every 128 tokens
+template <class T> using MmaSlice = RawTile<T, kSliceTokens, kTile, kRawPad>;
 constexpr int kWarpRows = 16, kWarpCols = 32, kWarpNTiles = kWarpCols / 8;
 constexpr int kWarpsPerCol = kTile / kWarpRows;
 static_assert(kWarpsPerCol * (kTile / kWarpCols) * 32 == kThreads, "the warps cover the tile");
-static_assert(kBK % 16 == 0, "whole mma.m16n8k16 steps per slice");
+static_assert(kSliceTokens % 16 == 0, "whole mma.m16n8k16 steps per slice");
 
 template <class C> struct AsyncStateShared {
   using T = typename C::T;
   MmaSlice<T> k[kAsyncStages], v[kAsyncStages];
   MmaSlice<T> k_lo;            // phi(k) - hi of the slice being multiplied
-  float z[2][kBK], w[2][kBK];  // apply_backward's per-token 1 / z and w z, by slice parity
+  float z[2][kSliceTokens], w[2][kSliceTokens];  // apply_backward's per-token 1 / z and w z, by slice parity
 };
 
 // One warp's sums of an item: S (16 x 32: four 16 x 8 n-tiles) and the m product (16 x 8).
@@ -274,7 +277,7 @@ __device__ __forceinline__ void flush_sums(WarpStateSums<float>& sums, WarpState
 // 1 / z_t and w_t z_t of the slice's tokens (apply_backward only): 1 and 0 past the chunk.
 __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const StateItem& it, int64_t t0,
                                                    float* inv_z, float* wz) {
-  if (threadIdx.x >= kBK) return;
+  if (threadIdx.x >= kSliceTokens) return;
   const int64_t t = t0 + threadIdx.x;
   float inv = 1.0f, product = 0.0f;
   if (t < it.t_end) {
@@ -286,17 +289,20 @@ __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const Sta
   wz[threadIdx.x] = product;
 }
 
-// The landed k slice in `stage` made into the A operand, one 16-byte chunk per thread: phi(k)
-// (times 1 / z when Scaled) split in place (hi) and into k_lo, zero past the chunk's rows or
-// Dk (kcols, a multiple of 8).
+// The landed k slice in `stage` made into the A operand, 16-byte chunks (the ones this thread
+// copied): phi(k) (times 1 / z when Scaled) split in place (hi) and into k_lo, zero past the
+// chunk's rows or Dk (kcols, a multiple of 8).
 template <class C, bool Scaled>
 __device__ __forceinline__ void prepare_state_slice(AsyncStateShared<C>& sh, int stage, int64_t rows, int kcols,
                                                     const float* inv_z) {
-  using Slice = MmaSlice<typename C::T>;
-  static_assert(Slice::kChunks == kThreads, "one chunk per thread");
-  const int l = threadIdx.x / Slice::kChunksPerRow, x0 = (threadIdx.x % Slice::kChunksPerRow) * Slice::kChunkElems;
-  phi_chunk<C>(reinterpret_cast<uint4*>(&sh.k[stage].v[l][x0]), reinterpret_cast<uint4*>(&sh.k_lo.v[l][x0]),
-               l < rows && x0 < kcols, Scaled ? inv_z[l] : 1.0f);
+  using Chunk = RawChunk<MmaSlice<typename C::T>>;
+#pragma unroll
+  for (int k = 0; k < Chunk::kPerThread; ++k) {
+    const Chunk c(k);
+    phi_chunk<C>(reinterpret_cast<uint4*>(&sh.k[stage].v[c.row][c.col]),
+                 reinterpret_cast<uint4*>(&sh.k_lo.v[c.row][c.col]), c.row < rows && c.col < kcols,
+                 Scaled ? inv_z[c.row] : 1.0f);
+  }
 }
 
 // B of the m product at the 16 tokens from kk: columns 0 and 1 are the hi and lo parts of w
@@ -322,7 +328,7 @@ __device__ __forceinline__ void multiply_state_slice(WarpStateSums<float>& sums,
   using T = typename C::T;
   const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
 #pragma unroll
-  for (int kk = 0; kk < kBK; kk += 16) {
+  for (int kk = 0; kk < kSliceTokens; kk += 16) {
     // A = phi(k)^T (Dk x tokens): matrix j is Dk rows + 8 (j % 2), tokens + 8 (j / 2).
     const int a_token = kk + 8 * (j / 2) + r, a_dk = warp_row + 8 * (j % 2);
     uint32_t a_hi[4], a_lo[4], bw[2];
@@ -370,7 +376,9 @@ __device__ __forceinline__ void store_warp_state(const StateArgs& a, const State
   }
 }
 
-__device__ __forceinline__ int64_t item_slices(const StateItem& it) { return ceil_div(it.t_end - it.t_begin, kBK); }
+__device__ __forceinline__ int64_t item_slices(const StateItem& it) {
+  return ceil_div(it.t_end - it.t_begin, kSliceTokens);
+}
 
 // The item after `it` in launch order (Dv tile fastest, then Dk tile, N chunk, b*h), counted
 // instead of decoded: the cp.async kernel walks a contiguous range, so only its first item pays
@@ -416,12 +424,15 @@ template <class T> struct StateCursor {
   }
   // Starts this thread's copies of the next slice into k, v and moves on.
   __device__ __forceinline__ void issue(const StateArgs& a, MmaSlice<T>& k, MmaSlice<T>& v) {
-    const Chunk c;
-    c.issue(k, k_src, rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
-    c.issue(v, v_src, rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
-    rows -= kBK;
-    k_src += kBK * a.k.stride_n;
-    v_src += kBK * a.v.stride_n;
+#pragma unroll
+    for (int j = 0; j < Chunk::kPerThread; ++j) {
+      const Chunk c(j);
+      c.issue(k, k_src + j * Chunk::kRowsPerPass * a.k.stride_n, rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
+      c.issue(v, v_src + j * Chunk::kRowsPerPass * a.v.stride_n, rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
+    }
+    rows -= kSliceTokens;
+    k_src += kSliceTokens * a.k.stride_n;
+    v_src += kSliceTokens * a.v.stride_n;
     if (rows > 0) return;
     ++item;
     const int64_t bh = it.bh;
@@ -465,12 +476,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
     zero_sums(sums);
     zero_sums(wide);
     const int64_t slices = item_slices(it);
-    // Groups of kFlushSlices slices, flushed after each: the slice loop holds the per-slice work only.
-    for (int64_t s0 = 0; s0 < slices; s0 += kFlushSlices) {
-      const int group = static_cast<int>(min_i64(kFlushSlices, slices - s0));
+    // Groups of kAsyncFlushSlices slices, flushed after each: the slice loop holds the per-slice work only.
+    for (int64_t s0 = 0; s0 < slices; s0 += kAsyncFlushSlices) {
+      const int group = static_cast<int>(min_i64(kAsyncFlushSlices, slices - s0));
 #pragma unroll 1
       for (int g = 0; g < group; ++g) {
-        const int64_t t0 = it.t_begin + (s0 + g) * kBK;
+        const int64_t t0 = it.t_begin + (s0 + g) * kSliceTokens;
         cp_async_wait<S - 2>();  // this thread's copies of this slice landed
         if constexpr (Scaled) load_slice_scalars(a, it, t0, sh.z[parity], sh.w[parity]);
         __syncthreads();  // everyone's landed; the previous slice's readers are done
@@ -540,7 +551,7 @@ inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
   const int64_t dmax = max_i64(p.dim_k, p.dim_v);
   const int64_t min_chunk = max_i64(kMinChunk, 2 * dmax);  // keep partial traffic below token traffic
   const int64_t want = max_i64(1, min_i64(ceil_div(target, base), ceil_div(N, min_chunk)));
-  s.chunk = round_up(ceil_div(N, want), kBK);
+  s.chunk = round_up(ceil_div(N, want), kSliceTokens);  // whole slices of both state kernels
   s.nchunks = ceil_div(N, s.chunk);
   if (s.nchunks > 1)
     s.partial_bytes = static_cast<size_t>(bh * s.nchunks * (p.dim_k * p.dim_v + p.dim_k)) * accumulator_bytes(p.dtype);
