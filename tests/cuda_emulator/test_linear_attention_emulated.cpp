@@ -254,6 +254,37 @@ void run_nan_propagation() {
   }
 }
 
+// NaN through the cp.async kernels' branch-free phi (bf16, D = 8: 16-byte rows, sm_90): a NaN
+// key reaches every output of its head, a NaN query only its own token's outputs, for elu(x) + 1
+// and relu; a finite input never yields NaN.
+void run_nan_propagation_async() {
+  const int64_t N = 96, D = 8;
+  for (int fm : {1, 2}) {
+    for (int which : {0, 1}) {  // 0: NaN key at token 5, 1: NaN query at token 70
+      Tok<__nv_bfloat16> q(1, N, 1, D, 0, 0, true), k(1, N, 1, D, 0, 0, true), v(1, N, 1, D, 0, 0, true);
+      Tok<__nv_bfloat16> out(1, N, 1, D, 0, 0, false);
+      (which == 0 ? k.at(0, 5, 0, 3) : q.at(0, 70, 0, 3)) = fromd<__nv_bfloat16>(NAN);
+      Lp p;
+      p.batch = 1; p.seqlen = N; p.heads = 1; p.dim_k = D; p.dim_v = D; p.dtype = DType::kBFloat16;
+      p.feature_map = static_cast<FeatureMap>(fm); p.q = q.t; p.k = k.t; p.v = v.t; p.out = out.t;
+      std::vector<float> st(D * D), mn(D);
+      p.state = st.data(); p.mean = mn.data();
+      std::vector<char> ws(mmfast::cuda::linear_attention_forward_workspace_bytes(p) + 64);
+      p.workspace = ws.data(); p.workspace_bytes = ws.size();
+      mmfast::cuda::linear_attention_forward(p, nullptr);
+      for (int64_t n = 0; n < N; ++n) for (int64_t d = 0; d < D; ++d) {
+        const bool want_nan = which == 0 || n == 70;
+        if (std::isnan(out.g(0, n, 0, d)) != want_nan) {
+          ++nfail;
+          std::printf("FAIL async NaN fm=%d %s: out[%ld][%ld] = %g\n", fm, which == 0 ? "key" : "query", (long)n,
+                      (long)d, out.g(0, n, 0, d));
+          return;
+        }
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
   int ncase = 0, nfailed_cases = 0;
@@ -321,6 +352,7 @@ int main(int argc, char** argv) {
   g_state_scale = 1.0;
   const int before_numerics = nfail;
   run_nan_propagation();
+  run_nan_propagation_async();
   run_long_reduction<float>(4, 1 << 18, 7);
   run_long_reduction<__nv_bfloat16>(8, 1 << 16, 9);
   nfailed_cases += nfail > before_numerics;
