@@ -137,22 +137,36 @@ __device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& 
   it.bh = rest / static_cast<uint32_t>(a.tiles_v);
   return it;
 }
-struct ApplyWalk {
+// The walk also keeps the row n0 of one token tensor of the item's head (q for the issuing
+// side, out for the consuming one), stepped by adds: an item costs no multiply either.
+template <class T> struct ApplyWalk {
   ApplyItem it;
   HeadIndex head;  // it.bh
-  __device__ __forceinline__ void start(const ApplyArgs& a, int64_t item) {
+  T* rows;         // row it.n0 of the head
+  T* head_rows;    // row 0 of the head
+  int64_t stride_n, stride_h, stride_b;
+  __device__ __forceinline__ void start(const ApplyArgs& a, int64_t item, const TokenTensor& t) {
     it = apply_item_tokens_fastest(a, item);
     head.start(it.bh, a.heads);
+    stride_n = t.stride_n;
+    stride_h = t.stride_h;
+    stride_b = t.stride_b;
+    head_rows = head.view<T>(t).base;
+    rows = head_rows + it.n0 * stride_n;
   }
   __device__ __forceinline__ void step(const ApplyArgs& a) {
     it.n0 += kTile;
+    rows += kTile * stride_n;
     if (it.n0 < a.N) return;
     it.n0 = 0;
+    rows = head_rows;
     it.v0 += kTile;
     if (it.v0 < a.dv) return;
     it.v0 = 0;
     head.next(a.heads);
     it.bh = head.bh;
+    head_rows += head.h == 0 ? stride_b - (a.heads - 1) * stride_h : stride_h;
+    rows = head_rows;
   }
 };
 
@@ -267,7 +281,7 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
 // the output's rounding). A lane's two adjacent columns go out as one 4-byte word (the launch
 // requires out rows 4-byte aligned, so an even Dv keeps each pair in or out together).
 template <class T>
-__device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it, const TokenView<T>& out,
+__device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it, T* rows, int64_t stride_n,
                                                       const float (&acc)[kApplyNTiles][4], const float (&z)[4],
                                                       float inv_s_scale, float inv_m_scale, int warp_row,
                                                       int warp_col) {
@@ -279,9 +293,9 @@ __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const 
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
     const float row_factor = inv_s_scale / (part * inv_m_scale + static_cast<float>(a.eps));
-    const int64_t token = it.n0 + warp_row + g + 8 * h;
-    if (token >= a.N) continue;
-    T* const row = out.row(token) + col;
+    const int token = warp_row + g + 8 * h;  // in the tile: rows[0] is token it.n0
+    if (it.n0 + token >= a.N) continue;
+    T* const row = rows + token * stride_n + col;
 #pragma unroll
     for (int n = 0; n < kApplyNTiles; ++n)
       if (col + 8 * n < a.dv)
@@ -313,13 +327,14 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   const Chunk chunk;  // this thread's first chunk; the k-th is Chunk::kRowsPerPass * k tokens below
   int64_t next_item = first, next_rows = 0;  // next_rows: tokens from the next item's tile on
   int next_slice = 0, issued_stage = 0;
-  ApplyWalk next;
+  ApplyWalk<const T> next;
   const T* q_src = nullptr;  // this thread's chunk of the next slice
+  const int64_t chunk_offset = chunk.row * a.q.stride_n + chunk.col;
   const auto begin_next_item = [&]() {
     next_rows = a.N - next.it.n0;
-    q_src = next.head.view<const T>(a.q).row(next.it.n0 + chunk.row) + chunk.col;
+    q_src = next.rows + chunk_offset;
   };
-  next.start(a, first < last ? first : 0);
+  next.start(a, first < last ? first : 0, a.q);
   begin_next_item();
   const auto issue_next = [&]() {
     if (next_item < last) {
@@ -340,8 +355,8 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   };
   for (int prologue = 0; prologue < S - 1; ++prologue) issue_next();
   int stage = 0;
-  ApplyWalk walk;
-  walk.start(a, first < last ? first : 0);
+  ApplyWalk<T> walk;
+  walk.start(a, first < last ? first : 0, a.out);
   for (int64_t item = first; item < last;) {
     // A run of items of one head and Dv tile (token tiles fastest: it ends where n0 wraps to 0)
     // shares the state columns, loaded once.
@@ -364,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
         multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
         stage = stage + 1 == S ? 0 : stage + 1;
       }
-      store_apply_fragments<T>(a, it, walk.head.view<T>(a.out), acc, z, sh.inv_s_scale, sh.inv_m_scale, warp_row,
+      store_apply_fragments<T>(a, it, walk.rows, walk.stride_n, acc, z, sh.inv_s_scale, sh.inv_m_scale, warp_row,
                                warp_col);
       ++item;
       walk.step(a);
