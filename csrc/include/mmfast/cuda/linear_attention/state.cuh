@@ -219,8 +219,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 // per slice, the barriers, the wait and the copies' bookkeeping, are paid per 16 KB) travel by
 // cp.async through one ring of kAsyncStages slices, across item boundaries (no pipeline
 // refill per item). Each wait leaves kAsyncStages - 2 slices pending and the next is issued
-// right after, so S - 1 are in flight while the landed one is prepared and multiplied. 5
-// stages of 16-bit inputs keep at least 3 x 16 KB = 48 KB per block in flight; Little's law at
+// right after, so S - 1 are in flight while the landed one is prepared and multiplied. 4
+// stages of 16-bit inputs keep at least 2 x 16 KB = 32 KB per block in flight; Little's law at
 // 700-900 ns of loaded DRAM latency asks about 23-30 KB per SM for an H200's 4.3 TB/s, all
 // reads here (docs/linear-attention-performance.md).
 //
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 //  - m is one more product per step: B's columns 0 and 1 are w z split as hi + lo (1 and 0 in
 //    the forward), so m = D[:, 0] + D[:, 1].
 // Warp w owns Dk rows (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's 64 x 64 tile.
-constexpr int kAsyncStages = 5;
+constexpr int kAsyncStages = 4;  // 83 KB of shared memory: fits sm_86 / sm_89's 99 KB per block
 constexpr int kSliceTokens = 64;       // tokens of k and v per slice of the ring (16 KB of bf16)
 constexpr int kAsyncFlushSlices = 2;   // fp32 sums flushed into fp64 every 128 tokens
 template <class T> using MmaSlice = RawTile<T, kSliceTokens, kTile, kRawPad>;
@@ -561,6 +561,7 @@ inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
 template <class C, bool Scaled>
 cudaError_t launch_state_async(const StateArgs& a, int64_t items, cudaStream_t stream) {
   constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
+  static_assert(smem <= 99 * 1024, "the ring fits sm_86 / sm_89 (99 KB of shared memory per block)");
   unsigned grid = 0;
   const cudaError_t err = persistent_grid(&la_state_async_kernel<C, Scaled>, kThreads, smem, items, grid);
   if (err != cudaSuccess) return err;
