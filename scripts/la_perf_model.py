@@ -57,7 +57,6 @@ COPY_BW = 4.3e12          # B/s, device-to-device copy measured on the lent H200
 BF16_FLOPS = 790e12       # dense bf16 mma.sync, measured
 TF32_FLOPS = BF16_FLOPS / 2  # dense TF32 WMMA: half the bf16 rate
 TILE = 64                 # kTile (csrc/include/mmfast/cuda/tile_gemm.cuh)
-BK = 32                   # kBK: tokens per staged slice
 THREADS = 256             # kThreads
 MIN_CHUNK = 256           # kMinChunk (state.cuh)
 CHUNK_OVERSUB = 4         # kChunkOversub (state.cuh)
@@ -142,16 +141,15 @@ def header_constant(name: str, header: str) -> int:
 # from L2); the reduce's partial-sum loop, unrolled by the compiler, keeps 4 (SASS report).
 TOKEN_LOADS_IN_FLIGHT = {"la_state_kernel": 16, "la_apply_kernel": 8, "la_state_reduce_kernel": 4}
 # cp.async kernels: a ring of S stages whose wait_group(S - 2) leaves S - 2 commit groups in
-# flight while a thread computes; one group is a thread's 16-byte copies of one slice (state:
-# two of k and two of v; apply: two of q, for 16-bit inputs).
-ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh", 64),
-              "la_apply_async_kernel": ("kAsyncApplyStages", "apply.cuh", 32)}
+# flight while a thread computes; one group is a thread's share of one slice (async_group_bytes).
+ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh"),
+              "la_apply_async_kernel": ("kAsyncApplyStages", "apply.cuh")}
 # The configuration the bf16 benchmarks run: elu(x) + 1 on tensor cores (the state kernels'
 # forward instantiation: Scaled = false).
 BENCH_CONFIG = "bf16, FeatureMap=1, true"
 BENCH_TEMPLATE_ARGS = {"la_state_async_kernel": BENCH_CONFIG + ", false"}
 DEFAULT_BLOCKS_PER_SM = {"la_state_kernel": 1, "la_apply_kernel": 1, "la_state_reduce_kernel": 8,
-                         "la_state_async_kernel": 1, "la_apply_async_kernel": 1}
+                         "la_state_async_kernel": 1, "la_apply_async_kernel": 2}
 
 
 def _sass_row(kernel: str, sass: dict | None) -> dict | None:
@@ -167,6 +165,14 @@ def resident_threads(kernel: str, sass: dict | None) -> int:
     return (row["blocks_per_sm"] if row else DEFAULT_BLOCKS_PER_SM[kernel]) * THREADS
 
 
+def async_group_bytes(kernel: str) -> int:
+    """Bytes of one commit group of a thread (16-bit inputs): its share of a slice, state
+    kSliceTokens tokens x 64 dims of k and of v, apply 64 tokens x kApplySliceDims dims of q."""
+    if kernel == "la_state_async_kernel":
+        return 2 * header_constant("kSliceTokens", "state.cuh") * TILE * 2 // THREADS
+    return TILE * header_constant("kApplySliceDims", "apply.cuh") * 2 // THREADS
+
+
 def bytes_in_flight(kernel: str, sass: dict | None, elem: int, one_load: bool = False) -> int:
     """Bytes one thread keeps in flight in the pass's streaming loop: the cp.async ring's
     pending groups (the SASS report's figure when given, else the headers' depth), or the
@@ -175,8 +181,8 @@ def bytes_in_flight(kernel: str, sass: dict | None, elem: int, one_load: bool = 
         row = _sass_row(kernel, sass)
         if row and row.get("pipelined_bytes"):
             return row["pipelined_bytes"]
-        name, header, group = ASYNC_RING[kernel]
-        return (header_constant(name, header) - 2) * group
+        name, header = ASYNC_RING[kernel]
+        return (header_constant(name, header) - 2) * async_group_bytes(kernel)
     width = ACC_BYTES if "reduce" in kernel else elem
     return width * (1 if one_load else TOKEN_LOADS_IN_FLIGHT[kernel])
 
@@ -219,10 +225,11 @@ def issue_estimate_seconds(p: Pass, bh: int, n: int, d: int, sass: dict | None) 
     """Instruction issue, estimated: every warp of a block runs the ring loop once per slice and
     the loop around it once per group (ring_groups); an SM issues ISSUE_PER_CLOCK warp
     instructions per clock. Not a bound in either direction: the static instruction counts (the
-    SASS report's 'loop instr' and 'outer instr') include paths an iteration may skip (apply's
-    state-column load, run once per head and Dv tile, is in its outer count), and
-    ISSUE_PER_CLOCK is the best case. Loops further out (the state pass's item epilogue, once
-    per 10-150 slices) are not counted. 0 without a SASS report or a ring."""
+    SASS report's 'loop instr' and 'outer instr') include paths an iteration may skip (the next
+    item's setup, bounds-checked stores), and ISSUE_PER_CLOCK is the best case. Loops further
+    out (the state pass's item epilogue, once per 5 slices at N = 16,384, 78 at 262,144;
+    apply's state-column load, once per head and Dv tile) are not counted. 0 without a SASS
+    report or a ring."""
     row = _sass_row(p.kernel, sass)
     loop = row.get("ring_loop_instructions", 0) if row else 0
     outer = row.get("ring_outer_instructions", 0) if row else 0

@@ -340,7 +340,10 @@ def ring_loops(function: Function) -> list[int]:
     inside it excluded). The innermost is the per-slice body of a streaming kernel; the next
     is what runs once per group of slices (a flush of the sums, an item's epilogue). Counts
     include paths an iteration may skip (the next item's setup, the backward-only scalars) and
-    count an inner loop once; [] without a ring."""
+    count an inner loop once; [] without a ring. A loop level is the span of a backward branch
+    around the wait: two back edges to one head count as one level only if their spans agree,
+    and a peeled first iteration that holds the first wait would shift the levels (the SASS
+    of the ring kernels has neither today)."""
     waits = [i.addr for i in function.instrs if i.base == "DEPBAR" and "SB0" in i.args]
     if not waits:
         return []

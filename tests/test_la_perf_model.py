@@ -18,7 +18,8 @@ _SPEC.loader.exec_module(model)
 def test_state_plan_matches_issue_14_worked_example():
     # "52 chunks x 10 x 4160 fp32 = 8.7 MB" at B*H = 10, N = 16384, D = 64 on 132 SMs
     chunk, nchunks = model.state_plan(10, 16384, 64, 64)
-    assert nchunks == 52 and chunk % model.BK == 0 and chunk * nchunks >= 16384 > chunk * (nchunks - 1)
+    whole = model.header_constant("kSliceTokens", "state.cuh")
+    assert nchunks == 52 and chunk % whole == 0 and chunk * nchunks >= 16384 > chunk * (nchunks - 1)
     passes = model.forward_passes(10, 16384, 64)
     assert [p.kernel for p in passes] == ["la_state_async_kernel", "la_state_reduce_kernel", "la_apply_async_kernel"]
     staged = model.forward_passes(10, 16384, 64, variant="staged")
@@ -54,8 +55,8 @@ def test_ring_depths_come_from_the_headers():
     stages = model.header_constant("kAsyncStages", "state.cuh")
     apply_stages = model.header_constant("kAsyncApplyStages", "apply.cuh")
     assert stages >= 3 and apply_stages >= 3
-    assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 64
-    assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 32
+    assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 64  # 4 chunks of 16 B
+    assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 32  # 2 chunks
     row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
            "pipelined_bytes": 96, "blocks_per_sm": 2}
     assert model.bytes_in_flight("la_state_async_kernel", {"kernels": [row]}, 2) == 96  # the SASS figure wins

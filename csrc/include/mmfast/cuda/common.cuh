@@ -182,7 +182,7 @@ __device__ __forceinline__ TokenView<T> token_view(const TokenTensor& t, int64_t
 }
 
 // A head b * heads + h kept as (b, h) for kernels that walk heads in order: the next head's
-// views cost no division. Fewer than 2^32 heads (the start's 32-bit division).
+// views cost no division. The starting index must be below 2^32 (a 32-bit division).
 struct HeadIndex {
   int64_t bh, b, h;
   __device__ __forceinline__ void start(int64_t index, int64_t heads) {

@@ -144,9 +144,9 @@ __device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa
 // A RawTile holds Rows token rows of Cols raw input elements in shared memory, filled by
 // cp.async 16-byte copies: the bytes are in flight without occupying registers, so a kernel
 // keeps several tiles in flight (a multi-stage pipeline) while it computes on an earlier one.
-// A step then turns the landed raw elements into operands in place: kBK tokens x kTile dims
-// of a token contraction (the state pass), kTile tokens x kBK dims of a dim contraction (the
-// apply pass).
+// A step then turns the landed raw elements into operands in place: kSliceTokens tokens x
+// kTile dims of a token contraction (the state pass), kTile tokens x kApplySliceDims dims of a
+// dim contraction (the apply pass).
 // Pad elements after each row (a multiple of 16 bytes) keep a row stride of 128 bytes from
 // sending the 8 rows of an ldmatrix phase to the same banks.
 template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
@@ -160,26 +160,14 @@ template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
   __align__(16) T v[Rows][Cols + Pad];
 };
 
-// Starts the copies of a tile: row r < rows from row_ptr(r) (16-byte aligned), elements
-// x < cols (a multiple of kChunkElems); every other chunk is zero-filled. fallback is any
-// mapped, 16-byte aligned address (zero-filled chunks still name a source; none is read).
-template <class Tile, class T, class RowPtr>
-__device__ __forceinline__ void raw_tile_issue(Tile& dst, RowPtr row_ptr, int64_t rows, int64_t cols,
-                                               const T* fallback) {
-#pragma unroll
-  for (int k = 0; k < Tile::kChunks / kThreads; ++k) {
-    const int c = static_cast<int>(threadIdx.x) + k * kThreads;
-    const int r = c / Tile::kChunksPerRow, x = (c % Tile::kChunksPerRow) * Tile::kChunkElems;
-    const bool valid = r < rows && x < cols;
-    cp_async16(&dst.v[r][x], valid ? row_ptr(r) + x : fallback, valid);
-  }
-}
-
 // The k-th of the chunks a thread copies of every slice of a stream of RawTiles (fixed per
 // thread and k; chunk threadIdx.x + k * kThreads, kRowsPerPass rows below the (k-1)-th): the
 // caller keeps its first chunk's source pointer and steps it by a slice per issue, so a slice
-// costs an add instead of the rows' address arithmetic. src is this chunk's source in the
-// slice; rows / cols left in the slice from its first row / column; fallback as above.
+// costs an add instead of the rows' address arithmetic. issue() copies 16 bytes from src (this
+// chunk's source in the slice, 16-byte aligned) when the chunk lies within rows x cols (left in
+// the slice from its first row / column; cols a multiple of kChunkElems), else zero-fills it;
+// fallback is any mapped, 16-byte aligned address (a zero-filled chunk still names a source;
+// none is read).
 template <class Tile> struct RawChunk {
   static constexpr int kPerThread = Tile::kChunks / kThreads;
   static constexpr int kRowsPerPass = kThreads / Tile::kChunksPerRow;

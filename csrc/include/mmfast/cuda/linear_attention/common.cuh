@@ -37,9 +37,9 @@ template <FeatureMap Fm> __device__ __forceinline__ float phi_fast(float x) {
   return phi<Fm>(x);
 }
 
-// Elements after each row of the cp.async tiles that ldmatrix reads: with rows of 128 (state)
-// or 64 (apply) bytes an ldmatrix phase's 8 rows would share banks; 144- and 80-byte rows
-// spread them over all 32.
+// Elements after each row of the cp.async tiles that ldmatrix reads: with rows of 128 bytes
+// (64 16-bit elements) an ldmatrix phase's 8 rows would share banks; 144-byte rows spread them
+// over all 32.
 constexpr int kRawPad = 8;
 
 // A 16-byte chunk (8 elements) of a landed raw tile made into a tensor-core operand in place:
@@ -159,7 +159,8 @@ __device__ __forceinline__ void load_mean(A* ms, const A* M, int dk) {
 // Resident blocks per SM a tile kernel is compiled for (__launch_bounds__): two (at most 128
 // registers per thread) where that costs no spills, one for the tensor-core and fp64 variants,
 // whose fragments / fp64 sums spill at 128 (scripts/sass_report.py shows registers, spills
-// and occupancy per kernel). apply_backward always takes one (it spills at two).
+// and occupancy per kernel). apply_backward always takes one (it spills at two). The cp.async
+// apply kernel sets its own (two: 123-125 registers, no spills).
 template <class C>
 constexpr int kMinBlocksPerSm = (C::tc || std::is_same_v<typename C::T, double>) ? 1 : 2;
 

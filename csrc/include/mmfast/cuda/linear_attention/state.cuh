@@ -17,8 +17,9 @@ namespace la {
 
 constexpr int64_t kMinChunk = 256;  // minimum tokens per split-N chunk
 constexpr int kChunkOversub = 4;    // grid target: kChunkOversub x SM count blocks
-// fp32 sums flush into fp64 every kFlushSlices staged slices (64 tokens): the error of S and m
-// does not grow with N (see WideTile in tile_gemm.cuh).
+// fp32 sums flush into fp64 every kFlushSlices staged slices (64 tokens; the cp.async kernel:
+// kAsyncFlushSlices, 128 tokens): the error of S and m does not grow with N (see WideTile in
+// tile_gemm.cuh).
 constexpr int kFlushSlices = 2;
 
 struct StateArgs : Dims {
@@ -235,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 //  - m is one more product per step: B's columns 0 and 1 are w z split as hi + lo (1 and 0 in
 //    the forward), so m = D[:, 0] + D[:, 1].
 // Warp w owns Dk rows (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's 64 x 64 tile.
-constexpr int kAsyncStages = 4;  // 83 KB of shared memory: fits sm_86 / sm_89's 99 KB per block
+constexpr int kAsyncStages = 4;  // 82 KB of shared memory: fits sm_86 / sm_89's 99 KB per block
 constexpr int kSliceTokens = 64;       // tokens of k and v per slice of the ring (16 KB of bf16)
 constexpr int kAsyncFlushSlices = 2;   // fp32 sums flushed into fp64 every 128 tokens
 template <class T> using MmaSlice = RawTile<T, kSliceTokens, kTile, kRawPad>;
@@ -321,7 +322,7 @@ __device__ __forceinline__ void mean_operand(uint32_t (&b)[2], const float* w, i
   for (int i = 0; i < 2; ++i) b[i] = g == 0 ? hi[i] : g == 1 ? lo[i] : 0u;
 }
 
-// sums += this warp's products over the prepared slice (kBK / 16 steps of 16 tokens).
+// sums += this warp's products over the prepared slice (kSliceTokens / 16 steps of 16 tokens).
 template <class C, bool Scaled>
 __device__ __forceinline__ void multiply_state_slice(WarpStateSums<float>& sums, const AsyncStateShared<C>& sh,
                                                      int stage, const float* w, int warp_row, int warp_col) {
@@ -382,7 +383,7 @@ __device__ __forceinline__ int64_t item_slices(const StateItem& it) {
 
 // The item after `it` in launch order (Dv tile fastest, then Dk tile, N chunk, b*h), counted
 // instead of decoded: the cp.async kernel walks a contiguous range, so only its first item pays
-// state_item's divisions.
+// state_item's divisions. do_mean (the register-staged kernel's) is not kept.
 __device__ __forceinline__ void step_state_item(const StateArgs& a, StateItem& it) {
   it.v0 += kTile;
   if (it.v0 < a.dv) return;
