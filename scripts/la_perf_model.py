@@ -59,7 +59,6 @@ TF32_FLOPS = BF16_FLOPS / 2  # dense TF32 WMMA: half the bf16 rate
 TILE = 64                 # kTile (csrc/include/mmfast/cuda/tile_gemm.cuh)
 THREADS = 256             # kThreads
 MIN_CHUNK = 256           # kMinChunk (state.cuh)
-CHUNK_OVERSUB = 4         # kChunkOversub (state.cuh)
 ACC_BYTES = 4             # fp32 accumulators for fp16 / bf16 / fp32 inputs
 
 # name, B, N, H, D: the GPU benchmark shapes, then issue 14's worked example.
@@ -84,7 +83,7 @@ def state_plan(bh: int, n: int, dk: int, dv: int, sms: int = SMS) -> tuple[int, 
     """(chunk, nchunks) as la::plan_state chooses them."""
     base = bh * ceil_div(dk, TILE) * ceil_div(dv, TILE)
     min_chunk = max(MIN_CHUNK, 2 * max(dk, dv))
-    want = max(1, min(ceil_div(CHUNK_OVERSUB * sms, base), ceil_div(n, min_chunk)))
+    want = max(1, min(header_constant("kChunkOversub", "state.cuh") * sms // base, ceil_div(n, min_chunk)))
     whole = header_constant("kSliceTokens", "state.cuh")  # chunks hold whole ring slices
     chunk = ceil_div(ceil_div(n, want), whole) * whole
     return chunk, ceil_div(n, chunk)

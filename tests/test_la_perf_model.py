@@ -15,16 +15,19 @@ sys.modules["la_perf_model"] = model
 _SPEC.loader.exec_module(model)
 
 
-def test_state_plan_matches_issue_14_worked_example():
-    # "52 chunks x 10 x 4160 fp32 = 8.7 MB" at B*H = 10, N = 16384, D = 64 on 132 SMs
+def test_state_plan_of_issue_14_worked_example():
+    # Issue 14 counted "52 chunks x 10 x 4160 fp32 = 8.7 MB" at B*H = 10, N = 16384, D = 64 on
+    # 132 SMs; the plan now keeps the items within kChunkOversub x 132 (two rounds of the
+    # persistent grid): 26 chunks of 640 tokens, 4.3 MB of partials.
     chunk, nchunks = model.state_plan(10, 16384, 64, 64)
     whole = model.header_constant("kSliceTokens", "state.cuh")
-    assert nchunks == 52 and chunk % whole == 0 and chunk * nchunks >= 16384 > chunk * (nchunks - 1)
+    assert nchunks == 26 and chunk % whole == 0 and chunk * nchunks >= 16384 > chunk * (nchunks - 1)
+    assert 10 * nchunks <= model.header_constant("kChunkOversub", "state.cuh") * model.SMS
     passes = model.forward_passes(10, 16384, 64)
     assert [p.kernel for p in passes] == ["la_state_async_kernel", "la_state_reduce_kernel", "la_apply_async_kernel"]
     staged = model.forward_passes(10, 16384, 64, variant="staged")
     assert [p.kernel for p in staged] == ["la_state_kernel", "la_state_reduce_kernel", "la_apply_kernel"]
-    partials = 10 * 52 * (64 * 64 + 64) * 4
+    partials = 10 * 26 * (64 * 64 + 64) * 4
     assert abs(passes[1].bytes - (partials + 10 * (64 * 64 + 64) * 4)) < 1
 
 

@@ -192,7 +192,7 @@ void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, i
     if (!gk.pad_intact(pad) || !gv.pad_intact(pad)) { ++nfail; std::printf("FAIL state_backward wrote padding %s\n", cfg.c_str()); } }
 }
 
-// Accuracy of a long reduction: k = 0.1 (phi = 1.1), v = 1, N tokens split into 4 chunks (one
+// Accuracy of a long reduction: k = 0.1 (phi = 1.1), v = 1, N tokens split into chunks (one
 // SM): m and S within 1e-5 of phi (fp32 sums flushed into fp64). fp32 runs the register-staged
 // state kernel (SIMT); bf16 with D = 8 (16-byte rows) on compute capability 9 the cp.async
 // tensor-core one, whose phi(k) = 1.1000977 travels as bf16 hi + lo (one bf16 rounds it to
@@ -314,9 +314,11 @@ int main(int argc, char** argv) {
   all(1, 1, 1025, 7, 3, 0, 1, 1, 132);
   all(2, 1, 300, 80, 40, 1, 1, 0, 132);
   all(1, 2, 600, 64, 64, 1, 0, 8, 4);  // 16-byte aligned padded rows, split over chunks: cp.async state pass
-  // cp.async passes on 2 SMs: each block's item range crosses chunks, heads and batches (the
-  // state kernel counts its items instead of decoding them) and Dk / Dv tiles.
+  // cp.async passes whose blocks' item ranges cross heads and batches (2 SMs: one chunk per
+  // head), chunks and batches (5 SMs: 3 chunks per head, 2 items per block) and Dk / Dv tiles
+  // (the kernels count their items instead of decoding them).
   all(3, 2, 600, 64, 64, 1, 0, 8, 2);
+  all(3, 1, 600, 64, 64, 1, 0, 8, 5);
   all(2, 2, 300, 128, 128, 2, 0, 8, 2);
   // cp.async apply stores column pairs as 4-byte words: an even Dv not a multiple of 8 keeps
   // each pair inside; an odd Dv (out rows not 4-byte aligned) takes the register-staged apply.

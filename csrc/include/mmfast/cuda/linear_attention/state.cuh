@@ -16,7 +16,7 @@ namespace cuda {
 namespace la {
 
 constexpr int64_t kMinChunk = 256;  // minimum tokens per split-N chunk
-constexpr int kChunkOversub = 4;    // grid target: kChunkOversub x SM count blocks
+constexpr int kChunkOversub = 2;    // items: at most kChunkOversub x SM count (see plan_state)
 // fp32 sums flush into fp64 every kFlushSlices staged slices (64 tokens; the cp.async kernel:
 // kAsyncFlushSlices, 128 tokens): the error of S and m does not grow with N (see WideTile in
 // tile_gemm.cuh).
@@ -551,7 +551,11 @@ inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
   const int64_t target = static_cast<int64_t>(kChunkOversub) * (sms > 0 ? sms : 1);
   const int64_t dmax = max_i64(p.dim_k, p.dim_v);
   const int64_t min_chunk = max_i64(kMinChunk, 2 * dmax);  // keep partial traffic below token traffic
-  const int64_t want = max_i64(1, min_i64(ceil_div(target, base), ceil_div(N, min_chunk)));
+  // Split N into as many chunks as keep the items within the target, not past it: the cp.async
+  // kernel's persistent grid (one block per SM) gives each block ceil(items / grid) items, so
+  // one item past a multiple of the grid costs a whole round. Each chunk's partial [S | m] is
+  // written and read back (at D = 64 and 320-token chunks, 20% more bytes than its tokens).
+  const int64_t want = max_i64(1, min_i64(target / base, ceil_div(N, min_chunk)));
   s.chunk = round_up(ceil_div(N, want), kSliceTokens);  // whole slices of both state kernels
   s.nchunks = ceil_div(N, s.chunk);
   if (s.nchunks > 1)
