@@ -202,9 +202,9 @@ __device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem&
   __syncthreads();
 }
 
-// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kApplySliceDims), and m into
-// m_cols, both scaled into fp16's range for fp16 (sh's inverse scales: 1 for bf16). Between
-// barriers.
+// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kApplySliceDims),
+// and m into m_cols, both scaled into fp16's range for fp16 (sh's inverse scales: 1 for bf16).
+// Between barriers.
 template <class C>
 __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C>& sh,
                                                    typename C::T* s_hi, typename C::T* s_lo) {
