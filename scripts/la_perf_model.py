@@ -241,6 +241,25 @@ def latency_bound_seconds(p: Pass, threads: int, per_thread_bytes: int, latency_
     return p.bytes / (SMS * threads * per_thread_bytes / latency_s)
 
 
+def pass_ceilings(p: Pass, bh: int, n: int, d: int, sass: dict | None, latency_ns: float,
+                  variant: str = "async") -> tuple[float, float, float]:
+    """Seconds of one pass: design, latency-bound and issue estimate, each the max of itself
+    and the ones before it."""
+    design = max(p.bytes / COPY_BW, p.flops / p.flops_rate)
+    per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
+    latency = max(design, latency_bound_seconds(p, resident_threads(p.kernel, sass), per_thread, latency_ns * 1e-9))
+    return design, latency, max(latency, issue_estimate_seconds(p, bh, n, d, sass))
+
+
+def forward_ratios(bh: int, n: int, d: int, sass: dict | None, latency_ns: float = 700.0,
+                   variant: str = "async") -> tuple[float, float, float]:
+    """The forward's design, latency-bound and issue-estimate times over its bandwidth floor."""
+    totals = [sum(c) for c in zip(*(pass_ceilings(p, bh, n, d, sass, latency_ns, variant)
+                                    for p in forward_passes(bh, n, d, variant=variant)))]
+    floor = floor_seconds(bh, n, d)
+    return totals[0] / floor, totals[1] / floor, totals[2] / floor
+
+
 def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
     lines = ["| shape | B*H | N | D | pass | MB | GFLOP | design us (limit) | B in flight / thread | "
              "latency-bound us | issue estimate us | floor us (fwd) |",
@@ -251,11 +270,8 @@ def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
         total_design = total_latency = total_issue = 0.0
         for p in forward_passes(bh, n, d, variant=variant):
             t_bw, t_mma = p.bytes / COPY_BW, p.flops / p.flops_rate
-            design = max(t_bw, t_mma)
             per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
-            latency = max(design, latency_bound_seconds(p, resident_threads(p.kernel, sass), per_thread,
-                                                        latency_ns * 1e-9))
-            issue = max(latency, issue_estimate_seconds(p, bh, n, d, sass))
+            design, latency, issue = pass_ceilings(p, bh, n, d, sass, latency_ns, variant)
             total_design += design
             total_latency += latency
             total_issue += issue

@@ -67,19 +67,11 @@ def test_ring_depths_come_from_the_headers():
     assert model.resident_threads("la_state_async_kernel", {"kernels": [row]}) == 512
 
 
-def _predicted_ratio(bh: int, n: int, d: int) -> float:
-    total = 0.0
-    for p in model.forward_passes(bh, n, d):
-        design = max(p.bytes / model.COPY_BW, p.flops / p.flops_rate)
-        total += max(design, _latency_bound(p, "async"))
-    return total / model.floor_seconds(bh, n, d)
-
-
 def test_cp_async_forward_latency_and_bandwidth_within_issue_14_targets():
     # B*H = 10, D = 64, bf16: <= 1.3x the floor at N = 16,384 and <= 1.15x at N = 262,144 by the
     # latency and bandwidth ceilings, 1 block per SM. Only a GPU measures it.
-    assert _predicted_ratio(10, 16384, 64) <= 1.3
-    assert _predicted_ratio(10, 262144, 64) <= 1.15
+    assert model.forward_ratios(10, 16384, 64, None)[1] <= 1.3
+    assert model.forward_ratios(10, 262144, 64, None)[1] <= 1.15
 
 
 def test_committed_sass_report_meets_issue_14_targets_by_the_issue_estimate():
@@ -88,18 +80,8 @@ def test_committed_sass_report_meets_issue_14_targets_by_the_issue_estimate():
     # README and docs/linear-attention-performance.md quote.
     reports = sorted((model.ROOT / "benchmarks/results").glob("*-sass-sm90a-linear-attention.json"))
     sass = json.loads(reports[-1].read_text())
-
-    def ratio(bh: int, n: int, d: int) -> float:
-        total = 0.0
-        for p in model.forward_passes(bh, n, d):
-            design = max(p.bytes / model.COPY_BW, p.flops / p.flops_rate)
-            latency = model.latency_bound_seconds(p, model.resident_threads(p.kernel, sass),
-                                                  model.bytes_in_flight(p.kernel, sass, 2), 700e-9)
-            total += max(design, latency, model.issue_estimate_seconds(p, bh, n, d, sass))
-        return total / model.floor_seconds(bh, n, d)
-
-    assert ratio(10, 16384, 64) <= 1.3
-    assert ratio(10, 262144, 64) <= 1.15
+    assert model.forward_ratios(10, 16384, 64, sass)[2] <= 1.3
+    assert model.forward_ratios(10, 262144, 64, sass)[2] <= 1.15
 
 
 def test_padded_tiles_count_the_mma_work_issued():
