@@ -10,11 +10,13 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
   bytes     DRAM traffic: token tensors read once (the Dk/Dv tiles that re-read them run
             back to back and hit L2), fp32 split-N partials written and read back, the
             state read once per bh, the output written;
-  FLOPs     the MMA work the kernels issue: 64 x 64 tiles, so D = 40 does (64/40)^2 = 2.56x
-            the useful work, plus phi / normalisation (negligible);
+  FLOPs     the MMA work the kernels issue: the cp.async kernels' tiles are W wide with W sized
+            to D (state_tile_width: 48 for D = 40, 80 for D = 80 and 160, else 64; apply 80 or
+            64), the register-staged kernels' 64, so D = 40 does (48/40)^2 = 1.44x the useful
+            work in the state pass and (64/40)^2 = 2.56x in apply; phi / normalisation negligible;
   design    max(bytes / 4.3 TB/s, FLOPs / MMA rate): what the pass could reach with enough
             loads in flight. The cp.async kernels run bf16 / fp16 mma.sync at 790 TFLOP/s with
-            the extra products of ASYNC_MMA_WORK, the register-staged ones TF32 WMMA at half
+            the extra products of async_mma_work, the register-staged ones TF32 WMMA at half
             that (copy bandwidth 4.3 TB/s and 790 TFLOP/s measured, KINDS.md of the device
             library);
   latency   the Little's-law ceiling of the current code: the staging loop of each pass
@@ -29,9 +31,10 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
             (the floor the benchmark reports against).
 
   issue     with --sass, an instruction-issue estimate of the cp.async kernels: every warp runs
-            the ring loop ('loop instr' of the SASS report) once per slice and the loop around
-            it ('outer instr': the state pass's flush, apply's item epilogue) once per group;
-            an SM issues 4 warp instructions per clock at 1.755 GHz. Not a bound either way:
+            the ring loop ('loop instr' of the SASS report) once per slice (the state kernel's
+            warps that do not multiply, at W = 48 / 80, without its ldmatrix and mma) and the
+            loop around it ('outer instr': the state pass's flush, apply's item epilogue) once
+            per group; an SM issues 4 warp instructions per clock at 1.755 GHz. Not a bound either way:
             the static counts hold paths an iteration skips (too high), 4 per clock is the best
             case (too low). Each column is the max of itself and the ones before it.
 
@@ -79,20 +82,72 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+STATE_WIDTHS = (48, 64, 80)  # the cp.async state kernel's tile widths (AsyncStateTile)
+
+
+def state_tile_width(dk: int, dv: int) -> int:
+    """la::state_tile_width on an H200 (W = 80's ring fits): of 48, 64, 80 the width with the
+    least padded products ceil(dk/W) ceil(dv/W) W^2, 64 on a tie."""
+    padded = {w: ceil_div(dk, w) * ceil_div(dv, w) * w * w for w in STATE_WIDTHS}
+    return min(STATE_WIDTHS, key=lambda w: (padded[w], w != 64))
+
+
+def _state_col_groups(width: int) -> int:
+    row_groups = pairs = width // 16
+    return 2 if 2 * row_groups <= THREADS // 32 and pairs % 2 == 0 else 1
+
+
+def apply_tile_width(dk: int, dv: int) -> int:
+    """la::apply_tile_width on an H200: state_tile_width's rule among 64 and 80 (no 48: a 48-dim
+    slice costs as many passes over a thread's chunks as a 64-dim one)."""
+    padded = {w: ceil_div(dk, w) * ceil_div(dv, w) * w * w for w in (64, 80)}
+    return 80 if padded[80] < padded[64] else 64
+
+
+def state_warp_columns(width: int) -> int:
+    """Dv columns one warp of the cp.async state kernel multiplies (AsyncStateTile): two column
+    groups when the row groups leave room (W = 64: 32 each), else one (48, 80: the whole width)."""
+    return width // _state_col_groups(width)
+
+
+def state_multiplying_warps(width: int) -> int:
+    """Warps of the cp.async state kernel that multiply (AsyncStateTile::kWarps): W = 48 3, 64 8,
+    80 5; the others copy and prepare only."""
+    return width // 16 * _state_col_groups(width)
+
+
+def state_slice_tokens(width: int) -> int:
+    """Tokens per slice of the cp.async state kernel (AsyncStateTile::kSliceTokens): the narrow
+    tile (48) takes kNarrowSliceTokens, the others kSliceTokens."""
+    return header_constant("kNarrowSliceTokens" if width <= 48 else "kSliceTokens", "state.cuh")
+
+
+def state_flush_slices(width: int) -> int:
+    """Slices per fp64 flush of the cp.async state kernel (kAsyncFlushTokens / slice tokens)."""
+    return header_constant("kAsyncFlushTokens", "state.cuh") // state_slice_tokens(width)
+
+
 def state_plan(bh: int, n: int, dk: int, dv: int, sms: int = SMS) -> tuple[int, int]:
-    """(chunk, nchunks) as la::plan_state chooses them."""
-    base = bh * ceil_div(dk, TILE) * ceil_div(dv, TILE)
+    """(chunk, nchunks) as la::plan_state chooses them (its tiles: state_tile_width wide)."""
+    width = state_tile_width(dk, dv)
+    base = bh * ceil_div(dk, width) * ceil_div(dv, width)
     min_chunk = max(MIN_CHUNK, 2 * max(dk, dv))
     want = max(1, min(header_constant("kChunkOversub", "state.cuh") * sms // base, ceil_div(n, min_chunk)))
-    whole = header_constant("kSliceTokens", "state.cuh")  # chunks hold whole ring slices
+    whole = state_slice_tokens(width)  # chunks hold whole ring slices
     chunk = ceil_div(ceil_div(n, want), whole) * whole
     return chunk, ceil_div(n, chunk)
 
 
 # mma.sync work of the cp.async kernels per useful product (16-bit operands, fp32 sums): each
-# warp's 32 Dv columns take 8 more for m (state) or z (apply); the state pass multiplies phi(k)
-# as hi + lo (2x), apply multiplies S as hi + lo (2x) and m once (its columns hold both parts).
-ASYNC_MMA_WORK = {"state": 2 * (32 + 8) / 32, "apply": (2 * 32 + 8) / 32}
+# warp's Dv columns (state: state_warp_columns, apply: width / 2) take 8 more for m (state) or
+# z (apply); the state pass multiplies phi(k) as hi + lo (2x), apply multiplies S as hi + lo
+# (2x) and m once (its columns hold both parts).
+def async_mma_work(pass_name: str, width: int = TILE) -> float:
+    if pass_name == "state":
+        cols = state_warp_columns(width)
+        return 2 * (cols + 8) / cols
+    cols = width // 2
+    return (2 * cols + 8) / cols
 
 KERNELS = {  # variant -> (state kernel, apply kernel)
     "async": ("la_state_async_kernel", "la_apply_async_kernel"),
@@ -104,22 +159,28 @@ KERNELS = {  # variant -> (state kernel, apply kernel)
 def forward_passes(bh: int, n: int, d: int, elem: int = 2, variant: str = "async") -> list[Pass]:
     """The forward's launches with their DRAM bytes and issued MMA FLOPs (Dk = Dv = d)."""
     state_kernel, apply_kernel = KERNELS[variant]
-    padded = ceil_div(d, TILE) * TILE
+    width = state_tile_width(d, d) if variant == "async" else TILE
+    apply_width = apply_tile_width(d, d) if variant == "async" else TILE
+    state_padded = ceil_div(d, width) * width
+    apply_padded = ceil_div(d, apply_width) * apply_width
     _, nchunks = state_plan(bh, n, d, d)
     state_elems = d * d + d
-    mma = 2.0 * bh * n * padded * padded
+    mma = 2.0 * bh * n * apply_padded * apply_padded
+    state_mma = 2.0 * bh * n * state_padded * state_padded
     partials = bh * nchunks * state_elems * ACC_BYTES if nchunks > 1 else 0
     final = bh * state_elems * ACC_BYTES
     state_bytes = bh * n * 2 * d * elem + (partials or final)
     if variant == "async":
-        passes = [Pass("state", state_kernel, state_bytes, mma * ASYNC_MMA_WORK["state"], BF16_FLOPS, "bf16 MMA")]
+        passes = [Pass("state", state_kernel, state_bytes, state_mma * async_mma_work("state", width), BF16_FLOPS,
+                       "bf16 MMA")]
     else:
-        passes = [Pass("state", state_kernel, state_bytes, mma)]
+        passes = [Pass("state", state_kernel, state_bytes, state_mma)]
     if nchunks > 1:
         passes.append(Pass(f"reduce ({nchunks} chunks)", "la_state_reduce_kernel", partials + final, 0.0))
     apply_bytes = bh * n * 2 * d * elem + final
     if variant == "async":
-        passes.append(Pass("apply", apply_kernel, apply_bytes, mma * ASYNC_MMA_WORK["apply"], BF16_FLOPS, "bf16 MMA"))
+        passes.append(Pass("apply", apply_kernel, apply_bytes, mma * async_mma_work("apply", apply_width), BF16_FLOPS,
+                           "bf16 MMA"))
     else:
         passes.append(Pass("apply", apply_kernel, apply_bytes, mma))
     return passes
@@ -146,42 +207,53 @@ ASYNC_RING = {"la_state_async_kernel": ("kAsyncStages", "state.cuh"),
 # The configuration the bf16 benchmarks run: elu(x) + 1 on tensor cores (the state kernels'
 # forward instantiation: Scaled = false).
 BENCH_CONFIG = "bf16, FeatureMap=1, true"
-BENCH_TEMPLATE_ARGS = {"la_state_async_kernel": BENCH_CONFIG + ", false"}
+
+
+def bench_template_args(kernel: str, width: int = TILE) -> str:
+    """The SASS report's template arguments of the benchmarked instantiation: the cp.async
+    kernels' at their tile width (the state kernel's forward: Scaled = false), the others' bf16
+    elu(x) + 1 tensor-core one."""
+    if kernel == "la_state_async_kernel":
+        return f"{BENCH_CONFIG}, false, {width}"
+    if kernel == "la_apply_async_kernel":
+        return f"{BENCH_CONFIG}, {width}"
+    return BENCH_CONFIG
 DEFAULT_BLOCKS_PER_SM = {"la_state_kernel": 1, "la_apply_kernel": 1, "la_state_reduce_kernel": 8,
                          "la_state_async_kernel": 1, "la_apply_async_kernel": 2}
 
 
-def _sass_row(kernel: str, sass: dict | None) -> dict | None:
-    want = "f32" if "reduce" in kernel else BENCH_TEMPLATE_ARGS.get(kernel, BENCH_CONFIG)
+def _sass_row(kernel: str, sass: dict | None, width: int = TILE) -> dict | None:
+    want = "f32" if "reduce" in kernel else bench_template_args(kernel, width)
     return next((r for r in (sass or {}).get("kernels", [])
                  if r["kernel"] == kernel and r["template_args"] == want), None)
 
 
-def resident_threads(kernel: str, sass: dict | None) -> int:
+def resident_threads(kernel: str, sass: dict | None, width: int = TILE) -> int:
     """Threads per SM: blocks/SM of the SASS report's occupancy for the benchmarked
     configuration (the reduce is instantiated on the fp32 accumulator) x 256."""
-    row = _sass_row(kernel, sass)
+    row = _sass_row(kernel, sass, width)
     return (row["blocks_per_sm"] if row else DEFAULT_BLOCKS_PER_SM[kernel]) * THREADS
 
 
-def async_group_bytes(kernel: str) -> int:
+def async_group_bytes(kernel: str, width: int = TILE) -> int:
     """Bytes of one commit group of a thread (16-bit inputs): its share of a slice, state
-    kSliceTokens tokens x 64 dims of k and of v, apply 64 tokens x kApplySliceDims dims of q."""
+    state_slice_tokens(width) tokens x width dims of k and of v, apply 64 tokens x width dims
+    of q (kApplySliceDims at 64)."""
     if kernel == "la_state_async_kernel":
-        return 2 * header_constant("kSliceTokens", "state.cuh") * TILE * 2 // THREADS
-    return TILE * header_constant("kApplySliceDims", "apply.cuh") * 2 // THREADS
+        return 2 * state_slice_tokens(width) * width * 2 // THREADS
+    return TILE * width * 2 // THREADS
 
 
-def bytes_in_flight(kernel: str, sass: dict | None, elem: int, one_load: bool = False) -> int:
+def bytes_in_flight(kernel: str, sass: dict | None, elem: int, one_load: bool = False, width: int = TILE) -> int:
     """Bytes one thread keeps in flight in the pass's streaming loop: the cp.async ring's
     pending groups (the SASS report's figure when given, else the headers' depth), or the
     register-staged loads issued before their first use."""
     if kernel in ASYNC_RING:
-        row = _sass_row(kernel, sass)
+        row = _sass_row(kernel, sass, width)
         if row and row.get("pipelined_bytes"):
             return row["pipelined_bytes"]
         name, header = ASYNC_RING[kernel]
-        return (header_constant(name, header) - 2) * async_group_bytes(kernel)
+        return (header_constant(name, header) - 2) * async_group_bytes(kernel, width)
     width = ACC_BYTES if "reduce" in kernel else elem
     return width * (1 if one_load else TOKEN_LOADS_IN_FLIGHT[kernel])
 
@@ -192,31 +264,34 @@ WARPS = THREADS // 32
 
 
 def ring_slices(p: Pass, bh: int, n: int, d: int) -> int:
-    """Slices the cp.async kernel of a pass streams: the state pass kSliceTokens tokens of k and
-    v per (Dk tile, Dv tile) and chunk; apply 64 tokens x kApplySliceDims dims of q per Dv tile."""
-    tiles = ceil_div(d, TILE)
+    """Slices the cp.async kernel of a pass streams: the state pass state_slice_tokens tokens of
+    k and v per (Dk tile, Dv tile) and chunk; apply 64 tokens x W dims of q per Dv tile."""
     if p.kernel == "la_state_async_kernel":
+        width = state_tile_width(d, d)
+        tiles = ceil_div(d, width)
         chunk, nchunks = state_plan(bh, n, d, d)
-        per_slice = header_constant("kSliceTokens", "state.cuh")
+        per_slice = state_slice_tokens(width)
         return bh * tiles * tiles * sum(ceil_div(min(chunk, n - c * chunk), per_slice) for c in range(nchunks))
     if p.kernel == "la_apply_async_kernel":
-        return bh * tiles * ceil_div(n, TILE) * ceil_div(d, header_constant("kApplySliceDims", "apply.cuh"))
+        width = apply_tile_width(d, d)
+        return bh * ceil_div(d, width) * ceil_div(n, TILE) * ceil_div(d, width)
     return 0
 
 
 def ring_groups(p: Pass, bh: int, n: int, d: int) -> int:
     """Iterations of the loop around a cp.async kernel's slice loop: the state pass's groups of
-    kAsyncFlushSlices slices (its fp32 sums flushed into fp64 after each), apply's items (64 tokens
-    x one Dv tile: the epilogue that divides by z and stores the output)."""
-    tiles = ceil_div(d, TILE)
+    state_flush_slices slices (its fp32 sums flushed into fp64 after each), apply's items (64
+    tokens x one Dv tile: the epilogue that divides by z and stores the output)."""
     if p.kernel == "la_state_async_kernel":
+        width = state_tile_width(d, d)
+        tiles = ceil_div(d, width)
         chunk, nchunks = state_plan(bh, n, d, d)
-        flush = header_constant("kAsyncFlushSlices", "state.cuh")
-        per_slice = header_constant("kSliceTokens", "state.cuh")
+        flush = state_flush_slices(width)
+        per_slice = state_slice_tokens(width)
         groups = sum(ceil_div(ceil_div(min(chunk, n - c * chunk), per_slice), flush) for c in range(nchunks))
         return bh * tiles * tiles * groups
     if p.kernel == "la_apply_async_kernel":
-        return bh * tiles * ceil_div(n, TILE)
+        return bh * ceil_div(d, apply_tile_width(d, d)) * ceil_div(n, TILE)
     return 0
 
 
@@ -229,11 +304,27 @@ def issue_estimate_seconds(p: Pass, bh: int, n: int, d: int, sass: dict | None) 
     out (the state pass's item epilogue, once per 5 slices at N = 16,384, 78 at 262,144;
     apply's state-column load, once per head and Dv tile) are not counted. 0 without a SASS
     report or a ring."""
-    row = _sass_row(p.kernel, sass)
+    width = pass_width(p, d)
+    row = _sass_row(p.kernel, sass, width)
     loop = row.get("ring_loop_instructions", 0) if row else 0
     outer = row.get("ring_outer_instructions", 0) if row else 0
-    warp_instructions = (ring_slices(p, bh, n, d) * loop + ring_groups(p, bh, n, d) * outer) * WARPS
+    per_slice = loop * WARPS
+    if p.kernel == "la_state_async_kernel" and row:
+        # The warps that do not multiply skip the slice's ldmatrix and mma (all of the kernel's
+        # are in the ring loop); their address arithmetic is still counted.
+        multiplying = state_multiplying_warps(width)
+        per_slice = loop * multiplying + max(0, loop - row.get("ldsm", 0) - row.get("mma", 0)) * (WARPS - multiplying)
+    warp_instructions = ring_slices(p, bh, n, d) * per_slice + ring_groups(p, bh, n, d) * outer * WARPS
     return warp_instructions / (SMS * ISSUE_PER_CLOCK * SM_CLOCK)
+
+
+def pass_width(p: Pass, d: int) -> int:
+    """The tile width of a pass's kernel at head dim d: the cp.async kernels' are sized to d."""
+    if p.kernel == "la_state_async_kernel":
+        return state_tile_width(d, d)
+    if p.kernel == "la_apply_async_kernel":
+        return apply_tile_width(d, d)
+    return TILE
 
 
 def latency_bound_seconds(p: Pass, threads: int, per_thread_bytes: int, latency_s: float) -> float:
@@ -246,8 +337,10 @@ def pass_ceilings(p: Pass, bh: int, n: int, d: int, sass: dict | None, latency_n
     """Seconds of one pass: design, latency-bound and issue estimate, each the max of itself
     and the ones before it."""
     design = max(p.bytes / COPY_BW, p.flops / p.flops_rate)
-    per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
-    latency = max(design, latency_bound_seconds(p, resident_threads(p.kernel, sass), per_thread, latency_ns * 1e-9))
+    width = pass_width(p, d)
+    per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load", width=width)
+    latency = max(design, latency_bound_seconds(p, resident_threads(p.kernel, sass, width), per_thread,
+                                                latency_ns * 1e-9))
     return design, latency, max(latency, issue_estimate_seconds(p, bh, n, d, sass))
 
 
@@ -270,7 +363,7 @@ def table(sass: dict | None, latency_ns: float, variant: str = "async") -> str:
         total_design = total_latency = total_issue = 0.0
         for p in forward_passes(bh, n, d, variant=variant):
             t_bw, t_mma = p.bytes / COPY_BW, p.flops / p.flops_rate
-            per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load")
+            per_thread = bytes_in_flight(p.kernel, sass, 2, one_load=variant == "one-load", width=pass_width(p, d))
             design, latency, issue = pass_ceilings(p, bh, n, d, sass, latency_ns, variant)
             total_design += design
             total_latency += latency

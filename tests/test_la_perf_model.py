@@ -61,7 +61,7 @@ def test_ring_depths_come_from_the_headers():
     assert stages >= 3 and apply_stages >= 3
     assert model.bytes_in_flight("la_state_async_kernel", None, 2) == (stages - 2) * 64  # 4 chunks of 16 B
     assert model.bytes_in_flight("la_apply_async_kernel", None, 2) == (apply_stages - 2) * 32  # 2 chunks
-    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
+    row = {"kernel": "la_state_async_kernel", "template_args": model.bench_template_args("la_state_async_kernel", 64),
            "pipelined_bytes": 96, "blocks_per_sm": 2}
     assert model.bytes_in_flight("la_state_async_kernel", {"kernels": [row]}, 2) == 96  # the SASS figure wins
     assert model.resident_threads("la_state_async_kernel", {"kernels": [row]}) == 512
@@ -80,37 +80,73 @@ def test_committed_sass_report_meets_issue_14_targets_by_the_issue_estimate():
     # README and docs/linear-attention-performance.md quote.
     reports = sorted((model.ROOT / "benchmarks/results").glob("*-sass-sm90a-linear-attention.json"))
     sass = json.loads(reports[-1].read_text())
+    for kernel, width in (("la_state_async_kernel", 48), ("la_state_async_kernel", 64), ("la_state_async_kernel", 80),
+                          ("la_apply_async_kernel", 64), ("la_apply_async_kernel", 80)):
+        assert model._sass_row(kernel, sass, width)["ring_loop_instructions"] > 0, (kernel, width)  # not silently 0
     assert model.forward_ratios(10, 16384, 64, sass)[2] <= 1.3
     assert model.forward_ratios(10, 262144, 64, sass)[2] <= 1.15
 
 
 def test_padded_tiles_count_the_mma_work_issued():
-    # D = 40 runs 64-wide tiles: (64 / 40)^2 = 2.56x the useful products; the cp.async kernels'
-    # hi + lo operands and m / z columns multiply that by ASYNC_MMA_WORK, at the bf16 rate
+    # D = 40: the register-staged kernels and apply run 64-wide tiles, (64 / 40)^2 = 2.56x the
+    # useful products; the cp.async state kernel 48-wide ones, (48 / 40)^2 = 1.44x. Its hi + lo
+    # operands and m columns (8 per warp's 48) and apply's S hi + lo and z columns (8 per 32)
+    # multiply that, at the bf16 rate.
     useful = 2 * 16 * 16384 * 40 * 40
     staged = model.forward_passes(16, 16384, 40, variant="staged")
+    d80 = model.forward_passes(16, 16384, 80)[-1]  # apply at D = 80: 80-wide, exact, 8 z columns per 40
+    assert abs(d80.flops / (2 * 16 * 16384 * 80 * 80) - (2 * 40 + 8) / 40) < 1e-9
     assert abs(staged[0].flops / useful - 2.56) < 1e-9 and staged[0].flops_rate == model.TF32_FLOPS
     state, apply = model.forward_passes(16, 16384, 40)[0], model.forward_passes(16, 16384, 40)[-1]
-    assert abs(state.flops / useful - 2.56 * model.ASYNC_MMA_WORK["state"]) < 1e-9
-    assert abs(apply.flops / useful - 2.56 * model.ASYNC_MMA_WORK["apply"]) < 1e-9
+    assert abs(state.flops / useful - 1.44 * 2 * (48 + 8) / 48) < 1e-9
+    assert abs(apply.flops / useful - 2.56 * (2 * 32 + 8) / 32) < 1e-9
     assert state.flops_rate == apply.flops_rate == model.BF16_FLOPS
+
+
+def test_state_tile_width_matches_the_header_rule():
+    # la::state_tile_width: least padded products, 64 on a tie (the emulator test checks which
+    # kernel the C++ dispatch launches at these dims).
+    expected = {1: 48, 8: 48, 40: 48, 64: 64, 80: 80, 96: 48, 128: 64, 160: 80, 256: 64}
+    assert {d: model.state_tile_width(d, d) for d in expected} == expected
+    assert model.state_tile_width(40, 80) == 48 and model.state_tile_width(160, 80) == 80
+    assert [model.state_warp_columns(w) for w in (48, 64, 80)] == [48, 32, 80]
+    # apply: 64 or 80 (no 48); Dk 40 x Dv 80 takes one 80-wide Dv tile (the state pass 48 x 48 tiles)
+    assert {d: model.apply_tile_width(d, d) for d in expected} == {d: 80 if w == 80 else 64 for d, w in expected.items()}
+    assert model.apply_tile_width(40, 80) == 80
+    # a W-wide ring: the forward's 64-token slices of k and v
+    assert model.async_group_bytes("la_state_async_kernel", 80) == 2 * 64 * 80 * 2 // 256
+    assert model.async_group_bytes("la_state_async_kernel", 48) == 2 * 128 * 48 * 2 // 256  # 128-token slices
+    assert model.state_multiplying_warps(48) == 3 and model.state_multiplying_warps(80) == 5
+
+
+def test_issue_estimate_skips_the_products_of_idle_warps():
+    # W = 48: three warps multiply; the other five run the ring loop without its ldmatrix / mma.
+    state = model.forward_passes(16, 16384, 40)[0]
+    row = {"kernel": "la_state_async_kernel", "template_args": model.bench_template_args("la_state_async_kernel", 48),
+           "ring_loop_instructions": 700, "ldsm": 40, "mma": 110, "blocks_per_sm": 1}
+    slices = model.ring_slices(state, 16, 16384, 40)
+    assert slices == 16 * 16384 // 128
+    expected = slices * (3 * 700 + 5 * 550) / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)
+    assert abs(model.issue_estimate_seconds(state, 16, 16384, 40, {"kernels": [row]}) - expected) < 1e-12
 
 
 def test_issue_estimate_counts_the_ring_loop_per_slice_and_warp():
     state = model.forward_passes(10, 16384, 64)[0]
-    row = {"kernel": "la_state_async_kernel", "template_args": model.BENCH_TEMPLATE_ARGS["la_state_async_kernel"],
+    row = {"kernel": "la_state_async_kernel", "template_args": model.bench_template_args("la_state_async_kernel", 64),
            "ring_loop_instructions": 100, "blocks_per_sm": 1}
     # Slices of kSliceTokens tokens; chunks hold whole slices, so at N = 16,384 none is short.
-    per_slice = model.header_constant("kSliceTokens", "state.cuh")
+    per_slice = model.state_slice_tokens(64)
+    assert per_slice == model.header_constant("kSliceTokens", "state.cuh")
     chunk, nchunks = model.state_plan(10, 16384, 64, 64)
     assert chunk % per_slice == 0 and nchunks > 1
     slices = 10 * 16384 // per_slice
     assert model.ring_slices(state, 10, 16384, 64) == slices
     expected = slices * 100 * 8 / (model.SMS * model.ISSUE_PER_CLOCK * model.SM_CLOCK)
     assert abs(model.issue_estimate_seconds(state, 10, 16384, 64, {"kernels": [row]}) - expected) < 1e-12
-    # The loop around the slices runs once per kAsyncFlushSlices slices of each chunk (the last
-    # group of a chunk may be short).
-    flush = model.header_constant("kAsyncFlushSlices", "state.cuh")
+    # The loop around the slices runs once per kAsyncFlushTokens / kSliceTokens slices of each
+    # chunk (the last group of a chunk may be short).
+    flush = model.state_flush_slices(64)
+    assert flush * per_slice == model.header_constant("kAsyncFlushTokens", "state.cuh")
     groups = model.ring_groups(state, 10, 16384, 64)
     assert groups == 10 * sum(-(-(-(-min(chunk, 16384 - c * chunk) // per_slice)) // flush) for c in range(nchunks))
     assert slices / flush <= groups < slices / flush + 10 * nchunks

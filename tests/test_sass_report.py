@@ -356,8 +356,13 @@ def test_launch_sites_of_the_linear_attention_kernels():
     for kernel in ("la_state_kernel", "la_state_reduce_kernel", "la_apply_kernel", "la_apply_backward_kernel",
                    "la_state_backward_kernel"):
         assert (sites[kernel].threads, sites[kernel].dynamic_smem) == (256, 0), (kernel, sites[kernel])
-    for kernel, targs in (("la_state_async_kernel", "bf16, FeatureMap=1, true, false"),  # forward
-                          ("la_state_async_kernel", "bf16, FeatureMap=1, true, true"),   # apply_backward
-                          ("la_apply_async_kernel", "bf16, FeatureMap=1, true")):  # sized by the probe, not the site
+    probes = {key: i for i, key in enumerate(sr.DYNAMIC_SMEM_PROBES)}  # distinct bytes per probe
+    for kernel, targs, key in (
+            ("la_state_async_kernel", "bf16, FeatureMap=1, true, false, 64", "la_state_async_kernel<64>"),  # forward
+            ("la_state_async_kernel", "bf16, FeatureMap=1, true, true, 48", "la_state_async_kernel<48>"),  # backward
+            ("la_state_async_kernel", "f16, FeatureMap=2, true, false, 80", "la_state_async_kernel<80>"),
+            ("la_apply_async_kernel", "bf16, FeatureMap=1, true, 64", "la_apply_async_kernel<64>"),
+            ("la_apply_async_kernel", "f16, FeatureMap=0, true, 80", "la_apply_async_kernel<80>")):
+        # sized by the probe of its tile width (the state kernel) or head dim (apply), not the site
         assert sites[kernel].threads == 256, (kernel, sites[kernel])
-        assert sr.probed_smem({k: 1 for k in sr.DYNAMIC_SMEM_PROBES}, kernel, targs) == 1, (kernel, targs)
+        assert sr.probed_smem(probes, kernel, targs) == probes[key], (kernel, targs)

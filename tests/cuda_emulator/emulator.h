@@ -1,12 +1,13 @@
 // Host emulation of the CUDA execution model, one 256-thread block at a time: fibers
-// switched at __syncthreads / shuffles, random thread order per phase. Include it
+// switched at __syncthreads / shuffles (the block) and ldmatrix / mma.sync (the warp), random
+// thread order per phase. Include it
 // before any mmfast/cuda header: it defines the CUDA built-ins and MMFAST_LAUNCH, which runs
 // `emu_blocks` blocks of every launch one after another (kernels use grid-stride loops, so
 // any grid covers the problem; inter-block concurrency is what it cannot check).
 // WMMA (tf32 m16n16k8) is emulated with every thread holding the whole fragment, which is
 // enough for code that only loads, multiplies, stores and maps fragments elementwise; the
 // documented pointer-alignment and ldm rules are checked on every load and store.
-// ldmatrix (.x4, .x4.trans) and mma.sync.m16n8k16 (fp16 / bf16) are emulated lane by lane with the
+// ldmatrix (.x4, .x4.trans, .x2.trans) and mma.sync.m16n8k16 (fp16 / bf16) are emulated lane by lane with the
 // PTX ISA's fragment layouts, exchanging operands within the warp.
 #pragma once
 #define MMFAST_CUDA_EMULATED 1
@@ -77,7 +78,9 @@ inline void* sched_sp = nullptr;  // stack pointers saved by emu_switch_stacks
 inline void* fiber_sp[kN];
 inline std::vector<char> stacks[kN];
 inline bool done[kN];
-inline long nbar[kN];
+inline long nbar[kN];      // block barriers (and shuffles) passed
+inline long nwarp[kN];     // warp collectives (ldmatrix, mma.sync) passed
+inline bool at_warp[kN];   // waiting at a warp collective (else at a block barrier)
 inline int cur = 0;
 inline std::function<void()> body;
 inline std::mt19937 rng(1234);
@@ -132,6 +135,15 @@ inline void switch_to_fiber(int t) { raw_switch_to_fiber(t); }
 inline void fiber_started() {}
 #endif
 inline void yield() { ++nbar[cur]; switch_to_scheduler(false); }
+// A warp collective's phase switch: only the thread's warp must reach it (code may skip
+// collectives in a warp-uniform branch, as the hardware allows); the block's other warps go on
+// to their next barrier or collective.
+inline void warp_yield() {
+  ++nwarp[cur];
+  at_warp[cur] = true;
+  switch_to_scheduler(false);
+  at_warp[cur] = false;
+}
 // cp.async: a copy lands at random either as it is issued or only at the cp_async_wait that
 // retires its group (the two ends of what the hardware may do), so both a read before the
 // wait (or before the barrier that follows every thread's wait) and an overwrite of a stage
@@ -186,33 +198,70 @@ inline void prepare_fiber(int t) {
   ctx[t].uc_link = nullptr;
   makecontext(&ctx[t], tramp, 0);
 }
+// A thread waiting at a warp collective resumes when all 32 lanes of its warp wait at their
+// same collective; one waiting at a block barrier when every thread of the block waits at that
+// barrier. Each round snapshots who may resume, then runs them in random order to their next wait.
+inline bool warp_released(int t) {
+  const int w0 = t & ~31;
+  for (int l = w0; l < w0 + 32; ++l) {
+    if (done[l] || !at_warp[l]) return false;
+    if (nwarp[l] != nwarp[t]) { std::printf("EMU ERROR: warp collective count mismatch in warp %d\n", t / 32); std::exit(2); }
+  }
+  return true;
+}
+inline bool block_released() {
+  long b0 = -1;
+  for (int t = 0; t < kN; ++t) {
+    if (at_warp[t] && !done[t]) return false;
+    if (b0 < 0 && !done[t]) b0 = nbar[t];
+  }
+  for (int t = 0; t < kN; ++t) {
+    if (done[t]) { std::printf("EMU ERROR: thread %d exited while others wait at a barrier\n", t); std::exit(2); }
+    if (nbar[t] != b0) { std::printf("EMU ERROR: barrier count mismatch\n"); std::exit(2); }
+  }
+  return true;
+}
 inline void run(std::function<void()> f) {
   body = std::move(f);
   for (int t = 0; t < kN; ++t) {
     prepare_fiber(t);
     done[t] = false;
+    at_warp[t] = false;
     nbar[t] = 0;
+    nwarp[t] = 0;
   }
   for (long& phase : mma_phase) phase = -1;
   ++blocks_run;
   std::vector<int> order(kN);
   for (int t = 0; t < kN; ++t) order[t] = t;
+  bool first = true;
+  std::vector<char> runnable(kN);
   for (;;) {
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int t : order) {
-      if (done[t]) continue;
-      cur = t;
-      tid.x = t;
-      switch_to_fiber(t);
-    }
     int ndone = 0;
     for (int t = 0; t < kN; ++t) ndone += done[t];
     if (ndone == kN) break;
-    long b0 = -1;
+    const bool block = !first && block_released();
+    bool any = false;
     for (int t = 0; t < kN; ++t) {
-      if (done[t]) { std::printf("EMU ERROR: thread %d exited while others wait at a barrier\n", t); std::exit(2); }
-      if (b0 < 0) b0 = nbar[t];
-      else if (nbar[t] != b0) { std::printf("EMU ERROR: barrier count mismatch\n"); std::exit(2); }
+      runnable[t] = !done[t] && (first || (at_warp[t] ? warp_released(t) : block));
+      any = any || runnable[t];
+    }
+    if (!any) {
+      for (int t = 0; t < kN; ++t)
+        if (at_warp[t] && !done[t]) {
+          std::printf("EMU ERROR: warp %d waits at a warp collective that some of its lanes never reach\n", t / 32);
+          std::exit(2);
+        }
+      std::printf("EMU ERROR: barrier count mismatch\n");
+      std::exit(2);
+    }
+    first = false;
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int t : order) {
+      if (!runnable[t]) continue;
+      cur = t;
+      tid.x = t;
+      switch_to_fiber(t);
     }
   }
 }
@@ -226,14 +275,15 @@ template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 1
   yield();
   return r;
 }
-// Warp-collective operations (ldmatrix, mma.sync): every lane publishes its operands, the block
-// passes a phase switch, each lane reads its warp's, and a second switch keeps the next
-// publication from overwriting them early (like shfl_xor). They must be reached uniformly.
+// Warp-collective operations (ldmatrix, mma.sync): every lane publishes its operands, the warp
+// passes a phase switch (warp_yield), each lane reads its warp's, and a second switch keeps the
+// next publication from overwriting them early (like shfl_xor). All 32 lanes of a warp must reach
+// them; other warps need not (a warp-uniform branch may skip them).
 inline unsigned char lane_raw[kN][48];
 template <class V> void publish(const V& v) {
   static_assert(sizeof(V) <= sizeof(lane_raw[0]), "published operands are at most 48 bytes");
   std::memcpy(lane_raw[cur], &v, sizeof(V));
-  yield();
+  warp_yield();
 }
 template <class V> V lane_value(int lane) {
   V v;
@@ -271,7 +321,15 @@ inline void check_dynamic_smem_guard() {
 }
 inline int sms = 132;
 inline int compute_major = 9;
+inline int max_shared_optin = 232448;  // cudaDevAttrMaxSharedMemoryPerBlockOptin: sm_90's 227 KB
 inline unsigned emu_blocks = 3;
+// Every launch, in order: the kernel as written at MMFAST_LAUNCH and its dynamic shared memory
+// (tests check which variant a dispatch took).
+struct Launch {
+  const char* kernel;
+  size_t smem;
+};
+inline std::vector<Launch> launches;
 }  // namespace emu
 
 #define threadIdx (::emu::tid)
@@ -287,6 +345,7 @@ inline unsigned emu_blocks = 3;
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...)                                       \
   do {                                                                                            \
     (void)(grid), (void)(block), (void)(stream);                                                 \
+    ::emu::launches.push_back({#kernel, static_cast<size_t>(smem)});                              \
     ::emu::gdim.x = ::emu::emu_blocks;                                                            \
     for (unsigned b_ = 0; b_ < ::emu::emu_blocks; ++b_) {                                         \
       ::emu::bid.x = b_;                                                                          \
@@ -332,16 +391,16 @@ namespace emu {
 // Each lane reads its own row when it reaches the ldmatrix (threads run in random order within
 // a phase), so a row another thread writes without a barrier in between can be read stale.
 struct MatrixRow { uint16_t e[8]; };
-template <bool Trans> void ldmatrix(uint32_t (&r)[4], const void* row) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+template <bool Trans, int N> void ldmatrix(uint32_t (&r)[N], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0 && cur % 32 < 8 * N) {  // .x2: lanes 16-31's addresses are unused
     std::printf("EMU ERROR: ldmatrix row address %p is not 16-byte aligned\n", row);
     std::exit(2);
   }
-  MatrixRow mine;
-  std::memcpy(&mine, row, sizeof mine);
+  MatrixRow mine{};
+  if (cur % 32 < 8 * N) std::memcpy(&mine, row, sizeof mine);
   publish(mine);
   const int lane = cur % 32, g = lane / 4, t = lane % 4;
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < N; ++j) {
     uint16_t e[2];  // M_j[g][2t + h], or transposed M_j[2t + h][g]
     for (int h = 0; h < 2; ++h) {
       const MatrixRow m = lane_value<MatrixRow>(8 * j + (Trans ? 2 * t + h : g));
@@ -349,11 +408,12 @@ template <bool Trans> void ldmatrix(uint32_t (&r)[4], const void* row) {
     }
     r[j] = e[0] | (static_cast<uint32_t>(e[1]) << 16);
   }
-  yield();
+  warp_yield();
 }
 }  // namespace emu
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix<false>(r, row); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix<true>(r, row); }
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix<false, 4>(r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ::emu::ldmatrix<true, 4>(r, row); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { ::emu::ldmatrix<true, 2>(r, row); }
 namespace emu {
 struct MmaOperands { uint32_t a[4], b[2]; float c[4]; };
 template <class T> double element16(uint32_t reg, int half) {
@@ -394,12 +454,12 @@ template <class T> void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], cons
   std::memcpy(mine.c, d, sizeof mine.c);
   ::emu::publish(mine);
   const int warp = ::emu::cur / 32;
-  if (::emu::mma_phase[warp] != ::emu::nbar[::emu::cur]) {
-    ::emu::mma_phase[warp] = ::emu::nbar[::emu::cur];
+  if (::emu::mma_phase[warp] != ::emu::nwarp[::emu::cur]) {
+    ::emu::mma_phase[warp] = ::emu::nwarp[::emu::cur];
     ::emu::warp_mma<T>(warp);
   }
   std::memcpy(d, ::emu::mma_out[warp][::emu::cur % 32], sizeof(float) * 4);
-  ::emu::yield();
+  ::emu::warp_yield();
 }
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
@@ -412,7 +472,7 @@ extern "C" cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, con
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   *v = attr == cudaDevAttrComputeCapabilityMajor       ? ::emu::compute_major
-       : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448  // sm_90: 227 KB
+       : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? ::emu::max_shared_optin
                                                          : ::emu::sms;
   return cudaSuccess;
 }

@@ -221,6 +221,64 @@ template <class T> void run_long_reduction(int64_t D, int64_t N, int major) {
   emu::compute_major = 9;
 }
 
+// The cp.async kernels size their tiles to the head dims (tile_width): bf16 with 16-byte
+// aligned rows on sm_90 must launch la_state_async_kernel with the expected width's shared
+// memory, for the forward (Scaled = false) and apply_backward's pass (Scaled = true), and
+// la_apply_async_kernel with its width's for this Dk (64 or 80: apply_tile_width); with sm_86's
+// 99 KB per block, 64 everywhere (and apply register-staged past Dk = 128, as before). Correctness at these widths is
+// run_case's (the cases in main with 16-byte aligned rows).
+void run_tile_width() {
+  using mmfast::cuda::la::kAsyncStateSmem;
+  using Bf16Elu = mmfast::cuda::la::Config<__nv_bfloat16, FeatureMap::kElu1, true>;
+  const auto apply_smem = [](int w, int dk) {
+    using mmfast::cuda::la::async_apply_smem_bytes;
+    return w == 80 ? async_apply_smem_bytes<Bf16Elu, 80>(dk) : async_apply_smem_bytes<Bf16Elu, 64>(dk);
+  };
+  // Dk, Dv, the state kernel's shared memory (its width), apply's width (64 or 80)
+  struct Case { int64_t dk, dv; size_t smem; int apply_width; };
+  const std::vector<Case> sm90_cases = {
+      {40, 40, kAsyncStateSmem<48>, 64},   {8, 8, kAsyncStateSmem<48>, 64},     {40, 80, kAsyncStateSmem<48>, 80},
+      {64, 64, kAsyncStateSmem<64>, 64},   {128, 128, kAsyncStateSmem<64>, 64}, {256, 256, kAsyncStateSmem<64>, 64},
+      {80, 80, kAsyncStateSmem<80>, 80},   {160, 160, kAsyncStateSmem<80>, 80}, {160, 80, kAsyncStateSmem<80>, 80}};
+  // sm_86 / sm_89 (99 KB per block): the 48- and 80-wide rings do not fit, 64 everywhere; apply's
+  // state columns at Dk > 128 do not fit either (apply_width 0: the register-staged apply)
+  std::vector<Case> sm86_cases;
+  for (const Case& c : sm90_cases) sm86_cases.push_back({c.dk, c.dv, kAsyncStateSmem<64>, c.dk > 128 ? 0 : 64});
+  for (const bool sm86 : {false, true})
+  for (const Case& c : sm86 ? sm86_cases : sm90_cases) {
+    emu::max_shared_optin = sm86 ? 101376 : 232448;
+    const int64_t N = 100;
+    Tok<__nv_bfloat16> q(1, N, 1, c.dk, 0, 0, true), k(1, N, 1, c.dk, 0, 0, true), v(1, N, 1, c.dv, 0, 0, true);
+    Tok<__nv_bfloat16> go(1, N, 1, c.dv, 0, 0, true), gq(1, N, 1, c.dk, 0, 0, false);
+    Lp p;
+    p.batch = 1; p.seqlen = N; p.heads = 1; p.dim_k = c.dk; p.dim_v = c.dv; p.dtype = DType::kBFloat16;
+    p.feature_map = FeatureMap::kElu1; p.q = q.t; p.k = k.t; p.v = v.t; p.grad_out = go.t; p.grad_q = gq.t;
+    std::vector<float> st(c.dk * c.dv, 0.01f), mn(c.dk, 1.0f), gst(c.dk * c.dv), gmn(c.dk);
+    p.state = st.data(); p.mean = mn.data(); p.grad_state = gst.data(); p.grad_mean = gmn.data();
+    std::vector<char> ws(std::max(mmfast::cuda::linear_attention_state_workspace_bytes(p),
+                                  mmfast::cuda::linear_attention_apply_backward_workspace_bytes(p)) + 64);
+    p.workspace = ws.data(); p.workspace_bytes = ws.size();
+    Tok<__nv_bfloat16> out(1, N, 1, c.dv, 0, 0, false);
+    p.out = out.t;
+    for (int pass = 0; pass < 3; ++pass) {
+      emu::launches.clear();
+      const cudaError_t err = pass == 0   ? mmfast::cuda::linear_attention_state(p, nullptr)
+                              : pass == 1 ? mmfast::cuda::linear_attention_apply_backward(p, nullptr)
+                                          : mmfast::cuda::linear_attention_apply(p, nullptr);
+      const char* kernel = pass < 2 ? "la_state_async_kernel" : c.apply_width ? "la_apply_async_kernel" : "la_apply_kernel";
+      const size_t smem = pass < 2 ? c.smem : c.apply_width ? apply_smem(c.apply_width, static_cast<int>(c.dk)) : 0;
+      bool seen = false;
+      for (const auto& l : emu::launches) seen |= std::strstr(l.kernel, kernel) != nullptr && l.smem == smem;
+      if (err != cudaSuccess || !seen) {
+        ++nfail;
+        std::printf("FAIL tile width (%s): Dk=%ld Dv=%ld %s did not launch %s with %zu B\n", sm86 ? "sm_86" : "sm_90",
+                    (long)c.dk, (long)c.dv, pass == 0 ? "state" : pass == 1 ? "apply_backward" : "apply", kernel, smem);
+      }
+    }
+  }
+  emu::max_shared_optin = 232448;
+}
+
 // NaN propagation (relu): a NaN key reaches every output; in the backward, grad_q is an exact
 // 0 wherever q <= 0 even when its incoming gradient is NaN (torch selects, not multiplies).
 void run_nan_propagation() {
@@ -324,6 +382,13 @@ int main(int argc, char** argv) {
   // each pair inside; an odd Dv (out rows not 4-byte aligned) takes the register-staged apply.
   all(1, 2, 130, 64, 10, 1, 0, 8, 2);
   all(1, 2, 130, 64, 7, 1, 0, 8, 2);
+  // cp.async tiles sized to the head dims (16-byte aligned rows; few SMs, so blocks' item
+  // ranges cross chunks, heads and tiles): W = 48 (D = 40; Dk 40 x Dv 80: two Dv tiles, 48 + 32),
+  // W = 80 (D = 80; Dk 160 x Dv 80: two Dk tiles / apply slices).
+  all(2, 2, 300, 40, 40, 1, 0, 8, 2);
+  all(1, 2, 130, 40, 80, 0, 0, 8, 2);
+  all(1, 3, 600, 80, 80, 2, 1, 0, 5);
+  all(1, 2, 200, 160, 80, 1, 0, 8, 3);
   if (level >= 2) {
     const int64_t dims[] = {1, 7, 40, 64, 80, 160, 256};
     int i = 0;
@@ -347,6 +412,7 @@ int main(int argc, char** argv) {
     const int before = nfail;
     run_case<__half>(1, 2, 600, 64, 64, 1, 0, 8, 4);
     run_case<__nv_bfloat16>(1, 2, 600, 64, 64, 1, 0, 8, 4);
+    run_case<__half>(1, 2, 300, 160, 80, 1, 0, 8, 3);  // apply W = 80, two slices of Dk
     ++ncase;
     nfailed_cases += nfail > before;
     std::printf("done state scale %g (fails so far %d)\n", scale, nfail);
@@ -355,6 +421,7 @@ int main(int argc, char** argv) {
   const int before_numerics = nfail;
   run_nan_propagation();
   run_nan_propagation_async();
+  run_tile_width();
   run_long_reduction<float>(4, 1 << 18, 7);
   run_long_reduction<__nv_bfloat16>(8, 1 << 16, 9);
   nfailed_cases += nfail > before_numerics;

@@ -144,9 +144,9 @@ __device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa
 // A RawTile holds Rows token rows of Cols raw input elements in shared memory, filled by
 // cp.async 16-byte copies: the bytes are in flight without occupying registers, so a kernel
 // keeps several tiles in flight (a multi-stage pipeline) while it computes on an earlier one.
-// A step then turns the landed raw elements into operands in place: kSliceTokens tokens x
-// kTile dims of a token contraction (the state pass), kTile tokens x kApplySliceDims dims of a
-// dim contraction (the apply pass).
+// A step then turns the landed raw elements into operands in place: tokens x W dims of a token
+// contraction (the linear-attention state pass), 64 tokens x W dims of a dim contraction (its
+// apply pass), W the tile width.
 // Pad elements after each row (a multiple of 16 bytes) keep a row stride of 128 bytes from
 // sending the 8 rows of an ldmatrix phase to the same banks.
 template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
@@ -154,30 +154,47 @@ template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
   static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
   static constexpr int kChunksPerRow = Cols / kChunkElems;
   static constexpr int kChunks = Rows * kChunksPerRow;
-  static_assert(16 % sizeof(T) == 0 && Cols % kChunkElems == 0 && kChunks % kThreads == 0,
-                "whole 16-byte chunks, the same count per thread");
+  static_assert(16 % sizeof(T) == 0 && Cols % kChunkElems == 0, "whole 16-byte chunks per row");
+  static_assert(kChunks % 32 == 0, "whole warps per pass of the block's threads (a ragged last pass stays warp-uniform)");
   static_assert(Pad % kChunkElems == 0, "rows stay 16-byte aligned");
   __align__(16) T v[Rows][Cols + Pad];
 };
 
-// The k-th of the chunks a thread copies of every slice of a stream of RawTiles (fixed per
-// thread and k; chunk threadIdx.x + k * kThreads, kRowsPerPass rows below the (k-1)-th): the
-// caller keeps its first chunk's source pointer and steps it by a slice per issue, so a slice
-// costs an add instead of the rows' address arithmetic. issue() copies 16 bytes from src (this
-// chunk's source in the slice, 16-byte aligned) when the chunk lies within rows x cols (left in
-// the slice from its first row / column; cols a multiple of kChunkElems), else zero-fills it;
-// fallback is any mapped, 16-byte aligned address (a zero-filled chunk still names a source;
-// none is read).
+// The k-th of the chunks a thread copies of every slice of a stream of RawTiles: chunk
+// threadIdx.x + k * kThreads in row-major order, fixed per thread and k. A tile whose chunks
+// are not a multiple of the block's threads (64 x 80) has a ragged last pass: the threads past
+// its end hold no chunk there (in_tile false; whole warps, see RawTile). When the chunks per
+// row divide the threads (not at 48 or 80 columns), the k-th chunk lies kRowsPerPass rows below
+// the first, so a caller may keep the first chunk's source pointer only and step it by a slice
+// per issue; otherwise each chunk adds its source_offset.
+// issue() copies 16 bytes from src (this chunk's source in the slice, 16-byte aligned) when the
+// chunk lies within rows x cols (left in the slice from its first row / column; cols a multiple
+// of kChunkElems), else zero-fills it; fallback is any mapped, 16-byte aligned address (a
+// zero-filled chunk still names a source; none is read). A chunk outside the tile copies nothing.
 template <class Tile> struct RawChunk {
-  static constexpr int kPerThread = Tile::kChunks / kThreads;
-  static constexpr int kRowsPerPass = kThreads / Tile::kChunksPerRow;
-  static_assert(kThreads % Tile::kChunksPerRow == 0, "whole rows per pass of the block's threads");
+  static constexpr int kPerThread = (Tile::kChunks + kThreads - 1) / kThreads;
+  static constexpr bool kRagged = Tile::kChunks % kThreads != 0;
+  static constexpr bool kWholeRowsPerPass = kThreads % Tile::kChunksPerRow == 0;
+  static constexpr int kRowsPerPass = kThreads / Tile::kChunksPerRow;  // meaningful when kWholeRowsPerPass
   int row, col;
-  __device__ __forceinline__ explicit RawChunk(int k = 0)
-      : row(static_cast<int>(threadIdx.x) / Tile::kChunksPerRow + k * kRowsPerPass),
-        col(static_cast<int>(threadIdx.x) % Tile::kChunksPerRow * Tile::kChunkElems) {}
+  bool in_tile;
+  __device__ __forceinline__ explicit RawChunk(int k = 0) {
+    if constexpr (kWholeRowsPerPass && !kRagged) {  // the k-th: kRowsPerPass rows below the first
+      in_tile = true;
+      row = static_cast<int>(threadIdx.x) / Tile::kChunksPerRow + k * kRowsPerPass;
+      col = static_cast<int>(threadIdx.x) % Tile::kChunksPerRow * Tile::kChunkElems;
+    } else {
+      const int index = static_cast<int>(threadIdx.x) + k * kThreads;
+      in_tile = !kRagged || index < Tile::kChunks;
+      row = index / Tile::kChunksPerRow;
+      col = index % Tile::kChunksPerRow * Tile::kChunkElems;
+    }
+  }
+  // This chunk's offset from its tile's first element in a source of row stride `stride`.
+  __device__ __forceinline__ int64_t source_offset(int64_t stride) const { return row * stride + col; }
   template <class T>
   __device__ __forceinline__ void issue(Tile& dst, const T* src, int64_t rows, int64_t cols, const T* fallback) const {
+    if (!in_tile) return;
     const bool valid = row < rows && col < cols;
     cp_async16(&dst.v[row][col], valid ? src : fallback, valid);
   }
@@ -218,6 +235,18 @@ template <bool Trans> __device__ __forceinline__ void ldmatrix_x4_impl(uint32_t 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ldmatrix_x4_impl<false>(r, row); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
   ldmatrix_x4_impl<true>(r, row);
+}
+// Two transposed 8 x 8 matrices (lanes 0-15 name the rows; the others' addresses are unused):
+// the B fragment of one n-tile.
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#else
+  (void)row;
+  r[0] = r[1] = 0u;
+  __trap();  // callers launch only on sm_80+
+#endif
 }
 
 // d += A B for fp16 or bf16 A, B (T), fp32 d.

@@ -83,11 +83,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 
 // ---- the asynchronous tensor-core variant (16-bit inputs, 16-byte aligned rows, sm_80+) ------
 // A persistent grid (the resident blocks only); each block takes a contiguous range of items
-// ordered token tile fastest, so it keeps one head's state columns S[:, v0:v0+64] and m in
+// ordered token tile fastest, so it keeps one head's state columns S[:, v0:v0+W] and m in
 // shared memory across a run of items and reloads them only when the head or the Dv tile
 // changes. The raw q of all its items streams through one ring of kAsyncApplyStages tiles (64
-// tokens x kApplySliceDims dims, 8 KB of bf16: one slice per item at D = 64, so the fixed
-// costs of a slice are paid per 8 KB): the next item's q is in flight while this one
+// tokens x W dims, 8 KB of bf16 at W = 64: one slice per item at D = 64, so the fixed costs of
+// a slice are paid per 8 KB): the next item's q is in flight while this one
 // multiplies; the wait leaves kAsyncApplyStages - 2 tiles pending (at least 32 KB of bf16 per
 // block; the pass's other half of the traffic, the output, is stores, which need no such
 // cover).
@@ -99,54 +99,67 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // same with m's hi and lo in columns 0 and 1 of one more n-tile (z = phi(q) . m + eps from the
 // same phi(q): no second read of q). For fp16 the state columns and m are first scaled by
 // powers of two that bring their largest magnitude to [1, 2) (fp16 tops out at 65504 and
-// goes subnormal below 6.1e-5; the scales are undone exactly in the epilogue). Warp w owns
-// tokens (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's tile.
+// goes subnormal below 6.1e-5; the scales are undone exactly in the epilogue).
+//
+// Tiles sized to D: the item's Dv tile and the ring's slices of Dk are W wide (AsyncApplyTile:
+// 64, or 80 for D = 80 / 160: apply_tile_width), so D = 80 runs one slice and one item per 64
+// tokens where 64-wide tiles ran 2 x 2. Warp w owns tokens (w % 4) * 16 and the W / 16 n-tiles of Dv
+// from column (w / 4) * W / 2 of the item's tile.
 constexpr int kAsyncApplyStages = 6;
-constexpr int kApplySliceDims = 64;  // Dk elements of q per slice of the ring
-template <class T> using ApplyQTile = RawTile<T, kTile, kApplySliceDims, kRawPad>;
-constexpr int kApplyWarpRows = 16, kApplyWarpCols = 32, kApplyNTiles = kApplyWarpCols / 8;
+constexpr int kApplySliceDims = 64;  // Dk elements of q per slice of the ring at W = 64
+template <int W> struct AsyncApplyTile {
+  static_assert(W % 16 == 0, "whole n-tiles per warp and mma k-steps per slice");
+  static constexpr int kSliceDims = W;     // Dk elements of q per slice of the ring
+  static constexpr int kWarpCols = W / 2;  // Dv columns per warp (two column groups of warps)
+  static constexpr int kNTiles = kWarpCols / 8;
+  static constexpr int kStateLd = W + kRawPad;  // 16-bit state column rows: 112 / 144 / 176 bytes
+  // m_cols rows: the z product loads 32 rows at every other k-step, so at W = 48 / 80 the last
+  // one reads 16 rows past round_up(Dk, W) into registers it does not use (in bounds, never written)
+  static constexpr int kMeanRows = round_up(kMaxD, W) + 32;
+};
+template <class T, int W> using ApplyQTile = RawTile<T, kTile, W, kRawPad>;
+constexpr int kApplyWarpRows = 16;
 constexpr int kApplyWarpsPerCol = kTile / kApplyWarpRows;
-constexpr int kStateLd = kTile + kRawPad;  // 144-byte rows of the 16-bit state columns
-static_assert(kApplyWarpsPerCol * (kTile / kApplyWarpCols) * 32 == kThreads, "the warps cover the tile");
+static_assert(kApplyWarpsPerCol * 2 * 32 == kThreads, "4 token groups x 2 column groups of warps");
 
-template <class C> struct AsyncApplyShared {
+template <class C, int W> struct AsyncApplyShared {
   using T = typename C::T;
-  ApplyQTile<T> q[kAsyncApplyStages];
-  __align__(16) T m_cols[kMaxD][8];  // B of the z product: m's hi and lo in columns 0 and 1
+  ApplyQTile<T, W> q[kAsyncApplyStages];
+  __align__(16) T m_cols[AsyncApplyTile<W>::kMeanRows][8];  // B of the z product: m's hi and lo in columns 0 and 1
   float warp_max[2][kThreads / 32];  // the fp16 scales' reduction
   float inv_s_scale, inv_m_scale;    // 1 / the power-of-two scales of the state columns and m
 };
-// Followed by S_hi and S_lo[round_up(Dk, kApplySliceDims)][kStateLd], the state columns, sized
-// at launch.
-template <class C> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<C>), 128);
+// Followed by S_hi and S_lo[round_up(Dk, W)][kStateLd], the state columns, sized at launch.
+template <class C, int W> constexpr size_t kStateColumnsOffset = round_up(sizeof(AsyncApplyShared<C, W>), 128);
 
-template <class C> inline size_t async_apply_smem_bytes(int dk) {
-  return kStateColumnsOffset<C> +
-         2 * sizeof(typename C::T) * static_cast<size_t>(round_up(dk, kApplySliceDims)) * kStateLd;
+template <class C, int W> inline size_t async_apply_smem_bytes(int dk) {
+  return kStateColumnsOffset<C, W> +
+         2 * sizeof(typename C::T) * static_cast<size_t>(round_up(dk, W)) * AsyncApplyTile<W>::kStateLd;
 }
 
 // Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head. A block
 // decodes its first item (32-bit divisions: the launch guarantees fewer than 2^32 items) and
 // counts from there, heads as (b, h) for the token views.
-__device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& a, int64_t item) {
+__device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& a, int64_t item, int width) {
   const uint32_t index = static_cast<uint32_t>(item), ntiles = static_cast<uint32_t>(a.ntiles);
   ApplyItem it;
   it.n0 = static_cast<int64_t>(index % ntiles) * kTile;
   const uint32_t rest = index / ntiles;
-  it.v0 = static_cast<int>(rest % static_cast<uint32_t>(a.tiles_v)) * kTile;
+  it.v0 = static_cast<int>(rest % static_cast<uint32_t>(a.tiles_v)) * width;
   it.bh = rest / static_cast<uint32_t>(a.tiles_v);
   return it;
 }
 // The walk also keeps the row n0 of one token tensor of the item's head (q for the issuing
-// side, out for the consuming one), stepped by adds: an item costs no multiply either.
-template <class T> struct ApplyWalk {
+// side, out for the consuming one), stepped by adds: an item costs no multiply either. W: the
+// Dv tile width.
+template <class T, int W> struct ApplyWalk {
   ApplyItem it;
   HeadIndex head;  // it.bh
   T* rows;         // row it.n0 of the head
   T* head_rows;    // row 0 of the head
   int64_t stride_n, stride_h, stride_b;
   __device__ __forceinline__ void start(const ApplyArgs& a, int64_t item, const TokenTensor& t) {
-    it = apply_item_tokens_fastest(a, item);
+    it = apply_item_tokens_fastest(a, item, W);
     head.start(it.bh, a.heads);
     stride_n = t.stride_n;
     stride_h = t.stride_h;
@@ -160,7 +173,7 @@ template <class T> struct ApplyWalk {
     if (it.n0 < a.N) return;
     it.n0 = 0;
     rows = head_rows;
-    it.v0 += kTile;
+    it.v0 += W;
     if (it.v0 < a.dv) return;
     it.v0 = 0;
     head.next(a.heads);
@@ -179,12 +192,12 @@ __device__ __forceinline__ float range_scale(float largest) {
 }
 
 // The block's largest |S| and |m| of an item (fp16 only): 1 / their range scales into sh.
-template <class C>
-__device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C>& sh) {
+template <class C, int W>
+__device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C, W>& sh) {
   const auto state = state_operand<float>(a, it);
   const float* mean = static_cast<const float*>(a.mean) + it.bh * a.dk;
   float largest[2] = {0.0f, 0.0f};  // |S| columns, |m|
-  for (int e = threadIdx.x; e < a.dk * kTile; e += kThreads) largest[0] = fmaxf(largest[0], fabsf(state(e / kTile, e % kTile)));
+  for (int e = threadIdx.x; e < a.dk * W; e += kThreads) largest[0] = fmaxf(largest[0], fabsf(state(e / W, e % W)));
   for (int l = threadIdx.x; l < a.dk; l += kThreads) largest[1] = fmaxf(largest[1], fabsf(mean[l]));
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -202,11 +215,11 @@ __device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem&
   __syncthreads();
 }
 
-// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, kApplySliceDims),
-// and m into m_cols, both scaled into fp16's range for fp16 (sh's inverse scales: 1 for bf16).
-// Between barriers.
-template <class C>
-__device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C>& sh,
+// S[l][v0 + j] (0 outside Dk x Dv) split into s_hi / s_lo for l < round_up(Dk, W), j < W, and m
+// into m_cols (0 past Dk), both scaled into fp16's range for
+// fp16 (sh's inverse scales: 1 for bf16). Between barriers.
+template <class C, int W>
+__device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C, W>& sh,
                                                    typename C::T* s_hi, typename C::T* s_lo) {
   using T = typename C::T;
   __syncthreads();  // the previous item's readers are done
@@ -218,13 +231,14 @@ __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const App
   const float s_scale = std::is_same_v<T, __half> ? 1.0f / sh.inv_s_scale : 1.0f;
   const float m_scale = std::is_same_v<T, __half> ? 1.0f / sh.inv_m_scale : 1.0f;
   const auto state = state_operand<float>(a, it);
-  const int rows = static_cast<int>(round_up(a.dk, kApplySliceDims));
-  for (int e = threadIdx.x; e < rows * (kTile / 2); e += kThreads) {
-    const int l = e / (kTile / 2), j = (e % (kTile / 2)) * 2;
+  constexpr int ld = AsyncApplyTile<W>::kStateLd;
+  const int rows = static_cast<int>(round_up(a.dk, W));
+  for (int e = threadIdx.x; e < rows * (W / 2); e += kThreads) {
+    const int l = e / (W / 2), j = (e % (W / 2)) * 2;
     uint32_t hi, lo;
     split_pair<T>(state(l, j) * s_scale, state(l, j + 1) * s_scale, hi, lo);
-    *reinterpret_cast<uint32_t*>(&s_hi[l * kStateLd + j]) = hi;
-    *reinterpret_cast<uint32_t*>(&s_lo[l * kStateLd + j]) = lo;
+    *reinterpret_cast<uint32_t*>(&s_hi[l * ld + j]) = hi;
+    *reinterpret_cast<uint32_t*>(&s_lo[l * ld + j]) = lo;
   }
   const float* mean = static_cast<const float*>(a.mean) + it.bh * a.dk;
   for (int l = threadIdx.x; l < rows; l += kThreads) {
@@ -237,18 +251,18 @@ __device__ __forceinline__ void load_state_columns(const ApplyArgs& a, const App
   __syncthreads();
 }
 
-// out += this warp's products over one prepared q slice (kApplySliceDims dims of Dk from l0), z
-// likewise.
-template <class C>
-__device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][4], float (&z)[4],
-                                                     const AsyncApplyShared<C>& sh, int stage, int l0,
+// out += this warp's products over one prepared q slice (W dims of Dk from l0), z likewise.
+template <class C, int W>
+__device__ __forceinline__ void multiply_apply_slice(float (&acc)[AsyncApplyTile<W>::kNTiles][4], float (&z)[4],
+                                                     const AsyncApplyShared<C, W>& sh, int stage, int l0,
                                                      const typename C::T* s_hi, const typename C::T* s_lo,
                                                      int warp_row, int warp_col) {
   using T = typename C::T;
+  using Tile = AsyncApplyTile<W>;
   const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
   uint32_t bm[4];  // m columns for two steps: matrix j is Dk rows l0 + kk + 8j
 #pragma unroll
-  for (int kk = 0; kk < kApplySliceDims; kk += 16) {
+  for (int kk = 0; kk < Tile::kSliceDims; kk += 16) {
     // A = phi(q) (tokens x Dk, row-major): matrix j is tokens + 8 (j % 2), dims + 8 (j / 2).
     const int a_token = warp_row + 8 * (j % 2) + r, a_dim = kk + 8 * (j / 2);
     uint32_t a_q[4];
@@ -257,9 +271,9 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
     const uint32_t b_m[2] = {bm[kk % 32 / 8], bm[kk % 32 / 8 + 1]};
     mma_m16n8k16<T>(z, a_q, b_m);
 #pragma unroll
-    for (int p = 0; p < kApplyNTiles / 2; ++p) {
+    for (int p = 0; p < Tile::kNTiles / 2; ++p) {
       // B = S (Dk x Dv): matrix j is Dk rows + 8 (j % 2), Dv columns + 8 (j / 2) of n-tiles 2p, 2p+1.
-      const int offset = (l0 + kk + 8 * (j % 2) + r) * kStateLd + warp_col + 16 * p + 8 * (j / 2);
+      const int offset = (l0 + kk + 8 * (j % 2) + r) * Tile::kStateLd + warp_col + 16 * p + 8 * (j / 2);
       uint32_t b_hi[4], b_lo[4];
       ldmatrix_x4_trans(b_hi, s_hi + offset);
       ldmatrix_x4_trans(b_lo, s_lo + offset);
@@ -269,6 +283,15 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
         mma_m16n8k16<T>(acc[2 * p + n], a_q, hi);
         mma_m16n8k16<T>(acc[2 * p + n], a_q, lo);
       }
+    }
+    if constexpr (Tile::kNTiles % 2 == 1) {  // W = 80: the last n-tile alone (lanes 0-15 name its rows)
+      constexpr int n = Tile::kNTiles - 1;
+      const int offset = (l0 + kk + 8 * (j % 2) + r) * Tile::kStateLd + warp_col + 8 * n;
+      uint32_t hi[2], lo[2];
+      ldmatrix_x2_trans(hi, s_hi + offset);
+      ldmatrix_x2_trans(lo, s_lo + offset);
+      mma_m16n8k16<T>(acc[n], a_q, hi);
+      mma_m16n8k16<T>(acc[n], a_q, lo);
     }
   }
 }
@@ -280,9 +303,9 @@ __device__ __forceinline__ void multiply_apply_slice(float (&acc)[kApplyNTiles][
 // power-of-two scale and a correctly rounded 1 / z: within an fp32 ulp of acc / z, far below
 // the output's rounding). A lane's two adjacent columns go out as one 4-byte word (the launch
 // requires out rows 4-byte aligned, so an even Dv keeps each pair in or out together).
-template <class T>
+template <class T, int NT>
 __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const ApplyItem& it, T* rows, int64_t stride_n,
-                                                      const float (&acc)[kApplyNTiles][4], const float (&z)[4],
+                                                      const float (&acc)[NT][4], const float (&z)[4],
                                                       float inv_s_scale, float inv_m_scale, int warp_row,
                                                       int warp_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -297,54 +320,60 @@ __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const 
     if (it.n0 + token >= a.N) continue;
     T* const row = rows + token * stride_n + col;
 #pragma unroll
-    for (int n = 0; n < kApplyNTiles; ++n)
+    for (int n = 0; n < NT; ++n)
       if (col + 8 * n < a.dv)
         *reinterpret_cast<uint32_t*>(row + 8 * n) =
             pack_pair<T>(acc[n][2 * h] * row_factor, acc[n][2 * h + 1] * row_factor);
   }
 }
 
-// Two blocks per SM (at most 128 registers: 123-125 on sm_90a, no spills; fp16 took 136 and one
-// block without the bound).
-template <class C>
+// Two blocks per SM where the shared memory allows (at most 128 registers: 123-126 on sm_90a, no
+// spills; fp16 took 136 and one block without the bound; at W = 80 and Dk = 160 the state
+// columns make it 127 KB, one block). a.tiles_v counts W-wide Dv tiles.
+template <class C, int W>
 __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a) {
   using T = typename C::T;
+  using Tile = AsyncApplyTile<W>;
   static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
   constexpr int S = kAsyncApplyStages;
   MMFAST_DYNAMIC_SHARED(smem);
-  auto& sh = *reinterpret_cast<AsyncApplyShared<C>*>(smem);
-  T* const s_hi = reinterpret_cast<T*>(smem + kStateColumnsOffset<C>);
-  T* const s_lo = s_hi + round_up(a.dk, kApplySliceDims) * kStateLd;
+  auto& sh = *reinterpret_cast<AsyncApplyShared<C, W>*>(smem);
+  T* const s_hi = reinterpret_cast<T*>(smem + kStateColumnsOffset<C, W>);
+  T* const s_lo = s_hi + round_up(a.dk, W) * Tile::kStateLd;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int warp_row = (warp % kApplyWarpsPerCol) * kApplyWarpRows;
-  const int warp_col = (warp / kApplyWarpsPerCol) * kApplyWarpCols;
+  const int warp_col = (warp / kApplyWarpsPerCol) * Tile::kWarpCols;
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
   // The block's q slices are copied and consumed in the same order (the g-th uses stage g % S),
   // one commit group per slice, empty past the last item. The issuing side keeps its item and
-  // this thread's source chunk, stepped a slice per issue.
-  const int slices = static_cast<int>(ceil_div(a.dk, kApplySliceDims));
-  using Chunk = RawChunk<ApplyQTile<T>>;
-  const Chunk chunk;  // this thread's first chunk; the k-th is Chunk::kRowsPerPass * k tokens below
+  // this thread's source (of its first chunk when the chunks per row divide the threads, W =
+  // 64: the k-th lies k * kRowsPerPass tokens below; else of the slice's first element, each
+  // chunk adding its own offset), stepped a slice per issue.
+  const int slices = static_cast<int>(ceil_div(a.dk, W));
+  using Chunk = RawChunk<ApplyQTile<T, W>>;
   int64_t next_item = first, next_rows = 0;  // next_rows: tokens from the next item's tile on
   int next_slice = 0, issued_stage = 0;
-  ApplyWalk<const T> next;
-  const T* q_src = nullptr;  // this thread's chunk of the next slice
-  const int64_t chunk_offset = chunk.row * a.q.stride_n + chunk.col;
+  ApplyWalk<const T, W> next;
+  const T* q_src = nullptr;  // the next slice's source
+  const int64_t first_offset = Chunk::kWholeRowsPerPass ? Chunk().source_offset(a.q.stride_n) : 0;
   const auto begin_next_item = [&]() {
     next_rows = a.N - next.it.n0;
-    q_src = next.rows + chunk_offset;
+    q_src = next.rows + first_offset;
   };
   next.start(a, first < last ? first : 0, a.q);
   begin_next_item();
   const auto issue_next = [&]() {
     if (next_item < last) {
 #pragma unroll
-      for (int k = 0; k < Chunk::kPerThread; ++k)
-        Chunk(k).issue(sh.q[issued_stage], q_src + k * Chunk::kRowsPerPass * a.q.stride_n, next_rows,
-                       a.dk - next_slice * kApplySliceDims, static_cast<const T*>(a.q.data));
-      q_src += kApplySliceDims;
+      for (int k = 0; k < Chunk::kPerThread; ++k) {
+        const Chunk c(k);
+        const T* src = Chunk::kWholeRowsPerPass ? q_src + k * Chunk::kRowsPerPass * a.q.stride_n
+                                                : q_src + c.source_offset(a.q.stride_n);
+        c.issue(sh.q[issued_stage], src, next_rows, a.dk - next_slice * W, static_cast<const T*>(a.q.data));
+      }
+      q_src += W;
       if (++next_slice == slices) {
         next_slice = 0;
         ++next_item;
@@ -357,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   };
   for (int prologue = 0; prologue < S - 1; ++prologue) issue_next();
   int stage = 0;
-  ApplyWalk<T> walk;
+  ApplyWalk<T, W> walk;
   walk.start(a, first < last ? first : 0, a.out);
   for (int64_t item = first; item < last;) {
     // A run of items of one head and Dv tile (token tiles fastest: it ends where n0 wraps to 0)
@@ -365,20 +394,21 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
     load_state_columns(a, walk.it, sh, s_hi, s_lo);
     do {
       const ApplyItem& it = walk.it;
-      float acc[kApplyNTiles][4] = {}, z[4] = {};
+      float acc[Tile::kNTiles][4] = {}, z[4] = {};
       for (int sl = 0; sl < slices; ++sl) {
         cp_async_wait<S - 2>();  // this thread's copies of this slice landed
         __syncthreads();         // everyone's landed; the previous slice's products are done
         issue_next();            // into the previous slice's stage: its readers passed the barrier above
-        const int l0 = sl * kApplySliceDims;
+        const int l0 = sl * W;
 #pragma unroll
         for (int k = 0; k < Chunk::kPerThread; ++k) {
           const Chunk c(k);
+          if (!c.in_tile) continue;  // warp-uniform: the ragged last pass of W = 80
           phi_chunk<C>(reinterpret_cast<uint4*>(&sh.q[stage].v[c.row][c.col]), nullptr,
                        c.row < a.N - it.n0 && l0 + c.col < a.dk);  // Dk: a multiple of 8 here
         }
         __syncthreads();
-        multiply_apply_slice<C>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
+        multiply_apply_slice<C, W>(acc, z, sh, stage, l0, s_hi, s_lo, warp_row, warp_col);
         stage = stage + 1 == S ? 0 : stage + 1;
       }
       store_apply_fragments<T>(a, it, walk.rows, walk.stride_n, acc, z, sh.inv_s_scale, sh.inv_m_scale, warp_row,
@@ -392,37 +422,55 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
 // The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose q rows cp.async
 // can copy whole and whose out rows take 4-byte words, with fewer than 2^32 items (its 32-bit
 // item decoding), when its code was compiled for sm_80+ (not JIT-compiled from older PTX).
-template <class C> bool use_async_apply(const ApplyArgs& a, int64_t items) {
+template <class C, int W> bool use_async_apply(const ApplyArgs& a, int64_t items) {
   if constexpr (!C::tc) {
     return false;
   } else {
     return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
            rows_16b_aligned(a.q, a.dk, sizeof(typename C::T)) && rows_aligned(a.out, a.dv, sizeof(typename C::T), 4) &&
-           async_apply_smem_bytes<C>(a.dk) <= max_shared_per_block() && compiled_for(&la_apply_async_kernel<C>, 80);
+           async_apply_smem_bytes<C, W>(a.dk) <= max_shared_per_block() && compiled_for(&la_apply_async_kernel<C, W>, 80);
   }
+}
+
+// The apply tile width for Dk x Dv: tile_width among 64 and 80 (80 for D = 80 / 160, and
+// where its shared memory for this Dk fits a block). Not 48: a 48-dim slice costs a thread the
+// same two passes over its chunks as a 64-dim one, and the item epilogue is per 64 tokens
+// either way, so at D = 40 W = 48 issues more per token than 64 (300 + 217 against 294 + 208
+// instructions per slice + item, sm_90a).
+template <class C> int apply_tile_width(const ApplyArgs& a) {
+  const size_t limit = max_shared_per_block();
+  return tile_width(a.dk, a.dv, [&](int w) { return w == 80 && async_apply_smem_bytes<C, 80>(a.dk) <= limit; });
 }
 
 template <class T>
 cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
   ApplyArgs a;
-  static_cast<Dims&>(a) = make_dims(p);
+  static_cast<Dims&>(a) = make_dims(p);  // kTile-wide Dv tiles: the register-staged kernel's
   a.q = p.q;
   a.out = p.out;
   a.state = p.state;
   a.mean = p.mean;
-  const int64_t items = a.tiles_v * a.ntiles * a.bh;
   return dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (C::tc) {
-      if (use_async_apply<C>(a, items)) {
-        const size_t smem = async_apply_smem_bytes<C>(a.dk);  // > 48 KB: opt in
+      bool launched = false;
+      const cudaError_t async_err = dispatch_tile_width(apply_tile_width<C>(a), [&](auto width) -> cudaError_t {
+        constexpr int W = decltype(width)::value == 80 ? 80 : 64;  // apply_tile_width never picks 48
+        ApplyArgs wa = a;
+        wa.tiles_v = static_cast<int>(ceil_div(a.dv, W));
+        const int64_t items = static_cast<int64_t>(wa.tiles_v) * wa.ntiles * wa.bh;
+        if (!use_async_apply<C, W>(wa, items)) return cudaSuccess;
+        launched = true;
+        const size_t smem = async_apply_smem_bytes<C, W>(a.dk);  // > 48 KB: opt in
         unsigned grid = 0;
-        const cudaError_t grid_err = persistent_grid(&la_apply_async_kernel<C>, kThreads, smem, items, grid);
+        const cudaError_t grid_err = persistent_grid(&la_apply_async_kernel<C, W>, kThreads, smem, items, grid);
         if (grid_err != cudaSuccess) return grid_err;
-        MMFAST_LAUNCH(la_apply_async_kernel<C>, grid, kThreads, smem, stream, a);
+        MMFAST_LAUNCH((la_apply_async_kernel<C, W>), grid, kThreads, smem, stream, wa);
         return cudaGetLastError();
-      }
+      });
+      if (async_err != cudaSuccess || launched) return async_err;
     }
+    const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
     MMFAST_LAUNCH(la_apply_kernel<C>, grid_for(items), kThreads, 0, stream, a);
     return cudaGetLastError();
   });

@@ -164,6 +164,28 @@ __device__ __forceinline__ void load_mean(A* ms, const A* M, int dk) {
 template <class C>
 constexpr int kMinBlocksPerSm = (C::tc || std::is_same_v<typename C::T, double>) ? 1 : 2;
 
+// The tile width W of the cp.async kernels (their template parameter: the state pass's W x W
+// tiles, apply's W-wide Dv tiles and Dk slices): of 48, 64 and 80 the one with the least
+// padded products, ceil(Dk / W) ceil(Dv / W) W^2 (64 on a tie), among those whose shared
+// memory fits(W) a block (48 and 80 do not fit sm_86 / sm_89's 99 KB; 64 always does).
+template <class Fits> int tile_width(int64_t dk, int64_t dv, Fits fits) {
+  const auto padded = [&](int64_t w) { return ceil_div(dk, w) * ceil_div(dv, w) * w * w; };
+  int best = 64;
+  for (const int w : {48, 80})
+    if (padded(w) < padded(best) && fits(w)) best = w;
+  return best;
+}
+
+// f(std::integral_constant<int, W>{}) for a tile width of tile_width.
+template <class F> cudaError_t dispatch_tile_width(int width, F f) {
+  switch (width) {
+    case 48: return f(std::integral_constant<int, 48>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // f(Config<T, fm, tc>{}) for the run-time feature map and tensor-core choice of d: the
 // tensor-core variants exist for fp16 / bf16 inputs only (use_tc is never set for the others).
 template <class T, class F> cudaError_t dispatch_config(const Dims& d, F f) {

@@ -18,7 +18,7 @@ namespace la {
 constexpr int64_t kMinChunk = 256;  // minimum tokens per split-N chunk
 constexpr int kChunkOversub = 2;    // items: at most kChunkOversub x SM count (see plan_state)
 // fp32 sums flush into fp64 every kFlushSlices staged slices (64 tokens; the cp.async kernel:
-// kAsyncFlushSlices, 128 tokens): the error of S and m does not grow with N (see WideTile in
+// kAsyncFlushTokens, 128 tokens): the error of S and m does not grow with N (see WideTile in
 // tile_gemm.cuh).
 constexpr int kFlushSlices = 2;
 
@@ -42,7 +42,7 @@ struct StateItem {
 // Index: the type of the decoding divisions; uint32_t where the launch guarantees fewer than
 // 2^32 items (a 64-bit division is a call of about 70 instructions).
 template <class Index = int64_t>
-__device__ __forceinline__ StateItem state_item(const StateArgs& a, int64_t item, int tx) {
+__device__ __forceinline__ StateItem state_item(const StateArgs& a, int64_t item, int tx, int width = kTile) {
   const Index tiles = static_cast<Index>(a.tiles_k) * static_cast<Index>(a.tiles_v);
   const Index index = static_cast<Index>(item), nchunks = static_cast<Index>(a.nchunks);
   const int64_t tile = index % tiles;
@@ -50,8 +50,8 @@ __device__ __forceinline__ StateItem state_item(const StateArgs& a, int64_t item
   StateItem it;
   it.chunk = rest % nchunks;
   it.bh = rest / nchunks;
-  it.k0 = static_cast<int>(tile / a.tiles_v) * kTile;
-  it.v0 = static_cast<int>(tile % a.tiles_v) * kTile;
+  it.k0 = static_cast<int>(tile / a.tiles_v) * width;
+  it.v0 = static_cast<int>(tile % a.tiles_v) * width;
   it.t_begin = it.chunk * a.chunk;
   it.t_end = min_i64(it.t_begin + a.chunk, a.N);
   it.do_mean = it.v0 == 0 && tx == 0;
@@ -216,17 +216,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 
 // ---- the asynchronous tensor-core variant (16-bit inputs, 16-byte aligned rows, sm_80+) ------
 // The same sums as la_state_kernel on a persistent grid (the resident blocks only): each block
-// takes a contiguous range of items, whose raw k / v slices (kSliceTokens tokens: fixed costs
-// per slice, the barriers, the wait and the copies' bookkeeping, are paid per 16 KB) travel by
-// cp.async through one ring of kAsyncStages slices, across item boundaries (no pipeline
-// refill per item). Each wait leaves kAsyncStages - 2 slices pending and the next is issued
-// right after, so S - 1 are in flight while the landed one is prepared and multiplied. 4
-// stages of 16-bit inputs keep at least 2 x 16 KB = 32 KB per block in flight; Little's law at
-// 700-900 ns of loaded DRAM latency asks about 23-30 KB per SM for an H200's 4.3 TB/s, all
-// reads here (docs/linear-attention-performance.md).
+// takes a contiguous range of items, whose raw k / v slices (AsyncStateTile::kSliceTokens tokens:
+// fixed costs per slice, the barriers, the wait and the copies' bookkeeping, are paid per 16-24 KB) travel
+// by cp.async through one ring of S slices (AsyncStateTile::kStages), across item boundaries
+// (no pipeline refill per item). Each wait leaves S - 2 slices pending and the next is issued
+// right after, so S - 1 are in flight while the landed one is prepared and multiplied: at least
+// 32 KB per block of 16-bit inputs (W = 48: 2 x 24 KB, 64: 2 x 16 KB, 80: 2 x 20 KB); Little's
+// law at 700-900 ns of loaded DRAM latency asks about 23-30 KB per SM for an H200's 4.3 TB/s,
+// all reads here (docs/linear-attention-performance.md).
 //
 // The operands stay 16-bit in shared memory and reach the tensor cores through ldmatrix +
-// mma.sync.m16n8k16 (tile_gemm.cuh), fp32 sums flushed into fp64 every kAsyncFlushSlices slices:
+// mma.sync.m16n8k16 (tile_gemm.cuh), fp32 sums flushed into fp64 every kAsyncFlushTokens tokens:
 //  - a landed k slice becomes phi(k) in place (phi_fast: exp by MUFU.EX2), split as hi + lo
 //    (split_pair; lo into k_lo) and multiplied twice, so S and m keep about 16 mantissa bits of
 //    phi(k) for bf16 (the TF32 products of la_state_kernel keep 11);
@@ -235,50 +235,78 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
 //    factor 1 / z goes into the split A operand, do stays exact;
 //  - m is one more product per step: B's columns 0 and 1 are w z split as hi + lo (1 and 0 in
 //    the forward), so m = D[:, 0] + D[:, 1].
-// Warp w owns Dk rows (w % 4) * 16 and Dv columns (w / 4) * 32 of the item's 64 x 64 tile.
-constexpr int kAsyncStages = 4;  // 82 KB of shared memory: fits sm_86 / sm_89's 99 KB per block
-constexpr int kSliceTokens = 64;       // tokens of k and v per slice of the ring (16 KB of bf16)
-constexpr int kAsyncFlushSlices = 2;   // fp32 sums flushed into fp64 every 128 tokens
-template <class T> using MmaSlice = RawTile<T, kSliceTokens, kTile, kRawPad>;
-constexpr int kWarpRows = 16, kWarpCols = 32, kWarpNTiles = kWarpCols / 8;
-constexpr int kWarpsPerCol = kTile / kWarpRows;
-static_assert(kWarpsPerCol * (kTile / kWarpCols) * 32 == kThreads, "the warps cover the tile");
-static_assert(kSliceTokens % 16 == 0, "whole mma.m16n8k16 steps per slice");
+// The item's tile is W x W (Dk rows x Dv columns), W sized to the head dims (state_tile_width):
+// the dims past Dk and Dv cost copies and products, so D = 40 takes 48-wide tiles, D = 80 and
+// 160 80-wide ones, where 64-wide ones did 1.78x, 2.56x and 1.44x their products (and at D = 80
+// and 160 re-read k and v per Dk / Dv tile, 2 x 2 and 3 x 3 times where 80 reads 1 and 2 x 2).
+constexpr int kAsyncStages = 4;        // ring stages
+constexpr int kSliceTokens = 64;       // tokens of k and v per slice of the ring, W >= 64 (16 KB of bf16 at W = 64)
+constexpr int kNarrowSliceTokens = 128;  // W = 48: 24 KB, and whole rows of chunks in 3 passes of the threads
+constexpr int kAsyncFlushTokens = 128;   // fp32 sums flushed into fp64 every 128 tokens
 
-template <class C> struct AsyncStateShared {
-  using T = typename C::T;
-  MmaSlice<T> k[kAsyncStages], v[kAsyncStages];
-  MmaSlice<T> k_lo;            // phi(k) - hi of the slice being multiplied
-  float z[2][kSliceTokens], w[2][kSliceTokens];  // apply_backward's per-token 1 / z and w z, by slice parity
+// Warp w < kWarps owns the 16 Dk rows (w % kRowGroups) * 16 and kPairsPerWarp pairs of 8-column
+// n-tiles of Dv from column (w / kRowGroups) * 16 kPairsPerWarp: W = 64 takes all 8 warps (16 x
+// 32 each), 48 three (16 x 48), 80 five (16 x 80). A warp's A fragments (phi(k) hi and lo, the
+// costly loads) serve all its n-tiles, so fewer, wider warps issue fewer instructions per slice;
+// the other warps copy and prepare only. The per-slice costs (the barriers and waits, a thread's
+// pass over its chunks) are paid per 16-24 KB: a narrow tile takes longer slices.
+template <int W> struct AsyncStateTile {
+  static_assert(W % 16 == 0, "whole 16-row m-tiles and 16-column pairs of n-tiles");
+  static constexpr int kSliceTokens = W <= 48 ? kNarrowSliceTokens : ::mmfast::cuda::la::kSliceTokens;
+  static constexpr int kFlushSlices = kAsyncFlushTokens / kSliceTokens;  // slices per fp64 flush
+  static_assert(kSliceTokens % 16 == 0 && kAsyncFlushTokens % kSliceTokens == 0, "whole mma steps and flush groups");
+  static constexpr int kRowGroups = W / 16;
+  static constexpr int kPairs = W / 16;
+  static constexpr int kColGroups = 2 * kRowGroups <= kThreads / 32 && kPairs % 2 == 0 ? 2 : 1;
+  static constexpr int kPairsPerWarp = kPairs / kColGroups;
+  static constexpr int kNTiles = 2 * kPairsPerWarp;
+  static constexpr int kWarps = kRowGroups * kColGroups;
+  static constexpr int kStages = kAsyncStages;
+  static_assert(kWarps <= kThreads / 32, "the multiplying warps exist");
 };
 
-// One warp's sums of an item: S (16 x 32: four 16 x 8 n-tiles) and the m product (16 x 8).
-template <class V> struct WarpStateSums {
-  V s[kWarpNTiles][4];
+template <class T, int W> using MmaSlice = RawTile<T, AsyncStateTile<W>::kSliceTokens, W, kRawPad>;
+
+template <class T, int W> struct AsyncStateShared {
+  static constexpr int kTokens = AsyncStateTile<W>::kSliceTokens;
+  MmaSlice<T, W> k[AsyncStateTile<W>::kStages], v[AsyncStateTile<W>::kStages];
+  MmaSlice<T, W> k_lo;                           // phi(k) - hi of the slice being multiplied
+  float z[2][kTokens], w[2][kTokens];  // apply_backward's per-token 1 / z and w z, by slice parity
+};
+// Its bytes for 16-bit inputs: W = 64 82 KB (fits sm_86 / sm_89's 99 KB per block), 48 128 KB
+// and 80 100 KB (sm_80 and sm_90 only: state_tile_width checks).
+template <int W> constexpr size_t kAsyncStateSmem = sizeof(AsyncStateShared<__half, W>);
+
+// One warp's sums of an item: S (16 rows x NT 8-column n-tiles) and the m product (16 x 8).
+template <class V, int NT> struct WarpStateSums {
+  V s[NT][4];
   V m[4];
 };
-template <class V> __device__ __forceinline__ void zero_sums(WarpStateSums<V>& x) {
+template <class V, int NT> __device__ __forceinline__ void zero_sums(WarpStateSums<V, NT>& x) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     x.m[i] = V(0);
 #pragma unroll
-    for (int n = 0; n < kWarpNTiles; ++n) x.s[n][i] = V(0);
+    for (int n = 0; n < NT; ++n) x.s[n][i] = V(0);
   }
 }
-__device__ __forceinline__ void flush_sums(WarpStateSums<float>& sums, WarpStateSums<double>& wide) {
+template <int NT>
+__device__ __forceinline__ void flush_sums(WarpStateSums<float, NT>& sums, WarpStateSums<double, NT>& wide) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     wide.m[i] += sums.m[i];
 #pragma unroll
-    for (int n = 0; n < kWarpNTiles; ++n) wide.s[n][i] += sums.s[n][i];
+    for (int n = 0; n < NT; ++n) wide.s[n][i] += sums.s[n][i];
   }
   zero_sums(sums);
 }
 
-// 1 / z_t and w_t z_t of the slice's tokens (apply_backward only): 1 and 0 past the chunk.
+// 1 / z_t and w_t z_t of the slice's Tokens tokens (apply_backward only): 1 and 0 past the chunk.
+template <int Tokens>
 __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const StateItem& it, int64_t t0,
                                                    float* inv_z, float* wz) {
-  if (threadIdx.x >= kSliceTokens) return;
+  static_assert(Tokens <= kThreads, "a thread per token");
+  if (threadIdx.x >= Tokens) return;
   const int64_t t = t0 + threadIdx.x;
   float inv = 1.0f, product = 0.0f;
   if (t < it.t_end) {
@@ -293,13 +321,14 @@ __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const Sta
 // The landed k slice in `stage` made into the A operand, 16-byte chunks (the ones this thread
 // copied): phi(k) (times 1 / z when Scaled) split in place (hi) and into k_lo, zero past the
 // chunk's rows or Dk (kcols, a multiple of 8).
-template <class C, bool Scaled>
-__device__ __forceinline__ void prepare_state_slice(AsyncStateShared<C>& sh, int stage, int64_t rows, int kcols,
-                                                    const float* inv_z) {
-  using Chunk = RawChunk<MmaSlice<typename C::T>>;
+template <class C, bool Scaled, int W>
+__device__ __forceinline__ void prepare_state_slice(AsyncStateShared<typename C::T, W>& sh, int stage, int64_t rows,
+                                                    int kcols, const float* inv_z) {
+  using Chunk = RawChunk<MmaSlice<typename C::T, W>>;
 #pragma unroll
   for (int k = 0; k < Chunk::kPerThread; ++k) {
     const Chunk c(k);
+    if (!c.in_tile) continue;  // warp-uniform: the ragged last pass of W = 80
     phi_chunk<C>(reinterpret_cast<uint4*>(&sh.k[stage].v[c.row][c.col]),
                  reinterpret_cast<uint4*>(&sh.k_lo.v[c.row][c.col]), c.row < rows && c.col < kcols,
                  Scaled ? inv_z[c.row] : 1.0f);
@@ -322,14 +351,15 @@ __device__ __forceinline__ void mean_operand(uint32_t (&b)[2], const float* w, i
   for (int i = 0; i < 2; ++i) b[i] = g == 0 ? hi[i] : g == 1 ? lo[i] : 0u;
 }
 
-// sums += this warp's products over the prepared slice (kSliceTokens / 16 steps of 16 tokens).
-template <class C, bool Scaled>
-__device__ __forceinline__ void multiply_state_slice(WarpStateSums<float>& sums, const AsyncStateShared<C>& sh,
-                                                     int stage, const float* w, int warp_row, int warp_col) {
+// sums += this warp's products over the prepared slice (its tokens / 16 steps of 16 tokens).
+template <class C, bool Scaled, int W>
+__device__ __forceinline__ void multiply_state_slice(WarpStateSums<float, AsyncStateTile<W>::kNTiles>& sums,
+                                                     const AsyncStateShared<typename C::T, W>& sh, int stage,
+                                                     const float* w, int warp_row, int warp_col) {
   using T = typename C::T;
   const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
 #pragma unroll
-  for (int kk = 0; kk < kSliceTokens; kk += 16) {
+  for (int kk = 0; kk < AsyncStateTile<W>::kSliceTokens; kk += 16) {
     // A = phi(k)^T (Dk x tokens): matrix j is Dk rows + 8 (j % 2), tokens + 8 (j / 2).
     const int a_token = kk + 8 * (j / 2) + r, a_dk = warp_row + 8 * (j % 2);
     uint32_t a_hi[4], a_lo[4], bw[2];
@@ -339,7 +369,7 @@ __device__ __forceinline__ void multiply_state_slice(WarpStateSums<float>& sums,
     mma_m16n8k16<T>(sums.m, a_hi, bw);
     mma_m16n8k16<T>(sums.m, a_lo, bw);
 #pragma unroll
-    for (int p = 0; p < kWarpNTiles / 2; ++p) {
+    for (int p = 0; p < AsyncStateTile<W>::kPairsPerWarp; ++p) {
       // B = v (tokens x Dv): matrix j is tokens + 8 (j % 2), Dv columns + 8 (j / 2) of n-tiles 2p, 2p+1.
       uint32_t b[4];
       ldmatrix_x4_trans(b, &sh.v[stage].v[kk + 8 * (j % 2) + r][warp_col + 16 * p + 8 * (j / 2)]);
@@ -352,16 +382,16 @@ __device__ __forceinline__ void multiply_state_slice(WarpStateSums<float>& sums,
   }
 }
 
-// The warp's part of the item's S, and of m (the warps of Dv columns 0..31, when the item holds
+// The warp's part of the item's S, and of m (the warps of column group 0, when the item holds
 // Dv tile 0; column 0 + column 1 of the m product), as the final state or the chunk's partial.
-template <class A>
+template <class A, int NT>
 __device__ __forceinline__ void store_warp_state(const StateArgs& a, const StateItem& it,
-                                                 const WarpStateSums<float>& sums,
-                                                 const WarpStateSums<double>& wide, int warp_row, int warp_col) {
+                                                 const WarpStateSums<float, NT>& sums,
+                                                 const WarpStateSums<double, NT>& wide, int warp_row, int warp_col) {
   const StateOut<A> o = state_out<A>(a, it);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int n = 0; n < kWarpNTiles; ++n)
+  for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = it.k0 + warp_row + g + 8 * (i / 2), col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
@@ -377,18 +407,18 @@ __device__ __forceinline__ void store_warp_state(const StateArgs& a, const State
   }
 }
 
-__device__ __forceinline__ int64_t item_slices(const StateItem& it) {
-  return ceil_div(it.t_end - it.t_begin, kSliceTokens);
+template <int W> __device__ __forceinline__ int64_t item_slices(const StateItem& it) {
+  return ceil_div(it.t_end - it.t_begin, AsyncStateTile<W>::kSliceTokens);
 }
 
 // The item after `it` in launch order (Dv tile fastest, then Dk tile, N chunk, b*h), counted
 // instead of decoded: the cp.async kernel walks a contiguous range, so only its first item pays
 // state_item's divisions. do_mean (the register-staged kernel's) is not kept.
-__device__ __forceinline__ void step_state_item(const StateArgs& a, StateItem& it) {
-  it.v0 += kTile;
+template <int W> __device__ __forceinline__ void step_state_item(const StateArgs& a, StateItem& it) {
+  it.v0 += W;
   if (it.v0 < a.dv) return;
   it.v0 = 0;
-  it.k0 += kTile;
+  it.k0 += W;
   if (it.k0 < a.dk) return;
   it.k0 = 0;
   if (++it.chunk == a.nchunks) {
@@ -399,11 +429,13 @@ __device__ __forceinline__ void step_state_item(const StateArgs& a, StateItem& i
   it.t_end = min_i64(it.t_begin + a.chunk, a.N);
 }
 
-// The next slice to copy, walking a block's items in order. It keeps this thread's source
-// chunks of k and v and steps them a slice per issue, and counts items and heads, so neither
-// a slice nor an item pays a division.
-template <class T> struct StateCursor {
-  using Chunk = RawChunk<MmaSlice<T>>;
+// The next slice to copy, walking a block's items in order. It keeps this thread's source in k
+// and v (of its first chunk when the chunks per row divide the threads, W = 64: the k-th lies
+// k * kRowsPerPass rows below; else of the slice's first element, each chunk adding its own
+// offset), steps it a slice per issue, and counts items and heads, so neither a slice nor an
+// item pays a division.
+template <class T, int W> struct StateCursor {
+  using Chunk = RawChunk<MmaSlice<T, W>>;
   int64_t item, last;
   int64_t rows;  // the item's tokens from the next slice on
   StateItem it;
@@ -412,54 +444,64 @@ template <class T> struct StateCursor {
   __device__ __forceinline__ void start(const StateArgs& a, int64_t first, int64_t end) {
     item = first;
     last = end;
-    it = state_item<uint32_t>(a, first < end ? first : 0, 0);
+    it = state_item<uint32_t>(a, first < end ? first : 0, 0, W);
     head.start(it.bh, a.heads);
     begin_item(a);
   }
   __device__ __forceinline__ void begin_item(const StateArgs& a) {
-    const Chunk c;
-    const int64_t t = it.t_begin + c.row;
     rows = it.t_end - it.t_begin;
-    k_src = head.view<const T>(a.k).row(t) + it.k0 + c.col;
-    v_src = head.view<const T>(a.v).row(t) + it.v0 + c.col;
+    const Chunk c;
+    const int row = Chunk::kWholeRowsPerPass ? c.row : 0, col = Chunk::kWholeRowsPerPass ? c.col : 0;
+    k_src = head.view<const T>(a.k).row(it.t_begin + row) + it.k0 + col;
+    v_src = head.view<const T>(a.v).row(it.t_begin + row) + it.v0 + col;
+  }
+  // This thread's j-th chunk of the next slice, from src (k_src or v_src).
+  __device__ __forceinline__ static const T* chunk_source(const T* src, int j, int64_t stride) {
+    if constexpr (Chunk::kWholeRowsPerPass) return src + j * Chunk::kRowsPerPass * stride;
+    return src + Chunk(j).source_offset(stride);
   }
   // Starts this thread's copies of the next slice into k, v and moves on.
-  __device__ __forceinline__ void issue(const StateArgs& a, MmaSlice<T>& k, MmaSlice<T>& v) {
+  __device__ __forceinline__ void issue(const StateArgs& a, MmaSlice<T, W>& k, MmaSlice<T, W>& v) {
 #pragma unroll
     for (int j = 0; j < Chunk::kPerThread; ++j) {
       const Chunk c(j);
-      c.issue(k, k_src + j * Chunk::kRowsPerPass * a.k.stride_n, rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
-      c.issue(v, v_src + j * Chunk::kRowsPerPass * a.v.stride_n, rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
+      c.issue(k, chunk_source(k_src, j, a.k.stride_n), rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
+      c.issue(v, chunk_source(v_src, j, a.v.stride_n), rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
     }
-    rows -= kSliceTokens;
-    k_src += kSliceTokens * a.k.stride_n;
-    v_src += kSliceTokens * a.v.stride_n;
+    constexpr int kTokens = AsyncStateTile<W>::kSliceTokens;
+    rows -= kTokens;
+    k_src += kTokens * a.k.stride_n;
+    v_src += kTokens * a.v.stride_n;
     if (rows > 0) return;
     ++item;
     const int64_t bh = it.bh;
-    step_state_item(a, it);
+    step_state_item<W>(a, it);
     if (it.bh != bh) head.next(a.heads);
     begin_item(a);
   }
 };
 
 // Scaled: the apply_backward sums (a.scalars holds z and w per token); else the forward's.
-template <class C, bool Scaled>
+// W: the tile width (AsyncStateTile); a.tiles_k / a.tiles_v count W-wide tiles.
+template <class C, bool Scaled, int W>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_kernel(StateArgs a) {
   using T = typename C::T;
   using A = acc_t<T>;
+  using Tile = AsyncStateTile<W>;
   static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
   MMFAST_DYNAMIC_SHARED(smem);
-  auto& sh = *reinterpret_cast<AsyncStateShared<C>*>(smem);
-  constexpr int S = kAsyncStages;
+  auto& sh = *reinterpret_cast<AsyncStateShared<T, W>*>(smem);
+  constexpr int S = Tile::kStages;
   const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int warp_row = (warp % kWarpsPerCol) * kWarpRows, warp_col = (warp / kWarpsPerCol) * kWarpCols;
+  const bool multiplies = Tile::kWarps == kThreads / 32 || warp < Tile::kWarps;  // warp-uniform
+  const int warp_row = (warp % Tile::kRowGroups) * 16;
+  const int warp_col = (warp / Tile::kRowGroups) * Tile::kPairsPerWarp * 16;
   const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * a.nchunks * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
   // Slices are copied and consumed in the same order; the block's g-th uses stage g % S.
   // One commit group per slice, empty past the last item, so every wait count stays uniform.
-  StateCursor<T> next;
+  StateCursor<T, W> next;
   next.start(a, first, last);
   int issued_stage = 0;  // issued slices mod S
   const auto issue_next = [&]() {
@@ -470,39 +512,51 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
   for (int s = 0; s < S - 1; ++s) issue_next();
   int stage = 0;   // consumed slices mod S
   int parity = 0;  // consumed slices mod 2: the scalars' buffer
-  StateItem it = state_item<uint32_t>(a, first < last ? first : 0, 0);
-  for (int64_t item = first; item < last; ++item, step_state_item(a, it)) {
-    WarpStateSums<float> sums;
-    WarpStateSums<double> wide;
+  StateItem it = state_item<uint32_t>(a, first < last ? first : 0, 0, W);
+  for (int64_t item = first; item < last; ++item, step_state_item<W>(a, it)) {
+    WarpStateSums<float, Tile::kNTiles> sums;
+    WarpStateSums<double, Tile::kNTiles> wide;
     zero_sums(sums);
     zero_sums(wide);
-    const int64_t slices = item_slices(it);
-    // Groups of kAsyncFlushSlices slices, flushed after each: the slice loop holds the per-slice work only.
-    for (int64_t s0 = 0; s0 < slices; s0 += kAsyncFlushSlices) {
-      const int group = static_cast<int>(min_i64(kAsyncFlushSlices, slices - s0));
+    const int64_t slices = item_slices<W>(it);
+    // Groups of kFlushSlices slices, flushed after each: the slice loop holds the per-slice work only.
+    for (int64_t s0 = 0; s0 < slices; s0 += Tile::kFlushSlices) {
+      const int group = static_cast<int>(min_i64(Tile::kFlushSlices, slices - s0));
 #pragma unroll 1
       for (int g = 0; g < group; ++g) {
-        const int64_t t0 = it.t_begin + (s0 + g) * kSliceTokens;
+        const int64_t t0 = it.t_begin + (s0 + g) * Tile::kSliceTokens;
         cp_async_wait<S - 2>();  // this thread's copies of this slice landed
-        if constexpr (Scaled) load_slice_scalars(a, it, t0, sh.z[parity], sh.w[parity]);
+        if constexpr (Scaled) load_slice_scalars<Tile::kSliceTokens>(a, it, t0, sh.z[parity], sh.w[parity]);
         __syncthreads();  // everyone's landed; the previous slice's readers are done
         issue_next();     // into the previous slice's stage
-        prepare_state_slice<C, Scaled>(sh, stage, it.t_end - t0, a.dk - it.k0, sh.z[parity]);
+        prepare_state_slice<C, Scaled, W>(sh, stage, it.t_end - t0, a.dk - it.k0, sh.z[parity]);
         __syncthreads();
-        multiply_state_slice<C, Scaled>(sums, sh, stage, sh.w[parity], warp_row, warp_col);
+        if (multiplies) multiply_state_slice<C, Scaled, W>(sums, sh, stage, sh.w[parity], warp_row, warp_col);
         stage = stage + 1 == S ? 0 : stage + 1;
         parity ^= 1;
       }
       flush_sums(sums, wide);
     }
-    store_warp_state<A>(a, it, sums, wide, warp_row, warp_col);
+    if (multiplies) store_warp_state<A>(a, it, sums, wide, warp_row, warp_col);
   }
+}
+
+// The width of the cp.async state kernel's tiles for Dk x Dv (tile_width): 48 and 80 only where
+// their rings fit a block's shared memory (not on sm_86 / sm_89).
+inline int state_tile_width(int64_t dk, int64_t dv, size_t shared_per_block) {
+  return tile_width(dk, dv, [&](int w) { return (w == 48 ? kAsyncStateSmem<48> : kAsyncStateSmem<80>) <= shared_per_block; });
+}
+
+// Tokens per slice of the state kernel of tile width W (chunks of the split hold whole slices).
+inline int slice_tokens(int width) {
+  return width == 48 ? AsyncStateTile<48>::kSliceTokens : width == 80 ? AsyncStateTile<80>::kSliceTokens
+                                                                       : AsyncStateTile<64>::kSliceTokens;
 }
 
 // The asynchronous kernel runs for 16-bit inputs on the tensor-core path whose rows cp.async
 // can copy whole, with fewer than 2^32 items (its 32-bit item decoding), when its code was
 // compiled for sm_80+ (not JIT-compiled from older PTX).
-template <class C>
+template <class C, int W>
 bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d, int64_t items) {
   using T = typename C::T;
   if constexpr (!C::tc) {
@@ -510,7 +564,7 @@ bool use_async_state(const TokenTensor& k, const TokenTensor& v, const Dims& d, 
   } else {
     return async_copy_enabled() && items <= static_cast<int64_t>(UINT32_MAX) &&
            rows_16b_aligned(k, d.dk, sizeof(T)) && rows_16b_aligned(v, d.dv, sizeof(T)) &&
-           sizeof(AsyncStateShared<C>) <= max_shared_per_block() && compiled_for(&la_state_async_kernel<C, false>, 80);
+           kAsyncStateSmem<W> <= max_shared_per_block() && compiled_for(&la_state_async_kernel<C, false, W>, 80);
   }
 }
 
@@ -538,15 +592,17 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ------------------------------------------------------------------------------
 struct StatePlan {
-  int64_t tiles_k = 1, tiles_v = 1, nchunks = 1, chunk = 1;
+  int width = kTile;                         // the cp.async kernel's tile width (state_tile_width)
+  int64_t tiles_k = 1, tiles_v = 1, nchunks = 1, chunk = 1;  // tiles: width-wide
   size_t partial_bytes = 0;  // 0 when nchunks == 1 (the kernel writes the final state)
 };
 
 inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
   StatePlan s;
   const int64_t bh = p.bh(), N = p.seqlen;
-  s.tiles_k = ceil_div(p.dim_k, kTile);
-  s.tiles_v = ceil_div(p.dim_v, kTile);
+  s.width = state_tile_width(p.dim_k, p.dim_v, max_shared_per_block());
+  s.tiles_k = ceil_div(p.dim_k, s.width);
+  s.tiles_v = ceil_div(p.dim_v, s.width);
   const int64_t base = bh * s.tiles_k * s.tiles_v;
   const int64_t target = static_cast<int64_t>(kChunkOversub) * (sms > 0 ? sms : 1);
   const int64_t dmax = max_i64(p.dim_k, p.dim_v);
@@ -556,21 +612,25 @@ inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
   // one item past a multiple of the grid costs a whole round. Each chunk's partial [S | m] is
   // written and read back (at D = 64 and 320-token chunks, 20% more bytes than its tokens).
   const int64_t want = max_i64(1, min_i64(target / base, ceil_div(N, min_chunk)));
-  s.chunk = round_up(ceil_div(N, want), kSliceTokens);  // whole slices of both state kernels
+  s.chunk = round_up(ceil_div(N, want), slice_tokens(s.width));  // whole slices of both state kernels
   s.nchunks = ceil_div(N, s.chunk);
   if (s.nchunks > 1)
     s.partial_bytes = static_cast<size_t>(bh * s.nchunks * (p.dim_k * p.dim_v + p.dim_k)) * accumulator_bytes(p.dtype);
   return s;
 }
 
-template <class C, bool Scaled>
-cudaError_t launch_state_async(const StateArgs& a, int64_t items, cudaStream_t stream) {
-  constexpr size_t smem = sizeof(AsyncStateShared<C>);  // > 48 KB: opt in
-  static_assert(smem <= 99 * 1024, "the ring fits sm_86 / sm_89 (99 KB of shared memory per block)");
+template <class C, bool Scaled, int W>
+cudaError_t launch_state_async(StateArgs a, const StatePlan& plan, cudaStream_t stream) {
+  constexpr size_t smem = kAsyncStateSmem<W>;  // > 48 KB: opt in
+  static_assert(W != 64 || smem <= 99 * 1024, "the W = 64 ring fits sm_86 / sm_89 (99 KB of shared memory per block)");
+  static_assert(smem <= 163 * 1024, "every ring fits sm_80 (163 KB per block) and sm_90 (227 KB)");
+  a.tiles_k = static_cast<int>(plan.tiles_k);
+  a.tiles_v = static_cast<int>(plan.tiles_v);
+  const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
   unsigned grid = 0;
-  const cudaError_t err = persistent_grid(&la_state_async_kernel<C, Scaled>, kThreads, smem, items, grid);
+  const cudaError_t err = persistent_grid(&la_state_async_kernel<C, Scaled, W>, kThreads, smem, items, grid);
   if (err != cudaSuccess) return err;
-  MMFAST_LAUNCH((la_state_async_kernel<C, Scaled>), grid, kThreads, smem, stream, a);
+  MMFAST_LAUNCH((la_state_async_kernel<C, Scaled, W>), grid, kThreads, smem, stream, a);
   return cudaGetLastError();
 }
 
@@ -580,7 +640,7 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
                               cudaStream_t stream) {
   using A = acc_t<T>;
   StateArgs a;
-  static_cast<Dims&>(a) = make_dims(p);
+  static_cast<Dims&>(a) = make_dims(p);  // kTile-wide tiles: the register-staged kernel's
   a.k = k;
   a.v = v;
   a.scalars = scalars;
@@ -589,14 +649,21 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
   a.chunk = plan.chunk;
   a.nchunks = plan.nchunks;
   a.div = div;
-  const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (C::tc) {
-      if (use_async_state<C>(k, v, a, items))
-        return scalars == nullptr ? launch_state_async<C, false>(a, items, stream)
-                                  : launch_state_async<C, true>(a, items, stream);
+      bool launched = false;
+      const cudaError_t async_err = dispatch_tile_width(plan.width, [&](auto width) -> cudaError_t {
+        constexpr int W = decltype(width)::value;
+        const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
+        if (!use_async_state<C, W>(k, v, a, items)) return cudaSuccess;
+        launched = true;
+        return scalars == nullptr ? launch_state_async<C, false, W>(a, plan, stream)
+                                  : launch_state_async<C, true, W>(a, plan, stream);
+      });
+      if (async_err != cudaSuccess || launched) return async_err;
     }
+    const int64_t items = static_cast<int64_t>(a.tiles_k) * a.tiles_v * plan.nchunks * a.bh;
     MMFAST_LAUNCH(la_state_kernel<C>, grid_for(items), kThreads, 0, stream, a);
     return cudaGetLastError();
   });
