@@ -11,9 +11,9 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
             back to back and hit L2), fp32 split-N partials written and read back, the
             state read once per bh, the output written;
   FLOPs     the MMA work the kernels issue: the cp.async kernels' tiles are W wide with W sized
-            to D (state_tile_width: 48 for D = 40, 80 for D = 80 and 160, else 64; apply 80 or
-            64), the register-staged kernels' 64, so D = 40 does (48/40)^2 = 1.44x the useful
-            work in the state pass and (64/40)^2 = 2.56x in apply; phi / normalisation negligible;
+            to D (state_tile_width: 48 for D = 40, 80 for D = 80 and 160, else 64; apply the
+            same), the register-staged kernels' 64, so D = 40 does (48/40)^2 = 1.44x the useful
+            work; phi / normalisation negligible;
   design    max(bytes / 4.3 TB/s, FLOPs / MMA rate): what the pass could reach with enough
             loads in flight. The cp.async kernels run bf16 / fp16 mma.sync at 790 TFLOP/s with
             the extra products of async_mma_work, the register-staged ones TF32 WMMA at half
@@ -98,10 +98,19 @@ def _state_col_groups(width: int) -> int:
 
 
 def apply_tile_width(dk: int, dv: int) -> int:
-    """la::apply_tile_width on an H200: state_tile_width's rule among 64 and 80 (no 48: a 48-dim
-    slice costs as many passes over a thread's chunks as a 64-dim one)."""
-    padded = {w: ceil_div(dk, w) * ceil_div(dv, w) * w * w for w in (64, 80)}
-    return 80 if padded[80] < padded[64] else 64
+    """la::apply_tile_width on an H200: the same rule as the state pass (every width fits)."""
+    return state_tile_width(dk, dv)
+
+
+def apply_item_tokens(width: int) -> int:
+    """Tokens per item of the cp.async apply kernel (AsyncApplyTile::kItemTokens): 128 at W = 48
+    (its warps: 8 groups of 16 tokens x all 48 columns), else 64 (4 x 2 groups)."""
+    return 128 if width <= 48 else TILE
+
+
+def apply_warp_columns(width: int) -> int:
+    """Dv columns one warp of the cp.async apply kernel multiplies: W / column groups."""
+    return width // (THREADS // 32 // (apply_item_tokens(width) // 16))
 
 
 def state_warp_columns(width: int) -> int:
@@ -146,7 +155,7 @@ def async_mma_work(pass_name: str, width: int = TILE) -> float:
     if pass_name == "state":
         cols = state_warp_columns(width)
         return 2 * (cols + 8) / cols
-    cols = width // 2
+    cols = apply_warp_columns(width)
     return (2 * cols + 8) / cols
 
 KERNELS = {  # variant -> (state kernel, apply kernel)
@@ -238,10 +247,10 @@ def resident_threads(kernel: str, sass: dict | None, width: int = TILE) -> int:
 def async_group_bytes(kernel: str, width: int = TILE) -> int:
     """Bytes of one commit group of a thread (16-bit inputs): its share of a slice, state
     state_slice_tokens(width) tokens x width dims of k and of v, apply 64 tokens x width dims
-    of q (kApplySliceDims at 64)."""
+    of q (kApplySliceDims at 64; 128 tokens at W = 48)."""
     if kernel == "la_state_async_kernel":
         return 2 * state_slice_tokens(width) * width * 2 // THREADS
-    return TILE * width * 2 // THREADS
+    return apply_item_tokens(width) * width * 2 // THREADS
 
 
 def bytes_in_flight(kernel: str, sass: dict | None, elem: int, one_load: bool = False, width: int = TILE) -> int:
@@ -265,7 +274,7 @@ WARPS = THREADS // 32
 
 def ring_slices(p: Pass, bh: int, n: int, d: int) -> int:
     """Slices the cp.async kernel of a pass streams: the state pass state_slice_tokens tokens of
-    k and v per (Dk tile, Dv tile) and chunk; apply 64 tokens x W dims of q per Dv tile."""
+    k and v per (Dk tile, Dv tile) and chunk; apply an item's tokens x W dims of q per Dv tile."""
     if p.kernel == "la_state_async_kernel":
         width = state_tile_width(d, d)
         tiles = ceil_div(d, width)
@@ -274,7 +283,7 @@ def ring_slices(p: Pass, bh: int, n: int, d: int) -> int:
         return bh * tiles * tiles * sum(ceil_div(min(chunk, n - c * chunk), per_slice) for c in range(nchunks))
     if p.kernel == "la_apply_async_kernel":
         width = apply_tile_width(d, d)
-        return bh * ceil_div(d, width) * ceil_div(n, TILE) * ceil_div(d, width)
+        return bh * ceil_div(d, width) * ceil_div(n, apply_item_tokens(width)) * ceil_div(d, width)
     return 0
 
 
@@ -291,7 +300,8 @@ def ring_groups(p: Pass, bh: int, n: int, d: int) -> int:
         groups = sum(ceil_div(ceil_div(min(chunk, n - c * chunk), per_slice), flush) for c in range(nchunks))
         return bh * tiles * tiles * groups
     if p.kernel == "la_apply_async_kernel":
-        return bh * ceil_div(d, apply_tile_width(d, d)) * ceil_div(n, TILE)
+        width = apply_tile_width(d, d)
+        return bh * ceil_div(d, width) * ceil_div(n, apply_item_tokens(width))
     return 0
 
 

@@ -705,13 +705,12 @@ _DTYPE_ORDER = {"f32": 0, "f16": 1, "bf16": 2, "f64": 3}
 # runs (no GPU needed). Both depend on the tile width W (the last template argument); the apply
 # kernel's also grows with Dk: the probe takes Dk = W.
 # A key "kernel<suffix>" applies to the instantiations whose template arguments end with suffix.
-TILE_WIDTHS = (48, 64, 80)  # la::tile_width's choices (the state kernel's)
-APPLY_TILE_WIDTHS = (64, 80)  # la::apply_tile_width's
+TILE_WIDTHS = (48, 64, 80)  # la::tile_width's choices
 _APPLY_SMEM = "mmfast::cuda::la::async_apply_smem_bytes<mmfast::cuda::la::Config<__nv_bfloat16, " \
               "mmfast::FeatureMap::kElu1, true>, {w}>({w})"
 DYNAMIC_SMEM_PROBES = {  # apply: Dk = W, the head dim each width is chosen for (40 -> 48: 48 rows)
     **{f"la_state_async_kernel<{w}>": f"mmfast::cuda::la::kAsyncStateSmem<{w}>" for w in TILE_WIDTHS},
-    **{f"la_apply_async_kernel<{w}>": _APPLY_SMEM.format(w=w) for w in APPLY_TILE_WIDTHS},
+    **{f"la_apply_async_kernel<{w}>": _APPLY_SMEM.format(w=w) for w in TILE_WIDTHS},
 }
 
 

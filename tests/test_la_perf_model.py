@@ -81,16 +81,16 @@ def test_committed_sass_report_meets_issue_14_targets_by_the_issue_estimate():
     reports = sorted((model.ROOT / "benchmarks/results").glob("*-sass-sm90a-linear-attention.json"))
     sass = json.loads(reports[-1].read_text())
     for kernel, width in (("la_state_async_kernel", 48), ("la_state_async_kernel", 64), ("la_state_async_kernel", 80),
-                          ("la_apply_async_kernel", 64), ("la_apply_async_kernel", 80)):
+                          ("la_apply_async_kernel", 48), ("la_apply_async_kernel", 64), ("la_apply_async_kernel", 80)):
         assert model._sass_row(kernel, sass, width)["ring_loop_instructions"] > 0, (kernel, width)  # not silently 0
     assert model.forward_ratios(10, 16384, 64, sass)[2] <= 1.3
     assert model.forward_ratios(10, 262144, 64, sass)[2] <= 1.15
 
 
 def test_padded_tiles_count_the_mma_work_issued():
-    # D = 40: the register-staged kernels and apply run 64-wide tiles, (64 / 40)^2 = 2.56x the
-    # useful products; the cp.async state kernel 48-wide ones, (48 / 40)^2 = 1.44x. Its hi + lo
-    # operands and m columns (8 per warp's 48) and apply's S hi + lo and z columns (8 per 32)
+    # D = 40: the register-staged kernels run 64-wide tiles, (64 / 40)^2 = 2.56x the useful
+    # products; the cp.async kernels 48-wide ones, (48 / 40)^2 = 1.44x. The state pass's hi + lo
+    # operands and m columns (8 per warp's 48) and apply's S hi + lo and z columns (8 per 48)
     # multiply that, at the bf16 rate.
     useful = 2 * 16 * 16384 * 40 * 40
     staged = model.forward_passes(16, 16384, 40, variant="staged")
@@ -99,7 +99,7 @@ def test_padded_tiles_count_the_mma_work_issued():
     assert abs(staged[0].flops / useful - 2.56) < 1e-9 and staged[0].flops_rate == model.TF32_FLOPS
     state, apply = model.forward_passes(16, 16384, 40)[0], model.forward_passes(16, 16384, 40)[-1]
     assert abs(state.flops / useful - 1.44 * 2 * (48 + 8) / 48) < 1e-9
-    assert abs(apply.flops / useful - 2.56 * (2 * 32 + 8) / 32) < 1e-9
+    assert abs(apply.flops / useful - 1.44 * (2 * 48 + 8) / 48) < 1e-9
     assert state.flops_rate == apply.flops_rate == model.BF16_FLOPS
 
 
@@ -110,9 +110,10 @@ def test_state_tile_width_matches_the_header_rule():
     assert {d: model.state_tile_width(d, d) for d in expected} == expected
     assert model.state_tile_width(40, 80) == 48 and model.state_tile_width(160, 80) == 80
     assert [model.state_warp_columns(w) for w in (48, 64, 80)] == [48, 32, 80]
-    # apply: 64 or 80 (no 48); Dk 40 x Dv 80 takes one 80-wide Dv tile (the state pass 48 x 48 tiles)
-    assert {d: model.apply_tile_width(d, d) for d in expected} == {d: 80 if w == 80 else 64 for d, w in expected.items()}
-    assert model.apply_tile_width(40, 80) == 80
+    # apply: the same widths; 128-token items at W = 48, whose warps take all 48 columns
+    assert {d: model.apply_tile_width(d, d) for d in expected} == expected
+    assert [model.apply_item_tokens(w) for w in (48, 64, 80)] == [128, 64, 64]
+    assert [model.apply_warp_columns(w) for w in (48, 64, 80)] == [48, 32, 40]
     # a W-wide ring: the forward's 64-token slices of k and v
     assert model.async_group_bytes("la_state_async_kernel", 80) == 2 * 64 * 80 * 2 // 256
     assert model.async_group_bytes("la_state_async_kernel", 48) == 2 * 128 * 48 * 2 // 256  # 128-token slices

@@ -201,11 +201,11 @@ inline void prepare_fiber(int t) {
 // A thread waiting at a warp collective resumes when all 32 lanes of its warp wait at their
 // same collective; one waiting at a block barrier when every thread of the block waits at that
 // barrier. Each round snapshots who may resume, then runs them in random order to their next wait.
-inline bool warp_released(int t) {
-  const int w0 = t & ~31;
+inline bool warp_released(int w) {
+  const int w0 = 32 * w;
   for (int l = w0; l < w0 + 32; ++l) {
     if (done[l] || !at_warp[l]) return false;
-    if (nwarp[l] != nwarp[t]) { std::printf("EMU ERROR: warp collective count mismatch in warp %d\n", t / 32); std::exit(2); }
+    if (nwarp[l] != nwarp[w0]) { std::printf("EMU ERROR: warp collective count mismatch in warp %d\n", w); std::exit(2); }
   }
   return true;
 }
@@ -241,9 +241,11 @@ inline void run(std::function<void()> f) {
     for (int t = 0; t < kN; ++t) ndone += done[t];
     if (ndone == kN) break;
     const bool block = !first && block_released();
+    bool warp_ready[kN / 32];
+    for (int w = 0; w < kN / 32; ++w) warp_ready[w] = !first && !block && warp_released(w);
     bool any = false;
     for (int t = 0; t < kN; ++t) {
-      runnable[t] = !done[t] && (first || (at_warp[t] ? warp_released(t) : block));
+      runnable[t] = !done[t] && (first || (at_warp[t] ? warp_ready[t / 32] : block));
       any = any || runnable[t];
     }
     if (!any) {

@@ -224,7 +224,7 @@ template <class T> void run_long_reduction(int64_t D, int64_t N, int major) {
 // The cp.async kernels size their tiles to the head dims (tile_width): bf16 with 16-byte
 // aligned rows on sm_90 must launch la_state_async_kernel with the expected width's shared
 // memory, for the forward (Scaled = false) and apply_backward's pass (Scaled = true), and
-// la_apply_async_kernel with its width's for this Dk (64 or 80: apply_tile_width); with sm_86's
+// la_apply_async_kernel with its width's for this Dk (apply_tile_width); with sm_86's
 // 99 KB per block, 64 everywhere (and apply register-staged past Dk = 128, as before). Correctness at these widths is
 // run_case's (the cases in main with 16-byte aligned rows).
 void run_tile_width() {
@@ -232,12 +232,13 @@ void run_tile_width() {
   using Bf16Elu = mmfast::cuda::la::Config<__nv_bfloat16, FeatureMap::kElu1, true>;
   const auto apply_smem = [](int w, int dk) {
     using mmfast::cuda::la::async_apply_smem_bytes;
-    return w == 80 ? async_apply_smem_bytes<Bf16Elu, 80>(dk) : async_apply_smem_bytes<Bf16Elu, 64>(dk);
+    return w == 48 ? async_apply_smem_bytes<Bf16Elu, 48>(dk) : w == 80 ? async_apply_smem_bytes<Bf16Elu, 80>(dk)
+                                                                       : async_apply_smem_bytes<Bf16Elu, 64>(dk);
   };
-  // Dk, Dv, the state kernel's shared memory (its width), apply's width (64 or 80)
+  // Dk, Dv, the state kernel's shared memory (its width), apply's width
   struct Case { int64_t dk, dv; size_t smem; int apply_width; };
   const std::vector<Case> sm90_cases = {
-      {40, 40, kAsyncStateSmem<48>, 64},   {8, 8, kAsyncStateSmem<48>, 64},     {40, 80, kAsyncStateSmem<48>, 80},
+      {40, 40, kAsyncStateSmem<48>, 48},   {8, 8, kAsyncStateSmem<48>, 48},     {40, 80, kAsyncStateSmem<48>, 48},
       {64, 64, kAsyncStateSmem<64>, 64},   {128, 128, kAsyncStateSmem<64>, 64}, {256, 256, kAsyncStateSmem<64>, 64},
       {80, 80, kAsyncStateSmem<80>, 80},   {160, 160, kAsyncStateSmem<80>, 80}, {160, 80, kAsyncStateSmem<80>, 80}};
   // sm_86 / sm_89 (99 KB per block): the 48- and 80-wide rings do not fit, 64 everywhere; apply's
@@ -384,11 +385,21 @@ int main(int argc, char** argv) {
   all(1, 2, 130, 64, 7, 1, 0, 8, 2);
   // cp.async tiles sized to the head dims (16-byte aligned rows; few SMs, so blocks' item
   // ranges cross chunks, heads and tiles): W = 48 (D = 40; Dk 40 x Dv 80: two Dv tiles, 48 + 32),
-  // W = 80 (D = 80; Dk 160 x Dv 80: two Dk tiles / apply slices).
-  all(2, 2, 300, 40, 40, 1, 0, 8, 2);
-  all(1, 2, 130, 40, 80, 0, 0, 8, 2);
-  all(1, 3, 600, 80, 80, 2, 1, 0, 5);
-  all(1, 2, 200, 160, 80, 1, 0, 8, 3);
+  // W = 80 (D = 80; Dk 160 x Dv 80: two Dk tiles / apply slices). fp16 and bf16 only: the
+  // kernels these widths select (the other dtypes' runs repeat the cases above).
+  auto half_types = [&](int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, int layout, int pad, int sms) {
+    for (int t = 0; t < 2; ++t) {
+      const int before = nfail;
+      if (t == 0) run_case<__half>(B, H, N, Dk, Dv, fm, layout, pad, sms);
+      else run_case<__nv_bfloat16>(B, H, N, Dk, Dv, fm, layout, pad, sms);
+      ++ncase;
+      nfailed_cases += nfail > before;
+    }
+  };
+  half_types(2, 2, 300, 40, 40, 1, 0, 8, 2);
+  half_types(1, 2, 130, 40, 80, 0, 0, 8, 2);
+  half_types(1, 3, 600, 80, 80, 2, 1, 0, 5);
+  half_types(1, 2, 200, 160, 80, 1, 0, 8, 3);
   if (level >= 2) {
     const int64_t dims[] = {1, 7, 40, 64, 80, 160, 256};
     int i = 0;
@@ -412,6 +423,7 @@ int main(int argc, char** argv) {
     const int before = nfail;
     run_case<__half>(1, 2, 600, 64, 64, 1, 0, 8, 4);
     run_case<__nv_bfloat16>(1, 2, 600, 64, 64, 1, 0, 8, 4);
+    run_case<__half>(1, 2, 300, 40, 40, 1, 0, 8, 3);   // apply W = 48: 128-token items
     run_case<__half>(1, 2, 300, 160, 80, 1, 0, 8, 3);  // apply W = 80, two slices of Dk
     ++ncase;
     nfailed_cases += nfail > before;

@@ -102,25 +102,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_apply_kernel(
 // goes subnormal below 6.1e-5; the scales are undone exactly in the epilogue).
 //
 // Tiles sized to D: the item's Dv tile and the ring's slices of Dk are W wide (AsyncApplyTile:
-// 64, or 80 for D = 80 / 160: apply_tile_width), so D = 80 runs one slice and one item per 64
-// tokens where 64-wide tiles ran 2 x 2. Warp w owns tokens (w % 4) * 16 and the W / 16 n-tiles of Dv
-// from column (w / 4) * W / 2 of the item's tile.
+// 48, 64 or 80, apply_tile_width), so D = 80 runs one slice and one item per 64 tokens where
+// 64-wide tiles ran 2 x 2, and D = 40 one 48-dim slice per 128-token item (a 64-token item of
+// 48 dims would cost a thread as many passes over its chunks and epilogues as one of 64 dims).
+// Warp w owns tokens (w % kRowGroups) * 16 and Dv columns from (w / kRowGroups) * kWarpCols:
+// 16 x 32 at W = 64, 16 x 40 at 80, 16 x 48 at 48 (128 tokens: 8 row groups).
 constexpr int kAsyncApplyStages = 6;
 constexpr int kApplySliceDims = 64;  // Dk elements of q per slice of the ring at W = 64
 template <int W> struct AsyncApplyTile {
   static_assert(W % 16 == 0, "whole n-tiles per warp and mma k-steps per slice");
-  static constexpr int kSliceDims = W;     // Dk elements of q per slice of the ring
-  static constexpr int kWarpCols = W / 2;  // Dv columns per warp (two column groups of warps)
+  static constexpr int kSliceDims = W;  // Dk elements of q per slice of the ring
+  // Tokens per item: 128 at W = 48 (12 KB slices, 3 whole passes of the threads over their
+  // chunks, and one epilogue per 128 tokens), else 64.
+  static constexpr int kItemTokens = W <= 48 ? 128 : kTile;
+  static constexpr int kRowGroups = kItemTokens / 16;                 // 16-token groups of warps
+  static constexpr int kColGroups = kThreads / 32 / kRowGroups;       // 2 at 64 tokens, 1 at 128
+  static constexpr int kWarpCols = W / kColGroups;                     // Dv columns per warp
   static constexpr int kNTiles = kWarpCols / 8;
+  static_assert(kRowGroups * kColGroups * 32 == kThreads && W % kColGroups == 0, "the warps cover the item");
   static constexpr int kStateLd = W + kRawPad;  // 16-bit state column rows: 112 / 144 / 176 bytes
   // m_cols rows: the z product loads 32 rows at every other k-step, so at W = 48 / 80 the last
   // one reads 16 rows past round_up(Dk, W) into registers it does not use (in bounds, never written)
   static constexpr int kMeanRows = round_up(kMaxD, W) + 32;
 };
-template <class T, int W> using ApplyQTile = RawTile<T, kTile, W, kRawPad>;
-constexpr int kApplyWarpRows = 16;
-constexpr int kApplyWarpsPerCol = kTile / kApplyWarpRows;
-static_assert(kApplyWarpsPerCol * 2 * 32 == kThreads, "4 token groups x 2 column groups of warps");
+template <class T, int W> using ApplyQTile = RawTile<T, AsyncApplyTile<W>::kItemTokens, W, kRawPad>;
 
 template <class C, int W> struct AsyncApplyShared {
   using T = typename C::T;
@@ -140,10 +145,11 @@ template <class C, int W> inline size_t async_apply_smem_bytes(int dk) {
 // Item order of the asynchronous kernel: token tile fastest, then Dv tile, then head. A block
 // decodes its first item (32-bit divisions: the launch guarantees fewer than 2^32 items) and
 // counts from there, heads as (b, h) for the token views.
-__device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& a, int64_t item, int width) {
+__device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& a, int64_t item, int width,
+                                                              int tokens) {
   const uint32_t index = static_cast<uint32_t>(item), ntiles = static_cast<uint32_t>(a.ntiles);
   ApplyItem it;
-  it.n0 = static_cast<int64_t>(index % ntiles) * kTile;
+  it.n0 = static_cast<int64_t>(index % ntiles) * tokens;
   const uint32_t rest = index / ntiles;
   it.v0 = static_cast<int>(rest % static_cast<uint32_t>(a.tiles_v)) * width;
   it.bh = rest / static_cast<uint32_t>(a.tiles_v);
@@ -153,13 +159,14 @@ __device__ __forceinline__ ApplyItem apply_item_tokens_fastest(const ApplyArgs& 
 // side, out for the consuming one), stepped by adds: an item costs no multiply either. W: the
 // Dv tile width.
 template <class T, int W> struct ApplyWalk {
+  static constexpr int kTokens = AsyncApplyTile<W>::kItemTokens;
   ApplyItem it;
   HeadIndex head;  // it.bh
   T* rows;         // row it.n0 of the head
   T* head_rows;    // row 0 of the head
   int64_t stride_n, stride_h, stride_b;
   __device__ __forceinline__ void start(const ApplyArgs& a, int64_t item, const TokenTensor& t) {
-    it = apply_item_tokens_fastest(a, item, W);
+    it = apply_item_tokens_fastest(a, item, W, kTokens);
     head.start(it.bh, a.heads);
     stride_n = t.stride_n;
     stride_h = t.stride_h;
@@ -168,8 +175,8 @@ template <class T, int W> struct ApplyWalk {
     rows = head_rows + it.n0 * stride_n;
   }
   __device__ __forceinline__ void step(const ApplyArgs& a) {
-    it.n0 += kTile;
-    rows += kTile * stride_n;
+    it.n0 += kTokens;
+    rows += kTokens * stride_n;
     if (it.n0 < a.N) return;
     it.n0 = 0;
     rows = head_rows;
@@ -329,7 +336,8 @@ __device__ __forceinline__ void store_apply_fragments(const ApplyArgs& a, const 
 
 // Two blocks per SM where the shared memory allows (at most 128 registers: 123-126 on sm_90a, no
 // spills; fp16 took 136 and one block without the bound; at W = 80 and Dk = 160 the state
-// columns make it 127 KB, one block). a.tiles_v counts W-wide Dv tiles.
+// columns make it 127 KB, one block). a.tiles_v counts W-wide Dv tiles, a.ntiles items of
+// kItemTokens tokens.
 template <class C, int W>
 __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a) {
   using T = typename C::T;
@@ -341,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   T* const s_hi = reinterpret_cast<T*>(smem + kStateColumnsOffset<C, W>);
   T* const s_lo = s_hi + round_up(a.dk, W) * Tile::kStateLd;
   const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int warp_row = (warp % kApplyWarpsPerCol) * kApplyWarpRows;
-  const int warp_col = (warp / kApplyWarpsPerCol) * Tile::kWarpCols;
+  const int warp_row = (warp % Tile::kRowGroups) * 16;
+  const int warp_col = (warp / Tile::kRowGroups) * Tile::kWarpCols;
   const int64_t items = static_cast<int64_t>(a.tiles_v) * a.ntiles * a.bh;
   const int64_t per_block = ceil_div(items, gridDim.x);
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
@@ -432,14 +440,13 @@ template <class C, int W> bool use_async_apply(const ApplyArgs& a, int64_t items
   }
 }
 
-// The apply tile width for Dk x Dv: tile_width among 64 and 80 (80 for D = 80 / 160, and
-// where its shared memory for this Dk fits a block). Not 48: a 48-dim slice costs a thread the
-// same two passes over its chunks as a 64-dim one, and the item epilogue is per 64 tokens
-// either way, so at D = 40 W = 48 issues more per token than 64 (300 + 217 against 294 + 208
-// instructions per slice + item, sm_90a).
+// The apply tile width for Dk x Dv (tile_width): 48 and 80 only where their shared memory for
+// this Dk fits a block.
 template <class C> int apply_tile_width(const ApplyArgs& a) {
   const size_t limit = max_shared_per_block();
-  return tile_width(a.dk, a.dv, [&](int w) { return w == 80 && async_apply_smem_bytes<C, 80>(a.dk) <= limit; });
+  return tile_width(a.dk, a.dv, [&](int w) {
+    return (w == 48 ? async_apply_smem_bytes<C, 48>(a.dk) : async_apply_smem_bytes<C, 80>(a.dk)) <= limit;
+  });
 }
 
 template <class T>
@@ -455,9 +462,10 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
     if constexpr (C::tc) {
       bool launched = false;
       const cudaError_t async_err = dispatch_tile_width(apply_tile_width<C>(a), [&](auto width) -> cudaError_t {
-        constexpr int W = decltype(width)::value == 80 ? 80 : 64;  // apply_tile_width never picks 48
+        constexpr int W = decltype(width)::value;
         ApplyArgs wa = a;
         wa.tiles_v = static_cast<int>(ceil_div(a.dv, W));
+        wa.ntiles = ceil_div(a.N, AsyncApplyTile<W>::kItemTokens);
         const int64_t items = static_cast<int64_t>(wa.tiles_v) * wa.ntiles * wa.bh;
         if (!use_async_apply<C, W>(wa, items)) return cudaSuccess;
         launched = true;
