@@ -192,6 +192,21 @@ template <class Tile> struct RawChunk {
   }
   // This chunk's offset from its tile's first element in a source of row stride `stride`.
   __device__ __forceinline__ int64_t source_offset(int64_t stride) const { return row * stride + col; }
+  // A caller keeps one source pointer per slice, stepped a slice per issue, at row kept_row()
+  // and column kept_col() of the slice: this thread's first chunk when the chunks per row divide
+  // the threads, else the slice's first element. chunk_source: the k-th chunk's source from it.
+  __device__ __forceinline__ static int kept_row() {
+    if constexpr (kWholeRowsPerPass) return RawChunk().row;
+    return 0;
+  }
+  __device__ __forceinline__ static int kept_col() {
+    if constexpr (kWholeRowsPerPass) return RawChunk().col;
+    return 0;
+  }
+  template <class T> __device__ __forceinline__ static const T* chunk_source(const T* kept, int k, int64_t stride) {
+    if constexpr (kWholeRowsPerPass) return kept + k * kRowsPerPass * stride;
+    return kept + RawChunk(k).source_offset(stride);
+  }
   template <class T>
   __device__ __forceinline__ void issue(Tile& dst, const T* src, int64_t rows, int64_t cols, const T* fallback) const {
     if (!in_tile) return;

@@ -356,16 +356,14 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
   const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
   // The block's q slices are copied and consumed in the same order (the g-th uses stage g % S),
   // one commit group per slice, empty past the last item. The issuing side keeps its item and
-  // this thread's source (of its first chunk when the chunks per row divide the threads, W =
-  // 64: the k-th lies k * kRowsPerPass tokens below; else of the slice's first element, each
-  // chunk adding its own offset), stepped a slice per issue.
+  // this thread's source (RawChunk::kept_row / kept_col / chunk_source), stepped a slice per issue.
   const int slices = static_cast<int>(ceil_div(a.dk, W));
   using Chunk = RawChunk<ApplyQTile<T, W>>;
   int64_t next_item = first, next_rows = 0;  // next_rows: tokens from the next item's tile on
   int next_slice = 0, issued_stage = 0;
   ApplyWalk<const T, W> next;
   const T* q_src = nullptr;  // the next slice's source
-  const int64_t first_offset = Chunk::kWholeRowsPerPass ? Chunk().source_offset(a.q.stride_n) : 0;
+  const int64_t first_offset = Chunk::kept_row() * a.q.stride_n + Chunk::kept_col();
   const auto begin_next_item = [&]() {
     next_rows = a.N - next.it.n0;
     q_src = next.rows + first_offset;
@@ -376,10 +374,8 @@ __global__ void __launch_bounds__(kThreads, 2) la_apply_async_kernel(ApplyArgs a
     if (next_item < last) {
 #pragma unroll
       for (int k = 0; k < Chunk::kPerThread; ++k) {
-        const Chunk c(k);
-        const T* src = Chunk::kWholeRowsPerPass ? q_src + k * Chunk::kRowsPerPass * a.q.stride_n
-                                                : q_src + c.source_offset(a.q.stride_n);
-        c.issue(sh.q[issued_stage], src, next_rows, a.dk - next_slice * W, static_cast<const T*>(a.q.data));
+        Chunk(k).issue(sh.q[issued_stage], Chunk::chunk_source(q_src, k, a.q.stride_n), next_rows,
+                       a.dk - next_slice * W, static_cast<const T*>(a.q.data));
       }
       q_src += W;
       if (++next_slice == slices) {

@@ -450,23 +450,16 @@ template <class T, int W> struct StateCursor {
   }
   __device__ __forceinline__ void begin_item(const StateArgs& a) {
     rows = it.t_end - it.t_begin;
-    const Chunk c;
-    const int row = Chunk::kWholeRowsPerPass ? c.row : 0, col = Chunk::kWholeRowsPerPass ? c.col : 0;
-    k_src = head.view<const T>(a.k).row(it.t_begin + row) + it.k0 + col;
-    v_src = head.view<const T>(a.v).row(it.t_begin + row) + it.v0 + col;
-  }
-  // This thread's j-th chunk of the next slice, from src (k_src or v_src).
-  __device__ __forceinline__ static const T* chunk_source(const T* src, int j, int64_t stride) {
-    if constexpr (Chunk::kWholeRowsPerPass) return src + j * Chunk::kRowsPerPass * stride;
-    return src + Chunk(j).source_offset(stride);
+    k_src = head.view<const T>(a.k).row(it.t_begin + Chunk::kept_row()) + it.k0 + Chunk::kept_col();
+    v_src = head.view<const T>(a.v).row(it.t_begin + Chunk::kept_row()) + it.v0 + Chunk::kept_col();
   }
   // Starts this thread's copies of the next slice into k, v and moves on.
   __device__ __forceinline__ void issue(const StateArgs& a, MmaSlice<T, W>& k, MmaSlice<T, W>& v) {
 #pragma unroll
     for (int j = 0; j < Chunk::kPerThread; ++j) {
       const Chunk c(j);
-      c.issue(k, chunk_source(k_src, j, a.k.stride_n), rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
-      c.issue(v, chunk_source(v_src, j, a.v.stride_n), rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
+      c.issue(k, Chunk::chunk_source(k_src, j, a.k.stride_n), rows, a.dk - it.k0, static_cast<const T*>(a.k.data));
+      c.issue(v, Chunk::chunk_source(v_src, j, a.v.stride_n), rows, a.dv - it.v0, static_cast<const T*>(a.v.data));
     }
     constexpr int kTokens = AsyncStateTile<W>::kSliceTokens;
     rows -= kTokens;
