@@ -12,6 +12,8 @@
 #   make sass-report registers, spills, occupancy and global-load parallelism of the linear-attention
 #                    kernels from their sm_90a SASS (no GPU; needs nvcc; installs the nvidia-cuda-cuobjdump
 #                    and nvidia-cuda-nvdisasm wheels); SASS_REPORT_ARGS: see scripts/sass_report.py
+#   make triton-report registers, spills and shared memory of the Triton linear-attention kernels
+#                    per autotune config, from an offline sm_90 compile (no GPU, no nvcc; a few minutes)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,11 +23,12 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 GPU_REPORT_DIR ?= build/gpu-report
 SASS_REPORT_ARGS ?= --json build/sass-report.json
+TRITON_REPORT_ARGS ?= --json build/triton-report.json
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
-.PHONY: test bench build venv gpu-check gpu-wheels cmake-test sanitize sass-report clean
+.PHONY: test bench build venv gpu-check gpu-wheels cmake-test sanitize sass-report triton-report clean
 
 $(STAMP): requirements-test.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +71,9 @@ sass-report: $(STAMP)
 	$(VPY) -m pip install --quiet nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm 2>/dev/null || \
 	  echo "sass-report: could not install the cuobjdump / nvdisasm wheels; using the toolkit's if present"
 	$(VPY) scripts/sass_report.py $(SASS_REPORT_ARGS)
+
+triton-report: $(STAMP)
+	$(VPY) scripts/triton_report.py $(TRITON_REPORT_ARGS)
 
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
 # build against its torch, for its own GPU, with all cores; install nothing.

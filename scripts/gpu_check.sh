@@ -15,6 +15,8 @@
 #   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention tests
 #                       and benchmarks (under 6 minutes on 16 cores)
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments
+# The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
+# small test shapes would each compile and time every config); the benchmarks autotune.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
@@ -60,7 +62,7 @@ $PY -m mmfast | tee "$REPORT_DIR/info.txt"
 
 tests_rc=0
 if [[ $STEPS == *" tests "* ]]; then
-  (cd tests && $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$REPORT_DIR/tests.xml" \
+  (cd tests && MMFAST_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$REPORT_DIR/tests.xml" \
      $(files_of . test_) ${GPU_TEST_ARGS:-}) >"$REPORT_DIR/tests.txt" 2>&1
   tests_rc=$?
   tail -n 40 "$REPORT_DIR/tests.txt"
@@ -85,7 +87,7 @@ if [[ $STEPS == *" sanitize "* ]]; then
     : >"$REPORT_DIR/sanitizer.txt"
     for tool in memcheck racecheck; do  # every mmfast CUDA kernel stages tiles in shared memory
       echo "== compute-sanitizer --tool $tool: CUDA smoke tests" >>"$REPORT_DIR/sanitizer.txt"
-      (cd tests && "$SANITIZER" --tool $tool --error-exitcode 99 --print-limit 20 \
+      (cd tests && MMFAST_TRITON_AUTOTUNE=0 "$SANITIZER" --tool $tool --error-exitcode 99 --print-limit 20 \
          $PY -m pytest -q -p no:cacheprovider -m cuda -k smoke $(files_of . test_)) >>"$REPORT_DIR/sanitizer.txt" 2>&1
       rc=$?
       echo "== $tool rc=$rc" >>"$REPORT_DIR/sanitizer.txt"

@@ -63,3 +63,27 @@ def sm_count(index: int) -> int:
 
 def device_sm_count(device: torch.device) -> int:
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# --- launch configs -----------------------------------------------------------------------
+# On a GPU a kernel wrapped by `autotuned` times each (num_warps, num_stages) of its sweep on
+# the first call per key (its head dims, constexpr variant and the argument dtypes) and keeps
+# the fastest. Under the interpreter, where timing means nothing, and with
+# MMFAST_TRITON_AUTOTUNE=0 (no benchmarking on the first call: reproducible launches), every
+# kernel runs its fixed config.
+AUTOTUNE = not INTERPRET and os.environ.get("MMFAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def launch_configs(fixed: tuple[int, int], sweep: "list[tuple[int, int]]") -> "list[triton.Config]":
+    """triton.Config per (num_warps, num_stages): the sweep (which must hold `fixed`) when
+    autotuning, else `fixed` alone (Triton's autotuner does not time a single config)."""
+    if fixed not in sweep:
+        raise ValueError(f"the fixed launch config {fixed} must be one of the sweep {sweep}")
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in (sweep if AUTOTUNE else [fixed])]
+
+
+def autotuned(kernel, fixed: tuple[int, int], sweep: "list[tuple[int, int]]", key: "list[str]"):
+    """kernel behind triton.autotune over launch_configs(fixed, sweep), keyed on `key` (Triton
+    adds every tensor argument's dtype to the key). Only for kernels whose outputs are written,
+    never accumulated: the autotuner runs each config on the real arguments."""
+    return triton.autotune(configs=launch_configs(fixed, sweep), key=key)(kernel)

@@ -13,7 +13,7 @@ from ..ops.linear_attention import (check_apply, check_apply_backward, check_kv,
                                     register_fakes_and_autograd)
 from ..reference.linear_attention import FEATURE_MAPS
 from . import linear_attention_kernels as kernels
-from ._common import check_runnable, device_guard, device_sm_count, last_dim_unit
+from ._common import autotuned, check_runnable, device_guard, device_sm_count, last_dim_unit
 
 OP = "linear_attention"
 # Token rows per program in the row-parallel kernels / per loop step in the chunked ones.
@@ -21,11 +21,21 @@ _BLOCK_N = 64
 # Tokens per chunk of the split-N reductions on CPU (interpreter).  Small so that
 # N > 256 exercises the multi-chunk reduction; the GPU picks from the SM count.
 _CPU_CHUNK = 256
-# Launch config of every kernel.  From an offline sm_90 compile (ptxas resource
-# usage): at 4 warps the 64x64 fp32 tiles spill registers in apply, apply_backward_dq
-# and state_backward_dk; at 8 warps / 2 stages none of the shipped configs spill
-# (except 48 B in the fp32 Dk > 128 dq kernel).  Not autotuned yet.
-_LAUNCH = dict(num_warps=8, num_stages=2)
+# Launch configs (num_warps, num_stages): FIXED_LAUNCH under the interpreter and with
+# MMFAST_TRITON_AUTOTUNE=0, else the fastest of the kernel's sweep, timed on the first call per
+# head dims, variant and dtype (triton.autotune).  A sweep holds the configs that compile for
+# sm_90 without spills at D = 64 in every dtype (benchmarks/results/
+# 2026-12-02-triton-sm90-linear-attention.md, from scripts/triton_report.py): 4 warps spill
+# everywhere but the dS / dm pass, 8 warps with 1 stage spill in the fp32 state and dq kernels,
+# with 3 stages in the fp32 dk / dv kernels, 16 warps in the half-precision apply.
+FIXED_LAUNCH = (8, 2)
+LAUNCH_SWEEPS = {
+    "outer_sum_kernel": [(8, 2), (8, 3), (16, 2)],
+    "apply_kernel": [(8, 2), (8, 1), (8, 3)],
+    "apply_backward_dq_kernel": [(8, 2), (8, 3), (16, 2)],
+    "state_backward_dk_kernel": [(8, 2), (8, 1), (16, 2)],
+    "state_backward_dv_kernel": [(8, 2), (8, 1), (16, 2)],
+}
 # Elements of S or m per program of the chunk reduction.
 _REDUCE_BLOCK = 1024
 
@@ -68,25 +78,66 @@ def _chunk_size(n: int, programs_per_chunk: int, device: torch.device) -> int:
     return triton.cdiv(chunk, _BLOCK_N) * _BLOCK_N
 
 
+# --- constexprs of each kernel (the launches and scripts/triton_report.py share them) ----
+
+
+def outer_sum_meta(da: int, db: int, dtype: torch.dtype, feature_map: str, weighted: bool) -> dict:
+    """outer_sum_kernel's constexprs: the state (weighted=False: a = k, b = v) or the dS / dm of
+    apply_backward (weighted=True: b / z and w)."""
+    ba, bb = _feature_tile(da), _feature_tile(db)
+    return dict(FM=FEATURE_MAPS.index(feature_map), HAS_Z=weighted, HAS_W=weighted,
+                HALF_DOT=not weighted and _half_dot(dtype), DOT_PREC=_dot_precision(dtype),
+                BLOCK_N=_BLOCK_N, BA=ba, BB=bb, NUM_B_TILES=triton.cdiv(db, bb))
+
+
+def apply_meta(dk: int, dv: int, dtype: torch.dtype, feature_map: str) -> dict:
+    """apply_kernel's constexprs; state_backward_dk_kernel and state_backward_dv_kernel take the same."""
+    return dict(FM=FEATURE_MAPS.index(feature_map), DOT_PREC=_dot_precision(dtype),
+                BLOCK_N=_BLOCK_N, BK=_feature_tile(dk), BV=_feature_tile(dv))
+
+
+def apply_backward_dq_meta(dk: int, dv: int, dtype: torch.dtype, feature_map: str) -> dict:
+    """apply_backward_dq_kernel's constexprs. A row block holds all of Dk (padded to a power of
+    two); its (rows x Dk) fp32 blocks (q, phi(q), u) stay at <= 2048 elements each (tl.dot needs
+    >= 16 rows), so that the 8-warp config does not spill."""
+    bkf = max(16, triton.next_power_of_2(dk))
+    return dict(FM=FEATURE_MAPS.index(feature_map), DOT_PREC=_dot_precision(dtype),
+                BLOCK_N=max(16, min(_BLOCK_N, 2048 // bkf)), BKF=bkf,
+                BV=32 if bkf > 128 else _feature_tile(dv))
+
+
+def _tuned(name: str, key: list[str]):
+    return autotuned(getattr(kernels, name), FIXED_LAUNCH, LAUNCH_SWEEPS[name], key)
+
+
+# Keyed on the head dims and the constexpr variant; Triton adds the arguments' dtypes.
+_outer_sum_kernel = _tuned("outer_sum_kernel", ["DA", "DB", "FM", "HAS_Z", "HAS_W"])
+_apply_kernel = _tuned("apply_kernel", ["DK", "DV", "FM"])
+_apply_backward_dq_kernel = _tuned("apply_backward_dq_kernel", ["DK", "DV", "FM"])
+_state_backward_dk_kernel = _tuned("state_backward_dk_kernel", ["DK", "DV", "FM"])
+_state_backward_dv_kernel = _tuned("state_backward_dv_kernel", ["DK", "DV", "FM"])
+
+
+# --- host helpers of the ops --------------------------------------------------------------
+
+
 def _outer_sum(a: Tensor, b: Tensor, feature_map: str, z=None, w=None, divisor: int = 1):
     """(sum_i phi(a_i)^T (b_i / z_i), sum_i w_i phi(a_i)) / divisor per (B, H), fp32: one launch
-    when one chunk covers N, else the chunk partials and one fixed-order reduction launch."""
+    when one chunk covers N, else the chunk partials and one fixed-order reduction launch.
+    z and w come together (apply_backward's dS / dm) or not at all (the state)."""
     bsz, n, h, da = a.shape
     db = b.shape[-1]
-    ba, bb = _feature_tile(da), _feature_tile(db)
-    tiles_a, tiles_b = triton.cdiv(da, ba), triton.cdiv(db, bb)
+    meta = outer_sum_meta(da, db, b.dtype, feature_map, weighted=z is not None)
+    tiles_a, tiles_b = triton.cdiv(da, meta["BA"]), meta["NUM_B_TILES"]
     chunk = _chunk_size(n, tiles_a * tiles_b * bsz * h, a.device)
     chunks = triton.cdiv(n, chunk)
     part = a.new_empty((chunks, bsz, h, da, db), dtype=torch.float32)
     mpart = a.new_empty((chunks, bsz, h, da), dtype=torch.float32)
     dummy = part  # never read when HAS_Z / HAS_W is False
-    kernels.outer_sum_kernel[(tiles_a * tiles_b * chunks * bsz * h,)](
+    _outer_sum_kernel[(tiles_a * tiles_b * chunks * bsz * h,)](
         a, b, dummy if z is None else z, dummy if w is None else w, part, mpart,
         n, h, da, db, chunk, tiles_a * tiles_b, chunks, bsz * h, divisor if chunks == 1 else 1,
-        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        FM=FEATURE_MAPS.index(feature_map), HAS_Z=z is not None, HAS_W=w is not None,
-        HALF_DOT=z is None and _half_dot(b.dtype), DOT_PREC=_dot_precision(a.dtype),
-        BLOCK_N=_BLOCK_N, BA=ba, BB=bb, NUM_B_TILES=tiles_b, **_LAUNCH,
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2), **meta,
     )
     if chunks == 1:
         return part[0], mpart[0]
@@ -106,16 +157,14 @@ def _state(k: Tensor, v: Tensor, feature_map: str):
 def _apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str) -> Tensor:
     bsz, n, h, dk = q.shape
     dv = state.shape[-1]
-    bk, bv = _feature_tile(dk), _feature_tile(dv)
+    meta = apply_meta(dk, dv, q.dtype, feature_map)
     out = q.new_empty((bsz, n, h, dv))
-    blocks, tiles = triton.cdiv(n, _BLOCK_N), triton.cdiv(dv, bv)
-    kernels.apply_kernel[(tiles * blocks * bsz * h,)](
+    blocks, tiles = triton.cdiv(n, _BLOCK_N), triton.cdiv(dv, meta["BV"])
+    _apply_kernel[(tiles * blocks * bsz * h,)](
         q, state, mean, out,
         n, h, dk, dv, eps, tiles, blocks,
         q.stride(0), q.stride(1), q.stride(2),
-        state.stride(0), state.stride(1), state.stride(2), mean.stride(0), mean.stride(1),
-        FM=FEATURE_MAPS.index(feature_map), DOT_PREC=_dot_precision(q.dtype),
-        BLOCK_N=_BLOCK_N, BK=bk, BV=bv, **_LAUNCH,
+        state.stride(0), state.stride(1), state.stride(2), mean.stride(0), mean.stride(1), **meta,
     )
     return out
 
@@ -163,24 +212,18 @@ def linear_attention_apply_backward(
     check_runnable(OP, q, grad_out, state, mean)
     grad_out, q = last_dim_unit(grad_out.to(q.dtype)), last_dim_unit(q)
     state, mean = last_dim_unit(state), last_dim_unit(mean)
-    bkf = max(16, triton.next_power_of_2(dk))
-    # Keep the (rows x Dk) fp32 blocks (q, phi(q), u) at <= 2048 elements each
-    # (tl.dot needs >= 16 rows): no register spills at 8 warps.
-    block_n = max(16, min(_BLOCK_N, 2048 // bkf))
-    bv = 32 if bkf > 128 else _feature_tile(dv)
+    meta = apply_backward_dq_meta(dk, dv, q.dtype, feature_map)
     with device_guard(q):
         grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
         z = q.new_empty((bsz, h, n), dtype=torch.float32)
         dz = torch.empty_like(z)
-        blocks = triton.cdiv(n, block_n)
-        kernels.apply_backward_dq_kernel[(blocks * bsz * h,)](
+        blocks = triton.cdiv(n, meta["BLOCK_N"])
+        _apply_backward_dq_kernel[(blocks * bsz * h,)](
             grad_out, q, state, mean, grad_q, z, dz,
             n, h, dk, dv, eps, blocks,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             q.stride(0), q.stride(1), q.stride(2),
-            state.stride(0), state.stride(1), state.stride(2), mean.stride(0), mean.stride(1),
-            FM=FEATURE_MAPS.index(feature_map), DOT_PREC=_dot_precision(q.dtype),
-            BLOCK_N=block_n, BKF=bkf, BV=bv, **_LAUNCH,
+            state.stride(0), state.stride(1), state.stride(2), mean.stride(0), mean.stride(1), **meta,
         )
         # dS = sum_i phi(q_i)^T do_i / z_i, dm = sum_i dz_i phi(q_i): the state's reduction.
         grad_state, grad_mean = _outer_sum(q, grad_out, feature_map, z=z, w=dz)
@@ -196,27 +239,24 @@ def linear_attention_state_backward(
     k, v = last_dim_unit(k), last_dim_unit(v)
     grad_state = last_dim_unit(grad_state.to(torch.float32))
     grad_mean = last_dim_unit(grad_mean.to(torch.float32))
-    bk, bv = _feature_tile(dk), _feature_tile(dv)
-    fm, prec = FEATURE_MAPS.index(feature_map), _dot_precision(k.dtype)
+    meta = apply_meta(dk, dv, k.dtype, feature_map)
     with device_guard(k):
         grad_k = torch.empty_like(k, memory_format=torch.contiguous_format)
         grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
         rows = triton.cdiv(n, _BLOCK_N)
-        tiles_k, tiles_v = triton.cdiv(dk, bk), triton.cdiv(dv, bv)
-        kernels.state_backward_dk_kernel[(tiles_k * rows * bsz * h,)](
+        tiles_k, tiles_v = triton.cdiv(dk, meta["BK"]), triton.cdiv(dv, meta["BV"])
+        _state_backward_dk_kernel[(tiles_k * rows * bsz * h,)](
             k, v, grad_state, grad_mean, grad_k,
             n, h, dk, dv, 1.0 / n, tiles_k, rows,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             grad_state.stride(0), grad_state.stride(1), grad_state.stride(2),
-            grad_mean.stride(0), grad_mean.stride(1),
-            FM=fm, DOT_PREC=prec, BLOCK_N=_BLOCK_N, BK=bk, BV=bv, **_LAUNCH,
+            grad_mean.stride(0), grad_mean.stride(1), **meta,
         )
-        kernels.state_backward_dv_kernel[(tiles_v * rows * bsz * h,)](
+        _state_backward_dv_kernel[(tiles_v * rows * bsz * h,)](
             k, grad_state, grad_v,
             n, h, dk, dv, 1.0 / n, tiles_v, rows,
             k.stride(0), k.stride(1), k.stride(2),
-            grad_state.stride(0), grad_state.stride(1), grad_state.stride(2),
-            FM=fm, DOT_PREC=prec, BLOCK_N=_BLOCK_N, BK=bk, BV=bv, **_LAUNCH,
+            grad_state.stride(0), grad_state.stride(1), grad_state.stride(2), **meta,
         )
     return grad_k, grad_v
 

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Registers, spills and shared memory of the Triton linear-attention kernels for sm_90, per
+launch config, without a GPU.
+
+    python scripts/triton_report.py [--dims 40,64,...] [--dtypes bf16,...] [--json PATH] [--markdown PATH]
+
+Compiles every kernel of python/mmfast/triton/linear_attention_kernels.py offline
+(triton.compile with GPUTarget("cuda", 90, 32), Triton's own ptxas) with the constexprs the
+launches use (outer_sum_meta, apply_meta, apply_backward_dq_meta) for each head dim D (Dk = Dv)
+and token dtype, once per (num_warps, num_stages) of the kernel's autotune sweep
+(LAUNCH_SWEEPS), and reads the cubin's resource usage (cuobjdump -res-usage): registers per
+thread, stack bytes (spills), static + dynamic shared memory, and blocks per SM on an H100/H200
+(64 K registers, 2048 threads, 227 KB of shared memory per block, 228 KB per SM).
+
+Why: the sweeps should hold only configs worth timing. A config that spills at a common D
+costs local-memory traffic in a bandwidth-bound kernel; one that does not fit shared memory
+fails to launch (the autotuner skips it, but it still costs a compile on the first call).
+
+Run as a script it sets TRITON_INTERPRET=0 before Triton is imported: the interpreter cannot compile.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if "triton" not in sys.modules:  # run as a script (tests import it under the interpreter: leave that be)
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from mmfast.triton import linear_attention as host  # noqa: E402
+from mmfast.triton import linear_attention_kernels as kernels  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SM90_REGISTERS, SM90_THREADS, SM90_SMEM_PER_BLOCK, SM90_SMEM_PER_SM = 65536, 2048, 227 * 1024, 228 * 1024
+TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Pointer arguments that hold tokens (the input dtype); every other pointer is fp32.
+TOKEN_POINTERS = {"a_ptr", "b_ptr", "q_ptr", "o_ptr", "do_ptr", "dq_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr"}
+FLOAT_SCALARS = {"eps", "inv_n"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    label: str  # what the launch computes
+    kernel: str  # name in linear_attention_kernels and LAUNCH_SWEEPS
+    meta: object  # (d, dtype, feature_map) -> constexprs
+
+
+ROLES = [
+    Role("state (S, m)", "outer_sum_kernel", lambda d, t, fm: host.outer_sum_meta(d, d, t, fm, weighted=False)),
+    Role("apply", "apply_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+    Role("apply_backward dq", "apply_backward_dq_kernel", lambda d, t, fm: host.apply_backward_dq_meta(d, d, t, fm)),
+    Role("apply_backward dS, dm", "outer_sum_kernel", lambda d, t, fm: host.outer_sum_meta(d, d, t, fm, weighted=True)),
+    Role("state_backward dk", "state_backward_dk_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+    Role("state_backward dv", "state_backward_dv_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+]
+
+
+def signature(kernel, dtype: torch.dtype, meta: dict) -> tuple[dict, dict]:
+    """(signature, constexprs) for ASTSource from the kernel's argument names."""
+    sig, constexprs = {}, {}
+    for name in kernel.arg_names:
+        if name in meta:
+            sig[name], constexprs[name] = "constexpr", meta[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (TYPE_NAMES[dtype] if name in TOKEN_POINTERS else "fp32")
+        else:
+            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in meta]
+    if missing:
+        raise ValueError(f"{kernel.arg_names}: no value for the constexprs {missing}")
+    return sig, constexprs
+
+
+def cuobjdump() -> str:
+    import triton.backends.nvidia as nvidia
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+
+
+def parse_resource_usage(text: str) -> dict:
+    """REG, STACK, SHARED (static bytes) and LOCAL of the one function in `cuobjdump -res-usage` output."""
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if match is None:
+        raise ValueError(f"no resource usage in cuobjdump output: {text!r}")
+    return dict(zip(("registers", "stack", "static_smem", "local"), map(int, match.groups())))
+
+
+def blocks_per_sm(registers: int, threads: int, smem: int) -> int:
+    """Resident blocks per SM on sm_90 (registers allocated per warp in units of 256; 1 KB of
+    shared memory reserved per block); 0 when the block cannot launch."""
+    if smem > SM90_SMEM_PER_BLOCK:
+        return 0
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = SM90_REGISTERS // (regs_per_warp * (threads // 32))
+    return min(by_regs, SM90_THREADS // threads, SM90_SMEM_PER_SM // (smem + 1024), 32)
+
+
+def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int], feature_map: str = "elu1") -> dict:
+    kernel = getattr(kernels, role.kernel)
+    sig, constexprs = signature(kernel, dtype, role.meta(d, dtype, feature_map))
+    warps, stages = config
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=TARGET,
+                              options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = parse_resource_usage(subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True,
+                                                    text=True, check=True).stdout)
+    smem = usage["static_smem"] + compiled.metadata.shared
+    return dict(role=role.label, kernel=role.kernel, d=d, dtype=TYPE_NAMES[dtype], num_warps=warps,
+                num_stages=stages, registers=usage["registers"], spill_bytes=usage["stack"] + usage["local"],
+                smem=smem, blocks_per_sm=blocks_per_sm(usage["registers"], 32 * warps, smem))
+
+
+def cell(row: dict) -> str:
+    spill = f", **{row['spill_bytes']} B spill**" if row["spill_bytes"] else ""
+    return f"{row['registers']} r, {row['smem'] // 1024} KB, {row['blocks_per_sm']}/SM{spill}"
+
+
+def markdown(rows: list[dict]) -> str:
+    configs = sorted({(r["num_warps"], r["num_stages"]) for r in rows}, key=lambda c: (-c[0], c[1]))
+    head = "| kernel | D | dtype | " + " | ".join(f"{w} warps, {s} stages" for w, s in configs) + " |"
+    out = [head, "|" + "---|" * (3 + len(configs))]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((r["role"], r["d"], r["dtype"]), {})[(r["num_warps"], r["num_stages"])] = r
+    for (role, d, dtype), cells in by_key.items():
+        out.append(f"| {role} | {d} | {dtype} | " + " | ".join(cell(cells[c]) if c in cells else "-"
+                                                                for c in configs) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="40,64,80,128,160,256")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--configs", help="num_warps:num_stages,... to compile instead of each kernel's sweep")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    dtypes = {v: k for k, v in TYPE_NAMES.items()}
+    configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")] if args.configs else None
+    rows = []
+    for role in ROLES:
+        for d in map(int, args.dims.split(",")):
+            for name in args.dtypes.split(","):
+                for config in configs or host.LAUNCH_SWEEPS[role.kernel]:
+                    rows.append(compile_one(role, d, dtypes[name], config))
+                    print(cell(rows[-1]), role.label, d, name, config, file=sys.stderr)
+    command = " ".join(["python scripts/triton_report.py", *(argv if argv is not None else sys.argv[1:])])
+    text = (f"`{command}`: Triton {triton.__version__}, sm_90 (offline compile), feature map elu + 1, "
+            "Dk = Dv = D. Per config: registers per thread, shared memory, blocks per SM, spills.\n\n"
+            + markdown(rows))
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
