@@ -8,7 +8,8 @@
 // enough for code that only loads, multiplies, stores and maps fragments elementwise; the
 // documented pointer-alignment and ldm rules are checked on every load and store.
 // ldmatrix (.x4, .x4.trans, .x2.trans) and mma.sync.m16n8k16 (fp16 / bf16) are emulated lane by lane with the
-// PTX ISA's fragment layouts, exchanging operands within the warp.
+// PTX ISA's fragment layouts, exchanging operands within the warp; the mma's fp32 result is rounded
+// to nearest, or toward zero with emu::mma_round_toward_zero (truncating tensor cores).
 #pragma once
 #define MMFAST_CUDA_EMULATED 1
 #include <ucontext.h>
@@ -17,6 +18,7 @@
 #include <unistd.h>
 #include <xmmintrin.h>
 #endif
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -425,6 +427,15 @@ template <class T> double element16(uint32_t reg, int half) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(x);
   else return __half2float(x);
 }
+// How mma.sync rounds C + A B to fp32: to nearest (default), or toward zero, the pessimistic
+// model of tensor cores whose fp32 accumulation truncates (Fasi, Higham, Mikaitis, Pranesh,
+// "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021: products exact, the sum aligned and
+// truncated): an error biased toward zero in every mma, which a long fp32 sum would accumulate.
+inline bool mma_round_toward_zero = false;
+inline float mma_round(double s) {
+  const float r = static_cast<float>(s);
+  return mma_round_toward_zero && std::fabs(static_cast<double>(r)) > std::fabs(s) ? std::nextafter(r, 0.0f) : r;
+}
 // D = C + A B of the whole warp from its lanes' published fragments, into mma_out.
 template <class T> void warp_mma(int warp) {
   double A[16][16], B[16][8];
@@ -443,7 +454,7 @@ template <class T> void warp_mma(int warp) {
       const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
       double s = f.c[i];
       for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-      mma_out[warp][l][i] = static_cast<float>(s);
+      mma_out[warp][l][i] = mma_round(s);
     }
   }
 }
