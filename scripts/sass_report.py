@@ -711,6 +711,9 @@ _APPLY_SMEM = "mmfast::cuda::la::async_apply_smem_bytes<mmfast::cuda::la::Config
 DYNAMIC_SMEM_PROBES = {  # apply: Dk = W, the head dim each width is chosen for (40 -> 48: 48 rows)
     **{f"la_state_async_kernel<{w}>": f"mmfast::cuda::la::kAsyncStateSmem<{w}>" for w in TILE_WIDTHS},
     **{f"la_apply_async_kernel<{w}>": _APPLY_SMEM.format(w=w) for w in TILE_WIDTHS},
+    # The VQ search's NT tile GEMM ring (tile_gemm.cuh, included by the default header): fp16 and
+    # bf16 stages have the same size.
+    "vq_search_async_kernel": "mmfast::cuda::kNtSmemBytes<__half>",
 }
 
 

@@ -9,12 +9,21 @@
 #include "mmfast/cuda/vq.cuh"
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
 using namespace mmfast;
 
 
 std::mt19937 grng(11);
+
+// Which search kernel the last vq_quantize launched: the cp.async + mma.sync one ("async") or
+// the tile-GEMM one.
+bool launched_async_search() {
+  for (const auto& l : emu::launches)
+    if (std::strstr(l.kernel, "vq_search_async_kernel") != nullptr) return true;
+  return false;
+}
 
 template <class T>
 void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_norms, int sms) {
@@ -33,6 +42,10 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
     for (int64_t d = 0; d < D; ++d) z[0 * row_stride + d] = codebook[(K - 1) * D + d];  // exactly the last code
     z[1 * row_stride] = fromd<T>(NAN);                                                   // a NaN row: index 0
   }
+  if (N > 3 && K > 6) {  // code K - 2 repeats code 4, and row 3 equals it: the tie goes to code 4
+    for (int64_t d = 0; d < D; ++d) codebook[(K - 2) * D + d] = codebook[4 * D + d];
+    for (int64_t d = 0; d < D; ++d) z[3 * row_stride + d] = codebook[4 * D + d];
+  }
   std::vector<A> norms(K);
   for (int64_t c = 0; c < K; ++c) {
     double s = 0;
@@ -48,7 +61,12 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   p.indices = indices.data(), p.distance = distance.data();
   std::vector<char> ws(cuda::vq_quantize_workspace_bytes(p) + 64);
   p.workspace = ws.data(), p.workspace_bytes = ws.size();
+  emu::launches.clear();
   if (cuda::vq_quantize(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfg);
+  // fp16 / bf16 with 16-byte aligned rows take the cp.async + mma.sync search, the rest the tile GEMM.
+  const bool half = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+  if (launched_async_search() != (half && D % 8 == 0 && row_stride % 8 == 0))
+    fail(std::string("search kernel choice ") + cfg);
   if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
   int bad = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -78,6 +96,7 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
     bad += !(chosen <= best + tol) || !(std::fabs(tod(distance[n]) - best) <= tol);
   }
   if (N > 2 && indices[0] != K - 1) fail(std::string("a row equal to the last code ") + cfg);
+  if (N > 3 && K > 6 && indices[3] != 4) fail(std::string("a tie between codes 4 and K - 2 ") + cfg);
   if (bad) fail(std::to_string(bad) + " rows off " + cfg);
 }
 
@@ -116,6 +135,12 @@ void run_all(int level) {
   run_search<T>(70, 200, 40, 43, false, 132);   // strided rows, several row and code tiles
   run_search<T>(33, 300, 8, 8, true, 1);        // one SM: few splits
   run_search<T>(130, 129, 70, 70, false, 132);  // D over two staged slices
+  // 16-byte aligned rows (the cp.async search for fp16 / bf16): D = 40 (a 32-dim slice and a
+  // zero-filled one), strided rows, 2 row tiles of 128 and 3 code tiles over 1-3 splits and SMs
+  // (blocks walk several items; the ring's slice stream crosses code tiles); K < one tile.
+  run_search<T>(200, 300, 40, 48, false, 2);
+  run_search<T>(150, 383, 64, 64, true, 1);
+  run_search<T>(9, 10, 16, 24, false, 132);
   if (level >= 1) {
     run_search<T>(64, 8192, 256, 256, true, 132);
     run_search<T>(257, 1000, 256, 256, false, 4);

@@ -587,5 +587,82 @@ __device__ __forceinline__ void store_tile(const A (&acc)[4][4], int ty, int tx,
   }
 }
 
+// ---- NT tile GEMM on 16-bit tensor cores (sm_80+) ----------------------------------------
+// C (128 x 128, fp32) = A (128 x L) B (128 x L)^T with both operands fp16 / bf16, row-major,
+// the contraction contiguous and every row 16-byte aligned (a VQ codebook against token rows,
+// an nn.Linear weight against activations). kNtDepth-wide slices of both are copied by cp.async
+// into a ring of kNtStages stages (the bytes are in flight without registers); each slice is
+// multiplied by ldmatrix + mma.sync.m16n8k16 with fp32 sums. The 8 warps form 2 (rows) x 4
+// (columns); a warp owns 64 x 32 of C, kept in registers as NtAcc.
+// Element acc[mi][ni][e] of a warp's NtAcc is C at
+//   row (warp / 4) * 64 + mi * 16 + lane / 4 + 8 * (e / 2),  column (warp % 4) * 32 + ni * 8 + 2 * (lane % 4) + e % 2.
+// Rows past a slice's valid rows and columns past L are zero-filled, so they add 0.
+constexpr int kNtRows = 128, kNtCols = 128, kNtDepth = 32, kNtStages = 4;
+constexpr int kNtWarpRows = 64, kNtWarpCols = 32;
+constexpr int kNtMTiles = kNtWarpRows / 16, kNtNTiles = kNtWarpCols / 8;
+using NtAcc = float[kNtMTiles][kNtNTiles][4];
+static_assert(kThreads == 8 * 32 && 2 * kNtWarpRows == kNtRows && 4 * kNtWarpCols == kNtCols, "2 x 4 warps");
+
+template <class T> struct NtStage {
+  // 8 elements (16 bytes) of padding per row: a row stride of 80 bytes puts the 8 rows of an
+  // ldmatrix phase on distinct banks.
+  RawTile<T, kNtRows, kNtDepth, 8> a;
+  RawTile<T, kNtCols, kNtDepth, 8> b;
+};
+template <class T> constexpr size_t kNtSmemBytes = sizeof(NtStage<T>) * kNtStages;
+
+__device__ __forceinline__ void nt_zero(NtAcc& acc) {
+#pragma unroll
+  for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < kNtNTiles; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+}
+
+// Starts the copies of the slice at column l0 of A (rows a_rows valid from a, row stride
+// a_stride) and of B (b_rows valid from b) into stage s: 2 + 2 16-byte chunks per thread. Columns
+// from L on are zero-filled; a and b must be 16-byte aligned, as every row.
+template <class T>
+__device__ __forceinline__ void nt_issue(NtStage<T>& s, const T* a, int64_t a_stride, int64_t a_rows, const T* b,
+                                         int64_t b_stride, int64_t b_rows, int64_t l0, int64_t L) {
+  using AChunk = RawChunk<decltype(s.a)>;
+  using BChunk = RawChunk<decltype(s.b)>;
+#pragma unroll
+  for (int k = 0; k < AChunk::kPerThread; ++k) {
+    const AChunk chunk(k);
+    chunk.issue(s.a, a + chunk.row * a_stride + l0 + chunk.col, a_rows, L - l0, a);
+  }
+#pragma unroll
+  for (int k = 0; k < BChunk::kPerThread; ++k) {
+    const BChunk chunk(k);
+    chunk.issue(s.b, b + chunk.row * b_stride + l0 + chunk.col, b_rows, L - l0, b);
+  }
+}
+
+// acc += the warp's part of A_s B_s^T over the stage's kNtDepth columns.
+template <class T> __device__ __forceinline__ void nt_multiply(const NtStage<T>& s, NtAcc& acc, int warp, int lane) {
+  const int a_row = (warp / 4) * kNtWarpRows + lane % 8 + 8 * ((lane / 8) % 2);  // A: (m, k) = (0,0) (8,0) (0,8) (8,8)
+  const int a_col = 8 * (lane / 16);
+  const int b_row = (warp % 4) * kNtWarpCols + lane % 8 + 8 * (lane / 16);  // B: (n, k) = (0,0) (0,8) (8,0) (8,8)
+  const int b_col = 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int k0 = 0; k0 < kNtDepth; k0 += 16) {
+    uint32_t af[kNtMTiles][4], bf[kNtNTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kNtMTiles; ++mi) ldmatrix_x4(af[mi], &s.a.v[a_row + mi * 16][k0 + a_col]);
+#pragma unroll
+    for (int np = 0; np < kNtNTiles / 2; ++np) {
+      uint32_t r[4];
+      ldmatrix_x4(r, &s.b.v[b_row + np * 16][k0 + b_col]);
+      bf[2 * np][0] = r[0], bf[2 * np][1] = r[1], bf[2 * np + 1][0] = r[2], bf[2 * np + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNtNTiles; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni]);
+  }
+}
+
 }  // namespace cuda
 }  // namespace mmfast

@@ -15,7 +15,7 @@ inline bool vq_valid(const VQParams& p) {
 
 // Workspace bytes of vq_quantize on the current device.
 inline size_t vq_quantize_workspace_bytes(const VQParams& p) {
-  return vq_valid(p) ? vqk::plan(p, sm_count()).bytes : 0;
+  return vq_valid(p) ? vqk::workspace_bytes(p) : 0;
 }
 
 // indices and distance of every row of z (mmfast/vq.h). Needs the workspace.

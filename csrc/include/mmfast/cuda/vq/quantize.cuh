@@ -9,6 +9,12 @@
 //                       written as the split's partial.
 //   vq_finish_kernel    per row: the splits' partials in order (strictly smaller wins, so ties
 //                       keep the lower codes), ||z||^2, and the rules of mmfast/vq.h.
+//   vq_search_async_kernel  fp16 / bf16 with 16-byte aligned rows on sm_80+, instead of
+//                       vq_search_kernel: item = (128-row tile, code split); the split's
+//                       128-code tiles stream through the NT tile GEMM (tile_gemm.cuh: cp.async
+//                       ring, ldmatrix + mma.sync.m16n8k16, fp32 sums; products exact, as on
+//                       the TF32 path) as one stream of 32-dim slices, so the ring never drains
+//                       between tiles; the argmin runs on the accumulators after each tile.
 // Splitting the codes keeps the GPU busy when the rows are few (one image: N = 1024, 16 tiles).
 #pragma once
 
@@ -35,8 +41,8 @@ struct SearchArgs {
 };
 
 // The better of two (score, code) candidates: strictly smaller score, or equal with a lower code.
-template <class A>
-__device__ __forceinline__ void take_better(A& score, int64_t& code, A other_score, int64_t other_code) {
+template <class A, class Code>
+__device__ __forceinline__ void take_better(A& score, Code& code, A other_score, Code other_code) {
   if (other_score < score || (other_score == score && other_code < code)) {
     score = other_score;
     code = other_code;
@@ -112,6 +118,126 @@ __global__ void __launch_bounds__(kThreads) vq_search_kernel(SearchArgs a) {
   }
 }
 
+// ---- fp16 / bf16, 16-byte aligned rows, sm_80+: the NT tile GEMM ----------------------------
+constexpr int32_t kNoCode32 = INT32_MAX;  // the async kernel's codes are int32 (K < INT32_MAX)
+
+// Per row of this thread (kNtMTiles x 2 rows of the warp's 64 x 32 part): the best score of the
+// tile's codes in its 8 columns. Each thread meets its codes in increasing order (columns, then
+// tiles), so a strictly smaller score keeps the lowest code of a tie; +inf and NaN never win.
+__device__ __forceinline__ void merge_nt_best(const NtAcc& acc, const float* sqnorm, int64_t code0, int64_t codes,
+                                              int warp, int lane, float (&best)[kNtMTiles][2],
+                                              int32_t (&code)[kNtMTiles][2]) {
+  const int64_t first = code0 + (warp % 4) * kNtWarpCols + 2 * (lane % 4);
+#pragma unroll
+  for (int ni = 0; ni < kNtNTiles; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t c = first + ni * 8 + e;
+      if (c >= codes) continue;
+      const float norm = sqnorm[c];
+#pragma unroll
+      for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float score = norm - 2.0f * acc[mi][ni][2 * h + e];
+          if (score < best[mi][h]) best[mi][h] = score, code[mi][h] = static_cast<int32_t>(c);
+        }
+    }
+}
+
+// The split's best per row of the 128-row tile: over the 4 lanes of a quad (shuffles), then over
+// the 4 column warps through shared memory (`scratch`, the idle ring), in column order.
+__device__ __forceinline__ void write_nt_best(float (&best)[kNtMTiles][2], int32_t (&code)[kNtMTiles][2],
+                                              unsigned char* scratch, const SearchArgs& a, int64_t split,
+                                              int64_t row0, int warp, int lane) {
+  float* warp_score = reinterpret_cast<float*>(scratch);                       // [4 column warps][128 rows]
+  int32_t* warp_code = reinterpret_cast<int32_t*>(warp_score + 4 * kNtRows);  // [4][128]
+#pragma unroll
+  for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int lanes = 1; lanes <= 2; lanes <<= 1)
+        take_better(best[mi][h], code[mi][h], __shfl_xor_sync(0xffffffffu, best[mi][h], lanes),
+                    __shfl_xor_sync(0xffffffffu, code[mi][h], lanes));
+      if (lane % 4 == 0) {
+        const int row = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
+        warp_score[(warp % 4) * kNtRows + row] = best[mi][h];
+        warp_code[(warp % 4) * kNtRows + row] = code[mi][h];
+      }
+    }
+  __syncthreads();
+  const int row = static_cast<int>(threadIdx.x);
+  if (row < kNtRows && row0 + row < a.rows) {
+    float score = warp_score[row];
+    int32_t c = warp_code[row];
+    for (int w = 1; w < 4; ++w) take_better(score, c, warp_score[w * kNtRows + row], warp_code[w * kNtRows + row]);
+    const int64_t n = row0 + row;
+    static_cast<float*>(a.best_score)[split * a.rows + n] = score;
+    a.best_code[split * a.rows + n] = c == kNoCode32 ? kNoCode : c;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a) {
+  MMFAST_DYNAMIC_SHARED(smem);
+  NtStage<T>* ring = reinterpret_cast<NtStage<T>*>(smem);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const T* z = static_cast<const T*>(a.z);
+  const T* codebook = static_cast<const T*>(a.codebook);
+  const float* sqnorm = static_cast<const float*>(a.sqnorm);
+  const int64_t slices_per_tile = ceil_div(a.dim, kNtDepth);
+  const int64_t items = a.row_tiles * a.splits;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t split = item % a.splits, row0 = (item / a.splits) * kNtRows;
+    const int64_t t0 = a.code_tiles * split / a.splits, t1 = a.code_tiles * (split + 1) / a.splits;
+    const int64_t steps = (t1 - t0) * slices_per_tile;
+    const T* z_tile = z + row0 * a.z_row_stride;
+    // The copy cursor runs kNtStages - 1 slices ahead of the multiply cursor; both step a slice
+    // at a time, then to the next code tile (no divisions in the loop).
+    int64_t copy_code0 = t0 * kNtCols, copy_l0 = 0, step_code0 = t0 * kNtCols, step_l0 = 0;
+    int issue_stage = 0;
+    const auto issue_next = [&]() {
+      nt_issue(ring[issue_stage], z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
+               a.codes - copy_code0, copy_l0, a.dim);
+      issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
+      copy_l0 += kNtDepth;
+      if (copy_l0 >= a.dim) copy_l0 = 0, copy_code0 += kNtCols;
+    };
+#pragma unroll 1
+    for (int s = 0; s < kNtStages - 1; ++s) {
+      if (s < steps) issue_next();
+      cp_async_commit();  // empty groups too: the wait below counts groups
+    }
+    float best[kNtMTiles][2];
+    int32_t code[kNtMTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kNtMTiles; ++mi) best[mi][0] = best[mi][1] = INFINITY, code[mi][0] = code[mi][1] = kNoCode32;
+    NtAcc acc;
+    nt_zero(acc);
+    int stage = 0;
+#pragma unroll 1
+    for (int64_t step = 0; step < steps; ++step) {
+      cp_async_wait<kNtStages - 2>();  // this thread's copies of `step` landed
+      __syncthreads();                 // everyone's did; everyone finished step - 1's stage
+      if (step + kNtStages - 1 < steps) issue_next();  // into step - 1's stage
+      cp_async_commit();
+      nt_multiply(ring[stage], acc, warp, lane);
+      stage = stage + 1 == kNtStages ? 0 : stage + 1;
+      step_l0 += kNtDepth;
+      if (step_l0 >= a.dim) {  // the code tile is complete
+        merge_nt_best(acc, sqnorm, step_code0, a.codes, warp, lane, best, code);
+        nt_zero(acc);
+        step_l0 = 0, step_code0 += kNtCols;
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is idle: its first bytes take the column warps' bests
+    write_nt_best(best, code, smem, a, split, row0, warp, lane);
+    __syncthreads();  // read before the next item's copies land
+  }
+}
+
 // One warp per row: the splits in order, ||z||^2, the rules of mmfast/vq.h. The loop is uniform
 // over the block (rows past N do the same shuffles), so no warp leaves while others shuffle.
 template <class T>
@@ -171,10 +297,12 @@ struct Plan {
   size_t sqnorm_offset, score_offset, code_offset, bytes;
 };
 
-inline Plan plan(const VQParams& p, int sms) {
+// The search's items and workspace for tiles of tile_rows x tile_codes (64 x 64: vq_search_kernel,
+// 128 x 128: vq_search_async_kernel).
+inline Plan plan(const VQParams& p, int sms, int64_t tile_rows = kTile, int64_t tile_codes = kTile) {
   Plan s;
-  s.row_tiles = ceil_div(p.rows, kTile);
-  s.code_tiles = ceil_div(p.codes, kTile);
+  s.row_tiles = ceil_div(p.rows, tile_rows);
+  s.code_tiles = ceil_div(p.codes, tile_codes);
   const int64_t target = static_cast<int64_t>(kOversubscribe) * (sms > 0 ? sms : 1);
   s.splits = max_i64(1, min_i64(s.code_tiles, ceil_div(target, max_i64(1, s.row_tiles))));
   const size_t acc = accumulator_bytes(p.dtype);
@@ -185,10 +313,47 @@ inline Plan plan(const VQParams& p, int sms) {
   return s;
 }
 
+// Workspace for whichever search kernel runs.
+inline size_t workspace_bytes(const VQParams& p) {
+  const int sms = sm_count();
+  const size_t tiles64 = plan(p, sms).bytes, tiles128 = plan(p, sms, kNtRows, kNtCols).bytes;
+  return tiles64 > tiles128 ? tiles64 : tiles128;
+}
+
+// vq_search_async_kernel runs for fp16 / bf16 whose z rows and codebook are 16-byte aligned, on
+// sm_80+ (code compiled for it), with tensor cores and cp.async enabled and K < INT32_MAX.
+template <class T> bool use_async_search(const VQParams& p) {
+  if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
+    return false;
+  } else {
+    const auto aligned = [](const void* ptr, int64_t elems) {
+      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (elems * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    };
+    return tensor_cores_enabled() && async_copy_enabled() && compute_capability_major() >= 8 &&
+           p.codes < INT32_MAX && aligned(p.z, p.dim) && aligned(p.z, p.z_row_stride) && aligned(p.codebook, p.dim) &&
+           kNtSmemBytes<T> <= max_shared_per_block() && compiled_for(&vq_search_async_kernel<T>, 80);
+  }
+}
+
+// The persistent grid of vq_search_async_kernel (instantiated for fp16 / bf16 only).
+template <class T> cudaError_t launch_async_search(const SearchArgs& a, int64_t items, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    unsigned grid = 0;
+    const cudaError_t err = persistent_grid(&vq_search_async_kernel<T>, kThreads, kNtSmemBytes<T>, items, grid);
+    if (err != cudaSuccess) return err;
+    MMFAST_LAUNCH(vq_search_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
+    return cudaGetLastError();
+  } else {
+    (void)a, (void)items, (void)stream;
+    return cudaErrorInvalidValue;  // use_async_search is false for these types
+  }
+}
+
 template <class T>
 cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  const Plan plan_ = plan(p, sm_count());
+  const bool async = use_async_search<T>(p);
+  const Plan plan_ = async ? plan(p, sm_count(), kNtRows, kNtCols) : plan(p, sm_count());
   char* ws = static_cast<char*>(p.workspace);
   const void* sqnorm = p.codebook_sqnorm;
   if (sqnorm == nullptr) {
@@ -214,8 +379,10 @@ cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   a.row_tiles = plan_.row_tiles;
   a.code_tiles = plan_.code_tiles;
   a.splits = plan_.splits;
-  MMFAST_LAUNCH(vq_search_kernel<T>, grid_for(plan_.row_tiles * plan_.splits), kThreads, 0, stream, a);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = async ? launch_async_search<T>(a, plan_.row_tiles * plan_.splits, stream) : cudaSuccess;
+  if (err != cudaSuccess) return err;
+  if (!async) MMFAST_LAUNCH(vq_search_kernel<T>, grid_for(plan_.row_tiles * plan_.splits), kThreads, 0, stream, a);
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   MMFAST_LAUNCH(vq_finish_kernel<T>, grid_for(ceil_div(p.rows, kThreads / 32)), kThreads, 0, stream,
                 static_cast<const T*>(p.z), p.z_row_stride, p.rows, p.dim, plan_.splits,
