@@ -12,8 +12,9 @@
 #   make sass-report registers, spills, occupancy and global-load parallelism of the linear-attention
 #                    kernels from their sm_90a SASS (no GPU; needs nvcc; installs the nvidia-cuda-cuobjdump
 #                    and nvidia-cuda-nvdisasm wheels); SASS_REPORT_ARGS: see scripts/sass_report.py
-#   make triton-report registers, spills and shared memory of the Triton linear-attention kernels
-#                    per autotune config, from an offline sm_90 compile (no GPU, no nvcc; a few minutes)
+#   make triton-report registers, spills and shared memory of the Triton linear-attention and VQ
+#                    kernels per autotune config, from an offline sm_90 compile (no GPU, no nvcc; a
+#                    few minutes); TRITON_REPORT_ARGS: see scripts/triton_report.py
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Registers, spills and shared memory of the Triton linear-attention kernels for sm_90, per
-launch config, without a GPU.
+"""Registers, spills and shared memory of the Triton linear-attention and VQ-search kernels for
+sm_90, per launch config, without a GPU.
 
     python scripts/triton_report.py [--dims 40,64,...] [--dtypes bf16,...] [--json PATH] [--markdown PATH]
 
-Compiles every kernel of python/mmfast/triton/linear_attention_kernels.py offline
-(triton.compile with GPUTarget("cuda", 90, 32), Triton's own ptxas) with the constexprs the
-launches use (outer_sum_meta, apply_meta, apply_backward_dq_meta) for each head dim D (Dk = Dv)
-and token dtype, once per (num_warps, num_stages) of the kernel's autotune sweep
-(LAUNCH_SWEEPS), and reads the cubin's resource usage (cuobjdump -res-usage): registers per
+Compiles every kernel of python/mmfast/triton/linear_attention_kernels.py, and the search kernel
+of vq_kernels.py, offline (triton.compile with GPUTarget("cuda", 90, 32), Triton's own ptxas)
+with the constexprs the launches use on a GPU (outer_sum_meta, apply_meta, apply_backward_dq_meta,
+search_meta) for each head dim D (Dk = Dv; the VQ code dim) and token dtype, once per
+(num_warps, num_stages) of the kernel's autotune sweep (LAUNCH_SWEEPS, vq.LAUNCH_SWEEP), and reads the cubin's resource usage (cuobjdump -res-usage): registers per
 thread, stack bytes (spills), static + dynamic shared memory, and blocks per SM on an H100/H200
 (64 K registers, 2048 threads, 227 KB of shared memory per block, 228 KB per SM).
 
@@ -39,29 +39,41 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from mmfast.triton import linear_attention as host  # noqa: E402
 from mmfast.triton import linear_attention_kernels as kernels  # noqa: E402
+from mmfast.triton import vq as vq_host  # noqa: E402
+from mmfast.triton import vq_kernels  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_REGISTERS, SM90_THREADS, SM90_SMEM_PER_BLOCK, SM90_SMEM_PER_SM = 65536, 2048, 227 * 1024, 228 * 1024
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# Pointer arguments that hold tokens (the input dtype); every other pointer is fp32.
-TOKEN_POINTERS = {"a_ptr", "b_ptr", "q_ptr", "o_ptr", "do_ptr", "dq_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr"}
+# Pointer arguments that hold tokens (the input dtype); every other pointer is fp32, but these.
+TOKEN_POINTERS = {"a_ptr", "b_ptr", "q_ptr", "o_ptr", "do_ptr", "dq_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr",
+                  "z_ptr", "c_ptr"}
+OTHER_POINTERS = {"code_ptr": "*i64"}
 FLOAT_SCALARS = {"eps", "inv_n"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Role:
     label: str  # what the launch computes
-    kernel: str  # name in linear_attention_kernels and LAUNCH_SWEEPS
+    kernel: str  # the kernel's name
+    jit: object  # the triton.jit function
+    sweep: list  # its (num_warps, num_stages) autotune sweep
     meta: object  # (d, dtype, feature_map) -> constexprs
 
 
+def _la(label: str, name: str, meta) -> Role:
+    return Role(label, name, getattr(kernels, name), host.LAUNCH_SWEEPS[name], meta)
+
+
 ROLES = [
-    Role("state (S, m)", "outer_sum_kernel", lambda d, t, fm: host.outer_sum_meta(d, d, t, fm, weighted=False)),
-    Role("apply", "apply_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
-    Role("apply_backward dq", "apply_backward_dq_kernel", lambda d, t, fm: host.apply_backward_dq_meta(d, d, t, fm)),
-    Role("apply_backward dS, dm", "outer_sum_kernel", lambda d, t, fm: host.outer_sum_meta(d, d, t, fm, weighted=True)),
-    Role("state_backward dk", "state_backward_dk_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
-    Role("state_backward dv", "state_backward_dv_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+    _la("state (S, m)", "outer_sum_kernel", lambda d, t, fm: host.outer_sum_meta(d, d, t, fm, weighted=False)),
+    _la("apply", "apply_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+    _la("apply_backward dq", "apply_backward_dq_kernel", lambda d, t, fm: host.apply_backward_dq_meta(d, d, t, fm)),
+    _la("apply_backward dS, dm", "outer_sum_kernel", lambda d, t, fm: host.outer_sum_meta(d, d, t, fm, weighted=True)),
+    _la("state_backward dk", "state_backward_dk_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+    _la("state_backward dv", "state_backward_dv_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
+    Role("vq search", "search_kernel", vq_kernels.search_kernel, vq_host.LAUNCH_SWEEP,
+         lambda d, t, fm: vq_host.search_meta(d, t)),
 ]
 
 
@@ -72,7 +84,7 @@ def signature(kernel, dtype: torch.dtype, meta: dict) -> tuple[dict, dict]:
         if name in meta:
             sig[name], constexprs[name] = "constexpr", meta[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*" + (TYPE_NAMES[dtype] if name in TOKEN_POINTERS else "fp32")
+            sig[name] = OTHER_POINTERS.get(name, "*" + (TYPE_NAMES[dtype] if name in TOKEN_POINTERS else "fp32"))
         else:
             sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in meta]
@@ -105,7 +117,7 @@ def blocks_per_sm(registers: int, threads: int, smem: int) -> int:
 
 
 def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int], feature_map: str = "elu1") -> dict:
-    kernel = getattr(kernels, role.kernel)
+    kernel = role.jit
     sig, constexprs = signature(kernel, dtype, role.meta(d, dtype, feature_map))
     warps, stages = config
     compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=TARGET,
@@ -144,21 +156,23 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", default="40,64,80,128,160,256")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--configs", help="num_warps:num_stages,... to compile instead of each kernel's sweep")
+    parser.add_argument("--kernels", default="all", help="'linear_attention', 'vq' or 'all'")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     dtypes = {v: k for k, v in TYPE_NAMES.items()}
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")] if args.configs else None
     rows = []
-    for role in ROLES:
+    roles = [r for r in ROLES if args.kernels == "all" or (args.kernels == "vq") == (r.kernel == "search_kernel")]
+    for role in roles:
         for d in map(int, args.dims.split(",")):
             for name in args.dtypes.split(","):
-                for config in configs or host.LAUNCH_SWEEPS[role.kernel]:
+                for config in configs or role.sweep:
                     rows.append(compile_one(role, d, dtypes[name], config))
                     print(cell(rows[-1]), role.label, d, name, config, file=sys.stderr)
     command = " ".join(["python scripts/triton_report.py", *(argv if argv is not None else sys.argv[1:])])
     text = (f"`{command}`: Triton {triton.__version__}, sm_90 (offline compile), feature map elu + 1, "
-            "Dk = Dv = D. Per config: registers per thread, shared memory, blocks per SM, spills.\n\n"
+            "Dk = Dv = D (VQ: the code dim). Per config: registers per thread, shared memory, blocks per SM, spills.\n\n"
             + markdown(rows))
     print(text)
     if args.markdown:

@@ -1,6 +1,6 @@
-"""The Triton linear-attention kernels' launch configs: the autotune sweeps and their fixed choice
-under the interpreter, scripts/triton_report.py (an offline sm_90 compile, no GPU) and the
-committed report the sweeps were chosen from."""
+"""The Triton linear-attention and VQ-search kernels' launch configs: the autotune sweeps and their
+fixed choice under the interpreter, scripts/triton_report.py (an offline sm_90 compile, no GPU)
+and the committed reports the sweeps were chosen from."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,10 +15,12 @@ pytest.importorskip("triton")
 
 from mmfast.triton import _common  # noqa: E402
 from mmfast.triton import linear_attention as host  # noqa: E402
+from mmfast.triton import vq as vq_host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "triton_report.py"
 COMMITTED = ROOT / "benchmarks" / "results" / "2026-12-02-triton-sm90-linear-attention.json"
+COMMITTED_VQ = ROOT / "benchmarks" / "results" / "2026-12-02-triton-sm90-vq.json"
 TUNED = {
     "outer_sum_kernel": host._outer_sum_kernel,
     "apply_kernel": host._apply_kernel,
@@ -40,6 +42,7 @@ def test_every_kernel_runs_its_fixed_config_under_the_interpreter():
     assert _common.AUTOTUNE is False
     for name, tuned in TUNED.items():
         assert [(c.num_warps, c.num_stages) for c in tuned.configs] == [host.FIXED_LAUNCH], name
+    assert [(c.num_warps, c.num_stages) for c in vq_host._search_kernel.configs] == [vq_host.FIXED_LAUNCH]
 
 
 def test_sweeps_hold_the_fixed_config_and_autotune_over_them(monkeypatch):
@@ -49,6 +52,8 @@ def test_sweeps_hold_the_fixed_config_and_autotune_over_them(monkeypatch):
         assert [(c.num_warps, c.num_stages) for c in configs] == sweep, name
         assert len(set(sweep)) == len(sweep) > 1, name
     assert set(host.LAUNCH_SWEEPS) == set(TUNED)
+    configs = _common.launch_configs(vq_host.FIXED_LAUNCH, vq_host.LAUNCH_SWEEP)
+    assert [(c.num_warps, c.num_stages) for c in configs] == vq_host.LAUNCH_SWEEP
     with pytest.raises(ValueError, match=r"fixed launch config \(8, 2\) must be one of the sweep"):
         _common.launch_configs((8, 2), [(4, 2)])
 
@@ -74,13 +79,14 @@ def test_resource_usage_and_occupancy_helpers():
 
 
 def test_script_compiles_every_kernel_for_sm90(tmp_path):
-    """The script end to end on the fixed config at D = 64, bf16: one row per kernel role."""
+    """The script end to end on the fixed config at D = 64, bf16: one row per kernel role (the VQ
+    search's fixed config is the same)."""
     out = tmp_path / "report.json"
     subprocess.run([sys.executable, str(SCRIPT), "--dims", "64", "--dtypes", "bf16", "--configs", "8:2",
                     "--json", str(out)], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     rows = json.loads(out.read_text())
     assert {r["role"] for r in rows} == {"state (S, m)", "apply", "apply_backward dq", "apply_backward dS, dm",
-                                         "state_backward dk", "state_backward dv"}
+                                         "state_backward dk", "state_backward dv", "vq search"}
     for row in rows:
         assert 32 < row["registers"] <= 255 and row["spill_bytes"] == 0 and row["blocks_per_sm"] >= 1, row
 
@@ -96,4 +102,17 @@ def test_committed_report_shows_no_spills_in_the_sweeps_at_d64():
         for warps, stages in host.LAUNCH_SWEEPS[kernel]:
             for dtype in ("bf16", "fp16", "fp32"):
                 row = by[(kernel, role, 64, dtype, warps, stages)]
+                assert row["spill_bytes"] == 0 and row["blocks_per_sm"] >= 1, row
+
+
+def test_committed_vq_report_shows_no_spills_in_the_sweep():
+    """The VQ search's sweep holds no config that spills at D = 8 or 256 (LlamaGen's and
+    Chameleon's code dims) in any dtype, by the committed report."""
+    rows = json.loads(COMMITTED_VQ.read_text())
+    by = {(r["d"], r["dtype"], r["num_warps"], r["num_stages"]): r for r in rows}
+    assert {r["kernel"] for r in rows} == {"search_kernel"}
+    for warps, stages in vq_host.LAUNCH_SWEEP:
+        for d in (8, 256):
+            for dtype in ("bf16", "fp16", "fp32"):
+                row = by[(d, dtype, warps, stages)]
                 assert row["spill_bytes"] == 0 and row["blocks_per_sm"] >= 1, row

@@ -11,20 +11,38 @@ from torch import Tensor
 
 from ..ops.vq import check_dequantize, check_quantize, register_fakes_and_autograd
 from . import vq_kernels as kernels
-from ._common import check_runnable, device_guard, device_sm_count, last_dim_unit
+from ._common import INTERPRET, autotuned, check_runnable, device_guard, device_sm_count, last_dim_unit
 
-_BLOCK_N, _BLOCK_K = 64, 64
+# Rows x codes per program of the search: 64 x 64, slices of at most 32 dims. On sm_90 (scripts/
+# triton_report.py --kernels vq, benchmarks/results/2026-12-02-triton-sm90-vq.md) 128 x 128 or
+# 128 x 64 tiles spill at D = 256 in every launch config, and 64-dim slices hold the fp16 / bf16
+# kernel at 249-255 registers (32: 128, two blocks per SM).
+_BLOCK_N, _BLOCK_K, _MAX_BLOCK_D = 64, 64, 32
+# Launch configs (num_warps, num_stages) of the search: FIXED_LAUNCH under the interpreter and
+# with MMFAST_TRITON_AUTOTUNE=0, else the faster of the sweep, timed on the first call per D, K
+# and dtype. The sweep holds the configs without spills at D = 8 and 256 in every dtype; 4 warps
+# spill in fp32, and 3 stages at D = 8 in fp32 (for fp16 / bf16 Triton does not pipeline the
+# slice loop: the stages compile alike).
+FIXED_LAUNCH = (8, 2)
+LAUNCH_SWEEP = [(8, 2), (8, 4)]
+_search_kernel = autotuned(kernels.search_kernel, FIXED_LAUNCH, LAUNCH_SWEEP, ["D", "K"])
 # The integer view a lookup copies, and the bits of a quiet NaN in each float dtype.
 _RAW_BITS = {torch.float32: (torch.int32, 0x7FC00000), torch.float16: (torch.int16, 0x7E00),
              torch.bfloat16: (torch.int16, 0x7FC0), torch.float64: (torch.int64, 0x7FF8000000000000)}
-_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
-def _splits(rows: int, code_tiles: int, device: torch.device) -> int:
+def search_meta(d: int, dtype: torch.dtype) -> dict:
+    """search_kernel's constexprs for D and the input dtype (the launch and
+    scripts/triton_report.py share them)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return dict(HALF=half and not (INTERPRET and dtype == torch.bfloat16), BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+                BLOCK_D=min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(d))))
+
+
+def _splits(row_tiles: int, code_tiles: int, device: torch.device) -> int:
     """Code splits: about 4 programs per SM (1 under the interpreter)."""
     if device.type != "cuda":
         return 1
-    row_tiles = triton.cdiv(rows, _BLOCK_N)
     return max(1, min(code_tiles, triton.cdiv(4 * device_sm_count(device), row_tiles)))
 
 
@@ -55,15 +73,14 @@ def vq_quantize(z: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor]) 
     if n == 0:
         return z.new_empty((0,), dtype=torch.float32), z.new_empty((0,), dtype=torch.int64)
     sqnorm = codebook_sqnorm.contiguous() if codebook_sqnorm is not None else codebook.float().pow(2).sum(-1)
-    code_tiles = triton.cdiv(k, _BLOCK_K)
-    splits = _splits(n, code_tiles, z.device)
+    meta = search_meta(d, z.dtype)
+    row_tiles, code_tiles = triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"])
+    splits = _splits(row_tiles, code_tiles, z.device)
     with device_guard(z):
         best = z.new_empty((splits, n), dtype=torch.float32)
         code = z.new_empty((splits, n), dtype=torch.int64)
-        kernels.search_kernel[(triton.cdiv(n, _BLOCK_N) * splits,)](
-            z, codebook, sqnorm, best, code, n, k, d, z.stride(0) if n > 1 else d, splits, code_tiles,
-            DOT_PREC="ieee" if z.dtype == torch.float32 else "tf32", BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
-            BLOCK_D=min(64, max(16, triton.next_power_of_2(d))), **_LAUNCH)
+        _search_kernel[(row_tiles * splits,)](
+            z, codebook, sqnorm, best, code, n, k, d, z.stride(0) if n > 1 else d, splits, code_tiles, **meta)
         indices, distance = _finish(z, best, code, k)
         return distance, indices
 

@@ -2,8 +2,10 @@
 
   search_kernel  1-D grid over (row tile, code split): for every BLOCK_K-code tile of the split,
                  the dots of BLOCK_N rows of z with the codes (tl.dot over BLOCK_D slices of D,
-                 fp32 accumulation: "ieee" for fp32 inputs, "tf32" for fp16 / bf16, which is
-                 exact for their 11- and 8-bit significands), scores sqnorm_c - 2 z . e_c,
+                 fp32 accumulation: "ieee" for fp32 inputs; fp16 / bf16 operands as they are
+                 (HALF: 16-bit MMAs, products exact, twice the rate of tf32 on fp32 copies), or
+                 converted to fp32 for "ieee" where the interpreter cannot multiply bf16 (UPCAST:
+                 the same exact products)), scores sqnorm_c - 2 z . e_c,
                  and per row the best score and code (NaN scores count as +inf; tl.argmin
                  breaks ties to the left, and a tile replaces the running best only when
                  strictly smaller, so ties keep the lowest code). Writes the split's partial.
@@ -23,7 +25,7 @@ from ._common import to_fp32
 def search_kernel(
     z_ptr, c_ptr, sq_ptr, best_ptr, code_ptr,
     N, K, D, s_zn, SPLITS, CODE_TILES,
-    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % SPLITS
@@ -46,7 +48,10 @@ def search_kernel(
                          other=0.0)
             ct = tl.load(c_ptr + codes64[:, None] * D + cols[None, :], mask=mask_c[:, None] & mask_d[None, :],
                          other=0.0)
-            dots = tl.dot(to_fp32(zt), tl.trans(to_fp32(ct)), dots, input_precision=DOT_PREC)
+            if HALF:
+                dots = tl.dot(zt, tl.trans(ct), dots)
+            else:
+                dots = tl.dot(to_fp32(zt), tl.trans(to_fp32(ct)), dots, input_precision="ieee")
         sq = tl.load(sq_ptr + codes64, mask=mask_c, other=float("inf"))
         score = sq[None, :] - 2.0 * dots
         score = tl.where(mask_c[None, :] & (score == score), score, float("inf"))  # NaN never wins
