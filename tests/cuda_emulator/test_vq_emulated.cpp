@@ -25,15 +25,18 @@ bool launched_async_search() {
   return false;
 }
 
+// z_offset elements before z's first row (1: a base pointer off 16-byte alignment).
 template <class T>
-void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_norms, int sms) {
+void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_norms, int sms, int64_t z_offset = 0) {
   using A = cuda::acc_t<T>;
   emu::sms = sms;
-  char cfg[160];
-  std::snprintf(cfg, sizeof cfg, "T=%d N=%ld K=%ld D=%ld stride=%ld norms=%d sms=%d", (int)dtype_of<T>(), (long)N,
-                (long)K, (long)D, (long)row_stride, (int)given_norms, sms);
+  char cfg[200];
+  std::snprintf(cfg, sizeof cfg, "T=%d N=%ld K=%ld D=%ld stride=%ld norms=%d sms=%d offset=%ld major=%d rz=%d",
+                (int)dtype_of<T>(), (long)N, (long)K, (long)D, (long)row_stride, (int)given_norms, sms, (long)z_offset,
+                emu::compute_major, (int)emu::mma_round_toward_zero);
   std::normal_distribution<double> normal;
-  std::vector<T> z(N * row_stride + 1, fromd<T>(1e30)), codebook(K * D);
+  std::vector<T> z_buffer(z_offset + N * row_stride + 1, fromd<T>(1e30)), codebook(K * D);
+  T* z = z_buffer.data() + z_offset;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t d = 0; d < D; ++d) z[n * row_stride + d] = fromd<T>(normal(grng));
   for (auto& x : codebook) x = fromd<T>(normal(grng));
@@ -56,7 +59,7 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   std::vector<A> distance(N + 1, A(-7));
   VQParams p;
   p.rows = N, p.codes = K, p.dim = D, p.dtype = dtype_of<T>();
-  p.z = z.data(), p.z_row_stride = row_stride, p.codebook = codebook.data();
+  p.z = z, p.z_row_stride = row_stride, p.codebook = codebook.data();
   p.codebook_sqnorm = given_norms ? norms.data() : nullptr;
   p.indices = indices.data(), p.distance = distance.data();
   std::vector<char> ws(cuda::vq_quantize_workspace_bytes(p) + 64);
@@ -65,8 +68,9 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   if (cuda::vq_quantize(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfg);
   // fp16 / bf16 with 16-byte aligned rows take the cp.async + mma.sync search, the rest the tile GEMM.
   const bool half = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
-  if (launched_async_search() != (half && D % 8 == 0 && row_stride % 8 == 0))
-    fail(std::string("search kernel choice ") + cfg);
+  const bool async = half && D % 8 == 0 && row_stride % 8 == 0 && z_offset % 8 == 0 && emu::compute_major >= 8 &&
+                     cuda::tensor_cores_enabled() && cuda::async_copy_enabled();
+  if (launched_async_search() != async) fail(std::string("search kernel choice ") + cfg);
   if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
   int bad = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -141,6 +145,17 @@ void run_all(int level) {
   run_search<T>(200, 300, 40, 48, false, 2);
   run_search<T>(150, 383, 64, 64, true, 1);
   run_search<T>(9, 10, 16, 24, false, 132);
+  run_search<T>(200, 300, 40, 48, false, 1);  // 2 splits, the second over 2 code tiles, a zero-filled slice
+  run_search<T>(130, 100, 64, 64, false, 132);  // codes 4 and 98 tie across the column warps (0 and 3)
+  // The tile-GEMM search instead: z's base pointer off 16 bytes; a pre-sm_80 device.
+  run_search<T>(70, 200, 64, 64, false, 132, 1);
+  emu::compute_major = 7;
+  run_search<T>(70, 200, 64, 64, false, 132);
+  emu::compute_major = 9;
+  // Truncating tensor cores (mma.sync results rounded toward zero) stay within the tolerance.
+  emu::mma_round_toward_zero = true;
+  run_search<T>(150, 383, 64, 64, true, 1);
+  emu::mma_round_toward_zero = false;
   if (level >= 1) {
     run_search<T>(64, 8192, 256, 256, true, 132);
     run_search<T>(257, 1000, 256, 256, false, 4);

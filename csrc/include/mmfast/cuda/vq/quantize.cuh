@@ -335,25 +335,34 @@ template <class T> bool use_async_search(const VQParams& p) {
   }
 }
 
-// The persistent grid of vq_search_async_kernel (instantiated for fp16 / bf16 only).
-template <class T> cudaError_t launch_async_search(const SearchArgs& a, int64_t items, cudaStream_t stream) {
+// The persistent grid of vq_search_async_kernel for `items` (fp16 / bf16 only): false when the
+// occupancy query finds no room (the caller then runs vq_search_kernel; the query's error is
+// cleared, it is not sticky).
+template <class T> bool async_search_grid(int64_t items, unsigned& grid) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    unsigned grid = 0;
-    const cudaError_t err = persistent_grid(&vq_search_async_kernel<T>, kThreads, kNtSmemBytes<T>, items, grid);
-    if (err != cudaSuccess) return err;
+    if (persistent_grid(&vq_search_async_kernel<T>, kThreads, kNtSmemBytes<T>, items, grid) == cudaSuccess) return true;
+    (void)cudaGetLastError();
+  }
+  (void)items, (void)grid;
+  return false;
+}
+
+template <class T> void launch_async_search(const SearchArgs& a, unsigned grid, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     MMFAST_LAUNCH(vq_search_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
-    return cudaGetLastError();
   } else {
-    (void)a, (void)items, (void)stream;
-    return cudaErrorInvalidValue;  // use_async_search is false for these types
+    (void)a, (void)grid, (void)stream;  // async_search_grid is false for these types
   }
 }
 
 template <class T>
 cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  const bool async = use_async_search<T>(p);
-  const Plan plan_ = async ? plan(p, sm_count(), kNtRows, kNtCols) : plan(p, sm_count());
+  const Plan async_plan = plan(p, sm_count(), kNtRows, kNtCols);
+  unsigned async_grid = 0;
+  const bool async = use_async_search<T>(p) && async_search_grid<T>(async_plan.row_tiles * async_plan.splits,
+                                                                      async_grid);
+  const Plan plan_ = async ? async_plan : plan(p, sm_count());
   char* ws = static_cast<char*>(p.workspace);
   const void* sqnorm = p.codebook_sqnorm;
   if (sqnorm == nullptr) {
@@ -379,10 +388,12 @@ cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   a.row_tiles = plan_.row_tiles;
   a.code_tiles = plan_.code_tiles;
   a.splits = plan_.splits;
-  cudaError_t err = async ? launch_async_search<T>(a, plan_.row_tiles * plan_.splits, stream) : cudaSuccess;
-  if (err != cudaSuccess) return err;
-  if (!async) MMFAST_LAUNCH(vq_search_kernel<T>, grid_for(plan_.row_tiles * plan_.splits), kThreads, 0, stream, a);
-  err = cudaGetLastError();
+  if (async) {
+    launch_async_search<T>(a, async_grid, stream);
+  } else {
+    MMFAST_LAUNCH(vq_search_kernel<T>, grid_for(plan_.row_tiles * plan_.splits), kThreads, 0, stream, a);
+  }
+  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   MMFAST_LAUNCH(vq_finish_kernel<T>, grid_for(ceil_div(p.rows, kThreads / 32)), kThreads, 0, stream,
                 static_cast<const T*>(p.z), p.z_row_stride, p.rows, p.dim, plan_.splits,
