@@ -114,6 +114,26 @@ def test_strided_rows(backend_device):
                                                                      return_distance=True, backend=backend))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_smoke_search_and_lookup_every_kernel(dtype):
+    """Both CUDA search kernels (fp16 / bf16 with 16-byte aligned rows take the cp.async + mma.sync
+    one; unaligned rows, odd D and fp32 the tile-GEMM one) and the lookup on small odd shapes, with
+    given and computed norms: the subset `make gpu-check` also runs under compute-sanitizer."""
+    for n, k, d in ((130, 300, 64), (200, 383, 40), (9, 10, 16), (33, 70, 3)):
+        z, codebook = make_inputs(n, k, d, dtype, "cuda")
+        for given in (None, vq_codebook_sqnorm(codebook)):
+            indices, distance = vq_quantize(z, codebook, codebook_sqnorm=given, return_distance=True)
+            assert_nearest(z, codebook, indices, distance, dtype=dtype)
+    wide, codebook = make_inputs(40, 100, 40, dtype, "cuda")
+    z = wide[:, 8:40]  # rows 80 bytes apart in 16-bit types: aligned to 16 bytes; z starts 16 bytes in
+    assert_nearest(z, codebook[:, :32], *vq_quantize(z, codebook[:, :32], return_distance=True), dtype=dtype)
+    z = wide[:, 1:33]  # a base pointer off 16 bytes: the tile-GEMM search
+    assert_nearest(z, codebook[:, :32], *vq_quantize(z, codebook[:, :32], return_distance=True), dtype=dtype)
+    indices = torch.randint(0, 100, (2, 5, 7), device="cuda")
+    assert torch.equal(vq_dequantize(indices, codebook), codebook[indices])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(20, 5000, 16), (300, 3000, 40), (50, 2000, 8)], ids=lambda s: "x".join(map(str, s)))
 def test_cpu_result_does_not_depend_on_the_thread_count(shape, dtype):
