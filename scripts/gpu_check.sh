@@ -5,6 +5,7 @@
 # the GPU, and writes a report into the report directory (default build/gpu-report):
 #   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt/.json/.md/.png report.json
 #   bench-staged.txt/.json/.md (linear attention forward with MMFAST_CUDA_ASYNC_COPY=0: the A/B)
+#   bench-vq-staged.txt/.json/.md (the VQ search with MMFAST_CUDA_ASYNC_COPY=0: its A/B)
 # Installs nothing (wheels carried in .whl/ by `make gpu-wheels` are put on PYTHONPATH).
 #
 # Knobs (environment):
@@ -12,15 +13,15 @@
 #                       call and "bench" in the next on the same warm machine (the build stays)
 #   GPU_CHECK_FAMILIES  op families whose tests/benchmarks run (tests/test_<family>*.py,
 #                       benchmarks/bench_<family>*.py), default all: "linear_attention linfusion"
-#   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention tests
-#                       and benchmarks (under 6 minutes on 16 cores)
+#   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention and VQ
+#                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured)
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments
 # The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
 # small test shapes would each compile and time every config); the benchmarks autotune.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  : "${GPU_CHECK_FAMILIES:=linear_attention}" "${TORCH_CUDA_ARCH_LIST:=9.0a}"
+  : "${GPU_CHECK_FAMILIES:=linear_attention vq}" "${TORCH_CUDA_ARCH_LIST:=9.0a}"
   export TORCH_CUDA_ARCH_LIST
 fi
 STEPS=" ${GPU_CHECK_STEPS:-build tests sanitize bench} "
@@ -110,6 +111,13 @@ if [[ $STEPS == *" bench "* ]]; then
        --benchmark-json="$REPORT_DIR/bench-staged.json" bench_linear_attention.py) >"$REPORT_DIR/bench-staged.txt" 2>&1 \
       || bench_rc=$?
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-staged.json" --markdown "$REPORT_DIR/bench-staged.md" || true
+  fi
+  if [[ " $FAMILIES " == *" vq "* || -z "$FAMILIES" ]]; then
+    # A/B: the VQ search on the register-staged TF32 tile GEMM that the cp.async + mma.sync one replaces
+    (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k "test_vq_quantize and not paired" \
+       --benchmark-json="$REPORT_DIR/bench-vq-staged.json" bench_vq.py) >"$REPORT_DIR/bench-vq-staged.txt" 2>&1 \
+      || bench_rc=$?
+    $PY benchmarks/summarize.py "$REPORT_DIR/bench-vq-staged.json" --markdown "$REPORT_DIR/bench-vq-staged.md" || true
   fi
 fi
 
