@@ -98,11 +98,11 @@ void run_append(int64_t B, int64_t S, int64_t Tmax, int64_t Hkv, int64_t D, std:
 // ---- decode_attention -------------------------------------------------------------------------
 template <class T>
 void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int64_t Tmax, std::vector<int32_t> lens,
-                   int64_t W, float softcap, int sms, int layout = 0) {
+                   int64_t W, float softcap, int sms, int layout = 0, int kv_pad = 1) {
   ++ncases;
   emu::sms = sms;
   const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
-  Tok<T> q(B, Sq, H, D, layout, 2), out(B, Sq, H, D, layout, 2), kc(B, Tmax, Hkv, D, 0, 1), vc(B, Tmax, Hkv, D, 0, 1);
+  Tok<T> q(B, Sq, H, D, layout, 2), out(B, Sq, H, D, layout, 2), kc(B, Tmax, Hkv, D, 0, kv_pad), vc(B, Tmax, Hkv, D, 0, kv_pad);
   q.fill(), kc.fill(), vc.fill();
   for (int64_t b = 0; b < B; ++b) {  // slots past a valid row's length are NaN: reading one shows
     if (lens[b] < Sq || lens[b] > Tmax) continue;
@@ -115,9 +115,10 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   p.cache_seqlens = lens.data(), p.scale = scale, p.softcap = softcap, p.window = W;
   const int64_t splits = cuda::decodek::attention_plan(p, sms).splits;
   char cfg[200];
-  std::snprintf(cfg, sizeof cfg, "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld",
+  std::snprintf(cfg, sizeof cfg,
+                "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld kv_pad=%d",
                 tname<T>(), (long)B, (long)Sq, (long)H, (long)Hkv, (long)D, (long)Tmax, (long)W, softcap, sms,
-                (long)splits);
+                (long)splits, kv_pad);
   const size_t bytes = cuda::decode_attention_workspace_bytes(p);
   std::vector<char> ws(bytes + 64, 0x7f);
   p.workspace = bytes ? ws.data() : nullptr, p.workspace_bytes = bytes;
@@ -390,6 +391,14 @@ void attention_suite(int level) {
   // Lengths outside [Sq, T_max]: NaN rows; the others exact; Sq = 3 with a row of length 2.
   run_attention<T>(4, 3, 4, 2, 64, 100, {-5, 2, 101, 100}, 0, 0.0f, 132);
   run_attention<T>(3, 1, 2, 2, 16, 100, {0, 50, 1000}, 0, 0.0f, 1);
+  // Unpadded caches: rows 16-byte aligned whenever D * sizeof(T) is a multiple of 16, so the
+  // K / V tiles are staged with 16-byte loads (D = 64, 256, and 40 for 2- and 8-byte types;
+  // D = 36 for 4-byte ones), else one element at a time (D = 33).
+  run_attention<T>(2, 1, 4, 4, 64, T1, {300, 1}, 0, 0.0f, 132, 0, 0);
+  run_attention<T>(3, 1, 16, 2, 256, 150, {150, 64, 3}, 0, 0.0f, 2, 0, 0);
+  run_attention<T>(2, 3, 8, 2, 40, T1, {77, 300}, 25, 3.0f, 1, 1, 0);
+  run_attention<T>(2, 2, 4, 2, 36, 90, {90, 40}, 0, 0.0f, 132, 0, 0);
+  run_attention<T>(2, 2, 4, 2, 33, 90, {90, 40}, 0, 0.0f, 132, 0, 0);
   if (level >= 1) {
     run_attention<T>(1, 1, 8, 8, 128, 700, {700}, 0, 0.0f, 132);
     run_attention<T>(2, 4, 4, 4, 256, 260, {260, 40}, 100, 30.0f, 132);

@@ -6,7 +6,8 @@
 //       that read its KV head, in tiles of 16 (8 for fp64): for decoding (Sq = 1) with up to 16
 //       heads per group the whole GQA group shares one read of K and V. The split's keys are
 //       staged through shared memory in tiles of up to 64 keys (converted to the accumulation
-//       type, row stride D | 1 so threads reading different keys hit different banks):
+//       type, row stride D | 1 so threads reading different keys hit different banks; each
+//       thread issues 4 loads before it stores any, 16-byte loads when the rows are aligned):
 //         1. scores s = scale * q.k (optionally c * tanh(s / c)), masked by the causal rule
 //            j <= p and the window p - j < W, one (row, key) per thread;
 //         2. online softmax, one warp per row: running max m, sum l, the rescale factor;
@@ -52,12 +53,60 @@ struct AttnArgs {
   DecodeAttentionParams p;
   int64_t splits, row_tiles;
   int direct;        // 1: one split, the item writes out
+  int k_vec, v_vec;  // 1: the cache's rows are 16-byte aligned (stage_kv_tile loads 16 bytes at a time)
   void* part_out;    // [split][B*Sq*H][D] acc_t
   void* part_lse;    // [split][B*Sq*H] acc_t
 };
 
 __device__ __forceinline__ bool attn_row_valid(int64_t len, int64_t queries, int64_t max_tokens) {
   return len >= queries && len <= max_tokens;
+}
+
+// kv[j * ld + d] = element d of cache row j (rows j < nk from `rows`, row stride `row_stride`),
+// in the accumulation type. Each thread issues a batch of kStageBatch loads before it converts
+// and stores any of them (the cache is read once per step: loads in flight are the bandwidth),
+// 16 bytes per load when the rows are 16-byte aligned (vec), else one element.
+constexpr int kStageBatch = 4;
+template <class T, class A>
+__device__ __forceinline__ void stage_kv_tile(A* kv, int ld, const T* rows, int64_t row_stride, int nk, int D,
+                                              bool vec) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (vec) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    const int per_row = D / V, chunks = nk * per_row;
+    for (int e0 = tid; e0 < chunks; e0 += kThreads * kStageBatch) {
+      uint4 raw[kStageBatch];
+#pragma unroll
+      for (int k = 0; k < kStageBatch; ++k) {
+        const int e = e0 + k * kThreads, j = e / per_row, c = e - j * per_row;
+        raw[k] = e < chunks ? *reinterpret_cast<const uint4*>(rows + j * row_stride + c * V) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int k = 0; k < kStageBatch; ++k) {
+        const int e = e0 + k * kThreads, j = e / per_row, c = e - j * per_row;
+        if (e >= chunks) continue;
+        T values[V];
+        memcpy(values, &raw[k], 16);
+#pragma unroll
+        for (int v = 0; v < V; ++v) kv[j * ld + c * V + v] = to_acc(values[v]);
+      }
+    }
+  } else {
+    const int elems = nk * D;
+    for (int e0 = tid; e0 < elems; e0 += kThreads * kStageBatch) {
+      T raw[kStageBatch];
+#pragma unroll
+      for (int k = 0; k < kStageBatch; ++k) {
+        const int e = e0 + k * kThreads, j = e / D, d = e - j * D;
+        raw[k] = e < elems ? rows[j * row_stride + d] : rows[0];
+      }
+#pragma unroll
+      for (int k = 0; k < kStageBatch; ++k) {
+        const int e = e0 + k * kThreads, j = e / D, d = e - j * D;
+        if (e < elems) kv[j * ld + d] = to_acc(raw[k]);
+      }
+    }
+  }
 }
 
 template <class T>
@@ -132,10 +181,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) 
     for (int64_t j0 = k_begin; j0 < k_end; j0 += KT) {
       const int nk = static_cast<int>(min_i64(KT, k_end - j0));
       __syncthreads();  // q tile loaded; the previous tile's PV reads of kv and ps are done
-      for (int e = tid; e < nk * D; e += kThreads) {
-        const int j = e / D, d = e - j * D;
-        kv[j * ld + d] = to_acc(kp[b * p.k_cache.stride_b + (j0 + j) * p.k_cache.stride_n + kvh * p.k_cache.stride_h + d]);
-      }
+      stage_kv_tile(kv, ld, kp + b * p.k_cache.stride_b + j0 * p.k_cache.stride_n + kvh * p.k_cache.stride_h,
+                    p.k_cache.stride_n, nk, D, a.k_vec != 0);
       __syncthreads();
       // 1. scores, one (row, key) per thread: a warp shares its row (q broadcast) and reads 32 keys.
       for (int pi = tid; pi < nr * kKeyTile; pi += kThreads) {
@@ -193,10 +240,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) 
         }
       }
       // 3. the V tile over the K tile (the scores are done), then out = alpha out + p V.
-      for (int e = tid; e < nk * D; e += kThreads) {
-        const int j = e / D, d = e - j * D;
-        kv[j * ld + d] = to_acc(vp[b * p.v_cache.stride_b + (j0 + j) * p.v_cache.stride_n + kvh * p.v_cache.stride_h + d]);
-      }
+      stage_kv_tile(kv, ld, vp + b * p.v_cache.stride_b + j0 * p.v_cache.stride_n + kvh * p.v_cache.stride_h,
+                    p.v_cache.stride_n, nk, D, a.v_vec != 0);
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < RR; ++i) {
@@ -324,6 +369,8 @@ cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream
   a.splits = plan.splits;
   a.row_tiles = plan.row_tiles;
   a.direct = plan.splits == 1 ? 1 : 0;
+  a.k_vec = rows_16b_aligned(p.k_cache, p.head_dim, sizeof(T)) ? 1 : 0;
+  a.v_vec = rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) ? 1 : 0;
   a.part_out = p.workspace;
   a.part_lse = plan.splits == 1 ? nullptr : static_cast<char*>(p.workspace) + plan.lse_offset;
   MMFAST_LAUNCH(decode_attention_kernel<T>, grid_for(p.batch * p.kv_heads * plan.row_tiles * plan.splits), kThreads,
