@@ -127,6 +127,29 @@ __device__ __forceinline__ void stage_tile(A* __restrict__ dst, const F& f) {
   }
 }
 
+// stage_tile for a SplitElement whose kStagePerThread raw values would not fit in registers
+// beside the caller's: Batch loads issued before any is finished or stored, batch after batch.
+template <bool XFast, int Batch, class A, class E>
+__device__ __forceinline__ void stage_tile_batched(A* __restrict__ dst, const E& e) {
+  static_assert(IsSplitElement<E>::value && kStagePerThread % Batch == 0, "a SplitElement, whole batches");
+#pragma unroll 1
+  for (int k0 = 0; k0 < kStagePerThread; k0 += Batch) {
+    StageRaw<E> raw[Batch];
+#pragma unroll
+    for (int k = 0; k < Batch; ++k) {
+      int x, l;
+      stage_coords<XFast>(k0 + k, x, l);
+      raw[k] = e.load(x, l);
+    }
+#pragma unroll
+    for (int k = 0; k < Batch; ++k) {
+      int x, l;
+      stage_coords<XFast>(k0 + k, x, l);
+      dst[l * kLd + x] = e.finish(raw[k], x, l);
+    }
+  }
+}
+
 // Both operands of a slice: every load of both issued first.
 template <bool AXFast, bool BXFast, class A, class FA, class FB>
 __device__ __forceinline__ void stage_tile_pair(A* __restrict__ As, const FA& fa, A* __restrict__ Bs, const FB& fb) {

@@ -19,7 +19,10 @@
 // values are exact in TF32, products exact in fp32, fp32 accumulation), SIMT elsewhere.
 // Per item, shared tables hold each row's weight offset and channel, each column's input
 // origin and output offset, and per staged slice each reduction index's input channel offset,
-// tap shifts and weight column, so the staging loops do no division.
+// tap shifts and weight column, so the staging loops do no division. Each thread stages its
+// elements of a slice 4 loads at a time (stage_tile_batched: loads from a valid address whatever
+// the bounds, the bounds applied after), so 4 loads are in flight where one was; all 8 at once
+// would spill at the 128 registers of 2 blocks per SM.
 // Launch: 256 threads, one block per item (1-D grid, grid-stride beyond INT_MAX items),
 // __launch_bounds__(256, 2): 128 registers, no spills, 38.9 KB static shared memory (sm_80 /
 // sm_90a ptxas), two blocks per SM. No split-K: one block runs a tile's whole reduction.
@@ -214,15 +217,24 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
         }
       }
       __syncthreads();
-      stage_tile<false>(As, [&](int i, int l) -> A {
-        return (i < kept_rows && red_wt[l] >= 0) ? to_acc(w_c[row_w[i] + red_wt[l]]) : A(0);
-      });
-      stage_tile<true>(Bs, [&](int j, int l) -> A {
+      // The weights (0 past the kept rows or L), loaded as the pixels below are.
+      const auto weight_in = [&](int i, int l) { return i < kept_rows && red_wt[l] >= 0; };
+      stage_tile_batched<false, 4>(As, split_element(
+          [&](int i, int l) { return w_c[weight_in(i, l) ? row_w[i] + red_wt[l] : 0]; },
+          [&](T raw, int i, int l) -> A { return weight_in(i, l) ? to_acc(raw) : A(0); }));
+      // The input pixels of the taps (0 in the padding): 4 loads in flight per thread. Each reads
+      // a valid address whatever the bounds (offset 0 outside them) and the bounds select after,
+      // so no branch separates the loads.
+      const auto pixel_in = [&](int j, int l) {
         const int64_t h = col_h[j] + red_h[l], w = col_w[j] + red_w[l];
-        return (h >= 0 && h < p.height && w >= 0 && w < p.width)
-                   ? to_acc(x_b[red_x[l] + h * p.x_strides[2] + w * p.x_strides[3]])
-                   : A(0);
-      });
+        return h >= 0 && h < p.height && w >= 0 && w < p.width;
+      };
+      stage_tile_batched<true, 4>(Bs, split_element(
+          [&](int j, int l) {
+            const int64_t at = red_x[l] + (col_h[j] + red_h[l]) * p.x_strides[2] + (col_w[j] + red_w[l]) * p.x_strides[3];
+            return x_b[pixel_in(j, l) ? at : 0];
+          },
+          [&](T raw, int j, int l) -> A { return pixel_in(j, l) ? to_acc(raw) : A(0); }));
       __syncthreads();
       tile_accumulate(tile, use_tc, As, Bs, ty, tx);
     }
