@@ -645,12 +645,27 @@ def nvidia_wheel_dirs(sub: str, marker: str) -> list[str]:
     return sorted(set(dirs))
 
 
+def triton_bin_dir() -> str | None:
+    """The bin/ of Triton's NVIDIA backend (it ships ptxas, cuobjdump and nvdisasm), found
+    without importing triton."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "backends", "nvidia", "bin")
+
+
 def find_tool(name: str, cuda_home: str | None, near: str | None = None) -> str | None:
-    """`name` next to `near`, on PATH, in $CUDA_HOME/bin or in a pip nvidia-* wheel's bin/."""
+    """`name` next to `near`, on PATH, in $CUDA_HOME/bin, in a pip nvidia-* wheel's bin/ or in
+    Triton's NVIDIA backend."""
     candidates = [os.path.join(os.path.dirname(near), name) if near else None, shutil.which(name)]
     if cuda_home:
         candidates.append(str(Path(cuda_home) / "bin" / name))
     candidates += [os.path.join(d, name) for d in nvidia_wheel_dirs("bin", name)]
+    triton_bin = triton_bin_dir()
+    if triton_bin:
+        candidates.append(os.path.join(triton_bin, name))
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
@@ -917,7 +932,8 @@ def main(argv=None) -> int:
     tools["nvdisasm"] = find_tool("nvdisasm", cuda_home, near=tools["cuobjdump"])
     for name, path in tools.items():
         if path is None:
-            sys.exit(f"sass_report: {name} not found on PATH, in $CUDA_HOME/bin or in site-packages/nvidia/*/bin; "
+            sys.exit(f"sass_report: {name} not found on PATH, in $CUDA_HOME/bin, in site-packages/nvidia/*/bin or "
+                     "in Triton's backend; "
                      f"install it with `pip install nvidia-cuda-{name}`")
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="sass_report_"))
     workdir.mkdir(parents=True, exist_ok=True)

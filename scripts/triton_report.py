@@ -8,9 +8,10 @@ Compiles every kernel of python/mmfast/triton/linear_attention_kernels.py, and t
 of vq_kernels.py, offline (triton.compile with GPUTarget("cuda", 90, 32), Triton's own ptxas)
 with the constexprs the launches use on a GPU (outer_sum_meta, apply_meta, apply_backward_dq_meta,
 search_meta) for each head dim D (Dk = Dv; the VQ code dim) and token dtype, once per
-(num_warps, num_stages) of the kernel's autotune sweep (LAUNCH_SWEEPS, vq.LAUNCH_SWEEP), and reads the cubin's resource usage (cuobjdump -res-usage): registers per
-thread, stack bytes (spills), static + dynamic shared memory, and blocks per SM on an H100/H200
-(64 K registers, 2048 threads, 227 KB of shared memory per block, 228 KB per SM).
+(num_warps, num_stages) of the kernel's autotune sweep (LAUNCH_SWEEPS, vq.LAUNCH_SWEEP), and
+reads the cubin's resource usage (cuobjdump -res-usage, found as sass_report finds it; Triton
+ships one): registers per thread, stack bytes (spills), static + dynamic shared memory, and blocks
+per SM on an H100/H200 (sass_report.occupancy with sm_90's limits).
 
 Why: the sweeps should hold only configs worth timing. A config that spills at a common D
 costs local-memory traffic in a bandwidth-bound kernel; one that does not fit shared memory
@@ -37,13 +38,16 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_report  # noqa: E402  (occupancy, the tool lookup)
+
 from mmfast.triton import linear_attention as host  # noqa: E402
 from mmfast.triton import linear_attention_kernels as kernels  # noqa: E402
 from mmfast.triton import vq as vq_host  # noqa: E402
 from mmfast.triton import vq_kernels  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-SM90_REGISTERS, SM90_THREADS, SM90_SMEM_PER_BLOCK, SM90_SMEM_PER_SM = 65536, 2048, 227 * 1024, 228 * 1024
+CUOBJDUMP = sass_report.find_tool("cuobjdump", os.environ.get("CUDA_HOME"))  # Triton ships one
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Pointer arguments that hold tokens (the input dtype); every other pointer is fp32, but these.
 TOKEN_POINTERS = {"a_ptr", "b_ptr", "q_ptr", "o_ptr", "do_ptr", "dq_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr",
@@ -93,11 +97,6 @@ def signature(kernel, dtype: torch.dtype, meta: dict) -> tuple[dict, dict]:
     return sig, constexprs
 
 
-def cuobjdump() -> str:
-    import triton.backends.nvidia as nvidia
-    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-
-
 def parse_resource_usage(text: str) -> dict:
     """REG, STACK, SHARED (static bytes) and LOCAL of the one function in `cuobjdump -res-usage` output."""
     match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
@@ -106,17 +105,10 @@ def parse_resource_usage(text: str) -> dict:
     return dict(zip(("registers", "stack", "static_smem", "local"), map(int, match.groups())))
 
 
-def blocks_per_sm(registers: int, threads: int, smem: int) -> int:
-    """Resident blocks per SM on sm_90 (registers allocated per warp in units of 256; 1 KB of
-    shared memory reserved per block); 0 when the block cannot launch."""
-    if smem > SM90_SMEM_PER_BLOCK:
-        return 0
-    regs_per_warp = -(-registers * 32 // 256) * 256
-    by_regs = SM90_REGISTERS // (regs_per_warp * (threads // 32))
-    return min(by_regs, SM90_THREADS // threads, SM90_SMEM_PER_SM // (smem + 1024), 32)
-
-
 def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int], feature_map: str = "elu1") -> dict:
+    if CUOBJDUMP is None:
+        raise RuntimeError("triton_report: cuobjdump not found on PATH, in $CUDA_HOME/bin, in a pip nvidia-* wheel "
+                           "or in Triton's backend")
     kernel = role.jit
     sig, constexprs = signature(kernel, dtype, role.meta(d, dtype, feature_map))
     warps, stages = config
@@ -125,12 +117,12 @@ def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int],
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = parse_resource_usage(subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True,
+        usage = parse_resource_usage(subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True,
                                                     text=True, check=True).stdout)
     smem = usage["static_smem"] + compiled.metadata.shared
     return dict(role=role.label, kernel=role.kernel, d=d, dtype=TYPE_NAMES[dtype], num_warps=warps,
                 num_stages=stages, registers=usage["registers"], spill_bytes=usage["stack"] + usage["local"],
-                smem=smem, blocks_per_sm=blocks_per_sm(usage["registers"], 32 * warps, smem))
+                smem=smem, blocks_per_sm=sass_report.occupancy(usage["registers"], smem, 32 * warps).blocks_per_sm)
 
 
 def cell(row: dict) -> str:

@@ -71,11 +71,15 @@ def test_resource_usage_and_occupancy_helpers():
     assert report.parse_resource_usage(text) == dict(registers=219, stack=0, static_smem=1024, local=0)
     with pytest.raises(ValueError, match="no resource usage"):
         report.parse_resource_usage("nothing")
-    assert report.blocks_per_sm(158, 256, 33 * 1024) == 1  # 160 registers x 256 threads = 40 K of 64 K
-    assert report.blocks_per_sm(255, 128, 33 * 1024) == 2
-    assert report.blocks_per_sm(128, 512, 49 * 1024) == 1
-    assert report.blocks_per_sm(32, 256, 100 * 1024) == 2  # shared memory bound (1 KB reserved per block)
-    assert report.blocks_per_sm(32, 256, 228 * 1024) == 0  # over the 227 KB a block may have
+    # Blocks per SM come from sass_report.occupancy (registers, shared memory, threads).
+    def blocks_per_sm(registers, threads, smem):
+        return report.sass_report.occupancy(registers, smem, threads).blocks_per_sm
+
+    assert blocks_per_sm(158, 256, 33 * 1024) == 1  # 160 registers x 256 threads = 40 K of 64 K
+    assert blocks_per_sm(255, 128, 33 * 1024) == 2
+    assert blocks_per_sm(128, 512, 49 * 1024) == 1
+    assert blocks_per_sm(32, 256, 100 * 1024) == 2  # shared memory bound (1 KB reserved per block)
+    assert blocks_per_sm(32, 256, 228 * 1024) == 0  # over the 227 KB a block may have
 
 
 def test_script_compiles_every_kernel_for_sm90(tmp_path):

@@ -88,22 +88,24 @@ template <bool XFast> __device__ __forceinline__ void stage_coords(int k, int& x
 
 template <class E> using StageRaw = std::decay_t<decltype(std::declval<const E&>().load(0, 0))>;
 
-template <bool XFast, class E>
-__device__ __forceinline__ void stage_loads(const E& e, StageRaw<E> (&raw)[kStagePerThread]) {
+// The loads of this thread's elements k0 .. k0 + Count - 1, then their finishes and stores.
+template <bool XFast, class E, int Count>
+__device__ __forceinline__ void stage_loads(const E& e, StageRaw<E> (&raw)[Count], int k0 = 0) {
 #pragma unroll
-  for (int k = 0; k < kStagePerThread; ++k) {
+  for (int k = 0; k < Count; ++k) {
     int x, l;
-    stage_coords<XFast>(k, x, l);
+    stage_coords<XFast>(k0 + k, x, l);
     raw[k] = e.load(x, l);
   }
 }
 
-template <bool XFast, class E, class A>
-__device__ __forceinline__ void stage_stores(const E& e, const StageRaw<E> (&raw)[kStagePerThread], A* __restrict__ dst) {
+template <bool XFast, class E, int Count, class A>
+__device__ __forceinline__ void stage_stores(const E& e, const StageRaw<E> (&raw)[Count], A* __restrict__ dst,
+                                             int k0 = 0) {
 #pragma unroll
-  for (int k = 0; k < kStagePerThread; ++k) {
+  for (int k = 0; k < Count; ++k) {
     int x, l;
-    stage_coords<XFast>(k, x, l);
+    stage_coords<XFast>(k0 + k, x, l);
     dst[l * kLd + x] = e.finish(raw[k], x, l);
   }
 }
@@ -135,18 +137,8 @@ __device__ __forceinline__ void stage_tile_batched(A* __restrict__ dst, const E&
 #pragma unroll 1
   for (int k0 = 0; k0 < kStagePerThread; k0 += Batch) {
     StageRaw<E> raw[Batch];
-#pragma unroll
-    for (int k = 0; k < Batch; ++k) {
-      int x, l;
-      stage_coords<XFast>(k0 + k, x, l);
-      raw[k] = e.load(x, l);
-    }
-#pragma unroll
-    for (int k = 0; k < Batch; ++k) {
-      int x, l;
-      stage_coords<XFast>(k0 + k, x, l);
-      dst[l * kLd + x] = e.finish(raw[k], x, l);
-    }
+    stage_loads<XFast>(e, raw, k0);
+    stage_stores<XFast>(e, raw, dst, k0);
   }
 }
 
