@@ -224,7 +224,8 @@ struct NormCase {
   bool has_weight, has_bias, per_code_affine, silu, int32_codes;
   std::vector<int64_t> codes;
   int mask_mode;     // 0 random channels, 1 code 0 nothing / code 1 everything, 2 whole groups of 10
-  double offset;     // added to x: a large mean tests the two-pass variance
+  double offset;     // added to x: a large mean tests the variance's cancellation
+  int64_t shift = 0;  // elements x and y start past their buffers' (16-byte aligned) starts
 };
 
 template <class T>
@@ -234,7 +235,13 @@ void run_norm(const NormCase& nc) {
   std::normal_distribution<double> normal;
   const auto mask = make_masks(K, C, nc.mask_mode, 0.6);
   auto code_ok = [&](int64_t c) { return c >= 0 && c < K; };
-  std::vector<T> x(B * C * P + 5, fromd<T>(NAN)), y(B * C * P + 5, fromd<T>(kPoison));
+  // x, y start `shift` elements into buffers operator new aligns to 16 bytes (x86-64 glibc).
+  std::vector<T> x_buf(nc.shift + B * C * P + 5), y_buf(nc.shift + B * C * P + 5);
+  if (reinterpret_cast<uintptr_t>(x_buf.data()) % 16 || reinterpret_cast<uintptr_t>(y_buf.data()) % 16)
+    return fail("buffers not 16-byte aligned: " + cfg);
+  T* x = x_buf.data() + nc.shift;
+  T* y = y_buf.data() + nc.shift;
+  for (int64_t e = 0; e < B * C * P + 5; ++e) x[e] = fromd<T>(NAN), y[e] = fromd<T>(kPoison);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t ch = 0; ch < C; ++ch)
       for (int64_t i = 0; i < P; ++i) {
@@ -256,7 +263,7 @@ void run_norm(const NormCase& nc) {
   p.routing.sample_codes = nc.int32_codes ? static_cast<const void*>(codes32.data()) : codes64.data();
   p.routing.code_bytes = nc.int32_codes ? 4 : 8;
   p.routing.out_mask = mask_arr.get();
-  p.x = x.data(), p.y = y.data();
+  p.x = x, p.y = y;
   p.weight = nc.has_weight ? weight.data() : nullptr;
   p.bias = nc.has_bias ? bias.data() : nullptr;
   p.affine_code_stride = nc.per_code_affine ? C : 0;
@@ -344,6 +351,15 @@ void run_all(int level) {
   run_norm<T>({"(B, C) input P=1, G=1, weight only", 3, 13, 1, 1, 2, true, false, true, false, false, {1, 0, 1}, 0, 0});
   run_norm<T>({"P=300 > block, offset mean 50", 2, 8, 2, 300, 2, true, true, true, false, false, {1, 0}, 0, 50});
   run_norm<T>({"P=100, bias only, groups of 10", 2, 20, 2, 100, 3, false, true, false, true, false, {2, 1}, 2, 0});
+  // P a multiple of every pack width: 16-byte packs for every dtype, 4 loads in flight per
+  // thread over several rounds; a large mean (the one-pass statistics' cancellation).
+  run_norm<T>({"P=64 16-byte packs, offset 1000, invalid code", 3, 40, 4, 64, 3, true, true, true, true, false,
+               {2, 7, 0}, 2, 1000});
+  run_norm<T>({"P=16 G=1 C=100: packs across many channels", 2, 100, 1, 16, 2, true, true, false, false, true,
+               {1, 0}, 0, 0});
+  // The same shapes one element past alignment: the one-element path.
+  run_norm<T>({"P=64 misaligned x / y, offset 1000, invalid code", 3, 40, 4, 64, 3, true, true, true, true, false,
+               {2, 7, 0}, 2, 1000, 1});
 }
 
 int main(int argc, char** argv) {

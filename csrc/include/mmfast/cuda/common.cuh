@@ -72,6 +72,17 @@ __device__ __forceinline__ float exp_fast(float x) {
   return expf(x);
 #endif
 }
+// a / b to about 2 ulp by MUFU.RCP and a multiply (__fdividef; 0 when 2^126 < |b| < 2^128),
+// without IEEE division's slow-path call, whose calling convention costs registers at every
+// call site. fp64 divides exactly. Host code (the emulator) divides exactly.
+__device__ __forceinline__ float divide_fast(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+__device__ __forceinline__ double divide_fast(double a, double b) { return a / b; }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 __device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
