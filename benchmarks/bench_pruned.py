@@ -15,6 +15,12 @@ On the CPU the keep-0.5 target is decided by test_masked_conv2d_paired: this VM'
 by tens of percent between calls, more than the 1.1x margin, so there every contender is timed
 in each round and the ratios are medians of per-round ratios; it also times the static plan
 (mmfast.ops.keep_packed_weights), which test_masked_conv2d leaves out.
+
+test_masked_group_norm times the ResNet blocks' GroupNorm + SiLU (per-code affine) at the same
+levels: mmfast.ops.masked_group_norm vs dense F.group_norm + F.silu of the full layer and vs
+group-by-code on compact activations (one F.group_norm per code over its kept groups). Its
+floor is one read of the kept channels plus one write of every channel (GB/s, % of the
+bandwidth); the issue states no target for it.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops import keep_packed_weights, masked_conv2d
+from mmfast.ops import keep_packed_weights, masked_conv2d, masked_group_norm
 
 from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
 
@@ -175,3 +181,41 @@ def test_masked_conv2d_paired(benchmark, level):
                    # Paired medians (not ratios of the medians above), and every round's ratio.
                    **{name: round(median, 3) for name, (median, _) in ratios.items()},
                    **{f"{name}_rounds": [round(r, 3) for r in rounds] for name, (_, rounds) in ratios.items()})
+
+
+NORM_LEVELS = LEVELS_768 + LEVELS_512 if ON_GPU else LEVELS_768[1:] + LEVELS_512
+NORM_CASES = [(level, keep) for level in NORM_LEVELS for keep in ((0.5, 1.0) if ON_GPU else (0.5,))]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[f"{r}px-{s}x{s}-C{c}-keep{k}" for (r, s, c), k in NORM_CASES])
+def test_masked_group_norm(benchmark, case):
+    """GroupNorm(32) + SiLU of a mixed-code batch, per-code affine, kept groups at `keep`."""
+    (resolution, side, channels), keep = case
+    g = torch.Generator().manual_seed(side * channels)
+    x = torch.randn(len(BATCH_CODES), channels, side, side, generator=g).to(DEVICE, DTYPE)
+    weight = (1 + 0.1 * torch.randn(CODES, channels, generator=g)).to(DEVICE, DTYPE)
+    bias = (0.1 * torch.randn(CODES, channels, generator=g)).to(DEVICE, DTYPE)
+    mask = group_mask(CODES, channels, keep, g).to(DEVICE)
+    codes = torch.tensor(BATCH_CODES, device=DEVICE)
+    work = []  # per code present: compact activations, its kept groups' affine, their number
+    for code in torch.unique(codes).tolist():
+        kept = mask[code].nonzero()[:, 0]
+        rows = (codes == code).nonzero()[:, 0]
+        work.append((x[rows][:, kept].contiguous(), weight[code][kept].contiguous(), bias[code][kept].contiguous(),
+                     round(GROUPS * len(kept) / channels)))
+
+    def mmfast_call():
+        return masked_group_norm(x, weight, bias, GROUPS, codes, mask, activation="silu")
+
+    baselines = {
+        "group_by_code": lambda: [F.silu(F.group_norm(xs, groups, w, b)) for xs, w, b, groups in work],
+        "dense": lambda: F.silu(F.group_norm(x, GROUPS, weight[0], bias[0])),
+    }
+    times = {"mmfast": run_timed(benchmark, mmfast_call, DEVICE, rounds=REPEATS, warmup=1)}
+    for name, fn in baselines.items():
+        times[name] = median_ms(fn, DEVICE, warmup=1, repeats=REPEATS)
+    kept_elements = sum(xs.numel() for xs, *_ in work)
+    floor_bytes = (kept_elements + x.numel()) * x.element_size()  # read the kept channels, write all
+    benchmark.group = f"masked-group-norm-{resolution}px-{side}x{side}"
+    record_metrics(benchmark, op="masked_group_norm[silu]", shape=f"{resolution}px {side}x{side} C={channels} "
+                   f"keep={keep} B=8 codes=5", device=DEVICE, dtype=DTYPE, times=times, floor_bytes=floor_bytes)

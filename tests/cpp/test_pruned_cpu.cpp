@@ -17,6 +17,7 @@ namespace {
 struct Case {
   int64_t batch, channels, groups, plane, codes;
   bool per_code_affine, silu;
+  float offset = 0;  // added to x: a large mean tests the variance for cancellation
 };
 
 // Returns the number of wrong output elements.
@@ -30,7 +31,7 @@ int check(const cpu::PrunedKernels& k, const Case& c, std::mt19937& rng) {
   for (auto& m : mask_bytes) m = keep(rng);
   const bool* mask = reinterpret_cast<const bool*>(mask_bytes.data());
   std::vector<float> x(n), y(n, -7.0f), weight(affine_sets * c.channels), bias(affine_sets * c.channels);
-  for (auto& v : x) v = normal(rng);
+  for (auto& v : x) v = c.offset + normal(rng);
   for (auto& v : weight) v = normal(rng);
   for (auto& v : bias) v = normal(rng);
   for (int64_t b = 0; b < c.batch; ++b)
@@ -151,7 +152,9 @@ int main() {
                   {cpu::Isa::kAvx2, cpu::isa_avx2::pruned_kernels},
                   {cpu::Isa::kAvx512, cpu::isa_avx512::pruned_kernels}};
   const Case cases[] = {{5, 30, 3, 20, 3, true, true},  {4, 32, 32, 7, 2, false, false},
-                        {3, 12, 4, 1, 5, true, false},  {2, 40, 4, 129, 1, false, true}};
+                        {3, 12, 4, 1, 5, true, false},  {2, 40, 4, 129, 1, false, true},
+                        // several sum blocks per channel, a vector tail, a mean 50 standard deviations out
+                        {2, 6, 2, 2500, 2, true, true, 100.0f}};
   int failures = 0;
   std::mt19937 rng(7);
   for (const Variant& variant : variants) {

@@ -2,8 +2,11 @@
 // only through mmfast/cpu/instantiate_isas.h (see csrc/cpu/pruned_kernels.cpp).
 //
 // One task per (sample, group): the mean over the group's kept channels, then the variance
-// around it (two passes over the group: no cancellation in E[x^2] - mean^2), then one pass that
-// writes every channel of the group (kept: normalised, affine, optional SiLU; masked: 0).
+// around it (two passes over the group, which a task's cache still holds for the second: no
+// cancellation in E[x^2] - mean^2), then one pass that writes every channel of the group
+// (kept: normalised, affine, optional SiLU; masked: 0). fp32 / fp16 / bf16 run in fp32 vector
+// lanes (sums flushed to double every kSumBlock elements; SiLU by exp_vec), fp64 in scalar
+// double.
 #ifndef MMFAST_CPU_ISA_NS
 #error "mmfast/cpu/pruned_impl.h is included by mmfast/cpu/instantiate_isas.h only"
 #endif
@@ -21,6 +24,99 @@ inline int64_t code_of(const CodeRouting& r, int64_t b) {
                            : static_cast<const int32_t*>(r.sample_codes)[b];
 }
 
+// ---- per-channel loops: fp32 vector lanes for fp32 / fp16 / bf16, scalar double for fp64 ----
+using FloatVec = Vec<float>::type;
+constexpr int64_t kFloatLanes = Vec<float>::width;
+constexpr int64_t kSumBlock = 1024;  // elements summed in float lanes before the total (double) takes them
+
+inline FloatVec load_floats(const float* p) { return load<float>(p); }
+template <typename half_t>  // Half, BFloat16
+inline FloatVec load_floats(const half_t* p) {
+  float lanes[kFloatLanes];
+  for (int64_t k = 0; k < kFloatLanes; ++k) lanes[k] = to_acc(p[k]);
+  return load<float>(lanes);
+}
+inline void store_floats(float* p, FloatVec v) { store<float>(p, v); }
+template <typename half_t>
+inline void store_floats(half_t* p, FloatVec v) {
+  float lanes[kFloatLanes];
+  store<float>(lanes, v);
+  for (int64_t k = 0; k < kFloatLanes; ++k) p[k] = FromAcc<half_t>::convert(lanes[k]);
+}
+inline float lane_sum(FloatVec v) {
+  float lanes[kFloatLanes];
+  store<float>(lanes, v);
+  float total = 0;
+  for (int64_t k = 0; k < kFloatLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// The sum over x[0, n) of x - shift (Square false) or (x - shift)^2 (Square true): four vector
+// accumulators over each block of kSumBlock elements (16 terms per lane with AVX-512), every
+// block's total added in double (a float running sum over a ~10^5-element group would lose
+// ~10^-4 relative).
+template <bool Square, typename scalar_t>
+inline double channel_sum(const scalar_t* x, int64_t n, float shift) {
+  const FloatVec s = splat<float>(shift);
+  double total = 0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = min_i64(n, start + kSumBlock);
+    FloatVec acc[4] = {};
+    int64_t i = start;
+    for (; i + 4 * kFloatLanes <= end; i += 4 * kFloatLanes)
+      for (int u = 0; u < 4; ++u) {
+        const FloatVec d = load_floats(x + i + u * kFloatLanes) - s;
+        acc[u] += Square ? d * d : d;
+      }
+    for (; i + kFloatLanes <= end; i += kFloatLanes) {
+      const FloatVec d = load_floats(x + i) - s;
+      acc[0] += Square ? d * d : d;
+    }
+    float part = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; i < end; ++i) {
+      const float d = to_acc(x[i]) - shift;
+      part += Square ? d * d : d;
+    }
+    total += part;
+  }
+  return total;
+}
+template <bool Square>
+inline double channel_sum(const double* x, int64_t n, double shift) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += Square ? (x[i] - shift) * (x[i] - shift) : x[i] - shift;
+  return total;
+}
+
+inline float silu(float v) { return v / (1.0f + exp_acc(-v)); }
+inline double silu(double v) { return v / (1.0 + exp_acc(-v)); }
+
+// out[i] = (x[i] - mean) * scale + shift (+ SiLU) for i < n. (x - mean) * scale + shift, not
+// x * scale + (shift - mean * scale): with a small variance the latter cancels (eps alone
+// makes rstd ~316).
+template <typename scalar_t>
+inline void normalize_channel(const scalar_t* x, scalar_t* out, int64_t n, float mean, float scale, float shift,
+                              bool with_silu) {
+  const FloatVec m = splat<float>(mean), a = splat<float>(scale), b = splat<float>(shift), one = splat<float>(1.0f);
+  int64_t i = 0;
+  for (; i + kFloatLanes <= n; i += kFloatLanes) {
+    FloatVec v = (load_floats(x + i) - m) * a + b;
+    if (with_silu) v = v / (one + exp_vec(-v));
+    store_floats(out + i, v);
+  }
+  for (; i < n; ++i) {
+    const float v = (to_acc(x[i]) - mean) * scale + shift;
+    out[i] = FromAcc<scalar_t>::convert(with_silu ? silu(v) : v);
+  }
+}
+inline void normalize_channel(const double* x, double* out, int64_t n, double mean, double scale, double shift,
+                              bool with_silu) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = (x[i] - mean) * scale + shift;
+    out[i] = with_silu ? silu(v) : v;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct GroupNormJob {
   const MaskedGroupNormParams* p;
@@ -36,46 +132,32 @@ struct GroupNormJob {
     const int64_t first = (b * p.channels + g * per_group) * p.plane;
     const scalar_t* x = static_cast<const scalar_t*>(p.x) + first;
     scalar_t* y = static_cast<scalar_t*>(p.y) + first;
-    // Sums in double whatever the dtype: a group of an SD-2.1 layer holds ~10^5 elements, where a
-    // float running sum loses ~10^-4 relative (torch's GroupNorm sums pairwise).
     int64_t kept = 0;
     double sum = 0;
-    for (int64_t c = 0; c < per_group; ++c) {
-      if (!keep[c]) continue;
-      ++kept;
-      for (int64_t i = 0; i < p.plane; ++i) sum += to_acc(x[c * p.plane + i]);
-    }
+    for (int64_t c = 0; c < per_group; ++c)
+      if (keep[c]) ++kept, sum += channel_sum<false>(x + c * p.plane, p.plane, acc_t(0));
     const double count = static_cast<double>(kept) * static_cast<double>(p.plane);
-    const double mean_sum = kept ? sum / count : 0.0;
+    const double mean_exact = kept ? sum / count : 0.0;
+    const acc_t mean = static_cast<acc_t>(mean_exact);
     double squares = 0;
-    for (int64_t c = 0; c < per_group; ++c) {
-      if (!keep[c]) continue;
-      for (int64_t i = 0; i < p.plane; ++i) {
-        const double d = static_cast<double>(to_acc(x[c * p.plane + i])) - mean_sum;
-        squares += d * d;
-      }
-    }
-    const acc_t mean = static_cast<acc_t>(mean_sum);
-    const acc_t rstd = kept ? static_cast<acc_t>(1.0 / __builtin_sqrt(squares / count + p.eps)) : acc_t(0);
+    for (int64_t c = 0; c < per_group; ++c)
+      if (keep[c]) squares += channel_sum<true>(x + c * p.plane, p.plane, mean);
+    // Squares around the rounded mean exceed those around the exact one by count * (gap)^2.
+    const double gap = static_cast<double>(mean) - mean_exact;
+    const double variance = kept ? squares / count - gap * gap : 0.0;
+    const acc_t rstd = kept ? static_cast<acc_t>(1.0 / __builtin_sqrt(variance + p.eps)) : acc_t(0);
     const scalar_t* weight = static_cast<const scalar_t*>(p.weight);
     const scalar_t* bias = static_cast<const scalar_t*>(p.bias);
     const int64_t affine = code * p.affine_code_stride + g * per_group;
     for (int64_t c = 0; c < per_group; ++c) {
       scalar_t* out = y + c * p.plane;
-      if (!keep[c]) {
-        for (int64_t i = 0; i < p.plane; ++i) out[i] = FromAcc<scalar_t>::convert(acc_t(0));
+      if (!keep[c]) {  // +0 is all-zero bits in every dtype
+        __builtin_memset(static_cast<void*>(out), 0, static_cast<size_t>(p.plane) * sizeof(scalar_t));
         continue;
       }
-      // (x - mean) * scale + shift, not x * scale + (shift - mean * scale): with a small
-      // variance the latter cancels (eps alone makes rstd ~316).
       const acc_t scale = rstd * (weight ? to_acc(weight[affine + c]) : acc_t(1));
       const acc_t shift = bias ? to_acc(bias[affine + c]) : acc_t(0);
-      const scalar_t* in = x + c * p.plane;
-      for (int64_t i = 0; i < p.plane; ++i) {
-        acc_t v = (to_acc(in[i]) - mean) * scale + shift;
-        if (p.silu) v = v / (acc_t(1) + exp_acc(-v));
-        out[i] = FromAcc<scalar_t>::convert(v);
-      }
+      normalize_channel(x + c * p.plane, out, p.plane, mean, scale, shift, p.silu);
     }
   }
 };
