@@ -367,6 +367,61 @@ def ring_loop_instructions(function: Function) -> int:
 
 
 @dataclass
+class Loop:
+    head: int   # address of the loop's first instruction (the back edge's target)
+    tail: int   # address of the back edge
+    depth: int  # 0: outermost
+    total: int  # static instructions between head and tail
+    own: dict   # instruction classes of the loop's own instructions (nested loops excluded)
+
+
+LOOP_CLASSES = {  # class -> opcode bases; everything else counts as "other"
+    "global": {"LDG", "LDGSTS", "STG", "UTMALDG", "UBLKCP"}, "shared": {"LDS", "STS", "LDSM"},
+    "mma": MMA, "barrier": {"BAR"},
+    "integer": {"IMAD", "IADD3", "IADD", "VIADD", "LEA", "SHF", "LOP3", "ISETP", "SEL", "IMNMX", "VIMNMX", "PRMT",
+                "IABS", "FLO", "POPC", "I2F", "F2I", "MOV", "UMOV", "IMUL"},
+    "float": {"FADD", "FMUL", "FFMA", "FSETP", "FSEL", "FMNMX", "DADD", "DMUL", "DFMA", "F2F", "MUFU", "HADD2",
+              "HFMA2", "HMUL2"},
+}
+
+
+def loops_of(function: Function) -> list[Loop]:
+    """Every loop (span of a backward BRA; two back edges to one head with different tails are
+    two loops), outermost first, with the classes of its own static instructions. Static counts:
+    how often an inner loop runs per outer iteration is not in the code."""
+    spans = sorted({(int(m.group(1), 16), i.addr) for i in function.instrs if i.base == "BRA"
+                    for m in [_TARGET_RE.search(i.args)] if m and int(m.group(1), 16) <= i.addr},
+                   key=lambda span: (span[0], -span[1]))
+    loops = []
+    for head, tail in spans:
+        inner = [(h, t) for h, t in spans if (h, t) != (head, tail) and head <= h and t <= tail]
+        depth = sum(1 for h, t in spans if (h, t) != (head, tail) and h <= head and tail <= t)
+        own = {name: 0 for name in list(LOOP_CLASSES) + ["other"]}
+        total = 0
+        for instr in function.instrs:
+            if not head <= instr.addr <= tail:
+                continue
+            total += 1
+            if any(h <= instr.addr <= t for h, t in inner):
+                continue
+            own[next((name for name, bases in LOOP_CLASSES.items() if instr.base in bases), "other")] += 1
+        loops.append(Loop(head, tail, depth, total, own))
+    return loops
+
+
+def loops_table(name: str, loops: list[Loop]) -> str:
+    """Markdown: one row per loop of one kernel, nested loops indented."""
+    classes = list(LOOP_CLASSES) + ["other"]
+    out = [f"### loops of {name}", "", "| loop | static instr | own instr | " + " | ".join(classes) + " |",
+           "|---|---|---|" + "---|" * len(classes)]
+    for loop in loops:
+        label = "&nbsp;&nbsp;" * loop.depth + f"{loop.head:#x}-{loop.tail:#x}"
+        out.append(f"| {label} | {loop.total} | {sum(loop.own.values())} | "
+                   + " | ".join(str(loop.own[c]) for c in classes) + " |")
+    return "\n".join(out)
+
+
+@dataclass
 class SassStats:
     global_loads: int = 0  # LDG + LDGSTS + TMA
     loads_16b: int = 0
@@ -900,6 +955,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--keep", type=Path, help="keep the cubin, SASS and ptxas output in this folder")
     parser.add_argument("--cuobjdump", help="cuobjdump binary (default: PATH, $CUDA_HOME/bin, nvidia wheels)")
+    parser.add_argument("--loops", metavar="KERNEL",
+                        help="also print every loop of the kernels whose name (with template arguments) contains "
+                             "KERNEL, e.g. 'masked_conv_kernel<bf16>': static instructions by class")
     return parser.parse_args(argv)
 
 
@@ -950,6 +1008,13 @@ def main(argv=None) -> int:
     print(f"compiled {portable_command([str(args.source)], cuda_home, workdir)[0]} for {args.arch} in {build.seconds:.1f} s (nvcc -cubin, {len(rows)} kernels)\n")
     print(markdown_table(rows))
     print("\n" + "\n".join(notes(rows, args.arch)))
+    if args.loops:
+        functions = parse_sass(build.sass)
+        chosen = [r for r in rows if args.loops in _label(r)]
+        if not chosen:
+            sys.exit(f"sass_report: no kernel matches --loops {args.loops!r}")
+        for row in chosen:
+            print("\n" + loops_table(_label(row), loops_of(functions[row["mangled"]])))
     if args.json:
         meta = {"source": portable_command([str(args.source)], cuda_home, workdir)[0], "arch": args.arch, "compile_seconds": round(build.seconds, 2),
                 "nvcc_command": portable_command(build.command, cuda_home, workdir)}

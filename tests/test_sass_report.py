@@ -192,6 +192,26 @@ def test_ring_loop_is_the_innermost_loop_around_the_wait():
     assert sr.ring_loops(only_function(sass("FADD R1, R2, R3", "EXIT"))) == []
 
 
+def test_loops_nesting_and_own_instruction_classes():
+    text = sass("MOV R1, RZ",                                  # 0x00
+                "LDG.E R2, desc[UR4][R4.64]",                  # 0x10: outer loop head
+                "STS [R3], R2",                                # 0x20: inner loop head
+                "HMMA.16816.F32.BF16 R8, R12, R16, R8",        # 0x30
+                "IMAD R5, R5, 0x2, RZ",                        # 0x40
+                "@P0 BRA 0x20",                                # 0x50: the inner loop, 4 instructions
+                "BAR.SYNC.DEFER_BLOCKING 0x0",                 # 0x60
+                "@P1 BRA 0x10",                                # 0x70: the outer loop
+                "EXIT")
+    outer, inner = sr.loops_of(only_function(text))
+    assert (outer.head, outer.tail, outer.depth, outer.total) == (0x10, 0x70, 0, 7)
+    assert (inner.head, inner.tail, inner.depth, inner.total) == (0x20, 0x50, 1, 4)
+    assert inner.own == {"global": 0, "shared": 1, "mma": 1, "barrier": 0, "integer": 1, "float": 0, "other": 1}
+    assert outer.own == {"global": 1, "shared": 0, "mma": 0, "barrier": 1, "integer": 0, "float": 0, "other": 1}
+    table = sr.loops_table("k<bf16>", [outer, inner])
+    assert "| 0x10-0x70 | 7 | 3 |" in table and "| &nbsp;&nbsp;0x20-0x50 | 4 | 4 |" in table
+    assert sr.loops_of(only_function(sass("FADD R1, R2, R3", "EXIT"))) == []
+
+
 def test_no_cp_async_no_pipeline():
     text = sass("LDG.E.128 R4, desc[UR4][R2.64]", "FADD R20, R7, R9", "DEPBAR.LE SB1, 0x2", "EXIT")
     assert sr.async_pipeline(only_function(text)) == (0, 0, 0)
