@@ -76,13 +76,14 @@ template <class F> __device__ __forceinline__ auto as_split(const F& f) {
 // The k-th element this thread stages. XFast: consecutive threads take consecutive x (source
 // contiguous along x); else consecutive l.
 template <bool XFast> __device__ __forceinline__ void stage_coords(int k, int& x, int& l) {
-  const int idx = static_cast<int>(threadIdx.x) + k * kThreads;
+  // unsigned: the divisions by powers of two are shifts and masks, with no sign fix-up
+  const unsigned idx = threadIdx.x + static_cast<unsigned>(k) * kThreads;
   if (XFast) {
-    x = idx % kTile;
-    l = idx / kTile;
+    x = static_cast<int>(idx % kTile);
+    l = static_cast<int>(idx / kTile);
   } else {
-    l = idx % kBK;
-    x = idx / kBK;
+    l = static_cast<int>(idx % kBK);
+    x = static_cast<int>(idx / kBK);
   }
 }
 

@@ -18,14 +18,17 @@
 // exact SIMT FMA for fp32 / fp64; fp16 / bf16 through TF32 tensor cores on sm_80+ (their
 // values are exact in TF32, products exact in fp32, fp32 accumulation), SIMT elsewhere.
 // Per item, shared tables hold each row's weight offset and channel, each column's input
-// origin and output offset, and per staged slice each reduction index's input channel offset,
-// tap shifts and weight column, so the staging loops do no division. Each thread stages its
-// elements of a slice 4 loads at a time (stage_tile_batched: loads from a valid address whatever
-// the bounds, the bounds applied after), so 4 loads are in flight where one was; all 8 at once
-// would spill at the 128 registers of 2 blocks per SM.
+// origin (int32 coordinates) and x / y offsets, and per staged slice each reduction index's
+// x offset (input channel + tap shift), tap shifts and weight column, so the staging loops do
+// no division. A thread's staged elements share one pixel column and one reduction index
+// (stage_coords), read from the tables once per item / slice. Each thread stages its elements
+// of a slice 4 loads at a time (stage_tile_batched: loads from a valid address whatever the
+// bounds, the bounds applied after), so 4 loads are in flight where one was; all 8 at once
+// would spill at the 128 registers of 2 blocks per SM. Issue-bound far below the H200 target
+// (docs/masked-conv-performance.md): the fix is a different kernel, not more tuning of this one.
 // Launch: 256 threads, one block per item (1-D grid, grid-stride beyond INT_MAX items),
-// __launch_bounds__(256, 2): 128 registers, no spills, 38.9 KB static shared memory (sm_80 /
-// sm_90a ptxas), two blocks per SM. No split-K: one block runs a tile's whole reduction.
+// __launch_bounds__(256, 2): 126-128 registers, no spills, 38.7 KB static shared memory (sm_90a
+// ptxas), two blocks per SM. No split-K: one block runs a tile's whole reduction.
 #pragma once
 
 #include <cmath>
@@ -44,8 +47,12 @@ __device__ __forceinline__ int64_t code_of(const CodeRouting& r, int64_t b) {
                            : static_cast<const int32_t*>(r.sample_codes)[b];
 }
 
-// An offset no valid input coordinate reaches: added to any valid one it stays negative.
-constexpr int64_t kOffGrid = -(int64_t(1) << 60);
+// Input coordinates are int32 (masked_conv2d_valid keeps every term below kCoordLimit, so a
+// tap's row ho * stride - pad + r * dilation stays within int32). kOffGrid marks a column past
+// the pixels or a reduction index past L: added to any coordinate (or to itself) the result
+// stays negative, so the one unsigned compare against the height or width rejects it.
+constexpr int64_t kCoordLimit = int64_t(1) << 29;
+constexpr int32_t kOffGrid = -(int32_t(1) << 30);
 
 // ---- workspace: the routing plan ---------------------------------------------------------------
 // counts[2k] = kept inputs of code k, counts[2k + 1] = kept outputs; in_list[k * Cin + i] the
@@ -100,6 +107,26 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- the grouped implicit-GEMM conv ----------------------------------------------------------
+// q = a / b, r = a % b for 0 <= a, 0 < b: a 32-bit division when both fit (a few instructions
+// instead of the 64-bit division's call).
+__device__ __forceinline__ void divide(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (a <= INT32_MAX && b <= INT32_MAX) {
+    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    q = q32;
+    r = a - static_cast<int64_t>(q32) * b;
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
+// A staged element as loaded (any value when out of bounds: the load reads a valid address)
+// and whether it is inside the operand; the select happens when it is stored.
+template <class T> struct Staged {
+  T raw;
+  bool in;
+};
+
 struct ConvArgs {
   MaskedConvParams p;
   const int32_t* counts;
@@ -121,13 +148,14 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
   __shared__ int64_t row_c[kTile];    // the row's output channel, -1 past Cout
   __shared__ int64_t row_w[kTile];    // weight offset of the row's output channel (kept rows)
   __shared__ int64_t row_y[kTile];    // y offset of the row's output channel
-  __shared__ int64_t col_h[kTile];    // input row of tap (0, 0), kOffGrid past the pixels
-  __shared__ int64_t col_w[kTile];    // input column of tap (0, 0)
+  __shared__ int64_t col_x[kTile];    // x offset of the pixel's tap (0, 0) (any sign: padding)
+  __shared__ int32_t col_h[kTile];    // input row of tap (0, 0), kOffGrid past the pixels
+  __shared__ int32_t col_w[kTile];    // input column of tap (0, 0)
   __shared__ int64_t col_y[kTile];    // y offset of the pixel
   // per staged slice: reduction index l = kept input * kh * kw + tap
-  __shared__ int64_t red_x[kBK];      // x offset of the input channel
-  __shared__ int64_t red_h[kBK];      // row shift of the tap, kOffGrid past L
-  __shared__ int64_t red_w[kBK];      // column shift of the tap
+  __shared__ int64_t red_x[kBK];      // x offset of (input channel, tap shift)
+  __shared__ int32_t red_h[kBK];      // row shift of the tap, kOffGrid past L
+  __shared__ int32_t red_w[kBK];      // column shift of the tap
   __shared__ int64_t red_wt[kBK];     // weight column (input channel * kh * kw + tap), -1 past L
 
   const MaskedConvParams& p = a.p;
@@ -169,12 +197,15 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
       const int64_t pix = p0 + j;
       if (j < cols) {
         const int64_t ho = pix / p.out_width, wo = pix - ho * p.out_width;
-        col_h[j] = ho * p.stride_h - p.pad_h;
-        col_w[j] = wo * p.stride_w - p.pad_w;
+        const int64_t h0 = ho * p.stride_h - p.pad_h, w0 = wo * p.stride_w - p.pad_w;
+        col_h[j] = static_cast<int32_t>(h0);
+        col_w[j] = static_cast<int32_t>(w0);
+        col_x[j] = h0 * p.x_strides[2] + w0 * p.x_strides[3];
         col_y[j] = ho * p.y_strides[2] + wo * p.y_strides[3];
       } else {
         col_h[j] = kOffGrid;
         col_w[j] = kOffGrid;
+        col_x[j] = 0;
         col_y[j] = 0;
       }
     }
@@ -194,6 +225,16 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
     const T* x_b = x + b * p.x_strides[0];
     const T* w_c = weight + code * p.weight_code_stride;
     const bool use_tc = a.use_tc != 0;
+    // Every element this thread stages lies in one pixel column j of Bs (kThreads is a multiple
+    // of kTile: stage_coords<true>) and one reduction index l of As (a multiple of kBK:
+    // stage_coords<false>), so their table entries are read once, here and per slice, not per
+    // element.
+    static_assert(kThreads % kTile == 0 && kThreads % kBK == 0, "a fixed column / index per thread");
+    const int my_j = threadIdx.x % kTile, my_l = threadIdx.x % kBK;
+    const int kept_rows32 = static_cast<int>(kept_rows);  // <= kTile
+    const int32_t my_h = col_h[my_j], my_w = col_w[my_j];
+    const int64_t my_x = col_x[my_j];
+    const uint32_t height = static_cast<uint32_t>(p.height), width = static_cast<uint32_t>(p.width);
     TileAccumulator<A> tile;
     tile_zero(tile, use_tc);
     for (int64_t l0 = 0; l0 < L; l0 += kBK) {
@@ -202,12 +243,13 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
         const int l = threadIdx.x;
         const int64_t idx = l0 + l;
         if (idx < L) {
-          const int64_t ii = idx / taps, tap = idx - ii * taps;
-          const int64_t r = tap / p.kernel_w, s = tap - r * p.kernel_w;
+          int64_t ii, tap, r, s;
+          divide(idx, taps, ii, tap);
+          divide(tap, p.kernel_w, r, s);
           const int64_t ic = in_list[ii];
-          red_x[l] = ic * p.x_strides[1];
-          red_h[l] = r * p.dilation_h;
-          red_w[l] = s * p.dilation_w;
+          red_x[l] = ic * p.x_strides[1] + r * p.dilation_h * p.x_strides[2] + s * p.dilation_w * p.x_strides[3];
+          red_h[l] = static_cast<int32_t>(r * p.dilation_h);
+          red_w[l] = static_cast<int32_t>(s * p.dilation_w);
           red_wt[l] = ic * taps + tap;
         } else {
           red_x[l] = 0;
@@ -217,24 +259,25 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
         }
       }
       __syncthreads();
-      // The weights (0 past the kept rows or L), loaded as the pixels below are.
-      const auto weight_in = [&](int i, int l) { return i < kept_rows && red_wt[l] >= 0; };
+      // The weights (0 past the kept rows or L): this thread's l is my_l, its column of the
+      // weights read once per slice.
+      const int64_t my_wt = red_wt[my_l];
       stage_tile_batched<false, 4>(As, split_element(
-          [&](int i, int l) { return w_c[weight_in(i, l) ? row_w[i] + red_wt[l] : 0]; },
-          [&](T raw, int i, int l) -> A { return weight_in(i, l) ? to_acc(raw) : A(0); }));
-      // The input pixels of the taps (0 in the padding): 4 loads in flight per thread. Each reads
-      // a valid address whatever the bounds (offset 0 outside them) and the bounds select after,
-      // so no branch separates the loads.
-      const auto pixel_in = [&](int j, int l) {
-        const int64_t h = col_h[j] + red_h[l], w = col_w[j] + red_w[l];
-        return h >= 0 && h < p.height && w >= 0 && w < p.width;
-      };
-      stage_tile_batched<true, 4>(Bs, split_element(
-          [&](int j, int l) {
-            const int64_t at = red_x[l] + (col_h[j] + red_h[l]) * p.x_strides[2] + (col_w[j] + red_w[l]) * p.x_strides[3];
-            return x_b[pixel_in(j, l) ? at : 0];
+          [&](int i, int) {
+            const bool in = i < kept_rows32 && my_wt >= 0;
+            return Staged<T>{w_c[in ? row_w[i] + my_wt : 0], in};
           },
-          [&](T raw, int j, int l) -> A { return pixel_in(j, l) ? to_acc(raw) : A(0); }));
+          [&](Staged<T> e, int, int) -> A { return e.in ? to_acc(e.raw) : A(0); }));
+      // The input pixels of the taps (0 in the padding): this thread's column is my_j. Each load
+      // reads a valid address whatever the bounds (offset 0 outside them) and the bounds select
+      // after it lands, so no branch separates the 4 loads in flight.
+      stage_tile_batched<true, 4>(Bs, split_element(
+          [&](int, int l) {
+            const int32_t h = my_h + red_h[l], w = my_w + red_w[l];
+            const bool in = static_cast<uint32_t>(h) < height && static_cast<uint32_t>(w) < width;
+            return Staged<T>{x_b[in ? my_x + red_x[l] : 0], in};
+          },
+          [&](Staged<T> e, int, int) -> A { return e.in ? to_acc(e.raw) : A(0); }));
       __syncthreads();
       tile_accumulate(tile, use_tc, As, Bs, ty, tx);
     }
