@@ -221,6 +221,21 @@ def test_group_norm_strided_x_several_chunks_and_torch_equivalence(ns, blocks):
     assert_close(got[[0, 2]], dense[[0, 2]], torch.float32)  # code 0 keeps every channel
 
 
+def test_group_norm_far_off_mean_several_chunks(ns, blocks):
+    """A mean 1000 standard deviations out, over 4 chunks of 16 lanes: the one-read statistics
+    (per-lane Welford, lanes merged pairwise) keep the variance where E[x^2] - mean^2 in fp32
+    would lose it entirely."""
+    blocks(group_norm=16)
+    x = randn(2, 20, 3) + 1000.0  # groups of 10 channels x 3 pixels: 30 elements, 2 chunks
+    mask = torch.ones(1, 20, dtype=torch.bool, device=DEVICE)
+    mask[0, 12:15] = False
+    sample_codes = codes_tensor([0, 0])
+    got = ns.masked_group_norm(x, None, None, 2, sample_codes, mask, 1e-5, False)
+    want = reference.masked_group_norm_ref(x.double(), None, None, 2, sample_codes, mask, 1e-5, False)
+    # x - mean near 1000 rounds to ulp(1000) = 6e-5 per element: a few of those relative to std 1
+    assert_close(got, want.float(), torch.float32, scale=10.0)
+
+
 # --- invalid codes, dtypes, public API ------------------------------------------------------------
 
 

@@ -24,11 +24,12 @@ ones it masks (a stable argsort of ~mask), and the (K,) int32 counts of kept cha
                      kernel as a 1x1 conv over the (B, Cin, N, 1) strided view of x, writing
                      y (B, N, Cout) through y's strides.
   group_norm_kernel  one program per (sample b, group g), streaming the group's C / G x P
-                     elements in BLOCK chunks: pass 1 the sum and count of the kept elements,
-                     pass 2 the sum of squared deviations from the mean (two-pass variance, fp32),
-                     pass 3 normalise, the code's affine (or the shared one), SiLU when asked,
-                     and the store (masked channels 0, never loaded). An invalid code writes
-                     NaN over the sample's group.
+                     elements in BLOCK chunks: pass 1 both statistics of the kept elements in
+                     one read (per lane a running count, mean and sum of squared deviations,
+                     Welford's update; the lanes merged pairwise, Chan et al., by tl.reduce:
+                     no E[x^2] - mean^2 cancellation, fp32), pass 2 normalise, the code's affine
+                     (or the shared one), SiLU when asked, and the store (masked channels 0,
+                     never loaded). An invalid code writes NaN over the sample's group.
 """
 from __future__ import annotations
 
@@ -125,6 +126,15 @@ def load_kept(x_group, mask_row, e, n, P):
 
 
 @triton.jit
+def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """The statistics of two disjoint sets, each (mean, sum of squared deviations, count)."""
+    n = n_a + n_b
+    share = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * share, m2_a + m2_b + delta * delta * n_a * share, n
+
+
+@triton.jit
 def group_norm_kernel(
     x_ptr, w_ptr, bias_ptr, codes_ptr, mask_ptr, y_ptr,
     K, C, G, P, AFFINE_CODE_STRIDE, eps,
@@ -144,22 +154,18 @@ def group_norm_kernel(
     mask_row = mask_ptr + c * C + first
     offsets = tl.arange(0, BLOCK)
     if valid:
-        total = tl.zeros((BLOCK,), dtype=tl.float32)
-        count = tl.zeros((BLOCK,), dtype=tl.int32)
+        lane_mean = tl.zeros((BLOCK,), dtype=tl.float32)
+        lane_m2 = tl.zeros((BLOCK,), dtype=tl.float32)
+        lane_n = tl.zeros((BLOCK,), dtype=tl.float32)
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
             keep, xv = load_kept(x_ptr + base, mask_row, e, n, P)
-            total += xv
-            count += keep.to(tl.int32)
-        kept = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
-        mean = tl.sum(total, axis=0) / kept
-        squares = tl.zeros((BLOCK,), dtype=tl.float32)
-        for e0 in range(0, n, BLOCK):
-            e = e0 + offsets
-            keep, xv = load_kept(x_ptr + base, mask_row, e, n, P)
-            d = tl.where(keep, xv - mean, 0.0)
-            squares += d * d
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(squares, axis=0) / kept + eps)
+            lane_n += keep.to(tl.float32)
+            delta = xv - lane_mean
+            lane_mean = tl.where(keep, lane_mean + delta / tl.maximum(lane_n, 1.0), lane_mean)
+            lane_m2 = tl.where(keep, lane_m2 + delta * (xv - lane_mean), lane_m2)
+        mean, m2, kept = tl.reduce((lane_mean, lane_m2, lane_n), 0, welford_combine)
+        rstd = 1.0 / tl.sqrt_rn(m2 / tl.maximum(kept, 1.0) + eps)
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
             channel = e // P
