@@ -4,6 +4,8 @@
   group-by-code one dense conv per code on pre-sliced weights AND already compact activations
                 (a batch of physically pruned experts sorted by code: the strong baseline; it
                 does no gather or scatter, which mmfast's dense channel layout needs)
+  triton        (GPU) the same op through its Triton twin (backend="triton"): the A/B the
+                issue-rate analysis in docs/masked-conv-performance.md asks for
 
 Shapes: SD-2.1's ResNet 3x3 convs (C -> C) at 768 px (latents 96/48/24/12; C 320/640/1280/1280)
 and 512 px (64/32/16/8), batch 8 over 5 distinct codes (codes 0-4 of K = 8; 2+2+2+1+1
@@ -24,6 +26,7 @@ bandwidth); the issue states no target for it.
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 
 import pytest
@@ -36,6 +39,7 @@ from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BATCH_CODES = [0, 0, 1, 1, 2, 2, 3, 4]  # batch 8, 5 distinct codes, sorted once per UNet call
 CODES = 8
@@ -100,6 +104,9 @@ def test_masked_conv2d(benchmark, case):
         "dense": lambda: F.conv2d(x, dense_weight, dense_bias, padding=1),
         "mask_multiply": lambda: F.conv2d(x * sample_in, dense_weight, dense_bias, padding=1) * sample_out,
     }
+    if ON_GPU and HAS_TRITON:  # the Triton twin (wgmma on sm_90): predicted ahead of the CUDA kernel
+        baselines["triton"] = lambda: masked_conv2d(x, weight, bias, codes, in_mask, out_mask, padding=1,
+                                                    backend="triton")
     times = {"mmfast": run_timed(benchmark, mmfast_call, DEVICE, rounds=REPEATS, warmup=1)}
     for name, fn in baselines.items():
         times[name] = median_ms(fn, DEVICE, warmup=1, repeats=REPEATS)
@@ -211,6 +218,9 @@ def test_masked_group_norm(benchmark, case):
         "group_by_code": lambda: [F.silu(F.group_norm(xs, groups, w, b)) for xs, w, b, groups in work],
         "dense": lambda: F.silu(F.group_norm(x, GROUPS, weight[0], bias[0])),
     }
+    if ON_GPU and HAS_TRITON:
+        baselines["triton"] = lambda: masked_group_norm(x, weight, bias, GROUPS, codes, mask, activation="silu",
+                                                        backend="triton")
     times = {"mmfast": run_timed(benchmark, mmfast_call, DEVICE, rounds=REPEATS, warmup=1)}
     for name, fn in baselines.items():
         times[name] = median_ms(fn, DEVICE, warmup=1, repeats=REPEATS)

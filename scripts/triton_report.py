@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
-"""Registers, spills and shared memory of the Triton linear-attention and VQ-search kernels for
-sm_90, per launch config, without a GPU.
+"""Registers, spills and shared memory of the Triton linear-attention, VQ-search and masked-conv
+kernels for sm_90, per launch config, without a GPU.
 
     python scripts/triton_report.py [--dims 40,64,...] [--dtypes bf16,...] [--json PATH] [--markdown PATH]
 
-Compiles every kernel of python/mmfast/triton/linear_attention_kernels.py, and the search kernel
-of vq_kernels.py, offline (triton.compile with GPUTarget("cuda", 90, 32), Triton's own ptxas)
+Compiles every kernel of python/mmfast/triton/linear_attention_kernels.py, the search kernel
+of vq_kernels.py and the conv kernel of pruned_kernels.py (its GPU tiles; D is ignored), offline (triton.compile with GPUTarget("cuda", 90, 32), Triton's own ptxas)
 with the constexprs the launches use on a GPU (outer_sum_meta, apply_meta, apply_backward_dq_meta,
 search_meta) for each head dim D (Dk = Dv; the VQ code dim) and token dtype, once per
 (num_warps, num_stages) of the kernel's autotune sweep (LAUNCH_SWEEPS, vq.LAUNCH_SWEEP), and
 reads the cubin's resource usage (cuobjdump -res-usage, found as sass_report finds it; Triton
 ships one): registers per thread, stack bytes (spills), static + dynamic shared memory, and blocks
-per SM on an H100/H200 (sass_report.occupancy with sm_90's limits).
+per SM on an H100/H200 (sass_report.occupancy with sm_90's limits). --loops also prints each
+compiled kernel's loops by instruction class (sass_report.loops_of).
 
 Why: the sweeps should hold only configs worth timing. A config that spills at a common D
 costs local-memory traffic in a bandwidth-bound kernel; one that does not fit shared memory
@@ -43,6 +44,8 @@ import sass_report  # noqa: E402  (occupancy, the tool lookup)
 
 from mmfast.triton import linear_attention as host  # noqa: E402
 from mmfast.triton import linear_attention_kernels as kernels  # noqa: E402
+from mmfast.triton import pruned as pruned_host  # noqa: E402
+from mmfast.triton import pruned_kernels  # noqa: E402
 from mmfast.triton import vq as vq_host  # noqa: E402
 from mmfast.triton import vq_kernels  # noqa: E402
 
@@ -51,8 +54,9 @@ CUOBJDUMP = sass_report.find_tool("cuobjdump", os.environ.get("CUDA_HOME"))  # T
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Pointer arguments that hold tokens (the input dtype); every other pointer is fp32, but these.
 TOKEN_POINTERS = {"a_ptr", "b_ptr", "q_ptr", "o_ptr", "do_ptr", "dq_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr",
-                  "z_ptr", "c_ptr"}
-OTHER_POINTERS = {"code_ptr": "*i64"}
+                  "z_ptr", "c_ptr", "x_ptr", "w_ptr", "bias_ptr", "y_ptr"}
+OTHER_POINTERS = {"code_ptr": "*i64", "codes_ptr": "*i64", "in_list_ptr": "*i32", "in_count_ptr": "*i32",
+                  "out_list_ptr": "*i32", "out_count_ptr": "*i32"}
 FLOAT_SCALARS = {"eps", "inv_n"}
 
 
@@ -63,10 +67,19 @@ class Role:
     jit: object  # the triton.jit function
     sweep: list  # its (num_warps, num_stages) autotune sweep
     meta: object  # (d, dtype, feature_map) -> constexprs
+    family: str = "linear_attention"  # what --kernels selects
 
 
 def _la(label: str, name: str, meta) -> Role:
     return Role(label, name, getattr(kernels, name), host.LAUNCH_SWEEPS[name], meta)
+
+
+def _conv_meta(dtype: torch.dtype) -> dict:
+    """The masked-conv launch's constexprs on a GPU (pruned._launch_conv), for a conv over a
+    contiguous x and y: Triton specialises their unit strides (== 1) into constants."""
+    block_p, block_o, block_i = pruned_host._BLOCKS_GPU
+    return dict(HAS_BIAS=True, DOT_PREC="tf32x3" if dtype == torch.float32 else None, UPCAST=False, ROUND_BF16=False,
+                BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, s_x3=1, s_yp=1)
 
 
 ROLES = [
@@ -77,7 +90,9 @@ ROLES = [
     _la("state_backward dk", "state_backward_dk_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
     _la("state_backward dv", "state_backward_dv_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
     Role("vq search", "search_kernel", vq_kernels.search_kernel, vq_host.LAUNCH_SWEEP,
-         lambda d, t, fm: vq_host.search_meta(d, t)),
+         lambda d, t, fm: vq_host.search_meta(d, t), "vq"),
+    Role("masked conv", "conv_kernel", pruned_kernels.conv_kernel, [pruned_host.CONV_LAUNCH],
+         lambda d, t, fm: _conv_meta(t), "pruned"),
 ]
 
 
@@ -105,7 +120,8 @@ def parse_resource_usage(text: str) -> dict:
     return dict(zip(("registers", "stack", "static_smem", "local"), map(int, match.groups())))
 
 
-def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int], feature_map: str = "elu1") -> dict:
+def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int], feature_map: str = "elu1",
+                loops: bool = False) -> dict:
     if CUOBJDUMP is None:
         raise RuntimeError("triton_report: cuobjdump not found on PATH, in $CUDA_HOME/bin, in a pip nvidia-* wheel "
                            "or in Triton's backend")
@@ -119,10 +135,16 @@ def compile_one(role: Role, d: int, dtype: torch.dtype, config: tuple[int, int],
         f.flush()
         usage = parse_resource_usage(subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True,
                                                     text=True, check=True).stdout)
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout if loops else ""
     smem = usage["static_smem"] + compiled.metadata.shared
-    return dict(role=role.label, kernel=role.kernel, d=d, dtype=TYPE_NAMES[dtype], num_warps=warps,
-                num_stages=stages, registers=usage["registers"], spill_bytes=usage["stack"] + usage["local"],
-                smem=smem, blocks_per_sm=sass_report.occupancy(usage["registers"], smem, 32 * warps).blocks_per_sm)
+    row = dict(role=role.label, kernel=role.kernel, d=d, dtype=TYPE_NAMES[dtype], num_warps=warps,
+               num_stages=stages, registers=usage["registers"], spill_bytes=usage["stack"] + usage["local"],
+               smem=smem, blocks_per_sm=sass_report.occupancy(usage["registers"], smem, 32 * warps).blocks_per_sm)
+    if loops:
+        function = next(iter(sass_report.parse_sass(sass).values()))
+        row["loops"] = [dataclasses.asdict(loop) for loop in sass_report.loops_of(function)]
+    return row
 
 
 def cell(row: dict) -> str:
@@ -148,20 +170,27 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", default="40,64,80,128,160,256")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--configs", help="num_warps:num_stages,... to compile instead of each kernel's sweep")
-    parser.add_argument("--kernels", default="all", help="'linear_attention', 'vq' or 'all'")
+    parser.add_argument("--kernels", default="all", help="'linear_attention', 'vq', 'pruned' or 'all'")
+    parser.add_argument("--loops", action="store_true", help="also print each kernel's loops by instruction class")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     dtypes = {v: k for k, v in TYPE_NAMES.items()}
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")] if args.configs else None
     rows = []
-    roles = [r for r in ROLES if args.kernels == "all" or (args.kernels == "vq") == (r.kernel == "search_kernel")]
+    roles = [r for r in ROLES if args.kernels in ("all", r.family)]
+    if not roles:
+        sys.exit(f"triton_report: --kernels must be linear_attention, vq, pruned or all, got {args.kernels!r}")
     for role in roles:
-        for d in map(int, args.dims.split(",")):
+        for d in map(int, args.dims.split(",")) if role.family != "pruned" else [0]:
             for name in args.dtypes.split(","):
                 for config in configs or role.sweep:
-                    rows.append(compile_one(role, d, dtypes[name], config))
+                    rows.append(compile_one(role, d, dtypes[name], config, loops=args.loops))
                     print(cell(rows[-1]), role.label, d, name, config, file=sys.stderr)
+                    if args.loops:
+                        title = f"{role.kernel} ({role.label}) D={d} {name} {config[0]} warps {config[1]} stages"
+                        print(sass_report.loops_table(title, [sass_report.Loop(**loop) for loop in rows[-1]["loops"]]),
+                              file=sys.stderr)
     command = " ".join(["python scripts/triton_report.py", *(argv if argv is not None else sys.argv[1:])])
     text = (f"`{command}`: Triton {triton.__version__}, sm_90 (offline compile), feature map elu + 1, "
             "Dk = Dv = D (VQ: the code dim). Per config: registers per thread, shared memory, blocks per SM, spills.\n\n"

@@ -84,15 +84,27 @@ def test_resource_usage_and_occupancy_helpers():
 
 def test_script_compiles_every_kernel_for_sm90(tmp_path):
     """The script end to end on the fixed config at D = 64, bf16: one row per kernel role (the VQ
-    search's fixed config is the same)."""
+    search's fixed config is the same; the masked conv ignores D)."""
     out = tmp_path / "report.json"
     subprocess.run([sys.executable, str(SCRIPT), "--dims", "64", "--dtypes", "bf16", "--configs", "8:2",
                     "--json", str(out)], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     rows = json.loads(out.read_text())
     assert {r["role"] for r in rows} == {"state (S, m)", "apply", "apply_backward dq", "apply_backward dS, dm",
-                                         "state_backward dk", "state_backward dv", "vq search"}
+                                         "state_backward dk", "state_backward dv", "vq search", "masked conv"}
     for row in rows:
         assert 32 < row["registers"] <= 255 and row["spill_bytes"] == 0 and row["blocks_per_sm"] >= 1, row
+
+
+def test_loops_of_the_masked_conv_kernel(tmp_path):
+    """--loops: the conv kernel's loops, the innermost (one tap of one input block) holding its
+    tensor-core products."""
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--kernels", "pruned", "--dtypes", "bf16", "--loops",
+                    "--json", str(out)], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
+    (row,) = json.loads(out.read_text())
+    assert row["role"] == "masked conv" and row["d"] == 0 and row["loops"]
+    innermost = max(row["loops"], key=lambda loop: loop["depth"])
+    assert innermost["own"]["mma"] > 0 and innermost["own"]["global"] > 0
 
 
 def test_committed_report_shows_no_spills_in_the_sweeps_at_d64():

@@ -32,6 +32,10 @@ FORCE_GN_BLOCK: Optional[int] = None
 _GN_BLOCK = 1024
 
 
+# (num_warps, num_stages) of the conv launch (scripts/triton_report.py compiles it offline).
+CONV_LAUNCH = (4, 2)
+
+
 def _blocks() -> tuple[int, int, int]:
     if FORCE_BLOCKS is not None:
         return FORCE_BLOCKS
@@ -72,7 +76,7 @@ def _launch_conv(x: Tensor, x_strides, weight: Tensor, bias: Optional[Tensor], s
             pix_tiles, out_tiles,
             HAS_BIAS=bias is not None, DOT_PREC="tf32x3" if x.dtype == torch.float32 else None,
             UPCAST=INTERPRET and x.dtype == torch.bfloat16, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
-            BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=4, num_stages=2)
+            BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=CONV_LAUNCH[0], num_stages=CONV_LAUNCH[1])
 
 
 @torch.library.custom_op(
