@@ -91,7 +91,7 @@ ROLES = [
     _la("state_backward dv", "state_backward_dv_kernel", lambda d, t, fm: host.apply_meta(d, d, t, fm)),
     Role("vq search", "search_kernel", vq_kernels.search_kernel, vq_host.LAUNCH_SWEEP,
          lambda d, t, fm: vq_host.search_meta(d, t), "vq"),
-    Role("masked conv", "conv_kernel", pruned_kernels.conv_kernel, [pruned_host.CONV_LAUNCH],
+    Role("masked conv", "conv_kernel", pruned_kernels.conv_kernel, pruned_host.CONV_SWEEP,
          lambda d, t, fm: _conv_meta(t), "pruned"),
 ]
 

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 
 from mmfast.triton import _common  # noqa: E402
 from mmfast.triton import linear_attention as host  # noqa: E402
+from mmfast.triton import pruned as pruned_host  # noqa: E402
 from mmfast.triton import vq as vq_host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,7 @@ def test_every_kernel_runs_its_fixed_config_under_the_interpreter():
     for name, tuned in TUNED.items():
         assert [(c.num_warps, c.num_stages) for c in tuned.configs] == [host.FIXED_LAUNCH], name
     assert [(c.num_warps, c.num_stages) for c in vq_host._search_kernel.configs] == [vq_host.FIXED_LAUNCH]
+    assert [(c.num_warps, c.num_stages) for c in pruned_host._conv_kernel.configs] == [pruned_host.CONV_LAUNCH]
 
 
 def test_sweeps_hold_the_fixed_config_and_autotune_over_them(monkeypatch):
@@ -54,6 +56,8 @@ def test_sweeps_hold_the_fixed_config_and_autotune_over_them(monkeypatch):
     assert set(host.LAUNCH_SWEEPS) == set(TUNED)
     configs = _common.launch_configs(vq_host.FIXED_LAUNCH, vq_host.LAUNCH_SWEEP)
     assert [(c.num_warps, c.num_stages) for c in configs] == vq_host.LAUNCH_SWEEP
+    configs = _common.launch_configs(pruned_host.CONV_LAUNCH, pruned_host.CONV_SWEEP)
+    assert [(c.num_warps, c.num_stages) for c in configs] == pruned_host.CONV_SWEEP
     with pytest.raises(ValueError, match=r"fixed launch config \(8, 2\) must be one of the sweep"):
         _common.launch_configs((8, 2), [(4, 2)])
 
@@ -99,8 +103,8 @@ def test_loops_of_the_masked_conv_kernel(tmp_path):
     """--loops: the conv kernel's loops, the innermost (one tap of one input block) holding its
     tensor-core products."""
     out = tmp_path / "report.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--kernels", "pruned", "--dtypes", "bf16", "--loops",
-                    "--json", str(out)], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
+    subprocess.run([sys.executable, str(SCRIPT), "--kernels", "pruned", "--dtypes", "bf16", "--configs", "4:2",
+                    "--loops", "--json", str(out)], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
     (row,) = json.loads(out.read_text())
     assert row["role"] == "masked conv" and row["d"] == 0 and row["loops"]
     innermost = max(row["loops"], key=lambda loop: loop["depth"])

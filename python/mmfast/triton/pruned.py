@@ -19,7 +19,7 @@ from torch import Tensor
 from ..ops.pruned import (check_masked_conv2d, check_masked_group_norm, check_masked_linear,
                           register_fakes_and_autograd)
 from . import pruned_kernels as kernels
-from ._common import INTERPRET, check_runnable, device_guard
+from ._common import INTERPRET, autotuned, check_runnable, device_guard
 
 # Tile sizes of the conv kernel: output pixels x output channels x input channels per step.
 # Not autotuned yet. Under the interpreter the output tiles are small so that the tests' small
@@ -32,8 +32,14 @@ FORCE_GN_BLOCK: Optional[int] = None
 _GN_BLOCK = 1024
 
 
-# (num_warps, num_stages) of the conv launch (scripts/triton_report.py compiles it offline).
+# (num_warps, num_stages) of the conv launch: CONV_LAUNCH under the interpreter and with
+# MMFAST_TRITON_AUTOTUNE=0, else the autotuner times CONV_SWEEP on the first call per shape.
+# From the offline sm_90 compile (scripts/triton_report.py --kernels pruned --loops): bf16 at
+# 4 warps 255 registers, 275 instructions per thread per 64 x 64 x 32 step; at 8 warps 199
+# registers, 156; fp32 spills 328 B at 4 warps, none at 8. Which wins is for a GPU to say.
 CONV_LAUNCH = (4, 2)
+CONV_SWEEP = [(4, 2), (8, 2)]
+_conv_kernel = autotuned(kernels.conv_kernel, CONV_LAUNCH, CONV_SWEEP, ["CIN", "COUT", "HO", "WO", "KH", "KW"])
 
 
 def _blocks() -> tuple[int, int, int]:
@@ -66,7 +72,7 @@ def _launch_conv(x: Tensor, x_strides, weight: Tensor, bias: Optional[Tensor], s
     pix_tiles, out_tiles = triton.cdiv(out_h * out_w, block_p), triton.cdiv(out_channels, block_o)
     per_code = out_channels * in_channels * kh * kw
     with device_guard(x):
-        kernels.conv_kernel[(batch * pix_tiles * out_tiles,)](
+        _conv_kernel[(batch * pix_tiles * out_tiles,)](
             x, weight, bias if bias is not None else weight, sample_codes.contiguous(), in_list, in_count,
             out_list, out_count, y,
             codes, in_channels, out_channels, height, width, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw,
@@ -76,7 +82,7 @@ def _launch_conv(x: Tensor, x_strides, weight: Tensor, bias: Optional[Tensor], s
             pix_tiles, out_tiles,
             HAS_BIAS=bias is not None, DOT_PREC="tf32x3" if x.dtype == torch.float32 else None,
             UPCAST=INTERPRET and x.dtype == torch.bfloat16, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
-            BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=CONV_LAUNCH[0], num_stages=CONV_LAUNCH[1])
+            BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i)
 
 
 @torch.library.custom_op(
