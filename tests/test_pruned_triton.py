@@ -222,7 +222,7 @@ def test_group_norm_strided_x_several_chunks_and_torch_equivalence(ns, blocks):
 
 
 def test_group_norm_far_off_mean_several_chunks(ns, blocks):
-    """A mean 1000 standard deviations out, over 4 chunks of 16 lanes: the one-read statistics
+    """A mean 1000 standard deviations out, over 2 chunks of 16 lanes: the one-read statistics
     (per-lane Welford, lanes merged pairwise) keep the variance where E[x^2] - mean^2 in fp32
     would lose it entirely."""
     blocks(group_norm=16)

@@ -40,6 +40,10 @@ void run_masked_conv(mmfast::MaskedConvParams& p, const at::Tensor& x, const at:
   p.bias = bias.defined() ? bias.data_ptr() : nullptr;
   p.bias_code_stride = bias.defined() && bias.size(0) > 1 ? bias.size(1) : 0;
   p.y = y.data_ptr();
+  TORCH_CHECK_VALUE(mmfast::cuda::masked_conv2d_coordinates_fit(p), "mmfast::", op,
+                    " (CUDA): sizes, strides, padding and dilations must each be below 2^29 (the kernel's "
+                    "int32 coordinates), got input ", p.height, " x ", p.width, " (masked_linear: tokens x 1), output ",
+                    p.out_height, " x ", p.out_width, ", kernel ", p.kernel_h, " x ", p.kernel_w);
   const size_t bytes = mmfast::cuda::masked_conv2d_workspace_bytes(p);
   TORCH_CHECK(bytes > 0, "mmfast::", op, " (CUDA): invalid kernel parameters");
   const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));

@@ -362,8 +362,22 @@ void run_all(int level) {
                {2, 7, 0}, 2, 1000, 1});
 }
 
+// Sizes past the kernel's int32 coordinates are refused before any launch.
+void run_coordinate_limit() {
+  MaskedConvParams p;
+  p.batch = 1, p.in_channels = 1, p.out_channels = 1, p.kernel_h = p.kernel_w = 1;
+  p.height = p.out_height = int64_t(1) << 29, p.width = p.out_width = 1;
+  if (cuda::masked_conv2d_coordinates_fit(p) || cuda::masked_conv2d(p, nullptr) != cudaErrorInvalidValue)
+    fail("a 2^29-row input is not refused");
+  p.height = p.out_height = (int64_t(1) << 29) - 1;
+  if (!cuda::masked_conv2d_coordinates_fit(p)) fail("a (2^29 - 1)-row input is refused");
+  p.out_height = (int64_t(1) << 28), p.stride_h = 2;  // out_height * stride reaches 2^29
+  if (cuda::masked_conv2d_coordinates_fit(p)) fail("out_height * stride = 2^29 is not refused");
+}
+
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
+  run_coordinate_limit();
   run_all<float>(level);
   run_all<double>(level);
   run_all<__half>(level);

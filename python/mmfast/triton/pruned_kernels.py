@@ -129,7 +129,8 @@ def load_kept(x_group, mask_row, e, n, P):
 def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     """The statistics of two disjoint sets, each (mean, sum of squared deviations, count)."""
     n = n_a + n_b
-    share = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    share = tl.where(n_a == 0, 1.0, n_b / tl.maximum(n, 1.0))  # exactly 1 when a is empty: b as is
+    share = tl.where(n_b == 0, 0.0, share)
     delta = mean_b - mean_a
     return mean_a + delta * share, m2_a + m2_b + delta * delta * n_a * share, n
 

@@ -101,7 +101,8 @@ inline void normalize_channel(const scalar_t* x, scalar_t* out, int64_t n, float
   int64_t i = 0;
   for (; i + kFloatLanes <= n; i += kFloatLanes) {
     FloatVec v = (load_floats(x + i) - m) * a + b;
-    if (with_silu) v = v / (one + exp_vec(-v));
+    // exp_vec saturates at exp(88): below -88 SiLU is v * 0 (-0, as v / (1 + inf); NaN for -inf)
+    if (with_silu) v = v < splat<float>(-88.0f) ? v * splat<float>(0.0f) : v / (one + exp_vec(-v));
     store_floats(out + i, v);
   }
   for (; i < n; ++i) {
@@ -144,7 +145,8 @@ struct GroupNormJob {
       if (keep[c]) squares += channel_sum<true>(x + c * p.plane, p.plane, mean);
     // Squares around the rounded mean exceed those around the exact one by count * (gap)^2.
     const double gap = static_cast<double>(mean) - mean_exact;
-    const double variance = kept ? squares / count - gap * gap : 0.0;
+    // >= 0: with a near-constant group the correction can exceed the rounded squares
+    const double variance = kept ? __builtin_fmax(squares / count - gap * gap, 0.0) : 0.0;
     const acc_t rstd = kept ? static_cast<acc_t>(1.0 / __builtin_sqrt(variance + p.eps)) : acc_t(0);
     const scalar_t* weight = static_cast<const scalar_t*>(p.weight);
     const scalar_t* bias = static_cast<const scalar_t*>(p.bias);

@@ -16,20 +16,24 @@ inline bool masked_routing_valid(const CodeRouting& r, bool need_in_mask) {
          (!need_in_mask || r.in_mask != nullptr);
 }
 
+// Whether the kernel's int32 input coordinates hold this conv: every term of
+// ho * stride - pad + r * dilation below prunedk::kCoordLimit (2^29).
+inline bool masked_conv2d_coordinates_fit(const MaskedConvParams& p) {
+  const int64_t lim = prunedk::kCoordLimit;
+  for (int64_t v : {p.height, p.width, p.pad_h, p.pad_w, p.kernel_h, p.kernel_w, p.dilation_h, p.dilation_w,
+                    p.stride_h, p.stride_w, p.out_height, p.out_width})
+    if (v >= lim) return false;  // each below 2^29: the products below cannot overflow
+  return (p.kernel_h - 1) * p.dilation_h < lim && (p.kernel_w - 1) * p.dilation_w < lim &&
+         p.out_height * p.stride_h < lim && p.out_width * p.stride_w < lim;
+}
+
 inline bool masked_conv2d_valid(const MaskedConvParams& p) {
   if (p.batch < 0 || p.in_channels < 0 || p.out_channels < 0 || p.height < 0 || p.width < 0 || p.out_height < 0 ||
       p.out_width < 0 || p.kernel_h < 1 || p.kernel_w < 1 || p.stride_h < 1 || p.stride_w < 1 || p.pad_h < 0 ||
       p.pad_w < 0 || p.dilation_h < 1 || p.dilation_w < 1 || p.weight_code_stride < 0 || p.bias_code_stride < 0)
     return false;
   if (p.in_channels > INT_MAX || p.out_channels > INT_MAX) return false;  // int32 channel lists
-  // int32 input coordinates in the kernel: every term of ho * stride - pad + r * dilation small
-  const int64_t lim = prunedk::kCoordLimit;
-  for (int64_t v : {p.height, p.width, p.pad_h, p.pad_w, p.kernel_h, p.kernel_w, p.dilation_h, p.dilation_w,
-                    p.stride_h, p.stride_w, p.out_height, p.out_width})
-    if (v >= lim) return false;  // each below 2^29: the products below cannot overflow
-  if ((p.kernel_h - 1) * p.dilation_h >= lim || (p.kernel_w - 1) * p.dilation_w >= lim ||
-      p.out_height * p.stride_h >= lim || p.out_width * p.stride_w >= lim)
-    return false;
+  if (!masked_conv2d_coordinates_fit(p)) return false;
   if (!masked_routing_valid(p.routing, p.in_channels > 0)) return false;  // (K, 0) masks have no data
   const bool empty = p.batch == 0 || p.out_channels == 0 || p.out_height == 0 || p.out_width == 0;
   if (empty) return true;

@@ -6,8 +6,10 @@
 //                             a time as their own mean and squared deviations, threads merge
 //                             pairwise; fp32, fp64 for fp64: no E[x^2] - mean^2 cancellation);
 //                             the second writes every channel of the group: kept ones
-//                             (x - mean) * rstd * weight + bias (+ SiLU), masked ones 0 (never
-//                             read). A sample whose code is outside [0, K) gets NaN over all its
+//                             (x - mean) * rstd * weight + bias (+ SiLU), masked ones 0 (their
+//                             values never used: a load of a masked pack reads the group's
+//                             first pack instead, and drops it). A sample whose code is outside
+//                             [0, K) gets NaN over all its
 //                             channels. Threads walk the group in V-element packs in memory order
 //                             (coalesced), stepping without a division, and each issues kLoads
 //                             pack loads before it uses any (4 x 16 B in flight per thread).
@@ -57,9 +59,10 @@ template <class A> struct Welford {
 // The statistics of a and b together (Chan et al.'s pairwise update); exact order, so the
 // block's result does not depend on thread timing.
 template <class A> __device__ __forceinline__ Welford<A> welford_merge(const Welford<A>& a, const Welford<A>& b) {
+  if (b.n == A(0)) return a;
+  if (a.n == A(0)) return b;  // exactly: an approximate share of 1 would scale the whole mean
   const A n = a.n + b.n;
-  if (n == A(0)) return a;
-  const A delta = b.mean - a.mean, share = divide_fast(b.n, n);  // a weight: 2 ulp is plenty
+  const A delta = b.mean - a.mean, share = divide_fast(b.n, n);  // weights a difference: 2 ulp is plenty
   return {n, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.n * share};
 }
 
