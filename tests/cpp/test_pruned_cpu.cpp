@@ -96,6 +96,24 @@ int check_invalid_code(const cpu::PrunedKernels& k) {
   return bad;
 }
 
+// SiLU of very negative values is -0 (v / (1 + inf)) in the vector lanes and the tail alike,
+// not v / exp(88) (exp_vec saturates there): a bias of -1e37 would give -0.06.
+int check_silu_saturates(const cpu::PrunedKernels& k) {
+  const int64_t plane = 37;  // vectors and a scalar tail at every ISA's width
+  std::vector<float> x(2 * plane), y(x.size(), -7.0f), weight{1.0f, 1.0f}, bias{-1e37f, -200.0f};
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 5);
+  const int64_t codes[1] = {0};
+  const bool mask[2] = {true, true};
+  MaskedGroupNormParams p;
+  p.batch = 1, p.channels = 2, p.groups = 1, p.plane = plane;
+  p.routing.num_codes = 1, p.routing.sample_codes = codes, p.routing.out_mask = mask;
+  p.x = x.data(), p.y = y.data(), p.weight = weight.data(), p.bias = bias.data();
+  p.silu = true;
+  int bad = k.group_norm(p) == -1 ? 0 : 1;
+  for (float v : y) bad += !(v == 0.0f);
+  return bad;
+}
+
 // gather then scatter of random rows / channels (with runs of adjacent channels, as APTP's whole
 // groups give) through element type T, inner sizes 1 and 9 (tokens, 3x3 taps): every packed
 // element equals its source, every dense output channel of the chosen rows is the packed value
@@ -173,6 +191,9 @@ int main() {
     const int bad = check_invalid_code(k);
     std::printf("%s %s group_norm invalid code\n", bad ? "FAIL" : "ok  ", cpu::isa_name(variant.isa));
     failures += bad != 0;
+    const int saturated = check_silu_saturates(k);
+    std::printf("%s %s group_norm SiLU of -1e37 and -200\n", saturated ? "FAIL" : "ok  ", cpu::isa_name(variant.isa));
+    failures += saturated != 0;
     for (int64_t inner : {1, 9}) {
       const int moved = check_gather_scatter<float>(k, inner, rng) + check_gather_scatter<uint16_t>(k, inner, rng) +
                         check_gather_scatter<double>(k, inner, rng);
