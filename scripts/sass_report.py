@@ -334,6 +334,16 @@ def async_pipeline(function: Function) -> tuple[int, int, int]:
 _TARGET_RE = re.compile(r"\b0x([0-9a-fA-F]+)\b")
 
 
+def back_edges(function: Function) -> set[tuple[int, int]]:
+    """(head, tail) of every backward BRA: the branch at `tail` jumps back to `head`."""
+    spans = set()
+    for instr in function.instrs:
+        match = _TARGET_RE.search(instr.args) if instr.base == "BRA" else None
+        if match and int(match.group(1), 16) <= instr.addr:
+            spans.add((int(match.group(1), 16), instr.addr))
+    return spans
+
+
 def ring_loops(function: Function) -> list[int]:
     """Static instruction counts of the loops around the cp.async ring's first wait
     (DEPBAR.LE), innermost first, each counting its own instructions only (those of the loops
@@ -347,11 +357,7 @@ def ring_loops(function: Function) -> list[int]:
     waits = [i.addr for i in function.instrs if i.base == "DEPBAR" and "SB0" in i.args]
     if not waits:
         return []
-    spans = set()
-    for instr in function.instrs:
-        match = _TARGET_RE.search(instr.args) if instr.base == "BRA" else None
-        if match and int(match.group(1), 16) <= waits[0] <= instr.addr:
-            spans.add((int(match.group(1), 16), instr.addr))
+    spans = {(head, tail) for head, tail in back_edges(function) if head <= waits[0] <= tail}
     counts, inside = [], 0
     for start, end in sorted(spans, key=lambda span: span[1] - span[0]):
         total = sum(start <= i.addr <= end for i in function.instrs)
@@ -389,9 +395,7 @@ def loops_of(function: Function) -> list[Loop]:
     """Every loop (span of a backward BRA; two back edges to one head with different tails are
     two loops), outermost first, with the classes of its own static instructions. Static counts:
     how often an inner loop runs per outer iteration is not in the code."""
-    spans = sorted({(int(m.group(1), 16), i.addr) for i in function.instrs if i.base == "BRA"
-                    for m in [_TARGET_RE.search(i.args)] if m and int(m.group(1), 16) <= i.addr},
-                   key=lambda span: (span[0], -span[1]))
+    spans = sorted(back_edges(function), key=lambda span: (span[0], -span[1]))
     loops = []
     for head, tail in spans:
         inner = [(h, t) for h, t in spans if (h, t) != (head, tail) and head <= h and t <= tail]
