@@ -15,6 +15,7 @@
 #include "mmfast/cuda/pruned.cuh"
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -81,6 +82,13 @@ std::vector<char> make_masks(int64_t K, int64_t C, int mode, double keep) {
     }
   }
   return m;
+}
+
+// Whether the last masked_conv2d launched a kernel whose name starts with `prefix`.
+bool launched(const char* prefix) {
+  for (const auto& l : emu::launches)
+    if (std::strncmp(l.kernel, prefix, std::strlen(prefix)) == 0) return true;
+  return false;
 }
 
 template <class T>
@@ -167,7 +175,12 @@ void run_conv(const ConvCase& cc) {
   if (ws_bytes == 0) return fail("workspace query " + cfg);
   std::vector<char> ws(ws_bytes + 64, 0x5a);
   p.workspace = ws.data(), p.workspace_bytes = ws_bytes;
+  emu::launches.clear();
   if (cuda::masked_conv2d(p, nullptr) != cudaSuccess) return fail("launch " + cfg);
+  const bool want_async = (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) &&
+                          emu::compute_major >= 8;
+  if (launched("masked_conv_async_kernel") != want_async || launched("masked_conv_kernel<") == want_async)
+    fail("conv kernel choice " + cfg);
 
   int bad = 0, shown = 0;
   auto report = [&](const char* what, int64_t b, int64_t o, int64_t h, int64_t w, double got, double want) {
@@ -342,6 +355,14 @@ void run_all(int level) {
   if (level >= 1 && (std::is_same<T, float>::value || std::is_same<T, __half>::value))
     run_conv<T>({"3x3 Cin=40 Cout=130 12x12, 3 channel / 3 pixel tiles", 3, 40, 130, 12, 12, 3, 3, 1, 1, 1, 1, 1, 1, 4,
                  false, true, false, false, XLayout::kChannelsLast, {3, 1, 3}, 0});
+  if (level >= 1 && (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value)) {
+    // the packed path (conv_async.cuh) over several of its 128-wide tiles: 3 input slices per
+    // tap, a channel tile straddling the kept count, 2 pixel tiles; and stride 2 with dilation
+    run_conv<T>({"3x3 Cin=72 Cout=300 11x13, 95% kept: 27 steps, 3 channel / 2 pixel tiles", 2, 72, 300, 11, 13, 3,
+                 3, 1, 1, 1, 1, 1, 1, 2, false, true, false, false, XLayout::kContiguous, {1, 0}, 4});
+    run_conv<T>({"3x3 s2 p2 d2 Cin=48 gapped x, invalid code", 3, 48, 40, 17, 15, 3, 3, 2, 2, 2, 2, 2, 2, 2, false,
+                 true, false, false, XLayout::kGapped, {1, 2, 0}, 4});
+  }
 
   // name, B, C, G, P, K, weight, bias, per-code affine, silu, int32, codes, mask, offset
   run_norm<T>({"C=30 G=3 P=7 per-code affine silu", 4, 30, 3, 7, 3, true, true, true, true, false, {2, 0, 1, 1}, 2, 0});

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "mmfast/cuda/pruned/conv.cuh"
+#include "mmfast/cuda/pruned/conv_async.cuh"
 #include "mmfast/cuda/pruned/group_norm.cuh"
 
 namespace mmfast {
@@ -43,20 +44,46 @@ inline bool masked_conv2d_valid(const MaskedConvParams& p) {
   return true;
 }
 
-// Workspace bytes of masked_conv2d: the per-code routing plan (counts, kept-input lists and
-// output permutations, int32).
+// Whether masked_conv2d takes the packed cp.async path (conv_async.cuh) for p on this device.
+inline bool masked_conv2d_uses_async(const MaskedConvParams& p) {
+  bool async = false;
+  dispatch_dtype(p.dtype, [&](auto t) {
+    async = prunedk::use_async_conv<decltype(t)>(p);
+    return cudaSuccess;
+  });
+  return async;
+}
+
+inline int64_t dtype_bytes(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
+}
+
+// Workspace bytes of masked_conv2d: the per-code routing plan (counts, kept-input lists, output
+// permutations and which codes are used, int32), and on the packed path the packed weights
+// (K x kh*kw x Cout x round_up(Cin, 8) elements) and inputs (B x H x W x round_up(Cin, 8)).
 inline size_t masked_conv2d_workspace_bytes(const MaskedConvParams& p) {
   if (!masked_conv2d_valid(p)) return 0;
+  if (masked_conv2d_uses_async(p)) return prunedk::packed_layout(p, dtype_bytes(p.dtype)).bytes;
   return prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels).bytes;
 }
 
 // y of masked_conv2d / masked_linear (mmfast/pruned.h): a routing-plan kernel, then one grouped
-// implicit-GEMM launch over the whole mixed-code batch. Needs the workspace.
+// implicit-GEMM launch over the whole mixed-code batch (fp16 / bf16 on sm_80+: after two packing
+// launches, conv_async.cuh; a workspace sized for the routing plan only takes masked_conv_kernel).
 inline cudaError_t masked_conv2d(const MaskedConvParams& p, cudaStream_t stream) {
   if (!masked_conv2d_valid(p)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.out_channels == 0 || p.out_height == 0 || p.out_width == 0) return cudaSuccess;
-  if (p.workspace == nullptr || p.workspace_bytes < masked_conv2d_workspace_bytes(p)) return cudaErrorInvalidValue;
-  return dispatch_dtype(p.dtype, [&](auto t) { return prunedk::launch_conv<decltype(t)>(p, stream); });
+  const prunedk::RoutingPlan plan = prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels);
+  if (p.workspace == nullptr || p.workspace_bytes < plan.bytes) return cudaErrorInvalidValue;
+  const cudaError_t err = prunedk::launch_routing(p, plan, stream);
+  if (err != cudaSuccess) return err;
+  const bool packed_room = p.workspace_bytes >= prunedk::packed_layout(p, dtype_bytes(p.dtype)).bytes;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (packed_room && prunedk::use_async_conv<T>(p) && prunedk::launch_conv_async<T>(p, plan, stream))
+      return cudaGetLastError();
+    return prunedk::launch_conv_tiled<T>(p, plan, stream);
+  });
 }
 
 // y of masked_group_norm (mmfast/pruned.h): one block per (sample, group).

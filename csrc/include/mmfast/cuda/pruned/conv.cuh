@@ -58,17 +58,20 @@ constexpr int32_t kOffGrid = -(int32_t(1) << 30);
 // counts[2k] = kept inputs of code k, counts[2k + 1] = kept outputs; in_list[k * Cin + i] the
 // i-th kept input channel; out_perm[k * Cout + pos] the output channel at position pos (kept
 // ones first, in channel order, then the masked ones, in channel order). int32: channels fit.
+// used[k] = 1 when some sample has code k, else 0 (the packing kernels of conv_async.cuh skip
+// the codes no sample uses).
 struct RoutingPlan {
-  size_t counts_offset, in_offset, perm_offset, bytes;
+  size_t counts_offset, in_offset, perm_offset, used_offset, bytes;
 };
 
 inline RoutingPlan routing_plan(int64_t codes, int64_t in_channels, int64_t out_channels) {
+  const auto ints = [](int64_t n) { return static_cast<size_t>(round_up(static_cast<int64_t>(sizeof(int32_t)) * n, 256)); };
   RoutingPlan s;
   s.counts_offset = 0;
-  s.in_offset = static_cast<size_t>(round_up(static_cast<int64_t>(sizeof(int32_t)) * 2 * codes, 256));
-  s.perm_offset =
-      s.in_offset + static_cast<size_t>(round_up(static_cast<int64_t>(sizeof(int32_t)) * codes * in_channels, 256));
-  s.bytes = s.perm_offset + sizeof(int32_t) * static_cast<size_t>(codes * out_channels);
+  s.in_offset = ints(2 * codes);
+  s.perm_offset = s.in_offset + ints(codes * in_channels);
+  s.used_offset = s.perm_offset + ints(codes * out_channels);
+  s.bytes = s.used_offset + ints(codes);
   return s;
 }
 
@@ -90,10 +93,20 @@ __device__ __forceinline__ int32_t compact(const bool* mask, int64_t n, bool wan
 
 template <int kUnused = 0>  // a template, like every kernel in a header (no ODR clash across TUs)
 __global__ void __launch_bounds__(kThreads)
-    masked_routing_kernel(const bool* in_mask, const bool* out_mask, int64_t codes, int64_t in_channels,
-                          int64_t out_channels, int32_t* counts, int32_t* in_list, int32_t* out_perm) {
+    masked_routing_kernel(CodeRouting routing, int64_t batch, int64_t in_channels, int64_t out_channels,
+                          int32_t* counts, int32_t* in_list, int32_t* out_perm, int32_t* used) {
   __shared__ int32_t scratch[32];
-  for (int64_t k = blockIdx.x; k < codes; k += gridDim.x) {
+  __shared__ int32_t any_sample;
+  const bool* in_mask = routing.in_mask;
+  const bool* out_mask = routing.out_mask;
+  for (int64_t k = blockIdx.x; k < routing.num_codes; k += gridDim.x) {
+    __syncthreads();  // the previous code's flag was read
+    if (threadIdx.x == 0) any_sample = 0;
+    __syncthreads();
+    for (int64_t b = threadIdx.x; b < batch; b += blockDim.x)
+      if (code_of(routing, b) == k) any_sample = 1;  // every writer stores the same value
+    __syncthreads();
+    if (threadIdx.x == 0) used[k] = any_sample;
     const int32_t kept_in =
         compact(in_mask + k * in_channels, in_channels, true, in_list + k * in_channels, 0, scratch);
     int32_t* perm = out_perm + k * out_channels;
@@ -298,22 +311,25 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
 }
 
 // ---- host side ---------------------------------------------------------------------------------
-template <class T>
-cudaError_t launch_conv(const MaskedConvParams& p, cudaStream_t stream) {
-  const RoutingPlan plan = routing_plan(p.routing.num_codes, p.in_channels, p.out_channels);
+// The routing plan of p into p's workspace (every conv path starts with it).
+inline cudaError_t launch_routing(const MaskedConvParams& p, const RoutingPlan& plan, cudaStream_t stream) {
   char* ws = static_cast<char*>(p.workspace);
-  int32_t* counts = reinterpret_cast<int32_t*>(ws + plan.counts_offset);
-  int32_t* in_list = reinterpret_cast<int32_t*>(ws + plan.in_offset);
-  int32_t* out_perm = reinterpret_cast<int32_t*>(ws + plan.perm_offset);
-  MMFAST_LAUNCH(masked_routing_kernel<0>, grid_for(p.routing.num_codes), kThreads, 0, stream, p.routing.in_mask,
-                p.routing.out_mask, p.routing.num_codes, p.in_channels, p.out_channels, counts, in_list, out_perm);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  MMFAST_LAUNCH(masked_routing_kernel<0>, grid_for(p.routing.num_codes), kThreads, 0, stream, p.routing, p.batch,
+                p.in_channels, p.out_channels, reinterpret_cast<int32_t*>(ws + plan.counts_offset),
+                reinterpret_cast<int32_t*>(ws + plan.in_offset), reinterpret_cast<int32_t*>(ws + plan.perm_offset),
+                reinterpret_cast<int32_t*>(ws + plan.used_offset));
+  return cudaGetLastError();
+}
+
+// masked_conv_kernel over the whole batch (the plan is in the workspace already).
+template <class T>
+cudaError_t launch_conv_tiled(const MaskedConvParams& p, const RoutingPlan& plan, cudaStream_t stream) {
+  char* ws = static_cast<char*>(p.workspace);
   ConvArgs a;
   a.p = p;
-  a.counts = counts;
-  a.in_list = in_list;
-  a.out_perm = out_perm;
+  a.counts = reinterpret_cast<const int32_t*>(ws + plan.counts_offset);
+  a.in_list = reinterpret_cast<const int32_t*>(ws + plan.in_offset);
+  a.out_perm = reinterpret_cast<const int32_t*>(ws + plan.perm_offset);
   a.pixels = p.out_height * p.out_width;
   a.pixel_tiles = ceil_div(a.pixels, kTile);
   a.channel_tiles = ceil_div(p.out_channels, kTile);

@@ -1,0 +1,362 @@
+// masked_conv2d (and masked_linear) for fp16 / bf16 on sm_80+: packed operands streamed by
+// cp.async through the NT tile GEMM of tile_gemm.cuh (namespace mmfast::cuda::prunedk).
+// The plan behind it: docs/masked-conv-performance.md ("What a kernel that can meet it needs").
+//
+//   masked_pack_weight_kernel  per (code some sample uses, output position < kept_out): that
+//                       output channel's weights over the code's kept inputs, one row per tap:
+//                         wp[code][tap][pos][j] = weight[code][out_perm[pos]][in_list[j]][tap]
+//                       for j < kept_in, 0 up to round_up(kept_in, 8).
+//   masked_pack_input_kernel   per sample of a valid code: its kept input channels, channels
+//                       innermost (a 32 x 32 transpose through shared memory):
+//                         xp[b][h][w][j] = x[b][in_list[j]][h][w], j < kept_in, 0 up to the 8.
+//   masked_conv_async_kernel   item = (sample b, 128 positions of its code's output permutation,
+//                       128 output pixels): C[pos][pixel] = sum over taps t and 32-wide slices of
+//                       the kept inputs of wp[code][t][pos][.] . xp[b][pixel shifted by t][.].
+//                       Every row of both operands is 16-byte chunks (rows of round_up(Cin, 8)
+//                       elements), copied by cp.async into a 4-stage ring (a pixel whose tap
+//                       falls in the padding, a row past the kept outputs: zero-filled chunks)
+//                       and multiplied by ldmatrix + mma.sync.m16n8k16 with fp32 sums
+//                       (nt_multiply; products exact, as on the TF32 path). Staging costs a few
+//                       instructions per 16-byte chunk instead of ~25 per element.
+//                       Positions >= kept_out are written 0, a sample of a code outside [0, K) NaN,
+//                       as by masked_conv_kernel (conv.cuh), which runs every other case.
+// The packed operands live in the workspace (sizes known on the host: K x taps x Cout x Cin8 and
+// B x H x W x Cin8 elements, Cin8 = round_up(Cin, 8)); the packing kernels write only the kept
+// part of the codes in use, so their traffic scales with the kept work like the conv's.
+// Compiled, checked under the host emulator; not yet run on a GPU.
+#pragma once
+
+#include <cstring>
+
+#include "mmfast/cuda/common.cuh"
+#include "mmfast/cuda/pruned/conv.cuh"
+#include "mmfast/cuda/tile_gemm.cuh"
+#include "mmfast/pruned.h"
+
+namespace mmfast {
+namespace cuda {
+namespace prunedk {
+
+// ---- workspace: the packed operands after the routing plan -------------------------------------
+struct PackedLayout {
+  int64_t cin8;                  // row length of both packed operands: round_up(Cin, 8)
+  size_t weight_offset, input_offset, bytes;
+};
+
+inline PackedLayout packed_layout(const MaskedConvParams& p, int64_t elem_bytes) {
+  PackedLayout s;
+  s.cin8 = round_up(p.in_channels, 8);
+  const int64_t taps = p.kernel_h * p.kernel_w;
+  const size_t plan_bytes = routing_plan(p.routing.num_codes, p.in_channels, p.out_channels).bytes;
+  s.weight_offset = static_cast<size_t>(round_up(static_cast<int64_t>(plan_bytes), 256));
+  const int64_t weight_bytes = p.routing.num_codes * taps * p.out_channels * s.cin8 * elem_bytes;
+  s.input_offset = s.weight_offset + static_cast<size_t>(round_up(weight_bytes, 256));
+  s.bytes = s.input_offset + static_cast<size_t>(p.batch * p.height * p.width * s.cin8 * elem_bytes);
+  return s;
+}
+
+struct AsyncConvArgs {
+  MaskedConvParams p;
+  const int32_t* counts;
+  const int32_t* in_list;
+  const int32_t* out_perm;
+  const int32_t* used;
+  void* wp;              // packed weights (see above)
+  void* xp;              // packed inputs
+  int64_t cin8;
+  int64_t pixels;        // Ho * Wo
+  int64_t pixel_tiles;   // ceil(pixels / 128)
+  int64_t channel_tiles; // ceil(Cout / 128)
+};
+
+// 16-bit elements moved as raw bits (no constructors in shared arrays).
+template <class T> __device__ __forceinline__ uint16_t bits_of(T v) {
+  uint16_t u;
+  memcpy(&u, &v, 2);
+  return u;
+}
+
+// ---- packing -----------------------------------------------------------------------------------
+template <class T>
+__global__ void __launch_bounds__(kThreads) masked_pack_weight_kernel(AsyncConvArgs a) {
+  const MaskedConvParams& p = a.p;
+  const T* weight = static_cast<const T*>(p.weight);
+  uint16_t* wp = static_cast<uint16_t*>(a.wp);
+  const int64_t taps = p.kernel_h * p.kernel_w;
+  const int64_t items = p.routing.num_codes * p.out_channels;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t code = item / p.out_channels, pos = item - code * p.out_channels;
+    if (!a.used[code] || pos >= a.counts[2 * code + 1]) continue;  // uniform over the block
+    const int64_t kept_in = a.counts[2 * code], kept8 = round_up(kept_in, 8);
+    const int32_t* in_list = a.in_list + code * p.in_channels;
+    const T* src = weight + code * p.weight_code_stride + a.out_perm[code * p.out_channels + pos] * p.in_channels * taps;
+    uint16_t* dst = wp + (code * taps * p.out_channels + pos) * a.cin8;
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t j = threadIdx.x; j < kept8; j += blockDim.x)
+        dst[t * p.out_channels * a.cin8 + j] = j < kept_in ? bits_of(src[in_list[j] * taps + t]) : uint16_t(0);
+  }
+}
+
+constexpr int kPackTile = 32;  // the input transpose: 32 channels x 32 pixels per item
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) masked_pack_input_kernel(AsyncConvArgs a) {
+  __shared__ uint16_t tile[kPackTile][kPackTile + 1];  // [channel][pixel]; +1: no bank conflicts
+  const MaskedConvParams& p = a.p;
+  const T* x = static_cast<const T*>(p.x);
+  uint16_t* xp = static_cast<uint16_t*>(a.xp);
+  const int64_t plane = p.height * p.width;
+  const int64_t pixel_tiles = ceil_div(plane, kPackTile), channel_tiles = ceil_div(a.cin8, kPackTile);
+  const int64_t items = p.batch * pixel_tiles * channel_tiles;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t jt = item % channel_tiles, rest = item / channel_tiles;
+    const int64_t pt = rest % pixel_tiles, b = rest / pixel_tiles;
+    const int64_t code = code_of(p.routing, b);
+    if (code < 0 || code >= p.routing.num_codes) continue;  // the conv writes NaN, reads nothing
+    const int64_t kept_in = a.counts[2 * code], kept8 = round_up(kept_in, 8);
+    const int64_t j0 = jt * kPackTile, pix0 = pt * kPackTile;
+    if (j0 >= kept8) continue;
+    const int32_t* in_list = a.in_list + code * p.in_channels;
+    __syncthreads();  // the previous item's stores read the tile
+    for (int e = threadIdx.x; e < kPackTile * kPackTile; e += blockDim.x) {
+      const int jj = e / kPackTile, pp = e % kPackTile;  // pixels fastest: reads along a row of x
+      const int64_t j = j0 + jj, pix = pix0 + pp;
+      uint16_t v = 0;
+      if (j < kept_in && pix < plane) {
+        const int64_t h = pix / p.width, w = pix - h * p.width;
+        v = bits_of(x[b * p.x_strides[0] + in_list[j] * p.x_strides[1] + h * p.x_strides[2] + w * p.x_strides[3]]);
+      }
+      tile[jj][pp] = v;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kPackTile * kPackTile; e += blockDim.x) {
+      const int pp = e / kPackTile, jj = e % kPackTile;  // channels fastest: writes along a row of xp
+      const int64_t j = j0 + jj, pix = pix0 + pp;
+      if (j < kept8 && pix < plane) xp[(b * plane + pix) * a.cin8 + j] = tile[jj][pp];
+    }
+  }
+}
+
+// ---- the conv ----------------------------------------------------------------------------------
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncConvArgs a) {
+  MMFAST_DYNAMIC_SHARED(smem);
+  NtStage<T>* ring = reinterpret_cast<NtStage<T>*>(smem);
+  __shared__ int32_t row_c[kNtRows];  // the position's output channel, -1 past Cout
+  __shared__ int64_t row_y[kNtRows];  // its y offset
+  __shared__ int64_t col_y[kNtCols];  // y offset of the pixel, -1 past the pixels
+  using AChunk = RawChunk<decltype(NtStage<T>::a)>;
+  using BChunk = RawChunk<decltype(NtStage<T>::b)>;
+  const MaskedConvParams& p = a.p;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const T* wp = static_cast<const T*>(a.wp);
+  const T* xp = static_cast<const T*>(a.xp);
+  const T* fallback = static_cast<const T*>(p.workspace);  // a zero-filled chunk's source: mapped, aligned
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int64_t taps = p.kernel_h * p.kernel_w;
+  const int64_t tap_stride = p.out_channels * a.cin8;  // between the taps of a packed weight row
+  const uint32_t height = static_cast<uint32_t>(p.height), width = static_cast<uint32_t>(p.width);
+  const int64_t items = p.batch * a.channel_tiles * a.pixel_tiles;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t pt = item % a.pixel_tiles, rest = item / a.pixel_tiles;
+    const int64_t ct = rest % a.channel_tiles, b = rest / a.channel_tiles;
+    const int64_t p0 = pt * kNtCols, o0 = ct * kNtRows;
+    const int64_t code = code_of(p.routing, b);
+    const bool valid = code >= 0 && code < p.routing.num_codes;
+    const int64_t kept_in = valid ? a.counts[2 * code] : 0;
+    const int64_t kept_out = valid ? a.counts[2 * code + 1] : 0;
+    const int64_t rows = min_i64(kNtRows, p.out_channels - o0), cols = min_i64(kNtCols, a.pixels - p0);
+    const int64_t kept_rows = max_i64(0, min_i64(rows, kept_out - o0));
+    T* y_b = y + b * p.y_strides[0];
+
+    __syncthreads();  // the previous item's epilogue still reads the tables, its last stage the ring
+    if (threadIdx.x < kNtRows) {
+      const int i = static_cast<int>(threadIdx.x);
+      const int64_t pos = o0 + i;
+      const int64_t ch = pos < p.out_channels ? (valid ? a.out_perm[code * p.out_channels + pos] : pos) : -1;
+      row_c[i] = static_cast<int32_t>(ch);
+      row_y[i] = ch >= 0 ? ch * p.y_strides[1] : 0;
+    } else {
+      const int j = static_cast<int>(threadIdx.x) - kNtRows;
+      const int64_t pix = p0 + j;
+      const int64_t ho = pix / p.out_width, wo = pix - ho * p.out_width;
+      col_y[j] = j < cols ? ho * p.y_strides[2] + wo * p.y_strides[3] : -1;
+    }
+    __syncthreads();
+
+    if (kept_rows == 0) {  // masked channels (0) or an invalid code (NaN): no reduction
+      const T fill = valid ? from_acc<T>(0.0f) : quiet_nan<T>();
+      for (int e = threadIdx.x; e < kNtRows * kNtCols; e += kThreads) {
+        const int i = e / kNtCols, j = e % kNtCols;
+        if (row_c[i] >= 0 && col_y[j] >= 0) y_b[row_y[i] + col_y[j]] = fill;
+      }
+      continue;
+    }
+
+    // steps: taps x slices of kNtDepth kept inputs (the last zero-filled past kept8)
+    const int64_t kept8 = round_up(kept_in, 8);
+    const int64_t steps = taps * ceil_div(kept8, kNtDepth);
+    const T* w_tile = wp + (code * taps * p.out_channels + o0) * a.cin8;  // tap 0, the tile's first row
+    const T* x_b = xp + b * p.height * p.width * a.cin8;
+    // This thread's chunks are fixed per item: A's offsets in the packed tile; B's pixels, their
+    // tap-(0, 0) input coordinates (int32: masked_conv2d_coordinates_fit; kOffGrid past the
+    // tile's pixels) and offsets in xp (any sign: the padding), channel column included.
+    int64_t a_off[AChunk::kPerThread];
+#pragma unroll
+    for (int k = 0; k < AChunk::kPerThread; ++k) a_off[k] = AChunk(k).row * a.cin8 + AChunk(k).col;
+    int32_t h0[BChunk::kPerThread], w0[BChunk::kPerThread];
+    int64_t b_off[BChunk::kPerThread];
+#pragma unroll
+    for (int k = 0; k < BChunk::kPerThread; ++k) {
+      const BChunk chunk(k);
+      const int64_t pix = p0 + chunk.row;
+      const int64_t ho = pix / p.out_width, wo = pix - ho * p.out_width;
+      const bool in = chunk.in_tile && chunk.row < cols;
+      const int64_t h = ho * p.stride_h - p.pad_h, w = wo * p.stride_w - p.pad_w;
+      h0[k] = in ? static_cast<int32_t>(h) : kOffGrid;
+      w0[k] = in ? static_cast<int32_t>(w) : kOffGrid;
+      b_off[k] = in ? (h * p.width + w) * a.cin8 + chunk.col : 0;
+    }
+    // The copy cursor runs kNtStages - 1 steps ahead of the multiply: input slice copy_l0 of the
+    // tap shifted (copy_dh, copy_dw), whose weight rows start at w_tap and whose pixels at x_tap;
+    // stepped without divisions or per-chunk multiplies.
+    int64_t copy_l0 = 0;
+    int32_t copy_s = 0, copy_dh = 0, copy_dw = 0;
+    const T* w_tap = w_tile;
+    const T* x_tap = x_b;
+    int issue_stage = 0;
+    const auto issue_next = [&]() {
+      NtStage<T>& st = ring[issue_stage];
+      const int64_t cols_left = kept8 - copy_l0;
+#pragma unroll
+      for (int k = 0; k < AChunk::kPerThread; ++k)
+        AChunk(k).issue(st.a, w_tap + copy_l0 + a_off[k], kept_rows, cols_left, fallback);
+#pragma unroll
+      for (int k = 0; k < BChunk::kPerThread; ++k) {
+        const bool in = static_cast<uint32_t>(h0[k] + copy_dh) < height && static_cast<uint32_t>(w0[k] + copy_dw) < width;
+        BChunk(k).issue(st.b, x_tap + copy_l0 + b_off[k], in ? kNtCols : 0, cols_left, fallback);
+      }
+      issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
+      copy_l0 += kNtDepth;
+      if (copy_l0 >= kept8) {  // the next tap
+        copy_l0 = 0;
+        w_tap += tap_stride;
+        if (++copy_s == p.kernel_w) {
+          copy_s = 0, copy_dw = 0;
+          copy_dh += static_cast<int32_t>(p.dilation_h);
+        } else {
+          copy_dw += static_cast<int32_t>(p.dilation_w);
+        }
+        x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
+      }
+    };
+#pragma unroll 1
+    for (int s = 0; s < kNtStages - 1; ++s) {
+      if (s < steps) issue_next();
+      cp_async_commit();  // empty groups too: the wait below counts groups
+    }
+    NtAcc acc;
+    nt_zero(acc);
+    int stage = 0;
+#pragma unroll 1
+    for (int64_t step = 0; step < steps; ++step) {
+      cp_async_wait<kNtStages - 2>();  // this thread's copies of `step` landed
+      __syncthreads();                 // everyone's did; everyone finished step - 1's stage
+      if (step + kNtStages - 1 < steps) issue_next();  // into step - 1's stage
+      cp_async_commit();
+      nt_multiply(ring[stage], acc, warp, lane);
+      stage = stage + 1 == kNtStages ? 0 : stage + 1;
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: kept rows get the sum + bias, the tile's masked rows 0 (their A rows were
+    // zero-filled, their bias is 0). This thread's rows (mi, half) and columns (ni, pair) are
+    // read from the tables once.
+    const T* bias_c = bias != nullptr ? bias + code * p.bias_code_stride : nullptr;
+    int64_t row_off[kNtMTiles][2], col_off[kNtNTiles][2];
+    float row_bias[kNtMTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
+        const int32_t ch = row_c[i];
+        row_off[mi][h] = ch >= 0 ? row_y[i] : -1;
+        row_bias[mi][h] = i < kept_rows && bias_c != nullptr ? to_acc(bias_c[ch]) : 0.0f;
+      }
+#pragma unroll
+    for (int ni = 0; ni < kNtNTiles; ++ni)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) col_off[ni][q] = col_y[(warp % 4) * kNtWarpCols + ni * 8 + 2 * (lane % 4) + q];
+#pragma unroll
+    for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNtNTiles; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, q = e % 2;
+          if (row_off[mi][h] < 0 || col_off[ni][q] < 0) continue;
+          y_b[row_off[mi][h] + col_off[ni][q]] = from_acc<T>(acc[mi][ni][e] + row_bias[mi][h]);
+        }
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+// The async path runs for fp16 / bf16 on sm_80+ (code compiled for it) with tensor cores and
+// cp.async enabled (MMFAST_CUDA_TENSOR_CORES / MMFAST_CUDA_ASYNC_COPY = 0 turn it off), when
+// the ring fits the block's shared memory. The workspace query and the launch both ask.
+template <class T> bool use_async_conv(const MaskedConvParams& p) {
+  (void)p;
+  if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
+    return false;
+  } else {
+    return tensor_cores_enabled() && async_copy_enabled() && compute_capability_major() >= 8 &&
+           kNtSmemBytes<T> <= max_shared_per_block() && compiled_for(&masked_conv_async_kernel<T>, 80);
+  }
+}
+
+// Packs both operands and launches the conv (the routing plan is in the workspace already).
+// false when the occupancy query finds no room: the caller runs masked_conv_kernel instead.
+template <class T> bool launch_conv_async(const MaskedConvParams& p, const RoutingPlan& plan, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
+    (void)p, (void)plan, (void)stream;
+    return false;
+  } else {
+    char* ws = static_cast<char*>(p.workspace);
+    const PackedLayout layout = packed_layout(p, sizeof(T));
+    AsyncConvArgs a;
+    a.p = p;
+    a.counts = reinterpret_cast<const int32_t*>(ws + plan.counts_offset);
+    a.in_list = reinterpret_cast<const int32_t*>(ws + plan.in_offset);
+    a.out_perm = reinterpret_cast<const int32_t*>(ws + plan.perm_offset);
+    a.used = reinterpret_cast<const int32_t*>(ws + plan.used_offset);
+    a.wp = ws + layout.weight_offset;
+    a.xp = ws + layout.input_offset;
+    a.cin8 = layout.cin8;
+    a.pixels = p.out_height * p.out_width;
+    a.pixel_tiles = ceil_div(a.pixels, kNtCols);
+    a.channel_tiles = ceil_div(p.out_channels, kNtRows);
+    unsigned grid = 0;
+    if (persistent_grid(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>, p.batch * a.channel_tiles * a.pixel_tiles,
+                        grid) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: the caller takes the other kernel
+      return false;
+    }
+    if (p.in_channels > 0) {
+      MMFAST_LAUNCH(masked_pack_weight_kernel<T>, grid_for(p.routing.num_codes * p.out_channels), kThreads, 0, stream,
+                    a);
+      if (p.height > 0 && p.width > 0)
+        MMFAST_LAUNCH(masked_pack_input_kernel<T>,
+                      grid_for(p.batch * ceil_div(p.height * p.width, kPackTile) * ceil_div(a.cin8, kPackTile)),
+                      kThreads, 0, stream, a);
+    }
+    MMFAST_LAUNCH(masked_conv_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
+    return true;
+  }
+}
+
+}  // namespace prunedk
+}  // namespace cuda
+}  // namespace mmfast
