@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmfast import reference
-from mmfast.ops import masked_conv2d, masked_group_norm, masked_linear
+from mmfast.ops import keep_packed_weights, masked_conv2d, masked_group_norm, masked_linear, pruned_weight_cache
 
 from _utils import assert_close
 
@@ -280,3 +280,61 @@ def test_cuda_graph_replays_masked_conv2d():
         expected = block()
         torch.testing.assert_close(static_out, expected, atol=0, rtol=0, equal_nan=True)
     assert static_out[1].isnan().all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_conv_masked_outputs_stay_zero_with_infinite_inputs(dtype):
+    """An infinite kept input (an fp16 activation that overflowed) must not leak into masked
+    outputs: the packed path multiplies masked rows of a 128-channel tile by zero-filled weights
+    (0 * Inf = NaN), so it writes them as exact zeros instead."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 70, 9, 9, dtype=dtype, device="cuda")
+    in_mask, out_mask = torch.ones(2, 70, dtype=torch.bool), torch.rand(2, 70) < 0.5
+    x[:, :, 4, 4] = float("inf")
+    weight = (torch.randn(2, 70, 70, 3, 3) / 25).to(dtype).cuda()
+    out = masked_conv2d(x, weight, None, torch.tensor([1, 0], device="cuda"), in_mask.cuda(), out_mask.cuda(),
+                        padding=1, backend="native")
+    masked = ~out_mask[[1, 0]].cuda()  # (B, Cout): each sample's masked outputs
+    assert masked.any() and (out[masked] == 0).all() and not out[~masked].isfinite().all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("linear", [False, True], ids=["conv2d", "linear"])
+def test_cuda_kept_packed_weights_are_reused_and_never_stale(linear):
+    """keep_packed_weights on CUDA (bf16: the packed path on sm_80+): every code's weights packed
+    once per (weight, masks) and reused with bit-identical results; an in-place update of the
+    weight or another mask is repacked (the result equals the per-call packing's)."""
+    torch.manual_seed(0)
+    cin, cout, codes = 40, 48, 3
+    x = torch.randn(4, cin, 9, 9, dtype=torch.bfloat16, device="cuda")
+    weight = (torch.randn(codes, cout, cin, 3, 3) / 20).to(torch.bfloat16).cuda()
+    bias = torch.randn(codes, cout, dtype=torch.bfloat16, device="cuda")
+    sample_codes = torch.tensor([2, 0, 1, 2], device="cuda")
+    in_mask, out_mask = _masks(codes, cin, group=4).cuda(), _masks(codes, cout, group=4).cuda()
+    if linear:
+        x, weight = x.flatten(2).transpose(1, 2).contiguous(), weight[..., 1, 1].contiguous()
+
+    def call(mask=in_mask):
+        if linear:
+            return masked_linear(x, weight, bias, sample_codes, mask, out_mask, backend="native")
+        return masked_conv2d(x, weight, bias, sample_codes, mask, out_mask, padding=1, backend="native")
+
+    per_call = call()
+    pruned_weight_cache(clear=True)
+    with keep_packed_weights(budget_mb=64):
+        assert torch.equal(call(), per_call)
+        state = pruned_weight_cache()
+        assert state["entries"] == 1 and state["bytes"] > 0  # one entry: every code's weights
+        assert torch.equal(call(), per_call)
+        assert pruned_weight_cache() == state  # reused, nothing added
+        with torch.no_grad():
+            weight[1].mul_(-2.0)  # in place, through a view: a new version of the same storage
+        updated = call()
+        other_mask = in_mask.clone()
+        other_mask[:, :8] = ~other_mask[:, :8]
+        remasked = call(other_mask)
+        assert pruned_weight_cache()["entries"] == 1  # stale entries replaced, not added
+    assert pruned_weight_cache()["entries"] == 0
+    assert not torch.equal(updated, per_call)
+    assert torch.equal(updated, call()) and torch.equal(remasked, call(other_mask))

@@ -8,21 +8,18 @@
 // and the output (oneDNN is at the CPU's compute limit for the dense part; a hand-written conv
 // would only add a second GEMM to maintain). Consecutive rows keeping every input channel (a
 // batch sorted by code) are sliced, not gathered. A code's packed weight is kept across calls
-// (PackedWeightCache below). masked_group_norm is a kernel of its own.
+// (glue/packed_weight_cache.h). masked_group_norm is a kernel of its own.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
 #include <cstddef>
 #include <cstdlib>
 #include <memory>
-#include <mutex>
 #include <new>
-#include <unordered_map>
 #include <vector>
 
+#include "glue/packed_weight_cache.h"
 #include "glue/pruned_glue.h"
 #include "mmfast/cpu/pruned.h"
 
@@ -117,132 +114,23 @@ at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_str
   return dst;
 }
 
-// ---- a static plan: packed per-code weights kept across calls -----------------------------------
-//
-// APTP's codes and expert weights do not change over a sampling run (25-50 denoising steps, each
-// calling every layer), so a code's packed weight (its kept output rows and input columns) is
-// gathered once and kept. Key: the source weight's storage, held weakly (its StorageImpl is not
-// freed while we hold it, so no later tensor can share the address), storage offset, shape,
-// dtype and version counter (an in-place op on the weight or a view of it is a new version),
-// the code and its kept channels. Writes through an alias with a counter of its own (`.data`,
-// as gradcheck makes, `.numpy()`, DLPack, `set_`, the untyped storage) are not seen: the
-// reason it is opt-in. The budget (MiB, 0 = off) starts at MMFAST_PRUNED_WEIGHT_CACHE_MB (read
-// once, default 0) and is set by mmfast.ops.keep_packed_weights through pruned_weight_cache.
-// When full, further weights are gathered per call into scratch instead of evicting others (a
-// UNet visits its layers in a cycle, where least-recently-used eviction would miss every
-// time). Entries of freed weights are dropped on the next insertion or by a clear. Inference
-// tensors (no version counter) and non-contiguous weights (copied per call, so a new storage
-// each time) are gathered per call.
-class PackedWeightCache {
- public:
-  static PackedWeightCache& instance() {
-    static PackedWeightCache cache;
-    return cache;
-  }
-
-  // The code's packed weight: kept, or gathered now (and kept when there is room). weight: the
-  // caller's stacked weight (the key), code_weight: the code's (Cout, Cin, ...) slice, contiguous.
-  at::Tensor get(const at::Tensor& weight, const at::Tensor& code_weight, int64_t code,
-                 const std::vector<int64_t>& kept_out, const std::vector<int64_t>& kept_in, int64_t taps) {
-    const size_t needed = kept_out.size() * kept_in.size() * size_t(taps) * weight.element_size();
-    const size_t budget = size_t(budget_mb_.load()) << 20;
-    if (budget != 0 && needed != 0 && !weight.is_inference() && weight.is_contiguous()) {
-      const Key key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset(), code};
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = entries_.find(key);
-      if (it != entries_.end()) {
-        if (it->second.matches(weight, kept_out, kept_in)) return it->second.packed;
-        bytes_ -= it->second.bytes();
-        entries_.erase(it);  // stale: the weight was updated in place, or the code's masks changed
-      }
-      drop_freed();
-      if (bytes_ + needed <= budget) {
-        Entry entry{weight.storage().getWeakStorageImpl(), weight.sizes().vec(), weight.scalar_type(),
-                    weight._version(), kept_out, kept_in, pack(code_weight, kept_out, kept_in, taps, -1)};
-        const at::Tensor packed = entries_.emplace(key, std::move(entry)).first->second.packed;
-        bytes_ += packed.nbytes();
-        return packed;
-      }
-    }
-    return pack(code_weight, kept_out, kept_in, taps, 0);  // per call, into scratch (outside the lock)
-  }
-
-  // (entries, bytes, budget in MiB) before setting the budget (when budget_mb >= 0) and clearing.
-  std::vector<int64_t> control(int64_t budget_mb, bool clear) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<int64_t> before{static_cast<int64_t>(entries_.size()), static_cast<int64_t>(bytes_),
-                                budget_mb_.load()};
-    if (budget_mb >= 0) budget_mb_.store(std::min<int64_t>(budget_mb, kMaxBudgetMb));
-    if (clear) entries_.clear(), bytes_ = 0;
-    return before;
-  }
-
- private:
-  static constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;  // keeps the MiB -> byte shift in range
-
-  struct Key {
-    const void* storage;
-    int64_t offset, code;
-    bool operator==(const Key& o) const { return storage == o.storage && offset == o.offset && code == o.code; }
-  };
-  struct KeyHash {
-    size_t operator()(const Key& k) const {
-      return std::hash<const void*>()(k.storage) ^ (std::hash<int64_t>()(k.offset) * 31) ^
-             (std::hash<int64_t>()(k.code) * 1000003);
-    }
-  };
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-    std::vector<int64_t> sizes;
-    at::ScalarType dtype;
-    int64_t version;
-    std::vector<int64_t> kept_out, kept_in;
-    at::Tensor packed;
-
-    bool matches(const at::Tensor& w, const std::vector<int64_t>& out, const std::vector<int64_t>& in) const {
-      return !storage.expired() && w.sizes() == at::IntArrayRef(sizes) && w.scalar_type() == dtype &&
-             w._version() == version && out == kept_out && in == kept_in;
-    }
-    size_t bytes() const { return packed.nbytes(); }
-  };
-
-  PackedWeightCache() : budget_mb_(initial_budget_mb()) {}
-
-  // MMFAST_PRUNED_WEIGHT_CACHE_MB: a whole number of MiB >= 0 (unset or empty: 0); anything
-  // else is an error, raised by the first masked op.
-  static int64_t initial_budget_mb() {
-    const char* text = std::getenv("MMFAST_PRUNED_WEIGHT_CACHE_MB");
-    if (text == nullptr || *text == '\0') return 0;
-    char* end = nullptr;
-    errno = 0;
-    const long long mb = std::strtoll(text, &end, 10);
-    TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0, "MMFAST_PRUNED_WEIGHT_CACHE_MB must be a whole ",
-                      "number of MiB >= 0 (0: no packed weights kept), got '", text, "'");
-    return std::min<int64_t>(mb, kMaxBudgetMb);
-  }
-
-  static at::Tensor pack(const at::Tensor& code_weight, const std::vector<int64_t>& kept_out,
-                         const std::vector<int64_t>& kept_in, int64_t taps, int slot) {
-    const int64_t in_channels = code_weight.size(1);
-    return gather(code_weight, in_channels * taps, taps, kept_out, kept_in, code_weight.sizes().slice(2), slot);
-  }
-
-  void drop_freed() {
-    for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->second.storage.expired()) {
-        bytes_ -= it->second.bytes();
-        it = entries_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-
-  std::mutex mutex_;
-  std::unordered_map<Key, Entry, KeyHash> entries_;
-  size_t bytes_ = 0;
-  std::atomic<int64_t> budget_mb_;
-};
+// ---- a static plan: packed per-code weights kept across calls (glue/packed_weight_cache.h) ----
+// The code's packed weight (kept_out, kept_in, *taps): kept, or gathered now (kept when there is
+// room, else into per-thread scratch). weight: the caller's stacked weight (the key),
+// code_weight: the code's (Cout, Cin, ...) slice, contiguous.
+at::Tensor packed_code_weight(const at::Tensor& weight, const at::Tensor& code_weight, int64_t code,
+                              const std::vector<int64_t>& kept_out, const std::vector<int64_t>& kept_in,
+                              int64_t taps) {
+  const size_t needed = kept_out.size() * kept_in.size() * size_t(taps) * weight.element_size();
+  std::vector<int64_t> signature(kept_out);  // the kept outputs, -1, the kept inputs
+  signature.push_back(-1);
+  signature.insert(signature.end(), kept_in.begin(), kept_in.end());
+  const int64_t in_channels = code_weight.size(1);
+  return mmfast::glue::PackedWeightCache::instance().get({weight}, code, signature, needed, [&](bool keep) {
+    return gather(code_weight, in_channels * taps, taps, kept_out, kept_in, code_weight.sizes().slice(2),
+                  keep ? -1 : 0);
+  });
+}
 
 // One code's share of the batch: its rows, kept channels, packed weight and bias.
 struct CodeWork {
@@ -274,7 +162,7 @@ void for_each_code(const at::Tensor& weight_in, const c10::optional<at::Tensor>&
     const bool dense = w.kept_in.size() == static_cast<size_t>(in_channels) &&
                        w.kept_out.size() == static_cast<size_t>(out_channels);
     w.weight = dense ? code_weight
-                     : PackedWeightCache::instance().get(weight_in, code_weight, code, w.kept_out, w.kept_in, taps);
+                     : packed_code_weight(weight_in, code_weight, code, w.kept_out, w.kept_in, taps);
     if (bias.has_value()) {
       const at::Tensor code_bias = (*bias)[bias->size(0) > 1 ? code : 0];
       w.bias = w.kept_out.size() == static_cast<size_t>(out_channels)

@@ -3,7 +3,8 @@
 // glue/pruned_glue.h, the same rules and messages as the CPU registration).
 //
 // masked_conv2d and masked_linear run one routing-plan kernel and one grouped implicit-GEMM
-// launch over the whole mixed-code batch; masked_linear is that conv with kh = kw = 1 over the
+// launch over the whole mixed-code batch (fp16 / bf16 on sm_80+: after packing the kept inputs
+// and, unless keep_packed_weights() keeps them, the weights of the codes in use); masked_linear is that conv with kh = kw = 1 over the
 // (B, Cin, N, 1) view of x (B, N, Cin) and the (B, Cout, N, 1) view of y (B, N, Cout). x is read
 // through its strides (no copy); weight, bias, masks and codes are made contiguous; outputs are
 // contiguous and written whole by the kernels (at::empty). A sample whose code is outside
@@ -17,12 +18,36 @@
 #include <torch/library.h>
 
 #include "glue/cuda_launch.h"
+#include "glue/packed_weight_cache.h"
 #include "glue/pruned_glue.h"
 #include "mmfast/cuda/pruned.cuh"
 
 namespace {
 
 using mmfast::glue::check_launch;
+
+// The static plan on CUDA (inside mmfast.ops.keep_packed_weights): every code's weights packed
+// once as the packed path reads them and kept by PackedWeightCache (glue/packed_weight_cache.h),
+// for as long as the weight and both masks are unchanged. Undefined when not kept (off, no room,
+// not the packed path): the op then packs the weights of the codes it uses per call.
+at::Tensor kept_packed_weight(mmfast::MaskedConvParams p, const at::Tensor& weight, const at::Tensor& in_mask,
+                              const at::Tensor& out_mask, const char* op) {
+  const size_t bytes = mmfast::cuda::masked_conv2d_packed_weight_bytes(p);
+  if (bytes == 0) return at::Tensor();
+  return mmfast::glue::PackedWeightCache::instance().get(
+      {weight, in_mask, out_mask}, -1, {}, bytes, [&](bool keep) -> at::Tensor {
+        if (!keep) return at::Tensor();
+        const auto plan = mmfast::cuda::prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels);
+        const at::Tensor workspace =
+            at::empty({static_cast<int64_t>(plan.bytes)}, weight.options().dtype(at::kByte));
+        p.workspace = workspace.data_ptr();
+        p.workspace_bytes = plan.bytes;
+        at::Tensor packed = at::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(at::kByte));
+        check_launch(mmfast::cuda::masked_conv2d_pack_weights(p, packed.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                     op, "weight packing");
+        return packed;
+      });
+}
 
 // The shared part of masked_conv2d / masked_linear: contiguous parameters, the routing, the
 // workspace and the launch. x_strides / y_strides describe the (B, C, H, W) views.
@@ -44,6 +69,8 @@ void run_masked_conv(mmfast::MaskedConvParams& p, const at::Tensor& x, const at:
                     " (CUDA): sizes, strides, padding and dilations must each be below 2^29 (the kernel's "
                     "int32 coordinates), got input ", p.height, " x ", p.width, " (masked_linear: tokens x 1), output ",
                     p.out_height, " x ", p.out_width, ", kernel ", p.kernel_h, " x ", p.kernel_w);
+  const at::Tensor packed = kept_packed_weight(p, weight_in, in_mask_in, out_mask_in, op);
+  p.packed_weight = packed.defined() ? packed.data_ptr() : nullptr;
   const size_t bytes = mmfast::cuda::masked_conv2d_workspace_bytes(p);
   TORCH_CHECK(bytes > 0, "mmfast::", op, " (CUDA): invalid kernel parameters");
   const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));

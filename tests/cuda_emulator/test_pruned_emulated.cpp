@@ -65,6 +65,8 @@ struct ConvCase {
                   // output, the rest random; 2 whole groups of 10; 4 random keeping 95%
   bool linear = false;         // x (B, N=H, Cin), y (B, N, Cout) through the (B, C, N, 1) views
   bool linear_transposed_x = false;
+  bool inf_input = false;      // +Inf at pixel (0, 0) of sample 0's first kept input channel
+  int workspace_shift = 0;     // bytes past 16-byte alignment (not 0: the tiled kernel runs)
 };
 
 std::vector<char> make_masks(int64_t K, int64_t C, int mode, double keep) {
@@ -124,6 +126,12 @@ void run_conv(const ConvCase& cc) {
           const bool masked = code_ok(cc.codes[b]) && !in_mask[cc.codes[b] * Cin + i];
           x.at(b, i, h, w) = fromd<T>(masked ? NAN : normal(grng));  // masked inputs: never read
         }
+  if (cc.inf_input && code_ok(cc.codes[0]))
+    for (int64_t i = 0; i < Cin; ++i)
+      if (in_mask[cc.codes[0] * Cin + i]) {
+        x.at(0, i, 0, 0) = fromd<T>(INFINITY);
+        break;
+      }
 
   // weight (K | 1, Cout, Cin, kh, kw), bias (K | 1, Cout)
   const int64_t wsets = cc.shared_weight ? 1 : K, bsets = cc.shared_bias ? 1 : K;
@@ -174,13 +182,38 @@ void run_conv(const ConvCase& cc) {
   const size_t ws_bytes = cuda::masked_conv2d_workspace_bytes(p);
   if (ws_bytes == 0) return fail("workspace query " + cfg);
   std::vector<char> ws(ws_bytes + 64, 0x5a);
-  p.workspace = ws.data(), p.workspace_bytes = ws_bytes;
+  char* ws_start = ws.data() + (16 - reinterpret_cast<uintptr_t>(ws.data()) % 16) % 16 + cc.workspace_shift;
+  p.workspace = ws_start, p.workspace_bytes = ws_bytes;
   emu::launches.clear();
   if (cuda::masked_conv2d(p, nullptr) != cudaSuccess) return fail("launch " + cfg);
   const bool want_async = (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) &&
-                          emu::compute_major >= 8;
+                          emu::compute_major >= 8 && cc.workspace_shift == 0;
   if (launched("masked_conv_async_kernel") != want_async || launched("masked_conv_kernel<") == want_async)
     fail("conv kernel choice " + cfg);
+
+  if (want_async) {  // the static plan: every code's weights packed once, then a call that reads them
+    std::vector<char> packed(cuda::masked_conv2d_packed_weight_bytes(p) + 16, 0x5a);
+    void* dst = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) % 16) % 16;
+    MaskedConvParams pack = p;  // packed for a batch of one sample of code 0: every code is packed all the same
+    const int64_t code0 = 0;
+    pack.batch = 1, pack.routing.sample_codes = &code0, pack.routing.code_bytes = 8;
+    if (cuda::masked_conv2d_pack_weights(pack, dst, nullptr) != cudaSuccess) return fail("pack weights " + cfg);
+    Strided<T> y2(yn, ys, kPoison);
+    MaskedConvParams p2 = p;
+    p2.y = y2.data.data();
+    p2.packed_weight = dst;
+    const size_t ws2_bytes = cuda::masked_conv2d_workspace_bytes(p2);
+    if (ws2_bytes >= ws_bytes && Cin > 0) fail("the workspace still holds the packed weights " + cfg);
+    std::vector<char> ws2(ws2_bytes + 64, 0x5a);
+    p2.workspace = ws2.data() + (16 - reinterpret_cast<uintptr_t>(ws2.data()) % 16) % 16;
+    p2.workspace_bytes = ws2_bytes;
+    emu::launches.clear();
+    if (cuda::masked_conv2d(p2, nullptr) != cudaSuccess) return fail("launch with packed weights " + cfg);
+    if (launched("masked_pack_weight_kernel") || !launched("masked_conv_async_kernel"))
+      fail("kernels with packed weights " + cfg);
+    if (std::memcmp(y.data.data(), y2.data.data(), y.data.size() * sizeof(T)) != 0)
+      fail("packed weights give another y " + cfg);
+  }
 
   int bad = 0, shown = 0;
   auto report = [&](const char* what, int64_t b, int64_t o, int64_t h, int64_t w, double got, double want) {
@@ -219,7 +252,11 @@ void run_conv(const ConvCase& cc) {
               }
           }
           const double tol = acc_eps<T>() * (terms + 2) * mag + out_eps<T>() * std::fabs(want) + 1e-300;
-          if (!(std::fabs(got - want) <= tol)) report("value", b, o, ho, wo, got, want);
+          if (!std::isfinite(want)) {  // an infinite input: the same Inf, or NaN where +Inf meets -Inf
+            if (!(got == want || (std::isnan(want) && std::isnan(got)))) report("non-finite", b, o, ho, wo, got, want);
+          } else if (!(std::fabs(got - want) <= tol)) {
+            report("value", b, o, ho, wo, got, want);
+          }
         }
   }
   for (size_t e = 0; e < y.data.size(); ++e)
@@ -348,6 +385,14 @@ void run_all(int level) {
                false, false, XLayout::kContiguous, {2, 0, 1}, 2};
   lin.linear = true;
   run_conv<T>(lin);
+  ConvCase inf{"1x1 Cin=Cout=70, an infinite kept input: masked outputs stay 0", 2, 70, 70, 9, 9, 1, 1, 1, 1, 0, 0,
+               1, 1, 2, false, true, false, false, XLayout::kContiguous, {1, 0}, 0};
+  inf.inf_input = true;
+  run_conv<T>(inf);
+  ConvCase shifted{"3x3 s1 p1, workspace 8 bytes past alignment", 2, 13, 30, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 2, false,
+                   true, false, false, XLayout::kContiguous, {1, 0}, 0};
+  shifted.workspace_shift = 8;
+  run_conv<T>(shifted);
   ConvCase lin_t{"linear transposed x, shared weight, no bias, invalid code", 3, 13, 30, 20, 1, 1, 1, 1, 1, 0, 0, 1, 1,
                  2, true, false, false, true, XLayout::kContiguous, {1, 5, 0}, 0};
   lin_t.linear = lin_t.linear_transposed_x = true;

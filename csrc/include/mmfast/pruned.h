@@ -57,8 +57,11 @@ struct MaskedConvParams {
   void* y = nullptr;  // element (b, o, h, w) at y[b*s0 + o*s1 + h*s2 + w*s3]; no two elements alias
   int64_t y_strides[4] = {0, 0, 0, 0};
 
-  void* workspace = nullptr;  // caller-owned, size from the kernels' workspace query
+  void* workspace = nullptr;  // caller-owned, size from the kernels' workspace query (CUDA: 16-byte aligned for the packed path)
   size_t workspace_bytes = 0;
+  // CUDA, optional: every code's weights already packed by masked_conv2d_pack_weights for these
+  // weights and masks (kept across calls by the caller); nullptr: packed per call as needed.
+  const void* packed_weight = nullptr;
 };
 
 struct MaskedGroupNormParams {

@@ -339,7 +339,12 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Inside keep_packed_weights() each code's packed weight is kept across calls; a per-thread
     scratch (up to 64 MB per buffer) always is. CUDA /
     Triton: one implicit-GEMM launch for the whole batch (tiles never straddle two codes), after
-    a small launch (CUDA) or a few torch ops (Triton) that list each code's kept channels.
+    a small launch (CUDA) or a few torch ops (Triton) that list each code's kept channels. CUDA
+    fp16 / bf16 on sm_80+ first packs the kept input channels (channels innermost) and the used
+    codes' kept weights into a workspace (K x kh*kw x Cout x Cin8 + B x H x W x Cin8 elements,
+    Cin8 = Cin rounded up to 8), then streams both through cp.async + mma.sync; inside
+    keep_packed_weights() every code's packed weights are kept instead of packed per call. Other
+    dtypes and archs: register-staged tiles (TF32 tensor cores for fp16 / bf16 on sm_80+).
     Raises ValueError (shapes, masks, conv arguments), TypeError (dtypes, devices), IndexError
     (a code outside [0, K): CPU and reference; CUDA and Triton write NaN over that sample
     instead, with no host synchronisation).
@@ -360,17 +365,21 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 @contextlib.contextmanager
 def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
-    """A static plan for the CPU masked_conv2d / masked_linear: inside the block, each code's
-    packed weight (its kept output rows and input columns, contiguous) is gathered on the first
-    call and reused by later calls, as long as the source weight is alive and unchanged.
+    """A static plan for masked_conv2d / masked_linear: inside the block, packed weights are made
+    on the first call and reused by later calls, as long as the source weight (CUDA: and both
+    masks) is alive and unchanged. CPU: each code's kept output rows and input columns,
+    contiguous. CUDA (fp16 / bf16, sm_80+): every code's weights in the layout the cp.async
+    kernel reads (K x kh*kw x Cout x Cin8 elements, Cin8 = Cin rounded up to 8: about the stacked
+    weight's size), so a call launches no weight packing.
 
     APTP's codes and experts stay fixed over a sampling run's 25-50 denoising steps, so wrap the
     run: ``with keep_packed_weights(): images = sample(...)``. The group-by-code baseline holds
     pre-sliced experts the same way. Entries are keyed by the weight's storage (held weakly),
     offset, shape, dtype and version counter (an in-place op on the weight or a view of it is a
-    new version) and by the code's kept channels, so a changed mask or an in-place update is
-    repacked. Not seen: writes through an alias with a version counter of its own
-    (``weight.data``, as gradcheck makes, ``.numpy()``, DLPack, ``set_``, the untyped storage),
+    new version) and by the code's kept channels (CUDA: by both masks' storages and versions),
+    so a changed mask or an in-place update is repacked. Not seen: writes through an alias with
+    a version counter of its own (``weight.data``, as gradcheck makes, ``.numpy()``, DLPack,
+    ``set_``, the untyped storage),
     which would be served stale: the reason this is opt-in. Not kept: inference tensors (no
     version counter), non-contiguous weights, and anything past budget_mb MiB (then packed per
     call; nothing is evicted, since a UNet visits its layers in a cycle, where
@@ -391,7 +400,7 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
 
 
 def pruned_weight_cache(clear: bool = False) -> dict:
-    """What the CPU masked ops keep (see keep_packed_weights): {"entries": n, "bytes": b,
+    """What the masked ops keep, CPU and CUDA (see keep_packed_weights): {"entries": n, "bytes": b,
     "budget_mb": m}, read before emptying it when clear=True (entries of freed weights also go
     on the next insertion). Raises RuntimeError without the compiled extension."""
     _require_extension("pruned_weight_cache")

@@ -69,7 +69,8 @@ inline size_t masked_conv2d_workspace_bytes(const MaskedConvParams& p) {
 
 // y of masked_conv2d / masked_linear (mmfast/pruned.h): a routing-plan kernel, then one grouped
 // implicit-GEMM launch over the whole mixed-code batch (fp16 / bf16 on sm_80+: after two packing
-// launches, conv_async.cuh; a workspace sized for the routing plan only takes masked_conv_kernel).
+// launches, conv_async.cuh; a workspace sized for the routing plan only, or not 16-byte aligned,
+// takes masked_conv_kernel).
 inline cudaError_t masked_conv2d(const MaskedConvParams& p, cudaStream_t stream) {
   if (!masked_conv2d_valid(p)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.out_channels == 0 || p.out_height == 0 || p.out_width == 0) return cudaSuccess;
@@ -77,12 +78,40 @@ inline cudaError_t masked_conv2d(const MaskedConvParams& p, cudaStream_t stream)
   if (p.workspace == nullptr || p.workspace_bytes < plan.bytes) return cudaErrorInvalidValue;
   const cudaError_t err = prunedk::launch_routing(p, plan, stream);
   if (err != cudaSuccess) return err;
-  const bool packed_room = p.workspace_bytes >= prunedk::packed_layout(p, dtype_bytes(p.dtype)).bytes;
+  const bool packed_room = p.workspace_bytes >= prunedk::packed_layout(p, dtype_bytes(p.dtype)).bytes &&
+                           reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(p.packed_weight) % 16 == 0;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     if (packed_room && prunedk::use_async_conv<T>(p) && prunedk::launch_conv_async<T>(p, plan, stream))
       return cudaGetLastError();
     return prunedk::launch_conv_tiled<T>(p, plan, stream);
+  });
+}
+
+// Bytes of every code's packed weights (masked_conv2d_pack_weights), 0 off the packed path.
+inline size_t masked_conv2d_packed_weight_bytes(const MaskedConvParams& p) {
+  if (!masked_conv2d_valid(p) || !masked_conv2d_uses_async(p)) return 0;
+  return static_cast<size_t>(prunedk::packed_weight_elements(p) * dtype_bytes(p.dtype));
+}
+
+// Every code's weights, packed as the packed path reads them, into dst
+// (masked_conv2d_packed_weight_bytes(p) bytes, 16-byte aligned): later masked_conv2d calls with
+// the same weights and masks take them as p.packed_weight and skip their weight packing (a
+// static plan: APTP's experts do not change over a sampling run). p as for masked_conv2d, with
+// its workspace (the routing plan goes there); x and y are not read. cudaErrorInvalidValue off
+// the packed path.
+inline cudaError_t masked_conv2d_pack_weights(const MaskedConvParams& p, void* dst, cudaStream_t stream) {
+  if (!masked_conv2d_valid(p) || !masked_conv2d_uses_async(p)) return cudaErrorInvalidValue;
+  if (p.out_channels == 0 || p.in_channels == 0) return cudaSuccess;  // nothing to pack
+  const prunedk::RoutingPlan plan = prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels);
+  if (dst == nullptr || reinterpret_cast<uintptr_t>(dst) % 16 != 0 || p.workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0 || p.workspace_bytes < plan.bytes)
+    return cudaErrorInvalidValue;
+  const cudaError_t err = prunedk::launch_routing(p, plan, stream);
+  if (err != cudaSuccess) return err;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    return prunedk::launch_pack_all_weights<decltype(t)>(p, plan, dst, stream);
   });
 }
 

@@ -43,13 +43,19 @@ struct PackedLayout {
   size_t weight_offset, input_offset, bytes;
 };
 
+// Elements of every code's packed weights: K x kh*kw x Cout x round_up(Cin, 8).
+inline int64_t packed_weight_elements(const MaskedConvParams& p) {
+  return p.routing.num_codes * p.kernel_h * p.kernel_w * p.out_channels * round_up(p.in_channels, 8);
+}
+
+// The workspace of the packed path: the routing plan, the packed weights (none when the caller
+// gives p.packed_weight) and the packed inputs.
 inline PackedLayout packed_layout(const MaskedConvParams& p, int64_t elem_bytes) {
   PackedLayout s;
   s.cin8 = round_up(p.in_channels, 8);
-  const int64_t taps = p.kernel_h * p.kernel_w;
   const size_t plan_bytes = routing_plan(p.routing.num_codes, p.in_channels, p.out_channels).bytes;
   s.weight_offset = static_cast<size_t>(round_up(static_cast<int64_t>(plan_bytes), 256));
-  const int64_t weight_bytes = p.routing.num_codes * taps * p.out_channels * s.cin8 * elem_bytes;
+  const int64_t weight_bytes = p.packed_weight != nullptr ? 0 : packed_weight_elements(p) * elem_bytes;
   s.input_offset = s.weight_offset + static_cast<size_t>(round_up(weight_bytes, 256));
   s.bytes = s.input_offset + static_cast<size_t>(p.batch * p.height * p.width * s.cin8 * elem_bytes);
   return s;
@@ -61,6 +67,7 @@ struct AsyncConvArgs {
   const int32_t* in_list;
   const int32_t* out_perm;
   const int32_t* used;
+  int pack_all;          // the weight packing: every code (kept across calls), not only those used
   void* wp;              // packed weights (see above)
   void* xp;              // packed inputs
   int64_t cin8;
@@ -86,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) masked_pack_weight_kernel(AsyncConvA
   const int64_t items = p.routing.num_codes * p.out_channels;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t code = item / p.out_channels, pos = item - code * p.out_channels;
-    if (!a.used[code] || pos >= a.counts[2 * code + 1]) continue;  // uniform over the block
+    if ((!a.pack_all && !a.used[code]) || pos >= a.counts[2 * code + 1]) continue;  // uniform over the block
     const int64_t kept_in = a.counts[2 * code], kept8 = round_up(kept_in, 8);
     const int32_t* in_list = a.in_list + code * p.in_channels;
     const T* src = weight + code * p.weight_code_stride + a.out_perm[code * p.out_channels + pos] * p.in_channels * taps;
@@ -271,12 +278,13 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     }
     cp_async_wait<0>();
 
-    // Epilogue: kept rows get the sum + bias, the tile's masked rows 0 (their A rows were
-    // zero-filled, their bias is 0). This thread's rows (mi, half) and columns (ni, pair) are
-    // read from the tables once.
+    // Epilogue: kept rows get the sum + bias, the tile's masked rows exactly 0 (not their sums:
+    // zero-filled weights times an infinite input are NaN). This thread's rows (mi, half) and
+    // columns (ni, pair) are read from the tables once.
     const T* bias_c = bias != nullptr ? bias + code * p.bias_code_stride : nullptr;
     int64_t row_off[kNtMTiles][2], col_off[kNtNTiles][2];
     float row_bias[kNtMTiles][2];
+    bool row_kept[kNtMTiles][2];
 #pragma unroll
     for (int mi = 0; mi < kNtMTiles; ++mi)
 #pragma unroll
@@ -284,6 +292,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
         const int i = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
         const int32_t ch = row_c[i];
         row_off[mi][h] = ch >= 0 ? row_y[i] : -1;
+        row_kept[mi][h] = i < kept_rows;
         row_bias[mi][h] = i < kept_rows && bias_c != nullptr ? to_acc(bias_c[ch]) : 0.0f;
       }
 #pragma unroll
@@ -298,7 +307,8 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2, q = e % 2;
           if (row_off[mi][h] < 0 || col_off[ni][q] < 0) continue;
-          y_b[row_off[mi][h] + col_off[ni][q]] = from_acc<T>(acc[mi][ni][e] + row_bias[mi][h]);
+          const float v = row_kept[mi][h] ? acc[mi][ni][e] + row_bias[mi][h] : 0.0f;
+          y_b[row_off[mi][h] + col_off[ni][q]] = from_acc<T>(v);
         }
   }
 }
@@ -317,27 +327,56 @@ template <class T> bool use_async_conv(const MaskedConvParams& p) {
   }
 }
 
-// Packs both operands and launches the conv (the routing plan is in the workspace already).
-// false when the occupancy query finds no room: the caller runs masked_conv_kernel instead.
+// The packed path's arguments: the plan and the packed operands in p's workspace (the weights
+// at wp: p.packed_weight when given).
+template <class T> AsyncConvArgs async_conv_args(const MaskedConvParams& p, const RoutingPlan& plan, void* wp) {
+  char* ws = static_cast<char*>(p.workspace);
+  const PackedLayout layout = packed_layout(p, sizeof(T));
+  AsyncConvArgs a;
+  a.p = p;
+  a.counts = reinterpret_cast<const int32_t*>(ws + plan.counts_offset);
+  a.in_list = reinterpret_cast<const int32_t*>(ws + plan.in_offset);
+  a.out_perm = reinterpret_cast<const int32_t*>(ws + plan.perm_offset);
+  a.used = reinterpret_cast<const int32_t*>(ws + plan.used_offset);
+  a.pack_all = 0;
+  a.wp = wp != nullptr ? wp : ws + layout.weight_offset;
+  a.xp = ws + layout.input_offset;
+  a.cin8 = layout.cin8;
+  a.pixels = p.out_height * p.out_width;
+  a.pixel_tiles = ceil_div(a.pixels, kNtCols);
+  a.channel_tiles = ceil_div(p.out_channels, kNtRows);
+  return a;
+}
+
+template <class T> void launch_pack_weight(const AsyncConvArgs& a, cudaStream_t stream) {
+  MMFAST_LAUNCH(masked_pack_weight_kernel<T>, grid_for(a.p.routing.num_codes * a.p.out_channels), kThreads, 0, stream,
+                a);
+}
+
+// Every code's packed weights into wp (packed_weight_elements of T) for later calls with the
+// same weights and masks (p.packed_weight); the plan is in the workspace already.
+template <class T> cudaError_t launch_pack_all_weights(const MaskedConvParams& p, const RoutingPlan& plan, void* wp,
+                                                        cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
+    (void)p, (void)plan, (void)wp, (void)stream;
+    return cudaErrorInvalidValue;  // the packed path is fp16 / bf16 only
+  } else {
+    AsyncConvArgs a = async_conv_args<T>(p, plan, wp);
+    a.pack_all = 1;
+    if (p.in_channels > 0) launch_pack_weight<T>(a, stream);
+    return cudaGetLastError();
+  }
+}
+
+// Packs the inputs (and the weights of the codes in use, unless p.packed_weight holds them) and
+// launches the conv (the plan is in the workspace already). false when the occupancy query finds
+// no room: the caller runs masked_conv_kernel instead.
 template <class T> bool launch_conv_async(const MaskedConvParams& p, const RoutingPlan& plan, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
     (void)p, (void)plan, (void)stream;
     return false;
   } else {
-    char* ws = static_cast<char*>(p.workspace);
-    const PackedLayout layout = packed_layout(p, sizeof(T));
-    AsyncConvArgs a;
-    a.p = p;
-    a.counts = reinterpret_cast<const int32_t*>(ws + plan.counts_offset);
-    a.in_list = reinterpret_cast<const int32_t*>(ws + plan.in_offset);
-    a.out_perm = reinterpret_cast<const int32_t*>(ws + plan.perm_offset);
-    a.used = reinterpret_cast<const int32_t*>(ws + plan.used_offset);
-    a.wp = ws + layout.weight_offset;
-    a.xp = ws + layout.input_offset;
-    a.cin8 = layout.cin8;
-    a.pixels = p.out_height * p.out_width;
-    a.pixel_tiles = ceil_div(a.pixels, kNtCols);
-    a.channel_tiles = ceil_div(p.out_channels, kNtRows);
+    const AsyncConvArgs a = async_conv_args<T>(p, plan, const_cast<void*>(p.packed_weight));
     unsigned grid = 0;
     if (persistent_grid(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>, p.batch * a.channel_tiles * a.pixel_tiles,
                         grid) != cudaSuccess) {
@@ -345,8 +384,7 @@ template <class T> bool launch_conv_async(const MaskedConvParams& p, const Routi
       return false;
     }
     if (p.in_channels > 0) {
-      MMFAST_LAUNCH(masked_pack_weight_kernel<T>, grid_for(p.routing.num_codes * p.out_channels), kThreads, 0, stream,
-                    a);
+      if (p.packed_weight == nullptr) launch_pack_weight<T>(a, stream);
       if (p.height > 0 && p.width > 0)
         MMFAST_LAUNCH(masked_pack_input_kernel<T>,
                       grid_for(p.batch * ceil_div(p.height * p.width, kPackTile) * ceil_div(a.cin8, kPackTile)),
