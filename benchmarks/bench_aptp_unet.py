@@ -10,7 +10,7 @@ expert keeps 50-90% of every layer's groups / heads (random per code, no depth g
 the MACs stay comparable) and has its own (perturbed) weights. Codes [0, 0, 1, 1, 2, 2, 3, 4].
 
 Kept-MAC fraction: MACs of the conv and linear layers of each row's expert over the dense
-model's (SDPA excluded: AptpUNet still runs every head there, masked heads as zeros). Memory:
+model's (SDPA excluded; AptpUNet runs it on each row's kept heads only, CodedAttnProcessor). Memory:
 weight bytes of each form on the CPU, peak allocated bytes per call on a GPU.
 """
 from __future__ import annotations

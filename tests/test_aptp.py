@@ -11,6 +11,7 @@ import mmfast  # noqa: E402
 from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, contrastive_loss,  # noqa: E402
                                 dense_skeleton, depth_gates, load_expert, prune_unet, random_architecture,
                                 run_per_expert, save_expert, sinkhorn, width_gates)
+from mmfast.models.aptp.unet import CodedAttnProcessor  # noqa: E402
 from mmfast.testing.tiny_aptp import tiny_experts, tiny_inputs  # noqa: E402
 
 CODES = [2, 0, 2, 1, 0, 2]
@@ -67,6 +68,25 @@ def test_mixed_batch_equals_sliced_experts(setup):
     # one code only, and already-sorted codes
     assert_matches(model(x[:2], t[:2], text[:2], torch.tensor([1, 1])), per_expert(experts, x[:2], t[:2], text[:2],
                                                                                     [1, 1]))
+
+
+@torch.no_grad()
+def test_attention_runs_kept_heads_only(setup):
+    """Every attention of the tiny UNet has pruned heads: CodedAttnProcessor runs SDPA on the
+    kept (row, head) pairs; with an encoder attention mask it falls back to diffusers' processor
+    over every head (masked heads are zeros either way), and both give the same result."""
+    base, experts, model = setup
+    processors = [m.processor for m in model.unet.modules() if hasattr(m, "processor")]
+    assert processors and all(isinstance(p, CodedAttnProcessor) for p in processors)
+    x, t, text = tiny_inputs(len(CODES))
+    codes = torch.tensor(CODES)
+    plain = model(x, t, text, codes)
+    with model.state.use(codes.sort(stable=True).values):  # the plan of the sorted batch
+        rows, heads = processors[0]._pairs(torch.device("cpu"))
+    kept = processors[0].kept_heads
+    assert rows.numel() == sum(len(kept[c]) for c in CODES) < len(CODES) * processors[0].heads
+    masked = model(x, t, text, codes, encoder_attention_mask=torch.ones(len(CODES), text.shape[1]))
+    assert_matches(masked, plain)
 
 
 @torch.no_grad()

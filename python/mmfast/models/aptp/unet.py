@@ -14,7 +14,8 @@ Structure: a deep copy of the base UNet with its layers swapped for coded ones
   depth-gated blocks -> CodedDepthGate (runs the block on the rows whose code keeps it)
 The coded layers read the rows' codes from one shared CodeState that AptpUNet.forward sets.
 Attention heads are pruned through masks on q/k/v (out) and to_out.0 (in): a masked head has
-q = k = v = 0, so its SDPA output is exactly 0 and to_out never reads it, as in the pruned expert.
+q = k = v = 0, so its SDPA output is exactly 0 and to_out never reads it, as in the pruned expert;
+CodedAttnProcessor runs SDPA on the kept (row, head) pairs only.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .._modules import swap_submodule
 from .architecture import FF_GROUPS, ArchitectureCode, LayerMask, _index, depth_gates, to_masks
 
 __all__ = ["AptpUNet", "run_per_expert", "CodeState", "CodedConv2d", "CodedLinear", "CodedGroupNorm", "CodedLayerNorm",
-           "CodedDepthGate", "stack_expert_weights"]
+           "CodedDepthGate", "CodedAttnProcessor", "stack_expert_weights"]
 
 Expert = Tuple[Union[nn.Module, Mapping[str, torch.Tensor]], ArchitectureCode]
 
@@ -41,19 +42,28 @@ class CodeState:
 
     def __init__(self):
         self.codes: Optional[torch.Tensor] = None
+        self._as_tuple: Optional[Tuple[int, ...]] = None
 
     def get(self) -> torch.Tensor:
         if self.codes is None:
             raise RuntimeError("APTP coded layer called outside AptpUNet.forward: no sample codes are set")
         return self.codes
 
+    def as_tuple(self) -> Tuple[int, ...]:
+        """The codes as Python ints: read from the device once per use() (one host sync), for
+        layers that plan on the host (CodedAttnProcessor)."""
+        if self._as_tuple is None:
+            self._as_tuple = tuple(self.get().tolist())
+        return self._as_tuple
+
     @contextlib.contextmanager
     def use(self, codes: torch.Tensor):
-        previous, self.codes = self.codes, codes
+        previous = self.codes, self._as_tuple
+        self.codes, self._as_tuple = codes, None
         try:
             yield
         finally:
-            self.codes = previous
+            self.codes, self._as_tuple = previous
 
 
 # --- coded layers --------------------------------------------------------------------------------
@@ -168,6 +178,86 @@ class CodedDepthGate(nn.Module):
         return (out,) if self.returns_tuple else out
 
 
+class CodedAttnProcessor:
+    """A diffusers attention processor that runs SDPA on each row's kept heads only.
+
+    AptpUNet prunes heads through the masks of to_q / to_k / to_v (out) and to_out.0 (in), so a
+    masked head has q = k = v = 0 and attends to exact zeros: running it is pure waste (half of
+    the attention at keep 0.5). This processor gathers the kept (row, head) pairs of the batch
+    into one SDPA call over (pairs, tokens, head_dim) and scatters the result into a zero
+    (B, N, heads * head_dim) tensor, what the full-head computation gives. head_kept (K, heads)
+    bool: the heads a code keeps in any of q / k / v. The pairs are planned on the host per tuple
+    of row codes (one read of the codes per UNet call, CodeState.as_tuple) and kept for later
+    steps (the codes stay fixed over a sampling run). Inputs outside SD's plain self / cross
+    attention (an attention mask, 4-D hidden states, spatial / group / q-k norms) go through
+    diffusers' AttnProcessor2_0 over every head instead, which computes the same result."""
+
+    _MAX_PLANS = 64  # distinct batches' code tuples remembered per layer
+
+    def __init__(self, state: CodeState, head_kept: torch.Tensor):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.state, self.full = state, AttnProcessor2_0()
+        self.kept_heads = [torch.nonzero(row)[:, 0].tolist() for row in head_kept.bool().cpu()]
+        self.heads = head_kept.shape[1]
+        self._plans: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _pairs(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, heads) int64 on device: every kept (row, head) pair of the batch."""
+        codes = self.state.as_tuple()
+        plan = self._plans.get((codes, device))
+        if plan is None:
+            rows = [b for b, code in enumerate(codes) for _ in self.kept_heads[code]]
+            heads = [h for code in codes for h in self.kept_heads[code]]
+            if len(self._plans) >= self._MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[(codes, device)] = (torch.tensor(rows, dtype=torch.long, device=device),
+                                                   torch.tensor(heads, dtype=torch.long, device=device))
+        return plan
+
+    @staticmethod
+    def _plain(attn, hidden_states, attention_mask, args, kwargs) -> bool:
+        return (hidden_states.dim() == 3 and attention_mask is None and not args and kwargs.get("scale") is None
+                and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None
+                and attn.norm_k is None)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None, *args, **kwargs):
+        if not self._plain(attn, hidden_states, attention_mask, args, kwargs):
+            return self.full(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        batch, tokens, inner = query.shape
+        rows, heads = self._pairs(query.device)
+
+        def kept(t):  # (B, L, heads * d) -> (pairs, L, d)
+            return t.view(batch, t.shape[1], self.heads, -1).transpose(1, 2)[rows, heads]
+
+        attended = F.scaled_dot_product_attention(kept(query), kept(key), kept(value))
+        merged = query.new_zeros(batch, tokens, self.heads, inner // self.heads)
+        merged.transpose(1, 2)[rows, heads] = attended.to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](merged.view(batch, tokens, inner)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _prune_attention_heads(unet: nn.Module, state: CodeState) -> None:
+    """CodedAttnProcessor on every attention whose heads some code prunes."""
+    from diffusers.models.attention_processor import Attention
+
+    for module in unet.modules():
+        if not isinstance(module, Attention) or module.inner_kv_dim != module.inner_dim or not all(
+                isinstance(getattr(module, n), CodedLinear) for n in ("to_q", "to_k", "to_v")):
+            continue  # (grouped k / v heads: every head runs)
+        head_kept = torch.stack([getattr(module, n).out_mask.view(-1, module.heads, module.inner_dim // module.heads)
+                                 for n in ("to_q", "to_k", "to_v")]).any(dim=(0, 3))
+        if not bool(head_kept.all()):
+            module.set_processor(CodedAttnProcessor(state, head_kept))
+
+
 # --- stacking the experts ---------------------------------------------------------------------------
 
 
@@ -279,6 +369,7 @@ class AptpUNet(nn.Module):
                 gate = CodedDepthGate(state, unet.get_submodule(name), runs, channels, ".attentions." in name)
                 swap_submodule(unet, name, gate.to(_device_of(unet)))
         _check_all_coded(unet)
+        _prune_attention_heads(unet, state)
         return cls(unet.eval(), state, archs)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
