@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -201,6 +202,7 @@ class CodedAttnProcessor:
         self.kept_heads = [torch.nonzero(row)[:, 0].tolist() for row in head_kept.bool().cpu()]
         self.heads = head_kept.shape[1]
         self._plans: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warned = False
 
     def _pairs(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """(rows, heads) int64 on device: every kept (row, head) pair of the batch."""
@@ -224,6 +226,10 @@ class CodedAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None, *args, **kwargs):
         if not self._plain(attn, hidden_states, attention_mask, args, kwargs):
+            if not self._warned:
+                self._warned = True
+                warnings.warn("CodedAttnProcessor: an attention mask, 4-D input or extra norms: this layer runs "
+                              "SDPA over every head (masked heads as zeros, the same result, slower)", stacklevel=2)
             return self.full(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
