@@ -680,5 +680,40 @@ template <class T> __device__ __forceinline__ void nt_multiply(const NtStage<T>&
   }
 }
 
+// The ring's pipeline over `steps` slices: issue(stage) starts the copies of the next slice into
+// ring stage `stage` (the caller's copy cursor then moves on); the copies run kNtStages - 1
+// slices ahead of the multiply. After slice `step` is multiplied into acc, after_step(step) runs
+// (the VQ search's argmin at each code tile's end). Every thread calls it with the same steps;
+// the ring is idle on return (all copies landed; the last stage may still be read by other
+// warps until the caller's next barrier).
+template <class T, class Issue, class AfterStep>
+__device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtAcc& acc, int warp, int lane,
+                                            Issue&& issue, AfterStep&& after_step) {
+  int issue_stage = 0;
+#pragma unroll 1
+  for (int s = 0; s < kNtStages - 1; ++s) {
+    if (s < steps) {
+      issue(ring[issue_stage]);
+      issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
+    }
+    cp_async_commit();  // empty groups too: the wait below counts groups
+  }
+  int stage = 0;
+#pragma unroll 1
+  for (int64_t step = 0; step < steps; ++step) {
+    cp_async_wait<kNtStages - 2>();  // this thread's copies of `step` landed
+    __syncthreads();                 // everyone's did; everyone finished step - 1's stage
+    if (step + kNtStages - 1 < steps) {  // into step - 1's stage
+      issue(ring[issue_stage]);
+      issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
+    }
+    cp_async_commit();
+    nt_multiply(ring[stage], acc, warp, lane);
+    stage = stage + 1 == kNtStages ? 0 : stage + 1;
+    after_step(step);
+  }
+  cp_async_wait<0>();
+}
+
 }  // namespace cuda
 }  // namespace mmfast

@@ -233,9 +233,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     int32_t copy_s = 0, copy_dh = 0, copy_dw = 0;
     const T* w_tap = w_tile;
     const T* x_tap = x_b;
-    int issue_stage = 0;
-    const auto issue_next = [&]() {
-      NtStage<T>& st = ring[issue_stage];
+    const auto issue_next = [&](NtStage<T>& st) {
       const int64_t cols_left = kept8 - copy_l0;
 #pragma unroll
       for (int k = 0; k < AChunk::kPerThread; ++k)
@@ -245,7 +243,6 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
         const bool in = static_cast<uint32_t>(h0[k] + copy_dh) < height && static_cast<uint32_t>(w0[k] + copy_dw) < width;
         BChunk(k).issue(st.b, x_tap + copy_l0 + b_off[k], in ? kNtCols : 0, cols_left, fallback);
       }
-      issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
       copy_l0 += kNtDepth;
       if (copy_l0 >= kept8) {  // the next tap
         copy_l0 = 0;
@@ -259,24 +256,9 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
         x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
       }
     };
-#pragma unroll 1
-    for (int s = 0; s < kNtStages - 1; ++s) {
-      if (s < steps) issue_next();
-      cp_async_commit();  // empty groups too: the wait below counts groups
-    }
     NtAcc acc;
     nt_zero(acc);
-    int stage = 0;
-#pragma unroll 1
-    for (int64_t step = 0; step < steps; ++step) {
-      cp_async_wait<kNtStages - 2>();  // this thread's copies of `step` landed
-      __syncthreads();                 // everyone's did; everyone finished step - 1's stage
-      if (step + kNtStages - 1 < steps) issue_next();  // into step - 1's stage
-      cp_async_commit();
-      nt_multiply(ring[stage], acc, warp, lane);
-      stage = stage + 1 == kNtStages ? 0 : stage + 1;
-    }
-    cp_async_wait<0>();
+    nt_pipeline(ring, steps, acc, warp, lane, issue_next, [](int64_t) {});
 
     // Epilogue: kept rows get the sum + bias, the tile's masked rows exactly 0 (not their sums:
     // zero-filled weights times an infinite input are NaN). This thread's rows (mi, half) and

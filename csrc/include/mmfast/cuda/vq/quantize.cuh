@@ -196,42 +196,28 @@ __global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a)
     // The copy cursor runs kNtStages - 1 slices ahead of the multiply cursor; both step a slice
     // at a time, then to the next code tile (no divisions in the loop).
     int64_t copy_code0 = t0 * kNtCols, copy_l0 = 0, step_code0 = t0 * kNtCols, step_l0 = 0;
-    int issue_stage = 0;
-    const auto issue_next = [&]() {
-      nt_issue(ring[issue_stage], z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
-               a.codes - copy_code0, copy_l0, a.dim);
-      issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
-      copy_l0 += kNtDepth;
-      if (copy_l0 >= a.dim) copy_l0 = 0, copy_code0 += kNtCols;
-    };
-#pragma unroll 1
-    for (int s = 0; s < kNtStages - 1; ++s) {
-      if (s < steps) issue_next();
-      cp_async_commit();  // empty groups too: the wait below counts groups
-    }
     float best[kNtMTiles][2];
     int32_t code[kNtMTiles][2];
 #pragma unroll
     for (int mi = 0; mi < kNtMTiles; ++mi) best[mi][0] = best[mi][1] = INFINITY, code[mi][0] = code[mi][1] = kNoCode32;
     NtAcc acc;
     nt_zero(acc);
-    int stage = 0;
-#pragma unroll 1
-    for (int64_t step = 0; step < steps; ++step) {
-      cp_async_wait<kNtStages - 2>();  // this thread's copies of `step` landed
-      __syncthreads();                 // everyone's did; everyone finished step - 1's stage
-      if (step + kNtStages - 1 < steps) issue_next();  // into step - 1's stage
-      cp_async_commit();
-      nt_multiply(ring[stage], acc, warp, lane);
-      stage = stage + 1 == kNtStages ? 0 : stage + 1;
-      step_l0 += kNtDepth;
-      if (step_l0 >= a.dim) {  // the code tile is complete
-        merge_nt_best(acc, sqnorm, step_code0, a.codes, warp, lane, best, code);
-        nt_zero(acc);
-        step_l0 = 0, step_code0 += kNtCols;
-      }
-    }
-    cp_async_wait<0>();
+    nt_pipeline(
+        ring, steps, acc, warp, lane,
+        [&](NtStage<T>& stage) {
+          nt_issue(stage, z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
+                   a.codes - copy_code0, copy_l0, a.dim);
+          copy_l0 += kNtDepth;
+          if (copy_l0 >= a.dim) copy_l0 = 0, copy_code0 += kNtCols;
+        },
+        [&](int64_t) {
+          step_l0 += kNtDepth;
+          if (step_l0 >= a.dim) {  // the code tile is complete
+            merge_nt_best(acc, sqnorm, step_code0, a.codes, warp, lane, best, code);
+            nt_zero(acc);
+            step_l0 = 0, step_code0 += kNtCols;
+          }
+        });
     __syncthreads();  // the ring is idle: its first bytes take the column warps' bests
     write_nt_best(best, code, smem, a, split, row0, warp, lane);
     __syncthreads();  // read before the next item's copies land
