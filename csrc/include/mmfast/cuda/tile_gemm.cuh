@@ -656,6 +656,15 @@ __device__ __forceinline__ void nt_issue(NtStage<T>& s, const T* a, int64_t a_st
   }
 }
 
+// Whether the warp's 64 rows of A hold any of its first valid_rows rows: the rows past them are
+// zero-filled, so a warp wholly past them may skip its multiplies (warp-uniform). Warps w and
+// w + 4 share a scheduler's tensor core, so when a tile's valid rows end in its first half (a
+// code's last 128-channel tile, a token tile past N) the second half costs nothing. (Skipping
+// per 16-row m-tile as well took ~60 more instructions per slice on full tiles: not done.)
+__device__ __forceinline__ bool nt_warp_active(int warp, int64_t valid_rows) {
+  return valid_rows > (warp / 4) * kNtWarpRows;
+}
+
 // acc += the warp's part of A_s B_s^T over the stage's kNtDepth columns.
 template <class T> __device__ __forceinline__ void nt_multiply(const NtStage<T>& s, NtAcc& acc, int warp, int lane) {
   const int a_row = (warp / 4) * kNtWarpRows + lane % 8 + 8 * ((lane / 8) % 2);  // A: (m, k) = (0,0) (8,0) (0,8) (8,8)
@@ -683,12 +692,14 @@ template <class T> __device__ __forceinline__ void nt_multiply(const NtStage<T>&
 // The ring's pipeline over `steps` slices: issue(stage) starts the copies of the next slice into
 // ring stage `stage` (the caller's copy cursor then moves on); the copies run kNtStages - 1
 // slices ahead of the multiply. After slice `step` is multiplied into acc, after_step(step) runs
-// (the VQ search's argmin at each code tile's end). Every thread calls it with the same steps;
+// (the VQ search's argmin at each code tile's end); a warp that is not active (nt_warp_active)
+// skips its multiplies.
+// Every thread calls it with the same steps;
 // the ring is idle on return (all copies landed; the last stage may still be read by other
 // warps until the caller's next barrier).
 template <class T, class Issue, class AfterStep>
 __device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtAcc& acc, int warp, int lane,
-                                            Issue&& issue, AfterStep&& after_step) {
+                                            bool active, Issue&& issue, AfterStep&& after_step) {
   int issue_stage = 0;
 #pragma unroll 1
   for (int s = 0; s < kNtStages - 1; ++s) {
@@ -708,7 +719,7 @@ __device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtA
       issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
     }
     cp_async_commit();
-    nt_multiply(ring[stage], acc, warp, lane);
+    if (active) nt_multiply(ring[stage], acc, warp, lane);
     stage = stage + 1 == kNtStages ? 0 : stage + 1;
     after_step(step);
   }

@@ -16,7 +16,8 @@
 //                       elements), copied by cp.async into a 4-stage ring (a pixel whose tap
 //                       falls in the padding, a row past the kept outputs: zero-filled chunks)
 //                       and multiplied by ldmatrix + mma.sync.m16n8k16 with fp32 sums
-//                       (nt_multiply; products exact, as on the TF32 path). Staging costs a few
+//                       (nt_pipeline; products exact, as on the TF32 path); in a tile with at
+//                       most 64 kept rows the warps of the other 64 skip their multiplies. Staging costs a few
 //                       instructions per 16-byte chunk instead of ~25 per element.
 //                       Positions >= kept_out are written 0, a sample of a code outside [0, K) NaN,
 //                       as by masked_conv_kernel (conv.cuh), which runs every other case.
@@ -258,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     };
     NtAcc acc;
     nt_zero(acc);
-    nt_pipeline(ring, steps, acc, warp, lane, issue_next, [](int64_t) {});
+    nt_pipeline(ring, steps, acc, warp, lane, nt_warp_active(warp, kept_rows), issue_next, [](int64_t) {});
 
     // Epilogue: kept rows get the sum + bias, the tile's masked rows exactly 0 (not their sums:
     // zero-filled weights times an infinite input are NaN). This thread's rows (mi, half) and

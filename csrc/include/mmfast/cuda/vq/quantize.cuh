@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a)
     NtAcc acc;
     nt_zero(acc);
     nt_pipeline(
-        ring, steps, acc, warp, lane,
+        ring, steps, acc, warp, lane, /*active=*/true,
         [&](NtStage<T>& stage) {
           nt_issue(stage, z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
                    a.codes - copy_code0, copy_l0, a.dim);
