@@ -12,6 +12,7 @@
 // graph), where the CPU raises IndexError.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
@@ -29,12 +30,17 @@ using mmfast::glue::check_launch;
 // The static plan on CUDA (inside mmfast.ops.keep_packed_weights): every code's weights packed
 // once as the packed path reads them and kept by PackedWeightCache (glue/packed_weight_cache.h),
 // for as long as the weight and both masks are unchanged. Undefined when not kept (off, no room,
-// not the packed path): the op then packs the weights of the codes it uses per call.
+// not the packed path, or a CUDA graph being captured: a kept tensor packed by a captured kernel
+// would hold nothing until a replay): the op then packs the weights of the codes it uses per
+// call. Streams: a new entry is packed and its stream synchronised before it is kept (once per
+// layer and run), so any stream may read it; each call records its stream on the entry, so the
+// allocator does not reuse its memory under a stream still reading it when it is dropped.
 at::Tensor kept_packed_weight(mmfast::MaskedConvParams p, const at::Tensor& weight, const at::Tensor& in_mask,
                               const at::Tensor& out_mask, const char* op) {
   const size_t bytes = mmfast::cuda::masked_conv2d_packed_weight_bytes(p);
-  if (bytes == 0) return at::Tensor();
-  return mmfast::glue::PackedWeightCache::instance().get(
+  if (bytes == 0 || at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) return at::Tensor();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor packed = mmfast::glue::PackedWeightCache::instance().get(
       {weight, in_mask, out_mask}, -1, {}, bytes, [&](bool keep) -> at::Tensor {
         if (!keep) return at::Tensor();
         const auto plan = mmfast::cuda::prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels);
@@ -43,10 +49,12 @@ at::Tensor kept_packed_weight(mmfast::MaskedConvParams p, const at::Tensor& weig
         p.workspace = workspace.data_ptr();
         p.workspace_bytes = plan.bytes;
         at::Tensor packed = at::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(at::kByte));
-        check_launch(mmfast::cuda::masked_conv2d_pack_weights(p, packed.data_ptr(), at::cuda::getCurrentCUDAStream()),
-                     op, "weight packing");
+        check_launch(mmfast::cuda::masked_conv2d_pack_weights(p, packed.data_ptr(), stream), op, "weight packing");
+        C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // complete before any stream reads it
         return packed;
       });
+  if (packed.defined()) packed.record_stream(stream);
+  return packed;
 }
 
 // The shared part of masked_conv2d / masked_linear: contiguous parameters, the routing, the

@@ -126,7 +126,9 @@ class PackedWeightCache {
         if (!stamps[i].matches(sources[i])) return false;
       return true;
     }
-    bool expired() const { return stamps.front().storage.expired(); }
+    bool expired() const {  // a source freed: the entry can never match again
+      return std::any_of(stamps.begin(), stamps.end(), [](const Stamp& st) { return st.storage.expired(); });
+    }
   };
 
   PackedWeightCache() : budget_mb_(initial_budget_mb()) {}

@@ -370,7 +370,8 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     masks) is alive and unchanged. CPU: each code's kept output rows and input columns,
     contiguous. CUDA (fp16 / bf16, sm_80+): every code's weights in the layout the cp.async
     kernel reads (K x kh*kw x Cout x Cin8 elements, Cin8 = Cin rounded up to 8: about the stacked
-    weight's size), so a call launches no weight packing.
+    weight's size), so a call launches no weight packing; a new entry is packed with a stream
+    synchronisation (once per layer), and none is made while a CUDA graph is being captured.
 
     APTP's codes and experts stay fixed over a sampling run's 25-50 denoising steps, so wrap the
     run: ``with keep_packed_weights(): images = sample(...)``. The group-by-code baseline holds

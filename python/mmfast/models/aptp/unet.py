@@ -241,9 +241,10 @@ class CodedAttnProcessor:
         def kept(t):  # (B, L, heads * d) -> (pairs, L, d)
             return t.view(batch, t.shape[1], self.heads, -1).transpose(1, 2)[rows, heads]
 
-        attended = F.scaled_dot_product_attention(kept(query), kept(key), kept(value))
         merged = query.new_zeros(batch, tokens, self.heads, inner // self.heads)
-        merged.transpose(1, 2)[rows, heads] = attended.to(query.dtype)
+        if rows.numel():  # 4-D (1, pairs, L, d): the fused SDPA kernels take 4-D inputs only
+            attended = F.scaled_dot_product_attention(*(kept(t).unsqueeze(0) for t in (query, key, value)))
+            merged.transpose(1, 2)[rows, heads] = attended[0].to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](merged.view(batch, tokens, inner)))
         if attn.residual_connection:
             out = out + hidden_states
@@ -255,9 +256,10 @@ def _prune_attention_heads(unet: nn.Module, state: CodeState) -> None:
     from diffusers.models.attention_processor import Attention
 
     for module in unet.modules():
-        if not isinstance(module, Attention) or module.inner_kv_dim != module.inner_dim or not all(
-                isinstance(getattr(module, n), CodedLinear) for n in ("to_q", "to_k", "to_v")):
-            continue  # (grouped k / v heads: every head runs)
+        if not isinstance(module, Attention) or module.inner_kv_dim != module.inner_dim or \
+                module.added_kv_proj_dim is not None or not all(
+                    isinstance(getattr(module, n), CodedLinear) for n in ("to_q", "to_k", "to_v")):
+            continue  # (grouped k / v heads, added k / v projections: every head runs)
         head_kept = torch.stack([getattr(module, n).out_mask.view(-1, module.heads, module.inner_dim // module.heads)
                                  for n in ("to_q", "to_k", "to_v")]).any(dim=(0, 3))
         if not bool(head_kept.all()):
