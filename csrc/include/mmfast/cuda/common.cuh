@@ -320,12 +320,31 @@ template <class Kernel> cudaError_t allow_dynamic_shared(Kernel* kernel, size_t 
 // Whether kernel's code for the current device comes from PTX of compute capability
 // min_arch_x10 or newer: a binary JIT-compiled from older PTX (TORCH_CUDA_ARCH_LIST="7.5+PTX"
 // run on an A100) holds the pre-sm_80 fallback of an inline-PTX wrapper (mma.sync: a trap).
+// The PTX version is queried once per (device, its compute capability, kernel) and remembered:
+// cudaFuncGetAttributes costs microseconds, and the dispatch asks on every call (a failed query
+// is not remembered).
 template <class Kernel> bool compiled_for(Kernel* kernel, int min_arch_x10) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  using Key = std::tuple<int, int, const void*>;
+  static std::mutex mutex;
+  static std::map<Key, int> known;  // PTX version
+  const Key key{dev, compute_capability_major(), reinterpret_cast<const void*>(kernel)};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = known.find(key);
+    if (found != known.end()) return found->second >= min_arch_x10;
+  }
   cudaFuncAttributes attributes;
   if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)) != cudaSuccess) {
     (void)cudaGetLastError();  // the caller takes another kernel; the error is not sticky
     return false;
   }
+  const std::lock_guard<std::mutex> lock(mutex);
+  known.emplace(key, attributes.ptxVersion);
   return attributes.ptxVersion >= min_arch_x10;
 }
 
