@@ -67,6 +67,9 @@ struct ConvCase {
   bool linear_transposed_x = false;
   bool inf_input = false;      // +Inf at pixel (0, 0) of sample 0's first kept input channel
   int workspace_shift = 0;     // bytes past 16-byte alignment (not 0: the tiled kernel runs)
+  int sms = 132;               // the emulated device's SMs (1 resident block each): few tiles for
+                               // many SMs split each tile's reduction on the packed path
+  bool split = false;          // whether the packed path splits (checked)
 };
 
 std::vector<char> make_masks(int64_t K, int64_t C, int mode, double keep) {
@@ -94,11 +97,12 @@ bool launched(const char* prefix) {
 }
 
 template <class T>
-void run_conv(const ConvCase& cc) {
+void run_conv_on_device(const ConvCase& cc) {
   const int64_t B = cc.B, Cin = cc.Cin, Cout = cc.Cout, K = cc.K, taps = cc.kh * cc.kw;
   const int64_t Ho = (cc.H + 2 * cc.ph - cc.dh * (cc.kh - 1) - 1) / cc.sh + 1;
   const int64_t Wo = (cc.W + 2 * cc.pw - cc.dw * (cc.kw - 1) - 1) / cc.sw + 1;
-  std::string cfg = std::string(cc.name) + " T=" + dtype_name(dtype_of<T>()) + " tc=" + std::to_string(emu::compute_major >= 8);
+  std::string cfg = std::string(cc.name) + " T=" + dtype_name(dtype_of<T>()) +
+                    " tc=" + std::to_string(emu::compute_major >= 8) + " sms=" + std::to_string(emu::sms);
   std::normal_distribution<double> normal;
   const auto in_mask = make_masks(K, Cin, cc.mask_mode, 0.6);
   const auto out_mask = make_masks(K, Cout, cc.mask_mode == 1 ? 3 : cc.mask_mode, 0.7);
@@ -190,6 +194,12 @@ void run_conv(const ConvCase& cc) {
                           emu::compute_major >= 8 && cc.workspace_shift == 0;
   if (launched("masked_conv_async_kernel") != want_async || launched("masked_conv_kernel<") == want_async)
     fail("conv kernel choice " + cfg);
+  if (launched("masked_conv_split_reduce_kernel") != (want_async && cc.split)) fail("split reduction choice " + cfg);
+  for (const char* c = ws_start + ws_bytes; c < ws.data() + ws.size(); ++c)
+    if (*c != 0x5a) {
+      fail("wrote past the workspace " + cfg);
+      break;
+    }
 
   if (want_async) {  // the static plan: every code's weights packed once, then a call that reads them
     std::vector<char> packed(cuda::masked_conv2d_packed_weight_bytes(p) + 16, 0x5a);
@@ -265,6 +275,14 @@ void run_conv(const ConvCase& cc) {
       ++bad;
     }
   if (bad) fail(std::to_string(bad) + " elements off: " + cfg);
+}
+
+template <class T>
+void run_conv(const ConvCase& cc) {
+  const int sms_before = emu::sms;
+  emu::sms = cc.sms;
+  run_conv_on_device<T>(cc);
+  emu::sms = sms_before;
 }
 
 // ---- group norm ----------------------------------------------------------------------------
@@ -397,16 +415,41 @@ void run_all(int level) {
                  2, true, false, false, true, XLayout::kContiguous, {1, 5, 0}, 0};
   lin_t.linear = lin_t.linear_transposed_x = true;
   run_conv<T>(lin_t);
-  if (level >= 1 && (std::is_same<T, float>::value || std::is_same<T, __half>::value))
-    run_conv<T>({"3x3 Cin=40 Cout=130 12x12, 3 channel / 3 pixel tiles", 3, 40, 130, 12, 12, 3, 3, 1, 1, 1, 1, 1, 1, 4,
-                 false, true, false, false, XLayout::kChannelsLast, {3, 1, 3}, 0});
+  // The packed path's split reduction (at most 18 steps: 2 splits for 4 tiles on 132 SMs): a
+  // code keeping no input (empty shares: y = bias), one keeping no output, an invalid code.
+  ConvCase split{"3x3 Cin=40 Cout=30 keep none / all, invalid code: 2 splits", 4, 40, 30, 6, 6, 3, 3, 1, 1, 1, 1, 1,
+                 1, 3, false, true, false, false, XLayout::kContiguous, {0, 1, 2, 5}, 1};
+  split.split = true;
+  run_conv<T>(split);
+  if (level >= 1 && (std::is_same<T, float>::value || std::is_same<T, __half>::value)) {
+    ConvCase tiles{"3x3 Cin=40 Cout=130 12x12, 3 channel / 3 pixel tiles", 3, 40, 130, 12, 12, 3, 3, 1, 1, 1, 1, 1, 1,
+                   4, false, true, false, false, XLayout::kChannelsLast, {3, 1, 3}, 0};
+    tiles.split = true;  // 18 steps, 2 splits
+    run_conv<T>(tiles);
+  }
   if (level >= 1 && (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value)) {
     // the packed path (conv_async.cuh) over several of its 128-wide tiles: 3 input slices per
-    // tap, a channel tile straddling the kept count, 2 pixel tiles; and stride 2 with dilation
-    run_conv<T>({"3x3 Cin=72 Cout=300 11x13, 95% kept: 27 steps, 3 channel / 2 pixel tiles", 2, 72, 300, 11, 13, 3,
-                 3, 1, 1, 1, 1, 1, 1, 2, false, true, false, false, XLayout::kContiguous, {1, 0}, 4});
-    run_conv<T>({"3x3 s2 p2 d2 Cin=48 gapped x, invalid code", 3, 48, 40, 17, 15, 3, 3, 2, 2, 2, 2, 2, 2, 2, false,
-                 true, false, false, XLayout::kGapped, {1, 2, 0}, 4});
+    // tap, a channel tile straddling the kept count, 2 pixel tiles, whole (one SM: no split) and
+    // in 3 splits of 9 steps; and stride 2 with dilation (2 splits)
+    ConvCase wide{"3x3 Cin=72 Cout=300 11x13, 95% kept: 27 steps, 3 channel / 2 pixel tiles", 2, 72, 300, 11, 13, 3,
+                  3, 1, 1, 1, 1, 1, 1, 2, false, true, false, false, XLayout::kContiguous, {1, 0}, 4};
+    wide.sms = 1;
+    run_conv<T>(wide);
+    wide.sms = 132, wide.split = true;
+    run_conv<T>(wide);
+    ConvCase strided{"3x3 s2 p2 d2 Cin=48 gapped x, invalid code", 3, 48, 40, 17, 15, 3, 3, 2, 2, 2, 2, 2, 2, 2, false,
+                     true, false, false, XLayout::kGapped, {1, 2, 0}, 4};
+    strided.split = true;
+    run_conv<T>(strided);
+    // Splits starting inside a tap, on both kernel rows, kh != kw and dh != dw: ~60 kept steps
+    // (10 taps x 6 slices) in 4 splits on 132 SMs (one item per block), in 3 on 3 SMs (two
+    // items per block).
+    ConvCase mid_tap{"2x5 d(2,1) p(1,2) Cin=200, splits inside taps", 2, 200, 40, 9, 11, 2, 5, 1, 1, 1, 2, 2, 1, 2,
+                     false, true, false, false, XLayout::kContiguous, {1, 0}, 4};
+    mid_tap.split = true;
+    run_conv<T>(mid_tap);
+    mid_tap.sms = 3;
+    run_conv<T>(mid_tap);
   }
 
   // name, B, C, G, P, K, weight, bias, per-code affine, silu, int32, codes, mask, offset
@@ -441,9 +484,35 @@ void run_coordinate_limit() {
   if (cuda::masked_conv2d_coordinates_fit(p)) fail("out_height * stride = 2^29 is not refused");
 }
 
+// The split count of the packed path at SD-2.1's levels on an H200 (132 SMs x 2 resident
+// blocks): only tiles fewer than the blocks split, by the fewest rounds per unit of work.
+void run_split_count() {
+  struct Level {
+    int64_t batch, channels, side, kernel, want;
+  };
+  const Level levels[] = {
+      {8, 320, 96, 3, 1},  {8, 640, 48, 3, 1},  {8, 1280, 24, 3, 1}, {8, 1280, 12, 3, 3},  // 160 tiles: 2 rounds of 1/3
+      {8, 1280, 8, 3, 3},  {2, 640, 48, 3, 4},  {1, 320, 96, 3, 1},                        // 216 tiles: no gain
+      {1, 1280, 8, 3, 8},                                                                    // 10 tiles: at most 8
+      {8, 1280, 12, 1, 3}, {1, 1280, 8, 1, 3},                                               // 40 steps: at most 5
+  };
+  for (const Level& l : levels) {
+    MaskedConvParams p;
+    p.batch = l.batch, p.in_channels = p.out_channels = l.channels;
+    p.height = p.width = p.out_height = p.out_width = l.side;
+    p.kernel_h = p.kernel_w = l.kernel;
+    const int64_t got = cuda::prunedk::split_count(p, 264);
+    if (got != l.want)
+      fail("split_count B=" + std::to_string(l.batch) + " C=" + std::to_string(l.channels) + " " +
+           std::to_string(l.side) + "x" + std::to_string(l.side) + " k=" + std::to_string(l.kernel) + ": " +
+           std::to_string(got) + ", want " + std::to_string(l.want));
+  }
+}
+
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
   run_coordinate_limit();
+  run_split_count();
   run_all<float>(level);
   run_all<double>(level);
   run_all<__half>(level);

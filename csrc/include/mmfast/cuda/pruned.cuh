@@ -58,12 +58,23 @@ inline int64_t dtype_bytes(DType dtype) {
   return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
 }
 
+// Workspace bytes of the packed path (its layout on this device: prunedk::async_conv_layout).
+inline size_t masked_conv2d_packed_workspace_bytes(const MaskedConvParams& p) {
+  size_t bytes = 0;
+  dispatch_dtype(p.dtype, [&](auto t) {
+    bytes = prunedk::async_conv_layout<decltype(t)>(p).bytes;
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
 // Workspace bytes of masked_conv2d: the per-code routing plan (counts, kept-input lists, output
 // permutations and which codes are used, int32), and on the packed path the packed weights
-// (K x kh*kw x Cout x round_up(Cin, 8) elements) and inputs (B x H x W x round_up(Cin, 8)).
+// (K x kh*kw x Cout x round_up(Cin, 8) elements), inputs (B x H x W x round_up(Cin, 8)) and,
+// when each tile's reduction is split (few tiles for the device), the splits' fp32 sums.
 inline size_t masked_conv2d_workspace_bytes(const MaskedConvParams& p) {
   if (!masked_conv2d_valid(p)) return 0;
-  if (masked_conv2d_uses_async(p)) return prunedk::packed_layout(p, dtype_bytes(p.dtype)).bytes;
+  if (masked_conv2d_uses_async(p)) return masked_conv2d_packed_workspace_bytes(p);
   return prunedk::routing_plan(p.routing.num_codes, p.in_channels, p.out_channels).bytes;
 }
 
@@ -78,12 +89,12 @@ inline cudaError_t masked_conv2d(const MaskedConvParams& p, cudaStream_t stream)
   if (p.workspace == nullptr || p.workspace_bytes < plan.bytes) return cudaErrorInvalidValue;
   const cudaError_t err = prunedk::launch_routing(p, plan, stream);
   if (err != cudaSuccess) return err;
-  const bool packed_room = p.workspace_bytes >= prunedk::packed_layout(p, dtype_bytes(p.dtype)).bytes &&
-                           reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
-                           reinterpret_cast<uintptr_t>(p.packed_weight) % 16 == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p.packed_weight) % 16 == 0;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    if (packed_room && prunedk::use_async_conv<T>(p) && prunedk::launch_conv_async<T>(p, plan, stream))
+    if (aligned && prunedk::use_async_conv<T>(p) && p.workspace_bytes >= prunedk::async_conv_layout<T>(p).bytes &&
+        prunedk::launch_conv_async<T>(p, plan, stream))
       return cudaGetLastError();
     return prunedk::launch_conv_tiled<T>(p, plan, stream);
   });

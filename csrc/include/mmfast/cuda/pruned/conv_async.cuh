@@ -21,12 +21,18 @@
 //                       instructions per 16-byte chunk instead of ~25 per element.
 //                       Positions >= kept_out are written 0, a sample of a code outside [0, K) NaN,
 //                       as by masked_conv_kernel (conv.cuh), which runs every other case.
+//                       When the tiles fill less than the resident blocks (a 12 x 12 level, one
+//                       image), each tile's steps are split into `splits` ranges, one item each,
+//                       whose fp32 sums go to the workspace instead of y:
+//   masked_conv_split_reduce_kernel  per element of y: the splits' sums in order + bias (the
+//                       same result on every run), masked positions 0, invalid codes NaN.
 // The packed operands live in the workspace (sizes known on the host: K x taps x Cout x Cin8 and
 // B x H x W x Cin8 elements, Cin8 = round_up(Cin, 8)); the packing kernels write only the kept
 // part of the codes in use, so their traffic scales with the kept work like the conv's.
 // Compiled, checked under the host emulator; not yet run on a GPU.
 #pragma once
 
+#include <cstdlib>
 #include <cstring>
 
 #include "mmfast/cuda/common.cuh"
@@ -41,7 +47,8 @@ namespace prunedk {
 // ---- workspace: the packed operands after the routing plan -------------------------------------
 struct PackedLayout {
   int64_t cin8;                  // row length of both packed operands: round_up(Cin, 8)
-  size_t weight_offset, input_offset, bytes;
+  int64_t splits;                // of each tile's reduction (1: no split, no partial sums)
+  size_t weight_offset, input_offset, partial_offset, bytes;
 };
 
 // Elements of every code's packed weights: K x kh*kw x Cout x round_up(Cin, 8).
@@ -49,16 +56,58 @@ inline int64_t packed_weight_elements(const MaskedConvParams& p) {
   return p.routing.num_codes * p.kernel_h * p.kernel_w * p.out_channels * round_up(p.in_channels, 8);
 }
 
+constexpr int64_t kMaxSplits = 8;
+constexpr int64_t kMinSplitSteps = 8;  // a split's fewest steps at full width (the ring's prologue is 3)
+
+// MMFAST_CUDA_CONV_SPLITS=n caps the splits below at n (1: never split; for A/B timing).
+inline int64_t split_cap() {
+  static const int64_t cap = [] {
+    const char* env = std::getenv("MMFAST_CUDA_CONV_SPLITS");
+    char* end = nullptr;
+    const long n = env != nullptr ? std::strtol(env, &end, 10) : kMaxSplits;
+    if (env != nullptr && end == env) return kMaxSplits;  // not a number: the default
+    return n < 1 ? int64_t(1) : n > kMaxSplits ? kMaxSplits : static_cast<int64_t>(n);
+  }();
+  return cap;
+}
+
+// Splits of each tile's reduction (kh*kw taps x 32-wide slices of round_up(Cin, 8) inputs) when
+// the B x channel x pixel tiles number fewer than the blocks resident at once. s splits make
+// s x tiles items of 1/s of a tile's work, which the persistent grid (the resident blocks)
+// runs in ceil(s x tiles / blocks) rounds: s minimises that time, rounds / s in whole-tile
+// times, plus the fp32 sums each split adds (a 64 KB write and read per tile, taken as 4 of the
+// tile's steps at full width; ties: fewer splits), with at most kMaxSplits (split_cap) and at
+// least kMinSplitSteps steps per split. Tiles past a code's kept outputs
+// count as whole tiles (the kept counts are on the device; those cost nothing).
+inline int64_t split_count(const MaskedConvParams& p, int64_t resident_blocks) {
+  const int64_t tiles = p.batch * ceil_div(p.out_channels, kNtRows) * ceil_div(p.out_height * p.out_width, kNtCols);
+  if (tiles < 1 || resident_blocks <= tiles) return 1;
+  const int64_t max_steps = p.kernel_h * p.kernel_w * ceil_div(round_up(p.in_channels, 8), kNtDepth);
+  const int64_t most = min_i64(split_cap(), max_i64(1, max_steps / kMinSplitSteps));
+  int64_t best = 1;
+  double best_time = 1.0;  // one round of whole tiles
+  for (int64_t s = 2; s <= most; ++s) {
+    const double time = static_cast<double>(ceil_div(s * tiles, resident_blocks)) / s + 4.0 * (s - 1) / max_steps;
+    if (time < best_time) best = s, best_time = time;
+  }
+  return best;
+}
+
 // The workspace of the packed path: the routing plan, the packed weights (none when the caller
-// gives p.packed_weight) and the packed inputs.
-inline PackedLayout packed_layout(const MaskedConvParams& p, int64_t elem_bytes) {
+// gives p.packed_weight), the packed inputs and, with splits > 1, the splits' fp32 sums
+// ([split][b][output position][pixel]).
+inline PackedLayout packed_layout(const MaskedConvParams& p, int64_t elem_bytes, int64_t splits) {
   PackedLayout s;
   s.cin8 = round_up(p.in_channels, 8);
+  s.splits = splits;
   const size_t plan_bytes = routing_plan(p.routing.num_codes, p.in_channels, p.out_channels).bytes;
   s.weight_offset = static_cast<size_t>(round_up(static_cast<int64_t>(plan_bytes), 256));
   const int64_t weight_bytes = p.packed_weight != nullptr ? 0 : packed_weight_elements(p) * elem_bytes;
   s.input_offset = s.weight_offset + static_cast<size_t>(round_up(weight_bytes, 256));
-  s.bytes = s.input_offset + static_cast<size_t>(p.batch * p.height * p.width * s.cin8 * elem_bytes);
+  const int64_t input_bytes = p.batch * p.height * p.width * s.cin8 * elem_bytes;
+  s.partial_offset = s.input_offset + static_cast<size_t>(round_up(input_bytes, 256));
+  const int64_t partial_bytes = splits > 1 ? splits * p.batch * p.out_channels * p.out_height * p.out_width * 4 : 0;
+  s.bytes = s.partial_offset + static_cast<size_t>(partial_bytes);
   return s;
 }
 
@@ -71,6 +120,8 @@ struct AsyncConvArgs {
   int pack_all;          // the weight packing: every code (kept across calls), not only those used
   void* wp;              // packed weights (see above)
   void* xp;              // packed inputs
+  float* partial;        // splits > 1: [split][b][output position][pixel] sums of the kept rows
+  int64_t splits;
   int64_t cin8;
   int64_t pixels;        // Ho * Wo
   int64_t pixel_tiles;   // ceil(pixels / 128)
@@ -165,10 +216,11 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
   const int64_t taps = p.kernel_h * p.kernel_w;
   const int64_t tap_stride = p.out_channels * a.cin8;  // between the taps of a packed weight row
   const uint32_t height = static_cast<uint32_t>(p.height), width = static_cast<uint32_t>(p.width);
-  const int64_t items = p.batch * a.channel_tiles * a.pixel_tiles;
+  const int64_t items = p.batch * a.channel_tiles * a.pixel_tiles * a.splits;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t pt = item % a.pixel_tiles, rest = item / a.pixel_tiles;
+    const int64_t split = item % a.splits, tile = item / a.splits;  // a tile's splits side by side: shared reads in L2
+    const int64_t pt = tile % a.pixel_tiles, rest = tile / a.pixel_tiles;
     const int64_t ct = rest % a.channel_tiles, b = rest / a.channel_tiles;
     const int64_t p0 = pt * kNtCols, o0 = ct * kNtRows;
     const int64_t code = code_of(p.routing, b);
@@ -177,6 +229,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     const int64_t kept_out = valid ? a.counts[2 * code + 1] : 0;
     const int64_t rows = min_i64(kNtRows, p.out_channels - o0), cols = min_i64(kNtCols, a.pixels - p0);
     const int64_t kept_rows = max_i64(0, min_i64(rows, kept_out - o0));
+    if (kept_rows == 0 && a.splits > 1) continue;  // no sums: the reduce kernel writes these rows
     T* y_b = y + b * p.y_strides[0];
 
     __syncthreads();  // the previous item's epilogue still reads the tables, its last stage the ring
@@ -203,9 +256,11 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
       continue;
     }
 
-    // steps: taps x slices of kNtDepth kept inputs (the last zero-filled past kept8)
+    // steps: taps x slices of kNtDepth kept inputs (the last zero-filled past kept8); this
+    // split's share [step0, step1)
     const int64_t kept8 = round_up(kept_in, 8);
-    const int64_t steps = taps * ceil_div(kept8, kNtDepth);
+    const int64_t slices = ceil_div(kept8, kNtDepth), all_steps = taps * slices;
+    const int64_t step0 = all_steps * split / a.splits, step1 = all_steps * (split + 1) / a.splits;
     const T* w_tile = wp + (code * taps * p.out_channels + o0) * a.cin8;  // tap 0, the tile's first row
     const T* x_b = xp + b * p.height * p.width * a.cin8;
     // This thread's chunks are fixed per item: A's offsets in the packed tile; B's pixels, their
@@ -229,11 +284,14 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     }
     // The copy cursor runs kNtStages - 1 steps ahead of the multiply: input slice copy_l0 of the
     // tap shifted (copy_dh, copy_dw), whose weight rows start at w_tap and whose pixels at x_tap;
-    // stepped without divisions or per-chunk multiplies.
-    int64_t copy_l0 = 0;
-    int32_t copy_s = 0, copy_dh = 0, copy_dw = 0;
-    const T* w_tap = w_tile;
-    const T* x_tap = x_b;
+    // stepped without divisions or per-chunk multiplies from step0's tap (tap_r, copy_s); no
+    // kept inputs: no slices, no steps.
+    const int64_t tap0 = slices > 0 ? step0 / slices : 0, tap_r = tap0 / p.kernel_w;
+    int64_t copy_l0 = (step0 - tap0 * slices) * kNtDepth;
+    int32_t copy_s = static_cast<int32_t>(tap0 - tap_r * p.kernel_w);
+    int32_t copy_dh = static_cast<int32_t>(tap_r * p.dilation_h), copy_dw = static_cast<int32_t>(copy_s * p.dilation_w);
+    const T* w_tap = w_tile + tap0 * tap_stride;
+    const T* x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
     const auto issue_next = [&](NtStage<T>& st) {
       const int64_t cols_left = kept8 - copy_l0;
 #pragma unroll
@@ -259,7 +317,26 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     };
     NtAcc acc;
     nt_zero(acc);
-    nt_pipeline(ring, steps, acc, warp, lane, nt_warp_active(warp, kept_rows), issue_next, [](int64_t) {});
+    nt_pipeline(ring, step1 - step0, acc, warp, lane, nt_warp_active(warp, kept_rows), issue_next, [](int64_t) {});
+
+    if (a.splits > 1) {  // the kept rows' sums (an empty share: zeros); bias and y: the reduce kernel
+      float* part = a.partial + ((split * p.batch + b) * p.out_channels + o0) * a.pixels + p0;
+#pragma unroll
+      for (int mi = 0; mi < kNtMTiles; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
+          if (i >= kept_rows) continue;
+#pragma unroll
+          for (int ni = 0; ni < kNtNTiles; ++ni)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int j = (warp % 4) * kNtWarpCols + ni * 8 + 2 * (lane % 4) + q;
+              if (j < cols) part[i * a.pixels + j] = acc[mi][ni][2 * h + q];
+            }
+        }
+      continue;
+    }
 
     // Epilogue: kept rows get the sum + bias, the tile's masked rows exactly 0 (not their sums:
     // zero-filled weights times an infinite input are NaN). This thread's rows (mi, half) and
@@ -296,6 +373,37 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
   }
 }
 
+// y from the splits' sums: per element (sample, output position, pixel), the splits in order
+// (deterministic) + bias at the position's channel; masked positions 0, invalid codes NaN.
+template <class T>
+__global__ void __launch_bounds__(kThreads) masked_conv_split_reduce_kernel(AsyncConvArgs a) {
+  const MaskedConvParams& p = a.p;
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int64_t elements = p.batch * p.out_channels * a.pixels, split_stride = p.batch * p.out_channels * a.pixels;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < elements;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t pix = e % a.pixels, row = e / a.pixels;  // row = b * Cout + pos
+    const int64_t pos = row % p.out_channels, b = row / p.out_channels;
+    const int64_t ho = pix / p.out_width, wo = pix - ho * p.out_width;
+    const int64_t code = code_of(p.routing, b);
+    const bool valid = code >= 0 && code < p.routing.num_codes;
+    const int64_t ch = valid ? a.out_perm[code * p.out_channels + pos] : pos;
+    T v;
+    if (!valid) {
+      v = quiet_nan<T>();
+    } else if (pos >= a.counts[2 * code + 1]) {
+      v = from_acc<T>(0.0f);
+    } else {
+      float sum = 0.0f;
+      for (int64_t s = 0; s < a.splits; ++s) sum += a.partial[s * split_stride + e];
+      if (bias != nullptr) sum += to_acc(bias[code * p.bias_code_stride + ch]);
+      v = from_acc<T>(sum);
+    }
+    y[b * p.y_strides[0] + ch * p.y_strides[1] + ho * p.y_strides[2] + wo * p.y_strides[3]] = v;
+  }
+}
+
 // ---- host side ---------------------------------------------------------------------------------
 // The async path runs for fp16 / bf16 on sm_80+ (code compiled for it) with tensor cores and
 // cp.async enabled (MMFAST_CUDA_TENSOR_CORES / MMFAST_CUDA_ASYNC_COPY = 0 turn it off), when
@@ -310,11 +418,23 @@ template <class T> bool use_async_conv(const MaskedConvParams& p) {
   }
 }
 
+// The packed path's workspace on this device: the split count from the conv kernel's resident
+// blocks (1 when the occupancy query fails: the launch then takes the other kernel anyway).
+template <class T> PackedLayout async_conv_layout(const MaskedConvParams& p) {
+  int64_t splits = 1;
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    const int per_sm = resident_blocks_per_sm_once(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>);
+    if (per_sm > 0) splits = split_count(p, static_cast<int64_t>(sm_count()) * per_sm);
+    else (void)cudaGetLastError();
+  }
+  return packed_layout(p, sizeof(T), splits);
+}
+
 // The packed path's arguments: the plan and the packed operands in p's workspace (the weights
 // at wp: p.packed_weight when given).
 template <class T> AsyncConvArgs async_conv_args(const MaskedConvParams& p, const RoutingPlan& plan, void* wp) {
   char* ws = static_cast<char*>(p.workspace);
-  const PackedLayout layout = packed_layout(p, sizeof(T));
+  const PackedLayout layout = async_conv_layout<T>(p);
   AsyncConvArgs a;
   a.p = p;
   a.counts = reinterpret_cast<const int32_t*>(ws + plan.counts_offset);
@@ -324,6 +444,8 @@ template <class T> AsyncConvArgs async_conv_args(const MaskedConvParams& p, cons
   a.pack_all = 0;
   a.wp = wp != nullptr ? wp : ws + layout.weight_offset;
   a.xp = ws + layout.input_offset;
+  a.partial = reinterpret_cast<float*>(ws + layout.partial_offset);
+  a.splits = layout.splits;
   a.cin8 = layout.cin8;
   a.pixels = p.out_height * p.out_width;
   a.pixel_tiles = ceil_div(a.pixels, kNtCols);
@@ -361,8 +483,8 @@ template <class T> bool launch_conv_async(const MaskedConvParams& p, const Routi
   } else {
     const AsyncConvArgs a = async_conv_args<T>(p, plan, const_cast<void*>(p.packed_weight));
     unsigned grid = 0;
-    if (persistent_grid(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>, p.batch * a.channel_tiles * a.pixel_tiles,
-                        grid) != cudaSuccess) {
+    if (persistent_grid(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>,
+                        p.batch * a.channel_tiles * a.pixel_tiles * a.splits, grid) != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: the caller takes the other kernel
       return false;
     }
@@ -374,6 +496,10 @@ template <class T> bool launch_conv_async(const MaskedConvParams& p, const Routi
                       kThreads, 0, stream, a);
     }
     MMFAST_LAUNCH(masked_conv_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
+    if (a.splits > 1)
+      MMFAST_LAUNCH(masked_conv_split_reduce_kernel<T>,
+                    grid_for(ceil_div(p.batch * p.out_channels * a.pixels, static_cast<int64_t>(kThreads))), kThreads, 0,
+                    stream, a);
     return true;
   }
 }
