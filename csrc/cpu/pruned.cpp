@@ -227,8 +227,16 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_linear", [&](const CodeWork& w) {
     const bool all_in = w.kept_in.size() == static_cast<size_t>(in_channels);
     const bool all_out = w.kept_out.size() == static_cast<size_t>(out_channels);
-    if (w.consecutive_rows() && all_in && all_out) {  // an unpruned layer of this code: one GEMM in place
-      const at::Tensor xs = x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels});
+    std::vector<int64_t> token_rows;  // the code's samples' tokens, as rows of (B * N, C)
+    for (int64_t b : w.rows)
+      for (int64_t t = 0; t < tokens; ++t) token_rows.push_back(b * tokens + t);
+    const auto kept_inputs = [&] {  // (tokens of the code's rows, kept inputs): a slice when all are kept
+      return w.consecutive_rows() && all_in
+                 ? x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels})
+                 : gather(x.view({x.size(0) * tokens, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
+    };
+    if (w.consecutive_rows() && all_out && !w.kept_in.empty()) {  // every output kept: the GEMM writes y's rows
+      const at::Tensor xs = kept_inputs();
       at::Tensor ys = y_tokens.narrow(0, w.rows.front() * tokens, w.count() * tokens);
       if (w.bias.defined()) {
         at::addmm_out(ys, w.bias, xs, w.weight.t());
@@ -237,15 +245,9 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
       }
       return;
     }
-    std::vector<int64_t> token_rows;  // the code's samples' tokens, as rows of (B * N, C)
-    for (int64_t b : w.rows)
-      for (int64_t t = 0; t < tokens; ++t) token_rows.push_back(b * tokens + t);
     at::Tensor out;
     if (!w.kept_out.empty()) {
-      const at::Tensor xs = w.consecutive_rows() && all_in
-                                ? x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels})
-                                : gather(x.view({x.size(0) * tokens, in_channels}), in_channels, 1, token_rows,
-                                         w.kept_in, {}, 1);
+      const at::Tensor xs = kept_inputs();
       // The compact result lives in scratch too: it is consumed by the scatter right away.
       const int64_t kept = static_cast<int64_t>(w.kept_out.size());
       out = at::from_blob(scratch(2, static_cast<size_t>(xs.size(0) * kept * x.element_size())),
