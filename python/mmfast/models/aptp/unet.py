@@ -143,11 +143,13 @@ class CodedLayerNorm(_Coded):
         y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         codes = self.state.get()
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        if self.weight is not None:
-            y = y * self.weight[codes].view(shape)
-        if self.bias is not None:
-            y = y + self.bias[codes].view(shape)
-        return y
+        weight = self.weight[codes].view(shape) if self.weight is not None else None
+        bias = self.bias[codes].view(shape) if self.bias is not None else None
+        if weight is not None and bias is not None:
+            return torch.addcmul(bias, y, weight)  # one pass over the activations, not two
+        if weight is not None:
+            return y * weight
+        return y + bias if bias is not None else y
 
 
 class CodedDepthGate(nn.Module):
