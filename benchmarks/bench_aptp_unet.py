@@ -15,6 +15,8 @@ weight bytes of each form on the CPU, peak allocated bytes per call on a GPU.
 """
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -22,7 +24,7 @@ from torch import nn
 from mmfast.models.aptp import run_per_expert
 from mmfast.ops import keep_packed_weights, pruned_weight_cache
 
-from _utils import bench_device, median_ms, record_metrics, run_timed
+from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
 
 pytest.importorskip("diffusers")
 
@@ -40,6 +42,7 @@ CONFIG = dict(SD21, block_out_channels=(320, 640, 1280, 1280), attention_head_di
     dict(SD21, block_out_channels=(128, 256, 512, 512), attention_head_dim=(2, 4, 8, 8), sample_size=32)
 TEXT_TOKENS = 77
 REPEATS = 5 if ON_GPU else 3
+PAIRED_ROUNDS = 4  # rounds of the paired CPU step (rows give medians of per-round ratios)
 
 
 def count_macs(unet: nn.Module, *inputs) -> int:
@@ -151,3 +154,40 @@ def test_aptp_unet_step(benchmark, models):
                    target=target, target_met=met, kept_mac_fraction=round(fraction, 3),
                    dense_ratio=round(times["mmfast"] / times["dense"], 3), max_diff_vs_experts=f"{max_diff:.2e}",
                    **{k: round(v, 1) for k, v in memory.items()}, **static)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU step measured in rounds (the GPU rows are stable)")
+def test_aptp_unet_step_paired(benchmark, models):
+    """The same step in rounds: each round times one pass per expert, the dense UNet and the
+    static plan (entered per round; its first call packs, untimed), then the default mixed pass,
+    so all see the same machine state (this VM's speed drifts by tens of percent between calls).
+    Ratios: medians of per-round ratios."""
+    base, experts, model = models
+    sample, timestep, text, codes = inputs()
+
+    def timer(fn):
+        def ms():
+            with torch.inference_mode():
+                return median_ms(fn, DEVICE, warmup=0, repeats=1)
+        return ms
+
+    mixed = lambda: model(sample, timestep, text, codes)  # noqa: E731
+    room_mib = int(weight_bytes(e for e, _ in experts) / 2**20) + 64
+
+    def static_plan_ms():
+        with torch.inference_mode(), keep_packed_weights(budget_mb=room_mib):
+            return median_ms(mixed, DEVICE, warmup=1, repeats=1)
+
+    timers = {"per_code": timer(lambda: run_per_expert(experts, sample, timestep, text, codes)),
+              "dense": timer(lambda: base(sample, timestep, text).sample),
+              "static_plan": static_plan_ms, "mmfast": timer(mixed)}
+    for name in ("per_code", "dense", "mmfast"):  # warm-up: oneDNN primitives, scratch buffers
+        timers[name]()
+    times = paired_rounds(benchmark, timers, PAIRED_ROUNDS)
+    ratios = {f"{a}_{b}_ratio": paired_ratio(times, a, b) for a in ("mmfast", "static_plan")
+              for b in ("per_code", "dense")}
+    benchmark.group = "aptp-unet-step-paired"
+    record_metrics(benchmark, op="AptpUNet step[paired]", shape="scaled SD-2.1 32x32 B=8 codes=5", device=DEVICE,
+                   dtype=DTYPE, times={name: statistics.median(ms) for name, ms in times.items()},
+                   **{name: round(median, 3) for name, (median, _) in ratios.items()},
+                   **{f"{name}_rounds": [round(r, 3) for r in rounds] for name, (_, rounds) in ratios.items()})
