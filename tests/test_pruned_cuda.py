@@ -154,6 +154,9 @@ def test_cuda_smoke_every_op_dtype_and_odd_shape(dtype):
                 sample_codes=[1, -1, 0, 3, 2])
     _check_conv(2, 20, 30, (7, 9), (2, 3), 3, dtype, stride=(2, 1), padding=(0, 1), dilation=(1, 2), group=10)
     _check_conv(2, 70, 70, (9, 9), 1, 2, dtype)
+    # fp16 / bf16 on sm_80+: one tile, 70 steps split over blocks (masked_conv_split_reduce_kernel),
+    # splits starting inside taps of a 2 x 5 kernel with dilation (2, 1).
+    _check_conv(1, 200, 40, (9, 11), (2, 5), 2, dtype, padding=(1, 2), dilation=(2, 1))
     # masked_linear: odd N / channels, groups of 10, transposed x, shared weights, invalid code.
     _check_linear(3, 20, 13, 30, 3, dtype, group=10)
     _check_linear(3, 19, 13, 30, 2, dtype, shared=True, bias=False, transposed=True, sample_codes=[1, 5, 0],
