@@ -261,26 +261,29 @@ def test_linear_equals_each_sliced_expert(device, dtype, shared):
 
 
 @pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_linear_keeping_every_output_equals_each_sliced_expert(device, with_bias):
+def test_linear_keeping_every_output_equals_each_sliced_expert(device, dtype, with_bias):
     """Codes keeping every output and some inputs (an attention out-projection, the feed-forward's
-    second linear): rows sorted by code (the CPU kernel's GEMM writes y's rows in place) and out
-    of order (gathered and scattered) both equal the sliced experts; the masked inputs hold NaN
-    and are never read."""
-    batch, tokens, codes, cin, cout = 6, 7, 3, 24, 16
+    second linear), or no input (code 3: the bias alone): rows sorted by code (the CPU kernel's
+    GEMM writes y's rows in place) and out of order (gathered and scattered) both equal the
+    sliced experts; the masked inputs hold NaN and are never read."""
+    batch, tokens, codes, cin, cout = 8, 7, 4, 24, 16
     g = torch.Generator().manual_seed(5)
     in_mask = torch.rand(codes, cin, generator=g) < 0.6
     in_mask[:, 0] = True
+    in_mask[3] = False
     out_mask = torch.ones(codes, cout, dtype=torch.bool)
-    weight = torch.randn(codes, cout, cin, generator=g)
-    bias = torch.randn(codes, cout, generator=g) if with_bias else None
-    x = torch.randn(batch, tokens, cin, generator=g)
-    for order in ([0, 0, 1, 1, 2, 2], [2, 0, 1, 0, 2, 1]):
-        sample_codes = torch.tensor(order)
-        x_nan = x.masked_fill(~in_mask[sample_codes][:, None, :], float("nan"))
+    weight = torch.randn(codes, cout, cin, generator=g).to(dtype)
+    bias = torch.randn(codes, cout, generator=g).to(dtype) if with_bias else None
+    x = torch.randn(batch, tokens, cin, generator=g).to(dtype)
+    sorted_codes = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    shuffle = torch.tensor([5, 0, 3, 6, 1, 4, 7, 2])
+    for sample_codes, xs in ((sorted_codes, x), (sorted_codes[shuffle], x[shuffle])):
+        x_nan = xs.masked_fill(~in_mask[sample_codes][:, None, :], float("nan"))
         args = [t.to(device) if t is not None else None for t in (x_nan, weight, bias, sample_codes, in_mask, out_mask)]
         y = masked_linear(*args)
-        assert_close(y.cpu(), sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask), torch.float32)
+        assert_close(y.cpu(), sliced_linear(xs, weight, bias, sample_codes, in_mask, out_mask), dtype)
 
 
 @pytest.mark.parametrize("device", NATIVE)

@@ -3,7 +3,9 @@
 // masked_conv2d / masked_linear group the batch by code and run, per code present, one dense
 // oneDNN convolution (or GEMM) on the code's kept input channels and its weights packed to the
 // kept rows and columns (the gather kernel of mmfast/cpu/pruned_impl.h), then the scatter
-// kernel writes every channel of the code's rows (kept: the result; masked: 0). The work is
+// kernel writes every channel of the code's rows (kept: the result; masked: 0); masked_linear's
+// GEMM writes y's rows in place when the code keeps every output and its rows are consecutive
+// (a batch sorted by code). The work is
 // that of the physically pruned experts plus one pass over the kept inputs, the kept weights
 // and the output (oneDNN is at the CPU's compute limit for the dense part; a hand-written conv
 // would only add a second GEMM to maintain). Consecutive rows keeping every input channel (a
@@ -227,13 +229,17 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_linear", [&](const CodeWork& w) {
     const bool all_in = w.kept_in.size() == static_cast<size_t>(in_channels);
     const bool all_out = w.kept_out.size() == static_cast<size_t>(out_channels);
-    std::vector<int64_t> token_rows;  // the code's samples' tokens, as rows of (B * N, C)
-    for (int64_t b : w.rows)
-      for (int64_t t = 0; t < tokens; ++t) token_rows.push_back(b * tokens + t);
+    std::vector<int64_t> token_rows;  // the code's samples' tokens, as rows of (B * N, C): made when needed
+    const auto make_token_rows = [&] {
+      token_rows.reserve(static_cast<size_t>(w.count() * tokens));
+      for (int64_t b : w.rows)
+        for (int64_t t = 0; t < tokens; ++t) token_rows.push_back(b * tokens + t);
+    };
     const auto kept_inputs = [&] {  // (tokens of the code's rows, kept inputs): a slice when all are kept
-      return w.consecutive_rows() && all_in
-                 ? x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels})
-                 : gather(x.view({x.size(0) * tokens, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
+      if (w.consecutive_rows() && all_in)
+        return x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels});
+      if (token_rows.empty()) make_token_rows();
+      return gather(x.view({x.size(0) * tokens, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
     };
     if (w.consecutive_rows() && all_out && !w.kept_in.empty()) {  // every output kept: the GEMM writes y's rows
       const at::Tensor xs = kept_inputs();
@@ -245,6 +251,7 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
       }
       return;
     }
+    if (token_rows.empty()) make_token_rows();
     at::Tensor out;
     if (!w.kept_out.empty()) {
       const at::Tensor xs = kept_inputs();
@@ -254,10 +261,12 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
                           {xs.size(0), kept}, x.options());
       if (w.kept_in.empty()) {
         out.zero_();
+        if (w.bias.defined()) out.add_(w.bias);
+      } else if (w.bias.defined()) {  // bias + product rounded once, as on the in-place path
+        at::addmm_out(out, w.bias, xs, w.weight.t());
       } else {
         at::mm_out(out, xs, w.weight.t());
       }
-      if (w.bias.defined()) out.add_(w.bias);
     }
     scatter(out, token_rows, w.kept_out, y_tokens, 1);
   });
