@@ -238,3 +238,24 @@ def test_random_architecture_keeps_a_group_everywhere(setup):
     arch = random_architecture(base, keep=0.0, generator=torch.Generator().manual_seed(0), skip_depth=1.0)
     assert all(int(v.sum()) == 1 for v in arch.width.values())
     assert not any(arch.depth.values())
+
+
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("shape", [(4, 6), (4, 5, 6), (4, 3, 5, 6)], ids=["2d", "3d", "4d"])
+def test_coded_layer_norm_applies_each_rows_affine(affine, shape):
+    """CodedLayerNorm: each row's code's weight / bias (either may be absent) on the LayerNorm
+    over the last dim, for 2-D to 4-D inputs: F.layer_norm of each row with its code's affine."""
+    from mmfast.models.aptp.unet import CodedLayerNorm, CodeState
+
+    codes, channels = 3, shape[-1]
+    weight = torch.randn(codes, channels) if "weight" in affine else None
+    bias = torch.randn(codes, channels) if "bias" in affine else None
+    state = CodeState()
+    norm = CodedLayerNorm(state, weight, bias, torch.nn.LayerNorm(channels, eps=1e-6))
+    x, sample_codes = torch.randn(shape), torch.tensor([2, 0, 1, 2])
+    with state.use(sample_codes):
+        y = norm(x)
+    for row, code in enumerate(sample_codes.tolist()):
+        expected = torch.nn.functional.layer_norm(x[row], (channels,), None if weight is None else weight[code],
+                                                  None if bias is None else bias[code], 1e-6)
+        torch.testing.assert_close(y[row], expected)
