@@ -9,9 +9,10 @@ codes, and each code is a physically sliced, separately fine-tuned UNet ("expert
 code runs one expert at a time. Here AptpUNet stacks the K experts (per-code weights, pruned
 channels masked) and runs a mixed-code batch in one pass; the example checks it against one pass
 per code on the sliced experts (max difference printed) and times the mixed pass, the per-code
-passes and the dense base UNet. On the CPU the mixed pass is timed once more inside
-mmfast.ops.keep_packed_weights() (each code's packed weights kept across calls, as a sampling
-run would use it; checked to give the same result).
+passes and the dense base UNet. With the compiled extension the mixed pass is timed once more
+inside mmfast.ops.keep_packed_weights() (each code's packed weights kept across calls, as a
+sampling run would use it; checked to give the same result; on CUDA for fp16 / bf16 on sm_80+,
+the dtypes of the packed kernel).
 
 Prompts are stand-ins: random 768-d "sentence embeddings" through a randomly initialised Router
 (the user supplies a real sentence encoder, APTP uses all-mpnet-base-v2, and a trained router),
@@ -147,18 +148,26 @@ def main():
     mixed_pass = lambda: model(sample, timestep, text, codes)  # noqa: E731
     with torch.inference_mode(), mmfast.use_backend(args.backend or mmfast.get_backend()):
         mixed, t_mixed = timed(mixed_pass, args.repeats, device)
-        with keep_packed_weights(budget_mb=args.plan_budget_mb):  # the static plan, as over a sampling run's steps
-            planned, t_planned = timed(mixed_pass, args.repeats, device)
-            kept = pruned_weight_cache()
-        if not torch.equal(planned, mixed):
-            raise SystemExit("the static plan changed the result: please report this")
+        t_planned = kept = None
+        if mmfast._extension.loaded():  # the static plan, as over a sampling run's steps
+            with keep_packed_weights(budget_mb=args.plan_budget_mb):
+                planned, t_planned = timed(mixed_pass, args.repeats, device)
+                kept = pruned_weight_cache()
+            if not torch.equal(planned, mixed):
+                raise SystemExit("the static plan changed the result: please report this")
         split, t_split = timed(lambda: run_per_expert(experts, sample, timestep, text, row_codes), args.repeats, device)
         _, t_dense = timed(lambda: base(sample, timestep, text).sample, args.repeats, device)
     scale = split.abs().max().item()
     print(f"max |mixed - per-expert| = {(mixed - split).abs().max().item():.3g} (output scale {scale:.3g})")
     print(f"mixed-code pass (AptpUNet): {t_mixed * 1e3:9.2f} ms")
-    print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (packed weights kept: {kept['entries']} "
-          f"entries, {kept['bytes'] / 2**20:.1f} MiB of {kept['budget_mb']} MiB; as over a sampling run)")
+    if kept is None:
+        print("  keep_packed_weights: not timed (no compiled extension)")
+    elif kept["entries"] == 0:
+        print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (nothing kept: no packed kernel for "
+              f"{args.dtype} on {device.type} with this backend, the same calls as above)")
+    else:
+        print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (packed weights kept: {kept['entries']} "
+              f"entries, {kept['bytes'] / 2**20:.1f} MiB of {kept['budget_mb']} MiB; as over a sampling run)")
     print(f"one pass per code ({len(torch.unique(codes))} x sliced expert): {t_split * 1e3:9.2f} ms")
     print(f"dense base UNet, whole batch:    {t_dense * 1e3:9.2f} ms"
           f"{' (random weights, timing only)' if args.experts else ''}")
