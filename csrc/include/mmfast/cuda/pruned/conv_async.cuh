@@ -77,8 +77,8 @@ inline int64_t split_cap() {
 // runs in ceil(s x tiles / blocks) rounds: s minimises that time, rounds / s in whole-tile
 // times, plus the fp32 sums each split adds (a 64 KB write and read per tile, taken as 4 of the
 // tile's steps at full width; ties: fewer splits), with at most kMaxSplits (split_cap) and at
-// least kMinSplitSteps steps per split. Tiles past a code's kept outputs
-// count as whole tiles (the kept counts are on the device; those cost nothing).
+// least kMinSplitSteps steps per split. Tiles past a code's kept outputs count as whole tiles
+// (the kept counts are on the device; those cost nothing).
 inline int64_t split_count(const MaskedConvParams& p, int64_t resident_blocks) {
   const int64_t tiles = p.batch * ceil_div(p.out_channels, kNtRows) * ceil_div(p.out_height * p.out_width, kNtCols);
   if (tiles < 1 || resident_blocks <= tiles) return 1;
