@@ -198,7 +198,7 @@ at::Tensor masked_conv2d(const at::Tensor& x_in, const at::Tensor& weight, const
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const auto g = check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation, false);
   const at::Tensor x = x_in.contiguous();  // planes contiguous for the gather
-  at::Tensor y = at::empty({x.size(0), weight.size(1), g.out_h, g.out_w}, x.options());
+  at::Tensor y = mmfast::glue::empty_output({x.size(0), weight.size(1), g.out_h, g.out_w}, x.options());
   if (y.numel() == 0) return y;
   const ScratchLimit release_large_scratch;
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_conv2d", [&](const CodeWork& w) {
@@ -222,7 +222,7 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
   check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, {}, {}, {}, true);
   const at::Tensor x = x_in.contiguous();
   const int64_t tokens = x.size(1), in_channels = x.size(2), out_channels = weight.size(1);
-  at::Tensor y = at::empty({x.size(0), tokens, out_channels}, x.options());
+  at::Tensor y = mmfast::glue::empty_output({x.size(0), tokens, out_channels}, x.options());
   if (y.numel() == 0) return y;
   const ScratchLimit release_large_scratch;
   at::Tensor y_tokens = y.view({x.size(0) * tokens, out_channels});  // scattered token by token
@@ -280,7 +280,7 @@ at::Tensor masked_group_norm(const at::Tensor& x_in, const c10::optional<at::Ten
   const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor weight = weight_in.has_value() ? weight_in->contiguous() : at::Tensor();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = mmfast::glue::empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const auto p = mmfast::glue::group_norm_params(x, y, weight, bias, num_groups, codes, mask, eps, silu);
   const int64_t bad = mmfast::cpu::pruned_kernels().group_norm(p);

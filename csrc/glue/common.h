@@ -5,7 +5,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
 #include "mmfast/common.h"
+#include "mmfast/cpu/memory.h"
 
 namespace mmfast {
 namespace glue {
@@ -20,6 +25,27 @@ inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
     default:
       TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   }
+}
+
+// MMFAST_CPU_HUGE_PAGES: 1 (default) advises huge pages for large CPU outputs, 0 does not.
+inline bool huge_page_outputs() {
+  static const bool enabled = [] {
+    const char* text = std::getenv("MMFAST_CPU_HUGE_PAGES");
+    const std::string mode = text != nullptr && *text != '\0' ? text : "1";  // unset or empty: on
+    if (mode != "0" && mode != "1")
+      throw std::runtime_error("MMFAST_CPU_HUGE_PAGES must be 0 or 1, got '" + mode + "'");
+    return mode == "1";
+  }();
+  return enabled;
+}
+
+// at::empty for an output the op writes whole. On the CPU a large one is advised huge pages
+// before its first write (mmfast/cpu/memory.h: a fresh 47 MB output otherwise costs ~19 ms of
+// page faults on the 2-core VMs).
+inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+  if (out.is_cpu() && huge_page_outputs()) mmfast::cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
+  return out;
 }
 
 // fp64 accumulation for fp64 inputs, fp32 otherwise.

@@ -144,7 +144,7 @@ at::Tensor linear_attention_apply(const at::Tensor& q_in, const at::Tensor& stat
   const at::Tensor q = unit_stride_last(q_in);
   const at::Tensor state = state_in.contiguous(), mean = mean_in.contiguous();
   auto p = make_params(q, q.size(3), state.size(3), eps, feature_map);
-  at::Tensor out = at::empty({p.batch, p.seqlen, p.heads, p.dim_v}, q.options());
+  at::Tensor out = empty_output({p.batch, p.seqlen, p.heads, p.dim_v}, q.options());
   p.q = token_view(q);
   p.out = token_view(out);
   p.state = const_cast<void*>(state.data_ptr());
@@ -164,7 +164,7 @@ at::Tensor linear_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
   auto p = make_params(q, q.size(3), v.size(3), eps, feature_map);
-  at::Tensor out = at::empty({p.batch, p.seqlen, p.heads, p.dim_v}, q.options());
+  at::Tensor out = empty_output({p.batch, p.seqlen, p.heads, p.dim_v}, q.options());
   at::Tensor state = new_state(q, p.batch, p.heads, p.dim_k, p.dim_v);
   at::Tensor mean = new_mean(q, p.batch, p.heads, p.dim_k);
   p.q = token_view(q);
