@@ -158,38 +158,6 @@ def test_packed_weight_budget_from_the_environment(value, expected):
     assert (result.returncode == 0) == expected.isdigit()
 
 
-HUGE_PAGE_SCRIPT = """
-import torch, mmfast
-from mmfast.ops import masked_conv2d, masked_group_norm, masked_linear
-g = torch.Generator().manual_seed(0)
-x = torch.randn(2, 64, 128, 128, generator=g)  # 8.4 MB outputs: large enough to be advised huge pages
-w = torch.randn(2, 64, 64, 3, 3, generator=g)
-codes = torch.tensor([1, 0])
-mask = torch.rand(2, 64, generator=g) < 0.5
-y = masked_conv2d(x, w, None, codes, mask, mask, padding=1)
-tokens = masked_linear(x.flatten(2).transpose(1, 2), w[..., 1, 1], None, codes, mask, mask)
-normed = masked_group_norm(x, None, None, 8, codes, mask)
-print(repr([t.double().sum().item() for t in (y, tokens, normed)]))
-"""
-
-
-@pytest.mark.parametrize("value, expected", [("", None), ("0", None), ("1", None),
-                                             ("yes", "MMFAST_CPU_HUGE_PAGES must be 0 or 1, got 'yes'")])
-def test_huge_page_outputs_setting(value, expected):
-    """MMFAST_CPU_HUGE_PAGES (large CPU outputs advised huge pages, csrc/include/mmfast/cpu/memory.h)
-    changes no value, and a bad setting is an error naming it."""
-    def run(setting):
-        return subprocess.run([sys.executable, "-c", HUGE_PAGE_SCRIPT], capture_output=True, text=True,
-                              env=dict(os.environ, MMFAST_CPU_HUGE_PAGES=setting))
-    result = run(value)
-    if expected is not None:
-        assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
-        return
-    assert result.returncode == 0, result.stderr[-2000:]
-    if value != "0":  # the same sums, bit for bit, as without the advice
-        assert result.stdout == run("0").stdout
-
-
 @pytest.mark.parametrize("device", NATIVE)
 def test_masked_inputs_are_never_read(device):
     batch, codes, cin, cout = 4, 2, 8, 6

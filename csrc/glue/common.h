@@ -6,7 +6,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
-#include <stdexcept>
 #include <string>
 
 #include "mmfast/common.h"
@@ -27,13 +26,13 @@ inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
   }
 }
 
-// MMFAST_CPU_HUGE_PAGES: 1 (default) advises huge pages for large CPU outputs, 0 does not.
+// MMFAST_CPU_HUGE_PAGES: 1 (default) advises huge pages for large CPU outputs, 0 does not;
+// read once (anything else: ValueError from each CPU op that reads it).
 inline bool huge_page_outputs() {
   static const bool enabled = [] {
     const char* text = std::getenv("MMFAST_CPU_HUGE_PAGES");
     const std::string mode = text != nullptr && *text != '\0' ? text : "1";  // unset or empty: on
-    if (mode != "0" && mode != "1")
-      throw std::runtime_error("MMFAST_CPU_HUGE_PAGES must be 0 or 1, got '" + mode + "'");
+    TORCH_CHECK_VALUE(mode == "0" || mode == "1", "MMFAST_CPU_HUGE_PAGES must be 0 or 1, got '", mode, "'");
     return mode == "1";
   }();
   return enabled;

@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_apply_backward(
   const at::Tensor q = unit_stride_last(q_in), grad_out = unit_stride_last(grad_out_in);
   const at::Tensor state = state_in.contiguous(), mean = mean_in.contiguous();
   auto p = make_params(q, q.size(3), state.size(3), eps, feature_map);
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_q = empty_output(q.sizes(), q.options());
   at::Tensor grad_state = at::empty(state.sizes(), state.options());
   at::Tensor grad_mean = at::empty(mean.sizes(), mean.options());
   p.q = token_view(q);
@@ -229,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward(const at::Ten
   const at::Tensor k = unit_stride_last(k_in), v = unit_stride_last(v_in);
   const at::Tensor grad_state = grad_state_in.contiguous(), grad_mean = grad_mean_in.contiguous();
   auto p = make_params(k, k.size(3), v.size(3), 0.0, feature_map);
-  at::Tensor grad_k = at::empty(k.sizes(), k.options());
-  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  at::Tensor grad_k = empty_output(k.sizes(), k.options());
+  at::Tensor grad_v = empty_output(v.sizes(), v.options());
   p.k = token_view(k);
   p.v = token_view(v);
   p.grad_state = const_cast<void*>(grad_state.data_ptr());

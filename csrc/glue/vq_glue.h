@@ -98,7 +98,7 @@ at::Tensor vq_dequantize(const at::Tensor& indices_in, const at::Tensor& codeboo
     shape = indices.sizes().vec();
     shape.push_back(dim);
   }
-  at::Tensor out = at::empty(shape, codebook.options());
+  at::Tensor out = empty_output(shape, codebook.options());
   VQLookupParams p;
   p.count = indices.numel();
   p.codes = codebook.size(0);

@@ -23,6 +23,12 @@ constexpr size_t kHugePageAdviceMinBytes = 4 * kHugePageBytes;
 // benchmarks/probes/fresh_output_pages.py). Does nothing (returns false) below
 // kHugePageAdviceMinBytes, off Linux, or where the kernel refuses; with THP "never" the advice
 // is accepted and has no effect. Data are unchanged either way.
+// Limits: an output of 8-32 MiB often comes from glibc's heap (its mmap threshold rises after
+// large frees), where the range may already be faulted in: the advice then speeds nothing now,
+// and the flag stays on that heap range, so khugepaged may later collapse it (a little more
+// resident memory). With THP defrag "madvise" (a common default) a fault in an advised range
+// may compact memory synchronously: on a fragmented machine that can stall a call for longer
+// than the faults it saves; MMFAST_CPU_HUGE_PAGES=0 (glue/common.h) turns the advice off.
 inline bool advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (bytes < kHugePageAdviceMinBytes) return false;
