@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "glue/cpu_output_pool.h"
 #include "glue/pruned_glue.h"
 #include "mmfast/cpu/isa.h"
 
@@ -72,6 +73,11 @@ TORCH_LIBRARY(mmfast, m) {
   // The CPU masked ops' kept packed per-code weights: (entries, bytes, budget MiB) before the
   // budget is set (budget_mb >= 0; 0 = off) and the cache emptied (clear).
   m.def("pruned_weight_cache(int budget_mb, bool clear) -> int[]", &mmfast::glue::pruned_weight_cache);
+
+  // The pool of reused blocks for large CPU outputs (glue/cpu_output_pool.h): (idle blocks, idle
+  // bytes, bytes in live outputs, budget MiB) before the budget is set (budget_mb >= 0; 0 = off)
+  // and the idle blocks released (clear).
+  m.def("cpu_output_pool(int budget_mb, bool clear) -> int[]", &mmfast::glue::cpu_output_pool);
 
   // Which vectorised CPU kernel set runs on this machine (runtime dispatch).
   m.def("cpu_isa() -> str", &cpu_isa);

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "glue/cpu_output_pool.h"
 #include "mmfast/common.h"
 #include "mmfast/cpu/memory.h"
 
@@ -38,10 +39,15 @@ inline bool huge_page_outputs() {
   return enabled;
 }
 
-// at::empty for an output the op writes whole. On the CPU a large one is advised huge pages
-// before its first write (mmfast/cpu/memory.h: a fresh 47 MB output otherwise costs ~19 ms of
-// page faults on the 2-core VMs).
+// at::empty for an output the op writes whole. On the CPU a large one comes from the pool of
+// reused blocks (glue/cpu_output_pool.h), or, with the pool off, is advised huge pages before
+// its first write (mmfast/cpu/memory.h: a fresh 47 MB output otherwise costs ~19 ms of page
+// faults on the 2-core VMs).
 inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  if (options.device().is_cpu()) {
+    at::Tensor pooled = pooled_cpu_empty(shape, c10::typeMetaToScalarType(options.dtype()));
+    if (pooled.defined()) return pooled;
+  }
   at::Tensor out = at::empty(shape, options);
   if (out.is_cpu() && huge_page_outputs()) mmfast::cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
   return out;

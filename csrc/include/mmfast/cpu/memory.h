@@ -4,8 +4,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__linux__)
+#if defined(__unix__)
 #include <sys/mman.h>
+#define MMFAST_HAS_MMAP 1
 #endif
 
 namespace mmfast {
@@ -40,6 +41,40 @@ inline bool advise_huge_pages(void* data, size_t bytes) {
 #else
   (void)data, (void)bytes;
   return false;
+#endif
+}
+
+// A fresh, zero-filled block of `bytes` (a multiple of kHugePageBytes) at a 2 MiB-aligned
+// address, advised huge pages when `huge` (the whole block: no unaligned ends); nullptr where
+// the system refuses or has no mmap. Give it back with unmap_block. Used for the output blocks
+// that glue/cpu_output_pool.cpp keeps for reuse.
+inline void* map_block(size_t bytes, bool huge) {
+#if defined(MMFAST_HAS_MMAP)
+  const size_t mapped = bytes + kHugePageBytes;  // room to slide to a 2 MiB boundary
+  void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (begin + kHugePageBytes - 1) & ~(uintptr_t(kHugePageBytes) - 1);
+  if (aligned > begin) munmap(raw, aligned - begin);
+  const uintptr_t tail = begin + mapped - (aligned + bytes);
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
+#if defined(MADV_HUGEPAGE)
+  if (huge) madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+#else
+  (void)huge;
+#endif
+  return reinterpret_cast<void*>(aligned);
+#else
+  (void)bytes, (void)huge;
+  return nullptr;
+#endif
+}
+
+inline void unmap_block(void* data, size_t bytes) {
+#if defined(MMFAST_HAS_MMAP)
+  munmap(data, bytes);
+#else
+  (void)data, (void)bytes;
 #endif
 }
 

@@ -1,0 +1,163 @@
+"""The pool of reused blocks behind mmfast's large CPU outputs (csrc/glue/cpu_output_pool.cpp,
+mmfast.memory.cpu_output_pool): a freed output's block serves the next output of about its
+size, idle blocks stay within the budget, pooled tensors behave like torch's (values, resize_,
+freeing from another thread), and the settings fail loudly.
+
+Outputs come from vq_dequantize (it allocates through the same empty_output as every op); the
+env-var settings run in fresh processes (read once)."""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mmfast.memory import cpu_output_pool
+from mmfast.ops import vq_dequantize
+
+MIB = 1 << 20
+CODEBOOK = torch.arange(4 * 1024, dtype=torch.float32).view(4, 1024)  # a row of 1024 fp32 is 4 KiB
+
+
+def output(mib: int) -> torch.Tensor:
+    """A pooled-size output of exactly `mib` MiB (rows of CODEBOOK in a known order)."""
+    rows = mib * 256
+    return vq_dequantize(torch.arange(rows) % 4, CODEBOOK)
+
+
+@pytest.fixture
+def pool():
+    """A pool with the default budget, emptied before and after (other tests' blocks aside)."""
+    gc.collect()  # outputs in other tests' garbage cycles must not come back mid-test
+    before = cpu_output_pool(budget_mb=512, clear=True)
+    yield
+    cpu_output_pool(budget_mb=before["budget_mb"], clear=True)
+
+
+def test_a_freed_output_block_serves_the_next_output_of_its_size(pool):
+    first = output(8)
+    address, expected = first.data_ptr(), first.clone()
+    live = cpu_output_pool()["live_bytes"]
+    del first
+    stats = cpu_output_pool()
+    assert (stats["idle_blocks"], stats["idle_bytes"]) == (1, 8 * MIB)
+    assert stats["live_bytes"] == live - 8 * MIB
+    second = output(8)
+    assert second.data_ptr() == address
+    assert cpu_output_pool()["idle_blocks"] == 0
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    cpu_output_pool(budget_mb=0)  # the same output from torch's allocator: the same values
+    torch.testing.assert_close(output(8), expected, rtol=0, atol=0)
+
+
+def test_idle_blocks_stay_within_the_budget_oldest_released_first(pool):
+    cpu_output_pool(budget_mb=20)
+    outputs = [output(8) for _ in range(3)]
+    last_freed = outputs[-1].data_ptr()
+    while outputs:  # freed first to last
+        outputs.pop(0)
+    stats = cpu_output_pool()
+    assert (stats["idle_blocks"], stats["idle_bytes"]) == (2, 16 * MIB)
+    cpu_output_pool(budget_mb=10)  # a lower budget releases the oldest at once
+    stats = cpu_output_pool()
+    assert (stats["idle_blocks"], stats["idle_bytes"]) == (1, 8 * MIB)
+    assert output(8).data_ptr() == last_freed
+
+
+def test_a_block_much_larger_than_the_request_is_not_taken(pool):
+    big = output(16)
+    del big
+    small = output(8)  # 16 MiB holds it, but twice over: a fresh block
+    assert cpu_output_pool()["idle_blocks"] == 1
+    del small
+    assert cpu_output_pool()["idle_bytes"] == 24 * MIB
+
+
+def test_a_block_larger_than_the_budget_is_released_at_once(pool):
+    cpu_output_pool(budget_mb=12)
+    del_now = output(16)
+    del del_now
+    assert cpu_output_pool()["idle_blocks"] == 0
+
+
+def test_clear_releases_idle_blocks_and_budget_0_turns_the_pool_off(pool):
+    kept = output(8)
+    del kept
+    assert cpu_output_pool(clear=True)["idle_blocks"] == 1
+    assert cpu_output_pool()["idle_blocks"] == 0
+    cpu_output_pool(budget_mb=0)
+    live = cpu_output_pool()["live_bytes"]
+    plain = output(8)
+    assert cpu_output_pool()["live_bytes"] == live, "budget 0 still served an output from the pool"
+    del plain
+    assert cpu_output_pool()["idle_blocks"] == 0
+
+
+def test_small_outputs_are_not_pooled(pool):
+    live = cpu_output_pool()["live_bytes"]
+    small = vq_dequantize(torch.arange(1000) % 4, CODEBOOK)  # 4 MB
+    assert cpu_output_pool()["live_bytes"] == live
+    assert small.shape == (1000, 1024)
+
+
+def test_a_pooled_output_resizes_and_frees_like_any_tensor(pool):
+    y = output(8)
+    expected = y.clone()
+    live = cpu_output_pool()["live_bytes"]
+    y.resize_(y.shape[0] * 2, y.shape[1])  # the storage grows through the pool's allocator
+    torch.testing.assert_close(y[: expected.shape[0]], expected, rtol=0, atol=0)
+    assert cpu_output_pool()["live_bytes"] == live + 8 * MIB  # 16 MiB block instead of 8
+    y[expected.shape[0]:] = 1.0
+    assert y.sum().item() == expected.sum().item() + expected.numel()
+    del y
+    assert cpu_output_pool()["live_bytes"] == live - 8 * MIB
+
+
+def test_outputs_freed_on_other_threads_come_back(pool):
+    outputs = [output(8) for _ in range(4)]
+    live = cpu_output_pool()["live_bytes"]
+    threads = [threading.Thread(target=outputs.pop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = cpu_output_pool()
+    assert stats["live_bytes"] == live - 32 * MIB
+    assert (stats["idle_blocks"], stats["idle_bytes"]) == (4, 32 * MIB)
+
+
+def test_negative_budget_is_a_value_error():
+    with pytest.raises(ValueError, match="budget_mb must be >= 0"):
+        cpu_output_pool(budget_mb=-1)
+
+
+SCRIPT = """
+import torch, mmfast
+from mmfast.memory import cpu_output_pool
+from mmfast.ops import vq_dequantize
+y = vq_dequantize(torch.zeros(2048, dtype=torch.long), torch.ones(1, 1024))
+print(cpu_output_pool()["budget_mb"], y.sum().item())
+"""
+
+
+def run_with(setting: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=dict(os.environ, MMFAST_CPU_OUTPUT_POOL_MB=setting))
+
+
+@pytest.mark.parametrize("setting, budget", [("", 512), ("0", 0), ("64", 64)])
+def test_env_setting_sets_the_initial_budget(setting, budget):
+    result = run_with(setting)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(budget), str(2048.0 * 1024)]
+
+
+def test_bad_env_setting_is_a_value_error_naming_it():
+    result = run_with("lots")
+    assert result.returncode != 0
+    assert "ValueError: MMFAST_CPU_OUTPUT_POOL_MB must be a whole number of MiB >= 0" in result.stderr, \
+        result.stderr[-2000:]
