@@ -42,7 +42,8 @@ class PeakMemory:
     everything the process touches, so run nothing else in the process meanwhile, and it falls
     only when the allocator returns freed memory to the system: glibc keeps freed blocks below
     its (self-raising) mmap threshold, so for faithful numbers start the process with
-    MALLOC_MMAP_THRESHOLD_=65536. Linux updates the high-water mark lazily: memory handed back
+    MALLOC_MMAP_THRESHOLD_=65536; likewise mmfast's pool of CPU output blocks keeps freed
+    outputs resident (cpu_output_pool(budget_mb=0) turns it off). Linux updates the high-water mark lazily: memory handed back
     with madvise (glibc's per-thread arenas do) can hide a peak, so the CPU figure is a lower
     bound, clamped at 0 when the resident set at entry was never exceeded as far as the kernel
     recorded. Meters do not nest: entering one resets the peak that an enclosing one is
