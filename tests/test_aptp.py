@@ -259,3 +259,32 @@ def test_coded_layer_norm_applies_each_rows_affine(affine, shape):
         expected = torch.nn.functional.layer_norm(x[row], (channels,), None if weight is None else weight[code],
                                                   None if bias is None else bias[code], 1e-6)
         torch.testing.assert_close(y[row], expected)
+
+
+def test_geglu_runs_in_place_without_grad_and_as_diffusers_with_it(setup):
+    """AptpUNet's feed-forwards use CodedGEGLU: without a gradient to track it overwrites the
+    projection's output and hands on the hidden half as a strided view; with one it is diffusers'
+    out-of-place formula. Both equal diffusers' GEGLU on the same coded projection, and the
+    gradient reaches the input."""
+    from diffusers.models.activations import GEGLU
+
+    from mmfast.models.aptp.unet import CodedGEGLU
+
+    _, _, model = setup
+    fused = [m for m in model.unet.modules() if isinstance(m, CodedGEGLU)]
+    assert fused and not any(type(m) is GEGLU for m in model.unet.modules())
+    geglu = fused[0]
+    reference = GEGLU(geglu.proj.weight.shape[2], geglu.proj.weight.shape[1] // 2)
+    reference.proj = geglu.proj
+    x = torch.randn(len(CODES), 5, geglu.proj.weight.shape[2])
+    with model.state.use(torch.tensor(CODES)):
+        expected = reference(x)
+        with torch.no_grad():
+            in_place = geglu(x)
+        assert not in_place.is_contiguous()  # the hidden half of the projection, not a copy
+        torch.testing.assert_close(in_place, expected, rtol=0, atol=0)
+        xg = x.clone().requires_grad_(True)
+        tracked = geglu(xg)
+        torch.testing.assert_close(tracked, expected, rtol=0, atol=0)
+        tracked.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

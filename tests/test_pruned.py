@@ -261,6 +261,27 @@ def test_linear_equals_each_sliced_expert(device, dtype, shared):
 
 
 @pytest.mark.parametrize("device", NATIVE)
+@pytest.mark.parametrize("sorted_rows", [False, True], ids=["unsorted", "sorted"])
+def test_linear_reads_half_of_a_projection_in_place(device, sorted_rows):
+    """x = one half of a (B, N, 2C) projection (AptpUNet's GEGLU: token rows at stride 2C, read
+    where they are on the CPU): the same as the contiguous copy, the other half never read
+    (NaN), for gathered rows and for sorted rows whose code keeps every input (sliced)."""
+    batch, tokens, codes, cin, cout = 6, 7, 3, 24, 16
+    projection = torch.randn(batch, tokens, 2 * cin, device=device)
+    projection[..., cin:] = float("nan")
+    x = projection[..., :cin]
+    weight, bias = torch.randn(codes, cout, cin, device=device), torch.randn(codes, cout, device=device)
+    sample_codes, in_mask, out_mask = make_routing(batch, codes, cin, cout, device, groups=4)
+    in_mask[0] = True  # code 0 keeps every input: sorted, its rows are sliced, not gathered
+    if sorted_rows:
+        sample_codes = torch.sort(sample_codes).values
+    y = masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
+    torch.testing.assert_close(y, masked_linear(x.contiguous(), weight, bias, sample_codes, in_mask, out_mask),
+                               rtol=0, atol=0)
+    assert_close(y.cpu(), sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask), torch.float32)
+
+
+@pytest.mark.parametrize("device", NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_linear_keeping_every_output_equals_each_sliced_expert(device, dtype, with_bias):

@@ -220,8 +220,14 @@ at::Tensor masked_conv2d(const at::Tensor& x_in, const at::Tensor& weight, const
 at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& sample_codes, const at::Tensor& in_mask, const at::Tensor& out_mask) {
   check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, {}, {}, {}, true);
-  const at::Tensor x = x_in.contiguous();
+  // Token rows at one stride with unit channel stride (a contiguous x, or one half of a GEGLU
+  // projection's output, which AptpUNet passes in place) are read where they are: (B * N, C)
+  // with row stride x.stride(1). Anything else is copied first.
+  const bool uniform_rows = x_in.size(1) > 1 && x_in.size(2) > 1 && x_in.stride(2) == 1 &&
+                            x_in.stride(1) >= x_in.size(2) && x_in.stride(0) == x_in.size(1) * x_in.stride(1);
+  const at::Tensor x = uniform_rows ? x_in : x_in.contiguous();
   const int64_t tokens = x.size(1), in_channels = x.size(2), out_channels = weight.size(1);
+  const int64_t row_stride = uniform_rows ? x.stride(1) : in_channels;
   at::Tensor y = mmfast::glue::empty_output({x.size(0), tokens, out_channels}, x.options());
   if (y.numel() == 0) return y;
   const ScratchLimit release_large_scratch;
@@ -239,7 +245,7 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
       if (w.consecutive_rows() && all_in)
         return x.narrow(0, w.rows.front(), w.count()).view({w.count() * tokens, in_channels});
       if (token_rows.empty()) make_token_rows();
-      return gather(x.view({x.size(0) * tokens, in_channels}), in_channels, 1, token_rows, w.kept_in, {}, 1);
+      return gather(x.view({x.size(0) * tokens, in_channels}), row_stride, 1, token_rows, w.kept_in, {}, 1);
     };
     if (w.consecutive_rows() && all_out && !w.kept_in.empty()) {  // every output kept: the GEMM writes y's rows
       const at::Tensor xs = kept_inputs();
