@@ -24,7 +24,8 @@ CODEBOOK = torch.arange(4 * 1024, dtype=torch.float32).view(4, 1024)  # a row of
 
 
 def output(mib: int) -> torch.Tensor:
-    """A pooled-size output of exactly `mib` MiB (rows of CODEBOOK in a known order)."""
+    """An output of exactly `mib` MiB (rows of CODEBOOK in a known order); from 8 MiB its block
+    is advised huge pages and sized in 2 MiB steps."""
     rows = mib * 256
     return vq_dequantize(torch.arange(rows) % 4, CODEBOOK)
 
@@ -97,11 +98,13 @@ def test_clear_releases_idle_blocks_and_budget_0_turns_the_pool_off(pool):
     assert cpu_output_pool()["idle_blocks"] == 0
 
 
-def test_small_outputs_are_not_pooled(pool):
+def test_outputs_under_1_mib_are_not_pooled_and_small_blocks_fit_closely(pool):
     live = cpu_output_pool()["live_bytes"]
-    small = vq_dequantize(torch.arange(1000) % 4, CODEBOOK)  # 4 MB
-    assert cpu_output_pool()["live_bytes"] == live
-    assert small.shape == (1000, 1024)
+    small = vq_dequantize(torch.arange(255) % 4, CODEBOOK)  # 1 MiB - 4 KiB
+    assert cpu_output_pool()["live_bytes"] == live and small.shape == (255, 1024)
+    one = vq_dequantize(torch.arange(257) % 4, CODEBOOK)  # 1 MiB + 4 KiB: a 64 KiB-granular block
+    assert cpu_output_pool()["live_bytes"] == live + MIB + (64 << 10)
+    torch.testing.assert_close(one, CODEBOOK[torch.arange(257) % 4], rtol=0, atol=0)
 
 
 def test_a_pooled_output_resizes_and_frees_like_any_tensor(pool):

@@ -1,5 +1,5 @@
-// The pool behind glue/cpu_output_pool.h. Blocks are mapped by mmfast itself (2 MiB-aligned,
-// advised huge pages unless MMFAST_CPU_HUGE_PAGES=0), handed out through a c10::Allocator (so a
+// The pool behind glue/cpu_output_pool.h. Blocks are mapped by mmfast itself (from 8 MiB:
+// 2 MiB-aligned, advised huge pages unless MMFAST_CPU_HUGE_PAGES=0), handed out through a c10::Allocator (so a
 // pooled tensor's storage stays resizable) and come back through the DataPtr's deleter, from
 // whichever thread frees the tensor. A request takes the smallest idle block that holds it with
 // at most 1/8 to spare (a UNet's outputs repeat a few sizes; a much larger block would hold
@@ -27,9 +27,12 @@ namespace {
 constexpr int64_t kDefaultBudgetMb = 512;
 constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;  // keeps the MiB -> byte shift in range
 
+// Blocks under kHugePageAdviceMinBytes are mapped in multiples of this, larger ones in 2 MiB.
+constexpr size_t kSmallBlockGranule = size_t(64) << 10;
+
 struct Block {
   void* data;
-  size_t capacity;  // a multiple of kHugePageBytes
+  size_t capacity;  // a multiple of kSmallBlockGranule (under 8 MiB) or of kHugePageBytes
 };
 
 int64_t initial_budget_mb() {
@@ -57,10 +60,12 @@ class OutputBlockPool final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t bytes) override {
-    const size_t capacity = (bytes + mmfast::cpu::kHugePageBytes - 1) & ~(mmfast::cpu::kHugePageBytes - 1);
+    const bool huge = bytes >= mmfast::cpu::kHugePageAdviceMinBytes;
+    const size_t granule = huge ? mmfast::cpu::kHugePageBytes : kSmallBlockGranule;
+    const size_t capacity = (bytes + granule - 1) & ~(granule - 1);
     Block block = take_idle(capacity);
     if (block.data == nullptr) {
-      block = {mmfast::cpu::map_block(capacity, huge_page_outputs()), capacity};
+      block = {mmfast::cpu::map_block(capacity, huge && huge_page_outputs()), capacity};
       TORCH_CHECK(block.data != nullptr, "mmfast: could not map a ", capacity, "-byte CPU output block (out of ",
                   "memory?); MMFAST_CPU_OUTPUT_POOL_MB=0 allocates outputs through torch instead");
     }

@@ -17,7 +17,8 @@ namespace mmfast {
 namespace glue {
 
 // Outputs from this size on come from the pool (below it glibc's heap serves warm memory).
-constexpr size_t kPooledOutputMinBytes = size_t(8) << 20;
+// Blocks of kHugePageAdviceMinBytes (8 MiB) and more are advised huge pages.
+constexpr size_t kPooledOutputMinBytes = size_t(1) << 20;
 
 // A contiguous, uninitialised CPU tensor in a pooled block (resizable; its storage's allocator
 // is the pool), or an undefined tensor when the pool is off (budget 0) or nbytes is below

@@ -135,8 +135,8 @@ def traced_peak_bytes(fn, *args, device=None, **kwargs) -> int:
 
 
 def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dict:
-    """The pool of reused blocks behind mmfast's large CPU outputs (8 MiB and more, e.g.
-    masked_conv2d's, linear_attention's): a freed output's block is kept for the next output of
+    """The pool of reused blocks behind mmfast's CPU outputs of 1 MiB and more (e.g.
+    masked_conv2d's, linear_attention's; from 8 MiB advised huge pages): a freed output's block is kept for the next output of
     about its size (at most 1/8 larger), up to `budget_mb` MiB of idle blocks, the oldest
     released first, so an op called in a loop does not pay the kernel's page faults and zeroing
     for its whole output every call (glibc maps each block over 32 MiB anew: ~14 ms per 42 MB on

@@ -45,12 +45,16 @@ inline bool advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-// A fresh, zero-filled block of `bytes` (a multiple of kHugePageBytes) at a 2 MiB-aligned
-// address, advised huge pages when `huge` (the whole block: no unaligned ends); nullptr where
-// the system refuses or has no mmap. Give it back with unmap_block. Used for the output blocks
-// that glue/cpu_output_pool.cpp keeps for reuse.
+// A fresh, zero-filled block of `bytes` (a multiple of the page size); when `huge` (bytes then a
+// multiple of kHugePageBytes) at a 2 MiB-aligned address and advised huge pages, the whole
+// block (no unaligned ends). nullptr where the system refuses or has no mmap. Give it back with
+// unmap_block. Used for the output blocks that glue/cpu_output_pool.cpp keeps for reuse.
 inline void* map_block(size_t bytes, bool huge) {
 #if defined(MMFAST_HAS_MMAP)
+  if (!huge) {
+    void* block = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return block == MAP_FAILED ? nullptr : block;
+  }
   const size_t mapped = bytes + kHugePageBytes;  // room to slide to a 2 MiB boundary
   void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
@@ -60,9 +64,7 @@ inline void* map_block(size_t bytes, bool huge) {
   const uintptr_t tail = begin + mapped - (aligned + bytes);
   if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
 #if defined(MADV_HUGEPAGE)
-  if (huge) madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
-#else
-  (void)huge;
+  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
 #endif
   return reinterpret_cast<void*>(aligned);
 #else
