@@ -288,3 +288,64 @@ def test_geglu_runs_in_place_without_grad_and_as_diffusers_with_it(setup):
         torch.testing.assert_close(tracked, expected, rtol=0, atol=0)
         tracked.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+# APTP's SD-2.1 gate order (rezashkv/diffusion_pruning: get_structure over down, mid, up blocks,
+# resnets before attentions, attn1 / attn2 / GEGLU per transformer block; then the 14 depth gates
+# of its sd-2-1 config's depth_order): 1606 width entries, then these depth gates.
+SD21_DEPTH_GATES = ["down_blocks.0.resnets.1", "down_blocks.0.attentions.1", "down_blocks.1.resnets.1",
+                    "down_blocks.1.attentions.1", "down_blocks.2.resnets.1", "down_blocks.2.attentions.1",
+                    "down_blocks.3.resnets.1", "up_blocks.0.resnets.2", "up_blocks.1.resnets.2",
+                    "up_blocks.1.attentions.2", "up_blocks.2.resnets.2", "up_blocks.2.attentions.2",
+                    "up_blocks.3.resnets.2", "up_blocks.3.attentions.2"]
+
+
+def test_arch_vector_layout_of_sd21_is_the_official_one():
+    from diffusers import UNet2DConditionModel
+
+    from mmfast.models.aptp import arch_vector_layout
+
+    config = dict(in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
+                  cross_attention_dim=1024, use_linear_projection=True, block_out_channels=(320, 640, 1280, 1280),
+                  attention_head_dim=(5, 10, 20, 20))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    widths, depths = arch_vector_layout(unet)
+    assert sum(groups for _, groups in widths) == 1606 and depths == SD21_DEPTH_GATES
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    assert widths[:5] == [("down_blocks.0.resnets.0", 32), ("down_blocks.0.resnets.1", 32), (f"{block}.attn1", 5),
+                          (f"{block}.attn2", 5), (f"{block}.ff", 32)]
+    assert widths[-3:] == [("up_blocks.3.attentions.2.transformer_blocks.0.attn1", 5),
+                           ("up_blocks.3.attentions.2.transformer_blocks.0.attn2", 5),
+                           ("up_blocks.3.attentions.2.transformer_blocks.0.ff", 32)]
+
+
+def test_official_arch_vector_round_trip(setup, tmp_path):
+    """to_arch_vector gives the official (1, D) layout; soft gate values as APTP saves them
+    (kept >= 0.5, up to 1.5; dropped below) load back to the same code, from a .pt file read
+    with weights_only=True, and the code slices the same expert."""
+    base, experts, _ = setup
+    for _, arch in experts:
+        vector = arch.to_arch_vector(base)
+        assert vector.dtype == torch.float32 and vector.dim() == 2 and vector.shape[0] == 1
+        g = torch.Generator().manual_seed(0)
+        soft = torch.where(vector > 0, 0.5 + torch.rand(vector.shape, generator=g), 0.49 * torch.rand(vector.shape,
+                                                                                                     generator=g))
+        torch.save(soft, tmp_path / "arch_vector.pt")
+        loaded = ArchitectureCode.from_arch_vector(torch.load(tmp_path / "arch_vector.pt", weights_only=True), base)
+        assert loaded.depth == {name: arch.runs(name) for name in depth_gates(base)}
+        assert set(loaded.width) == set(width_gates(base))
+        for name, groups in width_gates(base).items():
+            assert torch.equal(loaded.kept(name, groups), arch.kept(name, groups)), name
+        assert ArchitectureCode.from_arch_vector(vector[0], base).depth == loaded.depth  # (D,) works too
+
+
+def test_bad_arch_vectors_are_value_errors(setup):
+    base, experts, _ = setup
+    vector = experts[0][1].to_arch_vector(base)
+    with pytest.raises(ValueError, match=rf"expected \({vector.shape[1]},\) or \(1, {vector.shape[1]}\)"):
+        ArchitectureCode.from_arch_vector(vector[:, :-1], base)
+    vector[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ArchitectureCode.from_arch_vector(vector, base)

@@ -7,8 +7,9 @@ experts of a diffusers UNet served as one model for batches that mix architectur
     codes = router(prompt_embeddings)                          # (B,) from a sentence encoder
     noise = model(latents, t, text_states, codes)              # each row runs its own expert
 """
-from .architecture import (ARCH_FILE, FF_GROUPS, ArchitectureCode, DepthSkip, dense_skeleton, depth_gates,
-                           load_expert, prune_unet, random_architecture, save_expert, to_masks, width_gates)
+from .architecture import (ARCH_FILE, FF_GROUPS, ArchitectureCode, DepthSkip, arch_vector_layout, dense_skeleton,
+                           depth_gates, load_expert, prune_unet, random_architecture, save_expert, to_masks,
+                           width_gates)
 from .router import Router, contrastive_loss, sinkhorn
 from .unet import (AptpUNet, CodedConv2d, CodedDepthGate, CodedGroupNorm, CodedLayerNorm, CodedLinear, CodeState,
                    run_per_expert, stack_expert_weights)
@@ -17,6 +18,7 @@ __all__ = [
     "ARCH_FILE",
     "AptpUNet",
     "ArchitectureCode",
+    "arch_vector_layout",
     "CodeState",
     "CodedConv2d",
     "CodedDepthGate",

@@ -28,7 +28,7 @@ from torch import nn
 from .._modules import swap_submodule
 
 __all__ = [
-    "ArchitectureCode", "DepthSkip", "FF_GROUPS", "depth_gates", "width_gates", "random_architecture", "to_masks",
+    "ArchitectureCode", "DepthSkip", "FF_GROUPS", "arch_vector_layout", "depth_gates", "width_gates", "random_architecture", "to_masks",
     "prune_unet", "save_expert", "load_expert", "dense_skeleton", "ARCH_FILE",
 ]
 
@@ -90,6 +90,40 @@ class ArchitectureCode:
         kept = self.width.get(name)
         return torch.ones(groups, dtype=torch.bool) if kept is None else kept.bool().cpu()
 
+    @classmethod
+    def from_arch_vector(cls, arch_vector: torch.Tensor, unet: nn.Module,
+                         ff_groups: int = FF_GROUPS) -> "ArchitectureCode":
+        """The code of an official APTP `arch_vector.pt` (rezashkv/diffusion_pruning: one float
+        tensor (1, D) or (D,), the expert's gate probabilities; load it with
+        torch.load(path, weights_only=True)) for the dense `unet` it prunes. Entries are laid out
+        as arch_vector_layout(unet) says; a gate keeps its group / runs its block where the value
+        is >= 0.5 (APTP's hard_concrete). Raises ValueError when D does not match the UNet's gates
+        or a value is not finite."""
+        vector = torch.as_tensor(arch_vector).detach().float().cpu()
+        if vector.dim() == 2 and vector.shape[0] == 1:
+            vector = vector[0]
+        widths, depths = arch_vector_layout(unet, ff_groups)
+        expected = sum(groups for _, groups in widths) + len(depths)
+        if vector.dim() != 1 or vector.numel() != expected:
+            raise ValueError(f"ArchitectureCode.from_arch_vector: expected ({expected},) or (1, {expected}) for "
+                             f"this UNet ({len(widths)} width gates, {expected - len(depths)} groups, {len(depths)} "
+                             f"depth gates), got {tuple(torch.as_tensor(arch_vector).shape)}")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError("ArchitectureCode.from_arch_vector: the vector holds NaN or infinite values")
+        kept, width, start = vector >= 0.5, {}, 0
+        for name, groups in widths:
+            width[name] = kept[start:start + groups].clone()
+            start += groups
+        return cls(width, {name: bool(kept[start + i]) for i, name in enumerate(depths)})
+
+    def to_arch_vector(self, unet: nn.Module, ff_groups: int = FF_GROUPS) -> torch.Tensor:
+        """(1, D) float32 of 0 / 1 in the official layout (arch_vector_layout): what
+        from_arch_vector reads back, and what APTP's UNet2DConditionModelPruned takes."""
+        widths, depths = arch_vector_layout(unet, ff_groups)
+        parts = [self.kept(name, groups).float() for name, groups in widths]
+        parts.append(torch.tensor([float(self.runs(name)) for name in depths]))
+        return torch.cat(parts)[None]
+
     def summary(self) -> str:
         kept = sum(int(v.sum()) for v in self.width.values())
         total = sum(v.numel() for v in self.width.values())
@@ -138,6 +172,39 @@ def depth_gates(unet: nn.Module) -> Dict[str, int]:
             if attentions is not None and len(attentions) >= 1:
                 gates[f"{kind}.{i}.attentions.{len(attentions) - 1}"] = attentions[-1].config.in_channels
     return gates
+
+
+def arch_vector_layout(unet: nn.Module, ff_groups: int = FF_GROUPS) -> Tuple[list, list]:
+    """([(width gate name, groups)], [depth gate names]): the order of an official APTP arch
+    vector (rezashkv/diffusion_pruning, UNet2DConditionModelPruned.get_structure and
+    HyperStructure.transform_arch_vector): every width gate first, block by block over
+    down_blocks, mid_block, up_blocks, within a block its resnets (norm2 groups) and then its
+    attentions, each transformer block as attn1 heads, attn2 heads, GEGLU groups; then every
+    depth gate in the same block order (the last resnet, then the last attention, of each down
+    and up block). For SD-2.1: 1606 width entries and 14 depth entries. Names are those of
+    width_gates / depth_gates; gates this UNet lacks (no GEGLU) are left out."""
+    gates, depth = width_gates(unet, ff_groups), depth_gates(unet)
+    widths, depths = [], []
+    blocks = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + \
+        (["mid_block"] if getattr(unet, "mid_block", None) is not None else []) + \
+        [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    for block_name in blocks:
+        block = unet.get_submodule(block_name)
+        resnets = [f"{block_name}.resnets.{i}" for i in range(len(block.resnets))]
+        attentions = [f"{block_name}.attentions.{i}" for i in range(len(getattr(block, "attentions", None) or []))]
+        for name in resnets:
+            widths.append((name, gates[name]))
+        for name in attentions:
+            for j in range(len(unet.get_submodule(name).transformer_blocks)):
+                for part in ("attn1", "attn2", "ff"):
+                    gate = f"{name}.transformer_blocks.{j}.{part}"
+                    if gate in gates:
+                        widths.append((gate, gates[gate]))
+        depths += [name for name in resnets + attentions if name in depth]
+    missing = set(gates) - {name for name, _ in widths}
+    if missing:
+        raise NotImplementedError(f"arch_vector_layout: gates outside the official layout: {sorted(missing)}")
+    return widths, depths
 
 
 def random_architecture(unet: nn.Module, keep: Union[float, Tuple[float, float]] = (0.5, 1.0),
