@@ -279,10 +279,18 @@ def test_geglu_runs_in_place_without_grad_and_as_diffusers_with_it(setup):
     x = torch.randn(len(CODES), 5, geglu.proj.weight.shape[2])
     with model.state.use(torch.tensor(CODES)):
         expected = reference(x)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                in_place = geglu(x)
+            assert not in_place.is_contiguous()  # the hidden half of the projection, not a copy
+            torch.testing.assert_close(in_place, expected, rtol=0, atol=0)
+        kept = []  # a hook that keeps the projection's output: out of place, so it stays intact
+        handle = geglu.proj.register_forward_hook(lambda module, args, out: kept.append(out))
         with torch.no_grad():
-            in_place = geglu(x)
-        assert not in_place.is_contiguous()  # the hidden half of the projection, not a copy
-        torch.testing.assert_close(in_place, expected, rtol=0, atol=0)
+            hooked = geglu(x)
+        handle.remove()
+        torch.testing.assert_close(hooked, expected, rtol=0, atol=0)
+        torch.testing.assert_close(kept[0], geglu.proj(x), rtol=0, atol=0)
         xg = x.clone().requires_grad_(True)
         tracked = geglu(xg)
         torch.testing.assert_close(tracked, expected, rtol=0, atol=0)
@@ -346,6 +354,11 @@ def test_bad_arch_vectors_are_value_errors(setup):
     vector = experts[0][1].to_arch_vector(base)
     with pytest.raises(ValueError, match=rf"expected \({vector.shape[1]},\) or \(1, {vector.shape[1]}\)"):
         ArchitectureCode.from_arch_vector(vector[:, :-1], base)
+    short = ArchitectureCode(dict(experts[0][1].width), dict(experts[0][1].depth))
+    name = next(iter(short.width))
+    short.width[name] = short.width[name][:-1]
+    with pytest.raises(ValueError, match=f"{name} keeps a"):
+        short.to_arch_vector(base)
     vector[0, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         ArchitectureCode.from_arch_vector(vector, base)

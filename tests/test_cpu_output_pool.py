@@ -164,3 +164,42 @@ def test_bad_env_setting_is_a_value_error_naming_it():
     assert result.returncode != 0
     assert "ValueError: MMFAST_CPU_OUTPUT_POOL_MB must be a whole number of MiB >= 0" in result.stderr, \
         result.stderr[-2000:]
+
+
+def _poisoned_block(nbytes: int) -> int:
+    """Frees an output of nbytes full of NaN into the pool; returns its address."""
+    poison = vq_dequantize(torch.zeros(nbytes // 4096, dtype=torch.long), torch.full((1, 1024), float("nan")))
+    assert poison.nbytes == nbytes and poison.isnan().all()
+    address = poison.data_ptr()
+    del poison
+    return address
+
+
+def test_every_op_writes_its_reused_block_whole(pool):
+    """A block's old values must never show: each op that allocates through the pool gets a block
+    full of NaN (the freed output of the same size) and must return what it returns on fresh
+    memory. (Masked channels are written as zeros, not left as they were.)"""
+    from mmfast.ops import linear_attention, masked_conv2d, masked_group_norm, masked_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 32, 32, generator=g)  # 1 MiB outputs
+    w = torch.randn(2, 64, 64, 3, 3, generator=g)
+    codes, mask = torch.tensor([1, 0, 0, 1]), torch.rand(2, 64, generator=g) < 0.5
+    q, k, v = (torch.randn(1, 4096, 1, 64, generator=g) for _ in range(3))
+    calls = {
+        "masked_conv2d": lambda: masked_conv2d(x, w, None, codes, mask, mask, padding=1),
+        "masked_linear": lambda: masked_linear(x.flatten(2).transpose(1, 2).contiguous(), w[..., 1, 1], None, codes,
+                                               mask, mask),
+        "masked_group_norm": lambda: masked_group_norm(x, None, None, 8, codes, mask),
+        "linear_attention": lambda: linear_attention(q, k, v),
+        "vq_dequantize": lambda: output(1),
+    }
+    for name, call in calls.items():
+        cpu_output_pool(budget_mb=0)
+        fresh = call()
+        cpu_output_pool(budget_mb=512, clear=True)
+        address = _poisoned_block(fresh.nbytes)
+        reused = call()
+        assert reused.data_ptr() == address, f"{name} did not get the poisoned block"
+        torch.testing.assert_close(reused, fresh, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        del reused

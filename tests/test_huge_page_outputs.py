@@ -1,7 +1,9 @@
 """MMFAST_CPU_HUGE_PAGES: large CPU outputs advised transparent huge pages before their first
-write (csrc/include/mmfast/cpu/memory.h, glue/common.h's empty_output).
+write (csrc/include/mmfast/cpu/memory.h, glue/common.h's empty_output), both where the output
+pool maps them (the default) and with the pool off (MMFAST_CPU_OUTPUT_POOL_MB=0: torch's
+allocator, then advised).
 
-Each setting runs in a fresh process (the setting is read once). The advice must change no
+Each setting runs in a fresh process (the settings are read once). The advice must change no
 value, and it must be visible where the kernel supports THP: the mapping that holds each output
 carries the `hg` VmFlag in /proc/self/smaps with the default setting and not with 0.
 """
@@ -60,28 +62,30 @@ print(json.dumps({n: [t.double().sum().item(), advised(t)] for n, t in outputs.i
 
 
 @functools.lru_cache(maxsize=None)
-def run(setting: str) -> subprocess.CompletedProcess:
+def run(setting: str, pool: str = "") -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items() if name != "THP_MEM_ALLOC_ENABLE"}  # torch's own advice
     return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=dict(env, MMFAST_CPU_HUGE_PAGES=setting))
+                          env=dict(env, MMFAST_CPU_HUGE_PAGES=setting, MMFAST_CPU_OUTPUT_POOL_MB=pool))
 
 
-def outputs(setting: str) -> dict:
-    result = run(setting)
+def outputs(setting: str, pool: str = "") -> dict:
+    result = run(setting, pool)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("pool", ["", "0"], ids=["pool", "no-pool"])
 @pytest.mark.parametrize("setting", ["", "1"])
-def test_default_and_1_advise_large_outputs_and_change_no_value(setting):
-    advised, plain = outputs(setting), outputs("0")
+def test_default_and_1_advise_large_outputs_and_change_no_value(setting, pool):
+    advised, plain = outputs(setting, pool), outputs("0", pool)
     for name, (total, flagged) in advised.items():
         assert total == plain[name][0], f"{name}: the advice changed the output"
         assert flagged == THP_SUPPORTED, f"{name}: hg VmFlag is {flagged}, THP supported: {THP_SUPPORTED}"
 
 
-def test_0_advises_nothing():
-    flagged = [name for name, (_, hg) in outputs("0").items() if hg]
+@pytest.mark.parametrize("pool", ["", "0"], ids=["pool", "no-pool"])
+def test_0_advises_nothing(pool):
+    flagged = [name for name, (_, hg) in outputs("0", pool).items() if hg]
     assert not flagged, f"MMFAST_CPU_HUGE_PAGES=0 still advised {flagged}"
 
 

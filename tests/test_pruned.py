@@ -279,6 +279,10 @@ def test_linear_reads_half_of_a_projection_in_place(device, sorted_rows):
     torch.testing.assert_close(y, masked_linear(x.contiguous(), weight, bias, sample_codes, in_mask, out_mask),
                                rtol=0, atol=0)
     assert_close(y.cpu(), sliced_linear(x, weight, bias, sample_codes, in_mask, out_mask), torch.float32)
+    # one row, one token, and rows expanded from one (stride 0): copied, the same result
+    for xi, ci in ((x[:1], sample_codes[:1]), (x[:, :1], sample_codes), (x[:1].expand(batch, -1, -1), sample_codes)):
+        assert_close(masked_linear(xi, weight, bias, ci, in_mask, out_mask).cpu(),
+                     sliced_linear(xi, weight, bias, ci, in_mask, out_mask), torch.float32)
 
 
 @pytest.mark.parametrize("device", NATIVE)

@@ -5,6 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -37,6 +40,24 @@ inline bool huge_page_outputs() {
     return mode == "1";
   }();
   return enabled;
+}
+
+// The largest budget an environment variable or a control op sets: keeps the MiB -> byte
+// shift in range.
+constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;
+
+// The budget in MiB that environment variable `name` sets: a whole number >= 0 (unset or empty:
+// `unset`), capped at kMaxBudgetMb; anything else is a ValueError naming the variable and what
+// 0 means (raised by the first op that reads it).
+inline int64_t budget_mb_from_env(const char* name, int64_t unset, const char* zero_means) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return unset;
+  char* end = nullptr;
+  errno = 0;
+  const long long mb = std::strtoll(text, &end, 10);
+  TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0, name, " must be a whole number of MiB >= 0 (0: ",
+                    zero_means, "), got '", text, "'");
+  return std::min<int64_t>(mb, kMaxBudgetMb);
 }
 
 // at::empty for an output the op writes whole. On the CPU a large one comes from the pool of

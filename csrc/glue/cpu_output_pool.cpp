@@ -6,16 +6,20 @@
 // memory the output does not use), else a fresh one. A returned block is kept while the idle
 // bytes stay within the budget, the oldest idle blocks unmapped to make room; a block larger
 // than the whole budget is unmapped at once. The budget starts at MMFAST_CPU_OUTPUT_POOL_MB
-// (read once; default 512) and is set by mmfast.memory.cpu_output_pool.
+// (read once; default 512) and is set by mmfast.memory.cpu_output_pool. Where mmap fails, the idle
+// blocks are released and the mapping tried once more, then torch's allocator serves the output
+// (warned once). Reused blocks hold old values: every op writes its pooled output whole.
 #include "glue/cpu_output_pool.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
-#include <cerrno>
-#include <cstdlib>
 #include <deque>
 #include <mutex>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #include "glue/common.h"
 #include "mmfast/cpu/memory.h"
@@ -25,7 +29,6 @@ namespace glue {
 namespace {
 
 constexpr int64_t kDefaultBudgetMb = 512;
-constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;  // keeps the MiB -> byte shift in range
 
 // Blocks under kHugePageAdviceMinBytes are mapped in multiples of this, larger ones in 2 MiB.
 constexpr size_t kSmallBlockGranule = size_t(64) << 10;
@@ -36,14 +39,7 @@ struct Block {
 };
 
 int64_t initial_budget_mb() {
-  const char* text = std::getenv("MMFAST_CPU_OUTPUT_POOL_MB");
-  if (text == nullptr || *text == '\0') return kDefaultBudgetMb;
-  char* end = nullptr;
-  errno = 0;
-  const long long mb = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0, "MMFAST_CPU_OUTPUT_POOL_MB must be a whole number of ",
-                    "MiB >= 0 (0: no output blocks kept), got '", text, "'");
-  return std::min<int64_t>(mb, kMaxBudgetMb);
+  return budget_mb_from_env("MMFAST_CPU_OUTPUT_POOL_MB", kDefaultBudgetMb, "no output blocks kept");
 }
 
 class OutputBlockPool final : public c10::Allocator {
@@ -64,10 +60,15 @@ class OutputBlockPool final : public c10::Allocator {
     const size_t granule = huge ? mmfast::cpu::kHugePageBytes : kSmallBlockGranule;
     const size_t capacity = (bytes + granule - 1) & ~(granule - 1);
     Block block = take_idle(capacity);
-    if (block.data == nullptr) {
+    if (block.data == nullptr) block = {mmfast::cpu::map_block(capacity, huge && huge_page_outputs()), capacity};
+    if (block.data == nullptr) {  // the system refused: give the idle blocks back and try once more
+      control(-1, true);
       block = {mmfast::cpu::map_block(capacity, huge && huge_page_outputs()), capacity};
-      TORCH_CHECK(block.data != nullptr, "mmfast: could not map a ", capacity, "-byte CPU output block (out of ",
-                  "memory?); MMFAST_CPU_OUTPUT_POOL_MB=0 allocates outputs through torch instead");
+    }
+    if (block.data == nullptr) {
+      TORCH_WARN_ONCE("mmfast: could not map a ", capacity, "-byte CPU output block; this output and any other ",
+                      "the pool cannot map come from torch's CPU allocator instead");
+      return c10::GetDefaultCPUAllocator()->allocate(bytes);  // its own deleter: never comes back here
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -93,7 +94,14 @@ class OutputBlockPool final : public c10::Allocator {
   }
 
  private:
-  OutputBlockPool() : budget_mb_(initial_budget_mb()) {}
+  OutputBlockPool() : budget_mb_(initial_budget_mb()) {
+#if defined(MMFAST_HAS_MMAP)
+    // A fork() while another thread holds the lock would leave it held in the child forever.
+    pthread_atfork([] { instance_lock().lock(); }, [] { instance_lock().unlock(); },
+                   [] { instance_lock().unlock(); });
+#endif
+  }
+  static std::mutex& instance_lock() { return instance().mutex_; }
 
   static void release(void* context) {
     const Block block = *static_cast<Block*>(context);
@@ -153,12 +161,17 @@ class OutputBlockPool final : public c10::Allocator {
 }  // namespace
 
 at::Tensor pooled_cpu_empty(at::IntArrayRef shape, at::ScalarType dtype) {
+#if defined(MMFAST_HAS_MMAP)
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   OutputBlockPool& pool = OutputBlockPool::instance();
   if (bytes < kPooledOutputMinBytes || pool.budget_mb() == 0) return at::Tensor();
   return at::detail::empty_generic(shape, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, c10::nullopt);
+#else
+  (void)shape, (void)dtype;
+  return at::Tensor();  // no mmap (e.g. Windows): torch's allocator
+#endif
 }
 
 std::vector<int64_t> cpu_output_pool(int64_t budget_mb, bool clear) {

@@ -24,12 +24,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
-#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "glue/common.h"
 
 namespace mmfast {
 namespace glue {
@@ -85,8 +85,6 @@ class PackedWeightCache {
   }
 
  private:
-  static constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;  // keeps the MiB -> byte shift in range
-
   struct Key {
     const void* storage;
     int64_t offset, tag;
@@ -133,17 +131,9 @@ class PackedWeightCache {
 
   PackedWeightCache() : budget_mb_(initial_budget_mb()) {}
 
-  // MMFAST_PRUNED_WEIGHT_CACHE_MB: a whole number of MiB >= 0 (unset or empty: 0); anything
-  // else is an error, raised by the first masked op.
+  // MMFAST_PRUNED_WEIGHT_CACHE_MB (unset or empty: 0).
   static int64_t initial_budget_mb() {
-    const char* text = std::getenv("MMFAST_PRUNED_WEIGHT_CACHE_MB");
-    if (text == nullptr || *text == '\0') return 0;
-    char* end = nullptr;
-    errno = 0;
-    const long long mb = std::strtoll(text, &end, 10);
-    TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0, "MMFAST_PRUNED_WEIGHT_CACHE_MB must be a whole ",
-                      "number of MiB >= 0 (0: no packed weights kept), got '", text, "'");
-    return std::min<int64_t>(mb, kMaxBudgetMb);
+    return budget_mb_from_env("MMFAST_PRUNED_WEIGHT_CACHE_MB", 0, "no packed weights kept");
   }
 
   void drop_freed() {

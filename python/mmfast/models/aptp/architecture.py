@@ -118,9 +118,14 @@ class ArchitectureCode:
 
     def to_arch_vector(self, unet: nn.Module, ff_groups: int = FF_GROUPS) -> torch.Tensor:
         """(1, D) float32 of 0 / 1 in the official layout (arch_vector_layout): what
-        from_arch_vector reads back, and what APTP's UNet2DConditionModelPruned takes."""
+        from_arch_vector reads back, and what APTP's UNet2DConditionModelPruned takes. Raises
+        ValueError when a width entry's length is not its gate's group count."""
         widths, depths = arch_vector_layout(unet, ff_groups)
         parts = [self.kept(name, groups).float() for name, groups in widths]
+        for (name, groups), part in zip(widths, parts):
+            if part.numel() != groups:
+                raise ValueError(f"ArchitectureCode.to_arch_vector: {name} keeps a ({part.numel()},) vector, the UNet's "
+                                 f"gate has {groups} groups")
         parts.append(torch.tensor([float(self.runs(name)) for name in depths]))
         return torch.cat(parts)[None]
 

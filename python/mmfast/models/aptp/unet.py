@@ -160,7 +160,8 @@ class CodedGEGLU(nn.Module):
     the mixed batch's three full-width (B, N, F) temporaries leave the cache that the experts'
     1-2-row batches stay in and are faulted in anew each call: on 2 CPU cores GELU and the
     product took 9x the per-expert passes' time. Masked groups stay exact zeros (GELU(0) * 0).
-    With a gradient to track (the projection's output requires grad) it is diffusers' formula."""
+    With a gradient to track (the projection's output requires grad), or a forward hook that may
+    keep the projection's output (on proj, or global), it is diffusers' out-of-place formula."""
 
     def __init__(self, geglu: nn.Module):
         super().__init__()
@@ -169,7 +170,7 @@ class CodedGEGLU(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         projected = self.proj(hidden_states)
         hidden, gate = projected.chunk(2, dim=-1)
-        if projected.requires_grad:
+        if projected.requires_grad or self.proj._forward_hooks or nn.modules.module._global_forward_hooks:
             return hidden * F.gelu(gate)
         torch.ops.aten.gelu_(gate)
         return hidden.mul_(gate)
