@@ -148,7 +148,10 @@ def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dic
     the pool off: outputs come from torch's allocator, advised huge pages) and, with clear=True,
     releases every idle block (as torch.cuda.empty_cache does). The budget starts at
     MMFAST_CPU_OUTPUT_POOL_MB (read once; default 512; anything but a whole number >= 0 is a
-    ValueError from the first op that allocates). Idle blocks count as resident memory (RSS).
+    ValueError from the first op that allocates). Idle blocks count as resident memory (RSS),
+    which the kernel cannot reclaim under a container's memory limit. Where mmap is missing or
+    fails, outputs come from torch's allocator (warned once). torch._lazy_clone (copy-on-write)
+    does not accept pooled storages, as with torch's pinned-memory allocator.
     Raises ValueError for a negative budget, RuntimeError without the compiled extension.
     """
     from . import _extension
