@@ -24,10 +24,11 @@ sliced weights) and architecture.safetensors (mmfast's ArchitectureCode: bool ke
 keyed by diffusers module names, "depth/<block>" for depth gates), as written by
 mmfast.models.aptp.save_expert. diffusers' from_pretrained cannot load sliced weights into the
 dense config (shape mismatch), so the skeleton is built with prune_unet on the meta device and the
-weights assigned. NOT IMPLEMENTED / NOT VERIFIED: converting the official checkpoints of
-rezashkv/diffusion_pruning (arch*/.../arch_vector.pt, UNet2DConditionModelPruned) to
-ArchitectureCode: the order of the entries of their arch vector is not documented in mmfast's
-reference notes, so such a converter is not provided.
+weights assigned. The official arch vectors of rezashkv/diffusion_pruning (arch*/.../arch_vector.pt)
+convert with ArchitectureCode.from_arch_vector(torch.load(path, weights_only=True), dense_unet)
+(layout read from the official code; not checked on a released file). NOT IMPLEMENTED: loading
+the released experts' fine-tuned weight files (saved from APTP's own pruned UNet class): write
+mmfast expert directories with save_expert instead.
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def parse_args():
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--tiny", action="store_true", help="random tiny experts (the default)")
     source.add_argument("--experts", nargs="+", metavar="DIR",
-                        help="local expert directories (see above); code k = the k-th DIR. Converting the official "
-                             "APTP arch_vector.pt is not implemented / not verified")
+                        help="local expert directories written by save_expert (see above); code k = the k-th "
+                             "DIR. The released APTP experts' weight files have no loader yet")
     parser.add_argument("--num-codes", type=int, default=4, help="--tiny: number of experts K (default 4)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--codes", type=int, nargs="+", help="explicit code per prompt (default: the router's)")
