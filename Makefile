@@ -39,8 +39,13 @@ $(STAMP): requirements-test.txt
 
 venv: $(STAMP)
 
+# The whole pip log goes to build/pip-install.log; a failed build fails here (its errors shown), so a
+# stale extension from an earlier build is never tested by mistake.
 build: $(STAMP)
-	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+	mkdir -p build
+	MAX_JOBS=$(MAX_JOBS) $(VPY) -m pip install --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1 \
+	  && tail -n 3 build/pip-install.log \
+	  || { grep -n -E "error|Error" build/pip-install.log | head -n 40; tail -n 20 build/pip-install.log; exit 1; }
 	$(VPY) -m mmfast
 
 test: build cmake-test sanitize

@@ -12,6 +12,7 @@
 #include "glue/cpu_output_pool.h"
 
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
 #include <deque>
