@@ -1,14 +1,14 @@
 // The pool behind glue/cpu_output_pool.h. Blocks are mapped by mmfast itself (from 8 MiB:
-// 2 MiB-aligned, advised huge pages unless MMFAST_CPU_HUGE_PAGES=0), handed out through a c10::Allocator (so a
-// pooled tensor's storage stays resizable) and come back through the DataPtr's deleter, from
+// 2 MiB-aligned, advised huge pages unless MMFAST_CPU_HUGE_PAGES=0), handed out through a
+// c10::Allocator (so a pooled tensor's storage stays resizable) and come back through the DataPtr's deleter, from
 // whichever thread frees the tensor. A request takes the smallest idle block that holds it with
 // at most 1/8 to spare (a UNet's outputs repeat a few sizes; a much larger block would hold
 // memory the output does not use), else a fresh one. A returned block is kept while the idle
 // bytes stay within the budget, the oldest idle blocks unmapped to make room; a block larger
 // than the whole budget is unmapped at once. The budget starts at MMFAST_CPU_OUTPUT_POOL_MB
-// (read once; default 512) and is set by mmfast.memory.cpu_output_pool. Where mmap fails, the idle
-// blocks are released and the mapping tried once more, then torch's allocator serves the output
-// (warned once). Reused blocks hold old values: every op writes its pooled output whole.
+// (read once; default 512) and is set by mmfast.memory.cpu_output_pool. Where mmap fails, the
+// idle blocks are released and the mapping tried once more, then torch's allocator serves the
+// output (warned once). Reused blocks hold old values: every op writes its pooled output whole.
 #include "glue/cpu_output_pool.h"
 
 #include <c10/core/Allocator.h>

@@ -43,10 +43,10 @@ class PeakMemory:
     only when the allocator returns freed memory to the system: glibc keeps freed blocks below
     its (self-raising) mmap threshold, so for faithful numbers start the process with
     MALLOC_MMAP_THRESHOLD_=65536; likewise mmfast's pool of CPU output blocks keeps freed
-    outputs resident (cpu_output_pool(budget_mb=0) turns it off). Linux updates the high-water mark lazily: memory handed back
-    with madvise (glibc's per-thread arenas do) can hide a peak, so the CPU figure is a lower
-    bound, clamped at 0 when the resident set at entry was never exceeded as far as the kernel
-    recorded. Meters do not nest: entering one resets the peak that an enclosing one is
+    outputs resident (cpu_output_pool(budget_mb=0) turns it off). Linux updates the high-water
+    mark lazily: memory handed back with madvise (glibc's per-thread arenas do) can hide a
+    peak, so the CPU figure is a lower bound, clamped at 0 when the resident set at entry was
+    never exceeded as far as the kernel recorded. Meters do not nest: entering one resets the peak that an enclosing one is
     measuring (both devices).
     """
 
@@ -136,8 +136,8 @@ def traced_peak_bytes(fn, *args, device=None, **kwargs) -> int:
 
 def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dict:
     """The pool of reused blocks behind mmfast's CPU outputs of 1 MiB and more (e.g.
-    masked_conv2d's, linear_attention's; from 8 MiB advised huge pages): a freed output's block is kept for the next output of
-    about its size (at most 1/8 larger), up to `budget_mb` MiB of idle blocks, the oldest
+    masked_conv2d's, linear_attention's; from 8 MiB advised huge pages): a freed output's block
+    is kept for the next output of about its size (at most 1/8 larger), up to `budget_mb` MiB of idle blocks, the oldest
     released first, so an op called in a loop does not pay the kernel's page faults and zeroing
     for its whole output every call (glibc maps each block over 32 MiB anew: ~14 ms per 42 MB on
     the 2-core CI VM even with huge pages). torch.cuda's caching allocator keeps blocks the

@@ -19,8 +19,9 @@ constexpr size_t kHugePageAdviceMinBytes = 4 * kHugePageBytes;
 
 // Asks Linux to back the 2 MiB-aligned stretch inside [data, data + bytes) with transparent
 // huge pages, before anything writes it (for outputs from torch's allocator: with the output
-// pool on, glue/cpu_output_pool.cpp maps and advises its blocks through map_block). Why: glibc maps every block over 32 MiB anew, so an
-// output of tens of MB takes a page fault per 4 KiB page on its first write (19 ms for the
+// pool on, glue/cpu_output_pool.cpp maps and advises its blocks through map_block). Why: glibc
+// maps every block over 32 MiB anew, so an output of tens of MB takes a page fault per 4 KiB
+// page on its first write (19 ms for the
 // 47 MB of an SD-2.1 48x48 conv's batch on a 2-core VM, against 2.7 ms advised: measured with
 // benchmarks/probes/fresh_output_pages.py). Does nothing (returns false) below
 // kHugePageAdviceMinBytes, off Linux, or where the kernel refuses; with THP "never" the advice

@@ -28,8 +28,8 @@ from torch import nn
 from .._modules import swap_submodule
 
 __all__ = [
-    "ArchitectureCode", "DepthSkip", "FF_GROUPS", "arch_vector_layout", "depth_gates", "width_gates", "random_architecture", "to_masks",
-    "prune_unet", "save_expert", "load_expert", "dense_skeleton", "ARCH_FILE",
+    "ArchitectureCode", "DepthSkip", "FF_GROUPS", "arch_vector_layout", "depth_gates", "width_gates",
+    "random_architecture", "to_masks", "prune_unet", "save_expert", "load_expert", "dense_skeleton", "ARCH_FILE",
 ]
 
 FF_GROUPS = 32  # APTP's ff_gate_width
@@ -121,11 +121,13 @@ class ArchitectureCode:
         from_arch_vector reads back, and what APTP's UNet2DConditionModelPruned takes. Raises
         ValueError when a width entry's length is not its gate's group count."""
         widths, depths = arch_vector_layout(unet, ff_groups)
-        parts = [self.kept(name, groups).float() for name, groups in widths]
-        for (name, groups), part in zip(widths, parts):
-            if part.numel() != groups:
-                raise ValueError(f"ArchitectureCode.to_arch_vector: {name} keeps a ({part.numel()},) vector, the UNet's "
-                                 f"gate has {groups} groups")
+        parts = []
+        for name, groups in widths:
+            kept = self.kept(name, groups)
+            if kept.numel() != groups:
+                raise ValueError(f"ArchitectureCode.to_arch_vector: {name} keeps a ({kept.numel()},) vector, "
+                                 f"the UNet's gate has {groups} groups")
+            parts.append(kept.float())
         parts.append(torch.tensor([float(self.runs(name)) for name in depths]))
         return torch.cat(parts)[None]
 
