@@ -3,6 +3,7 @@
     python examples/aptp_mixed_batch.py                       # --tiny: random tiny experts, seconds
     python examples/aptp_mixed_batch.py --tiny --save-tiny /tmp/aptp_experts   # also write them as dirs
     python examples/aptp_mixed_batch.py --experts /tmp/aptp_experts/expert0 /tmp/aptp_experts/expert1 ...
+    python examples/aptp_mixed_batch.py --experts ~/APTP-Base-CC3M --codes 0 3 3 7 11 0 15 3  # released experts
 
 APTP (ICLR 2025) prunes SD 2.1 per prompt: a router maps each prompt to one of K architecture
 codes, and each code is a physically sliced, separately fine-tuned UNet ("expert"). The official
@@ -18,17 +19,18 @@ Prompts are stand-ins: random 768-d "sentence embeddings" through a randomly ini
 (the user supplies a real sentence encoder, APTP uses all-mpnet-base-v2, and a trained router),
 or explicit --codes. Text-encoder states and latents are random too. Nothing is downloaded.
 
---experts DIR ...: code k = the k-th DIR, a local diffusers UNet directory of a physically sliced
-expert: config.json (the DENSE base UNet config), diffusion_pytorch_model.safetensors (the
-sliced weights) and architecture.safetensors (mmfast's ArchitectureCode: bool kept-group vectors
-keyed by diffusers module names, "depth/<block>" for depth gates), as written by
-mmfast.models.aptp.save_expert. diffusers' from_pretrained cannot load sliced weights into the
-dense config (shape mismatch), so the skeleton is built with prune_unet on the meta device and the
-weights assigned. The official arch vectors of rezashkv/diffusion_pruning (arch*/.../arch_vector.pt)
-convert with ArchitectureCode.from_arch_vector(torch.load(path, weights_only=True), dense_unet)
-(layout read from the official code; not checked on a released file). NOT IMPLEMENTED: loading
-the released experts' fine-tuned weight files (saved from APTP's own pruned UNet class): write
-mmfast expert directories with save_expert instead.
+--experts DIR ...: code k = the k-th expert, each DIR one of
+  - a released APTP expert of rezashkv/diffusion_pruning (HF APTP-Base-CC3M/arch11, or one
+    checkpoint inside it): arch_vector.pt and unet/diffusion_pytorch_model.safetensors, as the
+    official generate_fid_images.py reads them;
+  - a released model folder (APTP-Base-CC3M): its arch0, arch1, ... folders in index order;
+  - an mmfast expert directory written by save_expert (--save-tiny): config.json (the dense
+    config), diffusion_pytorch_model.safetensors (sliced weights), architecture.safetensors.
+Released experts take the dense config from the config.json saved beside their weights, or from
+--base-config (the SD-2.1 unet/ folder) where there is none. The released layout is read as the
+official code writes it; no released file was available offline to check it against. The dense
+base UNet is timed with random weights. --dtype float16/bfloat16 casts the experts as they load
+(the stacked form holds K dense-sized weight sets: 16 SD-2.1 experts are about 28 GB in bf16).
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ import statistics
 import time
 
 import torch
+from tqdm import tqdm
 
 import mmfast
-from mmfast.models.aptp import AptpUNet, Router, dense_skeleton, load_expert, run_per_expert, save_expert
+from mmfast.models.aptp import (AptpUNet, Router, dense_skeleton, load_expert, released_expert_dirs, run_per_expert,
+                                save_expert)
 from mmfast.ops import keep_packed_weights, pruned_weight_cache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,8 +55,11 @@ def parse_args():
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--tiny", action="store_true", help="random tiny experts (the default)")
     source.add_argument("--experts", nargs="+", metavar="DIR",
-                        help="local expert directories written by save_expert (see above); code k = the k-th "
-                             "DIR. The released APTP experts' weight files have no loader yet")
+                        help="local expert directories: released APTP experts (arch<k> folders or their parent) "
+                             "or mmfast's (save_expert); code k = the k-th expert (see above)")
+    parser.add_argument("--base-config", metavar="DIR",
+                        help="--experts: the dense UNet folder (config.json) released experts were pruned from, "
+                             "where none is saved beside their weights")
     parser.add_argument("--num-codes", type=int, default=4, help="--tiny: number of experts K (default 4)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
     parser.add_argument("--codes", type=int, nargs="+", help="explicit code per prompt (default: the router's)")
@@ -88,10 +95,21 @@ def checkpoint_models(args):
     """(dense UNet with random weights: structure and timing only, [(expert, arch)]) from local dirs."""
     from diffusers import UNet2DConditionModel
 
-    experts = [load_expert(directory) for directory in args.experts]
-    config = dense_skeleton(args.experts[0]).config
+    directories = [d for path in args.experts for d in expert_dirs(path)]
+    dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
+    experts = [load_expert(d, base_config=args.base_config, dtype=dtype) for d in tqdm(directories, desc="experts")]
+    config = dense_skeleton(directories[0], base_config=args.base_config).config
+    args.sources = directories
     torch.manual_seed(args.seed)
     return UNet2DConditionModel.from_config(config).eval(), experts
+
+
+def expert_dirs(path):
+    """A released model folder (arch0, arch1, ...) expands to its experts; any other folder is one."""
+    try:
+        return released_expert_dirs(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return [path]
 
 
 def route(args, base, num_codes, prompts):
@@ -131,7 +149,7 @@ def main():
         base = base.to(device, dtype)
         experts = [(expert.to(device, dtype), arch) for expert, arch in experts]
     for k, (_, arch) in enumerate(experts):
-        print(f"expert {k}: {arch.summary()}")
+        print(f"expert {k}: {arch.summary()}" + (f" ({args.sources[k]})" if args.experts else ""))
 
     codes = route(args, base, len(experts), args.batch).to(device)
     rows = 2 * args.batch if args.cfg else args.batch

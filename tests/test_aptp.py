@@ -12,7 +12,7 @@ from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, c
                                 dense_skeleton, depth_gates, load_expert, prune_unet, random_architecture,
                                 run_per_expert, save_expert, sinkhorn, width_gates)
 from mmfast.models.aptp.unet import CodedAttnProcessor  # noqa: E402
-from mmfast.testing.tiny_aptp import tiny_experts, tiny_inputs  # noqa: E402
+from mmfast.testing.tiny_aptp import soft_arch_vector, tiny_experts, tiny_inputs  # noqa: E402
 
 CODES = [2, 0, 2, 1, 0, 2]
 
@@ -331,15 +331,13 @@ def test_arch_vector_layout_of_sd21_is_the_official_one():
 
 def test_official_arch_vector_round_trip(setup, tmp_path):
     """to_arch_vector gives the official (1, D) layout; soft gate values as APTP saves them
-    (kept >= 0.5, up to 1.5; dropped below) load back to the same code, from a .pt file read
+    (kept >= 0.5; dropped below) load back to the same code, from a .pt file read
     with weights_only=True, and the code slices the same expert."""
     base, experts, _ = setup
     for _, arch in experts:
         vector = arch.to_arch_vector(base)
         assert vector.dtype == torch.float32 and vector.dim() == 2 and vector.shape[0] == 1
-        g = torch.Generator().manual_seed(0)
-        soft = torch.where(vector > 0, 0.5 + torch.rand(vector.shape, generator=g), 0.49 * torch.rand(vector.shape,
-                                                                                                     generator=g))
+        soft = soft_arch_vector(arch, base, torch.Generator().manual_seed(0))
         torch.save(soft, tmp_path / "arch_vector.pt")
         loaded = ArchitectureCode.from_arch_vector(torch.load(tmp_path / "arch_vector.pt", weights_only=True), base)
         assert loaded.depth == {name: arch.runs(name) for name in depth_gates(base)}

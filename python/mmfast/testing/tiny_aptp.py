@@ -71,3 +71,51 @@ def tiny_inputs(batch: int, seed: int = 0, config=TINY_APTP_CONFIG):
     timesteps = torch.randint(0, 1000, (batch,), generator=g)
     text = torch.randn(batch, TEXT_TOKENS, config["cross_attention_dim"], generator=g)
     return sample, timesteps, text
+
+
+# APTP's gated block classes (rezashkv/diffusion_pruning configs/*/sd-2-1_cc3m.yaml) by diffusers block
+APTP_BLOCK_TYPES = {
+    "CrossAttnDownBlock2D": "CrossAttnDownBlock2DHalfGated", "DownBlock2D": "DownBlock2DHalfGated",
+    "UNetMidBlock2DCrossAttn": "UNetMidBlock2DCrossAttnWidthGated", "UpBlock2D": "UpBlock2DHalfGated",
+    "CrossAttnUpBlock2D": "CrossAttnUpBlock2DHalfGated",
+}
+
+
+def soft_arch_vector(arch, base, generator: torch.Generator) -> torch.Tensor:
+    """arch's official (1, D) vector as APTP saves it: Gumbel-sigmoid gate probabilities, kept gates
+    in [0.5, 1), dropped ones in [0, 0.49)."""
+    hard = arch.to_arch_vector(base)
+    u = torch.rand(hard.shape, generator=generator)
+    return torch.where(hard > 0, 0.5 + 0.4999 * u, 0.49 * u)
+
+
+def write_released_expert(directory: str, expert, arch, base, generator: torch.Generator, step: int = 30000,
+                          layout: str = "trainer") -> str:
+    """Writes a sliced expert the way rezashkv/diffusion_pruning leaves its fine-tuned experts, for
+    loader tests; returns the weights file. layout "trainer" (the fine-tuning run's folder):
+    arch_vector.pt, checkpoint-<step>/unet/{diffusion_pytorch_model.safetensors, config.json of
+    APTP's pruned class (its gated block names, gated_ff, ff_gate_width), arch_vector.pt (the
+    trainer's copy)}. layout "fid" (what scripts/metrics/generate_fid_images.py reads):
+    arch_vector.pt and unet/diffusion_pytorch_model.safetensors, no config."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    vector = soft_arch_vector(arch, base, generator)
+    weights_dir = os.path.join(directory, f"checkpoint-{step}", "unet") if layout == "trainer" \
+        else os.path.join(directory, "unet")
+    os.makedirs(weights_dir, exist_ok=True)
+    torch.save(vector, os.path.join(directory, "arch_vector.pt"))
+    weights = os.path.join(weights_dir, "diffusion_pytorch_model.safetensors")
+    save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, weights)
+    if layout == "trainer":
+        torch.save(vector, os.path.join(weights_dir, "arch_vector.pt"))
+        config = dict(base.config)
+        for key in ("down_block_types", "up_block_types"):
+            config[key] = [APTP_BLOCK_TYPES[t] for t in config[key]]
+        config["mid_block_type"] = APTP_BLOCK_TYPES[config["mid_block_type"]]
+        config.update(_class_name="UNet2DConditionModelPruned", gated_ff=True, ff_gate_width=32)
+        with open(os.path.join(weights_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, default=list)
+    return weights

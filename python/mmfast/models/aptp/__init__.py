@@ -3,19 +3,22 @@ experts of a diffusers UNet served as one model for batches that mix architectur
 
     from mmfast.models.aptp import AptpUNet, Router, load_expert
     experts = [load_expert(d) for d in expert_dirs]            # (sliced UNet, ArchitectureCode)
+    # released experts: [load_expert(d) for d in released_expert_dirs("APTP-Base-CC3M")]
     model = AptpUNet.from_experts(base_unet, experts)          # base: structure only
     codes = router(prompt_embeddings)                          # (B,) from a sentence encoder
     noise = model(latents, t, text_states, codes)              # each row runs its own expert
 """
-from .architecture import (ARCH_FILE, FF_GROUPS, ArchitectureCode, DepthSkip, arch_vector_layout, dense_skeleton,
-                           depth_gates, load_expert, prune_unet, random_architecture, save_expert, to_masks,
-                           width_gates)
+from .architecture import (FF_GROUPS, ArchitectureCode, DepthSkip, arch_vector_layout, depth_gates, prune_unet,
+                           random_architecture, to_masks, width_gates)
+from .checkpoints import (ARCH_FILE, RELEASED_ARCH_FILE, dense_skeleton, load_expert, load_released_expert,
+                          released_expert_dirs, save_expert)
 from .router import Router, contrastive_loss, sinkhorn
 from .unet import (AptpUNet, CodedConv2d, CodedDepthGate, CodedGroupNorm, CodedLayerNorm, CodedLinear, CodeState,
                    run_per_expert, stack_expert_weights)
 
 __all__ = [
     "ARCH_FILE",
+    "RELEASED_ARCH_FILE",
     "AptpUNet",
     "ArchitectureCode",
     "arch_vector_layout",
@@ -32,8 +35,10 @@ __all__ = [
     "dense_skeleton",
     "depth_gates",
     "load_expert",
+    "load_released_expert",
     "prune_unet",
     "random_architecture",
+    "released_expert_dirs",
     "run_per_expert",
     "save_expert",
     "sinkhorn",

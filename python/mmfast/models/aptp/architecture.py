@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -29,13 +28,11 @@ from .._modules import swap_submodule
 
 __all__ = [
     "ArchitectureCode", "DepthSkip", "FF_GROUPS", "arch_vector_layout", "depth_gates", "width_gates",
-    "random_architecture", "to_masks", "prune_unet", "save_expert", "load_expert", "dense_skeleton", "ARCH_FILE",
+    "random_architecture", "to_masks", "prune_unet",
 ]
 
 FF_GROUPS = 32  # APTP's ff_gate_width
 DEPTH_PREFIX = "depth/"
-ARCH_FILE = "architecture.safetensors"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 # (in_mask, out_mask) of one layer, None = all channels kept
 LayerMask = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -351,39 +348,3 @@ def prune_unet(base_unet: nn.Module, arch: ArchitectureCode, ff_groups: int = FF
         if not arch.runs(name):
             swap_submodule(unet, name, DepthSkip(channels, returns_tuple=".attentions." in name))
     return unet
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
-
-
-def save_expert(directory: str, expert: nn.Module, arch: ArchitectureCode, base_unet: nn.Module) -> None:
-    """Writes a physically sliced expert as <directory>/config.json (the dense base config),
-    diffusion_pytorch_model.safetensors (the sliced weights) and architecture.safetensors."""
-    from safetensors.torch import save_file
-    os.makedirs(directory, exist_ok=True)
-    base_unet.save_config(directory)
-    save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, os.path.join(directory, WEIGHTS_FILE))
-    arch.save(os.path.join(directory, ARCH_FILE))
-
-
-def load_expert(directory: str, arch_file: str = ARCH_FILE, ff_groups: int = FF_GROUPS):
-    """(expert UNet, ArchitectureCode) from a local directory written by save_expert (or any
-    diffusers UNet directory whose weights are sliced to the code in arch_file). The config
-    describes the dense UNet, so diffusers' from_pretrained cannot load the sliced weights; the
-    skeleton is built on the meta device, sliced with prune_unet and the weights assigned."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-    arch = ArchitectureCode.load(os.path.join(directory, arch_file))
-    config = UNet2DConditionModel.load_config(directory, local_files_only=True)
-    with torch.device("meta"):
-        skeleton = prune_unet(UNet2DConditionModel.from_config(config), arch, ff_groups)
-    skeleton.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)), strict=True, assign=True)
-    return skeleton.eval(), arch
-
-
-def dense_skeleton(directory: str) -> nn.Module:
-    """The dense UNet2DConditionModel of a directory's config on the meta device (structure only)."""
-    from diffusers import UNet2DConditionModel
-    config = UNet2DConditionModel.load_config(directory, local_files_only=True)
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config).eval()
