@@ -20,9 +20,9 @@ Prompts are stand-ins: random 768-d "sentence embeddings" through a randomly ini
 or explicit --codes. Text-encoder states and latents are random too. Nothing is downloaded.
 
 --experts DIR ...: code k = the k-th expert, each DIR one of
-  - a released APTP expert of rezashkv/diffusion_pruning (HF APTP-Base-CC3M/arch11, or one
-    checkpoint inside it): arch_vector.pt and unet/diffusion_pytorch_model.safetensors, as the
-    official generate_fid_images.py reads them;
+  - a released APTP expert (Hugging Face rezashkv/APTP: APTP-Base-CC3M/arch11, or one checkpoint
+    inside it): arch_vector.pt and unet/diffusion_pytorch_model.safetensors, as the official
+    code's generate_fid_images.py (GitHub rezashkv/diffusion_pruning) reads them;
   - a released model folder (APTP-Base-CC3M): its arch0, arch1, ... folders in index order;
   - an mmfast expert directory written by save_expert (--save-tiny): config.json (the dense
     config), diffusion_pytorch_model.safetensors (sliced weights), architecture.safetensors.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
 
@@ -105,11 +106,11 @@ def checkpoint_models(args):
 
 
 def expert_dirs(path):
-    """A released model folder (arch0, arch1, ...) expands to its experts; any other folder is one."""
-    try:
-        return released_expert_dirs(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return [path]
+    """A released model folder (arch0, arch1, ...) expands to its experts, in index order (a
+    partial download keeps its order; the folders are printed with their codes); any other
+    folder is one expert."""
+    is_model_folder = os.path.isdir(path) and any(re.fullmatch(r"arch\d+", name) for name in os.listdir(path))
+    return released_expert_dirs(path, allow_gaps=True) if is_model_folder else [path]
 
 
 def route(args, base, num_codes, prompts):

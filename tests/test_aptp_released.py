@@ -66,10 +66,21 @@ def test_released_experts_load_and_run_as_one_model(released):
 
 
 def test_one_checkpoint_folder_loads_too(released):
+    """A checkpoint folder, or its unet/ folder (arch_vector.pt then lies in the folder above)."""
     root, _, experts = released
     checkpoint = root / "arch2" / "checkpoint-30000"
     assert_same_expert(load_released_expert(str(checkpoint)), experts[2])
     assert_same_expert(load_released_expert(str(checkpoint / "unet")), experts[2])
+
+
+def test_an_older_trainers_copy_beside_the_weights(released, tmp_path):
+    """Older trainers copied arch_vector.pt into checkpoint-<step>/unet/ only."""
+    _, base, experts = released
+    weights = write_released_expert(str(tmp_path / "arch0"), *experts[0], base, torch.Generator().manual_seed(3))
+    unet = os.path.dirname(weights)
+    os.replace(os.path.join(os.path.dirname(unet), "arch_vector.pt"), os.path.join(unet, "arch_vector.pt"))
+    os.remove(tmp_path / "arch0" / "arch_vector.pt")
+    assert_same_expert(load_released_expert(str(tmp_path / "arch0")), experts[0])
 
 
 def test_fid_layout_needs_the_dense_config(released, tmp_path):
@@ -96,7 +107,13 @@ def test_dtype_casts_as_it_loads(released):
 def test_experts_order_by_index_not_name(tmp_path):
     for name in ("arch10", "arch2", "arch0", "quantizer", "arch1x"):
         (tmp_path / name).mkdir()
-    assert [os.path.basename(d) for d in released_expert_dirs(str(tmp_path))] == ["arch0", "arch2", "arch10"]
+    with pytest.raises(ValueError, match=r"lacks arch1 and 7 more \(has arch0, arch2, arch10\).*allow_gaps=True"):
+        released_expert_dirs(str(tmp_path))
+    names = [os.path.basename(d) for d in released_expert_dirs(str(tmp_path), allow_gaps=True)]
+    assert names == ["arch0", "arch2", "arch10"]
+    for k in (1, 3, 4, 5, 6, 7, 8, 9):
+        (tmp_path / f"arch{k}").mkdir()
+    assert [os.path.basename(d) for d in released_expert_dirs(str(tmp_path))] == [f"arch{k}" for k in range(11)]
     with pytest.raises(FileNotFoundError, match="no arch<k> folders"):
         released_expert_dirs(str(tmp_path / "quantizer"))
 
@@ -116,11 +133,14 @@ def one_expert(released, tmp_path):
 def test_neither_layout_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an mmfast expert .* nor a released APTP expert"):
         load_expert(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="is not a directory"):
-        load_released_expert(str(tmp_path / "missing"))
+    for load in (load_expert, load_released_expert):
+        with pytest.raises(FileNotFoundError, match="missing does not exist"):
+            load(str(tmp_path / "missing"))
     (tmp_path / "arch_vector.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors under"):
+    with pytest.raises(FileNotFoundError, match="no unet/diffusion_pytorch_model.safetensors under"):
         load_released_expert(str(tmp_path))
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        load_expert(str(tmp_path), dtype="bfloat16")
 
 
 def test_two_checkpoints_are_ambiguous(one_expert, released):
@@ -135,15 +155,28 @@ def test_two_checkpoints_are_ambiguous(one_expert, released):
 def test_missing_arch_vector(one_expert):
     folder, weights, _, _ = one_expert
     os.remove(folder / "arch_vector.pt")
-    os.remove(os.path.join(os.path.dirname(weights), "arch_vector.pt"))
+    os.remove(os.path.join(os.path.dirname(os.path.dirname(weights)), "arch_vector.pt"))
     with pytest.raises(FileNotFoundError, match="no arch_vector.pt beside"):
         load_released_expert(str(folder))
 
 
 def test_arch_vector_must_be_a_tensor(one_expert):
     folder, weights, _, _ = one_expert
-    torch.save({"arch": [1.0]}, os.path.join(os.path.dirname(weights), "arch_vector.pt"))
+    arch_vector = os.path.join(os.path.dirname(os.path.dirname(weights)), "arch_vector.pt")
+    torch.save({"arch": [1.0]}, arch_vector)
     with pytest.raises(ValueError, match="holds a dict, expected the"):
+        load_released_expert(str(folder))
+    with open(arch_vector, "wb") as f:
+        f.write(b"")
+    with pytest.raises(ValueError, match="arch_vector.pt is not a tensor file torch.load.weights_only=True. can read"):
+        load_released_expert(str(folder))
+
+
+def test_truncated_weights_name_the_file(one_expert):
+    folder, weights, _, _ = one_expert
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is not a readable safetensors file"):
         load_released_expert(str(folder))
 
 
@@ -160,7 +193,7 @@ def test_weights_of_another_expert_are_refused(one_expert, released):
 
 def test_arch_vector_of_another_unet_is_refused(one_expert):
     folder, weights, _, _ = one_expert
-    torch.save(torch.rand(1, 12), os.path.join(os.path.dirname(weights), "arch_vector.pt"))
+    torch.save(torch.rand(1, 12), os.path.join(os.path.dirname(os.path.dirname(weights)), "arch_vector.pt"))
     with pytest.raises(ValueError, match=r"expected \(\d+,\) or \(1, \d+\)"):
         load_released_expert(str(folder))
 
@@ -181,11 +214,30 @@ def test_ungated_feed_forwards_are_not_supported(one_expert):
         load_released_expert(str(folder))
 
 
-def test_unknown_block_type(one_expert):
+def test_per_block_ff_gate_width_is_not_supported(one_expert):
     folder, weights, _, _ = one_expert
-    edit_config(weights, down_block_types=["CrossAttnDownBlock2DHalfGated", "FancyBlock2DGated"])
-    with pytest.raises(ValueError, match="'FancyBlock2DGated' is neither a diffusers block"):
+    edit_config(weights, ff_gate_width=[32, 32])
+    with pytest.raises(NotImplementedError, match=r"ff_gate_width \[32, 32\]; only one GEGLU group count"):
         load_released_expert(str(folder))
+
+
+@pytest.mark.parametrize("block, error, message", [
+    ("FancyBlock2D", ValueError, "'FancyBlock2D' is neither a diffusers block"),
+    ("DownBlock2DGated", NotImplementedError, "'DownBlock2DGated': only APTP's HalfGated"),
+    ("DownBlock2DWidthDepthGated", NotImplementedError, "'DownBlock2DWidthDepthGated': only APTP's HalfGated"),
+])
+def test_unsupported_block_types(one_expert, block, error, message):
+    """Unknown blocks, and APTP's blocks that depth-gate every layer (another arch-vector layout)."""
+    folder, weights, _, _ = one_expert
+    edit_config(weights, down_block_types=["CrossAttnDownBlock2DHalfGated", block])
+    with pytest.raises(error, match=message):
+        load_released_expert(str(folder))
+
+
+def test_half_gated_spellings_map_to_diffusers_blocks(one_expert, released):
+    folder, weights, _, experts = one_expert
+    edit_config(weights, down_block_types=["CrossAttnDownBlock2DWidthHalfDepthGated", "DownBlock2DHalfGated"])
+    assert_same_expert(load_released_expert(str(folder)), experts[0])
 
 
 def test_mmfast_layout_still_loads(released, tmp_path):

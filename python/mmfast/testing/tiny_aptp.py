@@ -91,12 +91,14 @@ def soft_arch_vector(arch, base, generator: torch.Generator) -> torch.Tensor:
 
 def write_released_expert(directory: str, expert, arch, base, generator: torch.Generator, step: int = 30000,
                           layout: str = "trainer") -> str:
-    """Writes a sliced expert the way rezashkv/diffusion_pruning leaves its fine-tuned experts, for
-    loader tests; returns the weights file. layout "trainer" (the fine-tuning run's folder):
-    arch_vector.pt, checkpoint-<step>/unet/{diffusion_pytorch_model.safetensors, config.json of
-    APTP's pruned class (its gated block names, gated_ff, ff_gate_width), arch_vector.pt (the
-    trainer's copy)}. layout "fid" (what scripts/metrics/generate_fid_images.py reads):
-    arch_vector.pt and unet/diffusion_pytorch_model.safetensors, no config."""
+    """Writes a sliced expert the way APTP's code (rezashkv/diffusion_pruning) leaves its fine-tuned
+    experts, for loader tests; returns the weights file. layout "trainer" (the fine-tuning run's
+    folder): arch_vector.pt, checkpoint-<step>/{arch_vector.pt (the trainer's copy),
+    unet/{diffusion_pytorch_model.safetensors, config.json of APTP's pruned class (its gated
+    block names, gated_ff, ff_gate_width)}, hypernet/diffusion_pytorch_model.safetensors (another
+    model's weights under the same file name, which the loader must not take)}. layout "fid"
+    (what scripts/metrics/generate_fid_images.py reads): arch_vector.pt and
+    unet/diffusion_pytorch_model.safetensors, no config."""
     import json
     import os
 
@@ -110,7 +112,11 @@ def write_released_expert(directory: str, expert, arch, base, generator: torch.G
     weights = os.path.join(weights_dir, "diffusion_pytorch_model.safetensors")
     save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, weights)
     if layout == "trainer":
-        torch.save(vector, os.path.join(weights_dir, "arch_vector.pt"))
+        checkpoint = os.path.dirname(weights_dir)
+        torch.save(vector, os.path.join(checkpoint, "arch_vector.pt"))
+        os.makedirs(os.path.join(checkpoint, "hypernet"), exist_ok=True)
+        save_file({"mh_fc.0.weight": torch.zeros(4, 8)},
+                  os.path.join(checkpoint, "hypernet", "diffusion_pytorch_model.safetensors"))
         config = dict(base.config)
         for key in ("down_block_types", "up_block_types"):
             config[key] = [APTP_BLOCK_TYPES[t] for t in config[key]]
