@@ -24,6 +24,7 @@ PyObject* PyInit__C(void) {
 namespace {
 std::string cpu_isa() { return mmfast::cpu::active_isa_name(); }
 bool cpu_amx_bf16() { return mmfast::cpu::amx_bf16_active(); }
+bool cpu_avx512_bf16() { return mmfast::cpu::avx512_bf16_active(); }
 }  // namespace
 
 TORCH_LIBRARY(mmfast, m) {
@@ -83,4 +84,6 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   // Whether the bf16 kernels that have an AMX version use it (MMFAST_CPU_AMX; mmfast/cpu/isa.h).
   m.def("cpu_amx_bf16() -> bool", &cpu_amx_bf16);
+  // Whether the bf16 kernels that have an AVX512-BF16 version use it (MMFAST_CPU_AVX512_BF16).
+  m.def("cpu_avx512_bf16() -> bool", &cpu_avx512_bf16);
 }

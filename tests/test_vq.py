@@ -164,12 +164,21 @@ def test_ties_across_code_blocks_and_splits_go_to_the_lowest_index(dtype):
 
 # ---- bf16 on AMX tiles (mmfast/cpu/isa.h: MMFAST_CPU_AMX) ------------------------------------
 
-def _cpu_has_amx_bf16():
+def _cpuinfo_words():
     try:
-        flags = open("/proc/cpuinfo").read().split()
+        return set(open("/proc/cpuinfo").read().split())
     except OSError:
-        return False
+        return set()
+
+
+def _cpu_has_amx_bf16():
+    flags = _cpuinfo_words()
     return "amx_bf16" in flags and "amx_tile" in flags and "avx512f" in flags
+
+
+def _cpu_has_avx512_bf16():
+    flags = _cpuinfo_words()
+    return {"avx512_bf16", "avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
 
 
 def _run_python(code, **env):
@@ -203,7 +212,9 @@ BF16_PATH_SCRIPT = textwrap.dedent(
     from mmfast.ops import vq_codebook_sqnorm, vq_quantize
     from test_vq import SHAPES, assert_nearest, make_inputs
     assert torch.ops.mmfast.cpu_amx_bf16() == {amx}
-    # D = 29, 30, 31: the three folded constant dims end at or straddle a 32-dim tile step.
+    assert torch.ops.mmfast.cpu_avx512_bf16() == {avx512_bf16}
+    # D = 29, 30, 31: the three folded constant dims end at or straddle a 32-dim tile step (AMX);
+    # odd D pads the last bf16 pair (AVX512-BF16).
     for shape in SHAPES + [(300, 3000, 40), (129, 95, 33), (70, 300, 29), (70, 300, 30), (70, 300, 31)]:
         z, codebook = make_inputs(*shape, torch.bfloat16, "cpu", seed=1)
         indices, distance = vq_quantize(z, codebook, return_distance=True, backend="native")
@@ -215,23 +226,42 @@ BF16_PATH_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("amx", [False, True], ids=["avx512-fp32-sums", "amx-tiles"])
-def test_bf16_search_with_and_without_amx(amx):
-    """Both bf16 CPU paths against fp64 on one machine: MMFAST_CPU_AMX=0 forces the vector path."""
+@pytest.mark.parametrize("path", ["avx512-fp32-sums", "amx-tiles", "avx512-bf16-dot"])
+def test_bf16_search_on_each_path(path):
+    """Every bf16 CPU path this machine has, against fp64: MMFAST_CPU_AMX and
+    MMFAST_CPU_AVX512_BF16 pick the tiles, VDPBF16PS or the vector path (bf16 converted on load)."""
+    amx, avx512_bf16 = path == "amx-tiles", path == "avx512-bf16-dot"
     if amx and not _cpu_has_amx_bf16():
         pytest.skip("this CPU has no AMX-BF16")
-    result = _run_python(BF16_PATH_SCRIPT.format(amx=amx), MMFAST_CPU_AMX="1" if amx else "0")
+    if avx512_bf16 and not _cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    if os.environ.get("MMFAST_CPU_ISA", "avx512") != "avx512" and path != "avx512-fp32-sums":
+        pytest.skip("a forced CPU ISA other than avx512 turns both off")
+    result = _run_python(BF16_PATH_SCRIPT.format(amx=amx, avx512_bf16=avx512_bf16), MMFAST_CPU_AMX="1" if amx else "0",
+                         MMFAST_CPU_AVX512_BF16="1" if avx512_bf16 else "0")
     if amx and any(text in result.stderr for text in AMX_REFUSED):
         pytest.skip("AMX unavailable: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+def test_avx512_bf16_is_on_by_default_on_amd_only():
+    """VDPBF16PS pays where it retires at the FMA rate (AMD Zen 4), not on Sapphire Rapids."""
+    if os.environ.get("MMFAST_CPU_AVX512_BF16", "") != "" or os.environ.get("MMFAST_CPU_ISA", "avx512") != "avx512":
+        pytest.skip("MMFAST_CPU_AVX512_BF16 or MMFAST_CPU_ISA forces a path in this environment")
+    amd = "AuthenticAMD" in _cpuinfo_words()  # /proc/cpuinfo's vendor_id
+    expected = _cpu_has_avx512_bf16() and amd and not torch.ops.mmfast.cpu_amx_bf16()
+    assert torch.ops.mmfast.cpu_avx512_bf16() == expected
+
+
 @pytest.mark.parametrize("env, message", [
     ({"MMFAST_CPU_AMX": "yes"}, "MMFAST_CPU_AMX must be 0 or 1, got 'yes'"),
     ({"MMFAST_CPU_AMX": "1", "MMFAST_CPU_ISA": "generic"}, "MMFAST_CPU_AMX=1 but"),
+    ({"MMFAST_CPU_AVX512_BF16": "on"}, "MMFAST_CPU_AVX512_BF16 must be 0 or 1, got 'on'"),
+    ({"MMFAST_CPU_AVX512_BF16": "1", "MMFAST_CPU_ISA": "generic"}, "MMFAST_CPU_AVX512_BF16=1 but"),
 ])
-def test_bad_amx_setting_is_an_error(env, message):
-    result = _run_python("import torch, mmfast; torch.ops.mmfast.cpu_amx_bf16()", **env)
+def test_bad_cpu_bf16_setting_is_an_error(env, message):
+    check = "cpu_avx512_bf16" if "MMFAST_CPU_AVX512_BF16" in env else "cpu_amx_bf16"
+    result = _run_python(f"import torch, mmfast; torch.ops.mmfast.{check}()", **env)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 

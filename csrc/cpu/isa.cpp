@@ -6,8 +6,10 @@
 #include <stdexcept>
 #include <string>
 
-#if MMFAST_CPU_AMX_COMPILED
+#if MMFAST_CPU_AMX_COMPILED || MMFAST_CPU_AVX512BF16_COMPILED
 #include <cpuid.h>
+#endif
+#if MMFAST_CPU_AMX_COMPILED
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -105,6 +107,53 @@ static bool detect_amx() {
 
 bool amx_bf16_active() {
   static const bool active = detect_amx();
+  return active;
+}
+
+// Why VDPBF16PS is unavailable ("" when it is), for the MMFAST_CPU_AVX512_BF16=1 error.
+static std::string avx512_bf16_unavailable_reason() {
+#if MMFAST_CPU_AVX512BF16_COMPILED
+  unsigned eax, ebx, ecx, edx;
+  if (!isa_supported(Isa::kAvx512)) return "this CPU has no AVX-512";
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1))
+    return "this CPU has no AVX512-BF16 (CPUID leaf 7, subleaf 1)";
+  return "";
+#else
+  return "this build has no AVX512-BF16 kernels (they need GCC >= 10 or clang >= 9 on x86-64)";
+#endif
+}
+
+bool avx512_bf16_supported() { return avx512_bf16_unavailable_reason().empty(); }
+
+static bool cpu_is_amd() {
+#if MMFAST_CPU_AVX512BF16_COMPILED
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && edx == 0x69746e65 &&
+         ecx == 0x444d4163;  // "AuthenticAMD"
+#else
+  return false;
+#endif
+}
+
+static bool detect_avx512_bf16() {
+  const char* forced = std::getenv("MMFAST_CPU_AVX512_BF16");
+  const std::string mode = forced != nullptr ? forced : "";
+  if (mode != "" && mode != "0" && mode != "1")
+    throw std::runtime_error("MMFAST_CPU_AVX512_BF16 must be 0 or 1, got '" + mode + "'");
+  if (mode == "0") return false;
+  const bool usable = avx512_bf16_supported() && active_isa() == Isa::kAvx512 && !amx_bf16_active();
+  if (mode == "1" && !usable) {
+    const std::string why = !avx512_bf16_supported() ? avx512_bf16_unavailable_reason()
+                            : active_isa() != Isa::kAvx512
+                                ? "the active CPU ISA is " + std::string(active_isa_name()) + ", not avx512"
+                                : std::string("AMX is active (MMFAST_CPU_AMX=0 turns it off)");
+    throw std::runtime_error("MMFAST_CPU_AVX512_BF16=1 but " + why);
+  }
+  return usable && (mode == "1" || cpu_is_amd());
+}
+
+bool avx512_bf16_active() {
+  static const bool active = detect_avx512_bf16();
   return active;
 }
 

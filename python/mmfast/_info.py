@@ -20,6 +20,7 @@ def collect() -> dict:
         "CPU kernels": _ops_with_kernels("cpu"),
         "CPU ISA": torch.ops.mmfast.cpu_isa() if _extension.loaded() else None,
         "CPU AMX-BF16 (bf16 vq_quantize)": torch.ops.mmfast.cpu_amx_bf16() if _extension.loaded() else None,
+        "CPU AVX512-BF16 (bf16 vq_quantize)": torch.ops.mmfast.cpu_avx512_bf16() if _extension.loaded() else None,
         "CUDA kernels": _ops_with_kernels("cuda"),
         "CUDA archs": getattr(build, "cuda_archs", None),
         "CUDA runtime": torch.version.cuda,

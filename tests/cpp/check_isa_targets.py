@@ -4,9 +4,9 @@
 
 Disassembles the objects (objdump) and fails when a function of namespace isa_generic uses
 ymm/zmm registers or FMA, one of isa_avx2 uses zmm, or one of isa_generic, isa_avx2 or
-isa_avx512 uses AMX tiles:
+isa_avx512 uses AMX tiles or VDPBF16PS:
 such code would crash (SIGILL) on a CPU without the ISA. isa_amx (vq_amx_kernels.cpp) must
-hold TDPBF16PS. Also fails when the AVX copies use no wide registers at all, which
+hold TDPBF16PS, isa_avx512bf16 (vq_avx512bf16_kernels.cpp) VDPBF16PS. Also fails when the AVX copies use no wide registers at all, which
 would mean the `#pragma GCC target` regions stopped applying. Skips when objdump is missing.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import sys
 
-FORBIDDEN = {"isa_generic": ("%ymm", "%zmm", "vfmadd", "%tmm"), "isa_avx2": ("%zmm", "%tmm"), "isa_avx512": ("%tmm",)}
-REQUIRED = {"isa_avx2": "%ymm", "isa_avx512": "%zmm", "isa_amx": "tdpbf16ps"}
+FORBIDDEN = {"isa_generic": ("%ymm", "%zmm", "vfmadd", "%tmm", "vdpbf16ps"), "isa_avx2": ("%zmm", "%tmm", "vdpbf16ps"),
+             "isa_avx512": ("%tmm", "vdpbf16ps")}
+REQUIRED = {"isa_avx2": "%ymm", "isa_avx512": "%zmm", "isa_amx": "tdpbf16ps", "isa_avx512bf16": "vdpbf16ps"}
 
 
 def scan(path: str, seen: dict) -> list:

@@ -1,5 +1,6 @@
 // Torch-free test of the CPU VQ kernels: every ISA variant this CPU runs (fp32 and bf16 inputs),
-// and the AMX bf16 kernel where the CPU has it, against a float64 search written out plainly. Exact where the answer is exact (ties, duplicate codes, NaN and
+// and the AMX and AVX512-BF16 bf16 kernels where the CPU has them, against a float64 search
+// written out plainly. Exact where the answer is exact (ties, duplicate codes, NaN and
 // Inf rows, lookups); elsewhere the chosen code's distance must equal the minimum within the
 // fp32 rounding of the dots (near-ties may pick either code).
 #include <cmath>
@@ -200,6 +201,13 @@ int main() {
     check_table<float>("amx (fp32: the avx512 kernels)", cpu::isa_amx::vq_amx_kernels(), rng, passed, failures);
   } else {
     std::printf("skip amx (no AMX-BF16 tiles on this CPU or OS)\n");
+  }
+  if (cpu::avx512_bf16_supported()) {
+    check_table<cpu::BFloat16>("avx512bf16", cpu::isa_avx512bf16::vq_avx512bf16_kernels(), rng, passed, failures);
+    check_table<float>("avx512bf16 (fp32: the avx512 kernels)", cpu::isa_avx512bf16::vq_avx512bf16_kernels(), rng,
+                       passed, failures);
+  } else {
+    std::printf("skip avx512bf16 (no AVX512-BF16 on this CPU)\n");
   }
   std::printf("%d passed, %d failed\n", passed, failures);
   return failures == 0 ? 0 : 1;

@@ -14,6 +14,14 @@
 #define MMFAST_CPU_AMX_COMPILED 0
 #endif
 
+// The AVX512-BF16 kernels need target("avx512bf16"): GCC >= 10 or clang >= 9, on x86-64.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
+                            (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10))
+#define MMFAST_CPU_AVX512BF16_COMPILED 1
+#else
+#define MMFAST_CPU_AVX512BF16_COMPILED 0
+#endif
+
 namespace mmfast {
 namespace cpu {
 
@@ -31,6 +39,14 @@ const char* active_isa_name();
 // absence an error instead of a silent downgrade.
 bool amx_bf16_supported();  // by this CPU and OS (asks the OS for the tile state once)
 bool amx_bf16_active();     // throws std::runtime_error for a bad or unsatisfiable MMFAST_CPU_AMX
+
+// AVX512-BF16's VDPBF16PS for the bf16 kernels that have such a version (vq_quantize), with the
+// AVX-512 set and never where AMX is active. It pays only where VDPBF16PS retires at the FMA
+// rate (AMD Zen 4: 1.85x the products of fp32 FMAs; Sapphire Rapids: 0.5x), so by default it is
+// on for AMD CPUs only. MMFAST_CPU_AVX512_BF16=0 turns it off, =1 turns it on on any CPU that has
+// it and makes its absence an error instead of a silent downgrade.
+bool avx512_bf16_supported();  // compiled in, and this CPU has AVX512-BF16 and the AVX-512 set
+bool avx512_bf16_active();     // throws std::runtime_error for a bad or unsatisfiable setting
 
 // The one ISA table: of a family's three kernel tables, the one for `isa`.
 template <class Table>

@@ -26,7 +26,14 @@ namespace isa_amx {
 VQKernels vq_amx_kernels();
 }
 
-// The kernels of the ISA this process runs (chosen once), with AMX for bf16 where active.
+// The AVX-512 kernels with bf16 vq_quantize on VDPBF16PS (csrc/cpu/vq_avx512bf16_kernels.cpp);
+// only when avx512_bf16_active().
+namespace isa_avx512bf16 {
+VQKernels vq_avx512bf16_kernels();
+}
+
+// The kernels of the ISA this process runs (chosen once), with AMX or else AVX512-BF16 for bf16
+// where active.
 const VQKernels& vq_kernels();
 
 }  // namespace cpu

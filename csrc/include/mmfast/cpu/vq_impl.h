@@ -16,6 +16,10 @@
 // tasks of kTaskRows rows, and over code ranges when the row tasks alone are too few for the
 // threads (one image, N = 1024); the code ranges are combined in order with the same rule, so
 // the result does not depend on the split.
+//
+// How z . e is formed is a policy (Dot): FmaDot here, one dim per packed element and an FMA per
+// dim; the AVX512-BF16 kernel (csrc/cpu/vq_avx512bf16_kernels.cpp) packs two bf16 dims per
+// 32-bit element and runs VDPBF16PS on the same search, argmax and split machinery.
 #ifndef MMFAST_CPU_ISA_NS
 #error "mmfast/cpu/vq_impl.h is included by mmfast/cpu/instantiate_isas.h only"
 #endif
@@ -45,14 +49,45 @@ template <> struct Lanes<double> {
 
 template <typename acc_t> constexpr int64_t panel_codes() { return 2 * Vec<acc_t>::width; }
 
-// Where everything lives in the workspace, and how the work is split. Another micro-kernel
-// (the AMX one) packs codes its own way: packed_code_bytes per code, task_rows rows per task.
+// z . e with one FMA per dim: packed elements are the dims themselves, converted to acc_t.
+template <typename Acc>
+struct FmaDot {
+  using acc_t = Acc;
+  using elem_t = Acc;  // one packed element of a code or a row of z
+  static constexpr int64_t kDimsPerElem = 1;
+
+  // Element e of a row of `dim` values (0 past the end).
+  template <typename scalar_t>
+  static elem_t element(const scalar_t* row, int64_t e, int64_t dim) {
+    return e < dim ? to_acc(row[e]) : elem_t(0);
+  }
+
+  // acc[r][v] += element e of row r of z times element e of each code v W .. of the panel at
+  // `codes`, for the MR rows at zrows (row stride `steps` elements).
+  template <int64_t MR>
+  __attribute__((always_inline)) static void step(const elem_t* zrows, const elem_t* codes, int64_t steps, int64_t e,
+                                                  typename Vec<acc_t>::type (&acc)[MR][2]) {
+    using V = typename Vec<acc_t>::type;
+    constexpr int64_t W = Vec<acc_t>::width;
+    const V b0 = load<acc_t>(codes + e * 2 * W);
+    const V b1 = load<acc_t>(codes + e * 2 * W + W);
+    for (int64_t r = 0; r < MR; ++r) {
+      const V a = splat<acc_t>(zrows[r * steps + e]);
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+};
+
+// Packed elements per code or row of z (the micro-kernel's trip count).
+template <typename Dot> inline int64_t dot_steps(int64_t dim) { return ceil_div(dim, Dot::kDimsPerElem); }
+
+// Where everything lives in the workspace, and how the work is split: packed_code_bytes per code
+// (plan_for: a Dot's elements; the AMX kernel packs its own way), task_rows rows per task.
 template <typename acc_t>
 struct Plan {
   int64_t panels, block_panels, code_blocks, row_tasks, splits;
   size_t packed_offset, bias_offset, score_offset, index_offset, bytes;
-
-  explicit Plan(const VQParams& p) : Plan(p, p.dim * int64_t(sizeof(acc_t)), kTaskRows, kCodeBlockBytes) {}
 
   Plan(const VQParams& p, int64_t packed_code_bytes, int64_t rows_per_task, int64_t block_bytes) {
     constexpr int64_t nr = panel_codes<acc_t>();
@@ -76,28 +111,30 @@ struct Plan {
 
 // ---- packing the codebook -------------------------------------------------------------------
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename Dot>
 struct PackJob {
+  using acc_t = typename Dot::acc_t;
+  using elem_t = typename Dot::elem_t;
   const VQParams* p;
-  acc_t* packed;  // [panel][D][nr]
-  acc_t* bias;    // [panel * nr]: -||e_c||^2 / 2 (or -given / 2); -inf for padding codes
+  elem_t* packed;  // [panel][steps][nr]
+  acc_t* bias;     // [panel * nr]: -||e_c||^2 / 2 (or -given / 2); -inf for padding codes
 
   static void run(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<PackJob*>(ctx);
     const auto& p = *job.p;
     constexpr int64_t nr = panel_codes<acc_t>();
+    const int64_t steps = dot_steps<Dot>(p.dim);
     const scalar_t* codebook = static_cast<const scalar_t*>(p.codebook);
     const acc_t* given = static_cast<const acc_t*>(p.codebook_sqnorm);
     for (int64_t panel = begin; panel < end; ++panel) {
-      acc_t* dst = job.packed + panel * p.dim * nr;
+      elem_t* dst = job.packed + panel * steps * nr;
       for (int64_t j = 0; j < nr; ++j) {
         const int64_t code = panel * nr + j;
+        const bool real = code < p.codes;
+        const scalar_t* row = real ? codebook + code * p.dim : nullptr;
+        for (int64_t e = 0; e < steps; ++e) dst[e * nr + j] = real ? Dot::element(row, e, p.dim) : elem_t(0);
         acc_t norm = 0;
-        for (int64_t d = 0; d < p.dim; ++d) {
-          const acc_t x = code < p.codes ? to_acc(codebook[code * p.dim + d]) : acc_t(0);
-          dst[d * nr + j] = x;
-          norm += x * x;
-        }
+        for (int64_t d = 0; real && d < p.dim; ++d) norm += to_acc(row[d]) * to_acc(row[d]);
         const acc_t sqnorm = code >= p.codes ? acc_t(__builtin_inf()) : given != nullptr ? given[code] : norm;
         job.bias[code] = sqnorm * acc_t(-0.5);
       }
@@ -116,45 +153,33 @@ struct Best {
   typename Lanes<acc_t>::type panel;
 };
 
-// Panels per group of the lazy argmax: with D <= 32 the per-group compare and masked move are a
-// tenth of a panel's work at D = 8 and worth saving (recomputing a group per row costs 8 panels
-// out of K / 32); with a larger D they are noise beside the FMAs, so every panel is its own group.
-constexpr int64_t group_panels(int64_t dim) { return dim <= 32 ? 8 : 1; }
+// Panels per group of the lazy argmax, by the micro-kernel's trip count (D; D / 2 for bf16
+// pairs): up to 32 the per-group compare and masked move are a tenth of a panel's work at D = 8
+// and worth saving (recomputing a group per row costs 8 panels out of K / 32); beyond, they are
+// noise beside the products, so every panel is its own group.
+constexpr int64_t group_panels(int64_t steps) { return steps <= 32 ? 8 : 1; }
 
-// acc[r][v] += z_r[d] * e[d] for the MR rows at zrows (row stride dim) and the codes v W .. of
-// the panel at `codes`.
-template <typename acc_t, int64_t MR>
-__attribute__((always_inline)) inline void micro_step(const acc_t* zrows, const acc_t* codes, int64_t dim, int64_t d,
-                                                      typename Vec<acc_t>::type (&acc)[MR][2]) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::width;
-  const V b0 = load<acc_t>(codes + d * 2 * W);
-  const V b1 = load<acc_t>(codes + d * 2 * W + W);
-  for (int64_t r = 0; r < MR; ++r) {
-    const V a = splat<acc_t>(zrows[r * dim + d]);
-    acc[r][0] += a * b0;
-    acc[r][1] += a * b1;
-  }
-}
-
-// acc[r][v] = bias + z_r . e for the MR rows at zrows (row stride D) and the codes v W .. of
-// the panel at `codes`: s of those codes. D = kDim when kDim > 0 (the compiler's own loop
-// schedule for a fixed trip count), else dim, unrolled by 8 (one thread: 1.05-1.08x at D = 64
-// and 256; unrolling the fixed D = 8 / 16 / 32 loops as well was 0.74-0.96x). The same
+// acc[r][v] = bias + z_r . e for the MR rows at zrows (row stride `steps` elements) and the
+// codes v W .. of the panel at `codes`: s of those codes. steps = kSteps when kSteps > 0 (the
+// compiler's own loop schedule for a fixed trip count), else unrolled by 8 (one thread: 1.05-1.08x
+// at D = 64 and 256; unrolling the fixed D = 8 / 16 / 32 loops as well was 0.74-0.96x). The same
 // operations whatever MR, so resolve_row's recomputation (MR = 1) gives the bits the search
 // compared.
-template <typename acc_t, int64_t MR, int64_t kDim>
-__attribute__((always_inline)) inline void micro_scores(const acc_t* zrows, const acc_t* codes, const acc_t* bias,
-                                                        int64_t dim, typename Vec<acc_t>::type (&acc)[MR][2]) {
+template <typename Dot, int64_t MR, int64_t kSteps>
+__attribute__((always_inline)) inline void micro_scores(const typename Dot::elem_t* zrows,
+                                                        const typename Dot::elem_t* codes,
+                                                        const typename Dot::acc_t* bias, int64_t steps,
+                                                        typename Vec<typename Dot::acc_t>::type (&acc)[MR][2]) {
+  using acc_t = typename Dot::acc_t;
   using V = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::width;
   const V bias0 = load<acc_t>(bias), bias1 = load<acc_t>(bias + W);
   for (int64_t r = 0; r < MR; ++r) acc[r][0] = bias0, acc[r][1] = bias1;
-  if constexpr (kDim > 0) {
-    for (int64_t d = 0; d < kDim; ++d) micro_step<acc_t, MR>(zrows, codes, kDim, d, acc);
+  if constexpr (kSteps > 0) {
+    for (int64_t e = 0; e < kSteps; ++e) Dot::template step<MR>(zrows, codes, kSteps, e, acc);
   } else {
 #pragma GCC unroll 8
-    for (int64_t d = 0; d < dim; ++d) micro_step<acc_t, MR>(zrows, codes, dim, d, acc);
+    for (int64_t e = 0; e < steps; ++e) Dot::template step<MR>(zrows, codes, steps, e, acc);
   }
 }
 
@@ -164,22 +189,25 @@ inline typename Vec<acc_t>::type max_keep(typename Vec<acc_t>::type top, typenam
   return x > top ? x : top;
 }
 
-// MR rows against panels [p0, p1) in groups of group_panels(dim) from p0: the running maximum
+// MR rows against panels [p0, p1) in groups of group_panels(steps) from p0: the running maximum
 // per panel, the group's first panel where a lane's maximum grew (strictly larger wins).
-// dim == kDim when kDim > 0.
-template <typename acc_t, int64_t MR, int64_t kDim>
-__attribute__((always_inline)) inline void search_panels(const acc_t* zrows, const acc_t* packed, const acc_t* bias,
-                                                         int64_t dim, int64_t p0, int64_t p1, Best<acc_t>* best) {
+// steps == kSteps when kSteps > 0.
+template <typename Dot, int64_t MR, int64_t kSteps>
+__attribute__((always_inline)) inline void search_panels(const typename Dot::elem_t* zrows,
+                                                         const typename Dot::elem_t* packed,
+                                                         const typename Dot::acc_t* bias, int64_t steps, int64_t p0,
+                                                         int64_t p1, Best<typename Dot::acc_t>* best) {
+  using acc_t = typename Dot::acc_t;
   using V = typename Vec<acc_t>::type;
   using L = typename Lanes<acc_t>::type;
   using I = typename Lanes<acc_t>::scalar;
   constexpr int64_t nr = panel_codes<acc_t>();
   V top[MR];
   for (int64_t r = 0; r < MR; ++r) top[r] = best[r].value;
-  for (int64_t group = p0; group < p1; group += group_panels(dim)) {
-    for (int64_t panel = group; panel < min_i64(p1, group + group_panels(dim)); ++panel) {
+  for (int64_t group = p0; group < p1; group += group_panels(steps)) {
+    for (int64_t panel = group; panel < min_i64(p1, group + group_panels(steps)); ++panel) {
       V acc[MR][2];
-      micro_scores<acc_t, MR, kDim>(zrows, packed + panel * dim * nr, bias + panel * nr, dim, acc);
+      micro_scores<Dot, MR, kSteps>(zrows, packed + panel * steps * nr, bias + panel * nr, steps, acc);
       for (int64_t r = 0; r < MR; ++r) top[r] = max_keep<acc_t>(max_keep<acc_t>(top[r], acc[r][0]), acc[r][1]);
     }
     const L id = L{} + static_cast<I>(group);
@@ -190,31 +218,33 @@ __attribute__((always_inline)) inline void search_panels(const acc_t* zrows, con
   }
 }
 
-// search_panels, with the small dims of tokenizers' codebooks known at compile time (1.4x at
-// LlamaGen's D = 8 over the runtime-D loop). resolve_row's recomputation takes the same cases
+// search_panels, with the small trip counts of tokenizers' codebooks known at compile time (1.4x
+// at LlamaGen's D = 8 over the runtime loop). resolve_row's recomputation takes the same cases
 // (row_scores).
-template <typename acc_t, int64_t MR>
-inline void search_rows(const acc_t* zrows, const acc_t* packed, const acc_t* bias, int64_t dim, int64_t p0,
-                        int64_t p1, Best<acc_t>* best) {
-  switch (dim) {
-    case 4: return search_panels<acc_t, MR, 4>(zrows, packed, bias, 4, p0, p1, best);
-    case 8: return search_panels<acc_t, MR, 8>(zrows, packed, bias, 8, p0, p1, best);
-    case 16: return search_panels<acc_t, MR, 16>(zrows, packed, bias, 16, p0, p1, best);
-    case 32: return search_panels<acc_t, MR, 32>(zrows, packed, bias, 32, p0, p1, best);
-    default: return search_panels<acc_t, MR, 0>(zrows, packed, bias, dim, p0, p1, best);
+template <typename Dot, int64_t MR>
+inline void search_rows(const typename Dot::elem_t* zrows, const typename Dot::elem_t* packed,
+                        const typename Dot::acc_t* bias, int64_t steps, int64_t p0, int64_t p1,
+                        Best<typename Dot::acc_t>* best) {
+  switch (steps) {
+    case 4: return search_panels<Dot, MR, 4>(zrows, packed, bias, 4, p0, p1, best);
+    case 8: return search_panels<Dot, MR, 8>(zrows, packed, bias, 8, p0, p1, best);
+    case 16: return search_panels<Dot, MR, 16>(zrows, packed, bias, 16, p0, p1, best);
+    case 32: return search_panels<Dot, MR, 32>(zrows, packed, bias, 32, p0, p1, best);
+    default: return search_panels<Dot, MR, 0>(zrows, packed, bias, steps, p0, p1, best);
   }
 }
 
-// micro_scores of one row, through the same compile-time dims as search_rows.
-template <typename acc_t>
-inline void row_scores(const acc_t* zrow, const acc_t* codes, const acc_t* bias, int64_t dim,
-                       typename Vec<acc_t>::type (&acc)[1][2]) {
-  switch (dim) {
-    case 4: return micro_scores<acc_t, 1, 4>(zrow, codes, bias, 4, acc);
-    case 8: return micro_scores<acc_t, 1, 8>(zrow, codes, bias, 8, acc);
-    case 16: return micro_scores<acc_t, 1, 16>(zrow, codes, bias, 16, acc);
-    case 32: return micro_scores<acc_t, 1, 32>(zrow, codes, bias, 32, acc);
-    default: return micro_scores<acc_t, 1, 0>(zrow, codes, bias, dim, acc);
+// micro_scores of one row, through the same compile-time trip counts as search_rows.
+template <typename Dot>
+inline void row_scores(const typename Dot::elem_t* zrow, const typename Dot::elem_t* codes,
+                       const typename Dot::acc_t* bias, int64_t steps,
+                       typename Vec<typename Dot::acc_t>::type (&acc)[1][2]) {
+  switch (steps) {
+    case 4: return micro_scores<Dot, 1, 4>(zrow, codes, bias, 4, acc);
+    case 8: return micro_scores<Dot, 1, 8>(zrow, codes, bias, 8, acc);
+    case 16: return micro_scores<Dot, 1, 16>(zrow, codes, bias, 16, acc);
+    case 32: return micro_scores<Dot, 1, 32>(zrow, codes, bias, 32, acc);
+    default: return micro_scores<Dot, 1, 0>(zrow, codes, bias, steps, acc);
   }
 }
 
@@ -223,16 +253,18 @@ inline void row_scores(const acc_t* zrow, const acc_t* codes, const acc_t* bias,
 // (where the lane's maximum first reached top). Should a compiler contract the two
 // instantiations differently (-mtune's FMA-chain rules), the largest recomputed s (the lowest
 // code on ties) is still the best code to within that rounding.
-template <typename acc_t>
-inline int64_t lane_code(acc_t top, int64_t i, int64_t group, int64_t end, const acc_t* zrow, const acc_t* packed,
-                         const acc_t* bias, int64_t dim) {
+template <typename Dot>
+inline int64_t lane_code(typename Dot::acc_t top, int64_t i, int64_t group, int64_t end,
+                         const typename Dot::elem_t* zrow, const typename Dot::elem_t* packed,
+                         const typename Dot::acc_t* bias, int64_t steps) {
+  using acc_t = typename Dot::acc_t;
   using V = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::width, nr = panel_codes<acc_t>();
   int64_t nearest = group * nr + i;
   acc_t nearest_s = -acc_t(__builtin_inf());
   for (int64_t panel = group; panel < end; ++panel) {
     V acc[1][2];
-    row_scores<acc_t>(zrow, packed + panel * dim * nr, bias + panel * nr, dim, acc);
+    row_scores<Dot>(zrow, packed + panel * steps * nr, bias + panel * nr, steps, acc);
     for (int64_t half = 0; half < 2; ++half) {
       const acc_t s = acc[0][half][i];
       if (s == top) return panel * nr + half * W + i;
@@ -246,9 +278,11 @@ inline int64_t lane_code(acc_t top, int64_t i, int64_t group, int64_t end, const
 // the group of panels where it first reached it, recomputed for this row (up to the end of
 // its code block, where a group may be cut short). score = -2 s (+inf, index 0, when no s is
 // above -inf).
-template <typename acc_t>
-inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t* packed, const acc_t* bias,
-                        int64_t dim, const Plan<acc_t>& plan, acc_t* score, int64_t* index) {
+template <typename Dot>
+inline void resolve_row(const Best<typename Dot::acc_t>& best, const typename Dot::elem_t* zrow,
+                        const typename Dot::elem_t* packed, const typename Dot::acc_t* bias, int64_t steps,
+                        const Plan<typename Dot::acc_t>& plan, typename Dot::acc_t* score, int64_t* index) {
+  using acc_t = typename Dot::acc_t;
   constexpr int64_t W = Vec<acc_t>::width;
   acc_t top = -acc_t(__builtin_inf());
   for (int64_t i = 0; i < W; ++i) top = best.value[i] > top ? best.value[i] : top;
@@ -257,8 +291,8 @@ inline void resolve_row(const Best<acc_t>& best, const acc_t* zrow, const acc_t*
     for (int64_t i = 0; i < W; ++i) {
       if (!(best.value[i] == top)) continue;
       const int64_t group = best.panel[i], block_end = (group / plan.block_panels + 1) * plan.block_panels;
-      const int64_t end = min_i64(min_i64(plan.panels, block_end), group + group_panels(dim));
-      const int64_t c = lane_code<acc_t>(top, i, group, end, zrow, packed, bias, dim);
+      const int64_t end = min_i64(min_i64(plan.panels, block_end), group + group_panels(steps));
+      const int64_t c = lane_code<Dot>(top, i, group, end, zrow, packed, bias, steps);
       if (code < 0 || c < code) code = c;
     }
   }
@@ -314,36 +348,40 @@ inline void reset_best(Best<acc_t>* best, int64_t rows) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename Dot>
 struct QuantizeJob {
+  using acc_t = typename Dot::acc_t;
+  using elem_t = typename Dot::elem_t;
   const VQParams* p;
   Plan<acc_t> plan;
-  const acc_t* packed;
+  const elem_t* packed;
   const acc_t* bias;
 
-  // Rows r0 .. r0 + count of z into zbuf as acc_t, zero rows up to a multiple of kMR.
-  static void load_rows(const VQParams& p, int64_t r0, int64_t count, acc_t* zbuf) {
+  // Rows r0 .. r0 + count of z into zbuf as packed elements, zero rows up to a multiple of kMR.
+  static void load_rows(const VQParams& p, int64_t r0, int64_t count, elem_t* zbuf) {
     const scalar_t* z = static_cast<const scalar_t*>(p.z);
+    const int64_t steps = dot_steps<Dot>(p.dim);
     for (int64_t r = 0; r < round_up(count, kMR); ++r)
-      for (int64_t d = 0; d < p.dim; ++d)
-        zbuf[r * p.dim + d] = r < count ? to_acc(z[(r0 + r) * p.z_row_stride + d]) : acc_t(0);
+      for (int64_t e = 0; e < steps; ++e)
+        zbuf[r * steps + e] = r < count ? Dot::element(z + (r0 + r) * p.z_row_stride, e, p.dim) : elem_t(0);
   }
 
   // The code blocks of split s, all panels of each, for every micro-block of rows.
-  void search(int64_t split, int64_t rows, const acc_t* zbuf, Best<acc_t>* best) const {
-    const int64_t dim = p->dim;
+  void search(int64_t split, int64_t rows, const elem_t* zbuf, Best<acc_t>* best) const {
+    const int64_t steps = dot_steps<Dot>(p->dim);
     const int64_t b0 = plan.code_blocks * split / plan.splits, b1 = plan.code_blocks * (split + 1) / plan.splits;
     for (int64_t block = b0; block < b1; ++block) {
       const int64_t p0 = block * plan.block_panels, p1 = min_i64(plan.panels, p0 + plan.block_panels);
       for (int64_t m = 0; m < rows; m += kMR)
-        search_rows<acc_t, kMR>(zbuf + m * dim, packed, bias, dim, p0, p1, best + m);
+        search_rows<Dot, kMR>(zbuf + m * steps, packed, bias, steps, p0, p1, best + m);
     }
   }
 
   static void run(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<QuantizeJob*>(ctx);
     const auto& p = *job.p;
-    Scratch<acc_t> zbuf(kTaskRows * p.dim);
+    const int64_t steps = dot_steps<Dot>(p.dim);
+    Scratch<elem_t> zbuf(kTaskRows * steps);
     Best<acc_t> best[kTaskRows];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row_task = task / job.plan.splits, split = task % job.plan.splits;
@@ -354,7 +392,7 @@ struct QuantizeJob {
       for (int64_t r = 0; r < rows; ++r) {
         acc_t score;
         int64_t index;
-        resolve_row<acc_t>(best[r], zbuf.data + r * p.dim, job.packed, job.bias, p.dim, job.plan, &score, &index);
+        resolve_row<Dot>(best[r], zbuf.data + r * steps, job.packed, job.bias, steps, job.plan, &score, &index);
         record_score<scalar_t, acc_t>(p, job.plan, split, r0 + r, score, index);
       }
     }
@@ -383,16 +421,25 @@ struct CombineJob {
   }
 };
 
-template <typename scalar_t, typename acc_t>
+// The workspace plan of a search through Dot: packed codes of dot_steps elements.
+template <typename Dot>
+inline Plan<typename Dot::acc_t> plan_for(const VQParams& p) {
+  return Plan<typename Dot::acc_t>(p, dot_steps<Dot>(p.dim) * int64_t(sizeof(typename Dot::elem_t)), kTaskRows,
+                                   kCodeBlockBytes);
+}
+
+template <typename scalar_t, typename Dot>
 const char* quantize_typed(const VQParams& p) {
-  const Plan<acc_t> plan(p);
+  using acc_t = typename Dot::acc_t;
+  using elem_t = typename Dot::elem_t;
+  const Plan<acc_t> plan = plan_for<Dot>(p);
   if (p.workspace_bytes < plan.bytes) return "vq_quantize: workspace too small";
-  acc_t* packed = plan.template at<acc_t>(p, plan.packed_offset);
+  elem_t* packed = plan.template at<elem_t>(p, plan.packed_offset);
   acc_t* bias = plan.template at<acc_t>(p, plan.bias_offset);
-  PackJob<scalar_t, acc_t> pack{&p, packed, bias};
-  parallel_for(plan.panels, &pack, &PackJob<scalar_t, acc_t>::run);
-  QuantizeJob<scalar_t, acc_t> job{&p, plan, packed, bias};
-  parallel_for(plan.row_tasks * plan.splits, &job, &QuantizeJob<scalar_t, acc_t>::run);
+  PackJob<scalar_t, Dot> pack{&p, packed, bias};
+  parallel_for(plan.panels, &pack, &PackJob<scalar_t, Dot>::run);
+  QuantizeJob<scalar_t, Dot> job{&p, plan, packed, bias};
+  parallel_for(plan.row_tasks * plan.splits, &job, &QuantizeJob<scalar_t, Dot>::run);
   if (plan.splits > 1) {
     CombineJob<scalar_t, acc_t> combine{&p, plan};
     parallel_for(p.rows, &combine, &CombineJob<scalar_t, acc_t>::run);
@@ -453,13 +500,13 @@ int64_t dequantize_typed(const VQLookupParams& p) {
 // ---- entry points ------------------------------------------------------------------------------
 
 size_t quantize_workspace_bytes(const VQParams& p) {
-  return p.dtype == DType::kFloat64 ? Plan<double>(p).bytes : Plan<float>(p).bytes;
+  return p.dtype == DType::kFloat64 ? plan_for<FmaDot<double>>(p).bytes : plan_for<FmaDot<float>>(p).bytes;
 }
 
 const char* quantize(const VQParams& p) {
   if (p.rows == 0) return nullptr;
   return dispatch_dtype(p.dtype, "vq_quantize: unsupported dtype", [&](auto scalar, auto acc) {
-    return quantize_typed<decltype(scalar), decltype(acc)>(p);
+    return quantize_typed<decltype(scalar), FmaDot<decltype(acc)>>(p);
   });
 }
 
