@@ -90,11 +90,17 @@ static const std::string& amx_reason() {
 
 bool amx_bf16_supported() { return amx_reason().empty(); }
 
-static bool detect_amx() {
-  const char* forced = std::getenv("MMFAST_CPU_AMX");
-  const std::string mode = forced != nullptr ? forced : "";
+// An on/off switch from the environment: "" (unset: the default), "0" or "1"; anything else throws.
+static std::string switch_setting(const char* name) {
+  const char* value = std::getenv(name);
+  const std::string mode = value != nullptr ? value : "";
   if (mode != "" && mode != "0" && mode != "1")
-    throw std::runtime_error("MMFAST_CPU_AMX must be 0 or 1, got '" + mode + "'");
+    throw std::runtime_error(std::string(name) + " must be 0 or 1, got '" + mode + "'");
+  return mode;
+}
+
+static bool detect_amx() {
+  const std::string mode = switch_setting("MMFAST_CPU_AMX");
   if (mode == "0") return false;
   const bool usable = amx_bf16_supported() && active_isa() == Isa::kAvx512;
   if (mode == "1" && !usable)
@@ -115,11 +121,13 @@ static std::string avx512_bf16_unavailable_reason() {
 #if MMFAST_CPU_AVX512BF16_COMPILED
   unsigned eax, ebx, ecx, edx;
   if (!isa_supported(Isa::kAvx512)) return "this CPU has no AVX-512";
-  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1))
+  // subleaf 1 exists only where subleaf 0 says so (EAX: the highest subleaf of leaf 7)
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || eax < 1 ||
+      !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1))
     return "this CPU has no AVX512-BF16 (CPUID leaf 7, subleaf 1)";
   return "";
 #else
-  return "this build has no AVX512-BF16 kernels (they need GCC >= 10 or clang >= 9 on x86-64)";
+  return "this build has no AVX512-BF16 kernels (they need GCC >= 10 on x86-64)";
 #endif
 }
 
@@ -136,10 +144,7 @@ static bool cpu_is_amd() {
 }
 
 static bool detect_avx512_bf16() {
-  const char* forced = std::getenv("MMFAST_CPU_AVX512_BF16");
-  const std::string mode = forced != nullptr ? forced : "";
-  if (mode != "" && mode != "0" && mode != "1")
-    throw std::runtime_error("MMFAST_CPU_AVX512_BF16 must be 0 or 1, got '" + mode + "'");
+  const std::string mode = switch_setting("MMFAST_CPU_AVX512_BF16");
   if (mode == "0") return false;
   const bool usable = avx512_bf16_supported() && active_isa() == Isa::kAvx512 && !amx_bf16_active();
   if (mode == "1" && !usable) {

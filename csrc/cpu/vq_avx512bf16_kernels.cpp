@@ -8,7 +8,7 @@
 //
 // Where it pays: AMD Zen 4 retires VDPBF16PS at about the FMA instruction rate (the probe
 // benchmarks/probes/bf16_vq_ceiling.c: 1.85x the products per ns of fp32 FMAs on one core),
-// Sapphire Rapids at a quarter of it (0.5x), so avx512_bf16_dot_active() (mmfast/cpu/isa.h)
+// Sapphire Rapids at a quarter of it (0.5x), so avx512_bf16_active() (mmfast/cpu/isa.h)
 // turns it on by default on AMD CPUs only; Intel's bf16 goes to the AMX tiles instead.
 //
 // Layout: panels of 32 codes as [panel][dim pair][32 codes] of (dim 2e | dim 2e + 1 << 16); a
@@ -88,7 +88,7 @@ VQKernels vq_avx512bf16_kernels() {
 #undef MMFAST_VECTOR_BYTES
 #pragma GCC pop_options
 
-#else  // no AVX512-BF16 kernels in this build: avx512_bf16_dot_active() is false, this table unused
+#else  // no AVX512-BF16 kernels in this build: avx512_bf16_active() is false, this table unused
 
 namespace mmfast {
 namespace cpu {

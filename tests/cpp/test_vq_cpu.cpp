@@ -3,6 +3,7 @@
 // written out plainly. Exact where the answer is exact (ties, duplicate codes, NaN and
 // Inf rows, lookups); elsewhere the chosen code's distance must equal the minimum within the
 // fp32 rounding of the dots (near-ties may pick either code).
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -24,18 +25,21 @@ struct Result {
 inline float stored(float x, float) { return x; }
 inline cpu::BFloat16 stored(float x, cpu::BFloat16) { return cpu::to_bfloat16(x); }
 
-// Inputs are given as floats that T holds exactly (rounded by the caller for bf16).
+// Inputs are given as floats that T holds exactly (rounded by the caller for bf16). pad > 0: rows
+// of z lie `dim + pad` apart with NaN between them (never read); sqnorm: the codes' ||e||^2 given.
 template <typename T>
 Result quantize(const cpu::VQKernels& k, const std::vector<float>& z, const std::vector<float>& codebook, int64_t n,
-                int64_t codes, int64_t dim) {
+                int64_t codes, int64_t dim, int64_t pad = 0, const std::vector<float>* sqnorm = nullptr) {
   constexpr bool bf16 = sizeof(T) == 2;
-  std::vector<T> zt(z.size()), codebook_t(codebook.size());
-  for (size_t i = 0; i < z.size(); ++i) zt[i] = stored(z[i], T{});
+  std::vector<T> zt(n * (dim + pad), stored(NAN, T{})), codebook_t(codebook.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; ++d) zt[i * (dim + pad) + d] = stored(z[i * dim + d], T{});
   for (size_t i = 0; i < codebook.size(); ++i) codebook_t[i] = stored(codebook[i], T{});
   Result r{std::vector<int64_t>(n, -7), std::vector<float>(n, -7.0f)};
   VQParams p;
   p.rows = n, p.codes = codes, p.dim = dim, p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
-  p.z = zt.data(), p.z_row_stride = dim, p.codebook = codebook_t.data();
+  p.z = zt.data(), p.z_row_stride = dim + pad, p.codebook = codebook_t.data();
+  p.codebook_sqnorm = sqnorm != nullptr ? sqnorm->data() : nullptr;
   p.indices = r.indices.data(), p.distance = r.distance.data();
   std::vector<char> workspace(k.quantize_workspace_bytes(p));
   p.workspace = workspace.data(), p.workspace_bytes = workspace.size();
@@ -51,13 +55,16 @@ double distance(const std::vector<float>& z, const std::vector<float>& codebook,
 
 // Returns the number of rows that break the rules.
 template <typename T>
-int check_random(const cpu::VQKernels& k, int64_t n, int64_t codes, int64_t dim, std::mt19937& rng) {
+int check_random(const cpu::VQKernels& k, int64_t n, int64_t codes, int64_t dim, std::mt19937& rng, int64_t pad = 0,
+                 bool give_sqnorm = false) {
   std::normal_distribution<float> normal;
   const auto draw = [&] { return sizeof(T) == 2 ? cpu::to_float(cpu::to_bfloat16(normal(rng))) : normal(rng); };
-  std::vector<float> z(n * dim), codebook(codes * dim);
+  std::vector<float> z(n * dim), codebook(codes * dim), sqnorm(codes, 0.0f);
   for (auto& x : z) x = draw();
   for (auto& x : codebook) x = draw();
-  const Result r = quantize<T>(k, z, codebook, n, codes, dim);
+  for (int64_t c = 0; c < codes; ++c)
+    for (int64_t d = 0; d < dim; ++d) sqnorm[c] += codebook[c * dim + d] * codebook[c * dim + d];
+  const Result r = quantize<T>(k, z, codebook, n, codes, dim, pad, give_sqnorm ? &sqnorm : nullptr);
   int bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     double best = INFINITY, scale = 0;
@@ -160,6 +167,13 @@ void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, i
     (bad == 0 ? passed : failures)++;
     std::printf("%s %s %s N=%lld K=%lld D=%lld: %d rows off\n", bad ? "FAIL" : "ok  ", name, type, (long long)s[0],
                 (long long)s[1], (long long)s[2], bad);
+  }
+  for (const auto& s : {std::array<int64_t, 3>{37, 100, 7}, std::array<int64_t, 3>{13, 70, 256}}) {
+    const int bad_strided = check_random<T>(k, s[0], s[1], s[2], rng, 3, true);
+    (bad_strided == 0 ? passed : failures)++;
+    std::printf("%s %s %s N=%lld K=%lld D=%lld, rows %lld apart (NaN between), ||e||^2 given: %d rows off\n",
+                bad_strided ? "FAIL" : "ok  ", name, type, (long long)s[0], (long long)s[1], (long long)s[2],
+                (long long)(s[2] + 3), bad_strided);
   }
   const int bad = check_rules<T>(k);
   (bad == 0 ? passed : failures)++;

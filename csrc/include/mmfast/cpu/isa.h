@@ -14,9 +14,9 @@
 #define MMFAST_CPU_AMX_COMPILED 0
 #endif
 
-// The AVX512-BF16 kernels need target("avx512bf16"): GCC >= 10 or clang >= 9, on x86-64.
-#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
-                            (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10))
+// The AVX512-BF16 kernels need `#pragma GCC target("avx512bf16")` around the intrinsics: GCC >= 10
+// on x86-64 (clang ignores the pragma, and its intrinsics then refuse to compile).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
 #define MMFAST_CPU_AVX512BF16_COMPILED 1
 #else
 #define MMFAST_CPU_AVX512BF16_COMPILED 0
