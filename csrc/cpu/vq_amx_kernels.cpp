@@ -100,7 +100,7 @@ struct PackJob {
           for (int64_t d = 0; d < dp; ++d) {
             const BFloat16 x = real && d < p.dim ? codebook[code * p.dim + d] : BFloat16{0};
             tiles[amx::vnni_offset(d / 2, j, d % 2)] = x.bits;
-            norm += to_float(x) * to_float(x);
+            if (given == nullptr) norm += to_float(x) * to_float(x);  // a serial chain: only when needed
           }
           uint16_t constant[kNormDims] = {to_bfloat16(-__builtin_inff()).bits, 0, 0};
           if (real) split_three(-0.5f * (given != nullptr ? given[code] : norm), constant);
