@@ -245,7 +245,7 @@ def _load_weights(path: str, dtype: Optional[torch.dtype]) -> Dict[str, torch.Te
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) if dtype is None else f.get_tensor(k).to(dtype) for k in f.keys()}
-    except FileNotFoundError:
+    except (FileNotFoundError, MemoryError):
         raise
     except Exception as error:  # safetensors' own error types differ across versions
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
