@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import time
 
@@ -109,8 +108,12 @@ def expert_dirs(path):
     """A released model folder (arch0, arch1, ...) expands to its experts, in index order (a
     partial download keeps its order; the folders are printed with their codes); any other
     folder is one expert."""
-    is_model_folder = os.path.isdir(path) and any(re.fullmatch(r"arch\d+", name) for name in os.listdir(path))
-    return released_expert_dirs(path, allow_gaps=True) if is_model_folder else [path]
+    if not os.path.isdir(path):
+        return [path]  # load_expert says it does not exist
+    try:
+        return released_expert_dirs(path, allow_gaps=True)
+    except FileNotFoundError:  # no arch<k> folders: one expert
+        return [path]
 
 
 def route(args, base, num_codes, prompts):
