@@ -306,7 +306,7 @@ def test_sample_u_near_one_stays_in_range():
 
 # --- decode_linear ------------------------------------------------------------------------------
 
-LINEAR_SHAPES = [(1, 768, 3072), (8, 768, 2304), (3, 40, 7), (16, 5, 1), (13, 1, 9), (0, 8, 4)]  # M, K, N
+LINEAR_SHAPES = [(1, 768, 3072), (1, 100, 7), (8, 768, 2304), (3, 40, 7), (16, 5, 1), (13, 1, 9), (0, 8, 4)]  # M, K, N
 
 
 @pytest.mark.parametrize("backend_device", [b for b in BACKENDS if "triton" not in b.id])
