@@ -12,16 +12,20 @@ mmfast runs its decode step through torch.compile (generate_text(compile=True), 
 recipe; the compilation is excluded as a warm-up) and also eagerly (column mmfast_eager).
 Time per step = (time of N2 new tokens - time of N1) / (N2 - N1): prefill cancels out. The
 floor of one step is the bytes it must read (weights, the head, the KV cache up to the step) over
-the measured copy bandwidth (CPU) or the datasheet HBM bandwidth (GPU).
+the measured copy bandwidth (CPU) or the datasheet HBM bandwidth (GPU). The CPU batch-1 target
+is judged paired: the median over 40 pairs of (one decode step's time / the time of reading the
+floor's bytes right after it), because this VM's bandwidth drifts by tens of percent between a
+floor measured once and the step.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
 import torch
 
-from mmfast.models.liquid import LiquidLM, LiquidLMConfig, generate_text
+from mmfast.models.liquid import DecodeStep, LiquidLM, LiquidLMConfig, generate_text
 
 from _utils import bench_device, peak_bandwidth, record_metrics, synchronize
 
@@ -113,8 +117,14 @@ def test_generate_step(benchmark, models, batch):
     floor_bytes = weight_bytes(hf, config.vocab_size) + kv_bytes
     bandwidth, _ = peak_bandwidth(DEVICE)
     floor_ms = 1e3 * floor_bytes / bandwidth
+    extra = {}
     if batch == 1:
-        target, met = f"<= {CPU_FLOOR_TARGET}x the floor ({floor_ms:.1f} ms)", mmfast_ms <= CPU_FLOOR_TARGET * floor_ms
+        lm.setup_caches(batch, PROMPT + 64)
+        with torch.no_grad():
+            ratio, ratios = paired_floor_ratio(lm, prompts, floor_bytes)
+        target, met = f"<= {CPU_FLOOR_TARGET}x the floor, paired ({floor_ms:.1f} ms unpaired)", ratio <= CPU_FLOOR_TARGET
+        extra = dict(paired_floor_ratio=round(ratio, 3), unpaired_floor_ratio=round(mmfast_ms / floor_ms, 3),
+                     paired_floor_ratio_quartiles=[round(ratios[len(ratios) * q // 4], 3) for q in (1, 3)])
     else:
         target, met = f">= {CPU_BATCH8_TARGET}x transformers tokens/s", hf_ms / mmfast_ms >= CPU_BATCH8_TARGET
     record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"llama-138M B={batch} prompt={PROMPT}", device=DEVICE,
@@ -122,7 +132,28 @@ def test_generate_step(benchmark, models, batch):
                    times={"mmfast": mmfast_ms, "transformers_generate": hf_ms,
                           "transformers_static_cache": static_ms, "mmfast_eager": eager_ms},
                    floor_bytes=floor_bytes, items=(batch, "tokens"), target=target, target_met=met and identical,
-                   identical_greedy_tokens=identical, floor_ms=round(floor_ms, 2))
+                   identical_greedy_tokens=identical, floor_ms=round(floor_ms, 2), **extra)
+
+
+def paired_floor_ratio(lm, prompts, floor_bytes, pairs=40):
+    """(median, sorted list) of the ratio step time / floor-read time over `pairs` pairs, each one
+    compiled decode step (DecodeStep, greedy) followed at once by a read of floor_bytes (a sum
+    over a buffer that size, far past the caches): the CPU target's figure. Each pair spans
+    ~30 ms, well inside the drifts of this VM's bandwidth (35-65 GB/s) that separate a floor
+    measured once from a step timed later."""
+    buffer = torch.ones(floor_bytes // 4)
+    step = DecodeStep(lm, compile=True)
+    token = lm.prefill(prompts).argmax(-1, keepdim=True)
+    buffer.sum()
+    ratios = []
+    for _ in range(pairs + 1):
+        start = time.perf_counter()
+        token = step(token).argmax(-1, keepdim=True)
+        middle = time.perf_counter()
+        buffer.sum()
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    ratios = sorted(ratios[1:])  # the first step pays for the compiled function's first call
+    return statistics.median(ratios), ratios
 
 
 @pytest.mark.skipif(not ON_GPU, reason="Liquid-7B's shape needs a GPU (16 GB of bf16 weights)")

@@ -191,6 +191,36 @@ def test_image_head_reads_only_its_rows(checkpoints):
 # --- text generation ---------------------------------------------------------------------------------
 
 
+def test_fused_projections_keep_transformers_names_and_biases(tmp_path):
+    """q/k/v and gate/up live fused (qkv_proj, gate_up_proj: one decode_linear each); checkpoints
+    with projection biases (Qwen2-style attention_bias, mlp_bias) load, match transformers, and
+    state_dict gives back transformers' names and tensors, which load into a fresh model."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True, attn_implementation="eager")).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = LiquidLM.from_pretrained(tmp_path)
+    attention = model.model.layers[0].self_attn
+    assert attention.qkv_proj.weight.shape == (4 * 16 + 2 * 2 * 16, 64) and attention.qkv_proj.bias is not None
+    assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (2 * 96, 64)
+    state = model.state_dict()
+    expected = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
+    ids, mask = _left_padded_batch(seed=2)
+    tokens, lengths = _right_padded(ids, mask)
+    with torch.no_grad():
+        reference = hf(input_ids=ids, attention_mask=mask).logits[:, -1]
+        model.setup_caches(3, 32)
+        torch.testing.assert_close(model.prefill(tokens, lengths), reference, rtol=1e-4, atol=1e-4)
+        fresh = LiquidLM(model.config)
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh.model.layers[1].mlp.gate_up_proj.weight,
+                                   model.model.layers[1].mlp.gate_up_proj.weight, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_matches_transformers_generate(checkpoints, kind):
     hf, directory = checkpoints[kind]

@@ -5,8 +5,9 @@
 // group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group),
 // scores key tiles of kKeyTile keys against them, and keeps an online softmax (running max,
 // sum and output rows) in the accumulation type. Chunks are folded in key order by a second
-// pass. Chunks are fixed by the shape (not by the thread count), so results are bitwise
-// independent of the number of threads.
+// pass (by the same task when a pair has one chunk: short contexts skip a second parallel pass).
+// Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
+// of the number of threads.
 // decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
 // and multiplies them with every row of x (converted to the accumulation type once per call),
 // kLinearRows x kLinearXRows dot products in registers at a time, prefetching the next task's rows.
@@ -107,7 +108,10 @@ struct AttentionJob {
     acc_t* vbuf = kbuf + kKeyTile * dp;
     acc_t* scores = vbuf + kKeyTile * dp;
     __builtin_memset(kbuf, 0, sizeof(acc_t) * size_t(2 * kKeyTile * dp));  // zero padding past D
-    for (int64_t task = begin; task < end; ++task) job.run_task(task, qbuf, kbuf, vbuf, scores);
+    for (int64_t task = begin; task < end; ++task) {
+      job.run_task(task, qbuf, kbuf, vbuf, scores);
+      if (job.chunks == 1) job.fold(task);  // the pair's only chunk: no second pass to wait for
+    }
   }
 
   void load_queries(int64_t b, int64_t kv_head, acc_t* qbuf) const {
@@ -225,7 +229,7 @@ void attention_typed(const DecodeAttentionParams& p, int64_t longest_range) {
   Scratch<acc_t> partial(size_t(pairs * job.chunks * job.rows * (job.dp + 2)));
   job.partial = partial.data;
   parallel_for(pairs * job.chunks, &job, &AttentionJob<scalar_t, acc_t>::run);
-  parallel_for(pairs, &job, &AttentionJob<scalar_t, acc_t>::run_fold);
+  if (job.chunks > 1) parallel_for(pairs, &job, &AttentionJob<scalar_t, acc_t>::run_fold);
 }
 
 int64_t attention(const DecodeAttentionParams& p) {
