@@ -3,9 +3,10 @@ with a static KV cache on mmfast's decode ops (gpt-fast style).
 
 Liquid (FoundationVision/Liquid) is a plain causal LM whose vocabulary is extended by the VQGAN's
 8192 image codes (Liquid_V1_7B: Gemma-7B + 8192 rows, token 256000 + c is image code c). The
-module and parameter names are transformers' (LlamaForCausalLM, GemmaForCausalLM,
-Gemma2ForCausalLM: model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm,
-lm_head), so their safetensors checkpoints load as they are:
+state-dict names are transformers' (LlamaForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM:
+model.embed_tokens, model.layers.N.self_attn.q_proj, ..., model.norm, lm_head; q/k/v and gate/up
+are held fused as qkv_proj and gate_up_proj behind state-dict hooks), so their safetensors
+checkpoints load as they are:
 
     model = LiquidLM.from_pretrained("/path/to/Liquid_V1_7B", dtype=torch.bfloat16, device="cuda")
     model.setup_caches(max_batch=8, max_tokens=1100)
