@@ -1,0 +1,45 @@
+"""Probe (2026-12-03): how close decode_linear at M = 1 comes to this machine's read bandwidth
+over the weights of a Llama-138M decode step (12 layers of fused qkv 2304 x 768, o 768 x 768,
+fused gate/up 6144 x 768, down 768 x 3072, and the 32000 x 768 head: 551 MB fp32), in one
+process: a sum over one buffer of that size (the read floor), one decode_linear call over one
+matrix of that size, the 49 per-layer calls of a step, and 49 sums over the same weights.
+25 rounds; each figure is the median of the per-round ratios to the floor's read.
+Run: .venv/bin/python benchmarks/probes/decode_linear_vs_read.py"""
+import statistics
+import time
+
+import torch
+
+import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+
+SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
+
+
+def main():
+    torch.set_num_threads(2)
+    linear = torch.ops.mmfast.decode_linear.default
+    weights = [torch.randn(n, k) for n, k in SHAPES]
+    total = sum(w.numel() for w in weights)
+    one_matrix, floor_buffer = torch.randn(total // 768, 768), torch.ones(total)
+    x = {768: torch.randn(1, 768), 3072: torch.randn(1, 3072)}
+    contenders = {
+        "read (floor)": floor_buffer.sum,
+        "one call": lambda: linear(x[768], one_matrix, None),
+        "49 calls": lambda: [linear(x[w.shape[1]], w, None) for w in weights],
+        "49 sums": lambda: [w.sum() for w in weights],
+    }
+    times = {name: [] for name in contenders}
+    for _ in range(25):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    floor = times["read (floor)"]
+    for name, values in times.items():
+        ms = statistics.median(values) * 1e3
+        ratio = statistics.median(a / b for a, b in zip(values, floor))
+        print(f"{name:13s} {ms:6.2f} ms  {total * 4 / ms / 1e6:5.1f} GB/s  {ratio:.3f}x the read")
+
+
+if __name__ == "__main__":
+    main()
