@@ -43,7 +43,7 @@ from torch import nn
 
 from .lm_checkpoint import LiquidLMCheckpointError, check_state, load_safetensors_dir
 from .lm_config import LiquidLMConfig
-from .lm_layers import Backbone, KVCache, linear, rope_cos_sin, rope_inv_freq
+from .lm_layers import Backbone, KVCache, linear, merge_fused_projections, rope_cos_sin, rope_inv_freq
 
 __all__ = ["LiquidLM", "LiquidLMConfig", "LiquidLMCheckpointError"]
 
@@ -243,6 +243,7 @@ class LiquidLM(nn.Module):
         check_state(model, state, local_dir)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
+        merge_fused_projections(model, state)
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
         return model.eval()
