@@ -78,21 +78,6 @@ def median_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 7) -> fl
 _measured_bandwidth: dict = {}
 
 
-def memory_bandwidth_now(device: torch.device, read: bool = True) -> float:
-    """Bytes/s the device moves right now (median of several runs), measured afresh on a buffer
-    well past the caches (1 GiB on a GPU, 256 MB on the CPU): a plain read (a sum) with read=True,
-    else a copy (its read + write bytes). A shared VM's bandwidth drifts by tens of percent over
-    seconds to minutes (35-65 GB/s on the 2-core AMD EPYC): a floor compared with a time should be
-    measured next to it (paired), not once per process."""
-    numel = (2**30 if device.type == "cuda" else 256 * 2**20) // 4
-    src = torch.ones(numel, dtype=torch.float32, device=device)
-    repeats = 10 if device.type == "cuda" else 5
-    if read:
-        return numel * 4 / (median_ms(lambda: src.sum(), device, warmup=1, repeats=repeats) * 1e-3)
-    dst = torch.empty_like(src)
-    return 2 * numel * 4 / (median_ms(lambda: dst.copy_(src), device, warmup=3, repeats=repeats) * 1e-3)
-
-
 def peak_bandwidth(device: torch.device, measured: bool = False):
     """(bytes/s, how it was obtained): on a GPU the datasheet HBM figure, or with measured=True
     (and always on the CPU) the measured copy bandwidth of the device (read + write of a buffer
@@ -105,7 +90,12 @@ def peak_bandwidth(device: torch.device, measured: bool = False):
         return None, "unknown GPU"
     key = str(device)
     if key not in _measured_bandwidth:
-        _measured_bandwidth[key] = memory_bandwidth_now(device, read=False)
+        numel = (2**30 if device.type == "cuda" else 256 * 2**20) // 4
+        src = torch.ones(numel, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        ms = median_ms(lambda: dst.copy_(src), device, warmup=3, repeats=10 if device.type == "cuda" else 5)
+        _measured_bandwidth[key] = 2 * numel * 4 / (ms * 1e-3)
+        del src, dst
     source = "measured copy"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
