@@ -11,7 +11,9 @@
 // decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
 // and multiplies them with every row of x (converted to the accumulation type once per call),
 // kLinearRows x kLinearXRows dot products in registers at a time, prefetching the next task's rows.
-// A single row of x (M = 1) reads the weight rows one after another instead (stream_row).
+// A single row of x (M = 1) reads the weight rows one after another instead (stream_row), its
+// dot products summed in another order: a row alone is not bitwise equal to the same row inside
+// a batch (each is exact to fp32 rounding; results stay independent of the thread count).
 // sample: one row at a time. Top-k and top-p thresholds are found by a radix select over
 // order-preserving 32-bit keys of the fp32 values (4 passes of 8 bits: no sort), with weights
 // and sums in fp64; the draw is an inverse CDF in index order.
@@ -455,7 +457,7 @@ struct LinearJob {
     const acc_t* x = xbuf + m0 * k_total;
     V acc[NR][MR] = {};
     // The next task's weight rows, prefetched one block ahead: without it the FMAs of a batch
-    // leave the DRAM stream idle (AVX-512 Xeon, one core: 1.25x at M = 1, 1.7x at M = 8).
+    // leave the DRAM stream idle (AVX-512 Xeon, one core: 1.7x at M = 8).
     const int64_t next_rows = m0 == 0 ? min_i64(NR, p->out_features - n0 - kLinearRows) : 0;
     const scalar_t* next = next_rows > 0 ? weight + kLinearRows * k_total : weight;
     for (int64_t k = 0; k < k_vec; k += W) {
@@ -516,7 +518,8 @@ struct LinearJob {
       // A hint kStreamPrefetchBytes ahead in the stream (past the matrix's end it is dropped).
       const char* ahead = reinterpret_cast<const char*>(weight + k) + kStreamPrefetchBytes;
       for (int64_t b = 0; b < step_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
-      for (int c = 0; c < kStreamChains; ++c) acc[c] += load_weights(weight + k + c * W) * load<acc_t>(xbuf + k + c * W);
+      for (int c = 0; c < kStreamChains; ++c)
+        acc[c] += load_weights(weight + k + c * W) * load<acc_t>(xbuf + k + c * W);
     }
     for (; k + W <= k_total; k += W) acc[0] += load_weights(weight + k) * load<acc_t>(xbuf + k);
     for (int c = 1; c < kStreamChains; ++c) acc[0] += acc[c];
