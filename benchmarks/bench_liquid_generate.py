@@ -13,7 +13,7 @@ recipe; the compilation is excluded as a warm-up) and also eagerly (column mmfas
 Time per step = (time of N2 new tokens - time of N1) / (N2 - N1): prefill cancels out. The
 floor of one step is the bytes it must read (weights, the head, the KV cache up to the step) over
 the measured copy bandwidth (CPU) or the datasheet HBM bandwidth (GPU). The CPU batch-1 target
-is judged paired: the median over 40 pairs of (one decode step's time / the time of reading the
+is judged paired: the median over 39 pairs of (one decode step's time / the time of reading the
 floor's bytes right after it), because this VM's bandwidth drifts by tens of percent between a
 floor measured once and the step.
 """
