@@ -412,9 +412,16 @@ constexpr int64_t kLinearXRows = MMFAST_VECTOR_BYTES >= 64 ? 8 : 4;
 // ahead of the loads the prefetch hints run, 0 for none. Measured over 551 MB against a torch
 // sum of the same bytes: on an AMD EPYC with AVX-512, 2 KB ahead read as fast as the sum
 // (1.02x); on an AMD EPYC with AVX2 only, hints slowed the stream (2 KB: 1.19x, 512 B: 1.06x,
-// none: 1.05x the sum), so the AVX2 and SSE builds issue none.
-constexpr int kStreamChains = 4;
-constexpr int64_t kStreamPrefetchBytes = MMFAST_VECTOR_BYTES >= 64 ? 2048 : 0;
+// none: 1.05x the sum), so the AVX2 and SSE builds issue none. Both can be overridden at build
+// time (benchmarks/probes/decode_stream_prefetch.py times the variants on a new CPU).
+#ifndef MMFAST_DECODE_STREAM_CHAINS
+#define MMFAST_DECODE_STREAM_CHAINS 4
+#endif
+#ifndef MMFAST_DECODE_STREAM_PREFETCH_BYTES
+#define MMFAST_DECODE_STREAM_PREFETCH_BYTES (MMFAST_VECTOR_BYTES >= 64 ? 2048 : 0)
+#endif
+constexpr int kStreamChains = MMFAST_DECODE_STREAM_CHAINS;
+constexpr int64_t kStreamPrefetchBytes = MMFAST_DECODE_STREAM_PREFETCH_BYTES;
 
 // W consecutive elements of a weight row as a vector of the accumulation type.
 inline Vec<float>::type load_weights(const float* p) { return load<float>(p); }

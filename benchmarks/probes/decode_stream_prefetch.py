@@ -1,0 +1,75 @@
+"""Probe (2026-12-03): which M = 1 decode_linear stream (accumulators per row, prefetch hints
+how far ahead) reads fastest on this CPU. Builds the torch-free decode kernels once per variant
+(-DMMFAST_DECODE_STREAM_CHAINS / -DMMFAST_DECODE_STREAM_PREFETCH_BYTES, the ISA this CPU runs)
+with g++ into a temporary directory, then times each on one 551 MB fp32 weight (a Llama-138M
+decode step's bytes) in this process, next to a torch sum of the same tensor and the installed
+torch.ops.mmfast.decode_linear: 15 rounds in shuffled order, median of per-round ratios to the
+sum. The variants run on plain std::threads (tests/cpp/parallel_threads.cpp), one per core up
+to 4. Results: benchmarks/results/2026-12-03-cpu-amd-epyc-2core-avx2-liquid-step-paired.md.
+Run: .venv/bin/python benchmarks/probes/decode_stream_prefetch.py  (about a minute to build)"""
+import ctypes
+import os
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir)
+VARIANTS = [(4, 2048), (4, 1024), (4, 512), (4, 0), (8, 0), (8, 2048)]  # (chains, prefetch bytes)
+SHIM = """
+#include "mmfast/cpu/decode.h"
+extern "C" void linear_m1(const float* w, const float* x, float* y, long n, long k) {
+  mmfast::DecodeLinearParams p;
+  p.rows = 1, p.in_features = k, p.out_features = n, p.x = x, p.x_row_stride = k;
+  p.weight = w, p.bias = nullptr, p.y = y;
+  mmfast::cpu::decode_kernels().linear(p);
+}
+"""
+
+
+def build(directory, chains, prefetch):
+    shim = os.path.join(directory, "shim.cpp")
+    with open(shim, "w") as f:
+        f.write(SHIM)
+    out = os.path.join(directory, f"stream_{chains}_{prefetch}.so")
+    sources = [shim] + [os.path.join(ROOT, p) for p in ("csrc/cpu/decode_kernels.cpp", "csrc/cpu/isa.cpp",
+                                                        "tests/cpp/parallel_threads.cpp")]
+    subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread",
+                    f"-I{os.path.join(ROOT, 'csrc/include')}", f"-DMMFAST_DECODE_STREAM_CHAINS={chains}",
+                    f"-DMMFAST_DECODE_STREAM_PREFETCH_BYTES={prefetch}", "-o", out, *sources], check=True)
+    return ctypes.CDLL(out)
+
+
+def main():
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    k = 768
+    n = 551_000_000 // 4 // k
+    weight, x, y = torch.randn(n, k), torch.randn(1, k), torch.empty(n)
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (weight, x, y)] + [ctypes.c_long(n), ctypes.c_long(k)]
+    contenders = {"torch sum": weight.sum,
+                  "installed op": lambda: torch.ops.mmfast.decode_linear.default(x, weight, None)}
+    with tempfile.TemporaryDirectory() as directory:
+        for chains, prefetch in VARIANTS:
+            lib = build(directory, chains, prefetch)
+            contenders[f"{chains} chains, {prefetch} B ahead"] = (lambda lib: lambda: lib.linear_m1(*args))(lib)
+        times = {name: [] for name in contenders}
+        for round_ in range(15):
+            order = list(contenders.items())
+            random.Random(round_).shuffle(order)
+            for name, fn in order:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    print(f"CPU ISA {torch.ops.mmfast.cpu_isa()}, {torch.get_num_threads()} threads")
+    for name, values in times.items():
+        ratio = statistics.median(a / b for a, b in zip(values, times["torch sum"]))
+        print(f"{name:24s} {n * k * 4 / statistics.median(values) / 1e9:5.1f} GB/s  {ratio:.3f}x the sum")
+
+
+if __name__ == "__main__":
+    main()
