@@ -28,6 +28,7 @@ namespace decode {  // this family's names, apart from other families' in the sa
 
 constexpr int64_t kKeyTile = 32;     // keys scored together
 constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-order fold
+constexpr int64_t kPrefetchKeys = 4;  // how many tokens ahead K/V rows are prefetched
 
 template <typename scalar_t>
 const scalar_t* token_at(const TokenTensor& t, int64_t b, int64_t n, int64_t h) {
@@ -86,6 +87,16 @@ inline void exp_shifted(double* scores, int64_t n, double max) {
   for (int64_t t = 0; t < n; ++t) scores[t] = __builtin_exp(scores[t] - max);
 }
 
+// The lanes of v summed as a tree (halves added pairwise: a few vector adds, not a chain).
+template <typename acc_t>
+inline acc_t sum_lanes(typename Vec<acc_t>::type v) {
+  acc_t lanes[Vec<acc_t>::width];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  for (int64_t half = Vec<acc_t>::width / 2; half >= 1; half /= 2)
+    for (int64_t i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  return lanes[0];
+}
+
 template <typename scalar_t, typename acc_t>
 struct AttentionJob {
   const DecodeAttentionParams* p;
@@ -126,11 +137,31 @@ struct AttentionJob {
       }
   }
 
-  void load_keys(const TokenTensor& cache, int64_t b, int64_t kv_head, int64_t k0, int64_t count, acc_t* buf) const {
+  // Cache rows already in the accumulation type and a whole number of vectors are read where they
+  // are; others are converted into buf (zero-padded to dp).
+  bool reads_in_place() const { return std::is_same<scalar_t, acc_t>::value && p->head_dim == dp; }
+
+  // rows[t] = key / value row k0 + t (t < count) in acc_t, dp wide; rows past count point to
+  // rows of buf (finite, masked out by the caller).
+  void key_rows(const TokenTensor& cache, int64_t b, int64_t kv_head, int64_t k0, int64_t count, int64_t end,
+                acc_t* buf, const acc_t** rows) const {
+    const int64_t row_bytes = p->head_dim * int64_t(sizeof(scalar_t));
+    const bool in_place = reads_in_place();
     for (int64_t t = 0; t < count; ++t) {
       const scalar_t* src = token_at<scalar_t>(cache, b, k0 + t, kv_head);
-      for (int64_t d = 0; d < p->head_dim; ++d) buf[t * dp + d] = to_acc(src[d]);
+      if (k0 + t + kPrefetchKeys < end) {  // token rows are H_kv x D apart: no stream to follow, so hint each
+        const scalar_t* next = token_at<scalar_t>(cache, b, k0 + t + kPrefetchKeys, kv_head);
+        for (int64_t off = 0; off < row_bytes; off += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(next) + off, 0, 3);
+      }
+      if (in_place) {
+        rows[t] = reinterpret_cast<const acc_t*>(src);
+      } else {
+        for (int64_t d = 0; d < p->head_dim; ++d) buf[t * dp + d] = to_acc(src[d]);
+        rows[t] = buf + t * dp;
+      }
     }
+    for (int64_t t = count; t < kKeyTile; ++t) rows[t] = buf + t * dp;
   }
 
   void run_task(int64_t task, acc_t* qbuf, acc_t* kbuf, acc_t* vbuf, acc_t* scores) const {
@@ -146,28 +177,31 @@ struct AttentionJob {
     }
     if (lo >= hi) return;
     load_queries(b, kv_head, qbuf);
+    const acc_t* key_row[kKeyTile];
+    const acc_t* value_row[kKeyTile];
     for (int64_t k0 = lo; k0 < hi; k0 += kKeyTile) {
       const int64_t count = min_i64(kKeyTile, hi - k0);
-      load_keys(p->k_cache, b, kv_head, k0, count, kbuf);
-      load_keys(p->v_cache, b, kv_head, k0, count, vbuf);
+      key_rows(p->k_cache, b, kv_head, k0, count, hi, kbuf, key_row);
+      key_rows(p->v_cache, b, kv_head, k0, count, hi, vbuf, value_row);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r % p->queries;
-        accumulate_tile(qbuf + r * dp, kbuf, vbuf, k0, count, first_key(length, i), position(length, i), scores,
-                        state + r * ps);
+        accumulate_tile(qbuf + r * dp, key_row, value_row, k0, count, first_key(length, i), position(length, i),
+                        scores, state + r * ps);
       }
     }
   }
 
   // One query row against `count` keys starting at k0; state = [output row (dp), max, sum].
-  void accumulate_tile(const acc_t* q, const acc_t* kbuf, const acc_t* vbuf, int64_t k0, int64_t count,
-                       int64_t first, int64_t last, acc_t* scores, acc_t* state) const {
+  void accumulate_tile(const acc_t* q, const acc_t* const* key_row, const acc_t* const* value_row, int64_t k0,
+                       int64_t count, int64_t first, int64_t last, acc_t* scores, acc_t* state) const {
     const acc_t neg_inf = -__builtin_inf();
     acc_t tile_max = neg_inf;
+    for (int64_t t = 0; t < kKeyTile; t += 4) dot_four_keys(q, key_row + t, scores + t);
     for (int64_t t = 0; t < kKeyTile; ++t) {
       const int64_t key = k0 + t;
       acc_t s = neg_inf;
       if (t < count && key >= first && key <= last) {
-        s = acc_t(p->scale) * dot_padded<acc_t>(q, kbuf + t * dp, dp);
+        s = acc_t(p->scale) * scores[t];
         if (p->softcap > 0) s = acc_t(p->softcap) * tanh_acc(s / acc_t(p->softcap));
       }
       scores[t] = s;
@@ -179,17 +213,44 @@ struct AttentionJob {
     const acc_t new_max = tile_max > max ? tile_max : max;
     const acc_t rescale = exp_acc(max - new_max);  // 0 while max is -inf
     exp_shifted(scores, kKeyTile, new_max);
-    using V = typename Vec<acc_t>::type;
     constexpr int64_t W = Vec<acc_t>::width;
     acc_t tile_sum = 0;
     for (int64_t t = 0; t < count; ++t) tile_sum += scores[t];
-    for (int64_t d = 0; d < dp; d += W) {
-      V acc = load<acc_t>(state + d) * splat<acc_t>(rescale);
-      for (int64_t t = 0; t < count; ++t) acc += splat<acc_t>(scores[t]) * load<acc_t>(vbuf + t * dp + d);
-      store<acc_t>(state + d, acc);
-    }
+    int64_t d = 0;
+    for (; d + 8 * W <= dp; d += 8 * W) add_values<8>(d, value_row, count, scores, rescale, state);
+    if (d + 4 * W <= dp) add_values<4>(d, value_row, count, scores, rescale, state), d += 4 * W;
+    if (d + 2 * W <= dp) add_values<2>(d, value_row, count, scores, rescale, state), d += 2 * W;
+    if (d < dp) add_values<1>(d, value_row, count, scores, rescale, state);
     sum = sum * rescale + tile_sum;
     max = new_max;
+  }
+
+  // scores[0:4] = dot(q, keys[j]): four independent FMA chains (one key at a time is bound by the
+  // FMA latency, not by the reads).
+  void dot_four_keys(const acc_t* q, const acc_t* const* keys, acc_t* scores) const {
+    using V = typename Vec<acc_t>::type;
+    constexpr int64_t W = Vec<acc_t>::width;
+    V acc[4] = {};
+    for (int64_t d = 0; d < dp; d += W) {
+      const V qv = load<acc_t>(q + d);
+      for (int j = 0; j < 4; ++j) acc[j] += qv * load<acc_t>(keys[j] + d);
+    }
+    for (int j = 0; j < 4; ++j) scores[j] = sum_lanes<acc_t>(acc[j]);
+  }
+
+  // state[d:d + NV * W] = state * rescale + sum_t scores[t] * value row t: NV independent chains.
+  template <int NV>
+  void add_values(int64_t d, const acc_t* const* value_row, int64_t count, const acc_t* scores, acc_t rescale,
+                  acc_t* state) const {
+    using V = typename Vec<acc_t>::type;
+    constexpr int64_t W = Vec<acc_t>::width;
+    V acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = load<acc_t>(state + d + j * W) * splat<acc_t>(rescale);
+    for (int64_t t = 0; t < count; ++t) {
+      const V s = splat<acc_t>(scores[t]);
+      for (int j = 0; j < NV; ++j) acc[j] += s * load<acc_t>(value_row[t] + d + j * W);
+    }
+    for (int j = 0; j < NV; ++j) store<acc_t>(state + d + j * W, acc[j]);
   }
 
   // Folds the chunks of (b, KV head) in key order and writes the output rows.
@@ -440,16 +501,6 @@ inline Vec<float>::type load_weights(const Half* p) {
   float lanes[Vec<float>::width];
   for (int64_t i = 0; i < Vec<float>::width; ++i) lanes[i] = to_float(p[i]);
   return load<float>(lanes);
-}
-
-// The lanes of v summed as a tree (halves added pairwise: a few vector adds, not a chain).
-template <typename acc_t>
-inline acc_t sum_lanes(typename Vec<acc_t>::type v) {
-  acc_t lanes[Vec<acc_t>::width];
-  __builtin_memcpy(lanes, &v, sizeof(v));
-  for (int64_t half = Vec<acc_t>::width / 2; half >= 1; half /= 2)
-    for (int64_t i = 0; i < half; ++i) lanes[i] += lanes[i + half];
-  return lanes[0];
 }
 
 template <typename scalar_t, typename acc_t>

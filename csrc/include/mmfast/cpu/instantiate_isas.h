@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "mmfast/common.h"
 #include "mmfast/cpu/isa.h"
