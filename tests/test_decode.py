@@ -3,6 +3,7 @@ reference, the reference against PyTorch's SDPA and transformers' logits process
 torch.library integration and errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,6 +296,33 @@ def test_sample_review_regressions(backend_device):
         boundary = torch.tensor([[0.0, -2.1972244]])  # probabilities 0.9 and 0.1: the first alone reaches 0.9
         assert sample(boundary, top_p=0.9, uniform=torch.tensor([0.95])).item() == \
             sample(boundary, top_p=0.9, uniform=torch.tensor([0.95]), backend="reference").item()
+
+
+def test_sample_rejects_scalars_it_would_coerce():
+    """Found by a new-user trial: top_k=4.5 was truncated and True read as 1, a NaN cfg_scale was
+    blamed on the logits, and a generator next to uniform was silently ignored."""
+    logits = sampler_logits(2, 50, "cpu")
+    for top_k in (4.5, True, "3"):
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            sample(logits, top_k=top_k)
+    assert sample(logits, top_k=np.int64(3), uniform=torch.zeros(2)).shape == (2,)  # numpy ints are ints
+    for name, value in (("temperature", float("inf")), ("top_p", float("nan")), ("cfg_scale", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            sample(logits, **{name: value})
+    with pytest.raises(ValueError, match="either uniform .* or generator"):
+        sample(logits, uniform=torch.zeros(2), generator=torch.Generator())
+
+
+def test_sample_with_a_generator_under_torch_compile_says_what_to_do():
+    logits = sampler_logits(2, 50, "cpu")
+    compiled = torch.compile(lambda x, g: sample(x, generator=g, return_status=True), fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match="cannot be traced by torch.compile.*uniform="):
+        compiled(logits, torch.Generator())
+    by_uniform = torch.compile(lambda x, u: sample(x, uniform=u, return_status=True)[0], fullgraph=True,
+                               backend="eager")
+    uniform = torch.rand(2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(by_uniform(logits, uniform), sample(logits, uniform=uniform))
 
 
 def test_sample_u_near_one_stays_in_range():

@@ -327,6 +327,18 @@ def test_bad_inputs_raise(checkpoints, tmp_path):
                         image_vocab_size=IMAGE_CODES, progress=False)
     with pytest.raises(ValueError, match="logits_rows"):
         model(torch.zeros(1, 2, dtype=torch.long), logits_rows=slice(0, 2 * VOCAB))
+    # found by a new-user trial: these fell through to IndexError / a reduction error / a late TypeError
+    with pytest.raises(ValueError, match=rf"token ids must be in \[0, {VOCAB}\).*\[1, {VOCAB}\]"):
+        generate_images(model, [1, VOCAB], uncond_ids=[1, 7], image_tokens=16, **kwargs)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        generate_text(model, torch.tensor([[3, -1]]), max_new_tokens=1)
+    with pytest.raises(ValueError, match="at least one row and one token"):
+        generate_text(model, torch.zeros(0, 3, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="empty list"):
+        generate_images(model, [], uncond_ids=[1, 7], image_tokens=16, **kwargs)
+    with pytest.raises(ValueError, match="model's dtype and device .*torch.bfloat16"):
+        model.setup_caches(2, 8, dtype=torch.bfloat16)
+    model.setup_caches(2, 8, dtype=torch.float32, device="cpu")  # the model's own: fine
 
 
 # --- image generation --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ inference: differentiating decode_attention raises.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -261,11 +262,25 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     +inf, or all -inf), which gets token 0. Without return_status, invalid rows raise
     ValueError on the CPU in eager mode (the check reads the status: a host synchronisation);
     on CUDA and under torch.compile they are not checked (token 0): pass return_status=True.
+    With cfg_scale, a -inf in either row of a pair can make the mix NaN (-inf - -inf, or
+    cfg_scale * -inf against a finite twin): such pairs count as invalid.
+
+    Under torch.compile a torch.Generator cannot be traced: pass `uniform` (drawn outside the
+    compiled function) or use the global generator (whose compiled draws differ from eager
+    ones unless torch._inductor.config.fallback_random is set). top_k must be an int,
+    temperature, top_p and cfg_scale finite numbers; passing both uniform and generator raises
+    ValueError.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be a 2-D (rows, V) tensor, got shape {tuple(logits.shape)}")
+    _check_sample_scalars(temperature, top_k, top_p, cfg_scale)
     rows = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
+    if uniform is not None and generator is not None:
+        raise ValueError("sample: pass either uniform (the draws) or generator (to draw them), not both")
     if uniform is None:
+        if generator is not None and torch.compiler.is_compiling():
+            raise RuntimeError("sample: a torch.Generator cannot be traced by torch.compile; draw the uniforms "
+                               "outside the compiled function and pass uniform=, or use the global generator")
         uniform = torch.rand((rows,), generator=generator, dtype=torch.float32, device=logits.device)
     cfg = None if cfg_scale is None else float(cfg_scale)
     if temperature > 0:
@@ -286,6 +301,18 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
         raise ValueError(f"sample: logits rows {bad[:8]} hold a NaN or +inf, or are all -inf (after the CFG mix): "
                          "nothing to sample from")
     return tokens
+
+
+def _check_sample_scalars(temperature, top_k, top_p, cfg_scale) -> None:
+    """TypeError / ValueError for sample's scalar arguments that would otherwise be coerced
+    (top_k=4.5 -> 4, True -> 1) or poison the logits (a NaN cfg_scale)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"sample: top_k must be an int (0: off), got {top_k!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("cfg_scale", cfg_scale)):
+        if value is None and name == "cfg_scale" or isinstance(value, (torch.SymInt, torch.SymFloat)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"sample: {name} must be a finite number, got {value!r}")
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

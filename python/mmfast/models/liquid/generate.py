@@ -139,8 +139,18 @@ def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
         model.setup_caches(batch, tokens)
 
 
+def _check_token_range(what: str, tokens: torch.Tensor, vocab_size: int) -> None:
+    """ValueError for ids outside [0, vocab_size) (the embedding would raise a bare IndexError)."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got ids in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
 def _as_ids(name: str, ids) -> torch.Tensor:
     """A 1-D int64 CPU tensor of token ids from a list, a (L,) or a (1, L) tensor."""
+    if isinstance(ids, (list, tuple)) and len(ids) == 0:
+        raise ValueError(f"generate_images: {name} must be a non-empty 1-D sequence of token ids, got an empty "
+                         f"{type(ids).__name__}")
     ids = torch.as_tensor(ids)
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -205,6 +215,7 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
                              f"tokenizer({LIQUID_UNCONDITIONAL_PROMPT!r}) (with BOS)")
         rows += [_as_ids("uncond_ids", uncond_ids)] * num_images
     tokens, lengths = _right_padded(rows)
+    _check_token_range("generate_images", tokens, model.config.vocab_size)
     device, head = model.device, slice(image_vocab_start, image_vocab_start + image_vocab_size)
     generator = _make_generator(seed, generator, device)
     _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
@@ -230,6 +241,9 @@ def _strip_left_padding(input_ids: torch.Tensor, attention_mask: Optional[torch.
         raise ValueError(f"generate_text: input_ids must be a (B, S) integer tensor, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     batch, seq = input_ids.shape
+    if batch == 0 or seq == 0:
+        raise ValueError(f"generate_text: input_ids must hold at least one row and one token, got shape "
+                         f"{tuple(input_ids.shape)}")
     if attention_mask is None:
         return input_ids.long(), torch.full((batch,), seq, dtype=torch.int32)
     mask = attention_mask.to(input_ids.device).long()
@@ -266,6 +280,7 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
         raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_sampling(temperature if do_sample else 0.0, top_k, top_p)
     tokens, lengths = _strip_left_padding(input_ids, attention_mask)
+    _check_token_range("generate_text", tokens, model.config.vocab_size)
     device = model.device
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
@@ -281,7 +296,8 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     out = []
     for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
         new, status = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                                 generator=generator, uniform=greedy_uniform, return_status=True)
+                                 generator=generator if do_sample else None, uniform=greedy_uniform,
+                                 return_status=True)
         invalid |= status
         if eos is not None:
             new = torch.where(finished, torch.full_like(new, pad), new)

@@ -96,13 +96,19 @@ class LiquidLM(nn.Module):
 
     def setup_caches(self, max_batch: int, max_tokens: int, dtype: Optional[torch.dtype] = None,
                      device=None) -> None:
-        """Allocates per-layer (max_batch, max_tokens, H_kv, D) key / value caches (default: the
-        model's dtype and device) and cache_seqlens = zeros((max_batch,), int32). Calls with fewer
-        rows than max_batch use the first rows."""
+        """Allocates per-layer (max_batch, max_tokens, H_kv, D) key / value caches and
+        cache_seqlens = zeros((max_batch,), int32). Calls with fewer rows than max_batch use the
+        first rows. dtype and device, if given, must be the model's (the decode ops write the
+        model's keys and values into the caches as they are): ValueError otherwise; move the
+        model with .to() first."""
         if max_batch < 1 or max_tokens < 1:
             raise ValueError(f"LiquidLM.setup_caches: max_batch and max_tokens must be >= 1, got {max_batch}, "
                              f"{max_tokens}")
         dtype, device = dtype or self.dtype, torch.device(device) if device is not None else self.device
+        same_device = device.type == self.device.type and device.index in (None, self.device.index)
+        if dtype != self.dtype or not same_device:
+            raise ValueError(f"LiquidLM.setup_caches: the caches must have the model's dtype and device "
+                             f"({self.dtype}, {self.device}), got {dtype}, {device}; move the model with .to() first")
         cfg = self.config
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, max_tokens, cfg.num_key_value_heads, cfg.head_dim, dtype,
