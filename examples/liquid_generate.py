@@ -59,17 +59,6 @@ def parse_args():
     return args
 
 
-def vqgan_file(path: str) -> str:
-    """A checkpoint file: `path` itself, or vqgan.safetensors / vqgan.ckpt inside the directory `path`."""
-    if os.path.isfile(path):
-        return path
-    for name in ("vqgan.safetensors", "vqgan.ckpt"):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise FileNotFoundError(f"no VQGAN checkpoint at {path!r} (a file, or a directory with vqgan.safetensors or "
-                            "vqgan.ckpt)")
-
-
 def vqgan_config(name: str) -> VQGANConfig:
     if name == "tiny":
         from mmfast.testing.tiny_vqgan import tiny_vqgan_config
@@ -96,7 +85,7 @@ def load_liquid(args, device, dtype):
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     lm = LiquidLM.from_pretrained(args.model, dtype=dtype, device=device)
-    vqgan = VQGAN.from_pretrained(vqgan_file(args.vqgan), vqgan_config(args.vqgan_config))
+    vqgan = VQGAN.from_pretrained(args.vqgan, vqgan_config(args.vqgan_config))
     prompt_ids = tokenizer(args.prompt + LIQUID_PROMPT_SUFFIX).input_ids
     uncond_ids = tokenizer(LIQUID_UNCONDITIONAL_PROMPT).input_ids
     return lm, vqgan, prompt_ids, uncond_ids, len(tokenizer)  # Liquid: image code c is len(tokenizer) + c

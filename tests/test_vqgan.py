@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mmfast.models.liquid import (VQGAN, VQGANCheckpointError, VQGANConfig, codes_to_token_ids, is_image_token,
                                   postprocess, preprocess, token_ids_to_codes)
 from mmfast.models.liquid.taming import AttnBlock
+from mmfast.models.liquid.vqgan import checkpoint_file
 from mmfast.nn import VectorQuantizer
 from mmfast.testing.tiny_vqgan import (random_taming_state_dict, taming_vqgan_shapes, tiny_vqgan, tiny_vqgan_config,
                                        write_taming_checkpoint)
@@ -361,6 +362,22 @@ def test_from_pretrained_refuses_to_unpickle(checkpoint, tmp_path):
     torch.save({"state_dict": checkpoint[2], "hyper_parameters": _Opaque()}, path)
     with pytest.raises(VQGANCheckpointError, match="will not unpickle(.|\n)*safetensors"):
         VQGAN.from_pretrained(path, tiny_vqgan_config())
+
+
+def test_from_pretrained_directory(checkpoint, tmp_path):
+    """A directory as Liquid's demo space ships it (chameleon/vqgan.ckpt); vqgan.safetensors first."""
+    import shutil
+
+    safetensors_path, ckpt_path, state = checkpoint
+    shutil.copy(ckpt_path, tmp_path / "vqgan.ckpt")
+    model = VQGAN.from_pretrained(tmp_path, tiny_vqgan_config())
+    assert torch.equal(model.quantize.embedding.weight, state["quantize.embedding.weight"])
+    assert checkpoint_file(tmp_path) == str(tmp_path / "vqgan.ckpt")
+    shutil.copy(safetensors_path, tmp_path / "vqgan.safetensors")
+    assert checkpoint_file(tmp_path) == str(tmp_path / "vqgan.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds none of vqgan.safetensors, vqgan.ckpt"):
+        VQGAN.from_pretrained(tmp_path / "empty")
 
 
 def test_from_pretrained_file_errors(tmp_path):

@@ -148,9 +148,10 @@ class VQGAN(nn.Module):
     @classmethod
     def from_pretrained(cls, path, config: Optional[VQGANConfig] = None,
                         dtype: Optional[torch.dtype] = None) -> "VQGAN":
-        """A VQGAN in eval mode from a local taming / Chameleon checkpoint file (nothing is downloaded).
+        """A VQGAN in eval mode from a local taming / Chameleon checkpoint (nothing is downloaded).
 
-        path: `.safetensors`, or `.ckpt` / `.pt` / `.pth` / `.bin` read with
+        path: a directory holding vqgan.safetensors or vqgan.ckpt (the layout of Liquid's demo
+        space, chameleon/vqgan.ckpt), or a file: `.safetensors`, or `.ckpt` / `.pt` / `.pth` / `.bin` read with
         torch.load(weights_only=True) (never full unpickling). The state dict may be at the top
         level or under "state_dict"; training-only keys ("loss.*") are dropped. config: the
         architecture (default VQGANConfig(), Chameleon's); dtype: the parameters' dtype (default
@@ -182,16 +183,32 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_
 # --- checkpoints ----------------------------------------------------------------------------
 
 
+CHECKPOINT_NAMES = ("vqgan.safetensors", "vqgan.ckpt")  # looked for inside a directory, in this order
+
+
+def checkpoint_file(path) -> str:
+    """`path` if it is a file, else the first of CHECKPOINT_NAMES inside the directory `path`.
+    Raises FileNotFoundError naming what was looked for."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in CHECKPOINT_NAMES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"VQGAN: the directory {path!r} holds none of {', '.join(CHECKPOINT_NAMES)}")
+    raise FileNotFoundError(f"VQGAN: no checkpoint file {path!r} (a local .safetensors or .ckpt/.pt file, or a "
+                            f"directory with {' or '.join(CHECKPOINT_NAMES)}; nothing is downloaded)")
+
+
 def load_taming_state_dict(path) -> dict:
-    """The tensors of a taming / Chameleon VQGAN checkpoint file, "loss.*" keys dropped.
+    """The tensors of a taming / Chameleon VQGAN checkpoint (a file, or a directory as in
+    checkpoint_file), "loss.*" keys dropped.
 
     Raises FileNotFoundError, ValueError for an unknown suffix or a file that is no state dict,
     VQGANCheckpointError for a pickle that torch.load(weights_only=True) refuses.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQGAN: no checkpoint file {path!r} (a local .safetensors or .ckpt/.pt file; "
-                                "nothing is downloaded)")
+    path = checkpoint_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
