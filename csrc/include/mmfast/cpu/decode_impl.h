@@ -3,8 +3,9 @@
 //
 // decode_attention: a task is (row b, KV head, chunk of kChunkKeys keys). It converts the
 // group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group),
-// scores key tiles of kKeyTile keys against them, and keeps an online softmax (running max,
-// sum and output rows) in the accumulation type. Chunks are folded in key order by a second
+// scores key tiles of kKeyTile keys against them (four keys per pass; K/V rows already in the
+// accumulation type are read in place, others converted into a tile), and keeps an online
+// softmax (running max, sum and output rows) in the accumulation type. Chunks are folded in key order by a second
 // pass (by the same task when a pair has one chunk: short contexts skip a second parallel pass).
 // Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
 // of the number of threads.
