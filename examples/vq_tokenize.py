@@ -113,6 +113,8 @@ def main():
         mmfast.set_backend(args.backend)
     device = torch.device(args.device)
     model = load_model(args).to(device=device, dtype=DTYPES[args.dtype])
+    if args.resolution is not None and args.resolution < 1:
+        raise SystemExit(f"--resolution must be a positive number of pixels, got {args.resolution}")
     resolution = args.resolution or (128 if args.tiny else 512)
     images = preprocess(load_image(args.image), resolution=resolution)
     model.encode(images)  # warm-up (first-call kernel selection, allocator)
