@@ -268,8 +268,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     Under torch.compile a torch.Generator cannot be traced: pass `uniform` (drawn outside the
     compiled function) or use the global generator (whose compiled draws differ from eager
     ones unless torch._inductor.config.fallback_random is set). top_k must be an int,
-    temperature, top_p and cfg_scale finite numbers; passing both uniform and generator raises
-    ValueError.
+    temperature, top_p and cfg_scale finite numbers (TypeError / ValueError); passing both
+    uniform and generator raises ValueError.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be a 2-D (rows, V) tensor, got shape {tuple(logits.shape)}")
@@ -309,9 +309,11 @@ def _check_sample_scalars(temperature, top_k, top_p, cfg_scale) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"sample: top_k must be an int (0: off), got {top_k!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("cfg_scale", cfg_scale)):
-        if value is None and name == "cfg_scale" or isinstance(value, (torch.SymInt, torch.SymFloat)):
+        if (value is None and name == "cfg_scale") or isinstance(value, (torch.SymInt, torch.SymFloat)):
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"sample: {name} must be a finite number, got {value!r}")
+        if not math.isfinite(value):
             raise ValueError(f"sample: {name} must be a finite number, got {value!r}")
 
 

@@ -4,7 +4,8 @@
 // decode_attention: a task is (row b, KV head, chunk of kChunkKeys keys). It converts the
 // group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group),
 // scores key tiles of kKeyTile keys against them (four keys per pass; K/V rows already in the
-// accumulation type are read in place, others converted into a tile), and keeps an online
+// accumulation type and a whole number of vectors long are read in place, others converted
+// into a tile), and keeps an online
 // softmax (running max, sum and output rows) in the accumulation type. Chunks are folded in key order by a second
 // pass (by the same task when a pair has one chunk: short contexts skip a second parallel pass).
 // Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
@@ -142,10 +143,10 @@ struct AttentionJob {
   // are; others are converted into buf (zero-padded to dp).
   bool reads_in_place() const { return std::is_same<scalar_t, acc_t>::value && p->head_dim == dp; }
 
-  // rows[t] = key / value row k0 + t (t < count) in acc_t, dp wide; rows past count point to
+  // out[t] = key / value row k0 + t (t < count) in acc_t, dp wide; entries past count point to
   // rows of buf (finite, masked out by the caller).
   void key_rows(const TokenTensor& cache, int64_t b, int64_t kv_head, int64_t k0, int64_t count, int64_t end,
-                acc_t* buf, const acc_t** rows) const {
+                acc_t* buf, const acc_t** out) const {
     const int64_t row_bytes = p->head_dim * int64_t(sizeof(scalar_t));
     const bool in_place = reads_in_place();
     for (int64_t t = 0; t < count; ++t) {
@@ -156,13 +157,13 @@ struct AttentionJob {
           __builtin_prefetch(reinterpret_cast<const char*>(next) + off, 0, 3);
       }
       if (in_place) {
-        rows[t] = reinterpret_cast<const acc_t*>(src);
+        out[t] = reinterpret_cast<const acc_t*>(src);
       } else {
         for (int64_t d = 0; d < p->head_dim; ++d) buf[t * dp + d] = to_acc(src[d]);
-        rows[t] = buf + t * dp;
+        out[t] = buf + t * dp;
       }
     }
-    for (int64_t t = count; t < kKeyTile; ++t) rows[t] = buf + t * dp;
+    for (int64_t t = count; t < kKeyTile; ++t) out[t] = buf + t * dp;
   }
 
   void run_task(int64_t task, acc_t* qbuf, acc_t* kbuf, acc_t* vbuf, acc_t* scores) const {
@@ -197,7 +198,8 @@ struct AttentionJob {
                        int64_t count, int64_t first, int64_t last, acc_t* scores, acc_t* state) const {
     const acc_t neg_inf = -__builtin_inf();
     acc_t tile_max = neg_inf;
-    for (int64_t t = 0; t < kKeyTile; t += 4) dot_four_keys(q, key_row + t, scores + t);
+    static_assert(kKeyTile % 4 == 0, "dot_four_keys scores whole groups of four rows of the tile");
+    for (int64_t t = 0; t < count; t += 4) dot_four_keys(q, key_row + t, scores + t);  // t >= count: masked
     for (int64_t t = 0; t < kKeyTile; ++t) {
       const int64_t key = k0 + t;
       acc_t s = neg_inf;
@@ -474,8 +476,9 @@ constexpr int64_t kLinearXRows = MMFAST_VECTOR_BYTES >= 64 ? 8 : 4;
 // ahead of the loads the prefetch hints run, 0 for none. Measured over 551 MB against a torch
 // sum of the same bytes: on an AMD EPYC with AVX-512, 2 KB ahead read as fast as the sum
 // (1.02x); on an AMD EPYC with AVX2 only, hints slowed the stream (2 KB: 1.19x, 512 B: 1.06x,
-// none: 1.05x the sum), so the AVX2 and SSE builds issue none. Both can be overridden at build
-// time (benchmarks/probes/decode_stream_prefetch.py times the variants on a new CPU).
+// none: 1.05x the sum), so the AVX2 and generic builds (SSE; every non-x86 CPU, not measured)
+// issue none. Both can be overridden at build time, e.g. CFLAGS=-DMMFAST_DECODE_STREAM_PREFETCH_BYTES=512
+// (benchmarks/probes/decode_stream_prefetch.py times the variants on a new CPU).
 #ifndef MMFAST_DECODE_STREAM_CHAINS
 #define MMFAST_DECODE_STREAM_CHAINS 4
 #endif
@@ -484,6 +487,7 @@ constexpr int64_t kLinearXRows = MMFAST_VECTOR_BYTES >= 64 ? 8 : 4;
 #endif
 constexpr int kStreamChains = MMFAST_DECODE_STREAM_CHAINS;
 constexpr int64_t kStreamPrefetchBytes = MMFAST_DECODE_STREAM_PREFETCH_BYTES;
+static_assert(kStreamChains >= 1 && kStreamPrefetchBytes >= 0, "M = 1 stream: chains >= 1, prefetch bytes >= 0");
 
 // W consecutive elements of a weight row as a vector of the accumulation type.
 inline Vec<float>::type load_weights(const float* p) { return load<float>(p); }

@@ -50,6 +50,13 @@ __all__ = ["LiquidLM", "LiquidLMConfig", "LiquidLMCheckpointError"]
 # --- the model ---------------------------------------------------------------------------------------
 
 
+def _index(device: torch.device) -> int:
+    """The device's index; "cuda" without one names the current CUDA device, "cpu" the only CPU."""
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
+
+
 class LiquidLM(nn.Module):
     """Decoder-only LM (Llama / Gemma / Gemma-2) with a static KV cache on mmfast's decode ops.
 
@@ -105,15 +112,14 @@ class LiquidLM(nn.Module):
             raise ValueError(f"LiquidLM.setup_caches: max_batch and max_tokens must be >= 1, got {max_batch}, "
                              f"{max_tokens}")
         dtype, device = dtype or self.dtype, torch.device(device) if device is not None else self.device
-        same_device = device.type == self.device.type and device.index in (None, self.device.index)
-        if dtype != self.dtype or not same_device:
+        if dtype != self.dtype or device.type != self.device.type or _index(device) != _index(self.device):
             raise ValueError(f"LiquidLM.setup_caches: the caches must have the model's dtype and device "
                              f"({self.dtype}, {self.device}), got {dtype}, {device}; move the model with .to() first")
         cfg = self.config
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, max_tokens, cfg.num_key_value_heads, cfg.head_dim, dtype,
-                                               device)
-        self.cache_seqlens = torch.zeros((max_batch,), dtype=torch.int32, device=device)
+                                               self.device)
+        self.cache_seqlens = torch.zeros((max_batch,), dtype=torch.int32, device=self.device)
         self.tokens_held = 0
 
     def cache_shape(self) -> Optional[Tuple[int, int]]:
