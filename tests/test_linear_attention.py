@@ -300,7 +300,7 @@ def test_apply_rejects_mismatched_state():
     state, mean = linear_attention_state(k, v)
     with pytest.raises(ValueError, match="state must be"):
         linear_attention_apply(q, state[:, :1], mean)
-    with pytest.raises(TypeError, match="must be Float for Float inputs"):
+    with pytest.raises(TypeError, match="must be torch.float32 for torch.float32 inputs"):
         linear_attention_apply(q, state.double(), mean)
     with pytest.raises(TypeError, match="must be torch.float32 for torch.float32 inputs"):
         linear_attention_apply(q, state.double(), mean, backend="reference")

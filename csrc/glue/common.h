@@ -18,6 +18,23 @@
 namespace mmfast {
 namespace glue {
 
+// A dtype as Python names it ("torch.int64"), so errors read like the Python-side checks'.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 // The kernels' DType of a float tensor; TypeError naming `op` and `name` otherwise.
 inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -26,7 +43,8 @@ inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
     case at::kBFloat16: return DType::kBFloat16;
     case at::kDouble: return DType::kFloat64;
     default:
-      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float16, bfloat16 or float64, got ",
+                       dtype_name(t.scalar_type()));
   }
 }
 
@@ -80,7 +98,7 @@ inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDou
 inline void check_same_dtype_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
                                     const char* op) {
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": all inputs must have the same dtype, got ", an, ": ",
-                   a.scalar_type(), ", ", bn, ": ", b.scalar_type());
+                   dtype_name(a.scalar_type()), ", ", bn, ": ", dtype_name(b.scalar_type()));
   TORCH_CHECK_TYPE(a.device() == b.device(), op, ": all inputs must have the same device, got ", an, ": ", a.device(),
                    ", ", bn, ": ", b.device());
 }

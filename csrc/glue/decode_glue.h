@@ -48,7 +48,7 @@ inline void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, c
 
 inline void check_seqlens(const at::Tensor& seqlens, const at::Tensor& cache, const char* op) {
   TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32 (B,), got ",
-                   seqlens.scalar_type());
+                   dtype_name(seqlens.scalar_type()));
   TORCH_CHECK_VALUE(seqlens.dim() == 1 && seqlens.size(0) == cache.size(0), op, ": cache_seqlens must be (",
                     cache.size(0), ",), one length per row, got ", seqlens.sizes());
   TORCH_CHECK_TYPE(seqlens.device() == cache.device(), op,
@@ -107,7 +107,7 @@ inline int64_t check_sample(const at::Tensor& logits, const at::Tensor& uniform,
   }
   TORCH_CHECK_VALUE(uniform.scalar_type() == at::kFloat && uniform.dim() == 1 && uniform.size(0) == rows, op,
                     ": uniform must be float32 (", rows, ",), one number in [0, 1) per sampled row, got ",
-                    uniform.scalar_type(), " ", uniform.sizes());
+                    dtype_name(uniform.scalar_type()), " ", uniform.sizes());
   TORCH_CHECK_TYPE(uniform.device() == logits.device(), op, ": all inputs must have the same device, got logits: ",
                    logits.device(), ", uniform: ", uniform.device());
   TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0 (0: greedy), got ", temperature);

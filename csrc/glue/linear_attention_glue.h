@@ -75,7 +75,8 @@ inline void check_apply(const at::Tensor& q, const at::Tensor& state, const at::
   check_head_dim(state.size(3), "Dv (state.shape[-1])");
   const auto acc = accumulation_type(q.scalar_type());
   TORCH_CHECK_TYPE(state.scalar_type() == acc && mean.scalar_type() == acc, "linear_attention: state and mean must be ",
-                   acc, " for ", q.scalar_type(), " inputs, got ", state.scalar_type(), " and ", mean.scalar_type());
+                   dtype_name(acc), " for ", dtype_name(q.scalar_type()), " inputs, got ",
+                   dtype_name(state.scalar_type()), " and ", dtype_name(mean.scalar_type()));
   TORCH_CHECK_TYPE(state.device() == q.device() && mean.device() == q.device(),
                    "linear_attention: all inputs must have the same device, got q: ", q.device(),
                    ", state: ", state.device(), ", mean: ", mean.device());
@@ -221,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward(const at::Ten
                         grad_mean_in.size(1) == k_in.size(2) && grad_mean_in.size(2) == k_in.size(3),
                     "linear_attention: grad_mean must be (B, H, Dk), got ", grad_mean_in.sizes());
   TORCH_CHECK_TYPE(grad_state_in.scalar_type() == acc && grad_mean_in.scalar_type() == acc,
-                   "linear_attention: grad_state and grad_mean must be ", acc, ", got ", grad_state_in.scalar_type(),
-                   " and ", grad_mean_in.scalar_type());
+                   "linear_attention: grad_state and grad_mean must be ", dtype_name(acc), ", got ",
+                   dtype_name(grad_state_in.scalar_type()), " and ", dtype_name(grad_mean_in.scalar_type()));
   TORCH_CHECK_TYPE(grad_state_in.device() == k_in.device() && grad_mean_in.device() == k_in.device(),
                    "linear_attention: all inputs must have the same device");
   const c10::DeviceGuard guard(k_in.device());

@@ -25,11 +25,11 @@ std::vector<int64_t> pruned_weight_cache(int64_t budget_mb, bool clear);
 inline int64_t check_routing_mask(const at::Tensor& sample_codes, int64_t batch, const at::Tensor& mask,
                                   const char* name, int64_t channels, int64_t codes, const char* op) {
   TORCH_CHECK_TYPE(sample_codes.scalar_type() == at::kLong || sample_codes.scalar_type() == at::kInt, op,
-                   ": sample_codes must be int64 or int32, got ", sample_codes.scalar_type());
+                   ": sample_codes must be int64 or int32, got ", dtype_name(sample_codes.scalar_type()));
   TORCH_CHECK_VALUE(sample_codes.dim() == 1 && sample_codes.size(0) == batch, op, ": sample_codes must be (", batch,
                     ",), one architecture code per sample, got shape ", sample_codes.sizes());
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": ", name, " must be a bool (K, ", channels,
-                   ") tensor, got ", mask.scalar_type());
+                   ") tensor, got ", dtype_name(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(1) == channels && mask.size(0) > 0, op, ": ", name, " must be (K, ",
                     channels, ") with K >= 1 codes, got shape ", mask.sizes());
   TORCH_CHECK_VALUE(codes <= 0 || mask.size(0) == codes, op, ": the masks must agree on the number of codes K, got ",

@@ -39,8 +39,8 @@ inline void check_quantize(const at::Tensor& z, const at::Tensor& codebook, cons
     TORCH_CHECK_VALUE(sqnorm->dim() == 1 && sqnorm->size(0) == codebook.size(0), op, ": codebook_sqnorm must be (",
                       codebook.size(0), ",), got ", sqnorm->sizes());
     const auto acc = accumulation_type(codebook.scalar_type());
-    TORCH_CHECK_TYPE(sqnorm->scalar_type() == acc, op, ": codebook_sqnorm must be ", acc, " for ",
-                     codebook.scalar_type(), " codebooks, got ", sqnorm->scalar_type());
+    TORCH_CHECK_TYPE(sqnorm->scalar_type() == acc, op, ": codebook_sqnorm must be ", dtype_name(acc), " for ",
+                     dtype_name(codebook.scalar_type()), " codebooks, got ", dtype_name(sqnorm->scalar_type()));
     TORCH_CHECK_TYPE(sqnorm->device() == codebook.device(), op, ": all inputs must have the same device, got codebook: ",
                      codebook.device(), ", codebook_sqnorm: ", sqnorm->device());
   }
@@ -83,7 +83,7 @@ at::Tensor vq_dequantize(const at::Tensor& indices_in, const at::Tensor& codeboo
   const char* op = "vq_dequantize";
   check_codebook(codebook_in, op);
   TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt, op,
-                   ": indices must be int64 or int32, got ", indices_in.scalar_type());
+                   ": indices must be int64 or int32, got ", dtype_name(indices_in.scalar_type()));
   TORCH_CHECK_TYPE(indices_in.device() == codebook_in.device(), op, ": all inputs must have the same device, got indices: ",
                    indices_in.device(), ", codebook: ", codebook_in.device());
   TORCH_CHECK_VALUE(!channels_first || indices_in.dim() == 3, op, ": channels_first needs (B, h, w) indices, got shape ",

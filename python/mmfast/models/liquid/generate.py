@@ -201,7 +201,8 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     """
     side = math.isqrt(image_tokens)
     if image_tokens < 1 or side * side != image_tokens:
-        raise ValueError(f"generate_images: image_tokens must be a square number (1024 = 32 x 32), got {image_tokens}")
+        raise ValueError(f"generate_images: image_tokens must be a positive square number (1024 = 32 x 32), got "
+                         f"{image_tokens}")
     if num_images < 1:
         raise ValueError(f"generate_images: num_images must be >= 1, got {num_images}")
     if image_vocab_start < 0 or image_vocab_size < 1 or image_vocab_start + image_vocab_size > model.config.vocab_size:
