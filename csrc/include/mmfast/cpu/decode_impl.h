@@ -5,9 +5,8 @@
 // group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group),
 // scores key tiles of kKeyTile keys against them (four keys per pass; K/V rows already in the
 // accumulation type and a whole number of vectors long are read in place, others converted
-// into a tile), and keeps an online
-// softmax (running max, sum and output rows) in the accumulation type. Chunks are folded in key order by a second
-// pass (by the same task when a pair has one chunk: short contexts skip a second parallel pass).
+// into a tile), and keeps an online softmax (running max, sum and output rows) in the
+// accumulation type. Chunks are folded in key order by a second pass (by the same task when a pair has one chunk: short contexts skip a second parallel pass).
 // Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
 // of the number of threads.
 // decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
@@ -477,8 +476,8 @@ constexpr int64_t kLinearXRows = MMFAST_VECTOR_BYTES >= 64 ? 8 : 4;
 // sum of the same bytes: on an AMD EPYC with AVX-512, 2 KB ahead read as fast as the sum
 // (1.02x); on an AMD EPYC with AVX2 only, hints slowed the stream (2 KB: 1.19x, 512 B: 1.06x,
 // none: 1.05x the sum), so the AVX2 and generic builds (SSE; every non-x86 CPU, not measured)
-// issue none. Both can be overridden at build time, e.g. CFLAGS=-DMMFAST_DECODE_STREAM_PREFETCH_BYTES=512
-// (benchmarks/probes/decode_stream_prefetch.py times the variants on a new CPU).
+// issue none. Both can be overridden at build time with -D (as
+// benchmarks/probes/decode_stream_prefetch.py does to time the variants on a new CPU).
 #ifndef MMFAST_DECODE_STREAM_CHAINS
 #define MMFAST_DECODE_STREAM_CHAINS 4
 #endif
