@@ -6,7 +6,8 @@
 // scores key tiles of kKeyTile keys against them (four keys per pass; K/V rows already in the
 // accumulation type and a whole number of vectors long are read in place, others converted
 // into a tile), and keeps an online softmax (running max, sum and output rows) in the
-// accumulation type. Chunks are folded in key order by a second pass (by the same task when a pair has one chunk: short contexts skip a second parallel pass).
+// accumulation type. Chunks are folded in key order by a second pass (by the same task when a
+// pair has one chunk: short contexts skip a second parallel pass).
 // Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
 // of the number of threads.
 // decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
