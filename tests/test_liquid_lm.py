@@ -439,6 +439,20 @@ def test_decode_step_refuses_to_overrun_the_cache():
         model.decode_step(torch.tensor([[4]]))
 
 
+def test_prefill_empties_the_rows_it_does_not_fill():
+    """A second, smaller prefill must not leave the first one's rows behind: decoding such a row
+    starts from an empty cache, as on a fresh model (found by a new-user trial)."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB)
+    model.setup_caches(2, 16)
+    model.prefill(torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]))
+    model.prefill(torch.tensor([[5, 6, 7]]))
+    assert model.cache_seqlens.tolist() == [3, 0]
+    step = model.decode_step(torch.tensor([[13], [14]]))
+    fresh = tiny_liquid_lm("llama", vocab_size=VOCAB)
+    fresh.setup_caches(1, 16)
+    torch.testing.assert_close(step[1], fresh.decode_step(torch.tensor([[14]]))[0], rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_weights_still_give_input_gradients():
     """Prompt tuning / LoRA: frozen weights, an input that requires grad (found in review)."""
     model = tiny_liquid_lm("llama", vocab_size=VOCAB).requires_grad_(False)

@@ -182,13 +182,15 @@ class LiquidLM(nn.Module):
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, *,
                 logits_rows: Optional[slice] = None) -> torch.Tensor:
-        """Empties the cache, runs right-padded prompts (B, S) with lengths (B,) (>= 1 each),
-        writes all S keys / values per row and sets cache_seqlens[:B] = lengths (later appends
-        overwrite the padding slots). Returns (B, V) fp32 logits at each row's last token."""
+        """Empties the cache (every row: rows past B are left empty, so a later decode_step over
+        them starts at position 0 rather than after an earlier prompt), runs right-padded prompts
+        (B, S) with lengths (B,) (>= 1 each), writes all S keys / values per row and sets
+        cache_seqlens[:B] = lengths (later appends overwrite the padding slots). Returns (B, V)
+        fp32 logits at each row's last token."""
         tokens, lengths = _check_tokens(tokens, lengths, self.device)
         batch, seq = tokens.shape
         seqlens = self._cache_lengths(batch, seq)
-        seqlens.zero_()
+        self.cache_seqlens.zero_()
         positions = torch.arange(seq, device=tokens.device).expand_as(tokens)
         hidden = self._run(tokens, positions, self._masks(lengths, seq), seqlens)
         seqlens.copy_(lengths)
