@@ -1,12 +1,14 @@
 // CPU decode kernels, written once and compiled per ISA (torch-free). Per-ISA code, included
 // only through mmfast/cpu/instantiate_isas.h (see csrc/cpu/decode_kernels.cpp). Rules: mmfast/decode.h.
 //
-// decode_attention: a task is (row b, KV head, chunk of kChunkKeys keys). It converts the
-// group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group),
-// scores key tiles of kKeyTile keys against them (four keys per pass; K/V rows already in the
-// accumulation type and a whole number of vectors long are read in place, others converted
-// into a tile), and keeps an online softmax (running max, sum and output rows) in the
-// accumulation type. Chunks are folded in key order by a second pass (by the same task when a
+// decode_attention: a task is (row b, block of KV heads, chunk of kChunkKeys keys). A block's
+// heads lie side by side in each token's cache row, so a task reads runs of up to a 4 KB page
+// per token (one head's rows alone are H_kv x D apart: a TLB miss per token and a row). Per
+// head it converts the group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read
+// serves the group, and each loaded vector serves kRowBlock rows), scores key tiles of
+// kKeyTile keys against them (four keys per pass; K/V rows already in the accumulation type
+// and a whole number of vectors long are read in place, others converted into a tile), and
+// keeps an online softmax (running max, sum and output rows) in the accumulation type. Chunks are folded in key order by a second pass (by the same task when a
 // pair has one chunk: short contexts skip a second parallel pass).
 // Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
 // of the number of threads.
@@ -30,7 +32,20 @@ namespace decode {  // this family's names, apart from other families' in the sa
 
 constexpr int64_t kKeyTile = 32;     // keys scored together
 constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-order fold
-constexpr int64_t kPrefetchKeys = 4;  // how many tokens ahead K/V rows are prefetched
+// Build-time overrides, for probes (benchmarks/probes/decode_attention_head_block.py).
+#ifndef MMFAST_DECODE_ATTENTION_BLOCK_BYTES
+#define MMFAST_DECODE_ATTENTION_BLOCK_BYTES 4096  // bytes of a token's cache row a task reads: a page
+#endif
+#ifndef MMFAST_DECODE_ATTENTION_PREFETCH_KEYS
+#define MMFAST_DECODE_ATTENTION_PREFETCH_KEYS 4
+#endif
+constexpr int64_t kBlockBytes = MMFAST_DECODE_ATTENTION_BLOCK_BYTES;
+constexpr int64_t kPrefetchKeys = MMFAST_DECODE_ATTENTION_PREFETCH_KEYS;  // tokens ahead K/V rows are prefetched
+static_assert(kBlockBytes >= 1 && kPrefetchKeys >= 0, "decode_attention: block bytes >= 1, prefetch keys >= 0");
+// Query rows (GQA group x Sq) that share each loaded key / value vector: the vector accumulators
+// (rows x keys or rows x value vectors) fill about half of the 16 / 32 vector registers.
+constexpr int kRowBlock = MMFAST_VECTOR_BYTES >= 64 ? 4 : 2;
+constexpr int kValueAccumulators = 8;
 
 template <typename scalar_t>
 const scalar_t* token_at(const TokenTensor& t, int64_t b, int64_t n, int64_t h) {
@@ -103,6 +118,7 @@ template <typename scalar_t, typename acc_t>
 struct AttentionJob {
   const DecodeAttentionParams* p;
   int64_t group, rows, dp, chunks;
+  int64_t head_block;  // KV heads per task (divides H_kv)
   acc_t* partial;  // [(b * H_kv + kv head) * chunks + chunk][rows][dp + 2]: output rows, then max, sum
 
   int64_t partial_stride() const { return dp + 2; }
@@ -117,15 +133,16 @@ struct AttentionJob {
   static void run(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<AttentionJob*>(ctx);
     const int64_t dp = job.dp, rows = job.rows;
-    Scratch<acc_t> scratch(size_t(rows * dp + 2 * kKeyTile * dp + rows * kKeyTile));
+    Scratch<acc_t> scratch(size_t(job.head_block * rows * dp + 2 * kKeyTile * dp + rows * kKeyTile));
     acc_t* qbuf = scratch.data;
-    acc_t* kbuf = qbuf + rows * dp;
+    acc_t* kbuf = qbuf + job.head_block * rows * dp;
     acc_t* vbuf = kbuf + kKeyTile * dp;
     acc_t* scores = vbuf + kKeyTile * dp;
     __builtin_memset(kbuf, 0, sizeof(acc_t) * size_t(2 * kKeyTile * dp));  // zero padding past D
     for (int64_t task = begin; task < end; ++task) {
       job.run_task(task, qbuf, kbuf, vbuf, scores);
-      if (job.chunks == 1) job.fold(task);  // the pair's only chunk: no second pass to wait for
+      if (job.chunks == 1)  // the pairs' only chunk: no second pass to wait for
+        for (int64_t j = 0; j < job.head_block; ++j) job.fold(task * job.head_block + j);
     }
   }
 
@@ -166,40 +183,75 @@ struct AttentionJob {
     for (int64_t t = count; t < kKeyTile; ++t) out[t] = buf + t * dp;
   }
 
+  // Task (b, block, chunk) = (b * H_kv / head_block + block) * chunks + chunk; its partial states
+  // are those of (b, KV head, chunk) for the block's heads.
   void run_task(int64_t task, acc_t* qbuf, acc_t* kbuf, acc_t* vbuf, acc_t* scores) const {
-    const int64_t chunk = task % chunks, kv_head = (task / chunks) % p->kv_heads, b = task / chunks / p->kv_heads;
+    const int64_t chunk = task % chunks, first_pair = task / chunks * head_block, b = first_pair / p->kv_heads;
     const int64_t length = p->cache_seqlens[b];
     const int64_t lo = first_key(length, 0) + chunk * kChunkKeys, hi = min_i64(lo + kChunkKeys, length);
-    acc_t* state = partial_of(task);
     const int64_t ps = partial_stride();
-    for (int64_t r = 0; r < rows; ++r) {
-      __builtin_memset(state + r * ps, 0, sizeof(acc_t) * size_t(dp));
-      state[r * ps + dp] = -__builtin_inf();  // running max
-      state[r * ps + dp + 1] = 0;             // running sum
+    for (int64_t j = 0; j < head_block; ++j) {
+      acc_t* state = partial_of((first_pair + j) * chunks + chunk);
+      for (int64_t r = 0; r < rows; ++r) {
+        __builtin_memset(state + r * ps, 0, sizeof(acc_t) * size_t(dp));
+        state[r * ps + dp] = -__builtin_inf();  // running max
+        state[r * ps + dp + 1] = 0;             // running sum
+      }
     }
     if (lo >= hi) return;
-    load_queries(b, kv_head, qbuf);
+    const int64_t first_head = first_pair % p->kv_heads;
+    for (int64_t j = 0; j < head_block; ++j) load_queries(b, first_head + j, qbuf + j * rows * dp);
     const acc_t* key_row[kKeyTile];
     const acc_t* value_row[kKeyTile];
     for (int64_t k0 = lo; k0 < hi; k0 += kKeyTile) {
       const int64_t count = min_i64(kKeyTile, hi - k0);
-      key_rows(p->k_cache, b, kv_head, k0, count, hi, kbuf, key_row);
-      key_rows(p->v_cache, b, kv_head, k0, count, hi, vbuf, value_row);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = r % p->queries;
-        accumulate_tile(qbuf + r * dp, key_row, value_row, k0, count, first_key(length, i), position(length, i),
-                        scores, state + r * ps);
+      for (int64_t j = 0; j < head_block; ++j) {
+        key_rows(p->k_cache, b, first_head + j, k0, count, hi, kbuf, key_row);
+        key_rows(p->v_cache, b, first_head + j, k0, count, hi, vbuf, value_row);
+        accumulate_tile(qbuf + j * rows * dp, key_row, value_row, k0, count, length, scores,
+                        partial_of((first_pair + j) * chunks + chunk));
       }
     }
   }
 
-  // One query row against `count` keys starting at k0; state = [output row (dp), max, sum].
-  void accumulate_tile(const acc_t* q, const acc_t* const* key_row, const acc_t* const* value_row, int64_t k0,
-                       int64_t count, int64_t first, int64_t last, acc_t* scores, acc_t* state) const {
+  // Every query row against `count` keys starting at k0. scores: rows x kKeyTile scratch; state:
+  // rows x [output row (dp), max, sum]. Rows are taken kRowBlock at a time, so that each key and
+  // value vector loaded serves several rows (GQA); a row's arithmetic is the same either way.
+  void accumulate_tile(const acc_t* qbuf, const acc_t* const* key_row, const acc_t* const* value_row, int64_t k0,
+                       int64_t count, int64_t length, acc_t* scores, acc_t* state) const {
+    static_assert(kKeyTile % 4 == 0, "dot_keys scores whole groups of four rows of the tile");
+    const int64_t ps = partial_stride();
+    for (int64_t t = 0; t < count; t += 4) {  // t >= count: masked below
+      int64_t r = 0;
+      for (; r + kRowBlock <= rows; r += kRowBlock)
+        dot_keys<kRowBlock>(qbuf + r * dp, key_row + t, scores + r * kKeyTile + t);
+      for (; r < rows; ++r) dot_keys<1>(qbuf + r * dp, key_row + t, scores + r * kKeyTile + t);
+    }
+    const acc_t* block_scores[kRowBlock];
+    acc_t block_rescale[kRowBlock];
+    acc_t* block_state[kRowBlock];
+    int live = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r % p->queries;
+      acc_t* row_scores = scores + r * kKeyTile;
+      acc_t rescale;
+      if (!softmax_tile(k0, count, first_key(length, i), position(length, i), row_scores, state + r * ps, rescale))
+        continue;  // no visible key in this tile: the row's state is unchanged
+      block_scores[live] = row_scores, block_rescale[live] = rescale, block_state[live] = state + r * ps;
+      if (++live == kRowBlock) add_value_rows<kRowBlock>(value_row, count, block_scores, block_rescale, block_state),
+                               live = 0;
+    }
+    for (int j = 0; j < live; ++j)
+      add_value_rows<1>(value_row, count, block_scores + j, block_rescale + j, block_state + j);
+  }
+
+  // One row's raw dot products scores[0:kKeyTile] become exp(score - new max) (masked keys: 0);
+  // the row's running max and sum move on, and rescale = exp(old max - new max) is what its
+  // output row must be multiplied by. False (nothing changed) when no key of the tile is visible.
+  bool softmax_tile(int64_t k0, int64_t count, int64_t first, int64_t last, acc_t* scores, acc_t* state,
+                    acc_t& rescale) const {
     const acc_t neg_inf = -__builtin_inf();
     acc_t tile_max = neg_inf;
-    static_assert(kKeyTile % 4 == 0, "dot_four_keys scores whole groups of four rows of the tile");
-    for (int64_t t = 0; t < count; t += 4) dot_four_keys(q, key_row + t, scores + t);  // t >= count: masked
     for (int64_t t = 0; t < kKeyTile; ++t) {
       const int64_t key = k0 + t;
       acc_t s = neg_inf;
@@ -210,50 +262,69 @@ struct AttentionJob {
       scores[t] = s;
       tile_max = s > tile_max ? s : tile_max;
     }
-    if (tile_max == neg_inf) return;  // no visible key in this tile
+    if (tile_max == neg_inf) return false;
     acc_t& max = state[dp];
     acc_t& sum = state[dp + 1];
     const acc_t new_max = tile_max > max ? tile_max : max;
-    const acc_t rescale = exp_acc(max - new_max);  // 0 while max is -inf
+    rescale = exp_acc(max - new_max);  // 0 while max is -inf
     exp_shifted(scores, kKeyTile, new_max);
-    constexpr int64_t W = Vec<acc_t>::width;
     acc_t tile_sum = 0;
     for (int64_t t = 0; t < count; ++t) tile_sum += scores[t];
-    int64_t d = 0;
-    for (; d + 8 * W <= dp; d += 8 * W) add_values<8>(d, value_row, count, scores, rescale, state);
-    if (d + 4 * W <= dp) add_values<4>(d, value_row, count, scores, rescale, state), d += 4 * W;
-    if (d + 2 * W <= dp) add_values<2>(d, value_row, count, scores, rescale, state), d += 2 * W;
-    if (d < dp) add_values<1>(d, value_row, count, scores, rescale, state);
     sum = sum * rescale + tile_sum;
     max = new_max;
+    return true;
   }
 
-  // scores[0:4] = dot(q, keys[j]): four independent FMA chains (one key at a time is bound by the
-  // FMA latency, not by the reads).
-  void dot_four_keys(const acc_t* q, const acc_t* const* keys, acc_t* scores) const {
+  // scores[r * kKeyTile + j] = dot(query row r, keys[j]) for R rows (dp apart) and four keys:
+  // 4R independent FMA chains (one key at a time is bound by the FMA latency, not by the reads).
+  template <int R>
+  void dot_keys(const acc_t* q, const acc_t* const* keys, acc_t* scores) const {
     using V = typename Vec<acc_t>::type;
     constexpr int64_t W = Vec<acc_t>::width;
-    V acc[4] = {};
+    V acc[R][4] = {};
     for (int64_t d = 0; d < dp; d += W) {
-      const V qv = load<acc_t>(q + d);
-      for (int j = 0; j < 4; ++j) acc[j] += qv * load<acc_t>(keys[j] + d);
+      V key[4];
+      for (int j = 0; j < 4; ++j) key[j] = load<acc_t>(keys[j] + d);
+      for (int r = 0; r < R; ++r) {
+        const V qv = load<acc_t>(q + r * dp + d);
+        for (int j = 0; j < 4; ++j) acc[r][j] += qv * key[j];
+      }
     }
-    for (int j = 0; j < 4; ++j) scores[j] = sum_lanes<acc_t>(acc[j]);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) scores[r * kKeyTile + j] = sum_lanes<acc_t>(acc[r][j]);
   }
 
-  // state[d:d + NV * W] = state * rescale + sum_t scores[t] * value row t: NV independent chains.
-  template <int NV>
-  void add_values(int64_t d, const acc_t* const* value_row, int64_t count, const acc_t* scores, acc_t rescale,
-                  acc_t* state) const {
+  // For R rows: output row = output row * rescale + sum_t scores[t] * value row t, in column
+  // blocks of NV = kValueAccumulators / R vectors, then halves of that for the rest (each
+  // element's sum runs in key order whatever R and NV are).
+  template <int R, int NV = kValueAccumulators / R>
+  void add_value_rows(const acc_t* const* value_row, int64_t count, const acc_t* const* scores,
+                      const acc_t* rescale, acc_t* const* state, int64_t d = 0) const {
+    static_assert(NV >= 1, "kValueAccumulators >= R");
+    constexpr int64_t W = Vec<acc_t>::width;
+    for (; d + NV * W <= dp; d += NV * W) add_values<R, NV>(d, value_row, count, scores, rescale, state);
+    if constexpr (NV > 1) add_value_rows<R, NV / 2>(value_row, count, scores, rescale, state, d);
+  }
+
+  // state[r][d:d + NV * W] = state * rescale[r] + sum_t scores[r][t] * value row t: R x NV chains.
+  template <int R, int NV>
+  void add_values(int64_t d, const acc_t* const* value_row, int64_t count, const acc_t* const* scores,
+                  const acc_t* rescale, acc_t* const* state) const {
     using V = typename Vec<acc_t>::type;
     constexpr int64_t W = Vec<acc_t>::width;
-    V acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = load<acc_t>(state + d + j * W) * splat<acc_t>(rescale);
+    V acc[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) acc[r][j] = load<acc_t>(state[r] + d + j * W) * splat<acc_t>(rescale[r]);
     for (int64_t t = 0; t < count; ++t) {
-      const V s = splat<acc_t>(scores[t]);
-      for (int j = 0; j < NV; ++j) acc[j] += s * load<acc_t>(value_row[t] + d + j * W);
+      V value[NV];
+      for (int j = 0; j < NV; ++j) value[j] = load<acc_t>(value_row[t] + d + j * W);
+      for (int r = 0; r < R; ++r) {
+        const V s = splat<acc_t>(scores[r][t]);
+        for (int j = 0; j < NV; ++j) acc[r][j] += s * value[j];
+      }
     }
-    for (int j = 0; j < NV; ++j) store<acc_t>(state + d + j * W, acc[j]);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) store<acc_t>(state[r] + d + j * W, acc[r][j]);
   }
 
   // Folds the chunks of (b, KV head) in key order and writes the output rows.
@@ -283,6 +354,20 @@ struct AttentionJob {
   }
 };
 
+// KV heads per task: the most (a divisor of H_kv) whose rows fit kBlockBytes, while that still
+// leaves two tasks per thread. Any choice gives the same bits: each head's sums are its own.
+inline int64_t attention_head_block(int64_t kv_heads, int64_t row_bytes, int64_t tasks_per_head) {
+  const auto too_big = [&](int64_t block) {
+    return block * row_bytes > kBlockBytes || tasks_per_head * (kv_heads / block) < 2 * max_threads();
+  };
+  int64_t block = kv_heads;
+  while (block > 1 && too_big(block)) {
+    do --block;
+    while (kv_heads % block != 0);
+  }
+  return block;
+}
+
 template <typename scalar_t, typename acc_t>
 void attention_typed(const DecodeAttentionParams& p, int64_t longest_range) {
   AttentionJob<scalar_t, acc_t> job;
@@ -292,9 +377,10 @@ void attention_typed(const DecodeAttentionParams& p, int64_t longest_range) {
   job.dp = padded<acc_t>(p.head_dim);
   job.chunks = max_i64(1, ceil_div(longest_range, kChunkKeys));
   const int64_t pairs = p.batch * p.kv_heads;
+  job.head_block = attention_head_block(p.kv_heads, p.head_dim * int64_t(sizeof(scalar_t)), p.batch * job.chunks);
   Scratch<acc_t> partial(size_t(pairs * job.chunks * job.rows * (job.dp + 2)));
   job.partial = partial.data;
-  parallel_for(pairs * job.chunks, &job, &AttentionJob<scalar_t, acc_t>::run);
+  parallel_for(pairs / job.head_block * job.chunks, &job, &AttentionJob<scalar_t, acc_t>::run);
   if (job.chunks > 1) parallel_for(pairs, &job, &AttentionJob<scalar_t, acc_t>::run_fold);
 }
 
