@@ -3,6 +3,7 @@ one-step formula against diffusers' scheduler, the pipeline (mask_only, bf16, TT
 bad input) and the linear-attention option, on tiny random models (CPU)."""
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -278,6 +279,8 @@ def test_segment_bf16_is_close_to_fp32():
     assert pipe.dtype == torch.bfloat16
     # The documented bf16 tolerance (README): maps in [0, 1] within 0.05 max / 0.01 mean.
     assert (bf16 - fp32).abs().max() < 0.05 and (bf16 - fp32).abs().mean() < 0.01
+    with pytest.warns(UserWarning, match="does not restore their float32 values"):
+        pipe.segment(image(), resolution=64, dtype=torch.float32)
 
 
 def test_segment_fp16_warns():
@@ -327,6 +330,10 @@ def test_segment_rejects_bad_input(pipe):
         pipe.segment(torch.full((3, 32, 32), 2.0), resolution=64)
     with pytest.raises(ValueError, match="multiple of 64"):
         pipe.segment(image(), resolution=100)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pipe.segment(image(), resolution=64.0)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 1.5"):
+        pipe.segment(image(), resolution=64, batch_size=1.5)
     with pytest.raises(TypeError, match="PIL images, numpy arrays or torch tensors"):
         pipe.segment("image.png")
 
@@ -351,12 +358,28 @@ def test_checkpoint_round_trip_in_the_released_layout(tmp_path):
     torch.testing.assert_close(again.empty_text_embedding, embedding)
 
 
+@pytest.mark.parametrize("folder", ["vae", "scheduler", "tokenizer"])
+def test_a_missing_folder_is_named_and_never_fetched(tmp_path, monkeypatch, folder):
+    """A relative directory without vae/ (or tokenizer/) must not become a Hub repo id: diffusers
+    and transformers would try to download it (found by a new-user trial)."""
+    save_tiny_diffdis_checkpoint(str(tmp_path / "ckpt"))
+    shutil.rmtree(tmp_path / "ckpt" / folder)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(FileNotFoundError, match=f"ckpt/{folder}' is not a directory"):
+        DiffDISPipeline.from_pretrained("ckpt")
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         DiffDISPipeline.from_pretrained(str(tmp_path / "missing"))
     save_tiny_diffdis_checkpoint(str(tmp_path), text_encoder=False)
     with pytest.raises(FileNotFoundError, match="empty-prompt embedding"):
         DiffDISPipeline.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors' does not exist"):
+        DiffDISPipeline.from_pretrained(str(tmp_path), empty_text_embedding=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(TypeError, match="torch_dtype must be a torch.dtype"):
+        DiffDISPipeline.from_pretrained(str(tmp_path), torch_dtype="bfloat16")
     from safetensors.torch import load_file, save_file
 
     weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
@@ -400,8 +423,8 @@ def test_linear_attention_distillation_step_and_reload(tmp_path):
         linfusion = pipe.enable_linear_attention(levels=1)
     distiller = LinFusionDistiller(pipe.unet, linfusion)
     images = torch.rand(1, 3, 64, 64) * 2 - 1
-    with torch.no_grad():
-        inputs = pipe.prepare_unet_inputs(images, torch.Generator().manual_seed(0))
+    inputs = pipe.prepare_unet_inputs(images, torch.Generator().manual_seed(0))
+    assert not inputs.sample.requires_grad and not any(t.requires_grad for t in inputs.rgb_latents)
     loss, parts = distiller(inputs.sample, inputs.timestep, inputs.encoder_hidden_states,
                             inputs.noise.repeat(2, 1, 1, 1), rgb_latents=inputs.rgb_latents)
     loss.backward()
@@ -409,6 +432,10 @@ def test_linear_attention_distillation_step_and_reload(tmp_path):
     assert all(p.grad is not None for p in linfusion.parameters())
     student = {id(p) for p in linfusion.parameters()}
     assert all(p.grad is None for p in pipe.unet.parameters() if id(p) not in student)  # the UNet stays frozen
+    assert all(p.grad is None for p in pipe.vae.parameters())  # and so does the VAE
+    loss, _ = distiller(inputs.sample, inputs.timestep, inputs.encoder_hidden_states,
+                        inputs.noise.repeat(2, 1, 1, 1), rgb_latents=inputs.rgb_latents)
+    loss.backward()  # the same inputs again (no graph through the VAE to free twice)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     expected = pipe.segment(image(), resolution=64, generator=g()).masks[0]
     linfusion.save_pretrained(str(tmp_path / "linear"))

@@ -182,13 +182,15 @@ class DiffDISPipeline:
         """
         from diffusers import AutoencoderKL, DDPMScheduler
 
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"DiffDISPipeline: {directory!r} is not a directory (mmfast never downloads; "
-                                    "fetch qianyu1217/diffdis first and pass its local path)")
-        unet = DiffDISUNet.from_pretrained(os.path.join(directory, "unet"), torch_dtype=torch_dtype, device=device)
-        vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), torch_dtype=torch_dtype,
-                                            use_safetensors=True).to(device)
-        with open(os.path.join(directory, "scheduler", "scheduler_config.json")) as f:
+        if not isinstance(torch_dtype, torch.dtype):
+            raise TypeError(f"DiffDISPipeline.from_pretrained: torch_dtype must be a torch.dtype (e.g. "
+                            f"torch.bfloat16), got {torch_dtype!r}")
+        _require_dir(directory, None)
+        unet = DiffDISUNet.from_pretrained(_require_dir(directory, "unet"), torch_dtype=torch_dtype, device=device)
+        # local_files_only: a folder diffusers cannot find locally must not turn into a Hub request.
+        vae = AutoencoderKL.from_pretrained(_require_dir(directory, "vae"), torch_dtype=torch_dtype,
+                                            use_safetensors=True, local_files_only=True).to(device)
+        with open(os.path.join(_require_dir(directory, "scheduler"), "scheduler_config.json")) as f:
             scheduler = DDPMScheduler.from_config(json.load(f))
         embedding = _load_empty_text_embedding(directory, empty_text_embedding)
         return cls(unet, vae, scheduler, embedding.to(device=device), memory_format=memory_format)
@@ -233,6 +235,10 @@ class DiffDISPipeline:
             return self.dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"DiffDISPipeline: dtype must be float32, bfloat16 or float16, got {dtype}")
+        if self.dtype != torch.float32 and dtype == torch.float32:
+            warnings.warn(f"DiffDISPipeline: casting the weights from {self.dtype} back to float32 does not restore "
+                          "their float32 values (an earlier call or .to() rounded them in place); reload the pipeline "
+                          "for full-precision results", stacklevel=3)
         if dtype == torch.float16 and not self._warned_fp16:
             self._warned_fp16 = True
             warnings.warn("DiffDISPipeline: float16 is known to overflow to NaN in SD-2-family perception models; "
@@ -272,10 +278,12 @@ class DiffDISPipeline:
         maps = rgb.float().mean(dim=1, keepdim=True).clamp(-1, 1)
         return _min_max((maps + 1) / 2)
 
+    @torch.no_grad()
     def prepare_unet_inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> UNetInputs:
         """(b, 3, R, R) in [-1, 1] (R a multiple of 64) -> the UNet inputs of one view, for
         segmenting and for distilling (LinFusionDistiller(unet, ...)(sample, timestep,
         encoder_hidden_states, target=noise.repeat(2, 1, 1, 1), rgb_latents=rgb_latents)).
+        No gradient: the VAE is frozen in DiffDIS, so the inputs of a batch can be reused.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -334,11 +342,11 @@ class DiffDISPipeline:
           probabilities: an image without an object still gets a map spanning [0, 1].
         Raises ValueError for bad images or resolution, FloatingPointError if a map is not finite.
         """
-        if resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
+        if not _is_int(resolution) or resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
             raise ValueError(f"DiffDISPipeline: resolution must be a positive multiple of {RESOLUTION_MULTIPLE} "
-                             f"(the UNet halves the 1/8 latent 3 times), got {resolution}")
-        if batch_size < 1:
-            raise ValueError(f"DiffDISPipeline: batch_size must be >= 1, got {batch_size}")
+                             f"(the UNet halves the 1/8 latent 3 times), got {resolution!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"DiffDISPipeline: batch_size must be an int >= 1, got {batch_size!r}")
         rgb = as_rgb_images(images)
         dtype = self._use_dtype(dtype)
         masks, edges = [], None if mask_only else []
@@ -360,6 +368,10 @@ class DiffDISPipeline:
     __call__ = segment
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _progress(items: Sequence, enabled: Optional[bool], description: str):
     """A tqdm bar over items; by default only when there is more than one."""
     if enabled is None:
@@ -371,12 +383,28 @@ def _progress(items: Sequence, enabled: Optional[bool], description: str):
     return tqdm(items, desc=description, unit="batch")
 
 
+def _require_dir(directory: str, name: Optional[str]) -> str:
+    """directory/name, FileNotFoundError (naming it) when it is not a local folder."""
+    path = directory if name is None else os.path.join(directory, name)
+    if not os.path.isdir(path):
+        what = "a local DiffDIS directory" if name is None else f"the {name}/ folder of the DiffDIS directory"
+        raise FileNotFoundError(f"DiffDISPipeline: {path!r} is not a directory; expected {what} in the released "
+                                "diffusers layout (mmfast never downloads: fetch qianyu1217/diffdis first)")
+    return path
+
+
 def _load_empty_text_embedding(directory: str, path: Optional[str]) -> torch.Tensor:
     from safetensors.torch import load_file
 
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"DiffDISPipeline: empty_text_embedding file {path!r} does not exist")
     path = path or os.path.join(directory, EMPTY_TEXT_EMBEDDING_NAME)
     if os.path.isfile(path):
-        return load_file(path)["empty_text_embedding"]
+        tensors = load_file(path)
+        if "empty_text_embedding" not in tensors:
+            raise KeyError(f"DiffDISPipeline: {path} holds {sorted(tensors)}, not 'empty_text_embedding' (the file "
+                           "save_empty_text_embedding writes)")
+        return tensors["empty_text_embedding"]
     if not os.path.isdir(os.path.join(directory, "text_encoder")):
         raise FileNotFoundError(f"DiffDISPipeline: neither {path} nor {directory}/text_encoder exists: the empty-prompt "
                                 "embedding needs one of them")
@@ -391,8 +419,9 @@ def encode_empty_prompt(directory: str) -> torch.Tensor:
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
-    encoder = CLIPTextModel.from_pretrained(os.path.join(directory, "text_encoder"), use_safetensors=True).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(_require_dir(directory, "tokenizer"), local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(_require_dir(directory, "text_encoder"), use_safetensors=True,
+                                            local_files_only=True).eval()
     ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return encoder(ids)[0].float()
