@@ -106,6 +106,42 @@ def test_classifier_free_guidance_repeats_codes(setup):
         model(x, t, text, torch.tensor([0, 1, 2, 0]))
     with pytest.raises(IndexError):
         model(x, t, text, torch.tensor([0, 1, 3, 0, 1, 2]))
+    with pytest.raises(TypeError, match="must be integers"):
+        model(x, t[0], text, torch.tensor([0.0, 1.7, 1.0]))  # would truncate to expert 1
+    with pytest.raises(ValueError, match="one code per row"):
+        model(x, t[0], text, torch.tensor(rows).reshape(2, 3))
+
+
+def _controlnet_residual_shapes(unet, x, t, text):
+    """Shapes of the residuals a ControlNet adds: the skip connections (conv_in's output, then
+    every down block's), then the mid block's output."""
+    shapes = []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, out: shapes.append(out.shape))]
+    hooks += [block.register_forward_hook(lambda m, i, out: shapes.extend(r.shape for r in out[1]))
+              for block in unet.down_blocks]
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, out: shapes.append(out.shape)))
+    unet(x, t, text)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@torch.no_grad()
+def test_per_row_arguments_inside_tuples_follow_their_rows(setup):
+    """ControlNet residuals come as a tuple of per-row tensors: AptpUNet sorts rows by code, and
+    must sort those too (found by a new-user trial: a permuted batch gave other results)."""
+    base, _, model = setup
+    x, t, text = tiny_inputs(len(CODES), seed=5)
+    generator = torch.Generator().manual_seed(6)
+    *down, mid = [torch.randn(shape, generator=generator) for shape in _controlnet_residual_shapes(base, x, t, text)]
+    codes = torch.tensor(CODES)
+    out = model(x, t, text, codes, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+    assert (out - model(x, t, text, codes)).abs().max() > 1e-3  # the residuals matter
+    perm = torch.randperm(len(CODES), generator=generator)
+    permuted = model(x[perm], t[perm], text[perm], codes[perm],
+                     down_block_additional_residuals=tuple(r[perm] for r in down),
+                     mid_block_additional_residual=mid[perm])
+    assert_matches(permuted, out[perm])
 
 
 @torch.no_grad()
@@ -220,6 +256,16 @@ def test_sinkhorn_balances_a_skewed_batch():
     torch.testing.assert_close(q.sum(0), torch.full((codes,), batch / codes), rtol=0.1, atol=0)
     counts = torch.bincount(q.argmax(-1), minlength=codes)
     assert int(counts.min()) >= batch // codes - 3 and int(counts.max()) <= batch // codes + 3
+    # the same normalisations by exp-and-divide (APTP's code), where they do not underflow
+    s = (scores.double() / 0.05).t().exp()
+    s = s / s.sum()
+    for _ in range(3):
+        s = s / s.sum(dim=1, keepdim=True) / codes
+        s = s / s.sum(dim=0, keepdim=True) / batch
+    torch.testing.assert_close(q, (s * batch).t().float())
+    wide = sinkhorn(100 * torch.randn(6, 3, generator=torch.Generator().manual_seed(1)))  # spans >> 37 / epsilon
+    assert torch.isfinite(wide).all()
+    torch.testing.assert_close(wide.sum(-1), torch.ones(6))
 
 
 def test_contrastive_loss_prefers_matching_similarities():

@@ -71,6 +71,7 @@ def test_one_checkpoint_folder_loads_too(released):
     checkpoint = root / "arch2" / "checkpoint-30000"
     assert_same_expert(load_released_expert(str(checkpoint)), experts[2])
     assert_same_expert(load_released_expert(str(checkpoint / "unet")), experts[2])
+    assert_same_expert(load_expert(str(checkpoint / "unet")), experts[2])  # load_expert tells the layout too
 
 
 def test_an_older_trainers_copy_beside_the_weights(released, tmp_path):

@@ -64,6 +64,8 @@ def load_expert(directory: str, arch_file: str = ARCH_FILE, ff_groups: Optional[
     dtype casts the weights as they load (None: as stored). Raises FileNotFoundError when the
     directory does not exist or holds neither layout."""
     _check_dtype(dtype)
+    if ff_groups is not None and (isinstance(ff_groups, bool) or not isinstance(ff_groups, int) or ff_groups < 1):
+        raise ValueError(f"load_expert: ff_groups must be a positive int or None, got {ff_groups!r}")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_expert: {directory} does not exist or is not a directory")
     if os.path.isfile(os.path.join(directory, arch_file)):
@@ -74,7 +76,8 @@ def load_expert(directory: str, arch_file: str = ARCH_FILE, ff_groups: Optional[
             skeleton = prune_unet(UNet2DConditionModel.from_config(config), arch, ff_groups or FF_GROUPS)
         weights = os.path.join(directory, WEIGHTS_FILE)
         return _assign(skeleton, _load_weights(weights, dtype), weights, arch), arch
-    if not _find(directory, RELEASED_ARCH_FILE):
+    above = os.path.dirname(os.path.abspath(directory))  # a released expert's unet/ folder: arch_vector.pt is above
+    if not _find(directory, RELEASED_ARCH_FILE) and not os.path.isfile(os.path.join(above, RELEASED_ARCH_FILE)):
         raise FileNotFoundError(f"load_expert: {directory} holds neither an mmfast expert ({arch_file}, written by "
                                 f"save_expert) nor a released APTP expert ({RELEASED_ARCH_FILE} and "
                                 f"unet/{WEIGHTS_FILE})")

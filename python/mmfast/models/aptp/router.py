@@ -31,15 +31,16 @@ __all__ = ["Router", "sinkhorn", "contrastive_loss"]
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """Balanced soft assignment (SwAV's Sinkhorn-Knopp; APTP's distributed_sinkhorn on one
     process). scores (B, K) similarities -> Q (B, K): each row sums to 1 and each code gets about
-    B / K of the mass; codes = Q.argmax(-1). Computed in fp64, returned in scores' dtype."""
+    B / K of the mass; codes = Q.argmax(-1). Computed in fp64 and in the log domain (the same
+    normalisations as logsumexp subtractions: scores spanning more than ~37 / epsilon would
+    underflow exp to 0 and give NaN), returned in scores' dtype."""
     batch, codes = scores.shape
-    s = scores.detach().double()
-    q = torch.exp((s - s.max()) / epsilon).t()  # (K, B); the shift cancels in the normalisation
-    q = q / q.sum()
+    log_q = (scores.detach().double() / epsilon).t()  # (K, B)
+    log_q = log_q - torch.logsumexp(log_q.flatten(), 0)
     for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / codes   # every code gets 1/K of the mass
-        q = q / q.sum(dim=0, keepdim=True) / batch   # every sample gets 1/B
-    return (q * batch).t().to(scores.dtype)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(codes)  # every code gets 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(batch)  # every sample gets 1/B
+    return (log_q.exp() * batch).t().to(scores.dtype)
 
 
 def contrastive_loss(arch_vectors: torch.Tensor, prompt_embeddings: torch.Tensor,

@@ -423,7 +423,11 @@ class AptpUNet(nn.Module):
         codes = self.row_codes(sample_codes, batch)
         order = torch.argsort(codes, stable=True)
 
-        def by_code(t):
+        def by_code(t):  # per-row tensors, also inside tuples, lists and dicts (ControlNet residuals, SDXL's)
+            if isinstance(t, (tuple, list)):
+                return type(t)(by_code(x) for x in t)
+            if isinstance(t, dict):
+                return {k: by_code(v) for k, v in t.items()}
             return t.index_select(0, order) if torch.is_tensor(t) and t.dim() and t.shape[0] == batch else t
 
         with self.state.use(codes.index_select(0, order)):
@@ -432,9 +436,17 @@ class AptpUNet(nn.Module):
         return torch.empty_like(out).index_copy_(0, order, out)  # unsort: out row i is input row order[i]
 
     def row_codes(self, sample_codes: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B,) int64 codes of the rows: sample_codes as is, or repeated when it has B/2 entries
-        (CFG doubles rows, not codes). Raises on codes outside [0, K)."""
-        codes = torch.as_tensor(sample_codes, device=self.state_device()).long().reshape(-1)
+        """(B,) int64 codes of the rows: sample_codes (an integer tensor or sequence of B or B/2
+        ints) as is, or repeated when it has B/2 entries (CFG doubles rows, not codes).
+        TypeError for non-integer codes, ValueError for a wrong count or shape, IndexError for
+        codes outside [0, K)."""
+        codes = torch.as_tensor(sample_codes, device=self.state_device())
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(f"AptpUNet: sample_codes must be integers (the expert of each row), got {codes.dtype}")
+        if codes.dim() > 1:
+            raise ValueError(f"AptpUNet: sample_codes must be one code per row, (B,) or (B/2,), got shape "
+                             f"{tuple(codes.shape)}")
+        codes = codes.long().reshape(-1)
         if codes.numel() * 2 == batch:
             codes = codes.repeat(2)
         if codes.numel() != batch:
