@@ -291,6 +291,12 @@ def test_bad_feature_map_and_backend():
         linear_attention(q, k, v, feature_map="softmax")
     with pytest.raises(ValueError, match="feature_map"):
         torch.ops.mmfast.linear_attention(q, k, v, 1e-4, "softmax")
+    for call in (lambda: linear_attention(q, k, v, feature_map=None),
+                 lambda: linear_attention_state(k, v, feature_map=None)):
+        with pytest.raises(ValueError, match="feature_map must be one of"):  # not the schema's "expected str"
+            call()
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        linear_attention(q, k, v, eps=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_attention(q, k, v, backend="cudnn")
 
@@ -374,6 +380,9 @@ def test_bad_cpu_isa_name_is_an_error():
         env={**os.environ, "MMFAST_CPU_ISA": "sse9"}, capture_output=True, text=True,
     )
     assert result.returncode != 0 and "MMFAST_CPU_ISA must be generic, avx2 or avx512" in result.stderr
+    report = subprocess.run([sys.executable, "-m", "mmfast"], env={**os.environ, "MMFAST_CPU_ISA": "sse9"},
+                            capture_output=True, text=True)  # the report still prints, naming the error
+    assert report.returncode == 0 and "CPU ISA: ERROR: MMFAST_CPU_ISA must be generic" in report.stdout
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -145,6 +145,8 @@ def test_cascade_rejects_bad_arguments(pipe, kwargs, match):
 def test_cascade_refuses_batches_and_controlnet_pipelines(pipe):
     with pytest.raises(ValueError, match="one image per call"):
         _generate(pipe, num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="output_type cannot be passed through"):
+        _generate(pipe, output_type="np")
     from mmfast.testing.tiny_diffusers import tiny_controlnet_pipeline
 
     with pytest.raises(TypeError, match="ControlNet pipelines are not supported"):

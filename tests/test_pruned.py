@@ -487,6 +487,12 @@ def test_bad_options_and_other_ops_raise_clear_errors():
         masked_group_norm(torch.randn(3, 6, 2), None, None, 4, codes, mask)
     with pytest.raises(ValueError, match="activation must be one of"):
         masked_group_norm(torch.randn(3, 6, 2), None, None, 3, codes, mask, activation="gelu")
+    with pytest.raises(ValueError, match="num_groups must be an int >= 1, got 3.0"):  # not the schema's error
+        masked_group_norm(torch.randn(3, 6, 2), None, None, 3.0, codes, mask)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got inf"):
+        masked_group_norm(torch.randn(3, 6, 2), None, None, 3, codes, mask, eps=float("inf"))
+    with pytest.raises(ValueError, match="stride must be an int or a pair of ints >= 1, got 1.0"):
+        masked_conv2d(**args, stride=1.0)
     with pytest.raises(ValueError, match=r"weight must be \(6,\) shared or \(2, 6\) per code"):
         masked_group_norm(torch.randn(3, 6, 2), torch.randn(3, 6), None, 3, codes, mask)
     with pytest.raises(ValueError, match="both be shared"):

@@ -18,9 +18,9 @@ def collect() -> dict:
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
         "CPU kernels": _ops_with_kernels("cpu"),
-        "CPU ISA": torch.ops.mmfast.cpu_isa() if _extension.loaded() else None,
-        "CPU AMX-BF16 (bf16 vq_quantize)": torch.ops.mmfast.cpu_amx_bf16() if _extension.loaded() else None,
-        "CPU AVX512-BF16 (bf16 vq_quantize)": torch.ops.mmfast.cpu_avx512_bf16() if _extension.loaded() else None,
+        "CPU ISA": _cpu_fact("cpu_isa"),
+        "CPU AMX-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_amx_bf16"),
+        "CPU AVX512-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_avx512_bf16"),
         "CUDA kernels": _ops_with_kernels("cuda"),
         "CUDA archs": getattr(build, "cuda_archs", None),
         "CUDA runtime": torch.version.cuda,
@@ -28,6 +28,16 @@ def collect() -> dict:
         "Triton": _triton_version(),
     }
     return facts
+
+
+def _cpu_fact(op: str):
+    """The op's answer, or the error a bad MMFAST_CPU_* setting raises (reported, not a traceback)."""
+    if not _extension.loaded():
+        return None
+    try:
+        return getattr(torch.ops.mmfast, op)()
+    except RuntimeError as error:
+        return f"ERROR: {str(error).splitlines()[0]}"
 
 
 def _ops_with_kernels(device_type: str) -> str:

@@ -48,7 +48,7 @@ def _check_sequence(n: int) -> None:
 
 
 def check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -280,6 +280,7 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     RuntimeError when no kernel runs the tensors' device.
     """
     check_eps(eps)
+    check_feature_map(feature_map)  # here too: the native schema would only say "expected str"
     chosen = _backend.resolve("linear_attention", q.device, backend)
     if chosen == "reference":
         check_qkv(q, k, v, feature_map)
@@ -293,6 +294,7 @@ def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional
     S and m are means over the N tokens; for a split over token shards, the exact
     combination is (sum_r N_r * S_r) / (sum_r N_r), and likewise for m. Differentiable.
     """
+    check_feature_map(feature_map)
     chosen = _backend.resolve("linear_attention_state", k.device, backend)
     if chosen == "reference":
         check_kv(k, v, feature_map)
@@ -305,6 +307,7 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
     """out_i = phi(q_i) S / (phi(q_i) . m + eps) for q (B, N, H, Dk) and the (state, mean) of
     linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv). Differentiable."""
     check_eps(eps)
+    check_feature_map(feature_map)
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)
     if chosen == "reference":
         check_apply(q, state, mean, feature_map)

@@ -41,8 +41,8 @@ IntPair = Union[int, Sequence[int]]
 
 
 def _pair(op: str, name: str, value: IntPair, low: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= low for v in pair):
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
         raise ValueError(f"{op}: {name} must be an int or a pair of ints >= {low}, got {value!r}")
     return pair
 
@@ -130,15 +130,24 @@ def check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask) -> Non
     _check_weights(op, x, weight, bias, sample_codes, in_mask, out_mask, "Cout, Cin")
 
 
+def check_group_norm_scalars(num_groups, eps) -> None:
+    """num_groups an int >= 1 and eps a finite number > 0 (checked before any backend runs: the
+    native schema would coerce or reject them with less to say)."""
+    op = "masked_group_norm"
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{op}: num_groups must be an int >= 1, got {num_groups!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
+
+
 def check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps, silu=False) -> None:
     op = "masked_group_norm"
     if x.dim() < 2:
         raise ValueError(f"{op}: x must be (B, C, *), got shape {tuple(x.shape)}")
     batch, channels = x.shape[:2]
-    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+    check_group_norm_scalars(num_groups, eps)
+    if channels % num_groups:
         raise ValueError(f"{op}: num_groups must divide the {channels} channels, got {num_groups!r}")
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be > 0, got {eps}")
     codes = check_routing(op, sample_codes, batch, {"channel_mask": (channel_mask, channels)})
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) not in ((channels,), (codes, channels)):
@@ -448,6 +457,7 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     compute. Returns a contiguous tensor like x. Errors as masked_conv2d.
     """
     silu = _check_activation(activation)
+    check_group_norm_scalars(num_groups, eps)
     chosen = _backend.resolve("masked_group_norm", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps)

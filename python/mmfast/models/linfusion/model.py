@@ -292,7 +292,11 @@ class LinFusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, torch_dtype: Optional[torch.dtype] = None) -> "LinFusion":
-        """Loads a local checkpoint directory (safetensors only; never pickle)."""
+        """Loads a local checkpoint directory (safetensors only; never pickle). torch_dtype: a
+        torch.dtype to cast to (None: as stored); TypeError otherwise."""
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            raise TypeError(f"LinFusion.from_pretrained: torch_dtype must be a torch.dtype (e.g. torch.float16) or "
+                            f"None, got {torch_dtype!r}")
         config_path, weights_path = _checkpoint_paths(directory)
         with open(config_path) as f:
             config = json.load(f)
