@@ -203,6 +203,18 @@ def test_bf16_autocast_gives_the_same_dtype_with_and_without_token_chunking(back
     assert out.dtype == torch.bfloat16
 
 
+def test_token_chunk_size_must_be_a_positive_int(unet):
+    linfusion = LinFusion.construct_for(unet)
+    try:
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match="token chunk size must be an int >= 1 or None"):
+                linfusion.set_token_chunk_size(bad)
+        linfusion.set_token_chunk_size(64)
+        assert all(module.token_chunk_size == 64 for module in linfusion.attention_modules())
+    finally:
+        linfusion.unmount()
+
+
 def test_mounted_layers_take_part_in_the_processor_api(unet):
     from mmfast.models.linfusion import LinFusionAttnProcessor
 

@@ -138,9 +138,10 @@ def test_kept_packed_weights_are_reused_and_never_stale(linear):
     assert pruned_weight_cache() == {"entries": 0, "bytes": 0, "budget_mb": 0}
     _call(linear, *args)
     assert _kept() == (0, 0)
-    with pytest.raises(ValueError, match="budget_mb must be >= 0"):
-        with keep_packed_weights(-1):
-            pass
+    for budget in (-1, 1.5):
+        with pytest.raises(ValueError, match=r"budget_mb must be an int >= 0 \(MiB\)"):
+            with keep_packed_weights(budget):
+                pass
 
 
 @pytest.mark.parametrize("value, expected", [("48", "48"), ("", "0"), ("-3", "must be a whole number"),

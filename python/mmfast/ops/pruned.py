@@ -399,8 +399,8 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     MMFAST_PRUNED_WEIGHT_CACHE_MB (read once; default 0, off). Raises ValueError for a negative
     budget, RuntimeError without the compiled extension.
     """
-    if budget_mb < 0:
-        raise ValueError(f"keep_packed_weights: budget_mb must be >= 0, got {budget_mb}")
+    if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 0:
+        raise ValueError(f"keep_packed_weights: budget_mb must be an int >= 0 (MiB), got {budget_mb!r}")
     _require_extension("keep_packed_weights")
     previous = torch.ops.mmfast.pruned_weight_cache(int(budget_mb), False)[2]
     try:

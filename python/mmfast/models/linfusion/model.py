@@ -270,8 +270,8 @@ class LinFusion(nn.Module):
 
     def set_token_chunk_size(self, chunk: Optional[int]) -> None:
         """Exact chunked inference for very large token counts (see GeneralizedLinearAttention)."""
-        if chunk is not None and chunk < 1:
-            raise ValueError(f"LinFusion: token chunk size must be >= 1 or None, got {chunk}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"LinFusion: token chunk size must be an int >= 1 or None, got {chunk!r}")
         for module in self.attention_modules():
             module.token_chunk_size = chunk
 
