@@ -110,6 +110,8 @@ def test_classifier_free_guidance_repeats_codes(setup):
         model(x, t[0], text, torch.tensor([0.0, 1.7, 1.0]))  # would truncate to expert 1
     with pytest.raises(ValueError, match="one code per row"):
         model(x, t[0], text, torch.tensor(rows).reshape(2, 3))
+    with pytest.raises(ValueError, match="encoder_hidden_states has 3 rows for 6 samples"):
+        model(x, t[0], text[:3], torch.tensor(prompts))
 
 
 def _controlnet_residual_shapes(unet, x, t, text):
@@ -151,6 +153,9 @@ def test_from_state_dicts_and_unpruned_expert(setup):
     from_dicts = AptpUNet.from_experts(base, [(e.state_dict(), a) for e, a in experts])
     torch.testing.assert_close(from_dicts(x, t, text, torch.tensor(CODES)), model(x, t, text, torch.tensor(CODES)),
                                rtol=0, atol=0)
+    foreign = {**experts[0][0].state_dict(), "controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="expert 0 has 1 weights the base UNet does not have"):
+        AptpUNet.from_experts(base, [(foreign, experts[0][1])])
     # an unpruned expert (all-true masks, base weights) next to a pruned one
     full = ArchitectureCode()
     mixed = AptpUNet.from_experts(base, [(base, full), experts[1]])

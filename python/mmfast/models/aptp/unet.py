@@ -398,6 +398,12 @@ class AptpUNet(nn.Module):
             raise ValueError("AptpUNet.from_experts: need at least one expert")
         archs = [arch for _, arch in experts]
         state_dicts = [e if isinstance(e, Mapping) else e.state_dict() for e, _ in experts]
+        known = set(base_unet.state_dict())
+        for index, state_dict in enumerate(state_dicts):
+            extra = sorted(set(state_dict) - known)
+            if extra:  # weights of another model: they would be silently left out
+                raise ValueError(f"AptpUNet.from_experts: expert {index} has {len(extra)} weights the base UNet does "
+                                 f"not have (e.g. {', '.join(extra[:3])}); pass experts pruned from this UNet")
         masks = [to_masks(base_unet, arch, ff_groups) for arch in archs]
         gates = depth_gates(base_unet)
         skipped = [[n for n in gates if not arch.runs(n)] for arch in archs]
@@ -420,6 +426,9 @@ class AptpUNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 sample_codes: torch.Tensor, **unet_kwargs) -> torch.Tensor:
         batch = sample.shape[0]
+        if torch.is_tensor(encoder_hidden_states) and encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"AptpUNet: encoder_hidden_states has {encoder_hidden_states.shape[0]} rows for "
+                             f"{batch} samples (one text embedding per sample, CFG rows included)")
         codes = self.row_codes(sample_codes, batch)
         order = torch.argsort(codes, stable=True)
 
