@@ -209,9 +209,17 @@ def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, sta
                                        guidance_scale=guidance_scale, batch_size=batch_size, memo=memo)
         if memory.peak_bytes <= budget_bytes:
             return options
-        predictions.append(f"  {options}: {memory.peak_bytes / 2**30:.2f} GiB")
-    raise ValueError(f"generate_highres: no memory options fit {budget_bytes / 2**30:.2f} GiB at stage {stage} "
+        predictions.append(f"  {options}: {_size(memory.peak_bytes)}")
+    raise ValueError(f"generate_highres: no memory options fit {_size(budget_bytes)} at stage {stage} "
                      f"({width}x{height} px); predicted peaks:\n" + "\n".join(predictions))
+
+
+def _size(num_bytes: int) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point (GiB, MiB or KiB)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.2f} KiB"
 
 
 def plan_highres_memory(pipe, *, height: int, width: int, budget_bytes: int, base_size: Optional[int] = None,
