@@ -153,6 +153,8 @@ def test_distillation_gradients_reach_linfusion_only(unet, backend):
                 assert parameter.grad is None, name
         with linfusion.unmounted():
             assert all(p.grad is None for p in unet.parameters())
+        with pytest.raises(ValueError, match="target must have the prediction's shape"):  # not a broadcast
+            distiller(latents, timesteps, context, target=latents[:1])
     finally:
         linfusion.unmount()
         unet.requires_grad_(True)

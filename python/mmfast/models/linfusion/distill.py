@@ -43,6 +43,10 @@ def distillation_loss(student_pred: torch.Tensor, target: torch.Tensor, teacher_
             f"distillation_loss: need the same non-zero number of student and teacher attn1 outputs, "
             f"got {len(student_attn)} and {len(teacher_attn)}"
         )
+    for name, other in (("target", target), ("teacher_pred", teacher_pred)):
+        if other.shape != student_pred.shape:  # F.mse_loss would broadcast with only a warning
+            raise ValueError(f"distillation_loss: {name} must have the prediction's shape "
+                             f"{tuple(student_pred.shape)}, got {tuple(other.shape)}")
     denoise = _mse(student_pred, target)
     teacher = _mse(student_pred, teacher_pred)
     feature = torch.stack([_mse(s, t) for s, t in zip(student_attn, teacher_attn)]).mean()
