@@ -44,10 +44,10 @@ inline void check_stacked(const at::Tensor& t, const char* name, int64_t codes, 
                           const at::Tensor& x, const char* op) {
   if (!(t.dim() == static_cast<int64_t>(shape.size()) + 1 && t.sizes().slice(1) == shape &&
         (t.size(0) == 1 || t.size(0) == codes))) {
-    std::string dims;  // "(K or 1, 6, 4, 3, 3)", as the Python checks write it
+    std::string dims = codes == 1 ? "1" : std::to_string(codes) + " or 1";  // "(K or 1, 6, 4, 3, 3)", as in Python
     for (int64_t d : shape) dims += ", " + std::to_string(d);
-    TORCH_CHECK_VALUE(false, op, ": ", name, " must be (", codes, " or 1", dims,
-                      "), one set per code or one shared, got shape ", t.sizes());
+    TORCH_CHECK_VALUE(false, op, ": ", name, " must be (", dims, "): one set per code (the masks give K = ", codes,
+                      " codes) or one shared, got shape ", t.sizes());
   }
   check_same_dtype_device(x, "x", t, name, op);
 }

@@ -71,8 +71,9 @@ def _check_stacked(op: str, name: str, t: Optional[torch.Tensor], codes: int, sh
     if t is None:
         return
     if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape or t.shape[0] not in (1, codes):
-        raise ValueError(f"{op}: {name} must be ({codes} or 1, {layout}) = ({codes} or 1, "
-                         f"{', '.join(map(str, shape))}), one set per code or one shared, got shape {tuple(t.shape)}")
+        count = "1" if codes == 1 else f"{codes} or 1"
+        raise ValueError(f"{op}: {name} must be ({count}, {layout}) = ({count}, {', '.join(map(str, shape))}): one "
+                         f"set per code (the masks give K = {codes} codes) or one shared, got shape {tuple(t.shape)}")
     check_float(op, name, t)
 
 
