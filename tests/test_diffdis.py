@@ -334,6 +334,7 @@ def test_segment_rejects_bad_input(pipe):
         pipe.segment(image(), resolution=64.0)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 1.5"):
         pipe.segment(image(), resolution=64, batch_size=1.5)
+    assert pipe.segment(image(), resolution=np.int64(64), batch_size=np.int64(1)).masks[0].shape  # numpy ints pass
     with pytest.raises(TypeError, match="PIL images, numpy arrays or torch tensors"):
         pipe.segment("image.png")
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -492,6 +493,9 @@ def test_bad_options_and_other_ops_raise_clear_errors():
     with pytest.raises(ValueError, match=r"weight must be \(1, .*6, 4\): one set per code \(the masks give K = 1 "):
         masked_linear(torch.randn(3, 2, 4), torch.randn(2, 6, 4), None, torch.zeros(3, dtype=torch.long),
                       torch.ones(1, 4, dtype=torch.bool), one_code)  # not "(1 or 1, ...)"
+    x = torch.randn(3, 6, 2)  # numpy scalars are numbers too
+    assert torch.equal(masked_group_norm(x, None, None, np.int64(3), codes, mask, eps=np.float32(1e-5)),
+                       masked_group_norm(x, None, None, 3, codes, mask, eps=float(np.float32(1e-5))))
     with pytest.raises(ValueError, match="num_groups must be an int >= 1, got 3.0"):  # not the schema's error
         masked_group_norm(torch.randn(3, 6, 2), None, None, 3.0, codes, mask)
     with pytest.raises(ValueError, match="eps must be a finite number > 0, got inf"):

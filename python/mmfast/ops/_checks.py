@@ -2,11 +2,23 @@
 for shapes and values, TypeError for dtypes and devices, prefixed with the op's name."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .._dtypes import FLOAT_DTYPES
 
 _FLOAT_NAMES = "float32, float16, bfloat16 or float64"
+
+
+def is_integer(value) -> bool:
+    """A Python, numpy or torch-symbolic integer (anything with __index__), not a bool."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
+def is_real(value) -> bool:
+    """A Python or numpy real number (numbers.Real), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:

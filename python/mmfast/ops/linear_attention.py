@@ -21,7 +21,7 @@ import torch
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.linear_attention import FEATURE_MAPS
-from ._checks import check_float, check_rank, check_same
+from ._checks import check_float, check_rank, check_same, is_real
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_apply"]
 
@@ -48,7 +48,7 @@ def _check_sequence(n: int) -> None:
 
 
 def check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if not (is_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
 
 

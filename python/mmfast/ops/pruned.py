@@ -27,7 +27,7 @@ import torch
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.pruned import conv_output_size
-from ._checks import check_float, check_same
+from ._checks import check_float, check_same, is_integer, is_real
 
 __all__ = ["masked_conv2d", "masked_linear", "masked_group_norm", "keep_packed_weights", "pruned_weight_cache",
            "ACTIVATIONS"]
@@ -135,9 +135,9 @@ def check_group_norm_scalars(num_groups, eps) -> None:
     """num_groups an int >= 1 and eps a finite number > 0 (checked before any backend runs: the
     native schema would coerce or reject them with less to say)."""
     op = "masked_group_norm"
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if not is_integer(num_groups) or num_groups < 1:
         raise ValueError(f"{op}: num_groups must be an int >= 1, got {num_groups!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
 
 
@@ -400,7 +400,7 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     MMFAST_PRUNED_WEIGHT_CACHE_MB (read once; default 0, off). Raises ValueError for a negative
     budget, RuntimeError without the compiled extension.
     """
-    if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 0:
+    if not is_integer(budget_mb) or budget_mb < 0:
         raise ValueError(f"keep_packed_weights: budget_mb must be an int >= 0 (MiB), got {budget_mb!r}")
     _require_extension("keep_packed_weights")
     previous = torch.ops.mmfast.pruned_weight_cache(int(budget_mb), False)[2]

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ...ops._checks import is_integer
 from .architecture import FF_GROUPS, ArchitectureCode, prune_unet
 
 __all__ = [
@@ -64,7 +65,7 @@ def load_expert(directory: str, arch_file: str = ARCH_FILE, ff_groups: Optional[
     dtype casts the weights as they load (None: as stored). Raises FileNotFoundError when the
     directory does not exist or holds neither layout."""
     _check_dtype(dtype)
-    if ff_groups is not None and (isinstance(ff_groups, bool) or not isinstance(ff_groups, int) or ff_groups < 1):
+    if ff_groups is not None and (not is_integer(ff_groups) or ff_groups < 1):
         raise ValueError(f"load_expert: ff_groups must be a positive int or None, got {ff_groups!r}")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_expert: {directory} does not exist or is not a directory")

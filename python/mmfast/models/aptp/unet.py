@@ -433,6 +433,8 @@ class AptpUNet(nn.Module):
         order = torch.argsort(codes, stable=True)
 
         def by_code(t):  # per-row tensors, also inside tuples, lists and dicts (ControlNet residuals, SDXL's)
+            if isinstance(t, tuple) and hasattr(t, "_fields"):  # a namedtuple
+                return type(t)(*(by_code(x) for x in t))
             if isinstance(t, (tuple, list)):
                 return type(t)(by_code(x) for x in t)
             if isinstance(t, dict):

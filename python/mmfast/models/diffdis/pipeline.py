@@ -23,6 +23,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ...ops._checks import is_integer
 from .unet import DiffDISUNet
 
 EMPTY_TEXT_EMBEDDING_NAME = "empty_text_embedding.safetensors"
@@ -237,7 +238,8 @@ class DiffDISPipeline:
             raise ValueError(f"DiffDISPipeline: dtype must be float32, bfloat16 or float16, got {dtype}")
         if self.dtype != torch.float32 and dtype == torch.float32:
             warnings.warn(f"DiffDISPipeline: casting the weights from {self.dtype} back to float32 does not restore "
-                          "their float32 values (an earlier call or .to() rounded them in place); reload the pipeline "
+                          "their float32 values (loading in it, an earlier call or .to() rounded them); reload the "
+                          "pipeline in float32 "
                           "for full-precision results", stacklevel=3)
         if dtype == torch.float16 and not self._warned_fp16:
             self._warned_fp16 = True
@@ -342,10 +344,10 @@ class DiffDISPipeline:
           probabilities: an image without an object still gets a map spanning [0, 1].
         Raises ValueError for bad images or resolution, FloatingPointError if a map is not finite.
         """
-        if not _is_int(resolution) or resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
+        if not is_integer(resolution) or resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
             raise ValueError(f"DiffDISPipeline: resolution must be a positive multiple of {RESOLUTION_MULTIPLE} "
                              f"(the UNet halves the 1/8 latent 3 times), got {resolution!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"DiffDISPipeline: batch_size must be an int >= 1, got {batch_size!r}")
         rgb = as_rgb_images(images)
         dtype = self._use_dtype(dtype)
@@ -366,10 +368,6 @@ class DiffDISPipeline:
         return DiffDISOutput(masks, edges)
 
     __call__ = segment
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _progress(items: Sequence, enabled: Optional[bool], description: str):

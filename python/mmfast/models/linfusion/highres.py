@@ -130,8 +130,7 @@ def _check_one_image(prompt, pipeline_kwargs: dict) -> None:
     if not isinstance(prompt, str) or pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
         raise ValueError("generate_highres: makes one image per call: pass one prompt string and no "
                          "num_images_per_prompt (call it once per image)")
-    reserved = sorted(set(pipeline_kwargs) & {"output_type", "image", "strength", "num_inference_steps",
-                                              "return_dict"})
+    reserved = sorted(set(pipeline_kwargs) & {"output_type", "image", "strength", "num_inference_steps"})
     if reserved:
         raise ValueError(f"generate_highres: {', '.join(reserved)} cannot be passed through to the pipeline: the "
                          "cascade sets them per stage (strengths and steps are its own arguments; it returns a "

@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ...ops._checks import is_integer
 from .._modules import swap_submodule
 from .attention import GeneralizedLinearAttention
 
@@ -270,7 +271,7 @@ class LinFusion(nn.Module):
 
     def set_token_chunk_size(self, chunk: Optional[int]) -> None:
         """Exact chunked inference for very large token counts (see GeneralizedLinearAttention)."""
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        if chunk is not None and (not is_integer(chunk) or chunk < 1):
             raise ValueError(f"LinFusion: token chunk size must be an int >= 1 or None, got {chunk!r}")
         for module in self.attention_modules():
             module.token_chunk_size = chunk
