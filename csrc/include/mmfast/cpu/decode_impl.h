@@ -2,16 +2,17 @@
 // only through mmfast/cpu/instantiate_isas.h (see csrc/cpu/decode_kernels.cpp). Rules: mmfast/decode.h.
 //
 // decode_attention: a task is (row b, block of KV heads, chunk of kChunkKeys keys). A block's
-// heads lie side by side in each token's cache row, so a task reads runs of up to a 4 KB page
-// per token (one head's rows alone are H_kv x D apart: a TLB miss per token and a row). Per
-// head it converts the group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read
-// serves the group, and each loaded vector serves kRowBlock rows), scores key tiles of
-// kKeyTile keys against them (four keys per pass; K/V rows already in the accumulation type
-// and a whole number of vectors long are read in place, others converted into a tile), and
-// keeps an online softmax (running max, sum and output rows) in the accumulation type. Chunks are folded in key order by a second pass (by the same task when a
-// pair has one chunk: short contexts skip a second parallel pass).
-// Chunks are fixed by the shape (not by the thread count), so results are bitwise independent
-// of the number of threads.
+// heads lie side by side in each token's cache row (up to a 4 KB page), and a task takes them
+// one after another within each key tile, so the tile's pages and lines are reused rather
+// than visited once per task (one head's rows alone lie H_kv x D apart). Per head it converts
+// the group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group,
+// and each loaded vector serves kRowBlock rows), scores key tiles of kKeyTile keys against
+// them (four keys per pass; K/V rows already in the accumulation type and a whole number of
+// vectors long are read in place, others converted into a tile), and keeps an online softmax
+// (running max, sum and output rows) in the accumulation type. Chunks are folded in key order
+// by a second pass (by the same task when a pair has one chunk: short contexts skip a second
+// parallel pass). Chunks are fixed by the shape (not by the thread count), and each head's sums
+// are its own whatever the block, so results are bitwise independent of the number of threads.
 // decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
 // and multiplies them with every row of x (converted to the accumulation type once per call),
 // kLinearRows x kLinearXRows dot products in registers at a time, prefetching the next task's rows.
@@ -42,8 +43,8 @@ constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-or
 constexpr int64_t kBlockBytes = MMFAST_DECODE_ATTENTION_BLOCK_BYTES;
 constexpr int64_t kPrefetchKeys = MMFAST_DECODE_ATTENTION_PREFETCH_KEYS;  // tokens ahead K/V rows are prefetched
 static_assert(kBlockBytes >= 1 && kPrefetchKeys >= 0, "decode_attention: block bytes >= 1, prefetch keys >= 0");
-// Query rows (GQA group x Sq) that share each loaded key / value vector: the vector accumulators
-// (rows x keys or rows x value vectors) fill about half of the 16 / 32 vector registers.
+// Query rows (GQA group x Sq) that share each loaded key / value vector: 8 (AVX2) or 16 vector
+// accumulators (rows x keys, or rows x value vectors), plus the loaded vectors, fit the 16 / 32 registers.
 constexpr int kRowBlock = MMFAST_VECTOR_BYTES >= 64 ? 4 : 2;
 constexpr int kValueAccumulators = 8;
 
