@@ -13,15 +13,14 @@ import ctypes
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+from _torch_free import build_decode_kernels
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir)
 VARIANTS = {"one head per task": ["-DMMFAST_DECODE_ATTENTION_BLOCK_BYTES=1"], "head blocks (default)": []}
 # name, batch, heads, kv heads, head dim, tokens
 SHAPES = [("liquid-7b-mha B1 T1024", 1, 16, 16, 256, 1024), ("liquid-7b-mha B8 T1024", 8, 16, 16, 256, 1024),
@@ -43,18 +42,6 @@ extern "C" long attention(float* q, float* k, float* v, float* out, const int* l
   return mmfast::cpu::decode_kernels().attention(p);
 }
 """
-
-
-def build(directory, name, defines):
-    shim = os.path.join(directory, "shim.cpp")
-    with open(shim, "w") as f:
-        f.write(SHIM)
-    out = os.path.join(directory, f"variant{len(os.listdir(directory))}.so")
-    sources = [shim] + [os.path.join(ROOT, p) for p in ("csrc/cpu/decode_kernels.cpp", "csrc/cpu/isa.cpp",
-                                                        "tests/cpp/parallel_threads.cpp")]
-    subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread",
-                    f"-I{os.path.join(ROOT, 'csrc/include')}", *defines, "-o", out, *sources], check=True)
-    return ctypes.CDLL(out)
 
 
 def time_shape(libraries, name, batch, heads, kv_heads, dim, tokens):
@@ -85,7 +72,7 @@ def time_shape(libraries, name, batch, heads, kv_heads, dim, tokens):
 def main():
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as directory:
-        libraries = {label: build(directory, label, defines) for label, defines in VARIANTS.items()}
+        libraries = {label: build_decode_kernels(directory, SHIM, defines) for label, defines in VARIANTS.items()}
         print(f"CPU ISA {torch.ops.mmfast.cpu_isa()}, {ROUNDS} rounds, fp32")
         print("| shape | variant | median ms | GB/s of K+V | speed-up over one head per task (median of pairs) |")
         print("|---|---|---|---|---|")

@@ -11,15 +11,14 @@ import ctypes
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+from _torch_free import build_decode_kernels
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir)
 VARIANTS = [(4, 2048), (4, 1024), (4, 512), (4, 0), (8, 0), (8, 2048)]  # (chains, prefetch bytes)
 SHIM = """
 #include "mmfast/cpu/decode.h"
@@ -33,16 +32,8 @@ extern "C" void linear_m1(const float* w, const float* x, float* y, long n, long
 
 
 def build(directory, chains, prefetch):
-    shim = os.path.join(directory, "shim.cpp")
-    with open(shim, "w") as f:
-        f.write(SHIM)
-    out = os.path.join(directory, f"stream_{chains}_{prefetch}.so")
-    sources = [shim] + [os.path.join(ROOT, p) for p in ("csrc/cpu/decode_kernels.cpp", "csrc/cpu/isa.cpp",
-                                                        "tests/cpp/parallel_threads.cpp")]
-    subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread",
-                    f"-I{os.path.join(ROOT, 'csrc/include')}", f"-DMMFAST_DECODE_STREAM_CHAINS={chains}",
-                    f"-DMMFAST_DECODE_STREAM_PREFETCH_BYTES={prefetch}", "-o", out, *sources], check=True)
-    return ctypes.CDLL(out)
+    return build_decode_kernels(directory, SHIM, [f"-DMMFAST_DECODE_STREAM_CHAINS={chains}",
+                                                  f"-DMMFAST_DECODE_STREAM_PREFETCH_BYTES={prefetch}"])
 
 
 def main():
