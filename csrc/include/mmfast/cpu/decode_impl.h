@@ -43,8 +43,9 @@ constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-or
 constexpr int64_t kBlockBytes = MMFAST_DECODE_ATTENTION_BLOCK_BYTES;
 constexpr int64_t kPrefetchKeys = MMFAST_DECODE_ATTENTION_PREFETCH_KEYS;  // tokens ahead K/V rows are prefetched
 static_assert(kBlockBytes >= 1 && kPrefetchKeys >= 0, "decode_attention: block bytes >= 1, prefetch keys >= 0");
-// Query rows (GQA group x Sq) that share each loaded key / value vector: 8 (AVX2) or 16 vector
-// accumulators (rows x keys, or rows x value vectors), plus the loaded vectors, fit the 16 / 32 registers.
+// Query rows (GQA group x Sq) that share each loaded key / value vector. dot_keys keeps rows x 4
+// accumulators (8 on AVX2, 16 on AVX-512), add_values kValueAccumulators: with the loaded
+// vectors they fit the 16 / 32 vector registers.
 constexpr int kRowBlock = MMFAST_VECTOR_BYTES >= 64 ? 4 : 2;
 constexpr int kValueAccumulators = 8;
 

@@ -239,8 +239,7 @@ class DiffDISPipeline:
         if self.dtype != torch.float32 and dtype == torch.float32:
             warnings.warn(f"DiffDISPipeline: casting the weights from {self.dtype} back to float32 does not restore "
                           "their float32 values (loading in it, an earlier call or .to() rounded them); reload the "
-                          "pipeline in float32 "
-                          "for full-precision results", stacklevel=3)
+                          "pipeline in float32 for full-precision results", stacklevel=3)
         if dtype == torch.float16 and not self._warned_fp16:
             self._warned_fp16 = True
             warnings.warn("DiffDISPipeline: float16 is known to overflow to NaN in SD-2-family perception models; "
