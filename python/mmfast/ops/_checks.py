@@ -12,7 +12,7 @@ _FLOAT_NAMES = "float32, float16, bfloat16 or float64"
 
 
 def is_integer(value) -> bool:
-    """A Python, numpy or torch-symbolic integer (anything with __index__), not a bool."""
+    """A Python, numpy or symbolic (torch.SymInt) integer: anything with __index__, not a bool."""
     return not isinstance(value, bool) and hasattr(type(value), "__index__")
 
 

@@ -13,13 +13,12 @@ inference: differentiating decode_attention raises.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 
 from .. import _backend, _extension, reference
-from ._checks import check_float, check_same
+from ._checks import check_float, check_same, is_integer, is_real
 
 __all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "MAX_DECODE_QUERIES",
            "MIN_TEMPERATURE"]
@@ -306,12 +305,12 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
 def _check_sample_scalars(temperature, top_k, top_p, cfg_scale) -> None:
     """TypeError / ValueError for sample's scalar arguments that would otherwise be coerced
     (top_k=4.5 -> 4, True -> 1) or poison the logits (a NaN cfg_scale)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (numbers.Integral, torch.SymInt)):
+    if not is_integer(top_k):
         raise TypeError(f"sample: top_k must be an int (0: off), got {top_k!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("cfg_scale", cfg_scale)):
         if (value is None and name == "cfg_scale") or isinstance(value, (torch.SymInt, torch.SymFloat)):
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_real(value):
             raise TypeError(f"sample: {name} must be a finite number, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"sample: {name} must be a finite number, got {value!r}")
