@@ -2,6 +2,8 @@
 sliced expert UNets, CFG, checkpoints, and the router."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -144,6 +146,29 @@ def test_per_row_arguments_inside_tuples_follow_their_rows(setup):
                      down_block_additional_residuals=tuple(r[perm] for r in down),
                      mid_block_additional_residual=mid[perm])
     assert_matches(permuted, out[perm])
+
+
+@torch.no_grad()
+def test_per_row_dicts_keep_their_type_and_follow_their_rows(setup):
+    """added_cond_kwargs may be an OrderedDict (or a diffusers BaseOutput): sorted by code, not turned into a dict."""
+    _, _, model = setup
+    x, t, text = tiny_inputs(len(CODES), seed=7)
+    codes = torch.tensor(CODES)
+    row_ids = torch.arange(len(CODES), dtype=torch.float32)
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.update(kwargs)
+
+    hook = model.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(x, t, text, codes, added_cond_kwargs=collections.OrderedDict(row_ids=row_ids, scale=2.0))
+    finally:
+        hook.remove()
+    passed = seen["added_cond_kwargs"]
+    assert type(passed) is collections.OrderedDict and passed["scale"] == 2.0
+    order = torch.argsort(codes, stable=True)
+    assert torch.equal(passed["row_ids"], row_ids[order])
 
 
 @torch.no_grad()

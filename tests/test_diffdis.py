@@ -328,6 +328,9 @@ def test_segment_rejects_bad_input(pipe):
         pipe.segment(torch.zeros(3, 32, 32, dtype=torch.int64), resolution=64)
     with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
         pipe.segment(torch.full((3, 32, 32), 2.0), resolution=64)
+    for empty in (torch.zeros(3, 0, 32), np.zeros((32, 0, 3), np.uint8)):
+        with pytest.raises(ValueError, match="at least 1 x 1 pixels"):
+            pipe.segment(empty, resolution=64)
     with pytest.raises(ValueError, match="multiple of 64"):
         pipe.segment(image(), resolution=100)
     with pytest.raises(ValueError, match="multiple of 64"):

@@ -1,6 +1,7 @@
 """mmfast.ops.linear_attention on every backend against the fp32 reference."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -312,6 +313,21 @@ def test_apply_rejects_mismatched_state():
         linear_attention_apply(q, state.double(), mean, backend="reference")
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"] + (["triton"] if HAS_TRITON else []))
+def test_state_and_apply_errors_name_their_own_op(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, device)
+    state, mean = linear_attention_state(k, v, backend=backend)
+    with pytest.raises(ValueError, match="^linear_attention_state: k and v must agree"):
+        linear_attention_state(k, v[:, :4], backend=backend)
+    with pytest.raises(ValueError, match="^linear_attention_state: feature_map"):
+        linear_attention_state(k, v, feature_map="softmax", backend=backend)
+    with pytest.raises(ValueError, match="^linear_attention_apply: mean must be"):
+        linear_attention_apply(q, state, mean[..., :7], backend=backend)
+    with pytest.raises(ValueError, match="^linear_attention_apply: eps"):
+        linear_attention_apply(q, state, mean, eps=-1.0, backend=backend)
+
+
 # ---- backend selection -------------------------------------------------------------------
 
 
@@ -400,3 +416,15 @@ def test_triton_without_the_split_over_n_is_the_same_op():
     assert_close(out, reference.linear_attention_ref(q, k, v), torch.float32)
     for got, expected in zip(grads, reference_grads(q, k, v, torch.ones_like(out))):
         assert_close(got, expected, torch.float32, scale=4)
+
+
+def test_python_m_mmfast_help_and_json():
+    """`python -m mmfast --help` explains itself instead of ignoring the flag; --json is machine-readable."""
+    helped = subprocess.run([sys.executable, "-m", "mmfast", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: python -m mmfast" in helped.stdout and "--json" in helped.stdout
+    report = subprocess.run([sys.executable, "-m", "mmfast", "--json"], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    facts = json.loads(report.stdout)
+    assert facts["torch"] == torch.__version__ and "linear_attention" in facts["CPU kernels"]
+    wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr

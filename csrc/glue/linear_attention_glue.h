@@ -24,24 +24,23 @@ enum class LinearAttentionOp { kState, kApply, kForward, kApplyBackward, kStateB
 
 namespace glue {
 
-inline FeatureMap parse_feature_map(c10::string_view name) {
+inline FeatureMap parse_feature_map(c10::string_view name, const char* op = "linear_attention") {
   if (name == "elu1") return FeatureMap::kElu1;
   if (name == "relu") return FeatureMap::kRelu;
   if (name == "none") return FeatureMap::kNone;
-  TORCH_CHECK_VALUE(false, "linear_attention: feature_map must be one of ('none', 'elu1', 'relu'), got '",
+  TORCH_CHECK_VALUE(false, op, ": feature_map must be one of ('none', 'elu1', 'relu'), got '",
                     std::string(name), "'");
 }
 
-inline DType to_dtype(const at::Tensor& t, const char* name) { return to_dtype(t, "linear_attention", name); }
-
-inline void check_token_tensor(const at::Tensor& t, const char* name, const char* layout) {
-  TORCH_CHECK_VALUE(t.dim() == 4, "linear_attention: ", name, " must be a 4-D ", layout,
+inline void check_token_tensor(const at::Tensor& t, const char* name, const char* layout,
+                               const char* op = "linear_attention") {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be a 4-D ", layout,
                     " tensor, got shape ", t.sizes());
-  to_dtype(t, name);
+  to_dtype(t, op, name);
 }
 
-inline void check_head_dim(int64_t d, const char* name) {
-  TORCH_CHECK_VALUE(d >= kMinHeadDim && d <= kMaxHeadDim, "linear_attention: ", name, " must be in [",
+inline void check_head_dim(int64_t d, const char* name, const char* op = "linear_attention") {
+  TORCH_CHECK_VALUE(d >= kMinHeadDim && d <= kMaxHeadDim, op, ": ", name, " must be in [",
                     kMinHeadDim, ", ", kMaxHeadDim, "], got ", d);
 }
 
@@ -49,50 +48,52 @@ inline void check_same_dtype_device(const at::Tensor& a, const char* an, const a
   check_same_dtype_device(a, an, b, bn, "linear_attention");
 }
 
-inline void check_kv(const at::Tensor& k, const at::Tensor& v) {
-  check_token_tensor(k, "k", "(B, N, H, Dk)");
-  check_token_tensor(v, "v", "(B, N, H, Dv)");
-  check_same_dtype_device(k, "k", v, "v");
+// op names the public op in errors: linear_attention_state reports as itself, not as linear_attention.
+inline void check_kv(const at::Tensor& k, const at::Tensor& v, const char* op = "linear_attention") {
+  check_token_tensor(k, "k", "(B, N, H, Dk)", op);
+  check_token_tensor(v, "v", "(B, N, H, Dv)", op);
+  check_same_dtype_device(k, "k", v, "v", op);
   TORCH_CHECK_VALUE(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2),
-                    "linear_attention: k and v must agree in (B, N, H), got k ", k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(1) >= 1, "linear_attention: the sequence length N must be at least 1, got 0");
-  check_head_dim(k.size(3), "Dk (k.shape[-1])");
-  check_head_dim(v.size(3), "Dv (v.shape[-1])");
+                    op, ": k and v must agree in (B, N, H), got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(1) >= 1, op, ": the sequence length N must be at least 1, got 0");
+  check_head_dim(k.size(3), "Dk (k.shape[-1])", op);
+  check_head_dim(v.size(3), "Dv (v.shape[-1])", op);
 }
 
-inline void check_apply(const at::Tensor& q, const at::Tensor& state, const at::Tensor& mean) {
-  check_token_tensor(q, "q", "(B, N, H, Dk)");
-  TORCH_CHECK_VALUE(q.size(1) >= 1, "linear_attention: the sequence length N must be at least 1, got 0");
-  check_head_dim(q.size(3), "Dk (q.shape[-1])");
+inline void check_apply(const at::Tensor& q, const at::Tensor& state, const at::Tensor& mean,
+                        const char* op = "linear_attention") {
+  check_token_tensor(q, "q", "(B, N, H, Dk)", op);
+  TORCH_CHECK_VALUE(q.size(1) >= 1, op, ": the sequence length N must be at least 1, got 0");
+  check_head_dim(q.size(3), "Dk (q.shape[-1])", op);
   TORCH_CHECK_VALUE(state.dim() == 4 && state.size(0) == q.size(0) && state.size(1) == q.size(2) &&
                         state.size(2) == q.size(3),
-                    "linear_attention: state must be (B, H, Dk, Dv) = (", q.size(0), ", ", q.size(2), ", ", q.size(3),
+                    op, ": state must be (B, H, Dk, Dv) = (", q.size(0), ", ", q.size(2), ", ", q.size(3),
                     ", Dv), got ", state.sizes());
   TORCH_CHECK_VALUE(mean.dim() == 3 && mean.size(0) == q.size(0) && mean.size(1) == q.size(2) &&
                         mean.size(2) == q.size(3),
-                    "linear_attention: mean must be (B, H, Dk) = (", q.size(0), ", ", q.size(2), ", ", q.size(3),
+                    op, ": mean must be (B, H, Dk) = (", q.size(0), ", ", q.size(2), ", ", q.size(3),
                     "), got ", mean.sizes());
-  check_head_dim(state.size(3), "Dv (state.shape[-1])");
+  check_head_dim(state.size(3), "Dv (state.shape[-1])", op);
   const auto acc = accumulation_type(q.scalar_type());
-  TORCH_CHECK_TYPE(state.scalar_type() == acc && mean.scalar_type() == acc, "linear_attention: state and mean must be ",
+  TORCH_CHECK_TYPE(state.scalar_type() == acc && mean.scalar_type() == acc, op, ": state and mean must be ",
                    dtype_name(acc), " for ", dtype_name(q.scalar_type()), " inputs, got ",
                    dtype_name(state.scalar_type()), " and ", dtype_name(mean.scalar_type()));
   TORCH_CHECK_TYPE(state.device() == q.device() && mean.device() == q.device(),
-                   "linear_attention: all inputs must have the same device, got q: ", q.device(),
+                   op, ": all inputs must have the same device, got q: ", q.device(),
                    ", state: ", state.device(), ", mean: ", mean.device());
 }
 
 inline LinearAttentionParams make_params(const at::Tensor& tokens, int64_t dim_k, int64_t dim_v, double eps,
-                                         c10::string_view feature_map) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "linear_attention: eps must be a finite number >= 0, got ", eps);
+                                         c10::string_view feature_map, const char* op = "linear_attention") {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
   LinearAttentionParams p;
   p.batch = tokens.size(0);
   p.seqlen = tokens.size(1);
   p.heads = tokens.size(2);
   p.dim_k = dim_k;
   p.dim_v = dim_v;
-  p.dtype = to_dtype(tokens, "input");
-  p.feature_map = parse_feature_map(feature_map);
+  p.dtype = to_dtype(tokens, op, "input");
+  p.feature_map = parse_feature_map(feature_map, op);
   p.eps = eps;
   return p;
 }
@@ -123,10 +124,10 @@ inline at::Tensor new_mean(const at::Tensor& like, int64_t b, int64_t h, int64_t
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> linear_attention_state(const at::Tensor& k_in, const at::Tensor& v_in,
                                                           c10::string_view feature_map) {
-  check_kv(k_in, v_in);
+  check_kv(k_in, v_in, "linear_attention_state");
   const c10::DeviceGuard guard(k_in.device());
   const at::Tensor k = unit_stride_last(k_in), v = unit_stride_last(v_in);
-  auto p = make_params(k, k.size(3), v.size(3), 0.0, feature_map);
+  auto p = make_params(k, k.size(3), v.size(3), 0.0, feature_map, "linear_attention_state");
   at::Tensor state = new_state(k, p.batch, p.heads, p.dim_k, p.dim_v);
   at::Tensor mean = new_mean(k, p.batch, p.heads, p.dim_k);
   p.k = token_view(k);
@@ -140,11 +141,11 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state(const at::Tensor& k_in
 template <class Backend>
 at::Tensor linear_attention_apply(const at::Tensor& q_in, const at::Tensor& state_in, const at::Tensor& mean_in,
                                   double eps, c10::string_view feature_map) {
-  check_apply(q_in, state_in, mean_in);
+  check_apply(q_in, state_in, mean_in, "linear_attention_apply");
   const c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = unit_stride_last(q_in);
   const at::Tensor state = state_in.contiguous(), mean = mean_in.contiguous();
-  auto p = make_params(q, q.size(3), state.size(3), eps, feature_map);
+  auto p = make_params(q, q.size(3), state.size(3), eps, feature_map, "linear_attention_apply");
   at::Tensor out = empty_output({p.batch, p.seqlen, p.heads, p.dim_v}, q.options());
   p.q = token_view(q);
   p.out = token_view(out);

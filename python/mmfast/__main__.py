@@ -1,4 +1,22 @@
 """`python -m mmfast` prints what this installation can run."""
-from ._info import info
+import argparse
+import json
 
-info()
+from ._info import collect, info
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mmfast",
+        description="Print what this installation of mmfast can run: versions, which ops have CPU and CUDA "
+                    "kernels, the CPU instruction set the kernels dispatch to, CUDA archs and Triton. "
+                    "Paste its output into bug reports.")
+    parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
+    args = parser.parse_args(argv)
+    if args.json:
+        print(json.dumps(collect(), indent=2, default=str))
+    else:
+        info()
+
+
+main()

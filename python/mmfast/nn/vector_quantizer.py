@@ -94,7 +94,8 @@ class VectorQuantizer(nn.Module):
         class docstring). perplexity and min_encodings are None (VectorQuantizer2 returns None
         for both). min_encoding_indices: int64, flat (B*H*W,) in (B, H, W) order, or (B, H, W)
         with sane_index_shape. temp / rescale_logits / return_logits exist for interface
-        compatibility with taming's GumbelQuantize and must keep their defaults.
+        compatibility with taming's GumbelQuantize and must keep their defaults (temp may also be
+        1.0, which taming's VectorQuantizer2 accepts too: it changes nothing).
         Raises ValueError / TypeError for a wrong shape or dtype.
         """
         if not (temp is None or temp == 1.0) or rescale_logits or return_logits:

@@ -32,44 +32,48 @@ MAX_HEAD_DIM = 256
 # --- input checks ---------------------------------------------------------------------
 
 
-def _check_token_tensor(name: str, t: torch.Tensor, layout: str) -> None:
-    check_rank(OP, name, t, 4, layout)
-    check_float(OP, name, t)
+# `op` names the public op in errors: linear_attention_state and linear_attention_apply report
+# as themselves (their backward passes, reached only through autograd, as linear_attention).
 
 
-def _check_head_dim(name: str, d: int) -> None:
+def _check_token_tensor(name: str, t: torch.Tensor, layout: str, op: str = OP) -> None:
+    check_rank(op, name, t, 4, layout)
+    check_float(op, name, t)
+
+
+def _check_head_dim(name: str, d: int, op: str = OP) -> None:
     if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{OP}: {name} must be in [1, {MAX_HEAD_DIM}], got {d}")
+        raise ValueError(f"{op}: {name} must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
-def _check_sequence(n: int) -> None:
+def _check_sequence(n: int, op: str = OP) -> None:
     if n == 0:
-        raise ValueError(f"{OP}: the sequence length N must be at least 1, got 0")
+        raise ValueError(f"{op}: the sequence length N must be at least 1, got 0")
 
 
-def check_eps(eps: float) -> None:
+def check_eps(eps: float, op: str = OP) -> None:
     if not (is_real(eps) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def check_feature_map(feature_map: str) -> None:
+def check_feature_map(feature_map: str, op: str = OP) -> None:
     if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"{OP}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+        raise ValueError(f"{op}: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
-def check_kv(k: torch.Tensor, v: torch.Tensor, feature_map: str):
+def check_kv(k: torch.Tensor, v: torch.Tensor, feature_map: str, op: str = OP):
     """Returns (B, N, H, Dk, Dv)."""
-    check_feature_map(feature_map)
-    _check_token_tensor("k", k, "(B, N, H, Dk)")
-    _check_token_tensor("v", v, "(B, N, H, Dv)")
-    check_same(OP, {"k": k, "v": v}, "dtype")
-    check_same(OP, {"k": k, "v": v}, "device")
+    check_feature_map(feature_map, op)
+    _check_token_tensor("k", k, "(B, N, H, Dk)", op)
+    _check_token_tensor("v", v, "(B, N, H, Dv)", op)
+    check_same(op, {"k": k, "v": v}, "dtype")
+    check_same(op, {"k": k, "v": v}, "device")
     b, n, h, dk = k.shape
     if tuple(v.shape[:3]) != (b, n, h):
-        raise ValueError(f"{OP}: k and v must agree in (B, N, H), got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    _check_sequence(n)
-    _check_head_dim("Dk (k.shape[-1])", dk)
-    _check_head_dim("Dv (v.shape[-1])", v.shape[-1])
+        raise ValueError(f"{op}: k and v must agree in (B, N, H), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    _check_sequence(n, op)
+    _check_head_dim("Dk (k.shape[-1])", dk, op)
+    _check_head_dim("Dv (v.shape[-1])", v.shape[-1], op)
     return b, n, h, dk, v.shape[-1]
 
 
@@ -85,23 +89,23 @@ def check_qkv(q, k, v, feature_map: str):
     return dims
 
 
-def check_apply(q, state, mean, feature_map: str):
+def check_apply(q, state, mean, feature_map: str, op: str = OP):
     """Returns (B, N, H, Dk, Dv) for linear_attention_apply."""
-    check_feature_map(feature_map)
-    _check_token_tensor("q", q, "(B, N, Hq, Dk)")
+    check_feature_map(feature_map, op)
+    _check_token_tensor("q", q, "(B, N, Hq, Dk)", op)
     b, n, h, dk = q.shape
-    _check_sequence(n)
-    _check_head_dim("Dk (q.shape[-1])", dk)
+    _check_sequence(n, op)
+    _check_head_dim("Dk (q.shape[-1])", dk, op)
     if state.dim() != 4 or tuple(state.shape[:3]) != (b, h, dk):
-        raise ValueError(f"{OP}: state must be (B, H, Dk, Dv) = ({b}, {h}, {dk}, Dv), got {tuple(state.shape)}")
+        raise ValueError(f"{op}: state must be (B, H, Dk, Dv) = ({b}, {h}, {dk}, Dv), got {tuple(state.shape)}")
     if tuple(mean.shape) != (b, h, dk):
-        raise ValueError(f"{OP}: mean must be (B, H, Dk) = ({b}, {h}, {dk}), got {tuple(mean.shape)}")
-    _check_head_dim("Dv (state.shape[-1])", state.shape[-1])
+        raise ValueError(f"{op}: mean must be (B, H, Dk) = ({b}, {h}, {dk}), got {tuple(mean.shape)}")
+    _check_head_dim("Dv (state.shape[-1])", state.shape[-1], op)
     acc = accumulation_dtype(q.dtype)
     for name, t in (("state", state), ("mean", mean)):
         if t.dtype != acc:
-            raise TypeError(f"{OP}: {name} must be {acc} for {q.dtype} inputs, got {t.dtype}")
-    check_same(OP, {"q": q, "state": state, "mean": mean}, "device")
+            raise TypeError(f"{op}: {name} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+    check_same(op, {"q": q, "state": state, "mean": mean}, "device")
     return b, n, h, dk, state.shape[-1]
 
 
@@ -132,14 +136,14 @@ def _fake_forward(q, k, v, eps, feature_map):
 
 
 def _fake_state(k, v, feature_map):
-    b, _, h, dk, dv = check_kv(k, v, feature_map)
+    b, _, h, dk, dv = check_kv(k, v, feature_map, "linear_attention_state")
     acc = accumulation_dtype(k.dtype)
     return k.new_empty((b, h, dk, dv), dtype=acc), k.new_empty((b, h, dk), dtype=acc)
 
 
 def _fake_apply(q, state, mean, eps, feature_map):
-    check_eps(eps)
-    b, n, h, _, dv = check_apply(q, state, mean, feature_map)
+    check_eps(eps, "linear_attention_apply")
+    b, n, h, _, dv = check_apply(q, state, mean, feature_map, "linear_attention_apply")
     return q.new_empty((b, n, h, dv))
 
 
@@ -294,10 +298,10 @@ def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional
     S and m are means over the N tokens; for a split over token shards, the exact
     combination is (sum_r N_r * S_r) / (sum_r N_r), and likewise for m. Differentiable.
     """
-    check_feature_map(feature_map)
+    check_feature_map(feature_map, "linear_attention_state")
     chosen = _backend.resolve("linear_attention_state", k.device, backend)
     if chosen == "reference":
-        check_kv(k, v, feature_map)
+        check_kv(k, v, feature_map, "linear_attention_state")
         return reference.linear_attention_state_ref(k, v, feature_map)
     return _backend.op_overload("linear_attention_state", chosen)(k, v, feature_map)
 
@@ -306,10 +310,10 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
                            backend: Optional[str] = None):
     """out_i = phi(q_i) S / (phi(q_i) . m + eps) for q (B, N, H, Dk) and the (state, mean) of
     linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv). Differentiable."""
-    check_eps(eps)
-    check_feature_map(feature_map)
+    check_eps(eps, "linear_attention_apply")
+    check_feature_map(feature_map, "linear_attention_apply")
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)
     if chosen == "reference":
-        check_apply(q, state, mean, feature_map)
+        check_apply(q, state, mean, feature_map, "linear_attention_apply")
         return reference.linear_attention_apply_ref(q, state, mean, eps, feature_map)
     return _backend.op_overload("linear_attention_apply", chosen)(q, state, mean, float(eps), feature_map)

@@ -188,8 +188,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, feature_map: s
 
 @torch.library.custom_op("mmfast_triton::linear_attention_state", mutates_args=())
 def linear_attention_state(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tensor, Tensor]:
-    check_kv(k, v, feature_map)
-    check_runnable(OP, k, v)
+    check_kv(k, v, feature_map, "linear_attention_state")
+    check_runnable("linear_attention_state", k, v)
     k, v = last_dim_unit(k), last_dim_unit(v)
     with device_guard(k):
         return _state(k, v, feature_map)
@@ -197,8 +197,8 @@ def linear_attention_state(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tens
 
 @torch.library.custom_op("mmfast_triton::linear_attention_apply", mutates_args=())
 def linear_attention_apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str) -> Tensor:
-    check_apply(q, state, mean, feature_map)
-    check_runnable(OP, q, state, mean)
+    check_apply(q, state, mean, feature_map, "linear_attention_apply")
+    check_runnable("linear_attention_apply", q, state, mean)
     q, state, mean = last_dim_unit(q), last_dim_unit(state), last_dim_unit(mean)
     with device_guard(q):
         return _apply(q, state, mean, eps, feature_map)

@@ -437,8 +437,11 @@ class AptpUNet(nn.Module):
                 return type(t)(*(by_code(x) for x in t))
             if isinstance(t, (tuple, list)):
                 return type(t)(by_code(x) for x in t)
-            if isinstance(t, dict):
-                return {k: by_code(v) for k, v in t.items()}
+            if isinstance(t, dict):  # a shallow copy keeps the dict's type (OrderedDict, diffusers' BaseOutput)
+                sorted_dict = copy.copy(t)
+                for k, v in t.items():
+                    sorted_dict[k] = by_code(v)
+                return sorted_dict
             return t.index_select(0, order) if torch.is_tensor(t) and t.dim() and t.shape[0] == batch else t
 
         with self.state.use(codes.index_select(0, order)):

@@ -75,11 +75,13 @@ def _check_image_tensor(image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"DiffDIS: expected an RGB image with 3 channels, (3, H, W) / (B, 3, H, W) tensors or "
                          f"(H, W, 3) arrays, got shape {tuple(image.shape)}; convert grayscale or RGBA images "
                          "first (PIL: image.convert('RGB'))")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"DiffDIS: images must have at least 1 x 1 pixels, got (3, H, W) = {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float() / 255
     if not image.is_floating_point():
         raise ValueError(f"DiffDIS: image tensors must be uint8 (0..255) or floating point in [0, 1], got {image.dtype}")
-    if image.numel() and (image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all()):
+    if (image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all()):
         raise ValueError("DiffDIS: floating-point images must hold values in [0, 1]")
     return image.float()
 
