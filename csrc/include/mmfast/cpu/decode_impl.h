@@ -2,9 +2,11 @@
 // only through mmfast/cpu/instantiate_isas.h (see csrc/cpu/decode_kernels.cpp). Rules: mmfast/decode.h.
 //
 // decode_attention: a task is (row b, block of KV heads, chunk of kChunkKeys keys). A block's
-// heads lie side by side in each token's cache row (up to a 4 KB page), and a task takes them
-// one after another within each key tile, so the tile's pages and lines are reused rather
-// than visited once per task (one head's rows alone lie H_kv x D apart). Per head it converts
+// heads lie side by side in each token's cache row (up to 16 KB of it), and a task reads each
+// key tile token by token across the block (one head's rows alone lie H_kv x D apart: read head
+// by head, 1-4 KB of each 16 KB row, the reads reach 2/3 of a sequential stream's bandwidth).
+// Keys are scored token-major (each token's K rows for every head of the block in turn, the
+// same tokens' V rows hinted meanwhile), then each head's softmax and value sums run. Per head it converts
 // the group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves the group,
 // and each loaded vector serves kRowBlock rows), scores key tiles of kKeyTile keys against
 // them (four keys per pass; K/V rows already in the accumulation type and a whole number of
@@ -35,14 +37,10 @@ constexpr int64_t kKeyTile = 32;     // keys scored together
 constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-order fold
 // Build-time overrides, for probes (benchmarks/probes/decode_attention_head_block.py).
 #ifndef MMFAST_DECODE_ATTENTION_BLOCK_BYTES
-#define MMFAST_DECODE_ATTENTION_BLOCK_BYTES 4096  // bytes of a token's cache row a task reads: a page
-#endif
-#ifndef MMFAST_DECODE_ATTENTION_PREFETCH_KEYS
-#define MMFAST_DECODE_ATTENTION_PREFETCH_KEYS 4
+#define MMFAST_DECODE_ATTENTION_BLOCK_BYTES 16384  // bytes of a token's K (or V) rows a task reads
 #endif
 constexpr int64_t kBlockBytes = MMFAST_DECODE_ATTENTION_BLOCK_BYTES;
-constexpr int64_t kPrefetchKeys = MMFAST_DECODE_ATTENTION_PREFETCH_KEYS;  // tokens ahead K/V rows are prefetched
-static_assert(kBlockBytes >= 1 && kPrefetchKeys >= 0, "decode_attention: block bytes >= 1, prefetch keys >= 0");
+static_assert(kBlockBytes >= 1, "decode_attention: block bytes >= 1");
 // Query rows (GQA group x Sq) that share each loaded key / value vector. dot_keys keeps rows x 4
 // accumulators (8 on AVX2, 16 on AVX-512), add_values kValueAccumulators: with the loaded
 // vectors they fit the 16 / 32 vector registers.
@@ -132,17 +130,36 @@ struct AttentionJob {
     return p->window > 0 ? max_i64(0, position(length, i) - p->window + 1) : 0;
   }
 
+  // Per-thread buffers of a task: the block's query rows, one zero row (keys past a tile's count
+  // point to it: finite, masked out), converted K / V rows when the cache is not read in place,
+  // every head's scores, and the K / V row pointers of a tile.
+  struct Buffers {
+    Scratch<acc_t> values;
+    Scratch<const acc_t*> rows;
+    acc_t *q, *zero_row, *k, *v, *scores;
+    const acc_t **key_row, **value_row;
+
+    explicit Buffers(const AttentionJob& job)
+        : values(size_t(job.head_block * job.rows * (job.dp + kKeyTile) + job.dp +
+                        (job.reads_in_place() ? 0 : 2 * job.head_block * kKeyTile * job.dp))),
+          rows(size_t(2 * job.head_block * kKeyTile)) {
+      const int64_t tile = job.reads_in_place() ? 0 : job.head_block * kKeyTile * job.dp;
+      q = values.data;
+      scores = q + job.head_block * job.rows * job.dp;
+      zero_row = scores + job.head_block * job.rows * kKeyTile;
+      k = zero_row + job.dp;
+      v = k + tile;
+      __builtin_memset(zero_row, 0, sizeof(acc_t) * size_t(job.dp + 2 * tile));  // and the padding past D
+      key_row = rows.data;
+      value_row = key_row + job.head_block * kKeyTile;
+    }
+  };
+
   static void run(void* ctx, int64_t begin, int64_t end) {
     const auto& job = *static_cast<AttentionJob*>(ctx);
-    const int64_t dp = job.dp, rows = job.rows;
-    Scratch<acc_t> scratch(size_t(job.head_block * rows * dp + 2 * kKeyTile * dp + rows * kKeyTile));
-    acc_t* qbuf = scratch.data;
-    acc_t* kbuf = qbuf + job.head_block * rows * dp;
-    acc_t* vbuf = kbuf + kKeyTile * dp;
-    acc_t* scores = vbuf + kKeyTile * dp;
-    __builtin_memset(kbuf, 0, sizeof(acc_t) * size_t(2 * kKeyTile * dp));  // zero padding past D
+    Buffers buffers(job);
     for (int64_t task = begin; task < end; ++task) {
-      job.run_task(task, qbuf, kbuf, vbuf, scores);
+      job.run_task(task, buffers);
       if (job.chunks == 1)  // the pairs' only chunk: no second pass to wait for
         for (int64_t j = 0; j < job.head_block; ++j) job.fold(task * job.head_block + j);
     }
@@ -159,35 +176,30 @@ struct AttentionJob {
   }
 
   // Cache rows already in the accumulation type and a whole number of vectors are read where they
-  // are; others are converted into buf (zero-padded to dp).
+  // are; others are converted into the task's buffers (zero-padded to dp).
   bool reads_in_place() const { return std::is_same<scalar_t, acc_t>::value && p->head_dim == dp; }
 
-  // out[t] = key / value row k0 + t (t < count) in acc_t, dp wide; entries past count point to
-  // rows of buf (finite, masked out by the caller).
-  void key_rows(const TokenTensor& cache, int64_t b, int64_t kv_head, int64_t k0, int64_t count, int64_t end,
-                acc_t* buf, const acc_t** out) const {
-    const int64_t row_bytes = p->head_dim * int64_t(sizeof(scalar_t));
+  // out[j * kKeyTile + t] = the K or V row of token k0 + t (t < count) and the block's head j, in
+  // acc_t, dp wide; rows past count point to the zero row. Read token by token across the block:
+  // the block's rows of a token lie side by side.
+  void tile_rows(const TokenTensor& cache, int64_t b, int64_t first_head, int64_t k0, int64_t count,
+                 const Buffers& buffers, acc_t* converted, const acc_t** out) const {
     const bool in_place = reads_in_place();
-    for (int64_t t = 0; t < count; ++t) {
-      const scalar_t* src = token_at<scalar_t>(cache, b, k0 + t, kv_head);
-      if (k0 + t + kPrefetchKeys < end) {  // token rows are H_kv x D apart: no stream to follow, so hint each
-        const scalar_t* next = token_at<scalar_t>(cache, b, k0 + t + kPrefetchKeys, kv_head);
-        for (int64_t off = 0; off < row_bytes; off += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(next) + off, 0, 3);
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t j = 0; j < head_block; ++j) {
+        const scalar_t* src = token_at<scalar_t>(cache, b, k0 + t, first_head + j);
+        acc_t* row = converted + (j * kKeyTile + t) * dp;
+        if (!in_place)
+          for (int64_t d = 0; d < p->head_dim; ++d) row[d] = to_acc(src[d]);
+        out[j * kKeyTile + t] = in_place ? reinterpret_cast<const acc_t*>(src) : row;
       }
-      if (in_place) {
-        out[t] = reinterpret_cast<const acc_t*>(src);
-      } else {
-        for (int64_t d = 0; d < p->head_dim; ++d) buf[t * dp + d] = to_acc(src[d]);
-        out[t] = buf + t * dp;
-      }
-    }
-    for (int64_t t = count; t < kKeyTile; ++t) out[t] = buf + t * dp;
+    for (int64_t j = 0; j < head_block; ++j)
+      for (int64_t t = count; t < kKeyTile; ++t) out[j * kKeyTile + t] = buffers.zero_row;
   }
 
   // Task (b, block, chunk) = (b * H_kv / head_block + block) * chunks + chunk; its partial states
   // are those of (b, KV head, chunk) for the block's heads.
-  void run_task(int64_t task, acc_t* qbuf, acc_t* kbuf, acc_t* vbuf, acc_t* scores) const {
+  void run_task(int64_t task, const Buffers& buffers) const {
     const int64_t chunk = task % chunks, first_pair = task / chunks * head_block, b = first_pair / p->kv_heads;
     const int64_t length = p->cache_seqlens[b];
     const int64_t lo = first_key(length, 0) + chunk * kChunkKeys, hi = min_i64(lo + kChunkKeys, length);
@@ -202,33 +214,46 @@ struct AttentionJob {
     }
     if (lo >= hi) return;
     const int64_t first_head = first_pair % p->kv_heads;
-    for (int64_t j = 0; j < head_block; ++j) load_queries(b, first_head + j, qbuf + j * rows * dp);
-    const acc_t* key_row[kKeyTile];
-    const acc_t* value_row[kKeyTile];
+    for (int64_t j = 0; j < head_block; ++j) load_queries(b, first_head + j, buffers.q + j * rows * dp);
     for (int64_t k0 = lo; k0 < hi; k0 += kKeyTile) {
       const int64_t count = min_i64(kKeyTile, hi - k0);
-      for (int64_t j = 0; j < head_block; ++j) {
-        key_rows(p->k_cache, b, first_head + j, k0, count, hi, kbuf, key_row);
-        key_rows(p->v_cache, b, first_head + j, k0, count, hi, vbuf, value_row);
-        accumulate_tile(qbuf + j * rows * dp, key_row, value_row, k0, count, length, scores,
+      tile_rows(p->k_cache, b, first_head, k0, count, buffers, buffers.k, buffers.key_row);
+      tile_rows(p->v_cache, b, first_head, k0, count, buffers, buffers.v, buffers.value_row);
+      score_tile(buffers, count);
+      for (int64_t j = 0; j < head_block; ++j)
+        add_tile_values(buffers.value_row + j * kKeyTile, k0, count, length, buffers.scores + j * rows * kKeyTile,
                         partial_of((first_pair + j) * chunks + chunk));
-      }
     }
   }
 
-  // Every query row against `count` keys starting at k0. scores: rows x kKeyTile scratch; state:
-  // rows x [output row (dp), max, sum]. Rows are taken kRowBlock at a time, so that each key and
-  // value vector loaded serves several rows (GQA); a row's arithmetic is the same either way.
-  void accumulate_tile(const acc_t* qbuf, const acc_t* const* key_row, const acc_t* const* value_row, int64_t k0,
-                       int64_t count, int64_t length, acc_t* scores, acc_t* state) const {
+  // Every head's query rows against the tile's keys, four tokens at a time across the block (the
+  // K rows read in memory order); in place, the same tokens' V rows are hinted meanwhile, so that
+  // add_tile_values finds them in cache. scores: per head rows x kKeyTile.
+  void score_tile(const Buffers& buffers, int64_t count) const {
     static_assert(kKeyTile % 4 == 0, "dot_keys scores whole groups of four rows of the tile");
+    const int64_t hint_bytes = reads_in_place() ? p->head_dim * int64_t(sizeof(scalar_t)) : 0;
+    for (int64_t t = 0; t < count; t += 4)  // t >= count: masked later
+      for (int64_t j = 0; j < head_block; ++j) {
+        const acc_t* const* keys = buffers.key_row + j * kKeyTile + t;
+        const acc_t* const* values = buffers.value_row + j * kKeyTile + t;
+        const char* hint[4];
+        for (int u = 0; u < 4; ++u)
+          hint[u] = t + u < count && hint_bytes > 0 ? reinterpret_cast<const char*>(values[u]) : nullptr;
+        const acc_t* q = buffers.q + j * rows * dp;
+        acc_t* scores = buffers.scores + j * rows * kKeyTile + t;
+        int64_t r = 0;
+        for (; r + kRowBlock <= rows; r += kRowBlock)  // the first block of rows issues the hints
+          dot_keys<kRowBlock>(q + r * dp, keys, scores + r * kKeyTile, hint, r == 0 ? hint_bytes : 0);
+        for (; r < rows; ++r) dot_keys<1>(q + r * dp, keys, scores + r * kKeyTile, hint, r == 0 ? hint_bytes : 0);
+      }
+  }
+
+  // One head's scored tile: softmax and the value sums of its rows (kRowBlock at a time, so that
+  // each value vector loaded serves several rows; a row's arithmetic is the same either way).
+  // scores: rows x kKeyTile; state: rows x [output row (dp), max, sum].
+  void add_tile_values(const acc_t* const* value_row, int64_t k0, int64_t count, int64_t length, acc_t* scores,
+                       acc_t* state) const {
     const int64_t ps = partial_stride();
-    for (int64_t t = 0; t < count; t += 4) {  // t >= count: masked below
-      int64_t r = 0;
-      for (; r + kRowBlock <= rows; r += kRowBlock)
-        dot_keys<kRowBlock>(qbuf + r * dp, key_row + t, scores + r * kKeyTile + t);
-      for (; r < rows; ++r) dot_keys<1>(qbuf + r * dp, key_row + t, scores + r * kKeyTile + t);
-    }
     const acc_t* block_scores[kRowBlock];
     acc_t block_rescale[kRowBlock];
     acc_t* block_state[kRowBlock];
@@ -279,12 +304,19 @@ struct AttentionJob {
 
   // scores[r * kKeyTile + j] = dot(query row r, keys[j]) for R rows (dp apart) and four keys:
   // 4R independent FMA chains (one key at a time is bound by the FMA latency, not by the reads).
+  // hint: four rows (null: none) of which hint_bytes are prefetched, a line of each per step.
   template <int R>
-  void dot_keys(const acc_t* q, const acc_t* const* keys, acc_t* scores) const {
+  void dot_keys(const acc_t* q, const acc_t* const* keys, acc_t* scores, const char* const* hint,
+                int64_t hint_bytes) const {
     using V = typename Vec<acc_t>::type;
     constexpr int64_t W = Vec<acc_t>::width;
+    static_assert(W * sizeof(acc_t) <= 64, "a line per step: the hints (at most dp x acc_t) finish in the loop");
     V acc[R][4] = {};
-    for (int64_t d = 0; d < dp; d += W) {
+    int64_t line = 0;
+    for (int64_t d = 0; d < dp; d += W, line += 64) {
+      if (line < hint_bytes)
+        for (int j = 0; j < 4; ++j)
+          if (hint[j] != nullptr) __builtin_prefetch(hint[j] + line, 0, 3);
       V key[4];
       for (int j = 0; j < 4; ++j) key[j] = load<acc_t>(keys[j] + d);
       for (int r = 0; r < R; ++r) {
@@ -379,7 +411,9 @@ void attention_typed(const DecodeAttentionParams& p, int64_t longest_range) {
   job.dp = padded<acc_t>(p.head_dim);
   job.chunks = max_i64(1, ceil_div(longest_range, kChunkKeys));
   const int64_t pairs = p.batch * p.kv_heads;
-  job.head_block = attention_head_block(p.kv_heads, p.head_dim * int64_t(sizeof(scalar_t)), p.batch * job.chunks);
+  const bool in_place = job.reads_in_place();  // else the block's rows are converted into dp x acc_t buffers
+  const int64_t row_bytes = in_place ? p.head_dim * int64_t(sizeof(scalar_t)) : job.dp * int64_t(sizeof(acc_t));
+  job.head_block = attention_head_block(p.kv_heads, row_bytes, p.batch * job.chunks);
   Scratch<acc_t> partial(size_t(pairs * job.chunks * job.rows * (job.dp + 2)));
   job.partial = partial.data;
   parallel_for(pairs / job.head_block * job.chunks, &job, &AttentionJob<scalar_t, acc_t>::run);
