@@ -1,24 +1,28 @@
 """The probes' shared step: the torch-free decode kernels plus a probe's extern "C" shim, built
-with g++ for the ISA this CPU runs (plain std::threads: tests/cpp/parallel_threads.cpp) and
-loaded with ctypes, so that kernel variants (-D overrides) can be timed side by side in one
-process."""
+with g++ for the ISA this CPU runs and loaded with ctypes, so that kernel variants (-D
+overrides) can be timed side by side in one process. Threads: plain std::threads spawned per call
+(tests/cpp/parallel_threads.cpp), or OpenMP's persistent pool (parallel_openmp.cpp: no spawn
+cost in the timings, torch's thread count)."""
 import ctypes
 import os
 import subprocess
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir)
-SOURCES = ("csrc/cpu/decode_kernels.cpp", "csrc/cpu/isa.cpp", "tests/cpp/parallel_threads.cpp")
+SOURCES = ("csrc/cpu/decode_kernels.cpp", "csrc/cpu/isa.cpp")
+THREADS = {"std": ["tests/cpp/parallel_threads.cpp"],
+           "openmp": ["-fopenmp", os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_openmp.cpp")]}
 
 
-def build_decode_kernels(directory, shim_source, defines, root=ROOT):
+def build_decode_kernels(directory, shim_source, defines, root=ROOT, threads="std"):
     """Builds shim_source + the decode kernels of `root` with `defines` (["-DNAME=VALUE", ...])
-    into a new shared library in `directory` and loads it."""
+    into a new shared library in `directory` and loads it. threads: "std" or "openmp"."""
     index = len(os.listdir(directory))
     shim = os.path.join(directory, f"shim{index}.cpp")
     with open(shim, "w") as f:
         f.write(shim_source)
     out = os.path.join(directory, f"variant{index}.so")
     sources = [shim] + [os.path.join(root, path) for path in SOURCES]
+    sources += [arg if arg.startswith("-") or os.path.isabs(arg) else os.path.join(root, arg) for arg in THREADS[threads]]
     subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread",
                     f"-I{os.path.join(root, 'csrc/include')}", *defines, "-o", out, *sources], check=True)
     return ctypes.CDLL(out)
