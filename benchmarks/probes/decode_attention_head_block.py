@@ -40,9 +40,10 @@ ROUNDS = 12
 SHIM = """
 #include <cmath>
 #include "mmfast/cpu/decode.h"
-extern "C" long attention(float* q, float* k, float* v, float* out, const int* lengths, long b, long h, long h_kv,
-                          long d, long t) {
+extern "C" long attention(void* q, void* k, void* v, void* out, const int* lengths, long b, long h, long h_kv,
+                          long d, long t, int dtype) {
   mmfast::DecodeAttentionParams p;
+  p.dtype = static_cast<mmfast::DType>(dtype);
   p.batch = b, p.queries = 1, p.heads = h, p.kv_heads = h_kv, p.head_dim = d, p.max_tokens = t;
   p.q = {q, h * d, h * d, d};
   p.out = {out, h * d, h * d, d};
@@ -55,11 +56,15 @@ extern "C" long attention(float* q, float* k, float* v, float* out, const int* l
 """
 
 
-def time_shape(libraries, name, batch, heads, kv_heads, dim, tokens):
-    q, out = torch.randn(batch, 1, heads, dim), torch.empty(batch, 1, heads, dim)
-    gigabytes = 2 * batch * tokens * kv_heads * dim * 4 / 1e9
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # mmfast::DType
+
+
+def time_shape(libraries, dtype, name, batch, heads, kv_heads, dim, tokens):
+    q, out = torch.randn(batch, 1, heads, dim, dtype=dtype), torch.empty(batch, 1, heads, dim, dtype=dtype)
+    gigabytes = 2 * batch * tokens * kv_heads * dim * dtype.itemsize / 1e9
     copies = max(1, math.ceil(COLD_BYTES / (gigabytes * 1e9)))
-    caches = [(torch.randn(batch, tokens, kv_heads, dim), torch.randn(batch, tokens, kv_heads, dim))] * copies
+    caches = [(torch.randn(batch, tokens, kv_heads, dim, dtype=dtype),
+               torch.randn(batch, tokens, kv_heads, dim, dtype=dtype))] * copies
     caches[1:] = [(k.clone(), v.clone()) for k, v in caches[1:]]  # same values: outputs stay comparable
     lengths = torch.full((batch,), tokens, dtype=torch.int32)
     call = {"index": 0}
@@ -72,7 +77,8 @@ def time_shape(libraries, name, batch, heads, kv_heads, dim, tokens):
         def run():
             k, v = cache()
             args = [ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, out, lengths)]
-            return lib.attention(*args, *[ctypes.c_long(x) for x in (batch, heads, kv_heads, dim, tokens)])
+            return lib.attention(*args, *[ctypes.c_long(x) for x in (batch, heads, kv_heads, dim, tokens)],
+                                 ctypes.c_int(DTYPE_CODES[dtype]))
         return run
 
     def installed():
@@ -100,6 +106,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old-root", help="an earlier commit's worktree: time its kernels against this tree's")
     parser.add_argument("--threads", choices=("openmp", "std"), default="openmp")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="of q and the caches (16-bit caches are converted into fp32 tiles)")
     args = parser.parse_args()
     variants = HEAD_BLOCK_VARIANTS
     if args.old_root:
@@ -108,11 +116,11 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         libraries = {label: build_decode_kernels(directory, SHIM, defines, root=root or ROOT, threads=args.threads)
                      for label, (defines, root) in variants.items()}
-        print(f"CPU ISA {torch.ops.mmfast.cpu_isa()}, {ROUNDS} rounds, fp32, {args.threads} threads")
+        print(f"CPU ISA {torch.ops.mmfast.cpu_isa()}, {ROUNDS} rounds, {args.dtype}, {args.threads} threads")
         print(f"| shape | variant | median ms | GB/s of K+V | speed-up over {next(iter(variants))} (median of pairs) |")
         print("|---|---|---|---|---|")
         for shape in SHAPES:
-            time_shape(libraries, *shape)
+            time_shape(libraries, getattr(torch, args.dtype), *shape)
 
 
 if __name__ == "__main__":
