@@ -6,7 +6,8 @@
 // key tile token by token across the block (one head's rows alone lie H_kv x D apart: read head
 // by head, 1-4 KB of each 16 KB row, the reads reach 2/3 of a sequential stream's bandwidth).
 // Keys are scored token-major (each token's K rows for every head of the block in turn, the
-// same tokens' V rows hinted meanwhile), then each head's softmax and value sums run. Per head
+// same tokens' V rows hinted meanwhile), then each head's softmax and value sums run; 16-bit
+// rows, converted into fp32 tiles, go head by head (heads_per_read). Per head
 // it converts the group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves
 // the group, and each loaded vector serves kRowBlock rows), scores key tiles of kKeyTile keys
 // against them (four keys per pass; K/V rows already in the accumulation type and a whole number
