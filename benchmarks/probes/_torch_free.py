@@ -2,7 +2,8 @@
 with g++ for the ISA this CPU runs and loaded with ctypes, so that kernel variants (-D
 overrides) can be timed side by side in one process. Threads: plain std::threads spawned per call
 (tests/cpp/parallel_threads.cpp), or OpenMP's persistent pool (parallel_openmp.cpp: no spawn
-cost in the timings, torch's thread count)."""
+cost in the timings). With torch imported first, the library binds to torch's libgomp (same
+SONAME, already loaded), so torch.set_num_threads sets its thread count too."""
 import ctypes
 import os
 import subprocess

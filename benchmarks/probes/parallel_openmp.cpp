@@ -20,8 +20,9 @@ void parallel_for(int64_t n, void* ctx, RangeFn fn) {
   }
 #pragma omp parallel num_threads(workers)
   {
-    const int64_t w = omp_get_thread_num(), begin = n * w / workers, end = n * (w + 1) / workers;
-    fn(ctx, begin, end);
+    // Split over the team OpenMP delivers (nested, OMP_DYNAMIC or a thread limit may give fewer).
+    const int64_t team = omp_get_num_threads(), w = omp_get_thread_num();
+    fn(ctx, n * w / team, n * (w + 1) / team);
   }
 }
 

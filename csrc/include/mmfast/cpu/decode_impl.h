@@ -6,8 +6,8 @@
 // key tile token by token across the block (one head's rows alone lie H_kv x D apart: read head
 // by head, 1-4 KB of each 16 KB row, the reads reach 2/3 of a sequential stream's bandwidth).
 // Keys are scored token-major (each token's K rows for every head of the block in turn, the
-// same tokens' V rows hinted meanwhile), then each head's softmax and value sums run; 16-bit
-// rows, converted into fp32 tiles, go head by head (heads_per_read). Per head
+// same tokens' V rows hinted meanwhile), then each head's softmax and value sums run; converted
+// rows (16-bit, or head_dim not a whole number of vectors) go head by head (heads_per_read). Per head
 // it converts the group's H / H_kv query heads x Sq queries into rows (GQA: one K/V read serves
 // the group, and each loaded vector serves kRowBlock rows), scores key tiles of kKeyTile keys
 // against them (four keys per pass; K/V rows already in the accumulation type and a whole number
@@ -41,7 +41,8 @@ constexpr int64_t kChunkKeys = 512;  // keys of a task: the unit of the fixed-or
 #define MMFAST_DECODE_ATTENTION_BLOCK_BYTES 16384  // bytes of a token's K (or V) rows a task reads
 #endif
 constexpr int64_t kBlockBytes = MMFAST_DECODE_ATTENTION_BLOCK_BYTES;
-constexpr int64_t kPrefetchKeys = 4;  // tokens ahead converted (16-bit) K / V rows are hinted
+constexpr int64_t kPrefetchKeys = 4;  // tokens ahead converted K / V rows are hinted
+constexpr int64_t kBlockScratchBytes = 256 * 1024;  // cap on a block's query rows and scores (GQA x Sq rows)
 static_assert(kBlockBytes >= 1, "decode_attention: block bytes >= 1");
 // Query rows (GQA group x Sq) that share each loaded key / value vector. dot_keys keeps rows x 4
 // accumulators (8 on AVX2, 16 on AVX-512), add_values kValueAccumulators: with the loaded
@@ -132,14 +133,14 @@ struct AttentionJob {
     return p->window > 0 ? max_i64(0, position(length, i) - p->window + 1) : 0;
   }
 
-  // Heads whose tile rows are read together, token by token. Converted rows go head by head, so
-  // that a converted tile (kKeyTile x dp) stays in L1: across a block they spilled to L2 and the
-  // 16-bit caches ran at 0.66-0.95x.
+  // Heads whose tile rows are read together, token by token. Converted rows (16-bit, or head_dim
+  // not a whole number of vectors) go head by head, so that a converted tile (kKeyTile x dp) stays
+  // in L1: across a block they spilled to L2 and bf16 caches ran at 0.61-1.00x.
   int64_t heads_per_read() const { return reads_in_place() ? head_block : 1; }
 
-  // Per-thread buffers of a task: the block's query rows and scores, one zero row (keys past a
-  // tile's count point to it: finite, masked out), the converted K / V rows of the heads read
-  // together when the cache is not read in place, and their K / V row pointers.
+  // Per-thread buffers of a task: the block's query rows, the scores of the heads read together,
+  // one zero row (keys past a tile's count point to it: finite, masked out), a converted K and V
+  // tile when the cache is not read in place, and the K / V row pointers of the heads read together.
   struct Buffers {
     Scratch<acc_t> values;
     Scratch<const acc_t*> rows;
@@ -147,13 +148,13 @@ struct AttentionJob {
     const acc_t **key_row, **value_row;
 
     explicit Buffers(const AttentionJob& job)
-        : values(size_t(job.head_block * job.rows * (job.dp + kKeyTile) + job.dp +
+        : values(size_t(job.head_block * job.rows * job.dp + job.heads_per_read() * job.rows * kKeyTile + job.dp +
                         (job.reads_in_place() ? 0 : 2 * kKeyTile * job.dp))),
           rows(size_t(2 * job.heads_per_read() * kKeyTile)) {
       const int64_t tile = job.reads_in_place() ? 0 : kKeyTile * job.dp;
       q = values.data;
       scores = q + job.head_block * job.rows * job.dp;
-      zero_row = scores + job.head_block * job.rows * kKeyTile;
+      zero_row = scores + job.heads_per_read() * job.rows * kKeyTile;
       k = zero_row + job.dp;
       v = k + tile;
       __builtin_memset(zero_row, 0, sizeof(acc_t) * size_t(job.dp + 2 * tile));  // and the padding past D
@@ -189,8 +190,8 @@ struct AttentionJob {
   // out[j * kKeyTile + t] = the K or V row of token k0 + t (t < count) and head first_head + j
   // (j < heads), in acc_t, dp wide; rows past count point to the zero row. Read token by token:
   // the heads' rows of a token lie side by side.
-  // Converted rows are hinted kPrefetchKeys tokens ahead (up to end): without, the 16-bit caches
-  // ran at 0.6-0.8x.
+  // Converted rows are hinted kPrefetchKeys tokens ahead (up to end): without, bf16 caches ran at
+  // 0.62-0.78x.
   void tile_rows(const TokenTensor& cache, int64_t b, int64_t first_head, int64_t heads, int64_t k0, int64_t count,
                  int64_t end, const Buffers& buffers, acc_t* converted, const acc_t** out) const {
     const bool in_place = reads_in_place();
@@ -198,15 +199,18 @@ struct AttentionJob {
     for (int64_t t = 0; t < count; ++t)
       for (int64_t j = 0; j < heads; ++j) {
         const scalar_t* src = token_at<scalar_t>(cache, b, k0 + t, first_head + j);
-        if (!in_place && k0 + t + kPrefetchKeys < end) {
+        if (in_place) {
+          out[j * kKeyTile + t] = reinterpret_cast<const acc_t*>(src);
+          continue;
+        }
+        if (k0 + t + kPrefetchKeys < end) {
           const char* ahead = reinterpret_cast<const char*>(token_at<scalar_t>(cache, b, k0 + t + kPrefetchKeys,
                                                                                first_head + j));
           for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
         }
-        acc_t* row = converted + (j * kKeyTile + t) * dp;
-        if (!in_place)
-          for (int64_t d = 0; d < p->head_dim; ++d) row[d] = to_acc(src[d]);
-        out[j * kKeyTile + t] = in_place ? reinterpret_cast<const acc_t*>(src) : row;
+        acc_t* row = converted + (j * kKeyTile + t) * dp;  // padding past head_dim stays zero
+        for (int64_t d = 0; d < p->head_dim; ++d) row[d] = to_acc(src[d]);
+        out[j * kKeyTile + t] = row;
       }
     for (int64_t j = 0; j < heads; ++j)
       for (int64_t t = count; t < kKeyTile; ++t) out[j * kKeyTile + t] = buffers.zero_row;
@@ -239,15 +243,15 @@ struct AttentionJob {
         score_tile(buffers, j0, heads, count);
         for (int64_t j = j0; j < j0 + heads; ++j)
           add_tile_values(buffers.value_row + (j - j0) * kKeyTile, k0, count, length,
-                          buffers.scores + j * rows * kKeyTile, partial_of((first_pair + j) * chunks + chunk));
+                          buffers.scores + (j - j0) * rows * kKeyTile, partial_of((first_pair + j) * chunks + chunk));
       }
     }
   }
 
   // The query rows of the block's heads j0 .. j0 + heads - 1 against the tile's keys, four tokens
   // at a time across those heads (the K rows read in memory order); in place, the same tokens' V
-  // rows are hinted meanwhile, so that add_tile_values finds them in cache. scores: per head
-  // rows x kKeyTile.
+  // rows are hinted meanwhile, so that add_tile_values finds them in cache. scores: rows x
+  // kKeyTile for each of those heads.
   void score_tile(const Buffers& buffers, int64_t j0, int64_t heads, int64_t count) const {
     static_assert(kKeyTile % 4 == 0, "dot_keys scores whole groups of four rows of the tile");
     const int64_t hint_bytes = reads_in_place() ? p->head_dim * int64_t(sizeof(scalar_t)) : 0;
@@ -259,7 +263,7 @@ struct AttentionJob {
         for (int u = 0; u < 4; ++u)
           hint[u] = t + u < count && hint_bytes > 0 ? reinterpret_cast<const char*>(values[u]) : nullptr;
         const acc_t* q = buffers.q + (j0 + j) * rows * dp;
-        acc_t* scores = buffers.scores + (j0 + j) * rows * kKeyTile + t;
+        acc_t* scores = buffers.scores + j * rows * kKeyTile + t;
         int64_t r = 0;
         for (; r + kRowBlock <= rows; r += kRowBlock)  // the first block of rows issues the hints
           dot_keys<kRowBlock>(q + r * dp, keys, scores + r * kKeyTile, hint, r == 0 ? hint_bytes : 0);
@@ -407,11 +411,14 @@ struct AttentionJob {
   }
 };
 
-// KV heads per task: the most (a divisor of H_kv) whose rows fit kBlockBytes, while that still
-// leaves two tasks per thread. Any choice gives the same bits: each head's sums are its own.
-inline int64_t attention_head_block(int64_t kv_heads, int64_t row_bytes, int64_t tasks_per_head) {
+// KV heads per task: the most (a divisor of H_kv) whose rows fit kBlockBytes and whose query rows
+// and scores (scratch_bytes a head) fit kBlockScratchBytes, while that still leaves two tasks per
+// thread. Any choice gives the same bits: each head's sums are its own.
+inline int64_t attention_head_block(int64_t kv_heads, int64_t row_bytes, int64_t scratch_bytes,
+                                    int64_t tasks_per_head) {
   const auto too_big = [&](int64_t block) {
-    return block * row_bytes > kBlockBytes || tasks_per_head * (kv_heads / block) < 2 * max_threads();
+    return block * row_bytes > kBlockBytes || block * scratch_bytes > kBlockScratchBytes ||
+           tasks_per_head * (kv_heads / block) < 2 * max_threads();
   };
   int64_t block = kv_heads;
   while (block > 1 && too_big(block)) {
@@ -430,7 +437,9 @@ void attention_typed(const DecodeAttentionParams& p, int64_t longest_range) {
   job.dp = padded<acc_t>(p.head_dim);
   job.chunks = max_i64(1, ceil_div(longest_range, kChunkKeys));
   const int64_t pairs = p.batch * p.kv_heads;
-  job.head_block = attention_head_block(p.kv_heads, p.head_dim * int64_t(sizeof(scalar_t)), p.batch * job.chunks);
+  const int64_t scratch_bytes = job.rows * (job.dp + kKeyTile) * int64_t(sizeof(acc_t));
+  job.head_block = attention_head_block(p.kv_heads, p.head_dim * int64_t(sizeof(scalar_t)), scratch_bytes,
+                                        p.batch * job.chunks);
   Scratch<acc_t> partial(size_t(pairs * job.chunks * job.rows * (job.dp + 2)));
   job.partial = partial.data;
   parallel_for(pairs / job.head_block * job.chunks, &job, &AttentionJob<scalar_t, acc_t>::run);
