@@ -11,6 +11,9 @@
 #include "mmfast/cpu/decode.h"
 #include "mmfast/cpu/isa.h"
 
+#define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/decode_impl.h"
+#include "avx512_on_avx2.h"
+
 using namespace mmfast;
 
 namespace {
@@ -193,23 +196,19 @@ double check_linear(const cpu::DecodeKernels& k, int64_t M, int64_t K, int64_t N
 }  // namespace
 
 int main() {
-  const struct {
-    cpu::Isa isa;
-    cpu::DecodeKernels (*kernels)();
-  } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::decode_kernels},
-                  {cpu::Isa::kAvx2, cpu::isa_avx2::decode_kernels},
-                  {cpu::Isa::kAvx512, cpu::isa_avx512::decode_kernels}};
+  const auto variants = test::isa_variants(cpu::isa_generic::decode_kernels, cpu::isa_avx2::decode_kernels,
+                                           cpu::isa_avx512::decode_kernels, cpu::isa_avx512_on_avx2::decode_kernels);
   const AttentionCase cases[] = {{2, 1, 4, 4, 64, 40, 0, 0}, {3, 3, 8, 2, 40, 1100, 0, 0}, {1, 16, 4, 1, 8, 20, 0, 0},
                                  {2, 2, 2, 2, 256, 700, 300, 30.0}, {2, 1, 6, 3, 3, 5, 2, 0}};
   int failures = 0, passed = 0;
   std::mt19937 rng(0);
   for (const auto& variant : variants) {
-    if (!cpu::isa_supported(variant.isa)) {
-      std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
+    if (!variant.runs) {
+      std::printf("skip %s (%s)\n", variant.name, variant.skip_reason);
       continue;
     }
     const cpu::DecodeKernels k = variant.kernels();
-    const char* name = cpu::isa_name(variant.isa);
+    const char* name = variant.name;
     int bad = check_append(k);
     (bad == 0 ? passed : failures)++;
     std::printf("%s %s append: %d checks off\n", bad ? "FAIL" : "ok  ", name, bad);

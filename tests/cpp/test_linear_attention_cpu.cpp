@@ -8,6 +8,9 @@
 #include "mmfast/cpu/isa.h"
 #include "mmfast/cpu/linear_attention.h"
 
+#define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/linear_attention_impl.h"
+#include "avx512_on_avx2.h"
+
 using namespace mmfast;
 
 namespace {
@@ -110,17 +113,14 @@ double run_case(const cpu::LinearAttentionKernels& kernels, const Case& c, std::
 
 int main() {
   const Case cases[] = {{1, 1, 1, 16, 16}, {2, 7, 3, 40, 40}, {1, 1025, 2, 64, 64}, {1, 33, 2, 160, 80}, {2, 300, 1, 7, 256}};
-  const struct {
-    cpu::Isa isa;
-    cpu::LinearAttentionKernels (*kernels)();
-  } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::linear_attention_kernels},
-                  {cpu::Isa::kAvx2, cpu::isa_avx2::linear_attention_kernels},
-                  {cpu::Isa::kAvx512, cpu::isa_avx512::linear_attention_kernels}};
+  const auto variants = test::isa_variants(
+      cpu::isa_generic::linear_attention_kernels, cpu::isa_avx2::linear_attention_kernels,
+      cpu::isa_avx512::linear_attention_kernels, cpu::isa_avx512_on_avx2::linear_attention_kernels);
   int failures = 0, passed = 0;
   std::mt19937 rng(0);
   for (const auto& variant : variants) {
-    if (!cpu::isa_supported(variant.isa)) {
-      std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
+    if (!variant.runs) {
+      std::printf("skip %s (%s)\n", variant.name, variant.skip_reason);
       continue;
     }
     for (const Case& c : cases) {
@@ -128,7 +128,7 @@ int main() {
       const bool ok = err < 2e-5;
       (ok ? passed : failures)++;
       std::printf("%s %s B=%lld N=%lld H=%lld Dk=%lld Dv=%lld max rel err %.2e\n", ok ? "ok  " : "FAIL",
-                  cpu::isa_name(variant.isa), (long long)c.b, (long long)c.n, (long long)c.h, (long long)c.dk,
+                  variant.name, (long long)c.b, (long long)c.n, (long long)c.h, (long long)c.dk,
                   (long long)c.dv, err);
     }
   }

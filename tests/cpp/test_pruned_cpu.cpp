@@ -10,6 +10,9 @@
 #include "mmfast/cpu/isa.h"
 #include "mmfast/cpu/pruned.h"
 
+#define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/pruned_impl.h"
+#include "avx512_on_avx2.h"
+
 using namespace mmfast;
 
 namespace {
@@ -163,42 +166,38 @@ int check_gather_scatter(const cpu::PrunedKernels& k, int64_t inner, std::mt1993
 }  // namespace
 
 int main() {
-  struct Variant {
-    cpu::Isa isa;
-    cpu::PrunedKernels (*kernels)();
-  } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::pruned_kernels},
-                  {cpu::Isa::kAvx2, cpu::isa_avx2::pruned_kernels},
-                  {cpu::Isa::kAvx512, cpu::isa_avx512::pruned_kernels}};
+  const auto variants = test::isa_variants(cpu::isa_generic::pruned_kernels, cpu::isa_avx2::pruned_kernels,
+                                           cpu::isa_avx512::pruned_kernels, cpu::isa_avx512_on_avx2::pruned_kernels);
   const Case cases[] = {{5, 30, 3, 20, 3, true, true},  {4, 32, 32, 7, 2, false, false},
                         {3, 12, 4, 1, 5, true, false},  {2, 40, 4, 129, 1, false, true},
                         // several sum blocks per channel, a vector tail, a mean 50 standard deviations out
                         {2, 6, 2, 2500, 2, true, true, 100.0f}};
   int failures = 0;
   std::mt19937 rng(7);
-  for (const Variant& variant : variants) {
-    if (!cpu::isa_supported(variant.isa)) {
-      std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
+  for (const auto& variant : variants) {
+    if (!variant.runs) {
+      std::printf("skip %s (%s)\n", variant.name, variant.skip_reason);
       continue;
     }
     const cpu::PrunedKernels k = variant.kernels();
     for (const Case& c : cases) {
       const int bad = check(k, c, rng);
       std::printf("%s %s group_norm B=%lld C=%lld G=%lld P=%lld: %d elements off\n", bad ? "FAIL" : "ok  ",
-                  cpu::isa_name(variant.isa), (long long)c.batch, (long long)c.channels, (long long)c.groups,
+                  variant.name, (long long)c.batch, (long long)c.channels, (long long)c.groups,
                   (long long)c.plane, bad);
       failures += bad != 0;
     }
     const int bad = check_invalid_code(k);
-    std::printf("%s %s group_norm invalid code\n", bad ? "FAIL" : "ok  ", cpu::isa_name(variant.isa));
+    std::printf("%s %s group_norm invalid code\n", bad ? "FAIL" : "ok  ", variant.name);
     failures += bad != 0;
     const int saturated = check_silu_saturates(k);
-    std::printf("%s %s group_norm SiLU of -1e37 and -200\n", saturated ? "FAIL" : "ok  ", cpu::isa_name(variant.isa));
+    std::printf("%s %s group_norm SiLU of -1e37 and -200\n", saturated ? "FAIL" : "ok  ", variant.name);
     failures += saturated != 0;
     for (int64_t inner : {1, 9}) {
       const int moved = check_gather_scatter<float>(k, inner, rng) + check_gather_scatter<uint16_t>(k, inner, rng) +
                         check_gather_scatter<double>(k, inner, rng);
       std::printf("%s %s gather / scatter inner=%lld: %d elements off\n", moved ? "FAIL" : "ok  ",
-                  cpu::isa_name(variant.isa), (long long)inner, moved);
+                  variant.name, (long long)inner, moved);
       failures += moved != 0;
     }
   }

@@ -13,6 +13,9 @@
 #include "mmfast/cpu/numeric.h"
 #include "mmfast/cpu/vq.h"
 
+#define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/vq_impl.h"
+#include "avx512_on_avx2.h"
+
 using namespace mmfast;
 
 namespace {
@@ -194,21 +197,17 @@ void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, i
 }  // namespace
 
 int main() {
-  const struct {
-    cpu::Isa isa;
-    cpu::VQKernels (*kernels)();
-  } variants[] = {{cpu::Isa::kGeneric, cpu::isa_generic::vq_kernels},
-                  {cpu::Isa::kAvx2, cpu::isa_avx2::vq_kernels},
-                  {cpu::Isa::kAvx512, cpu::isa_avx512::vq_kernels}};
+  const auto variants = test::isa_variants(cpu::isa_generic::vq_kernels, cpu::isa_avx2::vq_kernels,
+                                           cpu::isa_avx512::vq_kernels, cpu::isa_avx512_on_avx2::vq_kernels);
   int failures = 0, passed = 0;
   std::mt19937 rng(0);
   for (const auto& variant : variants) {
-    if (!cpu::isa_supported(variant.isa)) {
-      std::printf("skip %s (not supported by this CPU)\n", cpu::isa_name(variant.isa));
+    if (!variant.runs) {
+      std::printf("skip %s (%s)\n", variant.name, variant.skip_reason);
       continue;
     }
-    check_table<float>(cpu::isa_name(variant.isa), variant.kernels(), rng, passed, failures);
-    check_table<cpu::BFloat16>(cpu::isa_name(variant.isa), variant.kernels(), rng, passed, failures);
+    check_table<float>(variant.name, variant.kernels(), rng, passed, failures);
+    check_table<cpu::BFloat16>(variant.name, variant.kernels(), rng, passed, failures);
   }
   if (cpu::amx_bf16_supported()) {
     check_table<cpu::BFloat16>("amx", cpu::isa_amx::vq_amx_kernels(), rng, passed, failures);
