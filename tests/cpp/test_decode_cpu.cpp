@@ -199,7 +199,11 @@ int main() {
   const auto variants = test::isa_variants(cpu::isa_generic::decode_kernels, cpu::isa_avx2::decode_kernels,
                                            cpu::isa_avx512::decode_kernels, cpu::isa_avx512_on_avx2::decode_kernels);
   const AttentionCase cases[] = {{2, 1, 4, 4, 64, 40, 0, 0}, {3, 3, 8, 2, 40, 1100, 0, 0}, {1, 16, 4, 1, 8, 20, 0, 0},
-                                 {2, 2, 2, 2, 256, 700, 300, 30.0}, {2, 1, 6, 3, 3, 5, 2, 0}};
+                                 {2, 2, 2, 2, 256, 700, 300, 30.0}, {2, 1, 6, 3, 3, 5, 2, 0},
+                                 // read in place across a block of heads: Llama-3's GQA over three chunks, Liquid's
+                                 // MHA (16 heads of 256) with Sq = 2, a group of 3 (a row block and a single row)
+                                 {2, 1, 32, 8, 128, 1100, 0, 0}, {1, 2, 16, 16, 256, 600, 0, 0},
+                                 {2, 1, 6, 2, 64, 530, 0, 0}};
   int failures = 0, passed = 0;
   std::mt19937 rng(0);
   for (const auto& variant : variants) {
