@@ -13,8 +13,8 @@
 // Use in a test, after every ordinary header:
 //   #define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/<family>_impl.h"
 //   #include "avx512_on_avx2.h"   // defines mmfast::cpu::isa_avx512_on_avx2::<family>_kernels()
-// and loop over isa_variants(...) below: the three copies the library holds, then this one where
-// the CPU has AVX2 but not AVX-512.
+// and loop over runnable_isa_variants(...) below: the three copies the library holds, then this
+// one where the CPU has AVX2 but not AVX-512.
 #pragma once
 
 #ifndef MMFAST_CPU_FAMILY_IMPL
@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 #include <vector>
 
@@ -54,28 +55,39 @@
 namespace mmfast {
 namespace test {
 
-// A kernel table to test: its name, whether it runs on this CPU (else why not), its table.
+// A kernel table to test: its name and its table.
 template <class Table>
 struct IsaVariant {
   const char* name;
-  bool runs;
-  const char* skip_reason;
   Table (*kernels)();
 };
 
-// The library's generic / AVX2 / AVX-512 copies, each where the CPU supports it, and the
-// AVX-512 copy compiled for AVX2 where the real one cannot run but AVX2 can.
+// The tables that run on this CPU: the library's generic / AVX2 / AVX-512 copies where the CPU
+// supports them, and the AVX-512 copy compiled for AVX2 where the real one cannot run but AVX2
+// can. Prints a "skip" line for each of the others.
 template <class Table>
-std::vector<IsaVariant<Table>> isa_variants(Table (*generic)(), Table (*avx2)(), Table (*avx512)(),
-                                            Table (*avx512_on_avx2)()) {
+std::vector<IsaVariant<Table>> runnable_isa_variants(Table (*generic)(), Table (*avx2)(), Table (*avx512)(),
+                                                     Table (*avx512_on_avx2)()) {
   using cpu::Isa;
   const bool has_avx512 = cpu::isa_supported(Isa::kAvx512), has_avx2 = cpu::isa_supported(Isa::kAvx2);
-  const char* unsupported = "not supported by this CPU";
-  return {{cpu::isa_name(Isa::kGeneric), cpu::isa_supported(Isa::kGeneric), unsupported, generic},
-          {cpu::isa_name(Isa::kAvx2), has_avx2, unsupported, avx2},
-          {cpu::isa_name(Isa::kAvx512), has_avx512, unsupported, avx512},
-          {"avx512-on-avx2", MMFAST_TEST_AVX512_ON_AVX2 && has_avx2 && !has_avx512,
-           has_avx512 ? "the AVX-512 copy itself ran" : "needs AVX2 on x86-64", avx512_on_avx2}};
+  const struct {
+    IsaVariant<Table> variant;
+    bool runs;
+    const char* skip_reason;
+  } all[] = {{{cpu::isa_name(Isa::kGeneric), generic}, cpu::isa_supported(Isa::kGeneric), "not supported by this CPU"},
+             {{cpu::isa_name(Isa::kAvx2), avx2}, has_avx2, "not supported by this CPU"},
+             {{cpu::isa_name(Isa::kAvx512), avx512}, has_avx512, "not supported by this CPU"},
+             {{"avx512-on-avx2", avx512_on_avx2}, MMFAST_TEST_AVX512_ON_AVX2 && has_avx2 && !has_avx512,
+              has_avx512 ? "the AVX-512 copy itself runs" : "needs AVX2 on x86-64"}};
+  std::vector<IsaVariant<Table>> runnable;
+  for (const auto& v : all) {
+    if (v.runs) {
+      runnable.push_back(v.variant);
+    } else {
+      std::printf("skip %s (%s)\n", v.variant.name, v.skip_reason);
+    }
+  }
+  return runnable;
 }
 
 }  // namespace test
