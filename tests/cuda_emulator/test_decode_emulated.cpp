@@ -113,7 +113,7 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   p.batch = B, p.queries = Sq, p.heads = H, p.kv_heads = Hkv, p.head_dim = D, p.max_tokens = Tmax;
   p.dtype = dtype_of<T>(), p.q = q.t, p.out = out.t, p.k_cache = kc.t, p.v_cache = vc.t;
   p.cache_seqlens = lens.data(), p.scale = scale, p.softcap = softcap, p.window = W;
-  const int64_t splits = cuda::decodek::attention_plan(p, sms).splits;
+  const int64_t splits = cuda::decodek::attention_plan(p, cuda::decodek::attention_slots<T>()).splits;
   char cfg[200];
   std::snprintf(cfg, sizeof cfg,
                 "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld kv_pad=%d",
@@ -427,6 +427,17 @@ int main(int argc, char** argv) {
     if (cuda::decode_attention(p, nullptr) != cudaErrorInvalidValue) fail("D = 257 accepted");
     p.head_dim = 4, p.heads = 3, p.kv_heads = 2;
     if (cuda::decode_attention(p, nullptr) != cudaErrorInvalidValue) fail("H % H_kv != 0 accepted");
+  }
+  {  // the split count: one wave of resident blocks where it fits, never more than two waves
+    const struct { int64_t tiles, slots, max_splits, splits; } plans[] = {
+        {128, 396, 64, 3}, {200, 396, 64, 3}, {16, 396, 16, 16}, {8, 132, 4, 4},
+        {500, 396, 64, 1}, {396, 396, 64, 1}, {1, 1, 5, 1}, {128, 396, 2, 2}, {0, 0, 0, 1}};
+    for (const auto& c : plans) {
+      const int64_t got = cuda::decodek::attention_splits(c.tiles, c.slots, c.max_splits);
+      if (got != c.splits)
+        fail("attention_splits(" + std::to_string(c.tiles) + ", " + std::to_string(c.slots) + ", " +
+             std::to_string(c.max_splits) + ") = " + std::to_string(got) + ", expected " + std::to_string(c.splits));
+    }
   }
   run_all<float>(level);
   run_all<double>(level);

@@ -36,7 +36,13 @@ inline bool decode_attention_valid(const DecodeAttentionParams& p) {
 
 // Workspace bytes of decode_attention on the current device (0 when one split suffices).
 inline size_t decode_attention_workspace_bytes(const DecodeAttentionParams& p) {
-  return decode_attention_valid(p) ? decodek::attention_plan(p, sm_count()).bytes : 0;
+  size_t bytes = 0;
+  if (decode_attention_valid(p))
+    (void)dispatch_dtype(p.dtype, [&](auto t) {
+      bytes = decodek::attention_plan(p, decodek::attention_slots<decltype(t)>()).bytes;
+      return cudaSuccess;
+    });
+  return bytes;
 }
 
 // out = softmax(scale q k^T (soft-capped, causal, windowed)) v per row (mmfast/decode.h).

@@ -19,9 +19,12 @@
 //   decode_combine_kernel  one thread per output element: the splits' partials merged in split
 //       order (deterministic) with weights exp(lse_s - max lse).
 // Rows with cache_seqlens outside [Sq, T_max] are never read: their output rows are NaN (the
-// documented guard; no host synchronisation). Splits: enough (row, KV head, row tile, split)
-// items for ~2 waves of 256-thread blocks over the SMs, at most one per 64 keys of the longest
-// visible range (T_max, or the window), so each split has at least 64 keys when rows are full.
+// documented guard; no host synchronisation). Splits (attention_splits): a block's tiles run one
+// after another (load K, score, load V, accumulate), so the bytes in flight scale with the blocks
+// at work; the split count is the one that keeps the GPU's resident block slots (blocks one SM
+// holds, from the occupancy calculator, x SMs) busiest over the waves its items take, at most one
+// split per 64 keys of the longest visible range (T_max, or the window), so each split has at
+// least 64 keys when rows are full.
 #pragma once
 
 #include <cmath>
@@ -38,7 +41,6 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kKeyTile = 64;              // keys per shared-memory tile at most
 constexpr int64_t kMinKeysPerSplit = 64;  // a split covers at least this many keys of a row
 constexpr int64_t kMaxSplits = 128;
-constexpr int kWaves = 2;                 // items target: kWaves x SM count
 
 // Per accumulation type: query rows per tile, rows per thread in the PV tile, K/V staging.
 template <class A> struct AttnShape {
@@ -340,16 +342,35 @@ struct AttnPlan {
   size_t lse_offset, bytes;
 };
 
-inline AttnPlan attention_plan(const DecodeAttentionParams& p, int sms) {
+// Splits of each of `tiles` (row, KV head, row tile) items, 1 <= splits <= max_splits. With at
+// least as many tiles as resident block slots (blocks one SM holds x SMs), 1: every slot is busy
+// from the start. Otherwise the count, among those whose items take at most two waves, that
+// fills the slots best over its waves (items / (waves x slots)); a larger count only for a gain
+// of more than 2% of the slots (each split adds a partial to write and combine, and a q load).
+// E.g. 128 tiles on 396 slots: 3 splits (384 items, one wave, 97% busy), where 4 would take
+// 1.3 waves; 200 tiles: 3 (600 items, 2 waves, 76%), where 2 would fill 51%.
+inline int64_t attention_splits(int64_t tiles, int64_t slots, int64_t max_splits) {
+  tiles = max_i64(1, tiles), slots = max_i64(1, slots);
+  if (tiles >= slots) return 1;
+  int64_t best = 1;
+  double best_fill = 0.0;
+  for (int64_t splits = 1; splits <= max_splits && tiles * splits <= 2 * slots; ++splits) {
+    const int64_t items = tiles * splits;
+    const double fill = static_cast<double>(items) / static_cast<double>(ceil_div(items, slots) * slots);
+    if (fill > best_fill + 0.02) best = splits, best_fill = fill;
+  }
+  return best;
+}
+
+// slots: blocks of decode_attention_kernel resident at once on the device (attention_slots<T>()).
+inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots) {
   AttnPlan s;
   const int rows_per_tile = p.dtype == DType::kFloat64 ? AttnShape<double>::kRows : AttnShape<float>::kRows;
   const int64_t group = p.kv_heads > 0 ? p.heads / p.kv_heads : 0;
   s.row_tiles = max_i64(1, ceil_div(group * p.queries, rows_per_tile));
   const int64_t tiles = max_i64(1, p.batch * p.kv_heads * s.row_tiles);
   const int64_t keys = p.window > 0 ? min_i64(p.max_tokens, p.window + p.queries - 1) : p.max_tokens;
-  const int64_t target = static_cast<int64_t>(kWaves) * (sms > 0 ? sms : 1);
-  s.splits = min_i64(min_i64(ceil_div(target, tiles), max_i64(1, keys / kMinKeysPerSplit)), kMaxSplits);
-  s.splits = max_i64(1, s.splits);
+  s.splits = attention_splits(tiles, slots, min_i64(max_i64(1, keys / kMinKeysPerSplit), kMaxSplits));
   if (s.splits == 1) {
     s.lse_offset = s.bytes = 0;
     return s;
@@ -361,9 +382,18 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, int sms) {
   return s;
 }
 
+// Blocks of decode_attention_kernel<T> the device holds at once (the occupancy calculator's
+// blocks per SM x SMs; one per SM when the query fails).
+template <class T>
+int64_t attention_slots() {
+  const int per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
+  if (per_sm < 1) (void)cudaGetLastError();
+  return static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * sm_count();
+}
+
 template <class T>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
-  const AttnPlan plan = attention_plan(p, sm_count());
+  const AttnPlan plan = attention_plan(p, attention_slots<T>());
   AttnArgs a;
   a.p = p;
   a.splits = plan.splits;
