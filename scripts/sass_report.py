@@ -895,8 +895,12 @@ def meets_mlp_target(row: dict) -> bool:
             or (row["pipelined_loads"] >= TARGET_LOADS and row["pipelined_bytes"] >= TARGET_BYTES))
 
 
+STATIC_SMEM_LIMIT = 48 * 1024  # bytes of __shared__ arrays a kernel may declare (more only dynamically)
+
+
 def notes(rows: list[dict], arch: str) -> list[str]:
-    """Legend, spills, kernels below the load-parallelism target, launch configuration."""
+    """Legend, spills, static shared memory over 48 KB, kernels below the load-parallelism target,
+    launch configuration."""
     out = ["- MLP loads / MLP B: most global loads (LDG, LDGSTS, TMA) / bytes one thread has in flight before "
            f"it uses one (target >= {TARGET_LOADS} loads, >= {TARGET_BYTES} B); g-loads: LDG + LDGSTS + TMA in "
            "the code, 16B: how many of them are 16 bytes wide; 1-load rgns: regions (with global loads) "
@@ -911,6 +915,9 @@ def notes(rows: list[dict], arch: str) -> list[str]:
            "- blk/SM: resident blocks per SM and the resource that limits them; occ: resident warps / max warps"]
     out += [f"- spills: {_label(r)} {r['spill_stores']} B stores, {r['spill_loads']} B loads"
             for r in rows if r["spill_stores"] or r["spill_loads"]]
+    out += [f"- static shared memory over {STATIC_SMEM_LIMIT // 1024} KB: {_label(r)} {r['smem']} B (ptxas refuses it "
+            "in a full build: move the excess to dynamic shared memory, MMFAST_DYNAMIC_SHARED + the opt-in)"
+            for r in rows if r["smem"] > STATIC_SMEM_LIMIT]
     below = [_label(r) for r in rows if r["global_loads"] and not meets_mlp_target(r)]
     if below:
         out.append(f"- below the MLP target ({len(below)}/{len(rows)}): " + ", ".join(below))

@@ -387,3 +387,13 @@ def test_launch_sites_of_the_linear_attention_kernels():
         # sized by the probe of its tile width (the state kernel) or head dim (apply), not the site
         assert sites[kernel].threads == 256, (kernel, sites[kernel])
         assert sr.probed_smem(probes, kernel, targs) == probes[key], (kernel, targs)
+
+
+def test_notes_flag_static_shared_memory_over_48_kb():
+    def row(kernel, smem):
+        return {"kernel": kernel, "template_args": "", "smem": smem, "spill_stores": 0, "spill_loads": 0,
+                "global_loads": 0, "threads": 256, "dynamic_smem": 0, "launch_site": "x.cuh:1"}
+
+    flagged = [n for n in sr.notes([row("big", 57536), row("small", 45312), row("edge", 49152)], "sm_90a")
+               if "static shared memory over 48 KB" in n]
+    assert len(flagged) == 1 and "big 57536 B" in flagged[0]
