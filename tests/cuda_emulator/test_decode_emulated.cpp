@@ -113,7 +113,7 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   p.batch = B, p.queries = Sq, p.heads = H, p.kv_heads = Hkv, p.head_dim = D, p.max_tokens = Tmax;
   p.dtype = dtype_of<T>(), p.q = q.t, p.out = out.t, p.k_cache = kc.t, p.v_cache = vc.t;
   p.cache_seqlens = lens.data(), p.scale = scale, p.softcap = softcap, p.window = W;
-  const int64_t splits = cuda::decodek::attention_plan(p, cuda::decodek::attention_slots<T>()).splits;
+  const int64_t splits = cuda::decodek::attention_plan(p, cuda::decodek::attention_launch<T>(p).slots).splits;
   char cfg[200];
   std::snprintf(cfg, sizeof cfg,
                 "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld kv_pad=%d",

@@ -11,8 +11,15 @@
 //         1. scores s = scale * q.k (optionally c * tanh(s / c)), masked by the causal rule
 //            j <= p and the window p - j < W, one (row, key) per thread;
 //         2. online softmax, one warp per row: running max m, sum l, the rescale factor;
-//         3. the V tile replaces the K tile; out += p V with each thread holding a 4 x 4
-//            register tile (rows rg + 4 i, columns c + 64 j: D <= 256).
+//         3. out += p V with each thread holding a 4 x 4 register tile (rows rg + 4 i, columns
+//            c + 64 j: D <= 256). With 16-byte aligned V rows the V tile is copied as stored
+//            with cp.async into dynamic shared memory (KT x D elements, 11.5 KB for D = 256 in
+//            bf16: static shared memory is capped at 48 KB), issued before the K tile is
+//            staged, so it lands while the K tile is scored (a block's K and V loads in flight
+//            together); otherwise (MMFAST_CUDA_ASYNC_COPY=0, or that memory not granted) it is
+//            staged over the K tile after the scores (attention_launch decides).
+//       __launch_bounds__(256, 3) keeps the 16/32-bit kernels at 80 registers with the raw V
+//       tile (3 blocks per SM on sm_90a, no spills; fp64: 2 blocks).
 //       Accumulation in acc_t (fp32; fp64 for fp64). With one split the item writes the output
 //       in q's dtype; with several it writes its partial (O / l, in acc_t) and its log-sum-exp
 //       m + log l (-inf when no key of the split is visible to the row).
@@ -49,6 +56,13 @@ template <class A> struct AttnShape {
   static constexpr int kKVElems = 24576 / static_cast<int>(sizeof(A));  // 24 KB
 };
 
+// Keys per shared-memory tile: as many rows of stride D | 1 as the K/V staging buffer holds, at
+// most kKeyTile (23 for D = 256 in fp32).
+template <class A> __host__ __device__ inline int attn_key_tile(int64_t D) {
+  const int fit = AttnShape<A>::kKVElems / static_cast<int>(D | 1);
+  return fit < kKeyTile ? fit : kKeyTile;
+}
+
 template <class T> __device__ __forceinline__ T nan_of() { return from_acc<T>(acc_t<T>(NAN)); }
 
 struct AttnArgs {
@@ -56,6 +70,7 @@ struct AttnArgs {
   int64_t splits, row_tiles;
   int direct;        // 1: one split, the item writes out
   int k_vec, v_vec;  // 1: the cache's rows are 16-byte aligned (stage_kv_tile loads 16 bytes at a time)
+  int v_async;       // 1: each V tile is copied with cp.async while the K tile is scored (v_vec rows)
   void* part_out;    // [split][B*Sq*H][D] acc_t
   void* part_lse;    // [split][B*Sq*H] acc_t
 };
@@ -111,20 +126,37 @@ __device__ __forceinline__ void stage_kv_tile(A* kv, int ld, const T* rows, int6
   }
 }
 
+// raw[j * D + d] = element d of cache row j (rows j < nk from `rows`, row stride `row_stride`), as
+// stored (T): 16-byte cp.async copies, committed as one group, that land while the block scores the
+// K tile; visible to the block after cp_async_wait<0>() and a __syncthreads(). Rows 16-byte aligned.
 template <class T>
-__global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) {
+__device__ __forceinline__ void issue_raw_tile(T* raw, const T* rows, int64_t row_stride, int nk, int D) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  const int per_row = D / V, chunks = nk * per_row;
+  for (int e = static_cast<int>(threadIdx.x); e < chunks; e += kThreads) {
+    const int j = e / per_row, c = e - j * per_row;
+    cp_async16(raw + j * D + c * V, rows + j * row_stride + c * V, true);
+  }
+  cp_async_commit();
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 2 : 3) decode_attention_kernel(AttnArgs a) {
   using A = acc_t<T>;
   using Shape = AttnShape<A>;
   constexpr int RT = Shape::kRows, RR = Shape::kRowsPerThread;
   __shared__ A qs[RT * kMaxHeadDim];
   __shared__ A kv[Shape::kKVElems];
   __shared__ A ps[RT * kKeyTile];
+  // The V tile as stored (v_async): KT x D elements of T in dynamic shared memory (attention_launch).
+  MMFAST_DYNAMIC_SHARED(dynamic_smem);
+  T* vraw = reinterpret_cast<T*>(dynamic_smem);
   __shared__ A m_s[RT], l_s[RT], alpha_s[RT];
 
   const DecodeAttentionParams& p = a.p;
   const int D = static_cast<int>(p.head_dim);
   const int ld = D | 1;
-  const int KT = Shape::kKVElems / ld < kKeyTile ? Shape::kKVElems / ld : kKeyTile;
+  const int KT = attn_key_tile<A>(D);
   const int64_t Sq = p.queries, H = p.heads, Hkv = p.kv_heads, G = H / Hkv, R = G * Sq, W = p.window;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, cg = tid & 63, rg = tid >> 6;
   const T* qp = static_cast<const T*>(p.q.data);
@@ -182,7 +214,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) 
 
     for (int64_t j0 = k_begin; j0 < k_end; j0 += KT) {
       const int nk = static_cast<int>(min_i64(KT, k_end - j0));
-      __syncthreads();  // q tile loaded; the previous tile's PV reads of kv and ps are done
+      const T* v_rows = vp + b * p.v_cache.stride_b + j0 * p.v_cache.stride_n + kvh * p.v_cache.stride_h;
+      __syncthreads();  // q tile loaded; the previous tile's PV reads of kv, vraw and ps are done
+      if (a.v_async) issue_raw_tile(vraw, v_rows, p.v_cache.stride_n, nk, D);  // in flight during the scores
       stage_kv_tile(kv, ld, kp + b * p.k_cache.stride_b + j0 * p.k_cache.stride_n + kvh * p.k_cache.stride_h,
                     p.k_cache.stride_n, nk, D, a.k_vec != 0);
       __syncthreads();
@@ -241,9 +275,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) 
           }
         }
       }
-      // 3. the V tile over the K tile (the scores are done), then out = alpha out + p V.
-      stage_kv_tile(kv, ld, vp + b * p.v_cache.stride_b + j0 * p.v_cache.stride_n + kvh * p.v_cache.stride_h,
-                    p.v_cache.stride_n, nk, D, a.v_vec != 0);
+      // 3. the V tile (landed by cp.async, or staged over the K tile now that the scores are done),
+      // then out = alpha out + p V.
+      if (a.v_async) {
+        cp_async_wait<0>();
+      } else {
+        stage_kv_tile(kv, ld, v_rows, p.v_cache.stride_n, nk, D, a.v_vec != 0);
+      }
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < RR; ++i) {
@@ -254,17 +292,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(AttnArgs a) 
         for (int c = 0; c < 4; ++c) acc[i][c] *= alpha;
       }
       for (int j = 0; j < nk; ++j) {
-        const A* vr = kv + j * ld;
+        A value[4];  // this thread's columns of value row j
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int d = cg + 64 * c;
+          value[c] = d >= D ? A(0) : a.v_async ? to_acc(vraw[j * D + d]) : kv[j * ld + d];
+        }
 #pragma unroll
         for (int i = 0; i < RR; ++i) {
           const int r = rg + 4 * i;
           if (r >= nr) continue;
           const A pr = ps[r * kKeyTile + j];
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int d = cg + 64 * c;
-            if (d < D) acc[i][c] += pr * vr[d];
-          }
+          for (int c = 0; c < 4; ++c) acc[i][c] += pr * value[c];
         }
       }
     }
@@ -382,18 +422,35 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots) {
   return s;
 }
 
-// Blocks of decode_attention_kernel<T> the device holds at once (the occupancy calculator's
-// blocks per SM x SMs; one per SM when the query fails).
+// How decode_attention_kernel<T> is launched for p: whether the V tile is copied with cp.async
+// (16-byte aligned V rows, MMFAST_CUDA_ASYNC_COPY not 0, and its dynamic shared memory granted),
+// that memory (KT x D elements of T, 0 otherwise), and the blocks the device holds at once (the
+// occupancy calculator's blocks per SM x SMs; one per SM when the query fails).
+struct AttnLaunch {
+  bool v_async;
+  size_t smem;
+  int64_t slots;
+};
+
 template <class T>
-int64_t attention_slots() {
-  const int per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
+AttnLaunch attention_launch(const DecodeAttentionParams& p) {
+  AttnLaunch l{rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) && async_copy_enabled(), 0, 0};
+  int per_sm = 0;
+  if (l.v_async) {
+    l.smem = static_cast<size_t>(attn_key_tile<acc_t<T>>(p.head_dim) * p.head_dim) * sizeof(T);
+    per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, l.smem);
+    if (per_sm < 1) (void)cudaGetLastError(), l.v_async = false, l.smem = 0;  // V staged after the scores
+  }
+  if (!l.v_async) per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
   if (per_sm < 1) (void)cudaGetLastError();
-  return static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * sm_count();
+  l.slots = static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * sm_count();
+  return l;
 }
 
 template <class T>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
-  const AttnPlan plan = attention_plan(p, attention_slots<T>());
+  const AttnLaunch launch = attention_launch<T>(p);
+  const AttnPlan plan = attention_plan(p, launch.slots);
   AttnArgs a;
   a.p = p;
   a.splits = plan.splits;
@@ -401,10 +458,11 @@ cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream
   a.direct = plan.splits == 1 ? 1 : 0;
   a.k_vec = rows_16b_aligned(p.k_cache, p.head_dim, sizeof(T)) ? 1 : 0;
   a.v_vec = rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) ? 1 : 0;
+  a.v_async = launch.v_async ? 1 : 0;
   a.part_out = p.workspace;
   a.part_lse = plan.splits == 1 ? nullptr : static_cast<char*>(p.workspace) + plan.lse_offset;
   MMFAST_LAUNCH(decode_attention_kernel<T>, grid_for(p.batch * p.kv_heads * plan.row_tiles * plan.splits), kThreads,
-                0, stream, a);
+                launch.smem, stream, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t total = p.batch * p.queries * p.heads * p.head_dim;
