@@ -6,6 +6,8 @@
 #   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt/.json/.md/.png report.json
 #   bench-staged.txt/.json/.md (linear attention forward with MMFAST_CUDA_ASYNC_COPY=0: the A/B)
 #   bench-vq-staged.txt/.json/.md (the VQ search with MMFAST_CUDA_ASYNC_COPY=0: its A/B)
+#   bench-decode-staged.txt/.json/.md (decode_attention with MMFAST_CUDA_ASYNC_COPY=0: V staged after
+#                       the scores instead of copied by cp.async while K is scored)
 #   bench-pruned-nosplit.txt/.json/.md (masked_conv2d with MMFAST_CUDA_CONV_SPLITS=1: the split
 #                       reduction's A/B at the small levels)
 # Installs nothing (wheels carried in .whl/ by `make gpu-wheels` are put on PYTHONPATH).
@@ -120,6 +122,14 @@ if [[ $STEPS == *" bench "* ]]; then
        --benchmark-json="$REPORT_DIR/bench-vq-staged.json" bench_vq.py) >"$REPORT_DIR/bench-vq-staged.txt" 2>&1 \
       || bench_rc=$?
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-vq-staged.json" --markdown "$REPORT_DIR/bench-vq-staged.md" || true
+  fi
+  if [[ " $FAMILIES " == *" decode "* || -z "$FAMILIES" ]]; then
+    # A/B: decode_attention with its V tiles staged after the scores instead of copied by cp.async
+    (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k test_decode_attention \
+       --benchmark-json="$REPORT_DIR/bench-decode-staged.json" bench_decode.py) >"$REPORT_DIR/bench-decode-staged.txt" \
+       2>&1 || bench_rc=$?
+    $PY benchmarks/summarize.py "$REPORT_DIR/bench-decode-staged.json" --markdown "$REPORT_DIR/bench-decode-staged.md" \
+      || true
   fi
   if [[ " $FAMILIES " == *" pruned "* || -z "$FAMILIES" ]]; then
     # A/B: the packed masked conv without its split reduction (the levels whose tiles may split)
