@@ -122,9 +122,22 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   const size_t bytes = cuda::decode_attention_workspace_bytes(p);
   std::vector<char> ws(bytes + 64, 0x7f);
   p.workspace = bytes ? ws.data() : nullptr, p.workspace_bytes = bytes;
+  emu::launches.clear();
   if (cuda::decode_attention(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfg);
   for (size_t e = bytes; e < ws.size(); ++e)
     if (ws[e] != 0x7f) return fail(std::string("wrote past the workspace ") + cfg);
+  // The V path taken: cp.async into KT x D elements of dynamic shared memory for aligned rows
+  // (unless MMFAST_CUDA_ASYNC_COPY=0), staged after the scores (no dynamic memory) otherwise.
+  const bool v_async = cuda::rows_16b_aligned(p.v_cache, D, sizeof(T)) && cuda::async_copy_enabled();
+  const size_t v_smem = v_async ? size_t(cuda::decodek::attn_key_tile<cuda::acc_t<T>>(D) * D) * sizeof(T) : 0;
+  if (emu::launches.empty() || emu::launches[0].smem != v_smem)
+    return fail(std::string("V tile path (dynamic shared memory ") + std::to_string(v_smem) + " B expected) " + cfg);
+  if (bytes > 0) {  // a workspace smaller than the plan's is refused, nothing written
+    std::vector<char> small(bytes - 1, 0x7f);
+    DecodeAttentionParams q = p;
+    q.workspace = small.data(), q.workspace_bytes = small.size();
+    if (cuda::decode_attention(q, nullptr) != cudaErrorInvalidValue) return fail(std::string("small workspace ") + cfg);
+  }
   const int64_t G = H / Hkv;
   double maxerr = 0;
   int bad = 0;

@@ -49,8 +49,7 @@ inline size_t decode_attention_workspace_bytes(const DecodeAttentionParams& p) {
 inline cudaError_t decode_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   if (!decode_attention_valid(p)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
-  const size_t bytes = decode_attention_workspace_bytes(p);
-  if (bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < bytes)) return cudaErrorInvalidValue;
+  // launch_attention checks the workspace against the plan it launches (the one plan, not a second query)
   return dispatch_dtype(p.dtype, [&](auto t) { return decodek::launch_attention<decltype(t)>(p, stream); });
 }
 

@@ -423,9 +423,11 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots) {
 }
 
 // How decode_attention_kernel<T> is launched for p: whether the V tile is copied with cp.async
-// (16-byte aligned V rows, MMFAST_CUDA_ASYNC_COPY not 0, and its dynamic shared memory granted),
-// that memory (KT x D elements of T, 0 otherwise), and the blocks the device holds at once (the
-// occupancy calculator's blocks per SM x SMs; one per SM when the query fails).
+// (16-byte aligned V rows, MMFAST_CUDA_ASYNC_COPY not 0, its dynamic shared memory granted, and
+// as many blocks per SM as the staged path: on an SM with less shared memory than sm_90's, e.g.
+// sm_80 with fp32 rows of 256, the extra tile would cost a block), that memory (KT x D elements
+// of T, 0 otherwise), and the blocks the device holds at once (the occupancy calculator's blocks
+// per SM x SMs; one per SM when the query fails).
 struct AttnLaunch {
   bool v_async;
   size_t smem;
@@ -435,14 +437,15 @@ struct AttnLaunch {
 template <class T>
 AttnLaunch attention_launch(const DecodeAttentionParams& p) {
   AttnLaunch l{rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) && async_copy_enabled(), 0, 0};
-  int per_sm = 0;
-  if (l.v_async) {
-    l.smem = static_cast<size_t>(attn_key_tile<acc_t<T>>(p.head_dim) * p.head_dim) * sizeof(T);
-    per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, l.smem);
-    if (per_sm < 1) (void)cudaGetLastError(), l.v_async = false, l.smem = 0;  // V staged after the scores
-  }
-  if (!l.v_async) per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
+  int per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
   if (per_sm < 1) (void)cudaGetLastError();
+  if (l.v_async) {
+    const size_t smem = static_cast<size_t>(attn_key_tile<acc_t<T>>(p.head_dim) * p.head_dim) * sizeof(T);
+    const int async_per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, smem);
+    if (async_per_sm < 1) (void)cudaGetLastError();
+    l.v_async = async_per_sm >= 1 && async_per_sm >= per_sm;  // else V staged after the scores
+    if (l.v_async) l.smem = smem, per_sm = async_per_sm;
+  }
   l.slots = static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * sm_count();
   return l;
 }
@@ -451,6 +454,9 @@ template <class T>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   const AttnLaunch launch = attention_launch<T>(p);
   const AttnPlan plan = attention_plan(p, launch.slots);
+  // The workspace the caller sized (decode_attention_workspace_bytes) must hold this plan's partials:
+  // an occupancy query that failed then and succeeds now would plan more splits.
+  if (plan.bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < plan.bytes)) return cudaErrorInvalidValue;
   AttnArgs a;
   a.p = p;
   a.splits = plan.splits;
