@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import mmfast
-from mmfast.models.liquid import LiquidLM, LiquidLMCheckpointError, LiquidLMConfig, generate_images, generate_text
+from mmfast.models.liquid import (DecodeStep, LiquidLM, LiquidLMCheckpointError, LiquidLMConfig, generate_images,
+                                  generate_text)
 from mmfast.reference import sample_probs_ref
 from mmfast.testing.tiny_liquid import tiny_liquid_lm
 
@@ -428,6 +429,27 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     compiled = generate_text(model, prompts, max_new_tokens=6, compile=True)
     assert torch.equal(compiled, eager)
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_step_runs_in_inference_mode_and_leaves_normal_tensors(compile):
+    """DecodeStep runs under torch.inference_mode (no autograd dispatch per op call); the caches it
+    updates and the tokens generate_text returns stay normal tensors, usable outside it."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
+    model.setup_caches(2, 16)
+    prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = generate_text(model, prompts, max_new_tokens=4, compile=compile)
+    assert not tokens.is_inference()
+    tokens.add_(0)  # in place outside inference mode: refused on an inference tensor
+    k_cache = model.model.layers[0].self_attn.kv_cache.k_cache
+    assert not k_cache.is_inference() and not model.cache_seqlens.is_inference()
+    lengths = model.cache_seqlens.clone()
+    logits = DecodeStep(model, compile=compile)(tokens[:, -1:])
+    assert logits.is_inference() and logits.shape == (2, VOCAB)
+    assert torch.equal(model.cache_seqlens, lengths + 1)
+    model.cache_seqlens.copy_(lengths)  # in place outside inference mode; the same token again, eagerly
+    torch.testing.assert_close(logits, model.decode_step(tokens[:, -1:])[:, -1], rtol=1e-5, atol=1e-5)
+    model.prefill(prompts)  # writes the caches in place outside inference mode
 
 
 def test_decode_step_refuses_to_overrun_the_cache():
