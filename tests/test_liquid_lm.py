@@ -433,8 +433,9 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_decode_step_runs_in_inference_mode_and_leaves_normal_tensors(compile):
-    """DecodeStep runs under torch.inference_mode (no autograd dispatch per op call); the caches it
-    updates and the tokens generate_text returns stay normal tensors, usable outside it."""
+    """DecodeStep runs under torch.inference_mode (its logits are inference tensors: no autograd
+    dispatch per op call), its logits equal an eager decode_step's, and the tokens generate_text
+    returns and the caches the step updated stay usable in place outside inference mode."""
     model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
     model.setup_caches(2, 16)
     prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))

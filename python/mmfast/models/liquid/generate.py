@@ -40,8 +40,11 @@ class DecodeStep:
     replay. The returned logits are the graph's static output: consume them before the next
     call. If capture fails the step falls back to eager with a warning. The CUDA path has not
     yet been verified on a GPU. Every call runs under torch.inference_mode, so the logits are
-    inference tensors (read them, or clone() them to modify them in place); the caches and
-    cache_seqlens stay normal tensors, updated in place.
+    inference tensors: read them, or clone() them to modify them in place or use them with
+    autograd. The caches and cache_seqlens are updated in place and keep the kind they were
+    created as (normal when setup_caches ran outside inference_mode). With torch before 2.11 a
+    CUDA graph captured under inference_mode is reported to leave the CUDA generator's graph
+    state as inference tensors, so that a later capture outside it fails (pytorch#166792).
 
     compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the
     norms, RoPE and residual adds fused, the mmfast ops called as they are); on CUDA with
