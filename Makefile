@@ -29,7 +29,7 @@ TRITON_REPORT_ARGS ?= --json build/triton-report.json
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
-.PHONY: test bench build venv gpu-check gpu-wheels cmake-test sanitize sass-report triton-report clean
+.PHONY: test bench build venv gpu-check gpu-lease gpu-wheels cmake-test sanitize sass-report triton-report clean
 
 $(STAMP): requirements-test.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ triton-report: $(STAMP)
 # see scripts/gpu_check.sh.
 gpu-check:
 	bash scripts/gpu_check.sh "$(GPU_REPORT_DIR)"
+
+# One call of a 15-minute device lease: gpu-check in phases (build, CUDA tests, sanitizer,
+# benchmarks, Triton tests) under one deadline (GPU_LEASE_SECONDS), archived into $OUT.
+GPU_LEASE_SECONDS ?= 400
+gpu-lease:
+	bash scripts/gpu_lease.sh $(GPU_LEASE_SECONDS)
 
 # Wheels the GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
 # git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present.

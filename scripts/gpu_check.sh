@@ -19,7 +19,9 @@
 #                       benchmarks/bench_<family>*.py), default all: "linear_attention linfusion"
 #   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention and VQ
 #                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured)
-#   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments
+#   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments (split on spaces)
+#   GPU_TEST_K          a pytest -k expression for the tests, e.g. "cuda and not triton"
+#   GPU_SANITIZER_TOOLS default "memcheck racecheck"
 # The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
 # small test shapes would each compile and time every config); the benchmarks autotune.
 set -uo pipefail
@@ -68,7 +70,7 @@ $PY -m mmfast | tee "$REPORT_DIR/info.txt"
 tests_rc=0
 if [[ $STEPS == *" tests "* ]]; then
   (cd tests && MMFAST_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$REPORT_DIR/tests.xml" \
-     $(files_of . test_) ${GPU_TEST_ARGS:-}) >"$REPORT_DIR/tests.txt" 2>&1
+     ${GPU_TEST_K:+-k "$GPU_TEST_K"} $(files_of . test_) ${GPU_TEST_ARGS:-}) >"$REPORT_DIR/tests.txt" 2>&1
   tests_rc=$?
   tail -n 40 "$REPORT_DIR/tests.txt"
 fi
@@ -90,7 +92,7 @@ if [[ $STEPS == *" sanitize "* ]]; then
     echo "gpu-check: compute-sanitizer not found; sanitizer step skipped" | tee "$REPORT_DIR/sanitizer.txt"
   else
     : >"$REPORT_DIR/sanitizer.txt"
-    for tool in memcheck racecheck; do  # every mmfast CUDA kernel stages tiles in shared memory
+    for tool in ${GPU_SANITIZER_TOOLS:-memcheck racecheck}; do  # every mmfast CUDA kernel stages tiles in shared memory
       echo "== compute-sanitizer --tool $tool: CUDA smoke tests" >>"$REPORT_DIR/sanitizer.txt"
       (cd tests && MMFAST_TRITON_AUTOTUNE=0 "$SANITIZER" --tool $tool --error-exitcode 99 --print-limit 20 \
          $PY -m pytest -q -p no:cacheprovider -m cuda -k smoke $(files_of . test_)) >>"$REPORT_DIR/sanitizer.txt" 2>&1

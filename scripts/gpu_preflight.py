@@ -5,6 +5,7 @@ Exit status 1 when anything the check needs is missing (each one named), 0 other
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 
@@ -23,6 +24,10 @@ MODULES = {
     "matplotlib": "benchmark plot (optional)",
 }
 OPTIONAL = {"matplotlib", "hypothesis"}
+# The op families' own tests import neither diffusers nor transformers (they skip what needs them).
+OP_FAMILIES = {"linear_attention", "vq", "decode", "pruned"}
+if os.environ.get("GPU_CHECK_FAMILIES") and set(os.environ["GPU_CHECK_FAMILIES"].split()) <= OP_FAMILIES:
+    OPTIONAL |= {"diffusers", "transformers"}
 
 
 def main() -> int:

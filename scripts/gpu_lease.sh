@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device-tool call of a 15-minute GPU lease: scripts/gpu_check.sh in phases, most important
+# first, each cut off at a shared deadline so that a slow phase costs the later ones and never
+# the report. The report directory is tarred into $OUT/gpu-report.tgz after every phase (the
+# device tool returns at most 8 files), with its summary in $OUT/summary.txt.
+#   build            sm_90a only (TORCH_CUDA_ARCH_LIST), all cores
+#   cuda tests       the families' tests whose names or markers say cuda, Triton's left out
+#                    (8 pytest-xdist workers, as CI runs 2: the suite is xdist-safe)
+#   sanitize         compute-sanitizer memcheck and racecheck over the CUDA smoke tests
+#   bench            the families' benchmarks (Triton at its fixed config: autotuning every
+#                    config of every shape would take the lease)
+#   triton tests     the Triton twins on the GPU, with what time is left
+# Usage (device tool): MMFAST_COMMIT=<sha> bash scripts/gpu_lease.sh [SECONDS, default 400]
+# Knobs: GPU_CHECK_FAMILIES (default all four op families), GPU_LEASE_PHASES (default
+# "build cuda-tests sanitize bench triton-tests"; a later call on the same warm machine can
+# skip "build").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUDGET=${1:-400}
+DEADLINE=$(( $(date +%s) + BUDGET - 15 ))  # 15 s kept for the summary and the archive
+OUT=${OUT:-build/gpu-lease}
+WORK=$(mktemp -d)  # the report's many files stay out of $OUT: the tool returns 8 at most
+REPORT=$WORK/report
+mkdir -p "$OUT" "$REPORT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export GPU_CHECK_FAMILIES=${GPU_CHECK_FAMILIES:-linear_attention vq decode pruned}
+# a hung test costs 90 s, not the lease (pytest-timeout is on the GPU image)
+PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
+PHASES=" ${GPU_LEASE_PHASES:-build cuda-tests sanitize bench triton-tests} "
+
+archive() {
+  {
+    echo "commit ${MMFAST_COMMIT:-unknown}; $(date -u +%FT%TZ); families: $GPU_CHECK_FAMILIES"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+    cat "$OUT/phases.txt" 2>/dev/null
+    for f in build.txt tests-cuda.txt sanitizer.txt bench.txt tests.txt; do
+      [ -f "$REPORT/$f" ] && { echo "--- $f (tail)"; tail -n 8 "$REPORT/$f"; }
+    done
+  } >"$OUT/summary.txt"
+  cp "$OUT/summary.txt" "$OUT/phases.txt" "$REPORT/" 2>/dev/null
+  tar czf "$OUT/gpu-report.tgz" -C "$WORK" report
+}
+
+# phase NAME MAX_SECONDS STEPS [extra env...]: gpu_check.sh STEPS under min(MAX, time left)
+phase() {
+  local name=$1 max=$2 steps=$3; shift 3
+  [[ $PHASES == *" $name "* ]] || return 0
+  local left=$(( DEADLINE - $(date +%s) ))
+  local limit=$(( left < max ? left : max ))
+  if [ "$limit" -lt 20 ]; then echo "$name: skipped, ${left} s left" >>"$OUT/phases.txt"; return 0; fi
+  local start rc
+  start=$(date +%s)
+  env "$@" GPU_CHECK_STEPS="$steps" timeout -k 5 "$limit" bash scripts/gpu_check.sh "$REPORT"
+  rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - start )) s (limit $limit s)" | tee -a "$OUT/phases.txt"
+  archive
+  return $rc
+}
+
+: >"$OUT/phases.txt"
+phase build 260 build || { echo "gpu-lease: build failed"; archive; exit 1; }
+phase cuda-tests 120 tests GPU_TEST_K="cuda and not triton" GPU_TEST_ARGS="$PER_TEST -n 8"
+[ -f "$REPORT/tests.txt" ] && cp "$REPORT/tests.txt" "$REPORT/tests-cuda.txt" && cp "$REPORT/tests.xml" "$REPORT/tests-cuda.xml"
+phase sanitize 90 sanitize
+phase bench 150 bench MMFAST_TRITON_AUTOTUNE=0
+phase triton-tests 150 tests GPU_TEST_K=triton GPU_TEST_ARGS="$PER_TEST -n 8"
+[ -f "$REPORT/tests.txt" ] && [[ $PHASES == *" triton-tests "* ]] && cp "$REPORT/tests.txt" "$REPORT/tests-triton.txt"
+archive
+cat "$OUT/summary.txt"
