@@ -3,7 +3,8 @@
 # no network. Builds in place against the installed torch for the local GPU's arch (all
 # cores), runs the tests, compute-sanitizer over the CUDA smoke tests, and the benchmarks on
 # the GPU, and writes a report into the report directory (default build/gpu-report):
-#   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt/.json/.md/.png report.json
+#   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt report.json
+#   bench_<family>.json/.md/.png (one per benchmark file)
 #   bench-staged.txt/.json/.md (linear attention forward with MMFAST_CUDA_ASYNC_COPY=0: the A/B)
 #   bench-vq-staged.txt/.json/.md (the VQ search with MMFAST_CUDA_ASYNC_COPY=0: its A/B)
 #   bench-decode-staged.txt/.json/.md (decode_attention with MMFAST_CUDA_ASYNC_COPY=0: V staged after
@@ -20,6 +21,7 @@
 #   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention and VQ
 #                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured)
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments (split on spaces)
+#   GPU_CHECK_AB=0      skip the benchmarks' A/B reruns (MMFAST_CUDA_ASYNC_COPY=0, ..._CONV_SPLITS=1)
 #   GPU_TEST_K          a pytest -k expression for the tests, e.g. "cuda and not triton"
 #   GPU_SANITIZER_TOOLS default "memcheck racecheck"
 # The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
@@ -51,7 +53,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" MMFAST_REQUIRE_CUDA
 FAMILIES=${GPU_CHECK_FAMILIES:-}
 files_of() {  # files_of DIR PREFIX: the test/bench files of the chosen families (all when none chosen)
   local dir=$1 prefix=$2
-  if [ -z "$FAMILIES" ]; then echo ""; return; fi
+  if [ -z "$FAMILIES" ]; then (cd "$dir" && ls ${prefix}*.py | tr '\n' ' '); return; fi
   for family in $FAMILIES; do ls "$dir/${prefix}${family}"*.py 2>/dev/null | xargs -r -n1 basename; done | tr '\n' ' '
 }
 
@@ -105,27 +107,34 @@ if [[ $STEPS == *" sanitize "* ]]; then
 fi
 
 bench_rc=0
+AB=${GPU_CHECK_AB:-1}
 if [[ $STEPS == *" bench "* ]]; then
-  (cd benchmarks && $PY -m pytest -q -p no:cacheprovider --benchmark-json="$REPORT_DIR/bench.json" \
-     $(files_of . bench_) ${GPU_BENCH_ARGS:-}) >"$REPORT_DIR/bench.txt" 2>&1
-  bench_rc=$?
-  tail -n 15 "$REPORT_DIR/bench.txt"
-  $PY benchmarks/summarize.py "$REPORT_DIR/bench.json" --markdown "$REPORT_DIR/bench.md" --plot "$REPORT_DIR/bench.png"
-  if [[ " $FAMILIES " == *" linear_attention "* || -z "$FAMILIES" ]]; then
+  # One JSON per file, written as each file ends: a step cut off by a deadline keeps what finished.
+  : >"$REPORT_DIR/bench.txt"
+  for file in $(files_of benchmarks bench_); do
+    [ -n "$file" ] || continue
+    stem=${file%.py}
+    (cd benchmarks && $PY -m pytest -q -p no:cacheprovider --benchmark-json="$REPORT_DIR/$stem.json" \
+       "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || bench_rc=$?
+    $PY benchmarks/summarize.py "$REPORT_DIR/$stem.json" --markdown "$REPORT_DIR/$stem.md" \
+      --plot "$REPORT_DIR/$stem.png" >>"$REPORT_DIR/bench.txt" 2>&1 || true
+    echo "gpu-check: $file done (rc=$bench_rc)" | tee -a "$REPORT_DIR/bench.txt"
+  done
+  if [[ $AB == 1 && ( " $FAMILIES " == *" linear_attention "* || -z "$FAMILIES" ) ]]; then
     # A/B: the register-staged kernels the cp.async ones replace, same shapes, same machine
     (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k forward \
        --benchmark-json="$REPORT_DIR/bench-staged.json" bench_linear_attention.py) >"$REPORT_DIR/bench-staged.txt" 2>&1 \
       || bench_rc=$?
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-staged.json" --markdown "$REPORT_DIR/bench-staged.md" || true
   fi
-  if [[ " $FAMILIES " == *" vq "* || -z "$FAMILIES" ]]; then
+  if [[ $AB == 1 && ( " $FAMILIES " == *" vq "* || -z "$FAMILIES" ) ]]; then
     # A/B: the VQ search on the register-staged TF32 tile GEMM that the cp.async + mma.sync one replaces
     (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k "test_vq_quantize and not paired" \
        --benchmark-json="$REPORT_DIR/bench-vq-staged.json" bench_vq.py) >"$REPORT_DIR/bench-vq-staged.txt" 2>&1 \
       || bench_rc=$?
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-vq-staged.json" --markdown "$REPORT_DIR/bench-vq-staged.md" || true
   fi
-  if [[ " $FAMILIES " == *" decode "* || -z "$FAMILIES" ]]; then
+  if [[ $AB == 1 && ( " $FAMILIES " == *" decode "* || -z "$FAMILIES" ) ]]; then
     # A/B: decode_attention with its V tiles staged after the scores instead of copied by cp.async
     (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k test_decode_attention \
        --benchmark-json="$REPORT_DIR/bench-decode-staged.json" bench_decode.py) >"$REPORT_DIR/bench-decode-staged.txt" \
@@ -133,7 +142,7 @@ if [[ $STEPS == *" bench "* ]]; then
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-decode-staged.json" --markdown "$REPORT_DIR/bench-decode-staged.md" \
       || true
   fi
-  if [[ " $FAMILIES " == *" pruned "* || -z "$FAMILIES" ]]; then
+  if [[ $AB == 1 && ( " $FAMILIES " == *" pruned "* || -z "$FAMILIES" ) ]]; then
     # A/B: the packed masked conv without its split reduction (the levels whose tiles may split)
     (cd benchmarks && MMFAST_CUDA_CONV_SPLITS=1 $PY -m pytest -q -p no:cacheprovider \
        -k "test_masked_conv2d and not paired and (12x12 or 24x24 or 16x16 or 8x8)" \

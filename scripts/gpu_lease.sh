@@ -7,9 +7,11 @@
 #   cuda tests       the families' tests whose names or markers say cuda, Triton's left out
 #                    (8 pytest-xdist workers, as CI runs 2: the suite is xdist-safe)
 #   sanitize         compute-sanitizer memcheck and racecheck over the CUDA smoke tests
-#   bench            the families' benchmarks (Triton at its fixed config: autotuning every
-#                    config of every shape would take the lease)
+#   bench            the families' benchmarks, a JSON per file (Triton at its fixed config:
+#                    autotuning every config of every shape would take the lease; the A/B reruns
+#                    only with GPU_CHECK_AB=1)
 #   triton tests     the Triton twins on the GPU, with what time is left
+#   throw-probe, throw-rebuild (opt-in)  scripts/gpu_throw_probe.sh, without and with its rebuild
 # Usage (device tool): MMFAST_COMMIT=<sha> bash scripts/gpu_lease.sh [SECONDS, default 400]
 # Knobs: GPU_CHECK_FAMILIES (default all four op families), GPU_LEASE_PHASES (default
 # "build cuda-tests sanitize bench triton-tests"; a later call on the same warm machine can
@@ -26,14 +28,14 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX
 export GPU_CHECK_FAMILIES=${GPU_CHECK_FAMILIES:-linear_attention vq decode pruned}
 # a hung test costs 90 s, not the lease (pytest-timeout is on the GPU image)
 PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
-PHASES=" ${GPU_LEASE_PHASES:-build cuda-tests sanitize bench triton-tests} "
+PHASES=" ${GPU_LEASE_PHASES:-build cuda-tests sanitize bench triton-tests} "  # also: throw-probe, throw-rebuild
 
 archive() {
   {
     echo "commit ${MMFAST_COMMIT:-unknown}; $(date -u +%FT%TZ); families: $GPU_CHECK_FAMILIES"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
     cat "$OUT/phases.txt" 2>/dev/null
-    for f in build.txt tests-cuda.txt sanitizer.txt bench.txt tests.txt; do
+    for f in build.txt tests-cuda.txt sanitizer.txt bench.txt tests.txt throw-probe.log throw-rebuild.log; do
       [ -f "$REPORT/$f" ] && { echo "--- $f (tail)"; tail -n 8 "$REPORT/$f"; }
     done
   } >"$OUT/summary.txt"
@@ -41,29 +43,32 @@ archive() {
   tar czf "$OUT/gpu-report.tgz" -C "$WORK" report
 }
 
-# phase NAME MAX_SECONDS STEPS [extra env...]: gpu_check.sh STEPS under min(MAX, time left)
+# phase NAME MAX_SECONDS COMMAND...: COMMAND under min(MAX, time left), output in $REPORT/NAME.log
 phase() {
-  local name=$1 max=$2 steps=$3; shift 3
+  local name=$1 max=$2; shift 2
   [[ $PHASES == *" $name "* ]] || return 0
   local left=$(( DEADLINE - $(date +%s) ))
   local limit=$(( left < max ? left : max ))
   if [ "$limit" -lt 20 ]; then echo "$name: skipped, ${left} s left" >>"$OUT/phases.txt"; return 0; fi
   local start rc
   start=$(date +%s)
-  env "$@" GPU_CHECK_STEPS="$steps" timeout -k 5 "$limit" bash scripts/gpu_check.sh "$REPORT"
+  timeout -k 5 "$limit" "$@" >"$REPORT/$name.log" 2>&1
   rc=$?
+  tail -n 25 "$REPORT/$name.log"
   echo "$name: rc=$rc in $(( $(date +%s) - start )) s (limit $limit s)" | tee -a "$OUT/phases.txt"
   archive
   return $rc
 }
+check() { env "$@" bash scripts/gpu_check.sh "$REPORT"; }  # check VAR=VALUE...: gpu_check.sh with them
 
 : >"$OUT/phases.txt"
-phase build 260 build || { echo "gpu-lease: build failed"; archive; exit 1; }
-phase cuda-tests 120 tests GPU_TEST_K="cuda and not triton" GPU_TEST_ARGS="$PER_TEST -n 8"
+phase build 260 check GPU_CHECK_STEPS=build || { echo "gpu-lease: build failed"; archive; exit 1; }
+phase throw-probe 40 bash scripts/gpu_throw_probe.sh
+phase cuda-tests 120 check GPU_CHECK_STEPS=tests GPU_TEST_K="cuda and not triton" GPU_TEST_ARGS="$PER_TEST -n 8"
 [ -f "$REPORT/tests.txt" ] && cp "$REPORT/tests.txt" "$REPORT/tests-cuda.txt" && cp "$REPORT/tests.xml" "$REPORT/tests-cuda.xml"
-phase sanitize 90 sanitize
-phase bench 150 bench MMFAST_TRITON_AUTOTUNE=0
-phase triton-tests 150 tests GPU_TEST_K=triton GPU_TEST_ARGS="$PER_TEST -n 8"
-[ -f "$REPORT/tests.txt" ] && [[ $PHASES == *" triton-tests "* ]] && cp "$REPORT/tests.txt" "$REPORT/tests-triton.txt"
+phase sanitize 90 check GPU_CHECK_STEPS=sanitize
+phase bench 200 check GPU_CHECK_STEPS=bench MMFAST_TRITON_AUTOTUNE=0 GPU_CHECK_AB="${GPU_CHECK_AB:-0}"
+phase triton-tests 150 check GPU_CHECK_STEPS=tests GPU_TEST_K=triton GPU_TEST_ARGS="$PER_TEST -n 8"
+phase throw-rebuild 120 env REBUILD=1 bash scripts/gpu_throw_probe.sh
 archive
 cat "$OUT/summary.txt"
