@@ -59,16 +59,15 @@ phase() {
   archive
   return $rc
 }
-check() { env "$@" bash scripts/gpu_check.sh "$REPORT"; }  # check VAR=VALUE...: gpu_check.sh with them
 
 : >"$OUT/phases.txt"
-phase build 260 check GPU_CHECK_STEPS=build || { echo "gpu-lease: build failed"; archive; exit 1; }
+phase build 260 env GPU_CHECK_STEPS=build bash scripts/gpu_check.sh "$REPORT" || { echo "gpu-lease: build failed"; archive; exit 1; }
 phase throw-probe 40 bash scripts/gpu_throw_probe.sh
-phase cuda-tests 120 check GPU_CHECK_STEPS=tests GPU_TEST_K="cuda and not triton" GPU_TEST_ARGS="$PER_TEST -n 8"
+phase cuda-tests 120 env GPU_CHECK_STEPS=tests GPU_TEST_K="cuda and not triton" GPU_TEST_ARGS="$PER_TEST -n 8" bash scripts/gpu_check.sh "$REPORT"
 [ -f "$REPORT/tests.txt" ] && cp "$REPORT/tests.txt" "$REPORT/tests-cuda.txt" && cp "$REPORT/tests.xml" "$REPORT/tests-cuda.xml"
-phase sanitize 90 check GPU_CHECK_STEPS=sanitize
-phase bench 200 check GPU_CHECK_STEPS=bench MMFAST_TRITON_AUTOTUNE=0 GPU_CHECK_AB="${GPU_CHECK_AB:-0}"
-phase triton-tests 150 check GPU_CHECK_STEPS=tests GPU_TEST_K=triton GPU_TEST_ARGS="$PER_TEST -n 8"
+phase sanitize 90 env GPU_CHECK_STEPS=sanitize bash scripts/gpu_check.sh "$REPORT"
+phase bench 200 env GPU_CHECK_STEPS=bench MMFAST_TRITON_AUTOTUNE=0 GPU_CHECK_AB="${GPU_CHECK_AB:-0}" bash scripts/gpu_check.sh "$REPORT"
+phase triton-tests 150 env GPU_CHECK_STEPS=tests GPU_TEST_K=triton GPU_TEST_ARGS="$PER_TEST -n 8" bash scripts/gpu_check.sh "$REPORT"
 phase throw-rebuild 120 env REBUILD=1 bash scripts/gpu_throw_probe.sh
 archive
 cat "$OUT/summary.txt"
