@@ -30,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
   : "${GPU_CHECK_FAMILIES:=linear_attention vq}" "${TORCH_CUDA_ARCH_LIST:=9.0a}"
-  export TORCH_CUDA_ARCH_LIST
+  export TORCH_CUDA_ARCH_LIST GPU_CHECK_FAMILIES  # the preflight reads the families too
 fi
 STEPS=" ${GPU_CHECK_STEPS:-build tests sanitize bench} "
 REPORT_DIR=$(mkdir -p "${1:-build/gpu-report}" && cd "${1:-build/gpu-report}" && pwd)
@@ -114,11 +114,13 @@ if [[ $STEPS == *" bench "* ]]; then
   for file in $(files_of benchmarks bench_); do
     [ -n "$file" ] || continue
     stem=${file%.py}
+    file_rc=0
     (cd benchmarks && $PY -m pytest -q -p no:cacheprovider --benchmark-json="$REPORT_DIR/$stem.json" \
-       "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || bench_rc=$?
+       "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || file_rc=$?
+    [ $file_rc -eq 0 ] || bench_rc=$file_rc
     $PY benchmarks/summarize.py "$REPORT_DIR/$stem.json" --markdown "$REPORT_DIR/$stem.md" \
       --plot "$REPORT_DIR/$stem.png" >>"$REPORT_DIR/bench.txt" 2>&1 || true
-    echo "gpu-check: $file done (rc=$bench_rc)" | tee -a "$REPORT_DIR/bench.txt"
+    echo "gpu-check: $file done (rc=$file_rc)" | tee -a "$REPORT_DIR/bench.txt"
   done
   if [[ $AB == 1 && ( " $FAMILIES " == *" linear_attention "* || -z "$FAMILIES" ) ]]; then
     # A/B: the register-staged kernels the cp.async ones replace, same shapes, same machine

@@ -24,10 +24,10 @@ MODULES = {
     "matplotlib": "benchmark plot (optional)",
 }
 OPTIONAL = {"matplotlib", "hypothesis"}
-# The op families' own tests import neither diffusers nor transformers (they skip what needs them).
+# The op families' own tests skip what needs diffusers (test_decode.py imports transformers).
 OP_FAMILIES = {"linear_attention", "vq", "decode", "pruned"}
 if os.environ.get("GPU_CHECK_FAMILIES") and set(os.environ["GPU_CHECK_FAMILIES"].split()) <= OP_FAMILIES:
-    OPTIONAL |= {"diffusers", "transformers"}
+    OPTIONAL |= {"diffusers"}
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ python3 -X faulthandler -c "$THROW" 2>&1 | tail -n 5; echo "rc=${PIPESTATUS[0]}"
 echo "== native backtrace (cuda-gdb)"
 timeout 60 cuda-gdb -q -batch -ex run -ex bt --args python3 -c "$THROW" 2>&1 \
   | grep -E "^#|signal|SIG" | head -n 40  # the frames, not the thread and library chatter
-if [ "${REBUILD:-0}" = 1 ] && [ -x /usr/bin/g++ ] && [ "$(readlink -f /usr/bin/g++)" != "$(readlink -f "${CXX:-/usr/bin/g++}")" ]; then
+if [ "${REBUILD:-0}" = 1 ] && [ -x /usr/bin/g++ ] && [ "$(readlink -f /usr/bin/g++)" != "$(readlink -f "${CXX:-$(command -v g++)}")" ]; then
   echo "== rebuild with /usr/bin/gcc, /usr/bin/g++"
   rm -rf build python/mmfast/_C*.so
   start=$(date +%s)
