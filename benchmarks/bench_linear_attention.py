@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mmfast import ops
 from mmfast.models.linfusion.official import official_linear_attention
 
-from _utils import GraphCaptureError, bench_device, cuda_graph_ms, median_ms, record_metrics, run_timed
+from _utils import GRAPH_TIMING, bench_device, eager_ms, graph_or_eager_ms, median_ms, record_metrics, run_timed
 from linear_attention_shapes import CPU_SHAPES, GPU_SHAPES
 
 DEVICE = bench_device()
@@ -83,25 +83,12 @@ def _forward_fn(provider):
     }[provider]
 
 
-GRAPH_TIMING = "cuda graph replay, rotating inputs > 4x L2"
-
-
 def _gpu_ms(fn, make_inputs, timings: dict, name: str) -> float:
-    """GPU device time of one fn(*make_inputs()) call: CUDA-graph replay over rotating input sets
-    larger than L2 (a 20 us kernel is visible, no host overhead, no L2 reuse). If the call
-    cannot be captured, CUDA events around eager calls, and the row says so (timings[name]);
-    any other error (out of memory, a failing kernel) fails the benchmark."""
-    try:
-        timings[name] = GRAPH_TIMING
-        return cuda_graph_ms(fn, make_inputs, DEVICE)
-    except GraphCaptureError as error:
-        timings[name] = f"cuda events, eager calls (graph capture failed: {error})"
-    return _eager_ms(fn, make_inputs)
+    return graph_or_eager_ms(fn, make_inputs, DEVICE, timings, name)
 
 
 def _eager_ms(fn, make_inputs) -> float:
-    inputs = make_inputs()
-    return median_ms(lambda: fn(*inputs), DEVICE)
+    return eager_ms(fn, make_inputs, DEVICE)
 
 
 def _triton_times(make_inputs, timings: dict):

@@ -1,6 +1,6 @@
 // Host emulation of the CUDA execution model, one 256-thread block at a time: fibers
-// switched at __syncthreads / shuffles (the block) and ldmatrix / mma.sync (the warp), random
-// thread order per phase. Include it
+// switched at __syncthreads / __shfl_xor_sync (the block) and ldmatrix / mma.sync / votes /
+// matches / indexed shuffles / __syncwarp (the warp), random thread order per phase. Include it
 // before any mmfast/cuda header: it defines the CUDA built-ins and MMFAST_LAUNCH, which runs
 // `emu_blocks` blocks of every launch one after another (kernels use grid-stride loops, so
 // any grid covers the problem; inter-block concurrency is what it cannot check).
@@ -294,6 +294,37 @@ template <class V> V lane_value(int lane) {
   std::memcpy(&v, lane_raw[(cur & ~31) + lane], sizeof(V));
   return v;
 }
+// Warp votes, matches and indexed shuffles (the __*_sync intrinsics): warp collectives as above,
+// with the full mask (every lane of the warp takes part, the only use mmfast makes of them).
+inline void check_full_mask(unsigned mask, const char* what) {
+  if (mask != 0xffffffffu) {
+    std::printf("EMU ERROR: %s with mask %#x (the emulator takes the full warp only)\n", what, mask);
+    std::exit(2);
+  }
+}
+inline unsigned ballot(unsigned mask, bool p) {
+  check_full_mask(mask, "__ballot_sync");
+  publish(static_cast<int>(p));
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= lane_value<int>(l) ? 1u << l : 0u;
+  warp_yield();
+  return r;
+}
+inline unsigned match_any(unsigned mask, unsigned key) {
+  check_full_mask(mask, "__match_any_sync");
+  publish(key);
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= lane_value<unsigned>(l) == key ? 1u << l : 0u;
+  warp_yield();
+  return r;
+}
+template <class V> V shfl_idx(unsigned mask, V v, int src) {
+  check_full_mask(mask, "__shfl_sync");
+  publish(v);
+  const V r = lane_value<V>(src & 31);
+  warp_yield();
+  return r;
+}
 inline void async_land(const std::vector<AsyncCopy>& group) {
   for (const AsyncCopy& c : group) {
     if (c.valid) std::memcpy(c.dst, c.src, 16);
@@ -345,6 +376,13 @@ inline std::vector<Launch> launches;
 #define __shared__ static
 #define __syncthreads() ::emu::yield()
 #define __shfl_xor_sync(m, v, l) ::emu::shfl_xor(v, l)
+#define __shfl_sync(m, v, l) ::emu::shfl_idx(m, v, l)
+#define __ballot_sync(m, p) ::emu::ballot(m, p)
+#define __any_sync(m, p) (::emu::ballot(m, p) != 0u)
+#define __match_any_sync(m, v) ::emu::match_any(m, v)
+#define __syncwarp(...) ::emu::warp_yield()
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 #define MMFAST_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_smem_base()
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...)                                       \
   do {                                                                                            \

@@ -11,7 +11,10 @@
 //     and tie groups, top_p = 0, CFG, NaN / +inf / all -inf rows, u = 0 and u just below 1,
 //     padded rows (NaN padding), run-to-run identical tokens, random rows against the
 //     reference draw (a mismatch is accepted only where u * total lies within 1e-5 of a CDF
-//     step or a top-p mass within 1e-5 of top_p * total, the documented rounding cases).
+//     step or a top-p mass within 1e-5 of top_p * total, the documented rounding cases);
+//     narrow rows with many ties (whole warps in one histogram bin); the row staged in shared
+//     memory and, with the opt-in limit lowered, re-read on every pass (the launch checked);
+//   warp_sum_peers: exact group sums in each group's lowest lane.
 // It cannot check alignment, races between blocks or speed: that needs a GPU.
 // Argument: 0 (quick), 1 or 2 (+ more shapes).
 #include "emulator.h"
@@ -285,7 +288,12 @@ void run_sample(const std::vector<double>& logits_d, int64_t rows, int64_t V, bo
   char cfgs[200];
   std::snprintf(cfgs, sizeof cfgs, "sample %s [%s] P=%ld V=%ld cfg=%d t=%g k=%ld p=%g", tname<T>(), what, (long)P,
                 (long)V, (int)cfg, temperature, (long)top_k, top_p);
+  emu::launches.clear();
   if (cuda::sample(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfgs);
+  // The row staged in V floats of dynamic shared memory where the block may opt in to them, else re-read.
+  const size_t stage = size_t(V) * sizeof(float) <= size_t(emu::max_shared_optin) ? size_t(V) * sizeof(float) : 0;
+  if (emu::launches.size() != 1 || emu::launches[0].smem != stage)
+    return fail(std::string("staging (dynamic shared memory ") + std::to_string(stage) + " B expected) " + cfgs);
   p.tokens = tokens2.data(), p.status = status2.data();
   if (cuda::sample(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfgs);
   if (tokens[P] != -7 || status[P] != -7) fail(std::string("wrote past the outputs ") + cfgs);
@@ -373,6 +381,16 @@ void sample_suite(int level) {
     run_sample<T>(l, 2 * P, V, true, 1.5f, 0.8f, 50, 0.9f, us, "cfg top-k top-p");
     run_sample<T>(l, 2 * P, V, true, 3.0f, 0.0f, 0, 1.0f, us, "cfg greedy");
   }
+  {  // a narrow range with many ties: most keys share their top 16 bits, so whole warps fall into
+     // one histogram bin (the peer sums' full groups) in the first passes
+    const int64_t V = 3001, P = 4;
+    std::vector<double> l(P * V);
+    for (auto& x : l) x = 1.0 + std::floor(urand(0, 40)) / 1024;
+    std::vector<float> us = {0.05f, 0.5f, 0.77f, std::nextafter(1.0f, 0.0f)};
+    run_sample<T>(l, P, V, false, 1, 1.0f, 700, 1.0f, us, "narrow top-k");
+    run_sample<T>(l, P, V, false, 1, 0.02f, 0, 0.6f, us, "narrow top-p");
+    run_sample<T>(l, P, V, false, 1, 0.01f, 2000, 0.3f, us, "narrow top-k top-p");
+  }
   // Random rows: several chunks of the draw, padded rows, temperatures, filters.
   const int64_t V = level >= 1 ? 5003 : 2500, P = 6;
   std::vector<double> l(P * V);
@@ -387,6 +405,34 @@ void sample_suite(int level) {
   run_sample<T>(l, P, V, false, 1, 1.0f, 1000, 0.8f, us, "random top-k top-p", 3);
   run_sample<T>(l, P, V, false, 1, 0.05f, 0, 0.5f, us, "random cold");
   if (level >= 1) run_sample<T>(l, P, V, false, 1, 5.0f, 4000, 0.99f, us, "random hot");
+}
+
+// warp_sum_peers: groups of lanes sharing a key (one group of 32, singletons, a few keys) get
+// their exact sums in the group's lowest lane, for 64-bit integers and doubles.
+template <class V>
+void run_warp_sum_peers(int distinct, const char* what) {
+  ++ncases;
+  std::vector<unsigned> keys(256);
+  std::vector<V> vals(256), got(256);
+  for (int t = 0; t < 256; ++t) {
+    keys[t] = distinct >= 32 ? t : static_cast<unsigned>(grng() % distinct);
+    vals[t] = static_cast<V>(grng() % (1u << 30)) * (std::is_same<V, double>::value ? V(0.25) : V(1u << 20));
+  }
+  emu::run([&] {
+    const unsigned peers = __match_any_sync(0xffffffffu, keys[threadIdx.x]);
+    got[threadIdx.x] = cuda::warp_sum_peers(peers, vals[threadIdx.x]);
+  });
+  for (int t = 0; t < 256; ++t) {
+    const int w0 = t & ~31;
+    bool leader = true;
+    V want = 0;
+    for (int l = w0; l < w0 + 32; ++l) {
+      if (keys[l] != keys[t]) continue;
+      if (l < t) leader = false;
+      want += vals[l];
+    }
+    if (leader && got[t] != want) return fail(std::string("warp_sum_peers ") + what + " lane " + std::to_string(t));
+  }
 }
 
 template <class T>
@@ -452,10 +498,21 @@ int main(int argc, char** argv) {
              std::to_string(c.max_splits) + ") = " + std::to_string(got) + ", expected " + std::to_string(c.splits));
     }
   }
+  for (int distinct : {1, 2, 5, 32}) {
+    run_warp_sum_peers<unsigned long long>(distinct, "u64");
+    run_warp_sum_peers<double>(distinct, "f64");
+  }
   run_all<float>(level);
   run_all<double>(level);
   run_all<__half>(level);
   run_all<__nv_bfloat16>(level);
+  {  // the sampler without staging (a block granted too little shared memory): every pass re-reads
+    const int optin = emu::max_shared_optin;
+    emu::max_shared_optin = 1024;  // rows of up to 256 logits staged
+    sample_suite<float>(0);
+    sample_suite<__nv_bfloat16>(0);
+    emu::max_shared_optin = optin;
+  }
   std::printf("%s: %d failures in %d cases\n", nfail ? "FAILED" : "passed", nfail, ncases);
   return nfail ? 1 : 0;
 }

@@ -165,6 +165,28 @@ __device__ __forceinline__ V block_exclusive_sum(V v, V* scratch, V& total) {
   return r + before;
 }
 
+// ---- warp-aggregated updates -----------------------------------------------------------------
+// The sum of v over `peers` (this lane's group as __match_any_sync returns it: the lanes that
+// share a key) arrives in the group's lowest lane; other lanes end with partial sums. All 32
+// lanes call it together (lanes without an item pass a key of their own). A tree over the
+// ranks within each group: round r adds the value of the peer 2^r ranks above, at most 5
+// rounds. Integer sums are exact; float sums have a fixed order. (The peer reduction of
+// NVIDIA's "Voting and shuffling to optimize atomic operations".)
+template <class V>
+__device__ __forceinline__ V warp_sum_peers(unsigned peers, V v) {
+  const int lane = threadIdx.x & 31;
+  unsigned rank = __popc(peers & ((1u << lane) - 1u));  // peers below this lane
+  unsigned above = peers & (0xfffffffeu << lane);       // peers above it still holding a value
+  while (__any_sync(0xffffffffu, above != 0u)) {
+    const int next = __ffs(above);  // 1 + the lowest remaining peer above, 0 if none
+    const V other = __shfl_sync(0xffffffffu, v, next > 0 ? next - 1 : lane);
+    if (next > 0) v += other;
+    above &= ~__ballot_sync(0xffffffffu, (rank & 1u) != 0u);  // lanes whose value was just taken
+    rank >>= 1;
+  }
+  return v;
+}
+
 // Four consecutive accumulators from 16-byte aligned shared memory.
 __device__ __forceinline__ void load4(const float* p, float (&r)[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);

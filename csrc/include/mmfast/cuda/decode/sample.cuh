@@ -1,26 +1,34 @@
 // sample on the GPU: CFG + temperature + top-k + top-p + inverse-CDF draw, fused, without a
 // sort (namespace mmfast::cuda::decodek).
 //
-//   sample_kernel  one 256-thread block per output row (grid stride over rows). The row is
-//     never staged: every pass re-reads the logits (L2-resident for a block's row) and recomputes
-//     x_i = mix_i / temperature, mix_i = u_i + scale * (c_i - u_i) in fp32 with separately
-//     rounded ops (cond row r, uncond row P + r), so every pass sees the same bits.
+//   sample_kernel  one 256-thread block per output row (grid stride over rows). The first pass
+//     computes mix_i = u_i + scale * (c_i - u_i) in fp32 with separately rounded ops (cond row r,
+//     uncond row P + r) and, when the row fits (V x 4 bytes of dynamic shared memory next to
+//     16 KB of histograms: V up to about 53K on sm_90, 37K on sm_80), stages it there, then
+//     divides it in place by the temperature: x_i = mix_i / temperature. Later passes read x
+//     there, or for larger V re-read and re-mix the logits (L2-resident for a block's row) and
+//     divide again. Every pass sees the same bits.
 //     1. validity and max: a NaN or +inf, or all -inf -> status 1, token 0; temperature 0 ->
 //        the first index of the maximum.
 //     2. top-k, top-p: radix select over order-preserving uint32 keys of x (4 passes of 8
-//        bits, 256-bin block histograms in shared memory). One routine finds the smallest
-//        key v* with W(key > v*) < T: weights 1 and T = k give the k-th largest value (top-k);
-//        weights exp(x - max) over the top-k set and T = top_p * total give the top-p cut (the
-//        largest value is always kept: T <= 0 gives v* = max). Kept: key(x) >= v*.
+//        bits). One routine finds the smallest key v* with W(key > v*) < T: weights 1 and T = k
+//        give the k-th largest value (top-k); weights exp(x - max) over the top-k set and
+//        T = top_p * total give the top-p cut (the largest value is always kept: T <= 0 gives
+//        v* = max). Kept: key(x) >= v*. Histograms: one 256-bin copy per warp in shared
+//        memory; a warp's lanes that fall into one bin are summed first (__match_any_sync and
+//        a peer reduction) and their lowest lane adds the sum with a plain read-modify-write,
+//        so no atomics. (The first pass's digit, sign and exponent, puts nearly every logit
+//        into one or two bins: with one 64-bit shared atomic per logit those serialised, about
+//        30K cycles a pass on the H200.)
 //     3. the draw: the smallest index whose running sum of kept weights exceeds u * total, a
 //        block-wide prefix sum over chunks of 2048 indices in index order.
 //   Determinism: the weights exp(x - max) (fp32 exp, in (0, 1]) are summed as 64-bit fixed point
-//   (x 2^S, S = 63 - ceil(log2 V), 2^-45 for V = 150k): integer sums are exact whatever the
-//   order of the shared-memory atomics, so histograms, totals and the prefix sums of the draw
-//   are bit-reproducible run to run; the draw target floor(u * total) is below the total, so the
-//   token is always a kept index in [0, V). The result differs from the fp64 reference only
-//   where u * total lies within rounding (fp32 exp, the 2^-S quantum) of a CDF step, or the
-//   top-p mass of a value lies within that rounding of top_p * total.
+//   (x 2^S, S = 63 - ceil(log2 V), 2^-45 for V = 150k): integer sums are exact whatever their
+//   order, so histograms, totals and the prefix sums of the draw are bit-reproducible run to
+//   run; the draw target floor(u * total) is below the total, so the token is always a kept
+//   index in [0, V). The result differs from the fp64 reference only where u * total lies
+//   within rounding (fp32 exp, the 2^-S quantum) of a CDF step, or the top-p mass of a value
+//   lies within that rounding of top_p * total.
 #pragma once
 
 #include <cmath>
@@ -49,33 +57,61 @@ template <class T> struct SampleRow {
   }
 };
 
+constexpr int kSampleWarps = kThreads / 32;
+constexpr uint32_t kNoBin = 256;  // the bin of a lane without an item in a histogram pass
+constexpr int kSampleItems = 4;   // items per thread whose bins a histogram pass computes together
+
 struct SampleShared {
-  u64* hist;     // 256 bins
-  u64* scratch;  // 32
+  u64* warp_hist;  // kSampleWarps x 256 bins, one histogram per warp
+  u64* scratch;    // 32
   int* sel_bin;
   u64* sel_above;
 };
 
+// Adds weight w to bin `bin` (kNoBin: nothing) of this warp's histogram; all 32 lanes call it
+// together. One plain read-modify-write per distinct bin, by the bin's lowest lane (the warp
+// owns its histogram; the leaders' bins differ); Counts: every weight is 1 (a popcount).
+template <bool Counts>
+__device__ __forceinline__ void warp_histogram_add(u64* hist, uint32_t bin, u64 w) {
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  const u64 sum = Counts ? static_cast<u64>(__popc(peers)) : warp_sum_peers(peers, w);
+  if (bin != kNoBin && __ffs(peers) - 1 == static_cast<int>(threadIdx.x & 31)) hist[bin] += sum;
+  __syncwarp();  // the next item's leader of this bin may be another lane
+}
+
 // The smallest key v* with (sum of the weights of the elements whose key > v*) < T, over the
-// elements i in [0, n) for which item(i, key, weight) returns true. Needs T > 0 (then the
-// answer is the key of an element of positive weight, or the smallest key of the lowest
-// bucket when the total is below T). Block-uniform arguments; every thread calls it.
-template <class Item>
+// elements i in [0, n) for which item(i, key, weight) returns true (Counts: weight 1 each).
+// Needs T > 0 (then the answer is the key of an element of positive weight, or the smallest
+// key of the lowest bucket when the total is below T). Block-uniform arguments; every thread
+// calls it, with blockDim.x == 256 (a thread per bin).
+template <bool Counts, class Item>
 __device__ uint32_t radix_threshold(int64_t n, Item item, double T, const SampleShared& sh) {
+  u64* hist = sh.warp_hist + (threadIdx.x >> 5) * 256;
   uint32_t prefix = 0;
   u64 above = 0;  // weight of the elements whose key is above the prefix's range
   for (int shift = 24; shift >= 0; shift -= 8) {
     const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-    sh.hist[threadIdx.x] = 0;  // blockDim.x == 256 bins
+    for (int b = threadIdx.x; b < kSampleWarps * 256; b += blockDim.x) sh.warp_hist[b] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      uint32_t key;
-      u64 w;
-      if (item(i, key, w) && w != 0 && (key & high) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], w);
+    // Whole warps in every iteration; kSampleItems items' bins first, then their updates, so
+    // their loads are in flight together where the row is re-read from global memory.
+    for (int64_t base = 0; base < n; base += int64_t(blockDim.x) * kSampleItems) {
+      uint32_t bins[kSampleItems];
+      u64 ws[kSampleItems];
+#pragma unroll
+      for (int e = 0; e < kSampleItems; ++e) {
+        const int64_t i = base + int64_t(e) * blockDim.x + threadIdx.x;
+        uint32_t key = 0;
+        bins[e] = kNoBin, ws[e] = 0;
+        if (i < n && item(i, key, ws[e]) && ws[e] != 0 && (key & high) == prefix) bins[e] = (key >> shift) & 255u;
+      }
+#pragma unroll
+      for (int e = 0; e < kSampleItems; ++e) warp_histogram_add<Counts>(hist, bins[e], ws[e]);
     }
     __syncthreads();
     const int bin = 255 - static_cast<int>(threadIdx.x);  // thread order = descending bins
-    const u64 h = sh.hist[bin];
+    u64 h = 0;
+    for (int w = 0; w < kSampleWarps; ++w) h += sh.warp_hist[w * 256 + bin];
     u64 total;
     const u64 above_bin = above + block_exclusive_sum(h, sh.scratch, total);  // keys above this bin
     // W(> top of bin) = above_bin is non-increasing in bin: the smallest qualifying bin is the one
@@ -93,9 +129,10 @@ __device__ uint32_t radix_threshold(int64_t n, Item item, double T, const Sample
   return prefix;
 }
 
+// staged: the row's mixed logits, then x, go to dynamic shared memory (V floats; launch_sample).
 template <class T>
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
-  __shared__ u64 hist[256];
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int staged) {
+  __shared__ u64 warp_hist[kSampleWarps * 256];
   __shared__ u64 scratch_u[32];
   __shared__ float scratch_f[32];
   __shared__ int scratch_i[32];
@@ -103,7 +140,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
   __shared__ int sel_bin;
   __shared__ u64 sel_above;
   __shared__ long long sel_token;
-  const SampleShared sh{hist, scratch_u, &sel_bin, &sel_above};
+  MMFAST_DYNAMIC_SHARED(dynamic_smem);
+  float* const stage = staged ? reinterpret_cast<float*>(dynamic_smem) : nullptr;
+  const SampleShared sh{warp_hist, scratch_u, &sel_bin, &sel_above};
   const int tid = threadIdx.x;
   const int64_t V = p.vocab;
   int bits = 0;
@@ -126,13 +165,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     // 1. validity and the maximum of the mixed logits.
     float mx = -inf;
     int bad = 0;
+#pragma unroll 4
     for (int64_t i = tid; i < V; i += kThreads) {
       const float x = rd.mixed(i);
+      if (stage != nullptr) stage[i] = x;
       if (!(x == x) || x == inf) bad = 1;
       else if (x > mx) mx = x;
     }
     bad = block_allreduce(bad, imax_op, scratch_i);
     mx = block_allreduce(mx, fmax_op, scratch_f);
+    // Block-uniform: the staged row (visible after the reductions' barriers) or the logits.
+    const auto mixed = [&](int64_t i) { return stage != nullptr ? stage[i] : rd.mixed(i); };
     if (bad || mx == -inf) {
       if (tid == 0) {
         p.tokens[row] = 0;
@@ -143,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     if (p.temperature == 0.0f) {  // greedy: the first index of the maximum
       long long first = V;
       for (int64_t i = tid; i < V; i += kThreads)
-        if (rd.mixed(i) == mx) {
+        if (mixed(i) == mx) {
           first = i;
           break;
         }
@@ -156,7 +199,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     }
     const float temperature = p.temperature;
     const float m = mx / temperature;  // = max of x / temperature (rounding is monotone)
-    const auto value = [&](int64_t i) { return rd.mixed(i) / temperature; };
+    if (stage != nullptr) {  // divided once: later passes read x itself
+      for (int64_t i = tid; i < V; i += kThreads) stage[i] = stage[i] / temperature;
+      __syncthreads();
+    }
+    const auto value = [&](int64_t i) { return stage != nullptr ? stage[i] : rd.mixed(i) / temperature; };
     const auto weight = [&](float x) -> u64 {
       const float w = x == m ? 1.0f : expf(x - m);  // x == m also covers m = +inf after scaling
       return static_cast<u64>(w * unit);
@@ -172,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     // 2. top-k: the k-th largest value; then top-p over the top-k set.
     uint32_t thr = 0;
     if (p.top_k > 0 && p.top_k < V) {
-      thr = radix_threshold(
+      thr = radix_threshold<true>(
           V,
           [&](int64_t i, uint32_t& key, u64& w) {
             key = ordered_key(value(i));
@@ -186,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
       const double target = static_cast<double>(p.top_p) * static_cast<double>(total);
       const uint32_t thr_k = thr;
       if (target > 0) {
-        thr = radix_threshold(
+        thr = radix_threshold<false>(
             V,
             [&](int64_t i, uint32_t& key, u64& w) {
               const float x = value(i);
@@ -252,9 +299,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
   }
 }
 
+// The dynamic shared memory that stages a row of V mixed logits: V floats when the device
+// grants them to a block of sample_kernel<T>, else 0 (the passes re-read the logits).
+template <class T>
+size_t sample_stage_bytes(int64_t V) {
+  if (V < 1 || V > static_cast<int64_t>(max_shared_per_block() / sizeof(float))) return 0;
+  const size_t bytes = static_cast<size_t>(V) * sizeof(float);
+  if (resident_blocks_per_sm_once(sample_kernel<T>, kThreads, bytes) < 1) {
+    (void)cudaGetLastError();  // more than the block may opt in to, next to its static histograms
+    return 0;
+  }
+  return bytes;
+}
+
 template <class T>
 cudaError_t launch_sample(const SampleParams& p, cudaStream_t stream) {
-  MMFAST_LAUNCH(sample_kernel<T>, grid_for(p.rows), kThreads, 0, stream, p);
+  const size_t stage = sample_stage_bytes<T>(p.vocab);
+  MMFAST_LAUNCH(sample_kernel<T>, grid_for(p.rows), kThreads, stage, stream, p, stage > 0 ? 1 : 0);
   return cudaGetLastError();
 }
 
