@@ -34,20 +34,12 @@
 // least 64 keys when rows are full.
 #pragma once
 
-#include <cmath>
-
-#include "mmfast/cuda/common.cuh"
-#include "mmfast/cuda/decode/append.cuh"
-#include "mmfast/decode.h"
+#include "mmfast/cuda/decode/attention_common.cuh"
+#include "mmfast/cuda/decode/attention_stream.cuh"
 
 namespace mmfast {
 namespace cuda {
 namespace decodek {
-
-constexpr int kMaxHeadDim = 256;
-constexpr int kKeyTile = 64;              // keys per shared-memory tile at most
-constexpr int64_t kMinKeysPerSplit = 64;  // a split covers at least this many keys of a row
-constexpr int64_t kMaxSplits = 128;
 
 // Per accumulation type: query rows per tile, rows per thread in the PV tile, K/V staging.
 template <class A> struct AttnShape {
@@ -61,22 +53,6 @@ template <class A> struct AttnShape {
 template <class A> __host__ __device__ inline int attn_key_tile(int64_t D) {
   const int fit = AttnShape<A>::kKVElems / static_cast<int>(D | 1);
   return fit < kKeyTile ? fit : kKeyTile;
-}
-
-template <class T> __device__ __forceinline__ T nan_of() { return from_acc<T>(acc_t<T>(NAN)); }
-
-struct AttnArgs {
-  DecodeAttentionParams p;
-  int64_t splits, row_tiles;
-  int direct;        // 1: one split, the item writes out
-  int k_vec, v_vec;  // 1: the cache's rows are 16-byte aligned (stage_kv_tile loads 16 bytes at a time)
-  int v_async;       // 1: each V tile is copied with cp.async while the K tile is scored (v_vec rows)
-  void* part_out;    // [split][B*Sq*H][D] acc_t
-  void* part_lse;    // [split][B*Sq*H] acc_t
-};
-
-__device__ __forceinline__ bool attn_row_valid(int64_t len, int64_t queries, int64_t max_tokens) {
-  return len >= queries && len <= max_tokens;
 }
 
 // kv[j * ld + d] = element d of cache row j (rows j < nk from `rows`, row stride `row_stride`),
@@ -188,13 +164,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 2 : 3) decode_atten
       }
       continue;
     }
-    // The row's visible keys [lo_b, len), this split's share [c0, c1), this tile's [k_begin, k_end).
-    const int64_t lo_b = W > 0 ? max_i64(0, len - Sq - W + 1) : 0;
-    const int64_t chunk = max_i64(ceil_div(len - lo_b, a.splits), kMinKeysPerSplit);
-    const int64_t c0 = lo_b + split * chunk, c1 = min_i64(len, c0 + chunk);
-    const int64_t pos_first = len - Sq + rho0 / G, pos_last = len - Sq + (rho0 + nr - 1) / G;
-    const int64_t k_begin = max_i64(c0, W > 0 ? max_i64(0, pos_first - W + 1) : 0);
-    const int64_t k_end = min_i64(c1, pos_last + 1);
+    const KeyRange keys = attn_key_range(p, len, a.splits, split, rho0, nr);
+    const int64_t k_begin = keys.begin, k_end = keys.end;
 
     __syncthreads();  // the previous item's readers of qs, m_s, l_s are done
     for (int e = tid; e < nr * D; e += kThreads) {
@@ -226,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 2 : 3) decode_atten
         if (j >= nk) continue;
         const int64_t pos = len - Sq + (rho0 + r) / G, key = j0 + j;
         A s = neg_inf;
-        if (key <= pos && (W == 0 || pos - key < W)) {
+        if (attn_key_visible(key, pos, W)) {
           const A* qr = qs + r * D;
           const A* kr = kv + j * ld;
           A d0 = A(0), d1 = A(0), d2 = A(0), d3 = A(0);
@@ -422,30 +393,70 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots) {
   return s;
 }
 
-// How decode_attention_kernel<T> is launched for p: whether the V tile is copied with cp.async
-// (16-byte aligned V rows, MMFAST_CUDA_ASYNC_COPY not 0, its dynamic shared memory granted, and
-// as many blocks per SM as the staged path: on an SM with less shared memory than sm_90's, e.g.
-// sm_80 with fp32 rows of 256, the extra tile would cost a block), that memory (KT x D elements
-// of T, 0 otherwise), and the blocks the device holds at once (the occupancy calculator's blocks
-// per SM x SMs; one per SM when the query fails).
+// How decode_attention is launched for p:
+// - stream: the stream kernel for p's shape (attention_stream.cuh: 16-bit caches, D of 64, 128
+//   or 256, at most 2 query rows per KV head, 16-byte aligned K and V rows, and
+//   MMFAST_CUDA_DECODE_STREAM not 0), else nullptr and the tiled decode_attention_kernel<T>;
+// - for the tiled kernel, whether the V tile is copied with cp.async (16-byte aligned V rows,
+//   MMFAST_CUDA_ASYNC_COPY not 0, its dynamic shared memory granted, and as many blocks per SM as
+//   the staged path: on an SM with less shared memory than sm_90's, e.g. sm_80 with fp32 rows of
+//   256, the extra tile would cost a block) and that memory (KT x D elements of T, 0 otherwise);
+// - the blocks the device holds at once (the occupancy calculator's blocks per SM x SMs; one per
+//   SM when the query fails), which sets the splits.
+using AttnKernel = void (*)(AttnArgs);
 struct AttnLaunch {
+  AttnKernel stream;
   bool v_async;
   size_t smem;
   int64_t slots;
 };
 
+inline bool decode_stream_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MMFAST_CUDA_DECODE_STREAM");
+    return env == nullptr || env[0] != '0';
+  }();
+  return enabled;
+}
+
+template <class T>
+AttnKernel stream_kernel_for(const DecodeAttentionParams& p) {
+  if constexpr (sizeof(T) != 2) {
+    return nullptr;
+  } else {
+    const int64_t rows = p.heads / p.kv_heads * p.queries;
+    if (!decode_stream_enabled() || rows > kStreamMaxRows || !rows_16b_aligned(p.k_cache, p.head_dim, sizeof(T)) ||
+        !rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)))
+      return nullptr;
+    const bool one = rows == 1;
+    switch (p.head_dim) {
+      case 64: return one ? decode_attention_stream_kernel<T, 8, 1> : decode_attention_stream_kernel<T, 8, kStreamMaxRows>;
+      case 128: return one ? decode_attention_stream_kernel<T, 16, 1> : decode_attention_stream_kernel<T, 16, kStreamMaxRows>;
+      case 256: return one ? decode_attention_stream_kernel<T, 32, 1> : decode_attention_stream_kernel<T, 32, kStreamMaxRows>;
+      default: return nullptr;
+    }
+  }
+}
+
 template <class T>
 AttnLaunch attention_launch(const DecodeAttentionParams& p) {
-  AttnLaunch l{rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) && async_copy_enabled(), 0, 0};
-  int per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
-  if (per_sm < 1) (void)cudaGetLastError();
-  if (l.v_async) {
-    const size_t smem = static_cast<size_t>(attn_key_tile<acc_t<T>>(p.head_dim) * p.head_dim) * sizeof(T);
-    const int async_per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, smem);
-    if (async_per_sm < 1) (void)cudaGetLastError();
-    l.v_async = async_per_sm >= 1 && async_per_sm >= per_sm;  // else V staged after the scores
-    if (l.v_async) l.smem = smem, per_sm = async_per_sm;
+  AttnLaunch l{stream_kernel_for<T>(p), false, 0, 0};
+  int per_sm = 0;
+  if (l.stream != nullptr) {
+    per_sm = resident_blocks_per_sm_once(l.stream, kThreads, 0);
+  } else {
+    l.v_async = rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) && async_copy_enabled();
+    per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, 0);
+    if (per_sm < 1) (void)cudaGetLastError();
+    if (l.v_async) {
+      const size_t smem = static_cast<size_t>(attn_key_tile<acc_t<T>>(p.head_dim) * p.head_dim) * sizeof(T);
+      const int async_per_sm = resident_blocks_per_sm_once(decode_attention_kernel<T>, kThreads, smem);
+      if (async_per_sm < 1) (void)cudaGetLastError();
+      l.v_async = async_per_sm >= 1 && async_per_sm >= per_sm;  // else V staged after the scores
+      if (l.v_async) l.smem = smem, per_sm = async_per_sm;
+    }
   }
+  if (per_sm < 1) (void)cudaGetLastError();
   l.slots = static_cast<int64_t>(per_sm < 1 ? 1 : per_sm) * sm_count();
   return l;
 }
@@ -467,8 +478,13 @@ cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream
   a.v_async = launch.v_async ? 1 : 0;
   a.part_out = p.workspace;
   a.part_lse = plan.splits == 1 ? nullptr : static_cast<char*>(p.workspace) + plan.lse_offset;
-  MMFAST_LAUNCH(decode_attention_kernel<T>, grid_for(p.batch * p.kv_heads * plan.row_tiles * plan.splits), kThreads,
-                launch.smem, stream, a);
+  const int64_t items = p.batch * p.kv_heads * plan.row_tiles * plan.splits;
+  if (launch.stream != nullptr) {
+    const AttnKernel decode_attention_stream_kernel_for_shape = launch.stream;
+    MMFAST_LAUNCH(decode_attention_stream_kernel_for_shape, grid_for(items), kThreads, 0, stream, a);
+  } else {
+    MMFAST_LAUNCH(decode_attention_kernel<T>, grid_for(items), kThreads, launch.smem, stream, a);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t total = p.batch * p.queries * p.heads * p.head_dim;
