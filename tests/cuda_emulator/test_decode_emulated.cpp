@@ -3,7 +3,7 @@
 // float64 reference written here:
 //   kv_cache_append: every dtype, strided inputs, rows whose slots leave [0, T_max) skipped,
 //     nothing outside the new slots written;
-//   decode_attention: both kernels (stream: 16-bit, D 64 / 128 / 256, up to 2 rows per KV head;
+//   decode_attention: both kernels (stream: 16-bit, D 64 / 128 / 256, up to 4 rows per KV head;
 //     tiled: the rest, and everything under MMFAST_CUDA_DECODE_STREAM=0, which ctest runs too; the
 //     launch checked), every dtype, Sq 1 / 3 / 16, GQA groups 1 / 2 / 4 / 8, D 64 / 128 / 256 and
 //     odd D, per-row lengths 1 .. T_max, windows and soft-capping, one and many key splits (the
@@ -119,7 +119,7 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   p.batch = B, p.queries = Sq, p.heads = H, p.kv_heads = Hkv, p.head_dim = D, p.max_tokens = Tmax;
   p.dtype = dtype_of<T>(), p.q = q.t, p.out = out.t, p.k_cache = kc.t, p.v_cache = vc.t;
   p.cache_seqlens = lens.data(), p.scale = scale, p.softcap = softcap, p.window = W;
-  const int64_t splits = cuda::decodek::attention_plan(p, cuda::decodek::attention_launch<T>(p).slots).splits;
+  const int64_t splits = cuda::decodek::attention_plan(p, cuda::decodek::attention_launch<T>(p)).splits;
   char cfg[200];
   std::snprintf(cfg, sizeof cfg,
                 "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld kv_pad=%d",
@@ -132,13 +132,13 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   if (cuda::decode_attention(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfg);
   for (size_t e = bytes; e < ws.size(); ++e)
     if (ws[e] != 0x7f) return fail(std::string("wrote past the workspace ") + cfg);
-  // The kernel taken: the stream kernel for 16-bit caches with D of 64 / 128 / 256, at most 2
+  // The kernel taken: the stream kernel for 16-bit caches with D of 64 / 128 / 256, at most 4
   // query rows per KV head and aligned K and V rows (unless MMFAST_CUDA_DECODE_STREAM=0); else the
   // tiled kernel, its V tile copied with cp.async into KT x D elements of dynamic shared memory for
   // aligned rows (unless MMFAST_CUDA_ASYNC_COPY=0), staged after the scores (no dynamic memory) otherwise.
   const bool aligned = cuda::rows_16b_aligned(p.k_cache, D, sizeof(T)) && cuda::rows_16b_aligned(p.v_cache, D, sizeof(T));
   const char* no_stream = std::getenv("MMFAST_CUDA_DECODE_STREAM");
-  const bool stream = sizeof(T) == 2 && (D == 64 || D == 128 || D == 256) && H / Hkv * Sq <= 2 && aligned &&
+  const bool stream = sizeof(T) == 2 && (D == 64 || D == 128 || D == 256) && H / Hkv * Sq <= 4 && aligned &&
                       !(no_stream != nullptr && no_stream[0] == '0');
   const bool v_async = !stream && cuda::rows_16b_aligned(p.v_cache, D, sizeof(T)) && cuda::async_copy_enabled();
   const size_t v_smem = v_async ? size_t(cuda::decodek::attn_key_tile<cuda::acc_t<T>>(D) * D) * sizeof(T) : 0;
@@ -469,15 +469,18 @@ void attention_suite(int level) {
   run_attention<T>(2, 3, 8, 2, 40, T1, {77, 300}, 25, 3.0f, 1, 1, 0);
   run_attention<T>(2, 2, 4, 2, 36, 90, {90, 40}, 0, 0.0f, 132, 0, 0);
   run_attention<T>(2, 2, 4, 2, 33, 90, {90, 40}, 0, 0.0f, 132, 0, 0);
-  // The stream kernel's shapes (16-bit, aligned rows, D 64 / 128 / 256, G x Sq <= 2): Liquid's MHA
-  // D = 256 with many splits and one; D = 128 with window and softcap; G = 2 and Sq = 2 (two rows
-  // per item), transposed q / out, a NaN row, a length-1 row. Llama-3's G = 4 takes the tiled kernel.
+  // The stream kernel's shapes (16-bit, aligned rows, D 64 / 128 / 256, G x Sq <= 4 in items of up
+  // to 2 rows): Liquid's MHA D = 256 with many splits and one; D = 128 with window and softcap;
+  // Llama-3's G = 4 (two row tiles); G = 2; Sq = 2; G x Sq = 3 (a row tile of 1); transposed q /
+  // out, a NaN row, a length-1 row.
   run_attention<T>(2, 1, 4, 4, 256, 200, {200, 77}, 0, 0.0f, 132, 0, 0);
   run_attention<T>(2, 1, 4, 4, 256, 200, {200, 77}, 0, 0.0f, 1, 0, 0);
   run_attention<T>(2, 1, 4, 4, 128, T1, {300, 5}, 50, 20.0f, 132, 0, 0);
   run_attention<T>(2, 1, 8, 2, 128, T1, {300, 5}, 50, 20.0f, 132, 0, 0);
   run_attention<T>(3, 1, 6, 3, 64, 150, {150, 1, 400}, 0, 0.0f, 2, 1, 0);
   run_attention<T>(1, 2, 2, 2, 128, 100, {60}, 7, 0.0f, 132, 1, 0);
+  run_attention<T>(2, 3, 2, 2, 64, 100, {100, 3}, 0, 0.0f, 1, 0, 0);
+  run_attention<T>(2, 1, 8, 2, 64, 120, {120, 90}, 0, 0.0f, 1, 0, 0);
   if (level >= 1) {
     run_attention<T>(1, 1, 8, 8, 128, 700, {700}, 0, 0.0f, 132);
     run_attention<T>(2, 4, 4, 4, 256, 260, {260, 40}, 100, 30.0f, 132);

@@ -39,7 +39,7 @@ inline size_t decode_attention_workspace_bytes(const DecodeAttentionParams& p) {
   size_t bytes = 0;
   if (decode_attention_valid(p))
     (void)dispatch_dtype(p.dtype, [&](auto t) {
-      bytes = decodek::attention_plan(p, decodek::attention_launch<decltype(t)>(p).slots).bytes;
+      bytes = decodek::attention_plan(p, decodek::attention_launch<decltype(t)>(p)).bytes;
       return cudaSuccess;
     });
   return bytes;

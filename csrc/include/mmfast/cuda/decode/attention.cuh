@@ -374,9 +374,9 @@ inline int64_t attention_splits(int64_t tiles, int64_t slots, int64_t max_splits
 }
 
 // slots: blocks of decode_attention_kernel resident at once on the device (attention_slots<T>()).
-inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots) {
+// rows_per_tile: query rows of an item (the launched kernel's, AttnLaunch).
+inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots, int rows_per_tile) {
   AttnPlan s;
-  const int rows_per_tile = p.dtype == DType::kFloat64 ? AttnShape<double>::kRows : AttnShape<float>::kRows;
   const int64_t group = p.kv_heads > 0 ? p.heads / p.kv_heads : 0;
   s.row_tiles = max_i64(1, ceil_div(group * p.queries, rows_per_tile));
   const int64_t tiles = max_i64(1, p.batch * p.kv_heads * s.row_tiles);
@@ -395,7 +395,7 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots) {
 
 // How decode_attention is launched for p:
 // - stream: the stream kernel for p's shape (attention_stream.cuh: 16-bit caches, D of 64, 128
-//   or 256, at most 2 query rows per KV head, 16-byte aligned K and V rows, and
+//   or 256, at most 4 query rows per KV head (items of up to 2), 16-byte aligned K and V rows, and
 //   MMFAST_CUDA_DECODE_STREAM not 0), else nullptr and the tiled decode_attention_kernel<T>;
 // - for the tiled kernel, whether the V tile is copied with cp.async (16-byte aligned V rows,
 //   MMFAST_CUDA_ASYNC_COPY not 0, its dynamic shared memory granted, and as many blocks per SM as
@@ -409,6 +409,7 @@ struct AttnLaunch {
   bool v_async;
   size_t smem;
   int64_t slots;
+  int rows_per_tile;  // query rows of an item
 };
 
 inline bool decode_stream_enabled() {
@@ -425,7 +426,7 @@ AttnKernel stream_kernel_for(const DecodeAttentionParams& p) {
     return nullptr;
   } else {
     const int64_t rows = p.heads / p.kv_heads * p.queries;
-    if (!decode_stream_enabled() || rows > kStreamMaxRows || !rows_16b_aligned(p.k_cache, p.head_dim, sizeof(T)) ||
+    if (!decode_stream_enabled() || rows > kStreamMaxGroupRows || !rows_16b_aligned(p.k_cache, p.head_dim, sizeof(T)) ||
         !rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)))
       return nullptr;
     const bool one = rows == 1;
@@ -440,9 +441,10 @@ AttnKernel stream_kernel_for(const DecodeAttentionParams& p) {
 
 template <class T>
 AttnLaunch attention_launch(const DecodeAttentionParams& p) {
-  AttnLaunch l{stream_kernel_for<T>(p), false, 0, 0};
+  AttnLaunch l{stream_kernel_for<T>(p), false, 0, 0, AttnShape<acc_t<T>>::kRows};
   int per_sm = 0;
   if (l.stream != nullptr) {
+    l.rows_per_tile = p.heads / p.kv_heads * p.queries == 1 ? 1 : kStreamMaxRows;
     per_sm = resident_blocks_per_sm_once(l.stream, kThreads, 0);
   } else {
     l.v_async = rows_16b_aligned(p.v_cache, p.head_dim, sizeof(T)) && async_copy_enabled();
@@ -461,10 +463,14 @@ AttnLaunch attention_launch(const DecodeAttentionParams& p) {
   return l;
 }
 
+inline AttnPlan attention_plan(const DecodeAttentionParams& p, const AttnLaunch& launch) {
+  return attention_plan(p, launch.slots, launch.rows_per_tile);
+}
+
 template <class T>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   const AttnLaunch launch = attention_launch<T>(p);
-  const AttnPlan plan = attention_plan(p, launch.slots);
+  const AttnPlan plan = attention_plan(p, launch);
   // The workspace the caller sized (decode_attention_workspace_bytes) must hold this plan's partials:
   // an occupancy query that failed then and succeeds now would plan more splits.
   if (plan.bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < plan.bytes)) return cudaErrorInvalidValue;

@@ -1,6 +1,6 @@
 // decode_attention_stream_kernel: decode_attention for 16-bit caches with head dim 64, 128 or 256
-// and at most 2 query rows per KV head (MHA decoding as in Liquid, GQA pairs, or 2 queries of
-// MHA), with 16-byte aligned K and V rows (namespace mmfast::cuda::decodek; attention.cuh dispatches).
+// and at most 4 query rows per KV head (MHA decoding as in Liquid, Llama-3's GQA groups of 4,
+// a few queries of MHA), with 16-byte aligned K and V rows (namespace mmfast::cuda::decodek; attention.cuh dispatches).
 //
 // Keys stream through registers, never through shared memory: a group of LPK = D / 8 lanes
 // holds one key, each lane 8 elements of its K and V rows (one 16-byte load each), so a warp
@@ -24,12 +24,16 @@ namespace cuda {
 namespace decodek {
 
 constexpr int kStreamKeys = 4;      // keys per lane group whose loads are in flight together
-// Query rows per KV head the stream kernel takes: with 2, q and the outputs of each row take 64
-// registers and the kernel 126-128 (2 blocks per SM, no spills on sm_90a); with 4 it spilled
-// 60-72 B per thread.
+// Query rows of an item: with 2, q and the outputs of each row take 64 registers and the kernel
+// 126-128 (2 blocks per SM, no spills on sm_90a); with 4 it spilled 60-72 B per thread. Up to
+// kStreamMaxGroupRows rows per KV head (Llama-3's GQA group of 4) run as items of 2 rows, each
+// reading the head's K and V: twice the bytes of one read, still far fewer stalls than the tiled
+// kernel's 16-row tiles.
 constexpr int kStreamMaxRows = 2;
+constexpr int kStreamMaxGroupRows = 4;
 
-// LPK lanes per key (D = 8 LPK), RM query rows per item at most (1 or kStreamMaxRows).
+// LPK lanes per key (D = 8 LPK), RM query rows per item at most (1 or kStreamMaxRows): item =
+// (row b, KV head, tile of RM of its rows, key split), as in the tiled kernel.
 template <class T, int LPK, int RM>
 __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(AttnArgs a) {
   static_assert(sizeof(T) == 2, "16-bit caches: 8 elements per 16-byte load");
@@ -51,29 +55,37 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
   const float neg_inf = -INFINITY;
   const int64_t qrows = p.batch * Sq * H;
 
-  const int64_t items = p.batch * Hkv * a.splits;  // row_tiles == 1: R <= RM
+  const int64_t items = p.batch * Hkv * a.row_tiles * a.splits;  // row tiles of RM rows
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t split = item % a.splits, kvh = (item / a.splits) % Hkv, b = item / a.splits / Hkv;
+    int64_t rest = item;
+    const int64_t split = rest % a.splits;
+    rest /= a.splits;
+    const int64_t rt = rest % a.row_tiles;
+    rest /= a.row_tiles;
+    const int64_t kvh = rest % Hkv, b = rest / Hkv;
     const int64_t len = p.cache_seqlens[b];
+    // Row r of the item is row rho0 + r of the KV head: query (rho0 + r) / G of head kvh G + (rho0 + r) % G.
+    const int64_t rho0 = rt * RM;
+    const int nr = static_cast<int>(min_i64(RM, R - rho0));
     if (!attn_row_valid(len, Sq, p.max_tokens)) {  // block-uniform: NaN rows, nothing read
       if (a.direct) {
-        for (int e = tid; e < R * D; e += kThreads) {
-          const int64_t rho = e / D, d = e - rho * D, i = rho / G, h = kvh * G + rho % G;
+        for (int e = tid; e < nr * D; e += kThreads) {
+          const int64_t rho = rho0 + e / D, d = e % D, i = rho / G, h = kvh * G + rho % G;
           op[b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = nan_of<T>();
         }
       }
       continue;
     }
-    const KeyRange keys = attn_key_range(p, len, a.splits, split, 0, R);
+    const KeyRange keys = attn_key_range(p, len, a.splits, split, rho0, nr);
     float q[RM][E], out[RM][E], m[RM], l[RM];
 #pragma unroll
     for (int r = 0; r < RM; ++r) {
-      const int64_t i = r / G, h = kvh * G + r % G;
+      const int64_t rho = rho0 + r, i = rho / G, h = kvh * G + rho % G;
       m[r] = neg_inf, l[r] = 0.0f;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         out[r][e] = 0.0f;
-        q[r][e] = r < R ? to_acc(qp[b * p.q.stride_b + i * p.q.stride_n + h * p.q.stride_h + li * E + e]) : 0.0f;
+        q[r][e] = r < nr ? to_acc(qp[b * p.q.stride_b + i * p.q.stride_n + h * p.q.stride_h + li * E + e]) : 0.0f;
       }
     }
     const T* k_head = kp + b * p.k_cache.stride_b + kvh * p.k_cache.stride_h + li * E;
@@ -106,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
           for (int off = LPK / 2; off >= 1; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
           float sc = dot * scale;
           if (cap > 0.0f) sc = cap * tanh_acc(sc / cap);
-          // row r's query sits at position len - Sq + r / G
-          s[u][r] = r < R && j < keys.end && attn_key_visible(j, len - Sq + r / G, W) ? sc : neg_inf;
+          // row r's query sits at position len - Sq + (rho0 + r) / G
+          s[u][r] = r < nr && j < keys.end && attn_key_visible(j, len - Sq + (rho0 + r) / G, W) ? sc : neg_inf;
         }
       }
 #pragma unroll
@@ -140,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
       for (int e = 0; e < E; ++e) out_s[(group * RM + r) * D + li * E + e] = out[r][e];
     }
     __syncthreads();
-    for (int e = tid; e < R * D; e += kThreads) {
+    for (int e = tid; e < nr * D; e += kThreads) {
       const int r = e / D, d = e - r * D;
       float mx = neg_inf;
       for (int g = 0; g < kGroups; ++g) mx = m_s[g * RM + r] > mx ? m_s[g * RM + r] : mx;
@@ -154,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
           den += w * l_s[g * RM + r];
         }
       }
-      const int64_t i = r / G, h = kvh * G + r % G;
+      const int64_t rho = rho0 + r, i = rho / G, h = kvh * G + rho % G;
       if (a.direct) {
         op[b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = from_acc<T>(num / den);  // den > 0
       } else {
