@@ -481,6 +481,11 @@ void attention_suite(int level) {
   run_attention<T>(1, 2, 2, 2, 128, 100, {60}, 7, 0.0f, 132, 1, 0);
   run_attention<T>(2, 3, 2, 2, 64, 100, {100, 3}, 0, 0.0f, 1, 0, 0);
   run_attention<T>(2, 1, 8, 2, 64, 120, {120, 90}, 0, 0.0f, 1, 0, 0);
+  // two-row items over several splits (both rows' partials and the combine), D = 256 with two
+  // rows, a window over several splits
+  run_attention<T>(2, 1, 4, 2, 128, T1, {300, 77}, 0, 0.0f, 132, 0, 0);
+  run_attention<T>(2, 1, 8, 4, 256, T1, {300, 5}, 0, 0.0f, 132, 0, 0);
+  run_attention<T>(1, 2, 2, 2, 128, T1, {300}, 200, 0.0f, 132, 1, 0);
   if (level >= 1) {
     run_attention<T>(1, 1, 8, 8, 128, 700, {700}, 0, 0.0f, 132);
     run_attention<T>(2, 4, 4, 4, 256, 260, {260, 40}, 100, 30.0f, 132);

@@ -53,7 +53,7 @@ inline cudaError_t decode_attention(const DecodeAttentionParams& p, cudaStream_t
   return dispatch_dtype(p.dtype, [&](auto t) { return decodek::launch_attention<decltype(t)>(p, stream); });
 }
 
-// Workspace bytes of sample: none (every pass re-reads the logits row).
+// Workspace bytes of sample: none (a row lives in the block's shared memory, or is re-read).
 inline size_t sample_workspace_bytes(const SampleParams&) { return 0; }
 
 // tokens and status of every output row (mmfast/decode.h). Sums are exact 64-bit fixed point

@@ -17,9 +17,9 @@
 //        v* = max). Kept: key(x) >= v*. Histograms: one 256-bin copy per warp in shared
 //        memory; a warp's lanes that fall into one bin are summed first (__match_any_sync and
 //        a peer reduction) and their lowest lane adds the sum with a plain read-modify-write,
-//        so no atomics. (The first pass's digit, sign and exponent, puts nearly every logit
-//        into one or two bins: with one 64-bit shared atomic per logit those serialised, about
-//        30K cycles a pass on the H200.)
+//        so no atomics (64-bit shared atomics are compare-and-swap loops, and top-k's first
+//        digit, sign and top exponent bits, puts the row into a few bins); lanes without an
+//        item are single-lane groups.
 //     3. the draw: the smallest index whose running sum of kept weights exceeds u * total, a
 //        block-wide prefix sum over chunks of 2048 indices in index order.
 //   Determinism: the weights exp(x - max) (fp32 exp, in (0, 1]) are summed as 64-bit fixed point
@@ -32,6 +32,8 @@
 #pragma once
 
 #include <cmath>
+#include <map>
+#include <mutex>
 
 #include "mmfast/cuda/common.cuh"
 #include "mmfast/cuda/decode/append.cuh"
@@ -73,7 +75,11 @@ struct SampleShared {
 // owns its histogram; the leaders' bins differ); Counts: every weight is 1 (a popcount).
 template <bool Counts>
 __device__ __forceinline__ void warp_histogram_add(u64* hist, uint32_t bin, u64 w) {
-  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  // Every lane takes part in the match (full mask); lanes without an item then count as
+  // single-lane groups: many of them (most lanes of a top-p pass, where weights underflow to 0)
+  // would otherwise make the peer sum run all 5 rounds.
+  unsigned peers = __match_any_sync(0xffffffffu, bin);
+  if (bin == kNoBin) peers = 1u << (threadIdx.x & 31);
   const u64 sum = Counts ? static_cast<u64>(__popc(peers)) : warp_sum_peers(peers, w);
   if (bin != kNoBin && __ffs(peers) - 1 == static_cast<int>(threadIdx.x & 31)) hist[bin] += sum;
   __syncwarp();  // the next item's leader of this bin may be another lane
@@ -165,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int st
     // 1. validity and the maximum of the mixed logits.
     float mx = -inf;
     int bad = 0;
-#pragma unroll 4
+#pragma unroll 8  // loads in flight: the logits are read from global memory here
     for (int64_t i = tid; i < V; i += kThreads) {
       const float x = rd.mixed(i);
       if (stage != nullptr) stage[i] = x;
@@ -210,6 +216,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int st
     };
     const auto kept_total = [&](uint32_t thr) {
       u64 s = 0;
+#pragma unroll 8  // loads in flight where the row is re-read
       for (int64_t i = tid; i < V; i += kThreads) {
         const float x = value(i);
         if (ordered_key(x) >= thr) s += weight(x);
@@ -300,13 +307,40 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int st
 }
 
 // The dynamic shared memory that stages a row of V mixed logits: V floats when the device
-// grants them to a block of sample_kernel<T>, else 0 (the passes re-read the logits).
+// grants them to a block of sample_kernel<T> next to its static histograms, else 0 (the passes
+// re-read the logits). The size check needs the kernel's static shared memory, queried once per
+// device; only a failing CUDA query (its own error, then cleared) leaves 0 unremembered.
 template <class T>
 size_t sample_stage_bytes(int64_t V) {
   if (V < 1 || V > static_cast<int64_t>(max_shared_per_block() / sizeof(float))) return 0;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  static std::mutex mutex;
+  static std::map<int, size_t> static_smem;  // per device
+  size_t histograms = 0;
+  bool known = false;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = static_smem.find(dev);
+    if (found != static_smem.end()) histograms = found->second, known = true;
+  }
+  if (!known) {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(sample_kernel<T>)) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    histograms = attributes.sharedSizeBytes;
+    const std::lock_guard<std::mutex> lock(mutex);
+    static_smem.emplace(dev, histograms);
+  }
   const size_t bytes = static_cast<size_t>(V) * sizeof(float);
+  if (bytes + histograms > max_shared_per_block()) return 0;  // more than a block may opt in to
   if (resident_blocks_per_sm_once(sample_kernel<T>, kThreads, bytes) < 1) {
-    (void)cudaGetLastError();  // more than the block may opt in to, next to its static histograms
+    (void)cudaGetLastError();  // the occupancy query's own error
     return 0;
   }
   return bytes;
