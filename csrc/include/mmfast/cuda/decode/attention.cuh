@@ -145,25 +145,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 2 : 3) decode_atten
 
   const int64_t items = p.batch * Hkv * a.row_tiles * a.splits;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    int64_t rest = item;
-    const int64_t split = rest % a.splits;
-    rest /= a.splits;
-    const int64_t rt = rest % a.row_tiles;
-    rest /= a.row_tiles;
-    const int64_t kvh = rest % Hkv, b = rest / Hkv;
-    const int64_t len = p.cache_seqlens[b];
-    const int64_t rho0 = rt * RT;
-    const int nr = static_cast<int>(min_i64(RT, R - rho0));
-    if (!attn_row_valid(len, Sq, p.max_tokens)) {  // block-uniform: NaN rows, nothing read
-      if (a.direct) {
-        for (int e = tid; e < nr * D; e += kThreads) {
-          const int r = e / D, d = e - r * D;
-          const int64_t rho = rho0 + r, i = rho / G, h = kvh * G + rho % G;
-          op[b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = nan_of<T>();
-        }
-      }
+    const AttnItem it = attn_item(a, item, RT);
+    if (!it.valid) {  // block-uniform
+      attn_write_nan_rows<T>(a, it);
       continue;
     }
+    const int64_t split = it.split, kvh = it.kvh, b = it.b, rho0 = it.rho0, len = it.len;
+    const int nr = it.nr;
     const KeyRange keys = attn_key_range(p, len, a.splits, split, rho0, nr);
     const int64_t k_begin = keys.begin, k_end = keys.end;
 

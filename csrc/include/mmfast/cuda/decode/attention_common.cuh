@@ -33,6 +33,44 @@ __device__ __forceinline__ bool attn_row_valid(int64_t len, int64_t queries, int
   return len >= queries && len <= max_tokens;
 }
 
+// An item: (row b, KV head kvh, tile of rows_per_tile of the R = G Sq query rows that read the
+// head, key split), split fastest. Row rho0 + r of the head is query (rho0 + r) / G of head
+// kvh G + (rho0 + r) % G; the tile holds nr rows. len: row b's cache length; valid: within
+// [Sq, T_max] (else its outputs are NaN and nothing is read).
+struct AttnItem {
+  int64_t b, kvh, split, rho0, len;
+  int nr;
+  bool valid;
+};
+__device__ __forceinline__ AttnItem attn_item(const AttnArgs& a, int64_t item, int rows_per_tile) {
+  const DecodeAttentionParams& p = a.p;
+  AttnItem it;
+  it.split = item % a.splits;
+  item /= a.splits;
+  const int64_t rt = item % a.row_tiles;
+  item /= a.row_tiles;
+  it.kvh = item % p.kv_heads, it.b = item / p.kv_heads;
+  it.rho0 = rt * rows_per_tile;
+  it.nr = static_cast<int>(min_i64(rows_per_tile, p.heads / p.kv_heads * p.queries - it.rho0));
+  it.len = p.cache_seqlens[it.b];
+  it.valid = attn_row_valid(it.len, p.queries, p.max_tokens);
+  return it;
+}
+
+// An item of a row whose length is outside [Sq, T_max]: with one split it writes its output rows
+// as NaN (nothing is read); with several the combine kernel does. Every thread of the block calls it.
+template <class T>
+__device__ __forceinline__ void attn_write_nan_rows(const AttnArgs& a, const AttnItem& it) {
+  const DecodeAttentionParams& p = a.p;
+  if (!a.direct) return;
+  const int64_t D = p.head_dim, G = p.heads / p.kv_heads;
+  T* op = static_cast<T*>(p.out.data);
+  for (int64_t e = threadIdx.x; e < it.nr * D; e += blockDim.x) {
+    const int64_t rho = it.rho0 + e / D, d = e % D, i = rho / G, h = it.kvh * G + rho % G;
+    op[it.b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = nan_of<T>();
+  }
+}
+
 // The keys [begin, end) that split `split` of a row of length len reads for its query rows
 // rho0 .. rho0 + nr - 1 (row rho: query rho / G at position len - Sq + rho / G): the row's
 // visible keys [lo, len) cut into `splits` chunks of at least kMinKeysPerSplit, then clipped to

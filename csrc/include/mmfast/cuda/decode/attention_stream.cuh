@@ -57,25 +57,13 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
 
   const int64_t items = p.batch * Hkv * a.row_tiles * a.splits;  // row tiles of RM rows
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    int64_t rest = item;
-    const int64_t split = rest % a.splits;
-    rest /= a.splits;
-    const int64_t rt = rest % a.row_tiles;
-    rest /= a.row_tiles;
-    const int64_t kvh = rest % Hkv, b = rest / Hkv;
-    const int64_t len = p.cache_seqlens[b];
-    // Row r of the item is row rho0 + r of the KV head: query (rho0 + r) / G of head kvh G + (rho0 + r) % G.
-    const int64_t rho0 = rt * RM;
-    const int nr = static_cast<int>(min_i64(RM, R - rho0));
-    if (!attn_row_valid(len, Sq, p.max_tokens)) {  // block-uniform: NaN rows, nothing read
-      if (a.direct) {
-        for (int e = tid; e < nr * D; e += kThreads) {
-          const int64_t rho = rho0 + e / D, d = e % D, i = rho / G, h = kvh * G + rho % G;
-          op[b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = nan_of<T>();
-        }
-      }
+    const AttnItem it = attn_item(a, item, RM);
+    if (!it.valid) {  // block-uniform
+      attn_write_nan_rows<T>(a, it);
       continue;
     }
+    const int64_t split = it.split, kvh = it.kvh, b = it.b, rho0 = it.rho0, len = it.len;
+    const int nr = it.nr;
     const KeyRange keys = attn_key_range(p, len, a.splits, split, rho0, nr);
     float q[RM][E], out[RM][E], m[RM], l[RM];
 #pragma unroll
