@@ -1,7 +1,9 @@
 // sample on the GPU: CFG + temperature + top-k + top-p + inverse-CDF draw, fused, without a
 // sort (namespace mmfast::cuda::decodek).
 //
-//   sample_kernel  one 256-thread block per output row (grid stride over rows). The first pass
+//   sample_kernel  one 256-thread block per output row (grid stride over rows), about 10 passes
+//     over the row (max, 4 radix digits for top-k, 4 for top-p, the draw; a total instead of the
+//     top-p digits when top-p is off: the top-p cut's last digit gives the kept total). The first pass
 //     computes mix_i = u_i + scale * (c_i - u_i) in fp32 with separately rounded ops (cond row r,
 //     uncond row P + r) and, when the row fits (V x 4 bytes of dynamic shared memory next to
 //     16 KB of histograms: V up to about 53K on sm_90, 37K on sm_80), stages it there, then
@@ -68,6 +70,7 @@ struct SampleShared {
   u64* scratch;    // 32
   int* sel_bin;
   u64* sel_above;
+  u64* sel_kept;
 };
 
 // Adds weight w to bin `bin` (kNoBin: nothing) of this warp's histogram; all 32 lanes call it
@@ -85,15 +88,23 @@ __device__ __forceinline__ void warp_histogram_add(u64* hist, uint32_t bin, u64 
   __syncwarp();  // the next item's leader of this bin may be another lane
 }
 
+// v* and the weight of the elements whose key is >= v* (the kept total).
+struct RadixCut {
+  uint32_t key;
+  u64 kept;
+};
+
 // The smallest key v* with (sum of the weights of the elements whose key > v*) < T, over the
-// elements i in [0, n) for which item(i, key, weight) returns true (Counts: weight 1 each).
-// Needs T > 0 (then the answer is the key of an element of positive weight, or the smallest
-// key of the lowest bucket when the total is below T). Block-uniform arguments; every thread
-// calls it, with blockDim.x == 256 (a thread per bin).
-template <bool Counts, class Item>
-__device__ uint32_t radix_threshold(int64_t n, Item item, double T, const SampleShared& sh) {
+// elements i in [0, n) for which item(i, key, weight) returns true (Counts: weight 1 each), with
+// T = target(total weight of those elements), known after the first digit's histogram. Needs
+// T > 0 (then the answer is the key of an element of positive weight, or the smallest key of
+// the lowest bucket when the total is below T). Block-uniform arguments; every thread calls it,
+// with blockDim.x == 256 (a thread per bin).
+template <bool Counts, class Item, class Target>
+__device__ RadixCut radix_threshold(int64_t n, Item item, Target target, const SampleShared& sh) {
   u64* hist = sh.warp_hist + (threadIdx.x >> 5) * 256;
   uint32_t prefix = 0;
+  double T = 0.0;
   u64 above = 0;  // weight of the elements whose key is above the prefix's range
   for (int shift = 24; shift >= 0; shift -= 8) {
     const uint32_t high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
@@ -120,6 +131,7 @@ __device__ uint32_t radix_threshold(int64_t n, Item item, double T, const Sample
     for (int w = 0; w < kSampleWarps; ++w) h += sh.warp_hist[w * 256 + bin];
     u64 total;
     const u64 above_bin = above + block_exclusive_sum(h, sh.scratch, total);  // keys above this bin
+    if (shift == 24) T = target(total);  // the first digit's bins hold every element
     // W(> top of bin) = above_bin is non-increasing in bin: the smallest qualifying bin is the one
     // whose lower neighbour does not qualify. above < T holds on entry, so bin 255 qualifies.
     const bool ok = static_cast<double>(above_bin) < T;
@@ -127,28 +139,31 @@ __device__ uint32_t radix_threshold(int64_t n, Item item, double T, const Sample
     if (ok && !ok_below) {
       *sh.sel_bin = bin;
       *sh.sel_above = above_bin;
+      *sh.sel_kept = above_bin + h;  // at the last digit the bin is the key v* itself
     }
     __syncthreads();
     prefix |= static_cast<uint32_t>(*sh.sel_bin) << shift;
     above = *sh.sel_above;
   }
-  return prefix;
+  return {prefix, *sh.sel_kept};  // read before any later call writes it (barriers between)
 }
 
 // staged: the row's mixed logits, then x, go to dynamic shared memory (V floats; launch_sample).
+// One block per row, few rows: (256, 1) lets ptxas take 76 registers without spills (left to
+// itself it took 48 and spilled 12 B around the division's slow-path calls).
 template <class T>
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int staged) {
+__global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p, int staged) {
   __shared__ u64 warp_hist[kSampleWarps * 256];
   __shared__ u64 scratch_u[32];
   __shared__ float scratch_f[32];
   __shared__ int scratch_i[32];
   __shared__ long long scratch_l[32];
   __shared__ int sel_bin;
-  __shared__ u64 sel_above;
+  __shared__ u64 sel_above, sel_kept;
   __shared__ long long sel_token;
   MMFAST_DYNAMIC_SHARED(dynamic_smem);
   float* const stage = staged ? reinterpret_cast<float*>(dynamic_smem) : nullptr;
-  const SampleShared sh{warp_hist, scratch_u, &sel_bin, &sel_above};
+  const SampleShared sh{warp_hist, scratch_u, &sel_bin, &sel_above, &sel_kept};
   const int tid = threadIdx.x;
   const int64_t V = p.vocab;
   int bits = 0;
@@ -223,36 +238,37 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int st
       }
       return block_allreduce(s, sum_op, scratch_u);
     };
-    // 2. top-k: the k-th largest value; then top-p over the top-k set.
+    // 2. top-k: the k-th largest value; then top-p over the top-k set. total: the kept weight,
+    // from the top-p cut's last digit, else one more pass.
     uint32_t thr = 0;
     if (p.top_k > 0 && p.top_k < V) {
       thr = radix_threshold<true>(
+                V,
+                [&](int64_t i, uint32_t& key, u64& w) {
+                  key = ordered_key(value(i));
+                  w = 1;
+                  return true;
+                },
+                [&](u64) { return static_cast<double>(p.top_k); }, sh)
+                .key;
+    }
+    u64 total;
+    if (p.top_p < 1.0f && p.top_p > 0.0) {
+      const uint32_t thr_k = thr;
+      const RadixCut cut = radix_threshold<false>(
           V,
           [&](int64_t i, uint32_t& key, u64& w) {
-            key = ordered_key(value(i));
-            w = 1;
+            const float x = value(i);
+            key = ordered_key(x);
+            if (key < thr_k) return false;
+            w = weight(x);
             return true;
           },
-          static_cast<double>(p.top_k), sh);
-    }
-    u64 total = kept_total(thr);
-    if (p.top_p < 1.0f) {
-      const double target = static_cast<double>(p.top_p) * static_cast<double>(total);
-      const uint32_t thr_k = thr;
-      if (target > 0) {
-        thr = radix_threshold<false>(
-            V,
-            [&](int64_t i, uint32_t& key, u64& w) {
-              const float x = value(i);
-              key = ordered_key(x);
-              if (key < thr_k) return false;
-              w = weight(x);
-              return true;
-            },
-            target, sh);
-      } else {
-        thr = ordered_key(m);  // top_p = 0: the largest value (and its ties) only
-      }
+          [&](u64 top_k_total) { return static_cast<double>(p.top_p) * static_cast<double>(top_k_total); }, sh);
+      thr = cut.key;
+      total = cut.kept;
+    } else {
+      if (p.top_p < 1.0f) thr = ordered_key(m);  // top_p = 0: the largest value (and its ties) only
       total = kept_total(thr);
     }
     // 3. the draw: the smallest index whose running kept sum exceeds floor(u * total) < total.
