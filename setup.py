@@ -130,11 +130,14 @@ def extensions():
     else:
         extension = CppExtension
     write_build_info(with_cuda, archs)
-    # -lstdc++ before the driver's own libraries: the shared libstdc++, the one torch uses, even
-    # where g++ links it statically (the H200 image's /opt/gcc g++ does). With a second, static
-    # copy in _C, every C++ error mmfast raised (TORCH_CHECK) ended the process with SIGSEGV
-    # there instead of raising in Python (benchmarks/results/2026-12-04-h200-gpu-check.md).
-    link_args = ["-fopenmp"] + (["-lstdc++"] if sys.platform.startswith("linux") else [])
+    # The shared libstdc++ by its file name (-l:libstdc++.so.6), ahead of the driver's own
+    # libraries: the one torch uses, even where g++ links it statically. The H200 image's
+    # /opt/gcc g++ does, and its library folder holds only libstdc++.a, so a plain -lstdc++ found
+    # the archive there too (the second H200 run; reproduced here with such a folder and
+    # -static-libstdc++). With a second, static copy in _C, every C++ error mmfast raised
+    # (TORCH_CHECK) ended the process with SIGSEGV instead of raising in Python
+    # (benchmarks/results/2026-12-04-h200-gpu-check.md).
+    link_args = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     ext = extension("mmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
                     extra_link_args=link_args)
     return [ext], {"build_ext": BuildExtension}

@@ -302,7 +302,8 @@ void run_sample(const std::vector<double>& logits_d, int64_t rows, int64_t V, bo
   emu::launches.clear();
   if (cuda::sample(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfgs);
   // The row staged in V floats of dynamic shared memory where the block may opt in to them, else re-read.
-  const size_t stage = size_t(V) * sizeof(float) <= size_t(emu::max_shared_optin) ? size_t(V) * sizeof(float) : 0;
+  const size_t padded = size_t((V + 7) / 8 * 8) * sizeof(float);  // whole draw segments of 8
+  const size_t stage = padded <= size_t(emu::max_shared_optin) ? padded : 0;
   if (emu::launches.size() != 1 || emu::launches[0].smem != stage)
     return fail(std::string("staging (dynamic shared memory ") + std::to_string(stage) + " B expected) " + cfgs);
   p.tokens = tokens2.data(), p.status = status2.data();

@@ -322,7 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p, int
   }
 }
 
-// The dynamic shared memory that stages a row of V mixed logits: V floats when the device
+// The dynamic shared memory that stages a row of V mixed logits: V floats (rounded up to a
+// multiple of kDrawPerThread) when the device
 // grants them to a block of sample_kernel<T> next to its static histograms, else 0 (the passes
 // re-read the logits). The size check needs the kernel's static shared memory, queried once per
 // device; only a failing CUDA query (its own error, then cleared) leaves 0 unremembered.
@@ -353,7 +354,10 @@ size_t sample_stage_bytes(int64_t V) {
     const std::lock_guard<std::mutex> lock(mutex);
     static_smem.emplace(dev, histograms);
   }
-  const size_t bytes = static_cast<size_t>(V) * sizeof(float);
+  // Rounded up to whole draw segments: the compiler turns a thread's 8 consecutive staged reads
+  // in the draw into 16-byte loads that run past V before the loop's bound check (compute-
+  // sanitizer memcheck on the H200 saw them read out of bounds when V was not a multiple of 8).
+  const size_t bytes = static_cast<size_t>(round_up(V, kDrawPerThread)) * sizeof(float);
   if (bytes + histograms > max_shared_per_block()) return 0;  // more than a block may opt in to
   if (resident_blocks_per_sm_once(sample_kernel<T>, kThreads, bytes) < 1) {
     (void)cudaGetLastError();  // the occupancy query's own error
