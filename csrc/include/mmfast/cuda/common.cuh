@@ -422,21 +422,22 @@ cudaError_t persistent_grid(Kernel* kernel, int threads, size_t smem, int64_t it
   return cudaSuccess;
 }
 
+// An A/B switch of the environment: on unless it is set to something starting with '0'. Callers
+// read it once (a function-local static).
+inline bool env_switch_on(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || env[0] != '0';
+}
+
 // MMFAST_CUDA_ASYNC_COPY=0 keeps every kernel on its register-staged loads (for A/B timing).
 inline bool async_copy_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MMFAST_CUDA_ASYNC_COPY");
-    return env == nullptr || env[0] != '0';
-  }();
+  static const bool enabled = env_switch_on("MMFAST_CUDA_ASYNC_COPY");
   return enabled;
 }
 
 // MMFAST_CUDA_TENSOR_CORES=0 keeps every kernel on its exact SIMT path.
 inline bool tensor_cores_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MMFAST_CUDA_TENSOR_CORES");
-    return env == nullptr || env[0] != '0';
-  }();
+  static const bool enabled = env_switch_on("MMFAST_CUDA_TENSOR_CORES");
   return enabled;
 }
 

@@ -400,11 +400,9 @@ struct AttnLaunch {
   int rows_per_tile;  // query rows of an item
 };
 
+// MMFAST_CUDA_DECODE_STREAM=0 keeps decode_attention on the tiled kernel (for A/B timing).
 inline bool decode_stream_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MMFAST_CUDA_DECODE_STREAM");
-    return env == nullptr || env[0] != '0';
-  }();
+  static const bool enabled = env_switch_on("MMFAST_CUDA_DECODE_STREAM");
   return enabled;
 }
 
