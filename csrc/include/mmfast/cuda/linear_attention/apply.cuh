@@ -190,14 +190,6 @@ template <class T, int W> struct ApplyWalk {
   }
 };
 
-// A power of two that brings the largest finite magnitude to [1, 2) (1 for 0, inf or NaN).
-__device__ __forceinline__ float range_scale(float largest) {
-  if (!(largest > 0.0f && largest <= FLT_MAX)) return 1.0f;
-  int e;
-  frexpf(largest, &e);  // largest = f 2^e, f in [0.5, 1)
-  return ldexpf(1.0f, 1 - e);
-}
-
 // The block's largest |S| and |m| of an item (fp16 only): 1 / their range scales into sh.
 template <class C, int W>
 __device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem& it, AsyncApplyShared<C, W>& sh) {

@@ -7,8 +7,11 @@
 //   dq_i = phi'(q_i) * ((do_i S^T) / z_i + dz_i m)     (phase 2: loop over Dk tiles)
 // and stores (z_i, dz_i) per token into the workspace; dS = sum_i phi(q_i)^T g_i and
 // dm = sum_i dz_i phi(q_i) are then the state pass run on (q, grad_out) with those scalars.
+// This register-staged kernel runs where the tensor-core kernel of backward_async.cuh does not
+// (fp32 / fp64, unaligned rows, head dims past 160, pre-sm_80, MMFAST_CUDA_ASYNC_COPY=0).
 #pragma once
 
+#include "mmfast/cuda/linear_attention/backward_async.cuh"
 #include "mmfast/cuda/linear_attention/common.cuh"
 #include "mmfast/cuda/linear_attention/state.cuh"
 
@@ -164,7 +167,21 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
   a.mean = p.mean;
   a.scalars = p.workspace;
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
-    MMFAST_LAUNCH(la_apply_backward_kernel<decltype(config)>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);
+    using C = decltype(config);
+    if constexpr (C::tc) {  // the tensor-core kernel where it takes the shapes (backward_async.cuh)
+      PairArgs pair;
+      static_cast<Dims&>(pair) = static_cast<const Dims&>(a);
+      pair.x = p.q;
+      pair.y = p.grad_out;
+      pair.grad_x = p.grad_q;
+      pair.matrix = p.state;
+      pair.vec = p.mean;
+      pair.scalars = p.workspace;
+      bool launched = false;
+      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kApply>(pair, stream, launched);
+      if (async_err != cudaSuccess || launched) return async_err;
+    }
+    MMFAST_LAUNCH(la_apply_backward_kernel<C>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;

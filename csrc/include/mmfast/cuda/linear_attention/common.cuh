@@ -70,6 +70,15 @@ __device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool va
   if (lo_chunk != nullptr) *lo_chunk = make_uint4(lo[0], lo[1], lo[2], lo[3]);
 }
 
+// A power of two that brings the largest finite magnitude to [1, 2) (1 for 0, inf or NaN): fp16
+// tensor-core operands are scaled by it into fp16's range, and the scale undone in fp32.
+__device__ __forceinline__ float range_scale(float largest) {
+  if (!(largest > 0.0f && largest <= FLT_MAX)) return 1.0f;
+  int e;
+  frexpf(largest, &e);  // largest = f 2^e, f in [0.5, 1)
+  return ldexpf(1.0f, 1 - e);
+}
+
 // grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;
 // relu -> 0 if x <= 0 (selected: 0 even for a NaN grad) else grad; none -> grad. For NaN x
 // the gradient flows, as in torch.

@@ -2,8 +2,11 @@
 //   la_state_backward_kernel  item = (output tile, 64-token tile, b*h); output tiles
 //                             [0, tiles_v) are the Dv tiles of dv, [tiles_v, tiles_v + tiles_k)
 //                             the Dk tiles of dk.
+// It runs where the tensor-core kernel of backward_async.cuh does not (fp32 / fp64, unaligned
+// rows, head dims past 160, pre-sm_80, MMFAST_CUDA_ASYNC_COPY=0).
 #pragma once
 
+#include "mmfast/cuda/linear_attention/backward_async.cuh"
 #include "mmfast/cuda/linear_attention/common.cuh"
 
 namespace mmfast {
@@ -85,7 +88,21 @@ cudaError_t launch_state_backward(const LinearAttentionParams& p, cudaStream_t s
   a.grad_mean = p.grad_mean;
   const int64_t items = static_cast<int64_t>(a.tiles_k + a.tiles_v) * a.ntiles * a.bh;
   return dispatch_config<T>(a, [&](auto config) {
-    MMFAST_LAUNCH(la_state_backward_kernel<decltype(config)>, grid_for(items), kThreads, 0, stream, a);
+    using C = decltype(config);
+    if constexpr (C::tc) {  // the tensor-core kernel where it takes the shapes (backward_async.cuh)
+      PairArgs pair;
+      static_cast<Dims&>(pair) = static_cast<const Dims&>(a);
+      pair.x = p.k;
+      pair.y = p.v;
+      pair.grad_x = p.grad_k;
+      pair.grad_y = p.grad_v;
+      pair.matrix = p.grad_state;
+      pair.vec = p.grad_mean;
+      bool launched = false;
+      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kState>(pair, stream, launched);
+      if (async_err != cudaSuccess || launched) return async_err;
+    }
+    MMFAST_LAUNCH(la_state_backward_kernel<C>, grid_for(items), kThreads, 0, stream, a);
     return cudaGetLastError();
   });
 }

@@ -1,0 +1,387 @@
+// The backward passes on the tensor cores (16-bit inputs with 16-byte aligned rows, sm_80+).
+// Both have one shape: a 64-token tile of one head's (X, Y) against the head's whole Dk x Dv
+// matrix M, held in shared memory as fp16 / bf16 hi + lo (split_pair) while a block walks the
+// head's token tiles:
+//   phase 1  P = phi(X) M     tokens x Dv   (A: phi(X), B: M through ldmatrix .trans)
+//   phase 2  U = Y M^T        tokens x Dk   (A: Y,      B: M through ldmatrix)
+// apply_backward  (X = q, Y = grad_out, M = S,  m = mean):
+//   z = phi(q) . m + eps, w = rowsum(P * do), dz = -(w / z) / z      (phase 1's epilogue)
+//   grad_q = phi'(q) * (U / z + dz m); (z, dz) per token into the workspace for the state pass
+// state_backward  (X = k, Y = v, M = dS, m = dm):
+//   grad_v = P / N                                                     (phase 1's epilogue)
+//   grad_k = phi'(k) * (U + dm) / N                                    (phase 2's epilogue)
+// So each token row is read once (into shared memory by cp.async, the next tile's copies in
+// flight while this one multiplies) and each gradient written once, where the register-staged
+// kernels read every operand element through a bounds-checked scalar load per 64-wide tile.
+//
+// The tiles are DP = 64, 80, 128 or 160 wide (both dims padded to it, zeros past them: the
+// padded products cost tensor-core time, not memory traffic); past 160 the matrix does not fit
+// a block's shared memory and the register-staged kernels run. Warp w owns tokens
+// (w % 4) * 16 .. + 15 and the 16-column chunks w / 4, w / 4 + 2, ... of each phase's output.
+// fp16 scales M by a power of two that brings its largest magnitude to [1, 2) (fp16 tops out
+// at 65504 and goes subnormal below 6.1e-5), undone in fp32 in the epilogues.
+#pragma once
+
+#include <type_traits>
+
+#include "mmfast/cuda/linear_attention/common.cuh"
+
+namespace mmfast {
+namespace cuda {
+namespace la {
+
+enum class BackwardPass { kApply, kState };
+
+constexpr int kPairTokens = 64;  // tokens per item
+static_assert(kPairTokens == kTile, "items are Dims::ntiles' token tiles");
+static_assert(kThreads == 256 && kPairTokens == 4 * 16, "8 warps: 4 row groups of 16 tokens x 2 column groups");
+
+template <int DP> struct PairTile {
+  static_assert(DP % 16 == 0, "whole 16-column chunks and mma k-steps");
+  static constexpr int kLd = DP + kRawPad;         // rows of 16 * odd bytes: ldmatrix phases hit all banks
+  static constexpr int kChunks = DP / 16;          // 16-column chunks of an output row
+  static constexpr int kOwned = (kChunks + 1) / 2;  // ... per warp (two column groups)
+  static constexpr int kCopyChunks = kPairTokens * DP / 8;  // 16-byte chunks of a token tile
+  // Items in the ring: the one being multiplied and the next two in flight at DP = 64 (2 x 16 KB
+  // of bf16 tokens per block at D = 64, two blocks per SM: 83 KB each), else the next one (DP = 80:
+  // 20 KB, two blocks of 85 KB, which also fit sm_86's 99 KB; 128 / 160: one block of 157 / 215 KB,
+  // 32 / 40 KB in flight).
+  static constexpr int kStages = DP <= 64 ? 3 : 2;
+};
+
+template <class T, int DP> struct PairShared {
+  static constexpr int kLd = PairTile<DP>::kLd;
+  __align__(16) T x[PairTile<DP>::kStages][kPairTokens][kLd];  // raw X
+  __align__(16) T y[PairTile<DP>::kStages][kPairTokens][kLd];  // Y
+  __align__(16) T phi_x[kPairTokens][kLd];
+  __align__(16) T m_hi[DP][kLd];  // M (Dk rows, Dv columns), times the fp16 scale
+  __align__(16) T m_lo[DP][kLd];
+  float vec[DP];  // m or dm, 0 past Dk
+  float z[kPairTokens], dz[kPairTokens];
+  float w_part[2][kPairTokens];  // w of each column group
+  float warp_max[kThreads / 32];
+  float inv_scale;  // 1 / M's scale (1 for bf16)
+};
+
+// The tile widths and whether one fits a block's shared memory.
+template <class T, int DP> constexpr size_t kPairSmem = sizeof(PairShared<T, DP>);
+inline int pair_dim(int64_t dk, int64_t dv) {
+  const int64_t d = max_i64(dk, dv);
+  return d <= 64 ? 64 : d <= 80 ? 80 : d <= 128 ? 128 : d <= 160 ? 160 : 0;
+}
+
+struct PairArgs : Dims {
+  TokenTensor x, y;            // q, grad_out | k, v
+  TokenTensor grad_x, grad_y;  // grad_q, - | grad_k, grad_v
+  const void* matrix;          // S | dS: fp32 [bh][Dk][Dv]
+  const void* vec;             // m | dm: fp32 [bh][Dk]
+  void* scalars;               // apply: out (z, dz) per token, [bh][N][2]
+};
+
+// One item: token tile n0 of head bh (32-bit decoding: the launch keeps items below 2^32).
+struct PairItem {
+  int64_t bh, n0, rows;  // rows: tokens of the tile below N
+};
+__device__ __forceinline__ PairItem pair_item(const PairArgs& a, int64_t item) {
+  const uint32_t index = static_cast<uint32_t>(item), ntiles = static_cast<uint32_t>(a.ntiles);
+  PairItem it;
+  it.bh = index / ntiles;
+  it.n0 = static_cast<int64_t>(index - static_cast<uint32_t>(it.bh) * ntiles) * kPairTokens;
+  it.rows = min_i64(kPairTokens, a.N - it.n0);
+  return it;
+}
+
+// Starts the copies of one token tile (cols: the row's elements, a multiple of 8), zero-filling
+// the chunks past its rows or columns (DP wide).
+template <class T, int DP>
+__device__ __forceinline__ void copy_token_tile(T (&dst)[kPairTokens][PairTile<DP>::kLd], const TokenTensor& t,
+                                                const PairItem& it, int64_t heads, int cols) {
+  const TokenView<const T> view = token_view<const T, uint32_t>(t, it.bh, heads);
+  constexpr int kRowChunks = DP / 8;
+  for (int c = threadIdx.x; c < PairTile<DP>::kCopyChunks; c += kThreads) {
+    const int row = c / kRowChunks, col = c % kRowChunks * 8;
+    const bool valid = row < it.rows && col < cols;
+    cp_async16(&dst[row][col], valid ? view.row(it.n0 + row) + col : static_cast<const T*>(t.data), valid);
+  }
+}
+
+// M of head bh into m_hi / m_lo (times the fp16 scale; zeros past Dk x Dv up to DP) and m
+// into vec. Starts after a barrier (the previous head's readers are done); ends with one.
+template <class T, int DP>
+__device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, PairShared<T, DP>& sh) {
+  const int64_t elems = static_cast<int64_t>(a.dk) * a.dv;
+  const float* M = static_cast<const float*>(a.matrix) + bh * elems;
+  float scale = 1.0f;
+  if constexpr (std::is_same_v<T, __half>) {
+    float largest = 0.0f;
+    for (int64_t e = threadIdx.x; e < elems; e += kThreads) largest = fmaxf(largest, fabsf(M[e]));
+#pragma unroll
+    for (int lane_mask = 1; lane_mask < 32; lane_mask *= 2)
+      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, lane_mask));
+    if (threadIdx.x % 32 == 0) sh.warp_max[threadIdx.x / 32] = largest;
+    __syncthreads();
+    for (int w = 0; w < kThreads / 32; ++w) largest = fmaxf(largest, sh.warp_max[w]);
+    scale = range_scale(largest);
+  }
+  constexpr int kPairs = DP / 2;  // column pairs per row (Dv is even: a multiple of 8)
+  for (int e = threadIdx.x; e < DP * kPairs; e += kThreads) {
+    const int l = e / kPairs, c = e % kPairs * 2;
+    float2 value = make_float2(0.0f, 0.0f);
+    if (l < a.dk && c < a.dv) value = *reinterpret_cast<const float2*>(M + static_cast<int64_t>(l) * a.dv + c);
+    uint32_t hi, lo;
+    split_pair<T>(value.x * scale, value.y * scale, hi, lo);
+    *reinterpret_cast<uint32_t*>(&sh.m_hi[l][c]) = hi;
+    *reinterpret_cast<uint32_t*>(&sh.m_lo[l][c]) = lo;
+  }
+  const float* vec = static_cast<const float*>(a.vec) + bh * a.dk;
+  for (int l = threadIdx.x; l < DP; l += kThreads) sh.vec[l] = l < a.dk ? vec[l] : 0.0f;
+  if (threadIdx.x == 0) sh.inv_scale = 1.0f / scale;
+  __syncthreads();
+}
+
+// acc[o] += (this warp's 16 rows of A) B over ksteps k-steps of 16, for the warp's 16-column
+// chunks col_group + 2o below nchunks. A: a token tile (contraction contiguous). B: M, read
+// transposed (TransB: B = M, contraction over M's rows) or not (B = M^T, over its columns).
+template <class T, int DP, bool TransB>
+__device__ __forceinline__ void multiply_pair(float (&acc)[PairTile<DP>::kOwned][2][4],
+                                              const T (&a)[kPairTokens][PairTile<DP>::kLd], const T* b_hi,
+                                              const T* b_lo, int ksteps, int nchunks, int warp_row, int col_group) {
+  constexpr int kLd = PairTile<DP>::kLd;
+  const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+  for (int s = 0; s < ksteps; ++s) {
+    const int kk = s * 16;
+    // A's matrix j: tokens + 8 (j % 2), contraction + 8 (j / 2).
+    uint32_t a_frag[4];
+    ldmatrix_x4(a_frag, &a[warp_row + 8 * (j % 2) + r][kk + 8 * (j / 2)]);
+#pragma unroll
+    for (int o = 0; o < PairTile<DP>::kOwned; ++o) {
+      const int chunk = col_group + 2 * o;
+      if (chunk >= nchunks) continue;  // warp-uniform
+      // B's matrix j of n-tiles 2o, 2o + 1: contraction + 8 (j % 2), columns + 8 (j / 2).
+      uint32_t hi[4], lo[4];
+      if constexpr (TransB) {  // M's row = contraction index
+        const int offset = (kk + 8 * (j % 2) + r) * kLd + chunk * 16 + 8 * (j / 2);
+        ldmatrix_x4_trans(hi, b_hi + offset);
+        ldmatrix_x4_trans(lo, b_lo + offset);
+      } else {  // M's row = output column
+        const int offset = (chunk * 16 + 8 * (j / 2) + r) * kLd + kk + 8 * (j % 2);
+        ldmatrix_x4(hi, b_hi + offset);
+        ldmatrix_x4(lo, b_lo + offset);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const uint32_t b_hi_frag[2] = {hi[2 * n], hi[2 * n + 1]}, b_lo_frag[2] = {lo[2 * n], lo[2 * n + 1]};
+        mma_m16n8k16<T>(acc[o][n], a_frag, b_hi_frag);
+        mma_m16n8k16<T>(acc[o][n], a_frag, b_lo_frag);
+      }
+    }
+  }
+}
+
+// f(h, row, col, value0, value1) for each pair of columns (col, col + 1) of the warp's
+// fragments: row (within the tile) = warp_row + lane / 4 + 8h. The caller checks rows and columns.
+template <int DP, class F>
+__device__ __forceinline__ void for_each_pair(const float (&acc)[PairTile<DP>::kOwned][2][4], int nchunks,
+                                              int warp_row, int col_group, F f) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int o = 0; o < PairTile<DP>::kOwned; ++o) {
+    const int chunk = col_group + 2 * o;
+    if (chunk >= nchunks) continue;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) f(h, warp_row + g + 8 * h, chunk * 16 + 8 * n + 2 * t, acc[o][n][2 * h], acc[o][n][2 * h + 1]);
+  }
+}
+
+template <class T> __device__ __forceinline__ float2 shared_pair(const T* p) {
+  return unpack_pair<T>(*reinterpret_cast<const uint32_t*>(p));
+}
+
+// z of the tile's rows: phi(q) . m + eps from the prepared phi_x (the rounded phi(q) the
+// products use), 4 threads per row.
+template <class T, int DP>
+__device__ __forceinline__ void pair_tile_z(PairShared<T, DP>& sh, int dk, float eps) {
+  const int row = threadIdx.x / 4, part = threadIdx.x % 4;
+  float s = 0.0f;
+  for (int l = 2 * part; l < dk; l += 8) {
+    const float2 p = shared_pair(&sh.phi_x[row][l]);
+    s += p.x * sh.vec[l] + p.y * sh.vec[l + 1];
+  }
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  if (part == 0) sh.z[row] = s + eps;
+}
+
+// apply_backward's phase 1 epilogue: w = rowsum(P * do) per row, then dz = -(w / z) / z into
+// shared memory and (z, dz) into the workspace. Between barriers.
+template <class T, int DP>
+__device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairItem& it, PairShared<T, DP>& sh,
+                                                  int stage, const float (&acc)[PairTile<DP>::kOwned][2][4],
+                                                  int nchunks, int warp_row, int col_group) {
+  float part[2] = {0.0f, 0.0f};  // rows warp_row + g and + 8
+  for_each_pair<DP>(acc, nchunks, warp_row, col_group, [&](int h, int row, int col, float p0, float p1) {
+    const float2 d = shared_pair(&sh.y[stage][row][col]);  // 0 past Dv
+    part[h] += p0 * d.x + p1 * d.y;
+  });
+  const int lane = threadIdx.x % 32, g = lane / 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    part[h] += __shfl_xor_sync(0xffffffffu, part[h], 1);
+    part[h] += __shfl_xor_sync(0xffffffffu, part[h], 2);
+    if (lane % 4 == 0) sh.w_part[col_group][warp_row + g + 8 * h] = part[h];
+  }
+  __syncthreads();
+  if (threadIdx.x < kPairTokens) {
+    const int row = threadIdx.x;
+    const float z = sh.z[row];
+    const float w = (sh.w_part[0][row] + sh.w_part[1][row]) * sh.inv_scale;
+    const float dz = -(w / z) / z;
+    sh.dz[row] = dz;
+    if (row < it.rows) {
+      float* s = static_cast<float*>(a.scalars) + (it.bh * a.N + it.n0 + row) * 2;
+      s[0] = z;
+      s[1] = dz;
+    }
+  }
+  __syncthreads();
+}
+
+// Stores f(row, col, value0, value1) of the warp's fragments as one 4-byte word per column
+// pair into rows of a token tensor (rows below it.rows, columns below cols).
+template <class T, int DP, class F>
+__device__ __forceinline__ void store_pairs(const TokenTensor& t, const PairItem& it, int64_t heads, int cols,
+                                            const float (&acc)[PairTile<DP>::kOwned][2][4], int nchunks, int warp_row,
+                                            int col_group, F f) {
+  const TokenView<T> view = token_view<T, uint32_t>(t, it.bh, heads);
+  for_each_pair<DP>(acc, nchunks, warp_row, col_group, [&](int, int row, int col, float p0, float p1) {
+    if (row < it.rows && col < cols) {
+      const float2 out = f(row, col, p0, p1);
+      *reinterpret_cast<uint32_t*>(view.row(it.n0 + row) + col) = pack_pair<T>(out.x, out.y);
+    }
+  });
+}
+
+// A persistent grid: each block takes a contiguous range of items (token tiles fastest), so it
+// loads a head's matrix once per run of that head's tiles.
+template <class C, BackwardPass Pass, int DP>
+__global__ void __launch_bounds__(kThreads, DP <= 80 ? 2 : 1) la_backward_async_kernel(PairArgs a) {
+  using T = typename C::T;
+  using Tile = PairTile<DP>;
+  static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
+  MMFAST_DYNAMIC_SHARED(smem);
+  auto& sh = *reinterpret_cast<PairShared<T, DP>*>(smem);
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int warp_row = (warp % 4) * 16, col_group = warp / 4;
+  const int64_t items = a.ntiles * a.bh;
+  const int64_t per_block = ceil_div(items, gridDim.x);
+  const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
+  const int steps_k = static_cast<int>(ceil_div(a.dk, 16)), steps_v = static_cast<int>(ceil_div(a.dv, 16));
+  const float inv_n = 1.0f / static_cast<float>(a.N);
+  const auto issue = [&](int64_t item, int stage) {
+    if (item < last) {
+      const PairItem it = pair_item(a, item);
+      copy_token_tile<T, DP>(sh.x[stage], a.x, it, a.heads, a.dk);
+      copy_token_tile<T, DP>(sh.y[stage], a.y, it, a.heads, a.dv);
+    }
+    cp_async_commit();
+  };
+  // The g-th item of the block lands in stage g % S, one commit group per item (empty past last).
+  constexpr int S = Tile::kStages;
+  for (int g = 0; g < S - 1; ++g) issue(first + g, g);
+  int64_t loaded_bh = -1;
+  int stage = 0;
+  for (int64_t item = first; item < last; ++item, stage = stage + 1 == S ? 0 : stage + 1) {
+    cp_async_wait<S - 2>();  // this thread's copies of the item landed
+    __syncthreads();         // everyone's; the previous item's readers of its stage are done
+    issue(item + S - 1, stage == 0 ? S - 1 : stage - 1);  // into the previous item's stage
+    const PairItem it = pair_item(a, item);
+    if (it.bh != loaded_bh) {  // block-uniform
+      load_pair_matrix<T, DP>(a, it.bh, sh);
+      loaded_bh = it.bh;
+    }
+    for (int c = threadIdx.x; c < Tile::kCopyChunks; c += kThreads) {
+      const int row = c / (DP / 8), col = c % (DP / 8) * 8;
+      uint4* dst = reinterpret_cast<uint4*>(&sh.phi_x[row][col]);
+      *dst = *reinterpret_cast<const uint4*>(&sh.x[stage][row][col]);
+      phi_chunk<C>(dst, nullptr, row < it.rows && col < a.dk);
+    }
+    __syncthreads();
+    if constexpr (Pass == BackwardPass::kApply) pair_tile_z<T, DP>(sh, a.dk, static_cast<float>(a.eps));
+
+    float acc[Tile::kOwned][2][4] = {};
+    multiply_pair<T, DP, true>(acc, sh.phi_x, &sh.m_hi[0][0], &sh.m_lo[0][0], steps_k, steps_v, warp_row, col_group);
+    if constexpr (Pass == BackwardPass::kApply) {
+      apply_backward_dz<T, DP>(a, it, sh, stage, acc, steps_v, warp_row, col_group);
+    } else {
+      const float factor = sh.inv_scale * inv_n;
+      store_pairs<T, DP>(a.grad_y, it, a.heads, a.dv, acc, steps_v, warp_row, col_group,
+                         [&](int, int, float p0, float p1) { return make_float2(p0 * factor, p1 * factor); });
+    }
+
+    float acc_u[Tile::kOwned][2][4] = {};
+    multiply_pair<T, DP, false>(acc_u, sh.y[stage], &sh.m_hi[0][0], &sh.m_lo[0][0], steps_v, steps_k, warp_row,
+                                col_group);
+    const float inv_scale = sh.inv_scale;
+    store_pairs<T, DP>(a.grad_x, it, a.heads, a.dk, acc_u, steps_k, warp_row, col_group,
+                       [&](int row, int col, float u0, float u1) {
+                         const float2 x = shared_pair(&sh.x[stage][row][col]);
+                         float g0, g1;
+                         if constexpr (Pass == BackwardPass::kApply) {  // (U / z + dz m)
+                           const float inv_z = inv_scale / sh.z[row], dz = sh.dz[row];
+                           g0 = u0 * inv_z + dz * sh.vec[col];
+                           g1 = u1 * inv_z + dz * sh.vec[col + 1];
+                         } else {  // (U + dm) / N
+                           g0 = (u0 * inv_scale + sh.vec[col]) * inv_n;
+                           g1 = (u1 * inv_scale + sh.vec[col + 1]) * inv_n;
+                         }
+                         return make_float2(times_dphi<C::fm>(g0, x.x), times_dphi<C::fm>(g1, x.y));
+                       });
+  }
+  cp_async_wait<0>();
+}
+
+// Whether the tensor-core kernel takes the pass: 16-bit inputs on the tensor-core path, rows
+// cp.async copies whole (X, Y) and gradients stored as 4-byte pairs, fewer than 2^32 items (its
+// 32-bit decoding), a matrix that fits a block's shared memory, code compiled for sm_80+.
+template <class C, BackwardPass Pass, int DP> bool use_backward_async(const PairArgs& a) {
+  using T = typename C::T;
+  if constexpr (!C::tc) {
+    return false;
+  } else {
+    const size_t b = sizeof(T);
+    return async_copy_enabled() && a.ntiles * a.bh <= static_cast<int64_t>(UINT32_MAX) &&
+           rows_16b_aligned(a.x, a.dk, b) && rows_16b_aligned(a.y, a.dv, b) && rows_aligned(a.grad_x, a.dk, b, 4) &&
+           (Pass == BackwardPass::kApply || rows_aligned(a.grad_y, a.dv, b, 4)) &&
+           kPairSmem<T, DP> <= max_shared_per_block() && compiled_for(&la_backward_async_kernel<C, Pass, DP>, 80);
+  }
+}
+
+// Launches the tensor-core kernel when it takes the pass (launched says so).
+template <class C, BackwardPass Pass>
+cudaError_t launch_backward_async(const PairArgs& a, cudaStream_t stream, bool& launched) {
+  launched = false;
+  const auto with_dim = [&](auto dim) -> cudaError_t {
+    constexpr int DP = decltype(dim)::value;
+    if (!use_backward_async<C, Pass, DP>(a)) return cudaSuccess;
+    launched = true;
+    constexpr size_t smem = kPairSmem<typename C::T, DP>;  // > 48 KB: opt in
+    unsigned grid = 0;
+    const cudaError_t err = persistent_grid(&la_backward_async_kernel<C, Pass, DP>, kThreads, smem, a.ntiles * a.bh, grid);
+    if (err != cudaSuccess) return err;
+    MMFAST_LAUNCH((la_backward_async_kernel<C, Pass, DP>), grid, kThreads, smem, stream, a);
+    return cudaGetLastError();
+  };
+  switch (pair_dim(a.dk, a.dv)) {
+    case 64: return with_dim(std::integral_constant<int, 64>{});
+    case 80: return with_dim(std::integral_constant<int, 80>{});
+    case 128: return with_dim(std::integral_constant<int, 128>{});
+    case 160: return with_dim(std::integral_constant<int, 160>{});
+  }
+  return cudaSuccess;  // past 160: the register-staged kernels
+}
+
+}  // namespace la
+}  // namespace cuda
+}  // namespace mmfast
