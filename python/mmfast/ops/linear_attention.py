@@ -279,7 +279,10 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     m = mean_j phi(k_j); phi = elu + 1 ("elu1"), relu ("relu") or identity ("none").
     Any strides are accepted (only a strided last dim is copied); Dk, Dv in [1, 256];
     float32/float16/bfloat16 (and float64 on CPU), accumulation in fp32 (fp64 for fp64).
-    Differentiable; backend: see mmfast.set_backend.
+    Differentiable; backend: see mmfast.set_backend. When autograd records the call (grad mode
+    on, an input requiring grad) it runs as linear_attention_state + linear_attention_apply, so
+    the backward reuses the forward's (S, m) instead of recomputing them (one pass over k and v
+    less; the fused op's backward recomputes them); otherwise as the fused op.
     Raises ValueError (shapes, feature_map, backend name), TypeError (dtypes, devices) and
     RuntimeError when no kernel runs the tensors' device.
     """
@@ -289,6 +292,10 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     if chosen == "reference":
         check_qkv(q, k, v, feature_map)
         return reference.linear_attention_ref(q, k, v, eps, feature_map)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        check_qkv(q, k, v, feature_map)  # the fused op's errors (q and k agree), not the two ops'
+        state, mean = _backend.op_overload("linear_attention_state", chosen)(k, v, feature_map)
+        return _backend.op_overload("linear_attention_apply", chosen)(q, state, mean, float(eps), feature_map)
     return _backend.op_overload("linear_attention", chosen)(q, k, v, float(eps), feature_map)
 
 
