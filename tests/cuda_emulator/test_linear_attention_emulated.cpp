@@ -316,9 +316,12 @@ void run_backward_kernel_choice() {
   using mmfast::cuda::la::kPairSmem;
   using Bf = __nv_bfloat16;
   struct Case { int64_t dk, dv; size_t sm90_smem; bool fits_sm86; };
-  const std::vector<Case> cases = {{40, 40, kPairSmem<Bf, 64>, true},    {64, 64, kPairSmem<Bf, 64>, true},
-                                   {40, 80, kPairSmem<Bf, 80>, true},    {80, 80, kPairSmem<Bf, 80>, true},
-                                   {128, 128, kPairSmem<Bf, 128>, false}, {160, 80, kPairSmem<Bf, 160>, false},
+  // MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (ctest runs it too): DP = 64 as three blocks of a 2-stage ring
+  const char* three_blocks = std::getenv("MMFAST_CUDA_LA_BACKWARD_3BLOCKS");
+  const size_t dp64 = three_blocks != nullptr && three_blocks[0] != '0' ? kPairSmem<Bf, 64, 2> : kPairSmem<Bf, 64, 3>;
+  const std::vector<Case> cases = {{40, 40, dp64, true},    {64, 64, dp64, true},
+                                   {40, 80, kPairSmem<Bf, 80, 2>, true},    {80, 80, kPairSmem<Bf, 80, 2>, true},
+                                   {128, 128, kPairSmem<Bf, 128, 2>, false}, {160, 80, kPairSmem<Bf, 160, 2>, false},
                                    {256, 256, 0, false}};
   for (const bool sm86 : {false, true})
   for (const Case& c : cases) {

@@ -42,17 +42,26 @@ template <int DP> struct PairTile {
   static constexpr int kChunks = DP / 16;          // 16-column chunks of an output row
   static constexpr int kOwned = (kChunks + 1) / 2;  // ... per warp (two column groups)
   static constexpr int kCopyChunks = kPairTokens * DP / 8;  // 16-byte chunks of a token tile
-  // Items in the ring: the one being multiplied and the next two in flight at DP = 64 (2 x 16 KB
-  // of bf16 tokens per block at D = 64, two blocks per SM: 83 KB each), else the next one (DP = 80:
-  // 20 KB, two blocks of 85 KB, which also fit sm_86's 99 KB; 128 / 160: one block of 157 / 215 KB,
-  // 32 / 40 KB in flight).
-  static constexpr int kStages = DP <= 64 ? 3 : 2;
 };
 
-template <class T, int DP> struct PairShared {
+// Items in the ring (Stages) and resident blocks per SM the kernel is compiled for: the item
+// being multiplied and the next one in flight (DP = 80: 20 KB of bf16 tokens per block, two
+// blocks of 85 KB, which also fit sm_86's 99 KB; 128 / 160: one block of 157 / 215 KB, 32 / 40 KB
+// in flight); at DP = 64 either the next two (3 stages, two blocks of 83 KB, 94 registers: 64 KB
+// in flight per SM) or the next one in three blocks of 65 KB (80 registers, no spills: 48 KB in
+// flight, 24 warps to cover the barriers), MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (an A/B switch
+// until a GPU run picks one).
+template <int DP, int Stages> constexpr int kPairBlocks = DP <= 64 && Stages == 2 ? 3 : DP <= 80 ? 2 : 1;
+inline int pair_stages(int dp) {
+  static const bool three_blocks = std::getenv("MMFAST_CUDA_LA_BACKWARD_3BLOCKS") != nullptr &&
+                                   env_switch_on("MMFAST_CUDA_LA_BACKWARD_3BLOCKS");
+  return dp == 64 && !three_blocks ? 3 : 2;
+}
+
+template <class T, int DP, int Stages> struct PairShared {
   static constexpr int kLd = PairTile<DP>::kLd;
-  __align__(16) T x[PairTile<DP>::kStages][kPairTokens][kLd];  // raw X
-  __align__(16) T y[PairTile<DP>::kStages][kPairTokens][kLd];  // Y
+  __align__(16) T x[Stages][kPairTokens][kLd];  // raw X
+  __align__(16) T y[Stages][kPairTokens][kLd];  // Y
   __align__(16) T phi_x[kPairTokens][kLd];
   __align__(16) T m_hi[DP][kLd];  // M (Dk rows, Dv columns), times the fp16 scale
   __align__(16) T m_lo[DP][kLd];
@@ -64,7 +73,7 @@ template <class T, int DP> struct PairShared {
 };
 
 // The tile widths and whether one fits a block's shared memory.
-template <class T, int DP> constexpr size_t kPairSmem = sizeof(PairShared<T, DP>);
+template <class T, int DP, int Stages> constexpr size_t kPairSmem = sizeof(PairShared<T, DP, Stages>);
 inline int pair_dim(int64_t dk, int64_t dv) {
   const int64_t d = max_i64(dk, dv);
   return d <= 64 ? 64 : d <= 80 ? 80 : d <= 128 ? 128 : d <= 160 ? 160 : 0;
@@ -107,8 +116,8 @@ __device__ __forceinline__ void copy_token_tile(T (&dst)[kPairTokens][PairTile<D
 
 // M of head bh into m_hi / m_lo (times the fp16 scale; zeros past Dk x Dv up to DP) and m
 // into vec. Starts after a barrier (the previous head's readers are done); ends with one.
-template <class T, int DP>
-__device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, PairShared<T, DP>& sh) {
+template <class T, int DP, int S>
+__device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, PairShared<T, DP, S>& sh) {
   const int64_t elems = static_cast<int64_t>(a.dk) * a.dv;
   const float* M = static_cast<const float*>(a.matrix) + bh * elems;
   float scale = 1.0f;
@@ -142,29 +151,33 @@ __device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, 
 // acc[o] += (this warp's 16 rows of A) B over ksteps k-steps of 16, for the warp's 16-column
 // chunks col_group + 2o below nchunks. A: a token tile (contraction contiguous). B: M, read
 // transposed (TransB: B = M, contraction over M's rows) or not (B = M^T, over its columns).
+// Unrolled to DP / 16 steps (guarded): every shared address is a lane's base plus an immediate.
 template <class T, int DP, bool TransB>
 __device__ __forceinline__ void multiply_pair(float (&acc)[PairTile<DP>::kOwned][2][4],
                                               const T (&a)[kPairTokens][PairTile<DP>::kLd], const T* b_hi,
                                               const T* b_lo, int ksteps, int nchunks, int warp_row, int col_group) {
   constexpr int kLd = PairTile<DP>::kLd;
   const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
-  for (int s = 0; s < ksteps; ++s) {
-    const int kk = s * 16;
-    // A's matrix j: tokens + 8 (j % 2), contraction + 8 (j / 2).
+  // A's matrix j: tokens + 8 (j % 2), contraction + 8 (j / 2). B's matrix j of n-tiles 2o, 2o + 1:
+  // contraction + 8 (j % 2), columns + 8 (j / 2).
+  const T* a_lane = &a[warp_row + 8 * (j % 2) + r][8 * (j / 2)];
+  const int b_lane = TransB ? (8 * (j % 2) + r) * kLd + col_group * 16 + 8 * (j / 2)   // M's row: contraction
+                            : (col_group * 16 + 8 * (j / 2) + r) * kLd + 8 * (j % 2);  // M's row: column
+  constexpr int kStepStride = TransB ? 16 * kLd : 16, kChunkStride = TransB ? 32 : 32 * kLd;
+#pragma unroll
+  for (int s = 0; s < DP / 16; ++s) {
+    if (s >= ksteps) break;  // block-uniform
     uint32_t a_frag[4];
-    ldmatrix_x4(a_frag, &a[warp_row + 8 * (j % 2) + r][kk + 8 * (j / 2)]);
+    ldmatrix_x4(a_frag, a_lane + 16 * s);
 #pragma unroll
     for (int o = 0; o < PairTile<DP>::kOwned; ++o) {
-      const int chunk = col_group + 2 * o;
-      if (chunk >= nchunks) continue;  // warp-uniform
-      // B's matrix j of n-tiles 2o, 2o + 1: contraction + 8 (j % 2), columns + 8 (j / 2).
+      if (col_group + 2 * o >= nchunks) break;  // warp-uniform
+      const int offset = b_lane + s * kStepStride + o * kChunkStride;
       uint32_t hi[4], lo[4];
-      if constexpr (TransB) {  // M's row = contraction index
-        const int offset = (kk + 8 * (j % 2) + r) * kLd + chunk * 16 + 8 * (j / 2);
+      if constexpr (TransB) {
         ldmatrix_x4_trans(hi, b_hi + offset);
         ldmatrix_x4_trans(lo, b_lo + offset);
-      } else {  // M's row = output column
-        const int offset = (chunk * 16 + 8 * (j / 2) + r) * kLd + kk + 8 * (j % 2);
+      } else {
         ldmatrix_x4(hi, b_hi + offset);
         ldmatrix_x4(lo, b_lo + offset);
       }
@@ -178,21 +191,22 @@ __device__ __forceinline__ void multiply_pair(float (&acc)[PairTile<DP>::kOwned]
   }
 }
 
-// f(h, row, col, value0, value1) for each pair of columns (col, col + 1) of the warp's
-// fragments: row (within the tile) = warp_row + lane / 4 + 8h. The caller checks rows and columns.
+// f(h, col, value0, value1) for each pair of columns (col, col + 1) below cols (a multiple of 8,
+// so a whole n-tile is in or out: warp-uniform) of the warp's fragments, in the lane's rows
+// warp_row + lane / 4 + 8h (h = 0, 1) of the tile.
 template <int DP, class F>
-__device__ __forceinline__ void for_each_pair(const float (&acc)[PairTile<DP>::kOwned][2][4], int nchunks,
-                                              int warp_row, int col_group, F f) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+__device__ __forceinline__ void for_each_pair(const float (&acc)[PairTile<DP>::kOwned][2][4], int cols,
+                                              int col_group, F f) {
+  const int t = threadIdx.x % 4;
 #pragma unroll
-  for (int o = 0; o < PairTile<DP>::kOwned; ++o) {
-    const int chunk = col_group + 2 * o;
-    if (chunk >= nchunks) continue;
+  for (int o = 0; o < PairTile<DP>::kOwned; ++o)
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int n = 0; n < 2; ++n) {
+      const int col0 = (col_group + 2 * o) * 16 + 8 * n;
+      if (col0 >= cols) continue;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) f(h, warp_row + g + 8 * h, chunk * 16 + 8 * n + 2 * t, acc[o][n][2 * h], acc[o][n][2 * h + 1]);
-  }
+      for (int h = 0; h < 2; ++h) f(h, col0 + 2 * t, acc[o][n][2 * h], acc[o][n][2 * h + 1]);
+    }
 }
 
 template <class T> __device__ __forceinline__ float2 shared_pair(const T* p) {
@@ -201,8 +215,8 @@ template <class T> __device__ __forceinline__ float2 shared_pair(const T* p) {
 
 // z of the tile's rows: phi(q) . m + eps from the prepared phi_x (the rounded phi(q) the
 // products use), 4 threads per row.
-template <class T, int DP>
-__device__ __forceinline__ void pair_tile_z(PairShared<T, DP>& sh, int dk, float eps) {
+template <class T, int DP, int S>
+__device__ __forceinline__ void pair_tile_z(PairShared<T, DP, S>& sh, int dk, float eps) {
   const int row = threadIdx.x / 4, part = threadIdx.x % 4;
   float s = 0.0f;
   for (int l = 2 * part; l < dk; l += 8) {
@@ -216,16 +230,16 @@ __device__ __forceinline__ void pair_tile_z(PairShared<T, DP>& sh, int dk, float
 
 // apply_backward's phase 1 epilogue: w = rowsum(P * do) per row, then dz = -(w / z) / z into
 // shared memory and (z, dz) into the workspace. Between barriers.
-template <class T, int DP>
-__device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairItem& it, PairShared<T, DP>& sh,
+template <class T, int DP, int S>
+__device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairItem& it, PairShared<T, DP, S>& sh,
                                                   int stage, const float (&acc)[PairTile<DP>::kOwned][2][4],
-                                                  int nchunks, int warp_row, int col_group) {
+                                                  int warp_row, int col_group) {
+  const int lane = threadIdx.x % 32, g = lane / 4;
   float part[2] = {0.0f, 0.0f};  // rows warp_row + g and + 8
-  for_each_pair<DP>(acc, nchunks, warp_row, col_group, [&](int h, int row, int col, float p0, float p1) {
-    const float2 d = shared_pair(&sh.y[stage][row][col]);  // 0 past Dv
+  for_each_pair<DP>(acc, a.dv, col_group, [&](int h, int col, float p0, float p1) {
+    const float2 d = shared_pair(&sh.y[stage][warp_row + g + 8 * h][col]);
     part[h] += p0 * d.x + p1 * d.y;
   });
-  const int lane = threadIdx.x % 32, g = lane / 4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     part[h] += __shfl_xor_sync(0xffffffffu, part[h], 1);
@@ -248,30 +262,44 @@ __device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairI
   __syncthreads();
 }
 
-// Stores f(row, col, value0, value1) of the warp's fragments as one 4-byte word per column
-// pair into rows of a token tensor (rows below it.rows, columns below cols).
+// Stores f(h, col, value0, value1) of the warp's fragments as one 4-byte word per column pair
+// into the token rows of the tile (below it.rows; columns below cols). The lane's two row
+// pointers are formed once.
 template <class T, int DP, class F>
 __device__ __forceinline__ void store_pairs(const TokenTensor& t, const PairItem& it, int64_t heads, int cols,
-                                            const float (&acc)[PairTile<DP>::kOwned][2][4], int nchunks, int warp_row,
+                                            const float (&acc)[PairTile<DP>::kOwned][2][4], int warp_row,
                                             int col_group, F f) {
   const TokenView<T> view = token_view<T, uint32_t>(t, it.bh, heads);
-  for_each_pair<DP>(acc, nchunks, warp_row, col_group, [&](int, int row, int col, float p0, float p1) {
-    if (row < it.rows && col < cols) {
-      const float2 out = f(row, col, p0, p1);
-      *reinterpret_cast<uint32_t*>(view.row(it.n0 + row) + col) = pack_pair<T>(out.x, out.y);
+  const int row = warp_row + static_cast<int>(threadIdx.x % 32) / 4;
+  T* const rows[2] = {view.row(it.n0 + row), view.row(it.n0 + row + 8)};
+  const bool in[2] = {row < it.rows, row + 8 < it.rows};
+  for_each_pair<DP>(acc, cols, col_group, [&](int h, int col, float p0, float p1) {
+    if (in[h]) {
+      const float2 out = f(h, col, p0, p1);
+      *reinterpret_cast<uint32_t*>(rows[h] + col) = pack_pair<T>(out.x, out.y);
     }
   });
 }
 
+// grad * phi'(x) of the 16-bit kernels: times_dphi with exp_fast (about 2^-22 relative, far
+// below the gradient's 16-bit rounding).
+template <FeatureMap Fm> __device__ __forceinline__ float times_dphi_fast(float grad, float x) {
+  if constexpr (Fm == FeatureMap::kElu1) {
+    const float e = exp_fast(x > 0.0f ? 0.0f : x);
+    return x <= 0.0f ? grad * e : grad;
+  }
+  return times_dphi<Fm>(grad, x);
+}
+
 // A persistent grid: each block takes a contiguous range of items (token tiles fastest), so it
 // loads a head's matrix once per run of that head's tiles.
-template <class C, BackwardPass Pass, int DP>
-__global__ void __launch_bounds__(kThreads, DP <= 80 ? 2 : 1) la_backward_async_kernel(PairArgs a) {
+template <class C, BackwardPass Pass, int DP, int S>
+__global__ void __launch_bounds__(kThreads, kPairBlocks<DP, S>) la_backward_async_kernel(PairArgs a) {
   using T = typename C::T;
   using Tile = PairTile<DP>;
   static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
   MMFAST_DYNAMIC_SHARED(smem);
-  auto& sh = *reinterpret_cast<PairShared<T, DP>*>(smem);
+  auto& sh = *reinterpret_cast<PairShared<T, DP, S>*>(smem);
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int warp_row = (warp % 4) * 16, col_group = warp / 4;
   const int64_t items = a.ntiles * a.bh;
@@ -288,7 +316,6 @@ __global__ void __launch_bounds__(kThreads, DP <= 80 ? 2 : 1) la_backward_async_
     cp_async_commit();
   };
   // The g-th item of the block lands in stage g % S, one commit group per item (empty past last).
-  constexpr int S = Tile::kStages;
   for (int g = 0; g < S - 1; ++g) issue(first + g, g);
   int64_t loaded_bh = -1;
   int stage = 0;
@@ -298,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, DP <= 80 ? 2 : 1) la_backward_async_
     issue(item + S - 1, stage == 0 ? S - 1 : stage - 1);  // into the previous item's stage
     const PairItem it = pair_item(a, item);
     if (it.bh != loaded_bh) {  // block-uniform
-      load_pair_matrix<T, DP>(a, it.bh, sh);
+      load_pair_matrix(a, it.bh, sh);
       loaded_bh = it.bh;
     }
     for (int c = threadIdx.x; c < Tile::kCopyChunks; c += kThreads) {
@@ -308,35 +335,41 @@ __global__ void __launch_bounds__(kThreads, DP <= 80 ? 2 : 1) la_backward_async_
       phi_chunk<C>(dst, nullptr, row < it.rows && col < a.dk);
     }
     __syncthreads();
-    if constexpr (Pass == BackwardPass::kApply) pair_tile_z<T, DP>(sh, a.dk, static_cast<float>(a.eps));
+    if constexpr (Pass == BackwardPass::kApply) pair_tile_z(sh, a.dk, static_cast<float>(a.eps));
 
     float acc[Tile::kOwned][2][4] = {};
     multiply_pair<T, DP, true>(acc, sh.phi_x, &sh.m_hi[0][0], &sh.m_lo[0][0], steps_k, steps_v, warp_row, col_group);
     if constexpr (Pass == BackwardPass::kApply) {
-      apply_backward_dz<T, DP>(a, it, sh, stage, acc, steps_v, warp_row, col_group);
+      apply_backward_dz(a, it, sh, stage, acc, warp_row, col_group);
     } else {
       const float factor = sh.inv_scale * inv_n;
-      store_pairs<T, DP>(a.grad_y, it, a.heads, a.dv, acc, steps_v, warp_row, col_group,
+      store_pairs<T, DP>(a.grad_y, it, a.heads, a.dv, acc, warp_row, col_group,
                          [&](int, int, float p0, float p1) { return make_float2(p0 * factor, p1 * factor); });
     }
 
     float acc_u[Tile::kOwned][2][4] = {};
     multiply_pair<T, DP, false>(acc_u, sh.y[stage], &sh.m_hi[0][0], &sh.m_lo[0][0], steps_v, steps_k, warp_row,
                                 col_group);
-    const float inv_scale = sh.inv_scale;
-    store_pairs<T, DP>(a.grad_x, it, a.heads, a.dk, acc_u, steps_k, warp_row, col_group,
-                       [&](int row, int col, float u0, float u1) {
-                         const float2 x = shared_pair(&sh.x[stage][row][col]);
-                         float g0, g1;
-                         if constexpr (Pass == BackwardPass::kApply) {  // (U / z + dz m)
-                           const float inv_z = inv_scale / sh.z[row], dz = sh.dz[row];
-                           g0 = u0 * inv_z + dz * sh.vec[col];
-                           g1 = u1 * inv_z + dz * sh.vec[col + 1];
-                         } else {  // (U + dm) / N
-                           g0 = (u0 * inv_scale + sh.vec[col]) * inv_n;
-                           g1 = (u1 * inv_scale + sh.vec[col + 1]) * inv_n;
-                         }
-                         return make_float2(times_dphi<C::fm>(g0, x.x), times_dphi<C::fm>(g1, x.y));
+    // grad_x = phi'(x) * (U u_scale[h] + m shift[h]): apply (U / z + dz m), state (U + dm) / N.
+    const int row = warp_row + static_cast<int>(threadIdx.x % 32) / 4;
+    float u_scale[2], shift[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (Pass == BackwardPass::kApply) {
+        u_scale[h] = sh.inv_scale / sh.z[row + 8 * h];
+        shift[h] = sh.dz[row + 8 * h];
+      } else {
+        u_scale[h] = sh.inv_scale * inv_n;
+        shift[h] = inv_n;
+      }
+    }
+    const T (&x_raw)[kPairTokens][Tile::kLd] = sh.x[stage];
+    store_pairs<T, DP>(a.grad_x, it, a.heads, a.dk, acc_u, warp_row, col_group,
+                       [&](int h, int col, float u0, float u1) {
+                         const float2 x = shared_pair(&x_raw[row + 8 * h][col]);
+                         const float g0 = u0 * u_scale[h] + sh.vec[col] * shift[h];
+                         const float g1 = u1 * u_scale[h] + sh.vec[col + 1] * shift[h];
+                         return make_float2(times_dphi_fast<C::fm>(g0, x.x), times_dphi_fast<C::fm>(g1, x.y));
                        });
   }
   cp_async_wait<0>();
@@ -345,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, DP <= 80 ? 2 : 1) la_backward_async_
 // Whether the tensor-core kernel takes the pass: 16-bit inputs on the tensor-core path, rows
 // cp.async copies whole (X, Y) and gradients stored as 4-byte pairs, fewer than 2^32 items (its
 // 32-bit decoding), a matrix that fits a block's shared memory, code compiled for sm_80+.
-template <class C, BackwardPass Pass, int DP> bool use_backward_async(const PairArgs& a) {
+template <class C, BackwardPass Pass, int DP, int S> bool use_backward_async(const PairArgs& a) {
   using T = typename C::T;
   if constexpr (!C::tc) {
     return false;
@@ -354,7 +387,7 @@ template <class C, BackwardPass Pass, int DP> bool use_backward_async(const Pair
     return async_copy_enabled() && a.ntiles * a.bh <= static_cast<int64_t>(UINT32_MAX) &&
            rows_16b_aligned(a.x, a.dk, b) && rows_16b_aligned(a.y, a.dv, b) && rows_aligned(a.grad_x, a.dk, b, 4) &&
            (Pass == BackwardPass::kApply || rows_aligned(a.grad_y, a.dv, b, 4)) &&
-           kPairSmem<T, DP> <= max_shared_per_block() && compiled_for(&la_backward_async_kernel<C, Pass, DP>, 80);
+           kPairSmem<T, DP, S> <= max_shared_per_block() && compiled_for(&la_backward_async_kernel<C, Pass, DP, S>, 80);
   }
 }
 
@@ -364,14 +397,22 @@ cudaError_t launch_backward_async(const PairArgs& a, cudaStream_t stream, bool& 
   launched = false;
   const auto with_dim = [&](auto dim) -> cudaError_t {
     constexpr int DP = decltype(dim)::value;
-    if (!use_backward_async<C, Pass, DP>(a)) return cudaSuccess;
-    launched = true;
-    constexpr size_t smem = kPairSmem<typename C::T, DP>;  // > 48 KB: opt in
-    unsigned grid = 0;
-    const cudaError_t err = persistent_grid(&la_backward_async_kernel<C, Pass, DP>, kThreads, smem, a.ntiles * a.bh, grid);
-    if (err != cudaSuccess) return err;
-    MMFAST_LAUNCH((la_backward_async_kernel<C, Pass, DP>), grid, kThreads, smem, stream, a);
-    return cudaGetLastError();
+    const auto with_stages = [&](auto stages) -> cudaError_t {
+      constexpr int S = decltype(stages)::value;
+      if (!use_backward_async<C, Pass, DP, S>(a)) return cudaSuccess;
+      launched = true;
+      constexpr size_t smem = kPairSmem<typename C::T, DP, S>;  // > 48 KB: opt in
+      unsigned grid = 0;
+      const cudaError_t err =
+          persistent_grid(&la_backward_async_kernel<C, Pass, DP, S>, kThreads, smem, a.ntiles * a.bh, grid);
+      if (err != cudaSuccess) return err;
+      MMFAST_LAUNCH((la_backward_async_kernel<C, Pass, DP, S>), grid, kThreads, smem, stream, a);
+      return cudaGetLastError();
+    };
+    if constexpr (DP == 64) {
+      if (pair_stages(DP) == 3) return with_stages(std::integral_constant<int, 3>{});
+    }
+    return with_stages(std::integral_constant<int, 2>{});
   };
   switch (pair_dim(a.dk, a.dv)) {
     case 64: return with_dim(std::integral_constant<int, 64>{});
