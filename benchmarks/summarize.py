@@ -1,6 +1,7 @@
 """Prints the benchmark summary table from a pytest-benchmark JSON file, for any op family.
 
     python benchmarks/summarize.py build/bench.json [--markdown out.md] [--plot out.png]
+    python benchmarks/summarize.py build/bench.rows.jsonl ...   (MMFAST_BENCH_ROWS, conftest.py)
 
 A row is every benchmark whose extra_info was written by _utils.record_metrics (it has
 "op"). Baseline columns are those the rows recorded (`<name>_ms`, `speedup_vs_<name>`).
@@ -16,6 +17,12 @@ TRAILING = [("throughput", "throughput"), ("GB/s", "gbps"), ("TFLOP/s", "tflops"
 
 
 def load(path):
+    """The rows of a pytest-benchmark JSON file, or of a MMFAST_BENCH_ROWS file (.jsonl: one row a
+    line, written as each benchmark ended; no machine or commit info)."""
+    if str(path).endswith(".jsonl"):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [row for row in rows if "op" in row], {}, {}
     with open(path) as f:
         data = json.load(f)
     infos = [bench.get("extra_info", {}) for bench in data["benchmarks"]]

@@ -116,8 +116,9 @@ if [[ $STEPS == *" bench "* ]]; then
     [ -n "$file" ] || continue
     stem=${file%.py}
     file_rc=0
-    (cd benchmarks && $PY -m pytest -q -p no:cacheprovider --benchmark-json="$REPORT_DIR/$stem.json" \
-       "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || file_rc=$?
+    # ... and a row per benchmark as it ends (MMFAST_BENCH_ROWS): a file cut off mid-way keeps those
+    (cd benchmarks && MMFAST_BENCH_ROWS="$REPORT_DIR/$stem.rows.jsonl" $PY -m pytest -q -p no:cacheprovider \
+       --benchmark-json="$REPORT_DIR/$stem.json" "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || file_rc=$?
     [ $file_rc -eq 0 ] || bench_rc=$file_rc
     $PY benchmarks/summarize.py "$REPORT_DIR/$stem.json" --markdown "$REPORT_DIR/$stem.md" \
       --plot "$REPORT_DIR/$stem.png" >>"$REPORT_DIR/bench.txt" 2>&1 || true
