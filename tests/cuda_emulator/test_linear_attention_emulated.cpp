@@ -359,6 +359,32 @@ void run_backward_kernel_choice() {
   emu::max_shared_optin = 232448;
 }
 
+// fp16 scales a matrix of tiny entries up by a power of two: a subnormal largest entry (1e-39,
+// below 2^-126) must give a finite scale (2^127), or every zero entry times it turns NaN. The
+// backward's tensor-core kernel with dS (state_backward) and S (apply_backward) of that kind:
+// every gradient finite.
+void run_subnormal_matrix_fp16() {
+  const int64_t N = 100, D = 64;
+  Tok<__half> q(1, N, 1, D, 0, 0, true), k(1, N, 1, D, 0, 0, true), v(1, N, 1, D, 0, 0, true);
+  Tok<__half> go(1, N, 1, D, 0, 0, true), gq(1, N, 1, D, 0, 0, false), gk(1, N, 1, D, 0, 0, false),
+      gv(1, N, 1, D, 0, 0, false);
+  Lp p;
+  p.batch = 1; p.seqlen = N; p.heads = 1; p.dim_k = D; p.dim_v = D; p.dtype = DType::kFloat16;
+  p.feature_map = FeatureMap::kElu1; p.q = q.t; p.k = k.t; p.v = v.t; p.grad_out = go.t; p.grad_q = gq.t;
+  p.grad_k = gk.t; p.grad_v = gv.t;
+  std::vector<float> st(D * D, 0.0f), mn(D, 0.5f), gst(D * D, 0.0f), gmn(D, 0.0f);
+  st[5] = gst[5] = 1e-39f;
+  p.state = st.data(); p.mean = mn.data(); p.grad_state = gst.data(); p.grad_mean = gmn.data();
+  std::vector<char> ws(mmfast::cuda::linear_attention_apply_backward_workspace_bytes(p) + 64);
+  p.workspace = ws.data(); p.workspace_bytes = ws.size();
+  const bool launched = mmfast::cuda::linear_attention_apply_backward(p, nullptr) == cudaSuccess &&
+                        mmfast::cuda::linear_attention_state_backward(p, nullptr) == cudaSuccess;
+  bool finite = launched;
+  for (int64_t n = 0; n < N; ++n) for (int64_t d = 0; d < D; ++d)
+    finite = finite && std::isfinite(gq.g(0, n, 0, d)) && std::isfinite(gk.g(0, n, 0, d)) && std::isfinite(gv.g(0, n, 0, d));
+  if (!finite) { ++nfail; std::printf("FAIL fp16 backward with a subnormal largest matrix entry: a gradient is not finite\n"); }
+}
+
 // NaN propagation (relu): a NaN key reaches every output; in the backward, grad_q is an exact
 // 0 wherever q <= 0 even when its incoming gradient is NaN (torch selects, not multiplies).
 void run_nan_propagation() {
@@ -514,6 +540,7 @@ int main(int argc, char** argv) {
   run_nan_propagation_async();
   run_tile_width();
   run_backward_kernel_choice();
+  run_subnormal_matrix_fp16();
   run_long_reduction<float>(4, 1 << 18, 7);
   run_long_reduction<__nv_bfloat16>(8, 1 << 16, 9);
   // Random positive inputs on the cp.async kernel (mma.sync), with the mma's fp32 result rounded

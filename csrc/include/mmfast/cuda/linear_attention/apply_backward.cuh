@@ -169,16 +169,8 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (C::tc) {  // the tensor-core kernel where it takes the shapes (backward_async.cuh)
-      PairArgs pair;
-      static_cast<Dims&>(pair) = static_cast<const Dims&>(a);
-      pair.x = p.q;
-      pair.y = p.grad_out;
-      pair.grad_x = p.grad_q;
-      pair.matrix = p.state;
-      pair.vec = p.mean;
-      pair.scalars = p.workspace;
       bool launched = false;
-      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kApply>(pair, stream, launched);
+      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kApply>(p, a, stream, launched);
       if (async_err != cudaSuccess || launched) return async_err;
     }
     MMFAST_LAUNCH(la_apply_backward_kernel<C>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);

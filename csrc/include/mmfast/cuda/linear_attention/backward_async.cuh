@@ -44,13 +44,17 @@ template <int DP> struct PairTile {
   static constexpr int kCopyChunks = kPairTokens * DP / 8;  // 16-byte chunks of a token tile
 };
 
-// Items in the ring (Stages) and resident blocks per SM the kernel is compiled for: the item
-// being multiplied and the next one in flight (DP = 80: 20 KB of bf16 tokens per block, two
-// blocks of 85 KB, which also fit sm_86's 99 KB; 128 / 160: one block of 157 / 215 KB, 32 / 40 KB
-// in flight); at DP = 64 either the next two (3 stages, two blocks of 83 KB, 94 registers: 64 KB
-// in flight per SM) or the next one in three blocks of 65 KB (80 registers, no spills: 48 KB in
-// flight, 24 warps to cover the barriers), MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (an A/B switch
-// until a GPU run picks one).
+// Items in the ring (Stages) and resident blocks per SM the kernel is compiled for (its
+// __launch_bounds__; the numbers are sm_90's, 227 KB per block, 228 KB per SM less 1 KB per
+// block): the item being multiplied and the next one in flight (DP = 80: 20 KB of bf16 tokens
+// per block, two blocks of 85 KB; 128 / 160: one block of 157 / 215 KB, 32 / 40 KB in flight); at
+// DP = 64 either the next two (3 stages, two blocks of 83 KB, 94 registers: 64 KB in flight per
+// SM) or the next one in three blocks of 65 KB (80 registers, no spills: 48 KB in flight, 24
+// warps to cover the barriers), MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (an A/B switch: on the H200
+// it measured within 5% of the default either way). sm_80 (164 KB per SM) holds one block fewer
+// of each 64 / 80-wide variant, sm_86 / sm_89 (99 KB) one block of them; 160 does not fit sm_80
+// (the register-staged kernels run): the grid comes from the occupancy calculator, so only the
+// register caps are sm_90's.
 template <int DP, int Stages> constexpr int kPairBlocks = DP <= 64 && Stages == 2 ? 3 : DP <= 80 ? 2 : 1;
 inline int pair_stages(int dp) {
   static const bool three_blocks = std::getenv("MMFAST_CUDA_LA_BACKWARD_3BLOCKS") != nullptr &&
@@ -136,7 +140,10 @@ __device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, 
   for (int e = threadIdx.x; e < DP * kPairs; e += kThreads) {
     const int l = e / kPairs, c = e % kPairs * 2;
     float2 value = make_float2(0.0f, 0.0f);
-    if (l < a.dk && c < a.dv) value = *reinterpret_cast<const float2*>(M + static_cast<int64_t>(l) * a.dv + c);
+    if (l < a.dk && c < a.dv) {  // two 4-byte loads: M need only be float-aligned (a view may start anywhere)
+      const float* pair = M + static_cast<int64_t>(l) * a.dv + c;
+      value = make_float2(pair[0], pair[1]);
+    }
     uint32_t hi, lo;
     split_pair<T>(value.x * scale, value.y * scale, hi, lo);
     *reinterpret_cast<uint32_t*>(&sh.m_hi[l][c]) = hi;
@@ -391,9 +398,33 @@ template <class C, BackwardPass Pass, int DP, int S> bool use_backward_async(con
   }
 }
 
+// The pass's operands from the op's parameters (dims: make_dims(p)).
+template <BackwardPass Pass> PairArgs pair_args(const LinearAttentionParams& p, const Dims& dims) {
+  PairArgs a;
+  static_cast<Dims&>(a) = dims;
+  if constexpr (Pass == BackwardPass::kApply) {
+    a.x = p.q;
+    a.y = p.grad_out;
+    a.grad_x = p.grad_q;
+    a.matrix = p.state;
+    a.vec = p.mean;
+    a.scalars = p.workspace;  // (z, dz) per token: the start of the apply_backward workspace
+  } else {
+    a.x = p.k;
+    a.y = p.v;
+    a.grad_x = p.grad_k;
+    a.grad_y = p.grad_v;
+    a.matrix = p.grad_state;
+    a.vec = p.grad_mean;
+  }
+  return a;
+}
+
 // Launches the tensor-core kernel when it takes the pass (launched says so).
 template <class C, BackwardPass Pass>
-cudaError_t launch_backward_async(const PairArgs& a, cudaStream_t stream, bool& launched) {
+cudaError_t launch_backward_async(const LinearAttentionParams& p, const Dims& dims, cudaStream_t stream,
+                                  bool& launched) {
+  const PairArgs a = pair_args<Pass>(p, dims);
   launched = false;
   const auto with_dim = [&](auto dim) -> cudaError_t {
     constexpr int DP = decltype(dim)::value;

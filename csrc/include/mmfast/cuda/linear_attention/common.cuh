@@ -76,7 +76,7 @@ __device__ __forceinline__ float range_scale(float largest) {
   if (!(largest > 0.0f && largest <= FLT_MAX)) return 1.0f;
   int e;
   frexpf(largest, &e);  // largest = f 2^e, f in [0.5, 1)
-  return ldexpf(1.0f, 1 - e);
+  return ldexpf(1.0f, 1 - e < 127 ? 1 - e : 127);  // a subnormal largest (e <= -126) stops at 2^127, not inf
 }
 
 // grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;

@@ -90,16 +90,8 @@ cudaError_t launch_state_backward(const LinearAttentionParams& p, cudaStream_t s
   return dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (C::tc) {  // the tensor-core kernel where it takes the shapes (backward_async.cuh)
-      PairArgs pair;
-      static_cast<Dims&>(pair) = static_cast<const Dims&>(a);
-      pair.x = p.k;
-      pair.y = p.v;
-      pair.grad_x = p.grad_k;
-      pair.grad_y = p.grad_v;
-      pair.matrix = p.grad_state;
-      pair.vec = p.grad_mean;
       bool launched = false;
-      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kState>(pair, stream, launched);
+      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kState>(p, a, stream, launched);
       if (async_err != cudaSuccess || launched) return async_err;
     }
     MMFAST_LAUNCH(la_state_backward_kernel<C>, grid_for(items), kThreads, 0, stream, a);
