@@ -226,3 +226,30 @@ def test_cuda_fp16_apply_takes_states_outside_the_fp16_range(scale):
     state, mean = state * scale, mean * scale
     out = linear_attention_apply(q.cuda(), state.cuda(), mean.cuda(), backend="native")
     assert_close(out.cpu(), reference.linear_attention_apply_ref(q, state, mean), torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_backward_takes_state_views_at_any_float_offset(dtype):
+    """The backward's tile kernel reads the fp32 state and mean (apply_backward) and grad_state
+    and grad_mean (state_backward) from views that start 4 bytes past an 8-byte boundary (a slice
+    of a larger buffer: contiguous, so nothing copies it): the gradients equal those of the same
+    values at an aligned address, bit for bit."""
+    ops = torch.ops.mmfast
+    q, k, v = make_qkv((1, 500, 2, 64, 64), dtype, "cuda")
+    grad_out = torch.randn(1, 500, 2, 64, dtype=dtype, device="cuda")
+    state, mean = ops.linear_attention_state(k, v, "elu1")
+
+    def shifted(t):  # the same values one float into a buffer
+        view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 8 == 4
+        return view
+
+    aligned = ops.linear_attention_apply_backward(grad_out, q, state, mean, 1e-4, "elu1")
+    offset = ops.linear_attention_apply_backward(grad_out, q, shifted(state), shifted(mean), 1e-4, "elu1")
+    grad_state, grad_mean = aligned[1], aligned[2]
+    aligned += ops.linear_attention_state_backward(grad_state, grad_mean, k, v, "elu1")
+    offset += ops.linear_attention_state_backward(shifted(grad_state), shifted(grad_mean), k, v, "elu1")
+    for got, want in zip(offset, aligned):
+        assert torch.equal(got, want)
