@@ -14,6 +14,8 @@
 #                    only with GPU_CHECK_AB=1)
 #   triton tests     the Triton twins on the GPU, with what time is left
 #   throw-probe, throw-rebuild (opt-in)  scripts/gpu_throw_probe.sh, without and with its rebuild
+#   la-split (opt-in)  benchmarks/probes/linear_attention_kernel_split.py --variants: the
+#                    linear attention's per-kernel device time (torch.profiler), JSON in the report
 # Usage (device tool): MMFAST_COMMIT=<sha> bash scripts/gpu_lease.sh [SECONDS, default 400]
 # Knobs: GPU_CHECK_FAMILIES (default all four op families), GPU_LEASE_PHASES (run in the order
 # named; default "build build-checks cuda-tests sanitize bench triton-tests"; a later call on
@@ -32,7 +34,7 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
 # a hung test costs 90 s, not the lease (pytest-timeout and pytest-xdist are on the GPU image)
 PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-PHASES=" ${GPU_LEASE_PHASES:-build build-checks cuda-tests sanitize bench triton-tests} "  # also: throw-probe, throw-rebuild
+PHASES=" ${GPU_LEASE_PHASES:-build build-checks cuda-tests sanitize bench triton-tests} "  # also: throw-probe, throw-rebuild, la-split
 
 archive() {
   {
@@ -83,6 +85,9 @@ run_phase() {  # the phases, in the order GPU_LEASE_PHASES names them
     triton-tests) phase triton-tests 150 env GPU_CHECK_STEPS=tests GPU_TEST_K=triton GPU_TEST_ARGS="$PER_TEST $XDIST" \
       bash scripts/gpu_check.sh "$REPORT" ;;
     throw-rebuild) phase throw-rebuild 120 env REBUILD=1 bash scripts/gpu_throw_probe.sh ;;
+    # per-kernel device time of the linear attention, forward and backward, with its A/B switches
+    la-split) phase la-split 120 python3 benchmarks/probes/linear_attention_kernel_split.py --variants \
+      --json "$REPORT/linear_attention_kernel_split.json" ;;
     *) echo "gpu-lease: unknown phase $1" | tee -a "$OUT/phases.txt"; return 2 ;;
   esac
 }
