@@ -1,6 +1,7 @@
 // Host emulation of the CUDA execution model, one 256-thread block at a time: fibers
 // switched at __syncthreads / __shfl_xor_sync (the block) and ldmatrix / mma.sync / votes /
-// matches / indexed shuffles / __syncwarp (the warp), random thread order per phase. Include it
+// matches / indexed shuffles / __syncwarp (the warp), random thread order per phase, and in half
+// of the intervals between barriers one warp held back to run after the others. Include it
 // before any mmfast/cuda header: it defines the CUDA built-ins and MMFAST_LAUNCH, which runs
 // `emu_blocks` blocks of every launch one after another (kernels use grid-stride loops, so
 // any grid covers the problem; inter-block concurrency is what it cannot check).
@@ -223,34 +224,56 @@ inline bool block_released() {
   }
   return true;
 }
+// Each round resumes the threads released (past a block barrier, or all 32 lanes of a warp at
+// their collective) in random order, except a held-back warp: in half of the intervals between
+// block barriers one random warp resumes only when no other can, so it runs all of that
+// interval after the others, as a warp the hardware schedules late would. Resuming every
+// released thread every round kept the warps in step: a missing barrier whose two sides lie
+// collectives apart (a warp reading what another writes before its first collective) went unseen.
+inline bool released[kN];  // may resume (past its wait, or not started) and not yet resumed
+inline int held_back = -1;   // the interval's held-back warp, or -1
+inline void release_waiting() {
+  bool pending = false;
+  for (int t = 0; t < kN; ++t) pending = pending || (released[t] && !done[t]);
+  if (!pending && block_released()) {  // a barrier counts only once every thread waits at it
+    for (int t = 0; t < kN; ++t) released[t] = !done[t];
+    held_back = (rng() & 1) != 0 ? static_cast<int>(rng() % (kN / 32)) : -1;
+    return;
+  }
+  for (int w = 0; w < kN / 32; ++w) {
+    bool lanes_pending = false;
+    for (int l = 32 * w; l < 32 * w + 32; ++l) lanes_pending = lanes_pending || released[l];
+    if (!lanes_pending && warp_released(w))
+      for (int l = 32 * w; l < 32 * w + 32; ++l) released[l] = true;
+  }
+}
 inline void run(std::function<void()> f) {
   body = std::move(f);
   for (int t = 0; t < kN; ++t) {
     prepare_fiber(t);
     done[t] = false;
     at_warp[t] = false;
+    released[t] = true;
     nbar[t] = 0;
     nwarp[t] = 0;
   }
   for (long& phase : mma_phase) phase = -1;
+  held_back = (rng() & 1) != 0 ? static_cast<int>(rng() % (kN / 32)) : -1;
   ++blocks_run;
   std::vector<int> order(kN);
   for (int t = 0; t < kN; ++t) order[t] = t;
-  bool first = true;
-  std::vector<char> runnable(kN);
-  for (;;) {
+  for (bool first = true;; first = false) {
     int ndone = 0;
     for (int t = 0; t < kN; ++t) ndone += done[t];
     if (ndone == kN) break;
-    const bool block = !first && block_released();
-    bool warp_ready[kN / 32];
-    for (int w = 0; w < kN / 32; ++w) warp_ready[w] = !first && !block && warp_released(w);
-    bool any = false;
-    for (int t = 0; t < kN; ++t) {
-      runnable[t] = !done[t] && (first || (at_warp[t] ? warp_ready[t / 32] : block));
-      any = any || runnable[t];
+    if (!first) release_waiting();
+    bool chosen[kN / 32] = {};
+    int nwarps = 0;
+    for (int w = 0; w < kN / 32; ++w) {
+      for (int l = 32 * w; l < 32 * w + 32; ++l) chosen[w] = chosen[w] || (released[l] && !done[l]);
+      nwarps += chosen[w];
     }
-    if (!any) {
+    if (nwarps == 0) {
       for (int t = 0; t < kN; ++t)
         if (at_warp[t] && !done[t]) {
           std::printf("EMU ERROR: warp %d waits at a warp collective that some of its lanes never reach\n", t / 32);
@@ -259,10 +282,11 @@ inline void run(std::function<void()> f) {
       std::printf("EMU ERROR: barrier count mismatch\n");
       std::exit(2);
     }
-    first = false;
+    if (held_back >= 0 && chosen[held_back] && nwarps > 1) chosen[held_back] = false;
     std::shuffle(order.begin(), order.end(), rng);
     for (int t : order) {
-      if (!runnable[t]) continue;
+      if (!chosen[t / 32] || !released[t] || done[t]) continue;
+      released[t] = false;
       cur = t;
       tid.x = t;
       switch_to_fiber(t);
