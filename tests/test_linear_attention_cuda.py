@@ -253,3 +253,40 @@ def test_cuda_backward_takes_state_views_at_any_float_offset(dtype):
     offset += ops.linear_attention_state_backward(shifted(grad_state), shifted(grad_mean), k, v, "elu1")
     for got, want in zip(offset, aligned):
         assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 9000, 6, 64), (1, 70000, 2, 40), (4, 50, 3, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_fused_state_sums_match_the_state_pass(dtype, shape, tmp_path):
+    """At head dims up to 64 apply_backward's tile kernel sums grad_state and grad_mean itself
+    (units of token tiles, fp32 partials summed in fp64: several units per head, and one, which
+    it writes directly); MMFAST_CUDA_LA_BACKWARD_FUSED=0 leaves them to the state pass. Both
+    multiply the same operands, so they differ only in summation order: within 1e-5 of the
+    largest entry; grad_q is the same code's, bit for bit; and both are close to fp64."""
+    ops = torch.ops.mmfast
+    B, N, H, D = shape
+    q, k, v = make_qkv((B, N, H, D, D), dtype, "cuda")
+    grad_out = torch.randn(B, N, H, D, dtype=dtype, device="cuda")
+    state, mean = ops.linear_attention_state(k, v, "elu1")
+    torch.save([t.cpu() for t in (grad_out, q, state, mean)], tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, mmfast
+        args = [t.cuda() for t in torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)]
+        grads = torch.ops.mmfast.linear_attention_apply_backward(*args, 1e-4, "elu1")
+        torch.save([t.cpu() for t in grads], {str(tmp_path / "unfused.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "MMFAST_CUDA_LA_BACKWARD_FUSED": "0"}, check=True)
+    unfused = torch.load(tmp_path / "unfused.pt", weights_only=True)
+    fused = [t.cpu() for t in ops.linear_attention_apply_backward(grad_out, q, state, mean, 1e-4, "elu1")]
+    assert torch.equal(fused[0], unfused[0])
+    for got, other in zip(fused[1:], unfused[1:]):
+        assert (got.double() - other.double()).abs().max() <= 1e-5 * other.double().abs().max()
+
+    q64, state64, mean64 = (t.detach().cpu().double().requires_grad_() for t in (q, state, mean))
+    out = reference.linear_attention_apply_ref(q64, state64, mean64)
+    expected = torch.autograd.grad(out, (q64, state64, mean64), grad_out.cpu().double())
+    for got, want in zip(fused, expected):
+        assert_close(got, want, dtype, scale=8 * max(1.0, want.abs().max().item()))

@@ -5,8 +5,9 @@ backward again and again) run ITERS times after a warm-up under the profiler; pe
 it prints the calls per iteration and the mean microseconds per call, and per direction the
 total, the floor bytes (forward: q, k, v, out; backward: q, k, v, grad_out, dq, dk, dv) and the
 GB/s they make. With --variants the same runs repeat in subprocesses under the A/B switches:
-MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (the backward's 3-block variant at 64-wide tiles) and
-MMFAST_CUDA_ASYNC_COPY=0 (the register-staged kernels).
+MMFAST_CUDA_LA_BACKWARD_FUSED=0 (apply_backward's dS and dm by the state pass afterwards, not in
+its tile kernel), MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (the backward's 3-block variant at 64-wide
+tiles; unfused too) and MMFAST_CUDA_ASYNC_COPY=0 (the register-staged kernels).
 
     python benchmarks/probes/linear_attention_kernel_split.py [--json PATH] [--variants]
 
@@ -31,7 +32,11 @@ SHAPES = [  # name, B, N, H, D
     ("sd15-L2-4096px", 2, 16384, 8, 160),
 ]
 ITERS = 10
-VARIANTS = {"3blocks": {"MMFAST_CUDA_LA_BACKWARD_3BLOCKS": "1"}, "register-staged": {"MMFAST_CUDA_ASYNC_COPY": "0"}}
+VARIANTS = {
+    "unfused": {"MMFAST_CUDA_LA_BACKWARD_FUSED": "0"},
+    "3blocks": {"MMFAST_CUDA_LA_BACKWARD_3BLOCKS": "1"},
+    "register-staged": {"MMFAST_CUDA_ASYNC_COPY": "0"},
+}
 
 
 def short_name(kernel: str) -> str:

@@ -249,12 +249,87 @@ template <class T> void run_long_reduction(int64_t D, int64_t N, int major, bool
   emu::compute_major = 9;
 }
 
+// Whether apply_backward sums dS and dm in its tensor-core kernel (kApplyWithStateSums: head dims
+// up to 64, the 3-stage ring) instead of the state pass: not under MMFAST_CUDA_LA_BACKWARD_FUSED=0
+// or MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1 (ctest runs the suite under each).
+bool switch_set(const char* name, char value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && env[0] == value;
+}
+bool fused_sums(int64_t dk, int64_t dv) {
+  return dk <= 64 && dv <= 64 && !switch_set("MMFAST_CUDA_LA_BACKWARD_FUSED", '0') &&
+         !(std::getenv("MMFAST_CUDA_LA_BACKWARD_3BLOCKS") != nullptr && !switch_set("MMFAST_CUDA_LA_BACKWARD_3BLOCKS", '0'));
+}
+
+// apply_backward's dS and dm over a long head (bf16, N = 16384, D = 8, positive inputs so every
+// sum has terms of one sign), against fp64 sums of the kernel's own operands: its z from the
+// bf16-rounded phi(q) (phi_x, as its P product), phi(q) / z exact. With the fused sums the
+// kernel's units are 128 tiles long (one SM); each item's mma sums start at 0 and are added in
+// fp32, so the error stays within 1e-5 also under a truncating tensor core (mma accumulators
+// carried over a whole unit would round 1024 times). The unfused path runs the state pass's
+// fp64 flushes: the same bound.
+void run_long_apply_backward() {
+  using Bf = __nv_bfloat16;
+  const int64_t N = 16384, D = 8;
+  emu::sms = 1;
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  Tok<Bf> q(1, N, 1, D, 0, 0, false), go(1, N, 1, D, 0, 0, false), gq(1, N, 1, D, 0, 0, false);
+  for (auto& x : q.buf) x = fromd<Bf>(unit(grng));
+  for (auto& x : go.buf) x = fromd<Bf>(0.5 + unit(grng));
+  std::vector<float> st(D * D), mn(D), gst(D * D), gmn(D);
+  for (auto& x : st) x = static_cast<float>(0.5 + unit(grng));
+  for (auto& x : mn) x = static_cast<float>(1.0 + unit(grng));
+  std::vector<double> dS(D * D, 0.0), dm(D, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    double pq[D], pq_rounded[D], z = 0.0, w = 0.0;
+    for (int64_t a = 0; a < D; ++a) {
+      pq[a] = static_cast<double>(static_cast<float>(q.g(0, n, 0, a)) + 1.0f);  // elu + 1 of q >= 0
+      pq_rounded[a] = tod(fromd<Bf>(pq[a]));
+      z += pq_rounded[a] * mn[a];
+    }
+    for (int64_t c = 0; c < D; ++c) {
+      double p = 0.0;
+      for (int64_t a = 0; a < D; ++a) p += pq_rounded[a] * st[a * D + c];
+      w += p * go.g(0, n, 0, c);
+    }
+    const double dz = -(w / z) / z;
+    for (int64_t a = 0; a < D; ++a) {
+      dm[a] += pq[a] * dz;
+      for (int64_t c = 0; c < D; ++c) dS[a * D + c] += pq[a] / z * go.g(0, n, 0, c);
+    }
+  }
+  Lp p;
+  p.batch = 1; p.seqlen = N; p.heads = 1; p.dim_k = D; p.dim_v = D; p.dtype = DType::kBFloat16;
+  p.feature_map = FeatureMap::kElu1; p.eps = 0.0; p.q = q.t; p.grad_out = go.t; p.grad_q = gq.t;
+  p.state = st.data(); p.mean = mn.data(); p.grad_state = gst.data(); p.grad_mean = gmn.data();
+  std::vector<char> ws(mmfast::cuda::linear_attention_apply_backward_workspace_bytes(p) + 64);
+  p.workspace = ws.data(); p.workspace_bytes = ws.size();
+  for (bool toward_zero : {false, true}) {
+    emu::mma_round_toward_zero = toward_zero;
+    if (mmfast::cuda::linear_attention_apply_backward(p, nullptr) != cudaSuccess) { ++nfail; std::printf("FAIL launch long apply_backward\n"); break; }
+    double err = 0.0;
+    for (size_t i = 0; i < dS.size(); ++i) err = std::max(err, std::fabs(gst[i] - dS[i]) / std::fabs(dS[i]));
+    for (size_t i = 0; i < dm.size(); ++i) err = std::max(err, std::fabs(gmn[i] - dm[i]) / std::fabs(dm[i]));
+    const char* rounding = toward_zero ? "toward zero" : "to nearest";
+    if (!(err < 1e-5)) {
+      ++nfail;
+      std::printf("FAIL long apply_backward (fused sums %d), mma rounding %s: relative error %.3g (N = %ld)\n",
+                  (int)fused_sums(D, D), rounding, err, (long)N);
+    }
+    std::printf("long apply_backward N=%ld fused sums %d, mma rounding %s: max relative error %.3g\n", (long)N,
+                (int)fused_sums(D, D), rounding, err);
+  }
+  emu::mma_round_toward_zero = false;
+  emu::sms = 132;
+}
+
 // The cp.async kernels size their tiles to the head dims (tile_width): bf16 with 16-byte
 // aligned rows on sm_90 must launch la_state_async_kernel with the expected width's shared
 // memory, for the forward (Scaled = false) and apply_backward's pass (Scaled = true), and
 // la_apply_async_kernel with its width's for this Dk (apply_tile_width); with sm_86's
-// 99 KB per block, 64 everywhere (and apply register-staged past Dk = 128, as before). Correctness at these widths is
-// run_case's (the cases in main with 16-byte aligned rows).
+// 99 KB per block, 64 everywhere (and apply register-staged past Dk = 128, as before); where
+// apply_backward sums dS and dm itself (fused_sums) no state kernel runs. Correctness at these
+// widths is run_case's (the cases in main with 16-byte aligned rows).
 void run_tile_width() {
   using mmfast::cuda::la::kAsyncStateSmem;
   using Bf16Elu = mmfast::cuda::la::Config<__nv_bfloat16, FeatureMap::kElu1, true>;
@@ -294,10 +369,22 @@ void run_tile_width() {
       const cudaError_t err = pass == 0   ? mmfast::cuda::linear_attention_state(p, nullptr)
                               : pass == 1 ? mmfast::cuda::linear_attention_apply_backward(p, nullptr)
                                           : mmfast::cuda::linear_attention_apply(p, nullptr);
-      const char* kernel = pass < 2 ? "la_state_async_kernel" : c.apply_width ? "la_apply_async_kernel" : "la_apply_kernel";
-      const size_t smem = pass < 2 ? c.smem : c.apply_width ? apply_smem(c.apply_width, static_cast<int>(c.dk)) : 0;
-      bool seen = false;
-      for (const auto& l : emu::launches) seen |= std::strstr(l.kernel, kernel) != nullptr && l.smem == smem;
+      const bool fused = pass == 1 && fused_sums(c.dk, c.dv);
+      const char* kernel = fused      ? "la_backward_async_kernel"
+                           : pass < 2 ? "la_state_async_kernel"
+                           : c.apply_width ? "la_apply_async_kernel" : "la_apply_kernel";
+      const size_t smem = fused      ? mmfast::cuda::la::kPairSmem<__nv_bfloat16, 64, 3, true>
+                          : pass < 2 ? c.smem
+                          : c.apply_width ? apply_smem(c.apply_width, static_cast<int>(c.dk)) : 0;
+      bool seen = false, state_pass = false;
+      for (const auto& l : emu::launches) {
+        seen |= std::strstr(l.kernel, kernel) != nullptr && l.smem == smem;
+        state_pass |= std::strstr(l.kernel, "la_state_kernel") != nullptr || std::strstr(l.kernel, "la_state_async_kernel") != nullptr;
+      }
+      if (fused && state_pass) {
+        ++nfail;
+        std::printf("FAIL tile width: Dk=%ld Dv=%ld apply_backward ran a state pass after its fused sums\n", (long)c.dk, (long)c.dv);
+      }
       if (err != cudaSuccess || !seen) {
         ++nfail;
         std::printf("FAIL tile width (%s): Dk=%ld Dv=%ld %s did not launch %s with %zu B\n", sm86 ? "sm_86" : "sm_90",
@@ -346,7 +433,7 @@ void run_backward_kernel_choice() {
       const char* kernel = tensor_cores ? "la_backward_async_kernel"
                            : pass == 0  ? "la_apply_backward_kernel"
                                         : "la_state_backward_kernel";
-      const size_t smem = tensor_cores ? c.sm90_smem : 0;
+      const size_t smem = !tensor_cores ? 0 : pass == 0 && fused_sums(c.dk, c.dv) ? kPairSmem<Bf, 64, 3, true> : c.sm90_smem;
       bool seen = false;
       for (const auto& l : emu::launches) seen |= std::strstr(l.kernel, kernel) != nullptr && l.smem == smem;
       if (err != cudaSuccess || !seen) {
@@ -543,6 +630,7 @@ int main(int argc, char** argv) {
   run_subnormal_matrix_fp16();
   run_long_reduction<float>(4, 1 << 18, 7);
   run_long_reduction<__nv_bfloat16>(8, 1 << 16, 9);
+  run_long_apply_backward();
   // Random positive inputs on the cp.async kernel (mma.sync), with the mma's fp32 result rounded
   // to nearest and toward zero (a truncating tensor core): within 1e-5 only because fp32 never
   // holds more than a flush group (kAsyncFlushTokens) before fp64 takes it.

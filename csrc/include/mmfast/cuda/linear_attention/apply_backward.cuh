@@ -1,4 +1,5 @@
-// The backward of the apply pass: grad_q, then grad_state and grad_mean through the state pass.
+// The backward of the apply pass: grad_q, then grad_state and grad_mean through the state pass
+// (the tensor-core kernel of backward_async.cuh sums those itself at head dims up to 64).
 //
 // Per 64-token tile of one (b, h), la_apply_backward_kernel computes
 //   z_i = phi(q_i) . m + eps
@@ -155,6 +156,13 @@ inline size_t apply_backward_scalar_bytes(const LinearAttentionParams& p) {
   return static_cast<size_t>(round_up(static_cast<int64_t>(bytes), 256));
 }
 
+// The workspace: (z, dz) per token, then the partials of dS and dm, of the state pass or of the
+// tensor-core kernel's own sums (plan_state_sums), whichever path runs.
+inline size_t apply_backward_workspace_bytes(const LinearAttentionParams& p, int sms) {
+  const size_t state = plan_state(p, sms).partial_bytes, fused = plan_state_sums(p, sms).partial_bytes;
+  return apply_backward_scalar_bytes(p) + (state > fused ? state : fused);
+}
+
 template <class T>
 cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t stream, int sms) {
   const StatePlan plan = plan_state(p, sms);
@@ -166,20 +174,22 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
   a.state = p.state;
   a.mean = p.mean;
   a.scalars = p.workspace;
+  void* partials = static_cast<char*>(p.workspace) + apply_backward_scalar_bytes(p);
+  bool summed = false;  // dS and dm too (the tensor-core kernel's fused sums)
   cudaError_t err = dispatch_config<T>(a, [&](auto config) {
     using C = decltype(config);
     if constexpr (C::tc) {  // the tensor-core kernel where it takes the shapes (backward_async.cuh)
       bool launched = false;
-      const cudaError_t async_err = launch_backward_async<C, BackwardPass::kApply>(p, a, stream, launched);
+      const cudaError_t async_err =
+          launch_backward_async<C, BackwardPass::kApply>(p, a, stream, launched, partials, &summed);
       if (async_err != cudaSuccess || launched) return async_err;
     }
     MMFAST_LAUNCH(la_apply_backward_kernel<C>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);
     return cudaGetLastError();
   });
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || summed) return err;
   // dS = sum_i phi(q_i)^T (do_i / z_i), dm = sum_i dz_i phi(q_i): the state pass with
   // k := q, v := grad_out and per-token (z, dz).
-  void* partials = static_cast<char*>(p.workspace) + apply_backward_scalar_bytes(p);
   return launch_state_pass<T>(p.q, p.grad_out, p.workspace, p.grad_state, p.grad_mean, p, plan, partials, 1.0,
                               stream);
 }
@@ -190,14 +200,14 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
 // linear_attention_apply_backward_workspace_bytes(p) of workspace.
 inline size_t linear_attention_apply_backward_workspace_bytes(const LinearAttentionParams& p) {
   if (!la::valid_dims(p)) return 0;
-  return la::apply_backward_scalar_bytes(p) + la::plan_state(p, sm_count()).partial_bytes;
+  return la::apply_backward_workspace_bytes(p, sm_count());
 }
 inline cudaError_t linear_attention_apply_backward(const LinearAttentionParams& p, cudaStream_t stream) {
   if (!la::valid_dims(p) || !p.q.data || !p.grad_out.data || !p.grad_q.data || !p.state || !p.mean ||
       !p.grad_state || !p.grad_mean)
     return cudaErrorInvalidValue;
   const int sms = sm_count();
-  const size_t need = la::apply_backward_scalar_bytes(p) + la::plan_state(p, sms).partial_bytes;
+  const size_t need = la::apply_backward_workspace_bytes(p, sms);
   if (p.workspace == nullptr || p.workspace_bytes < need) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto t) { return la::launch_apply_backward<decltype(t)>(p, stream, sms); });
 }

@@ -20,17 +20,31 @@
 // (w % 4) * 16 .. + 15 and the 16-column chunks w / 4, w / 4 + 2, ... of each phase's output.
 // fp16 scales M by a power of two that brings its largest magnitude to [1, 2) (fp16 tops out
 // at 65504 and goes subnormal below 6.1e-5), undone in fp32 in the epilogues.
+//
+// kApplyWithStateSums (DP = 64, the default there; MMFAST_CUDA_LA_BACKWARD_FUSED=0 turns it off)
+// is apply_backward with dS and dm summed in the same kernel, from the tile already in shared
+// memory, instead of by the state pass run on (q, grad_out) again afterwards (the backward's
+// token traffic: 7 tensor passes instead of 9):
+//   phase 3  dS += (phi(q) / z)^T do, dm += (phi(q) / z)^T (dz z)   (tokens contracted)
+// with the state pass's operands (phi(q) / z split as hi + lo, do exact; multiply_weighted_sums).
+// Each item's sums start at 0 in the mma accumulators and are added in fp32 into the unit's; a
+// unit is at most kMaxSumUnitTiles tiles of one head (plan_state_sums), whose fp32 partial
+// [dS | dm] is summed in fp64 in unit order by la_state_reduce_kernel (written directly when a
+// head is one unit): deterministic, and independent of the grid.
 #pragma once
 
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "mmfast/cuda/linear_attention/common.cuh"
+#include "mmfast/cuda/linear_attention/state.cuh"
 
 namespace mmfast {
 namespace cuda {
 namespace la {
 
-enum class BackwardPass { kApply, kState };
+enum class BackwardPass { kApply, kState, kApplyWithStateSums };
 
 constexpr int kPairTokens = 64;  // tokens per item
 static_assert(kPairTokens == kTile, "items are Dims::ntiles' token tiles");
@@ -62,7 +76,15 @@ inline int pair_stages(int dp) {
   return dp == 64 && !three_blocks ? 3 : 2;
 }
 
-template <class T, int DP, int Stages> struct PairShared {
+// Phase 3's operands (kApplyWithStateSums): phi(q) / z as hi (in phi_x) + lo, and per token
+// 1 / z and dz z (0 past the tile's rows).
+template <class T, int DP, bool Sums> struct SumTiles {
+  __align__(16) T a_lo[kPairTokens][PairTile<DP>::kLd];
+  float inv_z[kPairTokens], wz[kPairTokens];
+};
+template <class T, int DP> struct SumTiles<T, DP, false> {};
+
+template <class T, int DP, int Stages, bool Sums = false> struct PairShared {
   static constexpr int kLd = PairTile<DP>::kLd;
   __align__(16) T x[Stages][kPairTokens][kLd];  // raw X
   __align__(16) T y[Stages][kPairTokens][kLd];  // Y
@@ -74,10 +96,12 @@ template <class T, int DP, int Stages> struct PairShared {
   float w_part[2][kPairTokens];  // w of each column group
   float warp_max[kThreads / 32];
   float inv_scale;  // 1 / M's scale (1 for bf16)
+  SumTiles<T, DP, Sums> sums;
 };
 
 // The tile widths and whether one fits a block's shared memory.
-template <class T, int DP, int Stages> constexpr size_t kPairSmem = sizeof(PairShared<T, DP, Stages>);
+template <class T, int DP, int Stages, bool Sums = false>
+constexpr size_t kPairSmem = sizeof(PairShared<T, DP, Stages, Sums>);
 inline int pair_dim(int64_t dk, int64_t dv) {
   const int64_t d = max_i64(dk, dv);
   return d <= 64 ? 64 : d <= 80 ? 80 : d <= 128 ? 128 : d <= 160 ? 160 : 0;
@@ -89,6 +113,12 @@ struct PairArgs : Dims {
   const void* matrix;          // S | dS: fp32 [bh][Dk][Dv]
   const void* vec;             // m | dm: fp32 [bh][Dk]
   void* scalars;               // apply: out (z, dz) per token, [bh][N][2]
+  // kApplyWithStateSums: units of unit_tiles token tiles (units_per_head per head); their fp32
+  // partials [bh][units_per_head][Dk * Dv + Dk] into sums_out, or with one unit per head dS and
+  // dm straight into sums_out and mean_out.
+  void* sums_out;
+  void* mean_out;
+  int64_t unit_tiles, units_per_head;
 };
 
 // One item: token tile n0 of head bh (32-bit decoding: the launch keeps items below 2^32).
@@ -120,8 +150,8 @@ __device__ __forceinline__ void copy_token_tile(T (&dst)[kPairTokens][PairTile<D
 
 // M of head bh into m_hi / m_lo (times the fp16 scale; zeros past Dk x Dv up to DP) and m
 // into vec. Starts after a barrier (the previous head's readers are done); ends with one.
-template <class T, int DP, int S>
-__device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, PairShared<T, DP, S>& sh) {
+template <class T, int DP, int S, bool U>
+__device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, PairShared<T, DP, S, U>& sh) {
   const int64_t elems = static_cast<int64_t>(a.dk) * a.dv;
   const float* M = static_cast<const float*>(a.matrix) + bh * elems;
   float scale = 1.0f;
@@ -222,8 +252,8 @@ template <class T> __device__ __forceinline__ float2 shared_pair(const T* p) {
 
 // z of the tile's rows: phi(q) . m + eps from the prepared phi_x (the rounded phi(q) the
 // products use), 4 threads per row.
-template <class T, int DP, int S>
-__device__ __forceinline__ void pair_tile_z(PairShared<T, DP, S>& sh, int dk, float eps) {
+template <class T, int DP, int S, bool U>
+__device__ __forceinline__ void pair_tile_z(PairShared<T, DP, S, U>& sh, int dk, float eps) {
   const int row = threadIdx.x / 4, part = threadIdx.x % 4;
   float s = 0.0f;
   for (int l = 2 * part; l < dk; l += 8) {
@@ -236,9 +266,10 @@ __device__ __forceinline__ void pair_tile_z(PairShared<T, DP, S>& sh, int dk, fl
 }
 
 // apply_backward's phase 1 epilogue: w = rowsum(P * do) per row, then dz = -(w / z) / z into
-// shared memory and (z, dz) into the workspace. Between barriers.
-template <class T, int DP, int S>
-__device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairItem& it, PairShared<T, DP, S>& sh,
+// shared memory and (z, dz) into the workspace for the state pass, or (with U, the fused sums)
+// phase 3's 1 / z and dz z into shared memory. Between barriers.
+template <class T, int DP, int S, bool U>
+__device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairItem& it, PairShared<T, DP, S, U>& sh,
                                                   int stage, const float (&acc)[PairTile<DP>::kOwned][2][4],
                                                   int warp_row, int col_group) {
   const int lane = threadIdx.x % 32, g = lane / 4;
@@ -260,13 +291,75 @@ __device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairI
     const float w = (sh.w_part[0][row] + sh.w_part[1][row]) * sh.inv_scale;
     const float dz = -(w / z) / z;
     sh.dz[row] = dz;
-    if (row < it.rows) {
+    if constexpr (U) {  // as the state pass's load_slice_scalars
+      const bool in = row < it.rows;
+      sh.sums.inv_z[row] = in ? 1.0f / z : 1.0f;
+      sh.sums.wz[row] = in ? dz * z : 0.0f;
+    } else if (row < it.rows) {
       float* s = static_cast<float*>(a.scalars) + (it.bh * a.N + it.n0 + row) * 2;
       s[0] = z;
       s[1] = dz;
     }
   }
   __syncthreads();
+}
+
+// Phase 3's A operand from the raw q tile: phi(q) / z as hi (into phi_x, whose phase 1 readers
+// are past a barrier) + lo, zero past the tile's rows or Dk (phi_chunk, as the state pass).
+template <class C, int DP, int S>
+__device__ __forceinline__ void prepare_sum_operand(PairShared<typename C::T, DP, S, true>& sh, int stage,
+                                                    const PairItem& it, int dk) {
+  for (int c = threadIdx.x; c < PairTile<DP>::kCopyChunks; c += kThreads) {
+    const int row = c / (DP / 8), col = c % (DP / 8) * 8;
+    uint4* hi = reinterpret_cast<uint4*>(&sh.phi_x[row][col]);
+    *hi = *reinterpret_cast<const uint4*>(&sh.x[stage][row][col]);
+    phi_chunk<C>(hi, reinterpret_cast<uint4*>(&sh.sums.a_lo[row][col]), row < it.rows && col < dk, sh.sums.inv_z[row]);
+  }
+}
+
+// The unit of dS sums a block is in: chunk `chunk` of head bh, whose items end before `end`.
+struct SumUnit {
+  int64_t bh, chunk, end;
+  __device__ __forceinline__ void start(const PairArgs& a, int64_t unit) {
+    bh = unit / a.units_per_head;
+    chunk = unit - bh * a.units_per_head;
+    set_end(a);
+  }
+  __device__ __forceinline__ void next(const PairArgs& a) {
+    if (++chunk == a.units_per_head) {
+      chunk = 0;
+      ++bh;
+    }
+    set_end(a);
+  }
+  __device__ __forceinline__ void set_end(const PairArgs& a) {
+    end = bh * a.ntiles + min_i64((chunk + 1) * a.unit_tiles, a.ntiles);
+  }
+};
+__device__ __forceinline__ int64_t unit_first_item(const PairArgs& a, int64_t unit) {
+  const int64_t bh = unit / a.units_per_head;
+  return bh * a.ntiles + (unit - bh * a.units_per_head) * a.unit_tiles;
+}
+
+// The warp's part of unit u's dS and dm (kApplyWithStateSums, DP = 64: warp w sums Dk rows
+// (w % 4) * 16 and Dv columns (w / 4) * 32, as the state pass's 64-wide tiles).
+constexpr int kSumPairs = 2;  // 16-column pairs of n-tiles per warp
+__device__ __forceinline__ void store_unit_sums(const PairArgs& a, const SumUnit& u,
+                                                const WarpStateSums<float, 2 * kSumPairs>& sums, int warp_row,
+                                                int warp_col) {
+  StateArgs s;
+  static_cast<Dims&>(s) = a;
+  s.out_state = a.sums_out;
+  s.out_mean = a.mean_out;
+  s.nchunks = a.units_per_head;
+  s.div = 1.0;
+  StateItem it;
+  it.bh = u.bh;
+  it.chunk = u.chunk;
+  it.k0 = it.v0 = 0;
+  store_warp_sums<float, 2 * kSumPairs>(
+      s, it, [&](int n, int i) { return static_cast<double>(sums.s[n][i]); },
+      [&](int i) { return static_cast<double>(sums.m[i]); }, warp_row, warp_col);
 }
 
 // Stores f(h, col, value0, value1) of the warp's fragments as one 4-byte word per column pair
@@ -299,19 +392,36 @@ template <FeatureMap Fm> __device__ __forceinline__ float times_dphi_fast(float 
 }
 
 // A persistent grid: each block takes a contiguous range of items (token tiles fastest), so it
-// loads a head's matrix once per run of that head's tiles.
+// loads a head's matrix once per run of that head's tiles; with the fused sums, a range of whole
+// units.
 template <class C, BackwardPass Pass, int DP, int S>
 __global__ void __launch_bounds__(kThreads, kPairBlocks<DP, S>) la_backward_async_kernel(PairArgs a) {
   using T = typename C::T;
   using Tile = PairTile<DP>;
+  constexpr bool kApplySide = Pass != BackwardPass::kState;
+  constexpr bool kSums = Pass == BackwardPass::kApplyWithStateSums;
   static_assert(C::tc && kSixteenBit<T>, "the tensor-core variant of 16-bit inputs");
+  static_assert(!kSums || DP == 64, "the fused sums' warp layout is the 64-wide one (store_unit_sums)");
   MMFAST_DYNAMIC_SHARED(smem);
-  auto& sh = *reinterpret_cast<PairShared<T, DP, S>*>(smem);
+  auto& sh = *reinterpret_cast<PairShared<T, DP, S, kSums>*>(smem);
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int warp_row = (warp % 4) * 16, col_group = warp / 4;
   const int64_t items = a.ntiles * a.bh;
-  const int64_t per_block = ceil_div(items, gridDim.x);
-  const int64_t first = blockIdx.x * per_block, last = min_i64(items, first + per_block);
+  int64_t first, last;
+  SumUnit unit;  // kSums: the unit the current item belongs to
+  WarpStateSums<float, 2 * kSumPairs> unit_sums;
+  if constexpr (kSums) {
+    const int64_t units = a.units_per_head * a.bh, per_block = ceil_div(units, gridDim.x);
+    const int64_t u0 = blockIdx.x * per_block, u1 = min_i64(units, u0 + per_block);
+    first = u0 < units ? unit_first_item(a, u0) : items;
+    last = u1 < units ? unit_first_item(a, u1) : items;
+    if (u0 < units) unit.start(a, u0);
+    zero_sums(unit_sums);
+  } else {
+    const int64_t per_block = ceil_div(items, gridDim.x);
+    first = blockIdx.x * per_block;
+    last = min_i64(items, first + per_block);
+  }
   const int steps_k = static_cast<int>(ceil_div(a.dk, 16)), steps_v = static_cast<int>(ceil_div(a.dv, 16));
   const float inv_n = 1.0f / static_cast<float>(a.N);
   const auto issue = [&](int64_t item, int stage) {
@@ -342,12 +452,13 @@ __global__ void __launch_bounds__(kThreads, kPairBlocks<DP, S>) la_backward_asyn
       phi_chunk<C>(dst, nullptr, row < it.rows && col < a.dk);
     }
     __syncthreads();
-    if constexpr (Pass == BackwardPass::kApply) pair_tile_z(sh, a.dk, static_cast<float>(a.eps));
+    if constexpr (kApplySide) pair_tile_z(sh, a.dk, static_cast<float>(a.eps));
 
     float acc[Tile::kOwned][2][4] = {};
     multiply_pair<T, DP, true>(acc, sh.phi_x, &sh.m_hi[0][0], &sh.m_lo[0][0], steps_k, steps_v, warp_row, col_group);
-    if constexpr (Pass == BackwardPass::kApply) {
+    if constexpr (kApplySide) {
       apply_backward_dz(a, it, sh, stage, acc, warp_row, col_group);
+      if constexpr (kSums) prepare_sum_operand<C>(sh, stage, it, a.dk);  // read after phase 2's barrier
     } else {
       const float factor = sh.inv_scale * inv_n;
       store_pairs<T, DP>(a.grad_y, it, a.heads, a.dv, acc, warp_row, col_group,
@@ -362,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, kPairBlocks<DP, S>) la_backward_asyn
     float u_scale[2], shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if constexpr (Pass == BackwardPass::kApply) {
+      if constexpr (kApplySide) {
         u_scale[h] = sh.inv_scale / sh.z[row + 8 * h];
         shift[h] = sh.dz[row + 8 * h];
       } else {
@@ -378,6 +489,19 @@ __global__ void __launch_bounds__(kThreads, kPairBlocks<DP, S>) la_backward_asyn
                          const float g1 = u1 * u_scale[h] + sh.vec[col + 1] * shift[h];
                          return make_float2(times_dphi_fast<C::fm>(g0, x.x), times_dphi_fast<C::fm>(g1, x.y));
                        });
+    if constexpr (kSums) {
+      __syncthreads();  // phase 3's operands prepared
+      WarpStateSums<float, 2 * kSumPairs> item_sums;
+      zero_sums(item_sums);
+      multiply_weighted_sums<T, true, kPairTokens, kSumPairs>(item_sums, sh.phi_x, sh.sums.a_lo, sh.y[stage],
+                                                                sh.sums.wz, warp_row, col_group * 32);
+      add_sums(unit_sums, item_sums);
+      if (item + 1 == unit.end) {  // block-uniform
+        store_unit_sums(a, unit, unit_sums, warp_row, col_group * 32);
+        zero_sums(unit_sums);
+        unit.next(a);
+      }
+    }
   }
   cp_async_wait<0>();
 }
@@ -390,19 +514,60 @@ template <class C, BackwardPass Pass, int DP, int S> bool use_backward_async(con
   if constexpr (!C::tc) {
     return false;
   } else {
+    constexpr bool sums = Pass == BackwardPass::kApplyWithStateSums;
     const size_t b = sizeof(T);
     return async_copy_enabled() && a.ntiles * a.bh <= static_cast<int64_t>(UINT32_MAX) &&
            rows_16b_aligned(a.x, a.dk, b) && rows_16b_aligned(a.y, a.dv, b) && rows_aligned(a.grad_x, a.dk, b, 4) &&
-           (Pass == BackwardPass::kApply || rows_aligned(a.grad_y, a.dv, b, 4)) &&
-           kPairSmem<T, DP, S> <= max_shared_per_block() && compiled_for(&la_backward_async_kernel<C, Pass, DP, S>, 80);
+           (Pass != BackwardPass::kState || rows_aligned(a.grad_y, a.dv, b, 4)) &&
+           kPairSmem<T, DP, S, sums> <= max_shared_per_block() &&
+           compiled_for(&la_backward_async_kernel<C, Pass, DP, S>, 80);
   }
+}
+
+// MMFAST_CUDA_LA_BACKWARD_FUSED=0 leaves apply_backward's dS and dm to the state pass afterwards
+// (an A/B switch; so does MMFAST_CUDA_LA_BACKWARD_3BLOCKS=1, whose registers leave no room).
+inline bool fused_state_sums_enabled() {
+  static const bool enabled = env_switch_on("MMFAST_CUDA_LA_BACKWARD_FUSED");
+  return enabled;
+}
+
+// The fused sums' units (kApplyWithStateSums): unit_tiles token tiles of a head each. The fp32
+// adds of a unit's items round at most kMaxSumUnitTiles times (2^-24 each: under 1e-5 relative,
+// the state pass's bound); within that, unit_tiles minimises the busiest block's work at the
+// resident grid (kPairBlocks per SM): its rounds of units, each a partial written, plus its
+// share of the reduction's reads, a partial counted as its bytes in 16-bit token tiles.
+constexpr int64_t kMaxSumUnitTiles = 128;
+struct SumPlan {
+  int64_t unit_tiles = 1, units_per_head = 1;
+  size_t partial_bytes = 0;  // 0 with one unit per head (the kernel writes dS and dm)
+};
+inline SumPlan plan_state_sums(int64_t bh, int64_t ntiles, int64_t dk, int64_t dv, int sms) {
+  SumPlan plan;
+  const double grid = static_cast<double>(sms > 0 ? sms : 1) * kPairBlocks<64, 3>;
+  const double partial = static_cast<double>(dk * dv + dk) * 4.0 / (kPairTokens * (dk + dv) * 2.0);
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t tiles = 1; tiles <= min_i64(kMaxSumUnitTiles, ntiles); ++tiles) {
+    const double units = static_cast<double>(bh * ceil_div(ntiles, tiles));
+    const double cost = std::ceil(units / grid) * (static_cast<double>(tiles) + partial) + units * partial / grid;
+    if (cost <= best) {  // ties: the longer units
+      best = cost;
+      plan.unit_tiles = tiles;
+    }
+  }
+  plan.units_per_head = ceil_div(ntiles, plan.unit_tiles);
+  if (plan.units_per_head > 1)
+    plan.partial_bytes = static_cast<size_t>(bh * plan.units_per_head * (dk * dv + dk)) * sizeof(float);
+  return plan;
+}
+inline SumPlan plan_state_sums(const LinearAttentionParams& p, int sms) {
+  return plan_state_sums(p.bh(), ceil_div(p.seqlen, kPairTokens), p.dim_k, p.dim_v, sms);
 }
 
 // The pass's operands from the op's parameters (dims: make_dims(p)).
 template <BackwardPass Pass> PairArgs pair_args(const LinearAttentionParams& p, const Dims& dims) {
   PairArgs a;
   static_cast<Dims&>(a) = dims;
-  if constexpr (Pass == BackwardPass::kApply) {
+  if constexpr (Pass != BackwardPass::kState) {
     a.x = p.q;
     a.y = p.grad_out;
     a.grad_x = p.grad_q;
@@ -420,27 +585,67 @@ template <BackwardPass Pass> PairArgs pair_args(const LinearAttentionParams& p, 
   return a;
 }
 
-// Launches the tensor-core kernel when it takes the pass (launched says so).
+template <class C, BackwardPass Pass, int DP, int S>
+cudaError_t launch_pair_kernel(const PairArgs& a, int64_t work, cudaStream_t stream) {
+  constexpr size_t smem = kPairSmem<typename C::T, DP, S, Pass == BackwardPass::kApplyWithStateSums>;  // > 48 KB: opt in
+  unsigned grid = 0;
+  const cudaError_t err = persistent_grid(&la_backward_async_kernel<C, Pass, DP, S>, kThreads, smem, work, grid);
+  if (err != cudaSuccess) return err;
+  MMFAST_LAUNCH((la_backward_async_kernel<C, Pass, DP, S>), grid, kThreads, smem, stream, a);
+  return cudaGetLastError();
+}
+
+// apply_backward with dS and dm summed in the kernel (partials: the workspace after the (z, dz)
+// scalars, which it does not write), then the fixed-order reduction when a head has several
+// units. Runs where the 64-wide 3-stage kernel does and the switch is on (summed says so).
+template <class C>
+cudaError_t launch_apply_backward_with_sums(const LinearAttentionParams& p, PairArgs a, void* partials,
+                                           cudaStream_t stream, bool& summed) {
+  summed = false;
+  constexpr BackwardPass kPass = BackwardPass::kApplyWithStateSums;
+  if (!fused_state_sums_enabled() || pair_stages(64) != 3 || !use_backward_async<C, kPass, 64, 3>(a))
+    return cudaSuccess;
+  summed = true;
+  const SumPlan plan = plan_state_sums(p, sm_count());
+  a.unit_tiles = plan.unit_tiles;
+  a.units_per_head = plan.units_per_head;
+  a.sums_out = plan.units_per_head > 1 ? partials : p.grad_state;
+  a.mean_out = p.grad_mean;
+  cudaError_t err = launch_pair_kernel<C, kPass, 64, 3>(a, a.units_per_head * a.bh, stream);
+  if (err != cudaSuccess || plan.units_per_head == 1) return err;
+  const int64_t total = a.bh * (a.dk * a.dv + a.dk);
+  MMFAST_LAUNCH(la_state_reduce_kernel<float>, grid_for(ceil_div(total, kThreads)), kThreads, 0, stream,
+                static_cast<const float*>(partials), static_cast<float*>(p.grad_state),
+                static_cast<float*>(p.grad_mean), a.bh, plan.units_per_head, a.dk, a.dv, 1.0);
+  return cudaGetLastError();
+}
+
+// Launches the tensor-core kernel when it takes the pass (launched says so). apply_backward
+// (Pass kApply) also sums dS and dm where it can (summed says so; partials: its workspace for
+// them); else the state pass sums them afterwards.
 template <class C, BackwardPass Pass>
 cudaError_t launch_backward_async(const LinearAttentionParams& p, const Dims& dims, cudaStream_t stream,
-                                  bool& launched) {
+                                  bool& launched, void* partials = nullptr, bool* summed = nullptr) {
+  static_assert(Pass != BackwardPass::kApplyWithStateSums, "chosen here (kApply)");
   const PairArgs a = pair_args<Pass>(p, dims);
   launched = false;
+  if (summed != nullptr) *summed = false;
   const auto with_dim = [&](auto dim) -> cudaError_t {
     constexpr int DP = decltype(dim)::value;
     const auto with_stages = [&](auto stages) -> cudaError_t {
       constexpr int S = decltype(stages)::value;
       if (!use_backward_async<C, Pass, DP, S>(a)) return cudaSuccess;
       launched = true;
-      constexpr size_t smem = kPairSmem<typename C::T, DP, S>;  // > 48 KB: opt in
-      unsigned grid = 0;
-      const cudaError_t err =
-          persistent_grid(&la_backward_async_kernel<C, Pass, DP, S>, kThreads, smem, a.ntiles * a.bh, grid);
-      if (err != cudaSuccess) return err;
-      MMFAST_LAUNCH((la_backward_async_kernel<C, Pass, DP, S>), grid, kThreads, smem, stream, a);
-      return cudaGetLastError();
+      return launch_pair_kernel<C, Pass, DP, S>(a, a.ntiles * a.bh, stream);
     };
     if constexpr (DP == 64) {
+      if constexpr (Pass == BackwardPass::kApply) {
+        if (summed != nullptr) {
+          const cudaError_t err = launch_apply_backward_with_sums<C>(p, a, partials, stream, *summed);
+          launched = *summed;
+          if (err != cudaSuccess || *summed) return err;
+        }
+      }
       if (pair_stages(DP) == 3) return with_stages(std::integral_constant<int, 3>{});
     }
     return with_stages(std::integral_constant<int, 2>{});

@@ -290,14 +290,19 @@ template <class V, int NT> __device__ __forceinline__ void zero_sums(WarpStateSu
     for (int n = 0; n < NT; ++n) x.s[n][i] = V(0);
   }
 }
-template <int NT>
-__device__ __forceinline__ void flush_sums(WarpStateSums<float, NT>& sums, WarpStateSums<double, NT>& wide) {
+// into += x (fp32 adds rounded to nearest, or into fp64).
+template <class V, int NT>
+__device__ __forceinline__ void add_sums(WarpStateSums<V, NT>& into, const WarpStateSums<float, NT>& x) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    wide.m[i] += sums.m[i];
+    into.m[i] += x.m[i];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) wide.s[n][i] += sums.s[n][i];
+    for (int n = 0; n < NT; ++n) into.s[n][i] += x.s[n][i];
   }
+}
+template <int NT>
+__device__ __forceinline__ void flush_sums(WarpStateSums<float, NT>& sums, WarpStateSums<double, NT>& wide) {
+  add_sums(wide, sums);
   zero_sums(sums);
 }
 
@@ -351,43 +356,54 @@ __device__ __forceinline__ void mean_operand(uint32_t (&b)[2], const float* w, i
   for (int i = 0; i < 2; ++i) b[i] = g == 0 ? hi[i] : g == 1 ? lo[i] : 0u;
 }
 
+// sums += this warp's products over Tokens tokens of A^T = a_hi + a_lo (tokens x Dk rows, the
+// warp's 16 from warp_row) and B (tokens x Dv columns, the warp's 16 NPairs from warp_col), and
+// the m product with w (mean_operand). Shared by the state pass and the apply_backward tile
+// kernel that sums dS and dm itself (backward_async.cuh).
+template <class T, bool Scaled, int Tokens, int NPairs, int Ld>
+__device__ __forceinline__ void multiply_weighted_sums(WarpStateSums<float, 2 * NPairs>& sums, const T (*a_hi)[Ld],
+                                                       const T (*a_lo)[Ld], const T (*b)[Ld], const float* w,
+                                                       int warp_row, int warp_col) {
+  const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < Tokens; kk += 16) {
+    // A = phi(k)^T (Dk x tokens): matrix j is Dk rows + 8 (j % 2), tokens + 8 (j / 2).
+    const int a_token = kk + 8 * (j / 2) + r, a_dk = warp_row + 8 * (j % 2);
+    uint32_t a_hi_frag[4], a_lo_frag[4], bw[2];
+    ldmatrix_x4_trans(a_hi_frag, &a_hi[a_token][a_dk]);
+    ldmatrix_x4_trans(a_lo_frag, &a_lo[a_token][a_dk]);
+    mean_operand<T, Scaled>(bw, w, kk, lane);
+    mma_m16n8k16<T>(sums.m, a_hi_frag, bw);
+    mma_m16n8k16<T>(sums.m, a_lo_frag, bw);
+#pragma unroll
+    for (int p = 0; p < NPairs; ++p) {
+      // B = v (tokens x Dv): matrix j is tokens + 8 (j % 2), Dv columns + 8 (j / 2) of n-tiles 2p, 2p+1.
+      uint32_t b_frag[4];
+      ldmatrix_x4_trans(b_frag, &b[kk + 8 * (j % 2) + r][warp_col + 16 * p + 8 * (j / 2)]);
+      const uint32_t b0[2] = {b_frag[0], b_frag[1]}, b1[2] = {b_frag[2], b_frag[3]};
+      mma_m16n8k16<T>(sums.s[2 * p], a_hi_frag, b0);
+      mma_m16n8k16<T>(sums.s[2 * p], a_lo_frag, b0);
+      mma_m16n8k16<T>(sums.s[2 * p + 1], a_hi_frag, b1);
+      mma_m16n8k16<T>(sums.s[2 * p + 1], a_lo_frag, b1);
+    }
+  }
+}
+
 // sums += this warp's products over the prepared slice (its tokens / 16 steps of 16 tokens).
 template <class C, bool Scaled, int W>
 __device__ __forceinline__ void multiply_state_slice(WarpStateSums<float, AsyncStateTile<W>::kNTiles>& sums,
                                                      const AsyncStateShared<typename C::T, W>& sh, int stage,
                                                      const float* w, int warp_row, int warp_col) {
-  using T = typename C::T;
-  const int lane = threadIdx.x % 32, j = lane / 8, r = lane % 8;
-#pragma unroll
-  for (int kk = 0; kk < AsyncStateTile<W>::kSliceTokens; kk += 16) {
-    // A = phi(k)^T (Dk x tokens): matrix j is Dk rows + 8 (j % 2), tokens + 8 (j / 2).
-    const int a_token = kk + 8 * (j / 2) + r, a_dk = warp_row + 8 * (j % 2);
-    uint32_t a_hi[4], a_lo[4], bw[2];
-    ldmatrix_x4_trans(a_hi, &sh.k[stage].v[a_token][a_dk]);
-    ldmatrix_x4_trans(a_lo, &sh.k_lo.v[a_token][a_dk]);
-    mean_operand<T, Scaled>(bw, w, kk, lane);
-    mma_m16n8k16<T>(sums.m, a_hi, bw);
-    mma_m16n8k16<T>(sums.m, a_lo, bw);
-#pragma unroll
-    for (int p = 0; p < AsyncStateTile<W>::kPairsPerWarp; ++p) {
-      // B = v (tokens x Dv): matrix j is tokens + 8 (j % 2), Dv columns + 8 (j / 2) of n-tiles 2p, 2p+1.
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, &sh.v[stage].v[kk + 8 * (j % 2) + r][warp_col + 16 * p + 8 * (j / 2)]);
-      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      mma_m16n8k16<T>(sums.s[2 * p], a_hi, b0);
-      mma_m16n8k16<T>(sums.s[2 * p], a_lo, b0);
-      mma_m16n8k16<T>(sums.s[2 * p + 1], a_hi, b1);
-      mma_m16n8k16<T>(sums.s[2 * p + 1], a_lo, b1);
-    }
-  }
+  multiply_weighted_sums<typename C::T, Scaled, AsyncStateTile<W>::kSliceTokens, AsyncStateTile<W>::kPairsPerWarp>(
+      sums, sh.k[stage].v, sh.k_lo.v, sh.v[stage].v, w, warp_row, warp_col);
 }
 
 // The warp's part of the item's S, and of m (the warps of column group 0, when the item holds
-// Dv tile 0; column 0 + column 1 of the m product), as the final state or the chunk's partial.
-template <class A, int NT>
-__device__ __forceinline__ void store_warp_state(const StateArgs& a, const StateItem& it,
-                                                 const WarpStateSums<float, NT>& sums,
-                                                 const WarpStateSums<double, NT>& wide, int warp_row, int warp_col) {
+// Dv tile 0; column 0 + column 1 of the m product), as the final state or the chunk's partial:
+// s(n, i) and m(i) give its fragments' totals (fp64).
+template <class A, int NT, class TotalS, class TotalM>
+__device__ __forceinline__ void store_warp_sums(const StateArgs& a, const StateItem& it, TotalS s, TotalM m,
+                                                int warp_row, int warp_col) {
   const StateOut<A> o = state_out<A>(a, it);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -395,16 +411,22 @@ __device__ __forceinline__ void store_warp_state(const StateArgs& a, const State
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = it.k0 + warp_row + g + 8 * (i / 2), col = it.v0 + warp_col + 8 * n + 2 * t + i % 2;
-      if (row < a.dk && col < a.dv)
-        o.S[static_cast<int64_t>(row) * a.dv + col] = static_cast<A>(wide.s[n][i] + sums.s[n][i]) / o.div;
+      if (row < a.dk && col < a.dv) o.S[static_cast<int64_t>(row) * a.dv + col] = static_cast<A>(s(n, i)) / o.div;
     }
   if (it.v0 != 0 || warp_col != 0 || t != 0) return;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = it.k0 + warp_row + g + 8 * h;
-    const double m = (wide.m[2 * h] + sums.m[2 * h]) + (wide.m[2 * h + 1] + sums.m[2 * h + 1]);
-    if (row < a.dk) o.M[row] = static_cast<A>(m) / o.div;
+    if (row < a.dk) o.M[row] = static_cast<A>(m(2 * h) + m(2 * h + 1)) / o.div;
   }
+}
+template <class A, int NT>
+__device__ __forceinline__ void store_warp_state(const StateArgs& a, const StateItem& it,
+                                                 const WarpStateSums<float, NT>& sums,
+                                                 const WarpStateSums<double, NT>& wide, int warp_row, int warp_col) {
+  store_warp_sums<A, NT>(
+      a, it, [&](int n, int i) { return wide.s[n][i] + sums.s[n][i]; }, [&](int i) { return wide.m[i] + sums.m[i]; },
+      warp_row, warp_col);
 }
 
 template <int W> __device__ __forceinline__ int64_t item_slices(const StateItem& it) {
