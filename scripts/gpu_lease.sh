@@ -34,7 +34,7 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
 # a hung test costs 90 s, not the lease (pytest-timeout and pytest-xdist are on the GPU image)
 PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-PHASES=" ${GPU_LEASE_PHASES:-build build-checks cuda-tests sanitize bench triton-tests} "  # also: throw-probe, throw-rebuild, la-split
+PHASES=" ${GPU_LEASE_PHASES:-build build-checks cuda-tests sanitize bench triton-tests} "  # also: throw-probe, throw-rebuild, la-split, ncu
 
 archive() {
   {
@@ -88,6 +88,10 @@ run_phase() {  # the phases, in the order GPU_LEASE_PHASES names them
     # per-kernel device time of the linear attention, forward and backward, with its A/B switches
     la-split) phase la-split 120 python3 benchmarks/probes/linear_attention_kernel_split.py --variants \
       --json "$REPORT/linear_attention_kernel_split.json" ;;
+    # hardware counters of the linear attention's kernels (one forward + backward at N = 256K,
+    # D = 64, bf16; default and unfused backward): Nsight Compute on a Firecracker machine, clocks
+    # left alone (device README); CSV of the sections' metrics per kernel
+    ncu) phase ncu 150 bash scripts/gpu_ncu.sh "$REPORT" ;;
     *) echo "gpu-lease: unknown phase $1" | tee -a "$OUT/phases.txt"; return 2 ;;
   esac
 }

@@ -11,6 +11,10 @@ tiles; unfused too) and MMFAST_CUDA_ASYNC_COPY=0 (the register-staged kernels).
 
     python benchmarks/probes/linear_attention_kernel_split.py [--json PATH] [--variants]
 
+With --ncu-target it is instead a program for Nsight Compute to profile (`ncu
+--profile-from-start off ...`, as gpu_lease.sh's ncu phase runs it): one forward and one
+backward of the first shape between cudaProfilerStart and cudaProfilerStop, after a warm-up.
+
 Needs a CUDA GPU and the built extension (python/ on PYTHONPATH).
 """
 from __future__ import annotations
@@ -105,6 +109,24 @@ def measure() -> list:
     return results
 
 
+def ncu_target() -> None:
+    """One forward and one backward of SHAPES[0] inside the profiler range (warmed up first)."""
+    from mmfast import ops
+
+    _, b, n, h, d = SHAPES[0]
+    inputs = [torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+    for profiled in (False, True):
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        out = ops.linear_attention(*inputs)
+        torch.autograd.grad(out, inputs, grad_out)
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+
+
 def print_results(variant: str, results: list) -> None:
     for result in results:
         print(f"\n[{variant}] {result['shape']} {result['direction']}: {result['total_us']} us, "
@@ -118,11 +140,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write every variant's results here")
     parser.add_argument("--variants", action="store_true", help="also under the A/B switches (subprocesses)")
+    parser.add_argument("--ncu-target", action="store_true", help="one profiled forward + backward, for ncu")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("linear_attention_kernel_split: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.ncu_target:
+        ncu_target()
+        return 0
     results = measure()
     if args.child:
         print("JSON:" + json.dumps(results))
