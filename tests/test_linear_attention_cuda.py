@@ -261,9 +261,18 @@ def test_cuda_backward_takes_state_views_at_any_float_offset(dtype):
 def test_cuda_fused_state_sums_match_the_state_pass(dtype, shape, tmp_path):
     """At head dims up to 64 apply_backward's tile kernel sums grad_state and grad_mean itself
     (units of token tiles, fp32 partials summed in fp64: several units per head, and one, which
-    it writes directly); MMFAST_CUDA_LA_BACKWARD_FUSED=0 leaves them to the state pass. Both
-    multiply the same operands, so they differ only in summation order: within 1e-5 of the
-    largest entry; grad_q is the same code's, bit for bit; and both are close to fp64."""
+    it writes directly): no state pass runs after it. MMFAST_CUDA_LA_BACKWARD_FUSED=0 leaves them
+    to the state pass. Both multiply the same operands, so they differ only in summation order:
+    within 1e-5 of the largest entry; grad_q is the same code's (within 2 ulps); and both are
+    within 2% of the fp64 reference's largest entry (z from the 16-bit rounded phi(q), as the
+    kernels compute it: a missing unit would be off by several percent)."""
+    switches = (("MMFAST_CUDA_LA_BACKWARD_FUSED", "0"), ("MMFAST_CUDA_LA_BACKWARD_3BLOCKS", "1"),
+                ("MMFAST_CUDA_ASYNC_COPY", "0"), ("MMFAST_CUDA_TENSOR_CORES", "0"))
+    for switch, off in switches:
+        if os.environ.get(switch, "")[:1] == off:
+            pytest.skip(f"{switch}={off} selects another backward kernel")
+    from torch.profiler import ProfilerActivity, profile
+
     ops = torch.ops.mmfast
     B, N, H, D = shape
     q, k, v = make_qkv((B, N, H, D, D), dtype, "cuda")
@@ -280,13 +289,23 @@ def test_cuda_fused_state_sums_match_the_state_pass(dtype, shape, tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], env={**os.environ, "MMFAST_CUDA_LA_BACKWARD_FUSED": "0"}, check=True)
     unfused = torch.load(tmp_path / "unfused.pt", weights_only=True)
-    fused = [t.cpu() for t in ops.linear_attention_apply_backward(grad_out, q, state, mean, 1e-4, "elu1")]
-    assert torch.equal(fused[0], unfused[0])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fused = ops.linear_attention_apply_backward(grad_out, q, state, mean, 1e-4, "elu1")
+        torch.cuda.synchronize()
+    kernels = {event.key for event in prof.key_averages()}
+    assert any("la_backward_async_kernel" in name for name in kernels), kernels
+    assert not any("la_state_async_kernel" in name or "la_state_kernel" in name for name in kernels), kernels
+    fused = [t.cpu() for t in fused]
+    ulps = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(fused[0].double(), unfused[0].double(), rtol=ulps,
+                               atol=ulps * unfused[0].double().abs().max().item())
     for got, other in zip(fused[1:], unfused[1:]):
         assert (got.double() - other.double()).abs().max() <= 1e-5 * other.double().abs().max()
 
     q64, state64, mean64 = (t.detach().cpu().double().requires_grad_() for t in (q, state, mean))
     out = reference.linear_attention_apply_ref(q64, state64, mean64)
     expected = torch.autograd.grad(out, (q64, state64, mean64), grad_out.cpu().double())
-    for got, want in zip(fused, expected):
-        assert_close(got, want, dtype, scale=8 * max(1.0, want.abs().max().item()))
+    assert_close(fused[0], expected[0], dtype, scale=8 * max(1.0, expected[0].abs().max().item()))
+    for got, want in zip(fused[1:], expected[1:]):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < 2e-2, error

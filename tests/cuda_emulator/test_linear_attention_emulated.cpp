@@ -264,10 +264,10 @@ bool fused_sums(int64_t dk, int64_t dv) {
 // apply_backward's dS and dm over a long head (bf16, N = 16384, D = 8, positive inputs so every
 // sum has terms of one sign), against fp64 sums of the kernel's own operands: its z from the
 // bf16-rounded phi(q) (phi_x, as its P product), phi(q) / z exact. With the fused sums the
-// kernel's units are 128 tiles long (one SM); each item's mma sums start at 0 and are added in
-// fp32, so the error stays within 1e-5 also under a truncating tensor core (mma accumulators
-// carried over a whole unit would round 1024 times). The unfused path runs the state pass's
-// fp64 flushes: the same bound.
+// kernel's units are at most 64 tiles long; each item's mma sums start at 0 and are added in
+// fp32, so the error stays within 5e-6 (the design's bound) also under a truncating tensor
+// core: carrying the mma accumulators over a whole unit (512 roundings) gives 1.1e-5 there and
+// fails. The unfused path runs the state pass's fp64 flushes: within the same bound.
 void run_long_apply_backward() {
   using Bf = __nv_bfloat16;
   const int64_t N = 16384, D = 8;
@@ -311,7 +311,7 @@ void run_long_apply_backward() {
     for (size_t i = 0; i < dS.size(); ++i) err = std::max(err, std::fabs(gst[i] - dS[i]) / std::fabs(dS[i]));
     for (size_t i = 0; i < dm.size(); ++i) err = std::max(err, std::fabs(gmn[i] - dm[i]) / std::fabs(dm[i]));
     const char* rounding = toward_zero ? "toward zero" : "to nearest";
-    if (!(err < 1e-5)) {
+    if (!(err < 5e-6)) {
       ++nfail;
       std::printf("FAIL long apply_backward (fused sums %d), mma rounding %s: relative error %.3g (N = %ld)\n",
                   (int)fused_sums(D, D), rounding, err, (long)N);
@@ -321,6 +321,28 @@ void run_long_apply_backward() {
   }
   emu::mma_round_toward_zero = false;
   emu::sms = 132;
+}
+
+// apply_backward's workspace: the (z, dz) scalars and the larger of the state pass's and the fused
+// sums' partials where the fused sums may run (fp16 / bf16, head dims up to 64), the state pass's
+// alone elsewhere (fp32, or D = 256: the fused plan's units would have asked 11x the bytes).
+void run_workspace_sizes() {
+  namespace la = mmfast::cuda::la;
+  struct Case { DType dtype; int64_t bh, n, d; bool fused; };
+  for (const Case& c : {Case{DType::kBFloat16, 8, 4096, 64, true}, Case{DType::kFloat16, 10, 262144, 40, true},
+                        Case{DType::kFloat32, 8, 4096, 64, false}, Case{DType::kFloat16, 8, 4096, 256, false}}) {
+    Lp p;
+    p.batch = 1; p.heads = c.bh; p.seqlen = c.n; p.dim_k = c.d; p.dim_v = c.d; p.dtype = c.dtype;
+    const int sms = mmfast::cuda::sm_count();
+    const size_t state = la::plan_state(p, sms).partial_bytes, fused = la::plan_state_sums(p, sms).partial_bytes;
+    const size_t want = la::apply_backward_scalar_bytes(p) + (c.fused ? std::max(state, fused) : state);
+    const size_t got = mmfast::cuda::linear_attention_apply_backward_workspace_bytes(p);
+    if (got != want) {
+      ++nfail;
+      std::printf("FAIL apply_backward workspace (dtype %d, D=%ld): %zu B, want %zu (state pass %zu, fused %zu)\n",
+                  (int)c.dtype, (long)c.d, got, want, state, fused);
+    }
+  }
 }
 
 // The cp.async kernels size their tiles to the head dims (tile_width): bf16 with 16-byte
@@ -627,6 +649,7 @@ int main(int argc, char** argv) {
   run_nan_propagation_async();
   run_tile_width();
   run_backward_kernel_choice();
+  run_workspace_sizes();
   run_subnormal_matrix_fp16();
   run_long_reduction<float>(4, 1 << 18, 7);
   run_long_reduction<__nv_bfloat16>(8, 1 << 16, 9);

@@ -159,7 +159,8 @@ inline size_t apply_backward_scalar_bytes(const LinearAttentionParams& p) {
 // The workspace: (z, dz) per token, then the partials of dS and dm, of the state pass or of the
 // tensor-core kernel's own sums (plan_state_sums), whichever path runs.
 inline size_t apply_backward_workspace_bytes(const LinearAttentionParams& p, int sms) {
-  const size_t state = plan_state(p, sms).partial_bytes, fused = plan_state_sums(p, sms).partial_bytes;
+  const size_t state = plan_state(p, sms).partial_bytes;
+  const size_t fused = may_fuse_state_sums(p) ? plan_state_sums(p, sms).partial_bytes : 0;
   return apply_backward_scalar_bytes(p) + (state > fused ? state : fused);
 }
 
@@ -181,7 +182,7 @@ cudaError_t launch_apply_backward(const LinearAttentionParams& p, cudaStream_t s
     if constexpr (C::tc) {  // the tensor-core kernel where it takes the shapes (backward_async.cuh)
       bool launched = false;
       const cudaError_t async_err =
-          launch_backward_async<C, BackwardPass::kApply>(p, a, stream, launched, partials, &summed);
+          launch_backward_async<C, BackwardPass::kApply>(p, a, stream, launched, partials, &summed, sms);
       if (async_err != cudaSuccess || launched) return async_err;
     }
     MMFAST_LAUNCH(la_apply_backward_kernel<C>, grid_for(a.ntiles * a.bh), kThreads, 0, stream, a);

@@ -532,11 +532,12 @@ inline bool fused_state_sums_enabled() {
 }
 
 // The fused sums' units (kApplyWithStateSums): unit_tiles token tiles of a head each. The fp32
-// adds of a unit's items round at most kMaxSumUnitTiles times (2^-24 each: under 1e-5 relative,
-// the state pass's bound); within that, unit_tiles minimises the busiest block's work at the
-// resident grid (kPairBlocks per SM): its rounds of units, each a partial written, plus its
-// share of the reduction's reads, a partial counted as its bytes in 16-bit token tiles.
-constexpr int64_t kMaxSumUnitTiles = 128;
+// adds of a unit's items round at most kMaxSumUnitTiles times (2^-24 each; with the items' 8
+// mma accumulations, even truncating ones, about 5e-6 relative: the state pass's bound is
+// 1e-5); within that, unit_tiles minimises the busiest block's work at the resident grid
+// (kPairBlocks per SM): its rounds of units, each a partial written, plus its share of the
+// reduction's reads, a partial counted as its bytes in 16-bit token tiles.
+constexpr int64_t kMaxSumUnitTiles = 64;
 struct SumPlan {
   int64_t unit_tiles = 1, units_per_head = 1;
   size_t partial_bytes = 0;  // 0 with one unit per head (the kernel writes dS and dm)
@@ -561,6 +562,11 @@ inline SumPlan plan_state_sums(int64_t bh, int64_t ntiles, int64_t dk, int64_t d
 }
 inline SumPlan plan_state_sums(const LinearAttentionParams& p, int sms) {
   return plan_state_sums(p.bh(), ceil_div(p.seqlen, kPairTokens), p.dim_k, p.dim_v, sms);
+}
+// Whether apply_backward may take the fused sums (16-bit inputs, the 64-wide tiles): the
+// workspace counts their partials only then.
+inline bool may_fuse_state_sums(const LinearAttentionParams& p) {
+  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && pair_dim(p.dim_k, p.dim_v) == 64;
 }
 
 // The pass's operands from the op's parameters (dims: make_dims(p)).
@@ -599,14 +605,14 @@ cudaError_t launch_pair_kernel(const PairArgs& a, int64_t work, cudaStream_t str
 // scalars, which it does not write), then the fixed-order reduction when a head has several
 // units. Runs where the 64-wide 3-stage kernel does and the switch is on (summed says so).
 template <class C>
-cudaError_t launch_apply_backward_with_sums(const LinearAttentionParams& p, PairArgs a, void* partials,
+cudaError_t launch_apply_backward_with_sums(const LinearAttentionParams& p, PairArgs a, void* partials, int sms,
                                            cudaStream_t stream, bool& summed) {
   summed = false;
   constexpr BackwardPass kPass = BackwardPass::kApplyWithStateSums;
   if (!fused_state_sums_enabled() || pair_stages(64) != 3 || !use_backward_async<C, kPass, 64, 3>(a))
     return cudaSuccess;
   summed = true;
-  const SumPlan plan = plan_state_sums(p, sm_count());
+  const SumPlan plan = plan_state_sums(p, sms > 0 ? sms : sm_count());  // the sms that sized the workspace
   a.unit_tiles = plan.unit_tiles;
   a.units_per_head = plan.units_per_head;
   a.sums_out = plan.units_per_head > 1 ? partials : p.grad_state;
@@ -622,10 +628,10 @@ cudaError_t launch_apply_backward_with_sums(const LinearAttentionParams& p, Pair
 
 // Launches the tensor-core kernel when it takes the pass (launched says so). apply_backward
 // (Pass kApply) also sums dS and dm where it can (summed says so; partials: its workspace for
-// them); else the state pass sums them afterwards.
+// them, sized for sms SMs); else the state pass sums them afterwards.
 template <class C, BackwardPass Pass>
 cudaError_t launch_backward_async(const LinearAttentionParams& p, const Dims& dims, cudaStream_t stream,
-                                  bool& launched, void* partials = nullptr, bool* summed = nullptr) {
+                                  bool& launched, void* partials = nullptr, bool* summed = nullptr, int sms = 0) {
   static_assert(Pass != BackwardPass::kApplyWithStateSums, "chosen here (kApply)");
   const PairArgs a = pair_args<Pass>(p, dims);
   launched = false;
@@ -641,7 +647,7 @@ cudaError_t launch_backward_async(const LinearAttentionParams& p, const Dims& di
     if constexpr (DP == 64) {
       if constexpr (Pass == BackwardPass::kApply) {
         if (summed != nullptr) {
-          const cudaError_t err = launch_apply_backward_with_sums<C>(p, a, partials, stream, *summed);
+          const cudaError_t err = launch_apply_backward_with_sums<C>(p, a, partials, sms, stream, *summed);
           launched = *summed;
           if (err != cudaSuccess || *summed) return err;
         }
