@@ -88,9 +88,9 @@ run_phase() {  # the phases, in the order GPU_LEASE_PHASES names them
     # per-kernel device time of the linear attention, forward and backward, with its A/B switches
     la-split) phase la-split 120 python3 benchmarks/probes/linear_attention_kernel_split.py --variants \
       --json "$REPORT/linear_attention_kernel_split.json" ;;
-    # hardware counters of the linear attention's kernels (one forward + backward at N = 256K,
-    # D = 64, bf16; default and unfused backward): Nsight Compute on a Firecracker machine, clocks
-    # left alone (device README); CSV of the sections' metrics per kernel
+    # hardware counters (Nsight Compute, clocks left alone) of the linear attention's kernels
+    # (one forward + backward at N = 256K, D = 64, bf16; backward fused and unfused) and of
+    # issue 9's decode_attention and sampler at their target shapes (GPU_NCU_TARGETS)
     ncu) phase ncu 150 bash scripts/gpu_ncu.sh "$REPORT" ;;
     *) echo "gpu-lease: unknown phase $1" | tee -a "$OUT/phases.txt"; return 2 ;;
   esac
