@@ -785,6 +785,12 @@ _APPLY_SMEM = "mmfast::cuda::la::async_apply_smem_bytes<mmfast::cuda::la::Config
 DYNAMIC_SMEM_PROBES = {  # apply: Dk = W, the head dim each width is chosen for (40 -> 48: 48 rows)
     **{f"la_state_async_kernel<{w}>": f"mmfast::cuda::la::kAsyncStateSmem<{w}>" for w in TILE_WIDTHS},
     **{f"la_apply_async_kernel<{w}>": _APPLY_SMEM.format(w=w) for w in TILE_WIDTHS},
+    # The backward's tile kernel (backward_async.cuh): each pass (0 apply, 1 state, 2 apply with
+    # the fused dS / dm sums), tile width and ring depth it instantiates.
+    **{f"la_backward_async_kernel<BackwardPass={p}, {dp}, {st}>":
+       f"mmfast::cuda::la::kPairSmem<__half, {dp}, {st}, {'true' if p == 2 else 'false'}>"
+       for p, dp, st in [(p, dp, st) for p in (0, 1) for dp, st in ((64, 3), (64, 2), (80, 2), (128, 2), (160, 2))]
+       + [(2, 64, 3)]},
     # The VQ search's NT tile GEMM ring (tile_gemm.cuh, included by the default header): fp16 and
     # bf16 stages have the same size.
     "vq_search_async_kernel": "mmfast::cuda::kNtSmemBytes<__half>",

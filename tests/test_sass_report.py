@@ -383,7 +383,11 @@ def test_launch_sites_of_the_linear_attention_kernels():
             ("la_state_async_kernel", "f16, FeatureMap=2, true, false, 80", "la_state_async_kernel<80>"),
             ("la_apply_async_kernel", "bf16, FeatureMap=1, true, 64", "la_apply_async_kernel<64>"),
             ("la_apply_async_kernel", "f16, FeatureMap=0, true, 80", "la_apply_async_kernel<80>"),
-            ("la_apply_async_kernel", "bf16, FeatureMap=2, true, 48", "la_apply_async_kernel<48>")):
+            ("la_apply_async_kernel", "bf16, FeatureMap=2, true, 48", "la_apply_async_kernel<48>"),
+            ("la_backward_async_kernel", "bf16, FeatureMap=1, true, BackwardPass=2, 64, 3",
+             "la_backward_async_kernel<BackwardPass=2, 64, 3>"),
+            ("la_backward_async_kernel", "f16, FeatureMap=0, true, BackwardPass=0, 160, 2",
+             "la_backward_async_kernel<BackwardPass=0, 160, 2>")):
         # sized by the probe of its tile width (the state kernel) or head dim (apply), not the site
         assert sites[kernel].threads == 256, (kernel, sites[kernel])
         assert sr.probed_smem(probes, kernel, targs) == probes[key], (kernel, targs)
