@@ -16,6 +16,8 @@
 #   throw-probe, throw-rebuild (opt-in)  scripts/gpu_throw_probe.sh, without and with its rebuild
 #   la-split (opt-in)  benchmarks/probes/linear_attention_kernel_split.py --variants: the
 #                    linear attention's per-kernel device time (torch.profiler), JSON in the report
+#   ncu (opt-in)     scripts/gpu_ncu.sh: Nsight Compute sections of the linear attention's and
+#                    decode's slowest kernels, CSV in the report
 # Usage (device tool): MMFAST_COMMIT=<sha> bash scripts/gpu_lease.sh [SECONDS, default 400]
 # Knobs: GPU_CHECK_FAMILIES (default all four op families), GPU_LEASE_PHASES (run in the order
 # named; default "build build-checks cuda-tests sanitize bench triton-tests"; a later call on

@@ -17,8 +17,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPORT=${1:?usage: scripts/gpu_ncu.sh REPORT_DIR}
 mkdir -p "$REPORT"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-if [ -z "$NCU" ]; then echo "gpu_ncu: ncu not found" >&2; exit 2; fi
+# NCU overrides; else ncu on PATH, else next to the toolkit's nvcc (CUDA_HOME/bin, or nvcc on PATH)
+find_ncu() {
+  command -v ncu && return
+  local dir
+  for dir in ${CUDA_HOME:+"$CUDA_HOME/bin"} "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/nvcc)")"; do
+    [ -x "$dir/ncu" ] && { echo "$dir/ncu"; return; }
+  done
+}
+NCU=${NCU:-$(find_ncu)}
+if [ -z "$NCU" ]; then echo "gpu_ncu: ncu not found (PATH, CUDA_HOME/bin, nvcc's folder; set NCU=...)" >&2; exit 2; fi
 status=0
 
 # profile RUN [VAR=VALUE ...] -- PROGRAM ARGS...
