@@ -1,10 +1,17 @@
-// Host emulation of the CUDA execution model, one 256-thread block at a time: fibers
+// Host emulation of the CUDA execution model, one 256-thread block at a time (or the blocks of
+// one thread-block cluster together, up to kMaxClusterBlocks): fibers
 // switched at __syncthreads / __shfl_xor_sync (the block) and ldmatrix / mma.sync / votes /
 // matches / indexed shuffles / __syncwarp (the warp), random thread order per phase, and in half
 // of the intervals between barriers one warp held back to run after the others. Include it
 // before any mmfast/cuda header: it defines the CUDA built-ins and MMFAST_LAUNCH, which runs
 // `emu_blocks` blocks of every launch one after another (kernels use grid-stride loops, so
 // any grid covers the problem; inter-block concurrency is what it cannot check).
+// Clusters (MMFAST_LAUNCH_CLUSTERS): each block waits at its own __syncthreads; cluster_barrier
+// waits for every thread of the cluster; ready blocks are released in random subsets, so blocks
+// drift whole barrier intervals apart; cluster_peer maps an address of the block's dynamic
+// shared memory to the same offset in another block's (static __shared__ variables are one copy
+// for all blocks here, so cluster kernels keep everything in dynamic shared memory); a block's
+// dynamic shared memory is poisoned as soon as it exits, so a peer that still reads it sees garbage.
 // WMMA (tf32 m16n16k8) is emulated with every thread holding the whole fragment, which is
 // enough for code that only loads, multiplies, stores and maps fragments elementwise; the
 // documented pointer-alignment and ldm rules are checked on every load and store.
@@ -74,17 +81,24 @@ __attribute__((naked, noinline)) static void emu_switch_stacks(void** /*save_sp*
 namespace emu {
 struct Dim { unsigned x, y, z; };
 inline Dim tid{0, 0, 0}, bid{0, 0, 0}, gdim{1, 1, 1}, bdim{256, 1, 1};
-constexpr int kN = 256;
+constexpr int kN = 256;                // threads of a block
+constexpr int kMaxClusterBlocks = 4;    // blocks of a cluster run together
+constexpr int kMaxThreads = kN * kMaxClusterBlocks;
+inline int nblocks = 1;                 // blocks running together (a cluster's, else 1)
+inline int nthreads = kN;               // kN * nblocks
+inline unsigned first_block = 0;        // blockIdx.x of the running cluster's rank 0
 inline ucontext_t sched;
-inline ucontext_t ctx[kN];
+inline ucontext_t ctx[kMaxThreads];
 inline void* sched_sp = nullptr;  // stack pointers saved by emu_switch_stacks
-inline void* fiber_sp[kN];
-inline std::vector<char> stacks[kN];
-inline bool done[kN];
-inline long nbar[kN];      // block barriers (and shuffles) passed
-inline long nwarp[kN];     // warp collectives (ldmatrix, mma.sync) passed
-inline bool at_warp[kN];   // waiting at a warp collective (else at a block barrier)
-inline int cur = 0;
+inline void* fiber_sp[kMaxThreads];
+inline std::vector<char> stacks[kMaxThreads];
+inline bool done[kMaxThreads];
+inline long nbar[kMaxThreads];      // block barriers (and shuffles) passed
+inline long nwarp[kMaxThreads];     // warp collectives (ldmatrix, mma.sync) passed
+inline long ncluster[kMaxThreads];  // cluster barriers passed
+inline bool at_warp[kMaxThreads];   // waiting at a warp collective
+inline bool at_cluster[kMaxThreads];  // waiting at a cluster barrier (neither: at a block barrier)
+inline int cur = 0;  // the running thread: its block's rank * kN + threadIdx.x
 inline std::function<void()> body;
 inline std::mt19937 rng(1234);
 inline int failures = 0;
@@ -152,8 +166,8 @@ inline void warp_yield() {
 // wait (or before the barrier that follows every thread's wait) and an overwrite of a stage
 // other threads still read show up as wrong results.
 struct AsyncCopy { void* dst; const void* src; bool valid; };
-inline std::vector<AsyncCopy> async_open[kN];                 // issued, not yet committed
-inline std::vector<std::vector<AsyncCopy>> async_groups[kN];  // committed, oldest first
+inline std::vector<AsyncCopy> async_open[kMaxThreads];                 // issued, not yet committed
+inline std::vector<std::vector<AsyncCopy>> async_groups[kMaxThreads];  // committed, oldest first
 inline void async_check_drained() {
   bool pending = !async_open[cur].empty();
   for (const auto& g : async_groups[cur]) pending = pending || !g.empty();
@@ -161,8 +175,8 @@ inline void async_check_drained() {
   async_groups[cur].clear();
 }
 // The warp's mma.sync result, computed once per phase by the first lane that gets there.
-inline long mma_phase[kN / 32];
-inline float mma_out[kN / 32][32][4];
+inline long mma_phase[kMaxThreads / 32];
+inline float mma_out[kMaxThreads / 32][32][4];
 // Blocks run so far: with a thread's barrier count, names the phase it is in (WMMA mma_sync).
 inline long blocks_run = 0;
 inline void tramp() { fiber_started(); body(); async_check_drained(); done[cur] = true; switch_to_scheduler(true); }
@@ -202,8 +216,9 @@ inline void prepare_fiber(int t) {
   makecontext(&ctx[t], tramp, 0);
 }
 // A thread waiting at a warp collective resumes when all 32 lanes of its warp wait at their
-// same collective; one waiting at a block barrier when every thread of the block waits at that
-// barrier. Each round snapshots who may resume, then runs them in random order to their next wait.
+// same collective; one waiting at a block barrier when every thread of its block waits at that
+// barrier; one waiting at a cluster barrier when every thread of the cluster waits there. Each
+// round snapshots who may resume, then runs them in random order to their next wait.
 inline bool warp_released(int w) {
   const int w0 = 32 * w;
   for (int l = w0; l < w0 + 32; ++l) {
@@ -212,69 +227,133 @@ inline bool warp_released(int w) {
   }
   return true;
 }
-inline bool block_released() {
+inline bool block_finished(int b) {
+  for (int t = b * kN; t < (b + 1) * kN; ++t)
+    if (!done[t]) return false;
+  return true;
+}
+inline bool block_released(int b) {
+  if (block_finished(b)) return false;
   long b0 = -1;
-  for (int t = 0; t < kN; ++t) {
-    if (at_warp[t] && !done[t]) return false;
+  for (int t = b * kN; t < (b + 1) * kN; ++t) {
+    if ((at_warp[t] || at_cluster[t]) && !done[t]) return false;
     if (b0 < 0 && !done[t]) b0 = nbar[t];
   }
-  for (int t = 0; t < kN; ++t) {
+  for (int t = b * kN; t < (b + 1) * kN; ++t) {
     if (done[t]) { std::printf("EMU ERROR: thread %d exited while others wait at a barrier\n", t); std::exit(2); }
     if (nbar[t] != b0) { std::printf("EMU ERROR: barrier count mismatch\n"); std::exit(2); }
   }
   return true;
 }
-// Each round resumes the threads released (past a block barrier, or all 32 lanes of a warp at
-// their collective) in random order, except a held-back warp: in half of the intervals between
-// block barriers one random warp resumes only when no other can, so it runs all of that
-// interval after the others, as a warp the hardware schedules late would. Resuming every
-// released thread every round kept the warps in step: a missing barrier whose two sides lie
-// collectives apart (a warp reading what another writes before its first collective) went unseen.
-inline bool released[kN];  // may resume (past its wait, or not started) and not yet resumed
-inline int held_back = -1;   // the interval's held-back warp, or -1
+inline bool cluster_released() {
+  if (nblocks == 1) return false;
+  for (int t = 0; t < nthreads; ++t)
+    if (!done[t] && !at_cluster[t]) return false;
+  for (int t = 0; t < nthreads; ++t) {
+    if (done[t]) {
+      std::printf("EMU ERROR: thread %d of block %d exited while others wait at a cluster barrier\n", t % kN, t / kN);
+      std::exit(2);
+    }
+    if (ncluster[t] != ncluster[0]) { std::printf("EMU ERROR: cluster barrier count mismatch\n"); std::exit(2); }
+  }
+  return true;
+}
+// Each round resumes the threads released (past a barrier, or all 32 lanes of a warp at their
+// collective) in random order, except a held-back warp per block: in half of the intervals
+// between barriers one random warp of the block resumes only when no other of its block can, so
+// it runs all of that interval after the others, as a warp the hardware schedules late would.
+// Resuming every released thread every round kept the warps in step: a missing barrier whose two
+// sides lie collectives apart (a warp reading what another writes before its first collective)
+// went unseen. Of the blocks of a cluster ready at their barriers, a random nonempty subset
+// resumes, so a block may run barrier intervals ahead of its peers; and in half of the intervals
+// between cluster barriers one random warp of the cluster resumes only when no other thread of
+// the cluster can, so the other blocks run up to the next cluster barrier while it lags (a block
+// that rewrites what a late peer has still to read shows).
+inline bool released[kMaxThreads];  // may resume (past its wait, or not started) and not yet resumed
+inline int held_back[kMaxClusterBlocks];  // per block: the interval's held-back warp, or -1
+inline int late_warp = -1;  // in a cluster: the cluster interval's late warp, or -1
+inline void choose_late_warp() {
+  late_warp = nblocks > 1 && (rng() & 1) != 0 ? static_cast<int>(rng() % (nthreads / 32)) : -1;
+}
+inline void hold_back_a_warp(int b) {
+  held_back[b] = (rng() & 1) != 0 ? b * (kN / 32) + static_cast<int>(rng() % (kN / 32)) : -1;
+}
+inline bool block_pending(int b) {
+  for (int t = b * kN; t < (b + 1) * kN; ++t)
+    if (released[t] && !done[t]) return true;
+  return false;
+}
+inline void release_block(int b) {
+  for (int t = b * kN; t < (b + 1) * kN; ++t) released[t] = !done[t];
+  hold_back_a_warp(b);
+}
 inline void release_waiting() {
   bool pending = false;
-  for (int t = 0; t < kN; ++t) pending = pending || (released[t] && !done[t]);
-  if (!pending && block_released()) {  // a barrier counts only once every thread waits at it
-    for (int t = 0; t < kN; ++t) released[t] = !done[t];
-    held_back = (rng() & 1) != 0 ? static_cast<int>(rng() % (kN / 32)) : -1;
+  for (int b = 0; b < nblocks; ++b) pending = pending || block_pending(b);
+  if (!pending && cluster_released()) {  // a barrier counts only once every thread waits at it
+    for (int b = 0; b < nblocks; ++b) release_block(b);
+    choose_late_warp();
     return;
   }
-  for (int w = 0; w < kN / 32; ++w) {
+  int ready[kMaxClusterBlocks], nready = 0;
+  for (int b = 0; b < nblocks; ++b)
+    if (!block_pending(b) && block_released(b)) ready[nready++] = b;
+  if (nready > 0) {
+    const int always = static_cast<int>(rng() % nready);
+    for (int i = 0; i < nready; ++i)
+      if (i == always || (rng() & 1) != 0) release_block(ready[i]);
+    return;
+  }
+  for (int w = 0; w < nthreads / 32; ++w) {
     bool lanes_pending = false;
     for (int l = 32 * w; l < 32 * w + 32; ++l) lanes_pending = lanes_pending || released[l];
     if (!lanes_pending && warp_released(w))
       for (int l = 32 * w; l < 32 * w + 32; ++l) released[l] = true;
   }
 }
-inline void run(std::function<void()> f) {
+inline void poison_dynamic_smem(int b);
+// Runs f as `blocks` blocks of kN threads together (a cluster; 1: one block).
+inline void run(std::function<void()> f, int blocks = 1) {
+  if (blocks < 1 || blocks > kMaxClusterBlocks) {
+    std::printf("EMU ERROR: %d blocks run together (the emulator runs 1 to %d)\n", blocks, kMaxClusterBlocks);
+    std::exit(2);
+  }
   body = std::move(f);
-  for (int t = 0; t < kN; ++t) {
+  nblocks = blocks;
+  nthreads = kN * blocks;
+  for (int t = 0; t < nthreads; ++t) {
     prepare_fiber(t);
     done[t] = false;
     at_warp[t] = false;
+    at_cluster[t] = false;
     released[t] = true;
     nbar[t] = 0;
     nwarp[t] = 0;
+    ncluster[t] = 0;
   }
   for (long& phase : mma_phase) phase = -1;
-  held_back = (rng() & 1) != 0 ? static_cast<int>(rng() % (kN / 32)) : -1;
+  for (int b = 0; b < nblocks; ++b) hold_back_a_warp(b);
+  choose_late_warp();
   ++blocks_run;
-  std::vector<int> order(kN);
-  for (int t = 0; t < kN; ++t) order[t] = t;
+  bool finished[kMaxClusterBlocks] = {};
+  std::vector<int> order;
+  order.reserve(nthreads);
   for (bool first = true;; first = false) {
     int ndone = 0;
-    for (int t = 0; t < kN; ++t) ndone += done[t];
-    if (ndone == kN) break;
+    for (int t = 0; t < nthreads; ++t) ndone += done[t];
+    if (ndone == nthreads) break;
+    for (int b = 0; b < nblocks && nblocks > 1; ++b)
+      if (!finished[b] && block_finished(b)) finished[b] = true, poison_dynamic_smem(b);
     if (!first) release_waiting();
-    bool chosen[kN / 32] = {};
-    int nwarps = 0;
-    for (int w = 0; w < kN / 32; ++w) {
+    bool chosen[kMaxThreads / 32] = {};
+    int nwarps = 0, block_warps[kMaxClusterBlocks] = {};
+    for (int w = 0; w < nthreads / 32; ++w) {
       for (int l = 32 * w; l < 32 * w + 32; ++l) chosen[w] = chosen[w] || (released[l] && !done[l]);
       nwarps += chosen[w];
+      block_warps[w / (kN / 32)] += chosen[w];
     }
     if (nwarps == 0) {
-      for (int t = 0; t < kN; ++t)
+      for (int t = 0; t < nthreads; ++t)
         if (at_warp[t] && !done[t]) {
           std::printf("EMU ERROR: warp %d waits at a warp collective that some of its lanes never reach\n", t / 32);
           std::exit(2);
@@ -282,18 +361,32 @@ inline void run(std::function<void()> f) {
       std::printf("EMU ERROR: barrier count mismatch\n");
       std::exit(2);
     }
-    if (held_back >= 0 && chosen[held_back] && nwarps > 1) chosen[held_back] = false;
+    for (int b = 0; b < nblocks; ++b)
+      if (held_back[b] >= 0 && chosen[held_back[b]] && block_warps[b] > 1) chosen[held_back[b]] = false, --nwarps;
+    if (late_warp >= 0 && chosen[late_warp] && nwarps > 1) chosen[late_warp] = false;
+    order.clear();
+    for (int t = 0; t < nthreads; ++t)
+      if (chosen[t / 32] && released[t] && !done[t]) order.push_back(t);
     std::shuffle(order.begin(), order.end(), rng);
     for (int t : order) {
-      if (!chosen[t / 32] || !released[t] || done[t]) continue;
       released[t] = false;
       cur = t;
-      tid.x = t;
+      tid.x = t % kN;
+      bid.x = first_block + t / kN;
       switch_to_fiber(t);
     }
   }
+  nblocks = 1;
+  nthreads = kN;
 }
-inline unsigned char shfl_raw[kN][16];
+// A cluster barrier (barrier.cluster.arrive.release + wait.acquire): every thread of the cluster.
+inline void cluster_wait() {
+  ++ncluster[cur];
+  at_cluster[cur] = true;
+  switch_to_scheduler(false);
+  at_cluster[cur] = false;
+}
+inline unsigned char shfl_raw[kMaxThreads][16];
 template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 16 bytes
   static_assert(sizeof(V) <= 16, "shuffled values are at most 16 bytes");
   std::memcpy(shfl_raw[cur], &v, sizeof(V));
@@ -307,7 +400,7 @@ template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 1
 // passes a phase switch (warp_yield), each lane reads its warp's, and a second switch keeps the
 // next publication from overwriting them early (like shfl_xor). All 32 lanes of a warp must reach
 // them; other warps need not (a warp-uniform branch may skip them).
-inline unsigned char lane_raw[kN][48];
+inline unsigned char lane_raw[kMaxThreads][48];
 template <class V> void publish(const V& v) {
   static_assert(sizeof(V) <= sizeof(lane_raw[0]), "published operands are at most 48 bytes");
   std::memcpy(lane_raw[cur], &v, sizeof(V));
@@ -355,40 +448,80 @@ inline void async_land(const std::vector<AsyncCopy>& group) {
     else std::memset(c.dst, 0, 16);
   }
 }
-// Dynamic shared memory of the running launch, poisoned (0xff: NaN in every float type) so a
-// read of bytes nothing wrote shows up in the results.
+// Dynamic shared memory of the running launch, one buffer per block of a cluster, poisoned
+// (0xff: NaN in every float type) so a read of bytes nothing wrote shows up in the results.
 // A guard band past the launch's bytes must stay untouched: a write beyond them is an error.
 constexpr size_t kSmemGuard = 256;
-inline std::vector<unsigned char> dynamic_smem;
+inline std::vector<unsigned char> dynamic_smem[kMaxClusterBlocks];
 inline size_t dynamic_smem_bytes = 0;
-inline unsigned char* dynamic_smem_base() {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_smem.data());
-  return dynamic_smem.data() + ((128 - p % 128) % 128);
+inline unsigned char* dynamic_smem_base(int b) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_smem[b].data());
+  return dynamic_smem[b].data() + ((128 - p % 128) % 128);
 }
-inline void prepare_dynamic_smem(size_t bytes) {
-  dynamic_smem.assign(bytes + 128 + kSmemGuard, 0xff);
+inline unsigned char* dynamic_smem_base() { return dynamic_smem_base(cur / kN); }
+inline void prepare_dynamic_smem(size_t bytes, int blocks = 1) {
+  for (int b = 0; b < blocks; ++b) dynamic_smem[b].assign(bytes + 128 + kSmemGuard, 0xff);
   dynamic_smem_bytes = bytes;
 }
-inline void check_dynamic_smem_guard() {
-  const unsigned char* guard = dynamic_smem_base() + dynamic_smem_bytes;
-  for (size_t i = 0; i < kSmemGuard; ++i)
-    if (guard[i] != 0xff) {
-      std::printf("EMU ERROR: a write %zu bytes past the launch's %zu bytes of dynamic shared memory\n", i,
-                  dynamic_smem_bytes);
-      std::exit(2);
-    }
+inline void poison_dynamic_smem(int b) { std::memset(dynamic_smem_base(b), 0xff, dynamic_smem_bytes); }
+inline void check_dynamic_smem_guard(int blocks = 1) {
+  for (int b = 0; b < blocks; ++b) {
+    const unsigned char* guard = dynamic_smem_base(b) + dynamic_smem_bytes;
+    for (size_t i = 0; i < kSmemGuard; ++i)
+      if (guard[i] != 0xff) {
+        std::printf("EMU ERROR: a write %zu bytes past the launch's %zu bytes of dynamic shared memory\n", i,
+                    dynamic_smem_bytes);
+        std::exit(2);
+      }
+  }
+}
+// The same offset of block `rank`'s dynamic shared memory (mapa): p must lie in this block's.
+template <class V> V* cluster_peer(V* p, unsigned rank) {
+  const unsigned char* mine = dynamic_smem_base();
+  const auto* q = reinterpret_cast<const unsigned char*>(p);
+  if (q < mine || q + sizeof(V) > mine + dynamic_smem_bytes) {
+    std::printf("EMU ERROR: cluster_peer of %p, outside the block's dynamic shared memory (the emulator's "
+                "clusters share only dynamic shared memory)\n", static_cast<const void*>(p));
+    std::exit(2);
+  }
+  if (rank >= static_cast<unsigned>(nblocks)) {
+    std::printf("EMU ERROR: cluster_peer rank %u of a %d-block cluster\n", rank, nblocks);
+    std::exit(2);
+  }
+  return reinterpret_cast<V*>(dynamic_smem_base(static_cast<int>(rank)) + (q - mine));
 }
 inline int sms = 132;
 inline int compute_major = 9;
 inline int max_shared_optin = 232448;  // cudaDevAttrMaxSharedMemoryPerBlockOptin: sm_90's 227 KB
 inline unsigned emu_blocks = 3;
+inline unsigned emu_clusters = 2;     // clusters of every cluster launch, one after another
+inline int max_cluster_blocks = 4;    // the largest cluster cudaOccupancyMaxActiveClusters allows
 // Every launch, in order: the kernel as written at MMFAST_LAUNCH and its dynamic shared memory
 // (tests check which variant a dispatch took).
 struct Launch {
   const char* kernel;
   size_t smem;
+  unsigned cluster_blocks = 1;  // blocks per cluster (1: an ordinary launch)
 };
 inline std::vector<Launch> launches;
+// MMFAST_LAUNCH_CLUSTERS: emu_clusters clusters of cluster_blocks blocks, each cluster's blocks
+// together (the kernel's grid-stride loop over clusters covers the rest).
+inline cudaError_t launch_clusters(const char* kernel, unsigned cluster_blocks, size_t smem, const std::function<void()>& f) {
+  if (cluster_blocks < 1 || cluster_blocks > static_cast<unsigned>(kMaxClusterBlocks)) {
+    std::printf("EMU ERROR: %s launched in clusters of %u blocks\n", kernel, cluster_blocks);
+    std::exit(2);
+  }
+  launches.push_back({kernel, smem, cluster_blocks});
+  gdim.x = emu_clusters * cluster_blocks;
+  for (unsigned c = 0; c < emu_clusters; ++c) {
+    first_block = c * cluster_blocks;
+    prepare_dynamic_smem(smem, static_cast<int>(cluster_blocks));
+    run(f, static_cast<int>(cluster_blocks));
+    check_dynamic_smem_guard(static_cast<int>(cluster_blocks));
+  }
+  first_block = 0;
+  return cudaSuccess;
+}
 }  // namespace emu
 
 #define threadIdx (::emu::tid)
@@ -414,12 +547,22 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
     ::emu::launches.push_back({#kernel, static_cast<size_t>(smem)});                              \
     ::emu::gdim.x = ::emu::emu_blocks;                                                            \
     for (unsigned b_ = 0; b_ < ::emu::emu_blocks; ++b_) {                                         \
-      ::emu::bid.x = b_;                                                                          \
+      ::emu::first_block = b_;                                                                    \
       ::emu::prepare_dynamic_smem(smem);                                                          \
       ::emu::run([&] { kernel(__VA_ARGS__); });                                                   \
       ::emu::check_dynamic_smem_guard();                                                          \
     }                                                                                             \
+    ::emu::first_block = 0;                                                                       \
   } while (0)
+#define MMFAST_LAUNCH_CLUSTERS(kernel, clusters, cluster_blocks, block, smem, stream, ...)           \
+  ((void)(clusters), (void)(block), (void)(stream),                                               \
+   ::emu::launch_clusters(#kernel, (cluster_blocks), static_cast<size_t>(smem), [&] { kernel(__VA_ARGS__); }))
+// Thread-block clusters (sm_90): the block's rank in its cluster, the cluster's block count, a
+// barrier of the whole cluster, another block's shared memory (see mmfast/cuda/common.cuh).
+inline unsigned cluster_block_rank() { return static_cast<unsigned>(::emu::cur / ::emu::kN); }
+inline unsigned cluster_block_count() { return static_cast<unsigned>(::emu::nblocks); }
+inline void cluster_barrier() { ::emu::cluster_wait(); }
+template <class V> V* cluster_peer(V* p, unsigned rank) { return ::emu::cluster_peer(p, rank); }
 
 // Atomics: fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic.
 template <class V> V atomicAdd(V* p, V v) { const V old = *p; *p = old + v; return old; }
@@ -555,6 +698,14 @@ extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks
   *blocks = 1;
   return cudaSuccess;
 }
+// One block per SM: sms / cluster size clusters, none above emu::max_cluster_blocks.
+extern "C" cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void*, const cudaLaunchConfig_t* config) {
+  unsigned size = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i)
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) size = config->attrs[i].val.clusterDim.x;
+  *clusters = size <= static_cast<unsigned>(::emu::max_cluster_blocks) ? ::emu::sms / static_cast<int>(size) : 0;
+  return cudaSuccess;
+}
 
 namespace nvcuda {
 namespace wmma {
@@ -635,9 +786,9 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
     long block = 0, phase = 0;
     bool operator!=(const Key& o) const { return block != o.block || phase != o.phase; }
   };
-  static std::vector<Product> warp_products[::emu::kN / 32];
-  static Key warp_key[::emu::kN / 32], lane_key[::emu::kN];
-  static size_t lane_calls[::emu::kN];
+  static std::vector<Product> warp_products[::emu::kMaxThreads / 32];
+  static Key warp_key[::emu::kMaxThreads / 32], lane_key[::emu::kMaxThreads];
+  static size_t lane_calls[::emu::kMaxThreads];
   const int lane = ::emu::cur, warp = lane / 32;
   const Key key{::emu::blocks_run, ::emu::nbar[lane]};
   if (lane_key[lane] != key) lane_key[lane] = key, lane_calls[lane] = 0;
