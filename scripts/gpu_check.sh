@@ -9,6 +9,8 @@
 #   bench-vq-staged.txt/.json/.md (the VQ search with MMFAST_CUDA_ASYNC_COPY=0: its A/B)
 #   bench-decode-tiled.txt/.json/.md (decode_attention with MMFAST_CUDA_DECODE_STREAM=0: the tiled
 #                       kernel that the stream kernel replaces for 16-bit MHA-like shapes)
+#   bench-sample-one-block.txt/.json/.md (sample with MMFAST_CUDA_SAMPLE_CLUSTERS=0: one block per
+#                       row instead of a thread-block cluster per row)
 #   bench-pruned-nosplit.txt/.json/.md (masked_conv2d with MMFAST_CUDA_CONV_SPLITS=1: the split
 #                       reduction's A/B at the small levels)
 # Installs nothing (wheels carried in .whl/ by `make gpu-wheels` are put on PYTHONPATH).
@@ -22,7 +24,7 @@
 #                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured)
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments (split on spaces)
 #   GPU_CHECK_AB=0      skip the benchmarks' A/B reruns (MMFAST_CUDA_ASYNC_COPY=0, ..._CONV_SPLITS=1,
-#                       ..._DECODE_STREAM=0)
+#                       ..._DECODE_STREAM=0, ..._SAMPLE_CLUSTERS=0)
 #   GPU_TEST_K          a pytest -k expression for the tests, e.g. "cuda and not triton"
 #   GPU_SANITIZER_TOOLS default "memcheck racecheck"
 # The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
@@ -147,6 +149,12 @@ if [[ $STEPS == *" bench "* ]]; then
        2>&1 || bench_rc=$?
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-decode-tiled.json" --markdown "$REPORT_DIR/bench-decode-tiled.md" \
       || true
+    # A/B: the sampler with one block per row instead of a thread-block cluster per row
+    (cd benchmarks && MMFAST_CUDA_SAMPLE_CLUSTERS=0 $PY -m pytest -q -p no:cacheprovider -k "test_sample" \
+       --benchmark-json="$REPORT_DIR/bench-sample-one-block.json" bench_decode.py) \
+       >"$REPORT_DIR/bench-sample-one-block.txt" 2>&1 || bench_rc=$?
+    $PY benchmarks/summarize.py "$REPORT_DIR/bench-sample-one-block.json" \
+      --markdown "$REPORT_DIR/bench-sample-one-block.md" || true
   fi
   if [[ $AB == 1 && ( " $FAMILIES " == *" pruned "* || -z "$FAMILIES" ) ]]; then
     # A/B: the packed masked conv without its split reduction (the levels whose tiles may split)

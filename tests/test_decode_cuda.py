@@ -3,6 +3,11 @@ machine with an NVIDIA GPU (`make gpu-check`); skipped elsewhere (the host emula
 tests/cuda_emulator/test_decode_emulated.cpp, covers the kernels in CI)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -158,6 +163,45 @@ def test_cuda_sample_large_vocab_against_the_reference():
     _check_sample(logits, uniform, 1.0, 4096, 0.96, cfg_scale=4.0)
     _check_sample(logits[:4], uniform, 0.5, 0, 0.8)
     _check_sample(logits[:4], uniform, 1.0, 7, 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [8192, 264192])
+def test_cuda_sample_in_clusters_is_the_one_block_kernel(vocab, tmp_path):
+    """On sm_90 a few rows are split over thread-block clusters (sample_cluster_kernel: Liquid's
+    image rows, V = 8192 with CFG over 4 pairs, and its whole vocabulary): the same exact integer
+    sums as one block per row (MMFAST_CUDA_SAMPLE_CLUSTERS=0, in a subprocess), so the same
+    tokens, bit for bit, and the reference's up to rounding."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    if os.environ.get("MMFAST_CUDA_SAMPLE_CLUSTERS", "")[:1] == "0":
+        pytest.skip("MMFAST_CUDA_SAMPLE_CLUSTERS=0 keeps one block per row")
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(8, vocab, device="cuda") * 4
+    logits[:, 100:110] = logits[:, 100:101]  # ties
+    uniform = torch.rand(4, device="cuda")
+    configs = [(0.9, 4096, 0.96, 4.0), (1.0, 0, 0.8, None), (0.7, 50, 1.0, 3.0), (0.0, 0, 1.0, 2.0)]
+    torch.save([logits.cpu(), uniform.cpu()], tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, mmfast
+        logits, uniform = [t.cuda() for t in torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)]
+        out = [mmfast.ops.sample(logits if cfg else logits[:4], uniform=uniform, temperature=t, top_k=k, top_p=p,
+                                 cfg_scale=cfg, backend="native").cpu() for t, k, p, cfg in {configs!r}]
+        torch.save(out, {str(tmp_path / "one_block.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "MMFAST_CUDA_SAMPLE_CLUSTERS": "0"}, check=True)
+    one_block = torch.load(tmp_path / "one_block.pt", weights_only=True)
+    for (t, k, p, cfg), expected in zip(configs, one_block):
+        rows = logits if cfg else logits[:4]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tokens, _ = _check_sample(rows, uniform, t, k, p, cfg_scale=cfg)
+            torch.cuda.synchronize()
+        kernels = {event.key for event in prof.key_averages()}
+        assert any("sample_cluster_kernel" in name for name in kernels), kernels
+        assert torch.equal(tokens.cpu(), expected), (t, k, p, cfg)
 
 
 @pytest.mark.cuda

@@ -290,8 +290,8 @@ void run_sample(const std::vector<double>& logits_d, int64_t rows, int64_t V, bo
   std::vector<T> logits(rows * stride + 8, fromd<T>(NAN));  // padding and tail NaN: reading them shows
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < V; ++i) logits[r * stride + i] = fromd<T>(logits_d[r * V + i]);
-  std::vector<int64_t> tokens(P + 1, -7), tokens2(P + 1, -7);
-  std::vector<int32_t> status(P + 1, -7), status2(P + 1, -7);
+  std::vector<int64_t> tokens(P + 1, -7);
+  std::vector<int32_t> status(P + 1, -7);
   SampleParams p;
   p.rows = P, p.vocab = V, p.dtype = dtype_of<T>(), p.logits = logits.data(), p.row_stride = stride, p.cfg = cfg;
   p.cfg_scale = cfg_scale, p.temperature = temperature, p.top_k = top_k, p.top_p = top_p;
@@ -301,15 +301,40 @@ void run_sample(const std::vector<double>& logits_d, int64_t rows, int64_t V, bo
                 (long)V, (int)cfg, temperature, (long)top_k, top_p);
   emu::launches.clear();
   if (cuda::sample(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfgs);
-  // The row staged in V floats of dynamic shared memory where the block may opt in to them, else re-read.
+  // The launch follows the plan: clusters, or one block per row with the row staged in V floats
+  // of dynamic shared memory where the block may opt in to them, else re-read.
+  const auto plan = cuda::decodek::sample_plan<T>(P, V);
   const size_t padded = size_t((V + 7) / 8 * 8) * sizeof(float);  // whole draw segments of 8
   const size_t stage = padded <= size_t(emu::max_shared_optin) ? padded : 0;
-  if (emu::launches.size() != 1 || emu::launches[0].smem != stage)
+  if (plan.cluster_blocks == 1 && plan.smem != stage)
     return fail(std::string("staging (dynamic shared memory ") + std::to_string(stage) + " B expected) " + cfgs);
-  p.tokens = tokens2.data(), p.status = status2.data();
-  if (cuda::sample(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfgs);
+  const bool clustered = plan.cluster_blocks > 1;
+  if (emu::launches.size() != 1 || emu::launches[0].smem != plan.smem ||
+      emu::launches[0].cluster_blocks != plan.cluster_blocks ||
+      (std::strstr(emu::launches[0].kernel, "cluster") != nullptr) != clustered)
+    return fail(std::string("the launch is not the plan's ") + cfgs);
   if (tokens[P] != -7 || status[P] != -7) fail(std::string("wrote past the outputs ") + cfgs);
-  if (tokens != tokens2 || status != status2) fail(std::string("not run-to-run identical ") + cfgs);
+  // Another way to run it, in another random schedule, gives the same integers (so it is also
+  // run-to-run identical): one block per row, and clusters of 2, 3 or 4 blocks, in turn from case
+  // to case (slices of a few indices for tiny rows, empty slices past V).
+  static unsigned turn = 0;
+  std::vector<cuda::decodek::SamplePlan> others;
+  if (clustered) {
+    cuda::decodek::SamplePlan one;
+    one.slice = V, one.smem = stage;
+    others.push_back(one);
+  }
+  const unsigned blocks = 2 + turn++ % 3;
+  if (blocks != plan.cluster_blocks) others.push_back(cuda::decodek::sample_cluster_plan(V, blocks));
+  for (const auto& other : others) {
+    std::vector<int64_t> tokens3(P + 1, -7);
+    std::vector<int32_t> status3(P + 1, -7);
+    p.tokens = tokens3.data(), p.status = status3.data();
+    if (cuda::decodek::launch_sample_plan<T>(p, other, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfgs);
+    if (tokens3 != tokens || status3 != status)
+      fail(std::string("in clusters of ") + std::to_string(other.cluster_blocks) + " blocks, not the same tokens " + cfgs);
+    if (tokens3[P] != -7 || status3[P] != -7) fail(std::string("wrote past the outputs ") + cfgs);
+  }
   for (int64_t r = 0; r < P; ++r) {
     const SampleRef ref = sample_reference(logits.data() + r * stride, cfg ? logits.data() + (P + r) * stride : (T*)nullptr,
                                            cfg_scale, V, temperature, top_k, top_p, uniform[r]);
@@ -526,6 +551,29 @@ int main(int argc, char** argv) {
         fail("attention_splits(" + std::to_string(c.tiles) + ", " + std::to_string(c.slots) + ", " +
              std::to_string(c.max_splits) + ") = " + std::to_string(got) + ", expected " + std::to_string(c.splits));
     }
+  }
+  {  // the sampler's plan: clusters of up to 16 blocks while rows x blocks fit the SMs and every
+     // block keeps 512 indices, the largest cluster the device holds; else one block per row (the
+     // fit is remembered per size and shared memory: each case has its own V)
+    const bool on = cuda::decodek::sample_clusters_enabled();
+    const int major = emu::compute_major, most = emu::max_cluster_blocks, optin = emu::max_shared_optin;
+    const struct { int64_t rows, V; int major, most, optin; unsigned blocks; } plans[] = {
+        {4, 8192, 9, 16, 232448, 16}, {4, 8200, 9, 4, 232448, 4}, {9, 8192, 9, 16, 232448, 8},
+        {4, 4000, 9, 16, 232448, 4},  {100, 8192, 9, 16, 232448, 1}, {4, 8192, 8, 16, 232448, 1},
+        {4, 264192, 9, 16, 232448, 16}, {4, 8192, 9, 16, 1024, 1}, {1, 1000, 9, 16, 232448, 1},
+        {4, 264192, 9, 16, 48 * 1024, 1}};
+    for (const auto& c : plans) {
+      emu::compute_major = c.major, emu::max_cluster_blocks = c.most, emu::max_shared_optin = c.optin;
+      const auto plan = cuda::decodek::sample_plan<float>(c.rows, c.V);
+      const unsigned want = on ? c.blocks : 1u;
+      const bool slices = plan.cluster_blocks == 1 ? plan.slice == c.V
+                                                   : plan.slice * plan.cluster_blocks >= c.V && plan.slice % 8 == 0;
+      if (plan.cluster_blocks != want || !slices)
+        fail("sample_plan(" + std::to_string(c.rows) + ", " + std::to_string(c.V) + ") on sm_" +
+             std::to_string(c.major) + "0 with clusters of up to " + std::to_string(c.most) + ": " +
+             std::to_string(plan.cluster_blocks) + " blocks, expected " + std::to_string(want));
+    }
+    emu::compute_major = major, emu::max_cluster_blocks = most, emu::max_shared_optin = optin;
   }
   for (int distinct : {1, 2, 5, 32}) {
     run_warp_sum_peers<unsigned long long>(distinct, "u64");

@@ -267,6 +267,81 @@ template <int Pending> __device__ __forceinline__ void cp_async_wait() {
 }
 #endif  // !MMFAST_CUDA_EMULATED
 
+// ---- thread-block clusters (sm_90) -----------------------------------------------------------
+// cluster_block_rank(): this block's rank in its cluster (%cluster_ctarank); cluster_block_count():
+// the cluster's blocks; cluster_barrier(): every thread of every block of the cluster arrives
+// (release) and waits (acquire), so shared-memory writes before it are visible to the cluster's
+// reads after it (warp-uniform: .aligned); cluster_peer(p, rank): the address of the same
+// shared-memory offset as p in block `rank` of the cluster (mapa), read with plain loads. A
+// block's shared memory must outlive its peers' reads: a cluster kernel ends with a barrier.
+// Cluster kernels are launched only on sm_90 or newer; older code traps. The host emulator
+// defines its own (a cluster's blocks run together there).
+#ifndef MMFAST_CUDA_EMULATED
+__device__ __forceinline__ unsigned cluster_block_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_block_count() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return n;
+#else
+  return 1;
+#endif
+}
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+template <class V> __device__ __forceinline__ V* cluster_peer(V* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint64_t out;
+  asm volatile("mapa.u64 %0, %1, %2;\n" : "=l"(out) : "l"(reinterpret_cast<uint64_t>(p)), "r"(rank));
+  return reinterpret_cast<V*>(out);
+#else
+  (void)rank;
+  return p;
+#endif
+}
+
+// Launches kernel as `clusters` clusters of cluster_blocks blocks each (a 1-D grid of
+// clusters * cluster_blocks blocks); above 8 blocks the kernel must allow non-portable sizes
+// (allow_cluster_blocks). The launch's own error, or cudaSuccess.
+template <class... Params, class... Args>
+cudaError_t launch_clusters(void (*kernel)(Params...), unsigned clusters, unsigned cluster_blocks, unsigned block,
+                            size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(clusters * cluster_blocks, 1, 1);
+  config.blockDim = dim3(block, 1, 1);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster_blocks;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+#endif  // !MMFAST_CUDA_EMULATED
+
+// Every cluster launch goes through this macro (an expression: the launch's cudaError_t), which
+// the host emulator defines first.
+#ifndef MMFAST_LAUNCH_CLUSTERS
+#define MMFAST_LAUNCH_CLUSTERS(kernel, clusters, cluster_blocks, block, smem, stream, ...) \
+  ::mmfast::cuda::launch_clusters(kernel, (clusters), (cluster_blocks), (block), (smem), (stream), __VA_ARGS__)
+#endif
+
 // A kernel's dynamic shared memory, 128-byte aligned (the emulator defines its own).
 #ifndef MMFAST_DYNAMIC_SHARED
 #define MMFAST_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
@@ -406,6 +481,35 @@ template <class Kernel> int resident_blocks_per_sm_once(Kernel* kernel, int thre
     known.emplace(key, blocks);
   }
   return blocks;
+}
+
+// Clusters of cluster_blocks blocks of kernel (threads, dynamic shared bytes) that the current
+// device holds at once (cudaOccupancyMaxActiveClusters, after opting in to the shared memory and,
+// above 8 blocks, to non-portable cluster sizes): 0 when none fits, -1 when a query fails (its
+// error cleared).
+template <class Kernel>
+int resident_clusters(Kernel* kernel, unsigned cluster_blocks, int threads, size_t smem) {
+  const void* entry = reinterpret_cast<const void*>(kernel);
+  if (allow_dynamic_shared(kernel, smem) != cudaSuccess ||
+      (cluster_blocks > 8 && cudaFuncSetAttribute(entry, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster_blocks;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  // {grid, block, dynamic shared bytes, stream, attributes, count}: the emulator's gridDim and
+  // blockDim macros would rename the members
+  const cudaLaunchConfig_t config = {dim3(cluster_blocks, 1, 1), dim3(static_cast<unsigned>(threads), 1, 1), smem,
+                                     nullptr, attribute, 1};
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, entry, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  return clusters;
 }
 
 // The grid of a persistent kernel (grid-stride or range loop over items): the blocks that are
