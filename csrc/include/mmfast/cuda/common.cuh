@@ -297,6 +297,7 @@ __device__ __forceinline__ unsigned cluster_block_count() {
 }
 __device__ __forceinline__ void cluster_barrier() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __syncwarp();  // .aligned: the warp reaches the barrier converged (a lane-0-only store may precede it)
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();

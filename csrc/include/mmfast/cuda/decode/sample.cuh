@@ -114,6 +114,8 @@ __device__ __forceinline__ float bits_float(uint32_t u) {
 // of the first has passed) and calls f(rank, value) for every block's value in rank order.
 // Every thread of every block calls gather in the same sequence (block-uniform arguments where
 // callers combine block results).
+constexpr unsigned kMaxSampleClusterBlocks = 16;  // sm_90's largest (non-portable above 8) cluster
+
 template <bool Clustered> struct RowSpan {
   int64_t begin = 0, end = 0;
   unsigned rank = 0, blocks = 1;
@@ -128,7 +130,13 @@ template <bool Clustered> struct RowSpan {
     u64* const slot = exchange + parity * kThreads + threadIdx.x;
     *slot = mine;
     cluster_barrier();
-    for (unsigned r = 0; r < blocks; ++r) f(r, *cluster_peer(slot, r));
+    u64 v[kMaxSampleClusterBlocks];  // every peer's load issued before the first is used
+#pragma unroll
+    for (unsigned r = 0; r < kMaxSampleClusterBlocks; ++r)
+      if (r < blocks) v[r] = *cluster_peer(slot, r);
+#pragma unroll
+    for (unsigned r = 0; r < kMaxSampleClusterBlocks; ++r)
+      if (r < blocks) f(r, v[r]);
     parity ^= 1;
   }
 };
@@ -514,7 +522,6 @@ inline bool sample_clusters_enabled() {
   return enabled;
 }
 
-constexpr unsigned kMaxSampleClusterBlocks = 16;  // sm_90's largest (non-portable above 8) cluster
 constexpr int64_t kMinClusterSlice = 512;  // indices per block below which more blocks mostly add exchanges
 
 // How launch_sample runs: cluster_blocks blocks per row (1: sample_kernel), each scanning `slice`
@@ -565,7 +572,9 @@ int sample_resident_clusters(const SamplePlan& plan) {
 // clusters) with at least kMinClusterSlice indices per block, staged; else one block per row.
 template <class T>
 SamplePlan sample_plan(int64_t rows, int64_t V) {
-  if (sample_clusters_enabled() && compute_capability_major() >= 9) {
+  // compiled_for: a binary JIT-compiled from older PTX (an "8.0+PTX" build on a newer GPU) holds
+  // the pre-sm_90 body of the cluster helpers, a trap.
+  if (sample_clusters_enabled() && compute_capability_major() >= 9 && compiled_for(sample_cluster_kernel<T>, 90)) {
     const int64_t sms = sm_count();
     for (unsigned blocks = kMaxSampleClusterBlocks; blocks >= 2; blocks /= 2) {
       if (rows * blocks > sms || ceil_div(V, blocks) < kMinClusterSlice) continue;
