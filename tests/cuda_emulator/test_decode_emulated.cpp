@@ -520,16 +520,21 @@ void attention_suite(int level) {
 }
 
 template <class T>
-void run_all(int level) {
-  run_append<T>(4, 2, 7, 2, 5, {0, 5, 6, -1}, 0);
-  run_append<T>(3, 3, 9, 3, 64, {6, 0, 7}, 1);
-  run_append<T>(2, 1, 4, 1, 1, {3, 4}, 0);
+void run_all(int level, bool attention_only) {
+  if (!attention_only) {
+    run_append<T>(4, 2, 7, 2, 5, {0, 5, 6, -1}, 0);
+    run_append<T>(3, 3, 9, 3, 64, {6, 0, 7}, 1);
+    run_append<T>(2, 1, 4, 1, 1, {3, 4}, 0);
+  }
   attention_suite<T>(level);
-  sample_suite<T>(level);
+  if (!attention_only) sample_suite<T>(level);
 }
 
+// test_decode_emulated [level] [attention]: "attention" runs only decode_attention's cases (the
+// A/B switches of the ctest variants change no other kernel).
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
+  const bool attention_only = argc > 2 && std::strcmp(argv[2], "attention") == 0;
   {  // D > 256 and bad shapes are refused
     DecodeAttentionParams p;
     p.batch = 1, p.queries = 1, p.heads = 1, p.kv_heads = 1, p.head_dim = 257, p.max_tokens = 4;
@@ -579,11 +584,11 @@ int main(int argc, char** argv) {
     run_warp_sum_peers<unsigned long long>(distinct, "u64");
     run_warp_sum_peers<double>(distinct, "f64");
   }
-  run_all<float>(level);
-  run_all<double>(level);
-  run_all<__half>(level);
-  run_all<__nv_bfloat16>(level);
-  {  // the sampler without staging (a block granted too little shared memory): every pass re-reads
+  run_all<float>(level, attention_only);
+  run_all<double>(level, attention_only);
+  run_all<__half>(level, attention_only);
+  run_all<__nv_bfloat16>(level, attention_only);
+  if (!attention_only) {  // the sampler without staging (a block granted too little shared memory): every pass re-reads
     const int optin = emu::max_shared_optin;
     emu::max_shared_optin = 1024;  // rows of up to 256 logits staged
     sample_suite<float>(0);
