@@ -21,7 +21,7 @@ import torch
 
 from mmfast.ops import vq_codebook_sqnorm, vq_quantize
 
-from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
+from _utils import bench_device, graph_or_eager_ms, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -112,22 +112,37 @@ def test_vq_quantize(benchmark, shape, tmp_path):
     sqnorm = vq_codebook_sqnorm(codebook)
     run = lambda: vq_quantize(z, codebook, codebook_sqnorm=sqnorm)  # noqa: E731
     times = {"mmfast": run_timed(benchmark, run, DEVICE, rounds=5, warmup=1)}
-    if ON_GPU:  # device time; the fixture's wall time includes launch overhead
-        times["mmfast"] = median_ms(run, DEVICE)
+    timings = {}
+    if ON_GPU:
+        # Device time under CUDA-graph replay over rotating inputs, for mmfast and the torch
+        # formulations alike: CUDA events around one eager call also time the host's work before
+        # the launch (an image's search is a few us of GPU work). The eager call: mmfast_eager.
+        def make_inputs():
+            codebook_ = torch.randn(k, d, device=DEVICE).to(DTYPE)
+            return torch.randn(n, d, device=DEVICE).to(DTYPE), codebook_, vq_codebook_sqnorm(codebook_)
+
+        def device_ms(name, fn):
+            return graph_or_eager_ms(fn, make_inputs, DEVICE, timings, name)
+
+        times = {"mmfast": device_ms("mmfast", lambda z_, e_, s_: vq_quantize(z_, e_, codebook_sqnorm=s_)),
+                 "mmfast_eager": median_ms(run, DEVICE)}
     if HAS_FAISS and not ON_GPU:
         times["faiss"] = _faiss_ms(z, codebook, tmp_path)
     if n * k <= 2**28:  # the N x K matrix: 1 GB in fp32
-        times["expanded"] = median_ms(lambda: expanded_argmin(z, codebook), DEVICE, warmup=1, repeats=3)
-        times["cdist"] = median_ms(lambda: cdist_argmin(z, codebook), DEVICE, warmup=1, repeats=3)
-        # Not a formulation (no distance, no argmin): the plain GEMM z e^T alone, the floor of both above.
-        times["matmul_only"] = median_ms(lambda: z.float() @ codebook.float().T, DEVICE, warmup=1, repeats=3)
+        baselines = {"expanded": expanded_argmin, "cdist": cdist_argmin,
+                     # Not a formulation (no distance, no argmin): the plain GEMM z e^T alone, the floor of both.
+                     "matmul_only": lambda z_, e_: z_.float() @ e_.float().T}
+        for key, fn in baselines.items():
+            times[key] = device_ms(key, lambda z_, e_, s_, fn=fn: fn(z_, e_)) if ON_GPU else \
+                median_ms(lambda fn=fn: fn(z, codebook), DEVICE, warmup=1, repeats=3)
         if HAS_VQP:
             times["vector_quantize_pytorch"] = _vqp_ms(z, codebook)
     torch_ms = min((times[key] for key in ("expanded", "cdist") if key in times), default=None)
     target, met = _targets(times, d, torch_ms)
     record_metrics(benchmark, op="vq_quantize", shape=f"{name} N={n} K={k} D={d}", device=DEVICE, dtype=DTYPE,
                    times=times, flops=2 * n * k * d, target=target, target_met=met,
-                   speedup_vs_torch=round(torch_ms / times["mmfast"], 2) if torch_ms else None)
+                   speedup_vs_torch=round(torch_ms / times["mmfast"], 2) if torch_ms else None,
+                   **({"timing": timings} if timings else {}))
 
 
 @pytest.mark.skipif(ON_GPU or not HAS_FAISS, reason="faiss-cpu's IndexFlatL2, the CPU targets' baseline")
