@@ -1,5 +1,5 @@
 // Host emulation of the CUDA execution model, one 256-thread block at a time (or the blocks of
-// one thread-block cluster together, up to kMaxClusterBlocks): fibers
+// one thread-block cluster together, up to kMaxClusterBlocks = 16): fibers
 // switched at __syncthreads / __shfl_xor_sync (the block) and ldmatrix / mma.sync / votes /
 // matches / indexed shuffles / __syncwarp (the warp), random thread order per phase, and in half
 // of the intervals between barriers one warp held back to run after the others. Include it
@@ -82,7 +82,7 @@ namespace emu {
 struct Dim { unsigned x, y, z; };
 inline Dim tid{0, 0, 0}, bid{0, 0, 0}, gdim{1, 1, 1}, bdim{256, 1, 1};
 constexpr int kN = 256;                // threads of a block
-constexpr int kMaxClusterBlocks = 4;    // blocks of a cluster run together
+constexpr int kMaxClusterBlocks = 16;   // blocks of a cluster run together (sm_90: up to 16)
 constexpr int kMaxThreads = kN * kMaxClusterBlocks;
 inline int nblocks = 1;                 // blocks running together (a cluster's, else 1)
 inline int nthreads = kN;               // kN * nblocks

@@ -588,6 +588,18 @@ int main(int argc, char** argv) {
   run_all<double>(level, attention_only);
   run_all<__half>(level, attention_only);
   run_all<__nv_bfloat16>(level, attention_only);
+  if (!attention_only) {  // Liquid's sampler in the H200's plan: clusters of 16 blocks of 512 indices
+    const int most = emu::max_cluster_blocks, sms = emu::sms;
+    emu::max_cluster_blocks = 16, emu::sms = 132;
+    const int64_t V = 8192, P = 4;
+    std::vector<double> l(2 * P * V);
+    for (auto& x : l) x = urand(-8, 8);
+    std::vector<float> us = {0.0f, 0.37f, 0.81f, std::nextafter(1.0f, 0.0f)};
+    if (cuda::decodek::sample_plan<float>(P, V).cluster_blocks != (cuda::decodek::sample_clusters_enabled() ? 16u : 1u))
+      fail("Liquid's sampler shape does not take clusters of 16");
+    run_sample<float>(l, 2 * P, V, true, 3.0f, 0.9f, 4096, 0.96f, us, "liquid clusters of 16");
+    emu::max_cluster_blocks = most, emu::sms = sms;
+  }
   if (!attention_only) {  // the sampler without staging (a block granted too little shared memory): every pass re-reads
     const int optin = emu::max_shared_optin;
     emu::max_shared_optin = 1024;  // rows of up to 256 logits staged
