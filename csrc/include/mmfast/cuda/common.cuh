@@ -276,6 +276,16 @@ template <int Pending> __device__ __forceinline__ void cp_async_wait() {
 // block's shared memory must outlive its peers' reads: a cluster kernel ends with a barrier.
 // Cluster kernels are launched only on sm_90 or newer; older code traps. The host emulator
 // defines its own (a cluster's blocks run together there).
+// The launch attribute that groups a 1-D grid into clusters of cluster_blocks blocks.
+inline cudaLaunchAttribute cluster_dimension(unsigned cluster_blocks) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster_blocks;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  return attribute;
+}
+
 #ifndef MMFAST_CUDA_EMULATED
 __device__ __forceinline__ unsigned cluster_block_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -325,11 +335,7 @@ cudaError_t launch_clusters(void (*kernel)(Params...), unsigned clusters, unsign
   config.blockDim = dim3(block, 1, 1);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster_blocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attribute[1] = {cluster_dimension(cluster_blocks)};
   config.attrs = attribute;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, args...);
@@ -496,11 +502,7 @@ int resident_clusters(Kernel* kernel, unsigned cluster_blocks, int threads, size
     (void)cudaGetLastError();
     return -1;
   }
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster_blocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attribute[1] = {cluster_dimension(cluster_blocks)};
   // {grid, block, dynamic shared bytes, stream, attributes, count}: the emulator's gridDim and
   // blockDim macros would rename the members
   const cudaLaunchConfig_t config = {dim3(cluster_blocks, 1, 1), dim3(static_cast<unsigned>(threads), 1, 1), smem,
