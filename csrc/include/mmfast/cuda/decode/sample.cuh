@@ -25,7 +25,7 @@
 //     3. the draw: the smallest index whose running sum of kept weights exceeds u * total, a
 //        block-wide prefix sum over chunks of 2048 indices in index order.
 //   sample_cluster_kernel  the same passes with each row split over a thread-block cluster (sm_90;
-//     up to 16 blocks, one SM each): a block stages and scans its slice of V / blocks indices;
+//     up to 16 blocks): a block stages and scans its slice of V / blocks indices;
 //     where one block reduces a value over the row, the cluster's blocks exchange their block
 //     results through distributed shared memory (one cluster barrier each: the max, every radix
 //     digit's 256 bins, the draw's slice totals) and combine them in rank order, so every block
@@ -106,6 +106,8 @@ __device__ __forceinline__ float bits_float(uint32_t u) {
 #endif
 }
 
+constexpr unsigned kMaxSampleClusterBlocks = 16;  // sm_90's largest (non-portable above 8) cluster
+
 // The indices [begin, end) of a row that one block scans, and how its block results meet the
 // other blocks' of the row. Clustered = false: the block has the whole row (gather passes its
 // own value). Clustered: blocks `rank` of `blocks` of a cluster; gather exchanges one u64 per
@@ -114,8 +116,6 @@ __device__ __forceinline__ float bits_float(uint32_t u) {
 // of the first has passed) and calls f(rank, value) for every block's value in rank order.
 // Every thread of every block calls gather in the same sequence (block-uniform arguments where
 // callers combine block results).
-constexpr unsigned kMaxSampleClusterBlocks = 16;  // sm_90's largest (non-portable above 8) cluster
-
 template <bool Clustered> struct RowSpan {
   int64_t begin = 0, end = 0;
   unsigned rank = 0, blocks = 1;
