@@ -342,6 +342,33 @@ cudaError_t launch_clusters(void (*kernel)(Params...), unsigned clusters, unsign
 }
 #endif  // !MMFAST_CUDA_EMULATED
 
+// A block-uniform exchange of one 64-bit value per thread between the blocks of a cluster, in
+// `slots`: 2 x blockDim.x u64 of dynamic shared memory (the same offset in every block). gather
+// stores this thread's value, passes a cluster barrier, reads the same thread's slot of every
+// block (all reads issued before any is used) and calls f(rank, value) in rank order. The
+// slots are used alternately: the ones written at one exchange are rewritten two exchanges
+// later, after a barrier every reader of the first has passed, so one barrier per exchange is
+// enough. Every thread of every block calls gather in the same sequence. At most MaxBlocks
+// blocks per cluster.
+template <unsigned MaxBlocks> struct ClusterExchange {
+  unsigned long long* slots = nullptr;
+  unsigned blocks = 1;
+  int parity = 0;
+  template <class F> __device__ __forceinline__ void gather(unsigned long long mine, F f) {
+    unsigned long long* const slot = slots + parity * blockDim.x + threadIdx.x;
+    *slot = mine;
+    cluster_barrier();
+    unsigned long long v[MaxBlocks];
+#pragma unroll
+    for (unsigned r = 0; r < MaxBlocks; ++r)
+      if (r < blocks) v[r] = *cluster_peer(slot, r);
+#pragma unroll
+    for (unsigned r = 0; r < MaxBlocks; ++r)
+      if (r < blocks) f(r, v[r]);
+    parity ^= 1;
+  }
+};
+
 // Every cluster launch goes through this macro (an expression: the launch's cudaError_t), which
 // the host emulator defines first.
 #ifndef MMFAST_LAUNCH_CLUSTERS

@@ -110,34 +110,18 @@ constexpr unsigned kMaxSampleClusterBlocks = 16;  // sm_90's largest (non-portab
 
 // The indices [begin, end) of a row that one block scans, and how its block results meet the
 // other blocks' of the row. Clustered = false: the block has the whole row (gather passes its
-// own value). Clustered: blocks `rank` of `blocks` of a cluster; gather exchanges one u64 per
-// thread through `exchange` (2 x kThreads slots in dynamic shared memory, used alternately: the
-// slots written at one exchange are rewritten two exchanges later, after a barrier every reader
-// of the first has passed) and calls f(rank, value) for every block's value in rank order.
-// Every thread of every block calls gather in the same sequence (block-uniform arguments where
+// own value). Clustered: block `rank` of a cluster, whose blocks exchange one u64 per thread
+// (common.cuh's ClusterExchange: f(rank, value) for every block's value in rank order). Every
+// thread of every block calls gather in the same sequence (block-uniform arguments where
 // callers combine block results).
 template <bool Clustered> struct RowSpan {
   int64_t begin = 0, end = 0;
-  unsigned rank = 0, blocks = 1;
-  u64* exchange = nullptr;
-  int parity = 0;
+  unsigned rank = 0;
+  ClusterExchange<kMaxSampleClusterBlocks> exchange;  // 2 x kThreads slots of dynamic shared memory
   __device__ __forceinline__ bool leader() const { return rank == 0 && threadIdx.x == 0; }
   template <class F> __device__ __forceinline__ void gather(u64 mine, F f) {
-    if (!Clustered) {
-      f(0u, mine);
-      return;
-    }
-    u64* const slot = exchange + parity * kThreads + threadIdx.x;
-    *slot = mine;
-    cluster_barrier();
-    u64 v[kMaxSampleClusterBlocks];  // every peer's load issued before the first is used
-#pragma unroll
-    for (unsigned r = 0; r < kMaxSampleClusterBlocks; ++r)
-      if (r < blocks) v[r] = *cluster_peer(slot, r);
-#pragma unroll
-    for (unsigned r = 0; r < kMaxSampleClusterBlocks; ++r)
-      if (r < blocks) f(r, v[r]);
-    parity ^= 1;
+    if (Clustered) exchange.gather(mine, f);
+    else f(0u, mine);
   }
 };
 
@@ -451,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) sample_cluster_kernel(SampleParam
   constexpr size_t kScratchI = kScratchF + 32 * sizeof(float), kSel = kScratchI + 32 * sizeof(int);
   static_assert(kSel + 4 * sizeof(u64) <= kClusterSharedBytes, "the selections fit in front of the stage");
   RowSpan<true> span;
-  span.exchange = reinterpret_cast<u64*>(dynamic_smem);
+  span.exchange.slots = reinterpret_cast<u64*>(dynamic_smem);
   u64* const sel = reinterpret_cast<u64*>(dynamic_smem + kSel);  // above, kept, token, bin
   const SampleShared sh{reinterpret_cast<u64*>(dynamic_smem + kHist),
                         reinterpret_cast<u64*>(dynamic_smem + kScratchU),
@@ -464,10 +448,10 @@ __global__ void __launch_bounds__(kThreads, 1) sample_cluster_kernel(SampleParam
                         reinterpret_cast<long long*>(sel + 2)};
   float* const stage = reinterpret_cast<float*>(dynamic_smem + kClusterSharedBytes);
   span.rank = cluster_block_rank();
-  span.blocks = cluster_block_count();
+  span.exchange.blocks = cluster_block_count();
   span.begin = min_i64(p.vocab, static_cast<int64_t>(span.rank) * slice);
   span.end = min_i64(p.vocab, span.begin + slice);
-  const int64_t clusters = gridDim.x / span.blocks, cluster = blockIdx.x / span.blocks;
+  const int64_t clusters = gridDim.x / span.exchange.blocks, cluster = blockIdx.x / span.exchange.blocks;
   for (int64_t row = cluster; row < p.rows; row += clusters) sample_row<T>(p, row, span, stage, sh);
   cluster_barrier();  // a peer may still read this block's exchange slots
 }
