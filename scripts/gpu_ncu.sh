@@ -5,7 +5,9 @@
 #           backward at bf16, B = 1, N = 262,144, H = 10, D = 64; as built ("la") and with the
 #           backward's dS / dm sums unfused ("la-unfused", MMFAST_CUDA_LA_BACKWARD_FUSED=0)
 #   decode  benchmarks/probes/decode_ncu_target.py: decode_attention at Liquid-7B, B = 8,
-#           T = 4096, and the fused sampler at V = 8192 (issue 9's targets)
+#           T = 4096, and the fused sampler at V = 8192 (issue 9's targets): as built
+#           ("decode": on sm_90 the sampler's cluster kernel) and with one block per row
+#           ("decode-one-block", MMFAST_CUDA_SAMPLE_CLUSTERS=0)
 # Per run, in REPORT_DIR: ncu-<run>.csv (the sections' metrics per kernel launch, ncu --csv
 # --page details) and ncu-<run>.log (ncu's messages). Sections: throughput against the peaks
 # (SpeedOfLight), launch and occupancy facts, issue slots (SchedulerStats), where warps stall
@@ -49,7 +51,9 @@ for target in ${GPU_NCU_TARGETS:-la decode}; do
     la)
       profile la -- benchmarks/probes/linear_attention_kernel_split.py --ncu-target
       profile la-unfused MMFAST_CUDA_LA_BACKWARD_FUSED=0 -- benchmarks/probes/linear_attention_kernel_split.py --ncu-target ;;
-    decode) profile decode -- benchmarks/probes/decode_ncu_target.py ;;
+    decode)
+      profile decode -- benchmarks/probes/decode_ncu_target.py
+      profile decode-one-block MMFAST_CUDA_SAMPLE_CLUSTERS=0 -- benchmarks/probes/decode_ncu_target.py ;;
     *) echo "gpu_ncu: unknown target $target" >&2; status=1 ;;
   esac
 done

@@ -4,8 +4,9 @@ warm-up:
 
 - decode_attention, Liquid-7B's MHA layer (16 heads, head dim 256), batch 8, T = 4096 (rows of
   3/4 to all of T, bench_decode.make_cache): 49.6% of HBM measured, target 80%;
-- the fused sampler, CFG over 4 pairs, V = 8192, top-k 4096, top-p 0.96: 63 us measured,
-  target 20.
+- the fused sampler, CFG over 4 pairs, V = 8192, top-k 4096, top-p 0.96: 63 us measured with
+  one block per row, target 20 (on sm_90 it now runs sample_cluster_kernel;
+  MMFAST_CUDA_SAMPLE_CLUSTERS=0 gives the one-block kernel).
 
     ncu --profile-from-start off ... python benchmarks/probes/decode_ncu_target.py
 
