@@ -85,6 +85,7 @@ struct SampleShared {
   u64* sel_above;
   u64* sel_kept;
   long long* sel_token;
+  bool atomic_counts;  // top-k's counting passes add with 32-bit shared atomics (sample_atomic_counts)
 };
 
 __device__ __forceinline__ uint32_t float_bits(float x) {
@@ -129,7 +130,15 @@ template <bool Clustered> struct RowSpan {
 // together. One plain read-modify-write per distinct bin, by the bin's lowest lane (the warp
 // owns its histogram; the leaders' bins differ); Counts: every weight is 1 (a popcount).
 template <bool Counts>
-__device__ __forceinline__ void warp_histogram_add(u64* hist, uint32_t bin, u64 w) {
+__device__ __forceinline__ void warp_histogram_add(u64* hist, uint32_t bin, u64 w, bool atomic_counts) {
+  // Counts with atomic_counts: one native 32-bit shared-memory add per item into the bin's low
+  // word (a count stays below V < 2^31, so the high word stays 0; little-endian), no match and
+  // no dependent chain; integer adds are exact in any order. A warp's lanes that share a bin
+  // are serialised by the hardware (top-k's first digit puts the row into a few bins).
+  if (Counts && atomic_counts) {
+    if (bin != kNoBin) atomicAdd(reinterpret_cast<unsigned*>(hist + bin), 1u);
+    return;
+  }
   // A warp without an item skips the match (a vote instead of about 300 cycles of dependent
   // match, peer sum and read-modify-write): most warps of a top-p pass (weights that underflow
   // to 0, keys under the top-k cut) and the items past the end of a short slice. Warp-uniform.
@@ -180,7 +189,7 @@ __device__ RadixCut radix_threshold(RowSpan<Clustered>& span, Item item, Target 
         if (i < span.end && item(i, key, ws[e]) && ws[e] != 0 && (key & high) == prefix) bins[e] = (key >> shift) & 255u;
       }
 #pragma unroll
-      for (int e = 0; e < kSampleItems; ++e) warp_histogram_add<Counts>(hist, bins[e], ws[e]);
+      for (int e = 0; e < kSampleItems; ++e) warp_histogram_add<Counts>(hist, bins[e], ws[e], sh.atomic_counts);
     }
     __syncthreads();
     const int bin = 255 - static_cast<int>(threadIdx.x);  // thread order = descending bins
@@ -398,7 +407,7 @@ __device__ void sample_row(const SampleParams& p, int64_t row, RowSpan<Clustered
 // floats; launch_sample). Few rows: (256, 1) lets ptxas take 76 registers without spills (left
 // to itself it took 48 and spilled 12 B around the division's slow-path calls).
 template <class T>
-__global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p, int staged) {
+__global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p, int staged, int atomic_counts) {
   __shared__ u64 warp_hist[kSampleWarps * 256];
   __shared__ u64 scratch_u[32];
   __shared__ float scratch_f[32];
@@ -409,7 +418,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p, int
   __shared__ long long sel_token;
   MMFAST_DYNAMIC_SHARED(dynamic_smem);
   float* const stage = staged ? reinterpret_cast<float*>(dynamic_smem) : nullptr;
-  const SampleShared sh{warp_hist, scratch_u, scratch_f, scratch_i, scratch_l, &sel_bin, &sel_above, &sel_kept, &sel_token};
+  const SampleShared sh{warp_hist, scratch_u, scratch_f, scratch_i,  scratch_l,
+                        &sel_bin,  &sel_above, &sel_kept, &sel_token, atomic_counts != 0};
   RowSpan<false> span;
   span.end = p.vocab;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) sample_row<T>(p, row, span, stage, sh);
@@ -427,7 +437,7 @@ constexpr size_t kClusterSharedBytes = kClusterExchangeBytes + kClusterHistBytes
 // Everything a peer reads lives in dynamic shared memory (the emulator runs a cluster's blocks
 // together and has one copy of each static __shared__ variable).
 template <class T>
-__global__ void __launch_bounds__(kThreads, 1) sample_cluster_kernel(SampleParams p, int64_t slice) {
+__global__ void __launch_bounds__(kThreads, 1) sample_cluster_kernel(SampleParams p, int64_t slice, int atomic_counts) {
   MMFAST_DYNAMIC_SHARED(dynamic_smem);
   // Constant offsets (a running pointer made ptxas lose the shared state space: generic loads).
   constexpr size_t kHist = kClusterExchangeBytes, kScratchU = kHist + kClusterHistBytes;
@@ -445,7 +455,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_cluster_kernel(SampleParam
                         reinterpret_cast<int*>(sel + 3),
                         sel,
                         sel + 1,
-                        reinterpret_cast<long long*>(sel + 2)};
+                        reinterpret_cast<long long*>(sel + 2),
+                        atomic_counts != 0};
   float* const stage = reinterpret_cast<float*>(dynamic_smem + kClusterSharedBytes);
   span.rank = cluster_block_rank();
   span.exchange.blocks = cluster_block_count();
@@ -572,14 +583,23 @@ SamplePlan sample_plan(int64_t rows, int64_t V) {
   return plan;
 }
 
+// MMFAST_CUDA_SAMPLE_ATOMIC_COUNTS=0 keeps top-k's counting passes on the warp match and peer
+// count (for A/B timing): both give the same counts.
+inline bool sample_atomic_counts_enabled() {
+  static const bool enabled = env_switch_on("MMFAST_CUDA_SAMPLE_ATOMIC_COUNTS");
+  return enabled;
+}
+
 template <class T>
 cudaError_t launch_sample_plan(const SampleParams& p, const SamplePlan& plan, cudaStream_t stream) {
+  const int atomic_counts = sample_atomic_counts_enabled() && p.vocab < (int64_t(1) << 31) ? 1 : 0;
   if (plan.cluster_blocks > 1) {
     const cudaError_t err = MMFAST_LAUNCH_CLUSTERS(sample_cluster_kernel<T>, grid_for(p.rows), plan.cluster_blocks,
-                                                   kThreads, plan.smem, stream, p, plan.slice);
+                                                   kThreads, plan.smem, stream, p, plan.slice, atomic_counts);
     return err != cudaSuccess ? err : cudaGetLastError();
   }
-  MMFAST_LAUNCH(sample_kernel<T>, grid_for(p.rows), kThreads, plan.smem, stream, p, plan.smem > 0 ? 1 : 0);
+  MMFAST_LAUNCH(sample_kernel<T>, grid_for(p.rows), kThreads, plan.smem, stream, p, plan.smem > 0 ? 1 : 0,
+                atomic_counts);
   return cudaGetLastError();
 }
 
