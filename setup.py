@@ -84,6 +84,13 @@ def default_archs() -> str:
     return ";".join(f"{major}.{minor}" + ("a" if major in (9, 10, 12) else "") for major, minor in capabilities)
 
 
+def has_sm90a_code(archs: str) -> bool:
+    """Whether an arch list gives sm_90 GPUs the sm_90a binary (wgmma kernels): it names 9.0a and
+    not plain 9.0, whose binary the driver could pick instead."""
+    entries = {entry.split("+")[0].strip() for entry in archs.replace(" ", ";").split(";") if entry.strip()}
+    return "9.0a" in entries and "9.0" not in entries
+
+
 def nvidia_wheel_include_dirs():
     """cuBLAS/cuSPARSE headers shipped in torch's nvidia-* wheels (some ATen CUDA headers need them)."""
     dirs = []
@@ -100,6 +107,7 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs if with_cuda else None,
+        "cuda_wgmma": has_sm90a_code(archs) if with_cuda else False,  # sm_90 GPUs may run the wgmma kernels
         "backends": ["cpu"] + (["cuda"] if with_cuda else []),
     }
     body = "".join(f"{key} = {value!r}\n" for key, value in info.items())
@@ -126,6 +134,8 @@ def extensions():
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         include_dirs += nvidia_wheel_include_dirs()
         extra["nvcc"] = ["-O3", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "2")]
+        if has_sm90a_code(archs):  # the launchers may pick the wgmma kernels on sm_90 devices
+            extra["nvcc"].append("-DMMFAST_SM90A_BUILD")
         extension = CUDAExtension
     else:
         extension = CppExtension

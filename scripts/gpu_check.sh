@@ -6,7 +6,8 @@
 #   preflight.txt build.txt info.txt tests.txt/.xml sanitizer.txt bench.txt report.json
 #   bench_<family>.json/.md/.png (one per benchmark file)
 #   bench-staged.txt/.json/.md (linear attention forward with MMFAST_CUDA_ASYNC_COPY=0: the A/B)
-#   bench-vq-staged.txt/.json/.md (the VQ search with MMFAST_CUDA_ASYNC_COPY=0: its A/B)
+#   bench-vq-mma-sync.txt/.json/.md (the VQ search with MMFAST_CUDA_WGMMA=0: mma.sync instead of
+#                       wgmma on sm_90a, its A/B)
 #   bench-decode-tiled.txt/.json/.md (decode_attention with MMFAST_CUDA_DECODE_STREAM=0: the tiled
 #                       kernel that the stream kernel replaces for 16-bit MHA-like shapes)
 #   bench-sample-one-block.txt/.json/.md (sample with MMFAST_CUDA_SAMPLE_CLUSTERS=0: one block per
@@ -23,8 +24,8 @@
 #   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention and VQ
 #                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured)
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments (split on spaces)
-#   GPU_CHECK_AB=0      skip the benchmarks' A/B reruns (MMFAST_CUDA_ASYNC_COPY=0, ..._CONV_SPLITS=1,
-#                       ..._DECODE_STREAM=0, ..._SAMPLE_CLUSTERS=0)
+#   GPU_CHECK_AB=0      skip the benchmarks' A/B reruns (MMFAST_CUDA_ASYNC_COPY=0, ..._WGMMA=0,
+#                       ..._CONV_SPLITS=1, ..._DECODE_STREAM=0, ..._SAMPLE_CLUSTERS=0)
 #   GPU_TEST_K          a pytest -k expression for the tests, e.g. "cuda and not triton"
 #   GPU_SANITIZER_TOOLS default "memcheck racecheck"
 # The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
@@ -134,11 +135,11 @@ if [[ $STEPS == *" bench "* ]]; then
     $PY benchmarks/summarize.py "$REPORT_DIR/bench-staged.json" --markdown "$REPORT_DIR/bench-staged.md" || true
   fi
   if [[ $AB == 1 && ( " $FAMILIES " == *" vq "* || -z "$FAMILIES" ) ]]; then
-    # A/B: the VQ search on the register-staged TF32 tile GEMM that the cp.async + mma.sync one replaces
-    (cd benchmarks && MMFAST_CUDA_ASYNC_COPY=0 $PY -m pytest -q -p no:cacheprovider -k "test_vq_quantize and not paired" \
-       --benchmark-json="$REPORT_DIR/bench-vq-staged.json" bench_vq.py) >"$REPORT_DIR/bench-vq-staged.txt" 2>&1 \
+    # A/B: the VQ search on mma.sync (vq_search_async_kernel), which the wgmma one replaces on sm_90a
+    (cd benchmarks && MMFAST_CUDA_WGMMA=0 $PY -m pytest -q -p no:cacheprovider -k "test_vq_quantize and not paired" \
+       --benchmark-json="$REPORT_DIR/bench-vq-mma-sync.json" bench_vq.py) >"$REPORT_DIR/bench-vq-mma-sync.txt" 2>&1 \
       || bench_rc=$?
-    $PY benchmarks/summarize.py "$REPORT_DIR/bench-vq-staged.json" --markdown "$REPORT_DIR/bench-vq-staged.md" || true
+    $PY benchmarks/summarize.py "$REPORT_DIR/bench-vq-mma-sync.json" --markdown "$REPORT_DIR/bench-vq-mma-sync.md" || true
   fi
   if [[ $AB == 1 && ( " $FAMILIES " == *" decode "* || -z "$FAMILIES" ) ]]; then
     # A/B: decode_attention on the tiled kernel (K and V tiles through shared memory) instead of

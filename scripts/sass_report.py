@@ -794,6 +794,7 @@ DYNAMIC_SMEM_PROBES = {  # apply: Dk = W, the head dim each width is chosen for 
     # The VQ search's NT tile GEMM ring (tile_gemm.cuh, included by the default header): fp16 and
     # bf16 stages have the same size.
     "vq_search_async_kernel": "mmfast::cuda::kNtSmemBytes<__half>",
+    "vq_search_wgmma_kernel": "mmfast::cuda::kNtWgSmemBytes<__half>",
     # The packed masked conv streams through the same ring.
     "masked_conv_async_kernel": "mmfast::cuda::kNtSmemBytes<__half>",
 }

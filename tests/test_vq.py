@@ -117,8 +117,9 @@ def test_strided_rows(backend_device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_smoke_search_and_lookup_every_kernel(dtype):
-    """Both CUDA search kernels (fp16 / bf16 with 16-byte aligned rows take the cp.async + mma.sync
-    one; unaligned rows, odd D and fp32 the tile-GEMM one) and the lookup on small odd shapes, with
+    """Both CUDA search kernels (fp16 / bf16 with 16-byte aligned rows take the cp.async one, by
+    wgmma on sm_90 with an sm_90a build, else mma.sync; unaligned rows, odd D and fp32 the tile-GEMM
+    one) and the lookup on small odd shapes, with
     given and computed norms: the subset `make gpu-check` also runs under compute-sanitizer."""
     for n, k, d in ((130, 300, 64), (200, 383, 40), (9, 10, 16), (33, 70, 3)):
         z, codebook = make_inputs(n, k, d, dtype, "cuda")
@@ -132,6 +133,49 @@ def test_cuda_smoke_search_and_lookup_every_kernel(dtype):
     assert_nearest(z, codebook[:, :32], *vq_quantize(z, codebook[:, :32], return_distance=True), dtype=dtype)
     indices = torch.randint(0, 100, (2, 5, 7), device="cuda")
     assert torch.equal(vq_dequantize(indices, codebook), codebook[indices])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_wgmma_search_finds_what_mma_sync_finds(dtype, tmp_path):
+    """On sm_90 with an sm_90a build, 16-bit aligned searches run on wgmma
+    (vq_search_wgmma_kernel): the nearest codes within rounding, and the same codes as the
+    mma.sync search (MMFAST_CUDA_WGMMA=0, in a subprocess) wherever the two best distances are
+    apart by more than the rounding of the dots (the two sum in different orders)."""
+    from mmfast import _extension
+
+    if torch.cuda.get_device_capability() != (9, 0) or not getattr(_extension.build_info, "cuda_wgmma", False):
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a)")
+    if os.environ.get("MMFAST_CUDA_WGMMA", "")[:1] == "0":
+        pytest.skip("MMFAST_CUDA_WGMMA=0 keeps mma.sync")
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = [(130, 300, 64), (200, 383, 40), (1024, 8192, 256), (70, 129, 96)]
+    inputs = [make_inputs(n, k, d, dtype, "cpu", seed=n) for n, k, d in shapes]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, mmfast
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+        out = [mmfast.ops.vq_quantize(z.cuda(), c.cuda()).cpu() for z, c in inputs]
+        torch.save(out, {str(tmp_path / "mma_sync.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "MMFAST_CUDA_WGMMA": "0"}, check=True)
+    mma_sync = torch.load(tmp_path / "mma_sync.pt", weights_only=True)
+    for (z, codebook), expected in zip(inputs, mma_sync):
+        z, codebook = z.cuda(), codebook.cuda()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            indices, distance = vq_quantize(z, codebook, return_distance=True)
+            torch.cuda.synchronize()
+        kernels = {event.key for event in prof.key_averages()}
+        assert any("vq_search_wgmma_kernel" in name for name in kernels), kernels
+        assert_nearest(z, codebook, indices, distance, dtype=dtype)
+        all_d = torch.cdist(z.double().cpu(), codebook.double().cpu()).pow(2)
+        best2 = all_d.topk(2, dim=1, largest=False).values
+        tol = DISTANCE_TOL[dtype] * (z.double().cpu().pow(2).sum(-1) + 1) * z.shape[-1] ** 0.5 * 4
+        clear = best2[:, 1] - best2[:, 0] > 2 * tol
+        assert torch.equal(indices.cpu()[clear], expected[clear])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

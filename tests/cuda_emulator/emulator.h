@@ -165,6 +165,9 @@ inline void warp_yield() {
 // retires its group (the two ends of what the hardware may do), so both a read before the
 // wait (or before the barrier that follows every thread's wait) and an overwrite of a stage
 // other threads still read show up as wrong results.
+// Threads that retired cp.async copies (cp_async_wait) and have not executed
+// fence.proxy.async since: their wgmma (the async proxy) need not see the copies.
+inline bool unfenced_copies[kMaxThreads];
 struct AsyncCopy { void* dst; const void* src; bool valid; };
 inline std::vector<AsyncCopy> async_open[kMaxThreads];                 // issued, not yet committed
 inline std::vector<std::vector<AsyncCopy>> async_groups[kMaxThreads];  // committed, oldest first
@@ -179,7 +182,15 @@ inline long mma_phase[kMaxThreads / 32];
 inline float mma_out[kMaxThreads / 32][32][4];
 // Blocks run so far: with a thread's barrier count, names the phase it is in (WMMA mma_sync).
 inline long blocks_run = 0;
-inline void tramp() { fiber_started(); body(); async_check_drained(); done[cur] = true; switch_to_scheduler(true); }
+inline void wgmma_check_drained();
+inline void tramp() {
+  fiber_started();
+  body();
+  async_check_drained();
+  wgmma_check_drained();
+  done[cur] = true;
+  switch_to_scheduler(true);
+}
 #if defined(MMFAST_EMU_STACK_SWITCH)
 // The frame emu_switch_stacks pops for a fiber's first entry: FP control words, six zeroed
 // registers, tramp as the return address and a null one above it (tramp never returns), so
@@ -326,6 +337,7 @@ inline void run(std::function<void()> f, int blocks = 1) {
     done[t] = false;
     at_warp[t] = false;
     at_cluster[t] = false;
+    unfenced_copies[t] = false;
     released[t] = true;
     nbar[t] = 0;
     nwarp[t] = 0;
@@ -459,7 +471,9 @@ inline unsigned char* dynamic_smem_base(int b) {
   return dynamic_smem[b].data() + ((128 - p % 128) % 128);
 }
 inline unsigned char* dynamic_smem_base() { return dynamic_smem_base(cur / kN); }
+inline uint32_t smem_window_base = 1024;  // the dynamic shared memory's first address (see smem_address)
 inline void prepare_dynamic_smem(size_t bytes, int blocks = 1) {
+  smem_window_base = 1024 + 128 * static_cast<uint32_t>(rng() % 8);
   for (int b = 0; b < blocks; ++b) dynamic_smem[b].assign(bytes + 128 + kSmemGuard, 0xff);
   dynamic_smem_bytes = bytes;
 }
@@ -587,6 +601,7 @@ inline void cp_async_commit() {
 }
 template <int Pending> void cp_async_wait() {
   auto& groups = ::emu::async_groups[::emu::cur];
+  if (groups.size() > static_cast<size_t>(Pending)) ::emu::unfenced_copies[::emu::cur] = true;
   while (groups.size() > static_cast<size_t>(Pending)) {
     ::emu::async_land(groups.front());
     groups.erase(groups.begin());
@@ -678,6 +693,107 @@ template <class T> void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], cons
   }
   std::memcpy(d, ::emu::mma_out[warp][::emu::cur % 32], sizeof(float) * 4);
   ::emu::warp_yield();
+}
+
+// ---- wgmma (sm_90a) -----------------------------------------------------------------------
+// Shared-memory addresses: the running block's dynamic shared memory starts at a window address
+// chosen at random per launch (a multiple of 128 from 1024 on: the hardware reserves the first
+// KB), so code that aligns to the window (align_shared) rather than to host pointers shows.
+namespace emu {
+inline void check_in_dynamic_smem(const unsigned char* q, size_t bytes, const char* what) {
+  const unsigned char* mine = dynamic_smem_base();
+  if (q < mine || q + bytes > mine + dynamic_smem_bytes) {
+    std::printf("EMU ERROR: %s %p lies outside the block's dynamic shared memory\n", what, static_cast<const void*>(q));
+    std::exit(2);
+  }
+}
+inline uint32_t smem_address(const void* p) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  check_in_dynamic_smem(q, 0, "a shared-memory address of");
+  return smem_window_base + static_cast<uint32_t>(q - dynamic_smem_base());
+}
+inline const unsigned char* smem_at(uint32_t address, size_t bytes) {
+  const unsigned char* q = dynamic_smem_base() + (static_cast<int64_t>(address) - smem_window_base);
+  check_in_dynamic_smem(q, bytes, "wgmma operand byte");
+  return q;
+}
+// One issued wgmma of a thread: its accumulators, descriptors and operand types. It runs (reads
+// its operands, adds into its accumulators) at random at its issue or only at the wait that
+// retires its group, in issue order, so a refill of a stage wgmma still reads, or an accumulator
+// read before the wait, gives wrong results.
+struct Wgmma { float* d; uint64_t desc_a, desc_b; bool bf16; int thread; };
+inline std::vector<Wgmma> wgmma_open[kMaxThreads];
+inline std::vector<std::vector<Wgmma>> wgmma_groups[kMaxThreads];
+// Element (row, k) of a K-major 16-bit operand read through a 64-byte-swizzle descriptor: byte
+// start + 512 (row / 8) + 64 (row % 8) + 2 k (k < 16: chunks 0-1 of the row from the start's),
+// then address bits 4-5 XOR bits 7-8 (the PTX ISA's canonical K-major layout; CuTe's
+// Swizzle<2,4,3> o ((8,n),2):((4,SBO),1) in 16-byte units).
+template <class T> double gmma_operand(uint64_t desc, int row, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+  const unsigned type = static_cast<unsigned>(desc >> 62), base_offset = static_cast<unsigned>((desc >> 49) & 7u);
+  if (type != 2 || base_offset != 0 || ((desc >> 16) & 0x3FFFu) != 1) {
+    std::printf("EMU ERROR: wgmma descriptor %#llx: the emulator reads 64-byte-swizzle K-major operands only "
+                "(layout type 2, base offset 0, leading byte offset 1)\n", static_cast<unsigned long long>(desc));
+    std::exit(2);
+  }
+  const uint32_t linear = start + sbo * static_cast<uint32_t>(row / 8) + 64u * static_cast<uint32_t>(row % 8) +
+                          2u * static_cast<uint32_t>(k);
+  const uint32_t address = linear ^ (((linear >> 7) & 3u) << 4);
+  uint16_t bits;
+  std::memcpy(&bits, smem_at(address, 2), 2);
+  return element16<T>(bits, 0);
+}
+// D (64 x 128, this thread's 64 elements) += A (64 x 16) B (128 x 16)^T; thread t of the
+// warpgroup holds D[16 (t / 32) + (t % 32) / 4 + 8 ((v / 2) % 2)][8 (v / 4) + 2 (t % 4) + v % 2].
+inline void wgmma_run(const Wgmma& w) {
+  const int t = w.thread % 128, lane = t % 32;
+  for (int v = 0; v < 64; ++v) {
+    const int row = 16 * (t / 32) + lane / 4 + 8 * ((v / 2) % 2), col = 8 * (v / 4) + 2 * (lane % 4) + v % 2;
+    double s = w.d[v];
+    for (int k = 0; k < 16; ++k)
+      s += w.bf16 ? gmma_operand<__nv_bfloat16>(w.desc_a, row, k) * gmma_operand<__nv_bfloat16>(w.desc_b, col, k)
+                  : gmma_operand<__half>(w.desc_a, row, k) * gmma_operand<__half>(w.desc_b, col, k);
+    w.d[v] = mma_round(s);
+  }
+}
+inline void wgmma_check_drained() {
+  bool pending = !wgmma_open[cur].empty();
+  for (const auto& g : wgmma_groups[cur]) pending = pending || !g.empty();
+  if (pending) { std::printf("EMU ERROR: thread %d exited with wgmma never waited for\n", cur); std::exit(2); }
+  wgmma_groups[cur].clear();
+}
+}  // namespace emu
+inline uint32_t smem_address(const void* p) { return ::emu::smem_address(p); }
+inline void fence_proxy_async_shared() { ::emu::unfenced_copies[::emu::cur] = false; }
+inline void wgmma_fence() {}
+inline void wgmma_commit() {
+  ::emu::wgmma_groups[::emu::cur].push_back(std::move(::emu::wgmma_open[::emu::cur]));
+  ::emu::wgmma_open[::emu::cur].clear();
+}
+template <int Pending> void wgmma_wait() {
+  auto& groups = ::emu::wgmma_groups[::emu::cur];
+  while (groups.size() > static_cast<size_t>(Pending)) {
+    for (const auto& w : groups.front()) ::emu::wgmma_run(w);
+    groups.erase(groups.begin());
+  }
+}
+template <class Acc> void wgmma_fence_operands(Acc&) {}
+template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uint64_t desc_b) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
+  static_assert(sizeof(Acc) == 64 * sizeof(float), "64 fp32 accumulators per thread");
+  if (::emu::unfenced_copies[::emu::cur]) {
+    std::printf("EMU ERROR: thread %d issues wgmma after retiring cp.async copies without fence.proxy.async\n",
+                ::emu::cur);
+    std::exit(2);
+  }
+  const ::emu::Wgmma w{&d[0], desc_a, desc_b, std::is_same<T, __nv_bfloat16>::value, ::emu::cur};
+  // A warpgroup's wgmmas run in issue order (their sums round in that order): one may run at its
+  // issue only when none before it is still pending.
+  bool pending = !::emu::wgmma_open[::emu::cur].empty();
+  for (const auto& g : ::emu::wgmma_groups[::emu::cur]) pending = pending || !g.empty();
+  if (!pending && (::emu::rng() & 1u)) ::emu::wgmma_run(w);
+  else ::emu::wgmma_open[::emu::cur].push_back(w);
 }
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }

@@ -17,12 +17,14 @@ using namespace mmfast;
 
 std::mt19937 grng(11);
 
-// Which search kernel the last vq_quantize launched: the cp.async + mma.sync one ("async") or
-// the tile-GEMM one.
-bool launched_async_search() {
-  for (const auto& l : emu::launches)
-    if (std::strstr(l.kernel, "vq_search_async_kernel") != nullptr) return true;
-  return false;
+// Which search kernel the last vq_quantize launched: "wgmma", "async" (cp.async + mma.sync) or
+// "tile" (the tile-GEMM one).
+std::string launched_search() {
+  for (const auto& l : emu::launches) {
+    if (std::strstr(l.kernel, "vq_search_wgmma_kernel") != nullptr) return "wgmma";
+    if (std::strstr(l.kernel, "vq_search_async_kernel") != nullptr) return "async";
+  }
+  return "tile";
 }
 
 // z_offset elements before z's first row (1: a base pointer off 16-byte alignment).
@@ -66,11 +68,13 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   p.workspace = ws.data(), p.workspace_bytes = ws.size();
   emu::launches.clear();
   if (cuda::vq_quantize(p, nullptr) != cudaSuccess) return fail(std::string("launch ") + cfg);
-  // fp16 / bf16 with 16-byte aligned rows take the cp.async + mma.sync search, the rest the tile GEMM.
+  // fp16 / bf16 with 16-byte aligned rows take the cp.async search (wgmma on sm_90, unless
+  // MMFAST_CUDA_WGMMA=0; mma.sync before), the rest the tile GEMM.
   const bool half = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
   const bool async = half && D % 8 == 0 && row_stride % 8 == 0 && z_offset % 8 == 0 && emu::compute_major >= 8 &&
                      cuda::tensor_cores_enabled() && cuda::async_copy_enabled();
-  if (launched_async_search() != async) fail(std::string("search kernel choice ") + cfg);
+  const char* expected = !async ? "tile" : emu::compute_major == 9 && cuda::wgmma_enabled() ? "wgmma" : "async";
+  if (launched_search() != expected) fail(std::string("search kernel choice: ") + launched_search() + " " + cfg);
   if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
   int bad = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -141,20 +145,29 @@ void run_all(int level) {
   run_search<T>(130, 129, 70, 70, false, 132);  // D over two staged slices
   // 16-byte aligned rows (the cp.async search for fp16 / bf16): D = 40 (a 32-dim slice and a
   // zero-filled one), strided rows, 2 row tiles of 128 and 3 code tiles over 1-3 splits and SMs
-  // (blocks walk several items; the ring's slice stream crosses code tiles); K < one tile.
-  run_search<T>(200, 300, 40, 48, false, 2);
-  run_search<T>(150, 383, 64, 64, true, 1);
-  run_search<T>(9, 10, 16, 24, false, 132);
-  run_search<T>(200, 300, 40, 48, false, 1);  // 2 splits, the second over 2 code tiles, a zero-filled slice
-  run_search<T>(130, 100, 64, 64, false, 132);  // codes 4 and 98 tie across the column warps (0 and 3)
+  // (blocks walk several items; the ring's slice stream crosses code tiles); K < one tile. On
+  // sm_90 by wgmma, on sm_80 by mma.sync.
+  for (const int major : {9, 8}) {
+    emu::compute_major = major;
+    run_search<T>(200, 300, 40, 48, false, 2);
+    run_search<T>(150, 383, 64, 64, true, 1);
+    run_search<T>(9, 10, 16, 24, false, 132);
+    run_search<T>(200, 300, 40, 48, false, 1);  // 2 splits, the second over 2 code tiles, a zero-filled slice
+    run_search<T>(130, 100, 64, 64, false, 132);  // codes 4 and 98 tie across column warps (0 and 3) / lane quads
+    run_search<T>(70, 129, 96, 96, false, 3);     // rows past the tile's first warpgroup; one code past a tile
+  }
+  emu::compute_major = 9;
   // The tile-GEMM search instead: z's base pointer off 16 bytes; a pre-sm_80 device.
   run_search<T>(70, 200, 64, 64, false, 132, 1);
   emu::compute_major = 7;
   run_search<T>(70, 200, 64, 64, false, 132);
   emu::compute_major = 9;
-  // Truncating tensor cores (mma.sync results rounded toward zero) stay within the tolerance.
+  // Truncating tensor cores (mma.sync / wgmma results rounded toward zero) stay within the tolerance.
   emu::mma_round_toward_zero = true;
   run_search<T>(150, 383, 64, 64, true, 1);
+  emu::compute_major = 8;
+  run_search<T>(150, 383, 64, 64, true, 1);
+  emu::compute_major = 9;
   emu::mma_round_toward_zero = false;
   if (level >= 1) {
     run_search<T>(64, 8192, 256, 256, true, 132);

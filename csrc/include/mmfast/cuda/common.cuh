@@ -569,6 +569,12 @@ inline bool async_copy_enabled() {
   return enabled;
 }
 
+// MMFAST_CUDA_WGMMA=0 keeps the kernels that have a wgmma variant (sm_90a) on mma.sync.
+inline bool wgmma_enabled() {
+  static const bool enabled = env_switch_on("MMFAST_CUDA_WGMMA");
+  return enabled;
+}
+
 // MMFAST_CUDA_TENSOR_CORES=0 keeps every kernel on its exact SIMT path.
 inline bool tensor_cores_enabled() {
   static const bool enabled = env_switch_on("MMFAST_CUDA_TENSOR_CORES");

@@ -174,6 +174,30 @@ template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
   static_assert(kChunks % 32 == 0, "whole warps per pass of the block's threads (a ragged last pass stays warp-uniform)");
   static_assert(Pad % kChunkElems == 0, "rows stay 16-byte aligned");
   __align__(16) T v[Rows][Cols + Pad];
+  // Where element (row, col) lies (RawChunk copies whole chunks to it).
+  __device__ __forceinline__ T* at(int row, int col) { return &v[row][col]; }
+};
+
+// Rows x Cols 16-bit elements whose rows are 64 bytes (Cols * sizeof(T) == 64), unpadded, in
+// the layout wgmma's 64-byte swizzle reads (PTX ISA, "Shared memory matrix layout", K-major;
+// CuTe's GMMA::Layout_K_SW64_Atom): row r at byte 64 r, its 16-byte chunk c at chunk
+// c ^ ((r / 2) % 4). The hardware XORs shared-memory address bits 4-5 with bits 7-8, so the tile
+// must start on a 512-byte shared-memory address (align_shared). Eight rows (512 bytes) form a
+// core-matrix group; the 4 chunks of a row sit in 4 different 16-byte bank groups for every
+// 2 x 4 rows, so the copies into it and wgmma's reads are conflict-free.
+template <class T, int Rows, int Cols> struct SwizzledTile {
+  static constexpr int kRows = Rows, kCols = Cols;
+  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kChunksPerRow = Cols / kChunkElems;
+  static constexpr int kChunks = Rows * kChunksPerRow;
+  static constexpr int kGroupBytes = 8 * 64;  // the descriptor's stride byte offset
+  static_assert(sizeof(T) == 2 && Cols * sizeof(T) == 64, "64-byte rows of 16-bit elements");
+  static_assert(Rows % 8 == 0 && kChunks % 32 == 0, "whole core-matrix groups, whole warps per copy pass");
+  __align__(512) T v[Rows * Cols];
+  __device__ __forceinline__ T* at(int row, int col) {
+    const int chunk = (col / kChunkElems) ^ ((row >> 1) & 3);
+    return &v[row * Cols + chunk * kChunkElems + col % kChunkElems];
+  }
 };
 
 // The k-th of the chunks a thread copies of every slice of a stream of RawTiles: chunk
@@ -227,7 +251,7 @@ template <class Tile> struct RawChunk {
   __device__ __forceinline__ void issue(Tile& dst, const T* src, int64_t rows, int64_t cols, const T* fallback) const {
     if (!in_tile) return;
     const bool valid = row < rows && col < cols;
-    cp_async16(&dst.v[row][col], valid ? src : fallback, valid);
+    cp_async16(dst.at(row, col), valid ? src : fallback, valid);
   }
 };
 
@@ -603,6 +627,87 @@ __device__ __forceinline__ void store_tile(const A (&acc)[4][4], int ty, int tx,
   }
 }
 
+// ---- warpgroup MMA (wgmma, sm_90a) primitives -------------------------------------------------
+// wgmma.mma_async.m64n128k16 (fp32 sums) with both operands read from shared memory by matrix
+// descriptor, its fences and groups; used by the NT tile GEMM below. The instructions exist only
+// in code compiled for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL): other code traps, and launchers check
+// wgmma_built_for_device() first. The host emulator defines its own (tests/cuda_emulator),
+// reading the operands through the same descriptors.
+#if defined(MMFAST_CUDA_EMULATED) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define MMFAST_CUDA_WGMMA 1
+#else
+#define MMFAST_CUDA_WGMMA 0
+#endif
+
+using WgAcc = float[64];  // a thread's accumulators of one m64n128 wgmma
+
+#ifndef MMFAST_CUDA_EMULATED
+// The shared-memory (state space) address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Orders this thread's earlier shared-memory writes (stores, landed cp.async copies) before later
+// reads by the async proxy (wgmma operands); a barrier then publishes them to the block.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if MMFAST_CUDA_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// wgmma.fence: the accumulators' writes by ordinary instructions are ordered before the next
+// wgmma; commit / wait: wgmma groups, as cp.async's. Warpgroup-uniform (.sync.aligned).
+__device__ __forceinline__ void wgmma_fence() {
+#if MMFAST_CUDA_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if MMFAST_CUDA_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int Pending> __device__ __forceinline__ void wgmma_wait() {
+#if MMFAST_CUDA_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+// Keeps the compiler from moving reads or writes of the accumulators across a wgmma or a wait
+// (the asm operands name registers, not memory; CUTLASS's warpgroup_fence_operand).
+__device__ __forceinline__ void wgmma_fence_operands(WgAcc& acc) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
+#define MMFAST_WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                        "+f"(d[i + 6]), "+f"(d[i + 7])
+// d += A B^T for a 64 x 16 A and a 128 x 16 B (both K-major, by descriptor), fp32 d (WgAcc).
+template <class T> __device__ __forceinline__ void wgmma_m64n128k16(WgAcc& d, uint64_t desc_a, uint64_t desc_b) {
+#if MMFAST_CUDA_WGMMA
+#define MMFAST_WG_ASM(type)                                                                                         \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                         \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " "                                    \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "               \
+               "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                    \
+               : MMFAST_WG_D8(0), MMFAST_WG_D8(8), MMFAST_WG_D8(16), MMFAST_WG_D8(24), MMFAST_WG_D8(32),           \
+                 MMFAST_WG_D8(40), MMFAST_WG_D8(48), MMFAST_WG_D8(56)                                              \
+               : "l"(desc_a), "l"(desc_b), "r"(1))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MMFAST_WG_ASM("bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "wgmma_m64n128k16 takes fp16 or bf16");
+    MMFAST_WG_ASM("f16");
+  }
+#undef MMFAST_WG_ASM
+#else
+  (void)d, (void)desc_a, (void)desc_b;
+  __trap();  // launchers check wgmma_built_for_device()
+#endif
+}
+#undef MMFAST_WG_D8
+#endif  // !MMFAST_CUDA_EMULATED
+
 // ---- NT tile GEMM on 16-bit tensor cores (sm_80+) ----------------------------------------
 // C (128 x 128, fp32) = A (128 x L) B (128 x L)^T with both operands fp16 / bf16, row-major,
 // the contraction contiguous and every row 16-byte aligned (a VQ codebook against token rows,
@@ -620,6 +725,7 @@ using NtAcc = float[kNtMTiles][kNtNTiles][4];
 static_assert(kThreads == 8 * 32 && 2 * kNtWarpRows == kNtRows && 4 * kNtWarpCols == kNtCols, "2 x 4 warps");
 
 template <class T> struct NtStage {
+  static constexpr bool kAsyncProxyReads = false;  // read by ldmatrix (the generic proxy)
   // 8 elements (16 bytes) of padding per row: a row stride of 80 bytes puts the 8 rows of an
   // ldmatrix phase on distinct banks.
   RawTile<T, kNtRows, kNtDepth, 8> a;
@@ -639,8 +745,8 @@ __device__ __forceinline__ void nt_zero(NtAcc& acc) {
 // Starts the copies of the slice at column l0 of A (rows a_rows valid from a, row stride
 // a_stride) and of B (b_rows valid from b) into stage s: 2 + 2 16-byte chunks per thread. Columns
 // from L on are zero-filled; a and b must be 16-byte aligned, as every row.
-template <class T>
-__device__ __forceinline__ void nt_issue(NtStage<T>& s, const T* a, int64_t a_stride, int64_t a_rows, const T* b,
+template <class Stage, class T>
+__device__ __forceinline__ void nt_issue(Stage& s, const T* a, int64_t a_stride, int64_t a_rows, const T* b,
                                          int64_t b_stride, int64_t b_rows, int64_t l0, int64_t L) {
   using AChunk = RawChunk<decltype(s.a)>;
   using BChunk = RawChunk<decltype(s.b)>;
@@ -691,15 +797,14 @@ template <class T> __device__ __forceinline__ void nt_multiply(const NtStage<T>&
 
 // The ring's pipeline over `steps` slices: issue(stage) starts the copies of the next slice into
 // ring stage `stage` (the caller's copy cursor then moves on); the copies run kNtStages - 1
-// slices ahead of the multiply. After slice `step` is multiplied into acc, after_step(step) runs
-// (the VQ search's argmin at each code tile's end); a warp that is not active (nt_warp_active)
-// skips its multiplies.
-// Every thread calls it with the same steps;
-// the ring is idle on return (all copies landed; the last stage may still be read by other
-// warps until the caller's next barrier).
-template <class T, class Issue, class AfterStep>
-__device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtAcc& acc, int warp, int lane,
-                                            bool active, Issue&& issue, AfterStep&& after_step) {
+// slices ahead of the multiply. multiply(stage) multiplies a landed slice; after it,
+// after_step(step) runs (the VQ search's argmin at each code tile's end). Every thread calls it
+// with the same steps; the ring is idle on return (all copies landed; the last stage may still
+// be read by other warps until the caller's next barrier). A stage that wgmma reads (the async
+// proxy) is fenced by each thread after its copies land, before the barrier that publishes them.
+template <class Stage, class Issue, class Multiply, class AfterStep>
+__device__ __forceinline__ void nt_stream(Stage* ring, int64_t steps, Issue&& issue, Multiply&& multiply,
+                                          AfterStep&& after_step) {
   int issue_stage = 0;
 #pragma unroll 1
   for (int s = 0; s < kNtStages - 1; ++s) {
@@ -713,17 +818,98 @@ __device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtA
 #pragma unroll 1
   for (int64_t step = 0; step < steps; ++step) {
     cp_async_wait<kNtStages - 2>();  // this thread's copies of `step` landed
+    if constexpr (Stage::kAsyncProxyReads) fence_proxy_async_shared();
     __syncthreads();                 // everyone's did; everyone finished step - 1's stage
     if (step + kNtStages - 1 < steps) {  // into step - 1's stage
       issue(ring[issue_stage]);
       issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
     }
     cp_async_commit();
-    if (active) nt_multiply(ring[stage], acc, warp, lane);
+    multiply(ring[stage]);
     stage = stage + 1 == kNtStages ? 0 : stage + 1;
     after_step(step);
   }
   cp_async_wait<0>();
+}
+
+// nt_stream over NtStage slices by ldmatrix + mma.sync; a warp that is not active
+// (nt_warp_active) skips its multiplies.
+template <class T, class Issue, class AfterStep>
+__device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtAcc& acc, int warp, int lane,
+                                            bool active, Issue&& issue, AfterStep&& after_step) {
+  nt_stream(
+      ring, steps, issue,
+      [&](const NtStage<T>& s) {
+        if (active) nt_multiply(s, acc, warp, lane);
+      },
+      after_step);
+}
+
+// ---- NT tile GEMM on warpgroup MMA (wgmma, sm_90a) -----------------------------------------
+// The same C (128 x 128, fp32) = A B^T over the same cp.async ring of kNtDepth-wide slices, but
+// each of the block's two warpgroups (warps 0-3, 4-7) multiplies its 64 rows of A by all 128
+// rows of B with wgmma.mma_async.m64n128k16, both operands read from shared memory through
+// matrix descriptors (64-byte swizzle, SwizzledTile), instead of 8 warps of ldmatrix + mma.sync:
+// two instructions per warpgroup and slice, and Hopper's full tensor-core rate, which mma.sync
+// does not reach. Accumulators: element v of a thread's WgAcc is C at
+//   row 64 (warp / 4) + 16 (warp % 4) + lane / 4 + 8 ((v / 2) % 2),  column 8 (v / 4) + 2 (lane % 4) + v % 2
+// (PTX ISA, "Matrix fragments for wgmma.mma_async.m64nNk16", D; CuTe's CLayout_64xN).
+constexpr int kWgRows = 64;  // rows of A per warpgroup
+static_assert(2 * kWgRows == kNtRows && kNtCols / 2 == sizeof(WgAcc) / sizeof(float), "two warpgroups of 64 x 128");
+template <class T> struct NtWgStage {
+  static constexpr bool kAsyncProxyReads = true;  // read by wgmma
+  SwizzledTile<T, kNtRows, kNtDepth> a;
+  SwizzledTile<T, kNtCols, kNtDepth> b;
+};
+// The ring starts on a 512-byte shared-memory address (align_shared): the kernel asks for the
+// slack too.
+template <class T> constexpr size_t kNtWgSmemBytes = sizeof(NtWgStage<T>) * kNtStages + 512;
+
+// A wgmma matrix descriptor (PTX ISA, "Matrix Descriptor Format"; CuTe's GmmaDescriptor) of a
+// K-major operand in a SwizzledTile, starting at shared-memory byte address `address` (its row 0,
+// 16-element step k: the tile's address + 64 row0 + 32 k): start address >> 4 in bits 0-13,
+// leading byte offset 1 (unused by swizzled K-major layouts) in bits 16-29, stride byte offset
+// (a core-matrix group, 512 bytes) >> 4 in bits 32-45, base offset 0 (the tile is 512-byte
+// aligned), layout type 2 (64-byte swizzle) in bits 62-63.
+__host__ __device__ constexpr uint64_t gmma_desc_sw64(uint32_t address) {
+  return static_cast<uint64_t>((address & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
+         (static_cast<uint64_t>(512 >> 4) << 32) | (uint64_t{2} << 62);
+}
+
+// The first 512-byte aligned shared-memory address at or after p (a wgmma ring's start).
+__device__ __forceinline__ unsigned char* align_shared(unsigned char* p) {
+  return p + ((512u - smem_address(p) % 512u) % 512u);
+}
+
+__device__ __forceinline__ void wg_zero(WgAcc& acc) {
+#pragma unroll
+  for (int i = 0; i < kNtCols / 2; ++i) acc[i] = 0.0f;
+}
+
+// acc += the warpgroup's 64 rows of A_s times B_s^T over the stage's kNtDepth columns, waited
+// for (the stage may be refilled after the caller's next barrier; acc may be read right after).
+template <class T>
+__device__ __forceinline__ void nt_wg_multiply(const NtWgStage<T>& s, WgAcc& acc, int warpgroup) {
+  const uint32_t a = smem_address(s.a.v) + static_cast<uint32_t>(warpgroup * kWgRows * 64);
+  const uint32_t b = smem_address(s.b.v);
+  wgmma_fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kNtDepth / 16; ++k) wgmma_m64n128k16<T>(acc, gmma_desc_sw64(a + 32 * k), gmma_desc_sw64(b + 32 * k));
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+}
+
+// Whether this build holds wgmma code for the current device: sm_90a compiled in
+// (MMFAST_SM90A_BUILD, set by setup.py when the arch list names 9.0a and not plain 9.0) and a
+// compute capability 9.0 device, whose binary is then the sm_90a one.
+inline bool wgmma_built_for_device() {
+#if defined(MMFAST_SM90A_BUILD) || defined(MMFAST_CUDA_EMULATED)
+  return compute_capability_major() == 9;
+#else
+  return false;
+#endif
 }
 
 }  // namespace cuda

@@ -15,6 +15,10 @@
 //                       ring, ldmatrix + mma.sync.m16n8k16, fp32 sums; products exact, as on
 //                       the TF32 path) as one stream of 32-dim slices, so the ring never drains
 //                       between tiles; the argmin runs on the accumulators after each tile.
+//   vq_search_wgmma_kernel  the same on sm_90a, multiplied by wgmma (tile_gemm.cuh: each
+//                       warpgroup 64 rows x 128 codes per instruction, operands read by
+//                       descriptor from 64-byte-swizzled stages): Hopper's full tensor-core rate.
+//                       MMFAST_CUDA_WGMMA=0 keeps vq_search_async_kernel.
 // Splitting the codes keeps the GPU busy when the rows are few (one image: N = 1024, 16 tiles).
 #pragma once
 
@@ -224,6 +228,89 @@ __global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a)
   }
 }
 
+// ---- fp16 / bf16, 16-byte aligned rows, sm_90a: the NT tile GEMM on wgmma --------------------
+// Per row of this thread (lane / 4 and lane / 4 + 8 of its warp's 16 rows; every warp sees all
+// 128 codes of a tile): the best score of the tile in its 32 columns, met in increasing code
+// order, so a strictly smaller score keeps the lowest code of a tie; +inf and NaN never win.
+__device__ __forceinline__ void merge_wg_best(const WgAcc& acc, const float* sqnorm, int64_t code0, int64_t codes,
+                                              int lane, float (&best)[2], int32_t (&code)[2]) {
+  const int64_t first = code0 + 2 * (lane % 4);
+#pragma unroll
+  for (int j = 0; j < kNtCols / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t c = first + 8 * j + e;
+      if (c >= codes) continue;
+      const float norm = sqnorm[c];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float score = norm - 2.0f * acc[4 * j + 2 * h + e];
+        if (score < best[h]) best[h] = score, code[h] = static_cast<int32_t>(c);
+      }
+    }
+}
+
+// The split's best per row: over the 4 lanes of a quad (shuffles, in column order), written by
+// the quad's first lane.
+__device__ __forceinline__ void write_wg_best(float (&best)[2], int32_t (&code)[2], const SearchArgs& a,
+                                              int64_t split, int64_t row0, int warp, int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int lanes = 1; lanes <= 2; lanes <<= 1)
+      take_better(best[h], code[h], __shfl_xor_sync(0xffffffffu, best[h], lanes),
+                  __shfl_xor_sync(0xffffffffu, code[h], lanes));
+    const int64_t n = row0 + 16 * warp + lane / 4 + 8 * h;  // warp w: rows 16 w.. (warpgroup w / 4: 64 (w / 4)..)
+    if (lane % 4 == 0 && n < a.rows) {
+      static_cast<float*>(a.best_score)[split * a.rows + n] = best[h];
+      a.best_code[split * a.rows + n] = code[h] == kNoCode32 ? kNoCode : code[h];
+    }
+  }
+}
+
+// vq_search_async_kernel's items and ring, multiplied by wgmma (nt_wg_multiply): warpgroup g
+// holds rows 64 g.. of the 128-row tile against all 128 codes of each code tile.
+template <class T>
+__global__ void __launch_bounds__(kThreads) vq_search_wgmma_kernel(SearchArgs a) {
+  MMFAST_DYNAMIC_SHARED(smem);
+  NtWgStage<T>* ring = reinterpret_cast<NtWgStage<T>*>(align_shared(smem));
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const T* z = static_cast<const T*>(a.z);
+  const T* codebook = static_cast<const T*>(a.codebook);
+  const float* sqnorm = static_cast<const float*>(a.sqnorm);
+  const int64_t slices_per_tile = ceil_div(a.dim, kNtDepth);
+  const int64_t items = a.row_tiles * a.splits;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t split = item % a.splits, row0 = (item / a.splits) * kNtRows;
+    const int64_t t0 = a.code_tiles * split / a.splits, t1 = a.code_tiles * (split + 1) / a.splits;
+    const T* z_tile = z + row0 * a.z_row_stride;
+    int64_t copy_code0 = t0 * kNtCols, copy_l0 = 0, step_code0 = t0 * kNtCols, step_l0 = 0;
+    float best[2] = {INFINITY, INFINITY};
+    int32_t code[2] = {kNoCode32, kNoCode32};
+    WgAcc acc;
+    wg_zero(acc);
+    nt_stream(
+        ring, (t1 - t0) * slices_per_tile,
+        [&](NtWgStage<T>& stage) {
+          nt_issue(stage, z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
+                   a.codes - copy_code0, copy_l0, a.dim);
+          copy_l0 += kNtDepth;
+          if (copy_l0 >= a.dim) copy_l0 = 0, copy_code0 += kNtCols;
+        },
+        [&](const NtWgStage<T>& stage) { nt_wg_multiply(stage, acc, warp / 4); },
+        [&](int64_t) {
+          step_l0 += kNtDepth;
+          if (step_l0 >= a.dim) {  // the code tile is complete
+            merge_wg_best(acc, sqnorm, step_code0, a.codes, lane, best, code);
+            wg_zero(acc);
+            step_l0 = 0, step_code0 += kNtCols;
+          }
+        });
+    write_wg_best(best, code, a, split, row0, warp, lane);
+    __syncthreads();  // every warpgroup is done with the ring before the next item's copies land
+  }
+}
+
 // One warp per row: the splits in order, ||z||^2, the rules of mmfast/vq.h. The loop is uniform
 // over the block (rows past N do the same shuffles), so no warp leaves while others shuffle.
 template <class T>
@@ -321,23 +408,44 @@ template <class T> bool use_async_search(const VQParams& p) {
   }
 }
 
-// The persistent grid of vq_search_async_kernel for `items` (fp16 / bf16 only): false when the
+// vq_search_wgmma_kernel instead, where use_async_search holds, on an sm_90 device this build
+// holds sm_90a code for (wgmma_built_for_device), unless MMFAST_CUDA_WGMMA=0.
+template <class T> bool use_wgmma_search(const VQParams& p) {
+  if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
+    (void)p;
+    return false;
+  } else {
+    return use_async_search<T>(p) && wgmma_enabled() && wgmma_built_for_device() &&
+           kNtWgSmemBytes<T> <= max_shared_per_block() && compiled_for(&vq_search_wgmma_kernel<T>, 90);
+  }
+}
+
+// Which of the two fp16 / bf16 NT searches runs.
+enum class NtSearch { kMmaSync, kWgmma };
+
+// The persistent grid of the NT search `which` for `items` (fp16 / bf16 only): false when the
 // occupancy query finds no room (the caller then runs vq_search_kernel; the query's error is
 // cleared, it is not sticky).
-template <class T> bool async_search_grid(int64_t items, unsigned& grid) {
+template <class T> bool async_search_grid(NtSearch which, int64_t items, unsigned& grid) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    if (persistent_grid(&vq_search_async_kernel<T>, kThreads, kNtSmemBytes<T>, items, grid) == cudaSuccess) return true;
+    const cudaError_t err = which == NtSearch::kWgmma
+                                ? persistent_grid(&vq_search_wgmma_kernel<T>, kThreads, kNtWgSmemBytes<T>, items, grid)
+                                : persistent_grid(&vq_search_async_kernel<T>, kThreads, kNtSmemBytes<T>, items, grid);
+    if (err == cudaSuccess) return true;
     (void)cudaGetLastError();
   }
-  (void)items, (void)grid;
+  (void)which, (void)items, (void)grid;
   return false;
 }
 
-template <class T> void launch_async_search(const SearchArgs& a, unsigned grid, cudaStream_t stream) {
+template <class T> void launch_async_search(NtSearch which, const SearchArgs& a, unsigned grid, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    MMFAST_LAUNCH(vq_search_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
+    if (which == NtSearch::kWgmma)
+      MMFAST_LAUNCH(vq_search_wgmma_kernel<T>, grid, kThreads, kNtWgSmemBytes<T>, stream, a);
+    else
+      MMFAST_LAUNCH(vq_search_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
   } else {
-    (void)a, (void)grid, (void)stream;  // async_search_grid is false for these types
+    (void)which, (void)a, (void)grid, (void)stream;  // async_search_grid is false for these types
   }
 }
 
@@ -346,8 +454,9 @@ cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   const Plan async_plan = plan(p, sm_count(), kNtRows, kNtCols);
   unsigned async_grid = 0;
-  const bool async = use_async_search<T>(p) && async_search_grid<T>(async_plan.row_tiles * async_plan.splits,
-                                                                      async_grid);
+  const NtSearch which = use_wgmma_search<T>(p) ? NtSearch::kWgmma : NtSearch::kMmaSync;
+  const bool async =
+      use_async_search<T>(p) && async_search_grid<T>(which, async_plan.row_tiles * async_plan.splits, async_grid);
   const Plan plan_ = async ? async_plan : plan(p, sm_count());
   char* ws = static_cast<char*>(p.workspace);
   const void* sqnorm = p.codebook_sqnorm;
@@ -375,7 +484,7 @@ cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   a.code_tiles = plan_.code_tiles;
   a.splits = plan_.splits;
   if (async) {
-    launch_async_search<T>(a, async_grid, stream);
+    launch_async_search<T>(which, a, async_grid, stream);
   } else {
     MMFAST_LAUNCH(vq_search_kernel<T>, grid_for(plan_.row_tiles * plan_.splits), kThreads, 0, stream, a);
   }
