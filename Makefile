@@ -31,10 +31,13 @@ STAMP := $(VENV)/.mmfast-deps
 
 .PHONY: test bench build venv gpu-check gpu-lease gpu-wheels cmake-test sanitize sass-report triton-report clean
 
+# nvidia-cutlass with --no-deps: CUTLASS's headers only (CuTe, the oracle of tests/test_gmma_layout.py),
+# not its Python tools' dependencies.
 $(STAMP): requirements-test.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)" -r requirements-test.txt
+	$(VPY) -m pip install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
 	touch $(STAMP)
 
 venv: $(STAMP)

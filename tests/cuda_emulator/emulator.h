@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -728,7 +729,7 @@ inline std::vector<std::vector<Wgmma>> wgmma_groups[kMaxThreads];
 // start + 512 (row / 8) + 64 (row % 8) + 2 k (k < 16: chunks 0-1 of the row from the start's),
 // then address bits 4-5 XOR bits 7-8 (the PTX ISA's canonical K-major layout; CuTe's
 // Swizzle<2,4,3> o ((8,n),2):((4,SBO),1) in 16-byte units).
-template <class T> double gmma_operand(uint64_t desc, int row, int k) {
+inline uint32_t gmma_operand_address(uint64_t desc, int row, int k) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
   const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
   const unsigned type = static_cast<unsigned>(desc >> 62), base_offset = static_cast<unsigned>((desc >> 49) & 7u);
@@ -739,17 +740,23 @@ template <class T> double gmma_operand(uint64_t desc, int row, int k) {
   }
   const uint32_t linear = start + sbo * static_cast<uint32_t>(row / 8) + 64u * static_cast<uint32_t>(row % 8) +
                           2u * static_cast<uint32_t>(k);
-  const uint32_t address = linear ^ (((linear >> 7) & 3u) << 4);
+  return linear ^ (((linear >> 7) & 3u) << 4);
+}
+template <class T> double gmma_operand(uint64_t desc, int row, int k) {
   uint16_t bits;
-  std::memcpy(&bits, smem_at(address, 2), 2);
+  std::memcpy(&bits, smem_at(gmma_operand_address(desc, row, k), 2), 2);
   return element16<T>(bits, 0);
+}
+// The element of D (row, column) that value v of thread t (of the warpgroup's 128) holds.
+inline std::pair<int, int> wgmma_d_coord(int t, int v) {
+  const int lane = t % 32;
+  return {16 * (t / 32) + lane / 4 + 8 * ((v / 2) % 2), 8 * (v / 4) + 2 * (lane % 4) + v % 2};
 }
 // D (64 x 128, this thread's 64 elements) += A (64 x 16) B (128 x 16)^T; thread t of the
 // warpgroup holds D[16 (t / 32) + (t % 32) / 4 + 8 ((v / 2) % 2)][8 (v / 4) + 2 (t % 4) + v % 2].
 inline void wgmma_run(const Wgmma& w) {
-  const int t = w.thread % 128, lane = t % 32;
   for (int v = 0; v < 64; ++v) {
-    const int row = 16 * (t / 32) + lane / 4 + 8 * ((v / 2) % 2), col = 8 * (v / 4) + 2 * (lane % 4) + v % 2;
+    const auto [row, col] = wgmma_d_coord(w.thread % 128, v);
     double s = w.d[v];
     for (int k = 0; k < 16; ++k)
       s += w.bf16 ? gmma_operand<__nv_bfloat16>(w.desc_a, row, k) * gmma_operand<__nv_bfloat16>(w.desc_b, col, k)
