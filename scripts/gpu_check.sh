@@ -12,6 +12,8 @@
 #                       kernel that the stream kernel replaces for 16-bit MHA-like shapes)
 #   bench-sample-one-block.txt/.json/.md (sample with MMFAST_CUDA_SAMPLE_CLUSTERS=0: one block per
 #                       row instead of a thread-block cluster per row)
+#   bench-pruned-mma-sync.txt/.json/.md (masked_conv2d with MMFAST_CUDA_WGMMA=0: mma.sync instead of
+#                       wgmma on sm_90a)
 #   bench-pruned-nosplit.txt/.json/.md (masked_conv2d with MMFAST_CUDA_CONV_SPLITS=1: the split
 #                       reduction's A/B at the small levels)
 # Installs nothing (wheels carried in .whl/ by `make gpu-wheels` are put on PYTHONPATH).
@@ -158,6 +160,12 @@ if [[ $STEPS == *" bench "* ]]; then
       --markdown "$REPORT_DIR/bench-sample-one-block.md" || true
   fi
   if [[ $AB == 1 && ( " $FAMILIES " == *" pruned "* || -z "$FAMILIES" ) ]]; then
+    # A/B: the packed masked conv on mma.sync, which the wgmma multiplier replaces on sm_90a
+    (cd benchmarks && MMFAST_CUDA_WGMMA=0 $PY -m pytest -q -p no:cacheprovider -k "test_masked_conv2d and not paired" \
+       --benchmark-json="$REPORT_DIR/bench-pruned-mma-sync.json" bench_pruned.py) \
+       >"$REPORT_DIR/bench-pruned-mma-sync.txt" 2>&1 || bench_rc=$?
+    $PY benchmarks/summarize.py "$REPORT_DIR/bench-pruned-mma-sync.json" --markdown "$REPORT_DIR/bench-pruned-mma-sync.md" \
+      || true
     # A/B: the packed masked conv without its split reduction (the levels whose tiles may split)
     (cd benchmarks && MMFAST_CUDA_CONV_SPLITS=1 $PY -m pytest -q -p no:cacheprovider \
        -k "test_masked_conv2d and not paired and (12x12 or 24x24 or 16x16 or 8x8)" \

@@ -7,6 +7,8 @@ so it is independent of cuDNN / TF32 settings. Masked input channels of x hold N
 kernels must never read them."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -341,3 +343,28 @@ def test_cuda_kept_packed_weights_are_reused_and_never_stale(linear):
     assert pruned_weight_cache()["entries"] == 0
     assert not torch.equal(updated, per_call)
     assert torch.equal(updated, call()) and torch.equal(remasked, call(other_mask))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_packed_conv_runs_on_wgmma_on_sm90a(dtype):
+    """On sm_90 with an sm_90a build the packed conv multiplies by wgmma
+    (masked_conv_async_kernel<T, NtWgmma>): several channel and pixel tiles, a tile whose kept
+    rows end in its first warpgroup (that warpgroup alone multiplies), a split reduction (one
+    sample at 12x12) and a 1x1 conv, against the fp64 reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmfast import _extension
+
+    if torch.cuda.get_device_capability() != (9, 0) or not getattr(_extension.build_info, "cuda_wgmma", False):
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a)")
+    if os.environ.get("MMFAST_CUDA_WGMMA", "")[:1] == "0":
+        pytest.skip("MMFAST_CUDA_WGMMA=0 keeps mma.sync")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _check_conv(3, 72, 300, (11, 13), 3, 2, dtype, padding=1, scale=4)
+        _check_conv(4, 200, 70, (9, 9), 3, 3, dtype, padding=1, sample_codes=[1, 1, 2, 1], scale=4)
+        _check_conv(1, 320, 320, (12, 12), 3, 8, dtype, padding=1, group=10, scale=4)
+        _check_conv(2, 160, 96, (24, 24), 1, 3, dtype, scale=4)
+        torch.cuda.synchronize()
+    kernels = {event.key for event in prof.key_averages()}
+    assert any("masked_conv_async_kernel" in name and "NtWgmma" in name for name in kernels), kernels

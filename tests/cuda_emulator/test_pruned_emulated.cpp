@@ -1,6 +1,7 @@
 // The CUDA masked-channel kernels (masked_conv2d, masked_linear as a 1x1 conv, masked_group_norm)
 // run on the host under emulator.h and are checked against a float64 reference: every dtype
-// (fp16 / bf16 through the emulated TF32 tensor cores and through SIMT), stride 1 and 2,
+// (fp16 / bf16 through the emulated TF32 tensor cores, the packed path's mma.sync and wgmma, and
+// through SIMT), stride 1 and 2,
 // padding, dilation, 1x1 / 3x3 / 2x3 kernels, odd channel counts (Cin = 13, C = 30 in groups of
 // 10), several channel and pixel tiles (a tile straddling the kept count), masks keeping
 // nothing / everything / whole groups / random channels, per-code and shared (code stride 0)
@@ -89,11 +90,20 @@ std::vector<char> make_masks(int64_t K, int64_t C, int mode, double keep) {
   return m;
 }
 
-// Whether the last masked_conv2d launched a kernel whose name starts with `prefix`.
+// Whether the last masked_conv2d launched a kernel whose name starts with `prefix` (a name the
+// launch put in parentheses, for its template arguments' commas, counts without them).
 bool launched(const char* prefix) {
   for (const auto& l : emu::launches)
-    if (std::strncmp(l.kernel, prefix, std::strlen(prefix)) == 0) return true;
+    if (std::strncmp(l.kernel + (l.kernel[0] == '('), prefix, std::strlen(prefix)) == 0) return true;
   return false;
+}
+
+// The dynamic shared memory of the last masked_conv_async_kernel launch (its ring: the wgmma
+// one's or the mma.sync one's).
+size_t conv_async_smem() {
+  for (const auto& l : emu::launches)
+    if (std::strstr(l.kernel, "masked_conv_async_kernel") != nullptr) return l.smem;
+  return 0;
 }
 
 template <class T>
@@ -195,6 +205,12 @@ void run_conv_on_device(const ConvCase& cc) {
   if (launched("masked_conv_async_kernel") != want_async || launched("masked_conv_kernel<") == want_async)
     fail("conv kernel choice " + cfg);
   if (launched("masked_conv_split_reduce_kernel") != (want_async && cc.split)) fail("split reduction choice " + cfg);
+  if constexpr (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) {
+    // sm_90: the wgmma multiplier (unless MMFAST_CUDA_WGMMA=0), else mma.sync
+    const bool wgmma = emu::compute_major == 9 && cuda::wgmma_enabled();
+    const size_t ring = wgmma ? cuda::NtWgmma::kSmemBytes<T> : cuda::NtMmaSync::kSmemBytes<T>;
+    if (want_async && conv_async_smem() != ring) fail("conv multiplier choice " + cfg);
+  }
   for (const char* c = ws_start + ws_bytes; c < ws.data() + ws.size(); ++c)
     if (*c != 0x5a) {
       fail("wrote past the workspace " + cfg);
@@ -515,6 +531,9 @@ int main(int argc, char** argv) {
   run_split_count();
   run_all<float>(level);
   run_all<double>(level);
+  run_all<__half>(level);  // sm_90: the packed path by wgmma
+  run_all<__nv_bfloat16>(level);
+  emu::compute_major = 8;  // the packed path by mma.sync
   run_all<__half>(level);
   run_all<__nv_bfloat16>(level);
   emu::compute_major = 7;  // fp16 / bf16 on the SIMT path (no TF32 tensor cores)

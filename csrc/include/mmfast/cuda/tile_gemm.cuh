@@ -901,6 +901,65 @@ __device__ __forceinline__ void nt_wg_multiply(const NtWgStage<T>& s, WgAcc& acc
   wgmma_fence_operands(acc);
 }
 
+// ---- the NT tile GEMM's two multipliers, for kernels written once over both -------------------
+// A kernel takes one as a template parameter (masked_conv_async_kernel<T, Nt>): the ring's stage
+// and its shared memory, the accumulators, the pipeline, and each accumulator's place in C.
+struct NtMmaSync {  // ldmatrix + mma.sync (sm_80+): 8 warps of 64 x 32
+  template <class T> using Stage = NtStage<T>;
+  using Acc = NtAcc;
+  template <class T> static constexpr size_t kSmemBytes = kNtSmemBytes<T>;
+  static constexpr int kMinArch = 80;  // compiled_for
+  static constexpr int kRows = 2 * kNtMTiles, kCols = 2 * kNtNTiles;  // a thread's rows and columns of C
+  __device__ __forceinline__ static unsigned char* ring_start(unsigned char* smem) { return smem; }
+  __device__ __forceinline__ static void zero(Acc& acc) { nt_zero(acc); }
+  // C's row of this thread's row r, column of its column c, and their element.
+  __device__ __forceinline__ static int row(int r) {
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    return (warp / 4) * kNtWarpRows + (r / 2) * 16 + lane / 4 + 8 * (r % 2);
+  }
+  __device__ __forceinline__ static int col(int c) {
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    return (warp % 4) * kNtWarpCols + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+  }
+  __device__ __forceinline__ static float at(const Acc& acc, int r, int c) { return acc[r / 2][c / 2][2 * (r % 2) + c % 2]; }
+  // nt_pipeline; warps holding none of the first valid_rows rows skip their multiplies.
+  template <class T, class Issue, class AfterStep>
+  __device__ __forceinline__ static void run(Stage<T>* ring, int64_t steps, Acc& acc, int64_t valid_rows,
+                                             Issue&& issue, AfterStep&& after_step) {
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    nt_pipeline(ring, steps, acc, warp, lane, nt_warp_active(warp, valid_rows), issue, after_step);
+  }
+};
+
+struct NtWgmma {  // wgmma (sm_90a): 2 warpgroups of 64 x 128
+  template <class T> using Stage = NtWgStage<T>;
+  using Acc = WgAcc;
+  template <class T> static constexpr size_t kSmemBytes = kNtWgSmemBytes<T>;
+  static constexpr int kMinArch = 90;
+  static constexpr int kRows = 2, kCols = kNtCols / 4;
+  __device__ __forceinline__ static unsigned char* ring_start(unsigned char* smem) { return align_shared(smem); }
+  __device__ __forceinline__ static void zero(Acc& acc) { wg_zero(acc); }
+  __device__ __forceinline__ static int row(int r) {
+    return 16 * (static_cast<int>(threadIdx.x) / 32) + static_cast<int>(threadIdx.x) % 32 / 4 + 8 * r;
+  }
+  __device__ __forceinline__ static int col(int c) { return 8 * (c / 2) + 2 * (static_cast<int>(threadIdx.x) % 4) + c % 2; }
+  __device__ __forceinline__ static float at(const Acc& acc, int r, int c) { return acc[4 * (c / 2) + 2 * r + c % 2]; }
+  // nt_stream by nt_wg_multiply; a warpgroup holding none of the first valid_rows rows skips its
+  // wgmmas (warpgroup-uniform, as wgmma requires).
+  template <class T, class Issue, class AfterStep>
+  __device__ __forceinline__ static void run(Stage<T>* ring, int64_t steps, Acc& acc, int64_t valid_rows,
+                                             Issue&& issue, AfterStep&& after_step) {
+    const int warpgroup = static_cast<int>(threadIdx.x) / 128;
+    const bool active = valid_rows > warpgroup * kWgRows;
+    nt_stream(
+        ring, steps, issue,
+        [&](const Stage<T>& s) {
+          if (active) nt_wg_multiply(s, acc, warpgroup);
+        },
+        after_step);
+  }
+};
+
 // Whether this build holds wgmma code for the current device: sm_90a compiled in
 // (MMFAST_SM90A_BUILD, set by setup.py when the arch list names 9.0a and not plain 9.0) and a
 // compute capability 9.0 device, whose binary is then the sm_90a one.

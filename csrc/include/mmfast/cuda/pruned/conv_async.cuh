@@ -15,10 +15,13 @@
 //                       Every row of both operands is 16-byte chunks (rows of round_up(Cin, 8)
 //                       elements), copied by cp.async into a 4-stage ring (a pixel whose tap
 //                       falls in the padding, a row past the kept outputs: zero-filled chunks)
-//                       and multiplied by ldmatrix + mma.sync.m16n8k16 with fp32 sums
-//                       (nt_pipeline; products exact, as on the TF32 path); in a tile with at
-//                       most 64 kept rows the warps of the other 64 skip their multiplies. Staging costs a few
-//                       instructions per 16-byte chunk instead of ~25 per element.
+//                       and multiplied with fp32 sums (products exact, as on the TF32 path) by
+//                       the NT tile GEMM's multiplier Nt (tile_gemm.cuh): ldmatrix +
+//                       mma.sync.m16n8k16 (NtMmaSync), or on sm_90a wgmma (NtWgmma: each
+//                       warpgroup 64 rows x 128 pixels per instruction; MMFAST_CUDA_WGMMA=0 keeps
+//                       mma.sync); in a tile with at most 64 kept rows the warps (warpgroup) of
+//                       the other 64 skip their multiplies. Staging costs a few instructions per
+//                       16-byte chunk instead of ~25 per element.
 //                       Positions >= kept_out are written 0, a sample of a code outside [0, K) NaN,
 //                       as by masked_conv_kernel (conv.cuh), which runs every other case.
 //                       When the tiles fill less than the resident blocks (a 12 x 12 level, one
@@ -29,7 +32,8 @@
 // The packed operands live in the workspace (sizes known on the host: K x taps x Cout x Cin8 and
 // B x H x W x Cin8 elements, Cin8 = round_up(Cin, 8)); the packing kernels write only the kept
 // part of the codes in use, so their traffic scales with the kept work like the conv's.
-// Compiled, checked under the host emulator; not yet run on a GPU.
+// The mma.sync multiplier passed its tests on an H200 (2026-12-04); the wgmma one is compiled and
+// checked under the host emulator, not yet run on a GPU.
 #pragma once
 
 #include <cstdlib>
@@ -197,17 +201,18 @@ __global__ void __launch_bounds__(kThreads) masked_pack_input_kernel(AsyncConvAr
 }
 
 // ---- the conv ----------------------------------------------------------------------------------
-template <class T>
+// Nt: the NT tile GEMM's multiplier (NtMmaSync, or NtWgmma on sm_90a).
+template <class T, class Nt>
 __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncConvArgs a) {
+  using Stage = typename Nt::template Stage<T>;
   MMFAST_DYNAMIC_SHARED(smem);
-  NtStage<T>* ring = reinterpret_cast<NtStage<T>*>(smem);
+  Stage* ring = reinterpret_cast<Stage*>(Nt::ring_start(smem));
   __shared__ int32_t row_c[kNtRows];  // the position's output channel, -1 past Cout
   __shared__ int64_t row_y[kNtRows];  // its y offset
   __shared__ int64_t col_y[kNtCols];  // y offset of the pixel, -1 past the pixels
-  using AChunk = RawChunk<decltype(NtStage<T>::a)>;
-  using BChunk = RawChunk<decltype(NtStage<T>::b)>;
+  using AChunk = RawChunk<decltype(Stage::a)>;
+  using BChunk = RawChunk<decltype(Stage::b)>;
   const MaskedConvParams& p = a.p;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const T* wp = static_cast<const T*>(a.wp);
   const T* xp = static_cast<const T*>(a.xp);
   const T* fallback = static_cast<const T*>(p.workspace);  // a zero-filled chunk's source: mapped, aligned
@@ -292,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     int32_t copy_dh = static_cast<int32_t>(tap_r * p.dilation_h), copy_dw = static_cast<int32_t>(copy_s * p.dilation_w);
     const T* w_tap = w_tile + tap0 * tap_stride;
     const T* x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
-    const auto issue_next = [&](NtStage<T>& st) {
+    const auto issue_next = [&](Stage& st) {
       const int64_t cols_left = kept8 - copy_l0;
 #pragma unroll
       for (int k = 0; k < AChunk::kPerThread; ++k)
@@ -315,61 +320,51 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
         x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
       }
     };
-    NtAcc acc;
-    nt_zero(acc);
-    nt_pipeline(ring, step1 - step0, acc, warp, lane, nt_warp_active(warp, kept_rows), issue_next, [](int64_t) {});
+    typename Nt::Acc acc;
+    Nt::zero(acc);
+    Nt::template run<T>(ring, step1 - step0, acc, kept_rows, issue_next, [](int64_t) {});
 
     if (a.splits > 1) {  // the kept rows' sums (an empty share: zeros); bias and y: the reduce kernel
       float* part = a.partial + ((split * p.batch + b) * p.out_channels + o0) * a.pixels + p0;
 #pragma unroll
-      for (int mi = 0; mi < kNtMTiles; ++mi)
+      for (int r = 0; r < Nt::kRows; ++r) {
+        const int i = Nt::row(r);
+        if (i >= kept_rows) continue;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
-          if (i >= kept_rows) continue;
-#pragma unroll
-          for (int ni = 0; ni < kNtNTiles; ++ni)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int j = (warp % 4) * kNtWarpCols + ni * 8 + 2 * (lane % 4) + q;
-              if (j < cols) part[i * a.pixels + j] = acc[mi][ni][2 * h + q];
-            }
+        for (int c = 0; c < Nt::kCols; ++c) {
+          const int j = Nt::col(c);
+          if (j < cols) part[i * a.pixels + j] = Nt::at(acc, r, c);
         }
+      }
       continue;
     }
 
     // Epilogue: kept rows get the sum + bias, the tile's masked rows exactly 0 (not their sums:
-    // zero-filled weights times an infinite input are NaN). This thread's rows (mi, half) and
-    // columns (ni, pair) are read from the tables once.
+    // zero-filled weights times an infinite input are NaN). This thread's rows are read from the
+    // tables once, each of its columns once.
     const T* bias_c = bias != nullptr ? bias + code * p.bias_code_stride : nullptr;
-    int64_t row_off[kNtMTiles][2], col_off[kNtNTiles][2];
-    float row_bias[kNtMTiles][2];
-    bool row_kept[kNtMTiles][2];
+    int64_t row_off[Nt::kRows];
+    float row_bias[Nt::kRows];
+    bool row_kept[Nt::kRows];
 #pragma unroll
-    for (int mi = 0; mi < kNtMTiles; ++mi)
+    for (int r = 0; r < Nt::kRows; ++r) {
+      const int i = Nt::row(r);
+      const int32_t ch = row_c[i];
+      row_off[r] = ch >= 0 ? row_y[i] : -1;
+      row_kept[r] = i < kept_rows;
+      row_bias[r] = i < kept_rows && bias_c != nullptr ? to_acc(bias_c[ch]) : 0.0f;
+    }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
-        const int32_t ch = row_c[i];
-        row_off[mi][h] = ch >= 0 ? row_y[i] : -1;
-        row_kept[mi][h] = i < kept_rows;
-        row_bias[mi][h] = i < kept_rows && bias_c != nullptr ? to_acc(bias_c[ch]) : 0.0f;
+    for (int c = 0; c < Nt::kCols; ++c) {
+      const int64_t col_off = col_y[Nt::col(c)];
+      if (col_off < 0) continue;
+#pragma unroll
+      for (int r = 0; r < Nt::kRows; ++r) {
+        if (row_off[r] < 0) continue;
+        const float v = row_kept[r] ? Nt::at(acc, r, c) + row_bias[r] : 0.0f;
+        y_b[row_off[r] + col_off] = from_acc<T>(v);
       }
-#pragma unroll
-    for (int ni = 0; ni < kNtNTiles; ++ni)
-#pragma unroll
-      for (int q = 0; q < 2; ++q) col_off[ni][q] = col_y[(warp % 4) * kNtWarpCols + ni * 8 + 2 * (lane % 4) + q];
-#pragma unroll
-    for (int mi = 0; mi < kNtMTiles; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < kNtNTiles; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2, q = e % 2;
-          if (row_off[mi][h] < 0 || col_off[ni][q] < 0) continue;
-          const float v = row_kept[mi][h] ? acc[mi][ni][e] + row_bias[mi][h] : 0.0f;
-          y_b[row_off[mi][h] + col_off[ni][q]] = from_acc<T>(v);
-        }
+    }
   }
 }
 
@@ -408,13 +403,23 @@ __global__ void __launch_bounds__(kThreads) masked_conv_split_reduce_kernel(Asyn
 // The async path runs for fp16 / bf16 on sm_80+ (code compiled for it) with tensor cores and
 // cp.async enabled (MMFAST_CUDA_TENSOR_CORES / MMFAST_CUDA_ASYNC_COPY = 0 turn it off), when
 // the ring fits the block's shared memory. The workspace query and the launch both ask.
+// Its multiplier: wgmma on an sm_90 device this build holds sm_90a code for, unless
+// MMFAST_CUDA_WGMMA=0; else mma.sync. f(NtWgmma{}) or f(NtMmaSync{}).
+template <class T, class F> auto with_conv_multiplier(F&& f) {
+  if (wgmma_enabled() && wgmma_built_for_device() && NtWgmma::kSmemBytes<T> <= max_shared_per_block() &&
+      compiled_for(&masked_conv_async_kernel<T, NtWgmma>, NtWgmma::kMinArch))
+    return f(NtWgmma{});
+  return f(NtMmaSync{});
+}
+
 template <class T> bool use_async_conv(const MaskedConvParams& p) {
   (void)p;
   if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
     return false;
   } else {
     return tensor_cores_enabled() && async_copy_enabled() && compute_capability_major() >= 8 &&
-           kNtSmemBytes<T> <= max_shared_per_block() && compiled_for(&masked_conv_async_kernel<T>, 80);
+           NtMmaSync::kSmemBytes<T> <= max_shared_per_block() &&
+           compiled_for(&masked_conv_async_kernel<T, NtMmaSync>, NtMmaSync::kMinArch);
   }
 }
 
@@ -423,7 +428,10 @@ template <class T> bool use_async_conv(const MaskedConvParams& p) {
 template <class T> PackedLayout async_conv_layout(const MaskedConvParams& p) {
   int64_t splits = 1;
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    const int per_sm = resident_blocks_per_sm_once(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>);
+    const int per_sm = with_conv_multiplier<T>([](auto nt) {
+      using Nt = decltype(nt);
+      return resident_blocks_per_sm_once(&masked_conv_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>);
+    });
     if (per_sm > 0) splits = split_count(p, static_cast<int64_t>(sm_count()) * per_sm);
     else (void)cudaGetLastError();
   }
@@ -482,9 +490,13 @@ template <class T> bool launch_conv_async(const MaskedConvParams& p, const Routi
     return false;
   } else {
     const AsyncConvArgs a = async_conv_args<T>(p, plan, const_cast<void*>(p.packed_weight));
+    const int64_t items = p.batch * a.channel_tiles * a.pixel_tiles * a.splits;
     unsigned grid = 0;
-    if (persistent_grid(&masked_conv_async_kernel<T>, kThreads, kNtSmemBytes<T>,
-                        p.batch * a.channel_tiles * a.pixel_tiles * a.splits, grid) != cudaSuccess) {
+    const cudaError_t planned = with_conv_multiplier<T>([&](auto nt) {
+      using Nt = decltype(nt);
+      return persistent_grid(&masked_conv_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>, items, grid);
+    });
+    if (planned != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: the caller takes the other kernel
       return false;
     }
@@ -495,7 +507,11 @@ template <class T> bool launch_conv_async(const MaskedConvParams& p, const Routi
                       grid_for(p.batch * ceil_div(p.height * p.width, kPackTile) * ceil_div(a.cin8, kPackTile)),
                       kThreads, 0, stream, a);
     }
-    MMFAST_LAUNCH(masked_conv_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
+    with_conv_multiplier<T>([&](auto nt) {
+      using Nt = decltype(nt);
+      MMFAST_LAUNCH((masked_conv_async_kernel<T, Nt>), grid, kThreads, Nt::template kSmemBytes<T>, stream, a);
+      return 0;
+    });
     if (a.splits > 1)
       MMFAST_LAUNCH(masked_conv_split_reduce_kernel<T>,
                     grid_for(ceil_div(p.batch * p.out_channels * a.pixels, static_cast<int64_t>(kThreads))), kThreads, 0,
