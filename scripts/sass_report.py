@@ -793,8 +793,8 @@ DYNAMIC_SMEM_PROBES = {  # apply: Dk = W, the head dim each width is chosen for 
        + [(2, 64, 3)]},
     # The VQ search's NT tile GEMM ring (tile_gemm.cuh, included by the default header): fp16 and
     # bf16 stages have the same size.
-    "vq_search_async_kernel": "mmfast::cuda::kNtSmemBytes<__half>",
-    "vq_search_wgmma_kernel": "mmfast::cuda::kNtWgSmemBytes<__half>",
+    "vq_search_async_kernel<NtMmaSync>": "mmfast::cuda::kNtSmemBytes<__half>",
+    "vq_search_async_kernel<NtWgmma>": "mmfast::cuda::kNtWgSmemBytes<__half>",
     # The packed masked conv streams through the same ring (either multiplier's).
     "masked_conv_async_kernel<NtMmaSync>": "mmfast::cuda::kNtSmemBytes<__half>",
     "masked_conv_async_kernel<NtWgmma>": "mmfast::cuda::kNtWgSmemBytes<__half>",

@@ -17,13 +17,15 @@ using namespace mmfast;
 
 std::mt19937 grng(11);
 
-// Which search kernel the last vq_quantize launched: "wgmma", "async" (cp.async + mma.sync) or
-// "tile" (the tile-GEMM one).
-std::string launched_search() {
-  for (const auto& l : emu::launches) {
-    if (std::strstr(l.kernel, "vq_search_wgmma_kernel") != nullptr) return "wgmma";
-    if (std::strstr(l.kernel, "vq_search_async_kernel") != nullptr) return "async";
-  }
+// Which search kernel the last vq_quantize launched: "wgmma" or "async" (the cp.async one on
+// either multiplier, told apart by its ring's shared memory) or "tile" (the tile-GEMM one).
+template <class T> std::string launched_search() {
+  for (const auto& l : emu::launches)
+    if (std::strstr(l.kernel, "vq_search_async_kernel") != nullptr) {
+      if constexpr (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value)
+        if (l.smem == cuda::NtWgmma::kSmemBytes<T>) return "wgmma";
+      return "async";
+    }
   return "tile";
 }
 
@@ -74,7 +76,7 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   const bool async = half && D % 8 == 0 && row_stride % 8 == 0 && z_offset % 8 == 0 && emu::compute_major >= 8 &&
                      cuda::tensor_cores_enabled() && cuda::async_copy_enabled();
   const char* expected = !async ? "tile" : emu::compute_major == 9 && cuda::wgmma_enabled() ? "wgmma" : "async";
-  if (launched_search() != expected) fail(std::string("search kernel choice: ") + launched_search() + " " + cfg);
+  if (launched_search<T>() != expected) fail(std::string("search kernel choice: ") + launched_search<T>() + " " + cfg);
   if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
   int bad = 0;
   for (int64_t n = 0; n < N; ++n) {

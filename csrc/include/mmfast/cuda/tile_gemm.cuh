@@ -910,6 +910,7 @@ struct NtMmaSync {  // ldmatrix + mma.sync (sm_80+): 8 warps of 64 x 32
   template <class T> static constexpr size_t kSmemBytes = kNtSmemBytes<T>;
   static constexpr int kMinArch = 80;  // compiled_for
   static constexpr int kRows = 2 * kNtMTiles, kCols = 2 * kNtNTiles;  // a thread's rows and columns of C
+  static constexpr int kColumnWarps = 4;  // warps sharing a row of C (each its 32 columns)
   __device__ __forceinline__ static unsigned char* ring_start(unsigned char* smem) { return smem; }
   __device__ __forceinline__ static void zero(Acc& acc) { nt_zero(acc); }
   // C's row of this thread's row r, column of its column c, and their element.
@@ -937,6 +938,7 @@ struct NtWgmma {  // wgmma (sm_90a): 2 warpgroups of 64 x 128
   template <class T> static constexpr size_t kSmemBytes = kNtWgSmemBytes<T>;
   static constexpr int kMinArch = 90;
   static constexpr int kRows = 2, kCols = kNtCols / 4;
+  static constexpr int kColumnWarps = 1;
   __device__ __forceinline__ static unsigned char* ring_start(unsigned char* smem) { return align_shared(smem); }
   __device__ __forceinline__ static void zero(Acc& acc) { wg_zero(acc); }
   __device__ __forceinline__ static int row(int r) {
@@ -969,6 +971,16 @@ inline bool wgmma_built_for_device() {
 #else
   return false;
 #endif
+}
+
+// f(NtWgmma{}) when a kernel's wgmma variant (wgmma_kernel) can run here: an sm_90 device this
+// build holds sm_90a code for, its ring fitting a block, unless MMFAST_CUDA_WGMMA=0; else
+// f(NtMmaSync{}).
+template <class T, class Kernel, class F> auto with_nt_multiplier(Kernel* wgmma_kernel, F&& f) {
+  if (wgmma_enabled() && wgmma_built_for_device() && NtWgmma::kSmemBytes<T> <= max_shared_per_block() &&
+      compiled_for(wgmma_kernel, NtWgmma::kMinArch))
+    return f(NtWgmma{});
+  return f(NtMmaSync{});
 }
 
 }  // namespace cuda

@@ -403,13 +403,9 @@ __global__ void __launch_bounds__(kThreads) masked_conv_split_reduce_kernel(Asyn
 // The async path runs for fp16 / bf16 on sm_80+ (code compiled for it) with tensor cores and
 // cp.async enabled (MMFAST_CUDA_TENSOR_CORES / MMFAST_CUDA_ASYNC_COPY = 0 turn it off), when
 // the ring fits the block's shared memory. The workspace query and the launch both ask.
-// Its multiplier: wgmma on an sm_90 device this build holds sm_90a code for, unless
-// MMFAST_CUDA_WGMMA=0; else mma.sync. f(NtWgmma{}) or f(NtMmaSync{}).
+// Its multiplier (with_nt_multiplier): wgmma on an sm_90a build's sm_90 device, else mma.sync.
 template <class T, class F> auto with_conv_multiplier(F&& f) {
-  if (wgmma_enabled() && wgmma_built_for_device() && NtWgmma::kSmemBytes<T> <= max_shared_per_block() &&
-      compiled_for(&masked_conv_async_kernel<T, NtWgmma>, NtWgmma::kMinArch))
-    return f(NtWgmma{});
-  return f(NtMmaSync{});
+  return with_nt_multiplier<T>(&masked_conv_async_kernel<T, NtWgmma>, f);
 }
 
 template <class T> bool use_async_conv(const MaskedConvParams& p) {

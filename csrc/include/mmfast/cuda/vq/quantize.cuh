@@ -9,16 +9,16 @@
 //                       written as the split's partial.
 //   vq_finish_kernel    per row: the splits' partials in order (strictly smaller wins, so ties
 //                       keep the lower codes), ||z||^2, and the rules of mmfast/vq.h.
-//   vq_search_async_kernel  fp16 / bf16 with 16-byte aligned rows on sm_80+, instead of
+//   vq_search_async_kernel<T, Nt>  fp16 / bf16 with 16-byte aligned rows on sm_80+, instead of
 //                       vq_search_kernel: item = (128-row tile, code split); the split's
 //                       128-code tiles stream through the NT tile GEMM (tile_gemm.cuh: cp.async
 //                       ring, ldmatrix + mma.sync.m16n8k16, fp32 sums; products exact, as on
 //                       the TF32 path) as one stream of 32-dim slices, so the ring never drains
 //                       between tiles; the argmin runs on the accumulators after each tile.
-//   vq_search_wgmma_kernel  the same on sm_90a, multiplied by wgmma (tile_gemm.cuh: each
-//                       warpgroup 64 rows x 128 codes per instruction, operands read by
-//                       descriptor from 64-byte-swizzled stages): Hopper's full tensor-core rate.
-//                       MMFAST_CUDA_WGMMA=0 keeps vq_search_async_kernel.
+//                       Nt = NtWgmma on sm_90a: multiplied by wgmma instead (each warpgroup 64
+//                       rows x 128 codes per instruction, operands read by descriptor from
+//                       64-byte-swizzled stages), Hopper's full tensor-core rate;
+//                       MMFAST_CUDA_WGMMA=0 keeps mma.sync (Nt = NtMmaSync).
 // Splitting the codes keeps the GPU busy when the rows are few (one image: N = 1024, 16 tiles).
 #pragma once
 
@@ -125,68 +125,76 @@ __global__ void __launch_bounds__(kThreads) vq_search_kernel(SearchArgs a) {
 // ---- fp16 / bf16, 16-byte aligned rows, sm_80+: the NT tile GEMM ----------------------------
 constexpr int32_t kNoCode32 = INT32_MAX;  // the async kernel's codes are int32 (K < INT32_MAX)
 
-// Per row of this thread (kNtMTiles x 2 rows of the warp's 64 x 32 part): the best score of the
-// tile's codes in its 8 columns. Each thread meets its codes in increasing order (columns, then
-// tiles), so a strictly smaller score keeps the lowest code of a tie; +inf and NaN never win.
-__device__ __forceinline__ void merge_nt_best(const NtAcc& acc, const float* sqnorm, int64_t code0, int64_t codes,
-                                              int warp, int lane, float (&best)[kNtMTiles][2],
-                                              int32_t (&code)[kNtMTiles][2]) {
-  const int64_t first = code0 + (warp % 4) * kNtWarpCols + 2 * (lane % 4);
+// Per row of this thread (Nt::kRows of them): the best score of the tile's codes in its columns.
+// Each thread meets its codes in increasing order (columns, then tiles), so a strictly smaller
+// score keeps the lowest code of a tie; +inf and NaN never win.
+template <class Nt>
+__device__ __forceinline__ void merge_tile_best_nt(const typename Nt::Acc& acc, const float* sqnorm, int64_t code0,
+                                                   int64_t codes, float (&best)[Nt::kRows],
+                                                   int32_t (&code)[Nt::kRows]) {
 #pragma unroll
-  for (int ni = 0; ni < kNtNTiles; ++ni)
+  for (int c = 0; c < Nt::kCols; ++c) {
+    const int64_t cc = code0 + Nt::col(c);
+    if (cc >= codes) continue;
+    const float norm = sqnorm[cc];
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int64_t c = first + ni * 8 + e;
-      if (c >= codes) continue;
-      const float norm = sqnorm[c];
-#pragma unroll
-      for (int mi = 0; mi < kNtMTiles; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float score = norm - 2.0f * acc[mi][ni][2 * h + e];
-          if (score < best[mi][h]) best[mi][h] = score, code[mi][h] = static_cast<int32_t>(c);
-        }
+    for (int r = 0; r < Nt::kRows; ++r) {
+      const float score = norm - 2.0f * Nt::at(acc, r, c);
+      if (score < best[r]) best[r] = score, code[r] = static_cast<int32_t>(cc);
     }
-}
-
-// The split's best per row of the 128-row tile: over the 4 lanes of a quad (shuffles), then over
-// the 4 column warps through shared memory (`scratch`, the idle ring), in column order.
-__device__ __forceinline__ void write_nt_best(float (&best)[kNtMTiles][2], int32_t (&code)[kNtMTiles][2],
-                                              unsigned char* scratch, const SearchArgs& a, int64_t split,
-                                              int64_t row0, int warp, int lane) {
-  float* warp_score = reinterpret_cast<float*>(scratch);                       // [4 column warps][128 rows]
-  int32_t* warp_code = reinterpret_cast<int32_t*>(warp_score + 4 * kNtRows);  // [4][128]
-#pragma unroll
-  for (int mi = 0; mi < kNtMTiles; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int lanes = 1; lanes <= 2; lanes <<= 1)
-        take_better(best[mi][h], code[mi][h], __shfl_xor_sync(0xffffffffu, best[mi][h], lanes),
-                    __shfl_xor_sync(0xffffffffu, code[mi][h], lanes));
-      if (lane % 4 == 0) {
-        const int row = (warp / 4) * kNtWarpRows + mi * 16 + lane / 4 + 8 * h;
-        warp_score[(warp % 4) * kNtRows + row] = best[mi][h];
-        warp_code[(warp % 4) * kNtRows + row] = code[mi][h];
-      }
-    }
-  __syncthreads();
-  const int row = static_cast<int>(threadIdx.x);
-  if (row < kNtRows && row0 + row < a.rows) {
-    float score = warp_score[row];
-    int32_t c = warp_code[row];
-    for (int w = 1; w < 4; ++w) take_better(score, c, warp_score[w * kNtRows + row], warp_code[w * kNtRows + row]);
-    const int64_t n = row0 + row;
-    static_cast<float*>(a.best_score)[split * a.rows + n] = score;
-    a.best_code[split * a.rows + n] = c == kNoCode32 ? kNoCode : c;
   }
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a) {
+// The split's best per row of the 128-row tile: over the 4 lanes of a quad (shuffles), then, when
+// a row's columns span several warps (mma.sync's 4), over them through shared memory (`scratch`,
+// the idle ring), in column order.
+template <class Nt>
+__device__ __forceinline__ void write_best_nt(float (&best)[Nt::kRows], int32_t (&code)[Nt::kRows],
+                                              unsigned char* scratch, const SearchArgs& a, int64_t split,
+                                              int64_t row0) {
+  constexpr int kWarps = Nt::kColumnWarps;
+  float* warp_score = reinterpret_cast<float*>(scratch);                            // [kWarps][128 rows]
+  int32_t* warp_code = reinterpret_cast<int32_t*>(warp_score + kWarps * kNtRows);  // [kWarps][128]
+  const int lane = static_cast<int>(threadIdx.x) % 32, column_warp = static_cast<int>(threadIdx.x) / 32 % kWarps;
+#pragma unroll
+  for (int r = 0; r < Nt::kRows; ++r) {
+#pragma unroll
+    for (int lanes = 1; lanes <= 2; lanes <<= 1)
+      take_better(best[r], code[r], __shfl_xor_sync(0xffffffffu, best[r], lanes),
+                  __shfl_xor_sync(0xffffffffu, code[r], lanes));
+    if (lane % 4 != 0) continue;
+    const int row = Nt::row(r);
+    if constexpr (kWarps == 1) {
+      const int64_t n = row0 + row;
+      if (n < a.rows) {
+        static_cast<float*>(a.best_score)[split * a.rows + n] = best[r];
+        a.best_code[split * a.rows + n] = code[r] == kNoCode32 ? kNoCode : code[r];
+      }
+    } else {
+      warp_score[column_warp * kNtRows + row] = best[r];
+      warp_code[column_warp * kNtRows + row] = code[r];
+    }
+  }
+  if constexpr (kWarps > 1) {
+    __syncthreads();
+    const int row = static_cast<int>(threadIdx.x);
+    if (row < kNtRows && row0 + row < a.rows) {
+      float score = warp_score[row];
+      int32_t c = warp_code[row];
+      for (int w = 1; w < kWarps; ++w) take_better(score, c, warp_score[w * kNtRows + row], warp_code[w * kNtRows + row]);
+      const int64_t n = row0 + row;
+      static_cast<float*>(a.best_score)[split * a.rows + n] = score;
+      a.best_code[split * a.rows + n] = c == kNoCode32 ? kNoCode : c;
+    }
+  }
+}
+
+// Nt: the NT tile GEMM's multiplier (NtMmaSync, or NtWgmma on sm_90a).
+template <class T, class Nt>
+__global__ void __launch_bounds__(kThreads, 2) vq_search_async_kernel(SearchArgs a) {
+  using Stage = typename Nt::template Stage<T>;
   MMFAST_DYNAMIC_SHARED(smem);
-  NtStage<T>* ring = reinterpret_cast<NtStage<T>*>(smem);
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  Stage* ring = reinterpret_cast<Stage*>(Nt::ring_start(smem));
   const T* z = static_cast<const T*>(a.z);
   const T* codebook = static_cast<const T*>(a.codebook);
   const float* sqnorm = static_cast<const float*>(a.sqnorm);
@@ -195,20 +203,19 @@ __global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a)
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t split = item % a.splits, row0 = (item / a.splits) * kNtRows;
     const int64_t t0 = a.code_tiles * split / a.splits, t1 = a.code_tiles * (split + 1) / a.splits;
-    const int64_t steps = (t1 - t0) * slices_per_tile;
     const T* z_tile = z + row0 * a.z_row_stride;
     // The copy cursor runs kNtStages - 1 slices ahead of the multiply cursor; both step a slice
     // at a time, then to the next code tile (no divisions in the loop).
     int64_t copy_code0 = t0 * kNtCols, copy_l0 = 0, step_code0 = t0 * kNtCols, step_l0 = 0;
-    float best[kNtMTiles][2];
-    int32_t code[kNtMTiles][2];
+    float best[Nt::kRows];
+    int32_t code[Nt::kRows];
 #pragma unroll
-    for (int mi = 0; mi < kNtMTiles; ++mi) best[mi][0] = best[mi][1] = INFINITY, code[mi][0] = code[mi][1] = kNoCode32;
-    NtAcc acc;
-    nt_zero(acc);
-    nt_pipeline(
-        ring, steps, acc, warp, lane, /*active=*/true,
-        [&](NtStage<T>& stage) {
+    for (int r = 0; r < Nt::kRows; ++r) best[r] = INFINITY, code[r] = kNoCode32;
+    typename Nt::Acc acc;
+    Nt::zero(acc);
+    Nt::template run<T>(
+        ring, (t1 - t0) * slices_per_tile, acc, a.rows - row0,
+        [&](Stage& stage) {
           nt_issue(stage, z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
                    a.codes - copy_code0, copy_l0, a.dim);
           copy_l0 += kNtDepth;
@@ -217,97 +224,14 @@ __global__ void __launch_bounds__(kThreads) vq_search_async_kernel(SearchArgs a)
         [&](int64_t) {
           step_l0 += kNtDepth;
           if (step_l0 >= a.dim) {  // the code tile is complete
-            merge_nt_best(acc, sqnorm, step_code0, a.codes, warp, lane, best, code);
-            nt_zero(acc);
+            merge_tile_best_nt<Nt>(acc, sqnorm, step_code0, a.codes, best, code);
+            Nt::zero(acc);
             step_l0 = 0, step_code0 += kNtCols;
           }
         });
-    __syncthreads();  // the ring is idle: its first bytes take the column warps' bests
-    write_nt_best(best, code, smem, a, split, row0, warp, lane);
+    __syncthreads();  // the ring is idle: its first bytes may take the column warps' bests
+    write_best_nt<Nt>(best, code, reinterpret_cast<unsigned char*>(ring), a, split, row0);
     __syncthreads();  // read before the next item's copies land
-  }
-}
-
-// ---- fp16 / bf16, 16-byte aligned rows, sm_90a: the NT tile GEMM on wgmma --------------------
-// Per row of this thread (lane / 4 and lane / 4 + 8 of its warp's 16 rows; every warp sees all
-// 128 codes of a tile): the best score of the tile in its 32 columns, met in increasing code
-// order, so a strictly smaller score keeps the lowest code of a tie; +inf and NaN never win.
-__device__ __forceinline__ void merge_wg_best(const WgAcc& acc, const float* sqnorm, int64_t code0, int64_t codes,
-                                              int lane, float (&best)[2], int32_t (&code)[2]) {
-  const int64_t first = code0 + 2 * (lane % 4);
-#pragma unroll
-  for (int j = 0; j < kNtCols / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int64_t c = first + 8 * j + e;
-      if (c >= codes) continue;
-      const float norm = sqnorm[c];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float score = norm - 2.0f * acc[4 * j + 2 * h + e];
-        if (score < best[h]) best[h] = score, code[h] = static_cast<int32_t>(c);
-      }
-    }
-}
-
-// The split's best per row: over the 4 lanes of a quad (shuffles, in column order), written by
-// the quad's first lane.
-__device__ __forceinline__ void write_wg_best(float (&best)[2], int32_t (&code)[2], const SearchArgs& a,
-                                              int64_t split, int64_t row0, int warp, int lane) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int lanes = 1; lanes <= 2; lanes <<= 1)
-      take_better(best[h], code[h], __shfl_xor_sync(0xffffffffu, best[h], lanes),
-                  __shfl_xor_sync(0xffffffffu, code[h], lanes));
-    const int64_t n = row0 + 16 * warp + lane / 4 + 8 * h;  // warp w: rows 16 w.. (warpgroup w / 4: 64 (w / 4)..)
-    if (lane % 4 == 0 && n < a.rows) {
-      static_cast<float*>(a.best_score)[split * a.rows + n] = best[h];
-      a.best_code[split * a.rows + n] = code[h] == kNoCode32 ? kNoCode : code[h];
-    }
-  }
-}
-
-// vq_search_async_kernel's items and ring, multiplied by wgmma (nt_wg_multiply): warpgroup g
-// holds rows 64 g.. of the 128-row tile against all 128 codes of each code tile.
-template <class T>
-__global__ void __launch_bounds__(kThreads) vq_search_wgmma_kernel(SearchArgs a) {
-  MMFAST_DYNAMIC_SHARED(smem);
-  NtWgStage<T>* ring = reinterpret_cast<NtWgStage<T>*>(align_shared(smem));
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const T* z = static_cast<const T*>(a.z);
-  const T* codebook = static_cast<const T*>(a.codebook);
-  const float* sqnorm = static_cast<const float*>(a.sqnorm);
-  const int64_t slices_per_tile = ceil_div(a.dim, kNtDepth);
-  const int64_t items = a.row_tiles * a.splits;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t split = item % a.splits, row0 = (item / a.splits) * kNtRows;
-    const int64_t t0 = a.code_tiles * split / a.splits, t1 = a.code_tiles * (split + 1) / a.splits;
-    const T* z_tile = z + row0 * a.z_row_stride;
-    int64_t copy_code0 = t0 * kNtCols, copy_l0 = 0, step_code0 = t0 * kNtCols, step_l0 = 0;
-    float best[2] = {INFINITY, INFINITY};
-    int32_t code[2] = {kNoCode32, kNoCode32};
-    WgAcc acc;
-    wg_zero(acc);
-    nt_stream(
-        ring, (t1 - t0) * slices_per_tile,
-        [&](NtWgStage<T>& stage) {
-          nt_issue(stage, z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
-                   a.codes - copy_code0, copy_l0, a.dim);
-          copy_l0 += kNtDepth;
-          if (copy_l0 >= a.dim) copy_l0 = 0, copy_code0 += kNtCols;
-        },
-        [&](const NtWgStage<T>& stage) { nt_wg_multiply(stage, acc, warp / 4); },
-        [&](int64_t) {
-          step_l0 += kNtDepth;
-          if (step_l0 >= a.dim) {  // the code tile is complete
-            merge_wg_best(acc, sqnorm, step_code0, a.codes, lane, best, code);
-            wg_zero(acc);
-            step_l0 = 0, step_code0 += kNtCols;
-          }
-        });
-    write_wg_best(best, code, a, split, row0, warp, lane);
-    __syncthreads();  // every warpgroup is done with the ring before the next item's copies land
   }
 }
 
@@ -394,7 +318,8 @@ inline size_t workspace_bytes(const VQParams& p) {
 }
 
 // vq_search_async_kernel runs for fp16 / bf16 whose z rows and codebook are 16-byte aligned, on
-// sm_80+ (code compiled for it), with tensor cores and cp.async enabled and K < INT32_MAX.
+// sm_80+ (code compiled for it), with tensor cores and cp.async enabled and K < INT32_MAX; on
+// the multiplier with_nt_multiplier picks.
 template <class T> bool use_async_search(const VQParams& p) {
   if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
     return false;
@@ -404,48 +329,36 @@ template <class T> bool use_async_search(const VQParams& p) {
     };
     return tensor_cores_enabled() && async_copy_enabled() && compute_capability_major() >= 8 &&
            p.codes < INT32_MAX && aligned(p.z, p.dim) && aligned(p.z, p.z_row_stride) && aligned(p.codebook, p.dim) &&
-           kNtSmemBytes<T> <= max_shared_per_block() && compiled_for(&vq_search_async_kernel<T>, 80);
+           NtMmaSync::kSmemBytes<T> <= max_shared_per_block() &&
+           compiled_for(&vq_search_async_kernel<T, NtMmaSync>, NtMmaSync::kMinArch);
   }
 }
 
-// vq_search_wgmma_kernel instead, where use_async_search holds, on an sm_90 device this build
-// holds sm_90a code for (wgmma_built_for_device), unless MMFAST_CUDA_WGMMA=0.
-template <class T> bool use_wgmma_search(const VQParams& p) {
-  if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
-    (void)p;
-    return false;
-  } else {
-    return use_async_search<T>(p) && wgmma_enabled() && wgmma_built_for_device() &&
-           kNtWgSmemBytes<T> <= max_shared_per_block() && compiled_for(&vq_search_wgmma_kernel<T>, 90);
-  }
-}
-
-// Which of the two fp16 / bf16 NT searches runs.
-enum class NtSearch { kMmaSync, kWgmma };
-
-// The persistent grid of the NT search `which` for `items` (fp16 / bf16 only): false when the
+// The persistent grid of vq_search_async_kernel for `items` (fp16 / bf16 only): false when the
 // occupancy query finds no room (the caller then runs vq_search_kernel; the query's error is
 // cleared, it is not sticky).
-template <class T> bool async_search_grid(NtSearch which, int64_t items, unsigned& grid) {
+template <class T> bool async_search_grid(int64_t items, unsigned& grid) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    const cudaError_t err = which == NtSearch::kWgmma
-                                ? persistent_grid(&vq_search_wgmma_kernel<T>, kThreads, kNtWgSmemBytes<T>, items, grid)
-                                : persistent_grid(&vq_search_async_kernel<T>, kThreads, kNtSmemBytes<T>, items, grid);
+    const cudaError_t err = with_nt_multiplier<T>(&vq_search_async_kernel<T, NtWgmma>, [&](auto nt) {
+      using Nt = decltype(nt);
+      return persistent_grid(&vq_search_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>, items, grid);
+    });
     if (err == cudaSuccess) return true;
     (void)cudaGetLastError();
   }
-  (void)which, (void)items, (void)grid;
+  (void)items, (void)grid;
   return false;
 }
 
-template <class T> void launch_async_search(NtSearch which, const SearchArgs& a, unsigned grid, cudaStream_t stream) {
+template <class T> void launch_async_search(const SearchArgs& a, unsigned grid, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    if (which == NtSearch::kWgmma)
-      MMFAST_LAUNCH(vq_search_wgmma_kernel<T>, grid, kThreads, kNtWgSmemBytes<T>, stream, a);
-    else
-      MMFAST_LAUNCH(vq_search_async_kernel<T>, grid, kThreads, kNtSmemBytes<T>, stream, a);
+    with_nt_multiplier<T>(&vq_search_async_kernel<T, NtWgmma>, [&](auto nt) {
+      using Nt = decltype(nt);
+      MMFAST_LAUNCH((vq_search_async_kernel<T, Nt>), grid, kThreads, Nt::template kSmemBytes<T>, stream, a);
+      return 0;
+    });
   } else {
-    (void)which, (void)a, (void)grid, (void)stream;  // async_search_grid is false for these types
+    (void)a, (void)grid, (void)stream;  // async_search_grid is false for these types
   }
 }
 
@@ -454,9 +367,8 @@ cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   const Plan async_plan = plan(p, sm_count(), kNtRows, kNtCols);
   unsigned async_grid = 0;
-  const NtSearch which = use_wgmma_search<T>(p) ? NtSearch::kWgmma : NtSearch::kMmaSync;
-  const bool async =
-      use_async_search<T>(p) && async_search_grid<T>(which, async_plan.row_tiles * async_plan.splits, async_grid);
+  const bool async = use_async_search<T>(p) && async_search_grid<T>(async_plan.row_tiles * async_plan.splits,
+                                                                      async_grid);
   const Plan plan_ = async ? async_plan : plan(p, sm_count());
   char* ws = static_cast<char*>(p.workspace);
   const void* sqnorm = p.codebook_sqnorm;
@@ -484,7 +396,7 @@ cudaError_t launch_quantize(const VQParams& p, cudaStream_t stream) {
   a.code_tiles = plan_.code_tiles;
   a.splits = plan_.splits;
   if (async) {
-    launch_async_search<T>(which, a, async_grid, stream);
+    launch_async_search<T>(a, async_grid, stream);
   } else {
     MMFAST_LAUNCH(vq_search_kernel<T>, grid_for(plan_.row_tiles * plan_.splits), kThreads, 0, stream, a);
   }
