@@ -918,10 +918,13 @@ struct NtMmaSync {  // ldmatrix + mma.sync (sm_80+): 8 warps of 64 x 32
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     return (warp / 4) * kNtWarpRows + (r / 2) * 16 + lane / 4 + 8 * (r % 2);
   }
-  __device__ __forceinline__ static int col(int c) {
+  // col(c) = col_base() + col_offset(c): a per-thread base and a compile-time offset.
+  __device__ __forceinline__ static int col_base() {
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-    return (warp % 4) * kNtWarpCols + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+    return (warp % 4) * kNtWarpCols + 2 * (lane % 4);
   }
+  __device__ __forceinline__ static constexpr int col_offset(int c) { return (c / 2) * 8 + c % 2; }
+  __device__ __forceinline__ static int col(int c) { return col_base() + col_offset(c); }
   __device__ __forceinline__ static float at(const Acc& acc, int r, int c) { return acc[r / 2][c / 2][2 * (r % 2) + c % 2]; }
   // nt_pipeline; warps holding none of the first valid_rows rows skip their multiplies.
   template <class T, class Issue, class AfterStep>
@@ -944,7 +947,9 @@ struct NtWgmma {  // wgmma (sm_90a): 2 warpgroups of 64 x 128
   __device__ __forceinline__ static int row(int r) {
     return 16 * (static_cast<int>(threadIdx.x) / 32) + static_cast<int>(threadIdx.x) % 32 / 4 + 8 * r;
   }
-  __device__ __forceinline__ static int col(int c) { return 8 * (c / 2) + 2 * (static_cast<int>(threadIdx.x) % 4) + c % 2; }
+  __device__ __forceinline__ static int col_base() { return 2 * (static_cast<int>(threadIdx.x) % 4); }
+  __device__ __forceinline__ static constexpr int col_offset(int c) { return 8 * (c / 2) + c % 2; }
+  __device__ __forceinline__ static int col(int c) { return col_base() + col_offset(c); }
   __device__ __forceinline__ static float at(const Acc& acc, int r, int c) { return acc[4 * (c / 2) + 2 * r + c % 2]; }
   // nt_stream by nt_wg_multiply; a warpgroup holding none of the first valid_rows rows skips its
   // wgmmas (warpgroup-uniform, as wgmma requires).

@@ -127,20 +127,24 @@ constexpr int32_t kNoCode32 = INT32_MAX;  // the async kernel's codes are int32 
 
 // Per row of this thread (Nt::kRows of them): the best score of the tile's codes in its columns.
 // Each thread meets its codes in increasing order (columns, then tiles), so a strictly smaller
-// score keeps the lowest code of a tie; +inf and NaN never win.
-template <class Nt>
+// score keeps the lowest code of a tie; +inf and NaN never win. Full tiles (kFull: all 128
+// codes exist) skip the per-column bounds check.
+template <class Nt, bool kFull>
 __device__ __forceinline__ void merge_tile_best_nt(const typename Nt::Acc& acc, const float* sqnorm, int64_t code0,
                                                    int64_t codes, float (&best)[Nt::kRows],
                                                    int32_t (&code)[Nt::kRows]) {
+  const int base = Nt::col_base();
+  const float* norms = sqnorm + code0 + base;                   // loads at compile-time offsets
+  const int left = static_cast<int>(min_i64(codes - code0, kNtCols)) - base;  // codes < INT32_MAX
+  const int32_t first = static_cast<int32_t>(code0) + base;
 #pragma unroll
   for (int c = 0; c < Nt::kCols; ++c) {
-    const int64_t cc = code0 + Nt::col(c);
-    if (cc >= codes) continue;
-    const float norm = sqnorm[cc];
+    if (!kFull && Nt::col_offset(c) >= left) continue;
+    const float norm = norms[Nt::col_offset(c)];
 #pragma unroll
     for (int r = 0; r < Nt::kRows; ++r) {
       const float score = norm - 2.0f * Nt::at(acc, r, c);
-      if (score < best[r]) best[r] = score, code[r] = static_cast<int32_t>(cc);
+      if (score < best[r]) best[r] = score, code[r] = first + Nt::col_offset(c);
     }
   }
 }
@@ -224,7 +228,10 @@ __global__ void __launch_bounds__(kThreads, 2) vq_search_async_kernel(SearchArgs
         [&](int64_t) {
           step_l0 += kNtDepth;
           if (step_l0 >= a.dim) {  // the code tile is complete
-            merge_tile_best_nt<Nt>(acc, sqnorm, step_code0, a.codes, best, code);
+            if (step_code0 + kNtCols <= a.codes)
+              merge_tile_best_nt<Nt, true>(acc, sqnorm, step_code0, a.codes, best, code);
+            else
+              merge_tile_best_nt<Nt, false>(acc, sqnorm, step_code0, a.codes, best, code);
             Nt::zero(acc);
             step_l0 = 0, step_code0 += kNtCols;
           }
