@@ -86,9 +86,11 @@ def default_archs() -> str:
 
 def has_sm90a_code(archs: str) -> bool:
     """Whether an arch list gives sm_90 GPUs the sm_90a binary (wgmma kernels): it names 9.0a and
-    not plain 9.0, whose binary the driver could pick instead."""
+    not plain 9.0, whose binary the driver could pick instead. A named arch (torch's "Hopper" is
+    9.0+PTX) could hide a plain 9.0: such lists get no wgmma kernels."""
     entries = {entry.split("+")[0].strip() for entry in archs.replace(" ", ";").split(";") if entry.strip()}
-    return "9.0a" in entries and "9.0" not in entries
+    numeric = all(entry[:1].isdigit() for entry in entries)
+    return numeric and "9.0a" in entries and "9.0" not in entries
 
 
 def nvidia_wheel_include_dirs():

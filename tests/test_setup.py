@@ -28,6 +28,8 @@ def setup_module():
         ("9.0+PTX;9.0a", False),
         ("8.0;8.6", False),
         ("10.0a;12.0a", False),
+        ("Hopper;9.0a", False),  # torch's named arch: Hopper is 9.0+PTX
+        ("Ampere 9.0a", False),
         ("", False),
     ],
 )

@@ -139,7 +139,7 @@ def test_cuda_smoke_search_and_lookup_every_kernel(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_wgmma_search_finds_what_mma_sync_finds(dtype, tmp_path):
     """On sm_90 with an sm_90a build, 16-bit aligned searches run on wgmma
-    (vq_search_wgmma_kernel): the nearest codes within rounding, and the same codes as the
+    (vq_search_async_kernel<T, NtWgmma>): the nearest codes within rounding, and the same codes as the
     mma.sync search (MMFAST_CUDA_WGMMA=0, in a subprocess) wherever the two best distances are
     apart by more than the rounding of the dots (the two sum in different orders)."""
     from mmfast import _extension
@@ -169,7 +169,7 @@ def test_cuda_wgmma_search_finds_what_mma_sync_finds(dtype, tmp_path):
             indices, distance = vq_quantize(z, codebook, return_distance=True)
             torch.cuda.synchronize()
         kernels = {event.key for event in prof.key_averages()}
-        assert any("vq_search_wgmma_kernel" in name for name in kernels), kernels
+        assert any("vq_search_async_kernel" in name and "NtWgmma" in name for name in kernels), kernels
         assert_nearest(z, codebook, indices, distance, dtype=dtype)
         all_d = torch.cdist(z.double().cpu(), codebook.double().cpu()).pow(2)
         best2 = all_d.topk(2, dim=1, largest=False).values

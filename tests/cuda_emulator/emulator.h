@@ -166,9 +166,12 @@ inline void warp_yield() {
 // retires its group (the two ends of what the hardware may do), so both a read before the
 // wait (or before the barrier that follows every thread's wait) and an overwrite of a stage
 // other threads still read show up as wrong results.
-// Threads that retired cp.async copies (cp_async_wait) and have not executed
-// fence.proxy.async since: their wgmma (the async proxy) need not see the copies.
-inline bool unfenced_copies[kMaxThreads];
+// Per thread: its barrier count (nbar) when it first retired cp.async copies (cp_async_wait) that
+// no fence.proxy.async has followed since, else -1. A wgmma issued after a barrier that such a
+// thread reached later need not see those copies (the writer fences, then the barrier publishes).
+inline long unfenced_at[kMaxThreads];
+// wgmmas each thread issued: equal within a warpgroup (wgmma is warpgroup-uniform).
+inline long wgmma_issued[kMaxThreads];
 struct AsyncCopy { void* dst; const void* src; bool valid; };
 inline std::vector<AsyncCopy> async_open[kMaxThreads];                 // issued, not yet committed
 inline std::vector<std::vector<AsyncCopy>> async_groups[kMaxThreads];  // committed, oldest first
@@ -338,7 +341,8 @@ inline void run(std::function<void()> f, int blocks = 1) {
     done[t] = false;
     at_warp[t] = false;
     at_cluster[t] = false;
-    unfenced_copies[t] = false;
+    unfenced_at[t] = -1;
+    wgmma_issued[t] = 0;
     released[t] = true;
     nbar[t] = 0;
     nwarp[t] = 0;
@@ -389,6 +393,13 @@ inline void run(std::function<void()> f, int blocks = 1) {
       switch_to_fiber(t);
     }
   }
+  for (int g = 0; g < nthreads / 128; ++g)
+    for (int t = 128 * g + 1; t < 128 * g + 128; ++t)
+      if (wgmma_issued[t] != wgmma_issued[128 * g]) {
+        std::printf("EMU ERROR: threads %d and %d of a warpgroup issued %ld and %ld wgmmas (warpgroup-uniform)\n",
+                    128 * g, t, wgmma_issued[128 * g], wgmma_issued[t]);
+        std::exit(2);
+      }
   nblocks = 1;
   nthreads = kN;
 }
@@ -467,15 +478,18 @@ inline void async_land(const std::vector<AsyncCopy>& group) {
 constexpr size_t kSmemGuard = 256;
 inline std::vector<unsigned char> dynamic_smem[kMaxClusterBlocks];
 inline size_t dynamic_smem_bytes = 0;
+inline uint32_t smem_window_base = 1024;  // the dynamic shared memory's first address (see smem_address)
+// The host address of block b's dynamic shared memory: congruent to the window address modulo
+// 4 KB, as a generic pointer into shared memory is on the GPU, so alignment is the same in both.
+constexpr size_t kSmemAlignSlack = 4096;
 inline unsigned char* dynamic_smem_base(int b) {
   const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_smem[b].data());
-  return dynamic_smem[b].data() + ((128 - p % 128) % 128);
+  return dynamic_smem[b].data() + ((smem_window_base - p) & (kSmemAlignSlack - 1));
 }
 inline unsigned char* dynamic_smem_base() { return dynamic_smem_base(cur / kN); }
-inline uint32_t smem_window_base = 1024;  // the dynamic shared memory's first address (see smem_address)
 inline void prepare_dynamic_smem(size_t bytes, int blocks = 1) {
   smem_window_base = 1024 + 128 * static_cast<uint32_t>(rng() % 8);
-  for (int b = 0; b < blocks; ++b) dynamic_smem[b].assign(bytes + 128 + kSmemGuard, 0xff);
+  for (int b = 0; b < blocks; ++b) dynamic_smem[b].assign(bytes + kSmemAlignSlack + kSmemGuard, 0xff);
   dynamic_smem_bytes = bytes;
 }
 inline void poison_dynamic_smem(int b) { std::memset(dynamic_smem_base(b), 0xff, dynamic_smem_bytes); }
@@ -602,7 +616,8 @@ inline void cp_async_commit() {
 }
 template <int Pending> void cp_async_wait() {
   auto& groups = ::emu::async_groups[::emu::cur];
-  if (groups.size() > static_cast<size_t>(Pending)) ::emu::unfenced_copies[::emu::cur] = true;
+  if (groups.size() > static_cast<size_t>(Pending) && ::emu::unfenced_at[::emu::cur] < 0)
+    ::emu::unfenced_at[::emu::cur] = ::emu::nbar[::emu::cur];
   while (groups.size() > static_cast<size_t>(Pending)) {
     ::emu::async_land(groups.front());
     groups.erase(groups.begin());
@@ -772,7 +787,7 @@ inline void wgmma_check_drained() {
 }
 }  // namespace emu
 inline uint32_t smem_address(const void* p) { return ::emu::smem_address(p); }
-inline void fence_proxy_async_shared() { ::emu::unfenced_copies[::emu::cur] = false; }
+inline void fence_proxy_async_shared() { ::emu::unfenced_at[::emu::cur] = -1; }
 inline void wgmma_fence() {}
 inline void wgmma_commit() {
   ::emu::wgmma_groups[::emu::cur].push_back(std::move(::emu::wgmma_open[::emu::cur]));
@@ -789,11 +804,14 @@ template <class Acc> void wgmma_fence_operands(Acc&) {}
 template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uint64_t desc_b) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
   static_assert(sizeof(Acc) == 64 * sizeof(float), "64 fp32 accumulators per thread");
-  if (::emu::unfenced_copies[::emu::cur]) {
-    std::printf("EMU ERROR: thread %d issues wgmma after retiring cp.async copies without fence.proxy.async\n",
-                ::emu::cur);
-    std::exit(2);
-  }
+  const int block0 = ::emu::cur / ::emu::kN * ::emu::kN;
+  for (int t = block0; t < block0 + ::emu::kN; ++t)
+    if (::emu::unfenced_at[t] >= 0 && ::emu::unfenced_at[t] < ::emu::nbar[::emu::cur]) {
+      std::printf("EMU ERROR: thread %d issues wgmma after a barrier that thread %d reached with cp.async copies "
+                  "retired and no fence.proxy.async\n", ::emu::cur, t);
+      std::exit(2);
+    }
+  ++::emu::wgmma_issued[::emu::cur];
   const ::emu::Wgmma w{&d[0], desc_a, desc_b, std::is_same<T, __nv_bfloat16>::value, ::emu::cur};
   // A warpgroup's wgmmas run in issue order (their sums round in that order): one may run at its
   // issue only when none before it is still pending.

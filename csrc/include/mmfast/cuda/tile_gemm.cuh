@@ -183,14 +183,12 @@ template <class T, int Rows, int Cols, int Pad = 0> struct RawTile {
 // CuTe's GMMA::Layout_K_SW64_Atom): row r at byte 64 r, its 16-byte chunk c at chunk
 // c ^ ((r / 2) % 4). The hardware XORs shared-memory address bits 4-5 with bits 7-8, so the tile
 // must start on a 512-byte shared-memory address (align_shared). Eight rows (512 bytes) form a
-// core-matrix group; the 4 chunks of a row sit in 4 different 16-byte bank groups for every
-// 2 x 4 rows, so the copies into it and wgmma's reads are conflict-free.
+// core-matrix group, the descriptor's stride. Checked against CuTe by tests/test_gmma_layout.py.
 template <class T, int Rows, int Cols> struct SwizzledTile {
   static constexpr int kRows = Rows, kCols = Cols;
   static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
   static constexpr int kChunksPerRow = Cols / kChunkElems;
   static constexpr int kChunks = Rows * kChunksPerRow;
-  static constexpr int kGroupBytes = 8 * 64;  // the descriptor's stride byte offset
   static_assert(sizeof(T) == 2 && Cols * sizeof(T) == 64, "64-byte rows of 16-bit elements");
   static_assert(Rows % 8 == 0 && kChunks % 32 == 0, "whole core-matrix groups, whole warps per copy pass");
   __align__(512) T v[Rows * Cols];
