@@ -30,6 +30,22 @@ def make_inputs(n, k, d, dtype, device, seed=0):
     return z, codebook
 
 
+def _distances(rows, codebook, dtype):
+    """fp64 squared distances (rows x codes), the two best per row, and the tolerance of a
+    distance computed in dtype's kernels (the rounding of the dots)."""
+    all_d = torch.cdist(rows, codebook).pow(2)
+    best2 = all_d.topk(min(2, codebook.shape[0]), dim=1, largest=False).values
+    tol = DISTANCE_TOL[dtype] * (rows.pow(2).sum(-1) + 1) * rows.shape[-1] ** 0.5 * 4
+    return all_d, best2, tol
+
+
+def clear_rows(z, codebook, dtype):
+    """Rows whose two best distances are apart by more than twice the rounding: any correct
+    kernel must pick the same code there."""
+    _, best2, tol = _distances(z.double().cpu(), codebook.double().cpu(), dtype)
+    return best2[:, 1] - best2[:, 0] > 2 * tol
+
+
 def assert_nearest(z, codebook, indices, distance, metric="l2", dtype=torch.float32):
     """The chosen code is the nearest within the rounding of the dots; where the two best
     distances are apart by more than that, the index is exactly the reference's."""
@@ -37,9 +53,7 @@ def assert_nearest(z, codebook, indices, distance, metric="l2", dtype=torch.floa
     if metric == "cosine":
         zd, cd = torch.nn.functional.normalize(zd, dim=-1), torch.nn.functional.normalize(cd, dim=-1)
     rows = zd.reshape(-1, zd.shape[-1])
-    all_d = torch.cdist(rows, cd).pow(2)
-    best2 = all_d.topk(min(2, cd.shape[0]), dim=1, largest=False).values
-    tol = DISTANCE_TOL[dtype] * (rows.pow(2).sum(-1) + 1) * rows.shape[-1] ** 0.5 * 4
+    all_d, best2, tol = _distances(rows, cd, dtype)
     idx = indices.reshape(-1).cpu()
     chosen = all_d.gather(1, idx[:, None])[:, 0]
     assert bool((chosen <= best2[:, 0] + tol).all()), (chosen - best2[:, 0]).max()
@@ -171,10 +185,7 @@ def test_cuda_wgmma_search_finds_what_mma_sync_finds(dtype, tmp_path):
         kernels = {event.key for event in prof.key_averages()}
         assert any("vq_search_async_kernel" in name and "NtWgmma" in name for name in kernels), kernels
         assert_nearest(z, codebook, indices, distance, dtype=dtype)
-        all_d = torch.cdist(z.double().cpu(), codebook.double().cpu()).pow(2)
-        best2 = all_d.topk(2, dim=1, largest=False).values
-        tol = DISTANCE_TOL[dtype] * (z.double().cpu().pow(2).sum(-1) + 1) * z.shape[-1] ** 0.5 * 4
-        clear = best2[:, 1] - best2[:, 0] > 2 * tol
+        clear = clear_rows(z, codebook, dtype)
         assert torch.equal(indices.cpu()[clear], expected[clear])
 
 
