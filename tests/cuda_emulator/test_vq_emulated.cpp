@@ -74,7 +74,7 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   // MMFAST_CUDA_WGMMA=0; mma.sync before), the rest the tile GEMM.
   const bool half = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
   const bool async = half && D % 8 == 0 && row_stride % 8 == 0 && z_offset % 8 == 0 && emu::compute_major >= 8 &&
-                     cuda::tensor_cores_enabled() && cuda::async_copy_enabled();
+                     row_stride < (int64_t{1} << 24) && cuda::tensor_cores_enabled() && cuda::async_copy_enabled();
   const char* expected = !async ? "tile" : emu::compute_major == 9 && cuda::wgmma_enabled() ? "wgmma" : "async";
   if (launched_search<T>() != expected) fail(std::string("search kernel choice: ") + launched_search<T>() + " " + cfg);
   if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
@@ -159,8 +159,14 @@ void run_all(int level) {
     run_search<T>(70, 129, 96, 96, false, 3);     // rows past the tile's first warpgroup; one code past a tile
   }
   emu::compute_major = 9;
-  // The tile-GEMM search instead: z's base pointer off 16 bytes; a pre-sm_80 device.
+  // The tile-GEMM search instead: z's base pointer off 16 bytes; a pre-sm_80 device; 16-bit z
+  // rows 2^24 elements apart (a 128-row tile past 32-bit offsets; the largest stride within
+  // them: the cp.async search).
   run_search<T>(70, 200, 64, 64, false, 132, 1);
+  if constexpr (sizeof(T) == 2) {
+    run_search<T>(2, 10, 16, int64_t{1} << 24, false, 132);
+    run_search<T>(2, 10, 16, (int64_t{1} << 24) - 8, false, 132);
+  }
   emu::compute_major = 7;
   run_search<T>(70, 200, 64, 64, false, 132);
   emu::compute_major = 9;

@@ -238,6 +238,22 @@ struct HeadIndex {
   }
 };
 
+// v, opaque to the compiler: a loop then keeps it in a register instead of recomputing it from
+// its inputs every iteration (NVVM rematerializes cheap per-thread values inside long loops,
+// e.g. a copy cursor's offsets; the VQ search's loop spent ~60 instructions per slice on them).
+__device__ __forceinline__ uint32_t kept_in_register(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+template <class T> __device__ __forceinline__ const T* kept_in_register(const T* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+l"(p));
+#endif
+  return p;
+}
+
 // ---- asynchronous copies into shared memory (cp.async) ----------------------------------
 // cp_async16(dst, src, valid) starts a 16-byte global -> shared copy (both 16-byte aligned)
 // that bypasses registers and L1, or writes 16 zero bytes when !valid (src is then not read,

@@ -740,25 +740,60 @@ __device__ __forceinline__ void nt_zero(NtAcc& acc) {
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 }
 
-// Starts the copies of the slice at column l0 of A (rows a_rows valid from a, row stride
-// a_stride) and of B (b_rows valid from b) into stage s: 2 + 2 16-byte chunks per thread. Columns
-// from L on are zero-filled; a and b must be 16-byte aligned, as every row.
-template <class Stage, class T>
-__device__ __forceinline__ void nt_issue(Stage& s, const T* a, int64_t a_stride, int64_t a_rows, const T* b,
-                                         int64_t b_stride, int64_t b_rows, int64_t l0, int64_t L) {
-  using AChunk = RawChunk<decltype(s.a)>;
-  using BChunk = RawChunk<decltype(s.b)>;
-#pragma unroll
-  for (int k = 0; k < AChunk::kPerThread; ++k) {
-    const AChunk chunk(k);
-    chunk.issue(s.a, a + chunk.row * a_stride + l0 + chunk.col, a_rows, L - l0, a);
+// One operand's copy cursor over a stream of Tile slices (kNtDepth columns of Tile::kRows rows of
+// a row-major matrix, 16-byte aligned rows): the tile's first element as one pointer, this
+// thread's chunks at 32-bit byte offsets from it (RawChunk::kept_row / kept_col; the k-th chunk k
+// passes below) and how many of them have rows, all kept in registers (kept_in_register), so a
+// slice's copies cost a compare, a select, a 64-bit add and the copy per chunk. Recomputing the
+// 64-bit addresses and row bounds per chunk cost the VQ search ~115 instructions per slice (now
+// ~40 for its 4 chunks). Needs kRows * stride * sizeof(T) < 2^32 bytes (fits_offsets). The
+// columns' bound is the caller's (cols_ok: this thread's chunk column, RawChunk::kept_col() + l0,
+// below the row length), shared by operands of the same chunk geometry.
+template <class Tile, class T> struct SliceSource {
+  using Chunk = RawChunk<Tile>;
+  static_assert(Chunk::kWholeRowsPerPass && !Chunk::kRagged, "every thread holds whole passes of rows");
+  static_assert(Chunk::kRowsPerPass % 8 == 0, "a pass keeps the rows' swizzle phase (SwizzledTile: 8 rows)");
+  const T* rows;           // the tile's row 0, column 0
+  uint32_t first_bytes;    // this thread's first chunk, from `rows`
+  uint32_t pass_bytes;     // Chunk::kRowsPerPass rows
+  uint32_t dst_bytes;      // this thread's first chunk in a Tile, from its start
+  int passes;              // this thread's chunks whose rows exist (the first `passes`)
+  // Whether a tile of Tile::kRows rows of row stride `stride` spans < 2^32 bytes.
+  __host__ __device__ static constexpr bool fits_offsets(int64_t stride) {
+    return stride >= 0 && stride < (int64_t{1} << 32) / (Tile::kRows * static_cast<int64_t>(sizeof(T)));
   }
-#pragma unroll
-  for (int k = 0; k < BChunk::kPerThread; ++k) {
-    const BChunk chunk(k);
-    chunk.issue(s.b, b + chunk.row * b_stride + l0 + chunk.col, b_rows, L - l0, b);
+  // Rows from `first_row` (row stride `stride`, fits_offsets), the first valid_rows of them
+  // existing; `any` is a Tile of the ring (where the chunks land).
+  __device__ __forceinline__ void at_rows(Tile& any, const T* first_row, int64_t stride, int64_t valid_rows) {
+    first_bytes = kept_in_register(static_cast<uint32_t>((Chunk::kept_row() * stride + Chunk::kept_col()) * sizeof(T)));
+    pass_bytes = static_cast<uint32_t>(Chunk::kRowsPerPass * stride * sizeof(T));
+    const Chunk first;
+    dst_bytes = kept_in_register(static_cast<uint32_t>(reinterpret_cast<unsigned char*>(any.at(first.row, first.col)) -
+                                                       reinterpret_cast<unsigned char*>(&any)));
+    set_rows(first_row, valid_rows);
   }
-}
+  // Moves to the rows `advance` elements on, the first valid_rows of them existing.
+  __device__ __forceinline__ void next_rows(int64_t advance, int64_t valid_rows) { set_rows(rows + advance, valid_rows); }
+  __device__ __forceinline__ void set_rows(const T* first_row, int64_t valid_rows) {
+    rows = kept_in_register(first_row);
+    const int64_t below = valid_rows - Chunk::kept_row();  // rows from this thread's first chunk's on
+    passes = static_cast<int>(kept_in_register(static_cast<uint32_t>(
+        below <= 0 ? 0 : min_i64(Chunk::kPerThread, (below + Chunk::kRowsPerPass - 1) / Chunk::kRowsPerPass))));
+  }
+  // Copies the slice at column l0 into dst; chunks of missing rows or columns (!cols_ok) are
+  // zero-filled, naming the slice's first element (mapped: l0 < the row length) as their source.
+  // The k-th chunk lands k passes below the first in dst (Tile::at: whole passes keep a row's swizzle).
+  __device__ __forceinline__ void issue(Tile& dst, int l0, bool cols_ok) const {
+    const char* slice = reinterpret_cast<const char*>(rows + l0);
+    unsigned char* first_dst = reinterpret_cast<unsigned char*>(&dst) + dst_bytes;
+#pragma unroll
+    for (int k = 0; k < Chunk::kPerThread; ++k) {
+      const bool valid = cols_ok && k < passes;
+      cp_async16(first_dst + k * kPassDstBytes, slice + (valid ? first_bytes + k * pass_bytes : 0u), valid);
+    }
+  }
+  static constexpr int kPassDstBytes = Chunk::kRowsPerPass * static_cast<int>(sizeof(Tile)) / Tile::kRows;
+};
 
 // Whether the warp's 64 rows of A hold any of its first valid_rows rows: the rows past them are
 // zero-filled, so a warp wholly past them may skip its multiplies (warp-uniform). Warps w and
@@ -795,7 +830,7 @@ template <class T> __device__ __forceinline__ void nt_multiply(const NtStage<T>&
 
 // The ring's pipeline over `steps` slices: issue(stage) starts the copies of the next slice into
 // ring stage `stage` (the caller's copy cursor then moves on); the copies run kNtStages - 1
-// slices ahead of the multiply. multiply(stage) multiplies a landed slice; after it,
+// slices ahead of the multiply. multiply(stage, index) multiplies a landed slice (ring[index]); after it,
 // after_step(step) runs (the VQ search's argmin at each code tile's end). Every thread calls it
 // with the same steps; the ring is idle on return (all copies landed; the last stage may still
 // be read by other warps until the caller's next barrier). A stage that wgmma reads (the async
@@ -823,7 +858,7 @@ __device__ __forceinline__ void nt_stream(Stage* ring, int64_t steps, Issue&& is
       issue_stage = issue_stage + 1 == kNtStages ? 0 : issue_stage + 1;
     }
     cp_async_commit();
-    multiply(ring[stage]);
+    multiply(ring[stage], stage);
     stage = stage + 1 == kNtStages ? 0 : stage + 1;
     after_step(step);
   }
@@ -837,7 +872,7 @@ __device__ __forceinline__ void nt_pipeline(NtStage<T>* ring, int64_t steps, NtA
                                             bool active, Issue&& issue, AfterStep&& after_step) {
   nt_stream(
       ring, steps, issue,
-      [&](const NtStage<T>& s) {
+      [&](const NtStage<T>& s, int) {
         if (active) nt_multiply(s, acc, warp, lane);
       },
       after_step);
@@ -884,16 +919,34 @@ __device__ __forceinline__ void wg_zero(WgAcc& acc) {
   for (int i = 0; i < kNtCols / 2; ++i) acc[i] = 0.0f;
 }
 
-// acc += the warpgroup's 64 rows of A_s times B_s^T over the stage's kNtDepth columns, waited
-// for (the stage may be refilled after the caller's next barrier; acc may be read right after).
+// The descriptors of a warpgroup's operands in ring stage 0, the ring starting at shared-memory
+// address `ring`, as their low words (the high words are the same constant for every stage):
+// stage i's start address fields are these + i * sizeof(NtWgStage<T>) / 16 (bits 0-13 hold any
+// shared-memory address / 16, so the sum never carries into the next field). Kept in registers:
+// recomputed from the ring per slice they cost ~30 instructions.
+template <class T> struct NtWgDescriptors {
+  static constexpr uint32_t kHigh = static_cast<uint32_t>(gmma_desc_sw64(0) >> 32);
+  static constexpr uint32_t kStageStep = sizeof(NtWgStage<T>) / 16, kKStep = 32 / 16;  // k16: 32 bytes
+  static_assert(sizeof(NtWgStage<T>) % 16 == 0, "stages start on 16-byte addresses");
+  uint32_t a, b;
+  __device__ __forceinline__ NtWgDescriptors(uint32_t ring, int warpgroup)
+      : a(kept_in_register(static_cast<uint32_t>(
+            gmma_desc_sw64(ring + static_cast<uint32_t>(offsetof(NtWgStage<T>, a) + warpgroup * kWgRows * 64))))),
+        b(kept_in_register(static_cast<uint32_t>(gmma_desc_sw64(ring + static_cast<uint32_t>(offsetof(NtWgStage<T>, b)))))) {}
+  __device__ __forceinline__ static uint64_t at(uint32_t low) { return (static_cast<uint64_t>(kHigh) << 32) | low; }
+};
+
+// acc += the warpgroup's 64 rows of A times B^T over ring stage `stage`'s kNtDepth columns,
+// waited for (the stage may be refilled after the caller's next barrier; acc may be read right
+// after).
 template <class T>
-__device__ __forceinline__ void nt_wg_multiply(const NtWgStage<T>& s, WgAcc& acc, int warpgroup) {
-  const uint32_t a = smem_address(s.a.v) + static_cast<uint32_t>(warpgroup * kWgRows * 64);
-  const uint32_t b = smem_address(s.b.v);
+__device__ __forceinline__ void nt_wg_multiply(const NtWgDescriptors<T>& d, int stage, WgAcc& acc) {
+  using D = NtWgDescriptors<T>;
+  const uint32_t at = static_cast<uint32_t>(stage) * D::kStageStep;
   wgmma_fence_operands(acc);
   wgmma_fence();
 #pragma unroll
-  for (int k = 0; k < kNtDepth / 16; ++k) wgmma_m64n128k16<T>(acc, gmma_desc_sw64(a + 32 * k), gmma_desc_sw64(b + 32 * k));
+  for (int k = 0; k < kNtDepth / 16; ++k) wgmma_m64n128k16<T>(acc, D::at(d.a + at + k * D::kKStep), D::at(d.b + at + k * D::kKStep));
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_fence_operands(acc);
@@ -955,11 +1008,13 @@ struct NtWgmma {  // wgmma (sm_90a): 2 warpgroups of 64 x 128
   __device__ __forceinline__ static void run(Stage<T>* ring, int64_t steps, Acc& acc, int64_t valid_rows,
                                              Issue&& issue, AfterStep&& after_step) {
     const int warpgroup = static_cast<int>(threadIdx.x) / 128;
-    const bool active = valid_rows > warpgroup * kWgRows;
+    // Kept in registers: recomputed per slice, they cost ~40 instructions.
+    const bool active = kept_in_register(static_cast<uint32_t>(valid_rows > warpgroup * kWgRows)) != 0u;
+    const NtWgDescriptors<T> descriptors(smem_address(ring), warpgroup);
     nt_stream(
         ring, steps, issue,
-        [&](const Stage<T>& s) {
-          if (active) nt_wg_multiply(s, acc, warpgroup);
+        [&](const Stage<T>&, int stage) {
+          if (active) nt_wg_multiply(descriptors, stage, acc);
         },
         after_step);
   }

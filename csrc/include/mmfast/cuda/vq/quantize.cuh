@@ -143,7 +143,7 @@ __device__ __forceinline__ void merge_tile_best_nt(const typename Nt::Acc& acc, 
     const float norm = norms[Nt::col_offset(c)];
 #pragma unroll
     for (int r = 0; r < Nt::kRows; ++r) {
-      const float score = norm - 2.0f * Nt::at(acc, r, c);
+      const float score = fmaf(-2.0f, Nt::at(acc, r, c), norm);  // 2 acc is exact: one rounding either way
       if (score < best[r]) best[r] = score, code[r] = first + Nt::col_offset(c);
     }
   }
@@ -209,8 +209,17 @@ __global__ void __launch_bounds__(kThreads, 2) vq_search_async_kernel(SearchArgs
     const int64_t t0 = a.code_tiles * split / a.splits, t1 = a.code_tiles * (split + 1) / a.splits;
     const T* z_tile = z + row0 * a.z_row_stride;
     // The copy cursor runs kNtStages - 1 slices ahead of the multiply cursor; both step a slice
-    // at a time, then to the next code tile (no divisions in the loop).
-    int64_t copy_code0 = t0 * kNtCols, copy_l0 = 0, step_code0 = t0 * kNtCols, step_l0 = 0;
+    // at a time, then to the next code tile (no divisions in the loop). The z rows stay; the
+    // codebook's move 128 codes on at each tile.
+    int64_t copy_code0 = t0 * kNtCols, step_code0 = t0 * kNtCols, step_l0 = 0;
+    int copy_l0 = 0;  // dim < INT32_MAX
+    SliceSource<decltype(Stage::a), T> z_source;
+    SliceSource<decltype(Stage::b), T> code_source;
+    z_source.at_rows(ring[0].a, z_tile, a.z_row_stride, a.rows - row0);
+    code_source.at_rows(ring[0].b, codebook + copy_code0 * a.dim, a.dim, a.codes - copy_code0);
+    static_assert(decltype(Stage::a)::kChunksPerRow == decltype(Stage::b)::kChunksPerRow,
+                  "z and codebook chunks share their columns (one cols_ok)");
+    const int cols_left = a.dim - RawChunk<decltype(Stage::a)>::kept_col();
     float best[Nt::kRows];
     int32_t code[Nt::kRows];
 #pragma unroll
@@ -220,10 +229,14 @@ __global__ void __launch_bounds__(kThreads, 2) vq_search_async_kernel(SearchArgs
     Nt::template run<T>(
         ring, (t1 - t0) * slices_per_tile, acc, a.rows - row0,
         [&](Stage& stage) {
-          nt_issue(stage, z_tile, a.z_row_stride, a.rows - row0, codebook + copy_code0 * a.dim, a.dim,
-                   a.codes - copy_code0, copy_l0, a.dim);
+          const bool cols_ok = copy_l0 < cols_left;
+          z_source.issue(stage.a, copy_l0, cols_ok);
+          code_source.issue(stage.b, copy_l0, cols_ok);
           copy_l0 += kNtDepth;
-          if (copy_l0 >= a.dim) copy_l0 = 0, copy_code0 += kNtCols;
+          if (copy_l0 >= a.dim) {
+            copy_l0 = 0, copy_code0 += kNtCols;
+            code_source.next_rows(int64_t{kNtCols} * a.dim, a.codes - copy_code0);
+          }
         },
         [&](int64_t) {
           step_l0 += kNtDepth;
@@ -325,8 +338,9 @@ inline size_t workspace_bytes(const VQParams& p) {
 }
 
 // vq_search_async_kernel runs for fp16 / bf16 whose z rows and codebook are 16-byte aligned, on
-// sm_80+ (code compiled for it), with tensor cores and cp.async enabled and K < INT32_MAX; on
-// the multiplier with_nt_multiplier picks.
+// sm_80+ (code compiled for it), with tensor cores and cp.async enabled, K < INT32_MAX and row
+// strides (z's, and D) below 2^24 elements (a 128-row tile within 32-bit offsets: SliceSource);
+// on the multiplier with_nt_multiplier picks.
 template <class T> bool use_async_search(const VQParams& p) {
   if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
     return false;
@@ -336,6 +350,8 @@ template <class T> bool use_async_search(const VQParams& p) {
     };
     return tensor_cores_enabled() && async_copy_enabled() && compute_capability_major() >= 8 &&
            p.codes < INT32_MAX && aligned(p.z, p.dim) && aligned(p.z, p.z_row_stride) && aligned(p.codebook, p.dim) &&
+           SliceSource<decltype(NtStage<T>::a), T>::fits_offsets(p.z_row_stride) &&
+           SliceSource<decltype(NtStage<T>::b), T>::fits_offsets(p.dim) &&
            NtMmaSync::kSmemBytes<T> <= max_shared_per_block() &&
            compiled_for(&vq_search_async_kernel<T, NtMmaSync>, NtMmaSync::kMinArch);
   }
