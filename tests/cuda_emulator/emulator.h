@@ -737,7 +737,7 @@ inline const unsigned char* smem_at(uint32_t address, size_t bytes) {
 // its operands, adds into its accumulators) at random at its issue or only at the wait that
 // retires its group, in issue order, so a refill of a stage wgmma still reads, or an accumulator
 // read before the wait, gives wrong results.
-struct Wgmma { float* d; uint64_t desc_a, desc_b; bool bf16; int thread; };
+struct Wgmma { float* d; uint64_t desc_a, desc_b; bool bf16, accumulate; int thread; };
 inline std::vector<Wgmma> wgmma_open[kMaxThreads];
 inline std::vector<std::vector<Wgmma>> wgmma_groups[kMaxThreads];
 // Element (row, k) of a K-major 16-bit operand read through a 64-byte-swizzle descriptor: byte
@@ -772,7 +772,7 @@ inline std::pair<int, int> wgmma_d_coord(int t, int v) {
 inline void wgmma_run(const Wgmma& w) {
   for (int v = 0; v < 64; ++v) {
     const auto [row, col] = wgmma_d_coord(w.thread % 128, v);
-    double s = w.d[v];
+    double s = w.accumulate ? w.d[v] : 0.0;  // scale-d 0: d's old value unread
     for (int k = 0; k < 16; ++k)
       s += w.bf16 ? gmma_operand<__nv_bfloat16>(w.desc_a, row, k) * gmma_operand<__nv_bfloat16>(w.desc_b, col, k)
                   : gmma_operand<__half>(w.desc_a, row, k) * gmma_operand<__half>(w.desc_b, col, k);
@@ -801,7 +801,7 @@ template <int Pending> void wgmma_wait() {
   }
 }
 template <class Acc> void wgmma_fence_operands(Acc&) {}
-template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uint64_t desc_b) {
+template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uint64_t desc_b, bool accumulate = true) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
   static_assert(sizeof(Acc) == 64 * sizeof(float), "64 fp32 accumulators per thread");
   const int block0 = ::emu::cur / ::emu::kN * ::emu::kN;
@@ -812,7 +812,7 @@ template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uin
       std::exit(2);
     }
   ++::emu::wgmma_issued[::emu::cur];
-  const ::emu::Wgmma w{&d[0], desc_a, desc_b, std::is_same<T, __nv_bfloat16>::value, ::emu::cur};
+  const ::emu::Wgmma w{&d[0], desc_a, desc_b, std::is_same<T, __nv_bfloat16>::value, accumulate, ::emu::cur};
   // A warpgroup's wgmmas run in issue order (their sums round in that order): one may run at its
   // issue only when none before it is still pending.
   bool pending = !::emu::wgmma_open[::emu::cur].empty();

@@ -677,8 +677,10 @@ __device__ __forceinline__ void wgmma_fence_operands(WgAcc& acc) {
 
 #define MMFAST_WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                         "+f"(d[i + 6]), "+f"(d[i + 7])
-// d += A B^T for a 64 x 16 A and a 128 x 16 B (both K-major, by descriptor), fp32 d (WgAcc).
-template <class T> __device__ __forceinline__ void wgmma_m64n128k16(WgAcc& d, uint64_t desc_a, uint64_t desc_b) {
+// d += A B^T for a 64 x 16 A and a 128 x 16 B (both K-major, by descriptor), fp32 d (WgAcc); with
+// accumulate false (scale-d 0, warpgroup-uniform) d = A B^T, d's old values unread.
+template <class T>
+__device__ __forceinline__ void wgmma_m64n128k16(WgAcc& d, uint64_t desc_a, uint64_t desc_b, bool accumulate = true) {
 #if MMFAST_CUDA_WGMMA
 #define MMFAST_WG_ASM(type)                                                                                         \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                         \
@@ -690,7 +692,7 @@ template <class T> __device__ __forceinline__ void wgmma_m64n128k16(WgAcc& d, ui
                "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                    \
                : MMFAST_WG_D8(0), MMFAST_WG_D8(8), MMFAST_WG_D8(16), MMFAST_WG_D8(24), MMFAST_WG_D8(32),           \
                  MMFAST_WG_D8(40), MMFAST_WG_D8(48), MMFAST_WG_D8(56)                                              \
-               : "l"(desc_a), "l"(desc_b), "r"(1))
+               : "l"(desc_a), "l"(desc_b), "r"(static_cast<uint32_t>(accumulate)))
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     MMFAST_WG_ASM("bf16");
   } else {
@@ -699,7 +701,7 @@ template <class T> __device__ __forceinline__ void wgmma_m64n128k16(WgAcc& d, ui
   }
 #undef MMFAST_WG_ASM
 #else
-  (void)d, (void)desc_a, (void)desc_b;
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
   __trap();  // launchers check wgmma_built_for_device()
 #endif
 }
@@ -914,9 +916,18 @@ __device__ __forceinline__ unsigned char* align_shared(unsigned char* p) {
   return p + ((512u - smem_address(p) % 512u) % 512u);
 }
 
-__device__ __forceinline__ void wg_zero(WgAcc& acc) {
+// A warpgroup's sums of the NT GEMM (NtWgmma::Acc): the wgmma accumulators and whether the next
+// multiply starts new sums (restart: its first wgmma drops the old ones, scale-d 0, instead of
+// 64 zeroing instructions per thread, which cost the VQ search ~64-90 per code tile).
+struct WgSums {
+  WgAcc v;
+  bool restart;
+};
+
+__device__ __forceinline__ void wg_zero(WgSums& acc) {
 #pragma unroll
-  for (int i = 0; i < kNtCols / 2; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kNtCols / 2; ++i) acc.v[i] = 0.0f;
+  acc.restart = false;
 }
 
 // The descriptors of a warpgroup's operands in ring stage 0, the ring starting at shared-memory
@@ -936,25 +947,30 @@ template <class T> struct NtWgDescriptors {
   __device__ __forceinline__ static uint64_t at(uint32_t low) { return (static_cast<uint64_t>(kHigh) << 32) | low; }
 };
 
-// acc += the warpgroup's 64 rows of A times B^T over ring stage `stage`'s kNtDepth columns,
-// waited for (the stage may be refilled after the caller's next barrier; acc may be read right
-// after).
+// acc += the warpgroup's 64 rows of A times B^T over ring stage `stage`'s kNtDepth columns (acc =
+// when acc.restart), waited for (the stage may be refilled after the caller's next barrier; acc
+// may be read right after).
 template <class T>
-__device__ __forceinline__ void nt_wg_multiply(const NtWgDescriptors<T>& d, int stage, WgAcc& acc) {
+__device__ __forceinline__ void nt_wg_multiply(const NtWgDescriptors<T>& d, int stage, WgSums& acc) {
   using D = NtWgDescriptors<T>;
   const uint32_t at = static_cast<uint32_t>(stage) * D::kStageStep;
-  wgmma_fence_operands(acc);
+  wgmma_fence_operands(acc.v);
   wgmma_fence();
 #pragma unroll
-  for (int k = 0; k < kNtDepth / 16; ++k) wgmma_m64n128k16<T>(acc, D::at(d.a + at + k * D::kKStep), D::at(d.b + at + k * D::kKStep));
+  for (int k = 0; k < kNtDepth / 16; ++k)
+    wgmma_m64n128k16<T>(acc.v, D::at(d.a + at + k * D::kKStep), D::at(d.b + at + k * D::kKStep), k > 0 || !acc.restart);
   wgmma_commit();
   wgmma_wait<0>();
-  wgmma_fence_operands(acc);
+  wgmma_fence_operands(acc.v);
+  acc.restart = false;
 }
 
 // ---- the NT tile GEMM's two multipliers, for kernels written once over both -------------------
 // A kernel takes one as a template parameter (masked_conv_async_kernel<T, Nt>): the ring's stage
 // and its shared memory, the accumulators, the pipeline, and each accumulator's place in C.
+// zero(acc) clears the sums; restart(acc) makes the next multiply start new ones (NtWgmma:
+// without zeroing instructions, so acc keeps its old values until that multiply: read it only
+// after one).
 struct NtMmaSync {  // ldmatrix + mma.sync (sm_80+): 8 warps of 64 x 32
   template <class T> using Stage = NtStage<T>;
   using Acc = NtAcc;
@@ -964,6 +980,7 @@ struct NtMmaSync {  // ldmatrix + mma.sync (sm_80+): 8 warps of 64 x 32
   static constexpr int kColumnWarps = 4;  // warps sharing a row of C (each its 32 columns)
   __device__ __forceinline__ static unsigned char* ring_start(unsigned char* smem) { return smem; }
   __device__ __forceinline__ static void zero(Acc& acc) { nt_zero(acc); }
+  __device__ __forceinline__ static void restart(Acc& acc) { nt_zero(acc); }
   // C's row of this thread's row r, column of its column c, and their element.
   __device__ __forceinline__ static int row(int r) {
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -988,20 +1005,21 @@ struct NtMmaSync {  // ldmatrix + mma.sync (sm_80+): 8 warps of 64 x 32
 
 struct NtWgmma {  // wgmma (sm_90a): 2 warpgroups of 64 x 128
   template <class T> using Stage = NtWgStage<T>;
-  using Acc = WgAcc;
+  using Acc = WgSums;
   template <class T> static constexpr size_t kSmemBytes = kNtWgSmemBytes<T>;
   static constexpr int kMinArch = 90;
   static constexpr int kRows = 2, kCols = kNtCols / 4;
   static constexpr int kColumnWarps = 1;
   __device__ __forceinline__ static unsigned char* ring_start(unsigned char* smem) { return align_shared(smem); }
   __device__ __forceinline__ static void zero(Acc& acc) { wg_zero(acc); }
+  __device__ __forceinline__ static void restart(Acc& acc) { acc.restart = true; }
   __device__ __forceinline__ static int row(int r) {
     return 16 * (static_cast<int>(threadIdx.x) / 32) + static_cast<int>(threadIdx.x) % 32 / 4 + 8 * r;
   }
   __device__ __forceinline__ static int col_base() { return 2 * (static_cast<int>(threadIdx.x) % 4); }
   __device__ __forceinline__ static constexpr int col_offset(int c) { return 8 * (c / 2) + c % 2; }
   __device__ __forceinline__ static int col(int c) { return col_base() + col_offset(c); }
-  __device__ __forceinline__ static float at(const Acc& acc, int r, int c) { return acc[4 * (c / 2) + 2 * r + c % 2]; }
+  __device__ __forceinline__ static float at(const Acc& acc, int r, int c) { return acc.v[4 * (c / 2) + 2 * r + c % 2]; }
   // nt_stream by nt_wg_multiply; a warpgroup holding none of the first valid_rows rows skips its
   // wgmmas (warpgroup-uniform, as wgmma requires).
   template <class T, class Issue, class AfterStep>

@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 2) vq_search_async_kernel(SearchArgs
               merge_tile_best_nt<Nt, true>(acc, sqnorm, step_code0, a.codes, best, code);
             else
               merge_tile_best_nt<Nt, false>(acc, sqnorm, step_code0, a.codes, best, code);
-            Nt::zero(acc);
+            Nt::restart(acc);  // every code tile has slices: multiplied before the next merge
             step_l0 = 0, step_code0 += kNtCols;
           }
         });
