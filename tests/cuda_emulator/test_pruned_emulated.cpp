@@ -500,6 +500,17 @@ void run_coordinate_limit() {
   if (cuda::masked_conv2d_coordinates_fit(p)) fail("out_height * stride = 2^29 is not refused");
 }
 
+// The packed path keeps a weight tile's chunks at 32-bit offsets (SliceSource): below 2^24
+// packed input channels; wider convs take the tile kernel.
+void run_packed_offset_limit() {
+  MaskedConvParams p;
+  p.batch = 1, p.out_channels = 1, p.kernel_h = p.kernel_w = 1, p.height = p.width = p.out_height = p.out_width = 1;
+  p.in_channels = (int64_t(1) << 24) - 8;
+  if (!cuda::prunedk::use_async_conv<__nv_bfloat16>(p)) fail("2^24 - 8 input channels leave the packed path");
+  p.in_channels = (int64_t(1) << 24) - 7;  // packed to 2^24
+  if (cuda::prunedk::use_async_conv<__nv_bfloat16>(p)) fail("2^24 packed input channels take the packed path");
+}
+
 // The split count of the packed path at SD-2.1's levels on an H200 (132 SMs x 2 resident
 // blocks): only tiles fewer than the blocks split, by the fewest rounds per unit of work.
 void run_split_count() {
@@ -528,6 +539,7 @@ void run_split_count() {
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
   run_coordinate_limit();
+  run_packed_offset_limit();
   run_split_count();
   run_all<float>(level);
   run_all<double>(level);

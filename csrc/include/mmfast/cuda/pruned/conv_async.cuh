@@ -271,9 +271,6 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     // This thread's chunks are fixed per item: A's offsets in the packed tile; B's pixels, their
     // tap-(0, 0) input coordinates (int32: masked_conv2d_coordinates_fit; kOffGrid past the
     // tile's pixels) and offsets in xp (any sign: the padding), channel column included.
-    int64_t a_off[AChunk::kPerThread];
-#pragma unroll
-    for (int k = 0; k < AChunk::kPerThread; ++k) a_off[k] = AChunk(k).row * a.cin8 + AChunk(k).col;
     int32_t h0[BChunk::kPerThread], w0[BChunk::kPerThread];
     int64_t b_off[BChunk::kPerThread];
 #pragma unroll
@@ -285,32 +282,35 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
       const int64_t h = ho * p.stride_h - p.pad_h, w = wo * p.stride_w - p.pad_w;
       h0[k] = in ? static_cast<int32_t>(h) : kOffGrid;
       w0[k] = in ? static_cast<int32_t>(w) : kOffGrid;
-      b_off[k] = in ? (h * p.width + w) * a.cin8 + chunk.col : 0;
+      b_off[k] = kept_in_register(in ? (h * p.width + w) * a.cin8 + chunk.col : int64_t{0});
     }
     // The copy cursor runs kNtStages - 1 steps ahead of the multiply: input slice copy_l0 of the
-    // tap shifted (copy_dh, copy_dw), whose weight rows start at w_tap and whose pixels at x_tap;
+    // tap shifted (copy_dh, copy_dw), whose weight rows w_source holds and whose pixels start at x_tap;
     // stepped without divisions or per-chunk multiplies from step0's tap (tap_r, copy_s); no
     // kept inputs: no slices, no steps.
     const int64_t tap0 = slices > 0 ? step0 / slices : 0, tap_r = tap0 / p.kernel_w;
-    int64_t copy_l0 = (step0 - tap0 * slices) * kNtDepth;
+    // The weight rows by SliceSource (32-bit offsets: a.cin8 < 2^24, use_async_conv); l0 and the
+    // kept inputs fit an int (kept8 <= a.cin8).
+    int copy_l0 = static_cast<int>((step0 - tap0 * slices) * kNtDepth);
     int32_t copy_s = static_cast<int32_t>(tap0 - tap_r * p.kernel_w);
     int32_t copy_dh = static_cast<int32_t>(tap_r * p.dilation_h), copy_dw = static_cast<int32_t>(copy_s * p.dilation_w);
-    const T* w_tap = w_tile + tap0 * tap_stride;
+    SliceSource<decltype(Stage::a), T> w_source;
+    w_source.at_rows(ring[0].a, w_tile + tap0 * tap_stride, a.cin8, kept_rows);
+    static_assert(decltype(Stage::a)::kChunksPerRow == decltype(Stage::b)::kChunksPerRow, "weight and pixel chunks share their columns");
+    const int cols_left = static_cast<int>(kept8) - AChunk::kept_col();  // this thread's chunk column's
     const T* x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
     const auto issue_next = [&](Stage& st) {
-      const int64_t cols_left = kept8 - copy_l0;
-#pragma unroll
-      for (int k = 0; k < AChunk::kPerThread; ++k)
-        AChunk(k).issue(st.a, w_tap + copy_l0 + a_off[k], kept_rows, cols_left, fallback);
+      const bool cols_ok = copy_l0 < cols_left;
+      w_source.issue(st.a, copy_l0, cols_ok);
 #pragma unroll
       for (int k = 0; k < BChunk::kPerThread; ++k) {
         const bool in = static_cast<uint32_t>(h0[k] + copy_dh) < height && static_cast<uint32_t>(w0[k] + copy_dw) < width;
-        BChunk(k).issue(st.b, x_tap + copy_l0 + b_off[k], in ? kNtCols : 0, cols_left, fallback);
+        BChunk(k).issue(st.b, x_tap + copy_l0 + b_off[k], in && cols_ok ? kNtCols : 0, kNtDepth, fallback);
       }
       copy_l0 += kNtDepth;
       if (copy_l0 >= kept8) {  // the next tap
         copy_l0 = 0;
-        w_tap += tap_stride;
+        w_source.next_rows(tap_stride, kept_rows);
         if (++copy_s == p.kernel_w) {
           copy_s = 0, copy_dw = 0;
           copy_dh += static_cast<int32_t>(p.dilation_h);
@@ -409,11 +409,11 @@ template <class T, class F> auto with_conv_multiplier(F&& f) {
 }
 
 template <class T> bool use_async_conv(const MaskedConvParams& p) {
-  (void)p;
   if constexpr (!std::is_same_v<T, __half> && !std::is_same_v<T, __nv_bfloat16>) {
     return false;
   } else {
     return tensor_cores_enabled() && async_copy_enabled() && compute_capability_major() >= 8 &&
+           SliceSource<decltype(NtStage<T>::a), T>::fits_offsets(round_up(p.in_channels, 8)) &&
            NtMmaSync::kSmemBytes<T> <= max_shared_per_block() &&
            compiled_for(&masked_conv_async_kernel<T, NtMmaSync>, NtMmaSync::kMinArch);
   }
