@@ -268,9 +268,9 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     const int64_t step0 = all_steps * split / a.splits, step1 = all_steps * (split + 1) / a.splits;
     const T* w_tile = wp + (code * taps * p.out_channels + o0) * a.cin8;  // tap 0, the tile's first row
     const T* x_b = xp + b * p.height * p.width * a.cin8;
-    // This thread's chunks are fixed per item: A's offsets in the packed tile; B's pixels, their
-    // tap-(0, 0) input coordinates (int32: masked_conv2d_coordinates_fit; kOffGrid past the
-    // tile's pixels) and offsets in xp (any sign: the padding), channel column included.
+    // This thread's pixel chunks are fixed per item: their tap-(0, 0) input coordinates (int32:
+    // masked_conv2d_coordinates_fit; kOffGrid past the tile's pixels) and offsets in xp (any
+    // sign: the padding), channel column included (the weight chunks: w_source below).
     int32_t h0[BChunk::kPerThread], w0[BChunk::kPerThread];
     int64_t b_off[BChunk::kPerThread];
 #pragma unroll

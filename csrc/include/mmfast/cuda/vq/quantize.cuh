@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2) vq_search_async_kernel(SearchArgs
     // at a time, then to the next code tile (no divisions in the loop). The z rows stay; the
     // codebook's move 128 codes on at each tile.
     int64_t copy_code0 = t0 * kNtCols, step_code0 = t0 * kNtCols, step_l0 = 0;
-    int copy_l0 = 0;  // dim < INT32_MAX
+    int copy_l0 = 0;  // dim < 2^24 (SliceSource::fits_offsets, use_async_search)
     SliceSource<decltype(Stage::a), T> z_source;
     SliceSource<decltype(Stage::b), T> code_source;
     z_source.at_rows(ring[0].a, z_tile, a.z_row_stride, a.rows - row0);
