@@ -150,6 +150,26 @@ def test_cuda_smoke_search_and_lookup_every_kernel(dtype):
 
 
 @pytest.mark.cuda
+def test_cuda_row_strides_past_32_bit_tile_offsets():
+    """The cp.async search keeps a 128-row tile's chunks at 32-bit byte offsets: z rows 2^24
+    elements apart (bf16) take the tile-GEMM search instead, 2^24 - 8 apart still the cp.async one;
+    both find the nearest codes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, codebook = make_inputs(3, 50, 16, torch.bfloat16, "cuda")
+    for stride, kernel in ((2**24, "vq_search_kernel"), (2**24 - 8, "vq_search_async_kernel")):
+        wide = torch.zeros(3, stride, dtype=torch.bfloat16, device="cuda")
+        z = wide[:, :16]
+        z.copy_(torch.randn(3, 16, dtype=torch.bfloat16))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            indices, distance = vq_quantize(z, codebook, return_distance=True)
+            torch.cuda.synchronize()
+        assert any(kernel + "<" in event.key for event in prof.key_averages()), (stride, kernel)
+        assert_nearest(z, codebook, indices, distance, dtype=torch.bfloat16)
+        del wide
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_wgmma_search_finds_what_mma_sync_finds(dtype, tmp_path):
     """On sm_90 with an sm_90a build, 16-bit aligned searches run on wgmma
