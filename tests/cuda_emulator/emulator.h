@@ -172,6 +172,7 @@ inline void warp_yield() {
 inline long unfenced_at[kMaxThreads];
 // wgmmas each thread issued: equal within a warpgroup (wgmma is warpgroup-uniform).
 inline long wgmma_issued[kMaxThreads];
+inline uint64_t wgmma_scale_d[kMaxThreads];  // a signature of the scale-d flags issued in order
 struct AsyncCopy { void* dst; const void* src; bool valid; };
 inline std::vector<AsyncCopy> async_open[kMaxThreads];                 // issued, not yet committed
 inline std::vector<std::vector<AsyncCopy>> async_groups[kMaxThreads];  // committed, oldest first
@@ -343,6 +344,7 @@ inline void run(std::function<void()> f, int blocks = 1) {
     at_cluster[t] = false;
     unfenced_at[t] = -1;
     wgmma_issued[t] = 0;
+    wgmma_scale_d[t] = 0;
     released[t] = true;
     nbar[t] = 0;
     nwarp[t] = 0;
@@ -398,6 +400,10 @@ inline void run(std::function<void()> f, int blocks = 1) {
       if (wgmma_issued[t] != wgmma_issued[128 * g]) {
         std::printf("EMU ERROR: threads %d and %d of a warpgroup issued %ld and %ld wgmmas (warpgroup-uniform)\n",
                     128 * g, t, wgmma_issued[128 * g], wgmma_issued[t]);
+        std::exit(2);
+      } else if (wgmma_scale_d[t] != wgmma_scale_d[128 * g]) {
+        std::printf("EMU ERROR: threads %d and %d of a warpgroup issued wgmmas with different scale-d flags "
+                    "(warpgroup-uniform)\n", 128 * g, t);
         std::exit(2);
       }
   nblocks = 1;
@@ -812,6 +818,7 @@ template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uin
       std::exit(2);
     }
   ++::emu::wgmma_issued[::emu::cur];
+  ::emu::wgmma_scale_d[::emu::cur] = ::emu::wgmma_scale_d[::emu::cur] * 3 + (accumulate ? 1 : 2);
   const ::emu::Wgmma w{&d[0], desc_a, desc_b, std::is_same<T, __nv_bfloat16>::value, accumulate, ::emu::cur};
   // A warpgroup's wgmmas run in issue order (their sums round in that order): one may run at its
   // issue only when none before it is still pending.
