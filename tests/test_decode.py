@@ -315,6 +315,9 @@ def test_sample_rejects_scalars_it_would_coerce():
             sample(logits, **{name: value})
     with pytest.raises(ValueError, match="either uniform .* or generator"):
         sample(logits, uniform=torch.zeros(2), generator=torch.Generator())
+    for bad in (1.5, 1.0, -0.1, float("nan")):  # a new-user trial drew the last token from u = 1.5
+        with pytest.raises(ValueError, match=r"uniform must hold numbers in \[0, 1\)"):
+            sample(logits, uniform=torch.tensor([0.5, bad]))
 
 
 def test_sample_with_a_generator_under_torch_compile_says_what_to_do():
@@ -429,6 +432,10 @@ def test_torch_compile_fullgraph_decode_step():
 def test_bad_inputs_raise_clear_errors():
     q, k_cache, v_cache, lengths = make_cache((2, 1, 4, 2, 8, 10), torch.float32, "cpu")
     cases = [
+        (lambda: kv_cache_append(k_cache, v_cache, q, q, [3, 5]), TypeError, "cache_seqlens must be a torch.Tensor"),
+        (lambda: decode_attention(q.tolist(), k_cache, v_cache, lengths), TypeError, "q must be a torch.Tensor"),
+        (lambda: sample([[0.0, 1.0]]), TypeError, "logits must be a torch.Tensor"),
+        (lambda: decode_linear(q, [1.0]), TypeError, "weight must be a torch.Tensor"),
         (lambda: decode_attention(q[:, :, :3], k_cache, v_cache, lengths), ValueError, "multiple of the KV heads"),
         (lambda: decode_attention(q, k_cache, v_cache, lengths.long()), TypeError, "int32"),
         (lambda: decode_attention(q, k_cache, v_cache, lengths[:1]), ValueError, r"must be \(2,\)"),

@@ -296,8 +296,13 @@ def test_bad_feature_map_and_backend():
                  lambda: linear_attention_state(k, v, feature_map=None)):
         with pytest.raises(ValueError, match="feature_map must be one of"):  # not the schema's "expected str"
             call()
-    with pytest.raises(ValueError, match="eps must be a finite number"):
-        linear_attention(q, k, v, eps=True)
+    for eps in (True, torch.tensor(1e-4)):  # not "must be a finite number >= 0, got tensor(1.0000e-04)"
+        with pytest.raises(TypeError, match="eps must be a Python float"):
+            linear_attention(q, k, v, eps=eps)
+    for call in (lambda: linear_attention(q.tolist(), k, v), lambda: linear_attention_state(k, None),
+                 lambda: linear_attention_apply(q, 1.0, k)):  # not an AttributeError from deep inside
+        with pytest.raises(TypeError, match="must be a torch.Tensor, got"):
+            call()
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_attention(q, k, v, backend="cudnn")
 

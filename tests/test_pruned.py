@@ -476,6 +476,8 @@ def test_bad_conv_inputs_raise_clear_errors(case, entry):
 
 def test_bad_options_and_other_ops_raise_clear_errors():
     args = _conv_inputs()
+    with pytest.raises(TypeError, match="sample_codes must be a torch.Tensor, got list"):
+        masked_conv2d(**{**args, "sample_codes": [0, 1, 0]})
     with pytest.raises(ValueError, match="stride must be an int or a pair"):
         masked_conv2d(**args, stride=0)
     with pytest.raises(ValueError, match="does not fit the padded"):

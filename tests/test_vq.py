@@ -523,6 +523,10 @@ def test_bad_options_raise_clear_errors():
         vq_dequantize(torch.ones(3), codebook)
     with pytest.raises(ValueError, match=r"channels_first needs \(B, h, w\) indices"):
         vq_dequantize(torch.zeros(3, dtype=torch.int64), codebook, channels_first=True)
+    for call in (lambda: vq_quantize(z.tolist(), codebook), lambda: vq_dequantize([1, 2], codebook),
+                 lambda: vq_codebook_sqnorm(None), lambda: vq_quantize(z, codebook, codebook_sqnorm=[1.0])):
+        with pytest.raises(TypeError, match="must be a torch.Tensor, got"):
+            call()
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

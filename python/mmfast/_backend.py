@@ -36,7 +36,11 @@ _imported_kernel_modules: set = set()
 
 
 def set_backend(backend: str) -> None:
-    """Sets the default backend of every mmfast op for this process."""
+    """Sets the default backend of every mmfast op for this process: "auto" (the compiled op of
+    the tensors' device; the default), "native" (the compiled C++ / CUDA op), "triton" (the
+    Triton twins: CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (mmfast.reference, the
+    plain-PyTorch fp64-checked definition). Raises ValueError for any other name; an op
+    without a kernel for the chosen backend on its device raises when called."""
     global _global_backend
     validate(backend)
     _global_backend = backend

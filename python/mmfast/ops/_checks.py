@@ -37,3 +37,14 @@ def check_same(op: str, tensors: dict, attr: str, error=TypeError) -> None:
     if len(set(values.values())) > 1:
         described = ", ".join(f"{n}: {v}" for n, v in values.items())
         raise error(f"{op}: all inputs must have the same {attr}, got {described}")
+
+
+def check_tensors(op: str, tensors: dict, optional: tuple = ()) -> None:
+    """TypeError unless every value of `tensors` ({name: value}) is a torch.Tensor (those named in
+    `optional` may also be None): a list or a number would otherwise fail deep inside with an
+    AttributeError or the dispatcher's cast error."""
+    for name, value in tensors.items():
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension, reference
-from ._checks import check_float, check_same, is_integer, is_real
+from ._checks import check_float, check_same, check_tensors, is_integer, is_real
 
 __all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "MAX_DECODE_QUERIES",
            "MIN_TEMPERATURE"]
@@ -196,6 +196,8 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     CUDA (no host synchronisation: check lengths yourself if they may overflow).
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
     """
+    check_tensors("kv_cache_append",
+                  {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens})
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
         check_append(k_cache, v_cache, k, v, cache_seqlens)
@@ -223,6 +225,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     sums in fp32 (fp64). Rows with cache_seqlens outside [Sq, T_max] raise ValueError on the
     CPU and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes, devices.
     """
+    check_tensors("decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens})
     window = window or 0
     chosen = _backend.resolve("decode_attention", q.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
@@ -246,7 +249,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     without it, P = rows. Then, in transformers' logits-processor order (Liquid's):
     temperature (0: greedy argmax, lowest index on ties; (0, 1e-5) is raised to 1e-5 as
     Liquid does, so x / temperature stays finite), top-k (0: off; ties with the k-th
-    value kept, TopKLogitsWarper), top-p (1: off; the smallest set of largest values whose
+    value kept, TopKLogitsWarper), top-p (in [0, 1]; 1: off; 0 keeps the largest value only,
+    as TopPLogitsWarper's min_tokens_to_keep=1 does; the smallest set of largest values whose
     probability reaches top_p, the threshold-crossing token kept, TopPLogitsWarper; ties of a
     kept value all kept; the largest value always kept). No full-vocabulary sort.
 
@@ -254,8 +258,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     torch.rand(P, generator=generator) unless `uniform` ((P,) float32 in [0, 1)) is given:
     seeded runs are reproducible, and the draw is capturable in a CUDA graph with the default
     CUDA generator, which advances its offset on every replay (a generator of your own must be
-    registered with CUDAGraph.register_generator_state). u outside [0, 1) is not checked (no
-    host synchronisation): u <= 0 draws the first kept token, u >= 1 the last on the CPU.
+    registered with CUDAGraph.register_generator_state). A given u outside [0, 1) (or NaN)
+    raises ValueError on the CPU in eager mode; on CUDA and under torch.compile it is not
+    checked (that would be a host synchronisation): u <= 0 draws the first kept token, u >= 1
+    the last.
     Returns (P,) int64 tokens in [0, V), and
     with return_status=True also (P,) int32 status: 1 for a row of invalid logits (a NaN or
     +inf, or all -inf), which gets token 0. Without return_status, invalid rows raise
@@ -270,12 +276,17 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     temperature, top_p and cfg_scale finite numbers (TypeError / ValueError); passing both
     uniform and generator raises ValueError.
     """
+    check_tensors("sample", {"logits": logits, "uniform": uniform}, ("uniform",))
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be a 2-D (rows, V) tensor, got shape {tuple(logits.shape)}")
     _check_sample_scalars(temperature, top_k, top_p, cfg_scale)
     rows = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
     if uniform is not None and generator is not None:
         raise ValueError("sample: pass either uniform (the draws) or generator (to draw them), not both")
+    if (isinstance(uniform, torch.Tensor) and uniform.device.type == "cpu" and uniform.is_floating_point()
+            and not torch.compiler.is_compiling() and not bool(((uniform >= 0) & (uniform < 1)).all())):
+        raise ValueError(f"sample: uniform must hold numbers in [0, 1), got values from {uniform.min().item()} "
+                         f"to {uniform.max().item()}")
     if uniform is None:
         if generator is not None and torch.compiler.is_compiling():
             raise RuntimeError("sample: a torch.Generator cannot be traced by torch.compile; draw the uniforms "
@@ -330,6 +341,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     twin: backend="triton" raises. Inference only: differentiating it raises.
     Raises ValueError / TypeError for shapes, dtypes, devices.
     """
+    check_tensors("decode_linear", {"x": x, "weight": weight, "bias": bias}, ("bias",))
     if x.dim() < 1:
         raise ValueError("decode_linear: x must have at least one dim (..., K), got a 0-d tensor")
     # Called once per projection per decode step: the reshapes only when x is not (M, K).

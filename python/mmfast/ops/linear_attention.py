@@ -21,7 +21,7 @@ import torch
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.linear_attention import FEATURE_MAPS
-from ._checks import check_float, check_rank, check_same, is_real
+from ._checks import check_float, check_rank, check_same, check_tensors, is_real
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_apply"]
 
@@ -52,7 +52,9 @@ def _check_sequence(n: int, op: str = OP) -> None:
 
 
 def check_eps(eps: float, op: str = OP) -> None:
-    if not (is_real(eps) and math.isfinite(eps) and eps >= 0):
+    if not is_real(eps):  # a tensor or a string: the op's schema takes a Python float
+        raise TypeError(f"{op}: eps must be a Python float (a finite number >= 0), got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -286,6 +288,7 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     Raises ValueError (shapes, feature_map, backend name), TypeError (dtypes, devices) and
     RuntimeError when no kernel runs the tensors' device.
     """
+    check_tensors("linear_attention", {"q": q, "k": k, "v": v})
     check_eps(eps)
     check_feature_map(feature_map)  # here too: the native schema would only say "expected str"
     chosen = _backend.resolve("linear_attention", q.device, backend)
@@ -302,9 +305,15 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
 def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional[str] = None):
     """(B, N, H, Dk), (B, N, H, Dv) -> (S (B, H, Dk, Dv), m (B, H, Dk)), fp32 (fp64 for fp64).
 
-    S and m are means over the N tokens; for a split over token shards, the exact
-    combination is (sum_r N_r * S_r) / (sum_r N_r), and likewise for m. Differentiable.
+    S = mean_n phi(k_n)^T v_n and m = mean_n phi(k_n), the two sums LinFusion's module divides
+    (LinFusion, arXiv 2409.02097): with linear_attention_apply, the split API for tiling or
+    for sharding the tokens. For a split over token shards, the exact combination is
+    (sum_r N_r * S_r) / (sum_r N_r), and likewise for m. Differentiable. The feature map must be
+    the one given to linear_attention_apply (not checked: S holds no record of it).
+    Raises ValueError (shapes, an empty sequence, feature_map), TypeError (non-tensors, dtypes,
+    devices).
     """
+    check_tensors("linear_attention_state", {"k": k, "v": v})
     check_feature_map(feature_map, "linear_attention_state")
     chosen = _backend.resolve("linear_attention_state", k.device, backend)
     if chosen == "reference":
@@ -316,7 +325,12 @@ def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional
 def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: str = "elu1",
                            backend: Optional[str] = None):
     """out_i = phi(q_i) S / (phi(q_i) . m + eps) for q (B, N, H, Dk) and the (state, mean) of
-    linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv). Differentiable."""
+    linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv), q's dtype. Differentiable.
+    With the same feature_map and eps it equals linear_attention(q, k, v) (LinFusion's
+    normalised linear attention); q may hold a different number of tokens than k and v.
+    Raises ValueError (shapes, eps < 0 or not finite, feature_map), TypeError (non-tensors,
+    dtypes, devices, eps not a number)."""
+    check_tensors("linear_attention_apply", {"q": q, "state": state, "mean": mean})
     check_eps(eps, "linear_attention_apply")
     check_feature_map(feature_map, "linear_attention_apply")
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)

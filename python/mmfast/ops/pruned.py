@@ -27,7 +27,7 @@ import torch
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.pruned import conv_output_size
-from ._checks import check_float, check_same, is_integer, is_real
+from ._checks import check_float, check_same, check_tensors, is_integer, is_real
 
 __all__ = ["masked_conv2d", "masked_linear", "masked_group_norm", "keep_packed_weights", "pruned_weight_cache",
            "ACTIVATIONS"]
@@ -137,7 +137,9 @@ def check_group_norm_scalars(num_groups, eps) -> None:
     op = "masked_group_norm"
     if not is_integer(num_groups) or num_groups < 1:
         raise ValueError(f"{op}: num_groups must be an int >= 1, got {num_groups!r}")
-    if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
+    if not is_real(eps):  # a tensor or a string: the op's schema takes a Python float
+        raise TypeError(f"{op}: eps must be a Python float (a finite number > 0), got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
 
 
@@ -334,7 +336,8 @@ if _extension.loaded():
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], sample_codes: torch.Tensor,
                   in_mask: torch.Tensor, out_mask: torch.Tensor, *, stride: IntPair = 1, padding: IntPair = 0,
                   dilation: IntPair = 1, backend: Optional[str] = None) -> torch.Tensor:
-    """The conv of each sample's pruned expert, for a batch that mixes architecture codes.
+    """The conv of each sample's pruned expert, for a batch that mixes architecture codes (APTP,
+    arXiv 2406.12042: one prompt-routed pruned expert per sample, batched together).
 
     x: (B, Cin, H, W) float (fp32, fp16, bf16, fp64; no fp64 on Triton); weight: (K, Cout, Cin, kh,
     kw), one set per code (K = 1: shared); bias: (K or 1, Cout) or None; sample_codes: (B,)
@@ -359,6 +362,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     (a code outside [0, K): CPU and reference; CUDA and Triton write NaN over that sample
     instead, with no host synchronisation).
     """
+    check_tensors("masked_conv2d", {"x": x, "weight": weight, "bias": bias, "sample_codes": sample_codes,
+                              "in_mask": in_mask, "out_mask": out_mask}, ("bias",))
     chosen = _backend.resolve("masked_conv2d", x.device, backend)
     if chosen == "native":  # the compiled op checks the same in C++ (a UNet step calls this ~70 times)
         stride, padding, dilation = (_pair("masked_conv2d", "stride", stride, 1),
@@ -426,13 +431,15 @@ def _require_extension(name: str) -> None:
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], sample_codes: torch.Tensor,
                   in_mask: torch.Tensor, out_mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """F.linear of each sample's pruned expert, for a mixed-code batch of token sequences
+    """F.linear of each sample's pruned expert (APTP, arXiv 2406.12042), for a mixed-code batch of token sequences
     (attention q/k/v/out pruned by head, GEGLU feed-forward by group).
 
     x: (B, N, Cin); weight: (K or 1, Cout, Cin); bias: (K or 1, Cout) or None; sample_codes
     (B,) int in [0, K); in_mask (K, Cin), out_mask (K, Cout) bool. Returns (B, N, Cout),
     contiguous, in x's dtype; same rules and errors as masked_conv2d.
     """
+    check_tensors("masked_linear", {"x": x, "weight": weight, "bias": bias, "sample_codes": sample_codes,
+                              "in_mask": in_mask, "out_mask": out_mask}, ("bias",))
     chosen = _backend.resolve("masked_linear", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
@@ -457,6 +464,8 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     leaks silu(bias) from masked groups), these are the pruned semantics the released experts
     compute. Returns a contiguous tensor like x. Errors as masked_conv2d.
     """
+    check_tensors("masked_group_norm", {"x": x, "weight": weight, "bias": bias, "sample_codes": sample_codes,
+                                        "channel_mask": channel_mask}, ("weight", "bias"))
     silu = _check_activation(activation)
     check_group_norm_scalars(num_groups, eps)
     chosen = _backend.resolve("masked_group_norm", x.device, backend)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.vq import VQ_METRICS
-from ._checks import check_float, check_same
+from ._checks import check_float, check_same, check_tensors
 
 __all__ = ["vq_quantize", "vq_dequantize", "vq_codebook_sqnorm"]
 
@@ -165,7 +165,9 @@ if _extension.loaded():
 
 def vq_codebook_sqnorm(codebook: torch.Tensor) -> torch.Tensor:
     """||e_c||^2 per code, (K,) fp32 (fp64 for fp64 codebooks): compute once, pass to every
-    vq_quantize call with the same codebook (metric "l2")."""
+    vq_quantize call with the same codebook (metric "l2"). codebook: (K, D) float32 / float16 /
+    bfloat16 / float64. Raises ValueError (not 2-D, empty), TypeError (non-tensor, dtype)."""
+    check_tensors("vq_codebook_sqnorm", {"codebook": codebook})
     check_codebook("vq_codebook_sqnorm", codebook)
     return codebook.to(accumulation_dtype(codebook.dtype)).pow(2).sum(-1)
 
@@ -184,6 +186,8 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
     codebook_sqnorm: vq_codebook_sqnorm(codebook), reusable across calls ("l2" only).
     Raises ValueError (shapes, metric), TypeError (dtypes, devices).
     """
+    check_tensors("vq_quantize", {"z": z, "codebook": codebook, "codebook_sqnorm": codebook_sqnorm},
+                  ("codebook_sqnorm",))
     check_metric(metric)
     check_quantize(z, codebook, codebook_sqnorm)
     if metric == "cosine":
@@ -208,8 +212,13 @@ def vq_dequantize(indices, codebook, *, channels_first: bool = False, backend: O
     (B, D, h, w) written directly (no permute copy), in the codebook's dtype. Differentiable
     with respect to the codebook. An index outside [0, K) raises IndexError on the CPU and on
     the reference backend; on CUDA the kernel never reads out of bounds and writes a NaN row
-    instead (no host synchronisation).
+    instead (no host synchronisation). indices: int64 or int32; codebook: (K, D) float32 /
+    float16 / bfloat16 / float64. The lookup of taming's VectorQuantizer2.get_codebook_entry
+    (Liquid's / Chameleon's tokenizer decodes codes with it). Raises TypeError (non-tensors,
+    index or codebook dtype, devices), ValueError (channels_first without (B, h, w) indices),
+    IndexError (above).
     """
+    check_tensors("vq_dequantize", {"indices": indices, "codebook": codebook})
     check_dequantize(indices, codebook, channels_first)
     chosen = _backend.resolve("vq_dequantize", indices.device, backend)
     # The native CPU kernel raises IndexError itself; the reference and the Triton interpreter
