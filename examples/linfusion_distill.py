@@ -89,7 +89,7 @@ def main():
           f"{sum(p.numel() for p in linfusion.parameters()) / 1e6:.3f} M trainable parameters, "
           f"mmfast backend {describe_backend(args.device)}")
 
-    history = []
+    history, part_history = [], []
     start = time.perf_counter()
     for step in range(args.steps):
         noisy, timesteps, text, noise = batches[step % len(batches)]
@@ -98,6 +98,7 @@ def main():
         loss.backward()
         optimizer.step()
         history.append(loss.item())
+        part_history.append({name: float(value) for name, value in parts.items()})
         print(f"step {step:3d}  loss {loss.item():.5f}  (denoise {parts['denoise']:.5f}  "
               f"teacher {parts['teacher']:.5f}  attn1 {parts['feature']:.5f})")
     elapsed = time.perf_counter() - start
@@ -106,6 +107,13 @@ def main():
     first, last = sum(history[:window]) / window, sum(history[-window:]) / window
     print(f"mean loss of the first {window} steps {first:.5f} -> last {window} steps {last:.5f} "
           f"({elapsed:.1f} s, {elapsed / max(1, args.steps) * 1e3:.0f} ms/step)")
+    moves = {name: (sum(p[name] for p in part_history[:window]) / window,
+                    sum(p[name] for p in part_history[-window:]) / window) for name in part_history[0]}
+    print("  per term: " + ", ".join(f"{'attn1' if name == 'feature' else name} {a:.5f} -> {b:.5f}"
+                                     for name, (a, b) in moves.items()))
+    if any(b > a for name, (a, b) in moves.items() if name != "denoise"):
+        print("  (a distillation term rose while the total fell: the denoising term dominates the total, and "
+              "with a random tiny teacher\n   the student fits the noise better by drifting from the teacher)")
     if args.save:
         linfusion.save_pretrained(args.save)
         print(f"saved LinFusion checkpoint to {args.save}")

@@ -18,7 +18,8 @@ text-to-image at the base size, then per --strengths entry a 2x bicubic upscale 
 long side is max(height, width) / 2**len(strengths) (--base-size must equal it when given); every
 stage's height and width must be multiples of the pipeline's size multiple (64 for SD-1.5) and of 8.
 Defaults: --base-size the pipeline's native size (512 for SD-1.5) doubled once per strength, square;
-with --tiny a 128x256 target (base 8x16 px) and 10 steps, so every stage denoises at least one step.
+with --tiny a 256x128 target (width x height, as every size this script prints; base 16x8 px)
+and 10 steps, so every stage denoises at least one step.
 
 Memory (cascade only): either explicit knobs (--cfg-batch-size, --token-chunk, --ff-chunk,
 --vae-tiling, --vae-tile; all exact but --vae-tiling blend) applied to every stage, or
@@ -43,7 +44,7 @@ from mmfast.models.linfusion.highres import check_strengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_TOKEN_CHUNK = 65536
-TINY_CASCADE_SIZE = (128, 256)  # (height, width): base 8x16 px, diffusers needs multiples of 8 at the base
+TINY_CASCADE_SIZE = (128, 256)  # (height, width): base 16x8 px (width x height), multiples of 8 for diffusers
 TINY_CASCADE_STEPS = 10  # int(10 x 0.1) = 1: every default strength denoises at least one step
 CASCADE_STEPS = 50  # LinFusion's notebooks
 VAE_TILING_CHOICES = ("none", "blend", "exact")

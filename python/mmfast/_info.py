@@ -23,7 +23,7 @@ def collect() -> dict:
         "CPU AVX512-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_avx512_bf16"),
         "CUDA kernels": _ops_with_kernels("cuda"),
         "CUDA archs": getattr(build, "cuda_archs", None),
-        "CUDA wgmma kernels (sm_90a)": getattr(build, "cuda_wgmma", None),
+        "CUDA wgmma kernels (sm_90a) compiled": getattr(build, "cuda_wgmma", None),
         "CUDA runtime": torch.version.cuda,
         "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "Triton": _triton_version(),
