@@ -47,7 +47,8 @@ inline void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, c
 }
 
 inline void check_seqlens(const at::Tensor& seqlens, const at::Tensor& cache, const char* op) {
-  TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32 (B,), got ",
+  TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt, op,
+                   ": cache_seqlens must be int32 (B,), as flash_attn_with_kvcache's (pass lengths.int()), got ",
                    dtype_name(seqlens.scalar_type()));
   TORCH_CHECK_VALUE(seqlens.dim() == 1 && seqlens.size(0) == cache.size(0), op, ": cache_seqlens must be (",
                     cache.size(0), ",), one length per row, got ", seqlens.sizes());

@@ -32,7 +32,8 @@ MIN_TEMPERATURE = 1e-5  # temperatures in (0, 1e-5) are raised to it (Liquid's m
 
 def _check_seqlens(op: str, cache_seqlens: torch.Tensor, batch: int, device) -> None:
     if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"{op}: cache_seqlens must be int32 (B,), got {cache_seqlens.dtype}")
+        raise TypeError(f"{op}: cache_seqlens must be int32 (B,), as flash_attn_with_kvcache's (pass lengths.int()), "
+                        f"got {cache_seqlens.dtype}")
     if tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"{op}: cache_seqlens must be ({batch},), one length per row, got "
                          f"{tuple(cache_seqlens.shape)}")
