@@ -247,12 +247,6 @@ __device__ __forceinline__ uint32_t kept_in_register(uint32_t v) {
 #endif
   return v;
 }
-__device__ __forceinline__ int64_t kept_in_register(int64_t v) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("" : "+l"(v));
-#endif
-  return v;
-}
 template <class T> __device__ __forceinline__ const T* kept_in_register(const T* p) {
 #if defined(__CUDA_ARCH__)
   asm volatile("" : "+l"(p));

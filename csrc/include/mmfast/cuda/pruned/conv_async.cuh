@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
       const int64_t h = ho * p.stride_h - p.pad_h, w = wo * p.stride_w - p.pad_w;
       h0[k] = in ? static_cast<int32_t>(h) : kOffGrid;
       w0[k] = in ? static_cast<int32_t>(w) : kOffGrid;
-      b_off[k] = kept_in_register(in ? (h * p.width + w) * a.cin8 + chunk.col : int64_t{0});
+      b_off[k] = in ? (h * p.width + w) * a.cin8 + chunk.col : 0;
     }
     // The copy cursor runs kNtStages - 1 steps ahead of the multiply: input slice copy_l0 of the
     // tap shifted (copy_dh, copy_dw), whose weight rows w_source holds and whose pixels start at x_tap;
