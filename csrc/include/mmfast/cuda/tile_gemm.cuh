@@ -775,7 +775,9 @@ template <class Tile, class T> struct SliceSource {
     set_rows(first_row, valid_rows);
   }
   // Moves to the rows `advance` elements on, the first valid_rows of them existing.
-  __device__ __forceinline__ void next_rows(int64_t advance, int64_t valid_rows) { set_rows(rows + advance, valid_rows); }
+  __device__ __forceinline__ void next_rows(int64_t advance, int64_t valid_rows) {
+    set_rows(rows + advance, valid_rows);
+  }
   __device__ __forceinline__ void set_rows(const T* first_row, int64_t valid_rows) {
     rows = kept_in_register(first_row);
     const int64_t below = valid_rows - Chunk::kept_row();  // rows from this thread's first chunk's on
@@ -943,7 +945,8 @@ template <class T> struct NtWgDescriptors {
   __device__ __forceinline__ NtWgDescriptors(uint32_t ring, int warpgroup)
       : a(kept_in_register(static_cast<uint32_t>(
             gmma_desc_sw64(ring + static_cast<uint32_t>(offsetof(NtWgStage<T>, a) + warpgroup * kWgRows * 64))))),
-        b(kept_in_register(static_cast<uint32_t>(gmma_desc_sw64(ring + static_cast<uint32_t>(offsetof(NtWgStage<T>, b)))))) {}
+        b(kept_in_register(
+            static_cast<uint32_t>(gmma_desc_sw64(ring + static_cast<uint32_t>(offsetof(NtWgStage<T>, b)))))) {}
   __device__ __forceinline__ static uint64_t at(uint32_t low) { return (static_cast<uint64_t>(kHigh) << 32) | low; }
 };
 

@@ -296,7 +296,8 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_async_kernel(AsyncCon
     int32_t copy_dh = static_cast<int32_t>(tap_r * p.dilation_h), copy_dw = static_cast<int32_t>(copy_s * p.dilation_w);
     SliceSource<decltype(Stage::a), T> w_source;
     w_source.at_rows(ring[0].a, w_tile + tap0 * tap_stride, a.cin8, kept_rows);
-    static_assert(decltype(Stage::a)::kChunksPerRow == decltype(Stage::b)::kChunksPerRow, "weight and pixel chunks share their columns");
+    static_assert(decltype(Stage::a)::kChunksPerRow == decltype(Stage::b)::kChunksPerRow,
+                  "weight and pixel chunks share their columns");
     const int cols_left = static_cast<int>(kept8) - AChunk::kept_col();  // this thread's chunk column's
     const T* x_tap = x_b + (static_cast<int64_t>(copy_dh) * p.width + copy_dw) * a.cin8;
     const auto issue_next = [&](Stage& st) {
