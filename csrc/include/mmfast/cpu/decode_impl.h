@@ -107,16 +107,6 @@ inline void exp_shifted(double* scores, int64_t n, double max) {
   for (int64_t t = 0; t < n; ++t) scores[t] = __builtin_exp(scores[t] - max);
 }
 
-// The lanes of v summed as a tree (halves added pairwise: a few vector adds, not a chain).
-template <typename acc_t>
-inline acc_t sum_lanes(typename Vec<acc_t>::type v) {
-  acc_t lanes[Vec<acc_t>::width];
-  __builtin_memcpy(lanes, &v, sizeof(v));
-  for (int64_t half = Vec<acc_t>::width / 2; half >= 1; half /= 2)
-    for (int64_t i = 0; i < half; ++i) lanes[i] += lanes[i + half];
-  return lanes[0];
-}
-
 template <typename scalar_t, typename acc_t>
 struct AttentionJob {
   const DecodeAttentionParams* p;
@@ -621,17 +611,18 @@ void sample(const SampleParams& p) {
 constexpr int64_t kLinearRows = 3;
 constexpr int64_t kLinearXRows = MMFAST_VECTOR_BYTES >= 64 ? 8 : 4;
 // M = 1 (stream_row): accumulators per row (FMA latency x issue width in flight) and how far
-// ahead of the loads the prefetch hints run, 0 for none. Measured over 551 MB against a torch
-// sum of the same bytes: on an AMD EPYC with AVX-512, 2 KB ahead read as fast as the sum
-// (1.02x); on an AMD EPYC with AVX2 only, hints slowed the stream (2 KB: 1.19x, 512 B: 1.06x,
-// none: 1.05x the sum), so the AVX2 and generic builds (SSE; every non-x86 CPU, not measured)
-// issue none. Both can be overridden at build time with -D (as
-// benchmarks/probes/decode_stream_prefetch.py does to time the variants on a new CPU).
+// ahead of the loads the prefetch hints run, 0 for none (every build). Measured over 551 MB
+// against a torch sum of the same bytes, hints slowed the stream on both AMD EPYC kinds we
+// ran: AVX2 only (2 KB: 1.19x, 512 B: 1.06x, none: 1.05x the sum) and AVX-512 (2026-12-05, the
+// 49 calls of a Llama-138M step: 2 KB 1.19x / 1.31x, none 1.08x / 1.25x the read, in a slow and
+// a fast bandwidth phase of the VM; one earlier AVX-512 VM had measured 2 KB at 1.02x). 1, 2 or
+// 4 chains read alike there, 8 slower (1.66x). Both can be overridden at build time with -D (as
+// benchmarks/probes/decode_stream_prefetch.py and decode_linear_ab.py do to time variants).
 #ifndef MMFAST_DECODE_STREAM_CHAINS
 #define MMFAST_DECODE_STREAM_CHAINS 4
 #endif
 #ifndef MMFAST_DECODE_STREAM_PREFETCH_BYTES
-#define MMFAST_DECODE_STREAM_PREFETCH_BYTES (MMFAST_VECTOR_BYTES >= 64 ? 2048 : 0)
+#define MMFAST_DECODE_STREAM_PREFETCH_BYTES 0
 #endif
 constexpr int kStreamChains = MMFAST_DECODE_STREAM_CHAINS;
 constexpr int64_t kStreamPrefetchBytes = MMFAST_DECODE_STREAM_PREFETCH_BYTES;

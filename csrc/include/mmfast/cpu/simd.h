@@ -6,8 +6,8 @@
 // everything here is per-ISA code: GCC vector extensions and builtins only (no SIMD
 // intrinsics headers, no std templates), and each ISA namespace holds its own copy.
 //
-// What is here: Vec<acc_t> (acc_t = float or double), load / store / splat, a vectorised
-// expf, two register-blocked micro-kernels over tiles of kTile rows
+// What is here: Vec<acc_t> (acc_t = float or double), load / store / splat, sum_lanes, a
+// vectorised expf, two register-blocked micro-kernels over tiles of kTile rows
 //   tile_matmul:      C[t][:] = A[t][:] @ B        (A: tile x K, B: K x cols)
 //   tile_outer_accum: C      += A^T @ B            (A: tile x X, B: tile x Y)
 // dot_padded, per-call Scratch memory, pad_matrix and dispatch_dtype. Leading dimensions are padded to
@@ -85,6 +85,40 @@ inline Vec<float>::type exp_vec(Vec<float>::type x_in) {
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   // Below -87 (-inf included) the result is 0; NaN compares false and stays NaN.
   return x_in < splat<float>(-87.0f) ? splat<float>(0.0f) : p * scale;
+}
+
+// The lanes of a vector of `bytes` bytes summed as a tree, halves added pairwise
+// (lanes[i] + lanes[i + lanes / 2], recursively), with register shuffles. The same tree
+// through a lane array in memory (or halves taken by memcpy) made GCC keep the accumulators
+// on the stack: store-forwarding stalls on every row of decode_linear's M = 1 stream.
+// GCC before 12 has no __builtin_shufflevector: the same tree through memory there.
+template <typename acc_t, int bytes>
+inline acc_t sum_lanes_tree(acc_t __attribute__((vector_size(bytes))) v) {
+  constexpr int lanes = bytes / int(sizeof(acc_t));
+  static_assert(lanes == 2 || lanes == 4 || lanes == 8 || lanes == 16, "sum_lanes_tree: 2 to 16 lanes");
+#if !defined(__clang__) && defined(__GNUC__) && __GNUC__ < 12
+  acc_t lane[lanes];
+  __builtin_memcpy(lane, &v, bytes);
+  for (int half = lanes / 2; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
+  return lane[0];
+#else
+  if constexpr (lanes == 2)
+    return v[0] + v[1];
+  else if constexpr (lanes == 4)
+    return sum_lanes_tree<acc_t, bytes / 2>(__builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3));
+  else if constexpr (lanes == 8)
+    return sum_lanes_tree<acc_t, bytes / 2>(__builtin_shufflevector(v, v, 0, 1, 2, 3) +
+                                            __builtin_shufflevector(v, v, 4, 5, 6, 7));
+  else
+    return sum_lanes_tree<acc_t, bytes / 2>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                                            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#endif
+}
+
+template <typename acc_t>
+inline acc_t sum_lanes(typename Vec<acc_t>::type v) {
+  return sum_lanes_tree<acc_t, MMFAST_VECTOR_BYTES>(v);
 }
 
 // ---- micro-kernels -------------------------------------------------------------------
