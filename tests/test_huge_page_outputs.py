@@ -1,7 +1,8 @@
 """MMFAST_CPU_HUGE_PAGES: large CPU outputs advised transparent huge pages before their first
 write (csrc/include/mmfast/cpu/memory.h, glue/common.h's empty_output), both where the output
 pool maps them (the default) and with the pool off (MMFAST_CPU_OUTPUT_POOL_MB=0: torch's
-allocator, then advised).
+allocator, then advised); and weights moved onto huge pages (mmfast.memory.use_huge_pages,
+which DecodeStep applies on the CPU).
 
 Each setting runs in a fresh process (the settings are read once). The advice must change no
 value, and it must be visible where the kernel supports THP: the mapping that holds each output
@@ -19,15 +20,7 @@ import pytest
 
 THP_SUPPORTED = sys.platform == "linux" and os.path.isdir("/sys/kernel/mm/transparent_hugepage")
 
-# One output of each op that allocates through empty_output, every one of them 8 MiB (the
-# smallest size advised): masked_conv2d, masked_linear, masked_group_norm, linear_attention's
-# forward and its q/k/v gradients, vq_dequantize.
-SCRIPT = """
-import json
-import torch, mmfast
-from mmfast.ops import linear_attention, masked_conv2d, masked_group_norm, masked_linear, vq_dequantize
-
-
+ADVISED = """
 def advised(t):
     # VmFlags of the mapping holding the middle of t (inside the 2 MiB-aligned interior).
     address, inside = t.data_ptr() + t.nbytes // 2, False
@@ -40,8 +33,18 @@ def advised(t):
             elif inside and first == "VmFlags:":
                 return "hg" in line.split()[1:]
     return False
+"""
+
+# One output of each op that allocates through empty_output, every one of them 8 MiB (the
+# smallest size advised): masked_conv2d, masked_linear, masked_group_norm, linear_attention's
+# forward and its q/k/v gradients, vq_dequantize.
+SCRIPT = """
+import json
+import torch, mmfast
+from mmfast.ops import linear_attention, masked_conv2d, masked_group_norm, masked_linear, vq_dequantize
 
 
+""" + ADVISED + """
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 64, 128, 128, generator=g)
 w = torch.randn(2, 64, 64, 3, 3, generator=g)
@@ -93,3 +96,83 @@ def test_bad_setting_is_a_value_error_naming_it():
     result = run("yes")
     assert result.returncode != 0
     assert "ValueError: MMFAST_CPU_HUGE_PAGES must be 0 or 1, got 'yes'" in result.stderr, result.stderr[-2000:]
+
+
+# ---- weights: mmfast.memory.huge_page_empty / use_huge_pages (in this process) -------------------
+
+def _advised_in_smaps(t) -> bool:
+    namespace = {}
+    exec(ADVISED, namespace)
+    return namespace["advised"](t)
+
+
+@pytest.mark.skipif(not THP_SUPPORTED, reason="transparent huge pages are Linux only")
+def test_huge_page_empty_starts_on_2mib_and_is_advised(monkeypatch):
+    import torch
+    from mmfast.memory import HUGE_PAGE_BYTES, huge_page_empty
+
+    monkeypatch.delenv("MMFAST_CPU_HUGE_PAGES", raising=False)
+    t = huge_page_empty((3, 1000, 999), torch.bfloat16)
+    assert t.shape == (3, 1000, 999) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % HUGE_PAGE_BYTES == 0
+    t.fill_(2)
+    assert t.double().sum().item() == 2 * t.numel()
+    assert _advised_in_smaps(t)
+    assert huge_page_empty((0,)).numel() == 0
+
+
+def _tied_model(vocab=4096, hidden=768):
+    import torch
+
+    class Tied(torch.nn.Module):  # an LM's tied embedding and head (12 MiB) plus a small norm
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, hidden)
+            self.head = torch.nn.Linear(hidden, vocab, bias=False)
+            self.head.weight = self.embed.weight
+            self.norm = torch.nn.LayerNorm(hidden)
+
+    return Tied()
+
+
+@pytest.mark.skipif(not THP_SUPPORTED, reason="transparent huge pages are Linux only")
+def test_use_huge_pages_moves_large_weights_keeping_values_parameters_and_ties(monkeypatch):
+    import torch
+    from mmfast.memory import HUGE_PAGE_BYTES, use_huge_pages
+
+    monkeypatch.delenv("MMFAST_CPU_HUGE_PAGES", raising=False)
+    model = _tied_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    norm_ptr = model.norm.weight.data_ptr()
+    assert use_huge_pages(model) == 4096 * 768 * 4  # the shared weight once; the norm is too small
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert model.head.weight is model.embed.weight
+    assert model.embed.weight.data_ptr() % HUGE_PAGE_BYTES == 0 and _advised_in_smaps(model.embed.weight)
+    assert model.norm.weight.data_ptr() == norm_ptr
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert model.embed.weight.requires_grad  # still trainable: the swap keeps the Parameter's flags
+    assert use_huge_pages(model) == 0  # already there
+    other = _tied_model()
+    with torch.inference_mode():  # as a generate loop may call it: the weights must stay normal tensors
+        assert use_huge_pages(other) > 0
+    assert not other.embed.weight.is_inference()
+    other.head(torch.randn(2, 768)).sum().backward()
+    assert other.embed.weight.grad is not None
+
+
+def test_use_huge_pages_off_with_0_and_bad_values_raise(monkeypatch):
+    import torch
+    from mmfast.memory import huge_page_empty, huge_pages_enabled, use_huge_pages
+
+    model = _tied_model()
+    pointer = model.embed.weight.data_ptr()
+    monkeypatch.setenv("MMFAST_CPU_HUGE_PAGES", "0")
+    assert not huge_pages_enabled()
+    assert use_huge_pages(model) == 0 and model.embed.weight.data_ptr() == pointer
+    with pytest.raises(RuntimeError, match="MMFAST_CPU_HUGE_PAGES"):
+        huge_page_empty((4,), torch.float32)
+    monkeypatch.setenv("MMFAST_CPU_HUGE_PAGES", "on")
+    with pytest.raises(ValueError, match="MMFAST_CPU_HUGE_PAGES must be 0 or 1, got 'on'"):
+        use_huge_pages(model)

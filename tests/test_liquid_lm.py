@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import mmfast
+import mmfast.memory
 from mmfast.models.liquid import (DecodeStep, LiquidLM, LiquidLMCheckpointError, LiquidLMConfig, generate_images,
                                   generate_text)
 from mmfast.reference import sample_probs_ref
@@ -429,6 +430,21 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     compiled = generate_text(model, prompts, max_new_tokens=6, compile=True)
     assert torch.equal(compiled, eager)
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
+
+
+@pytest.mark.skipif(not mmfast.memory.huge_pages_enabled(), reason="transparent huge pages: Linux only, or turned off")
+def test_cpu_decode_step_moves_large_weights_to_huge_pages_with_the_same_tokens(monkeypatch):
+    """DecodeStep on the CPU puts weights of 8 MiB and more on huge pages (use_huge_pages):
+    the tied embedding/head of a 8192 x 256 model moves, the tokens do not change."""
+    model = tiny_liquid_lm("gemma", vocab_size=8192, seed=5, hidden_size=256, head_dim=64)
+    prompts = torch.randint(3, 8192, (2, 5), generator=torch.Generator().manual_seed(0))
+    kept = copy.deepcopy(model)
+    monkeypatch.setenv("MMFAST_CPU_HUGE_PAGES", "0")
+    expected = generate_text(kept, prompts, max_new_tokens=6)
+    assert kept.head_weight.data_ptr() % mmfast.memory.HUGE_PAGE_BYTES != 0
+    monkeypatch.delenv("MMFAST_CPU_HUGE_PAGES")
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=6), expected)
+    assert model.head_weight.data_ptr() % mmfast.memory.HUGE_PAGE_BYTES == 0
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -1,0 +1,54 @@
+"""Probe (2026-12-05): the 49 decode_linear calls of a Llama-138M decode step (the shapes of
+decode_linear_ab.py, 551 MB fp32) with the weights on 4 KiB pages vs on transparent huge pages
+(mmfast.memory.huge_page_empty, as DecodeStep puts them since then), next to a torch sum of the
+same bytes on each kind of page. 25 rounds in shuffled order; ratios are medians of per-round
+ratios to the 4 KiB-page read. Results: benchmarks/results/2026-12-05-cpu-amd-epyc-2core-avx512-liquid-step-huge-pages.md
+Run: .venv/bin/python benchmarks/probes/decode_linear_huge_pages.py  (needs Linux with THP madvise or always)"""
+import random
+import statistics
+import time
+
+import torch
+
+import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+from mmfast.memory import huge_page_empty
+
+SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
+
+
+def packed(huge):
+    """(one buffer, the 49 weights as views into it) on huge or 4 KiB pages."""
+    total = sum(n * k for n, k in SHAPES)
+    store = huge_page_empty((total,)) if huge else torch.empty(total)
+    weights, offset = [], 0
+    for n, k in SHAPES:
+        weights.append(store[offset:offset + n * k].view(n, k).copy_(torch.randn(n, k)))
+        offset += n * k
+    return store, weights
+
+
+def main():
+    torch.set_num_threads(2)
+    linear = torch.ops.mmfast.decode_linear.default
+    (small_pages, small_weights), (huge_pages, huge_weights) = packed(False), packed(True)
+    xs = {768: torch.randn(1, 768), 3072: torch.randn(1, 3072)}
+    contenders = {"read, 4 KiB pages": small_pages.sum, "read, huge pages": huge_pages.sum,
+                  "49 calls, 4 KiB pages": lambda: [linear(xs[w.shape[1]], w, None) for w in small_weights],
+                  "49 calls, huge pages": lambda: [linear(xs[w.shape[1]], w, None) for w in huge_weights]}
+    times = {name: [] for name in contenders}
+    for round_ in range(25):
+        order = list(contenders.items())
+        random.Random(round_).shuffle(order)
+        for name, fn in order:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    floor = times["read, 4 KiB pages"]
+    for name, values in times.items():
+        ms = statistics.median(values) * 1e3
+        ratio = statistics.median(a / b for a, b in zip(values, floor))
+        print(f"{name:22s} {ms:6.2f} ms  {small_pages.numel() * 4 / ms / 1e6:5.1f} GB/s  {ratio:.3f}x the 4 KiB read")
+
+
+if __name__ == "__main__":
+    main()
