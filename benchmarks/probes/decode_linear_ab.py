@@ -9,16 +9,14 @@ Run: .venv/bin/python benchmarks/probes/decode_linear_ab.py [BASE=HEAD [-DNAME=V
 checkout built with them is a third contender (about a minute per build)"""
 import ctypes
 import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast: cpu_isa)
+from _rounds import print_ratios, time_rounds
 from _torch_free import ROOT, build_decode_kernels
 
 SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
@@ -61,20 +59,9 @@ def main():
         contenders = {"read (floor)": floor_buffer.sum}
         for name, lib in libs.items():
             contenders[f"49 calls, {name}"] = (lambda lib: lambda: [lib.linear_m1(*c) for c in calls])(lib)
-        times = {name: [] for name in contenders}
-        for round_ in range(25):
-            order = list(contenders.items())
-            random.Random(round_).shuffle(order)
-            for name, fn in order:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_rounds(contenders, 25)
     print(f"CPU ISA {torch.ops.mmfast.cpu_isa()}, {torch.get_num_threads()} threads")
-    floor = times["read (floor)"]
-    for name, values in times.items():
-        ms = statistics.median(values) * 1e3
-        ratio = statistics.median(a / b for a, b in zip(values, floor))
-        print(f"{name:32s} {ms:6.2f} ms  {total * 4 / ms / 1e6:5.1f} GB/s  {ratio:.3f}x the read")
+    print_ratios(times, "read (floor)", total * 4, "the read")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,10 @@ decode_linear_ab.py, 551 MB fp32) with the weights on 4 KiB pages vs on transpar
 same bytes on each kind of page. 25 rounds in shuffled order; ratios are medians of per-round
 ratios to the 4 KiB-page read. Results: benchmarks/results/2026-12-05-cpu-amd-epyc-2core-avx512-liquid-step-huge-pages.md
 Run: .venv/bin/python benchmarks/probes/decode_linear_huge_pages.py  (needs Linux with THP madvise or always)"""
-import random
-import statistics
-import time
-
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+from _rounds import print_ratios, time_rounds
 from mmfast.memory import huge_page_empty
 
 SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
@@ -35,19 +32,8 @@ def main():
     contenders = {"read, 4 KiB pages": small_pages.sum, "read, huge pages": huge_pages.sum,
                   "49 calls, 4 KiB pages": lambda: [linear(xs[w.shape[1]], w, None) for w in small_weights],
                   "49 calls, huge pages": lambda: [linear(xs[w.shape[1]], w, None) for w in huge_weights]}
-    times = {name: [] for name in contenders}
-    for round_ in range(25):
-        order = list(contenders.items())
-        random.Random(round_).shuffle(order)
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    floor = times["read, 4 KiB pages"]
-    for name, values in times.items():
-        ms = statistics.median(values) * 1e3
-        ratio = statistics.median(a / b for a, b in zip(values, floor))
-        print(f"{name:22s} {ms:6.2f} ms  {small_pages.numel() * 4 / ms / 1e6:5.1f} GB/s  {ratio:.3f}x the 4 KiB read")
+    times = time_rounds(contenders, 25)
+    print_ratios(times, "read, 4 KiB pages", small_pages.numel() * 4, "the 4 KiB read")
 
 
 if __name__ == "__main__":

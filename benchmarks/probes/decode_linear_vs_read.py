@@ -5,12 +5,10 @@ process: a sum over one buffer of that size (the read floor), one decode_linear 
 matrix of that size, the 49 per-layer calls of a step, and 49 sums over the same weights.
 25 rounds; each figure is the median of the per-round ratios to the floor's read.
 Run: .venv/bin/python benchmarks/probes/decode_linear_vs_read.py"""
-import statistics
-import time
-
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+from _rounds import print_ratios, time_rounds
 
 SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
 
@@ -28,17 +26,8 @@ def main():
         "49 calls": lambda: [linear(x[w.shape[1]], w, None) for w in weights],
         "49 sums": lambda: [w.sum() for w in weights],
     }
-    times = {name: [] for name in contenders}
-    for _ in range(25):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    floor = times["read (floor)"]
-    for name, values in times.items():
-        ms = statistics.median(values) * 1e3
-        ratio = statistics.median(a / b for a, b in zip(values, floor))
-        print(f"{name:13s} {ms:6.2f} ms  {total * 4 / ms / 1e6:5.1f} GB/s  {ratio:.3f}x the read")
+    times = time_rounds(contenders, 25, shuffle=False)
+    print_ratios(times, "read (floor)", total * 4, "the read")
 
 
 if __name__ == "__main__":

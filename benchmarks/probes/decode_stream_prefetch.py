@@ -9,14 +9,12 @@ to 4. Results: benchmarks/results/2026-12-03-cpu-amd-epyc-2core-avx2-liquid-step
 Run: .venv/bin/python benchmarks/probes/decode_stream_prefetch.py  (about a minute to build)"""
 import ctypes
 import os
-import random
-import statistics
 import tempfile
-import time
 
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
+from _rounds import print_ratios, time_rounds
 from _torch_free import build_decode_kernels
 
 VARIANTS = [(4, 2048), (4, 1024), (4, 512), (4, 0), (8, 0), (8, 2048)]  # (chains, prefetch bytes)
@@ -48,18 +46,9 @@ def main():
         for chains, prefetch in VARIANTS:
             lib = build(directory, chains, prefetch)
             contenders[f"{chains} chains, {prefetch} B ahead"] = (lambda lib: lambda: lib.linear_m1(*args))(lib)
-        times = {name: [] for name in contenders}
-        for round_ in range(15):
-            order = list(contenders.items())
-            random.Random(round_).shuffle(order)
-            for name, fn in order:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_rounds(contenders, 15)
     print(f"CPU ISA {torch.ops.mmfast.cpu_isa()}, {torch.get_num_threads()} threads")
-    for name, values in times.items():
-        ratio = statistics.median(a / b for a, b in zip(values, times["torch sum"]))
-        print(f"{name:24s} {n * k * 4 / statistics.median(values) / 1e9:5.1f} GB/s  {ratio:.3f}x the sum")
+    print_ratios(times, "torch sum", n * k * 4, "the sum")
 
 
 if __name__ == "__main__":
