@@ -14,7 +14,8 @@ Time per step = (time of N2 new tokens - time of N1) / (N2 - N1): prefill cancel
 floor of one step is the bytes it must read (weights, the head, the KV cache up to the step) over
 the measured copy bandwidth (CPU) or the datasheet HBM bandwidth (GPU). The CPU batch-1 target
 is judged paired: the median over 39 pairs of (one decode step's time / the time of reading the
-floor's bytes right after it, on transparent huge pages as DecodeStep puts the weights), because
+floor's bytes right after it, on transparent huge pages as LiquidLM.from_pretrained puts the
+weights of 2 MiB and more), because
 this VM's bandwidth drifts by tens of percent between a floor measured once and the step.
 """
 from __future__ import annotations
@@ -126,7 +127,7 @@ def test_generate_step(benchmark, models, batch):
         met = ratio <= CPU_FLOOR_TARGET
         extra = dict(paired_floor_ratio=round(ratio, 3), unpaired_floor_ratio=round(mmfast_ms / floor_ms, 3),
                      paired_floor_ratio_quartiles=[round(ratios[len(ratios) * q // 4], 3) for q in (1, 3)],
-                     paired_step_ms=round(paired_step_ms, 2), paired_floor_on_huge_pages=huge_pages_enabled())
+                     paired_step_ms=round(paired_step_ms, 2), paired_floor_on_huge_pages=huge_pages_enabled(), thp_mode=thp_mode())
     else:
         target, met = f">= {CPU_BATCH8_TARGET}x transformers tokens/s", hf_ms / mmfast_ms >= CPU_BATCH8_TARGET
     record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"llama-138M B={batch} prompt={PROMPT}", device=DEVICE,
@@ -137,14 +138,23 @@ def test_generate_step(benchmark, models, batch):
                    identical_greedy_tokens=identical, floor_ms=round(floor_ms, 2), **extra)
 
 
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or "unknown"."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
 def paired_floor_ratio(lm, prompts, floor_bytes, pairs):
     """(median, sorted list of the ratio step time / floor-read time, median step ms) over `pairs`
     pairs, each one compiled decode step (DecodeStep + a greedy argmax: generate_text's step
     without its sampler call) followed at once by a read of floor_bytes (a sum over a buffer that
     size, far past the caches): the CPU target's figure. Each pair spans ~30 ms, well inside the
     drifts of this VM's bandwidth (35-65 GB/s) that separate a floor measured once from a step
-    timed later. The buffer is on transparent huge pages, as DecodeStep puts the weights: a
-    read over 4 KiB pages is 4-13% slower on the 2-core AMD EPYC VM and would flatter the step."""
+    timed later. The buffer is on transparent huge pages, as from_pretrained puts the weights: a
+    read over 4 KiB pages is 4-18% slower on the 2-core AMD EPYC VM and would flatter the step."""
     numel = floor_bytes // 4
     buffer = (huge_page_empty((numel,)) if huge_pages_enabled() else torch.empty(numel)).fill_(1)
     step = DecodeStep(lm, compile=True)

@@ -2,7 +2,7 @@
 write (csrc/include/mmfast/cpu/memory.h, glue/common.h's empty_output), both where the output
 pool maps them (the default) and with the pool off (MMFAST_CPU_OUTPUT_POOL_MB=0: torch's
 allocator, then advised); and weights moved onto huge pages (mmfast.memory.use_huge_pages,
-which DecodeStep applies on the CPU).
+which LiquidLM.from_pretrained applies on the CPU).
 
 Each setting runs in a fresh process (the settings are read once). The advice must change no
 value, and it must be visible where the kernel supports THP: the mapping that holds each output
@@ -19,6 +19,8 @@ import sys
 import pytest
 
 THP_SUPPORTED = sys.platform == "linux" and os.path.isdir("/sys/kernel/mm/transparent_hugepage")
+# torch's own advice of every allocation of 2 MiB and more: weights are then advised already.
+WEIGHTS_MOVABLE = THP_SUPPORTED and os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "0"
 
 ADVISED = """
 def advised(t):
@@ -107,7 +109,7 @@ def _advised_in_smaps(t) -> bool:
 
 
 @pytest.mark.skipif(not THP_SUPPORTED, reason="transparent huge pages are Linux only")
-def test_huge_page_empty_starts_on_2mib_and_is_advised(monkeypatch):
+def test_huge_page_empty_starts_on_a_huge_page_and_is_advised(monkeypatch):
     import torch
     from mmfast.memory import HUGE_PAGE_BYTES, huge_page_empty
 
@@ -115,6 +117,7 @@ def test_huge_page_empty_starts_on_2mib_and_is_advised(monkeypatch):
     t = huge_page_empty((3, 1000, 999), torch.bfloat16)
     assert t.shape == (3, 1000, 999) and t.dtype == torch.bfloat16 and t.is_contiguous()
     assert t.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert t.untyped_storage().nbytes() == t.nbytes  # the storage is the tensor, not the mapping's slack
     t.fill_(2)
     assert t.double().sum().item() == 2 * t.numel()
     assert _advised_in_smaps(t)
@@ -135,7 +138,7 @@ def _tied_model(vocab=4096, hidden=768):
     return Tied()
 
 
-@pytest.mark.skipif(not THP_SUPPORTED, reason="transparent huge pages are Linux only")
+@pytest.mark.skipif(not WEIGHTS_MOVABLE, reason="Linux with THP, and THP_MEM_ALLOC_ENABLE off")
 def test_use_huge_pages_moves_large_weights_keeping_values_parameters_and_ties(monkeypatch):
     import torch
     from mmfast.memory import HUGE_PAGE_BYTES, use_huge_pages
@@ -153,7 +156,7 @@ def test_use_huge_pages_moves_large_weights_keeping_values_parameters_and_ties(m
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     assert model.embed.weight.requires_grad  # still trainable: the swap keeps the Parameter's flags
-    assert use_huge_pages(model) == 0  # already there
+    assert use_huge_pages(model) == 0  # already on advised memory
     other = _tied_model()
     with torch.inference_mode():  # as a generate loop may call it: the weights must stay normal tensors
         assert use_huge_pages(other) > 0

@@ -432,19 +432,23 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
 
 
-@pytest.mark.skipif(not mmfast.memory.huge_pages_enabled(), reason="transparent huge pages: Linux only, or turned off")
-def test_cpu_decode_step_moves_large_weights_to_huge_pages_with_the_same_tokens(monkeypatch):
-    """DecodeStep on the CPU puts weights of 8 MiB and more on huge pages (use_huge_pages):
-    the tied embedding/head of a 8192 x 256 model moves, the tokens do not change."""
-    model = tiny_liquid_lm("gemma", vocab_size=8192, seed=5, hidden_size=256, head_dim=64)
-    prompts = torch.randint(3, 8192, (2, 5), generator=torch.Generator().manual_seed(0))
-    kept = copy.deepcopy(model)
-    monkeypatch.setenv("MMFAST_CPU_HUGE_PAGES", "0")
-    expected = generate_text(kept, prompts, max_new_tokens=6)
-    assert kept.head_weight.data_ptr() % mmfast.memory.HUGE_PAGE_BYTES != 0
-    monkeypatch.delenv("MMFAST_CPU_HUGE_PAGES")
-    assert torch.equal(generate_text(model, prompts, max_new_tokens=6), expected)
+@pytest.mark.skipif(not mmfast.memory.huge_pages_enabled() or os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "0",
+                    reason="needs Linux with transparent huge pages, MMFAST_CPU_HUGE_PAGES on, THP_MEM_ALLOC_ENABLE off")
+def test_from_pretrained_puts_cpu_weights_on_huge_pages_with_the_same_tokens(tmp_path):
+    """from_pretrained on the CPU moves weights of 2 MiB and more onto huge pages (the tied
+    4096 x 256 embedding here); huge_pages=False leaves them; both give the same tokens."""
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, head_dim=64,
+                                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    plain = LiquidLM.from_pretrained(tmp_path, huge_pages=False)
+    model = LiquidLM.from_pretrained(tmp_path)
+    assert plain.head_weight.data_ptr() % mmfast.memory.HUGE_PAGE_BYTES != 0
     assert model.head_weight.data_ptr() % mmfast.memory.HUGE_PAGE_BYTES == 0
+    assert torch.equal(model.head_weight, plain.head_weight)
+    prompts = torch.randint(3, 4096, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=6), generate_text(plain, prompts, max_new_tokens=6))
 
 
 @pytest.mark.parametrize("compile", [False, True])

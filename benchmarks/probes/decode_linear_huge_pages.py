@@ -1,9 +1,10 @@
 """Probe (2026-12-05): the 49 decode_linear calls of a Llama-138M decode step (the shapes of
 decode_linear_ab.py, 551 MB fp32) with the weights on 4 KiB pages vs on transparent huge pages
-(mmfast.memory.huge_page_empty, as DecodeStep puts them since then), next to a torch sum of the
-same bytes on each kind of page. 25 rounds in shuffled order; ratios are medians of per-round
-ratios to the 4 KiB-page read. Results: benchmarks/results/2026-12-05-cpu-amd-epyc-2core-avx512-liquid-step-huge-pages.md
-Run: .venv/bin/python benchmarks/probes/decode_linear_huge_pages.py  (needs Linux with THP madvise or always)"""
+(mmfast.memory.huge_page_empty, as LiquidLM.from_pretrained puts them since then), next to a
+torch sum of the same bytes on each kind of page. 25 rounds in shuffled order; ratios are
+medians of per-round ratios to the 4 KiB-page read. Results: benchmarks/results/2026-12-05-cpu-amd-epyc-2core-avx512-liquid-step-huge-pages.md
+Run: .venv/bin/python benchmarks/probes/decode_linear_huge_pages.py  (needs Linux with THP "madvise": under
+"always" the 4 KiB baseline gets huge pages too)"""
 import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)

@@ -17,6 +17,7 @@ count as already in use.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -168,71 +169,122 @@ def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dic
     return {"idle_blocks": blocks, "idle_bytes": idle, "live_bytes": live, "budget_mb": budget}
 
 
-HUGE_PAGE_BYTES = 2 << 20  # x86-64 and most arm64 Linux kernels: transparent huge pages of 2 MiB
+_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+
+
+def _huge_page_bytes() -> int:
+    """The kernel's transparent huge page size (2 MiB on x86-64; 32 MiB or 512 MiB on arm64
+    kernels with 16K / 64K base pages), 2 MiB where the kernel does not say."""
+    try:
+        with open(os.path.join(_THP_DIR, "hpage_pmd_size")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE_PAGE_BYTES = _huge_page_bytes()
+_warned_unsupported = False
 
 
 def huge_pages_enabled() -> bool:
-    """Whether mmfast advises transparent huge pages on the CPU: Linux, Python's mmap.madvise
-    available, and MMFAST_CPU_HUGE_PAGES unset, empty or "1" (the variable the C++ output pool
-    reads too; "0" turns the advice off). Raises ValueError for any other value."""
+    """Whether mmfast advises transparent huge pages on the CPU: Linux with THP support
+    (/sys/kernel/mm/transparent_hugepage), Python's mmap.madvise, and MMFAST_CPU_HUGE_PAGES
+    unset, empty or "1" ("0" turns the advice off). The C++ output pool reads the same variable
+    once per process; this reads it on every call. Raises ValueError for any other value."""
     mode = os.environ.get("MMFAST_CPU_HUGE_PAGES") or "1"
     if mode not in ("0", "1"):
         raise ValueError(f"MMFAST_CPU_HUGE_PAGES must be 0 or 1, got {mode!r}")
-    return mode == "1" and sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+    return mode == "1" and _thp_supported()
+
+
+def _thp_supported() -> bool:
+    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and os.path.isdir(_THP_DIR)
 
 
 def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor whose memory starts at a 2 MiB boundary and is
-    advised to Linux's transparent huge pages (madvise(MADV_HUGEPAGE), before anything touches
-    it), so that a stream over it takes one TLB entry per 2 MiB instead of per 4 KiB.
+    """An uninitialised contiguous CPU tensor whose memory starts on a huge-page boundary
+    (HUGE_PAGE_BYTES, 2 MiB on x86-64), its whole huge pages advised to Linux's transparent
+    huge pages (madvise(MADV_HUGEPAGE), before anything touches them), so that a stream over it
+    takes one TLB entry per 2 MiB instead of per 4 KiB. The tail past the last whole huge page
+    stays on normal pages, so no memory is resident beyond the tensor's own (rounded to 4 KiB).
 
-    The memory is an anonymous mapping owned by the tensor's storage (freed with it); with THP
-    set to "never" (/sys/kernel/mm/transparent_hugepage/enabled) the advice has no effect and
-    the tensor is an ordinary one on 4 KiB pages. Raises RuntimeError where huge_pages_enabled()
-    is false, ValueError for a negative shape.
+    The memory is an anonymous mapping that the tensor's storage (exactly the tensor's bytes)
+    keeps alive. Where the kernel refuses the advice, or THP is "never", the tensor is an
+    ordinary one on 4 KiB pages. Raises RuntimeError where huge_pages_enabled() is false,
+    ValueError for a negative shape.
     """
     if not huge_pages_enabled():
-        raise RuntimeError("huge_page_empty: transparent huge pages need Linux, mmap.MADV_HUGEPAGE and "
+        raise RuntimeError("huge_page_empty: transparent huge pages need Linux with THP, mmap.MADV_HUGEPAGE and "
                            "MMFAST_CPU_HUGE_PAGES unset or 1")
-    if any(int(d) < 0 for d in shape):
-        raise ValueError(f"huge_page_empty: negative size in shape {tuple(shape)}")
-    numel = 1
-    for d in shape:
-        numel *= int(d)
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"huge_page_empty: negative size in shape {shape}")
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    length = -(-max(nbytes, 1) // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    length = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     block = mmap.mmap(-1, length + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(block, dtype=torch.uint8)  # holds a reference to the mapping
-    offset = -whole.data_ptr() % HUGE_PAGE_BYTES  # mappings start on a page: offset is whole pages
-    block.madvise(mmap.MADV_HUGEPAGE, offset, length)
-    return whole[offset:offset + nbytes].view(dtype).view(tuple(int(d) for d in shape))
+    address = torch.frombuffer(block, dtype=torch.uint8, count=1).data_ptr()
+    offset = -address % HUGE_PAGE_BYTES  # a whole number of base pages: mappings start on one
+    whole_huge_pages = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if whole_huge_pages:
+        try:
+            block.madvise(mmap.MADV_HUGEPAGE, offset, whole_huge_pages)
+        except OSError:  # a kernel or sandbox that refuses the advice: plain pages, as documented
+            pass
+    # The storage spans exactly the tensor (not the slack): torch.save and share_memory_ see its size.
+    return torch.frombuffer(block, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
-def use_huge_pages(module: torch.nn.Module, min_bytes: int = 4 * HUGE_PAGE_BYTES) -> int:
-    """Moves each CPU parameter of `module` holding at least `min_bytes` into memory from
-    huge_page_empty (a copy; the Parameter objects stay, so tied weights stay tied and
-    optimizers keep their references). Returns the bytes moved (0 when huge_pages_enabled() is
-    false, with a warning off Linux).
+def _advised_ranges():
+    """[(start, end)] of this process's mappings that carry the hg VmFlag (advised huge pages,
+    by mmfast, torch's THP_MEM_ALLOC_ENABLE or anything else)."""
+    ranges, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if not first.endswith(":"):
+                low, high = first.split("-")
+                current = (int(low, 16), int(high, 16))
+            elif first == "VmFlags:" and "hg" in line.split()[1:]:
+                ranges.append(current)
+    return ranges
+
+
+def use_huge_pages(module: torch.nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> int:
+    """Moves each CPU parameter of `module` holding at least `min_bytes` (one huge page) into
+    memory from huge_page_empty (a copy; the Parameter objects stay, so tied weights stay tied
+    and optimizers keep their references; the values are unchanged). Parameters already on
+    advised memory, off the CPU, not contiguous or not plain strided tensors are left alone.
+    Returns the bytes moved: 0 where huge_pages_enabled() is false (with one warning per
+    process off Linux or without THP, unless MMFAST_CPU_HUGE_PAGES=0).
 
     Why: a decode step streams every weight once per token. On 4 KiB pages the 551 MB of a
     Llama-138M step cross 134,000 pages, each a TLB miss and a restart of the hardware
     prefetcher; on huge pages the step's 49 decode_linear calls read 4-19% faster on a 2-core
-    AMD EPYC VM (a plain read gains 4-15% too:
+    AMD EPYC VM (a plain read gains 4-18% too:
     benchmarks/results/2026-12-05-cpu-amd-epyc-2core-avx512-liquid-step-huge-pages.md).
-    Run it once after loading, before torch.compile; parameters that are not contiguous, live
-    off the CPU or already start on a 2 MiB boundary are left alone. Resident memory rises by up to 2 MiB per
-    moved parameter (the rounding of each mapping).
+    LiquidLM.from_pretrained calls it for CPU models. Call it once after loading, before
+    torch.compile, and not while another thread runs the module (the old storages are freed).
+    Costs a copy of the moved bytes, and at most one partial huge page of resident memory per
+    parameter under THP "always".
     """
+    global _warned_unsupported
     if not huge_pages_enabled():
-        if not sys.platform.startswith("linux"):
-            warnings.warn("use_huge_pages: transparent huge pages are Linux only; weights stay on normal pages")
+        if not _thp_supported() and not _warned_unsupported and os.environ.get("MMFAST_CPU_HUGE_PAGES") != "0":
+            _warned_unsupported = True
+            warnings.warn("use_huge_pages: no transparent huge pages here (Linux with THP only); weights stay on "
+                          "normal pages")
         return 0
+    advised = _advised_ranges()
     moved = 0
     with torch.inference_mode(False), torch.no_grad():  # normal tensors even when called under inference_mode
         for param in module.parameters():
             nbytes = param.numel() * param.element_size()
-            if (param.device.type != "cpu" or nbytes < min_bytes or not param.is_contiguous()
-                    or param.data_ptr() % HUGE_PAGE_BYTES == 0):
+            if (param.device.type != "cpu" or nbytes < min_bytes or param.layout != torch.strided
+                    or type(param.data) is not torch.Tensor or not param.is_contiguous()
+                    or any(low <= param.data_ptr() < high for low, high in advised)):
                 continue
             target = huge_page_empty(param.shape, param.dtype)
             target.copy_(param)

@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import _backend, ops
-from ...memory import use_huge_pages
 from .lm import LiquidLM
 from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
 
@@ -47,10 +46,6 @@ class DecodeStep:
     CUDA graph captured under inference_mode is reported to leave the CUDA generator's graph
     state as inference tensors, so that a later capture outside it fails (pytorch#166792).
 
-    On the CPU the model's large weights move onto transparent huge pages first
-    (mmfast.memory.use_huge_pages, once; same values, same Parameter objects): every step
-    streams them all. MMFAST_CPU_HUGE_PAGES=0 keeps them where they are.
-
     compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the
     norms, RoPE and residual adds fused, the mmfast ops called as they are); on CUDA with
     mode="reduce-overhead" (CUDA graphs by torch) instead of the graph above. The first call
@@ -62,8 +57,6 @@ class DecodeStep:
                  compile: bool = False):
         self.model, self.rows = model, logits_rows
         on_cuda = model.device.type == "cuda"
-        if model.device.type == "cpu":
-            use_huge_pages(model)
         self.step = _compiled_step(model, logits_rows) if compile else self._decode
         self.use_graph = cuda_graph and not compile and on_cuda and _backend.get_backend() != "reference"
         self.calls, self.graph, self.static_tokens, self.static_logits = 0, None, None, None

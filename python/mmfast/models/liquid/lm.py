@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ...memory import use_huge_pages
 from .lm_checkpoint import LiquidLMCheckpointError, check_state, load_safetensors_dir
 from .lm_config import LiquidLMConfig
 from .lm_layers import Backbone, KVCache, linear, merge_fused_projections, rope_cos_sin, rope_inv_freq
@@ -232,14 +233,18 @@ class LiquidLM(nn.Module):
     # -- loading --
 
     @classmethod
-    def from_pretrained(cls, local_dir, dtype: Optional[torch.dtype] = None, device=None) -> "LiquidLM":
+    def from_pretrained(cls, local_dir, dtype: Optional[torch.dtype] = None, device=None,
+                        huge_pages: bool = True) -> "LiquidLM":
         """A LiquidLM in eval mode from a local transformers checkpoint directory (nothing is
         downloaded): config.json (model_type llama, gemma or gemma2) and model.safetensors, or
         shards listed by model.safetensors.index.json, read with the safetensors library (never
-        pickle). dtype: default the stored dtype; device: default CPU. A tied model ignores a stored
-        lm_head.weight; rotary inv_freq keys are ignored. Raises FileNotFoundError for missing
-        files, ValueError for an unsupported config, LiquidLMCheckpointError for missing,
-        unexpected or misshapen tensors."""
+        pickle). dtype: default the stored dtype; device: default CPU. huge_pages: on the CPU,
+        move the weights of 2 MiB and more onto transparent huge pages
+        (mmfast.memory.use_huge_pages: a decode step streams them all, 4-19% faster on huge
+        pages; no effect off Linux, without THP or with MMFAST_CPU_HUGE_PAGES=0). A tied model
+        ignores a stored lm_head.weight; rotary inv_freq keys are ignored. Raises
+        FileNotFoundError for missing files, ValueError for an unsupported config,
+        LiquidLMCheckpointError for missing, unexpected or misshapen tensors."""
         local_dir = os.fspath(local_dir)
         config_path = os.path.join(local_dir, "config.json")
         if not os.path.isfile(config_path):
@@ -260,6 +265,8 @@ class LiquidLM(nn.Module):
         merge_fused_projections(model, state)
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
+        if huge_pages and device.type == "cpu":
+            use_huge_pages(model)
         return model.eval()
 
 
