@@ -10,6 +10,19 @@ import subprocess
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir)
 SOURCES = ("csrc/cpu/decode_kernels.cpp", "csrc/cpu/isa.cpp")
+# The weights one decode step of a Llama-138M reads (hidden 768, 12 layers with fused qkv and
+# gate/up, the 32000-row head: 551 MB fp32), as (out_features, in_features).
+LLAMA_138M_STEP_SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
+# A shim exposing decode_linear at M = 1, fp32, without bias: linear_m1(w, x, y, n, k).
+LINEAR_M1_SHIM = """
+#include "mmfast/cpu/decode.h"
+extern "C" void linear_m1(const float* w, const float* x, float* y, long n, long k) {
+  mmfast::DecodeLinearParams p;
+  p.rows = 1, p.in_features = k, p.out_features = n, p.x = x, p.x_row_stride = k;
+  p.weight = w, p.bias = nullptr, p.y = y;
+  mmfast::cpu::decode_kernels().linear(p);
+}
+"""
 THREADS = {"std": ["tests/cpp/parallel_threads.cpp"],
            "openmp": ["-fopenmp", os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_openmp.cpp")]}
 

@@ -17,18 +17,8 @@ import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast: cpu_isa)
 from _rounds import print_ratios, time_rounds
-from _torch_free import ROOT, build_decode_kernels
+from _torch_free import LINEAR_M1_SHIM, LLAMA_138M_STEP_SHAPES, ROOT, build_decode_kernels
 
-SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
-SHIM = """
-#include "mmfast/cpu/decode.h"
-extern "C" void linear_m1(const float* w, const float* x, float* y, long n, long k) {
-  mmfast::DecodeLinearParams p;
-  p.rows = 1, p.in_features = k, p.out_features = n, p.x = x, p.x_row_stride = k;
-  p.weight = w, p.bias = nullptr, p.y = y;
-  mmfast::cpu::decode_kernels().linear(p);
-}
-"""
 
 
 def export_tree(revision, directory):
@@ -41,21 +31,21 @@ def export_tree(revision, directory):
 def main():
     base = sys.argv[1] if len(sys.argv) > 1 else "HEAD"
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    weights = [torch.randn(n, k) for n, k in SHAPES]
+    weights = [torch.randn(n, k) for n, k in LLAMA_138M_STEP_SHAPES]
     total = sum(w.numel() for w in weights)
     floor_buffer = torch.ones(total)
-    xs = {k: torch.randn(k) for k in {k for _, k in SHAPES}}
-    ys = [torch.empty(n) for n, _ in SHAPES]
+    xs = {k: torch.randn(k) for k in {k for _, k in LLAMA_138M_STEP_SHAPES}}
+    ys = [torch.empty(n) for n, _ in LLAMA_138M_STEP_SHAPES]
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     calls = [(ptr(w), ptr(xs[w.shape[1]]), ptr(y), ctypes.c_long(w.shape[0]), ctypes.c_long(w.shape[1]))
              for w, y in zip(weights, ys)]
     with tempfile.TemporaryDirectory() as directory:
-        libs = {f"base ({base})": build_decode_kernels(directory, SHIM, [], export_tree(base, directory),
-                                                       threads="openmp"),
-                "this checkout": build_decode_kernels(directory, SHIM, [], threads="openmp")}
+        def build(defines, root=None):
+            return build_decode_kernels(directory, LINEAR_M1_SHIM, defines, root or ROOT, threads="openmp")
+
+        libs = {f"base ({base})": build([], export_tree(base, directory)), "this checkout": build([])}
         if len(sys.argv) > 2:  # this checkout again, built with extra -D flags
-            libs["this checkout " + " ".join(sys.argv[2:])] = build_decode_kernels(directory, SHIM, sys.argv[2:],
-                                                                                   threads="openmp")
+            libs["this checkout " + " ".join(sys.argv[2:])] = build(sys.argv[2:])
         contenders = {"read (floor)": floor_buffer.sum}
         for name, lib in libs.items():
             contenders[f"49 calls, {name}"] = (lambda lib: lambda: [lib.linear_m1(*c) for c in calls])(lib)

@@ -9,14 +9,14 @@ import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
 from _rounds import print_ratios, time_rounds
+from _torch_free import LLAMA_138M_STEP_SHAPES
 
-SHAPES = [(2304, 768), (768, 768), (6144, 768), (768, 3072)] * 12 + [(32000, 768)]
 
 
 def main():
     torch.set_num_threads(2)
     linear = torch.ops.mmfast.decode_linear.default
-    weights = [torch.randn(n, k) for n, k in SHAPES]
+    weights = [torch.randn(n, k) for n, k in LLAMA_138M_STEP_SHAPES]
     total = sum(w.numel() for w in weights)
     one_matrix, floor_buffer = torch.randn(total // 768, 768), torch.ones(total)
     x = {768: torch.randn(1, 768), 3072: torch.randn(1, 3072)}

@@ -15,22 +15,13 @@ import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
 from _rounds import print_ratios, time_rounds
-from _torch_free import build_decode_kernels
+from _torch_free import LINEAR_M1_SHIM, build_decode_kernels
 
 VARIANTS = [(4, 2048), (4, 1024), (4, 512), (4, 0), (8, 0), (8, 2048)]  # (chains, prefetch bytes)
-SHIM = """
-#include "mmfast/cpu/decode.h"
-extern "C" void linear_m1(const float* w, const float* x, float* y, long n, long k) {
-  mmfast::DecodeLinearParams p;
-  p.rows = 1, p.in_features = k, p.out_features = n, p.x = x, p.x_row_stride = k;
-  p.weight = w, p.bias = nullptr, p.y = y;
-  mmfast::cpu::decode_kernels().linear(p);
-}
-"""
 
 
 def build(directory, chains, prefetch):
-    return build_decode_kernels(directory, SHIM, [f"-DMMFAST_DECODE_STREAM_CHAINS={chains}",
+    return build_decode_kernels(directory, LINEAR_M1_SHIM, [f"-DMMFAST_DECODE_STREAM_CHAINS={chains}",
                                                   f"-DMMFAST_DECODE_STREAM_PREFETCH_BYTES={prefetch}"])
 
 

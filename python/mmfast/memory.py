@@ -222,7 +222,7 @@ def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) ->
     numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     length = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     block = mmap.mmap(-1, length + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = torch.frombuffer(block, dtype=torch.uint8, count=1).data_ptr()
