@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -13,6 +14,15 @@
 
 #define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/decode_impl.h"
 #include "avx512_on_avx2.h"
+
+// One more copy of the SIMD header, without a target pragma, for sum_lanes_tree at every width
+// (GCC emulates vectors wider than the baseline ISA with the same IEEE additions).
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32/64-byte vectors by value: these never cross a library
+#define MMFAST_CPU_ISA_NS sum_tree_test
+#define MMFAST_VECTOR_BYTES 16
+#include "mmfast/cpu/simd.h"
+#undef MMFAST_CPU_ISA_NS
+#undef MMFAST_VECTOR_BYTES
 
 using namespace mmfast;
 
@@ -193,6 +203,34 @@ double check_linear(const cpu::DecodeKernels& k, int64_t M, int64_t K, int64_t N
   return worst;
 }
 
+// sum_lanes_tree adds lanes in one fixed tree (lane i + lane i + n/2, halves recursively) at
+// every vector width: its shuffle form and the memory form used before GCC 12 must give the
+// same bits, so decode_linear's and the attention scores' sums do not depend on the compiler.
+// The values span 2^-30..2^30 with both signs, so a different order changes the result.
+template <typename acc_t, int bytes>
+int check_sum_lanes_tree(std::mt19937& rng) {
+  constexpr int lanes = bytes / int(sizeof(acc_t));
+  typedef acc_t V __attribute__((vector_size(bytes)));
+  std::uniform_real_distribution<double> mantissa(-1.0, 1.0);
+  std::uniform_int_distribution<int> exponent(-30, 30);
+  int mismatches = 0, order_matters = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    acc_t lane[lanes], tree[lanes];
+    for (int i = 0; i < lanes; ++i) tree[i] = lane[i] = acc_t(std::ldexp(mantissa(rng), exponent(rng)));
+    V v;
+    std::memcpy(&v, lane, sizeof(v));
+    for (int half = lanes / 2; half >= 1; half /= 2)
+      for (int i = 0; i < half; ++i) tree[i] += tree[i + half];
+    acc_t sequential = 0;
+    for (int i = 0; i < lanes; ++i) sequential += lane[i];
+    const acc_t got = cpu::sum_tree_test::sum_lanes_tree<acc_t, bytes>(v);
+    mismatches += std::memcmp(&got, &tree[0], sizeof(acc_t)) != 0;
+    order_matters += sequential != tree[0];
+  }
+  // a test whose inputs could not tell two orders apart would prove nothing
+  return lanes > 2 && order_matters == 0 ? -1 : mismatches;  // two lanes: one order only
+}
+
 }  // namespace
 
 int main() {
@@ -207,6 +245,18 @@ int main() {
                                  {2, 1, 6, 2, 64, 530, 0, 0}};
   int failures = 0, passed = 0;
   std::mt19937 rng(0);
+  const struct {
+    const char* name;
+    int (*check)(std::mt19937&);
+  } trees[] = {{"float x4", check_sum_lanes_tree<float, 16>},   {"float x8", check_sum_lanes_tree<float, 32>},
+               {"float x16", check_sum_lanes_tree<float, 64>},  {"double x2", check_sum_lanes_tree<double, 16>},
+               {"double x4", check_sum_lanes_tree<double, 32>}, {"double x8", check_sum_lanes_tree<double, 64>}};
+  for (const auto& t : trees) {
+    const int bad = t.check(rng);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s sum_lanes_tree %s: %d of 2000 off the fixed tree%s\n", bad ? "FAIL" : "ok  ", t.name,
+                bad < 0 ? 0 : bad, bad < 0 ? " (inputs did not depend on the order)" : "");
+  }
   for (const auto& variant : variants) {
     const cpu::DecodeKernels k = variant.kernels();
     const char* name = variant.name;
