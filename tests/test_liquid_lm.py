@@ -432,41 +432,6 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
 
 
-def test_compiled_decode_step_skips_guards_safely_across_batch_sizes(monkeypatch):
-    """From its second call DecodeStep(compile=True) runs with dynamo's skip_guard_eval_unsafe:
-    the compiled step's two cache entries (batch 2 and batch 3) are still told apart, and the
-    tokens equal eager ones with the skip on or off (MMFAST_DECODE_SKIP_GUARDS)."""
-    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=4)
-    prompts = {b: torch.randint(3, VOCAB, (b, 5), generator=torch.Generator().manual_seed(b)) for b in (2, 3)}
-    eager = {b: generate_text(model, p, max_new_tokens=5) for b, p in prompts.items()}
-    stances = []
-    real_set_stance = torch.compiler.set_stance
-    monkeypatch.setattr(torch.compiler, "set_stance",
-                        lambda *a, **k: stances.append(k.get("skip_guard_eval_unsafe")) or real_set_stance(*a, **k))
-    for setting, skipped in (("1", True), ("0", False)):
-        monkeypatch.setenv("MMFAST_DECODE_SKIP_GUARDS", setting)
-        stances.clear()
-        for b in (2, 3, 2):
-            assert torch.equal(generate_text(model, prompts[b], max_new_tokens=5, compile=True), eager[b]), (setting, b)
-        assert stances == ([True] * 3 * 3 if skipped else []), stances  # steps 2..4 of each call (5 tokens: 4 steps)
-    monkeypatch.setenv("MMFAST_DECODE_SKIP_GUARDS", "yes")
-    with pytest.raises(ValueError, match="MMFAST_DECODE_SKIP_GUARDS must be 0 or 1"):
-        generate_text(model, prompts[2], max_new_tokens=3, compile=True)
-
-
-def test_compiled_decode_step_keeps_the_callers_stance(monkeypatch):
-    """Under a stance the caller set (here force_eager) DecodeStep does not switch to its own."""
-    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=5)
-    prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
-    eager = generate_text(model, prompts, max_new_tokens=4)
-    stances = []
-    real_set_stance = torch.compiler.set_stance
-    with torch.compiler.set_stance("force_eager"):
-        monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: stances.append(a) or real_set_stance(*a, **k))
-        assert torch.equal(generate_text(model, prompts, max_new_tokens=4, compile=True), eager)
-    assert stances == []
-
-
 @pytest.mark.skipif(not mmfast.memory.huge_pages_enabled() or os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "0",
                     reason="needs Linux with transparent huge pages, MMFAST_CPU_HUGE_PAGES on, THP_MEM_ALLOC_ENABLE off")
 def test_from_pretrained_puts_cpu_weights_on_huge_pages_with_the_same_tokens(tmp_path):

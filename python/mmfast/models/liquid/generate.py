@@ -10,9 +10,7 @@ after its first (eager, warm-up) call; see DecodeStep.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -53,21 +51,12 @@ class DecodeStep:
     mode="reduce-overhead" (CUDA graphs by torch) instead of the graph above. The first call
     compiles (about 30 s for a 12-layer model on 2 CPU cores; again for a new batch size), so it
     pays for long generations: a 138M Llama's CPU step goes from ~35 to ~26 ms at batch 1.
-    From the second call on, the compiled step runs under torch.compiler.set_stance(
-    skip_guard_eval_unsafe=True): dynamo then checks only the guards that tell its cache entries
-    apart (e.g. two batch sizes) instead of every parameter's and cache's, about 0.35 ms per step
-    of a 12-layer model on 2 CPU cores. That is safe here because nothing a guard watches changes
-    between the steps of one loop (the same tokens shape, model, caches and grad mode; the first
-    call of each DecodeStep checks every guard and recompiles if needed). Only done under torch's
-    "default" stance with no forced backend (a stance the caller set is kept);
-    MMFAST_DECODE_SKIP_GUARDS=0 turns it off.
     """
 
     def __init__(self, model: LiquidLM, logits_rows: Optional[slice] = None, cuda_graph: bool = True,
                  compile: bool = False):
         self.model, self.rows = model, logits_rows
         on_cuda = model.device.type == "cuda"
-        self.compiled = compile
         self.step = _compiled_step(model, logits_rows) if compile else self._decode
         self.use_graph = cuda_graph and not compile and on_cuda and _backend.get_backend() != "reference"
         self.calls, self.graph, self.static_tokens, self.static_logits = 0, None, None, None
@@ -89,8 +78,7 @@ class DecodeStep:
     def _call(self, tokens: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if not self.use_graph:
-            with _only_differentiating_guards(self.compiled and self.calls > 1):
-                return self.eager(tokens)
+            return self.eager(tokens)
         if self.calls == 1:  # warm-up on a side stream, as torch.cuda.graphs recommends before capture
             stream = torch.cuda.Stream(device=tokens.device)
             stream.wait_stream(torch.cuda.current_stream(tokens.device))
@@ -117,22 +105,6 @@ class DecodeStep:
             self.use_graph, self.static_logits = False, None
             return
         self.graph = graph
-
-
-def _only_differentiating_guards(wanted: bool):
-    """torch.compiler.set_stance(skip_guard_eval_unsafe=True) when wanted, the caller's stance is
-    torch's default (read from dynamo's private state: if that moves, nothing is skipped) and
-    MMFAST_DECODE_SKIP_GUARDS is not "0"; otherwise a no-op context."""
-    setting = os.environ.get("MMFAST_DECODE_SKIP_GUARDS", "1")
-    if setting not in ("0", "1"):
-        raise ValueError(f"MMFAST_DECODE_SKIP_GUARDS must be 0 or 1, got {setting!r}")
-    import torch._dynamo.eval_frame  # noqa: F401 - loaded by torch.compile already; makes the attribute safe
-
-    stance = getattr(torch._dynamo.eval_frame, "_stance", None)
-    if (not wanted or setting == "0" or getattr(stance, "stance", None) != "default"
-            or getattr(stance, "backend", "unknown") is not None or getattr(stance, "skip_guard_eval_unsafe", True)):
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def _compiled_step(model: LiquidLM, rows: Optional[slice]):
