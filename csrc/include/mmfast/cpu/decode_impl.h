@@ -610,41 +610,72 @@ void sample(const SampleParams& p) {
 // hiding the DRAM reads instead of following them.
 constexpr int64_t kLinearRows = 3;
 constexpr int64_t kLinearXRows = MMFAST_VECTOR_BYTES >= 64 ? 8 : 4;
-// M = 1 (stream_row): accumulators per row (FMA latency x issue width in flight) and how far
-// ahead of the loads the prefetch hints run, 0 for none (every build). Measured over 551 MB
-// against a torch sum of the same bytes, hints slowed the stream on both AMD EPYC kinds we
-// ran: AVX2 only (2 KB: 1.19x, 512 B: 1.06x, none: 1.05x the sum) and AVX-512 (2026-12-05, the
-// 49 calls of a Llama-138M step: 2 KB 1.19x / 1.31x, none 1.08x / 1.25x the read, in a slow and
-// a fast bandwidth phase of the VM; one earlier AVX-512 VM had measured 2 KB at 1.02x). 1, 2 or
-// 4 chains read alike there, 8 slower (1.66x). Both can be overridden at build time with -D (as
+// M = 1 (stream_row): the vector width and the accumulators per row (FMA latency x issue width
+// in flight), and how far ahead of the loads the prefetch hints run, 0 for none (every build).
+// Measured over the 551 MB of a Llama-138M step's 49 calls against a torch sum of the same bytes
+// (weights and sum both on huge pages; AMD EPYC with AVX-512, 2026-12-05): the AVX-512 copy read
+// 1.06-1.24x the sum with 64-byte vectors x 4 chains in the VM's fast-bandwidth phases (~60 GB/s)
+// and 1.03-1.11x with 32-byte vectors x 8 chains (the same 256 bytes an iteration); 32 x 4:
+// 1.06-1.12x, 32 x 16: 1.13-1.26x, 16 x 8: 1.04-1.21x, 64 x 2: 1.10-1.20x, 64 x 8: 1.66x (an
+// earlier run); in slow phases (~33 GB/s) all within a few percent. So every copy streams with
+// vectors of at most 32 bytes, the AVX-512 one with 8 chains; the AVX2 and generic copies keep 4
+// (not re-measured on the AVX2-only EPYC, where 1, 2 and 4 read alike). Hints slowed the stream
+// on both AMD EPYC kinds we ran: AVX2 only (2 KB: 1.19x, 512 B: 1.06x, none: 1.05x the sum) and
+// AVX-512 (2 KB 1.19x / 1.31x, none 1.08x / 1.25x the read, slow and fast phase; one earlier
+// AVX-512 VM had measured 2 KB at 1.02x). Each can be overridden at build time with -D (as
 // benchmarks/probes/decode_stream_prefetch.py and decode_linear_ab.py do to time variants).
+#ifndef MMFAST_DECODE_STREAM_VECTOR_BYTES
+#define MMFAST_DECODE_STREAM_VECTOR_BYTES 32
+#endif
 #ifndef MMFAST_DECODE_STREAM_CHAINS
-#define MMFAST_DECODE_STREAM_CHAINS 4
+#define MMFAST_DECODE_STREAM_CHAINS (MMFAST_VECTOR_BYTES >= 64 ? 8 : 4)
 #endif
 #ifndef MMFAST_DECODE_STREAM_PREFETCH_BYTES
 #define MMFAST_DECODE_STREAM_PREFETCH_BYTES 0
 #endif
+constexpr int kStreamVectorBytes =
+    MMFAST_DECODE_STREAM_VECTOR_BYTES < MMFAST_VECTOR_BYTES ? MMFAST_DECODE_STREAM_VECTOR_BYTES : MMFAST_VECTOR_BYTES;
 constexpr int kStreamChains = MMFAST_DECODE_STREAM_CHAINS;
 constexpr int64_t kStreamPrefetchBytes = MMFAST_DECODE_STREAM_PREFETCH_BYTES;
 static_assert(kStreamChains >= 1 && kStreamPrefetchBytes >= 0, "M = 1 stream: chains >= 1, prefetch bytes >= 0");
+static_assert(kStreamVectorBytes >= 16 && (kStreamVectorBytes & (kStreamVectorBytes - 1)) == 0,
+              "M = 1 stream: vectors of 16, 32 or 64 bytes");
 
-// W consecutive elements of a weight row as a vector of the accumulation type.
-inline Vec<float>::type load_weights(const float* p) { return load<float>(p); }
-inline Vec<double>::type load_weights(const double* p) { return load<double>(p); }
-inline Vec<float>::type load_weights(const BFloat16* p) {
-  typedef uint16_t Half16 __attribute__((vector_size(Vec<float>::width * 2)));
-  typedef uint32_t Word32 __attribute__((vector_size(Vec<float>::width * 4)));
+// `bytes` bytes of the accumulation type as one vector (the ISA's width by default).
+template <typename acc_t, int bytes>
+struct VecOf {
+  typedef acc_t type __attribute__((vector_size(bytes)));
+};
+
+template <int bytes, typename acc_t>
+inline typename VecOf<acc_t, bytes>::type load_n(const acc_t* p) {
+  typename VecOf<acc_t, bytes>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Consecutive elements of a weight row as a vector of `bytes` bytes of the accumulation type.
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline typename VecOf<float, bytes>::type load_weights(const float* p) { return load_n<bytes>(p); }
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline typename VecOf<double, bytes>::type load_weights(const double* p) { return load_n<bytes>(p); }
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline typename VecOf<float, bytes>::type load_weights(const BFloat16* p) {
+  using Half16 = typename VecOf<uint16_t, bytes / 2>::type;
+  using Word32 = typename VecOf<uint32_t, bytes>::type;
   Half16 bits;
   __builtin_memcpy(&bits, p, sizeof(bits));
   const Word32 words = __builtin_convertvector(bits, Word32) << 16;
-  Vec<float>::type v;
+  typename VecOf<float, bytes>::type v;
   __builtin_memcpy(&v, &words, sizeof(v));
   return v;
 }
-inline Vec<float>::type load_weights(const Half* p) {
-  float lanes[Vec<float>::width];
-  for (int64_t i = 0; i < Vec<float>::width; ++i) lanes[i] = to_float(p[i]);
-  return load<float>(lanes);
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline typename VecOf<float, bytes>::type load_weights(const Half* p) {
+  constexpr int lanes = bytes / 4;
+  float values[lanes];
+  for (int i = 0; i < lanes; ++i) values[i] = to_float(p[i]);
+  return load_n<bytes>(values);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -712,8 +743,9 @@ struct LinearJob {
   // prefetcher follows; three rows read side by side (the blocks above, which batches need for
   // reuse of each weight load) stalled it at M = 1: 1.2x slower on an AMD EPYC.
   acc_t stream_row(int64_t n) const {
-    using V = typename Vec<acc_t>::type;
-    constexpr int64_t W = Vec<acc_t>::width, step = kStreamChains * W;
+    constexpr int bytes = kStreamVectorBytes;
+    using V = typename VecOf<acc_t, bytes>::type;
+    constexpr int64_t W = bytes / int64_t(sizeof(acc_t)), step = kStreamChains * W;
     constexpr int64_t step_bytes = step * int64_t(sizeof(scalar_t));
     const int64_t k_total = p->in_features;
     const scalar_t* weight = static_cast<const scalar_t*>(p->weight) + n * k_total;
@@ -726,11 +758,11 @@ struct LinearJob {
         for (int64_t b = 0; b < step_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
       }
       for (int c = 0; c < kStreamChains; ++c)
-        acc[c] += load_weights(weight + k + c * W) * load<acc_t>(xbuf + k + c * W);
+        acc[c] += load_weights<bytes>(weight + k + c * W) * load_n<bytes>(xbuf + k + c * W);
     }
-    for (; k + W <= k_total; k += W) acc[0] += load_weights(weight + k) * load<acc_t>(xbuf + k);
+    for (; k + W <= k_total; k += W) acc[0] += load_weights<bytes>(weight + k) * load_n<bytes>(xbuf + k);
     for (int c = 1; c < kStreamChains; ++c) acc[0] += acc[c];
-    acc_t sum = sum_lanes<acc_t>(acc[0]);
+    acc_t sum = sum_lanes_tree<acc_t, bytes>(acc[0]);
     for (; k < k_total; ++k) sum += acc_t(to_acc(weight[k])) * xbuf[k];
     return sum;
   }
