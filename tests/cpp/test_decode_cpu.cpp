@@ -251,8 +251,9 @@ int main() {
   } trees[] = {{"float x4", check_sum_lanes_tree<float, 16>},   {"float x8", check_sum_lanes_tree<float, 32>},
                {"float x16", check_sum_lanes_tree<float, 64>},  {"double x2", check_sum_lanes_tree<double, 16>},
                {"double x4", check_sum_lanes_tree<double, 32>}, {"double x8", check_sum_lanes_tree<double, 64>}};
+  std::mt19937 tree_rng(7);  // its own generator: the cases below keep their inputs
   for (const auto& t : trees) {
-    const int bad = t.check(rng);
+    const int bad = t.check(tree_rng);
     (bad == 0 ? passed : failures)++;
     std::printf("%s sum_lanes_tree %s: %d of 2000 off the fixed tree%s\n", bad ? "FAIL" : "ok  ", t.name,
                 bad < 0 ? 0 : bad, bad < 0 ? " (inputs did not depend on the order)" : "");
