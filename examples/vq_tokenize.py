@@ -6,7 +6,7 @@
 
 The checkpoint is a local file (taming / Chameleon format: .safetensors, or a .ckpt that
 torch.load(weights_only=True) reads; Liquid's demo space ships `chameleon/vqgan.ckpt`). The
-default image is scikit-image's astronaut (bundled with the package). Writes
+default image is scikit-image's astronaut (shipped with scikit-image; pip install scikit-image). Writes
 OUT/reconstruction.png (input | reconstruction) and OUT/code_histogram.png, and prints the
 number of distinct codes, the timings and the PSNR. Nothing is downloaded.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -53,7 +54,11 @@ def parse_args():
 
 def load_image(path):
     if path is None:
-        from skimage import data
+        try:
+            from skimage import data
+        except ImportError:
+            sys.exit("error: without --image the sample photograph comes from scikit-image, which is not installed: "
+                     "pass --image PATH or pip install scikit-image")
 
         return data.astronaut()
     from PIL import Image

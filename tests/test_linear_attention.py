@@ -305,6 +305,8 @@ def test_bad_feature_map_and_backend():
             call()
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_attention(q, k, v, backend="cudnn")
+    with pytest.raises(ValueError, match="not a device: the device is the tensors' own"):  # a common mistake
+        mmfast.set_backend("cuda")
 
 
 def test_apply_rejects_mismatched_state():

@@ -294,8 +294,11 @@ def test_first_step_distribution_matches_transformers_processors(checkpoints):
 
 
 def test_bad_inputs_raise(checkpoints, tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="is not a directory.*never a Hugging Face Hub id"):
         LiquidLM.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LiquidLM.from_pretrained(tmp_path / "empty")
     config = json.loads((checkpoints["llama"][1] / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):

@@ -65,7 +65,9 @@ def use_backend(backend: str):
 
 def validate(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"mmfast: backend must be one of {BACKENDS}, got {backend!r}")
+        hint = (" (a backend is an implementation, not a device: the device is the tensors' own, so move them "
+                "with .to('cuda'))" if backend in ("cuda", "cpu", "gpu") else "")
+        raise ValueError(f"mmfast: backend must be one of {BACKENDS}, got {backend!r}{hint}")
 
 
 def native_available(op: str, device: torch.device) -> bool:

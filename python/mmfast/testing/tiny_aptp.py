@@ -29,7 +29,11 @@ TEXT_TOKENS = 8  # encoder_hidden_states length of the tiny examples
 
 def tiny_aptp_unet(seed: int = 0, **overrides):
     """A random tiny UNet2DConditionModel (TINY_APTP_CONFIG, updated by overrides), in eval mode."""
-    from diffusers import UNet2DConditionModel
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError as err:
+        raise ImportError("mmfast's APTP models and their tiny examples need diffusers: "
+                          "pip install 'mmfast[models]' (or pip install diffusers transformers)") from err
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**TINY_APTP_CONFIG, **overrides}).eval()

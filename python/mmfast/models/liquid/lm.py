@@ -247,6 +247,10 @@ class LiquidLM(nn.Module):
         LiquidLMCheckpointError for missing, unexpected or misshapen tensors."""
         local_dir = os.fspath(local_dir)
         config_path = os.path.join(local_dir, "config.json")
+        if not os.path.isdir(local_dir):
+            raise FileNotFoundError(f"LiquidLM: {local_dir!r} is not a directory: from_pretrained reads a local "
+                                    "transformers checkpoint folder, never a Hugging Face Hub id (download one first, "
+                                    "e.g. huggingface_hub.snapshot_download(repo_id, local_dir=...))")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"LiquidLM: no config.json in {local_dir!r} (a local transformers checkpoint "
                                     "directory; nothing is downloaded)")
