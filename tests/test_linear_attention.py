@@ -435,3 +435,19 @@ def test_python_m_mmfast_help_and_json():
     assert facts["torch"] == torch.__version__ and "linear_attention" in facts["CPU kernels"]
     wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr
+
+
+def test_import_mmfast_does_not_import_dynamo():
+    """`import mmfast` stays off torch._dynamo (~1 s): the Triton backend's import hook carries
+    assume_constant_result's flag directly, which must stay what that decorator sets."""
+    code = "import sys, mmfast; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and probe.__dict__ == {"_dynamo_marked_constant": True}
+    assert mmfast._backend._import_kernel_module._dynamo_marked_constant is True

@@ -40,3 +40,19 @@ def build_decode_kernels(directory, shim_source, defines, root=ROOT, threads="st
     subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", "-shared", "-fPIC", "-pthread",
                     f"-I{os.path.join(root, 'csrc/include')}", *defines, "-o", out, *sources], check=True)
     return ctypes.CDLL(out)
+
+
+def linear_m1_calls(weights):
+    """(ctypes arguments of linear_m1 (LINEAR_M1_SHIM) for each (N, K) fp32 weight, the x and y
+    tensors they point into): random x rows shared by the weights of one K, one output per weight.
+    Keep the tensors alive while the arguments are used."""
+    import ctypes
+
+    import torch
+
+    xs = {k: torch.randn(k) for k in {w.shape[1] for w in weights}}
+    ys = [torch.empty(w.shape[0]) for w in weights]
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    calls = [(ptr(w), ptr(xs[w.shape[1]]), ptr(y), ctypes.c_long(w.shape[0]), ctypes.c_long(w.shape[1]))
+             for w, y in zip(weights, ys)]
+    return calls, (xs, ys)

@@ -7,7 +7,6 @@ differ. BASE is a git revision (exported with git archive), the other tree is th
 25 rounds in shuffled order; each figure is the median of the per-round ratios to the read.
 Run: .venv/bin/python benchmarks/probes/decode_linear_ab.py [BASE=HEAD [-DNAME=VALUE ...]]: with -D flags, this
 checkout built with them is a third contender (about a minute per build)"""
-import ctypes
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast: cpu_isa)
 from _rounds import print_ratios, time_rounds
-from _torch_free import LINEAR_M1_SHIM, LLAMA_138M_STEP_SHAPES, ROOT, build_decode_kernels
+from _torch_free import LINEAR_M1_SHIM, LLAMA_138M_STEP_SHAPES, ROOT, build_decode_kernels, linear_m1_calls
 
 
 
@@ -34,11 +33,7 @@ def main():
     weights = [torch.randn(n, k) for n, k in LLAMA_138M_STEP_SHAPES]
     total = sum(w.numel() for w in weights)
     floor_buffer = torch.ones(total)
-    xs = {k: torch.randn(k) for k in {k for _, k in LLAMA_138M_STEP_SHAPES}}
-    ys = [torch.empty(n) for n, _ in LLAMA_138M_STEP_SHAPES]
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    calls = [(ptr(w), ptr(xs[w.shape[1]]), ptr(y), ctypes.c_long(w.shape[0]), ctypes.c_long(w.shape[1]))
-             for w, y in zip(weights, ys)]
+    calls, _buffers = linear_m1_calls(weights)
     with tempfile.TemporaryDirectory() as directory:
         def build(defines, root=None):
             return build_decode_kernels(directory, LINEAR_M1_SHIM, defines, root or ROOT, threads="openmp")

@@ -11,7 +11,6 @@ Run: .venv/bin/python benchmarks/probes/decode_stream_width.py \\
          -DMMFAST_DECODE_STREAM_VECTOR_BYTES=64,-DMMFAST_DECODE_STREAM_CHAINS=4 ...
 (one argument per variant, its -D flags joined by commas; about 1 min to build each variant,
 then about 1 min per 6 blocks)"""
-import ctypes
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ import torch
 
 import mmfast  # noqa: F401  (registers torch.ops.mmfast)
 from _rounds import time_rounds
-from _torch_free import LINEAR_M1_SHIM, LLAMA_138M_STEP_SHAPES, ROOT, build_decode_kernels
+from _torch_free import LINEAR_M1_SHIM, LLAMA_138M_STEP_SHAPES, ROOT, build_decode_kernels, linear_m1_calls
 from mmfast.memory import huge_page_empty
 
 
@@ -34,11 +33,7 @@ def main():
     for n, k in LLAMA_138M_STEP_SHAPES:
         weights.append(store[offset:offset + n * k].view(n, k))
         offset += n * k
-    xs = {k: torch.randn(k) for k in {k for _, k in LLAMA_138M_STEP_SHAPES}}
-    ys = [torch.empty(n) for n, _ in LLAMA_138M_STEP_SHAPES]
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    calls = [(ptr(w), ptr(xs[w.shape[1]]), ptr(y), ctypes.c_long(w.shape[0]), ctypes.c_long(w.shape[1]))
-             for w, y in zip(weights, ys)]
+    calls, _buffers = linear_m1_calls(weights)
     with tempfile.TemporaryDirectory() as directory:
         libs = {"default": build_decode_kernels(directory, LINEAR_M1_SHIM, [], ROOT, threads="openmp")}
         for variant in sys.argv[1:]:

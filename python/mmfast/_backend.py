@@ -100,10 +100,15 @@ def op_overload(op: str, backend: str):
     return getattr(getattr(torch.ops, NAMESPACES[backend]), op).default
 
 
-@torch.compiler.assume_constant_result
 def _import_kernel_module(name: str) -> bool:
     # Runs once, at trace time under torch.compile (an import cannot be traced).
     if name not in _imported_kernel_modules:
         importlib.import_module(name)
         _imported_kernel_modules.add(name)
     return True
+
+
+# What torch.compiler.assume_constant_result(_import_kernel_module) does (it sets only this flag,
+# tests/test_linear_attention.py checks that it still does), without importing torch._dynamo
+# when mmfast is imported: that import alone took ~1 s of `import mmfast`.
+_import_kernel_module._dynamo_marked_constant = True
