@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -433,6 +434,8 @@ def test_python_m_mmfast_help_and_json():
     assert report.returncode == 0, report.stderr[-2000:]
     facts = json.loads(report.stdout)
     assert facts["torch"] == torch.__version__ and "linear_attention" in facts["CPU kernels"]
+    assert facts["Python"] == platform.python_version() and facts["CPU"] and facts["default backend"] == "auto"
+    assert facts["CPU threads (torch)"] >= 1 and isinstance(facts["MMFAST_* settings"], dict)
     wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr
 

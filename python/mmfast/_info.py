@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import platform
 
 import torch
 
@@ -9,15 +11,18 @@ from . import _extension
 
 
 def collect() -> dict:
-    from . import __version__
+    from . import __version__, _backend
 
     build = _extension.build_info
     facts = {
         "mmfast": __version__,
+        "Python": platform.python_version(),
         "torch": torch.__version__,
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
         "CPU kernels": _ops_with_kernels("cpu"),
+        "CPU": _cpu_model(),
+        "CPU threads (torch)": torch.get_num_threads(),
         "CPU ISA": _cpu_fact("cpu_isa"),
         "CPU AMX-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_amx_bf16"),
         "CPU AVX512-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_avx512_bf16"),
@@ -27,8 +32,22 @@ def collect() -> dict:
         "CUDA runtime": torch.version.cuda,
         "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "Triton": _triton_version(),
+        "default backend": _backend.get_backend(),
+        "MMFAST_* settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("MMFAST_")},
     }
     return facts
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_fact(op: str):
