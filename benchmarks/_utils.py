@@ -9,12 +9,13 @@ benchmarks/summarize.py prints them as one table.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from typing import Optional
 
 import torch
+
+from mmfast._info import cpu_model
 
 # Peak HBM bandwidth (bytes/s) by GPU name, for "% of the bandwidth floor".
 GPU_PEAK_BANDWIDTH = {
@@ -35,18 +36,7 @@ def bench_device() -> torch.device:
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def synchronize(device: torch.device) -> None:

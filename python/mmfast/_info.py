@@ -21,7 +21,7 @@ def collect() -> dict:
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
         "CPU kernels": _ops_with_kernels("cpu"),
-        "CPU": _cpu_model(),
+        "CPU": cpu_model(),
         "CPU threads (torch)": torch.get_num_threads(),
         "CPU ISA": _cpu_fact("cpu_isa"),
         "CPU AMX-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_amx_bf16"),
@@ -38,7 +38,7 @@ def collect() -> dict:
     return facts
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform reports."""
     try:
         with open("/proc/cpuinfo") as f:

@@ -641,19 +641,6 @@ static_assert(kStreamChains >= 1 && kStreamPrefetchBytes >= 0, "M = 1 stream: ch
 static_assert(kStreamVectorBytes >= 16 && (kStreamVectorBytes & (kStreamVectorBytes - 1)) == 0,
               "M = 1 stream: vectors of 16, 32 or 64 bytes");
 
-// `bytes` bytes of the accumulation type as one vector (the ISA's width by default).
-template <typename acc_t, int bytes>
-struct VecOf {
-  typedef acc_t type __attribute__((vector_size(bytes)));
-};
-
-template <int bytes, typename acc_t>
-inline typename VecOf<acc_t, bytes>::type load_n(const acc_t* p) {
-  typename VecOf<acc_t, bytes>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // Consecutive elements of a weight row as a vector of `bytes` bytes of the accumulation type.
 template <int bytes = MMFAST_VECTOR_BYTES>
 inline typename VecOf<float, bytes>::type load_weights(const float* p) { return load_n<bytes>(p); }

@@ -6,8 +6,8 @@
 // everything here is per-ISA code: GCC vector extensions and builtins only (no SIMD
 // intrinsics headers, no std templates), and each ISA namespace holds its own copy.
 //
-// What is here: Vec<acc_t> (acc_t = float or double), load / store / splat, sum_lanes, a
-// vectorised expf, two register-blocked micro-kernels over tiles of kTile rows
+// What is here: Vec<acc_t> (acc_t = float or double), VecOf / load_n (other widths), load / store /
+// splat, sum_lanes, a vectorised expf, two register-blocked micro-kernels over tiles of kTile rows
 //   tile_matmul:      C[t][:] = A[t][:] @ B        (A: tile x K, B: K x cols)
 //   tile_outer_accum: C      += A^T @ B            (A: tile x X, B: tile x Y)
 // dot_padded, per-call Scratch memory, pad_matrix and dispatch_dtype. Leading dimensions are padded to
@@ -44,6 +44,20 @@ inline int64_t padded(int64_t d) {
 template <typename acc_t>
 inline typename Vec<acc_t>::type load(const acc_t* p) {
   typename Vec<acc_t>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// A vector of `bytes` bytes of T, narrower than the ISA's where a kernel wants that (decode_linear's
+// M = 1 stream), and its unaligned load.
+template <typename T, int bytes>
+struct VecOf {
+  typedef T type __attribute__((vector_size(bytes)));
+};
+
+template <int bytes, typename T>
+inline typename VecOf<T, bytes>::type load_n(const T* p) {
+  typename VecOf<T, bytes>::type v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
