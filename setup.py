@@ -102,10 +102,25 @@ def nvidia_wheel_include_dirs():
     return sorted(set(dirs))
 
 
+def source_commit():
+    """The checkout's commit, '+dirty' when tracked files differ from it; None outside a git checkout
+    (an sdist) or without git. Bug reports name it, and it tells a stale build from a fresh one."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_build_info(with_cuda: bool, archs: str) -> None:
     import torch
 
     info = {
+        "source_commit": source_commit(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs if with_cuda else None,

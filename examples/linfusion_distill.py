@@ -1,7 +1,7 @@
 """Distil LinFusion from a UNet's own softmax self-attention (the official recipe's loss).
 
     python examples/linfusion_distill.py --tiny                  # random tiny UNet, CPU, seconds
-    python examples/linfusion_distill.py --unet DIR --steps 200 --save OUT
+    python examples/linfusion_distill.py --unet DIR --steps 200 --output OUT
 
 Only the LinFusion modules train; the UNet is frozen and is its own teacher:
 loss = MSE(eps, noise) + 0.5 MSE(eps, eps_teacher) + 0.5 mean_l MSE(attn1_l, attn1_l_teacher).
@@ -33,7 +33,8 @@ def parse_args():
     parser.add_argument("--init-from-unet", action="store_true", help="start q/k/v/out from the UNet's attn1")
     parser.add_argument("--backend", default=None, help="mmfast backend (native, triton, reference)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--save", default=None, help="write the trained LinFusion checkpoint here")
+    parser.add_argument("--output", "--save", default=None, metavar="DIR",
+                        help="write the trained LinFusion checkpoint (save_pretrained) to this folder")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -114,9 +115,9 @@ def main():
     if any(b > a for name, (a, b) in moves.items() if name != "denoise"):
         print("  (a distillation term rose while the total fell: the denoising term dominates the total, and "
               "with a random tiny teacher\n   the student fits the noise better by drifting from the teacher)")
-    if args.save:
-        linfusion.save_pretrained(args.save)
-        print(f"saved LinFusion checkpoint to {args.save}")
+    if args.output:
+        linfusion.save_pretrained(args.output)
+        print(f"saved LinFusion checkpoint to {args.output}")
     if not last < first:
         raise SystemExit("the loss did not decrease")
 

@@ -1,12 +1,12 @@
 """Generate an image with LinFusion mounted on a Stable Diffusion pipeline, optionally up to 16K.
 
-    python examples/linfusion_highres.py --tiny --out tiny.png          # random tiny pipeline, seconds
+    python examples/linfusion_highres.py --tiny --output tiny.png          # random tiny pipeline, seconds
     python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR \\
-        --height 2048 --width 2048 --device cuda --out out.png
+        --height 2048 --width 2048 --device cuda --output out.png
 
     python examples/linfusion_highres.py --tiny --cascade --save-stages   # the whole cascade, seconds
     python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR --cascade \\
-        --height 8192 --width 16384 --memory-budget-gb 80 --device cuda --out 16k.png
+        --height 8192 --width 16384 --memory-budget-gb 80 --device cuda --output 16k.png
 
 Both directories are local (e.g. `huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir SD15_DIR`
 and `huggingface-cli download Yuanshi/LinFusion-1-5 --local-dir LINFUSION_DIR`); nothing is downloaded here.
@@ -28,7 +28,7 @@ memory model's per-stage prediction is printed before running, and after it each
 strength, denoising steps, seconds and measured peak next to the prediction. On the CPU the
 measured peak is the process's peak resident set (interpreter and libraries included), so compare
 the "stage" columns there: the growth above what was resident when the stage started.
---save-stages writes every stage's image next to --out as <out stem>_stage<i><out suffix>.
+--save-stages writes every stage's image next to --output as <out stem>_stage<i><out suffix>.
 """
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def parse_args(argv=None):
                         help=f"attn1 runs over chunks of this many tokens (exact; bounds peak memory at huge "
                              f"sizes; only layers with more tokens are chunked); 0 disables "
                              f"(default {DEFAULT_TOKEN_CHUNK}; with --memory-budget-gb the planner picks it)")
-    parser.add_argument("--out", default="linfusion.png")
+    parser.add_argument("--output", "--out", default="linfusion.png",
+                        help="the image file to write (default ./linfusion.png)")
 
     cascade = parser.add_argument_group("high-resolution cascade (--cascade)")
     cascade.add_argument("--cascade", action="store_true",
@@ -115,7 +116,7 @@ def parse_args(argv=None):
                          help="GiB (2**30 bytes) per stage: pick the lightest memory options predicted to fit "
                               "(excludes the explicit knobs above and --token-chunk)")
     cascade.add_argument("--save-stages", action="store_true",
-                         help="also write each stage's image next to --out (<stem>_stage<i><suffix>)")
+                         help="also write each stage's image next to --output (<stem>_stage<i><suffix>)")
     args = parser.parse_args(argv)
     _check_args(parser, args)
     return args
@@ -303,12 +304,12 @@ def run_cascade(args, pipe, generator):
                            generator=generator, memory=plans, return_stages=True)  # the plan printed above
     elapsed = time.perf_counter() - start
     print_results(out.stages, predicted, pipe.unet.device)
-    out.image.save(args.out)
+    out.image.save(args.output)
     if args.save_stages:
         for stage in out.stages:
-            stage.image.save(stage_path(args.out, stage.index))
-        print(f"stage images -> {', '.join(stage_path(args.out, s.index) for s in out.stages)}")
-    print(f"{out.image.width}x{out.image.height} image in {elapsed:.1f} s ({len(out.stages)} stages) -> {args.out}")
+            stage.image.save(stage_path(args.output, stage.index))
+        print(f"stage images -> {', '.join(stage_path(args.output, s.index) for s in out.stages)}")
+    print(f"{out.image.width}x{out.image.height} image in {elapsed:.1f} s ({len(out.stages)} stages) -> {args.output}")
     return out
 
 
@@ -336,8 +337,8 @@ def main(argv=None):
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=steps,
                  guidance_scale=args.guidance, generator=generator).images[0]
     elapsed = time.perf_counter() - start
-    image.save(args.out)
-    print(f"{image.width}x{image.height} image in {elapsed:.1f} s ({steps} steps) -> {args.out}")
+    image.save(args.output)
+    print(f"{image.width}x{image.height} image in {elapsed:.1f} s ({steps} steps) -> {args.output}")
     return image
 
 

@@ -1,8 +1,8 @@
 """Text to image with Liquid: prompt -> LM image tokens (CFG) -> VQGAN decode -> PNG grid.
 
-    python examples/liquid_generate.py --tiny --out /tmp/liquid          # random tiny models, seconds
+    python examples/liquid_generate.py --tiny --output /tmp/liquid          # random tiny models, seconds
     python examples/liquid_generate.py --model /models/Liquid_V1_7B --vqgan /models/chameleon \\
-        --prompt "a red fox in the snow" --device cuda --dtype bfloat16 --seed 0 --out /tmp/liquid
+        --prompt "a red fox in the snow" --device cuda --dtype bfloat16 --seed 0 --output /tmp/liquid
 
 --model is a local transformers directory (config.json, model*.safetensors, the tokenizer
 files; Junfeng5/Liquid_V1_7B's layout), --vqgan a local VQGAN checkpoint file or a directory
@@ -52,7 +52,8 @@ def parse_args():
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="LM dtype (default bfloat16 on CUDA, float32 on the CPU); the VQGAN runs in float32")
     parser.add_argument("--backend", default=None, help="mmfast backend for the decode ops (e.g. reference)")
-    parser.add_argument("--out", default="liquid_generate", help="output directory")
+    parser.add_argument("--output", "--out", default="liquid_generate",
+                        help="output folder (default ./liquid_generate)")
     args = parser.parse_args()
     if args.model and not args.vqgan:
         parser.error("--model needs --vqgan")
@@ -132,8 +133,8 @@ def main():
         image_vocab_start=image_start, image_vocab_size=vqgan.config.n_embed), device)
     images, decode_s = timed(lambda: vqgan.decode(codes), device)
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "grid.png")
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, "grid.png")
     save_grid(path, postprocess(images))
     what = "random tiny LiquidLM + VQGAN" if args.tiny else args.model
     print(f"{what} on {device} ({dtype}): {args.num_images} images x {image_tokens} tokens "

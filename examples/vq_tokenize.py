@@ -1,8 +1,8 @@
 """Tokenize a photograph with Liquid's / Chameleon's VQGAN and decode it back.
 
-    python examples/vq_tokenize.py --tiny --out /tmp/vq                 # random tiny VQGAN, seconds
+    python examples/vq_tokenize.py --tiny --output /tmp/vq                 # random tiny VQGAN, seconds
     python examples/vq_tokenize.py --checkpoint vqgan.safetensors --config chameleon \\
-        --image photo.jpg --device cuda --dtype bfloat16 --out /tmp/vq
+        --image photo.jpg --device cuda --dtype bfloat16 --output /tmp/vq
 
 The checkpoint is a local file (taming / Chameleon format: .safetensors, or a .ckpt that
 torch.load(weights_only=True) reads; Liquid's demo space ships `chameleon/vqgan.ckpt`). The
@@ -48,7 +48,7 @@ def parse_args():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--backend", default=None, help="mmfast backend: native, triton or reference")
-    parser.add_argument("--out", default="vq_tokenize", help="output directory")
+    parser.add_argument("--output", "--out", default="vq_tokenize", help="output folder (default ./vq_tokenize)")
     return parser.parse_args()
 
 
@@ -128,7 +128,7 @@ def main():
 
     original, reconstruction = postprocess(images)[0], postprocess(decoded)[0]
     codes_np = codes.cpu().numpy()
-    save_outputs(args.out, original, reconstruction, codes_np, model.config.n_embed)
+    save_outputs(args.output, original, reconstruction, codes_np, model.config.n_embed)
     token_ids = codes_to_token_ids(codes.flatten(1))
     print(f"{'random tiny VQGAN' if args.tiny else args.checkpoint} on {device} ({args.dtype}), "
           f"{resolution}x{resolution} image -> {tuple(codes.shape[1:])} codes")
@@ -137,7 +137,8 @@ def main():
     print(f"encode {encode_s * 1e3:.1f} ms, decode {decode_s * 1e3:.1f} ms")
     print(f"PSNR {psnr(original, reconstruction):.2f} dB"
           + (" (random weights: expect noise)" if args.tiny else ""))
-    print(f"wrote {os.path.join(args.out, 'reconstruction.png')} and {os.path.join(args.out, 'code_histogram.png')}")
+    written = [os.path.join(args.output, name) for name in ("reconstruction.png", "code_histogram.png")]
+    print(f"wrote {written[0]} and {written[1]}")
 
 
 if __name__ == "__main__":

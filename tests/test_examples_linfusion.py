@@ -1,5 +1,5 @@
-"""examples/linfusion_highres.py end to end in --tiny mode, in a subprocess (random weights: files,
-sizes and the printed per-stage table only)."""
+"""examples/linfusion_highres.py and examples/linfusion_distill.py end to end in --tiny mode, in a
+subprocess (random weights: files, sizes, the printed per-stage table, a checkpoint that loads)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -49,7 +50,7 @@ def _table(stdout, title):
 
 def test_tiny_single_stage(tmp_path):
     out = tmp_path / "tiny.png"
-    stdout = _run(tmp_path, "--tiny", "--device", "cpu", "--out", str(out))
+    stdout = _run(tmp_path, "--tiny", "--device", "cpu", "--output", str(out))
     assert _size(out) == ((16, 16), "RGB")  # the tiny UNet's native 8x8 latents
     assert "16x16 image in" in stdout and "cascade" not in stdout
     assert sorted(os.listdir(tmp_path)) == ["tiny.png"]
@@ -109,3 +110,24 @@ def test_memory_arguments(example):
     assert options is None and budget == int(1.5 * 2**30)
     options, _ = memory_options(parse(["--tiny", "--cascade", "--token-chunk", "0"]))
     assert options.token_chunk_size is None
+
+
+DISTILL_EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "linfusion_distill.py")
+
+
+@pytest.mark.parametrize("output_flag", ["--output", "--save"])  # --save: the old name, kept as an alias
+def test_distill_tiny_writes_a_loadable_checkpoint(tmp_path, output_flag):
+    """examples/linfusion_distill.py --tiny: the loss falls (the example exits 1 otherwise) and the
+    checkpoint it writes loads with LinFusion.from_pretrained, one module per attn1 layer."""
+    from mmfast.models.linfusion import LinFusion
+
+    checkpoint = tmp_path / "linfusion"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, DISTILL_EXAMPLE, "--tiny", "--steps", "12", output_flag,
+                                str(checkpoint)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    layers = int(re.search(r"LinFusion: (\d+) attn1 layers", completed.stdout).group(1))
+    assert f"saved LinFusion checkpoint to {checkpoint}" in completed.stdout
+    loaded = LinFusion.from_pretrained(str(checkpoint))
+    assert layers > 0 and len(loaded.specs) == layers
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())

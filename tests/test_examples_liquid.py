@@ -28,7 +28,7 @@ def _size(path):
 
 
 def test_liquid_generate_tiny(tmp_path):
-    out = _run("liquid_generate.py", "--tiny", "--num-images", "2", "--seed", "3", "--out", str(tmp_path))
+    out = _run("liquid_generate.py", "--tiny", "--num-images", "2", "--seed", "3", "--output", str(tmp_path))
     assert "2 images x 256 tokens ((16, 16) codes)" in out and "ms / step" in out
     (width, height), mode = _size(tmp_path / "grid.png")
     assert mode == "RGB" and width > 0 and height > 0
@@ -67,7 +67,7 @@ def test_liquid_generate_local_model_directory(tmp_path):
     text_vocab = _write_tiny_liquid_directory(model_dir, tiny_vqgan_config().n_embed)
     vqgan_path, _ = write_taming_checkpoint(tmp_path / "vqgan")
     out = _run("liquid_generate.py", "--model", str(model_dir), "--vqgan", vqgan_path, "--vqgan-config", "tiny",
-               "--prompt", "a red fox in the snow", "--num-images", "1", "--image-tokens", "16", "--out",
+               "--prompt", "a red fox in the snow", "--num-images", "1", "--image-tokens", "16", "--output",
                str(tmp_path / "out"))
     # <bos> + 6 words + Liquid's " Generate an image based on this description." (8) + <boi>;
     # <bos> <unconditional> <boi>
@@ -82,7 +82,7 @@ def test_vq_tokenize_tiny_and_checkpoint_file(tmp_path):
     from mmfast.testing.tiny_vqgan import write_taming_checkpoint
 
     tiny = tmp_path / "tiny"
-    out = _run("vq_tokenize.py", "--tiny", "--out", str(tiny))
+    out = _run("vq_tokenize.py", "--tiny", "--output", str(tiny))
     assert "PSNR" in out
     safetensors_path, _ = write_taming_checkpoint(tmp_path / "checkpoint")
     from_file = tmp_path / "from_file"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -436,6 +437,8 @@ def test_python_m_mmfast_help_and_json():
     assert facts["torch"] == torch.__version__ and "linear_attention" in facts["CPU kernels"]
     assert facts["Python"] == platform.python_version() and facts["CPU"] and facts["default backend"] == "auto"
     assert facts["CPU threads (torch)"] >= 1 and isinstance(facts["MMFAST_* settings"], dict)
+    commit = facts["built from commit"]  # setup.py's `git rev-parse`; None outside a checkout
+    assert commit is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commit), commit
     wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr
 

@@ -20,6 +20,7 @@ def collect() -> dict:
         "torch": torch.__version__,
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
+        "built from commit": getattr(build, "source_commit", None),  # None: not built in a git checkout
         "CPU kernels": _ops_with_kernels("cpu"),
         "CPU": cpu_model(),
         "CPU threads (torch)": torch.get_num_threads(),
