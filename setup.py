@@ -116,11 +116,21 @@ def source_commit():
     return commit + ("+dirty" if dirty else "")
 
 
+def compiler_version():
+    """The first line of `$CXX --version` (cpp_extension compiles with $CXX, else c++), or None."""
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
+
+
 def write_build_info(with_cuda: bool, archs: str) -> None:
     import torch
 
     info = {
         "source_commit": source_commit(),
+        "compiler": compiler_version(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs if with_cuda else None,

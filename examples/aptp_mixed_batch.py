@@ -17,7 +17,8 @@ the dtypes of the packed kernel).
 
 Prompts are stand-ins: random 768-d "sentence embeddings" through a randomly initialised Router
 (the user supplies a real sentence encoder, APTP uses all-mpnet-base-v2, and a trained router),
-or explicit --codes. Text-encoder states and latents are random too. Nothing is downloaded.
+or explicit --codes. Text-encoder states and latents are random too. Nothing is downloaded, and
+nothing is written but the experts of --save-tiny DIR: the results are the printed lines.
 
 --experts DIR ...: code k = the k-th expert, each DIR one of
   - a released APTP expert (Hugging Face rezashkv/APTP: APTP-Base-CC3M/arch11, or one checkpoint
@@ -43,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 import mmfast
+from mmfast import cli
 from mmfast.models.aptp import (AptpUNet, Router, dense_skeleton, load_expert, released_expert_dirs, run_per_expert,
                                 save_expert)
 from mmfast.ops import keep_packed_weights, pruned_weight_cache
@@ -71,12 +73,25 @@ def parse_args():
     parser.add_argument("--plan-budget-mb", type=int, default=4096,
                         help="MiB of packed per-code weights the static plan may keep (default 4096; on the "
                              "CPU SD-2.1-sized experts need about half their stacked weights, on CUDA about all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--backend", default=None, help="mmfast backend: native, triton or reference")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    cli.add_device_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    cli.require_positive(parser, num_codes=args.num_codes, batch=args.batch, repeats=args.repeats,
+                         latent_size=args.latent_size, text_tokens=args.text_tokens, threads=args.threads)
+    if args.codes:
+        if len(args.codes) != args.batch:
+            parser.error(f"--codes: {len(args.codes)} codes for --batch {args.batch} (one code per prompt)")
+        if args.tiny or not args.experts:  # with --experts the count is known once they are found
+            check_codes(parser, args.codes, args.num_codes)
+    cli.check_device(parser, args.device)
+    return args
+
+
+def check_codes(parser, codes, num_codes):
+    if any(not 0 <= code < num_codes for code in codes):
+        parser.error(f"--codes must be in [0, {num_codes}) for {num_codes} experts, got {codes}")
 
 
 def tiny_models(args):
@@ -118,8 +133,9 @@ def expert_dirs(path):
 
 def route(args, base, num_codes, prompts):
     if args.codes:
-        if len(args.codes) != prompts:
-            raise SystemExit(f"--codes: {len(args.codes)} codes for --batch {prompts}")
+        if any(not 0 <= code < num_codes for code in args.codes):
+            raise SystemExit(f"error: --codes must be in [0, {num_codes}) for the {num_codes} experts found, got "
+                             f"{args.codes}")
         return torch.tensor(args.codes)
     torch.manual_seed(args.seed)
     router = Router.for_unet(base, num_codes, embed_dim=768)

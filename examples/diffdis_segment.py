@@ -46,6 +46,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
+from mmfast import cli
 from mmfast.models.diffdis import DiffDISPipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,7 +70,8 @@ def parse_args(argv=None):
                         help="write the empty-prompt embedding (float32 safetensors) to PATH after loading")
     parser.add_argument("--input", metavar="PATH",
                         help="an image file or a folder of images (default: scikit-image's astronaut, chelsea, coffee)")
-    parser.add_argument("--output", metavar="DIR", default="diffdis_out", help="output folder (default ./diffdis_out)")
+    cli.add_output_argument(parser, "diffdis_out", kind="folder",
+                            what="folder for <stem>_mask.png, <stem>_edge.png and <stem>_overlay.png")
     parser.add_argument("--resolution", type=int, default=None,
                         help="processing size, a multiple of 64 (default 1024; 128 with --tiny)")
     parser.add_argument("--mask-only", action="store_true", help="skip the edge map (about 37%% fewer FLOPs)")
@@ -105,8 +107,9 @@ def parse_args(argv=None):
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} is not a directory (nothing is downloaded: fetch "
                      "qianyu1217/diffdis first and pass its local path)")
-    if args.embedding and not os.path.isfile(args.embedding):
-        parser.error(f"--embedding {args.embedding!r} is not a file")
+    cli.require_file(parser, "--embedding", args.embedding)
+    cli.check_device(parser, args.device)
+    cli.check_output(parser, args.output, kind="folder")
     return args
 
 
@@ -261,15 +264,12 @@ def main(argv=None) -> List[Tuple[str, float]]:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but CUDA is not available (use --device cpu)")
+    device = torch.device(args.device)  # checked by parse_args
     if args.tiny and device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    os.makedirs(args.output, exist_ok=True)
-    if args.input is None:
+    if args.input is None:  # parse_args made the output folder
         paths = sample_inputs(args.output)
         print(f"no --input: segmenting scikit-image's {', '.join(SKIMAGE_SAMPLES)} (copied to {args.output})")
     else:

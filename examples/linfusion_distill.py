@@ -17,6 +17,7 @@ import time
 import torch
 
 import mmfast
+from mmfast import cli
 from mmfast.models.linfusion import LinFusion, LinFusionDistiller
 
 
@@ -31,12 +32,17 @@ def parse_args():
     parser.add_argument("--batches", type=int, default=1, help="size of the fixed synthetic data set, in batches")
     parser.add_argument("--mid-dim-scale", type=int, default=None, help="MLP width C // s (16 for SD-XL)")
     parser.add_argument("--init-from-unet", action="store_true", help="start q/k/v/out from the UNet's attn1")
-    parser.add_argument("--backend", default=None, help="mmfast backend (native, triton, reference)")
-    parser.add_argument("--device", default="cpu")
+    cli.add_device_arguments(parser, default="cpu")
     parser.add_argument("--output", "--save", default=None, metavar="DIR",
-                        help="write the trained LinFusion checkpoint (save_pretrained) to this folder")
+                        help="folder for the trained LinFusion checkpoint (save_pretrained; default: not saved)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    cli.require_local_dir(parser, "--unet", args.unet, "a diffusers UNet2DConditionModel")
+    cli.require_positive(parser, steps=args.steps, lr=args.lr, batch=args.batch, batches=args.batches,
+                         mid_dim_scale=args.mid_dim_scale)
+    cli.check_device(parser, args.device)
+    cli.check_output(parser, args.output, kind="folder")
+    return args
 
 
 def load_unet(args):
@@ -118,6 +124,8 @@ def main():
     if args.output:
         linfusion.save_pretrained(args.output)
         print(f"saved LinFusion checkpoint to {args.output}")
+    else:
+        print("the trained LinFusion was not saved (no --output DIR)")
     if not last < first:
         raise SystemExit("the loss did not decrease")
 

@@ -39,6 +39,7 @@ import time
 import torch
 
 import mmfast
+from mmfast import cli
 from mmfast.models.linfusion import LinFusion, recommended_dtype
 from mmfast.models.linfusion.highres import check_strengths
 
@@ -84,17 +85,16 @@ def parse_args(argv=None):
                         help="denoising steps (default 25, 4 with --tiny; with --cascade 50, 10 with --tiny)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default float32 on CPU; on CUDA the model family's safe dtype (recommended_dtype: "
                              "float16 for SD-1.5/XL, bfloat16 for SD-2.1 and unrecognised UNets)")
-    parser.add_argument("--backend", default=None, help="mmfast backend: native, triton or reference")
+    cli.add_device_arguments(parser)
     parser.add_argument("--token-chunk", type=int, default=None,
                         help=f"attn1 runs over chunks of this many tokens (exact; bounds peak memory at huge "
                              f"sizes; only layers with more tokens are chunked); 0 disables "
                              f"(default {DEFAULT_TOKEN_CHUNK}; with --memory-budget-gb the planner picks it)")
-    parser.add_argument("--output", "--out", default="linfusion.png",
-                        help="the image file to write (default ./linfusion.png)")
+    cli.add_output_argument(parser, "linfusion.png", kind="image",
+                            what="the image file to write; its folder is created when missing")
 
     cascade = parser.add_argument_group("high-resolution cascade (--cascade)")
     cascade.add_argument("--cascade", action="store_true",
@@ -124,6 +124,14 @@ def parse_args(argv=None):
 
 def _check_args(parser, args):
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    cli.require_local_dir(parser, "--pipeline", args.pipeline, "a Stable Diffusion pipeline (e.g. "
+                          "stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    cli.require_local_dir(parser, "--linfusion", args.linfusion, "Yuanshi/LinFusion-1-5")
+    if args.token_chunk is not None and args.token_chunk < 0:
+        parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
+    cli.require_positive(parser, steps=args.steps, height=args.height, width=args.width)
+    cli.check_device(parser, args.device)
+    cli.check_output(parser, args.output, kind="image")
     if not args.cascade:
         given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]
         if given:
@@ -138,8 +146,6 @@ def _check_args(parser, args):
             parser.error(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb:g}")
     if args.vae_tile is not None and args.vae_tiling in (None, "none"):
         parser.error("--vae-tile needs --vae-tiling blend or exact")
-    if args.token_chunk is not None and args.token_chunk < 0:
-        parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
     args.strengths = args.strengths or (0.4, 0.3, 0.2, 0.1)
     args.steps = args.steps or (TINY_CASCADE_STEPS if args.tiny else CASCADE_STEPS)
     try:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 import mmfast
+from mmfast import cli
 from mmfast.models.liquid import (LIQUID_PROMPT_SUFFIX, LIQUID_UNCONDITIONAL_PROMPT, VQGAN, LiquidLM, VQGANConfig,
-                                  generate_images, postprocess)
+                                  check_image_generation, generate_images, postprocess)
 from mmfast.testing.tiny_liquid import tiny_liquid_lm
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,15 +49,25 @@ def parse_args():
     parser.add_argument("--top-k", type=int, default=4096)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="LM dtype (default bfloat16 on CUDA, float32 on the CPU); the VQGAN runs in float32")
-    parser.add_argument("--backend", default=None, help="mmfast backend for the decode ops (e.g. reference)")
-    parser.add_argument("--output", "--out", default="liquid_generate",
-                        help="output folder (default ./liquid_generate)")
+    cli.add_device_arguments(parser)
+    cli.add_output_argument(parser, "liquid_generate", kind="folder", what="folder for grid.png")
     args = parser.parse_args()
     if args.model and not args.vqgan:
         parser.error("--model needs --vqgan")
+    cli.require_local_dir(parser, "--model", args.model, "Junfeng5/Liquid_V1_7B")
+    if args.vqgan and not os.path.exists(args.vqgan):
+        parser.error(f"--vqgan {args.vqgan!r} does not exist (a local checkpoint file or folder; nothing is "
+                     "downloaded)")
+    args.image_tokens = args.image_tokens or (256 if args.tiny else 1024)
+    try:
+        check_image_generation(image_tokens=args.image_tokens, num_images=args.num_images,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as error:
+        parser.error(f"{error} (--image-tokens, --num-images, --temperature, --top-k, --top-p)")
+    cli.check_device(parser, args.device)
+    cli.check_output(parser, args.output, kind="folder")
     return args
 
 
@@ -126,14 +137,13 @@ def main():
     lm, vqgan, prompt_ids, uncond_ids, image_start = (load_tiny(args, device, dtype) if args.tiny
                                                       else load_liquid(args, device, dtype))
     vqgan = vqgan.to(device)
-    image_tokens = args.image_tokens or (256 if args.tiny else 1024)
+    image_tokens = args.image_tokens
     codes, generate_s = timed(lambda: generate_images(
         lm, prompt_ids, uncond_ids=uncond_ids, cfg_scale=args.cfg_scale, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, num_images=args.num_images, image_tokens=image_tokens, seed=args.seed,
         image_vocab_start=image_start, image_vocab_size=vqgan.config.n_embed), device)
     images, decode_s = timed(lambda: vqgan.decode(codes), device)
 
-    os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "grid.png")
     save_grid(path, postprocess(images))
     what = "random tiny LiquidLM + VQGAN" if args.tiny else args.model

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import mmfast
+from mmfast import cli
 from mmfast.models.liquid import VQGAN, VQGANConfig, codes_to_token_ids, postprocess, preprocess
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,11 +46,17 @@ def parse_args():
                              "tiny: mmfast.testing.tiny_vqgan's)")
     parser.add_argument("--image", default=None, help="image file (default: skimage.data.astronaut())")
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (128 with --tiny)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--backend", default=None, help="mmfast backend: native, triton or reference")
-    parser.add_argument("--output", "--out", default="vq_tokenize", help="output folder (default ./vq_tokenize)")
-    return parser.parse_args()
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    cli.add_device_arguments(parser)
+    cli.add_output_argument(parser, "vq_tokenize", kind="folder",
+                            what="folder for reconstruction.png and code_histogram.png")
+    args = parser.parse_args()
+    cli.require_file(parser, "--checkpoint", args.checkpoint)
+    cli.require_file(parser, "--image", args.image)
+    cli.require_positive(parser, resolution=args.resolution)
+    cli.check_device(parser, args.device)
+    cli.check_output(parser, args.output, kind="folder")
+    return args
 
 
 def load_image(path):
@@ -61,9 +68,12 @@ def load_image(path):
                      "pass --image PATH or pip install scikit-image")
 
         return data.astronaut()
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    return Image.open(path)
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        sys.exit(f"error: --image {path!r} is not an image file Pillow can read")
 
 
 def load_model(args) -> VQGAN:
@@ -118,8 +128,6 @@ def main():
         mmfast.set_backend(args.backend)
     device = torch.device(args.device)
     model = load_model(args).to(device=device, dtype=DTYPES[args.dtype])
-    if args.resolution is not None and args.resolution < 1:
-        raise SystemExit(f"--resolution must be a positive number of pixels, got {args.resolution}")
     resolution = args.resolution or (128 if args.tiny else 512)
     images = preprocess(load_image(args.image), resolution=resolution)
     model.encode(images)  # warm-up (first-call kernel selection, allocator)

@@ -450,6 +450,12 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: kv_cache_append(k_cache, v_cache, torch.zeros(2, 11, 2, 8), torch.zeros(2, 11, 2, 8), lengths),
          ValueError, "11 new tokens do not fit"),
         (lambda: kv_cache_append(k_cache, v_cache, q, q, lengths), ValueError, "H_kv=2"),
+        (lambda: kv_cache_append(k_cache, v_cache, q.transpose(1, 2), q.transpose(1, 2), lengths), ValueError,
+         r"not SDPA's \(B, H, S, D\)"),
+        (lambda: kv_cache_append(k_cache, v_cache, q[:, :, :2].clone().requires_grad_(), q[:, :, :2], lengths),
+         RuntimeError, "k require grad, but the cache append is inference-only"),
+        (lambda: kv_cache_append(k_cache.clone().requires_grad_(), v_cache, q[:, :, :2], q[:, :, :2], lengths),
+         RuntimeError, "k_cache require grad"),
         (lambda: sample(torch.randn(3, 10), cfg_scale=2.0), ValueError, "even number of rows"),
         (lambda: sample(torch.randn(3, 10), top_p=1.5), ValueError, "top_p"),
         (lambda: sample(torch.randn(3, 10), top_k=-1), ValueError, "top_k"),
@@ -460,6 +466,10 @@ def test_bad_inputs_raise_clear_errors():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+    with torch.no_grad():  # grad mode off: the same append is fine, and writes
+        kv_cache_append(k_cache, v_cache, q[:, :, :2].clone().requires_grad_(), q[:, :, :2],
+                        torch.tensor([3, 5], dtype=torch.int32))
+    assert torch.equal(k_cache[0, 3], q[0, 0, :2]) and torch.equal(k_cache[1, 5], q[1, 0, :2])
 
 
 def test_native_op_checks_inputs_itself():

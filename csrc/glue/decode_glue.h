@@ -57,6 +57,12 @@ inline void check_seqlens(const at::Tensor& seqlens, const at::Tensor& cache, co
                    ", cache_seqlens on ", seqlens.device());
 }
 
+// Said with a shape mismatch: the likeliest cause is a tensor in SDPA's head-major layout
+// (mmfast/ops/decode.py says the same).
+constexpr const char* kCacheLayout =
+    "; the caches are (B, T_max, H_kv, D) and the tokens (B, S, H, D), token-major as in flash_attn_with_kvcache, "
+    "not SDPA's (B, H, S, D): transpose(1, 2) a head-major tensor";
+
 inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& seqlens) {
   const char* op = "kv_cache_append";
@@ -65,7 +71,7 @@ inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, c
     TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == k_cache.size(0) && t->size(2) == k_cache.size(2) &&
                           t->size(3) == k_cache.size(3),
                       op, ": k and v must be (B=", k_cache.size(0), ", S, H_kv=", k_cache.size(2), ", D=",
-                      k_cache.size(3), ") like the caches, got shape ", t->sizes());
+                      k_cache.size(3), ") like the caches, got shape ", t->sizes(), kCacheLayout);
   }
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
@@ -82,7 +88,7 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_caches(k_cache, v_cache, op);
   TORCH_CHECK_VALUE(q.dim() == 4 && q.size(0) == k_cache.size(0) && q.size(3) == k_cache.size(3), op,
                     ": q must be (B=", k_cache.size(0), ", Sq, H, D=", k_cache.size(3),
-                    ") like the caches, got shape ", q.sizes());
+                    ") like the caches, got shape ", q.sizes(), kCacheLayout);
   TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(1) <= kMaxDecodeQueries, op, ": q must hold 1 to ", kMaxDecodeQueries,
                     " new tokens per row (Sq), got ", q.size(1));
   TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0, op, ": the query heads H = ", q.size(2),

@@ -21,6 +21,8 @@ def collect() -> dict:
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
         "built from commit": getattr(build, "source_commit", None),  # None: not built in a git checkout
+        "built with": getattr(build, "compiler", None),
+        "OS": platform.platform(),
         "CPU kernels": _ops_with_kernels("cpu"),
         "CPU": cpu_model(),
         "CPU threads (torch)": torch.get_num_threads(),
@@ -33,6 +35,7 @@ def collect() -> dict:
         "CUDA runtime": torch.version.cuda,
         "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "Triton": _triton_version(),
+        "packages": _package_versions(("numpy", "safetensors", "diffusers", "transformers", "tqdm")),
         "default backend": _backend.get_backend(),
         "MMFAST_* settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("MMFAST_")},
     }
@@ -64,6 +67,19 @@ def _cpu_fact(op: str):
 def _ops_with_kernels(device_type: str) -> str:
     ops = sorted(op for op, devices in _extension.COMPILED_KERNELS.items() if device_type in devices)
     return f"{len(ops)} ops ({', '.join(ops)})" if ops else "none"
+
+
+def _package_versions(names) -> dict:
+    """{name: installed version or None}, read from the package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _triton_version():

@@ -42,6 +42,11 @@ def _check_seqlens(op: str, cache_seqlens: torch.Tensor, batch: int, device) -> 
                         f"on {cache_seqlens.device}")
 
 
+# Said with a shape mismatch: the likeliest cause is a cache or token tensor in SDPA's head-major layout.
+_CACHE_LAYOUT = ("; the caches are (B, T_max, H_kv, D) and the tokens (B, S, H, D), token-major as in "
+                 "flash_attn_with_kvcache, not SDPA's (B, H, S, D): transpose(1, 2) a head-major tensor")
+
+
 def _check_caches(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
@@ -64,7 +69,7 @@ def check_append(k_cache, v_cache, k, v, cache_seqlens) -> None:
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != (kv_heads, dim):
             raise ValueError(f"{op}: {name} must be (B={batch}, S, H_kv={kv_heads}, D={dim}) like the caches, got "
-                             f"shape {tuple(t.shape)}")
+                             f"shape {tuple(t.shape)}{_CACHE_LAYOUT}")
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[1] > max_tokens:
@@ -74,12 +79,26 @@ def check_append(k_cache, v_cache, k, v, cache_seqlens) -> None:
     _check_seqlens(op, cache_seqlens, batch, k_cache.device)
 
 
+def check_append_needs_no_grad(k_cache, v_cache, k, v) -> None:
+    """RuntimeError when grad mode is on and an input requires grad: the in-place append has no
+    gradient, which would otherwise be lost without a word (every backend; a decode loop under
+    inference_mode pays one grad-mode read)."""
+    if torch.is_grad_enabled():
+        needing = [name for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v))
+                   if t.requires_grad]
+        if needing:
+            raise RuntimeError(f"kv_cache_append: {', '.join(needing)} require grad, but the cache append is "
+                               "inference-only (no gradient flows through it); run the decode step under "
+                               "torch.no_grad() or torch.inference_mode()")
+
+
 def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, window: int = 0) -> None:
     op = "decode_attention"
     _check_caches(op, k_cache, v_cache)
     batch, _, kv_heads, dim = k_cache.shape
     if q.dim() != 4 or q.shape[0] != batch or q.shape[3] != dim:
-        raise ValueError(f"{op}: q must be (B={batch}, Sq, H, D={dim}) like the caches, got shape {tuple(q.shape)}")
+        raise ValueError(f"{op}: q must be (B={batch}, Sq, H, D={dim}) like the caches, got shape {tuple(q.shape)}"
+                         f"{_CACHE_LAYOUT}")
     check_float(op, "q", q)
     if not 1 <= q.shape[1] <= MAX_DECODE_QUERIES:
         raise ValueError(f"{op}: q must hold 1 to {MAX_DECODE_QUERIES} new tokens per row (Sq), got {q.shape[1]}; "
@@ -192,13 +211,15 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     k_cache, v_cache: (B, T_max, H_kv, D), unit stride along D; k, v: (B, S, H_kv, D), any
     strides; same float dtype and device. cache_seqlens: (B,) int32, the lengths BEFORE this
     append: row b's tokens go to slots [len_b, len_b + S); nothing else is written (the caller
-    then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices;
+    then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices,
+    RuntimeError when grad mode is on and an input requires grad (the append has no gradient);
     a row whose slots fall outside [0, T_max) raises ValueError on the CPU and is skipped on
     CUDA (no host synchronisation: check lengths yourself if they may overflow).
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
     """
     check_tensors("kv_cache_append",
                   {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens})
+    check_append_needs_no_grad(k_cache, v_cache, k, v)
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
         check_append(k_cache, v_cache, k, v, cache_seqlens)

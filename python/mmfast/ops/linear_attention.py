@@ -277,6 +277,8 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     mean-normalised denominator).
 
     q, k: (B, N, H, Dk); v: (B, N, H, Dv) -> out (B, N, H, Dv), contiguous, in the input dtype.
+    Token-major, as FlashAttention's: SDPA's head-major (B, H, N, D) is not detected (its sizes
+    fit the same checks) and gives wrong results; pass .transpose(1, 2) of such tensors.
     out_i = phi(q_i) S / (phi(q_i) . m + eps) with S = mean_j phi(k_j)^T v_j and
     m = mean_j phi(k_j); phi = elu + 1 ("elu1"), relu ("relu") or identity ("none").
     Any strides are accepted (only a strided last dim is copied); Dk, Dv in [1, 256];

@@ -14,8 +14,8 @@ token id 256000 + c.
     lm = LiquidLM.from_pretrained("/path/to/Liquid_V1_7B", dtype=torch.bfloat16, device="cuda")
     codes = generate_images(lm, prompt_ids, uncond_ids=uncond_ids, num_images=4, seed=0)  # (4, 32, 32)
 """
-from .generate import (LIQUID_PROMPT_SUFFIX, LIQUID_UNCONDITIONAL_PROMPT, DecodeStep, generate_images,
-                       generate_text)
+from .generate import (LIQUID_PROMPT_SUFFIX, LIQUID_UNCONDITIONAL_PROMPT, DecodeStep, check_image_generation,
+                       generate_images, generate_text)
 from .lm import LiquidLM, LiquidLMCheckpointError, LiquidLMConfig
 from .taming import VQGANConfig
 from .tokens import (LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES, codes_to_token_ids, is_image_token,
@@ -35,6 +35,7 @@ __all__ = [
     "VQGANCheckpointError",
     "VQGANConfig",
     "codes_to_token_ids",
+    "check_image_generation",
     "generate_images",
     "generate_text",
     "is_image_token",

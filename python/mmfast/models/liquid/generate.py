@@ -21,7 +21,7 @@ from ... import _backend, ops
 from .lm import LiquidLM
 from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
 
-__all__ = ["DecodeStep", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX", "LIQUID_UNCONDITIONAL_PROMPT"]
+__all__ = ["DecodeStep", "check_image_generation", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX", "LIQUID_UNCONDITIONAL_PROMPT"]
 
 # Liquid's text-to-image template (evaluation/inference_t2i.py): the prompt plus this suffix; the
 # unconditional rows are this string. Both are tokenized with the tokenizer's BOS.
@@ -183,6 +183,21 @@ def _right_padded(rows: Sequence[torch.Tensor], pad: int = 0):
 
 
 @torch.no_grad()
+def check_image_generation(*, image_tokens: int, num_images: int, temperature: float, top_k: int,
+                           top_p: float) -> None:
+    """The checks generate_images makes of its numbers, for a caller that wants them before loading
+    a model (examples/liquid_generate.py): ValueError unless image_tokens is a positive square
+    (the codes form a side x side grid), num_images >= 1, temperature >= 0, top_k >= 0 and
+    0 <= top_p <= 1."""
+    side = math.isqrt(max(image_tokens, 0))
+    if image_tokens < 1 or side * side != image_tokens:
+        raise ValueError(f"generate_images: image_tokens must be a positive square number (1024 = 32 x 32), got "
+                         f"{image_tokens}")
+    if num_images < 1:
+        raise ValueError(f"generate_images: num_images must be >= 1, got {num_images}")
+    _check_sampling(temperature, top_k, top_p)
+
+
 def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] = 7.0, temperature: float = 0.9,
                     top_k: int = 4096, top_p: float = 0.96, num_images: int = 4, image_tokens: int = 1024,
                     seed: Optional[int] = None, generator: Optional[torch.Generator] = None, uncond_ids=None,
@@ -212,16 +227,11 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     not run on a GPU yet). compile: torch.compile the decode step (DecodeStep; worth its ~30 s
     of compilation for long generations on a CPU).
     """
-    side = math.isqrt(image_tokens)
-    if image_tokens < 1 or side * side != image_tokens:
-        raise ValueError(f"generate_images: image_tokens must be a positive square number (1024 = 32 x 32), got "
-                         f"{image_tokens}")
-    if num_images < 1:
-        raise ValueError(f"generate_images: num_images must be >= 1, got {num_images}")
+    check_image_generation(image_tokens=image_tokens, num_images=num_images, temperature=temperature, top_k=top_k,
+                           top_p=top_p)
     if image_vocab_start < 0 or image_vocab_size < 1 or image_vocab_start + image_vocab_size > model.config.vocab_size:
         raise ValueError(f"generate_images: image rows [{image_vocab_start}, {image_vocab_start + image_vocab_size}) "
                          f"are outside the model's vocabulary of {model.config.vocab_size}")
-    _check_sampling(temperature, top_k, top_p)
     rows = [_as_ids("prompt_ids", prompt_ids)] * num_images
     if cfg_scale is not None:
         if uncond_ids is None:
@@ -246,6 +256,7 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
             pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
             logits = step((pair + image_vocab_start)[:, None])
     _check_status(invalid, "generate_images")
+    side = math.isqrt(image_tokens)  # a square: checked above
     return codes.view(num_images, side, side)
 
 

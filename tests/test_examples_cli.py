@@ -1,0 +1,91 @@
+"""The examples' command lines refuse ordinary mistakes before any work, with one argparse
+error line (exit status 2) that names the flag, instead of a traceback after the run; and
+mmfast.cli, the helpers they share."""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+
+from mmfast import cli
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+NO_GPU = "cpu" if torch.cuda.is_available() else "cuda"  # a device this machine lacks: "cuda" without a GPU
+
+
+def _parse(example, argv, monkeypatch):
+    """parse_args of examples/<example>.py on argv (its own sys.argv when it takes none)."""
+    functions = runpy.run_path(os.path.join(EXAMPLES, f"{example}.py"), run_name=f"{example}_under_test")
+    monkeypatch.setattr(sys, "argv", [f"{example}.py", *argv])
+    parse = functions["parse_args"]
+    return parse(argv) if parse.__code__.co_argcount else parse()
+
+
+CASES = [
+    ("linfusion_highres", ["--tiny", "--output", "{tmp}"], "is a folder; give an image file name"),
+    ("linfusion_highres", ["--tiny", "--output", "{tmp}/no_extension"], "the extension says which image format"),
+    ("linfusion_highres", ["--pipeline", "{tmp}/missing"], "--pipeline '{tmp}/missing' is not a directory"),
+    ("linfusion_highres", ["--tiny", "--steps", "0"], "--steps must be > 0"),
+    ("linfusion_distill", ["--tiny", "--steps", "0"], "--steps must be > 0"),
+    ("linfusion_distill", ["--unet", "{tmp}/missing"], "--unet '{tmp}/missing' is not a directory (nothing is "),
+    ("linfusion_distill", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
+    ("liquid_generate", ["--tiny", "--top-p", "1.5"], "0 <= top_p <= 1"),
+    ("liquid_generate", ["--tiny", "--image-tokens", "99"], "image_tokens must be a positive square number"),
+    ("liquid_generate", ["--tiny", "--num-images", "0"], "num_images must be >= 1"),
+    ("liquid_generate", ["--model", "{tmp}/missing", "--vqgan", "{tmp}/missing"], "--model '{tmp}/missing' is not"),
+    ("liquid_generate", ["--tiny", "--backend", "foo"], "invalid choice: 'foo'"),
+    ("liquid_generate", ["--tiny", "--device", NO_GPU], f"--device {NO_GPU}"),
+    ("vq_tokenize", ["--tiny", "--image", "{tmp}/missing.jpg"], "--image '{tmp}/missing.jpg' is not a file"),
+    ("vq_tokenize", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
+    ("vq_tokenize", ["--tiny", "--resolution", "0"], "--resolution must be > 0"),
+    ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0", "9"], "--codes must be in [0, 4) for 4 experts"),
+    ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0"], "1 codes for --batch 2"),
+    ("diffdis_segment", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
+]
+
+
+@pytest.mark.parametrize("example, argv, message", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_examples_refuse_bad_arguments_up_front(example, argv, message, tmp_path, monkeypatch, capsys):
+    if NO_GPU == "cpu" and "--device" in argv:
+        pytest.skip("needs a machine without a GPU")
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        _parse(example, argv, monkeypatch)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message.replace("{tmp}", str(tmp_path)) in error, error
+    assert "Traceback" not in error
+
+
+def test_check_output_creates_what_it_can(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.check_output(parser, str(tmp_path / "new" / "folder"), kind="folder")
+    assert (tmp_path / "new" / "folder").is_dir()
+    cli.check_output(parser, str(tmp_path / "images" / "out.png"), kind="image")
+    assert (tmp_path / "images").is_dir() and not (tmp_path / "images" / "out.png").exists()
+    cli.check_output(parser, None, kind="folder")  # no --output: nothing to check
+
+
+def test_check_device_parses_and_refuses(capsys):
+    parser = argparse.ArgumentParser(prog="example")
+    assert cli.check_device(parser, "cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit):
+        cli.check_device(parser, "not-a-device")
+    assert "--device 'not-a-device'" in capsys.readouterr().err
+
+
+def test_added_arguments_and_defaults():
+    parser = argparse.ArgumentParser()
+    cli.add_device_arguments(parser, default="cpu")
+    cli.add_output_argument(parser, "out", kind="folder", what="where")
+    args = parser.parse_args(["--backend", "reference", "--out", "elsewhere"])  # --out: the old name
+    assert (args.device, args.backend, args.output) == ("cpu", "reference", "elsewhere")
+    assert parser.parse_args([]).output == "out" and parser.parse_args([]).backend is None
