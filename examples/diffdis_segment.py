@@ -46,6 +46,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
+import mmfast
 from mmfast import cli
 from mmfast.models.diffdis import DiffDISPipeline
 
@@ -79,8 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="compute dtype (default bfloat16 on CUDA, float32 on the CPU; float16 is NaN-prone "
                              "in this model family and not offered)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default cuda if available, else cpu")
+    cli.add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the x_T noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per UNet call (default 1)")
     parser.add_argument("--linear-attention", type=int, metavar="LEVELS", default=None,
@@ -264,6 +264,8 @@ def main(argv=None) -> List[Tuple[str, float]]:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
+    if args.backend:
+        mmfast.set_backend(args.backend)
     device = torch.device(args.device)  # checked by parse_args
     if args.tiny and device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)

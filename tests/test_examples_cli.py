@@ -89,3 +89,26 @@ def test_added_arguments_and_defaults():
     args = parser.parse_args(["--backend", "reference", "--out", "elsewhere"])  # --out: the old name
     assert (args.device, args.backend, args.output) == ("cpu", "reference", "elsewhere")
     assert parser.parse_args([]).output == "out" and parser.parse_args([]).backend is None
+
+
+def _readme_try_it_commands():
+    """(example, argv) of each command in the README's "Try it" block."""
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("## Try it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.strip().splitlines():
+        words = line.split("#", 1)[0].split()
+        assert words[:1] == ["python"] and words[1].startswith("examples/"), line
+        commands.append((os.path.basename(words[1])[:-3], words[2:]))
+    return commands
+
+
+def test_readme_try_it_commands_parse(tmp_path, monkeypatch):
+    """Every example the README's "Try it" block lists exists and accepts the arguments shown."""
+    commands = _readme_try_it_commands()
+    assert {name for name, _ in commands} == {f[:-3] for f in os.listdir(EXAMPLES) if f.endswith(".py")}
+    monkeypatch.chdir(tmp_path)  # the output folders the checks create
+    for example, argv in commands:
+        args = _parse(example, argv, monkeypatch)
+        assert args.tiny, (example, argv)
