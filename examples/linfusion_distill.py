@@ -28,7 +28,7 @@ def parse_args():
     source.add_argument("--unet", help="local diffusers UNet2DConditionModel directory")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch-size", "--batch", type=int, default=2, help="samples per step (default 2)")
     parser.add_argument("--batches", type=int, default=1, help="size of the fixed synthetic data set, in batches")
     parser.add_argument("--mid-dim-scale", type=int, default=None, help="MLP width C // s (16 for SD-XL)")
     parser.add_argument("--init-from-unet", action="store_true", help="start q/k/v/out from the UNet's attn1")
@@ -38,7 +38,7 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cli.require_local_dir(parser, "--unet", args.unet, "a diffusers UNet2DConditionModel")
-    cli.require_positive(parser, steps=args.steps, lr=args.lr, batch=args.batch, batches=args.batches,
+    cli.require_positive(parser, steps=args.steps, lr=args.lr, batch_size=args.batch_size, batches=args.batches,
                          mid_dim_scale=args.mid_dim_scale)
     cli.check_device(parser, args.device)
     cli.check_output(parser, args.output, kind="folder")
@@ -61,10 +61,10 @@ def synthetic_batches(unet, args, scheduler):
     size, channels = unet.config.sample_size, unet.config.in_channels
     batches = []
     for _ in range(args.batches):
-        latents = torch.randn(args.batch, channels, size, size, generator=generator)
+        latents = torch.randn(args.batch_size, channels, size, size, generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
-        text = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
+        text = torch.randn(args.batch_size, 77, unet.config.cross_attention_dim, generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         batches.append(tuple(t.to(args.device) for t in (noisy, timesteps, text, noise)))
     return batches

@@ -2,7 +2,7 @@
 
     python examples/vq_tokenize.py --tiny --output /tmp/vq                 # random tiny VQGAN, seconds
     python examples/vq_tokenize.py --checkpoint vqgan.safetensors --config chameleon \\
-        --image photo.jpg --device cuda --dtype bfloat16 --output /tmp/vq
+        --input photo.jpg --device cuda --dtype bfloat16 --output /tmp/vq
 
 The checkpoint is a local file (taming / Chameleon format: .safetensors, or a .ckpt that
 torch.load(weights_only=True) reads; Liquid's demo space ships `chameleon/vqgan.ckpt`). The
@@ -44,7 +44,8 @@ def parse_args():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="chameleon",
                         help="architecture of --checkpoint (default chameleon: 8192 codes, 16x downsampling; "
                              "tiny: mmfast.testing.tiny_vqgan's)")
-    parser.add_argument("--image", default=None, help="image file (default: skimage.data.astronaut())")
+    parser.add_argument("--input", "--image", default=None, metavar="FILE",
+                        help="image file (default: scikit-image's astronaut photograph)")
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (128 with --tiny)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     cli.add_device_arguments(parser)
@@ -52,7 +53,7 @@ def parse_args():
                             what="folder for reconstruction.png and code_histogram.png")
     args = parser.parse_args()
     cli.require_file(parser, "--checkpoint", args.checkpoint)
-    cli.require_file(parser, "--image", args.image)
+    cli.require_file(parser, "--input", args.input)
     cli.require_positive(parser, resolution=args.resolution)
     cli.check_device(parser, args.device)
     cli.check_output(parser, args.output, kind="folder")
@@ -64,8 +65,8 @@ def load_image(path):
         try:
             from skimage import data
         except ImportError:
-            sys.exit("error: without --image the sample photograph comes from scikit-image, which is not installed: "
-                     "pass --image PATH or pip install scikit-image")
+            sys.exit("error: without --input the sample photograph comes from scikit-image, which is not installed: "
+                     "pass --input FILE or pip install scikit-image")
 
         return data.astronaut()
     from PIL import Image, UnidentifiedImageError
@@ -73,7 +74,7 @@ def load_image(path):
     try:
         return Image.open(path)
     except UnidentifiedImageError:
-        sys.exit(f"error: --image {path!r} is not an image file Pillow can read")
+        sys.exit(f"error: --input {path!r} is not an image file Pillow can read")
 
 
 def load_model(args) -> VQGAN:
@@ -129,7 +130,7 @@ def main():
     device = torch.device(args.device)
     model = load_model(args).to(device=device, dtype=DTYPES[args.dtype])
     resolution = args.resolution or (128 if args.tiny else 512)
-    images = preprocess(load_image(args.image), resolution=resolution)
+    images = preprocess(load_image(args.input), resolution=resolution)
     model.encode(images)  # warm-up (first-call kernel selection, allocator)
     codes, encode_s = timed(lambda: model.encode(images), device)
     decoded, decode_s = timed(lambda: model.decode(codes), device)

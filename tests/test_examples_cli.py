@@ -43,7 +43,8 @@ CASES = [
     ("liquid_generate", ["--model", "{tmp}/missing", "--vqgan", "{tmp}/missing"], "--model '{tmp}/missing' is not"),
     ("liquid_generate", ["--tiny", "--backend", "foo"], "invalid choice: 'foo'"),
     ("liquid_generate", ["--tiny", "--device", NO_GPU], f"--device {NO_GPU}"),
-    ("vq_tokenize", ["--tiny", "--image", "{tmp}/missing.jpg"], "--image '{tmp}/missing.jpg' is not a file"),
+    ("vq_tokenize", ["--tiny", "--input", "{tmp}/missing.jpg"], "--input '{tmp}/missing.jpg' is not a file"),
+    ("linfusion_distill", ["--tiny", "--batch", "0"], "--batch-size must be > 0"),  # --batch: the old name
     ("vq_tokenize", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
     ("vq_tokenize", ["--tiny", "--resolution", "0"], "--resolution must be > 0"),
     ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0", "9"], "--codes must be in [0, 4) for 4 experts"),
