@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,27 +103,35 @@ def nvidia_wheel_include_dirs():
     return sorted(set(dirs))
 
 
+def _output_of(command, **kwargs):
+    """stdout of a command, or None when it is missing, fails or times out (build info only:
+    nothing here may stop a build)."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=30, check=True,
+                              **kwargs).stdout
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def source_commit():
     """The checkout's commit, '+dirty' when tracked files differ from it; None outside a git checkout
-    (an sdist) or without git. Bug reports name it, and it tells a stale build from a fresh one."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "--short=12", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    except (OSError, subprocess.SubprocessError):
+    of this tree (an sdist, also one unpacked inside another repository) or without git. Bug
+    reports name it, and it tells a stale build from a fresh one."""
+    top = _output_of(["git", "rev-parse", "--show-toplevel"], cwd=ROOT)
+    if top is None or Path(top.strip()).resolve() != ROOT.resolve():
         return None
-    return commit + ("+dirty" if dirty else "")
+    commit = _output_of(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT)
+    status = _output_of(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT)
+    if commit is None or status is None:
+        return None
+    return commit.strip() + ("+dirty" if status.strip() else "")
 
 
 def compiler_version():
-    """The first line of `$CXX --version` (cpp_extension compiles with $CXX, else c++), or None."""
-    try:
-        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
+    """The first line of `$CXX --version` (cpp_extension compiles with $CXX, else c++; a CXX such
+    as "ccache g++" is split into words), or None."""
+    out = _output_of(shlex.split(os.environ.get("CXX", "c++")) + ["--version"])
+    return out.splitlines()[0].strip() if out else None
 
 
 def write_build_info(with_cuda: bool, archs: str) -> None:

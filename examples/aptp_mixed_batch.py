@@ -80,18 +80,27 @@ def parse_args():
     args = parser.parse_args()
     cli.require_positive(parser, num_codes=args.num_codes, batch=args.batch, repeats=args.repeats,
                          latent_size=args.latent_size, text_tokens=args.text_tokens, threads=args.threads)
+    for path in args.experts or ():
+        cli.require_local_dir(parser, "--experts", path, "the APTP experts (rezashkv/APTP)")
+    cli.require_local_dir(parser, "--base-config", args.base_config, "the SD-2.1 unet/ folder")
+    if args.experts and args.save_tiny:
+        parser.error("--save-tiny writes the random tiny experts: it goes with --tiny, not --experts")
     if args.codes:
         if len(args.codes) != args.batch:
             parser.error(f"--codes: {len(args.codes)} codes for --batch {args.batch} (one code per prompt)")
-        if args.tiny or not args.experts:  # with --experts the count is known once they are found
-            check_codes(parser, args.codes, args.num_codes)
+        if not args.experts:  # --tiny; with --experts the count is known once they are found
+            problem = codes_problem(args.codes, args.num_codes)
+            if problem:
+                parser.error(problem)
     cli.check_device(parser, args.device)
     return args
 
 
-def check_codes(parser, codes, num_codes):
+def codes_problem(codes, num_codes):
+    """What is wrong with --codes for num_codes experts, or None."""
     if any(not 0 <= code < num_codes for code in codes):
-        parser.error(f"--codes must be in [0, {num_codes}) for {num_codes} experts, got {codes}")
+        return f"--codes must be in [0, {num_codes}) for {num_codes} experts, got {codes}"
+    return None
 
 
 def tiny_models(args):
@@ -133,9 +142,9 @@ def expert_dirs(path):
 
 def route(args, base, num_codes, prompts):
     if args.codes:
-        if any(not 0 <= code < num_codes for code in args.codes):
-            raise SystemExit(f"error: --codes must be in [0, {num_codes}) for the {num_codes} experts found, got "
-                             f"{args.codes}")
+        problem = codes_problem(args.codes, num_codes)
+        if problem:
+            raise SystemExit(f"error: {problem}")
         return torch.tensor(args.codes)
     torch.manual_seed(args.seed)
     router = Router.for_unet(base, num_codes, embed_dim=768)

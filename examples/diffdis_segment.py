@@ -98,18 +98,17 @@ def parse_args(argv=None):
         args.resolution = 128 if args.tiny else 1024
     if args.resolution < 64 or args.resolution % 64:
         parser.error(f"--resolution must be a positive multiple of 64, got {args.resolution}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.require_positive(parser, batch_size=args.batch_size)
     if args.linear_attention_weights and args.linear_attention is None:
         parser.error("--linear-attention-weights needs --linear-attention LEVELS")
     if args.linear_attention is not None and args.linear_attention < 1:
         parser.error(f"--linear-attention LEVELS must be >= 1, got {args.linear_attention}")
-    if args.checkpoint and not os.path.isdir(args.checkpoint):
-        parser.error(f"--checkpoint {args.checkpoint!r} is not a directory (nothing is downloaded: fetch "
-                     "qianyu1217/diffdis first and pass its local path)")
+    cli.require_local_dir(parser, "--checkpoint", args.checkpoint, "qianyu1217/diffdis")
+    cli.require_local_dir(parser, "--linear-attention-weights", args.linear_attention_weights,
+                          "a distilled LinFusion (LinFusion.save_pretrained)")
     cli.require_file(parser, "--embedding", args.embedding)
     cli.check_device(parser, args.device)
-    cli.check_output(parser, args.output, kind="folder")
+    args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 
 
@@ -271,7 +270,8 @@ def main(argv=None) -> List[Tuple[str, float]]:
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    if args.input is None:  # parse_args made the output folder
+    os.makedirs(args.output, exist_ok=True)
+    if args.input is None:
         paths = sample_inputs(args.output)
         print(f"no --input: segmenting scikit-image's {', '.join(SKIMAGE_SAMPLES)} (copied to {args.output})")
     else:

@@ -127,11 +127,13 @@ def _check_args(parser, args):
     cli.require_local_dir(parser, "--pipeline", args.pipeline, "a Stable Diffusion pipeline (e.g. "
                           "stable-diffusion-v1-5/stable-diffusion-v1-5)")
     cli.require_local_dir(parser, "--linfusion", args.linfusion, "Yuanshi/LinFusion-1-5")
+    if args.pipeline and not args.linfusion:
+        parser.error("--pipeline needs --linfusion DIR (a random LinFusion on a real model makes noise)")
     if args.token_chunk is not None and args.token_chunk < 0:
         parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
     cli.require_positive(parser, steps=args.steps, height=args.height, width=args.width)
     cli.check_device(parser, args.device)
-    cli.check_output(parser, args.output, kind="image")
+    args.output = cli.check_output(parser, args.output, kind="image")
     if not args.cascade:
         given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]
         if given:
@@ -282,6 +284,12 @@ def print_results(stages, predicted, device):
               "columns are the growth above the start of the stage)")
 
 
+def save_image(image, path: str) -> None:
+    """Writes the image, making its folder first (--output was checked to be creatable)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+
+
 def stage_path(out: str, index: int) -> str:
     root, suffix = os.path.splitext(out)
     return f"{root}_stage{index}{suffix or '.png'}"
@@ -310,7 +318,7 @@ def run_cascade(args, pipe, generator):
                            generator=generator, memory=plans, return_stages=True)  # the plan printed above
     elapsed = time.perf_counter() - start
     print_results(out.stages, predicted, pipe.unet.device)
-    out.image.save(args.output)
+    save_image(out.image, args.output)
     if args.save_stages:
         for stage in out.stages:
             stage.image.save(stage_path(args.output, stage.index))
@@ -323,8 +331,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.backend:
         mmfast.set_backend(args.backend)
-    if args.pipeline and not args.linfusion:
-        raise SystemExit("--pipeline needs --linfusion DIR (a random LinFusion on a real model makes noise)")
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args)
     if args.tiny and args.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
@@ -343,7 +349,7 @@ def main(argv=None):
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=steps,
                  guidance_scale=args.guidance, generator=generator).images[0]
     elapsed = time.perf_counter() - start
-    image.save(args.output)
+    save_image(image, args.output)
     print(f"{image.width}x{image.height} image in {elapsed:.1f} s ({steps} steps) -> {args.output}")
     return image
 

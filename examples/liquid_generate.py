@@ -57,17 +57,17 @@ def parse_args():
     if args.model and not args.vqgan:
         parser.error("--model needs --vqgan")
     cli.require_local_dir(parser, "--model", args.model, "Junfeng5/Liquid_V1_7B")
-    if args.vqgan and not os.path.exists(args.vqgan):
-        parser.error(f"--vqgan {args.vqgan!r} does not exist (a local checkpoint file or folder; nothing is "
-                     "downloaded)")
-    args.image_tokens = args.image_tokens or (256 if args.tiny else 1024)
+    cli.require_path(parser, "--vqgan", args.vqgan, "a checkpoint file, or a folder holding vqgan.ckpt / "
+                     "vqgan.safetensors")
+    if args.image_tokens is None:
+        args.image_tokens = 256 if args.tiny else 1024
     try:
         check_image_generation(image_tokens=args.image_tokens, num_images=args.num_images,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except ValueError as error:
         parser.error(f"{error} (--image-tokens, --num-images, --temperature, --top-k, --top-p)")
     cli.check_device(parser, args.device)
-    cli.check_output(parser, args.output, kind="folder")
+    args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 
 
@@ -144,6 +144,7 @@ def main():
         image_vocab_start=image_start, image_vocab_size=vqgan.config.n_embed), device)
     images, decode_s = timed(lambda: vqgan.decode(codes), device)
 
+    os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "grid.png")
     save_grid(path, postprocess(images))
     what = "random tiny LiquidLM + VQGAN" if args.tiny else args.model

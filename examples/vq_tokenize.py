@@ -52,11 +52,12 @@ def parse_args():
     cli.add_output_argument(parser, "vq_tokenize", kind="folder",
                             what="folder for reconstruction.png and code_histogram.png")
     args = parser.parse_args()
-    cli.require_file(parser, "--checkpoint", args.checkpoint)
+    cli.require_path(parser, "--checkpoint", args.checkpoint, "a checkpoint file, or a folder holding vqgan.ckpt / "
+                     "vqgan.safetensors")
     cli.require_file(parser, "--input", args.input)
     cli.require_positive(parser, resolution=args.resolution)
     cli.check_device(parser, args.device)
-    cli.check_output(parser, args.output, kind="folder")
+    args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 
 

@@ -49,6 +49,11 @@ CASES = [
     ("vq_tokenize", ["--tiny", "--resolution", "0"], "--resolution must be > 0"),
     ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0", "9"], "--codes must be in [0, 4) for 4 experts"),
     ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0"], "1 codes for --batch 2"),
+    ("aptp_mixed_batch", ["--experts", "{tmp}/missing"], "--experts '{tmp}/missing' is not a directory"),
+    ("aptp_mixed_batch", ["--experts", "{tmp}", "--save-tiny", "{tmp}/x"], "it goes with --tiny, not --experts"),
+    ("diffdis_segment", ["--tiny", "--batch-size", "0"], "--batch-size must be > 0"),
+    ("linfusion_highres", ["--pipeline", "{tmp}"], "--pipeline needs --linfusion DIR"),
+    ("vq_tokenize", ["--checkpoint", "{tmp}/missing"], "--checkpoint '{tmp}/missing' does not exist"),
     ("diffdis_segment", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
 ]
 
@@ -66,13 +71,37 @@ def test_examples_refuse_bad_arguments_up_front(example, argv, message, tmp_path
     assert "Traceback" not in error
 
 
-def test_check_output_creates_what_it_can(tmp_path):
+def test_check_output_accepts_creatable_paths_and_creates_nothing(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
-    cli.check_output(parser, str(tmp_path / "new" / "folder"), kind="folder")
-    assert (tmp_path / "new" / "folder").is_dir()
-    cli.check_output(parser, str(tmp_path / "images" / "out.png"), kind="image")
-    assert (tmp_path / "images").is_dir() and not (tmp_path / "images" / "out.png").exists()
-    cli.check_output(parser, None, kind="folder")  # no --output: nothing to check
+    folder = str(tmp_path / "new" / "folder")
+    assert cli.check_output(parser, folder, kind="folder") == folder
+    assert cli.check_output(parser, str(tmp_path / "images" / "out.png"), kind="image")
+    assert os.listdir(tmp_path) == []  # checked, not made: the examples make them when they write
+    assert cli.check_output(parser, None, kind="folder") is None  # no --output: nothing to check
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cli.check_output(parser, "~/out", kind="folder") == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("output, kind, message", [
+    ("{tmp}/a_file/sub", "folder", "is a file, so no folder can be made there"),
+    ("{tmp}/a_file/sub/x.png", "image", "is a file, so no folder can be made there"),
+    ("", "folder", "--output is empty"),
+    ("{tmp}/x.unknown", "image", "the extension says which image format"),
+])
+def test_check_output_refuses(output, kind, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        cli.check_output(argparse.ArgumentParser(), output.replace("{tmp}", str(tmp_path)), kind=kind)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_check_output_refuses_an_unwritable_folder(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit):
+        cli.check_output(argparse.ArgumentParser(), str(locked / "out"), kind="folder")
+    assert "is not writable" in capsys.readouterr().err
 
 
 def test_check_device_parses_and_refuses(capsys):
@@ -81,6 +110,10 @@ def test_check_device_parses_and_refuses(capsys):
     with pytest.raises(SystemExit):
         cli.check_device(parser, "not-a-device")
     assert "--device 'not-a-device'" in capsys.readouterr().err
+    if not torch.backends.mps.is_available():  # a backend torch knows but this machine lacks
+        with pytest.raises(SystemExit):
+            cli.check_device(parser, "mps")
+        assert "--device mps: torch cannot place a tensor there" in capsys.readouterr().err
 
 
 def test_added_arguments_and_defaults():

@@ -35,3 +35,23 @@ def setup_module():
 )
 def test_the_wgmma_kernels_are_enabled_only_for_an_unambiguous_sm_90a_binary(setup_module, archs, expected):
     assert setup_module.has_sm90a_code(archs) is expected
+
+
+def test_build_info_commit_and_compiler_never_stop_a_build(setup_module, tmp_path, monkeypatch):
+    """The commit is this checkout's (12 hex digits, '+dirty' for local changes) and None for a
+    tree that is not this checkout's top (an sdist, even inside another repository); a missing
+    or failing compiler gives None, a CXX of several words is run as words."""
+    import re
+    import shutil
+
+    commit = setup_module.source_commit()
+    assert commit is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commit), commit
+    monkeypatch.setattr(setup_module, "ROOT", tmp_path / "unpacked-sdist")
+    (tmp_path / "unpacked-sdist").mkdir()
+    assert setup_module.source_commit() is None
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert setup_module.compiler_version() is None
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler:
+        monkeypatch.setenv("CXX", f"env {compiler}")  # a wrapper word first, as "ccache g++"
+        assert setup_module.compiler_version()

@@ -88,11 +88,12 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_caches(k_cache, v_cache, op);
   TORCH_CHECK_VALUE(q.dim() == 4 && q.size(0) == k_cache.size(0) && q.size(3) == k_cache.size(3), op,
                     ": q must be (B=", k_cache.size(0), ", Sq, H, D=", k_cache.size(3),
-                    ") like the caches, got shape ", q.sizes(), kCacheLayout);
+                    ") like the caches, got shape ", q.sizes());
   TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(1) <= kMaxDecodeQueries, op, ": q must hold 1 to ", kMaxDecodeQueries,
-                    " new tokens per row (Sq), got ", q.size(1));
+                    " new tokens per row (Sq), got ", q.size(1),
+                    "; prefill longer prompts with F.scaled_dot_product_attention", kCacheLayout);
   TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0, op, ": the query heads H = ", q.size(2),
-                    " must be a multiple of the KV heads H_kv = ", k_cache.size(2), " (GQA)");
+                    " must be a multiple of the KV heads H_kv = ", k_cache.size(2), " (GQA)", kCacheLayout);
   to_dtype(q, op, "q");
   check_same_dtype_device(q, "q", k_cache, "k_cache", op);
   check_seqlens(seqlens, k_cache, op);

@@ -20,7 +20,8 @@ def collect() -> dict:
         "torch": torch.__version__,
         "extension": "loaded" if _extension.loaded() else f"NOT LOADED ({_extension.IMPORT_ERROR})",
         "built against torch": getattr(build, "torch_version", "unknown"),
-        "built from commit": getattr(build, "source_commit", None),  # None: not built in a git checkout
+        # None: built outside a git checkout of mmfast, or before builds recorded it
+        "built from commit": getattr(build, "source_commit", None),
         "built with": getattr(build, "compiler", None),
         "OS": platform.platform(),
         "CPU kernels": _ops_with_kernels("cpu"),

@@ -1,7 +1,8 @@
 """The arguments every example shares (--device, --backend, --output) and the checks that turn
 a user's ordinary mistake (no GPU, a folder that does not exist, an output path of the wrong
-kind) into one argparse error line, exit status 2, before any work starts, instead of a
-traceback after it. Used by examples/*.py; nothing here is needed to use the ops or models.
+kind or in a place that cannot be written) into one argparse error line, exit status 2, before
+any work starts, instead of a traceback after it. The checks create nothing: the examples make
+their output folders when they write. Used by examples/*.py; the ops and models do not need it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from ._backend import BACKENDS
 
 __all__ = ["add_device_arguments", "add_output_argument", "check_device", "check_output", "require_local_dir",
-           "require_file", "require_positive"]
+           "require_file", "require_path", "require_positive"]
 
 
 def _default_device() -> str:
@@ -38,7 +39,8 @@ def add_output_argument(parser: argparse.ArgumentParser, default: Optional[str],
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
-    """The torch.device of --device; an argparse error for a malformed name or a GPU not present."""
+    """The torch.device of --device; an argparse error for a malformed name or a device that is
+    not there (CUDA: said in CUDA's terms; others, e.g. mps / xpu: by placing a tensor on it)."""
     try:
         parsed = torch.device(device)
     except RuntimeError as error:
@@ -49,20 +51,29 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
                          f"(CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif parsed.type != "cpu":
+        try:
+            torch.empty(0, device=parsed)
+        except (RuntimeError, AssertionError) as error:  # torch raises either for a missing backend
+            reason = str(error).split(". ")[0][:200]  # torch's dispatcher error runs to a page
+            parser.error(f"--device {device}: torch cannot place a tensor there ({reason}); use --device cpu")
     return parsed
 
 
-def check_output(parser: argparse.ArgumentParser, path: Optional[str], *, kind: str) -> None:
-    """Makes --output usable before the run: a folder is created (an existing file is an error);
-    an image file needs an extension Pillow can write and its folder is created (an existing
-    folder is an error)."""
+def check_output(parser: argparse.ArgumentParser, path: Optional[str], *, kind: str) -> Optional[str]:
+    """--output, '~' expanded, checked before the run: a folder (kind "folder") must be one or be
+    creatable; an image file (kind "image") needs an extension Pillow can write and a folder
+    that is or can be made. Creates nothing. Returns the expanded path (None stays None)."""
     if path is None:
-        return
+        return None
+    if not path.strip():
+        parser.error("--output is empty; give a path")
+    path = os.path.expanduser(path)
     if kind == "folder":
         if os.path.exists(path) and not os.path.isdir(path):
             parser.error(f"--output {path!r} is a file; give a folder (it is created when missing)")
-        os.makedirs(path, exist_ok=True)
-        return
+        _check_creatable(parser, path)
+        return path
     if os.path.isdir(path):
         parser.error(f"--output {path!r} is a folder; give an image file name, e.g. {os.path.join(path, 'image.png')}")
     from PIL import Image
@@ -71,9 +82,20 @@ def check_output(parser: argparse.ArgumentParser, path: Optional[str], *, kind: 
     if extension not in Image.registered_extensions() or Image.registered_extensions()[extension] not in Image.SAVE:
         parser.error(f"--output {path!r}: the extension says which image format to write; use .png, .jpg or "
                      f".webp (got {extension or 'none'})")
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
+    _check_creatable(parser, os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+def _check_creatable(parser: argparse.ArgumentParser, folder: str) -> None:
+    """An argparse error unless `folder` is, or can be made as, a writable folder: its nearest
+    existing ancestor must be a folder this process may write into."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--output {folder!r}: {existing!r} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output {folder!r}: {existing!r} is not writable")
 
 
 def require_local_dir(parser: argparse.ArgumentParser, flag: str, path: Optional[str], source: str = "") -> None:
@@ -86,6 +108,12 @@ def require_local_dir(parser: argparse.ArgumentParser, flag: str, path: Optional
 def require_file(parser: argparse.ArgumentParser, flag: str, path: Optional[str]) -> None:
     if path is not None and not os.path.isfile(path):
         parser.error(f"{flag} {path!r} is not a file")
+
+
+def require_path(parser: argparse.ArgumentParser, flag: str, path: Optional[str], what: str) -> None:
+    """An argparse error unless `path` exists (a file or a folder, as `what` says)."""
+    if path is not None and not os.path.exists(path):
+        parser.error(f"{flag} {path!r} does not exist ({what}; nothing is downloaded)")
 
 
 def require_positive(parser: argparse.ArgumentParser, **values: Optional[float]) -> None:

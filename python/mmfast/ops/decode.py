@@ -87,7 +87,8 @@ def check_append_needs_no_grad(k_cache, v_cache, k, v) -> None:
         needing = [name for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v))
                    if t.requires_grad]
         if needing:
-            raise RuntimeError(f"kv_cache_append: {', '.join(needing)} require grad, but the cache append is "
+            verb = "requires" if len(needing) == 1 else "require"
+            raise RuntimeError(f"kv_cache_append: {', '.join(needing)} {verb} grad, but the cache append is "
                                "inference-only (no gradient flows through it); run the decode step under "
                                "torch.no_grad() or torch.inference_mode()")
 
@@ -97,15 +98,14 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, wi
     _check_caches(op, k_cache, v_cache)
     batch, _, kv_heads, dim = k_cache.shape
     if q.dim() != 4 or q.shape[0] != batch or q.shape[3] != dim:
-        raise ValueError(f"{op}: q must be (B={batch}, Sq, H, D={dim}) like the caches, got shape {tuple(q.shape)}"
-                         f"{_CACHE_LAYOUT}")
+        raise ValueError(f"{op}: q must be (B={batch}, Sq, H, D={dim}) like the caches, got shape {tuple(q.shape)}")
     check_float(op, "q", q)
     if not 1 <= q.shape[1] <= MAX_DECODE_QUERIES:
         raise ValueError(f"{op}: q must hold 1 to {MAX_DECODE_QUERIES} new tokens per row (Sq), got {q.shape[1]}; "
-                         "prefill longer prompts with F.scaled_dot_product_attention")
+                         f"prefill longer prompts with F.scaled_dot_product_attention{_CACHE_LAYOUT}")
     if kv_heads == 0 or q.shape[2] % kv_heads != 0:
         raise ValueError(f"{op}: the query heads H = {q.shape[2]} must be a multiple of the KV heads "
-                         f"H_kv = {kv_heads} (GQA)")
+                         f"H_kv = {kv_heads} (GQA){_CACHE_LAYOUT}")
     check_same(op, {"q": q, "k_cache": k_cache}, "dtype")
     check_same(op, {"q": q, "k_cache": k_cache}, "device")
     _check_seqlens(op, cache_seqlens, batch, k_cache.device)

@@ -182,7 +182,6 @@ def _right_padded(rows: Sequence[torch.Tensor], pad: int = 0):
     return tokens, lengths
 
 
-@torch.no_grad()
 def check_image_generation(*, image_tokens: int, num_images: int, temperature: float, top_k: int,
                            top_p: float) -> None:
     """The checks generate_images makes of its numbers, for a caller that wants them before loading
@@ -198,6 +197,7 @@ def check_image_generation(*, image_tokens: int, num_images: int, temperature: f
     _check_sampling(temperature, top_k, top_p)
 
 
+@torch.no_grad()
 def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] = 7.0, temperature: float = 0.9,
                     top_k: int = 4096, top_p: float = 0.96, num_images: int = 4, image_tokens: int = 1024,
                     seed: Optional[int] = None, generator: Optional[torch.Generator] = None, uncond_ids=None,
