@@ -127,6 +127,18 @@ def source_commit():
     return commit.strip() + ("+dirty" if status.strip() else "")
 
 
+def source_digest():
+    """python/mmfast/_source_digest.py's digest of csrc/ and setup.py, loaded by path (the package
+    itself imports torch and the extension being built)."""
+    import importlib.util
+
+    path = ROOT / "python" / "mmfast" / "_source_digest.py"
+    spec = importlib.util.spec_from_file_location("_mmfast_source_digest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.compiled_sources_digest(str(ROOT))
+
+
 def compiler_version():
     """The first line of `$CXX --version` (cpp_extension compiles with $CXX, else c++; a CXX such
     as "ccache g++" is split into words), or None."""
@@ -139,6 +151,7 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
 
     info = {
         "source_commit": source_commit(),
+        "source_digest": source_digest(),
         "compiler": compiler_version(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda if with_cuda else None,

@@ -441,6 +441,7 @@ def test_python_m_mmfast_help_and_json():
     commit = facts["built from commit"]  # setup.py's `git rev-parse`; None outside a checkout
     assert commit is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commit), commit
     assert facts["OS"] == platform.platform() and facts["packages"]["numpy"] == np.__version__
+    assert facts["build vs sources"].startswith(("current", "STALE", "unknown")), facts["build vs sources"]
     wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr
 

@@ -55,3 +55,29 @@ def test_build_info_commit_and_compiler_never_stop_a_build(setup_module, tmp_pat
     if compiler:
         monkeypatch.setenv("CXX", f"env {compiler}")  # a wrapper word first, as "ccache g++"
         assert setup_module.compiler_version()
+
+
+def test_source_digest_follows_the_compiled_sources_only(tmp_path):
+    """The digest setup.py records (python -m mmfast compares it, to tell a stale build) changes
+    with any C++ / CUDA source under csrc/ or setup.py, by content or name, and with nothing else."""
+    import importlib.util
+
+    path = ROOT / "python" / "mmfast" / "_source_digest.py"
+    spec = importlib.util.spec_from_file_location("_digest_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    digest = module.compiled_sources_digest
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "setup.py").write_text("setup()\n")
+    kernel = tmp_path / "csrc" / "cpu" / "kernel.cpp"
+    kernel.write_text("int f() { return 1; }\n")
+    first = digest(str(tmp_path))
+    (tmp_path / "csrc" / "cpu" / ".kernel.cpp.swp").write_text("editor state")
+    (tmp_path / "README.md").write_text("docs")
+    assert digest(str(tmp_path)) == first
+    kernel.write_text("int f() { return 2; }\n")
+    second = digest(str(tmp_path))
+    assert second != first
+    kernel.rename(tmp_path / "csrc" / "cpu" / "renamed.cpp")
+    assert digest(str(tmp_path)) not in (first, second)
+    assert len(digest(str(ROOT))) == 16

@@ -22,6 +22,7 @@ def collect() -> dict:
         "built against torch": getattr(build, "torch_version", "unknown"),
         # None: built outside a git checkout of mmfast, or before builds recorded it
         "built from commit": getattr(build, "source_commit", None),
+        "build vs sources": build_freshness(build),
         "built with": getattr(build, "compiler", None),
         "OS": platform.platform(),
         "CPU kernels": _ops_with_kernels("cpu"),
@@ -41,6 +42,21 @@ def collect() -> dict:
         "MMFAST_* settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("MMFAST_")},
     }
     return facts
+
+
+def build_freshness(build) -> str:
+    """Whether the compiled sources (csrc/, setup.py) of the checkout this package sits in still
+    hash to the digest recorded when the extension was built: after a pull or an edit without
+    a rebuild, the old kernels run. Not a source checkout, or a build that recorded none: says so."""
+    from ._source_digest import compiled_sources_digest
+
+    recorded = getattr(build, "source_digest", None)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python/mmfast/ -> root
+    if recorded is None or not os.path.isdir(os.path.join(root, "csrc")):
+        return "unknown (not a source checkout, or a build before digests were recorded)"
+    if compiled_sources_digest(root) != recorded:
+        return "STALE: csrc/ or setup.py changed since the build; rebuild (pip install -e . or make build)"
+    return "current"
 
 
 def cpu_model() -> str:
