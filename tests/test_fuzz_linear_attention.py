@@ -94,6 +94,11 @@ def _inputs(case):
         q, k = q.abs() + 0.1, k.abs() + 0.1
     if case["eps"] == 0.0 and case["feature_map"] == "relu":  # relu can zero a whole row: 0 / 0
         case["eps"] = 1e-4
+    if case["eps"] == 0.0 and case["feature_map"] == "elu1":
+        # exp(x) underflows to 0 below about -87 in fp32 (the kernels' compute dtype for every
+        # input but fp64; the reference computes in fp64): with eps = 0 such a query is 0 / 0 =
+        # NaN in the kernels and finite in the reference. Keep q, k where phi is representable.
+        q, k = q.clamp(min=-80), k.clamp(min=-80)
     return [_layout(t, case["layout"], rng) for t in (q, k, v)]
 
 

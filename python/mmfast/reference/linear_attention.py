@@ -24,8 +24,14 @@ FEATURE_MAPS = ("none", "elu1", "relu")
 
 
 def feature_map_ref(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """phi(x). elu1 is elu(x) + 1 (LinFusion's), computed as exp(x) for x <= 0, as every mmfast
+    kernel does: elu(x) + 1 itself cancels to 0 below x of about -37 in fp64 (-17 in fp32), which
+    with eps = 0 made the reference return 0 / 0 where the kernels (exact down to about -87 in
+    fp32) did not. Gradients are those of torch's elu, also for NaN (1: the gradient flows)."""
     if feature_map == "elu1":
-        return F.elu(x) + 1.0
+        linear = (x > 0) | x.isnan()  # NaN on the x + 1 side: NaN value, gradient 1, as F.elu's
+        below = torch.where(linear, torch.zeros_like(x), x)  # x <= 0 only: no exp overflow on the unused side
+        return torch.where(linear, x + 1.0, torch.exp(below))
     if feature_map == "relu":
         return F.relu(x)
     if feature_map == "none":
