@@ -241,6 +241,11 @@ def test_segment_shapes_and_range(pipe):
         assert m.dtype == torch.float32 and m.min() >= 0 and m.max() <= 1 and m.max() - m.min() > 0.1
 
 
+def test_segment_refuses_a_dtype_given_as_a_string(pipe):
+    with pytest.raises(TypeError, match=r"DiffDISPipeline: dtype must be a torch.dtype .*\(torch.bfloat16\?\)"):
+        pipe.segment(image(), resolution=RESOLUTION, dtype="bfloat16")
+
+
 def test_segment_mask_only_gives_the_same_mask(pipe):
     full = pipe.segment(image(), resolution=RESOLUTION, generator=torch.Generator().manual_seed(3))
     mask = pipe.segment(image(), resolution=RESOLUTION, mask_only=True, generator=torch.Generator().manual_seed(3))

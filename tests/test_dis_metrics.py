@@ -279,8 +279,9 @@ GOOD_PRED, GOOD_GT = CASES["noise_37x53"]
     (GOOD_PRED, GOOD_GT.astype(np.int32), "soft", r"gt must be bool, uint8 .* got int32"),
     (GOOD_PRED.tolist(), GOOD_GT, "soft", "pred must be a numpy array or a torch tensor, got list"),
     (GOOD_PRED, GOOD_GT, "hard", r"protocol must be one of \('soft', 'binary'\), got 'hard'"),
+    (GOOD_PRED, (GOOD_GT > 0.5).astype(np.uint8), "soft", r"gt is uint8 with values 0 and 1 only.*gt \* 255"),
 ], ids=["shape", "3d", "1d_gt", "empty", "above_1", "below_0", "nan", "gt_range", "int64",
-        "gt_int32", "list", "protocol"])
+        "gt_int32", "list", "protocol", "gt_uint8_0_1"])
 def test_bad_inputs_raise_value_error(pred, gt, protocol, message):
     with pytest.raises(ValueError, match=message):
         dis.prepare(pred, gt, protocol)

@@ -105,6 +105,22 @@ def test_mount_unmount_round_trip(unet, backend):
         linfusion.unmount()
 
 
+def test_unmount_after_the_unet_was_cast_restores_matching_modules():
+    """unet.to(...) while mounted does not reach the kept attn1 modules: unmount (and unmounted())
+    moves them to the UNet's dtype, so the restored UNet runs instead of failing on mixed dtypes."""
+    from mmfast.testing.tiny_diffusers import tiny_unet
+
+    unet = tiny_unet(seed=3)
+    linfusion = LinFusion.construct_for(unet)
+    unet.to(torch.float64)
+    with linfusion.unmounted():
+        assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    linfusion.unmount()
+    assert {p.dtype for p in unet.parameters()} == {torch.float64}
+    latents, timesteps, context = unet_inputs(unet)
+    assert run_unet(unet, (latents.double(), timesteps, context.double())).dtype == torch.float64
+
+
 def test_mounted_unet_matches_official_modules(sd15_style_unet, backend):
     unet = sd15_style_unet
     inputs = unet_inputs(unet)

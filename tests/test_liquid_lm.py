@@ -296,6 +296,13 @@ def test_first_step_distribution_matches_transformers_processors(checkpoints):
 def test_bad_inputs_raise(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory.*never a Hugging Face Hub id"):
         LiquidLM.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype .* got 'bfloat16' \(torch.bfloat16\?\)"):
+        LiquidLM.from_pretrained(tmp_path / "nowhere", dtype="bfloat16")
+    model = tiny_liquid_lm("llama", vocab_size=64)
+    model.setup_caches(1, 8)
+    for call in (model.forward, model.prefill):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\).*got ids in \[3, 64\]"):
+            call(torch.tensor([[3, 64]]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         LiquidLM.from_pretrained(tmp_path / "empty")

@@ -117,6 +117,10 @@ def _checked(pred, gt) -> tuple:
     if gt.dtype == np.bool_:
         pass
     elif gt.dtype == np.uint8:
+        if gt.max() == 1:  # a 0/1 mask saved as uint8: read as 0..255 it has no foreground at all
+            raise ValueError("gt is uint8 with values 0 and 1 only: uint8 ground truth is read as 0..255 "
+                             "(foreground > 128, as pysodmetrics reads it), which would make this mask all "
+                             "background; pass gt.astype(bool) or gt * 255")
         gt = gt > 128
     elif gt.dtype.kind == "f":
         _check_unit_range(gt, "gt")

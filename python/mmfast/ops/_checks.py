@@ -16,6 +16,14 @@ def is_integer(value) -> bool:
     return not isinstance(value, bool) and hasattr(type(value), "__index__")
 
 
+def check_dtype_argument(where: str, name: str, dtype) -> None:
+    """TypeError unless dtype is a torch.dtype or None (a string such as "bfloat16" is the usual slip)."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        hint = f" (torch.{dtype}?)" if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) \
+            else ""
+        raise TypeError(f"{where}: {name} must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}{hint}")
+
+
 def is_real(value) -> bool:
     """A Python or numpy real number (numbers.Real), not a bool."""
     return not isinstance(value, bool) and isinstance(value, numbers.Real)

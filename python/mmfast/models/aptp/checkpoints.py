@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ...ops._checks import is_integer
+from ...ops._checks import check_dtype_argument, is_integer
 from .architecture import FF_GROUPS, ArchitectureCode, prune_unet
 
 __all__ = [
@@ -239,8 +239,7 @@ def _released_config(weights_dir: str, base_config: Optional[str]) -> Tuple[Dict
 
 
 def _check_dtype(dtype) -> None:
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    check_dtype_argument("APTP expert loading", "dtype", dtype)
 
 
 def _load_weights(path: str, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:

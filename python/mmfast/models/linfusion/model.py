@@ -18,8 +18,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ...ops._checks import is_integer
-from .._modules import swap_submodule
+from ...ops._checks import check_dtype_argument, is_integer
+from .._modules import swap_back, swap_submodule
 from .attention import GeneralizedLinearAttention
 
 CONFIG_NAME = "config.json"
@@ -243,11 +243,12 @@ class LinFusion(nn.Module):
         return self
 
     def unmount(self) -> None:
-        """Puts the original attn1 modules (the same objects) back."""
+        """Puts the original attn1 modules (the same objects) back, moved to the device and dtype
+        LinFusion's modules have then (a pipe.to(...) while mounted does not reach them)."""
         if not self.is_mounted:
             raise RuntimeError("LinFusion: not mounted")
         for unet, name, original in reversed(self._mounted):
-            swap_submodule(unet, name, original)
+            swap_back(unet, name, original)
         self._mounted = []
 
     def original_attention_modules(self) -> List[nn.Module]:
@@ -262,7 +263,7 @@ class LinFusion(nn.Module):
         if not self.is_mounted:
             raise RuntimeError("LinFusion: not mounted")
         for unet, name, original in self._mounted:
-            swap_submodule(unet, name, original)
+            swap_back(unet, name, original)
         try:
             yield
         finally:
@@ -295,9 +296,7 @@ class LinFusion(nn.Module):
     def from_pretrained(cls, directory: str, torch_dtype: Optional[torch.dtype] = None) -> "LinFusion":
         """Loads a local checkpoint directory (safetensors only; never pickle). torch_dtype: a
         torch.dtype to cast to (None: as stored); TypeError otherwise."""
-        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-            raise TypeError(f"LinFusion.from_pretrained: torch_dtype must be a torch.dtype (e.g. torch.float16) or "
-                            f"None, got {torch_dtype!r}")
+        check_dtype_argument("LinFusion.from_pretrained", "torch_dtype", torch_dtype)
         config_path, weights_path = _checkpoint_paths(directory)
         with open(config_path) as f:
             config = json.load(f)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import _backend, ops
-from .lm import LiquidLM
+from .lm import LiquidLM, check_token_range
 from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
 
 __all__ = ["DecodeStep", "check_image_generation", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX", "LIQUID_UNCONDITIONAL_PROMPT"]
@@ -152,13 +152,6 @@ def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
         model.setup_caches(batch, tokens)
 
 
-def _check_token_range(what: str, tokens: torch.Tensor, vocab_size: int) -> None:
-    """ValueError for ids outside [0, vocab_size) (the embedding would raise a bare IndexError)."""
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got ids in "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
-
-
 def _as_ids(name: str, ids) -> torch.Tensor:
     """A 1-D int64 CPU tensor of token ids from a list, a (L,) or a (1, L) tensor."""
     if isinstance(ids, (list, tuple)) and len(ids) == 0:
@@ -239,7 +232,7 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
                              f"tokenizer({LIQUID_UNCONDITIONAL_PROMPT!r}) (with BOS)")
         rows += [_as_ids("uncond_ids", uncond_ids)] * num_images
     tokens, lengths = _right_padded(rows)
-    _check_token_range("generate_images", tokens, model.config.vocab_size)
+    check_token_range("generate_images", tokens, model.config.vocab_size)
     device, head = model.device, slice(image_vocab_start, image_vocab_start + image_vocab_size)
     generator = _make_generator(seed, generator, device)
     _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
@@ -305,7 +298,7 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
         raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_sampling(temperature if do_sample else 0.0, top_k, top_p)
     tokens, lengths = _strip_left_padding(input_ids, attention_mask)
-    _check_token_range("generate_text", tokens, model.config.vocab_size)
+    check_token_range("generate_text", tokens, model.config.vocab_size)
     device = model.device
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)

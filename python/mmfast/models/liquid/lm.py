@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ...memory import use_huge_pages
+from ...ops._checks import check_dtype_argument
 from .lm_checkpoint import LiquidLMCheckpointError, check_state, load_safetensors_dir
 from .lm_config import LiquidLMConfig
 from .lm_layers import Backbone, KVCache, linear, merge_fused_projections, rope_cos_sin, rope_inv_freq
@@ -177,6 +178,7 @@ class LiquidLM(nn.Module):
         lengths (B,) (None: all S); no cache. Positions of padding slots are garbage. Matches
         transformers' *ForCausalLM logits on the same prompts left-padded."""
         tokens, lengths = _check_tokens(tokens, lengths, self.device)
+        check_token_range("LiquidLM.forward", tokens, self.config.vocab_size)
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return self.logits(self._run(tokens, positions, self._masks(lengths, tokens.shape[1]), None), logits_rows)
 
@@ -189,6 +191,7 @@ class LiquidLM(nn.Module):
         cache_seqlens[:B] = lengths (later appends overwrite the padding slots). Returns (B, V)
         fp32 logits at each row's last token."""
         tokens, lengths = _check_tokens(tokens, lengths, self.device)
+        check_token_range("LiquidLM.prefill", tokens, self.config.vocab_size)
         batch, seq = tokens.shape
         seqlens = self._cache_lengths(batch, seq)
         self.cache_seqlens.zero_()
@@ -245,6 +248,7 @@ class LiquidLM(nn.Module):
         ignores a stored lm_head.weight; rotary inv_freq keys are ignored. Raises
         FileNotFoundError for missing files, ValueError for an unsupported config,
         LiquidLMCheckpointError for missing, unexpected or misshapen tensors."""
+        check_dtype_argument("LiquidLM.from_pretrained", "dtype", dtype)
         local_dir = os.fspath(local_dir)
         config_path = os.path.join(local_dir, "config.json")
         if not os.path.isdir(local_dir):
@@ -281,6 +285,14 @@ def _check_rows(rows: slice, vocab: int) -> slice:
     if stop <= start or rows.stop is not None and rows.stop > vocab:
         raise ValueError(f"LiquidLM: logits_rows {rows!r} is not a non-empty range of the {vocab} vocabulary rows")
     return slice(start, stop)
+
+
+def check_token_range(what: str, tokens: torch.Tensor, vocab_size: int) -> None:
+    """ValueError for ids outside [0, vocab_size) (the embedding would raise a bare IndexError).
+    Reads the ids' min and max (a host synchronisation on a GPU: prompts only, never per step)."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got ids in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
 
 
 def _check_tokens(tokens, lengths, device) -> Tuple[torch.Tensor, torch.Tensor]:
