@@ -21,7 +21,8 @@ from ... import _backend, ops
 from .lm import LiquidLM, check_token_range
 from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
 
-__all__ = ["DecodeStep", "check_image_generation", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX", "LIQUID_UNCONDITIONAL_PROMPT"]
+__all__ = ["DecodeStep", "check_image_generation", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX",
+           "LIQUID_UNCONDITIONAL_PROMPT"]
 
 # Liquid's text-to-image template (evaluation/inference_t2i.py): the prompt plus this suffix; the
 # unconditional rows are this string. Both are tokenized with the tokenizer's BOS.
