@@ -181,6 +181,11 @@ def test_from_state_dicts_and_unpruned_expert(setup):
     foreign = {**experts[0][0].state_dict(), "controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="expert 0 has 1 weights the base UNet does not have"):
         AptpUNet.from_experts(base, [(foreign, experts[0][1])])
+    with pytest.raises(TypeError, match=r"expert 1 must be a pair \(expert UNet or its state dict, its Archit"):
+        AptpUNet.from_experts(base, [experts[0], experts[1][0]])  # a bare UNet, its code left out
+    half = {name: t.half() for name, t in experts[1][0].state_dict().items()}
+    with pytest.raises(ValueError, match=r"mix dtypes \(torch.float16, torch.float32\); cast them to one"):
+        AptpUNet.from_experts(base, [experts[0], (half, experts[1][1])])
     # an unpruned expert (all-true masks, base weights) next to a pruned one
     full = ArchitectureCode()
     mixed = AptpUNet.from_experts(base, [(base, full), experts[1]])

@@ -248,6 +248,10 @@ def test_eos_stops_like_transformers(checkpoints):
                            eos_token_id=eos)[:, ids.shape[1]:]
     got = generate_text(model, ids, attention_mask=mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, expected)
+    # transformers' other spellings: a nested-list mask, a 0-d tensor eos
+    same = generate_text(model, ids, attention_mask=mask.tolist(), max_new_tokens=32,
+                         eos_token_id=torch.tensor(eos), pad_token_id=0)
+    assert torch.equal(same, expected)
 
 
 def test_seeded_sampling_is_reproducible(checkpoints):
@@ -299,6 +303,11 @@ def test_bad_inputs_raise(checkpoints, tmp_path):
     with pytest.raises(TypeError, match=r"dtype must be a torch.dtype .* got 'bfloat16' \(torch.bfloat16\?\)"):
         LiquidLM.from_pretrained(tmp_path / "nowhere", dtype="bfloat16")
     model = tiny_liquid_lm("llama", vocab_size=64)
+    with pytest.raises(TypeError, match="generate_images: num_images must be an int, got 2.0"):
+        generate_images(model, [1, 2], num_images=2.0, image_tokens=4, cfg_scale=None, image_vocab_start=0,
+                        image_vocab_size=8)
+    with pytest.raises(TypeError, match="generate_text: max_new_tokens must be an int, got 2.5"):
+        generate_text(model, torch.tensor([[1, 2]]), max_new_tokens=2.5)
     model.setup_caches(1, 8)
     for call in (model.forward, model.prefill):
         with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\).*got ids in \[3, 64\]"):

@@ -396,8 +396,16 @@ class AptpUNet(nn.Module):
         zero-filled; layers a code does not prune get all-true masks (still its own weights)."""
         if not experts:
             raise ValueError("AptpUNet.from_experts: need at least one expert")
+        for index, pair in enumerate(experts):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], ArchitectureCode)):
+                raise TypeError(f"AptpUNet.from_experts: expert {index} must be a pair (expert UNet or its state dict, "
+                                f"its ArchitectureCode), as load_expert returns, got {type(pair).__name__}")
         archs = [arch for _, arch in experts]
         state_dicts = [e if isinstance(e, Mapping) else e.state_dict() for e, _ in experts]
+        dtypes = sorted({str(t.dtype) for sd in state_dicts for t in sd.values() if t.is_floating_point()})
+        if len(dtypes) > 1:  # stacking would cast every expert to one dtype without a word
+            raise ValueError(f"AptpUNet.from_experts: the experts' weights mix dtypes ({', '.join(dtypes)}); cast "
+                             "them to one (load_expert(..., dtype=...)) first")
         known = set(base_unet.state_dict())
         for index, state_dict in enumerate(state_dicts):
             extra = sorted(set(state_dict) - known)

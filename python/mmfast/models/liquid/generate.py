@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import _backend, ops
+from ...ops._checks import is_integer
 from .lm import LiquidLM, check_token_range
 from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
 
@@ -181,7 +182,8 @@ def check_image_generation(*, image_tokens: int, num_images: int, temperature: f
     """The checks generate_images makes of its numbers, for a caller that wants them before loading
     a model (examples/liquid_generate.py): ValueError unless image_tokens is a positive square
     (the codes form a side x side grid), num_images >= 1, temperature >= 0, top_k >= 0 and
-    0 <= top_p <= 1."""
+    0 <= top_p <= 1; TypeError when a count is not an int."""
+    _check_counts("generate_images", image_tokens=image_tokens, num_images=num_images)
     side = math.isqrt(max(image_tokens, 0))
     if image_tokens < 1 or side * side != image_tokens:
         raise ValueError(f"generate_images: image_tokens must be a positive square number (1024 = 32 x 32), got "
@@ -192,6 +194,12 @@ def check_image_generation(*, image_tokens: int, num_images: int, temperature: f
 
 
 @torch.no_grad()
+def _check_counts(what: str, **counts) -> None:
+    for name, value in counts.items():
+        if not is_integer(value):
+            raise TypeError(f"{what}: {name} must be an int, got {value!r}")
+
+
 def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] = 7.0, temperature: float = 0.9,
                     top_k: int = 4096, top_p: float = 0.96, num_images: int = 4, image_tokens: int = 1024,
                     seed: Optional[int] = None, generator: Optional[torch.Generator] = None, uncond_ids=None,
@@ -265,7 +273,7 @@ def _strip_left_padding(input_ids: torch.Tensor, attention_mask: Optional[torch.
                          f"{tuple(input_ids.shape)}")
     if attention_mask is None:
         return input_ids.long(), torch.full((batch,), seq, dtype=torch.int32)
-    mask = attention_mask.to(input_ids.device).long()
+    mask = torch.as_tensor(attention_mask, device=input_ids.device).long()  # a nested list too, as transformers
     if mask.shape != input_ids.shape or ((mask != 0) & (mask != 1)).any() or (mask[:, 1:] < mask[:, :-1]).any():
         raise ValueError("generate_text: attention_mask must be a (B, S) 0/1 mask of a LEFT-padded batch "
                          "(zeros, then ones, in every row)")
@@ -284,25 +292,26 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
                   progress: bool = False, cuda_graph: bool = True, compile: bool = False) -> torch.Tensor:
     """transformers' generate for a LEFT-padded batch: returns the new tokens (B, N) int64, N <= max_new_tokens.
 
-    input_ids (B, S) with attention_mask (B, S) (1: token, 0: left padding; None: no padding).
+    input_ids (B, S) with attention_mask (B, S) (1: token, 0: left padding; None: no padding; a
+    tensor or nested list).
     The padding is stripped into per-row lengths, so each row gets exactly what its prompt gets
     alone (and what transformers gives the padded batch). do_sample=False: greedy (argmax,
     mmfast.ops.sample with temperature 0); do_sample=True: temperature, then top_k (0: off),
     then top_p (1: off), transformers' TemperatureLogitsWarper -> TopKLogitsWarper ->
     TopPLogitsWarper, drawn with `generator`. Note transformers' own defaults differ (top_k 50
-    when unset): pass the same values to both. eos_token_id (int or list): a row that emitted
+    when unset): pass the same values to both. eos_token_id (int, list or tensor): a row that emitted
     it continues with pad_token_id (default: the first eos id), and the loop stops when every
     row has (a host synchronisation per step), as transformers does. cuda_graph and compile as
     in generate_images.
     """
+    _check_counts("generate_text", max_new_tokens=max_new_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_sampling(temperature if do_sample else 0.0, top_k, top_p)
     tokens, lengths = _strip_left_padding(input_ids, attention_mask)
     check_token_range("generate_text", tokens, model.config.vocab_size)
     device = model.device
-    eos = None if eos_token_id is None else torch.tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).reshape(-1).long()
     pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))
     batch = tokens.shape[0]
     _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens)
