@@ -267,6 +267,10 @@ def test_decode_token_rows_and_input_errors(model):
         model.decode(torch.full((1, 4, 4), 64))
     with pytest.raises(ValueError, match="multiples of 2"):
         model.encode(torch.zeros(1, 3, 31, 32))
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\] .* got values in \[0, 255\]"):
+        model.encode(torch.linspace(0, 255, 3 * 32 * 32).view(1, 3, 32, 32))  # a 0..255 image as floats
+    with pytest.raises(ValueError, match="values in"):
+        model.encode(torch.full((1, 3, 32, 32), float("nan")))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model.encode(torch.zeros(1, 4, 32, 32))
     with pytest.raises(TypeError, match="preprocess"):

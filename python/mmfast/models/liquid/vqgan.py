@@ -121,9 +121,15 @@ class VQGAN(nn.Module):
         device (Chameleon: 512 x 512 -> 32 x 32 = 1024 codes, `encode(x)[2][2]` of taming's VQModel
         reshaped). batch_size: images per forward pass (None: all at once); a tqdm bar runs over the
         batches when there is more than one and progress is True.
-        Raises TypeError / ValueError for inputs of the wrong dtype or shape.
+        Raises TypeError / ValueError for inputs of the wrong dtype or shape, ValueError for values
+        outside [-1, 1] (a 0..255 or 0..1 image would give codes without a word) or not finite.
         """
         self._check_images(images)
+        if images.numel():
+            low, high = torch.aminmax(images.detach())
+            if not (float(low) >= -1.001 and float(high) <= 1.001):  # also NaN; 1e-3 for rounding of [-1, 1] data
+                raise ValueError(f"VQGAN.encode: images must hold values in [-1, 1] (preprocess() maps uint8 images "
+                                 f"there), got values in [{float(low):.4g}, {float(high):.4g}]")
         sqnorm = vq_codebook_sqnorm(self.quantize.embedding.weight) if self.quantize.metric == "l2" else None
         return _batched(lambda x: self.quantize.codes(self.encode_to_latent(x), sqnorm), images, batch_size,
                         progress, "VQGAN encode")
