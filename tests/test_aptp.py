@@ -114,6 +114,8 @@ def test_classifier_free_guidance_repeats_codes(setup):
         model(x, t[0], text, torch.tensor(rows).reshape(2, 3))
     with pytest.raises(ValueError, match="encoder_hidden_states has 3 rows for 6 samples"):
         model(x, t[0], text[:3], torch.tensor(prompts))
+    with pytest.raises(ValueError, match=r"sample must be \(B, C, H, W\) latents, got \(4, 8, 8\)"):
+        model(x[0], t[0], text, torch.tensor(rows))  # one latent without its batch dim
 
 
 def _controlnet_residual_shapes(unet, x, t, text):
@@ -268,6 +270,8 @@ def test_router_routes_known_embeddings():
     scores = router.scores(embeddings)
     assert scores.shape == (5, 3)
     torch.testing.assert_close(scores.max(dim=-1).values, torch.ones(5))
+    with pytest.raises(ValueError, match=r"embeddings must be \(B, 3\) prompt embeddings .* got \(5, 768\)"):
+        router(torch.randn(5, 768))  # a sentence encoder of another width
 
 
 def test_router_for_unet_decodes_architectures(setup):

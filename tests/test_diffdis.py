@@ -342,6 +342,8 @@ def test_segment_rejects_bad_input(pipe):
         pipe.segment(image(), resolution=64.0)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 1.5"):
         pipe.segment(image(), resolution=64, batch_size=1.5)
+    with pytest.raises(ValueError, match="needs one per image of a batch, batch_size = 1, got 2"):
+        pipe.segment(image(), resolution=64, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
     assert pipe.segment(image(), resolution=np.int64(64), batch_size=np.int64(1)).masks[0].shape  # numpy ints pass
     with pytest.raises(TypeError, match="PIL images, numpy arrays or torch tensors"):
         pipe.segment("image.png")
@@ -396,6 +398,13 @@ def test_checkpoint_errors(tmp_path):
     del state[f"{MID}attn3.to_q.weight"]
     save_file(state, str(weights))
     with pytest.raises(RuntimeError, match="attn3.to_q.weight"):
+        DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
+    # a stock SD-2.1-style UNet's weights where DiffDIS's belong: said in those terms, not as a key list
+    from diffusers import UNet2DConditionModel
+    from mmfast.testing.tiny_diffdis import tiny_unet_config
+
+    save_file(UNet2DConditionModel.from_config(tiny_unet_config()).state_dict(), str(weights))
+    with pytest.raises(ValueError, match="holds none of DiffDIS's added weights .* stock sd-turbo"):
         DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
 
 

@@ -96,6 +96,10 @@ class Router(nn.Module):
 
     def architecture_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim) -> (B, D): the hypernetwork's concatenated per-gate logits."""
+        embed_dim = self.hypernet[0].in_features
+        if not torch.is_tensor(embeddings) or embeddings.dim() != 2 or embeddings.shape[1] != embed_dim:
+            raise ValueError(f"Router: embeddings must be (B, {embed_dim}) prompt embeddings (embed_dim of this "
+                             f"router), got {tuple(getattr(embeddings, 'shape', ())) or type(embeddings).__name__}")
         return torch.cat([layer(embeddings) for layer in self.hypernet], dim=-1)
 
     def relax(self, logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -433,6 +433,9 @@ class AptpUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 sample_codes: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        if not torch.is_tensor(sample) or sample.dim() != 4:
+            raise ValueError(f"AptpUNet: sample must be (B, C, H, W) latents, got "
+                             f"{tuple(getattr(sample, 'shape', ())) or type(sample).__name__}")
         batch = sample.shape[0]
         if torch.is_tensor(encoder_hidden_states) and encoder_hidden_states.shape[0] != batch:
             raise ValueError(f"AptpUNet: encoder_hidden_states has {encoder_hidden_states.shape[0]} rows for "

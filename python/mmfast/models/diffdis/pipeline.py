@@ -353,6 +353,9 @@ class DiffDISPipeline:
                              f"(the UNet halves the 1/8 latent 3 times), got {resolution!r}")
         if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"DiffDISPipeline: batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:  # others would go unused
+            raise ValueError(f"DiffDISPipeline: a list of generators needs one per image of a batch, batch_size = "
+                             f"{batch_size}, got {len(generator)}")
         rgb = as_rgb_images(images)
         dtype = self._use_dtype(dtype)
         masks, edges = [], None if mask_only else []

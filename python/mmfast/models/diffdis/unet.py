@@ -181,6 +181,11 @@ class DiffDISUNet(UNet2DConditionModel):
         if torch_dtype is not None:  # cast tensor by tensor: no second full-size copy
             state = {key: value.to(torch_dtype) if value.is_floating_point() else value
                      for key, value in state.items()}
+        added = [name for name in model.state_dict() if any(part in name for part in ("attn3", "rgb_conv", "rgb_proj"))]
+        if added and not any(name in state for name in added):
+            raise ValueError(f"DiffDISUNet.from_pretrained: {weights} holds none of DiffDIS's added weights (attn3, "
+                             "rgb_conv, rgb_proj: e.g. a stock sd-turbo / SD-2.1 UNet); point at the unet/ folder "
+                             "of a DiffDIS checkpoint (qianyu1217/diffdis)")
         model.load_state_dict(state, strict=True, assign=True)
         left = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
         if left:
