@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ... import _backend, ops
 from ...ops._checks import is_integer
-from .lm import LiquidLM, check_token_range
+from .lm import LiquidLM  # its prefill checks the prompts' token ids
 from .tokens import LIQUID_IMAGE_TOKEN_OFFSET, LIQUID_NUM_IMAGE_CODES
 
 __all__ = ["DecodeStep", "check_image_generation", "generate_images", "generate_text", "LIQUID_PROMPT_SUFFIX",
@@ -241,7 +241,6 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
                              f"tokenizer({LIQUID_UNCONDITIONAL_PROMPT!r}) (with BOS)")
         rows += [_as_ids("uncond_ids", uncond_ids)] * num_images
     tokens, lengths = _right_padded(rows)
-    check_token_range("generate_images", tokens, model.config.vocab_size)
     device, head = model.device, slice(image_vocab_start, image_vocab_start + image_vocab_size)
     generator = _make_generator(seed, generator, device)
     _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
@@ -309,7 +308,6 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
         raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_sampling(temperature if do_sample else 0.0, top_k, top_p)
     tokens, lengths = _strip_left_padding(input_ids, attention_mask)
-    check_token_range("generate_text", tokens, model.config.vocab_size)
     device = model.device
     eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).reshape(-1).long()
     pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))

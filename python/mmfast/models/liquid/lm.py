@@ -290,9 +290,11 @@ def _check_rows(rows: slice, vocab: int) -> slice:
 def check_token_range(what: str, tokens: torch.Tensor, vocab_size: int) -> None:
     """ValueError for ids outside [0, vocab_size) (the embedding would raise a bare IndexError).
     Reads the ids' min and max (a host synchronisation on a GPU: prompts only, never per step)."""
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got ids in "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+    if tokens.numel():
+        low, high = (int(x) for x in torch.aminmax(tokens))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got ids in "
+                             f"[{low}, {high}]")
 
 
 def _check_tokens(tokens, lengths, device) -> Tuple[torch.Tensor, torch.Tensor]:
