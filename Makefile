@@ -33,11 +33,15 @@ STAMP := $(VENV)/.mmfast-deps
 
 # nvidia-cutlass with --no-deps: CUTLASS's headers only (CuTe, the oracle of tests/test_gmma_layout.py),
 # not its Python tools' dependencies.
+# A fresh install needs about VENV_FREE_GB of disk (warned before, `df` shown if pip fails).
+VENV_FREE_GB ?= 8
+PIP_FAILED = { df -h "$(dir $(abspath $(VENV)))" "$${TMPDIR:-/tmp}"; exit 1; }
 $(STAMP): requirements-test.txt
+	@bash scripts/check_free_space.sh $(VENV) $(VENV_FREE_GB)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet "$(TORCH_SPEC)" -r requirements-test.txt
-	$(VPY) -m pip install --quiet --no-deps "nvidia-cutlass==4.2.0.0"
+	$(VPY) -m pip install --quiet --upgrade pip || $(PIP_FAILED)
+	$(VPY) -m pip install --quiet "$(TORCH_SPEC)" -r requirements-test.txt || $(PIP_FAILED)
+	$(VPY) -m pip install --quiet --no-deps "nvidia-cutlass==4.2.0.0" || $(PIP_FAILED)
 	touch $(STAMP)
 
 venv: $(STAMP)
