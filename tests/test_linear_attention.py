@@ -444,6 +444,29 @@ def test_python_m_mmfast_help_and_json():
     assert facts["build vs sources"].startswith(("current", "STALE", "unknown")), facts["build vs sources"]
     wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr
+    assert facts["GPUs"] is None if not torch.cuda.is_available() else len(facts["GPUs"]) == torch.cuda.device_count()
+    assert "NVIDIA driver" in facts
+
+
+@pytest.mark.parametrize("archs, capability, expected", [
+    ("8.0+PTX;9.0a", (9, 0), "binary for 9.0a"),          # the CI build on an H100/H200
+    ("8.0+PTX;9.0a", (8, 6), "binary for 8.0"),           # same major, later minor
+    ("8.0+PTX;9.0a", (12, 0), "PTX of 8.0"),              # JIT by the driver
+    ("9.0a+PTX;10.0a", (12, 0), "NONE for sm_120"),       # arch-specific PTX runs nowhere else
+    ("9.0a", (9, 0), "binary for 9.0a"),
+    ("9.0a", (10, 0), "NONE for sm_100"),                 # "a" SASS is not forward-compatible
+    ("9.0;9.0a", (9, 0), "binary for 9.0, 9.0a"),         # both: the driver may pick either
+    (None, (9, 0), "none (a CPU-only build)"),
+    ("Hopper", (9, 0), "unknown"),
+])
+def test_python_m_mmfast_says_whether_the_gpu_has_kernels(archs, capability, expected):
+    """`python -m mmfast` says which compiled code each GPU runs, and the rebuild when none
+    (a "no kernel image" error at the first op otherwise)."""
+    from mmfast._info import arch_coverage
+
+    assert arch_coverage(archs, capability).startswith(expected)
+    if expected.startswith("NONE"):
+        assert "TORCH_CUDA_ARCH_LIST=" in arch_coverage(archs, capability)
 
 
 def test_import_mmfast_does_not_import_dynamo():

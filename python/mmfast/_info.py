@@ -35,7 +35,8 @@ def collect() -> dict:
         "CUDA archs": getattr(build, "cuda_archs", None),
         "CUDA wgmma kernels (sm_90a) compiled": getattr(build, "cuda_wgmma", None),
         "CUDA runtime": torch.version.cuda,
-        "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "GPUs": gpu_facts(getattr(build, "cuda_archs", None)),
+        "NVIDIA driver": nvidia_driver_version(),
         "Triton": _triton_version(),
         "packages": _package_versions(("numpy", "safetensors", "diffusers", "transformers", "tqdm")),
         "default backend": _backend.get_backend(),
@@ -57,6 +58,62 @@ def build_freshness(build) -> str:
     if compiled_sources_digest(root) != recorded:
         return "STALE: csrc/ or setup.py changed since the build; rebuild (pip install -e . or make build)"
     return "current"
+
+
+def gpu_facts(cuda_archs) -> list | None:
+    """One line per visible GPU: name, arch, memory and whether the build has code for it
+    (:func:`arch_coverage`); None without a usable CUDA device."""
+    if not torch.cuda.is_available():
+        return None
+    facts = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        capability = (props.major, props.minor)
+        facts.append(f"{index}: {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
+                     f"mmfast kernels: {arch_coverage(cuda_archs, capability)}")
+    return facts
+
+
+def arch_coverage(cuda_archs, capability) -> str:
+    """Which compiled code of a TORCH_CUDA_ARCH_LIST-style list ("8.0;9.0a;10.0a+PTX") a GPU of
+    compute capability (major, minor) runs: the binary (SASS) of its own arch, an earlier minor
+    of its major (not an arch-specific "a"/"f" one of another arch), or PTX of an arch <= its own,
+    compiled by the driver at first use (slow start, no wgmma). Names the rebuild when none."""
+    major, minor = capability
+    if not cuda_archs:
+        return "none (a CPU-only build)"
+    sass, ptx = [], []
+    for entry in cuda_archs.replace(" ", ";").split(";"):
+        entry = entry.strip()
+        base = entry.split("+")[0]
+        try:
+            arch_major, arch_minor = (int(part) for part in base.rstrip("af").split("."))
+        except ValueError:  # a named arch ("Hopper"): cpp_extension expands it, this report does not
+            return f"unknown (the build's arch list {cuda_archs!r} names an arch)"
+        specific = base[-1] in "af"
+        if (arch_major, arch_minor) == (major, minor) or (
+                not specific and arch_major == major and arch_minor < minor):
+            sass.append(base)
+        if entry.endswith("+PTX") and not specific and (arch_major, arch_minor) <= (major, minor):
+            ptx.append(base)
+    if sass:
+        return f"binary for {', '.join(sass)}"
+    if ptx:
+        return f"PTX of {', '.join(ptx)}, compiled by the driver at first use"
+    return (f"NONE for sm_{major}{minor} (built for {cuda_archs}): rebuild with "
+            f"TORCH_CUDA_ARCH_LIST={major}.{minor}{'a' if major in (9, 10, 12) else ''}")
+
+
+def nvidia_driver_version():
+    """The NVIDIA kernel driver's version (Linux: /proc/driver/nvidia/version), else None."""
+    import re
+
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            match = re.search(r"Kernel Module(?: for \S+)?\s+([0-9][0-9.]*)", f.readline())
+    except OSError:
+        return None
+    return match.group(1) if match else None
 
 
 def cpu_model() -> str:
