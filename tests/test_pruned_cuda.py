@@ -207,6 +207,23 @@ def test_cuda_group_norm_large_groups_and_offsets(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_cuda_group_norm_of_a_group_past_2_to_the_31_elements(backend):
+    """One group of 2^31 elements (num_groups = 1 over 512 channels of 2048 x 2048, 4 GiB of
+    fp16): the Triton kernel once counted a group's elements in int32, which wrapped to a
+    negative count and left the output unwritten. Against F.group_norm, a channel block at a time."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = torch.randn(1, 512, 2048, 2048, dtype=torch.float16, device="cuda")
+    codes, mask = torch.zeros(1, dtype=torch.long, device="cuda"), torch.ones(1, 512, dtype=torch.bool, device="cuda")
+    y = masked_group_norm(x, None, None, 1, codes, mask, backend=backend)
+    expected = torch.nn.functional.group_norm(x, 1)
+    del x
+    for c0 in range(0, 512, 32):
+        assert_close(y[:, c0:c0 + 32], expected[:, c0:c0 + 32], torch.float16)
+
+
+@pytest.mark.cuda
 def test_cuda_ops_agree_with_the_cpu_kernels():
     """The CUDA and CPU registrations on the same valid inputs (fp32)."""
     codes = torch.tensor([2, 0, 1, 2, 1])

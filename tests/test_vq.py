@@ -413,6 +413,27 @@ def test_dequantize(backend_device, dtype):
     assert torch.equal(planes, codebook[indices].permute(0, 3, 1, 2))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton not installed"))])
+@pytest.mark.parametrize("channels_first", [False, True], ids=["rows", "channels_first"])
+def test_cuda_dequantize_past_2_to_the_31_output_elements(backend, channels_first):
+    """An output of more than 2^31 elements (4 GiB of fp16: 8.4M codes of D = 256, about 8,200
+    Liquid images): Triton once compared offsets against count x D computed in int32, which
+    wrapped and left the output unwritten. The whole output is checked (one comparison per
+    row block, no second 4 GiB copy)."""
+    d, count = 256, 2**31 // 256 + 3
+    codebook = torch.randn(100, d, dtype=torch.float16, device="cuda")
+    indices = torch.randint(0, 100, (count // 4096 + 1, 64, 64), device="cuda")  # (B, h, w)
+    out = vq_dequantize(indices, codebook, channels_first=channels_first, backend=backend)
+    assert out.numel() > 2**31
+    for b0 in range(0, indices.shape[0], 256):  # 256 images: 0.5 GiB of expected rows at a time
+        expected = codebook[indices[b0:b0 + 256]]
+        got = out[b0:b0 + 256].permute(0, 2, 3, 1) if channels_first else out[b0:b0 + 256]
+        assert torch.equal(got, expected), b0
+    del out
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_dequantize_out_of_range(backend_device):
     backend, device = backend_device

@@ -143,7 +143,7 @@ def masked_group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         kernels.group_norm_kernel[(batch * num_groups,)](
             x, weight if weight is not None else x, bias if bias is not None else x, sample_codes.contiguous(),
             channel_mask.contiguous().view(torch.uint8), y,
-            channel_mask.shape[0], channels, num_groups, plane, code_stride, float(eps),
+            channel_mask.shape[0], channels, num_groups, plane, channels // num_groups * plane, code_stride, float(eps),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
             ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, BLOCK=block, num_warps=4)
     return y

@@ -138,7 +138,7 @@ def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def group_norm_kernel(
     x_ptr, w_ptr, bias_ptr, codes_ptr, mask_ptr, y_ptr,
-    K, C, G, P, AFFINE_CODE_STRIDE, eps,
+    K, C, G, P, GROUP_NUMEL, AFFINE_CODE_STRIDE, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -149,7 +149,7 @@ def group_norm_kernel(
     valid = (code >= 0) & (code < K)
     c = tl.where(valid, code, 0)
     group_channels = C // G
-    n = group_channels * P
+    n = GROUP_NUMEL  # (C / G) * P from the host: int64 from 2^31 on, where int32 C // G * P would wrap
     first = g * group_channels  # the group's first channel
     base = (b * C + first) * P  # x and y are (B, C, P), contiguous
     mask_row = mask_ptr + c * C + first

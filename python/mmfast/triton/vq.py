@@ -100,7 +100,7 @@ def vq_dequantize(indices: Tensor, codebook: Tensor, channels_first: bool) -> Te
             block = 1024
             plane = indices.shape[1] * indices.shape[2] if channels_first else 1
             kernels.lookup_kernel[(triton.cdiv(count * d, block),)](
-                indices, codebook.view(bits), out.view(bits), count, k, d, plane, nan,
+                indices, codebook.view(bits), out.view(bits), count * d, k, d, plane, d * plane, nan,
                 CHANNELS_FIRST=channels_first, BLOCK=block)
     return out
 

@@ -66,14 +66,16 @@ def search_kernel(
 
 
 @triton.jit
-def lookup_kernel(idx_ptr, c_ptr, out_ptr, COUNT, K, D, PLANE, NAN_BITS, CHANNELS_FIRST: tl.constexpr,
+def lookup_kernel(idx_ptr, c_ptr, out_ptr, NUMEL, K, D, PLANE, D_PLANE, NAN_BITS, CHANNELS_FIRST: tl.constexpr,
                   BLOCK: tl.constexpr):
-    """Copies the codebook's raw bits (an integer view of it): one kernel for every dtype."""
+    """Copies the codebook's raw bits (an integer view of it): one kernel for every dtype.
+    NUMEL = count * D and D_PLANE = D * PLANE come from the host: an int argument of 2^31 or
+    more arrives as int64, where the same product of two int32 arguments would wrap here."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < COUNT * D
+    mask = e < NUMEL
     if CHANNELS_FIRST:  # out[b][d][q], index i = b * P + q
-        b = e // (D * PLANE)
-        rest = e - b * D * PLANE
+        b = e // D_PLANE
+        rest = e - b * D_PLANE
         d = rest // PLANE
         i = b * PLANE + (rest - d * PLANE)
     else:
