@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mmfast import reference
 from mmfast.ops import keep_packed_weights, masked_conv2d, masked_group_norm, masked_linear, pruned_weight_cache
 
-from _utils import assert_close, make_routing
+from _utils import assert_close, backend_params, make_routing
 
 NATIVE = [pytest.param("cpu", id="native-cpu"), pytest.param("cuda", id="native-cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -200,6 +200,22 @@ def test_masks_that_keep_nothing(device):
     torch.testing.assert_close(y, bias[codes][:, :, None, None].expand(3, 6, 4, 4))
     y = masked_conv2d(x, weight, None, codes, all_out[:, :5], ~all_out, padding=1)
     assert (y == 0).all() and y.shape == (3, 6, 4, 4)
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("height, width", [(0, 5), (4, 0), (0, 0)])
+def test_empty_input_plane_is_refused(backend_device, height, width):
+    """x of height or width 0 is refused as F.conv2d refuses it, even where padding would give an
+    output (only B and Cin may be 0): one ValueError on every backend, nothing launched (the
+    CUDA kernels' own handling of a null x: tests/cuda_emulator/test_pruned_emulated.cpp)."""
+    backend, device = backend_device
+    x = torch.randn(3, 5, height, width, device=device)
+    codes, mask = torch.tensor([1, 0, 1], device=device), torch.ones(2, 5, dtype=torch.bool, device=device)
+    weight = torch.randn(2, 5, 5, 3, 3, device=device)
+    with pytest.raises(ValueError, match=f"height and width must be >= 1 .* got {height}x{width}"):
+        masked_conv2d(x, weight, None, codes, mask, mask, padding=2, backend=backend)
+    with pytest.raises(ValueError, match="height and width must be >= 1"):  # the op itself: the C++ check
+        torch.ops.mmfast.masked_conv2d(x, weight, None, codes, mask, mask, [1, 1], [2, 2], [1, 1])
 
 
 @pytest.mark.parametrize("device", NATIVE)

@@ -71,6 +71,7 @@ struct ConvCase {
   int sms = 132;               // the emulated device's SMs (1 resident block each): few tiles for
                                // many SMs split each tile's reduction on the packed path
   bool split = false;          // whether the packed path splits (checked)
+  bool null_x = false;         // x's pointer null, as torch's for an empty (H or W = 0) input
 };
 
 std::vector<char> make_masks(int64_t K, int64_t C, int mode, double keep) {
@@ -186,7 +187,7 @@ void run_conv_on_device(const ConvCase& cc) {
   p.routing.code_bytes = cc.int32_codes ? 4 : 8;
   p.routing.in_mask = in_arr.get();
   p.routing.out_mask = out_arr.get();
-  p.x = x.data.data();
+  p.x = cc.null_x ? nullptr : x.data.data();
   for (int d = 0; d < 4; ++d) p.x_strides[d] = xs[d], p.y_strides[d] = ys[d];
   p.weight = weight.data();
   p.weight_code_stride = cc.shared_weight ? 0 : wblock;
@@ -437,6 +438,12 @@ void run_all(int level) {
                  1, 3, false, true, false, false, XLayout::kContiguous, {0, 1, 2, 5}, 1};
   split.split = true;
   run_conv<T>(split);
+  // An empty input plane under padding: the output is all padding (bias or 0; NaN for the
+  // invalid code) and the null x is never read (the register-staged path once read x[0]).
+  ConvCase empty_plane{"3x3 p2 on a 0x5 input plane, null x, invalid code", 3, 13, 30, 0, 5, 3, 3, 1, 1, 2, 2, 1, 1, 2,
+                       false, true, false, false, XLayout::kContiguous, {1, 4, 0}, 0};
+  empty_plane.null_x = true;
+  run_conv<T>(empty_plane);
   if (level >= 1 && (std::is_same<T, float>::value || std::is_same<T, __half>::value)) {
     ConvCase tiles{"3x3 Cin=40 Cout=130 12x12, 3 channel / 3 pixel tiles", 3, 40, 130, 12, 12, 3, 3, 1, 1, 1, 1, 1, 1,
                    4, false, true, false, false, XLayout::kChannelsLast, {3, 1, 3}, 0};

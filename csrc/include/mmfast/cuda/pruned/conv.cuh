@@ -233,8 +233,10 @@ __global__ void __launch_bounds__(kThreads, 2) masked_conv_kernel(ConvArgs a) {
       continue;
     }
 
-    // the GEMM: rows = kept outputs of the tile, columns = pixels, l over kept inputs x taps
-    const int64_t L = kept_in * taps;
+    // the GEMM: rows = kept outputs of the tile, columns = pixels, l over kept inputs x taps. An
+    // empty input plane (the output all padding) reduces nothing: its x may be null, and the
+    // staging below reads x_b[0] out of bounds.
+    const int64_t L = (p.height == 0 || p.width == 0) ? 0 : kept_in * taps;
     const T* x_b = x + b * p.x_strides[0];
     const T* w_c = weight + code * p.weight_code_stride;
     const bool use_tc = a.use_tc != 0;
