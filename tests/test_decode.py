@@ -443,6 +443,10 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: decode_attention(q, k_cache, v_cache.half(), lengths), TypeError, "same dtype"),
         (lambda: decode_attention(q.expand(2, 17, 4, 8), k_cache, v_cache, lengths), ValueError, "1 to 16"),
         (lambda: decode_attention(q[..., :4], k_cache, v_cache, lengths), ValueError, "D=8"),
+        (lambda: decode_attention(q.expand(2, 11, 4, 8), k_cache, v_cache, lengths), ValueError,
+         "11 new tokens do not fit a cache of T_max = 10"),
+        (lambda: decode_attention(q, k_cache[:, :0], v_cache[:, :0], lengths), ValueError,
+         "1 new tokens do not fit a cache of T_max = 0"),  # no length is valid (CUDA: once a launch error)
         (lambda: decode_attention(q, k_cache, v_cache[:, :9], lengths), ValueError, "same shape"),
         (lambda: decode_attention(q, k_cache.transpose(1, 3), v_cache, lengths), ValueError, "4-D|unit stride|shape"),
         (lambda: decode_attention(q, k_cache, v_cache, lengths, softcap=-1.0), ValueError, "softcap"),
@@ -479,6 +483,8 @@ def test_native_op_checks_inputs_itself():
     q, k_cache, v_cache, lengths = make_cache((2, 1, 4, 2, 8, 10), torch.float32, "cpu")
     with pytest.raises(ValueError, match="multiple of the KV heads"):
         torch.ops.mmfast.decode_attention(q[:, :, :3], k_cache, v_cache, lengths, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="do not fit a cache of T_max = 0"):
+        torch.ops.mmfast.decode_attention(q, k_cache[:, :0], v_cache[:, :0], lengths, 1.0, 0.0, 0)
     with pytest.raises(TypeError, match="int32"):
         torch.ops.mmfast.kv_cache_append(k_cache, v_cache, k_cache[:, :1], v_cache[:, :1], lengths.long())
     with pytest.raises(ValueError, match="uniform"):

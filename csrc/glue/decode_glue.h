@@ -92,6 +92,8 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(1) <= kMaxDecodeQueries, op, ": q must hold 1 to ", kMaxDecodeQueries,
                     " new tokens per row (Sq), got ", q.size(1),
                     "; prefill longer prompts with F.scaled_dot_product_attention", kCacheLayout);
+  TORCH_CHECK_VALUE(q.size(1) <= k_cache.size(1), op, ": ", q.size(1), " new tokens do not fit a cache of T_max = ",
+                    k_cache.size(1), " (cache_seqlens counts them: append them first)");
   TORCH_CHECK_VALUE(k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0, op, ": the query heads H = ", q.size(2),
                     " must be a multiple of the KV heads H_kv = ", k_cache.size(2), " (GQA)", kCacheLayout);
   to_dtype(q, op, "q");

@@ -103,6 +103,9 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, wi
     if not 1 <= q.shape[1] <= MAX_DECODE_QUERIES:
         raise ValueError(f"{op}: q must hold 1 to {MAX_DECODE_QUERIES} new tokens per row (Sq), got {q.shape[1]}; "
                          f"prefill longer prompts with F.scaled_dot_product_attention{_CACHE_LAYOUT}")
+    if q.shape[1] > k_cache.shape[1]:
+        raise ValueError(f"{op}: {q.shape[1]} new tokens do not fit a cache of T_max = {k_cache.shape[1]} "
+                         "(cache_seqlens counts them: append them first)")
     if kv_heads == 0 or q.shape[2] % kv_heads != 0:
         raise ValueError(f"{op}: the query heads H = {q.shape[2]} must be a multiple of the KV heads "
                          f"H_kv = {kv_heads} (GQA){_CACHE_LAYOUT}")
