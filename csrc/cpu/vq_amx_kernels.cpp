@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "mmfast/common.h"
+#include "mmfast/cpu/memory.h"
 #include "mmfast/cpu/numeric.h"
 #include "mmfast/cpu/parallel.h"
 

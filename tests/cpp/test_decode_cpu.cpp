@@ -7,6 +7,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "mmfast/cpu/decode.h"
@@ -233,6 +234,30 @@ int check_sum_lanes_tree(std::mt19937& rng) {
 
 }  // namespace
 
+// A per-call scratch that malloc cannot give throws a clear error (the kernels once wrote
+// through the null pointer): 2^60 floats exceed any address space, SIZE_MAX elements overflow
+// the byte count. Not under AddressSanitizer, whose allocator aborts on such sizes instead.
+int check_scratch_allocation_failure() {
+#if defined(__SANITIZE_ADDRESS__)
+  std::printf("skip scratch allocation failure (AddressSanitizer)\n");
+  return 0;
+#else
+  int bad = 0;
+  for (const size_t elements : {size_t(1) << 60, ~size_t(0)}) {
+    try {
+      cpu::sum_tree_test::Scratch<float> scratch(elements);
+      ++bad;  // allocated: impossible for these sizes
+    } catch (const std::runtime_error& error) {
+      if (std::strstr(error.what(), "out of memory") == nullptr) ++bad;
+    }
+  }
+  cpu::sum_tree_test::Scratch<float> small(1000);  // an ordinary size still works, 64-byte aligned
+  if (reinterpret_cast<uintptr_t>(small.data) % 64 != 0) ++bad;
+  small.data[999] = 1.0f;
+  return bad;
+#endif
+}
+
 int main() {
   const auto variants = test::runnable_isa_variants(cpu::isa_generic::decode_kernels, cpu::isa_avx2::decode_kernels,
                                                     cpu::isa_avx512::decode_kernels,
@@ -257,6 +282,11 @@ int main() {
     (bad == 0 ? passed : failures)++;
     std::printf("%s sum_lanes_tree %s: %d of 2000 off the fixed tree%s\n", bad ? "FAIL" : "ok  ", t.name,
                 bad < 0 ? 0 : bad, bad < 0 ? " (inputs did not depend on the order)" : "");
+  }
+  {
+    const int bad = check_scratch_allocation_failure();
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s scratch allocation failure: %d checks off\n", bad ? "FAIL" : "ok  ", bad);
   }
   for (const auto& variant : variants) {
     const cpu::DecodeKernels k = variant.kernels();

@@ -3,6 +3,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -11,6 +13,14 @@
 
 namespace mmfast {
 namespace cpu {
+
+// Raised for a kernel's per-call scratch (mmfast/cpu/simd.h's Scratch) that malloc could not
+// give: a clear error in place of writes through a null pointer (torch shows it as a
+// RuntimeError). Defined here, outside the per-ISA code, which uses no std templates.
+[[noreturn]] inline void throw_scratch_allocation_failed(size_t bytes) {
+  throw std::runtime_error("mmfast CPU kernel: out of memory: could not allocate " + std::to_string(bytes) +
+                           " bytes of scratch memory");
+}
 
 constexpr size_t kHugePageBytes = size_t(2) << 20;
 // Below this an output holds at most a few 2 MiB pages, and glibc usually serves it from

@@ -232,11 +232,15 @@ inline acc_t dot_padded(const acc_t* a, const acc_t* b, int64_t ld) {
 // Per-call scratch of one worker: tiles and padded per-head copies of the state. data is
 // 64-byte aligned (malloc gives 16), so full-width vector loads and AMX tile rows at multiples
 // of 64 bytes never straddle two cache lines (split loads halve the load throughput), with 64
-// bytes of slack past the end.
+// bytes of slack past the end. A failed allocation throws (memory.h), as does a size whose
+// bytes do not fit size_t.
 template <typename acc_t>
 struct Scratch {
   acc_t* data = nullptr;
-  explicit Scratch(size_t elements) : raw_(__builtin_malloc(sizeof(acc_t) * elements + 128)) {
+  explicit Scratch(size_t elements) {
+    const size_t bytes = elements > (~size_t(0) - 128) / sizeof(acc_t) ? ~size_t(0) : sizeof(acc_t) * elements + 128;
+    raw_ = bytes == ~size_t(0) ? nullptr : __builtin_malloc(bytes);
+    if (raw_ == nullptr) throw_scratch_allocation_failed(bytes);
     data = reinterpret_cast<acc_t*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63));
   }
   ~Scratch() { __builtin_free(raw_); }
@@ -244,7 +248,7 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 
  private:
-  void* raw_;
+  void* raw_ = nullptr;
 };
 
 // Copies a dense (rows x cols) matrix into a zero-padded [prow][pcol] buffer, scaled,
