@@ -458,6 +458,11 @@ def test_python_m_mmfast_help_and_json():
     ("9.0;9.0a", (9, 0), "binary for 9.0, 9.0a"),         # both: the driver may pick either
     (None, (9, 0), "none (a CPU-only build)"),
     ("Hopper", (9, 0), "unknown"),
+    ("10.0f", (10, 3), "binary for 10.0f"),               # family code: later minors of its major
+    ("10.0f", (12, 0), "NONE for sm_120"),
+    ("10.0f+PTX", (12, 0), "NONE for sm_120"),            # family PTX stays in its major
+    ("10.3a;10.0f", (10, 3), "binary for 10.3a, 10.0f"),
+    ("10.3a", (10, 0), "NONE for sm_100"),                # a later minor's "a" code: no
 ])
 def test_python_m_mmfast_says_whether_the_gpu_has_kernels(archs, capability, expected):
     """`python -m mmfast` says which compiled code each GPU runs, and the rebuild when none

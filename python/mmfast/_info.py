@@ -75,26 +75,32 @@ def gpu_facts(cuda_archs) -> list | None:
 
 
 def arch_coverage(cuda_archs, capability) -> str:
-    """Which compiled code of a TORCH_CUDA_ARCH_LIST-style list ("8.0;9.0a;10.0a+PTX") a GPU of
-    compute capability (major, minor) runs: the binary (SASS) of its own arch, an earlier minor
-    of its major (not an arch-specific "a"/"f" one of another arch), or PTX of an arch <= its own,
-    compiled by the driver at first use (slow start, no wgmma). Names the rebuild when none."""
+    """Which compiled code of a TORCH_CUDA_ARCH_LIST-style list ("8.0;9.0a;10.0f+PTX") a GPU of
+    compute capability (major, minor) runs. Binary (SASS): of its own arch, or of an earlier
+    minor of its major unless arch-specific ("a": that arch only; family "f" code runs on its
+    major's later minors). PTX, compiled by the driver at first use (a slow start, no wgmma):
+    of a plain arch <= its own, or of an "f" arch of its major. Names the rebuild when none."""
     major, minor = capability
     if not cuda_archs:
         return "none (a CPU-only build)"
     sass, ptx = [], []
     for entry in cuda_archs.replace(" ", ";").split(";"):
         entry = entry.strip()
+        if not entry:
+            continue
         base = entry.split("+")[0]
+        suffix = base[-1] if base[-1] in "af" else ""
         try:
             arch_major, arch_minor = (int(part) for part in base.rstrip("af").split("."))
         except ValueError:  # a named arch ("Hopper"): cpp_extension expands it, this report does not
             return f"unknown (the build's arch list {cuda_archs!r} names an arch)"
-        specific = base[-1] in "af"
-        if (arch_major, arch_minor) == (major, minor) or (
-                not specific and arch_major == major and arch_minor < minor):
+        exact = (arch_major, arch_minor) == (major, minor)
+        same_major_earlier = arch_major == major and arch_minor < minor
+        if exact or (suffix != "a" and same_major_earlier):
             sass.append(base)
-        if entry.endswith("+PTX") and not specific and (arch_major, arch_minor) <= (major, minor):
+        if entry.endswith("+PTX") and (
+                (suffix == "" and (arch_major, arch_minor) <= (major, minor))
+                or (suffix == "f" and (exact or same_major_earlier)) or (suffix == "a" and exact)):
             ptx.append(base)
     if sass:
         return f"binary for {', '.join(sass)}"
@@ -167,6 +173,8 @@ def _triton_version():
 def info() -> None:
     """Prints version, torch version, compiled backends and archs."""
     for key, value in collect().items():
+        if isinstance(value, list):  # the GPUs: one line each
+            value = "\n".join([str(value[0])] + [f"{'':>24}{line}" for line in value[1:]]) if value else "none"
         print(f"{key:>22}: {value}")
 
 
