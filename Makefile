@@ -35,9 +35,9 @@ STAMP := $(VENV)/.mmfast-deps
 # not its Python tools' dependencies.
 # A fresh install needs about VENV_FREE_GB of disk (warned before, `df` shown if pip fails).
 VENV_FREE_GB ?= 8
-PIP_FAILED = { df -h "$(dir $(abspath $(VENV)))" "$${TMPDIR:-/tmp}"; exit 1; }
+PIP_FAILED = { bash scripts/check_free_space.sh --df "$(abspath $(VENV))"; exit 1; }
 $(STAMP): requirements-test.txt
-	@bash scripts/check_free_space.sh $(VENV) $(VENV_FREE_GB)
+	@bash scripts/check_free_space.sh "$(abspath $(VENV))" $(VENV_FREE_GB)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip || $(PIP_FAILED)
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)" -r requirements-test.txt || $(PIP_FAILED)
