@@ -204,18 +204,25 @@ def test_masks_that_keep_nothing(device):
 
 @pytest.mark.parametrize("backend_device", backend_params())
 @pytest.mark.parametrize("height, width", [(0, 5), (4, 0), (0, 0)])
-def test_empty_input_plane_is_refused(backend_device, height, width):
+def test_empty_input_plane(backend_device, height, width):
     """x of height or width 0 is refused as F.conv2d refuses it, even where padding would give an
-    output (only B and Cin may be 0): one ValueError on every backend, nothing launched (the
-    CUDA kernels' own handling of a null x: tests/cuda_emulator/test_pruned_emulated.cpp)."""
+    output: one ValueError on every backend, nothing launched (the CUDA kernels' own handling of
+    a null x: tests/cuda_emulator/test_pruned_emulated.cpp). With B or Cin 0 it is accepted, as
+    F.conv2d accepts it: an empty batch, or the bias alone."""
     backend, device = backend_device
-    x = torch.randn(3, 5, height, width, device=device)
     codes, mask = torch.tensor([1, 0, 1], device=device), torch.ones(2, 5, dtype=torch.bool, device=device)
-    weight = torch.randn(2, 5, 5, 3, 3, device=device)
-    with pytest.raises(ValueError, match=f"height and width must be >= 1 .* got {height}x{width}"):
-        masked_conv2d(x, weight, None, codes, mask, mask, padding=2, backend=backend)
-    with pytest.raises(ValueError, match="height and width must be >= 1"):  # the op itself: the C++ check
-        torch.ops.mmfast.masked_conv2d(x, weight, None, codes, mask, mask, [1, 1], [2, 2], [1, 1])
+    weight, bias = torch.randn(2, 6, 5, 3, 3, device=device), torch.randn(2, 6, device=device)
+    x, out_mask = torch.randn(3, 5, height, width, device=device), torch.ones(2, 6, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match=f"height and width must be >= 1 unless B or Cin is 0 .* got {height}x{width}"):
+        masked_conv2d(x, weight, None, codes, mask, out_mask, padding=2, backend=backend)
+    if backend == "native":  # the op itself (no Python wrapper): the C++ check
+        with pytest.raises(ValueError, match="height and width must be >= 1"):
+            torch.ops.mmfast.masked_conv2d(x, weight, None, codes, mask, out_mask, [1, 1], [2, 2], [1, 1])
+    empty_batch = masked_conv2d(x[:0], weight, bias, codes[:0], mask, out_mask, padding=2, backend=backend)
+    assert empty_batch.shape == (0, 6, height + 2, width + 2)
+    no_channels = masked_conv2d(x[:, :0], weight[:, :, :0], bias, codes, mask[:, :0], out_mask, padding=2,
+                                backend=backend)
+    torch.testing.assert_close(no_channels, bias[codes][:, :, None, None].expand(3, 6, height + 2, width + 2))
 
 
 @pytest.mark.parametrize("device", NATIVE)

@@ -84,9 +84,9 @@ inline ConvGeometry check_masked(const at::Tensor& x, const at::Tensor& weight, 
   TORCH_CHECK_TYPE(x.device() == sample_codes.device(), op, ": all inputs must have the same device, got x: ",
                    x.device(), ", sample_codes: ", sample_codes.device());
   if (linear) return {x.size(1), 1};
-  TORCH_CHECK_VALUE(x.size(2) >= 1 && x.size(3) >= 1, op,
-                    ": x's height and width must be >= 1 (as F.conv2d's; only the batch and the channels may be "
-                    "empty), got ", x.size(2), "x", x.size(3));
+  TORCH_CHECK_VALUE((x.size(2) >= 1 && x.size(3) >= 1) || x.size(0) == 0 || x.size(1) == 0, op,
+                    ": x's height and width must be >= 1 unless B or Cin is 0 (as in F.conv2d), got ", x.size(2),
+                    "x", x.size(3));
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
                         stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] >= 1 && dilation[1] >= 1,
                     op, ": stride and dilation must be pairs of ints >= 1 and padding a pair >= 0, got ", stride, ", ",

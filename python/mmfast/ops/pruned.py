@@ -104,13 +104,13 @@ def check_masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, stride
         raise ValueError(f"{op}: weight must be a 5-D (K, Cout, Cin, kh, kw) tensor (K = 1: shared), got shape "
                          f"{tuple(weight.shape)}")
     batch, in_channels, height, width = x.shape
-    if height == 0 or width == 0:
-        raise ValueError(f"{op}: x's height and width must be >= 1 (as F.conv2d's; only the batch and the "
-                         f"channels may be empty), got {height}x{width}")
     _, out_channels, weight_in, kh, kw = weight.shape
     if weight_in != in_channels:
         raise ValueError(f"{op}: weight's Cin = {weight_in} must equal x's {in_channels} channels")
     _check_weights(op, x, weight, bias, sample_codes, in_mask, out_mask, "Cout, Cin, kh, kw")
+    if (height == 0 or width == 0) and batch > 0 and in_channels > 0:
+        raise ValueError(f"{op}: x's height and width must be >= 1 unless B or Cin is 0 (as in F.conv2d), got "
+                         f"{height}x{width}")
     stride, padding, dilation = (_pair(op, "stride", stride, 1), _pair(op, "padding", padding, 0),
                                  _pair(op, "dilation", dilation, 1))
     out_size = [conv_output_size(s, k, st, p, d) for s, k, st, p, d in
@@ -342,8 +342,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """The conv of each sample's pruned expert, for a batch that mixes architecture codes (APTP,
     arXiv 2406.12042: one prompt-routed pruned expert per sample, batched together).
 
-    x: (B, Cin, H, W) float (fp32, fp16, bf16, fp64; no fp64 on Triton), H and W >= 1 as in
-    F.conv2d (B and Cin may be 0); weight: (K, Cout, Cin, kh,
+    x: (B, Cin, H, W) float (fp32, fp16, bf16, fp64; no fp64 on Triton), H and W >= 1 unless B
+    or Cin is 0 (as in F.conv2d); weight: (K, Cout, Cin, kh,
     kw), one set per code (K = 1: shared); bias: (K or 1, Cout) or None; sample_codes: (B,)
     int64 / int32 in [0, K); in_mask (K, Cin), out_mask (K, Cout) bool. stride, padding,
     dilation as in torch.nn.functional.conv2d (zero padding).
