@@ -17,9 +17,10 @@ namespace cpu {
 // Raised for a kernel's per-call scratch (mmfast/cpu/simd.h's Scratch) that malloc could not
 // give: a clear error in place of writes through a null pointer (torch shows it as a
 // RuntimeError). Defined here, outside the per-ISA code, which uses no std templates.
-[[noreturn]] inline void throw_scratch_allocation_failed(size_t bytes) {
-  throw std::runtime_error("mmfast CPU kernel: out of memory: could not allocate " + std::to_string(bytes) +
-                           " bytes of scratch memory");
+[[noreturn]] inline void throw_scratch_allocation_failed(size_t elements, size_t element_bytes) {
+  throw std::runtime_error("mmfast CPU kernel: out of memory: could not allocate scratch memory for " +
+                           std::to_string(elements) + " elements of " + std::to_string(element_bytes) + " bytes" +
+                           (elements > ~size_t(0) / element_bytes ? " (more bytes than size_t holds)" : ""));
 }
 
 constexpr size_t kHugePageBytes = size_t(2) << 20;

@@ -10,7 +10,9 @@ namespace cpu {
 
 using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 
-// Calls fn(ctx, begin, end) on disjoint ranges covering [0, n), possibly in parallel.
+// Calls fn(ctx, begin, end) on disjoint ranges covering [0, n), possibly in parallel. fn may
+// throw (a scratch allocation that failed: memory.h); the exception reaches the caller once
+// every range has returned (ATen's parallel_for rethrows the first).
 void parallel_for(int64_t n, void* ctx, RangeFn fn);
 int max_threads();
 

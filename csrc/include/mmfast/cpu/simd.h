@@ -238,9 +238,9 @@ template <typename acc_t>
 struct Scratch {
   acc_t* data = nullptr;
   explicit Scratch(size_t elements) {
-    const size_t bytes = elements > (~size_t(0) - 128) / sizeof(acc_t) ? ~size_t(0) : sizeof(acc_t) * elements + 128;
-    raw_ = bytes == ~size_t(0) ? nullptr : __builtin_malloc(bytes);
-    if (raw_ == nullptr) throw_scratch_allocation_failed(bytes);
+    if (elements > (~size_t(0) - 128) / sizeof(acc_t)) throw_scratch_allocation_failed(elements, sizeof(acc_t));
+    raw_ = __builtin_malloc(sizeof(acc_t) * elements + 128);
+    if (raw_ == nullptr) throw_scratch_allocation_failed(elements, sizeof(acc_t));
     data = reinterpret_cast<acc_t*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63));
   }
   ~Scratch() { __builtin_free(raw_); }
