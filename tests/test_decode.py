@@ -447,6 +447,8 @@ def test_bad_inputs_raise_clear_errors():
          "11 new tokens do not fit a cache of T_max = 10"),
         (lambda: decode_attention(q, k_cache[:, :0], v_cache[:, :0], lengths), ValueError,
          "1 new tokens do not fit a cache of T_max = 0"),  # no length is valid (CUDA: once a launch error)
+        (lambda: decode_attention(q, k_cache[:, :0], v_cache[:, :0], lengths, backend="reference"), ValueError,
+         "1 new tokens do not fit a cache of T_max = 0"),  # the Python check (Triton, reference, fakes)
         (lambda: decode_attention(q, k_cache, v_cache[:, :9], lengths), ValueError, "same shape"),
         (lambda: decode_attention(q, k_cache.transpose(1, 3), v_cache, lengths), ValueError, "4-D|unit stride|shape"),
         (lambda: decode_attention(q, k_cache, v_cache, lengths, softcap=-1.0), ValueError, "softcap"),

@@ -238,7 +238,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      backend: Optional[str] = None) -> torch.Tensor:
     """Attention of a few new tokens per row over a static KV cache with per-row lengths.
 
-    q: (B, Sq, H, D) with 1 <= Sq <= 16 (1 for decoding; more for speculative or chunked
+    q: (B, Sq, H, D) with 1 <= Sq <= min(16, T_max) (1 for decoding; more for speculative or chunked
     steps, causal among the new tokens); k_cache, v_cache: (B, T_max, H_kv, D) with H a
     multiple of H_kv (GQA: the H / H_kv query heads of a group share one K/V read); fp32,
     fp16, bf16, fp64 (not on Triton); D up to 256 on CUDA, any D on the CPU. cache_seqlens:
