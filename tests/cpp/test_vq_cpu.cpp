@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -196,6 +197,22 @@ void check_table(const char* name, const cpu::VQKernels& k, std::mt19937& rng, i
 
 }  // namespace
 
+// A codebook of more than 2^31 panels (2^36 + 1 codes: more than 2^31 panels at every vector
+// width) is refused before anything is read: the panel numbers would wrap in the 32-bit lanes.
+// Nothing is allocated: the kernel returns before touching the (dummy) inputs.
+template <typename T>
+int check_panel_limit(const cpu::VQKernels& k) {
+  const T dummy[1] = {};
+  int64_t index = 0;
+  float distance = 0;
+  VQParams p;
+  p.rows = 1, p.codes = (int64_t(1) << 36) + 1, p.dim = 1;
+  p.dtype = sizeof(T) == 2 ? DType::kBFloat16 : DType::kFloat32;
+  p.z = dummy, p.z_row_stride = 1, p.codebook = dummy, p.indices = &index, p.distance = &distance;
+  const char* error = k.quantize(p);
+  return error != nullptr && std::strstr(error, "more than 2^31 panels") != nullptr ? 0 : 1;
+}
+
 int main() {
   const auto variants = test::runnable_isa_variants(cpu::isa_generic::vq_kernels, cpu::isa_avx2::vq_kernels,
                                                     cpu::isa_avx512::vq_kernels,
@@ -205,6 +222,9 @@ int main() {
   for (const auto& variant : variants) {
     check_table<float>(variant.name, variant.kernels(), rng, passed, failures);
     check_table<cpu::BFloat16>(variant.name, variant.kernels(), rng, passed, failures);
+    const int bad = check_panel_limit<float>(variant.kernels()) + check_panel_limit<cpu::BFloat16>(variant.kernels());
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s %s more than 2^31 panels refused: %d dtypes off\n", bad ? "FAIL" : "ok  ", variant.name, bad);
   }
   if (cpu::amx_bf16_supported()) {
     check_table<cpu::BFloat16>("amx", cpu::isa_amx::vq_amx_kernels(), rng, passed, failures);

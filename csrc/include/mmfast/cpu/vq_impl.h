@@ -447,6 +447,10 @@ const char* quantize_typed(const VQParams& p) {
   using acc_t = typename Dot::acc_t;
   using elem_t = typename Dot::elem_t;
   const Plan<acc_t> plan = plan_for<Dot>(p);
+  // The search keeps a panel's number in an integer lane as wide as acc_t (search_panels).
+  if (sizeof(typename Lanes<acc_t>::scalar) == 4 && plan.panels > (int64_t(1) << 31))
+    return "vq_quantize: the codebook has more than 2^31 panels of codes (the CPU kernels number them in 32 bits "
+           "for float32 / float16 / bfloat16); split the codebook, or search in float64";
   if (p.workspace_bytes < plan.bytes) return "vq_quantize: workspace too small";
   elem_t* packed = plan.template at<elem_t>(p, plan.packed_offset);
   acc_t* bias = plan.template at<acc_t>(p, plan.bias_offset);
