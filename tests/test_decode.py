@@ -480,6 +480,16 @@ def test_bad_inputs_raise_clear_errors():
     assert torch.equal(k_cache[0, 3], q[0, 0, :2]) and torch.equal(k_cache[1, 5], q[1, 0, :2])
 
 
+def test_reference_outputs_are_contiguous_like_the_kernels():
+    """The reference backend's decode_attention returns a contiguous tensor whatever q's strides
+    (its fake kernel and the compiled ops do)."""
+    q, k_cache, v_cache, lengths = make_cache((2, 3, 4, 2, 8, 10), torch.float32, "cpu")
+    strided_q = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, head-major memory
+    out = decode_attention(strided_q, k_cache, v_cache, lengths, backend="reference")
+    assert out.is_contiguous() and torch.equal(out, decode_attention(q, k_cache, v_cache, lengths,
+                                                                     backend="reference"))
+
+
 def test_native_op_checks_inputs_itself():
     """torch.ops.mmfast.* called directly (no Python wrapper) still rejects bad inputs."""
     q, k_cache, v_cache, lengths = make_cache((2, 1, 4, 2, 8, 10), torch.float32, "cpu")

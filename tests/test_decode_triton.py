@@ -74,6 +74,19 @@ def test_append_into_a_strided_cache_view_and_public_api():
     assert torch.equal(buffer[:, :, 1::2], before)  # the other heads of the buffer untouched
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter on CPU tensors: on CUDA the rows are skipped / NaN")
+def test_public_api_on_cpu_tensors_raises_for_lengths_out_of_range():
+    """On CPU tensors the Triton backend raises for out-of-range lengths as the native CPU op does
+    (the wrapper checks them; the kernels themselves skip such rows, as on CUDA)."""
+    k_cache, v_cache, k = randn(2, 8, 1, 4), randn(2, 8, 1, 4), randn(2, 2, 1, 4)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match=r"out of range: rows need slots \[0, 9\)"):
+        kv_cache_append(k_cache, v_cache, k, k, seqlens([0, 7]), backend="triton")
+    assert torch.equal(k_cache, before)  # nothing written, not even row 0
+    with pytest.raises(ValueError, match="out of range"):
+        decode_attention(randn(2, 2, 1, 4), k_cache, v_cache, seqlens([1, 9]), backend="triton")
+
+
 # --- decode_attention -------------------------------------------------------------------------
 
 

@@ -154,7 +154,7 @@ def test_fuzz_append_writes_its_slots_or_nothing(backend, batch, new_tokens, max
     if fits:
         reference.kv_cache_append_ref(expected_k, expected_v, k, v, lengths)
         kv_cache_append(k_cache, v_cache, k, v, lengths, backend=backend)
-    elif device == "cpu" and backend != "triton":
+    elif device == "cpu":  # every backend on CPU tensors (Triton's interpreter: the wrapper checks)
         with pytest.raises(ValueError, match="kv_cache_append"):
             kv_cache_append(k_cache, v_cache, k, v, lengths, backend=backend)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)

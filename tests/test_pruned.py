@@ -248,6 +248,16 @@ def test_zero_sized_channels_and_batch(device):
     assert y.shape == (0, 6, 4, 4) and x.grad.shape == x.shape and (w.grad == 0).all()
 
 
+def test_group_norm_reference_output_is_contiguous_for_channels_last_x():
+    """The reference masked_group_norm returns a contiguous tensor like the kernels (and the
+    fake kernel), also for a channels-last x."""
+    x = torch.randn(3, 8, 3, 3).to(memory_format=torch.channels_last)
+    codes, mask = torch.tensor([0, 1, 0]), torch.ones(2, 8, dtype=torch.bool)
+    y = masked_group_norm(x, None, None, 4, codes, mask, backend="reference")
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, masked_group_norm(x.contiguous(), None, None, 4, codes, mask))
+
+
 def test_group_norm_is_accurate_on_sd_sized_groups():
     """A group of the 320-channel level at 96x96 (92,160 elements), mean far from 0: fp32 within
     the fp32 tolerance of the fp64 result, as torch's GroupNorm is."""

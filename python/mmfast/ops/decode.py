@@ -8,7 +8,8 @@ Ops (schemas in csrc/registration.cpp; Triton twins in the namespace mmfast_trit
   decode_linear(x, weight, bias?) -> y                                 F.linear for few rows
 Caches are static and preallocated, (B, T_max, H_kv, D) (FlashAttention's kvcache layout);
 cache_seqlens is (B,) int32. The exact rules are in mmfast.reference.decode. The ops are for
-inference: differentiating decode_attention raises.
+inference: differentiating decode_attention or decode_linear raises (the native and Triton
+backends; the reference backend is plain torch ops, differentiable as such).
 """
 from __future__ import annotations
 
@@ -212,12 +213,12 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     """Writes new keys and values into static caches, in place, each row at its own length.
 
     k_cache, v_cache: (B, T_max, H_kv, D), unit stride along D; k, v: (B, S, H_kv, D), any
-    strides; same float dtype and device. cache_seqlens: (B,) int32, the lengths BEFORE this
+    strides; same float dtype (fp64 not on Triton) and device. cache_seqlens: (B,) int32, the lengths BEFORE this
     append: row b's tokens go to slots [len_b, len_b + S); nothing else is written (the caller
     then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices,
     RuntimeError when grad mode is on and an input requires grad (the append has no gradient);
-    a row whose slots fall outside [0, T_max) raises ValueError on the CPU and is skipped on
-    CUDA (no host synchronisation: check lengths yourself if they may overflow).
+    a row whose slots fall outside [0, T_max) raises ValueError on the CPU (every backend) and
+    is skipped on CUDA (no host synchronisation: check lengths yourself if they may overflow).
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
     """
     check_tensors("kv_cache_append",
@@ -226,8 +227,9 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
         check_append(k_cache, v_cache, k, v, cache_seqlens)
-    if chosen == "reference":
+    if _checks_lengths_here(chosen, cache_seqlens):
         _check_lengths_fit("kv_cache_append", cache_seqlens, k.shape[1], k_cache.shape[1])
+    if chosen == "reference":
         reference.kv_cache_append_ref(k_cache, v_cache, k, v, cache_seqlens)
         return
     _backend.op_overload("kv_cache_append", chosen)(k_cache, v_cache, k, v, cache_seqlens)
@@ -248,7 +250,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tokens (transformers' Gemma-2 / Mistral semantics: key j visible to position p when
     p - j < window); None or 0: none. Returns (B, Sq, H, D) in q's dtype; scores, softmax and
     sums in fp32 (fp64). Rows with cache_seqlens outside [Sq, T_max] raise ValueError on the
-    CPU and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes, devices.
+    CPU (every backend) and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes, devices.
     """
     check_tensors("decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens})
     window = window or 0
@@ -256,8 +258,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if chosen != "native":  # the compiled op checks the same in C++
         check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _checks_lengths_here(chosen, cache_seqlens):
+        _check_lengths_fit("decode_attention", cache_seqlens.long() - q.shape[1], q.shape[1], k_cache.shape[1])
     if chosen == "reference":
-        _check_lengths_fit("decode_attention", cache_seqlens - q.shape[1], q.shape[1], k_cache.shape[1])
         return reference.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale, softcap, window)
     return _backend.op_overload("decode_attention", chosen)(q, k_cache, v_cache, cache_seqlens, scale, float(softcap),
                                                            int(window))
@@ -363,7 +366,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     its time is the weight bytes over the memory bandwidth for any M up to a few dozen rows
     (the small-M GEMM of the BLAS torch ships reads them at half the bandwidth or less on
     AVX2 CPUs). On CUDA it is cuBLAS (at::linear), already bandwidth-bound there. No Triton
-    twin: backend="triton" raises. Inference only: differentiating it raises.
+    twin: backend="triton" raises. Inference only: differentiating it raises (the reference
+    backend's F.linear excepted).
     Raises ValueError / TypeError for shapes, dtypes, devices.
     """
     check_tensors("decode_linear", {"x": x, "weight": weight, "bias": bias}, ("bias",))
@@ -382,6 +386,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     else:
         out = _backend.op_overload("decode_linear", chosen)(rows, weight, bias)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _checks_lengths_here(chosen: str, cache_seqlens: torch.Tensor) -> bool:
+    """Whether the wrapper checks the lengths (a host synchronisation): for the reference, and for
+    the Triton interpreter on CPU tensors in eager mode, which raise as the native CPU op does."""
+    return chosen == "reference" or (chosen == "triton" and cache_seqlens.device.type == "cpu"
+                                     and not torch.compiler.is_compiling())
 
 
 def _check_lengths_fit(op: str, starts: torch.Tensor, count: int, max_tokens: int) -> None:

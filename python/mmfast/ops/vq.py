@@ -177,7 +177,8 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
     """Index of the nearest code of every vector: a fused distance + argmin over codebook tiles
     that never materialises the N x K distance matrix (taming's VectorQuantizer2 computes it).
 
-    z: (..., D); codebook: (K, D); same float dtype (fp32, fp16, bf16; fp64 on CPU), same
+    z: (..., D); codebook: (K, D); same float dtype (fp32, fp16, bf16; fp64 on the CPU, not on
+    Triton), same
     device. Returns int64 indices of shape z.shape[:-1], and with return_distance=True also the
     squared distances (fp32; fp64 for fp64). metric "l2": Euclidean nearest code (Chameleon /
     Liquid's tokenizer, unnormalised codes); "cosine": both sides l2-normalised, nearest by dot
@@ -213,10 +214,10 @@ def vq_dequantize(indices, codebook, *, channels_first: bool = False, backend: O
     with respect to the codebook. An index outside [0, K) raises IndexError on the CPU and on
     the reference backend; on CUDA the kernel never reads out of bounds and writes a NaN row
     instead (no host synchronisation). indices: int64 or int32; codebook: (K, D) float32 /
-    float16 / bfloat16 / float64. The lookup of taming's VectorQuantizer2.get_codebook_entry
+    float16 / bfloat16 / float64 (not on Triton). The lookup of taming's VectorQuantizer2.get_codebook_entry
     (Liquid's / Chameleon's tokenizer decodes codes with it). Raises TypeError (non-tensors,
-    index or codebook dtype, devices), ValueError (channels_first without (B, h, w) indices),
-    IndexError (above).
+    index or codebook dtype, devices), ValueError (a codebook that is not a non-empty (K, D)
+    matrix; channels_first without (B, h, w) indices), IndexError (above).
     """
     check_tensors("vq_dequantize", {"indices": indices, "codebook": codebook})
     check_dequantize(indices, codebook, channels_first)

@@ -50,7 +50,7 @@ def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale: Optional[flo
     batch, queries, heads, dim = q.shape
     group = heads // k_cache.shape[2]
     scale = dim ** -0.5 if scale is None else scale
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous like the kernels', whatever q's strides
     for b, length in enumerate(cache_seqlens.tolist()):
         qb = q[b].double().transpose(0, 1)                                            # (H, Sq, D)
         kb = k_cache[b, :length].double().transpose(0, 1).repeat_interleave(group, 0)  # (H, L, D)

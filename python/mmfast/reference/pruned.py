@@ -124,4 +124,4 @@ def masked_group_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
     if silu:
         y = F.silu(y)
     y = torch.where(mask.reshape(batch, channels, 1), y, 0)
-    return y.reshape(x.shape).to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype).contiguous()  # contiguous like the kernels' (channels-last x)
