@@ -33,13 +33,15 @@ _GN_BLOCK = 1024
 
 
 # (num_warps, num_stages) of the conv launch: CONV_LAUNCH under the interpreter and with
-# MMFAST_TRITON_AUTOTUNE=0, else the autotuner times CONV_SWEEP on the first call per shape.
+# MMFAST_TRITON_AUTOTUNE=0, else the autotuner times CONV_SWEEP on the first call per key (below).
 # From the offline sm_90 compile (scripts/triton_report.py --kernels pruned --loops): bf16 at
 # 4 warps 255 registers, 275 instructions per thread per 64 x 64 x 32 step; at 8 warps 199
 # registers, 156; fp32 spills 328 B at 4 warps, none at 8. Which wins is for a GPU to say.
 CONV_LAUNCH = (4, 2)
 CONV_SWEEP = [(4, 2), (8, 2)]
-_conv_kernel = autotuned(kernels.conv_kernel, CONV_LAUNCH, CONV_SWEEP, ["CIN", "COUT", "HO", "WO", "KH", "KW"])
+# Keyed on the pixel count's power-of-two bucket, not on HO / WO: a new resolution (or, for
+# masked_linear, a new token count) reuses its bucket's choice instead of timing both configs again.
+_conv_kernel = autotuned(kernels.conv_kernel, CONV_LAUNCH, CONV_SWEEP, ["CIN", "COUT", "PIXELS_BUCKET", "KH", "KW"])
 
 
 def _blocks() -> tuple[int, int, int]:
@@ -79,7 +81,7 @@ def _launch_conv(x: Tensor, x_strides, weight: Tensor, bias: Optional[Tensor], s
             *x_strides, *y_strides,
             per_code if weight.shape[0] > 1 else 0,
             out_channels if bias is not None and bias.shape[0] > 1 else 0,
-            pix_tiles, out_tiles,
+            pix_tiles, out_tiles, triton.next_power_of_2(out_h * out_w),
             HAS_BIAS=bias is not None, DOT_PREC="tf32x3" if x.dtype == torch.float32 else None,
             UPCAST=INTERPRET and x.dtype == torch.bfloat16, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
             BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i)

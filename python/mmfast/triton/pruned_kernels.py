@@ -57,6 +57,7 @@ def conv_kernel(
     x_ptr, w_ptr, bias_ptr, codes_ptr, in_list_ptr, in_count_ptr, out_list_ptr, out_count_ptr, y_ptr,
     K, CIN, COUT, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW,
     s_x0, s_x1, s_x2, s_x3, s_y0, s_y1, s_yp, W_CODE_STRIDE, BIAS_CODE_STRIDE, PIX_TILES, OUT_TILES,
+    PIXELS_BUCKET,  # HO * WO rounded up to a power of two: the autotune key only, never read here
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
