@@ -47,6 +47,15 @@ def test_every_kernel_runs_its_fixed_config_under_the_interpreter():
     assert [(c.num_warps, c.num_stages) for c in pruned_host._conv_kernel.configs] == [pruned_host.CONV_LAUNCH]
 
 
+def test_autotune_keys_hold_no_sequence_length_or_resolution():
+    """A new token count or resolution must not re-time a sweep: the keys name sizes that take a
+    few values per model (head dims, channels, kernel size, a power-of-two pixel bucket)."""
+    varying = {"N", "HO", "WO", "H", "W", "TOKENS", "PIX_TILES"}
+    for name, tuned in {**TUNED, "vq search": vq_host._search_kernel, "masked conv": pruned_host._conv_kernel}.items():
+        assert not varying & set(tuned.keys), (name, tuned.keys)
+    assert "PIXELS_BUCKET" in pruned_host._conv_kernel.keys
+
+
 def test_sweeps_hold_the_fixed_config_and_autotune_over_them(monkeypatch):
     monkeypatch.setattr(_common, "AUTOTUNE", True)
     for name, sweep in host.LAUNCH_SWEEPS.items():
