@@ -16,10 +16,11 @@
 #define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/decode_impl.h"
 #include "avx512_on_avx2.h"
 
-// One more copy of the SIMD header, without a target pragma, for sum_lanes_tree at every width
-// (GCC emulates vectors wider than the baseline ISA with the same IEEE additions).
+// One more copy of the SIMD header, without a target pragma, for sum_lanes_tree and the 16-bit
+// conversions at every width (GCC emulates vectors wider than the baseline ISA with the same
+// IEEE operations).
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32/64-byte vectors by value: these never cross a library
-#define MMFAST_CPU_ISA_NS sum_tree_test
+#define MMFAST_CPU_ISA_NS simd_test
 #define MMFAST_VECTOR_BYTES 16
 #include "mmfast/cpu/simd.h"
 #undef MMFAST_CPU_ISA_NS
@@ -224,7 +225,7 @@ int check_sum_lanes_tree(std::mt19937& rng) {
       for (int i = 0; i < half; ++i) tree[i] += tree[i + half];
     acc_t sequential = 0;
     for (int i = 0; i < lanes; ++i) sequential += lane[i];
-    const acc_t got = cpu::sum_tree_test::sum_lanes_tree<acc_t, bytes>(v);
+    const acc_t got = cpu::simd_test::sum_lanes_tree<acc_t, bytes>(v);
     mismatches += std::memcmp(&got, &tree[0], sizeof(acc_t)) != 0;
     order_matters += sequential != tree[0];
   }
@@ -232,6 +233,51 @@ int check_sum_lanes_tree(std::mt19937& rng) {
   return lanes > 2 && order_matters == 0 ? -1 : mismatches;  // two lanes: one order only
 }
 
+
+// simd.h's load_floats / store_floats give the bits of numeric.h's scalar conversions: every
+// fp16 and bf16 value to float (zeros, subnormals, inf, NaN payloads), and float to fp16 / bf16
+// for every half, the midpoints between neighbouring halves (ties to even), the overflow
+// boundary, specials and a million random bit patterns. Returns the lanes that differ.
+template <int bytes>
+int check_16bit_conversions(std::mt19937& rng) {
+  namespace simd = cpu::simd_test;
+  constexpr int lanes = bytes / 4;
+  int bad = 0;
+  for (uint32_t start = 0; start < 65536; start += lanes) {
+    cpu::Half h[lanes];
+    cpu::BFloat16 b[lanes];
+    for (int i = 0; i < lanes; ++i) h[i].bits = b[i].bits = uint16_t(start + i);
+    float from_half[lanes], from_bf16[lanes];
+    simd::store_floats<bytes>(from_half, simd::load_floats<bytes>(h));
+    simd::store_floats<bytes>(from_bf16, simd::load_floats<bytes>(b));
+    for (int i = 0; i < lanes; ++i)
+      bad += cpu::float_bits(from_half[i]) != cpu::float_bits(cpu::to_float(h[i])) ||
+             cpu::float_bits(from_bf16[i]) != cpu::float_bits(cpu::to_float(b[i]));
+  }
+  std::vector<uint32_t> words = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7fc12345u,
+                                 0xffc00001u, 0x7f800001u, 0x477fefffu, 0x477ff000u, 0x33000000u, 0x33000001u,
+                                 0x00000001u, 0x807fffffu, 0x387fe000u, 0x7f7fffffu, 0x3f800000u, 0xbf7fffffu};
+  for (uint32_t bits = 0; bits < 0x7c00u; ++bits) {  // every finite half and the midpoint above it, both signs
+    const double here = cpu::to_float(cpu::Half{uint16_t(bits)});
+    const double above = cpu::to_float(cpu::Half{uint16_t(bits + 1)});
+    for (const double value : {here, (here + above) / 2})
+      for (const double sign : {1.0, -1.0}) words.push_back(cpu::float_bits(float(sign * value)));
+  }
+  std::uniform_int_distribution<uint32_t> any;
+  for (int i = 0; i < 1000000; ++i) words.push_back(any(rng));
+  while (words.size() % lanes) words.push_back(0);
+  for (size_t start = 0; start < words.size(); start += lanes) {
+    float f[lanes];
+    for (int i = 0; i < lanes; ++i) f[i] = cpu::bits_float(words[start + i]);
+    cpu::Half h[lanes];
+    cpu::BFloat16 b[lanes];
+    simd::store_floats<bytes>(h, simd::load_floats<bytes>(f));
+    simd::store_floats<bytes>(b, simd::load_floats<bytes>(f));
+    for (int i = 0; i < lanes; ++i)
+      bad += h[i].bits != cpu::to_half(f[i]).bits || b[i].bits != cpu::to_bfloat16(f[i]).bits;
+  }
+  return bad;
+}
 }  // namespace
 
 // A per-call scratch that malloc cannot give throws a clear error (the kernels once wrote
@@ -245,7 +291,7 @@ int check_scratch_allocation_failure() {
   int bad = 0;
   for (const size_t elements : {size_t(1) << 60, ~size_t(0)}) {
     try {
-      cpu::sum_tree_test::Scratch<float> scratch(elements);
+      cpu::simd_test::Scratch<float> scratch(elements);
       ++bad;  // allocated: impossible for these sizes
     } catch (const std::runtime_error& error) {
       if (std::strstr(error.what(), "out of memory") == nullptr) ++bad;
@@ -253,7 +299,7 @@ int check_scratch_allocation_failure() {
       if ((std::strstr(error.what(), "more bytes than size_t holds") != nullptr) != overflows) ++bad;
     }
   }
-  cpu::sum_tree_test::Scratch<float> small(1000);  // an ordinary size still works, 64-byte aligned
+  cpu::simd_test::Scratch<float> small(1000);  // an ordinary size still works, 64-byte aligned
   if (reinterpret_cast<uintptr_t>(small.data) % 64 != 0) ++bad;
   small.data[999] = 1.0f;
   return bad;
@@ -284,6 +330,17 @@ int main() {
     (bad == 0 ? passed : failures)++;
     std::printf("%s sum_lanes_tree %s: %d of 2000 off the fixed tree%s\n", bad ? "FAIL" : "ok  ", t.name,
                 bad < 0 ? 0 : bad, bad < 0 ? " (inputs did not depend on the order)" : "");
+  }
+  const struct {
+    const char* name;
+    int (*check)(std::mt19937&);
+  } conversions[] = {{"x4", check_16bit_conversions<16>},
+                     {"x8", check_16bit_conversions<32>},
+                     {"x16", check_16bit_conversions<64>}};
+  for (const auto& c : conversions) {
+    const int bad = c.check(tree_rng);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s fp16 / bf16 conversions %s: %d lanes off the scalar bits\n", bad ? "FAIL" : "ok  ", c.name, bad);
   }
   {
     const int bad = check_scratch_allocation_failure();

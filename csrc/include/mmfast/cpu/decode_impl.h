@@ -169,7 +169,7 @@ struct AttentionJob {
       for (int64_t i = 0; i < p->queries; ++i) {
         const scalar_t* src = token_at<scalar_t>(p->q, b, i, kv_head * group + g);
         acc_t* dst = qbuf + (g * p->queries + i) * dp;
-        for (int64_t d = 0; d < p->head_dim; ++d) dst[d] = to_acc(src[d]);
+        to_acc_row(src, dst, p->head_dim);
       }
   }
 
@@ -199,7 +199,7 @@ struct AttentionJob {
           for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
         }
         acc_t* row = converted + (j * kKeyTile + t) * dp;  // padding past head_dim stays zero
-        for (int64_t d = 0; d < p->head_dim; ++d) row[d] = to_acc(src[d]);
+        to_acc_row(src, row, p->head_dim);
         out[j * kKeyTile + t] = row;
       }
     for (int64_t j = 0; j < heads; ++j)
@@ -642,28 +642,10 @@ static_assert(kStreamVectorBytes >= 16 && (kStreamVectorBytes & (kStreamVectorBy
               "M = 1 stream: vectors of 16, 32 or 64 bytes");
 
 // Consecutive elements of a weight row as a vector of `bytes` bytes of the accumulation type.
-template <int bytes = MMFAST_VECTOR_BYTES>
-inline typename VecOf<float, bytes>::type load_weights(const float* p) { return load_n<bytes>(p); }
+template <int bytes = MMFAST_VECTOR_BYTES, typename scalar_t>
+inline typename VecOf<float, bytes>::type load_weights(const scalar_t* p) { return load_floats<bytes>(p); }
 template <int bytes = MMFAST_VECTOR_BYTES>
 inline typename VecOf<double, bytes>::type load_weights(const double* p) { return load_n<bytes>(p); }
-template <int bytes = MMFAST_VECTOR_BYTES>
-inline typename VecOf<float, bytes>::type load_weights(const BFloat16* p) {
-  using Half16 = typename VecOf<uint16_t, bytes / 2>::type;
-  using Word32 = typename VecOf<uint32_t, bytes>::type;
-  Half16 bits;
-  __builtin_memcpy(&bits, p, sizeof(bits));
-  const Word32 words = __builtin_convertvector(bits, Word32) << 16;
-  typename VecOf<float, bytes>::type v;
-  __builtin_memcpy(&v, &words, sizeof(v));
-  return v;
-}
-template <int bytes = MMFAST_VECTOR_BYTES>
-inline typename VecOf<float, bytes>::type load_weights(const Half* p) {
-  constexpr int lanes = bytes / 4;
-  float values[lanes];
-  for (int i = 0; i < lanes; ++i) values[i] = to_float(p[i]);
-  return load_n<bytes>(values);
-}
 
 template <typename scalar_t, typename acc_t>
 struct LinearJob {
@@ -780,7 +762,7 @@ void linear_typed(const DecodeLinearParams& p) {
   Scratch<acc_t> xbuf(size_t(p.rows * p.in_features));
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   for (int64_t m = 0; m < p.rows; ++m)
-    for (int64_t k = 0; k < p.in_features; ++k) xbuf.data[m * p.in_features + k] = to_acc(x[m * p.x_row_stride + k]);
+    to_acc_row(x + m * p.x_row_stride, xbuf.data + m * p.in_features, p.in_features);
   LinearJob<scalar_t, acc_t> job{&p, xbuf.data};
   parallel_for(ceil_div(p.out_features, kLinearRows), &job,
                p.rows == 1 ? &LinearJob<scalar_t, acc_t>::run_one_row : &LinearJob<scalar_t, acc_t>::run);

@@ -80,7 +80,7 @@ void load_tiles(const TokenTensor& t, int64_t b, int64_t n0, int64_t rows, Heads
     for (int64_t h = 0; h < heads.count; ++h) {
       const scalar_t* src = token_row<scalar_t>(t, b, n0 + r, heads.h0 + h);
       acc_t* dst = tiles + (h * kTile + r) * ld;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = to_acc(src[d]);
+      to_acc_row(src, dst, dim);
       if (apply_feature) feature_row(dst, ld, fm);
       for (int64_t d = dim; d < ld; ++d) dst[d] = 0;  // phi(0) may be non-zero: keep padding inert
     }
@@ -96,7 +96,7 @@ void store_tiles(const acc_t* tiles, int64_t ld, int64_t rows, Heads heads, int6
     for (int64_t h = 0; h < heads.count; ++h) {
       scalar_t* dst = const_cast<scalar_t*>(token_row<scalar_t>(t, b, n0 + r, heads.h0 + h));
       const acc_t* src = tiles + (h * kTile + r) * ld;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = FromAcc<scalar_t>::convert(src[d]);
+      from_acc_row(src, dst, dim);
     }
 }
 

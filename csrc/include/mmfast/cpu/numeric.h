@@ -35,21 +35,17 @@ inline BFloat16 to_bfloat16(float f) {
   return BFloat16{static_cast<uint16_t>(u >> 16)};
 }
 
+// Branch-free, so that loops of it vectorise (simd.h's half_bits_to_floats is the same steps
+// lane-wise): the 5-bit exponent is rebiased in place (255 for inf / NaN, the mantissa kept), and
+// zero / subnormal halves m * 2^-24 come out exact as (2^-14 + m * 2^-24) - 2^-14, a
+// subtraction of normal floats (so flush-to-zero / denormals-are-zero modes do not touch it).
 inline float to_float(Half h) {
-  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-  uint32_t exponent = (h.bits >> 10) & 0x1fu;
-  uint32_t mantissa = h.bits & 0x3ffu;
-  if (exponent == 0x1fu) return bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf / NaN
-  if (exponent == 0) {
-    if (mantissa == 0) return bits_float(sign);
-    exponent = 127 - 15 + 1;  // subnormal: normalise
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    return bits_float(sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13));
-  }
-  return bits_float(sign | ((exponent + 127 - 15) << 23) | (mantissa << 13));
+  const uint32_t exponent = h.bits & 0x7c00u;
+  uint32_t bits = (static_cast<uint32_t>(h.bits & 0x7fffu) << 13) + ((127u - 15u) << 23);
+  bits += exponent == 0x7c00u ? (128u - 16u) << 23 : 0u;
+  const uint32_t subnormal = float_bits(bits_float(bits + (1u << 23)) - bits_float(113u << 23));
+  bits = exponent == 0 ? subnormal : bits;
+  return bits_float(bits | (static_cast<uint32_t>(h.bits & 0x8000u) << 16));
 }
 
 // Round to nearest even, with overflow to inf and gradual underflow, by letting the FPU

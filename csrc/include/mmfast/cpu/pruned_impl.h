@@ -29,20 +29,7 @@ using FloatVec = Vec<float>::type;
 constexpr int64_t kFloatLanes = Vec<float>::width;
 constexpr int64_t kSumBlock = 1024;  // elements summed in float lanes before the total (double) takes them
 
-inline FloatVec load_floats(const float* p) { return load<float>(p); }
-template <typename half_t>  // Half, BFloat16
-inline FloatVec load_floats(const half_t* p) {
-  float lanes[kFloatLanes];
-  for (int64_t k = 0; k < kFloatLanes; ++k) lanes[k] = to_acc(p[k]);
-  return load<float>(lanes);
-}
-inline void store_floats(float* p, FloatVec v) { store<float>(p, v); }
-template <typename half_t>
-inline void store_floats(half_t* p, FloatVec v) {
-  float lanes[kFloatLanes];
-  store<float>(lanes, v);
-  for (int64_t k = 0; k < kFloatLanes; ++k) p[k] = FromAcc<half_t>::convert(lanes[k]);
-}
+// load_floats / store_floats: simd.h's (fp32 lanes from and to fp32, fp16 and bf16).
 inline float lane_sum(FloatVec v) {
   float lanes[kFloatLanes];
   store<float>(lanes, v);

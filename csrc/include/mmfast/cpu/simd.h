@@ -7,7 +7,8 @@
 // intrinsics headers, no std templates), and each ISA namespace holds its own copy.
 //
 // What is here: Vec<acc_t> (acc_t = float or double), VecOf / load_n (other widths), load / store /
-// splat, sum_lanes, a vectorised expf, two register-blocked micro-kernels over tiles of kTile rows
+// splat, load_floats / store_floats and to_acc_row / from_acc_row (fp32 lanes from and to fp32,
+// fp16 and bf16 storage), sum_lanes, a vectorised expf, two register-blocked micro-kernels over tiles of kTile rows
 //   tile_matmul:      C[t][:] = A[t][:] @ B        (A: tile x K, B: K x cols)
 //   tile_outer_accum: C      += A^T @ B            (A: tile x X, B: tile x Y)
 // dot_padded, per-call Scratch memory, pad_matrix and dispatch_dtype. Leading dimensions are padded to
@@ -65,6 +66,113 @@ inline typename VecOf<T, bytes>::type load_n(const T* p) {
 template <typename acc_t>
 inline void store(acc_t* p, typename Vec<acc_t>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// ---- floats from and to storage types, `bytes` bytes of floats at a time -----------------------
+// Lane-wise the exact conversions of numeric.h (to_float, to_half, to_bfloat16), branch-free:
+// 16-bit caches, weights and activations convert at vector speed (the scalar loops with
+// branches ran fp16 kernels 4-10x slower than bf16 ones). Same bits as the scalar functions
+// for every input (tests/cpp/test_decode_cpu.cpp checks all 65,536 halves and bf16s).
+template <int bytes>
+using FloatsOf = typename VecOf<float, bytes>::type;
+template <int bytes>
+using WordsOf = typename VecOf<uint32_t, bytes>::type;
+
+template <int bytes>
+inline FloatsOf<bytes> as_floats(WordsOf<bytes> w) {
+  FloatsOf<bytes> f;
+  __builtin_memcpy(&f, &w, sizeof(f));
+  return f;
+}
+template <int bytes>
+inline WordsOf<bytes> as_words(FloatsOf<bytes> f) {
+  WordsOf<bytes> w;
+  __builtin_memcpy(&w, &f, sizeof(w));
+  return w;
+}
+// Lanes where mask is all ones take a, the others b.
+template <int bytes>
+inline WordsOf<bytes> select_words(WordsOf<bytes> mask, WordsOf<bytes> a, WordsOf<bytes> b) {
+  return (a & mask) | (b & ~mask);
+}
+
+template <int bytes, typename T>  // T: Half or BFloat16
+inline WordsOf<bytes> load_16bit_words(const T* p) {
+  typename VecOf<uint16_t, bytes / 2>::type bits;
+  __builtin_memcpy(&bits, p, sizeof(bits));
+  return __builtin_convertvector(bits, WordsOf<bytes>);
+}
+template <int bytes, typename T>
+inline void store_16bit_words(T* p, WordsOf<bytes> w) {
+  const auto bits = __builtin_convertvector(w, typename VecOf<uint16_t, bytes / 2>::type);
+  __builtin_memcpy(p, &bits, sizeof(bits));
+}
+
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline FloatsOf<bytes> load_floats(const float* p) {
+  return load_n<bytes>(p);
+}
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline FloatsOf<bytes> load_floats(const BFloat16* p) {
+  return as_floats<bytes>(load_16bit_words<bytes>(p) << 16);
+}
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline FloatsOf<bytes> load_floats(const Half* p) {
+  using W = WordsOf<bytes>;
+  const W h = load_16bit_words<bytes>(p), exponent = h & 0x7c00u;
+  W bits = ((h & 0x7fffu) << 13) + ((127u - 15u) << 23);
+  bits += W(exponent == 0x7c00u) & ((128u - 16u) << 23);  // inf / NaN: exponent 255
+  const W subnormal = as_words<bytes>(as_floats<bytes>(bits + (1u << 23)) - bits_float(113u << 23));
+  bits = select_words<bytes>(W(exponent == 0u), subnormal, bits);
+  return as_floats<bytes>(bits | ((h & 0x8000u) << 16));
+}
+
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline void store_floats(float* p, FloatsOf<bytes> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline void store_floats(BFloat16* p, FloatsOf<bytes> v) {
+  using W = WordsOf<bytes>;
+  const W u = as_words<bytes>(v);
+  const W rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // to nearest even
+  const W quiet_nan = (u >> 16) | 0x40u;
+  store_16bit_words<bytes>(p, select_words<bytes>(W((u & 0x7fffffffu) > 0x7f800000u), quiet_nan, rounded));
+}
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline void store_floats(Half* p, FloatsOf<bytes> f) {
+  using W = WordsOf<bytes>;
+  const W w = as_words<bytes>(f), shl1_w = w + w, sign = w & 0x80000000u;
+  FloatsOf<bytes> base = (as_floats<bytes>(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  W bias = shl1_w & 0xff000000u;
+  bias = select_words<bytes>(W(bias < 0x71000000u), W{} + 0x71000000u, bias);
+  base = as_floats<bytes>((bias >> 1) + 0x07800000u) + base;
+  const W bits = as_words<bytes>(base);
+  const W nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+  store_16bit_words<bytes>(p, (sign >> 16) | select_words<bytes>(W(shl1_w > 0xff000000u), W{} + 0x7e00u, nonsign));
+}
+
+// dst[0:n] = src[0:n] in the accumulation type (float lanes for fp32 / fp16 / bf16; fp64 as is),
+// and back (rounded to nearest even).
+template <typename T>
+inline void to_acc_row(const T* src, float* dst, int64_t n) {
+  constexpr int64_t W = MMFAST_VECTOR_BYTES / 4;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store_floats(dst + i, load_floats(src + i));
+  for (; i < n; ++i) dst[i] = to_acc(src[i]);
+}
+inline void to_acc_row(const double* src, double* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+template <typename T>
+inline void from_acc_row(const float* src, T* dst, int64_t n) {
+  constexpr int64_t W = MMFAST_VECTOR_BYTES / 4;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store_floats(dst + i, load_floats(src + i));
+  for (; i < n; ++i) dst[i] = FromAcc<T>::convert(src[i]);
+}
+inline void from_acc_row(const double* src, double* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
 template <typename acc_t>
