@@ -49,6 +49,18 @@ std::vector<int64_t> kept_channels(const bool* mask, int64_t channels) {
   return kept;
 }
 
+// The dtype the dense convolutions and GEMMs run in: x's, except fp16 where torch's CPU fp16
+// kernels are not oneDNN's (a CPU without AVX512-FP16 or AMX-FP16, torch's own test): there its
+// fp16 conv took ~100x and its GEMM ~20x their fp32 time (AMD EPYC, 2026-12-05), so fp16 inputs
+// and weights are converted to fp32 once packed and the fp32 result is rounded once to fp16.
+at::ScalarType compute_dtype(at::ScalarType dtype) {
+  static const bool native_fp16 = [] {
+    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
+    return op.has_value() && op->typed<bool()>().call();
+  }();
+  return dtype == at::kHalf && !native_fp16 ? at::kFloat : dtype;
+}
+
 // Per-thread scratch (slots: packed weights, packed inputs, compact linear outputs), grown on
 // demand and kept between calls up to kScratchKeptBytes per slot: a fresh allocation of a few
 // MB per call costs more in page faults than the packing itself; larger buffers are released
@@ -123,21 +135,23 @@ at::Tensor gather(const at::Tensor& src, int64_t row_stride, int64_t channel_str
 at::Tensor packed_code_weight(const at::Tensor& weight, const at::Tensor& code_weight, int64_t code,
                               const std::vector<int64_t>& kept_out, const std::vector<int64_t>& kept_in,
                               int64_t taps) {
-  const size_t needed = kept_out.size() * kept_in.size() * size_t(taps) * weight.element_size();
+  const at::ScalarType compute = compute_dtype(weight.scalar_type());
+  const size_t needed = kept_out.size() * kept_in.size() * size_t(taps) * c10::elementSize(compute);
   std::vector<int64_t> signature(kept_out);  // the kept outputs, -1, the kept inputs
   signature.push_back(-1);
   signature.insert(signature.end(), kept_in.begin(), kept_in.end());
   const int64_t in_channels = code_weight.size(1);
   return mmfast::glue::PackedWeightCache::instance().get({weight}, code, signature, needed, [&](bool keep) {
-    return gather(code_weight, in_channels * taps, taps, kept_out, kept_in, code_weight.sizes().slice(2),
-                  keep ? -1 : 0);
+    const at::Tensor packed = gather(code_weight, in_channels * taps, taps, kept_out, kept_in,
+                                     code_weight.sizes().slice(2), keep && compute == weight.scalar_type() ? -1 : 0);
+    return packed.to(compute);  // no copy when the dtypes agree
   });
 }
 
 // One code's share of the batch: its rows, kept channels, packed weight and bias.
 struct CodeWork {
   std::vector<int64_t> rows, kept_in, kept_out;
-  at::Tensor weight, bias;  // (kept_out, kept_in, *taps), (kept_out,)
+  at::Tensor weight, bias;  // (kept_out, kept_in, *taps), (kept_out,), in compute_dtype
 
   int64_t count() const { return static_cast<int64_t>(rows.size()); }
   bool consecutive_rows() const { return rows.back() - rows.front() + 1 == count(); }
@@ -163,13 +177,14 @@ void for_each_code(const at::Tensor& weight_in, const c10::optional<at::Tensor>&
     const at::Tensor code_weight = weight[weight.size(0) > 1 ? code : 0];
     const bool dense = w.kept_in.size() == static_cast<size_t>(in_channels) &&
                        w.kept_out.size() == static_cast<size_t>(out_channels);
-    w.weight = dense ? code_weight
+    w.weight = dense ? code_weight.to(compute_dtype(weight.scalar_type()))
                      : packed_code_weight(weight_in, code_weight, code, w.kept_out, w.kept_in, taps);
     if (bias.has_value()) {
       const at::Tensor code_bias = (*bias)[bias->size(0) > 1 ? code : 0];
-      w.bias = w.kept_out.size() == static_cast<size_t>(out_channels)
-                   ? code_bias
-                   : code_bias.index_select(0, at::tensor(w.kept_out, bias->options().dtype(at::kLong)));
+      w.bias = (w.kept_out.size() == static_cast<size_t>(out_channels)
+                    ? code_bias
+                    : code_bias.index_select(0, at::tensor(w.kept_out, bias->options().dtype(at::kLong))))
+                   .to(compute_dtype(bias->scalar_type()));
     }
     run(w);
   }
@@ -205,12 +220,14 @@ at::Tensor masked_conv2d(const at::Tensor& x_in, const at::Tensor& weight, const
     at::Tensor out;
     if (!w.kept_out.empty() && w.kept_in.empty()) {  // no input kept: the bias alone
       out = at::zeros({w.count(), static_cast<int64_t>(w.kept_out.size()), g.out_h, g.out_w}, x.options());
-      if (w.bias.defined()) out = out + w.bias.view({1, -1, 1, 1});
+      if (w.bias.defined()) out = (out + w.bias.view({1, -1, 1, 1})).to(x.scalar_type());
     } else if (!w.kept_out.empty()) {
       const bool slice = w.kept_in.size() == static_cast<size_t>(x.size(1)) && w.consecutive_rows();
       const at::Tensor xs = slice ? x.narrow(0, w.rows.front(), w.count())
                                   : gather(x, x.stride(0), x.stride(1), w.rows, w.kept_in, {x.size(2), x.size(3)}, 1);
-      out = at::conv2d(xs, w.weight, w.bias, stride, padding, dilation).contiguous();
+      out = at::conv2d(xs.to(w.weight.scalar_type()), w.weight, w.bias, stride, padding, dilation)
+                .to(x.scalar_type())
+                .contiguous();
     }
     scatter(out, w.rows, w.kept_out, y, g.out_h * g.out_w);
   });
@@ -247,14 +264,20 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
       if (token_rows.empty()) make_token_rows();
       return gather(x.view({x.size(0) * tokens, in_channels}), row_stride, 1, token_rows, w.kept_in, {}, 1);
     };
-    if (w.consecutive_rows() && all_out && !w.kept_in.empty()) {  // every output kept: the GEMM writes y's rows
-      const at::Tensor xs = kept_inputs();
-      at::Tensor ys = y_tokens.narrow(0, w.rows.front() * tokens, w.count() * tokens);
+    const bool converted = w.weight.scalar_type() != x.scalar_type();  // fp16 computed in fp32
+    // out = bias + xs @ weight^T, rounded once (in place, or through an fp32 result when converted)
+    const auto product_into = [&](at::Tensor& out, const at::Tensor& xs) {
+      at::Tensor target = converted ? at::empty(out.sizes(), out.options().dtype(w.weight.scalar_type())) : out;
       if (w.bias.defined()) {
-        at::addmm_out(ys, w.bias, xs, w.weight.t());
+        at::addmm_out(target, w.bias, xs.to(w.weight.scalar_type()), w.weight.t());
       } else {
-        at::mm_out(ys, xs, w.weight.t());
+        at::mm_out(target, xs.to(w.weight.scalar_type()), w.weight.t());
       }
+      if (converted) out.copy_(target);
+    };
+    if (w.consecutive_rows() && all_out && !w.kept_in.empty()) {  // every output kept: the GEMM writes y's rows
+      at::Tensor ys = y_tokens.narrow(0, w.rows.front() * tokens, w.count() * tokens);
+      product_into(ys, kept_inputs());
       return;
     }
     if (token_rows.empty()) make_token_rows();
@@ -268,10 +291,8 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
       if (w.kept_in.empty()) {
         out.zero_();
         if (w.bias.defined()) out.add_(w.bias);
-      } else if (w.bias.defined()) {  // bias + product rounded once, as on the in-place path
-        at::addmm_out(out, w.bias, xs, w.weight.t());
-      } else {
-        at::mm_out(out, xs, w.weight.t());
+      } else {  // bias + product rounded once, as on the in-place path
+        product_into(out, xs);
       }
     }
     scatter(out, token_rows, w.kept_out, y_tokens, 1);
