@@ -19,9 +19,10 @@
 // decode_linear: tasks of kLinearRows weight rows; each task reads its rows once (from DRAM)
 // and multiplies them with every row of x (converted to the accumulation type once per call),
 // kLinearRows x kLinearXRows dot products in registers at a time, prefetching the next task's rows.
-// A single row of x (M = 1) reads the weight rows one after another instead (stream_row), its
-// dot products summed in another order: a row alone is not bitwise equal to the same row inside
-// a batch (each is exact to fp32 rounding; results stay independent of the thread count).
+// A single row of x (M = 1) of at most 16 KB in the accumulation type (K <= 4096 in fp32) reads
+// the weight rows one after another instead (stream_row), its dot products summed in another
+// order: such a row alone is not bitwise equal to the same row inside a batch (each is exact to
+// fp32 rounding; results stay independent of the thread count).
 // sample: one row at a time. Top-k and top-p thresholds are found by a radix select over
 // order-preserving 32-bit keys of the fp32 values (4 passes of 8 bits: no sort), with weights
 // and sums in fp64; the draw is an inverse CDF in index order.
@@ -757,6 +758,21 @@ struct LinearJob {
   }
 };
 
+// M = 1 streams the weight rows one after another (stream_row) while x's row, in the
+// accumulation type, stays in L1 beside the stream; longer rows of x miss L1 on every load, and
+// the register blocks of kLinearRows rows, which load each x vector once for all three, read
+// faster. Paired on the AVX-512 AMD EPYC, weights read from DRAM (2026-12-05,
+// benchmarks/probes/decode_linear_m1_paths.py): at K >= 5120 the blocks took 0.59-0.73x the
+// stream's time in bf16 and 0.87-0.95x in fp32; at K <= 3072 the stream took 0.63-0.85x the
+// blocks' in bf16 (fp32 0.72-0.99x); K = 4096 about even.
+#ifndef MMFAST_DECODE_STREAM_MAX_ROW_BYTES
+#define MMFAST_DECODE_STREAM_MAX_ROW_BYTES 16384
+#endif
+constexpr int64_t kStreamMaxRowBytes = MMFAST_DECODE_STREAM_MAX_ROW_BYTES;
+inline bool streams_one_row(const DecodeLinearParams& p, size_t acc_bytes) {
+  return p.rows == 1 && p.in_features * int64_t(acc_bytes) <= kStreamMaxRowBytes;
+}
+
 template <typename scalar_t, typename acc_t>
 void linear_typed(const DecodeLinearParams& p) {
   Scratch<acc_t> xbuf(size_t(p.rows * p.in_features));
@@ -765,7 +781,8 @@ void linear_typed(const DecodeLinearParams& p) {
     to_acc_row(x + m * p.x_row_stride, xbuf.data + m * p.in_features, p.in_features);
   LinearJob<scalar_t, acc_t> job{&p, xbuf.data};
   parallel_for(ceil_div(p.out_features, kLinearRows), &job,
-               p.rows == 1 ? &LinearJob<scalar_t, acc_t>::run_one_row : &LinearJob<scalar_t, acc_t>::run);
+               streams_one_row(p, sizeof(acc_t)) ? &LinearJob<scalar_t, acc_t>::run_one_row
+                                                 : &LinearJob<scalar_t, acc_t>::run);
 }
 
 void linear(const DecodeLinearParams& p) {
