@@ -353,7 +353,10 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     CPU: the batch is grouped by code; per code, a hand-written kernel packs the kept input
     channels and the code's kept weights, oneDNN runs one dense convolution, and a second
     kernel writes the code's rows (masked channels 0): work scales with kept_in x kept_out.
-    Inside keep_packed_weights() each code's packed weight is kept across calls; a per-thread
+    fp16 on a CPU whose torch has no oneDNN fp16 (no AVX512-FP16 / AMX-FP16; torch's own fp16
+    conv and GEMM there take ~100x / ~20x the fp32 time) is convolved in fp32 (the packed
+    inputs and weights converted, the result rounded once to fp16): it equals this op on
+    x.float() etc. rounded to fp16. Inside keep_packed_weights() each code's packed weight is kept across calls; a per-thread
     scratch (up to 64 MB per buffer) always is. CUDA /
     Triton: one implicit-GEMM launch for the whole batch (tiles never straddle two codes), after
     a small launch (CUDA) or a few torch ops (Triton) that list each code's kept channels. CUDA
