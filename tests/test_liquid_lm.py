@@ -18,6 +18,7 @@ import mmfast
 import mmfast.memory
 from mmfast.models.liquid import (DecodeStep, LiquidLM, LiquidLMCheckpointError, LiquidLMConfig, generate_images,
                                   generate_text)
+from mmfast.models.liquid.generate import compile_options
 from mmfast.reference import sample_probs_ref
 from mmfast.testing.tiny_liquid import tiny_liquid_lm
 
@@ -449,6 +450,12 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     compiled = generate_text(model, prompts, max_new_tokens=6, compile=True)
     assert torch.equal(compiled, eager)
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)  # reused, no recompile
+    # inductor options merged over mmfast's (the C++ wrapper on the CPU): a second compiled step
+    assert compile_options(torch.device("cpu"), True) == {"cpp_wrapper": True}
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile={"cpp_wrapper": False}), eager)
+    assert len(model._compiled_decode_steps) == 2
+    with pytest.raises(TypeError, match="compile must be True / False or a dict"):
+        generate_text(model, prompts, max_new_tokens=2, compile="max-autotune")
 
 
 @pytest.mark.skipif(not mmfast.memory.huge_pages_enabled() or os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "0",

@@ -50,19 +50,20 @@ class DecodeStep:
 
     compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the
     norms, RoPE and residual adds fused, the mmfast ops called as they are); on the CPU with
-    inductor's C++ wrapper (options={"cpp_wrapper": True}), on CUDA with mode="reduce-overhead"
-    (CUDA graphs by torch) instead of the graph above. The first call compiles (about 30-40 s
-    for a 12-layer model on 2 CPU cores; again for a new batch size), so it pays for long
+    inductor's C++ wrapper, on CUDA with CUDA graphs by torch (mode="reduce-overhead"'s option)
+    instead of the graph above; a dict: also these inductor options (compile_options). The
+    first call compiles (about 15-25 s for a 12-layer model on 2 CPU cores, a few seconds when
+    inductor's on-disk cache has it; again for a new batch size), so it pays for long
     generations: generate_text's batch-1 token of a 138M Llama in fp32 takes ~20 ms eager and
     ~17 ms compiled on a 2-core AVX-512 AMD EPYC (2026-12-05; 11.6 ms of it the step itself).
     """
 
     def __init__(self, model: LiquidLM, logits_rows: Optional[slice] = None, cuda_graph: bool = True,
-                 compile: bool = False):
+                 compile: Union[bool, dict] = False):
         self.model, self.rows = model, logits_rows
         on_cuda = model.device.type == "cuda"
-        self.step = _compiled_step(model, logits_rows) if compile else self._decode
-        self.use_graph = cuda_graph and not compile and on_cuda and _backend.get_backend() != "reference"
+        self.step = _compiled_step(model, logits_rows, compile) if _compiles(compile) else self._decode
+        self.use_graph = cuda_graph and not _compiles(compile) and on_cuda and _backend.get_backend() != "reference"
         self.calls, self.graph, self.static_tokens, self.static_logits = 0, None, None, None
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,21 +112,37 @@ class DecodeStep:
         self.graph = graph
 
 
-def _compiled_step(model: LiquidLM, rows: Optional[slice]):
-    """torch.compile of one decode step, kept on the model per head-row range so that every
-    generate call reuses it (a new compiled function per call would recompile)."""
+def compile_options(device: torch.device, compile: Union[bool, dict]) -> dict:
+    """The inductor options DecodeStep's torch.compile gets: on CUDA CUDA graphs (what
+    mode="reduce-overhead" sets), on the CPU inductor's C++ wrapper, which calls the step's
+    ~60 kernels and ops without a Python frame each: 0.976-0.980x the batch-1 step time of a
+    Llama-138M in three paired runs (AVX-512 AMD EPYC, 2026-12-05), for ~7 s more on the first
+    compile (a compile served from inductor's on-disk cache took 1.6 s instead of 3.1 s). A
+    dict given as `compile` is merged over these (e.g. {"cpp_wrapper": False})."""
+    options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp_wrapper": True}
+    if isinstance(compile, dict):
+        options.update(compile)
+    return options
+
+
+def _compiled_step(model: LiquidLM, rows: Optional[slice], compile: Union[bool, dict]):
+    """torch.compile of one decode step, kept on the model per head-row range and options so that
+    every generate call reuses it (a new compiled function per call would recompile)."""
     steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    key = None if rows is None else (rows.start, rows.stop)
+    options = compile_options(model.device, compile)
+    key = (None if rows is None else (rows.start, rows.stop), repr(sorted(options.items())))
     if key not in steps:
         def decode(tokens: torch.Tensor) -> torch.Tensor:
             return model.decode_step(tokens, logits_rows=rows)[:, -1]
 
-        if model.device.type == "cuda":
-            steps[key] = torch.compile(decode, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        else:  # inductor's C++ wrapper calls the step's ~60 kernels and ops without a Python frame each:
-            # 2.4% off a Llama-138M batch-1 CPU step (11.9 -> 11.7 ms, paired; ~8 s more to compile)
-            steps[key] = torch.compile(decode, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        steps[key] = torch.compile(decode, fullgraph=True, dynamic=False, options=options)
     return steps[key]
+
+
+def _compiles(compile: Union[bool, dict]) -> bool:
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be True / False or a dict of inductor options, got {compile!r}")
+    return compile is True or isinstance(compile, dict)
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -210,7 +227,7 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
                     seed: Optional[int] = None, generator: Optional[torch.Generator] = None, uncond_ids=None,
                     image_vocab_start: int = LIQUID_IMAGE_TOKEN_OFFSET,
                     image_vocab_size: int = LIQUID_NUM_IMAGE_CODES, progress: bool = True,
-                    cuda_graph: bool = True, compile: bool = False) -> torch.Tensor:
+                    cuda_graph: bool = True, compile: Union[bool, dict] = False) -> torch.Tensor:
     """Liquid's text-to-image loop: (num_images, side, side) int64 VQGAN codes, side = sqrt(image_tokens).
 
     prompt_ids: the conditional prompt's token ids (list, (L,) or (1, L)), already in Liquid's
@@ -231,8 +248,9 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small
     and left as the loop leaves them (cache_seqlens = prompt lengths + image_tokens - 1).
     cuda_graph: on CUDA, replay the decode step as a CUDA graph after its first call (DecodeStep;
-    not run on a GPU yet). compile: torch.compile the decode step (DecodeStep; worth its ~30 s
-    of compilation for long generations on a CPU).
+    not run on a GPU yet). compile: torch.compile the decode step (True, or a dict of inductor
+    options merged over mmfast's: DecodeStep; worth its 15-25 s of compilation for long
+    generations on a CPU).
     """
     check_image_generation(image_tokens=image_tokens, num_images=num_images, temperature=temperature, top_k=top_k,
                            top_p=top_p)
@@ -293,7 +311,7 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
                   max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, generator: Optional[torch.Generator] = None,
                   eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
-                  progress: bool = False, cuda_graph: bool = True, compile: bool = False) -> torch.Tensor:
+                  progress: bool = False, cuda_graph: bool = True, compile: Union[bool, dict] = False) -> torch.Tensor:
     """transformers' generate for a LEFT-padded batch: returns the new tokens (B, N) int64, N <= max_new_tokens.
 
     input_ids (B, S) with attention_mask (B, S) (1: token, 0: left padding; None: no padding; a
