@@ -36,7 +36,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MMFAST_TEST_AVX512_ON_AVX2 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+#define MMFAST_CPU_F16C 256  // the AVX2 copy's F16C conversions, a 64-byte vector as two halves
 // 64-byte vectors passed by value without AVX-512 change the ABI (a note GCC gives at the end of
 // the test's translation unit, so it stays off there): these functions never cross a library.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -50,6 +51,7 @@
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #if MMFAST_TEST_AVX512_ON_AVX2
+#undef MMFAST_CPU_F16C
 #pragma GCC pop_options
 #endif
 

@@ -26,6 +26,50 @@
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 
+// fp16 through F16C as the library's AVX2 and AVX-512 copies convert it: n halves (a multiple of
+// 16) to floats and back, compiled for those targets (run only where the CPU has them).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MMFAST_TEST_F16C 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define MMFAST_CPU_ISA_NS simd_f16c_test
+#define MMFAST_VECTOR_BYTES 32
+#define MMFAST_CPU_F16C 256
+#include "mmfast/cpu/simd.h"
+namespace mmfast::cpu::simd_f16c_test {
+void halves_to_floats(const Half* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) store_floats<32>(out + i, load_floats<32>(in + i));
+}
+void floats_to_halves(const float* in, Half* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) store_floats<32>(out + i, load_floats<32>(in + i));
+}
+}  // namespace mmfast::cpu::simd_f16c_test
+#undef MMFAST_CPU_ISA_NS
+#undef MMFAST_VECTOR_BYTES
+#undef MMFAST_CPU_F16C
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#define MMFAST_CPU_ISA_NS simd_f16c512_test
+#define MMFAST_VECTOR_BYTES 64
+#define MMFAST_CPU_F16C 512
+#include "mmfast/cpu/simd.h"
+namespace mmfast::cpu::simd_f16c512_test {
+void halves_to_floats(const Half* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store_floats<64>(out + i, load_floats<64>(in + i));
+}
+void floats_to_halves(const float* in, Half* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store_floats<64>(out + i, load_floats<64>(in + i));
+}
+}  // namespace mmfast::cpu::simd_f16c512_test
+#undef MMFAST_CPU_ISA_NS
+#undef MMFAST_VECTOR_BYTES
+#undef MMFAST_CPU_F16C
+#pragma GCC pop_options
+#else
+#define MMFAST_TEST_F16C 0
+#endif
+
 using namespace mmfast;
 
 namespace {
@@ -238,6 +282,52 @@ int check_sum_lanes_tree(std::mt19937& rng) {
 // fp16 and bf16 value to float (zeros, subnormals, inf, NaN payloads), and float to fp16 / bf16
 // for every half, the midpoints between neighbouring halves (ties to even), the overflow
 // boundary, specials and a million random bit patterns. Returns the lanes that differ.
+// Floats whose conversion to fp16 / bf16 tells rounding apart: specials, the overflow boundary,
+// every finite half and the midpoint above it (both signs), and a million random bit patterns,
+// padded to a multiple of 16.
+std::vector<uint32_t> conversion_test_words(std::mt19937& rng) {
+  std::vector<uint32_t> words = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7fc12345u,
+                                 0xffc00001u, 0x7f800001u, 0x477fefffu, 0x477ff000u, 0x33000000u, 0x33000001u,
+                                 0x00000001u, 0x807fffffu, 0x387fe000u, 0x7f7fffffu, 0x3f800000u, 0xbf7fffffu};
+  for (uint32_t bits = 0; bits < 0x7c00u; ++bits) {
+    const double here = cpu::to_float(cpu::Half{uint16_t(bits)});
+    const double above = cpu::to_float(cpu::Half{uint16_t(bits + 1)});
+    for (const double value : {here, (here + above) / 2})
+      for (const double sign : {1.0, -1.0}) words.push_back(cpu::float_bits(float(sign * value)));
+  }
+  std::uniform_int_distribution<uint32_t> any;
+  for (int i = 0; i < 1000000; ++i) words.push_back(any(rng));
+  while (words.size() % 16) words.push_back(0);
+  return words;
+}
+
+// F16C's fp16 conversions (the AVX2 / AVX-512 copies): the scalar conversions' bits for every
+// half and every test float, except NaN, which must stay a NaN of the same sign.
+int check_f16c_conversions(void (*to_floats)(const cpu::Half*, float*, int64_t),
+                           void (*to_halves)(const float*, cpu::Half*, int64_t), std::mt19937& rng) {
+  int bad = 0;
+  std::vector<cpu::Half> halves(65536);
+  std::vector<float> floats(65536);
+  for (uint32_t b = 0; b < 65536; ++b) halves[b].bits = uint16_t(b);
+  to_floats(halves.data(), floats.data(), 65536);
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const float want = cpu::to_float(halves[b]), got = floats[b];
+    bad += want != want ? !(got != got) || std::signbit(got) != std::signbit(want)
+                        : cpu::float_bits(got) != cpu::float_bits(want);
+  }
+  const std::vector<uint32_t> words = conversion_test_words(rng);
+  std::vector<float> inputs(words.size());
+  std::vector<cpu::Half> outputs(words.size());
+  for (size_t i = 0; i < words.size(); ++i) inputs[i] = cpu::bits_float(words[i]);
+  to_halves(inputs.data(), outputs.data(), int64_t(inputs.size()));
+  for (size_t i = 0; i < words.size(); ++i) {
+    const uint16_t want = cpu::to_half(inputs[i]).bits, got = outputs[i].bits;
+    const bool want_nan = (want & 0x7fffu) > 0x7c00u, got_nan = (got & 0x7fffu) > 0x7c00u;
+    bad += want_nan ? !got_nan || (got & 0x8000u) != (want & 0x8000u) : got != want;
+  }
+  return bad;
+}
+
 template <int bytes>
 int check_16bit_conversions(std::mt19937& rng) {
   namespace simd = cpu::simd_test;
@@ -254,18 +344,7 @@ int check_16bit_conversions(std::mt19937& rng) {
       bad += cpu::float_bits(from_half[i]) != cpu::float_bits(cpu::to_float(h[i])) ||
              cpu::float_bits(from_bf16[i]) != cpu::float_bits(cpu::to_float(b[i]));
   }
-  std::vector<uint32_t> words = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7fc12345u,
-                                 0xffc00001u, 0x7f800001u, 0x477fefffu, 0x477ff000u, 0x33000000u, 0x33000001u,
-                                 0x00000001u, 0x807fffffu, 0x387fe000u, 0x7f7fffffu, 0x3f800000u, 0xbf7fffffu};
-  for (uint32_t bits = 0; bits < 0x7c00u; ++bits) {  // every finite half and the midpoint above it, both signs
-    const double here = cpu::to_float(cpu::Half{uint16_t(bits)});
-    const double above = cpu::to_float(cpu::Half{uint16_t(bits + 1)});
-    for (const double value : {here, (here + above) / 2})
-      for (const double sign : {1.0, -1.0}) words.push_back(cpu::float_bits(float(sign * value)));
-  }
-  std::uniform_int_distribution<uint32_t> any;
-  for (int i = 0; i < 1000000; ++i) words.push_back(any(rng));
-  while (words.size() % lanes) words.push_back(0);
+  const std::vector<uint32_t> words = conversion_test_words(rng);
   for (size_t start = 0; start < words.size(); start += lanes) {
     float f[lanes];
     for (int i = 0; i < lanes; ++i) f[i] = cpu::bits_float(words[start + i]);
@@ -342,6 +421,28 @@ int main() {
     (bad == 0 ? passed : failures)++;
     std::printf("%s fp16 / bf16 conversions %s: %d lanes off the scalar bits\n", bad ? "FAIL" : "ok  ", c.name, bad);
   }
+#if MMFAST_TEST_F16C
+  const struct {
+    const char* name;
+    bool runs;
+    void (*to_floats)(const cpu::Half*, float*, int64_t);
+    void (*to_halves)(const float*, cpu::Half*, int64_t);
+  } f16c_paths[] = {
+      {"F16C x8 (avx2)", cpu::isa_supported(cpu::Isa::kAvx2), cpu::simd_f16c_test::halves_to_floats,
+       cpu::simd_f16c_test::floats_to_halves},
+      {"F16C x16 (avx512)", cpu::isa_supported(cpu::Isa::kAvx512), cpu::simd_f16c512_test::halves_to_floats,
+       cpu::simd_f16c512_test::floats_to_halves}};
+  for (const auto& f : f16c_paths) {
+    if (!f.runs) {
+      std::printf("skip fp16 conversions %s (not supported by this CPU)\n", f.name);
+      continue;
+    }
+    const int bad = check_f16c_conversions(f.to_floats, f.to_halves, tree_rng);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s fp16 conversions %s: %d values off the scalar bits (NaN: NaN-ness and sign)\n",
+                bad ? "FAIL" : "ok  ", f.name, bad);
+  }
+#endif
   {
     const int bad = check_scratch_allocation_failure();
     (bad == 0 ? passed : failures)++;

@@ -8,8 +8,9 @@
 //
 // The family's *_impl.h is included three times, after mmfast/cpu/simd.h, inside
 // `namespace mmfast::cpu::{isa_generic, isa_avx2, isa_avx512}` with MMFAST_VECTOR_BYTES 16,
-// 32 and 64 and, on x86-64, `#pragma GCC target` of AVX2+FMA and AVX-512 around the last
-// two. Every ordinary header is included before the first pragma, so inline functions
+// 32 and 64 and, on x86-64, `#pragma GCC target` of AVX2+FMA+F16C and AVX-512(+F16C) around
+// the last two (MMFAST_CPU_F16C 256 / 512: simd.h's fp16 conversions by F16C there). Every
+// ordinary header is included before the first pragma, so inline functions
 // shared with other TUs (std, numeric.h) are compiled for the baseline ISA only; the
 // per-ISA code uses GCC vector extensions and builtins, never shared templates. The AVX
 // copies are never called on a CPU without the ISA (mmfast/cpu/isa.h picks at run time).
@@ -41,7 +42,8 @@
 
 #ifdef MMFAST_X86_TARGETS
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+#define MMFAST_CPU_F16C 256
 #endif
 #define MMFAST_CPU_ISA_NS isa_avx2
 #define MMFAST_VECTOR_BYTES 32
@@ -50,12 +52,14 @@
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #ifdef MMFAST_X86_TARGETS
+#undef MMFAST_CPU_F16C
 #pragma GCC pop_options
 #endif
 
 #ifdef MMFAST_X86_TARGETS
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#define MMFAST_CPU_F16C 512
 #endif
 #define MMFAST_CPU_ISA_NS isa_avx512
 #define MMFAST_VECTOR_BYTES 64
@@ -64,6 +68,7 @@
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #ifdef MMFAST_X86_TARGETS
+#undef MMFAST_CPU_F16C
 #pragma GCC pop_options
 #endif
 

@@ -1,6 +1,6 @@
 // Runtime selection of the vectorised CPU kernels (torch-free).
 //
-// Every family's kernels are compiled three times (generic, AVX2+FMA, AVX-512; see
+// Every family's kernels are compiled three times (generic, AVX2+FMA+F16C, AVX-512+F16C; see
 // instantiate_isas.h) and the best set the running CPU supports is picked once.
 // MMFAST_CPU_ISA=generic|avx2|avx512 forces a set (tests use it to cover every path on one
 // machine); asking for one the CPU lacks is an error rather than a silent downgrade.

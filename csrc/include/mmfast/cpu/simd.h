@@ -71,8 +71,9 @@ inline void store(acc_t* p, typename Vec<acc_t>::type v) {
 // ---- floats from and to storage types, `bytes` bytes of floats at a time -----------------------
 // Lane-wise the exact conversions of numeric.h (to_float, to_half, to_bfloat16), branch-free:
 // 16-bit caches, weights and activations convert at vector speed (the scalar loops with
-// branches ran fp16 kernels 4-10x slower than bf16 ones). Same bits as the scalar functions
-// for every input (tests/cpp/test_decode_cpu.cpp checks all 65,536 halves and bf16s).
+// branches ran fp16 kernels 2-7x slower than bf16 ones). Same bits as the scalar functions
+// for every input, fp16 NaN payloads excepted where F16C converts (below)
+// (tests/cpp/test_decode_cpu.cpp checks all 65,536 halves and bf16s on every path).
 template <int bytes>
 using FloatsOf = typename VecOf<float, bytes>::type;
 template <int bytes>
@@ -116,8 +117,65 @@ template <int bytes = MMFAST_VECTOR_BYTES>
 inline FloatsOf<bytes> load_floats(const BFloat16* p) {
   return as_floats<bytes>(load_16bit_words<bytes>(p) << 16);
 }
+// F16C's conversions, one instruction per 8 (16 with AVX-512) lanes, in the copies compiled with
+// MMFAST_CPU_F16C = 256 (the AVX2 copy) or 512 (the AVX-512 copy): the same values as the
+// scalar conversions, rounded to nearest even, except that a NaN may come out quieted or with
+// another payload (still a NaN of the same sign).
+#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 256
+constexpr bool kF16c = true;
+#else
+constexpr bool kF16c = false;
+#endif
+#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 512
+constexpr bool kF16c512 = true;
+#else
+constexpr bool kF16c512 = false;
+#endif
+
+template <int bytes>
+inline FloatsOf<bytes> f16c_load(const Half* p) {
+  FloatsOf<bytes> out;
+#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 512
+  if constexpr (bytes == 64) {
+    typename VecOf<short, 32>::type h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return __builtin_ia32_vcvtph2ps512_mask(h, FloatsOf<64>{}, static_cast<unsigned short>(0xffff), 4);
+  }
+#endif
+#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 256
+  for (int half = 0; half < bytes / 32; ++half) {
+    typename VecOf<short, 16>::type h;
+    __builtin_memcpy(&h, p + 8 * half, sizeof(h));
+    const FloatsOf<32> part = __builtin_ia32_vcvtph2ps256(h);
+    __builtin_memcpy(reinterpret_cast<char*>(&out) + 32 * half, &part, sizeof(part));
+  }
+#endif
+  return out;
+}
+
+template <int bytes>
+inline void f16c_store(Half* p, FloatsOf<bytes> f) {
+#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 512
+  if constexpr (bytes == 64) {
+    const auto h = __builtin_ia32_vcvtps2ph512_mask(f, 0, typename VecOf<short, 32>::type{},  // 0: to nearest even
+                                                    static_cast<unsigned short>(0xffff));
+    __builtin_memcpy(p, &h, sizeof(h));
+    return;
+  }
+#endif
+#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 256
+  for (int half = 0; half < bytes / 32; ++half) {
+    FloatsOf<32> part;
+    __builtin_memcpy(&part, reinterpret_cast<const char*>(&f) + 32 * half, sizeof(part));
+    const auto h = __builtin_ia32_vcvtps2ph256(part, 0);  // 0: to nearest even
+    __builtin_memcpy(p + 8 * half, &h, sizeof(h));
+  }
+#endif
+}
+
 template <int bytes = MMFAST_VECTOR_BYTES>
 inline FloatsOf<bytes> load_floats(const Half* p) {
+  if constexpr (kF16c && bytes % 32 == 0) return f16c_load<bytes>(p);
   using W = WordsOf<bytes>;
   const W h = load_16bit_words<bytes>(p), exponent = h & 0x7c00u;
   W bits = ((h & 0x7fffu) << 13) + ((127u - 15u) << 23);
@@ -141,6 +199,7 @@ inline void store_floats(BFloat16* p, FloatsOf<bytes> v) {
 }
 template <int bytes = MMFAST_VECTOR_BYTES>
 inline void store_floats(Half* p, FloatsOf<bytes> f) {
+  if constexpr (kF16c && bytes % 32 == 0) return f16c_store<bytes>(p, f);
   using W = WordsOf<bytes>;
   const W w = as_words<bytes>(f), shl1_w = w + w, sign = w & 0x80000000u;
   FloatsOf<bytes> base = (as_floats<bytes>(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
