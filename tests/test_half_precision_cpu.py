@@ -29,7 +29,8 @@ def _same(op, dtype, *args, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", HALVES)
-@pytest.mark.parametrize("rows, in_features, out_features", [(1, 768, 100), (1, 5, 3), (8, 3072, 51), (3, 37, 11)])
+@pytest.mark.parametrize("rows, in_features, out_features",
+                         [(1, 768, 100), (1, 5, 3), (8, 3072, 51), (3, 37, 11), (1, 5003, 7)])  # M = 1, K > 4096: blocks
 def test_decode_linear_computes_in_fp32(dtype, rows, in_features, out_features):
     torch.manual_seed(rows * in_features)
     _same(ops.decode_linear, dtype, torch.randn(rows, in_features), torch.randn(out_features, in_features),
@@ -62,18 +63,21 @@ def test_masked_group_norm_computes_in_fp32(dtype, channels, groups, plane):
 
 
 def _fp16_conv_runs_in_fp32() -> bool:
-    return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    native = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_fp16_supported", None)
+    return native is None or not native()
 
 
 @pytest.mark.skipif(not _fp16_conv_runs_in_fp32(), reason="torch runs fp16 natively on this CPU (oneDNN)")
-@pytest.mark.parametrize("keep_all", [False, True])
-def test_masked_conv2d_and_linear_compute_fp16_in_fp32(keep_all):
-    torch.manual_seed(int(keep_all))
+@pytest.mark.parametrize("code_2_inputs", ["one", "all", "none"])
+def test_masked_conv2d_and_linear_compute_fp16_in_fp32(code_2_inputs):
+    """Code 1 keeps everything (its weight converted whole), code 0 a random part, code 2 one
+    input, every input or none (the bias alone)."""
+    torch.manual_seed(len(code_2_inputs))
     codes = torch.tensor([0, 2, 2, 1])
     in_mask, out_mask = torch.rand(3, 48) < 0.6, torch.rand(3, 40) < 0.6
-    in_mask[1] = out_mask[1] = True  # code 1 keeps everything: the unpacked weight
-    in_mask[2, :] = keep_all
-    in_mask[2, 0] = True
+    in_mask[1] = out_mask[1] = True
+    in_mask[2, :] = code_2_inputs == "all"
+    in_mask[2, 0] = code_2_inputs != "none"
     bias = torch.randn(3, 40)
     _same(ops.masked_conv2d, torch.float16, torch.randn(4, 48, 9, 9), torch.randn(3, 40, 48, 3, 3), bias, codes,
           in_mask, out_mask, padding=1)
@@ -85,3 +89,24 @@ def test_masked_conv2d_and_linear_compute_fp16_in_fp32(keep_all):
     everything = torch.ones(3, 40, dtype=torch.bool)
     _same(ops.masked_linear, torch.float16, torch.randn(4, 7, 48), torch.randn(3, 40, 48), bias,
           torch.tensor([0, 0, 1, 1]), torch.ones(3, 48, dtype=torch.bool), everything)
+
+
+@pytest.mark.skipif(not _fp16_conv_runs_in_fp32(), reason="torch runs fp16 natively on this CPU (oneDNN)")
+def test_fp16_static_plan_keeps_the_converted_fp32_weights():
+    """Under keep_packed_weights every code's fp16 weight is kept packed and converted to fp32
+    (the dense code's too): the cache holds their fp32 bytes, and a second call serves them."""
+    torch.manual_seed(0)
+    codes = torch.tensor([0, 2, 2, 1])
+    in_mask, out_mask = torch.rand(3, 48) < 0.6, torch.rand(3, 40) < 0.6
+    in_mask[1] = out_mask[1] = True
+    x, weight, bias = torch.randn(4, 48, 9, 9).half(), torch.randn(3, 40, 48, 3, 3).half(), torch.randn(3, 40).half()
+    fp32_bytes = sum(int(out_mask[c].sum()) * int(in_mask[c].sum()) * 9 * 4 for c in range(3))
+    want = ops.masked_conv2d(x.float(), weight.float(), bias.float(), codes, in_mask, out_mask, padding=1,
+                             backend="native").half()
+    with ops.keep_packed_weights():
+        ops.pruned_weight_cache(clear=True)
+        first = ops.masked_conv2d(x, weight, bias, codes, in_mask, out_mask, padding=1, backend="native")
+        assert ops.pruned_weight_cache() == {"entries": 3, "bytes": fp32_bytes, "budget_mb": 1024}
+        second = ops.masked_conv2d(x, weight, bias, codes, in_mask, out_mask, padding=1, backend="native")
+        assert ops.pruned_weight_cache()["entries"] == 3
+    assert torch.equal(first, want) and torch.equal(second, want)

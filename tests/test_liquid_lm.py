@@ -454,8 +454,12 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     assert compile_options(torch.device("cpu"), True) == {"cpp_wrapper": True}
     assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile={"cpp_wrapper": False}), eager)
     assert len(model._compiled_decode_steps) == 2
+    lengths = model.cache_seqlens.clone()
     with pytest.raises(TypeError, match="compile must be True / False or a dict"):
         generate_text(model, prompts, max_new_tokens=2, compile="max-autotune")
+    with pytest.raises(RuntimeError, match="not_an_inductor_option"):
+        generate_text(model, prompts, max_new_tokens=2, compile={"not_an_inductor_option": 1})
+    assert torch.equal(model.cache_seqlens, lengths)  # refused before the prefill
 
 
 @pytest.mark.skipif(not mmfast.memory.huge_pages_enabled() or os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "0",

@@ -6,7 +6,7 @@
 #include <stdexcept>
 #include <string>
 
-#if MMFAST_CPU_AMX_COMPILED || MMFAST_CPU_AVX512BF16_COMPILED
+#if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #endif
 #if MMFAST_CPU_AMX_COMPILED
@@ -28,17 +28,23 @@ const char* isa_name(Isa isa) {
   return "?";
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// F16C (CPUID leaf 1, ECX bit 29): every AVX2 CPU has it, and the AVX2 / AVX-512 copies convert
+// fp16 with it. Read from CPUID: __builtin_cpu_supports knows "f16c" only from GCC 11 / clang 18.
+static bool cpu_has_f16c() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && ((ecx >> 29) & 1);
+}
+#endif
+
 bool isa_supported(Isa isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (isa) {
     case Isa::kGeneric: return true;
-    // F16C: every AVX2 CPU has it; the copies convert fp16 with it
-    case Isa::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("f16c");
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && cpu_has_f16c();
   }
   return false;
 #else

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <new>
 #include <vector>
@@ -55,8 +56,12 @@ std::vector<int64_t> kept_channels(const bool* mask, int64_t channels) {
 // and weights are converted to fp32 once packed and the fp32 result is rounded once to fp16.
 at::ScalarType compute_dtype(at::ScalarType dtype) {
   static const bool native_fp16 = [] {
-    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
-    return op.has_value() && op->typed<bool()>().call();
+    try {  // a torch without the op (no mkldnn), or with another signature: fp32, the safe choice
+      const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
+      return op.has_value() && op->typed<bool()>().call();
+    } catch (const std::exception&) {
+      return false;
+    }
   }();
   return dtype == at::kHalf && !native_fp16 ? at::kFloat : dtype;
 }
@@ -177,8 +182,10 @@ void for_each_code(const at::Tensor& weight_in, const c10::optional<at::Tensor>&
     const at::Tensor code_weight = weight[weight.size(0) > 1 ? code : 0];
     const bool dense = w.kept_in.size() == static_cast<size_t>(in_channels) &&
                        w.kept_out.size() == static_cast<size_t>(out_channels);
-    w.weight = dense ? code_weight.to(compute_dtype(weight.scalar_type()))
-                     : packed_code_weight(weight_in, code_weight, code, w.kept_out, w.kept_in, taps);
+    // a dense code's weight is used as it is, unless converted (then packed: kept by a static plan)
+    w.weight = dense && compute_dtype(weight.scalar_type()) == weight.scalar_type()
+                   ? code_weight
+                   : packed_code_weight(weight_in, code_weight, code, w.kept_out, w.kept_in, taps);
     if (bias.has_value()) {
       const at::Tensor code_bias = (*bias)[bias->size(0) > 1 ? code : 0];
       w.bias = (w.kept_out.size() == static_cast<size_t>(out_channels)

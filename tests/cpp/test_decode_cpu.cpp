@@ -278,10 +278,6 @@ int check_sum_lanes_tree(std::mt19937& rng) {
 }
 
 
-// simd.h's load_floats / store_floats give the bits of numeric.h's scalar conversions: every
-// fp16 and bf16 value to float (zeros, subnormals, inf, NaN payloads), and float to fp16 / bf16
-// for every half, the midpoints between neighbouring halves (ties to even), the overflow
-// boundary, specials and a million random bit patterns. Returns the lanes that differ.
 // Floats whose conversion to fp16 / bf16 tells rounding apart: specials, the overflow boundary,
 // every finite half and the midpoint above it (both signs), and a million random bit patterns,
 // padded to a multiple of 16.
@@ -328,6 +324,10 @@ int check_f16c_conversions(void (*to_floats)(const cpu::Half*, float*, int64_t),
   return bad;
 }
 
+// simd.h's load_floats / store_floats give the bits of numeric.h's scalar conversions: every
+// fp16 and bf16 value to float (zeros, subnormals, inf, NaN payloads), and float to fp16 / bf16
+// for every half, the midpoints between neighbouring halves (ties to even), the overflow
+// boundary, specials and a million random bit patterns. Returns the lanes that differ.
 template <int bytes>
 int check_16bit_conversions(std::mt19937& rng) {
   namespace simd = cpu::simd_test;

@@ -35,8 +35,8 @@ inline BFloat16 to_bfloat16(float f) {
   return BFloat16{static_cast<uint16_t>(u >> 16)};
 }
 
-// Branch-free, so that loops of it vectorise (simd.h's half_bits_to_floats is the same steps
-// lane-wise): the 5-bit exponent is rebiased in place (255 for inf / NaN, the mantissa kept), and
+// Branch-free, so that loops of it vectorise (simd.h's load_floats(const Half*) takes the same
+// steps lane-wise where F16C is not used): the 5-bit exponent is rebiased in place (255 for inf / NaN, the mantissa kept), and
 // zero / subnormal halves m * 2^-24 come out exact as (2^-14 + m * 2^-24) - 2^-14, a
 // subtraction of normal floats (so flush-to-zero / denormals-are-zero modes do not touch it).
 inline float to_float(Half h) {

@@ -73,7 +73,7 @@ inline void store(acc_t* p, typename Vec<acc_t>::type v) {
 // 16-bit caches, weights and activations convert at vector speed (the scalar loops with
 // branches ran fp16 kernels 2-7x slower than bf16 ones). Same bits as the scalar functions
 // for every input, fp16 NaN payloads excepted where F16C converts (below)
-// (tests/cpp/test_decode_cpu.cpp checks all 65,536 halves and bf16s on every path).
+// (tests/cpp/test_decode_cpu.cpp checks all 65,536 halves and bf16s on each path the CPU runs).
 template <int bytes>
 using FloatsOf = typename VecOf<float, bytes>::type;
 template <int bytes>
@@ -125,11 +125,6 @@ inline FloatsOf<bytes> load_floats(const BFloat16* p) {
 constexpr bool kF16c = true;
 #else
 constexpr bool kF16c = false;
-#endif
-#if defined(MMFAST_CPU_F16C) && MMFAST_CPU_F16C >= 512
-constexpr bool kF16c512 = true;
-#else
-constexpr bool kF16c512 = false;
 #endif
 
 template <int bytes>

@@ -268,8 +268,8 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     generator = _make_generator(seed, generator, device)
     _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
 
+    step = DecodeStep(model, head, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
     logits = model.prefill(tokens.to(device), lengths.to(device), logits_rows=head)  # (2n, image_vocab_size)
-    step = DecodeStep(model, head, cuda_graph, compile)
     codes = torch.empty((num_images, image_tokens), dtype=torch.int64, device=device)
     invalid = torch.zeros(num_images, dtype=torch.int32, device=device)
     for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
@@ -337,8 +337,8 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     batch = tokens.shape[0]
     _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens)
 
+    step = DecodeStep(model, None, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
     logits = model.prefill(tokens.to(device), lengths.to(device))
-    step = DecodeStep(model, None, cuda_graph, compile)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     invalid = torch.zeros(batch, dtype=torch.int32, device=device)
     greedy_uniform = None if do_sample else torch.zeros(batch, device=device)  # no random draw when greedy
