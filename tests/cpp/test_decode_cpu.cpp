@@ -28,6 +28,18 @@
 
 // fp16 through F16C as the library's AVX2 and AVX-512 copies convert it: n halves (a multiple of
 // 16) to floats and back, compiled for those targets (run only where the CPU has them).
+// MMFAST_TEST_HALF_CONVERTERS defines both for the copy of simd.h just included.
+#define MMFAST_TEST_HALF_CONVERTERS                                                  \
+  namespace mmfast::cpu::MMFAST_CPU_ISA_NS {                                         \
+  void halves_to_floats(const Half* in, float* out, int64_t n) {                    \
+    for (int64_t i = 0; i < n; i += MMFAST_VECTOR_BYTES / 4)                        \
+      store_floats(out + i, load_floats(in + i));                                    \
+  }                                                                                  \
+  void floats_to_halves(const float* in, Half* out, int64_t n) {                    \
+    for (int64_t i = 0; i < n; i += MMFAST_VECTOR_BYTES / 4)                        \
+      store_floats(out + i, load_floats(in + i));                                    \
+  }                                                                                  \
+  }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define MMFAST_TEST_F16C 1
 #pragma GCC push_options
@@ -36,14 +48,7 @@
 #define MMFAST_VECTOR_BYTES 32
 #define MMFAST_CPU_F16C 256
 #include "mmfast/cpu/simd.h"
-namespace mmfast::cpu::simd_f16c_test {
-void halves_to_floats(const Half* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) store_floats<32>(out + i, load_floats<32>(in + i));
-}
-void floats_to_halves(const float* in, Half* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) store_floats<32>(out + i, load_floats<32>(in + i));
-}
-}  // namespace mmfast::cpu::simd_f16c_test
+MMFAST_TEST_HALF_CONVERTERS
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #undef MMFAST_CPU_F16C
@@ -54,14 +59,7 @@ void floats_to_halves(const float* in, Half* out, int64_t n) {
 #define MMFAST_VECTOR_BYTES 64
 #define MMFAST_CPU_F16C 512
 #include "mmfast/cpu/simd.h"
-namespace mmfast::cpu::simd_f16c512_test {
-void halves_to_floats(const Half* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) store_floats<64>(out + i, load_floats<64>(in + i));
-}
-void floats_to_halves(const float* in, Half* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) store_floats<64>(out + i, load_floats<64>(in + i));
-}
-}  // namespace mmfast::cpu::simd_f16c512_test
+MMFAST_TEST_HALF_CONVERTERS
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #undef MMFAST_CPU_F16C
