@@ -191,7 +191,7 @@ def extensions():
     write_build_info(with_cuda, archs)
     # The shared libstdc++ by its file name (-l:libstdc++.so.6), ahead of the driver's own
     # libraries: the one torch uses, even where g++ links it statically. The H200 image's
-    # /opt/gcc g++ does, and its library folder holds only libstdc++.a, so a plain -lstdc++ found
+    # own GCC 13.3 install does, and its library folder holds only libstdc++.a, so a plain -lstdc++ found
     # the archive there too (the second H200 run; reproduced here with such a folder and
     # -static-libstdc++). With a second, static copy in _C, every C++ error mmfast raised
     # (TORCH_CHECK) ended the process with SIGSEGV instead of raising in Python
