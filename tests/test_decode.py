@@ -243,6 +243,25 @@ def test_sample_greedy_is_the_argmax_of_the_cfg_mix(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sample_cfg_mix_rounds_after_each_operation(backend_device):
+    """Found on 2026-12-05: the compiler fused the CPU kernel's (cond - uncond) * scale + uncond into
+    an FMA, which moved some mixes by an ulp, and greedy tokens with them. Token 1 of each pair mixes
+    to token 0's value when rounded after each operation (torch's separate ops, Liquid's
+    expression) and above it when fused: the first index, 0, must win."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(3)
+    cond, uncond = 3 * torch.randn(2, 4096, generator=generator)
+    rounded = uncond + (cond - uncond) * 2.5
+    fused = (uncond.double() + (cond - uncond).double() * 2.5).float()
+    pairs = (fused > rounded).nonzero().flatten()[:32]
+    assert len(pairs) >= 16  # enough pairs that a fused mix shows
+    logits = torch.stack([torch.stack([rounded[pairs], cond[pairs]], 1),
+                          torch.stack([rounded[pairs], uncond[pairs]], 1)]).reshape(-1, 2)
+    tokens = sample(logits.to(device), temperature=0.0, cfg_scale=2.5, backend=backend)
+    assert tokens.tolist() == [0] * len(pairs)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_sample_is_reproducible_with_a_seed(backend_device):
     backend, device = backend_device
     logits = sampler_logits(4, 1000, device)
@@ -318,6 +337,8 @@ def test_sample_rejects_scalars_it_would_coerce():
     for bad in (1.5, 1.0, -0.1, float("nan")):  # a new-user trial drew the last token from u = 1.5
         with pytest.raises(ValueError, match=r"uniform must hold numbers in \[0, 1\)"):
             sample(logits, uniform=torch.tensor([0.5, bad]))
+    # greedy never reads u (generate_text passes zeros): no check, no host synchronisation per step
+    assert sample(logits, temperature=0.0, uniform=torch.tensor([0.5, 1.5])).shape == (2,)
 
 
 def test_sample_with_a_generator_under_torch_compile_says_what_to_do():

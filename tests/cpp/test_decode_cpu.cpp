@@ -20,9 +20,19 @@
 // conversions at every width (GCC emulates vectors wider than the baseline ISA with the same
 // IEEE operations).
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32/64-byte vectors by value: these never cross a library
+// exp_vec_nonpositive over a row (n a multiple of the vector width), for the copy of simd.h just
+// included: the sampler's weights.
+#define MMFAST_TEST_EXP_ROW                                                           \
+  namespace mmfast::cpu::MMFAST_CPU_ISA_NS {                                         \
+  void exp_nonpositive_row(const double* in, double* out, int64_t n) {              \
+    for (int64_t i = 0; i < n; i += MMFAST_VECTOR_BYTES / 8)                        \
+      store<double>(out + i, exp_vec_nonpositive(load<double>(in + i)));             \
+  }                                                                                  \
+  }
 #define MMFAST_CPU_ISA_NS simd_test
 #define MMFAST_VECTOR_BYTES 16
 #include "mmfast/cpu/simd.h"
+MMFAST_TEST_EXP_ROW
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 
@@ -49,6 +59,7 @@
 #define MMFAST_CPU_F16C 256
 #include "mmfast/cpu/simd.h"
 MMFAST_TEST_HALF_CONVERTERS
+MMFAST_TEST_EXP_ROW
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #undef MMFAST_CPU_F16C
@@ -60,6 +71,7 @@ MMFAST_TEST_HALF_CONVERTERS
 #define MMFAST_CPU_F16C 512
 #include "mmfast/cpu/simd.h"
 MMFAST_TEST_HALF_CONVERTERS
+MMFAST_TEST_EXP_ROW
 #undef MMFAST_CPU_ISA_NS
 #undef MMFAST_VECTOR_BYTES
 #undef MMFAST_CPU_F16C
@@ -276,6 +288,69 @@ int check_sum_lanes_tree(std::mt19937& rng) {
 }
 
 
+// The largest distance, in units in the last place of the exact result, between exp(x) from
+// `row` and expl(x) rounded to double (denormal results in units of 2^-1074), over x <= 0: the
+// ends and specials, the denormal range, the reduction's boundaries (x = (k + 1/2) ln2) and
+// 400,000 random points; -inf and x below -745.14 must give exactly 0.
+double exp_ulp_error(void (*row)(const double*, double*, int64_t), std::mt19937& rng) {
+  std::vector<double> xs = {0.0, -0.0, -1e-300, -1e-17, -0.5, -1.0, -88.0, -700.0, -708.39, -708.4, -709.78,
+                            -720.0, -740.0, -745.0, -745.13, -745.134, -745.2, -746.0, -800.0, -1e300,
+                            -INFINITY};
+  const double ln2 = 0.6931471805599453;
+  for (int k = 0; k < 1076; ++k)
+    for (const double d : {-1e-13, 0.0, 1e-13}) xs.push_back(-(k + 0.5) * ln2 + d);
+  std::uniform_real_distribution<double> anywhere(-746.0, 0.0), near_zero(-2.0, 0.0), denormal(-745.2, -708.0);
+  for (int i = 0; i < 400000; ++i) xs.push_back(i % 4 == 0 ? near_zero(rng) : i % 4 == 1 ? denormal(rng) : anywhere(rng));
+  while (xs.size() % 8) xs.push_back(-1.0);
+  std::vector<double> got(xs.size());
+  row(xs.data(), got.data(), int64_t(xs.size()));
+  double worst = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const double exact = double(expl((long double)xs[i]));
+    if (exact == 0.0) {
+      worst = got[i] == 0.0 ? worst : INFINITY;
+      continue;
+    }
+    const double ulp = std::max(std::nextafter(exact, INFINITY) - exact, std::ldexp(1.0, -1074));
+    worst = std::max(worst, std::fabs(got[i] - exact) / ulp);
+  }
+  return worst;
+}
+
+// Greedy sampling of CFG pairs whose mix uncond + (cond - uncond) * scale differs by an ulp when
+// the product and the sum are fused into one FMA: the token must be the argmax of the mix rounded
+// after each operation (torch's separate ops, Liquid's expression). Token 1 of each pair mixes
+// to the same float as token 0 (cond == uncond == that float) when rounded twice, and above it
+// when fused: the first index, 0, wins. Returns the rows that took another token (or -1 when
+// no such pair was found: a test that could not tell the two apart).
+int check_sample_cfg_mix(const cpu::DecodeKernels& k, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  const float scale = 2.5f;
+  std::vector<float> cond, uncond;
+  for (int tries = 0; tries < 100000 && cond.size() < 2 * 37; ++tries) {
+    const float c = 3 * normal(rng), u = 3 * normal(rng);
+    volatile float product = (c - u) * scale;  // rounded: volatile keeps the compiler from fusing
+    const float twice_rounded = u + product;
+    if (std::fma(c - u, scale, u) <= twice_rounded) continue;
+    cond.insert(cond.end(), {twice_rounded, c});
+    uncond.insert(uncond.end(), {twice_rounded, u});
+  }
+  const int64_t rows = int64_t(cond.size()) / 2, V = 2;
+  if (rows == 0) return -1;
+  std::vector<float> logits(cond);
+  logits.insert(logits.end(), uncond.begin(), uncond.end());
+  std::vector<float> uniform(rows, 0.5f);
+  std::vector<int64_t> tokens(rows, -5);
+  std::vector<int32_t> status(rows, -5);
+  SampleParams p;
+  p.rows = rows, p.vocab = V, p.logits = logits.data(), p.row_stride = V, p.cfg = true, p.cfg_scale = scale;
+  p.temperature = 0, p.uniform = uniform.data(), p.tokens = tokens.data(), p.status = status.data();
+  k.sample(p);
+  int bad = 0;
+  for (int64_t r = 0; r < rows; ++r) bad += tokens[r] != 0 || status[r] != 0;
+  return bad;
+}
+
 // Floats whose conversion to fp16 / bf16 tells rounding apart: specials, the overflow boundary,
 // every finite half and the midpoint above it (both signs), and a million random bit patterns,
 // padded to a multiple of 16.
@@ -441,6 +516,27 @@ int main() {
                 bad ? "FAIL" : "ok  ", f.name, bad);
   }
 #endif
+  const struct {
+    const char* name;
+    bool runs;
+    void (*row)(const double*, double*, int64_t);
+  } exp_paths[] = {{"x2 (baseline)", true, cpu::simd_test::exp_nonpositive_row}
+#if MMFAST_TEST_F16C
+                   ,
+                   {"x4 (avx2, fma)", cpu::isa_supported(cpu::Isa::kAvx2), cpu::simd_f16c_test::exp_nonpositive_row},
+                   {"x8 (avx512)", cpu::isa_supported(cpu::Isa::kAvx512), cpu::simd_f16c512_test::exp_nonpositive_row}
+#endif
+  };
+  for (const auto& e : exp_paths) {
+    if (!e.runs) {
+      std::printf("skip fp64 exp %s (not supported by this CPU)\n", e.name);
+      continue;
+    }
+    const double worst = exp_ulp_error(e.row, tree_rng);
+    const bool ok = worst <= 1.0;
+    (ok ? passed : failures)++;
+    std::printf("%s fp64 exp of x <= 0 %s: %.3f ulp at most\n", ok ? "ok  " : "FAIL", e.name, worst);
+  }
   {
     const int bad = check_scratch_allocation_failure();
     (bad == 0 ? passed : failures)++;
@@ -474,6 +570,9 @@ int main() {
       int64_t V, top_k;
       float top_p;
     } samplers[] = {{1000, 0, 1.0f}, {8192, 4096, 0.96f}, {500, 20, 0.5f}, {7, 3, 0.0f}, {300, 0, 0.3f}};
+    bad = check_sample_cfg_mix(k, rng);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s %s sample CFG mix rounded per operation: %d rows off\n", bad ? "FAIL" : "ok  ", name, bad);
     for (const auto& s : samplers) {
       bad = check_sample(k, s.V, s.top_k, s.top_p, rng);
       (bad == 0 ? passed : failures)++;

@@ -287,9 +287,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     seeded runs are reproducible, and the draw is capturable in a CUDA graph with the default
     CUDA generator, which advances its offset on every replay (a generator of your own must be
     registered with CUDAGraph.register_generator_state). A given u outside [0, 1) (or NaN)
-    raises ValueError on the CPU in eager mode; on CUDA and under torch.compile it is not
-    checked (that would be a host synchronisation): u <= 0 draws the first kept token, u >= 1
-    the last.
+    raises ValueError on the CPU in eager mode when temperature > 0 (greedy never reads it);
+    on CUDA and under torch.compile it is not checked (that would be a host synchronisation):
+    u <= 0 draws the first kept token, u >= 1 the last.
     Returns (P,) int64 tokens in [0, V), and
     with return_status=True also (P,) int32 status: 1 for a row of invalid logits (a NaN or
     +inf, or all -inf), which gets token 0. Without return_status, invalid rows raise
@@ -311,8 +311,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     rows = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
     if uniform is not None and generator is not None:
         raise ValueError("sample: pass either uniform (the draws) or generator (to draw them), not both")
-    if (isinstance(uniform, torch.Tensor) and uniform.device.type == "cpu" and uniform.is_floating_point()
-            and not torch.compiler.is_compiling() and not bool(((uniform >= 0) & (uniform < 1)).all())):
+    if (temperature > 0 and isinstance(uniform, torch.Tensor) and uniform.device.type == "cpu"
+            and uniform.is_floating_point() and not torch.compiler.is_compiling()
+            and not bool(((uniform >= 0) & (uniform < 1)).all())):  # greedy never reads u: no check per step
         raise ValueError(f"sample: uniform must hold numbers in [0, 1), got values from {uniform.min().item()} "
                          f"to {uniform.max().item()}")
     if uniform is None:

@@ -206,6 +206,15 @@ inline void store_floats(Half* p, FloatsOf<bytes> f) {
   store_16bit_words<bytes>(p, (sign >> 16) | select_words<bytes>(W(shl1_w > 0xff000000u), W{} + 0x7e00u, nonsign));
 }
 
+// fp64 rounded to fp32 lane by lane (to nearest even, as float(double)).
+template <int bytes = MMFAST_VECTOR_BYTES>
+inline FloatsOf<bytes> load_floats(const double* p) {
+  typedef double Doubles __attribute__((vector_size(2 * bytes)));
+  Doubles d;
+  __builtin_memcpy(&d, p, sizeof(d));
+  return __builtin_convertvector(d, FloatsOf<bytes>);
+}
+
 // dst[0:n] = src[0:n] in the accumulation type (float lanes for fp32 / fp16 / bf16; fp64 as is),
 // and back (rounded to nearest even).
 template <typename T>
@@ -261,6 +270,58 @@ inline Vec<float>::type exp_vec(Vec<float>::type x_in) {
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   // Below -87 (-inf included) the result is 0; NaN compares false and stays NaN.
   return x_in < splat<float>(-87.0f) ? splat<float>(0.0f) : p * scale;
+}
+
+// exp(x) for a vector of doubles x <= 0 (-inf included), within 1 ulp of exp, denormal results
+// included (0 below about -745.13). Cody-Waite reduction x = n ln2 + r (fdlibm's split of ln2,
+// n ln2_hi exact), |r| <= ln2 / 2, and the degree-13 Taylor polynomial of e^r (truncation
+// error below 1e-17 relative); 2^n applied as 2^(n + 1000) * 2^-1000 below n = -1000 so that a
+// denormal result is rounded once.
+inline Vec<double>::type exp_vec_nonpositive(Vec<double>::type x_in) {
+  using V = Vec<double>::type;
+  using L = long long __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
+  const V x = x_in < splat<double>(-746.0) ? splat<double>(-746.0) : x_in;
+  const V magic = splat<double>(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+  const V shifted = x * splat<double>(1.4426950408889634074) + magic;
+  const V n = shifted - magic;
+  const V r = (x - n * splat<double>(6.93147180369123816490e-01)) - n * splat<double>(1.90821492927058770002e-10);
+  constexpr double kInverseFactorials[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                                           1.0 / 3628800.0,    1.0 / 362880.0,    1.0 / 40320.0,
+                                           1.0 / 5040.0,       1.0 / 720.0,       1.0 / 120.0,
+                                           1.0 / 24.0,         1.0 / 6.0,         0.5,
+                                           1.0,                1.0};  // 1/13! .. 1/0!
+  V p = splat<double>(kInverseFactorials[0]);
+  for (int i = 1; i < 14; ++i) p = p * r + splat<double>(kInverseFactorials[i]);
+  L k;
+  __builtin_memcpy(&k, &shifted, sizeof(k));
+  k = k - L{} - 0x4338000000000000LL;  // n as an integer, from shifted's mantissa
+  const L tiny = k < -1000;
+  k = tiny ? k + 1000 : k;
+  const L bits = (k + 1023) << 52;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale * (tiny ? splat<double>(0x1p-1000) : splat<double>(1.0));
+}
+
+// v as computed: an empty asm that may have rewritten v in memory, so that GCC and clang (which
+// contract a * b + c into an FMA across statements in C++) round a product that made v before a
+// later addition uses it. For expressions that must round like torch's separate ops. A memory
+// operand, not a register one: the test copies use vectors wider than the target's registers.
+template <typename T>
+inline T rounded(T v) {
+  __asm__("" : "+m"(v));
+  return v;
+}
+
+// True when any lane of a comparison's mask (0 / -1 lanes) is set.
+template <typename M>
+inline bool any_lane(M mask) {
+  constexpr int lanes = sizeof(M) / sizeof(mask[0]);
+  decltype(+mask[0]) bits[lanes];
+  __builtin_memcpy(bits, &mask, sizeof(mask));
+  decltype(+mask[0]) any = 0;
+  for (int i = 0; i < lanes; ++i) any |= bits[i];
+  return any != 0;
 }
 
 // The lanes of a vector of `bytes` bytes summed as a tree, halves added pairwise
