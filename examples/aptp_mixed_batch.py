@@ -92,7 +92,7 @@ def parse_args():
             problem = codes_problem(args.codes, args.num_codes)
             if problem:
                 parser.error(problem)
-    cli.check_device(parser, args.device)
+    cli.check_device(parser, args.device, args.backend)
     return args
 
 

@@ -107,7 +107,7 @@ def parse_args(argv=None):
     cli.require_local_dir(parser, "--linear-attention-weights", args.linear_attention_weights,
                           "a distilled LinFusion (LinFusion.save_pretrained)")
     cli.require_file(parser, "--embedding", args.embedding)
-    cli.check_device(parser, args.device)
+    cli.check_device(parser, args.device, args.backend)
     args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 

@@ -40,7 +40,7 @@ def parse_args():
     cli.require_local_dir(parser, "--unet", args.unet, "a diffusers UNet2DConditionModel")
     cli.require_positive(parser, steps=args.steps, lr=args.lr, batch_size=args.batch_size, batches=args.batches,
                          mid_dim_scale=args.mid_dim_scale)
-    cli.check_device(parser, args.device)
+    cli.check_device(parser, args.device, args.backend)
     args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 

@@ -132,7 +132,7 @@ def _check_args(parser, args):
     if args.token_chunk is not None and args.token_chunk < 0:
         parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
     cli.require_positive(parser, steps=args.steps, height=args.height, width=args.width)
-    cli.check_device(parser, args.device)
+    cli.check_device(parser, args.device, args.backend)
     args.output = cli.check_output(parser, args.output, kind="image")
     if not args.cascade:
         given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]

@@ -66,7 +66,7 @@ def parse_args():
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except ValueError as error:
         parser.error(f"{error} (--image-tokens, --num-images, --temperature, --top-k, --top-p)")
-    cli.check_device(parser, args.device)
+    cli.check_device(parser, args.device, args.backend)
     args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 

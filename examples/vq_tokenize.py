@@ -46,7 +46,9 @@ def parse_args():
                              "tiny: mmfast.testing.tiny_vqgan's)")
     parser.add_argument("--input", "--image", default=None, metavar="FILE",
                         help="image file (default: scikit-image's astronaut photograph)")
-    parser.add_argument("--resolution", type=int, default=None, help="default 512 (128 with --tiny)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels, a multiple of the VQGAN's downsampling factor (default 512; "
+                             "128 with --tiny or --config tiny)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     cli.add_device_arguments(parser)
     cli.add_output_argument(parser, "vq_tokenize", kind="folder",
@@ -56,7 +58,13 @@ def parse_args():
                      "vqgan.safetensors")
     cli.require_file(parser, "--input", args.input)
     cli.require_positive(parser, resolution=args.resolution)
-    cli.check_device(parser, args.device)
+    tiny_model = args.tiny or args.config == "tiny"
+    args.resolution = args.resolution or (128 if tiny_model else 512)  # the tiny VQGAN's attention is quadratic
+    factor = CONFIGS["tiny" if args.tiny else args.config]().downsample_factor
+    if args.resolution % factor:
+        parser.error(f"--resolution {args.resolution}: must be a multiple of the VQGAN's downsampling factor "
+                     f"{factor} (e.g. {args.resolution // factor * factor or factor})")
+    cli.check_device(parser, args.device, args.backend)
     args.output = cli.check_output(parser, args.output, kind="folder")
     return args
 
@@ -130,7 +138,7 @@ def main():
         mmfast.set_backend(args.backend)
     device = torch.device(args.device)
     model = load_model(args).to(device=device, dtype=DTYPES[args.dtype])
-    resolution = args.resolution or (128 if args.tiny else 512)
+    resolution = args.resolution
     images = preprocess(load_image(args.input), resolution=resolution)
     model.encode(images)  # warm-up (first-call kernel selection, allocator)
     codes, encode_s = timed(lambda: model.encode(images), device)

@@ -47,6 +47,8 @@ CASES = [
     ("linfusion_distill", ["--tiny", "--batch", "0"], "--batch-size must be > 0"),  # --batch: the old name
     ("vq_tokenize", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
     ("vq_tokenize", ["--tiny", "--resolution", "0"], "--resolution must be > 0"),
+    ("vq_tokenize", ["--tiny", "--resolution", "129"], "must be a multiple of the VQGAN's downsampling factor 2"),
+    ("vq_tokenize", ["--checkpoint", "{tmp}/a_file", "--resolution", "520"], "downsampling factor 16 (e.g. 512)"),
     ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0", "9"], "--codes must be in [0, 4) for 4 experts"),
     ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0"], "1 codes for --batch 2"),
     ("aptp_mixed_batch", ["--experts", "{tmp}/missing"], "--experts '{tmp}/missing' is not a directory"),
@@ -114,6 +116,33 @@ def test_check_device_parses_and_refuses(capsys):
         with pytest.raises(SystemExit):
             cli.check_device(parser, "mps")
         assert "--device mps: torch cannot place a tensor there" in capsys.readouterr().err
+
+
+def test_check_device_refuses_meta_and_a_backend_that_cannot_run_there(capsys, monkeypatch):
+    """Found by a new-user trial: --device meta and --backend triton on the CPU (without Triton's
+    interpreter) ended in tracebacks after the model was built."""
+    parser = argparse.ArgumentParser(prog="example")
+    with pytest.raises(SystemExit):
+        cli.check_device(parser, "meta")
+    assert "--device meta: meta tensors hold no data" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        cli.check_device(parser, "cpu", "triton")
+    assert "--backend triton" in capsys.readouterr().err
+    assert cli.check_device(parser, "cpu", "native") == torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    assert cli.check_device(parser, "cpu", "triton") == torch.device("cpu")
+
+
+def test_vq_tokenize_resolution_defaults_to_the_model_size(tmp_path, monkeypatch):
+    """Found by a new-user trial: --config tiny with a checkpoint kept the 512 px default, whose
+    attention over a 256 x 256 latent (the tiny VQGAN downsamples by 2) took the machine's memory."""
+    (tmp_path / "vqgan.safetensors").write_text("checked for existence only")
+    checkpoint = str(tmp_path / "vqgan.safetensors")
+    assert _parse("vq_tokenize", ["--checkpoint", checkpoint, "--config", "tiny"], monkeypatch).resolution == 128
+    assert _parse("vq_tokenize", ["--checkpoint", checkpoint], monkeypatch).resolution == 512
+    assert _parse("vq_tokenize", ["--tiny"], monkeypatch).resolution == 128
 
 
 def test_added_arguments_and_defaults():

@@ -503,6 +503,25 @@ def test_decode_step_runs_in_inference_mode_and_leaves_normal_tensors(compile):
     model.prefill(prompts)  # writes the caches in place outside inference mode
 
 
+def test_caches_made_under_inference_mode_are_remade_or_named_outside_it():
+    """Found by a new-user trial: after one generate_text under torch.inference_mode(), every
+    later call outside it failed with torch's bare "Inplace update to inference tensor" error
+    (the caches, kept because they were large enough, were inference tensors)."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
+    prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        inside = generate_text(model, prompts, max_new_tokens=4)
+    assert model.cache_seqlens.is_inference()
+    outside = generate_text(model, prompts, max_new_tokens=4)  # remakes the caches
+    assert torch.equal(inside, outside) and not model.cache_seqlens.is_inference()
+    with torch.inference_mode():
+        model.setup_caches(2, 16)
+    with pytest.raises(RuntimeError, match="made under torch.inference_mode"):
+        model.prefill(prompts)
+    with torch.inference_mode():
+        model.prefill(prompts)  # inside the mode they work as they are
+
+
 def test_decode_step_refuses_to_overrun_the_cache():
     model = tiny_liquid_lm("llama", vocab_size=VOCAB)
     model.setup_caches(1, 6)

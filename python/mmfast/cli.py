@@ -38,13 +38,19 @@ def add_output_argument(parser: argparse.ArgumentParser, default: Optional[str],
     parser.add_argument("--output", "--out", default=default, metavar=metavar, help=f"{what}{where}")
 
 
-def check_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
-    """The torch.device of --device; an argparse error for a malformed name or a device that is
-    not there (CUDA: said in CUDA's terms; others, e.g. mps / xpu: by placing a tensor on it)."""
+def check_device(parser: argparse.ArgumentParser, device: str, backend: Optional[str] = None) -> torch.device:
+    """The torch.device of --device; an argparse error for a malformed name, a device that is
+    not there (CUDA: said in CUDA's terms; others, e.g. mps / xpu: by placing a tensor on it),
+    the meta device (no data to compute on), and a --backend that cannot run there (triton:
+    CUDA, or the CPU under TRITON_INTERPRET=1, with triton installed)."""
     try:
         parsed = torch.device(device)
     except RuntimeError as error:
         parser.error(f"--device {device!r}: {error}")
+    if parsed.type == "meta":
+        parser.error(f"--device {device}: meta tensors hold no data to compute on; use --device cpu or cuda")
+    if backend == "triton":
+        _check_triton_runs(parser, parsed)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             parser.error(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} here "
@@ -58,6 +64,18 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
             reason = str(error).split(". ")[0][:200]  # torch's dispatcher error runs to a page
             parser.error(f"--device {device}: torch cannot place a tensor there ({reason}); use --device cpu")
     return parsed
+
+
+def _check_triton_runs(parser: argparse.ArgumentParser, device: torch.device) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        parser.error("--backend triton: triton is not installed (pip install triton); use --backend native")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--backend triton runs on CUDA tensors, and on the CPU only under Triton's interpreter: "
+                     "set TRITON_INTERPRET=1, or use --device cuda or --backend native")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--backend triton does not run on {device.type} tensors; use --backend native")
 
 
 def check_output(parser: argparse.ArgumentParser, path: Optional[str], *, kind: str) -> Optional[str]:

@@ -168,11 +168,13 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], d
 
 
 def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
-    """setup_caches(batch, tokens) unless the caches already hold that many rows and tokens."""
+    """setup_caches(batch, tokens) unless the caches already hold that many rows and tokens, in
+    the model's dtype and device, writable here (not made under torch.inference_mode() when
+    this call runs outside it)."""
     shape = model.cache_shape()
     cache = model.model.layers[0].self_attn.kv_cache
     if (shape is None or shape[0] < batch or shape[1] < tokens or cache.k_cache.dtype != model.dtype
-            or cache.k_cache.device != model.device):
+            or cache.k_cache.device != model.device or model.caches_need_inference_mode()):
         model.setup_caches(batch, tokens)
 
 

@@ -231,7 +231,16 @@ class LiquidLM(nn.Module):
         if batch > shape[0] or seq > shape[1]:
             raise ValueError(f"LiquidLM: {batch} rows of {seq} tokens do not fit caches of {shape[0]} rows x "
                              f"{shape[1]} tokens (setup_caches)")
+        if not torch.compiler.is_compiling() and self.caches_need_inference_mode():
+            raise RuntimeError("LiquidLM: the caches were made under torch.inference_mode(), and torch forbids "
+                               "writing them outside it: call setup_caches again here, or run prefill / "
+                               "decode_step under inference_mode (generate_text / generate_images remake them)")
         return self.cache_seqlens[:batch]
+
+    def caches_need_inference_mode(self) -> bool:
+        """True when the caches are inference tensors (made under torch.inference_mode()) and this
+        call runs outside that mode, where torch refuses the in-place writes of every step."""
+        return self.cache_seqlens.is_inference() and not torch.is_inference_mode_enabled()
 
     # -- loading --
 
