@@ -117,6 +117,8 @@ def test_experts_order_by_index_not_name(tmp_path):
     assert [os.path.basename(d) for d in released_expert_dirs(str(tmp_path))] == [f"arch{k}" for k in range(11)]
     with pytest.raises(FileNotFoundError, match="no arch<k> folders"):
         released_expert_dirs(str(tmp_path / "quantizer"))
+    with pytest.raises(FileNotFoundError, match="'APTP-Base-CC3M' is not a local folder.*nothing is downloaded"):
+        released_expert_dirs("APTP-Base-CC3M")  # the README's name, not downloaded (a new-user trial)
 
 
 # --- bad checkpoints -------------------------------------------------------------------------------
@@ -142,6 +144,8 @@ def test_neither_layout_is_a_clear_error(tmp_path):
         load_released_expert(str(tmp_path))
     with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
         load_expert(str(tmp_path), dtype="bfloat16")
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        load_expert(str(tmp_path), dtype=torch.int8)
 
 
 def test_two_checkpoints_are_ambiguous(one_expert, released):

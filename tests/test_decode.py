@@ -3,6 +3,8 @@ reference, the reference against PyTorch's SDPA and transformers' logits process
 torch.library integration and errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from mmfast import reference
 from mmfast.ops import decode_attention, decode_linear, kv_cache_append, sample
 
-from _utils import TOLERANCES, at_thread_counts, backend_params
+from _utils import HAS_TRITON, TOLERANCES, TRITON_DEVICE, at_thread_counts, backend_params
 
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -180,6 +182,58 @@ def test_attention_rejects_lengths_outside_the_cache():
     for lengths in ([10, 2], [11, 5]):  # fewer than Sq tokens, more than T_max
         with pytest.raises(ValueError, match="out of range"):
             decode_attention(q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_out_of_range_lengths_are_named_alike_by_every_backend(backend):
+    """Found by a new-user trial: the reference and Triton backends said "rows need slots [-2, 40)"
+    where the native op names the row, its length and the range it must lie in."""
+    if backend == "triton" and not (HAS_TRITON and TRITON_DEVICE == "cpu"):
+        pytest.skip("these are CPU tensors: Triton runs them under TRITON_INTERPRET=1 only")
+    q, k_cache, v_cache, _ = make_cache((2, 2, 2, 2, 8, 10), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=re.escape("cache_seqlens[0] = 1 is out of range: it counts the cached "
+                                                   "tokens including the 2 new ones, so it must lie in [2, T_max = "
+                                                   "10]")):
+        decode_attention(q, k_cache, v_cache, torch.tensor([1, 5], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match=re.escape("cache_seqlens[1] = 9 is out of range: 2 new tokens need slots "
+                                                   "[len, len + 2) inside a cache of T_max = 10")):
+        kv_cache_append(k_cache, v_cache, q[:, :, :2], q[:, :, :2], torch.tensor([0, 9], dtype=torch.int32),
+                        backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_append_refuses_caches_whose_slots_share_memory(backend):
+    """Found by a new-user trial: an expand()ed cache took the append and lost a row's tokens;
+    torch's own in-place ops refuse such a tensor."""
+    if backend == "triton" and not (HAS_TRITON and TRITON_DEVICE == "cpu"):
+        pytest.skip("these are CPU tensors: Triton runs them under TRITON_INTERPRET=1 only")
+    k = torch.ones(2, 1, 2, 4)
+    lengths = torch.tensor([0, 3], dtype=torch.int32)
+    broadcast, own = torch.zeros(1, 10, 2, 4).expand(2, 10, 2, 4), torch.zeros(2, 10, 2, 4)
+    with pytest.raises(ValueError, match="k_cache has elements that share memory"):
+        kv_cache_append(broadcast, own, k, k, lengths, backend=backend)
+    with pytest.raises(ValueError, match="k_cache and v_cache share memory"):
+        kv_cache_append(own, own, k, k, lengths, backend=backend)
+    buffer = torch.zeros(2, 2, 10, 2, 4)  # two slices of one buffer: fine
+    kv_cache_append(buffer[0], buffer[1], k, 2 * k, lengths, backend=backend)
+    assert buffer[0, 1, 3].eq(1).all() and buffer[1, 1, 3].eq(2).all()
+
+
+def test_attention_refuses_scalars_it_would_coerce():
+    """Found by a new-user trial: window=2.9 ran as 2 and True as 1, a NaN scale or an infinite
+    softcap turned every output into NaN, and D = 0 raised a bare ZeroDivisionError."""
+    q, k_cache, v_cache, lengths = make_cache((2, 1, 2, 2, 8, 10), torch.float32, "cpu")
+    for window in (2.9, True, "4"):
+        with pytest.raises(TypeError, match="window must be an int"):
+            decode_attention(q, k_cache, v_cache, lengths, window=window)
+    for name, value in (("scale", float("nan")), ("softcap", float("inf")), ("scale", float("-inf"))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            decode_attention(q, k_cache, v_cache, lengths, **{name: value})
+    with pytest.raises(TypeError, match="scale must be a finite number"):
+        decode_attention(q, k_cache, v_cache, lengths, scale="0.1")
+    with pytest.raises(ValueError, match="head dim D must be >= 1"):
+        decode_attention(q[..., :0], k_cache[..., :0], v_cache[..., :0], lengths)
+    assert decode_attention(q, k_cache, v_cache, lengths, window=np.int64(4), scale=np.float32(0.2)).shape == q.shape
 
 
 def test_attention_is_inference_only():

@@ -522,6 +522,22 @@ def test_caches_made_under_inference_mode_are_remade_or_named_outside_it():
         model.prefill(prompts)  # inside the mode they work as they are
 
 
+def test_loader_and_generation_refuse_numbers_they_would_coerce(tmp_path):
+    """Found by a new-user trial: dtype=torch.int8 failed deep in load_state_dict, float lengths
+    were truncated (2.7 -> 2), and generate_images(top_k=50.0) was reported by sample."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB)
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        LiquidLM.from_pretrained(tmp_path, dtype=torch.int8)
+    model.setup_caches(2, 16)
+    with pytest.raises(TypeError, match="lengths must be integers"):
+        model.prefill(torch.randint(3, VOCAB, (2, 6)), torch.tensor([2.7, 6.0]))
+    with pytest.raises(TypeError, match="generate_images: top_k must be an int, got 50.0"):
+        generate_images(model, [1, 2], top_k=50.0, image_tokens=4, cfg_scale=None, image_vocab_start=0,
+                        image_vocab_size=8)
+    with pytest.raises(TypeError, match="generate_text: top_k must be an int"):
+        generate_text(model, torch.randint(3, VOCAB, (1, 3)), max_new_tokens=2, top_k=5.0)
+
+
 def test_decode_step_refuses_to_overrun_the_cache():
     model = tiny_liquid_lm("llama", vocab_size=VOCAB)
     model.setup_caches(1, 6)

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
@@ -80,6 +81,16 @@ inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   check_same_dtype_device(k_cache, "k_cache", k, "k", op);
   check_same_dtype_device(k_cache, "k_cache", v, "v", op);
   check_seqlens(seqlens, k_cache, op);
+  // Every slot is written: slots sharing memory would lose tokens (torch's in-place ops refuse
+  // the same). Interleaved views of one buffer (TooHard) are not judged.
+  for (const auto* t : {&k_cache, &v_cache})
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, op, ": ", t == &k_cache ? "k" : "v",
+                      "_cache has elements that share memory (an expand()ed or broadcast tensor, strides ",
+                      t->strides(), "); every slot is written: pass a cache of its own, e.g. .contiguous()");
+  const at::MemOverlapStatus overlap = at::get_overlap_status(k_cache, v_cache);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                    ": k_cache and v_cache share memory; each needs its own (two slices of one buffer are fine "
+                    "when they do not overlap)");
 }
 
 inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

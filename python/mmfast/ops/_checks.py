@@ -17,11 +17,15 @@ def is_integer(value) -> bool:
 
 
 def check_dtype_argument(where: str, name: str, dtype) -> None:
-    """TypeError unless dtype is a torch.dtype or None (a string such as "bfloat16" is the usual slip)."""
+    """TypeError unless dtype is a floating-point torch.dtype (a model's weights) or None (a string
+    such as "bfloat16" is the usual slip; an integer dtype failed deep in load_state_dict)."""
     if dtype is not None and not isinstance(dtype, torch.dtype):
         hint = f" (torch.{dtype}?)" if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) \
             else ""
         raise TypeError(f"{where}: {name} must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}{hint}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{where}: {name} must be a floating-point dtype for the weights (torch.float32, "
+                        f"torch.bfloat16, torch.float16), got {dtype}")
 
 
 def is_real(value) -> bool:

@@ -78,6 +78,36 @@ def check_append(k_cache, v_cache, k, v, cache_seqlens) -> None:
     check_same(op, {"k_cache": k_cache, "k": k, "v": v}, "dtype")
     check_same(op, {"k_cache": k_cache, "k": k, "v": v}, "device")
     _check_seqlens(op, cache_seqlens, batch, k_cache.device)
+    _check_caches_writable(op, k_cache, v_cache)
+
+
+def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """ValueError for caches whose slots share memory (an expand()ed cache, or k_cache and
+    v_cache over the same or overlapping bytes): an append would write one slot through another
+    and lose tokens (torch's in-place ops refuse the same). The native op checks the same in C++.
+    Not judged while torch.compile traces, nor for fake and meta tensors (no memory)."""
+    if torch.compiler.is_compiling() or k_cache.is_meta or torch._subclasses.fake_tensor.is_fake(k_cache):
+        return
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if torch._debug_has_internal_overlap(t) == 1:  # 1: yes; 2: too hard to tell (not refused)
+            raise ValueError(f"{op}: {name} has elements that share memory (an expand()ed or broadcast tensor, "
+                             f"strides {t.stride()}); every slot is written: pass a cache of its own, e.g. .contiguous()")
+    if _memory_overlaps(k_cache, v_cache):
+        raise ValueError(f"{op}: k_cache and v_cache share memory; each needs its own (two slices of one "
+                         "buffer are fine when they do not overlap)")
+
+
+def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b are views of the same bytes or, both contiguous, of overlapping ranges
+    (at::get_overlap_status's Full / Partial; interleaved non-contiguous views are not judged)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    if not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    a_end, b_end = a.data_ptr() + a.numel() * a.element_size(), b.data_ptr() + b.numel() * b.element_size()
+    return a.data_ptr() < b_end and b.data_ptr() < a_end
 
 
 def check_append_needs_no_grad(k_cache, v_cache, k, v) -> None:
@@ -117,6 +147,24 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, wi
         raise ValueError(f"{op}: softcap must be >= 0 (0: none), got {softcap}")
     if window < 0:
         raise ValueError(f"{op}: window must be >= 0 (0: none), got {window}")
+
+
+def _check_attention_scalars(q: torch.Tensor, scale, softcap, window) -> None:
+    """TypeError / ValueError for decode_attention's scalars that would otherwise be coerced
+    (window=2.9 -> 2, True -> 1) or turn every output into NaN (a NaN or infinite scale or
+    softcap), and for D = 0 (whose default scale D ** -0.5 does not exist)."""
+    op = "decode_attention"
+    if window is not None and not isinstance(window, torch.SymInt) and not is_integer(window):
+        raise TypeError(f"{op}: window must be an int (None or 0: no sliding window), got {window!r}")
+    for name, value in (("scale", scale), ("softcap", softcap)):
+        if value is None or isinstance(value, (torch.SymInt, torch.SymFloat)):
+            continue
+        if not is_real(value):
+            raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+    if q.dim() == 4 and q.shape[-1] == 0:
+        raise ValueError(f"{op}: the head dim D must be >= 1, got q of shape {tuple(q.shape)}")
 
 
 def check_sample(logits, uniform, temperature: float, top_k: int, top_p: float, cfg_scale: Optional[float]) -> None:
@@ -215,7 +263,8 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     k_cache, v_cache: (B, T_max, H_kv, D), unit stride along D; k, v: (B, S, H_kv, D), any
     strides; same float dtype (fp64 not on Triton) and device. cache_seqlens: (B,) int32, the lengths BEFORE this
     append: row b's tokens go to slots [len_b, len_b + S); nothing else is written (the caller
-    then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices,
+    then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices, caches
+    whose slots share memory (an expand()ed cache, or k_cache and v_cache overlapping),
     RuntimeError when grad mode is on and an input requires grad (the append has no gradient);
     a row whose slots fall outside [0, T_max) raises ValueError on the CPU (every backend) and
     is skipped on CUDA (no host synchronisation: check lengths yourself if they may overflow).
@@ -250,16 +299,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tokens (transformers' Gemma-2 / Mistral semantics: key j visible to position p when
     p - j < window); None or 0: none. Returns (B, Sq, H, D) in q's dtype; scores, softmax and
     sums in fp32 (fp64). Rows with cache_seqlens outside [Sq, T_max] raise ValueError on the
-    CPU (every backend) and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes, devices.
+    CPU (every backend) and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes,
+    devices, a window that is not an int, a scale or softcap that is not a finite number, D = 0.
     """
     check_tensors("decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens})
+    _check_attention_scalars(q, scale, softcap, window)
     window = window or 0
     chosen = _backend.resolve("decode_attention", q.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _checks_lengths_here(chosen, cache_seqlens):
-        _check_lengths_fit("decode_attention", cache_seqlens.long() - q.shape[1], q.shape[1], k_cache.shape[1])
+        _check_lengths_fit("decode_attention", cache_seqlens, q.shape[1], k_cache.shape[1])
     if chosen == "reference":
         return reference.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale, softcap, window)
     return _backend.op_overload("decode_attention", chosen)(q, k_cache, v_cache, cache_seqlens, scale, float(softcap),
@@ -396,12 +447,21 @@ def _checks_lengths_here(chosen: str, cache_seqlens: torch.Tensor) -> bool:
                                      and not torch.compiler.is_compiling())
 
 
-def _check_lengths_fit(op: str, starts: torch.Tensor, count: int, max_tokens: int) -> None:
-    """ValueError unless every row's slots [start, start + count) lie in [0, T_max)
-    (a host synchronisation: CPU and the reference only)."""
-    if starts.numel() == 0:
+def _check_lengths_fit(op: str, cache_seqlens: torch.Tensor, new_tokens: int, max_tokens: int) -> None:
+    """ValueError naming the first row whose length is out of range, in the native CPU op's words
+    (a host synchronisation: CPU and the reference only). kv_cache_append: lengths before the
+    append, its slots [len, len + S) inside [0, T_max); decode_attention: lengths counting the
+    Sq new tokens, in [Sq, T_max]."""
+    if cache_seqlens.numel() == 0:
         return
-    low, high = int(starts.min()), int(starts.max())
-    if low < 0 or high + count > max_tokens:
-        raise ValueError(f"{op}: cache_seqlens out of range: rows need slots [{low}, {high + count}) of a cache "
-                         f"of T_max = {max_tokens}")
+    lengths = cache_seqlens.long()
+    if op == "kv_cache_append":
+        bad = (lengths < 0) | (lengths + new_tokens > max_tokens)
+        reason = f"{new_tokens} new tokens need slots [len, len + {new_tokens}) inside a cache of T_max = {max_tokens}"
+    else:
+        bad = (lengths < new_tokens) | (lengths > max_tokens)
+        reason = (f"it counts the cached tokens including the {new_tokens} new ones, so it must lie in "
+                  f"[{new_tokens}, T_max = {max_tokens}]")
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: cache_seqlens[{row}] = {int(lengths[row])} is out of range: {reason}")

@@ -124,6 +124,10 @@ def released_expert_dirs(root: str, allow_gaps: bool = False) -> List[str]:
     APTP's expert k (its router's index). Raises FileNotFoundError when there is none and
     ValueError when some k is missing (a partial download would shift every later code), unless
     allow_gaps: then code i is the i-th folder present."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"released_expert_dirs: {root!r} is not a local folder; download the released model "
+                                "(e.g. APTP-Base-CC3M, holding arch0, arch1, ...) first and pass its path: nothing is "
+                                "downloaded")
     found = {}
     for name in os.listdir(root):
         match = re.fullmatch(r"arch(\d+)", name)

@@ -207,7 +207,7 @@ def check_image_generation(*, image_tokens: int, num_images: int, temperature: f
     a model (examples/liquid_generate.py): ValueError unless image_tokens is a positive square
     (the codes form a side x side grid), num_images >= 1, temperature >= 0, top_k >= 0 and
     0 <= top_p <= 1; TypeError when a count is not an int."""
-    _check_counts("generate_images", image_tokens=image_tokens, num_images=num_images)
+    _check_counts("generate_images", image_tokens=image_tokens, num_images=num_images, top_k=top_k)
     side = math.isqrt(max(image_tokens, 0))
     if image_tokens < 1 or side * side != image_tokens:
         raise ValueError(f"generate_images: image_tokens must be a positive square number (1024 = 32 x 32), got "
@@ -331,6 +331,7 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     _check_counts("generate_text", max_new_tokens=max_new_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"generate_text: max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_counts("generate_text", top_k=top_k)
     _check_sampling(temperature if do_sample else 0.0, top_k, top_p)
     tokens, lengths = _strip_left_padding(input_ids, attention_mask)
     device = model.device

@@ -315,7 +315,10 @@ def _check_tokens(tokens, lengths, device) -> Tuple[torch.Tensor, torch.Tensor]:
     batch, seq = tokens.shape
     if lengths is None:
         return tokens, torch.full((batch,), seq, dtype=torch.int32, device=device)
-    lengths = torch.as_tensor(lengths, device=device).to(torch.int32)
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"LiquidLM: lengths must be integers (token counts), got {lengths.dtype}")
+    lengths = lengths.to(torch.int32)
     if tuple(lengths.shape) != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > seq:
         raise ValueError(f"LiquidLM: lengths must be ({batch},) in [1, {seq}], got {lengths.tolist()}")
     return tokens, lengths
