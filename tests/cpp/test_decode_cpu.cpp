@@ -319,23 +319,32 @@ double exp_ulp_error(void (*row)(const double*, double*, int64_t), std::mt19937&
 
 // Greedy sampling of CFG pairs whose mix uncond + (cond - uncond) * scale differs by an ulp when
 // the product and the sum are fused into one FMA: the token must be the argmax of the mix rounded
-// after each operation (torch's separate ops, Liquid's expression). Token 1 of each pair mixes
-// to the same float as token 0 (cond == uncond == that float) when rounded twice, and above it
-// when fused: the first index, 0, wins. Returns the rows that took another token (or -1 when
-// no such pair was found: a test that could not tell the two apart).
+// after each operation (torch's separate ops, Liquid's expression). The pair's second token mixes
+// to the same float as its first (cond == uncond == that float) when rounded twice, and above it
+// when fused: the first wins. Rows of V = 69 tokens (more than 4 vectors of 16 floats, and a tail),
+// the pair at the start (the vector loop) or at the end (the tail), the rest far below. Returns
+// the rows that took another token (or -1 when no such pair was found: a test that could not tell
+// the two apart).
 int check_sample_cfg_mix(const cpu::DecodeKernels& k, std::mt19937& rng) {
   std::normal_distribution<float> normal;
   const float scale = 2.5f;
+  const int64_t V = 2 + 4 * 16 + 3;
   std::vector<float> cond, uncond;
-  for (int tries = 0; tries < 100000 && cond.size() < 2 * 37; ++tries) {
+  std::vector<int64_t> expected;
+  for (int tries = 0; tries < 100000 && expected.size() < 2 * 37; ++tries) {
     const float c = 3 * normal(rng), u = 3 * normal(rng);
     volatile float product = (c - u) * scale;  // rounded: volatile keeps the compiler from fusing
     const float twice_rounded = u + product;
     if (std::fma(c - u, scale, u) <= twice_rounded) continue;
-    cond.insert(cond.end(), {twice_rounded, c});
-    uncond.insert(uncond.end(), {twice_rounded, u});
+    const int64_t at = expected.size() % 2 ? V - 2 : 0;
+    std::vector<float> row_c(V, -1e30f), row_u(V, -1e30f);
+    row_c[at] = row_u[at] = twice_rounded;
+    row_c[at + 1] = c, row_u[at + 1] = u;
+    cond.insert(cond.end(), row_c.begin(), row_c.end());
+    uncond.insert(uncond.end(), row_u.begin(), row_u.end());
+    expected.push_back(at);
   }
-  const int64_t rows = int64_t(cond.size()) / 2, V = 2;
+  const int64_t rows = int64_t(expected.size());
   if (rows == 0) return -1;
   std::vector<float> logits(cond);
   logits.insert(logits.end(), uncond.begin(), uncond.end());
@@ -347,8 +356,29 @@ int check_sample_cfg_mix(const cpu::DecodeKernels& k, std::mt19937& rng) {
   p.temperature = 0, p.uniform = uniform.data(), p.tokens = tokens.data(), p.status = status.data();
   k.sample(p);
   int bad = 0;
-  for (int64_t r = 0; r < rows; ++r) bad += tokens[r] != 0 || status[r] != 0;
+  for (int64_t r = 0; r < rows; ++r) bad += tokens[r] != expected[r] || status[r] != 0;
   return bad;
+}
+
+// A u below 0 (not checked by the kernel: the Python op and torch.compile pass it through) draws
+// the first kept token, also when the blocks before it keep nothing (found in review: the draw
+// returned a token of such a block). Returns the draws off.
+int check_sample_negative_u(const cpu::DecodeKernels& k) {
+  const int64_t V = 512;
+  std::vector<float> logits(V, 0.0f);
+  logits[300] = 5.0f;
+  float uniform = -0.5f;
+  int64_t token = -5;
+  int32_t status = -5;
+  SampleParams p;
+  p.rows = 1, p.vocab = V, p.logits = logits.data(), p.row_stride = V, p.temperature = 1.0f, p.top_k = 1;
+  p.uniform = &uniform, p.tokens = &token, p.status = &status;
+  k.sample(p);
+  int bad = token != 300 || status != 0;
+  std::fill_n(logits.begin(), 256, -INFINITY);  // no filter: the first block keeps nothing (weight 0)
+  p.top_k = 0;
+  k.sample(p);
+  return bad + (token != 256);
 }
 
 // Floats whose conversion to fp16 / bf16 tells rounding apart: specials, the overflow boundary,
@@ -573,6 +603,9 @@ int main() {
     bad = check_sample_cfg_mix(k, rng);
     (bad == 0 ? passed : failures)++;
     std::printf("%s %s sample CFG mix rounded per operation: %d rows off\n", bad ? "FAIL" : "ok  ", name, bad);
+    bad = check_sample_negative_u(k);
+    (bad == 0 ? passed : failures)++;
+    std::printf("%s %s sample u < 0 draws the first kept token: %d draws off\n", bad ? "FAIL" : "ok  ", name, bad);
     for (const auto& s : samplers) {
       bad = check_sample(k, s.V, s.top_k, s.top_p, rng);
       (bad == 0 ? passed : failures)++;

@@ -491,7 +491,7 @@ inline T cfg_mix(T cond, T uncond, float scale) {
 // One 8-bit digit's histogram: per bucket the count and the weight (1 per key when unweighted)
 // of the keys >= floor with (key & mask) == prefix.
 struct DigitHistogram {
-  uint32_t count[256];
+  int64_t count[256];
   double mass[256];
 };
 
@@ -501,7 +501,7 @@ void histogram_digit(const uint32_t* keys, const double* weights, int64_t n, int
   // Four interleaved partial histograms: runs of keys in one bucket (most logits share a few
   // exponents) do not wait on each other's read-modify-write.
   constexpr int kParts = 4;
-  uint32_t count[kParts][256] = {};
+  int64_t count[kParts][256] = {};
   double mass[kParts][256];
   if (Weighted) __builtin_memset(mass, 0, sizeof(mass));
   auto add = [&](int part, int64_t i) {
@@ -700,7 +700,7 @@ struct SampleJob {
     const double target = double(u) * total;
     double running = 0;
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      if (!(running + block_sums[blk] > target)) {
+      if (!(block_sums[blk] > 0) || !(running + block_sums[blk] > target)) {  // u < 0: the first kept token
         running += block_sums[blk];
         continue;
       }
@@ -714,7 +714,7 @@ struct SampleJob {
       }
       return last;  // the block's own sum crossed the target, its running sum rounded short of it
     }
-    for (int64_t blk = blocks - 1; blk >= 0; --blk) {  // u * total rounded past the last partial sum
+    for (int64_t blk = blocks - 1; blk >= 0; --blk) {  // u >= 1 or NaN (the ops pass [0, 1)): the last kept token
       if (!(block_sums[blk] > 0)) continue;
       const int64_t b = blk * kDrawBlock, end = b + kDrawBlock < n ? b + kDrawBlock : n;
       for (int64_t i = end - 1; i >= b; --i)

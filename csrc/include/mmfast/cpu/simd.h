@@ -272,8 +272,8 @@ inline Vec<float>::type exp_vec(Vec<float>::type x_in) {
   return x_in < splat<float>(-87.0f) ? splat<float>(0.0f) : p * scale;
 }
 
-// exp(x) for a vector of doubles x <= 0 (-inf included), within 1 ulp of exp, denormal results
-// included (0 below about -745.13). Cody-Waite reduction x = n ln2 + r (fdlibm's split of ln2,
+// exp(x) for a vector of doubles x <= 0 (-inf included), within 1 ulp of the correctly rounded
+// exp (tests/cpp/test_decode_cpu.cpp), denormal results included (0 below about -745.13). Cody-Waite reduction x = n ln2 + r (fdlibm's split of ln2,
 // n ln2_hi exact), |r| <= ln2 / 2, and the degree-13 Taylor polynomial of e^r (truncation
 // error below 1e-17 relative); 2^n applied as 2^(n + 1000) * 2^-1000 below n = -1000 so that a
 // denormal result is rounded once.
@@ -303,9 +303,9 @@ inline Vec<double>::type exp_vec_nonpositive(Vec<double>::type x_in) {
   return p * scale * (tiny ? splat<double>(0x1p-1000) : splat<double>(1.0));
 }
 
-// v as computed: an empty asm that may have rewritten v in memory, so that GCC and clang (which
-// contract a * b + c into an FMA across statements in C++) round a product that made v before a
-// later addition uses it. For expressions that must round like torch's separate ops. A memory
+// v as computed: an empty asm that may have rewritten v in memory, so that the compiler rounds a
+// product that made v before a later addition uses it (GCC contracts a * b + c into an FMA
+// across statements in C++, clang within one expression). For expressions that must round like torch's separate ops. A memory
 // operand, not a register one: the test copies use vectors wider than the target's registers.
 template <typename T>
 inline T rounded(T v) {
