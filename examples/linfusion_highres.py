@@ -79,8 +79,10 @@ def parse_args(argv=None):
     parser.add_argument("--linfusion", default=None,
                         help="local LinFusion checkpoint directory (default: random LinFusion, for --tiny)")
     parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
-    parser.add_argument("--height", type=int, default=None, help="with --cascade: the final (largest) height")
-    parser.add_argument("--width", type=int, default=None, help="with --cascade: the final (largest) width")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height, a multiple of 8 (with --cascade: the final, largest one); one side "
+                             "alone gives a square (default: the pipeline's size)")
+    parser.add_argument("--width", type=int, default=None, help="image width, as --height")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default 25, 4 with --tiny; with --cascade 50, 10 with --tiny)")
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -138,6 +140,13 @@ def _check_args(parser, args):
         given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]
         if given:
             parser.error(f"{', '.join(given)} need --cascade")
+        if (args.height is None) != (args.width is None):  # one side given: square, as the cascade does
+            args.height = args.width = args.height or args.width
+        for name in ("height", "width"):
+            value = getattr(args, name)
+            if value is not None and value % 8:
+                parser.error(f"--{name} {value}: must be a multiple of 8 (diffusers' pipelines need it), e.g. "
+                             f"{value // 8 * 8 or 8}")
         return
     if args.memory_budget_gb is not None:
         knobs = [flag(name) for name in MEMORY_KNOBS if getattr(args, name) is not None]

@@ -324,12 +324,36 @@ def test_segment_accepts_pil_tensors_and_arrays(pipe):
     assert gray.shape == (70, 90)
 
 
+def test_images_in_the_forms_users_hold_them():
+    """Found by a new-user trial: a BGR -> RGB flip (negative strides) raised torch's raw error, a
+    read-only array (np.asarray of a PIL image) warned, and a 16-bit PIL image was clipped to 1.0
+    by PIL's convert("RGB")."""
+    from PIL import Image
+
+    from mmfast.models.diffdis.pipeline import as_rgb_images
+
+    bgr = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(as_rgb_images(bgr[..., ::-1])[0], expected, rtol=0, atol=0)
+    read_only = np.asarray(Image.fromarray(bgr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert as_rgb_images(read_only)[0].shape == (3, 20, 30)
+    ramp = np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16)
+    sixteen = as_rgb_images(Image.fromarray(ramp))[0]
+    assert Image.fromarray(ramp).mode == "I;16" and sixteen.shape == (3, 20, 30)
+    torch.testing.assert_close(sixteen[1], torch.from_numpy(ramp.astype(np.float32) / 65535), rtol=0, atol=0)
+    torch.testing.assert_close(as_rgb_images(np.stack([ramp] * 3, -1))[0], sixteen)  # uint16 arrays alike
+    with pytest.raises(ValueError, match="mode F .* no fixed range"):
+        as_rgb_images(Image.fromarray(ramp.astype(np.float32)))
+
+
 def test_segment_rejects_bad_input(pipe):
     with pytest.raises(ValueError, match="3 channels"):
         pipe.segment(torch.rand(1, 32, 32), resolution=64)
     with pytest.raises(ValueError, match="3 channels"):
         pipe.segment(np.zeros((32, 32, 4), np.uint8), resolution=64)
-    with pytest.raises(ValueError, match=r"uint8 \(0..255\) or floating point"):
+    with pytest.raises(ValueError, match=r"uint8 \(0..255\), uint16 \(0..65535\) or floating point"):
         pipe.segment(torch.zeros(3, 32, 32, dtype=torch.int64), resolution=64)
     with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
         pipe.segment(torch.full((3, 32, 32), 2.0), resolution=64)

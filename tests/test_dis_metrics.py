@@ -404,3 +404,25 @@ def test_cli_errors(folders, tmp_path, capsys):
         dis.evaluate_folders(empty, gt_dir, progress=False)
     with pytest.raises(ValueError, match="protocol must be one of"):
         dis.evaluate_folders(pred_dir, gt_dir, protocol="hard", progress=False)
+
+
+def test_cli_reads_the_segmentation_examples_output(folders, tmp_path, capsys):
+    """Found by a new-user trial: examples/diffdis_segment.py writes <stem>_mask.png next to edge,
+    overlay and photo PNGs, which exact-stem matching could not evaluate; and a bad --json path
+    failed only after the whole evaluation."""
+    pred_dir, gt_dir = folders
+    out_dir = tmp_path / "segment_out"
+    out_dir.mkdir()
+    for path in pred_dir.iterdir():
+        if path.suffix in (".png", ".jpg"):
+            (out_dir / f"{path.stem}_mask{path.suffix}").write_bytes(path.read_bytes())
+            (out_dir / f"{path.stem}_overlay.png").write_bytes((gt_dir / "a.png").read_bytes())
+            (out_dir / f"{path.stem}.png").write_bytes((gt_dir / "a.png").read_bytes())  # the input photo
+    with_suffix = dis.evaluate_folders(out_dir, gt_dir, hce=False, progress=False, pred_suffix="_mask")
+    assert with_suffix == dis.evaluate_folders(pred_dir, gt_dir, hce=False, progress=False)
+    with pytest.raises(ValueError, match="no .* images whose name ends with '_nothing'"):
+        dis.evaluate_folders(out_dir, gt_dir, progress=False, pred_suffix="_nothing")
+    for bad in (str(tmp_path / "missing" / "out.json"), str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            dis.main([str(out_dir), str(gt_dir), "--pred-suffix", "_mask", "--json", bad, "--quiet"])
+        assert exit_info.value.code == 2 and "--json" in capsys.readouterr().err

@@ -34,6 +34,7 @@ CASES = [
     ("linfusion_highres", ["--tiny", "--output", "{tmp}/no_extension"], "the extension says which image format"),
     ("linfusion_highres", ["--pipeline", "{tmp}/missing"], "--pipeline '{tmp}/missing' is not a directory"),
     ("linfusion_highres", ["--tiny", "--steps", "0"], "--steps must be > 0"),
+    ("linfusion_highres", ["--tiny", "--height", "100", "--width", "72"], "--height 100: must be a multiple of 8"),
     ("linfusion_distill", ["--tiny", "--steps", "0"], "--steps must be > 0"),
     ("linfusion_distill", ["--unet", "{tmp}/missing"], "--unet '{tmp}/missing' is not a directory (nothing is "),
     ("linfusion_distill", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
@@ -133,6 +134,13 @@ def test_check_device_refuses_meta_and_a_backend_that_cannot_run_there(capsys, m
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
     assert cli.check_device(parser, "cpu", "triton") == torch.device("cpu")
+
+
+def test_linfusion_highres_one_side_gives_a_square(monkeypatch):
+    """Found by a new-user trial: --height alone ran at the pipeline's default size (diffusers drops
+    a lone side) without --cascade, and as a square with it."""
+    args = _parse("linfusion_highres", ["--tiny", "--height", "64"], monkeypatch)
+    assert (args.height, args.width) == (64, 64)
 
 
 def test_vq_tokenize_resolution_defaults_to_the_model_size(tmp_path, monkeypatch):

@@ -45,13 +45,14 @@ distance transform) and HCE (OpenCV contours and polygon approximation, scikit-i
 skeletonisation), which import them when called; `pip install mmfast[metrics]` installs them.
 
 Command line: `python -m mmfast.metrics.dis PRED_DIR GT_DIR [--protocol soft|binary]
-[--json OUT] [--no-hce]` evaluates a folder of predictions against a folder of ground truths
+[--pred-suffix SUFFIX] [--json OUT] [--no-hce]` evaluates a folder of predictions against a folder of ground truths
 (see `evaluate_folders`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -668,18 +669,22 @@ def _summary(scores: list, hce: bool) -> dict:
 
 # --- folders and command line -----------------------------------------------------------------
 
-def _images_by_stem(folder: Path, what: str) -> dict:
+def _images_by_stem(folder: Path, what: str, stem_suffix: str = "") -> dict:
+    """{name: path} of the folder's images; with stem_suffix only those whose stem ends with it,
+    named without it (examples/diffdis_segment.py writes <stem>_mask.png next to other files)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist or is not a folder")
     found: dict = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
-            if path.stem in found:
+        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES and path.stem.endswith(stem_suffix):
+            name = path.stem[:len(path.stem) - len(stem_suffix)]
+            if name in found:
                 raise ValueError(f"{what} folder {str(folder)!r} has two images named "
-                                 f"{path.stem!r}: {found[path.stem].name} and {path.name}")
-            found[path.stem] = path
+                                 f"{name!r}: {found[name].name} and {path.name}")
+            found[name] = path
     if not found:
-        raise ValueError(f"{what} folder {str(folder)!r} has no {'/'.join(_IMAGE_SUFFIXES)} images")
+        which = f" whose name ends with {stem_suffix!r}" if stem_suffix else ""
+        raise ValueError(f"{what} folder {str(folder)!r} has no {'/'.join(_IMAGE_SUFFIXES)} images{which}")
     return found
 
 
@@ -712,11 +717,14 @@ def _unmatched_message(names: list, present: str, absent: str) -> str:
 
 
 def evaluate_folders(pred_dir, gt_dir, protocol: str = "soft", hce: bool = True,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, pred_suffix: str = "") -> dict:
     """Evaluates every prediction in `pred_dir` against the ground truth of the same file
     stem in `gt_dir` (.png / .jpg / .jpeg / .bmp, 8-bit gray; colour images are converted to
     gray as PIL's convert("L") does). Every file must have its partner: a prediction without
-    a ground truth or a ground truth without a prediction is an error, not skipped.
+    a ground truth or a ground truth without a prediction is an error, not skipped. With
+    `pred_suffix` (e.g. "_mask", what examples/diffdis_segment.py writes) the predictions are
+    the files named <stem><pred_suffix>.<ext>, matched to <stem>.<ext>; other files in
+    `pred_dir` are ignored.
 
     A prediction whose size differs from its ground truth's is resized to the ground truth's
     size with PIL's bilinear filter (as DiffDIS' test_score.py resizes with PIL and BiRefNet
@@ -743,7 +751,7 @@ def evaluate_folders(pred_dir, gt_dir, protocol: str = "soft", hce: bool = True,
     from tqdm import tqdm
 
     metrics = DISMetrics(protocol, hce=hce)
-    preds = _images_by_stem(Path(pred_dir), "prediction")
+    preds = _images_by_stem(Path(pred_dir), "prediction", pred_suffix)
     gts = _images_by_stem(Path(gt_dir), "ground-truth")
     no_gt = sorted(set(preds) - set(gts))
     no_pred = sorted(set(gts) - set(preds))
@@ -772,8 +780,8 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """`python -m mmfast.metrics.dis PRED_DIR GT_DIR [--protocol soft|binary] [--json OUT]
-    [--no-hce] [--quiet]`: prints the table (and writes the JSON of `evaluate_folders`).
+    """`python -m mmfast.metrics.dis PRED_DIR GT_DIR [--protocol soft|binary] [--pred-suffix SUFFIX]
+    [--json OUT] [--no-hce] [--quiet]`: prints the table (and writes the JSON of `evaluate_folders`).
     Returns 0; bad arguments, folders or images exit with status 2 and a one-line message."""
     parser = argparse.ArgumentParser(
         prog="python -m mmfast.metrics.dis",
@@ -784,13 +792,20 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", choices=PROTOCOLS, default="soft",
                         help="soft: maps as they are (PySODMetrics, MVANet, BiRefNet); binary: "
                              "min-max normalise and binarise at 0.5 first (DiffDIS). Default soft.")
+    parser.add_argument("--pred-suffix", default="", metavar="SUFFIX",
+                        help="predictions are PRED_DIR/<stem>SUFFIX.png for GT_DIR/<stem>.png, other files "
+                             "ignored (examples/diffdis_segment.py's output: --pred-suffix _mask)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--no-hce", action="store_true", help="skip HCE (the slowest metric)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.json:  # before the evaluation (HCE over DIS5K takes a while), not after it
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json!r}: needs a file name in an existing, writable folder")
     try:
         out = evaluate_folders(args.pred_dir, args.gt_dir, protocol=args.protocol,
-                               hce=not args.no_hce, progress=not args.quiet)
+                               hce=not args.no_hce, progress=not args.quiet, pred_suffix=args.pred_suffix)
     except (ValueError, FileNotFoundError, ImportError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     note = f", {len(out['resized'])} resized to the GT size (bilinear)" if out["resized"] else ""

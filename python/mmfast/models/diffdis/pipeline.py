@@ -64,7 +64,11 @@ def one_step_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float,
 
 
 def _from_numpy(array) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
+    import numpy as np
+
+    # A copy where torch cannot share the memory: negative strides (image[..., ::-1], np.fliplr) or
+    # a read-only array (np.asarray of a PIL image).
+    tensor = torch.from_numpy(np.require(array, requirements=["C", "W"]))
     if tensor.dim() not in (3, 4):
         raise ValueError(f"DiffDIS: a numpy image must be (H, W, 3) or (B, H, W, 3), got shape {array.shape}")
     return tensor.movedim(-1, -3)
@@ -79,8 +83,11 @@ def _check_image_tensor(image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"DiffDIS: images must have at least 1 x 1 pixels, got (3, H, W) = {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float() / 255
+    if image.dtype == torch.uint16:
+        return image.float() / 65535
     if not image.is_floating_point():
-        raise ValueError(f"DiffDIS: image tensors must be uint8 (0..255) or floating point in [0, 1], got {image.dtype}")
+        raise ValueError(f"DiffDIS: image tensors must be uint8 (0..255), uint16 (0..65535) or floating point in "
+                         f"[0, 1], got {image.dtype}")
     if (image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all()):
         raise ValueError("DiffDIS: floating-point images must hold values in [0, 1]")
     return image.float()
@@ -89,13 +96,21 @@ def _check_image_tensor(image: torch.Tensor) -> torch.Tensor:
 def as_rgb_images(images) -> List[torch.Tensor]:
     """PIL images, (H, W, 3) / (B, H, W, 3) numpy arrays, (3, H, W) / (B, 3, H, W) tensors, or a list
     of them -> list of (3, H, W) float32 tensors in [0, 1]. PIL images are converted to RGB (as the
-    official script does); arrays/tensors must be uint8 or floating point in [0, 1] with 3 channels.
+    official script does), 16-bit grayscale ones (mode I;16) by scaling 0..65535 to [0, 1] (PIL's
+    convert clips them to 255); 32-bit modes (I, F) have no fixed range and raise ValueError.
+    Arrays / tensors must be uint8, uint16 or floating point in [0, 1] with 3 channels.
     """
     if isinstance(images, (list, tuple)):
         return [image for item in images for image in as_rgb_images(item)]
     if hasattr(images, "convert") and hasattr(images, "size"):  # PIL.Image
         import numpy as np
 
+        if images.mode.startswith("I;16"):
+            gray = torch.from_numpy(np.array(images).astype(np.float32) / 65535)
+            return [_check_image_tensor(gray.expand(3, *gray.shape))]
+        if images.mode in ("I", "F"):
+            raise ValueError(f"DiffDIS: a PIL image of mode {images.mode} (32-bit values) has no fixed range; "
+                             "scale it to 8 bits first, or pass a float tensor in [0, 1]")
         return [_check_image_tensor(torch.from_numpy(np.array(images.convert("RGB"))).permute(2, 0, 1))]
     if not isinstance(images, torch.Tensor):
         if type(images).__module__ != "numpy":
