@@ -88,7 +88,11 @@ def main():
     unet = load_unet(args).to(args.device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                               beta_start=0.00085, beta_end=0.012)
-    linfusion = LinFusion.construct_for(unet, mid_dim_scale=args.mid_dim_scale, init_from_unet=args.init_from_unet)
+    try:
+        linfusion = LinFusion.construct_for(unet, mid_dim_scale=args.mid_dim_scale,
+                                            init_from_unet=args.init_from_unet)
+    except ValueError as error:  # e.g. a --mid-dim-scale that does not divide the UNet's channels
+        raise SystemExit(f"linfusion_distill.py: error: {error}") from None
     distiller = LinFusionDistiller(unet, linfusion)
     optimizer = torch.optim.AdamW(linfusion.parameters(), lr=args.lr, weight_decay=0.0)
     batches = synthetic_batches(unet, args, scheduler)
@@ -126,7 +130,9 @@ def main():
         print(f"saved LinFusion checkpoint to {args.output}")
     else:
         print("the trained LinFusion was not saved (no --output DIR)")
-    if not last < first:
+    if args.steps < 2:
+        print("one step: no later loss to compare it with")
+    elif not last < first:
         raise SystemExit("the loss did not decrease")
 
 

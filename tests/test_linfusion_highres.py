@@ -190,10 +190,24 @@ def test_cascade_rejects_sizes_that_do_not_halve():
     (dict(vae_tiling="exact", vae_tile_overlap=2), "applies to vae_tiling='blend' only"),
     (dict(vae_tiling="blend", vae_tile_size=8, vae_tile_overlap=8), "0 <= overlap < 8"),
     (dict(vae_tiling="blend", vae_offload_device="cpu"), "vae_offload_device applies"),
+    (dict(cfg_batch_size=True), "cfg_batch_size must be None or an int >= 1"),  # a bool is not a count
 ])
 def test_memory_options_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MemoryOptions(**kwargs)
+
+
+def test_numbers_in_the_forms_users_pass_them(pipe):
+    """Found by a new-user trial: numpy ints were refused (steps, token_chunk_size) while a bool was
+    taken as a batch size, a dict as `memory` failed deep inside with AttributeError, and a str
+    height with a bare comparison error."""
+    assert MemoryOptions(token_chunk_size=np.int64(64), vae_tiling="blend", vae_tile_size=np.int32(8)).token_chunk_size == 64
+    highres.check_strengths((0.5,), np.int64(10))
+    with pytest.raises(TypeError, match=r"memory must be a MemoryOptions \(MemoryOptions\(\*\*options\)\)"):
+        _generate(pipe, memory={"cfg_batch_size": 1})
+    for height in ("128", 128.0, 0):
+        with pytest.raises(ValueError, match="height must be an int >= 1"):
+            highres.cascade_sizes(height, 128, 2)
 
 
 def test_token_chunks_need_linfusion():

@@ -19,4 +19,5 @@ def main(argv=None) -> None:
         info()
 
 
-main()
+if __name__ == "__main__":
+    main()

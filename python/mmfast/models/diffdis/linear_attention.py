@@ -25,17 +25,16 @@ def top_level_attn1_names(unet: nn.Module, levels: int = 1) -> List[str]:
 
     levels=1: down_blocks.0 and the last up block (128^2 tokens at 1024 px: 5 layers in SD-2.1).
     """
-    depth = len(unet.down_blocks)
-    if not 1 <= levels <= depth:
-        raise ValueError(f"DiffDIS linear attention: levels must be in [1, {depth}], got {levels}")
+    every = [spec.module_name for spec in unet_attn1_specs(unet)]
+    usable = 0  # the top levels that have self-attention (SD-2.1: 3 of 4; its lowest level has none)
+    while usable < len(unet.down_blocks) and any(name.startswith(f"down_blocks.{usable}.") for name in every):
+        usable += 1
+    if isinstance(levels, bool) or not hasattr(type(levels), "__index__") or not 1 <= levels <= usable:
+        raise ValueError(f"DiffDIS linear attention: levels must be an int in [1, {usable}] (the top levels with "
+                         f"self-attention), got {levels!r}")
     prefixes = tuple(f"down_blocks.{i}." for i in range(levels))
     prefixes += tuple(f"up_blocks.{len(unet.up_blocks) - 1 - i}." for i in range(levels))
-    names = [spec.module_name for spec in unet_attn1_specs(unet) if spec.module_name.startswith(prefixes)]
-    deepest = (f"down_blocks.{levels - 1}.", f"up_blocks.{len(unet.up_blocks) - levels}.")
-    if not any(name.startswith(deepest) for name in names):
-        raise ValueError(f"DiffDIS linear attention: UNet level {levels} has no attn1 layer (SD-2.1's lowest level "
-                         f"has none); use levels <= {levels - 1}")
-    return names
+    return [name for name in every if name.startswith(prefixes)]
 
 
 def mount_linear_attention(unet: nn.Module, levels: int = 1, pretrained: Optional[str] = None) -> LinFusion:

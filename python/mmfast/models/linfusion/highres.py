@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...memory import PeakMemory
+from ...ops._checks import is_integer
 from .. import vae_tiling
 from .attention import GeneralizedLinearAttention
 from .highres_memory import plan_highres_memory
@@ -111,7 +112,7 @@ def _check_pipeline(pipe) -> None:
 def check_strengths(strengths: Sequence[float], steps: int) -> Tuple[float, ...]:
     """The strengths as floats; ValueError unless each is in (0, 1] and denoises >= 1 of `steps`."""
     strengths = tuple(float(s) for s in strengths)
-    if not isinstance(steps, int) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ValueError(f"generate_highres: steps must be an int >= 1, got {steps!r}")
     if any(not 0 < s <= 1 for s in strengths):
         raise ValueError(f"generate_highres: strengths must be in (0, 1], got {strengths}")
@@ -257,6 +258,10 @@ def _total(meter: PeakMemory) -> Optional[int]:
 
 
 def _stage_options(pipe, sizes, strengths, memory, budget, guidance_scale, split_rows) -> List[MemoryOptions]:
+    if memory is not None and not isinstance(memory, (MemoryOptions, list, tuple)):
+        hint = " (MemoryOptions(**options))" if isinstance(memory, dict) else ""
+        raise TypeError(f"generate_highres: memory must be a MemoryOptions{hint}, one per stage in a list, or "
+                        f"None; got {type(memory).__name__}")
     if isinstance(memory, (list, tuple)):
         if len(memory) != len(sizes) or not all(isinstance(m, MemoryOptions) for m in memory):
             raise ValueError(f"generate_highres: memory as a sequence needs one MemoryOptions per stage "

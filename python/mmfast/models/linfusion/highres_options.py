@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ...ops._checks import is_integer
 from .. import vae_tiling
 from .._modules import swap_submodule
 from .attention import GeneralizedLinearAttention
@@ -48,7 +49,7 @@ class MemoryOptions:
     def __post_init__(self):
         for name in ("cfg_batch_size", "token_chunk_size", "ff_chunk_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not is_integer(value) or value < 1):  # numpy ints pass, bools do not
                 raise ValueError(f"MemoryOptions: {name} must be None or an int >= 1, got {value!r}")
         if self.vae_tiling not in vae_tiling.VAE_TILING_MODES:
             raise ValueError(f"MemoryOptions: vae_tiling must be one of {vae_tiling.VAE_TILING_MODES}, "
@@ -58,14 +59,14 @@ class MemoryOptions:
     def _check_vae_fields(self) -> None:
         """The VAE fields each apply to some modes only: a field the mode ignores is an error."""
         tile, overlap = self.vae_tile_size, self.vae_tile_overlap
-        if tile is not None and (not isinstance(tile, int) or tile < 1):
+        if tile is not None and (not is_integer(tile) or tile < 1):
             raise ValueError(f"MemoryOptions: vae_tile_size must be None or an int >= 1, got {tile!r}")
         if tile is not None and self.vae_tiling == "none":
             raise ValueError("MemoryOptions: vae_tile_size needs vae_tiling 'blend' or 'exact'")
         if overlap is not None and self.vae_tiling != "blend":
             raise ValueError("MemoryOptions: vae_tile_overlap applies to vae_tiling='blend' only")
         limit = vae_tiling.default_tile_size(False) if tile is None else tile
-        if overlap is not None and (not isinstance(overlap, int) or not 0 <= overlap < limit):
+        if overlap is not None and (not is_integer(overlap) or not 0 <= overlap < limit):
             raise ValueError(f"MemoryOptions: vae_tile_overlap must be an int with 0 <= overlap < {limit}, "
                              f"got {overlap!r}")
         if self.vae_offload_device is not None and self.vae_tiling != "exact":
@@ -89,6 +90,9 @@ def cascade_sizes(height: int, width: int, stages: int, base_size: Optional[int]
     base_size: the long side of the base stage; it must equal max(height, width) / 2**stages
     (the default). Every size must be a multiple of `multiple` px.
     """
+    for name, value in (("height", height), ("width", width)):
+        if not is_integer(value) or value < 1:
+            raise ValueError(f"generate_highres: {name} must be an int >= 1 (pixels), got {value!r}")
     long_side = max(height, width)
     expected = long_side / 2 ** stages
     if base_size is not None and base_size != expected:

@@ -149,7 +149,8 @@ def recommended_dtype(pipe_or_unet, device) -> torch.dtype:
 def _warn_if_unsafe_dtype(unet: nn.Module) -> None:
     dtype = next(unet.parameters()).dtype
     if dtype == torch.float16 and unet_family(unet) not in ("sd15", "sdxl"):
-        warnings.warn(f"LinFusion: a {unet_family(unet)} UNet in float16 may overflow (LinFusion-2-1 is known to); "
+        family = unet_family(unet)
+        warnings.warn(f"LinFusion: {'an' if family == 'unknown' else 'a'} {family} UNet in float16 may overflow (LinFusion-2-1 is known to); "
                       "use torch.bfloat16 (see mmfast.models.linfusion.recommended_dtype)", stacklevel=3)
 
 
