@@ -8,3 +8,6 @@ from . import ops, reference  # noqa: F401
 from ._backend import get_backend, set_backend, use_backend  # noqa: F401
 from ._info import info  # noqa: F401
 from .ops import linear_attention, linear_attention_apply, linear_attention_state  # noqa: F401
+
+__all__ = ["__version__", "ops", "reference", "get_backend", "set_backend", "use_backend", "info", "linear_attention",
+           "linear_attention_apply", "linear_attention_state"]
