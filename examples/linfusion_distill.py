@@ -12,6 +12,7 @@ encoder's embeddings of their captions.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -92,7 +93,8 @@ def main():
         linfusion = LinFusion.construct_for(unet, mid_dim_scale=args.mid_dim_scale,
                                             init_from_unet=args.init_from_unet)
     except ValueError as error:  # e.g. a --mid-dim-scale that does not divide the UNet's channels
-        raise SystemExit(f"linfusion_distill.py: error: {error}") from None
+        print(f"linfusion_distill.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None  # an argument error: argparse's status
     distiller = LinFusionDistiller(unet, linfusion)
     optimizer = torch.optim.AdamW(linfusion.parameters(), lr=args.lr, weight_decay=0.0)
     batches = synthetic_batches(unet, args, scheduler)

@@ -223,9 +223,11 @@ def test_attention_refuses_scalars_it_would_coerce():
     """Found by a new-user trial: window=2.9 ran as 2 and True as 1, a NaN scale or an infinite
     softcap turned every output into NaN, and D = 0 raised a bare ZeroDivisionError."""
     q, k_cache, v_cache, lengths = make_cache((2, 1, 2, 2, 8, 10), torch.float32, "cpu")
-    for window in (2.9, True, "4"):
+    for window in (2.9, True, "4", torch.tensor(2.9)):
         with pytest.raises(TypeError, match="window must be an int"):
             decode_attention(q, k_cache, v_cache, lengths, window=window)
+    with pytest.raises(TypeError, match="softcap must be a finite number, got None"):
+        decode_attention(q, k_cache, v_cache, lengths, softcap=None)
     for name, value in (("scale", float("nan")), ("softcap", float("inf")), ("scale", float("-inf"))):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             decode_attention(q, k_cache, v_cache, lengths, **{name: value})
@@ -234,6 +236,22 @@ def test_attention_refuses_scalars_it_would_coerce():
     with pytest.raises(ValueError, match="head dim D must be >= 1"):
         decode_attention(q[..., :0], k_cache[..., :0], v_cache[..., :0], lengths)
     assert decode_attention(q, k_cache, v_cache, lengths, window=np.int64(4), scale=np.float32(0.2)).shape == q.shape
+    assert decode_attention(q, k_cache, v_cache, lengths, scale=torch.tensor(0.2)).shape == q.shape  # as float() takes
+
+
+def test_scalar_checks_leave_compiled_calls_alone():
+    """Found in review: under torch.compile a second scale or temperature becomes a symbolic float,
+    which the scalar checks must not touch (math.isfinite on it failed a fullgraph compile)."""
+    q, k_cache, v_cache, lengths = make_cache((2, 1, 2, 2, 8, 10), torch.float32, "cpu")
+    torch._dynamo.reset()
+    attend = torch.compile(lambda s: decode_attention(q, k_cache, v_cache, lengths, scale=s), fullgraph=True,
+                           backend="eager")
+    for scale in (0.3, 0.4, 0.5):
+        torch.testing.assert_close(attend(scale), decode_attention(q, k_cache, v_cache, lengths, scale=scale))
+    logits, uniform = sampler_logits(2, 50, "cpu"), torch.full((2,), 0.5)
+    draw = torch.compile(lambda t: sample(logits, temperature=t, uniform=uniform), fullgraph=True, backend="eager")
+    for temperature in (0.7, 0.8, 0.9):
+        assert torch.equal(draw(temperature), sample(logits, temperature=temperature, uniform=uniform))
 
 
 def test_attention_is_inference_only():

@@ -205,9 +205,13 @@ def test_numbers_in_the_forms_users_pass_them(pipe):
     highres.check_strengths((0.5,), np.int64(10))
     with pytest.raises(TypeError, match=r"memory must be a MemoryOptions \(MemoryOptions\(\*\*options\)\)"):
         _generate(pipe, memory={"cfg_batch_size": 1})
-    for height in ("128", 128.0, 0):
-        with pytest.raises(ValueError, match="height must be an int >= 1"):
+    for height in ("128", 128.0):
+        with pytest.raises(TypeError, match="height must be an int"):
             highres.cascade_sizes(height, 128, 2)
+    with pytest.raises(ValueError, match="height must be >= 1"):
+        highres.cascade_sizes(0, 128, 2)
+    with pytest.raises(TypeError, match="generate_highres: height must be an int"):
+        generate_highres(pipe, "a fox", height="128", width=WIDTH, strengths=STRENGTHS, steps=4, progress=False)
 
 
 def test_token_chunks_need_linfusion():

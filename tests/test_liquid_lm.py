@@ -508,6 +508,7 @@ def test_caches_made_under_inference_mode_are_remade_or_named_outside_it():
     later call outside it failed with torch's bare "Inplace update to inference tensor" error
     (the caches, kept because they were large enough, were inference tensors)."""
     model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
+    assert not model.caches_need_inference_mode()  # no caches yet
     prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         inside = generate_text(model, prompts, max_new_tokens=4)

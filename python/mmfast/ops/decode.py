@@ -78,7 +78,6 @@ def check_append(k_cache, v_cache, k, v, cache_seqlens) -> None:
     check_same(op, {"k_cache": k_cache, "k": k, "v": v}, "dtype")
     check_same(op, {"k_cache": k_cache, "k": k, "v": v}, "device")
     _check_seqlens(op, cache_seqlens, batch, k_cache.device)
-    _check_caches_writable(op, k_cache, v_cache)
 
 
 def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -152,13 +151,19 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, wi
 def _check_attention_scalars(q: torch.Tensor, scale, softcap, window) -> None:
     """TypeError / ValueError for decode_attention's scalars that would otherwise be coerced
     (window=2.9 -> 2, True -> 1) or turn every output into NaN (a NaN or infinite scale or
-    softcap), and for D = 0 (whose default scale D ** -0.5 does not exist)."""
+    softcap), and for D = 0 (whose default scale D ** -0.5 does not exist). Not while
+    torch.compile traces (a scale may be symbolic there; the compiled op checks softcap and
+    window >= 0 itself)."""
     op = "decode_attention"
-    if window is not None and not isinstance(window, torch.SymInt) and not is_integer(window):
+    if torch.compiler.is_compiling():
+        return
+    if window is not None and (isinstance(window, torch.Tensor) or not is_integer(window)):
         raise TypeError(f"{op}: window must be an int (None or 0: no sliding window), got {window!r}")
     for name, value in (("scale", scale), ("softcap", softcap)):
-        if value is None or isinstance(value, (torch.SymInt, torch.SymFloat)):
+        if value is None and name == "scale":
             continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()  # a one-element tensor, as float() takes it
         if not is_real(value):
             raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
         if not math.isfinite(value):
@@ -276,6 +281,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
         check_append(k_cache, v_cache, k, v, cache_seqlens)
+        _check_caches_writable("kv_cache_append", k_cache, v_cache)
     if _checks_lengths_here(chosen, cache_seqlens):
         _check_lengths_fit("kv_cache_append", cache_seqlens, k.shape[1], k_cache.shape[1])
     if chosen == "reference":
@@ -395,7 +401,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
 
 def _check_sample_scalars(temperature, top_k, top_p, cfg_scale) -> None:
     """TypeError / ValueError for sample's scalar arguments that would otherwise be coerced
-    (top_k=4.5 -> 4, True -> 1) or poison the logits (a NaN cfg_scale)."""
+    (top_k=4.5 -> 4, True -> 1) or poison the logits (a NaN cfg_scale). Not while torch.compile
+    traces (a temperature may be symbolic there)."""
+    if torch.compiler.is_compiling():
+        return
     if not is_integer(top_k):
         raise TypeError(f"sample: top_k must be an int (0: off), got {top_k!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("cfg_scale", cfg_scale)):

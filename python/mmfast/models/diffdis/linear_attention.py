@@ -29,9 +29,11 @@ def top_level_attn1_names(unet: nn.Module, levels: int = 1) -> List[str]:
     usable = 0  # the top levels that have self-attention (SD-2.1: 3 of 4; its lowest level has none)
     while usable < len(unet.down_blocks) and any(name.startswith(f"down_blocks.{usable}.") for name in every):
         usable += 1
-    if isinstance(levels, bool) or not hasattr(type(levels), "__index__") or not 1 <= levels <= usable:
-        raise ValueError(f"DiffDIS linear attention: levels must be an int in [1, {usable}] (the top levels with "
-                         f"self-attention), got {levels!r}")
+    if isinstance(levels, bool) or not hasattr(type(levels), "__index__"):
+        raise TypeError(f"DiffDIS linear attention: levels must be an int, got {levels!r}")
+    if not 1 <= levels <= usable:
+        raise ValueError(f"DiffDIS linear attention: levels must be in [1, {usable}] (the top levels with "
+                         f"self-attention), got {levels}")
     prefixes = tuple(f"down_blocks.{i}." for i in range(levels))
     prefixes += tuple(f"up_blocks.{len(unet.up_blocks) - 1 - i}." for i in range(levels))
     return [name for name in every if name.startswith(prefixes)]

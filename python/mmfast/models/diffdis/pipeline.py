@@ -108,9 +108,10 @@ def as_rgb_images(images) -> List[torch.Tensor]:
         if images.mode.startswith("I;16"):
             gray = torch.from_numpy(np.array(images).astype(np.float32) / 65535)
             return [_check_image_tensor(gray.expand(3, *gray.shape))]
-        if images.mode in ("I", "F"):
-            raise ValueError(f"DiffDIS: a PIL image of mode {images.mode} (32-bit values) has no fixed range; "
-                             "scale it to 8 bits first, or pass a float tensor in [0, 1]")
+        if images.mode in ("I", "F"):  # Pillow before 10 also opens 16-bit grayscale PNGs as mode I
+            raise ValueError(f"DiffDIS: a PIL image of mode {images.mode} (32-bit values) has no fixed range; pass "
+                             "the pixels scaled to [0, 1], e.g. np.array(image) / 65535 for 16-bit data, or "
+                             "convert the image to 8 bits")
         return [_check_image_tensor(torch.from_numpy(np.array(images.convert("RGB"))).permute(2, 0, 1))]
     if not isinstance(images, torch.Tensor):
         if type(images).__module__ != "numpy":
@@ -342,7 +343,7 @@ class DiffDISPipeline:
         """Segments the salient object of each image (DiffDIS, one denoising step).
 
         images: PIL image(s), (H, W, 3) / (B, H, W, 3) numpy arrays or (3, H, W) / (B, 3, H, W)
-          tensors, uint8 or float in [0, 1] (see as_rgb_images); any size: every image is resized
+          tensors, uint8, uint16 or float in [0, 1] (see as_rgb_images); any size: every image is resized
           (bilinear, aspect ratio not kept, as DiffDIS does) to resolution x resolution.
         resolution: processing size in pixels, a multiple of 64 (DiffDIS: 1024).
         mask_only: skip the edge half's up path and VAE decode (37% of the FLOPs at 1024 px); the

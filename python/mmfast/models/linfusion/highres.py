@@ -38,7 +38,7 @@ from ...ops._checks import is_integer
 from .. import vae_tiling
 from .attention import GeneralizedLinearAttention
 from .highres_memory import plan_highres_memory
-from .highres_options import (DEFAULT_STRENGTHS, MemoryOptions, cascade_sizes, memory_options_applied,
+from .highres_options import (DEFAULT_STRENGTHS, MemoryOptions, _check_size, cascade_sizes, memory_options_applied,
                               row_parallel_requested, size_multiple, vae_precision, vae_tiling_kwargs)
 from .highres_options import TokenChunkedFeedForward, vae_needs_upcast  # noqa: F401 (re-exported)
 
@@ -187,8 +187,7 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
     """
     _check_pipeline(pipe)
     _check_one_image(prompt, pipeline_kwargs)
-    if height < 1 or width < 1:
-        raise ValueError(f"generate_highres: height and width must be positive, got {height}x{width}")
+    _check_size(height, width)
     if memory is not None and memory_budget_bytes is not None:
         raise ValueError("generate_highres: pass memory (fixed options) or memory_budget_bytes (planned), not both")
     strengths = check_strengths(strengths, steps)

@@ -83,6 +83,15 @@ def size_multiple(pipe) -> int:
     return math.lcm(pipe.vae_scale_factor * 2 ** downsamplings, 8)
 
 
+def _check_size(height, width) -> None:
+    """TypeError for a height or width that is not an int, ValueError for one below 1 (pixels)."""
+    for name, value in (("height", height), ("width", width)):
+        if not is_integer(value):
+            raise TypeError(f"generate_highres: {name} must be an int (pixels), got {value!r}")
+        if value < 1:
+            raise ValueError(f"generate_highres: {name} must be >= 1 (pixels), got {value}")
+
+
 def cascade_sizes(height: int, width: int, stages: int, base_size: Optional[int] = None,
                   multiple: int = 64) -> List[Tuple[int, int]]:
     """(height, width) of the base stage and of each of `stages` doublings up to the target.
@@ -90,9 +99,7 @@ def cascade_sizes(height: int, width: int, stages: int, base_size: Optional[int]
     base_size: the long side of the base stage; it must equal max(height, width) / 2**stages
     (the default). Every size must be a multiple of `multiple` px.
     """
-    for name, value in (("height", height), ("width", width)):
-        if not is_integer(value) or value < 1:
-            raise ValueError(f"generate_highres: {name} must be an int >= 1 (pixels), got {value!r}")
+    _check_size(height, width)
     long_side = max(height, width)
     expected = long_side / 2 ** stages
     if base_size is not None and base_size != expected:

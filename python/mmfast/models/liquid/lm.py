@@ -240,7 +240,8 @@ class LiquidLM(nn.Module):
     def caches_need_inference_mode(self) -> bool:
         """True when the caches are inference tensors (made under torch.inference_mode()) and this
         call runs outside that mode, where torch refuses the in-place writes of every step."""
-        return self.cache_seqlens.is_inference() and not torch.is_inference_mode_enabled()
+        return (self.cache_seqlens is not None and self.cache_seqlens.is_inference()
+                and not torch.is_inference_mode_enabled())
 
     # -- loading --
 
