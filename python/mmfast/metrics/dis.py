@@ -36,6 +36,11 @@ the only E-measure it computes (with 1e-8 for eps); its S-measure uses populatio
 deviations and 1e-8 where pysodmetrics uses N - 1 and MATLAB's eps; its weighted F adds 1e-6
 instead of eps.
 
+The E-measure is pysodmetrics', its degenerate cases included: a perfect prediction scores an
+adaptive / max E slightly above 1 (1.0025 on a 20 x 20 map with a 10 x 10 object), and a ground
+truth of a pixel or two can make it huge (a 1 x 1 map: mean E 3.5e15), which then dominates a
+dataset mean. Leave such images out of an evaluation rather than average them in.
+
 Sources: F-measure, Achanta et al., CVPR 2009; weighted F-measure, Margolin et al., CVPR 2014;
 MAE, Perazzi et al., CVPR 2012; S-measure, Fan et al., ICCV 2017; E-measure, Fan et al.,
 IJCAI 2018; HCE, Qin et al., "Highly Accurate Dichotomous Image Segmentation", ECCV 2022.
