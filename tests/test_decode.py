@@ -275,7 +275,7 @@ SAMPLER_SETTINGS = [  # temperature, top_k, top_p, cfg_scale
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
-@pytest.mark.parametrize("vocab", [8192, 1000, 7])
+@pytest.mark.parametrize("vocab", [20000, 8192, 1000, 7])  # 20000: the CPU's top-k prefilter (blocks >= 4 k)
 @pytest.mark.parametrize("setting", SAMPLER_SETTINGS, ids=lambda s: "-".join(map(str, s)))
 def test_sample_matches_the_reference(backend_device, vocab, setting):
     backend, device = backend_device

@@ -599,7 +599,9 @@ int main() {
     const struct {
       int64_t V, top_k;
       float top_p;
-    } samplers[] = {{1000, 0, 1.0f}, {8192, 4096, 0.96f}, {500, 20, 0.5f}, {7, 3, 0.0f}, {300, 0, 0.3f}};
+    } samplers[] = {{1000, 0, 1.0f},  {8192, 4096, 0.96f}, {500, 20, 0.5f},
+                    {7, 3, 0.0f},     {300, 0, 0.3f},      {20000, 50, 1.0f},  // top-k's block-max prefilter
+                    {4099, 3, 0.9f}};
     bad = check_sample_cfg_mix(k, rng);
     (bad == 0 ? passed : failures)++;
     std::printf("%s %s sample CFG mix rounded per operation: %d rows off\n", bad ? "FAIL" : "ok  ", name, bad);

@@ -466,6 +466,7 @@ int64_t attention(const DecodeAttentionParams& p) {
 // a few fp64 ulps of a boundary.
 
 constexpr int64_t kDrawBlock = 256;  // tokens per partial sum of the draw
+constexpr int64_t kKeyBlock = 64;    // keys per block maximum of top-k's prefilter
 
 // Keys that order like the floats they come from (-inf lowest, -0 == +0; NaN rows never get here).
 inline uint32_t order_key(float x) {
@@ -640,9 +641,18 @@ struct SampleJob {
     }
   }
 
-  // w[i] = exp(x[i] - max) in fp64 for keys[i] >= floor, else 0; returns their sum. Vectors with
-  // no key >= floor (most of a row under a small top-k) skip the exponentials.
-  double weigh(const float* x, const uint32_t* keys, uint32_t floor, float max, double* w) const {
+  // True when block_max (the top-k prefilter's, or null) shows no key >= floor in [begin, end).
+  static bool nothing_kept(const uint32_t* block_max, uint32_t floor, int64_t begin, int64_t end) {
+    if (block_max == nullptr) return false;
+    for (int64_t b = begin / kKeyBlock; b * kKeyBlock < end; ++b)
+      if (block_max[b] >= floor) return false;
+    return true;
+  }
+
+  // w[i] = exp(x[i] - max) in fp64 for keys[i] >= floor, else 0; returns their sum. Blocks and
+  // vectors with no key >= floor (most of a row under a small top-k) skip the exponentials.
+  double weigh(const float* x, const uint32_t* keys, uint32_t floor, float max, double* w,
+               const uint32_t* block_max) const {
     using D = Vec<double>::type;
     using L = long long __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
     constexpr int64_t WD = Vec<double>::width;
@@ -651,30 +661,38 @@ struct SampleJob {
     const int64_t n = p->vocab;
     const D dmax = splat<double>(double(max));
     D sum = {};
-    int64_t i = 0;
-    for (; i + WD <= n; i += WD) {
-      HalfWords kw;
-      __builtin_memcpy(&kw, keys + i, sizeof(kw));
-      const L kept = __builtin_convertvector(kw >= floor, L);
-      D wi = {};
-      if (any_lane(kept)) {
-        HalfFloats xf;
-        __builtin_memcpy(&xf, x + i, sizeof(xf));
-        wi = kept ? exp_vec_nonpositive(__builtin_convertvector(xf, D) - dmax) : D{};
-      }
-      __builtin_memcpy(w + i, &wi, sizeof(wi));
-      sum += wi;
-    }
     double tail = 0;
-    for (; i < n; ++i) {
-      w[i] = keys[i] >= floor ? exp_vec_nonpositive(splat<double>(double(x[i]) - double(max)))[0] : 0.0;
-      tail += w[i];
+    for (int64_t begin = 0; begin < n; begin += kKeyBlock) {
+      const int64_t end = begin + kKeyBlock < n ? begin + kKeyBlock : n;
+      if (nothing_kept(block_max, floor, begin, end)) {
+        __builtin_memset(w + begin, 0, sizeof(double) * (end - begin));
+        continue;
+      }
+      int64_t i = begin;
+      for (; i + WD <= end; i += WD) {
+        HalfWords kw;
+        __builtin_memcpy(&kw, keys + i, sizeof(kw));
+        const L kept = __builtin_convertvector(kw >= floor, L);
+        D wi = {};
+        if (any_lane(kept)) {
+          HalfFloats xf;
+          __builtin_memcpy(&xf, x + i, sizeof(xf));
+          wi = kept ? exp_vec_nonpositive(__builtin_convertvector(xf, D) - dmax) : D{};
+        }
+        __builtin_memcpy(w + i, &wi, sizeof(wi));
+        sum += wi;
+      }
+      for (; i < end; ++i) {  // the row's last, partial vector only (kKeyBlock is a whole number of vectors)
+        w[i] = keys[i] >= floor ? exp_vec_nonpositive(splat<double>(double(x[i]) - double(max)))[0] : 0.0;
+        tail += w[i];
+      }
     }
     return sum_lanes<double>(sum) + tail;
   }
 
   // The inverse CDF in index order over the kept tokens (key >= floor, weight > 0) at u.
-  int64_t draw(const uint32_t* keys, uint32_t floor, const double* w, float u, double* block_sums) const {
+  int64_t draw(const uint32_t* keys, uint32_t floor, const double* w, float u, double* block_sums,
+               const uint32_t* block_max) const {
     using D = Vec<double>::type;
     using L = long long __attribute__((vector_size(MMFAST_VECTOR_BYTES)));
     constexpr int64_t WD = Vec<double>::width;
@@ -684,6 +702,10 @@ struct SampleJob {
     double total = 0;
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t b = blk * kDrawBlock, end = b + kDrawBlock < n ? b + kDrawBlock : n;
+      if (nothing_kept(block_max, floor, b, end)) {
+        block_sums[blk] = 0;
+        continue;
+      }
       D acc = {};
       int64_t i = b;
       for (; i + WD <= end; i += WD) {
@@ -723,8 +745,49 @@ struct SampleJob {
     return 0;  // unreachable: the maximum is kept with weight 1
   }
 
-  // Scratch of one task: w and cand_weights (V doubles each), block sums, x, keys, cand_keys.
-  static int64_t scratch_doubles(int64_t vocab) { return 2 * vocab + vocab / kDrawBlock + 1 + 3 * (vocab + 1) / 2 + 8; }
+  // The top-k threshold. A small k of a long row (an LLM's top-k 50) first takes the k-th largest
+  // of the row's block maxima (kKeyBlock keys a block): at least k keys are >= it, so the k-th
+  // largest key is too, and the radix select runs on the keys >= it of the blocks that hold any
+  // (about k blocks) instead of passing over the whole row. Same threshold either way.
+  // Sets prefiltered when it filled block_max (then weigh and draw skip the blocks below the floor).
+  uint32_t top_k_floor(const uint32_t* keys, uint32_t* cand_keys, uint32_t* block_max, bool& prefiltered) const {
+    const int64_t n = p->vocab, k = p->top_k, blocks = (n + kKeyBlock - 1) / kKeyBlock;
+    prefiltered = blocks >= 4 * k;
+    if (!prefiltered) return select_threshold<false>(keys, nullptr, n, double(k), 0, cand_keys, nullptr);
+    using K = WordsOf<MMFAST_VECTOR_BYTES>;
+    constexpr int64_t WK = MMFAST_VECTOR_BYTES / 4;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t begin = b * kKeyBlock, end = begin + kKeyBlock < n ? begin + kKeyBlock : n;
+      int64_t i = begin;
+      K m = {};
+      for (; i + WK <= end; i += WK) {
+        const K v = load_n<MMFAST_VECTOR_BYTES>(keys + i);
+        m = v > m ? v : m;
+      }
+      uint32_t top = 0;
+      for (int64_t l = 0; l < WK; ++l) top = m[l] > top ? m[l] : top;
+      for (; i < end; ++i) top = keys[i] > top ? keys[i] : top;
+      block_max[b] = top;
+    }
+    // cand_keys: the select's scratch here, then the candidates
+    const uint32_t guess = select_threshold<false>(block_max, nullptr, blocks, double(k), 0, cand_keys, nullptr);
+    int64_t m = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (block_max[b] < guess) continue;
+      const int64_t begin = b * kKeyBlock, end = begin + kKeyBlock < n ? begin + kKeyBlock : n;
+      for (int64_t i = begin; i < end; ++i) {
+        cand_keys[m] = keys[i];
+        m += keys[i] >= guess;
+      }
+    }
+    return select_threshold<false>(cand_keys, nullptr, m, double(k), guess, cand_keys, nullptr);
+  }
+
+  // Scratch of one task: w and cand_weights (V doubles each), block sums, x, keys, cand_keys,
+  // block maxima.
+  static int64_t scratch_doubles(int64_t vocab) {
+    return 2 * vocab + vocab / kDrawBlock + 1 + 3 * (vocab + 1) / 2 + (vocab / kKeyBlock + 2) / 2 + 8;
+  }
 
   template <typename scalar_t>
   void sample_row(int64_t r, double* scratch) const {
@@ -735,6 +798,7 @@ struct SampleJob {
     float* x = reinterpret_cast<float*>(block_sums + n / kDrawBlock + 1);
     uint32_t* keys = reinterpret_cast<uint32_t*>(x + n);
     uint32_t* cand_keys = keys + n;
+    uint32_t* block_max = cand_keys + n;
     p->status[r] = 0;
     p->tokens[r] = 0;
     float max;
@@ -749,16 +813,17 @@ struct SampleJob {
     scale_and_key(x, keys);
     max = max / p->temperature;
     uint32_t floor = 0;
-    if (p->top_k > 0 && p->top_k < n)
-      floor = select_threshold<false>(keys, nullptr, n, double(p->top_k), 0, cand_keys, nullptr);
-    const double total = weigh(x, keys, floor, max, w);
+    bool prefiltered = false;
+    if (p->top_k > 0 && p->top_k < n) floor = top_k_floor(keys, cand_keys, block_max, prefiltered);
+    const uint32_t* kept_blocks = prefiltered ? block_max : nullptr;  // top-p only raises the floor
+    const double total = weigh(x, keys, floor, max, w, kept_blocks);
     if (p->top_p < 1) {
       const double limit = p->top_p * total;
       const uint32_t top_p_floor =
           limit > 0 ? select_threshold<true>(keys, w, n, limit, floor, cand_keys, cand_weights) : order_key(max);
       floor = top_p_floor > floor ? top_p_floor : floor;
     }
-    p->tokens[r] = draw(keys, floor, w, p->uniform[r], block_sums);
+    p->tokens[r] = draw(keys, floor, w, p->uniform[r], block_sums, kept_blocks);
   }
 
   template <typename scalar_t>
