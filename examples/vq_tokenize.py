@@ -49,7 +49,8 @@ def parse_args():
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels, a multiple of the VQGAN's downsampling factor (default 512; "
                              "128 with --tiny or --config tiny)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="model dtype (default float32; float16 on a CPU runs torch's slow fp16 convolutions)")
     cli.add_device_arguments(parser)
     cli.add_output_argument(parser, "vq_tokenize", kind="folder",
                             what="folder for reconstruction.png and code_histogram.png")

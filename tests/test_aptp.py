@@ -70,6 +70,9 @@ def test_mixed_batch_equals_sliced_experts(setup):
     # one code only, and already-sorted codes
     assert_matches(model(x[:2], t[:2], text[:2], torch.tensor([1, 1])), per_expert(experts, x[:2], t[:2], text[:2],
                                                                                     [1, 1]))
+    # diffusers' pipelines pass return_dict=False (a new-user trial got a 10,000-character TypeError)
+    as_tuple = model(x, t, text, torch.tensor(CODES), return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], actual)
 
 
 @torch.no_grad()

@@ -239,6 +239,22 @@ def test_attention_refuses_scalars_it_would_coerce():
     assert decode_attention(q, k_cache, v_cache, lengths, scale=torch.tensor(0.2)).shape == q.shape  # as float() takes
 
 
+def test_eps_checks_leave_compiled_calls_alone():
+    """Found by a new-user trial: masked_group_norm (and linear_attention) failed a fullgraph compile
+    once eps changed between calls (a symbolic float met math.isfinite)."""
+    from mmfast.ops import linear_attention, masked_group_norm
+
+    x, codes, mask = torch.randn(2, 8, 4, 4), torch.tensor([0, 1]), torch.ones(2, 8, dtype=torch.bool)
+    torch._dynamo.reset()
+    norm = torch.compile(lambda e: masked_group_norm(x, None, None, 4, codes, mask, eps=e), fullgraph=True,
+                         backend="eager")
+    q = torch.randn(1, 16, 2, 8)
+    attend = torch.compile(lambda e: linear_attention(q, q, q, eps=e), fullgraph=True, backend="eager")
+    for eps in (1e-5, 1e-3, 1e-2):
+        torch.testing.assert_close(norm(eps), masked_group_norm(x, None, None, 4, codes, mask, eps=eps))
+        torch.testing.assert_close(attend(eps), linear_attention(q, q, q, eps=eps))
+
+
 def test_scalar_checks_leave_compiled_calls_alone():
     """Found in review: under torch.compile a second scale or temperature becomes a symbolic float,
     which the scalar checks must not touch (math.isfinite on it failed a fullgraph compile)."""

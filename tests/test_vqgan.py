@@ -368,6 +368,34 @@ def test_from_pretrained_refuses_to_unpickle(checkpoint, tmp_path):
         VQGAN.from_pretrained(path, tiny_vqgan_config())
 
 
+def test_from_pretrained_names_broken_files_and_bad_dtypes(tmp_path):
+    """Found by a new-user trial: truncated, empty or foreign files raised safetensors' / torch's raw
+    errors (or were called a pickle to convert with weights_only=False), and dtype="bfloat16" a
+    device-string error."""
+    for name, data in (("empty.ckpt", b""), ("text.ckpt", b"hello world"), ("empty.safetensors", b""),
+                       ("short.safetensors", b"\x00\x01")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(VQGANCheckpointError, match="is not a readable (torch checkpoint|safetensors file)"):
+            VQGAN.from_pretrained(tmp_path / name, tiny_vqgan_config())
+    for dtype, error in (("bfloat16", "must be a torch.dtype"), (torch.int64, "floating-point dtype")):
+        with pytest.raises(TypeError, match=error):
+            VQGAN.from_pretrained(tmp_path / "empty.ckpt", tiny_vqgan_config(), dtype=dtype)
+
+
+def test_preprocess_scales_16_bit_images_and_names_resolution():
+    """Found by a new-user trial: a 16-bit PIL image came out 94% saturated (PIL's convert clips at
+    255) and a mode-F one all -1; preprocess(img, 0) failed with PIL's own words."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16)
+    eight_bit = np.round(ramp / 257.0).astype(np.uint8)
+    torch.testing.assert_close(preprocess(Image.fromarray(ramp), 16), preprocess(Image.fromarray(eight_bit), 16))
+    with pytest.raises(ValueError, match="mode F .* no fixed range"):
+        preprocess(Image.fromarray(ramp.astype(np.float32)), 16)
+    with pytest.raises(ValueError, match="resolution must be an int >= 1"):
+        preprocess(Image.fromarray(eight_bit), 0)
+
+
 def test_from_pretrained_directory(checkpoint, tmp_path):
     """A directory as Liquid's demo space ships it (chameleon/vqgan.ckpt); vqgan.safetensors first."""
     import shutil

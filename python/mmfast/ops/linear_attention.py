@@ -52,6 +52,8 @@ def _check_sequence(n: int, op: str = OP) -> None:
 
 
 def check_eps(eps: float, op: str = OP) -> None:
+    if torch.compiler.is_compiling():  # eps may be symbolic there (a changing or dynamic=True float)
+        return
     if not is_real(eps):  # a tensor or a string: the op's schema takes a Python float
         raise TypeError(f"{op}: eps must be a Python float (a finite number >= 0), got {type(eps).__name__} {eps!r}")
     if not (math.isfinite(eps) and eps >= 0):

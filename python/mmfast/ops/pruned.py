@@ -138,6 +138,8 @@ def check_group_norm_scalars(num_groups, eps) -> None:
     """num_groups an int >= 1 and eps a finite number > 0 (checked before any backend runs: the
     native schema would coerce or reject them with less to say)."""
     op = "masked_group_norm"
+    if torch.compiler.is_compiling():  # eps may be symbolic there (a changing or dynamic=True float)
+        return
     if not is_integer(num_groups) or num_groups < 1:
         raise ValueError(f"{op}: num_groups must be an int >= 1, got {num_groups!r}")
     if not is_real(eps):  # a tensor or a string: the op's schema takes a Python float

@@ -393,7 +393,9 @@ class AptpUNet(nn.Module):
         """experts: [(sliced expert UNet or its state dict, its ArchitectureCode)], code k = index k.
         base_unet gives the dense module structure only (its weights are never read; it may live on
         the meta device). Every layer's weights are stacked per code with pruned rows / columns
-        zero-filled; layers a code does not prune get all-true masks (still its own weights)."""
+        zero-filled; layers a code does not prune get all-true masks (still its own weights).
+        Inference only: the stacked weights are frozen (requires_grad False; gradients with respect
+        to the latents still flow), so fine-tune the experts themselves, then rebuild."""
         if not experts:
             raise ValueError("AptpUNet.from_experts: need at least one expert")
         for index, pair in enumerate(experts):
@@ -432,7 +434,9 @@ class AptpUNet(nn.Module):
         return cls(unet.eval(), state, archs)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                sample_codes: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+                sample_codes: torch.Tensor, return_dict: bool = True, **unet_kwargs):
+        """The noise prediction (B, C, H, W) for a batch whose rows use experts sample_codes;
+        return_dict=False gives it as a 1-tuple (diffusers' convention, which pipelines pass)."""
         if not torch.is_tensor(sample) or sample.dim() != 4:
             raise ValueError(f"AptpUNet: sample must be (B, C, H, W) latents, got "
                              f"{tuple(getattr(sample, 'shape', ())) or type(sample).__name__}")
@@ -458,7 +462,8 @@ class AptpUNet(nn.Module):
         with self.state.use(codes.index_select(0, order)):
             out = self.unet(by_code(sample), by_code(timestep), by_code(encoder_hidden_states), return_dict=False,
                             **{k: by_code(v) for k, v in unet_kwargs.items()})[0]
-        return torch.empty_like(out).index_copy_(0, order, out)  # unsort: out row i is input row order[i]
+        out = torch.empty_like(out).index_copy_(0, order, out)  # unsort: out row i is input row order[i]
+        return out if return_dict else (out,)
 
     def row_codes(self, sample_codes: torch.Tensor, batch: int) -> torch.Tensor:
         """(B,) int64 codes of the rows: sample_codes (an integer tensor or sequence of B or B/2

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...nn.vector_quantizer import VectorQuantizer
+from ...ops._checks import check_dtype_argument
 from ...ops.vq import vq_codebook_sqnorm
 from .taming import Decoder, Encoder, VQGANConfig
 
@@ -161,9 +162,11 @@ class VQGAN(nn.Module):
         torch.load(weights_only=True) (never full unpickling). The state dict may be at the top
         level or under "state_dict"; training-only keys ("loss.*") are dropped. config: the
         architecture (default VQGANConfig(), Chameleon's); dtype: the parameters' dtype (default
-        float32, as Chameleon loads it). Raises FileNotFoundError, VQGANCheckpointError (a
+        float32, as Chameleon loads it; on a CPU without native fp16 kernels, torch's fp16
+        convolutions ran the tiny model 20-40x slower than fp32: use fp32 or bf16 there). Raises FileNotFoundError, VQGANCheckpointError (a
         ValueError) naming missing, unexpected or misshapen keys, or a file that needs unpickling.
         """
+        check_dtype_argument("VQGAN.from_pretrained", "dtype", dtype)
         state = load_taming_state_dict(path)
         with torch.device("meta"):
             model = cls(config)
@@ -218,7 +221,10 @@ def load_taming_state_dict(path) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as err:  # safetensors' SafetensorError (truncated, empty, not safetensors)
+            raise VQGANCheckpointError(f"VQGAN: {path!r} is not a readable safetensors file ({err})") from err
     elif path.endswith(PICKLE_SUFFIXES):
         state = _torch_load_weights_only(path)
     else:
@@ -238,8 +244,11 @@ def load_taming_state_dict(path) -> dict:
 def _torch_load_weights_only(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # garbage makes torch.load raise about anything (EOFError, KeyError, RuntimeError)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only load failed" not in reason.lower():  # truncated, empty or no checkpoint at all
+            raise VQGANCheckpointError(f"VQGAN: {path!r} is not a readable torch checkpoint (truncated, empty or "
+                                       f"another kind of file): {type(err).__name__}: {reason}") from err
         raise VQGANCheckpointError(
             f"VQGAN: {path!r} is a pickle that torch.load(weights_only=True) refuses ({reason}). mmfast will not "
             "unpickle arbitrary objects (unpickling runs code from the file). Convert it to safetensors once, in an "
@@ -281,6 +290,11 @@ def _to_rgb_pil(image):
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess: expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: to 8 bits (PIL's convert would clip at 255)
+        image = Image.fromarray(np.round(np.array(image) / 257.0).astype(np.uint8))
+    elif image.mode in ("I", "F"):  # Pillow before 10 also opens 16-bit grayscale PNGs as mode I
+        raise ValueError(f"preprocess: a PIL image of mode {image.mode} (32-bit values) has no fixed range; "
+                         "convert it to 8 bits first (for 16-bit data: np.array(image) / 257 as uint8)")
     if image.mode == "RGB":
         return image
     rgba = np.array(image.convert("RGBA"))
@@ -292,11 +306,15 @@ def _to_rgb_pil(image):
 
 def preprocess(image, resolution: int = 512) -> torch.Tensor:
     """Chameleon's / Liquid's ImageTokenizer input: resize the short side to `resolution`
-    (LANCZOS), centre-crop a square, scale to [-1, 1]. image: PIL image or uint8 array.
-    Returns (1, 3, resolution, resolution) float32. Raises TypeError for other inputs."""
+    (LANCZOS), centre-crop a square, scale to [-1, 1]. image: PIL image (16-bit grayscale ones
+    rounded to 8 bits first; 32-bit modes I and F raise ValueError) or uint8 array.
+    Returns (1, 3, resolution, resolution) float32. Raises TypeError for other inputs, ValueError
+    for a resolution that is not an int >= 1."""
     import numpy as np
     from PIL import Image
 
+    if isinstance(resolution, bool) or not hasattr(type(resolution), "__index__") or resolution < 1:
+        raise ValueError(f"preprocess: resolution must be an int >= 1 (pixels), got {resolution!r}")
     img = _to_rgb_pil(image)
     scale = resolution / min(img.size)
     img = img.resize((round(scale * img.size[0]), round(scale * img.size[1])), Image.LANCZOS)
