@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -121,7 +122,11 @@ def checkpoint_models(args):
 
     directories = [d for path in args.experts for d in expert_dirs(path)]
     dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
-    experts = [load_expert(d, base_config=args.base_config, dtype=dtype) for d in tqdm(directories, desc="experts")]
+    try:
+        experts = [load_expert(d, base_config=args.base_config, dtype=dtype) for d in tqdm(directories, desc="experts")]
+    except (FileNotFoundError, ValueError) as error:  # one line, not a traceback: a folder that holds no expert
+        sys.exit(f"aptp_mixed_batch.py: error: {error}\n(--experts takes each expert's folder, e.g. "
+                 f"DIR/expert0 DIR/expert1 ..., or a released model's folder of arch<k> folders)")
     config = dense_skeleton(directories[0], base_config=args.base_config).config
     args.sources = directories
     torch.manual_seed(args.seed)

@@ -22,7 +22,7 @@ import torch
 
 import mmfast
 from mmfast import cli
-from mmfast.models.liquid import VQGAN, VQGANConfig, codes_to_token_ids, postprocess, preprocess
+from mmfast.models.liquid import VQGAN, VQGANCheckpointError, VQGANConfig, codes_to_token_ids, postprocess, preprocess
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,7 +92,11 @@ def load_model(args) -> VQGAN:
         from mmfast.testing.tiny_vqgan import tiny_vqgan
 
         return tiny_vqgan(seed=0)
-    return VQGAN.from_pretrained(args.checkpoint, CONFIGS[args.config]())
+    try:
+        return VQGAN.from_pretrained(args.checkpoint, CONFIGS[args.config]())
+    except VQGANCheckpointError as error:  # one line, not a traceback; the usual cause is the architecture
+        sys.exit(f"vq_tokenize.py: error: {error}\n(--config {args.config} gave the architecture: is the checkpoint "
+                 f"another one's, e.g. --config {'chameleon' if args.config == 'tiny' else 'tiny'}?)")
 
 
 def timed(fn, device):

@@ -146,6 +146,11 @@ def test_neither_layout_is_a_clear_error(tmp_path):
         load_expert(str(tmp_path), dtype="bfloat16")
     with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
         load_expert(str(tmp_path), dtype=torch.int8)
+    mmfast_layout = tmp_path / "mmfast_expert"  # a new-user trial: raw safetensors / diffusers errors here
+    mmfast_layout.mkdir()
+    (mmfast_layout / "architecture.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="architecture.safetensors is not a readable safetensors file"):
+        load_expert(str(mmfast_layout))
 
 
 def test_two_checkpoints_are_ambiguous(one_expert, released):

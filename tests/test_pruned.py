@@ -537,6 +537,11 @@ def test_bad_options_and_other_ops_raise_clear_errors():
         masked_group_norm(torch.randn(3, 6, 2), None, None, 3, codes, mask, eps=float("inf"))
     with pytest.raises(ValueError, match="stride must be an int or a pair of ints >= 1, got 1.0"):
         masked_conv2d(**args, stride=1.0)
+    with pytest.raises(ValueError, match="stride must be an int or a pair of ints >= 1, got True"):
+        masked_conv2d(**args, stride=True)
+    # numpy ints are ints (a new-user trial: refused as "must be an int")
+    assert torch.equal(masked_conv2d(**args, stride=np.int64(2), padding=(np.int32(1), 1)),
+                       masked_conv2d(**args, stride=2, padding=1))
     with pytest.raises(ValueError, match=r"weight must be \(6,\) shared or \(2, 6\) per code"):
         masked_group_norm(torch.randn(3, 6, 2), torch.randn(3, 6), None, 3, codes, mask)
     with pytest.raises(ValueError, match="both be shared"):

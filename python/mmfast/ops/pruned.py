@@ -41,10 +41,11 @@ IntPair = Union[int, Sequence[int]]
 
 
 def _pair(op: str, name: str, value: IntPair, low: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
+    """(int, int) of an int or a pair (numpy ints too: they index like ints, not bools)."""
+    pair = (value, value) if is_integer(value) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(is_integer(v) and v >= low for v in pair):
         raise ValueError(f"{op}: {name} must be an int or a pair of ints >= {low}, got {value!r}")
-    return pair
+    return tuple(int(v) for v in pair)
 
 
 def check_routing(op: str, sample_codes: torch.Tensor, batch: int, masks: dict) -> int:

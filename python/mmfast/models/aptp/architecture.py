@@ -77,8 +77,16 @@ class ArchitectureCode:
 
     @classmethod
     def load(cls, path: str) -> "ArchitectureCode":
+        """The code save() wrote. Raises FileNotFoundError, ValueError for a file that is not
+        readable safetensors."""
         from safetensors.torch import load_file
-        return cls.from_tensors(load_file(path))
+        try:
+            tensors = load_file(path)
+        except (FileNotFoundError, MemoryError):
+            raise
+        except Exception as error:  # safetensors' own error types differ across versions
+            raise ValueError(f"ArchitectureCode: {path} is not a readable safetensors file: {error}") from error
+        return cls.from_tensors(tensors)
 
     def runs(self, block: str) -> bool:
         return self.depth.get(block, True)

@@ -72,6 +72,9 @@ def load_expert(directory: str, arch_file: str = ARCH_FILE, ff_groups: Optional[
     if os.path.isfile(os.path.join(directory, arch_file)):
         from diffusers import UNet2DConditionModel
         arch = ArchitectureCode.load(os.path.join(directory, arch_file))
+        if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+            raise FileNotFoundError(f"load_expert: {directory} has {arch_file} but no {CONFIG_FILE} (save_expert writes "
+                                    "both, with the weights): an incomplete copy?")
         config = UNet2DConditionModel.load_config(directory, local_files_only=True)
         with torch.device("meta"):
             skeleton = prune_unet(UNet2DConditionModel.from_config(config), arch, ff_groups or FF_GROUPS)
