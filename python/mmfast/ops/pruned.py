@@ -349,7 +349,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     or Cin is 0 (as in F.conv2d); weight: (K, Cout, Cin, kh,
     kw), one set per code (K = 1: shared); bias: (K or 1, Cout) or None; sample_codes: (B,)
     int64 / int32 in [0, K); in_mask (K, Cin), out_mask (K, Cout) bool. stride, padding,
-    dilation as in torch.nn.functional.conv2d (zero padding).
+    dilation: an int or a pair of ints, as in torch.nn.functional.conv2d (zero padding; not
+    its "same" / "valid" strings: give the padding, e.g. (kh - 1) // 2 for stride 1 and odd kh).
     Returns y (B, Cout, Ho, Wo), contiguous, in x's dtype: for sample b of code c the conv of
     the expert sliced to c's kept inputs and outputs, embedded in the dense channel layout;
     masked outputs exactly 0, masked inputs never read (even NaN). Accumulates in fp32 (fp64).
