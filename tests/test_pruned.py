@@ -389,6 +389,22 @@ def test_group_norm_partial_groups_2d_and_5d_inputs_match_the_reference(device):
         assert_close(y, expected, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_group_norm_takes_a_1_by_c_affine_as_shared(backend):
+    """A (1, C) weight / bias means shared, as masked_conv2d's K = 1 weight does (a new user
+    passed one by analogy and was refused); gradients reach it."""
+    codes = torch.tensor([1, 0, 1])
+    mask = torch.tensor([[True] * 4 + [False] * 4, [True] * 8])
+    x = torch.randn(3, 8, 2, 2, dtype=torch.float64)
+    weight = torch.randn(1, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64)  # one of each form
+    y = masked_group_norm(x, weight, bias, 4, codes, mask, activation="silu", backend=backend)
+    expected = masked_group_norm(x, weight.detach()[0], bias, 4, codes, mask, activation="silu", backend=backend)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y.sum().backward()
+    assert weight.grad.shape == (1, 8) and weight.grad[0, :4].abs().sum() > 0
+
+
 @pytest.mark.parametrize("device", NATIVE)
 def test_group_norm_never_reads_masked_channels(device):
     codes = torch.tensor([0, 1], device=device)

@@ -169,6 +169,14 @@ def check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_m
                           "channel_mask": channel_mask})
 
 
+def _shared_affine(t: Optional[torch.Tensor], channel_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (1, C) GroupNorm weight / bias of a K > 1 batch as the op's shared (C,) form (a view,
+    so gradients flow back to it); anything else unchanged (the op's checks judge it)."""
+    if t is None or t.dim() != 2 or t.shape[0] != 1 or channel_mask.dim() != 2 or channel_mask.shape[0] == 1:
+        return t
+    return t[0]
+
+
 def _check_activation(activation) -> bool:
     if activation not in ACTIVATIONS:
         raise ValueError(f"masked_group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -465,8 +473,8 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                       backend: Optional[str] = None) -> torch.Tensor:
     """GroupNorm of each sample's pruned expert (+ SiLU), for a mixed-code batch.
 
-    x: (B, C, *) float; weight / bias: (C,) shared or (K, C) per code (fine-tuned experts
-    differ), or None; num_groups divides C (groups of C / num_groups contiguous channels);
+    x: (B, C, *) float; weight / bias: (C,) or (1, C) shared (as masked_conv2d's K = 1 weight),
+    or (K, C) per code (fine-tuned experts differ), or None; num_groups divides C (groups of C / num_groups contiguous channels);
     sample_codes (B,) int in [0, K); channel_mask (K, C) bool. Statistics of group g of sample
     b run over the channels its code keeps (torch.nn.GroupNorm's biased variance), in fp32
     (fp64): with whole groups kept or dropped, as APTP prunes, this is exactly the GroupNorm of
@@ -479,6 +487,7 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                                         "channel_mask": channel_mask}, ("weight", "bias"))
     silu = _check_activation(activation)
     check_group_norm_scalars(num_groups, eps)
+    weight, bias = _shared_affine(weight, channel_mask), _shared_affine(bias, channel_mask)
     chosen = _backend.resolve("masked_group_norm", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps)
