@@ -166,12 +166,14 @@ def test_cuda_sample_large_vocab_against_the_reference():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("vocab", [8192, 264192])
+@pytest.mark.parametrize("vocab", [8192, 50257, 264192])
 def test_cuda_sample_in_clusters_is_the_one_block_kernel(vocab, tmp_path):
     """On sm_90 a few rows are split over thread-block clusters (sample_cluster_kernel: Liquid's
-    image rows, V = 8192 with CFG over 4 pairs, and its whole vocabulary): the same exact integer
-    sums as one block per row (MMFAST_CUDA_SAMPLE_CLUSTERS=0, in a subprocess), so the same
-    tokens, bit for bit, and the reference's up to rounding."""
+    image rows, V = 8192 with CFG over 4 pairs, and its whole vocabulary; GPT-2's 50,257, whose
+    blocks' slices are uneven, the last one short): the same exact integer sums as one block per
+    row (MMFAST_CUDA_SAMPLE_CLUSTERS=0, in a subprocess), so the same tokens, bit for bit, and the
+    reference's up to rounding. A NaN row and an all -inf row ride along: every block of their
+    cluster must agree they are invalid (status 1, token 0) while the other rows sample."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
     if os.environ.get("MMFAST_CUDA_SAMPLE_CLUSTERS", "")[:1] == "0":
@@ -180,6 +182,8 @@ def test_cuda_sample_in_clusters_is_the_one_block_kernel(vocab, tmp_path):
 
     logits = torch.randn(8, vocab, device="cuda") * 4
     logits[:, 100:110] = logits[:, 100:101]  # ties
+    logits[1, vocab - 3] = float("nan")  # in the last block's slice
+    logits[2] = float("-inf")
     uniform = torch.rand(4, device="cuda")
     configs = [(0.9, 4096, 0.96, 4.0), (1.0, 0, 0.8, None), (0.7, 50, 1.0, 3.0), (0.0, 0, 1.0, 2.0)]
     torch.save([logits.cpu(), uniform.cpu()], tmp_path / "inputs.pt")

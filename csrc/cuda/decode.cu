@@ -33,7 +33,9 @@ struct DecodeCudaBackend {
     return mmfast::cuda::sample_workspace_bytes(p);
   }
   static void sample(mmfast::SampleParams& p) {
-    check_launch(mmfast::cuda::sample(p, at::cuda::getCurrentCUDAStream()), "sample", "kernel launch");
+    check_launch(mmfast::cuda::sample(p, at::cuda::getCurrentCUDAStream()), "sample",
+                 "kernel launch (a thread-block cluster per row on sm_90+ where it fits; "
+                 "MMFAST_CUDA_SAMPLE_CLUSTERS=0 launches one block per row)");
   }
   // cuBLAS already streams the weights near the bandwidth limit for a few rows (its GEMV /
   // small-M GEMM kernels), so the CUDA decode_linear is at::linear by design, not a fallback.

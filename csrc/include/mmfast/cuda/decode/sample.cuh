@@ -538,7 +538,8 @@ inline SamplePlan sample_cluster_plan(int64_t V, unsigned blocks) {
 }
 
 // Clusters of the plan the device holds at once (queried once per device, size and shared
-// memory; a failed query gives 0 and is not remembered).
+// memory; a failed query gives 0, remembered too: not re-run, and its error not cleared again,
+// on every call).
 template <class T>
 int sample_resident_clusters(const SamplePlan& plan) {
   int dev = 0;
@@ -555,8 +556,8 @@ int sample_resident_clusters(const SamplePlan& plan) {
     const auto found = known.find(key);
     if (found != known.end()) return found->second;
   }
-  const int clusters = resident_clusters(sample_cluster_kernel<T>, plan.cluster_blocks, kThreads, plan.smem);
-  if (clusters < 0) return 0;
+  const int queried = resident_clusters(sample_cluster_kernel<T>, plan.cluster_blocks, kThreads, plan.smem);
+  const int clusters = queried < 0 ? 0 : queried;
   const std::lock_guard<std::mutex> lock(mutex);
   known.emplace(key, clusters);
   return clusters;
