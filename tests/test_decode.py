@@ -219,6 +219,34 @@ def test_append_refuses_caches_whose_slots_share_memory(backend):
     assert buffer[0, 1, 3].eq(1).all() and buffer[1, 1, 3].eq(2).all()
 
 
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_append_bumps_the_version_counter_and_refuses_inference_caches(backend):
+    """Found by an op-level trial: the native append left the caches' version counters alone,
+    so a graph that had saved a cache view backpropagated through the appended values (wrong
+    gradients, where torch's in-place ops raise), and it wrote into caches made under
+    inference_mode outside it (torch refuses)."""
+    if backend == "triton" and not (HAS_TRITON and TRITON_DEVICE == "cpu"):
+        pytest.skip("these are CPU tensors: Triton runs them under TRITON_INTERPRET=1 only")
+    k_cache, v_cache = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2)
+    q = torch.randn(1, 1, 1, 2, requires_grad=True)
+    y = (q * k_cache[:, :1]).sum()
+    before = k_cache._version
+    kv_cache_append(k_cache, v_cache, torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2),
+                    torch.zeros(1, dtype=torch.int32), backend=backend)
+    assert k_cache._version > before and v_cache._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        inference_k, inference_v = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2)
+    with pytest.raises(RuntimeError, match="k_cache is an inference tensor"):
+        kv_cache_append(inference_k, inference_v, torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2),
+                        torch.zeros(1, dtype=torch.int32), backend=backend)
+    with torch.inference_mode():  # inside inference mode: fine
+        kv_cache_append(inference_k, inference_v, torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2),
+                        torch.zeros(1, dtype=torch.int32), backend=backend)
+    assert inference_k[0, 0].eq(1).all()
+
+
 def test_attention_refuses_scalars_it_would_coerce():
     """Found by a new-user trial: window=2.9 ran as 2 and True as 1, a NaN scale or an infinite
     softcap turned every output into NaN, and D = 0 raised a bare ZeroDivisionError."""

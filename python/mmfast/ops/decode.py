@@ -109,6 +109,18 @@ def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() < b_end and b.data_ptr() < a_end
 
 
+def _check_caches_not_inference(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """RuntimeError, as torch's in-place ops give, for caches made under inference_mode and
+    written outside it (torch.compile handles mutation itself: not judged while tracing)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.is_inference():
+            raise RuntimeError(f"{op}: {name} is an inference tensor (made under torch.inference_mode()), and an "
+                               "in-place update to one outside inference mode is not allowed (as in torch): append "
+                               "under torch.inference_mode(), or make the caches outside it")
+
+
 def check_append_needs_no_grad(k_cache, v_cache, k, v) -> None:
     """RuntimeError when grad mode is on and an input requires grad: the in-place append has no
     gradient, which would otherwise be lost without a word (every backend; a decode loop under
@@ -270,7 +282,9 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     append: row b's tokens go to slots [len_b, len_b + S); nothing else is written (the caller
     then adds S to its lengths). Raises ValueError / TypeError for shapes, dtypes, devices, caches
     whose slots share memory (an expand()ed cache, or k_cache and v_cache overlapping),
-    RuntimeError when grad mode is on and an input requires grad (the append has no gradient);
+    RuntimeError when grad mode is on and an input requires grad (the append has no gradient),
+    or for caches made under torch.inference_mode() written outside it (as torch's in-place ops);
+    bumps the caches' version counters, as torch's in-place ops do;
     a row whose slots fall outside [0, T_max) raises ValueError on the CPU (every backend) and
     is skipped on CUDA (no host synchronisation: check lengths yourself if they may overflow).
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
@@ -278,6 +292,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     check_tensors("kv_cache_append",
                   {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens})
     check_append_needs_no_grad(k_cache, v_cache, k, v)
+    _check_caches_not_inference("kv_cache_append", k_cache, v_cache)
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
         check_append(k_cache, v_cache, k, v, cache_seqlens)
@@ -288,6 +303,10 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
         reference.kv_cache_append_ref(k_cache, v_cache, k, v, cache_seqlens)
         return
     _backend.op_overload("kv_cache_append", chosen)(k_cache, v_cache, k, v, cache_seqlens)
+    if chosen == "native" and not torch.compiler.is_compiling():
+        # what torch's in-place ops do (the C++ op does not): a graph that saved a cache view
+        # before this append then refuses to backpropagate through stale values
+        torch.autograd.graph.increment_version((k_cache, v_cache))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
