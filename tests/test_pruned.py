@@ -405,6 +405,26 @@ def test_group_norm_takes_a_1_by_c_affine_as_shared(backend):
     assert weight.grad.shape == (1, 8) and weight.grad[0, :4].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_group_norm_backward_never_reads_masked_affine_slots(backend):
+    """Found by an op-level trial: a NaN in a masked channel's weight slot (never read by the
+    forward) reached the kept channels' grad_x through 0 * NaN in the backward."""
+    codes = torch.tensor([0, 1])
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    clean_w, clean_b = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    poisoned_w, poisoned_b = clean_w.clone(), clean_b.clone()
+    poisoned_w[0, 2] = poisoned_b[0, 2] = poisoned_w[1, 4] = float("nan")
+    grads = []
+    for w, b in ((clean_w, clean_b), (poisoned_w, poisoned_b)):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        masked_group_norm(xs, ws, bs, 3, codes, mask, activation="silu", backend=backend).square().sum().backward()
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for clean, poisoned in zip(*grads):
+        assert not poisoned.isnan().any()
+        torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", NATIVE)
 def test_group_norm_never_reads_masked_channels(device):
     codes = torch.tensor([0, 1], device=device)

@@ -307,8 +307,9 @@ def _group_norm_backward(ctx, grad):
     centered = torch.where(mask, xg - mean, 0)
     rstd = torch.rsqrt((centered * centered).sum(dim=(2, 3), keepdim=True) / count + ctx.eps)
     xhat = centered * rstd
-    w = _affine_per_sample(weight, codes, channels, acc, 1.0).reshape(batch, groups, channels // groups, 1)
-    b = _affine_per_sample(bias, codes, channels, acc, 0.0).reshape(batch, groups, channels // groups, 1)
+    # masked channels' affine slots are never read, as in the forward (0 * NaN would poison the sums)
+    w = torch.where(mask, _affine_per_sample(weight, codes, channels, acc, 1.0).reshape(mask.shape), 0)
+    b = torch.where(mask, _affine_per_sample(bias, codes, channels, acc, 0.0).reshape(mask.shape), 0)
     dz = torch.where(mask, grad.to(acc).reshape(grouped), 0)
     if ctx.silu:
         z = xhat * w + b

@@ -113,9 +113,10 @@ def masked_group_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
     var = (centered * centered).sum(dim=(2, 3), keepdim=True) / count
     y = (centered * torch.rsqrt(var + eps)).reshape(batch, channels, plane)
 
-    def per_sample(t):
+    def per_sample(t):  # masked channels' slots never read (a NaN there must not reach any gradient)
         t = t.to(acc)
-        return (t[codes] if t.dim() == 2 else t.expand(batch, channels))[:, :, None]
+        t = (t[codes] if t.dim() == 2 else t.expand(batch, channels))[:, :, None]
+        return torch.where(mask.reshape(batch, channels, 1), t, 0)
 
     if weight is not None:
         y = y * per_sample(weight)
