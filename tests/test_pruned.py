@@ -403,6 +403,12 @@ def test_group_norm_takes_a_1_by_c_affine_as_shared(backend):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     y.sum().backward()
     assert weight.grad.shape == (1, 8) and weight.grad[0, :4].abs().sum() > 0
+    per_code = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)  # forms mixed: (K, C) with (1, C)
+    y = masked_group_norm(x, per_code, bias[None], 4, codes, mask, backend=backend)
+    expected = masked_group_norm(x, per_code.detach(), bias.expand(2, 8), 4, codes, mask, backend=backend)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y.sum().backward()
+    assert per_code.grad.shape == (2, 8)
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
@@ -580,8 +586,9 @@ def test_bad_options_and_other_ops_raise_clear_errors():
                        masked_conv2d(**args, stride=2, padding=1))
     with pytest.raises(ValueError, match=r"weight must be \(6,\) shared or \(2, 6\) per code"):
         masked_group_norm(torch.randn(3, 6, 2), torch.randn(3, 6), None, 3, codes, mask)
-    with pytest.raises(ValueError, match="both be shared"):
-        masked_group_norm(torch.randn(3, 6, 2), torch.randn(6), torch.randn(2, 6), 3, codes, mask)
+    with pytest.raises(ValueError, match="both be shared"):  # the op itself takes one form (the API expands)
+        torch.ops.mmfast.masked_group_norm(torch.randn(3, 6, 2), torch.randn(6), torch.randn(2, 6), 3, codes, mask,
+                                           1e-5, False)
     with pytest.raises(IndexError, match="sample code 5"):
         masked_group_norm(torch.randn(3, 6, 2), None, None, 3, torch.tensor([0, 5, 1]), mask)
     with pytest.raises(IndexError, match="sample code 5"):

@@ -177,6 +177,15 @@ def _shared_affine(t: Optional[torch.Tensor], channel_mask: torch.Tensor) -> Opt
     return t[0]
 
 
+def _affine_forms(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """A shared (C,) weight or bias beside a per-code (K, C) other one, expanded to (K, C): the
+    op takes both in one form (masked_conv2d likewise takes a (1, Cout) bias beside K weights)."""
+    if weight is not None and bias is not None and {weight.dim(), bias.dim()} == {1, 2}:
+        codes = (weight if weight.dim() == 2 else bias).shape[0]
+        weight, bias = (t if t.dim() == 2 else t.expand(codes, -1).contiguous() for t in (weight, bias))
+    return weight, bias
+
+
 def _check_activation(activation) -> bool:
     if activation not in ACTIVATIONS:
         raise ValueError(f"masked_group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -475,7 +484,7 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     """GroupNorm of each sample's pruned expert (+ SiLU), for a mixed-code batch.
 
     x: (B, C, *) float; weight / bias: (C,) or (1, C) shared (as masked_conv2d's K = 1 weight),
-    or (K, C) per code (fine-tuned experts differ), or None; num_groups divides C (groups of C / num_groups contiguous channels);
+    or (K, C) per code (fine-tuned experts differ), or None, each in either form; num_groups divides C (groups of C / num_groups contiguous channels);
     sample_codes (B,) int in [0, K); channel_mask (K, C) bool. Statistics of group g of sample
     b run over the channels its code keeps (torch.nn.GroupNorm's biased variance), in fp32
     (fp64): with whole groups kept or dropped, as APTP prunes, this is exactly the GroupNorm of
@@ -488,7 +497,7 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                                         "channel_mask": channel_mask}, ("weight", "bias"))
     silu = _check_activation(activation)
     check_group_norm_scalars(num_groups, eps)
-    weight, bias = _shared_affine(weight, channel_mask), _shared_affine(bias, channel_mask)
+    weight, bias = _affine_forms(_shared_affine(weight, channel_mask), _shared_affine(bias, channel_mask))
     chosen = _backend.resolve("masked_group_norm", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps)
