@@ -115,6 +115,19 @@ def test_ties_go_to_the_lowest_index_and_non_finite_rows_to_zero(backend_device,
     assert torch.equal(indices.cpu(), expected[0])
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference-cpu")])
+def test_ties_go_to_the_lowest_index_for_a_transposed_z(backend_device):
+    """Found by an op-level trial: the reference's differences inherited a transposed z's layout
+    and summed equal codes differently by their position (ties went to 1020, not 0)."""
+    backend, device = backend_device
+    if backend == "triton" and device != "cpu":
+        pytest.skip("CPU tensors here")
+    z = torch.randn(17, 64).t()  # (64, 17), column-major
+    codebook = torch.randn(1, 17).repeat(1023, 1)  # 1023 identical codes
+    assert vq_quantize(z, codebook, backend=backend).eq(0).all()
+    assert vq_quantize(z, codebook.t().contiguous().t(), backend=backend).eq(0).all()  # a column-major codebook
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_strided_rows(backend_device):
     backend, device = backend_device

@@ -34,8 +34,10 @@ def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2")
     """
     if metric not in VQ_METRICS:
         raise ValueError(f"metric must be one of {VQ_METRICS}, got {metric!r}")
-    rows = z.reshape(-1, z.shape[-1]).double()
-    codes = codebook.double()
+    # contiguous: a transposed z's differences would inherit its layout, and sum(-1) would then
+    # round equal codes differently by their position (ties no longer to the lowest index)
+    rows = z.reshape(-1, z.shape[-1]).double().contiguous()
+    codes = codebook.double().contiguous()
     if metric == "cosine":
         rows, codes = _normalized(rows), _normalized(codes)
     indices = torch.empty(rows.shape[0], dtype=torch.int64, device=z.device)
