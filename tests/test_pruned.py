@@ -240,12 +240,19 @@ def test_zero_sized_channels_and_batch(device):
                          codes, ones(2, 5), ones(2, 0)).shape == (3, 0, 2, 2)
     assert masked_linear(torch.randn(3, 4, 5, device=device), torch.randn(2, 0, 5, device=device), None, codes,
                          ones(2, 5), ones(2, 0)).shape == (3, 4, 0)
-    # B = 0, forward and backward
-    x = torch.randn(0, 5, 4, 4, device=device, requires_grad=True)
-    w = torch.randn(2, 6, 5, 3, 3, device=device, requires_grad=True)
-    y = masked_conv2d(x, w, None, codes[:0], ones(2, 5), ones(2, 6), padding=1)
-    y.sum().backward()
-    assert y.shape == (0, 6, 4, 4) and x.grad.shape == x.shape and (w.grad == 0).all()
+    # B = 0 and Cin = 0, forward and backward: zero gradients on the reference too (an op-level
+    # trial found its output cut off from the graph there)
+    for backend in ("native", "reference"):
+        for batch, cin in ((0, 5), (3, 0)):
+            x = torch.randn(batch, cin, 4, 4, device=device, requires_grad=True)
+            w = torch.randn(2, 6, cin, 3, 3, device=device, requires_grad=True)
+            y = masked_conv2d(x, w, None, codes[:batch], ones(2, cin), ones(2, 6), padding=1, backend=backend)
+            y.sum().backward()
+            assert y.shape == (batch, 6, 4, 4) and x.grad.shape == x.shape and (w.grad == 0).all()
+            x = torch.randn(batch, 4, cin, device=device, requires_grad=True)
+            w = torch.randn(2, 6, cin, device=device, requires_grad=True)
+            masked_linear(x, w, None, codes[:batch], ones(2, cin), ones(2, 6), backend=backend).sum().backward()
+            assert x.grad.shape == x.shape and (w.grad == 0).all()
 
 
 def test_group_norm_reference_output_is_contiguous_for_channels_last_x():

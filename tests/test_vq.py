@@ -357,6 +357,10 @@ def test_empty_input():
     z, codebook = make_inputs(0, 5, 4, torch.float32, "cpu")
     assert vq_quantize(z, codebook).shape == (0,)
     assert vq_dequantize(torch.empty(0, dtype=torch.int64), codebook).shape == (0, 4)
+    for backend in ("native", "reference"):  # zero gradients from an empty batch's distances on both
+        rows, codes = z.clone().requires_grad_(), codebook.clone().requires_grad_()
+        vq_quantize(rows, codes, return_distance=True, backend=backend)[1].sum().backward()
+        assert rows.grad.shape == (0, 4) and codes.grad.eq(0).all()
 
 
 # ---- against the peers -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dtypes import accumulation_dtype
+from ._graph import connected
 
 __all__ = ["masked_conv2d_ref", "masked_linear_ref", "masked_group_norm_ref", "conv_output_size"]
 
@@ -54,7 +55,7 @@ def _masked_op(x, weight, bias, sample_codes, in_mask, out_mask, out_shape, dens
         block = y[rows]
         block[:, kept_out] = out
         y = y.index_copy(0, rows, block)
-    return y.to(x.dtype)
+    return connected(y, (x, weight, bias)).to(x.dtype)
 
 
 def masked_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dtypes import accumulation_dtype
+from ._graph import connected
 
 __all__ = ["VQ_METRICS", "vq_quantize_ref", "vq_dequantize_ref"]
 
@@ -56,7 +57,7 @@ def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2")
         indices[start:start + part.shape[0]] = best.masked_fill(not_finite, 0)
         distances[start:start + part.shape[0]] = torch.where(not_finite, row_sqnorm, distance)
     acc = accumulation_dtype(z.dtype)
-    return indices.reshape(z.shape[:-1]), distances.to(acc).reshape(z.shape[:-1])
+    return indices.reshape(z.shape[:-1]), connected(distances, (z, codebook)).to(acc).reshape(z.shape[:-1])
 
 
 def vq_dequantize_ref(indices: torch.Tensor, codebook: torch.Tensor, channels_first: bool = False):
