@@ -145,6 +145,30 @@ def test_kept_packed_weights_are_reused_and_never_stale(linear):
                 pass
 
 
+def test_kept_packed_weights_warn_once_when_a_trained_weight_meets_them(monkeypatch):
+    """Found by an op-level trial: a fused optimizer step (fused=True) updates weights without a
+    version bump, so a static plan served stale packed weights in a training loop; a
+    grad-enabled call on a weight that requires grad now warns (once) inside the plan."""
+    import warnings
+
+    import mmfast.ops.pruned as pruned_module
+
+    monkeypatch.setattr(pruned_module, "_warned_kept_while_training", False)
+    x, weight, bias, sample_codes, in_mask, out_mask = _cached_layer(False)
+    weight = weight.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)  # no plan: silent
+        with keep_packed_weights(budget_mb=64), torch.no_grad():  # sampling: silent
+            masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+    with keep_packed_weights(budget_mb=64):
+        with pytest.warns(UserWarning, match="fused=True"):
+            masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once
+            masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, padding=1)
+
+
 @pytest.mark.parametrize("value, expected", [("48", "48"), ("", "0"), ("-3", "must be a whole number"),
                                              ("1e3", "must be a whole number")])
 def test_packed_weight_budget_from_the_environment(value, expected):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -403,6 +404,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                                            padding, dilation)
     if chosen == "reference":
         return reference.masked_conv2d_ref(x, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation)
+    if chosen == "native":
+        _warn_if_kept_while_training("masked_conv2d", weight)
     return _backend.op_overload("masked_conv2d", chosen)(x, weight, bias, sample_codes, in_mask, out_mask,
                                                          list(stride), list(padding), list(dilation))
 
@@ -424,8 +427,9 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     new version) and by the code's kept channels (CUDA: by both masks' storages and versions),
     so a changed mask or an in-place update is repacked. Not seen: writes through an alias with
     a version counter of its own (``weight.data``, as gradcheck makes, ``.numpy()``, DLPack,
-    ``set_``, the untyped storage),
-    which would be served stale: the reason this is opt-in. Not kept: inference tensors (no
+    ``set_``, the untyped storage) and in-place updates that bump no version (torch's optimizers
+    with ``fused=True``), which would be served stale: the reason this is opt-in, and meant for
+    sampling, not training (a grad-enabled call on a weight that requires grad warns once). Not kept: inference tensors (no
     version counter), non-contiguous weights, and anything past budget_mb MiB (then packed per
     call; nothing is evicted, since a UNet visits its layers in a cycle, where
     least-recently-used eviction would miss every time). The budget is process-wide (not
@@ -442,6 +446,25 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
         yield
     finally:
         torch.ops.mmfast.pruned_weight_cache(previous, True)
+
+
+_warned_kept_while_training = False
+
+
+def _warn_if_kept_while_training(op: str, weight: torch.Tensor) -> None:
+    """Warns once when a weight that is being trained (requires grad, grad mode on) meets a
+    static plan: optimizers with fused=True update weights without a version bump, so their
+    packed copies would be served stale."""
+    global _warned_kept_while_training
+    if _warned_kept_while_training or not (weight.requires_grad and torch.is_grad_enabled()):
+        return
+    if torch.compiler.is_compiling() or torch.ops.mmfast.pruned_weight_cache(-1, False)[2] == 0:
+        return
+    _warned_kept_while_training = True
+    warnings.warn(f"{op}: a weight that requires grad is kept packed (keep_packed_weights or "
+                  "MMFAST_PRUNED_WEIGHT_CACHE_MB) in a grad-enabled call; an optimizer step with fused=True "
+                  "updates it without a version bump, and its packed copy would then be served stale. Keep "
+                  "packed weights for sampling (no_grad / inference_mode), not training.", stacklevel=3)
 
 
 def pruned_weight_cache(clear: bool = False) -> dict:
@@ -474,6 +497,8 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
     if chosen == "reference":
         return reference.masked_linear_ref(x, weight, bias, sample_codes, in_mask, out_mask)
+    if chosen == "native":
+        _warn_if_kept_while_training("masked_linear", weight)
     return _backend.op_overload("masked_linear", chosen)(x, weight, bias, sample_codes, in_mask, out_mask)
 
 
