@@ -298,11 +298,30 @@ def test_scalar_checks_leave_compiled_calls_alone():
         assert torch.equal(draw(temperature), sample(logits, temperature=temperature, uniform=uniform))
 
 
-def test_attention_is_inference_only():
-    q, k_cache, v_cache, lengths = make_cache((1, 1, 2, 2, 8, 4), torch.float32, "cpu")
-    out = decode_attention(q.requires_grad_(), k_cache, v_cache, lengths)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        out.sum().backward()
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_decode_attention_and_linear_are_inference_only(compiled):
+    """backward() raises for every float input that requires grad, eager and compiled; a
+    grad-mode forward compiles (an op-level trial: AOTAutograd traced the backward ahead and the
+    compile itself failed, where eager runs the forward)."""
+    q, k_cache, v_cache, lengths = make_cache((2, 1, 2, 2, 8, 6), torch.float32, "cpu")
+    lin = torch.nn.Linear(8, 16)
+
+    def step(x, k_cache):
+        return decode_attention(lin(x).view(2, 1, 2, 8).contiguous(), k_cache, v_cache, lengths) + \
+            decode_linear(x.view(2, 8), lin.weight).view(2, 1, 2, 8)
+
+    run = torch.compile(step, fullgraph=True) if compiled else step
+    x = torch.randn(2, 1, 8)
+    with torch.no_grad():
+        expected = step(x, k_cache)
+    torch.testing.assert_close(run(x, k_cache), expected)  # grad mode, lin's weight requires grad
+    with pytest.raises(RuntimeError, match="decode_(attention|linear) is inference-only"):
+        run(x, k_cache).sum().backward()
+    for_cache = k_cache.clone().requires_grad_()  # only a cache requires grad: still refused
+    with torch.no_grad():
+        lin.weight.requires_grad_(False), lin.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="decode_attention is inference-only"):
+        run(x, for_cache).sum().backward()
 
 
 # --- sample ---------------------------------------------------------------------------------------

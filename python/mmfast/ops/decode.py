@@ -244,13 +244,37 @@ def _fake_linear(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _attention_backward(ctx, grad):
-    raise RuntimeError("decode_attention is inference-only (a KV-cached decode step); train with "
-                       "torch.nn.functional.scaled_dot_product_attention")
+_TRAIN_WITH = {"decode_attention": "torch.nn.functional.scaled_dot_product_attention",
+               "decode_linear": "torch.nn.functional.linear"}
 
 
-def _linear_backward(ctx, grad):
-    raise RuntimeError("decode_linear is inference-only (a decode step); train with torch.nn.functional.linear")
+@torch.library.custom_op("mmfast_autograd::inference_only_backward", mutates_args=())
+def _inference_only_backward(grad: torch.Tensor, op: str) -> torch.Tensor:
+    """The gradient of an inference-only op: raises when it runs. An op rather than a raise in
+    the backward formula, so that torch.compile can trace a grad-mode forward (AOTAutograd
+    traces the backward ahead, on fake tensors) and only a real backward() fails, as in eager."""
+    raise RuntimeError(f"{op} is inference-only (a KV-cached decode step): it has no gradient; train with "
+                       f"{_TRAIN_WITH.get(op, 'torch')}, or run the step under torch.no_grad() / "
+                       "torch.inference_mode()")
+
+
+@_inference_only_backward.register_fake
+def _(grad, op):
+    return torch.empty_like(grad)
+
+
+def _inference_only_autograd(op: str):
+    """(backward, setup_context) of an inference-only op: every float input's gradient is
+    _inference_only_backward's (so a compiled backward cannot drop the error for the inputs
+    that do require grad)."""
+    def setup_context(ctx, inputs, output):
+        ctx.shapes = [t.shape if isinstance(t, torch.Tensor) and t.is_floating_point() else None for t in inputs]
+
+    def backward(ctx, grad):
+        return tuple(None if shape is None else _inference_only_backward(grad.new_empty(shape), op)
+                     for shape in ctx.shapes)
+
+    return backward, setup_context
 
 
 def register_fakes_and_autograd(namespace: str) -> None:
@@ -258,12 +282,12 @@ def register_fakes_and_autograd(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::kv_cache_append", _fake_append)
     torch.library.register_fake(f"{namespace}::decode_attention", _fake_attention)
     torch.library.register_fake(f"{namespace}::sample", _fake_sample)
-    torch.library.register_autograd(f"{namespace}::decode_attention", _attention_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    backward, setup_context = _inference_only_autograd("decode_attention")
+    torch.library.register_autograd(f"{namespace}::decode_attention", backward, setup_context=setup_context)
     if namespace == "mmfast":  # no Triton twin: on a GPU this is cuBLAS's GEMV
         torch.library.register_fake(f"{namespace}::decode_linear", _fake_linear)
-        torch.library.register_autograd(f"{namespace}::decode_linear", _linear_backward,
-                                        setup_context=lambda ctx, inputs, output: None)
+        backward, setup_context = _inference_only_autograd("decode_linear")
+        torch.library.register_autograd(f"{namespace}::decode_linear", backward, setup_context=setup_context)
 
 
 if _extension.loaded():
