@@ -314,7 +314,8 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
     """
     check_tensors("kv_cache_append",
-                  {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens})
+                  {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens},
+                  differentiable=False)
     check_append_needs_no_grad(k_cache, v_cache, k, v)
     _check_caches_not_inference("kv_cache_append", k_cache, v_cache)
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
@@ -404,7 +405,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     temperature, top_p and cfg_scale finite numbers (TypeError / ValueError); passing both
     uniform and generator raises ValueError.
     """
-    check_tensors("sample", {"logits": logits, "uniform": uniform}, ("uniform",))
+    check_tensors("sample", {"logits": logits, "uniform": uniform}, ("uniform",), differentiable=False)
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be a 2-D (rows, V) tensor, got shape {tuple(logits.shape)}")
     _check_sample_scalars(temperature, top_k, top_p, cfg_scale)

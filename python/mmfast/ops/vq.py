@@ -167,7 +167,7 @@ def vq_codebook_sqnorm(codebook: torch.Tensor) -> torch.Tensor:
     """||e_c||^2 per code, (K,) fp32 (fp64 for fp64 codebooks): compute once, pass to every
     vq_quantize call with the same codebook (metric "l2"). codebook: (K, D) float32 / float16 /
     bfloat16 / float64. Raises ValueError (not 2-D, empty), TypeError (non-tensor, dtype)."""
-    check_tensors("vq_codebook_sqnorm", {"codebook": codebook})
+    check_tensors("vq_codebook_sqnorm", {"codebook": codebook}, differentiable=False)  # torch ops: any transform
     check_codebook("vq_codebook_sqnorm", codebook)
     return codebook.to(accumulation_dtype(codebook.dtype)).pow(2).sum(-1)
 
