@@ -2,6 +2,12 @@
 
 Which implementation runs each call is chosen by mmfast.set_backend / use_backend or the
 `backend=` argument (see mmfast._backend).
+
+Under torch.autocast the ops with a weight or several float inputs cast them as torch casts
+its own op of that kind (ops/_autocast.py: conv / linear / attention to the region's dtype,
+group_norm and the VQ search to fp32); decode_attention, kv_cache_append and sample do not.
+torch.func's differentiating transforms and forward-mode AD raise NotImplementedError (the
+gradients are torch.library backward formulas); vmap and reverse mode work.
 """
 from .._backend import get_backend, set_backend, use_backend  # noqa: F401
 from .decode import *  # noqa: F401,F403

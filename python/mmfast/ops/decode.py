@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension, reference
+from ._autocast import autocast_inputs
 from ._checks import check_float, check_same, check_tensors, is_integer, is_real
 
 __all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "MAX_DECODE_QUERIES",
@@ -476,6 +477,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Raises ValueError / TypeError for shapes, dtypes, devices.
     """
     check_tensors("decode_linear", {"x": x, "weight": weight, "bias": bias}, ("bias",))
+    x, weight, bias = autocast_inputs("lower", x.device, x, weight, bias)  # as F.linear
     if x.dim() < 1:
         raise ValueError("decode_linear: x must have at least one dim (..., K), got a 0-d tensor")
     # Called once per projection per decode step: the reshapes only when x is not (M, K).

@@ -21,6 +21,7 @@ import torch
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.linear_attention import FEATURE_MAPS
+from ._autocast import autocast_inputs
 from ._checks import check_float, check_rank, check_same, check_tensors, is_real
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_apply"]
@@ -293,6 +294,7 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     RuntimeError when no kernel runs the tensors' device.
     """
     check_tensors("linear_attention", {"q": q, "k": k, "v": v})
+    q, k, v = autocast_inputs("lower", q.device, q, k, v)
     check_eps(eps)
     check_feature_map(feature_map)  # here too: the native schema would only say "expected str"
     chosen = _backend.resolve("linear_attention", q.device, backend)
@@ -318,6 +320,7 @@ def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional
     devices).
     """
     check_tensors("linear_attention_state", {"k": k, "v": v})
+    k, v = autocast_inputs("lower", k.device, k, v)
     check_feature_map(feature_map, "linear_attention_state")
     chosen = _backend.resolve("linear_attention_state", k.device, backend)
     if chosen == "reference":
@@ -335,6 +338,7 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
     Raises ValueError (shapes, eps < 0 or not finite, feature_map), TypeError (non-tensors,
     dtypes, devices, eps not a number)."""
     check_tensors("linear_attention_apply", {"q": q, "state": state, "mean": mean})
+    q, = autocast_inputs("lower", q.device, q)  # state and mean stay in the accumulation dtype
     check_eps(eps, "linear_attention_apply")
     check_feature_map(feature_map, "linear_attention_apply")
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)

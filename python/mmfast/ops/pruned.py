@@ -28,6 +28,7 @@ import torch
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.pruned import conv_output_size
+from ._autocast import autocast_inputs
 from ._checks import check_float, check_same, check_tensors, is_integer, is_real
 
 __all__ = ["masked_conv2d", "masked_linear", "masked_group_norm", "keep_packed_weights", "pruned_weight_cache",
@@ -394,6 +395,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     check_tensors("masked_conv2d", {"x": x, "weight": weight, "bias": bias, "sample_codes": sample_codes,
                               "in_mask": in_mask, "out_mask": out_mask}, ("bias",))
+    x, weight, bias = autocast_inputs("lower", x.device, x, weight, bias)  # as F.conv2d
     chosen = _backend.resolve("masked_conv2d", x.device, backend)
     if chosen == "native":  # the compiled op checks the same in C++ (a UNet step calls this ~70 times)
         stride, padding, dilation = (_pair("masked_conv2d", "stride", stride, 1),
@@ -492,6 +494,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     check_tensors("masked_linear", {"x": x, "weight": weight, "bias": bias, "sample_codes": sample_codes,
                               "in_mask": in_mask, "out_mask": out_mask}, ("bias",))
+    x, weight, bias = autocast_inputs("lower", x.device, x, weight, bias)  # as F.linear
     chosen = _backend.resolve("masked_linear", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
@@ -522,6 +525,7 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                                         "channel_mask": channel_mask}, ("weight", "bias"))
     silu = _check_activation(activation)
     check_group_norm_scalars(num_groups, eps)
+    x, weight, bias = autocast_inputs("fp32", x.device, x, weight, bias)  # as F.group_norm
     weight, bias = _affine_forms(_shared_affine(weight, channel_mask), _shared_affine(bias, channel_mask))
     chosen = _backend.resolve("masked_group_norm", x.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.vq import VQ_METRICS
+from ._autocast import autocast_inputs
 from ._checks import check_float, check_same, check_tensors
 
 __all__ = ["vq_quantize", "vq_dequantize", "vq_codebook_sqnorm"]
@@ -189,6 +190,7 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
     """
     check_tensors("vq_quantize", {"z": z, "codebook": codebook, "codebook_sqnorm": codebook_sqnorm},
                   ("codebook_sqnorm",))
+    z, codebook, codebook_sqnorm = autocast_inputs("fp32", z.device, z, codebook, codebook_sqnorm)  # as torch.cdist
     check_metric(metric)
     check_quantize(z, codebook, codebook_sqnorm)
     if metric == "cosine":

@@ -1,0 +1,123 @@
+"""torch.func and forward-mode AD around mmfast's ops (found by an op-level trial: jvp gave a
+silent zero tangent, forward_ad none, grad a misleading autograd.Function error). The
+differentiating transforms raise a NotImplementedError that names the alternatives; vmap and
+reverse mode work, and torch.autograd.functional.jvp (reverse mode twice) gives the JVP."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+from mmfast import reference
+from mmfast.ops import (decode_attention, decode_linear, linear_attention, masked_conv2d, masked_group_norm,
+                        masked_linear, vq_dequantize, vq_quantize)
+
+torch.manual_seed(0)
+_F64 = dict(dtype=torch.float64)
+_CODES, _MASK = torch.tensor([0, 1]), torch.tensor([[True, True, False, True], [False, True, True, True]])
+_Q = torch.randn(2, 5, 2, 4, **_F64)
+_CACHE = torch.randn(2, 6, 2, 4, **_F64)
+_CODEBOOK = torch.randn(7, 4, **_F64)
+_CONV_W, _LINEAR_W, _DECODE_W = (torch.randn(2, 4, 4, 3, 3, **_F64), torch.randn(2, 4, 2, **_F64),
+                                 torch.randn(3, 8, **_F64))
+
+# op name -> f(x) of one differentiable float input x (the others fixed)
+OPS = {
+    "linear_attention": lambda x: linear_attention(x, _Q, _Q),
+    "vq_quantize": lambda x: vq_quantize(x, _CODEBOOK, return_distance=True)[1],
+    "vq_dequantize": lambda x: vq_dequantize(torch.tensor([[1, 3]]), x.reshape(-1, 4)[:7]),
+    "masked_conv2d": lambda x: masked_conv2d(x.reshape(2, 4, 5, 2), _CONV_W, None, _CODES, _MASK, _MASK, padding=1),
+    "masked_linear": lambda x: masked_linear(x.reshape(2, 20, 2), _LINEAR_W, None, _CODES,
+                                             torch.ones(2, 2, dtype=torch.bool), _MASK),
+    "masked_group_norm": lambda x: masked_group_norm(x.reshape(2, 4, 10), None, None, 2, _CODES, _MASK),
+    "decode_linear": lambda x: decode_linear(x.reshape(10, 8), _DECODE_W),
+    "decode_attention": lambda x: decode_attention(x[:, :1], _CACHE, _CACHE, torch.tensor([4, 6], dtype=torch.int32)),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_differentiating_transforms_raise_and_vmap_works(op):
+    f, x = OPS[op], torch.randn(2, 5, 2, 4, **_F64)
+    with pytest.raises(NotImplementedError, match=f"{op}: torch.func's differentiating transforms"):
+        torch.func.grad(lambda t: f(t).sum())(x)
+    with pytest.raises(NotImplementedError, match=f"{op}: torch.func's differentiating transforms"):
+        torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
+            f(forward_ad.make_dual(x, torch.ones_like(x)))
+        torch.testing.assert_close(f(x), f(x.clone()))  # no tangent: runs
+    stacked = torch.stack([x, 2 * x])
+    torch.testing.assert_close(torch.func.vmap(f)(stacked), torch.stack([f(x), f(2 * x)]))
+
+
+def test_reverse_mode_jvp_is_the_references():
+    x, tangent = torch.randn(2, 5, 2, 4, **_F64), torch.randn(2, 5, 2, 4, **_F64)
+    _, got = torch.autograd.functional.jvp(OPS["linear_attention"], x, tangent)
+    _, expected = torch.func.jvp(lambda t: reference.linear_attention_ref(t, _Q, _Q), (x,), (tangent,))
+    torch.testing.assert_close(got, expected)
+
+
+# --- torch.autocast -------------------------------------------------------------------------------
+
+_BF16 = torch.bfloat16
+
+
+def _autocast_cases():
+    """(op, f(*inputs), inputs with fp32 weights and bf16 activations, the policy's dtype)."""
+    codes, mask = _CODES, _MASK
+    ones = torch.ones(2, 4, dtype=torch.bool)
+    conv_w, lin_w, gn_w = torch.randn(2, 4, 4, 3, 3), torch.randn(2, 4, 4), torch.randn(2, 4)
+    x4, x3, q = torch.randn(2, 4, 5, 5).to(_BF16), torch.randn(2, 6, 4).to(_BF16), torch.randn(2, 6, 2, 8)
+    return [
+        ("masked_conv2d", lambda x, w: masked_conv2d(x, w, None, codes, mask, mask, padding=1), (x4, conv_w), _BF16),
+        ("masked_linear", lambda x, w: masked_linear(x, w, None, codes, ones, mask), (x3, lin_w), _BF16),
+        ("masked_group_norm", lambda x, w: masked_group_norm(x, w, None, 2, codes, mask), (x4, gn_w), torch.float32),
+        ("decode_linear", lambda x, w: decode_linear(x, w), (x3.reshape(12, 4), lin_w[0]), _BF16),
+        ("vq_quantize", lambda z, c: vq_quantize(z, c, return_distance=True)[1], (x3, lin_w[0]), torch.float32),
+        ("linear_attention", lambda a, b: linear_attention(a, b, b), (q.to(_BF16), q), _BF16),
+    ]
+
+
+@pytest.mark.parametrize("case", _autocast_cases(), ids=lambda case: case[0])
+def test_autocast_casts_inputs_as_torch_casts_its_ops(case):
+    """Found by an op-level trial: under torch.autocast a bf16 activation met an fp32 weight and
+    every mmfast op with a weight raised TypeError. Now each casts as torch casts the op of its
+    kind: conv / linear / attention to the region's dtype, group_norm and cdist (VQ) to fp32."""
+    op, f, inputs, dtype = case
+    with torch.autocast("cpu", dtype=_BF16):
+        got = f(*inputs)
+    expected = f(*(t.to(dtype) for t in inputs))  # outside the region: the casts by hand
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if op != "vq_quantize":  # its distances are in the accumulation dtype
+        assert got.dtype == dtype
+    with torch.autocast("cpu", dtype=_BF16, enabled=False):  # a disabled region: no cast
+        with pytest.raises(TypeError):
+            f(*inputs)
+    f64 = [t.double() for t in inputs]  # fp64 is left alone, as torch leaves it
+    with torch.autocast("cpu", dtype=_BF16):
+        assert f(*f64).dtype in (torch.float64,)
+
+
+def test_autocast_through_a_tiny_vqgan_and_aptp_unet():
+    """The models that mix an activation with a parameter in one op run under autocast."""
+    pytest.importorskip("diffusers")
+    from mmfast.models.aptp import AptpUNet
+    from mmfast.testing.tiny_aptp import tiny_experts, tiny_inputs
+    from mmfast.testing.tiny_vqgan import tiny_vqgan
+
+    vqgan = tiny_vqgan()
+    images = torch.rand(1, 3, vqgan.config.resolution, vqgan.config.resolution) * 2 - 1
+    with torch.no_grad():
+        expected = vqgan.encode(images, progress=False)
+        with torch.autocast("cpu", dtype=_BF16):
+            codes = vqgan.encode(images, progress=False)
+    assert codes.shape == expected.shape and codes.dtype == torch.int64
+    base, experts = tiny_experts(2, torch.Generator().manual_seed(1))
+    unet = AptpUNet.from_experts(base, experts)
+    sample, timestep, text = tiny_inputs(2)
+    with torch.no_grad():
+        reference_out = unet(sample, timestep, text, torch.tensor([0, 1]))
+        with torch.autocast("cpu", dtype=_BF16):
+            out = unet(sample, timestep, text, torch.tensor([0, 1]))
+    assert out.isfinite().all()
+    assert (out.float() - reference_out).abs().max() <= 0.1 * reference_out.abs().max()
