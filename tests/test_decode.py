@@ -474,6 +474,16 @@ def test_sample_rejects_scalars_it_would_coerce():
             sample(logits, uniform=torch.tensor([0.5, bad]))
     # greedy never reads u (generate_text passes zeros): no check, no host synchronisation per step
     assert sample(logits, temperature=0.0, uniform=torch.tensor([0.5, 1.5])).shape == (2,)
+    # an op-level trial: greedy drew from the global generator (transformers' greedy does not),
+    # and a float64 uniform raised ValueError where a dtype gets TypeError
+    state = torch.random.get_rng_state()
+    sample(logits, temperature=0.0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for backend in ("native", "reference"):
+        with pytest.raises(TypeError, match=r"uniform must be float32 \(2,\).* got torch.float64|got float64"):
+            sample(logits, uniform=torch.zeros(2, dtype=torch.float64), backend=backend)
+        with pytest.raises(ValueError, match=r"uniform must be float32 \(2,\).* got shape"):
+            sample(logits, uniform=torch.zeros(3), backend=backend)
 
 
 def test_sample_with_a_generator_under_torch_compile_says_what_to_do():

@@ -126,9 +126,10 @@ inline int64_t check_sample(const at::Tensor& logits, const at::Tensor& uniform,
                       "even number of rows; got ", rows);
     rows /= 2;
   }
-  TORCH_CHECK_VALUE(uniform.scalar_type() == at::kFloat && uniform.dim() == 1 && uniform.size(0) == rows, op,
-                    ": uniform must be float32 (", rows, ",), one number in [0, 1) per sampled row, got ",
-                    dtype_name(uniform.scalar_type()), " ", uniform.sizes());
+  TORCH_CHECK_TYPE(uniform.scalar_type() == at::kFloat, op, ": uniform must be float32 (", rows,
+                   ",), one number in [0, 1) per sampled row, got ", dtype_name(uniform.scalar_type()));
+  TORCH_CHECK_VALUE(uniform.dim() == 1 && uniform.size(0) == rows, op, ": uniform must be float32 (", rows,
+                    ",), one number in [0, 1) per sampled row, got shape ", uniform.sizes());
   TORCH_CHECK_TYPE(uniform.device() == logits.device(), op, ": all inputs must have the same device, got logits: ",
                    logits.device(), ", uniform: ", uniform.device());
   TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0 (0: greedy), got ", temperature);

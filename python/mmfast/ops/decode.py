@@ -196,9 +196,12 @@ def check_sample(logits, uniform, temperature: float, top_k: int, top_p: float, 
             raise ValueError(f"{op}: with cfg_scale the logits hold pairs (conditional rows first, then the "
                              f"unconditional ones), so an even number of rows; got {rows}")
         rows //= 2
-    if uniform.dtype != torch.float32 or tuple(uniform.shape) != (rows,):
+    if uniform.dtype != torch.float32:
+        raise TypeError(f"{op}: uniform must be float32 ({rows},), one number in [0, 1) per sampled row, got "
+                        f"{uniform.dtype}")
+    if tuple(uniform.shape) != (rows,):
         raise ValueError(f"{op}: uniform must be float32 ({rows},), one number in [0, 1) per sampled row, got "
-                         f"{uniform.dtype} {tuple(uniform.shape)}")
+                         f"shape {tuple(uniform.shape)}")
     check_same(op, {"logits": logits, "uniform": uniform}, "device")
     if not temperature >= 0:
         raise ValueError(f"{op}: temperature must be >= 0 (0: greedy), got {temperature}")
@@ -385,8 +388,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     kept value all kept; the largest value always kept). No full-vocabulary sort.
 
     The draw is an inverse CDF in index order with one uniform number per row, drawn here with
-    torch.rand(P, generator=generator) unless `uniform` ((P,) float32 in [0, 1)) is given:
-    seeded runs are reproducible, and the draw is capturable in a CUDA graph with the default
+    torch.rand(P, generator=generator) unless `uniform` ((P,) float32 in [0, 1)) is given
+    (greedy, temperature 0, draws nothing and leaves the generator alone, as transformers' greedy
+    decoding does): seeded runs are reproducible, and the draw is capturable in a CUDA graph with the default
     CUDA generator, which advances its offset on every replay (a generator of your own must be
     registered with CUDAGraph.register_generator_state). A given u outside [0, 1) (or NaN)
     raises ValueError on the CPU in eager mode when temperature > 0 (greedy never reads it);
@@ -422,7 +426,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
         if generator is not None and torch.compiler.is_compiling():
             raise RuntimeError("sample: a torch.Generator cannot be traced by torch.compile; draw the uniforms "
                                "outside the compiled function and pass uniform=, or use the global generator")
-        uniform = torch.rand((rows,), generator=generator, dtype=torch.float32, device=logits.device)
+        if temperature == 0:  # greedy reads no draw: the generator is left alone (as in transformers' greedy)
+            uniform = torch.zeros((rows,), dtype=torch.float32, device=logits.device)
+        else:
+            uniform = torch.rand((rows,), generator=generator, dtype=torch.float32, device=logits.device)
     cfg = None if cfg_scale is None else float(cfg_scale)
     if temperature > 0:
         temperature = max(float(temperature), MIN_TEMPERATURE)
