@@ -86,7 +86,8 @@ def check_no_forward_transforms(op: str, tensors) -> None:
                 "cannot use (jvp would get a silent zero tangent). Differentiate with torch.autograd "
                 "(loss.backward(), torch.autograd.grad; torch.autograd.functional.jacobian / jvp use reverse mode). "
                 "torch.func.vmap is supported.")
-        if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        forward_ad = torch.autograd.forward_ad
+        if forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
                 f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported: mmfast's ops register a "
                 "backward formula only, and PyTorch would drop the tangent without a word. Use reverse mode "
