@@ -3,7 +3,8 @@
 #
 #   make test        build (CPU + CUDA kernels when nvcc is found) and run the test suite
 #                    (pytest-xdist: PYTEST_WORKERS processes, default 2; 0: one process, no xdist)
-#   make bench       build and run the benchmark suite, print the summary table
+#   make bench       build and run the benchmark suite, print the summary tables (PYTEST_ARGS: e.g.
+#                    "-m vq" for one family; benchmarks/README.md lists the families and variables)
 #   make gpu-check   on a GPU machine without network: build for the local GPU with the
 #                    installed torch, run tests + benchmarks, write a report to GPU_REPORT_DIR
 #   make cmake-test  build the torch-free kernels with CMake and run the C++ tests (the CUDA
@@ -26,7 +27,7 @@ GPU_REPORT_DIR ?= build/gpu-report
 SASS_REPORT_ARGS ?= --json build/sass-report.json
 TRITON_REPORT_ARGS ?= --json build/triton-report.json
 
-VPY := $(VENV)/bin/python
+VPY := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
 .PHONY: test bench build venv gpu-check gpu-lease gpu-wheels cmake-test sanitize sass-report triton-report clean
@@ -56,12 +57,15 @@ build: $(STAMP)
 	$(VPY) -m mmfast
 
 test: build cmake-test sanitize
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(PYTEST_ARGS)
+	cd tests && $(VPY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(PYTEST_ARGS)
 
+# -v: each benchmark's line as it ends (some take minutes); -rs: why each skipped one skipped. The
+# summary is printed even when a benchmark fails (make then fails with pytest's status).
 bench: build
 	mkdir -p build
-	cd benchmarks && ../$(VPY) -m pytest -q -p no:cacheprovider --benchmark-json=../build/bench.json $(PYTEST_ARGS)
-	$(VPY) benchmarks/summarize.py build/bench.json --markdown build/bench.md --plot build/bench.png
+	cd benchmarks && $(VPY) -m pytest -v -rs -p no:cacheprovider --benchmark-json=../build/bench.json $(PYTEST_ARGS); \
+	  status=$$?; cd .. && $(VPY) benchmarks/summarize.py build/bench.json --markdown build/bench.md \
+	  --plot build/bench.png; exit $$status
 
 cmake-test:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null

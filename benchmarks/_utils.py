@@ -172,16 +172,22 @@ def eager_ms(fn, make_inputs, device: torch.device) -> float:
 
 
 def run_timed(benchmark, fn, device: torch.device, rounds: int = 7, warmup: int = 2) -> float:
-    """Times fn with pytest-benchmark (synchronised) and returns its median in ms."""
+    """mmfast's median time of fn in ms, measured as median_ms measures the baselines (so their
+    ratios compare like with like), and fn run through pytest-benchmark for its own table. On
+    the CPU the returned median is pytest-benchmark's (wall time, synchronised); on a GPU it is
+    median_ms's CUDA events, as for the baselines (pytest-benchmark's wall time, host overhead
+    included, then runs once). Under --benchmark-disable (a smoke run) median_ms with one
+    warm-up and 3 repeats: a cold first call against warm baselines gave ratios off by 2-4x."""
 
     def synced():
         fn()
         synchronize(device)
 
-    if benchmark.disabled:  # --benchmark-disable (a smoke run): one call, timed here
-        start = time.perf_counter()
-        synced()
-        return (time.perf_counter() - start) * 1e3
+    if benchmark.disabled:
+        return median_ms(fn, device, warmup=max(1, warmup), repeats=3)
+    if device.type == "cuda":
+        benchmark.pedantic(synced, rounds=1, iterations=1, warmup_rounds=warmup)
+        return median_ms(fn, device, warmup=0, repeats=rounds)
     benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=warmup)
     return benchmark.stats.stats.median * 1e3
 
@@ -189,21 +195,33 @@ def run_timed(benchmark, fn, device: torch.device, rounds: int = 7, warmup: int 
 def paired_rounds(benchmark, timers: dict, rounds: int) -> dict:
     """Times several contenders in rounds, so that all of them see the same machine state (a
     shared VM's speed drifts by tens of percent over minutes). timers: {name: a callable that
-    runs its contender and returns its time in ms}, with "mmfast" among them; each round runs
-    every other timer (pytest-benchmark's setup hook) and then "mmfast" (the timed function; each
-    timer measures itself, so the pairs hold under --benchmark-disable too, where pytest-benchmark
-    runs one round). Returns {name: [ms per round]}; compare with paired_ratio."""
+    runs its contender and returns its time in ms}, with "mmfast" among them. Even rounds run
+    every other timer and then "mmfast", odd rounds "mmfast" first, so that neither side always
+    follows the other (memory just freed, caches just filled): the sequence is O M | M O | O M
+    ... "mmfast" is pytest-benchmark's timed function and the others run in its setup hook (an
+    odd round's others in the next round's setup, the last one's after the rounds); each timer
+    measures itself, so the pairs hold under --benchmark-disable too, where pytest-benchmark runs
+    one round. Returns {name: [ms per round]}; compare with paired_ratio."""
     times = {name: [] for name in timers}
 
-    def others():
+    def others_once():
         for name, timer in timers.items():
             if name != "mmfast":
                 times[name].append(timer())
 
+    def setup():
+        done = len(times["mmfast"])
+        if done % 2 == 0:
+            if done:
+                others_once()  # the odd round just ended: its others, right after its mmfast
+            others_once()  # this even round's others, before its mmfast
+
     def candidate():
         times["mmfast"].append(timers["mmfast"]())
 
-    benchmark.pedantic(candidate, setup=others, rounds=rounds, iterations=1)
+    benchmark.pedantic(candidate, setup=setup, rounds=rounds, iterations=1)
+    if len(times["mmfast"]) % 2 == 0:
+        others_once()  # the last round was odd
     return times
 
 
@@ -214,15 +232,27 @@ def paired_ratio(times: dict, numerator: str, denominator: str) -> tuple:
     return statistics.median(ratios), ratios
 
 
+# Timed variants of mmfast itself (another mode of the same op), not baselines: they get a time
+# column but no "speedup vs", and are never a row's primary baseline.
+MMFAST_MODES = ("static_plan", "triton")
+
+
+def is_mmfast_mode(name: str) -> bool:
+    return name.startswith("mmfast_") or name in MMFAST_MODES
+
+
 def _time_columns(times: dict) -> dict:
     mmfast_ms = times["mmfast"]
-    columns = {"mmfast_ms": round(mmfast_ms, 4)}
-    baselines = [name for name in times if name != "mmfast"]
+    columns = {"mmfast_ms": round(mmfast_ms, 4), "timed": [name for name in times if name != "mmfast"]}
+    baselines = [name for name in times if name != "mmfast" and not is_mmfast_mode(name)]
     if baselines:
         columns["baseline"] = baselines[0]
-    for name in baselines:
+    for name in times:
+        if name == "mmfast":
+            continue
         columns[f"{name}_ms"] = round(times[name], 4)
-        columns[f"speedup_vs_{name}"] = round(times[name] / mmfast_ms, 2)
+        if not is_mmfast_mode(name):
+            columns[f"speedup_vs_{name}"] = round(times[name] / mmfast_ms, 2)
     return columns
 
 
@@ -235,14 +265,20 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     times: {"mmfast": ms, baseline: ms, ...}, medians measured in the same run (None for
     rows that time nothing, e.g. memory); every baseline gets `<name>_ms` and
     `speedup_vs_<name>` (baseline ms / mmfast ms), the first is the row's primary baseline.
-    floor_bytes: the bytes a perfect kernel moves (gives GB/s and % of the bandwidth floor);
+    floor_bytes: the bytes a perfect kernel moves (gives GB/s and % of the bandwidth floor: that
+    bandwidth is the device's copy bandwidth (CPU: measured; GPU: the datasheet's unless
+    measured_bandwidth), so inputs served from a cache can exceed 100%);
     flops: the useful floating-point operations (gives TFLOP/s). Both need times.
     target / target_met: the issue's target for this row, stated and checked.
     items: (count, unit) processed per call, e.g. (8, "images"): gives the throughput column.
     measured_bandwidth: % of floor against the copy bandwidth measured in this process instead
     of the GPU's datasheet figure (peak_bandwidth).
     """
-    info = {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": machine_name(device)}
+    info = {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": machine_name(device),
+            # the host's 1-minute load per core when the row ended: above 1, other work shared the
+            # cores and the row's times are suspect (summarize.py marks it)
+            "load_per_core": round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+            if hasattr(os, "getloadavg") else None}
     if times:
         info.update(_time_columns(times))
     mmfast_ms = times["mmfast"] if times else None
@@ -256,8 +292,8 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
         info["tflops"] = round(flops / (mmfast_ms * 1e-3) / 1e12, 4)
     if items is not None and mmfast_ms:
         info["throughput"] = f"{items[0] / (mmfast_ms * 1e-3):.3g} {items[1]}/s"
-    if target is not None:
-        info["target"], info["target_met"] = target, bool(target_met)
+    if target is not None:  # target_met None: not decided by this row (e.g. no such hardware)
+        info["target"], info["target_met"] = target, None if target_met is None else bool(target_met)
     info.update(extra)
     benchmark.extra_info.update(info)
     return info

@@ -1,7 +1,7 @@
 """LinFusion's ultra-high-resolution cascade (mmfast.models.linfusion.generate_highres): time and
 peak memory, measured against the memory model's prediction and against softmax attention.
 
-a. test_tiny_cascade: the tiny random pipeline + LinFusion, 2 upscaling stages (32x64 -> 128x256
+a. test_tiny_cascade: the tiny random pipeline + LinFusion, 2 upscaling stages (64x32 -> 256x128, width x height
    px), every memory knob on. Time of the whole cascade (median after a warm-up run) and, per
    stage, size, strength, denoising steps, seconds, measured peak (total and above the stage's
    start) next to estimate_highres_memory's prediction and the ratio predicted / measured.

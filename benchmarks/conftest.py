@@ -1,10 +1,13 @@
 """Benchmark configuration: the Triton interpreter on GPU-less machines, the device fixture,
-rows written as each benchmark ends (MMFAST_BENCH_ROWS). Helpers (timing, bandwidth,
-record_metrics) are in _utils.py."""
+one marker per family (`-m vq` runs bench_vq.py: `-k vq` would also pick the VQGAN's and other
+names), rows written as each benchmark ends (MMFAST_BENCH_ROWS), the torch version and thread
+count in pytest-benchmark's machine info. Helpers (timing, bandwidth, record_metrics) are in
+_utils.py."""
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,26 @@ if not torch.cuda.is_available():
 import mmfast  # noqa: E402,F401
 
 from _utils import bench_device  # noqa: E402
+
+
+FAMILIES = sorted(path.stem[len("bench_"):] for path in Path(__file__).parent.glob("bench_*.py"))
+
+
+def pytest_configure(config):
+    for family in FAMILIES:
+        config.addinivalue_line("markers", f"{family}: the benchmarks of bench_{family}.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        family = Path(str(item.fspath)).stem[len("bench_"):]
+        if family in FAMILIES:
+            item.add_marker(getattr(pytest.mark, family))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch"] = torch.__version__
+    machine_info["threads"] = torch.get_num_threads()
 
 
 @pytest.fixture

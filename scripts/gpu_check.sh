@@ -125,7 +125,9 @@ if [[ $STEPS == *" bench "* ]]; then
     (cd benchmarks && MMFAST_BENCH_ROWS="$REPORT_DIR/$stem.rows.jsonl" $PY -m pytest -q -p no:cacheprovider \
        --benchmark-json="$REPORT_DIR/$stem.json" "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || file_rc=$?
     [ $file_rc -eq 0 ] || bench_rc=$file_rc
-    $PY benchmarks/summarize.py "$REPORT_DIR/$stem.json" --markdown "$REPORT_DIR/$stem.md" \
+    rows="$REPORT_DIR/$stem.json"  # cut off before pytest wrote it: the rows that finished
+    [ -f "$rows" ] || rows="$REPORT_DIR/$stem.rows.jsonl"
+    $PY benchmarks/summarize.py "$rows" --markdown "$REPORT_DIR/$stem.md" \
       --plot "$REPORT_DIR/$stem.png" >>"$REPORT_DIR/bench.txt" 2>&1 || true
     echo "gpu-check: $file done (rc=$file_rc)" | tee -a "$REPORT_DIR/bench.txt"
   done
