@@ -9,8 +9,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from mmfast import reference
-from mmfast.ops import (decode_attention, decode_linear, linear_attention, masked_conv2d, masked_group_norm,
-                        masked_linear, vq_dequantize, vq_quantize)
+from mmfast.ops import (decode_attention, decode_linear, kv_cache_append, linear_attention, masked_conv2d,
+                        masked_group_norm, masked_linear, vq_dequantize, vq_quantize)
 
 torch.manual_seed(0)
 _F64 = dict(dtype=torch.float64)
@@ -68,6 +68,7 @@ def _autocast_cases():
     ones = torch.ones(2, 4, dtype=torch.bool)
     conv_w, lin_w, gn_w = torch.randn(2, 4, 4, 3, 3), torch.randn(2, 4, 4), torch.randn(2, 4)
     x4, x3, q = torch.randn(2, 4, 5, 5).to(_BF16), torch.randn(2, 6, 4).to(_BF16), torch.randn(2, 6, 2, 8)
+    lengths = torch.tensor([4, 6], dtype=torch.int32)
     return [
         ("masked_conv2d", lambda x, w: masked_conv2d(x, w, None, codes, mask, mask, padding=1), (x4, conv_w), _BF16),
         ("masked_linear", lambda x, w: masked_linear(x, w, None, codes, ones, mask), (x3, lin_w), _BF16),
@@ -75,6 +76,9 @@ def _autocast_cases():
         ("decode_linear", lambda x, w: decode_linear(x, w), (x3.reshape(12, 4), lin_w[0]), _BF16),
         ("vq_quantize", lambda z, c: vq_quantize(z, c, return_distance=True)[1], (x3, lin_w[0]), torch.float32),
         ("linear_attention", lambda a, b: linear_attention(a, b, b), (q.to(_BF16), q), _BF16),
+        # the static cache keeps its dtype (fp32 here): the queries follow it
+        ("decode_attention", lambda q_, cache: decode_attention(q_, cache, cache, lengths),
+         (q[:, :1].to(_BF16), torch.randn(2, 6, 2, 8)), torch.float32),
     ]
 
 
@@ -121,3 +125,27 @@ def test_autocast_through_a_tiny_vqgan_and_aptp_unet():
             out = unet(sample, timestep, text, torch.tensor([0, 1]))
     assert out.isfinite().all()
     assert (out.float() - reference_out).abs().max() <= 0.1 * reference_out.abs().max()
+
+
+def test_autocast_through_a_liquid_generation():
+    """decode_linear's bf16 outputs meet fp32 static caches: the appended tokens and the queries
+    follow the caches' dtype (before: a TypeError at the first append)."""
+    pytest.importorskip("transformers")
+    from mmfast.models.liquid import generate_text
+    from mmfast.testing.tiny_liquid import tiny_liquid_lm
+
+    lm = tiny_liquid_lm("llama")
+    prompts = torch.randint(3, 300, (2, 5), generator=torch.Generator().manual_seed(0))
+    lm.setup_caches(2, 32)
+    expected = generate_text(lm, prompts, max_new_tokens=4, compile=False)
+    with torch.autocast("cpu", dtype=_BF16):
+        tokens = generate_text(lm, prompts, max_new_tokens=4, compile=False)
+    assert tokens.shape == expected.shape and lm.model.layers[0].self_attn.kv_cache.k_cache.dtype == torch.float32
+
+
+def test_autocast_appends_new_tokens_in_the_caches_dtype():
+    k_cache, v_cache = torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8)
+    new = torch.randn(1, 1, 1, 8)
+    with torch.autocast("cpu", dtype=_BF16):
+        kv_cache_append(k_cache, v_cache, new.to(_BF16), new.to(_BF16), torch.zeros(1, dtype=torch.int32))
+    assert torch.equal(k_cache[0, 0], new.to(_BF16).float()[0, 0])

@@ -5,7 +5,8 @@ Which implementation runs each call is chosen by mmfast.set_backend / use_backen
 
 Under torch.autocast the ops with a weight or several float inputs cast them as torch casts
 its own op of that kind (ops/_autocast.py: conv / linear / attention to the region's dtype,
-group_norm and the VQ search to fp32); decode_attention, kv_cache_append and sample do not.
+group_norm and the VQ search to fp32; decode_attention's queries and kv_cache_append's new
+tokens to the static caches' dtype); sample takes any float logits.
 torch.func's differentiating transforms and forward-mode AD raise NotImplementedError (the
 gradients are torch.library backward formulas); vmap and reverse mode work.
 """

@@ -10,15 +10,22 @@ _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
-def autocast_inputs(policy: str, device: torch.device, *tensors: Optional[torch.Tensor]):
+def autocast_inputs(policy, device: torch.device, *tensors: Optional[torch.Tensor]):
     """`tensors` as torch.autocast would give them to an op of the same kind, inside an enabled
     autocast region of their device type; unchanged outside one. policy "lower": to the region's
     dtype (torch's conv2d / linear / matmul / SDPA); "fp32": to float32 (torch's group_norm and
-    cdist). Only fp32 / fp16 / bf16 tensors on that device type are cast, as torch casts; a weight
-    is cast on every call (torch's own cast cache is not reachable from Python)."""
+    cdist); a torch.dtype: to that dtype (a static KV cache's: the new tokens and queries follow
+    the cache, which keeps the dtype it was made with). Only fp32 / fp16 / bf16 tensors on that
+    device type are cast, as torch casts; a weight is cast on every call (torch's own cast cache
+    is not reachable from Python)."""
     device_type = device.type
     if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
+    if isinstance(policy, torch.dtype):
+        dtype = policy
+        if dtype not in _ELIGIBLE:  # an fp64 cache: nothing to follow (autocast leaves fp64 alone)
+            return tensors
+    else:
+        dtype = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
     return tuple(t.to(dtype) if t is not None and t.dtype in _ELIGIBLE and t.device.type == device_type else t
                  for t in tensors)

@@ -320,6 +320,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     check_tensors("kv_cache_append",
                   {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens},
                   differentiable=False)
+    k, v = autocast_inputs(k_cache.dtype, k_cache.device, k, v)  # the new tokens follow the cache's dtype
     check_append_needs_no_grad(k_cache, v_cache, k, v)
     _check_caches_not_inference("kv_cache_append", k_cache, v_cache)
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
@@ -357,6 +358,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     devices, a window that is not an int, a scale or softcap that is not a finite number, D = 0.
     """
     check_tensors("decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens})
+    q, = autocast_inputs(k_cache.dtype, k_cache.device, q)  # the queries follow the cache's dtype
     _check_attention_scalars(q, scale, softcap, window)
     window = window or 0
     chosen = _backend.resolve("decode_attention", q.device, backend)
