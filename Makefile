@@ -60,12 +60,13 @@ test: build cmake-test sanitize
 	cd tests && $(VPY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(PYTEST_ARGS)
 
 # -v: each benchmark's line as it ends (some take minutes); -rs: why each skipped one skipped. The
-# summary is printed even when a benchmark fails (make then fails with pytest's status).
+# summary is printed even when a benchmark fails (make then fails with pytest's status, else with
+# summarize's); a stale build/bench.json is removed first, never summarized as this run's.
 bench: build
-	mkdir -p build
+	mkdir -p build && rm -f build/bench.json
 	cd benchmarks && $(VPY) -m pytest -v -rs -p no:cacheprovider --benchmark-json=../build/bench.json $(PYTEST_ARGS); \
 	  status=$$?; cd .. && $(VPY) benchmarks/summarize.py build/bench.json --markdown build/bench.md \
-	  --plot build/bench.png; exit $$status
+	  --plot build/bench.png; summary=$$?; [ $$status -ne 0 ] && exit $$status; exit $$summary
 
 cmake-test:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null

@@ -256,6 +256,14 @@ def _time_columns(times: dict) -> dict:
     return columns
 
 
+def _load_per_core() -> Optional[float]:
+    """The host's 1-minute load over the cores this process may use (its CPU affinity), or None."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return round(os.getloadavg()[0] / (cores or 1), 2)
+
+
 def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtype, times: Optional[dict],
                    floor_bytes: Optional[float] = None, flops: Optional[float] = None,
                    target: Optional[str] = None, target_met: Optional[bool] = None,
@@ -277,8 +285,7 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     info = {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": machine_name(device),
             # the host's 1-minute load per core when the row ended: above 1, other work shared the
             # cores and the row's times are suspect (summarize.py marks it)
-            "load_per_core": round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
-            if hasattr(os, "getloadavg") else None}
+            "load_per_core": _load_per_core()}
     if times:
         info.update(_time_columns(times))
     mmfast_ms = times["mmfast"] if times else None

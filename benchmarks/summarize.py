@@ -48,17 +48,27 @@ def load(path):
     if str(path).endswith(".jsonl"):
         latest = OrderedDict()
         with open(path) as f:
-            for line in f:
-                if line.strip():
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                    latest.pop(row.get("test"), None)
-                    latest[row.get("test")] = row
+                except ValueError:  # the last line of a run killed mid-write
+                    print(f"summarize: {path}:{number} is not a whole JSON row; skipped", file=sys.stderr)
+                    continue
+                latest.pop(row.get("test"), None)
+                latest[row.get("test")] = row
         rows = [dict(row, _family=_family(row.get("test", ""))) for row in latest.values() if "op" in row]
         return rows, [], {}, {}, ""
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        benchmarks = data["benchmarks"]
+    except (ValueError, KeyError, TypeError) as error:
+        sys.exit(f"summarize: {path} is not a complete pytest-benchmark JSON file ({type(error).__name__}: "
+                 f"{error}); a run cut off before it ended writes none: summarize its MMFAST_BENCH_ROWS file")
     rows, missing = [], []
-    for bench in data["benchmarks"]:
+    for bench in benchmarks:
         info = bench.get("extra_info", {})
         if "op" in info:
             rows.append(dict(info, _family=_family(bench.get("fullname", ""))))

@@ -121,6 +121,7 @@ if [[ $STEPS == *" bench "* ]]; then
     [ -n "$file" ] || continue
     stem=${file%.py}
     file_rc=0
+    rm -f "$REPORT_DIR/$stem.json" "$REPORT_DIR/$stem.rows.jsonl"  # a reused report folder: this run's only
     # ... and a row per benchmark as it ends (MMFAST_BENCH_ROWS): a file cut off mid-way keeps those
     (cd benchmarks && MMFAST_BENCH_ROWS="$REPORT_DIR/$stem.rows.jsonl" $PY -m pytest -q -p no:cacheprovider \
        --benchmark-json="$REPORT_DIR/$stem.json" "$file" ${GPU_BENCH_ARGS:-}) >>"$REPORT_DIR/bench.txt" 2>&1 || file_rc=$?

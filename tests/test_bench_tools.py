@@ -44,6 +44,10 @@ def test_paired_rounds_alternate_and_stay_aligned(rounds, order):
     assert (median, ratios) == (3.0, [2.0, 3.0, 4.0])  # the median of per-round ratios, not of times
 
 
+def test_summarize_knows_the_same_mmfast_modes():
+    assert tuple(summarize.MODES) == tuple(utils.MMFAST_MODES)  # summarize.py runs without torch: a copy
+
+
 def test_time_columns_keep_mmfast_modes_out_of_the_speedups():
     columns = utils._time_columns({"mmfast": 2.0, "static_plan": 1.0, "dense": 8.0, "mmfast_eager": 3.0})
     assert columns["baseline"] == "dense" and columns["speedup_vs_dense"] == 4.0
@@ -103,7 +107,17 @@ def test_summary_of_a_rows_file_keeps_each_tests_last_row(tmp_path):
     assert "4.0" in result.stdout and "5.0" not in result.stdout and "== decode" in result.stdout
 
 
-def test_summary_of_a_missing_file_says_why(tmp_path):
+def test_summary_of_a_missing_or_cut_off_file_says_why(tmp_path):
     result = subprocess.run([sys.executable, str(_BENCHMARKS / "summarize.py"), str(tmp_path / "none.json")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "does not exist" in result.stderr and "MMFAST_BENCH_ROWS" in result.stderr
+    (tmp_path / "cut.json").write_text('{"benchmarks": [{"fullname": "x"')
+    result = subprocess.run([sys.executable, str(_BENCHMARKS / "summarize.py"), str(tmp_path / "cut.json")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "not a complete pytest-benchmark JSON file" in result.stderr
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"test": "bench_vq.py::t", **_row("vq_quantize")}) + '\n{"test": "bench_vq.py::u", "op')
+    result = subprocess.run([sys.executable, str(_BENCHMARKS / "summarize.py"), str(rows)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "rows.jsonl:2 is not a whole JSON row" in result.stderr
+    assert "vq_quantize" in result.stdout

@@ -440,6 +440,13 @@ def test_group_norm_takes_a_1_by_c_affine_as_shared(backend):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     y.sum().backward()
     assert per_code.grad.shape == (2, 8)
+    # invalid forms are passed as given: the error names the argument and the shape the caller passed
+    for w, b, name, shape in ((torch.randn(1, 7), None, "weight", r"[(\[]1, 7[)\]]"),  # native: [1, 7]
+                              (torch.randn(8), torch.randn(3, 8), "bias", r"[(\[]3, 8[)\]]"),
+                              (torch.randn(2, 8), torch.randn(1, 7), "bias", r"[(\[]1, 7[)\]]")):
+        with pytest.raises(ValueError, match=f"{name} must be .* got shape {shape}"):
+            masked_group_norm(x, None if w is None else w.double(), None if b is None else b.double(), 4, codes, mask,
+                              backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

@@ -1,6 +1,7 @@
-"""torch.func and forward-mode AD around mmfast's ops (found by an op-level trial: jvp gave a
-silent zero tangent, forward_ad none, grad a misleading autograd.Function error). The
-differentiating transforms raise a NotImplementedError that names the alternatives; vmap and
+"""PyTorch's transforms and autocast around mmfast's ops (found by an op-level trial: jvp gave a
+silent zero tangent, forward_ad none, grad a misleading autograd.Function error; autocast
+regions raised TypeError). On the compiled backends the differentiating transforms raise a
+NotImplementedError that names the alternatives; the reference backend takes them; vmap and
 reverse mode work, and torch.autograd.functional.jvp (reverse mode twice) gives the JVP."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+import mmfast
 from mmfast import reference
 from mmfast.ops import (decode_attention, decode_linear, kv_cache_append, linear_attention, masked_conv2d,
                         masked_group_norm, masked_linear, vq_dequantize, vq_quantize)
@@ -48,6 +50,23 @@ def test_differentiating_transforms_raise_and_vmap_works(op):
         torch.testing.assert_close(f(x), f(x.clone()))  # no tangent: runs
     stacked = torch.stack([x, 2 * x])
     torch.testing.assert_close(torch.func.vmap(f)(stacked), torch.stack([f(x), f(2 * x)]))
+    with forward_ad.dual_level():  # vmap inside a dual level, no tangent on the op's inputs: runs
+        torch.testing.assert_close(torch.func.vmap(f)(stacked), torch.stack([f(x), f(2 * x)]))
+    with pytest.raises(NotImplementedError, match=f"{op}: torch.func's differentiating transforms"):
+        torch.func.grad(lambda t: torch.func.vmap(f)(t).sum())(stacked)  # found beneath the vmap level
+
+
+@pytest.mark.parametrize("op", ["linear_attention", "masked_group_norm", "decode_linear"])
+def test_the_reference_backend_takes_every_transform(op):
+    """backend='reference' is plain torch ops: torch.func.grad and jvp work on it (a review of the
+    refusal above found it refused there too)."""
+    with mmfast.use_backend("reference"):
+        f, x = OPS[op], torch.randn(2, 5, 2, 4, **_F64)
+        grad = torch.func.grad(lambda t: f(t).square().sum())(x)
+        x_leaf = x.clone().requires_grad_()
+        expected = torch.autograd.grad(f(x_leaf).square().sum(), x_leaf)[0]
+        torch.testing.assert_close(grad, expected)
+        torch.func.jvp(f, (x,), (torch.ones_like(x),))
 
 
 def test_reverse_mode_jvp_is_the_references():
@@ -86,7 +105,9 @@ def _autocast_cases():
 def test_autocast_casts_inputs_as_torch_casts_its_ops(case):
     """Found by an op-level trial: under torch.autocast a bf16 activation met an fp32 weight and
     every mmfast op with a weight raised TypeError. Now each casts as torch casts the op of its
-    kind: conv / linear / attention to the region's dtype, group_norm and cdist (VQ) to fp32."""
+    kind: conv / linear / attention to the region's dtype,
+    group_norm and cdist (VQ) to fp32 (torch's CUDA rule, on the CPU too), decode_attention's
+    queries to the cache's dtype."""
     op, f, inputs, dtype = case
     with torch.autocast("cpu", dtype=_BF16):
         got = f(*inputs)

@@ -51,44 +51,46 @@ def check_same(op: str, tensors: dict, attr: str, error=TypeError) -> None:
         raise error(f"{op}: all inputs must have the same {attr}, got {described}")
 
 
-def check_tensors(op: str, tensors: dict, optional: tuple = (), differentiable: bool = True) -> None:
+def check_tensors(op: str, tensors: dict, optional: tuple = ()) -> None:
     """TypeError unless every value of `tensors` ({name: value}) is a torch.Tensor (those named in
     `optional` may also be None): a list or a number would otherwise fail deep inside with an
-    AttributeError or the dispatcher's cast error. For an op with a gradient (differentiable),
-    also check_no_forward_transforms."""
+    AttributeError or the dispatcher's cast error."""
     for name, value in tensors.items():
         if value is None and name in optional:
             continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if differentiable:
-        check_no_forward_transforms(op, tensors.values())
 
 
-def check_no_forward_transforms(op: str, tensors) -> None:
+def check_no_forward_transforms(op: str, backend: str, *tensors) -> None:
     """NotImplementedError under torch.func's differentiating transforms (grad, vjp, jacrev, jvp,
-    jacfwd, hessian) and forward-mode AD: mmfast's gradients are torch.library backward
-    formulas, which those cannot use (PyTorch gives jvp a silent zero tangent, forward_ad none,
-    and grad a misleading autograd.Function error). vmap and reverse mode work. Two C calls when
-    no transform is active; skipped while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return
-    transform_active = torch._C._functorch.maybe_current_level() is not None
-    if not transform_active and torch.autograd.forward_ad._current_level < 0:
+    jacfwd, hessian) and forward-mode AD, for an op with a gradient on a compiled backend: its
+    gradient is a torch.library backward formula, which those cannot use (PyTorch gives jvp a
+    silent zero tangent, forward_ad none, and grad a misleading autograd.Function error). The
+    reference backend (plain torch ops) takes every transform; vmap and reverse mode work on all.
+    A grad transform is found under any vmap levels around it (grad(vmap(f))). Two C calls when no
+    transform is active; skipped while torch.compile traces."""
+    functorch, forward_ad = torch._C._functorch, torch.autograd.forward_ad
+    transform_active = functorch.maybe_current_level() is not None
+    if (not transform_active and forward_ad._current_level < 0) or backend == "reference" \
+            or torch.compiler.is_compiling():
         return
     for t in tensors:
         if t is None:
             continue
-        if transform_active and torch._C._functorch.is_gradtrackingtensor(t):
-            raise NotImplementedError(
-                f"{op}: torch.func's differentiating transforms (grad, vjp, jacrev, jvp, jacfwd, hessian) are not "
-                "supported: mmfast's gradients are backward formulas registered with torch.library, which they "
-                "cannot use (jvp would get a silent zero tangent). Differentiate with torch.autograd "
-                "(loss.backward(), torch.autograd.grad; torch.autograd.functional.jacobian / jvp use reverse mode). "
-                "torch.func.vmap is supported.")
-        forward_ad = torch.autograd.forward_ad
+        while transform_active and functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_gradtrackingtensor(t):
+                raise NotImplementedError(
+                    f"{op}: torch.func's differentiating transforms (grad, vjp, jacrev, jvp, jacfwd, hessian) are "
+                    "not supported on its compiled backends: their gradients are backward formulas registered with "
+                    "torch.library, which these transforms cannot use (jvp would get a silent zero tangent). "
+                    "Differentiate with torch.autograd (loss.backward(), torch.autograd.grad; "
+                    "torch.autograd.functional.jacobian / jvp use reverse mode), or pass backend='reference'. "
+                    "torch.func.vmap is supported.")
+            t = functorch.get_unwrapped(t)  # a vmap level: look beneath it
         if forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
-                f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported: mmfast's ops register a "
-                "backward formula only, and PyTorch would drop the tangent without a word. Use reverse mode "
-                "(torch.autograd.grad), or torch.autograd.functional.jvp, which computes a JVP with it.")
+                f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported on its compiled backends: they "
+                "register a backward formula only, and PyTorch would drop the tangent without a word. Use reverse "
+                "mode (torch.autograd.grad), torch.autograd.functional.jvp (which computes a JVP with it), or "
+                "backend='reference'.")

@@ -20,7 +20,7 @@ import torch
 
 from .. import _backend, _extension, reference
 from ._autocast import autocast_inputs
-from ._checks import check_float, check_same, check_tensors, is_integer, is_real
+from ._checks import check_float, check_no_forward_transforms, check_same, check_tensors, is_integer, is_real
 
 __all__ = ["kv_cache_append", "decode_attention", "sample", "decode_linear", "MAX_DECODE_QUERIES",
            "MIN_TEMPERATURE"]
@@ -318,8 +318,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     Matches flash_attn_with_kvcache's in-place append (FlashAttention).
     """
     check_tensors("kv_cache_append",
-                  {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens},
-                  differentiable=False)
+                  {"k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": cache_seqlens})
     k, v = autocast_inputs(k_cache.dtype, k_cache.device, k, v)  # the new tokens follow the cache's dtype
     check_append_needs_no_grad(k_cache, v_cache, k, v)
     _check_caches_not_inference("kv_cache_append", k_cache, v_cache)
@@ -362,6 +361,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_attention_scalars(q, scale, softcap, window)
     window = window or 0
     chosen = _backend.resolve("decode_attention", q.device, backend)
+    check_no_forward_transforms("decode_attention", chosen, q, k_cache, v_cache)
     if chosen != "native":  # the compiled op checks the same in C++
         check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -412,7 +412,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     temperature, top_p and cfg_scale finite numbers (TypeError / ValueError); passing both
     uniform and generator raises ValueError.
     """
-    check_tensors("sample", {"logits": logits, "uniform": uniform}, ("uniform",), differentiable=False)
+    check_tensors("sample", {"logits": logits, "uniform": uniform}, ("uniform",))
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be a 2-D (rows, V) tensor, got shape {tuple(logits.shape)}")
     _check_sample_scalars(temperature, top_k, top_p, cfg_scale)
@@ -492,6 +492,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     # Called once per projection per decode step: the reshapes only when x is not (M, K).
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     chosen = _backend.resolve("decode_linear", x.device, backend)
+    check_no_forward_transforms("decode_linear", chosen, x, weight, bias)
     if chosen != "native":  # the compiled op checks the same in C++
         check_linear(rows, weight, bias)
     if chosen == "reference":

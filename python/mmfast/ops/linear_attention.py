@@ -22,7 +22,7 @@ from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.linear_attention import FEATURE_MAPS
 from ._autocast import autocast_inputs
-from ._checks import check_float, check_rank, check_same, check_tensors, is_real
+from ._checks import check_float, check_no_forward_transforms, check_rank, check_same, check_tensors, is_real
 
 __all__ = ["linear_attention", "linear_attention_state", "linear_attention_apply"]
 
@@ -298,6 +298,7 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     check_eps(eps)
     check_feature_map(feature_map)  # here too: the native schema would only say "expected str"
     chosen = _backend.resolve("linear_attention", q.device, backend)
+    check_no_forward_transforms("linear_attention", chosen, q, k, v)
     if chosen == "reference":
         check_qkv(q, k, v, feature_map)
         return reference.linear_attention_ref(q, k, v, eps, feature_map)
@@ -323,6 +324,7 @@ def linear_attention_state(k, v, *, feature_map: str = "elu1", backend: Optional
     k, v = autocast_inputs("lower", k.device, k, v)
     check_feature_map(feature_map, "linear_attention_state")
     chosen = _backend.resolve("linear_attention_state", k.device, backend)
+    check_no_forward_transforms("linear_attention_state", chosen, k, v)
     if chosen == "reference":
         check_kv(k, v, feature_map, "linear_attention_state")
         return reference.linear_attention_state_ref(k, v, feature_map)
@@ -342,6 +344,7 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
     check_eps(eps, "linear_attention_apply")
     check_feature_map(feature_map, "linear_attention_apply")
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)
+    check_no_forward_transforms("linear_attention_apply", chosen, q, state, mean)
     if chosen == "reference":
         check_apply(q, state, mean, feature_map, "linear_attention_apply")
         return reference.linear_attention_apply_ref(q, state, mean, eps, feature_map)

@@ -29,7 +29,7 @@ from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.pruned import conv_output_size
 from ._autocast import autocast_inputs
-from ._checks import check_float, check_same, check_tensors, is_integer, is_real
+from ._checks import check_float, check_no_forward_transforms, check_same, check_tensors, is_integer, is_real
 
 __all__ = ["masked_conv2d", "masked_linear", "masked_group_norm", "keep_packed_weights", "pruned_weight_cache",
            "ACTIVATIONS"]
@@ -171,20 +171,24 @@ def check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_m
                           "channel_mask": channel_mask})
 
 
-def _shared_affine(t: Optional[torch.Tensor], channel_mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """A (1, C) GroupNorm weight / bias of a K > 1 batch as the op's shared (C,) form (a view,
-    so gradients flow back to it); anything else unchanged (the op's checks judge it)."""
-    if t is None or t.dim() != 2 or t.shape[0] != 1 or channel_mask.dim() != 2 or channel_mask.shape[0] == 1:
-        return t
-    return t[0]
-
-
-def _affine_forms(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
-    """A shared (C,) weight or bias beside a per-code (K, C) other one, expanded to (K, C): the
-    op takes both in one form (masked_conv2d likewise takes a (1, Cout) bias beside K weights)."""
-    if weight is not None and bias is not None and {weight.dim(), bias.dim()} == {1, 2}:
-        codes = (weight if weight.dim() == 2 else bias).shape[0]
-        weight, bias = (t if t.dim() == 2 else t.expand(codes, -1).contiguous() for t in (weight, bias))
+def _affine_forms(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], x: torch.Tensor,
+                  channel_mask: torch.Tensor):
+    """The op takes weight and bias both shared (C,) or both per code (K, C). Valid other forms
+    are rewritten to that: a (1, C) one as shared (a view: gradients flow back to it), as
+    masked_conv2d's K = 1 weight; a shared one beside a per-code one expanded to (K, C), as
+    masked_conv2d takes a (1, Cout) bias beside K weights. Anything else is passed as given, so
+    that the checks name the shapes the caller passed."""
+    if x.dim() < 2 or channel_mask.dim() != 2:
+        return weight, bias
+    channels, codes = x.shape[1], channel_mask.shape[0]
+    form = {(channels,): "shared", (1, channels): "shared", (codes, channels): "per code"}
+    forms = [None if t is None else form.get(tuple(t.shape)) for t in (weight, bias)]
+    if any(t is not None and f is None for t, f in zip((weight, bias), forms)):
+        return weight, bias
+    weight, bias = (t[0] if t is not None and t.dim() == 2 and f == "shared" and codes != 1 else t
+                    for t, f in zip((weight, bias), forms))
+    if "per code" in forms and "shared" in forms:
+        weight, bias = (t if t is None or t.dim() == 2 else t.expand(codes, -1).contiguous() for t in (weight, bias))
     return weight, bias
 
 
@@ -397,6 +401,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                               "in_mask": in_mask, "out_mask": out_mask}, ("bias",))
     x, weight, bias = autocast_inputs("lower", x.device, x, weight, bias)  # as F.conv2d
     chosen = _backend.resolve("masked_conv2d", x.device, backend)
+    check_no_forward_transforms("masked_conv2d", chosen, x, weight, bias)
     if chosen == "native":  # the compiled op checks the same in C++ (a UNet step calls this ~70 times)
         stride, padding, dilation = (_pair("masked_conv2d", "stride", stride, 1),
                                      _pair("masked_conv2d", "padding", padding, 0),
@@ -427,18 +432,19 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     pre-sliced experts the same way. Entries are keyed by the weight's storage (held weakly),
     offset, shape, dtype and version counter (an in-place op on the weight or a view of it is a
     new version) and by the code's kept channels (CUDA: by both masks' storages and versions),
-    so a changed mask or an in-place update is repacked. Not seen: writes through an alias with
-    a version counter of its own (``weight.data``, as gradcheck makes, ``.numpy()``, DLPack,
-    ``set_``, the untyped storage) and in-place updates that bump no version (torch's optimizers
-    with ``fused=True``), which would be served stale: the reason this is opt-in, and meant for
-    sampling, not training (a grad-enabled call on a weight that requires grad warns once). Not kept: inference tensors (no
-    version counter), non-contiguous weights, and anything past budget_mb MiB (then packed per
-    call; nothing is evicted, since a UNet visits its layers in a cycle, where
-    least-recently-used eviction would miss every time). The budget is process-wide (not
-    per thread); on exit the previous budget comes back and every kept weight is dropped, the
-    outer block's too when blocks nest. Outside any block the budget is
-    MMFAST_PRUNED_WEIGHT_CACHE_MB (read once; default 0, off). Raises ValueError for a negative
-    budget, RuntimeError without the compiled extension.
+    so a changed mask or an in-place update is repacked. Not seen: writes through an alias with a
+    version counter of its own (``weight.data``, as gradcheck makes, ``.numpy()``, DLPack, ``set_``,
+    the untyped storage) and in-place updates that bump no version (torch's optimizers with
+    ``fused=True``), which would be served stale: the reason this is opt-in, and meant for sampling,
+    not training (a grad-enabled call on a weight that requires grad warns once). Not kept:
+    inference tensors (no version counter), non-contiguous weights, and anything past budget_mb MiB
+    (then packed per call; nothing is evicted, since a UNet visits its layers in a cycle, where
+    least-recently-used eviction would miss every time). The budget is process-wide (not per
+    thread); on exit the previous budget comes back and every kept weight is dropped, the outer
+    block's too when blocks nest. Outside any block the budget is MMFAST_PRUNED_WEIGHT_CACHE_MB
+    (read once; default 0, off). Under torch.autocast a weight of another dtype is cast anew on
+    every call, a new tensor each time: nothing is kept then (cast the model instead). Raises
+    ValueError for a negative budget, RuntimeError without the compiled extension.
     """
     if not is_integer(budget_mb) or budget_mb < 0:
         raise ValueError(f"keep_packed_weights: budget_mb must be an int >= 0 (MiB), got {budget_mb!r}")
@@ -496,6 +502,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                               "in_mask": in_mask, "out_mask": out_mask}, ("bias",))
     x, weight, bias = autocast_inputs("lower", x.device, x, weight, bias)  # as F.linear
     chosen = _backend.resolve("masked_linear", x.device, backend)
+    check_no_forward_transforms("masked_linear", chosen, x, weight, bias)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
     if chosen == "reference":
@@ -511,9 +518,10 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                       backend: Optional[str] = None) -> torch.Tensor:
     """GroupNorm of each sample's pruned expert (+ SiLU), for a mixed-code batch.
 
-    x: (B, C, *) float; weight / bias: (C,) or (1, C) shared (as masked_conv2d's K = 1 weight),
-    or (K, C) per code (fine-tuned experts differ), or None, each in either form; num_groups divides C (groups of C / num_groups contiguous channels);
-    sample_codes (B,) int in [0, K); channel_mask (K, C) bool. Statistics of group g of sample
+    x: (B, C, *) float; weight / bias: (C,) or (1, C) shared (as masked_conv2d's K = 1 weight), or (K,
+    C) per code (fine-tuned experts differ), or None, each in either form; num_groups divides C
+    (groups of C / num_groups contiguous channels); sample_codes (B,) int in [0, K); channel_mask
+    (K, C) bool. Statistics of group g of sample
     b run over the channels its code keeps (torch.nn.GroupNorm's biased variance), in fp32
     (fp64): with whole groups kept or dropped, as APTP prunes, this is exactly the GroupNorm of
     the physically pruned expert. activation: None or "silu" (fused). Masked channels are
@@ -525,9 +533,10 @@ def masked_group_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                                         "channel_mask": channel_mask}, ("weight", "bias"))
     silu = _check_activation(activation)
     check_group_norm_scalars(num_groups, eps)
-    x, weight, bias = autocast_inputs("fp32", x.device, x, weight, bias)  # as F.group_norm
-    weight, bias = _affine_forms(_shared_affine(weight, channel_mask), _shared_affine(bias, channel_mask))
+    x, weight, bias = autocast_inputs("fp32", x.device, x, weight, bias)  # as F.group_norm on CUDA
+    weight, bias = _affine_forms(weight, bias, x, channel_mask)
     chosen = _backend.resolve("masked_group_norm", x.device, backend)
+    check_no_forward_transforms("masked_group_norm", chosen, x, weight, bias)
     if chosen != "native":  # the compiled op checks the same in C++
         check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps)
     if chosen == "reference":

@@ -20,7 +20,7 @@ from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
 from ..reference.vq import VQ_METRICS
 from ._autocast import autocast_inputs
-from ._checks import check_float, check_same, check_tensors
+from ._checks import check_float, check_no_forward_transforms, check_same, check_tensors
 
 __all__ = ["vq_quantize", "vq_dequantize", "vq_codebook_sqnorm"]
 
@@ -168,7 +168,7 @@ def vq_codebook_sqnorm(codebook: torch.Tensor) -> torch.Tensor:
     """||e_c||^2 per code, (K,) fp32 (fp64 for fp64 codebooks): compute once, pass to every
     vq_quantize call with the same codebook (metric "l2"). codebook: (K, D) float32 / float16 /
     bfloat16 / float64. Raises ValueError (not 2-D, empty), TypeError (non-tensor, dtype)."""
-    check_tensors("vq_codebook_sqnorm", {"codebook": codebook}, differentiable=False)  # torch ops: any transform
+    check_tensors("vq_codebook_sqnorm", {"codebook": codebook})
     check_codebook("vq_codebook_sqnorm", codebook)
     return codebook.to(accumulation_dtype(codebook.dtype)).pow(2).sum(-1)
 
@@ -201,6 +201,7 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
         acc = accumulation_dtype(z.dtype)
         z, codebook = F.normalize(z.to(acc), dim=-1), F.normalize(codebook.to(acc), dim=-1)
     chosen = _backend.resolve("vq_quantize", z.device, backend)
+    check_no_forward_transforms("vq_quantize", chosen, z, codebook)
     if chosen == "reference":
         indices, distance = reference.vq_quantize_ref(z, codebook, "l2")
     else:
@@ -224,6 +225,7 @@ def vq_dequantize(indices, codebook, *, channels_first: bool = False, backend: O
     check_tensors("vq_dequantize", {"indices": indices, "codebook": codebook})
     check_dequantize(indices, codebook, channels_first)
     chosen = _backend.resolve("vq_dequantize", indices.device, backend)
+    check_no_forward_transforms("vq_dequantize", chosen, codebook)
     # The native CPU kernel raises IndexError itself; the reference and the Triton interpreter
     # are checked here (a host synchronisation, skipped under torch.compile).
     if chosen != "native" and indices.device.type == "cpu" and not torch.compiler.is_compiling():
