@@ -486,6 +486,17 @@ def test_sample_rejects_scalars_it_would_coerce():
             sample(logits, uniform=torch.zeros(3), backend=backend)
 
 
+def test_sample_propagates_shapes_under_fake_tensor_mode():
+    """An op-level trial: the eager checks that read values (invalid rows, u in [0, 1)) raised
+    DataDependentOutputException under FakeTensorMode (shape propagation, export tooling)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.randn(4, 50)
+        for kwargs in ({}, {"temperature": 0.0}, {"uniform": torch.rand(4)}, {"cfg_scale": 2.0}):
+            assert sample(logits, **kwargs).shape == ((2,) if "cfg_scale" in kwargs else (4,))
+
+
 def test_sample_with_a_generator_under_torch_compile_says_what_to_do():
     logits = sampler_logits(2, 50, "cpu")
     compiled = torch.compile(lambda x, g: sample(x, generator=g, return_status=True), fullgraph=True,

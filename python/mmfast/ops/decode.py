@@ -86,7 +86,7 @@ def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor
     v_cache over the same or overlapping bytes): an append would write one slot through another
     and lose tokens (torch's in-place ops refuse the same). The native op checks the same in C++.
     Not judged while torch.compile traces, nor for fake and meta tensors (no memory)."""
-    if torch.compiler.is_compiling() or k_cache.is_meta or torch._subclasses.fake_tensor.is_fake(k_cache):
+    if torch.compiler.is_compiling() or k_cache.is_meta or _is_fake(k_cache):
         return
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if torch._debug_has_internal_overlap(t) == 1:  # 1: yes; 2: too hard to tell (not refused)
@@ -120,6 +120,11 @@ def _check_caches_not_inference(op: str, k_cache: torch.Tensor, v_cache: torch.T
             raise RuntimeError(f"{op}: {name} is an inference tensor (made under torch.inference_mode()), and an "
                                "in-place update to one outside inference mode is not allowed (as in torch): append "
                                "under torch.inference_mode(), or make the caches outside it")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensorMode tensor (shape propagation, export): its values cannot be read."""
+    return torch._subclasses.fake_tensor.is_fake(t)
 
 
 def check_append_needs_no_grad(k_cache, v_cache, k, v) -> None:
@@ -420,7 +425,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     if uniform is not None and generator is not None:
         raise ValueError("sample: pass either uniform (the draws) or generator (to draw them), not both")
     if (temperature > 0 and isinstance(uniform, torch.Tensor) and uniform.device.type == "cpu"
-            and uniform.is_floating_point() and not torch.compiler.is_compiling()
+            and uniform.is_floating_point() and not torch.compiler.is_compiling() and not _is_fake(uniform)
             and not bool(((uniform >= 0) & (uniform < 1)).all())):  # greedy never reads u: no check per step
         raise ValueError(f"sample: uniform must hold numbers in [0, 1), got values from {uniform.min().item()} "
                          f"to {uniform.max().item()}")
@@ -446,7 +451,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
                                                               float(top_p), cfg)
     if return_status:
         return tokens, status
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and bool(status.any()):
+    if (logits.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(status)
+            and bool(status.any())):
         bad = status.nonzero().flatten().tolist()
         raise ValueError(f"sample: logits rows {bad[:8]} hold a NaN or +inf, or are all -inf (after the CFG mix): "
                          "nothing to sample from")
