@@ -323,6 +323,21 @@ def test_apply_rejects_mismatched_state():
         linear_attention_apply(q, state.double(), mean, backend="reference")
 
 
+def test_apply_to_no_queries_gives_an_empty_result():
+    """An op-level trial: q with 0 tokens was refused ("N must be at least 1"), though a given
+    state needs no tokens of q (a split's empty last chunk)."""
+    q, k, v = make_qkv((1, 5, 2, 8, 6), torch.float64, "cpu")
+    state, mean = linear_attention_state(k, v)
+    empty = q[:, :0].clone().requires_grad_()
+    state = state.clone().requires_grad_()
+    out = linear_attention_apply(empty, state, mean)
+    assert out.shape == (1, 0, 2, 6) and out.dtype == torch.float64
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape and state.grad.eq(0).all()
+    with pytest.raises(ValueError, match="state must be"):  # still checked
+        linear_attention_apply(q[:, :0], state[:, :1], mean)
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"] + (["triton"] if HAS_TRITON else []))
 def test_state_and_apply_errors_name_their_own_op(backend):
     device = TRITON_DEVICE if backend == "triton" else "cpu"

@@ -20,6 +20,7 @@ import torch
 
 from .. import _backend, _extension, reference
 from .._dtypes import accumulation_dtype
+from ..reference._graph import connected
 from ..reference.linear_attention import FEATURE_MAPS
 from ._autocast import autocast_inputs
 from ._checks import check_float, check_no_forward_transforms, check_rank, check_same, check_tensors, is_real
@@ -336,13 +337,17 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
     """out_i = phi(q_i) S / (phi(q_i) . m + eps) for q (B, N, H, Dk) and the (state, mean) of
     linear_attention_state (fp32; fp64 for fp64 q) -> (B, N, H, Dv), q's dtype. Differentiable.
     With the same feature_map and eps it equals linear_attention(q, k, v) (LinFusion's
-    normalised linear attention); q may hold a different number of tokens than k and v.
+    normalised linear attention); q may hold a different number of tokens than k and v, none
+    included (an empty result, zero gradients).
     Raises ValueError (shapes, eps < 0 or not finite, feature_map), TypeError (non-tensors,
     dtypes, devices, eps not a number)."""
     check_tensors("linear_attention_apply", {"q": q, "state": state, "mean": mean})
     q, = autocast_inputs("lower", q.device, q)  # state and mean stay in the accumulation dtype
     check_eps(eps, "linear_attention_apply")
     check_feature_map(feature_map, "linear_attention_apply")
+    if q.dim() == 4 and q.shape[1] == 0:  # no queries (a split's empty last chunk): nothing to apply
+        check_apply(q.new_empty((q.shape[0], 1, *q.shape[2:])), state, mean, feature_map, "linear_attention_apply")
+        return connected(q.new_zeros((q.shape[0], 0, q.shape[2], state.shape[-1])), (q, state, mean))
     chosen = _backend.resolve("linear_attention_apply", q.device, backend)
     check_no_forward_transforms("linear_attention_apply", chosen, q, state, mean)
     if chosen == "reference":
