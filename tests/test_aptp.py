@@ -3,6 +3,7 @@ sliced expert UNets, CFG, checkpoints, and the router."""
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -73,6 +74,34 @@ def test_mixed_batch_equals_sliced_experts(setup):
     # diffusers' pipelines pass return_dict=False (a new-user trial got a 10,000-character TypeError)
     as_tuple = model(x, t, text, torch.tensor(CODES), return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], actual)
+
+
+@torch.no_grad()
+def test_one_model_serves_several_threads(setup):
+    """A systems trial: two threads sharing one AptpUNet read each other's sample codes (68 of 80
+    outputs wrong, no error); the codes are per thread now, and none are left set afterwards."""
+    import threading
+
+    _, experts, model = setup
+    x, t, text = tiny_inputs(4)
+    batches = [torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 1, 1])]
+    expected = [model(x, t, text, codes) for codes in batches]
+    failures = []
+
+    def run(index):
+        for _ in range(6):
+            if not torch.equal(model(x, t, text, batches[index]), expected[index]):
+                failures.append(index)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert model.state.codes is None
+    copy_ = copy.deepcopy(model)  # the per-thread state copies (empty)
+    assert torch.equal(copy_(x, t, text, batches[0]), expected[0])
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -39,32 +40,45 @@ Expert = Tuple[Union[nn.Module, Mapping[str, torch.Tensor]], ArchitectureCode]
 
 
 class CodeState:
-    """The architecture codes (B,) of the rows the coded layers are running on."""
+    """The architecture codes (B,) of the rows the coded layers are running on, per thread: one
+    AptpUNet serves several threads at once (shared, the codes of one thread's batch were read
+    by the other's layers: wrong outputs without an error)."""
 
     def __init__(self):
-        self.codes: Optional[torch.Tensor] = None
-        self._as_tuple: Optional[Tuple[int, ...]] = None
+        self._local = threading.local()
+
+    def __getstate__(self):  # deepcopy / pickle: no codes are set outside forward
+        return {}
+
+    def __setstate__(self, state):
+        self._local = threading.local()
+
+    @property
+    def codes(self) -> Optional[torch.Tensor]:
+        return getattr(self._local, "codes", None)
 
     def get(self) -> torch.Tensor:
-        if self.codes is None:
+        codes = self.codes
+        if codes is None:
             raise RuntimeError("APTP coded layer called outside AptpUNet.forward: no sample codes are set")
-        return self.codes
+        return codes
 
     def as_tuple(self) -> Tuple[int, ...]:
         """The codes as Python ints: read from the device once per use() (one host sync), for
         layers that plan on the host (CodedAttnProcessor)."""
-        if self._as_tuple is None:
-            self._as_tuple = tuple(self.get().tolist())
-        return self._as_tuple
+        if getattr(self._local, "as_tuple", None) is None:
+            self._local.as_tuple = tuple(self.get().tolist())
+        return self._local.as_tuple
 
     @contextlib.contextmanager
     def use(self, codes: torch.Tensor):
-        previous = self.codes, self._as_tuple
-        self.codes, self._as_tuple = codes, None
+        local = self._local
+        previous = getattr(local, "codes", None), getattr(local, "as_tuple", None)
+        local.codes, local.as_tuple = codes, None
         try:
             yield
         finally:
-            self.codes, self._as_tuple = previous
+            local.codes, local.as_tuple = previous
 
 
 # --- coded layers --------------------------------------------------------------------------------
