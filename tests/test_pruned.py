@@ -140,9 +140,26 @@ def test_kept_packed_weights_are_reused_and_never_stale(linear):
     _call(linear, *args)
     assert _kept() == (0, 0)
     for budget in (-1, 1.5):
-        with pytest.raises(ValueError, match=r"budget_mb must be an int >= 0 \(MiB\)"):
+        with pytest.raises(ValueError, match=r"budget_mb must be an int in \[0, 2\*\*62\) \(MiB\)"):
             with keep_packed_weights(budget):
                 pass
+
+
+def test_kept_packed_weights_blocks_exiting_out_of_order():
+    """A systems trial: blocks in two threads that exit out of order (A enters, B enters, A
+    exits, B exits) left the budget on after both, and later calls used stale weights."""
+    pruned_weight_cache(clear=True)
+    a, b = keep_packed_weights(100), keep_packed_weights(200)
+    a.__enter__()
+    b.__enter__()
+    assert pruned_weight_cache()["budget_mb"] == 200
+    a.__exit__(None, None, None)
+    assert pruned_weight_cache()["budget_mb"] == 200  # B's block is still open
+    b.__exit__(None, None, None)
+    assert pruned_weight_cache() == {"entries": 0, "bytes": 0, "budget_mb": 0}
+    with pytest.raises(ValueError, match="budget_mb must be an int"):
+        with keep_packed_weights(2**70):
+            pass
 
 
 def test_kept_packed_weights_warn_once_when_a_trained_weight_meets_them(monkeypatch):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from typing import Iterator, Optional, Sequence, Union
 
@@ -417,6 +418,16 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                                          list(stride), list(padding), list(dilation))
 
 
+class _OpenPlans(list):
+    """The keep_packed_weights blocks open in any thread, oldest first, and the budget before the
+    first of them (restored when the last one exits, whatever the order of exits)."""
+    base = 0
+
+
+_open_plans = _OpenPlans()
+_plan_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     """A static plan for masked_conv2d / masked_linear: inside the block, packed weights are made
@@ -442,18 +453,28 @@ def keep_packed_weights(budget_mb: int = 1024) -> Iterator[None]:
     least-recently-used eviction would miss every time). The budget is process-wide (not per
     thread); on exit the previous budget comes back and every kept weight is dropped, the outer
     block's too when blocks nest. Outside any block the budget is MMFAST_PRUNED_WEIGHT_CACHE_MB
-    (read once; default 0, off). Under torch.autocast a weight of another dtype is cast anew on
+    (read once; default 0, off). Blocks in several threads share the one budget: the newest open
+    block's holds, and the budget from before the first comes back when the last one exits, in
+    whatever order they exit. Under torch.autocast a weight of another dtype is cast anew on
     every call, a new tensor each time: nothing is kept then (cast the model instead). Raises
     ValueError for a negative budget, RuntimeError without the compiled extension.
     """
-    if not is_integer(budget_mb) or budget_mb < 0:
-        raise ValueError(f"keep_packed_weights: budget_mb must be an int >= 0 (MiB), got {budget_mb!r}")
+    if not is_integer(budget_mb) or budget_mb < 0 or budget_mb >= 2**62:
+        raise ValueError(f"keep_packed_weights: budget_mb must be an int in [0, 2**62) (MiB), got {budget_mb!r}")
     _require_extension("keep_packed_weights")
-    previous = torch.ops.mmfast.pruned_weight_cache(int(budget_mb), False)[2]
+    block = object()
+    with _plan_lock:  # blocks of several threads may exit in any order: the newest open one's budget holds
+        if not _open_plans:
+            _open_plans.base = torch.ops.mmfast.pruned_weight_cache(-1, False)[2]
+        _open_plans.append((block, int(budget_mb)))
+        torch.ops.mmfast.pruned_weight_cache(int(budget_mb), False)
     try:
         yield
     finally:
-        torch.ops.mmfast.pruned_weight_cache(previous, True)
+        with _plan_lock:
+            _open_plans[:] = [entry for entry in _open_plans if entry[0] is not block]
+            budget = _open_plans[-1][1] if _open_plans else _open_plans.base
+            torch.ops.mmfast.pruned_weight_cache(budget, True)
 
 
 _warned_kept_while_training = False
