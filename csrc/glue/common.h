@@ -9,7 +9,13 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define MMFAST_HAS_PTHREAD_ATFORK 1
+#endif
 
 #include "glue/cpu_output_pool.h"
 #include "mmfast/common.h"
@@ -67,6 +73,17 @@ constexpr int64_t kMaxBudgetMb = int64_t(1) << 30;
 // The budget in MiB that environment variable `name` sets: a whole number >= 0 (unset or empty:
 // `unset`), capped at kMaxBudgetMb; anything else is a ValueError naming the variable and what
 // 0 means (raised by the first op that reads it).
+// Holds the mutex that Mutex() returns across fork(): a fork while another thread holds it (a
+// kept-weight pack, a pool update) would leave it held in the child forever, and the child's
+// first call would deadlock. The forking thread takes it first; parent and child release it.
+// Register once, from the owner's constructor.
+template <std::mutex& (*Mutex)()>
+inline void hold_across_fork() {
+#if defined(MMFAST_HAS_PTHREAD_ATFORK)
+  pthread_atfork([] { Mutex().lock(); }, [] { Mutex().unlock(); }, [] { Mutex().unlock(); });
+#endif
+}
+
 inline int64_t budget_mb_from_env(const char* name, int64_t unset, const char* zero_means) {
   const char* text = std::getenv(name);
   if (text == nullptr || *text == '\0') return unset;

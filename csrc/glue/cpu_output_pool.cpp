@@ -18,10 +18,6 @@
 #include <deque>
 #include <mutex>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <pthread.h>
-#endif
-
 #include "glue/common.h"
 #include "mmfast/cpu/memory.h"
 
@@ -95,13 +91,7 @@ class OutputBlockPool final : public c10::Allocator {
   }
 
  private:
-  OutputBlockPool() : budget_mb_(initial_budget_mb()) {
-#if defined(MMFAST_HAS_MMAP)
-    // A fork() while another thread holds the lock would leave it held in the child forever.
-    pthread_atfork([] { instance_lock().lock(); }, [] { instance_lock().unlock(); },
-                   [] { instance_lock().unlock(); });
-#endif
-  }
+  OutputBlockPool() : budget_mb_(initial_budget_mb()) { hold_across_fork<&OutputBlockPool::instance_lock>(); }
   static std::mutex& instance_lock() { return instance().mutex_; }
 
   static void release(void* context) {

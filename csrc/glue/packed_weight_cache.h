@@ -129,7 +129,8 @@ class PackedWeightCache {
     }
   };
 
-  PackedWeightCache() : budget_mb_(initial_budget_mb()) {}
+  PackedWeightCache() : budget_mb_(initial_budget_mb()) { hold_across_fork<&PackedWeightCache::instance_lock>(); }
+  static std::mutex& instance_lock() { return instance().mutex_; }
 
   // MMFAST_PRUNED_WEIGHT_CACHE_MB (unset or empty: 0).
   static int64_t initial_budget_mb() {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import warnings
 from typing import Iterator, Optional, Sequence, Union
@@ -426,6 +427,15 @@ class _OpenPlans(list):
 
 _open_plans = _OpenPlans()
 _plan_lock = threading.Lock()
+
+
+def _new_plan_lock_in_child():  # a fork while another thread held it would leave the child's held
+    global _plan_lock
+    _plan_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_plan_lock_in_child)
 
 
 @contextlib.contextmanager
