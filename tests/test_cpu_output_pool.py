@@ -133,9 +133,12 @@ def test_outputs_freed_on_other_threads_come_back(pool):
     assert (stats["idle_blocks"], stats["idle_bytes"]) == (4, 32 * MIB)
 
 
-def test_negative_budget_is_a_value_error():
-    with pytest.raises(ValueError, match="budget_mb must be >= 0"):
-        cpu_output_pool(budget_mb=-1)
+def test_bad_budgets_are_value_errors():
+    # a systems trial: 1.5 and True were set as 1 MiB, "8" gave a bare comparison error, 2**70 the
+    # schema's "expected int, found int"
+    for bad in (-1, 1.5, True, "8", 2**70):
+        with pytest.raises(ValueError, match=r"budget_mb must be an int in \[0, 2\*\*62\) MiB"):
+            cpu_output_pool(budget_mb=bad)
 
 
 SCRIPT = """

@@ -371,6 +371,30 @@ def test_backend_selection_global_and_scoped():
         mmfast.set_backend("auto")
 
 
+def test_scoped_backend_stays_with_its_thread_and_asyncio_task():
+    """A systems trial: use_backend was thread-local, so two asyncio tasks on one thread ran with
+    each other's backends and the loop's thread was left on one for good."""
+    import asyncio
+    import threading
+
+    async def task(backend, delay):
+        with mmfast.use_backend(backend):
+            await asyncio.sleep(delay)
+            return backend, mmfast.get_backend()
+
+    async def both():
+        return await asyncio.gather(task("reference", 0.02), task("native", 0.04))
+
+    assert asyncio.run(both()) == [("reference", "reference"), ("native", "native")]
+    assert mmfast.get_backend() == "auto"
+    seen = []
+    with mmfast.use_backend("reference"):
+        thread = threading.Thread(target=lambda: seen.append(mmfast.get_backend()))
+        thread.start()
+        thread.join()
+    assert seen == ["auto"]  # a new thread starts from the process default
+
+
 def test_native_backend_without_a_kernel_says_so():
     # Meta tensors run (the fake kernels, test_linear_attention_numerics.py); XPU has no kernels.
     with pytest.raises(RuntimeError, match="no kernel for xpu tensors"):

@@ -589,3 +589,18 @@ def test_generation_runs_on_the_triton_backend():
         tokens = generate_text(model, prompts, max_new_tokens=3)
     if expected is not None:
         assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gemma2"])
+def test_every_model_type_pickles(model_type):
+    """A systems trial: Gemma's and Gemma-2's GELU was a lambda, so their models could not be
+    pickled (torch.save(model), a spawn process)."""
+    import pickle
+
+    from mmfast.testing.tiny_liquid import tiny_liquid_lm
+
+    model = tiny_liquid_lm(model_type)
+    restored = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(3, 300, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids), model(ids), rtol=0, atol=0)

@@ -9,7 +9,7 @@ Backends, the same for every op family:
               device, else an error naming the slower backends: never a silent fallback.
 
 Pick one per call (backend="triton"), for a scope (`with mmfast.use_backend("triton")`,
-this thread only) or for the process (mmfast.set_backend("triton")).
+this thread and asyncio task only) or for the process (mmfast.set_backend("triton")).
 
 This module knows op names only: the Triton kernels are imported by name the first time
 the "triton" backend is asked for, so no backend module imports mmfast.ops.
@@ -17,8 +17,8 @@ the "triton" backend is asked for, so no backend module imports mmfast.ops.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
-import threading
 from typing import Optional
 
 import torch
@@ -30,7 +30,9 @@ BACKENDS = ("auto", "native", "triton", "reference")
 NAMESPACES = {"native": "mmfast", "triton": "mmfast_triton"}
 _KERNEL_MODULES = {"triton": "mmfast.triton"}
 
-_state = threading.local()
+# use_backend's scope: a context variable, so a scope stays with its thread and its asyncio task
+# (a thread-local leaked between tasks sharing the event loop's thread)
+_scoped_backend: contextvars.ContextVar = contextvars.ContextVar("mmfast_backend", default=None)
 _global_backend = "auto"
 _imported_kernel_modules: set = set()
 
@@ -48,19 +50,19 @@ def set_backend(backend: str) -> None:
 
 def get_backend() -> str:
     """The backend ops use when none is passed: the innermost use_backend, else set_backend's."""
-    return getattr(_state, "backend", None) or _global_backend
+    return _scoped_backend.get() or _global_backend
 
 
 @contextlib.contextmanager
 def use_backend(backend: str):
-    """Context manager: ops called inside use `backend` (this thread only)."""
+    """Context manager: ops called inside use `backend` (this thread and asyncio task only: a
+    contextvars scope)."""
     validate(backend)
-    previous = getattr(_state, "backend", None)
-    _state.backend = backend
+    token = _scoped_backend.set(backend)
     try:
         yield
     finally:
-        _state.backend = previous
+        _scoped_backend.reset(token)
 
 
 def validate(backend: str) -> None:

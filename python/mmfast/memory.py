@@ -161,8 +161,10 @@ def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dic
     """
     from . import _extension
 
-    if budget_mb is not None and budget_mb < 0:
-        raise ValueError(f"cpu_output_pool: budget_mb must be >= 0 (0 turns the pool off), got {budget_mb}")
+    if budget_mb is not None and (isinstance(budget_mb, bool) or not hasattr(type(budget_mb), "__index__")
+                                  or not 0 <= budget_mb < 2**62):
+        raise ValueError(f"cpu_output_pool: budget_mb must be an int in [0, 2**62) MiB (0 turns the pool off), "
+                         f"got {budget_mb!r}")
     if not _extension.loaded():
         raise RuntimeError(f"cpu_output_pool: {_extension.describe_missing(torch.device('cpu'))}")
     blocks, idle, live, budget = torch.ops.mmfast.cpu_output_pool(-1 if budget_mb is None else int(budget_mb), clear)

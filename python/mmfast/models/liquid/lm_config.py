@@ -10,10 +10,15 @@ import torch.nn.functional as F
 __all__ = ["LiquidLMConfig", "MODEL_TYPES", "ACTIVATIONS"]
 
 MODEL_TYPES = ("llama", "gemma", "gemma2")
+def gelu_tanh(x):
+    """transformers' gelu_pytorch_tanh / gelu_new (a named function: a model holding it pickles)."""
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATIONS = {
     "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
     "gelu": F.gelu,
 }
 
