@@ -483,6 +483,13 @@ def test_python_m_mmfast_help_and_json():
     assert facts["build vs sources"].startswith(("current", "STALE", "unknown")), facts["build vs sources"]
     wrong = subprocess.run([sys.executable, "-m", "mmfast", "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unrecognized arguments: --frobnicate" in wrong.stderr
+    # bad settings the ops read lazily are flagged here (a systems trial saw only the raw value)
+    bad = subprocess.run([sys.executable, "-m", "mmfast", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "MMFAST_CPU_OUTPUT_POOL_MB": "abc", "MMFAST_CPU_HUGE_PAGES": "yes",
+                              "MMFAST_PRUNED_WEIGHT_CACHE_MB": "64"})
+    settings = json.loads(bad.stdout)["MMFAST_* settings"]
+    assert "ERROR: must be a whole number" in settings["MMFAST_CPU_OUTPUT_POOL_MB"]
+    assert "ERROR: must be 0 or 1" in settings["MMFAST_CPU_HUGE_PAGES"] and settings["MMFAST_PRUNED_WEIGHT_CACHE_MB"] == "64"
     assert facts["GPUs"] is None if not torch.cuda.is_available() else len(facts["GPUs"]) == torch.cuda.device_count()
     assert "NVIDIA driver" in facts
 

@@ -187,7 +187,7 @@ def test_kept_packed_weights_warn_once_when_a_trained_weight_meets_them(monkeypa
 
 
 @pytest.mark.parametrize("value, expected", [("48", "48"), ("", "0"), ("-3", "must be a whole number"),
-                                             ("1e3", "must be a whole number")])
+                                             ("1e3", "must be a whole number"), ("+5", "must be a whole number")])
 def test_packed_weight_budget_from_the_environment(value, expected):
     script = ("import torch, mmfast\n"
               "from mmfast.ops import masked_linear, pruned_weight_cache\n"

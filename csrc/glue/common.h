@@ -90,7 +90,8 @@ inline int64_t budget_mb_from_env(const char* name, int64_t unset, const char* z
   char* end = nullptr;
   errno = 0;
   const long long mb = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0, name, " must be a whole number of MiB >= 0 (0: ",
+  // digits only: strtoll would also take a sign or leading spaces ("+5", " 7")
+  TORCH_CHECK_VALUE(errno == 0 && *end == '\0' && mb >= 0 && *text >= '0' && *text <= '9', name, " must be a whole number of MiB >= 0 (0: ",
                     zero_means, "), got '", text, "'");
   return std::min<int64_t>(mb, kMaxBudgetMb);
 }

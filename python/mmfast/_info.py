@@ -40,7 +40,8 @@ def collect() -> dict:
         "Triton": _triton_version(),
         "packages": _package_versions(("numpy", "safetensors", "diffusers", "transformers", "tqdm")),
         "default backend": _backend.get_backend(),
-        "MMFAST_* settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("MMFAST_")},
+        "MMFAST_* settings": {name: _setting(name, value) for name, value in sorted(os.environ.items())
+                              if name.startswith("MMFAST_")},
     }
     return facts
 
@@ -132,6 +133,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The settings the compiled ops read lazily (a bad value raises ValueError from the first op that
+# reads it, which may be much later): judged here as glue/common.h judges them.
+_WHOLE_MIB = ("MMFAST_CPU_OUTPUT_POOL_MB", "MMFAST_PRUNED_WEIGHT_CACHE_MB")
+_SWITCHES = ("MMFAST_CPU_HUGE_PAGES",)
+
+
+def _setting(name: str, value: str) -> str:
+    if name in _WHOLE_MIB and value != "" and not (value.isdigit() and value.isascii()):
+        return f"{value!r} (ERROR: must be a whole number of MiB >= 0; ops reading it raise ValueError)"
+    if name in _SWITCHES and value not in ("", "0", "1"):
+        return f"{value!r} (ERROR: must be 0 or 1; ops reading it raise ValueError)"
+    return value
 
 
 def _cpu_fact(op: str):
