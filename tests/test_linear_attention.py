@@ -489,7 +489,8 @@ def test_python_m_mmfast_help_and_json():
                               "MMFAST_PRUNED_WEIGHT_CACHE_MB": "64"})
     settings = json.loads(bad.stdout)["MMFAST_* settings"]
     assert "ERROR: must be a whole number" in settings["MMFAST_CPU_OUTPUT_POOL_MB"]
-    assert "ERROR: must be 0 or 1" in settings["MMFAST_CPU_HUGE_PAGES"] and settings["MMFAST_PRUNED_WEIGHT_CACHE_MB"] == "64"
+    assert "ERROR: must be 0 or 1" in settings["MMFAST_CPU_HUGE_PAGES"]
+    assert settings["MMFAST_PRUNED_WEIGHT_CACHE_MB"] == "64"
     assert facts["GPUs"] is None if not torch.cuda.is_available() else len(facts["GPUs"]) == torch.cuda.device_count()
     assert "NVIDIA driver" in facts
 
