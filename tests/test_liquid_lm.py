@@ -604,3 +604,45 @@ def test_every_model_type_pickles(model_type):
     ids = torch.randint(3, 300, (1, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(restored(ids), model(ids), rtol=0, atol=0)
+
+
+def test_a_second_thread_generating_on_one_model_is_refused_in_words():
+    """A systems trial: three threads calling generate_images on one LiquidLM failed with "the
+    caches hold up to 20 of 20 tokens ... call setup_caches", pointing at the wrong fix. The one
+    static KV cache serves one generation at a time: the second thread now gets a RuntimeError
+    saying so, and a deepcopy per thread works."""
+    import threading
+
+    from mmfast.models.liquid import generate_text
+    from mmfast.models.liquid import generate as generate_module
+    from mmfast.testing.tiny_liquid import tiny_liquid_lm
+
+    model = tiny_liquid_lm("llama")
+    prompts = torch.randint(3, 300, (1, 4), generator=torch.Generator().manual_seed(0))
+    expected = generate_text(model, prompts, max_new_tokens=3)
+    errors = []
+    with generate_module._one_generation(model, "test"):  # as if another thread were generating
+        thread = threading.Thread(target=lambda: errors.append(_raised(lambda: generate_text(model, prompts,
+                                                                                            max_new_tokens=3))))
+        thread.start()
+        thread.join()
+    assert errors and "generating in another thread" in errors[0] and "copy.deepcopy" in errors[0]
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    results = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, generate_text(copies[i], prompts,
+                                                                                         max_new_tokens=3)))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(result, expected) for result in results)
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=3), expected)  # the lock was released
+
+
+def _raised(fn) -> str:
+    try:
+        fn()
+    except RuntimeError as error:
+        return str(error)
+    return ""

@@ -10,8 +10,11 @@ after its first (eager, warm-up) call; see DecodeStep.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -178,6 +181,27 @@ def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
         model.setup_caches(batch, tokens)
 
 
+_generation_locks: "weakref.WeakKeyDictionary[LiquidLM, threading.Lock]" = weakref.WeakKeyDictionary()
+_generation_locks_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_generation(model: LiquidLM, what: str):
+    """RuntimeError when another thread is generating with `model`: its static KV cache holds one
+    generation at a time (several threads on one model failed with a misleading cache-size
+    error, or would have mixed their caches)."""
+    with _generation_locks_lock:
+        lock = _generation_locks.setdefault(model, threading.Lock())
+    if not lock.acquire(blocking=False):
+        raise RuntimeError(f"{what}: this LiquidLM is generating in another thread, and its static KV cache holds one "
+                           "generation at a time: give each thread its own model (copy.deepcopy(model) shares no "
+                           "cache)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _as_ids(name: str, ids) -> torch.Tensor:
     """A 1-D int64 CPU tensor of token ids from a list, a (L,) or a (1, L) tensor."""
     if isinstance(ids, (list, tuple)) and len(ids) == 0:
@@ -268,22 +292,23 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     tokens, lengths = _right_padded(rows)
     device, head = model.device, slice(image_vocab_start, image_vocab_start + image_vocab_size)
     generator = _make_generator(seed, generator, device)
-    _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
+    with _one_generation(model, "generate_images"):
+        _ensure_caches(model, len(rows), tokens.shape[1] + image_tokens)
 
-    step = DecodeStep(model, head, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
-    logits = model.prefill(tokens.to(device), lengths.to(device), logits_rows=head)  # (2n, image_vocab_size)
-    codes = torch.empty((num_images, image_tokens), dtype=torch.int64, device=device)
-    invalid = torch.zeros(num_images, dtype=torch.int32, device=device)
-    for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
-        codes[:, i], status = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                         top_p=top_p, generator=generator, return_status=True)
-        invalid |= status
-        if i + 1 < image_tokens:  # the last code is never fed back (Liquid's loop)
-            pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
-            logits = step((pair + image_vocab_start)[:, None])
-    _check_status(invalid, "generate_images")
-    side = math.isqrt(image_tokens)  # a square: checked above
-    return codes.view(num_images, side, side)
+        step = DecodeStep(model, head, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
+        logits = model.prefill(tokens.to(device), lengths.to(device), logits_rows=head)  # (2n, image_vocab_size)
+        codes = torch.empty((num_images, image_tokens), dtype=torch.int64, device=device)
+        invalid = torch.zeros(num_images, dtype=torch.int32, device=device)
+        for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
+            codes[:, i], status = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                             top_p=top_p, generator=generator, return_status=True)
+            invalid |= status
+            if i + 1 < image_tokens:  # the last code is never fed back (Liquid's loop)
+                pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
+                logits = step((pair + image_vocab_start)[:, None])
+        _check_status(invalid, "generate_images")
+        side = math.isqrt(image_tokens)  # a square: checked above
+        return codes.view(num_images, side, side)
 
 
 def _strip_left_padding(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
@@ -338,25 +363,26 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).reshape(-1).long()
     pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))
     batch = tokens.shape[0]
-    _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens)
+    with _one_generation(model, "generate_text"):
+        _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens)
 
-    step = DecodeStep(model, None, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
-    logits = model.prefill(tokens.to(device), lengths.to(device))
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    invalid = torch.zeros(batch, dtype=torch.int32, device=device)
-    greedy_uniform = None if do_sample else torch.zeros(batch, device=device)  # no random draw when greedy
-    out = []
-    for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
-        new, status = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                                 generator=generator if do_sample else None, uniform=greedy_uniform,
-                                 return_status=True)
-        invalid |= status
-        if eos is not None:
-            new = torch.where(finished, torch.full_like(new, pad), new)
-            finished |= torch.isin(new, eos)
-        out.append(new)
-        if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
-            break
-        logits = step(new[:, None])
-    _check_status(invalid, "generate_text")
-    return torch.stack(out, dim=1)
+        step = DecodeStep(model, None, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
+        logits = model.prefill(tokens.to(device), lengths.to(device))
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        invalid = torch.zeros(batch, dtype=torch.int32, device=device)
+        greedy_uniform = None if do_sample else torch.zeros(batch, device=device)  # no random draw when greedy
+        out = []
+        for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
+            new, status = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                                     generator=generator if do_sample else None, uniform=greedy_uniform,
+                                     return_status=True)
+            invalid |= status
+            if eos is not None:
+                new = torch.where(finished, torch.full_like(new, pad), new)
+                finished |= torch.isin(new, eos)
+            out.append(new)
+            if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
+                break
+            logits = step(new[:, None])
+        _check_status(invalid, "generate_text")
+        return torch.stack(out, dim=1)
