@@ -214,20 +214,29 @@ def test_init_from_sd_unet_follows_the_training_recipe():
 def test_one_step_equals_ddpm_scheduler_step_at_999():
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_config(SD_TURBO_SCHEDULER)
-    scheduler.set_timesteps(1)
-    assert scheduler.timesteps.tolist() == [999]
     # Small eps/x_t differences keep part of x0 inside [-1, 1]: both branches of the clip are checked.
     x_t = torch.randn(2, 4, 8, 8)
     eps = x_t * 0.0684 + 0.05 * torch.randn(2, 4, 8, 8)
+    # sd-turbo's config (clip_sample false): the unclipped formula, as the reference measured.
+    scheduler = DDPMScheduler.from_config(SD_TURBO_SCHEDULER)
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [999]
     expected = scheduler.step(eps, 999, x_t).prev_sample  # its added variance at t=999 is sqrt(1e-20)
-    assert scheduler.config.clip_sample and 0 < (expected.abs() < 1).float().mean() < 1
+    assert not scheduler.config.clip_sample and (expected.abs() > 1).any()
     alpha_bar = float(scheduler.alphas_cumprod[999])
-    torch.testing.assert_close(one_step_x0(x_t, eps, alpha_bar, 1.0), expected, rtol=1e-5, atol=1e-5)
     assert abs(alpha_bar - 0.0046601) < 1e-6
     unclipped = one_step_x0(x_t, eps, alpha_bar)
+    torch.testing.assert_close(unclipped, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unclipped, (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5)
-    assert tiny_diffdis_pipeline().clip_sample_range == 1.0
+    assert tiny_diffdis_pipeline().clip_sample_range is None
+    # A config with clip_sample true (DDPMScheduler's default) clips, and the pipeline follows it.
+    clipping = DDPMScheduler.from_config({**SD_TURBO_SCHEDULER, "clip_sample": True})
+    clipping.set_timesteps(1)
+    expected = clipping.step(eps, 999, x_t).prev_sample
+    assert 0 < (expected.abs() < 1).float().mean() < 1
+    torch.testing.assert_close(one_step_x0(x_t, eps, alpha_bar, 1.0), expected, rtol=1e-5, atol=1e-5)
+    pipe = tiny_diffdis_pipeline()
+    assert type(pipe)(pipe.unet, pipe.vae, clipping, pipe.empty_text_embedding).clip_sample_range == 1.0
 
 
 # --- the pipeline ---------------------------------------------------------------------------
@@ -239,6 +248,33 @@ def test_segment_shapes_and_range(pipe):
     assert [tuple(e.shape) for e in out.edges] == [(70, 90), (64, 40)]
     for m in out.masks + out.edges:
         assert m.dtype == torch.float32 and m.min() >= 0 and m.max() <= 1 and m.max() - m.min() > 0.1
+
+
+def test_input_resize_matches_pils_bilinear_resize():
+    """DiffDIS resizes the uint8 image with PIL's bilinear filter (antialiased when shrinking):
+    thin lines in a 3072 x 2048 image alias under a plain bilinear interpolate (the maps then
+    differ from the official ones), not here; upsampling matches too."""
+    from PIL import Image
+
+    from mmfast.models.diffdis.pipeline import as_rgb_images, resize_input
+
+    pixels = np.full((2048, 3072, 3), 200, np.uint8)
+    pixels[::7] = 10  # 1-pixel lines
+    pixels[:, ::11, 1] = 30
+    for array, size in ((pixels, 1024), (pixels[:300, :500], 1024), (pixels[:700, :900], 256)):
+        array = np.ascontiguousarray(array)
+        ours = resize_input(as_rgb_images(Image.fromarray(array))[0], size)[0]
+        torch.testing.assert_close(ours, official_resize(array, size), rtol=0, atol=2.5 / 255)  # PIL: uint8
+    plain = F.interpolate(as_rgb_images(pixels)[0][None], size=(1024, 1024), mode="bilinear")[0] * 2 - 1
+    assert (plain - official_resize(pixels, 1024)).abs().mean() > 20 / 255  # what antialiasing avoids
+
+
+def official_resize(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """run_inference.py's input: PIL bilinear resize of the uint8 image, then rgb / 255 * 2 - 1."""
+    from PIL import Image
+
+    resized = np.array(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(resized).permute(2, 0, 1).float() / 255 * 2 - 1
 
 
 def test_segment_refuses_a_dtype_given_as_a_string(pipe):

@@ -8,11 +8,16 @@ from typing import Sequence
 
 import torch
 
-# stabilityai/sd-turbo scheduler/scheduler_config.json (DiffDIS loads it as a DDPMScheduler).
+# stabilityai/sd-turbo scheduler/scheduler_config.json (DiffDIS loads it as a DDPMScheduler), with
+# clip_sample false as in that file: shared/reference/diffdis.md measured DDPMScheduler.step at
+# t = 999 equal to the unclipped x0 formula (max |diff| 0.0), and its 553 bytes are the keys below
+# as diffusers 0.24 writes them.
 SD_TURBO_SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "trailing", "trained_betas": None,
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "sigma_max": None,
+    "sigma_min": None, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "trailing",
+    "timestep_type": "discrete", "trained_betas": None, "use_karras_sigmas": False,
 }
 
 

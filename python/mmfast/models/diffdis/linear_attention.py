@@ -1,7 +1,8 @@
 """Linear attention for DiffDIS at high resolution (LinFusion-style, on mmfast.ops.linear_attention).
 
-At 1024 px the five attn1 layers of the top UNet level (128^2 = 16,384 tokens) are 38% of the
-UNet's FLOPs and grow quadratically: 74% at 2048 px. Replacing them by LinFusion's
+At 1024 px the five attn1 layers of the top UNet level (128^2 = 16,384 tokens) take 38% of the
+UNet's FLOPs (all 16 attn1 layers' QK^T and AV: 42%), and their share grows quadratically with
+the side (all attn1 layers: 74% at 2048 px). Replacing them by LinFusion's
 GeneralizedLinearAttention makes them linear in the token count.
 
 This is NOT weight-compatible: DiffDIS fine-tuned every attn1, and linear attention computes

@@ -1,12 +1,13 @@
 """DiffDIS inference: one denoising step from noise to mask (and edge) at 1024 px.
 
 Per view (DiffDIS core/diffdis_pipeline.py, run_inference.py):
-  image -> bilinear resize to resolution x resolution, [-1, 1]
+  image -> bilinear resize to resolution x resolution (antialiased like PIL's, which DiffDIS uses), [-1, 1]
   z_rgb = VAE-encode mean * scaling_factor; the same at 1/2, 1/4, 1/8 image size for SWCI
   x_T ~ N(0, I), shared by the mask and edge halves; t = 999 (1 step, "trailing" spacing)
   eps = UNet(cat([z_rgb, x_T]), t, empty-prompt embedding, BDE, SWCI latents)
-  x0 = clip((x_T - sqrt(1 - abar_t) eps) / sqrt(abar_t), -1, 1)   (DDPMScheduler.step at t = 999:
-       the sd-turbo scheduler config leaves DDPMScheduler's default clip_sample=True in force)
+  x0 = (x_T - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDPMScheduler.step at t = 999; clipped to
+       [-clip_sample_range, clip_sample_range] only when the scheduler config sets clip_sample:
+       sd-turbo's sets it false, and the official step matches the unclipped formula exactly)
   map = mean over RGB of VAE-decode(x0 / scaling_factor), clip to [-1, 1], -> [0, 1], per-map min-max
 then (optional 6-view TTA: hflip x scales 0.75/1/1.25, de-augmented and averaged) resized back
 to the input size. The text encoder is not needed at run time: the empty-prompt embedding is
@@ -122,10 +123,20 @@ def as_rgb_images(images) -> List[torch.Tensor]:
     return [_check_image_tensor(images)]
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
+def _resize(x: torch.Tensor, size, antialias: bool = False) -> torch.Tensor:
+    """Bilinear, align_corners=False. antialias=True: PIL's bilinear filter (widened when shrinking),
+    which DiffDIS applies to the input image and to the maps it resizes back; the SWCI and TTA
+    resizes are F.interpolate without it, as in the official code."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def resize_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] -> (1, 3, resolution, resolution) in [-1, 1]: DiffDIS's input
+    (run_inference.py: PIL bilinear resize to a square, then rgb / 255 * 2 - 1), within PIL's
+    uint8 rounding of its resize (1 / 255)."""
+    return _resize(image[None], (resolution, resolution), antialias=True) * 2 - 1
 
 
 def _view_size(resolution: int, scale: float) -> int:
@@ -344,14 +355,17 @@ class DiffDISPipeline:
 
         images: PIL image(s), (H, W, 3) / (B, H, W, 3) numpy arrays or (3, H, W) / (B, 3, H, W)
           tensors, uint8, uint16 or float in [0, 1] (see as_rgb_images); any size: every image is resized
-          (bilinear, aspect ratio not kept, as DiffDIS does) to resolution x resolution.
+          (bilinear, antialiased when shrinking, aspect ratio not kept: DiffDIS's PIL resize) to
+          resolution x resolution, and each map back to its image's size the same way.
         resolution: processing size in pixels, a multiple of 64 (DiffDIS: 1024).
         mask_only: skip the edge half's up path and VAE decode (37% of the FLOPs at 1024 px); the
           masks equal the full call's up to floating-point rounding (the up path and decode run at
           half the batch, so kernels block differently; x0's x14.6 and the min-max stretch amplify
           it: 3e-5 at 512 px, 2e-4 at 1024 px in fp32 on the scaled benchmark config).
         tta: DiffDIS's 6-view protocol (hflip x 0.75/1/1.25 resolution, rounded to multiples of 64),
-          each view min-max normalised, de-augmented and averaged.
+          each view min-max normalised, de-augmented and averaged: the official run_inference.py
+          always runs it, so tta=True reproduces its maps (and reported metrics) at 6x the cost;
+          the default is one view.
         dtype: compute dtype (None: the modules' dtype); another dtype casts the modules in place, as
           pipe.to(dtype=...) does. bfloat16 is the safe half precision (float16 warns: NaN-prone).
         generator: the x_T noise's generator (DiffDIS draws one x_T per image, shared by mask and edge),
@@ -377,17 +391,17 @@ class DiffDISPipeline:
         masks, edges = [], None if mask_only else []
         batches = [rgb[i:i + batch_size] for i in range(0, len(rgb), batch_size)]
         for batch in _progress(batches, progress, "DiffDIS"):
-            x = torch.cat([_resize(image[None], (resolution, resolution)) for image in batch])
-            x = (x * 2 - 1).to(device=self.device, dtype=dtype)
+            x = torch.cat([resize_input(image, resolution) for image in batch]).to(device=self.device, dtype=dtype)
             maps = self._views(x, resolution, mask_only, tta, generator)
             if not torch.isfinite(maps).all():
                 raise FloatingPointError(f"DiffDISPipeline: non-finite maps in {dtype} (float16 overflows in this "
                                          "model family; use bfloat16 or float32)")
             for index, image in enumerate(batch):
                 size = tuple(image.shape[-2:])
-                masks.append(_resize(maps[index:index + 1], size)[0, 0].float().cpu())
+                masks.append(_resize(maps[index:index + 1].float(), size, antialias=True)[0, 0].cpu())
                 if edges is not None:
-                    edges.append(_resize(maps[len(batch) + index:len(batch) + index + 1], size)[0, 0].float().cpu())
+                    edge = maps[len(batch) + index:len(batch) + index + 1].float()
+                    edges.append(_resize(edge, size, antialias=True)[0, 0].cpu())
         return DiffDISOutput(masks, edges)
 
     __call__ = segment
