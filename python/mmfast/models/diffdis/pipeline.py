@@ -313,7 +313,9 @@ class DiffDISPipeline:
     def prepare_unet_inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> UNetInputs:
         """(b, 3, R, R) in [-1, 1] (R a multiple of 64) -> the UNet inputs of one view, for
         segmenting and for distilling (LinFusionDistiller(unet, ...)(sample, timestep,
-        encoder_hidden_states, target=noise.repeat(2, 1, 1, 1), rgb_latents=rgb_latents)).
+        encoder_hidden_states, None, rgb_latents=rgb_latents): x_T here is pure noise, whose
+        noise is not the answer, so no denoising target; with ground-truth masks, DiffDIS's
+        training input add_noise(mask / edge latents, noise, 999) with the noise as target).
         No gradient: the VAE is frozen in DiffDIS, so the inputs of a batch can be reused.
         """
         from diffusers.utils.torch_utils import randn_tensor

@@ -2,13 +2,15 @@
 
 loss = MSE(eps_student, target) + 0.5 * MSE(eps_student, eps_teacher)
        + 0.5 * mean over attn1 layers of MSE(attn_student, attn_teacher)
+(LinFusion's distill.py; target=None drops the first term, for inputs whose noise is not the
+answer, such as DiffDIS's x_T of pure noise at inference.)
 One UNet serves as both: the teacher pass runs with the original attn1 modules put
 back (LinFusion.unmounted()), so no second copy of the UNet is held in memory.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,24 +36,28 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a.float(), b.float())
 
 
-def distillation_loss(student_pred: torch.Tensor, target: torch.Tensor, teacher_pred: torch.Tensor,
+def distillation_loss(student_pred: torch.Tensor, target: Optional[torch.Tensor], teacher_pred: torch.Tensor,
                       student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor],
                       teacher_weight: float = 0.5, feature_weight: float = 0.5) -> Tuple[torch.Tensor, Dict]:
-    """Returns (total loss, {"denoise", "teacher", "feature"} detached parts); fp32 math."""
+    """Returns (total loss, {"denoise", "teacher", "feature"} detached parts); fp32 math.
+    target None: no denoising term (parts["denoise"] is None)."""
     if len(student_attn) != len(teacher_attn) or not student_attn:
         raise ValueError(
             f"distillation_loss: need the same non-zero number of student and teacher attn1 outputs, "
             f"got {len(student_attn)} and {len(teacher_attn)}"
         )
     for name, other in (("target", target), ("teacher_pred", teacher_pred)):
-        if other.shape != student_pred.shape:  # F.mse_loss would broadcast with only a warning
+        if other is not None and other.shape != student_pred.shape:  # F.mse_loss would broadcast, warning only
             raise ValueError(f"distillation_loss: {name} must have the prediction's shape "
                              f"{tuple(student_pred.shape)}, got {tuple(other.shape)}")
-    denoise = _mse(student_pred, target)
     teacher = _mse(student_pred, teacher_pred)
     feature = torch.stack([_mse(s, t) for s, t in zip(student_attn, teacher_attn)]).mean()
-    total = denoise + teacher_weight * teacher + feature_weight * feature
-    parts = {"denoise": denoise.detach(), "teacher": teacher.detach(), "feature": feature.detach()}
+    total = teacher_weight * teacher + feature_weight * feature
+    denoise = None if target is None else _mse(student_pred, target)
+    if denoise is not None:
+        total = denoise + total
+    parts = {"denoise": None if denoise is None else denoise.detach(), "teacher": teacher.detach(),
+             "feature": feature.detach()}
     return total, parts
 
 
@@ -83,7 +89,9 @@ class LinFusionDistiller:
         return pred, _one_output_each(captured, who)
 
     def __call__(self, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
-        """target: the denoising target (the noise for epsilon-prediction). Returns (loss, parts)."""
+        """target: the denoising target (the noise added to clean latents, for epsilon-prediction),
+        or None where the inputs hold no known answer (DiffDIS's x_T of pure noise: the student
+        then learns the teacher's prediction and attn1 features only). Returns (loss, parts)."""
         teacher_modules = self.linfusion.original_attention_modules()
         with torch.no_grad(), self.linfusion.unmounted():
             teacher_pred, teacher_attn = self._predict(
