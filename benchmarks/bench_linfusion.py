@@ -191,7 +191,7 @@ def test_unet_step_latency(benchmark, sd15_width_unet, impl):
 
     if impl == "linfusion" and ("unet", "sdpa") not in _measured_ms:  # run alone (-k): its baseline here
         _measured_ms[("unet", "sdpa")] = median_ms(run, rounds=UNET_ROUNDS)
-    linfusion = LinFusion.construct_for(unet) if impl == "linfusion" else None
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False) if impl == "linfusion" else None
     try:
         benchmark.group = f"linfusion-unet-step-{UNET_LATENT * 8}px"
         ms = run_timed(benchmark, run, DEVICE, rounds=UNET_ROUNDS, warmup=1)

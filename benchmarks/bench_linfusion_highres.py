@@ -193,7 +193,7 @@ def cascade_worker(height, width, strengths, steps, options, rounds):
     from mmfast.testing.tiny_diffusers import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0).to(DEVICE)
-    LinFusion.construct_for(pipe)
+    LinFusion.construct_for(pipe, load_pretrained=False)
     memory = MemoryOptions(**options)
 
     def run():
@@ -224,7 +224,7 @@ def unet_worker(impl, pixels, rounds):
         with torch.inference_mode(), mmfast.use_backend(BACKEND):
             return unet(sample, timestep, text).sample
 
-    linfusion = LinFusion.construct_for(unet) if impl == "linfusion" else None
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False) if impl == "linfusion" else None
     try:
         with PeakMemory(DEVICE) as meter:
             out = run()
@@ -278,7 +278,7 @@ def h200_worker(height, width, steps, budget_bytes, predict):
     from mmfast.models.linfusion.highres_memory import estimate_stage_memory
 
     pipe = sd15_pipeline(torch.bfloat16)
-    LinFusion.construct_for(pipe)
+    LinFusion.construct_for(pipe, load_pretrained=False)
 
     def run(h, w, strengths, n, plan):
         with mmfast.use_backend(BACKEND):

@@ -91,7 +91,7 @@ def main():
                               beta_start=0.00085, beta_end=0.012)
     try:
         linfusion = LinFusion.construct_for(unet, mid_dim_scale=args.mid_dim_scale,
-                                            init_from_unet=args.init_from_unet)
+                                            init_from_unet=args.init_from_unet, load_pretrained=False)
     except ValueError as error:  # e.g. a --mid-dim-scale that does not divide the UNet's channels
         print(f"linfusion_distill.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None  # an argument error: argparse's status

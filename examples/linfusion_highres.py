@@ -344,7 +344,7 @@ def main(argv=None):
     if args.tiny and args.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
     pipe = load_pipeline(args, dtype).to(args.device)
-    linfusion = LinFusion.construct_for(pipe, pretrained=args.linfusion)
+    linfusion = LinFusion.construct_for(pipe, pretrained=args.linfusion, load_pretrained=bool(args.linfusion))
     chunk = DEFAULT_TOKEN_CHUNK if args.token_chunk is None else args.token_chunk
     linfusion.set_token_chunk_size(chunk or None)  # the cascade sets it per stage from its MemoryOptions
     print(f"LinFusion mounted on {len(linfusion.specs)} attn1 layers "

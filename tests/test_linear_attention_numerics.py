@@ -243,7 +243,7 @@ def test_linfusion_unet_runs_on_the_meta_device():
 
     with torch.device("meta"):
         unet = tiny_unet((32, 64), heads=2)
-    LinFusion.construct_for(unet)
+    LinFusion.construct_for(unet, load_pretrained=False)
     latents, text = torch.empty(2, 4, 8, 8, device="meta"), torch.empty(2, 7, 32, device="meta")
     sample = unet(latents, torch.tensor([1, 2], device="meta"), text).sample
     assert sample.shape == (2, 4, 8, 8) and sample.device.type == "meta"

@@ -86,7 +86,7 @@ def test_controlnet_pipeline_with_linfusion():
     assert any(name.endswith("attn1") for name in controlnet_modules)  # the ControlNet has its own attn1s
     softmax_image = generate(pipe, image=condition_a)
 
-    linfusion = LinFusion.construct_for(pipe)
+    linfusion = LinFusion.construct_for(pipe, load_pretrained=False)
     try:
         assert [spec.module_name for spec in linfusion.specs] == attn1_names(unet)
         assert_only_attn1_replaced(unet, unet_modules, linfusion)
@@ -152,13 +152,13 @@ def test_ip_adapter_with_linfusion(tmp_path, linfusion_first):
 
     linfusion_only = None
     if linfusion_first:
-        linfusion = LinFusion.construct_for(pipe)
+        linfusion = LinFusion.construct_for(pipe, load_pretrained=False)
         linfusion_only = generate(pipe)
         load_ip_adapter()
     else:
         load_ip_adapter()
         ip_processors = attn2_processors(unet)
-        linfusion = LinFusion.construct_for(pipe)
+        linfusion = LinFusion.construct_for(pipe, load_pretrained=False)
         assert all(p is ip_processors[n] for n, p in attn2_processors(unet).items())  # mounting leaves attn2 alone
     try:
         assert pipe.image_encoder is not None and pipe.feature_extractor is not None

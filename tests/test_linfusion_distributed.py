@@ -81,7 +81,7 @@ def _row_parallel_worker(rank, world_size, init_method, result_dir):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         unet = tiny_unet((32, 64), heads=2)
-        LinFusion.construct_for(unet)
+        LinFusion.construct_for(unet, load_pretrained=False)
         latents, timesteps, context = _row_parallel_inputs(unet)
         with row_parallel.row_parallel_unet(unet):
             band = run_unet(unet, (row_parallel.split_rows(latents), timesteps, context))

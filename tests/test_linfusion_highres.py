@@ -31,7 +31,7 @@ STRENGTHS = (0.5, 0.5)
 @pytest.fixture(scope="module")
 def pipe():
     pipe = tiny_pipeline(seed=0)
-    LinFusion.construct_for(pipe)
+    LinFusion.construct_for(pipe, load_pretrained=False)
     return pipe
 
 
@@ -260,7 +260,7 @@ _MEASURE_SCRIPT = textwrap.dedent("""
     from mmfast.testing.tiny_diffusers import tiny_pipeline
     torch.set_num_threads(1)
     pipe = tiny_pipeline(seed=0)
-    LinFusion.construct_for(pipe)
+    LinFusion.construct_for(pipe, load_pretrained=False)
     options = MemoryOptions(**json.loads(sys.argv[1]))
     kwargs = dict(height=256, width=512, strengths=(0.5,), steps=2, progress=False, memory=options)
     out = generate_highres(pipe, "a red fox", return_stages=True, **kwargs)
@@ -336,7 +336,7 @@ def _row_parallel_worker(rank, world_size, init_method, result_dir):
         from mmfast.models.linfusion import row_parallel
 
         pipe = tiny_pipeline(seed=0)
-        LinFusion.construct_for(pipe)
+        LinFusion.construct_for(pipe, load_pretrained=False)
         convs = []
         conv_forward = row_parallel.RowParallelConv2d.forward
         row_parallel.RowParallelConv2d.forward = lambda self, x: (convs.append(x.shape[2]), conv_forward(self, x))[1]
@@ -410,10 +410,10 @@ def test_sdxl_is_recognised_and_fp16():
 def test_mounting_on_an_fp16_sd21_unet_warns():
     unet = _family_unet(1024).half()
     with pytest.warns(UserWarning, match="use torch.bfloat16"):
-        LinFusion.construct_for(unet)
+        LinFusion.construct_for(unet, load_pretrained=False)
     sd15 = _family_unet(768).half()
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LinFusion.construct_for(sd15)
+        LinFusion.construct_for(sd15, load_pretrained=False)

@@ -50,7 +50,7 @@ def _added_conditions(rows: int, height: int, width: int) -> dict:
 @pytest.fixture(scope="module")
 def pipe():
     pipe = tiny_sdxl_pipeline(seed=0)
-    LinFusion.construct_for(pipe, mid_dim_scale=MID_DIM_SCALE)
+    LinFusion.construct_for(pipe, mid_dim_scale=MID_DIM_SCALE, load_pretrained=False)
     return pipe
 
 
@@ -99,7 +99,7 @@ def test_linfusion_default_mlp_mounts_and_unmounts_on_the_sdxl_unet():
     unet = tiny_sdxl_unet(seed=1)
     originals = {name: m for name, m in unet.named_modules() if name.endswith("attn1")}
     sample, text = torch.randn(2, 4, 8, 12), torch.randn(2, 77, 80)
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     assert all(spec.projection_mid_dim is None for spec in linfusion.specs)
     with torch.no_grad():
         out = unet(sample, 10, text, added_cond_kwargs=_added_conditions(2, 16, 24)).sample

@@ -91,7 +91,7 @@ def test_mount_unmount_round_trip(unet, backend):
     inputs = unet_inputs(unet)
     originals = {name: m for name, m in unet.named_modules() if name.endswith("attn1")}
     before = run_unet(unet, inputs)
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     try:
         assert [s.module_name for s in linfusion.specs] == list(originals)
         assert all(isinstance(unet.get_submodule(name), GeneralizedLinearAttention) for name in originals)
@@ -105,13 +105,29 @@ def test_mount_unmount_round_trip(unet, backend):
         linfusion.unmount()
 
 
+def test_construct_for_without_a_local_checkpoint_says_which_to_fetch(unet):
+    """The official construct_for downloads a checkpoint by default; mmfast refuses instead of
+    mounting random modules silently, and names the checkpoint the official code would fetch."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="load_pretrained=False") as error:
+        LinFusion.construct_for(unet)
+    assert "Yuanshi/LinFusion-1-5" in str(error.value)
+    assert not any(isinstance(m, GeneralizedLinearAttention) for m in unet.modules())  # nothing mounted
+    pipe = SimpleNamespace(unet=unet, config={"_name_or_path": "stabilityai/stable-diffusion-2-1"})
+    with pytest.raises(ValueError, match=r"\(stabilityai/stable-diffusion-2-1\) gets Yuanshi/LinFusion-2-1"):
+        LinFusion.construct_for(pipe)
+    with pytest.raises(ValueError, match="contradict"):
+        LinFusion.construct_for(unet, pretrained="/nonexistent", load_pretrained=False)
+
+
 def test_unmount_after_the_unet_was_cast_restores_matching_modules():
     """unet.to(...) while mounted does not reach the kept attn1 modules: unmount (and unmounted())
     moves them to the UNet's dtype, so the restored UNet runs instead of failing on mixed dtypes."""
     from mmfast.testing.tiny_diffusers import tiny_unet
 
     unet = tiny_unet(seed=3)
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     unet.to(torch.float64)
     with linfusion.unmounted():
         assert {p.dtype for p in unet.parameters()} == {torch.float64}
@@ -124,7 +140,7 @@ def test_unmount_after_the_unet_was_cast_restores_matching_modules():
 def test_mounted_unet_matches_official_modules(sd15_style_unet, backend):
     unet = sd15_style_unet
     inputs = unet_inputs(unet)
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     try:
         assert {m.dim_head for m in linfusion.attention_modules()} == {40, 80, 160}
         ours = run_unet(unet, inputs)
@@ -154,7 +170,7 @@ def test_init_from_unet_copies_projections(unet):
 
 
 def test_distillation_gradients_reach_linfusion_only(unet, backend):
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     try:
         distiller = LinFusionDistiller(unet, linfusion)
         latents, timesteps, context = unet_inputs(unet)
@@ -197,7 +213,7 @@ def test_compiled_mounted_unet(unet):
     tracing the UNet costs ~10 s on CPU, and inductor codegen of it minutes."""
     torch._dynamo.reset()
     inputs = unet_inputs(unet)
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     try:
         with mmfast.use_backend(DEFAULT_BACKEND):
             expected = run_unet(unet, inputs)
@@ -222,7 +238,7 @@ def test_bf16_autocast_gives_the_same_dtype_with_and_without_token_chunking(back
 
 
 def test_token_chunk_size_must_be_a_positive_int(unet):
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     try:
         for bad in (0, 1.5, True):
             with pytest.raises(ValueError, match="token chunk size must be an int >= 1 or None"):
@@ -237,7 +253,7 @@ def test_mounted_layers_take_part_in_the_processor_api(unet):
     from mmfast.models.linfusion import LinFusionAttnProcessor
 
     before = dict(unet.attn_processors)
-    linfusion = LinFusion.construct_for(unet)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
     try:
         mounted = unet.attn_processors
         assert mounted.keys() == before.keys()  # all 8 layers, attn1 included

@@ -52,7 +52,7 @@ def mount_linear_attention(unet: nn.Module, levels: int = 1, pretrained: Optiona
     if pretrained is None:
         warnings.warn("DiffDIS linear attention: the swapped attn1 layers are not distilled yet, so the masks are "
                       "not DiffDIS's; distill them (LinFusionDistiller) or pass pretrained=DIR", stacklevel=2)
-        return LinFusion.construct_for(unet, module_names=names, init_from_unet=True)
+        return LinFusion.construct_for(unet, module_names=names, init_from_unet=True, load_pretrained=False)
     linfusion = LinFusion.construct_for(unet, pretrained=pretrained)
     mounted = [spec.module_name for spec in linfusion.specs]
     if sorted(mounted) != sorted(names):

@@ -157,6 +157,28 @@ def _warn_if_unsafe_dtype(unet: nn.Module) -> None:
 # --- the container -----------------------------------------------------------------------
 
 
+# The official construct_for's model_dict: pipeline name -> the checkpoint it downloads.
+OFFICIAL_CHECKPOINTS = {
+    "runwayml/stable-diffusion-v1-5": "Yuanshi/LinFusion-1-5",
+    "SG161222/Realistic_Vision_V4.0_noVAE": "Yuanshi/LinFusion-1-5",
+    "Lykon/dreamshaper-8": "Yuanshi/LinFusion-1-5",
+    "stabilityai/stable-diffusion-2-1": "Yuanshi/LinFusion-2-1",
+    "stabilityai/stable-diffusion-xl-base-1.0": "Yuanshi/LinFusion-XL",
+}
+
+
+def _no_local_checkpoint_message(pipe_or_unet) -> str:
+    config = getattr(pipe_or_unet, "config", None)
+    name = str(config.get("_name_or_path", "") or "") if isinstance(config, dict) else ""
+    checkpoint = next((repo for key, repo in OFFICIAL_CHECKPOINTS.items() if name.rstrip("/").endswith(key)), None)
+    which = (f"this pipeline ({name}) gets {checkpoint}" if checkpoint else
+             "SD-1.5 pipelines get Yuanshi/LinFusion-1-5, SD-2.1 Yuanshi/LinFusion-2-1, SD-XL Yuanshi/LinFusion-XL")
+    return ("LinFusion.construct_for: no pretrained= directory. The official construct_for downloads the checkpoint "
+            f"({which}); mmfast loads only local files: pass pretrained='/path/to/that/checkpoint' (its config.json "
+            "and diffusion_pytorch_model.safetensors), or load_pretrained=False for randomly initialised modules "
+            "to distill")
+
+
 class LinFusion(nn.Module):
     """Holds the LinFusion modules as children "0", "1", ... (the official state-dict keys)."""
 
@@ -207,20 +229,29 @@ class LinFusion(nn.Module):
 
     @classmethod
     def construct_for(cls, pipe_or_unet, pretrained: Optional[str] = None, mid_dim_scale: Optional[int] = None,
-                      init_from_unet: bool = False, module_names: Optional[List[str]] = None) -> "LinFusion":
-        """Builds (or loads from the local directory `pretrained`) and mounts LinFusion.
+                      init_from_unet: bool = False, module_names: Optional[List[str]] = None,
+                      load_pretrained: bool = True) -> "LinFusion":
+        """Loads LinFusion from the local directory `pretrained` (or builds it) and mounts it.
 
         Accepts a diffusers pipeline (uses its .unet) or a UNet. The modules take the
-        UNet's device and dtype. module_names: see from_unet (a partial LinFusion).
+        UNet's device and dtype. load_pretrained (the official argument): True needs `pretrained`,
+        a local copy of the checkpoint (the official construct_for downloads Yuanshi/LinFusion-*
+        by the pipeline's name; mmfast never downloads, so ValueError names the checkpoint to
+        fetch); False builds randomly initialised modules (for distillation: LinFusionDistiller),
+        with mid_dim_scale, init_from_unet and module_names as in from_unet.
         """
         unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
         if pretrained is None:
+            if load_pretrained:
+                raise ValueError(_no_local_checkpoint_message(pipe_or_unet))
             model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet,
                                   module_names=module_names)
         else:
+            if not load_pretrained:
+                raise ValueError("LinFusion.construct_for: pretrained= and load_pretrained=False contradict each other")
             if mid_dim_scale is not None or init_from_unet or module_names is not None:
                 raise ValueError("LinFusion.construct_for: mid_dim_scale/init_from_unet/module_names apply only "
-                                 "without pretrained (a checkpoint names its own modules)")
+                                 "with load_pretrained=False (a checkpoint names its own modules)")
             model = cls.from_pretrained(pretrained)
         model.mount_to(unet)
         return model
