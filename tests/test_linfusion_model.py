@@ -48,7 +48,11 @@ def test_module_accepts_image_layout_and_cross_context(backend):
         cross = module(tokens, encoder_hidden_states=context)
         q, k, v = module._query(tokens), module._key(context), module._value(context)
         expected = mmfast.reference.linear_attention_apply_ref(q, *mmfast.reference.linear_attention_state_ref(k, v))
+        expected = expected * (9 / 30)  # the official forward's K^T V / N_q with a mean over N_k keys
         torch.testing.assert_close(cross, module.to_out[0](expected.reshape(2, 30, 40)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cross, official_copy(module)(tokens, context), rtol=1e-5, atol=1e-5)
+        module.token_chunk_size = 4  # the chunked path scales alike
+        torch.testing.assert_close(module(tokens, encoder_hidden_states=context), cross, rtol=1e-5, atol=1e-5)
 
 
 def test_module_rejects_bad_inputs():

@@ -145,6 +145,7 @@ class GeneralizedLinearAttention(nn.Module):
         else:  # keys/values from another sequence, possibly of another length
             state, mean = ops.linear_attention_state(self._key(context), self._value(context))
             out = ops.linear_attention_apply(self._query(hidden_states), state, mean, eps=self.eps)
+            out = _official_length_scale(out, hidden_states.shape[1], context.shape[1])
         return self._output(out)
 
     def _check_tokens(self, hidden_states, encoder_hidden_states) -> None:
@@ -199,8 +200,16 @@ class GeneralizedLinearAttention(nn.Module):
         for start in range(0, hidden_states.shape[1], chunk):
             part = hidden_states[:, start:start + chunk]
             attended = ops.linear_attention_apply(self._query(part), state_sum, mean_sum, eps=self.eps)
-            result = self._output(attended)
+            result = self._output(_official_length_scale(attended, hidden_states.shape[1], total))
             if out is None:
                 out = result.new_empty(hidden_states.shape[:2] + result.shape[2:])
             out[:, start:start + chunk] = result
         return out
+
+
+def _official_length_scale(out: torch.Tensor, queries: int, keys: int) -> torch.Tensor:
+    """The official forward scales K^T V by 1 / N with N the number of *queries* while the
+    denominator takes the mean of phi(K) over the keys: with keys from a sequence of another
+    length (encoder_hidden_states) its output is mmfast's normalised one times N_k / N_q.
+    Matched, so a checkpoint behaves as it was trained; self-attention (N_q = N_k) is untouched."""
+    return out if queries == keys else out * (keys / queries)

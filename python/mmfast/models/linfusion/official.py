@@ -18,8 +18,9 @@ OFFICIAL_EPS = 1e-4
 
 
 def _official_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B*H, N, D) query, key and value -> (B*H, N, Dv), exactly the official sequence of ops."""
-    n = k.shape[-2]
+    """(B*H, Nq, D) query, (B*H, Nk, D) key and value -> (B*H, Nq, Dv), exactly the official
+    sequence of ops (its N is the query count, `sequence_length` of hidden_states)."""
+    n = q.shape[-2]
     q = F.elu(q) + 1.0
     k = F.elu(k) + 1.0
     z = q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps
