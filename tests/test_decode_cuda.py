@@ -279,6 +279,40 @@ def test_cuda_graph_replays_a_decode_step():
 
 
 @pytest.mark.cuda
+def test_cuda_decode_step_replays_equal_eager_steps_and_recapture_for_new_caches():
+    """DecodeStep's own graph (not a silent eager fallback: its warnings are errors here): each
+    replay gives the eager step's logits on a twin model; new caches (setup_caches) capture again;
+    a replay past the caches' size raises on the host; close() frees the graph."""
+    import copy
+    import warnings
+
+    from mmfast.models.liquid import DecodeStep
+    from mmfast.testing.tiny_liquid import tiny_liquid_lm
+
+    model = tiny_liquid_lm("llama", vocab_size=320, seed=1).to("cuda")
+    twin = copy.deepcopy(model)
+    prompts = torch.randint(3, 320, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    graphed, eager = DecodeStep(model), DecodeStep(twin, cuda_graph=False)
+    for max_tokens in (12, 16):  # the second round's caches are new tensors: the same step captures again
+        for lm in (model, twin):
+            lm.setup_caches(2, max_tokens)
+        with torch.inference_mode():
+            token = model.prefill(prompts).argmax(-1, keepdim=True)
+            twin.prefill(prompts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for step in range(max_tokens - 5):
+                logits = graphed(token)
+                torch.testing.assert_close(logits, eager(token), atol=0, rtol=0)
+                assert (graphed.graph is not None) == (step >= 1 or max_tokens == 16)
+                token = logits.argmax(-1, keepdim=True)
+        with pytest.raises(ValueError, match="do not fit"):
+            graphed(token)
+    graphed.close()
+    assert graphed.graph is None
+
+
+@pytest.mark.cuda
 def test_cuda_liquid_generation_matches_the_cpu():
     """generate_text on CUDA (CUDA-graph decode step) gives the CPU's greedy tokens (fp32)."""
     from mmfast.models.liquid import generate_text

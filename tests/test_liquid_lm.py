@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -501,6 +502,18 @@ def test_decode_step_runs_in_inference_mode_and_leaves_normal_tensors(compile):
     model.cache_seqlens.copy_(lengths)  # in place outside inference mode; the same token again, eagerly
     torch.testing.assert_close(logits, model.decode_step(tokens[:, -1:])[:, -1], rtol=1e-5, atol=1e-5)
     model.prefill(prompts)  # writes the caches in place outside inference mode
+    # The step counts its tokens on the host, compiled too (which runs no Python check of its own):
+    # 5 prompt tokens + 11 steps fill the 16 slots, the 12th is refused before any write.
+    step, token = DecodeStep(model, compile=compile), tokens[:, -1:]
+    for _ in range(11):
+        step(token)
+    lengths = model.cache_seqlens.clone()
+    with pytest.raises(ValueError, match="do not fit"):
+        step(token)
+    assert torch.equal(model.cache_seqlens, lengths)
+    alive = weakref.ref(step)
+    del step
+    assert alive() is None  # no reference cycle keeps a step (and a CUDA graph's pool) alive
 
 
 def test_caches_made_under_inference_mode_are_remade_or_named_outside_it():

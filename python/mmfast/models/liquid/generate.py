@@ -39,17 +39,28 @@ class DecodeStep:
 
     On the CPU (and on CUDA with cuda_graph=False or under the "reference" backend, whose ops
     synchronise) every call runs eagerly. With device.type == "cuda" the first call runs eagerly
-    on a side stream (warm-up: allocator, kernel selection), the second captures one decode
-    step into a torch.cuda.CUDAGraph (static token input, the caches and cache_seqlens updated
-    in place, static logits output) and replays it, and later calls copy the tokens in and
-    replay. The returned logits are the graph's static output: consume them before the next
-    call. If capture fails the step falls back to eager with a warning. The CUDA path has not
-    yet been verified on a GPU. Every call runs under torch.inference_mode, so the logits are
-    inference tensors: read them, or clone() them to modify them in place or use them with
-    autograd. The caches and cache_seqlens are updated in place and keep the kind they were
-    created as (normal when setup_caches ran outside inference_mode). With torch before 2.11 a
-    CUDA graph captured under inference_mode is reported to leave the CUDA generator's graph
-    state as inference tensors, so that a later capture outside it fails (pytorch#166792).
+    on the step's own stream (warm-up: allocator, kernel selection), the second captures one
+    decode step on that stream into a torch.cuda.CUDAGraph (static token input, the caches and
+    cache_seqlens updated in place, static logits output) and replays it, and later calls copy
+    the tokens in and replay. Every CUDA call runs under the model's device (a model on another
+    GPU than the current one). The returned logits are the graph's static output: consume them
+    before the next call. A call whose tokens have another shape or dtype, or after
+    setup_caches replaced the caches, captures again; the weights must stay where they are
+    while a graph is held (a model moved or cast after the capture: call close() first). If
+    capture fails (or records nothing) the step falls back to eager with a warning; captures
+    take a process-wide lock and record in thread-local mode, so threads generating on their
+    own models do not break each other's. The CUDA path has not yet been verified on a GPU.
+    close() frees the graph and its memory pool (generate_* call it when they finish).
+
+    Every call runs under torch.inference_mode, so the logits are inference tensors: read them,
+    or clone() them to modify them in place or use them with autograd. The caches and
+    cache_seqlens are updated in place and keep the kind they were created as (normal when
+    setup_caches ran outside inference_mode). Before torch 2.11 a CUDA graph captured under
+    inference_mode leaves the CUDA generator's graph state as inference tensors, so that a later
+    capture outside it fails (pytorch#166792): there the capture runs outside inference_mode
+    (under no_grad) when the caches are normal tensors. Each call counts its tokens against the
+    caches' size on the host (model.tokens_held: ValueError when they are full), replays and
+    compiled calls included.
 
     compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the
     norms, RoPE and residual adds fused, the mmfast ops called as they are); on the CPU with
@@ -65,15 +76,18 @@ class DecodeStep:
                  compile: Union[bool, dict] = False):
         self.model, self.rows = model, logits_rows
         on_cuda = model.device.type == "cuda"
-        self.step = _compiled_step(model, logits_rows, compile) if _compiles(compile) else self._decode
-        self.use_graph = cuda_graph and not _compiles(compile) and on_cuda and _backend.get_backend() != "reference"
+        # The compiled function lives on the model (no bound method of self here: no reference cycle
+        # that would keep a closed-over graph and its memory pool alive until a full collection).
+        self.compiled = _compiled_step(model, logits_rows, compile) if _compiles(compile) else None
+        self.use_graph = cuda_graph and self.compiled is None and on_cuda and _backend.get_backend() != "reference"
         self.calls, self.graph, self.static_tokens, self.static_logits = 0, None, None, None
+        self.stream, self.bound_to = None, None
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.decode_step(tokens, logits_rows=self.rows)[:, -1]
 
     def eager(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.step(tokens)
+        return self._decode(tokens) if self.compiled is None else self.compiled(tokens)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         # inference_mode rather than no_grad alone: it takes the Autograd dispatch key out of every
@@ -81,38 +95,93 @@ class DecodeStep:
         # even under no_grad) are not entered: 61 op calls per step of a 12-layer model, about 5%
         # of its CPU step (benchmarks/results/2026-12-04-cpu-amd-epyc-2core-avx2-liquid-step-inference-mode.md).
         with torch.inference_mode():
-            return self._call(tokens)
+            if self.compiled is not None:  # the compiled step runs no Python check of its own
+                self.model.hold_tokens(tokens.shape[1], "DecodeStep")
+                return self.compiled(tokens)
+            if not self.use_graph:
+                return self._decode(tokens)
+            with torch.cuda.device(self.model.device):
+                return self._graph_call(tokens)
 
-    def _call(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if not self.use_graph:
-            return self.eager(tokens)
-        if self.calls == 1:  # warm-up on a side stream, as torch.cuda.graphs recommends before capture
-            stream = torch.cuda.Stream(device=tokens.device)
-            stream.wait_stream(torch.cuda.current_stream(tokens.device))
-            with torch.cuda.stream(stream):
-                logits = self.eager(tokens)
-            torch.cuda.current_stream(tokens.device).wait_stream(stream)
+    def _graph_call(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=self.model.device)
+        if self.calls == 0:  # warm-up on the capture stream, as torch.cuda.graphs recommends
+            logits = self._on_stream(self._decode, tokens)
+            self.calls += 1
             return logits
+        if self.graph is not None and self.bound_to != self._binding(tokens):
+            self.close()  # new shapes or new caches: the graph's pointers are stale
         if self.graph is None:
-            self._capture(tokens)
+            self.model.check_room(tokens.shape[1], "DecodeStep")  # before the capture, which would swallow it
+            ran = self._capture(tokens)  # the capture's Python ran the host-side token count
             if self.graph is None:
-                return self.eager(tokens)
+                return ran if ran is not None else self._decode(tokens)
+        else:
+            self.model.hold_tokens(tokens.shape[1], "DecodeStep")
+        self.calls += 1
         self.static_tokens.copy_(tokens)
         self.graph.replay()
         return self.static_logits
 
-    def _capture(self, tokens: torch.Tensor) -> None:
+    def _on_stream(self, fn, tokens):
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn(tokens)
+        current.wait_stream(self.stream)
+        out.record_stream(current)  # allocated on the step's stream, read on the caller's
+        return out
+
+    def _binding(self, tokens: torch.Tensor) -> tuple:
+        """What a captured graph holds by address: the token shape and dtype, the caches."""
+        caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
+        return (tuple(tokens.shape), tokens.dtype, self.model.cache_seqlens.data_ptr(),
+                tuple(t.data_ptr() for cache in caches for t in (cache.k_cache, cache.v_cache)))
+
+    def _capture(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Captures the step (replay() then runs it). On failure use_graph turns off with a
+        warning and the result is this call's logits if its ops ran outside the capture (an
+        empty graph), else None (nothing ran: the caller runs the step eagerly)."""
         self.static_tokens = tokens.clone()
-        graph = torch.cuda.CUDAGraph()
+        graph, previous, held = torch.cuda.CUDAGraph(), torch.cuda.current_stream(), self.model.tokens_held
+        mode = torch.inference_mode(False) if _CAPTURE_OUTSIDE_INFERENCE_MODE and not \
+            self.model.cache_seqlens.is_inference() else contextlib.nullcontext()
         try:
-            with torch.cuda.graph(graph):  # records, does not run: replay() then runs this step
-                self.static_logits = self.eager(self.static_tokens)
+            with _capture_lock, mode, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                # records, does not run: replay() then runs this step
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    self.static_logits = self._decode(self.static_tokens)
         except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly instead
+            torch.cuda.set_stream(previous)  # a failed capture_end can leave the capture stream current
+            self.model.tokens_held = held  # nothing ran
             warnings.warn(f"DecodeStep: CUDA graph capture failed ({err}); decoding eagerly")
             self.use_graph, self.static_logits = False, None
-            return
-        self.graph = graph
+            return None
+        empty = [w for w in caught if "empty" in str(w.message).lower()]
+        for w in caught:
+            if w not in empty:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if empty:  # its ops ran at once elsewhere (another device or stream): this call's result
+            warnings.warn(f"DecodeStep: the CUDA graph recorded nothing ({empty[0].message}); decoding eagerly")
+            self.use_graph, ran, self.static_logits = False, self.static_logits, None
+            return ran
+        self.graph, self.bound_to = graph, self._binding(tokens)
+        return None
+
+    def close(self) -> None:
+        """Frees the captured graph, its memory pool and the static tensors (a later call
+        captures again)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.static_tokens, self.static_logits, self.bound_to = None, None, None, None
+
+
+# Only one capture may be under way in a process (torch.cuda.graph's capture stream is shared).
+_capture_lock = threading.Lock()
+# pytorch#166792 (fixed in 2.11): a capture under inference_mode breaks later captures outside it.
+_CAPTURE_OUTSIDE_INFERENCE_MODE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11)
 
 
 def compile_options(device: torch.device, compile: Union[bool, dict]) -> dict:
@@ -299,13 +368,16 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
         logits = model.prefill(tokens.to(device), lengths.to(device), logits_rows=head)  # (2n, image_vocab_size)
         codes = torch.empty((num_images, image_tokens), dtype=torch.int64, device=device)
         invalid = torch.zeros(num_images, dtype=torch.int32, device=device)
-        for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
-            codes[:, i], status = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                             top_p=top_p, generator=generator, return_status=True)
-            invalid |= status
-            if i + 1 < image_tokens:  # the last code is never fed back (Liquid's loop)
-                pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
-                logits = step((pair + image_vocab_start)[:, None])
+        try:
+            for i in tqdm(range(image_tokens), desc="image tokens", disable=not progress):
+                codes[:, i], status = ops.sample(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                                 top_p=top_p, generator=generator, return_status=True)
+                invalid |= status
+                if i + 1 < image_tokens:  # the last code is never fed back (Liquid's loop)
+                    pair = codes[:, i] if cfg_scale is None else codes[:, i].repeat(2)
+                    logits = step((pair + image_vocab_start)[:, None])
+        finally:
+            step.close()
         _check_status(invalid, "generate_images")
         side = math.isqrt(image_tokens)  # a square: checked above
         return codes.view(num_images, side, side)
@@ -372,17 +444,20 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
         invalid = torch.zeros(batch, dtype=torch.int32, device=device)
         greedy_uniform = None if do_sample else torch.zeros(batch, device=device)  # no random draw when greedy
         out = []
-        for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
-            new, status = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                                     generator=generator if do_sample else None, uniform=greedy_uniform,
-                                     return_status=True)
-            invalid |= status
-            if eos is not None:
-                new = torch.where(finished, torch.full_like(new, pad), new)
-                finished |= torch.isin(new, eos)
-            out.append(new)
-            if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
-                break
-            logits = step(new[:, None])
+        try:
+            for i in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
+                new, status = ops.sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k,
+                                         top_p=top_p, generator=generator if do_sample else None,
+                                         uniform=greedy_uniform, return_status=True)
+                invalid |= status
+                if eos is not None:
+                    new = torch.where(finished, torch.full_like(new, pad), new)
+                    finished |= torch.isin(new, eos)
+                out.append(new)
+                if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
+                    break
+                logits = step(new[:, None])
+        finally:
+            step.close()
         _check_status(invalid, "generate_text")
         return torch.stack(out, dim=1)

@@ -213,16 +213,24 @@ class LiquidLM(nn.Module):
                              f"{tuple(tokens.shape)}")
         batch, seq = tokens.shape
         seqlens = self._cache_lengths(batch, seq)
-        if not torch.compiler.is_compiling():  # compiled / graph-replayed steps: the caller sized the caches
-            if self.tokens_held + seq > self.cache_shape()[1]:
-                raise ValueError(f"LiquidLM.decode_step: the caches hold up to {self.tokens_held} of "
-                                 f"{self.cache_shape()[1]} tokens per row and {seq} more do not fit: call "
-                                 "setup_caches with a larger max_tokens")
-            self.tokens_held += seq
+        if not torch.compiler.is_compiling():  # compiled steps and graph replays: DecodeStep counts
+            self.hold_tokens(seq, "LiquidLM.decode_step")
         positions = seqlens[:, None].long() + torch.arange(seq, device=tokens.device)
         hidden = self._run(tokens, positions, None, seqlens)
         seqlens.add_(seq)
         return self.logits(hidden, logits_rows)
+
+    def hold_tokens(self, seq: int, what: str) -> None:
+        """Counts seq more tokens per cache row on the host (no synchronisation); ValueError when
+        the caches would overflow (on CUDA the append kernel would skip the row silently)."""
+        self.check_room(seq, what)
+        self.tokens_held += seq
+
+    def check_room(self, seq: int, what: str) -> None:
+        """ValueError unless seq more tokens per row fit in the caches (host-side count)."""
+        if self.tokens_held + seq > self.cache_shape()[1]:
+            raise ValueError(f"{what}: the caches hold up to {self.tokens_held} of {self.cache_shape()[1]} tokens "
+                             f"per row and {seq} more do not fit: call setup_caches with a larger max_tokens")
 
     def _cache_lengths(self, batch: int, seq: int) -> torch.Tensor:
         shape = self.cache_shape()
