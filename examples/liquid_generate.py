@@ -44,8 +44,9 @@ def parse_args():
     parser.add_argument("--prompt", default="A photo of a red fox sitting in fresh snow, golden hour.")
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--image-tokens", type=int, default=None, help="default 1024 (32 x 32); 256 with --tiny")
+    # Liquid's evaluation settings (evaluation/inference_t2i.py); its demo: --temperature 0.9 --top-p 0.99
     parser.add_argument("--cfg-scale", type=float, default=7.0)
-    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=0.99)
     parser.add_argument("--top-k", type=int, default=4096)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--seed", type=int, default=0)

@@ -421,6 +421,17 @@ def test_generate_images_matches_liquid_loop(checkpoints, greedy):
     assert torch.equal(codes.flatten(1), expected)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_generate_images_guides_only_above_scale_one_as_liquid(scale):
+    """Liquid's scripts guide only `if guidance_scale > 1`: a scale <= 1 samples the conditional
+    logits alone (no unconditional rows), the same codes as cfg_scale=None."""
+    model = tiny_liquid_lm("gemma", vocab_size=256 + 64, seed=2)
+    kwargs = dict(num_images=2, image_tokens=16, seed=3, image_vocab_start=256, image_vocab_size=64, progress=False)
+    codes = generate_images(model, PROMPT, uncond_ids=UNCOND, cfg_scale=scale, **kwargs)
+    assert model.cache_shape()[0] == 2  # no unconditional rows were prefilled
+    assert torch.equal(codes, generate_images(model, PROMPT, cfg_scale=None, **kwargs))
+
+
 def test_generate_images_pairs_share_tokens_without_padding():
     model = tiny_liquid_lm("gemma2", vocab_size=256 + 64, seed=1)
     num_images, image_tokens = 3, 64

@@ -317,7 +317,7 @@ def _check_counts(what: str, **counts) -> None:
             raise TypeError(f"{what}: {name} must be an int, got {value!r}")
 
 
-def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] = 7.0, temperature: float = 0.9,
+def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] = 7.0, temperature: float = 0.99,
                     top_k: int = 4096, top_p: float = 0.96, num_images: int = 4, image_tokens: int = 1024,
                     seed: Optional[int] = None, generator: Optional[torch.Generator] = None, uncond_ids=None,
                     image_vocab_start: int = LIQUID_IMAGE_TOKEN_OFFSET,
@@ -337,8 +337,13 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     mmfast.ops.sample(logits, cfg_scale, temperature, top_k, top_p, generator): Liquid's order
     (CFG mix uncond + scale * (cond - uncond) of the raw logits, temperature, top-k, top-p,
     draw; restricting to the image rows equals Liquid's masking of the text logits to -inf).
-    The sampled code is fed to both rows of its pair. cfg_scale=None: no unconditional rows.
-    temperature 0: greedy. seed or generator (on the model's device): reproducible draws.
+    The sampled code is fed to both rows of its pair. cfg_scale=None, or a scale <= 1 (Liquid's
+    scripts guide only when guidance_scale > 1): no unconditional rows, the conditional logits
+    are sampled. The defaults are Liquid's evaluation settings (evaluation/inference_t2i.py and
+    T2I_Eval: CFG 7.0, temperature 0.99, top-k 4096, top-p 0.96); its app.py demo samples at
+    temperature 0.9, top-p 0.99. Unlike Liquid's sampler, which masks the text logits only when
+    top-k or top-p filters (with both off it samples the whole vocabulary and clamps a text token
+    to code 0), every draw here is among the image codes. temperature 0: greedy. seed or generator (on the model's device): reproducible draws.
     Like Liquid, exactly image_tokens steps and no early stop. Codes are in [0, image_vocab_size)
     and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small
     and left as the loop leaves them (cache_seqlens = prompt lengths + image_tokens - 1).
@@ -353,6 +358,8 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
         raise ValueError(f"generate_images: image rows [{image_vocab_start}, {image_vocab_start + image_vocab_size}) "
                          f"are outside the model's vocabulary of {model.config.vocab_size}")
     rows = [_as_ids("prompt_ids", prompt_ids)] * num_images
+    if cfg_scale is not None and not cfg_scale > 1:  # Liquid: `if guidance_scale > 1` guides, else not
+        cfg_scale = None
     if cfg_scale is not None:
         if uncond_ids is None:
             raise ValueError("generate_images: cfg_scale needs uncond_ids, the ids of Liquid's unconditional prompt "

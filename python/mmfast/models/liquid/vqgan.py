@@ -305,8 +305,13 @@ def _to_rgb_pil(image):
 
 
 def preprocess(image, resolution: int = 512) -> torch.Tensor:
-    """Chameleon's / Liquid's ImageTokenizer input: resize the short side to `resolution`
-    (LANCZOS), centre-crop a square, scale to [-1, 1]. image: PIL image (16-bit grayscale ones
+    """Chameleon's ImageTokenizer input, as Liquid's evaluation uses it
+    (evaluation/chameleon/inference/image_tokenizer.py): resize the short side to `resolution`
+    (LANCZOS, the long side rounded), centre-crop a square, scale to [-1, 1]. Liquid's training
+    data went through data_process/vqgan/image_tokenizer.py instead (torchvision's Resize, which
+    truncates the long side, a rounded crop offset, only RGBA images whitened): a non-square
+    image can come out one pixel shifted there, so its codes can differ from the ones Liquid
+    trained on. image: PIL image (16-bit grayscale ones
     rounded to 8 bits first; 32-bit modes I and F raise ValueError) or uint8 array.
     Returns (1, 3, resolution, resolution) float32. Raises TypeError for other inputs, ValueError
     for a resolution that is not an int >= 1."""
