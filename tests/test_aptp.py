@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("diffusers")
 
 import mmfast  # noqa: E402
-from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, contrastive_loss,  # noqa: E402
-                                dense_skeleton, depth_gates, load_expert, prune_unet, random_architecture,
-                                run_per_expert, save_expert, sinkhorn, width_gates)
+from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, arch_vector_layout,  # noqa: E402
+                                contrastive_loss, dense_skeleton, depth_gates, load_expert, prune_unet,
+                                random_architecture, run_per_expert, save_expert, sinkhorn, width_gates)
 from mmfast.models.aptp.unet import CodedAttnProcessor  # noqa: E402
 from mmfast.testing.tiny_aptp import soft_arch_vector, tiny_experts, tiny_inputs  # noqa: E402
 
@@ -310,10 +310,28 @@ def test_router_for_unet_decodes_architectures(setup):
     base = setup[0]
     router = Router.for_unet(base, num_codes=4, embed_dim=32)
     assert router.codebook.shape[1] == sum(width_gates(base).values()) + len(depth_gates(base))
+    widths, depths = arch_vector_layout(base)  # APTP's order: each block's resnets before its attentions
+    assert router.gate_names == [name for name, _ in widths] and router.depth_names == depths
+    assert router.widths == [groups for _, groups in widths] + [1] * len(depths)
     codes = router(torch.randn(5, 32))
     assert codes.shape == (5,) and codes.dtype == torch.int64 and int(codes.max()) < 4
     for arch in router.architectures():
         prune_unet(base, arch)  # every decoded code is a valid expert structure
+    with torch.no_grad():  # a gate dropping every group keeps its first (APTP's non_zero_width)
+        router.codebook[:, :router.widths[0]] = -100.0
+        router.codebook[0, 1] = 100.0  # code 0 keeps group 1 of the first gate: no forced group
+    first = [arch.width[router.gate_names[0]] for arch in router.architectures()]
+    assert first[0].tolist() == [i == 1 for i in range(router.widths[0])]
+    assert all(kept.tolist() == [i == 0 for i in range(router.widths[0])] for kept in first[1:])
+
+
+def test_router_noise_is_one_gumbel_draw_per_entry():
+    """APTP's gumbel_softmax_sample adds -log(-log u): mean ~ Euler-Mascheroni 0.577, not 0."""
+    router = Router([4], num_codes=1, embed_dim=3, temperature=1.0, offset=0.0)
+    logits = torch.zeros(20000, 4)
+    noise = torch.logit(router.relax(logits, torch.Generator().manual_seed(0)))  # sigmoid^-1 with T = 1
+    assert abs(noise.mean().item() - 0.5772) < 0.03 and abs(noise.var().item() - torch.pi ** 2 / 6) < 0.1
+    torch.testing.assert_close(router.relax(logits), torch.full_like(logits, 0.5))
 
 
 def test_sinkhorn_balances_a_skewed_batch():
@@ -428,7 +446,6 @@ SD21_DEPTH_GATES = ["down_blocks.0.resnets.1", "down_blocks.0.attentions.1", "do
 def test_arch_vector_layout_of_sd21_is_the_official_one():
     from diffusers import UNet2DConditionModel
 
-    from mmfast.models.aptp import arch_vector_layout
 
     config = dict(in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,

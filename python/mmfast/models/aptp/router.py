@@ -9,10 +9,22 @@ after a Gumbel-sigmoid relaxation and a per-gate normalisation, to K learned cod
 Sinkhorn optimal transport and adds a contrastive loss tying architecture similarity to prompt
 similarity.
 
-Simplifications against the official code (documented, not verified numerically against it):
-the normalisation scales each gate by sqrt(1 / width) and L2-normalises (APTP also multiplies
-widths by their block's depth value); inference uses the noiseless sigmoid unless a generator is
-passed (APTP draws Gumbel noise with a fixed seed).
+The architecture vector is laid out as APTP's arch vectors are (arch_vector_layout: width gates
+block by block, each block's resnets before its attentions, then the depth gates), so
+Router.for_unet's entries line up with an official arch_vector.pt.
+
+Simplifications against the official code (StructureVectorQuantizer, pdm/models/vq/quantizer.py;
+documented, not verified numerically against it, so routes can differ from APTP's):
+- the normalisation scales each gate by sqrt(1 / width) and L2-normalises; APTP also multiplies
+  widths by their block's depth value, applies hard_concrete to widths that are not depth-gated
+  and weights gates by their prunable FLOPs (resource_aware_normalization);
+- depth gates are relaxed like width gates; APTP relaxes them by importance_gumbel_softmax_sample
+  (a cumulative softmax) and scatters them by depth_order;
+- inference uses the noiseless sigmoid unless a generator is passed (APTP adds a Gumbel sample
+  drawn with the fixed seed 0), and compares against relax(codebook) where APTP keeps the
+  codebook's Gumbel sample of the last training step (embedding_gs).
+The released router is therefore not loaded; to route prompts as APTP does, run APTP's
+scripts/aptp/filter_dataset.py and pass its expert ids as sample codes.
 """
 from __future__ import annotations
 
@@ -23,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import FF_GROUPS, ArchitectureCode, depth_gates, width_gates
+from .architecture import FF_GROUPS, ArchitectureCode, arch_vector_layout
 
 __all__ = ["Router", "sinkhorn", "contrastive_loss"]
 
@@ -85,10 +97,11 @@ class Router(nn.Module):
     @classmethod
     def for_unet(cls, unet: nn.Module, num_codes: int, embed_dim: int = 768, ff_groups: int = FF_GROUPS,
                  **kwargs) -> "Router":
-        """A router over every width and depth gate of a diffusers UNet (APTP's D ~ 1620 for SD 2.1)."""
-        gates, depth = width_gates(unet, ff_groups), list(depth_gates(unet))
-        return cls(list(gates.values()), num_codes, embed_dim, len(depth), gate_names=list(gates),
-                   depth_names=depth, **kwargs)
+        """A router over every width and depth gate of a diffusers UNet, in APTP's arch-vector order
+        (arch_vector_layout; D = 1606 + 14 for SD 2.1)."""
+        gates, depth = arch_vector_layout(unet, ff_groups)
+        return cls([groups for _, groups in gates], num_codes, embed_dim, len(depth),
+                   gate_names=[name for name, _ in gates], depth_names=depth, **kwargs)
 
     @property
     def num_codes(self) -> int:
@@ -103,11 +116,12 @@ class Router(nn.Module):
         return torch.cat([layer(embeddings) for layer in self.hypernet], dim=-1)
 
     def relax(self, logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Gumbel-sigmoid keep probabilities sigmoid((logits + offset + noise) / T); logistic
-        noise (the difference of two Gumbels) only when a generator is given."""
+        """Gumbel-sigmoid keep probabilities sigmoid((logits + offset + g) / T), APTP's
+        gumbel_softmax_sample: g one Gumbel draw -log(-log u) per entry (eps 1e-20 as
+        sample_gumbel), only when a generator is given (else g = 0)."""
         if generator is not None:
-            u = torch.rand(logits.shape, generator=generator).to(logits).clamp(1e-6, 1 - 1e-6)
-            logits = logits + torch.log(u) - torch.log1p(-u)
+            u = torch.rand(logits.shape, generator=generator).to(logits)
+            logits = logits - torch.log(-torch.log(u + 1e-20) + 1e-20)
         return torch.sigmoid((logits + self.offset) / self.temperature)
 
     def normalize(self, probs: torch.Tensor) -> torch.Tensor:
@@ -132,8 +146,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def architectures(self) -> List[ArchitectureCode]:
         """The K codebook entries as ArchitectureCodes (keep probability >= 0.5, APTP's hard_concrete;
-        a gate that would drop every group keeps its most likely one). Needs a router built by
-        for_unet (gate names)."""
+        a gate that would drop every group keeps its first, as APTP's non_zero_width adds 0.5 to
+        group 0). Needs a router built by for_unet (gate names)."""
         if len(self.gate_names) != self.num_width_gates:
             raise ValueError("Router.architectures: build the router with Router.for_unet to know the gate names")
         out = []
@@ -142,7 +156,8 @@ class Router(nn.Module):
             width = {}
             for name, p in zip(self.gate_names, parts):
                 kept = p >= 0.5
-                kept[p.argmax()] = True
+                if not kept.any():
+                    kept[0] = True
                 width[name] = kept
             depth = {name: bool(p >= 0.5) for name, p in zip(self.depth_names, parts[-1])}
             out.append(ArchitectureCode(width, depth))

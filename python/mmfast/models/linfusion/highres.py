@@ -106,7 +106,8 @@ def _check_pipeline(pipe) -> None:
                         "control image per stage); LinFusion itself works with them (LinFusion.construct_for)")
     if not any(isinstance(m, GeneralizedLinearAttention) for m in pipe.unet.modules()):
         warnings.warn("generate_highres: LinFusion is not mounted; softmax self-attention is quadratic in the "
-                      "token count and will not reach high resolutions (LinFusion.construct_for(pipe, pretrained=DIR))", stacklevel=3)
+                      "token count and will not reach high resolutions (LinFusion.construct_for(pipe, "
+                      "pretrained=DIR))", stacklevel=3)
 
 
 def check_strengths(strengths: Sequence[float], steps: int) -> Tuple[float, ...]:

@@ -343,7 +343,8 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     T2I_Eval: CFG 7.0, temperature 0.99, top-k 4096, top-p 0.96); its app.py demo samples at
     temperature 0.9, top-p 0.99. Unlike Liquid's sampler, which masks the text logits only when
     top-k or top-p filters (with both off it samples the whole vocabulary and clamps a text token
-    to code 0), every draw here is among the image codes. temperature 0: greedy. seed or generator (on the model's device): reproducible draws.
+    to code 0), every draw here is among the image codes. temperature 0: greedy. seed or
+    generator (on the model's device): reproducible draws.
     Like Liquid, exactly image_tokens steps and no early stop. Codes are in [0, image_vocab_size)
     and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small
     and left as the loop leaves them (cache_seqlens = prompt lengths + image_tokens - 1).
