@@ -304,7 +304,8 @@ def stage_path(out: str, index: int) -> str:
     return f"{root}_stage{index}{suffix or '.png'}"
 
 
-def run_cascade(args, pipe, generator):
+def run_cascade(args, pipe):
+    """The notebook's protocol: every stage seeded anew with --seed."""
     from mmfast.models.linfusion import generate_highres
 
     height, width, base_size = cascade_target(args, pipe)
@@ -324,7 +325,7 @@ def run_cascade(args, pipe, generator):
     start = time.perf_counter()
     out = generate_highres(pipe, args.prompt, height=height, width=width, base_size=base_size,
                            strengths=args.strengths, steps=args.steps, guidance_scale=args.guidance,
-                           generator=generator, memory=plans, return_stages=True)  # the plan printed above
+                           seed=args.seed, memory=plans, return_stages=True)  # the plan printed above
     elapsed = time.perf_counter() - start
     print_results(out.stages, predicted, pipe.unet.device)
     save_image(out.image, args.output)
@@ -350,9 +351,9 @@ def main(argv=None):
     print(f"LinFusion mounted on {len(linfusion.specs)} attn1 layers "
           f"({'checkpoint ' + args.linfusion if args.linfusion else 'random weights'})")
 
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     if args.cascade:
-        return run_cascade(args, pipe, generator)
+        return run_cascade(args, pipe)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     steps = args.steps or (4 if args.tiny else 25)
     start = time.perf_counter()
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=steps,

@@ -45,6 +45,23 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def test_seed_reseeds_every_stage_as_the_official_notebook(pipe):
+    """seed=3: every stage draws from a generator seeded with 3 (the notebook's torch.manual_seed(3)
+    before each stage), which one generator run on through the stages does not reproduce."""
+    out = generate_highres(pipe, "a red fox in the snow", height=HEIGHT, width=WIDTH, steps=4, strengths=STRENGTHS,
+                           seed=3, progress=False, return_stages=True)
+    continued = generate_highres(pipe, "a red fox in the snow", height=HEIGHT, width=WIDTH, steps=4,
+                                 strengths=STRENGTHS, generator=torch.Generator().manual_seed(3), progress=False,
+                                 return_stages=True)
+    np.testing.assert_array_equal(_pixels(out.stages[0].image), _pixels(continued.stages[0].image))
+    assert not np.array_equal(_pixels(out.image), _pixels(continued.image))
+    again = generate_highres(pipe, "a red fox in the snow", height=HEIGHT, width=WIDTH, steps=4, strengths=STRENGTHS,
+                             seed=3, progress=False)
+    np.testing.assert_array_equal(_pixels(out.image), _pixels(again))
+    with pytest.raises(ValueError, match="instead of generator"):
+        generate_highres(pipe, "x", height=HEIGHT, width=WIDTH, seed=3, generator=torch.Generator())
+
+
 def test_cascade_stage_sizes_and_steps(pipe):
     out = _generate(pipe, return_stages=True)
     assert out.image.size == (WIDTH, HEIGHT)

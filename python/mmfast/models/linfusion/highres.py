@@ -1,9 +1,13 @@
 """LinFusion's ultra-high-resolution pipeline: the SDEdit cascade up to 16K, within one GPU's memory.
 
-The official recipe (LinFusion's notebooks `ultra_text2image_w_sdedit.ipynb` and
-`superres_sdxl_low_w_mem.ipynb`): generate at the base resolution, then repeatedly upscale
-by 2 and run img2img (SDEdit, Meng et al. 2022) with decreasing strength, 0.4, 0.3, 0.2,
-0.1 of 50 steps: 1024 -> 2048 -> 4096 -> 8192 -> 16384 px on the long side.
+The official recipe (LinFusion's notebook `ultra_text2image_w_sdedit.ipynb`, SD-1.5): generate
+at the base resolution, then repeatedly upscale by 2 and run img2img (SDEdit, Meng et al. 2022)
+with decreasing strength, 0.4, 0.3, 0.2, 0.1 of 50 steps: 1024 -> 2048 -> 4096 -> 8192 -> 16384
+px on the long side, every stage seeded anew with the same seed (`seed=`). For SD-XL the
+notebook `superres_sdxl_low_w_mem.ipynb` runs another pipeline (StableDiffusionXLSuperResPipeline:
+DemoFusion-style skip residuals and dilated sampling, cosine_scale_1/2/3 = 3/1/1, gaussian_sigma
+0.8, upscale_strength 0.32/0.24/0.16/0.08), which mmfast does not implement: generate_highres
+runs the SDEdit cascade on SD-XL too.
 
     from mmfast.models.linfusion import LinFusion, MemoryOptions, generate_highres
     LinFusion.construct_for(pipe, pretrained=LINFUSION_DIR)
@@ -156,7 +160,7 @@ def _denoise(pipe, img2img, index, size, strength, init_latents, common: dict):
 def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Optional[int] = None,
                      strengths: Sequence[float] = DEFAULT_STRENGTHS, steps: int = 50,
                      guidance_scale: float = 7.5, negative_prompt=None, generator=None,
-                     memory=None, memory_budget_bytes: Optional[int] = None,
+                     seed: Optional[int] = None, memory=None, memory_budget_bytes: Optional[int] = None,
                      row_parallel: Optional[bool] = None, progress: bool = True,
                      return_stages: bool = False, **pipeline_kwargs):
     """The SDEdit cascade: text-to-image at the base size, then x2 + img2img per strength.
@@ -166,7 +170,9 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
             LinFusion mounted on its UNet. The img2img stages use
             AutoPipelineForImage2Image.from_pipe(pipe) (the same modules).
         prompt, negative_prompt, guidance_scale, generator, **pipeline_kwargs: passed to every
-            stage's pipeline call (diffusers semantics).
+            stage's pipeline call (diffusers semantics); one generator runs on through the stages.
+        seed: instead of generator, every stage draws from a CPU generator seeded anew with
+            seed, as the official notebook's torch.manual_seed(seed) before each stage.
         height, width: the final size in px; each stage halves it, down to the base stage.
         base_size: the base stage's long side; must be max(height, width) / 2**len(strengths).
         strengths: img2img strength per upscaling stage; a stage denoises int(steps * strength)
@@ -191,6 +197,9 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
     _check_size(height, width)
     if memory is not None and memory_budget_bytes is not None:
         raise ValueError("generate_highres: pass memory (fixed options) or memory_budget_bytes (planned), not both")
+    if seed is not None and (generator is not None or not is_integer(seed)):
+        raise ValueError(f"generate_highres: seed must be an int and comes instead of generator, got seed={seed!r} "
+                         f"and generator={generator!r}")
     strengths = check_strengths(strengths, steps)
     sizes = cascade_sizes(height, width, len(strengths), base_size, size_multiple(pipe))
     split_rows = row_parallel_requested(row_parallel)
@@ -200,6 +209,8 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
                   guidance_scale=guidance_scale, generator=generator, **pipeline_kwargs)
     stages, carried = [], []  # carried: the previous stage's image, handed over (not held here)
     for index, (size, strength) in enumerate(zip(sizes, (None,) + strengths)):
+        if seed is not None:
+            common["generator"] = torch.Generator().manual_seed(int(seed))
         last = index == len(sizes) - 1
         stage, images = _run_stage(pipe, img2img, index, size, strength, carried, plans[index], common,
                                    split_rows, progress, return_stages or last)
