@@ -531,6 +531,23 @@ def parse_ptxas(text: str) -> dict[str, Resources]:
     return result
 
 
+# ptxas' "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to
+# <reason> in the function '<mangled>'": the warpgroup MMAs then run one at a time (no overlap).
+_WGMMA_SERIALIZED_RE = re.compile(r"wgmma\.mma_async instructions are serialized\s*(?P<why>.*?)\s*"
+                                  r"(?:in the function '?(?P<function>[\w$.]+)'?)?\s*$")
+
+
+def parse_wgmma_serialization(text: str) -> dict[str, str]:
+    """Mangled entry name -> ptxas' reason, for every kernel whose wgmma instructions ptxas
+    serialized (a performance loss it reports only as an info line)."""
+    result = {}
+    for line in text.splitlines():
+        found = _WGMMA_SERIALIZED_RE.search(line)
+        if found:
+            result[found.group("function") or "?"] = found.group("why") or "no reason given"
+    return result
+
+
 def parse_max_threads(elf_text: str) -> dict[str, int]:
     """Mangled name -> __launch_bounds__ threads (EIATTR_MAX_THREADS), from cuobjdump -elf."""
     result, current, in_attr = {}, None, False
@@ -837,6 +854,7 @@ def kernel_rows(sass: str, ptxas: str, elf: str, arch: str, dynamic_smem: dict[s
     dynamic_smem: kernel -> bytes computed by the source (probe_dynamic_smem), replacing the site's."""
     functions = parse_sass(sass)
     resources = parse_ptxas(ptxas)
+    serialized = parse_wgmma_serialization(ptxas)
     bounds = parse_max_threads(elf)
     names = demangle(list(functions))
     limits = SM_LIMITS.get(re.sub(r"[a-z]$", "", arch))
@@ -851,7 +869,8 @@ def kernel_rows(sass: str, ptxas: str, elf: str, arch: str, dynamic_smem: dict[s
             launch = Launch(launch.threads, probed, f"{launch.site}, size from the probe")
         row = {"kernel": kernel, "template_args": targs, "mangled": mangled, **asdict(res),
                "threads": launch.threads, "dynamic_smem": launch.dynamic_smem, "launch_site": launch.site,
-               "launch_bounds": bounds.get(mangled, 0), **asdict(analyze_function(function))}
+               "launch_bounds": bounds.get(mangled, 0), "wgmma_serialized": serialized.get(mangled, ""),
+               **asdict(analyze_function(function))}
         if limits and launch.threads:
             row.update(asdict(occupancy(res.registers, res.smem + launch.dynamic_smem, launch.threads, limits)))
         rows.append(row)
@@ -923,6 +942,8 @@ def notes(rows: list[dict], arch: str) -> list[str]:
            "- blk/SM: resident blocks per SM and the resource that limits them; occ: resident warps / max warps"]
     out += [f"- spills: {_label(r)} {r['spill_stores']} B stores, {r['spill_loads']} B loads"
             for r in rows if r["spill_stores"] or r["spill_loads"]]
+    out += [f"- wgmma serialized by ptxas ({r['wgmma_serialized']}): {_label(r)}"
+            for r in rows if r.get("wgmma_serialized")]
     out += [f"- static shared memory over {STATIC_SMEM_LIMIT // 1024} KB: {_label(r)} {r['smem']} B (ptxas refuses it "
             "in a full build: move the excess to dynamic shared memory, MMFAST_DYNAMIC_SHARED + the opt-in)"
             for r in rows if r["smem"] > STATIC_SMEM_LIMIT]

@@ -315,6 +315,16 @@ def test_parse_ptxas():
     assert (resources["_Z1gPf"].registers, resources["_Z1gPf"].smem) == (30, 0)
 
 
+def test_parse_wgmma_serialization():
+    """ptxas reports serialized wgmma instructions (no overlap between them) only as an info line."""
+    text = PTXAS + ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are "
+                    "serialized due to insufficient register resources for the wgmma pipeline in the function "
+                    "'_Z1gPf'\n")
+    assert sr.parse_wgmma_serialization(text) == {
+        "_Z1gPf": "due to insufficient register resources for the wgmma pipeline"}
+    assert sr.parse_wgmma_serialization(PTXAS) == {}
+
+
 def test_parse_max_threads():
     elf = "\n".join([".nv.info._Z1gPf", "\t<0x8>", "\tAttribute:\tEIATTR_MAX_THREADS", "\tFormat:\tEIFMT_SVAL",
                      "\tValue:\t0x100 0x1 0x1 ", "\t<0x9>", "\tAttribute:\tEIATTR_CRS_STACK_SIZE",
