@@ -325,6 +325,23 @@ def test_router_for_unet_decodes_architectures(setup):
     assert all(kept.tolist() == [i == 0 for i in range(router.widths[0])] for kept in first[1:])
 
 
+def test_router_for_a_unet_outside_aptps_layout_warns_and_keeps_every_gate():
+    """Resnet downsamplers have width gates but no place in an official arch vector: the router
+    still covers them (width_gates' order) and says so, rather than refusing the UNet."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8)
+    with pytest.warns(UserWarning, match="gates outside the official layout"):
+        router = Router.for_unet(unet, num_codes=2, embed_dim=8)
+    assert router.gate_names == list(width_gates(unet))
+    for arch in router.architectures():
+        prune_unet(unet, arch)
+
+
 def test_router_noise_is_one_gumbel_draw_per_entry():
     """APTP's gumbel_softmax_sample adds -log(-log u): mean ~ Euler-Mascheroni 0.577, not 0."""
     router = Router([4], num_codes=1, embed_dim=3, temperature=1.0, offset=0.0)
@@ -332,6 +349,9 @@ def test_router_noise_is_one_gumbel_draw_per_entry():
     noise = torch.logit(router.relax(logits, torch.Generator().manual_seed(0)))  # sigmoid^-1 with T = 1
     assert abs(noise.mean().item() - 0.5772) < 0.03 and abs(noise.var().item() - torch.pi ** 2 / 6) < 0.1
     torch.testing.assert_close(router.relax(logits), torch.full_like(logits, 0.5))
+    # 16-bit logits: the draw stays fp32 (a bf16 u rounds to 1.0 in ~0.2% of draws: g = +46)
+    half = router.relax(logits.bfloat16(), torch.Generator().manual_seed(0)).float()
+    torch.testing.assert_close(half, router.relax(logits, torch.Generator().manual_seed(0)), rtol=0, atol=4e-3)
 
 
 def test_sinkhorn_balances_a_skewed_batch():

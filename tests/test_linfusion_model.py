@@ -115,12 +115,14 @@ def test_construct_for_without_a_local_checkpoint_says_which_to_fetch(unet):
     from types import SimpleNamespace
 
     with pytest.raises(ValueError, match="load_pretrained=False") as error:
-        LinFusion.construct_for(unet)
-    assert "Yuanshi/LinFusion-1-5" in str(error.value)
+        LinFusion.construct_for(unet)  # an unnamed UNet: every official checkpoint is listed
+    assert all(name in str(error.value) for name in ("LinFusion-1-5", "LinFusion-2-1", "LinFusion-XL"))
     assert not any(isinstance(m, GeneralizedLinearAttention) for m in unet.modules())  # nothing mounted
-    pipe = SimpleNamespace(unet=unet, config={"_name_or_path": "stabilityai/stable-diffusion-2-1"})
-    with pytest.raises(ValueError, match=r"\(stabilityai/stable-diffusion-2-1\) gets Yuanshi/LinFusion-2-1"):
-        LinFusion.construct_for(pipe)
+    for name, checkpoint in (("stabilityai/stable-diffusion-2-1", "Yuanshi/LinFusion-2-1"),
+                             ("/models/Lykon/dreamshaper-8", "Yuanshi/LinFusion-1-5")):
+        pipe = SimpleNamespace(unet=unet, config={"_name_or_path": name})
+        with pytest.raises(ValueError, match=f"this pipeline \\({name}\\) gets {checkpoint}"):
+            LinFusion.construct_for(pipe)
     with pytest.raises(ValueError, match="contradict"):
         LinFusion.construct_for(unet, pretrained="/nonexistent", load_pretrained=False)
 

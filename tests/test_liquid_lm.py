@@ -430,6 +430,8 @@ def test_generate_images_guides_only_above_scale_one_as_liquid(scale):
     codes = generate_images(model, PROMPT, uncond_ids=UNCOND, cfg_scale=scale, **kwargs)
     assert model.cache_shape()[0] == 2  # no unconditional rows were prefilled
     assert torch.equal(codes, generate_images(model, PROMPT, cfg_scale=None, **kwargs))
+    with pytest.raises(ValueError, match="cfg_scale must be finite"):  # not silently unguided
+        generate_images(model, PROMPT, uncond_ids=UNCOND, cfg_scale=float("nan"), **kwargs)
 
 
 def test_generate_images_pairs_share_tokens_without_padding():
@@ -628,6 +630,27 @@ def test_every_model_type_pickles(model_type):
     ids = torch.randint(3, 300, (1, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(restored(ids), model(ids), rtol=0, atol=0)
+
+
+def test_compiled_decode_step_checks_and_counts_once_even_when_dynamo_runs_eagerly():
+    """The compiled step's host-side checks name the problem (no caches, tokens of the wrong
+    shape), and its token count holds when torch.compile falls back to eager (decode_step then
+    counts too: the count is set, not added)."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
+    step = DecodeStep(model, compile=True)
+    token = torch.tensor([[5]])
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        step(token)
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match=r"tokens must be \(B, S\) int64"):
+        step(torch.tensor([5]))
+    model.prefill(torch.tensor([[3, 4, 5]]))
+    with torch.compiler.set_stance("force_eager"):
+        for _ in range(5):  # 3 + 5 = 8 tokens: full, no error
+            step(token)
+        with pytest.raises(ValueError, match="do not fit"):
+            step(token)
+    assert model.tokens_held == 8
 
 
 def test_a_second_thread_generating_on_one_model_is_refused_in_words():

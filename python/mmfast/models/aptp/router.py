@@ -29,13 +29,14 @@ scripts/aptp/filter_dataset.py and pass its expert ids as sample codes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import FF_GROUPS, ArchitectureCode, arch_vector_layout
+from .architecture import FF_GROUPS, ArchitectureCode, arch_vector_layout, depth_gates, width_gates
 
 __all__ = ["Router", "sinkhorn", "contrastive_loss"]
 
@@ -70,7 +71,7 @@ def contrastive_loss(arch_vectors: torch.Tensor, prompt_embeddings: torch.Tensor
 class Router(nn.Module):
     """embeddings (B, embed_dim) -> codes (B,) in [0, num_codes).
 
-    gate_widths: groups of each width gate (in ArchitectureCode order); depth: number of depth
+    gate_widths: groups of each width gate (for_unet: in arch_vector_layout order); depth: number of depth
     gates (one shared Linear, APTP's layout). The architecture vector has D = sum(widths) + depth
     entries; the codebook (num_codes, D) holds the codes' logits. temperature / offset: APTP's
     quantizer_T 0.4 and quantizer_base 3 (biased towards keeping).
@@ -98,8 +99,14 @@ class Router(nn.Module):
     def for_unet(cls, unet: nn.Module, num_codes: int, embed_dim: int = 768, ff_groups: int = FF_GROUPS,
                  **kwargs) -> "Router":
         """A router over every width and depth gate of a diffusers UNet, in APTP's arch-vector order
-        (arch_vector_layout; D = 1606 + 14 for SD 2.1)."""
-        gates, depth = arch_vector_layout(unet, ff_groups)
+        (arch_vector_layout; D = 1606 + 14 for SD 2.1); a UNet with gates outside that layout
+        (e.g. resnet downsamplers) gets width_gates' order, with a warning."""
+        try:
+            gates, depth = arch_vector_layout(unet, ff_groups)
+        except NotImplementedError as err:
+            warnings.warn(f"Router.for_unet: {err}; the architecture vector follows width_gates' order instead "
+                          "(no official arch vector exists for this UNet)", stacklevel=2)
+            gates, depth = list(width_gates(unet, ff_groups).items()), list(depth_gates(unet))
         return cls([groups for _, groups in gates], num_codes, embed_dim, len(depth),
                    gate_names=[name for name, _ in gates], depth_names=depth, **kwargs)
 
@@ -119,9 +126,9 @@ class Router(nn.Module):
         """Gumbel-sigmoid keep probabilities sigmoid((logits + offset + g) / T), APTP's
         gumbel_softmax_sample: g one Gumbel draw -log(-log u) per entry (eps 1e-20 as
         sample_gumbel), only when a generator is given (else g = 0)."""
-        if generator is not None:
-            u = torch.rand(logits.shape, generator=generator).to(logits)
-            logits = logits - torch.log(-torch.log(u + 1e-20) + 1e-20)
+        if generator is not None:  # drawn in fp32 as APTP's (a 16-bit u rounds to 0 or 1: g of +-inf or 46)
+            u = torch.rand(logits.shape, generator=generator)
+            logits = logits - torch.log(-torch.log(u + 1e-20) + 1e-20).to(logits)
         return torch.sigmoid((logits + self.offset) / self.temperature)
 
     def normalize(self, probs: torch.Tensor) -> torch.Tensor:

@@ -42,18 +42,19 @@ class DecodeStep:
     on the step's own stream (warm-up: allocator, kernel selection), the second captures one
     decode step on that stream into a torch.cuda.CUDAGraph (static token input, the caches and
     cache_seqlens updated in place, static logits output) and replays it, and later calls copy
-    the tokens in and replay. Every CUDA call runs under the model's device (a model on another
+    the tokens in and replay. These graph calls run under the model's device (a model on another
     GPU than the current one). The returned logits are the graph's static output: consume them
     before the next call. A call whose tokens have another shape or dtype, or after
-    setup_caches replaced the caches, captures again; the weights must stay where they are
-    while a graph is held (a model moved or cast after the capture: call close() first). If
+    setup_caches replaced the caches, warms up and captures again; the weights must stay where
+    they are while a graph is held (a model moved or cast after the capture: call close() first). If
     capture fails (or records nothing) the step falls back to eager with a warning; captures
     take a process-wide lock and record in thread-local mode, so threads generating on their
     own models do not break each other's. The CUDA path has not yet been verified on a GPU.
     close() frees the graph and its memory pool (generate_* call it when they finish).
 
-    Every call runs under torch.inference_mode, so the logits are inference tensors: read them,
-    or clone() them to modify them in place or use them with autograd. The caches and
+    Every call runs under torch.inference_mode, so the logits are inference tensors (but for a
+    graph captured outside it, below): read them, or clone() them to modify them in place or use
+    them with autograd. The caches and
     cache_seqlens are updated in place and keep the kind they were created as (normal when
     setup_caches ran outside inference_mode). Before torch 2.11 a CUDA graph captured under
     inference_mode leaves the CUDA generator's graph state as inference tensors, so that a later
@@ -95,23 +96,33 @@ class DecodeStep:
         # even under no_grad) are not entered: 61 op calls per step of a 12-layer model, about 5%
         # of its CPU step (benchmarks/results/2026-12-04-cpu-amd-epyc-2core-avx2-liquid-step-inference-mode.md).
         with torch.inference_mode():
-            if self.compiled is not None:  # the compiled step runs no Python check of its own
-                self.model.hold_tokens(tokens.shape[1], "DecodeStep")
-                return self.compiled(tokens)
+            if self.compiled is not None:
+                return self._compiled_call(tokens)
             if not self.use_graph:
                 return self._decode(tokens)
             with torch.cuda.device(self.model.device):
                 return self._graph_call(tokens)
 
+    def _compiled_call(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The compiled step runs no Python check of its own (unless dynamo is off, when
+        decode_step counts as well): checked here, and the count set, not added, after it."""
+        self.model.check_decode_tokens(tokens, "DecodeStep")
+        held = self.model.tokens_held
+        logits = self.compiled(tokens)
+        self.model.tokens_held = held + tokens.shape[1]
+        return logits
+
     def _graph_call(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.model.check_decode_tokens(tokens, "DecodeStep", room=False)
+        binding = self._binding(tokens)
+        if self.bound_to is not None and self.bound_to != binding:
+            self.close()  # new shapes, caches or device: stale pointers in the graph; warm up again
         if self.stream is None:
             self.stream = torch.cuda.Stream(device=self.model.device)
         if self.calls == 0:  # warm-up on the capture stream, as torch.cuda.graphs recommends
             logits = self._on_stream(self._decode, tokens)
-            self.calls += 1
+            self.calls, self.bound_to = 1, binding
             return logits
-        if self.graph is not None and self.bound_to != self._binding(tokens):
-            self.close()  # new shapes or new caches: the graph's pointers are stale
         if self.graph is None:
             self.model.check_room(tokens.shape[1], "DecodeStep")  # before the capture, which would swallow it
             ran = self._capture(tokens)  # the capture's Python ran the host-side token count
@@ -134,22 +145,22 @@ class DecodeStep:
         return out
 
     def _binding(self, tokens: torch.Tensor) -> tuple:
-        """What a captured graph holds by address: the token shape and dtype, the caches."""
+        """What a captured graph holds by address: the device, the token shape and dtype, the caches."""
         caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
-        return (tuple(tokens.shape), tokens.dtype, self.model.cache_seqlens.data_ptr(),
+        return (self.model.device, tuple(tokens.shape), tokens.dtype, self.model.cache_seqlens.data_ptr(),
                 tuple(t.data_ptr() for cache in caches for t in (cache.k_cache, cache.v_cache)))
 
     def _capture(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """Captures the step (replay() then runs it). On failure use_graph turns off with a
         warning and the result is this call's logits if its ops ran outside the capture (an
-        empty graph), else None (nothing ran: the caller runs the step eagerly)."""
+        empty graph: torch only warns), else None (nothing ran: the caller runs the step)."""
         self.static_tokens = tokens.clone()
         graph, previous, held = torch.cuda.CUDAGraph(), torch.cuda.current_stream(), self.model.tokens_held
+        lengths = self.model.cache_seqlens.clone()  # a captured step leaves them; one that ran moves them
         mode = torch.inference_mode(False) if _CAPTURE_OUTSIDE_INFERENCE_MODE and not \
             self.model.cache_seqlens.is_inference() else contextlib.nullcontext()
         try:
-            with _capture_lock, mode, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with _capture_lock, mode, torch.no_grad():
                 # records, does not run: replay() then runs this step
                 with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                     self.static_logits = self._decode(self.static_tokens)
@@ -159,23 +170,21 @@ class DecodeStep:
             warnings.warn(f"DecodeStep: CUDA graph capture failed ({err}); decoding eagerly")
             self.use_graph, self.static_logits = False, None
             return None
-        empty = [w for w in caught if "empty" in str(w.message).lower()]
-        for w in caught:
-            if w not in empty:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if empty:  # its ops ran at once elsewhere (another device or stream): this call's result
-            warnings.warn(f"DecodeStep: the CUDA graph recorded nothing ({empty[0].message}); decoding eagerly")
+        if not torch.equal(lengths, self.model.cache_seqlens):  # the step ran during the "capture"
+            warnings.warn("DecodeStep: the CUDA graph recorded nothing (the step's ops ran outside the capture); "
+                          "decoding eagerly")
             self.use_graph, ran, self.static_logits = False, self.static_logits, None
             return ran
-        self.graph, self.bound_to = graph, self._binding(tokens)
+        self.graph = graph
         return None
 
     def close(self) -> None:
-        """Frees the captured graph, its memory pool and the static tensors (a later call
-        captures again)."""
+        """Frees the captured graph, its memory pool and the static tensors; a later call warms
+        up and captures again (on the model's device then)."""
         if self.graph is not None:
             self.graph.reset()
         self.graph, self.static_tokens, self.static_logits, self.bound_to = None, None, None, None
+        self.calls, self.stream = 0, None
 
 
 # Only one capture may be under way in a process (torch.cuda.graph's capture stream is shared).
@@ -359,7 +368,9 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
         raise ValueError(f"generate_images: image rows [{image_vocab_start}, {image_vocab_start + image_vocab_size}) "
                          f"are outside the model's vocabulary of {model.config.vocab_size}")
     rows = [_as_ids("prompt_ids", prompt_ids)] * num_images
-    if cfg_scale is not None and not cfg_scale > 1:  # Liquid: `if guidance_scale > 1` guides, else not
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ValueError(f"generate_images: cfg_scale must be finite (or None), got {cfg_scale!r}")
+    if cfg_scale is not None and cfg_scale <= 1:  # Liquid: `if guidance_scale > 1` guides, else not
         cfg_scale = None
     if cfg_scale is not None:
         if uncond_ids is None:

@@ -208,9 +208,7 @@ class LiquidLM(nn.Module):
         cache_seqlens[b] + s), adds S to cache_seqlens[:B] in place; returns (B, S, V) fp32. No
         host synchronisation, nothing shape-dependent on data: CUDA-graph capturable when the
         decode ops' kernels are."""
-        if tokens.dim() != 2 or tokens.dtype != torch.int64:
-            raise ValueError(f"LiquidLM.decode_step: tokens must be (B, S) int64, got {tokens.dtype} "
-                             f"{tuple(tokens.shape)}")
+        self.check_decode_tokens(tokens, "LiquidLM.decode_step", room=False)
         batch, seq = tokens.shape
         seqlens = self._cache_lengths(batch, seq)
         if not torch.compiler.is_compiling():  # compiled steps and graph replays: DecodeStep counts
@@ -225,6 +223,17 @@ class LiquidLM(nn.Module):
         the caches would overflow (on CUDA the append kernel would skip the row silently)."""
         self.check_room(seq, what)
         self.tokens_held += seq
+
+    def check_decode_tokens(self, tokens: torch.Tensor, what: str, room: bool = True) -> None:
+        """decode_step's checks on the host: ValueError for tokens that are not (B, S) int64,
+        RuntimeError without caches, and (room=True) ValueError when S more tokens do not fit."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
+            raise ValueError(f"{what}: tokens must be (B, S) int64, got "
+                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+        if self.cache_shape() is None:
+            raise RuntimeError("LiquidLM: call setup_caches(max_batch, max_tokens) before prefill / decode_step")
+        if room:
+            self.check_room(tokens.shape[1], what)
 
     def check_room(self, seq: int, what: str) -> None:
         """ValueError unless seq more tokens per row fit in the caches (host-side count)."""
