@@ -342,8 +342,8 @@ def folder_reference(pred_dir, gt_dir, protocol):
     for stem in "abcd":
         gt = np.asarray(Image.open(gt_dir / f"{stem}.png"))
         image = Image.open(pred_dir / f"{stem}.{'jpg' if stem == 'c' else 'png'}")
-        if image.size != (gt.shape[1], gt.shape[0]):
-            image = image.resize((gt.shape[1], gt.shape[0]), Image.BILINEAR)
+        if image.size != (gt.shape[1], gt.shape[0]):  # DiffDIS' test_score.py: PIL's default filter
+            image = image.resize((gt.shape[1], gt.shape[0]))
         metrics.update(np.asarray(image), gt)
     return metrics.results()
 

@@ -140,6 +140,24 @@ def test_vector_quantizer_matches_taming(legacy):
     assert z_q.shape == z.shape and z_q.is_contiguous()
 
 
+def test_vector_quantizer_promotes_dtypes_as_taming():
+    """A bf16 z (autocast) with an fp32 codebook: taming's z_q - z promotes, so z_q and the loss
+    are fp32 (mmfast returned bf16, its loss off in the 3rd digit)."""
+    vq = VectorQuantizer(32, 8, beta=0.25)
+    torch.nn.init.normal_(vq.embedding.weight)
+    z = torch.randn(2, 8, 5, 7).bfloat16()
+    z_q, loss, (_, _, indices) = vq(z)
+    weight = vq.embedding.weight.detach()
+    # taming's promotion makes its result that of the fp32 copy of z (exact), searched in fp32
+    ref_z_q, ref_loss, ref_indices = taming_vq2(z.float(), weight, 0.25, True)
+    assert z_q.dtype == loss.dtype == torch.float32 == ref_z_q.dtype == ref_loss.dtype
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(z_q, ref_z_q)
+    torch.testing.assert_close(loss, ref_loss)
+    half = VectorQuantizer(32, 8).bfloat16()  # all bf16: stays bf16
+    assert half(z)[0].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_vector_quantizer_gradients_match_taming(legacy):
     """Straight-through estimator to z, commitment term to z, codebook term to the codebook."""

@@ -33,8 +33,9 @@ class VectorQuantizer(nn.Module):
     (sg = stop-gradient; the first term trains the encoder, the second the codebook.)
     metric: "l2" (taming, Chameleon, Liquid: Euclidean nearest code, unnormalised codes) or
     "cosine" (the code with the largest cosine similarity). With "cosine" only the selection
-    changes: z_q is still the stored code row, so for LlamaGen's semantics keep the codebook
-    l2-normalised yourself. sane_index_shape: taming's flag, indices as (B, H, W) instead of
+    changes: z_q is still the stored code row and the loss compares it with z as given, so for
+    LlamaGen's semantics l2-normalise both the codebook and z (LlamaGen computes the loss and the
+    straight-through output on the normalised z) yourself. sane_index_shape: taming's flag, indices as (B, H, W) instead of
     flat (B*H*W,).
     The codebook is initialised as taming's, uniform in [-1/n_e, 1/n_e].
     """
@@ -68,7 +69,9 @@ class VectorQuantizer(nn.Module):
         """Nearest-code indices of a (B, C, H, W) latent: (B, H, W) int64, no gradient.
 
         The search runs in the codebook's dtype (products accumulate in fp32): a latent of
-        another dtype (autocast) is cast to it. codebook_sqnorm: `vq_codebook_sqnorm` of the
+        another dtype (autocast) is cast to it. taming and Chameleon compute the distances in the
+        module's dtype, so with a bf16 model or under autocast they pick other codes for some
+        vectors (about 1-8% in a trial; mmfast's are the nearer ones); in fp32 the indices agree. codebook_sqnorm: `vq_codebook_sqnorm` of the
         codebook, to reuse across calls (metric "l2" only).
         Raises ValueError / TypeError for a wrong shape or dtype.
         """
@@ -90,8 +93,9 @@ class VectorQuantizer(nn.Module):
         """(z_q, loss, (perplexity, min_encodings, min_encoding_indices)), as taming's VectorQuantizer2.
 
         z: (B, C=e_dim, H, W) float. z_q: (B, C, H, W), values of the chosen codes and gradients
-        of z (straight-through estimator z + sg[z_q - z]), in z's dtype. loss: scalar (see the
-        class docstring). perplexity and min_encodings are None (VectorQuantizer2 returns None
+        of z (straight-through estimator z + sg[z_q - z]), in the promoted dtype of z and the
+        codebook, as taming's (a bf16 z under autocast with an fp32 codebook gives fp32). loss:
+        scalar in that dtype (see the class docstring). perplexity and min_encodings are None (VectorQuantizer2 returns None
         for both). min_encoding_indices: int64, flat (B*H*W,) in (B, H, W) order, or (B, H, W)
         with sane_index_shape. temp / rescale_logits / return_logits exist for interface
         compatibility with taming's GumbelQuantize and must keep their defaults (temp may also be
@@ -102,7 +106,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError("VectorQuantizer: temp, rescale_logits and return_logits are only for interface "
                              "compatibility with taming's GumbelQuantize and must keep their defaults")
         indices = self.codes(z)
-        z_q = self.embed_codes(indices).to(z.dtype)
+        z_q = self.embed_codes(indices)
+        z_q = z_q.to(torch.promote_types(z_q.dtype, z.dtype))  # taming's z_q - z promotes (fp32 under autocast)
         commitment = torch.mean((z_q.detach() - z) ** 2)
         codebook = torch.mean((z_q - z.detach()) ** 2)
         if self.legacy:

@@ -4,10 +4,12 @@ Module and parameter names are taming's (CompVis/taming-transformers:taming/mode
 taming/modules/diffusionmodules/model.py; Meta's copy is facebookresearch/chameleon:
 chameleon/inference/vqgan.py, Liquid's FoundationVision/Liquid:evaluation/chameleon/inference/
 vqgan.py), so their state dicts load with strict=True. Differences from the originals, none of
-which changes a result beyond rounding: the nearest-code search is mmfast's fused
-`vq_quantize` (no N x K distance matrix), the code lookup `vq_dequantize` writes channels-first
-directly; the encoder and decoder (taming.py) run attention through
-`F.scaled_dot_product_attention` and normalise fp16/bf16 activations in fp32.
+which changes an fp32 result beyond rounding: the nearest-code search is mmfast's fused
+`vq_quantize` (no N x K distance matrix; it accumulates in fp32 where a bf16 original or one
+under autocast computes its distances in bf16, so there codes differ for a few percent of the
+vectors, mmfast's the nearer), the code lookup `vq_dequantize` writes channels-first directly;
+the encoder and decoder (taming.py) run attention through `F.scaled_dot_product_attention` and
+normalise fp16/bf16 activations in fp32. Chameleon's and Liquid's tokenizers run in fp32.
 
     model = VQGAN.from_pretrained("vqgan.safetensors")           # Chameleon config by default
     codes = model.encode(preprocess(pil_image))                  # (1, 32, 32) int64 in [0, 8192)
