@@ -111,7 +111,7 @@ def test_half_precision_checkpoint_loads_into_fp32_unet(unet, tmp_path):
     saved.save_pretrained(str(tmp_path))
     loaded = LinFusion.from_pretrained(str(tmp_path))
     assert {p.dtype for p in loaded.parameters()} == {torch.float16}
-    loaded = LinFusion.construct_for(unet, pretrained=str(tmp_path))
+    loaded = LinFusion.construct_for(unet, pretrained_model_name_or_path=str(tmp_path))  # the official keyword
     try:
         assert {p.dtype for p in loaded.parameters()} == {torch.float32}
         assert torch.equal(loaded.attention_modules()[0].to_q.weight, saved.attention_modules()[0].to_q.weight.float())

@@ -125,6 +125,9 @@ def test_construct_for_without_a_local_checkpoint_says_which_to_fetch(unet):
             LinFusion.construct_for(pipe)
     with pytest.raises(ValueError, match="contradict"):
         LinFusion.construct_for(unet, pretrained="/nonexistent", load_pretrained=False)
+    # the official notebook's call: a Hub id is not a local directory, and the error says how to get one
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        LinFusion.construct_for(unet, pretrained_model_name_or_path="Yuanshi/LinFusion-1-5")
 
 
 def test_unmount_after_the_unet_was_cast_restores_matching_modules():

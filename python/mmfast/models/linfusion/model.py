@@ -230,7 +230,8 @@ class LinFusion(nn.Module):
     @classmethod
     def construct_for(cls, pipe_or_unet, pretrained: Optional[str] = None, mid_dim_scale: Optional[int] = None,
                       init_from_unet: bool = False, module_names: Optional[List[str]] = None,
-                      load_pretrained: bool = True) -> "LinFusion":
+                      load_pretrained: bool = True, pretrained_model_name_or_path: Optional[str] = None
+                      ) -> "LinFusion":
         """Loads LinFusion from the local directory `pretrained` (or builds it) and mounts it.
 
         Accepts a diffusers pipeline (uses its .unet) or a UNet. The modules take the
@@ -239,7 +240,14 @@ class LinFusion(nn.Module):
         by the pipeline's name; mmfast never downloads, so ValueError names the checkpoint to
         fetch); False builds randomly initialised modules (for distillation: LinFusionDistiller),
         with mid_dim_scale, init_from_unet and module_names as in from_unet.
+        pretrained_model_name_or_path: the official name of `pretrained`, so the official call
+        ports as it is; it must name a local directory (a Hub id gets FileNotFoundError with the
+        download command).
         """
+        if pretrained_model_name_or_path is not None:
+            if pretrained is not None:
+                raise ValueError("LinFusion.construct_for: pass pretrained or pretrained_model_name_or_path, not both")
+            pretrained = pretrained_model_name_or_path
         unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
         if pretrained is None:
             if load_pretrained:
