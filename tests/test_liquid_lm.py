@@ -7,9 +7,11 @@ and loaded with LiquidLM.from_pretrained. Nothing is downloaded. CPU only.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import warnings
 import weakref
 
 import pytest
@@ -693,3 +695,102 @@ def _raised(fn) -> str:
     except RuntimeError as error:
         return str(error)
     return ""
+
+
+# --- DecodeStep's CUDA-graph logic, on a stand-in for torch.cuda's graph API -----------------------
+
+
+class _FakeGraphs:
+    """torch.cuda's streams and graphs for the host: a capture runs the step and then, as a real
+    capture records without running, puts the caches back ("record"); "empty" leaves them moved (the
+    ops ran outside the capture); "fail" puts them back and raises; "fail_after_running" raises
+    with the caches moved (an empty graph's warning made an error). replay() runs the step."""
+
+    def __init__(self, monkeypatch):
+        self.mode, self.step, self.events = "record", None, []
+        fakes = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def replay(self):
+                fakes.events.append("replay")
+                model, held = fakes.step.model, fakes.step.model.tokens_held
+                fakes.step.static_logits.copy_(fakes.step._decode(fakes.step.static_tokens))
+                model.tokens_held = held  # a replay runs no Python
+
+            def reset(self):
+                fakes.events.append("reset")
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, stream=None, capture_error_mode="global"):
+            fakes.events.append("capture")
+            model = fakes.step.model
+            caches = [model.cache_seqlens] + [tensor for layer in model.model.layers for tensor in
+                                              (layer.self_attn.kv_cache.k_cache, layer.self_attn.kv_cache.v_cache)]
+            saved = [t.clone() for t in caches]
+            yield
+            if fakes.mode in ("record", "fail"):
+                for tensor, copy_ in zip(caches, saved):
+                    tensor.copy_(copy_)
+            if fakes.mode.startswith("fail"):
+                raise RuntimeError("capture failed (simulated)")
+
+        for name, value in (("device", lambda device: contextlib.nullcontext()),
+                            ("Stream", lambda device=None: Stream()), ("current_stream", lambda: Stream()),
+                            ("stream", lambda stream: contextlib.nullcontext()), ("set_stream", lambda stream: None),
+                            ("CUDAGraph", Graph), ("graph", graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        def warm_up(step, fn, tokens):
+            fakes.events.append("warm-up")
+            return fn(tokens)
+
+        monkeypatch.setattr(DecodeStep, "_on_stream", warm_up)
+
+    def decode_step(self, model):
+        self.step = DecodeStep(model)
+        self.step.use_graph = True  # as on a CUDA model
+        return self.step
+
+
+@pytest.mark.parametrize("mode", ["record", "empty", "fail", "fail_after_running"])
+def test_decode_step_graph_logic_against_eager_steps(monkeypatch, mode):
+    """From a review of the never-GPU-run graph path: every step's logits, token count and
+    cache_seqlens equal an eager twin's whether the capture records, records nothing (the ops ran),
+    fails before or after running; new caches warm up and capture again; close() too."""
+    fakes = _FakeGraphs(monkeypatch)
+    fakes.mode = mode
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=1)
+    twin = copy.deepcopy(model)
+    graphed, eager = fakes.decode_step(model), DecodeStep(twin, cuda_graph=False)
+    prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def restart():
+        for lm in (model, twin):
+            lm.setup_caches(2, 20)
+        with torch.inference_mode():
+            twin.prefill(prompts)
+            return model.prefill(prompts).argmax(-1, keepdim=True)
+
+    token = restart()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(12):
+            if i == 5:
+                token = restart()  # new caches: the graph's pointers are stale
+            if i == 9:
+                graphed.close()
+            logits = graphed(token).clone()
+            torch.testing.assert_close(logits, eager(token), rtol=0, atol=0)
+            assert model.tokens_held == twin.tokens_held and torch.equal(model.cache_seqlens, twin.cache_seqlens)
+            token = logits.argmax(-1, keepdim=True)
+    messages = [str(w.message) for w in caught if "DecodeStep" in str(w.message)]
+    if mode == "record":  # warm-up, capture + replay; again after new caches and after close()
+        assert not messages and fakes.events.count("capture") == fakes.events.count("warm-up") == 3
+        assert fakes.events[:3] == ["warm-up", "capture", "replay"]
+        assert graphed.use_graph and graphed.graph is not None
+    else:  # one failed capture, then eager for good
+        assert len(messages) == 1 and fakes.events.count("capture") == 1 and not graphed.use_graph
+        assert ("recorded nothing" in messages[0]) == (mode == "empty")

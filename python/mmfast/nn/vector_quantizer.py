@@ -35,8 +35,8 @@ class VectorQuantizer(nn.Module):
     "cosine" (the code with the largest cosine similarity). With "cosine" only the selection
     changes: z_q is still the stored code row and the loss compares it with z as given, so for
     LlamaGen's semantics l2-normalise both the codebook and z (LlamaGen computes the loss and the
-    straight-through output on the normalised z) yourself. sane_index_shape: taming's flag, indices as (B, H, W) instead of
-    flat (B*H*W,).
+    straight-through output on the normalised z) yourself. sane_index_shape: taming's flag,
+    indices as (B, H, W) instead of flat (B*H*W,).
     The codebook is initialised as taming's, uniform in [-1/n_e, 1/n_e].
     """
 
@@ -71,8 +71,9 @@ class VectorQuantizer(nn.Module):
         The search runs in the codebook's dtype (products accumulate in fp32): a latent of
         another dtype (autocast) is cast to it. taming and Chameleon compute the distances in the
         module's dtype, so with a bf16 model or under autocast they pick other codes for some
-        vectors (about 1-8% in a trial; mmfast's are the nearer ones); in fp32 the indices agree. codebook_sqnorm: `vq_codebook_sqnorm` of the
-        codebook, to reuse across calls (metric "l2" only).
+        vectors (about 1-8% in a trial; mmfast's are the nearer ones); in fp32 the indices agree.
+        codebook_sqnorm: `vq_codebook_sqnorm` of the codebook, to reuse across calls (metric
+        "l2" only).
         Raises ValueError / TypeError for a wrong shape or dtype.
         """
         self._check_latent(z)
@@ -95,8 +96,8 @@ class VectorQuantizer(nn.Module):
         z: (B, C=e_dim, H, W) float. z_q: (B, C, H, W), values of the chosen codes and gradients
         of z (straight-through estimator z + sg[z_q - z]), in the promoted dtype of z and the
         codebook, as taming's (a bf16 z under autocast with an fp32 codebook gives fp32). loss:
-        scalar in that dtype (see the class docstring). perplexity and min_encodings are None (VectorQuantizer2 returns None
-        for both). min_encoding_indices: int64, flat (B*H*W,) in (B, H, W) order, or (B, H, W)
+        scalar in that dtype (see the class docstring). perplexity and min_encodings are None
+        (VectorQuantizer2 returns None for both). min_encoding_indices: int64, flat (B*H*W,) in (B, H, W) order, or (B, H, W)
         with sane_index_shape. temp / rescale_logits / return_logits exist for interface
         compatibility with taming's GumbelQuantize and must keep their defaults (temp may also be
         1.0, which taming's VectorQuantizer2 accepts too: it changes nothing).

@@ -11,7 +11,8 @@ similarity.
 
 The architecture vector is laid out as APTP's arch vectors are (arch_vector_layout: width gates
 block by block, each block's resnets before its attentions, then the depth gates), so
-Router.for_unet's entries line up with an official arch_vector.pt.
+Router.for_unet's entries line up with an official arch_vector.pt (for UNets that layout covers;
+others, e.g. with resnet downsamplers, get width_gates' order and a warning).
 
 Simplifications against the official code (StructureVectorQuantizer, pdm/models/vq/quantizer.py;
 documented, not verified numerically against it, so routes can differ from APTP's):

@@ -240,9 +240,11 @@ class LinFusion(nn.Module):
         by the pipeline's name; mmfast never downloads, so ValueError names the checkpoint to
         fetch); False builds randomly initialised modules (for distillation: LinFusionDistiller),
         with mid_dim_scale, init_from_unet and module_names as in from_unet.
-        pretrained_model_name_or_path: the official name of `pretrained`, so the official call
-        ports as it is; it must name a local directory (a Hub id gets FileNotFoundError with the
-        download command).
+        pretrained_model_name_or_path: the official name of `pretrained`, so the notebooks' call
+        construct_for(pipe, pretrained_model_name_or_path=DIR) ports as it is; it must name a
+        local directory (a Hub id gets FileNotFoundError with the download command). Unlike the
+        official signature, the pipeline or UNet is the first argument (no pipeline= / unet= /
+        pipe_name_path= keywords), and a path with load_pretrained=False is an error, not ignored.
         """
         if pretrained_model_name_or_path is not None:
             if pretrained is not None:

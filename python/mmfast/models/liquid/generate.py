@@ -88,7 +88,10 @@ class DecodeStep:
         return self.model.decode_step(tokens, logits_rows=self.rows)[:, -1]
 
     def eager(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._decode(tokens) if self.compiled is None else self.compiled(tokens)
+        """One step without a CUDA graph (compiled if the step is), with the checks and token
+        count of __call__."""
+        with torch.inference_mode():
+            return self._decode(tokens) if self.compiled is None else self._compiled_call(tokens)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         # inference_mode rather than no_grad alone: it takes the Autograd dispatch key out of every
@@ -153,8 +156,9 @@ class DecodeStep:
     def _capture(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """Captures the step (replay() then runs it). On failure use_graph turns off with a
         warning and the result is this call's logits if its ops ran outside the capture (an
-        empty graph: torch only warns), else None (nothing ran: the caller runs the step)."""
-        self.static_tokens = tokens.clone()
+        empty graph, which torch only warns about, or one whose warning was made an error),
+        else None (nothing ran: the caller runs the step)."""
+        self.static_tokens, self.static_logits = tokens.clone(), None
         graph, previous, held = torch.cuda.CUDAGraph(), torch.cuda.current_stream(), self.model.tokens_held
         lengths = self.model.cache_seqlens.clone()  # a captured step leaves them; one that ran moves them
         mode = torch.inference_mode(False) if _CAPTURE_OUTSIDE_INFERENCE_MODE and not \
@@ -166,17 +170,30 @@ class DecodeStep:
                     self.static_logits = self._decode(self.static_tokens)
         except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly instead
             torch.cuda.set_stream(previous)  # a failed capture_end can leave the capture stream current
-            self.model.tokens_held = held  # nothing ran
-            warnings.warn(f"DecodeStep: CUDA graph capture failed ({err}); decoding eagerly")
-            self.use_graph, self.static_logits = False, None
-            return None
-        if not torch.equal(lengths, self.model.cache_seqlens):  # the step ran during the "capture"
-            warnings.warn("DecodeStep: the CUDA graph recorded nothing (the step's ops ran outside the capture); "
-                          "decoding eagerly")
-            self.use_graph, ran, self.static_logits = False, self.static_logits, None
-            return ran
+            return self._give_up(f"CUDA graph capture failed ({err})", lengths, held)
+        if self._ran_since(lengths):
+            return self._give_up("the CUDA graph recorded nothing (the step's ops ran outside the capture)",
+                                 lengths, held)
         self.graph = graph
         return None
+
+    def _ran_since(self, lengths: torch.Tensor) -> bool:
+        """Whether the step ran (its cache_seqlens.add_ happened) since `lengths` was taken."""
+        try:
+            return not torch.equal(lengths, self.model.cache_seqlens)
+        except Exception:  # noqa: BLE001 - a device left in error by the capture: nothing known to have run
+            return False
+
+    def _give_up(self, why: str, lengths: torch.Tensor, held: int) -> Optional[torch.Tensor]:
+        """Eager from now on; this call's logits if the step ran, else None (the count restored)."""
+        ran, self.use_graph, self.static_logits = self.static_logits, False, None
+        if not self._ran_since(lengths):
+            self.model.tokens_held, ran = held, None
+        elif ran is None:
+            raise RuntimeError(f"DecodeStep: {why} after part of the step ran; the caches are inconsistent: "
+                               "prefill again")
+        warnings.warn(f"DecodeStep: {why}; decoding eagerly")
+        return ran
 
     def close(self) -> None:
         """Frees the captured graph, its memory pool and the static tensors; a later call warms
