@@ -465,6 +465,9 @@ def test_postprocess():
     assert postprocess(images[0]).shape == (1, 5, 3)
     with pytest.raises(ValueError, match="3, H, W"):
         postprocess(torch.zeros(1, 4, 2, 2))
+    with pytest.raises(FloatingPointError, match="NaN"):  # not a silent black pixel
+        postprocess(torch.full((1, 3, 2, 2), float("nan")))
+    assert postprocess(torch.full((3, 1, 1), float("inf")))[0, 0].tolist() == [255, 255, 255]  # clamped
 
 
 def test_token_offsets():

@@ -333,8 +333,12 @@ def preprocess(image, resolution: int = 512) -> torch.Tensor:
 
 def postprocess(images: torch.Tensor):
     """(B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 numpy (B, H, W, 3) or (H, W, 3): clamp, map to
-    [0, 255] and truncate, as Chameleon's _pil_from_chw_tensor. Raises ValueError for other shapes."""
+    [0, 255] and truncate, as Chameleon's _pil_from_chw_tensor. Raises ValueError for other shapes
+    and FloatingPointError for NaN (Chameleon's cast turns it into an arbitrary byte, 0 here)."""
     if images.dim() not in (3, 4) or images.shape[-3] != 3:
         raise ValueError(f"postprocess: images must be (B, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
+    if torch.isnan(images).any():
+        raise FloatingPointError(f"postprocess: the images hold NaN ({images.dtype}; decode in float32 or bfloat16 "
+                                 "if float16 overflowed)")
     unit = (images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) / 2.0
     return (unit.movedim(-3, -1).numpy() * 255).astype("uint8")
