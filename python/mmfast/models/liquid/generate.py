@@ -38,39 +38,38 @@ class DecodeStep:
     """model.decode_step(tokens, logits_rows=rows)[:, -1] -> (B, V') fp32, as a callable.
 
     On the CPU (and on CUDA with cuda_graph=False or under the "reference" backend, whose ops
-    synchronise) every call runs eagerly. With device.type == "cuda" the first call runs eagerly
-    on the step's own stream (warm-up: allocator, kernel selection), the second captures one
-    decode step on that stream into a torch.cuda.CUDAGraph (static token input, the caches and
-    cache_seqlens updated in place, static logits output) and replays it, and later calls copy
-    the tokens in and replay. These graph calls run under the model's device (a model on another
-    GPU than the current one). The returned logits are the graph's static output: consume them
-    before the next call. A call whose tokens have another shape or dtype, or after
-    setup_caches replaced the caches, warms up and captures again; the weights must stay where
-    they are while a graph is held (a model moved or cast after the capture: call close() first). If
-    capture fails (or records nothing) the step falls back to eager with a warning; captures
-    take a process-wide lock and record in thread-local mode, so threads generating on their
-    own models do not break each other's. The CUDA path has not yet been verified on a GPU.
-    close() frees the graph and its memory pool (generate_* call it when they finish).
+    synchronise) every call runs eagerly. With device.type == "cuda" the first call runs eagerly on
+    the step's own stream (warm-up: allocator, kernel selection), the second captures one decode
+    step on that stream into a torch.cuda.CUDAGraph (static token input, the caches and
+    cache_seqlens updated in place, static logits output) and replays it, and later calls copy the
+    tokens in and replay. These graph calls run under the model's device (a model on another GPU
+    than the current one). The returned logits are the graph's static output: consume them before
+    the next call. A call whose tokens have another shape or dtype, or after setup_caches replaced
+    the caches, warms up and captures again; the weights must stay where they are while a graph is
+    held (a model moved or cast after the capture: call close() first). If capture fails (or records
+    nothing) the step falls back to eager with a warning; captures take a process-wide lock and
+    record in thread-local mode, so threads generating on their own models do not break each
+    other's. The CUDA path has not yet been verified on a GPU. close() frees the graph and its
+    memory pool (generate_* call it when they finish).
 
-    Every call runs under torch.inference_mode, so the logits are inference tensors (but for a
-    graph captured outside it, below): read them, or clone() them to modify them in place or use
-    them with autograd. The caches and
-    cache_seqlens are updated in place and keep the kind they were created as (normal when
-    setup_caches ran outside inference_mode). Before torch 2.11 a CUDA graph captured under
-    inference_mode leaves the CUDA generator's graph state as inference tensors, so that a later
-    capture outside it fails (pytorch#166792): there the capture runs outside inference_mode
-    (under no_grad) when the caches are normal tensors. Each call counts its tokens against the
-    caches' size on the host (model.tokens_held: ValueError when they are full), replays and
-    compiled calls included.
+    Every call runs under torch.inference_mode, so the logits are inference tensors (but for a graph
+    captured outside it, below): read them, or clone() them to modify them in place or use them with
+    autograd. The caches and cache_seqlens are updated in place and keep the kind they were created
+    as (normal when setup_caches ran outside inference_mode). Before torch 2.11 a CUDA graph
+    captured under inference_mode leaves the CUDA generator's graph state as inference tensors, so
+    that a later capture outside it fails (pytorch#166792): there the capture runs outside
+    inference_mode (under no_grad) when the caches are normal tensors. Each call counts its tokens
+    against the caches' size on the host (model.tokens_held: ValueError when they are full), replays
+    and compiled calls included.
 
-    compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the
-    norms, RoPE and residual adds fused, the mmfast ops called as they are); on the CPU with
-    inductor's C++ wrapper, on CUDA with CUDA graphs by torch (mode="reduce-overhead"'s option)
-    instead of the graph above; a dict: also these inductor options (compile_options). The
-    first call compiles (about 15-25 s for a 12-layer model on 2 CPU cores, a few seconds when
-    inductor's on-disk cache has it; again for a new batch size), so it pays for long
-    generations: generate_text's batch-1 token of a 138M Llama in fp32 takes ~20 ms eager and
-    ~17 ms compiled on a 2-core AVX-512 AMD EPYC (2026-12-05; 11.6 ms of it the step itself).
+    compile=True: the step goes through torch.compile(fullgraph=True) (gpt-fast's recipe: the norms,
+    RoPE and residual adds fused, the mmfast ops called as they are); on the CPU with inductor's C++
+    wrapper, on CUDA with CUDA graphs by torch (mode="reduce-overhead"'s option) instead of the
+    graph above; a dict: also these inductor options (compile_options). The first call compiles
+    (about 15-25 s for a 12-layer model on 2 CPU cores, a few seconds when inductor's on-disk cache
+    has it; again for a new batch size), so it pays for long generations: generate_text's batch-1
+    token of a 138M Llama in fp32 takes ~20 ms eager and ~17 ms compiled on a 2-core AVX-512 AMD
+    EPYC (2026-12-05; 11.6 ms of it the step itself).
     """
 
     def __init__(self, model: LiquidLM, logits_rows: Optional[slice] = None, cuda_graph: bool = True,
