@@ -142,6 +142,28 @@ def test_construct_for_without_a_local_checkpoint_says_which_to_fetch(unet):
         LinFusion.construct_for(unet, pretrained_model_name_or_path="Yuanshi/LinFusion-1-5")
 
 
+def test_construct_for_takes_the_official_keywords(unet):
+    """The official signature is construct_for(pipeline=None, unet=None, load_pretrained=True,
+    pretrained_model_name_or_path=None, pipe_name_path=None): its distillation script's
+    construct_for(unet=unet, load_pretrained=False) and a pipe_name_path naming the checkpoint port."""
+    from types import SimpleNamespace
+
+    linfusion = LinFusion.construct_for(unet=unet, load_pretrained=False)
+    assert linfusion.is_mounted and any(isinstance(m, GeneralizedLinearAttention) for m in unet.modules())
+    linfusion.unmount()
+    pipe = SimpleNamespace(unet=unet, config={"_name_or_path": "/local/copy"})
+    linfusion = LinFusion.construct_for(pipeline=pipe, load_pretrained=False)
+    assert linfusion.is_mounted
+    linfusion.unmount()
+    with pytest.raises(ValueError, match=r"this pipeline \(stabilityai/stable-diffusion-2-1\) gets Yuanshi/LinFusion-2-1"):
+        LinFusion.construct_for(pipeline=pipe, pipe_name_path="stabilityai/stable-diffusion-2-1")
+    with pytest.raises(ValueError, match="positionally or as pipeline= / unet=, not both"):
+        LinFusion.construct_for(unet, unet=unet, load_pretrained=False)
+    with pytest.raises(ValueError, match="no pipeline or UNet given"):
+        LinFusion.construct_for(load_pretrained=False)
+    assert not any(isinstance(m, GeneralizedLinearAttention) for m in unet.modules())  # errors mount nothing
+
+
 def test_unmount_after_the_unet_was_cast_restores_matching_modules():
     """unet.to(...) while mounted does not reach the kept attn1 modules: unmount (and unmounted())
     moves them to the UNet's dtype, so the restored UNet runs instead of failing on mixed dtypes."""

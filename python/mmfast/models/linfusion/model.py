@@ -167,9 +167,9 @@ OFFICIAL_CHECKPOINTS = {
 }
 
 
-def _no_local_checkpoint_message(pipe_or_unet) -> str:
+def _no_local_checkpoint_message(pipe_or_unet, pipe_name_path: Optional[str] = None) -> str:
     config = getattr(pipe_or_unet, "config", None)
-    name = str(config.get("_name_or_path", "") or "") if isinstance(config, dict) else ""
+    name = pipe_name_path or (str(config.get("_name_or_path", "") or "") if isinstance(config, dict) else "")
     checkpoint = next((repo for key, repo in OFFICIAL_CHECKPOINTS.items() if name.rstrip("/").endswith(key)), None)
     which = (f"this pipeline ({name}) gets {checkpoint}" if checkpoint else
              "SD-1.5 pipelines get Yuanshi/LinFusion-1-5, SD-2.1 Yuanshi/LinFusion-2-1, SD-XL Yuanshi/LinFusion-XL")
@@ -228,32 +228,41 @@ class LinFusion(nn.Module):
         return model
 
     @classmethod
-    def construct_for(cls, pipe_or_unet, pretrained: Optional[str] = None, mid_dim_scale: Optional[int] = None,
+    def construct_for(cls, pipe_or_unet=None, pretrained: Optional[str] = None, mid_dim_scale: Optional[int] = None,
                       init_from_unet: bool = False, module_names: Optional[List[str]] = None,
-                      load_pretrained: bool = True, pretrained_model_name_or_path: Optional[str] = None
-                      ) -> "LinFusion":
+                      load_pretrained: bool = True, pretrained_model_name_or_path: Optional[str] = None, *,
+                      pipeline=None, unet=None, pipe_name_path: Optional[str] = None) -> "LinFusion":
         """Loads LinFusion from the local directory `pretrained` (or builds it) and mounts it.
 
-        Accepts a diffusers pipeline (uses its .unet) or a UNet. The modules take the
-        UNet's device and dtype. load_pretrained (the official argument): True needs `pretrained`,
-        a local copy of the checkpoint (the official construct_for downloads Yuanshi/LinFusion-*
-        by the pipeline's name; mmfast never downloads, so ValueError names the checkpoint to
-        fetch); False builds randomly initialised modules (for distillation: LinFusionDistiller),
-        with mid_dim_scale, init_from_unet and module_names as in from_unet.
-        pretrained_model_name_or_path: the official name of `pretrained`, so the notebooks' call
-        construct_for(pipe, pretrained_model_name_or_path=DIR) ports as it is; it must name a
-        local directory (a Hub id gets FileNotFoundError with the download command). Unlike the
-        official signature, the pipeline or UNet is the first argument (no pipeline= / unet= /
-        pipe_name_path= keywords), and a path with load_pretrained=False is an error, not ignored.
+        Accepts a diffusers pipeline (uses its .unet) or a UNet, positionally or as the official
+        keywords pipeline= / unet= (with both, as officially, the modules mount on `unet`). The
+        modules take the UNet's device and dtype. load_pretrained (the official argument): True
+        needs `pretrained`, a local copy of the checkpoint (the official construct_for downloads
+        Yuanshi/LinFusion-* by the pipeline's name, or by pipe_name_path; mmfast never downloads,
+        so ValueError names the checkpoint to fetch); False builds randomly initialised modules
+        (for distillation: LinFusionDistiller), with mid_dim_scale, init_from_unet and
+        module_names as in from_unet. pretrained_model_name_or_path: the official name of
+        `pretrained`, so the notebooks' call construct_for(pipe, pretrained_model_name_or_path=DIR)
+        ports as it is; it must name a local directory (a Hub id gets FileNotFoundError with the
+        download command). Unlike the official code, a path with load_pretrained=False is an
+        error, not ignored. Raises ValueError when no pipeline or UNet is given, or one is given
+        both positionally and by keyword.
         """
         if pretrained_model_name_or_path is not None:
             if pretrained is not None:
                 raise ValueError("LinFusion.construct_for: pass pretrained or pretrained_model_name_or_path, not both")
             pretrained = pretrained_model_name_or_path
-        unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+        if pipe_or_unet is not None and (pipeline is not None or unet is not None):
+            raise ValueError("LinFusion.construct_for: pass the pipeline or UNet positionally or as pipeline= / unet=, "
+                             "not both")
+        named = pipe_or_unet if pipe_or_unet is not None else pipeline
+        unet = unet if unet is not None else getattr(named, "unet", named)
+        if unet is None:
+            raise ValueError("LinFusion.construct_for: no pipeline or UNet given (expected a diffusers pipeline with a "
+                             ".unet, or a UNet2DConditionModel)")
         if pretrained is None:
             if load_pretrained:
-                raise ValueError(_no_local_checkpoint_message(pipe_or_unet))
+                raise ValueError(_no_local_checkpoint_message(named, pipe_name_path))
             model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet,
                                   module_names=module_names)
         else:
