@@ -39,19 +39,26 @@ def search_meta(d: int, dtype: torch.dtype) -> dict:
                 BLOCK_D=min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(d))))
 
 
+# Code splits of the search; None: about 4 programs per SM on the GPU, 1 under the interpreter.
+# The tests set it to exercise the merge of the splits on the CPU.
+FORCE_SPLITS: Optional[int] = None
+
+
 def _splits(row_tiles: int, code_tiles: int, device: torch.device) -> int:
-    """Code splits: about 4 programs per SM (1 under the interpreter)."""
+    """Code splits: about 4 programs per SM (1 under the interpreter), at most one per code tile."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(code_tiles, FORCE_SPLITS))
     if device.type != "cuda":
         return 1
     return max(1, min(code_tiles, triton.cdiv(4 * device_sm_count(device), row_tiles)))
 
 
 def _finish(z: Tensor, best: Tensor, code: Tensor, codes: int):
-    """The splits in order (strictly smaller wins), ||z||^2, and the rules of mmfast/vq.h."""
-    score, index = best[0], code[0]
-    for s in range(1, best.shape[0]):
-        take = best[s] < score
-        score, index = torch.where(take, best[s], score), torch.where(take, code[s], index)
+    """The splits in order (strictly smaller wins: argmin returns the first minimum; a split
+    without a finite score holds inf, never NaN), ||z||^2, and the rules of mmfast/vq.h. One
+    reduction, not a loop over the splits: on the GPU there can be hundreds."""
+    winner = best.argmin(0, keepdim=True)
+    score, index = best.gather(0, winner)[0], code.gather(0, winner)[0]
     z_sqnorm = z.float().pow(2).sum(-1)
     finite = z_sqnorm.isfinite()
     none = index >= codes  # no finite score
