@@ -128,7 +128,7 @@ def test_append_rejects_slots_outside_the_cache():
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=shape_id)
 def test_attention_matches_the_reference(backend_device, dtype, shape):
     backend, device = backend_device
-    if backend == "triton" and shape[5] > 600:
+    if backend == "triton" and device == "cpu" and shape[5] > 600:
         pytest.skip("too slow under the Triton interpreter")
     q, k_cache, v_cache, lengths = make_cache(shape, dtype, device)
     out = decode_attention(q, k_cache, v_cache, lengths, backend=backend)

@@ -166,7 +166,7 @@ def test_attention_public_api_decode_step():
     assert_close(out[0], v[0].expand(1, 2, 16), torch.float32)  # row 0: one key, itself
 
 
-def test_attention_backward_raises_and_fp64_is_rejected(ns):
+def test_attention_backward_raises_and_fp64_and_wide_heads_are_rejected(ns):
     q = randn(1, 1, 1, 4).requires_grad_()
     caches = randn(1, 3, 1, 4), randn(1, 3, 1, 4)
     out = ns.decode_attention(q, *caches, seqlens([2]), 0.5, 0.0, 0)
@@ -174,6 +174,8 @@ def test_attention_backward_raises_and_fp64_is_rejected(ns):
         out.sum().backward()
     with pytest.raises(TypeError, match="no float64 kernels"):
         ns.decode_attention(q.detach().double(), *(c.double() for c in caches), seqlens([2]), 0.5, 0.0, 0)
+    with pytest.raises(ValueError, match="head dims up to 256 are supported, got D = 512"):
+        ns.decode_attention(randn(1, 1, 1, 512), randn(1, 3, 1, 512), randn(1, 3, 1, 512), seqlens([2]), 0.5, 0.0, 0)
 
 
 # --- sample -----------------------------------------------------------------------------------

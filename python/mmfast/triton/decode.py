@@ -29,6 +29,9 @@ _BLOCK_V = 1024
 # interpreter. The tests set it to exercise the combine kernel on the CPU.
 FORCE_SPLITS: Optional[int] = None
 _MAX_SPLITS = 64
+# Head dims the attention kernel takes (the CUDA kernel's limit too): the K and V tiles of two
+# pipeline stages at D = 512 in fp32 already fill sm_90's 227 KB of shared memory per block.
+MAX_HEAD_DIM = 256
 # An effective "no window": larger than any position difference.
 _NO_WINDOW = 1 << 30
 
@@ -84,6 +87,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
     check_runnable("decode_attention", q, k_cache, v_cache)
     batch, queries, heads, dim = q.shape
+    if dim > MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention (triton): head dims up to {MAX_HEAD_DIM} are supported, got D = {dim}")
     max_tokens, kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.numel() == 0:
