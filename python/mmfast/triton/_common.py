@@ -23,6 +23,23 @@ def _interpreting() -> bool:
 INTERPRET = _interpreting()
 
 
+# The interpreter's tl.dot multiplies fp32 operands in full fp32 whatever input_precision says;
+# a GPU's "tf32" dot reads 10 of their 23 significand bits. dot_operand rounds like the GPU
+# under the interpreter, so CPU tests see the GPU's error.
+TF32_EMULATION = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot_operand(x, DOT_PREC: tl.constexpr):
+    """x as a tf32 tensor core reads it when DOT_PREC is "tf32" under the interpreter: the low
+    13 significand bits cleared (truncation, the larger of the GPU's possible errors: an
+    operand not rounded by cvt.rna first is truncated). Unchanged otherwise."""
+    if TF32_EMULATION and DOT_PREC == "tf32" and x.dtype == tl.float32:
+        return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    else:
+        return x
+
+
 @triton.jit
 def to_fp32(x):
     """x in fp32, exactly: bf16 through its bits (a bf16 is the top half of an fp32), since a

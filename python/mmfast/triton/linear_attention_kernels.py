@@ -52,7 +52,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import to_fp32
+from ._common import dot_operand, to_fp32
 
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
@@ -146,7 +146,7 @@ def outer_sum_kernel(
         if HALF_DOT:
             step = tl.dot(tl.trans(pa.to(b.dtype)), b)
         else:
-            step = tl.dot(tl.trans(pa), to_fp32(b), input_precision=DOT_PREC)
+            step = tl.dot(dot_operand(tl.trans(pa), DOT_PREC), dot_operand(to_fp32(b), DOT_PREC), input_precision=DOT_PREC)
         acc += step.to(tl.float64)
         if HAS_W:
             w = tl.load(w_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=0.0)
@@ -219,7 +219,7 @@ def apply_kernel(
         s = tl.load(s_ptr + cols_k[:, None] * s_sk + cols_v[None, :],
                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
-        acc = tl.dot(pq, s, acc, input_precision=DOT_PREC)
+        acc = tl.dot(dot_operand(pq, DOT_PREC), dot_operand(s, DOT_PREC), acc, input_precision=DOT_PREC)
         z += tl.sum(pq * m[None, :], axis=1)
     out = acc / (z + eps)[:, None]
     o_ptrs = o_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
@@ -265,7 +265,7 @@ def apply_backward_dq_kernel(
         g = to_fp32(do) / z[:, None]
         s_t = tl.load(s_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                       mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BKF) = S^T tile
-        u = tl.dot(g, s_t, u, input_precision=DOT_PREC)
+        u = tl.dot(dot_operand(g, DOT_PREC), dot_operand(s_t, DOT_PREC), u, input_precision=DOT_PREC)
     # g.o = phi(q) S g^T / z = phi(q).u / z: no need to recompute o.
     dz = -tl.sum(pq * u, axis=1) / z
     dq = times_dphi(u + dz[:, None] * m[None, :], q, FM)
@@ -307,7 +307,7 @@ def state_backward_dk_kernel(
                     mask=mask_r[:, None] & mask_v[None, :], other=0.0)
         ds_t = tl.load(ds_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                        mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BK) = dS^T tile
-        acc = tl.dot(to_fp32(v), ds_t, acc, input_precision=DOT_PREC)
+        acc = tl.dot(dot_operand(to_fp32(v), DOT_PREC), dot_operand(ds_t, DOT_PREC), acc, input_precision=DOT_PREC)
     dm = tl.load(dm_ptr + cols_k, mask=mask_k, other=0.0)
     mask_rk = mask_r[:, None] & mask_k[None, :]
     k = to_fp32(tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0))
@@ -346,6 +346,6 @@ def state_backward_dv_kernel(
         pk = tl.where(mask_rk, phi(to_fp32(k), FM), 0.0)
         ds = tl.load(ds_ptr + cols_k[:, None] * s_sk + cols_v[None, :],
                      mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-        acc = tl.dot(pk, ds, acc, input_precision=DOT_PREC)
+        acc = tl.dot(dot_operand(pk, DOT_PREC), dot_operand(ds, DOT_PREC), acc, input_precision=DOT_PREC)
     dv_ptrs = dv_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
     tl.store(dv_ptrs, (acc * inv_n).to(dv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])

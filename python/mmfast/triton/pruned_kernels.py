@@ -167,7 +167,8 @@ def group_norm_kernel(
             lane_mean = tl.where(keep, lane_mean + delta / tl.maximum(lane_n, 1.0), lane_mean)
             lane_m2 = tl.where(keep, lane_m2 + delta * (xv - lane_mean), lane_m2)
         mean, m2, kept = tl.reduce((lane_mean, lane_m2, lane_n), 0, welford_combine)
-        rstd = 1.0 / tl.sqrt_rn(m2 / tl.maximum(kept, 1.0) + eps)
+        # Correctly rounded like the interpreter and the CPU kernel (a GPU's fp32 '/' is approximate).
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(m2, tl.maximum(kept, 1.0)) + eps))
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
             channel = e // P
