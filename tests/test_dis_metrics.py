@@ -175,6 +175,30 @@ def test_horse_silhouette_matches_pysodmetrics(flavour):
     assert 0.8 < results["Sm"] < 0.95 and 0.8 < results["maxF"] < 1
 
 
+def test_official_dis_hce_variant_thresholds_the_raw_map_at_128():
+    """hce_variant="dis" is xuebinqin/DIS hce_metric_main.py's binarisation (the 8-bit map > 128,
+    no min-max): pysodmetrics' HCE of that binary map. On a map that does not span 0..255 the
+    default (min-max, then > 0.5) binarises elsewhere and counts otherwise."""
+    pred, gt = horse_pair()
+    dim = np.round(pred * 200).astype(np.uint8)  # maximum 200
+    gt8 = gt.astype(np.uint8) * 255
+    oracle = ps.HumanCorrectionEffortMeasure()
+    oracle.step(((dim > 128) * 255).astype(np.uint8), gt8, normalize=True)
+    expected = oracle.get_results()["hce"]
+    assert dis.human_correction_effort(dim, gt8, hce_variant="dis") == expected
+    assert dis.human_correction_effort(dim, gt8) != expected
+    assert dis.human_correction_effort(dim, gt8, protocol="binary", hce_variant="dis") == expected  # any protocol
+    assert dis.human_correction_effort(dim / 255, gt, hce_variant="dis") == expected  # float: 255 p > 128
+    assert dis.human_correction_effort(dim > 128, gt, hce_variant="dis") == expected  # bool: as it is
+    metrics = dis.DISMetrics(hce_variant="dis")
+    metrics.update(dim, gt8)
+    assert metrics.results()["HCE"] == expected
+    with pytest.raises(ValueError, match=r"hce_variant must be one of \('pysodmetrics', 'dis'\), got 'official'"):
+        dis.DISMetrics(hce_variant="official")
+    with pytest.raises(ValueError, match="hce_variant must be one of"):
+        dis.human_correction_effort(dim, gt8, hce_variant="official")
+
+
 def diffdis_binarise(pred):
     """DiffDIS' test_score.py, written out: min-max over the 0..255 values (a constant map is
     divided by 255 instead), then > 0.5 -> 1, the rest 0."""
@@ -334,11 +358,11 @@ def folders(tmp_path):
     return pred_dir, gt_dir
 
 
-def folder_reference(pred_dir, gt_dir, protocol):
+def folder_reference(pred_dir, gt_dir, protocol, hce_variant="pysodmetrics"):
     """The accumulator fed the same images, read and resized by hand."""
     from PIL import Image
 
-    metrics = dis.DISMetrics(protocol)
+    metrics = dis.DISMetrics(protocol, hce_variant=hce_variant)
     for stem in "abcd":
         gt = np.asarray(Image.open(gt_dir / f"{stem}.png"))
         image = Image.open(pred_dir / f"{stem}.{'jpg' if stem == 'c' else 'png'}")
@@ -348,17 +372,19 @@ def folder_reference(pred_dir, gt_dir, protocol):
     return metrics.results()
 
 
-@pytest.mark.parametrize("protocol", ["soft", "binary"])
-def test_cli_writes_the_accumulators_results(folders, tmp_path, capsys, protocol):
+@pytest.mark.parametrize("protocol, hce_variant", [("soft", "pysodmetrics"), ("binary", "pysodmetrics"),
+                                                   ("soft", "dis")])
+def test_cli_writes_the_accumulators_results(folders, tmp_path, capsys, protocol, hce_variant):
     pred_dir, gt_dir = folders
     out = tmp_path / "out.json"
     assert dis.main([str(pred_dir), str(gt_dir), "--protocol", protocol, "--json", str(out),
-                     "--quiet"]) == 0
+                     "--hce-variant", hce_variant, "--quiet"]) == 0
     written = json.loads(out.read_text())
-    assert set(written) == {"pred_dir", "gt_dir", "protocol", "num_images", "resized", "metrics"}
-    assert (written["protocol"], written["num_images"], written["resized"]) == (protocol, 4, ["b"])
+    assert set(written) == {"pred_dir", "gt_dir", "protocol", "hce_variant", "num_images", "resized", "metrics"}
+    assert (written["protocol"], written["hce_variant"], written["num_images"], written["resized"]) == (
+        protocol, hce_variant, 4, ["b"])
     assert list(written["metrics"]) == list(dis.METRIC_NAMES)
-    assert written["metrics"] == folder_reference(pred_dir, gt_dir, protocol)
+    assert written["metrics"] == folder_reference(pred_dir, gt_dir, protocol, hce_variant)
     printed = capsys.readouterr().out
     assert "4 images" in printed and "1 resized" in printed and "maxF" in printed
 

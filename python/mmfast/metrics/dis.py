@@ -36,12 +36,14 @@ the only E-measure it computes (with 1e-8 for eps); its S-measure uses populatio
 deviations and 1e-8 where pysodmetrics uses N - 1 and MATLAB's eps; its weighted F adds 1e-6
 instead of eps.
 
-HCE is pysodmetrics' and DiffDIS' test_score.py's (HCEMeasure): the map, min-max normalised
-as above, is binarised at > 0.5. The official DIS evaluation (xuebinqin/DIS hce_metric_main.py)
-thresholds the raw 8-bit map at > 128 without min-max: the two agree on maps spanning 0..255
+HCE comes in two variants (`hce_variant`). "pysodmetrics" (the default) is pysodmetrics' and
+DiffDIS' test_score.py's (HCEMeasure): the map, min-max normalised as above, is binarised at
+> 0.5. "dis" is the official DIS evaluation's (xuebinqin/DIS hce_metric_main.py, the numbers of
+IS-Net's DIS5K tables): the raw 8-bit map thresholded at > 128 without min-max (a float map:
+255 p > 128; a bool map as it is), whatever the protocol. The two agree on maps spanning 0..255
 except for pixels of exactly 128, and differ for maps that do not span it (a blurred map whose
-maximum is 200: HCE 17 here, 11 there, in a trial). The relaxation, skeleton, boundary filtering
-and polygon approximation are the official ones.
+maximum is 200: HCE 17 with "pysodmetrics", 11 with "dis", in a trial). The relaxation,
+skeleton, boundary filtering and polygon approximation are the official ones in both.
 
 The E-measure is pysodmetrics', its degenerate cases included: a perfect prediction scores an
 adaptive / max E slightly above 1 (1.0025 on a 20 x 20 map with a 10 x 10 object), and a ground
@@ -57,7 +59,7 @@ distance transform) and HCE (OpenCV contours and polygon approximation, scikit-i
 skeletonisation), which import them when called; `pip install mmfast[metrics]` installs them.
 
 Command line: `python -m mmfast.metrics.dis PRED_DIR GT_DIR [--protocol soft|binary]
-[--pred-suffix SUFFIX] [--json OUT] [--no-hce]` evaluates a folder of predictions against a folder of ground truths
+[--pred-suffix SUFFIX] [--json OUT] [--no-hce] [--hce-variant pysodmetrics|dis]` evaluates a folder of predictions against a folder of ground truths
 (see `evaluate_folders`).
 """
 from __future__ import annotations
@@ -67,16 +69,18 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 __all__ = [
-    "PROTOCOLS", "METRIC_NAMES", "prepare", "f_measure", "weighted_f_measure", "mae", "s_measure",
+    "PROTOCOLS", "HCE_VARIANTS", "METRIC_NAMES", "prepare", "f_measure", "weighted_f_measure", "mae", "s_measure",
     "e_measure", "human_correction_effort", "DISMetrics", "evaluate_folders", "format_table",
     "main",
 ]
 
 PROTOCOLS = ("soft", "binary")
+HCE_VARIANTS = ("pysodmetrics", "dis")
 METRIC_NAMES = ("maxF", "meanF", "adpF", "wF", "MAE", "Sm", "adpEm", "meanEm", "maxEm", "HCE")
 
 BETA2 = 0.3            # beta^2 of the F-measure
@@ -149,6 +153,11 @@ def _check_protocol(protocol: str) -> None:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
+def _check_hce_variant(variant: str) -> None:
+    if variant not in HCE_VARIANTS:
+        raise ValueError(f"hce_variant must be one of {HCE_VARIANTS}, got {variant!r}")
+
+
 def prepare(pred, gt, protocol: str = "soft") -> tuple:
     """Validates a (pred, gt) pair and turns it into what every metric reads.
 
@@ -169,7 +178,10 @@ def prepare(pred, gt, protocol: str = "soft") -> tuple:
             dtype, float values outside [0, 1] (or NaN), or an unknown protocol.
     """
     _check_protocol(protocol)
-    pred, gt = _checked(pred, gt)
+    return _prepare_checked(*_checked(pred, gt), protocol)
+
+
+def _prepare_checked(pred: np.ndarray, gt: np.ndarray, protocol: str) -> tuple:
     if protocol == "soft":
         if pred.dtype == np.uint8:  # pysodmetrics' normalize=True: im2double, then mapminmax
             p = pred / 255
@@ -185,6 +197,23 @@ def prepare(pred, gt, protocol: str = "soft") -> tuple:
         lo, hi = p.min(), p.max()
         fg = ((p - lo) / (hi - lo) if hi != lo else p) > 0.5
     return fg.astype(np.float64), gt
+
+
+def _official_dis_foreground(pred: np.ndarray) -> np.ndarray:
+    """The official DIS HCE's binarisation of a checked pred (hce_metric_main.py: the 8-bit map
+    > 128, no min-max), as a float64 0/1 map _hce reads."""
+    if pred.dtype == np.uint8:
+        fg = pred > 128
+    elif pred.dtype == np.bool_:
+        fg = pred
+    else:
+        fg = pred.astype(np.float64) * 255 > 128
+    return fg.astype(np.float64)
+
+
+def _hce_input(pred: np.ndarray, p: np.ndarray, variant: str) -> np.ndarray:
+    """The map HCE binarises at > 0.5: the prepared one, or the official DIS binarisation."""
+    return _official_dis_foreground(pred) if variant == "dis" else p
 
 
 # --- per-image kernels on prepared inputs (pred float64 in [0, 1], gt bool) -----------------
@@ -416,8 +445,8 @@ def _hce(p: np.ndarray, g: np.ndarray, relax: int = HCE_RELAX, epsilon: float = 
             + _correction_points(cv2, fn_kept, ~(tp | fp_kept | fn_kept), epsilon))
 
 
-def _image_scores(p: np.ndarray, g: np.ndarray, hce: bool) -> dict:
-    """Everything DISMetrics records for one prepared image."""
+def _image_scores(p: np.ndarray, g: np.ndarray, hce_map: Optional[np.ndarray]) -> dict:
+    """Everything DISMetrics records for one prepared image (HCE of hce_map if given)."""
     tp, fp = _threshold_counts(p, g)
     n_fg = int(np.count_nonzero(g))
     f, precision, recall = _f_curves(tp, fp, n_fg)
@@ -430,8 +459,8 @@ def _image_scores(p: np.ndarray, g: np.ndarray, hce: bool) -> dict:
         "MAE": float(np.mean(np.abs(p - g))),
         "Sm": _s_measure(p, g),
     }
-    if hce:
-        scores["HCE"] = _hce(p, g)
+    if hce_map is not None:
+        scores["HCE"] = _hce(hce_map, g)
     return scores
 
 
@@ -558,8 +587,8 @@ def e_measure(pred, gt, protocol: str = "soft") -> dict:
             "maxEm": float(curve.max()), "curve": curve}
 
 
-def human_correction_effort(pred, gt, protocol: str = "soft") -> int:
-    """Human correction effort (relax = 5, epsilon = 2.0) of the map binarised at > 0.5.
+def human_correction_effort(pred, gt, protocol: str = "soft", hce_variant: str = "pysodmetrics") -> int:
+    """Human correction effort (relax = 5, epsilon = 2.0) of the binarised map.
 
     The number of mouse clicks a human would need to fix the mask: polygon control points
     (Ramer-Douglas-Peucker, epsilon 2 px) along the false-positive and false-negative
@@ -570,19 +599,27 @@ def human_correction_effort(pred, gt, protocol: str = "soft") -> int:
 
     Args:
         {inputs}
+        hce_variant: "pysodmetrics" (default: the prepared map > 0.5, pysodmetrics' and
+            DiffDIS') or "dis" (the official DIS script's: the raw 8-bit map > 128); see the
+            module docstring.
 
     Returns:
         int >= 0, lower is better.
 
     Raises:
         {raises}
+        ValueError: an unknown hce_variant.
         ImportError: OpenCV or scikit-image is not installed.
 
     Source: Qin et al., "Highly Accurate Dichotomous Image Segmentation", ECCV 2022; matches
-    pysodmetrics 1.6.2 HumanCorrectionEffortMeasure.
+    pysodmetrics 1.6.2 HumanCorrectionEffortMeasure ("pysodmetrics") and xuebinqin/DIS
+    hce_metric_main.py ("dis").
     """
-    p, g = prepare(pred, gt, protocol)
-    return _hce(p, g)
+    _check_protocol(protocol)
+    _check_hce_variant(hce_variant)
+    pred, g = _checked(pred, gt)
+    p, g = _prepare_checked(pred, g, protocol)
+    return _hce(_hce_input(pred, p, hce_variant), g)
 
 
 for _f in (f_measure, weighted_f_measure, mae, s_measure, e_measure, human_correction_effort):
@@ -603,9 +640,11 @@ class DISMetrics:
     Args:
         protocol: "soft" (default) or "binary", see the module docstring.
         hce: also compute HCE (needs OpenCV and scikit-image; the slowest metric).
+        hce_variant: "pysodmetrics" (default) or "dis" (the official DIS script's
+            binarisation, for IS-Net's tables), see the module docstring.
 
     Raises:
-        ValueError: unknown protocol.
+        ValueError: unknown protocol or hce_variant.
         ImportError: SciPy (weighted F), or with hce=True OpenCV / scikit-image, is missing;
             the message says what to pip install.
 
@@ -621,13 +660,15 @@ class DISMetrics:
     images (see the per-metric functions for the papers).
     """
 
-    def __init__(self, protocol: str = "soft", hce: bool = True):
+    def __init__(self, protocol: str = "soft", hce: bool = True, hce_variant: str = "pysodmetrics"):
         _check_protocol(protocol)
+        _check_hce_variant(hce_variant)
         _import_scipy_ndimage()
         if hce:
             _import_hce_deps()
         self.protocol = protocol
         self.hce = hce
+        self.hce_variant = hce_variant
         self.reset()
 
     def reset(self) -> None:
@@ -646,7 +687,9 @@ class DISMetrics:
         Raises:
             ValueError: what `prepare` rejects.
         """
-        scores = _image_scores(*prepare(pred, gt, self.protocol), self.hce)
+        pred, g = _checked(pred, gt)
+        p, g = _prepare_checked(pred, g, self.protocol)
+        scores = _image_scores(p, g, _hce_input(pred, p, self.hce_variant) if self.hce else None)
         self._scores.append(scores)
         return _summary([scores], self.hce)
 
@@ -729,7 +772,7 @@ def _unmatched_message(names: list, present: str, absent: str) -> str:
 
 
 def evaluate_folders(pred_dir, gt_dir, protocol: str = "soft", hce: bool = True,
-                     progress: bool = True, pred_suffix: str = "") -> dict:
+                     progress: bool = True, pred_suffix: str = "", hce_variant: str = "pysodmetrics") -> dict:
     """Evaluates every prediction in `pred_dir` against the ground truth of the same file
     stem in `gt_dir` (.png / .jpg / .jpeg / .bmp, 8-bit gray; colour images are converted to
     gray as PIL's convert("L") does). Every file must have its partner: a prediction without
@@ -751,20 +794,21 @@ def evaluate_folders(pred_dir, gt_dir, protocol: str = "soft", hce: bool = True,
         protocol: "soft" or "binary" (see the module docstring).
         hce: also compute HCE (slow on DIS5K-sized images).
         progress: show a tqdm progress bar on stderr.
+        hce_variant: "pysodmetrics" or "dis" (see the module docstring).
 
     Returns:
-        dict: "protocol", "num_images", "resized" (list of stems) and "metrics" (the
-        DISMetrics.results() dict).
+        dict: "protocol", "hce_variant" (with hce=True), "num_images", "resized" (list of
+        stems) and "metrics" (the DISMetrics.results() dict).
 
     Raises:
         FileNotFoundError: a folder is missing.
         ValueError: no images, duplicate stems, unmatched files, unreadable images, an unknown
-            protocol.
+            protocol or hce_variant.
         ImportError: Pillow, SciPy, or (hce=True) OpenCV / scikit-image is missing.
     """
     from tqdm import tqdm
 
-    metrics = DISMetrics(protocol, hce=hce)
+    metrics = DISMetrics(protocol, hce=hce, hce_variant=hce_variant)
     preds = _images_by_stem(Path(pred_dir), "prediction", pred_suffix)
     gts = _images_by_stem(Path(gt_dir), "ground-truth")
     no_gt = sorted(set(preds) - set(gts))
@@ -781,8 +825,8 @@ def evaluate_folders(pred_dir, gt_dir, protocol: str = "soft", hce: bool = True,
         if was_resized:
             resized.append(stem)
         metrics.update(pred, gt)
-    return {"protocol": protocol, "num_images": len(metrics), "resized": resized,
-            "metrics": metrics.results()}
+    return {"protocol": protocol, **({"hce_variant": hce_variant} if hce else {}), "num_images": len(metrics),
+            "resized": resized, "metrics": metrics.results()}
 
 
 def format_table(metrics: dict) -> str:
@@ -795,7 +839,7 @@ def format_table(metrics: dict) -> str:
 
 def main(argv=None) -> int:
     """`python -m mmfast.metrics.dis PRED_DIR GT_DIR [--protocol soft|binary] [--pred-suffix SUFFIX]
-    [--json OUT] [--no-hce] [--quiet]`: prints the table (and writes the JSON of `evaluate_folders`).
+    [--json OUT] [--no-hce] [--hce-variant pysodmetrics|dis] [--quiet]`: prints the table (and writes the JSON of `evaluate_folders`).
     Returns 0; bad arguments, folders or images exit with status 2 and a one-line message."""
     parser = argparse.ArgumentParser(
         prog="python -m mmfast.metrics.dis",
@@ -811,6 +855,9 @@ def main(argv=None) -> int:
                              "ignored (examples/diffdis_segment.py's output: --pred-suffix _mask)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--no-hce", action="store_true", help="skip HCE (the slowest metric)")
+    parser.add_argument("--hce-variant", choices=HCE_VARIANTS, default="pysodmetrics",
+                        help="pysodmetrics: the min-max normalised map > 0.5 (pysodmetrics, DiffDIS); dis: the "
+                             "raw 8-bit map > 128 (the official DIS script, IS-Net's tables). Default pysodmetrics.")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.json:  # before the evaluation (HCE over DIS5K takes a while), not after it
@@ -819,11 +866,13 @@ def main(argv=None) -> int:
             parser.error(f"--json {args.json!r}: needs a file name in an existing, writable folder")
     try:
         out = evaluate_folders(args.pred_dir, args.gt_dir, protocol=args.protocol,
-                               hce=not args.no_hce, progress=not args.quiet, pred_suffix=args.pred_suffix)
+                               hce=not args.no_hce, progress=not args.quiet, pred_suffix=args.pred_suffix,
+                               hce_variant=args.hce_variant)
     except (ValueError, FileNotFoundError, ImportError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     note = f", {len(out['resized'])} resized to the GT size (PIL bicubic, as DiffDIS)" if out["resized"] else ""
-    print(f"{out['num_images']} images, {out['protocol']} protocol{note}")
+    hce_note = ", HCE binarised as the official DIS script (> 128)" if out.get("hce_variant") == "dis" else ""
+    print(f"{out['num_images']} images, {out['protocol']} protocol{hce_note}{note}")
     print(format_table(out["metrics"]))
     if args.json:
         try:
