@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = [
-    "PROTOCOLS", "METRIC_NAMES", "prepare", "f_measure", "weighted_f_measure", "mae", "s_measure",
+    "PROTOCOLS", "HCE_VARIANTS", "METRIC_NAMES", "prepare", "f_measure", "weighted_f_measure", "mae", "s_measure",
     "e_measure", "human_correction_effort", "DISMetrics", "evaluate_folders", "format_table",
 ]
 
 if TYPE_CHECKING:
-    from .dis import (METRIC_NAMES, PROTOCOLS, DISMetrics, e_measure, evaluate_folders, f_measure,
+    from .dis import (HCE_VARIANTS, METRIC_NAMES, PROTOCOLS, DISMetrics, e_measure, evaluate_folders, f_measure,
                       format_table, human_correction_effort, mae, prepare, s_measure,
                       weighted_f_measure)
 
