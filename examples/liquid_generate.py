@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -24,8 +25,8 @@ import torch
 
 import mmfast
 from mmfast import cli
-from mmfast.models.liquid import (LIQUID_PROMPT_SUFFIX, LIQUID_UNCONDITIONAL_PROMPT, VQGAN, LiquidLM, VQGANConfig,
-                                  check_image_generation, generate_images, postprocess)
+from mmfast.models.liquid import (LIQUID_PROMPT_SUFFIX, LIQUID_UNCONDITIONAL_PROMPT, VQGAN, LiquidLM, VQGANCheckpointError,
+                                  VQGANConfig, check_image_generation, generate_images, postprocess)
 from mmfast.testing.tiny_liquid import tiny_liquid_lm
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -96,9 +97,14 @@ def load_liquid(args, device, dtype):
     """(LM, VQGAN, prompt ids, unconditional ids, image vocab start) of a local Liquid checkpoint."""
     from transformers import AutoTokenizer
 
+    try:  # first: the small VQGAN fails in seconds, not after the 7B LM has loaded
+        vqgan = VQGAN.from_pretrained(args.vqgan, vqgan_config(args.vqgan_config))
+    except VQGANCheckpointError as error:  # one line, not a traceback; the usual cause is the architecture
+        other = "chameleon" if args.vqgan_config == "tiny" else "tiny"
+        sys.exit(f"liquid_generate.py: error: {error}\n(--vqgan-config {args.vqgan_config} gave the architecture: "
+                 f"is the checkpoint another one's, e.g. --vqgan-config {other}?)")
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     lm = LiquidLM.from_pretrained(args.model, dtype=dtype, device=device)
-    vqgan = VQGAN.from_pretrained(args.vqgan, vqgan_config(args.vqgan_config))
     prompt_ids = tokenizer(args.prompt + LIQUID_PROMPT_SUFFIX).input_ids
     uncond_ids = tokenizer(LIQUID_UNCONDITIONAL_PROMPT).input_ids
     return lm, vqgan, prompt_ids, uncond_ids, len(tokenizer)  # Liquid: image code c is len(tokenizer) + c

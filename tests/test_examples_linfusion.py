@@ -131,3 +131,17 @@ def test_distill_tiny_writes_a_loadable_checkpoint(tmp_path, output_flag):
     loaded = LinFusion.from_pretrained(str(checkpoint))
     assert layers > 0 and len(loaded.specs) == layers
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_distill_tiny_without_the_denoising_term_brings_the_student_to_its_teacher(tmp_path):
+    """--no-denoise (target=None): the teacher and attn1 terms alone, each must fall (the example
+    exits 1 otherwise); no denoise column is printed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, DISTILL_EXAMPLE, "--tiny", "--steps", "12", "--no-denoise"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    terms = re.search(r"per term: teacher ([\d.]+) -> ([\d.]+), attn1 ([\d.]+) -> ([\d.]+)", completed.stdout)
+    assert terms, completed.stdout[-2000:]
+    teacher_first, teacher_last, attn1_first, attn1_last = map(float, terms.groups())
+    assert teacher_last < teacher_first and attn1_last < attn1_first
+    assert "denoise" not in completed.stdout

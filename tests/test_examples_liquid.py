@@ -75,6 +75,12 @@ def test_liquid_generate_local_model_directory(tmp_path):
     assert str(model_dir) in out and text_vocab == 22
     (width, height), mode = _size(tmp_path / "out" / "grid.png")
     assert mode == "RGB" and (width, height) == (8, 8)  # 4 x 4 codes, one 2x upsampling
+    # a VQGAN of another architecture than --vqgan-config's: one line naming the fix, before the LM loads
+    wrong = subprocess.run([sys.executable, os.path.join(EXAMPLES, "liquid_generate.py"), "--model", str(model_dir),
+                            "--vqgan", vqgan_path, "--device", "cpu", "--output", str(tmp_path / "wrong")],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
+    assert "--vqgan-config chameleon gave the architecture" in wrong.stderr and "--vqgan-config tiny?" in wrong.stderr
 
 
 def test_vq_tokenize_tiny_and_checkpoint_file(tmp_path):
