@@ -159,15 +159,21 @@ def check_readable(paths: List[str]) -> None:
             sys.exit(f"error: cannot read the image {path!r}: {error}")
 
 
+def require_skimage() -> None:
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        sys.exit("error: without --input the sample photographs come from scikit-image, which is not installed: "
+                 "pass --input PATH or pip install scikit-image")
+
+
 def sample_inputs(output_dir: str) -> List[str]:
     """scikit-image's bundled photographs, written to output_dir as <name>.png; their paths."""
     from PIL import Image
 
-    try:
-        from skimage import data
-    except ImportError:
-        sys.exit("error: without --input the sample photographs come from scikit-image, which is not installed: "
-                 "pass --input PATH or pip install scikit-image")
+    require_skimage()
+    from skimage import data
+
     paths = []
     for name in SKIMAGE_SAMPLES:
         path = os.path.join(output_dir, f"{name}.png")
@@ -217,8 +223,9 @@ def mount_linear_attention(pipe: DiffDISPipeline, levels: int, weights) -> None:
         warnings.simplefilter("ignore")  # "not distilled": said louder below
         try:
             linfusion = pipe.enable_linear_attention(levels, pretrained=weights)
-        except ValueError as error:  # levels out of range, or weights for other layers
-            sys.exit(f"error: --linear-attention: {error}")
+        except ValueError as error:  # levels out of range, or weights for other layers: an argument error
+            print(f"diffdis_segment.py: error: --linear-attention: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
     print(f"linear attention on {len(linfusion.specs)} self-attention layers (top {levels} UNet level(s))"
           + (f" from {weights}" if weights else ""))
     if weights is None:
@@ -270,20 +277,22 @@ def main(argv=None) -> List[Tuple[str, float]]:
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    os.makedirs(args.output, exist_ok=True)
+    # Every check before any file is written: the inputs, then the model and its options.
     if args.input is None:
-        paths = sample_inputs(args.output)
-        print(f"no --input: segmenting scikit-image's {', '.join(SKIMAGE_SAMPLES)} (copied to {args.output})")
+        require_skimage()
     else:
         paths = list_inputs(args.input, args.output)
-    check_readable(paths)
-    stems = output_stems(paths)
-
+        check_readable(paths)
     start = time.perf_counter()
     pipe = load_pipeline(args, device, dtype)
     if args.linear_attention is not None:
         mount_linear_attention(pipe, args.linear_attention, args.linear_attention_weights)
     load_s = time.perf_counter() - start
+    os.makedirs(args.output, exist_ok=True)
+    if args.input is None:
+        paths = sample_inputs(args.output)
+        print(f"no --input: segmenting scikit-image's {', '.join(SKIMAGE_SAMPLES)} (copied to {args.output})")
+    stems = output_stems(paths)
     what = "random tiny DiffDIS" if args.tiny else args.checkpoint
     print(f"{what} on {device} ({str(dtype).replace('torch.', '')}), loaded in {load_s:.1f} s; "
           f"{len(paths)} image(s) at {args.resolution}x{args.resolution}"

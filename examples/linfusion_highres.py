@@ -163,6 +163,28 @@ def _check_args(parser, args):
         check_strengths(args.strengths, args.steps)
     except ValueError as error:
         parser.error(str(error).replace("generate_highres: ", "").replace("use steps", "use --steps"))
+    _check_cascade_sizes(parser, args)
+
+
+def _check_cascade_sizes(parser, args):
+    """What the arguments alone decide (the pipeline's own size multiple is checked once it is
+    loaded): every stage size is a multiple of 8 and the base long side is the target's halved."""
+    stages = len(args.strengths)
+    if args.base_size is not None and (args.base_size < 8 or args.base_size % 8):
+        parser.error(f"--base-size {args.base_size}: every stage size must be a multiple of 8 px, e.g. "
+                     f"{max(8, args.base_size // 8 * 8)}")
+    step = 8 * 2 ** stages
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value % step:
+            parser.error(f"--{name} {value}: {stages} upscaling stages halve it {stages} times to a multiple of 8 px, "
+                         f"so it must be a multiple of {step}, e.g. {max(step, value // step * step)}")
+    if args.base_size is not None and (args.height or args.width):
+        long_side = max(args.height or 0, args.width or 0)
+        if args.base_size * 2 ** stages != long_side:
+            parser.error(f"--base-size {args.base_size}: with {stages} upscaling stages the base long side is "
+                         f"max(--height, --width) / 2**{stages} = {long_side / 2 ** stages:g}; drop --base-size "
+                         "or change it")
 
 
 def default_dtype(args) -> torch.dtype:

@@ -73,3 +73,13 @@ def test_clear_errors(example, tmp_path, capsys):
         example["main"](["--tiny", "--input", str(empty), "--output", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="does not exist"):
         example["main"](["--tiny", "--input", str(tmp_path / "missing.jpg"), "--output", str(tmp_path / "out")])
+
+
+def test_a_bad_linear_attention_level_is_refused_before_any_file_is_written(example, tmp_path, capsys):
+    """--linear-attention LEVELS beyond the UNet's levels is known only once the model is loaded:
+    it is refused then (argparse's status 2), before the output folder or the sample copies exist."""
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as error:
+        example["main"](["--tiny", "--linear-attention", "9", "--output", str(output)])
+    assert error.value.code == 2 and "--linear-attention" in capsys.readouterr().err
+    assert not output.exists()
