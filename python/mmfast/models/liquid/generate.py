@@ -261,6 +261,8 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], d
         raise ValueError("generate: pass seed or generator, not both")
     if seed is None:
         return generator
+    if not is_integer(seed):  # int(1.5) would seed 1 silently
+        raise TypeError(f"generate: seed must be an int, got {seed!r}")
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -298,6 +300,9 @@ def _one_generation(model: LiquidLM, what: str):
 
 def _as_ids(name: str, ids) -> torch.Tensor:
     """A 1-D int64 CPU tensor of token ids from a list, a (L,) or a (1, L) tensor."""
+    if isinstance(ids, str):
+        raise TypeError(f"generate_images: {name} must be token ids, got the text {ids[:40]!r}: tokenize it first "
+                        "(Liquid: tokenizer(prompt + LIQUID_PROMPT_SUFFIX).input_ids, see examples/liquid_generate.py)")
     if isinstance(ids, (list, tuple)) and len(ids) == 0:
         raise ValueError(f"generate_images: {name} must be a non-empty 1-D sequence of token ids, got an empty "
                          f"{type(ids).__name__}")
