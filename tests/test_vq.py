@@ -396,8 +396,11 @@ def test_agrees_with_vector_quantize_pytorch():
     codebook = quantizer._codebook.embed[0]
     ours = vq_quantize(x, codebook)
     assert_nearest(x, codebook, ours, vq_quantize(x, codebook, return_distance=True)[1])
-    agree = (ours == their_indices).float().mean().item()
-    assert agree > 0.99, agree  # the rest are near-ties decided by fp32 rounding
+    # Equal wherever the two best fp64 distances are apart by more than fp32's rounding; the
+    # rest are near-ties either may decide.
+    clear = clear_rows(x.reshape(-1, 32), codebook, torch.float32)
+    assert clear.float().mean() > 0.9  # 92.5% here: most rows are compared
+    assert torch.equal(ours.reshape(-1)[clear], their_indices.reshape(-1)[clear])
 
 
 def test_agrees_with_faiss():
@@ -408,7 +411,9 @@ def test_agrees_with_faiss():
     their_distance, their_indices = index.search(z.numpy(), 1)
     ours, distance = vq_quantize(z, codebook, return_distance=True)
     torch.testing.assert_close(distance, torch.from_numpy(their_distance[:, 0]), rtol=1e-4, atol=1e-3)
-    assert (ours.numpy() == their_indices[:, 0]).mean() > 0.999
+    clear = clear_rows(z, codebook, torch.float32)  # as above: near-ties excepted
+    assert clear.float().mean() > 0.95
+    assert torch.equal(ours[clear], torch.from_numpy(their_indices[:, 0])[clear])
 
 
 MEMORY_SCRIPT = textwrap.dedent(
