@@ -24,19 +24,20 @@
 #   GPU_CHECK_FAMILIES  op families whose tests/benchmarks run (tests/test_<family>*.py,
 #                       benchmarks/bench_<family>*.py), default all: "linear_attention linfusion"
 #   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention and VQ
-#                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured)
+#                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured),
+#                       memcheck only (racecheck did not finish in 75 s on the H200)
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments (split on spaces)
 #   GPU_CHECK_AB=0      skip the benchmarks' A/B reruns (MMFAST_CUDA_ASYNC_COPY=0, ..._WGMMA=0,
 #                       ..._CONV_SPLITS=1, ..._DECODE_STREAM=0, ..._SAMPLE_CLUSTERS=0)
 #   GPU_TEST_K          a pytest -k expression for the tests, e.g. "cuda and not triton"
-#   GPU_SANITIZER_TOOLS default "memcheck racecheck"
+#   GPU_SANITIZER_TOOLS default "memcheck racecheck" ("memcheck" with GPU_CHECK_QUICK=1)
 # The tests run the Triton kernels' fixed launch configs (MMFAST_TRITON_AUTOTUNE=0: the many
 # small test shapes would each compile and time every config); the benchmarks autotune.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  : "${GPU_CHECK_FAMILIES:=linear_attention vq}" "${TORCH_CUDA_ARCH_LIST:=9.0a}"
-  export TORCH_CUDA_ARCH_LIST GPU_CHECK_FAMILIES  # the preflight reads the families too
+  : "${GPU_CHECK_FAMILIES:=linear_attention vq}" "${TORCH_CUDA_ARCH_LIST:=9.0a}" "${GPU_SANITIZER_TOOLS:=memcheck}"
+  export TORCH_CUDA_ARCH_LIST GPU_CHECK_FAMILIES GPU_SANITIZER_TOOLS  # the preflight reads the families too
 fi
 STEPS=" ${GPU_CHECK_STEPS:-build tests sanitize bench} "
 REPORT_DIR=$(mkdir -p "${1:-build/gpu-report}" && cd "${1:-build/gpu-report}" && pwd)
