@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Performance model of the CUDA linear-attention forward on an H200, pass by pass.
+"""Performance model of the CUDA linear-attention forward (and the backward's design) on an H200, pass by pass.
 
     python scripts/la_perf_model.py [--sass build/sass-report.json] [--latency-ns 700]
 
@@ -197,6 +197,103 @@ def forward_passes(bh: int, n: int, d: int, elem: int = 2, variant: str = "async
 
 def floor_seconds(bh: int, n: int, d: int, elem: int = 2) -> float:
     return bh * n * 4 * d * elem / COPY_BW
+
+
+# --- the backward ----------------------------------------------------------------------------
+# Its cp.async tile kernel (backward_async.cuh, la_backward_async_kernel): 16-bit inputs whose
+# rows are 16-byte aligned and head dims up to 160, 64-token items against the head's whole
+# matrix (S | m, or dS | dm) in shared memory as 16-bit hi + lo. Each item multiplies phi(x) by
+# the matrix and y by its transpose (multiply_pair, each as hi + lo: 4 products of 64 x DP x DP);
+# apply_backward with the fused sums (pair width 64) adds the weighted sums (phi(q) / z)^T dO
+# and its m column, its operand as hi + lo (2 products of 64 x DP x (DP + 8)).
+PAIR_TOKENS = 64              # kPairTokens
+MAX_SUM_UNIT_TILES = 64       # kMaxSumUnitTiles
+PAIR_BLOCKS_64 = 2            # kPairBlocks<64, 3>: the resident grid plan_state_sums plans for
+BACKWARD_KERNEL = "la_backward_async_kernel"
+
+
+def pair_dim(dk: int, dv: int) -> int:
+    """la::pair_dim: the tile kernel's width, 0 past 160 (the register-staged kernels run)."""
+    d = max(dk, dv)
+    return 64 if d <= 64 else 80 if d <= 80 else 128 if d <= 128 else 160 if d <= 160 else 0
+
+
+def plan_state_sums(bh: int, ntiles: int, dk: int, dv: int, sms: int = SMS) -> tuple[int, int]:
+    """(unit_tiles, units_per_head) as la::plan_state_sums chooses them: the busiest block's
+    tiles plus its partial writes and its share of the reduction's reads, least; ties: longer units."""
+    grid = sms * PAIR_BLOCKS_64
+    partial = (dk * dv + dk) * 4.0 / (PAIR_TOKENS * (dk + dv) * 2.0)
+    best, unit_tiles = float("inf"), 1
+    for tiles in range(1, min(MAX_SUM_UNIT_TILES, ntiles) + 1):
+        units = bh * ceil_div(ntiles, tiles)
+        cost = -(-units // grid) * (tiles + partial) + units * partial / grid
+        if cost <= best:
+            best, unit_tiles = cost, tiles
+    return unit_tiles, ceil_div(ntiles, unit_tiles)
+
+
+def backward_passes(bh: int, n: int, d: int, elem: int = 2, fused: bool | None = None) -> list[Pass]:
+    """The backward's launches on the tile kernel (Dk = Dv = d <= 160) with their DRAM bytes and
+    issued MMA FLOPs. fused (default: where the op fuses, pair width 64): apply_backward sums dS
+    and dm itself, in units (plan_state_sums) whose fp32 partials the reduce sums; unfused, it
+    writes (z, dz) per token and the weighted state pass (the forward's state kernel) reads q and
+    grad_out again."""
+    dp = pair_dim(d, d)
+    if not dp:
+        raise ValueError(f"the backward's tile kernel takes head dims up to 160, got {d}")
+    fused = dp == 64 if fused is None else fused
+    token = bh * n * d * elem  # one token tensor
+    state_elems = d * d + d
+    final = bh * state_elems * ACC_BYTES
+    pair_mma = 4 * 2.0 * bh * ceil_div(n, PAIR_TOKENS) * PAIR_TOKENS * dp * dp
+    passes = []
+    if fused:
+        _, units = plan_state_sums(bh, ceil_div(n, PAIR_TOKENS), d, d)
+        partials = bh * units * state_elems * ACC_BYTES if units > 1 else 0
+        sums_mma = 2 * 2.0 * bh * ceil_div(n, PAIR_TOKENS) * PAIR_TOKENS * dp * (dp + 8)
+        passes.append(Pass("apply_backward + dS sums", BACKWARD_KERNEL, 3 * token + final + (partials or final),
+                           pair_mma + sums_mma, BF16_FLOPS, "bf16 MMA"))
+        if partials:
+            passes.append(Pass(f"reduce ({units} units)", "la_state_reduce_kernel", partials + final, 0.0))
+    else:
+        z_dz = bh * n * 2 * ACC_BYTES
+        passes.append(Pass("apply_backward", BACKWARD_KERNEL, 3 * token + final + z_dz, pair_mma, BF16_FLOPS,
+                           "bf16 MMA"))
+        width = state_tile_width(d, d)
+        _, nchunks = state_plan(bh, n, d, d)
+        partials = bh * nchunks * state_elems * ACC_BYTES if nchunks > 1 else 0
+        padded = ceil_div(d, width) * width
+        passes.append(Pass("weighted state (dS, dm)", "la_state_async_kernel", 2 * token + z_dz + (partials or final),
+                           2.0 * bh * n * padded * padded * async_mma_work("state", width), BF16_FLOPS, "bf16 MMA"))
+        if partials:
+            passes.append(Pass(f"reduce ({nchunks} chunks)", "la_state_reduce_kernel", partials + final, 0.0))
+    passes.append(Pass("state_backward", BACKWARD_KERNEL, 4 * token + final, pair_mma, BF16_FLOPS, "bf16 MMA"))
+    return passes
+
+
+def backward_floor_seconds(bh: int, n: int, d: int, elem: int = 2) -> float:
+    """q, k, v and grad_out read, grad_q, grad_k and grad_v written, once."""
+    return bh * n * 7 * d * elem / COPY_BW
+
+
+def backward_table() -> str:
+    """Bytes, FLOPs and the design time (bandwidth or MMA bound) of each backward pass; no
+    latency or issue model (the tile kernel's ring is not in the SASS report's model yet)."""
+    lines = ["| shape | B*H | N | D | pass | MB | GFLOP | design us (limit) | floor us (bwd) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, b, n, h, d in SHAPES:
+        bh = b * h
+        if not pair_dim(d, d):
+            continue
+        floor, total = backward_floor_seconds(bh, n, d), 0.0
+        for p in backward_passes(bh, n, d):
+            t_bw, t_mma = p.bytes / COPY_BW, p.flops / p.flops_rate
+            total += max(t_bw, t_mma)
+            lines.append(f"| {name} | {bh} | {n} | {d} | {p.name} | {p.bytes / 1e6:.1f} | {p.flops / 1e9:.1f} | "
+                         f"{max(t_bw, t_mma) * 1e6:.1f} ({'bandwidth' if t_bw >= t_mma else p.mma}) | |")
+        lines.append(f"| **{name} backward** | | | | | | | {total * 1e6:.1f} ({total / floor:.2f}x floor) | "
+                     f"{floor * 1e6:.1f} |")
+    return "\n".join(lines)
 
 
 def header_constant(name: str, header: str) -> int:
@@ -402,6 +499,11 @@ def main(argv=None) -> int:
           f"{args.latency_ns:.0f} ns latency, bf16 inputs, {args.variant} kernels; occupancy from "
           f"{args.sass if sass else 'defaults (1 block/SM for the state and apply kernels)'}\n")
     print(table(sass, args.latency_ns, args.variant))
+    if args.variant == "async":
+        print("\nThe backward on its cp.async tile kernel (design only: bytes at the copy bandwidth or MMA "
+              "FLOPs at the bf16 rate; measured on the H200, 2026-12-04, unfused at N = 256K, D = 64: 812 + 565 + "
+              "802 us, 25.9% of the copy bandwidth):\n")
+        print(backward_table())
     return 0
 
 

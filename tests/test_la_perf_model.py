@@ -159,3 +159,35 @@ def test_issue_estimate_counts_the_ring_loop_per_slice_and_warp():
     apply_dims = model.header_constant("kApplySliceDims", "apply.cuh")
     assert model.ring_slices(apply, 10, 16384, 64) == 10 * (16384 // 64) * -(-64 // apply_dims)
     assert model.ring_groups(apply, 10, 16384, 64) == 10 * (16384 // 64)  # one epilogue per item
+
+
+def test_backward_sum_units_match_the_documented_plan():
+    """plan_state_sums as docs/linear-attention-performance.md tabulates it on an H200: units per
+    head and partial bytes of the fused apply_backward."""
+    for (bh, n, d), (unit_tiles, units, megabytes) in {(10, 262144, 64): (52, 79, 13.1),
+                                                       (10, 2097152, 64): (54, 607, 101),
+                                                       (10, 16384, 64): (10, 26, 4.3),
+                                                       (16, 65536, 40): (64, 16, 1.7)}.items():
+        assert model.plan_state_sums(bh, n // 64, d, d) == (unit_tiles, units)
+        reduce = [p for p in model.backward_passes(bh, n, d) if p.kernel == "la_state_reduce_kernel"][0]
+        partials = reduce.bytes - bh * (d * d + d) * 4
+        assert abs(partials / 1e6 - megabytes) < 0.06 * megabytes, (bh, n, d, partials)
+
+
+def test_backward_design_is_at_or_above_its_floor_and_fusion_saves_a_read():
+    for bh, n, d in ((10, 262144, 64), (16, 16384, 80), (16, 16384, 160), (16, 65536, 40)):
+        passes = model.backward_passes(bh, n, d)
+        design = sum(max(p.bytes / model.COPY_BW, p.flops / p.flops_rate) for p in passes)
+        assert design >= model.backward_floor_seconds(bh, n, d)
+        assert passes[-1].name == "state_backward"
+    fused = sum(p.bytes for p in model.backward_passes(10, 262144, 64, fused=True))
+    unfused = sum(p.bytes for p in model.backward_passes(10, 262144, 64, fused=False))
+    token = 10 * 262144 * 64 * 2
+    assert unfused - fused > 2 * token  # q and grad_out read again, plus (z, dz)
+    assert [model.pair_dim(d, d) for d in (40, 64, 65, 80, 81, 128, 160, 161)] == [64, 64, 80, 80, 128, 128, 160, 0]
+    try:
+        model.backward_passes(1, 64, 256)
+    except ValueError as error:
+        assert "up to 160" in str(error)
+    else:
+        raise AssertionError("head dims past 160 have no tile kernel")
