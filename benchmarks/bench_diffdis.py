@@ -55,6 +55,7 @@ FULL_PATH = {"mask_only_fp32": "full_fp32", "mask_only_bf16": "full_bf16"}  # ma
 # and 6-view TTA (mask + edge, as the official script) in at most 0.5 s.
 GPU_VIEW_TARGET_MS = {"full_bf16": 80, "mask_only_bf16": 50}
 GPU_TTA_TARGET_MS = 500
+ON_H200 = ON_GPU and "H200" in torch.cuda.get_device_name(DEVICE)  # other GPUs: times reported, targets not graded
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 # oneDNN's bf16 convolutions are fast with AVX512-BF16 or AMX only (not on every AVX-512 CPU)
 FAST_BF16 = ON_GPU or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -153,7 +154,7 @@ def test_segment_one_view(benchmark, variant, resolution):
         extra["mask_mean_abs_diff_vs_fp32"] = round(float(diff.mean()), 5)
         target, target_met = "bf16 masks within 0.05 max / 0.01 mean of fp32", (
             float(diff.max()) < 0.05 and float(diff.mean()) < 0.01)
-        if ON_GPU and resolution == 1024 and variant in GPU_VIEW_TARGET_MS:
+        if ON_H200 and resolution == 1024 and variant in GPU_VIEW_TARGET_MS:
             target += f", in at most {GPU_VIEW_TARGET_MS[variant]} ms (H200)"
             target_met = target_met and ms <= GPU_VIEW_TARGET_MS[variant]
     record_metrics(benchmark, op=f"diffdis.segment[{variant}]", shape=f"{CONFIG_NAME} {resolution}px 1 view",
@@ -217,7 +218,7 @@ def test_segment_tta_6_views(benchmark):
     _, peak = peak_memory_bytes(tta)
     ms = run_timed(benchmark, tta, DEVICE, rounds=ROUNDS if ON_GPU else 2, warmup=0)
     target = target_met = None
-    if ON_GPU:
+    if ON_H200:
         target, target_met = f"6-view TTA in at most {GPU_TTA_TARGET_MS} ms (H200, bf16, 1024 px)", (
             ms <= GPU_TTA_TARGET_MS)
     record_metrics(benchmark, op="diffdis.segment[tta 6 views]", shape=f"{CONFIG_NAME} {resolution}px 6 views",

@@ -228,7 +228,8 @@ def test_liquid_7b_four_images_end_to_end(benchmark):
     """Issue 9's end-to-end target: 4 images at 512 px (1024 image tokens each, CFG 7: 8 rows, the
     eval's sampling settings) from a 40-token prompt, then the Chameleon VQGAN decode, under 5 s.
     Random weights of Liquid-7B's (bf16) and the VQGAN's (fp32, as examples/liquid_generate.py)
-    shapes; the first call (CUDA-graph capture, cuBLAS and allocator warm-up) is not timed."""
+    shapes. The first call (cuBLAS and allocator warm-up) is not timed; every timed call includes
+    the prefill, one eager step and the CUDA-graph capture of its own DecodeStep, as a user's."""
     with torch.device(DEVICE):
         lm = LiquidLM(LiquidLMConfig()).to(torch.bfloat16).eval()
         vqgan = VQGAN(VQGANConfig()).eval()

@@ -189,6 +189,9 @@ def test_official_dis_hce_variant_thresholds_the_raw_map_at_128():
     assert dis.human_correction_effort(dim, gt8) != expected
     assert dis.human_correction_effort(dim, gt8, protocol="binary", hce_variant="dis") == expected  # any protocol
     assert dis.human_correction_effort(dim / 255, gt, hce_variant="dis") == expected  # float: 255 p > 128
+    # float32 128 / 255 times 255 is 128.0000076: still the 8-bit 128, background as in the official script
+    assert dis.human_correction_effort((dim / 255).astype(np.float32), gt, hce_variant="dis") == expected
+    assert dis._official_dis_foreground(np.full((2, 2), 128 / 255, dtype=np.float32)).sum() == 0
     assert dis.human_correction_effort(dim > 128, gt, hce_variant="dis") == expected  # bool: as it is
     metrics = dis.DISMetrics(hce_variant="dis")
     metrics.update(dim, gt8)
@@ -197,6 +200,8 @@ def test_official_dis_hce_variant_thresholds_the_raw_map_at_128():
         dis.DISMetrics(hce_variant="official")
     with pytest.raises(ValueError, match="hce_variant must be one of"):
         dis.human_correction_effort(dim, gt8, hce_variant="official")
+    with pytest.raises(SystemExit):  # an option that would do nothing
+        dis.main(["pred", "gt", "--no-hce", "--hce-variant", "dis"])
 
 
 def diffdis_binarise(pred):

@@ -196,6 +196,11 @@ def test_cascade_keeps_accelerate_hooks_and_progress_settings(pipe):
 def test_cascade_rejects_sizes_that_do_not_halve():
     with pytest.raises(ValueError, match="divisible by 16"):
         highres.cascade_sizes(60, 128, 2, multiple=4)
+    # base_size fits the multiple, the short side does not: the hint is about height and width
+    with pytest.raises(ValueError, match=r"height x width 1536x2048 .*stage 96x128 fails\): pick height and width"):
+        highres.cascade_sizes(1536, 2048, 4, base_size=128, multiple=64)
+    with pytest.raises(ValueError, match="pick base_size a multiple of 64"):
+        highres.cascade_sizes(1600, 1600, 4, base_size=100, multiple=64)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -161,6 +161,11 @@ def test_construct_for_takes_the_official_keywords(unet):
         LinFusion.construct_for(unet, unet=unet, load_pretrained=False)
     with pytest.raises(ValueError, match="no pipeline or UNet given"):
         LinFusion.construct_for(load_pretrained=False)
+    with pytest.raises(TypeError, match="pass the UNet as unet=unet"):  # the official positional order
+        LinFusion.construct_for(None, unet, load_pretrained=False)
+    named_unet = SimpleNamespace(config={"_name_or_path": "runwayml/stable-diffusion-v1-5"}, **vars(unet))
+    with pytest.raises(ValueError, match="gets Yuanshi/LinFusion-1-5"):  # the UNet's own name, as positionally
+        LinFusion.construct_for(unet=named_unet)
     assert not any(isinstance(m, GeneralizedLinearAttention) for m in unet.modules())  # errors mount nothing
 
 

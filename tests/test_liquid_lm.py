@@ -566,8 +566,9 @@ def test_loader_and_generation_refuse_numbers_they_would_coerce(tmp_path):
     with pytest.raises(TypeError, match="generate_text: top_k must be an int"):
         generate_text(model, torch.randint(3, VOCAB, (1, 3)), max_new_tokens=2, top_k=5.0)
     images = dict(image_tokens=4, cfg_scale=None, image_vocab_start=0, image_vocab_size=8)
-    with pytest.raises(TypeError, match="generate: seed must be an int, got 1.5"):  # int(1.5) seeded 1
-        generate_images(model, [1, 2], seed=1.5, **images)
+    for seed in (1.5, torch.tensor(1.5)):  # int() of either seeded 1
+        with pytest.raises(TypeError, match="generate: seed must be an int"):
+            generate_images(model, [1, 2], seed=seed, **images)
     with pytest.raises(TypeError, match="prompt_ids must be token ids, got the text 'a red fox': tokenize it first"):
         generate_images(model, "a red fox", **images)
 

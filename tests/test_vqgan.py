@@ -375,8 +375,9 @@ def test_from_pretrained_key_errors(checkpoint, tmp_path):
     save_file({**state, "encoder.extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
     with pytest.raises(VQGANCheckpointError, match=r"unexpected \(1\): encoder\.extra\.weight"):
         VQGAN.from_pretrained(tmp_path / "extra.safetensors", tiny_vqgan_config())
-    with pytest.raises(VQGANCheckpointError, match="shape mismatch.*quantize.embedding.weight"):
+    with pytest.raises(VQGANCheckpointError, match="shape mismatch.*quantize.embedding.weight") as error:
         VQGAN.from_pretrained(checkpoint[0], tiny_vqgan_config(n_embed=32))
+    assert error.value.architecture_mismatch  # the examples then suggest another config
 
 
 def test_from_pretrained_refuses_to_unpickle(checkpoint, tmp_path):
@@ -393,8 +394,9 @@ def test_from_pretrained_names_broken_files_and_bad_dtypes(tmp_path):
     for name, data in (("empty.ckpt", b""), ("text.ckpt", b"hello world"), ("empty.safetensors", b""),
                        ("short.safetensors", b"\x00\x01")):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(VQGANCheckpointError, match="is not a readable (torch checkpoint|safetensors file)"):
+        with pytest.raises(VQGANCheckpointError, match="is not a readable (torch checkpoint|safetensors file)") as error:
             VQGAN.from_pretrained(tmp_path / name, tiny_vqgan_config())
+        assert not error.value.architecture_mismatch  # no other config would read it
     for dtype, error in (("bfloat16", "must be a torch.dtype"), (torch.int64, "floating-point dtype")):
         with pytest.raises(TypeError, match=error):
             VQGAN.from_pretrained(tmp_path / "empty.ckpt", tiny_vqgan_config(), dtype=dtype)

@@ -206,8 +206,8 @@ def _official_dis_foreground(pred: np.ndarray) -> np.ndarray:
         fg = pred > 128
     elif pred.dtype == np.bool_:
         fg = pred
-    else:
-        fg = pred.astype(np.float64) * 255 > 128
+    else:  # the 8-bit value saving the map would write: a float32 128 / 255 times 255 exceeds 128
+        fg = np.rint(pred.astype(np.float64) * 255) > 128
     return fg.astype(np.float64)
 
 
@@ -855,11 +855,14 @@ def main(argv=None) -> int:
                              "ignored (examples/diffdis_segment.py's output: --pred-suffix _mask)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--no-hce", action="store_true", help="skip HCE (the slowest metric)")
-    parser.add_argument("--hce-variant", choices=HCE_VARIANTS, default="pysodmetrics",
+    parser.add_argument("--hce-variant", choices=HCE_VARIANTS, default=None,
                         help="pysodmetrics: the min-max normalised map > 0.5 (pysodmetrics, DiffDIS); dis: the "
                              "raw 8-bit map > 128 (the official DIS script, IS-Net's tables). Default pysodmetrics.")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.no_hce and args.hce_variant is not None:
+        parser.error("--hce-variant picks how HCE binarises; with --no-hce there is no HCE")
+    args.hce_variant = args.hce_variant or "pysodmetrics"
     if args.json:  # before the evaluation (HCE over DIS5K takes a while), not after it
         folder = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):

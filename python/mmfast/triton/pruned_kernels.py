@@ -130,7 +130,7 @@ def load_kept(x_group, mask_row, e, n, P):
 def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     """The statistics of two disjoint sets, each (mean, sum of squared deviations, count)."""
     n = n_a + n_b
-    share = tl.where(n_a == 0, 1.0, n_b / tl.maximum(n, 1.0))  # exactly 1 when a is empty: b as is
+    share = tl.where(n_a == 0, 1.0, tl.math.div_rn(n_b, tl.maximum(n, 1.0)))  # exactly 1 when a is empty: b as is
     share = tl.where(n_b == 0, 0.0, share)
     delta = mean_b - mean_a
     return mean_a + delta * share, m2_a + m2_b + delta * delta * n_a * share, n
@@ -164,10 +164,11 @@ def group_norm_kernel(
             keep, xv = load_kept(x_ptr + base, mask_row, e, n, P)
             lane_n += keep.to(tl.float32)
             delta = xv - lane_mean
-            lane_mean = tl.where(keep, lane_mean + delta / tl.maximum(lane_n, 1.0), lane_mean)
+            lane_mean = tl.where(keep, lane_mean + tl.math.div_rn(delta, tl.maximum(lane_n, 1.0)), lane_mean)
             lane_m2 = tl.where(keep, lane_m2 + delta * (xv - lane_mean), lane_m2)
         mean, m2, kept = tl.reduce((lane_mean, lane_m2, lane_n), 0, welford_combine)
-        # Correctly rounded like the interpreter and the CPU kernel (a GPU's fp32 '/' is approximate).
+        # The statistics' divisions correctly rounded, as the interpreter's (a GPU's fp32 '/' is
+        # approximate); the SiLU's exp and divide stay the GPU's approximate ones.
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(m2, tl.maximum(kept, 1.0)) + eps))
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets

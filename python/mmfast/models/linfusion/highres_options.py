@@ -110,8 +110,8 @@ def cascade_sizes(height: int, width: int, stages: int, base_size: Optional[int]
     sizes = [(height // 2 ** (stages - i), width // 2 ** (stages - i)) for i in range(stages + 1)]
     for h, w in sizes:
         if h % multiple or w % multiple or h * 2 ** stages < height:
-            hint = (f"pick base_size a multiple of {multiple}" if base_size is not None else
-                    f"pick height and width divisible by {multiple * 2 ** stages}")
+            hint = (f"pick base_size a multiple of {multiple}" if base_size is not None and base_size % multiple
+                    else f"pick height and width divisible by {multiple * 2 ** stages}")
             raise ValueError(
                 f"generate_highres: every stage size must be a multiple of {multiple} px; height x width "
                 f"{height}x{width} halved {stages} times gives {sizes[0][0]}x{sizes[0][1]} (stage {h}x{w} "

@@ -255,6 +255,10 @@ class LinFusion(nn.Module):
         if pipe_or_unet is not None and (pipeline is not None or unet is not None):
             raise ValueError("LinFusion.construct_for: pass the pipeline or UNet positionally or as pipeline= / unet=, "
                              "not both")
+        if isinstance(pretrained, nn.Module):  # the official positional order: (pipeline, unet, load_pretrained, ...)
+            raise TypeError("LinFusion.construct_for: the second positional argument is `pretrained` (a local "
+                            "directory), got a module: pass the UNet as unet=unet (the official signature's "
+                            "construct_for(pipeline, unet) order is not mmfast's)")
         named = pipe_or_unet if pipe_or_unet is not None else pipeline
         unet = unet if unet is not None else getattr(named, "unet", named)
         if unet is None:
@@ -262,7 +266,7 @@ class LinFusion(nn.Module):
                              ".unet, or a UNet2DConditionModel)")
         if pretrained is None:
             if load_pretrained:
-                raise ValueError(_no_local_checkpoint_message(named, pipe_name_path))
+                raise ValueError(_no_local_checkpoint_message(named if named is not None else unet, pipe_name_path))
             model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet,
                                   module_names=module_names)
         else:

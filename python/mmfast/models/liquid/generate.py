@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 import warnings
 import weakref
@@ -261,9 +262,11 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], d
         raise ValueError("generate: pass seed or generator, not both")
     if seed is None:
         return generator
-    if not is_integer(seed):  # int(1.5) would seed 1 silently
-        raise TypeError(f"generate: seed must be an int, got {seed!r}")
-    return torch.Generator(device=device).manual_seed(int(seed))
+    try:  # int(1.5), or of a float tensor, would seed 1 silently
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"generate: seed must be an int, got {seed!r}") from None
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:

@@ -41,7 +41,12 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class VQGANCheckpointError(ValueError):
-    """A checkpoint file that mmfast will not read, or whose keys or shapes do not fit the config."""
+    """A checkpoint file that mmfast will not read, or whose keys or shapes do not fit the config.
+    architecture_mismatch: True for the latter (the file was read; another config may fit)."""
+
+    def __init__(self, message: str, *, architecture_mismatch: bool = False):
+        super().__init__(message)
+        self.architecture_mismatch = architecture_mismatch
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -273,7 +278,8 @@ def _check_keys(model: nn.Module, state: dict, path) -> None:
              for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen))
              if items]
     raise VQGANCheckpointError(f"VQGAN: {os.fspath(path)!r} does not fit {model.config}: " + "; ".join(parts)
-                               + ". Check the config (ch, ch_mult, num_res_blocks, attn_resolutions, sizes).")
+                               + ". Check the config (ch, ch_mult, num_res_blocks, attn_resolutions, sizes).",
+                               architecture_mismatch=True)
 
 
 # --- images ---------------------------------------------------------------------------------
