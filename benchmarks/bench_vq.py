@@ -148,6 +148,29 @@ def test_vq_quantize(benchmark, shape, tmp_path):
                    **({"timing": timings} if timings else {}))
 
 
+def test_vq_quantize_cosine_llamagen(benchmark):
+    """LlamaGen's lookup: l2-normalised z and codes (K = 16384, D = 8), metric="cosine" (which
+    normalises the codebook into an fp32 copy on every call), against LlamaGen's formulation
+    (F.normalize both, then the argmin of the expanded squared distance). No target: reported."""
+    name, n, k, d = next(shape for shape in SHAPES if shape[0] == "llamagen")
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=generator).to(DEVICE, DTYPE)
+    codebook = torch.randn(k, d, generator=generator).to(DEVICE, DTYPE)
+    run = lambda: vq_quantize(z, codebook, metric="cosine")  # noqa: E731
+
+    def llamagen():
+        zn = torch.nn.functional.normalize(z.float(), dim=-1)
+        en = torch.nn.functional.normalize(codebook.float(), dim=-1)
+        return expanded_argmin(zn, en)
+
+    times = {"mmfast": run_timed(benchmark, run, DEVICE, rounds=5, warmup=1)}
+    if n * k <= 2**28:
+        times["llamagen_torch"] = median_ms(llamagen, DEVICE, warmup=1, repeats=3)
+    agree = float((run() == llamagen()).float().mean()) if "llamagen_torch" in times else None
+    record_metrics(benchmark, op="vq_quantize[cosine]", shape=f"{name} N={n} K={k} D={d}", device=DEVICE,
+                   dtype=DTYPE, times=times, flops=2 * n * k * d, index_agreement_with_llamagen=agree)
+
+
 @pytest.mark.skipif(ON_GPU or not HAS_FAISS, reason="faiss-cpu's IndexFlatL2, the CPU targets' baseline")
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: s[0])
 def test_vq_quantize_vs_faiss_paired(benchmark, shape, tmp_path):
