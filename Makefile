@@ -30,7 +30,7 @@ TRITON_REPORT_ARGS ?= --json build/triton-report.json
 VPY := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.mmfast-deps
 
-.PHONY: test bench build venv gpu-check gpu-lease gpu-wheels cmake-test sanitize sass-report triton-report clean
+.PHONY: test bench build venv gpu-check gpu-lease gpu-wheels cmake-test sanitize sass-report triton-report build-sm75 clean
 
 # nvidia-cutlass with --no-deps: CUTLASS's headers only (CuTe, the oracle of tests/test_gmma_layout.py),
 # not its Python tools' dependencies.
@@ -95,6 +95,15 @@ sass-report: $(STAMP)
 
 triton-report: $(STAMP)
 	$(VPY) scripts/triton_report.py $(TRITON_REPORT_ARGS)
+
+# The whole extension built for sm_75 only (Turing: no cp.async, ldmatrix, bf16 mma or wgmma;
+# the tensor-core code must sit behind its arch guards), into build/sm75 (not installed);
+# about 8 minutes on 2 cores. Not part of `make test` (2026-12-06: builds, nvcc 13.0).
+build-sm75: $(STAMP)
+	mkdir -p build
+	TORCH_CUDA_ARCH_LIST=7.5 MAX_JOBS=$(MAX_JOBS) $(VPY) setup.py build_ext --build-temp build/sm75/temp \
+	  --build-lib build/sm75/lib > build/sm75.log 2>&1 || { tail -n 40 build/sm75.log; exit 1; }
+	@grep -c "gencode=arch=compute_75,code=sm_75" build/sm75.log | xargs echo "build-sm75: CUDA sources compiled for sm_75:"
 
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
 # build against its torch, for its own GPU, with all cores; install nothing.
