@@ -211,9 +211,12 @@ def _official_dis_foreground(pred: np.ndarray) -> np.ndarray:
     return fg.astype(np.float64)
 
 
-def _hce_input(pred: np.ndarray, p: np.ndarray, variant: str) -> np.ndarray:
-    """The map HCE binarises at > 0.5: the prepared one, or the official DIS binarisation."""
-    return _official_dis_foreground(pred) if variant == "dis" else p
+def _prepared_with_hce_map(pred, gt, protocol: str, variant: str) -> tuple:
+    """(prepared pred, gt, the map HCE binarises at > 0.5): the prepared map, or the official DIS
+    binarisation of the raw one."""
+    raw, g = _checked(pred, gt)
+    p, g = _prepare_checked(raw, g, protocol)
+    return p, g, _official_dis_foreground(raw) if variant == "dis" else p
 
 
 # --- per-image kernels on prepared inputs (pred float64 in [0, 1], gt bool) -----------------
@@ -617,9 +620,8 @@ def human_correction_effort(pred, gt, protocol: str = "soft", hce_variant: str =
     """
     _check_protocol(protocol)
     _check_hce_variant(hce_variant)
-    pred, g = _checked(pred, gt)
-    p, g = _prepare_checked(pred, g, protocol)
-    return _hce(_hce_input(pred, p, hce_variant), g)
+    _, g, hce_map = _prepared_with_hce_map(pred, gt, protocol, hce_variant)
+    return _hce(hce_map, g)
 
 
 for _f in (f_measure, weighted_f_measure, mae, s_measure, e_measure, human_correction_effort):
@@ -687,9 +689,8 @@ class DISMetrics:
         Raises:
             ValueError: what `prepare` rejects.
         """
-        pred, g = _checked(pred, gt)
-        p, g = _prepare_checked(pred, g, self.protocol)
-        scores = _image_scores(p, g, _hce_input(pred, p, self.hce_variant) if self.hce else None)
+        p, g, hce_map = _prepared_with_hce_map(pred, gt, self.protocol, self.hce_variant)
+        scores = _image_scores(p, g, hce_map if self.hce else None)
         self._scores.append(scores)
         return _summary([scores], self.hce)
 
