@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -99,11 +98,8 @@ def load_liquid(args, device, dtype):
 
     try:  # first: the small VQGAN fails in seconds, not after the 7B LM has loaded
         vqgan = VQGAN.from_pretrained(args.vqgan, vqgan_config(args.vqgan_config))
-    except VQGANCheckpointError as error:  # one line, not a traceback
-        other = "chameleon" if args.vqgan_config == "tiny" else "tiny"
-        hint = (f"\n(--vqgan-config {args.vqgan_config} gave the architecture: is the checkpoint another one's, e.g. "
-                f"--vqgan-config {other}?)" if error.architecture_mismatch else "")
-        sys.exit(f"liquid_generate.py: error: {error}{hint}")
+    except VQGANCheckpointError as error:
+        cli.exit_on_vqgan_checkpoint_error("liquid_generate.py", error, "--vqgan-config", args.vqgan_config)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     lm = LiquidLM.from_pretrained(args.model, dtype=dtype, device=device)
     prompt_ids = tokenizer(args.prompt + LIQUID_PROMPT_SUFFIX).input_ids

@@ -94,10 +94,8 @@ def load_model(args) -> VQGAN:
         return tiny_vqgan(seed=0)
     try:
         return VQGAN.from_pretrained(args.checkpoint, CONFIGS[args.config]())
-    except VQGANCheckpointError as error:  # one line, not a traceback
-        hint = (f"\n(--config {args.config} gave the architecture: is the checkpoint another one's, e.g. --config "
-                f"{'chameleon' if args.config == 'tiny' else 'tiny'}?)" if error.architecture_mismatch else "")
-        sys.exit(f"vq_tokenize.py: error: {error}{hint}")
+    except VQGANCheckpointError as error:
+        cli.exit_on_vqgan_checkpoint_error("vq_tokenize.py", error, "--config", args.config)
 
 
 def timed(fn, device):

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 import torch
 
 from ._backend import BACKENDS
 
 __all__ = ["add_device_arguments", "add_output_argument", "check_device", "check_output", "require_local_dir",
-           "require_file", "require_path", "require_positive"]
+           "require_file", "require_path", "require_positive", "exit_on_vqgan_checkpoint_error"]
 
 
 def _default_device() -> str:
@@ -139,3 +140,13 @@ def require_positive(parser: argparse.ArgumentParser, **values: Optional[float])
     for name, value in values.items():
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def exit_on_vqgan_checkpoint_error(script: str, error: Exception, flag: str, config: str) -> NoReturn:
+    """Exits with one line for a VQGANCheckpointError (not a traceback), suggesting the other
+    config (`flag` chameleon / tiny) only when the file was read and its architecture is another."""
+    hint = ""
+    if getattr(error, "architecture_mismatch", False):
+        other = "chameleon" if config == "tiny" else "tiny"
+        hint = f"\n({flag} {config} gave the architecture: is the checkpoint another one's, e.g. {flag} {other}?)"
+    sys.exit(f"{script}: error: {error}{hint}")
