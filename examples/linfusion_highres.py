@@ -41,7 +41,7 @@ import torch
 import mmfast
 from mmfast import cli
 from mmfast.models.linfusion import LinFusion, recommended_dtype
-from mmfast.models.linfusion.highres import check_strengths
+from mmfast.models.linfusion.highres import cascade_sizes, check_strengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_TOKEN_CHUNK = 65536
@@ -167,24 +167,18 @@ def _check_args(parser, args):
 
 
 def _check_cascade_sizes(parser, args):
-    """What the arguments alone decide (the pipeline's own size multiple is checked once it is
-    loaded): every stage size is a multiple of 8 and the base long side is the target's halved."""
+    """What the arguments alone decide, by the cascade's own rule (cascade_sizes) with the
+    multiple every pipeline needs, 8 px: the pipeline's own multiple is checked once it is loaded."""
+    if args.height is None and args.width is None and args.base_size is None:
+        return  # the pipeline's (or --tiny's) native size
     stages = len(args.strengths)
-    if args.base_size is not None and (args.base_size < 8 or args.base_size % 8):
-        parser.error(f"--base-size {args.base_size}: every stage size must be a multiple of 8 px, e.g. "
-                     f"{max(8, args.base_size // 8 * 8)}")
-    step = 8 * 2 ** stages
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and value % step:
-            parser.error(f"--{name} {value}: {stages} upscaling stages halve it {stages} times to a multiple of 8 px, "
-                         f"so it must be a multiple of {step}, e.g. {max(step, value // step * step)}")
-    if args.base_size is not None and (args.height or args.width):
-        long_side = max(args.height or 0, args.width or 0)
-        if args.base_size * 2 ** stages != long_side:
-            parser.error(f"--base-size {args.base_size}: with {stages} upscaling stages the base long side is "
-                         f"max(--height, --width) / 2**{stages} = {long_side / 2 ** stages:g}; drop --base-size "
-                         "or change it")
+    side = args.base_size * 2 ** stages if args.base_size else None
+    height, width = args.height or args.width or side, args.width or args.height or side
+    try:
+        cascade_sizes(height, width, stages, args.base_size, multiple=8)
+    except ValueError as error:
+        parser.error(str(error).replace("generate_highres: ", "").replace("base_size", "--base-size")
+                     .replace("pick height and width", "pick --height and --width"))
 
 
 def default_dtype(args) -> torch.dtype:

@@ -91,10 +91,11 @@ def example():
     (["--tiny", "--cascade", "--steps", "4"], "use --steps >= 10"),
     (["--tiny", "--cascade", "--strengths", "0.4,1.5"], "strengths in (0, 1]"),
     # sizes the arguments alone rule out, refused before a pipeline loads
-    (["--tiny", "--cascade", "--height", "100", "--width", "200"], "--height 100: 4 upscaling stages"),
-    (["--tiny", "--cascade", "--width", "200"], "must be a multiple of 128, e.g. 128"),
-    (["--tiny", "--cascade", "--base-size", "20"], "--base-size 20: every stage size must be a multiple of 8"),
-    (["--tiny", "--cascade", "--height", "512", "--base-size", "64"], "max(--height, --width) / 2**4 = 32"),
+    (["--tiny", "--cascade", "--height", "100", "--width", "200"],
+     "height x width 100x200 halved 4 times gives 6x12 (stage 6x12 fails): pick --height and --width divisible by 128"),
+    (["--tiny", "--cascade", "--width", "200"], "height x width 200x200 halved 4 times"),  # one side: a square
+    (["--tiny", "--cascade", "--base-size", "20"], "pick --base-size a multiple of 8"),
+    (["--tiny", "--cascade", "--height", "512", "--base-size", "64"], "512 / 2**4 = 32 px, not --base-size=64"),
 ])
 def test_clear_errors(example, capsys, args, message):
     with pytest.raises(SystemExit) as error:
