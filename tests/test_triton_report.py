@@ -49,11 +49,12 @@ def test_every_kernel_runs_its_fixed_config_under_the_interpreter():
 
 def test_autotune_keys_hold_no_sequence_length_or_resolution():
     """A new token count or resolution must not re-time a sweep: the keys name sizes that take a
-    few values per model (head dims, channels, kernel size, a power-of-two pixel bucket)."""
+    few values per model (head dims, channels, kernel size, a power-of-two pixel or row bucket)."""
     varying = {"N", "HO", "WO", "H", "W", "TOKENS", "PIX_TILES"}
     for name, tuned in {**TUNED, "vq search": vq_host._search_kernel, "masked conv": pruned_host._conv_kernel}.items():
         assert not varying & set(tuned.keys), (name, tuned.keys)
     assert "PIXELS_BUCKET" in pruned_host._conv_kernel.keys
+    assert "N_BUCKET" in vq_host._search_kernel.keys
 
 
 def test_sweeps_hold_the_fixed_config_and_autotune_over_them(monkeypatch):

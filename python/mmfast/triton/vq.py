@@ -22,10 +22,12 @@ _BLOCK_N, _BLOCK_K, _MAX_BLOCK_D = 64, 64, 32
 # with MMFAST_TRITON_AUTOTUNE=0, else the faster of the sweep, timed on the first call per D, K
 # and dtype. The sweep holds the configs without spills at D = 8 and 256 in every dtype; 4 warps
 # spill in fp32, and 3 stages at D = 8 in fp32 (for fp16 / bf16 Triton does not pipeline the
-# slice loop: the stages compile alike).
+# slice loop: the stages compile alike). N enters the key as a power-of-two bucket: one image's
+# 256-1024 vectors and a training batch's 65K fill the GPU differently, but a new N within a
+# bucket must not re-time the sweep.
 FIXED_LAUNCH = (8, 2)
 LAUNCH_SWEEP = [(8, 2), (8, 4)]
-_search_kernel = autotuned(kernels.search_kernel, FIXED_LAUNCH, LAUNCH_SWEEP, ["D", "K"])
+_search_kernel = autotuned(kernels.search_kernel, FIXED_LAUNCH, LAUNCH_SWEEP, ["D", "K", "N_BUCKET"])
 # The integer view a lookup copies, and the bits of a quiet NaN in each float dtype.
 _RAW_BITS = {torch.float32: (torch.int32, 0x7FC00000), torch.float16: (torch.int16, 0x7E00),
              torch.bfloat16: (torch.int16, 0x7FC0), torch.float64: (torch.int64, 0x7FF8000000000000)}
@@ -87,7 +89,8 @@ def vq_quantize(z: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor]) 
         best = z.new_empty((splits, n), dtype=torch.float32)
         code = z.new_empty((splits, n), dtype=torch.int64)
         _search_kernel[(row_tiles * splits,)](
-            z, codebook, sqnorm, best, code, n, k, d, z.stride(0) if n > 1 else d, splits, code_tiles, **meta)
+            z, codebook, sqnorm, best, code, n, k, d, z.stride(0) if n > 1 else d, splits, code_tiles,
+            triton.next_power_of_2(n), **meta)
         indices, distance = _finish(z, best, code, k)
         return distance, indices
 

@@ -25,6 +25,7 @@ from ._common import to_fp32
 def search_kernel(
     z_ptr, c_ptr, sq_ptr, best_ptr, code_ptr,
     N, K, D, s_zn, SPLITS, CODE_TILES,
+    N_BUCKET,  # N rounded up to a power of two: the autotune key only, never read here
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
