@@ -6,8 +6,11 @@ Environment:
   CUDA_HOME / CUDA_PATH      CUDA toolkit root (else found from the nvcc on PATH)
   MMFAST_REQUIRE_CUDA=1      fail instead of building a CPU-only extension
   MMFAST_DISABLE_CUDA=1      build the CPU kernels only
-  TORCH_CUDA_ARCH_LIST       default: the visible GPUs' archs; with no GPU visible "8.0+PTX;9.0a"
-                             (A100, H100, and PTX that newer GPUs compile at load time)
+  TORCH_CUDA_ARCH_LIST       default: the visible GPUs' archs plus PTX of the newest plain one
+                             (for GPUs newer than the builder's; an arch-specific "9.0a" newest
+                             gets "8.0+PTX", as "a" PTX runs on that arch only); with no GPU
+                             visible "8.0+PTX;9.0a" (A100, H100, and PTX that newer GPUs compile
+                             at load time). Set but empty counts as unset.
   MAX_JOBS, NVCC_THREADS     build parallelism
 """
 from __future__ import annotations
@@ -31,21 +34,23 @@ def _is_toolkit(path) -> bool:
 
 
 def _toolkit_from_nvcc():
-    """The real toolkit root of the nvcc on PATH, which may be a wrapper script."""
+    """The real toolkit root of the nvcc on PATH, which may be a wrapper script: the TOP its
+    driver reports (or TOP's parent), else the folder above nvcc's bin/ (Debian / Ubuntu's
+    nvidia-cuda-toolkit: /usr/bin/nvcc with /usr/include/cuda_runtime.h, TOP elsewhere)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
+    candidates = []
     try:
         out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                top = Path(line.split("=", 1)[1].strip()).resolve()
+                candidates += [top, top.parent]
     except (OSError, subprocess.SubprocessError):
-        return None
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.startswith("#$ TOP="):
-            top = Path(line.split("=", 1)[1].strip()).resolve()
-            for candidate in (top, top.parent):
-                if _is_toolkit(candidate):
-                    return str(candidate)
-    return None
+        pass
+    candidates += [Path(nvcc).parent.parent, Path(nvcc).resolve().parent.parent]
+    return next((str(candidate) for candidate in candidates if _is_toolkit(candidate)), None)
 
 
 def find_cuda_home():
@@ -55,34 +60,57 @@ def find_cuda_home():
     return _toolkit_from_nvcc()
 
 
-def _fail_or_warn(reason: str) -> bool:
+def cuda_unavailable_reason(cuda_home):
+    """Why the CUDA kernels cannot be built here, or None when they can. The build records it
+    (_build_info.cuda_skipped), so that `python -m mmfast` and the error of an op called on a
+    GPU say why: pip hides the build's own output unless it fails."""
+    if os.environ.get("MMFAST_DISABLE_CUDA") == "1":
+        return "MMFAST_DISABLE_CUDA=1"
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def decide_cuda(reason) -> bool:
+    """Whether to build the CUDA kernels, given cuda_unavailable_reason's answer: a reason stops
+    the build under MMFAST_REQUIRE_CUDA=1, else it is printed and the CPU kernels are built."""
+    if reason is None:
+        return True
     if os.environ.get("MMFAST_REQUIRE_CUDA") == "1":
         sys.exit(f"mmfast: MMFAST_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     print(f"mmfast: building the CPU kernels only ({reason})", file=sys.stderr)
     return False
 
 
-def decide_cuda(cuda_home) -> bool:
-    if os.environ.get("MMFAST_DISABLE_CUDA") == "1":
-        return _fail_or_warn("MMFAST_DISABLE_CUDA=1")
-    import torch
-
-    if torch.version.cuda is None:
-        return _fail_or_warn(f"torch {torch.__version__} is a CPU-only build")
-    if cuda_home is None:
-        return _fail_or_warn("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-    return True
+def archs_for_capabilities(capabilities) -> str:
+    """A TORCH_CUDA_ARCH_LIST for GPUs of these compute capabilities: each one's arch (9.x, 10.x,
+    12.x with their arch-specific 'a' features), plus PTX of the newest plain arch for GPUs newer
+    than these. PTX of an 'a' arch runs on that arch alone, so where the newest is one, the PTX
+    is 8.0's (as in DEFAULT_ARCHS; a plain 9.0 beside 9.0a would cost the wgmma kernels, see
+    has_sm90a_code)."""
+    capabilities = sorted(set(capabilities))
+    archs = [f"{major}.{minor}" + ("a" if major in (9, 10, 12) else "") for major, minor in capabilities]
+    if archs[-1].endswith("a"):
+        if "8.0" in archs:
+            archs[archs.index("8.0")] += "+PTX"
+        else:
+            archs.insert(0, "8.0+PTX")
+    else:
+        archs[-1] += "+PTX"
+    return ";".join(archs)
 
 
 def default_archs() -> str:
-    """The archs of the visible GPUs (9.x, 10.x, 12.x with their arch-specific 'a' features),
-    else DEFAULT_ARCHS for a GPU-less builder such as CI."""
+    """archs_for_capabilities of the visible GPUs, else DEFAULT_ARCHS for a GPU-less builder such as CI."""
     import torch
 
     if not torch.cuda.is_available():
         return DEFAULT_ARCHS
-    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return ";".join(f"{major}.{minor}" + ("a" if major in (9, 10, 12) else "") for major, minor in capabilities)
+    return archs_for_capabilities(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
 
 
 def has_sm90a_code(archs: str) -> bool:
@@ -146,10 +174,13 @@ def compiler_version():
     return out.splitlines()[0].strip() if out else None
 
 
-def write_build_info(with_cuda: bool, archs: str) -> None:
+def build_info(cuda_skipped, archs: str) -> dict:
+    """What _build_info.py records: the build's sources, compiler, torch and CUDA archs.
+    cuda_skipped: why the CUDA kernels were not built (None when they were)."""
     import torch
 
-    info = {
+    with_cuda = cuda_skipped is None
+    return {
         "source_commit": source_commit(),
         "source_digest": source_digest(),
         "compiler": compiler_version(),
@@ -157,18 +188,42 @@ def write_build_info(with_cuda: bool, archs: str) -> None:
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs if with_cuda else None,
         "cuda_wgmma": has_sm90a_code(archs) if with_cuda else False,  # sm_90 GPUs may run the wgmma kernels
+        "cuda_skipped": cuda_skipped,
         "backends": ["cpu"] + (["cuda"] if with_cuda else []),
     }
+
+
+def write_build_info(path, info: dict) -> None:
     body = "".join(f"{key} = {value!r}\n" for key, value in info.items())
-    (ROOT / "python" / "mmfast" / "_build_info.py").write_text('"""Written by setup.py at build time."""\n' + body)
+    Path(path).write_text('"""Written by setup.py after a successful build of the _C beside it."""\n' + body)
+
+
+def recording_build_ext(base, info: dict):
+    """base (cpp_extension's BuildExtension) writing _build_info.py beside each built extension
+    (in place: python/mmfast/; else the build's lib folder, whose copy the wheel ships) once the
+    build has succeeded. Written before, a failed or aborted build (or `setup.py --help`) left a
+    record of an extension that was never built beside the old one, and `python -m mmfast`
+    called the old kernels current."""
+
+    class BuildExtensionRecordingInfo(base):
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                write_build_info(Path(self.get_ext_fullpath(ext.name)).parent / "_build_info.py", info)
+
+    return BuildExtensionRecordingInfo
 
 
 def extensions():
     cuda_home = find_cuda_home()
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
-    with_cuda = decide_cuda(cuda_home)
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_archs()) if with_cuda else ""
+    cuda_skipped = cuda_unavailable_reason(cuda_home)
+    with_cuda = decide_cuda(cuda_skipped)
+    archs = ""
+    if with_cuda:  # an empty TORCH_CUDA_ARCH_LIST (`export TORCH_CUDA_ARCH_LIST=`) counts as unset
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or default_archs()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -188,7 +243,7 @@ def extensions():
         extension = CUDAExtension
     else:
         extension = CppExtension
-    write_build_info(with_cuda, archs)
+    info = build_info(cuda_skipped, archs)
     # The shared libstdc++ by its file name (-l:libstdc++.so.6), ahead of the driver's own
     # libraries: the one torch uses, even where g++ links it statically. The H200 image's
     # own GCC 13.3 install does, and its library folder holds only libstdc++.a, so a plain -lstdc++ found
@@ -199,7 +254,7 @@ def extensions():
     link_args = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     ext = extension("mmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
                     extra_link_args=link_args)
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": recording_build_ext(BuildExtension, info)}
 
 
 # pip (setuptools.build_meta) and `python setup.py` both run this file as __main__; the guard lets

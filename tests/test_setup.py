@@ -102,3 +102,156 @@ def test_make_venv_space_check_warns_and_never_fails(tmp_path):
         assert odd.returncode == 0 and "whole number of GB" in odd.stderr
     shown = run("--df", str(tmp_path / ".venv"))
     assert shown.returncode == 0 and shown.stdout.startswith("Filesystem")
+
+
+@pytest.mark.parametrize(
+    "capabilities, expected",
+    [
+        ([(8, 0)], "8.0+PTX"),
+        ([(8, 6)], "8.6+PTX"),  # torch's own default adds compute_86 PTX too
+        ([(7, 5), (8, 6)], "7.5;8.6+PTX"),
+        ([(9, 0)], "8.0+PTX;9.0a"),  # 9.0a PTX runs on sm_90 only: newer GPUs take 8.0's
+        ([(8, 0), (9, 0), (9, 0)], "8.0+PTX;9.0a"),
+        ([(8, 6), (9, 0)], "8.0+PTX;8.6;9.0a"),
+        ([(10, 0), (12, 0)], "8.0+PTX;10.0a;12.0a"),
+    ],
+)
+def test_the_visible_gpus_arch_list_carries_ptx_for_newer_gpus(setup_module, capabilities, expected):
+    """Issue 14: the default arch list from the visible GPUs, with PTX of the newest plain arch;
+    every visible GPU gets a binary of its own and an H100 still gets the wgmma kernels."""
+    from mmfast._info import arch_coverage
+
+    archs = setup_module.archs_for_capabilities(capabilities)
+    assert archs == expected
+    for capability in capabilities:
+        assert arch_coverage(archs, capability).startswith("binary for"), (capability, archs)
+    assert "PTX" in arch_coverage(archs, (13, 0)) or "binary" in arch_coverage(archs, (13, 0))
+    assert setup_module.has_sm90a_code(archs) is ((9, 0) in capabilities)
+
+
+def test_an_empty_arch_list_counts_as_unset(setup_module, monkeypatch):
+    """`export TORCH_CUDA_ARCH_LIST=` (an empty Docker ARG) made torch's arch flags raise
+    IndexError with no GPU and recorded '' (a "CPU-only build") with one."""
+    import torch
+
+    if setup_module.cuda_unavailable_reason(setup_module.find_cuda_home()) is not None:
+        pytest.skip("this machine builds no CUDA kernels")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", " ")
+    monkeypatch.delenv("MMFAST_DISABLE_CUDA", raising=False)
+    setup_module.extensions()
+    expected = setup_module.DEFAULT_ARCHS if not torch.cuda.is_available() else setup_module.default_archs()
+    assert __import__("os").environ["TORCH_CUDA_ARCH_LIST"] == expected
+
+
+def test_a_debian_style_toolkit_is_found_from_the_nvcc_on_path(setup_module, tmp_path, monkeypatch):
+    """Debian / Ubuntu's nvidia-cuda-toolkit: /usr/bin/nvcc (a wrapper) and /usr/include, with the
+    driver's TOP elsewhere: the folder above nvcc's bin/ is the toolkit (it gave a silent CPU-only
+    build)."""
+    usr = tmp_path / "usr"
+    (usr / "bin").mkdir(parents=True)
+    (usr / "include").mkdir()
+    (usr / "include" / "cuda_runtime.h").write_text("")
+    nvcc = usr / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={usr}/lib/nvidia-cuda-toolkit'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{usr / 'bin'}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert setup_module.find_cuda_home() == str(usr)
+
+
+def test_build_info_is_written_beside_the_extension_only_after_a_successful_build(setup_module, tmp_path):
+    """Written at setup time, a failed build (or `setup.py --help`) left the record of an extension
+    never built beside the old one, and `python -m mmfast` called the old kernels current."""
+    import runpy
+    import types
+
+    class FakeBuildExtension:
+        extensions = [types.SimpleNamespace(name="mmfast._C")]
+
+        def __init__(self, fail):
+            self.fail = fail
+
+        def run(self):
+            if self.fail:
+                raise RuntimeError("compile error")
+
+        def get_ext_fullpath(self, name):
+            return str(tmp_path / "lib" / "mmfast" / "_C.so")
+
+    (tmp_path / "lib" / "mmfast").mkdir(parents=True)
+    info = setup_module.build_info("MMFAST_DISABLE_CUDA=1", "")
+    command = setup_module.recording_build_ext(FakeBuildExtension, info)
+    with pytest.raises(RuntimeError, match="compile error"):
+        command(fail=True).run()
+    written = tmp_path / "lib" / "mmfast" / "_build_info.py"
+    assert not written.exists()
+    command(fail=False).run()
+    recorded = runpy.run_path(str(written))
+    assert {key: recorded[key] for key in info} == info
+    assert recorded["cuda_skipped"] == "MMFAST_DISABLE_CUDA=1" and recorded["backends"] == ["cpu"]
+
+
+def test_the_sdist_carries_every_source_the_build_compiles(tmp_path):
+    """The sdist (and so `python -m build`'s wheel) had the .cpp / .cu files setup.py names but no
+    header, and a CPU-only machine's sdist no .cu file: MANIFEST.in ships csrc/ whole, never a
+    machine's _build_info.py."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    copy = tmp_path / "mmfast"
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    (copy / "python" / "mmfast" / "_build_info.py").write_text("stale = True\n")
+    env = {**os.environ, "MMFAST_DISABLE_CUDA": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=copy,
+                   env=env, check=True, capture_output=True)
+    (archive,) = (tmp_path / "dist").glob("mmfast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    sources = {name for name in filter(None, tracked.decode().split("\0"))
+               if name.startswith("csrc/") and name.endswith((".h", ".cuh", ".cpp", ".cu"))}
+    assert sources and sources <= names, sorted(sources - names)[:5]
+    assert "python/mmfast/_build_info.py" not in names
+    assert "python/mmfast/_source_digest.py" in names
+
+
+def test_the_test_extra_holds_what_the_tests_import():
+    """pyproject's `test` extra against requirements-test.txt (what CI installs): `pip install
+    .[test]` lacked accelerate, which tests/test_linfusion_highres.py imports."""
+    import re
+
+    extras = (ROOT / "pyproject.toml").read_text()
+    test_extra = set(re.findall(r'"([A-Za-z0-9_.-]+)', re.search(r"^test = \[(.*)\]$", extras, re.M).group(1)))
+    dependencies = set(re.findall(r'"([A-Za-z0-9_.-]+)', re.search(r"^dependencies = \[(.*)\]$", extras, re.M).group(1)))
+    build_tools = {"ninja", "setuptools", "wheel"}
+    required = {re.split(r"[<>=\s]", line)[0] for line in (ROOT / "requirements-test.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert required - build_tools - dependencies <= test_extra, sorted(required - build_tools - dependencies - test_extra)
+
+
+def test_the_missing_kernel_errors_say_why_and_name_both_torch_versions(monkeypatch):
+    """The error of an op without kernels names the build's recorded reason (pip hides the build's
+    own output) and, after a build against another torch, both versions."""
+    import types
+
+    import torch
+
+    from mmfast import _extension
+
+    monkeypatch.setattr(_extension, "build_info", types.SimpleNamespace(
+        cuda_skipped="no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)", torch_version=torch.__version__))
+    message = _extension.describe_missing(torch.device("cuda"))
+    assert "no CUDA toolkit found" in message and "built against" not in message
+    monkeypatch.setattr(_extension, "build_info", types.SimpleNamespace(cuda_skipped=None, torch_version="2.0.0"))
+    monkeypatch.setattr(_extension, "IMPORT_ERROR", ImportError("undefined symbol: _ZN3c10"))
+    message = _extension.describe_missing(torch.device("cpu"))
+    assert "undefined symbol" in message and "built against torch 2.0.0" in message
+    assert f"this is torch {torch.__version__}" in message and "--no-build-isolation" in message

@@ -46,7 +46,19 @@ COMPILED_KERNELS = _compiled_kernels()
 
 def describe_missing(device: torch.device) -> str:
     if not loaded():
-        return f"mmfast._C failed to import: {IMPORT_ERROR}; rebuild with `pip install --no-build-isolation -e .`"
+        return f"mmfast._C failed to import: {IMPORT_ERROR}; {_rebuild_hint()}"
     if torch.device(device).type == "cuda":
-        return "this build of mmfast has no CUDA kernels (built without nvcc or a CUDA build of torch)"
+        reason = getattr(build_info, "cuda_skipped", None) or "built without nvcc or a CUDA build of torch"
+        return f"this build of mmfast has no CUDA kernels ({reason}); {_rebuild_hint()}"
     return f"mmfast has no kernels for device type {torch.device(device).type!r}"
+
+
+def _rebuild_hint() -> str:
+    """How to rebuild, naming the torch the extension was built against when it is not this one
+    (the usual cause of an undefined symbol: `pip install .` builds in an isolated environment
+    with the newest torch)."""
+    built = getattr(build_info, "torch_version", None)
+    against = (f"it was built against torch {built}, this is torch {torch.__version__}: "
+               if built is not None and built != torch.__version__ else "")
+    return (f"{against}rebuild against the installed torch with `pip install --no-build-isolation .` "
+            "(`-e .` in a source checkout)")

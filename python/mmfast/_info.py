@@ -31,7 +31,7 @@ def collect() -> dict:
         "CPU ISA": _cpu_fact("cpu_isa"),
         "CPU AMX-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_amx_bf16"),
         "CPU AVX512-BF16 (bf16 vq_quantize)": _cpu_fact("cpu_avx512_bf16"),
-        "CUDA kernels": _ops_with_kernels("cuda"),
+        "CUDA kernels": _ops_with_kernels("cuda", getattr(build, "cuda_skipped", None)),
         "CUDA archs": getattr(build, "cuda_archs", None),
         "CUDA wgmma kernels (sm_90a) compiled": getattr(build, "cuda_wgmma", None),
         "CUDA runtime": torch.version.cuda,
@@ -159,9 +159,12 @@ def _cpu_fact(op: str):
         return f"ERROR: {str(error).splitlines()[0]}"
 
 
-def _ops_with_kernels(device_type: str) -> str:
+def _ops_with_kernels(device_type: str, not_built_because=None) -> str:
+    """'N ops (names)', else 'none' with the reason the build recorded for leaving them out."""
     ops = sorted(op for op, devices in _extension.COMPILED_KERNELS.items() if device_type in devices)
-    return f"{len(ops)} ops ({', '.join(ops)})" if ops else "none"
+    if ops:
+        return f"{len(ops)} ops ({', '.join(ops)})"
+    return f"none (not built: {not_built_because})" if not_built_because else "none"
 
 
 def _package_versions(names) -> dict:
