@@ -193,6 +193,63 @@ def test_cascade_keeps_accelerate_hooks_and_progress_settings(pipe):
         pipe.set_progress_bar_config()
 
 
+def test_cascade_progress_settings_reach_every_stage(pipe, monkeypatch):
+    """from_pipe left the img2img stages' bars without the pipeline's settings (they printed to
+    stderr after set_progress_bar_config(file=...)), and progress=True overrode disable=True."""
+    import io
+
+    from diffusers import DiffusionPipeline
+
+    seen = []
+    original = DiffusionPipeline.progress_bar
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(self).__name__, dict(self._progress_bar_config)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "progress_bar", spy)
+    sink = io.StringIO()
+    pipe.set_progress_bar_config(file=sink, ncols=40)
+    try:
+        generate_highres(pipe, "a fox", height=HEIGHT, width=WIDTH, strengths=STRENGTHS, steps=4, seed=0)
+        assert [name for name, _ in seen] == ["StableDiffusionPipeline"] + ["StableDiffusionImg2ImgPipeline"] * 2
+        assert all(config["file"] is sink and config["ncols"] == 40 and not config["disable"] for _, config in seen)
+        assert "stage 2 128x64" in sink.getvalue()
+        seen.clear()
+        pipe.set_progress_bar_config(disable=True)
+        generate_highres(pipe, "a fox", height=HEIGHT, width=WIDTH, strengths=(0.5,), steps=4, seed=0)
+        assert len(seen) == 2 and all(config["disable"] for _, config in seen)
+    finally:
+        pipe.set_progress_bar_config()
+
+
+def test_cascade_refuses_pass_through_arguments_a_stage_would_ignore(pipe):
+    """SD's img2img __call__ has no guidance_rescale and swallows it (**kwargs): the upscaling
+    stages ran without it, silently."""
+    with pytest.raises(ValueError, match="guidance_rescale is not a parameter of StableDiffusionImg2ImgPipeline"):
+        _generate(pipe, guidance_rescale=0.7)
+    with pytest.raises(ValueError, match="not_an_argument is not a parameter of StableDiffusionPipeline"):
+        _generate(pipe, strengths=(), not_an_argument=1)
+    _generate(pipe, strengths=(), guidance_rescale=0.7)  # text-to-image alone takes it
+    _generate(pipe, eta=0.5)  # a parameter of both
+
+
+def test_sd_fp16_vae_stays_fp16_as_in_diffusers(pipe):
+    """AutoencoderKL defaults force_upcast to True, but diffusers' SD-1.5 / 2.1 pipelines never read
+    it (only SD-XL's do): mmfast ran their fp16 VAEs in fp32, twice the decode memory."""
+    import copy
+
+    vae = copy.deepcopy(pipe.vae).to(torch.float16)
+    assert vae.config.force_upcast  # the default, as in SD-1.5 configs without the key
+    fp16 = type(pipe)(**{**pipe.components, "vae": vae})
+    assert not highres.vae_needs_upcast(fp16)
+    with highres.vae_precision(fp16) as dtype:
+        assert dtype == torch.float16 and vae.dtype == torch.float16
+    plain = estimate_stage_memory(fp16, index=1, height=HEIGHT, width=WIDTH)
+    vae.register_to_config(force_upcast=False)
+    assert estimate_stage_memory(fp16, index=1, height=HEIGHT, width=WIDTH).decode_bytes == plain.decode_bytes
+
+
 def test_cascade_rejects_sizes_that_do_not_halve():
     with pytest.raises(ValueError, match="divisible by 16"):
         highres.cascade_sizes(60, 128, 2, multiple=4)
@@ -224,6 +281,10 @@ def test_numbers_in_the_forms_users_pass_them(pipe):
     taken as a batch size, a dict as `memory` failed deep inside with AttributeError, and a str
     height with a bare comparison error."""
     assert MemoryOptions(token_chunk_size=np.int64(64), vae_tiling="blend", vae_tile_size=np.int32(8)).token_chunk_size == 64
+    # ... and reach the VAE passes (which refused numpy ints after stage 0 had run)
+    for options in (MemoryOptions(vae_tiling="blend", vae_tile_size=np.int32(8), vae_tile_overlap=np.int64(2)),
+                    MemoryOptions(vae_tiling="exact", vae_tile_size=np.int64(8))):
+        _generate(pipe, strengths=(0.5,), memory=options)
     highres.check_strengths((0.5,), np.int64(10))
     with pytest.raises(TypeError, match=r"memory must be a MemoryOptions \(MemoryOptions\(\*\*options\)\)"):
         _generate(pipe, memory={"cfg_batch_size": 1})

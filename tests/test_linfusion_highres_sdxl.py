@@ -187,7 +187,7 @@ def _fp16_vae_pipeline(pipe):
 
 def test_sdxl_fp16_vae_decodes_in_fp32_and_stays_fp16(pipe, plain, monkeypatch):
     fp16 = _fp16_vae_pipeline(pipe)
-    assert fp16.vae.config.force_upcast and highres.vae_needs_upcast(fp16.vae)
+    assert fp16.vae.config.force_upcast and highres.vae_needs_upcast(fp16)
     passes = []
     original_decode, original_encode = vae_tiling.decode_latents, vae_tiling.encode_images
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -201,6 +202,8 @@ BAD_DECODE = [
     (dict(tile_size=8), "need mode 'blend' or 'exact'"),
     (dict(mode="exact", tile_overlap=2), "'blend' only"),
     (dict(mode="blend", offload_device="cpu"), "'exact' only"),
+    (dict(mode="exact", tile_size=8.0), "tile_size must be an int >= 1"),
+    (dict(mode="blend", tile_size=8, tile_overlap=True), "tile_overlap must be an int"),
 ]
 
 
@@ -225,6 +228,16 @@ def test_encode_rejects_bad_inputs(vae2, kwargs, match):
     kwargs = {"images": images(1, 3, 8, 8), **kwargs}
     with pytest.raises(ValueError, match=match):
         encode_images(vae2, **kwargs)
+
+
+def test_numpy_tile_sizes_are_taken_as_ints(vae2):
+    """numpy integers (MemoryOptions takes them) were refused here as "not an int"."""
+    latents, pixels = randn(1, 4, 8, 8), images(1, 3, 16, 16)
+    for mode, overlap in (("blend", np.int64(2)), ("exact", None)):
+        torch.testing.assert_close(decode_latents(vae2, latents, mode=mode, tile_size=np.int32(4), tile_overlap=overlap),
+                                   decode_latents(vae2, latents, mode=mode, tile_size=4,
+                                                  tile_overlap=None if overlap is None else 2), rtol=0, atol=0)
+        encode_images(vae2, pixels, mode=mode, tile_size=np.int64(8), tile_overlap=None if overlap is None else 2 * overlap)
 
 
 def test_rejects_other_models():

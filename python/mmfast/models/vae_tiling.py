@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 from fractions import Fraction
 from typing import Callable
 
@@ -30,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import is_integer
+
 VAE_TILING_MODES = ("none", "blend", "exact")
 
-_DEFAULT_DECODE_TILE = 64  # latent px: 512 image px for an 8x VAE (diffusers' own default)
+# diffusers' tiles follow the VAE config's sample_size (512 px for SD-1.5 / 2.1's VAE, 1024 for
+# SD-XL's); mmfast's defaults are fixed: 512 image px, 64 latent px (512 px at 8x).
+_DEFAULT_DECODE_TILE = 64  # latent px
 _DEFAULT_ENCODE_TILE = 512  # image px
 _ELEMENTWISE_ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)  # what diffusers' get_activation returns
 
@@ -70,7 +75,7 @@ def decode_latents(vae, latents: torch.Tensor, *, mode: str = "none", tile_size:
         NotImplementedError: "exact" on a decoder structure it does not know (names the module).
     """
     _check_vae(vae, "decode_latents")
-    _check_mode(mode, tile_size, tile_overlap, offload_device, "decode_latents")
+    tile_size, tile_overlap = _check_mode(mode, tile_size, tile_overlap, offload_device, "decode_latents")
     _check_tensor(latents, "latents", vae.config.latent_channels, "decode_latents")
     factor = _downscale_factor(vae)
     z = _unscale(vae, latents.to(vae.dtype))
@@ -119,7 +124,7 @@ def encode_images(vae, images: torch.Tensor, *, mode: str = "none", tile_size: i
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     _check_vae(vae, "encode_images")
-    _check_mode(mode, tile_size, tile_overlap, offload_device, "encode_images")
+    tile_size, tile_overlap = _check_mode(mode, tile_size, tile_overlap, offload_device, "encode_images")
     _check_tensor(images, "images", vae.config.in_channels, "encode_images")
     if not isinstance(sample, bool):
         raise ValueError(f"encode_images: sample must be a bool, got {sample!r}")
@@ -174,7 +179,8 @@ def _unscale(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def default_tile_size(encode: bool) -> int:
-    """The default tile: 512 image px to encode, 64 latent px to decode (diffusers' defaults)."""
+    """The default tile: 512 image px to encode, 64 latent px to decode (diffusers' defaults for
+    a VAE of sample_size 512, as SD-1.5 / 2.1's; not SD-XL's 1024)."""
     return _DEFAULT_ENCODE_TILE if encode else _DEFAULT_DECODE_TILE
 
 
@@ -208,20 +214,25 @@ def _check_vae(vae, fn):
 
 
 def _check_mode(mode, tile_size, tile_overlap, offload_device, fn):
+    """Checks the tiling arguments; returns tile_size and tile_overlap as Python ints (or None):
+    numpy and other integers with __index__ are taken, bools and floats are not."""
     if mode not in VAE_TILING_MODES:
         raise ValueError(f"{fn}: mode must be one of {VAE_TILING_MODES}, got {mode!r}")
     if mode == "none" and (tile_size is not None or tile_overlap is not None):
         raise ValueError(f"{fn}: tile_size/tile_overlap need mode 'blend' or 'exact', got mode 'none'")
-    if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1):
+    if tile_size is not None and (not is_integer(tile_size) or tile_size < 1):
         raise ValueError(f"{fn}: tile_size must be an int >= 1, got {tile_size!r}")
+    if tile_overlap is not None and not is_integer(tile_overlap):
+        raise ValueError(f"{fn}: tile_overlap must be an int, got {tile_overlap!r}")
     if tile_overlap is not None and mode != "blend":
         raise ValueError(f"{fn}: tile_overlap applies to mode 'blend' only (bands in 'exact' do not overlap)")
     if offload_device is not None and mode != "exact":
         raise ValueError(f"{fn}: offload_device applies to mode 'exact' only, got mode {mode!r}")
+    return tuple(None if value is None else operator.index(value) for value in (tile_size, tile_overlap))
 
 
 def _check_overlap(tile, overlap, factor, fn):
-    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < tile:
+    if not 0 <= overlap < tile:
         raise ValueError(f"{fn}: tile_overlap must be an int with 0 <= overlap < tile_size={tile}, got {overlap!r}")
     if overlap % factor:
         raise ValueError(f"{fn}: tile_overlap must be a multiple of {factor} image px, got {overlap}")

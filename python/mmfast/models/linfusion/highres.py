@@ -28,6 +28,7 @@ one process.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
@@ -72,12 +73,12 @@ class HighResOutput:
 
 
 def decode(pipe, latents: torch.Tensor, options: MemoryOptions) -> torch.Tensor:
-    with vae_precision(pipe.vae) as dtype:
+    with vae_precision(pipe) as dtype:
         return vae_tiling.decode_latents(pipe.vae, latents.to(dtype), **vae_tiling_kwargs(options, False, pipe.vae_scale_factor))
 
 
 def encode(pipe, images: torch.Tensor, options: MemoryOptions, generator) -> torch.Tensor:
-    with vae_precision(pipe.vae) as dtype:
+    with vae_precision(pipe) as dtype:
         latents = vae_tiling.encode_images(pipe.vae, images.to(dtype), generator=generator,
                                            **vae_tiling_kwargs(options, True, pipe.vae_scale_factor))
     return latents.to(pipe.unet.dtype)
@@ -144,9 +145,25 @@ def _check_one_image(prompt, pipeline_kwargs: dict) -> None:
 
 
 def _image_to_image_pipeline(pipe):
+    """The img2img pipeline of pipe's modules, with pipe's progress-bar settings (from_pipe
+    leaves them behind: the upscaling stages' bars ignored set_progress_bar_config)."""
     from diffusers import AutoPipelineForImage2Image
 
-    return AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))  # noqa: SLF001
+    return img2img
+
+
+def _check_pass_through(pipelines, pipeline_kwargs: dict) -> None:
+    """Every pass-through argument must be a parameter of every pipeline the cascade calls: their
+    __call__ swallows unknown names (**kwargs), so SD's img2img ignored guidance_rescale silently."""
+    for pipeline in pipelines:
+        parameters = inspect.signature(type(pipeline).__call__).parameters
+        ignored = sorted(name for name in pipeline_kwargs if name not in parameters)
+        if ignored:
+            raise ValueError(f"generate_highres: {', '.join(ignored)} is not a parameter of "
+                             f"{type(pipeline).__name__}, which would ignore it; the cascade passes these "
+                             "arguments to every stage's pipeline")
 
 
 def _denoise(pipe, img2img, index, size, strength, init_latents, common: dict):
@@ -205,6 +222,7 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
     split_rows = row_parallel_requested(row_parallel)
     plans = _stage_options(pipe, sizes, strengths, memory, memory_budget_bytes, guidance_scale, split_rows)
     img2img = _image_to_image_pipeline(pipe) if strengths else None
+    _check_pass_through([pipe] + ([img2img] if img2img is not None else []), pipeline_kwargs)
     common = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                   guidance_scale=guidance_scale, generator=generator, **pipeline_kwargs)
     stages, carried = [], []  # carried: the previous stage's image, handed over (not held here)
@@ -233,9 +251,10 @@ def _run_stage(pipe, img2img, index, size, strength, carried: list, options, com
 
 @contextlib.contextmanager
 def _progress_bars(pipeline, label: str, progress: bool):
-    """diffusers' progress bar labelled with the stage; the pipeline's own settings put back after."""
+    """diffusers' progress bar labelled with the stage; the pipeline's own settings put back after
+    (a disable=True set there stays: progress=False can only add one)."""
     saved = dict(getattr(pipeline, "_progress_bar_config", {}))
-    pipeline.set_progress_bar_config(**{**saved, "desc": label, "disable": not progress})
+    pipeline.set_progress_bar_config(**{**saved, "desc": label, "disable": saved.get("disable", False) or not progress})
     try:
         yield
     finally:

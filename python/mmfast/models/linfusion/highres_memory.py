@@ -157,7 +157,7 @@ def estimate_stage_memory(pipe, *, index: int, height: int, width: int, options:
     latent_bytes = _nbytes((batch_size, unet.config.in_channels, latent_h, latent_w), unet.dtype)
     # An upcast VAE (SD-XL in fp16) is traced in its own dtype (a real upcast would allocate)
     # and scaled: its activations are twice as wide, and its fp32 weights replace the fp16 ones.
-    upcast = 2 if vae_needs_upcast(vae) else 1
+    upcast = 2 if vae_needs_upcast(pipe) else 1
     image_bytes = upcast * _nbytes((batch_size, 3, height, width), vae.dtype)
     vae_options = (options.vae_tiling, options.vae_tile_size, options.vae_tile_overlap, options.vae_offload_device)
 

@@ -34,8 +34,9 @@ class MemoryOptions:
     ff_chunk_size: each transformer block's feed-forward runs over chunks of this many
         tokens (None: whole); its 4x-wide hidden layer is the UNet's largest activation.
     vae_tiling, vae_tile_size, vae_tile_overlap, vae_offload_device: see
-        mmfast.models.vae_tiling.decode_latents (tile sizes in latent px for decode; the
-        encode uses the same region, in image px).
+        mmfast.models.vae_tiling.decode_latents (tile sizes in latent px for decode; a set
+        size encodes the same region, in image px; unset, each pass takes its own default:
+        64 latent px to decode, 512 image px to encode, the same region at 8x).
     """
 
     cfg_batch_size: Optional[int] = None
@@ -280,14 +281,22 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
 # --- VAE passes and conversions ----------------------------------------------------------
 
 
-def vae_needs_upcast(vae) -> bool:
-    """SD-XL's VAE overflows in fp16 (config force_upcast): it runs in fp32, as in diffusers."""
-    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+def vae_needs_upcast(pipe) -> bool:
+    """Whether the pipeline's fp16 VAE runs in fp32, as diffusers runs it: SD-XL's pipelines
+    honour the VAE config's force_upcast (SD-XL's VAE overflows in fp16); SD-1.5 / 2.1's never
+    read it, and AutoencoderKL defaults it to True, so their fp16 VAEs stay fp16."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    vae = pipe.vae
+    return (isinstance(pipe, (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline))
+            and bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16)
 
 
 @contextlib.contextmanager
-def vae_precision(vae):
-    upcast = vae_needs_upcast(vae)
+def vae_precision(pipe):
+    """The pipeline's VAE in the dtype it runs in (vae_needs_upcast); yields that dtype."""
+    vae = pipe.vae
+    upcast = vae_needs_upcast(pipe)
     # nn.Module.to, not ModelMixin.to: the latter logs a warning on every cast
     if upcast:
         nn.Module.to(vae, torch.float32)
