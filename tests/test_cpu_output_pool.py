@@ -136,9 +136,36 @@ def test_outputs_freed_on_other_threads_come_back(pool):
 def test_bad_budgets_are_value_errors():
     # a systems trial: 1.5 and True were set as 1 MiB, "8" gave a bare comparison error, 2**70 the
     # schema's "expected int, found int"
-    for bad in (-1, 1.5, True, "8", 2**70):
+    for bad in (-1, 1.5, True, "8", 2**70, torch.tensor(1.7), torch.tensor([2])):  # a float tensor passed as 1
         with pytest.raises(ValueError, match=r"budget_mb must be an int in \[0, 2\*\*62\) MiB"):
             cpu_output_pool(budget_mb=bad)
+    before = cpu_output_pool(budget_mb=torch.tensor(64))  # one integer, as a tensor: taken
+    assert cpu_output_pool(budget_mb=before["budget_mb"])["budget_mb"] == 64
+
+
+def test_traced_peak_counts_storages_that_grow_and_tensors_made_from_data():
+    """traced_peak_bytes (the LinFusion memory planner's tracer) counted a storage once, when
+    an op made it: an out= result resized later, a resize_ and torch.tensor(data) counted 0-8 B."""
+    from mmfast.memory import traced_peak_bytes
+
+    a = torch.randn(512, 512)
+    mib = 512 * 512 * 4
+
+    def into_out():
+        y = torch.empty(0)
+        torch.mm(a, a, out=y)
+        return y.sum()
+
+    def resized():
+        y = torch.empty(1)
+        y.resize_(512, 512)
+        return y.sum()
+
+    assert traced_peak_bytes(lambda: torch.mm(a, a).sum()) == mib + 4
+    assert traced_peak_bytes(into_out) == mib + 4
+    assert traced_peak_bytes(resized) == mib + 4
+    assert traced_peak_bytes(lambda: torch.tensor([1.0] * 262144)) >= mib
+    assert traced_peak_bytes(lambda: a.view(-1)[:10].sum()) == 4  # views of an argument: nothing new
 
 
 SCRIPT = """

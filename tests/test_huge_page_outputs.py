@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 THP_SUPPORTED = sys.platform == "linux" and os.path.isdir("/sys/kernel/mm/transparent_hugepage")
@@ -122,6 +123,10 @@ def test_huge_page_empty_starts_on_a_huge_page_and_is_advised(monkeypatch):
     assert t.double().sum().item() == 2 * t.numel()
     assert _advised_in_smaps(t)
     assert huge_page_empty((0,)).numel() == 0
+    assert huge_page_empty((np.int64(2), 3)).shape == (2, 3)
+    for bad in ((2.7, 3), (torch.tensor(2.5), 3)):  # a float size was truncated to 2
+        with pytest.raises(ValueError, match="shape must hold ints"):
+            huge_page_empty(bad)
 
 
 def _tied_model(vocab=4096, hidden=768):

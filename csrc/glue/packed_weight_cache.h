@@ -36,9 +36,11 @@ namespace glue {
 
 class PackedWeightCache {
  public:
+  // Never destroyed (as the CPU output pool): destroyed at exit, its CUDA entries would be freed
+  // after the CUDA runtime and torch's caching allocator may already be gone.
   static PackedWeightCache& instance() {
-    static PackedWeightCache cache;
-    return cache;
+    static PackedWeightCache* cache = new PackedWeightCache();
+    return *cache;
   }
 
   // The packed tensor kept for (sources, tag, signature), or pack(true) now, kept when there is

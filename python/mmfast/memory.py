@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 import os
 import sys
 import warnings
@@ -28,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from .ops._checks import is_integer
 
 
 def _resident_kib(field: str) -> int:
@@ -84,8 +87,14 @@ class PeakMemory:
             self.peak_bytes = max(0, _resident_kib("VmHWM") * 1024 - self.start_bytes)
 
 
+# Ops whose schema says their result aliases the input, though under FakeTensorMode it is a new
+# storage: torch.tensor(...) inside the traced function arrives through them.
+_LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+
+
 class _LiveStorageBytes(TorchDispatchMode):
-    """Counts the bytes of storages that operators create, until each is freed."""
+    """Counts the bytes of storages that operators create, and their growth (resize_, an out=
+    result resized), until each is freed."""
 
     def __init__(self, device=None):
         super().__init__()
@@ -93,15 +102,15 @@ class _LiveStorageBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._tracked: dict = {}  # storage id -> finalizer (keeps one count per storage)
+        self._sizes: dict = {}  # storage id -> bytes counted for it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # Views and in-place/out= results alias an input: no new memory.
-        if any(ret.alias_info is not None for ret in func._schema.returns):
-            return out
+        # Views and in-place/out= results alias an input: no new storage, but one may have grown.
+        creates = func in _LIFTS or not any(ret.alias_info is not None for ret in func._schema.returns)
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and self._counts(tensor.device):
-                self._track(tensor.untyped_storage())
+                self._track(tensor.untyped_storage(), creates)
         return out
 
     def _counts(self, device: torch.device) -> bool:
@@ -109,17 +118,26 @@ class _LiveStorageBytes(TorchDispatchMode):
             return True
         return device.type == self.device.type and (self.device.index is None or device.index == self.device.index)
 
-    def _track(self, storage) -> None:
+    def _track(self, storage, created: bool) -> None:
+        """Counts a created storage once, and any growth of one already counted (a storage the
+        traced function did not create, such as an argument's, counts as in use already)."""
         key = id(storage)
-        if key in self._tracked:
-            return
         size = storage.nbytes()
-        self.live += size
+        if key in self._tracked:
+            grown = size - self._sizes[key]
+            if grown <= 0:  # a smaller resize_ keeps the storage's bytes
+                return
+        elif created:
+            grown = size
+            self._tracked[key] = weakref.finalize(storage, self._release, key)
+        else:
+            return
+        self._sizes[key] = self._sizes.get(key, 0) + grown
+        self.live += grown
         self.peak = max(self.peak, self.live)
-        self._tracked[key] = weakref.finalize(storage, self._release, key, size)
 
-    def _release(self, key: int, size: int) -> None:
-        self.live -= size
+    def _release(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
         self._tracked.pop(key, None)
 
 
@@ -161,13 +179,13 @@ def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dic
     """
     from . import _extension
 
-    if budget_mb is not None and (isinstance(budget_mb, bool) or not hasattr(type(budget_mb), "__index__")
-                                  or not 0 <= budget_mb < 2**62):
+    if budget_mb is not None and (not is_integer(budget_mb) or not 0 <= budget_mb < 2**62):
         raise ValueError(f"cpu_output_pool: budget_mb must be an int in [0, 2**62) MiB (0 turns the pool off), "
                          f"got {budget_mb!r}")
     if not _extension.loaded():
         raise RuntimeError(f"cpu_output_pool: {_extension.describe_missing(torch.device('cpu'))}")
-    blocks, idle, live, budget = torch.ops.mmfast.cpu_output_pool(-1 if budget_mb is None else int(budget_mb), clear)
+    blocks, idle, live, budget = torch.ops.mmfast.cpu_output_pool(-1 if budget_mb is None else operator.index(budget_mb),
+                                                                  clear)
     return {"idle_blocks": blocks, "idle_bytes": idle, "live_bytes": live, "budget_mb": budget}
 
 
@@ -218,7 +236,9 @@ def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) ->
     if not huge_pages_enabled():
         raise RuntimeError("huge_page_empty: transparent huge pages need Linux with THP, mmap.MADV_HUGEPAGE and "
                            "MMFAST_CPU_HUGE_PAGES unset or 1")
-    shape = tuple(int(d) for d in shape)
+    if not all(is_integer(d) for d in shape):
+        raise ValueError(f"huge_page_empty: shape must hold ints, got {tuple(shape)}")
+    shape = tuple(operator.index(d) for d in shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"huge_page_empty: negative size in shape {shape}")
     numel = math.prod(shape)
