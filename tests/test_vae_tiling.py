@@ -240,6 +240,17 @@ def test_numpy_tile_sizes_are_taken_as_ints(vae2):
         encode_images(vae2, pixels, mode=mode, tile_size=np.int64(8), tile_overlap=None if overlap is None else 2 * overlap)
 
 
+def test_exact_mode_shows_progress_over_the_layers(vae2, capsys):
+    latents, pixels = randn(1, 4, 8, 8), images(1, 3, 16, 16)
+    quiet = decode_latents(vae2, latents, mode="exact", tile_size=4)
+    assert capsys.readouterr().err == ""
+    shown = decode_latents(vae2, latents, mode="exact", tile_size=4, progress=True)
+    assert "VAE decode (2 bands)" in capsys.readouterr().err
+    torch.testing.assert_close(shown, quiet, rtol=0, atol=0)
+    encode_images(vae2, pixels, mode="exact", tile_size=8, progress=True)
+    assert "VAE encode (2 bands)" in capsys.readouterr().err
+
+
 def test_rejects_other_models():
     with pytest.raises(TypeError, match="AutoencoderKL"):
         decode_latents(nn.Conv2d(4, 3, 1), randn(1, 4, 8, 8))

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..ops._checks import is_integer
 
@@ -46,7 +47,7 @@ _ELEMENTWISE_ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)  # what diffuser
 
 
 def decode_latents(vae, latents: torch.Tensor, *, mode: str = "none", tile_size: int | None = None,
-                   tile_overlap: int | None = None, offload_device=None) -> torch.Tensor:
+                   tile_overlap: int | None = None, offload_device=None, progress: bool = False) -> torch.Tensor:
     """Decodes pipeline-scaled latents into an image, optionally tiled.
 
     Args:
@@ -62,6 +63,8 @@ def decode_latents(vae, latents: torch.Tensor, *, mode: str = "none", tile_size:
         tile_overlap: in latent pixels, "blend" only; 0 <= overlap < tile_size (default tile_size // 4).
         offload_device: "exact" only: where full-size activations live (default: the latents'
             device). Pass "cpu" on a GPU to keep only one band of each layer on the GPU.
+        progress: a tqdm bar over the VAE's layers in "exact" mode, each run band by band (a
+            2048 px decode takes minutes on a CPU); the other modes run as one diffusers call.
 
     Returns:
         (B, out_channels, f*h, f*w) image in the VAE's [-1, 1] output range (not clamped), in the
@@ -89,12 +92,12 @@ def decode_latents(vae, latents: torch.Tensor, *, mode: str = "none", tile_size:
         with _diffusers_tiling(vae, enabled=True, sample_tile=tile * factor, latent_tile=tile,
                                overlap=Fraction(overlap, tile)):
             return vae.decode(z).sample
-    return _exact(vae, _decoder_steps(vae), z, tile, z.shape[2], offload_device)
+    return _exact(vae, _decoder_steps(vae), z, tile, z.shape[2], offload_device, progress and "VAE decode")
 
 
 def encode_images(vae, images: torch.Tensor, *, mode: str = "none", tile_size: int | None = None,
                   tile_overlap: int | None = None, generator: torch.Generator | None = None,
-                  sample: bool = True, offload_device=None) -> torch.Tensor:
+                  sample: bool = True, offload_device=None, progress: bool = False) -> torch.Tensor:
     """Encodes images into pipeline-scaled latents, optionally tiled.
 
     Args:
@@ -109,6 +112,7 @@ def encode_images(vae, images: torch.Tensor, *, mode: str = "none", tile_size: i
         generator: for sampling the latent distribution (sample=True).
         sample: draw from latent_dist with `generator`; False takes its mode (the mean).
         offload_device: "exact" only, as in `decode_latents`.
+        progress: as in `decode_latents`.
 
     Returns:
         (B, latent_channels, H/f, W/f) latents: (z - shift_factor) * scaling_factor as diffusers
@@ -146,7 +150,8 @@ def encode_images(vae, images: torch.Tensor, *, mode: str = "none", tile_size: i
                                overlap=Fraction(overlap, tile)):
             dist = vae.encode(x).latent_dist
     else:
-        dist = DiagonalGaussianDistribution(_exact(vae, _encoder_steps(vae), x, tile, x.shape[2], offload_device))
+        dist = DiagonalGaussianDistribution(_exact(vae, _encoder_steps(vae), x, tile, x.shape[2], offload_device,
+                                                        progress and "VAE encode"))
     return _scale(vae, dist.sample(generator) if sample else dist.mode())
 
 
@@ -295,7 +300,9 @@ class _Rows:
     get: Callable[[int, int], torch.Tensor]
 
 
-def _exact(vae, steps, x, tile, ref_height, offload_device):
+def _exact(vae, steps, x, tile, ref_height, offload_device, progress_label):
+    """The VAE's layers (steps) in turn, each over bands of rows; progress_label: a tqdm bar's
+    description, or a false value for none."""
     device = x.device
     wrong = {str(p.device) for p in vae.parameters() if p.device != device}
     if wrong:  # bands run as plain functional ops: diffusers/accelerate offload hooks would not fire
@@ -305,7 +312,8 @@ def _exact(vae, steps, x, tile, ref_height, offload_device):
     bands = _Bands(device, store, tile, ref_height)
     with torch.no_grad():
         x = x.to(store)
-        for step in steps:
+        for step in tqdm(steps, desc=f"{progress_label or ''} ({len(bands.ranges(ref_height))} bands)",
+                         disable=not progress_label, unit="layer"):
             x = step(x, bands)
     return x.to(device)
 

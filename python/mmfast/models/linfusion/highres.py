@@ -72,14 +72,15 @@ class HighResOutput:
     stages: List[HighResStage] = field(default_factory=list)
 
 
-def decode(pipe, latents: torch.Tensor, options: MemoryOptions) -> torch.Tensor:
+def decode(pipe, latents: torch.Tensor, options: MemoryOptions, progress: bool = False) -> torch.Tensor:
     with vae_precision(pipe) as dtype:
-        return vae_tiling.decode_latents(pipe.vae, latents.to(dtype), **vae_tiling_kwargs(options, False, pipe.vae_scale_factor))
+        return vae_tiling.decode_latents(pipe.vae, latents.to(dtype), progress=progress,
+                                         **vae_tiling_kwargs(options, False, pipe.vae_scale_factor))
 
 
-def encode(pipe, images: torch.Tensor, options: MemoryOptions, generator) -> torch.Tensor:
+def encode(pipe, images: torch.Tensor, options: MemoryOptions, generator, progress: bool = False) -> torch.Tensor:
     with vae_precision(pipe) as dtype:
-        latents = vae_tiling.encode_images(pipe.vae, images.to(dtype), generator=generator,
+        latents = vae_tiling.encode_images(pipe.vae, images.to(dtype), generator=generator, progress=progress,
                                            **vae_tiling_kwargs(options, True, pipe.vae_scale_factor))
     return latents.to(pipe.unet.dtype)
 
@@ -244,9 +245,11 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
 def _run_stage(pipe, img2img, index, size, strength, carried: list, options, common, split_rows, progress,
                make_image):
     label = f"stage {index} {size[1]}x{size[0]}" + ("" if strength is None else f" strength {strength:g}")
-    with _progress_bars(pipe if index == 0 else img2img, label, progress):
+    pipeline = pipe if index == 0 else img2img
+    with _progress_bars(pipeline, label, progress):
+        vae_progress = progress and not pipeline._progress_bar_config.get("disable", False)  # noqa: SLF001
         return _run_stage_measured(pipe, img2img, index, size, strength, carried, options, common, split_rows,
-                                   make_image)
+                                   make_image, vae_progress)
 
 
 @contextlib.contextmanager
@@ -262,19 +265,19 @@ def _progress_bars(pipeline, label: str, progress: bool):
 
 
 def _run_stage_measured(pipe, img2img, index, size, strength, carried: list, options, common, split_rows,
-                        make_image):
+                        make_image, vae_progress: bool):
     device = pipe.unet.device
     start = time.perf_counter()
     with PeakMemory(device) as meter:
         init_latents = None
         if carried:
             upscaled = upscale2x(carried.pop())  # the previous image is freed here
-            init_latents = encode(pipe, upscaled, options, common["generator"])
+            init_latents = encode(pipe, upscaled, options, common["generator"], vae_progress)
             del upscaled
         with memory_options_applied(pipe.unet, options, split_rows):
             latents = _denoise(pipe, img2img, index, size, strength, init_latents, common)
         del init_latents
-        images = decode(pipe, latents, options)
+        images = decode(pipe, latents, options, vae_progress)
         del latents
         image = to_pil(images) if make_image else None
     steps = common["num_inference_steps"]
