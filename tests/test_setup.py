@@ -132,16 +132,19 @@ def test_the_visible_gpus_arch_list_carries_ptx_for_newer_gpus(setup_module, cap
 def test_an_empty_arch_list_counts_as_unset(setup_module, monkeypatch):
     """`export TORCH_CUDA_ARCH_LIST=` (an empty Docker ARG) made torch's arch flags raise
     IndexError with no GPU and recorded '' (a "CPU-only build") with one."""
+    import os
+
     import torch
 
     if setup_module.cuda_unavailable_reason(setup_module.find_cuda_home()) is not None:
         pytest.skip("this machine builds no CUDA kernels")
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))  # restored after: extensions() sets it
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", " ")
     monkeypatch.delenv("MMFAST_DISABLE_CUDA", raising=False)
     setup_module.extensions()
     expected = setup_module.DEFAULT_ARCHS if not torch.cuda.is_available() else setup_module.default_archs()
-    assert __import__("os").environ["TORCH_CUDA_ARCH_LIST"] == expected
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
 
 
 def test_a_debian_style_toolkit_is_found_from_the_nvcc_on_path(setup_module, tmp_path, monkeypatch):
