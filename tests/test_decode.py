@@ -456,6 +456,20 @@ def test_sample_review_regressions(backend_device):
             sample(boundary, top_p=0.9, uniform=torch.tensor([0.95]), backend="reference").item()
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sample_target_on_a_running_sum_takes_the_next_token(backend_device):
+    """decode.h: the smallest i whose running sum of kept weights exceeds u * total. With 6 tied
+    tokens and u = 0.5 the target 3 equals the third running sum: token 3. The reference drew from
+    normalised probabilities (total 0.9999999999999999) and returned 2."""
+    backend, device = backend_device
+    for vocab, expected in ((6, [0, 1, 3, 4]), (4, [0, 1, 2, 3])):  # u * total: 0, 1.5, 3, 4.5 / 0, 1, 2, 3
+        ties = torch.zeros(4, vocab, device=device)
+        uniform = torch.tensor([0.0, 0.25, 0.5, 0.75], device=device)
+        for top_k in (0, vocab):
+            assert sample(ties, top_k=top_k, uniform=uniform, backend=backend).tolist() == expected
+            assert sample(ties.cpu(), top_k=top_k, uniform=uniform.cpu(), backend="reference").tolist() == expected
+
+
 def test_sample_rejects_scalars_it_would_coerce():
     """Found by a new-user trial: top_k=4.5 was truncated and True read as 1, a NaN cfg_scale was
     blamed on the logits, and a generator next to uniform was silently ignored."""

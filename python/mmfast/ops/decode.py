@@ -389,8 +389,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     without it, P = rows. Then, in transformers' logits-processor order (Liquid's):
     temperature (0: greedy argmax, lowest index on ties; (0, 1e-5) is raised to 1e-5 as
     Liquid does, so x / temperature stays finite for |x| up to about 3e33), top-k (0: off;
-    ties with the k-th value kept, TopKLogitsWarper), top-p (in [0, 1]; 1: off; 0 keeps the largest value only,
-    as TopPLogitsWarper's min_tokens_to_keep=1 does; the smallest set of largest values whose
+    ties with the k-th value kept, TopKLogitsWarper), top-p (in [0, 1]; 1: off; 0 keeps the largest value, with
+    its ties, where TopPLogitsWarper's min_tokens_to_keep=1 keeps one token; the smallest set of largest values whose
     probability reaches top_p, the threshold-crossing token kept, TopPLogitsWarper; ties of a
     kept value all kept; the largest value always kept). No full-vocabulary sort.
 

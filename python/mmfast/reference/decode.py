@@ -83,6 +83,14 @@ def sample_probs_ref(logits, temperature: float = 1.0, top_k: int = 0, top_p: fl
                      cfg_scale: Optional[float] = None) -> torch.Tensor:
     """The distribution the sampler draws from, (P, V) fp64 (rows of invalid logits are NaN).
     temperature 0 puts all mass on the argmax."""
+    weights = kept_weights_ref(logits, temperature, top_k, top_p, cfg_scale)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def kept_weights_ref(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     cfg_scale: Optional[float] = None) -> torch.Tensor:
+    """(P, V) fp64: the kept tokens' exp(x / T - max), 0 elsewhere, unnormalised as the kernels
+    hold them (1 on the argmax at temperature 0; NaN rows for invalid logits)."""
     x = cfg_mix_ref(logits, cfg_scale)
     invalid = invalid_logit_rows(x)
     temperature = max(temperature, 1e-5) if temperature > 0 else 0.0  # ops.decode.MIN_TEMPERATURE
@@ -112,7 +120,6 @@ def sample_probs_ref(logits, temperature: float = 1.0, top_k: int = 0, top_p: fl
         keep_sorted = (above < top_p * total) | (group_start == 0)
         keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
         probs = probs.masked_fill(~keep, 0.0)
-    probs = probs / probs.sum(-1, keepdim=True)
     probs[invalid] = float("nan")
     return probs
 
@@ -120,8 +127,10 @@ def sample_probs_ref(logits, temperature: float = 1.0, top_k: int = 0, top_p: fl
 def sample_ref(logits, uniform, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                cfg_scale: Optional[float] = None) -> torch.Tensor:
     """(P,) int64 tokens drawn from sample_probs_ref by inverse CDF in index order: the smallest
-    i whose running sum exceeds u * total. Invalid rows give token 0."""
-    probs = sample_probs_ref(logits, temperature, top_k, top_p, cfg_scale)
+    i whose running sum of kept weights exceeds u * total (mmfast/decode.h), over the unnormalised
+    weights: normalised first, a total of 6 became 0.9999999999999999 and a target on a running
+    sum (ties, u = 0.5) moved to the token before. Invalid rows give token 0."""
+    probs = kept_weights_ref(logits, temperature, top_k, top_p, cfg_scale)
     invalid = probs.isnan().any(-1)
     probs = torch.nan_to_num(probs, nan=0.0)
     running = probs.cumsum(-1)
