@@ -184,7 +184,8 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
     squared distances (fp32; fp64 for fp64). metric "l2": Euclidean nearest code (Chameleon /
     Liquid's tokenizer, unnormalised codes); "cosine": both sides l2-normalised, nearest by dot
     product, distance 2 - 2 cos (LlamaGen's tokenizer). Products accumulate in fp32 (fp64);
-    ties go to the lowest index; NaN distances never win; rows of z with NaN or Inf get index 0.
+    ties go to the lowest index; NaN distances never win; rows of z with NaN or Inf (or whose squared norm
+    overflows) get index 0.
     codebook_sqnorm: vq_codebook_sqnorm(codebook), reusable across calls ("l2" only).
     Raises ValueError (shapes, metric), TypeError (dtypes, devices).
     """

@@ -4,9 +4,11 @@ Distances are computed in fp64 whatever the input dtype, as direct differences, 
 rows, so the reference never holds more than 2^24 elements (it is the oracle of the tests and
 the "reference" backend, not a fast path).
 Selection rule, shared with every kernel: the smallest squared Euclidean distance wins, ties
-go to the lowest index, and a NaN distance never wins. A row of z that is not finite (NaN or
-Inf anywhere) gets index 0 and distance ||z||^2 (NaN or +inf); a finite row whose distances
-are all NaN or +inf (a codebook of non-finite codes) gets index 0 and distance +inf.
+go to the lowest index, and a NaN distance never wins. A row of z whose squared norm is not
+finite (NaN or Inf anywhere, or entries so large that ||z||^2 overflows: |z| past about 1e154
+in fp64, 1e19 in fp32) gets index 0 and distance ||z||^2 (NaN or +inf), as the kernels, whose
+sqnorm - 2 z.e overflows there too; a finite row whose distances are all NaN or +inf (a
+codebook of non-finite codes) gets index 0 and distance +inf.
 """
 from __future__ import annotations
 
