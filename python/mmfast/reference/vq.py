@@ -5,9 +5,10 @@ rows, so the reference never holds more than 2^24 elements (it is the oracle of 
 the "reference" backend, not a fast path).
 Selection rule, shared with every kernel: the smallest squared Euclidean distance wins, ties
 go to the lowest index, and a NaN distance never wins. A row of z whose squared norm is not
-finite (NaN or Inf anywhere, or entries so large that ||z||^2 overflows: |z| past about 1e154
-in fp64, 1e19 in fp32) gets index 0 and distance ||z||^2 (NaN or +inf), as the kernels, whose
-sqnorm - 2 z.e overflows there too; a finite row whose distances are all NaN or +inf (a
+finite in fp64 (NaN or Inf anywhere, or fp64 entries past about 1e154) gets index 0 and
+distance ||z||^2 (NaN or +inf), as the fp64 kernels, whose sqnorm - 2 z.e overflows there too
+(the fp32 kernels' fp32 sums overflow from about 1e19, where this reference still searches:
+no test goes there); a finite row whose distances are all NaN or +inf (a
 codebook of non-finite codes) gets index 0 and distance +inf.
 """
 from __future__ import annotations
