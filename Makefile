@@ -98,7 +98,8 @@ triton-report: $(STAMP)
 
 # The whole extension built for sm_75 only (Turing: no cp.async, ldmatrix, bf16 mma or wgmma;
 # the tensor-core code must sit behind its arch guards), into build/sm75 (not installed);
-# about 8 minutes on 2 cores. Not part of `make test` (2026-12-06: builds, nvcc 13.0).
+# about 8 minutes on 2 cores. Not part of `make test`; .ci/run runs it after (2026-12-06: builds,
+# nvcc 13.0).
 build-sm75: $(STAMP)
 	mkdir -p build
 	TORCH_CUDA_ARCH_LIST=7.5 MAX_JOBS=$(MAX_JOBS) $(VPY) setup.py build_ext --build-temp build/sm75/temp \
