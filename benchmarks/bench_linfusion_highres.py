@@ -57,6 +57,7 @@ pytest.importorskip("diffusers")
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
+ON_H200 = ON_GPU and "H200" in torch.cuda.get_device_name(DEVICE)  # issue 12's UNet-step targets are the H200's
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BACKEND = "native" if mmfast._backend.native_available("linear_attention", DEVICE) else "reference"
 HIGHRES = os.environ.get("MMFAST_BENCH_HIGHRES") == "1"
@@ -369,10 +370,10 @@ def test_unet_step(benchmark, pixels):
     benchmark.group = f"linfusion-highres-unet-step-{pixels}px"
     ours = _benchmarked(benchmark, "unet", dict(impl="linfusion", **params), fresh)
     latent = pixels // 8
-    target = target_met = None
-    if pixels <= 1024:
+    target = target_met = None  # issue 12 states these for an H200 alone: other devices report the ratio
+    if ON_H200 and pixels <= 1024:
         target, target_met = "LinFusion UNet step no slower than SDPA at 512-1024 px", ours["ms"] <= sdpa["ms"]
-    else:
+    elif ON_H200:
         target, target_met = "LinFusion UNet step >= 2x faster than SDPA at 2048 px and above", \
             2 * ours["ms"] <= sdpa["ms"]
     record_metrics(benchmark, op="linfusion.unet_step[sd15]", device=DEVICE, dtype=DTYPE,

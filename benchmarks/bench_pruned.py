@@ -120,7 +120,7 @@ def test_masked_conv2d(benchmark, case):
     kept_macs = sum(xs.shape[0] * w.shape[0] * w.shape[1] * 9 * side * side for xs, w, _ in work)
     dense_macs = len(BATCH_CODES) * channels * channels * 9 * side * side
     fraction = kept_macs / dense_macs
-    target, met = _target(times, fraction, keep, side)
+    target, met = _target(times, fraction, keep, resolution, side)
     record_metrics(benchmark, op="masked_conv2d", shape=f"{resolution}px {side}x{side} C={channels} keep={keep} "
                    f"B=8 codes=5", device=DEVICE, dtype=DTYPE, times=times, flops=2 * kept_macs,
                    target=target, target_met=met, kept_flop_fraction=round(fraction, 3),
@@ -180,9 +180,10 @@ def _cpu_target_met(dense_ratio, group_by_code_ratio):
     return dense_ratio <= 0.33 and group_by_code_ratio <= 1.1
 
 
-def _target(times, fraction, keep, side):
-    """The issue's per-layer targets (None where it states none)."""
-    if not ON_GPU:  # keep 0.5: test_masked_conv2d_paired decides it, in rounds (unpaired ratios drift)
+def _target(times, fraction, keep, resolution, side):
+    """The issue's per-layer targets (None where it states none): on the GPU at the 768 px
+    shapes only (issue 10: "per layer ... at the 768 px shapes"; the 512 px rows are reported)."""
+    if not ON_GPU or resolution != 768:  # CPU keep 0.5: test_masked_conv2d_paired decides it, in rounds
         return None, None
     parts, met = [f"<= {fraction + 0.1:.2f}x dense (kept FLOP fraction + 0.1)"], \
         times["mmfast"] <= (fraction + 0.1) * times["dense"]
