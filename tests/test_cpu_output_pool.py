@@ -166,6 +166,8 @@ def test_traced_peak_counts_storages_that_grow_and_tensors_made_from_data():
     assert traced_peak_bytes(resized) == mib + 4
     assert traced_peak_bytes(lambda: torch.tensor([1.0] * 262144)) >= mib
     assert traced_peak_bytes(lambda: a.view(-1)[:10].sum()) == 4  # views of an argument: nothing new
+    # a storage made in fn and grown twice (out=, then resize_) counts once per growth, freed whole
+    assert traced_peak_bytes(lambda: torch.mm(a, a, out=a.new_empty(0)).resize_(1024, 512).sum()) == 2 * mib + 4
 
 
 SCRIPT = """

@@ -124,6 +124,7 @@ def test_huge_page_empty_starts_on_a_huge_page_and_is_advised(monkeypatch):
     assert _advised_in_smaps(t)
     assert huge_page_empty((0,)).numel() == 0
     assert huge_page_empty((np.int64(2), 3)).shape == (2, 3)
+    assert huge_page_empty(d for d in (2, 3)).shape == (2, 3)  # a generator (the check once spent it)
     for bad in ((2.7, 3), (torch.tensor(2.5), 3)):  # a float size was truncated to 2
         with pytest.raises(ValueError, match="shape must hold ints"):
             huge_page_empty(bad)

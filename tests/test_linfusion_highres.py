@@ -232,6 +232,19 @@ def test_cascade_refuses_pass_through_arguments_a_stage_would_ignore(pipe):
         _generate(pipe, strengths=(), not_an_argument=1)
     _generate(pipe, strengths=(), guidance_rescale=0.7)  # text-to-image alone takes it
     _generate(pipe, eta=0.5)  # a parameter of both
+    steps = []  # diffusers' deprecated callback arguments, which its pipelines take through **kwargs
+    with pytest.warns(FutureWarning):
+        _generate(pipe, callback=lambda step, timestep, latents: steps.append(step), callback_steps=1)
+    assert len(steps) == 4 + 2 + 2
+
+    class Wrapped(type(pipe)):  # a subclass whose __call__ names nothing: its base's parameters count
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    wrapped = Wrapped(**pipe.components)
+    highres._check_pass_through([wrapped], {"eta": 0.5})
+    with pytest.raises(ValueError, match="guidance_rescal is not a parameter of Wrapped"):
+        highres._check_pass_through([wrapped], {"guidance_rescal": 0.5})
 
 
 def test_sd_fp16_vae_stays_fp16_as_in_diffusers(pipe):
@@ -248,6 +261,22 @@ def test_sd_fp16_vae_stays_fp16_as_in_diffusers(pipe):
     plain = estimate_stage_memory(fp16, index=1, height=HEIGHT, width=WIDTH)
     vae.register_to_config(force_upcast=False)
     assert estimate_stage_memory(fp16, index=1, height=HEIGHT, width=WIDTH).decode_bytes == plain.decode_bytes
+
+
+def test_the_vae_bar_takes_the_pipelines_settings(pipe):
+    """With exact VAE tiling the cascade shows a bar over the VAE's layers: it went to stderr
+    whatever set_progress_bar_config said, which the stage bars follow."""
+    import io
+
+    sink = io.StringIO()
+    pipe.set_progress_bar_config(file=sink)
+    try:
+        generate_highres(pipe, "a fox", height=HEIGHT, width=WIDTH, strengths=(0.5,), steps=4, seed=0,
+                         memory=MemoryOptions(vae_tiling="exact", vae_tile_size=8))
+    finally:
+        pipe.set_progress_bar_config()
+    text = sink.getvalue()
+    assert "VAE decode" in text and "VAE encode" in text and "stage 1" in text
 
 
 def test_cascade_rejects_sizes_that_do_not_halve():

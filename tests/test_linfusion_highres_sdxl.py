@@ -212,6 +212,17 @@ def test_sdxl_fp16_vae_decodes_in_fp32_and_stays_fp16(pipe, plain, monkeypatch):
     assert difference.max() <= 4 and _pixels(out).std() > 1
 
 
+def test_sdxl_family_pipelines_upcast_too(pipe):
+    """Not only the two SD-XL classes read force_upcast in diffusers: PAG-XL (and Kolors) do, and
+    define upcast_vae as those do; SD-1.5's pipelines define neither."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPAGPipeline
+
+    fp16 = _fp16_vae_pipeline(pipe)
+    pag = StableDiffusionXLPAGPipeline(**fp16.components)
+    assert highres.vae_needs_upcast(pag)
+    assert not hasattr(StableDiffusionPipeline, "upcast_vae")
+
+
 def test_sdxl_fp16_vae_base_stage_has_no_encode_phase(pipe):
     memory = estimate_stage_memory(_fp16_vae_pipeline(pipe), index=0, height=16, width=32)
     assert memory.encode_bytes == 0

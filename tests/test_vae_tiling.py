@@ -249,6 +249,13 @@ def test_exact_mode_shows_progress_over_the_layers(vae2, capsys):
     torch.testing.assert_close(shown, quiet, rtol=0, atol=0)
     encode_images(vae2, pixels, mode="exact", tile_size=8, progress=True)
     assert "VAE encode (2 bands)" in capsys.readouterr().err
+    import io
+
+    sink = io.StringIO()
+    decode_latents(vae2, latents, mode="exact", tile_size=4, progress={"file": sink, "ncols": 60})
+    assert "VAE decode (2 bands)" in sink.getvalue() and capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress must be a bool or a dict"):
+        decode_latents(vae2, latents, mode="exact", progress="yes")
 
 
 def test_rejects_other_models():

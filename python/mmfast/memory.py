@@ -102,7 +102,8 @@ class _LiveStorageBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._tracked: dict = {}  # storage id -> finalizer (keeps one count per storage)
-        self._sizes: dict = {}  # storage id -> bytes counted for it
+        self._counted: dict = {}  # storage id -> bytes counted in `live` for it
+        self._seen: dict = {}  # storage id -> its size when last seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -119,25 +120,27 @@ class _LiveStorageBytes(TorchDispatchMode):
         return device.type == self.device.type and (self.device.index is None or device.index == self.device.index)
 
     def _track(self, storage, created: bool) -> None:
-        """Counts a created storage once, and any growth of one already counted (a storage the
-        traced function did not create, such as an argument's, counts as in use already)."""
+        """Counts a created storage once, and any growth of one already counted."""
         key = id(storage)
         size = storage.nbytes()
         if key in self._tracked:
-            grown = size - self._sizes[key]
-            if grown <= 0:  # a smaller resize_ keeps the storage's bytes
-                return
-        elif created:
-            grown = size
+            grown = size - self._seen[key]
+        elif created:  # tracked even when empty: torch.empty(0) as an out= target grows later
             self._tracked[key] = weakref.finalize(storage, self._release, key)
-        else:
+            self._seen[key], self._counted[key] = 0, 0
+            grown = size
+        else:  # an argument's storage (in use already): its growth by out= / resize_ is not seen
             return
-        self._sizes[key] = self._sizes.get(key, 0) + grown
+        if grown <= 0:  # unchanged, or a smaller resize_, which keeps the storage's bytes
+            return
+        self._seen[key] = size
+        self._counted[key] += grown
         self.live += grown
         self.peak = max(self.peak, self.live)
 
     def _release(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
+        self.live -= self._counted.pop(key, 0)
+        self._seen.pop(key, None)
         self._tracked.pop(key, None)
 
 
@@ -145,7 +148,8 @@ def traced_peak_bytes(fn, *args, device=None, **kwargs) -> int:
     """Predicted peak bytes of new tensors during fn(*args, **kwargs), without running it.
 
     Arguments may be real tensors (read as fakes: their memory counts as already in use) or
-    tensors fn creates itself. device: count only tensors on it (None: all). The result (and everything fn returns) is discarded.
+    tensors fn creates itself. Not counted: an argument's storage that fn grows in place
+    (`out=` into it, `resize_`); tensors fn creates are counted as they grow. device: count only tensors on it (None: all). The result (and everything fn returns) is discarded.
     Raises whatever fn raises on fake tensors (e.g. a data-dependent .item()).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -236,6 +240,7 @@ def huge_page_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) ->
     if not huge_pages_enabled():
         raise RuntimeError("huge_page_empty: transparent huge pages need Linux with THP, mmap.MADV_HUGEPAGE and "
                            "MMFAST_CPU_HUGE_PAGES unset or 1")
+    shape = tuple(shape)  # a generator would be spent by the check below
     if not all(is_integer(d) for d in shape):
         raise ValueError(f"huge_page_empty: shape must hold ints, got {tuple(shape)}")
     shape = tuple(operator.index(d) for d in shape)

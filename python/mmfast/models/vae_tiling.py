@@ -64,7 +64,9 @@ def decode_latents(vae, latents: torch.Tensor, *, mode: str = "none", tile_size:
         offload_device: "exact" only: where full-size activations live (default: the latents'
             device). Pass "cpu" on a GPU to keep only one band of each layer on the GPU.
         progress: a tqdm bar over the VAE's layers in "exact" mode, each run band by band (a
-            2048 px decode takes minutes on a CPU); the other modes run as one diffusers call.
+            2048 px decode takes minutes on a CPU); a dict gives tqdm's settings (e.g. a
+            pipeline's set_progress_bar_config ones: file, ncols, position). The other modes
+            run as one diffusers call.
 
     Returns:
         (B, out_channels, f*h, f*w) image in the VAE's [-1, 1] output range (not clamped), in the
@@ -92,7 +94,7 @@ def decode_latents(vae, latents: torch.Tensor, *, mode: str = "none", tile_size:
         with _diffusers_tiling(vae, enabled=True, sample_tile=tile * factor, latent_tile=tile,
                                overlap=Fraction(overlap, tile)):
             return vae.decode(z).sample
-    return _exact(vae, _decoder_steps(vae), z, tile, z.shape[2], offload_device, progress and "VAE decode")
+    return _exact(vae, _decoder_steps(vae), z, tile, z.shape[2], offload_device, _bar(progress, "VAE decode"))
 
 
 def encode_images(vae, images: torch.Tensor, *, mode: str = "none", tile_size: int | None = None,
@@ -151,7 +153,7 @@ def encode_images(vae, images: torch.Tensor, *, mode: str = "none", tile_size: i
             dist = vae.encode(x).latent_dist
     else:
         dist = DiagonalGaussianDistribution(_exact(vae, _encoder_steps(vae), x, tile, x.shape[2], offload_device,
-                                                        progress and "VAE encode"))
+                                                        _bar(progress, "VAE encode")))
     return _scale(vae, dist.sample(generator) if sample else dist.mode())
 
 
@@ -300,9 +302,18 @@ class _Rows:
     get: Callable[[int, int], torch.Tensor]
 
 
-def _exact(vae, steps, x, tile, ref_height, offload_device, progress_label):
-    """The VAE's layers (steps) in turn, each over bands of rows; progress_label: a tqdm bar's
-    description, or a false value for none."""
+def _bar(progress, label: str):
+    """tqdm settings for _exact's bar from a `progress` argument (None: no bar)."""
+    if isinstance(progress, dict):
+        return {"desc": label, **progress}
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or a dict of tqdm settings, got {type(progress).__name__}")
+    return {"desc": label} if progress else None
+
+
+def _exact(vae, steps, x, tile, ref_height, offload_device, bar):
+    """The VAE's layers (steps) in turn, each over bands of rows; bar: tqdm settings (its desc
+    gains the band count), or None for no bar."""
     device = x.device
     wrong = {str(p.device) for p in vae.parameters() if p.device != device}
     if wrong:  # bands run as plain functional ops: diffusers/accelerate offload hooks would not fire
@@ -312,8 +323,9 @@ def _exact(vae, steps, x, tile, ref_height, offload_device, progress_label):
     bands = _Bands(device, store, tile, ref_height)
     with torch.no_grad():
         x = x.to(store)
-        for step in tqdm(steps, desc=f"{progress_label or ''} ({len(bands.ranges(ref_height))} bands)",
-                         disable=not progress_label, unit="layer"):
+        bar = {"unit": "layer", **(bar or {}), "disable": bar is None}
+        bar["desc"] = f"{bar.get('desc', '')} ({len(bands.ranges(ref_height))} bands)"
+        for step in tqdm(steps, **bar):
             x = step(x, bands)
     return x.to(device)
 

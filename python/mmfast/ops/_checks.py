@@ -13,8 +13,8 @@ _FLOAT_NAMES = "float32, float16, bfloat16 or float64"
 
 def is_integer(value) -> bool:
     """A Python, numpy or symbolic (torch.SymInt) integer: anything with __index__, not a bool; a
-    tensor only when it holds one integer (torch.Tensor has __index__ for every dtype, and int()
-    truncates a float one: torch.tensor(1.7) passed as 1)."""
+    tensor only when it is a 0-dim integer one (torch.Tensor has __index__ for every dtype, and
+    int() truncates a float one: torch.tensor(1.7) passed as 1)."""
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
     return not isinstance(value, bool) and hasattr(type(value), "__index__")

@@ -72,13 +72,14 @@ class HighResOutput:
     stages: List[HighResStage] = field(default_factory=list)
 
 
-def decode(pipe, latents: torch.Tensor, options: MemoryOptions, progress: bool = False) -> torch.Tensor:
+def decode(pipe, latents: torch.Tensor, options: MemoryOptions, progress=False) -> torch.Tensor:
+    """progress: as vae_tiling.decode_latents' (False, True or tqdm settings)."""
     with vae_precision(pipe) as dtype:
         return vae_tiling.decode_latents(pipe.vae, latents.to(dtype), progress=progress,
                                          **vae_tiling_kwargs(options, False, pipe.vae_scale_factor))
 
 
-def encode(pipe, images: torch.Tensor, options: MemoryOptions, generator, progress: bool = False) -> torch.Tensor:
+def encode(pipe, images: torch.Tensor, options: MemoryOptions, generator, progress=False) -> torch.Tensor:
     with vae_precision(pipe) as dtype:
         latents = vae_tiling.encode_images(pipe.vae, images.to(dtype), generator=generator, progress=progress,
                                            **vae_tiling_kwargs(options, True, pipe.vae_scale_factor))
@@ -155,12 +156,31 @@ def _image_to_image_pipeline(pipe):
     return img2img
 
 
+# Taken by diffusers' SD / SD-XL pipelines through **kwargs on purpose (deprecated, still used).
+_KWARGS_PIPELINES_USE = frozenset({"callback", "callback_steps"})
+
+
+def _named_call_parameters(pipeline):
+    """The named parameters of the pipeline's __call__: the first in its class's MRO that names
+    any (a subclass's or an undecorated wrapper's __call__(self, *args, **kwargs) names none)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for cls in type(pipeline).__mro__:
+        if "__call__" in vars(cls):
+            named = {name for name, parameter in inspect.signature(vars(cls)["__call__"]).parameters.items()
+                     if parameter.kind not in variadic} - {"self"}
+            if named:
+                return named
+    return None
+
+
 def _check_pass_through(pipelines, pipeline_kwargs: dict) -> None:
     """Every pass-through argument must be a parameter of every pipeline the cascade calls: their
     __call__ swallows unknown names (**kwargs), so SD's img2img ignored guidance_rescale silently."""
     for pipeline in pipelines:
-        parameters = inspect.signature(type(pipeline).__call__).parameters
-        ignored = sorted(name for name in pipeline_kwargs if name not in parameters)
+        parameters = _named_call_parameters(pipeline)
+        if parameters is None:
+            continue
+        ignored = sorted(name for name in pipeline_kwargs if name not in parameters | _KWARGS_PIPELINES_USE)
         if ignored:
             raise ValueError(f"generate_highres: {', '.join(ignored)} is not a parameter of "
                              f"{type(pipeline).__name__}, which would ignore it; the cascade passes these "
@@ -201,7 +221,9 @@ def generate_highres(pipe, prompt, *, height: int, width: int, base_size: Option
             or neither (neither: everything unchunked and untiled).
         row_parallel: split each UNet call by latent rows over torch.distributed ranks; None
             (default): when torch.distributed is initialised with more than one rank.
-        progress: diffusers' progress bar per stage, labelled with the stage and its size.
+        progress: diffusers' progress bar per stage, labelled with the stage and its size, and
+            with vae_tiling="exact" one over the VAE's layers; both take the pipeline's
+            set_progress_bar_config settings (disable=True there turns them off).
         return_stages: return HighResOutput (image + per-stage HighResStage with time, peak
             memory and image) instead of the image.
 
@@ -247,7 +269,9 @@ def _run_stage(pipe, img2img, index, size, strength, carried: list, options, com
     label = f"stage {index} {size[1]}x{size[0]}" + ("" if strength is None else f" strength {strength:g}")
     pipeline = pipe if index == 0 else img2img
     with _progress_bars(pipeline, label, progress):
-        vae_progress = progress and not pipeline._progress_bar_config.get("disable", False)  # noqa: SLF001
+        # the VAE's bar (exact tiling) with the pipeline's bar settings, or none
+        settings = {k: v for k, v in pipeline._progress_bar_config.items() if k not in ("desc", "disable")}  # noqa: SLF001
+        vae_progress = (settings or True) if progress and not pipeline._progress_bar_config.get("disable") else False
         return _run_stage_measured(pipe, img2img, index, size, strength, carried, options, common, split_rows,
                                    make_image, vae_progress)
 

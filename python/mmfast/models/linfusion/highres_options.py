@@ -282,14 +282,17 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
 
 
 def vae_needs_upcast(pipe) -> bool:
-    """Whether the pipeline's fp16 VAE runs in fp32, as diffusers runs it: SD-XL's pipelines
+    """Whether the pipeline's fp16 VAE runs in fp32, as diffusers runs it: SD-XL-family pipelines
     honour the VAE config's force_upcast (SD-XL's VAE overflows in fp16); SD-1.5 / 2.1's never
     read it, and AutoencoderKL defaults it to True, so their fp16 VAEs stay fp16."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     vae = pipe.vae
-    return (isinstance(pipe, (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline))
-            and bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16)
+    # diffusers' pipelines that honour force_upcast define upcast_vae (SD-XL, PAG-XL, Kolors, ...);
+    # the SD-XL classes are named too, in case a later diffusers drops that deprecated method
+    reads_flag = hasattr(type(pipe), "upcast_vae") or isinstance(
+        pipe, (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline))
+    return reads_flag and bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
 
 
 @contextlib.contextmanager
