@@ -49,10 +49,19 @@ def backend_params():
     return params
 
 
+def subnormal_step(dtype) -> float:
+    """The spacing of dtype's subnormal numbers: no result rounded to dtype is closer than half of it
+    (fp16: 6e-8, where the tolerance scaled by a tiny result's size would ask for less)."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
 def assert_close(actual, expected, dtype, scale=1.0):
-    """actual == expected within `scale` times the tolerance of `dtype`, compared in fp64."""
+    """actual == expected within `scale` times the tolerance of `dtype` (at least two of its
+    subnormal steps), compared in fp64."""
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale + 2 * subnormal_step(dtype),
+                               rtol=rtol * scale)
 
 
 # A gradient that cancels to ~0 (dq and dk of a single token) keeps rounding noise of its terms,

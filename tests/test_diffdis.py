@@ -347,6 +347,22 @@ def test_segment_tta_averages_six_views(pipe, monkeypatch):
     assert out.masks[0].shape == (70, 90) and torch.isfinite(out.masks[0]).all()
 
 
+def test_segment_tta_maps_are_flipped_back_resized_and_averaged(pipe, monkeypatch):
+    """Each view's "map" is the view itself (its first channel, weighted by its scale so that
+    the views differ): the TTA result must then be the one-view result times the mean weight.
+    A view not flipped back, a view left out or a wrong resize shows against the ramp."""
+    def view_as_map(view, mask_only, generator):
+        return (view[:, :1] + 1) * (view.shape[-1] / 256) ** 2
+
+    monkeypatch.setattr(pipe, "_one_view", view_as_map)
+    ramp = np.broadcast_to(np.linspace(0, 255, 90)[None, :, None], (70, 90, 3)).astype(np.uint8)  # dark left
+    one = pipe.segment(ramp, resolution=256, mask_only=True).masks[0]
+    tta = pipe.segment(ramp, resolution=256, tta=True, mask_only=True).masks[0]
+    mean_weight = sum((size / 256) ** 2 for size in (192, 256, 320)) / 3
+    assert one[:, -1].mean() > one[:, 0].mean() + 1.5  # the ramp survives, left to right
+    torch.testing.assert_close(tta, one * mean_weight, atol=0.02, rtol=0.01)
+
+
 def test_segment_accepts_pil_tensors_and_arrays(pipe):
     from PIL import Image
 

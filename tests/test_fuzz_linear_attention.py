@@ -17,7 +17,7 @@ import torch
 from mmfast import reference
 from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
 
-from _utils import CANCELLATION_FLOOR, HAS_TRITON, TOLERANCES, TRITON_DEVICE, fuzz_settings
+from _utils import CANCELLATION_FLOOR, HAS_TRITON, TOLERANCES, TRITON_DEVICE, fuzz_settings, subnormal_step
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
@@ -25,7 +25,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = fuzz_settings()
 
-BACKENDS = ["native", "reference"] + (["triton"] if HAS_TRITON else [])
+# The kernels only: the reference backend is mmfast.reference, the oracle itself (a third of the
+# examples compared it with itself); its own unit tests cover its layouts and dtypes.
+BACKENDS = ["native"] + (["triton"] if HAS_TRITON else [])
 DEVICES = {"native": "cpu", "reference": "cpu", "triton": TRITON_DEVICE}
 LAYOUTS = ["contiguous", "bhnd-transposed", "sliced", "expanded", "channels-last", "last-dim-strided"]
 VALUES = ["normal", "small", "huge", "denormal", "special"]
@@ -115,7 +117,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype, scale_factor=2.
     if finite.any():
         atol, rtol = TOLERANCES[dtype]
         scale = max(want[finite].abs().max().item(), magnitude)  # no floor at 1: small gradients passed as zeros
-        torch.testing.assert_close(got[finite], want[finite], atol=atol * scale * scale_factor,
+        torch.testing.assert_close(got[finite], want[finite], atol=atol * scale * scale_factor + 2 * subnormal_step(dtype),
                                    rtol=rtol * scale_factor, msg=what)
 
 

@@ -12,7 +12,7 @@ import mmfast
 from mmfast import reference
 from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
 
-from _utils import HAS_TRITON, TRITON_DEVICE, at_thread_counts, backend_params, make_qkv
+from _utils import HAS_TRITON, TRITON_DEVICE, assert_close, at_thread_counts, backend_params, make_qkv
 
 BACKENDS = backend_params()
 
@@ -269,3 +269,5 @@ def test_eps_zero_is_allowed():
     q, k, v = make_qkv((1, 5, 2, 8, 8), torch.float32, "cpu")
     out = linear_attention(q, k, v, eps=0.0)
     assert math.isfinite(out.abs().max().item())
+    assert_close(out, reference.linear_attention_ref(q.double(), k.double(), v.double(), 0.0), torch.float32)
+    assert not torch.allclose(out, linear_attention(q, k, v), rtol=0, atol=1e-7)  # eps=0 is not the default

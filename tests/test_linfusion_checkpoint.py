@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import mmfast
 from mmfast.models.linfusion import LinFusion, LinFusionMismatchError
 from mmfast.testing.tiny_diffusers import tiny_unet
 
@@ -130,7 +132,16 @@ def test_tiny_pipeline_generates_with_linfusion(backend, tmp_path):
     linfusion = LinFusion.construct_for(pipe, pretrained=str(tmp_path))
     attn2 = [m for name, m in pipe.unet.named_modules() if name.endswith("attn2")]
     assert attn2 and all(isinstance(m, Attention) for m in attn2)  # cross-attention stays softmax
-    images = pipe("a photo of a cat", num_inference_steps=2, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+    def generate():
+        return pipe("a photo of a cat", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    images = generate()
+    with mmfast.use_backend("reference"):  # the oracle's image (the fixture's backend made the first)
+        expected = generate()
     linfusion.unmount()
     assert images.shape == (1, 16, 16, 3) and bool((images >= 0).all() and (images <= 1).all())
+    assert images.std() > 1e-3  # not a constant image
+    np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)
+    unmounted = generate()  # softmax attention again: LinFusion's layers did change the image
+    assert np.abs(unmounted - images).max() > 1e-3

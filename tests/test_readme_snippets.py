@@ -101,4 +101,13 @@ def test_masked_ops_example():
     for b in range(B):  # masked outputs are exactly 0
         dropped = ~out_mask[codes[b]]
         assert torch.all(names["y"][b, dropped] == 0) and torch.all(names["y_tokens"][b, :, dropped] == 0)
+    # the kept values: the block's conv then GroupNorm + SiLU, as the fp64 reference computes them
+    from mmfast import reference
+
+    x, in_mask = names["x"].double(), names["in_mask"]
+    conv = reference.masked_conv2d_ref(x, names["weight"].double(), names["bias"].double(), codes, in_mask, out_mask,
+                                       stride=(1, 1), padding=(1, 1))
+    expected = reference.masked_group_norm_ref(conv, torch.ones(K, Cout).double(), torch.zeros(K, Cout).double(), 32,
+                                               codes, out_mask, silu=True)
+    torch.testing.assert_close(names["y"].double(), expected, rtol=1e-4, atol=1e-4)
 

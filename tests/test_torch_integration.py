@@ -44,10 +44,11 @@ def test_differentiating_transforms_raise_and_vmap_works(op):
         torch.func.grad(lambda t: f(t).sum())(x)
     with pytest.raises(NotImplementedError, match=f"{op}: torch.func's differentiating transforms"):
         torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    outside = f(x)
     with forward_ad.dual_level():
         with pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
             f(forward_ad.make_dual(x, torch.ones_like(x)))
-        torch.testing.assert_close(f(x), f(x.clone()))  # no tangent: runs
+        torch.testing.assert_close(f(x), outside)  # no tangent: runs, as outside the dual level
     stacked = torch.stack([x, 2 * x])
     torch.testing.assert_close(torch.func.vmap(f)(stacked), torch.stack([f(x), f(2 * x)]))
     with forward_ad.dual_level():  # vmap inside a dual level, no tangent on the op's inputs: runs
@@ -137,6 +138,7 @@ def test_autocast_through_a_tiny_vqgan_and_aptp_unet():
         with torch.autocast("cpu", dtype=_BF16):
             codes = vqgan.encode(images, progress=False)
     assert codes.shape == expected.shape and codes.dtype == torch.int64
+    assert (codes == expected).float().mean() >= 0.9  # bf16 moves a few vectors to a near code
     base, experts = tiny_experts(2, torch.Generator().manual_seed(1))
     unet = AptpUNet.from_experts(base, experts)
     sample, timestep, text = tiny_inputs(2)
@@ -162,6 +164,7 @@ def test_autocast_through_a_liquid_generation():
     with torch.autocast("cpu", dtype=_BF16):
         tokens = generate_text(lm, prompts, max_new_tokens=4, compile=False)
     assert tokens.shape == expected.shape and lm.model.layers[0].self_attn.kv_cache.k_cache.dtype == torch.float32
+    assert torch.equal(tokens[:, :1], expected[:, :1])  # the first greedy token survives bf16 rounding
 
 
 def test_autocast_appends_new_tokens_in_the_caches_dtype():

@@ -109,7 +109,8 @@ def test_exact_keeps_the_vae_dtype(vae2):
     latents = randn(1, 4, 8, 6)  # fp32 latents are cast to the VAE's dtype, as the output
     out = decode_latents(vae, latents, mode="exact", tile_size=3)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, decode_latents(vae, latents), rtol=5e-2, atol=5e-2)
+    # bf16's tolerance (measured: equal); a seam between bands is about 1e-1
+    torch.testing.assert_close(out, decode_latents(vae, latents), rtol=1.6e-2, atol=1.6e-2)
 
 
 @pytest.mark.cuda

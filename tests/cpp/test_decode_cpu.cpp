@@ -15,6 +15,7 @@
 
 #define MMFAST_CPU_FAMILY_IMPL "mmfast/cpu/decode_impl.h"
 #include "avx512_on_avx2.h"
+#include "worst_error.h"
 
 // One more copy of the SIMD header, without a target pragma, for sum_lanes_tree and the 16-bit
 // conversions at every width (GCC emulates vectors wider than the baseline ISA with the same
@@ -173,7 +174,7 @@ double check_attention(const cpu::DecodeKernels& k, const AttentionCase& c, std:
         for (int64_t d = 0; d < c.D; ++d) {
           double o = 0;
           for (int64_t j = 0; j <= pos; ++j) o += w[j] * vc[((b * c.T + j) * c.Hkv + kvh) * c.D + d];
-          worst = std::max(worst, std::fabs(o / sum - out[((b * c.Sq + i) * c.H + h) * c.D + d]));
+          worst = worse_error(worst, std::fabs(o / sum - out[((b * c.Sq + i) * c.H + h) * c.D + d]));
         }
       }
   lengths[c.B - 1] = int32_t(c.T + 1);  // out of range: reported, row B - 1
@@ -252,7 +253,7 @@ double check_linear(const cpu::DecodeKernels& k, int64_t M, int64_t K, int64_t N
     for (int64_t n = 0; n < N; ++n) {
       double s = b[n];
       for (int64_t i = 0; i < K; ++i) s += double(x[m * K + i]) * w[n * K + i];
-      worst = std::max(worst, std::fabs(s - y[m * N + n]) / std::sqrt(double(K)));
+      worst = worse_error(worst, std::fabs(s - y[m * N + n]) / std::sqrt(double(K)));
     }
   for (int64_t i = M * N; i < M * N + 8; ++i)
     if (y[i] != kGuard) return 1e9;
@@ -312,7 +313,7 @@ double exp_ulp_error(void (*row)(const double*, double*, int64_t), std::mt19937&
       continue;
     }
     const double ulp = std::max(std::nextafter(exact, INFINITY) - exact, std::ldexp(1.0, -1074));
-    worst = std::max(worst, std::fabs(got[i] - exact) / ulp);
+    worst = worse_error(worst, std::fabs(got[i] - exact) / ulp);
   }
   return worst;
 }

@@ -234,8 +234,8 @@ template <class T> void run_long_reduction(int64_t D, int64_t N, int major, bool
   p.workspace = ws.data(); p.workspace_bytes = ws.size();
   if (mmfast::cuda::linear_attention_state(p, nullptr) != cudaSuccess) { ++nfail; std::printf("FAIL launch long\n"); return; }
   double err = 0;
-  for (size_t i = 0; i < st.size(); ++i) err = std::max(err, std::fabs(st[i] - S[i]) / S[i]);
-  for (size_t i = 0; i < mn.size(); ++i) err = std::max(err, std::fabs(mn[i] - m[i]) / m[i]);
+  for (size_t i = 0; i < st.size(); ++i) err = worse_error(err, std::fabs(st[i] - S[i]) / S[i]);
+  for (size_t i = 0; i < mn.size(); ++i) err = worse_error(err, std::fabs(mn[i] - m[i]) / m[i]);
   const char* what = random_values ? "random" : "constant";
   const char* rounding = emu::mma_round_toward_zero ? "toward zero" : "to nearest";
   if (!(err < 1e-5)) {
@@ -308,8 +308,8 @@ void run_long_apply_backward() {
     emu::mma_round_toward_zero = toward_zero;
     if (mmfast::cuda::linear_attention_apply_backward(p, nullptr) != cudaSuccess) { ++nfail; std::printf("FAIL launch long apply_backward\n"); break; }
     double err = 0.0;
-    for (size_t i = 0; i < dS.size(); ++i) err = std::max(err, std::fabs(gst[i] - dS[i]) / std::fabs(dS[i]));
-    for (size_t i = 0; i < dm.size(); ++i) err = std::max(err, std::fabs(gmn[i] - dm[i]) / std::fabs(dm[i]));
+    for (size_t i = 0; i < dS.size(); ++i) err = worse_error(err, std::fabs(gst[i] - dS[i]) / std::fabs(dS[i]));
+    for (size_t i = 0; i < dm.size(); ++i) err = worse_error(err, std::fabs(gmn[i] - dm[i]) / std::fabs(dm[i]));
     const char* rounding = toward_zero ? "toward zero" : "to nearest";
     if (!(err < 5e-6)) {
       ++nfail;
