@@ -360,7 +360,7 @@ def test_segment_tta_maps_are_flipped_back_resized_and_averaged(pipe, monkeypatc
     tta = pipe.segment(ramp, resolution=256, tta=True, mask_only=True).masks[0]
     mean_weight = sum((size / 256) ** 2 for size in (192, 256, 320)) / 3
     assert one[:, -1].mean() > one[:, 0].mean() + 1.5  # the ramp survives, left to right
-    torch.testing.assert_close(tta, one * mean_weight, atol=0.02, rtol=0.01)
+    torch.testing.assert_close(tta, one * mean_weight, atol=2e-3, rtol=1e-3)  # measured 4.7e-4; a half-pixel shift is 1e-2
 
 
 def test_segment_accepts_pil_tensors_and_arrays(pipe):

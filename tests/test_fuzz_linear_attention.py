@@ -17,7 +17,7 @@ import torch
 from mmfast import reference
 from mmfast.ops import linear_attention, linear_attention_apply, linear_attention_state
 
-from _utils import CANCELLATION_FLOOR, HAS_TRITON, TOLERANCES, TRITON_DEVICE, fuzz_settings, subnormal_step
+from _utils import HAS_TRITON, TOLERANCES, TRITON_DEVICE, fuzz_settings, gradient_scale, subnormal_step
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
@@ -143,10 +143,15 @@ def check_forward_and_backward(case):
     if out.numel() == 0 or case["values"] == "huge":
         return  # gradients of huge values overflow fp32 by design (phi'(k) v dS ~ 1e34)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    magnitude = CANCELLATION_FLOOR * max((w[w.isfinite()].abs().max().item() for w in expected_grads
-                                          if w is not None and w.isfinite().any()), default=0.0)
-    for name, got, want in zip("qkv", grads, expected_grads):
-        assert_matches(got, want.to(dtype), dtype, scale_factor=8.0, what=f"d{name}", magnitude=magnitude)
+    sizes = [w[w.isfinite()].abs().max().item() if w is not None and w.isfinite().any() else 0.0
+             for w in expected_grads]
+    # Triton's 16-bit kernels multiply in TF32: a gradient that mostly cancels (identical tokens
+    # with eps > 0) keeps errors of its terms' size, up to 2% of the call's largest gradient with
+    # its own at 1%: judged against the largest. Elsewhere gradient_scale's 1% rule.
+    lossy = case["backend"] == "triton" and dtype in (torch.float16, torch.bfloat16)
+    for name, got, want, size in zip("qkv", grads, expected_grads, sizes):
+        assert_matches(got, want.to(dtype), dtype, scale_factor=8.0, what=f"d{name}",
+                       magnitude=max(sizes) if lossy else gradient_scale(size, max(sizes)))
 
 
 @FUZZ

@@ -137,11 +137,12 @@ def test_tiny_pipeline_generates_with_linfusion(backend, tmp_path):
                     generator=torch.Generator().manual_seed(0)).images
 
     images = generate()
-    with mmfast.use_backend("reference"):  # the oracle's image (the fixture's backend made the first)
-        expected = generate()
+    with mmfast.use_backend("reference"):  # the oracle's image (the fixture's backend made the first;
+        expected = generate()              # its reference run checks only what follows)
     linfusion.unmount()
     assert images.shape == (1, 16, 16, 3) and bool((images >= 0).all() and (images <= 1).all())
     assert images.std() > 1e-3  # not a constant image
-    np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)
+    if backend != "reference":
+        np.testing.assert_allclose(images, expected, atol=1e-4, rtol=0)
     unmounted = generate()  # softmax attention again: LinFusion's layers did change the image
     assert np.abs(unmounted - images).max() > 1e-3

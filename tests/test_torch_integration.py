@@ -164,7 +164,12 @@ def test_autocast_through_a_liquid_generation():
     with torch.autocast("cpu", dtype=_BF16):
         tokens = generate_text(lm, prompts, max_new_tokens=4, compile=False)
     assert tokens.shape == expected.shape and lm.model.layers[0].self_attn.kv_cache.k_cache.dtype == torch.float32
-    assert torch.equal(tokens[:, :1], expected[:, :1])  # the first greedy token survives bf16 rounding
+    logits = lm.prefill(prompts)  # the values under autocast: bf16 GEMMs, within bf16 rounding of fp32
+    with torch.autocast("cpu", dtype=_BF16):
+        mixed = lm.prefill(prompts)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, logits, rtol=0, atol=0.1 * logits.abs().max().item())
+    assert not torch.equal(mixed, logits)  # autocast did run in bf16
 
 
 def test_autocast_appends_new_tokens_in_the_caches_dtype():
