@@ -107,8 +107,12 @@ class _LiveStorageBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # Views and in-place/out= results alias an input: no new storage, but one may have grown.
-        creates = func in _LIFTS or not any(ret.alias_info is not None for ret in func._schema.returns)
+        # Views alias an input and cannot grow it: skipped. In-place / out= results (written
+        # aliases) may have grown their storage; the others are new storages.
+        aliases = [ret.alias_info for ret in func._schema.returns if ret.alias_info is not None]
+        creates = func in _LIFTS or not aliases
+        if not creates and not any(alias.is_write for alias in aliases):
+            return out
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and self._counts(tensor.device):
                 self._track(tensor.untyped_storage(), creates)

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <string>
 
+#include "../cpp/worst_error.h"  // worse_error: NaN counts as the worst error
 #include "emulator.h"
 #include "mmfast/common.h"
 
@@ -20,11 +21,6 @@ template <> inline mmfast::DType dtype_of<float>() { return mmfast::DType::kFloa
 template <> inline mmfast::DType dtype_of<double>() { return mmfast::DType::kFloat64; }
 template <> inline mmfast::DType dtype_of<__half>() { return mmfast::DType::kFloat16; }
 template <> inline mmfast::DType dtype_of<__nv_bfloat16>() { return mmfast::DType::kBFloat16; }
-
-// The worst of two errors, NaN counted as the worst of all (std::max(err, NaN) keeps err).
-inline double worse_error(double worst, double error) {
-  return error <= worst ? worst : error != error ? INFINITY : error;
-}
 
 // Failed checks so far; fail() counts one and prints what failed.
 inline int nfail = 0;
