@@ -78,7 +78,7 @@ def _conv_meta(dtype: torch.dtype) -> dict:
     """The masked-conv launch's constexprs on a GPU (pruned._launch_conv), for a conv over a
     contiguous x and y: Triton specialises their unit strides (== 1) into constants."""
     block_p, block_o, block_i = pruned_host._BLOCKS_GPU
-    return dict(HAS_BIAS=True, DOT_PREC="tf32x3" if dtype == torch.float32 else None, UPCAST=False, ROUND_BF16=False,
+    return dict(HAS_BIAS=True, DOT_PREC="tf32x3" if dtype == torch.float32 else None, UPCAST=False,
                 BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, s_x3=1, s_yp=1)
 
 

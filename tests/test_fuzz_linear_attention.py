@@ -145,13 +145,9 @@ def check_forward_and_backward(case):
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     sizes = [w[w.isfinite()].abs().max().item() if w is not None and w.isfinite().any() else 0.0
              for w in expected_grads]
-    # Triton's 16-bit kernels multiply in TF32: a gradient that mostly cancels (identical tokens
-    # with eps > 0) keeps errors of its terms' size, up to 2% of the call's largest gradient with
-    # its own at 1%: judged against the largest. Elsewhere gradient_scale's 1% rule.
-    lossy = case["backend"] == "triton" and dtype in (torch.float16, torch.bfloat16)
     for name, got, want, size in zip("qkv", grads, expected_grads, sizes):
         assert_matches(got, want.to(dtype), dtype, scale_factor=8.0, what=f"d{name}",
-                       magnitude=max(sizes) if lossy else gradient_scale(size, max(sizes)))
+                       magnitude=gradient_scale(size, max(sizes)))
 
 
 @FUZZ

@@ -20,7 +20,7 @@ from mmfast.triton import vq as vq_host  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "triton_report.py"
-COMMITTED = ROOT / "benchmarks" / "results" / "2026-12-02-triton-sm90-linear-attention.json"
+COMMITTED = ROOT / "benchmarks" / "results" / "2026-12-06-triton-sm90-linear-attention.json"
 COMMITTED_VQ = ROOT / "benchmarks" / "results" / "2026-12-02-triton-sm90-vq.json"
 TUNED = {
     "outer_sum_kernel": host._outer_sum_kernel,

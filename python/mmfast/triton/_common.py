@@ -30,14 +30,74 @@ TF32_EMULATION = tl.constexpr(INTERPRET)
 
 
 @triton.jit
+def tf32_high(x):
+    """x's top 11 significant bits (the low 13 of its 23 stored ones cleared): exact in tf32;
+    x - tf32_high(x) is exact in fp32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot_operand(x, DOT_PREC: tl.constexpr):
     """x as a tf32 tensor core reads it when DOT_PREC is "tf32" under the interpreter: the low
     13 significand bits cleared (truncation, the larger of the GPU's possible errors: an
     operand not rounded by cvt.rna first is truncated). Unchanged otherwise."""
     if TF32_EMULATION and DOT_PREC == "tf32" and x.dtype == tl.float32:
-        return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tf32_high(x)
     else:
         return x
+
+
+@triton.jit
+def split_tf32(x):
+    """(hi, lo) with hi + lo = x, hi exact in tf32 and lo as a tf32 dot reads it (|lo| < 2^-10 |x|).
+    An infinite x is its own hi: its lo is 0, not inf - inf = NaN."""
+    hi = tf32_high(x)
+    return hi, dot_operand(tl.where(hi == x, 0.0, x - hi), "tf32")
+
+
+@triton.jit
+def split_dot(a, b, acc, DOT_PREC: tl.constexpr, SPLIT_A: tl.constexpr):
+    """acc + a @ b (acc may be None) where one operand holds values exact in tf32 (16-bit
+    tokens widened to fp32: 11 significant bits at most) and the other (a if SPLIT_A, else b)
+    is any fp32. With DOT_PREC "tf32" the fp32 operand is split as hi + lo (tf32_high, then the
+    exact rest) and multiplied twice: products good to about 2^-20 instead of tf32's 2^-10, for
+    twice one tf32 dot (tf32x3's third product, lo x lo, adds nothing when the other operand is
+    exact). The CUDA tensor-core kernels split theirs the same way, into 16-bit hi + lo
+    (split_pair). A sum that cancels (a gradient of identical tokens) keeps fp32-level accuracy. Other precisions: one
+    dot as DOT_PREC says."""
+    if DOT_PREC == "tf32":
+        if SPLIT_A:
+            exact = dot_operand(b, DOT_PREC)
+            hi, lo = split_tf32(a)
+            acc = tl.dot(hi, exact, acc, input_precision="tf32")
+            acc = tl.dot(lo, exact, acc, input_precision="tf32")
+        else:
+            exact = dot_operand(a, DOT_PREC)
+            hi, lo = split_tf32(b)
+            acc = tl.dot(exact, hi, acc, input_precision="tf32")
+            acc = tl.dot(exact, lo, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+# The interpreter converts fp32 to bf16 by truncation (and garbles bf16 subnormals); a GPU
+# rounds to nearest even. output_value rounds like the GPU under the interpreter.
+BF16_ROUNDING_EMULATION = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def output_value(v, out_ptr):
+    """fp32 v in out_ptr's element type, rounded to nearest even (ties to even) as a GPU's
+    conversion does; for bf16 under the interpreter the rounding is done on the bits (NaN stays
+    NaN, a value past bf16's largest becomes inf)."""
+    if BF16_ROUNDING_EMULATION and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit

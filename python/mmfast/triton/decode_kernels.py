@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import to_fp32
+from ._common import output_value, to_fp32
 
 
 # --- kv_cache_append --------------------------------------------------------------------
@@ -178,7 +178,7 @@ def attention_kernel(
     if DIRECT:
         o = tl.where(valid, o, float("nan"))
         o_off = ((b * SQ + qi) * H + head) * D
-        tl.store(out_ptr + o_off[:, None] + dims[None, :], o.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + o_off[:, None] + dims[None, :], output_value(o, out_ptr),
                  mask=mask_m[:, None] & mask_d[None, :])
     else:
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -213,7 +213,7 @@ def combine_kernel(
         acc += w[:, None] * o
     o = acc / tl.where(total > 0, total, 1.0)[:, None]
     o = tl.where(valid[:, None], o, float("nan"))
-    tl.store(out_ptr + (row * D)[:, None] + dims[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (row * D)[:, None] + dims[None, :], output_value(o, out_ptr), mask=mask)
 
 
 # --- sample -----------------------------------------------------------------------------

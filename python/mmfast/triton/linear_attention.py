@@ -25,15 +25,16 @@ _CPU_CHUNK = 256
 # MMFAST_TRITON_AUTOTUNE=0, else the fastest of the kernel's sweep, timed on the first call per
 # head dims, variant and dtype (triton.autotune).  A sweep holds the configs that compile for
 # sm_90 without spills at D = 64 in every dtype (benchmarks/results/
-# 2026-12-02-triton-sm90-linear-attention.md, from scripts/triton_report.py): 4 warps spill
-# everywhere but the dS / dm pass, 8 warps with 1 stage spill in the fp32 state and dq kernels,
-# with 3 stages in the fp32 dk / dv kernels, 16 warps in the half-precision apply.
+# 2026-12-06-triton-sm90-linear-attention.md, from scripts/triton_report.py): 4 warps spill
+# nearly everywhere, 8 warps with 1 stage in the fp32 state and dq kernels, with 3 stages in the
+# fp32 dk / dv kernels, 16 warps in the half-precision apply and, since the backward's hi + lo
+# products (split_dot), in the dq, dk and dS / dm kernels.
 FIXED_LAUNCH = (8, 2)
 LAUNCH_SWEEPS = {
-    "outer_sum_kernel": [(8, 2), (8, 3), (16, 2)],
+    "outer_sum_kernel": [(8, 2), (8, 3)],
     "apply_kernel": [(8, 2), (8, 1), (8, 3)],
-    "apply_backward_dq_kernel": [(8, 2), (8, 3), (16, 2)],
-    "state_backward_dk_kernel": [(8, 2), (8, 1), (16, 2)],
+    "apply_backward_dq_kernel": [(8, 2), (8, 3)],
+    "state_backward_dk_kernel": [(8, 2), (8, 1)],
     "state_backward_dv_kernel": [(8, 2), (8, 1), (16, 2)],
 }
 # Elements of S or m per program of the chunk reduction.
@@ -99,11 +100,12 @@ def apply_meta(dk: int, dv: int, dtype: torch.dtype, feature_map: str) -> dict:
 def apply_backward_dq_meta(dk: int, dv: int, dtype: torch.dtype, feature_map: str) -> dict:
     """apply_backward_dq_kernel's constexprs. A row block holds all of Dk (padded to a power of
     two); its (rows x Dk) fp32 blocks (q, phi(q), u) stay at <= 2048 elements each (tl.dot needs
-    >= 16 rows), so that the 8-warp config does not spill."""
+    >= 16 rows), so that the 8-warp config does not spill; past Dk = 128 the Dv slices are 16
+    wide for 16-bit inputs (S^T's hi + lo slices of split_dot: 32 spilled 8-16 bytes at Dk = 160)."""
     bkf = max(16, triton.next_power_of_2(dk))
     return dict(FM=FEATURE_MAPS.index(feature_map), DOT_PREC=_dot_precision(dtype),
                 BLOCK_N=max(16, min(_BLOCK_N, 2048 // bkf)), BKF=bkf,
-                BV=32 if bkf > 128 else _feature_tile(dv))
+                BV=(16 if dtype != torch.float32 else 32) if bkf > 128 else _feature_tile(dv))
 
 
 def _tuned(name: str, key: list[str]):

@@ -42,6 +42,11 @@ rounded to half as flash_bla does).  The one dot with only token operands,
 phi(k)^T v of the state, runs on fp16 MMAs for fp16 inputs (phi(k) rounded to
 fp16 keeps tf32's 11-bit significand) and on tf32 with phi(k) in fp32 for bf16
 (rounding phi(k) to bf16 would cost ~1e-3 relative error in S).
+The backward's sums that cancel (identical tokens make dq_i = (u_i + dz_i m) phi'(q_i) about
+eps / z_i of its terms, dk likewise) multiply a token operand, exact in tf32, by the fp32 one
+split as hi + lo (split_dot: two tf32 dots): u = (do S^T) / z, dS = (phi(q) / z)^T do and
+v dS^T keep fp32 accuracy; a single tf32 dot left up to 3% of such a dq wrong. dv = phi(k) dS
+does not cancel and stays one dot.
 
 Strides: token tensors are read in place through their B/N/H strides (so a
 (B, H, N, D) tensor transposed to (B, N, H, D) costs no copy); only a last-dim
@@ -52,7 +57,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dot_operand, to_fp32
+from ._common import dot_operand, output_value, split_dot, to_fp32
 
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
@@ -142,8 +147,9 @@ def outer_sum_kernel(
         if HAS_Z:
             # other=1 so padded rows give 0/1, not 0/0 (NaN would poison the dot).
             z = tl.load(z_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=1.0)
-            b = to_fp32(b) / z[:, None]
-        if HALF_DOT:
+            # 1/z scales phi(a), split as hi + lo; b (do) stays exact: dS feeds dk's cancelling sum
+            step = split_dot(tl.trans(pa / z[:, None]), to_fp32(b), None, DOT_PREC, True)
+        elif HALF_DOT:
             step = tl.dot(tl.trans(pa.to(b.dtype)), b)
         else:
             step = tl.dot(dot_operand(tl.trans(pa), DOT_PREC), dot_operand(to_fp32(b), DOT_PREC), input_precision=DOT_PREC)
@@ -223,7 +229,7 @@ def apply_kernel(
         z += tl.sum(pq * m[None, :], axis=1)
     out = acc / (z + eps)[:, None]
     o_ptrs = o_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])
+    tl.store(o_ptrs, output_value(out, o_ptr), mask=mask_r[:, None] & mask_v[None, :])
 
 
 @triton.jit
@@ -256,21 +262,24 @@ def apply_backward_dq_kernel(
     m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
     z = tl.sum(pq * m[None, :], axis=1) + eps
 
-    u = tl.zeros((BLOCK_N, BKF), dtype=tl.float32)  # u = g S^T, g = do / z
+    # u = g S^T with g = do / z, as (do S^T) / z: do is exact in tf32 and S split as hi + lo, so
+    # u keeps fp32 accuracy through the cancelling u + dz m below (identical tokens: u ~ z / eps
+    # times dq).
+    u = tl.zeros((BLOCK_N, BKF), dtype=tl.float32)
     for v0 in range(0, DV, BV):
         cols_v = v0 + tl.arange(0, BV)
         mask_v = cols_v < DV
         do = tl.load(do_ptr + rows64[:, None] * s_dn + cols_v[None, :],
                      mask=mask_r[:, None] & mask_v[None, :], other=0.0)
-        g = to_fp32(do) / z[:, None]
         s_t = tl.load(s_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                       mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BKF) = S^T tile
-        u = tl.dot(dot_operand(g, DOT_PREC), dot_operand(s_t, DOT_PREC), u, input_precision=DOT_PREC)
+        u = split_dot(to_fp32(do), s_t, u, DOT_PREC, False)
+    u = u / z[:, None]
     # g.o = phi(q) S g^T / z = phi(q).u / z: no need to recompute o.
     dz = -tl.sum(pq * u, axis=1) / z
     dq = times_dphi(u + dz[:, None] * m[None, :], q, FM)
     dq_ptrs = dq_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DK + cols_k[None, :]
-    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=mask_rk)
+    tl.store(dq_ptrs, output_value(dq, dq_ptr), mask=mask_rk)
     row_ptrs = pid_bh.to(tl.int64) * N + rows64
     tl.store(z_ptr + row_ptrs, z, mask=mask_r)
     tl.store(dz_ptr + row_ptrs, dz, mask=mask_r)
@@ -307,13 +316,14 @@ def state_backward_dk_kernel(
                     mask=mask_r[:, None] & mask_v[None, :], other=0.0)
         ds_t = tl.load(ds_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                        mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BK) = dS^T tile
-        acc = tl.dot(dot_operand(to_fp32(v), DOT_PREC), dot_operand(ds_t, DOT_PREC), acc, input_precision=DOT_PREC)
+        # v exact, dS^T split: v dS^T + dm cancels for identical tokens
+        acc = split_dot(to_fp32(v), ds_t, acc, DOT_PREC, False)
     dm = tl.load(dm_ptr + cols_k, mask=mask_k, other=0.0)
     mask_rk = mask_r[:, None] & mask_k[None, :]
     k = to_fp32(tl.load(k_ptr + rows64[:, None] * s_kn + cols_k[None, :], mask=mask_rk, other=0.0))
     dk = times_dphi((acc + dm[None, :]) * inv_n, k, FM)
     dk_ptrs = dk_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DK + cols_k[None, :]
-    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask_rk)
+    tl.store(dk_ptrs, output_value(dk, dk_ptr), mask=mask_rk)
 
 
 @triton.jit
@@ -348,4 +358,4 @@ def state_backward_dv_kernel(
                      mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         acc = tl.dot(dot_operand(pk, DOT_PREC), dot_operand(ds, DOT_PREC), acc, input_precision=DOT_PREC)
     dv_ptrs = dv_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
-    tl.store(dv_ptrs, (acc * inv_n).to(dv_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])
+    tl.store(dv_ptrs, output_value(acc * inv_n, dv_ptr), mask=mask_r[:, None] & mask_v[None, :])

@@ -83,7 +83,7 @@ def _launch_conv(x: Tensor, x_strides, weight: Tensor, bias: Optional[Tensor], s
             out_channels if bias is not None and bias.shape[0] > 1 else 0,
             pix_tiles, out_tiles, triton.next_power_of_2(out_h * out_w),
             HAS_BIAS=bias is not None, DOT_PREC="tf32x3" if x.dtype == torch.float32 else None,
-            UPCAST=INTERPRET and x.dtype == torch.bfloat16, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
+            UPCAST=INTERPRET and x.dtype == torch.bfloat16,
             BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i)
 
 
@@ -147,7 +147,7 @@ def masked_group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
             channel_mask.contiguous().view(torch.uint8), y,
             channel_mask.shape[0], channels, num_groups, plane, channels // num_groups * plane, code_stride, float(eps),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-            ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, BLOCK=block, num_warps=4)
+            BLOCK=block, num_warps=4)
     return y
 
 

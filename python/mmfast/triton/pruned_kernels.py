@@ -36,20 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import to_fp32
-
-
-@triton.jit
-def output_value(v, y_ptr, ROUND_BF16: tl.constexpr):
-    """fp32 v in y's dtype, rounded to nearest even. ROUND_BF16 (bf16 under the interpreter,
-    whose plain fp32 -> bf16 conversion truncates): the rounding done on the bits."""
-    if ROUND_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(v != v, 0x7FC0, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(y_ptr.dtype.element_ty)
+from ._common import output_value, to_fp32
 
 
 @triton.jit
@@ -58,7 +45,7 @@ def conv_kernel(
     K, CIN, COUT, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW,
     s_x0, s_x1, s_x2, s_x3, s_y0, s_y1, s_yp, W_CODE_STRIDE, BIAS_CODE_STRIDE, PIX_TILES, OUT_TILES,
     PIXELS_BUCKET,  # HO * WO rounded up to a power of two: the autotune key only, never read here
-    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -114,7 +101,7 @@ def conv_kernel(
         acc = tl.where(keep_o[None, :], acc, 0.0)
     acc = tl.where(valid, acc, float("nan"))
     y_off = b * s_y0 + o[None, :] * s_y1 + pix.to(tl.int64)[:, None] * s_yp
-    tl.store(y_ptr + y_off, output_value(acc, y_ptr, ROUND_BF16), mask=in_range_p[:, None] & in_range_o[None, :])
+    tl.store(y_ptr + y_off, output_value(acc, y_ptr), mask=in_range_p[:, None] & in_range_o[None, :])
 
 
 @triton.jit
@@ -140,7 +127,7 @@ def welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 def group_norm_kernel(
     x_ptr, w_ptr, bias_ptr, codes_ptr, mask_ptr, y_ptr,
     K, C, G, P, GROUP_NUMEL, AFFINE_CODE_STRIDE, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -182,9 +169,9 @@ def group_norm_kernel(
             yv = tl.where(keep, yv, 0.0)  # before SiLU: no exp of the masked lanes' garbage
             if SILU:
                 yv = yv / (1.0 + tl.exp(-yv))
-            tl.store(y_ptr + base + e, output_value(yv, y_ptr, ROUND_BF16), mask=e < n)
+            tl.store(y_ptr + base + e, output_value(yv, y_ptr), mask=e < n)
     else:
-        nan = output_value(tl.full((BLOCK,), float("nan"), tl.float32), y_ptr, ROUND_BF16)
+        nan = output_value(tl.full((BLOCK,), float("nan"), tl.float32), y_ptr)
         for e0 in range(0, n, BLOCK):
             e = e0 + offsets
             tl.store(y_ptr + base + e, nan, mask=e < n)
