@@ -17,7 +17,7 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
   design    max(bytes / 4.3 TB/s, FLOPs / MMA rate): what the pass could reach with enough
             loads in flight. The cp.async kernels run bf16 / fp16 mma.sync at 790 TFLOP/s with
             the extra products of async_mma_work, the register-staged ones TF32 WMMA at half
-            that (their state pass 3xTF32: three products each) (copy bandwidth 4.3 TB/s and 790 TFLOP/s measured, KINDS.md of the device
+            that (their state pass splits phi(k) as hi + lo: two products each) (copy bandwidth 4.3 TB/s and 790 TFLOP/s measured, KINDS.md of the device
             library);
   latency   the Little's-law ceiling of the current code: the staging loop of each pass
             issues all of a thread's token loads of a slice before using any (TOKEN_LOADS_IN_FLIGHT:
@@ -183,8 +183,9 @@ def forward_passes(bh: int, n: int, d: int, elem: int = 2, variant: str = "async
         passes = [Pass("state", state_kernel, state_bytes, state_mma * async_mma_work("state", width), BF16_FLOPS,
                        "bf16 MMA")]
     else:
-        # 3xTF32 (kTf32x3Backward): S as accurate as m, for the backward's cancelling sums
-        passes = [Pass("state", state_kernel, state_bytes, 3 * state_mma, mma="3xTF32 MMA")]
+        # phi(k) as tf32 hi + lo (kSplitCancellingSums): S as accurate as m, for the backward's
+        # cancelling sums; two products each
+        passes = [Pass("state", state_kernel, state_bytes, 2 * state_mma, mma="2xTF32 MMA")]
     if nchunks > 1:
         passes.append(Pass(f"reduce ({nchunks} chunks)", "la_state_reduce_kernel", partials + final, 0.0))
     apply_bytes = bh * n * 2 * d * elem + final

@@ -89,14 +89,14 @@ def test_committed_sass_report_meets_issue_14_targets_by_the_issue_estimate():
 
 def test_padded_tiles_count_the_mma_work_issued():
     # D = 40: the register-staged kernels run 64-wide tiles, (64 / 40)^2 = 2.56x the useful
-    # products, three times in their 3xTF32 state pass; the cp.async kernels 48-wide ones, (48 / 40)^2 = 1.44x. The state pass's hi + lo
-    # operands and m columns (8 per warp's 48) and apply's S hi + lo and z columns (8 per 48)
-    # multiply that, at the bf16 rate.
+    # products, twice in their state pass (phi(k) as hi + lo); the cp.async kernels 48-wide
+    # ones, (48 / 40)^2 = 1.44x. The state pass's hi + lo operands and m columns (8 per warp's
+    # 48) and apply's S hi + lo and z columns (8 per 48) multiply that, at the bf16 rate.
     useful = 2 * 16 * 16384 * 40 * 40
     staged = model.forward_passes(16, 16384, 40, variant="staged")
     d80 = model.forward_passes(16, 16384, 80)[-1]  # apply at D = 80: 80-wide, exact, 8 z columns per 40
     assert abs(d80.flops / (2 * 16 * 16384 * 80 * 80) - (2 * 40 + 8) / 40) < 1e-9
-    assert abs(staged[0].flops / useful - 3 * 2.56) < 1e-9 and staged[0].flops_rate == model.TF32_FLOPS
+    assert abs(staged[0].flops / useful - 2 * 2.56) < 1e-9 and staged[0].flops_rate == model.TF32_FLOPS
     assert abs(staged[-1].flops / useful - 2.56) < 1e-9  # apply: plain TF32
     state, apply = model.forward_passes(16, 16384, 40)[0], model.forward_passes(16, 16384, 40)[-1]
     assert abs(state.flops / useful - 1.44 * 2 * (48 + 8) / 48) < 1e-9

@@ -11,8 +11,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from mmfast.triton import _common  # noqa: E402
-from mmfast.triton._common import output_value, split_dot, tf32_high  # noqa: E402
+from mmfast.triton._common import dot_operand, output_value, split_dot  # noqa: E402
 
 from _utils import TRITON_DEVICE  # noqa: E402
 
@@ -49,41 +48,63 @@ def test_output_value_rounds_to_nearest_even_as_torch(dtype):
 
 
 @triton.jit
-def _split_dot_kernel(a_ptr, b_ptr, c_ptr, DOT_PREC: tl.constexpr, SPLIT_A: tl.constexpr, M: tl.constexpr):
+def _dot_kernel(a_ptr, b_ptr, c_ptr, DOT_PREC: tl.constexpr, SPLIT_A: tl.constexpr, PLAIN: tl.constexpr,
+                M: tl.constexpr):
+    """c = a @ b by split_dot, or (PLAIN) by one tf32 dot of operands as a GPU reads them."""
     rows = tl.arange(0, M)
     a = tl.load(a_ptr + rows[:, None] * M + rows[None, :])
     b = tl.load(b_ptr + rows[:, None] * M + rows[None, :])
-    c = split_dot(a, b, None, DOT_PREC, SPLIT_A)
+    if PLAIN:
+        c = tl.dot(dot_operand(a, "tf32"), dot_operand(b, "tf32"), input_precision="tf32")
+    else:
+        c = split_dot(a, b, None, DOT_PREC, SPLIT_A)
     tl.store(c_ptr + rows[:, None] * M + rows[None, :], c)
 
 
-@triton.jit
-def _high_kernel(x_ptr, hi_ptr, M: tl.constexpr):
-    rows = tl.arange(0, M)
-    tl.store(hi_ptr + rows, tf32_high(tl.load(x_ptr + rows)))
+def _dot(a, b, precision="tf32", split_a=True, plain=False):
+    c = torch.empty(a.shape[0], b.shape[1], device=TRITON_DEVICE)
+    _dot_kernel[(1,)](a.to(TRITON_DEVICE), b.to(TRITON_DEVICE), c, DOT_PREC=precision, SPLIT_A=split_a, PLAIN=plain,
+                      M=a.shape[0])
+    return c.cpu()
+
+
+def _operands(split_a: bool, m: int = 16):
+    """An fp16-valued operand (exact in tf32) and an fp32 one, in the order split_dot takes."""
+    torch.manual_seed(0)
+    exact = torch.randn(m, m).half().float()
+    fp32 = torch.randn(m, m) * (1 + torch.rand(m, m))
+    return (fp32, exact) if split_a else (exact, fp32)
 
 
 @pytest.mark.parametrize("split_a", [True, False])
 def test_split_dot_keeps_fp32_accuracy_with_one_exact_operand(split_a):
-    """An fp16-valued operand (exact in tf32) times an fp32 one: split as hi + lo the product is
-    good to about 2^-20 of its terms, where one tf32 dot (the fp32 operand's low 13 bits
-    dropped, as the interpreter models a GPU) is off by about 2^-10."""
-    torch.manual_seed(0)
-    m = 16
-    exact = torch.randn(m, m).half().float()
-    fp32 = torch.randn(m, m) * (1 + torch.rand(m, m))
-    a, b = (fp32, exact) if split_a else (exact, fp32)
+    """Split as hi + lo, the product is good to about 2^-20 of its terms; one tf32 dot of the
+    same operands (as a GPU reads them; under the interpreter dot_operand truncates them) is off
+    by about 2^-11: what the split removes."""
+    a, b = _operands(split_a)
     want = a.double() @ b.double()
     terms = a.double().abs() @ b.double().abs()
-    results = {}
-    for precision in ("tf32", "ieee"):
-        c = torch.empty(m, m, device=TRITON_DEVICE)
-        _split_dot_kernel[(1,)](a.to(TRITON_DEVICE), b.to(TRITON_DEVICE), c, DOT_PREC=precision, SPLIT_A=split_a, M=m)
-        results[precision] = ((c.cpu().double() - want).abs() / terms).max().item()
-    assert results["tf32"] < 2**-19 and results["ieee"] < 2**-20, results
-    if _common.INTERPRET:  # the interpreter's plain tf32 dot: operands truncated by dot_operand
-        hi = torch.empty(m * m, device=TRITON_DEVICE)
-        _high_kernel[(1,)](fp32.reshape(-1).to(TRITON_DEVICE), hi, M=m * m)
-        one_dot = (exact.double() @ hi.cpu().double().reshape(m, m)) if not split_a else \
-            (hi.cpu().double().reshape(m, m) @ exact.double())
-        assert ((one_dot - want).abs() / terms).max().item() > 2**-14  # what the split removes
+    error = {name: ((got.double() - want).abs() / terms).max().item()
+             for name, got in (("split", _dot(a, b, split_a=split_a)), ("ieee", _dot(a, b, "ieee", split_a)),
+                               ("plain tf32", _dot(a, b, plain=True)))}
+    assert error["split"] < 2**-19 and error["ieee"] < 2**-20, error
+    assert error["plain tf32"] > 2**-14, error
+
+
+@pytest.mark.parametrize("split_a", [True, False])
+def test_split_dot_keeps_inf_and_nan(split_a):
+    """An infinite entry of the split operand is its own hi (its lo 0, not inf - inf = NaN): the
+    product is inf where a finite one would be, NaN where inf meets 0 or a NaN is summed in."""
+    a, b = _operands(split_a, m=16)
+    fp32 = a if split_a else b
+    exact = b if split_a else a
+    fp32[0, 0], fp32[1, 0], fp32[2, 3] = float("inf"), float("-inf"), float("nan")
+    if split_a:
+        exact[0, 5] = 0.0  # inf * 0 = NaN in (0, 5)
+    else:
+        exact[5, 0] = 0.0  # row 5 meets the inf of column 0 with 0
+    want = a.double() @ b.double()
+    got = _dot(a, b, split_a=split_a).double()
+    assert torch.equal(got.isnan(), want.isnan()), (got.isnan().nonzero().tolist(), want.isnan().nonzero().tolist())
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()])
+    assert want.isinf().any() and want.isnan().any()  # the case holds both

@@ -61,8 +61,8 @@ def split_dot(a, b, acc, DOT_PREC: tl.constexpr, SPLIT_A: tl.constexpr):
     tokens widened to fp32: 11 significant bits at most) and the other (a if SPLIT_A, else b)
     is any fp32. With DOT_PREC "tf32" the fp32 operand is split as hi + lo (tf32_high, then the
     exact rest) and multiplied twice: products good to about 2^-20 instead of tf32's 2^-10, for
-    twice one tf32 dot (tf32x3's third product, lo x lo, adds nothing when the other operand is
-    exact). The CUDA tensor-core kernels split theirs the same way, into 16-bit hi + lo
+    twice one tf32 dot (tf32x3's third product, the other operand's lo times this one's hi, is
+    zero when the other operand is exact). The CUDA tensor-core kernels split theirs the same way, into 16-bit hi + lo
     (split_pair). A sum that cancels (a gradient of identical tokens) keeps fp32-level accuracy. Other precisions: one
     dot as DOT_PREC says."""
     if DOT_PREC == "tf32":

@@ -46,7 +46,9 @@ The backward's sums that cancel (identical tokens make dq_i = (u_i + dz_i m) phi
 eps / z_i of its terms, dk likewise) multiply a token operand, exact in tf32, by the fp32 one
 split as hi + lo (split_dot: two tf32 dots): u = (do S^T) / z, dS = (phi(q) / z)^T do and
 v dS^T keep fp32 accuracy; a single tf32 dot left up to 3% of such a dq wrong. dv = phi(k) dS
-does not cancel and stays one dot.
+does not cancel and stays one dot. The state's phi(k) (elu1: not exact in 11 bits) is rounded
+once and m sums that rounded value too: S and m consistent, which those sums need, for no
+extra product (an 11-bit S against an fp32 m left a cancelling elu1 dq 2% of itself off).
 
 Strides: token tensors are read in place through their B/N/H strides (so a
 (B, H, N, D) tensor transposed to (B, N, H, D) costs no copy); only a last-dim
@@ -57,7 +59,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dot_operand, output_value, split_dot, to_fp32
+from ._common import dot_operand, output_value, split_dot, tf32_high, to_fp32
 
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
@@ -149,10 +151,18 @@ def outer_sum_kernel(
             z = tl.load(z_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=1.0)
             # 1/z scales phi(a), split as hi + lo; b (do) stays exact: dS feeds dk's cancelling sum
             step = split_dot(tl.trans(pa / z[:, None]), to_fp32(b), None, DOT_PREC, True)
-        elif HALF_DOT:
-            step = tl.dot(tl.trans(pa.to(b.dtype)), b)
         else:
-            step = tl.dot(dot_operand(tl.trans(pa), DOT_PREC), dot_operand(to_fp32(b), DOT_PREC), input_precision=DOT_PREC)
+            # m below sums phi(a) as the dot reads it (fp16, or tf32 for bf16: 11 bits, rounded
+            # here): S and m from one operand stay consistent, which the backward's cancelling
+            # u + dz m needs (an 11-bit S against an fp32 m left an elu1 dq 2e-2 of itself off).
+            if HALF_DOT:
+                pa_dot = pa.to(b.dtype)
+                step = tl.dot(tl.trans(pa_dot), b)
+                pa = pa_dot.to(tl.float32)
+            else:
+                if DOT_PREC == "tf32":
+                    pa = tf32_high(pa)  # exact in tf32 now: the GPU's conversion leaves it
+                step = tl.dot(tl.trans(pa), dot_operand(to_fp32(b), DOT_PREC), input_precision=DOT_PREC)
         acc += step.to(tl.float64)
         if HAS_W:
             w = tl.load(w_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=0.0)

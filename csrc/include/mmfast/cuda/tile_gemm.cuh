@@ -6,9 +6,9 @@
 // 4 x 4 register block: rows ty*4.., columns tx*4.. (ty = thread / 16, tx = thread % 16).
 // The product runs on the FMA units (exact fp32 / fp64), or, for float accumulators when the
 // caller asks (use_tc, uniform per block) and the arch has them (sm_80+), on TF32 tensor
-// cores (WMMA m16n16k8: operands rounded to 10 mantissa bits, fp32 accumulation), or with
-// Tf32x3 on three times the MMAs with each operand split as hi + lo (about fp32's accuracy,
-// for sums that cancel); the result lands in the same register block either way.
+// cores (WMMA m16n16k8: operands rounded to 10 mantissa bits, fp32 accumulation), where asked
+// with an operand split as hi + lo (one more MMA per split operand: about fp32's accuracy, for
+// sums that cancel); the result lands in the same register block either way.
 #pragma once
 
 #include <cfloat>
@@ -416,23 +416,38 @@ __device__ __forceinline__ void tc_zero(TcFragC (&c)[2]) {
   wmma::fill_fragment(c[1], 0.0f);
 }
 
-// hi = x rounded to tf32, lo = the rest rounded to tf32 (|lo| <= 2^-11 |x|): hi + lo holds x to
-// about 2^-22.
+// x with its low 13 significand bits cleared: exact as a tf32 operand, and x - tf32_high(x) is
+// exact in fp32 (an explicit mask: cvt.rna's low bits are not to be relied on).
+__device__ __forceinline__ float tf32_high(float x) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+#else
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  u &= 0xffffe000u;
+  memcpy(&x, &u, sizeof u);
+  return x;
+#endif
+}
+
+// x as hi + lo: hi = tf32_high(x), lo = the rest rounded to tf32 (|lo| < 2^-10 |x|, so hi + lo
+// holds x to about 2^-21). An infinite x is its own hi: its lo is 0, not inf - inf = NaN.
 template <class Frag>
 __device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
 #pragma unroll
   for (int i = 0; i < hi.num_elements; ++i) {
     const float x = hi.x[i];
-    hi.x[i] = wmma::__float_to_tf32(x);
-    // an infinite x is its own hi: its lo is 0, not inf - inf = NaN
+    hi.x[i] = tf32_high(x);
     lo.x[i] = wmma::__float_to_tf32(hi.x[i] == x ? 0.0f : x - hi.x[i]);
   }
 }
 
-// c += sum_l As[l][x] * Bs[l][y] over one staged kBK slice (As, Bs 32-byte aligned). Tf32x3: each operand as hi + lo and c += a_hi b_hi + a_lo b_hi + a_hi b_lo, products good to
-// about 2^-21 instead of tf32's 2^-11, for three times the MMAs: for sums that cancel (linear
-// attention's backward on identical tokens: dq is eps / z of its terms).
-template <bool Tf32x3 = false>
+// c += sum_l As[l][x] * Bs[l][y] over one staged kBK slice (As, Bs 32-byte aligned). SplitA /
+// SplitB: that operand as hi + lo (split_tf32), one more MMA each (a_lo b_hi, a_hi b_lo), products
+// good to about 2^-20 of the split operand instead of tf32's 2^-11, for sums that cancel
+// (linear attention's backward on identical tokens: dq is eps / z of its terms). An operand
+// whose values are exact in tf32 (16-bit tokens) needs no split.
+template <bool SplitA = false, bool SplitB = false>
 __device__ __forceinline__ void mma_tile(TcFragC (&c)[2], const float* As, const float* Bs) {
   const int warp = threadIdx.x / 32;
   const int m0 = (warp / 2) * 16, n0 = (warp % 2) * 32;
@@ -440,7 +455,7 @@ __device__ __forceinline__ void mma_tile(TcFragC (&c)[2], const float* As, const
   for (int k0 = 0; k0 < kBK; k0 += 8) {
     TcFragA a, a_lo;
     wmma::load_matrix_sync(a, As + k0 * kLd + m0, kLd);
-    if constexpr (Tf32x3) {
+    if constexpr (SplitA) {
       split_tf32(a, a_lo);
     } else {
       round_to_tf32(a);
@@ -449,13 +464,13 @@ __device__ __forceinline__ void mma_tile(TcFragC (&c)[2], const float* As, const
     for (int j = 0; j < 2; ++j) {
       TcFragB b, b_lo;
       wmma::load_matrix_sync(b, Bs + k0 * kLd + n0 + 16 * j, kLd);
-      if constexpr (Tf32x3) {
+      if constexpr (SplitB) {
         split_tf32(b, b_lo);
-        wmma::mma_sync(c[j], a_lo, b, c[j]);
-        wmma::mma_sync(c[j], a, b_lo, c[j]);
       } else {
         round_to_tf32(b);
       }
+      if constexpr (SplitA) wmma::mma_sync(c[j], a_lo, b, c[j]);
+      if constexpr (SplitB) wmma::mma_sync(c[j], a, b_lo, c[j]);
       wmma::mma_sync(c[j], a, b, c[j]);
     }
   }
@@ -503,14 +518,15 @@ __device__ __forceinline__ void tile_zero(TileAccumulator<A>& t, bool use_tc) {
 #endif
 }
 
-// t += the staged slice As^T Bs (Tf32x3: split products on the tensor-core path, see mma_tile).
-template <bool Tf32x3 = false, class A>
+// t += the staged slice As^T Bs (SplitA / SplitB: hi + lo operands on the tensor-core path, see
+// mma_tile).
+template <bool SplitA = false, bool SplitB = false, class A>
 __device__ __forceinline__ void tile_accumulate(TileAccumulator<A>& t, bool use_tc, const A* As, const A* Bs, int ty,
                                                 int tx) {
 #if MMFAST_CUDA_TF32_MMA
   if constexpr (kTensorCoreCapable<A>) {
     if (use_tc) {
-      mma_tile<Tf32x3>(t.frag, As, Bs);
+      mma_tile<SplitA, SplitB>(t.frag, As, Bs);
       return;
     }
   }
@@ -532,8 +548,8 @@ __device__ __forceinline__ void tile_finish(TileAccumulator<A>& t, bool use_tc, 
 // t.acc = sum_{l < L} FA(i, l) * FB(l, j) for the 64 x 64 tile (i = ty*4 + ., j = tx*4 + .).
 // FA(i, l) / FB(l, j) are element sources (a function or a SplitElement; 0 outside the valid
 // range). Starts and ends with __syncthreads(), so the caller may reuse As / Bs / Cs and any
-// other shared memory around it. Tf32x3: split products on the tensor-core path (mma_tile).
-template <bool AXFast, bool BXFast, bool Tf32x3 = false, class A, class FA, class FB>
+// other shared memory around it. SplitA / SplitB: hi + lo operands on the tensor-core path (mma_tile).
+template <bool AXFast, bool BXFast, bool SplitA = false, bool SplitB = false, class A, class FA, class FB>
 __device__ __forceinline__ void gemm_tile(TileAccumulator<A>& t, bool use_tc, int L, FA fa, FB fb, A* As, A* Bs,
                                           A* Cs, int ty, int tx) {
   tile_zero(t, use_tc);
@@ -547,7 +563,7 @@ __device__ __forceinline__ void gemm_tile(TileAccumulator<A>& t, bool use_tc, in
         Bs, split_element([&](int x, int l) { return eb.load(l0 + l, x); },
                           [&](const auto& raw, int x, int l) { return eb.finish(raw, l0 + l, x); }));
     __syncthreads();
-    tile_accumulate<Tf32x3>(t, use_tc, As, Bs, ty, tx);
+    tile_accumulate<SplitA, SplitB>(t, use_tc, As, Bs, ty, tx);
   }
   __syncthreads();
   tile_finish(t, use_tc, Cs, ty, tx);

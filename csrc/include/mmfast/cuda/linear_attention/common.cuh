@@ -99,13 +99,14 @@ template <class Input, FeatureMap Fm, bool TensorCores> struct Config {
 // fp16 / bf16: the inputs the cp.async kernels take (16-byte chunks of 8 elements).
 template <class T> constexpr bool kSixteenBit = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
-// The register-staged kernels run the products of the sums the backward cancels on 3xTF32
-// (tile_gemm.cuh's mma_tile): the state pass (S against m, dS), apply_backward's w and
-// do S^T, state_backward's v dS^T. Identical tokens make dq_i = (u_i + dz_i m) phi'(q_i) about
-// eps / z_i of its terms; 10-bit products left up to 48% of such a dq wrong (emulated, bf16;
-// test_linear_attention_emulated's identical-token cases). The cp.async kernels split their
-// operands as 16-bit hi + lo for the same reason.
-constexpr bool kTf32x3Backward = true;
+// The register-staged kernels split the fp32 operand of the products in the sums the backward
+// cancels as tf32 hi + lo (tile_gemm.cuh's mma_tile; the token operand, 16-bit, is exact): the
+// state pass (phi(k), phi(q) / z: S and dS as accurate as the fp32 m and dm), apply_backward's
+// w (phi(q) S, both split) and do S^T, state_backward's v dS^T. Identical tokens make dq_i =
+// (u_i + dz_i m) phi'(q_i) about eps / z_i of its terms; plain tf32 products left up to 48% of
+// such a dq wrong (emulated, bf16; test_linear_attention_emulated's identical-token cases).
+// The cp.async kernels split their operands as 16-bit hi + lo for the same reason.
+constexpr bool kSplitCancellingSums = true;
 
 // Sizes every kernel needs; each kernel's argument struct extends it.
 struct Dims {

@@ -203,9 +203,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
       stage_state_slice<C>(
           a, it, t0, [&](int x, int l) { return kk.row(t0 + l)[it.k0 + x]; },
           [&](int x, int l) { return vv.row(t0 + l)[it.v0 + x]; }, zsh, As, Bs);
-      // 3xTF32: S as accurate as m, which sums the same staged operand in fp32 (the backward's
-      // u + dz m and v dS^T + dm cancel against each other for identical tokens)
-      tile_accumulate<kTf32x3Backward>(tile, use_tc, As, Bs, ty, tx);
+      // phi(k) (phi(q) / z) split: S as accurate as m, which sums the same staged operand in fp32
+      // (the backward's u + dz m and v dS^T + dm cancel for identical tokens); v (do) is exact
+      tile_accumulate<kSplitCancellingSums, false>(tile, use_tc, As, Bs, ty, tx);
       if (it.do_mean) accumulate_mean(msum, As, wsh, ty);
       if (++slice % kFlushSlices == 0) {
         tile_flush(tile, wide, use_tc);

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_backwar
         return (l < a.dv && r < a.dk) ? dS[static_cast<int64_t>(r) * a.dv + l] : A(0);
       };
       // v dS^T + dm cancels for identical tokens (dv has no such sum: plain TF32 above)
-      gemm_tile<false, false, kTf32x3Backward>(tile, use_tc, a.dv, v_at, grad_state_t, As, Bs, Cs, ty, tx);
+      gemm_tile<false, false, false, kSplitCancellingSums>(tile, use_tc, a.dv, v_at, grad_state_t, As, Bs, Cs, ty, tx);
       store_tile(tile.acc, ty, tx, a.N - n0, a.dk - k0, [&](int i, int j, A value) {
         const int c = k0 + j;
         const A dphi_k = (value + dm[c]) / nf;
