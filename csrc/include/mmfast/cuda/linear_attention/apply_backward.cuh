@@ -119,7 +119,7 @@ __device__ __forceinline__ void apply_backward_dq(const ApplyBackwardArgs& a, co
 
 // Item = (64-token tile, b*h).
 template <class C>
-__global__ void __launch_bounds__(kThreads) la_apply_backward_kernel(ApplyBackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) la_apply_backward_kernel(ApplyBackwardArgs a) {
   using T = typename C::T;
   using A = acc_t<T>;
   __shared__ ApplyBackwardShared<A> sh;
