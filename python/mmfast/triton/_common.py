@@ -37,6 +37,16 @@ def tf32_high(x):
 
 
 @triton.jit
+def tf32_round(x):
+    """x rounded to tf32's 11 significant bits, to nearest (ties away from zero, as cvt.rna),
+    the low 13 bits then cleared: exact as a tf32 operand. inf and NaN are left as they are."""
+    bits = x.to(tl.uint32, bitcast=True)
+    special = (bits & 0x7F800000) == 0x7F800000
+    rounded = tl.where(special, bits, (bits + 0x1000) & 0xFFFFE000)
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot_operand(x, DOT_PREC: tl.constexpr):
     """x as a tf32 tensor core reads it when DOT_PREC is "tf32" under the interpreter: the low
     13 significand bits cleared (truncation, the larger of the GPU's possible errors: an

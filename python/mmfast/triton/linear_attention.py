@@ -52,11 +52,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _half_dot(dtype: torch.dtype) -> bool:
-    """phi(k)^T v of the state on half-precision MMAs: fp16 only, where rounding phi(k) to fp16
-    keeps the 11-bit significand tf32 has. bf16 would round phi(k) to 8 bits (~1e-3 relative
-    error in S): bf16 inputs go through fp32 operands and tf32 instead."""
-    return dtype == torch.float16
+def _half_dot(dtype: torch.dtype, feature_map: str) -> bool:
+    """phi(k)^T v of the state on half-precision MMAs: fp16 with relu or the identity map, where
+    phi(k) is the fp16 k itself (exact products). elu1's exp(k) leaves fp16's range (below 6e-8
+    for k < -17: S and m of such keys rounded to 0) and bf16 would keep 8 bits of phi(k):
+    those go through tf32 (11 bits, fp32's range) on fp32 operands instead."""
+    return dtype == torch.float16 and feature_map != "elu1"
 
 
 # False streams all of N through one program per (b, h, tile), the design of fla-org's
@@ -87,7 +88,7 @@ def outer_sum_meta(da: int, db: int, dtype: torch.dtype, feature_map: str, weigh
     apply_backward (weighted=True: b / z and w)."""
     ba, bb = _feature_tile(da), _feature_tile(db)
     return dict(FM=FEATURE_MAPS.index(feature_map), HAS_Z=weighted, HAS_W=weighted,
-                HALF_DOT=not weighted and _half_dot(dtype), DOT_PREC=_dot_precision(dtype),
+                HALF_DOT=not weighted and _half_dot(dtype, feature_map), DOT_PREC=_dot_precision(dtype),
                 BLOCK_N=_BLOCK_N, BA=ba, BB=bb, NUM_B_TILES=triton.cdiv(db, bb))
 
 

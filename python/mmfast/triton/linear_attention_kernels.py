@@ -39,16 +39,16 @@ rows are fp32, so the dots that touch them take fp32 operands: "ieee" for fp32
 inputs (matches the fp32 reference tightly), "tf32" for fp16/bf16 inputs (the op
 is memory bound, so tf32 instead of half MMAs costs no time, and S is never
 rounded to half as flash_bla does).  The one dot with only token operands,
-phi(k)^T v of the state, runs on fp16 MMAs for fp16 inputs (phi(k) rounded to
-fp16 keeps tf32's 11-bit significand) and on tf32 with phi(k) in fp32 for bf16
-(rounding phi(k) to bf16 would cost ~1e-3 relative error in S).
+phi(k)^T v of the state, runs on fp16 MMAs for fp16 inputs with relu or the
+identity map (phi(k) is the fp16 k: exact) and on tf32 otherwise (elu1's exp(k)
+leaves fp16's range below k = -17; bf16 would keep 8 bits of phi(k)).
 The backward's sums that cancel (identical tokens make dq_i = (u_i + dz_i m) phi'(q_i) about
 eps / z_i of its terms, dk likewise) multiply a token operand, exact in tf32, by the fp32 one
 split as hi + lo (split_dot: two tf32 dots): u = (do S^T) / z, dS = (phi(q) / z)^T do and
 v dS^T keep fp32 accuracy; a single tf32 dot left up to 3% of such a dq wrong. dv = phi(k) dS
-does not cancel and stays one dot. The state's phi(k) (elu1: not exact in 11 bits) is rounded
-once and m sums that rounded value too: S and m consistent, which those sums need, for no
-extra product (an 11-bit S against an fp32 m left a cancelling elu1 dq 2% of itself off).
+does not cancel and stays one dot. The state's phi(k) (elu1: not exact in 11 bits) is
+rounded to tf32 once and m sums that value too: S and m consistent, which those sums need,
+for no extra product (an 11-bit S against an fp32 m left a cancelling elu1 dq 2% of itself off).
 
 Strides: token tensors are read in place through their B/N/H strides (so a
 (B, H, N, D) tensor transposed to (B, N, H, D) costs no copy); only a last-dim
@@ -59,7 +59,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dot_operand, output_value, split_dot, tf32_high, to_fp32
+from ._common import dot_operand, output_value, split_dot, tf32_round, to_fp32
 
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
@@ -152,16 +152,15 @@ def outer_sum_kernel(
             # 1/z scales phi(a), split as hi + lo; b (do) stays exact: dS feeds dk's cancelling sum
             step = split_dot(tl.trans(pa / z[:, None]), to_fp32(b), None, DOT_PREC, True)
         else:
-            # m below sums phi(a) as the dot reads it (fp16, or tf32 for bf16: 11 bits, rounded
-            # here): S and m from one operand stay consistent, which the backward's cancelling
-            # u + dz m needs (an 11-bit S against an fp32 m left an elu1 dq 2e-2 of itself off).
+            # m below sums phi(a) as the dot reads it (tf32: 11 bits, rounded here; fp16 with
+            # HALF_DOT, where phi(a) is the fp16 a itself): S and m from one operand stay
+            # consistent, which the backward's cancelling u + dz m needs (an 11-bit S against an
+            # fp32 m left an elu1 dq 2e-2 of itself off).
             if HALF_DOT:
-                pa_dot = pa.to(b.dtype)
-                step = tl.dot(tl.trans(pa_dot), b)
-                pa = pa_dot.to(tl.float32)
+                step = tl.dot(tl.trans(pa.to(b.dtype)), b)
             else:
                 if DOT_PREC == "tf32":
-                    pa = tf32_high(pa)  # exact in tf32 now: the GPU's conversion leaves it
+                    pa = tf32_round(pa)  # exact in tf32 now: the GPU's conversion leaves it
                 step = tl.dot(tl.trans(pa), dot_operand(to_fp32(b), DOT_PREC), input_precision=DOT_PREC)
         acc += step.to(tl.float64)
         if HAS_W:

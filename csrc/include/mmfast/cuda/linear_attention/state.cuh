@@ -58,8 +58,9 @@ __device__ __forceinline__ StateItem state_item(const StateArgs& a, int64_t item
   return it;
 }
 
-// zsh[l], wsh[l] for the kBK tokens from t0: 1 and 1 (forward) or z_t and dz_t (apply_backward);
-// w = 0 past the chunk. Surrounded by barriers.
+// zsh[l], wsh[l] for the kBK tokens from t0: 1 and 1 (forward) or z_t and dz_t z_t (apply_backward:
+// the staged phi(q) carries 1 / z_t, so m's weight carries z_t back); w = 0 past the chunk.
+// Surrounded by barriers.
 template <class A>
 __device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const StateItem& it, int64_t t0, A* zsh,
                                                     A* wsh) {
@@ -70,7 +71,7 @@ __device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const St
     if (t < it.t_end && a.scalars != nullptr) {
       const A* s = static_cast<const A*>(a.scalars) + (it.bh * a.N + t) * 2;
       z = s[0];
-      w = s[1];
+      w = s[1] * z;
     }
     zsh[threadIdx.x] = z;
     wsh[threadIdx.x] = (t < it.t_end) ? w : A(0);
@@ -78,9 +79,10 @@ __device__ __forceinline__ void stage_token_scalars(const StateArgs& a, const St
   __syncthreads();
 }
 
-// As[l][x] = phi(k_{t0+l})[k0+x], Bs[l][x] = v_{t0+l}[v0+x] / z_l, zero past the chunk and dims.
-// raw_k(x, l) / raw_v(x, l) read the raw elements from global memory; they are only called
-// inside the bounds.
+// As[l][x] = phi(k_{t0+l})[k0+x] / z_l, Bs[l][x] = v_{t0+l}[v0+x], zero past the chunk and dims:
+// the 1 / z goes into the fp32 operand the tensor cores split as hi + lo, so Bs keeps the
+// tokens' values, exact in tf32 (as the cp.async pass puts it into phi(q) / z). raw_k(x, l) /
+// raw_v(x, l) read the raw elements from global memory; they are only called inside the bounds.
 template <class C, class A, class RawK, class RawV>
 __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const StateItem& it, int64_t t0, RawK raw_k,
                                                   RawV raw_v, const A* zsh, A* As, A* Bs) {
@@ -89,12 +91,13 @@ __device__ __forceinline__ void stage_state_slice(const StateArgs& a, const Stat
   const auto v_in = [&](int x, int l) { return t0 + l < it.t_end && it.v0 + x < a.dv; };
   stage_tile_pair<true, true>(
       As, split_element([&](int x, int l) { return k_in(x, l) ? raw_k(x, l) : from_acc<T>(A(0)); },
-                        [&](T raw, int x, int l) { return k_in(x, l) ? phi<C::fm>(to_acc(raw)) : A(0); }),
-      Bs, split_element([&](int x, int l) { return v_in(x, l) ? raw_v(x, l) : from_acc<T>(A(0)); },
                         [&](T raw, int x, int l) {
-                          if (!v_in(x, l)) return A(0);
-                          return a.scalars == nullptr ? to_acc(raw) : to_acc(raw) / zsh[l];  // forward: z = 1
-                        }));
+                          if (!k_in(x, l)) return A(0);
+                          const A p = phi<C::fm>(to_acc(raw));
+                          return a.scalars == nullptr ? p : p / zsh[l];  // forward: z = 1
+                        }),
+      Bs, split_element([&](int x, int l) { return v_in(x, l) ? raw_v(x, l) : from_acc<T>(A(0)); },
+                        [&](T raw, int x, int l) { return v_in(x, l) ? to_acc(raw) : A(0); }));
   __syncthreads();
 }
 
@@ -172,9 +175,9 @@ __device__ __forceinline__ void finish_state_item(const StateArgs& a, const Stat
   store_state_tile(a, it, tile.acc, msum, ty, tx);
 }
 
-// Accumulates S_tile[i][j] = sum_t phi(k_t)[k0+i] * v_t[v0+j] / z_t and (tile_v == 0 only)
-// m[k0+i] = sum_t phi(k_t)[k0+i] * w_t, with z_t = w_t = 1 (forward) or z_t, w_t = dz_t
-// (apply_backward).
+// Accumulates S_tile[i][j] = sum_t phi(k_t)[k0+i] / z_t * v_t[v0+j] and (tile_v == 0 only)
+// m[k0+i] = sum_t phi(k_t)[k0+i] / z_t * w_t, with z_t = w_t = 1 (forward) or z_t, w_t =
+// dz_t z_t (apply_backward).
 template <class C>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(StateArgs a) {
   using T = typename C::T;
@@ -203,8 +206,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_kernel(
       stage_state_slice<C>(
           a, it, t0, [&](int x, int l) { return kk.row(t0 + l)[it.k0 + x]; },
           [&](int x, int l) { return vv.row(t0 + l)[it.v0 + x]; }, zsh, As, Bs);
-      // phi(k) (phi(q) / z) split: S as accurate as m, which sums the same staged operand in fp32
-      // (the backward's u + dz m and v dS^T + dm cancel for identical tokens); v (do) is exact
+      // phi(k) (phi(q) / z) split: S (dS) as accurate as m (dm), which sums the same staged
+      // operand in fp32 (the backward's u + dz m and v dS^T + dm cancel for identical tokens);
+      // v (do) is exact
       tile_accumulate<kSplitCancellingSums, false>(tile, use_tc, As, Bs, ty, tx);
       if (it.do_mean) accumulate_mean(msum, As, wsh, ty);
       if (++slice % kFlushSlices == 0) {
