@@ -78,6 +78,7 @@ def _backward_only(fn, inputs, grad_out):
 def _forward_fn(provider):
     return {
         "mmfast": lambda q, k, v: ops.linear_attention(q, k, v),
+        "triton": lambda q, k, v: ops.linear_attention(q, k, v, backend="triton"),
         "eager": official_linear_attention,
         "sdpa": _sdpa,
     }[provider]
@@ -191,7 +192,9 @@ def test_backward(benchmark, shape):
         del inputs, grad_out
         make = lambda: (*_inputs(b, n, h, d, requires_grad=True), torch.randn(b, n, h, d, device=DEVICE, dtype=DTYPE))  # noqa: E731
         timings = {}
-        times = {provider: _gpu_backward_ms(provider, make, timings) for provider in providers}
+        # the Triton twin's backward too (its hi + lo products in the sums that cancel cost MMAs)
+        gpu_providers = providers + (["triton"] if HAS_TRITON else [])
+        times = {provider: _gpu_backward_ms(provider, make, timings) for provider in gpu_providers}
         _record(benchmark, "backward", name, b, n, h, d, times, mmfast_call_ms=round(call_ms, 4), timing=timings)
         return
     times = {}
