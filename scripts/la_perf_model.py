@@ -17,8 +17,8 @@ linear_attention/ launches it today (state -> reduce when split -> apply), it pr
   design    max(bytes / 4.3 TB/s, FLOPs / MMA rate): what the pass could reach with enough
             loads in flight. The cp.async kernels run bf16 / fp16 mma.sync at 790 TFLOP/s with
             the extra products of async_mma_work, the register-staged ones TF32 WMMA at half
-            that (their state pass splits phi(k) as hi + lo: two products each) (copy bandwidth 4.3 TB/s and 790 TFLOP/s measured, KINDS.md of the device
-            library);
+            that, their state pass twice (phi(k) as hi + lo) (copy bandwidth 4.3 TB/s and
+            790 TFLOP/s measured, KINDS.md of the device library);
   latency   the Little's-law ceiling of the current code: the staging loop of each pass
             issues all of a thread's token loads of a slice before using any (TOKEN_LOADS_IN_FLIGHT:
             k and v in the state pass, q in apply; scripts/sass_report.py shows them issued

@@ -561,11 +561,12 @@ void run_nan_propagation_async() {
 // Identical tokens (every k_j and v_j the same) make out ~ v whatever q is, so dq_i =
 // (u_i + dz_i m) phi'(q_i) cancels to eps / z_i of its terms, and dk likewise; relu with a
 // small Dk gives queries with phi(q) . phi(k) ~ 100 eps whose dq is the call's largest gradient,
-// 100-1000x smaller than its terms (elu1 with eps = 0.1: dq within 100x of the largest). The whole backward (state pass, apply_backward,
-// state_backward on the kernels' own S and m), each gradient against fp64 within the dtype's
-// tolerance of its own size (of the largest gradient where its own is under 1% of that, as the
-// Python tests' gradient_scale), and dq, dk within 8x of it against their own size. pad = 0
-// with Dk = 16: 16-byte rows (the cp.async kernels); pad = 1 or Dk = 5: the register-staged ones.
+// 100-1000x smaller than its terms (elu1 with eps = 0.1: a dq about 1% of the largest). The
+// whole backward (state pass, apply_backward, state_backward on the kernels' own S and m), each
+// gradient against fp64 within the dtype's tolerance of its own size (of the largest gradient
+// where its own is under 1% of that, as the Python tests' gradient_scale), and dq, dk within 8x
+// of it against their own size. pad = 0 with Dk = 16: 16-byte rows (the cp.async kernels);
+// pad = 1 or Dk = 5: the register-staged ones.
 template <class T> void run_identical_tokens(int64_t Dk, int64_t Dv, int pad, int fm = 2, double eps = 1e-4) {
   using A = mmfast::cuda::acc_t<T>;
   const int64_t B = 1, H = 2, N = 80;

@@ -58,7 +58,8 @@ __device__ __forceinline__ void apply_backward_w(const ApplyBackwardArgs& a, con
       return (l < a.dk && c < a.dv) ? it.S[static_cast<int64_t>(l) * a.dv + c] : A(0);
     };
     // phi(q) and S split: w feeds dz, whose dz m cancels against (do S^T) / z
-    gemm_tile<false, true, kSplitCancellingSums, kSplitCancellingSums>(tile, C::tc, a.dk, phi_q, state, sh.As, sh.Bs, sh.Cs, ty, tx);
+    gemm_tile<false, true, kSplitCancellingSums, kSplitCancellingSums>(tile, C::tc, a.dk, phi_q, state, sh.As, sh.Bs,
+                                                                       sh.Cs, ty, tx);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       A part = A(0);
@@ -108,7 +109,8 @@ __device__ __forceinline__ void apply_backward_dq(const ApplyBackwardArgs& a, co
       const int r = k0 + j;
       return (l < a.dv && r < a.dk) ? it.S[static_cast<int64_t>(r) * a.dv + l] : A(0);
     };
-    gemm_tile<false, false, false, kSplitCancellingSums>(tile, C::tc, a.dv, dout_at, state_t, sh.As, sh.Bs, sh.Cs, ty, tx);
+    gemm_tile<false, false, false, kSplitCancellingSums>(tile, C::tc, a.dv, dout_at, state_t, sh.As, sh.Bs, sh.Cs, ty,
+                                                         tx);
     store_tile(tile.acc, ty, tx, a.N - it.n0, a.dk - k0, [&](int i, int j, A value) {
       const int c = k0 + j;
       const A dphi_q = value / sh.zs[i] + sh.dzs[i] * sh.ms[c];
