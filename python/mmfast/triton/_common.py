@@ -72,9 +72,10 @@ def split_dot(a, b, acc, DOT_PREC: tl.constexpr, SPLIT_A: tl.constexpr):
     is any fp32. With DOT_PREC "tf32" the fp32 operand is split as hi + lo (tf32_high, then the
     exact rest) and multiplied twice: products good to about 2^-20 instead of tf32's 2^-10, for
     twice one tf32 dot (tf32x3's third product, the other operand's lo times this one's hi, is
-    zero when the other operand is exact). The CUDA tensor-core kernels split theirs the same way, into 16-bit hi + lo
-    (split_pair). A sum that cancels (a gradient of identical tokens) keeps fp32-level accuracy. Other precisions: one
-    dot as DOT_PREC says."""
+    zero when the other operand is exact). The CUDA kernels split theirs the same way (cp.async:
+    16-bit hi + lo, split_pair; register-staged: tf32 hi + lo, mma_tile). A sum that cancels (a
+    gradient of identical tokens) keeps fp32-level accuracy. Other precisions: one dot as
+    DOT_PREC says."""
     if DOT_PREC == "tf32":
         if SPLIT_A:
             exact = dot_operand(b, DOT_PREC)
