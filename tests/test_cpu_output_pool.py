@@ -170,6 +170,26 @@ def test_traced_peak_counts_storages_that_grow_and_tensors_made_from_data():
     assert traced_peak_bytes(lambda: torch.mm(a, a, out=a.new_empty(0)).resize_(1024, 512).sum()) == 2 * mib + 4
 
 
+
+def test_traced_peak_stands_in_for_meta_weights_on_the_trace_device():
+    """materialize=[module]: a model built on meta (nothing loaded) is traced as on the CPU, its
+    weights in use already (not counted) and back on meta afterwards, even after an error."""
+    from mmfast.memory import traced_peak_bytes
+
+    attention = torch.nn.MultiheadAttention(64, 4, batch_first=True, device="meta")
+    x = torch.empty(1, 1024, 64)
+    loaded = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    expected = traced_peak_bytes(lambda: loaded(x, x, x, need_weights=False)[0])
+    assert traced_peak_bytes(lambda: attention(x, x, x, need_weights=False)[0], materialize=[attention]) == expected
+    # traced on meta itself, SDPA takes its math path: the 4 x 1024 x 1024 scores (16 MiB) appear
+    q = torch.empty(1, 4, 1024, 16, device="meta")
+    on_meta = traced_peak_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), device="meta")
+    assert on_meta >= 4 * 1024 * 1024 * 4 > 8 * expected
+    with pytest.raises(RuntimeError):
+        traced_peak_bytes(lambda: attention.out_proj(x[:, :, :3]), materialize=[attention])
+    assert all(p.is_meta for p in attention.parameters())
+
+
 SCRIPT = """
 import torch, mmfast
 from mmfast.memory import cpu_output_pool

@@ -366,6 +366,29 @@ def test_cascade_under_a_memory_budget_uses_planned_options(pipe):
     assert out.stages[-1].options != MemoryOptions()
 
 
+@pytest.mark.parametrize("linfusion", [True, False], ids=["linfusion", "sdpa"])
+@pytest.mark.parametrize("options", [MemoryOptions(), MemoryOptions(vae_tiling="blend", vae_tile_size=16),
+                                     MemoryOptions(cfg_batch_size=1, vae_tiling="exact", vae_tile_size=8)],
+                         ids=["plain", "blend", "exact"])
+def test_memory_model_of_a_meta_pipeline_equals_the_loaded_one(pipe, linfusion, options):
+    """A pipeline built under accelerate.init_empty_weights (no weights: a 16K plan without
+    loading SD-XL) is predicted as the loaded one. Traced on meta, SDPA took its math path: the
+    VAE phases came out 40-250x too large at 256 x 512 px."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = tiny_pipeline(seed=0)
+    loaded = pipe
+    if not linfusion:
+        loaded = tiny_pipeline(seed=0)
+    else:
+        LinFusion.construct_for(empty, load_pretrained=False)
+    assert empty.unet.device.type == "meta" and empty.vae.device.type == "meta"
+    kwargs = dict(height=HEIGHT, width=WIDTH, strengths=STRENGTHS, options=options)
+    assert estimate_highres_memory(empty, **kwargs) == estimate_highres_memory(loaded, **kwargs)
+    assert all(p.is_meta for p in empty.vae.parameters()) and all(p.is_meta for p in empty.unet.parameters())
+
+
 _MEASURE_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from mmfast.models.linfusion import LinFusion, MemoryOptions, estimate_highres_memory, generate_highres

@@ -253,3 +253,19 @@ def test_sdxl_memory_model_traces_the_text_time_unet(pipe):
     weights = sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
                   for p in getattr(pipe, name).parameters())
     assert stages[0].weights_bytes >= weights  # both text encoders counted
+
+
+def test_sdxl_memory_model_of_a_meta_pipeline_in_fp16_equals_the_loaded_one():
+    """SD-XL in fp16 (the VAE upcast to fp32 for its passes) planned without loading weights:
+    built under accelerate.init_empty_weights, predicted as the loaded pipeline."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = tiny_sdxl_pipeline(seed=0)
+    loaded = tiny_sdxl_pipeline(seed=0)
+    for pipeline in (empty, loaded):
+        LinFusion.construct_for(pipeline, mid_dim_scale=MID_DIM_SCALE, load_pretrained=False)
+        pipeline.to(torch.float16)
+    assert empty.vae.device.type == "meta" and highres.vae_needs_upcast(empty)
+    kwargs = dict(height=HEIGHT, width=WIDTH, strengths=STRENGTHS)
+    assert estimate_highres_memory(empty, **kwargs) == estimate_highres_memory(loaded, **kwargs)

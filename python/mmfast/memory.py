@@ -148,21 +148,50 @@ class _LiveStorageBytes(TorchDispatchMode):
         self._tracked.pop(key, None)
 
 
-def traced_peak_bytes(fn, *args, device=None, **kwargs) -> int:
+def traced_peak_bytes(fn, *args, device=None, materialize: Sequence[torch.nn.Module] = (), **kwargs) -> int:
     """Predicted peak bytes of new tensors during fn(*args, **kwargs), without running it.
 
     Arguments may be real tensors (read as fakes: their memory counts as already in use) or
     tensors fn creates itself. Not counted: an argument's storage that fn grows in place
-    (`out=` into it, `resize_`); tensors fn creates are counted as they grow. device: count only tensors on it (None: all). The result (and everything fn returns) is discarded.
+    (`out=` into it, `resize_`); tensors fn creates are counted as they grow. device: count only
+    tensors on it (None: all). The result (and everything fn returns) is discarded.
+    materialize: modules whose meta-device parameters and buffers (a model built under
+    accelerate.init_empty_weights: nothing loaded) stand in during the trace as fake tensors on
+    `device` (CPU when None), counted as in use like real ones. Operators pick their kernels by
+    device: on meta, SDPA takes its math path, which holds the whole N x N score matrix.
     Raises whatever fn raises on fake tensors (e.g. a data-dependent .item()).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     tracker = _LiveStorageBytes(device)
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
-        result = fn(*args, **kwargs)
-        del result
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        holder = _MaterializedCall(materialize, fn, args, kwargs)
+        stand_ins = holder.stand_ins(torch.device("cpu") if device is None else torch.device(device))
+        with tracker:
+            result = torch.func.functional_call(holder, stand_ins, (), strict=False, tie_weights=True)
+            del result
     return tracker.peak
+
+
+class _MaterializedCall(torch.nn.Module):
+    """Holds the modules to materialize, so that functional_call swaps their meta tensors for
+    fake stand-ins for the duration of fn (and restores them after, even on an error)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], fn, args, kwargs):
+        super().__init__()
+        self.held = torch.nn.ModuleList(modules)
+        self._call = (fn, args, kwargs)
+
+    def stand_ins(self, device: torch.device) -> dict:
+        """Fake tensors (created under the caller's FakeTensorMode: no memory) for the meta ones."""
+        tensors = dict(self.named_parameters())
+        tensors.update(self.named_buffers())
+        return {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                for name, t in tensors.items() if t.is_meta}
+
+    def forward(self):
+        fn, args, kwargs = self._call
+        return fn(*args, **kwargs)
 
 
 def cpu_output_pool(budget_mb: Optional[int] = None, clear: bool = False) -> dict:

@@ -9,6 +9,10 @@ each phase (images, latents) are added. It sees PyTorch's tensors only: cuDNN/on
 workspaces and allocator rounding are not in it, nor is a ControlNet. Under a row-parallel
 split it predicts the whole image's UNet call, an upper bound for each rank's band.
 
+A pipeline on the meta device (built under accelerate.init_empty_weights: no weights loaded,
+a plan in seconds) is traced as on the CPU, whose SDPA is fused like CUDA's; on meta itself
+SDPA would take its math path and hold every N x N score matrix.
+
     stages = estimate_highres_memory(pipe, height=8192, width=16384, options=MemoryOptions(...))
     for s in stages: print(s.height, s.width, s.peak_bytes / 2**30)
 """
@@ -63,18 +67,31 @@ class StageMemory:
 
 
 def _module_bytes(pipe, device) -> int:
+    """Bytes of the pipeline's weights on `device`; on a meta pipeline all of them (its buffers
+    may stay on the CPU until it is loaded: the device is where they are all going)."""
     total = 0
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             for tensor in list(component.parameters()) + list(component.buffers()):
-                if tensor.device == device:
+                if tensor.device == device or device.type == "meta":
                     total += tensor.numel() * tensor.element_size()
     return total
 
 
+def _trace_device(module) -> torch.device:
+    """Where a module's call is traced: its device, the CPU for a meta module (see the top)."""
+    return torch.device("cpu") if module.device.type == "meta" else module.device
+
+
+def _traced_call_bytes(module, run) -> int:
+    """traced_peak_bytes of run() on the module's trace device, its meta weights stood in for."""
+    device = _trace_device(module)
+    return traced_peak_bytes(run, device=device, materialize=[module] if module.device.type == "meta" else [])
+
+
 def _unet_call(unet, rows: int, latent_h: int, latent_w: int):
     """A UNet call shaped like the pipeline's, its inputs created inside the trace."""
-    config, device, dtype = unet.config, unet.device, unet.dtype
+    config, device, dtype = unet.config, _trace_device(unet), unet.dtype
 
     def call():
         sample = torch.empty(rows, config.in_channels, latent_h, latent_w, device=device, dtype=dtype)
@@ -108,11 +125,11 @@ def _vae_pass_bytes(vae, options, encode: bool, batch: int, height: int, width: 
                                                        width // factor)
 
     def run():
-        x = torch.empty(shape, device=vae.device, dtype=vae.dtype)
+        x = torch.empty(shape, device=_trace_device(vae), dtype=vae.dtype)
         if encode:
             return vae_tiling.encode_images(vae, x, **kwargs)
         return vae_tiling.decode_latents(vae, x, **kwargs)
-    return traced_peak_bytes(run, device=vae.device)
+    return _traced_call_bytes(vae, run)
 
 
 def _blend_pass_bytes(vae, kwargs, encode: bool, batch: int, height: int, width: int, factor: int) -> int:
@@ -175,7 +192,7 @@ def estimate_stage_memory(pipe, *, index: int, height: int, width: int, options:
     rows = batch_size * (2 if guidance_scale > 1 else 1)
     def unet_pass() -> int:
         with memory_options_applied(unet, options):
-            return traced_peak_bytes(_unet_call(unet, rows, latent_h, latent_w), device=device)
+            return _traced_call_bytes(unet, _unet_call(unet, rows, latent_h, latent_w))
     unet_bytes = _memoized(memo, ("unet", rows, latent_h, latent_w, options.cfg_batch_size, options.token_chunk_size,
                                   options.ff_chunk_size), unet_pass)
     # the loop's latents, their initial copy, the CFG input and the noise prediction
