@@ -29,6 +29,11 @@ strength, denoising steps, seconds and measured peak next to the prediction. On 
 measured peak is the process's peak resident set (interpreter and libraries included), so compare
 the "stage" columns there: the growth above what was resident when the stage started.
 --save-stages writes every stage's image next to --output as <out stem>_stage<i><out suffix>.
+--plan-only prints the prediction (and the budget's plan) and exits, from a pipeline built without
+its weights (mmfast.models.linfusion.empty_pipeline): a 16K plan for a GPU in seconds, anywhere:
+
+    python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR --cascade \
+        --height 8192 --width 16384 --memory-budget-gb 80 --device cuda --plan-only
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ CASCADE_STEPS = 50  # LinFusion's notebooks
 VAE_TILING_CHOICES = ("none", "blend", "exact")
 MEMORY_KNOBS = ("cfg_batch_size", "token_chunk", "ff_chunk", "vae_tiling", "vae_tile")
 CASCADE_ONLY = ("strengths", "base_size", "cfg_batch_size", "ff_chunk", "vae_tiling", "vae_tile",
-                "memory_budget_gb", "save_stages")
+                "memory_budget_gb", "plan_only", "save_stages")
 
 
 def _strengths(text: str):
@@ -117,6 +122,10 @@ def parse_args(argv=None):
     cascade.add_argument("--memory-budget-gb", type=float, default=None,
                          help="GiB (2**30 bytes) per stage: pick the lightest memory options predicted to fit "
                               "(excludes the explicit knobs above and --token-chunk)")
+    cascade.add_argument("--plan-only", action="store_true",
+                         help="print the memory model's prediction (and --memory-budget-gb's plan) and exit: the "
+                              "pipeline is built without its weights (seconds at 16K), and --device is the device "
+                              "planned for (its dtype), which need not be here")
     cascade.add_argument("--save-stages", action="store_true",
                          help="also write each stage's image next to --output (<stem>_stage<i><suffix>)")
     args = parser.parse_args(argv)
@@ -134,7 +143,10 @@ def _check_args(parser, args):
     if args.token_chunk is not None and args.token_chunk < 0:
         parser.error(f"--token-chunk must be >= 0, got {args.token_chunk}")
     cli.require_positive(parser, steps=args.steps, height=args.height, width=args.width)
-    cli.check_device(parser, args.device, args.backend)
+    if args.plan_only:  # a plan for a GPU can be made where there is none: the name is checked only
+        _check_device_name(parser, args.device)
+    else:
+        cli.check_device(parser, args.device, args.backend)
     args.output = cli.check_output(parser, args.output, kind="image")
     if not args.cascade:
         given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]
@@ -166,6 +178,14 @@ def _check_args(parser, args):
     _check_cascade_sizes(parser, args)
 
 
+def _check_device_name(parser, device: str) -> None:
+    try:
+        if torch.device(device).type not in ("cpu", "cuda"):
+            parser.error(f"--device {device}: --plan-only plans for cpu or cuda")
+    except RuntimeError as error:
+        parser.error(f"--device {device!r}: {error}")
+
+
 def _check_cascade_sizes(parser, args):
     """What the arguments alone decide, by the cascade's own rule (cascade_sizes) with the
     multiple every pipeline needs, 8 px: the pipeline's own multiple is checked once it is loaded."""
@@ -194,6 +214,8 @@ def default_dtype(args) -> torch.dtype:
 
 
 def load_pipeline(args, dtype):
+    if args.plan_only:
+        return empty_pipeline(args, dtype)
     if args.tiny:
         from mmfast.testing.tiny_diffusers import tiny_pipeline
 
@@ -203,6 +225,24 @@ def load_pipeline(args, dtype):
 
     return AutoPipelineForText2Image.from_pretrained(args.pipeline, torch_dtype=dtype, safety_checker=None,
                                                      requires_safety_checker=False, local_files_only=True)
+
+
+def empty_pipeline(args, dtype):
+    """The pipeline without its weights (on the meta device): what the memory model needs."""
+    if args.tiny:
+        from accelerate import init_empty_weights
+
+        from mmfast.testing.tiny_diffusers import tiny_pipeline
+
+        with init_empty_weights():
+            pipe = tiny_pipeline(seed=args.seed)
+        for component in pipe.components.values():  # (ModelMixin.to would warn that it is not from_pretrained)
+            if isinstance(component, torch.nn.Module):
+                torch.nn.Module.to(component, dtype)
+        return pipe
+    from mmfast.models.linfusion import empty_pipeline as build_empty
+
+    return build_empty(args.pipeline, torch_dtype=dtype)
 
 
 # --- the cascade ---------------------------------------------------------------------------
@@ -337,6 +377,8 @@ def run_cascade(args, pipe):
         raise SystemExit(f"error: {error}")
     print_prediction(predicted, plans, args.strengths)
     print(f"  (predicted in {time.perf_counter() - tick:.1f} s)")
+    if args.plan_only:
+        return predicted, plans
 
     start = time.perf_counter()
     out = generate_highres(pipe, args.prompt, height=height, width=width, base_size=base_size,
@@ -360,7 +402,9 @@ def main(argv=None):
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args)
     if args.tiny and args.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (slow on a busy machine)
-    pipe = load_pipeline(args, dtype).to(args.device)
+    pipe = load_pipeline(args, dtype)
+    if not args.plan_only:
+        pipe = pipe.to(args.device)
     linfusion = LinFusion.construct_for(pipe, pretrained=args.linfusion, load_pretrained=bool(args.linfusion))
     chunk = DEFAULT_TOKEN_CHUNK if args.token_chunk is None else args.token_chunk
     linfusion.set_token_chunk_size(chunk or None)  # the cascade sets it per stage from its MemoryOptions

@@ -77,6 +77,16 @@ def test_tiny_cascade_save_stages(tmp_path):
     assert "256x128 image in" in stdout
 
 
+def test_tiny_cascade_plan_only_prints_the_plan_and_writes_nothing(tmp_path):
+    """--plan-only: the pipeline built without weights, the budget's plan printed for a GPU that
+    need not be here (--device cuda: its bf16 for --tiny), no image and no cascade run."""
+    stdout = _run(tmp_path, "--tiny", "--cascade", "--plan-only", "--device", "cuda", "--memory-budget-gb", "0.02")
+    predicted = _table(stdout, "memory model, predicted per stage")
+    assert [row[:4] for row in predicted] == [(i, w, h, s) for i, (h, w, s, _) in enumerate(TINY_CASCADE)]
+    assert predicted[0][4][-2:] == ["unchunked,", "untiled"] and "cfg_batch=1" in predicted[-1][4]
+    assert "cascade stages, measured" not in stdout and os.listdir(tmp_path) == []
+
+
 @pytest.fixture(scope="module")
 def example():
     return runpy.run_path(EXAMPLE, run_name="linfusion_highres_example")
@@ -85,6 +95,8 @@ def example():
 @pytest.mark.parametrize("args, message", [
     (["--tiny", "--strengths", "0.4"], "need --cascade"),
     (["--tiny", "--save-stages"], "need --cascade"),
+    (["--tiny", "--plan-only"], "need --cascade"),
+    (["--tiny", "--cascade", "--plan-only", "--device", "meta"], "--plan-only plans for cpu or cuda"),
     (["--tiny", "--cascade", "--memory-budget-gb", "80", "--ff-chunk", "4096"], "drop --ff-chunk"),
     (["--tiny", "--cascade", "--memory-budget-gb", "80", "--token-chunk", "4096"], "drop --token-chunk"),
     (["--tiny", "--cascade", "--vae-tile", "64"], "--vae-tile needs --vae-tiling"),

@@ -389,6 +389,28 @@ def test_memory_model_of_a_meta_pipeline_equals_the_loaded_one(pipe, linfusion, 
     assert all(p.is_meta for p in empty.vae.parameters()) and all(p.is_meta for p in empty.unet.parameters())
 
 
+def test_empty_pipeline_from_a_directory_plans_as_the_loaded_one(tmp_path):
+    """empty_pipeline(dir): the models built from their configs on meta (no weights read), the
+    tokenizer and scheduler loaded; its prediction equals the loaded pipeline's, in fp16 too."""
+    from diffusers import StableDiffusionPipeline
+
+    from mmfast.models.linfusion import empty_pipeline
+
+    tiny_pipeline(seed=0).save_pretrained(tmp_path)
+    for dtype in (None, torch.float16):
+        empty = empty_pipeline(str(tmp_path), torch_dtype=dtype)
+        loaded = StableDiffusionPipeline.from_pretrained(tmp_path, torch_dtype=dtype, local_files_only=True)
+        for pipeline in (empty, loaded):
+            LinFusion.construct_for(pipeline, load_pretrained=False)
+        assert all(p.is_meta for name in ("unet", "vae", "text_encoder") for p in getattr(empty, name).parameters())
+        assert empty.unet.dtype == loaded.unet.dtype == (dtype or torch.float32)
+        assert empty.tokenizer("a fox").input_ids == loaded.tokenizer("a fox").input_ids
+        kwargs = dict(height=HEIGHT, width=WIDTH, strengths=STRENGTHS)
+        assert estimate_highres_memory(empty, **kwargs) == estimate_highres_memory(loaded, **kwargs)
+    with pytest.raises(FileNotFoundError, match="model_index.json not found; expected a diffusers pipeline"):
+        empty_pipeline(str(tmp_path / "unet"))
+
+
 _MEASURE_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from mmfast.models.linfusion import LinFusion, MemoryOptions, estimate_highres_memory, generate_highres

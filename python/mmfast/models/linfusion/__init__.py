@@ -8,7 +8,8 @@
 from .attention import LINFUSION_EPS, GeneralizedLinearAttention, LinFusionAttnProcessor, nonlinear_projection
 from .distill import LinFusionDistiller, capture_outputs, distillation_loss
 from .highres import DEFAULT_STRENGTHS, HighResOutput, HighResStage, MemoryOptions, generate_highres
-from .highres_memory import StageMemory, estimate_highres_memory, plan_highres_memory, plan_memory_options
+from .highres_memory import (StageMemory, empty_pipeline, estimate_highres_memory, plan_highres_memory,
+                             plan_memory_options)
 from .model import LinFusion, LinFusionMismatchError, ModuleSpec, recommended_dtype, unet_attn1_specs, unet_family
 from .row_parallel import gather_rows, row_parallel_unet, split_rows
 
@@ -18,6 +19,7 @@ __all__ = [
     "HighResStage",
     "MemoryOptions",
     "StageMemory",
+    "empty_pipeline",
     "estimate_highres_memory",
     "generate_highres",
     "plan_highres_memory",

@@ -19,6 +19,8 @@ SDPA would take its math path and hold every N x N score matrix.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import List, Optional, Sequence
@@ -210,6 +212,73 @@ def estimate_highres_memory(pipe, *, height: int, width: int, base_size: Optiona
     return [estimate_stage_memory(pipe, index=index, height=h, width=w, options=options,
                                   guidance_scale=guidance_scale, batch_size=batch_size)
             for index, (h, w) in enumerate(sizes)]
+
+
+def empty_pipeline(directory: str, torch_dtype: Optional[torch.dtype] = None):
+    """A diffusers pipeline from a local directory (model_index.json) with no weights loaded:
+    its models built from their configs on the meta device (accelerate.init_empty_weights), so
+    that estimate_highres_memory / plan_highres_memory plan a 16K cascade in seconds without
+    reading gigabytes. Tokenizers and schedulers load from their (small) files; safety checkers
+    and feature extractors are left out. It cannot generate: load the pipeline to run it.
+
+    torch_dtype: the dtype to plan for (the configs' dtype, fp32, when None).
+    Raises FileNotFoundError for a directory without model_index.json, ValueError for a
+    component class diffusers / transformers do not have.
+    """
+    import importlib
+    import inspect
+
+    import diffusers
+
+    index_path = os.path.join(directory, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"empty_pipeline: {index_path} not found; expected a diffusers pipeline directory "
+                                "(e.g. a local copy of stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    with open(index_path) as f:
+        index = json.load(f)
+    pipeline_class = getattr(diffusers, index["_class_name"], None)
+    if pipeline_class is None:
+        raise ValueError(f"empty_pipeline: diffusers {diffusers.__version__} has no pipeline {index['_class_name']!r}")
+    components = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        library, class_name = value
+        if library not in ("diffusers", "transformers") or name in ("safety_checker", "feature_extractor"):
+            components[name] = None  # a checker or its image processor: no part of the memory model
+            continue
+        component_class = getattr(importlib.import_module(library), class_name, None)
+        if component_class is None:
+            raise ValueError(f"empty_pipeline: {library} has no {class_name} ({index_path}: {name!r})")
+        components[name] = _empty_component(component_class, os.path.join(directory, name), torch_dtype)
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    if "requires_safety_checker" in accepted:
+        components["requires_safety_checker"] = False
+    return pipeline_class(**{key: value for key, value in components.items() if key in accepted})
+
+
+def _empty_component(component_class, folder: str, torch_dtype):
+    """A model built from its config on meta (no weights read), or a tokenizer / scheduler loaded."""
+    from accelerate import init_empty_weights
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    if issubclass(component_class, ModelMixin):
+        with init_empty_weights():
+            model = component_class.from_config(component_class.load_config(folder))
+    elif issubclass(component_class, PreTrainedModel):
+        config = component_class.config_class.from_pretrained(folder)
+        with init_empty_weights():
+            model = component_class._from_config(config)
+    else:
+        return component_class.from_pretrained(folder)
+    if torch_dtype is not None:  # as from_pretrained(torch_dtype=...) casts, keeping the modules it keeps in fp32
+        torch.nn.Module.to(model, torch_dtype)  # (ModelMixin.to warns that it is not from_pretrained)
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for name, module in model.named_modules():
+            if any(part in keep for part in name.split(".")):
+                module.float()
+    return model.eval()
 
 
 def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, stage: int = 1,
