@@ -15,7 +15,7 @@ from mmfast.models.aptp import (ArchitectureCode, AptpUNet, DepthSkip, Router, a
                                 contrastive_loss, dense_skeleton, depth_gates, load_expert, prune_unet,
                                 random_architecture, run_per_expert, save_expert, sinkhorn, width_gates)
 from mmfast.models.aptp.unet import CodedAttnProcessor  # noqa: E402
-from mmfast.testing.tiny_aptp import soft_arch_vector, tiny_experts, tiny_inputs  # noqa: E402
+from mmfast.testing.tiny_aptp import soft_arch_vector, tiny_aptp_unet, tiny_experts, tiny_inputs  # noqa: E402
 
 CODES = [2, 0, 2, 1, 0, 2]
 
@@ -124,6 +124,33 @@ def test_attention_runs_kept_heads_only(setup):
     with pytest.warns(UserWarning, match="over every head"):
         masked = model(x, t, text, codes, encoder_attention_mask=torch.ones(len(CODES), text.shape[1]))
     assert_matches(masked, plain)
+
+
+@torch.no_grad()
+def test_loaded_state_dict_and_edited_masks_replan_the_kept_heads():
+    """A skeleton AptpUNet of other experts, given this one's state dict (strict, every key
+    matched), ran its old head plan: heads the loaded masks keep came out as zeros (17% of the
+    output scale off). The plan follows the masks: after load_state_dict (in place or assign)
+    and after an in-place mask edit."""
+    base = tiny_aptp_unet()
+    _, first = tiny_experts(2, torch.Generator().manual_seed(1), base=base, skip_depth=(0.0,))
+    _, second = tiny_experts(2, torch.Generator().manual_seed(2), base=base, skip_depth=(0.0,))
+    x, t, text = tiny_inputs(2)
+    codes = torch.tensor([0, 1])
+    source = AptpUNet.from_experts(base, first)
+    expected = source(x, t, text, codes)
+    for assign in (False, True):
+        skeleton = AptpUNet.from_experts(base, second)
+        skeleton(x, t, text, codes)  # plans the second experts' heads
+        skeleton.load_state_dict(source.state_dict(), strict=True, assign=assign)
+        assert_matches(skeleton(x, t, text, codes), expected, rel=1e-6)
+    attention = next(m for m in skeleton.unet.modules()
+                     if isinstance(getattr(m, "processor", None), CodedAttnProcessor))
+    head = attention.inner_dim // attention.heads
+    for name in ("to_q", "to_k", "to_v"):  # code 0 now drops head 0 of this layer, as if pruned
+        getattr(attention, name).out_mask[0, :head] = False
+    skeleton(x, t, text, codes)
+    assert 0 not in attention.processor.kept_heads[0] and 0 in attention.processor.kept_heads[1]
 
 
 @torch.no_grad()

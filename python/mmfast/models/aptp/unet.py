@@ -23,7 +23,7 @@ import contextlib
 import copy
 import threading
 import warnings
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -235,23 +235,38 @@ class CodedAttnProcessor:
     masked head has q = k = v = 0 and attends to exact zeros: running it is pure waste (half of
     the attention at keep 0.5). This processor gathers the kept (row, head) pairs of the batch
     into one SDPA call over (pairs, tokens, head_dim) and scatters the result into a zero
-    (B, N, heads * head_dim) tensor, what the full-head computation gives. head_kept (K, heads)
-    bool: the heads a code keeps in any of q / k / v. The pairs are planned on the host per tuple
-    of row codes (one read of the codes per UNet call, CodeState.as_tuple) and kept for later
-    steps (the codes stay fixed over a sampling run). Inputs outside SD's plain self / cross
+    (B, N, heads * head_dim) tensor, what the full-head computation gives. A code keeps the heads
+    it keeps in any of q / k / v, read from the layer's masks on the first call and again
+    whenever a mask changes (load_state_dict, an in-place edit: its version counter moves); a
+    layer that keeps every head runs diffusers' AttnProcessor2_0. The pairs are planned on the
+    host per tuple of row codes (one read of the codes per UNet call, CodeState.as_tuple) and
+    kept for later steps (the codes stay fixed over a sampling run). Inputs outside SD's plain self / cross
     attention (an attention mask, 4-D hidden states, spatial / group / q-k norms) go through
     diffusers' AttnProcessor2_0 over every head instead, which computes the same result."""
 
     _MAX_PLANS = 64  # distinct batches' code tuples remembered per layer
 
-    def __init__(self, state: CodeState, head_kept: torch.Tensor):
+    def __init__(self, state: CodeState):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.state, self.full = state, AttnProcessor2_0()
-        self.kept_heads = [torch.nonzero(row)[:, 0].tolist() for row in head_kept.bool().cpu()]
-        self.heads = head_kept.shape[1]
+        self.kept_heads: List[List[int]] = []  # per code, read from the masks by _prunes_heads
+        self.heads = 0
+        self._masks_read: Optional[tuple] = None  # (id, version) of the masks kept_heads was read from
         self._plans: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned = False
+
+    def _prunes_heads(self, attn) -> bool:
+        """Whether some code prunes a head of this layer, re-reading its masks when they changed."""
+        masks = [getattr(attn, name).out_mask for name in ("to_q", "to_k", "to_v")]
+        read = tuple((id(mask), mask._version) for mask in masks)
+        if read != self._masks_read:
+            head_kept = _kept_heads(attn)
+            self.kept_heads = [torch.nonzero(row)[:, 0].tolist() for row in head_kept.cpu()]
+            self.heads = head_kept.shape[1]
+            self._plans.clear()
+            self._masks_read = read
+        return any(len(kept) < self.heads for kept in self.kept_heads)
 
     def _pairs(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """(rows, heads) int64 on device: every kept (row, head) pair of the batch."""
@@ -274,8 +289,9 @@ class CodedAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None, *args, **kwargs):
-        if not self._plain(attn, hidden_states, attention_mask, args, kwargs):
-            if not self._warned:
+        plain = self._plain(attn, hidden_states, attention_mask, args, kwargs)
+        if not plain or not self._prunes_heads(attn):
+            if not plain and not self._warned:
                 self._warned = True
                 warnings.warn("CodedAttnProcessor: an attention mask, 4-D input or extra norms: this layer runs "
                               "SDPA over every head (masked heads as zeros, the same result, slower)", stacklevel=2)
@@ -301,8 +317,16 @@ class CodedAttnProcessor:
         return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
 
 
+def _kept_heads(attn) -> torch.Tensor:
+    """(K, heads) bool: the heads each code keeps in any of the layer's q / k / v."""
+    return torch.stack([getattr(attn, n).out_mask.view(-1, attn.heads, attn.inner_dim // attn.heads)
+                        for n in ("to_q", "to_k", "to_v")]).any(dim=(0, 3))
+
+
 def _prune_attention_heads(unet: nn.Module, state: CodeState) -> None:
-    """CodedAttnProcessor on every attention whose heads some code prunes."""
+    """CodedAttnProcessor on every attention with coded q / k / v: it skips the heads a code
+    prunes, and follows the masks when they change (a layer with no pruned head now may have
+    some after load_state_dict)."""
     from diffusers.models.attention_processor import Attention
 
     for module in unet.modules():
@@ -310,10 +334,7 @@ def _prune_attention_heads(unet: nn.Module, state: CodeState) -> None:
                 module.added_kv_proj_dim is not None or not all(
                     isinstance(getattr(module, n), CodedLinear) for n in ("to_q", "to_k", "to_v")):
             continue  # (grouped k / v heads, added k / v projections: every head runs)
-        head_kept = torch.stack([getattr(module, n).out_mask.view(-1, module.heads, module.inner_dim // module.heads)
-                                 for n in ("to_q", "to_k", "to_v")]).any(dim=(0, 3))
-        if not bool(head_kept.all()):
-            module.set_processor(CodedAttnProcessor(state, head_kept))
+        module.set_processor(CodedAttnProcessor(state))
 
 
 # --- stacking the experts ---------------------------------------------------------------------------
