@@ -104,7 +104,7 @@ def test_aptp_unet_step(benchmark, models):
     base, experts, model = models
     sample, timestep, text, codes = inputs()
     with torch.inference_mode():
-        mixed = model(sample, timestep, text, codes)
+        mixed = model(sample, timestep, text, codes).sample
         split = run_per_expert(experts, sample, timestep, text, codes)
     max_diff = (mixed.float() - split.float()).abs().max().item()
 
@@ -118,7 +118,7 @@ def test_aptp_unet_step(benchmark, models):
                 fn()
         return call
 
-    mixed_call = run(lambda: model(sample, timestep, text, codes))
+    mixed_call = run(lambda: model(sample, timestep, text, codes).sample)
     times = {"mmfast": run_timed(benchmark, mixed_call, DEVICE, rounds=REPEATS, warmup=1)}
     per_code = run(lambda: run_per_expert(experts, sample, timestep, text, codes))
     times["per_code"] = median_ms(per_code, DEVICE, 1, REPEATS)
@@ -178,7 +178,7 @@ def test_aptp_unet_step_paired(benchmark, models):
                 return median_ms(fn, DEVICE, warmup=0, repeats=1)
         return ms
 
-    mixed = lambda: model(sample, timestep, text, codes)  # noqa: E731
+    mixed = lambda: model(sample, timestep, text, codes).sample  # noqa: E731
     room_mib = int(weight_bytes(e for e, _ in experts) / 2**20) + 64
 
     def static_plan_ms():

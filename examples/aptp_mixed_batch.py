@@ -198,7 +198,7 @@ def main():
     print(f"codes per prompt: {codes.tolist()} ({len(torch.unique(codes))} distinct of {len(experts)}), "
           f"{rows} rows{' (CFG)' if args.cfg else ''}, latents {tuple(sample.shape)}")
 
-    mixed_pass = lambda: model(sample, timestep, text, codes)  # noqa: E731
+    mixed_pass = lambda: model(sample, timestep, text, codes).sample  # noqa: E731
     with torch.inference_mode(), mmfast.use_backend(args.backend or mmfast.get_backend()):
         mixed, t_mixed = timed(mixed_pass, args.repeats, device)
         t_planned = kept = None

@@ -60,7 +60,7 @@ def test_mixed_batch_equals_sliced_experts(setup):
     assert any(not bool(v.all()) for v in archs[2].width.values() if v.numel() <= 6)  # some heads pruned
     x, t, text = tiny_inputs(len(CODES))
     expected = per_expert(experts, x, t, text, CODES)
-    actual = model(x, t, text, torch.tensor(CODES))
+    actual = model(x, t, text, torch.tensor(CODES)).sample
     assert actual.shape == expected.shape == x.shape
     assert_matches(actual, expected)
     # a row run by another expert differs: the test tells experts apart
@@ -69,11 +69,14 @@ def test_mixed_batch_equals_sliced_experts(setup):
     # the one-pass-per-code baseline (per-row timesteps sliced with the rows) agrees
     assert_matches(run_per_expert(experts, x, t, text, torch.tensor(CODES)), expected)
     # one code only, and already-sorted codes
-    assert_matches(model(x[:2], t[:2], text[:2], torch.tensor([1, 1])), per_expert(experts, x[:2], t[:2], text[:2],
-                                                                                    [1, 1]))
+    assert_matches(model(x[:2], t[:2], text[:2], torch.tensor([1, 1])).sample,
+                   per_expert(experts, x[:2], t[:2], text[:2], [1, 1]))
     # diffusers' pipelines pass return_dict=False (a new-user trial got a 10,000-character TypeError)
     as_tuple = model(x, t, text, torch.tensor(CODES), return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], actual)
+    # by default UNet2DConditionOutput, as the UNet's: [0] is the batch (a bare tensor gave its first row)
+    output = model(x, t, text, torch.tensor(CODES))
+    assert type(output).__name__ == "UNet2DConditionOutput" and torch.equal(output[0], actual)
 
 
 @torch.no_grad()
@@ -85,12 +88,12 @@ def test_one_model_serves_several_threads(setup):
     _, experts, model = setup
     x, t, text = tiny_inputs(4)
     batches = [torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 1, 1])]
-    expected = [model(x, t, text, codes) for codes in batches]
+    expected = [model(x, t, text, codes).sample for codes in batches]
     failures = []
 
     def run(index):
         for _ in range(6):
-            if not torch.equal(model(x, t, text, batches[index]), expected[index]):
+            if not torch.equal(model(x, t, text, batches[index]).sample, expected[index]):
                 failures.append(index)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
@@ -101,7 +104,7 @@ def test_one_model_serves_several_threads(setup):
     assert not failures
     assert model.state.codes is None
     copy_ = copy.deepcopy(model)  # the per-thread state copies (empty)
-    assert torch.equal(copy_(x, t, text, batches[0]), expected[0])
+    assert torch.equal(copy_(x, t, text, batches[0]).sample, expected[0])
 
 
 @torch.no_grad()
@@ -114,7 +117,7 @@ def test_attention_runs_kept_heads_only(setup):
     assert processors and all(isinstance(p, CodedAttnProcessor) for p in processors)
     x, t, text = tiny_inputs(len(CODES))
     codes = torch.tensor(CODES)
-    plain = model(x, t, text, codes)
+    plain = model(x, t, text, codes).sample
     with model.state.use(codes.sort(stable=True).values):  # the plan of the sorted batch
         rows, heads = processors[0]._pairs(torch.device("cpu"))
     kept = processors[0].kept_heads
@@ -122,7 +125,7 @@ def test_attention_runs_kept_heads_only(setup):
     for p in processors:
         p._warned = False  # each layer says it once per model: whatever ran before
     with pytest.warns(UserWarning, match="over every head"):
-        masked = model(x, t, text, codes, encoder_attention_mask=torch.ones(len(CODES), text.shape[1]))
+        masked = model(x, t, text, codes, encoder_attention_mask=torch.ones(len(CODES), text.shape[1])).sample
     assert_matches(masked, plain)
 
 
@@ -138,12 +141,12 @@ def test_loaded_state_dict_and_edited_masks_replan_the_kept_heads():
     x, t, text = tiny_inputs(2)
     codes = torch.tensor([0, 1])
     source = AptpUNet.from_experts(base, first)
-    expected = source(x, t, text, codes)
+    expected = source(x, t, text, codes).sample
     for assign in (False, True):
         skeleton = AptpUNet.from_experts(base, second)
         skeleton(x, t, text, codes)  # plans the second experts' heads
         skeleton.load_state_dict(source.state_dict(), strict=True, assign=assign)
-        assert_matches(skeleton(x, t, text, codes), expected, rel=1e-6)
+        assert_matches(skeleton(x, t, text, codes).sample, expected, rel=1e-6)
     attention = next(m for m in skeleton.unet.modules()
                      if isinstance(getattr(m, "processor", None), CodedAttnProcessor))
     head = attention.inner_dim // attention.heads
@@ -161,8 +164,8 @@ def test_classifier_free_guidance_repeats_codes(setup):
     t = torch.full((6,), 500)  # one timestep for the whole CFG batch, as pipelines pass it
     rows = prompts + prompts   # [uncond; cond]: CFG doubles rows, not codes
     expected = per_expert(experts, x, t, text, rows)
-    assert_matches(model(x, t[0], text, torch.tensor(prompts)), expected)
-    assert_matches(model(x, t[0], text, torch.tensor(rows)), expected)
+    assert_matches(model(x, t[0], text, torch.tensor(prompts)).sample, expected)
+    assert_matches(model(x, t[0], text, torch.tensor(rows)).sample, expected)
     with pytest.raises(ValueError, match="sample codes"):
         model(x, t, text, torch.tensor([0, 1, 2, 0]))
     with pytest.raises(IndexError):
@@ -200,12 +203,13 @@ def test_per_row_arguments_inside_tuples_follow_their_rows(setup):
     generator = torch.Generator().manual_seed(6)
     *down, mid = [torch.randn(shape, generator=generator) for shape in _controlnet_residual_shapes(base, x, t, text)]
     codes = torch.tensor(CODES)
-    out = model(x, t, text, codes, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
-    assert (out - model(x, t, text, codes)).abs().max() > 1e-3  # the residuals matter
+    out = model(x, t, text, codes, down_block_additional_residuals=tuple(down),
+                mid_block_additional_residual=mid).sample
+    assert (out - model(x, t, text, codes).sample).abs().max() > 1e-3  # the residuals matter
     perm = torch.randperm(len(CODES), generator=generator)
     permuted = model(x[perm], t[perm], text[perm], codes[perm],
                      down_block_additional_residuals=tuple(r[perm] for r in down),
-                     mid_block_additional_residual=mid[perm])
+                     mid_block_additional_residual=mid[perm]).sample
     assert_matches(permuted, out[perm])
 
 
@@ -237,8 +241,8 @@ def test_from_state_dicts_and_unpruned_expert(setup):
     base, experts, model = setup
     x, t, text = tiny_inputs(len(CODES), seed=5)
     from_dicts = AptpUNet.from_experts(base, [(e.state_dict(), a) for e, a in experts])
-    torch.testing.assert_close(from_dicts(x, t, text, torch.tensor(CODES)), model(x, t, text, torch.tensor(CODES)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(from_dicts(x, t, text, torch.tensor(CODES)).sample,
+                               model(x, t, text, torch.tensor(CODES)).sample, rtol=0, atol=0)
     foreign = {**experts[0][0].state_dict(), "controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="expert 0 has 1 weights the base UNet does not have"):
         AptpUNet.from_experts(base, [(foreign, experts[0][1])])
@@ -253,16 +257,16 @@ def test_from_state_dicts_and_unpruned_expert(setup):
     codes = [0, 1, 0]
     expected = torch.cat([base(x[:1], t[:1], text[:1]).sample, experts[1][0](x[1:2], t[1:2], text[1:2]).sample,
                           base(x[2:3], t[2:3], text[2:3]).sample])
-    assert_matches(mixed(x[:3], t[:3], text[:3], torch.tensor(codes)), expected)
+    assert_matches(mixed(x[:3], t[:3], text[:3], torch.tensor(codes)).sample, expected)
 
 
 @torch.no_grad()
 def test_reference_backend_runs_a_mixed_batch(setup):
     base, experts, model = setup
     x, t, text = tiny_inputs(len(CODES), seed=7)
-    native = model(x, t, text, torch.tensor(CODES))
+    native = model(x, t, text, torch.tensor(CODES)).sample
     with mmfast.use_backend("reference"):
-        reference = model(x, t, text, torch.tensor(CODES))
+        reference = model(x, t, text, torch.tensor(CODES)).sample
     assert_matches(reference, native, rel=1e-5)
 
 
@@ -308,7 +312,7 @@ def test_architecture_and_expert_checkpoints(setup, tmp_path):
     skeleton = dense_skeleton(str(tmp_path / "expert"))
     assert skeleton.conv_in.weight.is_meta
     stacked = AptpUNet.from_experts(skeleton, [(reloaded, reloaded_arch), experts[0]])
-    assert_matches(stacked(x, t, text, torch.tensor([0, 0])), expected)
+    assert_matches(stacked(x, t, text, torch.tensor([0, 0])).sample, expected)
 
 
 # --- router -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ for _ in range(max(B.CODES) + 1):
 model = AptpUNet.from_experts(base, experts).eval()
 del base
 sample, t, text, codes = B.inputs()
-f = lambda: model(sample, t, text, codes)
+f = lambda: model(sample, t, text, codes).sample
 def ms(n=3):
     out = []
     for _ in range(n):

@@ -6,7 +6,7 @@ experts of a diffusers UNet served as one model for batches that mix architectur
     # released experts: [load_expert(d) for d in released_expert_dirs("APTP-Base-CC3M")]
     model = AptpUNet.from_experts(base_unet, experts)          # base: structure only
     codes = router(prompt_embeddings)                          # (B,) from a sentence encoder
-    noise = model(latents, t, text_states, codes)              # each row runs its own expert
+    noise = model(latents, t, text_states, codes).sample       # each row runs its own expert
 """
 from .architecture import (FF_GROUPS, ArchitectureCode, DepthSkip, arch_vector_layout, depth_gates, prune_unet,
                            random_architecture, to_masks, width_gates)

@@ -409,9 +409,10 @@ class AptpUNet(nn.Module):
 
     forward(sample (B, C, H, W), timestep (scalar or (B,)), encoder_hidden_states (B, L, D),
     sample_codes (B,) int in [0, K), or (B/2,) under classifier-free guidance: the pipeline's
-    [uncond; cond] rows share their prompt's code, so codes are repeated) -> (B, C, H, W), what
-    UNet2DConditionModel(...).sample of each row's expert returns. The batch is sorted by code
-    once at entry and unsorted at exit (aptp.md 5.3.1), so each code's rows are contiguous.
+    [uncond; cond] rows share their prompt's code, so codes are repeated) -> UNet2DConditionOutput
+    whose .sample (B, C, H, W) is what UNet2DConditionModel(...).sample of each row's expert
+    returns. The batch is sorted by code once at entry and unsorted at exit (aptp.md 5.3.1), so
+    each code's rows are contiguous.
     """
 
     def __init__(self, unet: nn.Module, state: CodeState, architectures: Sequence[ArchitectureCode]):
@@ -470,8 +471,9 @@ class AptpUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 sample_codes: torch.Tensor, return_dict: bool = True, **unet_kwargs):
-        """The noise prediction (B, C, H, W) for a batch whose rows use experts sample_codes;
-        return_dict=False gives it as a 1-tuple (diffusers' convention, which pipelines pass)."""
+        """The noise prediction (B, C, H, W) for a batch whose rows use experts sample_codes, as
+        UNet2DConditionModel returns it: UNet2DConditionOutput(sample=...), or with
+        return_dict=False a 1-tuple (which diffusers' pipelines pass)."""
         if not torch.is_tensor(sample) or sample.dim() != 4:
             raise ValueError(f"AptpUNet: sample must be (B, C, H, W) latents, got "
                              f"{tuple(getattr(sample, 'shape', ())) or type(sample).__name__}")
@@ -498,7 +500,11 @@ class AptpUNet(nn.Module):
             out = self.unet(by_code(sample), by_code(timestep), by_code(encoder_hidden_states), return_dict=False,
                             **{k: by_code(v) for k, v in unet_kwargs.items()})[0]
         out = torch.empty_like(out).index_copy_(0, order, out)  # unsort: out row i is input row order[i]
-        return out if return_dict else (out,)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
 
     def row_codes(self, sample_codes: torch.Tensor, batch: int) -> torch.Tensor:
         """(B,) int64 codes of the rows: sample_codes (an integer tensor or sequence of B or B/2
