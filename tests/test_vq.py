@@ -116,6 +116,29 @@ def test_ties_go_to_the_lowest_index_and_non_finite_rows_to_zero(backend_device,
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference-cpu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cosine_ties_of_a_zero_row_go_to_the_lowest_index(backend_device, dtype):
+    """Found by a new-user trial: a zero row of z has every cosine 0, but the normalised codes'
+    rounded squared norms (1 +- 1e-7) decided it: native chose 2, the reference 10, distance 1.
+    The codes' normalised norms are exactly 1 now, on every backend: index 0, distance 1."""
+    backend, device = backend_device
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("no fp64 on Triton")
+    codebook = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    codebook[0] = 0.0  # a zero code: normalised to 0, so its distance is ||z||^2 (0 for the zero row)
+    z = torch.zeros(3, 8, dtype=dtype)
+    z[1] = codebook[5]  # a true nearest code still wins
+    indices, distance = vq_quantize(z.to(device), codebook.to(device), metric="cosine", return_distance=True,
+                                    backend=backend)
+    assert indices.cpu().tolist() == [0, 5, 0]
+    assert distance.cpu().tolist()[0] == 0.0 and abs(distance[1].item()) < 1e-6
+    codebook[0] = codebook[1]  # no zero code: the zero row's cosines all tie
+    indices, distance = vq_quantize(z.to(device), codebook.to(device), metric="cosine", return_distance=True,
+                                    backend=backend)
+    assert indices.cpu().tolist()[::2] == [0, 0] and distance.cpu().tolist()[::2] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference-cpu")])
 def test_ties_go_to_the_lowest_index_for_a_transposed_z(backend_device):
     """Found by an op-level trial: the reference's differences inherited a transposed z's layout
     and summed equal codes differently by their position (ties went to 1020, not 0)."""

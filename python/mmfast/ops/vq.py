@@ -179,13 +179,16 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
     that never materialises the N x K distance matrix (taming's VectorQuantizer2 computes it).
 
     z: (..., D); codebook: (K, D); same float dtype (fp32, fp16, bf16; fp64 on the CPU, not on
-    Triton), same
-    device. Returns int64 indices of shape z.shape[:-1], and with return_distance=True also the
-    squared distances (fp32; fp64 for fp64). metric "l2": Euclidean nearest code (Chameleon /
-    Liquid's tokenizer, unnormalised codes); "cosine": both sides l2-normalised, nearest by dot
-    product, distance 2 - 2 cos (LlamaGen's tokenizer). Products accumulate in fp32 (fp64);
-    ties go to the lowest index; NaN distances never win; rows of z with NaN or Inf (or whose squared norm
-    overflows) get index 0.
+    Triton), same device. Returns int64 indices of shape z.shape[:-1], and with
+    return_distance=True also the squared distances (fp32; fp64 for fp64). metric "l2":
+    Euclidean nearest code (Chameleon / Liquid's tokenizer, unnormalised codes); "cosine": both
+    sides l2-normalised, nearest by dot product, distance 2 - 2 cos (LlamaGen's tokenizer; 1 for
+    a zero row of z, whose cosines are all 0). The normalised codes' squared norms are taken as
+    exactly 1, so a zero row's ties go to the lowest index too, not to the rounding of each norm
+    (as in LlamaGen's own search); codes equal only up to scale may differ by an ulp once
+    normalised, and that rounding decides between them. Products accumulate in fp32 (fp64); ties
+    go to the lowest index; NaN distances never win; rows of z with NaN or Inf (or whose squared
+    norm overflows) get index 0.
     codebook_sqnorm: vq_codebook_sqnorm(codebook), reusable across calls ("l2" only).
     Raises ValueError (shapes, metric), TypeError (dtypes, devices).
     """
@@ -200,11 +203,12 @@ def vq_quantize(z, codebook, *, metric: str = "l2", codebook_sqnorm: Optional[to
         # Normalised in the accumulation dtype and searched in it: rounding unit vectors back to
         # fp16 / bf16 would move the distances by ~1e-3.
         acc = accumulation_dtype(z.dtype)
+        codebook_sqnorm = reference.normalized_sqnorm(codebook.to(acc))  # exact 1s: see there
         z, codebook = F.normalize(z.to(acc), dim=-1), F.normalize(codebook.to(acc), dim=-1)
     chosen = _backend.resolve("vq_quantize", z.device, backend)
     check_no_forward_transforms("vq_quantize", chosen, z, codebook)
     if chosen == "reference":
-        indices, distance = reference.vq_quantize_ref(z, codebook, "l2")
+        indices, distance = reference.vq_quantize_ref(z, codebook, "l2", codebook_sqnorm)
     else:
         rows = z.reshape(-1, z.shape[-1])
         distance, indices = _backend.op_overload("vq_quantize", chosen)(rows, codebook, codebook_sqnorm)
