@@ -73,7 +73,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median printed)")
     parser.add_argument("--plan-budget-mb", type=int, default=4096,
                         help="MiB of packed per-code weights the static plan may keep (default 4096; on the "
-                             "CPU SD-2.1-sized experts need about half their stacked weights, on CUDA about all)")
+                             "CPU SD-2.1-sized experts need about half their stacked weights, on CUDA about all; "
+                             "0 times the plan with nothing kept)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     cli.add_device_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -81,6 +82,8 @@ def parse_args():
     args = parser.parse_args()
     cli.require_positive(parser, num_codes=args.num_codes, batch=args.batch, repeats=args.repeats,
                          latent_size=args.latent_size, text_tokens=args.text_tokens, threads=args.threads)
+    if args.plan_budget_mb < 0:
+        parser.error(f"--plan-budget-mb must be >= 0 MiB, got {args.plan_budget_mb}")
     for path in args.experts or ():
         cli.require_local_dir(parser, "--experts", path, "the APTP experts (rezashkv/APTP)")
     cli.require_local_dir(parser, "--base-config", args.base_config, "the SD-2.1 unet/ folder")
@@ -216,8 +219,9 @@ def main():
     if kept is None:
         print("  keep_packed_weights: not timed (no compiled extension)")
     elif kept["entries"] == 0:
-        print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (nothing kept: no packed kernel for "
-              f"{args.dtype} on {device.type} with this backend, the same calls as above)")
+        why = ("--plan-budget-mb 0" if args.plan_budget_mb == 0 else
+               f"no packed kernel for {args.dtype} on {device.type} with this backend")
+        print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (nothing kept: {why}, the same calls as above)")
     else:
         print(f"  with keep_packed_weights:  {t_planned * 1e3:9.2f} ms (packed weights kept: {kept['entries']} "
               f"entries, {kept['bytes'] / 2**20:.1f} MiB of {kept['budget_mb']} MiB; as over a sampling run)")

@@ -54,6 +54,7 @@ CASES = [
     ("aptp_mixed_batch", ["--tiny", "--batch", "2", "--codes", "0"], "1 codes for --batch 2"),
     ("aptp_mixed_batch", ["--experts", "{tmp}/missing"], "--experts '{tmp}/missing' is not a directory"),
     ("aptp_mixed_batch", ["--experts", "{tmp}", "--save-tiny", "{tmp}/x"], "it goes with --tiny, not --experts"),
+    ("aptp_mixed_batch", ["--tiny", "--plan-budget-mb", "-1"], "--plan-budget-mb must be >= 0 MiB, got -1"),
     ("diffdis_segment", ["--tiny", "--batch-size", "0"], "--batch-size must be > 0"),
     ("linfusion_highres", ["--pipeline", "{tmp}"], "--pipeline needs --linfusion DIR"),
     ("vq_tokenize", ["--checkpoint", "{tmp}/missing"], "--checkpoint '{tmp}/missing' does not exist"),
