@@ -393,6 +393,14 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     its ties, where TopPLogitsWarper's min_tokens_to_keep=1 keeps one token; the smallest set of largest values whose
     probability reaches top_p, the threshold-crossing token kept, TopPLogitsWarper; ties of a
     kept value all kept; the largest value always kept). No full-vocabulary sort.
+    Boundaries, where samplers that sort differ: a value whose larger values' mass equals top_p
+    exactly is dropped, as TopPLogitsWarper drops it (Liquid's shift-right of cumsum > top_p
+    keeps it); a tie group at the top-k / top-p cut is kept whole, where a sort-based sampler
+    keeps the part its sort puts first (with bf16 logits ties are common: against Liquid's
+    sampler, 1-4 more tied tokens kept on about half the steps, a total-variation distance under
+    1e-3 per step in a simulation). The CPU kernel compares masses in fp64, the Triton and CUDA
+    ones in fp32 (top_p rounded to fp32 too): within ~1e-7 of the cut the backends may keep
+    different sets.
 
     The draw is an inverse CDF in index order with one uniform number per row, drawn here with
     torch.rand(P, generator=generator) unless `uniform` ((P,) float32 in [0, 1)) is given

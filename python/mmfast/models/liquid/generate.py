@@ -376,8 +376,11 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     T2I_Eval: CFG 7.0, temperature 0.99, top-k 4096, top-p 0.96); its app.py demo samples at
     temperature 0.9, top-p 0.99. Unlike Liquid's sampler, which masks the text logits only when
     top-k or top-p filters (with both off it samples the whole vocabulary and clamps a text token
-    to code 0), every draw here is among the image codes. temperature 0: greedy. seed or
-    generator (on the model's device): reproducible draws.
+    to code 0), every draw here is among the image codes; and at the top-k / top-p cut a tie
+    group is kept whole and a value whose larger values' mass equals top_p exactly is dropped
+    (mmfast.ops.sample's boundaries; Liquid's sort keeps part of a tie group, and that value).
+    temperature 0: greedy. seed or generator (on the model's device): reproducible draws. One
+    prompt per call (as Liquid's scripts, num_images rows of it): loop over prompts.
     Like Liquid, exactly image_tokens steps and no early stop. Codes are in [0, image_vocab_size)
     and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small
     and left as the loop leaves them (cache_seqlens = prompt lengths + image_tokens - 1).
@@ -462,7 +465,9 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     alone (and what transformers gives the padded batch). do_sample=False: greedy (argmax,
     mmfast.ops.sample with temperature 0); do_sample=True: temperature, then top_k (0: off),
     then top_p (1: off), transformers' TemperatureLogitsWarper -> TopKLogitsWarper ->
-    TopPLogitsWarper, drawn with `generator`. Note transformers' own defaults differ (top_k 50
+    TopPLogitsWarper, drawn with `generator` (mmfast.ops.sample: a temperature in (0, 1e-5) is
+    raised to 1e-5 as Liquid does, where TemperatureLogitsWarper divides by it; temperature 0
+    samples greedily, where transformers refuses it; ties at the top-k / top-p cut kept whole). Note transformers' own defaults differ (top_k 50
     when unset): pass the same values to both. eos_token_id (int, list or tensor): a row that emitted
     it continues with pad_token_id (default: the first eos id), and the loop stops when every
     row has (a host synchronisation per step), as transformers does. cuda_graph and compile as
