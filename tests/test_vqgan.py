@@ -378,6 +378,13 @@ def test_from_pretrained_key_errors(checkpoint, tmp_path):
     with pytest.raises(VQGANCheckpointError, match="shape mismatch.*quantize.embedding.weight") as error:
         VQGAN.from_pretrained(checkpoint[0], tiny_vqgan_config(n_embed=32))
     assert error.value.architecture_mismatch  # the examples then suggest another config
+    # integer weights were cast into the float parameters without a word (a new-user trial)
+    save_file({**state, "quantize.embedding.weight": state["quantize.embedding.weight"].long()},
+              tmp_path / "int.safetensors")
+    with pytest.raises(VQGANCheckpointError, match=r"not floating point \(1\): quantize\.embedding\.weight: "
+                                                    r"torch\.int64: a corrupted") as error:
+        VQGAN.from_pretrained(tmp_path / "int.safetensors", tiny_vqgan_config())
+    assert not error.value.architecture_mismatch
 
 
 def test_from_pretrained_refuses_to_unpickle(checkpoint, tmp_path):

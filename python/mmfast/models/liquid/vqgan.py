@@ -272,14 +272,20 @@ def _check_keys(model: nn.Module, state: dict, path) -> None:
     unexpected = sorted(set(state) - set(expected))
     misshapen = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if not (missing or unexpected or misshapen):
+    # load_state_dict would cast integer or complex tensors into the float weights without a word
+    not_real = [f"{k}: {state[k].dtype}" for k in expected
+                if k in state and expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if not (missing or unexpected or misshapen or not_real):
         return
     parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{', ...' if len(items) > 8 else ''}"
-             for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen))
+             for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen),
+                                 ("not floating point", not_real))
              if items]
-    raise VQGANCheckpointError(f"VQGAN: {os.fspath(path)!r} does not fit {model.config}: " + "; ".join(parts)
-                               + ". Check the config (ch, ch_mult, num_res_blocks, attn_resolutions, sizes).",
-                               architecture_mismatch=True)
+    architecture = bool(missing or unexpected or misshapen)
+    hint = (". Check the config (ch, ch_mult, num_res_blocks, attn_resolutions, sizes)." if architecture else
+            ": a corrupted or converted checkpoint?")
+    raise VQGANCheckpointError(f"VQGAN: {os.fspath(path)!r} does not fit {model.config}: " + "; ".join(parts) + hint,
+                               architecture_mismatch=architecture)
 
 
 # --- images ---------------------------------------------------------------------------------
