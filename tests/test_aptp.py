@@ -147,6 +147,11 @@ def test_loaded_state_dict_and_edited_masks_replan_the_kept_heads():
         skeleton(x, t, text, codes)  # plans the second experts' heads
         skeleton.load_state_dict(source.state_dict(), strict=True, assign=assign)
         assert_matches(skeleton(x, t, text, codes).sample, expected, rel=1e-6)
+    with torch.inference_mode():  # inference-tensor masks (no version counter), loaded in place
+        fresh = AptpUNet.from_experts(base, second)
+        fresh(x, t, text, codes)
+        fresh.load_state_dict(source.state_dict(), strict=True)
+        assert_matches(fresh(x, t, text, codes).sample, expected, rel=1e-6)
     attention = next(m for m in skeleton.unet.modules()
                      if isinstance(getattr(m, "processor", None), CodedAttnProcessor))
     head = attention.inner_dim // attention.heads

@@ -407,6 +407,9 @@ def test_empty_pipeline_from_a_directory_plans_as_the_loaded_one(tmp_path):
         assert empty.tokenizer("a fox").input_ids == loaded.tokenizer("a fox").input_ids
         kwargs = dict(height=HEIGHT, width=WIDTH, strengths=STRENGTHS)
         assert estimate_highres_memory(empty, **kwargs) == estimate_highres_memory(loaded, **kwargs)
+    # partly loaded: a real UNet with the VAE and text encoder still on meta (they go to its device)
+    partly = StableDiffusionPipeline(**{**loaded.components, "vae": empty.vae, "text_encoder": empty.text_encoder})
+    assert estimate_highres_memory(partly, **kwargs) == estimate_highres_memory(loaded, **kwargs)
     with pytest.raises(FileNotFoundError, match="model_index.json not found; expected a diffusers pipeline"):
         empty_pipeline(str(tmp_path / "unet"))
 

@@ -116,7 +116,7 @@ def test_ties_go_to_the_lowest_index_and_non_finite_rows_to_zero(backend_device,
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference-cpu")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_cosine_ties_of_a_zero_row_go_to_the_lowest_index(backend_device, dtype):
     """Found by a new-user trial: a zero row of z has every cosine 0, but the normalised codes'
     rounded squared norms (1 +- 1e-7) decided it: native chose 2, the reference 10, distance 1.
@@ -136,6 +136,17 @@ def test_cosine_ties_of_a_zero_row_go_to_the_lowest_index(backend_device, dtype)
     indices, distance = vq_quantize(z.to(device), codebook.to(device), metric="cosine", return_distance=True,
                                     backend=backend)
     assert indices.cpu().tolist()[::2] == [0, 0] and distance.cpu().tolist()[::2] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference-cpu")])
+def test_distances_of_exact_hits_are_never_negative(backend_device):
+    """||z||^2 + sqnorm - 2 z.e rounds below 0 on exact hits: the reference returned -2.7e-7
+    (cosine) and -2.2e-5 (l2 with codebook_sqnorm) on half the rows, NaN under a sqrt."""
+    backend, device = backend_device
+    codebook = (torch.randn(512, 8, generator=torch.Generator().manual_seed(3)) * 3).to(device)
+    for kwargs in ({"metric": "cosine"}, {"codebook_sqnorm": vq_codebook_sqnorm(codebook)}):
+        indices, distance = vq_quantize(codebook, codebook, return_distance=True, backend=backend, **kwargs)
+        assert bool((distance >= 0).all()) and bool(indices.eq(torch.arange(512, device=device)).all())
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference-cpu")])

@@ -77,8 +77,9 @@ def vq_quantize_ref(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
         row_sqnorm = part.pow(2).sum(-1)
         if code_sqnorm is None:
             d = (part[:, None, :] - codes[None, :, :]).pow(2).sum(-1)
-        else:  # the products as direct sums too: equal codes get equal distances
-            d = row_sqnorm[:, None] + code_sqnorm[None, :] - 2 * (part[:, None, :] * codes[None, :, :]).sum(-1)
+        else:  # the products as direct sums too: equal codes get equal distances; >= 0 as the kernels'
+            d = (row_sqnorm[:, None] + code_sqnorm[None, :] - 2 * (part[:, None, :] * codes[None, :, :]).sum(-1)
+                 ).clamp_min(0)
         selectable = torch.where(d.isnan(), torch.full_like(d, float("inf")), d)
         best = selectable.argmin(dim=1)  # the first minimum: ties go to the lowest index
         distance = selectable.gather(1, best[:, None])[:, 0]

@@ -236,9 +236,11 @@ class CodedAttnProcessor:
     the attention at keep 0.5). This processor gathers the kept (row, head) pairs of the batch
     into one SDPA call over (pairs, tokens, head_dim) and scatters the result into a zero
     (B, N, heads * head_dim) tensor, what the full-head computation gives. A code keeps the heads
-    it keeps in any of q / k / v, read from the layer's masks on the first call and again
-    whenever a mask changes (load_state_dict, an in-place edit: its version counter moves); a
-    layer that keeps every head runs diffusers' AttnProcessor2_0. The pairs are planned on the
+    it keeps in any of q / k / v, read from the layer's masks on the first call and again after
+    load_state_dict (in place or assign: a hook on the layer) or a replaced or in-place edited
+    mask (its version counter moves; inference tensors have none: after editing those outside
+    load_state_dict, call invalidate()); a layer that keeps every head runs diffusers'
+    AttnProcessor2_0. The pairs are planned on the
     host per tuple of row codes (one read of the codes per UNet call, CodeState.as_tuple) and
     kept for later steps (the codes stay fixed over a sampling run). Inputs outside SD's plain self / cross
     attention (an attention mask, 4-D hidden states, spatial / group / q-k norms) go through
@@ -252,20 +254,26 @@ class CodedAttnProcessor:
         self.state, self.full = state, AttnProcessor2_0()
         self.kept_heads: List[List[int]] = []  # per code, read from the masks by _prunes_heads
         self.heads = 0
-        self._masks_read: Optional[tuple] = None  # (id, version) of the masks kept_heads was read from
+        self._masks_read: Optional[tuple] = None  # the masks kept_heads was read from, and their versions
         self._plans: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned = False
 
+    def invalidate(self) -> None:
+        """Re-read the kept heads from the masks at the next call."""
+        self._masks_read = None
+
     def _prunes_heads(self, attn) -> bool:
         """Whether some code prunes a head of this layer, re-reading its masks when they changed."""
-        masks = [getattr(attn, name).out_mask for name in ("to_q", "to_k", "to_v")]
-        read = tuple((id(mask), mask._version) for mask in masks)
-        if read != self._masks_read:
+        masks = tuple(getattr(attn, name).out_mask for name in ("to_q", "to_k", "to_v"))
+        versions = tuple(None if mask.is_inference() else mask._version for mask in masks)
+        read = self._masks_read
+        # the masks themselves are held (not their ids, which a new tensor may reuse)
+        if read is None or any(a is not b for a, b in zip(read[0], masks)) or read[1] != versions:
             head_kept = _kept_heads(attn)
             self.kept_heads = [torch.nonzero(row)[:, 0].tolist() for row in head_kept.cpu()]
             self.heads = head_kept.shape[1]
             self._plans.clear()
-            self._masks_read = read
+            self._masks_read = (masks, versions)
         return any(len(kept) < self.heads for kept in self.kept_heads)
 
     def _pairs(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -335,6 +343,14 @@ def _prune_attention_heads(unet: nn.Module, state: CodeState) -> None:
                     isinstance(getattr(module, n), CodedLinear) for n in ("to_q", "to_k", "to_v")):
             continue  # (grouped k / v heads, added k / v projections: every head runs)
         module.set_processor(CodedAttnProcessor(state))
+        module.register_load_state_dict_post_hook(_replan_heads)
+
+
+def _replan_heads(attn, incompatible_keys) -> None:
+    """After load_state_dict: the masks may hold other heads (also inference tensors, whose
+    in-place copy leaves no version count). A module-level function: deepcopies keep it."""
+    if isinstance(getattr(attn, "processor", None), CodedAttnProcessor):
+        attn.processor.invalidate()
 
 
 # --- stacking the experts ---------------------------------------------------------------------------

@@ -69,13 +69,14 @@ class StageMemory:
 
 
 def _module_bytes(pipe, device) -> int:
-    """Bytes of the pipeline's weights on `device`; on a meta pipeline all of them (its buffers
-    may stay on the CPU until it is loaded: the device is where they are all going)."""
+    """Bytes of the pipeline's weights on `device` and of those not loaded yet (meta: they go to
+    the device); on a meta pipeline all of them (its buffers may stay on the CPU until it is
+    loaded). Components kept elsewhere on purpose (CPU offload) are not counted."""
     total = 0
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             for tensor in list(component.parameters()) + list(component.buffers()):
-                if tensor.device == device or device.type == "meta":
+                if tensor.device == device or tensor.is_meta or device.type == "meta":
                     total += tensor.numel() * tensor.element_size()
     return total
 
@@ -270,15 +271,30 @@ def _empty_component(component_class, folder: str, torch_dtype):
         config = component_class.config_class.from_pretrained(folder)
         with init_empty_weights():
             model = component_class._from_config(config)
+        model.tie_weights()  # as from_pretrained does (built empty they are separate: counted twice)
     else:
         return component_class.from_pretrained(folder)
-    if torch_dtype is not None:  # as from_pretrained(torch_dtype=...) casts, keeping the modules it keeps in fp32
+    if torch_dtype is not None:  # as from_pretrained(torch_dtype=...) casts, keeping what it keeps in fp32
         torch.nn.Module.to(model, torch_dtype)  # (ModelMixin.to warns that it is not from_pretrained)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        keep = _kept_in_fp32(model, torch_dtype)
         for name, module in model.named_modules():
             if any(part in keep for part in name.split(".")):
                 module.float()
     return model.eval()
+
+
+def _kept_in_fp32(model, dtype: torch.dtype) -> set:
+    """The module names from_pretrained(torch_dtype=dtype) keeps in fp32: diffusers'
+    _keep_in_fp32_modules for any dtype but fp32; transformers' for fp16, and its
+    _keep_in_fp32_modules_strict for fp16 and bf16."""
+    from transformers import PreTrainedModel
+
+    def names(attribute):
+        return set(getattr(model, attribute, None) or ())
+    if not isinstance(model, PreTrainedModel):
+        return names("_keep_in_fp32_modules") if dtype != torch.float32 else set()
+    keep = names("_keep_in_fp32_modules_strict") if dtype in (torch.float16, torch.bfloat16) else set()
+    return keep | names("_keep_in_fp32_modules") if dtype == torch.float16 else keep
 
 
 def plan_memory_options(pipe, *, height: int, width: int, budget_bytes: int, stage: int = 1,
