@@ -567,24 +567,16 @@ void run_nan_propagation_async() {
 // where its own is under 1% of that, as the Python tests' gradient_scale), and the
 // register-staged kernels' dq, dk within 8x of it against their own size. pad = 0 with Dk = 16:
 // 16-byte rows (the cp.async kernels); pad = 1 or Dk = 5: the register-staged ones.
-template <class T> void run_identical_tokens(int64_t Dk, int64_t Dv, int pad, int fm = 2, double eps = 1e-4) {
+// The whole backward (state pass, apply_backward, state_backward on the kernels' own S and m)
+// of q, k, v, go against fp64: each gradient within 2 tol of its own size (of the largest
+// gradient where its own is under 1% of that, as the Python tests' gradient_scale), NaN or inf
+// failing; with own_check also dq and dk within 8 tol of their own size, however small.
+template <class T>
+void check_backward(const char* cfg, Tok<T>& q, Tok<T>& k, Tok<T>& v, Tok<T>& go, int pad, int fm, double eps,
+                    double tol, bool own_check) {
   using A = mmfast::cuda::acc_t<T>;
-  const int64_t B = 1, H = 2, N = 80;
-  const double tol = std::is_same<T, __half>::value ? 2e-3 : 1.6e-2;
-  char cfg[160];
-  std::snprintf(cfg, sizeof cfg, "identical tokens T=%d Dk=%ld Dv=%ld pad=%d fm=%d eps=%g", (int)dtype_of<T>(), (long)Dk,
-                (long)Dv, pad, fm, eps);
-  g_lo = -1.5;
-  Tok<T> q(B, N, H, Dk, 0, pad, true), k(B, N, H, Dk, 0, pad, true), v(B, N, H, Dv, 0, pad, true);
-  Tok<T> go(B, N, H, Dv, 0, pad, false), gq(B, N, H, Dk, 0, pad, false), gk(B, N, H, Dk, 0, pad, false),
-      gv(B, N, H, Dv, 0, pad, false);
-  for (int64_t n = 1; n < N; ++n) for (int64_t h = 0; h < H; ++h) {
-    for (int64_t a = 0; a < Dk; ++a) k.at(0, n, h, a) = k.at(0, 0, h, a);
-    for (int64_t c = 0; c < Dv; ++c) v.at(0, n, h, c) = v.at(0, 0, h, c);
-  }
-  for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) for (int64_t c = 0; c < Dv; ++c)
-    go.at(0, n, h, c) = fromd<T>(1.0);
-  // fp64 reference of all three gradients
+  const int64_t B = 1, H = q.H, N = q.N, Dk = q.D, Dv = v.D;
+  Tok<T> gq(B, N, H, Dk, 0, pad, false), gk(B, N, H, Dk, 0, pad, false), gv(B, N, H, Dv, 0, pad, false);
   std::vector<double> dQ(N * H * Dk), dK(N * H * Dk), dV(N * H * Dv);
   for (int64_t h = 0; h < H; ++h) {
     std::vector<double> S(Dk * Dv, 0.0), m(Dk, 0.0), dS(Dk * Dv, 0.0), dm(Dk, 0.0);
@@ -655,18 +647,67 @@ template <class T> void run_identical_tokens(int64_t Dk, int64_t Dv, int pad, in
     const double rel = err[g] / std::max(scale, 1e-30);
     std::printf("%s grad_%c: error %.3g of its scale (own %.3g, largest %.3g)\n", cfg, "qkv"[g], rel, own[g], largest);
     if (!(rel <= 2 * tol)) { ++nfail; std::printf("FAIL %s grad_%c: error %.3g of its scale > %.3g\n", cfg, "qkv"[g], rel, 2 * tol); }
-    // The register-staged kernels' dq and dk also against their own size, however small, at 8x
-    // the tolerance: both are sums that cancel, and a 10-bit operand anywhere in them (S, dS,
-    // do / z) left 15-22% of a dk under 1% of the largest wrong (a plain tf32 do / z in their dS
-    // pass). Not the cp.async kernels': their 16-bit hi + lo left a dk of 3e-4 (0.03% of the
-    // largest) 10% of itself off in one draw (left as it is; against the largest it passes).
-    const bool staged = pad != 0 || (Dk * static_cast<int64_t>(sizeof(T))) % 16 != 0;
     const double own_rel = err[g] / std::max(own[g], 1e-30);
-    if (staged && g < 2 && !(own_rel <= 8 * tol)) {
+    if (own_check && g < 2 && !(own_rel <= 8 * tol)) {
       ++nfail;
       std::printf("FAIL %s grad_%c: error %.3g of its own size > %.3g\n", cfg, "qkv"[g], own_rel, 8 * tol);
     }
   }
+}
+
+// Identical tokens (every k_j and v_j the same) make out ~ v whatever q is, so dq_i =
+// (u_i + dz_i m) phi'(q_i) cancels to eps / z_i of its terms, and dk likewise; relu with a
+// small Dk gives queries with phi(q) . phi(k) ~ 100 eps whose dq is the call's largest gradient,
+// 100-1000x smaller than its terms (elu1 with eps = 0.1: a dq about 1% of the largest).
+// check_backward; the register-staged kernels' dq, dk also within 8x of it against their own
+// size. pad = 0 with Dk = 16: 16-byte rows (the cp.async kernels); pad = 1 or Dk = 5: the
+// register-staged ones.
+template <class T> void run_identical_tokens(int64_t Dk, int64_t Dv, int pad, int fm = 2, double eps = 1e-4) {
+  const int64_t B = 1, H = 2, N = 80;
+  const double tol = std::is_same<T, __half>::value ? 2e-3 : 1.6e-2;
+  char cfg[160];
+  std::snprintf(cfg, sizeof cfg, "identical tokens T=%d Dk=%ld Dv=%ld pad=%d fm=%d eps=%g", (int)dtype_of<T>(), (long)Dk,
+                (long)Dv, pad, fm, eps);
+  g_lo = -1.5;
+  Tok<T> q(B, N, H, Dk, 0, pad, true), k(B, N, H, Dk, 0, pad, true), v(B, N, H, Dv, 0, pad, true);
+  Tok<T> go(B, N, H, Dv, 0, pad, false);
+  for (int64_t n = 1; n < N; ++n) for (int64_t h = 0; h < H; ++h) {
+    for (int64_t a = 0; a < Dk; ++a) k.at(0, n, h, a) = k.at(0, 0, h, a);
+    for (int64_t c = 0; c < Dv; ++c) v.at(0, n, h, c) = v.at(0, 0, h, c);
+  }
+  for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) for (int64_t c = 0; c < Dv; ++c)
+    go.at(0, n, h, c) = fromd<T>(1.0);
+  // The register-staged kernels' dq and dk also against their own size, however small, at 8x
+  // the tolerance: both are sums that cancel, and a 10-bit operand anywhere in them (S, dS,
+  // do / z) left 15-22% of a dk under 1% of the largest wrong (a plain tf32 do / z in their dS
+  // pass). Not the cp.async kernels': their 16-bit hi + lo left a dk of 3e-4 (0.03% of the
+  // largest) 10% of itself off in one draw (left as it is; against the largest it passes).
+  const bool staged = pad != 0 || (Dk * static_cast<int64_t>(sizeof(T))) % 16 != 0;
+  check_backward(cfg, q, k, v, go, pad, fm, eps, tol, staged);
+}
+
+// Tokens whose z is eps alone (relu: their query is positive only in dims where every key is
+// <= 0, so phi(q) . m = 0) with queries up to 24: phi(q) / z up to 2.4e5, past fp16's 65504, is
+// the A operand of the cp.async kernels' dS / dm sums (fp16 hi + lo). It overflowed to inf, and
+// the state backward's phi(k) dS made every grad_v of the head NaN (0 x inf) where the exact
+// gradients are moderate. Dk = 32: the fused apply_backward sums; 96: the state pass's.
+template <class T> void run_tiny_normaliser(int64_t D, int pad) {
+  const int64_t B = 1, H = 2, N = 150;
+  const double tol = std::is_same<T, __half>::value ? 2e-3 : 1.6e-2;
+  char cfg[160];
+  std::snprintf(cfg, sizeof cfg, "tiny normaliser T=%d D=%ld pad=%d", (int)dtype_of<T>(), (long)D, pad);
+  g_lo = -1.5;
+  Tok<T> q(B, N, H, D, 0, pad, true), k(B, N, H, D, 0, pad, true), v(B, N, H, D, 0, pad, true);
+  Tok<T> go(B, N, H, D, 0, pad, true);
+  std::uniform_real_distribution<double> high(8.0, 24.0), low(-3.0, 0.0);
+  for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) for (int64_t d = 0; d < D / 2; ++d) {
+    k.at(0, n, h, d) = fromd<T>(low(grng));  // the first half of the dims: phi(k) = 0, m = 0 there
+    if (n % 3 == 0) {  // a third of the queries live there only: z = eps, phi(q) / z up to 2.4e5
+      q.at(0, n, h, d) = fromd<T>(high(grng));
+      q.at(0, n, h, d + D / 2) = fromd<T>(low(grng));
+    }
+  }
+  check_backward(cfg, q, k, v, go, pad, 2, 1e-4, tol, false);
 }
 
 // elu1 of keys near -20 is exp(k) ~ 2e-9, below fp16's smallest subnormal (6e-8): the state
@@ -824,6 +865,10 @@ int main(int argc, char** argv) {
   for (int pad : {0, 1}) {
     run_far_negative_keys<__half>(pad);
     run_far_negative_keys<__nv_bfloat16>(pad);
+    for (int64_t D : {32, 96}) {
+      run_tiny_normaliser<__half>(D, pad);
+      run_tiny_normaliser<__nv_bfloat16>(D, pad);
+    }
   }
   for (int pad : {0, 1}) {  // elu1: phi(k) is not exact in tf32 (the state pass's split operand)
     run_identical_tokens<__half>(16, 128, pad, 1, 0.1);

@@ -209,7 +209,7 @@ __device__ __forceinline__ void state_range(const ApplyArgs& a, const ApplyItem&
   if (threadIdx.x < 2) {
     float block = 0.0f;
     for (int w = 0; w < kThreads / 32; ++w) block = fmaxf(block, sh.warp_max[threadIdx.x][w]);
-    (threadIdx.x == 0 ? sh.inv_s_scale : sh.inv_m_scale) = 1.0f / range_scale(block);
+    (threadIdx.x == 0 ? sh.inv_s_scale : sh.inv_m_scale) = 1.0f / range_scale<>(block);
   }
   __syncthreads();
 }

@@ -77,10 +77,12 @@ inline int pair_stages(int dp) {
 }
 
 // Phase 3's operands (kApplyWithStateSums): phi(q) / z as hi (in phi_x) + lo, and per token
-// 1 / z and dz z (0 past the tile's rows).
+// 1 / z and dz z / operand_balance (0 past the tile's rows); balanced: whether some row's
+// operand_balance is not 1 (its do row is then scaled in place after phase 2).
 template <class T, int DP, bool Sums> struct SumTiles {
   __align__(16) T a_lo[kPairTokens][PairTile<DP>::kLd];
   float inv_z[kPairTokens], wz[kPairTokens];
+  int balanced;
 };
 template <class T, int DP> struct SumTiles<T, DP, false> {};
 
@@ -164,7 +166,9 @@ __device__ __forceinline__ void load_pair_matrix(const PairArgs& a, int64_t bh, 
     if (threadIdx.x % 32 == 0) sh.warp_max[threadIdx.x / 32] = largest;
     __syncthreads();
     for (int w = 0; w < kThreads / 32; ++w) largest = fmaxf(largest, sh.warp_max[w]);
-    scale = range_scale(largest);
+    // S (dS) near fp16's top: a dS whose rows span 2^20 (tokens whose z is eps alone) keeps its
+    // small rows, which the state backward's dk and dv read (Top = 0 left them 2-4% off)
+    scale = range_scale<14>(largest);
   }
   constexpr int kPairs = DP / 2;  // column pairs per row (Dv is even: a multiple of 8)
   for (int e = threadIdx.x; e < DP * kPairs; e += kThreads) {
@@ -273,6 +277,9 @@ __device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairI
                                                   int stage, const float (&acc)[PairTile<DP>::kOwned][2][4],
                                                   int warp_row, int col_group) {
   const int lane = threadIdx.x % 32, g = lane / 4;
+  if constexpr (U) {
+    if (threadIdx.x == 0) sh.sums.balanced = 0;  // the last item's readers are past the loop's barrier
+  }
   float part[2] = {0.0f, 0.0f};  // rows warp_row + g and + 8
   for_each_pair<DP>(acc, a.dv, col_group, [&](int h, int col, float p0, float p1) {
     const float2 d = shared_pair(&sh.y[stage][warp_row + g + 8 * h][col]);
@@ -293,8 +300,10 @@ __device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairI
     sh.dz[row] = dz;
     if constexpr (U) {  // as the state pass's load_slice_scalars
       const bool in = row < it.rows;
-      sh.sums.inv_z[row] = in ? 1.0f / z : 1.0f;
-      sh.sums.wz[row] = in ? dz * z : 0.0f;
+      const float inv_z = in ? 1.0f / z : 1.0f, balance = operand_balance<T>(inv_z);
+      sh.sums.inv_z[row] = inv_z;
+      sh.sums.wz[row] = in ? dz * z / balance : 0.0f;
+      if (balance != 1.0f) sh.sums.balanced = 1;  // (every writer writes 1)
     } else if (row < it.rows) {
       float* s = static_cast<float*>(a.scalars) + (it.bh * a.N + it.n0 + row) * 2;
       s[0] = z;
@@ -305,7 +314,8 @@ __device__ __forceinline__ void apply_backward_dz(const PairArgs& a, const PairI
 }
 
 // Phase 3's A operand from the raw q tile: phi(q) / z as hi (into phi_x, whose phase 1 readers
-// are past a barrier) + lo, zero past the tile's rows or Dk (phi_chunk, as the state pass).
+// are past a barrier) + lo, zero past the tile's rows or Dk (phi_chunk, as the state pass), 1 / z
+// balanced with the do row (operand_balance; balance_do_tile scales that after phase 2).
 template <class C, int DP, int S>
 __device__ __forceinline__ void prepare_sum_operand(PairShared<typename C::T, DP, S, true>& sh, int stage,
                                                     const PairItem& it, int dk) {
@@ -313,7 +323,20 @@ __device__ __forceinline__ void prepare_sum_operand(PairShared<typename C::T, DP
     const int row = c / (DP / 8), col = c % (DP / 8) * 8;
     uint4* hi = reinterpret_cast<uint4*>(&sh.phi_x[row][col]);
     *hi = *reinterpret_cast<const uint4*>(&sh.x[stage][row][col]);
-    phi_chunk<C>(hi, reinterpret_cast<uint4*>(&sh.sums.a_lo[row][col]), row < it.rows && col < dk, sh.sums.inv_z[row]);
+    const float inv_z = sh.sums.inv_z[row];
+    phi_chunk<C>(hi, reinterpret_cast<uint4*>(&sh.sums.a_lo[row][col]), row < it.rows && col < dk,
+                 inv_z * operand_balance<typename C::T>(inv_z));
+  }
+}
+
+// Phase 3's B operand: each do row times 1 / operand_balance of its 1 / z, in place (phase 2,
+// which reads do as it came, is past a barrier). Only when some row's balance is not 1.
+template <class T, int DP, int S>
+__device__ __forceinline__ void balance_do_tile(PairShared<T, DP, S, true>& sh, int stage) {
+  for (int c = threadIdx.x; c < PairTile<DP>::kCopyChunks; c += kThreads) {
+    const int row = c / (DP / 8), col = c % (DP / 8) * 8;
+    const float balance = operand_balance<T>(sh.sums.inv_z[row]);
+    if (balance != 1.0f) scale_chunk<T>(reinterpret_cast<uint4*>(&sh.y[stage][row][col]), 1.0f / balance);
   }
 }
 
@@ -490,6 +513,10 @@ __global__ void __launch_bounds__(kThreads, kPairBlocks<DP, S>) la_backward_asyn
                          return make_float2(times_dphi_fast<C::fm>(g0, x.x), times_dphi_fast<C::fm>(g1, x.y));
                        });
     if constexpr (kSums) {
+      if (sh.sums.balanced) {  // block-uniform: set before apply_backward_dz's last barrier
+        __syncthreads();       // phase 2's readers of do are done
+        balance_do_tile(sh, stage);
+      }
       __syncthreads();  // phase 3's operands prepared
       WarpStateSums<float, 2 * kSumPairs> item_sums;
       zero_sums(item_sums);

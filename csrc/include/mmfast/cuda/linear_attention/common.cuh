@@ -70,13 +70,48 @@ __device__ __forceinline__ void phi_chunk(uint4* chunk, uint4* lo_chunk, bool va
   if (lo_chunk != nullptr) *lo_chunk = make_uint4(lo[0], lo[1], lo[2], lo[3]);
 }
 
-// A power of two that brings the largest finite magnitude to [1, 2) (1 for 0, inf or NaN): fp16
-// tensor-core operands are scaled by it into fp16's range, and the scale undone in fp32.
-__device__ __forceinline__ float range_scale(float largest) {
+// A power of two that brings the largest finite magnitude to [2^Top, 2^(Top + 1)) (1 for 0, inf
+// or NaN): fp16 tensor-core operands are scaled by it into fp16's range, and the scale undone in
+// fp32. Top = 14 puts the largest just under fp16's 65504 and keeps 29 binades below it normal
+// (15 with Top = 0): entries 2^-20 of the largest keep hi + lo's precision.
+template <int Top = 0> __device__ __forceinline__ float range_scale(float largest) {
+  static_assert(Top >= 0 && Top <= 14, "the scaled largest stays below fp16's 65504");
   if (!(largest > 0.0f && largest <= FLT_MAX)) return 1.0f;
   int e;
   frexpf(largest, &e);  // largest = f 2^e, f in [0.5, 1)
-  return ldexpf(1.0f, 1 - e < 127 ? 1 - e : 127);  // a subnormal largest (e <= -126) stops at 2^127, not inf
+  const int shift = 1 - e + Top;
+  return ldexpf(1.0f, shift < 127 ? shift : 127);  // a subnormal largest (e <= -126) stops at 2^127, not inf
+}
+
+// apply_backward's dS / dm sums multiply A = phi(q) / z (16-bit hi + lo) by B = do and w z: a
+// z of eps alone (relu: phi(q) . m = 0) takes an fp16 A past 65504 (inf, and the state
+// backward's phi(k) dS NaN). For fp16 half of 1 / z's binary exponent moves to B: A takes
+// (1 / z) * balance and B 1 / balance, a power of two (exact in fp16 and fp32 unless B
+// overflows: |do| or |w z| past 65504 / 2^ceil(e/2) for 1 / z ~ 2^e). 1 for 1 / z < 2 (the
+// usual z, the results bit for bit as before) and for bf16, whose range is fp32's.
+template <class T> __device__ __forceinline__ float operand_balance(float inv_z) {
+  if constexpr (!std::is_same_v<T, __half>) {
+    return 1.0f;
+  } else {
+    if (!(inv_z >= 2.0f && inv_z <= FLT_MAX)) return 1.0f;
+    int e;
+    frexpf(inv_z, &e);  // inv_z = f 2^e, f in [0.5, 1), e >= 2
+    return ldexpf(1.0f, -(e / 2));
+  }
+}
+
+// A landed 16-byte chunk of a 16-bit tile times a power of two, in place (exact unless it
+// overflows): B of the balanced sums above.
+template <class T> __device__ __forceinline__ void scale_chunk(uint4* chunk, float factor) {
+  const uint4 bits = *chunk;
+  const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = unpack_pair<T>(words[i]);
+    out[i] = pack_pair<T>(x.x * factor, x.y * factor);
+  }
+  *chunk = make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // grad * phi'(x) as torch's autograd computes it: elu1 -> grad * exp(x) if x <= 0 else grad;

@@ -312,8 +312,9 @@ __device__ __forceinline__ void flush_sums(WarpStateSums<float, NT>& sums, WarpS
   zero_sums(sums);
 }
 
-// 1 / z_t and w_t z_t of the slice's Tokens tokens (apply_backward only): 1 and 0 past the chunk.
-template <int Tokens>
+// 1 / z_t and w_t z_t / operand_balance (B's share) of the slice's Tokens tokens (apply_backward
+// only): 1 and 0 past the chunk.
+template <class T, int Tokens>
 __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const StateItem& it, int64_t t0,
                                                    float* inv_z, float* wz) {
   static_assert(Tokens <= kThreads, "a thread per token");
@@ -323,7 +324,7 @@ __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const Sta
   if (t < it.t_end) {
     const float* s = static_cast<const float*>(a.scalars) + (it.bh * a.N + t) * 2;
     inv = 1.0f / s[0];
-    product = s[1] * s[0];
+    product = s[1] * s[0] / operand_balance<T>(inv);
   }
   inv_z[threadIdx.x] = inv;
   wz[threadIdx.x] = product;
@@ -331,7 +332,8 @@ __device__ __forceinline__ void load_slice_scalars(const StateArgs& a, const Sta
 
 // The landed k slice in `stage` made into the A operand, 16-byte chunks (the ones this thread
 // copied): phi(k) (times 1 / z when Scaled) split in place (hi) and into k_lo, zero past the
-// chunk's rows or Dk (kcols, a multiple of 8).
+// chunk's rows or Dk (kcols, a multiple of 8). Scaled fp16: 1 / z balanced with the v slice's
+// row (do), scaled in place (operand_balance).
 template <class C, bool Scaled, int W>
 __device__ __forceinline__ void prepare_state_slice(AsyncStateShared<typename C::T, W>& sh, int stage, int64_t rows,
                                                     int kcols, const float* inv_z) {
@@ -340,9 +342,15 @@ __device__ __forceinline__ void prepare_state_slice(AsyncStateShared<typename C:
   for (int k = 0; k < Chunk::kPerThread; ++k) {
     const Chunk c(k);
     if (!c.in_tile) continue;  // warp-uniform: the ragged last pass of W = 80
+    float scale = 1.0f;
+    if constexpr (Scaled) {
+      const float balance = operand_balance<typename C::T>(inv_z[c.row]);
+      scale = inv_z[c.row] * balance;
+      if (balance != 1.0f) scale_chunk<typename C::T>(reinterpret_cast<uint4*>(&sh.v[stage].v[c.row][c.col]),
+                                                      1.0f / balance);
+    }
     phi_chunk<C>(reinterpret_cast<uint4*>(&sh.k[stage].v[c.row][c.col]),
-                 reinterpret_cast<uint4*>(&sh.k_lo.v[c.row][c.col]), c.row < rows && c.col < kcols,
-                 Scaled ? inv_z[c.row] : 1.0f);
+                 reinterpret_cast<uint4*>(&sh.k_lo.v[c.row][c.col]), c.row < rows && c.col < kcols, scale);
   }
 }
 
@@ -547,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<C>) la_state_async_k
       for (int g = 0; g < group; ++g) {
         const int64_t t0 = it.t_begin + (s0 + g) * Tile::kSliceTokens;
         cp_async_wait<S - 2>();  // this thread's copies of this slice landed
-        if constexpr (Scaled) load_slice_scalars<Tile::kSliceTokens>(a, it, t0, sh.z[parity], sh.w[parity]);
+        if constexpr (Scaled) load_slice_scalars<T, Tile::kSliceTokens>(a, it, t0, sh.z[parity], sh.w[parity]);
         __syncthreads();  // everyone's landed; the previous slice's readers are done
         issue_next();     // into the previous slice's stage
         prepare_state_slice<C, Scaled, W>(sh, stage, it.t_end - t0, a.dk - it.k0, sh.z[parity]);
