@@ -48,7 +48,7 @@ import torch
 
 import mmfast
 from mmfast import cli
-from mmfast.models.diffdis import DiffDISPipeline
+from mmfast.models.diffdis import DiffDISPipeline, as_rgb_images
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -136,13 +136,15 @@ def list_inputs(path: str, output_dir: str) -> List[str]:
     return files
 
 
-def read_image(path: str):
-    """An RGB PIL image (EXIF orientation applied), or exit naming the file."""
+def read_image(path: str) -> torch.Tensor:
+    """The image as the pipeline reads it, (3, H, W) float in [0, 1] (EXIF orientation applied
+    as OpenCV's imread does; 16-bit grayscale scaled, where PIL's convert("RGB") clips it to
+    white: as_rgb_images), or exit naming the file."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return as_rgb_images(ImageOps.exif_transpose(image))[0]
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         sys.exit(f"error: cannot read the image {path!r}: {error}")
 
@@ -202,7 +204,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype) -> DiffDISPipe
     try:
         pipe = DiffDISPipeline.from_pretrained(args.checkpoint, torch_dtype=load_dtype, device=device,
                                                empty_text_embedding=args.embedding)
-    except FileNotFoundError as error:  # a file of the layout is missing: the message names it
+    except (FileNotFoundError, ValueError) as error:  # a missing or malformed file: the message names it
         sys.exit(f"error: {error}")
     if args.save_embedding:
         folder = os.path.dirname(os.path.abspath(args.save_embedding))
@@ -243,9 +245,9 @@ def to_uint8(map_: torch.Tensor) -> np.ndarray:
     return (map_.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def overlay(image, mask: torch.Tensor) -> np.ndarray:
-    """The photo with the mask blended in red, alpha = OVERLAY_ALPHA * mask."""
-    rgb = np.asarray(image, dtype=np.float32)
+def overlay(image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The photo ((3, H, W) in [0, 1]) with the mask blended in red, alpha = OVERLAY_ALPHA * mask."""
+    rgb = image.permute(1, 2, 0).numpy() * 255
     alpha = OVERLAY_ALPHA * mask.clamp(0, 1).numpy()[..., None]
     return (rgb * (1 - alpha) + OVERLAY_COLOR * alpha + 0.5).astype(np.uint8)
 
@@ -315,7 +317,7 @@ def main(argv=None) -> List[Tuple[str, float]]:
             edge = None if out.edges is None else out.edges[k]
             names = save_outputs(args.output, stems[i], images[k], out.masks[k], edge)
             timings.append((paths[i], seconds))
-            width, height = images[k].size
+            height, width = images[k].shape[1:]
             bar.write(f"{os.path.basename(paths[i])} ({width}x{height}): {seconds:.2f} s"
                       + (" (per image of a batch)" if len(images) > 1 else "") + f" -> {', '.join(names)}")
         bar.update(len(images))

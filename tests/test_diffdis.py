@@ -237,9 +237,36 @@ def test_one_step_equals_ddpm_scheduler_step_at_999():
     torch.testing.assert_close(one_step_x0(x_t, eps, alpha_bar, 1.0), expected, rtol=1e-5, atol=1e-5)
     pipe = tiny_diffdis_pipeline()
     assert type(pipe)(pipe.unet, pipe.vae, clipping, pipe.empty_text_embedding).clip_sample_range == 1.0
+    # diffusers' default spacing ("leading") steps at t = 1, SD-2.1's at 1 too: refused, not silently run
+    for spacing in ({}, {"timestep_spacing": "leading", "steps_offset": 1}):
+        config = {key: value for key, value in SD_TURBO_SCHEDULER.items() if key != "timestep_spacing"}
+        with pytest.raises(ValueError, match="one step of this scheduler runs at t = [01]; DiffDIS is trained at "
+                                             "t = 999 only: use timestep_spacing='trailing'"):
+            type(pipe)(pipe.unet, pipe.vae, DDPMScheduler.from_config({**config, **spacing}),
+                       pipe.empty_text_embedding)
 
 
 # --- the pipeline ---------------------------------------------------------------------------
+
+
+def test_tta_view_sizes_are_distinct_at_every_resolution():
+    """Round-half-even made all three views 128 at resolution 128 (the --tiny example's 6-view TTA
+    ran one size); the official 768 / 1024 / 1280 at 1024 are kept."""
+    from mmfast.models.diffdis.pipeline import _view_size
+
+    assert [_view_size(1024, s) for s in (0.75, 1.0, 1.25)] == [768, 1024, 1280]
+    assert [_view_size(128, s) for s in (0.75, 1.0, 1.25)] == [64, 128, 192]
+    assert [_view_size(512, s) for s in (0.75, 1.0, 1.25)] == [384, 512, 640]
+
+
+def test_fused_qkv_projections_keep_the_maps():
+    """diffusers' fuse_qkv_projections gave the DBIA attention (attn3, a cross-attention of
+    self-attention's shapes) a to_qkv where its call needs to_kv: AttributeError."""
+    fused = tiny_diffdis_pipeline()
+    expected = fused.segment(image(), resolution=64, generator=torch.Generator().manual_seed(0))
+    fused.unet.fuse_qkv_projections()
+    out = fused.segment(image(), resolution=64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.masks[0], expected.masks[0], rtol=0, atol=1e-5)
 
 
 def test_segment_shapes_and_range(pipe):
@@ -481,6 +508,14 @@ def test_checkpoint_errors(tmp_path):
 
     save_file(UNet2DConditionModel.from_config(tiny_unet_config()).state_dict(), str(weights))
     with pytest.raises(ValueError, match="holds none of DiffDIS's added weights .* stock sd-turbo"):
+        DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
+    # a wrapper's keys ("unet.conv_in.weight"): the prefix is named, not "none of DiffDIS's weights"
+    save_file({f"unet.{key}": value for key, value in state.items()}, str(weights))
+    with pytest.raises(ValueError, match="under the prefix 'unet.' \\(a wrapper's state dict\\)"):
+        DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
+    # a malformed config names its file
+    (tmp_path / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
 
 

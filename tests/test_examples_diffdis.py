@@ -40,6 +40,19 @@ def test_default_inputs_mask_only(example, tmp_path):
         assert not (out / f"{name}_edge.png").exists()
 
 
+def test_a_16_bit_grayscale_photo_is_read_as_the_pipeline_reads_it(example, tmp_path):
+    """The example converted images to RGB with PIL, which clips 16-bit values to 255: the
+    camera photo came out 99.9996% white. It reads them as the pipeline does (0..65535 -> [0, 1])."""
+    skimage_data = pytest.importorskip("skimage.data")
+    camera = skimage_data.camera()
+    Image.fromarray(camera.astype(np.uint16) * 257).save(tmp_path / "camera16.png")
+    Image.fromarray(camera).save(tmp_path / "camera8.png")
+    wide = example["read_image"](str(tmp_path / "camera16.png"))
+    narrow = example["read_image"](str(tmp_path / "camera8.png"))
+    assert wide.shape == narrow.shape == (3, *camera.shape)
+    torch.testing.assert_close(wide, narrow, rtol=0, atol=1e-6)
+
+
 def test_folder_input(example, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

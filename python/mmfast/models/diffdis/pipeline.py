@@ -16,6 +16,7 @@ computed once at load (or loaded from a file).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -140,8 +141,12 @@ def resize_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _view_size(resolution: int, scale: float) -> int:
-    """TTA scale applied to the processing resolution, rounded to the UNet's multiple of 64."""
-    return max(RESOLUTION_MULTIPLE, round(resolution * scale / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)
+    """TTA scale applied to the processing resolution, to the UNet's multiple of 64 away from
+    the resolution (down below 1, up above): 768 / 1024 / 1280 at 1024 as ttach's Scale gives;
+    at small resolutions three distinct sizes (round-half-even made 128's views all 128)."""
+    steps = resolution * scale / RESOLUTION_MULTIPLE
+    steps = math.floor(steps) if scale < 1 else math.ceil(steps) if scale > 1 else round(steps)
+    return max(RESOLUTION_MULTIPLE, steps * RESOLUTION_MULTIPLE)
 
 
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -177,6 +182,11 @@ class DiffDISPipeline:
         self.unet, self.vae = unet.eval(), vae.eval()
         scheduler.set_timesteps(1)
         self.timestep = int(scheduler.timesteps[0])
+        last = scheduler.config.num_train_timesteps - 1
+        if self.timestep != last:  # e.g. "leading" spacing (diffusers' default) gives t = 0 or 1: no denoising
+            raise ValueError(f"DiffDISPipeline: one step of this scheduler runs at t = {self.timestep}; DiffDIS is "
+                             f"trained at t = {last} only: use timestep_spacing='trailing' (sd-turbo's "
+                             "scheduler_config.json)")
         self.alpha_bar = float(scheduler.alphas_cumprod[self.timestep])
         config = scheduler.config
         if config.get("prediction_type", "epsilon") != "epsilon" or config.get("thresholding", False):
@@ -218,9 +228,18 @@ class DiffDISPipeline:
         _require_dir(directory, None)
         unet = DiffDISUNet.from_pretrained(_require_dir(directory, "unet"), torch_dtype=torch_dtype, device=device)
         # local_files_only: a folder diffusers cannot find locally must not turn into a Hub request.
-        vae = AutoencoderKL.from_pretrained(_require_dir(directory, "vae"), torch_dtype=torch_dtype,
-                                            use_safetensors=True, local_files_only=True).to(device)
-        with open(os.path.join(_require_dir(directory, "scheduler"), "scheduler_config.json")) as f:
+        vae_dir = _require_dir(directory, "vae")
+        try:
+            vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype, use_safetensors=True,
+                                                local_files_only=True).to(device)
+        except OSError as error:  # e.g. weights only as .bin: diffusers' OSError, a FileNotFoundError here
+            raise FileNotFoundError(f"DiffDISPipeline: cannot load the VAE from {vae_dir!r} (config.json and "
+                                    f"diffusion_pytorch_model.safetensors expected): {error}") from None
+        scheduler_config = os.path.join(_require_dir(directory, "scheduler"), "scheduler_config.json")
+        if not os.path.isfile(scheduler_config):
+            raise FileNotFoundError(f"DiffDISPipeline: {scheduler_config!r} is missing (the released layout's "
+                                    "scheduler/scheduler_config.json, sd-turbo's DDPMScheduler)")
+        with open(scheduler_config) as f:
             scheduler = DDPMScheduler.from_config(json.load(f))
         embedding = _load_empty_text_embedding(directory, empty_text_embedding)
         return cls(unet, vae, scheduler, embedding.to(device=device), memory_format=memory_format)
@@ -388,11 +407,14 @@ class DiffDISPipeline:
         if isinstance(generator, (list, tuple)) and len(generator) != batch_size:  # others would go unused
             raise ValueError(f"DiffDISPipeline: a list of generators needs one per image of a batch, batch_size = "
                              f"{batch_size}, got {len(generator)}")
-        rgb = as_rgb_images(images)
+        items = _image_items(images)
+        for item in items:  # every image checked before any compute, one float copy at a time
+            as_rgb_images(item)
         dtype = self._use_dtype(dtype)
         masks, edges = [], None if mask_only else []
-        batches = [rgb[i:i + batch_size] for i in range(0, len(rgb), batch_size)]
-        for batch in _progress(batches, progress, "DiffDIS"):
+        batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        for batch_items in _progress(batches, progress, "DiffDIS"):
+            batch = as_rgb_images(batch_items)  # per batch: a list of large photos is never all float32 at once
             x = torch.cat([resize_input(image, resolution) for image in batch]).to(device=self.device, dtype=dtype)
             maps = self._views(x, resolution, mask_only, tta, generator)
             if not torch.isfinite(maps).all():
@@ -407,6 +429,16 @@ class DiffDISPipeline:
         return DiffDISOutput(masks, edges)
 
     __call__ = segment
+
+
+def _image_items(images) -> list:
+    """The images of `images` one by one, as given (PIL images, arrays, tensors; a 4-D batch
+    split into views): converted to float later, batch by batch."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _image_items(item)]
+    if getattr(images, "ndim", None) == 4 and (isinstance(images, torch.Tensor) or type(images).__module__ == "numpy"):
+        return list(images)
+    return [images]
 
 
 def _progress(items: Sequence, enabled: Optional[bool], description: str):

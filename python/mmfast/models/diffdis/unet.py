@@ -77,9 +77,12 @@ class DBIATransformerBlock(nn.Module):
         attn1 = block.attn1
         dim = attn1.to_q.in_features
         self.norm2_ = nn.LayerNorm(dim, eps=block.norm2.eps, elementwise_affine=block.norm2.elementwise_affine)
-        self.attn3 = Attention(query_dim=dim, heads=attn1.heads, dim_head=attn1.to_q.out_features // attn1.heads,
-                               bias=attn1.to_q.bias is not None, upcast_attention=attn1.upcast_attention,
-                               out_bias=attn1.to_out[0].bias is not None)
+        # a cross-attention (to the other branch's states) of self-attention's shapes: declared as
+        # one (cross_attention_dim=dim: the same weights) so fuse_qkv_projections fuses its k / v
+        # only, as its call needs (a fused to_qkv left it without to_kv)
+        self.attn3 = Attention(query_dim=dim, cross_attention_dim=dim, heads=attn1.heads,
+                               dim_head=attn1.to_q.out_features // attn1.heads, bias=attn1.to_q.bias is not None,
+                               upcast_attention=attn1.upcast_attention, out_bias=attn1.to_out[0].bias is not None)
 
     def set_chunk_feed_forward(self, chunk_size: Optional[int], dim: int = 0) -> None:
         """diffusers' feed-forward chunking (UNet2DConditionModel.enable_forward_chunking)."""
@@ -119,7 +122,10 @@ def _load_config(config) -> dict:
     if isinstance(config, (str, os.PathLike)):
         path = os.path.join(config, "config.json") if os.path.isdir(config) else config
         with open(path) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"DiffDISUNet: {path} is not valid JSON ({error})") from None
     return dict(config)
 
 
@@ -182,6 +188,11 @@ class DiffDISUNet(UNet2DConditionModel):
             state = {key: value.to(torch_dtype) if value.is_floating_point() else value
                      for key, value in state.items()}
         added = [name for name in model.state_dict() if any(part in name for part in ("attn3", "rgb_conv", "rgb_proj"))]
+        expected = set(model.state_dict())
+        prefixes = {key.split(".", 1)[0] + "." for key in state if "." in key and key.split(".", 1)[1] in expected}
+        if len(prefixes) == 1 and not expected & set(state):  # e.g. "unet.conv_in.weight": a wrapper's state dict
+            raise ValueError(f"DiffDISUNet.from_pretrained: {weights} holds the UNet's weights under the prefix "
+                             f"{prefixes.pop()!r} (a wrapper's state dict); strip it and save the UNet's own keys")
         if added and not any(name in state for name in added):
             raise ValueError(f"DiffDISUNet.from_pretrained: {weights} holds none of DiffDIS's added weights (attn3, "
                              "rgb_conv, rgb_proj: e.g. a stock sd-turbo / SD-2.1 UNet); point at the unet/ folder "
