@@ -255,6 +255,7 @@ class CodedAttnProcessor:
         self.kept_heads: List[List[int]] = []  # per code, read from the masks by _prunes_heads
         self.heads = 0
         self._masks_read: Optional[tuple] = None  # the masks kept_heads was read from, and their versions
+        self._prunes = False  # whether some code prunes a head (of the masks read)
         self._plans: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned = False
 
@@ -263,7 +264,11 @@ class CodedAttnProcessor:
         self._masks_read = None
 
     def _prunes_heads(self, attn) -> bool:
-        """Whether some code prunes a head of this layer, re-reading its masks when they changed."""
+        """Whether some code prunes a head of this layer, re-reading its masks when they changed.
+        Under torch.compile the version counters are not read (they cannot be traced): only
+        load_state_dict's hook and invalidate() re-plan there."""
+        if self._masks_read is not None and torch.compiler.is_compiling():
+            return self._prunes
         masks = tuple(getattr(attn, name).out_mask for name in ("to_q", "to_k", "to_v"))
         versions = tuple(None if mask.is_inference() else mask._version for mask in masks)
         read = self._masks_read
@@ -274,7 +279,8 @@ class CodedAttnProcessor:
             self.heads = head_kept.shape[1]
             self._plans.clear()
             self._masks_read = (masks, versions)
-        return any(len(kept) < self.heads for kept in self.kept_heads)
+            self._prunes = any(len(kept) < self.heads for kept in self.kept_heads)
+        return self._prunes
 
     def _pairs(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """(rows, heads) int64 on device: every kept (row, head) pair of the batch."""
