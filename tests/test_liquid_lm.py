@@ -139,6 +139,15 @@ def test_config_reads_transformers_4_files():
     assert (llama.num_key_value_heads, llama.head_dim, llama.hidden_act, llama.tie_word_embeddings) == (2, 4, "silu",
                                                                                                           False)
     assert llama.rope_theta == 5e5 and llama.rope_scaling["original_max_position_embeddings"] == 64
+    # the activation as transformers 5 reads it: Gemma-2 takes hidden_activation as written (no
+    # "gelu" -> tanh remap; mmfast remapped it, 1.7e-4 off transformers), Gemma hidden_act
+    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2}
+    assert LiquidLMConfig.from_hf({**base, "model_type": "gemma2", "hidden_activation": "gelu"}).hidden_act == "gelu"
+    assert LiquidLMConfig.from_hf({**base, "model_type": "gemma", "hidden_act": "gelu",
+                                   "hidden_activation": "gelu"}).hidden_act == "gelu_pytorch_tanh"
+    with pytest.raises(ValueError, match="the config has no intermediate_size"):  # was a bare KeyError
+        LiquidLMConfig.from_hf({k: v for k, v in {**base, "model_type": "llama"}.items() if k != "intermediate_size"})
 
 
 @pytest.mark.parametrize("kind", ["llama3", "gemma", "gemma2"])
@@ -446,7 +455,7 @@ def test_generate_images_pairs_share_tokens_without_padding():
     steps = image_tokens - 1  # tokens fed back (the last code is not)
     lc, lu = len(PROMPT), len(UNCOND)
     assert model.cache_seqlens.tolist() == [lc + steps] * num_images + [lu + steps] * num_images
-    assert model.cache_shape() == (2 * num_images, lc + image_tokens)  # no padding of the short rows beyond this
+    assert model.cache_shape() == (2 * num_images, 256)  # lc + image_tokens, rounded up to 256 (one allocation)
     # layer 0's values depend on the token only (no RoPE): both rows of a pair were fed the same tokens
     v_cache = model.model.layers[0].self_attn.kv_cache.v_cache
     for b in range(num_images):
@@ -476,6 +485,35 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     with pytest.raises(RuntimeError, match="not_an_inductor_option"):
         generate_text(model, prompts, max_new_tokens=2, compile={"not_an_inductor_option": 1})
     assert torch.equal(model.cache_seqlens, lengths)  # refused before the prefill
+    # a copy decodes on its own weights: the compiled steps (closures over the original) stay behind
+    twin = copy.deepcopy(model)
+    assert "_compiled_decode_steps" not in twin.__dict__
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    assert torch.equal(generate_text(twin, prompts, max_new_tokens=6, compile=True),
+                       generate_text(twin, prompts, max_new_tokens=6))
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=6, compile=True), eager)
+    import pickle
+
+    pickle.loads(pickle.dumps(model))  # a closure in the state made it unpicklable
+
+
+def test_compiled_decode_step_falls_back_to_eager_at_the_recompile_limit(monkeypatch):
+    """Each new batch size recompiles the step (static shapes); past torch's recompile limit the
+    fullgraph compile raised FailOnRecompileLimitHit and the generation died: now it warns and
+    decodes eagerly. (Caches grow in steps of 256 tokens, so longer prompts alone do not recompile.)"""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
+    prompts = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    options = {"cpp_wrapper": False}
+    for batch in (1, 2):
+        generate_text(model, prompts[:batch], max_new_tokens=2, compile=options)
+    assert model.cache_shape()[1] == 256
+    with pytest.warns(UserWarning, match="stopped recompiling the step .* decoding eagerly"):
+        out = generate_text(model, prompts, max_new_tokens=3, compile=options)
+    assert torch.equal(out, generate_text(model, prompts, max_new_tokens=3))
 
 
 @pytest.mark.skipif(not mmfast.memory.huge_pages_enabled() or os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "0",
@@ -580,6 +618,41 @@ def test_decode_step_refuses_to_overrun_the_cache():
     model.decode_step(torch.tensor([[3]]))
     with pytest.raises(ValueError, match="setup_caches with a larger max_tokens"):
         model.decode_step(torch.tensor([[4]]))
+
+
+def test_a_refused_decode_step_leaves_the_caches_and_the_count():
+    """Out-of-range ids and S > 16 were refused after the host count (each bad call took a token
+    of room for good), S > 16 after layer 0's cache was written; the ids as a bare IndexError."""
+    model = tiny_liquid_lm("llama", vocab_size=VOCAB)
+    model.setup_caches(2, 40)
+    model.prefill(torch.tensor([[5, 6, 7, 8], [9, 10, 11, 3]]), torch.tensor([4, 3]))
+    held, lengths = model.tokens_held, model.cache_seqlens.clone()
+    keys = model.model.layers[0].self_attn.kv_cache.k_cache.clone()
+    for tokens, match in ((torch.tensor([[VOCAB], [4]]), f"token ids must be in \\[0, {VOCAB}\\)"),
+                          (torch.tensor([[-1], [4]]), "token ids must be in"),
+                          (torch.full((2, 17), 4), "1 to 16 new tokens per row")):
+        with pytest.raises(ValueError, match=match):
+            model.decode_step(tokens)
+        assert model.tokens_held == held and torch.equal(model.cache_seqlens, lengths)
+        assert torch.equal(model.model.layers[0].self_attn.kv_cache.k_cache, keys)
+    model.decode_step(torch.tensor([[4], [4]]))
+    assert model.tokens_held == held + 1
+
+
+def test_a_checkpoint_of_mixed_dtypes_loads_as_one(checkpoints, tmp_path):
+    """fp32 norms in a bf16 checkpoint loaded as they were, then failed at the first call
+    (decode_linear: all inputs must have the same dtype): cast to the config's dtype."""
+    from safetensors.torch import save_file
+
+    hf, directory = checkpoints["llama"]
+    state = {k: v.contiguous() if "norm" in k else v.to(torch.bfloat16) for k, v in hf.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    config = {**json.loads((directory / "config.json").read_text()), "torch_dtype": "bfloat16", "dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = LiquidLM.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    loaded.setup_caches(1, 8)
+    assert loaded.prefill(torch.tensor([[5, 6, 7]])).dtype == torch.float32
 
 
 def test_prefill_empties_the_rows_it_does_not_fill():

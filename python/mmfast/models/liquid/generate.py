@@ -111,7 +111,17 @@ class DecodeStep:
         decode_step counts as well): checked here, and the count set, not added, after it."""
         self.model.check_decode_tokens(tokens, "DecodeStep")
         held = self.model.tokens_held
-        logits = self.compiled(tokens)
+        try:
+            logits = self.compiled(tokens)
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is the recompile limit
+            if type(error).__name__ not in _RECOMPILE_LIMIT_ERRORS:
+                raise
+            # raised before the step runs: nothing written
+            warnings.warn(f"DecodeStep: torch.compile stopped recompiling the step (each new batch size or cache "
+                          f"size compiles it anew; {str(error).splitlines()[0][:160]}); decoding eagerly from now on "
+                          "(setup_caches once with the largest batch and length keeps one compilation)")
+            self.compiled = None
+            return self._decode(tokens)
         self.model.tokens_held = held + tokens.shape[1]
         return logits
 
@@ -223,6 +233,11 @@ def compile_options(device: torch.device, compile: Union[bool, dict]) -> dict:
     return options
 
 
+# What a fullgraph torch.compile raises once a function has been recompiled too often (torch
+# 2.14's name; older ones said cache limit): matched by name, without importing torch._dynamo.
+_RECOMPILE_LIMIT_ERRORS = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+
+
 def _compiled_step(model: LiquidLM, rows: Optional[slice], compile: Union[bool, dict]):
     """torch.compile of one decode step, kept on the model per head-row range and options so that
     every generate call reuses it (a new compiled function per call would recompile)."""
@@ -269,15 +284,22 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], d
     return torch.Generator(device=device).manual_seed(seed)
 
 
+# Caches are (re)allocated with their tokens rounded up to a multiple of this: a compiled step
+# (static shapes) and a captured CUDA graph are rebuilt when a prompt outgrows the caches, and a
+# loop over prompts one token longer each would otherwise rebuild them every time (and a compiled
+# step past torch's recompile limit of 8 stops working). At most 255 idle tokens per row.
+CACHE_TOKEN_MULTIPLE = 256
+
+
 def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
-    """setup_caches(batch, tokens) unless the caches already hold that many rows and tokens, in
-    the model's dtype and device, writable here (not made under torch.inference_mode() when
-    this call runs outside it)."""
+    """setup_caches(batch, tokens rounded up to CACHE_TOKEN_MULTIPLE) unless the caches already
+    hold that many rows and tokens, in the model's dtype and device, writable here (not made under
+    torch.inference_mode() when this call runs outside it)."""
     shape = model.cache_shape()
     cache = model.model.layers[0].self_attn.kv_cache
     if (shape is None or shape[0] < batch or shape[1] < tokens or cache.k_cache.dtype != model.dtype
             or cache.k_cache.device != model.device or model.caches_need_inference_mode()):
-        model.setup_caches(batch, tokens)
+        model.setup_caches(batch, -(-tokens // CACHE_TOKEN_MULTIPLE) * CACHE_TOKEN_MULTIPLE)
 
 
 _generation_locks: "weakref.WeakKeyDictionary[LiquidLM, threading.Lock]" = weakref.WeakKeyDictionary()

@@ -34,6 +34,7 @@ default backend).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Optional, Tuple
@@ -43,6 +44,7 @@ from torch import nn
 
 from ...memory import use_huge_pages
 from ...ops._checks import check_dtype_argument
+from ...ops.decode import MAX_DECODE_QUERIES
 from .lm_checkpoint import LiquidLMCheckpointError, check_state, load_safetensors_dir
 from .lm_config import LiquidLMConfig
 from .lm_layers import Backbone, KVCache, linear, merge_fused_projections, rope_cos_sin, rope_inv_freq
@@ -123,6 +125,13 @@ class LiquidLM(nn.Module):
                                                self.device)
         self.cache_seqlens = torch.zeros((max_batch,), dtype=torch.int32, device=self.device)
         self.tokens_held = 0
+
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy state without the compiled decode steps (generate's compile=True),
+        closures over this very model: a copy would decode on the original's weights and caches."""
+        state = dict(super().__getstate__())
+        state.pop("_compiled_decode_steps", None)
+        return state
 
     def cache_shape(self) -> Optional[Tuple[int, int]]:
         """(max_batch, max_tokens) of the caches, None before setup_caches."""
@@ -211,11 +220,16 @@ class LiquidLM(nn.Module):
         self.check_decode_tokens(tokens, "LiquidLM.decode_step", room=False)
         batch, seq = tokens.shape
         seqlens = self._cache_lengths(batch, seq)
-        if not torch.compiler.is_compiling():  # compiled steps and graph replays: DecodeStep counts
-            self.hold_tokens(seq, "LiquidLM.decode_step")
+        counting = not torch.compiler.is_compiling()  # compiled steps and graph replays: DecodeStep counts
+        if counting:
+            self.check_room(seq, "LiquidLM.decode_step")
+            if tokens.device.type == "cpu":  # a bad id would fail after the count (free here; a sync on a GPU)
+                check_token_range("LiquidLM.decode_step", tokens, self.config.vocab_size)
         positions = seqlens[:, None].long() + torch.arange(seq, device=tokens.device)
         hidden = self._run(tokens, positions, None, seqlens)
         seqlens.add_(seq)
+        if counting:  # counted once the step ran: a refused one leaves the count as it was
+            self.tokens_held += seq
         return self.logits(hidden, logits_rows)
 
     def hold_tokens(self, seq: int, what: str) -> None:
@@ -232,6 +246,9 @@ class LiquidLM(nn.Module):
                              f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
         if self.cache_shape() is None:
             raise RuntimeError("LiquidLM: call setup_caches(max_batch, max_tokens) before prefill / decode_step")
+        if not 1 <= tokens.shape[1] <= MAX_DECODE_QUERIES:  # before any layer's cache is written
+            raise ValueError(f"{what}: 1 to {MAX_DECODE_QUERIES} new tokens per row (S) per step, got "
+                             f"{tokens.shape[1]}; use prefill for longer prompts")
         if room:
             self.check_room(tokens.shape[1], what)
 
@@ -268,7 +285,9 @@ class LiquidLM(nn.Module):
         """A LiquidLM in eval mode from a local transformers checkpoint directory (nothing is
         downloaded): config.json (model_type llama, gemma or gemma2) and model.safetensors, or
         shards listed by model.safetensors.index.json, read with the safetensors library (never
-        pickle). dtype: default the stored dtype; device: default CPU. huge_pages: on the CPU,
+        pickle). dtype: default the stored dtype (one dtype: a checkpoint that mixes them, e.g.
+        fp32 norms in a bf16 model, is cast to its config's dtype, else its most common floating
+        dtype; mmfast's ops take one dtype per call); device: default CPU. huge_pages: on the CPU,
         move the weights of 2 MiB and more onto transparent huge pages
         (mmfast.memory.use_huge_pages: a decode step streams them all, 4-19% faster on huge
         pages; no effect off Linux, without THP or with MMFAST_CPU_HUGE_PAGES=0). A tied model
@@ -286,7 +305,8 @@ class LiquidLM(nn.Module):
             raise FileNotFoundError(f"LiquidLM: no config.json in {local_dir!r} (a local transformers checkpoint "
                                     "directory; nothing is downloaded)")
         with open(config_path) as f:
-            config = LiquidLMConfig.from_hf(json.load(f))
+            config_dict = json.load(f)
+        config = LiquidLMConfig.from_hf(config_dict)
         device = torch.device(device) if device is not None else torch.device("cpu")
         state = load_safetensors_dir(local_dir, device)
         if config.tie_word_embeddings:
@@ -295,14 +315,29 @@ class LiquidLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         check_state(model, state, local_dir)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+        dtype = dtype if dtype is not None else _one_dtype(state, config_dict)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         merge_fused_projections(model, state)
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
         if huge_pages and device.type == "cpu":
             use_huge_pages(model)
         return model.eval()
+
+
+def _one_dtype(state: dict, config: dict) -> torch.dtype:
+    """The stored floating dtype; for a checkpoint that mixes several, its config's dtype
+    ("torch_dtype" / "dtype", as transformers loads it), else the most common one by bytes."""
+    stored = collections.Counter()
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            stored[tensor.dtype] += tensor.numel() * tensor.element_size()
+    if len(stored) <= 1:
+        return next(iter(stored), torch.float32)
+    named = config.get("torch_dtype") or config.get("dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+        return getattr(torch, named)
+    return stored.most_common(1)[0][0]
 
 
 def _check_rows(rows: slice, vocab: int) -> slice:

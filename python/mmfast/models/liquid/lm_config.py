@@ -89,12 +89,18 @@ class LiquidLMConfig:
                              f"{MODEL_TYPES} (Liquid's released model is a gemma)")
         if d.get("use_bidirectional_attention"):
             raise ValueError("LiquidLM: use_bidirectional_attention=True is not a causal LM")
+        if "num_attention_heads" not in d:
+            raise ValueError(f"LiquidLM: the config has no num_attention_heads (a transformers {model_type} "
+                             "config.json names it)")
         heads = int(d["num_attention_heads"])
         gemma = model_type in ("gemma", "gemma2")
         rope = _rope_from_hf(d)
-        act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-        if gemma and act == "gelu":  # Gemma's legacy config value: transformers runs the tanh approximation
-            act = "gelu_pytorch_tanh"
+        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+                   if key not in d]
+        if missing:
+            raise ValueError(f"LiquidLM: the config has no {', '.join(missing)} (a transformers {model_type} "
+                             "config.json names them all)")
+        act = _activation(d, model_type)
         fields = dict(
             model_type=model_type,
             vocab_size=int(d["vocab_size"]),
@@ -121,6 +127,19 @@ class LiquidLMConfig:
                           final_logit_softcapping=d.get("final_logit_softcapping", 30.0),
                           sliding_window=d.get("sliding_window", 4096), layer_types=tuple(layer_types))
         return cls(**fields)
+
+
+def _activation(d: dict, model_type: str) -> str:
+    """The MLP activation as transformers 5 reads it: Llama hidden_act; Gemma hidden_act (else
+    hidden_activation), the legacy "gelu" run as the tanh approximation (GemmaConfig remaps it;
+    released Gemma configs hold "gelu" and "gelu_pytorch_tanh": the same either way); Gemma-2
+    hidden_activation as written (Gemma2MLP, no remap)."""
+    if model_type == "llama":
+        return d.get("hidden_act") or "silu"
+    if model_type == "gemma2":
+        return d.get("hidden_activation") or "gelu_pytorch_tanh"
+    act = d.get("hidden_act") or d.get("hidden_activation") or "gelu_pytorch_tanh"
+    return "gelu_pytorch_tanh" if act == "gelu" else act
 
 
 def _rope_from_hf(d: dict) -> Tuple[float, Optional[dict]]:
