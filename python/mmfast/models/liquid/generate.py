@@ -404,7 +404,8 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
     temperature 0: greedy. seed or generator (on the model's device): reproducible draws. One
     prompt per call (as Liquid's scripts, num_images rows of it): loop over prompts.
     Like Liquid, exactly image_tokens steps and no early stop. Codes are in [0, image_vocab_size)
-    and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small
+    and ready for mmfast.models.liquid.VQGAN.decode. The caches are (re)allocated when too small (their
+    tokens rounded up to CACHE_TOKEN_MULTIPLE, 256: a loop over prompts compiles / captures once)
     and left as the loop leaves them (cache_seqlens = prompt lengths + image_tokens - 1).
     cuda_graph: on CUDA, replay the decode step as a CUDA graph after its first call (DecodeStep;
     not run on a GPU yet). compile: torch.compile the decode step (True, or a dict of inductor
