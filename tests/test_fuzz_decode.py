@@ -90,8 +90,24 @@ def test_fuzz_attention_matches_the_reference(case):
     assert torch.equal(out.isnan(), expected.isnan())
     if case["values"] != "special":
         assert bool(out.isfinite().all()), "slots past a row's length leaked into its output"
+    # The output is a weighted mean of v: its rounding scales with the largest |v| read, not with
+    # the output (a random-seed run: -25.3 from values up to 3.6e6, 4.4e-9 of them off, failed an
+    # atol of 1e-5), as the linear-attention fuzz scales its atol.
     atol, rtol = TOLERANCES[case["dtype"]]
-    torch.testing.assert_close(out.double(), expected.double(), atol=2 * atol, rtol=2 * rtol, equal_nan=True)
+    magnitude = max(1.0, _largest_read_value(v_cache, lengths))
+    torch.testing.assert_close(out.double(), expected.double(), atol=2 * atol * magnitude, rtol=2 * rtol,
+                               equal_nan=True)
+
+
+def _largest_read_value(v_cache: torch.Tensor, lengths: torch.Tensor) -> float:
+    """max |v| over the finite slots each row attends to (its first `length` tokens)."""
+    largest = 0.0
+    for row, length in enumerate(lengths.tolist()):
+        values = v_cache[row, :length].double().abs()
+        values = values[values.isfinite()]
+        if values.numel():
+            largest = max(largest, float(values.max()))
+    return largest
 
 
 @st.composite

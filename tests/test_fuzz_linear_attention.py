@@ -31,8 +31,11 @@ BACKENDS = ["native"] + (["triton"] if HAS_TRITON else [])
 DEVICES = {"native": "cpu", "reference": "cpu", "triton": TRITON_DEVICE}
 LAYOUTS = ["contiguous", "bhnd-transposed", "sliced", "expanded", "channels-last", "last-dim-strided"]
 VALUES = ["normal", "small", "huge", "denormal", "special"]
-# Largest |v| per dtype for "huge" values: the output is a weighted mean of v, so it stays finite.
-HUGE = {torch.float32: 1e15, torch.float64: 1e100, torch.float16: 3e4, torch.bfloat16: 1e30}
+# Largest |v| per dtype for "huge" values: the output is a weighted mean of v, so it stays finite,
+# and the fp32 sums phi(q) . S (|q| |k| |v| Dk with q, k up to 1e4) stay below fp32's 3.4e38: bf16
+# at 1e30 overflowed them at Dk = 128 (a random-seed run: inf on native and Triton), the op's
+# documented range, not a kernel defect.
+HUGE = {torch.float32: 1e15, torch.float64: 1e100, torch.float16: 3e4, torch.bfloat16: 1e28}
 
 
 def _layout(t: torch.Tensor, layout: str, rng: torch.Generator) -> torch.Tensor:
