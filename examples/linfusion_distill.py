@@ -63,7 +63,9 @@ def load_unet(args):
 
 
 def synthetic_batches(unet, args, scheduler):
-    """A fixed set of (noisy latents, timesteps, text embeddings, noise) batches."""
+    """A fixed set of (noisy latents, timesteps, text embeddings, noise, UNet keyword arguments)
+    batches; an SD-XL UNet also gets its added conditions (pooled text embeddings and the size /
+    crop time ids of an uncropped image at the UNet's native size)."""
     generator = torch.Generator().manual_seed(args.seed)
     size, channels = unet.config.sample_size, unet.config.in_channels
     batches = []
@@ -73,7 +75,15 @@ def synthetic_batches(unet, args, scheduler):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
         text = torch.randn(args.batch_size, 77, unet.config.cross_attention_dim, generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        batches.append(tuple(t.to(args.device) for t in (noisy, timesteps, text, noise)))
+        extra = {}
+        if unet.config.get("addition_embed_type") == "text_time":  # SD-XL
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            pixels = size * 8  # the VAE's factor
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(args.batch_size, pooled, generator=generator).to(args.device),
+                "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * args.batch_size,
+                                         dtype=torch.float32).to(args.device)}
+        batches.append(tuple(t.to(args.device) for t in (noisy, timesteps, text, noise)) + (extra,))
     return batches
 
 
@@ -111,8 +121,8 @@ def main():
     history, part_history = [], []
     start = time.perf_counter()
     for step in range(args.steps):
-        noisy, timesteps, text, noise = batches[step % len(batches)]
-        loss, parts = distiller(noisy, timesteps, text, target=None if args.no_denoise else noise)
+        noisy, timesteps, text, noise, extra = batches[step % len(batches)]
+        loss, parts = distiller(noisy, timesteps, text, target=None if args.no_denoise else noise, **extra)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -163,3 +163,17 @@ def test_distill_tiny_without_the_denoising_term_brings_the_student_to_its_teach
     teacher_first, teacher_last, attn1_first, attn1_last = map(float, terms.groups())
     assert teacher_last < teacher_first and attn1_last < attn1_first
     assert "denoise" not in completed.stdout
+
+
+def test_distill_an_sdxl_unet_from_a_folder(tmp_path):
+    """--unet DIR with SD-XL's UNet (--mid-dim-scale 16, as the help says) crashed: the example
+    never passed the UNet's added conditions (text_embeds, time_ids)."""
+    from mmfast.testing.tiny_diffusers import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline(seed=0).unet.save_pretrained(tmp_path / "unet")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, DISTILL_EXAMPLE, "--unet", str(tmp_path / "unet"), "--mid-dim-scale",
+                                "16", "--steps", "2", "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert re.search(r"step   1  loss [\d.]+", completed.stdout)

@@ -316,3 +316,74 @@ def test_mounted_layers_take_part_in_the_processor_api(unet):
     finally:
         linfusion.unmount()
     assert unet.attn_processors.keys() == before.keys()
+
+
+def test_a_processor_dict_taken_while_mounted_refuses_the_softmax_layers_after_unmount(unet):
+    """Restoring that dict after unmount put LinFusionAttnProcessor on diffusers' attn1, whose
+    call then called the processor again: RecursionError. Now a ValueError saying what happened."""
+    inputs = unet_inputs(unet)
+    before = dict(unet.attn_processors)
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
+    saved = dict(unet.attn_processors)
+    linfusion.unmount()
+    unet.set_attn_processor(saved)
+    try:
+        with pytest.raises(ValueError, match="runs mounted LinFusion layers only, not a diffusers Attention"):
+            run_unet(unet, inputs)
+    finally:
+        unet.set_attn_processor(before)
+
+
+def test_wrapped_unets_mount_under_their_plain_names(unet):
+    """pipe.unet = torch.compile(pipe.unet) (diffusers' recipe) and DDP prefix module names with
+    `_orig_mod.` / `module.`: an official checkpoint did not mount, and a distilled one was saved
+    under names no plain UNet has."""
+    compiled = torch.compile(unet)  # nothing compiles until it is called
+    linfusion = LinFusion.construct_for(compiled, load_pretrained=False)
+    try:
+        names = [spec.module_name for spec in linfusion.specs]
+        assert names and all(name.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for name in names)
+        assert all(isinstance(unet.get_submodule(name), GeneralizedLinearAttention) for name in names)
+    finally:
+        linfusion.unmount()
+    assert not any(isinstance(m, GeneralizedLinearAttention) for m in unet.modules())
+
+
+def test_sequential_cpu_offload_is_refused_rather_than_dropping_weights(unet):
+    """Under accelerate's sequential CPU offload the UNet's weights sit on meta: mounting moved
+    LinFusion's there too, and unmounting moved the original attn1's there (lost for good)."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    from mmfast.testing.tiny_diffusers import tiny_unet
+
+    linfusion = LinFusion.construct_for(unet, load_pretrained=False)
+    cpu_offload(unet, execution_device="cpu")
+    try:
+        with pytest.raises(ValueError, match="remove the offload hooks first"):
+            linfusion.unmount()
+        with pytest.raises(ValueError, match="remove the offload hooks first"):
+            with linfusion.unmounted():
+                pass
+        assert linfusion.is_mounted and not any(p.is_meta for m in linfusion.original_attention_modules()
+                                                for p in m.parameters())
+    finally:
+        remove_hook_from_module(unet, recurse=True)
+    assert not any(p.is_meta for p in unet.parameters())
+    linfusion.unmount()
+    fresh = tiny_unet((32, 64), heads=2)
+    cpu_offload(fresh, execution_device="cpu")
+    with pytest.raises(ValueError, match="mount LinFusion first, then enable the offload"):
+        LinFusion.construct_for(fresh, load_pretrained=False)
+
+
+def test_ip_adapter_masks_are_ignored_quietly_as_diffusers_does():
+    """diffusers passes ip_adapter_masks to every attention and its processors stay silent; the
+    warning broke torch.compile(fullgraph=True) under IP-Adapter masking."""
+    import warnings
+
+    module = random_module()
+    x = torch.randn(1, 6, module.dim_n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(x, ip_adapter_masks=[torch.ones(1, 1, 2, 3)])

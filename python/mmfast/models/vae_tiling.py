@@ -355,15 +355,20 @@ def _upsampled(src: _Rows) -> _Rows:
     return _Rows(2 * src.height, get)
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """GroupNorm's statistics dtype: fp32 for 16-bit and fp32 tensors, fp64 for fp64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _grouped(t, groups):
-    return t.float().reshape(t.shape[0], groups, -1)
+    return t.to(_stats_dtype(t.dtype)).reshape(t.shape[0], groups, -1)
 
 
 def _group_stats(x, norm, bands):
-    """Per (sample, group) mean and 1/std over the whole image, from per-band fp32 sums."""
+    """Per (sample, group) mean and 1/std over the whole image, from per-band fp32 sums (fp64 for fp64)."""
     b, groups = x.shape[0], norm.num_groups
     count = x[0].numel() // groups
-    total = torch.zeros(b, groups, device=bands.device, dtype=torch.float32)
+    total = torch.zeros(b, groups, device=bands.device, dtype=_stats_dtype(x.dtype))
     for lo, hi in bands.ranges(x.shape[2]):
         total += _grouped(x[:, :, lo:hi].to(bands.device), groups).sum(-1)
     mean = (total / count).unsqueeze(-1)
@@ -377,7 +382,7 @@ def _group_stats(x, norm, bands):
 def _group_norm(t, norm, mean, rstd):
     y = ((_grouped(t, norm.num_groups) - mean) * rstd).reshape(t.shape)
     if norm.affine:
-        y = y * norm.weight.float().view(1, -1, 1, 1) + norm.bias.float().view(1, -1, 1, 1)
+        y = y * norm.weight.to(y.dtype).view(1, -1, 1, 1) + norm.bias.to(y.dtype).view(1, -1, 1, 1)
     return y.to(t.dtype)
 
 

@@ -45,6 +45,12 @@ class LinFusionAttnProcessor:
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        if not isinstance(attn, GeneralizedLinearAttention):  # attn(...) would call this processor again
+            raise ValueError(
+                f"LinFusionAttnProcessor runs mounted LinFusion layers only, not a diffusers {type(attn).__name__}: "
+                "a processor dict taken while LinFusion was mounted was restored after unmount (or diffusers' "
+                "unfuse_qkv_projections restored one saved then); set the UNet's own processors, e.g. "
+                "unet.set_default_attn_processor(), or mount LinFusion")
         return attn(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
@@ -162,8 +168,11 @@ class GeneralizedLinearAttention(nn.Module):
         out = self.forward(tokens, encoder_hidden_states)
         return out.transpose(1, 2).reshape(b, c, h, w)
 
+    # What diffusers passes to every attention and its own processors ignore without a word.
+    _QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
+
     def _warn_ignored_kwargs(self, kwargs: dict) -> None:
-        new = set(kwargs) - self._warned_kwargs
+        new = set(kwargs) - self._warned_kwargs - self._QUIET_KWARGS
         if new:
             self._warned_kwargs |= new
             warnings.warn(f"GeneralizedLinearAttention: ignoring cross_attention_kwargs {sorted(new)}", stacklevel=3)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...ops._checks import check_dtype_argument, is_integer
-from .._modules import swap_back, swap_submodule
+from .._modules import check_swap_back, offload_hooked, swap_back, swap_submodule, unwrapped
 from .attention import GeneralizedLinearAttention
 
 CONFIG_NAME = "config.json"
@@ -61,9 +61,10 @@ def _is_self_attention(name: str, module: nn.Module) -> bool:
 
 
 def unet_attn1_specs(unet: nn.Module, projection_mid_dim: Optional[int] = None) -> List[ModuleSpec]:
-    """The attn1 modules of `unet`, in named_modules() order (the official index order)."""
+    """The attn1 modules of `unet`, in named_modules() order (the official index order); names
+    as in the plain UNet also when it is wrapped by torch.compile or (Distributed)DataParallel."""
     specs = []
-    for name, module in unet.named_modules():
+    for name, module in unwrapped(unet).named_modules():
         if not _is_self_attention(name, module):
             continue
         if isinstance(module, GeneralizedLinearAttention):
@@ -261,6 +262,7 @@ class LinFusion(nn.Module):
                             "construct_for(pipeline, unet) order is not mmfast's)")
         named = pipe_or_unet if pipe_or_unet is not None else pipeline
         unet = unet if unet is not None else getattr(named, "unet", named)
+        unet = unwrapped(unet) if isinstance(unet, nn.Module) else unet
         if unet is None:
             raise ValueError("LinFusion.construct_for: no pipeline or UNet given (expected a diffusers pipeline with a "
                              ".unet, or a UNet2DConditionModel)")
@@ -289,9 +291,14 @@ class LinFusion(nn.Module):
         """Replaces each attn1 of `unet` by its LinFusion module (moved to the UNet's device/dtype)."""
         if self.is_mounted:
             raise RuntimeError("LinFusion: already mounted; call unmount() first")
+        unet = unwrapped(unet)
+        reference_param = next(unet.parameters())
+        if reference_param.is_meta and offload_hooked(unet):
+            raise ValueError("LinFusion.mount_to: the UNet's weights are on the meta device under accelerate's "
+                             "hooks (sequential CPU offload), where LinFusion's would be dropped: mount LinFusion "
+                             "first, then enable the offload (pipe.enable_sequential_cpu_offload())")
         check_specs_match_unet(self.specs, unet, self.partial)
         _warn_if_unsafe_dtype(unet)
-        reference_param = next(unet.parameters())
         self.to(device=reference_param.device, dtype=reference_param.dtype)
         for spec, module in zip(self.specs, self.attention_modules()):
             self._mounted.append((unet, spec.module_name, swap_submodule(unet, spec.module_name, module)))
@@ -302,6 +309,8 @@ class LinFusion(nn.Module):
         LinFusion's modules have then (a pipe.to(...) while mounted does not reach them)."""
         if not self.is_mounted:
             raise RuntimeError("LinFusion: not mounted")
+        for unet, name, original in self._mounted:  # all checked before any is swapped
+            check_swap_back(unet, name, original, "LinFusion.unmount")
         for unet, name, original in reversed(self._mounted):
             swap_back(unet, name, original)
         self._mounted = []
@@ -317,6 +326,8 @@ class LinFusion(nn.Module):
         """Temporarily puts the original attn1 modules back (e.g. the distillation teacher)."""
         if not self.is_mounted:
             raise RuntimeError("LinFusion: not mounted")
+        for unet, name, original in self._mounted:
+            check_swap_back(unet, name, original, "LinFusion.unmounted")
         for unet, name, original in self._mounted:
             swap_back(unet, name, original)
         try:

@@ -75,7 +75,7 @@ class RowParallelGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
         b, c = x.shape[:2]
-        grouped = x.float().reshape(b, norm.num_groups, -1)
+        grouped = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, norm.num_groups, -1)  # fp64 stays
         sums = torch.cat([grouped.sum(-1).reshape(-1), grouped.new_full((1,), float(grouped.shape[-1]))])
         sums = distributed.all_reduce_sum(sums, self.group)
         mean = (sums[:-1] / sums[-1]).view(b, norm.num_groups, 1)
@@ -84,7 +84,7 @@ class RowParallelGroupNorm(torch.nn.Module):
         y = (centered * torch.rsqrt(variance.unsqueeze(-1) + norm.eps)).view(x.shape)
         if norm.affine:
             shape = (1, c) + (1,) * (x.dim() - 2)
-            y = y * norm.weight.float().view(shape) + norm.bias.float().view(shape)
+            y = y * norm.weight.to(y.dtype).view(shape) + norm.bias.to(y.dtype).view(shape)
         return y.to(x.dtype)
 
 
