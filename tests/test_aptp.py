@@ -173,7 +173,7 @@ def test_classifier_free_guidance_repeats_codes(setup):
     assert_matches(model(x, t[0], text, torch.tensor(rows)).sample, expected)
     with pytest.raises(ValueError, match="sample codes"):
         model(x, t, text, torch.tensor([0, 1, 2, 0]))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"sample codes must be in \[0, 3\)"):
         model(x, t, text, torch.tensor([0, 1, 3, 0, 1, 2]))
     with pytest.raises(TypeError, match="must be integers"):
         model(x, t[0], text, torch.tensor([0.0, 1.7, 1.0]))  # would truncate to expert 1

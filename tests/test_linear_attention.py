@@ -233,6 +233,25 @@ def test_torch_compile_fullgraph(backend_device):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_torch_compile_fullgraph_of_state_and_apply(backend_device):
+    """The two-pass API (state once, apply to other queries: patch parallelism, LinFusion's
+    cross-context layers) under fullgraph compile, gradients included."""
+    backend, device = backend_device
+    torch._dynamo.reset()
+
+    def two_pass(q, k, v):
+        state, mean = linear_attention_state(k, v, feature_map="relu", backend=backend)
+        return linear_attention_apply(q, state * 0.5, mean, eps=1e-3, feature_map="relu", backend=backend)
+
+    compiled = torch.compile(two_pass, fullgraph=True, backend="aot_eager")
+    q, k, v = make_qkv((2, 21, 3, 24, 16), torch.float32, device, requires_grad=True)
+    out, expected = compiled(q, k, v), two_pass(q, k, v)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
 def test_torch_compile_inductor_cpu():
     torch._dynamo.reset()
     q, k, v = make_qkv((1, 40, 2, 16, 16), torch.float32, "cpu")

@@ -442,6 +442,8 @@ def test_memory_model_predicts_the_measured_peak(options):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (_, _), (measured, predicted) = json.loads(result.stdout.strip().splitlines()[-1])
+    if measured is None:  # /proc/self/clear_refs forbidden (some sandboxes): PeakMemory measures nothing
+        pytest.skip("no peak-RSS measurement here (PeakMemory.peak_bytes is None)")
     assert 0.75 <= predicted / measured <= 1.25, (predicted, measured)
 
 
@@ -481,6 +483,8 @@ def test_memory_model_predicts_vae_passes(options, direction):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     measured, predicted = json.loads(result.stdout.strip().splitlines()[-1])
+    if measured is None:
+        pytest.skip("no peak-RSS measurement here (PeakMemory.peak_bytes is None)")
     assert 0.75 <= predicted / measured <= 1.25, (predicted, measured)
 
 

@@ -117,7 +117,7 @@ def test_autocast_casts_inputs_as_torch_casts_its_ops(case):
     if op != "vq_quantize":  # its distances are in the accumulation dtype
         assert got.dtype == dtype
     with torch.autocast("cpu", dtype=_BF16, enabled=False):  # a disabled region: no cast
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="same dtype"):
             f(*inputs)
     f64 = [t.double() for t in inputs]  # fp64 is left alone, as torch leaves it
     with torch.autocast("cpu", dtype=_BF16):
@@ -147,7 +147,7 @@ def test_autocast_through_a_tiny_vqgan_and_aptp_unet():
         with torch.autocast("cpu", dtype=_BF16):
             out = unet(sample, timestep, text, torch.tensor([0, 1])).sample
     assert out.isfinite().all()
-    assert (out.float() - reference_out).abs().max() <= 0.1 * reference_out.abs().max()
+    assert (out.float() - reference_out).abs().max() <= 0.03 * reference_out.abs().max()  # bf16 through the UNet: 1e-2 measured
 
 
 def test_autocast_through_a_liquid_generation():
@@ -168,7 +168,7 @@ def test_autocast_through_a_liquid_generation():
     with torch.autocast("cpu", dtype=_BF16):
         mixed = lm.prefill(prompts)
     assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, logits, rtol=0, atol=0.1 * logits.abs().max().item())
+    torch.testing.assert_close(mixed, logits, rtol=0, atol=0.03 * logits.abs().max().item())  # 1.1e-2 measured
     assert not torch.equal(mixed, logits)  # autocast did run in bf16
 
 

@@ -469,7 +469,10 @@ def test_huge_codebook_needs_no_n_by_k_memory():
     """K = 262,144 codes, N = 4096: the N x K fp32 distance matrix would be 4.3 GB."""
     result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True,
                             env={**os.environ, "OMP_NUM_THREADS": "2"})
-    growth, _ = map(int, result.stdout.split())
+    growth, _ = result.stdout.split()
+    if growth == "None":  # /proc/self/clear_refs forbidden (some sandboxes): PeakMemory measures nothing
+        pytest.skip("no peak-RSS measurement here (PeakMemory.peak_bytes is None)")
+    growth = int(growth)
     assert growth < 64 * 2**20, f"peak memory grew by {growth / 2**20:.1f} MiB"
 
 
@@ -487,6 +490,13 @@ def test_dequantize(backend_device, dtype):
     planes = vq_dequantize(indices.int(), codebook, channels_first=True, backend=backend)
     assert planes.shape == (2, 12, 5, 7) and planes.is_contiguous()
     assert torch.equal(planes, codebook[indices].permute(0, 3, 1, 2))
+    # non-contiguous indices (transposed) and codebook (every other column of a wider one)
+    wide = torch.repeat_interleave(codebook, 2, dim=1)[:, ::2]
+    assert not wide.is_contiguous() and torch.equal(wide, codebook)
+    for idx in (indices.transpose(1, 2), indices[:, ::2]):
+        assert torch.equal(vq_dequantize(idx, wide, backend=backend), codebook[idx])
+    assert torch.equal(vq_dequantize(indices.transpose(1, 2), wide, channels_first=True, backend=backend),
+                       codebook[indices.transpose(1, 2)].permute(0, 3, 1, 2))
 
 
 @pytest.mark.cuda
@@ -538,8 +548,7 @@ def test_gradients_fp64(backend):
     assert torch.autograd.gradcheck(distance, (z, codebook))
     sqnorm = vq_codebook_sqnorm(codebook.detach()).requires_grad_()
     given = lambda a, b, s: vq_quantize(a, b, codebook_sqnorm=s, return_distance=True, backend=backend)[1]  # noqa
-    if backend == "native":
-        assert torch.autograd.gradcheck(given, (z, codebook, sqnorm))
+    assert torch.autograd.gradcheck(given, (z, codebook, sqnorm))
     indices = torch.randint(0, 13, (2, 3, 4))
     assert torch.autograd.gradcheck(lambda b: vq_dequantize(indices, b, channels_first=True, backend=backend),
                                     (codebook,))

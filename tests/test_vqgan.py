@@ -281,7 +281,7 @@ def test_decode_token_rows_and_input_errors(model):
         model.decode(torch.zeros(1, 15, dtype=torch.int64))
     with pytest.raises(TypeError, match="integer"):
         model.decode(codes.float())
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 64 is out of range for a codebook of 64 codes"):
         model.decode(torch.full((1, 4, 4), 64))
     with pytest.raises(ValueError, match="multiples of 2"):
         model.encode(torch.zeros(1, 3, 31, 32))
