@@ -105,6 +105,11 @@ def test_checkpoint_tensor_mismatch_and_missing_dir(unet, tmp_path):
         LinFusion.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="download the checkpoint first"):
         LinFusion.from_pretrained(str(tmp_path / "Yuanshi" / "LinFusion-1-5"))
+    with pytest.raises(FileNotFoundError, match="is a file; pass the checkpoint directory"):
+        LinFusion.from_pretrained(str(tmp_path / "config.json"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        LinFusion.from_pretrained(str(tmp_path))
 
 
 def test_half_precision_checkpoint_loads_into_fp32_unet(unet, tmp_path):

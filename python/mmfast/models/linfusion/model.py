@@ -365,8 +365,11 @@ class LinFusion(nn.Module):
         check_dtype_argument("LinFusion.from_pretrained", "torch_dtype", torch_dtype)
         config_path, weights_path = _checkpoint_paths(directory)
         with open(config_path) as f:
-            config = json.load(f)
-        if "modules_list" not in config:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"LinFusion: {config_path} is not valid JSON ({error})") from None
+        if not isinstance(config, dict) or "modules_list" not in config:
             raise ValueError(f"LinFusion: {config_path} has no 'modules_list'; is this a LinFusion checkpoint?")
         from safetensors.torch import load_file
 
@@ -381,6 +384,9 @@ class LinFusion(nn.Module):
 
 
 def _checkpoint_paths(directory: str):
+    if os.path.isfile(directory):
+        raise FileNotFoundError(f"LinFusion: {directory!r} is a file; pass the checkpoint directory that holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"LinFusion: checkpoint directory {directory!r} does not exist. mmfast never downloads; download the "
