@@ -257,6 +257,8 @@ def test_tta_view_sizes_are_distinct_at_every_resolution():
     assert [_view_size(1024, s) for s in (0.75, 1.0, 1.25)] == [768, 1024, 1280]
     assert [_view_size(128, s) for s in (0.75, 1.0, 1.25)] == [64, 128, 192]
     assert [_view_size(512, s) for s in (0.75, 1.0, 1.25)] == [384, 512, 640]
+    assert [_view_size(832, s) for s in (0.75, 1.0, 1.25)] == [640, 832, 1024]  # no tie: the nearest
+    assert [_view_size(576, s) for s in (0.75, 1.0, 1.25)] == [448, 576, 704]
 
 
 def test_fused_qkv_projections_keep_the_maps():

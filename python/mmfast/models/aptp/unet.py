@@ -248,10 +248,12 @@ class CodedAttnProcessor:
 
     _MAX_PLANS = 64  # distinct batches' code tuples remembered per layer
 
-    def __init__(self, state: CodeState):
+    def __init__(self, state: CodeState, full=None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.state, self.full = state, AttnProcessor2_0()
+        # full: what runs every head (the layer's own processor, so a layer that prunes none
+        # keeps whatever processor it had)
+        self.state, self.full = state, full if full is not None else AttnProcessor2_0()
         self.kept_heads: List[List[int]] = []  # per code, read from the masks by _prunes_heads
         self.heads = 0
         self._masks_read: Optional[tuple] = None  # the masks kept_heads was read from, and their versions
@@ -348,7 +350,8 @@ def _prune_attention_heads(unet: nn.Module, state: CodeState) -> None:
                 module.added_kv_proj_dim is not None or not all(
                     isinstance(getattr(module, n), CodedLinear) for n in ("to_q", "to_k", "to_v")):
             continue  # (grouped k / v heads, added k / v projections: every head runs)
-        module.set_processor(CodedAttnProcessor(state))
+        own = module.processor
+        module.set_processor(CodedAttnProcessor(state, None if isinstance(own, CodedAttnProcessor) else own))
         module.register_load_state_dict_post_hook(_replan_heads)
 
 

@@ -141,11 +141,16 @@ def resize_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _view_size(resolution: int, scale: float) -> int:
-    """TTA scale applied to the processing resolution, to the UNet's multiple of 64 away from
-    the resolution (down below 1, up above): 768 / 1024 / 1280 at 1024 as ttach's Scale gives;
-    at small resolutions three distinct sizes (round-half-even made 128's views all 128)."""
+    """TTA scale applied to the processing resolution, to the nearest multiple of 64 (the UNet's),
+    a tie away from the resolution (down below 1, up above): 768 / 1024 / 1280 at 1024 as
+    ttach's Scale gives, 640 / 832 / 1024 at 832; at 128 three distinct sizes, 64 / 128 / 192
+    (round-half-even made them all 128)."""
     steps = resolution * scale / RESOLUTION_MULTIPLE
-    steps = math.floor(steps) if scale < 1 else math.ceil(steps) if scale > 1 else round(steps)
+    lower = math.floor(steps)
+    if steps - lower == 0.5:
+        steps = lower if scale < 1 else lower + 1
+    else:
+        steps = round(steps)
     return max(RESOLUTION_MULTIPLE, steps * RESOLUTION_MULTIPLE)
 
 

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ...memory import traced_peak_bytes
+from .._modules import offload_hooked
 from .. import vae_tiling
 from .highres_options import (DEFAULT_STRENGTHS, MemoryOptions, cascade_sizes, memory_options_applied, size_multiple,
                               vae_needs_upcast, vae_tiling_kwargs)
@@ -75,8 +76,9 @@ def _module_bytes(pipe, device) -> int:
     total = 0
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
+            offloaded = offload_hooked(component)  # its meta weights are loaded per call, not resident
             for tensor in list(component.parameters()) + list(component.buffers()):
-                if tensor.device == device or tensor.is_meta or device.type == "meta":
+                if tensor.device == device or (tensor.is_meta and not offloaded) or device.type == "meta":
                     total += tensor.numel() * tensor.element_size()
     return total
 

@@ -287,7 +287,9 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], d
 # Caches are (re)allocated with their tokens rounded up to a multiple of this: a compiled step
 # (static shapes) and a captured CUDA graph are rebuilt when a prompt outgrows the caches, and a
 # loop over prompts one token longer each would otherwise rebuild them every time (and a compiled
-# step past torch's recompile limit of 8 stops working). At most 255 idle tokens per row.
+# step past torch's recompile limit of 8 stops working). At most 255 idle tokens per row (Liquid-7B
+# in bf16: 448 KiB of keys and values per token and row, so up to 117 MB per row; setup_caches
+# sizes them exactly when called directly).
 CACHE_TOKEN_MULTIPLE = 256
 
 

@@ -18,15 +18,17 @@
 // padded products cost tensor-core time, not memory traffic); past 160 the matrix does not fit
 // a block's shared memory and the register-staged kernels run. Warp w owns tokens
 // (w % 4) * 16 .. + 15 and the 16-column chunks w / 4, w / 4 + 2, ... of each phase's output.
-// fp16 scales M by a power of two that brings its largest magnitude to [1, 2) (fp16 tops out
-// at 65504 and goes subnormal below 6.1e-5), undone in fp32 in the epilogues.
+// fp16 scales M by a power of two that brings its largest magnitude to [2^14, 2^15) (fp16 tops
+// out at 65504 and goes subnormal below 6.1e-5: 29 binades of normals below the largest),
+// undone in fp32 in the epilogues.
 //
 // kApplyWithStateSums (DP = 64, the default there; MMFAST_CUDA_LA_BACKWARD_FUSED=0 turns it off)
 // is apply_backward with dS and dm summed in the same kernel, from the tile already in shared
 // memory, instead of by the state pass run on (q, grad_out) again afterwards (the backward's
 // token traffic: 7 tensor passes instead of 9):
 //   phase 3  dS += (phi(q) / z)^T do, dm += (phi(q) / z)^T (dz z)   (tokens contracted)
-// with the state pass's operands (phi(q) / z split as hi + lo, do exact; multiply_weighted_sums).
+// with the state pass's operands (phi(q) / z split as hi + lo, do exact but for a power of two
+// in fp16 where 1 / z >= 2: operand_balance; multiply_weighted_sums).
 // Each item's sums start at 0 in the mma accumulators and are added in fp32 into the unit's; a
 // unit is at most kMaxSumUnitTiles tiles of one head (plan_state_sums), whose fp32 partial
 // [dS | dm] is summed in fp64 in unit order by la_state_reduce_kernel (written directly when a

@@ -86,14 +86,16 @@ template <int Top = 0> __device__ __forceinline__ float range_scale(float larges
 // apply_backward's dS / dm sums multiply A = phi(q) / z (16-bit hi + lo) by B = do and w z: a
 // z of eps alone (relu: phi(q) . m = 0) takes an fp16 A past 65504 (inf, and the state
 // backward's phi(k) dS NaN). For fp16 half of 1 / z's binary exponent moves to B: A takes
-// (1 / z) * balance and B 1 / balance, a power of two (exact in fp16 and fp32 unless B
-// overflows: |do| or |w z| past 65504 / 2^ceil(e/2) for 1 / z ~ 2^e). 1 for 1 / z < 2 (the
+// (1 / z) * balance and B 1 / balance = 2^floor(e/2) for |1 / z| ~ 2^e, a power of two (exact
+// in fp16 and fp32 unless B overflows: |do| or |w z| past 65504 / 2^floor(e/2), e.g. 512 at
+// eps = 1e-4, where without it phi(q) past 6.5 overflowed A: an overflow of B scales with a
+// GradScaler's loss scale, which backs off from it; one of A does not). 1 for |1 / z| < 2 (the
 // usual z, the results bit for bit as before) and for bf16, whose range is fp32's.
 template <class T> __device__ __forceinline__ float operand_balance(float inv_z) {
   if constexpr (!std::is_same_v<T, __half>) {
     return 1.0f;
   } else {
-    if (!(inv_z >= 2.0f && inv_z <= FLT_MAX)) return 1.0f;
+    if (!(fabsf(inv_z) >= 2.0f && fabsf(inv_z) <= FLT_MAX)) return 1.0f;  // (z < 0: the identity map)
     int e;
     frexpf(inv_z, &e);  // inv_z = f 2^e, f in [0.5, 1), e >= 2
     return ldexpf(1.0f, -(e / 2));
