@@ -498,21 +498,22 @@ def test_compiled_decode_step_gives_the_same_tokens(tmp_path):
     pickle.loads(pickle.dumps(model))  # a closure in the state made it unpicklable
 
 
-def test_compiled_decode_step_falls_back_to_eager_at_the_recompile_limit(monkeypatch):
+def test_compiled_decode_step_falls_back_to_eager_at_the_recompile_limit():
     """Each new batch size recompiles the step (static shapes); past torch's recompile limit the
     fullgraph compile raised FailOnRecompileLimitHit and the generation died: now it warns and
     decodes eagerly. (Caches grow in steps of 256 tokens, so longer prompts alone do not recompile.)"""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     model = tiny_liquid_lm("llama", vocab_size=VOCAB, seed=3)
     prompts = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
     options = {"cpp_wrapper": False}
-    for batch in (1, 2):
-        generate_text(model, prompts[:batch], max_new_tokens=2, compile=options)
-    assert model.cache_shape()[1] == 256
-    with pytest.warns(UserWarning, match="stopped recompiling the step .* decoding eagerly"):
-        out = generate_text(model, prompts, max_new_tokens=3, compile=options)
+    # torch's own patch (a monkeypatch of the config module hid the option from later compiles)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch in (1, 2):
+            generate_text(model, prompts[:batch], max_new_tokens=2, compile=options)
+        assert model.cache_shape()[1] == 256
+        with pytest.warns(UserWarning, match="stopped recompiling the step .* decoding eagerly"):
+            out = generate_text(model, prompts, max_new_tokens=3, compile=options)
     assert torch.equal(out, generate_text(model, prompts, max_new_tokens=3))
 
 
