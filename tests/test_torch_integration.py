@@ -147,7 +147,8 @@ def test_autocast_through_a_tiny_vqgan_and_aptp_unet():
         with torch.autocast("cpu", dtype=_BF16):
             out = unet(sample, timestep, text, torch.tensor([0, 1])).sample
     assert out.isfinite().all()
-    assert (out.float() - reference_out).abs().max() <= 0.03 * reference_out.abs().max()  # bf16 through the UNet: 1e-2 measured
+    # bf16 through the UNet: 1e-2 of the scale measured
+    assert (out.float() - reference_out).abs().max() <= 0.03 * reference_out.abs().max()
 
 
 def test_autocast_through_a_liquid_generation():

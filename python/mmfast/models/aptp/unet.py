@@ -239,12 +239,12 @@ class CodedAttnProcessor:
     it keeps in any of q / k / v, read from the layer's masks on the first call and again after
     load_state_dict (in place or assign: a hook on the layer) or a replaced or in-place edited
     mask (its version counter moves; inference tensors have none: after editing those outside
-    load_state_dict, call invalidate()); a layer that keeps every head runs diffusers'
-    AttnProcessor2_0. The pairs are planned on the
-    host per tuple of row codes (one read of the codes per UNet call, CodeState.as_tuple) and
-    kept for later steps (the codes stay fixed over a sampling run). Inputs outside SD's plain self / cross
-    attention (an attention mask, 4-D hidden states, spatial / group / q-k norms) go through
-    diffusers' AttnProcessor2_0 over every head instead, which computes the same result."""
+    load_state_dict, call invalidate()); a layer that keeps every head runs `full`, the layer's
+    own processor (diffusers' AttnProcessor2_0 by default). The pairs are planned on the host
+    per tuple of row codes (one read of the codes per UNet call, CodeState.as_tuple) and kept
+    for later steps (the codes stay fixed over a sampling run). Inputs outside SD's plain self /
+    cross attention (an attention mask, 4-D hidden states, spatial / group / q-k norms) go
+    through `full` over every head instead, which computes the same result."""
 
     _MAX_PLANS = 64  # distinct batches' code tuples remembered per layer
 

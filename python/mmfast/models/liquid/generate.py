@@ -492,8 +492,8 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     then top_p (1: off), transformers' TemperatureLogitsWarper -> TopKLogitsWarper ->
     TopPLogitsWarper, drawn with `generator` (mmfast.ops.sample: a temperature in (0, 1e-5) is
     raised to 1e-5 as Liquid does, where TemperatureLogitsWarper divides by it; temperature 0
-    samples greedily, where transformers refuses it; ties at the top-k / top-p cut kept whole). Note transformers' own defaults differ (top_k 50
-    when unset): pass the same values to both. eos_token_id (int, list or tensor): a row that emitted
+    samples greedily, where transformers refuses it; ties at the top-k / top-p cut kept whole).
+    Note transformers' own defaults differ (top_k 50 when unset): pass the same values to both. eos_token_id (int, list or tensor): a row that emitted
     it continues with pad_token_id (default: the first eos id), and the loop stops when every
     row has (a host synchronisation per step), as transformers does. cuda_graph and compile as
     in generate_images.
