@@ -131,6 +131,8 @@ def test_huge_page_empty_starts_on_a_huge_page_and_is_advised(monkeypatch):
 
 
 def _tied_model(vocab=4096, hidden=768):
+    import mmap
+
     import torch
 
     class Tied(torch.nn.Module):  # an LM's tied embedding and head (12 MiB) plus a small norm
@@ -141,7 +143,14 @@ def _tied_model(vocab=4096, hidden=768):
             self.head.weight = self.embed.weight
             self.norm = torch.nn.LayerNorm(hidden)
 
-    return Tied()
+    model = Tied()
+    # The shared weight on a fresh anonymous mapping, never advised: malloc may hand out memory
+    # inside a mapping something earlier in the process advised for huge pages, which
+    # use_huge_pages rightly leaves alone (a CI run's xdist worker got 0 moved bytes).
+    fresh = torch.frombuffer(mmap.mmap(-1, vocab * hidden * 4), dtype=torch.float32).view(vocab, hidden)
+    fresh.copy_(model.embed.weight.detach())
+    model.embed.weight.data = fresh
+    return model
 
 
 @pytest.mark.skipif(not WEIGHTS_MOVABLE, reason="Linux with THP, and THP_MEM_ALLOC_ENABLE off")
