@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._dtypes import accumulation_dtype
 from ..ops._checks import is_integer
 
 VAE_TILING_MODES = ("none", "blend", "exact")
@@ -355,20 +356,15 @@ def _upsampled(src: _Rows) -> _Rows:
     return _Rows(2 * src.height, get)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """GroupNorm's statistics dtype: fp32 for 16-bit and fp32 tensors, fp64 for fp64 ones."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _grouped(t, groups):
-    return t.to(_stats_dtype(t.dtype)).reshape(t.shape[0], groups, -1)
+    return t.to(accumulation_dtype(t.dtype)).reshape(t.shape[0], groups, -1)
 
 
 def _group_stats(x, norm, bands):
     """Per (sample, group) mean and 1/std over the whole image, from per-band fp32 sums (fp64 for fp64)."""
     b, groups = x.shape[0], norm.num_groups
     count = x[0].numel() // groups
-    total = torch.zeros(b, groups, device=bands.device, dtype=_stats_dtype(x.dtype))
+    total = torch.zeros(b, groups, device=bands.device, dtype=accumulation_dtype(x.dtype))
     for lo, hi in bands.ranges(x.shape[2]):
         total += _grouped(x[:, :, lo:hi].to(bands.device), groups).sum(-1)
     mean = (total / count).unsqueeze(-1)

@@ -102,26 +102,27 @@ def as_rgb_images(images) -> List[torch.Tensor]:
     convert clips them to 255); 32-bit modes (I, F) have no fixed range and raise ValueError.
     Arrays / tensors must be uint8, uint16 or floating point in [0, 1] with 3 channels.
     """
-    if isinstance(images, (list, tuple)):
-        return [image for item in images for image in as_rgb_images(item)]
-    if hasattr(images, "convert") and hasattr(images, "size"):  # PIL.Image
+    return [_as_rgb(image) for image in _image_items(images)]
+
+
+def _as_rgb(image) -> torch.Tensor:
+    """One image (PIL, (H, W, 3) array, (3, H, W) tensor) -> (3, H, W) float32 in [0, 1]."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
         import numpy as np
 
-        if images.mode.startswith("I;16"):
-            gray = torch.from_numpy(np.array(images).astype(np.float32) / 65535)
-            return [_check_image_tensor(gray.expand(3, *gray.shape))]
-        if images.mode in ("I", "F"):  # Pillow before 10 also opens 16-bit grayscale PNGs as mode I
-            raise ValueError(f"DiffDIS: a PIL image of mode {images.mode} (32-bit values) has no fixed range; pass "
+        if image.mode.startswith("I;16"):
+            gray = torch.from_numpy(np.array(image).astype(np.float32) / 65535)
+            return _check_image_tensor(gray.expand(3, *gray.shape))
+        if image.mode in ("I", "F"):  # Pillow before 10 also opens 16-bit grayscale PNGs as mode I
+            raise ValueError(f"DiffDIS: a PIL image of mode {image.mode} (32-bit values) has no fixed range; pass "
                              "the pixels scaled to [0, 1], e.g. np.array(image) / 65535 for 16-bit data, or "
                              "convert the image to 8 bits")
-        return [_check_image_tensor(torch.from_numpy(np.array(images.convert("RGB"))).permute(2, 0, 1))]
-    if not isinstance(images, torch.Tensor):
-        if type(images).__module__ != "numpy":
-            raise TypeError(f"DiffDIS: expected PIL images, numpy arrays or torch tensors, got {type(images).__name__}")
-        images = _from_numpy(images)
-    if images.dim() == 4:
-        return [_check_image_tensor(image) for image in images]
-    return [_check_image_tensor(images)]
+        return _check_image_tensor(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+    if not isinstance(image, torch.Tensor):
+        if type(image).__module__ != "numpy":
+            raise TypeError(f"DiffDIS: expected PIL images, numpy arrays or torch tensors, got {type(image).__name__}")
+        image = _from_numpy(image)
+    return _check_image_tensor(image)
 
 
 def _resize(x: torch.Tensor, size, antialias: bool = False) -> torch.Tensor:
@@ -414,7 +415,7 @@ class DiffDISPipeline:
                              f"{batch_size}, got {len(generator)}")
         items = _image_items(images)
         for item in items:  # every image checked before any compute, one float copy at a time
-            as_rgb_images(item)
+            _as_rgb(item)
         dtype = self._use_dtype(dtype)
         masks, edges = [], None if mask_only else []
         batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

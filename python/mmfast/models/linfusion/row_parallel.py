@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ... import distributed
+from ..._dtypes import accumulation_dtype
 from .._modules import swap_submodule
 from .attention import GeneralizedLinearAttention
 
@@ -75,7 +76,7 @@ class RowParallelGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
         b, c = x.shape[:2]
-        grouped = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, norm.num_groups, -1)  # fp64 stays
+        grouped = x.to(accumulation_dtype(x.dtype)).reshape(b, norm.num_groups, -1)
         sums = torch.cat([grouped.sum(-1).reshape(-1), grouped.new_full((1,), float(grouped.shape[-1]))])
         sums = distributed.all_reduce_sum(sums, self.group)
         mean = (sums[:-1] / sums[-1]).view(b, norm.num_groups, 1)
