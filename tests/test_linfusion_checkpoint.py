@@ -112,6 +112,31 @@ def test_checkpoint_tensor_mismatch_and_missing_dir(unet, tmp_path):
         LinFusion.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("heads", 0, r"modules_list\[0\]\.heads must be an integer >= 1, got 0"),
+    ("dim_n", 32.5, r"modules_list\[0\]\.dim_n must be an integer >= 1, got 32\.5"),
+    ("dim_n", "32", r"modules_list\[0\]\.dim_n must be an integer >= 1, got '32'"),
+    ("projection_mid_dim", 0, r"modules_list\[0\]\.projection_mid_dim must be an integer >= 1, got 0"),
+    ("heads", 3, r"modules_list\[0\] needs a module_name string and heads dividing dim_n"),
+])
+def test_checkpoint_config_entries_are_validated(unet, tmp_path, key, value, expected):
+    LinFusion.from_unet(unet).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["modules_list"][0][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=expected):
+        LinFusion.from_pretrained(str(tmp_path))
+
+
+def test_integral_float_dims_load_as_ints(unet, tmp_path):
+    LinFusion.from_unet(unet).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["modules_list"][0]["dim_n"] = float(config["modules_list"][0]["dim_n"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = LinFusion.from_pretrained(str(tmp_path)).specs[0]
+    assert type(spec.dim_n) is int
+
+
 def test_half_precision_checkpoint_loads_into_fp32_unet(unet, tmp_path):
     """The published checkpoints are stored in fp16; mounting casts to the UNet's dtype."""
     saved = LinFusion.from_unet(unet).half()

@@ -563,6 +563,13 @@ def test_recommended_dtype_per_family(cross_attention_dim, family, gpu_dtype):
     assert recommended_dtype(unet, "cpu") == torch.float32
 
 
+@pytest.mark.parametrize("widths, family", [([768, 768], "sd15"), ((1024,), "sd21"), ([768, 1024], "unknown")])
+def test_unet_family_of_per_block_text_widths(widths, family):
+    from mmfast.models.linfusion import unet_family
+
+    assert unet_family({"cross_attention_dim": widths}) == family
+
+
 def test_sdxl_is_recognised_and_fp16():
     from mmfast.models.linfusion import recommended_dtype, unet_family
     from mmfast.testing.tiny_diffusers import tiny_sdxl_unet

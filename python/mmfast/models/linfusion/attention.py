@@ -70,8 +70,8 @@ class GeneralizedLinearAttention(nn.Module):
     def __init__(self, dim_n: int, heads: int, projection_mid_dim: Optional[int] = None,
                  eps: float = LINFUSION_EPS):
         super().__init__()
-        if dim_n % heads != 0:
-            raise ValueError(f"GeneralizedLinearAttention: dim_n={dim_n} is not divisible by heads={heads}")
+        if heads < 1 or dim_n < 1 or dim_n % heads != 0:
+            raise ValueError(f"GeneralizedLinearAttention: dim_n={dim_n} must be a positive multiple of heads={heads} >= 1")
         if projection_mid_dim is not None and projection_mid_dim != -1 and projection_mid_dim < 1:
             raise ValueError(
                 f"GeneralizedLinearAttention: projection_mid_dim must be None, -1 or >= 1, got {projection_mid_dim}"

@@ -44,7 +44,21 @@ class ModuleSpec:
         missing = [key for key in required if key not in entry]
         if missing:
             raise ValueError(f"LinFusion: modules_list[{index}] lacks {missing}: {entry}")
-        return cls(entry["module_name"], int(entry["dim_n"]), int(entry["heads"]), entry.get("projection_mid_dim"))
+        dim_n, heads = (_positive_int(index, entry, key) for key in ("dim_n", "heads"))
+        mid_dim = entry.get("projection_mid_dim")
+        if mid_dim is not None and mid_dim != -1:
+            mid_dim = _positive_int(index, entry, "projection_mid_dim")
+        if not isinstance(entry["module_name"], str) or dim_n % heads != 0:
+            raise ValueError(f"LinFusion: modules_list[{index}] needs a module_name string and heads dividing dim_n: {entry}")
+        return cls(entry["module_name"], dim_n, heads, mid_dim)
+
+
+def _positive_int(index: int, entry: dict, key: str) -> int:
+    """entry[key] as an int >= 1 (JSON may spell 320 as 320.0); ValueError naming the entry otherwise."""
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ValueError(f"LinFusion: modules_list[{index}].{key} must be an integer >= 1, got {value!r}: {entry}")
+    return int(value)
 
 
 class LinFusionMismatchError(ValueError):
@@ -128,7 +142,10 @@ def unet_family(unet_or_config) -> str:
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
     if get("addition_embed_type") == "text_time":
         return "sdxl"
-    return {768: "sd15", 1024: "sd21"}.get(get("cross_attention_dim"), "unknown")
+    text_width = get("cross_attention_dim")
+    if isinstance(text_width, (list, tuple)):  # diffusers allows one width per block
+        text_width = text_width[0] if len(set(text_width)) == 1 else None
+    return {768: "sd15", 1024: "sd21"}.get(text_width, "unknown")
 
 
 def recommended_dtype(pipe_or_unet, device) -> torch.dtype:
