@@ -6,6 +6,7 @@ must raise with a message and write nothing. Same budget rules as
 tests/test_fuzz_linear_attention.py (MMFAST_FUZZ_EXAMPLES, MMFAST_FUZZ_RANDOM)."""
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -175,8 +176,22 @@ def test_fuzz_append_writes_its_slots_or_nothing(backend, batch, new_tokens, max
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
-BAD = ["q-rank", "heads", "seqlens-dtype", "seqlens-shape", "mixed-dtype", "mixed-device", "int-dtype", "queries",
-       "cache-shapes", "lengths", "softcap", "window"]
+# Each mutation and what its message must say (every backend).
+EXPECTED_MESSAGES = {
+    "q-rank": r"q must be \(B=2, Sq, H, D=\d+\) like the caches, got shape",
+    "heads": r"the query heads H = \d+ must be a multiple of the KV heads H_kv = \d+ \(GQA\)",
+    "seqlens-dtype": r"cache_seqlens must be int32 \(B,\).*got torch\.int64",
+    "seqlens-shape": r"cache_seqlens must be \(2,\), one length per row, got",
+    "mixed-dtype": r"all inputs must have the same dtype, got k_cache: torch\.float32, v_cache: torch\.float64",
+    "mixed-device": r"all inputs must have the same device, got q: meta, k_cache: cpu",
+    "int-dtype": r"k_cache must be float32, float16, bfloat16 or float64, got torch\.int32",
+    "queries": r"q must hold 1 to 16 new tokens per row \(Sq\), got 17",
+    "cache-shapes": r"k_cache and v_cache must have the same shape",
+    "lengths": r"cache_seqlens\[0\] = 7 is out of range.*must lie in \[1, T_max = 6\]",
+    "softcap": r"softcap must be >= 0 \(0: none\), got -1",
+    "window": r"window must be >= 0 \(0: none\), got -2",
+}
+BAD = list(EXPECTED_MESSAGES)
 
 
 @FUZZ
@@ -216,7 +231,7 @@ def test_fuzz_bad_attention_inputs_raise_clear_errors(backend, mutation, kv_head
             torch.ops.mmfast.decode_attention(q, k_cache, v_cache, lengths, 1.0, softcap, window)
         else:
             decode_attention(q, k_cache, v_cache, lengths, softcap=softcap, window=window, backend=backend)
-    assert "decode_attention" in str(error.value)
+    assert re.search("^decode_attention: " + EXPECTED_MESSAGES[mutation], str(error.value)), str(error.value)
 
 
 # ---- regressions: the shrunk examples of failures the fuzz suite found -------------------------

@@ -10,6 +10,7 @@ found becomes a plain regression test below.
 """
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -189,8 +190,23 @@ def test_fuzz_results_are_identical_run_to_run(case):
 
 # ---- bad inputs: a clear error, never a crash --------------------------------------------------
 
-MUTATIONS = ["rank", "batch", "tokens", "heads", "dk", "dim-too-large", "dim-zero", "no-tokens", "int-dtype",
-             "mixed-dtype", "mixed-device", "feature-map", "eps"]
+# Each mutation and what its message must say (every backend: the checks are shared).
+EXPECTED_MESSAGES = {
+    "rank": r"must be a 4-D \(B, N, H, D[kv]\) tensor, got shape",
+    "batch": r"must (have the same \(B, N, H, Dk\) shape|agree in \(B, N, H\))",
+    "tokens": r"must (have the same \(B, N, H, Dk\) shape|agree in \(B, N, H\))",
+    "heads": r"must (have the same \(B, N, H, Dk\) shape|agree in \(B, N, H\))",
+    "dk": r"q and k must have the same \(B, N, H, Dk\) shape",
+    "dim-too-large": r"D[kv] \([kv]\.shape\[-1\]\) must be in \[1, 256\], got 257|same \(B, N, H, Dk\) shape",
+    "dim-zero": r"D[kv] \([kv]\.shape\[-1\]\) must be in \[1, 256\], got 0|same \(B, N, H, Dk\) shape",
+    "no-tokens": r"the sequence length N must be at least 1, got 0",
+    "int-dtype": r"q must be float32, float16, bfloat16 or float64, got torch\.int32",
+    "mixed-dtype": r"all inputs must have the same dtype",
+    "mixed-device": r"all inputs must have the same device",
+    "feature-map": r"feature_map must be one of \('none', 'elu1', 'relu'\), got 'softmax'",
+    "eps": r"eps must be a finite number >= 0, got",
+}
+MUTATIONS = list(EXPECTED_MESSAGES)
 
 
 @st.composite
@@ -242,9 +258,9 @@ def test_fuzz_bad_inputs_raise_clear_errors(case):
         device = DEVICES[case["backend"]]
         q, k, v = [t if t.device.type == "meta" else t.to(device) for t in (q, k, v)]
         call = lambda: linear_attention(q, k, v, eps=eps, feature_map=fm, backend=case["backend"])  # noqa: E731
-    with pytest.raises((ValueError, TypeError)) as error:
+    with pytest.raises((ValueError, TypeError), match="^linear_attention: ") as error:
         call()
-    assert "linear_attention" in str(error.value)
+    assert re.search(EXPECTED_MESSAGES[case["mutation"]], str(error.value)), str(error.value)
 
 
 # ---- regressions: the shrunk examples of failures the fuzz suite found --------------------------
