@@ -617,6 +617,20 @@ def test_bad_inputs_raise_clear_errors(case, entry):
             torch.ops.mmfast.vq_quantize(z.reshape(-1, z.shape[-1]), codebook, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_codebook_sqnorm_matches_fp64_in_the_accumulation_dtype(dtype):
+    codebook = (torch.randn(37, 29, generator=torch.Generator().manual_seed(5)) * 40).to(dtype)
+    expected = codebook.double().pow(2).sum(-1)  # of the codes as stored (16-bit codes exactly)
+    sqnorm = vq_codebook_sqnorm(codebook)
+    assert sqnorm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and sqnorm.shape == (37,)
+    rtol = 1e-15 if dtype == torch.float64 else 1e-6  # 29-term fp32 sums: ~1e-7 typical, 1.7e-6 at worst
+    torch.testing.assert_close(sqnorm.double(), expected, rtol=rtol, atol=0)
+    with pytest.raises(ValueError, match=r"codebook must be a 2-D \(K, D\) tensor"):
+        vq_codebook_sqnorm(codebook[0])
+    with pytest.raises(TypeError, match="codebook must be float32, float16, bfloat16 or float64, got torch.int32"):
+        vq_codebook_sqnorm(codebook.int())
+
+
 def test_bad_options_raise_clear_errors():
     z, codebook = make_inputs(4, 10, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="metric must be one of"):
