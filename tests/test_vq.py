@@ -623,7 +623,7 @@ def test_codebook_sqnorm_matches_fp64_in_the_accumulation_dtype(dtype):
     expected = codebook.double().pow(2).sum(-1)  # of the codes as stored (16-bit codes exactly)
     sqnorm = vq_codebook_sqnorm(codebook)
     assert sqnorm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and sqnorm.shape == (37,)
-    rtol = 1e-15 if dtype == torch.float64 else 1e-6  # 29-term fp32 sums: ~1e-7 typical, 1.7e-6 at worst
+    rtol = 1e-15 if dtype == torch.float64 else 2e-6  # 29-term fp32 sums: at most 29 x 2^-24 = 1.7e-6
     torch.testing.assert_close(sqnorm.double(), expected, rtol=rtol, atol=0)
     with pytest.raises(ValueError, match=r"codebook must be a 2-D \(K, D\) tensor"):
         vq_codebook_sqnorm(codebook[0])
