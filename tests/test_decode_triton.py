@@ -294,16 +294,18 @@ def test_opcheck(ns):
 def test_torch_compile_fullgraph_decode_step():
     torch._dynamo.reset()
 
-    def step(q, k, v, k_cache, v_cache, lens):
+    def step(q, k, v, k_cache, v_cache, lens, head, uniform):
         kv_cache_append(k_cache, v_cache, k, v, lens, backend="triton")
-        return decode_attention(q, k_cache, v_cache, lens + k.shape[1], softcap=5.0, backend="triton")
+        out = decode_attention(q, k_cache, v_cache, lens + k.shape[1], softcap=5.0, backend="triton")
+        logits = out[:, -1].flatten(1) @ head  # (2, 64) @ (64, 40): one CFG pair's rows
+        return out, sample(logits, temperature=0.8, top_k=7, top_p=0.9, cfg_scale=3.0, uniform=uniform, backend="triton")
 
     q, k, v = randn(2, 2, 4, 16), randn(2, 2, 2, 16), randn(2, 2, 2, 16)
     caches = randn(2, 10, 2, 16), randn(2, 10, 2, 16)
-    lens = seqlens([3, 8])
+    lens, head, uniform = seqlens([3, 8]), randn(64, 40), torch.rand(1, device=DEVICE)
     eager_caches = [c.clone() for c in caches]
-    want = step(q, k, v, *eager_caches, lens)
+    want = step(q, k, v, *eager_caches, lens, head, uniform)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = compiled(q, k, v, *caches, lens)
+    got = compiled(q, k, v, *caches, lens, head, uniform)
     torch.testing.assert_close(got, want)
     assert all(torch.equal(a, b) for a, b in zip(caches, eager_caches))

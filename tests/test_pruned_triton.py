@@ -338,10 +338,15 @@ def test_torch_compile_fullgraph_block():
     out_mask[:, :3] = out_mask[:, 3:] = out_mask[:, :1]  # whole groups of 3 channels
     x, weight, bias = randn(3, 4, 5, 5), randn(2, 6, 4, 3, 3), randn(2, 6)
 
+    linear_weight, linear_mask = randn(2, 5, 6), channel_masks(2, 5, 17)
+
     def block(x):
         y = mmfast.ops.masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, padding=1, backend="triton")
-        return mmfast.ops.masked_group_norm(y, None, None, 2, sample_codes, out_mask, activation="silu",
-                                            backend="triton")
+        y = mmfast.ops.masked_group_norm(y, None, None, 2, sample_codes, out_mask, activation="silu",
+                                         backend="triton")
+        tokens = y.flatten(2).transpose(1, 2)  # (B, N, C) as a transformer block's
+        return mmfast.ops.masked_linear(tokens, linear_weight, None, sample_codes, out_mask, linear_mask,
+                                        backend="triton")
 
     want = block(x)
     got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
