@@ -586,8 +586,8 @@ def test_linear_errors():
 # --- torch.library integration --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_opcheck(backend_device):
+@pytest.mark.parametrize("backend_device", [p for p in BACKENDS if p.values[0][0] == "native"])
+def test_opcheck(backend_device):  # the Triton ops': tests/test_decode_triton.py::test_opcheck
     backend, device = backend_device
     import mmfast._backend as _backend
     op = lambda name: _backend.op_overload(name, backend)  # noqa: E731
