@@ -202,7 +202,7 @@ def test_group_norm_matches_reference(ns, case, dtype, silu):
         poisoned[b, ~mask[c]] = float("nan")
     got = ns.masked_group_norm(poisoned, weight, bias, groups, sample_codes, mask, 1e-5, silu)
     assert got.shape == x.shape and got.dtype == dtype and got.is_contiguous()
-    assert_close(got, want, dtype, scale=2.0 if dtype == torch.bfloat16 else 1.0)
+    assert_close(got, want, dtype)
     for b, c in enumerate(sample_codes.tolist()):
         assert bool((got[b, ~mask[c]] == 0).all())
 
@@ -314,7 +314,7 @@ def test_gradients_match_the_reference_autograd(ns):
 
     tensors = (x, weight, bias, xl, wl, xg, gw, gb)
     for got, want in zip(run(ns, tensors, torch.float32), run(reference, tensors, torch.float64)):
-        assert_close(got, want, torch.float32, scale=5.0)
+        assert_close(got, want, torch.float32)  # measured under the interpreter: <= 0.013 of it
 
 
 def test_opcheck(ns):

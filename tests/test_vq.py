@@ -35,6 +35,7 @@ def _distances(rows, codebook, dtype):
     distance computed in dtype's kernels (the rounding of the dots)."""
     all_d = torch.cdist(rows, codebook).pow(2)
     best2 = all_d.topk(min(2, codebook.shape[0]), dim=1, largest=False).values
+    # x 4: the terms that cancel, ||z||^2 + ||e||^2 + 2 |z.e|, reach 4 ||z||^2 for codes of z's norm
     tol = DISTANCE_TOL[dtype] * (rows.pow(2).sum(-1) + 1) * rows.shape[-1] ** 0.5 * 4
     return all_d, best2, tol
 
