@@ -656,6 +656,26 @@ def test_a_checkpoint_of_mixed_dtypes_loads_as_one(checkpoints, tmp_path):
     assert loaded.prefill(torch.tensor([[5, 6, 7]])).dtype == torch.float32
 
 
+def test_the_dtype_cast_releases_each_stored_tensor_before_the_next():
+    """from_pretrained's cast held the stored and the cast state at once (twice the model)."""
+    import weakref
+
+    from mmfast.models.liquid.lm import cast_in_place
+
+    class WatchedState(dict):
+        def __setitem__(self, key, value):
+            # every earlier key's stored tensor must be gone by the time this one is replaced
+            earlier = list(stored)[:list(stored).index(key)]
+            assert all(stored[name]() is None for name in earlier), key
+            super().__setitem__(key, value)
+
+    state = WatchedState({**{f"w{i}": torch.ones(4) for i in range(4)}, "ids": torch.arange(3)})
+    stored = {name: weakref.ref(tensor) for name, tensor in state.items() if tensor.is_floating_point()}
+    cast_in_place(state, torch.float16)
+    assert [t.dtype for t in state.values()] == [torch.float16] * 4 + [torch.int64]
+    assert all(ref() is None for ref in stored.values())
+
+
 def test_prefill_empties_the_rows_it_does_not_fill():
     """A second, smaller prefill must not leave the first one's rows behind: decoding such a row
     starts from an empty cache, as on a fresh model (found by a new-user trial)."""
