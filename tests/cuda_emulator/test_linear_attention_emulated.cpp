@@ -69,7 +69,7 @@ template <class T>
 void run_case(int64_t B, int64_t H, int64_t N, int64_t Dk, int64_t Dv, int fm, int layout, int pad, int sms) {
   using A = mmfast::cuda::acc_t<T>;
   emu::sms = sms;
-  const double tol = std::is_same<T, double>::value ? 1e-10 : std::is_same<T, float>::value ? 2e-5 : std::is_same<T, __half>::value ? 4e-3 : 2.5e-2;
+  const double tol = std::is_same<T, double>::value ? 1e-10 : std::is_same<T, float>::value ? 2e-5 : std::is_same<T, __half>::value ? 2e-3 : 1.6e-2;  // tests/_utils.py TOLERANCES
   char cfgbuf[200];
   std::snprintf(cfgbuf, sizeof cfgbuf, "T=%d B=%ld H=%ld N=%ld Dk=%ld Dv=%ld fm=%d layout=%d pad=%d sms=%d", (int)dtype_of<T>(),
                 (long)B, (long)H, (long)N, (long)Dk, (long)Dv, fm, layout, pad, sms);
