@@ -84,6 +84,49 @@ def test_exact_encode_equals_untiled(vae2, vae3, levels, shape, tile):
     torch.testing.assert_close(out, reference, **EXACT)
 
 
+def test_exact_bands_shrink_under_the_element_limit_and_stay_exact(vae3, monkeypatch):
+    """Bands are cut to keep every tensor under 2^31 elements; here a limit of 3000 elements cuts
+    them to 1-2 rows (strided downsampling and upsampling included), and the result is unchanged."""
+    from mmfast.models import vae_tiling
+
+    latents, x = randn(1, 4, 9, 7, seed=1), images(1, 3, 36, 28)
+    decoded, encoded = decode_latents(vae3, latents), encode_images(vae3, x, sample=False)
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(vae_tiling, "_INDEX_LIMIT", 3000)
+    monkeypatch.setattr(vae_tiling.F, "conv2d", lambda t, *a: seen.append(t.numel()) or conv2d(t, *a))
+    torch.testing.assert_close(decode_latents(vae3, latents, mode="exact", tile_size=100), decoded, **EXACT)
+    torch.testing.assert_close(encode_images(vae3, x, mode="exact", tile_size=100, sample=False), encoded, **EXACT)
+    assert max(seen) <= 3000 and len(seen) > 500
+
+
+def test_exact_decode_of_a_16k_wide_image_stays_under_2_31_elements(monkeypatch):
+    """SD's VAE decoder (256 channels at full resolution) on a 16384-px-wide image, traced on the
+    meta device: the scaled bands of 512 rows made 2^31+-element conv and interpolate tensors,
+    past which torch / cuDNN kernels take 32-bit-unsafe or im2col fallbacks."""
+    from diffusers import AutoencoderKL
+
+    from mmfast.models import vae_tiling
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+    largest = {}
+
+    def watch(name, fn):
+        def call(t, *args, **kwargs):
+            out = fn(t, *args, **kwargs)
+            largest[name] = max(largest.get(name, 0), t.numel(), out.numel())
+            return out
+        return call
+
+    for name in ("conv2d", "interpolate"):
+        monkeypatch.setattr(vae_tiling.F, name, watch(name, getattr(vae_tiling.F, name)))
+    out = decode_latents(vae, torch.empty(1, 4, 1024, 2048, device="meta"), mode="exact")
+    assert out.shape == (1, 3, 8192, 16384)
+    assert largest["conv2d"] < 2**31 and largest["interpolate"] < 2**31, largest
+
+
 def test_exact_encode_samples_with_the_generator(vae2):
     x = images(1, 3, 16, 12)
     reference = encode_images(vae2, x, generator=torch.Generator().manual_seed(3))

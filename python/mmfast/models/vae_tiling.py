@@ -281,6 +281,9 @@ def _diffusers_tiling(vae, enabled, sample_tile=None, latent_tile=None, overlap=
 # --- "exact": the untiled computation over bands of rows --------------------------------------
 
 
+_INDEX_LIMIT = 2**31 - 1  # elements of one tensor that every torch kernel indexes safely
+
+
 @dataclasses.dataclass(frozen=True)
 class _Bands:
     """Where bands are computed (device), where full activations live (store), band height."""
@@ -290,8 +293,14 @@ class _Bands:
     tile: int  # rows per band at the input height ref_height; scaled with the resolution
     ref_height: int
 
-    def ranges(self, height: int) -> list:
+    def ranges(self, height: int, row_elements: int = 0, halo: int = 0, stride: int = 1) -> list:
+        """[lo, hi) bands of `height` rows. row_elements: the largest tensor's elements per band
+        row (input rows count `stride` times, plus `halo` rows): bands shrink to keep it under
+        2^31, past which torch / cuDNN kernels take 32-bit-unsafe or slow fallbacks (a 16K-wide
+        SD VAE decoder's 256-channel convs reached 2^31 at the scaled band height)."""
         rows = max(1, self.tile * height // self.ref_height)
+        if row_elements:
+            rows = min(rows, max(1, (_INDEX_LIMIT // row_elements - halo) // stride))
         return [(a, min(a + rows, height)) for a in range(0, height, rows)]
 
 
@@ -301,6 +310,12 @@ class _Rows:
 
     height: int
     get: Callable[[int, int], torch.Tensor]
+    batch: int
+    width: int
+
+
+def _row_elements(x) -> int:
+    return x.shape[0] * x.shape[1] * x.shape[3]
 
 
 def _bar(progress, label: str):
@@ -332,7 +347,7 @@ def _exact(vae, steps, x, tile, ref_height, offload_device, bar):
 
 
 def _stored(x, bands) -> _Rows:
-    return _Rows(x.shape[2], lambda a, b: x[:, :, a:b].to(bands.device))
+    return _Rows(x.shape[2], lambda a, b: x[:, :, a:b].to(bands.device), x.shape[0], x.shape[3])
 
 
 def _normed(x, norm, act, bands) -> _Rows:
@@ -343,7 +358,7 @@ def _normed(x, norm, act, bands) -> _Rows:
         y = _group_norm(x[:, :, a:b].to(bands.device), norm, mean, rstd)
         return y if act is None else act(y)
 
-    return _Rows(x.shape[2], get)
+    return _Rows(x.shape[2], get, x.shape[0], x.shape[3])
 
 
 def _upsampled(src: _Rows) -> _Rows:
@@ -353,7 +368,7 @@ def _upsampled(src: _Rows) -> _Rows:
         y = F.interpolate(src.get(lo, (b + 1) // 2), scale_factor=2.0, mode="nearest")
         return y[:, :, a - 2 * lo: a - 2 * lo + b - a]
 
-    return _Rows(2 * src.height, get)
+    return _Rows(2 * src.height, get, src.batch, 2 * src.width)
 
 
 def _grouped(t, groups):
@@ -365,11 +380,11 @@ def _group_stats(x, norm, bands):
     b, groups = x.shape[0], norm.num_groups
     count = x[0].numel() // groups
     total = torch.zeros(b, groups, device=bands.device, dtype=accumulation_dtype(x.dtype))
-    for lo, hi in bands.ranges(x.shape[2]):
+    for lo, hi in bands.ranges(x.shape[2], _row_elements(x)):
         total += _grouped(x[:, :, lo:hi].to(bands.device), groups).sum(-1)
     mean = (total / count).unsqueeze(-1)
     squares = torch.zeros_like(total)
-    for lo, hi in bands.ranges(x.shape[2]):  # centred second pass: no E[x^2] - E[x]^2 cancellation
+    for lo, hi in bands.ranges(x.shape[2], _row_elements(x)):  # centred second pass: no E[x^2] - E[x]^2 cancellation
         centred = _grouped(x[:, :, lo:hi].to(bands.device), groups) - mean
         squares += (centred * centred).sum(-1)
     return mean, torch.rsqrt(squares / count + norm.eps).unsqueeze(-1)
@@ -382,15 +397,20 @@ def _group_norm(t, norm, mean, rstd):
     return y.to(t.dtype)
 
 
-def _conv(conv, src: _Rows, bands, pad=(0, 0, 0, 0), epilogue=None, out=None):
+def _conv(conv, src: _Rows, bands, pad=(0, 0, 0, 0), epilogue=None, out=None, epilogue_row_elements=0):
     """conv over src band by band. pad = (left, right, top, bottom) zeros added before the conv's
     own padding (Downsample2D's asymmetric (0, 1, 0, 1)); rows outside the image are zeros, rows
-    inside come from the neighbouring bands. epilogue(y, lo, hi) post-processes a band;
-    out (same shape as the result) receives the bands in place."""
-    (kh, _), (sh, _), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    inside come from the neighbouring bands. epilogue(y, lo, hi) post-processes a band (its
+    largest tensor epilogue_row_elements per row); out (same shape as the result) receives the
+    bands in place."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     left, right, top, bottom = pad[0] + pw, pad[1] + pw, pad[2] + ph, pad[3] + ph
     height = (src.height + top + bottom - kh) // sh + 1
-    for lo, hi in bands.ranges(height):
+    in_row = src.batch * conv.in_channels * (src.width + left + right)
+    out_row = max(src.batch * conv.out_channels * ((src.width + left + right - kw) // sw + 1), epilogue_row_elements)
+    # the input band holds `stride` rows per output row plus kh (+ 2: _upsampled's whole source rows)
+    in_bands, out_bands = bands.ranges(height, in_row, halo=kh + 2, stride=sh), bands.ranges(height, out_row)
+    for lo, hi in min(in_bands, out_bands, key=lambda ranges: ranges[0][1]):  # the shorter bands
         first, last = lo * sh - top, (hi - 1) * sh + kh - top  # input rows [first, last), maybe outside
         rows = src.get(max(first, 0), min(last, src.height))
         rows = F.pad(rows, (left, right, max(-first, 0), max(last - src.height, 0)))
@@ -414,7 +434,7 @@ def _resnet(res, x, bands):
 
     in_place = x if res.conv_shortcut is None else None  # band rows of x are dead once read
     return _conv(res.conv2, _normed(h, res.norm2, res.nonlinearity, bands), bands, epilogue=add_shortcut,
-                 out=in_place)
+                 out=in_place, epilogue_row_elements=_row_elements(x))
 
 
 def _attention(attn, x, bands):
@@ -429,14 +449,14 @@ def _attention(attn, x, bands):
         return t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
 
     keys = values = None
-    for lo, hi in bands.ranges(height):
+    for lo, hi in bands.ranges(height, _row_elements(x)):
         t = tokens(lo, hi)
         k, v = heads(attn.to_k(t)), heads(attn.to_v(t))
         if keys is None:
             keys = k.new_empty(k.shape[:2] + (height * width, k.shape[3]))
             values = v.new_empty(v.shape[:2] + (height * width, v.shape[3]))
         keys[:, :, lo * width:hi * width], values[:, :, lo * width:hi * width] = k, v
-    for lo, hi in bands.ranges(height):  # out band [lo, hi) reads only rows [lo, hi) of x: in place
+    for lo, hi in bands.ranges(height, _row_elements(x)):  # out band [lo, hi) reads only rows [lo, hi) of x
         o = F.scaled_dot_product_attention(heads(attn.to_q(tokens(lo, hi))), keys, values)
         o = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
         o = o.transpose(1, 2).reshape(b, c, hi - lo, width)
