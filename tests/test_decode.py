@@ -218,6 +218,28 @@ def test_append_refuses_caches_whose_slots_share_memory(backend):
     buffer = torch.zeros(2, 2, 10, 2, 4)  # two slices of one buffer: fine
     kv_cache_append(buffer[0], buffer[1], k, 2 * k, lengths, backend=backend)
     assert buffer[0, 1, 3].eq(1).all() and buffer[1, 1, 3].eq(2).all()
+    # new tokens that are a view of a cache (dense or not) would be read half overwritten
+    for view in (own[:, 0:1], own[:1, 2:3].expand(2, 1, 2, 4), own.view(-1)[:16].view(2, 1, 2, 4)):
+        with pytest.raises(ValueError, match=r"k shares memory with k_cache \(a view of the cache\?\)"):
+            kv_cache_append(own, torch.zeros(2, 10, 2, 4), view, k, lengths, backend=backend)
+    with pytest.raises(ValueError, match="v shares memory with k_cache"):
+        kv_cache_append(own, torch.zeros(2, 10, 2, 4), k, own[:, 4:5], lengths, backend=backend)
+    kv_cache_append(own, torch.zeros(2, 10, 2, 4), own[:, 4:5].clone(), k, lengths, backend=backend)  # a copy: fine
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_a_nan_key_alone_among_masked_keys_makes_the_row_nan(backend_device):
+    """Found by a CPU audit: a max that skips NaN dropped a NaN key whose 32-key tile held no
+    other visible key (the output stayed finite); softmax (the reference) gives NaN."""
+    backend, device = backend_device
+    q, k_cache, v_cache = torch.randn(1, 1, 1, 8), torch.randn(1, 64, 1, 8), torch.randn(1, 64, 1, 8)
+    lengths = torch.tensor([33], dtype=torch.int32)
+    for nan_key in (32, 5):  # alone in keys [32, 64), then among visible keys
+        keys = k_cache.clone()
+        keys[0, nan_key] = float("nan")
+        out = decode_attention(q.to(device), keys.to(device), v_cache.to(device), lengths.to(device), backend=backend)
+        assert out.isnan().all(), (nan_key, out)
+        assert reference.decode_attention_ref(q, keys, v_cache, lengths).isnan().all()
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 
 #include "glue/common.h"
 #include "mmfast/decode.h"
@@ -64,6 +65,21 @@ constexpr const char* kCacheLayout =
     "; the caches are (B, T_max, H_kv, D) and the tokens (B, S, H, D), token-major as in flash_attn_with_kvcache, "
     "not SDPA's (B, H, S, D): transpose(1, 2) a head-major tensor";
 
+// Whether a and b share storage and their byte spans (first to last element) intersect.
+inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      a.storage().data() != b.storage().data())
+    return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return std::make_pair(start, start + static_cast<uintptr_t>((last + 1) * t.element_size()));
+  };
+  const auto sa = span(a), sb = span(b);
+  return sa.first < sb.second && sb.first < sa.second;
+}
+
 inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& seqlens) {
   const char* op = "kv_cache_append";
@@ -91,6 +107,14 @@ inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
                     ": k_cache and v_cache share memory; each needs its own (two slices of one buffer are fine "
                     "when they do not overlap)");
+  // The new tokens are read while the slots are written, in parallel: a k or v inside a cache's
+  // span (a view of the cache, dense or not) would be read half overwritten.
+  for (const auto* cache : {&k_cache, &v_cache})
+    for (const auto* t : {&k, &v})
+      TORCH_CHECK_VALUE(!spans_overlap(*cache, *t), op, ": ", t == &k ? "k" : "v", " shares memory with ",
+                        cache == &k_cache ? "k" : "v",
+                        "_cache (a view of the cache?); the slots it is written to would be read half overwritten: "
+                        "pass a copy (.clone())");
 }
 
 inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

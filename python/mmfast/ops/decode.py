@@ -81,11 +81,14 @@ def check_append(k_cache, v_cache, k, v, cache_seqlens) -> None:
     _check_seqlens(op, cache_seqlens, batch, k_cache.device)
 
 
-def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor) -> None:
     """ValueError for caches whose slots share memory (an expand()ed cache, or k_cache and
     v_cache over the same or overlapping bytes): an append would write one slot through another
-    and lose tokens (torch's in-place ops refuse the same). The native op checks the same in C++.
-    Not judged while torch.compile traces, nor for fake and meta tensors (no memory)."""
+    and lose tokens (torch's in-place ops refuse the same); and for new tokens whose bytes lie
+    inside a cache's span (a view of the cache: read while their slots are written, in parallel).
+    The native op checks the same in C++. Not judged while torch.compile traces, nor for fake and
+    meta tensors (no memory)."""
     if torch.compiler.is_compiling() or k_cache.is_meta or _is_fake(k_cache):
         return
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -95,6 +98,22 @@ def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor
     if _memory_overlaps(k_cache, v_cache):
         raise ValueError(f"{op}: k_cache and v_cache share memory; each needs its own (two slices of one "
                          "buffer are fine when they do not overlap)")
+    for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        for name, t in (("k", k), ("v", v)):
+            if _spans_overlap(cache, t):
+                raise ValueError(f"{op}: {name} shares memory with {cache_name} (a view of the cache?); the slots "
+                                 "it is written to would be read half overwritten: pass a copy (.clone())")
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b share storage and their byte spans (first to last element) intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    def span(t):
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    (a_start, a_end), (b_start, b_end) = span(a), span(b)
+    return a_start < b_end and b_start < a_end
 
 
 def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -330,7 +349,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     chosen = _backend.resolve("kv_cache_append", k_cache.device, backend)
     if chosen != "native":  # the compiled op checks the same in C++ (a decode loop calls this per layer)
         check_append(k_cache, v_cache, k, v, cache_seqlens)
-        _check_caches_writable("kv_cache_append", k_cache, v_cache)
+        _check_caches_writable("kv_cache_append", k_cache, v_cache, k, v)
     if _checks_lengths_here(chosen, cache_seqlens):
         _check_lengths_fit("kv_cache_append", cache_seqlens, k.shape[1], k_cache.shape[1])
     if chosen == "reference":

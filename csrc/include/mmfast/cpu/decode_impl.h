@@ -290,10 +290,13 @@ struct AttentionJob {
   // One row's raw dot products scores[0:kKeyTile] become exp(score - new max) (masked keys: 0);
   // the row's running max and sum move on, and rescale = exp(old max - new max) is what its
   // output row must be multiplied by. False (nothing changed) when no key of the tile is visible.
+  // A NaN score (a NaN key, query or scale product) makes the row's max NaN, so its output is
+  // NaN as softmax's (a max that skipped it dropped a NaN key alone among masked ones).
   bool softmax_tile(int64_t k0, int64_t count, int64_t first, int64_t last, acc_t* scores, acc_t* state,
                     acc_t& rescale) const {
     const acc_t neg_inf = -__builtin_inf();
     acc_t tile_max = neg_inf;
+    bool nan_seen = false;
     for (int64_t t = 0; t < kKeyTile; ++t) {
       const int64_t key = k0 + t;
       acc_t s = neg_inf;
@@ -303,11 +306,13 @@ struct AttentionJob {
       }
       scores[t] = s;
       tile_max = s > tile_max ? s : tile_max;
+      nan_seen |= s != s;
     }
-    if (tile_max == neg_inf) return false;
+    if (nan_seen) tile_max = __builtin_nan("");
+    else if (tile_max == neg_inf) return false;
     acc_t& max = state[dp];
     acc_t& sum = state[dp + 1];
-    const acc_t new_max = tile_max > max ? tile_max : max;
+    const acc_t new_max = nan_seen || tile_max > max ? tile_max : max;
     rescale = exp_acc(max - new_max);  // 0 while max is -inf
     exp_shifted(scores, kKeyTile, new_max);
     acc_t tile_sum = 0;
