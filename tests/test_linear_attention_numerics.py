@@ -228,6 +228,19 @@ def test_relu_nan_in_k_reaches_every_output():
     assert linear_attention(q, k, v, feature_map="relu").isnan().all()
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_eps_0_with_a_subnormal_z_divides(backend_device):
+    """Found by a CPU audit: with eps = 0, z = phi(q).m can be subnormal (phi(q) = exp(-86)),
+    whose fp32 reciprocal overflows to inf; out = num / z is 1 here (v = 1), as the reference.
+    The backward's do / z still overflows fp32 there (documented: keep eps > 0 for training)."""
+    backend, device = backend_device
+    q, k = torch.full((1, 2, 1, 4), -86.0, device=device), torch.full((1, 2, 1, 4), -5.0, device=device)
+    v = torch.ones(1, 2, 1, 4, device=device)
+    for call in (lambda: linear_attention(q, k, v, eps=0.0, backend=backend),  # the fused op
+                 lambda: linear_attention(q.requires_grad_(), k, v, eps=0.0, backend=backend)):  # state + apply
+        torch.testing.assert_close(call().detach().cpu(), torch.ones(1, 2, 1, 4))
+
+
 # ---- 3. double backward --------------------------------------------------------------------------
 
 

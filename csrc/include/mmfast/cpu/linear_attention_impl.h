@@ -19,6 +19,18 @@ namespace la {  // this family's names, apart from other families' in the same I
 
 constexpr int64_t kMinChunk = 256;  // fewest tokens per parallel task
 
+// x[0:n] / z: by the reciprocal (one division per row) where it is finite, else entry by entry
+// (eps = 0 allows a subnormal z, whose reciprocal overflows where x / z need not).
+template <typename acc_t>
+inline void divide_row(acc_t* x, int64_t n, acc_t z) {
+  if (__builtin_fabs(z) >= std::numeric_limits<acc_t>::min()) {
+    const acc_t inv_z = acc_t(1) / z;
+    for (int64_t e = 0; e < n; ++e) x[e] *= inv_z;
+  } else {
+    for (int64_t e = 0; e < n; ++e) x[e] /= z;
+  }
+}
+
 template <typename acc_t>
 inline acc_t feature(acc_t x, FeatureMap fm) {
   switch (fm) {
@@ -366,10 +378,7 @@ struct ApplyJob {
         for (int64_t h = 0; h < t.heads.count; ++h) {
           acc_t* out = out_tiles + h * kTile * pa;
           tile_matmul<acc_t>(phi_q_tiles + h * kTile * pk, pk, states + h * pk * pa, pa, p.dim_k, pa, out, pa);
-          for (int64_t r = 0; r < rows; ++r) {
-            const acc_t inv_z = acc_t(1) / (out[r * pa + p.dim_v] + acc_t(p.eps));
-            for (int64_t e = 0; e < p.dim_v; ++e) out[r * pa + e] *= inv_z;
-          }
+          for (int64_t r = 0; r < rows; ++r) divide_row<acc_t>(out + r * pa, p.dim_v, out[r * pa + p.dim_v] + acc_t(p.eps));
         }
         store_tiles<scalar_t, acc_t>(out_tiles, pa, rows, t.heads, p.dim_v, p.out, t.b, n0);
       }
@@ -439,9 +448,10 @@ struct ApplyBackwardJob {
         w.dz[r] = 0;
         continue;
       }
-      const acc_t inv_z = acc_t(1) / (w.o[r * pa + p.dim_v] + acc_t(p.eps));
-      for (int64_t e = 0; e < pv; ++e) g[r * pv + e] *= inv_z;
-      w.dz[r] = -dot_padded<acc_t>(g + r * pv, w.o + r * pa, pv) * inv_z;  // g is 0 past Dv
+      const acc_t z = w.o[r * pa + p.dim_v] + acc_t(p.eps);
+      divide_row<acc_t>(g + r * pv, pv, z);
+      w.dz[r] = -dot_padded<acc_t>(g + r * pv, w.o + r * pa, pv);  // g is 0 past Dv
+      divide_row<acc_t>(w.dz + r, 1, z);
     }
     tile_outer_accum<acc_t>(phi_q, pk, pk, g, pv, pv, grad_state, pv);
     for (int64_t r = 0; r < rows; ++r)
