@@ -656,3 +656,11 @@ def test_bad_options_and_other_ops_raise_clear_errors():
     with pytest.raises(IndexError, match="sample code 5"):
         masked_linear(torch.randn(3, 2, 4), torch.randn(2, 6, 4), None, torch.tensor([0, 5, 1]), args["in_mask"],
                       mask)
+    # empty outputs (no output channels, no tokens, no pixels) check the codes all the same
+    with pytest.raises(IndexError, match="sample code 5"):
+        masked_conv2d(torch.randn(3, 4, 2, 2), torch.randn(2, 0, 4, 1, 1), None, torch.tensor([0, 5, 1]),
+                      args["in_mask"], torch.ones(2, 0, dtype=torch.bool))
+    with pytest.raises(IndexError, match="sample code 5"):
+        masked_linear(torch.randn(3, 0, 4), torch.randn(2, 6, 4), None, torch.tensor([0, 5, 1]), args["in_mask"], mask)
+    with pytest.raises(IndexError, match="sample code 5"):
+        masked_group_norm(torch.randn(3, 6, 0), None, None, 3, torch.tensor([0, 5, 1]), mask)

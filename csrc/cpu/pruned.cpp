@@ -221,7 +221,10 @@ at::Tensor masked_conv2d(const at::Tensor& x_in, const at::Tensor& weight, const
   const auto g = check_masked(x_in, weight, bias, sample_codes, in_mask, out_mask, stride, padding, dilation, false);
   const at::Tensor x = x_in.contiguous();  // planes contiguous for the gather
   at::Tensor y = mmfast::glue::empty_output({x.size(0), weight.size(1), g.out_h, g.out_w}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) {
+    rows_per_code(sample_codes, out_mask.size(0), "masked_conv2d");  // the codes are checked all the same
+    return y;
+  }
   const ScratchLimit release_large_scratch;
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_conv2d", [&](const CodeWork& w) {
     at::Tensor out;
@@ -253,7 +256,10 @@ at::Tensor masked_linear(const at::Tensor& x_in, const at::Tensor& weight, const
   const int64_t tokens = x.size(1), in_channels = x.size(2), out_channels = weight.size(1);
   const int64_t row_stride = uniform_rows ? x.stride(1) : in_channels;
   at::Tensor y = mmfast::glue::empty_output({x.size(0), tokens, out_channels}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) {
+    rows_per_code(sample_codes, out_mask.size(0), "masked_linear");
+    return y;
+  }
   const ScratchLimit release_large_scratch;
   at::Tensor y_tokens = y.view({x.size(0) * tokens, out_channels});  // scattered token by token
   for_each_code(weight, bias, sample_codes, in_mask, out_mask, "masked_linear", [&](const CodeWork& w) {
@@ -315,7 +321,10 @@ at::Tensor masked_group_norm(const at::Tensor& x_in, const c10::optional<at::Ten
   const at::Tensor weight = weight_in.has_value() ? weight_in->contiguous() : at::Tensor();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   at::Tensor y = mmfast::glue::empty_output(x.sizes(), x.options());
-  if (x.numel() == 0) return y;
+  if (x.numel() == 0) {
+    rows_per_code(codes, mask.size(0), "masked_group_norm");
+    return y;
+  }
   const auto p = mmfast::glue::group_norm_params(x, y, weight, bias, num_groups, codes, mask, eps, silu);
   const int64_t bad = mmfast::cpu::pruned_kernels().group_norm(p);
   if (bad >= 0) {
