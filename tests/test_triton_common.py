@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from mmfast.triton._common import dot_operand, output_value, split_dot  # noqa: E402
+from mmfast.triton._common import divide, dot_operand, output_value, split_dot  # noqa: E402
 
 from _utils import TRITON_DEVICE  # noqa: E402
 
@@ -108,3 +108,28 @@ def test_split_dot_keeps_inf_and_nan(split_a):
     assert torch.equal(got.isnan(), want.isnan()), (got.isnan().nonzero().tolist(), want.isnan().nonzero().tolist())
     assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()])
     assert want.isinf().any() and want.isnan().any()  # the case holds both
+
+
+@triton.jit
+def _divide_kernel(x_ptr, z_ptr, y_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows, cols = tl.arange(0, ROWS), tl.arange(0, COLS)
+    x = tl.load(x_ptr + rows[:, None] * COLS + cols[None, :])
+    tl.store(y_ptr + rows[:, None] * COLS + cols[None, :], divide(x, tl.load(z_ptr + rows)[:, None]))
+
+
+def test_divide_is_correctly_rounded_and_broadcasts():
+    """divide is div_rn (IEEE, as torch divides), with a per-row divisor broadcast over columns."""
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(16, 32, generator=g), torch.rand(16, generator=g) * 1e-3 + 1e-39  # z subnormal to 1e-3
+    y = torch.empty(16, 32, device=TRITON_DEVICE)
+    _divide_kernel[(1,)](x.to(TRITON_DEVICE), z.to(TRITON_DEVICE), y, 16, 32)
+    assert torch.equal(y.cpu(), x / z[:, None])
+
+
+def test_linear_attention_chunk_count_with_no_programs(monkeypatch):
+    """Found by a Triton review: B = 0 or H = 0 gave ZeroDivisionError on a GPU (programs per
+    chunk 0); the interpreter takes a fixed chunk and never saw it."""
+    from mmfast.triton import linear_attention as la
+
+    monkeypatch.setattr(la, "device_sm_count", lambda device: 132)
+    assert la._chunk_size(5000, 0, torch.device("cuda")) % la._BLOCK_N == 0

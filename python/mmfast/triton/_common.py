@@ -122,6 +122,14 @@ def to_fp32(x):
         return x.to(tl.float32)
 
 
+@triton.jit
+def divide(x, y):
+    """x / y correctly rounded, as torch and the interpreter divide ('/' on fp32 compiles to
+    div.full.f32 on a GPU, off by up to 2 ulp: an error the cancelling backward sums magnify);
+    y broadcast to x's shape."""
+    return tl.math.div_rn(x, tl.broadcast_to(y, x.shape))
+
+
 def check_runnable(op: str, *tensors: Tensor) -> None:
     """Raises TypeError for float64 (no Triton kernels) and for tensors Triton cannot run on."""
     for t in tensors:

@@ -27,8 +27,8 @@ _CPU_CHUNK = 256
 # sm_90 without spills at D = 64 in every dtype (benchmarks/results/
 # 2026-12-06-triton-sm90-linear-attention.md, from scripts/triton_report.py): 4 warps spill
 # nearly everywhere, 8 warps with 1 stage in the fp32 state and dq kernels, with 3 stages in the
-# fp32 dk / dv kernels, 16 warps in the half-precision apply and, since the backward's hi + lo
-# products (split_dot), in the dq, dk and dS / dm kernels.
+# fp32 dk / dv kernels; 16 warps (128 registers) spill in the dq, dk and dS / dm kernels since
+# the backward's hi + lo products (split_dot), and stay in the dv kernel's sweep only.
 FIXED_LAUNCH = (8, 2)
 LAUNCH_SWEEPS = {
     "outer_sum_kernel": [(8, 2), (8, 3)],
@@ -75,7 +75,7 @@ def _chunk_size(n: int, programs_per_chunk: int, device: torch.device) -> int:
         # About 4 programs per SM; chunks of at least 4 row blocks keep the fp32
         # workspace (chunks * B*H * Dk * Dv * 4 bytes) and the reduction small.
         sms = device_sm_count(device)
-        chunks = max(1, triton.cdiv(4 * sms, programs_per_chunk))
+        chunks = max(1, triton.cdiv(4 * sms, max(1, programs_per_chunk)))  # 0 programs: B or H is 0
         chunk = max(4 * _BLOCK_N, triton.cdiv(n, chunks))
     return triton.cdiv(chunk, _BLOCK_N) * _BLOCK_N
 

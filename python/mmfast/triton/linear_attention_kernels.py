@@ -59,7 +59,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dot_operand, output_value, split_dot, tf32_round, to_fp32
+from ._common import divide, dot_operand, output_value, split_dot, tf32_round, to_fp32
 
 # Feature-map ids (FM) are the values of mmfast::FeatureMap (csrc/include/mmfast/linear_attention.h):
 # 0 = none, 1 = elu + 1, 2 = relu, the index into mmfast.reference.FEATURE_MAPS.
@@ -116,7 +116,7 @@ def outer_sum_kernel(
     """part[c, bh] = sum_{i in chunk c} phi(a_i)^T (b_i / z_i) / DIVISOR; mpart[c, bh] = sum_i w_i phi(a_i) / DIVISOR
     (DIVISOR, an integer: 1 for partials, N when one chunk covers N and part is the result; the
     division is done on the fp64 sums, as the CUDA kernels do)."""
-    pid_t, pid_c, pid_bh = unfold(tl.program_id(0), NUM_TILES, NUM_CHUNKS)
+    pid_t, pid_c, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_TILES, NUM_CHUNKS)
     tile_a = pid_t // NUM_B_TILES
     tile_b = pid_t % NUM_B_TILES
     b_idx = (pid_bh // H).to(tl.int64)
@@ -150,7 +150,7 @@ def outer_sum_kernel(
             # other=1 so padded rows give 0/1, not 0/0 (NaN would poison the dot).
             z = tl.load(z_ptr + pid_bh.to(tl.int64) * N + rows64, mask=mask_r, other=1.0)
             # 1/z scales phi(a), split as hi + lo; b (do) stays exact: dS feeds dk's cancelling sum
-            step = split_dot(tl.trans(pa / z[:, None]), to_fp32(b), None, DOT_PREC, True)
+            step = split_dot(tl.trans(divide(pa, z[:, None])), to_fp32(b), None, DOT_PREC, True)
         else:
             # m below sums phi(a) as the dot reads it (tf32: 11 bits, rounded here; fp16 with
             # HALF_DOT, where phi(a) is the fp16 a itself): S and m from one operand stay
@@ -187,7 +187,7 @@ def reduce_chunks_kernel(
     (BLOCK elements of S, then of m; B*H), 1-D."""
     blocks_s = tl.cdiv(ELEMS_S, BLOCK)
     per_bh = blocks_s + tl.cdiv(ELEMS_M, BLOCK)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
     bh = (pid // per_bh).to(tl.int64)
     block = pid % per_bh
     if block < blocks_s:
@@ -210,7 +210,7 @@ def apply_kernel(
     FM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    pid_v, pid_n, pid_bh = unfold(tl.program_id(0), NUM_V, NUM_N)
+    pid_v, pid_n, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_V, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     q_ptr += b_idx * s_qb + h_idx * s_qh
@@ -236,7 +236,7 @@ def apply_kernel(
         m = tl.load(m_ptr + cols_k, mask=mask_k, other=0.0)
         acc = tl.dot(dot_operand(pq, DOT_PREC), dot_operand(s, DOT_PREC), acc, input_precision=DOT_PREC)
         z += tl.sum(pq * m[None, :], axis=1)
-    out = acc / (z + eps)[:, None]
+    out = divide(acc, (z + eps)[:, None])
     o_ptrs = o_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DV + cols_v[None, :]
     tl.store(o_ptrs, output_value(out, o_ptr), mask=mask_r[:, None] & mask_v[None, :])
 
@@ -250,7 +250,7 @@ def apply_backward_dq_kernel(
     BLOCK_N: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):
     """dq for a block of rows, plus z_i and dz_i for the dS/dm pass."""
-    pid_n, _, pid_bh = unfold(tl.program_id(0), NUM_N, 1)
+    pid_n, _, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_N, 1)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     do_ptr += b_idx * s_db + h_idx * s_dh
@@ -283,9 +283,9 @@ def apply_backward_dq_kernel(
         s_t = tl.load(s_ptr + cols_k[None, :] * s_sk + cols_v[:, None],
                       mask=mask_k[None, :] & mask_v[:, None], other=0.0)  # (BV, BKF) = S^T tile
         u = split_dot(to_fp32(do), s_t, u, DOT_PREC, False)
-    u = u / z[:, None]
+    u = divide(u, z[:, None])
     # g.o = phi(q) S g^T / z = phi(q).u / z: no need to recompute o.
-    dz = -tl.sum(pq * u, axis=1) / z
+    dz = divide(-tl.sum(pq * u, axis=1), z)
     dq = times_dphi(u + dz[:, None] * m[None, :], q, FM)
     dq_ptrs = dq_ptr + ((b_idx * N + rows64[:, None]) * H + h_idx) * DK + cols_k[None, :]
     tl.store(dq_ptrs, output_value(dq, dq_ptr), mask=mask_rk)
@@ -303,7 +303,7 @@ def state_backward_dk_kernel(
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dk_j = (v_j dS^T + dm) / N * phi'(k_j)."""
-    pid_k, pid_n, pid_bh = unfold(tl.program_id(0), NUM_K, NUM_N)
+    pid_k, pid_n, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_K, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     k_ptr += b_idx * s_kb + h_idx * s_kh
@@ -344,7 +344,7 @@ def state_backward_dv_kernel(
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dv_j = phi(k_j) dS / N."""
-    pid_v, pid_n, pid_bh = unfold(tl.program_id(0), NUM_V, NUM_N)
+    pid_v, pid_n, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_V, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     k_ptr += b_idx * s_kb + h_idx * s_kh
