@@ -55,6 +55,8 @@ TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 # Pointer arguments that hold tokens (the input dtype); every other pointer is fp32, but these.
 TOKEN_POINTERS = {"a_ptr", "b_ptr", "q_ptr", "o_ptr", "do_ptr", "dq_ptr", "k_ptr", "v_ptr", "dk_ptr", "dv_ptr",
                   "z_ptr", "c_ptr", "x_ptr", "w_ptr", "bias_ptr", "y_ptr"}
+# The linear-attention dS / dm launch passes the forward's z (fp32), VQ's z is the tokens.
+FP32_POINTERS_OF = {"outer_sum_kernel": {"z_ptr"}}
 OTHER_POINTERS = {"code_ptr": "*i64", "codes_ptr": "*i64", "in_list_ptr": "*i32", "in_count_ptr": "*i32",
                   "out_list_ptr": "*i32", "out_count_ptr": "*i32"}
 FLOAT_SCALARS = {"eps", "inv_n"}
@@ -103,7 +105,8 @@ def signature(kernel, dtype: torch.dtype, meta: dict) -> tuple[dict, dict]:
         if name in meta:
             sig[name], constexprs[name] = "constexpr", meta[name]
         elif name.endswith("_ptr"):
-            sig[name] = OTHER_POINTERS.get(name, "*" + (TYPE_NAMES[dtype] if name in TOKEN_POINTERS else "fp32"))
+            token = name in TOKEN_POINTERS and name not in FP32_POINTERS_OF.get(kernel.__name__, ())
+            sig[name] = OTHER_POINTERS.get(name, "*" + (TYPE_NAMES[dtype] if token else "fp32"))
         else:
             sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in meta]

@@ -133,3 +133,23 @@ def test_linear_attention_chunk_count_with_no_programs(monkeypatch):
 
     monkeypatch.setattr(la, "device_sm_count", lambda device: 132)
     assert la._chunk_size(5000, 0, torch.device("cuda")) % la._BLOCK_N == 0
+
+
+def test_extents_past_int32_are_refused_before_a_launch():
+    """The kernels index rows / pixels as program id * block + lane in int32: past 2^31 the
+    products would wrap and pass the bounds masks (found by an overflow review)."""
+    import mmfast.triton  # noqa: F401  (registers the ops)
+
+    ns = torch.ops.mmfast_triton
+    huge = torch.zeros(1, 1, 1, 1, device=TRITON_DEVICE).expand(1, 2**31, 1, 1)  # no memory behind it
+    with pytest.raises(ValueError, match=r"linear_attention: the triton backend indexes tokens in int32, at most "
+                                         r"2147479552, got 2147483648; use backend='native'"):
+        ns.linear_attention(huge, huge, huge, 1e-4, "elu1")
+    with pytest.raises(ValueError, match="linear_attention_state: the triton backend indexes tokens in int32"):
+        ns.linear_attention_state(huge, huge, "elu1")
+    with pytest.raises(ValueError, match="vq_quantize: the triton backend indexes rows of z and codes in int32"):
+        ns.vq_quantize(huge.view(2**31, 1), torch.zeros(3, 1, device=TRITON_DEVICE), None)
+    codes, mask = torch.zeros(1, dtype=torch.int64), torch.ones(1, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="masked_conv2d: the triton backend indexes pixels in int32"):
+        ns.masked_conv2d(huge.view(1, 1, 2**16, 2**15), torch.zeros(1, 1, 1, 1, 1), None, codes.to(TRITON_DEVICE),
+                         mask.to(TRITON_DEVICE), mask.to(TRITON_DEVICE), [1, 1], [0, 0], [1, 1])

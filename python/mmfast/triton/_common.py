@@ -126,8 +126,8 @@ def to_fp32(x):
 def divide(x, y):
     """x / y correctly rounded, as torch and the interpreter divide ('/' on fp32 compiles to
     div.full.f32 on a GPU, off by up to 2 ulp: an error the cancelling backward sums magnify);
-    y broadcast to x's shape."""
-    return tl.math.div_rn(x, tl.broadcast_to(y, x.shape))
+    y cast to x's dtype and broadcast to its shape."""
+    return tl.math.div_rn(x, tl.broadcast_to(y.to(x.dtype), x.shape))
 
 
 def check_runnable(op: str, *tensors: Tensor) -> None:
@@ -140,6 +140,18 @@ def check_runnable(op: str, *tensors: Tensor) -> None:
     if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
         raise TypeError(f"{op}: the triton backend runs on CUDA tensors (CPU tensors only under "
                         f"TRITON_INTERPRET=1, set before triton is imported), got {device.type} tensors")
+
+
+# Rows, codes and pixels the kernels index as program id * block + lane in int32 (int64 program
+# ids cost registers and spills: scripts/triton_report.py); the native kernels index in int64.
+INT32_EXTENT_LIMIT = 2**31 - 4096
+
+
+def check_int32_extent(op: str, what: str, count: int) -> None:
+    """ValueError past INT32_EXTENT_LIMIT (the products would wrap and pass the bounds masks)."""
+    if count > INT32_EXTENT_LIMIT:
+        raise ValueError(f"{op}: the triton backend indexes {what} in int32, at most {INT32_EXTENT_LIMIT}, got "
+                         f"{count}; use backend='native'")
 
 
 def device_guard(t: Tensor):

@@ -55,7 +55,7 @@ def append_kernel(
     s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
+    pid = tl.program_id(0)
     d_tile = pid % D_TILES
     r_tile = (pid // D_TILES) % ROW_TILES
     b = (pid // (D_TILES * ROW_TILES)).to(tl.int64)
@@ -100,7 +100,7 @@ def attention_kernel(
     SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
+    pid = tl.program_id(0)
     split = pid % SPLITS
     m_tile = (pid // SPLITS) % M_TILES
     kvh = (pid // (SPLITS * M_TILES)) % KVH

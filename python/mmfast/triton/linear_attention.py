@@ -13,7 +13,7 @@ from ..ops.linear_attention import (check_apply, check_apply_backward, check_kv,
                                     register_fakes_and_autograd)
 from ..reference.linear_attention import FEATURE_MAPS
 from . import linear_attention_kernels as kernels
-from ._common import autotuned, check_runnable, device_guard, device_sm_count, last_dim_unit
+from ._common import autotuned, check_int32_extent, check_runnable, device_guard, device_sm_count, last_dim_unit
 
 OP = "linear_attention"
 # Token rows per program in the row-parallel kernels / per loop step in the chunked ones.
@@ -25,7 +25,7 @@ _CPU_CHUNK = 256
 # MMFAST_TRITON_AUTOTUNE=0, else the fastest of the kernel's sweep, timed on the first call per
 # head dims, variant and dtype (triton.autotune).  A sweep holds the configs that compile for
 # sm_90 without spills at D = 64 in every dtype (benchmarks/results/
-# 2026-12-06-triton-sm90-linear-attention.md, from scripts/triton_report.py): 4 warps spill
+# 2026-12-06-triton-sm90-linear-attention-div-rn.md, from scripts/triton_report.py): 4 warps spill
 # nearly everywhere, 8 warps with 1 stage in the fp32 state and dq kernels, with 3 stages in the
 # fp32 dk / dv kernels; 16 warps (128 registers) spill in the dq, dk and dS / dm kernels since
 # the backward's hi + lo products (split_dot), and stay in the dv kernel's sweep only.
@@ -183,6 +183,7 @@ def _apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str)
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, feature_map: str) -> Tensor:
     check_qkv(q, k, v, feature_map)
     check_runnable(OP, q, k, v)
+    check_int32_extent(OP, "tokens", q.shape[1])
     q, k, v = last_dim_unit(q), last_dim_unit(k), last_dim_unit(v)
     with device_guard(q):
         state, mean = _state(k, v, feature_map)
@@ -193,6 +194,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, feature_map: s
 def linear_attention_state(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tensor, Tensor]:
     check_kv(k, v, feature_map, "linear_attention_state")
     check_runnable("linear_attention_state", k, v)
+    check_int32_extent("linear_attention_state", "tokens", k.shape[1])
     k, v = last_dim_unit(k), last_dim_unit(v)
     with device_guard(k):
         return _state(k, v, feature_map)
@@ -202,6 +204,7 @@ def linear_attention_state(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tens
 def linear_attention_apply(q: Tensor, state: Tensor, mean: Tensor, eps: float, feature_map: str) -> Tensor:
     check_apply(q, state, mean, feature_map, "linear_attention_apply")
     check_runnable("linear_attention_apply", q, state, mean)
+    check_int32_extent("linear_attention_apply", "tokens", q.shape[1])
     q, state, mean = last_dim_unit(q), last_dim_unit(state), last_dim_unit(mean)
     with device_guard(q):
         return _apply(q, state, mean, eps, feature_map)
@@ -213,6 +216,7 @@ def linear_attention_apply_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, n, h, dk, dv = check_apply_backward(grad_out, q, state, mean, feature_map)
     check_runnable(OP, q, grad_out, state, mean)
+    check_int32_extent(OP, "tokens", q.shape[1])
     grad_out, q = last_dim_unit(grad_out.to(q.dtype)), last_dim_unit(q)
     state, mean = last_dim_unit(state), last_dim_unit(mean)
     meta = apply_backward_dq_meta(dk, dv, q.dtype, feature_map)
@@ -239,6 +243,7 @@ def linear_attention_state_backward(
 ) -> tuple[Tensor, Tensor]:
     bsz, n, h, dk, dv = check_state_backward(grad_state, grad_mean, k, v, feature_map)
     check_runnable(OP, k, v, grad_state, grad_mean)
+    check_int32_extent(OP, "tokens", k.shape[1])
     k, v = last_dim_unit(k), last_dim_unit(v)
     grad_state = last_dim_unit(grad_state.to(torch.float32))
     grad_mean = last_dim_unit(grad_mean.to(torch.float32))

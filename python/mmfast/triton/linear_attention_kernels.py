@@ -116,7 +116,7 @@ def outer_sum_kernel(
     """part[c, bh] = sum_{i in chunk c} phi(a_i)^T (b_i / z_i) / DIVISOR; mpart[c, bh] = sum_i w_i phi(a_i) / DIVISOR
     (DIVISOR, an integer: 1 for partials, N when one chunk covers N and part is the result; the
     division is done on the fp64 sums, as the CUDA kernels do)."""
-    pid_t, pid_c, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_TILES, NUM_CHUNKS)
+    pid_t, pid_c, pid_bh = unfold(tl.program_id(0), NUM_TILES, NUM_CHUNKS)
     tile_a = pid_t // NUM_B_TILES
     tile_b = pid_t % NUM_B_TILES
     b_idx = (pid_bh // H).to(tl.int64)
@@ -187,7 +187,7 @@ def reduce_chunks_kernel(
     (BLOCK elements of S, then of m; B*H), 1-D."""
     blocks_s = tl.cdiv(ELEMS_S, BLOCK)
     per_bh = blocks_s + tl.cdiv(ELEMS_M, BLOCK)
-    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
+    pid = tl.program_id(0)
     bh = (pid // per_bh).to(tl.int64)
     block = pid % per_bh
     if block < blocks_s:
@@ -210,7 +210,7 @@ def apply_kernel(
     FM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    pid_v, pid_n, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_V, NUM_N)
+    pid_v, pid_n, pid_bh = unfold(tl.program_id(0), NUM_V, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     q_ptr += b_idx * s_qb + h_idx * s_qh
@@ -250,7 +250,7 @@ def apply_backward_dq_kernel(
     BLOCK_N: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):
     """dq for a block of rows, plus z_i and dz_i for the dS/dm pass."""
-    pid_n, _, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_N, 1)
+    pid_n, _, pid_bh = unfold(tl.program_id(0), NUM_N, 1)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     do_ptr += b_idx * s_db + h_idx * s_dh
@@ -303,7 +303,7 @@ def state_backward_dk_kernel(
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dk_j = (v_j dS^T + dm) / N * phi'(k_j)."""
-    pid_k, pid_n, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_K, NUM_N)
+    pid_k, pid_n, pid_bh = unfold(tl.program_id(0), NUM_K, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     k_ptr += b_idx * s_kb + h_idx * s_kh
@@ -344,7 +344,7 @@ def state_backward_dv_kernel(
     BLOCK_N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dv_j = phi(k_j) dS / N."""
-    pid_v, pid_n, pid_bh = unfold(tl.program_id(0).to(tl.int64), NUM_V, NUM_N)
+    pid_v, pid_n, pid_bh = unfold(tl.program_id(0), NUM_V, NUM_N)
     b_idx = (pid_bh // H).to(tl.int64)
     h_idx = (pid_bh % H).to(tl.int64)
     k_ptr += b_idx * s_kb + h_idx * s_kh

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..ops.pruned import (check_masked_conv2d, check_masked_group_norm, check_masked_linear,
                           register_fakes_and_autograd)
 from . import pruned_kernels as kernels
-from ._common import INTERPRET, autotuned, check_runnable, device_guard
+from ._common import INTERPRET, autotuned, check_int32_extent, check_runnable, device_guard
 
 # Tile sizes of the conv kernel: output pixels x output channels x input channels per step.
 # Not autotuned yet. Under the interpreter the output tiles are small so that the tests' small
@@ -98,6 +98,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_code
     check_runnable("masked_conv2d", x)
     y = x.new_empty(shape)
     _, _, height, width = x.shape
+    check_int32_extent("masked_conv2d", "pixels", max(height * width, shape[2] * shape[3]))
     geometry = (height, width, shape[2], shape[3], weight.shape[3], weight.shape[4], stride, padding, dilation)
     _launch_conv(x, x.stride(), weight, bias, sample_codes, in_mask, out_mask, y,
                  (y.stride(0), y.stride(1), 1), geometry)
@@ -112,6 +113,7 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], sample_code
     check_masked_linear(x, weight, bias, sample_codes, in_mask, out_mask)
     check_runnable("masked_linear", x)
     batch, tokens, _ = x.shape
+    check_int32_extent("masked_linear", "tokens", tokens)
     out_channels = weight.shape[1]
     y = x.new_empty((batch, tokens, out_channels))
     # A 1x1 conv over the (B, Cin, N, 1) view of x; y (B, N, Cout) as (sample, channel, pixel).

@@ -48,7 +48,7 @@ def conv_kernel(
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
+    pid = tl.program_id(0)
     out_tile = pid % OUT_TILES
     rest = pid // OUT_TILES
     pix_tile = rest % PIX_TILES
@@ -130,7 +130,7 @@ def group_norm_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
+    pid = tl.program_id(0)
     g = pid % G
     b = (pid // G).to(tl.int64)
     code = tl.load(codes_ptr + b).to(tl.int64)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..ops.vq import check_dequantize, check_quantize, register_fakes_and_autograd
 from . import vq_kernels as kernels
-from ._common import INTERPRET, autotuned, check_runnable, device_guard, device_sm_count, last_dim_unit
+from ._common import (INTERPRET, autotuned, check_int32_extent, check_runnable, device_guard, device_sm_count,
+                      last_dim_unit)
 
 # Rows x codes per program of the search: 64 x 64, slices of at most 32 dims. On sm_90 (scripts/
 # triton_report.py --kernels vq, benchmarks/results/2026-12-02-triton-sm90-vq.md) 128 x 128 or
@@ -79,6 +80,7 @@ def vq_quantize(z: Tensor, codebook: Tensor, codebook_sqnorm: Optional[Tensor]) 
     check_runnable("vq_quantize", z, codebook)
     z, codebook = last_dim_unit(z), codebook.contiguous()
     n, (k, d) = z.shape[0], codebook.shape
+    check_int32_extent("vq_quantize", "rows of z and codes", max(n, k))
     if n == 0:
         return z.new_empty((0,), dtype=torch.float32), z.new_empty((0,), dtype=torch.int64)
     sqnorm = codebook_sqnorm.contiguous() if codebook_sqnorm is not None else codebook.float().pow(2).sum(-1)

@@ -28,7 +28,7 @@ def search_kernel(
     N_BUCKET,  # N rounded up to a power of two: the autotune key only, never read here
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: pid * BLOCK products past 2^31 elements
+    pid = tl.program_id(0)
     split = pid % SPLITS
     rows = (pid // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = rows < N
