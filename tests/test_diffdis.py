@@ -427,12 +427,17 @@ def test_images_in_the_forms_users_hold_them():
     torch.testing.assert_close(as_rgb_images(np.stack([ramp] * 3, -1))[0], sixteen)  # uint16 arrays alike
     with pytest.raises(ValueError, match="mode F .* no fixed range"):
         as_rgb_images(Image.fromarray(ramp.astype(np.float32)))
+    # the shape and dtype as given (a new-user trial saw an RGBA array named (4, 64, 80))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(B, H, W, 3\) RGB, got shape \(64, 80, 4\)"):
+        as_rgb_images(np.zeros((64, 80, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"images \(tensors or arrays\) must be uint8 .*got torch.int32"):
+        as_rgb_images(np.zeros((64, 80, 3), np.int32))
 
 
 def test_segment_rejects_bad_input(pipe):
     with pytest.raises(ValueError, match="3 channels"):
         pipe.segment(torch.rand(1, 32, 32), resolution=64)
-    with pytest.raises(ValueError, match="3 channels"):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(B, H, W, 3\) RGB, got shape \(32, 32, 4\)"):
         pipe.segment(np.zeros((32, 32, 4), np.uint8), resolution=64)
     with pytest.raises(ValueError, match=r"uint8 \(0..255\), uint16 \(0..65535\) or floating point"):
         pipe.segment(torch.zeros(3, 32, 32, dtype=torch.int64), resolution=64)
@@ -548,6 +553,24 @@ def test_linear_attention_swaps_only_the_top_level(pipe):
         pipe.disable_linear_attention()
     torch.testing.assert_close(pipe.segment(image(), resolution=RESOLUTION, generator=g()).masks[0], softmax)
     assert linfusion.partial
+
+
+def test_prepare_unet_inputs_refuses_what_is_not_its_batch():
+    """Found by a new-user trial: [0, 255] values, a size not a multiple of 64, uint8 tensors and
+    lists went in silently or failed deep inside the VAE."""
+    from mmfast.models.diffdis import as_rgb_images, resize_input
+
+    pipe = tiny_diffdis_pipeline()
+    for images, error, match in ((torch.rand(1, 3, 128, 128) * 255, ValueError, r"in \[-1, 1\].*got values in \[0"),
+                                 (torch.rand(1, 3, 100, 100), ValueError, r"R a positive multiple of 64, got shape "
+                                                                          r"\(1, 3, 100, 100\)"),
+                                 (torch.rand(1, 3, 64, 128), ValueError, "got shape"),
+                                 (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, "got torch.uint8"),
+                                 ([torch.rand(3, 64, 64)], TypeError, "got list; torch.cat\(\[resize_input")):
+        with pytest.raises(error, match=match):
+            pipe.prepare_unet_inputs(images)
+    batch = torch.cat([resize_input(image, 64) for image in as_rgb_images(torch.rand(2, 3, 50, 70))])
+    assert pipe.prepare_unet_inputs(batch).sample.shape == (4, 8, 8, 8)
 
 
 def test_linear_attention_distillation_step_and_reload(tmp_path):

@@ -7,7 +7,7 @@
 """
 from .linear_attention import mount_linear_attention, top_level_attn1_names
 from .pipeline import (DiffDISOutput, DiffDISPipeline, UNetInputs, as_rgb_images, encode_empty_prompt,
-                       one_step_x0)
+                       one_step_x0, resize_input)
 from .unet import DBIATransformerBlock, DiffDISUNet, batch_discriminative_embedding, swap_halves
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "encode_empty_prompt",
     "mount_linear_attention",
     "one_step_x0",
+    "resize_input",
     "swap_halves",
     "top_level_attn1_names",
 ]

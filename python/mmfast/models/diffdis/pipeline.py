@@ -71,8 +71,9 @@ def _from_numpy(array) -> torch.Tensor:
     # A copy where torch cannot share the memory: negative strides (image[..., ::-1], np.fliplr) or
     # a read-only array (np.asarray of a PIL image).
     tensor = torch.from_numpy(np.require(array, requirements=["C", "W"]))
-    if tensor.dim() not in (3, 4):
-        raise ValueError(f"DiffDIS: a numpy image must be (H, W, 3) or (B, H, W, 3), got shape {array.shape}")
+    if tensor.dim() not in (3, 4) or tensor.shape[-1] != 3:  # named before the channels move first
+        raise ValueError(f"DiffDIS: a numpy image must be (H, W, 3) or (B, H, W, 3) RGB, got shape {array.shape}; "
+                         "convert grayscale or RGBA images first (PIL: image.convert('RGB'))")
     return tensor.movedim(-1, -3)
 
 
@@ -88,8 +89,8 @@ def _check_image_tensor(image: torch.Tensor) -> torch.Tensor:
     if image.dtype == torch.uint16:
         return image.float() / 65535
     if not image.is_floating_point():
-        raise ValueError(f"DiffDIS: image tensors must be uint8 (0..255), uint16 (0..65535) or floating point in "
-                         f"[0, 1], got {image.dtype}")
+        raise ValueError(f"DiffDIS: images (tensors or arrays) must be uint8 (0..255), uint16 (0..65535) or "
+                         f"floating point in [0, 1], got {image.dtype}")
     if (image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all()):
         raise ValueError("DiffDIS: floating-point images must hold values in [0, 1]")
     return image.float()
@@ -139,6 +140,24 @@ def resize_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
     (run_inference.py: PIL bilinear resize to a square, then rgb / 255 * 2 - 1), within PIL's
     uint8 rounding of its resize (1 / 255)."""
     return _resize(image[None], (resolution, resolution), antialias=True) * 2 - 1
+
+
+def _check_unet_images(images) -> None:
+    """prepare_unet_inputs' batch: a floating (b, 3, R, R) tensor in [-1, 1], R a multiple of 64."""
+    how = ("torch.cat([resize_input(image, R) for image in as_rgb_images(images)]) makes one from PIL "
+           "images, arrays or [0, 1] tensors")
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"DiffDISPipeline.prepare_unet_inputs: images must be a floating (b, 3, R, R) tensor in "
+                        f"[-1, 1], got {got}; {how}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] or \
+            images.shape[2] % RESOLUTION_MULTIPLE or images.shape[2] == 0 or images.shape[0] == 0:
+        raise ValueError(f"DiffDISPipeline.prepare_unet_inputs: images must be (b, 3, R, R) with R a positive "
+                         f"multiple of {RESOLUTION_MULTIPLE}, got shape {tuple(images.shape)}; {how}")
+    low, high = (float(v) for v in images.detach().aminmax())
+    if not (low >= -1.001 and high <= 1.001):  # (NaN fails too)
+        raise ValueError(f"DiffDISPipeline.prepare_unet_inputs: images must be in [-1, 1] (DiffDIS's rgb / 255 * 2 "
+                         f"- 1), got values in [{low:.4g}, {high:.4g}]; {how}")
 
 
 def _view_size(resolution: int, scale: float) -> int:
@@ -342,9 +361,12 @@ class DiffDISPipeline:
         noise is not the answer, so no denoising target; with ground-truth masks, DiffDIS's
         training input add_noise(mask / edge latents, noise, 999) with the noise as target).
         No gradient: the VAE is frozen in DiffDIS, so the inputs of a batch can be reused.
+        Raises TypeError / ValueError for anything else (make the batch with resize_input from
+        images in [0, 1], e.g. those of as_rgb_images).
         """
         from diffusers.utils.torch_utils import randn_tensor
 
+        _check_unet_images(images)
         rgb_latent = self.encode(images)
         size = images.shape[-1]
         rgb_latents = [self.encode(_resize(images, (size >> k, size >> k))) for k in (1, 2, 3)]
