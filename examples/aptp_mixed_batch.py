@@ -87,8 +87,11 @@ def parse_args():
     for path in args.experts or ():
         cli.require_local_dir(parser, "--experts", path, "the APTP experts (rezashkv/APTP)")
     cli.require_local_dir(parser, "--base-config", args.base_config, "the SD-2.1 unet/ folder")
-    if args.experts and args.save_tiny:
-        parser.error("--save-tiny writes the random tiny experts: it goes with --tiny, not --experts")
+    if args.experts:
+        cli.refuse_options(parser, ("save_tiny", "num_codes"), "go with --tiny, not --experts (the experts given "
+                           "are the codes)")
+    else:
+        cli.refuse_options(parser, ("base_config",), "goes with --experts (--tiny builds its own base UNet)")
     if args.codes:
         if len(args.codes) != args.batch:
             parser.error(f"--codes: {len(args.codes)} codes for --batch {args.batch} (one code per prompt)")

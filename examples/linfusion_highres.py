@@ -8,8 +8,8 @@
     python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR --cascade \\
         --height 8192 --width 16384 --memory-budget-gb 80 --device cuda --output 16k.png
 
-Both directories are local (e.g. `huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir SD15_DIR`
-and `huggingface-cli download Yuanshi/LinFusion-1-5 --local-dir LINFUSION_DIR`); nothing is downloaded here.
+Both directories are local (e.g. `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir SD15_DIR`
+and `hf download Yuanshi/LinFusion-1-5 --local-dir LINFUSION_DIR`); nothing is downloaded here.
 Every attn1 (self-attention) of the UNet runs mmfast's linear attention; cross-attention stays softmax.
 
 --cascade runs LinFusion's ultra-high-resolution recipe (mmfast.models.linfusion.generate_highres):
@@ -32,7 +32,7 @@ the "stage" columns there: the growth above what was resident when the stage sta
 --plan-only prints the prediction (and the budget's plan) and exits, from a pipeline built without
 its weights (mmfast.models.linfusion.empty_pipeline): a 16K plan for a GPU in seconds, anywhere:
 
-    python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR --cascade \
+    python examples/linfusion_highres.py --pipeline SD15_DIR --linfusion LINFUSION_DIR --cascade \\
         --height 8192 --width 16384 --memory-budget-gb 80 --device cuda --plan-only
 """
 from __future__ import annotations

@@ -57,6 +57,8 @@ def parse_args():
     args = parser.parse_args()
     if args.model and not args.vqgan:
         parser.error("--model needs --vqgan")
+    if args.tiny:
+        cli.refuse_options(parser, ("vqgan", "vqgan_config"), "go with --model (--tiny makes its own random VQGAN)")
     cli.require_local_dir(parser, "--model", args.model, "Junfeng5/Liquid_V1_7B")
     cli.require_path(parser, "--vqgan", args.vqgan, "a checkpoint file, or a folder holding vqgan.ckpt / "
                      "vqgan.safetensors")

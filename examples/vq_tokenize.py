@@ -55,6 +55,8 @@ def parse_args():
     cli.add_output_argument(parser, "vq_tokenize", kind="folder",
                             what="folder for reconstruction.png and code_histogram.png")
     args = parser.parse_args()
+    if args.tiny:
+        cli.refuse_options(parser, ("config",), "goes with --checkpoint (--tiny makes its own random VQGAN)")
     cli.require_path(parser, "--checkpoint", args.checkpoint, "a checkpoint file, or a folder holding vqgan.ckpt / "
                      "vqgan.safetensors")
     cli.require_file(parser, "--input", args.input)

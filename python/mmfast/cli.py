@@ -16,7 +16,8 @@ import torch
 from ._backend import BACKENDS
 
 __all__ = ["add_device_arguments", "add_output_argument", "check_device", "check_output", "require_local_dir",
-           "require_file", "require_path", "require_positive", "exit_on_vqgan_checkpoint_error"]
+           "require_file", "require_path", "require_positive", "exit_on_vqgan_checkpoint_error", "given_options",
+           "refuse_options"]
 
 
 def _default_device() -> str:
@@ -140,6 +141,26 @@ def require_positive(parser: argparse.ArgumentParser, **values: Optional[float])
     for name, value in values.items():
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+_UNSET = object()
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Optional[list] = None) -> set:
+    """The dests the command line sets itself, defaults left out (argparse keeps a namespace's
+    existing attributes instead of its defaults, so every dest starts unset)."""
+    namespace = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions})
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not _UNSET}
+
+
+def refuse_options(parser: argparse.ArgumentParser, dests, reason: str, argv: Optional[list] = None) -> None:
+    """argparse error naming the options among `dests` given on the command line, which would
+    otherwise be silently ignored (reason: with what they go)."""
+    given = sorted(given_options(parser, argv) & set(dests))
+    if given:
+        flags = ", ".join("--" + dest.replace("_", "-") for dest in given)
+        parser.error(f"{flags}: {reason}")
 
 
 def exit_on_vqgan_checkpoint_error(script: str, error: Exception, flag: str, config: str) -> NoReturn:

@@ -407,7 +407,7 @@ def _checkpoint_paths(directory: str):
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"LinFusion: checkpoint directory {directory!r} does not exist. mmfast never downloads; download the "
-            "checkpoint first (e.g. `huggingface-cli download Yuanshi/LinFusion-1-5 --local-dir DIR`) and pass DIR"
+            "checkpoint first (e.g. `hf download Yuanshi/LinFusion-1-5 --local-dir DIR`) and pass DIR"
         )
     paths = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for path in paths:
