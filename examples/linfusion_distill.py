@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 import mmfast
 from mmfast import cli
@@ -31,8 +32,8 @@ def parse_args():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tiny", action="store_true", help="a tiny random UNet (no files needed)")
     source.add_argument("--unet", help="local diffusers UNet2DConditionModel directory")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--batch-size", "--batch", type=int, default=2, help="samples per step (default 2)")
     parser.add_argument("--batches", type=int, default=1, help="size of the fixed synthetic data set, in batches")
     parser.add_argument("--mid-dim-scale", type=int, default=None, help="MLP width C // s (16 for SD-XL)")
@@ -42,7 +43,7 @@ def parse_args():
     cli.add_device_arguments(parser, default="cpu")
     parser.add_argument("--output", "--save", default=None, metavar="DIR",
                         help="folder for the trained LinFusion checkpoint (save_pretrained; default: not saved)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the weights and data (default 0)")
     args = parser.parse_args()
     cli.require_local_dir(parser, "--unet", args.unet, "a diffusers UNet2DConditionModel")
     cli.require_positive(parser, steps=args.steps, lr=args.lr, batch_size=args.batch_size, batches=args.batches,
@@ -120,7 +121,8 @@ def main():
 
     history, part_history = [], []
     start = time.perf_counter()
-    for step in range(args.steps):
+    bar = tqdm(range(args.steps), desc="distilling", unit="step")
+    for step in bar:
         noisy, timesteps, text, noise, extra = batches[step % len(batches)]
         loss, parts = distiller(noisy, timesteps, text, target=None if args.no_denoise else noise, **extra)
         optimizer.zero_grad(set_to_none=True)
@@ -128,14 +130,14 @@ def main():
         optimizer.step()
         history.append(loss.item())
         part_history.append({name: float(value) for name, value in parts.items() if value is not None})
-        terms = "  ".join(f"{'attn1' if name == 'feature' else name} {value:.5f}"
-                          for name, value in part_history[-1].items())
-        print(f"step {step:3d}  loss {loss.item():.5f}  ({terms})")
+        bar.set_postfix(loss=f"{loss.item():.5f}", **{"attn1" if name == "feature" else name: f"{value:.5f}"
+                                                       for name, value in part_history[-1].items()})
     elapsed = time.perf_counter() - start
 
     window = max(1, min(5, len(history) // 2))
     first, last = sum(history[:window]) / window, sum(history[-window:]) / window
-    print(f"mean loss of the first {window} steps {first:.5f} -> last {window} steps {last:.5f} "
+    steps = f"{window} step" + ("s" if window > 1 else "")
+    print(f"mean loss of the first {steps} {first:.5f} -> last {steps} {last:.5f} "
           f"({elapsed:.1f} s, {elapsed / max(1, args.steps) * 1e3:.0f} ms/step)")
     moves = {name: (sum(p[name] for p in part_history[:window]) / window,
                     sum(p[name] for p in part_history[-window:]) / window) for name in part_history[0]}

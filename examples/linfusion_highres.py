@@ -151,7 +151,7 @@ def _check_args(parser, args):
     if not args.cascade:
         given = [flag(name) for name in CASCADE_ONLY if getattr(args, name) not in (None, False)]
         if given:
-            parser.error(f"{', '.join(given)} need --cascade")
+            parser.error(f"{', '.join(given)} need{'' if len(given) > 1 else 's'} --cascade")
         if (args.height is None) != (args.width is None):  # one side given: square, as the cascade does
             args.height = args.width = args.height or args.width
         for name in ("height", "width"):

@@ -240,6 +240,7 @@ def test_the_test_extra_holds_what_the_tests_import():
     required = {re.split(r"[<>=\s]", line)[0] for line in (ROOT / "requirements-test.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     assert required - build_tools - dependencies <= test_extra, sorted(required - build_tools - dependencies - test_extra)
+    assert test_extra <= required, sorted(test_extra - required)  # both ways: scipy was in the extra only
 
 
 def test_the_missing_kernel_errors_say_why_and_name_both_torch_versions(monkeypatch):

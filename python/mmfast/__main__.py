@@ -1,6 +1,8 @@
 """`python -m mmfast` prints what this installation can run."""
 import argparse
 import json
+import os
+import sys
 
 from ._info import collect, info
 
@@ -13,10 +15,15 @@ def main(argv=None) -> None:
                     "Paste its output into bug reports.")
     parser.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
     args = parser.parse_args(argv)
-    if args.json:
-        print(json.dumps(collect(), indent=2, default=str))
-    else:
-        info()
+    try:
+        if args.json:
+            print(json.dumps(collect(), indent=2, default=str))
+        else:
+            info()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `python -m mmfast --json | head`: the reader left early; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own advice)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
