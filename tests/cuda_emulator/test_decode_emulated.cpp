@@ -104,7 +104,7 @@ void run_append(int64_t B, int64_t S, int64_t Tmax, int64_t Hkv, int64_t D, std:
 // ---- decode_attention -------------------------------------------------------------------------
 template <class T>
 void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int64_t Tmax, std::vector<int32_t> lens,
-                   int64_t W, float softcap, int sms, int layout = 0, int kv_pad = 1) {
+                   int64_t W, float softcap, int sms, int layout = 0, int kv_pad = 1, int64_t nan_key = -1) {
   ++ncases;
   emu::sms = sms;
   const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
@@ -115,6 +115,8 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
     for (int64_t n = lens[b]; n < Tmax; ++n) for (int64_t h = 0; h < Hkv; ++h) for (int64_t d = 0; d < D; ++d)
       kc.at(b, n, h, d) = vc.at(b, n, h, d) = fromd<T>(NAN);
   }
+  if (nan_key >= 0)  // a NaN key of row 0 (KV head 0): every query that sees it must come out NaN
+    kc.at(0, nan_key, 0, 0) = fromd<T>(NAN);
   DecodeAttentionParams p;
   p.batch = B, p.queries = Sq, p.heads = H, p.kv_heads = Hkv, p.head_dim = D, p.max_tokens = Tmax;
   p.dtype = dtype_of<T>(), p.q = q.t, p.out = out.t, p.k_cache = kc.t, p.v_cache = vc.t;
@@ -122,9 +124,9 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
   const int64_t splits = cuda::decodek::attention_plan(p, cuda::decodek::attention_launch<T>(p)).splits;
   char cfg[200];
   std::snprintf(cfg, sizeof cfg,
-                "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld kv_pad=%d",
+                "attention %s B=%ld Sq=%ld H=%ld Hkv=%ld D=%ld T=%ld W=%ld cap=%g sms=%d splits=%ld kv_pad=%d nan_key=%ld",
                 tname<T>(), (long)B, (long)Sq, (long)H, (long)Hkv, (long)D, (long)Tmax, (long)W, softcap, sms,
-                (long)splits, kv_pad);
+                (long)splits, kv_pad, (long)nan_key);
   const size_t bytes = cuda::decode_attention_workspace_bytes(p);
   std::vector<char> ws(bytes + 64, 0x7f);
   p.workspace = bytes ? ws.data() : nullptr, p.workspace_bytes = bytes;
@@ -173,7 +175,7 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
         double x = double(scale) * dot;
         if (softcap > 0) x = double(softcap) * std::tanh(x / double(softcap));
         s[j] = x;
-        mx = std::max(mx, x);
+        mx = std::isnan(x) || std::isnan(mx) ? NAN : std::max(mx, x);  // softmax: a NaN score, a NaN row
       }
       double den = 0;
       std::vector<double> o(D, 0.0);
@@ -185,6 +187,10 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
       }
       for (int64_t d = 0; d < D; ++d) {
         const double ref = o[d] / den, got = out.g(b, i, h, d);
+        if (std::isnan(ref)) {
+          bad += !std::isnan(got);
+          continue;
+        }
         const double err = std::fabs(got - ref);
         if (!(err <= tol_of<T>() * (1 + std::fabs(ref)))) ++bad;
         if (!(err <= maxerr)) maxerr = std::isnan(err) ? INFINITY : err;
@@ -512,6 +518,12 @@ void attention_suite(int level) {
   run_attention<T>(2, 1, 4, 2, 128, T1, {300, 77}, 0, 0.0f, 132, 0, 0);
   run_attention<T>(2, 1, 8, 4, 256, T1, {300, 5}, 0, 0.0f, 132, 0, 0);
   run_attention<T>(1, 2, 2, 2, 128, T1, {300}, 200, 0.0f, 132, 1, 0);
+  // A NaN key alone among the visible keys of its split / key tile (window 1), and among others:
+  // softmax gives NaN (the CPU kernel's max once skipped it), on the tiled and the stream kernels.
+  run_attention<T>(2, 1, 4, 4, 64, T1, {300, 5}, 1, 0.0f, 132, 0, 0, 299);
+  run_attention<T>(2, 1, 4, 4, 40, T1, {300, 5}, 1, 0.0f, 132, 0, 1, 299);
+  run_attention<T>(2, 1, 4, 4, 64, T1, {300, 5}, 0, 0.0f, 132, 0, 0, 17);
+  run_attention<T>(2, 1, 4, 4, 40, T1, {300, 5}, 0, 0.0f, 1, 0, 1, 299);
   if (level >= 1) {
     run_attention<T>(1, 1, 8, 8, 128, 700, {700}, 0, 0.0f, 132);
     run_attention<T>(2, 4, 4, 4, 256, 260, {260, 40}, 100, 30.0f, 132);

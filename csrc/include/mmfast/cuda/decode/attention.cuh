@@ -283,7 +283,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 2 : 3) decode_atten
         }
       } else {
         const int64_t qrow = (b * Sq + iq) * H + h;
-        if (l > A(0)) {
+        // A NaN score makes l NaN: its partial and log-sum-exp are written NaN for the combine to
+        // pass on (softmax's NaN; "no key seen" (-inf, nothing written) once dropped it).
+        if (!(l <= A(0))) {
           A* prow = static_cast<A*>(a.part_out) + (split * qrows + qrow) * D;
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
@@ -291,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 2 : 3) decode_atten
             if (d < D) prow[d] = acc[i][c] / l;
           }
         }
-        if (cg == 0) static_cast<A*>(a.part_lse)[split * qrows + qrow] = l > A(0) ? m + log_acc(l) : neg_inf;
+        if (cg == 0) static_cast<A*>(a.part_lse)[split * qrows + qrow] = !(l <= A(0)) ? m + log_acc(l) : neg_inf;
       }
     }
   }

@@ -145,6 +145,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
       float mx = neg_inf;
       for (int g = 0; g < kGroups; ++g) mx = m_s[g * RM + r] > mx ? m_s[g * RM + r] : mx;
       float num = 0.0f, den = 0.0f;
+      bool nan_seen = false;  // a NaN score makes its group's l NaN (its m may stay -inf): the row is NaN
+      for (int g = 0; g < kGroups; ++g) nan_seen |= l_s[g * RM + r] != l_s[g * RM + r];
       if (mx != neg_inf) {
         for (int g = 0; g < kGroups; ++g) {
           const float mg = m_s[g * RM + r];
@@ -154,13 +156,14 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
           den += w * l_s[g * RM + r];
         }
       }
+      if (nan_seen) num = den = NAN;
       const int64_t rho = rho0 + r, i = rho / G, h = kvh * G + rho % G;
       if (a.direct) {
         op[b * p.out.stride_b + i * p.out.stride_n + h * p.out.stride_h + d] = from_acc<T>(num / den);  // den > 0
       } else {
         const int64_t qrow = (b * Sq + i) * H + h;
-        if (den > 0.0f) static_cast<float*>(a.part_out)[(split * qrows + qrow) * D + d] = num / den;
-        if (d == 0) static_cast<float*>(a.part_lse)[split * qrows + qrow] = den > 0.0f ? mx + log_acc(den) : neg_inf;
+        if (!(den <= 0.0f)) static_cast<float*>(a.part_out)[(split * qrows + qrow) * D + d] = num / den;  // NaN too
+        if (d == 0) static_cast<float*>(a.part_lse)[split * qrows + qrow] = !(den <= 0.0f) ? mx + log_acc(den) : neg_inf;
       }
     }
   }
