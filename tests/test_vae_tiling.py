@@ -100,10 +100,28 @@ def test_exact_bands_shrink_under_the_element_limit_and_stay_exact(vae3, monkeyp
     assert max(seen) <= 3000 and len(seen) > 500
 
 
-def test_exact_decode_of_a_16k_wide_image_stays_under_2_31_elements(monkeypatch):
+def test_exact_attention_runs_one_sample_at_a_time_past_the_limit(vae3, monkeypatch):
+    """A batch whose mid-block keys pass the element limit attends one sample at a time (2 x 120
+    tokens x 32 channels = 7680 > 6000 here), with the same result."""
+    from mmfast.models import vae_tiling
+
+    latents = randn(2, 4, 12, 10, seed=2)
+    decoded = decode_latents(vae3, latents)
+    batches = []
+    sdpa = vae_tiling.F.scaled_dot_product_attention
+    monkeypatch.setattr(vae_tiling, "_INDEX_LIMIT", 6000)
+    monkeypatch.setattr(vae_tiling.F, "scaled_dot_product_attention",
+                        lambda q, k, v: batches.append(k.shape[0]) or sdpa(q, k, v))
+    torch.testing.assert_close(decode_latents(vae3, latents, mode="exact", tile_size=100), decoded, **EXACT)
+    assert batches and set(batches) == {1}
+
+
+@pytest.mark.parametrize("latent_shape", [(1, 4, 1024, 2048), (2, 4, 1024, 2048)])
+def test_exact_decode_of_a_16k_wide_image_stays_under_2_31_elements(monkeypatch, latent_shape):
     """SD's VAE decoder (256 channels at full resolution) on a 16384-px-wide image, traced on the
     meta device: the scaled bands of 512 rows made 2^31+-element conv and interpolate tensors,
-    past which torch / cuDNN kernels take 32-bit-unsafe or im2col fallbacks."""
+    past which torch / cuDNN kernels take 32-bit-unsafe or im2col fallbacks; the mid-block
+    attention's keys of a batch of 2 reached 2^31 (one sample at a time now)."""
     from diffusers import AutoencoderKL
 
     from mmfast.models import vae_tiling
@@ -120,11 +138,14 @@ def test_exact_decode_of_a_16k_wide_image_stays_under_2_31_elements(monkeypatch)
             return out
         return call
 
-    for name in ("conv2d", "interpolate"):
+    for name in ("conv2d", "interpolate", "scaled_dot_product_attention"):
         monkeypatch.setattr(vae_tiling.F, name, watch(name, getattr(vae_tiling.F, name)))
-    out = decode_latents(vae, torch.empty(1, 4, 1024, 2048, device="meta"), mode="exact")
-    assert out.shape == (1, 3, 8192, 16384)
-    assert largest["conv2d"] < 2**31 and largest["interpolate"] < 2**31, largest
+    sdpa = vae_tiling.F.scaled_dot_product_attention
+    monkeypatch.setattr(vae_tiling.F, "scaled_dot_product_attention",  # the keys too, not only the queries
+                        lambda q, k, v: largest.__setitem__("keys", max(largest.get("keys", 0), k.numel())) or sdpa(q, k, v))
+    out = decode_latents(vae, torch.empty(*latent_shape, device="meta"), mode="exact")
+    assert out.shape == (latent_shape[0], 3, 8192, 16384)
+    assert max(largest.values()) < 2**31, largest
 
 
 def test_exact_encode_samples_with_the_generator(vae2):

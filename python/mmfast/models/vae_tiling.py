@@ -456,8 +456,15 @@ def _attention(attn, x, bands):
             keys = k.new_empty(k.shape[:2] + (height * width, k.shape[3]))
             values = v.new_empty(v.shape[:2] + (height * width, v.shape[3]))
         keys[:, :, lo * width:hi * width], values[:, :, lo * width:hi * width] = k, v
+    # The keys of every token: one sample's at a time where the batch's pass 2^31 elements (at 16384^2
+    # one SD sample's are 2^31 exactly: their largest offset, 2^31 - 1, still fits 32-bit indexing).
+    per_sample = keys.numel() > _INDEX_LIMIT and b > 1
     for lo, hi in bands.ranges(height, _row_elements(x)):  # out band [lo, hi) reads only rows [lo, hi) of x
-        o = F.scaled_dot_product_attention(heads(attn.to_q(tokens(lo, hi))), keys, values)
+        q = heads(attn.to_q(tokens(lo, hi)))
+        if per_sample:
+            o = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], keys[i:i + 1], values[i:i + 1]) for i in range(b)])
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values)
         o = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
         o = o.transpose(1, 2).reshape(b, c, hi - lo, width)
         if attn.residual_connection:
