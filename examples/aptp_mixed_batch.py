@@ -80,6 +80,11 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.experts:
+        cli.refuse_options(parser, ("save_tiny", "num_codes"), "go with --tiny, not --experts (the experts given "
+                           "are the codes)")
+    else:
+        cli.refuse_options(parser, ("base_config",), "goes with --experts (--tiny builds its own base UNet)")
     cli.require_positive(parser, num_codes=args.num_codes, batch=args.batch, repeats=args.repeats,
                          latent_size=args.latent_size, text_tokens=args.text_tokens, threads=args.threads)
     if args.plan_budget_mb < 0:
@@ -87,11 +92,6 @@ def parse_args():
     for path in args.experts or ():
         cli.require_local_dir(parser, "--experts", path, "the APTP experts (rezashkv/APTP)")
     cli.require_local_dir(parser, "--base-config", args.base_config, "the SD-2.1 unet/ folder")
-    if args.experts:
-        cli.refuse_options(parser, ("save_tiny", "num_codes"), "go with --tiny, not --experts (the experts given "
-                           "are the codes)")
-    else:
-        cli.refuse_options(parser, ("base_config",), "goes with --experts (--tiny builds its own base UNet)")
     if args.codes:
         if len(args.codes) != args.batch:
             parser.error(f"--codes: {len(args.codes)} codes for --batch {args.batch} (one code per prompt)")

@@ -144,23 +144,27 @@ def require_positive(parser: argparse.ArgumentParser, **values: Optional[float])
 
 
 _UNSET = object()
+# Actions that build on the value already there (None is their empty start, not the sentinel).
+_ACCUMULATING = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._ExtendAction)
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Optional[list] = None) -> set:
     """The dests the command line sets itself, defaults left out (argparse keeps a namespace's
     existing attributes instead of its defaults, so every dest starts unset)."""
-    namespace = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions})
-    parser.parse_args(argv, namespace=namespace)
-    return {dest for dest, value in vars(namespace).items() if value is not _UNSET}
+    start = {action.dest: None if isinstance(action, _ACCUMULATING) else _UNSET for action in parser._actions
+             if action.dest is not argparse.SUPPRESS}
+    namespace = parser.parse_args(argv, namespace=argparse.Namespace(**start))
+    return {dest for dest, value in vars(namespace).items()
+            if (value is not None if start.get(dest, _UNSET) is None else value is not _UNSET)}
 
 
 def refuse_options(parser: argparse.ArgumentParser, dests, reason: str, argv: Optional[list] = None) -> None:
-    """argparse error naming the options among `dests` given on the command line, which would
-    otherwise be silently ignored (reason: with what they go)."""
-    given = sorted(given_options(parser, argv) & set(dests))
-    if given:
-        flags = ", ".join("--" + dest.replace("_", "-") for dest in given)
-        parser.error(f"{flags}: {reason}")
+    """argparse error naming the options among `dests` given on the command line (by their first
+    flag), which would otherwise be silently ignored (reason: with what they go)."""
+    given = given_options(parser, argv) & set(dests)
+    flags = [action.option_strings[0] for action in parser._actions if action.dest in given and action.option_strings]
+    if flags:
+        parser.error(f"{', '.join(flags)}: {reason}")
 
 
 def exit_on_vqgan_checkpoint_error(script: str, error: Exception, flag: str, config: str) -> NoReturn:
