@@ -118,6 +118,8 @@ def test_checkpoint_tensor_mismatch_and_missing_dir(unet, tmp_path):
     ("dim_n", "32", r"modules_list\[0\]\.dim_n must be an integer >= 1, got '32'"),
     ("projection_mid_dim", 0, r"modules_list\[0\]\.projection_mid_dim must be an integer >= 1, got 0"),
     ("heads", 3, r"modules_list\[0\] needs a module_name string and heads dividing dim_n"),
+    ("dim_n", float("inf"), r"modules_list\[0\]\.dim_n must be an integer >= 1, got inf"),  # JSON's Infinity
+    ("heads", float("nan"), r"modules_list\[0\]\.heads must be an integer >= 1, got nan"),
 ])
 def test_checkpoint_config_entries_are_validated(unet, tmp_path, key, value, expected):
     LinFusion.from_unet(unet).save_pretrained(str(tmp_path))

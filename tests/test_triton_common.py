@@ -118,9 +118,12 @@ def _divide_kernel(x_ptr, z_ptr, y_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 def test_divide_is_correctly_rounded_and_broadcasts():
-    """divide is div_rn (IEEE, as torch divides), with a per-row divisor broadcast over columns."""
+    """divide is div_rn (IEEE, as torch divides), with a per-row divisor broadcast over columns.
+    The interpreter's '/' is IEEE too: on CPU this checks the broadcast and the special values;
+    only on a GPU (where '/' is div.full.f32) does it tell div_rn from '/'."""
     g = torch.Generator().manual_seed(0)
-    x, z = torch.randn(16, 32, generator=g), torch.rand(16, generator=g) * 1e-3 + 1e-39  # z subnormal to 1e-3
+    x, z = torch.randn(16, 32, generator=g) * 1e-10, torch.rand(16, generator=g) * 1e-3
+    z[:3] = torch.tensor([1e-39, 3e-42, 0.0])  # subnormal divisors and a zero one (inf / NaN)
     y = torch.empty(16, 32, device=TRITON_DEVICE)
     _divide_kernel[(1,)](x.to(TRITON_DEVICE), z.to(TRITON_DEVICE), y, 16, 32)
     assert torch.equal(y.cpu(), x / z[:, None])

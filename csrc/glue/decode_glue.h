@@ -65,7 +65,8 @@ constexpr const char* kCacheLayout =
     "; the caches are (B, T_max, H_kv, D) and the tokens (B, S, H, D), token-major as in flash_attn_with_kvcache, "
     "not SDPA's (B, H, S, D): transpose(1, 2) a head-major tensor";
 
-// Whether a and b share storage and their byte spans (first to last element) intersect.
+// Whether a and b share storage and their byte spans (first to last element) intersect: conservative
+// (two interleaved views of one buffer that share no element are refused too).
 inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
       a.storage().data() != b.storage().data())
@@ -111,10 +112,10 @@ inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   // span (a view of the cache, dense or not) would be read half overwritten.
   for (const auto* cache : {&k_cache, &v_cache})
     for (const auto* t : {&k, &v})
-      TORCH_CHECK_VALUE(!spans_overlap(*cache, *t), op, ": ", t == &k ? "k" : "v", " shares memory with ",
+      TORCH_CHECK_VALUE(!spans_overlap(*cache, *t), op, ": ", t == &k ? "k" : "v", " overlaps ",
                         cache == &k_cache ? "k" : "v",
-                        "_cache (a view of the cache?); the slots it is written to would be read half overwritten: "
-                        "pass a copy (.clone())");
+                        "_cache's memory (a view of the cache?): its tokens could be read after their slots are "
+                        "written; pass a copy (.clone())");
 }
 
 inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -101,13 +101,14 @@ def _check_caches_writable(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor
     for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         for name, t in (("k", k), ("v", v)):
             if _spans_overlap(cache, t):
-                raise ValueError(f"{op}: {name} shares memory with {cache_name} (a view of the cache?); the slots "
-                                 "it is written to would be read half overwritten: pass a copy (.clone())")
+                raise ValueError(f"{op}: {name} overlaps {cache_name}'s memory (a view of the cache?): its tokens "
+                                 "could be read after their slots are written; pass a copy (.clone())")
 
 
 def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b share storage and their byte spans (first to last element) intersect."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """True when a and b share storage and their byte spans (first to last element) intersect: a
+    conservative test (two interleaved views of one buffer that share no element are refused too)."""
+    if not _shares_storage(a, b):
         return False
     def span(t):
         last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
@@ -116,10 +117,14 @@ def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a_start < b_end and b_start < a_end
 
 
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when a and b are views of the same bytes or, both contiguous, of overlapping ranges
     (at::get_overlap_status's Full / Partial; interleaved non-contiguous views are not judged)."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if not _shares_storage(a, b):
         return False
     if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
         return True

@@ -135,7 +135,7 @@ def outer_sum_kernel(
     acc = tl.zeros((BA, BB), dtype=tl.float64)
     macc = tl.zeros((BA,), dtype=tl.float64)
     start = pid_c * CHUNK
-    end = tl.minimum(start + CHUNK, N)
+    end = start + tl.minimum(CHUNK, N - start)  # start + CHUNK could pass 2^31 (int32) in the last chunk
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         mask_r = rows < end

@@ -154,7 +154,7 @@ def _check_unet_images(images) -> None:
             images.shape[2] % RESOLUTION_MULTIPLE or images.shape[2] == 0 or images.shape[0] == 0:
         raise ValueError(f"DiffDISPipeline.prepare_unet_inputs: images must be (b, 3, R, R) with R a positive "
                          f"multiple of {RESOLUTION_MULTIPLE}, got shape {tuple(images.shape)}; {how}")
-    low, high = (float(v) for v in images.detach().aminmax())
+    low, high = torch.stack(images.detach().aminmax()).tolist()  # one device sync
     if not (low >= -1.001 and high <= 1.001):  # (NaN fails too)
         raise ValueError(f"DiffDISPipeline.prepare_unet_inputs: images must be in [-1, 1] (DiffDIS's rgb / 255 * 2 "
                          f"- 1), got values in [{low:.4g}, {high:.4g}]; {how}")
@@ -362,11 +362,12 @@ class DiffDISPipeline:
         training input add_noise(mask / edge latents, noise, 999) with the noise as target).
         No gradient: the VAE is frozen in DiffDIS, so the inputs of a batch can be reused.
         Raises TypeError / ValueError for anything else (make the batch with resize_input from
-        images in [0, 1], e.g. those of as_rgb_images).
+        images in [0, 1], e.g. those of as_rgb_images); it is moved to the pipeline's device and dtype.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
         _check_unet_images(images)
+        images = images.to(device=self.device, dtype=self.dtype)
         rgb_latent = self.encode(images)
         size = images.shape[-1]
         rgb_latents = [self.encode(_resize(images, (size >> k, size >> k))) for k in (1, 2, 3)]
