@@ -290,9 +290,9 @@ def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", b
     the sums phi(q) . S stay below fp32's 3.4e38 only while |phi(q)| |phi(k)| |v| Dk does, which
     bf16 inputs can exceed (e.g. q, k ~ 1e4, v ~ 1e30, Dk = 128: inf where the quotient by z is
     finite; the fp64 reference is not). With eps = 0, z = phi(q) . m can be subnormal (phi(q) ~
-    exp(-86)): the output divides by it (finite), but the backward's do / z overflows fp32 past
-    |do| / z > 3.4e38 (inf / NaN gradients where the fp64 reference has finite ones): keep eps > 0
-    for training. Differentiable; backend: see mmfast.set_backend. When
+    exp(-86)): the CPU output divides by it (finite; the CUDA fp16 / bf16 apply still multiplies
+    by its overflowing reciprocal: inf), and the backward's do / z overflows fp32 past
+    |do| / z > 3.4e38 (inf / NaN gradients where the fp64 reference has finite ones): keep eps > 0. Differentiable; backend: see mmfast.set_backend. When
     autograd records the call (grad mode on, an input requiring grad) it runs as
     linear_attention_state + linear_attention_apply, so the backward reuses the forward's (S, m) instead of recomputing them (one pass over k and v
     less; the fused op's backward recomputes them); otherwise as the fused op.
