@@ -302,5 +302,22 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     if target is not None:  # target_met None: not decided by this row (e.g. no such hardware)
         info["target"], info["target_met"] = target, None if target_met is None else bool(target_met)
     info.update(extra)
+    _set_smoke_verdicts_aside(benchmark, info)
     benchmark.extra_info.update(info)
     return info
+
+
+def grade_row(benchmark, target: str, target_met: bool) -> None:
+    """Sets a row's target and verdict after record_metrics (from a column it computed)."""
+    info = {"target": target, "target_met": bool(target_met)}
+    _set_smoke_verdicts_aside(benchmark, info)
+    benchmark.extra_info.update(info)
+
+
+def _set_smoke_verdicts_aside(benchmark, info: dict) -> None:
+    """A smoke run's (--benchmark-disable) few rounds grade nothing: its verdicts move to
+    smoke_<key> and the row's stay None (a smoke run once recorded a paired target as met)."""
+    if benchmark.disabled:
+        for key in [k for k in info if k == "target_met" or k.endswith("_target_met")]:
+            if info[key] is not None:
+                info["smoke_" + key], info[key] = info[key], None

@@ -46,12 +46,12 @@ def make_cache(batch, max_tokens, heads, kv_heads, dim):
 
 
 def sdpa_decode(q, k_cache, v_cache, lengths):
-    """The baseline: SDPA over the whole static cache with a per-row length mask."""
-    group = q.shape[2] // k_cache.shape[2]
-    keys = k_cache.transpose(1, 2).repeat_interleave(group, 1)
-    values = v_cache.transpose(1, 2).repeat_interleave(group, 1)
+    """The baseline: SDPA over the whole static cache with a per-row length mask, reading the
+    caches in place ((B, H_kv, T, D) views; GQA by enable_gqa): a repeat_interleave copied the
+    whole cache every call (3x the KV bytes for MHA), which inflated the ratios before 2026-12-06."""
     mask = torch.arange(k_cache.shape[1], device=q.device)[None, None, None, :] < lengths[:, None, None, None].long()
-    return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                          attn_mask=mask, enable_gqa=q.shape[2] != k_cache.shape[2]).transpose(1, 2)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0][0]}-B{c[1]}-T{c[2]}")

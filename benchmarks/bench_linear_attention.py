@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from mmfast import ops
 from mmfast.models.linfusion.official import official_linear_attention
 
-from _utils import GRAPH_TIMING, bench_device, eager_ms, graph_or_eager_ms, median_ms, record_metrics, run_timed
+from _utils import (GRAPH_TIMING, bench_device, eager_ms, graph_or_eager_ms, grade_row, median_ms, record_metrics,
+                    run_timed)
 from linear_attention_shapes import CPU_SHAPES, GPU_SHAPES
 
 DEVICE = bench_device()
@@ -120,14 +121,16 @@ def _record(benchmark, direction, name, b, n, h, d, times, **extra):
     if not ON_GPU and name == "cpu-target":
         target = f">= {CPU_TARGETS[direction]}x vs eager"
         target_met = times["eager"] / times["mmfast"] >= CPU_TARGETS[direction]
-    if "fla_design" in times:
-        extra["fla_design_target_met"] = times["fla_design"] / times["mmfast"] >= 1.5
+    if "fla_design" in times:  # a stand-in (mmfast's kernel with fla-org's design), not fla-org's code:
+        # its ratio is shown, and the 1.5x target stays ungraded until fla-org's code is timed
+        extra["fla_design_stand_in_ratio"] = round(times["fla_design"] / times["mmfast"], 3)
+        extra["fla_target_met"] = None
     info = record_metrics(benchmark, op=f"linear_attention.{direction}", shape=f"{name} B={b} N={n} H={h} D={d}",
                           device=DEVICE, dtype=DTYPE, times=times, floor_bytes=floor_bytes, flops=flops,
                           target=target, target_met=target_met, measured_bandwidth=True, **extra)
     if ON_GPU and n >= GPU_TARGET_MIN_N and "pct_of_floor" in info:
-        benchmark.extra_info["target"] = f">= {int(100 * GPU_TARGETS[direction])}% of the measured copy bandwidth"
-        benchmark.extra_info["target_met"] = info["pct_of_floor"] >= 100 * GPU_TARGETS[direction]
+        grade_row(benchmark, f">= {int(100 * GPU_TARGETS[direction])}% of the measured copy bandwidth",
+                  info["pct_of_floor"] >= 100 * GPU_TARGETS[direction])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])

@@ -61,6 +61,13 @@ def expanded_argmin(z, codebook):
     return d.argmin(dim=1)
 
 
+def expanded_argmin_in_dtype(z, codebook):
+    """The same with the GEMM in the inputs' dtype (bf16 / fp16 tensor cores on a GPU), norms in
+    fp32: what a user writes for half-precision inputs, and the stronger baseline there."""
+    d = z.float().pow(2).sum(1, keepdim=True) + codebook.float().pow(2).sum(1) - 2 * (z @ codebook.T).float()
+    return d.argmin(dim=1)
+
+
 FAISS_SCRIPT = textwrap.dedent(
     """
     import sys, time, numpy as np, faiss
@@ -139,6 +146,9 @@ def test_vq_quantize(benchmark, shape, tmp_path):
         baselines = {"expanded": expanded_argmin, "cdist": cdist_argmin,
                      # Not a formulation (no distance, no argmin): the plain GEMM z e^T alone, the floor of both.
                      "matmul_only": lambda z_, e_: z_.float() @ e_.float().T}
+        if DTYPE != torch.float32:  # the GEMM in the inputs' dtype too (a 2026-12-04 H200 run had fp32 ones only)
+            baselines.update({"expanded_in_dtype": expanded_argmin_in_dtype,
+                              "matmul_only_in_dtype": lambda z_, e_: z_ @ e_.T})
         for key, fn in baselines.items():
             times[key] = device_ms(key, lambda z_, e_, s_, fn=fn: fn(z_, e_)) if ON_GPU else \
                 median_ms(lambda fn=fn: fn(z, codebook), DEVICE, warmup=1, repeats=3)
@@ -148,7 +158,7 @@ def test_vq_quantize(benchmark, shape, tmp_path):
                 timings["vector_quantize_pytorch"] = "cuda events, eager calls"
     if ON_GPU:  # after the baselines: the row's first baseline is its primary one
         times["mmfast_eager"] = median_ms(run, DEVICE)
-    torch_ms = min((times[key] for key in ("expanded", "cdist") if key in times), default=None)
+    torch_ms = min((times[key] for key in ("expanded", "cdist", "expanded_in_dtype") if key in times), default=None)
     target, met = _targets(times, n, k, d, torch_ms, name)
     record_metrics(benchmark, op="vq_quantize", shape=f"{name} N={n} K={k} D={d}", device=DEVICE, dtype=DTYPE,
                    times=times, flops=2 * n * k * d, target=target, target_met=met,

@@ -55,6 +55,29 @@ def test_time_columns_keep_mmfast_modes_out_of_the_speedups():
     assert columns["timed"] == ["static_plan", "dense", "mmfast_eager"]
 
 
+class _Benchmark:
+    def __init__(self, disabled):
+        self.disabled, self.extra_info = disabled, {}
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_a_smoke_run_grades_no_target(disabled):
+    """Found by a benchmark audit: a --benchmark-disable run (one round) wrote target_met from a
+    paired ratio on a loaded host; its verdicts now go to smoke_<key> and the row's stay None."""
+    import torch
+
+    bench = _Benchmark(disabled)
+    utils.record_metrics(bench, op="x", shape="s", device=torch.device("cpu"), dtype=torch.float32,
+                         times={"mmfast": 1.0, "eager": 3.0}, target=">= 2x", target_met=True, other_target_met=False)
+    utils.grade_row(bench, ">= 60%", True)
+    info = bench.extra_info
+    if disabled:
+        assert info["target_met"] is None and info["other_target_met"] is None
+        assert info["smoke_target_met"] is True and info["smoke_other_target_met"] is False
+    else:
+        assert info["target_met"] is True and info["other_target_met"] is False and "smoke_target_met" not in info
+
+
 def _row(op, **extra):
     return {"op": op, "shape": "s", "dtype": "float32", "device": "cpu", "mmfast_ms": 1.0, **extra}
 
