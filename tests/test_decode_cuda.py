@@ -106,6 +106,29 @@ def test_cuda_smoke_every_op_dtype_and_odd_shape(dtype):
     for temperature, top_k, top_p in [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 0.9), (1.3, 0, 0.5), (1.0, 1, 0.0)]:
         _check_sample(logits, uniform, temperature, top_k, top_p)
     _check_sample(logits, uniform[:3], 1.0, 20, 0.95, cfg_scale=3.0)
+    # the cluster-split sampler (V / 2 >= 512 per block): memcheck sees it too
+    wide = torch.randn(4, 8192, device="cuda").mul(3).to(dtype)
+    _check_sample(wide, torch.rand(4, device="cuda"), 0.9, 0, 0.95)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, heads, kv_heads", [(torch.bfloat16, 4, 4), (torch.float16, 8, 2),
+                                                    (torch.bfloat16, 16, 2), (torch.float32, 4, 4)])
+@pytest.mark.parametrize("window", [0, 1])
+def test_cuda_attention_passes_a_nan_key_on_across_splits(dtype, heads, kv_heads, window):
+    """A NaN key makes every query that sees it NaN, as softmax does (found in the emulator: a
+    split whose sum was NaN wrote no partial, and the stream kernel's group merge skipped a group
+    that saw only the NaN key). Long rows: many splits; the stream kernel (16-bit, G <= 4) and the
+    tiled one (G = 8, fp32); window 1: the NaN key alone among the visible ones."""
+    q = torch.randn(2, 1, heads, 128, dtype=dtype, device="cuda")
+    k_cache, v_cache, seqlens = _caches(2, 8192, kv_heads, 128, dtype, [8192, 3000])
+    k_cache[0, 8191 if window else 5000, 0, 0] = float("nan")  # row 0, KV head 0: its group of query heads
+    out = decode_attention(q, k_cache, v_cache, seqlens, window=window, backend="native")
+    expected = reference.decode_attention_ref(q, k_cache, v_cache, seqlens, None, 0.0, window)
+    group = heads // kv_heads
+    assert out[0, :, :group].isnan().all() and torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert_close(out[finite], expected[finite], dtype, scale=2)
 
 
 @pytest.mark.cuda
