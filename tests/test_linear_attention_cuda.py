@@ -212,6 +212,35 @@ def test_cuda_state_of_16bit_inputs_keeps_fp32_accuracy(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim", [40, 64])
+def test_cuda_backward_of_queries_whose_normaliser_is_eps_alone(dtype, dim):
+    """relu keys that are 0 in half the dims, and a third of the queries living only there: z =
+    eps, phi(q) / z up to 2.4e5, past fp16's 65504 (the cp.async backward's A operand gave every
+    grad_v of the head NaN; operand_balance moves half of 1 / z's exponent to B). Each gradient
+    within the dtype's tolerance of its largest entry, as the emulator's run_tiny_normaliser
+    (measured there at most 4e-4 in fp16)."""
+    g = torch.Generator().manual_seed(7)
+    shape = (1, 150, 2, dim)
+    q, k, v, grad_out = (torch.rand(*shape, generator=g, dtype=torch.float64) * 3 - 1.5 for _ in range(4))
+    half = dim // 2
+    k[..., :half] = -3 * torch.rand(*shape[:3], half, generator=g, dtype=torch.float64)  # relu(k) = 0 there
+    lonely = torch.arange(150) % 3 == 0
+    q[:, lonely, :, :half] = 8 + 16 * torch.rand(1, int(lonely.sum()), 2, half, generator=g, dtype=torch.float64)
+    q[:, lonely, :, half:] = -3 * torch.rand(1, int(lonely.sum()), 2, dim - half, generator=g, dtype=torch.float64)
+    q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
+    leaves = [t.cuda().requires_grad_() for t in (q, k, v)]
+    out = linear_attention(*leaves, eps=1e-4, feature_map="relu", backend="native")
+    grads = torch.autograd.grad(out, leaves, grad_out.cuda())
+    expected = reference_grads(q, k, v, grad_out, eps=1e-4, feature_map="relu")
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for name, got, want in zip("qkv", grads, expected):
+        assert torch.isfinite(got).all(), f"grad_{name} is not finite"
+        error = (got.cpu().double() - want).abs().max() / want.abs().max()
+        assert error <= tol, f"grad_{name}: {error:.3g} of its largest entry"
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("scale", [1e-7, 1e6])
 def test_cuda_fp16_apply_takes_states_outside_the_fp16_range(scale):
     """The cp.async apply kernel scales the fp32 state columns and m by powers of two before
