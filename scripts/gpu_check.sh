@@ -61,7 +61,12 @@ FAMILIES=${GPU_CHECK_FAMILIES:-}
 files_of() {  # files_of DIR PREFIX: the test/bench files of the chosen families (all when none chosen)
   local dir=$1 prefix=$2
   if [ -z "$FAMILIES" ]; then (cd "$dir" && ls ${prefix}*.py | tr '\n' ' '); return; fi
-  for family in $FAMILIES; do ls "$dir/${prefix}${family}"*.py 2>/dev/null | xargs -r -n1 basename; done | tr '\n' ' '
+  {
+    for family in $FAMILIES; do ls "$dir/${prefix}${family}"*.py 2>/dev/null | xargs -r -n1 basename; done
+    # the Triton helpers every family shares (split_dot, divide, output rounding): its tests carry
+    # "triton" in their module name, so GPU_TEST_K="triton" selects them and "not triton" leaves them
+    [ "$prefix" = test_ ] && ls "$dir/test_triton_common.py" 2>/dev/null | xargs -r -n1 basename
+  } | tr '\n' ' '
 }
 
 if [[ $STEPS == *" build "* ]]; then
