@@ -22,10 +22,17 @@ GPU_PEAK_BANDWIDTH = {
     "H100 80GB HBM3": 3.35e12,
     "H100 SXM": 3.35e12,
     "H100 PCIe": 2.0e12,
-    "H200": 4.8e12,
+    "H100 NVL": 3.9e12,
+    "H200": 4.8e12,  # not a GH200 (is_h200): its HBM differs by model
     "A100-SXM4-80GB": 2.04e12,
     "A100-SXM4-40GB": 1.56e12,
 }
+
+
+def is_h200(device: torch.device) -> bool:
+    """An H200 (the issues' GPU targets), not a GH200 superchip, whose name holds "H200" too."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return "H200" in name and "GH200" not in name
 
 
 def bench_device() -> torch.device:
@@ -75,7 +82,7 @@ def peak_bandwidth(device: torch.device, measured: bool = False):
     if device.type == "cuda" and not measured:
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BANDWIDTH.items():
-            if key in name:
+            if key in name and not (key == "H200" and not is_h200(device)):
                 return value, "datasheet"
         return None, "unknown GPU"
     key = str(device)

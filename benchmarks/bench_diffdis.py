@@ -29,7 +29,7 @@ import torch
 
 from mmfast.memory import PeakMemory
 
-from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed, synchronize
+from _utils import bench_device, is_h200, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed, synchronize
 
 pytest.importorskip("diffusers")
 
@@ -55,7 +55,7 @@ FULL_PATH = {"mask_only_fp32": "full_fp32", "mask_only_bf16": "full_bf16"}  # ma
 # and 6-view TTA (mask + edge, as the official script) in at most 0.5 s.
 GPU_VIEW_TARGET_MS = {"full_bf16": 80, "mask_only_bf16": 50}
 GPU_TTA_TARGET_MS = 500
-ON_H200 = ON_GPU and "H200" in torch.cuda.get_device_name(DEVICE)  # other GPUs: times reported, targets not graded
+ON_H200 = ON_GPU and is_h200(DEVICE)  # other GPUs: times reported, targets not graded
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 # oneDNN's bf16 convolutions are fast with AVX512-BF16 or AMX only (not on every AVX-512 CPU)
 FAST_BF16 = ON_GPU or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

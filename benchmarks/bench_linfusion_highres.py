@@ -51,13 +51,13 @@ import torch
 import mmfast
 from mmfast.memory import PeakMemory
 
-from _utils import bench_device, median_ms, record_metrics, synchronize
+from _utils import bench_device, is_h200, median_ms, record_metrics, synchronize
 
 pytest.importorskip("diffusers")
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
-ON_H200 = ON_GPU and "H200" in torch.cuda.get_device_name(DEVICE)  # issue 12's UNet-step targets are the H200's
+ON_H200 = ON_GPU and is_h200(DEVICE)  # issue 12's UNet-step targets are the H200's
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BACKEND = "native" if mmfast._backend.native_available("linear_attention", DEVICE) else "reference"
 HIGHRES = os.environ.get("MMFAST_BENCH_HIGHRES") == "1"

@@ -29,7 +29,7 @@ import torch
 from mmfast.memory import huge_page_empty, huge_pages_enabled
 from mmfast.models.liquid import VQGAN, DecodeStep, LiquidLM, LiquidLMConfig, VQGANConfig, generate_images, generate_text
 
-from _utils import bench_device, peak_bandwidth, record_metrics, synchronize
+from _utils import bench_device, median_ms, peak_bandwidth, record_metrics, synchronize
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -200,27 +200,23 @@ def test_liquid_7b_step(benchmark):
         for _ in range(3):
             step(tokens)
         assert step.graph is not None, "DecodeStep fell back to eager: this would time no CUDA graph"
-        synchronize(DEVICE)
-        repeats = 50
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step(tokens)
-        synchronize(DEVICE)
-    step_time = 1e3 * (time.perf_counter() - start) / repeats
+        step_time = median_ms(lambda: step(tokens), DEVICE, warmup=2, repeats=50)  # a median, not a mean
     benchmark.pedantic(lambda: step(tokens), rounds=3, iterations=1)
     config = lm.config
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * batch * (context + 32)
     floor_bytes = weight_bytes(lm, rows.stop - rows.start) + kv_bytes
-    # The floor: the bytes over the measured copy bandwidth (the datasheet's is reported too).
-    bandwidth, source = peak_bandwidth(DEVICE, measured=True)
+    # The floor is the datasheet's (4.8 TB/s on an H200: its "about 4.1 ms" at 1.25x); the
+    # measured copy bandwidth's, a looser one (about 4.1 TB/s), is reported beside it. No
+    # datasheet figure for this GPU: the measured floor grades, and the row says so.
+    measured, measured_source = peak_bandwidth(DEVICE, measured=True)
+    sheet, sheet_source = peak_bandwidth(DEVICE)
+    bandwidth, source = (sheet, sheet_source) if sheet else (measured, measured_source)
     floor_ms = 1e3 * floor_bytes / bandwidth
-    sheet, _ = peak_bandwidth(DEVICE)
-    datasheet = {} if sheet is None else {"datasheet_floor_ms": round(1e3 * floor_bytes / sheet, 2)}
     record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"liquid-7b B={batch} context={context}",
                    device=DEVICE, dtype=torch.bfloat16, times={"mmfast": step_time}, floor_bytes=floor_bytes,
-                   items=(batch, "tokens"), target=f"<= {GPU_FLOOR_TARGET}x the floor ({floor_ms:.2f} ms)",
+                   items=(batch, "tokens"), target=f"<= {GPU_FLOOR_TARGET}x the floor ({floor_ms:.2f} ms, {source})",
                    target_met=step_time <= GPU_FLOOR_TARGET * floor_ms, floor_ms=round(floor_ms, 2),
-                   floor_bandwidth=source, **datasheet)
+                   floor_bandwidth=source, measured_copy_floor_ms=round(1e3 * floor_bytes / measured, 2))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="Liquid-7B's shape needs a GPU (16 GB of bf16 weights)")

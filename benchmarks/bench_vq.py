@@ -21,7 +21,8 @@ import torch
 
 from mmfast.ops import vq_codebook_sqnorm, vq_quantize
 
-from _utils import bench_device, graph_or_eager_ms, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
+from _utils import (bench_device, graph_or_eager_ms, is_h200, median_ms, paired_ratio, paired_rounds, record_metrics,
+                    run_timed)
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -38,7 +39,7 @@ else:
     SHAPES = [("chameleon", 4096, 8192, 256), ("llamagen", 16384, 16384, 8), ("one-image", 1024, 8192, 256),
               ("huge-codebook", 1024, 262144, 8)]
     DTYPE = torch.float32
-ON_H200 = ON_GPU and "H200" in torch.cuda.get_device_name(DEVICE)  # other GPUs: times reported, targets not graded
+ON_H200 = ON_GPU and is_h200(DEVICE)  # other GPUs: times reported, targets not graded
 CPU_FAISS_TARGETS = {256: 1.2, 8: 1.0}  # speedup over faiss IndexFlatL2 at D (Chameleon's and LlamaGen's shapes)
 PAIRED_ROUNDS = 5  # rounds of the paired faiss comparison (the row gives their median ratio)
 # over the fastest plain-PyTorch formulation: issue 8's CPU and H200 targets
