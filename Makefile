@@ -120,9 +120,13 @@ gpu-lease:
 	bash scripts/gpu_lease.sh $(GPU_LEASE_SECONDS)
 
 # Wheels the GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
-# git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present.
-GPU_WHEELS ?= diffusers importlib_metadata hypothesis sortedcontainers
+# git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present. Only the
+# model families' tests need them (the op families do not). diffusers pinned to the version the
+# tests run here (a newer one may need a newer huggingface_hub than the GPU image's); the image
+# has hypothesis and sortedcontainers already. A fresh folder: two versions of a wheel fail pip.
+GPU_WHEELS ?= diffusers==0.42.1 importlib_metadata
 gpu-wheels:
+	rm -rf .whl
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl $(GPU_WHEELS)
