@@ -123,13 +123,15 @@ gpu-lease:
 # git) for the device tool's `carry`; gpu_check.sh installs them when .whl/ is present. Only the
 # model families' tests need them (the op families do not). diffusers pinned to the version the
 # tests run here (a newer one may need a newer huggingface_hub than the GPU image's); the image
-# has hypothesis and sortedcontainers already. A fresh folder: two versions of a wheel fail pip.
+# has hypothesis and sortedcontainers already. A fresh folder (two versions of a wheel fail pip),
+# replacing the old one only once the download succeeded.
 GPU_WHEELS ?= diffusers==0.42.1 importlib_metadata
 gpu-wheels:
-	rm -rf .whl
+	rm -rf .whl.new
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d .whl $(GPU_WHEELS)
+	  -d .whl.new $(GPU_WHEELS)
+	rm -rf .whl && mv .whl.new .whl  # swapped in only after the whole download succeeded
 
 clean:
 	rm -rf build python/mmfast/_C*.so python/mmfast/_build_info.py *.egg-info python/*.egg-info

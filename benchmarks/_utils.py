@@ -96,7 +96,8 @@ def peak_bandwidth(device: torch.device, measured: bool = False):
     source = "measured copy"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        sheet = next((value for key_, value in GPU_PEAK_BANDWIDTH.items() if key_ in name), None)
+        sheet = next((value for key_, value in GPU_PEAK_BANDWIDTH.items()
+                      if key_ in name and not (key_ == "H200" and not is_h200(device))), None)
         if sheet:
             source += f" ({sheet / 1e12:.2f} TB/s datasheet)"
     return _measured_bandwidth[key], source

@@ -1,5 +1,6 @@
 """Decode ops: decode_attention vs PyTorch SDPA over the same static cache (the path a
-gpt-fast-style loop takes: a length mask over T_max, GQA by repeat_interleave), the fused
+gpt-fast-style loop takes: a length mask over T_max, the caches read in place, a GQA group's
+query heads folded into the query length), the fused
 sampler vs the sort-based sampler Liquid and LlamaGen use, kv_cache_append vs an indexed
 write, decode_linear vs F.linear (the BLAS torch ships) on a stack of weights larger than the
 caches. All baselines are measured in the same run.
@@ -47,11 +48,18 @@ def make_cache(batch, max_tokens, heads, kv_heads, dim):
 
 def sdpa_decode(q, k_cache, v_cache, lengths):
     """The baseline: SDPA over the whole static cache with a per-row length mask, reading the
-    caches in place ((B, H_kv, T, D) views; GQA by enable_gqa): a repeat_interleave copied the
-    whole cache every call (3x the KV bytes for MHA), which inflated the ratios before 2026-12-06."""
+    caches in place ((B, H_kv, T, D) views). A GQA group's G query heads are folded into the
+    query length (B, H_kv, G x Sq, D), so the masked fused kernels apply (enable_gqa with a mask
+    falls back to the math path on the torch of the GPU image). Before 2026-12-06 a
+    repeat_interleave copied the whole cache every call, which inflated the ratios."""
+    batch, queries, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
     mask = torch.arange(k_cache.shape[1], device=q.device)[None, None, None, :] < lengths[:, None, None, None].long()
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                          attn_mask=mask, enable_gqa=q.shape[2] != k_cache.shape[2]).transpose(1, 2)
+    folded = q.view(batch, queries, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(
+        batch, kv_heads, group * queries, dim)
+    out = F.scaled_dot_product_attention(folded, k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=mask)
+    return out.view(batch, kv_heads, group, queries, dim).permute(0, 3, 1, 2, 4).reshape(batch, queries, heads, dim)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0][0]}-B{c[1]}-T{c[2]}")

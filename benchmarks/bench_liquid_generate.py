@@ -29,7 +29,7 @@ import torch
 from mmfast.memory import huge_page_empty, huge_pages_enabled
 from mmfast.models.liquid import VQGAN, DecodeStep, LiquidLM, LiquidLMConfig, VQGANConfig, generate_images, generate_text
 
-from _utils import bench_device, median_ms, peak_bandwidth, record_metrics, synchronize
+from _utils import bench_device, is_h200, median_ms, peak_bandwidth, record_metrics, synchronize
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -218,7 +218,8 @@ def test_liquid_7b_step(benchmark):
     record_metrics(benchmark, op="liquid_lm.decode_step", shape=f"liquid-7b B={batch} context={context}",
                    device=DEVICE, dtype=torch.bfloat16, times={"mmfast": step_time}, floor_bytes=floor_bytes,
                    items=(batch, "tokens"), target=f"<= {GPU_FLOOR_TARGET}x the floor ({floor_ms:.2f} ms, {source})",
-                   target_met=step_time <= GPU_FLOOR_TARGET * floor_ms, floor_ms=round(floor_ms, 2),
+                   target_met=step_time <= GPU_FLOOR_TARGET * floor_ms if is_h200(DEVICE) else None,  # the H200's target
+                   floor_ms=round(floor_ms, 2),
                    floor_bandwidth=source, measured_copy_floor_ms=round(1e3 * floor_bytes / measured, 2))
 
 

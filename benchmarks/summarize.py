@@ -85,7 +85,7 @@ def _key_ratios(info):
 
 def _other_targets(info):
     return ", ".join(f"{key[:-len('_target_met')].replace('_', ' ')}: {_fmt(value)}" for key, value in info.items()
-                     if key.endswith("_target_met"))
+                     if key.endswith("_target_met") and not key.startswith("smoke_"))  # a smoke run grades nothing
 
 
 def columns_for(infos):

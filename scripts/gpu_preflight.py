@@ -20,7 +20,7 @@ MODULES = {
     "triton": "the Triton backend",
     "diffusers": "LinFusion tests and benchmarks (make gpu-wheels)",
     "transformers": "tiny pipelines in the LinFusion tests",
-    "hypothesis": "the fuzz tests (make gpu-wheels; skipped without it)",
+    "hypothesis": "the fuzz tests (on the GPU image; skipped without it)",
     "matplotlib": "benchmark plot (optional)",
 }
 OPTIONAL = {"matplotlib", "hypothesis"}

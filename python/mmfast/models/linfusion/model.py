@@ -57,8 +57,8 @@ class ModuleSpec:
 def _positive_int(index: int, entry: dict, key: str) -> int:
     """entry[key] as an int >= 1 (JSON may spell 320 as 320.0); ValueError naming the entry otherwise."""
     value = entry[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            value != int(value) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            isinstance(value, float) and not math.isfinite(value) or value != int(value) or value < 1:
         raise ValueError(f"LinFusion: modules_list[{index}].{key} must be an integer >= 1, got {value!r}: {entry}")
     return int(value)
 
