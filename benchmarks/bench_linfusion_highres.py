@@ -299,7 +299,8 @@ def h200_worker(height, width, steps, budget_bytes, predict):
     out = run(height, width, DEFAULT_STRENGTHS, steps, options)
     synchronize(DEVICE)
     seconds = time.perf_counter() - start
-    process_peak = torch.cuda.max_memory_allocated(DEVICE)
+    # reserved, not allocated: the caching allocator's whole hold is what the GPU must have
+    process_peak = max(torch.cuda.max_memory_allocated(DEVICE), torch.cuda.max_memory_reserved(DEVICE))
     start = time.perf_counter()
     predicted = None
     if predict:  # the options each stage ran with, predicted again (the planner's traces are not kept)
@@ -432,7 +433,9 @@ def test_h200_16k_target(benchmark):
     benchmark.group = "linfusion-highres-16k"
     result = _benchmarked(benchmark, "h200", params, fresh_process=True)
     peak = max(result["process_peak_bytes"], result["max_stage_peak_bytes"])
-    seconds_met, memory_met = result["seconds"] <= TARGET_SECONDS, peak < TARGET_BUDGET
+    # the user's wait includes the plan (memory budget given): graded on plan + run; the H200's targets
+    seconds_met = result["seconds"] + result["plan_seconds"] <= TARGET_SECONDS if ON_H200 else None
+    memory_met = peak < TARGET_BUDGET if ON_H200 else None
     record_metrics(benchmark, op="linfusion.highres.cascade[sd15 16K]", device=DEVICE, dtype=torch.bfloat16,
                    shape=f"SD-1.5 {TARGET_WIDTH // 16}x{TARGET_HEIGHT // 16} -> {TARGET_WIDTH}x{TARGET_HEIGHT}, "
                          f"strengths 0.4/0.3/0.2/0.1 of {TARGET_STEPS} steps, planned for 72 GB",
@@ -442,10 +445,12 @@ def test_h200_16k_target(benchmark):
                    outside_stages_seconds=round(result["seconds"] - result["stage_seconds"], 2),
                    max_peak_gib=round(peak / 2**30, 2), max_peak_gb=round(peak / 1e9, 2),
                    max_stage_peak_gib=round(result["max_stage_peak_bytes"] / 2**30, 2), stages=result["stages"],
+                   seconds_with_plan=round(result["seconds"] + result["plan_seconds"], 2),
                    seconds_target_met=seconds_met, memory_target_met=memory_met,
                    stage_seconds_within_target=result["stage_seconds"] <= TARGET_SECONDS,
                    predict_seconds=result["predict_seconds"],
-                   target="16384x8192 in <= 60 s and < 80 GB peak", target_met=seconds_met and memory_met)
+                   target="16384x8192 in <= 60 s (planning included) and < 80 GB peak (reserved)",
+                   target_met=None if seconds_met is None else seconds_met and memory_met)
 
 
 if __name__ == "__main__":  # a worker in a fresh process: python bench_linfusion_highres.py KIND JSON
