@@ -203,6 +203,18 @@ def test_out_of_range_lengths_are_named_alike_by_every_backend(backend):
 
 
 @pytest.mark.parametrize("backend", ["native", "triton", "reference"])
+def test_append_of_nothing_still_checks_the_lengths(backend):
+    """Found by a CPU audit: with no tokens to write (S = 0) the native op returned before its
+    length check, where the reference raises; every backend raises now."""
+    if backend == "triton" and not (HAS_TRITON and TRITON_DEVICE == "cpu"):
+        pytest.skip("these are CPU tensors: Triton runs them under TRITON_INTERPRET=1 only")
+    k_cache, v_cache, none = torch.zeros(2, 10, 2, 4), torch.zeros(2, 10, 2, 4), torch.zeros(2, 0, 2, 4)
+    with pytest.raises(ValueError, match=re.escape("cache_seqlens[1] = 11 is out of range: 0 new tokens need slots")):
+        kv_cache_append(k_cache, v_cache, none, none, torch.tensor([0, 11], dtype=torch.int32), backend=backend)
+    kv_cache_append(k_cache, v_cache, none, none, torch.tensor([0, 10], dtype=torch.int32), backend=backend)  # fits
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 def test_append_refuses_caches_whose_slots_share_memory(backend):
     """Found by a new-user trial: an expand()ed cache took the append and lost a row's tokens;
     torch's own in-place ops refuse such a tensor."""

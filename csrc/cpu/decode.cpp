@@ -12,9 +12,7 @@ namespace cpu {
 struct DecodeCpuBackend {
   static void append(const KVCacheAppendParams& p) {
     const int64_t bad = decode_kernels().append(p);
-    TORCH_CHECK_VALUE(bad < 0, "kv_cache_append: cache_seqlens[", bad, "] = ", bad < 0 ? 0 : p.cache_seqlens[bad],
-                      " is out of range: ", p.new_tokens, " new tokens need slots [len, len + ", p.new_tokens,
-                      ") inside a cache of T_max = ", p.max_tokens);
+    if (bad >= 0) glue::raise_append_out_of_range(bad, p.cache_seqlens[bad], p.new_tokens, p.max_tokens);
   }
 
   static size_t attention_workspace_bytes(const DecodeAttentionParams&) { return 0; }

@@ -81,6 +81,13 @@ inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
   return sa.first < sb.second && sb.first < sa.second;
 }
 
+// ValueError for row `row` (>= 0) whose slots [len, len + S) leave the cache: the CPU kernel's
+// check, and the glue's when there is nothing to write (S = 0 or an empty head).
+inline void raise_append_out_of_range(int64_t row, int64_t length, int64_t new_tokens, int64_t max_tokens) {
+  TORCH_CHECK_VALUE(false, "kv_cache_append: cache_seqlens[", row, "] = ", length, " is out of range: ", new_tokens,
+                    " new tokens need slots [len, len + ", new_tokens, ") inside a cache of T_max = ", max_tokens);
+}
+
 inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& seqlens) {
   const char* op = "kv_cache_append";
@@ -204,7 +211,16 @@ template <class Backend>
 void kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_in, const at::Tensor& v_in,
                      const at::Tensor& seqlens_in) {
   check_append(k_cache, v_cache, k_in, v_in, seqlens_in);
-  if (k_in.numel() == 0) return;
+  if (k_in.numel() == 0) {  // nothing to write; on the CPU the lengths are checked all the same, as the kernel does
+    if (seqlens_in.is_cpu()) {
+      const at::Tensor lengths = seqlens_in.contiguous();
+      const int32_t* len = lengths.data_ptr<int32_t>();
+      for (int64_t b = 0; b < lengths.numel(); ++b)
+        if (len[b] < 0 || len[b] + k_in.size(1) > k_cache.size(1))
+          raise_append_out_of_range(b, len[b], k_in.size(1), k_cache.size(1));
+    }
+    return;
+  }
   const c10::DeviceGuard guard(k_cache.device());
   const at::Tensor k = unit_stride_last(k_in), v = unit_stride_last(v_in), seqlens = seqlens_in.contiguous();
   KVCacheAppendParams p;
