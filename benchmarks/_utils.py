@@ -80,11 +80,8 @@ def peak_bandwidth(device: torch.device, measured: bool = False):
     (and always on the CPU) the measured copy bandwidth of the device (read + write of a buffer
     well past the caches: 1 GiB on a GPU, 256 MB on the CPU), measured once per process."""
     if device.type == "cuda" and not measured:
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BANDWIDTH.items():
-            if key in name and not (key == "H200" and not is_h200(device)):
-                return value, "datasheet"
-        return None, "unknown GPU"
+        sheet = _datasheet_bandwidth(device)
+        return (sheet, "datasheet") if sheet else (None, "unknown GPU")
     key = str(device)
     if key not in _measured_bandwidth:
         numel = (2**30 if device.type == "cuda" else 256 * 2**20) // 4
@@ -95,12 +92,17 @@ def peak_bandwidth(device: torch.device, measured: bool = False):
         del src, dst
     source = "measured copy"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        sheet = next((value for key_, value in GPU_PEAK_BANDWIDTH.items()
-                      if key_ in name and not (key_ == "H200" and not is_h200(device))), None)
+        sheet = _datasheet_bandwidth(device)
         if sheet:
             source += f" ({sheet / 1e12:.2f} TB/s datasheet)"
     return _measured_bandwidth[key], source
+
+
+def _datasheet_bandwidth(device: torch.device):
+    """GPU_PEAK_BANDWIDTH's figure for this GPU (a GH200 is not an H200), or None."""
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in GPU_PEAK_BANDWIDTH.items()
+                 if key in name and (key != "H200" or is_h200(device))), None)
 
 
 class GraphCaptureError(RuntimeError):

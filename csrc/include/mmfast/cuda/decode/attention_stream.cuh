@@ -143,10 +143,12 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_stream_kernel(At
     for (int e = tid; e < nr * D; e += kThreads) {
       const int r = e / D, d = e - r * D;
       float mx = neg_inf;
-      for (int g = 0; g < kGroups; ++g) mx = m_s[g * RM + r] > mx ? m_s[g * RM + r] : mx;
-      float num = 0.0f, den = 0.0f;
       bool nan_seen = false;  // a NaN score makes its group's l NaN (its m may stay -inf): the row is NaN
-      for (int g = 0; g < kGroups; ++g) nan_seen |= l_s[g * RM + r] != l_s[g * RM + r];
+      for (int g = 0; g < kGroups; ++g) {
+        mx = m_s[g * RM + r] > mx ? m_s[g * RM + r] : mx;
+        nan_seen |= l_s[g * RM + r] != l_s[g * RM + r];
+      }
+      float num = 0.0f, den = 0.0f;
       if (mx != neg_inf) {
         for (int g = 0; g < kGroups; ++g) {
           const float mg = m_s[g * RM + r];
