@@ -23,9 +23,10 @@
 #                       call and "bench" in the next on the same warm machine (the build stays)
 #   GPU_CHECK_FAMILIES  op families whose tests/benchmarks run (tests/test_<family>*.py,
 #                       benchmarks/bench_<family>*.py), default all: "linear_attention linfusion"
-#   GPU_CHECK_QUICK=1   a 15-minute lease: build for sm_90a only, the linear-attention and VQ
-#                       tests and benchmarks (under 6 minutes on 16 cores; VQ's share unmeasured),
-#                       memcheck only (racecheck did not finish in 75 s on the H200)
+#   GPU_CHECK_QUICK=1   build for sm_90a only, memcheck only (racecheck did not finish in 75 s on
+#                       the H200), and by default the families whose sm_90a kernels never ran on a
+#                       GPU: "vq pruned decode" (docs/gpu-validation.md, item 1). A 15-minute lease
+#                       runs scripts/gpu_lease.sh instead: its phases share one deadline
 #   GPU_TEST_ARGS, GPU_BENCH_ARGS   extra pytest arguments (split on spaces)
 #   GPU_CHECK_AB=0      skip the benchmarks' A/B reruns (MMFAST_CUDA_ASYNC_COPY=0, ..._WGMMA=0,
 #                       ..._CONV_SPLITS=1, ..._DECODE_STREAM=0, ..._SAMPLE_CLUSTERS=0)
@@ -36,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  : "${GPU_CHECK_FAMILIES:=linear_attention vq}" "${TORCH_CUDA_ARCH_LIST:=9.0a}" "${GPU_SANITIZER_TOOLS:=memcheck}"
+  : "${GPU_CHECK_FAMILIES:=vq pruned decode}" "${TORCH_CUDA_ARCH_LIST:=9.0a}" "${GPU_SANITIZER_TOOLS:=memcheck}"
   export TORCH_CUDA_ARCH_LIST GPU_CHECK_FAMILIES GPU_SANITIZER_TOOLS  # the preflight reads the families too
 fi
 STEPS=" ${GPU_CHECK_STEPS:-build tests sanitize bench} "
@@ -83,7 +84,8 @@ $PY -m mmfast | tee "$REPORT_DIR/info.txt"
 
 tests_rc=0
 if [[ $STEPS == *" tests "* ]]; then
-  (cd tests && MMFAST_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$REPORT_DIR/tests.xml" \
+  # -v: a line per test as it ends, so a run cut off by the lease's deadline still says which passed
+  (cd tests && MMFAST_TRITON_AUTOTUNE=0 $PY -m pytest -v -rs -p no:cacheprovider --junitxml="$REPORT_DIR/tests.xml" \
      ${GPU_TEST_K:+-k "$GPU_TEST_K"} $(files_of . test_) ${GPU_TEST_ARGS:-}) >"$REPORT_DIR/tests.txt" 2>&1
   tests_rc=$?
   tail -n 40 "$REPORT_DIR/tests.txt"
@@ -186,21 +188,34 @@ if [[ $STEPS == *" bench "* ]]; then
 fi
 
 COMMIT=${MMFAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-$PY - "$REPORT_DIR" "$COMMIT" "$tests_rc" "$sanitizer_rc" "$bench_rc" "$STEPS" "$FAMILIES" <<'PYEOF'
-import datetime, json, sys, torch
-report_dir, commit, tests_rc, sanitizer_rc, bench_rc, steps, families = sys.argv[1:8]
+$PY - "$REPORT_DIR" "$COMMIT" "$tests_rc" "$sanitizer_rc" "$bench_rc" "$STEPS" "$FAMILIES" "${GPU_TEST_K:-}" <<'PYEOF'
+# report.json gathers every call's steps (gpu_lease.sh runs one step per call): a step's
+# outcome is replaced only by a later run of that step (tests: with the same -k) on the same commit
+import datetime, json, os, sys, torch
+report_dir, commit, tests_rc, sanitizer_rc, bench_rc, steps, families, test_k = sys.argv[1:9]
+path = f"{report_dir}/report.json"
 def last_line(name):
     try:
         return open(f"{report_dir}/{name}").read().strip().splitlines()[-1:]
     except (OSError, IndexError):
         return [f"{name}: not run in this call"]
-json.dump({
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": commit, "steps": steps.split(), "families": families.split() or "all",
-    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-    "tests_rc": int(tests_rc), "tests_summary": last_line("tests.txt"),
-    "sanitizer_rc": int(sanitizer_rc), "bench_rc": int(bench_rc),
-}, open(f"{report_dir}/report.json", "w"), indent=2)
+try:
+    report = json.load(open(path)) if os.path.exists(path) else {}
+except ValueError:
+    report = {}
+if report.get("commit") != commit:
+    report = {}
+outcomes = {"build": {}, "tests": {"tests_rc": int(tests_rc), "tests_summary": last_line("tests.txt"),
+                                   "families": families.split() or "all"},
+            "sanitize": {"sanitizer_rc": int(sanitizer_rc)}, "bench": {"bench_rc": int(bench_rc)}}
+report.setdefault("steps", {})
+for step in steps.split():
+    key = f"tests -k {test_k}" if step == "tests" and test_k else step
+    report["steps"][key] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             **outcomes.get(step, {})}
+report.update({"commit": commit, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "cuda": torch.version.cuda})
+json.dump(report, open(path, "w"), indent=2)
 PYEOF
 echo "gpu-check: tests rc=$tests_rc, sanitizer rc=$sanitizer_rc, benchmarks rc=$bench_rc; report in $REPORT_DIR"
 [ $tests_rc -eq 0 ] && [ $sanitizer_rc -eq 0 ] && [ $bench_rc -eq 0 ]
