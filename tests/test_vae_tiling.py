@@ -4,6 +4,8 @@ attributes survive, bad inputs and unknown structures are refused."""
 from __future__ import annotations
 
 import copy
+import io
+import re
 
 import pytest
 import numpy as np
@@ -98,6 +100,11 @@ def test_exact_bands_shrink_under_the_element_limit_and_stay_exact(vae3, monkeyp
     torch.testing.assert_close(decode_latents(vae3, latents, mode="exact", tile_size=100), decoded, **EXACT)
     torch.testing.assert_close(encode_images(vae3, x, mode="exact", tile_size=100, sample=False), encoded, **EXACT)
     assert max(seen) <= 3000 and len(seen) > 500
+    sink = io.StringIO()  # the bar names the bands the cap made, not the nominal single band
+    decode_latents(vae3, latents, mode="exact", tile_size=100, progress={"file": sink})
+    shown = sink.getvalue()
+    assert "VAE decode (1 band)" in shown and re.search(r"VAE decode \(up to (\d+) bands\)", shown)
+    assert int(re.search(r"up to (\d+) bands", shown.split("\r")[-1]).group(1)) >= 9
 
 
 def test_exact_attention_runs_one_sample_at_a_time_past_the_limit(vae3, monkeypatch):

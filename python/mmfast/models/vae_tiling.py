@@ -284,7 +284,7 @@ def _diffusers_tiling(vae, enabled, sample_tile=None, latent_tile=None, overlap=
 _INDEX_LIMIT = 2**31 - 1  # elements of one tensor that every torch kernel indexes safely
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Bands:
     """Where bands are computed (device), where full activations live (store), band height."""
 
@@ -292,6 +292,7 @@ class _Bands:
     store: torch.device
     tile: int  # rows per band at the input height ref_height; scaled with the resolution
     ref_height: int
+    most: int = 0  # the most bands one call of ranges() has made (the progress bar shows it)
 
     def ranges(self, height: int, row_elements: int = 0, halo: int = 0, stride: int = 1) -> list:
         """[lo, hi) bands of `height` rows. row_elements: the largest tensor's elements per band
@@ -301,7 +302,9 @@ class _Bands:
         rows = max(1, self.tile * height // self.ref_height)
         if row_elements:
             rows = min(rows, max(1, (_INDEX_LIMIT // row_elements - halo) // stride))
-        return [(a, min(a + rows, height)) for a in range(0, height, rows)]
+        bands = [(a, min(a + rows, height)) for a in range(0, height, rows)]
+        self.most = max(self.most, len(bands))
+        return bands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +332,8 @@ def _bar(progress, label: str):
 
 def _exact(vae, steps, x, tile, ref_height, offload_device, bar):
     """The VAE's layers (steps) in turn, each over bands of rows; bar: tqdm settings (its desc
-    gains the band count), or None for no bar."""
+    gains the band count: the nominal one, then the most any layer took where bands shrank
+    under the 2^31-element cap), or None for no bar."""
     device = x.device
     wrong = {str(p.device) for p in vae.parameters() if p.device != device}
     if wrong:  # bands run as plain functional ops: diffusers/accelerate offload hooks would not fire
@@ -340,9 +344,13 @@ def _exact(vae, steps, x, tile, ref_height, offload_device, bar):
     with torch.no_grad():
         x = x.to(store)
         bar = {"unit": "layer", **(bar or {}), "disable": bar is None}
-        bar["desc"] = f"{bar.get('desc', '')} ({len(bands.ranges(ref_height))} bands)"
-        for step in tqdm(steps, **bar):
-            x = step(x, bands)
+        label, nominal = bar.get("desc", ""), len(bands.ranges(ref_height))
+        bar["desc"] = f"{label} ({nominal} band{'s' * (nominal != 1)})"
+        with tqdm(steps, **bar) as layers:
+            for step in layers:
+                x = step(x, bands)
+                if bands.most > nominal:  # the 2^31 cap shrank some layer's bands
+                    layers.set_description(f"{label} (up to {bands.most} bands)", refresh=False)
     return x.to(device)
 
 
