@@ -39,14 +39,16 @@ def _family(test_id):
 
 
 def load(path):
-    """(rows, benchmarks without a row, machine info, commit info, datetime) of a pytest-benchmark
-    JSON file, or of a MMFAST_BENCH_ROWS file (.jsonl: one row a line, written as each benchmark
-    ended; a rerun appends, so the last row of each test is kept; no machine or commit info)."""
+    """(rows, benchmarks without a row, skipped benchmarks, machine info, commit info, datetime) of
+    a pytest-benchmark JSON file, or of a MMFAST_BENCH_ROWS file (.jsonl: one row a line, written as
+    each benchmark ended; a rerun appends, so the last row of each test is kept; no machine or
+    commit info). Skipped: {"test", "skipped": reason} entries (conftest.py), whose targets went
+    ungraded in that run."""
     if not os.path.exists(path):
         sys.exit(f"summarize: {path} does not exist (did the benchmarks run with --benchmark-json={path}? "
                  "--benchmark-disable writes none: set MMFAST_BENCH_ROWS=rows.jsonl for smoke runs)")
     if str(path).endswith(".jsonl"):
-        latest = OrderedDict()
+        latest, skipped = OrderedDict(), OrderedDict()
         with open(path) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -56,10 +58,13 @@ def load(path):
                 except ValueError:  # the last line of a run killed mid-write
                     print(f"summarize: {path}:{number} is not a whole JSON row; skipped", file=sys.stderr)
                     continue
+                if "skipped" in row:
+                    skipped[row.get("test")] = row
+                    continue
                 latest.pop(row.get("test"), None)
                 latest[row.get("test")] = row
         rows = [dict(row, _family=_family(row.get("test", ""))) for row in latest.values() if "op" in row]
-        return rows, [], {}, {}, ""
+        return rows, [], [row for test, row in skipped.items() if test not in latest], {}, {}, ""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -74,7 +79,8 @@ def load(path):
             rows.append(dict(info, _family=_family(bench.get("fullname", ""))))
         else:
             missing.append(bench.get("fullname", bench.get("name", "?")))
-    return rows, missing, data.get("machine_info", {}), data.get("commit_info", {}), data.get("datetime", "")
+    return (rows, missing, data.get("skipped", []), data.get("machine_info", {}), data.get("commit_info", {}),
+            data.get("datetime", ""))
 
 
 def _key_ratios(info):
@@ -201,11 +207,12 @@ def main():
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
     args = parser.parse_args()
-    infos, missing, machine, commit, when = [], [], {}, {}, ""
+    infos, missing, skipped, machine, commit, when = [], [], [], {}, {}, ""
     for path in args.json:
-        rows, lost, machine_, commit_, when_ = load(path)
+        rows, lost, not_run, machine_, commit_, when_ = load(path)
         infos += rows
         missing += lost
+        skipped += not_run
         machine, commit, when = machine or machine_, commit or commit_, when or when_
     text, markdown = [header(machine, commit, when, infos)], [header(machine, commit, when, infos)]
     for family, rows in by_family(infos).items():
@@ -218,8 +225,10 @@ def main():
         notes.append("Rows marked ! ended while the host's 1-minute load exceeded its cores: their times are suspect.")
     if missing:
         notes.append(f"{len(missing)} benchmarks wrote no summary row: " + ", ".join(missing))
-    text += [""] + notes
-    markdown += [""] + notes
+    if skipped:
+        notes.append(f"{len(skipped)} benchmarks (or files) did not run here, their targets not graded:")
+    text += [""] + notes + [f"  {entry['test']}: {entry['skipped']}" for entry in skipped]
+    markdown += [""] + notes + [f"- `{entry['test']}`: {entry['skipped']}" for entry in skipped]
     print("\n".join(text))
     if args.markdown:
         with open(args.markdown, "w") as f:

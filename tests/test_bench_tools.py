@@ -144,3 +144,36 @@ def test_summary_of_a_missing_or_cut_off_file_says_why(tmp_path):
                             text=True)
     assert result.returncode == 0 and "rows.jsonl:2 is not a whole JSON row" in result.stderr
     assert "vq_quantize" in result.stdout
+
+
+def test_skipped_benchmarks_are_listed_as_ungraded(tmp_path):
+    """A benchmark that skips (a missing baseline, a GPU-only target, a module without its
+    dependency) left no row and no trace; conftest.py now records it in --benchmark-json and in
+    MMFAST_BENCH_ROWS, and summarize.py lists it with its reason."""
+    import shutil
+
+    for name in ("conftest.py", "_utils.py", "pytest.ini"):
+        shutil.copy(_BENCHMARKS / name, tmp_path / name)
+    (tmp_path / "bench_fake.py").write_text(
+        "import pytest\n\n"
+        "def test_ran(benchmark):\n    benchmark(lambda: None)\n\n"
+        "@pytest.mark.skipif(True, reason='needs a GPU')\ndef test_gpu_only(benchmark):\n    benchmark(lambda: None)\n\n"
+        "def test_no_baseline(benchmark):\n    pytest.skip('faiss is not installed')\n")
+    (tmp_path / "bench_other.py").write_text("import pytest\npytest.importorskip('no_such_module_here')\n")
+    rows, report = tmp_path / "rows.jsonl", tmp_path / "bench.json"
+    env = {**__import__("os").environ, "MMFAST_BENCH_ROWS": str(rows),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "python")}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"--benchmark-json={report}", "--benchmark-max-time=0.001"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    skipped = {entry["test"]: entry["skipped"] for entry in json.loads(report.read_text())["skipped"]}
+    assert skipped == {"bench_fake.py::test_gpu_only": "needs a GPU",
+                       "bench_fake.py::test_no_baseline": "faiss is not installed",
+                       "bench_other.py": "could not import 'no_such_module_here': No module named 'no_such_module_here'"}
+    for path in (report, rows):
+        summary = subprocess.run([sys.executable, str(_BENCHMARKS / "summarize.py"), str(path)], capture_output=True,
+                                 text=True)
+        assert summary.returncode == 0, summary.stderr
+        assert "3 benchmarks (or files) did not run here, their targets not graded:" in summary.stdout
+        assert "bench_fake.py::test_no_baseline: faiss is not installed" in summary.stdout
