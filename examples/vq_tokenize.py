@@ -81,10 +81,10 @@ def load_image(path):
                      "pass --input FILE or pip install scikit-image")
 
         return data.astronaut()
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    try:
-        return Image.open(path)
+    try:  # upright as a viewer shows it: a phone photo's EXIF orientation applied
+        return ImageOps.exif_transpose(Image.open(path))
     except UnidentifiedImageError:
         sys.exit(f"error: --input {path!r} is not an image file Pillow can read")
 
