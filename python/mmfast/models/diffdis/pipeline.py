@@ -414,8 +414,10 @@ class DiffDISPipeline:
           it: 3e-5 at 512 px, 2e-4 at 1024 px in fp32 on the scaled benchmark config).
         tta: DiffDIS's 6-view protocol (hflip x 0.75/1/1.25 resolution, rounded to multiples of 64),
           each view min-max normalised, de-augmented and averaged: the official run_inference.py
-          always runs it, so tta=True reproduces its maps (and reported metrics) at 6x the cost;
-          the default is one view.
+          always runs it, so tta=True reproduces its maps (and reported metrics) at 6x the cost,
+          up to its 8-bit output (it truncates each map to uint8 with ToPILImage before PIL's
+          bilinear resize back and the PNG; mmfast resizes the float map: up to about 1/255
+          apart); the default is one view.
         dtype: compute dtype (None: the modules' dtype); another dtype casts the modules in place, as
           pipe.to(dtype=...) does. bfloat16 is the safe half precision (float16 warns: NaN-prone).
         generator: the x_T noise's generator (DiffDIS draws one x_T per image, shared by mask and edge),
