@@ -102,6 +102,57 @@ void run_append(int64_t B, int64_t S, int64_t Tmax, int64_t Hkv, int64_t D, std:
 }
 
 // ---- decode_attention -------------------------------------------------------------------------
+// out against the fp64 softmax attention of q, kc, vc (a NaN where a row is invalid or sees a NaN key).
+template <class T>
+void check_attention(Tok<T>& q, Tok<T>& out, Tok<T>& kc, Tok<T>& vc, const std::vector<int32_t>& lens, int64_t Sq,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t W, float softcap, float scale, const char* cfg) {
+  const int64_t B = q.B, G = H / Hkv, Tmax = kc.N;
+  double maxerr = 0;
+  int bad = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens[b];
+    const bool valid = len >= Sq && len <= Tmax;
+    for (int64_t i = 0; i < Sq; ++i) for (int64_t h = 0; h < H; ++h) {
+      if (!valid) {
+        for (int64_t d = 0; d < D; ++d) bad += !std::isnan(out.g(b, i, h, d));
+        continue;
+      }
+      const int64_t pos = len - Sq + i, kvh = h / G;
+      std::vector<double> s(len, -INFINITY);
+      double mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        if (j > pos || (W > 0 && pos - j >= W)) continue;
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += q.g(b, i, h, d) * kc.g(b, j, kvh, d);
+        double x = double(scale) * dot;
+        if (softcap > 0) x = double(softcap) * std::tanh(x / double(softcap));
+        s[j] = x;
+        mx = std::isnan(x) || std::isnan(mx) ? NAN : std::max(mx, x);  // softmax: a NaN score, a NaN row
+      }
+      double den = 0;
+      std::vector<double> o(D, 0.0);
+      for (int64_t j = 0; j < len; ++j) {
+        if (s[j] == -INFINITY) continue;
+        const double w = std::exp(s[j] - mx);
+        den += w;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * vc.g(b, j, kvh, d);
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        const double ref = o[d] / den, got = out.g(b, i, h, d);
+        if (std::isnan(ref)) {
+          bad += !std::isnan(got);
+          continue;
+        }
+        const double err = std::fabs(got - ref);
+        if (!(err <= tol_of<T>() * (1 + std::fabs(ref)))) ++bad;
+        if (!(err <= maxerr)) maxerr = std::isnan(err) ? INFINITY : err;
+      }
+    }
+  }
+  if (!out.outside_intact()) fail(std::string("wrote outside the output ") + cfg);
+  if (bad) fail(std::to_string(bad) + " elements off (max err " + std::to_string(maxerr) + "): " + cfg);
+}
+
 template <class T>
 void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int64_t Tmax, std::vector<int32_t> lens,
                    int64_t W, float softcap, int sms, int layout = 0, int kv_pad = 1, int64_t nan_key = -1) {
@@ -148,57 +199,19 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
       (std::strstr(emu::launches[0].kernel, "stream") != nullptr) != stream)
     return fail(std::string(stream ? "stream kernel" : "tiled kernel, V tile path (dynamic shared memory ") +
                 (stream ? "" : std::to_string(v_smem) + " B") + " expected) " + cfg);
-  if (bytes > 0) {  // a workspace smaller than the plan's is refused, nothing written
-    std::vector<char> small(bytes - 1, 0x7f);
-    DecodeAttentionParams q = p;
-    q.workspace = small.data(), q.workspace_bytes = small.size();
-    if (cuda::decode_attention(q, nullptr) != cudaErrorInvalidValue) return fail(std::string("small workspace ") + cfg);
+  check_attention(q, out, kc, vc, lens, Sq, H, Hkv, D, W, softcap, scale, cfg);
+  if (bytes > 0) {
+    // A workspace smaller than the plan's (the caller's occupancy query failed, the launch's
+    // succeeded: more splits planned) runs fewer splits within it: the same result, nothing
+    // written past it.
+    std::vector<char> small(bytes - 1 + 64, 0x7f);
+    DecodeAttentionParams fewer = p;
+    fewer.workspace = small.data(), fewer.workspace_bytes = bytes - 1;
+    if (cuda::decode_attention(fewer, nullptr) != cudaSuccess) return fail(std::string("small workspace: launch ") + cfg);
+    for (size_t e = bytes - 1; e < small.size(); ++e)
+      if (small[e] != 0x7f) return fail(std::string("small workspace: wrote past it ") + cfg);
+    check_attention(q, out, kc, vc, lens, Sq, H, Hkv, D, W, softcap, scale, (std::string("small workspace ") + cfg).c_str());
   }
-  const int64_t G = H / Hkv;
-  double maxerr = 0;
-  int bad = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = lens[b];
-    const bool valid = len >= Sq && len <= Tmax;
-    for (int64_t i = 0; i < Sq; ++i) for (int64_t h = 0; h < H; ++h) {
-      if (!valid) {
-        for (int64_t d = 0; d < D; ++d) bad += !std::isnan(out.g(b, i, h, d));
-        continue;
-      }
-      const int64_t pos = len - Sq + i, kvh = h / G;
-      std::vector<double> s(len, -INFINITY);
-      double mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        if (j > pos || (W > 0 && pos - j >= W)) continue;
-        double dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += q.g(b, i, h, d) * kc.g(b, j, kvh, d);
-        double x = double(scale) * dot;
-        if (softcap > 0) x = double(softcap) * std::tanh(x / double(softcap));
-        s[j] = x;
-        mx = std::isnan(x) || std::isnan(mx) ? NAN : std::max(mx, x);  // softmax: a NaN score, a NaN row
-      }
-      double den = 0;
-      std::vector<double> o(D, 0.0);
-      for (int64_t j = 0; j < len; ++j) {
-        if (s[j] == -INFINITY) continue;
-        const double w = std::exp(s[j] - mx);
-        den += w;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * vc.g(b, j, kvh, d);
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        const double ref = o[d] / den, got = out.g(b, i, h, d);
-        if (std::isnan(ref)) {
-          bad += !std::isnan(got);
-          continue;
-        }
-        const double err = std::fabs(got - ref);
-        if (!(err <= tol_of<T>() * (1 + std::fabs(ref)))) ++bad;
-        if (!(err <= maxerr)) maxerr = std::isnan(err) ? INFINITY : err;
-      }
-    }
-  }
-  if (!out.outside_intact()) fail(std::string("wrote outside the output ") + cfg);
-  if (bad) fail(std::to_string(bad) + " elements off (max err " + std::to_string(maxerr) + "): " + cfg);
 }
 
 // ---- sample -------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ inline size_t decode_attention_workspace_bytes(const DecodeAttentionParams& p) {
 inline cudaError_t decode_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   if (!decode_attention_valid(p)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
-  // launch_attention checks the workspace against the plan it launches (the one plan, not a second query)
+  // launch_attention fits the plan it launches to the workspace given (fewer splits if it must)
   return dispatch_dtype(p.dtype, [&](auto t) { return decodek::launch_attention<decltype(t)>(p, stream); });
 }
 

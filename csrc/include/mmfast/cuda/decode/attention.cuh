@@ -363,15 +363,17 @@ inline int64_t attention_splits(int64_t tiles, int64_t slots, int64_t max_splits
   return best;
 }
 
-// slots: blocks of decode_attention_kernel resident at once on the device (attention_slots<T>()).
-// rows_per_tile: query rows of an item (the launched kernel's, AttnLaunch).
-inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots, int rows_per_tile) {
-  AttnPlan s;
+inline int64_t attention_row_tiles(const DecodeAttentionParams& p, int rows_per_tile) {
   const int64_t group = p.kv_heads > 0 ? p.heads / p.kv_heads : 0;
-  s.row_tiles = max_i64(1, ceil_div(group * p.queries, rows_per_tile));
-  const int64_t tiles = max_i64(1, p.batch * p.kv_heads * s.row_tiles);
-  const int64_t keys = p.window > 0 ? min_i64(p.max_tokens, p.window + p.queries - 1) : p.max_tokens;
-  s.splits = attention_splits(tiles, slots, min_i64(max_i64(1, keys / kMinKeysPerSplit), kMaxSplits));
+  return max_i64(1, ceil_div(group * p.queries, rows_per_tile));
+}
+
+// The plan of `splits` splits: the partials' workspace (none for one split). Its bytes grow with
+// the splits.
+inline AttnPlan attention_plan_with_splits(const DecodeAttentionParams& p, int64_t splits, int rows_per_tile) {
+  AttnPlan s;
+  s.row_tiles = attention_row_tiles(p, rows_per_tile);
+  s.splits = max_i64(1, splits);
   if (s.splits == 1) {
     s.lse_offset = s.bytes = 0;
     return s;
@@ -381,6 +383,15 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots, in
   s.lse_offset = static_cast<size_t>(round_up(static_cast<int64_t>(acc) * s.splits * qrows * p.head_dim, 256));
   s.bytes = s.lse_offset + acc * static_cast<size_t>(s.splits * qrows);
   return s;
+}
+
+// slots: blocks of decode_attention_kernel resident at once on the device (attention_slots<T>()).
+// rows_per_tile: query rows of an item (the launched kernel's, AttnLaunch).
+inline AttnPlan attention_plan(const DecodeAttentionParams& p, int64_t slots, int rows_per_tile) {
+  const int64_t tiles = max_i64(1, p.batch * p.kv_heads * attention_row_tiles(p, rows_per_tile));
+  const int64_t keys = p.window > 0 ? min_i64(p.max_tokens, p.window + p.queries - 1) : p.max_tokens;
+  return attention_plan_with_splits(p, attention_splits(tiles, slots, min_i64(max_i64(1, keys / kMinKeysPerSplit), kMaxSplits)),
+                                    rows_per_tile);
 }
 
 // How decode_attention is launched for p:
@@ -458,10 +469,12 @@ inline AttnPlan attention_plan(const DecodeAttentionParams& p, const AttnLaunch&
 template <class T>
 cudaError_t launch_attention(const DecodeAttentionParams& p, cudaStream_t stream) {
   const AttnLaunch launch = attention_launch<T>(p);
-  const AttnPlan plan = attention_plan(p, launch);
-  // The workspace the caller sized (decode_attention_workspace_bytes) must hold this plan's partials:
-  // an occupancy query that failed then and succeeds now would plan more splits.
-  if (plan.bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < plan.bytes)) return cudaErrorInvalidValue;
+  AttnPlan plan = attention_plan(p, launch);
+  // The caller sized the workspace by its own plan (decode_attention_workspace_bytes): an occupancy
+  // query that failed then (a failure is not remembered) and succeeds now plans more splits, whose
+  // partials would not fit. Fewer splits fit (one needs none) and give the same result.
+  const size_t room = p.workspace == nullptr ? 0 : p.workspace_bytes;
+  while (plan.splits > 1 && plan.bytes > room) plan = attention_plan_with_splits(p, plan.splits - 1, launch.rows_per_tile);
   AttnArgs a;
   a.p = p;
   a.splits = plan.splits;
