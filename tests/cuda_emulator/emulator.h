@@ -531,6 +531,8 @@ inline int max_shared_optin = 232448;  // cudaDevAttrMaxSharedMemoryPerBlockOpti
 inline unsigned emu_blocks = 3;
 inline unsigned emu_clusters = 2;     // clusters of every cluster launch, one after another
 inline int max_cluster_blocks = 4;    // the largest cluster cudaOccupancyMaxActiveClusters allows
+inline int occupancy_blocks = 1;      // blocks per SM cudaOccupancyMaxActiveBlocksPerMultiprocessor reports
+                                      // (0: none fits; such a result is never remembered, see common.cuh)
 // Every launch, in order: the kernel as written at MMFAST_LAUNCH and its dynamic shared memory
 // (tests check which variant a dispatch took).
 struct Launch {
@@ -843,7 +845,7 @@ extern "C" cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) 
   return cudaSuccess;
 }
 extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {
-  *blocks = 1;
+  *blocks = ::emu::occupancy_blocks;
   return cudaSuccess;
 }
 // One block per SM: sms / cluster size clusters, none above emu::max_cluster_blocks.

@@ -572,6 +572,15 @@ cudaError_t persistent_grid(Kernel* kernel, int threads, size_t smem, int64_t it
   return cudaSuccess;
 }
 
+// persistent_grid for a kernel that has another to fall back to: false, with the query's error
+// cleared, when not one block fits or the occupancy query fails (the caller launches the other).
+template <class Kernel>
+bool fits_persistent_grid(Kernel* kernel, int threads, size_t smem, int64_t items, unsigned& grid) {
+  if (persistent_grid(kernel, threads, smem, items, grid) == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return false;
+}
+
 // An A/B switch of the environment: on unless it is set to something starting with '0'. Callers
 // read it once (a function-local static).
 inline bool env_switch_on(const char* name) {

@@ -456,11 +456,10 @@ cudaError_t launch_apply(const LinearAttentionParams& p, cudaStream_t stream) {
         wa.ntiles = ceil_div(a.N, AsyncApplyTile<W>::kItemTokens);
         const int64_t items = static_cast<int64_t>(wa.tiles_v) * wa.ntiles * wa.bh;
         if (!use_async_apply<C, W>(wa, items)) return cudaSuccess;
-        launched = true;
         const size_t smem = async_apply_smem_bytes<C, W>(a.dk);  // > 48 KB: opt in
-        unsigned grid = 0;
-        const cudaError_t grid_err = persistent_grid(&la_apply_async_kernel<C, W>, kThreads, smem, items, grid);
-        if (grid_err != cudaSuccess) return grid_err;
+        unsigned grid = 0;  // no block resident: the register-staged kernel instead
+        if (!fits_persistent_grid(&la_apply_async_kernel<C, W>, kThreads, smem, items, grid)) return cudaSuccess;
+        launched = true;
         MMFAST_LAUNCH((la_apply_async_kernel<C, W>), grid, kThreads, smem, stream, wa);
         return cudaGetLastError();
       });

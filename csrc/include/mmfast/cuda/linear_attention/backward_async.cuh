@@ -621,11 +621,11 @@ template <BackwardPass Pass> PairArgs pair_args(const LinearAttentionParams& p, 
 }
 
 template <class C, BackwardPass Pass, int DP, int S>
-cudaError_t launch_pair_kernel(const PairArgs& a, int64_t work, cudaStream_t stream) {
+cudaError_t launch_pair_kernel(const PairArgs& a, int64_t work, cudaStream_t stream, bool& launched) {
   constexpr size_t smem = kPairSmem<typename C::T, DP, S, Pass == BackwardPass::kApplyWithStateSums>;  // > 48 KB: opt in
-  unsigned grid = 0;
-  const cudaError_t err = persistent_grid(&la_backward_async_kernel<C, Pass, DP, S>, kThreads, smem, work, grid);
-  if (err != cudaSuccess) return err;
+  unsigned grid = 0;  // no block resident: the caller's other kernel instead (launched stays false)
+  if (!fits_persistent_grid(&la_backward_async_kernel<C, Pass, DP, S>, kThreads, smem, work, grid)) return cudaSuccess;
+  launched = true;
   MMFAST_LAUNCH((la_backward_async_kernel<C, Pass, DP, S>), grid, kThreads, smem, stream, a);
   return cudaGetLastError();
 }
@@ -640,14 +640,13 @@ cudaError_t launch_apply_backward_with_sums(const LinearAttentionParams& p, Pair
   constexpr BackwardPass kPass = BackwardPass::kApplyWithStateSums;
   if (!fused_state_sums_enabled() || pair_stages(64) != 3 || !use_backward_async<C, kPass, 64, 3>(a))
     return cudaSuccess;
-  summed = true;
   const SumPlan plan = plan_state_sums(p, sms > 0 ? sms : sm_count());  // the sms that sized the workspace
   a.unit_tiles = plan.unit_tiles;
   a.units_per_head = plan.units_per_head;
   a.sums_out = plan.units_per_head > 1 ? partials : p.grad_state;
   a.mean_out = p.grad_mean;
-  cudaError_t err = launch_pair_kernel<C, kPass, 64, 3>(a, a.units_per_head * a.bh, stream);
-  if (err != cudaSuccess || plan.units_per_head == 1) return err;
+  cudaError_t err = launch_pair_kernel<C, kPass, 64, 3>(a, a.units_per_head * a.bh, stream, summed);
+  if (err != cudaSuccess || !summed || plan.units_per_head == 1) return err;
   const int64_t total = a.bh * (a.dk * a.dv + a.dk);
   MMFAST_LAUNCH(la_state_reduce_kernel<float>, grid_for(ceil_div(total, kThreads)), kThreads, 0, stream,
                 static_cast<const float*>(partials), static_cast<float*>(p.grad_state),
@@ -670,8 +669,7 @@ cudaError_t launch_backward_async(const LinearAttentionParams& p, const Dims& di
     const auto with_stages = [&](auto stages) -> cudaError_t {
       constexpr int S = decltype(stages)::value;
       if (!use_backward_async<C, Pass, DP, S>(a)) return cudaSuccess;
-      launched = true;
-      return launch_pair_kernel<C, Pass, DP, S>(a, a.ntiles * a.bh, stream);
+      return launch_pair_kernel<C, Pass, DP, S>(a, a.ntiles * a.bh, stream, launched);
     };
     if constexpr (DP == 64) {
       if constexpr (Pass == BackwardPass::kApply) {

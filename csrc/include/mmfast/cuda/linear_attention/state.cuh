@@ -649,16 +649,16 @@ inline StatePlan plan_state(const LinearAttentionParams& p, int sms) {
 }
 
 template <class C, bool Scaled, int W>
-cudaError_t launch_state_async(StateArgs a, const StatePlan& plan, cudaStream_t stream) {
+cudaError_t launch_state_async(StateArgs a, const StatePlan& plan, cudaStream_t stream, bool& launched) {
   constexpr size_t smem = kAsyncStateSmem<W>;  // > 48 KB: opt in
   static_assert(W != 64 || smem <= 99 * 1024, "the W = 64 ring fits sm_86 / sm_89 (99 KB of shared memory per block)");
   static_assert(smem <= 163 * 1024, "every ring fits sm_80 (163 KB per block) and sm_90 (227 KB)");
   a.tiles_k = static_cast<int>(plan.tiles_k);
   a.tiles_v = static_cast<int>(plan.tiles_v);
   const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
-  unsigned grid = 0;
-  const cudaError_t err = persistent_grid(&la_state_async_kernel<C, Scaled, W>, kThreads, smem, items, grid);
-  if (err != cudaSuccess) return err;
+  unsigned grid = 0;  // no block resident: the register-staged kernel instead (launched stays false)
+  if (!fits_persistent_grid(&la_state_async_kernel<C, Scaled, W>, kThreads, smem, items, grid)) return cudaSuccess;
+  launched = true;
   MMFAST_LAUNCH((la_state_async_kernel<C, Scaled, W>), grid, kThreads, smem, stream, a);
   return cudaGetLastError();
 }
@@ -686,9 +686,8 @@ cudaError_t launch_state_pass(const TokenTensor& k, const TokenTensor& v, const 
         constexpr int W = decltype(width)::value;
         const int64_t items = plan.tiles_k * plan.tiles_v * plan.nchunks * a.bh;
         if (!use_async_state<C, W>(k, v, a, items)) return cudaSuccess;
-        launched = true;
-        return scalars == nullptr ? launch_state_async<C, false, W>(a, plan, stream)
-                                  : launch_state_async<C, true, W>(a, plan, stream);
+        return scalars == nullptr ? launch_state_async<C, false, W>(a, plan, stream, launched)
+                                  : launch_state_async<C, true, W>(a, plan, stream, launched);
       });
       if (async_err != cudaSuccess || launched) return async_err;
     }
