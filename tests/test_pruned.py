@@ -528,6 +528,37 @@ def test_gradcheck_fp64(device, stacked):
                                                                activation="silu"), (xg, gw, gb))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_no_output_channels_backward(backend):
+    """Cout = 0: the forward gives (B, 0, H, W) (F.conv2d refuses it); the backward gives zero
+    gradients of x (the native one ran a grouped convolution with no weight and raised)."""
+    sample_codes, in_mask, _ = make_routing(4, 3, 5, 6, "cpu", groups=3)
+    out_mask = torch.ones(3, 0, dtype=torch.bool)
+    x, w = torch.randn(4, 5, 5, 5, requires_grad=True), torch.randn(3, 0, 5, 3, 3, requires_grad=True)
+    y = masked_conv2d(x, w, None, sample_codes, in_mask, out_mask, padding=1, backend=backend)
+    assert y.shape == (4, 0, 5, 5)
+    grad_x, grad_w = torch.autograd.grad(y.sum(), (x, w))
+    assert torch.equal(grad_x, torch.zeros_like(x)) and grad_w.shape == w.shape
+
+
+@pytest.mark.parametrize("op", ["conv2d", "linear"])
+def test_reference_under_cpu_autocast_matches_native(op):
+    """Under CPU bf16 autocast the reference's fp32 convs / GEMMs were lowered to bf16 again and
+    its index_put raised on the dtype mismatch; it now sums in fp32 as outside autocast."""
+    sample_codes, in_mask, out_mask = make_routing(4, 3, 5, 6, "cpu", groups=3)
+    if op == "conv2d":
+        x, w = torch.randn(4, 5, 6, 5), torch.randn(3, 6, 5, 3, 3)
+        call = lambda backend: masked_conv2d(x, w, None, sample_codes, in_mask, out_mask, padding=1,  # noqa: E731
+                                             backend=backend)
+    else:
+        x, w = torch.randn(4, 7, 5), torch.randn(3, 6, 5)
+        call = lambda backend: masked_linear(x, w, None, sample_codes, in_mask, out_mask, backend=backend)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        native, reference = call("native"), call("reference")
+    assert native.dtype == reference.dtype == torch.bfloat16
+    assert_close(reference, native, torch.bfloat16)
+
+
 def _op_args(device, requires_grad=False):
     sample_codes, in_mask, out_mask = make_routing(4, 3, 5, 6, device, groups=3)
     conv = (torch.randn(4, 5, 6, 5, device=device), torch.randn(3, 6, 5, 3, 3, device=device),

@@ -546,10 +546,12 @@ def test_gradients_fp64(backend):
     z, codebook = make_inputs(9, 13, 5, torch.float64, "cpu")
     z, codebook = z.requires_grad_(), codebook.requires_grad_()
     distance = lambda a, b: vq_quantize(a, b, return_distance=True, backend=backend)[1]  # noqa: E731
-    assert torch.autograd.gradcheck(distance, (z, codebook))
+    # batched gradients too (vmap over grad_outputs: jacobian(vectorize=True), is_grads_batched): the
+    # native backward summed per code with an in-place index_add_, which vmap refused
+    assert torch.autograd.gradcheck(distance, (z, codebook), check_batched_grad=True)
     sqnorm = vq_codebook_sqnorm(codebook.detach()).requires_grad_()
     given = lambda a, b, s: vq_quantize(a, b, codebook_sqnorm=s, return_distance=True, backend=backend)[1]  # noqa
-    assert torch.autograd.gradcheck(given, (z, codebook, sqnorm))
+    assert torch.autograd.gradcheck(given, (z, codebook, sqnorm), check_batched_grad=True)
     indices = torch.randint(0, 13, (2, 3, 4))
     assert torch.autograd.gradcheck(lambda b: vq_dequantize(indices, b, channels_first=True, backend=backend),
                                     (codebook,))

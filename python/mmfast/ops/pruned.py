@@ -257,7 +257,7 @@ def _conv2d_backward(ctx, grad):
     x, weight, codes, keep_out, keep_in = _masks(ctx)
     batch, in_channels, height, width = x.shape
     _, out_channels, _, kh, kw = weight.shape
-    if batch == 0:  # a grouped convolution needs groups >= 1
+    if batch == 0 or out_channels == 0:  # a grouped convolution needs groups >= 1 and an output channel
         grad_b = None if ctx.bias_codes is None else weight.new_zeros((ctx.bias_codes, out_channels))
         return torch.zeros_like(x), torch.zeros_like(weight), grad_b, None, None, None, None, None, None
     keep = (keep_out[:, :, None] & keep_in[:, None, :])[..., None, None]

@@ -126,10 +126,11 @@ def _quantize_backward(ctx, grad_distance, grad_indices):
     per_code = -2 * g * z.to(g.dtype)
     if not ctx.sqnorm_given:
         per_code = per_code + 2 * g * chosen
-    grad_codebook = torch.zeros(codebook.shape, dtype=g.dtype, device=z.device).index_add_(0, indices, per_code)
+    # out-of-place index_add: batched gradients (vmap over grad_distance) cannot write into zeros
+    grad_codebook = torch.zeros(codebook.shape, dtype=g.dtype, device=z.device).index_add(0, indices, per_code)
     grad_sqnorm = None
     if ctx.sqnorm_given:
-        grad_sqnorm = torch.zeros(ctx.sqnorm_shape, dtype=g.dtype, device=z.device).index_add_(0, indices, g[:, 0])
+        grad_sqnorm = torch.zeros(ctx.sqnorm_shape, dtype=g.dtype, device=z.device).index_add(0, indices, g[:, 0])
     return grad_z, grad_codebook.to(codebook.dtype), grad_sqnorm
 
 

@@ -39,6 +39,11 @@ def _per_code(weight: Optional[torch.Tensor], code: int) -> Optional[torch.Tenso
 
 
 def _masked_op(x, weight, bias, sample_codes, in_mask, out_mask, out_shape, dense_op, op: str):
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        # the reference sums in the accumulation dtype: autocast would lower its convs / GEMMs again
+        # (the public wrapper has already cast the inputs as autocast casts torch's own ops)
+        with torch.autocast(x.device.type, enabled=False):
+            return _masked_op(x, weight, bias, sample_codes, in_mask, out_mask, out_shape, dense_op, op)
     acc = accumulation_dtype(x.dtype)
     _check_code_range(sample_codes, in_mask.shape[0], op)
     y = torch.zeros(out_shape, dtype=acc, device=x.device)
