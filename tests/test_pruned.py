@@ -601,6 +601,24 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(compiled(x), resnet_inside(x))
 
 
+def test_group_norm_compiles_once_for_any_channel_count():
+    """torch.compile(dynamic=True): masked_group_norm's weight forms were keyed by shape tuples in a
+    dict, and hashing the symbolic C (and K) recompiled for every new value (past the recompile
+    limit dynamo falls back to eager silently)."""
+    torch._dynamo.reset()
+    norm = torch.compile(lambda x, w, codes, mask: masked_group_norm(x, w, None, 2, codes, mask),
+                         fullgraph=True, dynamic=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        # sizes that differ unless they must agree (dynamo's duck sizing ties equal ones together)
+        norm(torch.randn(5, 4, 7, 9), torch.randn(4), torch.tensor([0, 1, 2, 0, 1]), torch.ones(3, 4, dtype=torch.bool))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for channels, codes in ((6, 4), (8, 6), (12, 11)):
+            x, w = torch.randn(5, channels, 7, 9), torch.randn(channels)
+            mask = torch.ones(codes, channels, dtype=torch.bool)
+            torch.testing.assert_close(norm(x, w, torch.tensor([0, 1, 2, 0, 1]), mask),
+                                       masked_group_norm(x, w, None, 2, torch.tensor([0, 1, 2, 0, 1]), mask))
+
+
 # ---- errors ---------------------------------------------------------------------------------------------------
 
 

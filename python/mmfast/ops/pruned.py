@@ -183,8 +183,14 @@ def _affine_forms(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], 
     if x.dim() < 2 or channel_mask.dim() != 2:
         return weight, bias
     channels, codes = x.shape[1], channel_mask.shape[0]
-    form = {(channels,): "shared", (1, channels): "shared", (codes, channels): "per code"}
-    forms = [None if t is None else form.get(tuple(t.shape)) for t in (weight, bias)]
+
+    def form(t):  # compared, not hashed: a dict keyed by symbolic sizes made torch.compile specialise on them
+        shape = tuple(t.shape)
+        if shape == (codes, channels):  # first: with K = 1 a (1, C) tensor is per code
+            return "per code"
+        return "shared" if shape == (channels,) or shape == (1, channels) else None
+
+    forms = [None if t is None else form(t) for t in (weight, bias)]
     if any(t is not None and f is None for t, f in zip((weight, bias), forms)):
         return weight, bias
     weight, bias = (t[0] if t is not None and t.dim() == 2 and f == "shared" and codes != 1 else t
