@@ -213,6 +213,29 @@ def test_opcheck(backend_device, op_name):
         torch.library.opcheck(op, grad_args)
 
 
+@pytest.mark.parametrize("op_name, position, bad", [
+    ("linear_attention_apply_backward", 0, lambda t: t.double()),
+    ("linear_attention_apply_backward", 0, lambda t: t.to("meta")),
+    ("linear_attention_state_backward", 0, lambda t: t.double()),
+    ("linear_attention_state_backward", 1, lambda t: t.to("meta")),
+], ids=["grad_out fp64", "grad_out on meta", "grad_state fp64", "grad_mean on meta"])
+def test_backward_ops_check_gradients_dtype_and_device_as_their_fakes_do(op_name, position, bad):
+    """The native ops refused a gradient of another dtype or device; their fakes did not, so
+    FakeTensorMode accepted what the op refuses, and a meta gradient beside CPU inputs was routed
+    to the fake, which returned uninitialised CPU memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = list(_op_samples("cpu")[op_name])
+    args[position] = bad(args[position])
+    op = getattr(torch.ops.mmfast, op_name).default
+    with pytest.raises(TypeError, match="same device|same dtype|must be torch.float32"):
+        op(*args)
+    if args[position].device.type != "meta":
+        mode = FakeTensorMode()
+        with mode, pytest.raises(TypeError, match="same dtype|must be torch.float32"):
+            op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_torch_compile_fullgraph(backend_device):
     backend, device = backend_device

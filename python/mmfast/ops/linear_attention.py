@@ -120,6 +120,8 @@ def check_apply_backward(grad_out, q, state, mean, feature_map: str):
     b, n, h, _, dv = dims
     if tuple(grad_out.shape) != (b, n, h, dv):
         raise ValueError(f"{OP}: grad_out must be (B, N, H, Dv) = {(b, n, h, dv)}, got {tuple(grad_out.shape)}")
+    for attr in ("dtype", "device"):  # as the native op checks (the fakes run these checks too)
+        check_same(OP, {"grad_out": grad_out, "q": q}, attr)
     return dims
 
 
@@ -129,6 +131,11 @@ def check_state_backward(grad_state, grad_mean, k, v, feature_map: str):
     if tuple(grad_state.shape) != (b, h, dk, dv) or tuple(grad_mean.shape) != (b, h, dk):
         raise ValueError(f"{OP}: grad_state must be {(b, h, dk, dv)} and grad_mean {(b, h, dk)}, got "
                          f"{tuple(grad_state.shape)} and {tuple(grad_mean.shape)}")
+    acc = accumulation_dtype(k.dtype)
+    if grad_state.dtype != acc or grad_mean.dtype != acc:
+        raise TypeError(f"{OP}: grad_state and grad_mean must be {acc} for {k.dtype} inputs, got {grad_state.dtype} "
+                        f"and {grad_mean.dtype}")
+    check_same(OP, {"grad_state": grad_state, "grad_mean": grad_mean, "k": k}, "device")
     return dims
 
 
