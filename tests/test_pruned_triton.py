@@ -331,6 +331,16 @@ def test_opcheck(ns):
                            True))
 
 
+def test_group_norm_of_an_empty_permuted_input_is_contiguous(ns):
+    """An empty x with permuted strides: the output is contiguous, as the fake and the native op
+    give it (empty_like kept the odd strides, since contiguous() leaves an empty tensor alone)."""
+    x = randn(4, 2, 0, 6).permute(0, 3, 2, 1)  # (4, 6, 0, 2)
+    args = (x, None, None, 3, codes_tensor([0, 1, 2, 0]), channel_masks(3, 6, 1), 1e-5, False)
+    y = ns.masked_group_norm(*args)
+    assert y.shape == (4, 6, 0, 2) and y.is_contiguous()
+    assert y.stride() == torch.ops.mmfast.masked_group_norm(*args).stride()
+
+
 def test_torch_compile_fullgraph_block():
     torch._dynamo.reset()
     sample_codes = codes_tensor([1, 0, 1])

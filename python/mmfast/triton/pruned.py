@@ -133,7 +133,7 @@ def masked_group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     check_masked_group_norm(x, weight, bias, num_groups, sample_codes, channel_mask, eps, silu)
     check_runnable("masked_group_norm", x)
     x = x.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous (empty_like keeps an empty x's odd strides)
     batch, channels = x.shape[:2]
     if y.numel() == 0:
         return y
