@@ -377,6 +377,8 @@ def test_apply_to_no_queries_gives_an_empty_result():
     assert empty.grad.shape == empty.shape and state.grad.eq(0).all()
     with pytest.raises(ValueError, match="state must be"):  # still checked
         linear_attention_apply(q[:, :0], state[:, :1], mean)
+    with pytest.raises(ValueError, match="backend must be one of"):  # so is the backend's name
+        linear_attention_apply(q[:, :0], state, mean, backend="natve")
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"] + (["triton"] if HAS_TRITON else []))

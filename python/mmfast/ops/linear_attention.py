@@ -357,10 +357,10 @@ def linear_attention_apply(q, state, mean, *, eps: float = 1e-4, feature_map: st
     q, = autocast_inputs("lower", q.device, q)  # state and mean stay in the accumulation dtype
     check_eps(eps, "linear_attention_apply")
     check_feature_map(feature_map, "linear_attention_apply")
+    chosen = _backend.resolve("linear_attention_apply", q.device, backend)  # a bad name raises even with no queries
     if q.dim() == 4 and q.shape[1] == 0:  # no queries (a split's empty last chunk): nothing to apply
         check_apply(q.new_empty((q.shape[0], 1, *q.shape[2:])), state, mean, feature_map, "linear_attention_apply")
         return connected(q.new_zeros((q.shape[0], 0, q.shape[2], state.shape[-1])), (q, state, mean))
-    chosen = _backend.resolve("linear_attention_apply", q.device, backend)
     check_no_forward_transforms("linear_attention_apply", chosen, q, state, mean)
     if chosen == "reference":
         check_apply(q, state, mean, feature_map, "linear_attention_apply")
