@@ -48,10 +48,12 @@ def _distributed_inputs(splits):
     return q, k, v, grad
 
 
-def test_distributed_linear_attention_equals_single_process(tmp_path):
+@pytest.mark.parametrize("splits", [[23, 14], [37, 0]], ids=["unequal", "a rank without tokens"])
+def test_distributed_linear_attention_equals_single_process(tmp_path, splits):
+    """Unequal shards: the state must be token-weighted, not a plain average. A rank without
+    tokens raised in the op (N = 0) while the other waited in the all-reduce until its timeout."""
     import torch.multiprocessing as mp
 
-    splits = [23, 14]  # unequal shards: the state must be token-weighted, not a plain average
     mp.spawn(_distributed_worker, args=(2, rendezvous(tmp_path), splits, str(tmp_path)), nprocs=2, join=True)
     q, k, v, grad = _distributed_inputs(splits)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

@@ -59,9 +59,32 @@ def _zeros_if_none(grad, shape, like):
 
 
 def global_linear_attention_state(k, v, *, feature_map: str = "elu1", group=None, backend: Optional[str] = None):
-    """(S, m) of all ranks' tokens together (every rank gets the same), differentiable."""
-    state, mean = ops.linear_attention_state(k, v, feature_map=feature_map, backend=backend)
+    """(S, m) of all ranks' tokens together (every rank gets the same), differentiable. A rank may
+    hold no tokens (N_r = 0: more ranks than tokens in a split) and still joins the all-reduce."""
+    if isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[1] == 0:
+        state, mean = _no_token_state(k, v, feature_map)
+    else:
+        state, mean = ops.linear_attention_state(k, v, feature_map=feature_map, backend=backend)
     return _GlobalMeanState.apply(state, mean, k.shape[1], group)
+
+
+def _no_token_state(k, v, feature_map):
+    """A rank without tokens adds nothing: zero (S, m) in the op's accumulation dtype, still in k's
+    and v's graph (the op refuses N = 0, and raising on one rank would leave the others waiting in
+    the all-reduce)."""
+    from ._dtypes import accumulation_dtype
+    from .ops.linear_attention import check_kv
+    from .reference._graph import connected
+
+    if isinstance(v, torch.Tensor) and v.dim() == 4:  # the op's checks, on one-token stand-ins
+        check_kv(k.new_empty((k.shape[0], 1, *k.shape[2:])), v.new_empty((v.shape[0], 1, *v.shape[2:])),
+                 feature_map, "mmfast.distributed.linear_attention")
+    else:
+        check_kv(k, v, feature_map, "mmfast.distributed.linear_attention")  # raises, naming v
+    b, _, h, dk = k.shape
+    acc = accumulation_dtype(k.dtype)
+    return (connected(k.new_zeros((b, h, dk, v.shape[-1]), dtype=acc), (k, v)),
+            connected(k.new_zeros((b, h, dk), dtype=acc), (k, v)))
 
 
 def linear_attention(q, k, v, *, eps: float = 1e-4, feature_map: str = "elu1", group=None,
