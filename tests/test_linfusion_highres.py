@@ -588,3 +588,14 @@ def test_mounting_on_an_fp16_sd21_unet_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LinFusion.construct_for(sd15, load_pretrained=False)
+
+
+def test_peak_memory_measures_no_device_but_cpu_and_cuda():
+    """PeakMemory("meta") (or xpu, ...) reported the host's resident-set growth as that device's
+    peak (found by the support-module audit); it measures nothing there: None."""
+    from mmfast.memory import PeakMemory
+
+    with PeakMemory("meta") as meter:
+        torch.empty(1 << 28, device="meta")
+        host = torch.ones(1 << 22)  # 16 MiB on the host, not the meta device's
+    assert meter.peak_bytes is None and host.numel() == 1 << 22

@@ -46,7 +46,8 @@ class PeakMemory:
 
     CUDA: torch.cuda.max_memory_allocated (tensors only; the caching allocator's reserve and
     library workspaces are not counted). CPU: the process's peak resident set (VmHWM, reset via
-    /proc/self/clear_refs), Linux only; elsewhere `peak_bytes` is None. The CPU figure covers
+    /proc/self/clear_refs), Linux only; elsewhere, and on other device types (meta, xpu, ...:
+    not measured), `peak_bytes` is None. The CPU figure covers
     everything the process touches, so run nothing else in the process meanwhile, and it falls
     only when the allocator returns freed memory to the system: glibc keeps freed blocks below
     its (self-raising) mmap threshold, so for faithful numbers start the process with
@@ -69,7 +70,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
-        elif sys.platform.startswith("linux"):
+        elif self.device.type == "cpu" and sys.platform.startswith("linux"):
             try:
                 with open("/proc/self/clear_refs", "w") as clear_refs:
                     clear_refs.write("5")  # resets VmHWM to the current resident set
@@ -83,7 +84,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start_bytes
-        elif sys.platform.startswith("linux") and not self._cpu_unavailable:
+        elif self.device.type == "cpu" and sys.platform.startswith("linux") and not self._cpu_unavailable:
             self.peak_bytes = max(0, _resident_kib("VmHWM") * 1024 - self.start_bytes)
 
 
