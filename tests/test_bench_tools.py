@@ -161,9 +161,10 @@ def test_skipped_benchmarks_are_listed_as_ungraded(tmp_path):
         "def test_no_baseline(benchmark):\n    pytest.skip('faiss is not installed')\n")
     (tmp_path / "bench_other.py").write_text("import pytest\npytest.importorskip('no_such_module_here')\n")
     rows, report = tmp_path / "rows.jsonl", tmp_path / "bench.json"
-    env = {**__import__("os").environ, "MMFAST_BENCH_ROWS": str(rows),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "python")}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # without this run's pytest-xdist worker variables (pytest-benchmark times nothing under xdist)
+    env = {name: value for name, value in __import__("os").environ.items() if not name.startswith("PYTEST_")}
+    env.update(MMFAST_BENCH_ROWS=str(rows), PYTHONPATH=str(Path(__file__).resolve().parents[1] / "python"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                              f"--benchmark-json={report}", "--benchmark-max-time=0.001"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
