@@ -423,6 +423,7 @@ _MEASURE_SCRIPT = textwrap.dedent("""
     LinFusion.construct_for(pipe, load_pretrained=False)
     options = MemoryOptions(**json.loads(sys.argv[1]))
     kwargs = dict(height=256, width=512, strengths=(0.5,), steps=2, progress=False, memory=options)
+    generate_highres(pipe, "a red fox", **kwargs)  # first calls fill library caches (oneDNN primitives, ...)
     out = generate_highres(pipe, "a red fox", return_stages=True, **kwargs)
     predicted = estimate_highres_memory(pipe, height=256, width=512, strengths=(0.5,), options=options)
     print(json.dumps([[s.stage_memory_bytes, p.stage_bytes] for s, p in zip(out.stages, predicted)]))
@@ -433,18 +434,21 @@ _MEASURE_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("options", [{}, {"cfg_batch_size": 1, "token_chunk_size": 8192, "ff_chunk_size": 8192,
                                           "vae_tiling": "blend", "vae_tile_size": 64}])
 def test_memory_model_predicts_the_measured_peak(options):
-    """Predicted stage peak within 25% of the measured peak RSS growth, at the upscaling stage
-    (256 x 512 px: 60-200 MB). Smaller stages are dominated by tens of MB of first-call library
-    caches the model does not see. A fresh process whose malloc returns every freed block above 64 KiB to the system, so the
-    resident set follows the live tensors (glibc otherwise keeps freed blocks resident)."""
+    """Predicted stage peak within 25% of the measured peak RSS growth at every stage: the base
+    (128 x 256 px: 27-53 MB) and the upscaling one (256 x 512 px: 60-210 MB), measured on the
+    second cascade of the process (the first one's stages also hold tens of MB of first-call
+    library caches the model does not see: the base stage came out at 0.55-0.69x then; 1.00-1.05x
+    on later calls). A fresh process whose malloc returns every freed block above 64 KiB to the
+    system, so the resident set follows the live tensors (glibc otherwise keeps freed blocks
+    resident)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, json.dumps(options)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    (_, _), (measured, predicted) = json.loads(result.stdout.strip().splitlines()[-1])
-    if measured is None:  # /proc/self/clear_refs forbidden (some sandboxes): PeakMemory measures nothing
+    stages = json.loads(result.stdout.strip().splitlines()[-1])
+    if any(measured is None for measured, _ in stages):  # /proc/self/clear_refs forbidden (some sandboxes)
         pytest.skip("no peak-RSS measurement here (PeakMemory.peak_bytes is None)")
-    assert 0.75 <= predicted / measured <= 1.25, (predicted, measured)
+    assert len(stages) == 2 and all(0.75 <= predicted / measured <= 1.25 for measured, predicted in stages), stages
 
 
 _VAE_MEASURE_SCRIPT = textwrap.dedent("""
