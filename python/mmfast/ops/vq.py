@@ -232,9 +232,11 @@ def vq_dequantize(indices, codebook, *, channels_first: bool = False, backend: O
     check_dequantize(indices, codebook, channels_first)
     chosen = _backend.resolve("vq_dequantize", indices.device, backend)
     check_no_forward_transforms("vq_dequantize", chosen, codebook)
-    # The native CPU kernel raises IndexError itself; the reference and the Triton interpreter
-    # are checked here (a host synchronisation, skipped under torch.compile).
-    if chosen != "native" and indices.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The native CPU kernel raises IndexError itself; the reference (any device: a CUDA index past
+    # K would be a device-side assert, -1 would wrap) and the Triton interpreter are checked here
+    # (a host synchronisation, skipped under torch.compile).
+    if (chosen == "reference" or (chosen != "native" and indices.device.type == "cpu")) \
+            and not torch.compiler.is_compiling():
         check_index_range(indices, codebook.shape[0])
     if chosen == "reference":
         return reference.vq_dequantize_ref(indices.long(), codebook, channels_first)
