@@ -308,6 +308,18 @@ def test_batch_size_splits_give_identical_results(model):
             model.encode(images, batch_size=bad)
 
 
+def test_a_large_batch_goes_through_in_slices_under_a_bar(model, capsys):
+    """Issue 8: 'batched ... with a progress bar over large batches': by default 8 images a pass."""
+    images = _images(batch=10, seed=6)
+    codes = model.encode(images)
+    assert "VQGAN encode" in capsys.readouterr().err  # 2 slices: a bar
+    assert torch.equal(codes, model.encode(images, batch_size=None, progress=False))
+    model.decode(codes)
+    assert "VQGAN decode" in capsys.readouterr().err
+    model.encode(images[:8])
+    assert capsys.readouterr().err == ""  # one slice: no bar
+
+
 def test_bfloat16_end_to_end(model):
     images = _images(batch=2, seed=7)
     codes = model.encode(images)

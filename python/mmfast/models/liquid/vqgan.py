@@ -38,6 +38,7 @@ __all__ = ["VQGAN", "VQGANConfig", "VQGANCheckpointError", "load_taming_state_di
 logger = logging.getLogger(__name__)
 TRAINING_ONLY_PREFIXES = ("loss.",)  # taming's VQLPIPSWithDiscriminator (LPIPS net, discriminator)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DEFAULT_BATCH_SIZE = 8  # images per encode / decode pass: a large batch goes through in slices, under a bar
 
 
 class VQGANCheckpointError(ValueError):
@@ -124,11 +125,13 @@ class VQGAN(nn.Module):
         return self.decode_latent(z_q), loss
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, *, batch_size: Optional[int] = None, progress: bool = True) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, *, batch_size: Optional[int] = DEFAULT_BATCH_SIZE,
+               progress: bool = True) -> torch.Tensor:
         """Codes of images: (B, C, H, W) floats in [-1, 1] -> (B, H / f, W / f) int64 on the model's
         device (Chameleon: 512 x 512 -> 32 x 32 = 1024 codes, `encode(x)[2][2]` of taming's VQModel
-        reshaped). batch_size: images per forward pass (None: all at once); a tqdm bar runs over the
-        batches when there is more than one and progress is True.
+        reshaped). batch_size: images per forward pass (default 8, which bounds the activations' memory
+        of a large batch; None: all at once); a tqdm bar runs over the batches when there is more
+        than one and progress is True.
         Raises TypeError / ValueError for inputs of the wrong dtype or shape, ValueError for values
         outside [-1, 1] (a 0..255 or 0..1 image would give codes without a word) or not finite.
         """
@@ -143,7 +146,7 @@ class VQGAN(nn.Module):
                         progress, "VQGAN encode")
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, *, batch_size: Optional[int] = None, progress: bool = True,
+    def decode(self, codes: torch.Tensor, *, batch_size: Optional[int] = DEFAULT_BATCH_SIZE, progress: bool = True,
                clamp: bool = True) -> torch.Tensor:
         """Images of codes: (B, h, w) (or (B, h*w) with a square h*w) integer codes -> (B, out_ch,
         h * f, w * f) in the model's dtype, clamped to [-1, 1] unless clamp=False (Chameleon's
