@@ -1,11 +1,15 @@
 // Torch-free CUDA kernels of the non-causal normalized linear attention (LinFusion): the
 // public entry points. See mmfast/linear_attention.h for the math and the parameter struct.
 //
-// Every pass stages 64 x 64 output tiles through shared memory with the shared tile GEMM
-// (mmfast/cuda/tile_gemm.cuh): SIMT FMA for fp32 / fp64 inputs, TF32 tensor cores for
-// fp16 / bf16 on sm_80+. Token tensors are read in place through their (B, N, H) strides;
-// phi is applied on load; every load and store is bounds-checked, so no head dim or sequence
-// length has to be a multiple of anything; all grids are 1-D with a grid-stride loop.
+// Two kernel families per pass. fp16 / bf16 with 16-byte aligned rows on sm_80+: cp.async rings
+// of tiles sized to the head dims (48 / 64 / 80 wide; larger dims as several tiles) into
+// ldmatrix + mma.sync with 16-bit operands (hi + lo where fp32 accuracy is kept), persistent
+// grids sized by the occupancy query (the register-staged kernels when no block fits). Every
+// other case: 64 x 64 output tiles staged through registers and shared memory with the shared
+// tile GEMM (mmfast/cuda/tile_gemm.cuh): SIMT FMA for fp32 / fp64, TF32 tensor cores for
+// fp16 / bf16 on sm_80+, every load and store bounds-checked. Token tensors are read in place
+// through their (B, N, H) strides; phi is applied on load; no head dim or sequence length has
+// to be a multiple of anything (tails are masked or zero-filled); all grids are 1-D.
 // Each pass header holds its own entry point (linear_attention_<pass> and its workspace size),
 // so a translation unit can compile a subset of the passes (csrc/cuda compiles them in two).
 //   linear_attention/state.cuh           split-N state pass + deterministic reduction
