@@ -9,9 +9,10 @@ resolution); the full SD-2.1 config at 96 x 96 (768 px) in bf16 on a GPU. Random
 expert keeps 50-90% of every layer's groups / heads (random per code, no depth gate skipped so
 the MACs stay comparable) and has its own (perturbed) weights. Codes [0, 0, 1, 1, 2, 2, 3, 4].
 
-Kept-MAC fraction: MACs of the conv and linear layers of each row's expert over the dense
-model's (SDPA excluded; AptpUNet runs it on each row's kept heads only, CodedAttnProcessor). Memory:
-weight bytes of each form on the CPU, peak allocated bytes per call on a GPU.
+Kept-MAC fraction: MACs of the conv and linear layers and of SDPA (AptpUNet runs it on each row's
+kept heads only, CodedAttnProcessor) of each row's expert over the dense model's. Memory:
+weight bytes of each form, and each contender's peak per step (peak allocated bytes on a GPU,
+peak RSS growth in a fresh process on the CPU).
 """
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def weight_bytes(modules) -> int:
 
 @pytest.fixture(scope="module")
 def models():
+    return build_models()
+
+
+def build_models():
+    """(dense base UNet, [(expert, arch)] per code, AptpUNet over the experts) on DEVICE in DTYPE."""
     from diffusers import UNet2DConditionModel
 
     from mmfast.models.aptp import AptpUNet, prune_unet, random_architecture
@@ -150,15 +156,18 @@ def test_aptp_unet_step(benchmark, models):
     static.update(static_plan_ms=round(static_ms, 1),
                   static_plan_per_code_ratio=round(static_ms / times["per_code"], 3),
                   static_plan_dense_ratio=round(static_ms / times["dense"], 3))
-    # Peak above the memory in use before the call (CUDA max_memory_allocated), for each contender.
-    # Not on the CPU: after the timed calls the allocator's freed blocks stay resident, so the
-    # peak RSS growth reads 0 (it needs a fresh process per contender).
+    # Peak above the memory in use before the call, for each contender: CUDA max_memory_allocated
+    # here; on the CPU the peak RSS growth in a fresh process (cpu_step_peaks: after the timed calls
+    # the allocator's freed blocks stay resident here, so the growth would read 0).
     if ON_GPU:
         for name, fn in (("mixed", mixed_call), ("per_code", per_code),
                          ("dense", run(lambda: base(sample, timestep, text).sample))):
             with PeakMemory(DEVICE) as meter:
                 fn()
             memory[f"{name}_peak_mib"] = meter.peak_bytes / 2**20
+    else:
+        memory.update({f"{name}_peak_mib": peak / 2**20 for name, peak in cpu_step_peaks().items()
+                       if peak is not None})
     # The issue's whole-step target is an H200 one; on the CPU the step is measured, not judged.
     target = met = None
     if ON_GPU:
@@ -172,6 +181,47 @@ def test_aptp_unet_step(benchmark, models):
                    target=target, target_met=met, kept_mac_fraction=round(fraction, 3),
                    dense_ratio=round(times["mmfast"] / times["dense"], 3), max_diff_vs_experts=f"{max_diff:.2e}",
                    **{k: round(v, 1) for k, v in memory.items()}, **static)
+
+
+_PEAK_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import bench_aptp_unet as bench
+from mmfast.memory import PeakMemory
+from mmfast.models.aptp import run_per_expert
+torch.set_num_threads(int(sys.argv[2]))
+base, experts, model = bench.build_models()
+sample, timestep, text, codes = bench.inputs()
+calls = {"mixed": lambda: model(sample, timestep, text, codes).sample,
+         "per_code": lambda: run_per_expert(experts, sample, timestep, text, codes),
+         "dense": lambda: base(sample, timestep, text).sample}
+peaks = {}
+with torch.inference_mode():
+    for name, call in calls.items():
+        call()  # first-call caches (oneDNN primitives, plans) are not the step's memory
+        with PeakMemory("cpu") as meter:
+            call()
+        peaks[name] = meter.peak_bytes
+print(json.dumps(peaks))
+"""
+
+
+def cpu_step_peaks() -> dict:
+    """Peak RSS growth (bytes) of one step of each contender, each after a warm-up call, in a fresh
+    process whose malloc returns freed blocks above 64 KiB to the system (so the resident set
+    follows the live tensors) and with mmfast's CPU output pool off (its kept blocks would hide
+    the outputs' pages). None where /proc/self/clear_refs is not writable."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MMFAST_CPU_OUTPUT_POOL_MB="0")
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, os.path.dirname(os.path.abspath(__file__)),
+                             str(torch.get_num_threads())], env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench_aptp_unet: the peak-memory process failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU step measured in rounds (the GPU rows are stable)")
