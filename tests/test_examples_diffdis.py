@@ -96,3 +96,22 @@ def test_a_bad_linear_attention_level_is_refused_before_any_file_is_written(exam
         example["main"](["--tiny", "--linear-attention", "9", "--output", str(output)])
     assert error.value.code == 2 and "--linear-attention" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_checkpoint_mode_with_a_saved_embedding(example, tmp_path):
+    """--checkpoint on a local directory in the released layout (a tiny one here), saving the
+    empty-prompt embedding, then a run from that embedding: mask, edge and overlay files each time."""
+    from mmfast.testing.tiny_diffdis import save_tiny_diffdis_checkpoint
+
+    save_tiny_diffdis_checkpoint(str(tmp_path / "ckpt"))
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    embedding = tmp_path / "empty.safetensors"
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--input", str(tmp_path / "in.png"), "--resolution", "64",
+              "--device", "cpu"]
+    for extra, out in ((["--save-embedding", str(embedding)], tmp_path / "out1"),
+                       (["--embedding", str(embedding)], tmp_path / "out2")):
+        timings = example["main"](common + extra + ["--output", str(out)])
+        assert len(timings) == 1
+        assert _size(out / "in_mask.png") == ((80, 48), "L") and _size(out / "in_edge.png") == ((80, 48), "L")
+        assert _size(out / "in_overlay.png") == ((80, 48), "RGB")
+        assert embedding.is_file()
