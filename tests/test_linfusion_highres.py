@@ -134,6 +134,34 @@ def test_cascade_with_exact_options_matches_unchunked(pipe):
     assert np.abs(_pixels(chunked) - _pixels(plain)).max() <= 1
 
 
+def test_sd21_style_cascade_matches_unchunked():
+    """Issue 12 names SD-1.5/2.1 and SD-XL pipelines: an SD-2.1-style tiny pipeline (linear
+    projections in the transformers, attention upcast, per-level heads, a v-prediction DDIM
+    scheduler) runs the cascade with the right stage sizes, and its chunked options (CFG rows,
+    attention and feed-forward tokens, exact VAE tiles) equal the unchunked run."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    pipe = tiny_pipeline(seed=2)
+    torch.manual_seed(2)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        upcast_attention=True).eval()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                               timestep_spacing="trailing", rescale_betas_zero_snr=False)
+    LinFusion.construct_for(pipe, load_pretrained=False)
+    from mmfast.models.linfusion import GeneralizedLinearAttention
+
+    assert sum(isinstance(m, GeneralizedLinearAttention) for m in pipe.unet.modules()) == 4  # every attn1: 1 down, 1 mid, 2 up
+    out = _generate(pipe, return_stages=True)
+    assert [s.image.size for s in out.stages] == [(32, 16), (64, 32), (128, 64)]
+    options = MemoryOptions(cfg_batch_size=1, token_chunk_size=100, ff_chunk_size=100, vae_tiling="exact",
+                            vae_tile_size=5)
+    assert np.abs(_pixels(_generate(pipe, memory=options)) - _pixels(out.image)).max() <= 1
+    assert _pixels(out.image).std() > 1
+
+
 def test_cascade_with_blended_vae_tiles_stays_close(pipe):
     """An approximation (per-tile GroupNorm statistics; a random VAE, 8-latent-px tiles): measured
     ~25 dB against the untiled cascade; a badly stitched result would be far lower."""
