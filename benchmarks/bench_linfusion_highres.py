@@ -6,9 +6,9 @@ a. test_tiny_cascade: the tiny random pipeline + LinFusion, 2 upscaling stages (
    stage, size, strength, denoising steps, seconds, measured peak (total and above the stage's
    start) next to estimate_highres_memory's prediction and the ratio predicted / measured.
 b. test_unet_step: one UNet step of SD-1.5 (config written out below, random weights) at 512,
-   1024 and 2048 px (latents 64..256 squared, CFG batch 2), LinFusion mounted vs diffusers' SDPA
-   softmax attention: median time and peak memory of each, speedup. Targets: LinFusion no slower
-   than SDPA at 512 / 1024 px, at least 2x faster at 2048 px.
+   1024 and 2048 px, and 4096 px on a GPU (latents 64..512 squared, CFG batch 2), LinFusion mounted
+   vs diffusers' SDPA softmax attention: median time and peak memory of each, speedup. Targets:
+   LinFusion no slower than SDPA at 512 / 1024 px, at least 2x faster at 2048 px and above.
 c. test_vae_decode: SD-1.5's VAE decoder (random weights) untiled vs vae_tiling "blend"
    (diffusers' tiles) vs "exact" (bands; on CUDA also with offload_device="cpu"): peak memory,
    time, tiling_error vs untiled. Tiles / bands of 64 latent px (diffusers' default), or half the
@@ -89,7 +89,7 @@ TINY_OPTIONS = dict(cfg_batch_size=1, token_chunk_size=2048, ff_chunk_size=2048,
                     vae_tile_size=32)
 TINY_ROUNDS = 3
 # b. one UNet step
-UNET_PIXELS = (512, 1024, 2048)
+UNET_PIXELS = (512, 1024, 2048, 4096) if ON_GPU else (512, 1024, 2048)  # 4096: "2048 px and above"
 UNET_ROUNDS = int(os.environ.get("MMFAST_BENCH_HIGHRES_ROUNDS", "5" if ON_GPU else "2"))
 # c. the VAE decode: (pixels, gated on the CPU)
 VAE_CASES = ((512, False), (2048, False)) if ON_GPU else ((256, False), (2048, True))
