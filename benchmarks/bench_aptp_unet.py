@@ -17,6 +17,7 @@ peak RSS growth in a fresh process on the CPU).
 from __future__ import annotations
 
 import statistics
+import subprocess
 
 import pytest
 import torch
@@ -166,8 +167,11 @@ def test_aptp_unet_step(benchmark, models):
                 fn()
             memory[f"{name}_peak_mib"] = meter.peak_bytes / 2**20
     else:
-        memory.update({f"{name}_peak_mib": peak / 2**20 for name, peak in cpu_step_peaks().items()
-                       if peak is not None})
+        try:
+            peaks = cpu_step_peaks()
+        except (RuntimeError, subprocess.TimeoutExpired) as error:  # the timings above still make a row
+            peaks, static["peak_memory_error"] = {}, str(error)[-500:]
+        memory.update({f"{name}_peak_mib": peak / 2**20 for name, peak in peaks.items() if peak is not None})
     # The issue's whole-step target is an H200 one; on the CPU the step is measured, not judged.
     target = met = None
     if ON_GPU:
@@ -213,7 +217,6 @@ def cpu_step_peaks() -> dict:
     the outputs' pages). None where /proc/self/clear_refs is not writable."""
     import json
     import os
-    import subprocess
     import sys
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MMFAST_CPU_OUTPUT_POOL_MB="0")

@@ -97,10 +97,11 @@ def _module_call(impl, x, layer):
     return run
 
 
-def _core_call(impl, x, layer):
-    """The attention core alone on (B, N, H, D) views of one fused qkv buffer."""
+def _core_call(impl, qkv, layer):
+    """The attention core alone on (B, N, H, D) views of one fused (1, N, 3C) qkv buffer (views
+    only: the timed call launches no copy)."""
     c, h = layer.channels, layer.heads
-    q, k, v = (t.view(1, x.shape[1], h, c // h) for t in x.repeat(1, 1, 3).split(c, -1))
+    q, k, v = (t.view(1, qkv.shape[1], h, c // h) for t in qkv.split(c, -1))
     core = {
         "mmfast": lambda: mmfast.linear_attention(q, k, v, backend=BACKEND),
         "official": lambda: official_linear_attention(q, k, v),
@@ -113,6 +114,7 @@ def _core_call(impl, x, layer):
 
 
 CALLS = {"module": _module_call, "core": _core_call}
+INPUTS = {"module": lambda x: x, "core": lambda x: x.repeat(1, 1, 3)}  # the call's input from (1, N, C) x
 
 
 _timings: dict = {}  # (scope, impl, layer, tokens) -> how the GPU time was taken
@@ -122,6 +124,7 @@ def _device_ms(scope, impl, layer, x):
     """A call's time: on a GPU its device time under CUDA-graph replay over rotating inputs
     (graph_or_eager_ms: no host launch overhead, which eager CUDA events include and which the
     module's dozen small kernels make visible next to a 60%-of-HBM target), else median_ms."""
+    x = INPUTS[scope](x)
     if not ON_GPU:
         return median_ms(CALLS[scope](impl, x, layer))
     timings = {}
@@ -141,7 +144,7 @@ def _baseline_ms(scope, impl, layer, tokens, x):
 def _run_and_record(benchmark, scope, impl, layer, tokens, baselines):
     x = torch.randn(1, tokens, layer.channels, device=DEVICE, dtype=DTYPE)
     benchmark.group = f"linfusion-attn1-{scope}-{layer.name}-N{tokens}"
-    ms = run_timed(benchmark, CALLS[scope](impl, x, layer), DEVICE, rounds=ROUNDS, warmup=1)
+    ms = run_timed(benchmark, CALLS[scope](impl, INPUTS[scope](x), layer), DEVICE, rounds=ROUNDS, warmup=1)
     if ON_GPU:  # device time; the fixture's wall time includes launch overhead
         ms = _device_ms(scope, impl, layer, x)
     _measured_ms[(scope, impl, layer.name, tokens)] = ms

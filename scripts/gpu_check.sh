@@ -203,7 +203,7 @@ try:
     report = json.load(open(path)) if os.path.exists(path) else {}
 except ValueError:
     report = {}
-if report.get("commit") != commit:
+if report.get("commit") != commit or not isinstance(report.get("steps"), dict):  # another commit, an old layout
     report = {}
 outcomes = {"build": {}, "tests": {"tests_rc": int(tests_rc), "tests_summary": last_line("tests.txt"),
                                    "families": families.split() or "all"},

@@ -61,26 +61,26 @@ def _zeros_if_none(grad, shape, like):
 def global_linear_attention_state(k, v, *, feature_map: str = "elu1", group=None, backend: Optional[str] = None):
     """(S, m) of all ranks' tokens together (every rank gets the same), differentiable. A rank may
     hold no tokens (N_r = 0: more ranks than tokens in a split) and still joins the all-reduce."""
-    if isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[1] == 0:
-        state, mean = _no_token_state(k, v, feature_map)
+    if all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 0 for t in (k, v)):
+        state, mean = _no_token_state(k, v, feature_map, backend)
     else:
         state, mean = ops.linear_attention_state(k, v, feature_map=feature_map, backend=backend)
     return _GlobalMeanState.apply(state, mean, k.shape[1], group)
 
 
-def _no_token_state(k, v, feature_map):
+def _no_token_state(k, v, feature_map, backend):
     """A rank without tokens adds nothing: zero (S, m) in the op's accumulation dtype, still in k's
     and v's graph (the op refuses N = 0, and raising on one rank would leave the others waiting in
-    the all-reduce)."""
+    the all-reduce). The op's other checks run as on the other ranks: a bad input raises on every
+    rank before the collective."""
+    from . import _backend
     from ._dtypes import accumulation_dtype
     from .ops.linear_attention import check_kv
     from .reference._graph import connected
 
-    if isinstance(v, torch.Tensor) and v.dim() == 4:  # the op's checks, on one-token stand-ins
-        check_kv(k.new_empty((k.shape[0], 1, *k.shape[2:])), v.new_empty((v.shape[0], 1, *v.shape[2:])),
-                 feature_map, "mmfast.distributed.linear_attention")
-    else:
-        check_kv(k, v, feature_map, "mmfast.distributed.linear_attention")  # raises, naming v
+    _backend.resolve("linear_attention_state", k.device, backend)
+    check_kv(k.new_empty((k.shape[0], 1, *k.shape[2:])), v.new_empty((v.shape[0], 1, *v.shape[2:])),
+             feature_map, "mmfast.distributed.linear_attention")  # on one-token stand-ins
     b, _, h, dk = k.shape
     acc = accumulation_dtype(k.dtype)
     return (connected(k.new_zeros((b, h, dk, v.shape[-1]), dtype=acc), (k, v)),

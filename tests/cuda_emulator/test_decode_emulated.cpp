@@ -207,7 +207,10 @@ void run_attention(int64_t B, int64_t Sq, int64_t H, int64_t Hkv, int64_t D, int
     std::vector<char> small(bytes - 1 + 64, 0x7f);
     DecodeAttentionParams fewer = p;
     fewer.workspace = small.data(), fewer.workspace_bytes = bytes - 1;
+    std::fill(out.buf.begin(), out.buf.end(), fromd<T>(kPoison));  // every row must be written again
+    emu::launches.clear();
     if (cuda::decode_attention(fewer, nullptr) != cudaSuccess) return fail(std::string("small workspace: launch ") + cfg);
+    if (emu::launches.empty()) return fail(std::string("small workspace: nothing launched ") + cfg);
     for (size_t e = bytes - 1; e < small.size(); ++e)
       if (small[e] != 0x7f) return fail(std::string("small workspace: wrote past it ") + cfg);
     check_attention(q, out, kc, vc, lens, Sq, H, Hkv, D, W, softcap, scale, (std::string("small workspace ") + cfg).c_str());

@@ -349,7 +349,7 @@ def _exact(vae, steps, x, tile, ref_height, offload_device, bar):
         with tqdm(steps, **bar) as layers:
             for step in layers:
                 x = step(x, bands)
-                if bands.most > nominal:  # the 2^31 cap shrank some layer's bands
+                if bands.most > nominal:  # the 2^31 cap (or rounding at a small height) made more
                     layers.set_description(f"{label} (up to {bands.most} bands)", refresh=False)
     return x.to(device)
 
