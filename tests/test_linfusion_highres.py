@@ -93,14 +93,17 @@ def test_cascade_runs_img2img_stages(pipe, monkeypatch):
 
 
 def test_unet_memory_options_are_exact(pipe, monkeypatch):
-    """CFG one row at a time and token-chunked attn1 / feed-forward give the same UNet output
-    (and really run chunked: the spies count the calls)."""
+    """CFG one row at a time and token-chunked attn1 / attn2 / feed-forward give the same UNet
+    output (and really run chunked: the spies count the calls)."""
     from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
 
     from mmfast.models.linfusion import GeneralizedLinearAttention
 
-    calls = {"unet_rows": [], "ff_tokens": [], "attn_chunked": 0}
-    ff_forward, unet_forward = FeedForward.forward, type(pipe.unet).forward
+    calls = {"unet_rows": [], "ff_tokens": [], "attn_chunked": 0, "attn2_tokens": []}
+    ff_forward, unet_forward, attention_forward = FeedForward.forward, type(pipe.unet).forward, Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, x, *a, **k: (
+        self.is_cross_attention and calls["attn2_tokens"].append(x.shape[1]), attention_forward(self, x, *a, **k))[1])
     chunked_attention = GeneralizedLinearAttention._forward_chunked
     monkeypatch.setattr(FeedForward, "forward", lambda self, x, *a, **k: (
         calls["ff_tokens"].append(x.shape[1]), ff_forward(self, x, *a, **k))[1])
@@ -112,7 +115,8 @@ def test_unet_memory_options_are_exact(pipe, monkeypatch):
     text = torch.randn(2, 77, 32)
     with torch.no_grad():
         expected = pipe.unet(sample, 10, text).sample
-        assert calls == {"unet_rows": [2], "ff_tokens": [480, 120, 480, 480], "attn_chunked": 0}
+        assert calls == {"unet_rows": [2], "ff_tokens": [480, 120, 480, 480], "attn_chunked": 0,
+                         "attn2_tokens": [480, 120, 480, 480]}
         options = MemoryOptions(cfg_batch_size=1, token_chunk_size=37, ff_chunk_size=53)
         with highres.memory_options_applied(pipe.unet, options) as unet:
             chunked = unet(sample, 10, text).sample
@@ -120,9 +124,10 @@ def test_unet_memory_options_are_exact(pipe, monkeypatch):
     assert calls["unet_rows"] == [2, 1, 1]
     assert max(calls["ff_tokens"][4:]) == 53 and len(calls["ff_tokens"]) > 8
     assert calls["attn_chunked"] == 2 * 4  # every attn1 of both rows
+    assert max(calls["attn2_tokens"][4:]) == 37 and len(calls["attn2_tokens"]) > 8  # every attn2, in chunks
     assert "forward" not in pipe.unet.__dict__  # restored
     assert all(m.token_chunk_size is None for m in pipe.unet.modules() if hasattr(m, "token_chunk_size"))
-    assert not any(isinstance(m, highres.TokenChunkedFeedForward) for m in pipe.unet.modules())
+    assert not any(isinstance(m, highres.TokenChunkedFeedForward) for m in pipe.unet.modules())  # attn2's too
 
 
 def test_cascade_with_exact_options_matches_unchunked(pipe):

@@ -2,7 +2,7 @@
 
 The stage sizes (size_multiple, cascade_sizes) and the default strengths; MemoryOptions, every
 one exact but VAE "blend" tiling, and memory_options_applied, which puts them on a UNet for one
-stage (chunked CFG rows, token-chunked attn1 and feed-forward, row parallelism over
+stage (chunked CFG rows, token-chunked attn1, attn2 and feed-forward, row parallelism over
 torch.distributed ranks); the VAE's precision and tiling arguments. Shared by the cascade
 (highres.py) and its memory model (highres_memory.py), which imports nothing from the cascade.
 """
@@ -30,7 +30,8 @@ class MemoryOptions:
 
     cfg_batch_size: rows of the classifier-free-guidance batch (uncond + cond) per UNet call;
         None runs the whole batch at once, 1 one row at a time (halves the UNet activations).
-    token_chunk_size: LinFusion attn1 runs over chunks of this many tokens (None: whole).
+    token_chunk_size: LinFusion's attn1, and each transformer block's cross-attention attn2 (its
+        queries), run over chunks of this many tokens (None: whole).
     ff_chunk_size: each transformer block's feed-forward runs over chunks of this many
         tokens (None: whole); its 4x-wide hidden layer is the UNet's largest activation.
     vae_tiling, vae_tile_size, vae_tile_overlap, vae_offload_device: see
@@ -148,10 +149,23 @@ class TokenChunkedFeedForward(nn.Module):
         return out
 
 
+class TokenChunkedCrossAttention(TokenChunkedFeedForward):
+    """A cross-attention (attn2) over chunks of query tokens (exact: each query attends to the
+    same text tokens on its own; the processor, e.g. an IP-Adapter's, is the layer's own)."""
+
+
 def _feed_forward_names(unet: nn.Module) -> List[str]:
     from diffusers.models.attention import FeedForward
 
     return [name for name, module in unet.named_modules() if isinstance(module, FeedForward)]
+
+
+def _cross_attention_names(unet: nn.Module) -> List[str]:
+    """The transformer blocks' attn2 layers (their keys and values are the text tokens)."""
+    from diffusers.models.attention_processor import Attention
+
+    return [name for name, module in unet.named_modules()
+            if name.rsplit(".", 1)[-1] == "attn2" and isinstance(module, Attention) and module.is_cross_attention]
 
 
 def _take_rows(value, rows: slice, batch: int):
@@ -260,6 +274,11 @@ def memory_options_applied(unet: nn.Module, options: MemoryOptions, row_parallel
             for name in _feed_forward_names(unet):
                 ff = unet.get_submodule(name)
                 swapped.append((name, swap_submodule(unet, name, TokenChunkedFeedForward(ff, options.ff_chunk_size))))
+        if options.token_chunk_size is not None:
+            for name in _cross_attention_names(unet):
+                attn2 = unet.get_submodule(name)
+                swapped.append((name, swap_submodule(unet, name,
+                                                     TokenChunkedCrossAttention(attn2, options.token_chunk_size))))
         forward = unet.forward  # bound; an accelerate offload hook's wrapper when one is installed
         if row_parallel:
             forward = _row_parallel(forward, unet)
