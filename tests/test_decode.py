@@ -733,3 +733,17 @@ def test_native_op_checks_inputs_itself():
         torch.ops.mmfast.kv_cache_append(k_cache, v_cache, k_cache[:, :1], v_cache[:, :1], lengths.long())
     with pytest.raises(ValueError, match="uniform"):
         torch.ops.mmfast.sample(torch.randn(4, 10), torch.rand(4), 1.0, 0, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_append_and_sample_name_mixed_devices(backend):
+    """kv_cache_append and sample refuse inputs on two devices (a meta tensor beside CPU ones
+    here), naming both, before any kernel or write (only decode_attention's was tested)."""
+    k_cache, v_cache = torch.zeros(2, 16, 2, 8), torch.zeros(2, 16, 2, 8)
+    lengths = torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="all inputs must have the same device, got k_cache: cpu, k: meta, v: cpu"):
+        kv_cache_append(k_cache, v_cache, torch.zeros(2, 1, 2, 8, device="meta"), torch.zeros(2, 1, 2, 8), lengths,
+                        backend=backend)
+    assert not k_cache.any() and torch.equal(lengths, torch.tensor([3, 4], dtype=torch.int32))
+    with pytest.raises(TypeError, match="all inputs must have the same device, got logits: cpu, uniform: meta"):
+        sample(torch.randn(2, 50), uniform=torch.rand(2, device="meta"), backend=backend)
