@@ -108,7 +108,7 @@ build-sm75: $(STAMP)
 
 # The GPU machine has torch, triton, nvcc, pytest and pytest-benchmark but no network:
 # build against its torch, for its own GPU, with all cores; install nothing.
-# GPU_CHECK_QUICK=1 (sm_90a, memcheck only, the vq, pruned and decode families by default), GPU_CHECK_STEPS, GPU_CHECK_FAMILIES:
+# GPU_CHECK_QUICK=1 (sm_90a, memcheck only, linear attention and VQ by default), GPU_CHECK_STEPS, GPU_CHECK_FAMILIES:
 # see scripts/gpu_check.sh.
 gpu-check:
 	bash scripts/gpu_check.sh "$(GPU_REPORT_DIR)"
