@@ -310,6 +310,43 @@ def test_first_step_distribution_matches_transformers_processors(checkpoints):
     assert dof > 3 and p_value > 1e-4, (chi2, dof, p_value)
 
 
+class _InverseCdfDraw(transformers.LogitsProcessor):
+    """The last processor of a greedy transformers generate that makes it a sampled one matched
+    draw for draw to generate_text's: each step draws u = torch.rand(B) from `generator` (as
+    mmfast.ops.sample does) and keeps only the token where the running sum of the processed
+    probabilities, in index order, first exceeds u: greedy then picks that token."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        probs = scores.double().softmax(-1)
+        uniform = torch.rand((scores.shape[0],), generator=self.generator, dtype=torch.float32)
+        token = (probs.cumsum(-1) <= uniform.double()[:, None]).sum(-1).clamp(max=scores.shape[1] - 1)
+        return torch.full_like(scores, -float("inf")).scatter_(1, token[:, None], 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_generate_text_matches_transformers_generate_draw_for_draw(checkpoints, kind):
+    """Every step of a seeded sampled run, not only the first: transformers' own generate (its
+    cache, left-padding positions and warpers) with the same uniform draws gives the same tokens."""
+    hf, directory = checkpoints[kind]
+    model = LiquidLM.from_pretrained(directory)
+    ids, mask = _left_padded_batch(seed=4)
+    temperature, top_k, top_p, steps = 1.3, 40, 0.9, 24
+    processors = transformers.LogitsProcessorList([
+        transformers.TemperatureLogitsWarper(temperature), transformers.TopKLogitsWarper(top_k),
+        transformers.TopPLogitsWarper(top_p), _InverseCdfDraw(torch.Generator().manual_seed(6))])
+    expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                           logits_processor=processors, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    got = generate_text(model, ids, attention_mask=mask, max_new_tokens=steps, do_sample=True,
+                        temperature=temperature, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(6))
+    greedy = generate_text(model, ids, attention_mask=mask, max_new_tokens=steps)
+    assert len(set(expected.flatten().tolist())) > 16, "degenerate test model"
+    assert not torch.equal(expected, greedy), "the draws changed nothing: not a sampled run"
+    assert torch.equal(got, expected)
+
+
 def test_bad_inputs_raise(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory.*never a Hugging Face Hub id"):
         LiquidLM.from_pretrained(tmp_path / "nowhere")
