@@ -202,7 +202,7 @@ void run_conv_on_device(const ConvCase& cc) {
   emu::launches.clear();
   if (cuda::masked_conv2d(p, nullptr) != cudaSuccess) return fail("launch " + cfg);
   const bool want_async = (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) &&
-                          emu::compute_major >= 8 && cc.workspace_shift == 0;
+                          emu::compute_major >= 8 && cc.workspace_shift == 0 && emu::occupancy_blocks > 0;
   if (launched("masked_conv_async_kernel") != want_async || launched("masked_conv_kernel<") == want_async)
     fail("conv kernel choice " + cfg);
   if (launched("masked_conv_split_reduce_kernel") != (want_async && cc.split)) fail("split reduction choice " + cfg);
@@ -545,6 +545,15 @@ void run_split_count() {
 
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
+  {  // First, before any occupancy query is remembered: where not one packed-path block fits,
+     // masked_conv2d runs the register-staged kernel (no split reduction), with the same results.
+    emu::occupancy_blocks = 0;
+    const ConvCase none_fit{"3x3 Cin=40 Cout=30, no resident packed-path block", 4, 40, 30, 6, 6, 3, 3, 1, 1, 1, 1, 1,
+                            1, 3, false, true, false, false, XLayout::kContiguous, {2, 0, 1, 2}, 0};
+    run_conv<__half>(none_fit);
+    run_conv<__nv_bfloat16>(none_fit);
+    emu::occupancy_blocks = 1;
+  }
   run_coordinate_limit();
   run_packed_offset_limit();
   run_split_count();

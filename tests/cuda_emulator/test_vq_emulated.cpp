@@ -74,7 +74,8 @@ void run_search(int64_t N, int64_t K, int64_t D, int64_t row_stride, bool given_
   // MMFAST_CUDA_WGMMA=0; mma.sync before), the rest the tile GEMM.
   const bool half = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
   const bool async = half && D % 8 == 0 && row_stride % 8 == 0 && z_offset % 8 == 0 && emu::compute_major >= 8 &&
-                     row_stride < (int64_t{1} << 24) && cuda::tensor_cores_enabled() && cuda::async_copy_enabled();
+                     row_stride < (int64_t{1} << 24) && cuda::tensor_cores_enabled() && cuda::async_copy_enabled() &&
+                     emu::occupancy_blocks > 0;
   const char* expected = !async ? "tile" : emu::compute_major == 9 && cuda::wgmma_enabled() ? "wgmma" : "async";
   if (launched_search<T>() != expected) fail(std::string("search kernel choice: ") + launched_search<T>() + " " + cfg);
   if (indices[N] != -7 || distance[N] != A(-7)) fail(std::string("wrote past the outputs ") + cfg);
@@ -188,6 +189,12 @@ void run_all(int level) {
 
 int main(int argc, char** argv) {
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
+  // First, before any occupancy query is remembered: where not one cp.async search block fits,
+  // vq_quantize runs the tile-GEMM search, with the same results.
+  emu::occupancy_blocks = 0;
+  run_search<__half>(200, 300, 40, 48, false, 2);
+  run_search<__nv_bfloat16>(150, 383, 64, 64, true, 1);
+  emu::occupancy_blocks = 1;
   run_all<float>(level);
   run_all<double>(level);
   run_all<__half>(level);

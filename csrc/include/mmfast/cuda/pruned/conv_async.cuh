@@ -489,14 +489,11 @@ template <class T> bool launch_conv_async(const MaskedConvParams& p, const Routi
     const AsyncConvArgs a = async_conv_args<T>(p, plan, const_cast<void*>(p.packed_weight));
     const int64_t items = p.batch * a.channel_tiles * a.pixel_tiles * a.splits;
     unsigned grid = 0;
-    const cudaError_t planned = with_conv_multiplier<T>([&](auto nt) {
+    const bool fits = with_conv_multiplier<T>([&](auto nt) {
       using Nt = decltype(nt);
-      return persistent_grid(&masked_conv_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>, items, grid);
+      return fits_persistent_grid(&masked_conv_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>, items, grid);
     });
-    if (planned != cudaSuccess) {
-      (void)cudaGetLastError();  // not sticky: the caller takes the other kernel
-      return false;
-    }
+    if (!fits) return false;  // the caller takes the other kernel
     if (p.in_channels > 0) {
       if (p.packed_weight == nullptr) launch_pack_weight<T>(a, stream);
       if (p.height > 0 && p.width > 0)

@@ -362,15 +362,14 @@ template <class T> bool use_async_search(const VQParams& p) {
 // cleared, it is not sticky).
 template <class T> bool async_search_grid(int64_t items, unsigned& grid) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    const cudaError_t err = with_nt_multiplier<T>(&vq_search_async_kernel<T, NtWgmma>, [&](auto nt) {
+    return with_nt_multiplier<T>(&vq_search_async_kernel<T, NtWgmma>, [&](auto nt) {
       using Nt = decltype(nt);
-      return persistent_grid(&vq_search_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>, items, grid);
+      return fits_persistent_grid(&vq_search_async_kernel<T, Nt>, kThreads, Nt::template kSmemBytes<T>, items, grid);
     });
-    if (err == cudaSuccess) return true;
-    (void)cudaGetLastError();
+  } else {
+    (void)items, (void)grid;
+    return false;
   }
-  (void)items, (void)grid;
-  return false;
 }
 
 template <class T> void launch_async_search(const SearchArgs& a, unsigned grid, cudaStream_t stream) {
