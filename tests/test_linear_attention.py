@@ -173,8 +173,7 @@ def test_backward_through_non_contiguous_inputs(backend_device):
     q, k, v = [t.detach().requires_grad_() for t in _strided_views((2, 37, 3, 40, 24), torch.float32, device)["bhnd-transposed"]]
     grad_out = torch.randn(2, 37, 3, 24, device=device)
     grads = torch.autograd.grad(linear_attention(q, k, v, backend=backend), (q, k, v), grad_out)
-    for got, expected in zip(grads, reference_grads(q, k, v, grad_out)):
-        assert_close(got, expected, torch.float32, scale=4)
+    assert_grads_close(grads, reference_grads(q, k, v, grad_out), torch.float32, 4)
 
 
 # ---- torch.library integration -----------------------------------------------------------
@@ -284,14 +283,15 @@ def test_torch_compile_inductor_cpu():
 
 # ---- errors ------------------------------------------------------------------------------
 
+_QK_SHAPES = r"q and k must have the same \(B, N, H, Dk\) shape, got q \[1, 5, 2, 8\] and k "
 BAD_INPUTS = {
     "rank": (lambda: (torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16)), ValueError, "4-D"),
     "batch mismatch": (lambda: make_qkv((2, 5, 2, 8, 8), torch.float32, "cpu")[:2] + [torch.randn(3, 5, 2, 8)],
                        ValueError, "agree in"),
     "seq mismatch": (lambda: [torch.randn(1, 5, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)],
-                     ValueError, "same"),
+                     ValueError, _QK_SHAPES + r"\[1, 6, 2, 8\]"),
     "head mismatch": (lambda: [torch.randn(1, 5, 2, 8), torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8)],
-                      ValueError, "same"),
+                      ValueError, _QK_SHAPES + r"\[1, 5, 3, 8\]"),
     "Dk too large": (lambda: make_qkv((1, 5, 1, 257, 8), torch.float32, "cpu"), ValueError, r"\[1, 256\]"),
     "Dv too large": (lambda: make_qkv((1, 5, 1, 8, 300), torch.float32, "cpu"), ValueError, r"\[1, 256\]"),
     "Dk zero": (lambda: make_qkv((1, 5, 1, 0, 8), torch.float32, "cpu"), ValueError, r"\[1, 256\]"),
@@ -506,8 +506,7 @@ def test_triton_without_the_split_over_n_is_the_same_op():
     finally:
         triton_la.SPLIT_SEQUENCE = True
     assert_close(out, reference.linear_attention_ref(q, k, v), torch.float32)
-    for got, expected in zip(grads, reference_grads(q, k, v, torch.ones_like(out))):
-        assert_close(got, expected, torch.float32, scale=4)
+    assert_grads_close(grads, reference_grads(q, k, v, torch.ones_like(out)), torch.float32, 4)
 
 
 def test_python_m_mmfast_help_and_json():

@@ -41,6 +41,17 @@ def randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=torch.float64).to(DEVICE, dtype)
 
 
+def cpu_fp64(fn, *args):
+    """fn (a reference, or F.conv2d) on the CPU in fp64, the result back on DEVICE: on a GPU an fp32
+    conv would run on cuDNN's TF32 (torch.backends.cudnn.allow_tf32 is on by default), too coarse
+    an oracle for fp32 kernels."""
+    def cpu(a):
+        if not torch.is_tensor(a):
+            return a
+        return a.detach().cpu().double() if a.is_floating_point() else a.cpu()
+    return fn(*map(cpu, args)).to(DEVICE)
+
+
 def codes_tensor(values, dtype=torch.int64):
     return torch.tensor(values, dtype=dtype, device=DEVICE)
 
@@ -111,7 +122,7 @@ def make_conv(case, dtype, sample_codes):
 def test_conv2d_matches_reference(ns, case, dtype):
     sample_codes = codes_tensor([0, 3, 1, 2, 0])
     x, weight, bias, in_mask, out_mask, conv = make_conv(case, dtype, sample_codes)
-    want = reference.masked_conv2d_ref(x, weight, bias, sample_codes, in_mask, out_mask, *conv)
+    want = cpu_fp64(reference.masked_conv2d_ref, x, weight, bias, sample_codes, in_mask, out_mask, *conv)
     x, weight, bias = poison_masked(x, weight, bias, sample_codes, in_mask, out_mask)
     got = ns.masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, *conv)
     assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
@@ -129,7 +140,7 @@ def test_conv2d_several_tiles_of_pixels_and_channels(ns, blocks):
     weight, bias = randn(3, 35, 37, 3, 3), randn(3, 35)
     in_mask, out_mask = channel_masks(3, 37, 3), channel_masks(3, 35, 4)
     conv = ([1, 1], [1, 1], [1, 1])
-    want = reference.masked_conv2d_ref(x, weight, bias, sample_codes, in_mask, out_mask, *conv)
+    want = cpu_fp64(reference.masked_conv2d_ref, x, weight, bias, sample_codes, in_mask, out_mask, *conv)
     got = ns.masked_conv2d(x, weight, bias, sample_codes, in_mask, out_mask, *conv)
     assert_close(got, want, torch.float32)
 
@@ -138,7 +149,7 @@ def test_conv2d_dense_masks_equal_torch_conv(ns):
     x, weight, bias = randn(2, 6, 5, 5), randn(1, 8, 6, 3, 3), randn(1, 8)
     ones_in, ones_out = torch.ones(1, 6, dtype=torch.bool), torch.ones(1, 8, dtype=torch.bool)
     got = ns.masked_conv2d(x, weight, bias, codes_tensor([0, 0]), ones_in, ones_out, [2, 1], [1, 0], [1, 1])
-    want = torch.nn.functional.conv2d(x, weight[0], bias[0], (2, 1), (1, 0))
+    want = cpu_fp64(torch.nn.functional.conv2d, x, weight[0], bias[0], (2, 1), (1, 0))
     assert_close(got, want, torch.float32)
 
 
@@ -246,8 +257,8 @@ def test_invalid_codes_write_nan_over_the_sample(ns):
     x, weight = randn(4, 5, 4, 4), randn(2, 4, 5, 3, 3)
     got = ns.masked_conv2d(x, weight, None, sample_codes, in_mask, out_mask, [1, 1], [1, 1], [1, 1])
     ok = codes_tensor([0, 3])
-    want = reference.masked_conv2d_ref(x[[0, 3]], weight, None, sample_codes[ok], in_mask, out_mask,
-                                       [1, 1], [1, 1], [1, 1])
+    want = cpu_fp64(reference.masked_conv2d_ref, x[[0, 3]], weight, None, sample_codes[ok], in_mask, out_mask,
+                    [1, 1], [1, 1], [1, 1])
     assert_close(got[[0, 3]], want, torch.float32)
     assert bool(got[[1, 2]].isnan().all())
 
@@ -279,7 +290,8 @@ def test_public_api_routes_to_triton():
     in_mask, out_mask = channel_masks(2, 4, 8), channel_masks(2, 3, 9)
     got = mmfast.ops.masked_conv2d(x, weight, None, sample_codes, in_mask, out_mask, stride=2, padding=1,
                                    backend="triton")
-    want = reference.masked_conv2d_ref(x, weight, None, sample_codes, in_mask, out_mask, (2, 2), (1, 1), (1, 1))
+    want = cpu_fp64(reference.masked_conv2d_ref, x, weight, None, sample_codes, in_mask, out_mask, (2, 2), (1, 1),
+                    (1, 1))
     assert_close(got, want, torch.float32)
 
 

@@ -67,7 +67,9 @@ def test_the_reference_backend_takes_every_transform(op):
         x_leaf = x.clone().requires_grad_()
         expected = torch.autograd.grad(f(x_leaf).square().sum(), x_leaf)[0]
         torch.testing.assert_close(grad, expected)
-        torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        tangent = torch.randn_like(x)
+        _, got = torch.func.jvp(f, (x,), (tangent,))
+        torch.testing.assert_close(got, torch.autograd.functional.jvp(f, x, tangent)[1])  # reverse mode twice
 
 
 def test_reverse_mode_jvp_is_the_references():

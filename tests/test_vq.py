@@ -155,10 +155,8 @@ def test_ties_go_to_the_lowest_index_for_a_transposed_z(backend_device):
     """Found by an op-level trial: the reference's differences inherited a transposed z's layout
     and summed equal codes differently by their position (ties went to 1020, not 0)."""
     backend, device = backend_device
-    if backend == "triton" and device != "cpu":
-        pytest.skip("CPU tensors here")
-    z = torch.randn(17, 64).t()  # (64, 17), column-major
-    codebook = torch.randn(1, 17).repeat(1023, 1)  # 1023 identical codes
+    z = torch.randn(17, 64).to(device).t()  # (64, 17), column-major
+    codebook = torch.randn(1, 17).repeat(1023, 1).to(device)  # 1023 identical codes
     assert vq_quantize(z, codebook, backend=backend).eq(0).all()
     assert vq_quantize(z, codebook.t().contiguous().t(), backend=backend).eq(0).all()  # a column-major codebook
 
@@ -650,6 +648,10 @@ def test_bad_options_raise_clear_errors():
         vq_dequantize(torch.ones(3), codebook)
     with pytest.raises(ValueError, match=r"channels_first needs \(B, h, w\) indices"):
         vq_dequantize(torch.zeros(3, dtype=torch.int64), codebook, channels_first=True)
+    with pytest.raises(ValueError, match=r"codebook must be a 2-D \(K, D\) tensor, got shape \(5,\)"):
+        vq_dequantize(torch.zeros(3, dtype=torch.int64), torch.randn(5))
+    with pytest.raises(TypeError, match="codebook must be float32, float16, bfloat16 or float64, got torch.int32"):
+        vq_dequantize(torch.zeros(3, dtype=torch.int64), codebook.int())
     for call in (lambda: vq_quantize(z.tolist(), codebook), lambda: vq_dequantize([1, 2], codebook),
                  lambda: vq_codebook_sqnorm(None), lambda: vq_quantize(z, codebook, codebook_sqnorm=[1.0])):
         with pytest.raises(TypeError, match="must be a torch.Tensor, got"):
