@@ -212,6 +212,18 @@ def test_sample_matches_reference(ns, dtype, temperature, top_k, top_p):
     check_draws(tokens, status, logits, uniform, temperature, top_k, top_p)
 
 
+def test_sample_raises_tiny_temperatures_to_the_minimum_like_the_native_op(ns):
+    """Found by a Triton audit: the native glue raises a temperature in (0, 1e-5) to 1e-5, the
+    Triton op divided by it as given (token 1 here instead of 0)."""
+    logits = torch.tensor([[0.0, 2e-6]], device=DEVICE)
+    uniform = torch.tensor([0.3], device=DEVICE)
+    tokens, status = ns.sample(logits, uniform, 1e-7, 0, 1.0, None)
+    want = reference.sample_ref(logits.cpu(), uniform.cpu(), 1e-5)
+    assert tokens.tolist() == want.tolist() == [0] and status.tolist() == [0]
+    if torch.ops.mmfast.sample.default.has_kernel_for_dispatch_key("CPU"):
+        assert torch.ops.mmfast.sample(logits.cpu(), uniform.cpu(), 1e-7, 0, 1.0, None)[0].tolist() == [0]
+
+
 def test_sample_greedy_picks_the_lowest_index_of_ties(ns):
     logits = torch.zeros(3, 2100, device=DEVICE)
     logits[0, [5, 1500, 2099]] = 7.0  # ties across chunks of the vocabulary

@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..ops.decode import check_append, check_attention, check_sample, register_fakes_and_autograd
+from ..ops.decode import MIN_TEMPERATURE, check_append, check_attention, check_sample, register_fakes_and_autograd
 from . import decode_kernels as kernels
 from ._common import INTERPRET, check_runnable, device_guard, device_sm_count, last_dim_unit
 
@@ -144,7 +144,8 @@ def sample(logits: Tensor, uniform: Tensor, temperature: float, top_k: int, top_
         kernels.sample_kernel[(rows,)](
             logits, uniform, tokens, status,
             vocab, rows, logits.stride(0) if logits.shape[0] > 1 else vocab,
-            1.0 if cfg_scale is None else float(cfg_scale), 1.0 if greedy else float(temperature),
+            # (0, 1e-5) raised to 1e-5 here too, as the native op's glue does
+            1.0 if cfg_scale is None else float(cfg_scale), 1.0 if greedy else max(float(temperature), MIN_TEMPERATURE),
             int(min(top_k, vocab)), float(top_p),
             CFG=cfg_scale is not None, GREEDY=greedy, TOP_K=0 < top_k < vocab, TOP_P=top_p < 1,
             BLOCK_V=min(_BLOCK_V, max(16, triton.next_power_of_2(vocab))),

@@ -137,7 +137,9 @@ def group_norm_kernel(
     valid = (code >= 0) & (code < K)
     c = tl.where(valid, code, 0)
     group_channels = C // G
-    n = GROUP_NUMEL  # (C / G) * P from the host: int64 from 2^31 on, where int32 C // G * P would wrap
+    # (C / G) * P from the host, int64 here: an int32 argument's loops below would step past 2^31 - 1
+    # and wrap within the last BLOCK below it (tl.cast, not .to: a value of 1 arrives as a constexpr)
+    n = tl.cast(GROUP_NUMEL, tl.int64)
     first = g * group_channels  # the group's first channel
     base = (b * C + first) * P  # x and y are (B, C, P), contiguous
     mask_row = mask_ptr + c * C + first

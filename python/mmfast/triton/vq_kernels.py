@@ -35,8 +35,10 @@ def search_kernel(
     rows64 = rows.to(tl.int64)
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
     code = tl.full((BLOCK_N,), 0, tl.int64) + K  # K: no finite score yet
-    t0 = CODE_TILES * split // SPLITS
-    t1 = CODE_TILES * (split + 1) // SPLITS
+    # int64: CODE_TILES * SPLITS passes 2^31 from about 2.6e8 codes at 528 splits (an int32
+    # product wrapped to negative tiles, read before the codebook)
+    t0 = tl.cast(CODE_TILES, tl.int64) * split // SPLITS
+    t1 = tl.cast(CODE_TILES, tl.int64) * (split + 1) // SPLITS
     for t in range(t0, t1):
         codes = t * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_c = codes < K
