@@ -181,3 +181,22 @@ def test_autocast_appends_new_tokens_in_the_caches_dtype():
     with torch.autocast("cpu", dtype=_BF16):
         kv_cache_append(k_cache, v_cache, new.to(_BF16), new.to(_BF16), torch.zeros(1, dtype=torch.int32))
     assert torch.equal(k_cache[0, 0], new.to(_BF16).float()[0, 0])
+
+
+# --- the tensor-free utility ops ------------------------------------------------------------------
+
+_UTILITY_OPS = [("pruned_weight_cache", (-1, False)), ("cpu_output_pool", (-1, False)), ("cpu_amx_bf16", ()),
+                ("cpu_avx512_bf16", ()), ("cpu_isa", ())]
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mmfast, "cpu_isa"), reason="the native extension is not built")
+@pytest.mark.parametrize("name, args", _UTILITY_OPS, ids=[name for name, _ in _UTILITY_OPS])
+def test_utility_ops_pass_opcheck(name, args):
+    """The registry's queries and settings (budget -1: read, change nothing) pass opcheck like the
+    tensor ops; cpu_isa returns a str, which opcheck's AOT-dispatch comparison cannot compare."""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+        () if name == "cpu_isa" else ("test_aot_dispatch_dynamic",))
+    before = getattr(torch.ops.mmfast, name)(*args)
+    torch.library.opcheck(getattr(torch.ops.mmfast, name).default, args, test_utils=utils)
+    if name in ("pruned_weight_cache", "cpu_output_pool"):
+        assert getattr(torch.ops.mmfast, name)(*args)[-1] == before[-1]  # the budget unchanged
