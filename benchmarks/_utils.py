@@ -29,6 +29,19 @@ GPU_PEAK_BANDWIDTH = {
 }
 
 
+# Dense fp16 / bf16 tensor-core peak (FLOP/s, no sparsity) by GPU name, for "% of peak FLOP/s"
+# of the compute-bound ops (VQ search, the masked conv, the APTP step); datasheet figures.
+GPU_PEAK_FLOPS_16BIT = {
+    "H100 80GB HBM3": 989.4e12,
+    "H100 SXM": 989.4e12,
+    "H100 PCIe": 756.5e12,
+    "H100 NVL": 835.5e12,
+    "H200": 989.4e12,  # not a GH200 (is_h200)
+    "A100-SXM4-80GB": 312e12,
+    "A100-SXM4-40GB": 312e12,
+}
+
+
 def is_h200(device: torch.device) -> bool:
     """An H200 (the issues' GPU targets), not a GH200 superchip, whose name holds "H200" too."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -100,9 +113,13 @@ def peak_bandwidth(device: torch.device, measured: bool = False):
 
 def _datasheet_bandwidth(device: torch.device):
     """GPU_PEAK_BANDWIDTH's figure for this GPU (a GH200 is not an H200), or None."""
+    return _datasheet(device, GPU_PEAK_BANDWIDTH)
+
+
+def _datasheet(device: torch.device, table: dict):
+    """table's figure for this GPU (a GH200 is not an H200), or None."""
     name = torch.cuda.get_device_name(device)
-    return next((value for key, value in GPU_PEAK_BANDWIDTH.items()
-                 if key in name and (key != "H200" or is_h200(device))), None)
+    return next((value for key, value in table.items() if key in name and (key != "H200" or is_h200(device))), None)
 
 
 class GraphCaptureError(RuntimeError):
@@ -173,6 +190,13 @@ def graph_or_eager_ms(fn, make_inputs, device: torch.device, timings: dict, name
     except GraphCaptureError as error:
         timings[name] = f"cuda events, eager calls (graph capture failed: {error})"
     return eager_ms(fn, make_inputs, device)
+
+
+def timed_alike(timings: dict, *names: str) -> bool:
+    """Whether graph_or_eager_ms timed these providers the same way: a ratio of a replayed
+    provider over one whose capture failed (eager calls, host overhead included) would favour
+    the replayed one, so a target graded on it is left ungraded instead."""
+    return len({timings.get(name) for name in names}) == 1
 
 
 def eager_ms(fn, make_inputs, device: torch.device) -> float:
@@ -286,7 +310,8 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
     floor_bytes: the bytes a perfect kernel moves (gives GB/s and % of the bandwidth floor: that
     bandwidth is the device's copy bandwidth (CPU: measured; GPU: the datasheet's unless
     measured_bandwidth), so inputs served from a cache can exceed 100%);
-    flops: the useful floating-point operations (gives TFLOP/s). Both need times.
+    flops: the useful floating-point operations (gives TFLOP/s, and for fp16 / bf16 on a known GPU
+    % of its dense tensor-core peak). Both need times.
     target / target_met: the issue's target for this row, stated and checked.
     items: (count, unit) processed per call, e.g. (8, "images"): gives the throughput column.
     measured_bandwidth: % of floor against the copy bandwidth measured in this process instead
@@ -307,6 +332,10 @@ def record_metrics(benchmark, *, op: str, shape: str, device: torch.device, dtyp
             info["bandwidth_ref"] = source
     if flops is not None and mmfast_ms:
         info["tflops"] = round(flops / (mmfast_ms * 1e-3) / 1e12, 4)
+        peak = _datasheet(device, GPU_PEAK_FLOPS_16BIT) if device.type == "cuda" and dtype in (
+            torch.float16, torch.bfloat16) else None
+        if peak:  # the CPU has no such figure here (a VM's clock and FMA ports are not known)
+            info["pct_of_peak_flops"] = round(100 * flops / (mmfast_ms * 1e-3) / peak, 1)
     if items is not None and mmfast_ms:
         info["throughput"] = f"{items[0] / (mmfast_ms * 1e-3):.3g} {items[1]}/s"
     if target is not None:  # target_met None: not decided by this row (e.g. no such hardware)

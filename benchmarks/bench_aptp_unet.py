@@ -27,12 +27,13 @@ from mmfast.memory import PeakMemory
 from mmfast.models.aptp import run_per_expert
 from mmfast.ops import keep_packed_weights, pruned_weight_cache
 
-from _utils import bench_device, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
+from _utils import bench_device, is_h200, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
 
 pytest.importorskip("diffusers")
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
+ON_H200 = ON_GPU and is_h200(DEVICE)  # issue 10's whole-step target: other GPUs report times, grade nothing
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 CODES = [0, 0, 1, 1, 2, 2, 3, 4]
 SD21 = dict(
@@ -172,9 +173,9 @@ def test_aptp_unet_step(benchmark, models):
         except (RuntimeError, subprocess.TimeoutExpired) as error:  # the timings above still make a row
             peaks, static["peak_memory_error"] = {}, str(error)[-500:]
         memory.update({f"{name}_peak_mib": peak / 2**20 for name, peak in peaks.items() if peak is not None})
-    # The issue's whole-step target is an H200 one; on the CPU the step is measured, not judged.
+    # The issue's whole-step target is an H200 one; elsewhere the step is measured, not judged.
     target = met = None
-    if ON_GPU:
+    if ON_H200:
         target = f"<= kept-MAC fraction + 0.05 = {fraction + 0.05:.2f}x dense and faster than one pass per code"
         met = times["mmfast"] <= (fraction + 0.05) * times["dense"] and times["mmfast"] < times["per_code"]
         static["static_plan_target_met"] = (static_ms <= (fraction + 0.05) * times["dense"]

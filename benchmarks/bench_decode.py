@@ -18,10 +18,11 @@ import torch.nn.functional as F
 
 from mmfast.ops import decode_attention, decode_linear, kv_cache_append, sample
 
-from _utils import bench_device, graph_or_eager_ms, median_ms, peak_bandwidth, record_metrics, run_timed
+from _utils import bench_device, graph_or_eager_ms, is_h200, median_ms, peak_bandwidth, record_metrics, run_timed
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
+ON_H200 = ON_GPU and is_h200(DEVICE)  # issue 9's GPU targets: other GPUs report times, grade nothing
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
 # name, heads, kv heads, head dim
@@ -88,7 +89,7 @@ def test_decode_attention(benchmark, case):
     floor = 2 * int(lengths.sum()) * kv_heads * dim * k_cache.element_size()
     target = met = None
     bandwidth, _ = peak_bandwidth(DEVICE)
-    if ON_GPU and bandwidth and max_tokens >= 4096 and batch >= 8 and name == "liquid-7b-mha":
+    if ON_H200 and bandwidth and max_tokens >= 4096 and batch >= 8 and name == "liquid-7b-mha":
         target = f">= {ATTENTION_TARGET_PCT}% of HBM on the KV read"
         met = 100 * floor / bandwidth / (times["mmfast"] * 1e-3) >= ATTENTION_TARGET_PCT
     record_metrics(benchmark, op="decode_attention", shape=f"{name} B={batch} T={max_tokens}", device=DEVICE,
@@ -135,7 +136,7 @@ def test_sample(benchmark, vocab):
         times = {"mmfast": eager,
                  "sort_sampler": median_ms(lambda: sort_sampler(logits, 7.0, **settings), DEVICE, warmup=2, repeats=9)}
     target = met = None
-    if ON_GPU and vocab == 8192:
+    if ON_H200 and vocab == 8192:
         target, met = f"< {SAMPLER_TARGET_US} us", times["mmfast"] * 1e3 < SAMPLER_TARGET_US
     record_metrics(benchmark, op="sample", shape=f"CFG 4 pairs V={vocab} top_k=4096 top_p=0.96", device=DEVICE,
                    dtype=torch.float32, times=times, floor_bytes=logits.numel() * logits.element_size(),

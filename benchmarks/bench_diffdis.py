@@ -193,7 +193,9 @@ def test_mask_only_speedup_paired(benchmark, dtype, resolution):
         target = "mask_only >= 1.5x faster than mask + edge (same dtype and layout), same mask (max diff < 1e-3)"
         target_met = speedup >= 1.5 and diff < 1e-3
     else:  # bf16 rounds differently at half the batch: the mask's accuracy is the bf16-vs-fp32 row's target
-        target, target_met = "mask_only >= 1.5x faster than mask + edge (same dtype and layout)", speedup >= 1.5
+        target = ("mask_only >= 1.5x faster than mask + edge (same dtype and layout); speed only: the bf16 mask's "
+                  "accuracy is graded by the bf16-vs-fp32 row")
+        target_met = speedup >= 1.5
     benchmark.group = f"diffdis-mask-only-paired-{resolution}px"
     record_metrics(benchmark, op="diffdis.segment[mask_only vs full, paired]", device=DEVICE, dtype=dtype,
                    shape=f"{CONFIG_NAME} {resolution}px 1 view, channels_last",

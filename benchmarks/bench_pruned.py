@@ -38,10 +38,12 @@ import torch.nn.functional as F
 
 from mmfast.ops import keep_packed_weights, masked_conv2d, masked_group_norm
 
-from _utils import bench_device, eager_ms, graph_or_eager_ms, median_ms, paired_ratio, paired_rounds, record_metrics, run_timed
+from _utils import (bench_device, eager_ms, graph_or_eager_ms, is_h200, median_ms, paired_ratio, paired_rounds,
+                    record_metrics, run_timed, timed_alike)
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
+ON_H200 = ON_GPU and is_h200(DEVICE)  # issue 10's GPU targets: other GPUs report times, grade nothing
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BATCH_CODES = [0, 0, 1, 1, 2, 2, 3, 4]  # batch 8, 5 distinct codes, sorted once per UNet call
@@ -124,6 +126,8 @@ def test_masked_conv2d(benchmark, case):
     dense_macs = len(BATCH_CODES) * channels * channels * 9 * side * side
     fraction = kept_macs / dense_macs
     target, met = _target(times, fraction, keep, resolution, side)
+    if target and not timed_alike(extra.get("timing", {}), "mmfast", "dense", "group_by_code"):
+        target, met = target + " (ungraded: the contenders were timed unlike, see timing)", None
     record_metrics(benchmark, op="masked_conv2d", shape=f"{resolution}px {side}x{side} C={channels} keep={keep} "
                    f"B=8 codes=5", device=DEVICE, dtype=DTYPE, times=times, flops=2 * kept_macs,
                    target=target, target_met=met, kept_flop_fraction=round(fraction, 3),
@@ -194,9 +198,9 @@ def _cpu_target_met(dense_ratio, group_by_code_ratio):
 
 
 def _target(times, fraction, keep, resolution, side):
-    """The issue's per-layer targets (None where it states none): on the GPU at the 768 px
+    """The issue's per-layer targets (None where it states none): on an H200 at the 768 px
     shapes only (issue 10: "per layer ... at the 768 px shapes"; the 512 px rows are reported)."""
-    if not ON_GPU or resolution != 768:  # CPU keep 0.5: test_masked_conv2d_paired decides it, in rounds
+    if not ON_H200 or resolution != 768:  # CPU keep 0.5: test_masked_conv2d_paired decides it, in rounds
         return None, None
     parts, met = [f"<= {fraction + 0.1:.2f}x dense (kept FLOP fraction + 0.1)"], \
         times["mmfast"] <= (fraction + 0.1) * times["dense"]

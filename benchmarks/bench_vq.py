@@ -22,7 +22,7 @@ import torch
 from mmfast.ops import vq_codebook_sqnorm, vq_quantize
 
 from _utils import (bench_device, graph_or_eager_ms, is_h200, median_ms, paired_ratio, paired_rounds, record_metrics,
-                    run_timed)
+                    run_timed, timed_alike)
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -154,8 +154,12 @@ def test_vq_quantize(benchmark, shape, tmp_path):
                 timings["vector_quantize_pytorch"] = "cuda events, eager calls"
     if ON_GPU:  # after the baselines: the row's first baseline is its primary one
         times["mmfast_eager"] = median_ms(run, DEVICE)
-    torch_ms = min((times[key] for key in ("expanded", "cdist", "expanded_in_dtype") if key in times), default=None)
+    torch_key = min((key for key in ("expanded", "cdist", "expanded_in_dtype") if key in times), key=times.get,
+                    default=None)
+    torch_ms = times[torch_key] if torch_key else None
     target, met = _targets(times, n, k, d, torch_ms, name)
+    if ON_GPU and target and torch_key and not timed_alike(timings, "mmfast", torch_key):
+        target, met = target + f" (ungraded: mmfast and {torch_key} timed unlike, see timing)", None
     record_metrics(benchmark, op="vq_quantize", shape=f"{name} N={n} K={k} D={d}", device=DEVICE, dtype=DTYPE,
                    times=times, flops=2 * n * k * d, target=target, target_met=met,
                    speedup_vs_torch=round(torch_ms / times["mmfast"], 2) if torch_ms else None,
@@ -264,7 +268,7 @@ def _targets(times, n, k, d, torch_ms, shape_name):
         parts.append(f">= {H200_TFLOPS_TARGET} TFLOP/s")
         met = met and 2 * n * k * d / (times["mmfast"] * 1e-3) / 1e12 >= H200_TFLOPS_TARGET
     if ON_H200 and shape_name == "one-image":
-        parts.append(f"< {H200_ONE_IMAGE_US} us (CUDA-graph replay)")
+        parts.append(f"< {H200_ONE_IMAGE_US} us")
         met = met and times["mmfast"] * 1e3 < H200_ONE_IMAGE_US
     return ("; ".join(parts), met) if parts else (None, None)
 

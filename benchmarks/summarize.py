@@ -22,7 +22,8 @@ import sys
 from collections import OrderedDict
 
 LEADING = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("mmfast ms", "mmfast_ms")]
-TRAILING = [("throughput", "throughput"), ("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("% of BW floor", "pct_of_floor"),
+TRAILING = [("throughput", "throughput"), ("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("% of peak FLOP/s", "pct_of_peak_flops"),
+            ("% of BW floor", "pct_of_floor"),
             ("key ratios", "_key_ratios"), ("target", "target"), ("met", "target_met"),
             ("other targets", "_other_targets")]
 MODES = ("static_plan", "triton")  # _utils.MMFAST_MODES (summarize.py runs without torch)
@@ -193,6 +194,11 @@ def plot(infos, path):
 
 def header(machine, commit, when, infos):
     cpu = machine.get("cpu", {}).get("brand_raw", "") or (infos[0]["device"] if infos else "")
+    # rows timed on a GPU name it (machine_name): the header says so, with the host CPU after it
+    gpus = sorted({info["device"] for info in infos if info.get("device") and info["device"] != cpu
+                   and not info["device"].startswith(cpu or "\0")})
+    if gpus:
+        cpu = f"{' / '.join(gpus)} (host: {cpu})" if cpu else " / ".join(gpus)
     dirty = " (uncommitted changes)" if commit.get("dirty") else ""
     parts = [f"Commit {commit.get('id', '?')[:10]}{dirty}" if commit else "Commit unknown (rows file)",
              when[:19].replace("T", " ") + " UTC" if when else "", cpu,

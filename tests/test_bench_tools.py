@@ -178,3 +178,18 @@ def test_skipped_benchmarks_are_listed_as_ungraded(tmp_path):
         assert summary.returncode == 0, summary.stderr
         assert "3 benchmarks (or files) did not run here, their targets not graded:" in summary.stdout
         assert "bench_fake.py::test_no_baseline: faiss is not installed" in summary.stdout
+
+
+def test_timed_alike_only_for_the_same_method():
+    timings = {"mmfast": utils.GRAPH_TIMING, "cdist": utils.GRAPH_TIMING, "expanded": "cuda events, eager calls"}
+    assert utils.timed_alike(timings, "mmfast", "cdist")
+    assert not utils.timed_alike(timings, "mmfast", "expanded")
+    assert not utils.timed_alike(timings, "mmfast", "missing")
+
+
+def test_summary_header_names_the_gpu_and_the_host():
+    rows = [{"device": "NVIDIA H200"}, {"device": "NVIDIA H200"}]
+    machine = {"cpu": {"brand_raw": "Intel(R) Xeon(R) Processor"}}
+    assert "NVIDIA H200 (host: Intel(R) Xeon(R) Processor)" in summarize.header(machine, {}, "", rows)
+    cpu_rows = [{"device": "AMD EPYC, 2 threads"}]
+    assert "host" not in summarize.header({"cpu": {"brand_raw": "AMD EPYC"}}, {}, "", cpu_rows)
