@@ -710,10 +710,26 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: sample(torch.randn(3, 10), temperature=-0.1), ValueError, "temperature"),
         (lambda: sample(torch.randn(3, 10), uniform=torch.rand(2)), ValueError, "uniform"),
         (lambda: sample(torch.randn(10)), ValueError, "2-D"),
+        # past float32's range: the kernels' scaled logits / scores became inf, then NaN (a token drawn
+        # from a -inf logit, reported valid; a NaN output), found by a CPU-kernel audit
+        (lambda: sample(torch.randn(3, 10), temperature=1e39), ValueError,
+         r"temperature must be a finite number within float32's range \(\|x\| <= 3.4028235e\+38"),
+        (lambda: torch.ops.mmfast.sample(torch.randn(2, 10), torch.rand(1), 1.0, 0, 1.0, -1e39), ValueError,
+         "cfg_scale must be a finite number within float32's range"),
+        (lambda: torch.ops.mmfast.sample(torch.randn(2, 10), torch.rand(2), float("inf"), 0, 1.0, None), ValueError,
+         "temperature must be a finite number within float32's range"),
+        (lambda: decode_attention(q, k_cache, v_cache, lengths, softcap=1e39), ValueError,
+         "softcap must be a finite number within float32's range"),
+        (lambda: torch.ops.mmfast.decode_attention(q, k_cache, v_cache, lengths, 1e39, 0.0, 0), ValueError,
+         "scale must be a finite number within float32's range"),
+        (lambda: torch.ops.mmfast.decode_attention(q, k_cache, v_cache, lengths, 0.3, 1e39, 0), ValueError,
+         "softcap must be a finite number within float32's range"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+    wide = decode_attention(q.double(), k_cache.double(), v_cache.double(), lengths, softcap=1e39)  # fp64 scores
+    torch.testing.assert_close(wide, decode_attention(q.double(), k_cache.double(), v_cache.double(), lengths))
     with torch.no_grad():  # grad mode off: the same append is fine, and writes
         kv_cache_append(k_cache, v_cache, q[:, :, :2].clone().requires_grad_(), q[:, :, :2],
                         torch.tensor([3, 5], dtype=torch.int32))

@@ -212,6 +212,19 @@ def test_sample_matches_reference(ns, dtype, temperature, top_k, top_p):
     check_draws(tokens, status, logits, uniform, temperature, top_k, top_p)
 
 
+def test_scalars_past_float32_are_refused_like_the_native_op(ns):
+    logits, uniform = randn(2, 10), torch.rand(2, device=DEVICE)
+    with pytest.raises(ValueError, match="temperature must be a finite number within float32's range"):
+        ns.sample(logits, uniform, 1e39, 0, 1.0, None)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number within float32's range"):
+        ns.sample(logits, uniform[:1], 1.0, 0, 1.0, 1e39)
+    q, k_cache = randn(1, 1, 2, 8), randn(1, 4, 2, 8)
+    lengths = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    for scale, softcap, name in ((1e39, 0.0, "scale"), (0.3, 1e39, "softcap")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number within float32's range"):
+            ns.decode_attention(q, k_cache, k_cache, lengths, scale, softcap, 0)
+
+
 def test_sample_raises_tiny_temperatures_to_the_minimum_like_the_native_op(ns):
     """Found by a Triton audit: the native glue raises a temperature in (0, 1e-5) to 1e-5, the
     Triton op divided by it as given (token 1 here instead of 0)."""

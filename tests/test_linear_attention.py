@@ -235,6 +235,17 @@ def test_backward_ops_check_gradients_dtype_and_device_as_their_fakes_do(op_name
             op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
+def test_state_backward_shape_error_names_the_expected_shapes():
+    """The native op said only '(B, H, Dk, Dv)'; the Python check (Triton, fakes) the numbers."""
+    k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 7)
+    shapes = r"grad_state must be \(B, H, Dk, Dv\) = \[1, 2, 8, 7\] and grad_mean \(B, H, Dk\) = \[1, 2, 8\], got"
+    with pytest.raises(ValueError, match=shapes):
+        torch.ops.mmfast.linear_attention_state_backward(torch.zeros(1, 2, 8, 6), torch.zeros(1, 2, 8), k, v, "elu1")
+    with pytest.raises(ValueError, match=r"grad_state must be \(1, 2, 8, 7\) and grad_mean \(1, 2, 8\)"):
+        from mmfast.ops.linear_attention import check_state_backward
+        check_state_backward(torch.zeros(1, 2, 8, 6), torch.zeros(1, 2, 8), k, v, "elu1")
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_torch_compile_fullgraph(backend_device):
     backend, device = backend_device

@@ -18,6 +18,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <utility>
 
@@ -125,6 +127,13 @@ inline void check_append(const at::Tensor& k_cache, const at::Tensor& v_cache, c
                         "written; pass a copy (.clone())");
 }
 
+// A scalar the kernels compute with in float32: past float's range it became inf there (every
+// score or weight NaN, a token drawn from nothing), so it is refused. The Python checks say the same.
+inline void check_fits_float(double value, const char* op, const char* name, const char* why) {
+  TORCH_CHECK_VALUE(std::abs(value) <= std::numeric_limits<float>::max(), op, ": ", name,
+                    " must be a finite number within float32's range (|x| <= 3.4028235e+38: ", why, "), got ", value);
+}
+
 inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double softcap, int64_t window) {
   const char* op = "decode_attention";
@@ -143,6 +152,8 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_same_dtype_device(q, "q", k_cache, "k_cache", op);
   check_seqlens(seqlens, k_cache, op);
   TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0 (0: none), got ", softcap);
+  if (q.scalar_type() != at::kDouble)
+    check_fits_float(softcap, op, "softcap", "the scores are float32 for all but float64 inputs");
   TORCH_CHECK_VALUE(window >= 0, op, ": window must be >= 0 (0: none), got ", window);
 }
 
@@ -165,6 +176,8 @@ inline int64_t check_sample(const at::Tensor& logits, const at::Tensor& uniform,
   TORCH_CHECK_TYPE(uniform.device() == logits.device(), op, ": all inputs must have the same device, got logits: ",
                    logits.device(), ", uniform: ", uniform.device());
   TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0 (0: greedy), got ", temperature);
+  check_fits_float(temperature, op, "temperature", "the logits are scaled in float32");
+  if (cfg_scale.has_value()) check_fits_float(*cfg_scale, op, "cfg_scale", "the logits are mixed in float32");
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0: off), got ", top_k);
   TORCH_CHECK_VALUE(top_p >= 0 && top_p <= 1, op, ": top_p must be in [0, 1] (1: off), got ", top_p);
   return rows;
@@ -242,6 +255,8 @@ template <class Backend>
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens_in, double scale, double softcap, int64_t window) {
   check_attention(q_in, k_cache, v_cache, seqlens_in, softcap, window);
+  if (q_in.scalar_type() != at::kDouble)
+    check_fits_float(scale, "decode_attention", "scale", "the scores are float32 for all but float64 inputs");
   const c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = unit_stride_last(q_in), seqlens = seqlens_in.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "glue/common.h"
 #include "mmfast/linear_attention.h"
@@ -215,18 +216,19 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_state_backward(const at::Ten
                                                                    c10::string_view feature_map) {
   check_kv(k_in, v_in);
   const auto acc = accumulation_type(k_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_state_in.dim() == 4 && grad_state_in.size(0) == k_in.size(0) &&
-                        grad_state_in.size(1) == k_in.size(2) && grad_state_in.size(2) == k_in.size(3) &&
-                        grad_state_in.size(3) == v_in.size(3),
-                    "linear_attention: grad_state must be (B, H, Dk, Dv), got ", grad_state_in.sizes());
-  TORCH_CHECK_VALUE(grad_mean_in.dim() == 3 && grad_mean_in.size(0) == k_in.size(0) &&
-                        grad_mean_in.size(1) == k_in.size(2) && grad_mean_in.size(2) == k_in.size(3),
-                    "linear_attention: grad_mean must be (B, H, Dk), got ", grad_mean_in.sizes());
+  const std::vector<int64_t> state_shape{k_in.size(0), k_in.size(2), k_in.size(3), v_in.size(3)};
+  const std::vector<int64_t> mean_shape{k_in.size(0), k_in.size(2), k_in.size(3)};
+  TORCH_CHECK_VALUE(grad_state_in.sizes() == at::IntArrayRef(state_shape) &&
+                        grad_mean_in.sizes() == at::IntArrayRef(mean_shape),
+                    "linear_attention: grad_state must be (B, H, Dk, Dv) = ", at::IntArrayRef(state_shape),
+                    " and grad_mean (B, H, Dk) = ", at::IntArrayRef(mean_shape), ", got ", grad_state_in.sizes(),
+                    " and ", grad_mean_in.sizes());
   TORCH_CHECK_TYPE(grad_state_in.scalar_type() == acc && grad_mean_in.scalar_type() == acc,
                    "linear_attention: grad_state and grad_mean must be ", dtype_name(acc), ", got ",
                    dtype_name(grad_state_in.scalar_type()), " and ", dtype_name(grad_mean_in.scalar_type()));
-  TORCH_CHECK_TYPE(grad_state_in.device() == k_in.device() && grad_mean_in.device() == k_in.device(),
-                   "linear_attention: all inputs must have the same device");
+  check_same_dtype_device(grad_state_in, "grad_state", grad_mean_in, "grad_mean", "linear_attention");
+  TORCH_CHECK_TYPE(grad_state_in.device() == k_in.device(), "linear_attention: all inputs must have the same device, "
+                   "got grad_state: ", grad_state_in.device(), ", k: ", k_in.device());
   const c10::DeviceGuard guard(k_in.device());
   const at::Tensor k = unit_stride_last(k_in), v = unit_stride_last(v_in);
   const at::Tensor grad_state = grad_state_in.contiguous(), grad_mean = grad_mean_in.contiguous();

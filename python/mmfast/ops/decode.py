@@ -165,7 +165,22 @@ def check_append_needs_no_grad(k_cache, v_cache, k, v) -> None:
                                "torch.no_grad() or torch.inference_mode()")
 
 
-def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, window: int = 0) -> None:
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_fits_float32(op: str, name: str, value, why: str) -> None:
+    """ValueError for a scalar the kernels compute with in float32 that is past its range (it
+    became inf there: every score or weight NaN), in the C++ glue's words (check_fits_float)."""
+    if not abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{op}: {name} must be a finite number within float32's range (|x| <= "
+                         f"{FLOAT32_MAX:.8g}: {why}), got {value!r}")
+
+
+_SCORES_FP32 = "the scores are float32 for all but float64 inputs"
+
+
+def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, window: int = 0,
+                    scale: Optional[float] = None) -> None:
     op = "decode_attention"
     _check_caches(op, k_cache, v_cache)
     batch, _, kv_heads, dim = k_cache.shape
@@ -186,6 +201,10 @@ def check_attention(q, k_cache, v_cache, cache_seqlens, softcap: float = 0.0, wi
     _check_seqlens(op, cache_seqlens, batch, k_cache.device)
     if softcap < 0:
         raise ValueError(f"{op}: softcap must be >= 0 (0: none), got {softcap}")
+    if q.dtype != torch.float64:
+        check_fits_float32(op, "softcap", softcap, _SCORES_FP32)
+        if scale is not None:
+            check_fits_float32(op, "scale", scale, _SCORES_FP32)
     if window < 0:
         raise ValueError(f"{op}: window must be >= 0 (0: none), got {window}")
 
@@ -210,6 +229,8 @@ def _check_attention_scalars(q: torch.Tensor, scale, softcap, window) -> None:
             raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+        if q.dtype != torch.float64:
+            check_fits_float32(op, name, value, _SCORES_FP32)
     if q.dim() == 4 and q.shape[-1] == 0:
         raise ValueError(f"{op}: the head dim D must be >= 1, got q of shape {tuple(q.shape)}")
 
@@ -234,6 +255,9 @@ def check_sample(logits, uniform, temperature: float, top_k: int, top_p: float, 
     check_same(op, {"logits": logits, "uniform": uniform}, "device")
     if not temperature >= 0:
         raise ValueError(f"{op}: temperature must be >= 0 (0: greedy), got {temperature}")
+    check_fits_float32(op, "temperature", temperature, "the logits are scaled in float32")
+    if cfg_scale is not None:
+        check_fits_float32(op, "cfg_scale", cfg_scale, "the logits are mixed in float32")
     if top_k < 0:
         raise ValueError(f"{op}: top_k must be >= 0 (0: off), got {top_k}")
     if not 0 <= top_p <= 1:
@@ -506,6 +530,9 @@ def _check_sample_scalars(temperature, top_k, top_p, cfg_scale) -> None:
             raise TypeError(f"sample: {name} must be a finite number, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"sample: {name} must be a finite number, got {value!r}")
+        if name != "top_p":
+            verb = "scaled" if name == "temperature" else "mixed"
+            check_fits_float32("sample", name, value, f"the logits are {verb} in float32")
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

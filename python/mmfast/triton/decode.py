@@ -84,7 +84,7 @@ def kv_cache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cach
 @torch.library.custom_op("mmfast_triton::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
                      softcap: float, window: int) -> Tensor:
-    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
+    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window, scale)
     check_runnable("decode_attention", q, k_cache, v_cache)
     batch, queries, heads, dim = q.shape
     if dim > MAX_HEAD_DIM:
