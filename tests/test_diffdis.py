@@ -526,6 +526,20 @@ def test_checkpoint_errors(tmp_path):
         DiffDISUNet.from_pretrained(str(tmp_path / "unet"))
 
 
+def test_truncated_weights_name_their_file(tmp_path):
+    """An interrupted download leaves a truncated file: safetensors' own error named no file, and
+    diffusers' for the VAE read as a missing file (found by a new-user trial)."""
+    save_tiny_diffdis_checkpoint(str(tmp_path))
+    for folder, owner in (("unet", "DiffDISUNet"), ("vae", "DiffDISPipeline")):
+        weights = tmp_path / folder / "diffusion_pytorch_model.safetensors"
+        intact = weights.read_bytes()
+        weights.write_bytes(intact[:100])
+        with pytest.raises(ValueError, match=f"{owner}: .*{folder}/diffusion_pytorch_model.safetensors is not a "
+                           "readable safetensors file .*fetch it again"):
+            DiffDISPipeline.from_pretrained(str(tmp_path))
+        weights.write_bytes(intact)
+
+
 # --- linear attention -----------------------------------------------------------------------
 
 

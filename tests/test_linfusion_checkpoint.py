@@ -107,6 +107,12 @@ def test_checkpoint_tensor_mismatch_and_missing_dir(unet, tmp_path):
         LinFusion.from_pretrained(str(tmp_path / "Yuanshi" / "LinFusion-1-5"))
     with pytest.raises(FileNotFoundError, match="is a file; pass the checkpoint directory"):
         LinFusion.from_pretrained(str(tmp_path / "config.json"))
+    # a truncated weights file (an interrupted download) names its file, not only safetensors' words
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="LinFusion: .*diffusion_pytorch_model.safetensors is not a readable "
+                       "safetensors file .*fetch it again"):
+        LinFusion.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         LinFusion.from_pretrained(str(tmp_path))

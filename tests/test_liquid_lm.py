@@ -693,6 +693,23 @@ def test_a_checkpoint_of_mixed_dtypes_loads_as_one(checkpoints, tmp_path):
     assert loaded.prefill(torch.tensor([[5, 6, 7]])).dtype == torch.float32
 
 
+def test_truncated_shards_and_bad_configs_name_their_file(checkpoints, tmp_path):
+    """Found by a new-user trial: a truncated model.safetensors (an interrupted download) raised
+    safetensors' own error, which names no file, and a malformed config.json json's."""
+    import shutil
+
+    directory = tmp_path / "llama"
+    shutil.copytree(checkpoints["llama"][1], directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LiquidLMCheckpointError, match="LiquidLM: .*model.safetensors is not a readable safetensors "
+                       "file .*fetch it again"):
+        LiquidLM.from_pretrained(directory)
+    (directory / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="LiquidLM: .*config.json is not valid JSON"):
+        LiquidLM.from_pretrained(directory)
+
+
 def test_the_dtype_cast_releases_each_stored_tensor_before_the_next():
     """from_pretrained's cast held the stored and the cast state at once (twice the model)."""
     import weakref

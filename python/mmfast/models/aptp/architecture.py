@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._modules import swap_submodule
+from .._checkpoint_files import read_safetensors
 
 __all__ = [
     "ArchitectureCode", "DepthSkip", "FF_GROUPS", "arch_vector_layout", "depth_gates", "width_gates",
@@ -79,14 +80,7 @@ class ArchitectureCode:
     def load(cls, path: str) -> "ArchitectureCode":
         """The code save() wrote. Raises FileNotFoundError, ValueError for a file that is not
         readable safetensors."""
-        from safetensors.torch import load_file
-        try:
-            tensors = load_file(path)
-        except (FileNotFoundError, MemoryError):
-            raise
-        except Exception as error:  # safetensors' own error types differ across versions
-            raise ValueError(f"ArchitectureCode: {path} is not a readable safetensors file: {error}") from error
-        return cls.from_tensors(tensors)
+        return cls.from_tensors(read_safetensors(path, "ArchitectureCode"))
 
     def runs(self, block: str) -> bool:
         return self.depth.get(block, True)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ...ops._checks import check_dtype_argument, is_integer
+from .._checkpoint_files import read_safetensors
 from .architecture import FF_GROUPS, ArchitectureCode, prune_unet
 
 __all__ = [
@@ -251,14 +252,7 @@ def _check_dtype(dtype) -> None:
 
 def _load_weights(path: str, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
     """A safetensors file, cast tensor by tensor (one full-precision tensor at a time in memory)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) if dtype is None else f.get_tensor(k).to(dtype) for k in f.keys()}
-    except (FileNotFoundError, MemoryError):
-        raise
-    except Exception as error:  # safetensors' own error types differ across versions
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    return read_safetensors(path, "APTP expert", dtype=dtype)
 
 
 def _load_arch_vector(path: str) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops._checks import check_dtype_argument, is_integer
+from .._checkpoint_files import read_safetensors
 from .unet import DiffDISUNet
 
 EMPTY_TEXT_EMBEDDING_NAME = "empty_text_embedding.safetensors"
@@ -258,6 +259,9 @@ class DiffDISPipeline:
             vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype, use_safetensors=True,
                                                 local_files_only=True).to(device)
         except OSError as error:  # e.g. weights only as .bin: diffusers' OSError, a FileNotFoundError here
+            weights = os.path.join(vae_dir, "diffusion_pytorch_model.safetensors")
+            if os.path.isfile(weights) and os.path.isfile(os.path.join(vae_dir, "config.json")):
+                read_safetensors(weights, "DiffDISPipeline")  # a truncated or foreign file: name it
             raise FileNotFoundError(f"DiffDISPipeline: cannot load the VAE from {vae_dir!r} (config.json and "
                                     f"diffusion_pytorch_model.safetensors expected): {error}") from None
         scheduler_config = os.path.join(_require_dir(directory, "scheduler"), "scheduler_config.json")
@@ -494,13 +498,11 @@ def _require_dir(directory: str, name: Optional[str]) -> str:
 
 
 def _load_empty_text_embedding(directory: str, path: Optional[str]) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     if path is not None and not os.path.isfile(path):
         raise FileNotFoundError(f"DiffDISPipeline: empty_text_embedding file {path!r} does not exist")
     path = path or os.path.join(directory, EMPTY_TEXT_EMBEDDING_NAME)
     if os.path.isfile(path):
-        tensors = load_file(path)
+        tensors = read_safetensors(path, "DiffDISPipeline")
         if "empty_text_embedding" not in tensors:
             raise KeyError(f"DiffDISPipeline: {path} holds {sorted(tensors)}, not 'empty_text_embedding' (the file "
                            "save_empty_text_embedding writes)")

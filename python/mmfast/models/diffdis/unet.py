@@ -14,12 +14,13 @@ State-dict keys and shapes are those of the released checkpoint (HF qianyu1217/d
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from .._checkpoint_files import read_json, read_safetensors
 
 try:
     from diffusers import UNet2DConditionModel
@@ -121,11 +122,7 @@ def _zero_conv(channels: int) -> nn.Conv2d:
 def _load_config(config) -> dict:
     if isinstance(config, (str, os.PathLike)):
         path = os.path.join(config, "config.json") if os.path.isdir(config) else config
-        with open(path) as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"DiffDISUNet: {path} is not valid JSON ({error})") from None
+        return read_json(path, "DiffDISUNet")
     return dict(config)
 
 
@@ -171,11 +168,10 @@ class DiffDISUNet(UNet2DConditionModel):
 
         config.json may be the stock sd-turbo config (the official instructions copy it next to
         the weights) or carry the DiffDIS options. Loads with strict=True through safetensors;
-        nothing is downloaded. Raises FileNotFoundError naming the missing file and
-        RuntimeError listing missing/unexpected keys.
+        nothing is downloaded. Raises FileNotFoundError naming the missing file, ValueError for a
+        config.json that is not JSON or weights that are not readable safetensors (e.g. truncated),
+        and RuntimeError listing missing/unexpected keys.
         """
-        from safetensors.torch import load_file
-
         weights = os.path.join(directory, WEIGHTS_NAME)
         for path in (os.path.join(directory, "config.json"), weights):
             if not os.path.isfile(path):
@@ -183,10 +179,7 @@ class DiffDISUNet(UNet2DConditionModel):
                                         f"and {WEIGHTS_NAME} (mmfast never downloads: fetch qianyu1217/diffdis first)")
         with torch.device("meta"):
             model = cls.from_config(directory)
-        state = load_file(weights, device=str(device))
-        if torch_dtype is not None:  # cast tensor by tensor: no second full-size copy
-            state = {key: value.to(torch_dtype) if value.is_floating_point() else value
-                     for key, value in state.items()}
+        state = read_safetensors(weights, "DiffDISUNet", device=device, dtype=torch_dtype)
         added = [name for name in model.state_dict() if any(part in name for part in ("attn3", "rgb_conv", "rgb_proj"))]
         expected = set(model.state_dict())
         prefixes = {key.split(".", 1)[0] + "." for key in state if "." in key and key.split(".", 1)[1] in expected}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...ops._checks import check_dtype_argument, is_integer
+from .._checkpoint_files import read_json, read_safetensors
 from .._modules import check_swap_back, offload_hooked, swap_back, swap_submodule, unwrapped
 from .attention import GeneralizedLinearAttention
 
@@ -380,19 +381,16 @@ class LinFusion(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, torch_dtype: Optional[torch.dtype] = None) -> "LinFusion":
         """Loads a local checkpoint directory (safetensors only; never pickle). torch_dtype: a
-        torch.dtype to cast to (None: as stored); TypeError otherwise."""
+        torch.dtype to cast to (None: as stored); TypeError otherwise. Raises FileNotFoundError
+        for a missing directory or file, ValueError for a config.json that is not JSON or not a
+        LinFusion config and for a weights file that is not readable safetensors (e.g. truncated),
+        LinFusionMismatchError for tensors that disagree with the config."""
         check_dtype_argument("LinFusion.from_pretrained", "torch_dtype", torch_dtype)
         config_path, weights_path = _checkpoint_paths(directory)
-        with open(config_path) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"LinFusion: {config_path} is not valid JSON ({error})") from None
+        config = read_json(config_path, "LinFusion")
         if not isinstance(config, dict) or "modules_list" not in config:
             raise ValueError(f"LinFusion: {config_path} has no 'modules_list'; is this a LinFusion checkpoint?")
-        from safetensors.torch import load_file
-
-        state = load_file(weights_path)
+        state = read_safetensors(weights_path, "LinFusion")
         with torch.device("meta"):  # no random init of weights that are about to be replaced
             model = cls(config["modules_list"], partial=bool(config.get("partial", False)))
         _check_state_dict(model, state, weights_path)

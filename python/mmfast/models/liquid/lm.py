@@ -35,7 +35,6 @@ default backend).
 from __future__ import annotations
 
 import collections
-import json
 import os
 from typing import Optional, Tuple
 
@@ -45,6 +44,7 @@ from torch import nn
 from ...memory import use_huge_pages
 from ...ops._checks import check_dtype_argument
 from ...ops.decode import MAX_DECODE_QUERIES
+from .._checkpoint_files import read_json
 from .lm_checkpoint import LiquidLMCheckpointError, check_state, load_safetensors_dir
 from .lm_config import LiquidLMConfig
 from .lm_layers import Backbone, KVCache, linear, merge_fused_projections, rope_cos_sin, rope_inv_freq
@@ -292,8 +292,9 @@ class LiquidLM(nn.Module):
         (mmfast.memory.use_huge_pages: a decode step streams them all, 4-19% faster on huge
         pages; no effect off Linux, without THP or with MMFAST_CPU_HUGE_PAGES=0). A tied model
         ignores a stored lm_head.weight; rotary inv_freq keys are ignored. Raises
-        FileNotFoundError for missing files, ValueError for an unsupported config,
-        LiquidLMCheckpointError for missing, unexpected or misshapen tensors."""
+        FileNotFoundError for missing files, ValueError for an unsupported config or a config.json
+        that is not JSON, LiquidLMCheckpointError for a weights file that is not readable
+        safetensors (e.g. truncated) and for missing, unexpected or misshapen tensors."""
         check_dtype_argument("LiquidLM.from_pretrained", "dtype", dtype)
         local_dir = os.fspath(local_dir)
         config_path = os.path.join(local_dir, "config.json")
@@ -304,8 +305,7 @@ class LiquidLM(nn.Module):
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"LiquidLM: no config.json in {local_dir!r} (a local transformers checkpoint "
                                     "directory; nothing is downloaded)")
-        with open(config_path) as f:
-            config_dict = json.load(f)
+        config_dict = read_json(config_path, "LiquidLM")
         config = LiquidLMConfig.from_hf(config_dict)
         device = torch.device(device) if device is not None else torch.device("cpu")
         state = load_safetensors_dir(local_dir, device)

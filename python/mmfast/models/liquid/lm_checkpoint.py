@@ -7,6 +7,8 @@ import os
 
 from torch import nn
 
+from .._checkpoint_files import read_safetensors
+
 __all__ = ["LiquidLMCheckpointError", "load_safetensors_dir", "check_state"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -20,8 +22,6 @@ class LiquidLMCheckpointError(ValueError):
 def load_safetensors_dir(local_dir: str, device=None) -> dict:
     """{name: tensor} of model.safetensors, or of the shards named by model.safetensors.index.json,
     read straight onto `device` (default CPU)."""
-    from safetensors import safe_open
-
     single, index = os.path.join(local_dir, SAFE_WEIGHTS_NAME), os.path.join(local_dir, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):
         files = [single]
@@ -42,9 +42,7 @@ def load_safetensors_dir(local_dir: str, device=None) -> dict:
                                 f"{local_dir!r}{hint}")
     state = {}
     for path in files:
-        with safe_open(path, framework="pt", device=str(device or "cpu")) as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+        state.update(read_safetensors(path, "LiquidLM", device=device or "cpu", error=LiquidLMCheckpointError))
     return state
 
 

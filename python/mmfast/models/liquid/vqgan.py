@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ...nn.vector_quantizer import VectorQuantizer
 from ...ops._checks import check_dtype_argument
+from .._checkpoint_files import read_safetensors
 from ...ops.vq import vq_codebook_sqnorm
 from .taming import Decoder, Encoder, VQGANConfig
 
@@ -229,12 +229,7 @@ def load_taming_state_dict(path) -> dict:
     """
     path = checkpoint_file(path)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except Exception as err:  # safetensors' SafetensorError (truncated, empty, not safetensors)
-            raise VQGANCheckpointError(f"VQGAN: {path!r} is not a readable safetensors file ({err})") from err
+        state = read_safetensors(path, "VQGAN", error=VQGANCheckpointError)
     elif path.endswith(PICKLE_SUFFIXES):
         state = _torch_load_weights_only(path)
     else:
