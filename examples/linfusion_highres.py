@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -405,7 +406,10 @@ def main(argv=None):
     pipe = load_pipeline(args, dtype)
     if not args.plan_only:
         pipe = pipe.to(args.device)
-    linfusion = LinFusion.construct_for(pipe, pretrained=args.linfusion, load_pretrained=bool(args.linfusion))
+    try:
+        linfusion = LinFusion.construct_for(pipe, pretrained=args.linfusion, load_pretrained=bool(args.linfusion))
+    except (FileNotFoundError, ValueError) as error:  # a missing, malformed or mismatched file: the message names it
+        sys.exit(f"linfusion_highres.py: error: {error}")
     chunk = DEFAULT_TOKEN_CHUNK if args.token_chunk is None else args.token_chunk
     linfusion.set_token_chunk_size(chunk or None)  # the cascade sets it per stage from its MemoryOptions
     print(f"LinFusion mounted on {len(linfusion.specs)} attn1 layers "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -29,6 +30,8 @@ from mmfast.models.liquid import (LIQUID_PROMPT_SUFFIX, LIQUID_UNCONDITIONAL_PRO
 from mmfast.testing.tiny_liquid import tiny_liquid_lm
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the files AutoTokenizer reads the prompt's tokenizer from (Liquid's release ships them beside the weights)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 TINY_TEXT_VOCAB = 256  # the tiny model's "tokenizer": one token per byte
 
 
@@ -60,6 +63,9 @@ def parse_args():
     if args.tiny:
         cli.refuse_options(parser, ("vqgan", "vqgan_config"), "go with --model (--tiny makes its own random VQGAN)")
     cli.require_local_dir(parser, "--model", args.model, "Junfeng5/Liquid_V1_7B")
+    if args.model and not any(os.path.isfile(os.path.join(args.model, name)) for name in TOKENIZER_FILES):
+        parser.error(f"--model {args.model!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): the prompt is "
+                     "tokenized with the checkpoint's own, which Liquid's release ships beside the weights")
     cli.require_path(parser, "--vqgan", args.vqgan, "a checkpoint file, or a folder holding vqgan.ckpt / "
                      "vqgan.safetensors")
     if args.image_tokens is None:
@@ -103,7 +109,10 @@ def load_liquid(args, device, dtype):
     except VQGANCheckpointError as error:
         cli.exit_on_vqgan_checkpoint_error("liquid_generate.py", error, "--vqgan-config", args.vqgan_config)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    lm = LiquidLM.from_pretrained(args.model, dtype=dtype, device=device)
+    try:
+        lm = LiquidLM.from_pretrained(args.model, dtype=dtype, device=device)
+    except (FileNotFoundError, ValueError) as error:  # LiquidLMCheckpointError too: the message names the file
+        sys.exit(f"liquid_generate.py: error: {error}")
     prompt_ids = tokenizer(args.prompt + LIQUID_PROMPT_SUFFIX).input_ids
     uncond_ids = tokenizer(LIQUID_UNCONDITIONAL_PROMPT).input_ids
     return lm, vqgan, prompt_ids, uncond_ids, len(tokenizer)  # Liquid: image code c is len(tokenizer) + c

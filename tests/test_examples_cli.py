@@ -65,6 +65,7 @@ CASES = [
     ("linfusion_highres", ["--pipeline", "{tmp}"], "--pipeline needs --linfusion DIR"),
     ("vq_tokenize", ["--checkpoint", "{tmp}/missing"], "--checkpoint '{tmp}/missing' does not exist"),
     ("diffdis_segment", ["--tiny", "--output", "{tmp}/a_file"], "is a file; give a folder"),
+    ("liquid_generate", ["--model", "{tmp}", "--vqgan", "{tmp}/a_file"], "holds no tokenizer (tokenizer.json"),
 ]
 
 
@@ -103,6 +104,16 @@ def test_check_output_refuses(output, kind, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.check_output(argparse.ArgumentParser(), output.replace("{tmp}", str(tmp_path)), kind=kind)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_check_output_refuses_where_no_folder_can_be_made_even_as_root(capsys):
+    """Found by a new-user trial: as root os.access said /proc was writable, so a cascade ran all
+    its stages and only then failed to make its output folder."""
+    with pytest.raises(SystemExit):
+        cli.check_output(argparse.ArgumentParser(), "/proc/forbidden/x.png", kind="image")
+    error = capsys.readouterr().err
+    assert "no folder can be made in '/proc'" in error or "'/proc' is not writable" in error, error  # root / not
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")

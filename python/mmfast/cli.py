@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import NoReturn, Optional
 
 import torch
@@ -116,6 +117,12 @@ def _check_creatable(parser: argparse.ArgumentParser, folder: str) -> None:
         parser.error(f"--output {folder!r}: {existing!r} is a file, so no folder can be made there")
     if not os.access(existing, os.W_OK | os.X_OK):
         parser.error(f"--output {folder!r}: {existing!r} is not writable")
+    # os.access says yes to root everywhere, also where nothing can be made (/proc, a read-only
+    # mount): a folder made and removed at once tells, before hours of work that would not be saved
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mmfast-output-check-", dir=existing))
+    except OSError as error:
+        parser.error(f"--output {folder!r}: no folder can be made in {existing!r} ({error.strerror})")
 
 
 def require_local_dir(parser: argparse.ArgumentParser, flag: str, path: Optional[str], source: str = "") -> None:
