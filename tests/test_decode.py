@@ -710,6 +710,8 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: sample(torch.randn(3, 10), temperature=-0.1), ValueError, "temperature"),
         (lambda: sample(torch.randn(3, 10), uniform=torch.rand(2)), ValueError, "uniform"),
         (lambda: sample(torch.randn(10)), ValueError, "2-D"),
+        (lambda: sample(torch.randn(3, 10), generator="abc"), TypeError,
+         r"generator must be a torch.Generator \(or None: the global one\), got str"),
         # past float32's range: the kernels' scaled logits / scores became inf, then NaN (a token drawn
         # from a -inf logit, reported valid; a NaN output), found by a CPU-kernel audit
         (lambda: sample(torch.randn(3, 10), temperature=1e39), ValueError,

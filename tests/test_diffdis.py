@@ -430,8 +430,10 @@ def test_images_in_the_forms_users_hold_them():
     # the shape and dtype as given (a new-user trial saw an RGBA array named (4, 64, 80))
     with pytest.raises(ValueError, match=r"\(H, W, 3\) or \(B, H, W, 3\) RGB, got shape \(64, 80, 4\)"):
         as_rgb_images(np.zeros((64, 80, 4), np.uint8))
-    with pytest.raises(ValueError, match=r"images \(tensors or arrays\) must be uint8 .*got torch.int32"):
+    with pytest.raises(ValueError, match=r"numpy images must be uint8 .*got int32$"):  # numpy's name, not torch's
         as_rgb_images(np.zeros((64, 80, 3), np.int32))
+    with pytest.raises(ValueError, match=r"image tensors must be uint8 .*got torch.int32$"):
+        as_rgb_images(torch.zeros(3, 64, 80, dtype=torch.int32))
 
 
 def test_segment_rejects_bad_input(pipe):

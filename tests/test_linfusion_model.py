@@ -73,6 +73,13 @@ def test_module_rejects_bad_inputs():
         module(torch.randn(1, 4, 40), attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match=r"hidden_states must be \(B, N, 40\)"):
         module(torch.randn(1, 4, 32))
+    # found by a new-user trial: an image was reported by the tokens made of it, a context of another
+    # batch by linear_attention_apply's state
+    with pytest.raises(ValueError, match=r"must be \(B, N, 40\) or \(B, 40, H, W\), got shape \(2, 31, 4, 4\)"):
+        module(torch.randn(2, 31, 4, 4))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must have hidden_states' batch 2, got shape "
+                       r"\(3, 5, 40\)"):
+        module(torch.randn(2, 16, 40), torch.randn(3, 5, 40))
     with pytest.raises(ValueError, match=r"dim_n=42 must be a positive multiple of heads=4 >= 1"):
         GeneralizedLinearAttention(42, 4)
 
@@ -119,6 +126,13 @@ def test_mount_unmount_round_trip(unet, backend):
     assert torch.equal(run_unet(unet, inputs), before)
     with pytest.raises(RuntimeError, match="not mounted"):
         linfusion.unmount()
+
+
+def test_construct_for_names_what_it_expected():
+    """Found by a new-user trial: a tensor in the pipeline's place raised AttributeError 'parameters'."""
+    with pytest.raises(TypeError, match="expected a diffusers pipeline with a .unet, or a UNet2DConditionModel, "
+                       "got Tensor"):
+        LinFusion.construct_for(torch.zeros(1), load_pretrained=False)
 
 
 def test_construct_for_without_a_local_checkpoint_says_which_to_fetch(unet):

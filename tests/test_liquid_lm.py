@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import warnings
@@ -358,6 +359,13 @@ def test_bad_inputs_raise(checkpoints, tmp_path):
                         image_vocab_size=8)
     with pytest.raises(TypeError, match="generate_text: max_new_tokens must be an int, got 2.5"):
         generate_text(model, torch.tensor([[1, 2]]), max_new_tokens=2.5)
+    # found by a new-user trial: a float tensor was reported by its (fine) shape, a mask of another
+    # batch as a padding fault
+    with pytest.raises(ValueError, match=r"input_ids must be a \(B, S\) integer tensor, got torch.float32 of shape "
+                       r"\(1, 2\)"):
+        generate_text(model, torch.tensor([[1.0, 2.0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 2\), got \(1, 2\)"):
+        generate_text(model, torch.tensor([[1, 2], [3, 4]]), attention_mask=torch.tensor([[1, 1]]), max_new_tokens=2)
     model.setup_caches(1, 8)
     for call in (model.forward, model.prefill):
         with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\).*got ids in \[3, 64\]"):
@@ -691,6 +699,20 @@ def test_a_checkpoint_of_mixed_dtypes_loads_as_one(checkpoints, tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     loaded.setup_caches(1, 8)
     assert loaded.prefill(torch.tensor([[5, 6, 7]])).dtype == torch.float32
+
+
+def test_generation_past_the_trained_context_warns(checkpoints):
+    """Found by a new-user trial: a checkpoint trained on 256 positions generated 600 tokens without a word."""
+    model = LiquidLM.from_pretrained(checkpoints["llama"][1])
+    assert model.config.max_position_embeddings == 256
+    model.config = dataclasses.replace(model.config, max_position_embeddings=12)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_text(model, ids, max_new_tokens=8)  # positions 0..11: within
+    with pytest.warns(UserWarning, match=r"reaches position 12, past the model's trained context "
+                      r"\(max_position_embeddings = 12\)"):
+        generate_text(model, ids, max_new_tokens=9)
 
 
 def test_truncated_shards_and_bad_configs_name_their_file(checkpoints, tmp_path):

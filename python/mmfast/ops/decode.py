@@ -480,6 +480,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     rows = logits.shape[0] // 2 if cfg_scale is not None else logits.shape[0]
     if uniform is not None and generator is not None:
         raise ValueError("sample: pass either uniform (the draws) or generator (to draw them), not both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"sample: generator must be a torch.Generator (or None: the global one), got "
+                        f"{type(generator).__name__}")
     if (temperature > 0 and isinstance(uniform, torch.Tensor) and uniform.device.type == "cpu"
             and uniform.is_floating_point() and not torch.compiler.is_compiling() and not _is_fake(uniform)
             and not bool(((uniform >= 0) & (uniform < 1)).all())):  # greedy never reads u: no check per step

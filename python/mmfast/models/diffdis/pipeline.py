@@ -66,8 +66,14 @@ def one_step_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float,
 # --- input images ----------------------------------------------------------------------------
 
 
+_IMAGE_DTYPES = "must be uint8 (0..255), uint16 (0..65535) or floating point in [0, 1]"
+
+
 def _from_numpy(array) -> torch.Tensor:
     import numpy as np
+
+    if array.dtype not in (np.uint8, np.uint16) and array.dtype.kind != "f":  # said in numpy's terms
+        raise ValueError(f"DiffDIS: numpy images {_IMAGE_DTYPES}, got {array.dtype}")
 
     # A copy where torch cannot share the memory: negative strides (image[..., ::-1], np.fliplr) or
     # a read-only array (np.asarray of a PIL image).
@@ -90,8 +96,7 @@ def _check_image_tensor(image: torch.Tensor) -> torch.Tensor:
     if image.dtype == torch.uint16:
         return image.float() / 65535
     if not image.is_floating_point():
-        raise ValueError(f"DiffDIS: images (tensors or arrays) must be uint8 (0..255), uint16 (0..65535) or "
-                         f"floating point in [0, 1], got {image.dtype}")
+        raise ValueError(f"DiffDIS: image tensors {_IMAGE_DTYPES}, got {image.dtype}")
     if (image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all()):
         raise ValueError("DiffDIS: floating-point images must hold values in [0, 1]")
     return image.float()

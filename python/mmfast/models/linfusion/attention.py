@@ -161,9 +161,15 @@ class GeneralizedLinearAttention(nn.Module):
                     f"GeneralizedLinearAttention: {name} must be (B, N, {self.dim_n})"
                     f"{' or (B, C, H, W)' if name == 'hidden_states' else ''}, got shape {tuple(x.shape)}"
                 )
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"GeneralizedLinearAttention: encoder_hidden_states must have hidden_states' batch "
+                             f"{hidden_states.shape[0]}, got shape {tuple(encoder_hidden_states.shape)}")
 
     def _forward_image(self, hidden_states, encoder_hidden_states):
         b, c, h, w = hidden_states.shape
+        if c != self.dim_n:  # said of the image, not of the (B, H*W, C) tokens made of it
+            raise ValueError(f"GeneralizedLinearAttention: hidden_states must be (B, N, {self.dim_n}) or "
+                             f"(B, {self.dim_n}, H, W), got shape {tuple(hidden_states.shape)}")
         tokens = hidden_states.reshape(b, c, h * w).transpose(1, 2)
         out = self.forward(tokens, encoder_hidden_states)
         return out.transpose(1, 2).reshape(b, c, h, w)

@@ -267,7 +267,7 @@ class LinFusion(nn.Module):
         ports as it is; it must name a local directory (a Hub id gets FileNotFoundError with the
         download command). Unlike the official code, a path with load_pretrained=False is an
         error, not ignored. Raises ValueError when no pipeline or UNet is given, or one is given
-        both positionally and by keyword.
+        both positionally and by keyword, TypeError for something that is neither.
         """
         if pretrained_model_name_or_path is not None:
             if pretrained is not None:
@@ -286,9 +286,12 @@ class LinFusion(nn.Module):
         if unet is None:
             raise ValueError("LinFusion.construct_for: no pipeline or UNet given (expected a diffusers pipeline with a "
                              ".unet, or a UNet2DConditionModel)")
+        if pretrained is None and load_pretrained:
+            raise ValueError(_no_local_checkpoint_message(named if named is not None else unet, pipe_name_path))
+        if not isinstance(unet, nn.Module):
+            raise TypeError(f"LinFusion.construct_for: expected a diffusers pipeline with a .unet, or a "
+                            f"UNet2DConditionModel, got {type(unet).__name__}")
         if pretrained is None:
-            if load_pretrained:
-                raise ValueError(_no_local_checkpoint_message(named if named is not None else unet, pipe_name_path))
             model = cls.from_unet(unet, mid_dim_scale=mid_dim_scale, init_from_unet=init_from_unet,
                                   module_names=module_names)
         else:

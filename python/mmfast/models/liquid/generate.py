@@ -296,7 +296,12 @@ CACHE_TOKEN_MULTIPLE = 256
 def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
     """setup_caches(batch, tokens rounded up to CACHE_TOKEN_MULTIPLE) unless the caches already
     hold that many rows and tokens, in the model's dtype and device, writable here (not made under
-    torch.inference_mode() when this call runs outside it)."""
+    torch.inference_mode() when this call runs outside it). Warns when `tokens` passes the
+    config's max_position_embeddings (positions the model was not trained on; it still runs)."""
+    trained = model.config.max_position_embeddings
+    if trained is not None and tokens > trained:
+        warnings.warn(f"LiquidLM: this generation reaches position {tokens - 1}, past the model's trained context "
+                      f"(max_position_embeddings = {trained}): its output there may degrade", stacklevel=3)
     shape = model.cache_shape()
     cache = model.model.layers[0].self_attn.kv_cache
     if (shape is None or shape[0] < batch or shape[1] < tokens or cache.k_cache.dtype != model.dtype
@@ -456,9 +461,11 @@ def generate_images(model: LiquidLM, prompt_ids, *, cfg_scale: Optional[float] =
 
 def _strip_left_padding(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
     """Left-padded (B, S) ids + mask -> right-padded (B, S) ids and (B,) int32 lengths."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"generate_text: input_ids must be a (B, S) integer tensor, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"generate_text: input_ids must be a (B, S) integer tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"generate_text: input_ids must be a (B, S) integer tensor, got {input_ids.dtype} of shape "
+                         f"{tuple(input_ids.shape)}")
     batch, seq = input_ids.shape
     if batch == 0 or seq == 0:
         raise ValueError(f"generate_text: input_ids must hold at least one row and one token, got shape "
@@ -466,7 +473,10 @@ def _strip_left_padding(input_ids: torch.Tensor, attention_mask: Optional[torch.
     if attention_mask is None:
         return input_ids.long(), torch.full((batch,), seq, dtype=torch.int32)
     mask = torch.as_tensor(attention_mask, device=input_ids.device).long()  # a nested list too, as transformers
-    if mask.shape != input_ids.shape or ((mask != 0) & (mask != 1)).any() or (mask[:, 1:] < mask[:, :-1]).any():
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"generate_text: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if ((mask != 0) & (mask != 1)).any() or (mask[:, 1:] < mask[:, :-1]).any():
         raise ValueError("generate_text: attention_mask must be a (B, S) 0/1 mask of a LEFT-padded batch "
                          "(zeros, then ones, in every row)")
     lengths = mask.sum(1)

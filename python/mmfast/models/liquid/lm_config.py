@@ -47,6 +47,7 @@ class LiquidLMConfig:
     final_logit_softcapping: Optional[float] = None  # gemma2: 30.0
     sliding_window: Optional[int] = None  # gemma2: 4096 on the "sliding_attention" layers
     layer_types: Optional[Tuple[str, ...]] = None  # per layer "full_attention" | "sliding_attention"
+    max_position_embeddings: Optional[int] = None  # the trained context: generation past it warns (it runs)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -117,6 +118,7 @@ class LiquidLMConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
+            max_position_embeddings=int(d["max_position_embeddings"]) if d.get("max_position_embeddings") else None,
         )
         if model_type == "gemma2":
             layers = fields["num_hidden_layers"]
