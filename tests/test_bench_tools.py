@@ -185,6 +185,8 @@ def test_timed_alike_only_for_the_same_method():
     assert utils.timed_alike(timings, "mmfast", "cdist")
     assert not utils.timed_alike(timings, "mmfast", "expanded")
     assert not utils.timed_alike(timings, "mmfast", "missing")
+    failed = {name: f"cuda events, eager calls (graph capture failed: {name} synchronises)" for name in "ab"}
+    assert utils.timed_alike({**failed, "c": "cuda events, eager calls"}, "a", "b", "c")  # eager alike, any error
 
 
 def test_summary_header_names_the_gpu_and_the_host():

@@ -133,6 +133,8 @@ def test_construct_for_names_what_it_expected():
     with pytest.raises(TypeError, match="expected a diffusers pipeline with a .unet, or a UNet2DConditionModel, "
                        "got Tensor"):
         LinFusion.construct_for(torch.zeros(1), load_pretrained=False)
+    with pytest.raises(TypeError, match="got Tensor"):  # before the missing checkpoint is named
+        LinFusion.construct_for(torch.zeros(1))
 
 
 def test_construct_for_without_a_local_checkpoint_says_which_to_fetch(unet):

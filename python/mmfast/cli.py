@@ -84,7 +84,8 @@ def _check_triton_runs(parser: argparse.ArgumentParser, device: torch.device) ->
 def check_output(parser: argparse.ArgumentParser, path: Optional[str], *, kind: str) -> Optional[str]:
     """--output, '~' expanded, checked before the run: a folder (kind "folder") must be one or be
     creatable; an image file (kind "image") needs an extension Pillow can write and a folder
-    that is or can be made. Creates nothing. Returns the expanded path (None stays None)."""
+    that is or can be made (proven by making and removing an empty folder in its nearest existing
+    ancestor; nothing is left). Returns the expanded path (None stays None)."""
     if path is None:
         return None
     if not path.strip():
@@ -120,9 +121,10 @@ def _check_creatable(parser: argparse.ArgumentParser, folder: str) -> None:
     # os.access says yes to root everywhere, also where nothing can be made (/proc, a read-only
     # mount): a folder made and removed at once tells, before hours of work that would not be saved
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".mmfast-output-check-", dir=existing))
+        probe = tempfile.mkdtemp(prefix=".mmfast-output-check-", dir=existing)
     except OSError as error:
         parser.error(f"--output {folder!r}: no folder can be made in {existing!r} ({error.strerror})")
+    os.rmdir(probe)  # an empty folder this process just made
 
 
 def require_local_dir(parser: argparse.ArgumentParser, flag: str, path: Optional[str], source: str = "") -> None:

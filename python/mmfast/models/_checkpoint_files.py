@@ -19,14 +19,15 @@ def read_safetensors(path: str, owner: str, *, device="cpu", dtype: Optional[tor
 
     Raises FileNotFoundError for a missing file, and `error` (the loader's own class), naming
     `owner` and the file, for one that is not readable safetensors (truncated, empty, another
-    format): safetensors' own SafetensorError names neither.
+    format): safetensors' own SafetensorError names neither. Running out of host or device
+    memory while reading stays what it is (MemoryError, torch.OutOfMemoryError).
     """
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             return {key: _cast(f.get_tensor(key), dtype) for key in f.keys()}
-    except (FileNotFoundError, MemoryError):
+    except (FileNotFoundError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # safetensors' error types differ across versions
         raise error(f"{owner}: {path} is not a readable safetensors file ({err}); {_HINT}") from err

@@ -171,6 +171,8 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def check_fits_float32(op: str, name: str, value, why: str) -> None:
     """ValueError for a scalar the kernels compute with in float32 that is past its range (it
     became inf there: every score or weight NaN), in the C++ glue's words (check_fits_float)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):  # traced: no guard on a symbolic value
+        return
     if not abs(value) <= FLOAT32_MAX:
         raise ValueError(f"{op}: {name} must be a finite number within float32's range (|x| <= "
                          f"{FLOAT32_MAX:.8g}: {why}), got {value!r}")
@@ -286,7 +288,7 @@ def _fake_append(k_cache, v_cache, k, v, cache_seqlens):
 
 
 def _fake_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap, window):
-    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window)
+    check_attention(q, k_cache, v_cache, cache_seqlens, softcap, window, scale)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -407,7 +409,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     p - j < window); None or 0: none. Returns (B, Sq, H, D) in q's dtype; scores, softmax and
     sums in fp32 (fp64). Rows with cache_seqlens outside [Sq, T_max] raise ValueError on the
     CPU (every backend) and give NaN rows on CUDA. Raises ValueError / TypeError for shapes, dtypes,
-    devices, a window that is not an int, a scale or softcap that is not a finite number, D = 0.
+    devices, a window that is not an int, a scale or softcap that is not a finite number (or,
+    but for fp64 inputs, past float32's range: |x| > 3.4e38), D = 0.
     """
     check_tensors("decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens})
     q, = autocast_inputs(k_cache.dtype, k_cache.device, q)  # the queries follow the cache's dtype
@@ -470,8 +473,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     Under torch.compile a torch.Generator cannot be traced: pass `uniform` (drawn outside the
     compiled function) or use the global generator (whose compiled draws differ from eager
     ones unless torch._inductor.config.fallback_random is set). top_k must be an int,
-    temperature, top_p and cfg_scale finite numbers (TypeError / ValueError); passing both
-    uniform and generator raises ValueError.
+    temperature, top_p and cfg_scale finite numbers, temperature and cfg_scale within float32's
+    range (|x| <= 3.4e38: the logits are scaled in float32) (TypeError / ValueError); a generator
+    that is not a torch.Generator raises TypeError; passing both uniform and generator raises
+    ValueError.
     """
     check_tensors("sample", {"logits": logits, "uniform": uniform}, ("uniform",))
     if logits.dim() != 2:

@@ -129,8 +129,8 @@ def check_state_backward(grad_state, grad_mean, k, v, feature_map: str):
     dims = check_kv(k, v, feature_map)
     b, _, h, dk, dv = dims
     if tuple(grad_state.shape) != (b, h, dk, dv) or tuple(grad_mean.shape) != (b, h, dk):
-        raise ValueError(f"{OP}: grad_state must be {(b, h, dk, dv)} and grad_mean {(b, h, dk)}, got "
-                         f"{tuple(grad_state.shape)} and {tuple(grad_mean.shape)}")
+        raise ValueError(f"{OP}: grad_state must be (B, H, Dk, Dv) = {[b, h, dk, dv]} and grad_mean (B, H, Dk) = "
+                         f"{[b, h, dk]}, got {list(grad_state.shape)} and {list(grad_mean.shape)}")
     acc = accumulation_dtype(k.dtype)
     if grad_state.dtype != acc or grad_mean.dtype != acc:
         raise TypeError(f"{OP}: grad_state and grad_mean must be {acc} for {k.dtype} inputs, got {grad_state.dtype} "

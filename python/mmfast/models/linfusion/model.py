@@ -286,6 +286,9 @@ class LinFusion(nn.Module):
         if unet is None:
             raise ValueError("LinFusion.construct_for: no pipeline or UNet given (expected a diffusers pipeline with a "
                              ".unet, or a UNet2DConditionModel)")
+        if not isinstance(unet, nn.Module) and not hasattr(unet, "config"):  # e.g. a tensor in the pipeline's place
+            raise TypeError(f"LinFusion.construct_for: expected a diffusers pipeline with a .unet, or a "
+                            f"UNet2DConditionModel, got {type(unet).__name__}")
         if pretrained is None and load_pretrained:
             raise ValueError(_no_local_checkpoint_message(named if named is not None else unet, pipe_name_path))
         if not isinstance(unet, nn.Module):

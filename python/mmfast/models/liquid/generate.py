@@ -293,7 +293,7 @@ def _make_generator(seed: Optional[int], generator: Optional[torch.Generator], d
 CACHE_TOKEN_MULTIPLE = 256
 
 
-def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
+def _ensure_caches(model: LiquidLM, batch: int, tokens: int, stacklevel: int = 3) -> None:
     """setup_caches(batch, tokens rounded up to CACHE_TOKEN_MULTIPLE) unless the caches already
     hold that many rows and tokens, in the model's dtype and device, writable here (not made under
     torch.inference_mode() when this call runs outside it). Warns when `tokens` passes the
@@ -301,7 +301,7 @@ def _ensure_caches(model: LiquidLM, batch: int, tokens: int) -> None:
     trained = model.config.max_position_embeddings
     if trained is not None and tokens > trained:
         warnings.warn(f"LiquidLM: this generation reaches position {tokens - 1}, past the model's trained context "
-                      f"(max_position_embeddings = {trained}): its output there may degrade", stacklevel=3)
+                      f"(max_position_embeddings = {trained}): its output there may degrade", stacklevel=stacklevel)
     shape = model.cache_shape()
     cache = model.model.layers[0].self_attn.kv_cache
     if (shape is None or shape[0] < batch or shape[1] < tokens or cache.k_cache.dtype != model.dtype
@@ -519,7 +519,7 @@ def generate_text(model: LiquidLM, input_ids: torch.Tensor, *, attention_mask: O
     pad = pad_token_id if pad_token_id is not None else (None if eos is None else int(eos[0]))
     batch = tokens.shape[0]
     with _one_generation(model, "generate_text"):
-        _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens)
+        _ensure_caches(model, batch, tokens.shape[1] + max_new_tokens, stacklevel=4)  # under torch.no_grad's wrapper
 
         step = DecodeStep(model, None, cuda_graph, compile)  # before the prefill: a bad `compile` leaves the caches
         logits = model.prefill(tokens.to(device), lengths.to(device))
