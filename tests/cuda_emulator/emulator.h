@@ -1,7 +1,7 @@
 // Host emulation of the CUDA execution model, one 256-thread block at a time (or the blocks of
 // one thread-block cluster together, up to kMaxClusterBlocks = 16): fibers
-// switched at __syncthreads / __shfl_xor_sync (the block) and ldmatrix / mma.sync / votes /
-// matches / indexed shuffles / __syncwarp (the warp), random thread order per phase, and in half
+// switched at __syncthreads (the block) and ldmatrix / mma.sync / votes / matches / shuffles /
+// __syncwarp (the warp), random thread order per phase (MMFAST_EMULATOR_SEED), and in half
 // of the intervals between barriers one warp held back to run after the others. Include it
 // before any mmfast/cuda header: it defines the CUDA built-ins and MMFAST_LAUNCH, which runs
 // `emu_blocks` blocks of every launch one after another (kernels use grid-stride loops, so
@@ -94,14 +94,18 @@ inline void* sched_sp = nullptr;  // stack pointers saved by emu_switch_stacks
 inline void* fiber_sp[kMaxThreads];
 inline std::vector<char> stacks[kMaxThreads];
 inline bool done[kMaxThreads];
-inline long nbar[kMaxThreads];      // block barriers (and shuffles) passed
+inline long nbar[kMaxThreads];      // block barriers passed
 inline long nwarp[kMaxThreads];     // warp collectives (ldmatrix, mma.sync) passed
 inline long ncluster[kMaxThreads];  // cluster barriers passed
 inline bool at_warp[kMaxThreads];   // waiting at a warp collective
 inline bool at_cluster[kMaxThreads];  // waiting at a cluster barrier (neither: at a block barrier)
 inline int cur = 0;  // the running thread: its block's rank * kN + threadIdx.x
 inline std::function<void()> body;
-inline std::mt19937 rng(1234);
+// The schedule's seed (the order of threads in each phase, the held-back warp, when copies land):
+// MMFAST_EMULATOR_SEED explores other interleavings (CI runs the default and one other).
+inline std::mt19937 rng(std::getenv("MMFAST_EMULATOR_SEED") ? std::strtoul(std::getenv("MMFAST_EMULATOR_SEED"),
+                                                                               nullptr, 10)
+                                                             : 1234u);
 inline int failures = 0;
 #if defined(MMFAST_EMU_STACK_SWITCH)
 inline bool shadow_stack_active() {
@@ -416,16 +420,6 @@ inline void cluster_wait() {
   switch_to_scheduler(false);
   at_cluster[cur] = false;
 }
-inline unsigned char shfl_raw[kMaxThreads][16];
-template <class V> V shfl_xor(V v, int mask) {  // exact for any type of up to 16 bytes
-  static_assert(sizeof(V) <= 16, "shuffled values are at most 16 bytes");
-  std::memcpy(shfl_raw[cur], &v, sizeof(V));
-  yield();
-  V r;
-  std::memcpy(&r, shfl_raw[cur ^ mask], sizeof(V));
-  yield();
-  return r;
-}
 // Warp-collective operations (ldmatrix, mma.sync): every lane publishes its operands, the warp
 // passes a phase switch (warp_yield), each lane reads its warp's, and a second switch keeps the
 // next publication from overwriting them early (like shfl_xor). All 32 lanes of a warp must reach
@@ -462,6 +456,24 @@ inline unsigned match_any(unsigned mask, unsigned key) {
   publish(key);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l) r |= lane_value<unsigned>(l) == key ? 1u << l : 0u;
+  warp_yield();
+  return r;
+}
+// __shfl_xor_sync: a warp collective like the others (it was a block barrier, which made other
+// warps' shared-memory writes visible and so hid a missing __syncthreads), exact for any type of
+// up to 16 bytes, with the full mask and a lane mask inside the warp.
+inline unsigned char shfl_raw[kMaxThreads][16];
+template <class V> V shfl_xor(unsigned member_mask, V v, int lane_mask) {
+  static_assert(sizeof(V) <= 16, "shuffled values are at most 16 bytes");
+  check_full_mask(member_mask, "__shfl_xor_sync");
+  if (lane_mask < 0 || lane_mask > 31) {
+    std::printf("EMU ERROR: __shfl_xor_sync with lane mask %d (a lane of the same warp: 0..31)\n", lane_mask);
+    std::exit(2);
+  }
+  std::memcpy(shfl_raw[cur], &v, sizeof(V));
+  warp_yield();
+  V r;
+  std::memcpy(&r, shfl_raw[cur ^ lane_mask], sizeof(V));
   warp_yield();
   return r;
 }
@@ -569,7 +581,7 @@ inline cudaError_t launch_clusters(const char* kernel, unsigned cluster_blocks, 
 #undef __shared__
 #define __shared__ static
 #define __syncthreads() ::emu::yield()
-#define __shfl_xor_sync(m, v, l) ::emu::shfl_xor(v, l)
+#define __shfl_xor_sync(m, v, l) ::emu::shfl_xor(m, v, l)
 #define __shfl_sync(m, v, l) ::emu::shfl_idx(m, v, l)
 #define __ballot_sync(m, p) ::emu::ballot(m, p)
 #define __any_sync(m, p) (::emu::ballot(m, p) != 0u)
