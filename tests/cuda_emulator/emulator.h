@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <random>
 #include <vector>
 #include <algorithm>
@@ -543,6 +544,9 @@ inline int max_shared_optin = 232448;  // cudaDevAttrMaxSharedMemoryPerBlockOpti
 inline unsigned emu_blocks = 3;
 inline unsigned emu_clusters = 2;     // clusters of every cluster launch, one after another
 inline int max_cluster_blocks = 4;    // the largest cluster cudaOccupancyMaxActiveClusters allows
+// Each kernel's dynamic shared-memory opt-in (cudaFuncSetAttribute MaxDynamicSharedMemorySize):
+// a launch past 48 KB without it fails on a GPU, and so here (check_launch).
+inline std::map<const void*, int> smem_opt_in;
 inline int occupancy_blocks = 1;      // blocks per SM cudaOccupancyMaxActiveBlocksPerMultiprocessor reports
                                       // (0: none fits; such a result is never remembered, see common.cuh)
 // Every launch, in order: the kernel as written at MMFAST_LAUNCH and its dynamic shared memory
@@ -571,6 +575,27 @@ inline cudaError_t launch_clusters(const char* kernel, unsigned cluster_blocks, 
   first_block = 0;
   return cudaSuccess;
 }
+// What the hardware refuses at a launch: a block of other than the kN threads the emulator runs
+// (every mmfast kernel takes 256), more dynamic shared memory than the device's opt-in limit, or
+// past 48 KB without the kernel's cudaFuncSetAttribute opt-in to at least that much.
+inline void check_launch(const char* kernel, const void* fn, dim3 block, size_t smem) {
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads != static_cast<unsigned>(kN)) {
+    std::printf("EMU ERROR: %s launched with %u threads per block (the emulator runs %d)\n", kernel, threads, kN);
+    std::exit(2);
+  }
+  if (smem > static_cast<size_t>(max_shared_optin)) {
+    std::printf("EMU ERROR: %s launched with %zu B of dynamic shared memory, past the device's %d B\n", kernel, smem,
+                max_shared_optin);
+    std::exit(2);
+  }
+  const auto opted = smem_opt_in.find(fn);
+  if (smem > 48 * 1024 && (opted == smem_opt_in.end() || static_cast<size_t>(opted->second) < smem)) {
+    std::printf("EMU ERROR: %s launched with %zu B of dynamic shared memory without cudaFuncSetAttribute("
+                "MaxDynamicSharedMemorySize) to that much (a GPU refuses it past 48 KB)\n", kernel, smem);
+    std::exit(2);
+  }
+}
 }  // namespace emu
 
 #define threadIdx (::emu::tid)
@@ -592,7 +617,9 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 #define MMFAST_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_smem_base()
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...)                                       \
   do {                                                                                            \
-    (void)(grid), (void)(block), (void)(stream);                                                 \
+    (void)(grid), (void)(stream);                                                                 \
+    ::emu::check_launch(#kernel, reinterpret_cast<const void*>(+kernel), dim3(block),                \
+                        static_cast<size_t>(smem));                                               \
     ::emu::launches.push_back({#kernel, static_cast<size_t>(smem)});                              \
     ::emu::gdim.x = ::emu::emu_blocks;                                                            \
     for (unsigned b_ = 0; b_ < ::emu::emu_blocks; ++b_) {                                         \
@@ -604,7 +631,9 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
     ::emu::first_block = 0;                                                                       \
   } while (0)
 #define MMFAST_LAUNCH_CLUSTERS(kernel, clusters, cluster_blocks, block, smem, stream, ...)           \
-  ((void)(clusters), (void)(block), (void)(stream),                                               \
+  ((void)(clusters), (void)(stream),                                                              \
+   ::emu::check_launch(#kernel, reinterpret_cast<const void*>(+kernel), dim3(block),                 \
+                       static_cast<size_t>(smem)),                                                \
    ::emu::launch_clusters(#kernel, (cluster_blocks), static_cast<size_t>(smem), [&] { kernel(__VA_ARGS__); }))
 // Thread-block clusters (sm_90): the block's rank in its cluster, the cluster's block count, a
 // barrier of the whole cluster, another block's shared memory (see mmfast/cuda/common.cuh).
@@ -613,7 +642,7 @@ inline unsigned cluster_block_count() { return static_cast<unsigned>(::emu::nblo
 inline void cluster_barrier() { ::emu::cluster_wait(); }
 template <class V> V* cluster_peer(V* p, unsigned rank) { return ::emu::cluster_peer(p, rank); }
 
-// Atomics: fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic.
+// Atomics: fibers switch only at barriers and warp collectives, so a plain read-modify-write is atomic.
 template <class V> V atomicAdd(V* p, V v) { const V old = *p; *p = old + v; return old; }
 
 inline void check_async_operand(const void* p, const char* what) {
@@ -843,7 +872,10 @@ template <class T, class Acc> void wgmma_m64n128k16(Acc& d, uint64_t desc_a, uin
 }
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
-extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+extern "C" cudaError_t cudaFuncSetAttribute(const void* fn, cudaFuncAttribute attribute, int value) {
+  if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize) ::emu::smem_opt_in[fn] = value;
+  return cudaSuccess;
+}
 extern "C" cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
   *attributes = cudaFuncAttributes{};  // sharedSizeBytes 0: the emulator has no per-block limit to share
   attributes->ptxVersion = attributes->binaryVersion = ::emu::compute_major * 10;  // built for the device

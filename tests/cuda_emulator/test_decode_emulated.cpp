@@ -347,7 +347,9 @@ void run_sample(const std::vector<double>& logits_d, int64_t rows, int64_t V, bo
     others.push_back(one);
   }
   const unsigned blocks = 2 + turn++ % 3;
-  if (blocks != plan.cluster_blocks) others.push_back(cuda::decodek::sample_cluster_plan(V, blocks));
+  const auto forced = cuda::decodek::sample_cluster_plan(V, blocks);
+  // (a forced plan, as sample_plan's own: within the device's shared memory, which a case shrinks)
+  if (blocks != plan.cluster_blocks && forced.smem <= size_t(emu::max_shared_optin)) others.push_back(forced);
   for (const auto& other : others) {
     std::vector<int64_t> tokens3(P + 1, -7);
     std::vector<int32_t> status3(P + 1, -7);
