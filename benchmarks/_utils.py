@@ -197,7 +197,7 @@ def timed_alike(timings: dict, *names: str) -> bool:
     whatever their capture errors): a ratio of a replayed provider over one whose capture failed
     (eager calls, host overhead included) would favour the replayed one, so a target graded on
     it is left ungraded instead."""
-    return len({timings.get(name, "").split(" (graph capture failed")[0] for name in names}) == 1
+    return len({timings.get(name) == GRAPH_TIMING for name in names}) == 1
 
 
 def eager_ms(fn, make_inputs, device: torch.device) -> float:
